@@ -1,0 +1,745 @@
+//! Configuration, layered with figment.
+//!
+//! Lowest to highest: built-in defaults, the TOML file (`config/fga-wb.toml`,
+//! or the path given with `--config` or `FGA_WB_CONFIG`), OpenFGA's own CLI
+//! variables (`FGA_API_URL`, `FGA_STORE_ID`, `FGA_MODEL_ID`, `FGA_API_TOKEN`),
+//! then `FGA_WB_*` variables with `__` for nesting
+//! (`FGA_WB_FLUSH__BATCH_SIZE=500`).
+//!
+//! Ids, URLs and secrets are always read as strings, even when they look like
+//! numbers; a bad value is reported with the variable or file key it came from.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::{Error, Result};
+use crate::openfga::{Credentials, OAuth2, Secret};
+
+/// The file read when no other is named.
+pub const DEFAULT_CONFIG_PATH: &str = "config/fga-wb.toml";
+/// Prefix of fga-wb's own environment variables.
+pub const ENV_PREFIX: &str = "FGA_WB_";
+const ENV_SOURCE: &str = "environment";
+
+/// Every setting of fga-wb. `config/fga-wb.toml` documents each key.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where OpenFGA is and how to talk to it.
+    pub openfga: OpenFgaConfig,
+    /// The pending-op buffer.
+    pub buffer: BufferConfig,
+    /// When and how pending ops are written to OpenFGA.
+    pub flush: FlushConfig,
+    /// The check-answer cache.
+    pub cache: CacheConfig,
+    /// Check behaviour around pending revokes.
+    pub check: CheckConfig,
+    /// Redis, for the redis store and queue mode.
+    pub redis: RedisConfig,
+    /// The apalis job queue, for queue mode.
+    pub queue: QueueConfig,
+}
+
+/// `[openfga]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpenFgaConfig {
+    /// Base URL of the HTTP API.
+    pub api_url: String,
+    /// The store to write to and check against.
+    pub store_id: String,
+    /// Pin writes and checks to this model; empty means the store's latest.
+    pub model_id: String,
+    /// Preshared API token; empty means none.
+    pub api_token: Secret,
+    /// Per-request timeout.
+    #[serde(with = "duration")]
+    pub request_timeout: Duration,
+    /// TCP connect timeout.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// OAuth2 client credentials, used instead of `api_token` when set.
+    pub oauth2: Option<OAuth2Config>,
+}
+
+impl Default for OpenFgaConfig {
+    fn default() -> Self {
+        OpenFgaConfig {
+            api_url: "http://127.0.0.1:8080".into(),
+            store_id: String::new(),
+            model_id: String::new(),
+            api_token: Secret::default(),
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(3),
+            oauth2: None,
+        }
+    }
+}
+
+/// `[openfga.oauth2]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2Config {
+    /// Token endpoint.
+    pub token_url: String,
+    /// Client id.
+    pub client_id: String,
+    /// Client secret.
+    pub client_secret: Secret,
+    /// Audience; empty means none.
+    #[serde(default)]
+    pub audience: String,
+    /// Space-separated scopes; empty means none.
+    #[serde(default)]
+    pub scopes: String,
+}
+
+impl OpenFgaConfig {
+    /// The credentials these settings describe.
+    pub fn credentials(&self) -> Credentials {
+        let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        match &self.oauth2 {
+            Some(o) => Credentials::ClientCredentials(OAuth2 {
+                token_url: o.token_url.clone(),
+                client_id: o.client_id.clone(),
+                client_secret: o.client_secret.clone(),
+                audience: non_empty(&o.audience),
+                scopes: non_empty(&o.scopes),
+            }),
+            None if self.api_token.is_empty() => Credentials::None,
+            None => Credentials::ApiToken(self.api_token.clone()),
+        }
+    }
+
+    /// A client for these settings.
+    pub fn client(&self) -> Result<crate::openfga::Client> {
+        crate::openfga::Client::builder(&self.api_url)
+            .credentials(self.credentials())
+            .timeout(self.request_timeout)
+            .connect_timeout(self.connect_timeout)
+            .build()
+    }
+}
+
+/// Where pending ops live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// In this process only.
+    #[default]
+    Memory,
+    /// In Redis, shared and durable.
+    Redis,
+}
+
+/// What `grant`/`revoke` do when the buffer is full.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overflow {
+    /// Wait for room, up to `buffer.block_timeout`, then fail.
+    #[default]
+    Block,
+    /// Flush synchronously, then accept.
+    Flush,
+    /// Fail at once.
+    Reject,
+}
+
+/// `[buffer]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BufferConfig {
+    /// `memory` or `redis`.
+    pub store: StoreKind,
+    /// Most pending ops (distinct tuples) held at once.
+    #[serde(deserialize_with = "positive")]
+    pub capacity: usize,
+    /// `block`, `flush` or `reject`.
+    pub overflow: Overflow,
+    /// With `overflow = "block"`: how long to wait for room.
+    #[serde(with = "duration")]
+    pub block_timeout: Duration,
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        BufferConfig {
+            store: StoreKind::Memory,
+            capacity: 1_000_000,
+            overflow: Overflow::Block,
+            block_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How flushes reach OpenFGA.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// This process calls the Write API.
+    #[default]
+    Inline,
+    /// Flush pushes apalis jobs; `fga-wb worker` calls the Write API.
+    Queue,
+}
+
+/// `[flush]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FlushConfig {
+    /// `inline` or `queue`.
+    pub mode: Mode,
+    /// Flush when this many ops are pending.
+    #[serde(deserialize_with = "positive")]
+    pub batch_size: usize,
+    /// Flush when the oldest pending op is this old.
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    /// Tuples per Write request (OpenFGA's default limit is 100).
+    #[serde(deserialize_with = "positive")]
+    pub max_tuples_per_write: usize,
+    /// Write requests in flight at once.
+    #[serde(deserialize_with = "positive")]
+    pub max_parallel_requests: usize,
+    /// First backoff after a transient failure (inline mode).
+    #[serde(with = "duration")]
+    pub retry_initial_backoff: Duration,
+    /// Longest backoff after repeated transient failures (inline mode).
+    #[serde(with = "duration")]
+    pub retry_max_backoff: Duration,
+    /// How long `shutdown()` keeps flushing before it reports what is left.
+    #[serde(with = "duration")]
+    pub shutdown_deadline: Duration,
+}
+
+impl Default for FlushConfig {
+    fn default() -> Self {
+        FlushConfig {
+            mode: Mode::Inline,
+            batch_size: 1000,
+            interval: Duration::from_secs(1),
+            max_tuples_per_write: 100,
+            max_parallel_requests: 8,
+            retry_initial_backoff: Duration::from_millis(100),
+            retry_max_backoff: Duration::from_secs(30),
+            shutdown_deadline: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[cache]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// How long a check answer is reused.
+    #[serde(with = "duration")]
+    pub ttl: Duration,
+    /// Most answers kept.
+    pub capacity: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            ttl: Duration::from_secs(10),
+            capacity: 100_000,
+        }
+    }
+}
+
+/// `[check]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckConfig {
+    /// How long a check that could depend on a pending revoke waits for it to
+    /// be applied before failing closed.
+    #[serde(with = "duration")]
+    pub revoke_wait_timeout: Duration,
+}
+
+impl Default for CheckConfig {
+    fn default() -> Self {
+        CheckConfig {
+            revoke_wait_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// `[redis]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`.
+    #[serde(serialize_with = "redacted_url")]
+    pub url: String,
+    /// Prefix of every key fga-wb writes; the store id follows it.
+    pub key_prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "fga-wb".into(),
+        }
+    }
+}
+
+/// `[queue]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    /// The apalis queue's name.
+    pub name: String,
+    /// Waits before each retry of a failed job; after the last, the job's ops
+    /// are dead-lettered.
+    #[serde(with = "durations")]
+    pub retry_schedule: Vec<Duration>,
+    /// Jobs one `fga-wb worker` runs at once.
+    #[serde(deserialize_with = "positive")]
+    pub worker_concurrency: usize,
+    /// How often an idle worker looks for jobs.
+    #[serde(with = "duration")]
+    pub poll_interval: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            name: "fga-wb-writes".into(),
+            retry_schedule: vec![
+                Duration::from_secs(10),
+                Duration::from_secs(30),
+                Duration::from_secs(60),
+            ],
+            worker_concurrency: 4,
+            poll_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Keys whose values are strings, whatever they look like: figment would
+/// otherwise read `FGA_STORE_ID=0123` as the number 123.
+const STRING_KEYS: &[&str] = &[
+    "openfga.api_url",
+    "openfga.store_id",
+    "openfga.model_id",
+    "openfga.api_token",
+    "openfga.oauth2.token_url",
+    "openfga.oauth2.client_id",
+    "openfga.oauth2.client_secret",
+    "openfga.oauth2.audience",
+    "openfga.oauth2.scopes",
+    "redis.url",
+    "redis.key_prefix",
+    "queue.name",
+];
+
+/// OpenFGA CLI variables and the keys they set.
+const FGA_CLI_VARS: &[(&str, &str)] = &[
+    ("FGA_API_URL", "openfga.api_url"),
+    ("FGA_STORE_ID", "openfga.store_id"),
+    ("FGA_MODEL_ID", "openfga.model_id"),
+    ("FGA_API_TOKEN", "openfga.api_token"),
+];
+
+/// Top-level sections; other `FGA_WB_*` variables (`FGA_WB_CONFIG`, the test
+/// harness's `FGA_WB_TEST_*`) are not settings.
+const SECTIONS: &[&str] = &[
+    "openfga", "buffer", "flush", "cache", "check", "redis", "queue",
+];
+
+/// Environment variables as a figment provider.
+struct Env {
+    vars: Vec<(String, String)>,
+}
+
+impl Provider for Env {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(ENV_SOURCE)
+    }
+
+    fn data(&self) -> std::result::Result<Map<Profile, Dict>, figment::Error> {
+        let mut dict = Dict::new();
+        let mut put = |key: &str, raw: &str| {
+            let value = if STRING_KEYS.contains(&key) {
+                Value::from(raw.to_owned())
+            } else {
+                raw.parse::<Value>().unwrap_or_else(|_| Value::from(raw.to_owned()))
+            };
+            if let Some(nested) = nest(key, value) {
+                dict = std::mem::take(&mut dict).merge_dict(nested);
+            }
+        };
+        for (name, key) in FGA_CLI_VARS {
+            if let Some((_, v)) = self.vars.iter().find(|(n, _)| n == name) {
+                put(key, v);
+            }
+        }
+        for (name, v) in &self.vars {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let key = rest.to_ascii_lowercase().replace("__", ".");
+            if SECTIONS.contains(&key.split('.').next().unwrap_or_default()) && key.contains('.') {
+                put(&key, v);
+            }
+        }
+        Ok(Profile::Default.collect(dict))
+    }
+}
+
+trait MergeDict {
+    fn merge_dict(self, other: Dict) -> Dict;
+}
+
+impl MergeDict for Dict {
+    fn merge_dict(mut self, other: Dict) -> Dict {
+        for (k, v) in other {
+            match (self.remove(&k), v) {
+                (Some(Value::Dict(_, a)), Value::Dict(tag, b)) => {
+                    self.insert(k, Value::Dict(tag, a.merge_dict(b)));
+                }
+                (_, v) => {
+                    self.insert(k, v);
+                }
+            }
+        }
+        self
+    }
+}
+
+fn nest(key: &str, value: Value) -> Option<Dict> {
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop()?;
+    let mut dict = Dict::new();
+    dict.insert(last.to_owned(), value);
+    for p in parts.into_iter().rev() {
+        let mut outer = Dict::new();
+        outer.insert(p.to_owned(), Value::from(dict));
+        dict = outer;
+    }
+    Some(dict)
+}
+
+impl Config {
+    /// Loads defaults < TOML file < environment.
+    ///
+    /// `path` is the `--config` argument: when given, the file must exist.
+    /// Otherwise `FGA_WB_CONFIG` names the file, which must exist, or
+    /// `config/fga-wb.toml` is read if present.
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let vars: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .collect();
+        Self::load_from(path, vars)
+    }
+
+    /// [`Config::load`] with the environment given explicitly (for tests).
+    pub fn load_from(path: Option<&Path>, vars: Vec<(String, String)>) -> Result<Config> {
+        let env_path = vars
+            .iter()
+            .find(|(k, _)| k == "FGA_WB_CONFIG")
+            .map(|(_, v)| PathBuf::from(v));
+        let file = match path.map(Path::to_path_buf).or(env_path) {
+            Some(p) if !p.is_file() => {
+                return Err(Error::config(format!(
+                    "config file {} does not exist (named by --config or FGA_WB_CONFIG)",
+                    p.display()
+                )))
+            }
+            Some(p) => Some(p),
+            None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.is_file()),
+        };
+        let mut fig = Figment::from(Serialized::defaults(DefaultsOnly));
+        if let Some(f) = &file {
+            fig = fig.merge(Toml::file_exact(f));
+        }
+        fig = fig.merge(Env { vars });
+        let config: Config = fig.extract().map_err(|e| describe(&e))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks relations between settings that no single key's type can.
+    pub fn validate(&self) -> Result<()> {
+        if self.queue.retry_schedule.is_empty() {
+            return Err(Error::config(
+                "queue.retry_schedule is empty; give at least one wait, e.g. [\"10s\"]",
+            ));
+        }
+        if self.flush.retry_initial_backoff > self.flush.retry_max_backoff {
+            return Err(Error::config(
+                "flush.retry_initial_backoff is longer than flush.retry_max_backoff",
+            ));
+        }
+        if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(char::is_whitespace)
+        {
+            return Err(Error::config(
+                "redis.key_prefix must be non-empty and without whitespace",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Serialises the defaults; a separate type so that `Config`'s serialised
+/// form (which redacts secrets) is not what figment merges from.
+struct DefaultsOnly;
+
+impl Serialize for DefaultsOnly {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        Config::default().serialize(s)
+    }
+}
+
+/// Turns a figment error into one line naming the variable or file key.
+fn describe(e: &figment::Error) -> Error {
+    use figment::error::{Actual, Kind};
+    let path = e.path.join(".");
+    let from_env = e.metadata.as_ref().is_some_and(|m| m.name == ENV_SOURCE);
+    let place = if from_env {
+        FGA_CLI_VARS
+            .iter()
+            .find(|(_, k)| *k == path)
+            .map(|(v, _)| (*v).to_owned())
+            .unwrap_or_else(|| format!("{ENV_PREFIX}{}", e.path.join("__").to_ascii_uppercase()))
+    } else {
+        match e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
+            Some(figment::Source::File(f)) => format!("{path} in {}", f.display()),
+            _ => path.clone(),
+        }
+    };
+    let found = |a: &Actual| match a {
+        Actual::Str(s) => format!("{s:?}"),
+        other => other.to_string(),
+    };
+    let what = match &e.kind {
+        Kind::InvalidType(actual, expected) | Kind::InvalidValue(actual, expected) => {
+            format!("expected {expected}, found {}", found(actual))
+        }
+        Kind::UnknownVariant(v, expected) => {
+            format!("unknown value {v:?}, expected one of {}", expected.join(", "))
+        }
+        Kind::UnknownField(f, _) => format!("unknown setting {f:?}; see config/fga-wb.toml"),
+        Kind::Message(m) => m.clone(),
+        other => other.to_string(),
+    };
+    if place.is_empty() {
+        Error::config(what)
+    } else {
+        Error::config(format!("{place}: {what}"))
+    }
+}
+
+/// Deserialises a `usize` that must be at least 1.
+fn positive<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = usize;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a positive integer")
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<usize, E> {
+            usize::try_from(v)
+                .ok()
+                .filter(|v| *v > 0)
+                .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<usize, E> {
+            match u64::try_from(v) {
+                Ok(u) => self.visit_u64(u),
+                Err(_) => Err(E::invalid_value(serde::de::Unexpected::Signed(v), &self)),
+            }
+        }
+    }
+    d.deserialize_any(V)
+}
+
+fn redacted_url<S: Serializer>(url: &str, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&crate::openfga::redact_url(url))
+}
+
+/// Durations as human strings: `"500ms"`, `"10s"`, `"1m"`.
+mod duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        parse(Text::deserialize(d)?)
+    }
+
+    /// Accepts any scalar so that a bare number gets a helpful message rather
+    /// than serde's "invalid type".
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    pub(super) enum Text {
+        S(String),
+        N(f64),
+    }
+
+    pub(super) fn parse<E: serde::de::Error>(t: Text) -> Result<Duration, E> {
+        match t {
+            Text::S(s) => humantime::parse_duration(s.trim()).map_err(|_| {
+                E::custom(format!(
+                    "expected a duration like \"500ms\", \"10s\" or \"1m\", found {s:?}"
+                ))
+            }),
+            Text::N(n) => Err(E::custom(format!(
+                "expected a duration with a unit, like \"{n}s\" or \"{n}ms\", found {n}"
+            ))),
+        }
+    }
+}
+
+/// Lists of durations, e.g. `["10s", "30s", "60s"]`.
+mod durations {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|d| humantime::format_duration(*d).to_string()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        Vec::<super::duration::Text>::deserialize(d)?
+            .into_iter()
+            .map(super::duration::parse)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn load_env(pairs: &[(&str, &str)]) -> Result<Config> {
+        Config::load_from(None, env(pairs))
+    }
+
+    #[test]
+    fn defaults_load_without_a_file() {
+        let c = load_env(&[]).unwrap();
+        assert_eq!(c.flush.max_tuples_per_write, 100);
+        assert_eq!(c.queue.retry_schedule.len(), 3);
+    }
+
+    #[test]
+    fn env_overrides_and_nests() {
+        let c = load_env(&[
+            ("FGA_WB_FLUSH__BATCH_SIZE", "500"),
+            ("FGA_WB_FLUSH__INTERVAL", "250ms"),
+            ("FGA_WB_BUFFER__OVERFLOW", "reject"),
+            ("FGA_WB_QUEUE__RETRY_SCHEDULE", "[\"1s\", \"2s\"]"),
+            ("FGA_WB_TEST_OPENFGA_URL", "http://ignored"),
+            ("FGA_WB_CONFIG_UNUSED", "x"),
+        ])
+        .unwrap();
+        assert_eq!(c.flush.batch_size, 500);
+        assert_eq!(c.flush.interval, Duration::from_millis(250));
+        assert_eq!(c.buffer.overflow, Overflow::Reject);
+        assert_eq!(
+            c.queue.retry_schedule,
+            vec![Duration::from_secs(1), Duration::from_secs(2)]
+        );
+    }
+
+    #[test]
+    fn numeric_looking_ids_stay_strings() {
+        let c = load_env(&[
+            ("FGA_STORE_ID", "0123"),
+            ("FGA_WB_OPENFGA__MODEL_ID", "00042"),
+            ("FGA_API_TOKEN", "1e5"),
+        ])
+        .unwrap();
+        assert_eq!(c.openfga.store_id, "0123");
+        assert_eq!(c.openfga.model_id, "00042");
+        assert_eq!(c.openfga.api_token.expose(), "1e5");
+    }
+
+    #[test]
+    fn fga_wb_vars_beat_openfga_cli_vars() {
+        let c = load_env(&[
+            ("FGA_API_URL", "http://a:1"),
+            ("FGA_WB_OPENFGA__API_URL", "http://b:2"),
+        ])
+        .unwrap();
+        assert_eq!(c.openfga.api_url, "http://b:2");
+    }
+
+    #[test]
+    fn bad_integer_names_the_variable() {
+        let e = load_env(&[("FGA_WB_FLUSH__BATCH_SIZE", "ten")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "configuration error: FGA_WB_FLUSH__BATCH_SIZE: expected a positive integer, found \"ten\""
+        );
+        let e = load_env(&[("FGA_WB_FLUSH__BATCH_SIZE", "0")]).unwrap_err();
+        assert!(e.to_string().contains("positive integer"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_and_enum_are_explained() {
+        let e = load_env(&[("FGA_WB_FLUSH__INTERVAL", "5")]).unwrap_err();
+        assert!(e.to_string().contains("FGA_WB_FLUSH__INTERVAL"), "{e}");
+        assert!(e.to_string().contains("\"5s\""), "{e}");
+        let e = load_env(&[("FGA_WB_BUFFER__STORE", "disk")]).unwrap_err();
+        assert!(e.to_string().contains("memory, redis"), "{e}");
+    }
+
+    #[test]
+    fn the_shipped_file_loads_and_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_PATH);
+        let c = Config::load_from(Some(&path), vec![]).unwrap();
+        let d = Config::default();
+        assert_eq!(
+            serde_json::to_value(&c).unwrap(),
+            serde_json::to_value(&d).unwrap(),
+            "config/fga-wb.toml must document the defaults"
+        );
+    }
+
+    #[test]
+    fn bad_file_value_names_the_key_and_file() {
+        let dir = std::env::temp_dir().join(format!("fga-wb-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("bad.toml");
+        std::fs::write(&f, "[flush]\nbatch_size = \"ten\"\n").unwrap();
+        let e = Config::load_from(Some(&f), vec![]).unwrap_err();
+        assert!(e.to_string().contains("flush.batch_size in"), "{e}");
+        std::fs::write(&f, "[flush]\nbatchsize = 3\n").unwrap();
+        let e = Config::load_from(Some(&f), vec![]).unwrap_err();
+        assert!(e.to_string().contains("unknown setting \"batchsize\""), "{e}");
+        let e = Config::load_from(Some(&dir.join("missing.toml")), vec![]).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn secrets_never_serialise() {
+        let c = load_env(&[
+            ("FGA_API_TOKEN", "s3cret"),
+            ("FGA_WB_REDIS__URL", "redis://:pw@127.0.0.1:6379"),
+        ])
+        .unwrap();
+        let s = serde_json::to_string(&c).unwrap();
+        assert!(!s.contains("s3cret") && !s.contains("pw@"), "{s}");
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+}

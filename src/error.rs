@@ -1,0 +1,351 @@
+//! The one error type of the crate.
+//!
+//! Callers (and the flusher) decide what to do with an error through its
+//! classifiers, not by matching on variants: [`Error::is_transient`] means
+//! "try again later", [`Error::is_invalid_input`] means "this tuple will never
+//! be accepted", [`Error::is_auth`] means "fix the credentials; nothing will
+//! work until then". New kinds can be added without breaking callers.
+//!
+//! No message ever contains an API token, a client secret or a Redis password:
+//! the HTTP layer never puts headers or request bodies into errors, and URLs
+//! are stripped of their user-info before they are shown.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::tuple::TupleError;
+
+/// A specialised `Result` for fga-wb.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in fga-wb, with classifiers that say what to do
+/// about it.
+pub struct Error {
+    kind: Box<Kind>,
+}
+
+/// The private kinds behind [`Error`]. `pub(crate)` so modules can build them.
+#[derive(Debug)]
+pub(crate) enum Kind {
+    /// A tuple was refused before anything was buffered.
+    InvalidTuple(TupleError),
+    /// A setting is missing or malformed.
+    Config(String),
+    /// OpenFGA answered with a non-success status.
+    Api(ApiError),
+    /// The request did not complete within the configured timeout.
+    Timeout {
+        operation: &'static str,
+        timeout: Option<Duration>,
+    },
+    /// No connection could be made, or it broke mid-request.
+    Connect {
+        operation: &'static str,
+        url: String,
+        detail: String,
+    },
+    /// OpenFGA answered 2xx but with a body we could not understand.
+    Decode {
+        operation: &'static str,
+        detail: String,
+    },
+    /// Fetching an OAuth2 access token failed.
+    Token { detail: String, transient: bool },
+    /// The buffer is at capacity and the overflow policy refused the op.
+    BufferFull { capacity: usize, waited: Option<Duration> },
+    /// A check could depend on a revoke that did not reach OpenFGA in time; it
+    /// fails closed rather than risk a stale allow.
+    CheckWouldBeStale { waited: Duration },
+    /// Flushing is stopped because OpenFGA refused our credentials.
+    FlushingStopped { reason: String },
+    /// The handle was shut down.
+    Shutdown,
+    /// Redis failed or holds something we cannot read.
+    Redis { detail: String, transient: bool },
+    /// Too many pending grants are relevant to a check to send them all as
+    /// contextual tuples; the caller should flush first.
+    TooManyContextualTuples { count: usize, limit: usize },
+    /// The caller passed something that is not a tuple but is still wrong.
+    InvalidArgument(String),
+}
+
+/// The parts of an error response from OpenFGA.
+#[derive(Debug, Clone)]
+pub(crate) struct ApiError {
+    pub operation: &'static str,
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+    pub retry_after: Option<Duration>,
+}
+
+/// OpenFGA codes that come with a 400 but describe the store or model rather
+/// than the tuple; bisecting a batch over them would dead-letter every op.
+const NOT_FOUND_CODES: &[&str] = &[
+    "store_id_not_found",
+    "authorization_model_not_found",
+    "latest_authorization_model_not_found",
+    "undefined",
+];
+
+impl Error {
+    pub(crate) fn new(kind: Kind) -> Self {
+        Error {
+            kind: Box::new(kind),
+        }
+    }
+
+    pub(crate) fn kind(&self) -> &Kind {
+        &self.kind
+    }
+
+    pub(crate) fn config(msg: impl Into<String>) -> Self {
+        Error::new(Kind::Config(msg.into()))
+    }
+
+    pub(crate) fn invalid_argument(msg: impl Into<String>) -> Self {
+        Error::new(Kind::InvalidArgument(msg.into()))
+    }
+
+    pub(crate) fn redis(detail: impl Into<String>, transient: bool) -> Self {
+        Error::new(Kind::Redis {
+            detail: detail.into(),
+            transient,
+        })
+    }
+
+    /// Worth retrying later: 5xx, 408, 409 (a conflicting concurrent write),
+    /// 429, timeouts, connection errors, and Redis connection failures.
+    pub fn is_transient(&self) -> bool {
+        match &*self.kind {
+            Kind::Api(e) => e.status >= 500 || matches!(e.status, 408 | 409 | 429),
+            Kind::Timeout { .. } | Kind::Connect { .. } => true,
+            Kind::Token { transient, .. } | Kind::Redis { transient, .. } => *transient,
+            _ => false,
+        }
+    }
+
+    /// The input will never be accepted as it is: a tuple that fails local
+    /// validation, or OpenFGA's 400 for the tuples of a request (unknown type or
+    /// relation, user type not allowed, too many tuples, duplicates).
+    pub fn is_invalid_input(&self) -> bool {
+        match &*self.kind {
+            Kind::InvalidTuple(_) | Kind::InvalidArgument(_) => true,
+            Kind::Api(e) => {
+                matches!(e.status, 400 | 422) && !NOT_FOUND_CODES.contains(&e.code.as_str())
+            }
+            _ => false,
+        }
+    }
+
+    /// OpenFGA refused the credentials (401 or 403), or the token endpoint did.
+    pub fn is_auth(&self) -> bool {
+        match &*self.kind {
+            Kind::Api(e) => matches!(e.status, 401 | 403),
+            Kind::Token { transient, .. } => !*transient,
+            Kind::FlushingStopped { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// The store or the authorization model does not exist.
+    pub fn is_not_found(&self) -> bool {
+        match &*self.kind {
+            Kind::Api(e) => e.status == 404 || NOT_FOUND_CODES.contains(&e.code.as_str()),
+            _ => false,
+        }
+    }
+
+    /// The request timed out.
+    pub fn is_timeout(&self) -> bool {
+        matches!(&*self.kind, Kind::Timeout { .. })
+    }
+
+    /// No connection could be made to OpenFGA.
+    pub fn is_connect(&self) -> bool {
+        matches!(&*self.kind, Kind::Connect { .. })
+    }
+
+    /// A setting is missing or malformed.
+    pub fn is_config(&self) -> bool {
+        matches!(&*self.kind, Kind::Config(_))
+    }
+
+    /// The buffer was full and the overflow policy refused the op.
+    pub fn is_buffer_full(&self) -> bool {
+        matches!(&*self.kind, Kind::BufferFull { .. })
+    }
+
+    /// A check failed closed because a revoke it could depend on was not yet in
+    /// OpenFGA. Treat it as "not allowed" or retry.
+    pub fn is_stale_check(&self) -> bool {
+        matches!(&*self.kind, Kind::CheckWouldBeStale { .. })
+    }
+
+    /// The handle has been shut down.
+    pub fn is_shutdown(&self) -> bool {
+        matches!(&*self.kind, Kind::Shutdown)
+    }
+
+    /// The HTTP status OpenFGA answered with, if it answered.
+    pub fn status(&self) -> Option<u16> {
+        match &*self.kind {
+            Kind::Api(e) => Some(e.status),
+            _ => None,
+        }
+    }
+
+    /// OpenFGA's error `code` (for example `validation_error`), if it sent one.
+    pub fn code(&self) -> Option<&str> {
+        match &*self.kind {
+            Kind::Api(e) if !e.code.is_empty() => Some(&e.code),
+            _ => None,
+        }
+    }
+
+    /// OpenFGA's error `message`, if it sent one.
+    pub fn server_message(&self) -> Option<&str> {
+        match &*self.kind {
+            Kind::Api(e) if !e.message.is_empty() => Some(&e.message),
+            _ => None,
+        }
+    }
+
+    /// How long OpenFGA asked us to wait (`Retry-After` on a 429 or 503).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match &*self.kind {
+            Kind::Api(e) => e.retry_after,
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &*self.kind {
+            Kind::InvalidTuple(e) => write!(f, "invalid tuple: {e}"),
+            Kind::Config(msg) => write!(f, "configuration error: {msg}"),
+            Kind::Api(e) => {
+                write!(f, "OpenFGA {} failed with HTTP {}", e.operation, e.status)?;
+                if !e.code.is_empty() {
+                    write!(f, " ({})", e.code)?;
+                }
+                if !e.message.is_empty() {
+                    write!(f, ": {}", e.message)?;
+                }
+                match e.status {
+                    401 | 403 => write!(
+                        f,
+                        "; check the API token or OAuth2 client credentials (FGA_API_TOKEN)"
+                    ),
+                    404 => write!(f, "; check the store id and model id (FGA_STORE_ID, FGA_MODEL_ID)"),
+                    429 => match e.retry_after {
+                        Some(d) => write!(f, "; rate limited, retry after {}s", d.as_secs()),
+                        None => write!(f, "; rate limited, retry later"),
+                    },
+                    s if s >= 500 => write!(f, "; the server failed, the request will be retried"),
+                    _ => Ok(()),
+                }
+            }
+            Kind::Timeout { operation, timeout } => match timeout {
+                Some(t) => write!(
+                    f,
+                    "OpenFGA {operation} timed out after {t:?}; raise openfga.request_timeout or check the server's load"
+                ),
+                None => write!(f, "OpenFGA {operation} timed out; check the server's load"),
+            },
+            Kind::Connect {
+                operation,
+                url,
+                detail,
+            } => write!(
+                f,
+                "OpenFGA {operation}: cannot reach {url} ({detail}); check openfga.api_url (FGA_API_URL) and that the server is up"
+            ),
+            Kind::Decode { operation, detail } => write!(
+                f,
+                "OpenFGA {operation}: unexpected response ({detail}); is openfga.api_url an OpenFGA >= 1.10 server?"
+            ),
+            Kind::Token { detail, .. } => write!(
+                f,
+                "OAuth2 token request failed: {detail}; check openfga.oauth2.token_url, client_id and client_secret"
+            ),
+            Kind::BufferFull { capacity, waited } => {
+                write!(f, "write-behind buffer is full ({capacity} ops pending)")?;
+                if let Some(w) = waited {
+                    write!(f, " after waiting {w:?}")?;
+                }
+                write!(
+                    f,
+                    "; the op was not accepted: retry later, flush, or raise buffer.capacity"
+                )
+            }
+            Kind::CheckWouldBeStale { waited } => write!(
+                f,
+                "check denied (fail closed): a pending revoke it could depend on was not applied to OpenFGA within {waited:?}; retry, or look at `fga-wb status`"
+            ),
+            Kind::FlushingStopped { reason } => write!(
+                f,
+                "flushing is stopped because OpenFGA refused the credentials ({reason}); fix the credentials and restart or call flush(); pending ops are kept"
+            ),
+            Kind::Shutdown => write!(f, "the write-behind handle has been shut down"),
+            Kind::Redis { detail, .. } => write!(f, "Redis: {detail}"),
+            Kind::TooManyContextualTuples { count, limit } => write!(
+                f,
+                "{count} pending grants are relevant to this check but OpenFGA takes at most {limit} contextual tuples; flush first"
+            ),
+            Kind::InvalidArgument(msg) => write!(f, "invalid argument: {msg}"),
+        }
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Debug shows the same text as Display so that `{:?}` in a caller's log
+        // line or a test failure is readable and equally free of secrets.
+        write!(f, "fga_wb::Error({self})")
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<TupleError> for Error {
+    fn from(e: TupleError) -> Self {
+        Error::new(Kind::InvalidTuple(e))
+    }
+}
+
+impl From<Kind> for Error {
+    fn from(kind: Kind) -> Self {
+        Error::new(kind)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(status: u16, code: &str) -> Error {
+        Error::new(Kind::Api(ApiError {
+            operation: "write",
+            status,
+            code: code.into(),
+            message: "m".into(),
+            retry_after: None,
+        }))
+    }
+
+    #[test]
+    fn classifies_statuses() {
+        assert!(api(503, "").is_transient());
+        assert!(api(429, "").is_transient());
+        assert!(api(409, "Aborted").is_transient());
+        assert!(api(400, "validation_error").is_invalid_input());
+        assert!(!api(400, "validation_error").is_transient());
+        assert!(api(401, "unauthenticated").is_auth());
+        assert!(api(403, "forbidden").is_auth());
+        assert!(api(404, "store_id_not_found").is_not_found());
+        assert!(api(400, "latest_authorization_model_not_found").is_not_found());
+        assert!(!api(400, "latest_authorization_model_not_found").is_invalid_input());
+    }
+}

@@ -1,0 +1,164 @@
+//! Credentials for OpenFGA: a preshared API token, or OAuth2 client
+//! credentials whose access token is cached until shortly before it expires.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tokio::sync::Mutex;
+
+use crate::error::{Error, Kind};
+
+/// A secret string (a token, a client secret, a password). Its `Debug` and
+/// `Display` never show the value, so it cannot leak through a log line.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The value, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether no secret was given.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "<empty>"
+        } else {
+            "<redacted>"
+        })
+    }
+}
+
+impl serde::Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // Serialised config (e.g. `status --json`) must not carry secrets.
+        s.serialize_str(if self.0.is_empty() { "" } else { "<redacted>" })
+    }
+}
+
+/// OAuth2 client-credentials settings.
+#[derive(Clone, Debug)]
+pub struct OAuth2 {
+    /// Token endpoint URL.
+    pub token_url: String,
+    /// Client id.
+    pub client_id: String,
+    /// Client secret.
+    pub client_secret: Secret,
+    /// Audience to request the token for (`api_audience` in OpenFGA's SDKs).
+    pub audience: Option<String>,
+    /// Scopes to request, space separated.
+    pub scopes: Option<String>,
+}
+
+/// How to authenticate to OpenFGA.
+#[derive(Clone, Debug, Default)]
+pub enum Credentials {
+    /// No `Authorization` header.
+    #[default]
+    None,
+    /// `Authorization: Bearer <token>` (OpenFGA's preshared keys).
+    ApiToken(Secret),
+    /// OAuth2 client credentials.
+    ClientCredentials(OAuth2),
+}
+
+/// Leave this much of a token's life unused, so a token never expires between
+/// being read from the cache and reaching the server.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(60);
+
+/// Produces the `Authorization` header value for each request.
+pub(crate) struct Authenticator {
+    credentials: Credentials,
+    cached: Mutex<Option<(Secret, Instant)>>,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+impl Authenticator {
+    pub fn new(credentials: Credentials) -> Self {
+        Authenticator {
+            credentials,
+            cached: Mutex::new(None),
+        }
+    }
+
+    /// The bearer token to send, if any.
+    pub async fn bearer(&self, http: &reqwest::Client) -> Result<Option<Secret>, Error> {
+        match &self.credentials {
+            Credentials::None => Ok(None),
+            Credentials::ApiToken(t) => Ok(Some(t.clone())),
+            Credentials::ClientCredentials(o) => {
+                let mut cached = self.cached.lock().await;
+                if let Some((token, until)) = &*cached {
+                    if Instant::now() < *until {
+                        return Ok(Some(token.clone()));
+                    }
+                }
+                let (token, lifetime) = fetch_token(http, o).await?;
+                let until = Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN);
+                *cached = Some((token.clone(), until));
+                Ok(Some(token))
+            }
+        }
+    }
+
+    /// Forget a cached token, after the server refused it.
+    pub async fn invalidate(&self) {
+        *self.cached.lock().await = None;
+    }
+}
+
+async fn fetch_token(http: &reqwest::Client, o: &OAuth2) -> Result<(Secret, Duration), Error> {
+    let mut form = vec![
+        ("grant_type", "client_credentials"),
+        ("client_id", o.client_id.as_str()),
+        ("client_secret", o.client_secret.expose()),
+    ];
+    if let Some(a) = &o.audience {
+        form.push(("audience", a));
+    }
+    if let Some(s) = &o.scopes {
+        form.push(("scope", s));
+    }
+    let token_err = |detail: String, transient: bool| Error::new(Kind::Token { detail, transient });
+    let resp = http
+        .post(&o.token_url)
+        .form(&form)
+        .send()
+        .await
+        // reqwest's error text names the URL, never the form body.
+        .map_err(|e| token_err(e.without_url().to_string(), true))?;
+    let status = resp.status();
+    if !status.is_success() {
+        return Err(token_err(
+            format!("{} answered HTTP {}", o.token_url, status.as_u16()),
+            status.is_server_error() || status.as_u16() == 429,
+        ));
+    }
+    let body: TokenResponse = resp
+        .json()
+        .await
+        .map_err(|e| token_err(format!("unreadable token response: {e}"), false))?;
+    // Without expires_in, assume a short life rather than caching forever.
+    let lifetime = Duration::from_secs(body.expires_in.unwrap_or(300));
+    Ok((Secret::new(body.access_token), lifetime))
+}

@@ -1,0 +1,531 @@
+//! A thin client for OpenFGA's HTTP API.
+//!
+//! It knows requests, responses and how to classify failures; it knows nothing
+//! about buffering. Every call is one HTTP request (or, for
+//! [`Client::batch_check`] and [`Client::read_all`], a few), with a `tracing`
+//! span around it.
+
+mod auth;
+mod types;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, AUTHORIZATION, RETRY_AFTER};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tracing::Instrument;
+
+pub use auth::{Credentials, OAuth2, Secret};
+pub use types::{
+    AuthorizationModel, CheckRequest, Consistency, Context, OnDuplicate, OnMissing, ReadFilter,
+    ReadPage, StoredTuple, TypeDefinition, WriteRequest,
+};
+
+use crate::error::{ApiError, Error, Kind, Result};
+use crate::tuple::TupleKey;
+use auth::Authenticator;
+use types::*;
+
+/// OpenFGA's limit on checks in one BatchCheck request.
+pub const MAX_CHECKS_PER_BATCH: usize = 50;
+/// OpenFGA's default limit on tuples in one Write request.
+pub const DEFAULT_MAX_TUPLES_PER_WRITE: usize = 100;
+/// OpenFGA's limit on contextual tuples in one Check.
+pub const MAX_CONTEXTUAL_TUPLES: usize = 100;
+
+/// A client for one OpenFGA server. Cheap to clone: clones share the
+/// connection pool and the cached OAuth2 token.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    base: String,
+    auth: Authenticator,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("api_url", &self.inner.base)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Client`]. A bad setting is remembered and returned by
+/// [`ClientBuilder::build`], so chained calls never panic.
+#[must_use]
+#[derive(Debug)]
+pub struct ClientBuilder {
+    api_url: String,
+    credentials: Credentials,
+    timeout: Duration,
+    connect_timeout: Duration,
+    pool_max_idle_per_host: usize,
+}
+
+impl ClientBuilder {
+    /// Authenticate with a preshared API token. Default: no authentication.
+    pub fn api_token(mut self, token: Secret) -> Self {
+        self.credentials = if token.is_empty() {
+            Credentials::None
+        } else {
+            Credentials::ApiToken(token)
+        };
+        self
+    }
+
+    /// Authenticate however `credentials` says.
+    pub fn credentials(mut self, credentials: Credentials) -> Self {
+        self.credentials = credentials;
+        self
+    }
+
+    /// Give up on a request after this long. Default: 10 s.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Give up on connecting after this long. Default: 3 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Keep at most this many idle connections. Default: 32.
+    pub fn pool_max_idle(mut self, n: usize) -> Self {
+        self.pool_max_idle_per_host = n;
+        self
+    }
+
+    /// The client, or the first setting that was wrong.
+    pub fn build(self) -> Result<Client> {
+        let base = self.api_url.trim_end_matches('/').to_owned();
+        let parsed = reqwest::Url::parse(&base).map_err(|e| {
+            Error::config(format!(
+                "openfga.api_url {:?} is not a URL ({e}); expected e.g. http://127.0.0.1:8080",
+                redact_url(&base)
+            ))
+        })?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(Error::config(format!(
+                "openfga.api_url {:?} must start with http:// or https://",
+                redact_url(&base)
+            )));
+        }
+        if let Credentials::ClientCredentials(o) = &self.credentials {
+            if reqwest::Url::parse(&o.token_url).is_err() {
+                return Err(Error::config(format!(
+                    "openfga.oauth2.token_url {:?} is not a URL",
+                    redact_url(&o.token_url)
+                )));
+            }
+        }
+        let http = reqwest::Client::builder()
+            .timeout(self.timeout)
+            .connect_timeout(self.connect_timeout)
+            .pool_max_idle_per_host(self.pool_max_idle_per_host)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| Error::config(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                http,
+                base,
+                auth: Authenticator::new(self.credentials),
+                timeout: self.timeout,
+            }),
+        })
+    }
+}
+
+/// A URL with any `user:password@` removed, for messages.
+pub(crate) fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl Client {
+    /// A builder for a client of the server at `api_url`
+    /// (e.g. `http://127.0.0.1:8080`).
+    pub fn builder(api_url: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            api_url: api_url.into(),
+            credentials: Credentials::None,
+            timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(3),
+            pool_max_idle_per_host: 32,
+        }
+    }
+
+    /// The server's base URL.
+    pub fn api_url(&self) -> &str {
+        &self.inner.base
+    }
+
+    /// `GET /healthz`: Ok once the server reports `SERVING`.
+    pub async fn health(&self) -> Result<()> {
+        #[derive(serde::Deserialize)]
+        struct Health {
+            #[serde(default)]
+            status: String,
+        }
+        let h: Health = self
+            .call::<(), _>("healthz", Method::GET, "/healthz".into(), None)
+            .await?;
+        if h.status == "SERVING" {
+            Ok(())
+        } else {
+            Err(Error::new(Kind::Api(ApiError {
+                operation: "healthz",
+                status: 503,
+                code: "not_serving".into(),
+                message: format!("server status is {:?}", h.status),
+                retry_after: None,
+            })))
+        }
+    }
+
+    /// Creates a store and returns its id.
+    pub async fn create_store(&self, name: &str) -> Result<String> {
+        let body = serde_json::json!({ "name": name });
+        let s: StoreCreated = self
+            .call("create store", Method::POST, "/stores".into(), Some(&body))
+            .await?;
+        Ok(s.id)
+    }
+
+    /// Writes an authorization model (in OpenFGA's JSON form) and returns its id.
+    pub async fn write_authorization_model(
+        &self,
+        store_id: &str,
+        model: &serde_json::Value,
+    ) -> Result<String> {
+        let path = format!("/stores/{}/authorization-models", seg(store_id));
+        let m: ModelCreated = self
+            .call("write authorization model", Method::POST, path, Some(model))
+            .await?;
+        Ok(m.authorization_model_id)
+    }
+
+    /// Reads one authorization model.
+    pub async fn read_authorization_model(
+        &self,
+        store_id: &str,
+        model_id: &str,
+    ) -> Result<AuthorizationModel> {
+        let path = format!(
+            "/stores/{}/authorization-models/{}",
+            seg(store_id),
+            seg(model_id)
+        );
+        let m: ModelEnvelope = self
+            .call::<(), _>("read authorization model", Method::GET, path, None)
+            .await?;
+        Ok(m.authorization_model)
+    }
+
+    /// Reads the store's newest authorization model, if it has one.
+    pub async fn read_latest_authorization_model(
+        &self,
+        store_id: &str,
+    ) -> Result<Option<AuthorizationModel>> {
+        let path = format!("/stores/{}/authorization-models?page_size=1", seg(store_id));
+        let list: ModelList = self
+            .call::<(), _>("read authorization models", Method::GET, path, None)
+            .await?;
+        Ok(list.authorization_models.into_iter().next())
+    }
+
+    /// One Write request: all of it is applied, or none of it.
+    pub async fn write(&self, store_id: &str, req: &WriteRequest) -> Result<()> {
+        if req.is_empty() {
+            return Ok(());
+        }
+        let path = format!("/stores/{}/write", seg(store_id));
+        let span = tracing::debug_span!(
+            "openfga.write",
+            writes = req.writes.len(),
+            deletes = req.deletes.len()
+        );
+        let _: serde_json::Value = self
+            .call("write", Method::POST, path, Some(&WriteBody::new(req)))
+            .instrument(span)
+            .await?;
+        Ok(())
+    }
+
+    /// One Check.
+    pub async fn check(&self, store_id: &str, req: &CheckRequest) -> Result<bool> {
+        let path = format!("/stores/{}/check", seg(store_id));
+        let span = tracing::debug_span!(
+            "openfga.check",
+            contextual = req.contextual_tuples.len()
+        );
+        let r: CheckResponse = self
+            .call("check", Method::POST, path, Some(&CheckBody::new(req)))
+            .instrument(span)
+            .await?;
+        Ok(r.allowed)
+    }
+
+    /// Many checks, in requests of at most 50 (OpenFGA's limit), sent one
+    /// after another. Answers come back in the order of `checks`; a check the
+    /// server could not evaluate gets its own error, the others still answer.
+    /// `model_id` and `consistency` apply to every check.
+    pub async fn batch_check(
+        &self,
+        store_id: &str,
+        checks: &[CheckRequest],
+        model_id: Option<&str>,
+        consistency: Consistency,
+    ) -> Result<Vec<Result<bool>>> {
+        let path = format!("/stores/{}/batch-check", seg(store_id));
+        let mut out = Vec::with_capacity(checks.len());
+        for (chunk_no, chunk) in checks.chunks(MAX_CHECKS_PER_BATCH).enumerate() {
+            let base = chunk_no * MAX_CHECKS_PER_BATCH;
+            let body = BatchCheckBody {
+                checks: chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| BatchCheckItem {
+                        tuple_key: KeyOnly {
+                            user: &c.user,
+                            relation: &c.relation,
+                            object: &c.object,
+                        },
+                        contextual_tuples: (!c.contextual_tuples.is_empty()).then(|| {
+                            ContextualTuples {
+                                tuple_keys: &c.contextual_tuples,
+                            }
+                        }),
+                        context: c.context.as_ref(),
+                        correlation_id: (base + i).to_string(),
+                    })
+                    .collect(),
+                authorization_model_id: model_id,
+                consistency,
+            };
+            let span = tracing::debug_span!("openfga.batch_check", checks = chunk.len());
+            let mut resp: BatchCheckResponse = self
+                .call("batch check", Method::POST, path.clone(), Some(&body))
+                .instrument(span)
+                .await?;
+            for i in 0..chunk.len() {
+                let id = (base + i).to_string();
+                out.push(match resp.result.remove(&id) {
+                    Some(BatchCheckSingle { error: Some(e), .. }) => {
+                        Err(batch_item_error(&chunk[i], &e))
+                    }
+                    Some(r) => Ok(r.allowed),
+                    None => Err(Error::new(Kind::Decode {
+                        operation: "batch check",
+                        detail: format!("no result for correlation id {id}"),
+                    })),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// One page of tuples matching `filter`.
+    pub async fn read(
+        &self,
+        store_id: &str,
+        filter: &ReadFilter,
+        page_size: Option<u32>,
+        continuation_token: Option<&str>,
+    ) -> Result<ReadPage> {
+        let path = format!("/stores/{}/read", seg(store_id));
+        let body = ReadBody {
+            tuple_key: filter,
+            page_size,
+            continuation_token: continuation_token.filter(|t| !t.is_empty()),
+            consistency: Consistency::HigherConsistency,
+        };
+        self.call("read", Method::POST, path, Some(&body)).await
+    }
+
+    /// Every tuple matching `filter`, following continuation tokens.
+    pub async fn read_all(&self, store_id: &str, filter: &ReadFilter) -> Result<Vec<TupleKey>> {
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = self
+                .read(store_id, filter, Some(100), Some(token.as_str()))
+                .await?;
+            out.extend(page.tuples.into_iter().map(|t| t.key));
+            if page.continuation_token.is_empty() {
+                return Ok(out);
+            }
+            token = page.continuation_token;
+        }
+    }
+
+    /// Sends one request and decodes the answer, turning every failure into a
+    /// classified [`Error`].
+    async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        operation: &'static str,
+        method: Method,
+        path: String,
+        body: Option<&B>,
+    ) -> Result<T> {
+        let url = format!("{}{}", self.inner.base, path);
+        let mut req = self.inner.http.request(method, &url);
+        if let Some(token) = self.inner.auth.bearer(&self.inner.http).await? {
+            req = req.header(AUTHORIZATION, format!("Bearer {}", token.expose()));
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(|e| self.transport_error(operation, e))?;
+        let status = resp.status();
+        if status.is_success() {
+            let bytes = resp
+                .bytes()
+                .await
+                .map_err(|e| self.transport_error(operation, e))?;
+            return serde_json::from_slice(&bytes).map_err(|e| {
+                Error::new(Kind::Decode {
+                    operation,
+                    detail: e.to_string(),
+                })
+            });
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            // A cached OAuth2 token may have been revoked early: fetch anew next time.
+            self.inner.auth.invalidate().await;
+        }
+        let retry_after = parse_retry_after(resp.headers());
+        let bytes = resp.bytes().await.unwrap_or_default();
+        let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(b) => (b.code, b.message),
+            // A proxy's HTML page or an empty body: keep a short, printable excerpt.
+            Err(_) => (
+                String::new(),
+                String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+                    .trim()
+                    .to_owned(),
+            ),
+        };
+        Err(Error::new(Kind::Api(ApiError {
+            operation,
+            status: status.as_u16(),
+            code,
+            message,
+            retry_after,
+        })))
+    }
+
+    fn transport_error(&self, operation: &'static str, e: reqwest::Error) -> Error {
+        if e.is_timeout() {
+            Error::new(Kind::Timeout {
+                operation,
+                timeout: Some(self.inner.timeout),
+            })
+        } else if e.is_decode() || e.is_body() && !e.is_connect() && !e.is_request() {
+            Error::new(Kind::Connect {
+                operation,
+                url: redact_url(&self.inner.base),
+                detail: "the response body was cut off".into(),
+            })
+        } else {
+            Error::new(Kind::Connect {
+                operation,
+                url: redact_url(&self.inner.base),
+                detail: root_cause(&e),
+            })
+        }
+    }
+}
+
+/// The innermost cause of a reqwest error ("Connection refused (os error
+/// 111)"), which says more than reqwest's own "error sending request".
+fn root_cause(e: &reqwest::Error) -> String {
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+fn batch_item_error(check: &CheckRequest, e: &serde_json::Value) -> Error {
+    let message = e
+        .get("message")
+        .and_then(|m| m.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    let code = ["input_error", "internal_error"]
+        .iter()
+        .find_map(|k| e.get(*k).and_then(|v| v.as_str()))
+        .unwrap_or_default()
+        .to_owned();
+    let status = if e.get("internal_error").is_some() {
+        500
+    } else {
+        400
+    };
+    Error::new(Kind::Api(ApiError {
+        operation: "batch check",
+        status,
+        code,
+        message: format!(
+            "{}#{}@{}: {message}",
+            check.object, check.relation, check.user
+        ),
+        retry_after: None,
+    }))
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is rare from OpenFGA and its
+/// proxies; it is ignored rather than guessed at).
+fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(RETRY_AFTER)?.to_str().ok()?;
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// Percent-encodes an id for use as one path segment, so an id can never
+/// change which endpoint is called.
+fn seg(id: &str) -> String {
+    let mut out = String::with_capacity(id.len());
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_segments_are_encoded() {
+        assert_eq!(seg("01HXYZ"), "01HXYZ");
+        assert_eq!(seg("a/../b"), "a%2F..%2Fb");
+    }
+
+    #[test]
+    fn urls_lose_their_credentials_in_messages() {
+        assert_eq!(
+            redact_url("http://u:secret@h:1/x"),
+            "http://h:1/x".to_string()
+        );
+    }
+}

@@ -1,0 +1,389 @@
+//! Request and response bodies of OpenFGA's HTTP API, as plain serde types.
+
+use serde::{Deserialize, Serialize};
+
+use crate::tuple::TupleKey;
+
+/// A JSON object, as used for condition contexts and check contexts.
+pub type Context = serde_json::Map<String, serde_json::Value>;
+
+/// How fresh a check or read must be.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Consistency {
+    /// Let the server pick (it uses `MINIMIZE_LATENCY`).
+    #[default]
+    #[serde(rename = "UNSPECIFIED")]
+    Unspecified,
+    /// Answers may come from the server's check cache.
+    #[serde(rename = "MINIMIZE_LATENCY")]
+    MinimizeLatency,
+    /// Bypass the server's caches.
+    #[serde(rename = "HIGHER_CONSISTENCY")]
+    HigherConsistency,
+}
+
+impl Consistency {
+    fn is_unspecified(&self) -> bool {
+        *self == Consistency::Unspecified
+    }
+}
+
+/// What the server does when a write names a tuple that already exists.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDuplicate {
+    /// Fail the whole request (OpenFGA's default).
+    #[default]
+    Error,
+    /// Treat it as done, so replays are harmless.
+    Ignore,
+}
+
+/// What the server does when a delete names a tuple that does not exist.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnMissing {
+    /// Fail the whole request (OpenFGA's default).
+    #[default]
+    Error,
+    /// Treat it as done, so replays are harmless.
+    Ignore,
+}
+
+/// One Write request: tuples to write and tuples to delete, applied together
+/// or not at all.
+#[derive(Clone, Debug, Default)]
+pub struct WriteRequest {
+    /// Tuples to write.
+    pub writes: Vec<TupleKey>,
+    /// Tuples to delete (their conditions are ignored).
+    pub deletes: Vec<TupleKey>,
+    /// Pin the request to a model; `None` uses the store's latest.
+    pub authorization_model_id: Option<String>,
+    /// What to do with writes that already exist.
+    pub on_duplicate: OnDuplicate,
+    /// What to do with deletes that do not exist.
+    pub on_missing: OnMissing,
+}
+
+impl WriteRequest {
+    /// Writes and deletes with both "ignore" options set, so that replaying
+    /// the request after a lost response changes nothing.
+    pub fn idempotent(writes: Vec<TupleKey>, deletes: Vec<TupleKey>) -> Self {
+        WriteRequest {
+            writes,
+            deletes,
+            authorization_model_id: None,
+            on_duplicate: OnDuplicate::Ignore,
+            on_missing: OnMissing::Ignore,
+        }
+    }
+
+    /// How many tuples the request carries.
+    pub fn len(&self) -> usize {
+        self.writes.len() + self.deletes.len()
+    }
+
+    /// Whether the request carries no tuple.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Serialize)]
+pub(crate) struct WriteBody<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub writes: Option<WriteSection<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deletes: Option<DeleteSection<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authorization_model_id: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct WriteSection<'a> {
+    pub tuple_keys: &'a [TupleKey],
+    pub on_duplicate: OnDuplicate,
+}
+
+#[derive(Serialize)]
+pub(crate) struct DeleteSection<'a> {
+    pub tuple_keys: Vec<KeyOnly<'a>>,
+    pub on_missing: OnMissing,
+}
+
+/// A tuple key without its condition: deletes and check keys take no condition.
+#[derive(Serialize)]
+pub(crate) struct KeyOnly<'a> {
+    pub user: &'a str,
+    pub relation: &'a str,
+    pub object: &'a str,
+}
+
+impl<'a> From<&'a TupleKey> for KeyOnly<'a> {
+    fn from(t: &'a TupleKey) -> Self {
+        KeyOnly {
+            user: &t.user,
+            relation: &t.relation,
+            object: &t.object,
+        }
+    }
+}
+
+impl<'a> WriteBody<'a> {
+    pub fn new(req: &'a WriteRequest) -> Self {
+        WriteBody {
+            writes: (!req.writes.is_empty()).then(|| WriteSection {
+                tuple_keys: &req.writes,
+                on_duplicate: req.on_duplicate,
+            }),
+            deletes: (!req.deletes.is_empty()).then(|| DeleteSection {
+                tuple_keys: req.deletes.iter().map(KeyOnly::from).collect(),
+                on_missing: req.on_missing,
+            }),
+            authorization_model_id: req.authorization_model_id.as_deref(),
+        }
+    }
+}
+
+/// One Check: is `user` related to `object` by `relation`?
+#[derive(Clone, Debug, Default)]
+pub struct CheckRequest {
+    /// The user, e.g. `user:anne`.
+    pub user: String,
+    /// The relation, e.g. `viewer`.
+    pub relation: String,
+    /// The object, e.g. `document:1`.
+    pub object: String,
+    /// Tuples to consider as if written, for this check only (at most 100).
+    pub contextual_tuples: Vec<TupleKey>,
+    /// Values for condition parameters known at request time.
+    pub context: Option<Context>,
+    /// Pin the check to a model; `None` uses the store's latest.
+    pub authorization_model_id: Option<String>,
+    /// Cache preference.
+    pub consistency: Consistency,
+}
+
+impl CheckRequest {
+    /// A check with no contextual tuples, context or consistency preference.
+    pub fn new(
+        user: impl Into<String>,
+        relation: impl Into<String>,
+        object: impl Into<String>,
+    ) -> Self {
+        CheckRequest {
+            user: user.into(),
+            relation: relation.into(),
+            object: object.into(),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(crate) struct CheckBody<'a> {
+    pub tuple_key: KeyOnly<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub contextual_tuples: Option<ContextualTuples<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<&'a Context>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authorization_model_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Consistency::is_unspecified")]
+    pub consistency: Consistency,
+}
+
+#[derive(Serialize)]
+pub(crate) struct ContextualTuples<'a> {
+    pub tuple_keys: &'a [TupleKey],
+}
+
+impl<'a> CheckBody<'a> {
+    pub fn new(req: &'a CheckRequest) -> Self {
+        CheckBody {
+            tuple_key: KeyOnly {
+                user: &req.user,
+                relation: &req.relation,
+                object: &req.object,
+            },
+            contextual_tuples: (!req.contextual_tuples.is_empty()).then(|| ContextualTuples {
+                tuple_keys: &req.contextual_tuples,
+            }),
+            context: req.context.as_ref(),
+            authorization_model_id: req.authorization_model_id.as_deref(),
+            consistency: req.consistency,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct CheckResponse {
+    #[serde(default)]
+    pub allowed: bool,
+}
+
+#[derive(Serialize)]
+pub(crate) struct BatchCheckBody<'a> {
+    pub checks: Vec<BatchCheckItem<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authorization_model_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Consistency::is_unspecified")]
+    pub consistency: Consistency,
+}
+
+#[derive(Serialize)]
+pub(crate) struct BatchCheckItem<'a> {
+    pub tuple_key: KeyOnly<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub contextual_tuples: Option<ContextualTuples<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<&'a Context>,
+    pub correlation_id: String,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct BatchCheckResponse {
+    #[serde(default)]
+    pub result: std::collections::HashMap<String, BatchCheckSingle>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct BatchCheckSingle {
+    #[serde(default)]
+    pub allowed: bool,
+    #[serde(default)]
+    pub error: Option<serde_json::Value>,
+}
+
+/// A filter for Read. OpenFGA requires `object` (or at least its type) unless
+/// all three are empty, which reads every tuple of the store.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ReadFilter {
+    /// Match this user exactly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Match this relation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relation: Option<String>,
+    /// Match this object, or every object of a type with `type:`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct ReadBody<'a> {
+    #[serde(skip_serializing_if = "is_empty_filter")]
+    pub tuple_key: &'a ReadFilter,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub page_size: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub continuation_token: Option<&'a str>,
+    #[serde(skip_serializing_if = "Consistency::is_unspecified")]
+    pub consistency: Consistency,
+}
+
+fn is_empty_filter(f: &&ReadFilter) -> bool {
+    f.user.is_none() && f.relation.is_none() && f.object.is_none()
+}
+
+/// One page of Read results.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ReadPage {
+    /// The tuples on this page.
+    #[serde(default)]
+    pub tuples: Vec<StoredTuple>,
+    /// Pass back to get the next page; empty on the last page.
+    #[serde(default)]
+    pub continuation_token: String,
+}
+
+/// A tuple as stored in OpenFGA.
+#[derive(Clone, Debug, Deserialize)]
+pub struct StoredTuple {
+    /// The tuple.
+    pub key: TupleKey,
+    /// When it was written (RFC 3339).
+    #[serde(default)]
+    pub timestamp: String,
+}
+
+/// An authorization model, as OpenFGA returns it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuthorizationModel {
+    /// The model's id.
+    #[serde(default)]
+    pub id: String,
+    /// `1.1` or later.
+    #[serde(default)]
+    pub schema_version: String,
+    /// The types, their relations and rewrites.
+    #[serde(default)]
+    pub type_definitions: Vec<TypeDefinition>,
+    /// Named conditions.
+    #[serde(default)]
+    pub conditions: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One type of a model.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TypeDefinition {
+    /// The type's name.
+    #[serde(rename = "type")]
+    pub type_name: String,
+    /// Relation name to its rewrite (`this`, `computedUserset`, `union`, ...).
+    #[serde(default)]
+    pub relations: serde_json::Map<String, serde_json::Value>,
+    /// Which user types each relation admits directly.
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ModelEnvelope {
+    pub authorization_model: AuthorizationModel,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ModelList {
+    #[serde(default)]
+    pub authorization_models: Vec<AuthorizationModel>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ModelCreated {
+    pub authorization_model_id: String,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct StoreCreated {
+    pub id: String,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ErrorBody {
+    #[serde(default)]
+    pub code: String,
+    #[serde(default)]
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn write_body_omits_empty_sections_and_deletes_drop_conditions() {
+        let t = TupleKey::new("user:anne", "viewer", "document:1")
+            .unwrap()
+            .with_condition("non_expired", None)
+            .unwrap();
+        let req = WriteRequest::idempotent(vec![], vec![t]);
+        let v = serde_json::to_value(WriteBody::new(&req)).unwrap();
+        assert_eq!(
+            v,
+            json!({"deletes":{"tuple_keys":[{"user":"user:anne","relation":"viewer","object":"document:1"}],"on_missing":"ignore"}})
+        );
+    }
+}

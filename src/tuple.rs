@@ -1,0 +1,521 @@
+//! Relationship tuples, and the validation OpenFGA would apply to them.
+//!
+//! A tuple is refused here, at the call, with an error that names the field and
+//! the rule, so nothing that OpenFGA would reject is ever acknowledged. The
+//! rules are OpenFGA's own:
+//!
+//! * `user`: at most 512 bytes; `type:id`, `type:*` (wildcard) or
+//!   `type:id#relation` (userset);
+//! * `relation`: `^[^:#@\s]{1,50}$`;
+//! * `object`: `type:id`, `^[^\s]{2,256}$`;
+//! * a type is `^[^:#@\s]{1,254}$`, an id has no `:`, `#` or whitespace.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest `user` OpenFGA accepts, in bytes.
+pub const MAX_USER_BYTES: usize = 512;
+/// Longest `relation` OpenFGA accepts, in characters.
+pub const MAX_RELATION_CHARS: usize = 50;
+/// Longest `object` OpenFGA accepts, in characters.
+pub const MAX_OBJECT_CHARS: usize = 256;
+/// Longest type name OpenFGA accepts, in characters.
+const MAX_TYPE_CHARS: usize = 254;
+
+/// A relationship tuple: `user` has `relation` on `object`, optionally only
+/// when a named condition holds.
+///
+/// Its JSON form is OpenFGA's `TupleKey`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TupleKey {
+    /// `type:id`, `type:*` or `type:id#relation`.
+    pub user: String,
+    /// The relation, as named in the authorization model.
+    pub relation: String,
+    /// `type:id`.
+    pub object: String,
+    /// A condition that must hold for the tuple to count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<Condition>,
+}
+
+/// A tuple's condition: the name of a condition in the model, and the values
+/// of some of its parameters, fixed when the tuple is written.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Condition {
+    /// The condition's name in the authorization model.
+    pub name: String,
+    /// Parameter values stored with the tuple.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// What to do with a tuple: write it or delete it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    /// Write the tuple.
+    Grant,
+    /// Delete the tuple.
+    Revoke,
+}
+
+/// Which part of a tuple was wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Field {
+    /// The `user` field.
+    User,
+    /// The `relation` field.
+    Relation,
+    /// The `object` field.
+    Object,
+    /// The condition's name.
+    Condition,
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Field::User => "user",
+            Field::Relation => "relation",
+            Field::Object => "object",
+            Field::Condition => "condition",
+        })
+    }
+}
+
+/// Why a tuple was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field} {value:?} {reason}")]
+pub struct TupleError {
+    /// The field at fault.
+    pub field: Field,
+    /// The value given (cut to 80 characters).
+    pub value: String,
+    /// What rule it breaks, phrased to finish the sentence "user X ...".
+    pub reason: String,
+}
+
+impl TupleError {
+    pub(crate) fn new(field: Field, value: &str, reason: impl Into<String>) -> Self {
+        TupleError {
+            field,
+            value: shorten(value),
+            reason: reason.into(),
+        }
+    }
+}
+
+fn shorten(s: &str) -> String {
+    const MAX: usize = 80;
+    match s.char_indices().nth(MAX) {
+        Some((at, _)) => format!("{}...", &s[..at]),
+        None => s.to_owned(),
+    }
+}
+
+impl TupleKey {
+    /// A validated tuple with no condition.
+    pub fn new(
+        user: impl Into<String>,
+        relation: impl Into<String>,
+        object: impl Into<String>,
+    ) -> Result<Self, TupleError> {
+        let t = TupleKey {
+            user: user.into(),
+            relation: relation.into(),
+            object: object.into(),
+            condition: None,
+        };
+        t.validate()?;
+        Ok(t)
+    }
+
+    /// The same tuple, only when `condition` holds with `context` fixed.
+    pub fn with_condition(
+        mut self,
+        name: impl Into<String>,
+        context: Option<serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<Self, TupleError> {
+        self.condition = Some(Condition {
+            name: name.into(),
+            context,
+        });
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Checks every field against OpenFGA's rules.
+    pub fn validate(&self) -> Result<(), TupleError> {
+        validate_user(&self.user)?;
+        validate_relation(&self.relation)?;
+        validate_object(&self.object)?;
+        if let Some(c) = &self.condition {
+            validate_condition_name(&c.name)?;
+        }
+        Ok(())
+    }
+
+    /// The object's type, the part before `:`.
+    pub fn object_type(&self) -> &str {
+        type_of(&self.object)
+    }
+
+    /// The user's type, the part before `:`.
+    pub fn user_type(&self) -> &str {
+        type_of(&self.user)
+    }
+
+    /// The relation of a userset user (`group:eng#member` gives `member`).
+    pub fn user_relation(&self) -> Option<&str> {
+        self.user.split_once('#').map(|(_, r)| r)
+    }
+
+    /// Whether the user is a wildcard (`type:*`).
+    pub fn is_wildcard_user(&self) -> bool {
+        self.user.ends_with(":*")
+    }
+}
+
+fn type_of(s: &str) -> &str {
+    s.split_once(':').map_or(s, |(t, _)| t)
+}
+
+/// The canonical `object#relation@user` form, as OpenFGA prints tuples.
+impl fmt::Display for TupleKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}#{}@{}", self.object, self.relation, self.user)?;
+        if let Some(c) = &self.condition {
+            write!(f, " (when {})", c.name)?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses `object#relation@user`, for example `document:1#viewer@user:anne`.
+impl FromStr for TupleKey {
+    type Err = TupleError;
+
+    fn from_str(s: &str) -> Result<Self, TupleError> {
+        // An object never contains '#', a relation never contains '@', so the
+        // first of each splits the string unambiguously.
+        let (object, rest) = s.split_once('#').ok_or_else(|| {
+            TupleError::new(
+                Field::Object,
+                s,
+                "is not a tuple of the form object#relation@user",
+            )
+        })?;
+        let (relation, user) = rest.split_once('@').ok_or_else(|| {
+            TupleError::new(
+                Field::User,
+                s,
+                "is not a tuple of the form object#relation@user",
+            )
+        })?;
+        TupleKey::new(user, relation, object)
+    }
+}
+
+fn is_bad_name_char(c: char) -> bool {
+    c == ':' || c == '#' || c == '@' || c.is_whitespace()
+}
+
+fn is_bad_id_char(c: char) -> bool {
+    c == ':' || c == '#' || c.is_whitespace()
+}
+
+fn validate_type(field: Field, whole: &str, ty: &str) -> Result<(), TupleError> {
+    if ty.is_empty() {
+        return Err(TupleError::new(field, whole, "has an empty type before ':'"));
+    }
+    if ty.chars().count() > MAX_TYPE_CHARS {
+        return Err(TupleError::new(
+            field,
+            whole,
+            format!("has a type longer than {MAX_TYPE_CHARS} characters"),
+        ));
+    }
+    if ty.chars().any(is_bad_name_char) {
+        return Err(TupleError::new(
+            field,
+            whole,
+            "has a type containing ':', '#', '@' or whitespace",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_id(field: Field, whole: &str, id: &str) -> Result<(), TupleError> {
+    if id.is_empty() {
+        return Err(TupleError::new(field, whole, "has an empty id after ':'"));
+    }
+    if id.chars().any(is_bad_id_char) {
+        return Err(TupleError::new(
+            field,
+            whole,
+            "has an id containing ':', '#' or whitespace",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a `user`: `type:id`, `type:*` or `type:id#relation`, at most 512 bytes.
+pub fn validate_user(user: &str) -> Result<(), TupleError> {
+    let f = Field::User;
+    if user.is_empty() {
+        return Err(TupleError::new(f, user, "is empty; the user is required"));
+    }
+    if user.len() > MAX_USER_BYTES {
+        return Err(TupleError::new(
+            f,
+            user,
+            format!(
+                "is {} bytes; OpenFGA allows at most {MAX_USER_BYTES}",
+                user.len()
+            ),
+        ));
+    }
+    let Some((ty, rest)) = user.split_once(':') else {
+        return Err(TupleError::new(
+            f,
+            user,
+            "must be type:id, type:* or type:id#relation (for example user:anne)",
+        ));
+    };
+    validate_type(f, user, ty)?;
+    match rest.split_once('#') {
+        Some((id, relation)) => {
+            validate_id(f, user, id)?;
+            if id == "*" {
+                return Err(TupleError::new(
+                    f,
+                    user,
+                    "combines a wildcard with a relation; use type:* or type:id#relation",
+                ));
+            }
+            if let Err(e) = validate_relation(relation) {
+                return Err(TupleError::new(
+                    f,
+                    user,
+                    format!("has a userset relation that {}", e.reason),
+                ));
+            }
+            Ok(())
+        }
+        None => validate_id(f, user, rest),
+    }
+}
+
+/// Checks a `relation`: `^[^:#@\s]{1,50}$`.
+pub fn validate_relation(relation: &str) -> Result<(), TupleError> {
+    let f = Field::Relation;
+    if relation.is_empty() {
+        return Err(TupleError::new(
+            f,
+            relation,
+            "is empty; the relation is required",
+        ));
+    }
+    let n = relation.chars().count();
+    if n > MAX_RELATION_CHARS {
+        return Err(TupleError::new(
+            f,
+            relation,
+            format!("is {n} characters; OpenFGA allows at most {MAX_RELATION_CHARS}"),
+        ));
+    }
+    if relation.chars().any(is_bad_name_char) {
+        return Err(TupleError::new(
+            f,
+            relation,
+            "must not contain ':', '#', '@' or whitespace",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an `object`: `type:id`, 2 to 256 characters, no whitespace.
+pub fn validate_object(object: &str) -> Result<(), TupleError> {
+    let f = Field::Object;
+    if object.is_empty() {
+        return Err(TupleError::new(f, object, "is empty; the object is required"));
+    }
+    let n = object.chars().count();
+    if n > MAX_OBJECT_CHARS {
+        return Err(TupleError::new(
+            f,
+            object,
+            format!("is {n} characters; OpenFGA allows at most {MAX_OBJECT_CHARS}"),
+        ));
+    }
+    let Some((ty, id)) = object.split_once(':') else {
+        return Err(TupleError::new(
+            f,
+            object,
+            "must be type:id (for example document:budget)",
+        ));
+    };
+    validate_type(f, object, ty)?;
+    validate_id(f, object, id)?;
+    if id == "*" {
+        return Err(TupleError::new(
+            f,
+            object,
+            "must name one object; wildcards are only allowed in user",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_condition_name(name: &str) -> Result<(), TupleError> {
+    let f = Field::Condition;
+    if name.is_empty() {
+        return Err(TupleError::new(f, name, "is empty; give the condition's name"));
+    }
+    if name.chars().count() > 256 || name.chars().any(|c| c.is_whitespace()) {
+        return Err(TupleError::new(
+            f,
+            name,
+            "must be a condition name of at most 256 characters without whitespace",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn err(user: &str, relation: &str, object: &str) -> TupleError {
+        match TupleKey::new(user, relation, object) {
+            Ok(t) => panic!("{t} was accepted"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn user_without_type_is_refused() {
+        let e = err("123", "viewer", "document:1");
+        assert_eq!(e.field, Field::User);
+        assert!(e.reason.contains("type:id"), "{e}");
+    }
+
+    #[test]
+    fn object_with_empty_id_is_refused() {
+        let e = err("user:anne", "viewer", "document:");
+        assert_eq!(e.field, Field::Object);
+        assert!(e.reason.contains("empty id"), "{e}");
+    }
+
+    #[test]
+    fn relation_with_whitespace_is_refused() {
+        let e = err("user:anne", "can view", "document:1");
+        assert_eq!(e.field, Field::Relation);
+        assert!(e.reason.contains("whitespace"), "{e}");
+    }
+
+    #[test]
+    fn relation_of_51_chars_is_refused() {
+        let e = err("user:anne", &"r".repeat(51), "document:1");
+        assert_eq!(e.field, Field::Relation);
+        assert!(e.reason.contains("at most 50"), "{e}");
+        assert!(TupleKey::new("user:anne", "r".repeat(50), "document:1").is_ok());
+    }
+
+    #[test]
+    fn object_with_space_or_too_long_is_refused() {
+        let e = err("user:anne", "viewer", "document:a b");
+        assert_eq!(e.field, Field::Object);
+        assert!(e.reason.contains("whitespace"), "{e}");
+        let long = format!("document:{}", "x".repeat(248));
+        let e = err("user:anne", "viewer", &long);
+        assert_eq!(e.field, Field::Object);
+        assert!(e.reason.contains("at most 256"), "{e}");
+        let max = format!("document:{}", "x".repeat(247));
+        assert!(TupleKey::new("user:anne", "viewer", max).is_ok());
+    }
+
+    #[test]
+    fn user_of_513_bytes_is_refused() {
+        let user = format!("user:{}", "x".repeat(508));
+        let e = err(&user, "viewer", "document:1");
+        assert_eq!(e.field, Field::User);
+        assert!(e.reason.contains("513 bytes"), "{e}");
+        assert!(TupleKey::new(&user[..512], "viewer", "document:1").is_ok());
+    }
+
+    #[test]
+    fn userset_and_wildcard_users_are_accepted() {
+        let t = TupleKey::new("group:eng#member", "viewer", "document:1").unwrap();
+        assert_eq!(t.user_relation(), Some("member"));
+        let t = TupleKey::new("user:*", "viewer", "document:1").unwrap();
+        assert!(t.is_wildcard_user());
+    }
+
+    #[test]
+    fn empty_fields_are_named() {
+        assert_eq!(err("", "viewer", "document:1").field, Field::User);
+        assert_eq!(err("user:anne", "", "document:1").field, Field::Relation);
+        assert_eq!(err("user:anne", "viewer", "").field, Field::Object);
+        for e in [
+            err("", "viewer", "document:1"),
+            err("user:anne", "", "document:1"),
+            err("user:anne", "viewer", ""),
+        ] {
+            assert!(e.to_string().contains("is empty"), "{e}");
+        }
+    }
+
+    #[test]
+    fn canonical_form_round_trips() {
+        let t: TupleKey = "document:1#viewer@group:eng#member".parse().unwrap();
+        assert_eq!(t.object, "document:1");
+        assert_eq!(t.relation, "viewer");
+        assert_eq!(t.user, "group:eng#member");
+        assert_eq!(t.to_string().parse::<TupleKey>().unwrap(), t);
+    }
+
+    #[test]
+    fn json_is_openfgas_shape() {
+        let t = TupleKey::new("user:anne", "viewer", "document:1")
+            .unwrap()
+            .with_condition("non_expired", None)
+            .unwrap();
+        let v = serde_json::to_value(&t).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"user":"user:anne","relation":"viewer","object":"document:1",
+                "condition":{"name":"non_expired"}})
+        );
+    }
+
+    proptest! {
+        /// Any strings at all: validation answers, never panics, and what it
+        /// accepts has the shape OpenFGA requires.
+        #[test]
+        fn arbitrary_strings_never_panic(user in ".{0,600}", relation in ".{0,60}", object in ".{0,300}") {
+            if let Ok(t) = TupleKey::new(&user, &relation, &object) {
+                prop_assert!(t.user.len() <= MAX_USER_BYTES);
+                prop_assert!(t.object.contains(':'));
+                prop_assert!(!t.relation.chars().any(char::is_whitespace));
+            }
+            let _ = format!("{}#{}@{}", object, relation, user).parse::<TupleKey>();
+        }
+
+        /// Well-formed tuples are accepted.
+        #[test]
+        fn well_formed_tuples_are_accepted(
+            ty in "[a-z_]{1,20}", id in "[A-Za-z0-9_.|-]{1,40}", rel in "[a-z_]{1,50}",
+        ) {
+            let user = format!("{ty}:{id}");
+            let object = format!("{ty}:{id}");
+            prop_assert!(TupleKey::new(&user, &rel, &object).is_ok());
+            let userset = format!("{ty}:{id}#{rel}");
+            prop_assert!(TupleKey::new(&userset, &rel, &object).is_ok());
+        }
+    }
+}
