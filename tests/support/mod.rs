@@ -1,0 +1,132 @@
+//! Shared helpers for the integration tests: the real OpenFGA and Redis that
+//! `scripts/test` starts, fresh stores, and wiremock fixtures captured from the
+//! real server.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fga_wb::openfga::{Client, Secret};
+use serde_json::Value;
+
+const HOW: &str = "run the tests with scripts/test, which installs and starts OpenFGA and Redis \
+                   (or start them with scripts/servers and export what it prints)";
+
+fn required_env(name: &str) -> String {
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() => v,
+        // Never a silent skip: a test that needs a server and has none fails.
+        _ => panic!("{name} is not set: this test needs a real server; {HOW}"),
+    }
+}
+
+/// The real OpenFGA's base URL.
+pub fn openfga_url() -> String {
+    required_env("FGA_WB_TEST_OPENFGA_URL")
+}
+
+/// The preshared key the real OpenFGA was started with.
+pub fn openfga_token() -> String {
+    required_env("FGA_WB_TEST_OPENFGA_TOKEN")
+}
+
+/// The real Redis's URL.
+pub fn redis_url() -> String {
+    required_env("FGA_WB_TEST_REDIS_URL")
+}
+
+/// The `openfga` binary, for tests that run their own server.
+pub fn openfga_bin() -> PathBuf {
+    PathBuf::from(required_env("FGA_WB_TEST_OPENFGA_BIN"))
+}
+
+/// A client of the real OpenFGA with the right key.
+pub fn client() -> Client {
+    Client::builder(openfga_url())
+        .api_token(Secret::new(openfga_token()))
+        .build()
+        .expect("client for the test server")
+}
+
+/// The test model: `models/documents.json`.
+pub fn documents_model() -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/documents.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("models/documents.json"))
+        .expect("models/documents.json is JSON")
+}
+
+/// A fresh store with the documents model: every test gets its own, so tests
+/// run in parallel without seeing each other's tuples.
+pub struct TestStore {
+    /// A client with the right key.
+    pub client: Client,
+    /// The new store's id.
+    pub store_id: String,
+    /// The documents model's id in it.
+    pub model_id: String,
+}
+
+/// Creates a store named after the test and writes the documents model to it.
+pub async fn new_store(name: &str) -> TestStore {
+    let client = client();
+    let store_id = client.create_store(name).await.expect("create store");
+    let model_id = client
+        .write_authorization_model(&store_id, &documents_model())
+        .await
+        .expect("write model");
+    TestStore {
+        client,
+        store_id,
+        model_id,
+    }
+}
+
+/// A response body captured from the real server (or hand-written, where the
+/// server cannot be made to send it), from `wiremock-fixtures/`.
+pub struct Fixture {
+    /// HTTP status.
+    pub status: u16,
+    /// Response headers.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Value,
+    /// For a hung response: how long the mock delays.
+    pub delay: Option<Duration>,
+}
+
+/// Loads `wiremock-fixtures/<name>.json`.
+pub fn fixture(name: &str) -> Fixture {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("wiremock-fixtures")
+        .join(format!("{name}.json"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}; regenerate with scripts/capture-fixtures", path.display()));
+    let v: Value = serde_json::from_str(&text).expect("fixture is JSON");
+    Fixture {
+        status: v["status"].as_u64().expect("fixture status") as u16,
+        headers: v["headers"]
+            .as_object()
+            .map(|h| {
+                h.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        body: v["body"].clone(),
+        delay: v["delay_ms"].as_u64().map(Duration::from_millis),
+    }
+}
+
+impl Fixture {
+    /// A wiremock response that replays this fixture.
+    pub fn response(&self) -> wiremock::ResponseTemplate {
+        let mut r = wiremock::ResponseTemplate::new(self.status).set_body_json(&self.body);
+        for (k, v) in &self.headers {
+            r = r.insert_header(k.as_str(), v.as_str());
+        }
+        if let Some(d) = self.delay {
+            r = r.set_delay(d);
+        }
+        r
+    }
+}
