@@ -371,7 +371,8 @@ impl Provider for Env {
             let value = if STRING_KEYS.contains(&key) {
                 Value::from(raw.to_owned())
             } else {
-                raw.parse::<Value>().unwrap_or_else(|_| Value::from(raw.to_owned()))
+                raw.parse::<Value>()
+                    .unwrap_or_else(|_| Value::from(raw.to_owned()))
             };
             if let Some(nested) = nest(key, value) {
                 dict = std::mem::take(&mut dict).merge_dict(nested);
@@ -479,8 +480,7 @@ impl Config {
                 "flush.retry_initial_backoff is longer than flush.retry_max_backoff",
             ));
         }
-        if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(char::is_whitespace)
-        {
+        if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(char::is_whitespace) {
             return Err(Error::config(
                 "redis.key_prefix must be non-empty and without whitespace",
             ));
@@ -525,7 +525,10 @@ fn describe(e: &figment::Error) -> Error {
             format!("expected {expected}, found {}", found(actual))
         }
         Kind::UnknownVariant(v, expected) => {
-            format!("unknown value {v:?}, expected one of {}", expected.join(", "))
+            format!(
+                "unknown value {v:?}, expected one of {}",
+                expected.join(", ")
+            )
         }
         Kind::UnknownField(f, _) => format!("unknown setting {f:?}; see config/fga-wb.toml"),
         Kind::Message(m) => m.clone(),
@@ -726,7 +729,10 @@ mod tests {
         assert!(e.to_string().contains("flush.batch_size in"), "{e}");
         std::fs::write(&f, "[flush]\nbatchsize = 3\n").unwrap();
         let e = Config::load_from(Some(&f), vec![]).unwrap_err();
-        assert!(e.to_string().contains("unknown setting \"batchsize\""), "{e}");
+        assert!(
+            e.to_string().contains("unknown setting \"batchsize\""),
+            "{e}"
+        );
         let e = Config::load_from(Some(&dir.join("missing.toml")), vec![]).unwrap_err();
         assert!(e.to_string().contains("does not exist"), "{e}");
     }

@@ -52,7 +52,10 @@ pub(crate) enum Kind {
     /// Fetching an OAuth2 access token failed.
     Token { detail: String, transient: bool },
     /// The buffer is at capacity and the overflow policy refused the op.
-    BufferFull { capacity: usize, waited: Option<Duration> },
+    BufferFull {
+        capacity: usize,
+        waited: Option<Duration>,
+    },
     /// A check could depend on a revoke that did not reach OpenFGA in time; it
     /// fails closed rather than risk a stale allow.
     CheckWouldBeStale { waited: Duration },
@@ -77,6 +80,19 @@ pub(crate) struct ApiError {
     pub code: String,
     pub message: String,
     pub retry_after: Option<Duration>,
+}
+
+impl ApiError {
+    /// OpenFGA's throttling answer (422 `throttled_timeout_error`): retry later.
+    fn is_throttled(&self) -> bool {
+        self.code == "throttled_timeout_error"
+    }
+
+    /// 409 `Aborted` for a tuple that exists with a different condition: no
+    /// retry will ever succeed, so it is an input error, not a conflict.
+    fn is_condition_conflict(&self) -> bool {
+        self.status == 409 && self.message.contains("different condition")
+    }
 }
 
 /// OpenFGA codes that come with a 400 but describe the store or model rather
@@ -118,7 +134,10 @@ impl Error {
     /// 429, timeouts, connection errors, and Redis connection failures.
     pub fn is_transient(&self) -> bool {
         match &*self.kind {
-            Kind::Api(e) => e.status >= 500 || matches!(e.status, 408 | 409 | 429),
+            Kind::Api(e) => {
+                (e.status >= 500 || matches!(e.status, 408 | 409 | 429) || e.is_throttled())
+                    && !e.is_condition_conflict()
+            }
             Kind::Timeout { .. } | Kind::Connect { .. } => true,
             Kind::Token { transient, .. } | Kind::Redis { transient, .. } => *transient,
             _ => false,
@@ -132,7 +151,10 @@ impl Error {
         match &*self.kind {
             Kind::InvalidTuple(_) | Kind::InvalidArgument(_) => true,
             Kind::Api(e) => {
-                matches!(e.status, 400 | 422) && !NOT_FOUND_CODES.contains(&e.code.as_str())
+                (matches!(e.status, 400 | 422)
+                    && !e.is_throttled()
+                    && !NOT_FOUND_CODES.contains(&e.code.as_str()))
+                    || e.is_condition_conflict()
             }
             _ => false,
         }
@@ -340,6 +362,8 @@ mod tests {
         assert!(api(503, "").is_transient());
         assert!(api(429, "").is_transient());
         assert!(api(409, "Aborted").is_transient());
+        assert!(api(422, "throttled_timeout_error").is_transient());
+        assert!(!api(422, "throttled_timeout_error").is_invalid_input());
         assert!(api(400, "validation_error").is_invalid_input());
         assert!(!api(400, "validation_error").is_transient());
         assert!(api(401, "unauthenticated").is_auth());

@@ -3,6 +3,7 @@
 
 pub mod config;
 mod error;
+mod model;
 pub mod openfga;
 pub mod tuple;
 

@@ -229,7 +229,11 @@ fn is_bad_id_char(c: char) -> bool {
 
 fn validate_type(field: Field, whole: &str, ty: &str) -> Result<(), TupleError> {
     if ty.is_empty() {
-        return Err(TupleError::new(field, whole, "has an empty type before ':'"));
+        return Err(TupleError::new(
+            field,
+            whole,
+            "has an empty type before ':'",
+        ));
     }
     if ty.chars().count() > MAX_TYPE_CHARS {
         return Err(TupleError::new(
@@ -341,7 +345,11 @@ pub fn validate_relation(relation: &str) -> Result<(), TupleError> {
 pub fn validate_object(object: &str) -> Result<(), TupleError> {
     let f = Field::Object;
     if object.is_empty() {
-        return Err(TupleError::new(f, object, "is empty; the object is required"));
+        return Err(TupleError::new(
+            f,
+            object,
+            "is empty; the object is required",
+        ));
     }
     let n = object.chars().count();
     if n > MAX_OBJECT_CHARS {
@@ -373,7 +381,11 @@ pub fn validate_object(object: &str) -> Result<(), TupleError> {
 fn validate_condition_name(name: &str) -> Result<(), TupleError> {
     let f = Field::Condition;
     if name.is_empty() {
-        return Err(TupleError::new(f, name, "is empty; give the condition's name"));
+        return Err(TupleError::new(
+            f,
+            name,
+            "is empty; give the condition's name",
+        ));
     }
     if name.chars().count() > 256 || name.chars().any(|c| c.is_whitespace()) {
         return Err(TupleError::new(

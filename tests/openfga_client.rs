@@ -147,7 +147,12 @@ async fn batch_check_splits_and_maps_answers_back() {
         .collect();
     let answers = s
         .client
-        .batch_check(&s.store_id, &checks, Some(&s.model_id), Consistency::HigherConsistency)
+        .batch_check(
+            &s.store_id,
+            &checks,
+            Some(&s.model_id),
+            Consistency::HigherConsistency,
+        )
         .await
         .unwrap();
     assert_eq!(answers.len(), 120);
@@ -184,7 +189,10 @@ async fn read_pages_and_read_all() {
         .collect();
     for chunk in writes.chunks(100) {
         s.client
-            .write(&s.store_id, &WriteRequest::idempotent(chunk.to_vec(), vec![]))
+            .write(
+                &s.store_id,
+                &WriteRequest::idempotent(chunk.to_vec(), vec![]),
+            )
             .await
             .unwrap();
     }
@@ -199,7 +207,10 @@ async fn read_pages_and_read_all() {
         .unwrap();
     assert_eq!(page.tuples.len(), 7);
     assert!(!page.continuation_token.is_empty());
-    assert_eq!(s.client.read_all(&s.store_id, &filter).await.unwrap().len(), 250);
+    assert_eq!(
+        s.client.read_all(&s.store_id, &filter).await.unwrap().len(),
+        250
+    );
     // The empty filter reads the whole store.
     let all = s
         .client
@@ -219,7 +230,11 @@ async fn authorization_models_read_one_and_latest() {
         .await
         .unwrap();
     assert_eq!(m.id, s.model_id);
-    let types: Vec<&str> = m.type_definitions.iter().map(|t| t.type_name.as_str()).collect();
+    let types: Vec<&str> = m
+        .type_definitions
+        .iter()
+        .map(|t| t.type_name.as_str())
+        .collect();
     assert_eq!(types, ["user", "group", "folder", "document"]);
     assert!(m.conditions.contains_key("non_expired"));
 

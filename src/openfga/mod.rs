@@ -270,10 +270,7 @@ impl Client {
     /// One Check.
     pub async fn check(&self, store_id: &str, req: &CheckRequest) -> Result<bool> {
         let path = format!("/stores/{}/check", seg(store_id));
-        let span = tracing::debug_span!(
-            "openfga.check",
-            contextual = req.contextual_tuples.len()
-        );
+        let span = tracing::debug_span!("openfga.check", contextual = req.contextual_tuples.len());
         let r: CheckResponse = self
             .call("check", Method::POST, path, Some(&CheckBody::new(req)))
             .instrument(span)
@@ -391,7 +388,10 @@ impl Client {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req.send().await.map_err(|e| self.transport_error(operation, e))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| self.transport_error(operation, e))?;
         let status = resp.status();
         if status.is_success() {
             let bytes = resp

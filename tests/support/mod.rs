@@ -99,8 +99,12 @@ pub fn fixture(name: &str) -> Fixture {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("wiremock-fixtures")
         .join(format!("{name}.json"));
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}; regenerate with scripts/capture-fixtures", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; regenerate with scripts/capture-fixtures",
+            path.display()
+        )
+    });
     let v: Value = serde_json::from_str(&text).expect("fixture is JSON");
     Fixture {
         status: v["status"].as_u64().expect("fixture status") as u16,

@@ -1,0 +1,449 @@
+# shellcheck shell=bash
+# shellcheck disable=SC2034 # FGA_WB_*_LOG/_PID and OPENFGA_BIN/REDIS_BIN are for callers
+#
+# scripts/lib/servers.sh: start throw-away OpenFGA and Redis servers for tests.
+#
+# Meant to be `source`d by scripts/test, scripts/servers, scripts/capture-fixtures
+# (and later the benchmark and demo scripts). The caller runs with
+# `set -euo pipefail` and installs the cleanup itself:
+#
+#     source "$repo/scripts/lib/servers.sh"
+#     trap fga_wb_cleanup EXIT
+#     trap 'fga_wb_on_signal INT' INT
+#     trap 'fga_wb_on_signal TERM' TERM
+#     trap 'fga_wb_on_signal HUP' HUP
+#
+#     fga_wb_ensure_openfga; fga_wb_ensure_redis
+#     fga_wb_start_openfga;  fga_wb_start_redis
+#     fga_wb_run_child cargo test      # exports FGA_WB_TEST_* are visible to it
+#
+# Design notes (the "why"):
+# - Every server (and every long child such as `go install` or `cargo test`) is started
+#   in its own process group (bash `set -m` around the `&`). Cleanup then kills whole
+#   groups, so nothing a server forks survives it, and a Ctrl-C in the terminal does not
+#   race our cleanup: the script's trap decides the order (stop the child, then servers).
+# - Long children run in the background and the script `wait`s for them, because bash
+#   defers traps while a foreground child runs: `kill <script>` would otherwise do
+#   nothing until `cargo test` finished.
+# - A small watchdog process kills the servers (and the running child) if the script
+#   itself dies without running its traps (kill -9, OOM killer), so a crashed run never
+#   leaves servers behind.
+# - Ports are random free loopback ports, so several runs (and the tests' own extra
+#   servers) can coexist on one machine.
+
+# Pinned OpenFGA version used when no suitable `openfga` is on PATH. The write-behind
+# layer needs on_duplicate/on_missing on Write, available from 1.10.
+FGA_WB_OPENFGA_VERSION="${FGA_WB_OPENFGA_VERSION:-v1.18.1}"
+FGA_WB_OPENFGA_MIN_MINOR=10 # minimum accepted version is 1.${FGA_WB_OPENFGA_MIN_MINOR}
+
+# How long a server may take to become ready before we give up (seconds).
+FGA_WB_START_TIMEOUT="${FGA_WB_START_TIMEOUT:-60}"
+
+# Global state of this run (all in the sourcing shell, never in subshells).
+FGA_WB_TMP=""                       # the run's temp dir, created on demand (never
+                                    # inherited: cleanup deletes it)
+_FGA_WB_SERVER_PGIDS=()             # process groups of the servers we started
+_FGA_WB_CHILD_PGID=""               # process group of the current fga_wb_run_child
+_FGA_WB_WATCHDOG_PID=""
+_FGA_WB_CLEANED=0
+_FGA_WB_APT_UPDATED=0
+
+fga_wb_log() { printf '[fga-wb] %s\n' "$*" >&2; }
+fga_wb_die() { printf '[fga-wb] error: %s\n' "$*" >&2; exit 1; }
+
+# ---------------------------------------------------------------------------
+# Temp dir and process-group helpers
+# ---------------------------------------------------------------------------
+
+# Creates the run's temp dir (once). Must run in the main shell, not in $(...), so the
+# variable sticks; the start functions call it themselves.
+fga_wb_tmpdir() {
+    if [[ -z "$FGA_WB_TMP" || ! -d "$FGA_WB_TMP" ]]; then
+        FGA_WB_TMP="$(mktemp -d "${TMPDIR:-/tmp}/fga-wb.XXXXXX")"
+        : >"$FGA_WB_TMP/ports"
+        : >"$FGA_WB_TMP/pgids"
+    fi
+}
+
+# Starts "$@" in the background in a new process group; stdout+stderr go to $log.
+# Sets _FGA_WB_LAST_PID (== its pgid). stdin is /dev/null: servers must never read
+# the developer's terminal.
+_fga_wb_spawn() {
+    local log="$1"; shift
+    set -m
+    "$@" >"$log" 2>&1 </dev/null &
+    _FGA_WB_LAST_PID=$!
+    set +m
+}
+
+# Kills a process group: TERM first, KILL after ~5 s if anything is left.
+_fga_wb_kill_group() {
+    local pgid="$1" i
+    kill -TERM -- "-$pgid" 2>/dev/null || return 0
+    for ((i = 0; i < 50; i++)); do
+        kill -0 -- "-$pgid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    kill -KILL -- "-$pgid" 2>/dev/null || true
+}
+
+# The watchdog: a background loop that outlives us only if we die without cleanup
+# (kill -9, OOM killer, a kill of our whole process group). It runs in its own process
+# group and ignores INT/TERM/HUP, so only our cleanup (KILL) or our death ends it. It
+# polls our pid; once we are gone it kills the running child's process group (file
+# "child") and the servers' (file "pgids"), and removes the temp dir.
+_fga_wb_start_watchdog() {
+    [[ -n "$_FGA_WB_WATCHDOG_PID" ]] && return 0
+    local parent=$$ tmp="$FGA_WB_TMP" keep="${FGA_WB_KEEP_TMP:-0}"
+    set -m
+    (
+        trap '' INT TERM HUP
+        exec </dev/null >/dev/null 2>&1
+        while kill -0 "$parent" 2>/dev/null; do sleep 1; done
+        while read -r pgid; do
+            [[ -n "$pgid" ]] && kill -KILL -- "-$pgid" 2>/dev/null
+        done < <(cat "$tmp/child" "$tmp/pgids" 2>/dev/null)
+        [[ "$keep" == 1 ]] || rm -rf "$tmp"
+    ) &
+    _FGA_WB_WATCHDOG_PID=$!
+    set +m
+}
+
+_fga_wb_register_server() {
+    _FGA_WB_SERVER_PGIDS+=("$1")
+    echo "$1" >>"$FGA_WB_TMP/pgids"
+    _fga_wb_start_watchdog
+}
+
+# Runs "$@" in its own process group and waits for it; returns its exit status.
+# Waiting with `wait` (not as a foreground child) lets our INT/TERM traps run at once;
+# fga_wb_cleanup then stops the child's whole group (cargo and its test binaries).
+# The child keeps our stdout/stderr/stdin; being outside the terminal's foreground
+# process group it must not read from the terminal (cargo test, benchmarks don't).
+fga_wb_run_child() {
+    local rc=0
+    fga_wb_tmpdir
+    _fga_wb_start_watchdog
+    set -m
+    "$@" &
+    _FGA_WB_CHILD_PGID=$!
+    set +m
+    echo "$_FGA_WB_CHILD_PGID" >"$FGA_WB_TMP/child" # for the watchdog
+    wait "$_FGA_WB_CHILD_PGID" || rc=$?
+    : >"$FGA_WB_TMP/child"
+    _FGA_WB_CHILD_PGID=""
+    return "$rc"
+}
+
+# Stops everything this run started. Idempotent: it runs from the signal trap and
+# again from the EXIT trap.
+fga_wb_cleanup() {
+    local rc=$?
+    [[ "$_FGA_WB_CLEANED" == 1 ]] && return "$rc"
+    _FGA_WB_CLEANED=1
+    if [[ -n "$_FGA_WB_CHILD_PGID" ]]; then
+        _fga_wb_kill_group "$_FGA_WB_CHILD_PGID"
+    fi
+    if [[ -n "$_FGA_WB_WATCHDOG_PID" ]]; then
+        kill -KILL "$_FGA_WB_WATCHDOG_PID" 2>/dev/null || true
+        wait "$_FGA_WB_WATCHDOG_PID" 2>/dev/null || true
+    fi
+    local pgid
+    for pgid in "${_FGA_WB_SERVER_PGIDS[@]}"; do
+        _fga_wb_kill_group "$pgid"
+    done
+    if [[ -n "$FGA_WB_TMP" && -d "$FGA_WB_TMP" ]]; then
+        if [[ "${FGA_WB_KEEP_TMP:-0}" == 1 ]]; then
+            fga_wb_log "kept temp dir (logs): $FGA_WB_TMP"
+        else
+            rm -rf "$FGA_WB_TMP"
+        fi
+    fi
+    return "$rc"
+}
+
+# Signal trap: clean up, then exit with the conventional 128+signal status.
+fga_wb_on_signal() {
+    local sig="$1" code=1
+    case "$sig" in
+        HUP) code=129 ;; INT) code=130 ;; TERM) code=143 ;;
+    esac
+    fga_wb_log "caught SIG$sig, stopping servers"
+    fga_wb_cleanup || true
+    exit "$code"
+}
+
+# ---------------------------------------------------------------------------
+# Installing prerequisites
+# ---------------------------------------------------------------------------
+
+# apt-get install, as root or through sudo. `apt-get update` runs once per run.
+_fga_wb_apt_install() {
+    local sudo=()
+    if [[ "$(id -u)" != 0 ]]; then
+        command -v sudo >/dev/null 2>&1 ||
+            fga_wb_die "need to install $* but not root and sudo is missing; install it by hand"
+        sudo=(sudo)
+    fi
+    command -v apt-get >/dev/null 2>&1 ||
+        fga_wb_die "need to install $* but apt-get is missing; install it by hand"
+    fga_wb_log "installing $* with apt-get"
+    if [[ "$_FGA_WB_APT_UPDATED" != 1 ]]; then
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q >&2
+        _FGA_WB_APT_UPDATED=1
+    fi
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >&2
+}
+
+fga_wb_ensure_curl() {
+    command -v curl >/dev/null 2>&1 || _fga_wb_apt_install curl ca-certificates
+    command -v curl >/dev/null 2>&1 || fga_wb_die "curl still missing after install"
+}
+
+# Prints the x.y.z version reported by `$1 version` (empty if none found).
+_fga_wb_openfga_version_of() {
+    "$1" version 2>&1 | grep -oE 'version[^0-9]*[0-9]+\.[0-9]+\.[0-9]+' |
+        grep -oE '[0-9]+\.[0-9]+\.[0-9]+' | head -n 1 || true
+}
+
+# True if version $1 (x.y.z) is >= 1.$FGA_WB_OPENFGA_MIN_MINOR.
+_fga_wb_openfga_version_ok() {
+    local major minor
+    IFS=. read -r major minor _ <<<"$1"
+    [[ -n "$major" && -n "$minor" ]] || return 1
+    ((major > 1 || (major == 1 && minor >= FGA_WB_OPENFGA_MIN_MINOR)))
+}
+
+# Sets OPENFGA_BIN (and FGA_WB_OPENFGA_BIN_VERSION): `openfga` from PATH if recent
+# enough, else the cached pinned build (built with `go install` on first use; 10+
+# minutes on a small machine).
+fga_wb_ensure_openfga() {
+    local path_bin version
+    if path_bin="$(command -v openfga 2>/dev/null)"; then
+        version="$(_fga_wb_openfga_version_of "$path_bin")"
+        if _fga_wb_openfga_version_ok "$version"; then
+            OPENFGA_BIN="$path_bin"
+            FGA_WB_OPENFGA_BIN_VERSION="v$version"
+            fga_wb_log "using $OPENFGA_BIN (version $version)"
+            return 0
+        fi
+        fga_wb_log "ignoring $path_bin: its version (${version:-unknown, e.g. a go-install build says dev}) is not known to be >= 1.$FGA_WB_OPENFGA_MIN_MINOR"
+    fi
+
+    local dir="${FGA_WB_CACHE:-$HOME/.cache/fga-wb}/openfga-$FGA_WB_OPENFGA_VERSION"
+    OPENFGA_BIN="$dir/openfga"
+    FGA_WB_OPENFGA_BIN_VERSION="$FGA_WB_OPENFGA_VERSION"
+    mkdir -p "$dir"
+
+    # Someone else (another run, or a provisioning step) may be building into the
+    # same place right now: wait for that `go install` instead of racing it, since
+    # the binary is only complete once it exits.
+    local target="github.com/openfga/openfga/cmd/openfga@$FGA_WB_OPENFGA_VERSION"
+    if pgrep -f "go install $target" >/dev/null 2>&1; then
+        fga_wb_log "a 'go install $target' is already running; waiting for it to finish"
+        while pgrep -f "go install $target" >/dev/null 2>&1; do sleep 5; done
+    fi
+
+    if [[ ! -x "$OPENFGA_BIN" ]]; then
+        local go_bin
+        go_bin="$(command -v go 2>/dev/null || true)"
+        [[ -z "$go_bin" && -x /usr/local/go/bin/go ]] && go_bin=/usr/local/go/bin/go
+        [[ -n "$go_bin" ]] || fga_wb_die "no openfga >= 1.$FGA_WB_OPENFGA_MIN_MINOR on PATH and no 'go' to build $FGA_WB_OPENFGA_VERSION; install Go (https://go.dev/dl/) or put an openfga binary on PATH"
+        # flock serialises concurrent runs of these scripts on the same cache dir.
+        fga_wb_log "building openfga $FGA_WB_OPENFGA_VERSION into $dir (this takes a while; log: $dir/build.log)"
+        local rc=0
+        local lock=()
+        command -v flock >/dev/null 2>&1 && lock=(flock "$dir/.build.lock")
+        # shellcheck disable=SC2016 # $1.. expand in the inner bash, on purpose
+        fga_wb_run_child "${lock[@]}" bash -c '
+            [[ -x "$1/openfga" ]] && exit 0
+            GOTOOLCHAIN=local GOBIN="$1" "$2" install "$3" >"$1/build.log" 2>&1
+        ' _ "$dir" "$go_bin" "$target" || rc=$?
+        if ((rc != 0)) || [[ ! -x "$OPENFGA_BIN" ]]; then
+            tail -n 30 "$dir/build.log" >&2 || true
+            fga_wb_die "building openfga $FGA_WB_OPENFGA_VERSION failed (rc=$rc); see $dir/build.log"
+        fi
+    fi
+    # A `go install` build reports its version as "dev", so name the pinned one.
+    fga_wb_log "using $OPENFGA_BIN (openfga $FGA_WB_OPENFGA_VERSION, built with go install)"
+}
+
+# Sets REDIS_BIN: `redis-server` from PATH, else installs Debian's redis-server.
+# The package's postinst may start a system redis on 6379; we leave it alone and
+# never talk to it (our servers use random ports and their own data dirs).
+fga_wb_ensure_redis() {
+    if ! command -v redis-server >/dev/null 2>&1; then
+        _fga_wb_apt_install redis-server
+    fi
+    REDIS_BIN="$(command -v redis-server 2>/dev/null || true)"
+    [[ -n "$REDIS_BIN" ]] || fga_wb_die "redis-server still missing after install"
+}
+
+# ---------------------------------------------------------------------------
+# Ports
+# ---------------------------------------------------------------------------
+
+# True if something listens on 127.0.0.1:$1 (or any address on that port).
+_fga_wb_port_in_use() {
+    local port="$1"
+    if command -v ss >/dev/null 2>&1; then
+        # Port field ends the local-address column: "127.0.0.1:6379", "[::]:6379", "*:6379".
+        ss -Htln 2>/dev/null | awk '{print $4}' | grep -qE "[:.]$port\$"
+    else
+        # No ss: a successful connect means a listener.
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null
+    fi
+}
+
+# Prints a free loopback TCP port. Range 20000-32767 stays below Linux's default
+# ephemeral range (32768-60999), so outgoing connections cannot grab the port between
+# our check and the server's bind. Ports handed out are recorded in the run's temp dir
+# (this function usually runs inside $(...), where variables would not stick), so one
+# run never gets the same port twice.
+fga_wb_free_port() {
+    local port tries ports_file=""
+    [[ -n "$FGA_WB_TMP" && -f "$FGA_WB_TMP/ports" ]] && ports_file="$FGA_WB_TMP/ports"
+    for ((tries = 0; tries < 200; tries++)); do
+        port=$((20000 + (RANDOM * 32768 + RANDOM) % 12768))
+        if [[ -n "$ports_file" ]] && grep -qx "$port" "$ports_file"; then continue; fi
+        _fga_wb_port_in_use "$port" && continue
+        [[ -n "$ports_file" ]] && echo "$port" >>"$ports_file"
+        echo "$port"
+        return 0
+    done
+    fga_wb_die "could not find a free TCP port"
+}
+
+# ---------------------------------------------------------------------------
+# Servers
+# ---------------------------------------------------------------------------
+
+# Waits until "$@" (a readiness probe) succeeds, while the server $pid is alive.
+# Returns 0 ready, 1 timeout, 2 server exited.
+_fga_wb_wait_ready() {
+    local pid="$1" deadline=$((SECONDS + FGA_WB_START_TIMEOUT))
+    shift
+    while ((SECONDS < deadline)); do
+        kill -0 "$pid" 2>/dev/null || return 2
+        "$@" && return 0
+        sleep 0.2
+    done
+    return 1
+}
+
+_fga_wb_openfga_healthy() {
+    curl -fsS --max-time 2 "http://127.0.0.1:$1/healthz" 2>/dev/null | grep -q SERVING
+}
+
+# Starts an in-memory OpenFGA with a random preshared key. Retries with new ports if a
+# port got taken between fga_wb_free_port and the bind.
+fga_wb_start_openfga() {
+    [[ -n "${OPENFGA_BIN:-}" ]] || fga_wb_ensure_openfga
+    fga_wb_ensure_curl
+    fga_wb_tmpdir
+    local key attempt http_port grpc_port log pid status
+    key="$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')"
+    for _ in 1 2 3; do # up to 3 tries
+        http_port="$(fga_wb_free_port)"
+        grpc_port="$(fga_wb_free_port)"
+        log="$FGA_WB_TMP/openfga-$http_port.log"
+        # Everything that could listen is pinned to loopback or disabled: playground
+        # (default :3000), metrics (default :2112), profiler (default off, :3001).
+        _fga_wb_spawn "$log" "$OPENFGA_BIN" run \
+            --datastore-engine memory \
+            --http-addr "127.0.0.1:$http_port" \
+            --grpc-addr "127.0.0.1:$grpc_port" \
+            --playground-enabled=false \
+            --metrics-enabled=false \
+            --profiler-enabled=false \
+            --authn-method preshared \
+            --authn-preshared-keys "$key" \
+            --log-level warn
+        pid="$_FGA_WB_LAST_PID"
+        _fga_wb_register_server "$pid"
+        status=0
+        _fga_wb_wait_ready "$pid" _fga_wb_openfga_healthy "$http_port" || status=$?
+        if ((status == 0)); then
+            export FGA_WB_TEST_OPENFGA_URL="http://127.0.0.1:$http_port"
+            export FGA_WB_TEST_OPENFGA_TOKEN="$key"
+            export FGA_WB_TEST_OPENFGA_BIN="$OPENFGA_BIN"
+            FGA_WB_OPENFGA_LOG="$log"
+            FGA_WB_OPENFGA_PID="$pid"
+            return 0
+        fi
+        if ((status == 2)) && grep -qi 'address already in use' "$log"; then
+            fga_wb_log "openfga: port taken, retrying with other ports"
+            continue
+        fi
+        _fga_wb_kill_group "$pid"
+        tail -n 40 "$log" >&2 || true
+        if ((status == 2)); then
+            fga_wb_die "openfga exited during startup (log above: $log)"
+        fi
+        fga_wb_die "openfga not SERVING on /healthz after ${FGA_WB_START_TIMEOUT}s (log above: $log)"
+    done
+    fga_wb_die "openfga: no free ports after 3 attempts"
+}
+
+# PING with redis-cli if installed, else speak RESP over bash's /dev/tcp.
+_fga_wb_redis_pong() {
+    local port="$1" reply=""
+    if command -v redis-cli >/dev/null 2>&1; then
+        reply="$(redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null || true)"
+    else
+        # 2>/dev/null comes first so a refused connect is not reported on the terminal.
+        reply="$(
+            {
+                printf 'PING\r\n' >&3
+                read -r -t 2 line <&3 && printf '%s' "$line"
+            } 2>/dev/null 3<>"/dev/tcp/127.0.0.1/$port"
+        )" || true
+    fi
+    [[ "$reply" == *PONG* ]]
+}
+
+# Starts a throw-away Redis: no persistence, data dir in the run's temp dir.
+fga_wb_start_redis() {
+    [[ -n "${REDIS_BIN:-}" ]] || fga_wb_ensure_redis
+    fga_wb_tmpdir
+    local port log pid status
+    mkdir -p "$FGA_WB_TMP/redis"
+    for _ in 1 2 3; do # up to 3 tries
+        port="$(fga_wb_free_port)"
+        log="$FGA_WB_TMP/redis-$port.log"
+        _fga_wb_spawn "$log" "$REDIS_BIN" --port "$port" --bind 127.0.0.1 \
+            --dir "$FGA_WB_TMP/redis" --save '' --appendonly no --daemonize no
+        pid="$_FGA_WB_LAST_PID"
+        _fga_wb_register_server "$pid"
+        status=0
+        _fga_wb_wait_ready "$pid" _fga_wb_redis_pong "$port" || status=$?
+        if ((status == 0)); then
+            export FGA_WB_TEST_REDIS_URL="redis://127.0.0.1:$port"
+            export FGA_WB_TEST_REDIS_BIN="$REDIS_BIN"
+            FGA_WB_REDIS_LOG="$log"
+            FGA_WB_REDIS_PID="$pid"
+            return 0
+        fi
+        if ((status == 2)) && grep -qi 'address already in use' "$log"; then
+            fga_wb_log "redis: port taken, retrying with another port"
+            continue
+        fi
+        _fga_wb_kill_group "$pid"
+        tail -n 40 "$log" >&2 || true
+        if ((status == 2)); then
+            fga_wb_die "redis-server exited during startup (log above: $log)"
+        fi
+        fga_wb_die "redis-server did not answer PING after ${FGA_WB_START_TIMEOUT}s (log above: $log)"
+    done
+    fga_wb_die "redis: no free port after 3 attempts"
+}
+
+# Prints the env of the running servers as `export` lines (for eval / copy-paste).
+fga_wb_print_env() {
+    local name
+    for name in FGA_WB_TEST_OPENFGA_URL FGA_WB_TEST_OPENFGA_TOKEN FGA_WB_TEST_OPENFGA_BIN \
+        FGA_WB_TEST_REDIS_URL FGA_WB_TEST_REDIS_BIN; do
+        [[ -n "${!name:-}" ]] && printf 'export %s=%q\n' "$name" "${!name}"
+    done
+    return 0
+}

@@ -1,0 +1,409 @@
+//! What the authorization model tells us about tuples and checks.
+//!
+//! Two questions matter to a write-behind layer:
+//!
+//! * **Is this tuple valid?** Its object type and relation must exist, and its
+//!   user must be one of the relation's directly related user types (with the
+//!   right condition), or OpenFGA will refuse it at flush time.
+//! * **Which checks can a tuple change?** A tuple on `folder#viewer` changes
+//!   `document#viewer` checks through `viewer from parent`; a tuple on
+//!   `document#blocked` changes `document#can_view` through `but not`. The
+//!   answer is computed per `type#relation` from the rewrite graph, so it is
+//!   broad (every object of the type) and never narrow: it is used to decide
+//!   which cached answers to drop, which pending grants to send as contextual
+//!   tuples, and which pending revokes a check must wait for.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::Value;
+
+use crate::openfga::AuthorizationModel;
+use crate::tuple::{Field, TupleError, TupleKey};
+
+/// `type#relation`, the unit of dependency.
+pub(crate) type RelName = String;
+
+/// The analysed model.
+#[derive(Debug)]
+pub(crate) struct Model {
+    id: String,
+    /// type -> relation -> allowed direct user types.
+    relations: HashMap<String, HashMap<String, Vec<AllowedUser>>>,
+    /// For each `type#relation`: every `type#relation` whose tuples can change
+    /// its checks (itself included), as names.
+    depends_on: HashMap<RelName, Vec<RelName>>,
+    /// For each `type#relation`: the `type#relation`s whose checks its tuples
+    /// can change.
+    affects: HashMap<RelName, Vec<RelName>>,
+    /// `type#relation`s where a direct tuple alone makes the check true
+    /// (no exclusion or intersection sits above the direct assignment).
+    direct_implies: HashSet<RelName>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct AllowedUser {
+    type_name: String,
+    relation: Option<String>,
+    wildcard: bool,
+    condition: Option<String>,
+}
+
+pub(crate) fn rel_name(object_type: &str, relation: &str) -> RelName {
+    format!("{object_type}#{relation}")
+}
+
+impl Model {
+    /// Analyses a model as OpenFGA returns it.
+    pub fn new(m: &AuthorizationModel) -> Model {
+        let mut relations: HashMap<String, HashMap<String, Vec<AllowedUser>>> = HashMap::new();
+        let mut edges: HashMap<RelName, HashSet<RelName>> = HashMap::new();
+        let mut direct_implies = HashSet::new();
+
+        for td in &m.type_definitions {
+            let rels = relations.entry(td.type_name.clone()).or_default();
+            for name in td.relations.keys() {
+                let allowed = td
+                    .metadata
+                    .as_ref()
+                    .and_then(|md| md.get("relations"))
+                    .and_then(|r| r.get(name))
+                    .and_then(|r| r.get("directly_related_user_types"))
+                    .and_then(Value::as_array)
+                    .map(|list| list.iter().filter_map(parse_allowed).collect())
+                    .unwrap_or_default();
+                rels.insert(name.clone(), allowed);
+            }
+        }
+        for td in &m.type_definitions {
+            for (name, rewrite) in &td.relations {
+                let me = rel_name(&td.type_name, name);
+                let mut deps = HashSet::new();
+                collect_deps(&td.type_name, name, rewrite, &relations, &mut deps);
+                if implies_directly(rewrite) {
+                    direct_implies.insert(me.clone());
+                }
+                edges.insert(me, deps);
+            }
+        }
+
+        // Transitive closure: small graphs (tens to hundreds of relations).
+        let mut depends_on = HashMap::new();
+        for start in edges.keys() {
+            let mut seen: HashSet<RelName> = HashSet::new();
+            let mut stack = vec![start.clone()];
+            while let Some(n) = stack.pop() {
+                if seen.insert(n.clone()) {
+                    if let Some(next) = edges.get(&n) {
+                        stack.extend(next.iter().cloned());
+                    }
+                }
+            }
+            let mut v: Vec<RelName> = seen.into_iter().collect();
+            v.sort();
+            depends_on.insert(start.clone(), v);
+        }
+        let mut affects: HashMap<RelName, Vec<RelName>> = HashMap::new();
+        for (check, deps) in &depends_on {
+            for d in deps {
+                affects.entry(d.clone()).or_default().push(check.clone());
+            }
+        }
+        for v in affects.values_mut() {
+            v.sort();
+        }
+        Model {
+            id: m.id.clone(),
+            relations,
+            depends_on,
+            affects,
+            direct_implies,
+        }
+    }
+
+    /// The model's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Checks a tuple against the model: type, relation, and allowed user
+    /// types (with the right condition).
+    pub fn validate(&self, t: &TupleKey) -> Result<(), TupleError> {
+        let ty = t.object_type();
+        let Some(rels) = self.relations.get(ty) else {
+            return Err(TupleError::new(
+                Field::Object,
+                &t.object,
+                format!("has type {ty:?}, which the authorization model does not define"),
+            ));
+        };
+        let Some(allowed) = rels.get(&t.relation) else {
+            return Err(TupleError::new(
+                Field::Relation,
+                &t.relation,
+                format!("is not a relation of type {ty:?} in the authorization model"),
+            ));
+        };
+        let user_type = t.user_type();
+        let user_rel = t.user_relation();
+        let wildcard = t.is_wildcard_user();
+        let cond = t.condition.as_ref().map(|c| c.name.as_str());
+        let ok = allowed.iter().any(|a| {
+            a.type_name == user_type
+                && a.relation.as_deref() == user_rel
+                && a.wildcard == wildcard
+                && a.condition.as_deref() == cond
+        });
+        if ok {
+            return Ok(());
+        }
+        let shown: Vec<String> = allowed.iter().map(AllowedUser::to_string).collect();
+        let what = match cond {
+            Some(c) => format!("{} with {c}", t.user),
+            None => t.user.clone(),
+        };
+        Err(TupleError::new(
+            Field::User,
+            &t.user,
+            if shown.is_empty() {
+                format!(
+                    "cannot be written to {ty}#{}: the relation takes no direct tuples",
+                    t.relation
+                )
+            } else {
+                format!(
+                    "({what}) is not allowed for {ty}#{}; allowed: {}",
+                    t.relation,
+                    shown.join(", ")
+                )
+            },
+        ))
+    }
+
+    /// Every `type#relation` whose tuples can change a check of `relation` on
+    /// an object of `object_type`; `None` when the model does not know it
+    /// (the caller then treats everything as relevant).
+    pub fn depends_on(&self, object_type: &str, relation: &str) -> Option<&[RelName]> {
+        self.depends_on
+            .get(&rel_name(object_type, relation))
+            .map(Vec::as_slice)
+    }
+
+    /// Every `type#relation` whose checks a tuple of `rel` can change; `None`
+    /// for a relation the model does not know.
+    pub fn affects(&self, rel: &str) -> Option<&[RelName]> {
+        self.affects.get(rel).map(Vec::as_slice)
+    }
+
+    /// Whether a direct, unconditional tuple on `object_type#relation` makes
+    /// the check of that same tuple true by itself.
+    pub fn direct_implies(&self, object_type: &str, relation: &str) -> bool {
+        self.direct_implies
+            .contains(&rel_name(object_type, relation))
+    }
+}
+
+impl std::fmt::Display for AllowedUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.type_name)?;
+        if self.wildcard {
+            f.write_str(":*")?;
+        }
+        if let Some(r) = &self.relation {
+            write!(f, "#{r}")?;
+        }
+        if let Some(c) = &self.condition {
+            write!(f, " with {c}")?;
+        }
+        Ok(())
+    }
+}
+
+fn parse_allowed(v: &Value) -> Option<AllowedUser> {
+    let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    Some(AllowedUser {
+        type_name: v.get("type")?.as_str()?.to_owned(),
+        relation: v
+            .get("relation")
+            .and_then(Value::as_str)
+            .and_then(non_empty),
+        wildcard: v.get("wildcard").is_some(),
+        condition: v
+            .get("condition")
+            .and_then(Value::as_str)
+            .and_then(non_empty),
+    })
+}
+
+/// The `type#relation`s whose tuples one relation's rewrite reads.
+fn collect_deps(
+    ty: &str,
+    relation: &str,
+    rewrite: &Value,
+    relations: &HashMap<String, HashMap<String, Vec<AllowedUser>>>,
+    out: &mut HashSet<RelName>,
+) {
+    let Some(obj) = rewrite.as_object() else {
+        return;
+    };
+    if obj.contains_key("this") {
+        out.insert(rel_name(ty, relation));
+        // Usersets (`group#member`) pull in the tuples of that relation too.
+        for a in relations
+            .get(ty)
+            .and_then(|r| r.get(relation))
+            .into_iter()
+            .flatten()
+        {
+            if let Some(r) = &a.relation {
+                out.insert(rel_name(&a.type_name, r));
+            }
+        }
+    }
+    if let Some(cu) = obj.get("computedUserset") {
+        if let Some(r) = cu.get("relation").and_then(Value::as_str) {
+            out.insert(rel_name(ty, r));
+        }
+    }
+    if let Some(ttu) = obj.get("tupleToUserset") {
+        let tupleset = ttu
+            .get("tupleset")
+            .and_then(|t| t.get("relation"))
+            .and_then(Value::as_str);
+        let computed = ttu
+            .get("computedUserset")
+            .and_then(|c| c.get("relation"))
+            .and_then(Value::as_str);
+        if let Some(ts) = tupleset {
+            out.insert(rel_name(ty, ts));
+            if let Some(cr) = computed {
+                for a in relations
+                    .get(ty)
+                    .and_then(|r| r.get(ts))
+                    .into_iter()
+                    .flatten()
+                {
+                    out.insert(rel_name(&a.type_name, cr));
+                }
+            }
+        }
+    }
+    for key in ["union", "intersection"] {
+        if let Some(children) = obj
+            .get(key)
+            .and_then(|u| u.get("child"))
+            .and_then(Value::as_array)
+        {
+            for c in children {
+                collect_deps(ty, relation, c, relations, out);
+            }
+        }
+    }
+    if let Some(d) = obj.get("difference") {
+        for part in ["base", "subtract"] {
+            if let Some(c) = d.get(part) {
+                collect_deps(ty, relation, c, relations, out);
+            }
+        }
+    }
+}
+
+/// `this`, or a union with `this` among its children (at any union depth).
+fn implies_directly(rewrite: &Value) -> bool {
+    if rewrite.get("this").is_some() {
+        return true;
+    }
+    rewrite
+        .get("union")
+        .and_then(|u| u.get("child"))
+        .and_then(Value::as_array)
+        .is_some_and(|c| c.iter().any(implies_directly))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> Model {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/models/documents.json");
+        let m: AuthorizationModel =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        Model::new(&m)
+    }
+
+    fn t(user: &str, rel: &str, obj: &str) -> TupleKey {
+        TupleKey::new(user, rel, obj).unwrap()
+    }
+
+    #[test]
+    fn dependencies_follow_rewrites() {
+        let m = model();
+        let deps = m.depends_on("document", "viewer").unwrap();
+        for d in [
+            "document#viewer",
+            "document#editor",
+            "document#owner",
+            "document#parent",
+            "folder#viewer",
+            "folder#editor",
+            "folder#owner",
+            "folder#parent",
+            "group#member",
+        ] {
+            assert!(deps.iter().any(|x| x == d), "{d} missing from {deps:?}");
+        }
+        assert!(!deps.iter().any(|x| x == "document#blocked"));
+        let can_view = m.depends_on("document", "can_view").unwrap();
+        assert!(can_view.iter().any(|x| x == "document#blocked"));
+        let affected = m.affects("document#blocked").unwrap();
+        assert_eq!(affected, ["document#blocked", "document#can_view"]);
+    }
+
+    #[test]
+    fn direct_implication_only_without_exclusion() {
+        let m = model();
+        assert!(m.direct_implies("document", "viewer"));
+        assert!(m.direct_implies("document", "blocked"));
+        assert!(!m.direct_implies("document", "can_view"));
+        assert!(!m.direct_implies("document", "can_share"));
+    }
+
+    #[test]
+    fn validation_against_the_model() {
+        let m = model();
+        assert!(m.validate(&t("user:anne", "viewer", "document:1")).is_ok());
+        assert!(m.validate(&t("user:*", "viewer", "document:1")).is_ok());
+        assert!(m
+            .validate(&t("group:eng#member", "viewer", "document:1"))
+            .is_ok());
+        assert!(m.validate(&t("folder:f", "parent", "document:1")).is_ok());
+        let e = m
+            .validate(&t("user:anne", "viewer", "planet:1"))
+            .unwrap_err();
+        assert_eq!(e.field, Field::Object);
+        let e = m
+            .validate(&t("user:anne", "reader", "document:1"))
+            .unwrap_err();
+        assert_eq!(e.field, Field::Relation);
+        let e = m
+            .validate(&t("user:anne", "parent", "document:1"))
+            .unwrap_err();
+        assert_eq!(e.field, Field::User);
+        assert!(e.reason.contains("allowed: folder"), "{e}");
+        let e = m
+            .validate(&t("user:*", "editor", "document:1"))
+            .unwrap_err();
+        assert_eq!(e.field, Field::User);
+        let cond = t("user:anne", "viewer", "document:1")
+            .with_condition("non_expired", None)
+            .unwrap();
+        assert!(m.validate(&cond).is_ok());
+        let cond = t("user:anne", "editor", "document:1")
+            .with_condition("non_expired", None)
+            .unwrap();
+        assert!(m.validate(&cond).is_err());
+        let e = m
+            .validate(&t("user:anne", "can_view", "document:1"))
+            .unwrap_err();
+        assert!(e.reason.contains("takes no direct tuples"), "{e}");
+    }
+}
