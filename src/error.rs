@@ -59,12 +59,8 @@ pub(crate) enum Kind {
     /// A check could depend on a revoke that did not reach OpenFGA in time; it
     /// fails closed rather than risk a stale allow.
     CheckWouldBeStale { waited: Duration },
-    /// Flushing is stopped because OpenFGA refused our credentials.
-    FlushingStopped { reason: String },
     /// The handle was shut down.
     Shutdown,
-    /// Redis failed or holds something we cannot read.
-    Redis { detail: String, transient: bool },
     /// Too many pending grants are relevant to a check to send them all as
     /// contextual tuples; the caller should flush first.
     TooManyContextualTuples { count: usize, limit: usize },
@@ -111,10 +107,6 @@ impl Error {
         }
     }
 
-    pub(crate) fn kind(&self) -> &Kind {
-        &self.kind
-    }
-
     pub(crate) fn config(msg: impl Into<String>) -> Self {
         Error::new(Kind::Config(msg.into()))
     }
@@ -123,15 +115,8 @@ impl Error {
         Error::new(Kind::InvalidArgument(msg.into()))
     }
 
-    pub(crate) fn redis(detail: impl Into<String>, transient: bool) -> Self {
-        Error::new(Kind::Redis {
-            detail: detail.into(),
-            transient,
-        })
-    }
-
     /// Worth retrying later: 5xx, 408, 409 (a conflicting concurrent write),
-    /// 429, timeouts, connection errors, and Redis connection failures.
+    /// 429, timeouts, connection errors, .
     pub fn is_transient(&self) -> bool {
         match &*self.kind {
             Kind::Api(e) => {
@@ -139,7 +124,7 @@ impl Error {
                     && !e.is_condition_conflict()
             }
             Kind::Timeout { .. } | Kind::Connect { .. } => true,
-            Kind::Token { transient, .. } | Kind::Redis { transient, .. } => *transient,
+            Kind::Token { transient, .. } => *transient,
             _ => false,
         }
     }
@@ -165,7 +150,6 @@ impl Error {
         match &*self.kind {
             Kind::Api(e) => matches!(e.status, 401 | 403),
             Kind::Token { transient, .. } => !*transient,
-            Kind::FlushingStopped { .. } => true,
             _ => false,
         }
     }
@@ -306,12 +290,7 @@ impl fmt::Display for Error {
                 f,
                 "check denied (fail closed): a pending revoke it could depend on was not applied to OpenFGA within {waited:?}; retry, or look at `fga-wb status`"
             ),
-            Kind::FlushingStopped { reason } => write!(
-                f,
-                "flushing is stopped because OpenFGA refused the credentials ({reason}); fix the credentials and restart or call flush(); pending ops are kept"
-            ),
             Kind::Shutdown => write!(f, "the write-behind handle has been shut down"),
-            Kind::Redis { detail, .. } => write!(f, "Redis: {detail}"),
             Kind::TooManyContextualTuples { count, limit } => write!(
                 f,
                 "{count} pending grants are relevant to this check but OpenFGA takes at most {limit} contextual tuples; flush first"

@@ -125,6 +125,11 @@ impl Model {
         &self.id
     }
 
+    /// Every `type#relation` of the model.
+    pub fn relation_names(&self) -> impl Iterator<Item = &RelName> {
+        self.depends_on.keys()
+    }
+
     /// Checks a tuple against the model: type, relation, and allowed user
     /// types (with the right condition).
     pub fn validate(&self, t: &TupleKey) -> Result<(), TupleError> {

@@ -320,11 +320,11 @@ impl Client {
                 .call("batch check", Method::POST, path.clone(), Some(&body))
                 .instrument(span)
                 .await?;
-            for i in 0..chunk.len() {
+            for (i, check) in chunk.iter().enumerate() {
                 let id = (base + i).to_string();
                 out.push(match resp.result.remove(&id) {
                     Some(BatchCheckSingle { error: Some(e), .. }) => {
-                        Err(batch_item_error(&chunk[i], &e))
+                        Err(batch_item_error(check, &e))
                     }
                     Some(r) => Ok(r.allowed),
                     None => Err(Error::new(Kind::Decode {

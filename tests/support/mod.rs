@@ -134,3 +134,27 @@ impl Fixture {
         r
     }
 }
+
+/// A config pointing at the real OpenFGA and `store`.
+pub fn config_for(store: &TestStore) -> fga_wb::Config {
+    let mut c = fga_wb::Config::default();
+    c.openfga.api_url = openfga_url();
+    c.openfga.api_token = Secret::new(openfga_token());
+    c.openfga.store_id = store.store_id.clone();
+    c.openfga.model_id = store.model_id.clone();
+    c
+}
+
+/// Every tuple in the store, as sorted `object#relation@user` strings.
+pub async fn stored(store: &TestStore) -> Vec<String> {
+    let mut v: Vec<String> = store
+        .client
+        .read_all(&store.store_id, &Default::default())
+        .await
+        .expect("read back")
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    v.sort();
+    v
+}

@@ -1,0 +1,669 @@
+//! The in-process store: one mutex around plain maps.
+//!
+//! Every operation holds the lock for a short, bounded time (a push is a
+//! couple of hash lookups; a take moves at most one Write's worth of ops), so
+//! acknowledgement latency stays flat while a flush runs.
+//!
+//! Memory per pending op is kept small on purpose (one shared key string and
+//! a 40-byte slot), because the buffer may hold a million ops.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::future::{self, BoxFuture};
+use indexmap::IndexSet;
+
+use super::{
+    key_of, tuple_of, DeadLetter, Finished, Outcome, Pending, Pushed, Relevant, Store, Take, Taken,
+};
+use crate::error::{Error, Kind, Result};
+use crate::model::RelName;
+use crate::tuple::{Condition, Op, TupleKey};
+
+/// The memory store.
+pub(crate) struct MemoryStore {
+    inner: Mutex<Inner>,
+    capacity: usize,
+}
+
+struct Inner {
+    parts: Vec<Part>,
+    /// `type#relation` to its index in `parts`.
+    part_of: HashMap<RelName, usize>,
+    seq: u64,
+    /// Distinct keys held (pending or in flight): what capacity bounds.
+    keys: usize,
+    /// Pending (not in flight) ops, by kind: `[grants, revokes]`.
+    pending: [usize; 2],
+    in_flight: usize,
+    epoch: Instant,
+    /// A lower bound on the `since` of every ready op, in centiseconds
+    /// after `epoch`; `None` when nothing is ready.
+    oldest: Option<u32>,
+    dead: Vec<DeadLetter>,
+    next_dead_id: u64,
+}
+
+/// The ops of one `type#relation`.
+#[derive(Default)]
+struct Part {
+    slots: HashMap<Arc<str>, Slot>,
+    /// Keys whose pending op can be taken now, by kind: `[grants, revokes]`.
+    ready: [IndexSet<Arc<str>>; 2],
+    /// Ops pending or in flight, by kind: `[grants, revokes]`.
+    ops: [usize; 2],
+}
+
+#[derive(Default)]
+struct Slot {
+    pending: Option<Entry>,
+    in_flight: Option<Entry>,
+}
+
+#[derive(Clone)]
+struct Entry {
+    seq: u64,
+    condition: Option<Box<Condition>>,
+    /// When the key got a pending op, in centiseconds after the store's epoch.
+    since: u32,
+    attempts: u16,
+    op: Op,
+}
+
+fn kind(op: Op) -> usize {
+    match op {
+        Op::Grant => 0,
+        Op::Revoke => 1,
+    }
+}
+
+impl MemoryStore {
+    pub fn new(capacity: usize) -> Self {
+        MemoryStore {
+            inner: Mutex::new(Inner {
+                parts: Vec::new(),
+                part_of: HashMap::new(),
+                seq: 0,
+                keys: 0,
+                pending: [0, 0],
+                in_flight: 0,
+                epoch: Instant::now(),
+                oldest: None,
+                dead: Vec::new(),
+                next_dead_id: 1,
+            }),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the maps half-updated in
+        // a way that breaks the invariants badly enough to stop serving; keep
+        // going rather than poison every later call.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push_now(&self, tuple: &TupleKey, op: Op) -> Result<Pushed> {
+        let key = key_of(tuple);
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let now = inner.now_cs();
+        let part_no = inner.part_index(tuple.object_type(), &tuple.relation);
+        let part = &mut inner.parts[part_no];
+        inner.seq += 1;
+        let seq = inner.seq;
+        let condition = tuple.condition.clone().map(Box::new);
+
+        let existing = part
+            .slots
+            .get_key_value(key.as_str())
+            .map(|(k, _)| k.clone());
+        let coalesced;
+        match existing {
+            None => {
+                if inner.keys >= self.capacity {
+                    inner.seq -= 1;
+                    return Err(Error::new(Kind::BufferFull {
+                        capacity: self.capacity,
+                        waited: None,
+                    }));
+                }
+                let k: Arc<str> = Arc::from(key);
+                part.ready[kind(op)].insert(k.clone());
+                part.slots.insert(
+                    k,
+                    Slot {
+                        pending: Some(Entry {
+                            seq,
+                            condition,
+                            since: now,
+                            attempts: 0,
+                            op,
+                        }),
+                        in_flight: None,
+                    },
+                );
+                inner.keys += 1;
+                coalesced = false;
+                inner.oldest = Some(inner.oldest.map_or(now, |o| o.min(now)));
+            }
+            Some(k) => {
+                let slot = part.slots.get_mut(&k).expect("key just found");
+                let blocked = slot.in_flight.is_some();
+                let since = match slot.pending.take() {
+                    Some(old) => {
+                        part.ops[kind(old.op)] -= 1;
+                        inner.pending[kind(old.op)] -= 1;
+                        if !blocked {
+                            part.ready[kind(old.op)].swap_remove(&k);
+                        }
+                        coalesced = true;
+                        old.since
+                    }
+                    None => {
+                        coalesced = false;
+                        now
+                    }
+                };
+                slot.pending = Some(Entry {
+                    seq,
+                    condition,
+                    since,
+                    attempts: 0,
+                    op,
+                });
+                if !blocked {
+                    part.ready[kind(op)].insert(k);
+                    inner.oldest = Some(inner.oldest.map_or(since, |o| o.min(since)));
+                }
+            }
+        }
+        part.ops[kind(op)] += 1;
+        inner.pending[kind(op)] += 1;
+        Ok(Pushed {
+            coalesced,
+            pending: inner.pending[0] + inner.pending[1],
+        })
+    }
+
+    fn take_now(&self, max: usize, what: Take, up_to: u64) -> Vec<Taken> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let mut out = Vec::with_capacity(max.min(1024));
+        let kinds: &[Op] = match what {
+            Take::Revokes => &[Op::Revoke],
+            Take::All => &[Op::Revoke, Op::Grant],
+        };
+        let mut skipped: Vec<(usize, usize, Arc<str>)> = Vec::new();
+        'outer: for &op in kinds {
+            let k = kind(op);
+            for (part_no, part) in inner.parts.iter_mut().enumerate() {
+                while out.len() < max {
+                    let Some(key) = part.ready[k].pop() else {
+                        break;
+                    };
+                    let slot = part.slots.get_mut(&key).expect("ready keys have slots");
+                    let entry = slot.pending.take().expect("ready keys have a pending op");
+                    if entry.seq > up_to {
+                        // Newer than this flush: leave it for the next one.
+                        slot.pending = Some(entry);
+                        skipped.push((part_no, k, key));
+                        continue;
+                    }
+                    out.push(Taken {
+                        tuple: tuple_of(&key, entry.condition.as_deref().cloned()),
+                        op,
+                        seq: entry.seq,
+                    });
+                    slot.in_flight = Some(entry);
+                    inner.pending[k] -= 1;
+                    inner.in_flight += 1;
+                }
+                if out.len() >= max {
+                    break 'outer;
+                }
+            }
+        }
+        for (part_no, k, key) in skipped {
+            inner.parts[part_no].ready[k].insert(key);
+        }
+        if inner
+            .parts
+            .iter()
+            .all(|p| p.ready.iter().all(IndexSet::is_empty))
+        {
+            inner.oldest = None;
+        }
+        out
+    }
+
+    fn finish_now(&self, done: Vec<(Taken, Outcome)>) -> Finished {
+        let mut f = Finished::default();
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let now_cs = inner.now_cs();
+        for (taken, outcome) in done {
+            let key = key_of(&taken.tuple);
+            let Some(&part_no) = inner.part_of.get(&crate::model::rel_name(
+                taken.tuple.object_type(),
+                &taken.tuple.relation,
+            )) else {
+                continue;
+            };
+            let part = &mut inner.parts[part_no];
+            let Some(k) = part
+                .slots
+                .get_key_value(key.as_str())
+                .map(|(k, _)| k.clone())
+            else {
+                continue;
+            };
+            let slot = part.slots.get_mut(&k).expect("key just found");
+            let Some(entry) = slot.in_flight.take() else {
+                continue;
+            };
+            if entry.seq != taken.seq {
+                // Not the op we sent: leave the slot alone.
+                slot.in_flight = Some(entry);
+                continue;
+            }
+            part.ops[kind(entry.op)] -= 1;
+            inner.in_flight -= 1;
+            let superseded = slot.pending.is_some();
+            match outcome {
+                Outcome::Applied => f.applied += 1,
+                _ if superseded => f.superseded += 1,
+                Outcome::Dead { reason, code } => {
+                    f.dead += 1;
+                    inner.dead.push(DeadLetter {
+                        id: inner.next_dead_id,
+                        tuple: taken.tuple,
+                        op: entry.op,
+                        seq: entry.seq,
+                        reason,
+                        code,
+                        attempts: u32::from(entry.attempts) + 1,
+                        dead_at: SystemTime::now(),
+                    });
+                    inner.next_dead_id += 1;
+                }
+                Outcome::Retry => {
+                    f.requeued += 1;
+                    let op = entry.op;
+                    slot.pending = Some(Entry {
+                        attempts: entry.attempts.saturating_add(1),
+                        ..entry
+                    });
+                    part.ops[kind(op)] += 1;
+                    inner.pending[kind(op)] += 1;
+                }
+            }
+            match &slot.pending {
+                Some(p) => {
+                    // Unblocked (or requeued): ready to be taken.
+                    let since = p.since.min(now_cs);
+                    part.ready[kind(p.op)].insert(k);
+                    inner.oldest = Some(inner.oldest.map_or(since, |o| o.min(since)));
+                }
+                None => {
+                    part.slots.remove(&k);
+                    inner.keys -= 1;
+                }
+            }
+        }
+        f
+    }
+
+    fn relevant_now(&self, rels: Option<&[RelName]>, limit: usize) -> Relevant {
+        let g = self.lock();
+        let parts: Vec<&Part> = match rels {
+            None => g.parts.iter().collect(),
+            Some(rels) => rels
+                .iter()
+                .filter_map(|r| g.part_of.get(r))
+                .map(|&i| &g.parts[i])
+                .collect(),
+        };
+        let revokes = parts.iter().map(|p| p.ops[1]).sum();
+        let grants: usize = parts.iter().map(|p| p.ops[0]).sum();
+        if revokes > 0 || grants > limit {
+            return Relevant {
+                revokes,
+                grants: None,
+            };
+        }
+        let mut out = Vec::with_capacity(grants);
+        for p in parts {
+            for (key, slot) in &p.slots {
+                // The newest op on the key is the one that counts.
+                if let Some(e) = slot.pending.as_ref().or(slot.in_flight.as_ref()) {
+                    if e.op == Op::Grant {
+                        out.push(tuple_of(key, e.condition.as_deref().cloned()));
+                    }
+                }
+            }
+        }
+        Relevant {
+            revokes,
+            grants: Some(out),
+        }
+    }
+
+    fn latest_now(&self, tuple: &TupleKey) -> Option<(Op, bool)> {
+        let g = self.lock();
+        let part = g.part_of.get(&crate::model::rel_name(
+            tuple.object_type(),
+            &tuple.relation,
+        ))?;
+        let slot = g.parts[*part].slots.get(key_of(tuple).as_str())?;
+        slot.pending
+            .as_ref()
+            .or(slot.in_flight.as_ref())
+            .map(|e| (e.op, e.condition.is_some()))
+    }
+
+    fn pending_counts(&self) -> Pending {
+        let g = self.lock();
+        let (writes, deletes) = (g.pending[0], g.pending[1]);
+        Pending {
+            writes,
+            deletes,
+            total: writes + deletes,
+            in_flight: g.in_flight,
+            oldest_age: g.oldest.map(|cs| {
+                g.epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(u64::from(cs) * 10))
+            }),
+        }
+    }
+
+    fn clear_now(&self) -> Vec<(TupleKey, Op)> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let mut dropped = Vec::new();
+        for part in &mut inner.parts {
+            for set in &mut part.ready {
+                set.clear();
+            }
+            part.slots.retain(|key, slot| {
+                if let Some(e) = slot.pending.take() {
+                    part.ops[kind(e.op)] -= 1;
+                    dropped.push((tuple_of(key, e.condition.map(|c| *c)), e.op));
+                }
+                slot.in_flight.is_some()
+            });
+        }
+        inner.keys = inner.parts.iter().map(|p| p.slots.len()).sum();
+        inner.pending = [0, 0];
+        inner.oldest = None;
+        dropped
+    }
+}
+
+impl Inner {
+    fn now_cs(&self) -> u32 {
+        u32::try_from(self.epoch.elapsed().as_millis() / 10).unwrap_or(u32::MAX)
+    }
+
+    fn part_index(&mut self, object_type: &str, relation: &str) -> usize {
+        let name = crate::model::rel_name(object_type, relation);
+        if let Some(&i) = self.part_of.get(&name) {
+            return i;
+        }
+        self.parts.push(Part::default());
+        self.part_of.insert(name, self.parts.len() - 1);
+        self.parts.len() - 1
+    }
+}
+
+impl Store for MemoryStore {
+    fn push<'a>(&'a self, tuple: &'a TupleKey, op: Op) -> BoxFuture<'a, Result<Pushed>> {
+        Box::pin(future::ready(self.push_now(tuple, op)))
+    }
+
+    fn take(&self, max: usize, what: Take, up_to: u64) -> BoxFuture<'_, Result<Vec<Taken>>> {
+        Box::pin(future::ready(Ok(self.take_now(max, what, up_to))))
+    }
+
+    fn finish(&self, done: Vec<(Taken, Outcome)>) -> BoxFuture<'_, Result<Finished>> {
+        Box::pin(future::ready(Ok(self.finish_now(done))))
+    }
+
+    fn relevant<'a>(
+        &'a self,
+        rels: Option<&'a [RelName]>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Relevant>> {
+        Box::pin(future::ready(Ok(self.relevant_now(rels, limit))))
+    }
+
+    fn latest<'a>(&'a self, tuple: &'a TupleKey) -> BoxFuture<'a, Result<Option<(Op, bool)>>> {
+        Box::pin(future::ready(Ok(self.latest_now(tuple))))
+    }
+
+    fn last_seq(&self) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(future::ready(Ok(self.lock().seq)))
+    }
+
+    fn pending(&self) -> BoxFuture<'_, Result<Pending>> {
+        Box::pin(future::ready(Ok(self.pending_counts())))
+    }
+
+    fn pending_now(&self) -> Option<Pending> {
+        Some(self.pending_counts())
+    }
+
+    fn clear(&self) -> BoxFuture<'_, Result<Vec<(TupleKey, Op)>>> {
+        Box::pin(future::ready(Ok(self.clear_now())))
+    }
+
+    fn dead_letters(&self) -> BoxFuture<'_, Result<Vec<DeadLetter>>> {
+        Box::pin(future::ready(Ok(self.lock().dead.clone())))
+    }
+
+    fn remove_dead_letters<'a>(
+        &'a self,
+        ids: Option<&'a [u64]>,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetter>>> {
+        let mut g = self.lock();
+        let removed = match ids {
+            None => std::mem::take(&mut g.dead),
+            Some(ids) => {
+                let (out, keep) = std::mem::take(&mut g.dead)
+                    .into_iter()
+                    .partition(|d| ids.contains(&d.id));
+                g.dead = keep;
+                out
+            }
+        };
+        Box::pin(future::ready(Ok(removed)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn t(user: &str, rel: &str, obj: &str) -> TupleKey {
+        TupleKey::new(user, rel, obj).unwrap()
+    }
+
+    #[test]
+    fn last_op_wins_and_counts_coalescing() {
+        let s = MemoryStore::new(10);
+        let k = t("user:a", "viewer", "document:1");
+        assert!(!s.push_now(&k, Op::Grant).unwrap().coalesced);
+        assert!(s.push_now(&k, Op::Revoke).unwrap().coalesced);
+        let p = s.pending_counts();
+        assert_eq!((p.writes, p.deletes, p.total), (0, 1, 1));
+        let taken = s.take_now(10, Take::All, u64::MAX);
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].op, Op::Revoke);
+        assert_eq!(taken[0].seq, 2);
+    }
+
+    #[test]
+    fn in_flight_keys_are_not_taken_twice_and_newer_ops_survive() {
+        let s = MemoryStore::new(10);
+        let k = t("user:a", "viewer", "document:1");
+        s.push_now(&k, Op::Grant).unwrap();
+        let first = s.take_now(10, Take::All, u64::MAX);
+        s.push_now(&k, Op::Revoke).unwrap();
+        assert!(
+            s.take_now(10, Take::All, u64::MAX).is_empty(),
+            "key is in flight"
+        );
+        // The grant's write succeeds late: the newer revoke stays pending.
+        let f = s.finish_now(first.into_iter().map(|t| (t, Outcome::Applied)).collect());
+        assert_eq!(f.applied, 1);
+        let next = s.take_now(10, Take::All, u64::MAX);
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].op, Op::Revoke);
+    }
+
+    #[test]
+    fn a_failed_stale_op_is_dropped_not_retried() {
+        let s = MemoryStore::new(10);
+        let k = t("user:a", "viewer", "document:1");
+        s.push_now(&k, Op::Grant).unwrap();
+        let first = s.take_now(10, Take::All, u64::MAX);
+        s.push_now(&k, Op::Revoke).unwrap();
+        let f = s.finish_now(first.into_iter().map(|t| (t, Outcome::Retry)).collect());
+        assert_eq!((f.requeued, f.superseded), (0, 1));
+        let next = s.take_now(10, Take::All, u64::MAX);
+        assert_eq!(next[0].op, Op::Revoke);
+    }
+
+    #[test]
+    fn revokes_are_taken_first_and_capacity_is_bounded() {
+        let s = MemoryStore::new(3);
+        s.push_now(&t("user:a", "viewer", "document:1"), Op::Grant)
+            .unwrap();
+        s.push_now(&t("user:b", "viewer", "document:1"), Op::Grant)
+            .unwrap();
+        s.push_now(&t("user:c", "owner", "document:1"), Op::Revoke)
+            .unwrap();
+        let e = s
+            .push_now(&t("user:d", "viewer", "document:1"), Op::Grant)
+            .unwrap_err();
+        assert!(e.is_buffer_full());
+        // Coalescing onto an existing key needs no room.
+        s.push_now(&t("user:a", "viewer", "document:1"), Op::Revoke)
+            .unwrap();
+        let revokes = s.take_now(10, Take::Revokes, u64::MAX);
+        assert_eq!(revokes.len(), 2);
+        assert!(revokes.iter().all(|t| t.op == Op::Revoke));
+    }
+
+    #[test]
+    fn relevant_counts_in_flight_and_pending() {
+        let s = MemoryStore::new(10);
+        s.push_now(&t("user:a", "viewer", "document:1"), Op::Grant)
+            .unwrap();
+        s.push_now(&t("user:b", "blocked", "document:1"), Op::Revoke)
+            .unwrap();
+        let viewer = vec!["document#viewer".to_string()];
+        let r = s.relevant_now(Some(&viewer), 100);
+        assert_eq!(r.revokes, 0);
+        assert_eq!(r.grants.unwrap().len(), 1);
+        let _taken = s.take_now(10, Take::All, u64::MAX);
+        let r = s.relevant_now(None, 100);
+        assert_eq!(r.revokes, 1, "an in-flight revoke still counts");
+        assert!(r.grants.is_none());
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Push(u8, bool),
+        Take(u8),
+        Finish(u8),
+        Clear,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            6 => (0u8..8, any::<bool>()).prop_map(|(k, g)| Step::Push(k, g)),
+            2 => (1u8..5).prop_map(Step::Take),
+            2 => (0u8..3).prop_map(Step::Finish),
+            1 => Just(Step::Clear),
+        ]
+    }
+
+    proptest! {
+        /// Random pushes, takes, outcomes (applied, transient, permanent) and
+        /// clears. Afterwards: every acknowledged op is accounted for exactly
+        /// once (applied, dead-lettered, cleared or coalesced), and what was
+        /// applied last per key is the last op acknowledged for it, unless that
+        /// op was cleared or dead-lettered.
+        #[test]
+        fn every_op_is_accounted_for_and_last_write_wins(steps in proptest::collection::vec(step(), 1..200)) {
+            let s = MemoryStore::new(1000);
+            let mut in_flight: Vec<Taken> = Vec::new();
+            let mut acked = 0u64;
+            let (mut applied, mut dead, mut cleared, mut coalesced) = (0u64, 0u64, 0u64, 0u64);
+            // What OpenFGA holds, per key, and the last op acknowledged per key.
+            let mut server: HashMap<String, Op> = HashMap::new();
+            let mut last: HashMap<String, (u64, Op)> = HashMap::new();
+            let mut lost: std::collections::HashSet<(String, u64)> = Default::default();
+            let mut drive = |steps: &[Step], in_flight: &mut Vec<Taken>, final_drain: bool| {
+                for st in steps {
+                    match st {
+                        Step::Push(k, grant) => {
+                            let op = if *grant { Op::Grant } else { Op::Revoke };
+                            let tuple = t(&format!("user:{k}"), "viewer", "document:1");
+                            let p = s.push_now(&tuple, op).unwrap();
+                            acked += 1;
+                            if p.coalesced { coalesced += 1; }
+                            let seq = s.lock().seq;
+                            last.insert(key_of(&tuple), (seq, op));
+                        }
+                        Step::Take(n) => in_flight.extend(s.take_now(usize::from(*n), Take::All, u64::MAX)),
+                        Step::Finish(mode) => {
+                            let done: Vec<(Taken, Outcome)> = in_flight.drain(..).map(|t| {
+                                let o = match (*mode, final_drain) {
+                                    (0, _) | (_, true) => Outcome::Applied,
+                                    (1, _) => Outcome::Retry,
+                                    _ => Outcome::Dead { reason: "bad".into(), code: None },
+                                };
+                                if matches!(o, Outcome::Applied) {
+                                    server.insert(key_of(&t.tuple), t.op);
+                                }
+                                if matches!(o, Outcome::Dead { .. }) {
+                                    lost.insert((key_of(&t.tuple), t.seq));
+                                }
+                                (t, o)
+                            }).collect();
+                            let f = s.finish_now(done);
+                            applied += f.applied;
+                            dead += f.dead;
+                            coalesced += f.superseded;
+                        }
+                        Step::Clear => {
+                            for (tuple, _) in s.clear_now() {
+                                cleared += 1;
+                                let key = key_of(&tuple);
+                                let seq = last.get(&key).map_or(0, |l| l.0);
+                                lost.insert((key, seq));
+                            }
+                        }
+                    }
+                }
+            };
+            drive(&steps, &mut in_flight, false);
+            // Drain everything that is left, successfully.
+            for _ in 0..100 {
+                drive(&[Step::Take(100), Step::Finish(0)], &mut in_flight, true);
+            }
+            prop_assert_eq!(s.pending_counts().total + s.pending_counts().in_flight, 0);
+            prop_assert_eq!(applied + dead + cleared + coalesced, acked);
+            for (key, (seq, op)) in &last {
+                if !lost.contains(&(key.clone(), *seq)) {
+                    prop_assert_eq!(server.get(key), Some(op), "key {}", key);
+                }
+            }
+        }
+    }
+}

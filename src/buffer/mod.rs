@@ -1,0 +1,204 @@
+//! Pending ops: coalescing, sequence numbers, the in-flight set, dead letters.
+//!
+//! Every store keeps, per tuple key (`object#relation@user`), at most one
+//! pending op and at most one in-flight op:
+//!
+//! * a new op on a key replaces its pending op (last write wins) and takes a
+//!   new sequence number; the replaced op counts as coalesced;
+//! * a key whose op is in flight is not taken again until that op finishes,
+//!   so no two in-flight requests carry the same key, and a newer op is
+//!   always written after an older one;
+//! * when an in-flight op finishes, it is dropped if a newer op arrived in the
+//!   meantime (the newer one is what counts), whatever the outcome.
+//!
+//! Ops are grouped by `type#relation` so that a check can ask cheaply how
+//! many grants and revokes are pending on the relations it depends on.
+
+pub(crate) mod memory;
+
+use std::time::{Duration, SystemTime};
+
+use futures::future::BoxFuture;
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::model::RelName;
+use crate::tuple::{Condition, Op, TupleKey};
+
+/// An op taken for writing, with what is needed to finish it.
+#[derive(Clone, Debug)]
+pub(crate) struct Taken {
+    pub tuple: TupleKey,
+    pub op: Op,
+    pub seq: u64,
+}
+
+/// How a write attempt ended for one op.
+#[derive(Clone, Debug)]
+pub(crate) enum Outcome {
+    /// OpenFGA has it.
+    Applied,
+    /// OpenFGA refused it for good: dead-letter it (unless superseded).
+    Dead {
+        reason: String,
+        code: Option<String>,
+    },
+    /// Not applied; try again later (unless superseded).
+    Retry,
+}
+
+/// What `push` did.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Pushed {
+    /// Whether a pending op on the same key was replaced.
+    pub coalesced: bool,
+    /// Pending ops after the push, in flight excluded.
+    pub pending: usize,
+}
+
+/// What `finish` did with a batch of outcomes.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Finished {
+    pub applied: u64,
+    pub dead: u64,
+    pub requeued: u64,
+    /// Dropped because a newer op on the same key arrived while in flight.
+    pub superseded: u64,
+}
+
+/// Pending ops relevant to a check.
+#[derive(Debug, Default)]
+pub(crate) struct Relevant {
+    /// Revokes pending or in flight on the relations asked about.
+    pub revokes: usize,
+    /// Grants pending or in flight on those relations, if at most `limit`.
+    pub grants: Option<Vec<TupleKey>>,
+}
+
+/// Which ops `take` may return.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Take {
+    /// Revokes only: the eager revoke flush.
+    Revokes,
+    /// Revokes first, then grants.
+    All,
+}
+
+/// Counts of pending ops.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Pending {
+    /// Pending grants (tuples to write), in flight excluded.
+    pub writes: usize,
+    /// Pending revokes (tuples to delete), in flight excluded.
+    pub deletes: usize,
+    /// `writes + deletes`.
+    pub total: usize,
+    /// Ops being written right now.
+    pub in_flight: usize,
+    /// Age of the oldest pending op.
+    #[serde(with = "opt_secs")]
+    pub oldest_age: Option<Duration>,
+}
+
+/// An op OpenFGA refused for good, kept with the server's reason.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeadLetter {
+    /// Identifies the dead letter for replay and purge.
+    pub id: u64,
+    /// The tuple.
+    pub tuple: TupleKey,
+    /// Grant or revoke.
+    pub op: Op,
+    /// The op's sequence number.
+    pub seq: u64,
+    /// OpenFGA's message (or why fga-wb gave up).
+    pub reason: String,
+    /// OpenFGA's error code, if any.
+    pub code: Option<String>,
+    /// Write attempts made.
+    pub attempts: u32,
+    /// When it was dead-lettered.
+    #[serde(with = "unix_secs")]
+    pub dead_at: SystemTime,
+}
+
+/// A pending-op store: the memory store, or the Redis store shared by
+/// processes. Futures are boxed so the handle can hold `Arc<dyn Store>`.
+pub(crate) trait Store: Send + Sync + 'static {
+    /// Records an op; fails with `BufferFull` when a new key would exceed
+    /// the capacity.
+    fn push<'a>(&'a self, tuple: &'a TupleKey, op: Op) -> BoxFuture<'a, Result<Pushed>>;
+    /// Takes up to `max` ready ops with `seq <= up_to`, marking them in flight.
+    fn take(&self, max: usize, what: Take, up_to: u64) -> BoxFuture<'_, Result<Vec<Taken>>>;
+    /// Ends in-flight ops with their outcomes.
+    fn finish(&self, done: Vec<(Taken, Outcome)>) -> BoxFuture<'_, Result<Finished>>;
+    /// Pending work on the relations `rels` (`None`: every relation).
+    fn relevant<'a>(
+        &'a self,
+        rels: Option<&'a [RelName]>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Relevant>>;
+    /// The newest op on one key, pending or in flight, and whether it has a
+    /// condition.
+    fn latest<'a>(&'a self, tuple: &'a TupleKey) -> BoxFuture<'a, Result<Option<(Op, bool)>>>;
+    /// The highest sequence number handed out so far.
+    fn last_seq(&self) -> BoxFuture<'_, Result<u64>>;
+    /// Counts of pending ops.
+    fn pending(&self) -> BoxFuture<'_, Result<Pending>>;
+    /// Pending ops, without waiting: `None` where that needs I/O.
+    fn pending_now(&self) -> Option<Pending>;
+    /// Drops every pending op that is not in flight and returns them.
+    fn clear(&self) -> BoxFuture<'_, Result<Vec<(TupleKey, Op)>>>;
+    /// The dead letters.
+    fn dead_letters(&self) -> BoxFuture<'_, Result<Vec<DeadLetter>>>;
+    /// Removes and returns dead letters: those with the given ids, or all.
+    fn remove_dead_letters<'a>(
+        &'a self,
+        ids: Option<&'a [u64]>,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetter>>>;
+}
+
+/// `object#relation@user`: the key ops are coalesced on.
+pub(crate) fn key_of(t: &TupleKey) -> String {
+    let mut k = String::with_capacity(t.object.len() + t.relation.len() + t.user.len() + 2);
+    k.push_str(&t.object);
+    k.push('#');
+    k.push_str(&t.relation);
+    k.push('@');
+    k.push_str(&t.user);
+    k
+}
+
+/// The tuple a key names, with a condition. Keys are built by `key_of` from
+/// validated tuples: the object has no `#` and the relation no `@`.
+pub(crate) fn tuple_of(key: &str, condition: Option<Condition>) -> TupleKey {
+    let (object, rest) = key.split_once('#').unwrap_or((key, ""));
+    let (relation, user) = rest.split_once('@').unwrap_or((rest, ""));
+    TupleKey {
+        user: user.to_owned(),
+        relation: relation.to_owned(),
+        object: object.to_owned(),
+        condition,
+    }
+}
+
+mod opt_secs {
+    use serde::Serializer;
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_f64(d.as_secs_f64()),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+mod unix_secs {
+    use serde::Serializer;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+    }
+}

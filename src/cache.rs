@@ -1,0 +1,139 @@
+//! The check-answer cache, and how pending ops make its answers unusable.
+//!
+//! Each `type#relation` has a generation counter. Every op that could change
+//! a relation's checks (as the model says) bumps that relation's generation
+//! when it is acknowledged, and again if it is dead-lettered or cleared. A
+//! cached answer remembers the generation it was computed under and is used
+//! only while that generation is current.
+//!
+//! The order of steps makes this race-free: a check reads the generation
+//! *before* it looks at pending ops or asks OpenFGA, and an op bumps the
+//! generation *after* it is in the buffer. So an answer computed while an op
+//! arrived is stored under a generation that is already stale. Without a
+//! model every op bumps one global generation: correct, just broader.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::model::Model;
+use crate::tuple::TupleKey;
+
+/// Cached check answers.
+pub(crate) struct CheckCache {
+    answers: moka::sync::Cache<String, (bool, u64)>,
+    /// Bumped by ops the model does not know, by `clear`, and for everything
+    /// when there is no model.
+    global: AtomicU64,
+    /// type -> relation -> generation.
+    gens: HashMap<String, HashMap<String, AtomicU64>>,
+    model: Option<Arc<Model>>,
+}
+
+impl CheckCache {
+    pub fn new(capacity: u64, ttl: Duration, model: Option<Arc<Model>>) -> Self {
+        let mut gens: HashMap<String, HashMap<String, AtomicU64>> = HashMap::new();
+        if let Some(m) = &model {
+            for rel in m.relation_names() {
+                if let Some((ty, r)) = rel.split_once('#') {
+                    gens.entry(ty.to_owned())
+                        .or_default()
+                        .insert(r.to_owned(), AtomicU64::new(0));
+                }
+            }
+        }
+        CheckCache {
+            answers: moka::sync::Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(ttl)
+                .build(),
+            global: AtomicU64::new(0),
+            gens,
+            model,
+        }
+    }
+
+    /// The generation answers for `object_type#relation` are computed under.
+    pub fn generation(&self, object_type: &str, relation: &str) -> u64 {
+        // Both counters only grow, so their sum changes whenever either does.
+        let local = self
+            .gens
+            .get(object_type)
+            .and_then(|r| r.get(relation))
+            .map_or(0, |g| g.load(Ordering::Acquire));
+        self.global.load(Ordering::Acquire) + local
+    }
+
+    /// A cached answer still valid under `generation`.
+    pub fn get(&self, key: &str, generation: u64) -> Option<bool> {
+        match self.answers.get(key) {
+            Some((answer, g)) if g == generation => Some(answer),
+            _ => None,
+        }
+    }
+
+    /// Remembers an answer computed under `generation`.
+    pub fn insert(&self, key: String, answer: bool, generation: u64) {
+        self.answers.insert(key, (answer, generation));
+    }
+
+    /// Makes unusable every answer an op on `tuple` could change.
+    pub fn invalidate_for(&self, tuple: &TupleKey) {
+        let rel = crate::model::rel_name(tuple.object_type(), &tuple.relation);
+        let affected = self.model.as_ref().and_then(|m| m.affects(&rel));
+        match affected {
+            Some(rels) => {
+                for r in rels {
+                    if let Some((ty, name)) = r.split_once('#') {
+                        if let Some(g) = self.gens.get(ty).and_then(|m| m.get(name)) {
+                            g.fetch_add(1, Ordering::AcqRel);
+                        }
+                    }
+                }
+            }
+            None => self.invalidate_all(),
+        }
+    }
+
+    /// Makes every cached answer unusable.
+    pub fn invalidate_all(&self) {
+        self.global.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::openfga::AuthorizationModel;
+
+    fn cache() -> CheckCache {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/models/documents.json");
+        let m: AuthorizationModel =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        CheckCache::new(100, Duration::from_secs(60), Some(Arc::new(Model::new(&m))))
+    }
+
+    #[test]
+    fn an_op_invalidates_exactly_the_relations_it_can_change() {
+        let c = cache();
+        let viewer = c.generation("document", "viewer");
+        let blocked = c.generation("document", "blocked");
+        c.insert("k".into(), true, viewer);
+        assert_eq!(c.get("k", viewer), Some(true));
+        // A folder viewer grant reaches document viewers through `parent`.
+        c.invalidate_for(&TupleKey::new("user:a", "viewer", "folder:f").unwrap());
+        let now = c.generation("document", "viewer");
+        assert_ne!(now, viewer);
+        assert_eq!(c.get("k", now), None);
+        assert_eq!(c.generation("document", "blocked"), blocked);
+    }
+
+    #[test]
+    fn unknown_relations_invalidate_everything() {
+        let c = cache();
+        let g = c.generation("document", "blocked");
+        c.invalidate_for(&TupleKey::new("user:a", "nope", "planet:p").unwrap());
+        assert_ne!(c.generation("document", "blocked"), g);
+    }
+}

@@ -1,0 +1,628 @@
+//! The handle applications hold: [`WriteBehind`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::buffer::memory::MemoryStore;
+use crate::buffer::{key_of, DeadLetter, Pending, Store, Take};
+use crate::cache::CheckCache;
+use crate::config::{Config, Overflow, StoreKind};
+use crate::error::{Error, Kind, Result};
+use crate::flush::{self, Command, Engine};
+use crate::model::Model;
+use crate::openfga::{CheckRequest, Client, Consistency, Context, MAX_CONTEXTUAL_TUPLES};
+use crate::status::{count, FlushReport, Status};
+use crate::tuple::{Op, TupleKey};
+
+/// A write-behind buffer in front of one OpenFGA store.
+///
+/// Cheap to clone; clones share the buffer, the cache and the background
+/// flusher. Call [`WriteBehind::shutdown`] before exit to drain what is
+/// pending; dropping the last clone without it stops the flusher and logs how
+/// many ops were left.
+#[derive(Clone)]
+pub struct WriteBehind {
+    inner: Arc<Handle>,
+}
+
+struct Handle {
+    engine: Arc<Engine>,
+    config: Config,
+    model: Option<Arc<Model>>,
+    validate_against_model: bool,
+    wake: Arc<Notify>,
+    commands: mpsc::Sender<Command>,
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<JoinHandle<()>>>,
+    shut_down: AtomicBool,
+}
+
+/// Builds a [`WriteBehind`] from a [`Config`].
+#[must_use]
+pub struct Builder {
+    config: Config,
+    client: Option<Client>,
+    validate_against_model: bool,
+}
+
+/// What [`WriteBehind::shutdown`] did and what it left.
+#[derive(Clone, Debug, Serialize)]
+pub struct ShutdownReport {
+    /// What the final flushes did.
+    pub flushed: FlushReport,
+    /// What is still pending (or in flight) after the deadline; with the
+    /// memory store, these ops are lost when the process exits.
+    pub left: Pending,
+}
+
+impl Builder {
+    /// Use this OpenFGA client instead of one built from the config
+    /// (a custom timeout or TLS setup). Default: built from `[openfga]`.
+    pub fn client(mut self, client: Client) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// Check each tuple's type, relation and user type against the
+    /// authorization model in `grant`/`revoke`, before acknowledging.
+    /// Default: on. Turn it off only when the model may change under a
+    /// running process; OpenFGA then refuses bad tuples at flush time and
+    /// they are dead-lettered.
+    pub fn validate_against_model(mut self, on: bool) -> Self {
+        self.validate_against_model = on;
+        self
+    }
+
+    /// Connects to OpenFGA, reads the authorization model, and starts the
+    /// flusher. Must be called inside a Tokio runtime.
+    pub async fn build(self) -> Result<WriteBehind> {
+        let config = self.config;
+        config.validate()?;
+        if config.openfga.store_id.is_empty() {
+            return Err(Error::config(
+                "openfga.store_id is not set; set FGA_STORE_ID or openfga.store_id in the config file",
+            ));
+        }
+        if config.buffer.store == StoreKind::Redis {
+            return Err(Error::config(
+                "buffer.store = \"redis\" is not available in this build yet; use \"memory\"",
+            ));
+        }
+        let client = match self.client {
+            Some(c) => c,
+            None => config.openfga.client()?,
+        };
+        let store_id = config.openfga.store_id.clone();
+        let model_id =
+            (!config.openfga.model_id.is_empty()).then(|| config.openfga.model_id.clone());
+        let model = load_model(&client, &store_id, model_id.as_deref()).await?;
+        let model_id = model_id.or_else(|| model.as_ref().map(|m| m.id().to_owned()));
+
+        let cache = Arc::new(CheckCache::new(
+            config.cache.capacity,
+            config.cache.ttl,
+            model.clone(),
+        ));
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new(config.buffer.capacity));
+        let (changed, _) = watch::channel(0u64);
+        let engine = Arc::new(Engine {
+            store,
+            client,
+            store_id,
+            model_id,
+            cfg: config.flush.clone(),
+            cache,
+            stats: Default::default(),
+            changed,
+        });
+        let wake = Arc::new(Notify::new());
+        let (commands, rx) = mpsc::channel(16);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(flush::run(engine.clone(), rx, wake.clone(), stop_rx));
+        Ok(WriteBehind {
+            inner: Arc::new(Handle {
+                engine,
+                config,
+                model,
+                validate_against_model: self.validate_against_model,
+                wake,
+                commands,
+                stop,
+                task: Mutex::new(Some(task)),
+                shut_down: AtomicBool::new(false),
+            }),
+        })
+    }
+}
+
+/// The pinned model, or the store's latest. A store without a model, or an
+/// OpenFGA that cannot be reached at start, leaves fga-wb without one: checks
+/// then treat every pending op as relevant (correct, just broader).
+async fn load_model(
+    client: &Client,
+    store_id: &str,
+    model_id: Option<&str>,
+) -> Result<Option<Arc<Model>>> {
+    let found = match model_id {
+        Some(id) => client
+            .read_authorization_model(store_id, id)
+            .await
+            .map(Some),
+        None => client.read_latest_authorization_model(store_id).await,
+    };
+    match found {
+        Ok(m) => Ok(m.map(|m| Arc::new(Model::new(&m)))),
+        Err(e) if e.is_transient() => {
+            tracing::warn!(error = %e, "cannot read the authorization model; running without it (broader cache invalidation, no model validation)");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What a check needs after looking at the cache and the pending ops.
+enum Prepared {
+    /// Answered without OpenFGA.
+    Answer(bool),
+    /// Ask OpenFGA this, then cache the answer under `generation` if `key`.
+    Ask {
+        request: CheckRequest,
+        key: Option<String>,
+        generation: u64,
+    },
+}
+
+impl WriteBehind {
+    /// A builder reading every setting from `config`.
+    pub fn builder(config: Config) -> Builder {
+        Builder {
+            config,
+            client: None,
+            validate_against_model: true,
+        }
+    }
+
+    /// Grants `relation` on `object` to `user`. Returns once the op is
+    /// buffered; it reaches OpenFGA with the next flush.
+    #[tracing::instrument(level = "debug", skip(self), err(Display))]
+    pub async fn grant(&self, user: &str, relation: &str, object: &str) -> Result<()> {
+        self.enqueue(TupleKey::new(user, relation, object)?, Op::Grant)
+            .await
+    }
+
+    /// Revokes `relation` on `object` from `user`. Returns once buffered;
+    /// revokes are flushed at once, and until they are applied no check that
+    /// could depend on them answers `true`.
+    #[tracing::instrument(level = "debug", skip(self), err(Display))]
+    pub async fn revoke(&self, user: &str, relation: &str, object: &str) -> Result<()> {
+        self.enqueue(TupleKey::new(user, relation, object)?, Op::Revoke)
+            .await
+    }
+
+    /// Grants a tuple that holds only while the named condition holds, with
+    /// some of its parameters fixed by `context`.
+    pub async fn grant_with_condition(
+        &self,
+        user: &str,
+        relation: &str,
+        object: &str,
+        condition: &str,
+        context: Option<Context>,
+    ) -> Result<()> {
+        let t = TupleKey::new(user, relation, object)?.with_condition(condition, context)?;
+        self.enqueue(t, Op::Grant).await
+    }
+
+    /// Grants a tuple given whole (with or without a condition).
+    pub async fn grant_tuple(&self, tuple: TupleKey) -> Result<()> {
+        self.enqueue(tuple, Op::Grant).await
+    }
+
+    /// Revokes a tuple given whole. A condition on it is ignored: OpenFGA
+    /// deletes by user, relation and object.
+    pub async fn revoke_tuple(&self, mut tuple: TupleKey) -> Result<()> {
+        tuple.condition = None;
+        self.enqueue(tuple, Op::Revoke).await
+    }
+
+    async fn enqueue(&self, tuple: TupleKey, op: Op) -> Result<()> {
+        self.ensure_open()?;
+        tuple.validate()?;
+        if self.inner.validate_against_model {
+            if let Some(m) = &self.inner.model {
+                m.validate(&tuple)?;
+            }
+        }
+        let e = &self.inner.engine;
+        let started = Instant::now();
+        let mut flushed_for_room = false;
+        let pushed = loop {
+            match e.store.push(&tuple, op).await {
+                Ok(p) => break p,
+                Err(err) if err.is_buffer_full() => {
+                    self.make_room(started, &mut flushed_for_room).await?;
+                }
+                Err(err) => return Err(err),
+            }
+        };
+        // After the push, never before: see cache.rs.
+        e.cache.invalidate_for(&tuple);
+        count!(e.stats, acknowledged, "fga_wb_ops_acknowledged_total", 1);
+        if pushed.coalesced {
+            count!(e.stats, coalesced, "fga_wb_ops_coalesced_total", 1);
+        }
+        if op == Op::Revoke || pushed.pending == 1 || pushed.pending >= e.cfg.batch_size {
+            self.inner.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Applies the overflow policy once; `Ok` means "try the push again".
+    async fn make_room(&self, started: Instant, flushed: &mut bool) -> Result<()> {
+        let cfg = &self.inner.config.buffer;
+        let full = |waited| {
+            Error::new(Kind::BufferFull {
+                capacity: cfg.capacity,
+                waited,
+            })
+        };
+        match cfg.overflow {
+            Overflow::Reject => Err(full(None)),
+            Overflow::Flush if *flushed => Err(full(Some(started.elapsed()))),
+            Overflow::Flush => {
+                *flushed = true;
+                self.flush().await?;
+                Ok(())
+            }
+            Overflow::Block => {
+                let mut changed = self.inner.engine.changed.subscribe();
+                self.inner.wake.notify_one();
+                let deadline = started + cfg.block_timeout;
+                match tokio::time::timeout_at(deadline, changed.changed()).await {
+                    Ok(Ok(())) => Ok(()),
+                    _ => Err(full(Some(started.elapsed()))),
+                }
+            }
+        }
+    }
+
+    /// Whether `user` has `relation` on `object`, counting every acknowledged
+    /// grant and revoke.
+    ///
+    /// Fails closed with an error for which [`Error::is_stale_check`] is true
+    /// when a pending revoke this check could depend on is not applied within
+    /// `check.revoke_wait_timeout`. Treat any error as "not allowed".
+    #[tracing::instrument(level = "debug", skip(self), err(Display))]
+    pub async fn check(&self, user: &str, relation: &str, object: &str) -> Result<bool> {
+        self.check_request(&CheckRequest::new(user, relation, object))
+            .await
+    }
+
+    /// A check with context, contextual tuples or a consistency preference.
+    /// Checks with context or contextual tuples are not cached.
+    pub async fn check_request(&self, req: &CheckRequest) -> Result<bool> {
+        match self.prepare(req).await? {
+            Prepared::Answer(a) => Ok(a),
+            Prepared::Ask {
+                request,
+                key,
+                generation,
+            } => {
+                let e = &self.inner.engine;
+                let answer = e.client.check(&e.store_id, &request).await?;
+                if let Some(k) = key {
+                    e.cache.insert(k, answer, generation);
+                }
+                Ok(answer)
+            }
+        }
+    }
+
+    /// Many checks at once. Those the cache cannot answer go to OpenFGA's
+    /// BatchCheck (50 per request); each answer stands alone.
+    pub async fn batch_check(&self, checks: &[CheckRequest]) -> Result<Vec<Result<bool>>> {
+        let mut out: Vec<Option<Result<bool>>> = Vec::with_capacity(checks.len());
+        let mut asks = Vec::new();
+        let mut slots = Vec::new();
+        for (i, c) in checks.iter().enumerate() {
+            match self.prepare(c).await {
+                Ok(Prepared::Answer(a)) => out.push(Some(Ok(a))),
+                Ok(Prepared::Ask {
+                    request,
+                    key,
+                    generation,
+                }) => {
+                    out.push(None);
+                    asks.push(request);
+                    slots.push((i, key, generation));
+                }
+                Err(e) => out.push(Some(Err(e))),
+            }
+        }
+        if !asks.is_empty() {
+            let e = &self.inner.engine;
+            let answers = e
+                .client
+                .batch_check(
+                    &e.store_id,
+                    &asks,
+                    e.model_id.as_deref(),
+                    Consistency::Unspecified,
+                )
+                .await?;
+            for ((i, key, generation), answer) in slots.into_iter().zip(answers) {
+                if let (Some(k), Ok(a)) = (key, &answer) {
+                    e.cache.insert(k, *a, generation);
+                }
+                out[i] = Some(answer);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Err(Error::invalid_argument("check was not answered"))))
+            .collect())
+    }
+
+    async fn prepare(&self, req: &CheckRequest) -> Result<Prepared> {
+        self.ensure_open()?;
+        let probe = TupleKey::new(&req.user, &req.relation, &req.object)?;
+        let e = &self.inner.engine;
+        let ty = probe.object_type();
+        // Read the generation before looking at anything pending: see cache.rs.
+        let generation = e.cache.generation(ty, &req.relation);
+        let cacheable = req.context.is_none()
+            && req.contextual_tuples.is_empty()
+            && req.consistency != Consistency::HigherConsistency;
+        let key = cacheable.then(|| key_of(&probe));
+        if let Some(k) = &key {
+            if let Some(a) = e.cache.get(k, generation) {
+                count!(e.stats, cache_hits, "fga_wb_cache_hits_total", 1);
+                return Ok(Prepared::Answer(a));
+            }
+        }
+        let model = self.inner.model.as_deref();
+        if model.is_some_and(|m| m.direct_implies(ty, &req.relation))
+            && e.store.latest(&probe).await? == Some((Op::Grant, false))
+        {
+            // A pending unconditional grant of this very tuple, on a relation
+            // with no exclusion above its direct assignment: true whatever
+            // else is pending.
+            count!(e.stats, cache_hits, "fga_wb_cache_hits_total", 1);
+            return Ok(Prepared::Answer(true));
+        }
+        let rels = model.and_then(|m| m.depends_on(ty, &req.relation));
+        let room = MAX_CONTEXTUAL_TUPLES.saturating_sub(req.contextual_tuples.len());
+        let waited_from = Instant::now();
+        let deadline = waited_from + self.inner.config.check.revoke_wait_timeout;
+        let mut changed = e.changed.subscribe();
+        let mut flushed = false;
+        let grants = loop {
+            changed.borrow_and_update();
+            let r = e.store.relevant(rels, room).await?;
+            if r.revokes > 0 {
+                // Contextual tuples cannot delete: wait for the revoke to land.
+                self.inner.wake.notify_one();
+                match tokio::time::timeout_at(deadline, changed.changed()).await {
+                    Ok(Ok(())) => continue,
+                    _ => {
+                        return Err(Error::new(Kind::CheckWouldBeStale {
+                            waited: waited_from.elapsed(),
+                        }))
+                    }
+                }
+            }
+            match r.grants {
+                Some(g) => break g,
+                None if !flushed => {
+                    flushed = true;
+                    self.flush().await?;
+                }
+                None => {
+                    return Err(Error::new(Kind::TooManyContextualTuples {
+                        count: room + 1,
+                        limit: MAX_CONTEXTUAL_TUPLES,
+                    }))
+                }
+            }
+        };
+        count!(e.stats, cache_misses, "fga_wb_cache_misses_total", 1);
+        let mut request = req.clone();
+        request.authorization_model_id.clone_from(&e.model_id);
+        for g in grants {
+            let dup = request
+                .contextual_tuples
+                .iter()
+                .any(|c| c.user == g.user && c.relation == g.relation && c.object == g.object);
+            if !dup {
+                request.contextual_tuples.push(g);
+            }
+        }
+        Ok(Prepared::Ask {
+            request,
+            key,
+            generation,
+        })
+    }
+
+    /// Writes everything acknowledged so far to OpenFGA and reports what
+    /// happened. Also resumes flushing after an auth failure was fixed.
+    #[tracing::instrument(level = "debug", skip(self))]
+    pub async fn flush(&self) -> Result<FlushReport> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .commands
+            .send(Command::Flush(tx))
+            .await
+            .map_err(|_| Error::new(Kind::Shutdown))?;
+        rx.await.map_err(|_| Error::new(Kind::Shutdown))
+    }
+
+    /// Drops every pending op that is not already being written, logs them,
+    /// and returns how many were dropped.
+    pub async fn clear(&self) -> Result<usize> {
+        let e = &self.inner.engine;
+        let dropped = e.store.clear().await?;
+        e.cache.invalidate_all();
+        count!(
+            e.stats,
+            cleared,
+            "fga_wb_ops_cleared_total",
+            dropped.len() as u64
+        );
+        tracing::warn!(
+            count = dropped.len(),
+            "cleared pending ops; they will not reach OpenFGA"
+        );
+        const SHOWN: usize = 100;
+        for (t, op) in dropped.iter().take(SHOWN) {
+            tracing::info!(tuple = %t, ?op, "cleared");
+        }
+        if dropped.len() > SHOWN {
+            tracing::info!("... and {} more cleared", dropped.len() - SHOWN);
+        }
+        e.changed.send_modify(|v| *v += 1);
+        Ok(dropped.len())
+    }
+
+    /// Counts of pending ops.
+    pub async fn pending(&self) -> Result<Pending> {
+        self.inner.engine.store.pending().await
+    }
+
+    /// Pending ops, dead letters, the last flush and totals.
+    pub async fn status(&self) -> Result<Status> {
+        let e = &self.inner.engine;
+        Ok(Status {
+            store: self.inner.config.buffer.store,
+            mode: self.inner.config.flush.mode,
+            store_id: e.store_id.clone(),
+            pending: e.store.pending().await?,
+            dead_letters: e.store.dead_letters().await?.len(),
+            flushing_stopped: e.stats.stopped(),
+            last_flush: e.stats.last_flush(),
+            totals: e.stats.totals(),
+        })
+    }
+
+    /// The ops OpenFGA refused for good, with its reasons.
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
+        self.inner.engine.store.dead_letters().await
+    }
+
+    /// Buffers dead letters again (those with `ids`, or all) as new ops, for
+    /// after the model or the data was fixed. They skip model validation:
+    /// OpenFGA decides. Returns how many were replayed.
+    pub async fn replay_dead_letters(&self, ids: Option<&[u64]>) -> Result<usize> {
+        let letters = self.inner.engine.store.remove_dead_letters(ids).await?;
+        let n = letters.len();
+        for d in letters {
+            let e = &self.inner.engine;
+            e.store.push(&d.tuple, d.op).await?;
+            e.cache.invalidate_for(&d.tuple);
+        }
+        self.inner.wake.notify_one();
+        Ok(n)
+    }
+
+    /// Deletes dead letters (those with `ids`, or all); returns how many.
+    pub async fn purge_dead_letters(&self, ids: Option<&[u64]>) -> Result<usize> {
+        Ok(self
+            .inner
+            .engine
+            .store
+            .remove_dead_letters(ids)
+            .await?
+            .len())
+    }
+
+    /// Stops the flusher, then flushes until everything is applied or
+    /// `flush.shutdown_deadline` passes, and reports what is left. Later
+    /// calls on any clone fail with [`Error::is_shutdown`].
+    pub async fn shutdown(&self) -> Result<ShutdownReport> {
+        if self.inner.shut_down.swap(true, Ordering::SeqCst) {
+            return Err(Error::new(Kind::Shutdown));
+        }
+        let deadline = Instant::now() + self.inner.config.flush.shutdown_deadline;
+        let _ = self.inner.stop.send(true);
+        let task = self
+            .inner
+            .task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut task) = task {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                task.abort();
+            }
+        }
+        let e = &self.inner.engine;
+        let mut flushed = FlushReport::default();
+        let mut pause = self.inner.config.flush.retry_initial_backoff;
+        while Instant::now() < deadline {
+            match tokio::time::timeout_at(deadline, e.drain(Take::All)).await {
+                Ok(r) => {
+                    let failed = r.error.is_some();
+                    flushed.absorb(&r);
+                    if !failed {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+            let rest = deadline.saturating_duration_since(Instant::now());
+            tokio::time::sleep(pause.min(rest)).await;
+            pause = (pause * 2).min(self.inner.config.flush.retry_max_backoff);
+        }
+        let left = e.store.pending().await?;
+        if left.total + left.in_flight > 0 {
+            tracing::warn!(
+                pending = left.total,
+                in_flight = left.in_flight,
+                "shutdown left ops unflushed"
+            );
+        }
+        Ok(ShutdownReport { flushed, left })
+    }
+
+    fn ensure_open(&self) -> Result<()> {
+        if self.inner.shut_down.load(Ordering::Relaxed) {
+            return Err(Error::new(Kind::Shutdown));
+        }
+        Ok(())
+    }
+
+    /// The id of the authorization model in use, if one was found.
+    pub fn model_id(&self) -> Option<&str> {
+        self.inner.engine.model_id.as_deref()
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if let Some(task) = self
+            .task
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            task.abort();
+        }
+        if self.shut_down.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Some(p) = self.engine.store.pending_now() {
+            let n = p.total + p.in_flight;
+            if n > 0 && self.config.buffer.store == StoreKind::Memory {
+                tracing::warn!(
+                    pending = n,
+                    "WriteBehind dropped without shutdown(): {n} acknowledged ops were not written to OpenFGA and are lost"
+                );
+            }
+        }
+    }
+}

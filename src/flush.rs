@@ -1,0 +1,358 @@
+//! The flusher: takes pending ops in chunks, writes them to OpenFGA with
+//! bounded parallelism, bisects permanent failures down to the bad tuples,
+//! and retries transient ones with backoff.
+//!
+//! One background task owns the decision of *when* to flush: when the batch
+//! is full, when the oldest op reaches `flush.interval`, at once when revokes
+//! are pending, and when asked through `flush()`. Flushes never overlap, so
+//! the store's in-flight set is only ever touched by one flush at a time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::buffer::{Finished, Outcome, Store, Take, Taken};
+use crate::cache::CheckCache;
+use crate::config::FlushConfig;
+use crate::error::Error;
+use crate::openfga::{Client, WriteRequest};
+use crate::status::{count, FlushReport, Stats};
+use crate::tuple::Op;
+
+/// Everything a flush needs. Shared by the handle and the flusher task.
+pub(crate) struct Engine {
+    pub store: Arc<dyn Store>,
+    pub client: Client,
+    pub store_id: String,
+    pub model_id: Option<String>,
+    pub cfg: FlushConfig,
+    pub cache: Arc<CheckCache>,
+    pub stats: Arc<Stats>,
+    /// Bumped after every batch of outcomes: checks waiting for a revoke
+    /// and callers waiting for room watch it.
+    pub changed: watch::Sender<u64>,
+}
+
+/// Why a chunk stopped before all its ops were tried.
+enum Stop {
+    /// Retry later (5xx, timeout, connection, 429).
+    Transient(Error),
+    /// Do not retry until someone acts (bad credentials, unknown store).
+    Halt(Error),
+}
+
+/// The outcome of one chunk, bisection included.
+struct ChunkResult {
+    outcomes: Vec<(Taken, Outcome)>,
+    requests: u64,
+    stop: Option<Stop>,
+}
+
+/// A request to the flusher task.
+pub(crate) enum Command {
+    /// Flush everything acknowledged so far and report.
+    Flush(oneshot::Sender<FlushReport>),
+}
+
+impl Engine {
+    /// Writes every ready op acknowledged up to now (`what` says which
+    /// kinds), until done or stopped by an error.
+    pub async fn drain(&self, what: Take) -> FlushReport {
+        let started = std::time::Instant::now();
+        let span = tracing::info_span!(
+            "fga_wb.flush",
+            applied = tracing::field::Empty,
+            dead_lettered = tracing::field::Empty,
+            requests = tracing::field::Empty
+        );
+        let mut report = FlushReport::default();
+        async {
+            let up_to = match self.store.last_seq().await {
+                Ok(s) => s,
+                Err(e) => {
+                    report.error = Some(e.to_string());
+                    return;
+                }
+            };
+            let chunk_size = self.cfg.max_tuples_per_write;
+            let mut running = FuturesUnordered::new();
+            let mut exhausted = false;
+            let mut stop: Option<Stop> = None;
+            loop {
+                while !exhausted && stop.is_none() && running.len() < self.cfg.max_parallel_requests
+                {
+                    match self.store.take(chunk_size, what, up_to).await {
+                        Ok(chunk) if chunk.is_empty() => exhausted = true,
+                        Ok(chunk) => running.push(self.write_chunk(chunk)),
+                        Err(e) => stop = Some(Stop::Transient(e)),
+                    }
+                }
+                let Some(result) = running.next().await else {
+                    break;
+                };
+                report.requests += result.requests;
+                for (t, o) in &result.outcomes {
+                    if matches!(o, Outcome::Dead { .. }) {
+                        // Its grant may have been in cached answers as a
+                        // contextual tuple; OpenFGA will never have it.
+                        self.cache.invalidate_for(&t.tuple);
+                    }
+                }
+                if stop.is_none() {
+                    stop = result.stop;
+                }
+                match self.store.finish(result.outcomes).await {
+                    Ok(f) => self.account(&f, &mut report),
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not record flush outcomes");
+                        stop.get_or_insert(Stop::Transient(e));
+                    }
+                }
+                // A finished chunk may have unblocked keys that were in flight.
+                exhausted = false;
+            }
+            match stop {
+                Some(Stop::Transient(e)) => report.error = Some(e.to_string()),
+                Some(Stop::Halt(e)) => {
+                    tracing::error!(error = %e, "flushing stopped; pending ops are kept");
+                    self.stats.set_stopped(Some(e.to_string()));
+                    report.error = Some(e.to_string());
+                }
+                None if report.requests > 0 => self.stats.set_stopped(None),
+                None => {}
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        report.duration = started.elapsed();
+        report.coalesced = self.stats.take_coalesced();
+        span.record("applied", report.applied);
+        span.record("dead_lettered", report.dead_lettered);
+        span.record("requests", report.requests);
+        count!(
+            self.stats,
+            requests,
+            "fga_wb_write_requests_total",
+            report.requests
+        );
+        if let Ok(p) = self.store.pending().await {
+            metrics::gauge!("fga_wb_pending_ops").set(p.total as f64);
+        }
+        if report.requests > 0 || report.error.is_some() {
+            self.stats.record_flush(&report);
+        }
+        report
+    }
+
+    fn account(&self, f: &Finished, report: &mut FlushReport) {
+        report.applied += f.applied;
+        report.dead_lettered += f.dead;
+        report.retried += f.requeued;
+        count!(self.stats, applied, "fga_wb_ops_applied_total", f.applied);
+        count!(
+            self.stats,
+            dead_lettered,
+            "fga_wb_ops_dead_lettered_total",
+            f.dead
+        );
+        count!(
+            self.stats,
+            coalesced,
+            "fga_wb_ops_coalesced_total",
+            f.superseded
+        );
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Writes one chunk; on a permanent input error, splits it in halves
+    /// until the bad ops are alone, so the good ones are applied.
+    async fn write_chunk(&self, ops: Vec<Taken>) -> ChunkResult {
+        let mut result = ChunkResult {
+            outcomes: Vec::with_capacity(ops.len()),
+            requests: 0,
+            stop: None,
+        };
+        let mut todo = vec![ops];
+        while let Some(part) = todo.pop() {
+            if result.stop.is_some() {
+                result
+                    .outcomes
+                    .extend(part.into_iter().map(|t| (t, Outcome::Retry)));
+                continue;
+            }
+            result.requests += 1;
+            match self.write(&part).await {
+                Ok(()) => {
+                    metrics::counter!("fga_wb_write_requests_total", "outcome" => "ok")
+                        .increment(1);
+                    result
+                        .outcomes
+                        .extend(part.into_iter().map(|t| (t, Outcome::Applied)));
+                }
+                Err(e) if e.is_invalid_input() && part.len() > 1 => {
+                    metrics::counter!("fga_wb_write_requests_total", "outcome" => "bisected")
+                        .increment(1);
+                    let mut left = part;
+                    let right = left.split_off(left.len() / 2);
+                    todo.push(right);
+                    todo.push(left);
+                }
+                Err(e) if e.is_invalid_input() => {
+                    metrics::counter!("fga_wb_write_requests_total", "outcome" => "rejected")
+                        .increment(1);
+                    for t in part {
+                        tracing::warn!(tuple = %t.tuple, op = ?t.op, error = %e, "dead-lettered");
+                        let reason = e
+                            .server_message()
+                            .map_or_else(|| e.to_string(), str::to_owned);
+                        let code = e.code().map(str::to_owned);
+                        result.outcomes.push((t, Outcome::Dead { reason, code }));
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!("fga_wb_write_requests_total", "outcome" => "failed")
+                        .increment(1);
+                    tracing::warn!(error = %e, tuples = part.len(), "write failed; ops stay pending");
+                    result
+                        .outcomes
+                        .extend(part.into_iter().map(|t| (t, Outcome::Retry)));
+                    result.stop = Some(if e.is_auth() || e.is_not_found() {
+                        Stop::Halt(e)
+                    } else {
+                        Stop::Transient(e)
+                    });
+                }
+            }
+        }
+        result
+    }
+
+    async fn write(&self, ops: &[Taken]) -> Result<(), Error> {
+        let mut writes = Vec::new();
+        let mut deletes = Vec::new();
+        for t in ops {
+            match t.op {
+                Op::Grant => writes.push(t.tuple.clone()),
+                Op::Revoke => deletes.push(t.tuple.clone()),
+            }
+        }
+        let mut req = WriteRequest::idempotent(writes, deletes);
+        req.authorization_model_id.clone_from(&self.model_id);
+        self.client.write(&self.store_id, &req).await
+    }
+}
+
+/// When the flusher should act next, and on what.
+fn backoff_builder(cfg: &FlushConfig) -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(cfg.retry_initial_backoff)
+        .with_max_delay(cfg.retry_max_backoff)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// The background task: waits for a trigger, flushes, repeats, until `stop`
+/// turns true.
+pub(crate) async fn run(
+    engine: Arc<Engine>,
+    mut commands: mpsc::Receiver<Command>,
+    wake: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let cfg = engine.cfg.clone();
+    let mut backoff = backoff_builder(&cfg);
+    let mut retry_at: Option<Instant> = None;
+    // After a drain that took nothing, don't spin on ops someone else holds.
+    let mut idle_until: Option<Instant> = None;
+    loop {
+        let due = next_due(&engine, &cfg, retry_at, idle_until).await;
+        let what = tokio::select! {
+            biased;
+            _ = stop.changed() => return,
+            cmd = commands.recv() => match cmd {
+                None => return,
+                Some(Command::Flush(reply)) => {
+                    let report = engine.drain(Take::All).await;
+                    after_drain(&engine, &cfg, &report, &mut backoff, &mut retry_at, &mut idle_until);
+                    let _ = reply.send(report);
+                    continue;
+                }
+            },
+            _ = wake.notified() => continue,
+            _ = sleep_until(due.map(|d| d.0)), if due.is_some() => due.map_or(Take::All, |d| d.1),
+        };
+        let report = engine.drain(what).await;
+        after_drain(
+            &engine,
+            &cfg,
+            &report,
+            &mut backoff,
+            &mut retry_at,
+            &mut idle_until,
+        );
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn after_drain(
+    engine: &Engine,
+    cfg: &FlushConfig,
+    report: &FlushReport,
+    backoff: &mut ExponentialBackoff,
+    retry_at: &mut Option<Instant>,
+    idle_until: &mut Option<Instant>,
+) {
+    let now = Instant::now();
+    if report.error.is_some() {
+        count!(engine.stats, retries, "fga_wb_flush_retries_total", 1);
+        let wait = backoff.next().unwrap_or(cfg.retry_max_backoff);
+        *retry_at = Some(now + wait);
+    } else {
+        *backoff = backoff_builder(cfg);
+        *retry_at = None;
+    }
+    *idle_until = (report.requests == 0).then(|| now + cfg.interval.max(Duration::from_millis(10)));
+}
+
+async fn next_due(
+    engine: &Engine,
+    cfg: &FlushConfig,
+    retry_at: Option<Instant>,
+    idle_until: Option<Instant>,
+) -> Option<(Instant, Take)> {
+    if engine.stats.stopped().is_some() {
+        // Only an explicit flush() tries again after an auth failure.
+        return None;
+    }
+    if let Some(at) = retry_at {
+        return Some((at, Take::All));
+    }
+    let pending = engine.store.pending().await.ok()?;
+    if pending.total == 0 {
+        return None;
+    }
+    let now = Instant::now();
+    let floor = |at: Instant| idle_until.map_or(at, |i| at.max(i));
+    if pending.total >= cfg.batch_size {
+        return Some((floor(now), Take::All));
+    }
+    let age = pending.oldest_age.unwrap_or_default();
+    let interval_due = now + cfg.interval.saturating_sub(age);
+    if pending.deletes > 0 {
+        return Some((floor(now), Take::Revokes));
+    }
+    Some((floor(interval_due), Take::All))
+}

@@ -1,0 +1,221 @@
+//! Counters, the last flush, and the status report built from them.
+//!
+//! Counters are kept here (for `status()`) and mirrored to the `metrics`
+//! facade under Prometheus names, so an application that installs a metrics
+//! exporter gets them with no further work:
+//!
+//! | metric | kind |
+//! |---|---|
+//! | `fga_wb_ops_acknowledged_total` | counter |
+//! | `fga_wb_ops_applied_total` | counter |
+//! | `fga_wb_ops_coalesced_total` | counter |
+//! | `fga_wb_ops_dead_lettered_total` | counter |
+//! | `fga_wb_ops_cleared_total` | counter |
+//! | `fga_wb_write_requests_total{outcome}` | counter |
+//! | `fga_wb_flush_retries_total` | counter |
+//! | `fga_wb_cache_hits_total`, `fga_wb_cache_misses_total` | counter |
+//! | `fga_wb_pending_ops` | gauge |
+//! | `fga_wb_flush_duration_seconds` | histogram |
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::buffer::Pending;
+use crate::config::{Mode, StoreKind};
+
+/// What one flush did.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct FlushReport {
+    /// Ops now in OpenFGA.
+    pub applied: u64,
+    /// Ops folded into a newer op on the same key since the previous report
+    /// (they need no write of their own).
+    pub coalesced: u64,
+    /// Ops OpenFGA refused for good, now in the dead letters.
+    pub dead_lettered: u64,
+    /// Ops that failed transiently and are pending again.
+    pub retried: u64,
+    /// Write requests sent (bisection included).
+    pub requests: u64,
+    /// Wall time of the flush.
+    #[serde(with = "secs")]
+    pub duration: Duration,
+    /// Why the flush stopped early, if it did (ops stay pending).
+    pub error: Option<String>,
+}
+
+impl FlushReport {
+    pub(crate) fn absorb(&mut self, other: &FlushReport) {
+        self.applied += other.applied;
+        self.coalesced += other.coalesced;
+        self.dead_lettered += other.dead_lettered;
+        self.retried += other.retried;
+        self.requests += other.requests;
+        self.duration += other.duration;
+        if other.error.is_some() {
+            self.error.clone_from(&other.error);
+        }
+    }
+}
+
+/// The last flush and when it ended.
+#[derive(Clone, Debug, Serialize)]
+pub struct LastFlush {
+    /// When it ended.
+    #[serde(with = "unix")]
+    pub at: SystemTime,
+    /// What it did.
+    pub report: FlushReport,
+}
+
+/// Totals since the handle was built.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Totals {
+    /// `grant`/`revoke` calls acknowledged.
+    pub acknowledged: u64,
+    /// Ops applied to OpenFGA.
+    pub applied: u64,
+    /// Ops folded into a newer op on the same key.
+    pub coalesced: u64,
+    /// Ops dead-lettered.
+    pub dead_lettered: u64,
+    /// Ops dropped by `clear`.
+    pub cleared: u64,
+    /// Write requests sent.
+    pub requests: u64,
+    /// Flushes that stopped on a transient error and were retried.
+    pub retries: u64,
+    /// Checks answered from the cache or the pending overlay.
+    pub cache_hits: u64,
+    /// Checks that asked OpenFGA.
+    pub cache_misses: u64,
+}
+
+/// Everything `status()` reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    /// `memory` or `redis`.
+    pub store: StoreKind,
+    /// `inline` or `queue`.
+    pub mode: Mode,
+    /// The OpenFGA store written to.
+    pub store_id: String,
+    /// Pending ops.
+    pub pending: Pending,
+    /// Dead letters held.
+    pub dead_letters: usize,
+    /// Why flushing is stopped (bad credentials, unknown store), if it is.
+    pub flushing_stopped: Option<String>,
+    /// The last flush.
+    pub last_flush: Option<LastFlush>,
+    /// Totals since start.
+    pub totals: Totals,
+}
+
+/// Live counters.
+#[derive(Default)]
+pub(crate) struct Stats {
+    pub acknowledged: AtomicU64,
+    pub applied: AtomicU64,
+    pub coalesced: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub cleared: AtomicU64,
+    pub requests: AtomicU64,
+    pub retries: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    /// `coalesced` at the last flush report, to report the difference.
+    pub coalesced_reported: AtomicU64,
+    pub last_flush: Mutex<Option<LastFlush>>,
+    pub stopped: Mutex<Option<String>>,
+}
+
+/// Adds to a counter and its metric.
+macro_rules! count {
+    ($stats:expr, $field:ident, $metric:literal, $n:expr) => {{
+        let n: u64 = $n;
+        if n > 0 {
+            $stats
+                .$field
+                .fetch_add(n, ::std::sync::atomic::Ordering::Relaxed);
+            ::metrics::counter!($metric).increment(n);
+        }
+    }};
+}
+pub(crate) use count;
+
+impl Stats {
+    pub fn totals(&self) -> Totals {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Totals {
+            acknowledged: l(&self.acknowledged),
+            applied: l(&self.applied),
+            coalesced: l(&self.coalesced),
+            dead_lettered: l(&self.dead_lettered),
+            cleared: l(&self.cleared),
+            requests: l(&self.requests),
+            retries: l(&self.retries),
+            cache_hits: l(&self.cache_hits),
+            cache_misses: l(&self.cache_misses),
+        }
+    }
+
+    /// Coalesced ops since the last call.
+    pub fn take_coalesced(&self) -> u64 {
+        let now = self.coalesced.load(Ordering::Relaxed);
+        now - self
+            .coalesced_reported
+            .swap(now, Ordering::Relaxed)
+            .min(now)
+    }
+
+    pub fn stopped(&self) -> Option<String> {
+        self.stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_stopped(&self, reason: Option<String>) {
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+    }
+
+    pub fn record_flush(&self, report: &FlushReport) {
+        metrics::histogram!("fga_wb_flush_duration_seconds").record(report.duration.as_secs_f64());
+        *self.last_flush.lock().unwrap_or_else(|p| p.into_inner()) = Some(LastFlush {
+            at: SystemTime::now(),
+            report: report.clone(),
+        });
+    }
+
+    pub fn last_flush(&self) -> Option<LastFlush> {
+        self.last_flush
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+mod secs {
+    use serde::Serializer;
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+}
+
+mod unix {
+    use serde::Serializer;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(
+            t.duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        )
+    }
+}
