@@ -1,24 +1,28 @@
 //! The in-process store: one mutex around plain maps.
 //!
 //! Every operation holds the lock for a short, bounded time (a push is a
-//! couple of hash lookups; a take moves at most one Write's worth of ops), so
+//! few map operations; a take moves at most one Write's worth of ops), so
 //! acknowledgement latency stays flat while a flush runs.
 //!
-//! Memory per pending op is kept small on purpose (one shared key string and
-//! a 40-byte slot), because the buffer may hold a million ops.
+//! Ready ops wait in per-relation queues ordered by `first`, the sequence
+//! number of the op that made the key pending: coalescing keeps a key's
+//! place, so a hot key is not starved, and a flush can stop exactly at the
+//! ops acknowledged before it started.
+//!
+//! Memory per pending op is kept small on purpose (one shared key string, a
+//! 40-byte slot, one queue entry), because the buffer may hold a million ops.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::{self, BoxFuture};
-use indexmap::IndexSet;
 
 use super::{
     key_of, tuple_of, DeadLetter, Finished, Outcome, Pending, Pushed, Relevant, Store, Take, Taken,
 };
 use crate::error::{Error, Kind, Result};
-use crate::model::RelName;
+use crate::model::{rel_name, RelName};
 use crate::tuple::{Condition, Op, TupleKey};
 
 /// The memory store.
@@ -38,9 +42,6 @@ struct Inner {
     pending: [usize; 2],
     in_flight: usize,
     epoch: Instant,
-    /// A lower bound on the `since` of every ready op, in centiseconds
-    /// after `epoch`; `None` when nothing is ready.
-    oldest: Option<u32>,
     dead: Vec<DeadLetter>,
     next_dead_id: u64,
 }
@@ -49,8 +50,9 @@ struct Inner {
 #[derive(Default)]
 struct Part {
     slots: HashMap<Arc<str>, Slot>,
-    /// Keys whose pending op can be taken now, by kind: `[grants, revokes]`.
-    ready: [IndexSet<Arc<str>>; 2],
+    /// Keys whose pending op can be taken now, by kind (`[grants, revokes]`),
+    /// ordered by the pending op's `first`.
+    ready: [BTreeMap<u64, Arc<str>>; 2],
     /// Ops pending or in flight, by kind: `[grants, revokes]`.
     ops: [usize; 2],
 }
@@ -58,12 +60,15 @@ struct Part {
 #[derive(Default)]
 struct Slot {
     pending: Option<Entry>,
-    in_flight: Option<Entry>,
+    /// Boxed: few slots are in flight at once, and this keeps every slot small.
+    in_flight: Option<Box<Entry>>,
 }
 
 #[derive(Clone)]
 struct Entry {
     seq: u64,
+    /// The seq of the op that made the key pending: its place in the queue.
+    first: u64,
     condition: Option<Box<Condition>>,
     /// When the key got a pending op, in centiseconds after the store's epoch.
     since: u32,
@@ -89,7 +94,6 @@ impl MemoryStore {
                 pending: [0, 0],
                 in_flight: 0,
                 epoch: Instant::now(),
-                oldest: None,
                 dead: Vec::new(),
                 next_dead_id: 1,
             }),
@@ -98,9 +102,9 @@ impl MemoryStore {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave the maps half-updated in
-        // a way that breaks the invariants badly enough to stop serving; keep
-        // going rather than poison every later call.
+        // Every update below keeps the maps consistent before it can panic
+        // (nothing in them panics on input), so a poisoned lock still guards
+        // sound data: keep serving rather than fail every later call.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -110,75 +114,70 @@ impl MemoryStore {
         let inner = &mut *g;
         let now = inner.now_cs();
         let part_no = inner.part_index(tuple.object_type(), &tuple.relation);
-        let part = &mut inner.parts[part_no];
-        inner.seq += 1;
-        let seq = inner.seq;
+        let seq = inner.seq + 1;
         let condition = tuple.condition.clone().map(Box::new);
+        let part = &mut inner.parts[part_no];
 
-        let existing = part
-            .slots
-            .get_key_value(key.as_str())
-            .map(|(k, _)| k.clone());
-        let coalesced;
-        match existing {
+        let coalesced = match part.slots.get_key_value(key.as_str()) {
             None => {
                 if inner.keys >= self.capacity {
-                    inner.seq -= 1;
                     return Err(Error::new(Kind::BufferFull {
                         capacity: self.capacity,
                         waited: None,
                     }));
                 }
                 let k: Arc<str> = Arc::from(key);
-                part.ready[kind(op)].insert(k.clone());
+                part.ready[kind(op)].insert(seq, k.clone());
+                let entry = Entry {
+                    seq,
+                    first: seq,
+                    condition,
+                    since: now,
+                    attempts: 0,
+                    op,
+                };
                 part.slots.insert(
                     k,
                     Slot {
-                        pending: Some(Entry {
-                            seq,
-                            condition,
-                            since: now,
-                            attempts: 0,
-                            op,
-                        }),
+                        pending: Some(entry),
                         in_flight: None,
                     },
                 );
                 inner.keys += 1;
-                coalesced = false;
-                inner.oldest = Some(inner.oldest.map_or(now, |o| o.min(now)));
+                false
             }
-            Some(k) => {
-                let slot = part.slots.get_mut(&k).expect("key just found");
+            Some((k, _)) => {
+                let k = k.clone();
+                let Some(slot) = part.slots.get_mut(&k) else {
+                    return Err(Error::invalid_argument("buffer key vanished"));
+                };
                 let blocked = slot.in_flight.is_some();
-                let since = match slot.pending.take() {
+                let (first, since, coalesced) = match slot.pending.take() {
                     Some(old) => {
                         part.ops[kind(old.op)] -= 1;
                         inner.pending[kind(old.op)] -= 1;
                         if !blocked {
-                            part.ready[kind(old.op)].swap_remove(&k);
+                            part.ready[kind(old.op)].remove(&old.first);
                         }
-                        coalesced = true;
-                        old.since
+                        (old.first, old.since, true)
                     }
-                    None => {
-                        coalesced = false;
-                        now
-                    }
+                    None => (seq, now, false),
                 };
                 slot.pending = Some(Entry {
                     seq,
+                    first,
                     condition,
                     since,
                     attempts: 0,
                     op,
                 });
                 if !blocked {
-                    part.ready[kind(op)].insert(k);
-                    inner.oldest = Some(inner.oldest.map_or(since, |o| o.min(since)));
+                    part.ready[kind(op)].insert(first, k);
                 }
+                coalesced
             }
-        }
+        };
+        inner.seq = seq;
         part.ops[kind(op)] += 1;
         inner.pending[kind(op)] += 1;
         Ok(Pushed {
@@ -195,45 +194,35 @@ impl MemoryStore {
             Take::Revokes => &[Op::Revoke],
             Take::All => &[Op::Revoke, Op::Grant],
         };
-        let mut skipped: Vec<(usize, usize, Arc<str>)> = Vec::new();
-        'outer: for &op in kinds {
+        for &op in kinds {
             let k = kind(op);
-            for (part_no, part) in inner.parts.iter_mut().enumerate() {
+            for part in &mut inner.parts {
                 while out.len() < max {
-                    let Some(key) = part.ready[k].pop() else {
+                    // Ops that became pending after the flush started wait
+                    // for the next one, so a flush always ends.
+                    let Some(entry) = part.ready[k].first_entry() else {
                         break;
                     };
-                    let slot = part.slots.get_mut(&key).expect("ready keys have slots");
-                    let entry = slot.pending.take().expect("ready keys have a pending op");
-                    if entry.seq > up_to {
-                        // Newer than this flush: leave it for the next one.
-                        slot.pending = Some(entry);
-                        skipped.push((part_no, k, key));
-                        continue;
+                    if *entry.key() > up_to {
+                        break;
                     }
+                    let key = entry.remove();
+                    let Some(slot) = part.slots.get_mut(&key) else {
+                        continue;
+                    };
+                    let Some(e) = slot.pending.take() else {
+                        continue;
+                    };
                     out.push(Taken {
-                        tuple: tuple_of(&key, entry.condition.as_deref().cloned()),
+                        tuple: tuple_of(&key, e.condition.as_deref().cloned()),
                         op,
-                        seq: entry.seq,
+                        seq: e.seq,
                     });
-                    slot.in_flight = Some(entry);
+                    slot.in_flight = Some(Box::new(e));
                     inner.pending[k] -= 1;
                     inner.in_flight += 1;
                 }
-                if out.len() >= max {
-                    break 'outer;
-                }
             }
-        }
-        for (part_no, k, key) in skipped {
-            inner.parts[part_no].ready[k].insert(key);
-        }
-        if inner
-            .parts
-            .iter()
-            .all(|p| p.ready.iter().all(IndexSet::is_empty))
-        {
-            inner.oldest = None;
         }
         out
     }
@@ -242,32 +231,28 @@ impl MemoryStore {
         let mut f = Finished::default();
         let mut g = self.lock();
         let inner = &mut *g;
-        let now_cs = inner.now_cs();
         for (taken, outcome) in done {
             let key = key_of(&taken.tuple);
-            let Some(&part_no) = inner.part_of.get(&crate::model::rel_name(
-                taken.tuple.object_type(),
-                &taken.tuple.relation,
-            )) else {
+            let rel = rel_name(taken.tuple.object_type(), &taken.tuple.relation);
+            let Some(&part_no) = inner.part_of.get(&rel) else {
                 continue;
             };
             let part = &mut inner.parts[part_no];
-            let Some(k) = part
-                .slots
-                .get_key_value(key.as_str())
-                .map(|(k, _)| k.clone())
-            else {
+            let Some(k) = part.slots.get_key_value(key.as_str()).map(|(k, _)| k.clone()) else {
                 continue;
             };
-            let slot = part.slots.get_mut(&k).expect("key just found");
+            let Some(slot) = part.slots.get_mut(&k) else {
+                continue;
+            };
+            match &slot.in_flight {
+                Some(e) if e.seq == taken.seq => {}
+                // Not the op we sent: leave the slot alone.
+                _ => continue,
+            }
             let Some(entry) = slot.in_flight.take() else {
                 continue;
             };
-            if entry.seq != taken.seq {
-                // Not the op we sent: leave the slot alone.
-                slot.in_flight = Some(entry);
-                continue;
-            }
+            let entry = *entry;
             part.ops[kind(entry.op)] -= 1;
             inner.in_flight -= 1;
             let superseded = slot.pending.is_some();
@@ -290,21 +275,18 @@ impl MemoryStore {
                 }
                 Outcome::Retry => {
                     f.requeued += 1;
-                    let op = entry.op;
+                    part.ops[kind(entry.op)] += 1;
+                    inner.pending[kind(entry.op)] += 1;
                     slot.pending = Some(Entry {
                         attempts: entry.attempts.saturating_add(1),
                         ..entry
                     });
-                    part.ops[kind(op)] += 1;
-                    inner.pending[kind(op)] += 1;
                 }
             }
             match &slot.pending {
+                // Unblocked, or requeued: ready again, in its old place.
                 Some(p) => {
-                    // Unblocked (or requeued): ready to be taken.
-                    let since = p.since.min(now_cs);
-                    part.ready[kind(p.op)].insert(k);
-                    inner.oldest = Some(inner.oldest.map_or(since, |o| o.min(since)));
+                    part.ready[kind(p.op)].insert(p.first, k);
                 }
                 None => {
                     part.slots.remove(&k);
@@ -337,10 +319,9 @@ impl MemoryStore {
         for p in parts {
             for (key, slot) in &p.slots {
                 // The newest op on the key is the one that counts.
-                if let Some(e) = slot.pending.as_ref().or(slot.in_flight.as_ref()) {
-                    if e.op == Op::Grant {
-                        out.push(tuple_of(key, e.condition.as_deref().cloned()));
-                    }
+                let newest = slot.pending.as_ref().or(slot.in_flight.as_deref());
+                if let Some(e) = newest.filter(|e| e.op == Op::Grant) {
+                    out.push(tuple_of(key, e.condition.as_deref().cloned()));
                 }
             }
         }
@@ -352,26 +333,33 @@ impl MemoryStore {
 
     fn latest_now(&self, tuple: &TupleKey) -> Option<(Op, bool)> {
         let g = self.lock();
-        let part = g.part_of.get(&crate::model::rel_name(
-            tuple.object_type(),
-            &tuple.relation,
-        ))?;
+        let part = g
+            .part_of
+            .get(&rel_name(tuple.object_type(), &tuple.relation))?;
         let slot = g.parts[*part].slots.get(key_of(tuple).as_str())?;
         slot.pending
             .as_ref()
-            .or(slot.in_flight.as_ref())
+            .or(slot.in_flight.as_deref())
             .map(|e| (e.op, e.condition.is_some()))
     }
 
     fn pending_counts(&self) -> Pending {
         let g = self.lock();
         let (writes, deletes) = (g.pending[0], g.pending[1]);
+        // The oldest ready op is first in one of the queues. Ops blocked
+        // behind an in-flight op on their key are not ready and not counted.
+        let oldest = g
+            .parts
+            .iter()
+            .flat_map(|p| p.ready.iter().filter_map(move |q| q.first_key_value().map(|(_, k)| (p, k))))
+            .filter_map(|(p, k)| p.slots.get(k).and_then(|s| s.pending.as_ref()).map(|e| e.since))
+            .min();
         Pending {
             writes,
             deletes,
             total: writes + deletes,
             in_flight: g.in_flight,
-            oldest_age: g.oldest.map(|cs| {
+            oldest_age: oldest.map(|cs| {
                 g.epoch
                     .elapsed()
                     .saturating_sub(Duration::from_millis(u64::from(cs) * 10))
@@ -384,8 +372,8 @@ impl MemoryStore {
         let inner = &mut *g;
         let mut dropped = Vec::new();
         for part in &mut inner.parts {
-            for set in &mut part.ready {
-                set.clear();
+            for q in &mut part.ready {
+                q.clear();
             }
             part.slots.retain(|key, slot| {
                 if let Some(e) = slot.pending.take() {
@@ -397,7 +385,6 @@ impl MemoryStore {
         }
         inner.keys = inner.parts.iter().map(|p| p.slots.len()).sum();
         inner.pending = [0, 0];
-        inner.oldest = None;
         dropped
     }
 }
@@ -408,7 +395,7 @@ impl Inner {
     }
 
     fn part_index(&mut self, object_type: &str, relation: &str) -> usize {
-        let name = crate::model::rel_name(object_type, relation);
+        let name = rel_name(object_type, relation);
         if let Some(&i) = self.part_of.get(&name) {
             return i;
         }
@@ -573,6 +560,23 @@ mod tests {
         let r = s.relevant_now(None, 100);
         assert_eq!(r.revokes, 1, "an in-flight revoke still counts");
         assert!(r.grants.is_none());
+    }
+
+    #[test]
+    fn a_flush_takes_only_ops_acknowledged_before_it_in_queue_order() {
+        let s = MemoryStore::new(10);
+        let a = t("user:a", "viewer", "document:1");
+        s.push_now(&a, Op::Grant).unwrap();
+        s.push_now(&t("user:b", "viewer", "document:1"), Op::Grant).unwrap();
+        let up_to = s.lock().seq;
+        s.push_now(&t("user:c", "viewer", "document:1"), Op::Grant).unwrap();
+        // Coalescing after the flush started keeps the key's place.
+        s.push_now(&a, Op::Revoke).unwrap();
+        let taken = s.take_now(10, Take::All, up_to);
+        let users: Vec<&str> = taken.iter().map(|t| t.tuple.user.as_str()).collect();
+        assert_eq!(users, ["user:a", "user:b"]);
+        assert_eq!(taken[0].op, Op::Revoke);
+        assert!(s.pending_counts().oldest_age.is_some());
     }
 
     #[derive(Clone, Debug)]
