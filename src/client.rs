@@ -119,6 +119,7 @@ impl Builder {
             cache,
             stats: Default::default(),
             changed,
+            room_wanted: Default::default(),
         });
         let wake = Arc::new(Notify::new());
         let (commands, rx) = mpsc::channel(16);
@@ -281,6 +282,10 @@ impl WriteBehind {
             }
             Overflow::Block => {
                 let mut changed = self.inner.engine.changed.subscribe();
+                self.inner
+                    .engine
+                    .room_wanted
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 self.inner.wake.notify_one();
                 let deadline = started + cfg.block_timeout;
                 match tokio::time::timeout_at(deadline, changed.changed()).await {

@@ -7,6 +7,7 @@
 //! are pending, and when asked through `flush()`. Flushes never overlap, so
 //! the store's in-flight set is only ever touched by one flush at a time.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +37,9 @@ pub(crate) struct Engine {
     /// Bumped after every batch of outcomes: checks waiting for a revoke
     /// and callers waiting for room watch it.
     pub changed: watch::Sender<u64>,
+    /// Set by a caller blocked on a full buffer: flush now, whatever the
+    /// batch size and interval say.
+    pub room_wanted: AtomicBool,
 }
 
 /// Why a chunk stopped before all its ops were tried.
@@ -63,6 +67,13 @@ impl Engine {
     /// Writes every ready op acknowledged up to now (`what` says which
     /// kinds), until done or stopped by an error.
     pub async fn drain(&self, what: Take) -> FlushReport {
+        self.drain_with_hint(what).await.0
+    }
+
+    /// [`Engine::drain`], plus how long OpenFGA asked us to wait
+    /// (`Retry-After`) if it stopped the flush.
+    async fn drain_with_hint(&self, what: Take) -> (FlushReport, Option<Duration>) {
+        self.room_wanted.store(false, Ordering::Relaxed);
         let started = std::time::Instant::now();
         let span = tracing::info_span!(
             "fga_wb.flush",
@@ -71,6 +82,7 @@ impl Engine {
             requests = tracing::field::Empty
         );
         let mut report = FlushReport::default();
+        let mut retry_after = None;
         async {
             let up_to = match self.store.last_seq().await {
                 Ok(s) => s,
@@ -117,7 +129,10 @@ impl Engine {
                 exhausted = false;
             }
             match stop {
-                Some(Stop::Transient(e)) => report.error = Some(e.to_string()),
+                Some(Stop::Transient(e)) => {
+                    retry_after = e.retry_after();
+                    report.error = Some(e.to_string());
+                }
                 Some(Stop::Halt(e)) => {
                     tracing::error!(error = %e, "flushing stopped; pending ops are kept");
                     self.stats.set_stopped(Some(e.to_string()));
@@ -146,7 +161,7 @@ impl Engine {
         if report.requests > 0 || report.error.is_some() {
             self.stats.record_flush(&report);
         }
-        report
+        (report, retry_after)
     }
 
     fn account(&self, f: &Finished, report: &mut FlushReport) {
@@ -247,7 +262,6 @@ impl Engine {
     }
 }
 
-/// When the flusher should act next, and on what.
 fn backoff_builder(cfg: &FlushConfig) -> ExponentialBackoff {
     ExponentialBuilder::default()
         .with_min_delay(cfg.retry_initial_backoff)
@@ -258,6 +272,43 @@ fn backoff_builder(cfg: &FlushConfig) -> ExponentialBackoff {
         .build()
 }
 
+/// Retry pacing between background flushes.
+struct Pacing {
+    cfg: FlushConfig,
+    backoff: ExponentialBackoff,
+    /// After a failed flush: not before this.
+    retry_at: Option<Instant>,
+    /// After a flush that found nothing it could take: don't spin on ops
+    /// that someone else holds.
+    idle_until: Option<Instant>,
+}
+
+impl Pacing {
+    fn new(cfg: &FlushConfig) -> Self {
+        Pacing {
+            cfg: cfg.clone(),
+            backoff: backoff_builder(cfg),
+            retry_at: None,
+            idle_until: None,
+        }
+    }
+
+    fn after(&mut self, engine: &Engine, report: &FlushReport, retry_after: Option<Duration>) {
+        let now = Instant::now();
+        if report.error.is_some() {
+            count!(engine.stats, retries, "fga_wb_flush_retries_total", 1);
+            let wait = self.backoff.next().unwrap_or(self.cfg.retry_max_backoff);
+            // Never sooner than the server asked.
+            self.retry_at = Some(now + retry_after.map_or(wait, |r| r.max(wait)));
+        } else {
+            self.backoff = backoff_builder(&self.cfg);
+            self.retry_at = None;
+        }
+        self.idle_until =
+            (report.requests == 0).then(|| now + self.cfg.interval.max(Duration::from_millis(10)));
+    }
+}
+
 /// The background task: waits for a trigger, flushes, repeats, until `stop`
 /// turns true.
 pub(crate) async fn run(
@@ -266,37 +317,26 @@ pub(crate) async fn run(
     wake: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let cfg = engine.cfg.clone();
-    let mut backoff = backoff_builder(&cfg);
-    let mut retry_at: Option<Instant> = None;
-    // After a drain that took nothing, don't spin on ops someone else holds.
-    let mut idle_until: Option<Instant> = None;
+    let mut pacing = Pacing::new(&engine.cfg);
     loop {
-        let due = next_due(&engine, &cfg, retry_at, idle_until).await;
-        let what = tokio::select! {
+        let due = next_due(&engine, &pacing).await;
+        let (what, reply) = tokio::select! {
             biased;
             _ = stop.changed() => return,
             cmd = commands.recv() => match cmd {
                 None => return,
-                Some(Command::Flush(reply)) => {
-                    let report = engine.drain(Take::All).await;
-                    after_drain(&engine, &cfg, &report, &mut backoff, &mut retry_at, &mut idle_until);
-                    let _ = reply.send(report);
-                    continue;
-                }
+                Some(Command::Flush(reply)) => (Take::All, Some(reply)),
             },
             _ = wake.notified() => continue,
-            _ = sleep_until(due.map(|d| d.0)), if due.is_some() => due.map_or(Take::All, |d| d.1),
+            _ = sleep_until(due.map(|d| d.0)), if due.is_some() => {
+                (due.map_or(Take::All, |d| d.1), None)
+            }
         };
-        let report = engine.drain(what).await;
-        after_drain(
-            &engine,
-            &cfg,
-            &report,
-            &mut backoff,
-            &mut retry_at,
-            &mut idle_until,
-        );
+        let (report, hint) = engine.drain_with_hint(what).await;
+        pacing.after(&engine, &report, hint);
+        if let Some(reply) = reply {
+            let _ = reply.send(report);
+        }
     }
 }
 
@@ -307,32 +347,10 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-fn after_drain(
-    engine: &Engine,
-    cfg: &FlushConfig,
-    report: &FlushReport,
-    backoff: &mut ExponentialBackoff,
-    retry_at: &mut Option<Instant>,
-    idle_until: &mut Option<Instant>,
-) {
-    let now = Instant::now();
-    if report.error.is_some() {
-        count!(engine.stats, retries, "fga_wb_flush_retries_total", 1);
-        let wait = backoff.next().unwrap_or(cfg.retry_max_backoff);
-        *retry_at = Some(now + wait);
-    } else {
-        *backoff = backoff_builder(cfg);
-        *retry_at = None;
-    }
-    *idle_until = (report.requests == 0).then(|| now + cfg.interval.max(Duration::from_millis(10)));
-}
-
-async fn next_due(
-    engine: &Engine,
-    cfg: &FlushConfig,
-    retry_at: Option<Instant>,
-    idle_until: Option<Instant>,
-) -> Option<(Instant, Take)> {
+/// When the flusher should act next, and on what.
+async fn next_due(engine: &Engine, pacing: &Pacing) -> Option<(Instant, Take)> {
+    let cfg = &engine.cfg;
+    let (retry_at, idle_until) = (pacing.retry_at, pacing.idle_until);
     if engine.stats.stopped().is_some() {
         // Only an explicit flush() tries again after an auth failure.
         return None;
@@ -346,7 +364,7 @@ async fn next_due(
     }
     let now = Instant::now();
     let floor = |at: Instant| idle_until.map_or(at, |i| at.max(i));
-    if pending.total >= cfg.batch_size {
+    if pending.total >= cfg.batch_size || engine.room_wanted.load(Ordering::Relaxed) {
         return Some((floor(now), Take::All));
     }
     let age = pending.oldest_age.unwrap_or_default();

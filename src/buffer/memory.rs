@@ -238,7 +238,11 @@ impl MemoryStore {
                 continue;
             };
             let part = &mut inner.parts[part_no];
-            let Some(k) = part.slots.get_key_value(key.as_str()).map(|(k, _)| k.clone()) else {
+            let Some(k) = part
+                .slots
+                .get_key_value(key.as_str())
+                .map(|(k, _)| k.clone())
+            else {
                 continue;
             };
             let Some(slot) = part.slots.get_mut(&k) else {
@@ -351,8 +355,17 @@ impl MemoryStore {
         let oldest = g
             .parts
             .iter()
-            .flat_map(|p| p.ready.iter().filter_map(move |q| q.first_key_value().map(|(_, k)| (p, k))))
-            .filter_map(|(p, k)| p.slots.get(k).and_then(|s| s.pending.as_ref()).map(|e| e.since))
+            .flat_map(|p| {
+                p.ready
+                    .iter()
+                    .filter_map(move |q| q.first_key_value().map(|(_, k)| (p, k)))
+            })
+            .filter_map(|(p, k)| {
+                p.slots
+                    .get(k)
+                    .and_then(|s| s.pending.as_ref())
+                    .map(|e| e.since)
+            })
             .min();
         Pending {
             writes,
@@ -567,9 +580,11 @@ mod tests {
         let s = MemoryStore::new(10);
         let a = t("user:a", "viewer", "document:1");
         s.push_now(&a, Op::Grant).unwrap();
-        s.push_now(&t("user:b", "viewer", "document:1"), Op::Grant).unwrap();
+        s.push_now(&t("user:b", "viewer", "document:1"), Op::Grant)
+            .unwrap();
         let up_to = s.lock().seq;
-        s.push_now(&t("user:c", "viewer", "document:1"), Op::Grant).unwrap();
+        s.push_now(&t("user:c", "viewer", "document:1"), Op::Grant)
+            .unwrap();
         // Coalescing after the flush started keeps the key's place.
         s.push_now(&a, Op::Revoke).unwrap();
         let taken = s.take_now(10, Take::All, up_to);

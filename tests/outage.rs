@@ -1,0 +1,337 @@
+//! Outage: OpenFGA dies in the middle of a flush and comes back. This test
+//! runs its own OpenFGA (the `openfga` binary `scripts/test` found) on a
+//! SQLite file, because the shared test server keeps its data in memory and
+//! a restart would lose what was applied before the crash.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::hash::{BuildHasher, Hasher};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use fga_wb::openfga::{Client, Secret};
+use fga_wb::{Config, WriteBehind};
+use support::{documents_model, openfga_bin};
+use tokio::process::{Child, Command};
+
+/// A random number, without a dependency on `rand`.
+fn random() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    h.finish()
+}
+
+/// A free loopback port below Linux's ephemeral range (32768+), as
+/// scripts/lib/servers.sh picks them, so that no outgoing connection can
+/// grab it while the server is down between kill and restart.
+fn free_port() -> u16 {
+    for _ in 0..200 {
+        let port = 20_000 + (random() % 12_768) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in 20000-32767");
+}
+
+/// An OpenFGA process on a SQLite file in its own temp dir. Dropping it
+/// kills the process and removes the dir, also when the test fails.
+struct OwnOpenFga {
+    dir: PathBuf,
+    http_port: u16,
+    grpc_port: u16,
+    key: String,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl OwnOpenFga {
+    /// Migrates a fresh SQLite datastore and starts the server on it.
+    async fn start() -> OwnOpenFga {
+        let dir = std::env::temp_dir().join(format!(
+            "fga-wb-outage-{}-{:x}",
+            std::process::id(),
+            random()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = OwnOpenFga {
+            dir,
+            http_port: free_port(),
+            grpc_port: free_port(),
+            key: format!("outage-{:x}", random()),
+            child: None,
+            starts: 0,
+        };
+        let out = Command::new(openfga_bin())
+            .args(["migrate", "--datastore-engine", "sqlite", "--datastore-uri"])
+            .arg(s.datastore_uri())
+            .args(["--log-level", "warn"])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("run openfga migrate");
+        assert!(
+            out.status.success(),
+            "openfga migrate failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        s.run().await;
+        s
+    }
+
+    fn datastore_uri(&self) -> String {
+        format!("file:{}", self.dir.join("fga.db").display())
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    fn client(&self) -> Client {
+        Client::builder(self.url())
+            .api_token(Secret::new(self.key.clone()))
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("openfga-{}.log", self.starts))
+    }
+
+    /// Starts the server (again) on the same ports and datastore and waits
+    /// until it reports SERVING.
+    async fn run(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path()).unwrap();
+        let child = Command::new(openfga_bin())
+            .args(["run", "--datastore-engine", "sqlite", "--datastore-uri"])
+            .arg(self.datastore_uri())
+            .arg("--http-addr")
+            .arg(format!("127.0.0.1:{}", self.http_port))
+            .arg("--grpc-addr")
+            .arg(format!("127.0.0.1:{}", self.grpc_port))
+            .args([
+                "--playground-enabled=false",
+                "--metrics-enabled=false",
+                "--profiler-enabled=false",
+                "--authn-method",
+                "preshared",
+                "--authn-preshared-keys",
+            ])
+            .arg(&self.key)
+            .args(["--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start openfga");
+        self.child = Some(child);
+
+        // Awaiting the process's readiness: poll /healthz, bounded.
+        let client = self.client();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if client.health().await.is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "openfga exited during startup ({status}): {}",
+                    std::fs::read_to_string(self.log_path()).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "openfga not SERVING after 60 s: {}",
+                std::fs::read_to_string(self.log_path()).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills the server (SIGKILL: a crash, no graceful drain) and waits for
+    /// it to be gone.
+    async fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().await.expect("kill openfga");
+    }
+}
+
+impl Drop for OwnOpenFga {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+        if std::thread::panicking() {
+            eprintln!("openfga logs kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+const N: usize = 20_000;
+const DURING: usize = 200;
+
+fn tuple(i: usize) -> (String, &'static str, String) {
+    (
+        format!("user:u{i}"),
+        "viewer",
+        format!("document:d{}", i % 997),
+    )
+}
+
+/// Outage (own OpenFGA on SQLite): 20 000 grants are being flushed when
+/// OpenFGA is killed (SIGKILL) with about a quarter of them applied and
+/// requests in flight. While it
+/// is down, more grants are acknowledged and the flusher keeps failing
+/// transiently (no dead letters, flushing not stopped). After a restart on
+/// the same port and datastore, flushing until nothing is pending applies
+/// everything: every acknowledged tuple is in OpenFGA, none is lost, none is
+/// dead-lettered (re-sending writes whose response was lost in the crash is
+/// harmless: no duplicate errors), and each op is counted applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn openfga_killed_mid_flush_then_restarted_loses_nothing() {
+    let mut server = OwnOpenFga::start().await;
+    let admin = server.client();
+    let store_id = admin.create_store("wb-outage").await.unwrap();
+    let model_id = admin
+        .write_authorization_model(&store_id, &documents_model())
+        .await
+        .unwrap();
+
+    let mut cfg = Config::default();
+    cfg.openfga.api_url = server.url();
+    cfg.openfga.api_token = Secret::new(server.key.clone());
+    cfg.openfga.store_id = store_id.clone();
+    cfg.openfga.model_id = model_id;
+    cfg.openfga.request_timeout = Duration::from_secs(10);
+    cfg.openfga.connect_timeout = Duration::from_secs(1);
+    cfg.flush.batch_size = 1_000_000;
+    cfg.flush.interval = Duration::from_secs(3600);
+    cfg.flush.max_parallel_requests = 2;
+    cfg.flush.retry_initial_backoff = Duration::from_millis(20);
+    cfg.flush.retry_max_backoff = Duration::from_millis(500);
+    cfg.flush.shutdown_deadline = Duration::from_secs(30);
+    let wb = WriteBehind::builder(cfg).build().await.unwrap();
+
+    for i in 0..N {
+        let (u, r, o) = tuple(i);
+        wb.grant(&u, r, &o).await.unwrap();
+    }
+    assert_eq!(wb.pending().await.unwrap().total, N);
+
+    let flushing = tokio::spawn({
+        let wb = wb.clone();
+        async move { wb.flush().await }
+    });
+    // Kill once a quarter is applied: the flush is then well under way,
+    // with requests in flight whose responses the crash will cut off.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let applied_at_kill = loop {
+        let applied = wb.status().await.unwrap().totals.applied;
+        if applied as usize >= N / 4 {
+            server.kill().await;
+            break applied;
+        }
+        assert!(Instant::now() < deadline, "nothing applied within 60 s");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let interrupted = flushing.await.unwrap().unwrap();
+    eprintln!("killed OpenFGA with {applied_at_kill} of {N} applied; the flush: {interrupted:?}");
+    assert!(
+        (applied_at_kill as usize) < N && (interrupted.applied as usize) < N,
+        "the scenario: the kill came mid-flush (applied {applied_at_kill} then {})",
+        interrupted.applied
+    );
+    assert!(
+        interrupted.error.is_some() && interrupted.retried > 0,
+        "the flush reports the failure and keeps the ops it could not write: {interrupted:?}"
+    );
+
+    // While down: acknowledged as usual, kept pending, nothing dead.
+    for i in N..N + DURING {
+        let (u, r, o) = tuple(i);
+        wb.grant(&u, r, &o).await.unwrap();
+    }
+    let down = wb.flush().await.unwrap();
+    assert!(down.error.is_some(), "{down:?}");
+    assert_eq!(down.dead_lettered, 0, "{down:?}");
+    let st = wb.status().await.unwrap();
+    assert!(st.pending.total + st.pending.in_flight > DURING, "{st:?}");
+    assert_eq!(st.totals.dead_lettered, 0, "{st:?}");
+    assert_eq!(
+        st.flushing_stopped, None,
+        "a connection failure is transient, not a stop"
+    );
+
+    server.run().await;
+    // Every op counted applied before the crash survived it. (Read the count
+    // first: the background flusher is already retrying, so OpenFGA can only
+    // hold more by the time it is read.)
+    let applied = wb.status().await.unwrap().totals.applied as usize;
+    let survived = admin
+        .read_all(&store_id, &Default::default())
+        .await
+        .unwrap()
+        .len();
+    assert!(
+        survived >= applied,
+        "{applied} ops were counted applied but OpenFGA holds {survived} tuples"
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = wb.flush().await.unwrap();
+        assert_eq!(r.dead_lettered, 0, "{r:?}");
+        let p = wb.pending().await.unwrap();
+        if p.total + p.in_flight == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still pending after 120 s: {p:?}"
+        );
+    }
+
+    let st = wb.status().await.unwrap();
+    eprintln!("after the restart: {:?}", st.totals);
+    assert_eq!(st.totals.acknowledged as usize, N + DURING, "{st:?}");
+    assert_eq!(
+        st.totals.applied as usize,
+        N + DURING,
+        "each op counted applied exactly once: {st:?}"
+    );
+    assert_eq!(st.totals.dead_lettered, 0, "{st:?}");
+    assert_eq!(st.flushing_stopped, None);
+    assert!(wb.dead_letters().await.unwrap().is_empty());
+
+    let in_openfga: BTreeSet<String> = admin
+        .read_all(&store_id, &Default::default())
+        .await
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let expected: BTreeSet<String> = (0..N + DURING)
+        .map(|i| {
+            let (u, r, o) = tuple(i);
+            format!("{o}#{r}@{u}")
+        })
+        .collect();
+    let missing: Vec<_> = expected.difference(&in_openfga).take(10).collect();
+    let extra: Vec<_> = in_openfga.difference(&expected).take(10).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "OpenFGA holds exactly the acknowledged tuples; missing (first 10): {missing:?}, extra: {extra:?}"
+    );
+    assert_eq!(in_openfga.len(), N + DURING);
+
+    let r = wb.shutdown().await.unwrap();
+    assert_eq!((r.left.total, r.left.in_flight), (0, 0), "{r:?}");
+}
