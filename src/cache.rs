@@ -20,9 +20,13 @@ use std::time::Duration;
 use crate::model::Model;
 use crate::tuple::TupleKey;
 
+/// The generations an answer was computed under: this process's, and the
+/// shared store's (0 for the memory store).
+pub(crate) type Generation = (u64, u64);
+
 /// Cached check answers.
 pub(crate) struct CheckCache {
-    answers: moka::sync::Cache<String, (bool, u64)>,
+    answers: moka::sync::Cache<String, (bool, Generation)>,
     /// Bumped by ops the model does not know, by `clear`, and for everything
     /// when there is no model.
     global: AtomicU64,
@@ -66,7 +70,7 @@ impl CheckCache {
     }
 
     /// A cached answer still valid under `generation`.
-    pub fn get(&self, key: &str, generation: u64) -> Option<bool> {
+    pub fn get(&self, key: &str, generation: Generation) -> Option<bool> {
         match self.answers.get(key) {
             Some((answer, g)) if g == generation => Some(answer),
             _ => None,
@@ -74,14 +78,22 @@ impl CheckCache {
     }
 
     /// Remembers an answer computed under `generation`.
-    pub fn insert(&self, key: String, answer: bool, generation: u64) {
+    pub fn insert(&self, key: String, answer: bool, generation: Generation) {
         self.answers.insert(key, (answer, generation));
     }
 
     /// Makes unusable every answer an op on `tuple` could change.
     pub fn invalidate_for(&self, tuple: &TupleKey) {
-        let rel = crate::model::rel_name(tuple.object_type(), &tuple.relation);
-        let affected = self.model.as_ref().and_then(|m| m.affects(&rel));
+        self.invalidate_rel(&crate::model::rel_name(
+            tuple.object_type(),
+            &tuple.relation,
+        ));
+    }
+
+    /// Makes unusable every answer an op on `rel` (`type#relation`) could
+    /// change.
+    pub fn invalidate_rel(&self, rel: &str) {
+        let affected = self.model.as_ref().and_then(|m| m.affects(rel));
         match affected {
             Some(rels) => {
                 for r in rels {
@@ -119,13 +131,13 @@ mod tests {
         let c = cache();
         let viewer = c.generation("document", "viewer");
         let blocked = c.generation("document", "blocked");
-        c.insert("k".into(), true, viewer);
-        assert_eq!(c.get("k", viewer), Some(true));
+        c.insert("k".into(), true, (viewer, 0));
+        assert_eq!(c.get("k", (viewer, 0)), Some(true));
         // A folder viewer grant reaches document viewers through `parent`.
         c.invalidate_for(&TupleKey::new("user:a", "viewer", "folder:f").unwrap());
         let now = c.generation("document", "viewer");
         assert_ne!(now, viewer);
-        assert_eq!(c.get("k", now), None);
+        assert_eq!(c.get("k", (now, 0)), None);
         assert_eq!(c.generation("document", "blocked"), blocked);
     }
 

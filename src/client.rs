@@ -9,8 +9,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::buffer::memory::MemoryStore;
-use crate::buffer::{key_of, DeadLetter, Pending, Store, Take};
-use crate::cache::CheckCache;
+use crate::buffer::redis::{Leases, RedisStore};
+use crate::buffer::{key_of, DeadLetter, Pending, Store, StoreEvent, Take};
+use crate::cache::{CheckCache, Generation};
 use crate::config::{Config, Overflow, StoreKind};
 use crate::error::{Error, Kind, Result};
 use crate::flush::{self, Command, Engine};
@@ -38,7 +39,9 @@ struct Handle {
     wake: Arc<Notify>,
     commands: mpsc::Sender<Command>,
     stop: watch::Sender<bool>,
-    task: Mutex<Option<JoinHandle<()>>>,
+    /// The flusher, and for a shared store the listener for other
+    /// processes' changes.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
     shut_down: AtomicBool,
 }
 
@@ -88,11 +91,6 @@ impl Builder {
                 "openfga.store_id is not set; set FGA_STORE_ID or openfga.store_id in the config file",
             ));
         }
-        if config.buffer.store == StoreKind::Redis {
-            return Err(Error::config(
-                "buffer.store = \"redis\" is not available in this build yet; use \"memory\"",
-            ));
-        }
         let client = match self.client {
             Some(c) => c,
             None => config.openfga.client()?,
@@ -108,7 +106,7 @@ impl Builder {
             config.cache.ttl,
             model.clone(),
         ));
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new(config.buffer.capacity));
+        let store = open_store(&config).await?;
         let (changed, _) = watch::channel(0u64);
         let engine = Arc::new(Engine {
             store,
@@ -124,7 +122,15 @@ impl Builder {
         let wake = Arc::new(Notify::new());
         let (commands, rx) = mpsc::channel(16);
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(flush::run(engine.clone(), rx, wake.clone(), stop_rx));
+        let mut tasks = vec![tokio::spawn(flush::run(
+            engine.clone(),
+            rx,
+            wake.clone(),
+            stop_rx.clone(),
+        ))];
+        if engine.store.events().is_some() {
+            tasks.push(tokio::spawn(follow_events(engine.clone(), stop_rx)));
+        }
         Ok(WriteBehind {
             inner: Arc::new(Handle {
                 engine,
@@ -134,11 +140,28 @@ impl Builder {
                 wake,
                 commands,
                 stop,
-                task: Mutex::new(Some(task)),
+                tasks: Mutex::new(tasks),
                 shut_down: AtomicBool::new(false),
             }),
         })
     }
+}
+
+/// The pending-op store the config asks for.
+pub(crate) async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
+    Ok(match config.buffer.store {
+        StoreKind::Memory => Arc::new(MemoryStore::new(config.buffer.capacity)),
+        StoreKind::Redis => Arc::new(
+            RedisStore::connect(
+                &config.redis.url,
+                &config.redis.key_prefix,
+                &config.openfga.store_id,
+                config.buffer.capacity,
+                Leases::for_config(config),
+            )
+            .await?,
+        ),
+    })
 }
 
 /// The pinned model, or the store's latest. A store without a model, or an
@@ -166,6 +189,41 @@ async fn load_model(
     }
 }
 
+/// Applies other processes' changes to this process's cache, and wakes
+/// checks waiting for a revoke that another process (or a worker) applied.
+/// Reconnects after a lost subscription, dropping the whole cache, since
+/// changes may have been missed meanwhile.
+async fn follow_events(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let Some(connect) = engine.store.events() else {
+            return;
+        };
+        match connect.await {
+            Ok(mut events) => loop {
+                use futures::StreamExt;
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    ev = events.next() => match ev {
+                        Some(StoreEvent::Changed(rel)) => engine.cache.invalidate_rel(&rel),
+                        Some(StoreEvent::Finished) => engine.changed.send_modify(|v| *v += 1),
+                        Some(StoreEvent::All) => {
+                            engine.cache.invalidate_all();
+                            engine.changed.send_modify(|v| *v += 1);
+                        }
+                        None => break,
+                    },
+                }
+            },
+            Err(e) => tracing::warn!(error = %e, "cannot subscribe to store events; retrying"),
+        }
+        engine.cache.invalidate_all();
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 /// What a check needs after looking at the cache and the pending ops.
 enum Prepared {
     /// Answered without OpenFGA.
@@ -174,7 +232,7 @@ enum Prepared {
     Ask {
         request: CheckRequest,
         key: Option<String>,
-        generation: u64,
+        generation: Generation,
     },
 }
 
@@ -378,8 +436,17 @@ impl WriteBehind {
         let probe = TupleKey::new(&req.user, &req.relation, &req.object)?;
         let e = &self.inner.engine;
         let ty = probe.object_type();
-        // Read the generation before looking at anything pending: see cache.rs.
-        let generation = e.cache.generation(ty, &req.relation);
+        let model = self.inner.model.as_deref();
+        let rels = model.and_then(|m| m.depends_on(ty, &req.relation));
+        // Read the generations before looking at anything pending: see
+        // cache.rs. A shared store costs one round trip here, so that an op
+        // acknowledged by another process is never hidden by this cache.
+        let shared = if e.store.shared() {
+            e.store.generation(rels).await?
+        } else {
+            0
+        };
+        let generation = (e.cache.generation(ty, &req.relation), shared);
         let cacheable = req.context.is_none()
             && req.contextual_tuples.is_empty()
             && req.consistency != Consistency::HigherConsistency;
@@ -390,7 +457,6 @@ impl WriteBehind {
                 return Ok(Prepared::Answer(a));
             }
         }
-        let model = self.inner.model.as_deref();
         if model.is_some_and(|m| m.direct_implies(ty, &req.relation))
             && e.store.latest(&probe).await? == Some((Op::Grant, false))
         {
@@ -400,7 +466,6 @@ impl WriteBehind {
             count!(e.stats, cache_hits, "fga_wb_cache_hits_total", 1);
             return Ok(Prepared::Answer(true));
         }
-        let rels = model.and_then(|m| m.depends_on(ty, &req.relation));
         let room = MAX_CONTEXTUAL_TUPLES.saturating_sub(req.contextual_tuples.len());
         let waited_from = Instant::now();
         let deadline = waited_from + self.inner.config.check.revoke_wait_timeout;
@@ -554,13 +619,9 @@ impl WriteBehind {
         }
         let deadline = Instant::now() + self.inner.config.flush.shutdown_deadline;
         let _ = self.inner.stop.send(true);
-        let task = self
-            .inner
-            .task
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(mut task) = task {
+        let tasks =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for mut task in tasks {
             if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
                 task.abort();
             }
@@ -609,11 +670,11 @@ impl WriteBehind {
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        if let Some(task) = self
-            .task
+        for task in self
+            .tasks
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
-            .take()
+            .drain(..)
         {
             task.abort();
         }

@@ -20,12 +20,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in fga-wb, with classifiers that say what to do
 /// about it.
+#[derive(Clone)]
 pub struct Error {
     kind: Box<Kind>,
 }
 
 /// The private kinds behind [`Error`]. `pub(crate)` so modules can build them.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum Kind {
     /// A tuple was refused before anything was buffered.
     InvalidTuple(TupleError),
@@ -61,6 +62,10 @@ pub(crate) enum Kind {
     CheckWouldBeStale { waited: Duration },
     /// The handle was shut down.
     Shutdown,
+    /// Redis failed, or holds something fga-wb did not write.
+    Redis { detail: String, transient: bool },
+    /// Another writer holds the tuples; try again shortly.
+    Busy(String),
     /// Too many pending grants are relevant to a check to send them all as
     /// contextual tuples; the caller should flush first.
     TooManyContextualTuples { count: usize, limit: usize },
@@ -123,8 +128,8 @@ impl Error {
                 (e.status >= 500 || matches!(e.status, 408 | 409 | 429) || e.is_throttled())
                     && !e.is_condition_conflict()
             }
-            Kind::Timeout { .. } | Kind::Connect { .. } => true,
-            Kind::Token { transient, .. } => *transient,
+            Kind::Timeout { .. } | Kind::Connect { .. } | Kind::Busy(_) => true,
+            Kind::Token { transient, .. } | Kind::Redis { transient, .. } => *transient,
             _ => false,
         }
     }
@@ -180,6 +185,11 @@ impl Error {
     /// The buffer was full and the overflow policy refused the op.
     pub fn is_buffer_full(&self) -> bool {
         matches!(&*self.kind, Kind::BufferFull { .. })
+    }
+
+    /// Redis failed or holds data fga-wb cannot read.
+    pub fn is_redis(&self) -> bool {
+        matches!(&*self.kind, Kind::Redis { .. })
     }
 
     /// A check failed closed because a revoke it could depend on was not yet in
@@ -291,6 +301,14 @@ impl fmt::Display for Error {
                 "check denied (fail closed): a pending revoke it could depend on was not applied to OpenFGA within {waited:?}; retry, or look at `fga-wb status`"
             ),
             Kind::Shutdown => write!(f, "the write-behind handle has been shut down"),
+            Kind::Redis { detail, transient } => {
+                write!(f, "Redis: {detail}")?;
+                if *transient {
+                    write!(f, "; check redis.url and that Redis is up (nothing was acknowledged)")?;
+                }
+                Ok(())
+            }
+            Kind::Busy(what) => write!(f, "{what}; retrying shortly"),
             Kind::TooManyContextualTuples { count, limit } => write!(
                 f,
                 "{count} pending grants are relevant to this check but OpenFGA takes at most {limit} contextual tuples; flush first"

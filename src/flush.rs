@@ -17,10 +17,10 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::buffer::{Finished, Outcome, Store, Take, Taken};
+use crate::buffer::{Claim, Finished, Outcome, Store, Take, Taken};
 use crate::cache::CheckCache;
 use crate::config::FlushConfig;
-use crate::error::Error;
+use crate::error::{Error, Kind};
 use crate::openfga::{Client, WriteRequest};
 use crate::status::{count, FlushReport, Stats};
 use crate::tuple::Op;
@@ -192,6 +192,10 @@ impl Engine {
             requests: 0,
             stop: None,
         };
+        let ops = match self.claim(ops, &mut result).await {
+            Some(ops) => ops,
+            None => return result,
+        };
         let mut todo = vec![ops];
         while let Some(part) = todo.pop() {
             if result.stop.is_some() {
@@ -245,6 +249,41 @@ impl Engine {
             }
         }
         result
+    }
+
+    /// Keeps the ops this writer may write now; finishes stale ones without
+    /// writing; puts busy ones back (another process is writing their key)
+    /// and stops the flush so it retries after a pause.
+    async fn claim(&self, ops: Vec<Taken>, result: &mut ChunkResult) -> Option<Vec<Taken>> {
+        let claims = match self.store.claim(&ops).await {
+            Ok(c) if c.len() == ops.len() => c,
+            Ok(_) | Err(_) => {
+                result
+                    .outcomes
+                    .extend(ops.into_iter().map(|t| (t, Outcome::Retry)));
+                result.stop = Some(Stop::Transient(Error::new(Kind::Busy(
+                    "could not claim tuples for writing".into(),
+                ))));
+                return None;
+            }
+        };
+        let mut mine = Vec::with_capacity(ops.len());
+        for (t, c) in ops.into_iter().zip(claims) {
+            match c {
+                Claim::Claimed => mine.push(t),
+                // Finishing a superseded op drops it (it counts as coalesced).
+                Claim::Stale => result.outcomes.push((t, Outcome::Retry)),
+                Claim::Busy => {
+                    result.outcomes.push((t, Outcome::Retry));
+                    result
+                        .stop
+                        .get_or_insert(Stop::Transient(Error::new(Kind::Busy(
+                            "another process is writing the same tuple".into(),
+                        ))));
+                }
+            }
+        }
+        Some(mine)
     }
 
     async fn write(&self, ops: &[Taken]) -> Result<(), Error> {

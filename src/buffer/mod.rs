@@ -15,6 +15,7 @@
 //! many grants and revokes are pending on the relations it depends on.
 
 pub(crate) mod memory;
+pub(crate) mod redis;
 
 use std::time::{Duration, SystemTime};
 
@@ -45,6 +46,28 @@ pub(crate) enum Outcome {
     },
     /// Not applied; try again later (unless superseded).
     Retry,
+}
+
+/// Whether an op may be written now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Claim {
+    /// Yes: it is the key's newest op, and this writer holds the key.
+    Claimed,
+    /// No: a newer op on the key replaced it; finish it without writing.
+    Stale,
+    /// Not now: another writer is writing an older op of the key.
+    Busy,
+}
+
+/// What another process did to the shared store.
+#[derive(Clone, Debug)]
+pub(crate) enum StoreEvent {
+    /// An op on this `type#relation` was acknowledged or dead-lettered.
+    Changed(RelName),
+    /// Ops finished (applied, dead-lettered, or requeued).
+    Finished,
+    /// Anything may have changed (e.g. a clear).
+    All,
 }
 
 /// What `push` did.
@@ -130,6 +153,11 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn push<'a>(&'a self, tuple: &'a TupleKey, op: Op) -> BoxFuture<'a, Result<Pushed>>;
     /// Takes up to `max` ready ops with `seq <= up_to`, marking them in flight.
     fn take(&self, max: usize, what: Take, up_to: u64) -> BoxFuture<'_, Result<Vec<Taken>>>;
+    /// Write permission for taken ops, in the same order. Stores whose
+    /// in-flight set already excludes concurrent writers grant all.
+    fn claim<'a>(&'a self, ops: &'a [Taken]) -> BoxFuture<'a, Result<Vec<Claim>>> {
+        Box::pin(futures::future::ready(Ok(vec![Claim::Claimed; ops.len()])))
+    }
     /// Ends in-flight ops with their outcomes.
     fn finish(&self, done: Vec<(Taken, Outcome)>) -> BoxFuture<'_, Result<Finished>>;
     /// Pending work on the relations `rels` (`None`: every relation).
@@ -156,6 +184,24 @@ pub(crate) trait Store: Send + Sync + 'static {
         &'a self,
         ids: Option<&'a [u64]>,
     ) -> BoxFuture<'a, Result<Vec<DeadLetter>>>;
+    /// Whether other processes share this store (their ops can change
+    /// answers without this process seeing the op).
+    fn shared(&self) -> bool {
+        false
+    }
+    /// A number that changes whenever an op on one of `rels` (`None`: any)
+    /// is acknowledged, dead-lettered or cleared, by any process. Only shared
+    /// stores need it; cached answers are compared against it.
+    fn generation<'a>(&'a self, _rels: Option<&'a [RelName]>) -> BoxFuture<'a, Result<u64>> {
+        Box::pin(futures::future::ready(Ok(0)))
+    }
+    /// Changes made by other processes, for stores shared between them.
+    #[allow(clippy::type_complexity)]
+    fn events(
+        &self,
+    ) -> Option<BoxFuture<'static, Result<futures::stream::BoxStream<'static, StoreEvent>>>> {
+        None
+    }
 }
 
 /// `object#relation@user`: the key ops are coalesced on.

@@ -1,0 +1,339 @@
+-- fga-wb's Redis store: one library of functions, loaded as one script and
+-- dispatched on ARGV[1], so every change to a store's keys is atomic.
+--
+-- KEYS[1] is the store's prefix, e.g. "fga-wb:{01J...}"; every key below
+-- starts with it (the braces keep a store's keys in one cluster slot).
+--
+--   P:seq            string  last sequence number
+--   P:ops            hash    tuple key -> "seq|first|since_ms|op|state|cond"
+--                            op: g(rant) r(evoke); state: r(eady) t(aken)
+--   P:ready:g|r      zset    ready tuple keys, scored by `first`
+--   P:leases         zset    taken tuple keys -> lease end (ms)
+--   P:counts         hash    rg, rr (ready grants / revokes), t (taken)
+--   P:rel            hash    "type#rel|g" / "type#rel|r" -> latest ops by kind
+--   P:relg:type#rel  set     tuple keys whose latest op is a grant
+--   P:locks          hash    tuple key -> "owner|until_ms" while being written
+--   P:dead           hash    id -> dead letter (JSON); P:deadseq its counter
+--   P:stats          hash    totals
+--   P:gen            hash    "type#rel" -> ops acknowledged or dead-lettered on
+--                            it, "*" -> on any: cached answers compare these
+--   P:events         channel relation names whose checks may have changed
+--
+-- A corrupt entry (not written by this script) is treated as absent and
+-- reported in the result, so the caller can log it; it never raises.
+
+local P = KEYS[1]
+local cmd = ARGV[1]
+
+local function parse(v)
+  if not v then return nil end
+  local seq, first, since, op, state, cond =
+    string.match(v, '^(%d+)|(%d+)|(%d+)|([gr])|([rt])|(.*)$')
+  if not seq then return nil end
+  return { seq = tonumber(seq), first = tonumber(first), since = tonumber(since),
+           op = op, state = state, cond = cond }
+end
+
+local function encode(e)
+  return e.seq .. '|' .. e.first .. '|' .. e.since .. '|' .. e.op .. '|' .. e.state .. '|' .. e.cond
+end
+
+local function rel_of(key)
+  -- "type:id#relation@user" -> "type#relation"
+  local object, relation = string.match(key, '^([^#]*)#([^@]*)@')
+  if not object then return nil end
+  local ty = string.match(object, '^([^:]*):') or object
+  return ty .. '#' .. relation
+end
+
+-- Adjusts the per-relation counts for the latest op `op` on `key` by `d`.
+local function count_latest(key, op, d)
+  local rel = rel_of(key)
+  if not rel then return end
+  redis.call('HINCRBY', P .. ':rel', rel .. '|' .. op, d)
+  if op == 'g' then
+    if d > 0 then
+      redis.call('SADD', P .. ':relg:' .. rel, key)
+    else
+      redis.call('SREM', P .. ':relg:' .. rel, key)
+    end
+  end
+end
+
+local function unready(key, e)
+  redis.call('ZREM', P .. ':ready:' .. e.op, key)
+  redis.call('HINCRBY', P .. ':counts', 'r' .. e.op, -1)
+end
+
+local function ready(key, e)
+  e.state = 'r'
+  redis.call('HSET', P .. ':ops', key, encode(e))
+  redis.call('ZADD', P .. ':ready:' .. e.op, e.first, key)
+  redis.call('HINCRBY', P .. ':counts', 'r' .. e.op, 1)
+end
+
+local function untake(key)
+  redis.call('ZREM', P .. ':leases', key)
+  redis.call('HINCRBY', P .. ':counts', 't', -1)
+end
+
+-- Removes an entry for good (applied or dead-lettered).
+local function drop(key, e)
+  redis.call('HDEL', P .. ':ops', key)
+  if e.state == 'r' then unready(key, e) else untake(key) end
+  count_latest(key, e.op, -1)
+end
+
+-- push now cap n (key op cond)*n -> {seq, coalesced}*n .. {pending, corrupt}
+-- seq is -1 for an op refused because the buffer is full.
+if cmd == 'push' then
+  local now, cap, n = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+  local out, rels, corrupt = {}, {}, 0
+  local acked, coalesced_total = 0, 0
+  for i = 0, n - 1 do
+    local key, op, cond = ARGV[5 + i * 3], ARGV[6 + i * 3], ARGV[7 + i * 3]
+    local raw = redis.call('HGET', P .. ':ops', key)
+    local cur = parse(raw)
+    if raw and not cur then
+      corrupt = corrupt + 1
+      redis.call('HDEL', P .. ':ops', key)
+    end
+    if not cur and redis.call('HLEN', P .. ':ops') >= cap then
+      table.insert(out, -1)
+      table.insert(out, 0)
+    else
+      local seq = redis.call('INCR', P .. ':seq')
+      local first, since, coalesced = seq, now, 0
+      if cur then
+        count_latest(key, cur.op, -1)
+        if cur.state == 'r' then
+          -- Folded into this op: it keeps its place in the queue.
+          unready(key, cur)
+          first, since, coalesced = cur.first, cur.since, 1
+        else
+          -- Being written: that write is accounted when it finishes.
+          untake(key)
+        end
+      end
+      local e = { seq = seq, first = first, since = since, op = op, state = 'r', cond = cond }
+      ready(key, e)
+      count_latest(key, op, 1)
+      local rel = rel_of(key)
+      if rel then rels[rel] = true end
+      acked = acked + 1
+      coalesced_total = coalesced_total + coalesced
+      table.insert(out, seq)
+      table.insert(out, coalesced)
+    end
+  end
+  if acked > 0 then
+    redis.call('HINCRBY', P .. ':stats', 'acknowledged', acked)
+  end
+  if coalesced_total > 0 then
+    redis.call('HINCRBY', P .. ':stats', 'coalesced', coalesced_total)
+  end
+  for rel, _ in pairs(rels) do
+    redis.call('HINCRBY', P .. ':gen', rel, 1)
+    redis.call('PUBLISH', P .. ':events', 'op ' .. rel)
+  end
+  if acked > 0 then redis.call('HINCRBY', P .. ':gen', '*', 1) end
+  local c = redis.call('HMGET', P .. ':counts', 'rg', 'rr')
+  table.insert(out, (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0))
+  table.insert(out, corrupt)
+  return out
+end
+
+-- take now max kinds up_to lease_ms -> {key, seq, op, cond}*
+if cmd == 'take' then
+  local now, max, kinds, up_to, lease =
+    tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+  -- Ops whose taker died (lease over) are ready again.
+  local expired = redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now, 'LIMIT', 0, 1000)
+  for _, key in ipairs(expired) do
+    local e = parse(redis.call('HGET', P .. ':ops', key))
+    untake(key)
+    if e and e.state == 't' then ready(key, e) end
+  end
+  local out = {}
+  for i = 1, #kinds do
+    local kind = string.sub(kinds, i, i)
+    local room = max - #out / 4
+    if room <= 0 then break end
+    local keys = redis.call('ZRANGEBYSCORE', P .. ':ready:' .. kind, '-inf', up_to, 'LIMIT', 0, room)
+    for _, key in ipairs(keys) do
+      local e = parse(redis.call('HGET', P .. ':ops', key))
+      redis.call('ZREM', P .. ':ready:' .. kind, key)
+      redis.call('HINCRBY', P .. ':counts', 'r' .. kind, -1)
+      if e and e.state == 'r' then
+        e.state = 't'
+        redis.call('HSET', P .. ':ops', key, encode(e))
+        redis.call('ZADD', P .. ':leases', now + lease, key)
+        redis.call('HINCRBY', P .. ':counts', 't', 1)
+        table.insert(out, key)
+        table.insert(out, e.seq)
+        table.insert(out, e.op)
+        table.insert(out, e.cond)
+      end
+    end
+  end
+  return out
+end
+
+-- claim now owner ttl_ms n (key seq)*n -> {status}* : 1 claimed, 0 stale, 2 busy
+-- A key is written by one taker at a time, and only for its newest op.
+if cmd == 'claim' then
+  local now, owner, ttl, n = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+  local out = {}
+  for i = 0, n - 1 do
+    local key, seq = ARGV[6 + i * 2], tonumber(ARGV[7 + i * 2])
+    local e = parse(redis.call('HGET', P .. ':ops', key))
+    local lock = redis.call('HGET', P .. ':locks', key)
+    local holder, untilms = nil, 0
+    if lock then
+      holder, untilms = string.match(lock, '^(.*)|(%d+)$')
+      untilms = tonumber(untilms) or 0
+    end
+    if not e or e.seq ~= seq then
+      table.insert(out, 0)
+    elseif holder and holder ~= owner and untilms > now then
+      table.insert(out, 2)
+    else
+      redis.call('HSET', P .. ':locks', key, owner .. '|' .. (now + ttl))
+      table.insert(out, 1)
+    end
+  end
+  return out
+end
+
+-- finish now owner n (key seq outcome arg code attempts op)*n
+--   outcome: a(pplied) d(ead) r(equeue) k(eep taken; arg = lease ms)
+--   -> {applied, dead, requeued, superseded}
+if cmd == 'finish' then
+  local now, owner, n = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+  local applied, dead, requeued, superseded = 0, 0, 0, 0
+  local rels = {}
+  for i = 0, n - 1 do
+    local b = 5 + i * 7
+    local key, seq, outcome = ARGV[b], tonumber(ARGV[b + 1]), ARGV[b + 2]
+    local arg, code, attempts, op = ARGV[b + 3], ARGV[b + 4], tonumber(ARGV[b + 5]), ARGV[b + 6]
+    local e = parse(redis.call('HGET', P .. ':ops', key))
+    local same = e and e.seq == seq and e.state == 't'
+    if outcome == 'a' then
+      applied = applied + 1
+      if same then drop(key, e) end
+    elseif not same then
+      -- A newer op replaced it while it was being written: that one counts.
+      superseded = superseded + 1
+    elseif outcome == 'd' then
+      dead = dead + 1
+      drop(key, e)
+      local id = redis.call('INCR', P .. ':deadseq')
+      redis.call('HSET', P .. ':dead', id, cjson.encode({
+        id = id, key = key, op = e.op, seq = e.seq, reason = arg, code = code,
+        attempts = attempts, dead_at = math.floor(now / 1000), cond = e.cond }))
+      local rel = rel_of(key)
+      if rel then rels[rel] = true end
+    elseif outcome == 'r' then
+      requeued = requeued + 1
+      untake(key)
+      ready(key, e)
+    elseif outcome == 'k' then
+      redis.call('ZADD', P .. ':leases', now + (tonumber(arg) or 0), key)
+    end
+    if outcome ~= 'k' then
+      local lock = redis.call('HGET', P .. ':locks', key)
+      if lock and string.sub(lock, 1, #owner + 1) == owner .. '|' then
+        redis.call('HDEL', P .. ':locks', key)
+      end
+    end
+  end
+  if applied > 0 then redis.call('HINCRBY', P .. ':stats', 'applied', applied) end
+  if dead > 0 then redis.call('HINCRBY', P .. ':stats', 'dead_lettered', dead) end
+  if superseded > 0 then redis.call('HINCRBY', P .. ':stats', 'coalesced', superseded) end
+  for rel, _ in pairs(rels) do
+    redis.call('HINCRBY', P .. ':gen', rel, 1)
+    redis.call('HINCRBY', P .. ':gen', '*', 1)
+    redis.call('PUBLISH', P .. ':events', 'op ' .. rel)
+  end
+  redis.call('PUBLISH', P .. ':events', 'finished')
+  return { applied, dead, requeued, superseded }
+end
+
+-- relevant limit nrels rel* -> {revokes, grants, (key, cond)*}; no list
+-- when there are revokes or more grants than limit. nrels = 0: every relation.
+if cmd == 'relevant' then
+  local limit, nrels = tonumber(ARGV[2]), tonumber(ARGV[3])
+  local rels = {}
+  if nrels == 0 then
+    local all = redis.call('HKEYS', P .. ':rel')
+    local seen = {}
+    for _, f in ipairs(all) do
+      local rel = string.match(f, '^(.*)|[gr]$')
+      if rel and not seen[rel] then seen[rel] = true; table.insert(rels, rel) end
+    end
+  else
+    for i = 1, nrels do table.insert(rels, ARGV[3 + i]) end
+  end
+  local revokes, grants = 0, 0
+  for _, rel in ipairs(rels) do
+    local c = redis.call('HMGET', P .. ':rel', rel .. '|g', rel .. '|r')
+    grants = grants + math.max(tonumber(c[1]) or 0, 0)
+    revokes = revokes + math.max(tonumber(c[2]) or 0, 0)
+  end
+  local out = { revokes, grants }
+  if revokes > 0 or grants > limit then return out end
+  for _, rel in ipairs(rels) do
+    for _, key in ipairs(redis.call('SMEMBERS', P .. ':relg:' .. rel)) do
+      local e = parse(redis.call('HGET', P .. ':ops', key))
+      if e and e.op == 'g' then
+        table.insert(out, key)
+        table.insert(out, e.cond)
+      end
+    end
+  end
+  return out
+end
+
+-- clear -> {key, op, cond}* : drops every ready op
+if cmd == 'clear' then
+  local out = {}
+  for _, kind in ipairs({ 'g', 'r' }) do
+    for _, key in ipairs(redis.call('ZRANGE', P .. ':ready:' .. kind, 0, -1)) do
+      local e = parse(redis.call('HGET', P .. ':ops', key))
+      if e and e.state == 'r' then
+        drop(key, e)
+        table.insert(out, key)
+        table.insert(out, e.op)
+        table.insert(out, e.cond)
+      else
+        redis.call('ZREM', P .. ':ready:' .. kind, key)
+      end
+    end
+  end
+  redis.call('HSET', P .. ':counts', 'rg', 0, 'rr', 0)
+  if #out > 0 then
+    redis.call('HINCRBY', P .. ':stats', 'cleared', #out / 3)
+    for _, f in ipairs(redis.call('HKEYS', P .. ':gen')) do
+      redis.call('HINCRBY', P .. ':gen', f, 1)
+    end
+    redis.call('HINCRBY', P .. ':gen', '*', 1)
+  end
+  redis.call('PUBLISH', P .. ':events', 'all')
+  return out
+end
+
+-- pending -> {rg, rr, t, oldest_since_ms or -1}
+if cmd == 'pending' then
+  local c = redis.call('HMGET', P .. ':counts', 'rg', 'rr', 't')
+  local oldest = -1
+  for _, kind in ipairs({ 'g', 'r' }) do
+    local k = redis.call('ZRANGE', P .. ':ready:' .. kind, 0, 0)[1]
+    if k then
+      local e = parse(redis.call('HGET', P .. ':ops', k))
+      if e and (oldest < 0 or e.since < oldest) then oldest = e.since end
+    end
+  end
+  return { tonumber(c[1]) or 0, tonumber(c[2]) or 0, tonumber(c[3]) or 0, oldest }
+end
+
+return redis.error_reply('fga-wb: unknown command ' .. tostring(cmd))

@@ -1,0 +1,123 @@
+//! The Redis store against the real Redis and OpenFGA: a buffer shared by
+//! several handles (standing in for processes), durable before acknowledging.
+
+mod support;
+
+use std::time::Duration;
+
+use fga_wb::config::StoreKind;
+use fga_wb::{Config, WriteBehind};
+use support::{config_for, new_store, stored, TestStore};
+
+fn redis_config(s: &TestStore) -> Config {
+    let mut c = config_for(s);
+    c.buffer.store = StoreKind::Redis;
+    c.redis.url = support::redis_url();
+    c.flush.interval = Duration::from_secs(3600);
+    c
+}
+
+/// Two handles share one buffer: a grant through one is pending for both, is
+/// visible to the other's checks, and either can flush it.
+#[tokio::test]
+async fn handles_share_one_buffer() {
+    let s = new_store("redis-shared").await;
+    let a = WriteBehind::builder(redis_config(&s))
+        .build()
+        .await
+        .unwrap();
+    let b = WriteBehind::builder(redis_config(&s))
+        .build()
+        .await
+        .unwrap();
+
+    a.grant("user:anne", "editor", "document:1").await.unwrap();
+    assert_eq!(b.pending().await.unwrap().writes, 1);
+    assert!(b.check("user:anne", "viewer", "document:1").await.unwrap());
+
+    let report = b.flush().await.unwrap();
+    assert_eq!(report.applied, 1);
+    assert_eq!(stored(&s).await, ["document:1#editor@user:anne"]);
+    assert_eq!(a.pending().await.unwrap().total, 0);
+}
+
+/// A revoke through one handle is never answered "allowed" by the other, even
+/// when the other had the positive answer cached.
+#[tokio::test]
+async fn a_revoke_elsewhere_is_never_stale_allowed() {
+    let s = new_store("redis-revoke").await;
+    let a = WriteBehind::builder(redis_config(&s))
+        .build()
+        .await
+        .unwrap();
+    let b = WriteBehind::builder(redis_config(&s))
+        .build()
+        .await
+        .unwrap();
+    a.grant("user:bob", "viewer", "document:2").await.unwrap();
+    a.flush().await.unwrap();
+    // Cache a positive answer in b.
+    assert!(b.check("user:bob", "viewer", "document:2").await.unwrap());
+    assert!(b.check("user:bob", "viewer", "document:2").await.unwrap());
+
+    a.revoke("user:bob", "viewer", "document:2").await.unwrap();
+    // Immediately, with no wait for pub/sub: b must not answer true.
+    match b.check("user:bob", "viewer", "document:2").await {
+        Ok(allowed) => assert!(!allowed),
+        Err(e) => assert!(e.is_stale_check(), "{e}"),
+    }
+    a.flush().await.unwrap();
+    assert!(stored(&s).await.is_empty());
+    assert!(!b.check("user:bob", "viewer", "document:2").await.unwrap());
+}
+
+/// Ops acknowledged by a handle that is dropped without shutdown (a crashed
+/// process) are still in Redis, and another handle applies them.
+#[tokio::test]
+async fn acknowledged_ops_survive_the_handle() {
+    let s = new_store("redis-durable").await;
+    {
+        let a = WriteBehind::builder(redis_config(&s))
+            .build()
+            .await
+            .unwrap();
+        for i in 0..50 {
+            a.grant(&format!("user:u{i}"), "viewer", "document:3")
+                .await
+                .unwrap();
+        }
+        a.revoke("user:u0", "viewer", "document:3").await.unwrap();
+        // Dropped here without shutdown() or flush().
+    }
+    let b = WriteBehind::builder(redis_config(&s))
+        .build()
+        .await
+        .unwrap();
+    let p = b.pending().await.unwrap();
+    assert_eq!((p.writes, p.deletes), (49, 1));
+    let r = b.flush().await.unwrap();
+    assert_eq!(r.applied, 50);
+    assert_eq!(stored(&s).await.len(), 49);
+    let st = b.status().await.unwrap();
+    assert_eq!(st.pending.total, 0);
+}
+
+/// With Redis unreachable, grant fails with a clear, transient error and
+/// acknowledges nothing.
+#[tokio::test]
+async fn redis_down_is_a_clear_error() {
+    let s = new_store("redis-down").await;
+    let mut c = redis_config(&s);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    c.redis.url = format!("redis://:secretpw@127.0.0.1:{port}");
+    let e = match WriteBehind::builder(c).build().await {
+        Ok(_) => panic!("built against a closed port"),
+        Err(e) => e,
+    };
+    assert!(e.is_redis() && e.is_transient(), "{e}");
+    assert!(!e.to_string().contains("secretpw"), "{e}");
+}
