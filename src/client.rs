@@ -12,7 +12,7 @@ use crate::buffer::memory::MemoryStore;
 use crate::buffer::redis::{Leases, RedisStore};
 use crate::buffer::{key_of, DeadLetter, Pending, Store, StoreEvent, Take};
 use crate::cache::{CheckCache, Generation};
-use crate::config::{Config, Overflow, StoreKind};
+use crate::config::{Config, Mode, Overflow, StoreKind};
 use crate::error::{Error, Kind, Result};
 use crate::flush::{self, Command, Engine};
 use crate::model::Model;
@@ -107,6 +107,12 @@ impl Builder {
             model.clone(),
         ));
         let store = open_store(&config).await?;
+        let sink: Option<crate::queue::Sink> = match config.flush.mode {
+            Mode::Inline => None,
+            Mode::Queue => Some(Arc::new(crate::queue::ApalisSink::new(
+                crate::queue::storage(&config).await?,
+            ))),
+        };
         let (changed, _) = watch::channel(0u64);
         let engine = Arc::new(Engine {
             store,
@@ -117,6 +123,8 @@ impl Builder {
             cache,
             stats: Default::default(),
             changed,
+            sink,
+            job_lease: crate::buffer::redis::job_lease(&config),
             room_wanted: Default::default(),
         });
         let wake = Arc::new(Notify::new());
@@ -567,16 +575,23 @@ impl WriteBehind {
     /// Pending ops, dead letters, the last flush and totals.
     pub async fn status(&self) -> Result<Status> {
         let e = &self.inner.engine;
-        Ok(Status {
-            store: self.inner.config.buffer.store,
-            mode: self.inner.config.flush.mode,
+        let config = &self.inner.config;
+        let mut status = Status {
+            store: config.buffer.store,
+            mode: config.flush.mode,
             store_id: e.store_id.clone(),
             pending: e.store.pending().await?,
             dead_letters: e.store.dead_letters().await?.len(),
             flushing_stopped: e.stats.stopped(),
             last_flush: e.stats.last_flush(),
             totals: e.stats.totals(),
-        })
+            queue: match config.flush.mode {
+                Mode::Queue => Some(crate::queue::stats(config).await?),
+                Mode::Inline => None,
+            },
+        };
+        status.merge_shared(&e.store.shared_stats().await?);
+        Ok(status)
     }
 
     /// The ops OpenFGA refused for good, with its reasons.

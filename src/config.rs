@@ -307,6 +307,10 @@ pub struct QueueConfig {
     /// How often an idle worker looks for jobs.
     #[serde(with = "duration")]
     pub poll_interval: Duration,
+    /// How often a worker reports it is alive. A worker silent for three of
+    /// these is presumed dead, and its running jobs run again elsewhere.
+    #[serde(with = "duration")]
+    pub heartbeat: Duration,
 }
 
 impl Default for QueueConfig {
@@ -320,6 +324,7 @@ impl Default for QueueConfig {
             ],
             worker_concurrency: 4,
             poll_interval: Duration::from_millis(100),
+            heartbeat: Duration::from_secs(5),
         }
     }
 }
@@ -470,6 +475,14 @@ impl Config {
 
     /// Checks relations between settings that no single key's type can.
     pub fn validate(&self) -> Result<()> {
+        if self.flush.mode == Mode::Queue && self.buffer.store != StoreKind::Redis {
+            return Err(Error::config(
+                "flush.mode = \"queue\" needs buffer.store = \"redis\": workers read the buffer from Redis",
+            ));
+        }
+        if self.queue.heartbeat < Duration::from_secs(1) {
+            return Err(Error::config("queue.heartbeat must be at least 1s"));
+        }
         if self.queue.retry_schedule.is_empty() {
             return Err(Error::config(
                 "queue.retry_schedule is empty; give at least one wait, e.g. [\"10s\"]",

@@ -22,6 +22,7 @@ use crate::cache::CheckCache;
 use crate::config::FlushConfig;
 use crate::error::{Error, Kind};
 use crate::openfga::{Client, WriteRequest};
+use crate::queue::Sink;
 use crate::status::{count, FlushReport, Stats};
 use crate::tuple::Op;
 
@@ -37,13 +38,17 @@ pub(crate) struct Engine {
     /// Bumped after every batch of outcomes: checks waiting for a revoke
     /// and callers waiting for room watch it.
     pub changed: watch::Sender<u64>,
+    /// Queue mode: where jobs go. `None`: write inline.
+    pub sink: Option<Sink>,
+    /// How long ops pushed as a job stay owned by it (queue mode).
+    pub job_lease: Duration,
     /// Set by a caller blocked on a full buffer: flush now, whatever the
     /// batch size and interval say.
     pub room_wanted: AtomicBool,
 }
 
 /// Why a chunk stopped before all its ops were tried.
-enum Stop {
+pub(crate) enum Stop {
     /// Retry later (5xx, timeout, connection, 429).
     Transient(Error),
     /// Do not retry until someone acts (bad credentials, unknown store).
@@ -51,10 +56,12 @@ enum Stop {
 }
 
 /// The outcome of one chunk, bisection included.
-struct ChunkResult {
-    outcomes: Vec<(Taken, Outcome)>,
-    requests: u64,
-    stop: Option<Stop>,
+pub(crate) struct ChunkResult {
+    pub outcomes: Vec<(Taken, Outcome)>,
+    pub requests: u64,
+    /// Ops handed to the job queue.
+    pub queued: u64,
+    pub stop: Option<Stop>,
 }
 
 /// A request to the flusher task.
@@ -100,7 +107,7 @@ impl Engine {
                 {
                     match self.store.take(chunk_size, what, up_to).await {
                         Ok(chunk) if chunk.is_empty() => exhausted = true,
-                        Ok(chunk) => running.push(self.write_chunk(chunk)),
+                        Ok(chunk) => running.push(self.send_chunk(chunk)),
                         Err(e) => stop = Some(Stop::Transient(e)),
                     }
                 }
@@ -108,6 +115,7 @@ impl Engine {
                     break;
                 };
                 report.requests += result.requests;
+                report.queued += result.queued;
                 for (t, o) in &result.outcomes {
                     if matches!(o, Outcome::Dead { .. }) {
                         // Its grant may have been in cached answers as a
@@ -138,7 +146,7 @@ impl Engine {
                     self.stats.set_stopped(Some(e.to_string()));
                     report.error = Some(e.to_string());
                 }
-                None if report.requests > 0 => self.stats.set_stopped(None),
+                None if report.requests > 0 || report.queued > 0 => self.stats.set_stopped(None),
                 None => {}
             }
         }
@@ -158,10 +166,23 @@ impl Engine {
         if let Ok(p) = self.store.pending().await {
             metrics::gauge!("fga_wb_pending_ops").set(p.total as f64);
         }
-        if report.requests > 0 || report.error.is_some() {
-            self.stats.record_flush(&report);
+        if report.requests > 0 || report.queued > 0 || report.error.is_some() {
+            self.record(&report).await;
         }
         (report, retry_after)
+    }
+
+    /// Remembers a flush for `status`, here and, for a shared store, for
+    /// every process.
+    pub(crate) async fn record(&self, report: &FlushReport) {
+        self.stats.record_flush(report);
+        if let Some(last) = self.stats.last_flush() {
+            if let Ok(json) = serde_json::to_string(&last) {
+                let _ = self.store.set_note("last_flush", json).await;
+            }
+        }
+        let stopped = self.stats.stopped().unwrap_or_default();
+        let _ = self.store.set_note("stopped", stopped).await;
     }
 
     fn account(&self, f: &Finished, report: &mut FlushReport) {
@@ -184,12 +205,36 @@ impl Engine {
         self.changed.send_modify(|v| *v += 1);
     }
 
+    /// Writes one chunk, or in queue mode enqueues it as one job.
+    async fn send_chunk(&self, ops: Vec<Taken>) -> ChunkResult {
+        let Some(sink) = &self.sink else {
+            return self.write_chunk(ops).await;
+        };
+        let job = crate::queue::job_for(&self.store_id, self.model_id.as_deref(), &ops);
+        match sink.push(job, None).await {
+            // The job owns the ops now; the worker finishes them.
+            Ok(()) => ChunkResult {
+                outcomes: Vec::new(),
+                requests: 0,
+                queued: ops.len() as u64,
+                stop: None,
+            },
+            Err(e) => ChunkResult {
+                outcomes: ops.into_iter().map(|t| (t, Outcome::Retry)).collect(),
+                requests: 0,
+                queued: 0,
+                stop: Some(Stop::Transient(e)),
+            },
+        }
+    }
+
     /// Writes one chunk; on a permanent input error, splits it in halves
     /// until the bad ops are alone, so the good ones are applied.
-    async fn write_chunk(&self, ops: Vec<Taken>) -> ChunkResult {
+    pub(crate) async fn write_chunk(&self, ops: Vec<Taken>) -> ChunkResult {
         let mut result = ChunkResult {
             outcomes: Vec::with_capacity(ops.len()),
             requests: 0,
+            queued: 0,
             stop: None,
         };
         let ops = match self.claim(ops, &mut result).await {
@@ -272,9 +317,9 @@ impl Engine {
             match c {
                 Claim::Claimed => mine.push(t),
                 // Finishing a superseded op drops it (it counts as coalesced).
-                Claim::Stale => result.outcomes.push((t, Outcome::Retry)),
+                Claim::Stale => result.outcomes.push((t, Outcome::Stale)),
                 Claim::Busy => {
-                    result.outcomes.push((t, Outcome::Retry));
+                    result.outcomes.push((t, Outcome::Busy));
                     result
                         .stop
                         .get_or_insert(Stop::Transient(Error::new(Kind::Busy(

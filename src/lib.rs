@@ -73,6 +73,7 @@ mod error;
 mod flush;
 mod model;
 pub mod openfga;
+pub mod queue;
 mod status;
 pub mod tuple;
 

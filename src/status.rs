@@ -21,13 +21,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::buffer::Pending;
 use crate::config::{Mode, StoreKind};
 
 /// What one flush did.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
 pub struct FlushReport {
     /// Ops now in OpenFGA.
     pub applied: u64,
@@ -40,6 +41,8 @@ pub struct FlushReport {
     pub retried: u64,
     /// Write requests sent (bisection included).
     pub requests: u64,
+    /// Queue mode: ops handed to workers as jobs.
+    pub queued: u64,
     /// Wall time of the flush.
     #[serde(with = "secs")]
     pub duration: Duration,
@@ -54,6 +57,7 @@ impl FlushReport {
         self.dead_lettered += other.dead_lettered;
         self.retried += other.retried;
         self.requests += other.requests;
+        self.queued += other.queued;
         self.duration += other.duration;
         if other.error.is_some() {
             self.error.clone_from(&other.error);
@@ -62,7 +66,7 @@ impl FlushReport {
 }
 
 /// The last flush and when it ended.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LastFlush {
     /// When it ended.
     #[serde(with = "unix")]
@@ -111,8 +115,42 @@ pub struct Status {
     pub flushing_stopped: Option<String>,
     /// The last flush.
     pub last_flush: Option<LastFlush>,
-    /// Totals since start.
+    /// Totals since start; with the Redis store, the acknowledged, applied,
+    /// coalesced, dead-lettered and cleared counts are store-wide (every
+    /// process and worker), the others this process's.
     pub totals: Totals,
+    /// Queue mode: jobs by state and the workers seen.
+    pub queue: Option<crate::queue::QueueStats>,
+}
+
+impl Status {
+    /// Overlays what every process of a shared store recorded.
+    pub(crate) fn merge_shared(&mut self, shared: &std::collections::HashMap<String, String>) {
+        let n = |k: &str| shared.get(k).and_then(|v| v.parse::<u64>().ok());
+        let t = &mut self.totals;
+        for (field, name) in [
+            (&mut t.acknowledged, "acknowledged"),
+            (&mut t.applied, "applied"),
+            (&mut t.coalesced, "coalesced"),
+            (&mut t.dead_lettered, "dead_lettered"),
+            (&mut t.cleared, "cleared"),
+        ] {
+            if let Some(v) = n(name) {
+                *field = v;
+            }
+        }
+        if let Some(last) = shared
+            .get("last_flush")
+            .and_then(|j| serde_json::from_str::<LastFlush>(j).ok())
+        {
+            if self.last_flush.as_ref().is_none_or(|l| l.at < last.at) {
+                self.last_flush = Some(last);
+            }
+        }
+        if let Some(reason) = shared.get("stopped").filter(|r| !r.is_empty()) {
+            self.flushing_stopped = Some(reason.clone());
+        }
+    }
 }
 
 /// Live counters.
@@ -206,6 +244,11 @@ mod secs {
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_f64(d.as_secs_f64())
     }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v = <f64 as serde::Deserialize>::deserialize(d)?;
+        Ok(Duration::try_from_secs_f64(v).unwrap_or_default())
+    }
 }
 
 mod unix {
@@ -217,5 +260,10 @@ mod unix {
             t.duration_since(UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
         )
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let v = <f64 as serde::Deserialize>::deserialize(d)?;
+        Ok(UNIX_EPOCH + std::time::Duration::try_from_secs_f64(v).unwrap_or_default())
     }
 }

@@ -277,7 +277,7 @@ impl MemoryStore {
                     });
                     inner.next_dead_id += 1;
                 }
-                Outcome::Retry => {
+                Outcome::Retry | Outcome::Stale | Outcome::Busy | Outcome::Keep(_) => {
                     f.requeued += 1;
                     part.ops[kind(entry.op)] += 1;
                     inner.pending[kind(entry.op)] += 1;

@@ -46,6 +46,13 @@ pub(crate) enum Outcome {
     },
     /// Not applied; try again later (unless superseded).
     Retry,
+    /// Not written: a newer op on the key replaced it.
+    Stale,
+    /// Not written: another writer holds the key; try again shortly.
+    Busy,
+    /// Not applied; a queued job keeps it and retries it later: stay taken
+    /// for this much longer.
+    Keep(Duration),
 }
 
 /// Whether an op may be written now.
@@ -194,6 +201,15 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// stores need it; cached answers are compared against it.
     fn generation<'a>(&'a self, _rels: Option<&'a [RelName]>) -> BoxFuture<'a, Result<u64>> {
         Box::pin(futures::future::ready(Ok(0)))
+    }
+    /// Store-wide counters and notes (`last_flush`, `stopped`) written by
+    /// every process; empty for a store only this process sees.
+    fn shared_stats(&self) -> BoxFuture<'_, Result<std::collections::HashMap<String, String>>> {
+        Box::pin(futures::future::ready(Ok(Default::default())))
+    }
+    /// Records a note for other processes' `status` (see `shared_stats`).
+    fn set_note(&self, _name: &'static str, _value: String) -> BoxFuture<'_, Result<()>> {
+        Box::pin(futures::future::ready(Ok(())))
     }
     /// Changes made by other processes, for stores shared between them.
     #[allow(clippy::type_complexity)]

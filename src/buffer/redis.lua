@@ -240,11 +240,10 @@ if cmd == 'finish' then
     elseif outcome == 'k' then
       redis.call('ZADD', P .. ':leases', now + (tonumber(arg) or 0), key)
     end
-    if outcome ~= 'k' then
-      local lock = redis.call('HGET', P .. ':locks', key)
-      if lock and string.sub(lock, 1, #owner + 1) == owner .. '|' then
-        redis.call('HDEL', P .. ':locks', key)
-      end
+    -- Not being written any more, whatever the outcome.
+    local lock = redis.call('HGET', P .. ':locks', key)
+    if lock and string.sub(lock, 1, #owner + 1) == owner .. '|' then
+      redis.call('HDEL', P .. ':locks', key)
     end
   end
   if applied > 0 then redis.call('HINCRBY', P .. ':stats', 'applied', applied) end

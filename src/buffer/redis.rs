@@ -66,11 +66,24 @@ impl Leases {
     /// send a chunk up to ~8 times while bisecting.
     pub fn for_config(config: &crate::Config) -> Leases {
         let request = config.openfga.request_timeout;
+        let take = match config.flush.mode {
+            crate::config::Mode::Inline => (request * 10).max(Duration::from_secs(60)),
+            // A job owns its ops through every retry of its schedule.
+            crate::config::Mode::Queue => job_lease(config),
+        };
         Leases {
-            take: (request * 10).max(Duration::from_secs(60)),
+            take,
             lock: request * 2 + Duration::from_secs(5),
         }
     }
+}
+
+/// How long ops handed to a job stay owned by it before another flush may
+/// enqueue them again: the whole retry schedule twice, plus ten minutes for
+/// a worker to notice a dead one.
+pub(crate) fn job_lease(config: &crate::Config) -> Duration {
+    let schedule: Duration = config.queue.retry_schedule.iter().sum();
+    schedule * 2 + Duration::from_secs(600)
 }
 
 fn op_code(op: Op) -> &'static str {
@@ -272,7 +285,12 @@ impl RedisStore {
                 Outcome::Dead { reason, code } => {
                     ("d", reason.clone(), code.clone().unwrap_or_default())
                 }
-                Outcome::Retry => ("r", String::new(), String::new()),
+                Outcome::Retry | Outcome::Stale | Outcome::Busy => {
+                    ("r", String::new(), String::new())
+                }
+                Outcome::Keep(lease) => {
+                    ("k", (lease.as_millis() as u64).to_string(), String::new())
+                }
             };
             args.extend([
                 key_of(&t.tuple),
@@ -627,6 +645,31 @@ impl Store for RedisStore {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn shared_stats(&self) -> BoxFuture<'_, Result<std::collections::HashMap<String, String>>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            redis::cmd("HGETALL")
+                .arg(format!("{}:stats", self.prefix))
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)
+        })
+    }
+
+    fn set_note(&self, name: &'static str, value: String) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            redis::cmd("HSET")
+                .arg(format!("{}:stats", self.prefix))
+                .arg(name)
+                .arg(value)
+                .query_async::<i64>(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            Ok(())
+        })
     }
 
     fn generation<'a>(&'a self, rels: Option<&'a [RelName]>) -> BoxFuture<'a, Result<u64>> {
