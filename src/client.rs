@@ -51,6 +51,8 @@ pub struct Builder {
     config: Config,
     client: Option<Client>,
     validate_against_model: bool,
+    automatic_flush: bool,
+    read_model: bool,
 }
 
 /// What [`WriteBehind::shutdown`] did and what it left.
@@ -81,6 +83,22 @@ impl Builder {
         self
     }
 
+    /// Flush in the background (batch size, interval, revokes). Default: on.
+    /// Off for a handle that only inspects or flushes on request, such as
+    /// `fga-wb status` looking at a shared Redis buffer.
+    pub fn automatic_flush(mut self, on: bool) -> Self {
+        self.automatic_flush = on;
+        self
+    }
+
+    /// Read the authorization model at build. Default: on. Without it,
+    /// tuples are not checked against the model and every pending op counts
+    /// as relevant to every check (correct, just broader).
+    pub fn read_model(mut self, on: bool) -> Self {
+        self.read_model = on;
+        self
+    }
+
     /// Connects to OpenFGA, reads the authorization model, and starts the
     /// flusher. Must be called inside a Tokio runtime.
     pub async fn build(self) -> Result<WriteBehind> {
@@ -98,7 +116,11 @@ impl Builder {
         let store_id = config.openfga.store_id.clone();
         let model_id =
             (!config.openfga.model_id.is_empty()).then(|| config.openfga.model_id.clone());
-        let model = load_model(&client, &store_id, model_id.as_deref()).await?;
+        let model = if self.read_model {
+            load_model(&client, &store_id, model_id.as_deref()).await?
+        } else {
+            None
+        };
         let model_id = model_id.or_else(|| model.as_ref().map(|m| m.id().to_owned()));
 
         let cache = Arc::new(CheckCache::new(
@@ -135,6 +157,7 @@ impl Builder {
             rx,
             wake.clone(),
             stop_rx.clone(),
+            self.automatic_flush,
         ))];
         if engine.store.events().is_some() {
             tasks.push(tokio::spawn(follow_events(engine.clone(), stop_rx)));
@@ -251,6 +274,8 @@ impl WriteBehind {
             config,
             client: None,
             validate_against_model: true,
+            automatic_flush: true,
+            read_model: true,
         }
     }
 

@@ -394,16 +394,21 @@ impl Pacing {
 }
 
 /// The background task: waits for a trigger, flushes, repeats, until `stop`
-/// turns true.
+/// turns true. Without `automatic`, only `flush()` triggers.
 pub(crate) async fn run(
     engine: Arc<Engine>,
     mut commands: mpsc::Receiver<Command>,
     wake: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
+    automatic: bool,
 ) {
     let mut pacing = Pacing::new(&engine.cfg);
     loop {
-        let due = next_due(&engine, &pacing).await;
+        let due = if automatic {
+            next_due(&engine, &pacing).await
+        } else {
+            None
+        };
         let (what, reply) = tokio::select! {
             biased;
             _ = stop.changed() => return,

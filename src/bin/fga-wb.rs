@@ -1,1 +1,423 @@
-fn main() {}
+//! `fga-wb`: look at and operate a shared (Redis) write-behind buffer.
+//!
+//! Thin by design: parse arguments, load the configuration, set up logging,
+//! call the library, print. Exit codes: 0 success, 1 the operation failed,
+//! 2 usage or configuration error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use fga_wb::config::{Mode, StoreKind};
+use fga_wb::{Config, WriteBehind};
+
+#[derive(Parser)]
+#[command(
+    name = "fga-wb",
+    version,
+    about = "Operate fga-wb, the write-behind buffer for OpenFGA"
+)]
+struct Cli {
+    /// Configuration file (default: config/fga-wb.toml, or FGA_WB_CONFIG).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pending ops, queue, dead letters, workers, the last flush.
+    Status,
+    /// Write (inline mode) or enqueue (queue mode) everything pending.
+    Flush {
+        /// In queue mode, wait until workers have applied everything.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Drop every pending op that is not already being written.
+    Clear {
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Apply queued write jobs until SIGINT or SIGTERM.
+    Worker {
+        /// Jobs run at once (default: queue.worker_concurrency).
+        #[arg(long)]
+        concurrency: Option<usize>,
+    },
+    /// Dead letters: ops OpenFGA refused for good.
+    Dlq {
+        #[command(subcommand)]
+        command: Dlq,
+    },
+}
+
+#[derive(Subcommand)]
+enum Dlq {
+    /// List dead letters with OpenFGA's reasons.
+    List,
+    /// Buffer dead letters again as new ops.
+    Replay {
+        /// Replay every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// Dead-letter ids (from `dlq list`).
+        ids: Vec<u64>,
+    },
+    /// Delete dead letters.
+    Purge {
+        /// Delete every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// Dead-letter ids (from `dlq list`).
+        ids: Vec<u64>,
+    },
+}
+
+/// A failure and its exit code.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<fga_wb::Error> for Failure {
+    fn from(e: fga_wb::Error) -> Self {
+        Failure {
+            code: if e.is_config() { 2 } else { 1 },
+            message: e.to_string(),
+        }
+    }
+}
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        code: 2,
+        message: message.into(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_log = match cli.command {
+        Command::Worker { .. } => "warn,fga_wb=info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("fga-wb: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("fga-wb: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let config = Config::load(cli.config.as_deref())?;
+    if config.openfga.store_id.is_empty() {
+        return Err(usage(
+            "openfga.store_id is not set; set FGA_STORE_ID or openfga.store_id in the config file",
+        ));
+    }
+    if let Command::Worker { concurrency } = cli.command {
+        if config.buffer.store != StoreKind::Redis {
+            return Err(usage(
+                "the worker applies jobs from Redis: set buffer.store = \"redis\" and flush.mode = \"queue\"",
+            ));
+        }
+        let n = concurrency.unwrap_or(config.queue.worker_concurrency);
+        fga_wb::queue::worker::run(config, n, shutdown_signal()).await?;
+        return Ok(());
+    }
+    if config.buffer.store == StoreKind::Memory {
+        return Err(usage(
+            "buffer.store is \"memory\": each application process keeps its own buffer, which no other \
+             process can see or flush. Use buffer.store = \"redis\" (FGA_WB_BUFFER__STORE=redis) to share \
+             one buffer and operate it from here.",
+        ));
+    }
+    // An operator's handle: no background flushing, no model needed.
+    let wb = WriteBehind::builder(config.clone())
+        .automatic_flush(false)
+        .read_model(false)
+        .build()
+        .await?;
+    let result = command(&cli, &config, &wb).await;
+    // Nothing was buffered through this handle; don't drain anything.
+    drop(wb);
+    result
+}
+
+async fn command(cli: &Cli, config: &Config, wb: &WriteBehind) -> Result<(), Failure> {
+    match &cli.command {
+        Command::Status => {
+            let s = wb.status().await?;
+            if cli.json {
+                print_json(&s)
+            } else {
+                print_status(&s);
+                Ok(())
+            }
+        }
+        Command::Flush { wait } => {
+            let report = wb.flush().await?;
+            if *wait && config.flush.mode == Mode::Queue && report.error.is_none() {
+                wait_until_applied(wb, cli.json).await?;
+            }
+            let status = wb.status().await?;
+            if cli.json {
+                print_json(&serde_json::json!({ "flush": report, "pending": status.pending }))?;
+            } else {
+                println!(
+                    "flushed: {} applied, {} queued, {} dead-lettered, {} requests in {:.2?}",
+                    report.applied,
+                    report.queued,
+                    report.dead_lettered,
+                    report.requests,
+                    report.duration
+                );
+                println!(
+                    "now pending: {} ({} in flight)",
+                    status.pending.total, status.pending.in_flight
+                );
+            }
+            match report.error {
+                Some(e) => Err(Failure {
+                    code: 1,
+                    message: format!("flush stopped: {e}"),
+                }),
+                None => Ok(()),
+            }
+        }
+        Command::Clear { yes } => {
+            let pending = wb.pending().await?;
+            if !yes && !confirm(&format!("drop {} pending ops?", pending.total)) {
+                return Err(usage(
+                    "not confirmed; nothing cleared (use --yes to skip the question)",
+                ));
+            }
+            let n = wb.clear().await?;
+            if cli.json {
+                print_json(&serde_json::json!({ "cleared": n }))
+            } else {
+                println!("cleared {n} pending ops");
+                Ok(())
+            }
+        }
+        Command::Dlq { command } => dlq(cli.json, wb, command).await,
+        Command::Worker { .. } => Ok(()),
+    }
+}
+
+async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure> {
+    let ids = |all: bool, ids: &[u64]| -> Result<Option<Vec<u64>>, Failure> {
+        match (all, ids.is_empty()) {
+            (true, _) => Ok(None),
+            (false, false) => Ok(Some(ids.to_vec())),
+            (false, true) => Err(usage("give dead-letter ids, or --all")),
+        }
+    };
+    match command {
+        Dlq::List => {
+            let letters = wb.dead_letters().await?;
+            if json {
+                return print_json(&letters);
+            }
+            if letters.is_empty() {
+                println!("no dead letters");
+            }
+            for d in letters {
+                println!(
+                    "{:>6}  {:<6}  {}  attempts={}  {}{}",
+                    d.id,
+                    format!("{:?}", d.op).to_lowercase(),
+                    d.tuple,
+                    d.attempts,
+                    d.code.map(|c| format!("[{c}] ")).unwrap_or_default(),
+                    d.reason
+                );
+            }
+            Ok(())
+        }
+        Dlq::Replay { all, ids: given } => {
+            let which = ids(*all, given)?;
+            let n = wb.replay_dead_letters(which.as_deref()).await?;
+            report_count(json, "replayed", n)
+        }
+        Dlq::Purge { all, ids: given } => {
+            let which = ids(*all, given)?;
+            let n = wb.purge_dead_letters(which.as_deref()).await?;
+            report_count(json, "purged", n)
+        }
+    }
+}
+
+fn report_count(json: bool, what: &str, n: usize) -> Result<(), Failure> {
+    if json {
+        print_json(&serde_json::json!({ what: n }))
+    } else {
+        println!("{what} {n} dead letters");
+        Ok(())
+    }
+}
+
+/// Waits until nothing is pending or in flight, showing progress.
+async fn wait_until_applied(wb: &WriteBehind, quiet: bool) -> Result<(), Failure> {
+    let start = wb.pending().await?;
+    let total = (start.total + start.in_flight) as u64;
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(total)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} ops applied ({elapsed}) {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    loop {
+        let p = wb.pending().await?;
+        let left = (p.total + p.in_flight) as u64;
+        bar.set_position(total.saturating_sub(left));
+        if left == 0 {
+            bar.finish();
+            return Ok(());
+        }
+        let status = wb.status().await?;
+        if let Some(why) = status.flushing_stopped {
+            bar.abandon();
+            return Err(Failure {
+                code: 1,
+                message: format!("workers are stopped: {why}"),
+            });
+        }
+        if status.queue.is_some_and(|q| q.workers.is_empty()) {
+            bar.set_message("(no worker running: start `fga-wb worker`)");
+        } else {
+            bar.set_message("");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = tokio::signal::ctrl_c() => {
+                bar.abandon();
+                return Err(Failure { code: 1, message: "interrupted; the jobs keep running".into() });
+            }
+        }
+    }
+}
+
+fn print_status(s: &fga_wb::Status) {
+    let age = s
+        .pending
+        .oldest_age
+        .map_or("-".to_owned(), |a| format!("{:.1}s", a.as_secs_f64()));
+    println!("store             {:?} / {:?}", s.store, s.mode);
+    println!("openfga store     {}", s.store_id);
+    println!(
+        "pending           {} (writes {}, deletes {}), oldest {age}",
+        s.pending.total, s.pending.writes, s.pending.deletes
+    );
+    println!("in flight         {}", s.pending.in_flight);
+    if let Some(q) = &s.queue {
+        println!(
+            "queue             {} pending, {} running, {} scheduled retries",
+            q.pending, q.running, q.scheduled
+        );
+        let workers = if q.workers.is_empty() {
+            "none".to_owned()
+        } else {
+            q.workers.join(", ")
+        };
+        println!("workers seen      {workers}");
+    }
+    println!("dead letters      {}", s.dead_letters);
+    if let Some(why) = &s.flushing_stopped {
+        println!("FLUSHING STOPPED  {why}");
+    }
+    match &s.last_flush {
+        Some(l) => {
+            let ago = l.at.elapsed().map_or(0.0, |d| d.as_secs_f64());
+            let r = &l.report;
+            println!(
+                "last flush        {ago:.0}s ago: {} applied, {} queued, {} dead-lettered, {} requests{}",
+                r.applied,
+                r.queued,
+                r.dead_lettered,
+                r.requests,
+                r.error.as_ref().map(|e| format!(", error: {e}")).unwrap_or_default()
+            );
+        }
+        None => println!("last flush        never"),
+    }
+    let t = &s.totals;
+    println!(
+        "totals            {} acknowledged, {} applied, {} coalesced, {} dead-lettered, {} cleared",
+        t.acknowledged, t.applied, t.coalesced, t.dead_lettered, t.cleared
+    );
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<(), Failure> {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => {
+            println!("{s}");
+            Ok(())
+        }
+        Err(e) => Err(Failure {
+            code: 1,
+            message: format!("cannot print JSON: {e}"),
+        }),
+    }
+}
+
+fn confirm(question: &str) -> bool {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        return false;
+    }
+    eprint!("{question} [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).is_ok() && line.trim().eq_ignore_ascii_case("y")
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
