@@ -12,6 +12,15 @@ use clap::{Parser, Subcommand};
 use fga_wb::config::{Mode, StoreKind};
 use fga_wb::{Config, WriteBehind};
 
+/// Prints a line to stdout; a closed pipe (`fga-wb status | head`) is not
+/// an error worth a panic.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     name = "fga-wb",
@@ -118,14 +127,14 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("fga-wb: cannot start the async runtime: {e}");
+            eout!("fga-wb: cannot start the async runtime: {e}");
             return ExitCode::from(1);
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("fga-wb: {}", f.message);
+            eout!("fga-wb: {}", f.message);
             ExitCode::from(f.code)
         }
     }
@@ -187,7 +196,7 @@ async fn command(cli: &Cli, config: &Config, wb: &WriteBehind) -> Result<(), Fai
             if cli.json {
                 print_json(&serde_json::json!({ "flush": report, "pending": status.pending }))?;
             } else {
-                println!(
+                out!(
                     "flushed: {} applied, {} queued, {} dead-lettered, {} requests in {:.2?}",
                     report.applied,
                     report.queued,
@@ -195,7 +204,7 @@ async fn command(cli: &Cli, config: &Config, wb: &WriteBehind) -> Result<(), Fai
                     report.requests,
                     report.duration
                 );
-                println!(
+                out!(
                     "now pending: {} ({} in flight)",
                     status.pending.total, status.pending.in_flight
                 );
@@ -219,7 +228,7 @@ async fn command(cli: &Cli, config: &Config, wb: &WriteBehind) -> Result<(), Fai
             if cli.json {
                 print_json(&serde_json::json!({ "cleared": n }))
             } else {
-                println!("cleared {n} pending ops");
+                out!("cleared {n} pending ops");
                 Ok(())
             }
         }
@@ -243,10 +252,10 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
                 return print_json(&letters);
             }
             if letters.is_empty() {
-                println!("no dead letters");
+                out!("no dead letters");
             }
             for d in letters {
-                println!(
+                out!(
                     "{:>6}  {:<6}  {}  attempts={}  {}{}",
                     d.id,
                     format!("{:?}", d.op).to_lowercase(),
@@ -275,7 +284,7 @@ fn report_count(json: bool, what: &str, n: usize) -> Result<(), Failure> {
     if json {
         print_json(&serde_json::json!({ what: n }))
     } else {
-        println!("{what} {n} dead letters");
+        out!("{what} {n} dead letters");
         Ok(())
     }
 }
@@ -331,15 +340,15 @@ fn print_status(s: &fga_wb::Status) {
         .pending
         .oldest_age
         .map_or("-".to_owned(), |a| format!("{:.1}s", a.as_secs_f64()));
-    println!("store             {:?} / {:?}", s.store, s.mode);
-    println!("openfga store     {}", s.store_id);
-    println!(
+    out!("store             {:?} / {:?}", s.store, s.mode);
+    out!("openfga store     {}", s.store_id);
+    out!(
         "pending           {} (writes {}, deletes {}), oldest {age}",
         s.pending.total, s.pending.writes, s.pending.deletes
     );
-    println!("in flight         {}", s.pending.in_flight);
+    out!("in flight         {}", s.pending.in_flight);
     if let Some(q) = &s.queue {
-        println!(
+        out!(
             "queue             {} pending, {} running, {} scheduled retries",
             q.pending, q.running, q.scheduled
         );
@@ -348,17 +357,17 @@ fn print_status(s: &fga_wb::Status) {
         } else {
             q.workers.join(", ")
         };
-        println!("workers seen      {workers}");
+        out!("workers seen      {workers}");
     }
-    println!("dead letters      {}", s.dead_letters);
+    out!("dead letters      {}", s.dead_letters);
     if let Some(why) = &s.flushing_stopped {
-        println!("FLUSHING STOPPED  {why}");
+        out!("FLUSHING STOPPED  {why}");
     }
     match &s.last_flush {
         Some(l) => {
             let ago = l.at.elapsed().map_or(0.0, |d| d.as_secs_f64());
             let r = &l.report;
-            println!(
+            out!(
                 "last flush        {ago:.0}s ago: {} applied, {} queued, {} dead-lettered, {} requests{}",
                 r.applied,
                 r.queued,
@@ -367,10 +376,10 @@ fn print_status(s: &fga_wb::Status) {
                 r.error.as_ref().map(|e| format!(", error: {e}")).unwrap_or_default()
             );
         }
-        None => println!("last flush        never"),
+        None => out!("last flush        never"),
     }
     let t = &s.totals;
-    println!(
+    out!(
         "totals            {} acknowledged, {} applied, {} coalesced, {} dead-lettered, {} cleared",
         t.acknowledged, t.applied, t.coalesced, t.dead_lettered, t.cleared
     );
@@ -379,7 +388,7 @@ fn print_status(s: &fga_wb::Status) {
 fn print_json<T: serde::Serialize>(v: &T) -> Result<(), Failure> {
     match serde_json::to_string_pretty(v) {
         Ok(s) => {
-            println!("{s}");
+            out!("{s}");
             Ok(())
         }
         Err(e) => Err(Failure {
