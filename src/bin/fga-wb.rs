@@ -127,14 +127,14 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
-            eout!("fga-wb: cannot start the async runtime: {e}");
+            eprintln!("fga-wb: cannot start the async runtime: {e}");
             return ExitCode::from(1);
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eout!("fga-wb: {}", f.message);
+            eprintln!("fga-wb: {}", f.message);
             ExitCode::from(f.code)
         }
     }
