@@ -377,7 +377,7 @@ impl Pacing {
         }
     }
 
-    fn after(&mut self, engine: &Engine, report: &FlushReport, retry_after: Option<Duration>) {
+    async fn after(&mut self, engine: &Engine, report: &FlushReport, retry_after: Option<Duration>) {
         let now = Instant::now();
         if report.error.is_some() {
             count!(engine.stats, retries, "fga_wb_flush_retries_total", 1);
@@ -388,8 +388,17 @@ impl Pacing {
             self.backoff = backoff_builder(&self.cfg);
             self.retry_at = None;
         }
+        // A flush that could take nothing although ops are pending (another
+        // process holds them) pauses the size and revoke triggers for one
+        // interval instead of spinning. Nothing pending: no pause, so the
+        // next revoke goes out at once.
+        let idle = report.requests == 0 && report.queued == 0 && report.error.is_none();
+        let left = match engine.store.pending().await {
+            Ok(p) => p.total,
+            Err(_) => 0,
+        };
         self.idle_until =
-            (report.requests == 0).then(|| now + self.cfg.interval.max(Duration::from_millis(10)));
+            (idle && left > 0).then(|| now + self.cfg.interval.max(Duration::from_millis(10)));
     }
 }
 
@@ -422,7 +431,7 @@ pub(crate) async fn run(
             }
         };
         let (report, hint) = engine.drain_with_hint(what).await;
-        pacing.after(&engine, &report, hint);
+        pacing.after(&engine, &report, hint).await;
         if let Some(reply) = reply {
             let _ = reply.send(report);
         }

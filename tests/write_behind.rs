@@ -43,3 +43,22 @@ async fn grant_check_flush_revoke() {
     let r = wb.shutdown().await.unwrap();
     assert_eq!(r.left.total, 0);
 }
+
+/// A revoke goes out at once even right after a flush that had nothing to
+/// write (that flush must not pause the revoke trigger).
+#[tokio::test]
+async fn revoke_after_an_empty_flush_goes_out_at_once() {
+    let s = new_store("wb-revoke-after-empty").await;
+    let mut cfg = config_for(&s);
+    cfg.flush.interval = Duration::from_secs(3600);
+    cfg.check.revoke_wait_timeout = Duration::from_secs(30);
+    let wb = WriteBehind::builder(cfg).build().await.unwrap();
+    wb.grant("user:anne", "viewer", "document:9").await.unwrap();
+    wb.flush().await.unwrap();
+    wb.flush().await.unwrap();
+    wb.revoke("user:anne", "viewer", "document:9").await.unwrap();
+    // The check waits for the revoke to land; with the trigger paused it
+    // would wait the whole hour-long interval and fail closed.
+    assert!(!wb.check("user:anne", "viewer", "document:9").await.unwrap());
+    assert!(stored(&s).await.is_empty());
+}

@@ -256,8 +256,9 @@ pub(crate) struct BatchCheckSingle {
     pub error: Option<serde_json::Value>,
 }
 
-/// A filter for Read. OpenFGA requires `object` (or at least its type) unless
-/// all three are empty, which reads every tuple of the store.
+/// A filter for Read. All empty reads every tuple of the store; otherwise
+/// OpenFGA requires `object` (`type:` alone matches every object of a type,
+/// but only together with `user`).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ReadFilter {
     /// Match this user exactly.
@@ -266,7 +267,7 @@ pub struct ReadFilter {
     /// Match this relation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relation: Option<String>,
-    /// Match this object, or every object of a type with `type:`.
+    /// Match this object (`type:` with a `user`: every object of the type).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub object: Option<String>,
 }
