@@ -471,6 +471,7 @@ impl WriteBehind {
         let ty = probe.object_type();
         let model = self.inner.model.as_deref();
         let rels = model.and_then(|m| m.depends_on(ty, &req.relation));
+        let deps = model.and_then(|m| m.depends_on_scoped(ty, &req.relation));
         // Read the generations before looking at anything pending: see
         // cache.rs. A shared store costs one round trip here, so that an op
         // acknowledged by another process is never hidden by this cache.
@@ -506,7 +507,7 @@ impl WriteBehind {
         let mut flushed = false;
         let grants = loop {
             changed.borrow_and_update();
-            let r = e.store.relevant(rels, room).await?;
+            let r = e.store.relevant(deps, &req.object, room).await?;
             if r.revokes > 0 {
                 // Contextual tuples cannot delete: wait for the revoke to land.
                 self.inner.wake.notify_one();

@@ -377,7 +377,12 @@ impl Pacing {
         }
     }
 
-    async fn after(&mut self, engine: &Engine, report: &FlushReport, retry_after: Option<Duration>) {
+    async fn after(
+        &mut self,
+        engine: &Engine,
+        report: &FlushReport,
+        retry_after: Option<Duration>,
+    ) {
         let now = Instant::now();
         if report.error.is_some() {
             count!(engine.stats, retries, "fga_wb_flush_retries_total", 1);

@@ -32,6 +32,9 @@ pub(crate) struct Model {
     /// For each `type#relation`: every `type#relation` whose tuples can change
     /// its checks (itself included), as names.
     depends_on: HashMap<RelName, Vec<RelName>>,
+    /// The same, each with whether only tuples on the checked object itself
+    /// matter (reached through `this`, `computedUserset` and tuplesets only).
+    scoped: HashMap<RelName, Vec<Dep>>,
     /// For each `type#relation`: the `type#relation`s whose checks its tuples
     /// can change.
     affects: HashMap<RelName, Vec<RelName>>,
@@ -48,6 +51,16 @@ struct AllowedUser {
     condition: Option<String>,
 }
 
+/// A relation a check depends on, and how far.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Dep {
+    /// `type#relation`.
+    pub rel: RelName,
+    /// Only tuples whose object is the checked object can change the check
+    /// through this relation; tuples on other objects cannot.
+    pub same_object: bool,
+}
+
 pub(crate) fn rel_name(object_type: &str, relation: &str) -> RelName {
     format!("{object_type}#{relation}")
 }
@@ -56,7 +69,8 @@ impl Model {
     /// Analyses a model as OpenFGA returns it.
     pub fn new(m: &AuthorizationModel) -> Model {
         let mut relations: HashMap<String, HashMap<String, Vec<AllowedUser>>> = HashMap::new();
-        let mut edges: HashMap<RelName, HashSet<RelName>> = HashMap::new();
+        // Edges carry whether the dependency stays on the same object.
+        let mut edges: HashMap<RelName, HashSet<(RelName, bool)>> = HashMap::new();
         let mut direct_implies = HashSet::new();
 
         for td in &m.type_definitions {
@@ -86,24 +100,36 @@ impl Model {
             }
         }
 
-        // Transitive closure: small graphs (tens to hundreds of relations).
+        // Transitive closure over (relation, still on the same object):
+        // small graphs (tens to hundreds of relations).
         let mut depends_on = HashMap::new();
+        let mut scoped = HashMap::new();
         for start in edges.keys() {
-            let mut seen: HashSet<RelName> = HashSet::new();
-            let mut stack = vec![start.clone()];
-            while let Some(n) = stack.pop() {
-                if seen.insert(n.clone()) {
-                    if let Some(next) = edges.get(&n) {
-                        stack.extend(next.iter().cloned());
+            let mut seen: HashSet<(RelName, bool)> = HashSet::new();
+            let mut stack = vec![(start.clone(), true)];
+            while let Some((n, same)) = stack.pop() {
+                if seen.insert((n.clone(), same)) {
+                    for (m, edge_same) in edges.get(&n).into_iter().flatten() {
+                        stack.push((m.clone(), same && *edge_same));
                     }
                 }
             }
-            let mut v: Vec<RelName> = seen.into_iter().collect();
-            v.sort();
-            depends_on.insert(start.clone(), v);
+            let mut deps: HashMap<RelName, bool> = HashMap::new();
+            for (rel, same) in seen {
+                let e = deps.entry(rel).or_insert(true);
+                *e = *e && same;
+            }
+            let mut v: Vec<Dep> = deps
+                .into_iter()
+                .map(|(rel, same_object)| Dep { rel, same_object })
+                .collect();
+            v.sort_by(|a, b| a.rel.cmp(&b.rel));
+            depends_on.insert(start.clone(), v.iter().map(|d| d.rel.clone()).collect());
+            scoped.insert(start.clone(), v);
         }
         let mut affects: HashMap<RelName, Vec<RelName>> = HashMap::new();
         for (check, deps) in &depends_on {
+            let deps: &Vec<RelName> = deps;
             for d in deps {
                 affects.entry(d.clone()).or_default().push(check.clone());
             }
@@ -115,6 +141,7 @@ impl Model {
             id: m.id.clone(),
             relations,
             depends_on,
+            scoped,
             affects,
             direct_implies,
         }
@@ -193,6 +220,13 @@ impl Model {
             .map(Vec::as_slice)
     }
 
+    /// [`Model::depends_on`], with how far each dependency reaches.
+    pub fn depends_on_scoped(&self, object_type: &str, relation: &str) -> Option<&[Dep]> {
+        self.scoped
+            .get(&rel_name(object_type, relation))
+            .map(Vec::as_slice)
+    }
+
     /// Every `type#relation` whose checks a tuple of `rel` can change; `None`
     /// for a relation the model does not know.
     pub fn affects(&self, rel: &str) -> Option<&[RelName]> {
@@ -245,14 +279,15 @@ fn collect_deps(
     relation: &str,
     rewrite: &Value,
     relations: &HashMap<String, HashMap<String, Vec<AllowedUser>>>,
-    out: &mut HashSet<RelName>,
+    out: &mut HashSet<(RelName, bool)>,
 ) {
     let Some(obj) = rewrite.as_object() else {
         return;
     };
     if obj.contains_key("this") {
-        out.insert(rel_name(ty, relation));
-        // Usersets (`group#member`) pull in the tuples of that relation too.
+        out.insert((rel_name(ty, relation), true));
+        // Usersets (`group#member`) pull in the tuples of that relation too,
+        // on the group objects, not the checked one.
         for a in relations
             .get(ty)
             .and_then(|r| r.get(relation))
@@ -260,13 +295,13 @@ fn collect_deps(
             .flatten()
         {
             if let Some(r) = &a.relation {
-                out.insert(rel_name(&a.type_name, r));
+                out.insert((rel_name(&a.type_name, r), false));
             }
         }
     }
     if let Some(cu) = obj.get("computedUserset") {
         if let Some(r) = cu.get("relation").and_then(Value::as_str) {
-            out.insert(rel_name(ty, r));
+            out.insert((rel_name(ty, r), true));
         }
     }
     if let Some(ttu) = obj.get("tupleToUserset") {
@@ -279,7 +314,9 @@ fn collect_deps(
             .and_then(|c| c.get("relation"))
             .and_then(Value::as_str);
         if let Some(ts) = tupleset {
-            out.insert(rel_name(ty, ts));
+            // The tupleset's tuples are on the checked object; the relation
+            // they lead to is on other objects (the parents).
+            out.insert((rel_name(ty, ts), true));
             if let Some(cr) = computed {
                 for a in relations
                     .get(ty)
@@ -287,7 +324,7 @@ fn collect_deps(
                     .into_iter()
                     .flatten()
                 {
-                    out.insert(rel_name(&a.type_name, cr));
+                    out.insert((rel_name(&a.type_name, cr), false));
                 }
             }
         }
@@ -361,6 +398,26 @@ mod tests {
         assert!(can_view.iter().any(|x| x == "document#blocked"));
         let affected = m.affects("document#blocked").unwrap();
         assert_eq!(affected, ["document#blocked", "document#can_view"]);
+    }
+
+    #[test]
+    fn dependencies_know_which_stay_on_the_checked_object() {
+        let m = model();
+        let deps = m.depends_on_scoped("document", "viewer").unwrap();
+        let same = |r: &str| deps.iter().find(|d| d.rel == r).map(|d| d.same_object);
+        // A document's own viewer, editor, owner and parent tuples.
+        assert_eq!(same("document#viewer"), Some(true));
+        assert_eq!(same("document#editor"), Some(true));
+        assert_eq!(same("document#owner"), Some(true));
+        assert_eq!(same("document#parent"), Some(true));
+        // Through the parent folder or a group: other objects.
+        assert_eq!(same("folder#viewer"), Some(false));
+        assert_eq!(same("folder#parent"), Some(false));
+        assert_eq!(same("group#member"), Some(false));
+        // A folder viewer check reaches folder#viewer on other folders too
+        // (viewer from parent), so there it is not same-object.
+        let f = m.depends_on_scoped("folder", "viewer").unwrap();
+        assert!(f.iter().any(|d| d.rel == "folder#viewer" && !d.same_object));
     }
 
     #[test]

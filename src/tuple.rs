@@ -152,6 +152,13 @@ impl TupleKey {
         validate_user(&self.user)?;
         validate_relation(&self.relation)?;
         validate_object(&self.object)?;
+        if self.user.split_once('#') == Some((self.object.as_str(), self.relation.as_str())) {
+            return Err(TupleError::new(
+                Field::User,
+                &self.user,
+                "is the tuple's own object and relation: the tuple would relate a set to itself, which OpenFGA refuses (implicit tuple)",
+            ));
+        }
         if let Some(c) = &self.condition {
             validate_condition_name(&c.name)?;
         }
@@ -469,6 +476,14 @@ mod tests {
     }
 
     #[test]
+    fn a_userset_of_the_tuple_itself_is_refused() {
+        let e = err("group:eng#member", "member", "group:eng");
+        assert_eq!(e.field, Field::User);
+        assert!(e.reason.contains("implicit"), "{e}");
+        assert!(TupleKey::new("group:eng#member", "member", "group:ops").is_ok());
+    }
+
+    #[test]
     fn empty_fields_are_named() {
         assert_eq!(err("", "viewer", "document:1").field, Field::User);
         assert_eq!(err("user:anne", "", "document:1").field, Field::Relation);
@@ -526,7 +541,9 @@ mod tests {
             let user = format!("{ty}:{id}");
             let object = format!("{ty}:{id}");
             prop_assert!(TupleKey::new(&user, &rel, &object).is_ok());
-            let userset = format!("{ty}:{id}#{rel}");
+            // A userset of another object (of its own object and relation
+            // it would be an implicit tuple, which OpenFGA refuses).
+            let userset = format!("{ty}:{id}_group#{rel}");
             prop_assert!(TupleKey::new(&userset, &rel, &object).is_ok());
         }
     }

@@ -206,7 +206,8 @@ async fn command(cli: &Cli, config: &Config, wb: &WriteBehind) -> Result<(), Fai
                 );
                 out!(
                     "now pending: {} ({} in flight)",
-                    status.pending.total, status.pending.in_flight
+                    status.pending.total,
+                    status.pending.in_flight
                 );
             }
             match report.error {
@@ -344,13 +345,17 @@ fn print_status(s: &fga_wb::Status) {
     out!("openfga store     {}", s.store_id);
     out!(
         "pending           {} (writes {}, deletes {}), oldest {age}",
-        s.pending.total, s.pending.writes, s.pending.deletes
+        s.pending.total,
+        s.pending.writes,
+        s.pending.deletes
     );
     out!("in flight         {}", s.pending.in_flight);
     if let Some(q) = &s.queue {
         out!(
             "queue             {} pending, {} running, {} scheduled retries",
-            q.pending, q.running, q.scheduled
+            q.pending,
+            q.running,
+            q.scheduled
         );
         let workers = if q.workers.is_empty() {
             "none".to_owned()
@@ -381,7 +386,11 @@ fn print_status(s: &fga_wb::Status) {
     let t = &s.totals;
     out!(
         "totals            {} acknowledged, {} applied, {} coalesced, {} dead-lettered, {} cleared",
-        t.acknowledged, t.applied, t.coalesced, t.dead_lettered, t.cleared
+        t.acknowledged,
+        t.applied,
+        t.coalesced,
+        t.dead_lettered,
+        t.cleared
     );
 }
 

@@ -13,6 +13,7 @@
 //! 40-byte slot, one queue entry), because the buffer may hold a million ops.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -22,7 +23,7 @@ use super::{
     key_of, tuple_of, DeadLetter, Finished, Outcome, Pending, Pushed, Relevant, Store, Take, Taken,
 };
 use crate::error::{Error, Kind, Result};
-use crate::model::{rel_name, RelName};
+use crate::model::{rel_name, Dep, RelName};
 use crate::tuple::{Condition, Op, TupleKey};
 
 /// The memory store.
@@ -49,7 +50,9 @@ struct Inner {
 /// The ops of one `type#relation`.
 #[derive(Default)]
 struct Part {
-    slots: HashMap<Arc<str>, Slot>,
+    /// Ordered, so the keys of one object (`object#relation@...`) are one
+    /// range: a check reads just its object's ops.
+    slots: BTreeMap<Arc<str>, Slot>,
     /// Keys whose pending op can be taken now, by kind (`[grants, revokes]`),
     /// ordered by the pending op's `first`.
     ready: [BTreeMap<u64, Arc<str>>; 2],
@@ -301,18 +304,33 @@ impl MemoryStore {
         f
     }
 
-    fn relevant_now(&self, rels: Option<&[RelName]>, limit: usize) -> Relevant {
+    fn relevant_now(&self, rels: Option<&[Dep]>, object: &str, limit: usize) -> Relevant {
         let g = self.lock();
-        let parts: Vec<&Part> = match rels {
-            None => g.parts.iter().collect(),
+        let parts: Vec<(&Part, bool)> = match rels {
+            None => g.parts.iter().map(|p| (p, false)).collect(),
             Some(rels) => rels
                 .iter()
-                .filter_map(|r| g.part_of.get(r))
-                .map(|&i| &g.parts[i])
+                .filter_map(|d| g.part_of.get(&d.rel).map(|&i| (&g.parts[i], d.same_object)))
                 .collect(),
         };
-        let revokes = parts.iter().map(|p| p.ops[1]).sum();
-        let grants: usize = parts.iter().map(|p| p.ops[0]).sum();
+        let prefix = format!("{object}#");
+        let (mut revokes, mut grants) = (0, 0);
+        for &(p, same) in &parts {
+            if same {
+                for (_, slot) in slots_of(p, &prefix, true) {
+                    let ops = slot.pending.iter().chain(slot.in_flight.as_deref());
+                    for e in ops {
+                        match e.op {
+                            Op::Grant => grants += 1,
+                            Op::Revoke => revokes += 1,
+                        }
+                    }
+                }
+            } else {
+                grants += p.ops[0];
+                revokes += p.ops[1];
+            }
+        }
         if revokes > 0 || grants > limit {
             return Relevant {
                 revokes,
@@ -320,8 +338,8 @@ impl MemoryStore {
             };
         }
         let mut out = Vec::with_capacity(grants);
-        for p in parts {
-            for (key, slot) in &p.slots {
+        for &(p, same) in &parts {
+            for (key, slot) in slots_of(p, &prefix, same) {
                 // The newest op on the key is the one that counts.
                 let newest = slot.pending.as_ref().or(slot.in_flight.as_deref());
                 if let Some(e) = newest.filter(|e| e.op == Op::Grant) {
@@ -402,6 +420,24 @@ impl MemoryStore {
     }
 }
 
+/// The slots that can matter to a check: one object's (all its keys start
+/// with `prefix`) for a same-object dependency, all of the part's otherwise.
+fn slots_of<'a>(
+    p: &'a Part,
+    prefix: &'a str,
+    same_object: bool,
+) -> Box<dyn Iterator<Item = (&'a Arc<str>, &'a Slot)> + 'a> {
+    if same_object {
+        Box::new(
+            p.slots
+                .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+                .take_while(move |(k, _)| k.starts_with(prefix)),
+        )
+    } else {
+        Box::new(p.slots.iter())
+    }
+}
+
 impl Inner {
     fn now_cs(&self) -> u32 {
         u32::try_from(self.epoch.elapsed().as_millis() / 10).unwrap_or(u32::MAX)
@@ -433,10 +469,11 @@ impl Store for MemoryStore {
 
     fn relevant<'a>(
         &'a self,
-        rels: Option<&'a [RelName]>,
+        rels: Option<&'a [Dep]>,
+        object: &'a str,
         limit: usize,
     ) -> BoxFuture<'a, Result<Relevant>> {
-        Box::pin(future::ready(Ok(self.relevant_now(rels, limit))))
+        Box::pin(future::ready(Ok(self.relevant_now(rels, object, limit))))
     }
 
     fn latest<'a>(&'a self, tuple: &'a TupleKey) -> BoxFuture<'a, Result<Option<(Op, bool)>>> {
@@ -565,12 +602,18 @@ mod tests {
             .unwrap();
         s.push_now(&t("user:b", "blocked", "document:1"), Op::Revoke)
             .unwrap();
-        let viewer = vec!["document#viewer".to_string()];
-        let r = s.relevant_now(Some(&viewer), 100);
+        let viewer = vec![Dep {
+            rel: "document#viewer".to_string(),
+            same_object: true,
+        }];
+        let r = s.relevant_now(Some(&viewer), "document:1", 100);
         assert_eq!(r.revokes, 0);
         assert_eq!(r.grants.unwrap().len(), 1);
+        // Another document's grants don't matter to a same-object dependency.
+        let r = s.relevant_now(Some(&viewer), "document:10", 100);
+        assert_eq!(r.grants.unwrap().len(), 0);
         let _taken = s.take_now(10, Take::All, u64::MAX);
-        let r = s.relevant_now(None, 100);
+        let r = s.relevant_now(None, "document:1", 100);
         assert_eq!(r.revokes, 1, "an in-flight revoke still counts");
         assert!(r.grants.is_none());
     }

@@ -23,7 +23,7 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::model::RelName;
+use crate::model::{Dep, RelName};
 use crate::tuple::{Condition, Op, TupleKey};
 
 /// An op taken for writing, with what is needed to finish it.
@@ -167,10 +167,13 @@ pub(crate) trait Store: Send + Sync + 'static {
     }
     /// Ends in-flight ops with their outcomes.
     fn finish(&self, done: Vec<(Taken, Outcome)>) -> BoxFuture<'_, Result<Finished>>;
-    /// Pending work on the relations `rels` (`None`: every relation).
+    /// Pending work that can change a check of `object`: on the relations
+    /// `rels` (`None`: every relation), and for a same-object dependency
+    /// only on `object` itself.
     fn relevant<'a>(
         &'a self,
-        rels: Option<&'a [RelName]>,
+        rels: Option<&'a [Dep]>,
+        object: &'a str,
         limit: usize,
     ) -> BoxFuture<'a, Result<Relevant>>;
     /// The newest op on one key, pending or in flight, and whether it has a

@@ -11,7 +11,8 @@
 --   P:leases         zset    taken tuple keys -> lease end (ms)
 --   P:counts         hash    rg, rr (ready grants / revokes), t (taken)
 --   P:rel            hash    "type#rel|g" / "type#rel|r" -> latest ops by kind
---   P:relg:type#rel  set     tuple keys whose latest op is a grant
+--   P:lex:type#rel|g|r zset  tuple keys by the kind of their latest op, all
+--                            score 0, so one object's keys are one lex range
 --   P:locks          hash    tuple key -> "owner|until_ms" while being written
 --   P:dead           hash    id -> dead letter (JSON); P:deadseq its counter
 --   P:stats          hash    totals
@@ -51,12 +52,10 @@ local function count_latest(key, op, d)
   local rel = rel_of(key)
   if not rel then return end
   redis.call('HINCRBY', P .. ':rel', rel .. '|' .. op, d)
-  if op == 'g' then
-    if d > 0 then
-      redis.call('SADD', P .. ':relg:' .. rel, key)
-    else
-      redis.call('SREM', P .. ':relg:' .. rel, key)
-    end
+  if d > 0 then
+    redis.call('ZADD', P .. ':lex:' .. rel .. '|' .. op, 0, key)
+  else
+    redis.call('ZREM', P .. ':lex:' .. rel .. '|' .. op, key)
   end
 end
 
@@ -258,31 +257,50 @@ if cmd == 'finish' then
   return { applied, dead, requeued, superseded }
 end
 
--- relevant limit nrels rel* -> {revokes, grants, (key, cond)*}; no list
--- when there are revokes or more grants than limit. nrels = 0: every relation.
+-- relevant limit object nrels (rel same)* -> {revokes, grants, (key, cond)*}
+-- same = 1: only ops on `object` count. No list when there are revokes or
+-- more grants than limit. nrels = 0: every relation, every object.
 if cmd == 'relevant' then
-  local limit, nrels = tonumber(ARGV[2]), tonumber(ARGV[3])
+  local limit, object, nrels = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
   local rels = {}
   if nrels == 0 then
-    local all = redis.call('HKEYS', P .. ':rel')
     local seen = {}
-    for _, f in ipairs(all) do
+    for _, f in ipairs(redis.call('HKEYS', P .. ':rel')) do
       local rel = string.match(f, '^(.*)|[gr]$')
-      if rel and not seen[rel] then seen[rel] = true; table.insert(rels, rel) end
+      if rel and not seen[rel] then
+        seen[rel] = true
+        table.insert(rels, { rel, false })
+      end
     end
   else
-    for i = 1, nrels do table.insert(rels, ARGV[3 + i]) end
+    for i = 0, nrels - 1 do
+      table.insert(rels, { ARGV[5 + i * 2], ARGV[6 + i * 2] == '1' })
+    end
   end
+  local lo, hi = '[' .. object .. '#', '[' .. object .. '#\255'
   local revokes, grants = 0, 0
-  for _, rel in ipairs(rels) do
-    local c = redis.call('HMGET', P .. ':rel', rel .. '|g', rel .. '|r')
-    grants = grants + math.max(tonumber(c[1]) or 0, 0)
-    revokes = revokes + math.max(tonumber(c[2]) or 0, 0)
+  for _, r in ipairs(rels) do
+    local rel, same = r[1], r[2]
+    if same then
+      grants = grants + redis.call('ZLEXCOUNT', P .. ':lex:' .. rel .. '|g', lo, hi)
+      revokes = revokes + redis.call('ZLEXCOUNT', P .. ':lex:' .. rel .. '|r', lo, hi)
+    else
+      local c = redis.call('HMGET', P .. ':rel', rel .. '|g', rel .. '|r')
+      grants = grants + math.max(tonumber(c[1]) or 0, 0)
+      revokes = revokes + math.max(tonumber(c[2]) or 0, 0)
+    end
   end
   local out = { revokes, grants }
   if revokes > 0 or grants > limit then return out end
-  for _, rel in ipairs(rels) do
-    for _, key in ipairs(redis.call('SMEMBERS', P .. ':relg:' .. rel)) do
+  for _, r in ipairs(rels) do
+    local rel, same = r[1], r[2]
+    local keys
+    if same then
+      keys = redis.call('ZRANGEBYLEX', P .. ':lex:' .. rel .. '|g', lo, hi)
+    else
+      keys = redis.call('ZRANGE', P .. ':lex:' .. rel .. '|g', 0, -1)
+    end
+    for _, key in ipairs(keys) do
       local e = parse(redis.call('HGET', P .. ':ops', key))
       if e and e.op == 'g' then
         table.insert(out, key)

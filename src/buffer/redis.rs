@@ -25,7 +25,7 @@ use super::{
     StoreEvent, Take, Taken,
 };
 use crate::error::{Error, Kind, Result};
-use crate::model::RelName;
+use crate::model::{Dep, RelName};
 use crate::openfga::redact_url;
 use crate::tuple::{Condition, Op, TupleKey};
 
@@ -312,21 +312,29 @@ impl RedisStore {
         })
     }
 
-    async fn relevant_now(&self, rels: Option<&[RelName]>, limit: usize) -> Result<Relevant> {
-        let mut args = vec!["relevant".into(), limit.to_string()];
-        match rels {
-            None => args.push("0".into()),
-            Some(r) => {
-                args.push(r.len().to_string());
-                args.extend(r.iter().cloned());
-            }
-        }
+    async fn relevant_now(
+        &self,
+        rels: Option<&[Dep]>,
+        object: &str,
+        limit: usize,
+    ) -> Result<Relevant> {
         // A model with no relations at all still means "only these".
-        if rels.is_some_and(<[RelName]>::is_empty) {
+        if rels.is_some_and(<[Dep]>::is_empty) {
             return Ok(Relevant {
                 revokes: 0,
                 grants: Some(Vec::new()),
             });
+        }
+        let mut args = vec!["relevant".into(), limit.to_string(), object.to_owned()];
+        match rels {
+            None => args.push("0".into()),
+            Some(r) => {
+                args.push(r.len().to_string());
+                for d in r {
+                    args.push(d.rel.clone());
+                    args.push(if d.same_object { "1" } else { "0" }.into());
+                }
+            }
         }
         let v = items(self.call(args).await?)?;
         let revokes = v.first().map_or(Ok(0), int)?.max(0) as usize;
@@ -598,10 +606,11 @@ impl Store for RedisStore {
 
     fn relevant<'a>(
         &'a self,
-        rels: Option<&'a [RelName]>,
+        rels: Option<&'a [Dep]>,
+        object: &'a str,
         limit: usize,
     ) -> BoxFuture<'a, Result<Relevant>> {
-        Box::pin(self.relevant_now(rels, limit))
+        Box::pin(self.relevant_now(rels, object, limit))
     }
 
     fn latest<'a>(&'a self, tuple: &'a TupleKey) -> BoxFuture<'a, Result<Option<(Op, bool)>>> {

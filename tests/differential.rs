@@ -1,0 +1,518 @@
+//! Differential test of the handle against OpenFGA itself.
+//!
+//! Thousands of random grants, revokes, checks and occasional flushes on the
+//! documents model (`models/documents.fga`), over a universe small enough
+//! that ops interact (4 users, 2 groups, 3 folders, 4 documents: group
+//! nesting, folder chains and cycles, usersets, the `user:*` wildcard, `but
+//! not` and `and`). Every op the handle acknowledges is also written to a
+//! second store, the *oracle*, before the oracle is next asked, so the oracle
+//! is "OpenFGA with every acknowledged op applied". After every check on the
+//! handle, the same check goes to the oracle with HIGHER_CONSISTENCY. (The
+//! oracle writes wait until just after the handle's check, so that the check
+//! follows the op at once: an oracle round trip in between would give the
+//! handle's flusher time to apply a revoke and hide a missing wait. Half the
+//! checks are on the object of the last op, where it most likely changed
+//! something.)
+//!
+//! * **stale allow** (handle `true`, oracle `false`) breaks promise 3 and
+//!   fails the test;
+//! * **stale deny** (handle `false`, or a fail-closed stale-check error,
+//!   where the oracle says `true`) is allowed by the design and counted.
+//!
+//! At the end the handle is flushed: its store must hold exactly the
+//! oracle's tuples, and with nothing pending every check must agree.
+//!
+//! Two variants: `manual_flushes` (nothing flushes by itself but revokes,
+//! checks are answered from pending grants; ~2% of ops are `flush()`), and
+//! `background_flushes` (a 50 ms flush interval and a 50 ms cache TTL, so the
+//! flusher and cache expiry interleave with the ops).
+//!
+//! `FGA_WB_DIFF_SEED` and `FGA_WB_DIFF_OPS` override the seed and the number
+//! of ops; the counts are printed (`--nocapture`), and on a stale allow the
+//! whole op log is written under the target directory.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use fga_wb::openfga::{CheckRequest, Consistency, WriteRequest};
+use fga_wb::{TupleKey, WriteBehind};
+use support::{config_for, new_store, stored, TestStore};
+
+/// xorshift64*: deterministic, good enough to pick ops, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+        &v[self.below(v.len())]
+    }
+}
+
+const USERS: [&str; 4] = ["user:u0", "user:u1", "user:u2", "user:u3"];
+const GROUPS: [&str; 2] = ["group:g0", "group:g1"];
+const FOLDERS: [&str; 3] = ["folder:f0", "folder:f1", "folder:f2"];
+const DOCUMENTS: [&str; 4] = ["document:d0", "document:d1", "document:d2", "document:d3"];
+
+/// The universe: every model-valid tuple, and every check, grouped in
+/// categories so that rare-but-important kinds (parent links, nesting) come
+/// up as often as the plentiful ones.
+struct Universe {
+    tuples: Vec<Vec<String>>,
+    checks: Vec<Vec<String>>,
+}
+
+fn key(object: &str, relation: &str, user: &str) -> String {
+    format!("{object}#{relation}@{user}")
+}
+
+impl Universe {
+    fn new() -> Universe {
+        let members: Vec<String> = GROUPS.iter().map(|g| format!("{g}#member")).collect();
+        let mut tuples: Vec<Vec<String>> = Vec::new();
+        let mut cat = |f: &mut dyn FnMut(&mut Vec<String>)| {
+            let mut v = Vec::new();
+            f(&mut v);
+            tuples.push(v);
+        };
+        // group#member: [user, group#member] (cycles included). Not
+        // `group:g#member@group:g#member`: OpenFGA refuses it ("cannot write a
+        // tuple that is implicit").
+        cat(&mut |v| {
+            for g in GROUPS {
+                v.extend(USERS.iter().map(|u| key(g, "member", u)));
+            }
+        });
+        cat(&mut |v| {
+            for g in GROUPS {
+                v.extend(
+                    members
+                        .iter()
+                        .filter(|m| !m.starts_with(&format!("{g}#")))
+                        .map(|m| key(g, "member", m)),
+                );
+            }
+        });
+        for objects in [&FOLDERS[..], &DOCUMENTS[..]] {
+            // owner: [user]
+            cat(&mut |v| {
+                for o in objects {
+                    v.extend(USERS.iter().map(|u| key(o, "owner", u)));
+                }
+            });
+            // parent: [folder] (folder chains, cycles and self-parents too)
+            cat(&mut |v| {
+                for o in objects {
+                    v.extend(FOLDERS.iter().map(|f| key(o, "parent", f)));
+                }
+            });
+            // editor: [user, group#member]
+            cat(&mut |v| {
+                for o in objects {
+                    v.extend(USERS.iter().map(|u| key(o, "editor", u)));
+                    v.extend(members.iter().map(|m| key(o, "editor", m)));
+                }
+            });
+            // viewer: [user, user:*, group#member] (`user with non_expired`
+            // needs a check context; left out)
+            cat(&mut |v| {
+                for o in objects {
+                    v.extend(USERS.iter().map(|u| key(o, "viewer", u)));
+                    v.push(key(o, "viewer", "user:*"));
+                    v.extend(members.iter().map(|m| key(o, "viewer", m)));
+                }
+            });
+        }
+        // document#blocked: [user]
+        cat(&mut |v| {
+            for d in DOCUMENTS {
+                v.extend(USERS.iter().map(|u| key(d, "blocked", u)));
+            }
+        });
+
+        let mut checks: Vec<Vec<String>> = Vec::new();
+        let per_user = |objects: &[&str], relation: &str| -> Vec<String> {
+            objects
+                .iter()
+                .flat_map(|o| USERS.iter().map(move |u| key(o, relation, u)))
+                .collect()
+        };
+        checks.push(per_user(&GROUPS, "member"));
+        for r in ["owner", "editor", "viewer"] {
+            checks.push(per_user(&FOLDERS, r));
+        }
+        for r in [
+            "owner",
+            "editor",
+            "viewer",
+            "blocked",
+            "can_view",
+            "can_share",
+        ] {
+            checks.push(per_user(&DOCUMENTS, r));
+        }
+        // The relation's direct tuples, asked as checks too.
+        checks.push(
+            FOLDERS
+                .iter()
+                .chain(DOCUMENTS.iter())
+                .flat_map(|o| FOLDERS.iter().map(move |f| key(o, "parent", f)))
+                .collect(),
+        );
+        checks.push(
+            GROUPS
+                .iter()
+                .flat_map(|g| members.iter().map(move |m| key(g, "member", m)))
+                .collect(),
+        );
+        Universe { tuples, checks }
+    }
+
+    fn random_tuple(&self, rng: &mut Rng) -> String {
+        let cat = rng.pick(&self.tuples);
+        rng.pick(cat).clone()
+    }
+
+    fn random_check(&self, rng: &mut Rng) -> String {
+        let cat = rng.pick(&self.checks);
+        rng.pick(cat).clone()
+    }
+
+    /// A check on `object`, or, for a group, on something its members may
+    /// reach: the checks an op on `object` most likely changes.
+    fn check_near(&self, object: &str, rng: &mut Rng) -> String {
+        let near: Vec<&String> = self
+            .all_checks()
+            .filter(|q| {
+                let (_, _, o) = parse(q);
+                o == object || (object.starts_with("group:") && o.starts_with("document:"))
+            })
+            .collect();
+        (*rng.pick(&near)).clone()
+    }
+
+    fn all_checks(&self) -> impl Iterator<Item = &String> {
+        self.checks.iter().flatten()
+    }
+}
+
+/// Acknowledged ops not yet written to the oracle.
+#[derive(Default)]
+struct Deferred(Vec<(bool, String)>);
+
+impl Deferred {
+    /// Writes them to the oracle, in order, one request each (a grant and a
+    /// revoke of one tuple cannot share a request).
+    async fn apply(&mut self, oracle: &TestStore) {
+        for (grant, t) in self.0.drain(..) {
+            let w = if grant {
+                WriteRequest::idempotent(vec![tuple(&t)], vec![])
+            } else {
+                WriteRequest::idempotent(vec![], vec![tuple(&t)])
+            };
+            oracle
+                .client
+                .write(&oracle.store_id, &w)
+                .await
+                .unwrap_or_else(|e| panic!("oracle write of {t} (grant: {grant}): {e}"));
+        }
+    }
+}
+
+/// `object#relation@user` into (user, relation, object).
+fn parse(t: &str) -> (&str, &str, &str) {
+    let (object, rest) = t.split_once('#').expect("object#relation@user");
+    let (relation, user) = rest.split_once('@').expect("object#relation@user");
+    (user, relation, object)
+}
+
+fn tuple(t: &str) -> TupleKey {
+    let (user, relation, object) = parse(t);
+    TupleKey::new(user, relation, object).expect("valid tuple")
+}
+
+/// OpenFGA's answer in `s`, bypassing its caches.
+async fn ground_truth(s: &TestStore, check: &str) -> bool {
+    let (user, relation, object) = parse(check);
+    let mut req = CheckRequest::new(user, relation, object);
+    req.consistency = Consistency::HigherConsistency;
+    req.authorization_model_id = Some(s.model_id.clone());
+    s.client
+        .check(&s.store_id, &req)
+        .await
+        .unwrap_or_else(|e| panic!("oracle check {check}: {e}"))
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    grants: usize,
+    revokes: usize,
+    flushes: usize,
+    checks: usize,
+    /// Checks the oracle answered `true`.
+    oracle_true: usize,
+    agree: usize,
+    /// Agreeing denies that came as a fail-closed error.
+    agree_failed_closed: usize,
+    stale_allow: usize,
+    stale_deny: usize,
+    /// Stale denies that came as a fail-closed error.
+    stale_deny_failed_closed: usize,
+}
+
+struct Variant {
+    name: &'static str,
+    seed: u64,
+    configure: fn(&mut fga_wb::Config),
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn run(v: Variant) -> Counts {
+    let seed = env_or("FGA_WB_DIFF_SEED", v.seed);
+    let ops = env_or("FGA_WB_DIFF_OPS", 3000usize);
+    let store = new_store(&format!("diff-{}", v.name)).await;
+    let oracle = new_store(&format!("diff-{}-oracle", v.name)).await;
+    let mut cfg = config_for(&store);
+    (v.configure)(&mut cfg);
+    let wb = WriteBehind::builder(cfg)
+        .build()
+        .await
+        .expect("build handle");
+
+    let universe = Universe::new();
+    let mut rng = Rng::new(seed);
+    let mut acknowledged: BTreeSet<String> = BTreeSet::new();
+    let mut log: Vec<String> = Vec::with_capacity(ops);
+    let mut first_stale_allow: Option<usize> = None;
+    // The oracle gets each acknowledged op before it is next asked, but
+    // after the handle is: so the handle's check follows the op at once,
+    // without an oracle round trip that would give its flusher time.
+    let mut deferred = Deferred::default();
+    let mut last_object: Option<String> = None;
+    let mut c = Counts::default();
+    let started = Instant::now();
+
+    for i in 0..ops {
+        let dice = rng.below(100);
+        if dice < 2 {
+            let r = wb.flush().await.expect("flush");
+            assert_eq!(r.error, None, "{}: flush at op {i}: {r:?}", v.name);
+            assert_eq!(r.dead_lettered, 0, "{}: flush at op {i}: {r:?}", v.name);
+            c.flushes += 1;
+            log.push(format!("{i}: flush ({} requests)", r.requests));
+        } else if dice < 40 {
+            let t = universe.random_tuple(&mut rng);
+            let (user, relation, object) = parse(&t);
+            wb.grant(user, relation, object)
+                .await
+                .unwrap_or_else(|e| panic!("{}: grant {t}: {e}", v.name));
+            deferred.0.push((true, t.clone()));
+            c.grants += 1;
+            log.push(format!("{i}: grant {t}"));
+            last_object = Some(parse(&t).2.to_owned());
+            acknowledged.insert(t);
+        } else if dice < 60 {
+            // Mostly revoke something granted; sometimes something absent.
+            let t = if !acknowledged.is_empty() && rng.below(4) != 0 {
+                let n = rng.below(acknowledged.len());
+                acknowledged.iter().nth(n).cloned().expect("in range")
+            } else {
+                universe.random_tuple(&mut rng)
+            };
+            let (user, relation, object) = parse(&t);
+            wb.revoke(user, relation, object)
+                .await
+                .unwrap_or_else(|e| panic!("{}: revoke {t}: {e}", v.name));
+            deferred.0.push((false, t.clone()));
+            c.revokes += 1;
+            log.push(format!("{i}: revoke {t}"));
+            last_object = Some(parse(&t).2.to_owned());
+            acknowledged.remove(&t);
+        } else {
+            // Half the checks are near the last op, where it most likely
+            // changed something.
+            let q = match &last_object {
+                Some(o) if rng.below(2) == 0 => universe.check_near(o, &mut rng),
+                _ => universe.random_check(&mut rng),
+            };
+            let (user, relation, object) = parse(&q);
+            let got = wb.check(user, relation, object).await;
+            deferred.apply(&oracle).await;
+            let truth = ground_truth(&oracle, &q).await;
+            c.checks += 1;
+            c.oracle_true += usize::from(truth);
+            let verdict = match (&got, truth) {
+                (Ok(a), t) if *a == t => {
+                    c.agree += 1;
+                    "agree"
+                }
+                (Ok(true), false) => {
+                    c.stale_allow += 1;
+                    first_stale_allow.get_or_insert(i);
+                    "STALE ALLOW"
+                }
+                (Ok(false), true) => {
+                    c.stale_deny += 1;
+                    "stale deny"
+                }
+                (Err(e), t) if e.is_stale_check() => {
+                    if t {
+                        c.stale_deny += 1;
+                        c.stale_deny_failed_closed += 1;
+                        "stale deny (failed closed)"
+                    } else {
+                        c.agree += 1;
+                        c.agree_failed_closed += 1;
+                        "agree (failed closed)"
+                    }
+                }
+                (Err(e), _) => panic!("{}: check {q} at op {i}: {e}", v.name),
+                (Ok(_), _) => unreachable!("covered above"),
+            };
+            log.push(format!(
+                "{i}: check {q}: handle {got:?}, oracle {truth}: {verdict}"
+            ));
+        }
+    }
+    let elapsed = started.elapsed();
+
+    deferred.apply(&oracle).await;
+    // Everything acknowledged reaches OpenFGA, and nothing else.
+    let r = wb.flush().await.expect("final flush");
+    assert_eq!(r.error, None, "{}: final flush: {r:?}", v.name);
+    assert_eq!(wb.pending().await.unwrap().total, 0);
+    let ours = stored(&store).await;
+    let theirs = stored(&oracle).await;
+    let want: Vec<String> = acknowledged.iter().cloned().collect();
+    assert_eq!(
+        theirs, want,
+        "{}: the oracle holds the acknowledged set",
+        v.name
+    );
+    assert_eq!(ours, theirs, "{}: handle's store vs oracle", v.name);
+
+    // With nothing pending, every check in the universe agrees exactly.
+    let mut sweep_mismatches = Vec::new();
+    for q in universe.all_checks() {
+        let (user, relation, object) = parse(q);
+        let got = wb.check(user, relation, object).await;
+        let truth = ground_truth(&oracle, q).await;
+        if !matches!(got, Ok(a) if a == truth) {
+            sweep_mismatches.push(format!("{q}: handle {got:?}, oracle {truth}"));
+        }
+    }
+    let _ = wb.shutdown().await;
+
+    println!(
+        "differential {}: seed {seed}, {ops} ops in {elapsed:.1?} ({} grants, {} revokes, {} flushes, \
+         {} checks, {} true in OpenFGA): agree {} (of which failed closed {}), stale-allow {}, \
+         stale-deny {} (of which failed closed {}); final tuples {}",
+        v.name,
+        c.grants,
+        c.revokes,
+        c.flushes,
+        c.checks,
+        c.oracle_true,
+        c.agree,
+        c.agree_failed_closed,
+        c.stale_allow,
+        c.stale_deny,
+        c.stale_deny_failed_closed,
+        ours.len()
+    );
+    if let Some(at) = first_stale_allow {
+        let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("differential-{}-{seed}.log", v.name));
+        let mut text = String::new();
+        for line in &log {
+            let _ = writeln!(text, "{line}");
+        }
+        let _ = std::fs::write(&path, text);
+        let from = at.saturating_sub(40);
+        panic!(
+            "{}: {} stale allows (first at op {at}); full log in {}; ops {from}..={at}:\n{}",
+            v.name,
+            c.stale_allow,
+            path.display(),
+            log[from..=at].join("\n")
+        );
+    }
+    assert!(
+        sweep_mismatches.is_empty(),
+        "{}: with nothing pending, the handle disagrees with OpenFGA on:\n{}",
+        v.name,
+        sweep_mismatches.join("\n")
+    );
+    c
+}
+
+/// Nothing flushes by itself but revokes (eagerly): checks are answered from
+/// pending grants sent as contextual tuples, past 100 of them by flushing
+/// first; ~2% of ops are an explicit `flush()`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn differential_manual_flushes() {
+    let c = run(Variant {
+        name: "manual",
+        seed: 0x5EED_0001,
+        configure: |cfg| {
+            cfg.flush.interval = Duration::from_secs(3600);
+            cfg.flush.batch_size = 100_000;
+            cfg.cache.ttl = Duration::from_secs(3600);
+            // Revokes are flushed eagerly (milliseconds against a local
+            // OpenFGA); a check waiting longer fails closed and is counted.
+            cfg.check.revoke_wait_timeout = Duration::from_millis(500);
+        },
+    })
+    .await;
+    assert_eq!(c.stale_allow, 0);
+    assert!(c.checks > 500 && c.grants > 500 && c.revokes > 300, "{c:?}");
+    assert!(
+        c.oracle_true > c.checks / 10,
+        "too few allowed checks to mean much: {c:?}"
+    );
+}
+
+/// Background flushes every 50 ms and a 50 ms cache TTL: the flusher, the
+/// in-flight set and cache expiry interleave with grants, revokes and checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn differential_background_flushes() {
+    let c = run(Variant {
+        name: "background",
+        seed: 0x5EED_0002,
+        configure: |cfg| {
+            cfg.flush.interval = Duration::from_millis(50);
+            cfg.cache.ttl = Duration::from_millis(50);
+        },
+    })
+    .await;
+    assert_eq!(c.stale_allow, 0);
+    assert!(c.checks > 500 && c.grants > 500 && c.revokes > 300, "{c:?}");
+    assert!(
+        c.oracle_true > c.checks / 10,
+        "too few allowed checks to mean much: {c:?}"
+    );
+}
