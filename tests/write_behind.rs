@@ -56,7 +56,9 @@ async fn revoke_after_an_empty_flush_goes_out_at_once() {
     wb.grant("user:anne", "viewer", "document:9").await.unwrap();
     wb.flush().await.unwrap();
     wb.flush().await.unwrap();
-    wb.revoke("user:anne", "viewer", "document:9").await.unwrap();
+    wb.revoke("user:anne", "viewer", "document:9")
+        .await
+        .unwrap();
     // The check waits for the revoke to land; with the trigger paused it
     // would wait the whole hour-long interval and fail closed.
     assert!(!wb.check("user:anne", "viewer", "document:9").await.unwrap());
