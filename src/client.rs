@@ -148,6 +148,7 @@ impl Builder {
             sink,
             job_lease: crate::buffer::redis::job_lease(&config),
             room_wanted: Default::default(),
+            revoke_wanted: Default::default(),
         });
         let wake = Arc::new(Notify::new());
         let (commands, rx) = mpsc::channel(16);
@@ -348,7 +349,10 @@ impl WriteBehind {
         if pushed.coalesced {
             count!(e.stats, coalesced, "fga_wb_ops_coalesced_total", 1);
         }
-        if op == Op::Revoke || pushed.pending == 1 || pushed.pending >= e.cfg.batch_size {
+        if (op == Op::Revoke && e.cfg.eager_revokes)
+            || pushed.pending == 1
+            || pushed.pending >= e.cfg.batch_size
+        {
             self.inner.wake.notify_one();
         }
         Ok(())
@@ -510,6 +514,8 @@ impl WriteBehind {
             let r = e.store.relevant(deps, &req.object, room).await?;
             if r.revokes > 0 {
                 // Contextual tuples cannot delete: wait for the revoke to land.
+                e.revoke_wanted
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 self.inner.wake.notify_one();
                 match tokio::time::timeout_at(deadline, changed.changed()).await {
                     Ok(Ok(())) => continue,

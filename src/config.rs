@@ -213,6 +213,10 @@ pub struct FlushConfig {
     /// Longest backoff after repeated transient failures (inline mode).
     #[serde(with = "duration")]
     pub retry_max_backoff: Duration,
+    /// Flush revokes as soon as they arrive. Off: revokes wait for the batch
+    /// size or interval like grants (fewer writes under churn), unless a
+    /// check is waiting for one, which flushes at once.
+    pub eager_revokes: bool,
     /// How long `shutdown()` keeps flushing before it reports what is left.
     #[serde(with = "duration")]
     pub shutdown_deadline: Duration,
@@ -228,6 +232,7 @@ impl Default for FlushConfig {
             max_parallel_requests: 8,
             retry_initial_backoff: Duration::from_millis(100),
             retry_max_backoff: Duration::from_secs(30),
+            eager_revokes: true,
             shutdown_deadline: Duration::from_secs(10),
         }
     }

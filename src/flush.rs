@@ -42,6 +42,9 @@ pub(crate) struct Engine {
     pub sink: Option<Sink>,
     /// How long ops pushed as a job stay owned by it (queue mode).
     pub job_lease: Duration,
+    /// Set by a check waiting for a pending revoke: flush revokes now, even
+    /// with `eager_revokes` off.
+    pub revoke_wanted: AtomicBool,
     /// Set by a caller blocked on a full buffer: flush now, whatever the
     /// batch size and interval say.
     pub room_wanted: AtomicBool,
@@ -81,6 +84,7 @@ impl Engine {
     /// (`Retry-After`) if it stopped the flush.
     async fn drain_with_hint(&self, what: Take) -> (FlushReport, Option<Duration>) {
         self.room_wanted.store(false, Ordering::Relaxed);
+        self.revoke_wanted.store(false, Ordering::Relaxed);
         let started = std::time::Instant::now();
         let span = tracing::info_span!(
             "fga_wb.flush",
@@ -472,7 +476,7 @@ async fn next_due(engine: &Engine, pacing: &Pacing) -> Option<(Instant, Take)> {
     }
     let age = pending.oldest_age.unwrap_or_default();
     let interval_due = now + cfg.interval.saturating_sub(age);
-    if pending.deletes > 0 {
+    if pending.deletes > 0 && (cfg.eager_revokes || engine.revoke_wanted.load(Ordering::Relaxed)) {
         return Some((floor(now), Take::Revokes));
     }
     Some((floor(interval_due), Take::All))

@@ -64,3 +64,24 @@ async fn revoke_after_an_empty_flush_goes_out_at_once() {
     assert!(!wb.check("user:anne", "viewer", "document:9").await.unwrap());
     assert!(stored(&s).await.is_empty());
 }
+
+/// With `flush.eager_revokes` off, a revoke waits for the batch or interval
+/// like a grant, until a check needs it: then it is flushed at once and the
+/// check is denied.
+#[tokio::test]
+async fn lazy_revokes_are_flushed_when_a_check_needs_them() {
+    let s = new_store("wb-lazy-revokes").await;
+    let mut cfg = config_for(&s);
+    cfg.flush.interval = Duration::from_secs(3600);
+    cfg.flush.eager_revokes = false;
+    cfg.check.revoke_wait_timeout = Duration::from_secs(30);
+    let wb = WriteBehind::builder(cfg).build().await.unwrap();
+    wb.grant("user:anne", "viewer", "document:7").await.unwrap();
+    wb.flush().await.unwrap();
+    wb.revoke("user:anne", "viewer", "document:7")
+        .await
+        .unwrap();
+    assert_eq!(wb.pending().await.unwrap().deletes, 1);
+    assert!(!wb.check("user:anne", "viewer", "document:7").await.unwrap());
+    assert!(stored(&s).await.is_empty());
+}

@@ -274,6 +274,7 @@ mod tests {
             sink: Some(sink),
             job_lease: Duration::from_secs(60),
             room_wanted: Default::default(),
+            revoke_wanted: Default::default(),
         }
     }
 

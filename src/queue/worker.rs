@@ -198,6 +198,7 @@ pub(crate) async fn applier(config: &Config) -> Result<Applier> {
         sink: None,
         job_lease: crate::buffer::redis::job_lease(config),
         room_wanted: Default::default(),
+        revoke_wanted: Default::default(),
     };
     Ok(Applier::new(
         engine,
