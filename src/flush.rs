@@ -216,11 +216,15 @@ impl Engine {
         };
         let job = crate::queue::job_for(&self.store_id, self.model_id.as_deref(), &ops);
         match sink.push(job, None).await {
-            // The job owns the ops now; the worker finishes them.
+            // The job owns the ops now, through all its retries; the worker
+            // finishes them.
             Ok(()) => ChunkResult {
-                outcomes: Vec::new(),
-                requests: 0,
                 queued: ops.len() as u64,
+                outcomes: ops
+                    .into_iter()
+                    .map(|t| (t, Outcome::Keep(self.job_lease)))
+                    .collect(),
+                requests: 0,
                 stop: None,
             },
             Err(e) => ChunkResult {
@@ -467,7 +471,14 @@ async fn next_due(engine: &Engine, pacing: &Pacing) -> Option<(Instant, Take)> {
     }
     let pending = engine.store.pending().await.ok()?;
     if pending.total == 0 {
-        return None;
+        // Ops held by jobs or by other processes come back here if their
+        // holder dies (leases); look again now and then.
+        return (pending.in_flight > 0 && engine.store.shared()).then(|| {
+            (
+                Instant::now() + cfg.interval.max(Duration::from_secs(1)),
+                Take::All,
+            )
+        });
     }
     let now = Instant::now();
     let floor = |at: Instant| idle_until.map_or(at, |i| at.max(i));

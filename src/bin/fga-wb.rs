@@ -123,6 +123,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -188,9 +189,13 @@ async fn command(cli: &Cli, config: &Config, wb: &WriteBehind) -> Result<(), Fai
             }
         }
         Command::Flush { wait } => {
-            let report = wb.flush().await?;
+            let applied_before = wb.status().await?.totals.applied;
+            let mut report = wb.flush().await?;
             if *wait && config.flush.mode == Mode::Queue && report.error.is_none() {
                 wait_until_applied(wb, cli.json).await?;
+                // What the workers applied while we waited (store-wide).
+                let applied_after = wb.status().await?.totals.applied;
+                report.applied = applied_after.saturating_sub(applied_before);
             }
             let status = wb.status().await?;
             if cli.json {

@@ -256,6 +256,10 @@ impl MemoryStore {
                 // Not the op we sent: leave the slot alone.
                 _ => continue,
             }
+            if matches!(outcome, Outcome::Keep(_)) {
+                // Still owned by whoever holds it (a queued job).
+                continue;
+            }
             let Some(entry) = slot.in_flight.take() else {
                 continue;
             };

@@ -39,6 +39,55 @@ local function encode(e)
   return e.seq .. '|' .. e.first .. '|' .. e.since .. '|' .. e.op .. '|' .. e.state .. '|' .. e.cond
 end
 
+-- HINCRBY that repairs a counter holding something that is not a number
+-- (counters are bookkeeping; a failed HINCRBY would abort the script after
+-- earlier writes, which Redis does not undo).
+local function incr(hash, field, d)
+  local v = redis.call('HGET', hash, field)
+  if v and not tonumber(v) then redis.call('HSET', hash, field, 0) end
+  return redis.call('HINCRBY', hash, field, d)
+end
+
+-- Refuses to run (before writing anything) when a key holds another type
+-- than fga-wb writes there: someone else's data under our prefix.
+local function expect_types(list)
+  for _, kt in ipairs(list) do
+    local t = redis.call('TYPE', kt[1])['ok']
+    if t ~= 'none' and t ~= kt[2] then
+      return 'fga-wb: Redis key ' .. kt[1] .. ' holds a ' .. t .. ', expected a ' .. kt[2] ..
+        '; it was not written by fga-wb (remove it, or use another redis.key_prefix)'
+    end
+  end
+  local seq = redis.call('GET', P .. ':seq')
+  if redis.call('TYPE', P .. ':seq')['ok'] == 'string' and not tonumber(seq) then
+    return 'fga-wb: Redis key ' .. P .. ':seq holds ' .. string.sub(seq, 1, 40) ..
+      ', expected a number; it was not written by fga-wb'
+  end
+  return nil
+end
+
+local base_types = {
+  { P .. ':ops', 'hash' }, { P .. ':ready:g', 'zset' }, { P .. ':ready:r', 'zset' },
+  { P .. ':leases', 'zset' }, { P .. ':counts', 'hash' }, { P .. ':rel', 'hash' },
+  { P .. ':stats', 'hash' }, { P .. ':gen', 'hash' }, { P .. ':locks', 'hash' },
+  { P .. ':dead', 'hash' }, { P .. ':seq', 'string' }, { P .. ':deadseq', 'string' },
+}
+
+local function check_keys(keys)
+  local list = {}
+  for _, kt in ipairs(base_types) do table.insert(list, kt) end
+  for _, key in ipairs(keys) do
+    local rel = string.match(key, '^([^#]*)#([^@]*)@')
+    if rel then
+      local object, relation = string.match(key, '^([^#]*)#([^@]*)@')
+      local ty = string.match(object, '^([^:]*):') or object
+      table.insert(list, { P .. ':lex:' .. ty .. '#' .. relation .. '|g', 'zset' })
+      table.insert(list, { P .. ':lex:' .. ty .. '#' .. relation .. '|r', 'zset' })
+    end
+  end
+  return expect_types(list)
+end
+
 local function rel_of(key)
   -- "type:id#relation@user" -> "type#relation"
   local object, relation = string.match(key, '^([^#]*)#([^@]*)@')
@@ -51,7 +100,7 @@ end
 local function count_latest(key, op, d)
   local rel = rel_of(key)
   if not rel then return end
-  redis.call('HINCRBY', P .. ':rel', rel .. '|' .. op, d)
+  incr(P .. ':rel', rel .. '|' .. op, d)
   if d > 0 then
     redis.call('ZADD', P .. ':lex:' .. rel .. '|' .. op, 0, key)
   else
@@ -61,19 +110,19 @@ end
 
 local function unready(key, e)
   redis.call('ZREM', P .. ':ready:' .. e.op, key)
-  redis.call('HINCRBY', P .. ':counts', 'r' .. e.op, -1)
+  incr(P .. ':counts', 'r' .. e.op, -1)
 end
 
 local function ready(key, e)
   e.state = 'r'
   redis.call('HSET', P .. ':ops', key, encode(e))
   redis.call('ZADD', P .. ':ready:' .. e.op, e.first, key)
-  redis.call('HINCRBY', P .. ':counts', 'r' .. e.op, 1)
+  incr(P .. ':counts', 'r' .. e.op, 1)
 end
 
 local function untake(key)
   redis.call('ZREM', P .. ':leases', key)
-  redis.call('HINCRBY', P .. ':counts', 't', -1)
+  incr(P .. ':counts', 't', -1)
 end
 
 -- Removes an entry for good (applied or dead-lettered).
@@ -83,10 +132,24 @@ local function drop(key, e)
   count_latest(key, e.op, -1)
 end
 
+-- Ops whose taker died before finishing them (lease over) are ready again.
+local function reclaim(now)
+  local expired = redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now, 'LIMIT', 0, 1000)
+  for _, key in ipairs(expired) do
+    local e = parse(redis.call('HGET', P .. ':ops', key))
+    untake(key)
+    if e and e.state == 't' then ready(key, e) end
+  end
+end
+
 -- push now cap n (key op cond)*n -> {seq, coalesced}*n .. {pending, corrupt}
 -- seq is -1 for an op refused because the buffer is full.
 if cmd == 'push' then
   local now, cap, n = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+  local keys = {}
+  for i = 0, n - 1 do table.insert(keys, ARGV[5 + i * 3]) end
+  local bad = check_keys(keys)
+  if bad then return redis.error_reply(bad) end
   local out, rels, corrupt = {}, {}, 0
   local acked, coalesced_total = 0, 0
   for i = 0, n - 1 do
@@ -126,48 +189,48 @@ if cmd == 'push' then
     end
   end
   if acked > 0 then
-    redis.call('HINCRBY', P .. ':stats', 'acknowledged', acked)
+    incr(P .. ':stats', 'acknowledged', acked)
   end
   if coalesced_total > 0 then
-    redis.call('HINCRBY', P .. ':stats', 'coalesced', coalesced_total)
+    incr(P .. ':stats', 'coalesced', coalesced_total)
   end
   for rel, _ in pairs(rels) do
-    redis.call('HINCRBY', P .. ':gen', rel, 1)
+    incr(P .. ':gen', rel, 1)
     redis.call('PUBLISH', P .. ':events', 'op ' .. rel)
   end
-  if acked > 0 then redis.call('HINCRBY', P .. ':gen', '*', 1) end
+  if acked > 0 then incr(P .. ':gen', '*', 1) end
   local c = redis.call('HMGET', P .. ':counts', 'rg', 'rr')
   table.insert(out, (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0))
   table.insert(out, corrupt)
   return out
 end
 
--- take now max kinds up_to lease_ms -> {key, seq, op, cond}*
+-- take now max kinds up_to lease_ms -> {corrupt, (key, seq, op, cond)*}
 if cmd == 'take' then
   local now, max, kinds, up_to, lease =
     tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
-  -- Ops whose taker died (lease over) are ready again.
-  local expired = redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now, 'LIMIT', 0, 1000)
-  for _, key in ipairs(expired) do
-    local e = parse(redis.call('HGET', P .. ':ops', key))
-    untake(key)
-    if e and e.state == 't' then ready(key, e) end
-  end
-  local out = {}
+  local bad = check_keys({})
+  if bad then return redis.error_reply(bad) end
+  reclaim(now)
+  -- First item: how many unreadable entries were dropped from the queues.
+  local out = { 0 }
   for i = 1, #kinds do
     local kind = string.sub(kinds, i, i)
-    local room = max - #out / 4
+    local room = max - (#out - 1) / 4
     if room <= 0 then break end
     local keys = redis.call('ZRANGEBYSCORE', P .. ':ready:' .. kind, '-inf', up_to, 'LIMIT', 0, room)
     for _, key in ipairs(keys) do
       local e = parse(redis.call('HGET', P .. ':ops', key))
       redis.call('ZREM', P .. ':ready:' .. kind, key)
-      redis.call('HINCRBY', P .. ':counts', 'r' .. kind, -1)
+      incr(P .. ':counts', 'r' .. kind, -1)
+      if not e then
+        out[1] = out[1] + 1
+      end
       if e and e.state == 'r' then
         e.state = 't'
         redis.call('HSET', P .. ':ops', key, encode(e))
         redis.call('ZADD', P .. ':leases', now + lease, key)
-        redis.call('HINCRBY', P .. ':counts', 't', 1)
+        incr(P .. ':counts', 't', 1)
         table.insert(out, key)
         table.insert(out, e.seq)
         table.insert(out, e.op)
@@ -182,6 +245,8 @@ end
 -- A key is written by one taker at a time, and only for its newest op.
 if cmd == 'claim' then
   local now, owner, ttl, n = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+  local bad = expect_types({ { P .. ':ops', 'hash' }, { P .. ':locks', 'hash' } })
+  if bad then return redis.error_reply(bad) end
   local out = {}
   for i = 0, n - 1 do
     local key, seq = ARGV[6 + i * 2], tonumber(ARGV[7 + i * 2])
@@ -209,6 +274,10 @@ end
 --   -> {applied, dead, requeued, superseded}
 if cmd == 'finish' then
   local now, owner, n = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+  local keys = {}
+  for i = 0, n - 1 do table.insert(keys, ARGV[5 + i * 7]) end
+  local bad = check_keys(keys)
+  if bad then return redis.error_reply(bad) end
   local applied, dead, requeued, superseded = 0, 0, 0, 0
   local rels = {}
   for i = 0, n - 1 do
@@ -217,7 +286,12 @@ if cmd == 'finish' then
     local arg, code, attempts, op = ARGV[b + 3], ARGV[b + 4], tonumber(ARGV[b + 5]), ARGV[b + 6]
     local e = parse(redis.call('HGET', P .. ':ops', key))
     local same = e and e.seq == seq and e.state == 't'
-    if outcome == 'a' then
+    if outcome == 'k' then
+      -- Still owned (by a job): only the lease changes; counted when done.
+      if same then
+        redis.call('ZADD', P .. ':leases', now + (tonumber(arg) or 0), key)
+      end
+    elseif outcome == 'a' then
       applied = applied + 1
       if same then drop(key, e) end
     elseif not same then
@@ -236,8 +310,6 @@ if cmd == 'finish' then
       requeued = requeued + 1
       untake(key)
       ready(key, e)
-    elseif outcome == 'k' then
-      redis.call('ZADD', P .. ':leases', now + (tonumber(arg) or 0), key)
     end
     -- Not being written any more, whatever the outcome.
     local lock = redis.call('HGET', P .. ':locks', key)
@@ -245,12 +317,12 @@ if cmd == 'finish' then
       redis.call('HDEL', P .. ':locks', key)
     end
   end
-  if applied > 0 then redis.call('HINCRBY', P .. ':stats', 'applied', applied) end
-  if dead > 0 then redis.call('HINCRBY', P .. ':stats', 'dead_lettered', dead) end
-  if superseded > 0 then redis.call('HINCRBY', P .. ':stats', 'coalesced', superseded) end
+  if applied > 0 then incr(P .. ':stats', 'applied', applied) end
+  if dead > 0 then incr(P .. ':stats', 'dead_lettered', dead) end
+  if superseded > 0 then incr(P .. ':stats', 'coalesced', superseded) end
   for rel, _ in pairs(rels) do
-    redis.call('HINCRBY', P .. ':gen', rel, 1)
-    redis.call('HINCRBY', P .. ':gen', '*', 1)
+    incr(P .. ':gen', rel, 1)
+    incr(P .. ':gen', '*', 1)
     redis.call('PUBLISH', P .. ':events', 'op ' .. rel)
   end
   redis.call('PUBLISH', P .. ':events', 'finished')
@@ -313,6 +385,8 @@ end
 
 -- clear -> {key, op, cond}* : drops every ready op
 if cmd == 'clear' then
+  local bad = check_keys({})
+  if bad then return redis.error_reply(bad) end
   local out = {}
   for _, kind in ipairs({ 'g', 'r' }) do
     for _, key in ipairs(redis.call('ZRANGE', P .. ':ready:' .. kind, 0, -1)) do
@@ -329,11 +403,11 @@ if cmd == 'clear' then
   end
   redis.call('HSET', P .. ':counts', 'rg', 0, 'rr', 0)
   if #out > 0 then
-    redis.call('HINCRBY', P .. ':stats', 'cleared', #out / 3)
+    incr(P .. ':stats', 'cleared', #out / 3)
     for _, f in ipairs(redis.call('HKEYS', P .. ':gen')) do
-      redis.call('HINCRBY', P .. ':gen', f, 1)
+      incr(P .. ':gen', f, 1)
     end
-    redis.call('HINCRBY', P .. ':gen', '*', 1)
+    incr(P .. ':gen', '*', 1)
   end
   redis.call('PUBLISH', P .. ':events', 'all')
   return out
@@ -341,6 +415,9 @@ end
 
 -- pending -> {rg, rr, t, oldest_since_ms or -1}
 if cmd == 'pending' then
+  -- ARGV[2]: now; reclaiming here lets an idle flusher notice ops whose
+  -- taker died.
+  if ARGV[2] and check_keys({}) == nil then reclaim(tonumber(ARGV[2])) end
   local c = redis.call('HMGET', P .. ':counts', 'rg', 'rr', 't')
   local oldest = -1
   for _, kind in ipairs({ 'g', 'r' }) do

@@ -66,10 +66,14 @@ impl Leases {
     /// send a chunk up to ~8 times while bisecting.
     pub fn for_config(config: &crate::Config) -> Leases {
         let request = config.openfga.request_timeout;
+        // In queue mode the flusher extends the lease to the job's
+        // (`job_lease`) once the job is pushed; a crash before that returns
+        // the ops within this lease.
         let take = match config.flush.mode {
+            // Bisection may send a chunk ~8 times.
             crate::config::Mode::Inline => (request * 10).max(Duration::from_secs(60)),
-            // A job owns its ops through every retry of its schedule.
-            crate::config::Mode::Queue => job_lease(config),
+            // Only until the job is pushed: one Redis call.
+            crate::config::Mode::Queue => Duration::from_secs(15),
         };
         Leases {
             take,
@@ -254,8 +258,12 @@ impl RedisStore {
             ])
             .await?,
         )?;
+        let corrupt = v.first().map_or(Ok(0), int)?;
+        if corrupt > 0 {
+            tracing::warn!(count = corrupt, prefix = %self.prefix, "dropped corrupt pending entries (unreadable, not written by fga-wb) from the ready queues");
+        }
         let mut out = Vec::with_capacity(v.len() / 4);
-        for c in v.chunks_exact(4) {
+        for c in v[1.min(v.len())..].chunks_exact(4) {
             let key = text(&c[0])?;
             let seq = int(&c[1])? as u64;
             let Some(op) = op_of(&text(&c[2])?) else {
@@ -380,7 +388,10 @@ impl RedisStore {
     }
 
     async fn pending_now(&self) -> Result<Pending> {
-        let v = items(self.call(vec!["pending".into()]).await?)?;
+        let v = items(
+            self.call(vec!["pending".into(), now_ms().to_string()])
+                .await?,
+        )?;
         let n = |i: usize| v.get(i).map_or(Ok(0), int);
         let (writes, deletes, taken, oldest) = (n(0)?, n(1)?, n(2)?, n(3)?);
         let (writes, deletes) = (writes.max(0) as usize, deletes.max(0) as usize);
@@ -408,7 +419,7 @@ impl RedisStore {
     async fn dead_now(&self, ids: Option<&[u64]>, remove: bool) -> Result<Vec<DeadLetter>> {
         let key = format!("{}:dead", self.prefix);
         let mut conn = self.conn.clone();
-        let raw: Vec<(String, String)> = match ids {
+        let raw: Vec<(Vec<u8>, Vec<u8>)> = match ids {
             None => redis::cmd("HGETALL")
                 .arg(&key)
                 .query_async(&mut conn)
@@ -416,7 +427,7 @@ impl RedisStore {
                 .map_err(redis_error)?,
             Some([]) => Vec::new(),
             Some(ids) => {
-                let vals: Vec<Option<String>> = redis::cmd("HMGET")
+                let vals: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
                     .arg(&key)
                     .arg(ids)
                     .query_async(&mut conn)
@@ -424,19 +435,23 @@ impl RedisStore {
                     .map_err(redis_error)?;
                 ids.iter()
                     .zip(vals)
-                    .filter_map(|(id, v)| v.map(|v| (id.to_string(), v)))
+                    .filter_map(|(id, v)| v.map(|v| (id.to_string().into_bytes(), v)))
                     .collect()
             }
         };
         let mut out = Vec::with_capacity(raw.len());
         for (id, json) in &raw {
-            match parse_dead(json) {
+            match std::str::from_utf8(json).ok().and_then(parse_dead) {
                 Some(d) => out.push(d),
-                None => tracing::warn!(%id, key = %key, "skipping an unreadable dead letter"),
+                None => tracing::warn!(
+                    id = %String::from_utf8_lossy(id),
+                    key = %key,
+                    "skipping an unreadable dead letter (purge removes it)"
+                ),
             }
         }
         if remove && !raw.is_empty() {
-            let fields: Vec<&String> = raw.iter().map(|(id, _)| id).collect();
+            let fields: Vec<&Vec<u8>> = raw.iter().map(|(id, _)| id).collect();
             let _: i64 = redis::cmd("HDEL")
                 .arg(&key)
                 .arg(fields)

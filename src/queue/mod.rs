@@ -97,7 +97,12 @@ pub(crate) fn queue_name(config: &Config) -> String {
 }
 
 /// The apalis storage for `config`'s queue.
-pub(crate) async fn storage(config: &Config) -> Result<RedisStorage<Job, ConnectionManager>> {
+/// Jobs travel as plain JSON and are decoded by the handler: apalis stops a
+/// worker on a payload it cannot decode, so a foreign or corrupt job must not
+/// reach its decoder.
+pub(crate) type Payload = serde_json::Value;
+
+pub(crate) async fn storage(config: &Config) -> Result<RedisStorage<Payload, ConnectionManager>> {
     let conn = apalis_redis::connect(config.redis.url.as_str())
         .await
         .map_err(|e| {
@@ -121,11 +126,11 @@ pub(crate) async fn storage(config: &Config) -> Result<RedisStorage<Job, Connect
 
 /// Pushes jobs to apalis-redis.
 pub(crate) struct ApalisSink {
-    storage: RedisStorage<Job, ConnectionManager>,
+    storage: RedisStorage<Payload, ConnectionManager>,
 }
 
 impl ApalisSink {
-    pub fn new(storage: RedisStorage<Job, ConnectionManager>) -> Self {
+    pub fn new(storage: RedisStorage<Payload, ConnectionManager>) -> Self {
         ApalisSink { storage }
     }
 }
@@ -134,7 +139,9 @@ impl JobSink for ApalisSink {
     fn push(&self, job: Job, delay: Option<Duration>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             let mut storage = self.storage.clone();
-            let mut task = TaskBuilder::new(job);
+            let payload = serde_json::to_value(&job)
+                .map_err(|e| Error::invalid_argument(format!("job: {e}")))?;
+            let mut task = TaskBuilder::new(payload);
             if let Some(d) = delay {
                 task = task.run_after(d);
             }

@@ -133,7 +133,24 @@ fn unique_name() -> String {
     format!("fga-wb-worker-{}", crate::buffer::redis::unique_owner())
 }
 
-async fn handle(job: Job, applier: Data<Arc<Applier>>) -> std::result::Result<(), BoxDynError> {
+async fn handle(
+    payload: super::Payload,
+    applier: Data<Arc<Applier>>,
+) -> std::result::Result<(), BoxDynError> {
+    let job: Job = match serde_json::from_value(payload) {
+        Ok(job) => job,
+        Err(e) => {
+            // Not ours, or corrupt: it holds no op this worker can trust.
+            // Drop it with a loud log line rather than stop the worker.
+            tracing::error!(error = %e, "skipping a job that is not an fga-wb job");
+            let _ = applier
+                .engine
+                .store
+                .set_note("last_bad_job", format!("undecodable job skipped: {e}"))
+                .await;
+            return Ok(());
+        }
+    };
     // A plain Err would make apalis-redis re-run the job on its own
     // schedule. Only when even re-queueing failed (Redis down) is that the
     // best left to do.

@@ -1,0 +1,599 @@
+//! The `fga-wb` binary against a Redis buffer that another process (a
+//! handle in this test) is filling, against the real OpenFGA and Redis:
+//! `status`, `flush [--wait]`, `clear [--yes]`, `dlq list|replay|purge`,
+//! `worker`, `--json` on each, exit codes, and what must never be printed
+//! (the API token, the Redis password).
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fga_wb::config::{Mode, StoreKind};
+use fga_wb::{Config, WriteBehind};
+use serde_json::Value;
+use support::{config_for, new_store, stored, TestStore};
+
+const BIN: &str = env!("CARGO_BIN_EXE_fga-wb");
+
+/// What one run of the binary did.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.stdout, self.stderr))
+    }
+
+    /// The line of the status table that starts with `label`.
+    fn line(&self, label: &str) -> &str {
+        self.stdout
+            .lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("no {label:?} line in:\n{}", self.stdout))
+    }
+
+    #[track_caller]
+    fn ok(&self) -> &Run {
+        assert_eq!(self.code, 0, "{self:#?}");
+        self
+    }
+
+    /// Exit `code` with exactly one line on stderr, mentioning `needle`.
+    #[track_caller]
+    fn fails(&self, code: i32, needle: &str) -> &Run {
+        assert_eq!(self.code, code, "{self:#?}");
+        let lines: Vec<&str> = self
+            .stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        assert_eq!(lines.len(), 1, "want one line on stderr: {self:#?}");
+        assert!(lines[0].starts_with("fga-wb: "), "{self:#?}");
+        assert!(
+            lines[0].contains(needle),
+            "stderr does not mention {needle:?}: {self:#?}"
+        );
+        self
+    }
+}
+
+/// How to run the binary for one store: configuration through the
+/// environment only, in an empty directory (no config/fga-wb.toml).
+struct Cli {
+    dir: PathBuf,
+    vars: Vec<(String, String)>,
+    token: String,
+}
+
+impl Cli {
+    fn new(s: &TestStore, mode: &str) -> Cli {
+        let dir =
+            std::env::temp_dir().join(format!("fga-wb-cli-{}-{}", std::process::id(), s.store_id));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = support::openfga_token();
+        let vars = [
+            ("FGA_API_URL", support::openfga_url()),
+            ("FGA_API_TOKEN", token.clone()),
+            ("FGA_STORE_ID", s.store_id.clone()),
+            ("FGA_MODEL_ID", s.model_id.clone()),
+            ("FGA_WB_BUFFER__STORE", "redis".into()),
+            ("FGA_WB_FLUSH__MODE", mode.into()),
+            ("FGA_WB_REDIS__URL", support::redis_url()),
+            ("FGA_WB_QUEUE__HEARTBEAT", "1s".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        Cli { dir, vars, token }
+    }
+
+    fn set(&mut self, name: &str, value: &str) {
+        self.vars.retain(|(k, _)| k != name);
+        self.vars.push((name.into(), value.into()));
+    }
+
+    fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new(BIN);
+        c.args(args)
+            .env_clear()
+            .envs(self.vars.iter().map(|(k, v)| (k, v)))
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        c
+    }
+
+    /// Runs `fga-wb args...` to completion; checks that no secret leaked.
+    async fn run(&self, args: &[&str]) -> Run {
+        let out = tokio::time::timeout(Duration::from_secs(60), self.command(args).output())
+            .await
+            .unwrap_or_else(|_| panic!("fga-wb {args:?} did not finish in 60 s"))
+            .expect("run fga-wb");
+        let run = Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        self.no_secrets(&run);
+        eprintln!("$ fga-wb {}  -> {}", args.join(" "), run.code);
+        run
+    }
+
+    #[track_caller]
+    fn no_secrets(&self, run: &Run) {
+        for secret in [self.token.as_str(), "s3cret"] {
+            assert!(
+                !run.stdout.contains(secret) && !run.stderr.contains(secret),
+                "a secret was printed: {run:#?}"
+            );
+        }
+    }
+}
+
+impl Drop for Cli {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A handle in this process: the application filling the buffer. No
+/// automatic flush (long interval, big batch), so the CLI sees every op.
+async fn filler(s: &TestStore, mode: Mode) -> WriteBehind {
+    WriteBehind::builder(filler_config(s, mode))
+        .build()
+        .await
+        .unwrap()
+}
+
+fn filler_config(s: &TestStore, mode: Mode) -> Config {
+    let mut c = config_for(s);
+    c.buffer.store = StoreKind::Redis;
+    c.redis.url = support::redis_url();
+    c.flush.mode = mode;
+    c.flush.interval = Duration::from_secs(3600);
+    c.flush.batch_size = 1_000_000;
+    c
+}
+
+async fn grant_range(wb: &WriteBehind, doc: &str, users: std::ops::Range<usize>) {
+    for i in users {
+        wb.grant(&format!("user:u{i}"), "viewer", doc)
+            .await
+            .unwrap();
+    }
+}
+
+/// `status`, `status --json`, `flush`, `clear` and `clear --yes` on a
+/// buffer that a handle in this process fills, also while it is filling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_flush_clear_on_a_buffer_being_filled() {
+    let s = new_store("cli-status").await;
+    let cli = Cli::new(&s, "inline");
+    let wb = filler(&s, Mode::Inline).await;
+    const N: usize = 40;
+    grant_range(&wb, "document:a", 0..N).await;
+
+    // The table names the pending count and the dead letters.
+    let r = cli.run(&["status"]).await;
+    r.ok();
+    assert!(
+        r.line("pending")
+            .contains(&format!("{N} (writes {N}, deletes 0)")),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(r.line("dead letters").split_whitespace().last(), Some("0"));
+    assert!(r.line("store").contains("Redis"), "{}", r.stdout);
+    assert!(r.line("openfga store").contains(&s.store_id));
+
+    let j = cli.run(&["status", "--json"]).await.ok().json();
+    assert_eq!(j["pending"]["total"], N, "{j:#}");
+    assert_eq!(j["pending"]["writes"], N);
+    assert_eq!(j["pending"]["in_flight"], 0);
+    assert!(j["pending"]["oldest_age"].as_f64().is_some(), "{j:#}");
+    assert_eq!(j["dead_letters"], 0);
+    assert_eq!(j["store"], "redis");
+    assert_eq!(j["totals"]["acknowledged"], N);
+
+    // `clear` without --yes and no terminal: usage error, nothing cleared.
+    cli.run(&["clear"]).await.fails(2, "--yes");
+    assert_eq!(wb.pending().await.unwrap().total, N);
+
+    // `flush` applies everything acknowledged before it.
+    let r = cli.run(&["flush"]).await;
+    r.ok();
+    assert!(
+        r.stdout.contains(&format!("flushed: {N} applied")),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("now pending: 0"), "{}", r.stdout);
+    assert_eq!(stored(&s).await.len(), N);
+    assert_eq!(wb.pending().await.unwrap().total, 0);
+
+    // Now while the handle keeps granting: every CLI run still succeeds
+    // and reports consistent numbers.
+    let stop = Arc::new(AtomicBool::new(false));
+    let granted = Arc::new(AtomicUsize::new(0));
+    let fill = tokio::spawn({
+        let (wb, stop, granted) = (wb.clone(), stop.clone(), granted.clone());
+        async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) || i < 20 {
+                wb.grant(&format!("user:u{i}"), "viewer", "document:b")
+                    .await
+                    .unwrap();
+                i += 1;
+                granted.store(i, Ordering::Relaxed);
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    let j = cli.run(&["status", "--json"]).await.ok().json();
+    let seen = j["pending"]["total"].as_u64().unwrap() as usize;
+    assert!(seen <= granted.load(Ordering::Relaxed), "{j:#}");
+    let j = cli.run(&["flush", "--json"]).await.ok().json();
+    let applied = j["flush"]["applied"].as_u64().unwrap() as usize;
+    assert!(j["flush"]["error"].is_null(), "{j:#}");
+    stop.store(true, Ordering::Relaxed);
+    fill.await.unwrap();
+    let total = granted.load(Ordering::Relaxed);
+    let left = wb.pending().await.unwrap().total;
+    assert_eq!(applied + left, total, "flushed {applied}, left {left}");
+    assert!(stored(&s).await.len() >= N + applied);
+
+    // `clear --yes` drops what is left and says how many.
+    let j = cli.run(&["clear", "--yes", "--json"]).await.ok().json();
+    assert_eq!(j["cleared"], left, "{j:#}");
+    assert_eq!(wb.pending().await.unwrap().total, 0);
+    assert_eq!(stored(&s).await.len(), N + applied);
+
+    grant_range(&wb, "document:c", 0..7).await;
+    let r = cli.run(&["clear", "--yes"]).await;
+    r.ok();
+    assert!(r.stdout.contains("cleared 7 pending ops"), "{}", r.stdout);
+    assert_eq!(wb.pending().await.unwrap().total, 0);
+    let j = cli.run(&["status", "--json"]).await.ok().json();
+    assert_eq!(j["pending"]["total"], 0);
+    assert_eq!(j["totals"]["cleared"], left + 7);
+}
+
+/// `dlq list`, `dlq replay ID`, `dlq purge --all`, with and without
+/// `--json`, after ops OpenFGA refuses were flushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_list_replay_purge() {
+    let s = new_store("cli-dlq").await;
+    let cli = Cli::new(&s, "inline");
+    let wb = WriteBehind::builder(filler_config(&s, Mode::Inline))
+        .validate_against_model(false)
+        .build()
+        .await
+        .unwrap();
+    cli.run(&["dlq", "list"])
+        .await
+        .ok()
+        .stdout
+        .contains("no dead letters")
+        .then_some(())
+        .expect("no dead letters yet");
+    // Two tuples the model has no relation for, between good ones.
+    grant_range(&wb, "document:ok", 0..5).await;
+    wb.grant("user:bad1", "no_such_relation", "document:x")
+        .await
+        .unwrap();
+    wb.grant("user:bad2", "no_such_relation", "document:y")
+        .await
+        .unwrap();
+    grant_range(&wb, "document:ok2", 0..5).await;
+
+    let r = cli.run(&["flush"]).await;
+    r.ok();
+    assert!(
+        r.stdout.contains("10 applied") && r.stdout.contains("2 dead-lettered"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(stored(&s).await.len(), 10);
+
+    let r = cli.run(&["dlq", "list"]).await;
+    r.ok();
+    let rows: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(rows.len(), 2, "{}", r.stdout);
+    for t in [
+        "document:x#no_such_relation@user:bad1",
+        "document:y#no_such_relation@user:bad2",
+    ] {
+        assert!(rows.iter().any(|l| l.contains(t)), "{t}: {}", r.stdout);
+    }
+    assert!(rows.iter().all(|l| l.contains("grant")), "{}", r.stdout);
+    // OpenFGA's reason is shown.
+    assert!(rows.iter().all(|l| l.contains("no_such_relation")));
+
+    let j = cli.run(&["dlq", "list", "--json"]).await.ok().json();
+    let letters = j.as_array().expect("a JSON array");
+    assert_eq!(letters.len(), 2, "{j:#}");
+    assert!(letters
+        .iter()
+        .all(|d| !d["reason"].as_str().unwrap_or_default().is_empty()));
+    let id_bad1 = letters
+        .iter()
+        .find(|d| d["tuple"]["user"] == "user:bad1")
+        .expect("bad1")["id"]
+        .as_u64()
+        .unwrap();
+    let r = cli.run(&["status"]).await;
+    r.ok();
+    assert_eq!(r.line("dead letters").split_whitespace().last(), Some("2"));
+
+    // Replay needs ids or --all.
+    cli.run(&["dlq", "replay"]).await.fails(2, "--all");
+
+    // Replay one: it is pending again, the other stays dead.
+    let r = cli.run(&["dlq", "replay", &id_bad1.to_string()]).await;
+    r.ok();
+    assert!(r.stdout.contains("replayed 1 dead letters"), "{}", r.stdout);
+    let p = wb.pending().await.unwrap();
+    assert_eq!(p.total, 1);
+    let j = cli.run(&["dlq", "list", "--json"]).await.ok().json();
+    assert_eq!(j.as_array().unwrap().len(), 1, "{j:#}");
+    assert_eq!(j[0]["tuple"]["user"], "user:bad2");
+    // Replaying an id that is gone does nothing.
+    let j = cli
+        .run(&["dlq", "replay", &id_bad1.to_string(), "--json"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(j["replayed"], 0, "{j:#}");
+
+    // Flushed again, it is refused again: a new dead letter.
+    let j = cli.run(&["flush", "--json"]).await.ok().json();
+    assert_eq!(j["flush"]["dead_lettered"], 1, "{j:#}");
+    let j = cli.run(&["dlq", "list", "--json"]).await.ok().json();
+    assert_eq!(j.as_array().unwrap().len(), 2, "{j:#}");
+    assert!(j
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["id"].as_u64() != Some(id_bad1)));
+
+    // Purge them all.
+    let j = cli
+        .run(&["dlq", "purge", "--all", "--json"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(j["purged"], 2, "{j:#}");
+    let r = cli.run(&["dlq", "list"]).await;
+    assert!(r.ok().stdout.contains("no dead letters"), "{}", r.stdout);
+    let r = cli.run(&["dlq", "purge", "--all"]).await;
+    assert!(
+        r.ok().stdout.contains("purged 0 dead letters"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(wb.dead_letters().await.unwrap().len(), 0);
+    assert_eq!(stored(&s).await.len(), 10);
+}
+
+/// Polls `status --json` until `pred` holds on it (another process is
+/// what changes it).
+async fn wait_for_status(cli: &Cli, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let j = cli.run(&["status", "--json"]).await.ok().json();
+        if pred(&j) {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "never saw {what}: {j:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Queue mode: `fga-wb worker` runs, shows up in `status`, `flush --wait`
+/// returns once it applied everything, and SIGTERM stops it with exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_flush_wait_and_worker_sigterm() {
+    let s = new_store("cli-queue").await;
+    let cli = Cli::new(&s, "queue");
+    let wb = filler(&s, Mode::Queue).await;
+    const N: usize = 250;
+    grant_range(&wb, "document:q", 0..N).await;
+
+    let worker = cli
+        .command(&["worker", "--concurrency", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn fga-wb worker");
+    let pid = worker.id().expect("worker pid");
+    let j = wait_for_status(&cli, "the worker", |j| {
+        j["queue"]["workers"]
+            .as_array()
+            .is_some_and(|w| !w.is_empty())
+    })
+    .await;
+    let workers = j["queue"]["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 1, "{j:#}");
+    assert!(
+        workers[0].as_str().unwrap().contains(&pid.to_string()),
+        "{j:#}"
+    );
+    let r = cli.run(&["status"]).await;
+    r.ok();
+    assert!(
+        r.line("workers seen").contains(&pid.to_string()),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.line("queue").contains("0 scheduled retries"),
+        "{}",
+        r.stdout
+    );
+
+    let r = cli.run(&["flush", "--wait"]).await;
+    r.ok();
+    assert!(r.stdout.contains(&format!("{N} queued")), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("now pending: 0 (0 in flight)"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(stored(&s).await.len(), N, "flush --wait returned early");
+    let applied_line = r.stdout.lines().next().unwrap_or_default().to_owned();
+
+    // And with --json.
+    grant_range(&wb, "document:q2", 0..10).await;
+    let j = cli.run(&["flush", "--wait", "--json"]).await.ok().json();
+    assert_eq!(j["flush"]["queued"], 10, "{j:#}");
+    assert_eq!(j["pending"]["total"], 0);
+    assert_eq!(j["pending"]["in_flight"], 0);
+    assert_eq!(stored(&s).await.len(), N + 10);
+
+    // SIGTERM: a graceful stop, exit 0.
+    let started = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let out = tokio::time::timeout(Duration::from_secs(30), worker.wait_with_output())
+        .await
+        .expect("the worker did not stop within 30 s of SIGTERM")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "worker stopped in {:.2?}: {}; its log:\n{stderr}",
+        started.elapsed(),
+        out.status
+    );
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains(&cli.token));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(&cli.token));
+
+    // The summary of `flush --wait` should say what the workers applied:
+    // checked last, so that the checks above run whatever it says.
+    assert!(
+        applied_line.contains(&format!("{N} applied")),
+        "`flush --wait` waited until the worker applied all {N} ops, but its summary \
+         says: {applied_line:?}"
+    );
+}
+
+/// The memory store is per process: `status` and `flush` refuse it with
+/// exit 2 instead of showing zeros.
+#[tokio::test]
+async fn memory_store_is_refused() {
+    let s = new_store("cli-memory").await;
+    let mut cli = Cli::new(&s, "inline");
+    cli.set("FGA_WB_BUFFER__STORE", "memory");
+    for cmd in [
+        &["status"][..],
+        &["flush"],
+        &["status", "--json"],
+        &["clear", "--yes"],
+    ] {
+        let r = cli.run(cmd).await;
+        r.fails(2, "memory");
+        assert!(
+            r.stderr.contains("own buffer") || r.stderr.contains("per process"),
+            "{r:#?}"
+        );
+        assert!(r.stdout.is_empty(), "{r:#?}");
+    }
+}
+
+/// A bad value in the environment: exit 2, and the message names the
+/// variable.
+#[tokio::test]
+async fn bad_config_value_names_the_variable() {
+    let s = new_store("cli-badconfig").await;
+    let mut cli = Cli::new(&s, "inline");
+    cli.set("FGA_WB_FLUSH__BATCH_SIZE", "ten");
+    for cmd in [&["status"][..], &["worker"], &["dlq", "list", "--json"]] {
+        cli.run(cmd)
+            .await
+            .fails(2, "FGA_WB_FLUSH__BATCH_SIZE")
+            .stderr
+            .contains("ten")
+            .then_some(())
+            .expect("the message shows the bad value");
+    }
+    // A usage error is exit 2 too.
+    let r = cli.run(&["no-such-command"]).await;
+    assert_eq!(r.code, 2, "{r:#?}");
+    // A config file named by --config that does not exist.
+    cli.set("FGA_WB_FLUSH__BATCH_SIZE", "10");
+    cli.run(&["status", "--config", "nope.toml"])
+        .await
+        .fails(2, "nope.toml");
+}
+
+/// `--config PATH` is read: settings from the file, the rest from the
+/// environment.
+#[tokio::test]
+async fn config_file_is_read() {
+    let s = new_store("cli-config").await;
+    let mut cli = Cli::new(&s, "inline");
+    let path = cli.dir.join("mine.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[buffer]\nstore = \"redis\"\n[redis]\nurl = \"{}\"\nkey_prefix = \"fga-wb\"\n",
+            support::redis_url()
+        ),
+    )
+    .unwrap();
+    cli.vars
+        .retain(|(k, _)| k != "FGA_WB_BUFFER__STORE" && k != "FGA_WB_REDIS__URL");
+    let wb = filler(&s, Mode::Inline).await;
+    grant_range(&wb, "document:cfg", 0..3).await;
+    let j = cli
+        .run(&["--config", path.to_str().unwrap(), "status", "--json"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(j["pending"]["total"], 3, "{j:#}");
+    // Without the file, the default store is memory: refused.
+    cli.run(&["status"]).await.fails(2, "memory");
+}
+
+/// Redis unreachable: exit 1, one clear line, and never the password
+/// from the URL.
+#[tokio::test]
+async fn unreachable_redis_is_one_line_without_the_password() {
+    let s = new_store("cli-noredis").await;
+    let mut cli = Cli::new(&s, "queue");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    cli.set(
+        "FGA_WB_REDIS__URL",
+        &format!("redis://:s3cret@127.0.0.1:{port}"),
+    );
+    for cmd in [
+        &["status"][..],
+        &["status", "--json"],
+        &["flush", "--wait"],
+        &["clear", "--yes"],
+        &["dlq", "list"],
+        &["dlq", "purge", "--all"],
+        &["worker"],
+    ] {
+        let r = cli.run(cmd).await;
+        r.fails(1, "Redis");
+        assert!(r.stderr.contains(&format!("127.0.0.1:{port}")), "{r:#?}");
+        assert!(r.stdout.is_empty(), "{r:#?}");
+    }
+}
