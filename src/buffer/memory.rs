@@ -220,6 +220,7 @@ impl MemoryStore {
                         tuple: tuple_of(&key, e.condition.as_deref().cloned()),
                         op,
                         seq: e.seq,
+                        attempts: 0,
                     });
                     slot.in_flight = Some(Box::new(e));
                     inner.pending[k] -= 1;

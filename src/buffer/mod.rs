@@ -32,6 +32,9 @@ pub(crate) struct Taken {
     pub tuple: TupleKey,
     pub op: Op,
     pub seq: u64,
+    /// Write attempts made before this one (queue mode; the memory store
+    /// counts its own).
+    pub attempts: u32,
 }
 
 /// How a write attempt ended for one op.

@@ -13,7 +13,7 @@
 --   P:rel            hash    "type#rel|g" / "type#rel|r" -> latest ops by kind
 --   P:lex:type#rel|g|r zset  tuple keys by the kind of their latest op, all
 --                            score 0, so one object's keys are one lex range
---   P:locks          hash    tuple key -> "owner|until_ms" while being written
+--   P:locks          hash    tuple key -> "owner|seq|until_ms" while being written
 --   P:dead           hash    id -> dead letter (JSON); P:deadseq its counter
 --   P:stats          hash    totals
 --   P:gen            hash    "type#rel" -> ops acknowledged or dead-lettered on
@@ -252,17 +252,20 @@ if cmd == 'claim' then
     local key, seq = ARGV[6 + i * 2], tonumber(ARGV[7 + i * 2])
     local e = parse(redis.call('HGET', P .. ':ops', key))
     local lock = redis.call('HGET', P .. ':locks', key)
-    local holder, untilms = nil, 0
+    local holder, lseq, untilms = nil, nil, 0
     if lock then
-      holder, untilms = string.match(lock, '^(.*)|(%d+)$')
+      holder, lseq, untilms = string.match(lock, '^(.*)|(%d+)|(%d+)$')
+      lseq = tonumber(lseq)
       untilms = tonumber(untilms) or 0
     end
     if not e or e.seq ~= seq then
       table.insert(out, 0)
-    elseif holder and holder ~= owner and untilms > now then
+    elseif holder and (holder ~= owner or lseq ~= seq) and untilms > now then
+      -- Another writer, or another job of this one (a worker runs several
+      -- at once under one owner), is writing this key.
       table.insert(out, 2)
     else
-      redis.call('HSET', P .. ':locks', key, owner .. '|' .. (now + ttl))
+      redis.call('HSET', P .. ':locks', key, owner .. '|' .. seq .. '|' .. (now + ttl))
       table.insert(out, 1)
     end
   end
@@ -313,7 +316,8 @@ if cmd == 'finish' then
     end
     -- Not being written any more, whatever the outcome.
     local lock = redis.call('HGET', P .. ':locks', key)
-    if lock and string.sub(lock, 1, #owner + 1) == owner .. '|' then
+    local mine = owner .. '|' .. seq .. '|'
+    if lock and string.sub(lock, 1, #mine) == mine then
       redis.call('HDEL', P .. ':locks', key)
     end
   end

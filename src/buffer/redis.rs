@@ -274,6 +274,7 @@ impl RedisStore {
                 tuple: tuple_of(&key, condition_of(&text(&c[3])?)),
                 op,
                 seq,
+                attempts: 0,
             });
         }
         Ok(out)
@@ -306,7 +307,7 @@ impl RedisStore {
                 code.into(),
                 arg,
                 err_code,
-                "1".into(),
+                (t.attempts + 1).to_string(),
                 op_code(t.op).into(),
             ]);
         }

@@ -61,11 +61,13 @@ pub struct JobOp {
 }
 
 impl JobOp {
-    pub(crate) fn taken(&self) -> Taken {
+    /// The op as taken for writing on the job's `attempt`.
+    pub(crate) fn taken(&self, attempt: u32) -> Taken {
         Taken {
             tuple: self.tuple.clone(),
             op: self.op,
             seq: self.seq,
+            attempts: attempt,
         }
     }
 }
@@ -143,7 +145,11 @@ impl JobSink for ApalisSink {
                 .map_err(|e| Error::invalid_argument(format!("job: {e}")))?;
             let mut task = TaskBuilder::new(payload);
             if let Some(d) = delay {
-                task = task.run_after(d);
+                // apalis-redis keeps whole seconds and runs a job once the
+                // current second reaches it: round up, never run early.
+                let at = std::time::SystemTime::now() + d;
+                let t = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                task = task.run_at_timestamp(t.as_secs() + u64::from(t.subsec_nanos() > 0));
             }
             storage.push_task(task.build()).await.map_err(|e| {
                 Error::new(Kind::Redis {

@@ -38,7 +38,7 @@ impl Applier {
     #[tracing::instrument(level = "info", name = "fga_wb.job", skip_all, fields(ops = job.ops.len(), attempt = job.attempt))]
     pub(crate) async fn apply(&self, job: Job) -> Result<()> {
         let started = std::time::Instant::now();
-        let taken: Vec<Taken> = job.ops.iter().map(JobOp::taken).collect();
+        let taken: Vec<Taken> = job.ops.iter().map(|o| o.taken(job.attempt)).collect();
         let result = self.engine.write_chunk(taken).await;
         let error = match &result.stop {
             Some(Stop::Transient(e)) | Some(Stop::Halt(e)) => Some(e.clone()),
