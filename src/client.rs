@@ -325,7 +325,7 @@ impl WriteBehind {
 
     async fn enqueue(&self, tuple: TupleKey, op: Op) -> Result<()> {
         self.ensure_open()?;
-        tuple.validate()?;
+        tuple.validate_for_write()?;
         if self.inner.validate_against_model {
             if let Some(m) = &self.inner.model {
                 m.validate(&tuple)?;

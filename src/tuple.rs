@@ -152,15 +152,23 @@ impl TupleKey {
         validate_user(&self.user)?;
         validate_relation(&self.relation)?;
         validate_object(&self.object)?;
+        if let Some(c) = &self.condition {
+            validate_condition_name(&c.name)?;
+        }
+        Ok(())
+    }
+
+    /// Checks that OpenFGA would store the tuple: [`TupleKey::validate`],
+    /// and no userset of the tuple's own object and relation (such a tuple
+    /// is implicit; OpenFGA refuses to write it, though it may be checked).
+    pub fn validate_for_write(&self) -> Result<(), TupleError> {
+        self.validate()?;
         if self.user.split_once('#') == Some((self.object.as_str(), self.relation.as_str())) {
             return Err(TupleError::new(
                 Field::User,
                 &self.user,
-                "is the tuple's own object and relation: the tuple would relate a set to itself, which OpenFGA refuses (implicit tuple)",
+                "is the tuple's own object and relation: the tuple would relate a set to itself, which OpenFGA refuses to write (implicit tuple)",
             ));
-        }
-        if let Some(c) = &self.condition {
-            validate_condition_name(&c.name)?;
         }
         Ok(())
     }
@@ -477,7 +485,8 @@ mod tests {
 
     #[test]
     fn a_userset_of_the_tuple_itself_is_refused() {
-        let e = err("group:eng#member", "member", "group:eng");
+        let t = TupleKey::new("group:eng#member", "member", "group:eng").unwrap();
+        let e = t.validate_for_write().unwrap_err();
         assert_eq!(e.field, Field::User);
         assert!(e.reason.contains("implicit"), "{e}");
         assert!(TupleKey::new("group:eng#member", "member", "group:ops").is_ok());
