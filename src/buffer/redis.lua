@@ -43,9 +43,12 @@ end
 -- (counters are bookkeeping; a failed HINCRBY would abort the script after
 -- earlier writes, which Redis does not undo).
 local function incr(hash, field, d)
-  local v = redis.call('HGET', hash, field)
-  if v and not tonumber(v) then redis.call('HSET', hash, field, 0) end
-  return redis.call('HINCRBY', hash, field, d)
+  local r = redis.pcall('HINCRBY', hash, field, d)
+  if type(r) == 'table' and r.err then
+    redis.call('HSET', hash, field, 0)
+    r = redis.call('HINCRBY', hash, field, d)
+  end
+  return r
 end
 
 -- Refuses to run (before writing anything) when a key holds another type
@@ -76,13 +79,16 @@ local base_types = {
 local function check_keys(keys)
   local list = {}
   for _, kt in ipairs(base_types) do table.insert(list, kt) end
+  local seen = {}
   for _, key in ipairs(keys) do
-    local rel = string.match(key, '^([^#]*)#([^@]*)@')
-    if rel then
-      local object, relation = string.match(key, '^([^#]*)#([^@]*)@')
-      local ty = string.match(object, '^([^:]*):') or object
-      table.insert(list, { P .. ':lex:' .. ty .. '#' .. relation .. '|g', 'zset' })
-      table.insert(list, { P .. ':lex:' .. ty .. '#' .. relation .. '|r', 'zset' })
+    local object, relation = string.match(key, '^([^#]*)#([^@]*)@')
+    if object then
+      local rel = (string.match(object, '^([^:]*):') or object) .. '#' .. relation
+      if not seen[rel] then
+        seen[rel] = true
+        table.insert(list, { P .. ':lex:' .. rel .. '|g', 'zset' })
+        table.insert(list, { P .. ':lex:' .. rel .. '|r', 'zset' })
+      end
     end
   end
   return expect_types(list)
