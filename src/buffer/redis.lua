@@ -42,13 +42,30 @@ end
 -- HINCRBY that repairs a counter holding something that is not a number
 -- (counters are bookkeeping; a failed HINCRBY would abort the script after
 -- earlier writes, which Redis does not undo).
+-- Counter changes are summed in Lua and written once per command
+-- (flush_incrs), which matters when one push carries hundreds of ops.
+local deltas, delta_order = {}, {}
 local function incr(hash, field, d)
-  local r = redis.pcall('HINCRBY', hash, field, d)
-  if type(r) == 'table' and r.err then
-    redis.call('HSET', hash, field, 0)
-    r = redis.call('HINCRBY', hash, field, d)
+  local k = hash .. '\0' .. field
+  if deltas[k] == nil then
+    deltas[k] = 0
+    table.insert(delta_order, { hash, field, k })
   end
-  return r
+  deltas[k] = deltas[k] + d
+end
+
+local function flush_incrs()
+  for _, hf in ipairs(delta_order) do
+    local hash, field, d = hf[1], hf[2], deltas[hf[3]]
+    if d ~= 0 then
+      local r = redis.pcall('HINCRBY', hash, field, d)
+      if type(r) == 'table' and r.err then
+        redis.call('HSET', hash, field, 0)
+        redis.call('HINCRBY', hash, field, d)
+      end
+    end
+  end
+  deltas, delta_order = {}, {}
 end
 
 -- Refuses to run (before writing anything) when a key holds another type
@@ -158,6 +175,9 @@ if cmd == 'push' then
   if bad then return redis.error_reply(bad) end
   local out, rels, corrupt = {}, {}, 0
   local acked, coalesced_total = 0, 0
+  local size = redis.call('HLEN', P .. ':ops')
+  -- One INCRBY for the batch; an op refused for capacity leaves a gap.
+  local last = redis.call('INCRBY', P .. ':seq', n)
   for i = 0, n - 1 do
     local key, op, cond = ARGV[5 + i * 3], ARGV[6 + i * 3], ARGV[7 + i * 3]
     local raw = redis.call('HGET', P .. ':ops', key)
@@ -165,12 +185,14 @@ if cmd == 'push' then
     if raw and not cur then
       corrupt = corrupt + 1
       redis.call('HDEL', P .. ':ops', key)
+      size = size - 1
     end
-    if not cur and redis.call('HLEN', P .. ':ops') >= cap then
+    if not cur and size >= cap then
       table.insert(out, -1)
       table.insert(out, 0)
     else
-      local seq = redis.call('INCR', P .. ':seq')
+      if not cur then size = size + 1 end
+      local seq = last - n + 1 + i
       local first, since, coalesced = seq, now, 0
       if cur then
         count_latest(key, cur.op, -1)
@@ -205,9 +227,11 @@ if cmd == 'push' then
     redis.call('PUBLISH', P .. ':events', 'op ' .. rel)
   end
   if acked > 0 then incr(P .. ':gen', '*', 1) end
+  flush_incrs()
   local c = redis.call('HMGET', P .. ':counts', 'rg', 'rr')
   table.insert(out, (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0))
   table.insert(out, corrupt)
+  flush_incrs()
   return out
 end
 
@@ -244,6 +268,7 @@ if cmd == 'take' then
       end
     end
   end
+  flush_incrs()
   return out
 end
 
@@ -275,6 +300,7 @@ if cmd == 'claim' then
       table.insert(out, 1)
     end
   end
+  flush_incrs()
   return out
 end
 
@@ -336,6 +362,7 @@ if cmd == 'finish' then
     redis.call('PUBLISH', P .. ':events', 'op ' .. rel)
   end
   redis.call('PUBLISH', P .. ':events', 'finished')
+  flush_incrs()
   return { applied, dead, requeued, superseded }
 end
 
@@ -390,6 +417,7 @@ if cmd == 'relevant' then
       end
     end
   end
+  flush_incrs()
   return out
 end
 
@@ -420,6 +448,7 @@ if cmd == 'clear' then
     incr(P .. ':gen', '*', 1)
   end
   redis.call('PUBLISH', P .. ':events', 'all')
+  flush_incrs()
   return out
 end
 
@@ -428,6 +457,7 @@ if cmd == 'pending' then
   -- ARGV[2]: now; reclaiming here lets an idle flusher notice ops whose
   -- taker died.
   if ARGV[2] and check_keys({}) == nil then reclaim(tonumber(ARGV[2])) end
+  flush_incrs()
   local c = redis.call('HMGET', P .. ':counts', 'rg', 'rr', 't')
   local oldest = -1
   for _, kind in ipairs({ 'g', 'r' }) do
