@@ -3,6 +3,8 @@
 //! real server.
 #![allow(dead_code)]
 
+pub mod own_openfga;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
