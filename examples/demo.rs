@@ -320,8 +320,8 @@ impl Demo {
         println!("  \"OpenFGA\" is a plain Check against the server: it does not have the");
         println!("  tuples yet. fga-wb answers from the pending grant itself where it can,");
         println!("  and otherwise sends the pending grants a check could depend on (at");
-        println!("  most 100) as contextual tuples. A check of document viewers would");
-        println!("  depend on the 10,000 pending viewer grants: fga-wb flushes first then.");
+        println!("  most 100) as contextual tuples. Only grants that can reach the checked");
+        println!("  object count: the 10,000 viewer grants on other documents do not.");
         Ok(())
     }
 
