@@ -11,6 +11,8 @@
 
 mod support;
 
+use support::touched;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
@@ -102,27 +104,6 @@ fn closed_port_config() -> Config {
     c.flush.retry_initial_backoff = Duration::from_millis(10);
     c.flush.retry_max_backoff = Duration::from_millis(100);
     c
-}
-
-/// The tuple keys (`object#relation@user`) and ops one Write body carries.
-fn touched(body: &Value) -> Vec<(String, Op)> {
-    let mut out = Vec::new();
-    for (section, op) in [("writes", Op::Grant), ("deletes", Op::Revoke)] {
-        if let Some(keys) = body[section]["tuple_keys"].as_array() {
-            for k in keys {
-                out.push((
-                    format!(
-                        "{}#{}@{}",
-                        k["object"].as_str().unwrap(),
-                        k["relation"].as_str().unwrap(),
-                        k["user"].as_str().unwrap()
-                    ),
-                    op,
-                ));
-            }
-        }
-    }
-    out
 }
 
 /// The Write requests a mock server received, in order of arrival.

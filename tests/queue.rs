@@ -14,6 +14,8 @@
 
 mod support;
 
+use support::{touched, Worker};
+
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::path::PathBuf;
@@ -26,8 +28,6 @@ use fga_wb::openfga::{Secret, WriteRequest};
 use fga_wb::{Config, Op, TupleKey, WriteBehind};
 use serde_json::Value;
 use support::{config_for, fixture, new_store, stored};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
@@ -145,45 +145,6 @@ async fn assert_accounted(wb: &WriteBehind) {
     );
 }
 
-/// An in-process `fga-wb worker`: `fga_wb::queue::worker::run` on a task,
-/// stopped through its shutdown future. Dropping it (a failed test) aborts
-/// the task.
-struct Worker {
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<fga_wb::Result<()>>>,
-}
-
-impl Worker {
-    fn start(config: Config, concurrency: usize) -> Worker {
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(fga_wb::queue::worker::run(config, concurrency, async {
-            let _ = rx.await;
-        }));
-        Worker {
-            stop: Some(tx),
-            task: Some(task),
-        }
-    }
-
-    /// Asks the worker to stop and waits until it has.
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        let task = self.task.take().unwrap();
-        match tokio::time::timeout(Duration::from_secs(20), task).await {
-            Ok(r) => r.expect("worker task").expect("worker ended cleanly"),
-            Err(_) => panic!("the worker did not stop within 20 s"),
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if let Some(task) = &self.task {
-            task.abort();
-        }
-    }
-}
-
 /// One Write request as the mock saw it.
 #[derive(Clone, Debug)]
 struct Seen {
@@ -238,28 +199,6 @@ impl Respond for WriteLog {
         });
         (self.script)(n)
     }
-}
-
-/// The tuples (`object#relation@user`) and ops one Write body carries.
-fn touched(body: &Value) -> Vec<(String, Op)> {
-    let mut out = Vec::new();
-    for (section, op) in [("writes", Op::Grant), ("deletes", Op::Revoke)] {
-        if let Some(keys) = body[section]["tuple_keys"].as_array() {
-            for k in keys {
-                out.push((
-                    format!(
-                        "{}#{}@{}",
-                        k["object"].as_str().unwrap_or_default(),
-                        k["relation"].as_str().unwrap_or_default(),
-                        k["user"].as_str().unwrap_or_default()
-                    ),
-                    op,
-                ));
-            }
-        }
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
 }
 
 fn grant(key: &str) -> (String, Op) {

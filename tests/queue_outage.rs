@@ -6,6 +6,8 @@
 
 mod support;
 
+use support::Worker;
+
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -15,8 +17,6 @@ use fga_wb::openfga::Secret;
 use fga_wb::{Config, WriteBehind};
 use support::documents_model;
 use support::own_openfga::OwnOpenFga;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 /// Waits for a condition no API call can await, polling; after `limit`,
 /// fails the test with `what` and the handle's status.
@@ -32,43 +32,6 @@ where
             panic!("timed out after {limit:?} waiting for {what}\nstatus: {status:#?}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// An in-process worker, stopped through its shutdown future; aborted on
-/// drop (a failed test).
-struct Worker {
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<fga_wb::Result<()>>>,
-}
-
-impl Worker {
-    fn start(config: Config, concurrency: usize) -> Worker {
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(fga_wb::queue::worker::run(config, concurrency, async {
-            let _ = rx.await;
-        }));
-        Worker {
-            stop: Some(tx),
-            task: Some(task),
-        }
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        let task = self.task.take().unwrap();
-        match tokio::time::timeout(Duration::from_secs(20), task).await {
-            Ok(r) => r.expect("worker task").expect("worker ended cleanly"),
-            Err(_) => panic!("the worker did not stop within 20 s"),
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if let Some(task) = &self.task {
-            task.abort();
-        }
     }
 }
 

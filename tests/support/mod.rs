@@ -160,3 +160,67 @@ pub async fn stored(store: &TestStore) -> Vec<String> {
     v.sort();
     v
 }
+
+/// The tuples (`object#relation@user`) and ops one Write body carries.
+pub fn touched(body: &serde_json::Value) -> Vec<(String, fga_wb::Op)> {
+    let mut out = Vec::new();
+    for (section, op) in [
+        ("writes", fga_wb::Op::Grant),
+        ("deletes", fga_wb::Op::Revoke),
+    ] {
+        if let Some(keys) = body[section]["tuple_keys"].as_array() {
+            for k in keys {
+                out.push((
+                    format!(
+                        "{}#{}@{}",
+                        k["object"].as_str().unwrap_or_default(),
+                        k["relation"].as_str().unwrap_or_default(),
+                        k["user"].as_str().unwrap_or_default()
+                    ),
+                    op,
+                ));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// An in-process `fga-wb worker`: `fga_wb::queue::worker::run` on a task,
+/// stopped through its shutdown future. Dropping it (a failed test) aborts
+/// the task.
+pub struct Worker {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<fga_wb::Result<()>>>,
+}
+
+impl Worker {
+    pub fn start(config: fga_wb::Config, concurrency: usize) -> Worker {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(fga_wb::queue::worker::run(config, concurrency, async {
+            let _ = rx.await;
+        }));
+        Worker {
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Asks the worker to stop and waits until it has.
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        let task = self.task.take().unwrap();
+        match tokio::time::timeout(Duration::from_secs(20), task).await {
+            Ok(r) => r.expect("worker task").expect("worker ended cleanly"),
+            Err(_) => panic!("the worker did not stop within 20 s"),
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
