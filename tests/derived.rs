@@ -29,34 +29,9 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use fga_wb::openfga::{CheckRequest, Consistency, WriteRequest};
-use fga_wb::{TupleKey, WriteBehind};
-use support::{config_for, new_store, stored, TestStore};
-
-/// `object#relation@user` into its parts. The user may itself contain `#`
-/// (`group:eng#member`); the object never does, the relation never has `@`.
-fn parse(t: &str) -> (&str, &str, &str) {
-    let (object, rest) = t.split_once('#').expect("object#relation@user");
-    let (relation, user) = rest.split_once('@').expect("object#relation@user");
-    (user, relation, object)
-}
-
-fn tuple(t: &str) -> TupleKey {
-    let (user, relation, object) = parse(t);
-    TupleKey::new(user, relation, object).expect("valid tuple")
-}
-
-/// OpenFGA's own answer, bypassing its caches.
-async fn ground_truth(s: &TestStore, check: &str) -> bool {
-    let (user, relation, object) = parse(check);
-    let mut req = CheckRequest::new(user, relation, object);
-    req.consistency = Consistency::HigherConsistency;
-    req.authorization_model_id = Some(s.model_id.clone());
-    s.client
-        .check(&s.store_id, &req)
-        .await
-        .unwrap_or_else(|e| panic!("raw check {check}: {e}"))
-}
+use fga_wb::openfga::WriteRequest;
+use fga_wb::WriteBehind;
+use support::{config_for, ground_truth, new_store, parse, stored, tuple, TestStore};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {

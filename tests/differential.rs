@@ -37,9 +37,9 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use fga_wb::openfga::{CheckRequest, Consistency, WriteRequest};
-use fga_wb::{TupleKey, WriteBehind};
-use support::{config_for, new_store, stored, TestStore};
+use fga_wb::openfga::WriteRequest;
+use fga_wb::WriteBehind;
+use support::{config_for, ground_truth, new_store, parse, stored, tuple, TestStore};
 
 /// xorshift64*: deterministic, good enough to pick ops, no dependency.
 struct Rng(u64);
@@ -235,30 +235,6 @@ impl Deferred {
                 .unwrap_or_else(|e| panic!("oracle write of {t} (grant: {grant}): {e}"));
         }
     }
-}
-
-/// `object#relation@user` into (user, relation, object).
-fn parse(t: &str) -> (&str, &str, &str) {
-    let (object, rest) = t.split_once('#').expect("object#relation@user");
-    let (relation, user) = rest.split_once('@').expect("object#relation@user");
-    (user, relation, object)
-}
-
-fn tuple(t: &str) -> TupleKey {
-    let (user, relation, object) = parse(t);
-    TupleKey::new(user, relation, object).expect("valid tuple")
-}
-
-/// OpenFGA's answer in `s`, bypassing its caches.
-async fn ground_truth(s: &TestStore, check: &str) -> bool {
-    let (user, relation, object) = parse(check);
-    let mut req = CheckRequest::new(user, relation, object);
-    req.consistency = Consistency::HigherConsistency;
-    req.authorization_model_id = Some(s.model_id.clone());
-    s.client
-        .check(&s.store_id, &req)
-        .await
-        .unwrap_or_else(|e| panic!("oracle check {check}: {e}"))
 }
 
 #[derive(Debug, Default)]

@@ -224,3 +224,30 @@ impl Drop for Worker {
         }
     }
 }
+
+/// `object#relation@user` into (user, relation, object). The user may
+/// itself contain `#` (`group:eng#member`); the object never does, the
+/// relation never has `@`.
+pub fn parse(t: &str) -> (&str, &str, &str) {
+    let (object, rest) = t.split_once('#').expect("object#relation@user");
+    let (relation, user) = rest.split_once('@').expect("object#relation@user");
+    (user, relation, object)
+}
+
+/// A valid tuple from `object#relation@user`.
+pub fn tuple(t: &str) -> fga_wb::TupleKey {
+    t.parse()
+        .unwrap_or_else(|e| panic!("{t} is not a valid tuple: {e}"))
+}
+
+/// OpenFGA's own answer in `s` to `object#relation@user`, bypassing its caches.
+pub async fn ground_truth(s: &TestStore, check: &str) -> bool {
+    let (user, relation, object) = parse(check);
+    let mut req = fga_wb::openfga::CheckRequest::new(user, relation, object);
+    req.consistency = fga_wb::openfga::Consistency::HigherConsistency;
+    req.authorization_model_id = Some(s.model_id.clone());
+    s.client
+        .check(&s.store_id, &req)
+        .await
+        .unwrap_or_else(|e| panic!("check {check} against OpenFGA: {e}"))
+}
