@@ -13,8 +13,8 @@
 #     trap 'fga_wb_on_signal TERM' TERM
 #     trap 'fga_wb_on_signal HUP' HUP
 #
-#     fga_wb_ensure_openfga; fga_wb_ensure_redis
-#     fga_wb_start_openfga;  fga_wb_start_redis
+#     fga_wb_ensure_openfga; fga_wb_ensure_redis; fga_wb_ensure_postgres
+#     fga_wb_start_servers openfga openfga-pg redis
 #     fga_wb_run_child cargo test      # exports FGA_WB_TEST_* are visible to it
 #
 # Design notes (the "why"):
@@ -275,174 +275,80 @@ fga_wb_ensure_redis() {
     if ! command -v redis-server >/dev/null 2>&1; then
         _fga_wb_apt_install redis-server
     fi
+    # redis-cli builds the test cluster (Debian: redis-tools).
+    command -v redis-cli >/dev/null 2>&1 || _fga_wb_apt_install redis-tools
     REDIS_BIN="$(command -v redis-server 2>/dev/null || true)"
     [[ -n "$REDIS_BIN" ]] || fga_wb_die "redis-server still missing after install"
 }
 
-# ---------------------------------------------------------------------------
-# Ports
-# ---------------------------------------------------------------------------
-
-# True if something listens on 127.0.0.1:$1 (or any address on that port).
-_fga_wb_port_in_use() {
-    local port="$1"
-    if command -v ss >/dev/null 2>&1; then
-        # Port field ends the local-address column: "127.0.0.1:6379", "[::]:6379", "*:6379".
-        ss -Htln 2>/dev/null | awk '{print $4}' | grep -qE "[:.]$port\$"
-    else
-        # No ss: a successful connect means a listener.
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null
+# Installs Debian's PostgreSQL server if there is no initdb (Debian keeps it in
+# /usr/lib/postgresql/<version>/bin, off PATH). The package's postinst may start a
+# system cluster on 5432; we leave it alone and start our own on a random port.
+fga_wb_ensure_postgres() {
+    if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null && ! command -v initdb >/dev/null 2>&1; then
+        _fga_wb_apt_install postgresql
     fi
-}
-
-# Prints a free loopback TCP port. Range 20000-32767 stays below Linux's default
-# ephemeral range (32768-60999), so outgoing connections cannot grab the port between
-# our check and the server's bind. Ports handed out are recorded in the run's temp dir
-# (this function usually runs inside $(...), where variables would not stick), so one
-# run never gets the same port twice.
-fga_wb_free_port() {
-    local port tries ports_file=""
-    [[ -n "$FGA_WB_TMP" && -f "$FGA_WB_TMP/ports" ]] && ports_file="$FGA_WB_TMP/ports"
-    for ((tries = 0; tries < 200; tries++)); do
-        port=$((20000 + (RANDOM * 32768 + RANDOM) % 12768))
-        if [[ -n "$ports_file" ]] && grep -qx "$port" "$ports_file"; then continue; fi
-        _fga_wb_port_in_use "$port" && continue
-        [[ -n "$ports_file" ]] && echo "$port" >>"$ports_file"
-        echo "$port"
-        return 0
-    done
-    fga_wb_die "could not find a free TCP port"
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1 ||
+        fga_wb_die "PostgreSQL's initdb still missing after install"
 }
 
 # ---------------------------------------------------------------------------
 # Servers
 # ---------------------------------------------------------------------------
 
-# Waits until "$@" (a readiness probe) succeeds, while the server $pid is alive.
-# Returns 0 ready, 1 timeout, 2 server exited.
-_fga_wb_wait_ready() {
-    local pid="$1" deadline=$((SECONDS + FGA_WB_START_TIMEOUT))
-    shift
-    while ((SECONDS < deadline)); do
-        kill -0 "$pid" 2>/dev/null || return 2
-        "$@" && return 0
-        sleep 0.2
-    done
-    return 1
-}
-
-_fga_wb_openfga_healthy() {
-    curl -fsS --max-time 2 "http://127.0.0.1:$1/healthz" 2>/dev/null | grep -q SERVING
-}
-
-# Starts an in-memory OpenFGA with a random preshared key. Retries with new ports if a
-# port got taken between fga_wb_free_port and the bind.
-fga_wb_start_openfga() {
-    [[ -n "${OPENFGA_BIN:-}" ]] || fga_wb_ensure_openfga
-    fga_wb_ensure_curl
-    fga_wb_tmpdir
-    local key attempt http_port grpc_port log pid status
-    key="$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')"
-    for _ in 1 2 3; do # up to 3 tries
-        http_port="$(fga_wb_free_port)"
-        grpc_port="$(fga_wb_free_port)"
-        log="$FGA_WB_TMP/openfga-$http_port.log"
-        # Everything that could listen is pinned to loopback or disabled: playground
-        # (default :3000), metrics (default :2112), profiler (default off, :3001).
-        _fga_wb_spawn "$log" "$OPENFGA_BIN" run \
-            --datastore-engine memory \
-            --http-addr "127.0.0.1:$http_port" \
-            --grpc-addr "127.0.0.1:$grpc_port" \
-            --playground-enabled=false \
-            --metrics-enabled=false \
-            --profiler-enabled=false \
-            --authn-method preshared \
-            --authn-preshared-keys "$key" \
-            --log-level warn
-        pid="$_FGA_WB_LAST_PID"
-        _fga_wb_register_server "$pid"
-        status=0
-        _fga_wb_wait_ready "$pid" _fga_wb_openfga_healthy "$http_port" || status=$?
-        if ((status == 0)); then
-            export FGA_WB_TEST_OPENFGA_URL="http://127.0.0.1:$http_port"
-            export FGA_WB_TEST_OPENFGA_TOKEN="$key"
-            export FGA_WB_TEST_OPENFGA_BIN="$OPENFGA_BIN"
-            FGA_WB_OPENFGA_LOG="$log"
-            FGA_WB_OPENFGA_PID="$pid"
-            return 0
-        fi
-        if ((status == 2)) && grep -qi 'address already in use' "$log"; then
-            fga_wb_log "openfga: port taken, retrying with other ports"
-            continue
-        fi
-        _fga_wb_kill_group "$pid"
-        tail -n 40 "$log" >&2 || true
-        if ((status == 2)); then
-            fga_wb_die "openfga exited during startup (log above: $log)"
-        fi
-        fga_wb_die "openfga not SERVING on /healthz after ${FGA_WB_START_TIMEOUT}s (log above: $log)"
-    done
-    fga_wb_die "openfga: no free ports after 3 attempts"
-}
-
-# PING with redis-cli if installed, else speak RESP over bash's /dev/tcp.
-_fga_wb_redis_pong() {
-    local port="$1" reply=""
-    if command -v redis-cli >/dev/null 2>&1; then
-        reply="$(redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null || true)"
+# The cargo to use: on PATH, or rustup's default place (non-login shells, CI and
+# cron often lack ~/.cargo/bin on PATH).
+fga_wb_cargo() {
+    if command -v cargo >/dev/null 2>&1; then
+        echo cargo
+    elif [[ -x "$HOME/.cargo/bin/cargo" ]]; then
+        echo "$HOME/.cargo/bin/cargo"
     else
-        # 2>/dev/null comes first so a refused connect is not reported on the terminal.
-        reply="$(
-            {
-                printf 'PING\r\n' >&3
-                read -r -t 2 line <&3 && printf '%s' "$line"
-            } 2>/dev/null 3<>"/dev/tcp/127.0.0.1/$port"
-        )" || true
+        fga_wb_die "cargo not found on PATH nor in ~/.cargo/bin; install Rust (https://rustup.rs)"
     fi
-    [[ "$reply" == *PONG* ]]
 }
 
-# Starts a throw-away Redis: no persistence, data dir in the run's temp dir.
-fga_wb_start_redis() {
-    [[ -n "${REDIS_BIN:-}" ]] || fga_wb_ensure_redis
+# Starts servers with the project's one launcher, the `testenv` binary
+# (testenv/src/bin/testenv.rs: openfga, openfga-pg, redis, redis-cluster), and
+# exports what it prints (FGA_WB_TEST_*). It runs until our cleanup stops it, and
+# dies with this shell if we are killed (PR_SET_PDEATHSIG).
+fga_wb_start_servers() {
     fga_wb_tmpdir
-    local port log pid status
-    mkdir -p "$FGA_WB_TMP/redis"
-    for _ in 1 2 3; do # up to 3 tries
-        port="$(fga_wb_free_port)"
-        log="$FGA_WB_TMP/redis-$port.log"
-        _fga_wb_spawn "$log" "$REDIS_BIN" --port "$port" --bind 127.0.0.1 \
-            --dir "$FGA_WB_TMP/redis" --save '' --appendonly no --daemonize no
-        pid="$_FGA_WB_LAST_PID"
-        _fga_wb_register_server "$pid"
-        status=0
-        _fga_wb_wait_ready "$pid" _fga_wb_redis_pong "$port" || status=$?
-        if ((status == 0)); then
-            export FGA_WB_TEST_REDIS_URL="redis://127.0.0.1:$port"
-            export FGA_WB_TEST_REDIS_BIN="$REDIS_BIN"
-            FGA_WB_REDIS_LOG="$log"
-            FGA_WB_REDIS_PID="$pid"
-            return 0
+    local cargo repo
+    cargo="$(fga_wb_cargo)"
+    repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+    fga_wb_log "building the server launcher (cargo build -p fga-wb-testenv)"
+    (cd "$repo" && "$cargo" build --quiet -p fga-wb-testenv) >&2 ||
+        fga_wb_die "building testenv failed"
+    local bin="${CARGO_TARGET_DIR:-$repo/target}/debug/testenv"
+    local out="$FGA_WB_TMP/servers.env" log="$FGA_WB_TMP/testenv.log"
+    : >"$out"
+    [[ -n "${OPENFGA_BIN:-}" ]] && export FGA_WB_TEST_OPENFGA_BIN="$OPENFGA_BIN"
+    [[ -n "${REDIS_BIN:-}" ]] && export FGA_WB_TEST_REDIS_BIN="$REDIS_BIN"
+    _fga_wb_spawn "$log" "$bin" up "$@"
+    # _fga_wb_spawn sends stdout to the log; the launcher writes its exports there.
+    FGA_WB_SERVERS_PID="$_FGA_WB_LAST_PID"
+    _fga_wb_register_server "$FGA_WB_SERVERS_PID"
+    local deadline=$((SECONDS + FGA_WB_START_TIMEOUT * 3))
+    while ! grep -q '^# ready' "$log" 2>/dev/null; do
+        if ! kill -0 "$FGA_WB_SERVERS_PID" 2>/dev/null; then
+            tail -n 40 "$log" >&2 || true
+            fga_wb_die "starting servers ($*) failed (log above: $log)"
         fi
-        if ((status == 2)) && grep -qi 'address already in use' "$log"; then
-            fga_wb_log "redis: port taken, retrying with another port"
-            continue
-        fi
-        _fga_wb_kill_group "$pid"
-        tail -n 40 "$log" >&2 || true
-        if ((status == 2)); then
-            fga_wb_die "redis-server exited during startup (log above: $log)"
-        fi
-        fga_wb_die "redis-server did not answer PING after ${FGA_WB_START_TIMEOUT}s (log above: $log)"
+        ((SECONDS < deadline)) || fga_wb_die "servers ($*) not ready after $((FGA_WB_START_TIMEOUT * 3))s; see $log"
+        sleep 0.1
     done
-    fga_wb_die "redis: no free port after 3 attempts"
+    grep '^export ' "$log" >"$out"
+    # shellcheck disable=SC1090 # written just above by the launcher
+    source "$out"
 }
 
 # Prints the env of the running servers as `export` lines (for eval / copy-paste).
 fga_wb_print_env() {
     local name
     for name in FGA_WB_TEST_OPENFGA_URL FGA_WB_TEST_OPENFGA_TOKEN FGA_WB_TEST_OPENFGA_BIN \
-        FGA_WB_TEST_REDIS_URL FGA_WB_TEST_REDIS_BIN; do
+        FGA_WB_TEST_OPENFGA_PG_URL FGA_WB_TEST_OPENFGA_PG_TOKEN FGA_WB_TEST_POSTGRES_PORT \
+        FGA_WB_TEST_REDIS_URL FGA_WB_TEST_REDIS_BIN FGA_WB_TEST_REDIS_CLUSTER_URL; do
         [[ -n "${!name:-}" ]] && printf 'export %s=%q\n' "$name" "${!name}"
     done
     return 0

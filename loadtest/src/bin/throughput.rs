@@ -1,0 +1,568 @@
+//! `scripts/bench throughput`: end-to-end throughput of fga-wb against the
+//! server's own ceiling, with many concurrent callers, in every mode.
+//!
+//! One run starts its own servers (OpenFGA on SQLite, on PostgreSQL, and on
+//! the memory datastore behind a proxy that adds 1.4 ms of round trip; one
+//! Redis) and runs every contender in rounds, rotating the order each round,
+//! so that drift in the machine's load hits every contender alike. Each
+//! fga-wb figure is a ratio to the raw ceiling measured on the same server in
+//! the same round: pre-built 100-tuple Writes in key order, 8 in parallel.
+//! Every run writes distinct tuples to a fresh store and is verified by
+//! reading the store back.
+//!
+//! `FGA_WB_BENCH_SCALE=0.1` shrinks the counts; `FGA_WB_BENCH_ROUNDS` sets
+//! the rounds (default 3).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fga_wb::config::{Mode, StoreKind};
+use fga_wb::openfga::WriteRequest;
+use fga_wb::WriteBehind;
+use futures::stream::{self, TryStreamExt};
+use loadtest::*;
+use testenv::{Datastore, DelayProxy, OpenFga, OpenFgaOptions, Postgres, Redis, RedisOptions};
+
+/// Parallel requests of the raw ceiling (fga-wb's default maximum too).
+const RAW_PARALLEL: usize = 8;
+const RAW_PER_WRITE: usize = 100;
+
+/// One measured run.
+#[derive(Clone, Debug)]
+struct Run {
+    tuples: usize,
+    wall: Duration,
+    /// CPU of this process (fga-wb and its callers) during the run.
+    cpu: Duration,
+    /// CPU of `fga-wb worker` processes during the run (queue mode).
+    worker_cpu: Duration,
+    load: f64,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.tuples as f64 / self.wall.as_secs_f64()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Side {
+    Raw,
+    Memory { callers: usize },
+    RedisInline { callers: usize },
+    Queue { callers: usize, workers: usize },
+}
+
+impl Side {
+    fn name(&self) -> String {
+        match self {
+            Side::Raw => format!(
+                "raw ceiling: {RAW_PER_WRITE}-tuple Writes, {RAW_PARALLEL} in parallel, key order"
+            ),
+            Side::Memory { callers } => format!("fga-wb memory store, {callers} calling tasks"),
+            Side::RedisInline { callers } => {
+                format!("fga-wb Redis store, inline, {callers} calling tasks")
+            }
+            Side::Queue { callers, workers } => format!(
+                "fga-wb queue mode, {workers} `fga-wb worker` process{}, {callers} calling tasks",
+                if *workers == 1 { "" } else { "es" }
+            ),
+        }
+    }
+}
+
+struct Bench {
+    redis: Redis,
+    worker_bin: std::path::PathBuf,
+    round: usize,
+}
+
+#[tokio::main]
+async fn main() -> Res<()> {
+    print_machine("throughput");
+    let rounds: usize = std::env::var("FGA_WB_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let worker_bin = std::env::current_exe()?
+        .parent()
+        .ok_or("no exe dir")?
+        .join("fga-wb");
+    if !worker_bin.is_file() {
+        return Err(format!(
+            "{} is missing: scripts/bench builds it (cargo build --release)",
+            worker_bin.display()
+        )
+        .into());
+    }
+
+    eprintln!("starting servers ...");
+    let sqlite_fga = OpenFga::start(OpenFgaOptions {
+        datastore: Datastore::Sqlite,
+        ..Default::default()
+    })
+    .await?;
+    let pg = Postgres::start().await?;
+    let pg_fga = OpenFga::start(OpenFgaOptions {
+        datastore: Datastore::Postgres(pg.create_database("openfga")?),
+        ..Default::default()
+    })
+    .await?;
+    let mem_fga = OpenFga::start(OpenFgaOptions::default()).await?;
+    let upstream = mem_fga.url().trim_start_matches("http://").to_owned();
+    let proxy = DelayProxy::start(&upstream, Duration::from_micros(700)).await?;
+    let redis = Redis::start(RedisOptions::default()).await?;
+
+    let sqlite = Target::new("sqlite", &sqlite_fga.url(), sqlite_fga.token())?;
+    let postgres = Target::new("postgres", &pg_fga.url(), pg_fga.token())?;
+    let remote = Target::new(
+        "remote",
+        &format!("http://{}", proxy.addr()),
+        mem_fga.token(),
+    )?;
+
+    let n = scaled(100_000);
+    let n_pg = scaled(50_000);
+    let n_remote = scaled(20_000);
+    println!(
+        "{rounds} rounds; {n} distinct tuples per run on SQLite, {n_pg} on PostgreSQL, {n_remote} on the remote \
+         (memory-datastore OpenFGA behind a proxy adding 0.7 ms each way)."
+    );
+    println!("fga-wb runs: callers grant their own contiguous ranges concurrently, then flush() until nothing is pending; timed from the first grant until OpenFGA has every tuple.\n");
+
+    let groups: Vec<(Target, usize, Vec<Side>)> = vec![
+        (
+            sqlite,
+            n,
+            vec![
+                Side::Raw,
+                Side::Memory { callers: 16 },
+                Side::Memory { callers: 1 },
+                Side::RedisInline { callers: 16 },
+                Side::Queue {
+                    callers: 16,
+                    workers: 1,
+                },
+                Side::Queue {
+                    callers: 16,
+                    workers: 2,
+                },
+            ],
+        ),
+        (
+            postgres,
+            n_pg,
+            vec![
+                Side::Raw,
+                Side::Memory { callers: 16 },
+                Side::RedisInline { callers: 16 },
+            ],
+        ),
+        (
+            remote,
+            n_remote,
+            vec![Side::Raw, Side::Memory { callers: 16 }],
+        ),
+    ];
+    let mut bench = Bench {
+        redis,
+        worker_bin,
+        round: 0,
+    };
+    let mut results: BTreeMap<(String, Side), Vec<Run>> = BTreeMap::new();
+    let mut micro = Micro::default();
+    for round in 0..rounds {
+        bench.round = round;
+        for (target, n, sides) in &groups {
+            let k = sides.len();
+            for j in 0..k {
+                let side = sides[(j + round) % k];
+                eprintln!("round {}: {} on {}", round + 1, side.name(), target.name);
+                let run = bench.run(target, *n, side).await?;
+                results
+                    .entry((target.name.clone(), side))
+                    .or_default()
+                    .push(run);
+            }
+        }
+        micro.round(&bench, &groups[0].0, &results).await?;
+    }
+    print_results(&groups, &results);
+    micro.print();
+    drop(proxy);
+    Ok(())
+}
+
+impl Bench {
+    async fn run(&self, target: &Target, n: usize, side: Side) -> Res<Run> {
+        let store = target.store("bench-throughput").await?;
+        let run = match side {
+            Side::Raw => raw(target, &store, n).await?,
+            Side::Memory { callers } => {
+                let cfg = target.config(&store);
+                fga_wb_run(cfg, n, callers, &[]).await?
+            }
+            Side::RedisInline { callers } => {
+                let mut cfg = target.config(&store);
+                cfg.buffer.store = StoreKind::Redis;
+                cfg.redis.url = self.redis.url();
+                fga_wb_run(cfg, n, callers, &[]).await?
+            }
+            Side::Queue { callers, workers } => {
+                let mut cfg = target.config(&store);
+                cfg.buffer.store = StoreKind::Redis;
+                cfg.redis.url = self.redis.url();
+                cfg.flush.mode = Mode::Queue;
+                let procs = (0..workers)
+                    .map(|_| self.worker(target, &store))
+                    .collect::<Res<Vec<_>>>()?;
+                // A worker is up once it has registered; give them a moment.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let pids: Vec<u32> = procs.iter().map(|p| p.id()).collect();
+                let run = fga_wb_run(cfg, n, callers, &pids).await;
+                for mut p in procs {
+                    // SAFETY: signalling our own child.
+                    unsafe {
+                        libc::kill(p.id() as i32, libc::SIGTERM);
+                    }
+                    let _ = p.wait();
+                }
+                run?
+            }
+        };
+        let stored = target.count(&store).await?;
+        if stored != n {
+            return Err(format!("{}: {stored} tuples stored, {n} expected", side.name()).into());
+        }
+        Ok(run)
+    }
+
+    fn worker(&self, target: &Target, store: &Store) -> Res<std::process::Child> {
+        let child = std::process::Command::new(&self.worker_bin)
+            .arg("worker")
+            .current_dir("/")
+            .env("FGA_API_URL", &target.url)
+            .env("FGA_API_TOKEN", &target.token)
+            .env("FGA_STORE_ID", &store.id)
+            .env("FGA_MODEL_ID", &store.model_id)
+            .env("FGA_WB_BUFFER__STORE", "redis")
+            .env("FGA_WB_FLUSH__MODE", "queue")
+            .env("FGA_WB_REDIS__URL", self.redis.url())
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .spawn()?;
+        Ok(child)
+    }
+}
+
+/// The raw ceiling: pre-built requests in key order, `RAW_PARALLEL` at once.
+async fn raw(target: &Target, store: &Store, n: usize) -> Res<Run> {
+    let reqs: Vec<WriteRequest> = (0..n)
+        .collect::<Vec<_>>()
+        .chunks(RAW_PER_WRITE)
+        .map(|c| {
+            let mut r = WriteRequest::idempotent(c.iter().map(|&i| tuple(i)).collect(), vec![]);
+            r.authorization_model_id = Some(store.model_id.clone());
+            r
+        })
+        .collect();
+    let load = load1();
+    let meter = Meter::default();
+    stream::iter(
+        reqs.iter()
+            .map(Ok::<_, Box<dyn std::error::Error + Send + Sync>>),
+    )
+    .try_for_each_concurrent(RAW_PARALLEL, |r| async move {
+        target.write_retrying(store, r).await?;
+        Ok(())
+    })
+    .await?;
+    let (wall, cpu) = meter.read();
+    Ok(Run {
+        tuples: n,
+        wall,
+        cpu,
+        worker_cpu: Duration::ZERO,
+        load,
+    })
+}
+
+/// `callers` tasks grant `n` distinct tuples (each its own contiguous
+/// range), then `flush()` until nothing is pending or in flight.
+async fn fga_wb_run(cfg: fga_wb::Config, n: usize, callers: usize, workers: &[u32]) -> Res<Run> {
+    let wb = WriteBehind::builder(cfg).build().await?;
+    let load = load1();
+    let worker_cpu0: Duration = workers.iter().map(|&p| proc_cpu(p)).sum();
+    let meter = Meter::default();
+    let per = n.div_ceil(callers);
+    let tasks: Vec<_> = (0..callers)
+        .map(|c| {
+            let wb = wb.clone();
+            tokio::spawn(async move {
+                let mut t = Tuples::default();
+                for i in c * per..((c + 1) * per).min(n) {
+                    let (u, o) = t.set(i);
+                    wb.grant(u, RELATION, o).await?;
+                }
+                Ok::<(), fga_wb::Error>(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    drain(&wb, Duration::from_secs(600)).await?;
+    let (wall, cpu) = meter.read();
+    let worker_cpu = workers
+        .iter()
+        .map(|&p| proc_cpu(p))
+        .sum::<Duration>()
+        .saturating_sub(worker_cpu0);
+    let totals = wb.status().await?.totals;
+    wb.shutdown().await?;
+    if totals.dead_lettered > 0 {
+        return Err(format!("{} ops dead-lettered", totals.dead_lettered).into());
+    }
+    Ok(Run {
+        tuples: n,
+        wall,
+        cpu,
+        worker_cpu,
+        load,
+    })
+}
+
+/// Flushes until nothing is pending or in flight (in queue mode: until the
+/// workers have applied everything).
+async fn drain(wb: &WriteBehind, limit: Duration) -> Res<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let p = wb.pending().await?;
+        if p.total + p.in_flight == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("still pending after {limit:?}: {p:?}").into());
+        }
+        if p.total > 0 {
+            wb.flush().await?;
+        } else {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+fn print_results(
+    groups: &[(Target, usize, Vec<Side>)],
+    results: &BTreeMap<(String, Side), Vec<Run>>,
+) {
+    println!(
+        "== end to end, as a ratio to the raw ceiling on the same server in the same round =="
+    );
+    println!(
+        "{:<9} {:<66} {:>6} {:>6} {:>6} {:>9} {:>10} {:>6}",
+        "server", "", "min", "median", "max", "tuples/s", "CPU/100k", "load"
+    );
+    for (target, _, sides) in groups {
+        let raw = &results[&(target.name.clone(), Side::Raw)];
+        for side in sides {
+            let runs = &results[&(target.name.clone(), *side)];
+            let ratios: Vec<f64> = runs
+                .iter()
+                .zip(raw)
+                .map(|(r, w)| r.rate() / w.rate())
+                .collect();
+            let (lo, mid, hi) = spread(&ratios);
+            let (_, rate, _) = spread(&runs.iter().map(Run::rate).collect::<Vec<_>>());
+            let (_, cpu, _) = spread(
+                &runs
+                    .iter()
+                    .map(|r| (r.cpu + r.worker_cpu).as_secs_f64() * 100_000.0 / r.tuples as f64)
+                    .collect::<Vec<_>>(),
+            );
+            let load = runs.iter().map(|r| r.load).sum::<f64>() / runs.len() as f64;
+            println!(
+                "{:<9} {:<66} {:>6.2} {:>6.2} {:>6.2} {:>9.0} {:>8.2} s {:>6.2}",
+                target.name,
+                side.name(),
+                lo,
+                mid,
+                hi,
+                rate,
+                cpu,
+                load
+            );
+        }
+    }
+    println!("CPU/100k: CPU seconds of the benchmark process (fga-wb and its calling tasks; the raw row: the raw writer) plus the `fga-wb worker` processes, per 100k tuples, median over rounds. load: mean 1-minute load average at the start of the runs.\n");
+}
+
+/// The per-call and burst figures, measured once per round.
+#[derive(Default)]
+struct Micro {
+    grant_p99: Vec<(u64, u64, u64)>,
+    burst: Vec<(u64, f64)>,
+    redis_rate: Vec<(f64, f64)>,
+}
+
+impl Micro {
+    async fn round(
+        &mut self,
+        bench: &Bench,
+        sqlite: &Target,
+        results: &BTreeMap<(String, Side), Vec<Run>>,
+    ) -> Res<()> {
+        let raw_rate = results[&(sqlite.name.clone(), Side::Raw)]
+            .last()
+            .map_or(0.0, Run::rate);
+        // grant latency, 8 tasks, default settings, flushing to SQLite.
+        let store = sqlite.store("bench-grant-latency").await?;
+        let wb = WriteBehind::builder(sqlite.config(&store)).build().await?;
+        let per = scaled(125_000);
+        let tasks: Vec<_> = (0..8)
+            .map(|c| {
+                let wb = wb.clone();
+                tokio::spawn(async move {
+                    let mut t = Tuples::default();
+                    let mut lat = Vec::with_capacity(per);
+                    for i in c * per..(c + 1) * per {
+                        let (u, o) = t.set(i);
+                        let start = Instant::now();
+                        wb.grant(u, RELATION, o).await?;
+                        lat.push(start.elapsed().as_nanos() as u64);
+                    }
+                    Ok::<Vec<u64>, fga_wb::Error>(lat)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await??);
+        }
+        let lat = Lat::new(all);
+        self.grant_p99.push((lat.q(0.5), lat.q(0.99), lat.q(0.999)));
+        wb.clear().await?;
+        wb.shutdown().await?;
+
+        // A 2 s burst of 8 tasks granting flat out: what the flusher applied meanwhile.
+        let store = sqlite.store("bench-burst").await?;
+        let mut cfg = sqlite.config(&store);
+        cfg.buffer.capacity = 10_000_000;
+        let wb = WriteBehind::builder(cfg).build().await?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks: Vec<_> = (0..8)
+            .map(|c| {
+                let (wb, stop) = (wb.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut t = Tuples::default();
+                    let mut i = c * 10_000_000;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let (u, o) = t.set(i);
+                        wb.grant(u, RELATION, o).await?;
+                        i += 1;
+                    }
+                    Ok::<u64, fga_wb::Error>((i - c * 10_000_000) as u64)
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let applied_at_stop = wb.status().await?.totals.applied;
+        let elapsed = started.elapsed();
+        let mut granted = 0;
+        for t in tasks {
+            granted += t.await??;
+        }
+        let _ = granted;
+        self.burst
+            .push((applied_at_stop, raw_rate * elapsed.as_secs_f64()));
+        wb.clear().await?;
+        wb.shutdown().await?;
+
+        // Redis store acknowledgements, 32 callers, flushing deferred.
+        let store = sqlite.store("bench-redis-ack").await?;
+        let mut cfg = sqlite.config(&store);
+        cfg.buffer.store = StoreKind::Redis;
+        cfg.redis.url = bench.redis.url();
+        cfg.buffer.capacity = 10_000_000;
+        cfg.flush.batch_size = 100_000_000;
+        cfg.flush.interval = Duration::from_secs(3600);
+        cfg.flush.eager_revokes = false;
+        let wb = WriteBehind::builder(cfg)
+            .automatic_flush(false)
+            .build()
+            .await?;
+        let pid = bench.redis.pid().unwrap_or(0);
+        let cpu0 = proc_cpu(pid);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..32)
+            .map(|c| {
+                let (wb, stop) = (wb.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut t = Tuples::default();
+                    let mut i = c * 10_000_000;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let (u, o) = t.set(i);
+                        wb.grant(u, RELATION, o).await?;
+                        i += 1;
+                    }
+                    Ok::<u64, fga_wb::Error>((i - c * 10_000_000) as u64)
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut acked = 0;
+        for t in tasks {
+            acked += t.await??;
+        }
+        let wall = started.elapsed();
+        let busy = proc_cpu(pid).saturating_sub(cpu0).as_secs_f64() / wall.as_secs_f64();
+        self.redis_rate
+            .push((acked as f64 / wall.as_secs_f64(), busy));
+        wb.clear().await?;
+        drop(wb);
+        let _ = bench.round;
+        Ok(())
+    }
+
+    fn print(&self) {
+        println!("== per call and burst figures, one per round ==");
+        let p99: Vec<f64> = self.grant_p99.iter().map(|t| t.1 as f64).collect();
+        let (lo, mid, hi) = spread(&p99);
+        println!(
+            "grant p99, memory store, 8 tasks, flushing to SQLite:      min {} median {} max {}   (medians of p50: {}, p99.9: {})",
+            fmt_ns(lo as u64),
+            fmt_ns(mid as u64),
+            fmt_ns(hi as u64),
+            fmt_ns(spread(&self.grant_p99.iter().map(|t| t.0 as f64).collect::<Vec<_>>()).1 as u64),
+            fmt_ns(spread(&self.grant_p99.iter().map(|t| t.2 as f64).collect::<Vec<_>>()).1 as u64),
+        );
+        let ratios: Vec<f64> = self
+            .burst
+            .iter()
+            .map(|(a, r)| *a as f64 / r.max(1.0))
+            .collect();
+        let (lo, mid, hi) = spread(&ratios);
+        println!(
+            "applied during a 2 s burst of 8 tasks, / raw rate x 2 s:   min {lo:.2} median {mid:.2} max {hi:.2}   (applied: {:?})",
+            self.burst.iter().map(|b| b.0).collect::<Vec<_>>()
+        );
+        let rates: Vec<f64> = self.redis_rate.iter().map(|r| r.0).collect();
+        let (lo, mid, hi) = spread(&rates);
+        let (blo, bmid, bhi) = spread(
+            &self
+                .redis_rate
+                .iter()
+                .map(|r| r.1 * 100.0)
+                .collect::<Vec<_>>(),
+        );
+        println!(
+            "Redis-store grants/s, 32 callers, no flushing:             min {lo:.0} median {mid:.0} max {hi:.0}   (Redis's core busy: {blo:.0}% / {bmid:.0}% / {bhi:.0}%)"
+        );
+        println!("load average at the end: {:.2}", load1());
+    }
+}
