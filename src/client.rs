@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use crate::buffer::memory::MemoryStore;
 use crate::buffer::redis::{Leases, RedisStore};
-use crate::buffer::{key_of, DeadLetter, Pending, Store, StoreEvent, Take};
+use crate::buffer::{key_of, DeadLetter, Pending, Store, StoreEvent};
 use crate::cache::{CheckCache, Generation};
 use crate::config::{Config, Mode, Overflow, StoreKind};
 use crate::error::{Error, Kind, Result};
@@ -36,7 +36,6 @@ struct Handle {
     config: Config,
     model: Option<Arc<Model>>,
     validate_against_model: bool,
-    wake: Arc<Notify>,
     commands: mpsc::Sender<Command>,
     stop: watch::Sender<bool>,
     /// The flusher, and for a shared store the listener for other
@@ -149,14 +148,17 @@ impl Builder {
             job_lease: crate::buffer::redis::job_lease(&config),
             room_wanted: Default::default(),
             revoke_wanted: Default::default(),
+            parallel: Default::default(),
+            sleeping: Default::default(),
+            timer_armed: Default::default(),
+            wake: Arc::new(Notify::new()),
+            retry_deadline: Default::default(),
         });
-        let wake = Arc::new(Notify::new());
         let (commands, rx) = mpsc::channel(16);
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = vec![tokio::spawn(flush::run(
             engine.clone(),
             rx,
-            wake.clone(),
             stop_rx.clone(),
             self.automatic_flush,
         ))];
@@ -169,7 +171,6 @@ impl Builder {
                 config,
                 model,
                 validate_against_model: self.validate_against_model,
-                wake,
                 commands,
                 stop,
                 tasks: Mutex::new(tasks),
@@ -349,11 +350,13 @@ impl WriteBehind {
         if pushed.coalesced {
             count!(e.stats, coalesced, "fga_wb_ops_coalesced_total", 1);
         }
-        if (op == Op::Revoke && e.cfg.eager_revokes)
-            || pushed.pending == 1
-            || pushed.pending >= e.cfg.batch_size
-        {
-            self.inner.wake.notify_one();
+        e.nudge(op == Op::Revoke, pushed.pending);
+        if !e.store.shared() {
+            // A memory-store grant never waits for anything, so a caller
+            // granting in a loop would never let the runtime run the
+            // flusher: spend tokio's cooperative budget, which yields now
+            // and then.
+            tokio::task::consume_budget().await;
         }
         Ok(())
     }
@@ -381,7 +384,7 @@ impl WriteBehind {
                     .engine
                     .room_wanted
                     .store(true, std::sync::atomic::Ordering::Relaxed);
-                self.inner.wake.notify_one();
+                self.inner.engine.wake_now();
                 let deadline = started + cfg.block_timeout;
                 match tokio::time::timeout_at(deadline, changed.changed()).await {
                     Ok(Ok(())) => Ok(()),
@@ -538,7 +541,7 @@ impl WriteBehind {
                 // Contextual tuples cannot delete: wait for the revoke to land.
                 e.revoke_wanted
                     .store(true, std::sync::atomic::Ordering::Relaxed);
-                self.inner.wake.notify_one();
+                e.wake_now();
                 match tokio::time::timeout_at(deadline, changed.changed()).await {
                     Ok(Ok(())) => continue,
                     _ => {
@@ -664,7 +667,7 @@ impl WriteBehind {
             e.store.push(&d.tuple, d.op).await?;
             e.cache.invalidate_for(&d.tuple);
         }
-        self.inner.wake.notify_one();
+        self.inner.engine.wake_now();
         Ok(n)
     }
 
@@ -687,32 +690,40 @@ impl WriteBehind {
             return Err(Error::new(Kind::Shutdown));
         }
         let deadline = Instant::now() + self.inner.config.flush.shutdown_deadline;
+        // The flusher drains until the deadline and then stops; the other
+        // tasks (the event follower) stop at once.
+        let (reply, answer) = oneshot::channel();
+        let asked = self
+            .inner
+            .commands
+            .send(Command::Shutdown { deadline, reply })
+            .await
+            .is_ok();
+        let flushed = if asked {
+            // A little past the deadline: the flusher answers at it.
+            let grace = deadline + std::time::Duration::from_secs(1);
+            match tokio::time::timeout_at(grace, answer).await {
+                Ok(Ok(r)) => r,
+                _ => FlushReport {
+                    error: Some("the flusher did not answer by the deadline".into()),
+                    ..Default::default()
+                },
+            }
+        } else {
+            FlushReport::default()
+        };
         let _ = self.inner.stop.send(true);
         let tasks =
             std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for mut task in tasks {
-            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+            if tokio::time::timeout(std::time::Duration::from_secs(1), &mut task)
+                .await
+                .is_err()
+            {
                 task.abort();
             }
         }
         let e = &self.inner.engine;
-        let mut flushed = FlushReport::default();
-        let mut pause = self.inner.config.flush.retry_initial_backoff;
-        while Instant::now() < deadline {
-            match tokio::time::timeout_at(deadline, e.drain(Take::All)).await {
-                Ok(r) => {
-                    let failed = r.error.is_some();
-                    flushed.absorb(&r);
-                    if !failed {
-                        break;
-                    }
-                }
-                Err(_) => break,
-            }
-            let rest = deadline.saturating_duration_since(Instant::now());
-            tokio::time::sleep(pause.min(rest)).await;
-            pause = (pause * 2).min(self.inner.config.flush.retry_max_backoff);
-        }
         let left = e.store.pending().await?;
         if left.total + left.in_flight > 0 {
             tracing::warn!(

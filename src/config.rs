@@ -204,9 +204,22 @@ pub struct FlushConfig {
     /// Tuples per Write request (OpenFGA's default limit is 100).
     #[serde(deserialize_with = "positive")]
     pub max_tuples_per_write: usize,
-    /// Write requests in flight at once.
+    /// Most Write requests in flight at once.
     #[serde(deserialize_with = "positive")]
     pub max_parallel_requests: usize,
+    /// Fewest Write requests in flight at once while something is due
+    /// (the adaptive limit never goes below it).
+    #[serde(deserialize_with = "positive")]
+    pub min_parallel_requests: usize,
+    /// Let the number of requests in flight follow the server, between
+    /// `min_parallel_requests` and `max_parallel_requests`: more while round
+    /// trips stay short, fewer when requests queue at the server or it
+    /// pushes back. Off: always `max_parallel_requests`.
+    pub adaptive_parallelism: bool,
+    /// Inline mode: times one failed request is sent again at once (with a
+    /// short jittered backoff) before its ops go back to pending and the
+    /// flusher pauses.
+    pub request_retries: u32,
     /// First backoff after a transient failure (inline mode).
     #[serde(with = "duration")]
     pub retry_initial_backoff: Duration,
@@ -229,7 +242,10 @@ impl Default for FlushConfig {
             batch_size: 1000,
             interval: Duration::from_secs(1),
             max_tuples_per_write: 100,
-            max_parallel_requests: 8,
+            max_parallel_requests: 32,
+            min_parallel_requests: 2,
+            adaptive_parallelism: true,
+            request_retries: 3,
             retry_initial_backoff: Duration::from_millis(100),
             retry_max_backoff: Duration::from_secs(30),
             eager_revokes: true,

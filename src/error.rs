@@ -71,6 +71,8 @@ pub(crate) enum Kind {
     TooManyContextualTuples { count: usize, limit: usize },
     /// The caller passed something that is not a tuple but is still wrong.
     InvalidArgument(String),
+    /// fga-wb broke one of its own invariants: a bug, not the caller's input.
+    Internal(String),
 }
 
 /// The parts of an error response from OpenFGA.
@@ -118,6 +120,10 @@ impl Error {
 
     pub(crate) fn invalid_argument(msg: impl Into<String>) -> Self {
         Error::new(Kind::InvalidArgument(msg.into()))
+    }
+
+    pub(crate) fn internal(msg: impl Into<String>) -> Self {
+        Error::new(Kind::Internal(msg.into()))
     }
 
     /// Worth retrying later: 5xx, 408, 409 (a conflicting concurrent write),
@@ -314,6 +320,10 @@ impl fmt::Display for Error {
                 "{count} pending grants are relevant to this check but OpenFGA takes at most {limit} contextual tuples; flush first"
             ),
             Kind::InvalidArgument(msg) => write!(f, "invalid argument: {msg}"),
+            Kind::Internal(msg) => write!(
+                f,
+                "internal error in fga-wb: {msg}; nothing was acknowledged by this call (please report it)"
+            ),
         }
     }
 }

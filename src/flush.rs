@@ -1,17 +1,38 @@
-//! The flusher: takes pending ops in chunks, writes them to OpenFGA with
-//! bounded parallelism, bisects permanent failures down to the bad tuples,
-//! and retries transient ones with backoff.
+//! The flusher: a pump that keeps OpenFGA busy with Write requests (or, in
+//! queue mode, pushes jobs) for as long as something is due.
 //!
-//! One background task owns the decision of *when* to flush: when the batch
-//! is full, when the oldest op reaches `flush.interval`, at once when revokes
-//! are pending, and when asked through `flush()`. Flushes never overlap, so
-//! the store's in-flight set is only ever touched by one flush at a time.
+//! One background task owns the decision of *what* to write and *when*.
+//! Triggers raise a target sequence number: everything acknowledged up to it
+//! is due. They are: the batch size reached, the oldest op reaching
+//! `flush.interval`, revokes (at once, unless `eager_revokes` is off),
+//! `flush()` and shutdown. While something is due, the pump keeps up to its
+//! concurrency limit of requests in flight, starting the next as soon as one
+//! ends: there is no pause between rounds.
+//!
+//! Ops are taken from the store in windows of several chunks and sorted by
+//! key before chunks are cut, so each request touches a narrow range of the
+//! server's index, and two writers of the same tuples lock them in the same
+//! order (OpenFGA's SQL datastores lock rows in key order).
+//!
+//! A request that fails transiently is retried alone, with backoff, while the
+//! others go on; after `flush.request_retries` the chunk's ops go back to
+//! pending and the pump pauses new requests (exponential backoff, never
+//! sooner than `Retry-After`). A permanent input error is bisected down to
+//! the bad tuples. Refused credentials or an unknown store stop flushing
+//! until an explicit `flush()`.
+//!
+//! With `flush.adaptive_parallelism`, the concurrency limit follows the
+//! server: it grows while round trips stay near the fastest seen (a remote
+//! server, many idle workers) and shrinks when requests queue up at the
+//! server or it pushes back (429, 5xx, timeouts).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
@@ -48,132 +69,108 @@ pub(crate) struct Engine {
     /// Set by a caller blocked on a full buffer: flush now, whatever the
     /// batch size and interval say.
     pub room_wanted: AtomicBool,
+    /// The pump's current concurrency limit, for `status`.
+    pub parallel: AtomicUsize,
+    /// The pump has nothing in flight and waits: a new op may need to wake
+    /// it (see [`Engine::nudge`]).
+    pub sleeping: AtomicBool,
+    /// The pump waits with a timer set (the interval of the oldest op).
+    pub timer_armed: AtomicBool,
+    /// Wakes the pump.
+    pub wake: Arc<Notify>,
+    /// Shutdown's deadline: no request is retried past it (its ops go back
+    /// to pending instead, rather than stay in flight).
+    pub retry_deadline: std::sync::Mutex<Option<Instant>>,
 }
 
-/// Why a chunk stopped before all its ops were tried.
+/// Why a chunk stopped before all its ops were applied.
 pub(crate) enum Stop {
-    /// Retry later (5xx, timeout, connection, 429).
+    /// Retry later (5xx, timeout, connection, 429, conflicts).
     Transient(Error),
     /// Do not retry until someone acts (bad credentials, unknown store).
     Halt(Error),
 }
 
-/// The outcome of one chunk, bisection included.
+impl Stop {
+    fn error(&self) -> &Error {
+        match self {
+            Stop::Transient(e) | Stop::Halt(e) => e,
+        }
+    }
+}
+
+/// The outcome of one chunk, bisection and retries included.
 pub(crate) struct ChunkResult {
     pub outcomes: Vec<(Taken, Outcome)>,
     pub requests: u64,
     /// Ops handed to the job queue.
     pub queued: u64,
     pub stop: Option<Stop>,
+    /// Round trips of successful full-size requests, for the concurrency
+    /// limit.
+    pub rtts: Vec<Duration>,
+    /// The server pushed back (429, 5xx, timeout): lower the limit.
+    pub congested: bool,
+}
+
+impl ChunkResult {
+    fn new(capacity: usize) -> Self {
+        ChunkResult {
+            outcomes: Vec::with_capacity(capacity),
+            requests: 0,
+            queued: 0,
+            stop: None,
+            rtts: Vec::new(),
+            congested: false,
+        }
+    }
+}
+
+/// How often one request is tried again at once before its chunk gives up.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum QuickRetries {
+    /// Any transient failure, up to this many times.
+    Transient(u32),
+    /// Only write conflicts (409), up to this many times: a queue worker
+    /// leaves other failures to its retry schedule.
+    ConflictsOnly(u32),
 }
 
 /// A request to the flusher task.
 pub(crate) enum Command {
     /// Flush everything acknowledged so far and report.
     Flush(oneshot::Sender<FlushReport>),
+    /// Flush everything until `deadline`, report, and stop the task.
+    Shutdown {
+        deadline: Instant,
+        reply: oneshot::Sender<FlushReport>,
+    },
 }
 
 impl Engine {
-    /// Writes every ready op acknowledged up to now (`what` says which
-    /// kinds), until done or stopped by an error.
-    pub async fn drain(&self, what: Take) -> FlushReport {
-        self.drain_with_hint(what).await.0
+    /// Called after an op is acknowledged, with the pending count after it:
+    /// wakes a sleeping pump when the op makes something due at once (a
+    /// revoke, a full batch) or when the pump has no timer set. At most one
+    /// wake per pump iteration, so callers granting flat out never make the
+    /// pump spin, and a busy pump is never woken (its running requests
+    /// bring it back).
+    pub(crate) fn nudge(&self, revoke: bool, pending: usize) {
+        if !self.sleeping.load(Ordering::Relaxed) {
+            return;
+        }
+        let due = (revoke && self.cfg.eager_revokes)
+            || pending >= self.cfg.batch_size
+            || !self.timer_armed.load(Ordering::Relaxed);
+        if due && self.sleeping.swap(false, Ordering::AcqRel) {
+            self.wake.notify_one();
+        }
     }
 
-    /// [`Engine::drain`], plus how long OpenFGA asked us to wait
-    /// (`Retry-After`) if it stopped the flush.
-    async fn drain_with_hint(&self, what: Take) -> (FlushReport, Option<Duration>) {
-        self.room_wanted.store(false, Ordering::Relaxed);
-        self.revoke_wanted.store(false, Ordering::Relaxed);
-        let started = std::time::Instant::now();
-        let span = tracing::info_span!(
-            "fga_wb.flush",
-            applied = tracing::field::Empty,
-            dead_lettered = tracing::field::Empty,
-            requests = tracing::field::Empty
-        );
-        let mut report = FlushReport::default();
-        let mut retry_after = None;
-        async {
-            let up_to = match self.store.last_seq().await {
-                Ok(s) => s,
-                Err(e) => {
-                    report.error = Some(e.to_string());
-                    return;
-                }
-            };
-            let chunk_size = self.cfg.max_tuples_per_write;
-            let mut running = FuturesUnordered::new();
-            let mut exhausted = false;
-            let mut stop: Option<Stop> = None;
-            loop {
-                while !exhausted && stop.is_none() && running.len() < self.cfg.max_parallel_requests
-                {
-                    match self.store.take(chunk_size, what, up_to).await {
-                        Ok(chunk) if chunk.is_empty() => exhausted = true,
-                        Ok(chunk) => running.push(self.send_chunk(chunk)),
-                        Err(e) => stop = Some(Stop::Transient(e)),
-                    }
-                }
-                let Some(result) = running.next().await else {
-                    break;
-                };
-                report.requests += result.requests;
-                report.queued += result.queued;
-                for (t, o) in &result.outcomes {
-                    if matches!(o, Outcome::Dead { .. }) {
-                        // Its grant may have been in cached answers as a
-                        // contextual tuple; OpenFGA will never have it.
-                        self.cache.invalidate_for(&t.tuple);
-                    }
-                }
-                if stop.is_none() {
-                    stop = result.stop;
-                }
-                match self.store.finish(result.outcomes).await {
-                    Ok(f) => self.account(&f, &mut report),
-                    Err(e) => {
-                        tracing::error!(error = %e, "could not record flush outcomes");
-                        stop.get_or_insert(Stop::Transient(e));
-                    }
-                }
-                // A finished chunk may have unblocked keys that were in flight.
-                exhausted = false;
-            }
-            match stop {
-                Some(Stop::Transient(e)) => {
-                    retry_after = e.retry_after();
-                    report.error = Some(e.to_string());
-                }
-                Some(Stop::Halt(e)) => {
-                    tracing::error!(error = %e, "flushing stopped; pending ops are kept");
-                    self.stats.set_stopped(Some(e.to_string()));
-                    report.error = Some(e.to_string());
-                }
-                None if report.requests > 0 || report.queued > 0 => self.stats.set_stopped(None),
-                None => {}
-            }
-        }
-        .instrument(span.clone())
-        .await;
-        report.duration = started.elapsed();
-        report.coalesced = self.stats.take_coalesced();
-        span.record("applied", report.applied);
-        span.record("dead_lettered", report.dead_lettered);
-        span.record("requests", report.requests);
-        count!(
-            self.stats,
-            requests,
-            "fga_wb_write_requests_total",
-            report.requests
-        );
-        if let Ok(p) = self.store.pending().await {
-            metrics::gauge!("fga_wb_pending_ops").set(p.total as f64);
-        }
-        if report.requests > 0 || report.queued > 0 || report.error.is_some() {
-            self.record(&report).await;
-        }
-        (report, retry_after)
+    /// Wakes the pump now (a check waiting for a revoke, a caller waiting
+    /// for room, a dead letter replayed).
+    pub(crate) fn wake_now(&self) {
+        self.sleeping.store(false, Ordering::Relaxed);
+        self.wake.notify_one();
     }
 
     /// Remembers a flush for `status`, here and, for a shared store, for
@@ -210,45 +207,41 @@ impl Engine {
     }
 
     /// Writes one chunk, or in queue mode enqueues it as one job.
-    async fn send_chunk(&self, ops: Vec<Taken>) -> ChunkResult {
+    async fn send_chunk(self: Arc<Self>, ops: Vec<Taken>) -> ChunkResult {
         let Some(sink) = &self.sink else {
-            return self.write_chunk(ops).await;
+            let retries = QuickRetries::Transient(self.cfg.request_retries);
+            return self.write_chunk(ops, retries).await;
         };
         let job = crate::queue::job_for(&self.store_id, self.model_id.as_deref(), &ops);
+        let mut result = ChunkResult::new(ops.len());
         match sink.push(job, None).await {
             // The job owns the ops now, through all its retries; the worker
             // finishes them.
-            Ok(()) => ChunkResult {
-                queued: ops.len() as u64,
-                outcomes: ops
+            Ok(()) => {
+                result.queued = ops.len() as u64;
+                result.outcomes = ops
                     .into_iter()
                     .map(|t| (t, Outcome::Keep(self.job_lease)))
-                    .collect(),
-                requests: 0,
-                stop: None,
-            },
-            Err(e) => ChunkResult {
-                outcomes: ops.into_iter().map(|t| (t, Outcome::Retry)).collect(),
-                requests: 0,
-                queued: 0,
-                stop: Some(Stop::Transient(e)),
-            },
+                    .collect();
+            }
+            Err(e) => {
+                result.outcomes = ops.into_iter().map(|t| (t, Outcome::Retry)).collect();
+                result.stop = Some(Stop::Transient(e));
+            }
         }
+        result
     }
 
     /// Writes one chunk; on a permanent input error, splits it in halves
-    /// until the bad ops are alone, so the good ones are applied.
-    pub(crate) async fn write_chunk(&self, ops: Vec<Taken>) -> ChunkResult {
-        let mut result = ChunkResult {
-            outcomes: Vec::with_capacity(ops.len()),
-            requests: 0,
-            queued: 0,
-            stop: None,
-        };
+    /// until the bad ops are alone, so the good ones are applied. A request
+    /// that fails transiently is tried again as `retries` allows.
+    pub(crate) async fn write_chunk(&self, ops: Vec<Taken>, retries: QuickRetries) -> ChunkResult {
+        let mut result = ChunkResult::new(ops.len());
         let ops = match self.claim(ops, &mut result).await {
             Some(ops) => ops,
             None => return result,
         };
+        let full = self.cfg.max_tuples_per_write;
         let mut todo = vec![ops];
         while let Some(part) = todo.pop() {
             if result.stop.is_some() {
@@ -257,11 +250,14 @@ impl Engine {
                     .extend(part.into_iter().map(|t| (t, Outcome::Retry)));
                 continue;
             }
-            result.requests += 1;
-            match self.write(&part).await {
+            let started = Instant::now();
+            match self.write_retrying(&part, retries, &mut result).await {
                 Ok(()) => {
                     metrics::counter!("fga_wb_write_requests_total", "outcome" => "ok")
                         .increment(1);
+                    if part.len() * 2 >= full {
+                        result.rtts.push(started.elapsed());
+                    }
                     result
                         .outcomes
                         .extend(part.into_iter().map(|t| (t, Outcome::Applied)));
@@ -304,9 +300,57 @@ impl Engine {
         result
     }
 
+    /// One Write of `ops`, sent again on a transient failure as `retries`
+    /// allows, with jittered backoff (never sooner than `Retry-After`).
+    async fn write_retrying(
+        &self,
+        ops: &[Taken],
+        retries: QuickRetries,
+        result: &mut ChunkResult,
+    ) -> Result<(), Error> {
+        let mut backoff = quick_backoff(&self.cfg);
+        let mut tries = 0u32;
+        loop {
+            result.requests += 1;
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let e = match self.write(ops).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            let conflict = e.status() == Some(409);
+            if e.is_transient() {
+                // Every request that failed transiently; its ops are sent
+                // again (now, or after the pause).
+                count!(self.stats, retries, "fga_wb_write_retries_total", 1);
+                if !conflict {
+                    result.congested = true;
+                }
+            }
+            let allowed = match retries {
+                QuickRetries::Transient(n) => e.is_transient() && tries < n,
+                QuickRetries::ConflictsOnly(n) => conflict && e.is_transient() && tries < n,
+            };
+            if !allowed {
+                return Err(e);
+            }
+            tries += 1;
+            let wait = backoff.next().unwrap_or(self.cfg.retry_max_backoff);
+            let wait = e.retry_after().map_or(wait, |r| r.max(wait));
+            let deadline = *self
+                .retry_deadline
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+                return Err(e);
+            }
+            tracing::debug!(error = %e, retry_in = ?wait, "write failed; retrying the request");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
     /// Keeps the ops this writer may write now; finishes stale ones without
-    /// writing; puts busy ones back (another process is writing their key)
-    /// and stops the flush so it retries after a pause.
+    /// writing; gives busy ones back (another process is writing their key)
+    /// without holding back the rest.
     async fn claim(&self, ops: Vec<Taken>, result: &mut ChunkResult) -> Option<Vec<Taken>> {
         let claims = match self.store.claim(&ops).await {
             Ok(c) if c.len() == ops.len() => c,
@@ -326,14 +370,7 @@ impl Engine {
                 Claim::Claimed => mine.push(t),
                 // Finishing a superseded op drops it (it counts as coalesced).
                 Claim::Stale => result.outcomes.push((t, Outcome::Stale)),
-                Claim::Busy => {
-                    result.outcomes.push((t, Outcome::Busy));
-                    result
-                        .stop
-                        .get_or_insert(Stop::Transient(Error::new(Kind::Busy(
-                            "another process is writing the same tuple".into(),
-                        ))));
-                }
+                Claim::Busy => result.outcomes.push((t, Outcome::Busy)),
             }
         }
         Some(mine)
@@ -354,7 +391,17 @@ impl Engine {
     }
 }
 
-fn backoff_builder(cfg: &FlushConfig) -> ExponentialBackoff {
+fn quick_backoff(cfg: &FlushConfig) -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(cfg.retry_initial_backoff.min(Duration::from_millis(50)))
+        .with_max_delay(cfg.retry_max_backoff.min(Duration::from_secs(2)))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+fn pause_backoff(cfg: &FlushConfig) -> ExponentialBackoff {
     ExponentialBuilder::default()
         .with_min_delay(cfg.retry_initial_backoff)
         .with_max_delay(cfg.retry_max_backoff)
@@ -364,91 +411,646 @@ fn backoff_builder(cfg: &FlushConfig) -> ExponentialBackoff {
         .build()
 }
 
-/// Retry pacing between background flushes.
-struct Pacing {
-    cfg: FlushConfig,
-    backoff: ExponentialBackoff,
-    /// After a failed flush: not before this.
-    retry_at: Option<Instant>,
-    /// After a flush that found nothing it could take: don't spin on ops
-    /// that someone else holds.
-    idle_until: Option<Instant>,
+/// The concurrency limit: Vegas-style on round trips, halved when the
+/// server pushes back, within `[min, max]`.
+struct Limit {
+    current: f64,
+    min: f64,
+    max: f64,
+    adaptive: bool,
+    /// The fastest round trip of the current and the previous window.
+    base_rtt: Option<Duration>,
+    window_min: Option<Duration>,
+    samples: u32,
+    /// No second decrease until this: one per round trip.
+    calm_until: Option<Instant>,
 }
 
-impl Pacing {
-    fn new(cfg: &FlushConfig) -> Self {
-        Pacing {
-            cfg: cfg.clone(),
-            backoff: backoff_builder(cfg),
-            retry_at: None,
-            idle_until: None,
+/// Requests queued at the server below which the limit grows, and above
+/// which it shrinks.
+const QUEUE_LOW: f64 = 2.0;
+const QUEUE_HIGH: f64 = 5.0;
+/// Samples per window of the fastest round trip: the base follows a server
+/// that got slower (a bigger store) within about this many requests.
+const RTT_WINDOW: u32 = 200;
+
+impl Limit {
+    fn new(cfg: &FlushConfig) -> Limit {
+        let max = cfg.max_parallel_requests.max(1) as f64;
+        let min = cfg
+            .min_parallel_requests
+            .clamp(1, cfg.max_parallel_requests.max(1)) as f64;
+        let adaptive = cfg.adaptive_parallelism && min < max;
+        Limit {
+            current: if adaptive { max.min(8.0).max(min) } else { max },
+            min,
+            max,
+            adaptive,
+            base_rtt: None,
+            window_min: None,
+            samples: 0,
+            calm_until: None,
         }
     }
 
-    async fn after(
-        &mut self,
-        engine: &Engine,
-        report: &FlushReport,
-        retry_after: Option<Duration>,
-    ) {
+    fn get(&self) -> usize {
+        self.current as usize
+    }
+
+    fn observe(&mut self, rtts: &[Duration], congested: bool) {
+        if !self.adaptive {
+            return;
+        }
         let now = Instant::now();
-        if report.error.is_some() {
-            count!(engine.stats, retries, "fga_wb_flush_retries_total", 1);
-            let wait = self.backoff.next().unwrap_or(self.cfg.retry_max_backoff);
-            // Never sooner than the server asked.
-            self.retry_at = Some(now + retry_after.map_or(wait, |r| r.max(wait)));
-        } else {
-            self.backoff = backoff_builder(&self.cfg);
-            self.retry_at = None;
+        if congested {
+            if self.calm_until.is_none_or(|c| now >= c) {
+                self.current = (self.current / 2.0).max(self.min);
+                self.calm_until =
+                    Some(now + self.base_rtt.unwrap_or(Duration::from_millis(100)) * 2);
+            }
+            return;
         }
-        // A flush that could take nothing although ops are pending (another
-        // process holds them) pauses the size and revoke triggers for one
-        // interval instead of spinning. Nothing pending: no pause, so the
-        // next revoke goes out at once.
-        let idle = report.requests == 0 && report.queued == 0 && report.error.is_none();
-        let left = match engine.store.pending().await {
-            Ok(p) => p.total,
-            Err(_) => 0,
-        };
-        self.idle_until =
-            (idle && left > 0).then(|| now + self.cfg.interval.max(Duration::from_millis(10)));
+        for &rtt in rtts {
+            self.window_min = Some(self.window_min.map_or(rtt, |m| m.min(rtt)));
+            self.samples += 1;
+            if self.samples >= RTT_WINDOW {
+                self.base_rtt = self.window_min.take();
+                self.samples = 0;
+            }
+            let base = match (self.base_rtt, self.window_min) {
+                (Some(b), Some(w)) => b.min(w),
+                (b, w) => b.or(w).unwrap_or(rtt),
+            };
+            let queued = self.current * (1.0 - base.as_secs_f64() / rtt.as_secs_f64().max(1e-9));
+            let step = 1.0 / self.current;
+            if queued < QUEUE_LOW {
+                self.current = (self.current + step).min(self.max);
+            } else if queued > QUEUE_HIGH {
+                self.current = (self.current - step).max(self.min);
+            }
+        }
     }
 }
 
-/// The background task: waits for a trigger, flushes, repeats, until `stop`
-/// turns true. Without `automatic`, only `flush()` triggers.
+/// A `flush()` (or shutdown) waiting for everything acknowledged up to
+/// `up_to` to be written.
+struct Waiter {
+    up_to: u64,
+    reply: oneshot::Sender<FlushReport>,
+    /// The pump's totals when it started.
+    start: FlushReport,
+    started: Instant,
+}
+
+/// A running chunk's result and the lowest `first` among its ops.
+type Running = FuturesUnordered<BoxFuture<'static, (ChunkResult, u64)>>;
+
+/// The flusher task's state.
+struct Pump {
+    engine: Arc<Engine>,
+    automatic: bool,
+    running: Running,
+    /// `first` of each running chunk's oldest op (a multiset).
+    running_firsts: BTreeMap<u64, usize>,
+    /// Taken ops sorted by key, not yet sent.
+    staged: VecDeque<Taken>,
+    /// Everything with `first <= target` is due; revokes up to
+    /// `revoke_target` too.
+    target: u64,
+    revoke_target: u64,
+    /// A take found nothing due up to this target: don't ask again until
+    /// something changes.
+    exhausted: Option<u64>,
+    revokes_exhausted: Option<u64>,
+    waiters: Vec<Waiter>,
+    /// What the pump did since it started.
+    totals: FlushReport,
+    limit: Limit,
+    /// After a chunk gave up on a transient error: no new request before this.
+    paused_until: Option<Instant>,
+    backoff: ExponentialBackoff,
+    /// An error seen since the last report to a waiter, for its report.
+    last_error: Option<String>,
+    /// Requests, ops applied and dead-lettered since the last record.
+    unrecorded: FlushReport,
+    shutdown: Option<Instant>,
+}
+
+impl Pump {
+    fn new(engine: Arc<Engine>, automatic: bool) -> Pump {
+        let limit = Limit::new(&engine.cfg);
+        let backoff = pause_backoff(&engine.cfg);
+        engine.parallel.store(limit.get(), Ordering::Relaxed);
+        Pump {
+            engine,
+            automatic,
+            running: FuturesUnordered::new(),
+            running_firsts: BTreeMap::new(),
+            staged: VecDeque::new(),
+            target: 0,
+            revoke_target: 0,
+            exhausted: None,
+            revokes_exhausted: None,
+            waiters: Vec::new(),
+            totals: FlushReport::default(),
+            limit,
+            paused_until: None,
+            backoff,
+            last_error: None,
+            unrecorded: FlushReport::default(),
+            shutdown: None,
+        }
+    }
+
+    /// Raises the targets as the triggers say; returns when to look again.
+    async fn plan(&mut self) -> Option<Instant> {
+        let engine = self.engine.clone();
+        let e = &engine;
+        let cfg = &e.cfg;
+        let now = Instant::now();
+        let explicit = self.explicit();
+        if !explicit && (!self.automatic || e.stats.stopped().is_some()) {
+            // Only an explicit flush() tries again after an auth failure.
+            return None;
+        }
+        let pending = match e.store.pending().await {
+            Ok(p) => p,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read the pending ops");
+                return Some(now + cfg.interval.max(Duration::from_millis(100)));
+            }
+        };
+        let last = || async {
+            match e.store.last_seq().await {
+                Ok(s) => Some(s),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot read the sequence number");
+                    None
+                }
+            }
+        };
+        let mut next = None;
+        if pending.total == 0 {
+            // Ops held by jobs or by other processes come back here if their
+            // holder dies; look again now and then.
+            if pending.in_flight > 0 && e.store.shared() && self.running.is_empty() {
+                next = Some(now + cfg.interval.max(Duration::from_secs(1)));
+            }
+        } else if !self.automatic {
+            // Only what flush() and shutdown asked for (their targets are
+            // raised below and by the command).
+        } else if pending.total >= cfg.batch_size
+            || e.room_wanted.load(Ordering::Relaxed)
+            || pending.oldest_age.is_some_and(|a| a >= cfg.interval)
+        {
+            if let Some(s) = last().await {
+                self.raise(s);
+            }
+        } else if let Some(age) = pending.oldest_age {
+            next = Some(now + cfg.interval.saturating_sub(age));
+        }
+        if self.automatic
+            && pending.deletes > 0
+            && (cfg.eager_revokes || e.revoke_wanted.load(Ordering::Relaxed))
+        {
+            if let Some(s) = last().await {
+                if s > self.revoke_target {
+                    self.revoke_target = s;
+                    self.revokes_exhausted = None;
+                }
+            }
+        }
+        e.room_wanted.store(false, Ordering::Relaxed);
+        e.revoke_wanted.store(false, Ordering::Relaxed);
+        for w in &self.waiters {
+            if w.up_to > self.target {
+                self.target = w.up_to;
+                self.exhausted = None;
+            }
+        }
+        match (next, self.paused_until) {
+            (n, Some(p)) if p > now => Some(n.map_or(p, |n| n.min(p))),
+            (n, _) => n,
+        }
+    }
+
+    fn raise(&mut self, to: u64) {
+        if to > self.target {
+            self.target = to;
+            self.exhausted = None;
+        }
+    }
+
+    fn paused(&self) -> bool {
+        self.paused_until.is_some_and(|p| Instant::now() < p)
+    }
+
+    /// Someone asked: `flush()` or shutdown.
+    fn explicit(&self) -> bool {
+        !self.waiters.is_empty() || self.shutdown.is_some()
+    }
+
+    /// Whether new requests may start: not paused after a failure, and not
+    /// stopped by refused credentials (unless someone asked).
+    fn may_write(&self) -> bool {
+        !self.paused() && (self.explicit() || self.engine.stats.stopped().is_none())
+    }
+
+    /// Starts chunks while the limit allows and something is due.
+    async fn fill(&mut self) {
+        let chunk = self.engine.cfg.max_tuples_per_write;
+        while self.running.len() < self.limit.get() && self.may_write() {
+            let revokes_due =
+                self.revoke_target > 0 && self.revokes_exhausted != Some(self.revoke_target);
+            // Revokes behind a window of grants go ahead of it in a chunk of
+            // their own: a check may be waiting for them.
+            if revokes_due && (!self.staged.is_empty() || self.exhausted == Some(self.target)) {
+                match self.take(chunk, Take::Revokes, self.revoke_target).await {
+                    Some(ops) if !ops.is_empty() => {
+                        self.start(ops);
+                        continue;
+                    }
+                    Some(_) => self.revokes_exhausted = Some(self.revoke_target),
+                    None => return,
+                }
+            }
+            if self.staged.is_empty() {
+                let target = self
+                    .target
+                    .max(if revokes_due { self.revoke_target } else { 0 });
+                let what = if self.target > 0 && self.exhausted != Some(self.target) {
+                    Take::All
+                } else if revokes_due {
+                    Take::Revokes
+                } else {
+                    return;
+                };
+                let up_to = if what == Take::All {
+                    self.target
+                } else {
+                    target
+                };
+                match self.take(chunk * WINDOW_CHUNKS, what, up_to).await {
+                    Some(mut ops) if !ops.is_empty() => {
+                        // Key order: see the module docs.
+                        ops.sort_unstable_by(|a, b| {
+                            (&a.tuple.object, &a.tuple.relation, &a.tuple.user).cmp(&(
+                                &b.tuple.object,
+                                &b.tuple.relation,
+                                &b.tuple.user,
+                            ))
+                        });
+                        self.staged.extend(ops);
+                    }
+                    Some(_) if what == Take::All => {
+                        self.exhausted = Some(self.target);
+                        continue;
+                    }
+                    Some(_) => {
+                        self.revokes_exhausted = Some(self.revoke_target);
+                        return;
+                    }
+                    None => return,
+                }
+            }
+            let n = chunk.min(self.staged.len());
+            let ops: Vec<Taken> = self.staged.drain(..n).collect();
+            self.start(ops);
+        }
+    }
+
+    /// Takes ops from the store; `None` after an error (logged, paused).
+    async fn take(&mut self, max: usize, what: Take, up_to: u64) -> Option<Vec<Taken>> {
+        match self.engine.store.take(max, what, up_to).await {
+            Ok(ops) => Some(ops),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take pending ops");
+                self.give_up(Stop::Transient(e));
+                None
+            }
+        }
+    }
+
+    fn start(&mut self, ops: Vec<Taken>) {
+        let first = ops.iter().map(|t| t.first).min().unwrap_or(0);
+        *self.running_firsts.entry(first).or_default() += 1;
+        let engine = self.engine.clone();
+        let span = tracing::debug_span!("fga_wb.chunk", ops = ops.len());
+        self.running.push(Box::pin(
+            async move { (engine.send_chunk(ops).await, first) }.instrument(span),
+        ));
+    }
+
+    /// Records a finished chunk.
+    async fn done(&mut self, result: ChunkResult, first: u64) {
+        if let Some(n) = self.running_firsts.get_mut(&first) {
+            *n -= 1;
+            if *n == 0 {
+                self.running_firsts.remove(&first);
+            }
+        }
+        let e = self.engine.clone();
+        self.limit.observe(&result.rtts, result.congested);
+        e.parallel.store(self.limit.get(), Ordering::Relaxed);
+        let mut report = FlushReport {
+            requests: result.requests,
+            queued: result.queued,
+            ..Default::default()
+        };
+        for (t, o) in &result.outcomes {
+            if matches!(o, Outcome::Dead { .. }) {
+                // Its grant may have been in cached answers as a contextual
+                // tuple; OpenFGA will never have it.
+                e.cache.invalidate_for(&t.tuple);
+            }
+        }
+        let mut stop = result.stop;
+        match e.store.finish(result.outcomes).await {
+            Ok(f) => e.account(&f, &mut report),
+            Err(err) => {
+                tracing::error!(error = %err, "could not record flush outcomes");
+                stop.get_or_insert(Stop::Transient(err));
+            }
+        }
+        // Something finished: keys it held may be ready again.
+        self.exhausted = None;
+        self.revokes_exhausted = None;
+        self.totals.absorb(&report);
+        let error = self.unrecorded.error.take();
+        self.unrecorded.absorb(&report);
+        self.unrecorded.error = error;
+        match stop {
+            Some(stop) => self.give_up(stop),
+            None if report.requests > 0 || report.queued > 0 => {
+                self.backoff = pause_backoff(&e.cfg);
+                if e.stats.stopped().is_some() {
+                    e.stats.set_stopped(None);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// A chunk stopped on an error: pause new requests (or stop flushing),
+    /// and answer the waiters with it.
+    fn give_up(&mut self, stop: Stop) {
+        let e = &self.engine;
+        let msg = stop.error().to_string();
+        match &stop {
+            Stop::Halt(err) => {
+                tracing::error!(error = %err, "flushing stopped; pending ops are kept");
+                e.stats.set_stopped(Some(msg.clone()));
+                self.paused_until = None;
+            }
+            Stop::Transient(err) => {
+                metrics::counter!("fga_wb_flush_pauses_total").increment(1);
+                let wait = self.backoff.next().unwrap_or(e.cfg.retry_max_backoff);
+                let wait = err.retry_after().map_or(wait, |r| r.max(wait));
+                let wait = match self.shutdown {
+                    // Shutdown spends its deadline writing: short pauses.
+                    Some(_) => wait.min(Duration::from_millis(200)),
+                    None => wait,
+                };
+                self.paused_until = Some(Instant::now() + wait);
+            }
+        }
+        self.last_error = Some(msg.clone());
+        self.unrecorded.error = Some(msg);
+        // The ops of a failed chunk are pending again: a flush() of them
+        // cannot complete now, so it reports the error.
+        let halted = matches!(stop, Stop::Halt(_));
+        let waiters: Vec<Waiter> = if halted || self.shutdown.is_none() {
+            std::mem::take(&mut self.waiters)
+        } else {
+            Vec::new()
+        };
+        for w in waiters {
+            self.answer(w);
+        }
+        if halted {
+            self.shutdown = self.shutdown.map(|_| Instant::now());
+        }
+    }
+
+    fn report_since(&self, w: &Waiter) -> FlushReport {
+        let t = &self.totals;
+        let s = &w.start;
+        FlushReport {
+            applied: t.applied - s.applied,
+            coalesced: 0,
+            dead_lettered: t.dead_lettered - s.dead_lettered,
+            retried: t.retried - s.retried,
+            requests: t.requests - s.requests,
+            queued: t.queued - s.queued,
+            duration: w.started.elapsed(),
+            error: None,
+        }
+    }
+
+    fn answer(&self, w: Waiter) {
+        let mut r = self.report_since(&w);
+        r.coalesced = self.engine.stats.take_coalesced();
+        r.error.clone_from(&self.last_error);
+        let _ = w.reply.send(r);
+    }
+
+    /// Whether everything acknowledged up to `up_to` is written.
+    fn reached(&self, up_to: u64) -> bool {
+        // Sequence numbers start at 1: up to 0 is nothing.
+        let ready_done = up_to == 0 || self.exhausted.is_some_and(|t| t >= up_to);
+        let none_running = self.running_firsts.keys().next().is_none_or(|&f| f > up_to);
+        let none_staged = self.staged.iter().all(|t| t.first > up_to);
+        ready_done && none_running && none_staged
+    }
+
+    /// Answers the waiters whose flush is complete.
+    fn settle(&mut self) {
+        let (done, wait): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition(|w| self.reached(w.up_to));
+        self.waiters = wait;
+        for w in done {
+            // Everything it wanted is written: an error seen on the way was
+            // recovered from.
+            self.last_error = None;
+            self.answer(w);
+        }
+    }
+
+    async fn add_waiter(&mut self, reply: oneshot::Sender<FlushReport>) {
+        let up_to = match self.engine.store.last_seq().await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = reply.send(FlushReport {
+                    error: Some(e.to_string()),
+                    ..Default::default()
+                });
+                return;
+            }
+        };
+        // An explicit flush resumes flushing after an auth failure and
+        // retries at once after a transient one.
+        self.paused_until = None;
+        self.engine.stats.set_stopped(None);
+        self.last_error = None;
+        self.waiters.push(Waiter {
+            up_to,
+            reply,
+            start: self.totals.clone(),
+            started: Instant::now(),
+        });
+        self.raise(up_to);
+    }
+
+    /// Records the work since the last record for `status` (at most a few
+    /// times a second, and when idle).
+    async fn record(&mut self) {
+        if self.unrecorded == FlushReport::default() {
+            return;
+        }
+        let mut r = std::mem::take(&mut self.unrecorded);
+        r.coalesced = 0;
+        if let Ok(p) = self.engine.store.pending().await {
+            metrics::gauge!("fga_wb_pending_ops").set(p.total as f64);
+        }
+        self.engine.record(&r).await;
+    }
+
+    /// Gives staged ops back to the store (shutdown).
+    async fn unstage(&mut self) {
+        if self.staged.is_empty() {
+            return;
+        }
+        let back: Vec<(Taken, Outcome)> =
+            self.staged.drain(..).map(|t| (t, Outcome::Retry)).collect();
+        if let Err(e) = self.engine.store.finish(back).await {
+            tracing::warn!(error = %e, "could not give staged ops back");
+        }
+    }
+}
+
+/// Chunks per window sorted by key before cutting.
+const WINDOW_CHUNKS: usize = 8;
+/// How often the pump records its work for `status` while busy.
+const RECORD_EVERY: Duration = Duration::from_millis(250);
+
+/// The background task: plans, keeps requests in flight, answers
+/// `flush()`, until `stop` turns true or a shutdown command completes.
+/// Without `automatic`, only `flush()` and shutdown trigger writes.
 pub(crate) async fn run(
     engine: Arc<Engine>,
     mut commands: mpsc::Receiver<Command>,
-    wake: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
     automatic: bool,
 ) {
-    let mut pacing = Pacing::new(&engine.cfg);
+    let wake = engine.wake.clone();
+    let mut pump = Pump::new(engine, automatic);
+    let mut shutdown_reply: Option<oneshot::Sender<FlushReport>> = None;
+    let mut shutdown_start = FlushReport::default();
+    let mut last_record = Instant::now();
     loop {
-        let due = if automatic {
-            next_due(&engine, &pacing).await
-        } else {
-            None
-        };
-        let (what, reply) = tokio::select! {
-            biased;
-            _ = stop.changed() => return,
-            cmd = commands.recv() => match cmd {
-                None => return,
-                Some(Command::Flush(reply)) => (Take::All, Some(reply)),
-            },
-            _ = wake.notified() => continue,
-            _ = sleep_until(due.map(|d| d.0)), if due.is_some() => {
-                (due.map_or(Take::All, |d| d.1), None)
+        // Set before looking, so an op acknowledged from here on wakes us
+        // (Notify keeps the permit if we are not waiting yet).
+        let idle = pump.running.is_empty();
+        pump.engine.sleeping.store(idle, Ordering::Release);
+        let due = pump.plan().await;
+        pump.engine
+            .timer_armed
+            .store(due.is_some(), Ordering::Release);
+        pump.fill().await;
+        if !pump.running.is_empty() {
+            pump.engine.sleeping.store(false, Ordering::Release);
+        }
+        pump.settle();
+        if last_record.elapsed() >= RECORD_EVERY || pump.running.is_empty() {
+            pump.record().await;
+            last_record = Instant::now();
+        }
+        if let Some(deadline) = pump.shutdown {
+            let idle = pump.running.is_empty() && pump.reached(pump.target);
+            let halted = pump.engine.stats.stopped().is_some();
+            if idle || halted || Instant::now() >= deadline {
+                pump.unstage().await;
+                pump.record().await;
+                let mut r = pump.totals.clone();
+                r.applied -= shutdown_start.applied;
+                r.dead_lettered -= shutdown_start.dead_lettered;
+                r.retried -= shutdown_start.retried;
+                r.requests -= shutdown_start.requests;
+                r.queued -= shutdown_start.queued;
+                // An error only when something is left: a failure that was
+                // retried away is not the shutdown's result.
+                r.error = if idle {
+                    None
+                } else {
+                    pump.engine
+                        .stats
+                        .stopped()
+                        .or(pump.last_error.clone())
+                        .or_else(|| {
+                            Some("the shutdown deadline passed with ops not yet written".into())
+                        })
+                };
+                if let Some(reply) = shutdown_reply.take() {
+                    let _ = reply.send(r);
+                }
+                return;
             }
+        }
+        let wake_at = match (due, pump.shutdown) {
+            (Some(d), Some(s)) => Some(d.min(s)),
+            (d, s) => d.or(s),
         };
-        let (report, hint) = engine.drain_with_hint(what).await;
-        pacing.after(&engine, &report, hint).await;
-        if let Some(reply) = reply {
-            let _ = reply.send(report);
+        tokio::select! {
+            biased;
+            _ = stop.changed() => {
+                pump.unstage().await;
+                return;
+            }
+            Some((result, first)) = pump.running.next(), if !pump.running.is_empty() => {
+                pump.done(result, first).await;
+            }
+            cmd = commands.recv() => match cmd {
+                None => {
+                    pump.unstage().await;
+                    return;
+                }
+                Some(Command::Flush(reply)) => pump.add_waiter(reply).await,
+                Some(Command::Shutdown { deadline, reply }) => {
+                    pump.shutdown = Some(deadline);
+                    *pump
+                        .engine
+                        .retry_deadline
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(deadline);
+                    pump.paused_until = None;
+                    pump.last_error = None;
+                    shutdown_start = pump.totals.clone();
+                    shutdown_reply = Some(reply);
+                    if let Ok(s) = pump.engine.store.last_seq().await {
+                        pump.raise(s);
+                        pump.revoke_target = pump.revoke_target.max(s);
+                    }
+                }
+            },
+            _ = wake.notified() => {}
+            _ = sleep_until(wake_at), if wake_at.is_some() => {}
         }
     }
+}
+
+/// Runs a pump until one `flush()` is answered (unit tests drive an engine
+/// without a handle).
+#[cfg(test)]
+pub(crate) async fn flush_once(engine: Arc<Engine>) -> FlushReport {
+    let (tx, rx) = mpsc::channel(1);
+    let (_stop_tx, stop) = watch::channel(false);
+    let task = tokio::spawn(run(engine, rx, stop, false));
+    let (reply, answer) = oneshot::channel();
+    let _ = tx.send(Command::Flush(reply)).await;
+    let report = answer.await.unwrap_or_default();
+    task.abort();
+    report
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -456,39 +1058,4 @@ async fn sleep_until(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-/// When the flusher should act next, and on what.
-async fn next_due(engine: &Engine, pacing: &Pacing) -> Option<(Instant, Take)> {
-    let cfg = &engine.cfg;
-    let (retry_at, idle_until) = (pacing.retry_at, pacing.idle_until);
-    if engine.stats.stopped().is_some() {
-        // Only an explicit flush() tries again after an auth failure.
-        return None;
-    }
-    if let Some(at) = retry_at {
-        return Some((at, Take::All));
-    }
-    let pending = engine.store.pending().await.ok()?;
-    if pending.total == 0 {
-        // Ops held by jobs or by other processes come back here if their
-        // holder dies (leases); look again now and then.
-        return (pending.in_flight > 0 && engine.store.shared()).then(|| {
-            (
-                Instant::now() + cfg.interval.max(Duration::from_secs(1)),
-                Take::All,
-            )
-        });
-    }
-    let now = Instant::now();
-    let floor = |at: Instant| idle_until.map_or(at, |i| at.max(i));
-    if pending.total >= cfg.batch_size || engine.room_wanted.load(Ordering::Relaxed) {
-        return Some((floor(now), Take::All));
-    }
-    let age = pending.oldest_age.unwrap_or_default();
-    let interval_due = now + cfg.interval.saturating_sub(age);
-    if pending.deletes > 0 && (cfg.eager_revokes || engine.revoke_wanted.load(Ordering::Relaxed)) {
-        return Some((floor(now), Take::Revokes));
-    }
-    Some((floor(interval_due), Take::All))
 }

@@ -44,6 +44,13 @@ fn manual_flush(mut c: Config) -> Config {
     c
 }
 
+/// A config where a failed request is not sent again at once: its chunk
+/// gives up, and the flusher retries after a pause.
+fn no_quick_retries(mut c: Config) -> Config {
+    c.flush.request_retries = 0;
+    c
+}
+
 /// A wiremock OpenFGA that serves the documents model (read at build) and
 /// nothing else yet; tests mount their own write mocks.
 async fn mock_openfga() -> MockServer {
@@ -579,8 +586,9 @@ async fn last_op_wins_under_slow_and_failing_writes() {
 // Transient errors and auth errors (promise 6)
 // ---------------------------------------------------------------------------
 
-/// Transient retry (wiremock): the Write answers 503 twice, then OK. The ops
-/// stay pending through the failures, the background flusher retries with
+/// Transient retry (wiremock): the Write answers 503 twice, then OK, and no
+/// request is retried at once (`flush.request_retries = 0`). The ops stay
+/// pending through the failures, the background flusher retries with
 /// backoff on its own, and they end applied: `totals.retries >= 2`, nothing
 /// dead-lettered, flushing not stopped.
 #[tokio::test]
@@ -597,7 +605,7 @@ async fn transient_503_is_retried_until_applied() {
             .respond_with(fixture("write-ok").response())
             .mount(&server)
             .await;
-        let wb = WriteBehind::builder(manual_flush(mock_config(&server)))
+        let wb = WriteBehind::builder(no_quick_retries(manual_flush(mock_config(&server))))
             .build()
             .await
             .unwrap();
@@ -632,6 +640,61 @@ async fn transient_503_is_retried_until_applied() {
     }
 }
 
+/// A transient failure is retried alone, at once (wiremock): of three
+/// requests in flight, the first answers 503 once. The other two are not
+/// held back, the failed one is sent again after a short backoff, and the
+/// one `flush()` comes back with all 300 applied, no error, exactly one
+/// retry counted and four Write requests, each tuple in exactly one
+/// accepted request.
+#[tokio::test]
+async fn a_transient_failure_is_retried_alone_and_the_flush_completes() {
+    let server = mock_openfga().await;
+    write_mock()
+        .respond_with(fixture("unavailable-503").response())
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    write_mock()
+        .respond_with(fixture("write-ok").response())
+        .mount(&server)
+        .await;
+    let wb = WriteBehind::builder(manual_flush(mock_config(&server)))
+        .build()
+        .await
+        .unwrap();
+    for i in 0..300 {
+        wb.grant(&format!("user:u{i:03}"), "viewer", "document:1")
+            .await
+            .unwrap();
+    }
+    let r = wb.flush().await.unwrap();
+    assert_eq!((r.applied, r.dead_lettered), (300, 0), "{r:?}");
+    assert_eq!(r.error, None, "{r:?}");
+    assert_eq!(r.requests, 4, "{r:?}");
+    let st = wb.status().await.unwrap();
+    assert_eq!(
+        (st.totals.retries, st.totals.requests),
+        (1, 4),
+        "{:?}",
+        st.totals
+    );
+    let bodies = write_bodies(&server).await;
+    assert_eq!(bodies.len(), 4);
+    // The first request got the 503; the other three were accepted.
+    let mut accepted: Vec<String> = bodies[1..]
+        .iter()
+        .flat_map(|b| touched(b).into_iter().map(|(t, _)| t))
+        .collect();
+    accepted.sort();
+    let all: Vec<String> = (0..300)
+        .map(|i| format!("document:1#viewer@user:u{i:03}"))
+        .collect();
+    assert_eq!(accepted, all);
+    assert_accounted(&wb).await;
+    wb.shutdown().await.unwrap();
+}
+
 /// A hung Write (wiremock answers after 30 s) times out at
 /// `openfga.request_timeout` and is retried like any transient error; the
 /// ops end applied once the server answers again.
@@ -648,7 +711,7 @@ async fn timed_out_write_is_retried() {
         .respond_with(fixture("write-ok").response())
         .mount(&server)
         .await;
-    let mut cfg = manual_flush(mock_config(&server));
+    let mut cfg = no_quick_retries(manual_flush(mock_config(&server)));
     cfg.openfga.request_timeout = Duration::from_millis(300);
     let wb = WriteBehind::builder(cfg).build().await.unwrap();
     wb.grant("user:anne", "viewer", "document:1").await.unwrap();
@@ -663,8 +726,9 @@ async fn timed_out_write_is_retried() {
     wb.shutdown().await.unwrap();
 }
 
-/// 429 (wiremock): rate limited once, with `Retry-After: 3`, then OK. The op
-/// stays pending, is retried, and ends applied; nothing is dead-lettered.
+/// 429 (wiremock): rate limited once, with `Retry-After: 3`, then OK, with
+/// no immediate retries. The op stays pending, is retried, and ends applied;
+/// nothing is dead-lettered.
 #[tokio::test]
 async fn rate_limited_429_is_retried_until_applied() {
     let server = mock_openfga().await;
@@ -678,7 +742,7 @@ async fn rate_limited_429_is_retried_until_applied() {
         .respond_with(fixture("write-ok").response())
         .mount(&server)
         .await;
-    let wb = WriteBehind::builder(manual_flush(mock_config(&server)))
+    let wb = WriteBehind::builder(no_quick_retries(manual_flush(mock_config(&server))))
         .build()
         .await
         .unwrap();
@@ -730,7 +794,7 @@ async fn rate_limited_429_retry_after_is_honoured() {
         })
         .mount(&server)
         .await;
-    let wb = WriteBehind::builder(manual_flush(mock_config(&server)))
+    let wb = WriteBehind::builder(no_quick_retries(manual_flush(mock_config(&server))))
         .build()
         .await
         .unwrap();

@@ -1,19 +1,27 @@
-//! The in-process store: one mutex around plain maps.
+//! The in-process store: pending ops in shards, each behind its own mutex.
 //!
-//! Every operation holds the lock for a short, bounded time (a push is a
-//! few map operations; a take moves at most one Write's worth of ops), so
-//! acknowledgement latency stays flat while a flush runs.
+//! A key's shard is chosen by its object, so every op on one object is in
+//! one shard: a check reads its object's ops from one shard, and callers
+//! granting on different objects rarely wait for each other. Every
+//! operation holds a shard's lock for a short, bounded time (a push is a few
+//! map operations; a take moves a bounded number of ops and builds the
+//! tuples after unlocking), so acknowledgement latency stays flat while a
+//! flush runs.
 //!
 //! Ready ops wait in per-relation queues ordered by `first`, the sequence
 //! number of the op that made the key pending: coalescing keeps a key's
 //! place, so a hot key is not starved, and a flush can stop exactly at the
-//! ops acknowledged before it started.
+//! ops acknowledged before it started. Sequence numbers come from one atomic
+//! counter, bumped under the shard's lock, so a take that reads the counter
+//! and then locks a shard sees every op numbered below it.
 //!
 //! Memory per pending op is kept small on purpose (one shared key string, a
 //! 40-byte slot, one queue entry), because the buffer may hold a million ops.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hasher};
 use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -23,31 +31,46 @@ use super::{
     key_of, tuple_of, DeadLetter, Finished, Outcome, Pending, Pushed, Relevant, Store, Take, Taken,
 };
 use crate::error::{Error, Kind, Result};
-use crate::model::{rel_name, Dep, RelName};
+use crate::model::Dep;
 use crate::tuple::{Condition, Op, TupleKey};
+
+/// Shards of the store: enough that two calling threads rarely meet.
+const SHARDS: usize = 16;
 
 /// The memory store.
 pub(crate) struct MemoryStore {
-    inner: Mutex<Inner>,
+    shards: Box<[Mutex<Shard>]>,
+    /// Picks a shard from an object; fixed per store.
+    hasher: std::collections::hash_map::RandomState,
     capacity: usize,
-}
-
-struct Inner {
-    parts: Vec<Part>,
-    /// `type#relation` to its index in `parts`.
-    part_of: HashMap<RelName, usize>,
-    seq: u64,
+    /// The last sequence number handed out.
+    seq: AtomicU64,
     /// Distinct keys held (pending or in flight): what capacity bounds.
-    keys: usize,
+    keys: AtomicUsize,
     /// Pending (not in flight) ops, by kind: `[grants, revokes]`.
-    pending: [usize; 2],
-    in_flight: usize,
+    pending: [AtomicUsize; 2],
+    in_flight: AtomicUsize,
+    /// Where the next take starts, so no shard is always last.
+    next_shard: AtomicUsize,
     epoch: Instant,
-    dead: Vec<DeadLetter>,
-    next_dead_id: u64,
+    dead: Mutex<DeadLetters>,
 }
 
-/// The ops of one `type#relation`.
+#[derive(Default)]
+struct DeadLetters {
+    letters: Vec<DeadLetter>,
+    next_id: u64,
+}
+
+/// The ops of the objects that hash to one shard.
+#[derive(Default)]
+struct Shard {
+    parts: Vec<Part>,
+    /// object type -> relation -> index in `parts`.
+    part_of: HashMap<String, HashMap<String, usize>>,
+}
+
+/// The ops of one `type#relation` in one shard.
 #[derive(Default)]
 struct Part {
     /// Ordered, so the keys of one object (`object#relation@...`) are one
@@ -86,49 +109,100 @@ fn kind(op: Op) -> usize {
     }
 }
 
+impl Shard {
+    fn part(&self, object_type: &str, relation: &str) -> Option<usize> {
+        self.part_of.get(object_type)?.get(relation).copied()
+    }
+
+    fn part_index(&mut self, object_type: &str, relation: &str) -> usize {
+        if let Some(i) = self.part(object_type, relation) {
+            return i;
+        }
+        self.parts.push(Part::default());
+        let i = self.parts.len() - 1;
+        self.part_of
+            .entry(object_type.to_owned())
+            .or_default()
+            .insert(relation.to_owned(), i);
+        i
+    }
+}
+
+/// What a take moves out of a shard, turned into a [`Taken`] after unlocking.
+struct Moved {
+    key: Arc<str>,
+    condition: Option<Condition>,
+    seq: u64,
+    first: u64,
+    op: Op,
+}
+
 impl MemoryStore {
     pub fn new(capacity: usize) -> Self {
         MemoryStore {
-            inner: Mutex::new(Inner {
-                parts: Vec::new(),
-                part_of: HashMap::new(),
-                seq: 0,
-                keys: 0,
-                pending: [0, 0],
-                in_flight: 0,
-                epoch: Instant::now(),
-                dead: Vec::new(),
-                next_dead_id: 1,
-            }),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            hasher: Default::default(),
             capacity,
+            seq: AtomicU64::new(0),
+            keys: AtomicUsize::new(0),
+            pending: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            in_flight: AtomicUsize::new(0),
+            next_shard: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            dead: Mutex::new(DeadLetters {
+                letters: Vec::new(),
+                next_id: 1,
+            }),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    fn shard_of(&self, object: &str) -> usize {
+        let mut h = self.hasher.build_hasher();
+        h.write(object.as_bytes());
+        (h.finish() % SHARDS as u64) as usize
+    }
+
+    fn lock(&self, shard: usize) -> MutexGuard<'_, Shard> {
         // Every update below keeps the maps consistent before it can panic
         // (nothing in them panics on input), so a poisoned lock still guards
         // sound data: keep serving rather than fail every later call.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.shards[shard].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn dead(&self) -> MutexGuard<'_, DeadLetters> {
+        self.dead.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now_cs(&self) -> u32 {
+        u32::try_from(self.epoch.elapsed().as_millis() / 10).unwrap_or(u32::MAX)
+    }
+
+    fn pending_total(&self) -> usize {
+        self.pending[0].load(Ordering::Relaxed) + self.pending[1].load(Ordering::Relaxed)
     }
 
     fn push_now(&self, tuple: &TupleKey, op: Op) -> Result<Pushed> {
         let key = key_of(tuple);
-        let mut g = self.lock();
-        let inner = &mut *g;
-        let now = inner.now_cs();
-        let part_no = inner.part_index(tuple.object_type(), &tuple.relation);
-        let seq = inner.seq + 1;
         let condition = tuple.condition.clone().map(Box::new);
-        let part = &mut inner.parts[part_no];
-
-        let coalesced = match part.slots.get_key_value(key.as_str()) {
+        let now = self.now_cs();
+        let mut shard = self.lock(self.shard_of(&tuple.object));
+        let part_no = shard.part_index(tuple.object_type(), &tuple.relation);
+        let part = &mut shard.parts[part_no];
+        let existing = part
+            .slots
+            .get_key_value(key.as_str())
+            .map(|(k, _)| k.clone());
+        let coalesced = match existing {
             None => {
-                if inner.keys >= self.capacity {
+                if self.keys.fetch_add(1, Ordering::Relaxed) >= self.capacity {
+                    self.keys.fetch_sub(1, Ordering::Relaxed);
                     return Err(Error::new(Kind::BufferFull {
                         capacity: self.capacity,
                         waited: None,
                     }));
                 }
+                // Numbered under the shard's lock: see the module docs.
+                let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
                 let k: Arc<str> = Arc::from(key);
                 part.ready[kind(op)].insert(seq, k.clone());
                 let entry = Entry {
@@ -146,19 +220,20 @@ impl MemoryStore {
                         in_flight: None,
                     },
                 );
-                inner.keys += 1;
                 false
             }
-            Some((k, _)) => {
-                let k = k.clone();
+            Some(k) => {
+                let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
                 let Some(slot) = part.slots.get_mut(&k) else {
-                    return Err(Error::invalid_argument("buffer key vanished"));
+                    return Err(Error::internal(
+                        "a buffered key vanished while it was locked",
+                    ));
                 };
                 let blocked = slot.in_flight.is_some();
                 let (first, since, coalesced) = match slot.pending.take() {
                     Some(old) => {
                         part.ops[kind(old.op)] -= 1;
-                        inner.pending[kind(old.op)] -= 1;
+                        self.pending[kind(old.op)].fetch_sub(1, Ordering::Relaxed);
                         if !blocked {
                             part.ready[kind(old.op)].remove(&old.first);
                         }
@@ -180,151 +255,237 @@ impl MemoryStore {
                 coalesced
             }
         };
-        inner.seq = seq;
         part.ops[kind(op)] += 1;
-        inner.pending[kind(op)] += 1;
+        self.pending[kind(op)].fetch_add(1, Ordering::Relaxed);
+        drop(shard);
         Ok(Pushed {
             coalesced,
-            pending: inner.pending[0] + inner.pending[1],
+            pending: self.pending_total(),
         })
     }
 
+    /// Moves up to `max` ready ops of kind `k` with `first <= up_to` out of
+    /// one shard.
+    fn take_from(&self, shard: usize, k: usize, max: usize, up_to: u64, out: &mut Vec<Moved>) {
+        let mut g = self.lock(shard);
+        let mut moved = 0;
+        for part in &mut g.parts {
+            while moved < max {
+                // Ops that became pending after the flush started wait
+                // for the next one, so a flush always ends.
+                let Some(entry) = part.ready[k].first_entry() else {
+                    break;
+                };
+                if *entry.key() > up_to {
+                    break;
+                }
+                let key = entry.remove();
+                let Some(slot) = part.slots.get_mut(&key) else {
+                    continue;
+                };
+                let Some(e) = slot.pending.take() else {
+                    continue;
+                };
+                out.push(Moved {
+                    key,
+                    condition: e.condition.as_deref().cloned(),
+                    seq: e.seq,
+                    first: e.first,
+                    op: e.op,
+                });
+                slot.in_flight = Some(Box::new(e));
+                moved += 1;
+            }
+        }
+        drop(g);
+        self.pending[k].fetch_sub(moved, Ordering::Relaxed);
+        self.in_flight.fetch_add(moved, Ordering::Relaxed);
+    }
+
     fn take_now(&self, max: usize, what: Take, up_to: u64) -> Vec<Taken> {
-        let mut g = self.lock();
-        let inner = &mut *g;
-        let mut out = Vec::with_capacity(max.min(1024));
         let kinds: &[Op] = match what {
             Take::Revokes => &[Op::Revoke],
             Take::All => &[Op::Revoke, Op::Grant],
         };
+        let start = self.next_shard.fetch_add(1, Ordering::Relaxed);
+        let mut moved = Vec::with_capacity(max.min(4096));
         for &op in kinds {
             let k = kind(op);
-            for part in &mut inner.parts {
-                while out.len() < max {
-                    // Ops that became pending after the flush started wait
-                    // for the next one, so a flush always ends.
-                    let Some(entry) = part.ready[k].first_entry() else {
-                        break;
-                    };
-                    if *entry.key() > up_to {
+            // Passes over the shards, an even share from each, until `max`
+            // or nothing is left: locks are held for a bounded time, and no
+            // shard is drained before the others get a turn.
+            loop {
+                let before = moved.len();
+                let share = (max - moved.len()).div_ceil(SHARDS);
+                for i in 0..SHARDS {
+                    let room = (max - moved.len()).min(share);
+                    if room == 0 {
                         break;
                     }
-                    let key = entry.remove();
-                    let Some(slot) = part.slots.get_mut(&key) else {
-                        continue;
-                    };
-                    let Some(e) = slot.pending.take() else {
-                        continue;
-                    };
-                    out.push(Taken {
-                        tuple: tuple_of(&key, e.condition.as_deref().cloned()),
-                        op,
-                        seq: e.seq,
-                        attempts: 0,
-                    });
-                    slot.in_flight = Some(Box::new(e));
-                    inner.pending[k] -= 1;
-                    inner.in_flight += 1;
+                    self.take_from((start + i) % SHARDS, k, room, up_to, &mut moved);
+                }
+                if moved.len() == before || moved.len() >= max {
+                    break;
                 }
             }
         }
-        out
+        moved
+            .into_iter()
+            .map(|m| Taken {
+                tuple: tuple_of(&m.key, m.condition),
+                op: m.op,
+                seq: m.seq,
+                first: m.first,
+                attempts: 0,
+            })
+            .collect()
     }
 
     fn finish_now(&self, done: Vec<(Taken, Outcome)>) -> Finished {
         let mut f = Finished::default();
-        let mut g = self.lock();
-        let inner = &mut *g;
-        for (taken, outcome) in done {
-            let key = key_of(&taken.tuple);
-            let rel = rel_name(taken.tuple.object_type(), &taken.tuple.relation);
-            let Some(&part_no) = inner.part_of.get(&rel) else {
-                continue;
-            };
-            let part = &mut inner.parts[part_no];
-            let Some(k) = part
-                .slots
-                .get_key_value(key.as_str())
-                .map(|(k, _)| k.clone())
-            else {
-                continue;
-            };
-            let Some(slot) = part.slots.get_mut(&k) else {
-                continue;
-            };
-            match &slot.in_flight {
-                Some(e) if e.seq == taken.seq => {}
-                // Not the op we sent: leave the slot alone.
-                _ => continue,
-            }
-            if matches!(outcome, Outcome::Keep(_)) {
-                // Still owned by whoever holds it (a queued job).
+        let mut by_shard: Vec<Vec<(String, Taken, Outcome)>> =
+            (0..SHARDS).map(|_| Vec::new()).collect();
+        for (t, o) in done {
+            by_shard[self.shard_of(&t.tuple.object)].push((key_of(&t.tuple), t, o));
+        }
+        let mut dead = Vec::new();
+        for (shard, items) in by_shard.into_iter().enumerate() {
+            if items.is_empty() {
                 continue;
             }
-            let Some(entry) = slot.in_flight.take() else {
-                continue;
-            };
-            let entry = *entry;
-            part.ops[kind(entry.op)] -= 1;
-            inner.in_flight -= 1;
-            let superseded = slot.pending.is_some();
-            match outcome {
-                Outcome::Applied => f.applied += 1,
-                _ if superseded => f.superseded += 1,
-                Outcome::Dead { reason, code } => {
-                    f.dead += 1;
-                    inner.dead.push(DeadLetter {
-                        id: inner.next_dead_id,
-                        tuple: taken.tuple,
-                        op: entry.op,
-                        seq: entry.seq,
-                        reason,
-                        code,
-                        attempts: u32::from(entry.attempts) + 1,
-                        dead_at: SystemTime::now(),
-                    });
-                    inner.next_dead_id += 1;
+            let mut g = self.lock(shard);
+            for (key, taken, outcome) in items {
+                let Some(part_no) = g.part(taken.tuple.object_type(), &taken.tuple.relation) else {
+                    continue;
+                };
+                let part = &mut g.parts[part_no];
+                let Some(k) = part
+                    .slots
+                    .get_key_value(key.as_str())
+                    .map(|(k, _)| k.clone())
+                else {
+                    continue;
+                };
+                let Some(slot) = part.slots.get_mut(&k) else {
+                    continue;
+                };
+                match &slot.in_flight {
+                    Some(e) if e.seq == taken.seq => {}
+                    // Not the op we sent: leave the slot alone.
+                    _ => continue,
                 }
-                Outcome::Retry | Outcome::Stale | Outcome::Busy | Outcome::Keep(_) => {
-                    f.requeued += 1;
-                    part.ops[kind(entry.op)] += 1;
-                    inner.pending[kind(entry.op)] += 1;
-                    slot.pending = Some(Entry {
-                        attempts: entry.attempts.saturating_add(1),
-                        ..entry
-                    });
+                if matches!(outcome, Outcome::Keep(_)) {
+                    // Still owned by whoever holds it (a queued job).
+                    continue;
+                }
+                let Some(entry) = slot.in_flight.take() else {
+                    continue;
+                };
+                let entry = *entry;
+                part.ops[kind(entry.op)] -= 1;
+                self.in_flight.fetch_sub(1, Ordering::Relaxed);
+                let superseded = slot.pending.is_some();
+                match outcome {
+                    Outcome::Applied => f.applied += 1,
+                    _ if superseded => f.superseded += 1,
+                    Outcome::Dead { reason, code } => {
+                        f.dead += 1;
+                        dead.push((
+                            taken.tuple,
+                            entry.op,
+                            entry.seq,
+                            reason,
+                            code,
+                            entry.attempts,
+                        ));
+                    }
+                    Outcome::Retry | Outcome::Stale | Outcome::Busy | Outcome::Keep(_) => {
+                        f.requeued += 1;
+                        part.ops[kind(entry.op)] += 1;
+                        self.pending[kind(entry.op)].fetch_add(1, Ordering::Relaxed);
+                        slot.pending = Some(Entry {
+                            attempts: entry.attempts.saturating_add(1),
+                            ..entry
+                        });
+                    }
+                }
+                match &slot.pending {
+                    // Unblocked, or requeued: ready again, in its old place.
+                    Some(p) => {
+                        part.ready[kind(p.op)].insert(p.first, k);
+                    }
+                    None => {
+                        part.slots.remove(&k);
+                        self.keys.fetch_sub(1, Ordering::Relaxed);
+                    }
                 }
             }
-            match &slot.pending {
-                // Unblocked, or requeued: ready again, in its old place.
-                Some(p) => {
-                    part.ready[kind(p.op)].insert(p.first, k);
-                }
-                None => {
-                    part.slots.remove(&k);
-                    inner.keys -= 1;
-                }
+        }
+        if !dead.is_empty() {
+            let mut d = self.dead();
+            for (tuple, op, seq, reason, code, attempts) in dead {
+                let id = d.next_id;
+                d.next_id += 1;
+                d.letters.push(DeadLetter {
+                    id,
+                    tuple,
+                    op,
+                    seq,
+                    reason,
+                    code,
+                    attempts: u32::from(attempts) + 1,
+                    dead_at: SystemTime::now(),
+                });
             }
         }
         f
     }
 
     fn relevant_now(&self, rels: Option<&[Dep]>, object: &str, limit: usize) -> Relevant {
-        let g = self.lock();
-        let parts: Vec<(&Part, bool)> = match rels {
-            None => g.parts.iter().map(|p| (p, false)).collect(),
+        let prefix = format!("{object}#");
+        let home = self.shard_of(object);
+        // (shard, type, relation, same object) for every part to read.
+        let mut wanted: Vec<(usize, &str, &str, bool)> = Vec::new();
+        let all: Vec<(String, String)>;
+        let deps: Vec<(&str, &str, bool)> = match rels {
             Some(rels) => rels
                 .iter()
-                .filter_map(|d| g.part_of.get(&d.rel).map(|&i| (&g.parts[i], d.same_object)))
+                .filter_map(|d| {
+                    let (ty, r) = d.rel.split_once('#')?;
+                    Some((ty, r, d.same_object))
+                })
                 .collect(),
+            None => {
+                let mut names = std::collections::BTreeSet::new();
+                for s in 0..SHARDS {
+                    for (ty, rels) in &self.lock(s).part_of {
+                        for r in rels.keys() {
+                            names.insert((ty.clone(), r.clone()));
+                        }
+                    }
+                }
+                all = names.into_iter().collect();
+                all.iter()
+                    .map(|(t, r)| (t.as_str(), r.as_str(), false))
+                    .collect()
+            }
         };
-        let prefix = format!("{object}#");
+        for (ty, r, same) in deps {
+            if same {
+                wanted.push((home, ty, r, true));
+            } else {
+                wanted.extend((0..SHARDS).map(|s| (s, ty, r, false)));
+            }
+        }
         let (mut revokes, mut grants) = (0, 0);
-        for &(p, same) in &parts {
+        for &(s, ty, r, same) in &wanted {
+            let g = self.lock(s);
+            let Some(p) = g.part(ty, r).map(|i| &g.parts[i]) else {
+                continue;
+            };
             if same {
                 for (_, slot) in slots_of(p, &prefix, true) {
-                    let ops = slot.pending.iter().chain(slot.in_flight.as_deref());
-                    for e in ops {
+                    for e in slot.pending.iter().chain(slot.in_flight.as_deref()) {
                         match e.op {
                             Op::Grant => grants += 1,
                             Op::Revoke => revokes += 1,
@@ -343,7 +504,11 @@ impl MemoryStore {
             };
         }
         let mut out = Vec::with_capacity(grants);
-        for &(p, same) in &parts {
+        for &(s, ty, r, same) in &wanted {
+            let g = self.lock(s);
+            let Some(p) = g.part(ty, r).map(|i| &g.parts[i]) else {
+                continue;
+            };
             for (key, slot) in slots_of(p, &prefix, same) {
                 // The newest op on the key is the one that counts.
                 let newest = slot.pending.as_ref().or(slot.in_flight.as_deref());
@@ -352,6 +517,13 @@ impl MemoryStore {
                 }
             }
         }
+        if out.len() > limit {
+            // Grants arrived between the count and the list.
+            return Relevant {
+                revokes: 0,
+                grants: None,
+            };
+        }
         Relevant {
             revokes,
             grants: Some(out),
@@ -359,11 +531,9 @@ impl MemoryStore {
     }
 
     fn latest_now(&self, tuple: &TupleKey) -> Option<(Op, bool)> {
-        let g = self.lock();
-        let part = g
-            .part_of
-            .get(&rel_name(tuple.object_type(), &tuple.relation))?;
-        let slot = g.parts[*part].slots.get(key_of(tuple).as_str())?;
+        let g = self.lock(self.shard_of(&tuple.object));
+        let part = g.part(tuple.object_type(), &tuple.relation)?;
+        let slot = g.parts[part].slots.get(key_of(tuple).as_str())?;
         slot.pending
             .as_ref()
             .or(slot.in_flight.as_deref())
@@ -371,32 +541,38 @@ impl MemoryStore {
     }
 
     fn pending_counts(&self) -> Pending {
-        let g = self.lock();
-        let (writes, deletes) = (g.pending[0], g.pending[1]);
+        let (writes, deletes) = (
+            self.pending[0].load(Ordering::Relaxed),
+            self.pending[1].load(Ordering::Relaxed),
+        );
         // The oldest ready op is first in one of the queues. Ops blocked
         // behind an in-flight op on their key are not ready and not counted.
-        let oldest = g
-            .parts
-            .iter()
-            .flat_map(|p| {
-                p.ready
-                    .iter()
-                    .filter_map(move |q| q.first_key_value().map(|(_, k)| (p, k)))
-            })
-            .filter_map(|(p, k)| {
-                p.slots
-                    .get(k)
-                    .and_then(|s| s.pending.as_ref())
-                    .map(|e| e.since)
-            })
-            .min();
+        let mut oldest: Option<u32> = None;
+        if writes + deletes > 0 {
+            for s in 0..SHARDS {
+                let g = self.lock(s);
+                for p in &g.parts {
+                    for q in &p.ready {
+                        let since = q
+                            .first_key_value()
+                            .and_then(|(_, k)| p.slots.get(k))
+                            .and_then(|s| s.pending.as_ref())
+                            .map(|e| e.since);
+                        oldest = match (oldest, since) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
+                    }
+                }
+            }
+        }
         Pending {
             writes,
             deletes,
             total: writes + deletes,
-            in_flight: g.in_flight,
+            in_flight: self.in_flight.load(Ordering::Relaxed),
             oldest_age: oldest.map(|cs| {
-                g.epoch
+                self.epoch
                     .elapsed()
                     .saturating_sub(Duration::from_millis(u64::from(cs) * 10))
             }),
@@ -404,24 +580,37 @@ impl MemoryStore {
     }
 
     fn clear_now(&self) -> Vec<(TupleKey, Op)> {
-        let mut g = self.lock();
-        let inner = &mut *g;
         let mut dropped = Vec::new();
-        for part in &mut inner.parts {
-            for q in &mut part.ready {
-                q.clear();
-            }
-            part.slots.retain(|key, slot| {
-                if let Some(e) = slot.pending.take() {
-                    part.ops[kind(e.op)] -= 1;
-                    dropped.push((tuple_of(key, e.condition.map(|c| *c)), e.op));
+        for s in 0..SHARDS {
+            let mut g = self.lock(s);
+            for part in &mut g.parts {
+                for q in &mut part.ready {
+                    q.clear();
                 }
-                slot.in_flight.is_some()
-            });
+                let mut gone = 0;
+                let mut counts = [0usize; 2];
+                part.slots.retain(|key, slot| {
+                    if let Some(e) = slot.pending.take() {
+                        counts[kind(e.op)] += 1;
+                        dropped.push((tuple_of(key, e.condition.map(|c| *c)), e.op));
+                    }
+                    let keep = slot.in_flight.is_some();
+                    gone += usize::from(!keep);
+                    keep
+                });
+                for (k, n) in counts.into_iter().enumerate() {
+                    part.ops[k] -= n;
+                    self.pending[k].fetch_sub(n, Ordering::Relaxed);
+                }
+                self.keys.fetch_sub(gone, Ordering::Relaxed);
+            }
         }
-        inner.keys = inner.parts.iter().map(|p| p.slots.len()).sum();
-        inner.pending = [0, 0];
         dropped
+    }
+
+    #[cfg(test)]
+    fn last(&self) -> u64 {
+        self.seq.load(Ordering::Acquire)
     }
 }
 
@@ -440,22 +629,6 @@ fn slots_of<'a>(
         )
     } else {
         Box::new(p.slots.iter())
-    }
-}
-
-impl Inner {
-    fn now_cs(&self) -> u32 {
-        u32::try_from(self.epoch.elapsed().as_millis() / 10).unwrap_or(u32::MAX)
-    }
-
-    fn part_index(&mut self, object_type: &str, relation: &str) -> usize {
-        let name = rel_name(object_type, relation);
-        if let Some(&i) = self.part_of.get(&name) {
-            return i;
-        }
-        self.parts.push(Part::default());
-        self.part_of.insert(name, self.parts.len() - 1);
-        self.parts.len() - 1
     }
 }
 
@@ -486,7 +659,7 @@ impl Store for MemoryStore {
     }
 
     fn last_seq(&self) -> BoxFuture<'_, Result<u64>> {
-        Box::pin(future::ready(Ok(self.lock().seq)))
+        Box::pin(future::ready(Ok(self.seq.load(Ordering::Acquire))))
     }
 
     fn pending(&self) -> BoxFuture<'_, Result<Pending>> {
@@ -502,21 +675,21 @@ impl Store for MemoryStore {
     }
 
     fn dead_letters(&self) -> BoxFuture<'_, Result<Vec<DeadLetter>>> {
-        Box::pin(future::ready(Ok(self.lock().dead.clone())))
+        Box::pin(future::ready(Ok(self.dead().letters.clone())))
     }
 
     fn remove_dead_letters<'a>(
         &'a self,
         ids: Option<&'a [u64]>,
     ) -> BoxFuture<'a, Result<Vec<DeadLetter>>> {
-        let mut g = self.lock();
+        let mut g = self.dead();
         let removed = match ids {
-            None => std::mem::take(&mut g.dead),
+            None => std::mem::take(&mut g.letters),
             Some(ids) => {
-                let (out, keep) = std::mem::take(&mut g.dead)
+                let (out, keep) = std::mem::take(&mut g.letters)
                     .into_iter()
                     .partition(|d| ids.contains(&d.id));
-                g.dead = keep;
+                g.letters = keep;
                 out
             }
         };
@@ -630,7 +803,7 @@ mod tests {
         s.push_now(&a, Op::Grant).unwrap();
         s.push_now(&t("user:b", "viewer", "document:1"), Op::Grant)
             .unwrap();
-        let up_to = s.lock().seq;
+        let up_to = s.last();
         s.push_now(&t("user:c", "viewer", "document:1"), Op::Grant)
             .unwrap();
         // Coalescing after the flush started keeps the key's place.
@@ -684,7 +857,7 @@ mod tests {
                             let p = s.push_now(&tuple, op).unwrap();
                             acked += 1;
                             if p.coalesced { coalesced += 1; }
-                            let seq = s.lock().seq;
+                            let seq = s.last();
                             last.insert(key_of(&tuple), (seq, op));
                         }
                         Step::Take(n) => in_flight.extend(s.take_now(usize::from(*n), Take::All, u64::MAX)),

@@ -32,6 +32,10 @@ pub(crate) struct Taken {
     pub tuple: TupleKey,
     pub op: Op,
     pub seq: u64,
+    /// The seq of the op that made the key pending (coalescing keeps it):
+    /// a flush of everything acknowledged up to `n` is done once no op with
+    /// `first <= n` is ready or being written.
+    pub first: u64,
     /// Write attempts made before this one (queue mode; the memory store
     /// counts its own).
     pub attempts: u32,

@@ -235,7 +235,7 @@ if cmd == 'push' then
   return out
 end
 
--- take now max kinds up_to lease_ms -> {corrupt, (key, seq, op, cond)*}
+-- take now max kinds up_to lease_ms -> {corrupt, (key, seq, op, cond, first)*}
 if cmd == 'take' then
   local now, max, kinds, up_to, lease =
     tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -246,7 +246,7 @@ if cmd == 'take' then
   local out = { 0 }
   for i = 1, #kinds do
     local kind = string.sub(kinds, i, i)
-    local room = max - (#out - 1) / 4
+    local room = max - (#out - 1) / 5
     if room <= 0 then break end
     local keys = redis.call('ZRANGEBYSCORE', P .. ':ready:' .. kind, '-inf', up_to, 'LIMIT', 0, room)
     for _, key in ipairs(keys) do
@@ -265,6 +265,7 @@ if cmd == 'take' then
         table.insert(out, e.seq)
         table.insert(out, e.op)
         table.insert(out, e.cond)
+        table.insert(out, e.first)
       end
     end
   end

@@ -262,8 +262,8 @@ impl RedisStore {
         if corrupt > 0 {
             tracing::warn!(count = corrupt, prefix = %self.prefix, "dropped corrupt pending entries (unreadable, not written by fga-wb) from the ready queues");
         }
-        let mut out = Vec::with_capacity(v.len() / 4);
-        for c in v[1.min(v.len())..].chunks_exact(4) {
+        let mut out = Vec::with_capacity(v.len() / 5);
+        for c in v[1.min(v.len())..].chunks_exact(5) {
             let key = text(&c[0])?;
             let seq = int(&c[1])? as u64;
             let Some(op) = op_of(&text(&c[2])?) else {
@@ -274,6 +274,7 @@ impl RedisStore {
                 tuple: tuple_of(&key, condition_of(&text(&c[3])?)),
                 op,
                 seq,
+                first: int(&c[4])? as u64,
                 attempts: 0,
             });
         }

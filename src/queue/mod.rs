@@ -67,6 +67,7 @@ impl JobOp {
             tuple: self.tuple.clone(),
             op: self.op,
             seq: self.seq,
+            first: self.seq,
             attempts: attempt,
         }
     }
@@ -265,7 +266,6 @@ pub(crate) type Sink = Arc<dyn JobSink>;
 mod tests {
     use super::*;
     use crate::buffer::memory::MemoryStore;
-    use crate::buffer::Take;
     use crate::flush::Engine;
 
     fn engine(sink: Arc<FakeQueue>) -> Engine {
@@ -288,16 +288,21 @@ mod tests {
             job_lease: Duration::from_secs(60),
             room_wanted: Default::default(),
             revoke_wanted: Default::default(),
+            parallel: Default::default(),
+            sleeping: Default::default(),
+            timer_armed: Default::default(),
+            wake: Default::default(),
+            retry_deadline: Default::default(),
         }
     }
 
     /// A flush in queue mode pushes one job per chunk of at most
-    /// `max_tuples_per_write` ops, revokes first, each op with its sequence
+    /// `max_tuples_per_write` ops, in key order, each op with its sequence
     /// number, and writes nothing itself.
     #[tokio::test]
     async fn flush_pushes_one_job_per_chunk() {
         let fake = Arc::new(FakeQueue::default());
-        let e = engine(fake.clone());
+        let e = Arc::new(engine(fake.clone()));
         for i in 0..240 {
             let t = TupleKey::new(format!("user:u{i}"), "viewer", "document:1").unwrap();
             e.store.push(&t, Op::Grant).await.unwrap();
@@ -305,7 +310,7 @@ mod tests {
         let r = TupleKey::new("user:u0", "viewer", "document:2").unwrap();
         e.store.push(&r, Op::Revoke).await.unwrap();
 
-        let report = e.drain(Take::All).await;
+        let report = crate::flush::flush_once(e.clone()).await;
         assert_eq!(
             (report.queued, report.requests, report.applied),
             (241, 0, 0)
@@ -317,7 +322,16 @@ mod tests {
             && j.model_id.as_deref() == Some("01MODEL")
             && j.attempt == 0
             && delay.is_none()));
-        assert_eq!(pushed[0].0.ops[0].op, Op::Revoke, "revokes go first");
+        let keys: Vec<String> = pushed
+            .iter()
+            .flat_map(|(j, _)| j.ops.iter().map(|o| o.tuple.to_string()))
+            .collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted, "chunks are cut in key order");
+        assert!(pushed
+            .iter()
+            .any(|(j, _)| j.ops.iter().any(|o| o.op == Op::Revoke)));
         let mut seqs: Vec<u64> = pushed
             .iter()
             .flat_map(|(j, _)| j.ops.iter().map(|o| o.seq))

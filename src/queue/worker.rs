@@ -12,7 +12,7 @@ use crate::buffer::{Outcome, Taken};
 use crate::client::open_store;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::flush::{Engine, Stop};
+use crate::flush::{Engine, QuickRetries, Stop};
 
 /// A busy key (another writer holds it) is tried again this soon.
 const BUSY_RETRY: Duration = Duration::from_secs(1);
@@ -39,7 +39,12 @@ impl Applier {
     pub(crate) async fn apply(&self, job: Job) -> Result<()> {
         let started = std::time::Instant::now();
         let taken: Vec<Taken> = job.ops.iter().map(|o| o.taken(job.attempt)).collect();
-        let result = self.engine.write_chunk(taken).await;
+        // Conflicts (409) are retried at once; other failures go to the
+        // retry schedule.
+        let result = self
+            .engine
+            .write_chunk(taken, QuickRetries::ConflictsOnly(3))
+            .await;
         let error = match &result.stop {
             Some(Stop::Transient(e)) | Some(Stop::Halt(e)) => Some(e.clone()),
             None => None,
@@ -216,6 +221,11 @@ pub(crate) async fn applier(config: &Config) -> Result<Applier> {
         job_lease: crate::buffer::redis::job_lease(config),
         room_wanted: Default::default(),
         revoke_wanted: Default::default(),
+        parallel: Default::default(),
+        sleeping: Default::default(),
+        timer_armed: Default::default(),
+        wake: Default::default(),
+        retry_deadline: Default::default(),
     };
     Ok(Applier::new(
         engine,
