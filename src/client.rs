@@ -38,8 +38,9 @@ struct Handle {
     validate_against_model: bool,
     commands: mpsc::Sender<Command>,
     stop: watch::Sender<bool>,
-    /// The flusher, and for a shared store the listener for other
-    /// processes' changes.
+    /// The flusher's thread; taken by shutdown.
+    flusher: Mutex<Option<flush::FlusherThread>>,
+    /// For a shared store, the listener for other processes' changes.
     tasks: Mutex<Vec<JoinHandle<()>>>,
     shut_down: AtomicBool,
 }
@@ -137,6 +138,7 @@ impl Builder {
         let (changed, _) = watch::channel(0u64);
         let engine = Arc::new(Engine {
             store,
+            writer: client.fork()?,
             client,
             store_id,
             model_id,
@@ -156,12 +158,9 @@ impl Builder {
         });
         let (commands, rx) = mpsc::channel(16);
         let (stop, stop_rx) = watch::channel(false);
-        let mut tasks = vec![tokio::spawn(flush::run(
-            engine.clone(),
-            rx,
-            stop_rx.clone(),
-            self.automatic_flush,
-        ))];
+        let flusher =
+            flush::FlusherThread::spawn(engine.clone(), rx, stop_rx.clone(), self.automatic_flush)?;
+        let mut tasks = Vec::new();
         if engine.store.events().is_some() {
             tasks.push(tokio::spawn(follow_events(engine.clone(), stop_rx)));
         }
@@ -173,6 +172,7 @@ impl Builder {
                 validate_against_model: self.validate_against_model,
                 commands,
                 stop,
+                flusher: Mutex::new(Some(flusher)),
                 tasks: Mutex::new(tasks),
                 shut_down: AtomicBool::new(false),
             }),
@@ -351,13 +351,6 @@ impl WriteBehind {
             count!(e.stats, coalesced, "fga_wb_ops_coalesced_total", 1);
         }
         e.nudge(op == Op::Revoke, pushed.pending);
-        if !e.store.shared() {
-            // A memory-store grant never waits for anything, so a caller
-            // granting in a loop would never let the runtime run the
-            // flusher: spend tokio's cooperative budget, which yields now
-            // and then.
-            tokio::task::consume_budget().await;
-        }
         Ok(())
     }
 
@@ -713,6 +706,15 @@ impl WriteBehind {
             FlushReport::default()
         };
         let _ = self.inner.stop.send(true);
+        let flusher = self
+            .inner
+            .flusher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(f) = flusher {
+            f.join(std::time::Duration::from_secs(1)).await;
+        }
         let tasks =
             std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for mut task in tasks {
@@ -750,6 +752,8 @@ impl WriteBehind {
 
 impl Drop for Handle {
     fn drop(&mut self) {
+        // The flusher's thread ends when it sees this.
+        let _ = self.stop.send(true);
         for task in self
             .tasks
             .get_mut()

@@ -51,6 +51,9 @@ use crate::tuple::Op;
 pub(crate) struct Engine {
     pub store: Arc<dyn Store>,
     pub client: Client,
+    /// The client Write requests go through: in a handle, a fork of
+    /// `client` with its own connections, for the flusher's own runtime.
+    pub writer: Client,
     pub store_id: String,
     pub model_id: Option<String>,
     pub cfg: FlushConfig,
@@ -387,7 +390,7 @@ impl Engine {
         }
         let mut req = WriteRequest::idempotent(writes, deletes);
         req.authorization_model_id.clone_from(&self.model_id);
-        self.client.write(&self.store_id, &req).await
+        self.writer.write(&self.store_id, &req).await
     }
 }
 
@@ -514,10 +517,18 @@ struct Pump {
     running_firsts: BTreeMap<u64, usize>,
     /// Taken ops sorted by key, not yet sent.
     staged: VecDeque<Taken>,
+    /// The tail of an object held back for the next window, where more of
+    /// its ops are due: merged with them, it fills whole chunks.
+    carry: Vec<Taken>,
+    /// How many times each staged op (by seq) was held back: at most
+    /// `MAX_CARRIES`, so a lone partial group waits a few windows at most.
+    carried: std::collections::HashMap<u64, u8>,
     /// Everything with `first <= target` is due; revokes up to
     /// `revoke_target` too.
     target: u64,
     revoke_target: u64,
+    /// Windows are taken by sequence range: the end of the last one.
+    cursor: u64,
     /// A take found nothing due up to this target: don't ask again until
     /// something changes.
     exhausted: Option<u64>,
@@ -547,8 +558,11 @@ impl Pump {
             running: FuturesUnordered::new(),
             running_firsts: BTreeMap::new(),
             staged: VecDeque::new(),
+            carry: Vec::new(),
+            carried: Default::default(),
             target: 0,
             revoke_target: 0,
+            cursor: 0,
             exhausted: None,
             revokes_exhausted: None,
             waiters: Vec::new(),
@@ -653,7 +667,10 @@ impl Pump {
     /// Whether new requests may start: not paused after a failure, and not
     /// stopped by refused credentials (unless someone asked).
     fn may_write(&self) -> bool {
-        !self.paused() && (self.explicit() || self.engine.stats.stopped().is_none())
+        let past_deadline = self.shutdown.is_some_and(|d| Instant::now() >= d);
+        !self.paused()
+            && !past_deadline
+            && (self.explicit() || self.engine.stats.stopped().is_none())
     }
 
     /// Starts chunks while the limit allows and something is due.
@@ -675,48 +692,124 @@ impl Pump {
                 }
             }
             if self.staged.is_empty() {
-                let target = self
-                    .target
-                    .max(if revokes_due { self.revoke_target } else { 0 });
-                let what = if self.target > 0 && self.exhausted != Some(self.target) {
-                    Take::All
+                let window = chunk * WINDOW_CHUNKS;
+                let ops = if self.target > 0 && self.exhausted != Some(self.target) {
+                    match self.take_window(window).await {
+                        Some(ops) if ops.is_empty() => {
+                            self.exhausted = Some(self.target);
+                            continue;
+                        }
+                        Some(ops) => ops,
+                        None => return,
+                    }
                 } else if revokes_due {
-                    Take::Revokes
+                    match self.take(window, Take::Revokes, self.revoke_target).await {
+                        Some(ops) if ops.is_empty() => {
+                            self.revokes_exhausted = Some(self.revoke_target);
+                            return;
+                        }
+                        Some(ops) => ops,
+                        None => return,
+                    }
+                } else if !self.carry.is_empty() {
+                    Vec::new()
                 } else {
                     return;
                 };
-                let up_to = if what == Take::All {
-                    self.target
-                } else {
-                    target
-                };
-                match self.take(chunk * WINDOW_CHUNKS, what, up_to).await {
-                    Some(mut ops) if !ops.is_empty() => {
-                        // Key order: see the module docs.
-                        ops.sort_unstable_by(|a, b| {
-                            (&a.tuple.object, &a.tuple.relation, &a.tuple.user).cmp(&(
-                                &b.tuple.object,
-                                &b.tuple.relation,
-                                &b.tuple.user,
-                            ))
-                        });
-                        self.staged.extend(ops);
-                    }
-                    Some(_) if what == Take::All => {
-                        self.exhausted = Some(self.target);
-                        continue;
-                    }
-                    Some(_) => {
-                        self.revokes_exhausted = Some(self.revoke_target);
-                        return;
-                    }
-                    None => return,
-                }
+                self.stage(ops);
             }
-            let n = chunk.min(self.staged.len());
+            let n = self.next_cut(chunk);
+            if self.should_carry(n, chunk) {
+                self.carry.extend(self.staged.drain(..n));
+                continue;
+            }
             let ops: Vec<Taken> = self.staged.drain(..n).collect();
             self.start(ops);
         }
+    }
+
+    /// Whether to hold back the next `n` staged ops for the next window:
+    /// they are a partial chunk of one object, the last of it staged, more
+    /// windows are due (so more of the object may come), and they were not
+    /// held back `MAX_CARRIES` times already.
+    fn should_carry(&self, n: usize, chunk: usize) -> bool {
+        if n >= chunk || n < (chunk / 4).max(1) || self.cursor >= self.target {
+            return false;
+        }
+        let object = &self.staged[0].tuple.object;
+        let whole = self.staged.get(n).is_none_or(|t| &t.tuple.object != object);
+        // Never a revoke: a check may be waiting for it.
+        let fresh = self.staged.range(..n).all(|t| {
+            t.op == Op::Grant && self.carried.get(&t.seq).is_none_or(|&n| n < MAX_CARRIES)
+        });
+        whole && fresh
+    }
+
+    /// How many staged ops the next chunk takes: one object's ops where it
+    /// has enough of them, small objects together. OpenFGA on PostgreSQL
+    /// writes a chunk of one object (or of many objects with one tuple
+    /// each) several times faster than one mixing a few objects with many
+    /// tuples each (its row-constructor lookup then scans), so a chunk
+    /// never straddles a large group.
+    fn next_cut(&self, chunk: usize) -> usize {
+        let run_at = |from: usize| {
+            let object = &self.staged[from].tuple.object;
+            self.staged
+                .range(from..)
+                .take(chunk)
+                .take_while(|t| &t.tuple.object == object)
+                .count()
+        };
+        let big = (chunk / 4).max(1);
+        let first = run_at(0);
+        if first >= big {
+            return first;
+        }
+        let mut n = first;
+        while n < self.staged.len() && n < chunk {
+            let g = run_at(n);
+            if g >= big || n + g > chunk {
+                break;
+            }
+            n += g;
+        }
+        n
+    }
+
+    /// The oldest due ops, about `window` of them: those acknowledged in the
+    /// next `window` sequence numbers after the previous window (and any
+    /// older ones ready again). Taking by sequence range rather than per
+    /// shard keeps a caller's consecutive ops together.
+    async fn take_window(&mut self, window: usize) -> Option<Vec<Taken>> {
+        let mut out = Vec::new();
+        loop {
+            let bound = self.target.min(self.cursor.saturating_add(window as u64));
+            let ops = self.take(window - out.len(), Take::All, bound).await?;
+            out.extend(ops);
+            self.cursor = self.cursor.max(bound);
+            if out.len() * 2 >= window || bound >= self.target {
+                return Some(out);
+            }
+        }
+    }
+
+    fn stage(&mut self, mut ops: Vec<Taken>) {
+        let before = std::mem::take(&mut self.carried);
+        self.carried = self
+            .carry
+            .iter()
+            .map(|t| (t.seq, before.get(&t.seq).copied().unwrap_or(0) + 1))
+            .collect();
+        ops.append(&mut self.carry);
+        // Key order: see the module docs.
+        ops.sort_unstable_by(|a, b| {
+            (&a.tuple.object, &a.tuple.relation, &a.tuple.user).cmp(&(
+                &b.tuple.object,
+                &b.tuple.relation,
+                &b.tuple.user,
+            ))
+        });
+        self.staged.extend(ops);
     }
 
     /// Takes ops from the store; `None` after an error (logged, paused).
@@ -859,7 +952,11 @@ impl Pump {
         // Sequence numbers start at 1: up to 0 is nothing.
         let ready_done = up_to == 0 || self.exhausted.is_some_and(|t| t >= up_to);
         let none_running = self.running_firsts.keys().next().is_none_or(|&f| f > up_to);
-        let none_staged = self.staged.iter().all(|t| t.first > up_to);
+        let none_staged = self
+            .staged
+            .iter()
+            .chain(&self.carry)
+            .all(|t| t.first > up_to);
         ready_done && none_running && none_staged
     }
 
@@ -929,8 +1026,13 @@ impl Pump {
     }
 }
 
-/// Chunks per window sorted by key before cutting.
-const WINDOW_CHUNKS: usize = 8;
+/// Chunks per window sorted by key before cutting: large enough that the
+/// ops of one object from many interleaved callers fill whole chunks.
+const WINDOW_CHUNKS: usize = 32;
+/// Windows a partial group may be held back for.
+const MAX_CARRIES: u8 = 3;
+/// How long shutdown waits past its deadline for requests already running.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(250);
 /// How often the pump records its work for `status` while busy.
 const RECORD_EVERY: Duration = Duration::from_millis(250);
 
@@ -969,7 +1071,13 @@ pub(crate) async fn run(
         if let Some(deadline) = pump.shutdown {
             let idle = pump.running.is_empty() && pump.reached(pump.target);
             let halted = pump.engine.stats.stopped().is_some();
-            if idle || halted || Instant::now() >= deadline {
+            // Past the deadline nothing new starts; requests still running
+            // get a moment to finish (their ops are then pending or applied,
+            // not in flight), and are abandoned after it.
+            let now = Instant::now();
+            let over =
+                now >= deadline && (pump.running.is_empty() || now >= deadline + SHUTDOWN_GRACE);
+            if idle || halted || over {
                 pump.unstage().await;
                 pump.record().await;
                 let mut r = pump.totals.clone();
@@ -997,7 +1105,14 @@ pub(crate) async fn run(
                 return;
             }
         }
-        let wake_at = match (due, pump.shutdown) {
+        let shutdown_at = pump.shutdown.map(|d| {
+            if Instant::now() < d {
+                d
+            } else {
+                d + SHUTDOWN_GRACE
+            }
+        });
+        let wake_at = match (due, shutdown_at) {
             (Some(d), Some(s)) => Some(d.min(s)),
             (d, s) => d.or(s),
         };
@@ -1036,6 +1151,46 @@ pub(crate) async fn run(
             _ = wake.notified() => {}
             _ = sleep_until(wake_at), if wake_at.is_some() => {}
         }
+    }
+}
+
+/// The flusher's thread: the pump runs on a runtime of its own, so callers
+/// granting flat out on the application's runtime (a memory-store grant
+/// never waits) cannot starve it, and it never adds to their latency.
+pub(crate) struct FlusherThread {
+    done: oneshot::Receiver<()>,
+}
+
+impl FlusherThread {
+    pub(crate) fn spawn(
+        engine: Arc<Engine>,
+        commands: mpsc::Receiver<Command>,
+        stop: watch::Receiver<bool>,
+        automatic: bool,
+    ) -> crate::Result<FlusherThread> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::internal(format!("cannot start the flusher's runtime: {e}")))?;
+        let (tx, done) = oneshot::channel();
+        // Its logs and spans go where the builder's did.
+        let dispatch = tracing::dispatcher::get_default(Clone::clone);
+        std::thread::Builder::new()
+            .name("fga-wb-flusher".into())
+            .spawn(move || {
+                tracing::dispatcher::with_default(&dispatch, || {
+                    runtime.block_on(run(engine, commands, stop, automatic));
+                });
+                let _ = tx.send(());
+            })
+            .map_err(|e| Error::internal(format!("cannot start the flusher's thread: {e}")))?;
+        Ok(FlusherThread { done })
+    }
+
+    /// Waits until the flusher has stopped (after a shutdown command or
+    /// `stop`), at most `limit`.
+    pub(crate) async fn join(self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.done).await;
     }
 }
 

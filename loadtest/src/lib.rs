@@ -95,9 +95,17 @@ impl Target {
         Ok(Store { id, model_id })
     }
 
-    /// Default settings pointed at `store`.
+    /// Default settings (with any `FGA_WB_*` overrides from the environment,
+    /// for experiments) pointed at `store`.
     pub fn config(&self, store: &Store) -> Config {
-        let mut c = Config::default();
+        let vars: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| {
+                k.starts_with("FGA_WB_")
+                    && !k.starts_with("FGA_WB_BENCH")
+                    && !k.starts_with("FGA_WB_TEST")
+            })
+            .collect();
+        let mut c = Config::load_from(None, vars).expect("FGA_WB_* overrides are valid");
         c.openfga.api_url.clone_from(&self.url);
         c.openfga.api_token = Secret::new(self.token.clone());
         c.openfga.store_id.clone_from(&store.id);

@@ -45,8 +45,11 @@ pub struct Client {
 struct Inner {
     http: reqwest::Client,
     base: String,
-    auth: Authenticator,
+    /// Shared by forks, so they share one cached OAuth2 token.
+    auth: Arc<Authenticator>,
     timeout: Duration,
+    connect_timeout: Duration,
+    pool_max_idle_per_host: usize,
 }
 
 impl std::fmt::Debug for Client {
@@ -127,22 +130,32 @@ impl ClientBuilder {
                 )));
             }
         }
-        let http = reqwest::Client::builder()
-            .timeout(self.timeout)
-            .connect_timeout(self.connect_timeout)
-            .pool_max_idle_per_host(self.pool_max_idle_per_host)
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| Error::config(format!("cannot build the HTTP client: {e}")))?;
+        let http = http_client(
+            self.timeout,
+            self.connect_timeout,
+            self.pool_max_idle_per_host,
+        )?;
         Ok(Client {
             inner: Arc::new(Inner {
                 http,
                 base,
-                auth: Authenticator::new(self.credentials),
+                auth: Arc::new(Authenticator::new(self.credentials)),
                 timeout: self.timeout,
+                connect_timeout: self.connect_timeout,
+                pool_max_idle_per_host: self.pool_max_idle_per_host,
             }),
         })
     }
+}
+
+fn http_client(timeout: Duration, connect: Duration, pool: usize) -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(connect)
+        .pool_max_idle_per_host(pool)
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| Error::config(format!("cannot build the HTTP client: {e}")))
 }
 
 /// A URL with any `user:password@` removed, for messages.
@@ -168,6 +181,24 @@ impl Client {
             connect_timeout: Duration::from_secs(3),
             pool_max_idle_per_host: 32,
         }
+    }
+
+    /// A client with the same settings and credentials (one cached OAuth2
+    /// token) but its own connection pool: connections belong to the Tokio
+    /// runtime that opened them, so a client used on another runtime (the
+    /// flusher's thread) must not share them.
+    pub(crate) fn fork(&self) -> Result<Client> {
+        let i = &self.inner;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                http: http_client(i.timeout, i.connect_timeout, i.pool_max_idle_per_host)?,
+                base: i.base.clone(),
+                auth: i.auth.clone(),
+                timeout: i.timeout,
+                connect_timeout: i.connect_timeout,
+                pool_max_idle_per_host: i.pool_max_idle_per_host,
+            }),
+        })
     }
 
     /// The server's base URL.

@@ -204,9 +204,11 @@ pub(crate) async fn applier(config: &Config) -> Result<Applier> {
     let store = open_store(config).await?;
     let sink: Arc<dyn JobSink> = Arc::new(ApalisSink::new(storage(config).await?));
     let model_id = (!config.openfga.model_id.is_empty()).then(|| config.openfga.model_id.clone());
+    let client = config.openfga.client()?;
     let engine = Engine {
         store,
-        client: config.openfga.client()?,
+        client: client.clone(),
+        writer: client,
         store_id: config.openfga.store_id.clone(),
         model_id,
         cfg: config.flush.clone(),
