@@ -1786,8 +1786,15 @@ async fn run_e2e(
         tokio::spawn(async move {
             let mut most = 0;
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Ok(q) = fga_wb::queue::stats(&cfg).await {
-                    most = most.max(q.scheduled);
+                if let Ok(wb) = WriteBehind::builder(cfg.clone())
+                    .automatic_flush(false)
+                    .read_model(false)
+                    .build()
+                    .await
+                {
+                    if let Ok(Some(q)) = wb.status().await.map(|s| s.queue) {
+                        most = most.max(q.scheduled);
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

@@ -8,9 +8,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::buffer::memory::MemoryStore;
-use crate::buffer::redis::{Leases, RedisStore};
-use crate::buffer::{key_of, DeadLetter, Pending, Store, StoreEvent};
+use crate::buffer::{key_of, DeadLetter, Pending, StoreEvent};
 use crate::cache::{CheckCache, Generation};
 use crate::config::{Config, Mode, Overflow, StoreKind};
 use crate::error::{Error, Kind, Result};
@@ -35,6 +33,8 @@ struct Handle {
     engine: Arc<Engine>,
     config: Config,
     model: Option<Arc<Model>>,
+    /// The Redis store, when the buffer is there (its queue, for status).
+    redis: Option<Arc<crate::buffer::redis::RedisStore>>,
     validate_against_model: bool,
     commands: mpsc::Sender<Command>,
     stop: watch::Sender<bool>,
@@ -128,12 +128,15 @@ impl Builder {
             config.cache.ttl,
             model.clone(),
         ));
-        let store = open_store(&config).await?;
-        let sink: Option<crate::queue::Sink> = match config.flush.mode {
-            Mode::Inline => None,
-            Mode::Queue => Some(Arc::new(crate::queue::ApalisSink::new(
-                crate::queue::storage(&config).await?,
-            ))),
+        let (store, redis) = crate::buffer::open_store(&config).await?;
+        let sink: Option<crate::queue::Sink> = match (config.flush.mode, &redis) {
+            (Mode::Queue, Some(r)) => Some(Arc::new(crate::queue::RedisJobs(r.clone()))),
+            (Mode::Queue, None) => {
+                return Err(Error::config(
+                    "flush.mode = \"queue\" needs buffer.store = \"redis\"",
+                ))
+            }
+            (Mode::Inline, _) => None,
         };
         let (changed, _) = watch::channel(0u64);
         let engine = Arc::new(Engine {
@@ -147,13 +150,13 @@ impl Builder {
             stats: Default::default(),
             changed,
             sink,
-            job_lease: crate::buffer::redis::job_lease(&config),
             room_wanted: Default::default(),
             revoke_wanted: Default::default(),
             parallel: Default::default(),
             sleeping: Default::default(),
             timer_armed: Default::default(),
             wake: Arc::new(Notify::new()),
+            others_finished: Default::default(),
             retry_deadline: Default::default(),
         });
         let (commands, rx) = mpsc::channel(16);
@@ -169,6 +172,7 @@ impl Builder {
                 engine,
                 config,
                 model,
+                redis,
                 validate_against_model: self.validate_against_model,
                 commands,
                 stop,
@@ -178,23 +182,6 @@ impl Builder {
             }),
         })
     }
-}
-
-/// The pending-op store the config asks for.
-pub(crate) async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
-    Ok(match config.buffer.store {
-        StoreKind::Memory => Arc::new(MemoryStore::new(config.buffer.capacity)),
-        StoreKind::Redis => Arc::new(
-            RedisStore::connect(
-                &config.redis.url,
-                &config.redis.key_prefix,
-                &config.openfga.store_id,
-                config.buffer.capacity,
-                Leases::for_config(config),
-            )
-            .await?,
-        ),
-    })
 }
 
 /// The pinned model, or the store's latest. A store without a model, or an
@@ -238,7 +225,16 @@ async fn follow_events(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
                     _ = stop.changed() => return,
                     ev = events.next() => match ev {
                         Some(StoreEvent::Changed(rel)) => engine.cache.invalidate_rel(&rel),
-                        Some(StoreEvent::Finished) => engine.changed.send_modify(|v| *v += 1),
+                        Some(StoreEvent::Finished) => {
+                            engine.changed.send_modify(|v| *v += 1);
+                            engine.others_finished.store(true, std::sync::atomic::Ordering::Relaxed);
+                            // A busy pump looks again anyway when its own
+                            // requests end.
+                            if engine.sleeping.load(std::sync::atomic::Ordering::Relaxed) {
+                                engine.wake_now();
+                            }
+                        }
+                        Some(StoreEvent::Jobs) => {}
                         Some(StoreEvent::All) => {
                             engine.cache.invalidate_all();
                             engine.changed.send_modify(|v| *v += 1);
@@ -635,9 +631,9 @@ impl WriteBehind {
             flushing_stopped: e.stats.stopped(),
             last_flush: e.stats.last_flush(),
             totals: e.stats.totals(),
-            queue: match config.flush.mode {
-                Mode::Queue => Some(crate::queue::stats(config).await?),
-                Mode::Inline => None,
+            queue: match (config.flush.mode, &self.inner.redis) {
+                (Mode::Queue, Some(r)) => Some(crate::queue::stats(r).await?),
+                _ => None,
             },
         };
         status.merge_shared(&e.store.shared_stats().await?);
@@ -726,6 +722,10 @@ impl WriteBehind {
             }
         }
         let e = &self.inner.engine;
+        // Anything this process still holds goes back to the others now.
+        if let Err(err) = e.store.release().await {
+            tracing::warn!(error = %err, "could not release this process's Redis lease; it ends by itself");
+        }
         let left = e.store.pending().await?;
         if left.total + left.in_flight > 0 {
             tracing::warn!(

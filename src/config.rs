@@ -301,6 +301,11 @@ pub struct RedisConfig {
     pub url: String,
     /// Prefix of every key fga-wb writes; the store id follows it.
     pub key_prefix: String,
+    /// How long what a process or worker is writing stays its own without a
+    /// heartbeat (renewed every third of it): after it dies, others take
+    /// its ops and jobs over within this time. A write never outlives it.
+    #[serde(with = "duration")]
+    pub writer_lease: Duration,
 }
 
 impl Default for RedisConfig {
@@ -308,6 +313,7 @@ impl Default for RedisConfig {
         RedisConfig {
             url: "redis://127.0.0.1:6379".into(),
             key_prefix: "fga-wb".into(),
+            writer_lease: Duration::from_secs(5),
         }
     }
 }
@@ -512,6 +518,11 @@ impl Config {
         if self.flush.retry_initial_backoff > self.flush.retry_max_backoff {
             return Err(Error::config(
                 "flush.retry_initial_backoff is longer than flush.retry_max_backoff",
+            ));
+        }
+        if self.redis.writer_lease < Duration::from_secs(2) {
+            return Err(Error::config(
+                "redis.writer_lease must be at least 2s (a write needs a second of it to spare)",
             ));
         }
         if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(char::is_whitespace) {

@@ -64,8 +64,6 @@ pub(crate) struct Engine {
     pub changed: watch::Sender<u64>,
     /// Queue mode: where jobs go. `None`: write inline.
     pub sink: Option<Sink>,
-    /// How long ops pushed as a job stay owned by it (queue mode).
-    pub job_lease: Duration,
     /// Set by a check waiting for a pending revoke: flush revokes now, even
     /// with `eager_revokes` off.
     pub revoke_wanted: AtomicBool,
@@ -81,6 +79,9 @@ pub(crate) struct Engine {
     pub timer_armed: AtomicBool,
     /// Wakes the pump.
     pub wake: Arc<Notify>,
+    /// Another process finished writes (shared stores): ops that waited
+    /// behind them may be ready now.
+    pub others_finished: AtomicBool,
     /// Shutdown's deadline: no request is retried past it (its ops go back
     /// to pending instead, rather than stay in flight).
     pub retry_deadline: std::sync::Mutex<Option<Instant>>,
@@ -209,24 +210,20 @@ impl Engine {
         self.changed.send_modify(|v| *v += 1);
     }
 
-    /// Writes one chunk, or in queue mode enqueues it as one job.
+    /// Writes one chunk, or in queue mode hands it to one job.
     async fn send_chunk(self: Arc<Self>, ops: Vec<Taken>) -> ChunkResult {
         let Some(sink) = &self.sink else {
             let retries = QuickRetries::Transient(self.cfg.request_retries);
-            return self.write_chunk(ops, retries).await;
+            return self.write_chunk_as(None, None, ops, retries).await;
         };
-        let job = crate::queue::job_for(&self.store_id, self.model_id.as_deref(), &ops);
-        let mut result = ChunkResult::new(ops.len());
-        match sink.push(job, None).await {
-            // The job owns the ops now, through all its retries; the worker
+        let mut result = ChunkResult::new(0);
+        match sink
+            .enqueue(&self.store_id, self.model_id.as_deref(), &ops)
+            .await
+        {
+            // The job holds the ops now, through all its retries; the worker
             // finishes them.
-            Ok(()) => {
-                result.queued = ops.len() as u64;
-                result.outcomes = ops
-                    .into_iter()
-                    .map(|t| (t, Outcome::Keep(self.job_lease)))
-                    .collect();
-            }
+            Ok(()) => result.queued = ops.len() as u64,
             Err(e) => {
                 result.outcomes = ops.into_iter().map(|t| (t, Outcome::Retry)).collect();
                 result.stop = Some(Stop::Transient(e));
@@ -235,12 +232,19 @@ impl Engine {
         result
     }
 
-    /// Writes one chunk; on a permanent input error, splits it in halves
-    /// until the bad ops are alone, so the good ones are applied. A request
-    /// that fails transiently is tried again as `retries` allows.
-    pub(crate) async fn write_chunk(&self, ops: Vec<Taken>, retries: QuickRetries) -> ChunkResult {
+    /// Writes one chunk (for queue worker: `job`'s, under the job's
+    /// `model`); on a permanent input error, splits it in halves until the
+    /// bad ops are alone, so the good ones are applied. A request that fails
+    /// transiently is tried again as `retries` allows.
+    pub(crate) async fn write_chunk_as(
+        &self,
+        job: Option<&str>,
+        model: Option<&str>,
+        ops: Vec<Taken>,
+        retries: QuickRetries,
+    ) -> ChunkResult {
         let mut result = ChunkResult::new(ops.len());
-        let ops = match self.claim(ops, &mut result).await {
+        let ops = match self.claim(job, ops, &mut result).await {
             Some(ops) => ops,
             None => return result,
         };
@@ -254,7 +258,10 @@ impl Engine {
                 continue;
             }
             let started = Instant::now();
-            match self.write_retrying(&part, retries, &mut result).await {
+            match self
+                .write_retrying(&part, model, retries, &mut result)
+                .await
+            {
                 Ok(()) => {
                     metrics::counter!("fga_wb_write_requests_total", "outcome" => "ok")
                         .increment(1);
@@ -308,6 +315,7 @@ impl Engine {
     async fn write_retrying(
         &self,
         ops: &[Taken],
+        model: Option<&str>,
         retries: QuickRetries,
         result: &mut ChunkResult,
     ) -> Result<(), Error> {
@@ -316,7 +324,7 @@ impl Engine {
         loop {
             result.requests += 1;
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let e = match self.write(ops).await {
+            let e = match self.write(ops, model).await {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
@@ -354,8 +362,13 @@ impl Engine {
     /// Keeps the ops this writer may write now; finishes stale ones without
     /// writing; gives busy ones back (another process is writing their key)
     /// without holding back the rest.
-    async fn claim(&self, ops: Vec<Taken>, result: &mut ChunkResult) -> Option<Vec<Taken>> {
-        let claims = match self.store.claim(&ops).await {
+    async fn claim(
+        &self,
+        job: Option<&str>,
+        ops: Vec<Taken>,
+        result: &mut ChunkResult,
+    ) -> Option<Vec<Taken>> {
+        let claims = match self.store.claim(job, &ops).await {
             Ok(c) if c.len() == ops.len() => c,
             Ok(_) | Err(_) => {
                 result
@@ -379,7 +392,7 @@ impl Engine {
         Some(mine)
     }
 
-    async fn write(&self, ops: &[Taken]) -> Result<(), Error> {
+    async fn write(&self, ops: &[Taken], model: Option<&str>) -> Result<(), Error> {
         let mut writes = Vec::new();
         let mut deletes = Vec::new();
         for t in ops {
@@ -389,8 +402,16 @@ impl Engine {
             }
         }
         let mut req = WriteRequest::idempotent(writes, deletes);
-        req.authorization_model_id.clone_from(&self.model_id);
-        self.writer.write(&self.store_id, &req).await
+        req.authorization_model_id = model.map(str::to_owned).or_else(|| self.model_id.clone());
+        // A write must end within this writer's hold on its ops (shared
+        // stores), or another writer could write a newer op first.
+        let budget = self.store.write_budget();
+        if budget.is_some_and(|b| b < Duration::from_millis(500)) {
+            return Err(Error::new(Kind::Busy(
+                "this process's Redis lease is about to end; not starting a write".into(),
+            )));
+        }
+        self.writer.write_within(&self.store_id, &req, budget).await
     }
 }
 
@@ -529,6 +550,8 @@ struct Pump {
     revoke_target: u64,
     /// Windows are taken by sequence range: the end of the last one.
     cursor: u64,
+    /// Ops up to the waiters' targets that wait behind another writer.
+    blocked: u64,
     /// A take found nothing due up to this target: don't ask again until
     /// something changes.
     exhausted: Option<u64>,
@@ -563,6 +586,7 @@ impl Pump {
             target: 0,
             revoke_target: 0,
             cursor: 0,
+            blocked: 0,
             exhausted: None,
             revokes_exhausted: None,
             waiters: Vec::new(),
@@ -636,10 +660,42 @@ impl Pump {
         }
         e.room_wanted.store(false, Ordering::Relaxed);
         e.revoke_wanted.store(false, Ordering::Relaxed);
+        if e.others_finished.swap(false, Ordering::Relaxed) {
+            self.exhausted = None;
+            self.revokes_exhausted = None;
+        }
         for w in &self.waiters {
             if w.up_to > self.target {
                 self.target = w.up_to;
                 self.exhausted = None;
+            }
+        }
+        // A flush() also waits for its ops that wait behind other writers'
+        // writes; their end wakes the pump (pub/sub), and so does this poll.
+        self.blocked = 0;
+        if let Some(up_to) = self.waiters.iter().map(|w| w.up_to).max() {
+            match e.store.blocked_up_to(up_to).await {
+                Ok(n) => self.blocked = n,
+                Err(err) => tracing::warn!(error = %err, "cannot count blocked ops"),
+            }
+            if self.blocked > 0 {
+                next =
+                    Some(next.map_or(now + BLOCKED_POLL, |n: Instant| n.min(now + BLOCKED_POLL)));
+                // Writes of other processes end within their timeout and a
+                // dead writer's within its lease: a flush does not wait
+                // longer than that.
+                let (late, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
+                    .into_iter()
+                    .partition(|w| w.started.elapsed() > BLOCKED_WAIT);
+                self.waiters = waiting;
+                for w in late {
+                    let mut r = self.report_since(&w);
+                    r.error = Some(format!(
+                        "{} ops still wait behind writes by other processes after {BLOCKED_WAIT:?}; they are written when those end",
+                        self.blocked
+                    ));
+                    let _ = w.reply.send(r);
+                }
             }
         }
         match (next, self.paused_until) {
@@ -858,7 +914,7 @@ impl Pump {
             }
         }
         let mut stop = result.stop;
-        match e.store.finish(result.outcomes).await {
+        match e.store.finish(result.outcomes, None).await {
             Ok(f) => e.account(&f, &mut report),
             Err(err) => {
                 tracing::error!(error = %err, "could not record flush outcomes");
@@ -950,7 +1006,8 @@ impl Pump {
     /// Whether everything acknowledged up to `up_to` is written.
     fn reached(&self, up_to: u64) -> bool {
         // Sequence numbers start at 1: up to 0 is nothing.
-        let ready_done = up_to == 0 || self.exhausted.is_some_and(|t| t >= up_to);
+        let ready_done =
+            up_to == 0 || (self.exhausted.is_some_and(|t| t >= up_to) && self.blocked == 0);
         let none_running = self.running_firsts.keys().next().is_none_or(|&f| f > up_to);
         let none_staged = self
             .staged
@@ -1020,7 +1077,7 @@ impl Pump {
         }
         let back: Vec<(Taken, Outcome)> =
             self.staged.drain(..).map(|t| (t, Outcome::Retry)).collect();
-        if let Err(e) = self.engine.store.finish(back).await {
+        if let Err(e) = self.engine.store.finish(back, None).await {
             tracing::warn!(error = %e, "could not give staged ops back");
         }
     }
@@ -1031,6 +1088,10 @@ impl Pump {
 const WINDOW_CHUNKS: usize = 32;
 /// Windows a partial group may be held back for.
 const MAX_CARRIES: u8 = 3;
+/// Longest a flush() waits for ops blocked behind other writers' writes.
+const BLOCKED_WAIT: Duration = Duration::from_secs(30);
+/// How often a waiting flush() looks at ops blocked behind other writers.
+const BLOCKED_POLL: Duration = Duration::from_millis(200);
 /// How long shutdown waits past its deadline for requests already running.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(250);
 /// How often the pump records its work for `status` while busy.

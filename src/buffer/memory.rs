@@ -374,7 +374,7 @@ impl MemoryStore {
                     // Not the op we sent: leave the slot alone.
                     _ => continue,
                 }
-                if matches!(outcome, Outcome::Keep(_)) {
+                if matches!(outcome, Outcome::Keep) {
                     // Still owned by whoever holds it (a queued job).
                     continue;
                 }
@@ -399,7 +399,7 @@ impl MemoryStore {
                             entry.attempts,
                         ));
                     }
-                    Outcome::Retry | Outcome::Stale | Outcome::Busy | Outcome::Keep(_) => {
+                    Outcome::Retry | Outcome::Stale | Outcome::Busy | Outcome::Keep => {
                         f.requeued += 1;
                         part.ops[kind(entry.op)] += 1;
                         self.pending[kind(entry.op)].fetch_add(1, Ordering::Relaxed);
@@ -641,7 +641,11 @@ impl Store for MemoryStore {
         Box::pin(future::ready(Ok(self.take_now(max, what, up_to))))
     }
 
-    fn finish(&self, done: Vec<(Taken, Outcome)>) -> BoxFuture<'_, Result<Finished>> {
+    fn finish<'a>(
+        &'a self,
+        done: Vec<(Taken, Outcome)>,
+        _job: Option<&'a super::JobEnd>,
+    ) -> BoxFuture<'a, Result<Finished>> {
         Box::pin(future::ready(Ok(self.finish_now(done))))
     }
 

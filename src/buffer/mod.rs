@@ -17,6 +17,7 @@
 pub(crate) mod memory;
 pub(crate) mod redis;
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
@@ -57,9 +58,22 @@ pub(crate) enum Outcome {
     Stale,
     /// Not written: another writer holds the key; try again shortly.
     Busy,
-    /// Not applied; a queued job keeps it and retries it later: stay taken
-    /// for this much longer.
-    Keep(Duration),
+    /// Not applied; its queued job keeps it and retries it later.
+    Keep,
+}
+
+/// How a queue worker ends a job, with the outcomes of its ops.
+#[derive(Clone, Debug)]
+pub(crate) enum JobEnd {
+    /// Nothing is left to do: remove the job.
+    Done { id: String },
+    /// The ops finished with [`Outcome::Keep`] run again at `due_ms`, in the
+    /// job as `json` now says.
+    Retry {
+        id: String,
+        due_ms: u64,
+        json: String,
+    },
 }
 
 /// Whether an op may be written now.
@@ -80,6 +94,8 @@ pub(crate) enum StoreEvent {
     Changed(RelName),
     /// Ops finished (applied, dead-lettered, or requeued).
     Finished,
+    /// Jobs were queued (queue mode): workers may fetch.
+    Jobs,
     /// Anything may have changed (e.g. a clear).
     All,
 }
@@ -167,13 +183,22 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn push<'a>(&'a self, tuple: &'a TupleKey, op: Op) -> BoxFuture<'a, Result<Pushed>>;
     /// Takes up to `max` ready ops with `seq <= up_to`, marking them in flight.
     fn take(&self, max: usize, what: Take, up_to: u64) -> BoxFuture<'_, Result<Vec<Taken>>>;
-    /// Write permission for taken ops, in the same order. Stores whose
-    /// in-flight set already excludes concurrent writers grant all.
-    fn claim<'a>(&'a self, ops: &'a [Taken]) -> BoxFuture<'a, Result<Vec<Claim>>> {
+    /// Write permission for ops, in the same order: for `job`'s ops (a
+    /// queue worker), only those the job still holds; taken ops (`None`)
+    /// are this writer's already.
+    fn claim<'a>(
+        &'a self,
+        _job: Option<&'a str>,
+        ops: &'a [Taken],
+    ) -> BoxFuture<'a, Result<Vec<Claim>>> {
         Box::pin(futures::future::ready(Ok(vec![Claim::Claimed; ops.len()])))
     }
-    /// Ends in-flight ops with their outcomes.
-    fn finish(&self, done: Vec<(Taken, Outcome)>) -> BoxFuture<'_, Result<Finished>>;
+    /// Ends in-flight ops with their outcomes, and with `job`, the job.
+    fn finish<'a>(
+        &'a self,
+        done: Vec<(Taken, Outcome)>,
+        job: Option<&'a JobEnd>,
+    ) -> BoxFuture<'a, Result<Finished>>;
     /// Pending work that can change a check of `object`: on the relations
     /// `rels` (`None`: every relation), and for a same-object dependency
     /// only on `object` itself.
@@ -206,6 +231,22 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn shared(&self) -> bool {
         false
     }
+    /// How long a write started now may take: what is left of this writer's
+    /// lease, for stores where others take over what a writer held when its
+    /// lease ends. `None`: no limit.
+    fn write_budget(&self) -> Option<Duration> {
+        None
+    }
+    /// Pending ops with `first <= up_to` that wait behind another writer's
+    /// write in progress (only shared stores have other writers).
+    fn blocked_up_to(&self, _up_to: u64) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(futures::future::ready(Ok(0)))
+    }
+    /// Gives up this writer's hold on ops (a clean stop), so others take
+    /// them over at once.
+    fn release(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(futures::future::ready(Ok(())))
+    }
     /// A number that changes whenever an op on one of `rels` (`None`: any)
     /// is acknowledged, dead-lettered or cleared, by any process. Only shared
     /// stores need it; cached answers are compared against it.
@@ -228,6 +269,36 @@ pub(crate) trait Store: Send + Sync + 'static {
     ) -> Option<BoxFuture<'static, Result<futures::stream::BoxStream<'static, StoreEvent>>>> {
         None
     }
+}
+
+/// The pending-op store the config asks for; for the Redis store, also the
+/// store itself (its job queue serves queue mode).
+pub(crate) async fn open_store(
+    config: &crate::Config,
+) -> Result<(Arc<dyn Store>, Option<Arc<redis::RedisStore>>)> {
+    Ok(match config.buffer.store {
+        crate::config::StoreKind::Memory => (
+            Arc::new(memory::MemoryStore::new(config.buffer.capacity)),
+            None,
+        ),
+        crate::config::StoreKind::Redis => {
+            let r = Arc::new(open_redis(config, "app").await?);
+            (r.clone(), Some(r))
+        }
+    })
+}
+
+/// The Redis store for `config`, as a writer of `kind` (`app`, `worker`).
+pub(crate) async fn open_redis(config: &crate::Config, kind: &str) -> Result<redis::RedisStore> {
+    redis::RedisStore::connect(
+        &config.redis.url,
+        &config.redis.key_prefix,
+        &config.openfga.store_id,
+        config.buffer.capacity,
+        config.redis.writer_lease,
+        kind,
+    )
+    .await
 }
 
 /// `object#relation@user`: the key ops are coalesced on.

@@ -1,49 +1,78 @@
 -- fga-wb's Redis store: one library of functions, loaded as one script and
 -- dispatched on ARGV[1], so every change to a store's keys is atomic.
 --
--- KEYS[1] is the store's prefix, e.g. "fga-wb:{01J...}"; every key below
--- starts with it (the braces keep a store's keys in one cluster slot).
+-- KEYS[1] is the store's prefix P, e.g. "fga-wb:{01J...}"; every key below
+-- starts with it, so a store's keys share one Redis Cluster slot.
 --
---   P:seq            string  last sequence number
---   P:ops            hash    tuple key -> "seq|first|since_ms|op|state|cond"
---                            op: g(rant) r(evoke); state: r(eady) t(aken)
---   P:ready:g|r      zset    ready tuple keys, scored by `first`
---   P:leases         zset    taken tuple keys -> lease end (ms)
---   P:counts         hash    rg, rr (ready grants / revokes), t (taken)
---   P:rel            hash    "type#rel|g" / "type#rel|r" -> latest ops by kind
---   P:lex:type#rel|g|r zset  tuple keys by the kind of their latest op, all
---                            score 0, so one object's keys are one lex range
---   P:locks          hash    tuple key -> "owner|seq|until_ms" while being written
---   P:dead           hash    id -> dead letter (JSON); P:deadseq its counter
---   P:stats          hash    totals
---   P:gen            hash    "type#rel" -> ops acknowledged or dead-lettered on
---                            it, "*" -> on any: cached answers compare these
---   P:events         channel relation names whose checks may have changed
+--   P:seq              string  last sequence number
+--   P:ops              hash    tuple key -> entry (below)
+--   P:ready:g|r        zset    keys whose op can be taken now, scored by `first`
+--   P:lex:<type#rel>|g|r zset  keys by the kind of their latest op, all score 0,
+--                              so one object's keys are one lex range
+--   P:rel              hash    "type#rel|g|r" -> keys whose latest op is of that kind
+--   P:counts           hash    pg, pr (pending grants, revokes), t (being written),
+--                              j (held by jobs)
+--   P:blocked          zset    keys in state b (below), scored by `first`
+--   P:owners           zset    writer -> end of its lease (ms): processes and
+--                              workers that heartbeat
+--   P:w:<writer>       set     keys the writer is writing
+--   P:wj:<writer>      set     jobs a worker is running
+--   P:jobs             hash    job id -> job (JSON)
+--   P:jobq             zset    job id -> when it may run (ms)
+--   P:jobrun           hash    job id -> the worker running it
+--   P:jk:<id>          set     keys a job holds
+--   P:badjobs          hash    job id -> a job that could not be read (its ops
+--                              were made pending again)
+--   P:jobseq           string  last job id
+--   P:dead             hash    id -> dead letter (JSON); P:deadseq its counter
+--   P:stats            hash    totals and notes
+--   P:gen              hash    "type#rel" -> changes of its checks; "*" -> any
+--   P:epoch            string  set when the store's keys are first written
+--   P:events           channel "op <type#rel>", "finished", "jobs", "all"
 --
--- A corrupt entry (not written by this script) is treated as absent and
--- reported in the result, so the caller can log it; it never raises.
+-- An entry is "seq|first|since|op|state|job|writer|ifseq|cond", describing the
+-- key's latest op:
+--   state r  pending, ready to be taken
+--         j  held by queued job `job`; a newer op supersedes it
+--         t  being written by `writer` (a process, or a worker for `job`)
+--         b  pending, blocked: an older op of the key (seq `ifseq`) is being
+--            written by `writer`; it becomes ready when that write ends
+-- So no two writers ever write one key at once, and a newer op is never
+-- overtaken by an older one.
+--
+-- Reads that find an entry they cannot parse (not written by fga-wb) treat it
+-- as absent and report it, so the caller can log it; nothing raises on data.
+-- Multi-key commands are issued once per call (HMGET, HSET, ZADD, ZREM with
+-- many members): per-call overhead, not per-op work, dominates Lua's cost.
 
 local P = KEYS[1]
 local cmd = ARGV[1]
 
 local function parse(v)
   if not v then return nil end
-  local seq, first, since, op, state, cond =
-    string.match(v, '^(%d+)|(%d+)|(%d+)|([gr])|([rt])|(.*)$')
+  local seq, first, since, op, state, job, writer, ifseq, cond = string.match(v,
+    '^(%d+)|(%d+)|(%d+)|([gr])|([rjtb])|([^|]*)|([^|]*)|(%d*)|(.*)$')
   if not seq then return nil end
   return { seq = tonumber(seq), first = tonumber(first), since = tonumber(since),
-           op = op, state = state, cond = cond }
+           op = op, state = state, job = job, writer = writer,
+           ifseq = tonumber(ifseq), cond = cond }
 end
 
 local function encode(e)
-  return e.seq .. '|' .. e.first .. '|' .. e.since .. '|' .. e.op .. '|' .. e.state .. '|' .. e.cond
+  return e.seq .. '|' .. e.first .. '|' .. e.since .. '|' .. e.op .. '|' .. e.state .. '|' ..
+    (e.job or '') .. '|' .. (e.writer or '') .. '|' .. (e.ifseq or '') .. '|' .. e.cond
 end
 
--- HINCRBY that repairs a counter holding something that is not a number
--- (counters are bookkeeping; a failed HINCRBY would abort the script after
--- earlier writes, which Redis does not undo).
--- Counter changes are summed in Lua and written once per command
--- (flush_incrs), which matters when one push carries hundreds of ops.
+local function rel_of(key)
+  -- "type:id#relation@user" -> "type#relation"
+  local object, relation = string.match(key, '^([^#]*)#([^@]*)@')
+  if not object then return nil end
+  return (string.match(object, '^([^:]*):') or object) .. '#' .. relation
+end
+
+-- Counter changes, summed in Lua and written once per call. HINCRBY on a
+-- field that is not a number would abort the script after earlier writes
+-- (which Redis does not undo), so a bad counter is reset, not fatal.
 local deltas, delta_order = {}, {}
 local function incr(hash, field, d)
   local k = hash .. '\0' .. field
@@ -60,16 +89,67 @@ local function flush_incrs()
     if d ~= 0 then
       local r = redis.pcall('HINCRBY', hash, field, d)
       if type(r) == 'table' and r.err then
-        redis.call('HSET', hash, field, 0)
-        redis.call('HINCRBY', hash, field, d)
+        redis.call('HSET', hash, field, d)
       end
     end
   end
   deltas, delta_order = {}, {}
 end
 
--- Refuses to run (before writing anything) when a key holds another type
--- than fga-wb writes there: someone else's data under our prefix.
+-- Collected writes, issued once per call. Each key's final state wins:
+-- setting a member and removing it again in one call does only the last.
+local zsets = {}   -- zset -> member -> score, or false to remove
+local hashes = {}  -- hash -> field -> value, or false to delete
+local function zset(z, member, score)
+  zsets[z] = zsets[z] or {}
+  zsets[z][member] = score
+end
+local function hset(h, field, value)
+  hashes[h] = hashes[h] or {}
+  hashes[h][field] = value
+end
+
+local function apply_writes()
+  for z, members in pairs(zsets) do
+    local add, rem = {}, {}
+    for m, score in pairs(members) do
+      if score then
+        table.insert(add, score)
+        table.insert(add, m)
+      else
+        table.insert(rem, m)
+      end
+    end
+    for i = 1, #rem, 4000 do
+      redis.call('ZREM', z, unpack(rem, i, math.min(i + 3999, #rem)))
+    end
+    for i = 1, #add, 8000 do
+      redis.call('ZADD', z, unpack(add, i, math.min(i + 7999, #add)))
+    end
+  end
+  for h, fields in pairs(hashes) do
+    local set, del = {}, {}
+    for f, v in pairs(fields) do
+      if v then
+        table.insert(set, f)
+        table.insert(set, v)
+      else
+        table.insert(del, f)
+      end
+    end
+    for i = 1, #del, 4000 do
+      redis.call('HDEL', h, unpack(del, i, math.min(i + 3999, #del)))
+    end
+    for i = 1, #set, 8000 do
+      redis.call('HSET', h, unpack(set, i, math.min(i + 7999, #set)))
+    end
+  end
+  zsets, hashes = {}, {}
+  flush_incrs()
+end
+
+-- Refuses to run (before writing anything) when a key holds another type than
+-- fga-wb writes there: someone else's data under our prefix.
 local function expect_types(list)
   for _, kt in ipairs(list) do
     local t = redis.call('TYPE', kt[1])['ok']
@@ -79,7 +159,7 @@ local function expect_types(list)
     end
   end
   local seq = redis.call('GET', P .. ':seq')
-  if redis.call('TYPE', P .. ':seq')['ok'] == 'string' and not tonumber(seq) then
+  if seq and not tonumber(seq) then
     return 'fga-wb: Redis key ' .. P .. ':seq holds ' .. string.sub(seq, 1, 40) ..
       ', expected a number; it was not written by fga-wb'
   end
@@ -88,9 +168,10 @@ end
 
 local base_types = {
   { P .. ':ops', 'hash' }, { P .. ':ready:g', 'zset' }, { P .. ':ready:r', 'zset' },
-  { P .. ':leases', 'zset' }, { P .. ':counts', 'hash' }, { P .. ':rel', 'hash' },
-  { P .. ':stats', 'hash' }, { P .. ':gen', 'hash' }, { P .. ':locks', 'hash' },
-  { P .. ':dead', 'hash' }, { P .. ':seq', 'string' }, { P .. ':deadseq', 'string' },
+  { P .. ':counts', 'hash' }, { P .. ':rel', 'hash' }, { P .. ':stats', 'hash' },
+  { P .. ':gen', 'hash' }, { P .. ':dead', 'hash' }, { P .. ':seq', 'string' },
+  { P .. ':deadseq', 'string' }, { P .. ':owners', 'zset' }, { P .. ':jobs', 'hash' },
+  { P .. ':jobq', 'zset' }, { P .. ':jobrun', 'hash' }, { P .. ':blocked', 'zset' },
 }
 
 local function check_keys(keys)
@@ -98,116 +179,219 @@ local function check_keys(keys)
   for _, kt in ipairs(base_types) do table.insert(list, kt) end
   local seen = {}
   for _, key in ipairs(keys) do
-    local object, relation = string.match(key, '^([^#]*)#([^@]*)@')
-    if object then
-      local rel = (string.match(object, '^([^:]*):') or object) .. '#' .. relation
-      if not seen[rel] then
-        seen[rel] = true
-        table.insert(list, { P .. ':lex:' .. rel .. '|g', 'zset' })
-        table.insert(list, { P .. ':lex:' .. rel .. '|r', 'zset' })
-      end
+    local rel = rel_of(key)
+    if rel and not seen[rel] then
+      seen[rel] = true
+      table.insert(list, { P .. ':lex:' .. rel .. '|g', 'zset' })
+      table.insert(list, { P .. ':lex:' .. rel .. '|r', 'zset' })
     end
   end
   return expect_types(list)
 end
 
-local function rel_of(key)
-  -- "type:id#relation@user" -> "type#relation"
-  local object, relation = string.match(key, '^([^#]*)#([^@]*)@')
-  if not object then return nil end
-  local ty = string.match(object, '^([^:]*):') or object
-  return ty .. '#' .. relation
+local function publish(msg)
+  -- ARGV[2] is always the publish command: PUBLISH, or SPUBLISH on a cluster.
+  redis.call(ARGV[2], P .. ':events', msg)
 end
 
--- Adjusts the per-relation counts for the latest op `op` on `key` by `d`.
-local function count_latest(key, op, d)
+-- The bookkeeping of an entry's existence: its latest op in the lex index and
+-- per-relation counts, and the counts by state. `d` is +1 when an entry
+-- appears in state `state`, -1 when it leaves it.
+local function count_state(e, d, key)
+  if e.state == 'r' or e.state == 'b' then incr(P .. ':counts', 'p' .. e.op, d) end
+  if e.state == 'b' and key then zset(P .. ':blocked', key, d > 0 and e.first or false) end
+  if e.state == 't' or e.state == 'b' then incr(P .. ':counts', 't', d) end
+  if e.state == 'j' then incr(P .. ':counts', 'j', d) end
+end
+
+local function index_latest(key, e, d)
   local rel = rel_of(key)
   if not rel then return end
-  incr(P .. ':rel', rel .. '|' .. op, d)
-  if d > 0 then
-    redis.call('ZADD', P .. ':lex:' .. rel .. '|' .. op, 0, key)
-  else
-    redis.call('ZREM', P .. ':lex:' .. rel .. '|' .. op, key)
+  incr(P .. ':rel', rel .. '|' .. e.op, d)
+  zset(P .. ':lex:' .. rel .. '|' .. e.op, key, d > 0 and 0 or false)
+end
+
+-- Entries read in this call, with their writes collected in `hashes`.
+local cache = {}
+local function load(keys)
+  local missing = {}
+  for _, k in ipairs(keys) do
+    if cache[k] == nil then table.insert(missing, k) end
   end
+  local corrupt = 0
+  for i = 1, #missing, 4000 do
+    local part = { unpack(missing, i, math.min(i + 3999, #missing)) }
+    local raw = redis.call('HMGET', P .. ':ops', unpack(part))
+    for j, k in ipairs(part) do
+      local e = parse(raw[j])
+      if raw[j] and not e then
+        corrupt = corrupt + 1
+        -- Unreadable: treated as absent; whatever replaces it overwrites it.
+        -- The indexes it is found in say what it was counted as.
+        hset(P .. ':ops', k, false)
+        local rel = rel_of(k)
+        for _, kind in ipairs({ 'g', 'r' }) do
+          if redis.call('ZSCORE', P .. ':ready:' .. kind, k) then
+            incr(P .. ':counts', 'p' .. kind, -1)
+            zset(P .. ':ready:' .. kind, k, false)
+          end
+          if rel and redis.call('ZSCORE', P .. ':lex:' .. rel .. '|' .. kind, k) then
+            incr(P .. ':rel', rel .. '|' .. kind, -1)
+            zset(P .. ':lex:' .. rel .. '|' .. kind, k, false)
+          end
+        end
+        zset(P .. ':blocked', k, false)
+      end
+      cache[k] = e or false
+    end
+  end
+  return corrupt
 end
 
-local function unready(key, e)
-  redis.call('ZREM', P .. ':ready:' .. e.op, key)
-  incr(P .. ':counts', 'r' .. e.op, -1)
+local function put(key, e)
+  cache[key] = e or false
+  hset(P .. ':ops', key, e and encode(e) or false)
 end
 
-local function ready(key, e)
-  e.state = 'r'
-  redis.call('HSET', P .. ':ops', key, encode(e))
-  redis.call('ZADD', P .. ':ready:' .. e.op, e.first, key)
-  incr(P .. ':counts', 'r' .. e.op, 1)
+local function set_ready(key, e, on)
+  zset(P .. ':ready:' .. e.op, key, on and e.first or false)
 end
 
-local function untake(key)
-  redis.call('ZREM', P .. ':leases', key)
-  incr(P .. ':counts', 't', -1)
-end
-
--- Removes an entry for good (applied or dead-lettered).
+-- Removes an entry for good (applied, dead-lettered, cleared).
 local function drop(key, e)
-  redis.call('HDEL', P .. ':ops', key)
-  if e.state == 'r' then unready(key, e) else untake(key) end
-  count_latest(key, e.op, -1)
+  count_state(e, -1, key)
+  index_latest(key, e, -1)
+  if e.state == 'r' then set_ready(key, e, false) end
+  put(key, nil)
 end
 
--- Ops whose taker died before finishing them (lease over) are ready again.
+-- Moves an entry to another state, keeping the counts right. `writer` and
+-- `job` (when given) set who writes it and which job holds it.
+local function move(key, e, state, writer, job)
+  count_state(e, -1, key)
+  if e.state == 'r' then set_ready(key, e, false) end
+  e.state = state
+  e.writer = (state == 't' or state == 'b') and (writer or e.writer) or ''
+  e.job = (state == 'j' or state == 't') and (job or e.job) or ''
+  if state ~= 'b' then e.ifseq = nil end
+  count_state(e, 1, key)
+  if state == 'r' then set_ready(key, e, true) end
+  put(key, e)
+end
+
+local function bump_gen(rels)
+  local any = false
+  for rel, _ in pairs(rels) do
+    incr(P .. ':gen', rel, 1)
+    publish('op ' .. rel)
+    any = true
+  end
+  if any then incr(P .. ':gen', '*', 1) end
+end
+
+-- Writers whose lease ended: what they were writing is ready again (or back
+-- with its job), and the jobs they ran go back to the queue.
 local function reclaim(now)
-  local expired = redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now, 'LIMIT', 0, 1000)
-  for _, key in ipairs(expired) do
-    local e = parse(redis.call('HGET', P .. ':ops', key))
-    untake(key)
-    if e and e.state == 't' then ready(key, e) end
+  local dead = redis.call('ZRANGEBYSCORE', P .. ':owners', '-inf', now, 'LIMIT', 0, 20)
+  local reclaimed = 0
+  for _, w in ipairs(dead) do
+    local keys = redis.call('SMEMBERS', P .. ':w:' .. w)
+    load(keys)
+    for _, key in ipairs(keys) do
+      local e = cache[key]
+      if e and e.writer == w then
+        if e.state == 't' then
+          move(key, e, e.job ~= '' and 'j' or 'r')
+          reclaimed = reclaimed + 1
+        elseif e.state == 'b' then
+          -- The older op's write may or may not have landed; the newer op
+          -- is written after it either way.
+          move(key, e, 'r')
+          reclaimed = reclaimed + 1
+        end
+      end
+    end
+    for _, id in ipairs(redis.call('SMEMBERS', P .. ':wj:' .. w)) do
+      if redis.call('HGET', P .. ':jobrun', id) == w then
+        redis.call('HDEL', P .. ':jobrun', id)
+        if redis.call('HEXISTS', P .. ':jobs', id) == 1 then
+          zset(P .. ':jobq', id, now)
+        end
+      end
+    end
+    redis.call('DEL', P .. ':w:' .. w, P .. ':wj:' .. w)
+    redis.call('ZREM', P .. ':owners', w)
+  end
+  if reclaimed > 0 then
+    incr(P .. ':stats', 'reclaimed', reclaimed)
+    publish('finished')
+  end
+  return reclaimed
+end
+
+local function init_epoch(now)
+  if redis.call('EXISTS', P .. ':epoch') == 0 then
+    redis.call('SET', P .. ':epoch', now)
   end
 end
 
--- push now cap n (key op cond)*n -> {seq, coalesced}*n .. {pending, corrupt}
+-- push pub now cap n (key op cond)*n -> {seq, coalesced}*n .. {pending, corrupt}
 -- seq is -1 for an op refused because the buffer is full.
 if cmd == 'push' then
-  local now, cap, n = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+  local now, cap, n = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
   local keys = {}
-  for i = 0, n - 1 do table.insert(keys, ARGV[5 + i * 3]) end
+  for i = 0, n - 1 do table.insert(keys, ARGV[6 + i * 3]) end
   local bad = check_keys(keys)
   if bad then return redis.error_reply(bad) end
-  local out, rels, corrupt = {}, {}, 0
+  init_epoch(now)
+  local corrupt = load(keys)
+  local out, rels = {}, {}
   local acked, coalesced_total = 0, 0
-  local size = redis.call('HLEN', P .. ':ops')
-  -- One INCRBY for the batch; an op refused for capacity leaves a gap.
+  local size = redis.call('HLEN', P .. ':ops') - corrupt
   local last = redis.call('INCRBY', P .. ':seq', n)
   for i = 0, n - 1 do
-    local key, op, cond = ARGV[5 + i * 3], ARGV[6 + i * 3], ARGV[7 + i * 3]
-    local raw = redis.call('HGET', P .. ':ops', key)
-    local cur = parse(raw)
-    if raw and not cur then
-      corrupt = corrupt + 1
-      redis.call('HDEL', P .. ':ops', key)
-      size = size - 1
-    end
+    local key, op, cond = ARGV[6 + i * 3], ARGV[7 + i * 3], ARGV[8 + i * 3]
+    local cur = cache[key]
     if not cur and size >= cap then
       table.insert(out, -1)
       table.insert(out, 0)
     else
-      if not cur then size = size + 1 end
       local seq = last - n + 1 + i
-      local first, since, coalesced = seq, now, 0
-      if cur then
-        count_latest(key, cur.op, -1)
+      local coalesced = 0
+      local e
+      if not cur then
+        size = size + 1
+        e = { seq = seq, first = seq, since = now, op = op, state = 'r', job = '', writer = '', cond = cond }
+        count_state(e, 1, key)
+        index_latest(key, e, 1)
+        set_ready(key, e, true)
+      else
+        index_latest(key, cur, -1)
+        count_state(cur, -1, key)
         if cur.state == 'r' then
           -- Folded into this op: it keeps its place in the queue.
-          unready(key, cur)
-          first, since, coalesced = cur.first, cur.since, 1
+          set_ready(key, cur, false)
+          e = { seq = seq, first = cur.first, since = cur.since, op = op, state = 'r', job = '', writer = '', cond = cond }
+          coalesced = 1
+        elseif cur.state == 'b' then
+          e = { seq = seq, first = cur.first, since = cur.since, op = op, state = 'b', job = '',
+                writer = cur.writer, ifseq = cur.ifseq, cond = cond }
+          coalesced = 1
+        elseif cur.state == 't' then
+          -- Waits for the write of the older op to end.
+          e = { seq = seq, first = seq, since = now, op = op, state = 'b', job = '',
+                writer = cur.writer, ifseq = cur.seq, cond = cond }
         else
-          -- Being written: that write is accounted when it finishes.
-          untake(key)
+          -- Held by a job that is not running: superseded now (the job skips
+          -- it when it runs).
+          e = { seq = seq, first = seq, since = now, op = op, state = 'r', job = '', writer = '', cond = cond }
+          coalesced = 1
         end
+        count_state(e, 1, key)
+        index_latest(key, e, 1)
+        if e.state == 'r' then set_ready(key, e, true) end
       end
-      local e = { seq = seq, first = first, since = since, op = op, state = 'r', cond = cond }
-      ready(key, e)
-      count_latest(key, op, 1)
+      put(key, e)
       local rel = rel_of(key)
       if rel then rels[rel] = true end
       acked = acked + 1
@@ -216,162 +400,293 @@ if cmd == 'push' then
       table.insert(out, coalesced)
     end
   end
-  if acked > 0 then
-    incr(P .. ':stats', 'acknowledged', acked)
-  end
-  if coalesced_total > 0 then
-    incr(P .. ':stats', 'coalesced', coalesced_total)
-  end
-  for rel, _ in pairs(rels) do
-    incr(P .. ':gen', rel, 1)
-    redis.call('PUBLISH', P .. ':events', 'op ' .. rel)
-  end
-  if acked > 0 then incr(P .. ':gen', '*', 1) end
-  flush_incrs()
-  local c = redis.call('HMGET', P .. ':counts', 'rg', 'rr')
+  if acked > 0 then incr(P .. ':stats', 'acknowledged', acked) end
+  if coalesced_total > 0 then incr(P .. ':stats', 'coalesced', coalesced_total) end
+  bump_gen(rels)
+  apply_writes()
+  local c = redis.call('HMGET', P .. ':counts', 'pg', 'pr')
   table.insert(out, (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0))
   table.insert(out, corrupt)
-  flush_incrs()
   return out
 end
 
--- take now max kinds up_to lease_ms -> {corrupt, (key, seq, op, cond, first)*}
+-- Ready keys of `kinds` with first <= up_to, oldest first, at most `max`.
+local function ready_keys(kinds, up_to, max)
+  local keys = {}
+  for i = 1, #kinds do
+    local room = max - #keys
+    if room <= 0 then break end
+    local kind = string.sub(kinds, i, i)
+    for _, k in ipairs(redis.call('ZRANGEBYSCORE', P .. ':ready:' .. kind, '-inf', up_to, 'LIMIT', 0, room)) do
+      table.insert(keys, k)
+    end
+  end
+  return keys
+end
+
+-- take pub now max kinds up_to writer lease_ms -> {corrupt, (key, seq, op, cond, first)*}
+-- The writer's lease is renewed; what it takes is being written by it.
 if cmd == 'take' then
-  local now, max, kinds, up_to, lease =
-    tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+  local now, max, kinds, up_to, writer, lease =
+    tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
   local bad = check_keys({})
   if bad then return redis.error_reply(bad) end
   reclaim(now)
-  -- First item: how many unreadable entries were dropped from the queues.
-  local out = { 0 }
-  for i = 1, #kinds do
-    local kind = string.sub(kinds, i, i)
-    local room = max - (#out - 1) / 5
-    if room <= 0 then break end
-    local keys = redis.call('ZRANGEBYSCORE', P .. ':ready:' .. kind, '-inf', up_to, 'LIMIT', 0, room)
-    for _, key in ipairs(keys) do
-      local e = parse(redis.call('HGET', P .. ':ops', key))
-      redis.call('ZREM', P .. ':ready:' .. kind, key)
-      incr(P .. ':counts', 'r' .. kind, -1)
-      if not e then
-        out[1] = out[1] + 1
-      end
-      if e and e.state == 'r' then
-        e.state = 't'
-        redis.call('HSET', P .. ':ops', key, encode(e))
-        redis.call('ZADD', P .. ':leases', now + lease, key)
-        incr(P .. ':counts', 't', 1)
-        table.insert(out, key)
-        table.insert(out, e.seq)
-        table.insert(out, e.op)
-        table.insert(out, e.cond)
-        table.insert(out, e.first)
-      end
+  redis.call('ZADD', P .. ':owners', now + lease, writer)
+  local keys = ready_keys(kinds, up_to, max)
+  local out = { load(keys) }
+  local taken = {}
+  for _, key in ipairs(keys) do
+    local e = cache[key]
+    if e and e.state == 'r' then
+      move(key, e, 't', writer)
+      table.insert(taken, key)
+      table.insert(out, key)
+      table.insert(out, e.seq)
+      table.insert(out, e.op)
+      table.insert(out, e.cond)
+      table.insert(out, e.first)
+    else
+      for _, kind in ipairs({ 'g', 'r' }) do zset(P .. ':ready:' .. kind, key, false) end
     end
   end
-  flush_incrs()
+  apply_writes()
+  for i = 1, #taken, 4000 do
+    redis.call('SADD', P .. ':w:' .. writer, unpack(taken, i, math.min(i + 3999, #taken)))
+  end
   return out
 end
 
--- claim now owner ttl_ms n (key seq)*n -> {status}* : 1 claimed, 0 stale, 2 busy
--- A key is written by one taker at a time, and only for its newest op.
-if cmd == 'claim' then
-  local now, owner, ttl, n = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-  local bad = expect_types({ { P .. ':ops', 'hash' }, { P .. ':locks', 'hash' } })
-  if bad then return redis.error_reply(bad) end
-  local out = {}
+-- enqueue pub now writer store model n (key seq)*n -> job id (0: nothing held)
+-- Hands ops this writer took to a new job: they are held by it until a
+-- worker writes them, and a newer op supersedes them meanwhile.
+if cmd == 'enqueue' then
+  local now, writer, store, model, n = tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+  local keys, seqs = {}, {}
   for i = 0, n - 1 do
-    local key, seq = ARGV[6 + i * 2], tonumber(ARGV[7 + i * 2])
-    local e = parse(redis.call('HGET', P .. ':ops', key))
-    local lock = redis.call('HGET', P .. ':locks', key)
-    local holder, lseq, untilms = nil, nil, 0
-    if lock then
-      holder, lseq, untilms = string.match(lock, '^(.*)|(%d+)|(%d+)$')
-      lseq = tonumber(lseq)
-      untilms = tonumber(untilms) or 0
+    table.insert(keys, ARGV[8 + i * 2])
+    table.insert(seqs, tonumber(ARGV[9 + i * 2]))
+  end
+  local bad = check_keys({})
+  if bad then return redis.error_reply(bad) end
+  load(keys)
+  local id = redis.call('INCR', P .. ':jobseq')
+  local ops = {}
+  local superseded = 0
+  for i, key in ipairs(keys) do
+    local e = cache[key]
+    if e and e.state == 't' and e.writer == writer and e.seq == seqs[i] then
+      move(key, e, 'j', nil, tostring(id))
+      table.insert(ops, { key = key, op = e.op, seq = e.seq, cond = e.cond })
+    elseif e and e.state == 'b' and e.writer == writer and e.ifseq == seqs[i] then
+      -- A newer op arrived since the take: it is ready now, and the taken
+      -- op is folded into it.
+      move(key, e, 'r')
+      superseded = superseded + 1
     end
-    if not e or e.seq ~= seq then
+  end
+  if superseded > 0 then incr(P .. ':stats', 'coalesced', superseded) end
+  apply_writes()
+  for i = 1, #keys, 4000 do
+    redis.call('SREM', P .. ':w:' .. writer, unpack(keys, i, math.min(i + 3999, #keys)))
+  end
+  if #ops == 0 then return 0 end
+  redis.call('HSET', P .. ':jobs', id, cjson.encode({
+    id = id, store_id = store, model_id = model, attempt = 0, ops = ops, created = now }))
+  local held = {}
+  for _, o in ipairs(ops) do table.insert(held, o.key) end
+  redis.call('SADD', P .. ':jk:' .. id, unpack(held))
+  redis.call('ZADD', P .. ':jobq', now, id)
+  publish('jobs')
+  return id
+end
+
+-- A job that cannot be read: set aside (P:badjobs), and the ops it held are
+-- pending again, so nothing is lost with it.
+local function drop_bad_job(id, raw, now)
+  local keys = redis.call('SMEMBERS', P .. ':jk:' .. id)
+  load(keys)
+  for _, key in ipairs(keys) do
+    local e = cache[key]
+    if e and (e.state == 'j' or e.state == 't') and e.job == id then move(key, e, 'r') end
+  end
+  apply_writes()
+  redis.call('DEL', P .. ':jk:' .. id)
+  redis.call('HDEL', P .. ':jobs', id)
+  redis.call('HDEL', P .. ':jobrun', id)
+  redis.call('ZREM', P .. ':jobq', id)
+  redis.call('HSET', P .. ':badjobs', id, string.sub(raw or '', 1, 2000))
+  redis.call('HINCRBY', P .. ':stats', 'bad_jobs', 1)
+  return #keys
+end
+
+-- fetch pub now worker lease_ms max -> {bad, job json*}
+-- Due jobs for a worker; its lease is renewed. `bad`: jobs that could not be
+-- read, set aside (their ops pending again).
+if cmd == 'fetch' then
+  local now, worker, lease, max = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+  local bad = check_keys({})
+  if bad then return redis.error_reply(bad) end
+  reclaim(now)
+  apply_writes()
+  redis.call('ZADD', P .. ':owners', now + lease, worker)
+  local out = { 0 }
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. ':jobq', '-inf', now, 'LIMIT', 0, max)) do
+    redis.call('ZREM', P .. ':jobq', id)
+    local job = redis.call('HGET', P .. ':jobs', id)
+    local ok, decoded = pcall(cjson.decode, job or '')
+    if job and ok and type(decoded) == 'table' and type(decoded.ops) == 'table' then
+      redis.call('HSET', P .. ':jobrun', id, worker)
+      redis.call('SADD', P .. ':wj:' .. worker, id)
+      table.insert(out, job)
+    elseif job then
+      drop_bad_job(id, job, now)
+      out[1] = out[1] + 1
+    end
+  end
+  return out
+end
+
+-- claim pub now worker job n (key seq)*n -> {status}* : 1 claimed, 0 stale, 2 busy
+-- A worker's claim to write a job's ops: only ops still held by that job.
+if cmd == 'claim' then
+  local now, worker, job, n = tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6])
+  local keys, seqs = {}, {}
+  for i = 0, n - 1 do
+    table.insert(keys, ARGV[7 + i * 2])
+    table.insert(seqs, tonumber(ARGV[8 + i * 2]))
+  end
+  load(keys)
+  local out, mine = {}, {}
+  for i, key in ipairs(keys) do
+    local e = cache[key]
+    if not e or e.seq ~= seqs[i] then
       table.insert(out, 0)
-    elseif holder and (holder ~= owner or lseq ~= seq) and untilms > now then
-      -- Another writer, or another job of this one (a worker runs several
-      -- at once under one owner), is writing this key.
+    elseif e.state == 'j' and e.job == job then
+      move(key, e, 't', worker, job)
+      table.insert(mine, key)
+      table.insert(out, 1)
+    elseif e.state == 't' and e.writer ~= worker then
+      -- Its write by a worker presumed dead has not been reclaimed yet.
       table.insert(out, 2)
     else
-      redis.call('HSET', P .. ':locks', key, owner .. '|' .. seq .. '|' .. (now + ttl))
-      table.insert(out, 1)
+      table.insert(out, 0)
     end
   end
-  flush_incrs()
+  apply_writes()
+  for i = 1, #mine, 4000 do
+    redis.call('SADD', P .. ':w:' .. worker, unpack(mine, i, math.min(i + 3999, #mine)))
+  end
   return out
 end
 
--- finish now owner n (key seq outcome arg code attempts op)*n
---   outcome: a(pplied) d(ead) r(equeue) k(eep taken; arg = lease ms)
+-- finish pub now writer job action due jobjson n (key seq outcome reason code attempts)*n
+--   outcome: a(pplied) d(ead) r(etry: ready again) k(eep: back to its job)
+--            s(tale: superseded, not written) n(ot ours: another writer
+--            holds the key)
+--   action (with job): '' nothing, 'done' delete the job, 'retry' store
+--   jobjson and run it at `due`
 --   -> {applied, dead, requeued, superseded}
 if cmd == 'finish' then
-  local now, owner, n = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+  local now, writer, job, action, due, jobjson, n =
+    tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
   local keys = {}
-  for i = 0, n - 1 do table.insert(keys, ARGV[5 + i * 7]) end
+  for i = 0, n - 1 do table.insert(keys, ARGV[10 + i * 6]) end
   local bad = check_keys(keys)
   if bad then return redis.error_reply(bad) end
+  load(keys)
   local applied, dead, requeued, superseded = 0, 0, 0, 0
-  local rels = {}
+  local rels, mine = {}, {}
   for i = 0, n - 1 do
-    local b = 5 + i * 7
+    local b = 10 + i * 6
     local key, seq, outcome = ARGV[b], tonumber(ARGV[b + 1]), ARGV[b + 2]
-    local arg, code, attempts, op = ARGV[b + 3], ARGV[b + 4], tonumber(ARGV[b + 5]), ARGV[b + 6]
-    local e = parse(redis.call('HGET', P .. ':ops', key))
-    local same = e and e.seq == seq and e.state == 't'
-    if outcome == 'k' then
-      -- Still owned (by a job): only the lease changes; counted when done.
-      if same then
-        redis.call('ZADD', P .. ':leases', now + (tonumber(arg) or 0), key)
-      end
-    elseif outcome == 'a' then
+    local reason, code, attempts = ARGV[b + 3], ARGV[b + 4], tonumber(ARGV[b + 5])
+    local e = cache[key]
+    local writing = e and e.state == 't' and e.seq == seq and e.writer == writer
+    local behind = e and e.state == 'b' and e.ifseq == seq and e.writer == writer
+    local held = e and e.state == 'j' and e.seq == seq and e.job == job
+    if writing or behind then table.insert(mine, key) end
+    if outcome == 'a' then
       applied = applied + 1
-      if same then drop(key, e) end
-    elseif not same then
-      -- A newer op replaced it while it was being written: that one counts.
-      superseded = superseded + 1
-    elseif outcome == 'd' then
+      if writing or held then drop(key, e) elseif behind then move(key, e, 'r') end
+    elseif outcome == 'd' and (writing or held) then
       dead = dead + 1
       drop(key, e)
       local id = redis.call('INCR', P .. ':deadseq')
       redis.call('HSET', P .. ':dead', id, cjson.encode({
-        id = id, key = key, op = e.op, seq = e.seq, reason = arg, code = code,
+        id = id, key = key, op = e.op, seq = e.seq, reason = reason, code = code,
         attempts = attempts, dead_at = math.floor(now / 1000), cond = e.cond }))
       local rel = rel_of(key)
       if rel then rels[rel] = true end
-    elseif outcome == 'r' then
+    elseif outcome == 'r' and writing then
       requeued = requeued + 1
-      untake(key)
-      ready(key, e)
-    end
-    -- Not being written any more, whatever the outcome.
-    local lock = redis.call('HGET', P .. ':locks', key)
-    local mine = owner .. '|' .. seq .. '|'
-    if lock and string.sub(lock, 1, #mine) == mine then
-      redis.call('HDEL', P .. ':locks', key)
+      move(key, e, 'r')
+    elseif outcome == 'k' and writing and job ~= '' then
+      requeued = requeued + 1
+      move(key, e, 'j', nil, job)
+    elseif outcome == 'k' and held then
+      -- Still with its job.
+    elseif outcome == 'n' or outcome == 's' then
+      -- Not this writer's to finish (another writer holds the key), or found
+      -- superseded when claimed (counted when it was superseded).
+    else
+      -- A newer op replaced it (or its writer was presumed dead and the key
+      -- reclaimed): that op counts, this one is folded into it.
+      superseded = superseded + 1
+      if behind then move(key, e, 'r') end
     end
   end
   if applied > 0 then incr(P .. ':stats', 'applied', applied) end
   if dead > 0 then incr(P .. ':stats', 'dead_lettered', dead) end
   if superseded > 0 then incr(P .. ':stats', 'coalesced', superseded) end
-  for rel, _ in pairs(rels) do
-    incr(P .. ':gen', rel, 1)
-    incr(P .. ':gen', '*', 1)
-    redis.call('PUBLISH', P .. ':events', 'op ' .. rel)
+  bump_gen(rels)
+  apply_writes()
+  for i = 1, #mine, 4000 do
+    redis.call('SREM', P .. ':w:' .. writer, unpack(mine, i, math.min(i + 3999, #mine)))
   end
-  redis.call('PUBLISH', P .. ':events', 'finished')
-  flush_incrs()
+  if job ~= '' and action == 'done' then
+    redis.call('DEL', P .. ':jk:' .. job)
+    redis.call('HDEL', P .. ':jobs', job)
+    redis.call('HDEL', P .. ':jobrun', job)
+    redis.call('ZREM', P .. ':jobq', job)
+    redis.call('SREM', P .. ':wj:' .. writer, job)
+  elseif job ~= '' and action == 'retry' then
+    redis.call('HSET', P .. ':jobs', job, jobjson)
+    redis.call('HDEL', P .. ':jobrun', job)
+    redis.call('SREM', P .. ':wj:' .. writer, job)
+    redis.call('ZADD', P .. ':jobq', due, job)
+  end
+  publish('finished')
   return { applied, dead, requeued, superseded }
 end
 
--- relevant limit object nrels (rel same)* -> {revokes, grants, (key, cond)*}
+-- heartbeat pub now writer lease_ms -> 1, or 0 if the writer's lease had
+-- already ended (what it held was handed to others)
+if cmd == 'heartbeat' then
+  local now, writer, lease = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+  local bad = expect_types({ { P .. ':owners', 'zset' } })
+  if bad then return redis.error_reply(bad) end
+  local ends = tonumber(redis.call('ZSCORE', P .. ':owners', writer))
+  redis.call('ZADD', P .. ':owners', now + lease, writer)
+  if ends and ends < now then return 0 end
+  return 1
+end
+
+-- release pub now writer -> ends a writer's lease now (a clean stop): what
+-- it held is ready again
+if cmd == 'release' then
+  local now, writer = tonumber(ARGV[3]), ARGV[4]
+  redis.call('ZADD', P .. ':owners', 0, writer)
+  local n = reclaim(now)
+  apply_writes()
+  return n
+end
+
+-- relevant pub limit object nrels (rel same)* -> {revokes, grants, (key, cond)*}
 -- same = 1: only ops on `object` count. No list when there are revokes or
 -- more grants than limit. nrels = 0: every relation, every object.
 if cmd == 'relevant' then
-  local limit, object, nrels = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+  local limit, object, nrels = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
   local rels = {}
   if nrels == 0 then
     local seen = {}
@@ -384,7 +699,7 @@ if cmd == 'relevant' then
     end
   else
     for i = 0, nrels - 1 do
-      table.insert(rels, { ARGV[5 + i * 2], ARGV[6 + i * 2] == '1' })
+      table.insert(rels, { ARGV[6 + i * 2], ARGV[7 + i * 2] == '1' })
     end
   end
   local lo, hi = '[' .. object .. '#', '[' .. object .. '#\255'
@@ -402,64 +717,87 @@ if cmd == 'relevant' then
   end
   local out = { revokes, grants }
   if revokes > 0 or grants > limit then return out end
+  local keys = {}
   for _, r in ipairs(rels) do
     local rel, same = r[1], r[2]
-    local keys
+    local found
     if same then
-      keys = redis.call('ZRANGEBYLEX', P .. ':lex:' .. rel .. '|g', lo, hi)
+      found = redis.call('ZRANGEBYLEX', P .. ':lex:' .. rel .. '|g', lo, hi)
     else
-      keys = redis.call('ZRANGE', P .. ':lex:' .. rel .. '|g', 0, -1)
+      found = redis.call('ZRANGE', P .. ':lex:' .. rel .. '|g', 0, -1)
     end
-    for _, key in ipairs(keys) do
-      local e = parse(redis.call('HGET', P .. ':ops', key))
+    for _, k in ipairs(found) do table.insert(keys, k) end
+  end
+  if #keys > 0 then
+    local raw = redis.call('HMGET', P .. ':ops', unpack(keys))
+    for i, key in ipairs(keys) do
+      local e = parse(raw[i])
       if e and e.op == 'g' then
         table.insert(out, key)
         table.insert(out, e.cond)
       end
     end
   end
-  flush_incrs()
   return out
 end
 
--- clear -> {key, op, cond}* : drops every ready op
+-- latest pub key -> {op, cond} of the key's latest op, or {} (none or corrupt:
+-- then {'?'})
+if cmd == 'latest' then
+  local raw = redis.call('HGET', P .. ':ops', ARGV[3])
+  if not raw then return {} end
+  local e = parse(raw)
+  if not e then return { '?' } end
+  return { e.op, e.cond }
+end
+
+-- clear pub now -> {key, op, cond}* : drops every pending op not being written
+-- (ready ones, and those held by jobs that are not running)
 if cmd == 'clear' then
+  local now = tonumber(ARGV[3])
   local bad = check_keys({})
   if bad then return redis.error_reply(bad) end
   local out = {}
-  for _, kind in ipairs({ 'g', 'r' }) do
-    for _, key in ipairs(redis.call('ZRANGE', P .. ':ready:' .. kind, 0, -1)) do
-      local e = parse(redis.call('HGET', P .. ':ops', key))
-      if e and e.state == 'r' then
-        drop(key, e)
-        table.insert(out, key)
-        table.insert(out, e.op)
-        table.insert(out, e.cond)
-      else
-        redis.call('ZREM', P .. ':ready:' .. kind, key)
-      end
+  local running = {}
+  for _, id in ipairs(redis.call('HKEYS', P .. ':jobrun')) do running[id] = true end
+  local all = redis.call('HKEYS', P .. ':ops')
+  load(all)
+  for _, key in ipairs(all) do
+    local e = cache[key]
+    if e and (e.state == 'r' or (e.state == 'j' and not running[e.job])) then
+      drop(key, e)
+      table.insert(out, key)
+      table.insert(out, e.op)
+      table.insert(out, e.cond)
+    end
+    -- A blocked op (state b) is kept: its entry is what keeps a newer op
+    -- from being written before the older op's write in progress ends.
+  end
+  -- Jobs left with nothing to write.
+  for _, id in ipairs(redis.call('HKEYS', P .. ':jobs')) do
+    if not running[id] then
+      redis.call('HDEL', P .. ':jobs', id)
+      redis.call('ZREM', P .. ':jobq', id)
+      redis.call('DEL', P .. ':jk:' .. id)
     end
   end
-  redis.call('HSET', P .. ':counts', 'rg', 0, 'rr', 0)
   if #out > 0 then
     incr(P .. ':stats', 'cleared', #out / 3)
-    for _, f in ipairs(redis.call('HKEYS', P .. ':gen')) do
-      incr(P .. ':gen', f, 1)
-    end
+    for _, f in ipairs(redis.call('HKEYS', P .. ':gen')) do incr(P .. ':gen', f, 1) end
     incr(P .. ':gen', '*', 1)
   end
-  redis.call('PUBLISH', P .. ':events', 'all')
-  flush_incrs()
+  apply_writes()
+  publish('all')
   return out
 end
 
--- pending -> {rg, rr, t, oldest_since_ms or -1}
+-- pending pub now -> {pg, pr, t, oldest_since_ms or -1, j, reclaimed}
 if cmd == 'pending' then
-  -- ARGV[2]: now; reclaiming here lets an idle flusher notice ops whose
-  -- taker died.
-  if ARGV[2] and check_keys({}) == nil then reclaim(tonumber(ARGV[2])) end
-  flush_incrs()
-  local c = redis.call('HMGET', P .. ':counts', 'rg', 'rr', 't')
+  local now = tonumber(ARGV[3])
+  local reclaimed = 0
+  if check_keys({}) == nil then reclaimed = reclaim(now) end
+  apply_writes()
+  local c = redis.call('HMGET', P .. ':counts', 'pg', 'pr', 't', 'j')
   local oldest = -1
   for _, kind in ipairs({ 'g', 'r' }) do
     local k = redis.call('ZRANGE', P .. ':ready:' .. kind, 0, 0)[1]
@@ -468,7 +806,32 @@ if cmd == 'pending' then
       if e and (oldest < 0 or e.since < oldest) then oldest = e.since end
     end
   end
-  return { tonumber(c[1]) or 0, tonumber(c[2]) or 0, tonumber(c[3]) or 0, oldest }
+  return { tonumber(c[1]) or 0, tonumber(c[2]) or 0, tonumber(c[3]) or 0, oldest,
+           tonumber(c[4]) or 0, reclaimed }
+end
+
+-- badjob pub now id -> a worker could not decode job `id`: set it aside
+if cmd == 'badjob' then
+  local id = ARGV[4]
+  return drop_bad_job(id, redis.call('HGET', P .. ':jobs', id), tonumber(ARGV[3]))
+end
+
+-- blocked pub up_to -> ops pending behind a write in progress, with first <= up_to
+if cmd == 'blocked' then
+  return redis.call('ZCOUNT', P .. ':blocked', '-inf', tonumber(ARGV[3]))
+end
+
+-- queue pub now -> {due, running, scheduled, workers...}
+if cmd == 'queue' then
+  local now = tonumber(ARGV[3])
+  local due = redis.call('ZCOUNT', P .. ':jobq', '-inf', now)
+  local later = redis.call('ZCOUNT', P .. ':jobq', '(' .. now, '+inf')
+  local running = redis.call('HLEN', P .. ':jobrun')
+  local out = { due, running, later }
+  for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':owners', now, '+inf')) do
+    if string.sub(w, 1, 7) == 'worker:' then table.insert(out, w) end
+  end
+  return out
 end
 
 return redis.error_reply('fga-wb: unknown command ' .. tostring(cmd))

@@ -1,17 +1,22 @@
 //! The Redis store: pending ops shared by every process of an application,
-//! durable before `grant`/`revoke` return.
+//! durable before `grant`/`revoke` return, and the queue of write jobs.
 //!
 //! All state changes run in one Lua library (`redis.lua`), so concurrent
 //! processes coalesce correctly. Concurrent pushes from one process are
 //! batched into one script call by a small actor task: each caller is
 //! answered only after the script that stored its op has returned.
 //!
-//! Unlike the memory store, a newer op on a key that is being written does
-//! not wait: it becomes ready at once, and whoever writes it first must
-//! *claim* the key. A claim succeeds only for the newest op of a key and only
-//! while no other writer holds the key, so an older op never lands after a
-//! newer one, across processes, workers and retries.
+//! Every store instance is a *writer* with a lease that a background task
+//! renews (`redis.writer_lease`, a third of it at a time). What a writer takes
+//! is being written by it; a newer op on such a key waits behind that write
+//! (it is never overtaken by the older op). When a writer dies, its lease
+//! ends within `writer_lease`, and the next take, fetch or status by anyone
+//! hands what it held back: ops to the ready queue, jobs to the job queue. A
+//! write never outlives its writer's lease: its timeout is cut to what is
+//! left of the lease.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
@@ -21,8 +26,8 @@ use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    key_of, tuple_of, Claim, DeadLetter, Finished, Outcome, Pending, Pushed, Relevant, Store,
-    StoreEvent, Take, Taken,
+    key_of, tuple_of, Claim, DeadLetter, Finished, JobEnd, Outcome, Pending, Pushed, Relevant,
+    Store, StoreEvent, Take, Taken,
 };
 use crate::error::{Error, Kind, Result};
 use crate::model::{Dep, RelName};
@@ -39,10 +44,13 @@ pub(crate) struct RedisStore {
     client: redis::Client,
     script: redis::Script,
     prefix: String,
-    owner: String,
+    /// This instance's name as a writer (`app:...` or `worker:...`).
+    writer: String,
     lease: Duration,
-    lock_ttl: Duration,
+    /// When the lease was last renewed (ms since the epoch).
+    renewed: Arc<AtomicU64>,
     pushes: mpsc::Sender<PushRequest>,
+    heartbeat: tokio::task::JoinHandle<()>,
 }
 
 struct PushRequest {
@@ -52,42 +60,13 @@ struct PushRequest {
     reply: oneshot::Sender<Result<Pushed>>,
 }
 
-/// How long a taken op stays owned by its taker, and a write lock by its
-/// writer, before another process may take over.
-pub(crate) struct Leases {
-    /// A taken op goes back to ready after this (the taker died).
-    pub take: Duration,
-    /// A write lock is free after this; longer than any one Write request.
-    pub lock: Duration,
-}
-
-impl Leases {
-    /// Leases long enough for the configured request timeout: a flush may
-    /// send a chunk up to ~8 times while bisecting.
-    pub fn for_config(config: &crate::Config) -> Leases {
-        let request = config.openfga.request_timeout;
-        // In queue mode the flusher extends the lease to the job's
-        // (`job_lease`) once the job is pushed; a crash before that returns
-        // the ops within this lease.
-        let take = match config.flush.mode {
-            // Bisection may send a chunk ~8 times.
-            crate::config::Mode::Inline => (request * 10).max(Duration::from_secs(60)),
-            // Only until the job is pushed: one Redis call.
-            crate::config::Mode::Queue => Duration::from_secs(15),
-        };
-        Leases {
-            take,
-            lock: request * 2 + Duration::from_secs(5),
-        }
-    }
-}
-
-/// How long ops handed to a job stay owned by it before another flush may
-/// enqueue them again: the whole retry schedule twice, plus ten minutes for
-/// a worker to notice a dead one.
-pub(crate) fn job_lease(config: &crate::Config) -> Duration {
-    let schedule: Duration = config.queue.retry_schedule.iter().sum();
-    schedule * 2 + Duration::from_secs(600)
+/// A store's queue: jobs by state, and the workers alive.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct QueueCounts {
+    pub due: u64,
+    pub running: u64,
+    pub scheduled: u64,
+    pub workers: Vec<String>,
 }
 
 fn op_code(op: Op) -> &'static str {
@@ -97,7 +76,7 @@ fn op_code(op: Op) -> &'static str {
     }
 }
 
-fn op_of(code: &str) -> Option<Op> {
+pub(crate) fn op_of(code: &str) -> Option<Op> {
     match code {
         "g" => Some(Op::Grant),
         "r" => Some(Op::Revoke),
@@ -105,12 +84,16 @@ fn op_of(code: &str) -> Option<Op> {
     }
 }
 
-/// A name no other store instance (in any process) uses: the lock owner.
-pub(crate) fn unique_owner() -> String {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let host = std::env::var("HOSTNAME").unwrap_or_default();
-    format!("{host}-{}-{}-{n}", std::process::id(), now_ms())
+/// A name no other writer (in any process, on any host) uses.
+pub(crate) fn unique_name(kind: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let host: String = std::env::var("HOSTNAME")
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
+        .collect();
+    format!("{kind}:{host}-{}-{}-{n}", std::process::id(), now_ms())
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -139,7 +122,7 @@ fn corrupt(what: impl Into<String>) -> Error {
     })
 }
 
-fn condition_of(s: &str) -> Option<Condition> {
+pub(crate) fn condition_of(s: &str) -> Option<Condition> {
     if s.is_empty() {
         return None;
     }
@@ -149,6 +132,14 @@ fn condition_of(s: &str) -> Option<Condition> {
             tracing::warn!(error = %e, "ignoring an unreadable tuple condition in Redis");
             None
         }
+    }
+}
+
+fn condition_text(c: &Option<Condition>) -> Result<String> {
+    match c {
+        Some(c) => serde_json::to_string(c)
+            .map_err(|e| Error::internal(format!("cannot encode a condition: {e}"))),
+        None => Ok(String::new()),
     }
 }
 
@@ -182,14 +173,53 @@ fn text(v: &Value) -> Result<String> {
     }
 }
 
+fn count(v: &[Value], i: usize) -> Result<u64> {
+    Ok(v.get(i).map_or(Ok(0), int)?.max(0) as u64)
+}
+
+/// The arguments of one command of the script library: its name, then the
+/// publish command (`PUBLISH`, or `SPUBLISH` on a cluster), then its own.
+struct Args(Vec<Vec<u8>>);
+
+impl Args {
+    fn new(command: &str) -> Args {
+        let mut a = Args(Vec::with_capacity(16));
+        a.push(command).push("PUBLISH");
+        a
+    }
+
+    fn push(&mut self, v: impl redis::ToRedisArgs) -> &mut Self {
+        self.0.extend(v.to_redis_args());
+        self
+    }
+}
+
+/// Invokes one command of the script library.
+async fn invoke(
+    conn: &ConnectionManager,
+    script: &redis::Script,
+    prefix: &str,
+    args: &Args,
+) -> Result<Value> {
+    let mut inv = script.prepare_invoke();
+    inv.key(prefix);
+    for a in &args.0 {
+        inv.arg(a);
+    }
+    let mut conn = conn.clone();
+    inv.invoke_async(&mut conn).await.map_err(redis_error)
+}
+
 impl RedisStore {
-    /// Connects to Redis, and fails with a clear error if it cannot.
+    /// Connects to Redis as a writer of kind `kind` (`app` or `worker`),
+    /// and fails with a clear error if it cannot.
     pub async fn connect(
         url: &str,
         key_prefix: &str,
         store_id: &str,
         capacity: usize,
-        leases: Leases,
+        lease: Duration,
+        kind: &str,
     ) -> Result<RedisStore> {
         let client = redis::Client::open(url).map_err(|e| {
             Error::config(format!(
@@ -212,6 +242,23 @@ impl RedisStore {
         // The braces make every key of one store hash to one cluster slot.
         let prefix = format!("{key_prefix}:{{{store_id}}}");
         let script = redis::Script::new(SCRIPT);
+        let writer = unique_name(kind);
+        let renewed = Arc::new(AtomicU64::new(0));
+        // Register before anything is taken, so a take never finds its own
+        // writer without a lease. Data that is not fga-wb's under the prefix
+        // fails every call with a clear error, not the connect.
+        match heartbeat_once(&conn, &script, &prefix, &writer, lease).await {
+            Ok(first) => renewed.store(first, Ordering::Relaxed),
+            Err(e) => tracing::warn!(error = %e, "cannot take a Redis lease; retrying"),
+        }
+        let heartbeat = tokio::spawn(heartbeats(
+            conn.clone(),
+            script.clone(),
+            prefix.clone(),
+            writer.clone(),
+            lease,
+            renewed.clone(),
+        ));
         let (pushes, rx) = mpsc::channel(4 * PUSH_BATCH);
         tokio::spawn(push_batches(
             conn.clone(),
@@ -225,21 +272,21 @@ impl RedisStore {
             client,
             script,
             prefix,
-            owner: unique_owner(),
-            lease: leases.take,
-            lock_ttl: leases.lock,
+            writer,
+            lease,
+            renewed,
             pushes,
+            heartbeat,
         })
     }
 
-    async fn call(&self, args: Vec<String>) -> Result<Value> {
-        let mut inv = self.script.prepare_invoke();
-        inv.key(&self.prefix);
-        for a in args {
-            inv.arg(a);
-        }
-        let mut conn = self.conn.clone();
-        inv.invoke_async(&mut conn).await.map_err(redis_error)
+    async fn call(&self, args: &Args) -> Result<Value> {
+        invoke(&self.conn, &self.script, &self.prefix, args).await
+    }
+
+    /// This store's writer name.
+    pub fn writer(&self) -> &str {
+        &self.writer
     }
 
     async fn take_now(&self, max: usize, what: Take, up_to: u64) -> Result<Vec<Taken>> {
@@ -247,25 +294,22 @@ impl RedisStore {
             Take::Revokes => "r",
             Take::All => "rg",
         };
-        let v = items(
-            self.call(vec![
-                "take".into(),
-                now_ms().to_string(),
-                max.to_string(),
-                kinds.into(),
-                up_to.to_string(),
-                (self.lease.as_millis() as u64).to_string(),
-            ])
-            .await?,
-        )?;
+        let mut a = Args::new("take");
+        a.push(now_ms())
+            .push(max)
+            .push(kinds)
+            .push(up_to)
+            .push(&self.writer)
+            .push(self.lease.as_millis() as u64);
+        let v = items(self.call(&a).await?)?;
+        self.renewed.store(now_ms(), Ordering::Relaxed);
         let corrupt = v.first().map_or(Ok(0), int)?;
         if corrupt > 0 {
-            tracing::warn!(count = corrupt, prefix = %self.prefix, "dropped corrupt pending entries (unreadable, not written by fga-wb) from the ready queues");
+            tracing::warn!(count = corrupt, prefix = %self.prefix, "dropped corrupt pending entries (unreadable, not written by fga-wb)");
         }
         let mut out = Vec::with_capacity(v.len() / 5);
         for c in v[1.min(v.len())..].chunks_exact(5) {
             let key = text(&c[0])?;
-            let seq = int(&c[1])? as u64;
             let Some(op) = op_of(&text(&c[2])?) else {
                 tracing::warn!(%key, "skipping an op of unknown kind in Redis");
                 continue;
@@ -273,7 +317,7 @@ impl RedisStore {
             out.push(Taken {
                 tuple: tuple_of(&key, condition_of(&text(&c[3])?)),
                 op,
-                seq,
+                seq: int(&c[1])? as u64,
                 first: int(&c[4])? as u64,
                 attempts: 0,
             });
@@ -281,44 +325,51 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// Ends ops with their outcomes, and releases their write locks.
-    async fn finish_now(&self, done: Vec<(Taken, Outcome)>) -> Result<Finished> {
-        let mut args = vec![
-            "finish".into(),
-            now_ms().to_string(),
-            self.owner.clone(),
-            done.len().to_string(),
-        ];
+    /// Ends ops with their outcomes; with `job`, also ends or reschedules it.
+    async fn finish_now(
+        &self,
+        done: Vec<(Taken, Outcome)>,
+        job: Option<&JobEnd>,
+    ) -> Result<Finished> {
+        let (job_id, action, due, json) = match job {
+            None => (String::new(), "", 0, String::new()),
+            Some(JobEnd::Done { id }) => (id.clone(), "done", 0, String::new()),
+            Some(JobEnd::Retry { id, due_ms, json }) => {
+                (id.clone(), "retry", *due_ms, json.clone())
+            }
+        };
+        let mut a = Args::new("finish");
+        a.push(now_ms())
+            .push(&self.writer)
+            .push(job_id)
+            .push(action)
+            .push(due)
+            .push(json)
+            .push(done.len());
         for (t, o) in &done {
-            let (code, arg, err_code) = match o {
-                Outcome::Applied => ("a", String::new(), String::new()),
+            let (code, reason, err_code) = match o {
+                Outcome::Applied => ("a", "", ""),
                 Outcome::Dead { reason, code } => {
-                    ("d", reason.clone(), code.clone().unwrap_or_default())
+                    ("d", reason.as_str(), code.as_deref().unwrap_or_default())
                 }
-                Outcome::Retry | Outcome::Stale | Outcome::Busy => {
-                    ("r", String::new(), String::new())
-                }
-                Outcome::Keep(lease) => {
-                    ("k", (lease.as_millis() as u64).to_string(), String::new())
-                }
+                Outcome::Retry => ("r", "", ""),
+                Outcome::Stale => ("s", "", ""),
+                Outcome::Busy => ("n", "", ""),
+                Outcome::Keep => ("k", "", ""),
             };
-            args.extend([
-                key_of(&t.tuple),
-                t.seq.to_string(),
-                code.into(),
-                arg,
-                err_code,
-                (t.attempts + 1).to_string(),
-                op_code(t.op).into(),
-            ]);
+            a.push(key_of(&t.tuple))
+                .push(t.seq)
+                .push(code)
+                .push(reason)
+                .push(err_code)
+                .push(t.attempts + 1);
         }
-        let v = items(self.call(args).await?)?;
-        let n = |i: usize| v.get(i).map_or(Ok(0), int).map(|x| x.max(0) as u64);
+        let v = items(self.call(&a).await?)?;
         Ok(Finished {
-            applied: n(0)?,
-            dead: n(1)?,
-            requeued: n(2)?,
-            superseded: n(3)?,
+            applied: count(&v, 0)?,
+            dead: count(&v, 1)?,
+            requeued: count(&v, 2)?,
+            superseded: count(&v, 3)?,
         })
     }
 
@@ -335,20 +386,22 @@ impl RedisStore {
                 grants: Some(Vec::new()),
             });
         }
-        let mut args = vec!["relevant".into(), limit.to_string(), object.to_owned()];
+        let mut a = Args::new("relevant");
+        a.push(limit).push(object);
         match rels {
-            None => args.push("0".into()),
+            None => {
+                a.push(0);
+            }
             Some(r) => {
-                args.push(r.len().to_string());
+                a.push(r.len());
                 for d in r {
-                    args.push(d.rel.clone());
-                    args.push(if d.same_object { "1" } else { "0" }.into());
+                    a.push(&d.rel).push(u8::from(d.same_object));
                 }
             }
         }
-        let v = items(self.call(args).await?)?;
-        let revokes = v.first().map_or(Ok(0), int)?.max(0) as usize;
-        let grants = v.get(1).map_or(Ok(0), int)?.max(0) as usize;
+        let v = items(self.call(&a).await?)?;
+        let revokes = count(&v, 0)? as usize;
+        let grants = count(&v, 1)? as usize;
         if revokes > 0 || grants > limit {
             return Ok(Relevant {
                 revokes,
@@ -366,22 +419,17 @@ impl RedisStore {
     }
 
     async fn latest_now(&self, tuple: &TupleKey) -> Result<Option<(Op, bool)>> {
-        let mut conn = self.conn.clone();
-        let raw: Option<String> = redis::cmd("HGET")
-            .arg(format!("{}:ops", self.prefix))
-            .arg(key_of(tuple))
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_error)?;
-        let Some(raw) = raw else {
+        let mut a = Args::new("latest");
+        a.push(key_of(tuple));
+        let v = items(self.call(&a).await?)?;
+        let Some(first) = v.first() else {
             return Ok(None);
         };
-        // seq|first|since|op|state|cond
-        let mut parts = raw.splitn(6, '|');
-        let op = parts.nth(3).and_then(op_of);
-        let cond = parts.nth(1).unwrap_or_default();
-        match op {
-            Some(op) => Ok(Some((op, !cond.is_empty()))),
+        match op_of(&text(first)?) {
+            Some(op) => Ok(Some((
+                op,
+                !text(v.get(1).unwrap_or(&Value::Nil))?.is_empty(),
+            ))),
             None => {
                 tracing::warn!(tuple = %tuple, "ignoring a corrupt pending entry in Redis");
                 Ok(None)
@@ -390,25 +438,33 @@ impl RedisStore {
     }
 
     async fn pending_now(&self) -> Result<Pending> {
-        let v = items(
-            self.call(vec!["pending".into(), now_ms().to_string()])
-                .await?,
-        )?;
+        let mut a = Args::new("pending");
+        a.push(now_ms());
+        let v = items(self.call(&a).await?)?;
         let n = |i: usize| v.get(i).map_or(Ok(0), int);
-        let (writes, deletes, taken, oldest) = (n(0)?, n(1)?, n(2)?, n(3)?);
-        let (writes, deletes) = (writes.max(0) as usize, deletes.max(0) as usize);
+        let (writes, deletes) = (n(0)?.max(0) as usize, n(1)?.max(0) as usize);
+        let oldest = n(3)?;
+        let reclaimed = n(5)?;
+        if reclaimed > 0 {
+            tracing::warn!(
+                ops = reclaimed,
+                "took back ops from a writer whose lease ended (a process or worker died)"
+            );
+        }
         Ok(Pending {
             writes,
             deletes,
             total: writes + deletes,
-            in_flight: taken.max(0) as usize,
+            in_flight: (n(2)?.max(0) + n(4)?.max(0)) as usize,
             oldest_age: (oldest >= 0)
                 .then(|| Duration::from_millis(now_ms().saturating_sub(oldest as u64))),
         })
     }
 
     async fn clear_now(&self) -> Result<Vec<(TupleKey, Op)>> {
-        let v = items(self.call(vec!["clear".into()]).await?)?;
+        let mut a = Args::new("clear");
+        a.push(now_ms());
+        let v = items(self.call(&a).await?)?;
         let mut out = Vec::with_capacity(v.len() / 3);
         for c in v.chunks_exact(3) {
             if let Some(op) = op_of(&text(&c[1])?) {
@@ -465,20 +521,17 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// Write locks for `ops`; see the module docs.
-    async fn claim_now(&self, ops: &[Taken]) -> Result<Vec<Claim>> {
-        let mut args = vec![
-            "claim".into(),
-            now_ms().to_string(),
-            self.owner.clone(),
-            (self.lock_ttl.as_millis() as u64).to_string(),
-            ops.len().to_string(),
-        ];
+    /// A queue worker's claim to write a job's ops.
+    async fn claim_now(&self, job: &str, ops: &[Taken]) -> Result<Vec<Claim>> {
+        let mut a = Args::new("claim");
+        a.push(now_ms())
+            .push(&self.writer)
+            .push(job)
+            .push(ops.len());
         for t in ops {
-            args.push(key_of(&t.tuple));
-            args.push(t.seq.to_string());
+            a.push(key_of(&t.tuple)).push(t.seq);
         }
-        let v = items(self.call(args).await?)?;
+        let v = items(self.call(&a).await?)?;
         v.iter()
             .map(|x| {
                 Ok(match int(x)? {
@@ -488,6 +541,132 @@ impl RedisStore {
                 })
             })
             .collect()
+    }
+
+    /// Hands ops this writer took to a new job; returns the job's id, or
+    /// `None` if none of them was still this writer's.
+    pub async fn enqueue(
+        &self,
+        store_id: &str,
+        model_id: Option<&str>,
+        ops: &[Taken],
+    ) -> Result<Option<u64>> {
+        let mut a = Args::new("enqueue");
+        a.push(now_ms())
+            .push(&self.writer)
+            .push(store_id)
+            .push(model_id.unwrap_or_default())
+            .push(ops.len());
+        for t in ops {
+            a.push(key_of(&t.tuple)).push(t.seq);
+        }
+        let id = int(&self.call(&a).await?)?;
+        Ok((id > 0).then_some(id as u64))
+    }
+
+    /// Up to `max` due jobs for this worker (as stored: JSON).
+    pub async fn fetch_jobs(&self, max: usize) -> Result<Vec<String>> {
+        let mut a = Args::new("fetch");
+        a.push(now_ms())
+            .push(&self.writer)
+            .push(self.lease.as_millis() as u64)
+            .push(max);
+        let v = items(self.call(&a).await?)?;
+        self.renewed.store(now_ms(), Ordering::Relaxed);
+        let bad = v.first().map_or(Ok(0), int)?;
+        if bad > 0 {
+            tracing::error!(jobs = bad, "set aside queued jobs that do not decode (not written by fga-wb, or corrupted); the ops they held are pending again");
+            let _ = self
+                .set_note(
+                    "last_bad_job",
+                    format!(
+                        "{bad} jobs did not decode; set aside in :badjobs, their ops pending again"
+                    ),
+                )
+                .await;
+        }
+        v[1.min(v.len())..].iter().map(text).collect()
+    }
+
+    /// Sets aside a job that does not decode; the ops it held are pending
+    /// again. Returns how many.
+    pub async fn drop_bad_job(&self, id: &str) -> Result<u64> {
+        let mut a = Args::new("badjob");
+        a.push(now_ms()).push(id);
+        Ok(int(&self.call(&a).await?)?.max(0) as u64)
+    }
+
+    /// Jobs by state and the workers alive.
+    pub async fn queue_counts(&self) -> Result<QueueCounts> {
+        let mut a = Args::new("queue");
+        a.push(now_ms());
+        let v = items(self.call(&a).await?)?;
+        Ok(QueueCounts {
+            due: count(&v, 0)?,
+            running: count(&v, 1)?,
+            scheduled: count(&v, 2)?,
+            workers: v[3.min(v.len())..]
+                .iter()
+                .map(text)
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// How long a write may take from now and still end within this
+    /// writer's lease (less a margin for the clocks and the finish).
+    pub fn write_budget(&self) -> Duration {
+        let renewed = self.renewed.load(Ordering::Relaxed);
+        let lease_end = renewed + self.lease.as_millis() as u64;
+        Duration::from_millis(lease_end.saturating_sub(now_ms() + LEASE_MARGIN_MS))
+    }
+}
+
+/// Kept free at the end of a lease: a write must be answered and finished
+/// before the lease could end.
+const LEASE_MARGIN_MS: u64 = 1000;
+
+async fn heartbeat_once(
+    conn: &ConnectionManager,
+    script: &redis::Script,
+    prefix: &str,
+    writer: &str,
+    lease: Duration,
+) -> Result<u64> {
+    let at = now_ms();
+    let mut a = Args::new("heartbeat");
+    a.push(at).push(writer).push(lease.as_millis() as u64);
+    let v = invoke(conn, script, prefix, &a).await?;
+    if int(&v)? == 0 {
+        tracing::error!(
+            writer,
+            "this process's Redis lease had ended (it was paused or cut off from Redis for longer than redis.writer_lease): \
+             the ops it was writing were handed to other writers"
+        );
+    }
+    Ok(at)
+}
+
+/// Renews the lease a third of the way through, until the store is dropped.
+async fn heartbeats(
+    conn: ConnectionManager,
+    script: redis::Script,
+    prefix: String,
+    writer: String,
+    lease: Duration,
+    renewed: Arc<AtomicU64>,
+) {
+    loop {
+        tokio::time::sleep(lease / 3).await;
+        match heartbeat_once(&conn, &script, &prefix, &writer, lease).await {
+            Ok(at) => renewed.store(at, Ordering::Relaxed),
+            Err(e) => tracing::warn!(error = %e, "cannot renew the Redis lease; retrying"),
+        }
+    }
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
     }
 }
 
@@ -538,6 +717,7 @@ async fn push_batches(
         let mut inv = script.prepare_invoke();
         inv.key(&prefix)
             .arg("push")
+            .arg("PUBLISH")
             .arg(now_ms())
             .arg(capacity)
             .arg(batch.len());
@@ -590,11 +770,7 @@ async fn push_batches(
 impl Store for RedisStore {
     fn push<'a>(&'a self, tuple: &'a TupleKey, op: Op) -> BoxFuture<'a, Result<Pushed>> {
         Box::pin(async move {
-            let condition = match &tuple.condition {
-                Some(c) => serde_json::to_string(c)
-                    .map_err(|e| Error::invalid_argument(format!("condition: {e}")))?,
-                None => String::new(),
-            };
+            let condition = condition_text(&tuple.condition)?;
             let (reply, rx) = oneshot::channel();
             self.pushes
                 .send(PushRequest {
@@ -613,12 +789,24 @@ impl Store for RedisStore {
         Box::pin(self.take_now(max, what, up_to))
     }
 
-    fn claim<'a>(&'a self, ops: &'a [Taken]) -> BoxFuture<'a, Result<Vec<Claim>>> {
-        Box::pin(self.claim_now(ops))
+    fn claim<'a>(
+        &'a self,
+        job: Option<&'a str>,
+        ops: &'a [Taken],
+    ) -> BoxFuture<'a, Result<Vec<Claim>>> {
+        match job {
+            // Taken ops are this writer's already.
+            None => Box::pin(futures::future::ready(Ok(vec![Claim::Claimed; ops.len()]))),
+            Some(job) => Box::pin(self.claim_now(job, ops)),
+        }
     }
 
-    fn finish(&self, done: Vec<(Taken, Outcome)>) -> BoxFuture<'_, Result<Finished>> {
-        Box::pin(self.finish_now(done))
+    fn finish<'a>(
+        &'a self,
+        done: Vec<(Taken, Outcome)>,
+        job: Option<&'a JobEnd>,
+    ) -> BoxFuture<'a, Result<Finished>> {
+        Box::pin(self.finish_now(done, job))
     }
 
     fn relevant<'a>(
@@ -637,12 +825,21 @@ impl Store for RedisStore {
     fn last_seq(&self) -> BoxFuture<'_, Result<u64>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            let v: Option<u64> = redis::cmd("GET")
+            let v: Option<String> = redis::cmd("GET")
                 .arg(format!("{}:seq", self.prefix))
                 .query_async(&mut conn)
                 .await
                 .map_err(redis_error)?;
-            Ok(v.unwrap_or(0))
+            match v {
+                None => Ok(0),
+                Some(s) => s.parse().map_err(|_| {
+                    corrupt(format!(
+                        "{}:seq holds {:?}, not a number; it was not written by fga-wb",
+                        self.prefix,
+                        s.chars().take(40).collect::<String>()
+                    ))
+                }),
+            }
         })
     }
 
@@ -671,6 +868,28 @@ impl Store for RedisStore {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn write_budget(&self) -> Option<Duration> {
+        Some(self.write_budget())
+    }
+
+    fn blocked_up_to(&self, up_to: u64) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(async move {
+            let mut a = Args::new("blocked");
+            a.push(up_to);
+            Ok(int(&self.call(&a).await?)?.max(0) as u64)
+        })
+    }
+
+    fn release(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.heartbeat.abort();
+            let mut a = Args::new("release");
+            a.push(now_ms()).push(&self.writer);
+            self.call(&a).await?;
+            Ok(())
+        })
     }
 
     fn shared_stats(&self) -> BoxFuture<'_, Result<std::collections::HashMap<String, String>>> {
@@ -727,6 +946,7 @@ impl Store for RedisStore {
                 match payload.split_once(' ') {
                     Some(("op", rel)) => StoreEvent::Changed(rel.to_owned()),
                     _ if payload == "finished" => StoreEvent::Finished,
+                    _ if payload == "jobs" => StoreEvent::Jobs,
                     _ => StoreEvent::All,
                 }
             });

@@ -282,6 +282,17 @@ impl Client {
 
     /// One Write request: all of it is applied, or none of it.
     pub async fn write(&self, store_id: &str, req: &WriteRequest) -> Result<()> {
+        self.write_within(store_id, req, None).await
+    }
+
+    /// [`Client::write`], giving up after `limit` if that is shorter than
+    /// the client's timeout.
+    pub(crate) async fn write_within(
+        &self,
+        store_id: &str,
+        req: &WriteRequest,
+        limit: Option<Duration>,
+    ) -> Result<()> {
         if req.is_empty() {
             return Ok(());
         }
@@ -292,7 +303,13 @@ impl Client {
             deletes = req.deletes.len()
         );
         let _: serde_json::Value = self
-            .call("write", Method::POST, path, Some(&WriteBody::new(req)))
+            .call_within(
+                "write",
+                Method::POST,
+                path,
+                Some(&WriteBody::new(req)),
+                limit.filter(|l| *l < self.inner.timeout),
+            )
             .instrument(span)
             .await?;
         Ok(())
@@ -411,8 +428,23 @@ impl Client {
         path: String,
         body: Option<&B>,
     ) -> Result<T> {
+        self.call_within(operation, method, path, body, None).await
+    }
+
+    /// [`Client::call`] with a shorter timeout for this request.
+    async fn call_within<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        operation: &'static str,
+        method: Method,
+        path: String,
+        body: Option<&B>,
+        timeout: Option<Duration>,
+    ) -> Result<T> {
         let url = format!("{}{}", self.inner.base, path);
         let mut req = self.inner.http.request(method, &url);
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
         if let Some(token) = self.inner.auth.bearer(&self.inner.http).await? {
             req = req.header(AUTHORIZATION, format!("Bearer {}", token.expose()));
         }
@@ -422,13 +454,13 @@ impl Client {
         let resp = req
             .send()
             .await
-            .map_err(|e| self.transport_error(operation, e))?;
+            .map_err(|e| self.transport_error(operation, e, timeout))?;
         let status = resp.status();
         if status.is_success() {
             let bytes = resp
                 .bytes()
                 .await
-                .map_err(|e| self.transport_error(operation, e))?;
+                .map_err(|e| self.transport_error(operation, e, timeout))?;
             return serde_json::from_slice(&bytes).map_err(|e| {
                 Error::new(Kind::Decode {
                     operation,
@@ -461,11 +493,16 @@ impl Client {
         })))
     }
 
-    fn transport_error(&self, operation: &'static str, e: reqwest::Error) -> Error {
+    fn transport_error(
+        &self,
+        operation: &'static str,
+        e: reqwest::Error,
+        timeout: Option<Duration>,
+    ) -> Error {
         if e.is_timeout() {
             Error::new(Kind::Timeout {
                 operation,
-                timeout: Some(self.inner.timeout),
+                timeout: Some(timeout.unwrap_or(self.inner.timeout)),
             })
         } else if e.is_decode() || e.is_body() && !e.is_connect() && !e.is_request() {
             Error::new(Kind::Connect {

@@ -5,50 +5,61 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apalis::prelude::{BoxDynError, Data, WorkerBuilder, WorkerBuilderExt};
-use apalis_core::backend::ext::BackendExt;
+use apalis_core::backend::custom::BackendBuilder;
+use apalis_core::task::builder::TaskBuilder;
+use apalis_core::task::Task;
+use apalis_core::worker::context::WorkerContext;
+use futures::stream::{BoxStream, StreamExt};
+use futures::SinkExt;
 
-use super::{storage, ApalisSink, Job, JobOp, JobSink};
-use crate::buffer::{Outcome, Taken};
-use crate::client::open_store;
+use super::{decode, Job, JobOp};
+use crate::buffer::redis::{now_ms, RedisStore};
+use crate::buffer::{JobEnd, Outcome, Store, StoreEvent, Taken};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::flush::{Engine, QuickRetries, Stop};
 
-/// A busy key (another writer holds it) is tried again this soon.
+/// A busy key (a writer presumed dead still holds it) is tried again this
+/// soon, at the same attempt.
 const BUSY_RETRY: Duration = Duration::from_secs(1);
 
 /// What a worker needs to apply a job.
 pub(crate) struct Applier {
     engine: Engine,
-    sink: Arc<dyn JobSink>,
+    store: Arc<RedisStore>,
     schedule: Vec<Duration>,
 }
 
 impl Applier {
-    pub(crate) fn new(engine: Engine, sink: Arc<dyn JobSink>, schedule: Vec<Duration>) -> Self {
-        Applier {
-            engine,
-            sink,
-            schedule,
-        }
-    }
-
     /// Applies a job. Never fails the job: ops end applied, dead-lettered,
-    /// superseded, or in a new job scheduled at the next retry step.
-    #[tracing::instrument(level = "info", name = "fga_wb.job", skip_all, fields(ops = job.ops.len(), attempt = job.attempt))]
+    /// superseded, or with the job rescheduled at the next retry step.
+    #[tracing::instrument(level = "info", name = "fga_wb.job", skip_all, fields(id = job.id, ops = job.ops.len(), attempt = job.attempt))]
     pub(crate) async fn apply(&self, job: Job) -> Result<()> {
         let started = std::time::Instant::now();
-        let taken: Vec<Taken> = job.ops.iter().map(|o| o.taken(job.attempt)).collect();
+        let id = job.id.to_string();
+        let taken: Vec<Taken> = job
+            .ops
+            .iter()
+            .filter_map(|o| o.taken(job.attempt))
+            .collect();
+        let mut engine_model = None;
+        if !job.model_id.is_empty() {
+            engine_model = Some(job.model_id.as_str());
+        }
         // Conflicts (409) are retried at once; other failures go to the
         // retry schedule.
         let result = self
             .engine
-            .write_chunk(taken, QuickRetries::ConflictsOnly(3))
+            .write_chunk_as(
+                Some(&id),
+                engine_model,
+                taken,
+                QuickRetries::ConflictsOnly(3),
+            )
             .await;
-        let error = match &result.stop {
-            Some(Stop::Transient(e)) | Some(Stop::Halt(e)) => Some(e.clone()),
-            None => None,
-        };
+        let error = result.stop.as_ref().map(|s| match s {
+            Stop::Transient(e) | Stop::Halt(e) => e.clone(),
+        });
         let halted = matches!(result.stop, Some(Stop::Halt(_)));
         let mut done = Vec::with_capacity(result.outcomes.len());
         let (mut again, mut busy) = (Vec::new(), Vec::new());
@@ -59,45 +70,65 @@ impl Applier {
                 other => done.push((t, other)),
             }
         }
-        let lease = self.engine.job_lease;
+        let reason = error.as_ref().map(ToString::to_string).unwrap_or_default();
+        let step = job.attempt as usize;
+        // When (and at which attempt) the job runs again, if it does.
+        let mut next: Option<(Duration, u32)> = None;
         if !busy.is_empty() {
             // Not a failure: wait for the other writer, same attempt.
-            self.requeue(&job, &busy, job.attempt, BUSY_RETRY, None)
-                .await?;
-            done.extend(busy.into_iter().map(|t| (t, Outcome::Keep(lease))));
+            next = Some((BUSY_RETRY, job.attempt));
         }
         if !again.is_empty() {
-            let reason = error.as_ref().map(ToString::to_string).unwrap_or_default();
-            let step = job.attempt as usize;
             if halted {
                 // Bad credentials or an unknown store: nothing to dead-letter,
                 // everything to keep. Try again at the slowest step.
                 tracing::error!(error = %reason, ops = again.len(), "OpenFGA refused the worker; ops kept");
                 self.engine.stats.set_stopped(Some(reason.clone()));
                 let wait = self.schedule.last().copied().unwrap_or(BUSY_RETRY);
-                self.requeue(&job, &again, job.attempt, wait, Some(reason))
-                    .await?;
-                done.extend(again.into_iter().map(|t| (t, Outcome::Keep(lease))));
+                next = Some((wait, job.attempt));
             } else if let Some(&wait) = self.schedule.get(step) {
                 tracing::warn!(error = %reason, ops = again.len(), retry_in = ?wait, "write failed; retry scheduled");
-                self.requeue(&job, &again, job.attempt + 1, wait, Some(reason))
-                    .await?;
-                done.extend(again.into_iter().map(|t| (t, Outcome::Keep(lease))));
+                next = Some((wait, job.attempt + 1));
             } else {
-                let reason = format!("gave up after {} attempts: {reason}", step + 1);
-                tracing::error!(%reason, ops = again.len(), "dead-lettering");
-                done.extend(again.into_iter().map(|t| {
+                let why = format!("gave up after {} attempts: {reason}", step + 1);
+                tracing::error!(reason = %why, ops = again.len(), "dead-lettering");
+                let code = error.as_ref().and_then(|e| e.code().map(str::to_owned));
+                done.extend(again.drain(..).map(|t| {
                     (
                         t,
                         Outcome::Dead {
-                            reason: reason.clone(),
-                            code: error.as_ref().and_then(|e| e.code().map(str::to_owned)),
+                            reason: why.clone(),
+                            code: code.clone(),
                         },
                     )
                 }));
             }
         }
-        let finished = self.engine.store.finish(done).await?;
+        let end = match next {
+            None => JobEnd::Done { id: id.clone() },
+            Some((wait, attempt)) => {
+                let kept: Vec<JobOp> = again.iter().chain(&busy).map(JobOp::from).collect();
+                let retry = Job {
+                    ops: kept,
+                    attempt,
+                    last_error: error
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .or(job.last_error.clone()),
+                    ..job.clone()
+                };
+                let json = serde_json::to_string(&retry)
+                    .map_err(|e| Error::internal(format!("cannot encode a job: {e}")))?;
+                JobEnd::Retry {
+                    id: id.clone(),
+                    due_ms: now_ms() + wait.as_millis() as u64,
+                    json,
+                }
+            }
+        };
+        done.extend(again.into_iter().map(|t| (t, Outcome::Keep)));
+        done.extend(busy.into_iter().map(|t| (t, Outcome::Busy)));
+        let finished = self.store.finish(done, Some(&end)).await?;
         if finished.applied > 0 {
             self.engine.stats.set_stopped(None);
         }
@@ -113,61 +144,103 @@ impl Applier {
         self.engine.record(&report).await;
         Ok(())
     }
-
-    async fn requeue(
-        &self,
-        job: &Job,
-        ops: &[Taken],
-        attempt: u32,
-        wait: Duration,
-        error: Option<String>,
-    ) -> Result<()> {
-        let next = Job {
-            ops: ops.iter().map(JobOp::from).collect(),
-            attempt,
-            last_error: error.or_else(|| job.last_error.clone()),
-            ..job.clone()
-        };
-        self.sink.push(next, Some(wait)).await
-    }
 }
 
-/// A worker name no other process uses: apalis refuses a second worker
-/// under a name that reported recently.
-fn unique_name() -> String {
-    format!("fga-wb-worker-{}", crate::buffer::redis::unique_owner())
-}
-
-async fn handle(
-    payload: super::Payload,
+fn handle(
+    job: Job,
     applier: Data<Arc<Applier>>,
-) -> std::result::Result<(), BoxDynError> {
-    let job: Job = match serde_json::from_value(payload) {
-        Ok(job) => job,
-        Err(e) => {
-            // Not ours, or corrupt: it holds no op this worker can trust.
-            // Drop it with a loud log line rather than stop the worker.
-            tracing::error!(error = %e, "skipping a job that is not an fga-wb job");
-            let _ = applier
-                .engine
-                .store
-                .set_note("last_bad_job", format!("undecodable job skipped: {e}"))
-                .await;
-            return Ok(());
-        }
-    };
-    // A plain Err would make apalis-redis re-run the job on its own
-    // schedule. Only when even re-queueing failed (Redis down) is that the
-    // best left to do.
-    applier.apply(job).await.map_err(|e| {
-        tracing::error!(error = %e, "job could not be applied or re-queued");
-        Box::new(e) as BoxDynError
+) -> futures::future::BoxFuture<'static, std::result::Result<(), BoxDynError>> {
+    let applier: Arc<Applier> = (*applier).clone();
+    // Boxed here, at a concrete type: the job's future borrows strings, and
+    // apalis's generic handler bound cannot see that it is Send otherwise.
+    Box::pin(async move {
+        // An Err would only make apalis log it: the job's state is in
+        // Redis, and a job left running by a failed finish goes back to the
+        // queue when this worker's lease ends.
+        let result: Result<()> = applier.apply(job).await;
+        result.map_err(|e| {
+            tracing::error!(error = %e, "job could not be applied or rescheduled");
+            Box::new(e) as BoxDynError
+        })
     })
+}
+
+type JobStream = BoxStream<'static, std::result::Result<Option<Task<Job>>, BoxDynError>>;
+/// Jobs are queued by flushes, never through apalis.
+type NoSink = std::pin::Pin<Box<dyn futures::Sink<Task<Job>, Error = BoxDynError> + Send>>;
+
+fn never(e: std::convert::Infallible) -> BoxDynError {
+    match e {}
+}
+
+/// Due jobs, one at a time, as fast as the worker takes them: fetched when
+/// the worker has room, woken by new jobs (pub/sub) and else polled.
+fn jobs(store: Arc<RedisStore>, poll: Duration) -> JobStream {
+    let events = Arc::new(tokio::sync::Notify::new());
+    if let Some(subscribe) = store.events() {
+        let events = events.clone();
+        tokio::spawn(async move {
+            if let Ok(mut stream) = subscribe.await {
+                while let Some(ev) = stream.next().await {
+                    if matches!(
+                        ev,
+                        StoreEvent::Jobs | StoreEvent::Finished | StoreEvent::All
+                    ) {
+                        events.notify_one();
+                    }
+                }
+            }
+        });
+    }
+    futures::stream::unfold((store, events), move |(store, events)| async move {
+        loop {
+            match store.fetch_jobs(1).await {
+                Ok(found) => {
+                    for json in found {
+                        match decode(&json) {
+                            Ok(job) => {
+                                let task = TaskBuilder::new(job).build();
+                                return Some((Ok(Some(task)), (store, events)));
+                            }
+                            Err(e) => {
+                                // Not ours, or corrupt: set aside, loudly;
+                                // the ops it held are pending again.
+                                let id = serde_json::from_str::<serde_json::Value>(&json)
+                                    .ok()
+                                    .and_then(|v| v.get("id").map(ToString::to_string))
+                                    .unwrap_or_default();
+                                let back = store.drop_bad_job(&id).await.unwrap_or(0);
+                                tracing::error!(error = %e, job = %id, ops_back_to_pending = back, "set aside a job that does not decode");
+                                let _ = store
+                                    .set_note("last_bad_job", format!("job {id} does not decode ({e}); set aside, its {back} ops pending again"))
+                                    .await;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot fetch jobs; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+            let _ = tokio::time::timeout(poll, events.notified()).await;
+        }
+    })
+    .boxed()
 }
 
 /// Runs one worker until `shutdown` completes, then lets running jobs finish
 /// (up to `flush.shutdown_deadline`).
-pub async fn run(
+pub fn run(
+    config: Config,
+    concurrency: usize,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> futures::future::BoxFuture<'static, Result<()>> {
+    Box::pin(run_worker(config, concurrency, shutdown))
+}
+
+async fn run_worker(
     config: Config,
     concurrency: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -175,11 +248,23 @@ pub async fn run(
     let mut config = config;
     config.queue.worker_concurrency = concurrency.max(1);
     let applier = Arc::new(applier(&config).await?);
-    let storage = storage(&config).await?;
-    let name = unique_name();
-    tracing::info!(worker = %name, queue = %super::queue_name(&config), concurrency, "worker started");
+    let store = applier.store.clone();
+    let name = store.writer().to_owned();
+    tracing::info!(worker = %name, concurrency, "worker started");
+    let poll = config.queue.poll_interval;
+    let fetch_store = store.clone();
+    let backend = BackendBuilder::new()
+        .database(())
+        .fetcher(move |_: &mut (), _: &(), _: &WorkerContext| -> JobStream {
+            jobs(fetch_store.clone(), poll)
+        })
+        .sink(|_: &mut (), _: &()| -> NoSink {
+            Box::pin(futures::sink::drain().sink_map_err(never))
+        })
+        .build()
+        .map_err(|e| Error::internal(format!("cannot build the worker's backend: {e}")))?;
     let worker = WorkerBuilder::new(name)
-        .backend(storage.poll_with_interval(config.queue.poll_interval))
+        .backend(backend)
         .data(applier)
         .concurrency(config.queue.worker_concurrency)
         .build(handle);
@@ -190,23 +275,28 @@ pub async fn run(
         Ok::<(), std::io::Error>(())
     };
     let grace = config.flush.shutdown_deadline;
-    tokio::select! {
-        r = worker.run_until(signal) => r.map_err(|e| Error::invalid_argument(format!("worker stopped: {e}"))),
+    let running: futures::future::BoxFuture<'static, _> = Box::pin(worker.run_until(signal));
+    let result = tokio::select! {
+        r = running => r.map_err(|e| Error::internal(format!("worker stopped: {e}"))),
         _ = async { let _ = rx.await; tokio::time::sleep(grace).await } => {
             tracing::warn!("shutdown deadline passed with jobs running; they will run again on another worker");
             Ok(())
         }
+    };
+    // Whatever this worker still holds goes back at once.
+    if let Err(e) = store.release().await {
+        tracing::warn!(error = %e, "could not release this worker's lease; it ends by itself");
     }
+    result
 }
 
-/// The applier for `config`: a Redis store, an OpenFGA client, the queue.
+/// The applier for `config`: a Redis store and an OpenFGA client.
 pub(crate) async fn applier(config: &Config) -> Result<Applier> {
-    let store = open_store(config).await?;
-    let sink: Arc<dyn JobSink> = Arc::new(ApalisSink::new(storage(config).await?));
+    let store = Arc::new(crate::buffer::open_redis(config, "worker").await?);
     let model_id = (!config.openfga.model_id.is_empty()).then(|| config.openfga.model_id.clone());
     let client = config.openfga.client()?;
     let engine = Engine {
-        store,
+        store: store.clone(),
         client: client.clone(),
         writer: client,
         store_id: config.openfga.store_id.clone(),
@@ -220,18 +310,18 @@ pub(crate) async fn applier(config: &Config) -> Result<Applier> {
         stats: Default::default(),
         changed: tokio::sync::watch::channel(0).0,
         sink: None,
-        job_lease: crate::buffer::redis::job_lease(config),
         room_wanted: Default::default(),
         revoke_wanted: Default::default(),
         parallel: Default::default(),
         sleeping: Default::default(),
         timer_armed: Default::default(),
         wake: Default::default(),
+        others_finished: Default::default(),
         retry_deadline: Default::default(),
     };
-    Ok(Applier::new(
+    Ok(Applier {
         engine,
-        sink,
-        config.queue.retry_schedule.clone(),
-    ))
+        store,
+        schedule: config.queue.retry_schedule.clone(),
+    })
 }
