@@ -375,8 +375,12 @@ impl WriteBehind {
                     .store(true, std::sync::atomic::Ordering::Relaxed);
                 self.inner.engine.wake_now();
                 let deadline = started + cfg.block_timeout;
-                match tokio::time::timeout_at(deadline, changed.changed()).await {
+                // Other processes sharing the store make room without
+                // telling us: look again now and then.
+                let until = deadline.min(Instant::now() + std::time::Duration::from_millis(100));
+                match tokio::time::timeout_at(until, changed.changed()).await {
                     Ok(Ok(())) => Ok(()),
+                    _ if Instant::now() < deadline => Ok(()),
                     _ => Err(full(Some(started.elapsed()))),
                 }
             }
@@ -742,6 +746,12 @@ impl WriteBehind {
             return Err(Error::new(Kind::Shutdown));
         }
         Ok(())
+    }
+
+    /// This process's counters, read without waiting (for the Redis store,
+    /// [`WriteBehind::status`] reports the store-wide ones).
+    pub fn local_totals(&self) -> crate::Totals {
+        self.inner.engine.stats.totals()
     }
 
     /// The id of the authorization model in use, if one was found.

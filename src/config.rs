@@ -331,6 +331,9 @@ pub struct QueueConfig {
     /// Jobs one `fga-wb worker` runs at once.
     #[serde(deserialize_with = "positive")]
     pub worker_concurrency: usize,
+    /// Times a worker sends a failed request again at once (a blip such as
+    /// a busy database) before the job waits for the next retry step.
+    pub request_retries: u32,
     /// How often an idle worker looks for jobs.
     #[serde(with = "duration")]
     pub poll_interval: Duration,
@@ -349,7 +352,8 @@ impl Default for QueueConfig {
                 Duration::from_secs(30),
                 Duration::from_secs(60),
             ],
-            worker_concurrency: 4,
+            worker_concurrency: 8,
+            request_retries: 1,
             poll_interval: Duration::from_millis(100),
             heartbeat: Duration::from_secs(5),
         }

@@ -115,6 +115,9 @@ pub(crate) struct ChunkResult {
     pub rtts: Vec<Duration>,
     /// The server pushed back (429, 5xx, timeout): lower the limit.
     pub congested: bool,
+    /// What the store did with the outcomes (set by the pump's chunk
+    /// future, which finishes its own ops).
+    pub finished: Option<Result<Finished, Error>>,
 }
 
 impl ChunkResult {
@@ -126,19 +129,25 @@ impl ChunkResult {
             stop: None,
             rtts: Vec::new(),
             congested: false,
+            finished: None,
         }
     }
 }
 
-/// How often one request is tried again at once before its chunk gives up.
+/// How often one request is tried again at once (with a short jittered
+/// backoff) before its chunk gives up.
 #[derive(Clone, Copy, Debug)]
-pub(crate) enum QuickRetries {
-    /// Any transient failure, up to this many times.
-    Transient(u32),
-    /// Only write conflicts (409), up to this many times: a queue worker
-    /// leaves other failures to its retry schedule.
-    ConflictsOnly(u32),
+pub(crate) struct QuickRetries {
+    /// After a transient failure (5xx, timeout, 429, connection).
+    pub transient: u32,
+    /// After a write conflict (409: a concurrent writer of the same
+    /// tuples), which clears as soon as the other transaction ends.
+    pub conflicts: u32,
 }
+
+/// Conflicts are retried at least this often: two writers of the same new
+/// tuples on PostgreSQL meet them constantly.
+const CONFLICT_RETRIES: u32 = 5;
 
 /// A request to the flusher task.
 pub(crate) enum Command {
@@ -213,7 +222,10 @@ impl Engine {
     /// Writes one chunk, or in queue mode hands it to one job.
     async fn send_chunk(self: Arc<Self>, ops: Vec<Taken>) -> ChunkResult {
         let Some(sink) = &self.sink else {
-            let retries = QuickRetries::Transient(self.cfg.request_retries);
+            let retries = QuickRetries {
+                transient: self.cfg.request_retries,
+                conflicts: self.cfg.request_retries.max(CONFLICT_RETRIES),
+            };
             return self.write_chunk_as(None, None, ops, retries).await;
         };
         let mut result = ChunkResult::new(0);
@@ -232,21 +244,23 @@ impl Engine {
         result
     }
 
-    /// Writes one chunk (for queue worker: `job`'s, under the job's
-    /// `model`); on a permanent input error, splits it in halves until the
-    /// bad ops are alone, so the good ones are applied. A request that fails
-    /// transiently is tried again as `retries` allows.
+    /// Writes one chunk (for a queue worker: a job's, with the claims it
+    /// got for its ops and under the job's `model`); on a permanent input
+    /// error, splits it in halves until the bad ops are alone, so the good
+    /// ones are applied. A request that fails transiently is tried again as
+    /// `retries` allows.
     pub(crate) async fn write_chunk_as(
         &self,
-        job: Option<&str>,
+        claims: Option<Vec<Claim>>,
         model: Option<&str>,
         ops: Vec<Taken>,
         retries: QuickRetries,
     ) -> ChunkResult {
         let mut result = ChunkResult::new(ops.len());
-        let ops = match self.claim(job, ops, &mut result).await {
-            Some(ops) => ops,
-            None => return result,
+        let ops = match claims {
+            Some(claims) => keep_claimed(ops, claims, &mut result),
+            // Taken ops are this writer's.
+            None => ops,
         };
         let full = self.cfg.max_tuples_per_write;
         let mut todo = vec![ops];
@@ -337,10 +351,13 @@ impl Engine {
                     result.congested = true;
                 }
             }
-            let allowed = match retries {
-                QuickRetries::Transient(n) => e.is_transient() && tries < n,
-                QuickRetries::ConflictsOnly(n) => conflict && e.is_transient() && tries < n,
-            };
+            let allowed = e.is_transient()
+                && tries
+                    < if conflict {
+                        retries.conflicts
+                    } else {
+                        retries.transient
+                    };
             if !allowed {
                 return Err(e);
             }
@@ -357,39 +374,6 @@ impl Engine {
             tracing::debug!(error = %e, retry_in = ?wait, "write failed; retrying the request");
             tokio::time::sleep(wait).await;
         }
-    }
-
-    /// Keeps the ops this writer may write now; finishes stale ones without
-    /// writing; gives busy ones back (another process is writing their key)
-    /// without holding back the rest.
-    async fn claim(
-        &self,
-        job: Option<&str>,
-        ops: Vec<Taken>,
-        result: &mut ChunkResult,
-    ) -> Option<Vec<Taken>> {
-        let claims = match self.store.claim(job, &ops).await {
-            Ok(c) if c.len() == ops.len() => c,
-            Ok(_) | Err(_) => {
-                result
-                    .outcomes
-                    .extend(ops.into_iter().map(|t| (t, Outcome::Retry)));
-                result.stop = Some(Stop::Transient(Error::new(Kind::Busy(
-                    "could not claim tuples for writing".into(),
-                ))));
-                return None;
-            }
-        };
-        let mut mine = Vec::with_capacity(ops.len());
-        for (t, c) in ops.into_iter().zip(claims) {
-            match c {
-                Claim::Claimed => mine.push(t),
-                // Finishing a superseded op drops it (it counts as coalesced).
-                Claim::Stale => result.outcomes.push((t, Outcome::Stale)),
-                Claim::Busy => result.outcomes.push((t, Outcome::Busy)),
-            }
-        }
-        Some(mine)
     }
 
     async fn write(&self, ops: &[Taken], model: Option<&str>) -> Result<(), Error> {
@@ -413,6 +397,23 @@ impl Engine {
         }
         self.writer.write_within(&self.store_id, &req, budget).await
     }
+}
+
+/// The ops a queue worker may write: the claimed ones. Stale ones (a newer
+/// op replaced them) finish without a write; busy ones (a writer presumed
+/// dead still holds the key) stay with their job for a moment.
+fn keep_claimed(ops: Vec<Taken>, claims: Vec<Claim>, result: &mut ChunkResult) -> Vec<Taken> {
+    let mut mine = Vec::with_capacity(ops.len());
+    let mut claims = claims.into_iter();
+    for t in ops {
+        match claims.next() {
+            Some(Claim::Claimed) => mine.push(t),
+            // Finishing a superseded op drops it.
+            Some(Claim::Stale) => result.outcomes.push((t, Outcome::Stale)),
+            Some(Claim::Busy) | None => result.outcomes.push((t, Outcome::Busy)),
+        }
+    }
+    mine
 }
 
 fn quick_backoff(cfg: &FlushConfig) -> ExponentialBackoff {
@@ -538,6 +539,8 @@ struct Pump {
     running_firsts: BTreeMap<u64, usize>,
     /// Taken ops sorted by key, not yet sent.
     staged: VecDeque<Taken>,
+    /// The next window being taken, while the staged ops are sent.
+    taking: Option<BoxFuture<'static, Window>>,
     /// The tail of an object held back for the next window, where more of
     /// its ops are due: merged with them, it fills whole chunks.
     carry: Vec<Taken>,
@@ -559,6 +562,11 @@ struct Pump {
     waiters: Vec<Waiter>,
     /// What the pump did since it started.
     totals: FlushReport,
+    /// When the triggers were last looked at, and whether something asks
+    /// to look again now (a wake, a command, a timer).
+    planned_at: Option<Instant>,
+    replan: bool,
+    due: Option<Instant>,
     limit: Limit,
     /// After a chunk gave up on a transient error: no new request before this.
     paused_until: Option<Instant>,
@@ -581,6 +589,7 @@ impl Pump {
             running: FuturesUnordered::new(),
             running_firsts: BTreeMap::new(),
             staged: VecDeque::new(),
+            taking: None,
             carry: Vec::new(),
             carried: Default::default(),
             target: 0,
@@ -591,6 +600,9 @@ impl Pump {
             revokes_exhausted: None,
             waiters: Vec::new(),
             totals: FlushReport::default(),
+            planned_at: None,
+            replan: true,
+            due: None,
             limit,
             paused_until: None,
             backoff,
@@ -598,6 +610,20 @@ impl Pump {
             unrecorded: FlushReport::default(),
             shutdown: None,
         }
+    }
+
+    /// Looks at the triggers when it may matter: while requests run and
+    /// the target is not reached, at most every `PLAN_EVERY` (for the Redis
+    /// store each look is a round trip).
+    async fn maybe_plan(&mut self) -> Option<Instant> {
+        let busy = !self.running.is_empty() && self.exhausted != Some(self.target);
+        let recent = self.planned_at.is_some_and(|t| t.elapsed() < PLAN_EVERY);
+        if self.replan || !busy || !recent {
+            self.replan = false;
+            self.planned_at = Some(Instant::now());
+            self.due = self.plan().await;
+        }
+        self.due
     }
 
     /// Raises the targets as the triggers say; returns when to look again.
@@ -747,32 +773,37 @@ impl Pump {
                     None => return,
                 }
             }
+            // The next window is taken while this one's chunks go out.
+            let due = self.target > 0 && self.exhausted != Some(self.target);
+            if due && self.taking.is_none() && self.staged.len() < chunk * self.limit.get() {
+                self.taking = Some(Box::pin(take_window(
+                    self.engine.clone(),
+                    self.cursor,
+                    self.target,
+                    chunk * WINDOW_CHUNKS,
+                )));
+            }
             if self.staged.is_empty() {
-                let window = chunk * WINDOW_CHUNKS;
-                let ops = if self.target > 0 && self.exhausted != Some(self.target) {
-                    match self.take_window(window).await {
-                        Some(ops) if ops.is_empty() => {
-                            self.exhausted = Some(self.target);
-                            continue;
-                        }
-                        Some(ops) => ops,
-                        None => return,
-                    }
-                } else if revokes_due {
-                    match self.take(window, Take::Revokes, self.revoke_target).await {
+                if self.taking.is_some() {
+                    return;
+                }
+                if revokes_due {
+                    match self
+                        .take(chunk * WINDOW_CHUNKS, Take::Revokes, self.revoke_target)
+                        .await
+                    {
                         Some(ops) if ops.is_empty() => {
                             self.revokes_exhausted = Some(self.revoke_target);
                             return;
                         }
-                        Some(ops) => ops,
+                        Some(ops) => self.stage(ops),
                         None => return,
                     }
                 } else if !self.carry.is_empty() {
-                    Vec::new()
+                    self.stage(Vec::new());
                 } else {
                     return;
-                };
-                self.stage(ops);
+                }
             }
             let n = self.next_cut(chunk);
             if self.should_carry(n, chunk) {
@@ -832,19 +863,20 @@ impl Pump {
         n
     }
 
-    /// The oldest due ops, about `window` of them: those acknowledged in the
-    /// next `window` sequence numbers after the previous window (and any
-    /// older ones ready again). Taking by sequence range rather than per
-    /// shard keeps a caller's consecutive ops together.
-    async fn take_window(&mut self, window: usize) -> Option<Vec<Taken>> {
-        let mut out = Vec::new();
-        loop {
-            let bound = self.target.min(self.cursor.saturating_add(window as u64));
-            let ops = self.take(window - out.len(), Take::All, bound).await?;
-            out.extend(ops);
-            self.cursor = self.cursor.max(bound);
-            if out.len() * 2 >= window || bound >= self.target {
-                return Some(out);
+    /// A window was taken.
+    fn taken(&mut self, w: Window) {
+        self.taking = None;
+        self.cursor = self.cursor.max(w.cursor);
+        match w.result {
+            Ok(ops) if ops.is_empty() => {
+                if w.cursor >= w.target && w.target >= self.target {
+                    self.exhausted = Some(w.target);
+                }
+            }
+            Ok(ops) => self.stage(ops),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take pending ops");
+                self.give_up(Stop::Transient(e));
             }
         }
     }
@@ -886,12 +918,29 @@ impl Pump {
         let engine = self.engine.clone();
         let span = tracing::debug_span!("fga_wb.chunk", ops = ops.len());
         self.running.push(Box::pin(
-            async move { (engine.send_chunk(ops).await, first) }.instrument(span),
+            async move {
+                let mut result = engine.clone().send_chunk(ops).await;
+                // Finished here, not in the pump: chunks end concurrently,
+                // and the pump goes on starting others meanwhile.
+                for (t, o) in &result.outcomes {
+                    if matches!(o, Outcome::Dead { .. }) {
+                        // Its grant may have been in cached answers as a
+                        // contextual tuple; OpenFGA will never have it.
+                        engine.cache.invalidate_for(&t.tuple);
+                    }
+                }
+                let outcomes = std::mem::take(&mut result.outcomes);
+                if !outcomes.is_empty() {
+                    result.finished = Some(engine.store.finish(outcomes, None).await);
+                }
+                (result, first)
+            }
+            .instrument(span),
         ));
     }
 
     /// Records a finished chunk.
-    async fn done(&mut self, result: ChunkResult, first: u64) {
+    fn done(&mut self, result: ChunkResult, first: u64) {
         if let Some(n) = self.running_firsts.get_mut(&first) {
             *n -= 1;
             if *n == 0 {
@@ -906,20 +955,14 @@ impl Pump {
             queued: result.queued,
             ..Default::default()
         };
-        for (t, o) in &result.outcomes {
-            if matches!(o, Outcome::Dead { .. }) {
-                // Its grant may have been in cached answers as a contextual
-                // tuple; OpenFGA will never have it.
-                e.cache.invalidate_for(&t.tuple);
-            }
-        }
         let mut stop = result.stop;
-        match e.store.finish(result.outcomes, None).await {
-            Ok(f) => e.account(&f, &mut report),
-            Err(err) => {
+        match result.finished {
+            Some(Ok(f)) => e.account(&f, &mut report),
+            Some(Err(err)) => {
                 tracing::error!(error = %err, "could not record flush outcomes");
                 stop.get_or_insert(Stop::Transient(err));
             }
+            None => {}
         }
         // Something finished: keys it held may be ready again.
         self.exhausted = None;
@@ -1008,7 +1051,8 @@ impl Pump {
         // Sequence numbers start at 1: up to 0 is nothing.
         let ready_done =
             up_to == 0 || (self.exhausted.is_some_and(|t| t >= up_to) && self.blocked == 0);
-        let none_running = self.running_firsts.keys().next().is_none_or(|&f| f > up_to);
+        let none_running =
+            self.running_firsts.keys().next().is_none_or(|&f| f > up_to) && self.taking.is_none();
         let none_staged = self
             .staged
             .iter()
@@ -1083,11 +1127,55 @@ impl Pump {
     }
 }
 
+/// What a window take brought back.
+struct Window {
+    result: crate::Result<Vec<Taken>>,
+    /// The end of the sequence range taken.
+    cursor: u64,
+    /// The target it was taken for.
+    target: u64,
+}
+
+/// The oldest due ops, about `window` of them: those acknowledged in the
+/// `window` sequence numbers after `cursor` (and any older ones ready
+/// again), up to `target`. Taking by sequence range rather than per shard
+/// keeps a caller's consecutive ops together.
+async fn take_window(engine: Arc<Engine>, mut cursor: u64, target: u64, window: usize) -> Window {
+    let mut out = Vec::new();
+    loop {
+        let bound = target.min(cursor.saturating_add(window as u64));
+        match engine
+            .store
+            .take(window - out.len(), Take::All, bound)
+            .await
+        {
+            Ok(ops) => out.extend(ops),
+            Err(e) => {
+                return Window {
+                    result: Err(e),
+                    cursor,
+                    target,
+                }
+            }
+        }
+        cursor = cursor.max(bound);
+        if out.len() * 2 >= window || bound >= target {
+            return Window {
+                result: Ok(out),
+                cursor,
+                target,
+            };
+        }
+    }
+}
+
 /// Chunks per window sorted by key before cutting: large enough that the
 /// ops of one object from many interleaved callers fill whole chunks.
 const WINDOW_CHUNKS: usize = 32;
 /// Windows a partial group may be held back for.
 const MAX_CARRIES: u8 = 3;
+/// While requests run, the triggers are looked at this often at most.
+const PLAN_EVERY: Duration = Duration::from_millis(20);
 /// Longest a flush() waits for ops blocked behind other writers' writes.
 const BLOCKED_WAIT: Duration = Duration::from_secs(30);
 /// How often a waiting flush() looks at ops blocked behind other writers.
@@ -1116,7 +1204,7 @@ pub(crate) async fn run(
         // (Notify keeps the permit if we are not waiting yet).
         let idle = pump.running.is_empty();
         pump.engine.sleeping.store(idle, Ordering::Release);
-        let due = pump.plan().await;
+        let due = pump.maybe_plan().await;
         pump.engine
             .timer_armed
             .store(due.is_some(), Ordering::Release);
@@ -1184,15 +1272,22 @@ pub(crate) async fn run(
                 return;
             }
             Some((result, first)) = pump.running.next(), if !pump.running.is_empty() => {
-                pump.done(result, first).await;
+                pump.done(result, first);
+            }
+            w = next_window(&mut pump.taking), if pump.taking.is_some() => {
+                pump.taken(w);
             }
             cmd = commands.recv() => match cmd {
                 None => {
                     pump.unstage().await;
                     return;
                 }
-                Some(Command::Flush(reply)) => pump.add_waiter(reply).await,
+                Some(Command::Flush(reply)) => {
+                    pump.replan = true;
+                    pump.add_waiter(reply).await;
+                }
                 Some(Command::Shutdown { deadline, reply }) => {
+                    pump.replan = true;
                     pump.shutdown = Some(deadline);
                     *pump
                         .engine
@@ -1209,8 +1304,8 @@ pub(crate) async fn run(
                     }
                 }
             },
-            _ = wake.notified() => {}
-            _ = sleep_until(wake_at), if wake_at.is_some() => {}
+            _ = wake.notified() => pump.replan = true,
+            _ = sleep_until(wake_at), if wake_at.is_some() => pump.replan = true,
         }
     }
 }
@@ -1267,6 +1362,13 @@ pub(crate) async fn flush_once(engine: Arc<Engine>) -> FlushReport {
     let report = answer.await.unwrap_or_default();
     task.abort();
     report
+}
+
+async fn next_window(taking: &mut Option<BoxFuture<'static, Window>>) -> Window {
+    match taking {
+        Some(t) => t.await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -68,6 +68,8 @@ fn queue_mode(mut c: Config, schedule: &[u64]) -> Config {
     c.queue.retry_schedule = schedule.iter().map(|&s| Duration::from_secs(s)).collect();
     c.queue.heartbeat = Duration::from_secs(1);
     c.queue.poll_interval = Duration::from_millis(50);
+    // One request per attempt, so a test counts attempts exactly.
+    c.queue.request_retries = 0;
     c.openfga.request_timeout = Duration::from_secs(2);
     c.openfga.connect_timeout = Duration::from_millis(500);
     c
@@ -473,6 +475,48 @@ async fn a_job_that_fails_twice_then_succeeds_is_applied_once() {
         (1, 0),
         "{st:?}"
     );
+    assert_accounted(&wb).await;
+}
+
+/// A blip (one 500, as a busy database answers) is retried at once by the
+/// worker (`queue.request_retries = 1`), not after the first step of the
+/// retry schedule (30 s here, longer than the test waits): two Write
+/// requests, the op applied, nothing dead-lettered or left queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blip_is_retried_at_once_by_the_worker() {
+    let server = MockServer::start().await;
+    let store_id = unique_store_id();
+    let writes = WriteLog::mount(&server, &store_id, |n| {
+        if n == 0 {
+            fixture("server-error-500").response()
+        } else {
+            fixture("write-ok").response()
+        }
+    })
+    .await;
+    let mut config = mock_config(&server, &store_id, &[30]);
+    config.queue.request_retries = 1;
+    let wb = app(config.clone()).await;
+    let w = Watch {
+        wb: &wb,
+        writes: Some(&writes),
+    };
+    let worker = Worker::start(config, 1);
+    wb.grant("user:bob", "viewer", "document:blip")
+        .await
+        .unwrap();
+    assert_eq!(wb.flush().await.unwrap().queued, 1);
+    w.until("the op to be applied", Duration::from_secs(20), || async {
+        wb.status().await.unwrap().totals.applied == 1
+    })
+    .await;
+    w.until("the queue to empty", Duration::from_secs(5), || {
+        settled(&wb)
+    })
+    .await;
+    worker.stop().await;
+    assert_eq!(writes.requests().len(), 2, "500, then 200");
+    assert!(wb.dead_letters().await.unwrap().is_empty());
     assert_accounted(&wb).await;
 }
 

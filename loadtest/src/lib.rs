@@ -247,3 +247,30 @@ impl Meter {
         (self.wall.elapsed(), self_cpu().saturating_sub(self.cpu))
     }
 }
+
+/// Runs every thread of process `pid` (and the threads and processes it
+/// starts later) on `cpus` only.
+pub fn pin(pid: u32, cpus: &[usize]) -> Res<()> {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes within it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))?;
+    for t in tasks.flatten() {
+        let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        // SAFETY: sched_setaffinity reads the set we own.
+        let r =
+            unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+        if r != 0 {
+            return Err(format!(
+                "sched_setaffinity({tid}): {}",
+                std::io::Error::last_os_error()
+            )
+            .into());
+        }
+    }
+    Ok(())
+}

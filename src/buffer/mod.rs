@@ -183,16 +183,6 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn push<'a>(&'a self, tuple: &'a TupleKey, op: Op) -> BoxFuture<'a, Result<Pushed>>;
     /// Takes up to `max` ready ops with `seq <= up_to`, marking them in flight.
     fn take(&self, max: usize, what: Take, up_to: u64) -> BoxFuture<'_, Result<Vec<Taken>>>;
-    /// Write permission for ops, in the same order: for `job`'s ops (a
-    /// queue worker), only those the job still holds; taken ops (`None`)
-    /// are this writer's already.
-    fn claim<'a>(
-        &'a self,
-        _job: Option<&'a str>,
-        ops: &'a [Taken],
-    ) -> BoxFuture<'a, Result<Vec<Claim>>> {
-        Box::pin(futures::future::ready(Ok(vec![Claim::Claimed; ops.len()])))
-    }
     /// Ends in-flight ops with their outcomes, and with `job`, the job.
     fn finish<'a>(
         &'a self,

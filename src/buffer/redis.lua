@@ -47,15 +47,42 @@
 
 local P = KEYS[1]
 local cmd = ARGV[1]
+-- Locals: Lua 5.1 looks globals up in a table on every use.
+local tinsert, smatch, ssub = table.insert, string.match, string.sub
+local tostring, tonumber, pairs, ipairs, unpack = tostring, tonumber, pairs, ipairs, unpack
+local rcall, pcall_ = redis.call, redis.pcall
+-- Key and field names built once per call, not once per op.
+local K_OPS, K_COUNTS, K_REL, K_BLOCKED = P .. ':ops', P .. ':counts', P .. ':rel', P .. ':blocked'
+local K_READY = { g = P .. ':ready:g', r = P .. ':ready:r' }
+local F_PENDING = { g = 'pg', r = 'pr' }
+local lex_keys, rel_fields = {}, {}
+local function lex_key(rel, op)
+  local k = lex_keys[rel .. op]
+  if not k then
+    k = P .. ':lex:' .. rel .. '|' .. op
+    lex_keys[rel .. op] = k
+  end
+  return k
+end
+local function rel_field(rel, op)
+  local k = rel_fields[rel .. op]
+  if not k then
+    k = rel .. '|' .. op
+    rel_fields[rel .. op] = k
+  end
+  return k
+end
 
+-- Numbers stay strings (compared as strings, passed to Redis as strings):
+-- turning them into numbers and back costs more than everything else an
+-- entry needs.
 local function parse(v)
   if not v then return nil end
-  local seq, first, since, op, state, job, writer, ifseq, cond = string.match(v,
+  local seq, first, since, op, state, job, writer, ifseq, cond = smatch(v,
     '^(%d+)|(%d+)|(%d+)|([gr])|([rjtb])|([^|]*)|([^|]*)|(%d*)|(.*)$')
   if not seq then return nil end
-  return { seq = tonumber(seq), first = tonumber(first), since = tonumber(since),
-           op = op, state = state, job = job, writer = writer,
-           ifseq = tonumber(ifseq), cond = cond }
+  return { seq = seq, first = first, since = since, op = op, state = state, job = job,
+           writer = writer, ifseq = ifseq ~= '' and ifseq or nil, cond = cond }
 end
 
 local function encode(e)
@@ -63,37 +90,45 @@ local function encode(e)
     (e.job or '') .. '|' .. (e.writer or '') .. '|' .. (e.ifseq or '') .. '|' .. e.cond
 end
 
+-- "type:id#relation@user" -> "type#relation", remembered per call (ops of
+-- one call are mostly on a few relations).
+local rels_of = {}
 local function rel_of(key)
-  -- "type:id#relation@user" -> "type#relation"
-  local object, relation = string.match(key, '^([^#]*)#([^@]*)@')
-  if not object then return nil end
-  return (string.match(object, '^([^:]*):') or object) .. '#' .. relation
+  local r = rels_of[key]
+  if r ~= nil then return r or nil end
+  local object, relation = smatch(key, '^([^#]*)#([^@]*)@')
+  if object then
+    r = (smatch(object, '^([^:]*):') or object) .. '#' .. relation
+  end
+  rels_of[key] = r or false
+  return r
 end
 
 -- Counter changes, summed in Lua and written once per call. HINCRBY on a
 -- field that is not a number would abort the script after earlier writes
 -- (which Redis does not undo), so a bad counter is reset, not fatal.
-local deltas, delta_order = {}, {}
+local deltas = {}
 local function incr(hash, field, d)
-  local k = hash .. '\0' .. field
-  if deltas[k] == nil then
-    deltas[k] = 0
-    table.insert(delta_order, { hash, field, k })
+  local h = deltas[hash]
+  if not h then
+    h = {}
+    deltas[hash] = h
   end
-  deltas[k] = deltas[k] + d
+  h[field] = (h[field] or 0) + d
 end
 
 local function flush_incrs()
-  for _, hf in ipairs(delta_order) do
-    local hash, field, d = hf[1], hf[2], deltas[hf[3]]
-    if d ~= 0 then
-      local r = redis.pcall('HINCRBY', hash, field, d)
-      if type(r) == 'table' and r.err then
-        redis.call('HSET', hash, field, d)
+  for hash, fields in pairs(deltas) do
+    for field, d in pairs(fields) do
+      if d ~= 0 then
+        local r = pcall_('HINCRBY', hash, field, d)
+        if type(r) == 'table' and r.err then
+          rcall('HSET', hash, field, d)
+        end
       end
     end
   end
-  deltas, delta_order = {}, {}
+  deltas = {}
 end
 
 -- Collected writes, issued once per call. Each key's final state wins:
@@ -101,66 +136,102 @@ end
 local zsets = {}   -- zset -> member -> score, or false to remove
 local hashes = {}  -- hash -> field -> value, or false to delete
 local function zset(z, member, score)
-  zsets[z] = zsets[z] or {}
-  zsets[z][member] = score
+  local t = zsets[z]
+  if not t then
+    t = {}
+    zsets[z] = t
+  end
+  t[member] = score
 end
 local function hset(h, field, value)
-  hashes[h] = hashes[h] or {}
-  hashes[h][field] = value
+  local t = hashes[h]
+  if not t then
+    t = {}
+    hashes[h] = t
+  end
+  t[field] = value
 end
 
+-- Order matters when data that is not fga-wb's sits under the prefix: a
+-- command on a key of the wrong type aborts the script, and what ran before
+-- it stays. So the entries themselves (P:ops), which make an op count as
+-- buffered, are written last: an aborted call has buffered nothing.
 local function apply_writes()
+  local ops = hashes[P .. ':ops']
+  hashes[P .. ':ops'] = nil
   for z, members in pairs(zsets) do
     local add, rem = {}, {}
     for m, score in pairs(members) do
       if score then
-        table.insert(add, score)
-        table.insert(add, m)
+        tinsert(add, score)
+        tinsert(add, m)
       else
-        table.insert(rem, m)
+        tinsert(rem, m)
       end
     end
     for i = 1, #rem, 4000 do
-      redis.call('ZREM', z, unpack(rem, i, math.min(i + 3999, #rem)))
+      rcall('ZREM', z, unpack(rem, i, math.min(i + 3999, #rem)))
     end
     for i = 1, #add, 8000 do
-      redis.call('ZADD', z, unpack(add, i, math.min(i + 7999, #add)))
+      rcall('ZADD', z, unpack(add, i, math.min(i + 7999, #add)))
     end
   end
   for h, fields in pairs(hashes) do
     local set, del = {}, {}
     for f, v in pairs(fields) do
       if v then
-        table.insert(set, f)
-        table.insert(set, v)
+        tinsert(set, f)
+        tinsert(set, v)
       else
-        table.insert(del, f)
+        tinsert(del, f)
       end
     end
     for i = 1, #del, 4000 do
-      redis.call('HDEL', h, unpack(del, i, math.min(i + 3999, #del)))
+      rcall('HDEL', h, unpack(del, i, math.min(i + 3999, #del)))
     end
     for i = 1, #set, 8000 do
-      redis.call('HSET', h, unpack(set, i, math.min(i + 7999, #set)))
+      rcall('HSET', h, unpack(set, i, math.min(i + 7999, #set)))
+    end
+  end
+  flush_incrs()
+  if ops then
+    hashes = { [P .. ':ops'] = ops }
+    for h, fields in pairs(hashes) do
+      local set, del = {}, {}
+      for f, v in pairs(fields) do
+        if v then
+          tinsert(set, f)
+          tinsert(set, v)
+        else
+          tinsert(del, f)
+        end
+      end
+      for i = 1, #del, 4000 do
+        rcall('HDEL', h, unpack(del, i, math.min(i + 3999, #del)))
+      end
+      for i = 1, #set, 8000 do
+        rcall('HSET', h, unpack(set, i, math.min(i + 7999, #set)))
+      end
     end
   end
   zsets, hashes = {}, {}
-  flush_incrs()
 end
 
 -- Refuses to run (before writing anything) when a key holds another type than
--- fga-wb writes there: someone else's data under our prefix.
+-- fga-wb writes there: someone else's data under our prefix. Used by the rare
+-- commands that write many kinds of keys; the frequent ones rely on the order
+-- of their writes (see apply_writes) and Redis's own WRONGTYPE.
 local function expect_types(list)
   for _, kt in ipairs(list) do
-    local t = redis.call('TYPE', kt[1])['ok']
+    local t = rcall('TYPE', kt[1])['ok']
     if t ~= 'none' and t ~= kt[2] then
       return 'fga-wb: Redis key ' .. kt[1] .. ' holds a ' .. t .. ', expected a ' .. kt[2] ..
         '; it was not written by fga-wb (remove it, or use another redis.key_prefix)'
     end
   end
-  local seq = redis.call('GET', P .. ':seq')
+  local seq = rcall('GET', P .. ':seq')
   if seq and not tonumber(seq) then
-    return 'fga-wb: Redis key ' .. P .. ':seq holds ' .. string.sub(seq, 1, 40) ..
+    return 'fga-wb: Redis key ' .. P .. ':seq holds ' .. ssub(seq, 1, 40) ..
       ', expected a number; it was not written by fga-wb'
   end
   return nil
@@ -176,14 +247,14 @@ local base_types = {
 
 local function check_keys(keys)
   local list = {}
-  for _, kt in ipairs(base_types) do table.insert(list, kt) end
+  for _, kt in ipairs(base_types) do tinsert(list, kt) end
   local seen = {}
   for _, key in ipairs(keys) do
     local rel = rel_of(key)
     if rel and not seen[rel] then
       seen[rel] = true
-      table.insert(list, { P .. ':lex:' .. rel .. '|g', 'zset' })
-      table.insert(list, { P .. ':lex:' .. rel .. '|r', 'zset' })
+      tinsert(list, { P .. ':lex:' .. rel .. '|g', 'zset' })
+      tinsert(list, { P .. ':lex:' .. rel .. '|r', 'zset' })
     end
   end
   return expect_types(list)
@@ -191,24 +262,25 @@ end
 
 local function publish(msg)
   -- ARGV[2] is always the publish command: PUBLISH, or SPUBLISH on a cluster.
-  redis.call(ARGV[2], P .. ':events', msg)
+  rcall(ARGV[2], P .. ':events', msg)
 end
 
 -- The bookkeeping of an entry's existence: its latest op in the lex index and
 -- per-relation counts, and the counts by state. `d` is +1 when an entry
 -- appears in state `state`, -1 when it leaves it.
 local function count_state(e, d, key)
-  if e.state == 'r' or e.state == 'b' then incr(P .. ':counts', 'p' .. e.op, d) end
-  if e.state == 'b' and key then zset(P .. ':blocked', key, d > 0 and e.first or false) end
-  if e.state == 't' or e.state == 'b' then incr(P .. ':counts', 't', d) end
-  if e.state == 'j' then incr(P .. ':counts', 'j', d) end
+  local st = e.state
+  if st == 'r' or st == 'b' then incr(K_COUNTS, F_PENDING[e.op], d) end
+  if st == 'b' and key then zset(K_BLOCKED, key, d > 0 and e.first or false) end
+  if st == 't' or st == 'b' then incr(K_COUNTS, 't', d) end
+  if st == 'j' then incr(K_COUNTS, 'j', d) end
 end
 
 local function index_latest(key, e, d)
   local rel = rel_of(key)
   if not rel then return end
-  incr(P .. ':rel', rel .. '|' .. e.op, d)
-  zset(P .. ':lex:' .. rel .. '|' .. e.op, key, d > 0 and 0 or false)
+  incr(K_REL, rel_field(rel, e.op), d)
+  zset(lex_key(rel, e.op), key, d > 0 and 0 or false)
 end
 
 -- Entries read in this call, with their writes collected in `hashes`.
@@ -216,12 +288,12 @@ local cache = {}
 local function load(keys)
   local missing = {}
   for _, k in ipairs(keys) do
-    if cache[k] == nil then table.insert(missing, k) end
+    if cache[k] == nil then tinsert(missing, k) end
   end
   local corrupt = 0
   for i = 1, #missing, 4000 do
     local part = { unpack(missing, i, math.min(i + 3999, #missing)) }
-    local raw = redis.call('HMGET', P .. ':ops', unpack(part))
+    local raw = rcall('HMGET', P .. ':ops', unpack(part))
     for j, k in ipairs(part) do
       local e = parse(raw[j])
       if raw[j] and not e then
@@ -231,11 +303,11 @@ local function load(keys)
         hset(P .. ':ops', k, false)
         local rel = rel_of(k)
         for _, kind in ipairs({ 'g', 'r' }) do
-          if redis.call('ZSCORE', P .. ':ready:' .. kind, k) then
+          if rcall('ZSCORE', P .. ':ready:' .. kind, k) then
             incr(P .. ':counts', 'p' .. kind, -1)
             zset(P .. ':ready:' .. kind, k, false)
           end
-          if rel and redis.call('ZSCORE', P .. ':lex:' .. rel .. '|' .. kind, k) then
+          if rel and rcall('ZSCORE', P .. ':lex:' .. rel .. '|' .. kind, k) then
             incr(P .. ':rel', rel .. '|' .. kind, -1)
             zset(P .. ':lex:' .. rel .. '|' .. kind, k, false)
           end
@@ -250,11 +322,11 @@ end
 
 local function put(key, e)
   cache[key] = e or false
-  hset(P .. ':ops', key, e and encode(e) or false)
+  hset(K_OPS, key, e and encode(e) or false)
 end
 
 local function set_ready(key, e, on)
-  zset(P .. ':ready:' .. e.op, key, on and e.first or false)
+  zset(K_READY[e.op], key, on and e.first or false)
 end
 
 -- Removes an entry for good (applied, dead-lettered, cleared).
@@ -279,11 +351,12 @@ local function move(key, e, state, writer, job)
   put(key, e)
 end
 
+-- Other processes' cached answers compare these generations on every check,
+-- so a change needs no message.
 local function bump_gen(rels)
   local any = false
   for rel, _ in pairs(rels) do
     incr(P .. ':gen', rel, 1)
-    publish('op ' .. rel)
     any = true
   end
   if any then incr(P .. ':gen', '*', 1) end
@@ -292,10 +365,10 @@ end
 -- Writers whose lease ended: what they were writing is ready again (or back
 -- with its job), and the jobs they ran go back to the queue.
 local function reclaim(now)
-  local dead = redis.call('ZRANGEBYSCORE', P .. ':owners', '-inf', now, 'LIMIT', 0, 20)
+  local dead = rcall('ZRANGEBYSCORE', P .. ':owners', '-inf', now, 'LIMIT', 0, 20)
   local reclaimed = 0
   for _, w in ipairs(dead) do
-    local keys = redis.call('SMEMBERS', P .. ':w:' .. w)
+    local keys = rcall('SMEMBERS', P .. ':w:' .. w)
     load(keys)
     for _, key in ipairs(keys) do
       local e = cache[key]
@@ -311,16 +384,16 @@ local function reclaim(now)
         end
       end
     end
-    for _, id in ipairs(redis.call('SMEMBERS', P .. ':wj:' .. w)) do
-      if redis.call('HGET', P .. ':jobrun', id) == w then
-        redis.call('HDEL', P .. ':jobrun', id)
-        if redis.call('HEXISTS', P .. ':jobs', id) == 1 then
+    for _, id in ipairs(rcall('SMEMBERS', P .. ':wj:' .. w)) do
+      if rcall('HGET', P .. ':jobrun', id) == w then
+        rcall('HDEL', P .. ':jobrun', id)
+        if rcall('HEXISTS', P .. ':jobs', id) == 1 then
           zset(P .. ':jobq', id, now)
         end
       end
     end
-    redis.call('DEL', P .. ':w:' .. w, P .. ':wj:' .. w)
-    redis.call('ZREM', P .. ':owners', w)
+    rcall('DEL', P .. ':w:' .. w, P .. ':wj:' .. w)
+    rcall('ZREM', P .. ':owners', w)
   end
   if reclaimed > 0 then
     incr(P .. ':stats', 'reclaimed', reclaimed)
@@ -330,33 +403,31 @@ local function reclaim(now)
 end
 
 local function init_epoch(now)
-  if redis.call('EXISTS', P .. ':epoch') == 0 then
-    redis.call('SET', P .. ':epoch', now)
+  if rcall('EXISTS', P .. ':epoch') == 0 then
+    rcall('SET', P .. ':epoch', now)
   end
 end
 
 -- push pub now cap n (key op cond)*n -> {seq, coalesced}*n .. {pending, corrupt}
 -- seq is -1 for an op refused because the buffer is full.
 if cmd == 'push' then
-  local now, cap, n = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+  local now, cap, n = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
   local keys = {}
-  for i = 0, n - 1 do table.insert(keys, ARGV[6 + i * 3]) end
-  local bad = check_keys(keys)
-  if bad then return redis.error_reply(bad) end
-  init_epoch(now)
+  for i = 0, n - 1 do tinsert(keys, ARGV[6 + i * 3]) end
   local corrupt = load(keys)
   local out, rels = {}, {}
   local acked, coalesced_total = 0, 0
-  local size = redis.call('HLEN', P .. ':ops') - corrupt
-  local last = redis.call('INCRBY', P .. ':seq', n)
+  local size = rcall('HLEN', P .. ':ops') - corrupt
+  local last = rcall('INCRBY', P .. ':seq', n)
+  if last == n then init_epoch(now) end
   for i = 0, n - 1 do
     local key, op, cond = ARGV[6 + i * 3], ARGV[7 + i * 3], ARGV[8 + i * 3]
     local cur = cache[key]
     if not cur and size >= cap then
-      table.insert(out, -1)
-      table.insert(out, 0)
+      tinsert(out, -1)
+      tinsert(out, 0)
     else
-      local seq = last - n + 1 + i
+      local seq = tostring(last - n + 1 + i)
       local coalesced = 0
       local e
       if not cur then
@@ -396,17 +467,17 @@ if cmd == 'push' then
       if rel then rels[rel] = true end
       acked = acked + 1
       coalesced_total = coalesced_total + coalesced
-      table.insert(out, seq)
-      table.insert(out, coalesced)
+      tinsert(out, seq)
+      tinsert(out, coalesced)
     end
   end
   if acked > 0 then incr(P .. ':stats', 'acknowledged', acked) end
   if coalesced_total > 0 then incr(P .. ':stats', 'coalesced', coalesced_total) end
   bump_gen(rels)
   apply_writes()
-  local c = redis.call('HMGET', P .. ':counts', 'pg', 'pr')
-  table.insert(out, (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0))
-  table.insert(out, corrupt)
+  local c = rcall('HMGET', P .. ':counts', 'pg', 'pr')
+  tinsert(out, (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0))
+  tinsert(out, corrupt)
   return out
 end
 
@@ -416,9 +487,9 @@ local function ready_keys(kinds, up_to, max)
   for i = 1, #kinds do
     local room = max - #keys
     if room <= 0 then break end
-    local kind = string.sub(kinds, i, i)
-    for _, k in ipairs(redis.call('ZRANGEBYSCORE', P .. ':ready:' .. kind, '-inf', up_to, 'LIMIT', 0, room)) do
-      table.insert(keys, k)
+    local kind = ssub(kinds, i, i)
+    for _, k in ipairs(rcall('ZRANGEBYSCORE', P .. ':ready:' .. kind, '-inf', up_to, 'LIMIT', 0, room)) do
+      tinsert(keys, k)
     end
   end
   return keys
@@ -429,10 +500,8 @@ end
 if cmd == 'take' then
   local now, max, kinds, up_to, writer, lease =
     tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
-  local bad = check_keys({})
-  if bad then return redis.error_reply(bad) end
   reclaim(now)
-  redis.call('ZADD', P .. ':owners', now + lease, writer)
+  rcall('ZADD', P .. ':owners', now + lease, writer)
   local keys = ready_keys(kinds, up_to, max)
   local out = { load(keys) }
   local taken = {}
@@ -440,19 +509,19 @@ if cmd == 'take' then
     local e = cache[key]
     if e and e.state == 'r' then
       move(key, e, 't', writer)
-      table.insert(taken, key)
-      table.insert(out, key)
-      table.insert(out, e.seq)
-      table.insert(out, e.op)
-      table.insert(out, e.cond)
-      table.insert(out, e.first)
+      tinsert(taken, key)
+      tinsert(out, key)
+      tinsert(out, e.seq)
+      tinsert(out, e.op)
+      tinsert(out, e.cond)
+      tinsert(out, e.first)
     else
       for _, kind in ipairs({ 'g', 'r' }) do zset(P .. ':ready:' .. kind, key, false) end
     end
   end
   apply_writes()
   for i = 1, #taken, 4000 do
-    redis.call('SADD', P .. ':w:' .. writer, unpack(taken, i, math.min(i + 3999, #taken)))
+    rcall('SADD', P .. ':w:' .. writer, unpack(taken, i, math.min(i + 3999, #taken)))
   end
   return out
 end
@@ -464,20 +533,20 @@ if cmd == 'enqueue' then
   local now, writer, store, model, n = tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
   local keys, seqs = {}, {}
   for i = 0, n - 1 do
-    table.insert(keys, ARGV[8 + i * 2])
-    table.insert(seqs, tonumber(ARGV[9 + i * 2]))
+    tinsert(keys, ARGV[8 + i * 2])
+    tinsert(seqs, ARGV[9 + i * 2])
   end
   local bad = check_keys({})
   if bad then return redis.error_reply(bad) end
   load(keys)
-  local id = redis.call('INCR', P .. ':jobseq')
+  local id = rcall('INCR', P .. ':jobseq')
   local ops = {}
   local superseded = 0
   for i, key in ipairs(keys) do
     local e = cache[key]
     if e and e.state == 't' and e.writer == writer and e.seq == seqs[i] then
       move(key, e, 'j', nil, tostring(id))
-      table.insert(ops, { key = key, op = e.op, seq = e.seq, cond = e.cond })
+      tinsert(ops, { key = key, op = e.op, seq = tonumber(e.seq), cond = e.cond })
     elseif e and e.state == 'b' and e.writer == writer and e.ifseq == seqs[i] then
       -- A newer op arrived since the take: it is ready now, and the taken
       -- op is folded into it.
@@ -488,15 +557,15 @@ if cmd == 'enqueue' then
   if superseded > 0 then incr(P .. ':stats', 'coalesced', superseded) end
   apply_writes()
   for i = 1, #keys, 4000 do
-    redis.call('SREM', P .. ':w:' .. writer, unpack(keys, i, math.min(i + 3999, #keys)))
+    rcall('SREM', P .. ':w:' .. writer, unpack(keys, i, math.min(i + 3999, #keys)))
   end
   if #ops == 0 then return 0 end
-  redis.call('HSET', P .. ':jobs', id, cjson.encode({
+  rcall('HSET', P .. ':jobs', id, cjson.encode({
     id = id, store_id = store, model_id = model, attempt = 0, ops = ops, created = now }))
   local held = {}
-  for _, o in ipairs(ops) do table.insert(held, o.key) end
-  redis.call('SADD', P .. ':jk:' .. id, unpack(held))
-  redis.call('ZADD', P .. ':jobq', now, id)
+  for _, o in ipairs(ops) do tinsert(held, o.key) end
+  rcall('SADD', P .. ':jk:' .. id, unpack(held))
+  rcall('ZADD', P .. ':jobq', now, id)
   publish('jobs')
   return id
 end
@@ -504,78 +573,80 @@ end
 -- A job that cannot be read: set aside (P:badjobs), and the ops it held are
 -- pending again, so nothing is lost with it.
 local function drop_bad_job(id, raw, now)
-  local keys = redis.call('SMEMBERS', P .. ':jk:' .. id)
+  local keys = rcall('SMEMBERS', P .. ':jk:' .. id)
   load(keys)
   for _, key in ipairs(keys) do
     local e = cache[key]
     if e and (e.state == 'j' or e.state == 't') and e.job == id then move(key, e, 'r') end
   end
   apply_writes()
-  redis.call('DEL', P .. ':jk:' .. id)
-  redis.call('HDEL', P .. ':jobs', id)
-  redis.call('HDEL', P .. ':jobrun', id)
-  redis.call('ZREM', P .. ':jobq', id)
-  redis.call('HSET', P .. ':badjobs', id, string.sub(raw or '', 1, 2000))
-  redis.call('HINCRBY', P .. ':stats', 'bad_jobs', 1)
+  rcall('DEL', P .. ':jk:' .. id)
+  rcall('HDEL', P .. ':jobs', id)
+  rcall('HDEL', P .. ':jobrun', id)
+  rcall('ZREM', P .. ':jobq', id)
+  rcall('HSET', P .. ':badjobs', id, ssub(raw or '', 1, 2000))
+  rcall('HINCRBY', P .. ':stats', 'bad_jobs', 1)
   return #keys
 end
 
 -- fetch pub now worker lease_ms max -> {bad, job json*}
 -- Due jobs for a worker; its lease is renewed. `bad`: jobs that could not be
 -- read, set aside (their ops pending again).
-if cmd == 'fetch' then
-  local now, worker, lease, max = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
-  local bad = check_keys({})
-  if bad then return redis.error_reply(bad) end
-  reclaim(now)
-  apply_writes()
-  redis.call('ZADD', P .. ':owners', now + lease, worker)
-  local out = { 0 }
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. ':jobq', '-inf', now, 'LIMIT', 0, max)) do
-    redis.call('ZREM', P .. ':jobq', id)
-    local job = redis.call('HGET', P .. ':jobs', id)
-    local ok, decoded = pcall(cjson.decode, job or '')
-    if job and ok and type(decoded) == 'table' and type(decoded.ops) == 'table' then
-      redis.call('HSET', P .. ':jobrun', id, worker)
-      redis.call('SADD', P .. ':wj:' .. worker, id)
-      table.insert(out, job)
-    elseif job then
-      drop_bad_job(id, job, now)
-      out[1] = out[1] + 1
-    end
-  end
-  return out
-end
-
--- claim pub now worker job n (key seq)*n -> {status}* : 1 claimed, 0 stale, 2 busy
 -- A worker's claim to write a job's ops: only ops still held by that job.
-if cmd == 'claim' then
-  local now, worker, job, n = tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6])
-  local keys, seqs = {}, {}
-  for i = 0, n - 1 do
-    table.insert(keys, ARGV[7 + i * 2])
-    table.insert(seqs, tonumber(ARGV[8 + i * 2]))
-  end
+-- Returns one status per op: 1 claimed, 0 stale, 2 busy.
+local function claim_ops(worker, job, keys, seqs)
   load(keys)
   local out, mine = {}, {}
   for i, key in ipairs(keys) do
     local e = cache[key]
     if not e or e.seq ~= seqs[i] then
-      table.insert(out, 0)
+      tinsert(out, 0)
     elseif e.state == 'j' and e.job == job then
       move(key, e, 't', worker, job)
-      table.insert(mine, key)
-      table.insert(out, 1)
+      tinsert(mine, key)
+      tinsert(out, 1)
     elseif e.state == 't' and e.writer ~= worker then
       -- Its write by a worker presumed dead has not been reclaimed yet.
-      table.insert(out, 2)
+      tinsert(out, 2)
     else
-      table.insert(out, 0)
+      tinsert(out, 0)
     end
   end
   apply_writes()
   for i = 1, #mine, 4000 do
-    redis.call('SADD', P .. ':w:' .. worker, unpack(mine, i, math.min(i + 3999, #mine)))
+    rcall('SADD', P .. ':w:' .. worker, unpack(mine, i, math.min(i + 3999, #mine)))
+  end
+  return out
+end
+
+-- fetch pub now worker lease_ms max -> {bad, (job json, claims)*}
+-- Due jobs for a worker, their ops claimed for it (claims: one digit per op
+-- as claim_ops says); its lease is renewed. `bad`: jobs that could not be
+-- read, set aside (their ops pending again).
+if cmd == 'fetch' then
+  local now, worker, lease, max = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+  reclaim(now)
+  apply_writes()
+  rcall('ZADD', P .. ':owners', now + lease, worker)
+  local out = { 0 }
+  for _, id in ipairs(rcall('ZRANGEBYSCORE', P .. ':jobq', '-inf', now, 'LIMIT', 0, max)) do
+    rcall('ZREM', P .. ':jobq', id)
+    local job = rcall('HGET', P .. ':jobs', id)
+    local ok, decoded = pcall(cjson.decode, job or '')
+    if job and ok and type(decoded) == 'table' and type(decoded.ops) == 'table' then
+      rcall('HSET', P .. ':jobrun', id, worker)
+      rcall('SADD', P .. ':wj:' .. worker, id)
+      local keys, seqs = {}, {}
+      for i, o in ipairs(decoded.ops) do
+        keys[i] = tostring(o.key)
+        seqs[i] = string.format('%d', tonumber(o.seq) or 0)
+      end
+      tinsert(out, job)
+      tinsert(out, table.concat(claim_ops(worker, id, keys, seqs)))
+    elseif job then
+      drop_bad_job(id, job, now)
+      out[1] = out[1] + 1
+    end
   end
   return out
 end
@@ -591,30 +662,32 @@ if cmd == 'finish' then
   local now, writer, job, action, due, jobjson, n =
     tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
   local keys = {}
-  for i = 0, n - 1 do table.insert(keys, ARGV[10 + i * 6]) end
-  local bad = check_keys(keys)
-  if bad then return redis.error_reply(bad) end
+  for i = 0, n - 1 do tinsert(keys, ARGV[10 + i * 6]) end
   load(keys)
   local applied, dead, requeued, superseded = 0, 0, 0, 0
   local rels, mine = {}, {}
+  -- Others need to hear of this only if a check may wait for it (a revoke)
+  -- or an op waited behind it.
+  local notify = job ~= ''
   for i = 0, n - 1 do
     local b = 10 + i * 6
-    local key, seq, outcome = ARGV[b], tonumber(ARGV[b + 1]), ARGV[b + 2]
+    local key, seq, outcome = ARGV[b], ARGV[b + 1], ARGV[b + 2]
     local reason, code, attempts = ARGV[b + 3], ARGV[b + 4], tonumber(ARGV[b + 5])
     local e = cache[key]
     local writing = e and e.state == 't' and e.seq == seq and e.writer == writer
     local behind = e and e.state == 'b' and e.ifseq == seq and e.writer == writer
     local held = e and e.state == 'j' and e.seq == seq and e.job == job
-    if writing or behind then table.insert(mine, key) end
+    if writing or behind then tinsert(mine, key) end
+    if behind or (e and e.op == 'r') then notify = true end
     if outcome == 'a' then
       applied = applied + 1
       if writing or held then drop(key, e) elseif behind then move(key, e, 'r') end
     elseif outcome == 'd' and (writing or held) then
       dead = dead + 1
       drop(key, e)
-      local id = redis.call('INCR', P .. ':deadseq')
-      redis.call('HSET', P .. ':dead', id, cjson.encode({
-        id = id, key = key, op = e.op, seq = e.seq, reason = reason, code = code,
+      local id = rcall('INCR', P .. ':deadseq')
+      rcall('HSET', P .. ':dead', id, cjson.encode({
+        id = id, key = key, op = e.op, seq = tonumber(e.seq), reason = reason, code = code,
         attempts = attempts, dead_at = math.floor(now / 1000), cond = e.cond }))
       local rel = rel_of(key)
       if rel then rels[rel] = true end
@@ -642,21 +715,21 @@ if cmd == 'finish' then
   bump_gen(rels)
   apply_writes()
   for i = 1, #mine, 4000 do
-    redis.call('SREM', P .. ':w:' .. writer, unpack(mine, i, math.min(i + 3999, #mine)))
+    rcall('SREM', P .. ':w:' .. writer, unpack(mine, i, math.min(i + 3999, #mine)))
   end
   if job ~= '' and action == 'done' then
-    redis.call('DEL', P .. ':jk:' .. job)
-    redis.call('HDEL', P .. ':jobs', job)
-    redis.call('HDEL', P .. ':jobrun', job)
-    redis.call('ZREM', P .. ':jobq', job)
-    redis.call('SREM', P .. ':wj:' .. writer, job)
+    rcall('DEL', P .. ':jk:' .. job)
+    rcall('HDEL', P .. ':jobs', job)
+    rcall('HDEL', P .. ':jobrun', job)
+    rcall('ZREM', P .. ':jobq', job)
+    rcall('SREM', P .. ':wj:' .. writer, job)
   elseif job ~= '' and action == 'retry' then
-    redis.call('HSET', P .. ':jobs', job, jobjson)
-    redis.call('HDEL', P .. ':jobrun', job)
-    redis.call('SREM', P .. ':wj:' .. writer, job)
-    redis.call('ZADD', P .. ':jobq', due, job)
+    rcall('HSET', P .. ':jobs', job, jobjson)
+    rcall('HDEL', P .. ':jobrun', job)
+    rcall('SREM', P .. ':wj:' .. writer, job)
+    rcall('ZADD', P .. ':jobq', due, job)
   end
-  publish('finished')
+  if notify then publish('finished') end
   return { applied, dead, requeued, superseded }
 end
 
@@ -666,8 +739,8 @@ if cmd == 'heartbeat' then
   local now, writer, lease = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
   local bad = expect_types({ { P .. ':owners', 'zset' } })
   if bad then return redis.error_reply(bad) end
-  local ends = tonumber(redis.call('ZSCORE', P .. ':owners', writer))
-  redis.call('ZADD', P .. ':owners', now + lease, writer)
+  local ends = tonumber(rcall('ZSCORE', P .. ':owners', writer))
+  rcall('ZADD', P .. ':owners', now + lease, writer)
   if ends and ends < now then return 0 end
   return 1
 end
@@ -676,7 +749,7 @@ end
 -- it held is ready again
 if cmd == 'release' then
   local now, writer = tonumber(ARGV[3]), ARGV[4]
-  redis.call('ZADD', P .. ':owners', 0, writer)
+  rcall('ZADD', P .. ':owners', 0, writer)
   local n = reclaim(now)
   apply_writes()
   return n
@@ -690,16 +763,16 @@ if cmd == 'relevant' then
   local rels = {}
   if nrels == 0 then
     local seen = {}
-    for _, f in ipairs(redis.call('HKEYS', P .. ':rel')) do
-      local rel = string.match(f, '^(.*)|[gr]$')
+    for _, f in ipairs(rcall('HKEYS', P .. ':rel')) do
+      local rel = smatch(f, '^(.*)|[gr]$')
       if rel and not seen[rel] then
         seen[rel] = true
-        table.insert(rels, { rel, false })
+        tinsert(rels, { rel, false })
       end
     end
   else
     for i = 0, nrels - 1 do
-      table.insert(rels, { ARGV[6 + i * 2], ARGV[7 + i * 2] == '1' })
+      tinsert(rels, { ARGV[6 + i * 2], ARGV[7 + i * 2] == '1' })
     end
   end
   local lo, hi = '[' .. object .. '#', '[' .. object .. '#\255'
@@ -707,10 +780,10 @@ if cmd == 'relevant' then
   for _, r in ipairs(rels) do
     local rel, same = r[1], r[2]
     if same then
-      grants = grants + redis.call('ZLEXCOUNT', P .. ':lex:' .. rel .. '|g', lo, hi)
-      revokes = revokes + redis.call('ZLEXCOUNT', P .. ':lex:' .. rel .. '|r', lo, hi)
+      grants = grants + rcall('ZLEXCOUNT', P .. ':lex:' .. rel .. '|g', lo, hi)
+      revokes = revokes + rcall('ZLEXCOUNT', P .. ':lex:' .. rel .. '|r', lo, hi)
     else
-      local c = redis.call('HMGET', P .. ':rel', rel .. '|g', rel .. '|r')
+      local c = rcall('HMGET', P .. ':rel', rel .. '|g', rel .. '|r')
       grants = grants + math.max(tonumber(c[1]) or 0, 0)
       revokes = revokes + math.max(tonumber(c[2]) or 0, 0)
     end
@@ -722,19 +795,19 @@ if cmd == 'relevant' then
     local rel, same = r[1], r[2]
     local found
     if same then
-      found = redis.call('ZRANGEBYLEX', P .. ':lex:' .. rel .. '|g', lo, hi)
+      found = rcall('ZRANGEBYLEX', P .. ':lex:' .. rel .. '|g', lo, hi)
     else
-      found = redis.call('ZRANGE', P .. ':lex:' .. rel .. '|g', 0, -1)
+      found = rcall('ZRANGE', P .. ':lex:' .. rel .. '|g', 0, -1)
     end
-    for _, k in ipairs(found) do table.insert(keys, k) end
+    for _, k in ipairs(found) do tinsert(keys, k) end
   end
   if #keys > 0 then
-    local raw = redis.call('HMGET', P .. ':ops', unpack(keys))
+    local raw = rcall('HMGET', P .. ':ops', unpack(keys))
     for i, key in ipairs(keys) do
       local e = parse(raw[i])
       if e and e.op == 'g' then
-        table.insert(out, key)
-        table.insert(out, e.cond)
+        tinsert(out, key)
+        tinsert(out, e.cond)
       end
     end
   end
@@ -744,7 +817,7 @@ end
 -- latest pub key -> {op, cond} of the key's latest op, or {} (none or corrupt:
 -- then {'?'})
 if cmd == 'latest' then
-  local raw = redis.call('HGET', P .. ':ops', ARGV[3])
+  local raw = rcall('HGET', P .. ':ops', ARGV[3])
   if not raw then return {} end
   local e = parse(raw)
   if not e then return { '?' } end
@@ -759,31 +832,31 @@ if cmd == 'clear' then
   if bad then return redis.error_reply(bad) end
   local out = {}
   local running = {}
-  for _, id in ipairs(redis.call('HKEYS', P .. ':jobrun')) do running[id] = true end
-  local all = redis.call('HKEYS', P .. ':ops')
+  for _, id in ipairs(rcall('HKEYS', P .. ':jobrun')) do running[id] = true end
+  local all = rcall('HKEYS', P .. ':ops')
   load(all)
   for _, key in ipairs(all) do
     local e = cache[key]
     if e and (e.state == 'r' or (e.state == 'j' and not running[e.job])) then
       drop(key, e)
-      table.insert(out, key)
-      table.insert(out, e.op)
-      table.insert(out, e.cond)
+      tinsert(out, key)
+      tinsert(out, e.op)
+      tinsert(out, e.cond)
     end
     -- A blocked op (state b) is kept: its entry is what keeps a newer op
     -- from being written before the older op's write in progress ends.
   end
   -- Jobs left with nothing to write.
-  for _, id in ipairs(redis.call('HKEYS', P .. ':jobs')) do
+  for _, id in ipairs(rcall('HKEYS', P .. ':jobs')) do
     if not running[id] then
-      redis.call('HDEL', P .. ':jobs', id)
-      redis.call('ZREM', P .. ':jobq', id)
-      redis.call('DEL', P .. ':jk:' .. id)
+      rcall('HDEL', P .. ':jobs', id)
+      rcall('ZREM', P .. ':jobq', id)
+      rcall('DEL', P .. ':jk:' .. id)
     end
   end
   if #out > 0 then
     incr(P .. ':stats', 'cleared', #out / 3)
-    for _, f in ipairs(redis.call('HKEYS', P .. ':gen')) do incr(P .. ':gen', f, 1) end
+    for _, f in ipairs(rcall('HKEYS', P .. ':gen')) do incr(P .. ':gen', f, 1) end
     incr(P .. ':gen', '*', 1)
   end
   apply_writes()
@@ -797,13 +870,14 @@ if cmd == 'pending' then
   local reclaimed = 0
   if check_keys({}) == nil then reclaimed = reclaim(now) end
   apply_writes()
-  local c = redis.call('HMGET', P .. ':counts', 'pg', 'pr', 't', 'j')
+  local c = rcall('HMGET', P .. ':counts', 'pg', 'pr', 't', 'j')
   local oldest = -1
   for _, kind in ipairs({ 'g', 'r' }) do
-    local k = redis.call('ZRANGE', P .. ':ready:' .. kind, 0, 0)[1]
+    local k = rcall('ZRANGE', P .. ':ready:' .. kind, 0, 0)[1]
     if k then
-      local e = parse(redis.call('HGET', P .. ':ops', k))
-      if e and (oldest < 0 or e.since < oldest) then oldest = e.since end
+      local e = parse(rcall('HGET', P .. ':ops', k))
+      local since = e and tonumber(e.since)
+      if since and (oldest < 0 or since < oldest) then oldest = since end
     end
   end
   return { tonumber(c[1]) or 0, tonumber(c[2]) or 0, tonumber(c[3]) or 0, oldest,
@@ -813,23 +887,23 @@ end
 -- badjob pub now id -> a worker could not decode job `id`: set it aside
 if cmd == 'badjob' then
   local id = ARGV[4]
-  return drop_bad_job(id, redis.call('HGET', P .. ':jobs', id), tonumber(ARGV[3]))
+  return drop_bad_job(id, rcall('HGET', P .. ':jobs', id), tonumber(ARGV[3]))
 end
 
 -- blocked pub up_to -> ops pending behind a write in progress, with first <= up_to
 if cmd == 'blocked' then
-  return redis.call('ZCOUNT', P .. ':blocked', '-inf', tonumber(ARGV[3]))
+  return rcall('ZCOUNT', P .. ':blocked', '-inf', tonumber(ARGV[3]))
 end
 
 -- queue pub now -> {due, running, scheduled, workers...}
 if cmd == 'queue' then
   local now = tonumber(ARGV[3])
-  local due = redis.call('ZCOUNT', P .. ':jobq', '-inf', now)
-  local later = redis.call('ZCOUNT', P .. ':jobq', '(' .. now, '+inf')
-  local running = redis.call('HLEN', P .. ':jobrun')
+  local due = rcall('ZCOUNT', P .. ':jobq', '-inf', now)
+  local later = rcall('ZCOUNT', P .. ':jobq', '(' .. now, '+inf')
+  local running = rcall('HLEN', P .. ':jobrun')
   local out = { due, running, later }
-  for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':owners', now, '+inf')) do
-    if string.sub(w, 1, 7) == 'worker:' then table.insert(out, w) end
+  for _, w in ipairs(rcall('ZRANGEBYSCORE', P .. ':owners', now, '+inf')) do
+    if ssub(w, 1, 7) == 'worker:' then tinsert(out, w) end
   end
   return out
 end

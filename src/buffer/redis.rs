@@ -109,10 +109,15 @@ pub(crate) fn redis_error(e: redis::RedisError) -> Error {
         || e.is_timeout()
         || e.is_connection_dropped()
         || e.is_cluster_error();
-    Error::new(Kind::Redis {
-        detail: e.to_string(),
-        transient,
-    })
+    let text = e.to_string();
+    let detail = if text.contains("WRONGTYPE") || text.contains("not an integer") {
+        format!(
+            "a key under fga-wb's prefix holds data fga-wb did not write ({text}); the call did not complete and an op it carried was not buffered: remove that key, or use another redis.key_prefix"
+        )
+    } else {
+        text
+    };
+    Error::new(Kind::Redis { detail, transient })
 }
 
 fn corrupt(what: impl Into<String>) -> Error {
@@ -521,28 +526,6 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// A queue worker's claim to write a job's ops.
-    async fn claim_now(&self, job: &str, ops: &[Taken]) -> Result<Vec<Claim>> {
-        let mut a = Args::new("claim");
-        a.push(now_ms())
-            .push(&self.writer)
-            .push(job)
-            .push(ops.len());
-        for t in ops {
-            a.push(key_of(&t.tuple)).push(t.seq);
-        }
-        let v = items(self.call(&a).await?)?;
-        v.iter()
-            .map(|x| {
-                Ok(match int(x)? {
-                    1 => Claim::Claimed,
-                    2 => Claim::Busy,
-                    _ => Claim::Stale,
-                })
-            })
-            .collect()
-    }
-
     /// Hands ops this writer took to a new job; returns the job's id, or
     /// `None` if none of them was still this writer's.
     pub async fn enqueue(
@@ -564,8 +547,9 @@ impl RedisStore {
         Ok((id > 0).then_some(id as u64))
     }
 
-    /// Up to `max` due jobs for this worker (as stored: JSON).
-    pub async fn fetch_jobs(&self, max: usize) -> Result<Vec<String>> {
+    /// Up to `max` due jobs for this worker (as stored: JSON), each with
+    /// the claims it got for its ops, in order.
+    pub async fn fetch_jobs(&self, max: usize) -> Result<Vec<(String, Vec<Claim>)>> {
         let mut a = Args::new("fetch");
         a.push(now_ms())
             .push(&self.writer)
@@ -585,7 +569,20 @@ impl RedisStore {
                 )
                 .await;
         }
-        v[1.min(v.len())..].iter().map(text).collect()
+        v[1.min(v.len())..]
+            .chunks_exact(2)
+            .map(|c| {
+                let claims = text(&c[1])?
+                    .bytes()
+                    .map(|b| match b {
+                        b'1' => Claim::Claimed,
+                        b'2' => Claim::Busy,
+                        _ => Claim::Stale,
+                    })
+                    .collect();
+                Ok((text(&c[0])?, claims))
+            })
+            .collect()
     }
 
     /// Sets aside a job that does not decode; the ops it held are pending
@@ -704,7 +701,10 @@ fn parse_dead(json: &str) -> Option<DeadLetter> {
     })
 }
 
-/// Collects concurrent pushes into one script call.
+/// Collects concurrent pushes into script calls, up to `PUSH_PIPELINE` of
+/// them in flight at once, so Redis has the next batch while the replies of
+/// the last are handed out. (One caller's ops never share a batch or race:
+/// each waits for its acknowledgement before its next op.)
 async fn push_batches(
     conn: ConnectionManager,
     script: redis::Script,
@@ -712,56 +712,85 @@ async fn push_batches(
     capacity: usize,
     mut rx: mpsc::Receiver<PushRequest>,
 ) {
-    let mut batch = Vec::with_capacity(PUSH_BATCH);
-    while rx.recv_many(&mut batch, PUSH_BATCH).await > 0 {
-        let mut inv = script.prepare_invoke();
-        inv.key(&prefix)
-            .arg("push")
-            .arg("PUBLISH")
-            .arg(now_ms())
-            .arg(capacity)
-            .arg(batch.len());
-        for p in &batch {
-            inv.arg(&p.key).arg(op_code(p.op)).arg(&p.condition);
+    let mut running = futures::stream::FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        let room = running.len() < PUSH_PIPELINE;
+        tokio::select! {
+            n = async {
+                let mut batch = Vec::with_capacity(PUSH_BATCH);
+                let n = rx.recv_many(&mut batch, PUSH_BATCH).await;
+                (n, batch)
+            }, if open && room => {
+                let (n, batch) = n;
+                if n == 0 {
+                    open = false;
+                    continue;
+                }
+                running.push(push_batch(conn.clone(), script.clone(), prefix.clone(), capacity, batch));
+            }
+            Some(()) = running.next(), if !running.is_empty() => {}
+            else => return,
         }
-        let mut c = conn.clone();
-        let result: Result<Vec<Value>> = match inv.invoke_async::<Value>(&mut c).await {
-            Ok(v) => items(v),
-            Err(e) => Err(redis_error(e)),
-        };
-        match result {
-            Ok(v) if v.len() == batch.len() * 2 + 2 => {
-                let pending = int(&v[v.len() - 2]).unwrap_or(0).max(0) as usize;
-                let corrupt = int(&v[v.len() - 1]).unwrap_or(0);
-                if corrupt > 0 {
-                    tracing::warn!(count = corrupt, prefix = %prefix, "replaced corrupt pending entries in Redis");
-                }
-                for (i, p) in batch.drain(..).enumerate() {
-                    let seq = int(&v[2 * i]).unwrap_or(-1);
-                    let reply = if seq < 0 {
-                        Err(Error::new(Kind::BufferFull {
-                            capacity,
-                            waited: None,
-                        }))
-                    } else {
-                        Ok(Pushed {
-                            coalesced: int(&v[2 * i + 1]).unwrap_or(0) == 1,
-                            pending,
-                        })
-                    };
-                    let _ = p.reply.send(reply);
-                }
+    }
+}
+
+/// Most push script calls one store has in flight at once.
+const PUSH_PIPELINE: usize = 4;
+
+async fn push_batch(
+    mut conn: ConnectionManager,
+    script: redis::Script,
+    prefix: String,
+    capacity: usize,
+    batch: Vec<PushRequest>,
+) {
+    let mut inv = script.prepare_invoke();
+    inv.key(&prefix)
+        .arg("push")
+        .arg("PUBLISH")
+        .arg(now_ms())
+        .arg(capacity)
+        .arg(batch.len());
+    for p in &batch {
+        inv.arg(&p.key).arg(op_code(p.op)).arg(&p.condition);
+    }
+    let result: Result<Vec<Value>> = match inv.invoke_async::<Value>(&mut conn).await {
+        Ok(v) => items(v),
+        Err(e) => Err(redis_error(e)),
+    };
+    match result {
+        Ok(v) if v.len() == batch.len() * 2 + 2 => {
+            let pending = int(&v[v.len() - 2]).unwrap_or(0).max(0) as usize;
+            let corrupt = int(&v[v.len() - 1]).unwrap_or(0);
+            if corrupt > 0 {
+                tracing::warn!(count = corrupt, prefix = %prefix, "replaced corrupt pending entries in Redis");
             }
-            Ok(v) => {
-                let e = corrupt(format!("push returned {} items", v.len()));
-                for p in batch.drain(..) {
-                    let _ = p.reply.send(Err(e.clone()));
-                }
+            for (i, p) in batch.into_iter().enumerate() {
+                let seq = int(&v[2 * i]).unwrap_or(-1);
+                let reply = if seq < 0 {
+                    Err(Error::new(Kind::BufferFull {
+                        capacity,
+                        waited: None,
+                    }))
+                } else {
+                    Ok(Pushed {
+                        coalesced: int(&v[2 * i + 1]).unwrap_or(0) == 1,
+                        pending,
+                    })
+                };
+                let _ = p.reply.send(reply);
             }
-            Err(e) => {
-                for p in batch.drain(..) {
-                    let _ = p.reply.send(Err(e.clone()));
-                }
+        }
+        Ok(v) => {
+            let e = corrupt(format!("push returned {} items", v.len()));
+            for p in batch {
+                let _ = p.reply.send(Err(e.clone()));
+            }
+        }
+        Err(e) => {
+            for p in batch {
+                let _ = p.reply.send(Err(e.clone()));
             }
         }
     }
@@ -787,18 +816,6 @@ impl Store for RedisStore {
 
     fn take(&self, max: usize, what: Take, up_to: u64) -> BoxFuture<'_, Result<Vec<Taken>>> {
         Box::pin(self.take_now(max, what, up_to))
-    }
-
-    fn claim<'a>(
-        &'a self,
-        job: Option<&'a str>,
-        ops: &'a [Taken],
-    ) -> BoxFuture<'a, Result<Vec<Claim>>> {
-        match job {
-            // Taken ops are this writer's already.
-            None => Box::pin(futures::future::ready(Ok(vec![Claim::Claimed; ops.len()]))),
-            Some(job) => Box::pin(self.claim_now(job, ops)),
-        }
     }
 
     fn finish<'a>(

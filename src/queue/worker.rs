@@ -14,7 +14,7 @@ use futures::SinkExt;
 
 use super::{decode, Job, JobOp};
 use crate::buffer::redis::{now_ms, RedisStore};
-use crate::buffer::{JobEnd, Outcome, Store, StoreEvent, Taken};
+use crate::buffer::{Claim, JobEnd, Outcome, Store, StoreEvent, Taken};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::flush::{Engine, QuickRetries, Stop};
@@ -28,34 +28,34 @@ pub(crate) struct Applier {
     engine: Engine,
     store: Arc<RedisStore>,
     schedule: Vec<Duration>,
+    request_retries: u32,
 }
 
 impl Applier {
     /// Applies a job. Never fails the job: ops end applied, dead-lettered,
     /// superseded, or with the job rescheduled at the next retry step.
     #[tracing::instrument(level = "info", name = "fga_wb.job", skip_all, fields(id = job.id, ops = job.ops.len(), attempt = job.attempt))]
-    pub(crate) async fn apply(&self, job: Job) -> Result<()> {
+    pub(crate) async fn apply(&self, job: Job, claims: Vec<Claim>) -> Result<()> {
         let started = std::time::Instant::now();
         let id = job.id.to_string();
-        let taken: Vec<Taken> = job
+        // An op of an unknown kind (not written by fga-wb) is left out, with
+        // its claim.
+        let (taken, claims): (Vec<Taken>, Vec<Claim>) = job
             .ops
             .iter()
-            .filter_map(|o| o.taken(job.attempt))
-            .collect();
-        let mut engine_model = None;
-        if !job.model_id.is_empty() {
-            engine_model = Some(job.model_id.as_str());
-        }
-        // Conflicts (409) are retried at once; other failures go to the
-        // retry schedule.
+            .zip(claims.into_iter().chain(std::iter::repeat(Claim::Stale)))
+            .filter_map(|(o, c)| Some((o.taken(job.attempt)?, c)))
+            .unzip();
+        let model = (!job.model_id.is_empty()).then_some(job.model_id.as_str());
+        // A failed request is sent again once at once (a blip such as a busy
+        // database), conflicts a few times; then the retry schedule.
+        let retries = QuickRetries {
+            transient: self.request_retries,
+            conflicts: self.request_retries.max(5),
+        };
         let result = self
             .engine
-            .write_chunk_as(
-                Some(&id),
-                engine_model,
-                taken,
-                QuickRetries::ConflictsOnly(3),
-            )
+            .write_chunk_as(Some(claims), model, taken, retries)
             .await;
         let error = result.stop.as_ref().map(|s| match s {
             Stop::Transient(e) | Stop::Halt(e) => e.clone(),
@@ -147,7 +147,7 @@ impl Applier {
 }
 
 fn handle(
-    job: Job,
+    (job, claims): (Job, Vec<Claim>),
     applier: Data<Arc<Applier>>,
 ) -> futures::future::BoxFuture<'static, std::result::Result<(), BoxDynError>> {
     let applier: Arc<Applier> = (*applier).clone();
@@ -157,7 +157,7 @@ fn handle(
         // An Err would only make apalis log it: the job's state is in
         // Redis, and a job left running by a failed finish goes back to the
         // queue when this worker's lease ends.
-        let result: Result<()> = applier.apply(job).await;
+        let result: Result<()> = applier.apply(job, claims).await;
         result.map_err(|e| {
             tracing::error!(error = %e, "job could not be applied or rescheduled");
             Box::new(e) as BoxDynError
@@ -165,9 +165,11 @@ fn handle(
     })
 }
 
-type JobStream = BoxStream<'static, std::result::Result<Option<Task<Job>>, BoxDynError>>;
+/// A fetched job and the claims its ops got.
+type Fetched = (Job, Vec<Claim>);
+type JobStream = BoxStream<'static, std::result::Result<Option<Task<Fetched>>, BoxDynError>>;
 /// Jobs are queued by flushes, never through apalis.
-type NoSink = std::pin::Pin<Box<dyn futures::Sink<Task<Job>, Error = BoxDynError> + Send>>;
+type NoSink = std::pin::Pin<Box<dyn futures::Sink<Task<Fetched>, Error = BoxDynError> + Send>>;
 
 fn never(e: std::convert::Infallible) -> BoxDynError {
     match e {}
@@ -196,10 +198,10 @@ fn jobs(store: Arc<RedisStore>, poll: Duration) -> JobStream {
         loop {
             match store.fetch_jobs(1).await {
                 Ok(found) => {
-                    for json in found {
+                    for (json, claims) in found {
                         match decode(&json) {
                             Ok(job) => {
-                                let task = TaskBuilder::new(job).build();
+                                let task = TaskBuilder::new((job, claims)).build();
                                 return Some((Ok(Some(task)), (store, events)));
                             }
                             Err(e) => {
@@ -323,5 +325,6 @@ pub(crate) async fn applier(config: &Config) -> Result<Applier> {
         engine,
         store,
         schedule: config.queue.retry_schedule.clone(),
+        request_retries: config.queue.request_retries,
     })
 }

@@ -174,6 +174,11 @@ impl Postgres {
         ))
     }
 
+    /// The postmaster's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
     /// The port.
     pub fn port(&self) -> u16 {
         self.port

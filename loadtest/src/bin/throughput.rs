@@ -49,9 +49,20 @@ impl Run {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Side {
     Raw,
-    Memory { callers: usize },
-    RedisInline { callers: usize },
-    Queue { callers: usize, workers: usize },
+    Memory {
+        callers: usize,
+    },
+    /// Memory store with a fixed 8 requests in flight (adaptive off).
+    MemoryFixed8 {
+        callers: usize,
+    },
+    RedisInline {
+        callers: usize,
+    },
+    Queue {
+        callers: usize,
+        workers: usize,
+    },
 }
 
 impl Side {
@@ -61,6 +72,9 @@ impl Side {
                 "raw ceiling: {RAW_PER_WRITE}-tuple Writes, {RAW_PARALLEL} in parallel, key order"
             ),
             Side::Memory { callers } => format!("fga-wb memory store, {callers} calling tasks"),
+            Side::MemoryFixed8 { callers } => {
+                format!("fga-wb memory store, {callers} calling tasks, fixed 8 in flight")
+            }
             Side::RedisInline { callers } => {
                 format!("fga-wb Redis store, inline, {callers} calling tasks")
             }
@@ -112,8 +126,34 @@ async fn main() -> Res<()> {
     let mem_fga = OpenFga::start(OpenFgaOptions::default()).await?;
     let upstream = mem_fga.url().trim_start_matches("http://").to_owned();
     let proxy = DelayProxy::start(&upstream, Duration::from_micros(700)).await?;
+    // A server with room for more requests (PostgreSQL) far away (10 ms
+    // each way): where more requests in flight pay.
+    let pg_upstream = pg_fga.url().trim_start_matches("http://").to_owned();
+    let far_proxy = DelayProxy::start(&pg_upstream, Duration::from_millis(10)).await?;
     let redis = Redis::start(RedisOptions::default()).await?;
 
+    // FGA_WB_BENCH_LAYOUT=split: the servers (OpenFGA, PostgreSQL) on core
+    // 0, the application side (this process, its callers and flusher, Redis,
+    // the workers) on core 1, as when they run on different hosts. Default:
+    // everything shares both cores.
+    let split = std::env::var("FGA_WB_BENCH_LAYOUT").is_ok_and(|l| l == "split");
+    if split {
+        for pid in [sqlite_fga.pid(), pg_fga.pid(), mem_fga.pid(), pg.pid()]
+            .into_iter()
+            .flatten()
+        {
+            pin(pid, &[0])?;
+        }
+        for pid in [redis.pid(), Some(std::process::id())]
+            .into_iter()
+            .flatten()
+        {
+            pin(pid, &[1])?;
+        }
+        println!("layout: split (OpenFGA and PostgreSQL on core 0; this process, Redis and the workers on core 1)");
+    } else {
+        println!("layout: shared (every process may run on both cores)");
+    }
     let sqlite = Target::new("sqlite", &sqlite_fga.url(), sqlite_fga.token())?;
     let postgres = Target::new("postgres", &pg_fga.url(), pg_fga.token())?;
     let remote = Target::new(
@@ -121,19 +161,25 @@ async fn main() -> Res<()> {
         &format!("http://{}", proxy.addr()),
         mem_fga.token(),
     )?;
+    let far = Target::new(
+        "far-pg",
+        &format!("http://{}", far_proxy.addr()),
+        pg_fga.token(),
+    )?;
 
     let n = scaled(100_000);
     let n_pg = scaled(50_000);
     let n_remote = scaled(20_000);
     println!(
         "{rounds} rounds; {n} distinct tuples per run on SQLite, {n_pg} on PostgreSQL, {n_remote} on the remote \
-         (memory-datastore OpenFGA behind a proxy adding 0.7 ms each way)."
+         (memory-datastore OpenFGA behind a proxy adding 0.7 ms each way) and on far-pg (the PostgreSQL OpenFGA \
+         behind a proxy adding 10 ms each way)."
     );
     println!("fga-wb runs: callers grant their own contiguous ranges concurrently, then flush() until nothing is pending; timed from the first grant until OpenFGA has every tuple.\n");
 
     let groups: Vec<(Target, usize, Vec<Side>)> = vec![
         (
-            sqlite,
+            sqlite.clone(),
             n,
             vec![
                 Side::Raw,
@@ -162,9 +208,31 @@ async fn main() -> Res<()> {
         (
             remote,
             n_remote,
-            vec![Side::Raw, Side::Memory { callers: 16 }],
+            vec![
+                Side::Raw,
+                Side::Memory { callers: 16 },
+                Side::MemoryFixed8 { callers: 16 },
+            ],
+        ),
+        (
+            far,
+            n_remote,
+            vec![
+                Side::Raw,
+                Side::Memory { callers: 16 },
+                Side::MemoryFixed8 { callers: 16 },
+            ],
         ),
     ];
+    // FGA_WB_BENCH_ONLY=postgres,remote runs only those servers' groups.
+    let only = std::env::var("FGA_WB_BENCH_ONLY").ok();
+    let groups: Vec<_> = groups
+        .into_iter()
+        .filter(|(t, _, _)| {
+            only.as_ref()
+                .is_none_or(|o| o.split(',').any(|n| n == t.name))
+        })
+        .collect();
     let mut bench = Bench {
         redis,
         worker_bin,
@@ -186,8 +254,11 @@ async fn main() -> Res<()> {
                     .push(run);
             }
         }
-        if groups.first().is_some_and(|g| g.0.name == "sqlite") {
-            micro.round(&bench, &groups[0].0, &results).await?;
+        if only
+            .as_ref()
+            .is_none_or(|o| o.split(',').any(|n| n == "sqlite" || n == "micro"))
+        {
+            micro.round(&bench, &sqlite, &results).await?;
         }
     }
     print_results(&groups, &results);
@@ -195,6 +266,7 @@ async fn main() -> Res<()> {
         micro.print();
     }
     drop(proxy);
+    drop(far_proxy);
     Ok(())
 }
 
@@ -205,6 +277,12 @@ impl Bench {
             Side::Raw => raw(target, &store, n).await?,
             Side::Memory { callers } => {
                 let cfg = target.config(&store);
+                fga_wb_run(cfg, n, callers, &[]).await?
+            }
+            Side::MemoryFixed8 { callers } => {
+                let mut cfg = target.config(&store);
+                cfg.flush.adaptive_parallelism = false;
+                cfg.flush.max_parallel_requests = 8;
                 fga_wb_run(cfg, n, callers, &[]).await?
             }
             Side::RedisInline { callers } => {
@@ -417,9 +495,16 @@ impl Micro {
         sqlite: &Target,
         results: &BTreeMap<(String, Side), Vec<Run>>,
     ) -> Res<()> {
-        let raw_rate = results[&(sqlite.name.clone(), Side::Raw)]
-            .last()
-            .map_or(0.0, Run::rate);
+        let raw_rate = match results
+            .get(&(sqlite.name.clone(), Side::Raw))
+            .and_then(|r| r.last())
+        {
+            Some(r) => r.rate(),
+            None => {
+                let store = sqlite.store("bench-raw").await?;
+                raw(sqlite, &store, scaled(50_000)).await?.rate()
+            }
+        };
         // grant latency, 8 tasks, default settings, flushing to SQLite.
         let store = sqlite.store("bench-grant-latency").await?;
         let wb = WriteBehind::builder(sqlite.config(&store)).build().await?;
@@ -470,10 +555,18 @@ impl Micro {
                 })
             })
             .collect();
+        // The callers never wait (a memory-store grant does not), so the
+        // 2 s are timed on a thread of its own, not on their runtime.
         let started = Instant::now();
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let applied_at_stop = wb.status().await?.totals.applied;
+        let timer = {
+            let (stop, wb) = (stop.clone(), wb.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(2));
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                wb.local_totals().applied
+            })
+        };
+        let applied_at_stop = timer.join().map_err(|_| "timer thread")?;
         let elapsed = started.elapsed();
         let mut granted = 0;
         for t in tasks {
