@@ -692,18 +692,21 @@ impl WriteBehind {
             .send(Command::Shutdown { deadline, reply })
             .await
             .is_ok();
-        let flushed = if asked {
+        let (flushed, cut_off) = if asked {
             // A little past the deadline: the flusher answers at it.
             let grace = deadline + std::time::Duration::from_secs(1);
             match tokio::time::timeout_at(grace, answer).await {
                 Ok(Ok(r)) => r,
-                _ => FlushReport {
-                    error: Some("the flusher did not answer by the deadline".into()),
-                    ..Default::default()
-                },
+                _ => (
+                    FlushReport {
+                        error: Some("the flusher did not answer by the deadline".into()),
+                        ..Default::default()
+                    },
+                    true,
+                ),
             }
         } else {
-            FlushReport::default()
+            (FlushReport::default(), false)
         };
         let _ = self.inner.stop.send(true);
         let flusher = self
@@ -726,8 +729,9 @@ impl WriteBehind {
             }
         }
         let e = &self.inner.engine;
-        // Anything this process still holds goes back to the others now.
-        if let Err(err) = e.store.release().await {
+        // What this process still holds goes back to the others now, unless
+        // a write was cut off in flight (then when its lease ends).
+        if let Err(err) = e.store.release(!cut_off).await {
             tracing::warn!(error = %err, "could not release this process's Redis lease; it ends by itself");
         }
         let left = e.store.pending().await?;

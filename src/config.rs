@@ -211,10 +211,11 @@ pub struct FlushConfig {
     /// (the adaptive limit never goes below it).
     #[serde(deserialize_with = "positive")]
     pub min_parallel_requests: usize,
-    /// Let the number of requests in flight follow the server, between
-    /// `min_parallel_requests` and `max_parallel_requests`: more while round
-    /// trips stay short, fewer when requests queue at the server or it
-    /// pushes back. Off: always `max_parallel_requests`.
+    /// Let the number of requests in flight follow the server: from 8 (or
+    /// `max_parallel_requests`, if lower) up to `max_parallel_requests`
+    /// while round trips stay short, back towards 8 when requests queue at
+    /// the server, down to `min_parallel_requests` only when it pushes back
+    /// (429, 5xx, timeouts). Off: always `max_parallel_requests`.
     pub adaptive_parallelism: bool,
     /// Inline mode: times one failed request is sent again at once (with a
     /// short jittered backoff) before its ops go back to pending and the

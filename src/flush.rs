@@ -153,10 +153,11 @@ const CONFLICT_RETRIES: u32 = 5;
 pub(crate) enum Command {
     /// Flush everything acknowledged so far and report.
     Flush(oneshot::Sender<FlushReport>),
-    /// Flush everything until `deadline`, report, and stop the task.
+    /// Flush everything until `deadline`, report (and whether writes were
+    /// cut off in flight), and stop the task.
     Shutdown {
         deadline: Instant,
-        reply: oneshot::Sender<FlushReport>,
+        reply: oneshot::Sender<(FlushReport, bool)>,
     },
 }
 
@@ -436,10 +437,14 @@ fn pause_backoff(cfg: &FlushConfig) -> ExponentialBackoff {
         .build()
 }
 
-/// The concurrency limit: Vegas-style on round trips, halved when the
-/// server pushes back, within `[min, max]`.
+/// The concurrency limit. It starts at `start` (8, or less if that is the
+/// maximum) and grows, Vegas-style, while round trips stay near the fastest
+/// seen, up to `max`; queueing at the server stops the growth and brings it
+/// back towards `start`, never below. Only push-back (429, 5xx, timeouts)
+/// halves it, down to `min`, and it climbs back from there.
 struct Limit {
     current: f64,
+    start: f64,
     min: f64,
     max: f64,
     adaptive: bool,
@@ -466,8 +471,10 @@ impl Limit {
             .min_parallel_requests
             .clamp(1, cfg.max_parallel_requests.max(1)) as f64;
         let adaptive = cfg.adaptive_parallelism && min < max;
+        let start = if adaptive { max.min(8.0).max(min) } else { max };
         Limit {
-            current: if adaptive { max.min(8.0).max(min) } else { max },
+            current: start,
+            start,
             min,
             max,
             adaptive,
@@ -508,10 +515,10 @@ impl Limit {
             };
             let queued = self.current * (1.0 - base.as_secs_f64() / rtt.as_secs_f64().max(1e-9));
             let step = 1.0 / self.current;
-            if queued < QUEUE_LOW {
+            if queued < QUEUE_LOW || self.current < self.start {
                 self.current = (self.current + step).min(self.max);
-            } else if queued > QUEUE_HIGH {
-                self.current = (self.current - step).max(self.min);
+            } else if queued > QUEUE_HIGH && self.current > self.start {
+                self.current = (self.current - step).max(self.start);
             }
         }
     }
@@ -1196,7 +1203,7 @@ pub(crate) async fn run(
 ) {
     let wake = engine.wake.clone();
     let mut pump = Pump::new(engine, automatic);
-    let mut shutdown_reply: Option<oneshot::Sender<FlushReport>> = None;
+    let mut shutdown_reply: Option<oneshot::Sender<(FlushReport, bool)>> = None;
     let mut shutdown_start = FlushReport::default();
     let mut last_record = Instant::now();
     loop {
@@ -1248,8 +1255,9 @@ pub(crate) async fn run(
                             Some("the shutdown deadline passed with ops not yet written".into())
                         })
                 };
+                let cut_off = !pump.running.is_empty() || pump.taking.is_some();
                 if let Some(reply) = shutdown_reply.take() {
-                    let _ = reply.send(r);
+                    let _ = reply.send((r, cut_off));
                 }
                 return;
             }

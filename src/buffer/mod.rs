@@ -232,9 +232,10 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn blocked_up_to(&self, _up_to: u64) -> BoxFuture<'_, Result<u64>> {
         Box::pin(futures::future::ready(Ok(0)))
     }
-    /// Gives up this writer's hold on ops (a clean stop), so others take
-    /// them over at once.
-    fn release(&self) -> BoxFuture<'_, Result<()>> {
+    /// Stops this writer's lease: with `hand_back` (a clean stop, no write
+    /// left in flight) what it holds goes to others at once; without, when
+    /// the lease ends (a write cut off may still land before then).
+    fn release(&self, _hand_back: bool) -> BoxFuture<'_, Result<()>> {
         Box::pin(futures::future::ready(Ok(())))
     }
     /// A number that changes whenever an op on one of `rels` (`None`: any)

@@ -714,19 +714,23 @@ async fn push_batches(
 ) {
     let mut running = futures::stream::FuturesUnordered::new();
     let mut open = true;
+    // How many ops the last call carried: callers woken by its replies
+    // come back within microseconds, so the next call waits a moment for
+    // about as many.
+    let mut last = 1;
     loop {
-        let room = running.len() < PUSH_PIPELINE;
+        // Another call goes out while one is in flight only when enough
+        // ops wait for it: small calls cost Redis more per op than a short
+        // wait costs the callers.
+        let room =
+            running.is_empty() || (running.len() < PUSH_PIPELINE && rx.len() >= PUSH_PIPELINE_MIN);
         tokio::select! {
-            n = async {
-                let mut batch = Vec::with_capacity(PUSH_BATCH);
-                let n = rx.recv_many(&mut batch, PUSH_BATCH).await;
-                (n, batch)
-            }, if open && room => {
-                let (n, batch) = n;
-                if n == 0 {
+            batch = collect(&mut rx, last), if open && room => {
+                if batch.is_empty() {
                     open = false;
                     continue;
                 }
+                last = batch.len();
                 running.push(push_batch(conn.clone(), script.clone(), prefix.clone(), capacity, batch));
             }
             Some(()) = running.next(), if !running.is_empty() => {}
@@ -735,8 +739,31 @@ async fn push_batches(
     }
 }
 
+/// The next batch: what is waiting, and for up to `PUSH_LINGER` more, until
+/// there are `want` (or `PUSH_BATCH`). Empty when the channel closed.
+async fn collect(rx: &mut mpsc::Receiver<PushRequest>, want: usize) -> Vec<PushRequest> {
+    let mut batch = Vec::with_capacity(PUSH_BATCH);
+    if rx.recv_many(&mut batch, PUSH_BATCH).await == 0 {
+        return batch;
+    }
+    let until = tokio::time::Instant::now() + PUSH_LINGER;
+    while batch.len() < want.min(PUSH_BATCH) {
+        let room = PUSH_BATCH - batch.len();
+        match tokio::time::timeout_at(until, rx.recv_many(&mut batch, room)).await {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
+    batch
+}
+
+/// Longest a push waits for others to share its script call.
+const PUSH_LINGER: Duration = Duration::from_micros(200);
+
 /// Most push script calls one store has in flight at once.
 const PUSH_PIPELINE: usize = 4;
+/// Ops waiting that justify a second push call in flight.
+const PUSH_PIPELINE_MIN: usize = 32;
 
 async fn push_batch(
     mut conn: ConnectionManager,
@@ -899,12 +926,14 @@ impl Store for RedisStore {
         })
     }
 
-    fn release(&self) -> BoxFuture<'_, Result<()>> {
+    fn release(&self, hand_back: bool) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             self.heartbeat.abort();
-            let mut a = Args::new("release");
-            a.push(now_ms()).push(&self.writer);
-            self.call(&a).await?;
+            if hand_back {
+                let mut a = Args::new("release");
+                a.push(now_ms()).push(&self.writer);
+                self.call(&a).await?;
+            }
             Ok(())
         })
     }

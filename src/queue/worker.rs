@@ -278,15 +278,18 @@ async fn run_worker(
     };
     let grace = config.flush.shutdown_deadline;
     let running: futures::future::BoxFuture<'static, _> = Box::pin(worker.run_until(signal));
+    let mut cut_off = false;
     let result = tokio::select! {
         r = running => r.map_err(|e| Error::internal(format!("worker stopped: {e}"))),
         _ = async { let _ = rx.await; tokio::time::sleep(grace).await } => {
-            tracing::warn!("shutdown deadline passed with jobs running; they will run again on another worker");
+            tracing::warn!("shutdown deadline passed with jobs running; they will run again on another worker once this worker's lease ends");
+            cut_off = true;
             Ok(())
         }
     };
-    // Whatever this worker still holds goes back at once.
-    if let Err(e) = store.release().await {
+    // Whatever this worker still holds goes back at once, unless a job was
+    // cut off mid-write (then when the lease ends).
+    if let Err(e) = store.release(result.is_ok() && !cut_off).await {
         tracing::warn!(error = %e, "could not release this worker's lease; it ends by itself");
     }
     result
