@@ -224,7 +224,6 @@ async fn follow_events(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
                 tokio::select! {
                     _ = stop.changed() => return,
                     ev = events.next() => match ev {
-                        Some(StoreEvent::Changed(rel)) => engine.cache.invalidate_rel(&rel),
                         Some(StoreEvent::Finished) => {
                             engine.changed.send_modify(|v| *v += 1);
                             engine.others_finished.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -289,6 +288,8 @@ impl WriteBehind {
     /// revokes are flushed at once, and until they are applied no check that
     /// could depend on them answers `true`.
     #[tracing::instrument(level = "debug", skip(self), err(Display))]
+    /// A tuple written with a condition is revoked by its user, relation
+    /// and object alone, as OpenFGA deletes it.
     pub async fn revoke(&self, user: &str, relation: &str, object: &str) -> Result<()> {
         self.enqueue(TupleKey::new(user, relation, object)?, Op::Revoke)
             .await
@@ -325,7 +326,10 @@ impl WriteBehind {
         tuple.validate_for_write()?;
         if self.inner.validate_against_model {
             if let Some(m) = &self.inner.model {
-                m.validate(&tuple)?;
+                match op {
+                    Op::Grant => m.validate(&tuple)?,
+                    Op::Revoke => m.validate_revoke(&tuple)?,
+                }
             }
         }
         let e = &self.inner.engine;
@@ -529,7 +533,7 @@ impl WriteBehind {
         let mut flushed = false;
         let grants = loop {
             changed.borrow_and_update();
-            let r = e.store.relevant(deps, &req.object, room).await?;
+            let r = e.store.relevant(deps, &req.object, &req.user, room).await?;
             if r.revokes > 0 {
                 // Contextual tuples cannot delete: wait for the revoke to land.
                 e.revoke_wanted
@@ -639,9 +643,22 @@ impl WriteBehind {
                 (Mode::Queue, Some(r)) => Some(crate::queue::stats(r).await?),
                 _ => None,
             },
+            loss: e.store.loss().await?,
+            last_loss_acknowledged: None,
         };
         status.merge_shared(&e.store.shared_stats().await?);
         Ok(status)
+    }
+
+    /// Closes the record of a Redis loss so checks answer again: for an
+    /// operator, after re-applying what the application granted and revoked
+    /// around the time of the loss (`status().loss` says when). `by` names
+    /// who did it, for the record. Returns false if no loss was open.
+    pub async fn acknowledge_loss(&self, by: &str) -> Result<bool> {
+        let e = &self.inner.engine;
+        let closed = e.store.acknowledge_loss(by).await?;
+        e.cache.invalidate_all();
+        Ok(closed)
     }
 
     /// The ops OpenFGA refused for good, with its reasons.

@@ -297,7 +297,9 @@ impl Default for CheckConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`.
+    /// One node: `redis://[user:password@]host:port[/db]`. A Redis (or
+    /// Valkey) Cluster: its seed nodes as several such URLs separated by
+    /// commas, or `redis+cluster://[user:password@]host:port,host:port`.
     #[serde(serialize_with = "redacted_url")]
     pub url: String,
     /// Prefix of every key fga-wb writes; the store id follows it.
@@ -307,6 +309,30 @@ pub struct RedisConfig {
     /// its ops and jobs over within this time. A write never outlives it.
     #[serde(with = "duration")]
     pub writer_lease: Duration,
+    /// Replicas that must have each push before `grant`/`revoke` return
+    /// (Redis's WAIT, sent after each batch on the same connection); 0:
+    /// do not wait. Without it a failover can drop acknowledged ops; loss
+    /// detection then reports them and checks fail closed.
+    pub wait_replicas: u32,
+    /// Longest a push waits for `wait_replicas`.
+    #[serde(with = "duration")]
+    pub wait_timeout: Duration,
+    /// What a push confirmed by fewer replicas than `wait_replicas` within
+    /// `wait_timeout` returns: `accept` (counted and logged; the op is on
+    /// the primary) or `fail` (an error that says the op is buffered but
+    /// not yet replicated; calling again is safe).
+    pub fewer_replicas: FewerReplicas,
+}
+
+/// See [`RedisConfig::fewer_replicas`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FewerReplicas {
+    /// Acknowledge anyway.
+    #[default]
+    Accept,
+    /// Return an error (the op stays buffered).
+    Fail,
 }
 
 impl Default for RedisConfig {
@@ -315,6 +341,9 @@ impl Default for RedisConfig {
             url: "redis://127.0.0.1:6379".into(),
             key_prefix: "fga-wb".into(),
             writer_lease: Duration::from_secs(5),
+            wait_replicas: 0,
+            wait_timeout: Duration::from_millis(100),
+            fewer_replicas: FewerReplicas::Accept,
         }
     }
 }
@@ -530,9 +559,22 @@ impl Config {
                 "redis.writer_lease must be at least 2s (a write needs a second of it to spare)",
             ));
         }
-        if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(char::is_whitespace) {
+        if self.redis.wait_replicas > 0
+            && !(Duration::from_millis(1)..=Duration::from_secs(10))
+                .contains(&self.redis.wait_timeout)
+        {
             return Err(Error::config(
-                "redis.key_prefix must be non-empty and without whitespace",
+                "redis.wait_timeout must be between 1ms and 10s (a push waits that long for its replicas)",
+            ));
+        }
+        if self.redis.key_prefix.is_empty()
+            || self
+                .redis
+                .key_prefix
+                .contains(|c: char| c.is_whitespace() || c == '{' || c == '}')
+        {
+            return Err(Error::config(
+                "redis.key_prefix must be non-empty, without whitespace or braces (braces pick a store's Redis Cluster slot)",
             ));
         }
         Ok(())

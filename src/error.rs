@@ -64,6 +64,21 @@ pub(crate) enum Kind {
     Shutdown,
     /// Redis failed, or holds something fga-wb did not write.
     Redis { detail: String, transient: bool },
+    /// Redis lost acknowledged ops (a restart without its data, a failover
+    /// to a replica that had not received them); checks fail closed until
+    /// an operator acknowledges the loss.
+    BufferLost { detail: String },
+    /// A connection to Redis dropped and came back: checks fail closed until
+    /// every process has had time to compare what it acknowledged with what
+    /// Redis holds (a failover may have lost another process's ops).
+    Reconnecting { left: Duration },
+    /// A push reached the primary but fewer replicas than
+    /// `redis.wait_replicas` confirmed it in time (`fewer_replicas = "fail"`).
+    UnderReplicated {
+        wanted: u32,
+        got: u32,
+        timeout: Duration,
+    },
     /// Another writer holds the tuples; try again shortly.
     Busy(String),
     /// Too many pending grants are relevant to a check to send them all as
@@ -134,7 +149,11 @@ impl Error {
                 (e.status >= 500 || matches!(e.status, 408 | 409 | 429) || e.is_throttled())
                     && !e.is_condition_conflict()
             }
-            Kind::Timeout { .. } | Kind::Connect { .. } | Kind::Busy(_) => true,
+            Kind::Timeout { .. }
+            | Kind::Connect { .. }
+            | Kind::Busy(_)
+            | Kind::UnderReplicated { .. }
+            | Kind::Reconnecting { .. } => true,
             Kind::Token { transient, .. } | Kind::Redis { transient, .. } => *transient,
             _ => false,
         }
@@ -202,6 +221,12 @@ impl Error {
     /// OpenFGA. Treat it as "not allowed" or retry.
     pub fn is_stale_check(&self) -> bool {
         matches!(&*self.kind, Kind::CheckWouldBeStale { .. })
+    }
+
+    /// The Redis buffer lost acknowledged ops: checks fail closed until an
+    /// operator runs `fga-wb loss --ack` (see `fga-wb status`).
+    pub fn is_buffer_lost(&self) -> bool {
+        matches!(&*self.kind, Kind::BufferLost { .. })
     }
 
     /// The handle has been shut down.
@@ -314,6 +339,27 @@ impl fmt::Display for Error {
                 }
                 Ok(())
             }
+            Kind::BufferLost { detail } => write!(
+                f,
+                "denied (fail closed): Redis lost acknowledged grants or revokes: {detail}. \
+                 Checks fail until an operator re-applies what the application granted and revoked recently \
+                 and runs `fga-wb loss --ack`"
+            ),
+            Kind::Reconnecting { left } => write!(
+                f,
+                "check denied (fail closed): the connection to Redis dropped and came back; checks resume in {:.1}s, \
+                 once every process has confirmed that Redis kept what it acknowledged; retry then",
+                left.as_secs_f64()
+            ),
+            Kind::UnderReplicated {
+                wanted,
+                got,
+                timeout,
+            } => write!(
+                f,
+                "Redis stored the op on its primary, but only {got} of {wanted} replicas confirmed it within {timeout:?} \
+                 (redis.wait_replicas); it is buffered and will be applied, but a failover now could lose it: calling again is safe"
+            ),
             Kind::Busy(what) => write!(f, "{what}; retrying shortly"),
             Kind::TooManyContextualTuples { count, limit } => write!(
                 f,

@@ -59,6 +59,11 @@ pub(crate) struct Dep {
     /// Only tuples whose object is the checked object can change the check
     /// through this relation; tuples on other objects cannot.
     pub same_object: bool,
+    /// Moreover, such a tuple counts only through its user: it can change
+    /// the check of user U only if its user is U, a wildcard (`type:*`) or
+    /// a userset (`type:id#relation`). False for a tupleset relation (its
+    /// tuples point at parent objects, whatever the user).
+    pub user_bound: bool,
 }
 
 pub(crate) fn rel_name(object_type: &str, relation: &str) -> RelName {
@@ -69,8 +74,9 @@ impl Model {
     /// Analyses a model as OpenFGA returns it.
     pub fn new(m: &AuthorizationModel) -> Model {
         let mut relations: HashMap<String, HashMap<String, Vec<AllowedUser>>> = HashMap::new();
-        // Edges carry whether the dependency stays on the same object.
-        let mut edges: HashMap<RelName, HashSet<(RelName, bool)>> = HashMap::new();
+        // Edges carry whether the dependency stays on the same object, and
+        // whether its tuples still match the checked user.
+        let mut edges: HashMap<RelName, HashSet<Edge>> = HashMap::new();
         let mut direct_implies = HashSet::new();
 
         for td in &m.type_definitions {
@@ -100,28 +106,34 @@ impl Model {
             }
         }
 
-        // Transitive closure over (relation, still on the same object):
-        // small graphs (tens to hundreds of relations).
+        // Transitive closure over (relation, still on the same object, still
+        // matching the checked user): small graphs (tens to hundreds of
+        // relations). A relation reached several ways keeps the widest.
         let mut depends_on = HashMap::new();
         let mut scoped = HashMap::new();
         for start in edges.keys() {
-            let mut seen: HashSet<(RelName, bool)> = HashSet::new();
-            let mut stack = vec![(start.clone(), true)];
-            while let Some((n, same)) = stack.pop() {
-                if seen.insert((n.clone(), same)) {
-                    for (m, edge_same) in edges.get(&n).into_iter().flatten() {
-                        stack.push((m.clone(), same && *edge_same));
+            let mut seen: HashSet<Edge> = HashSet::new();
+            let mut stack = vec![(start.clone(), true, true)];
+            while let Some((n, same, user)) = stack.pop() {
+                if seen.insert((n.clone(), same, user)) {
+                    for (m, edge_same, edge_user) in edges.get(&n).into_iter().flatten() {
+                        let same = same && *edge_same;
+                        stack.push((m.clone(), same, user && same && *edge_user));
                     }
                 }
             }
-            let mut deps: HashMap<RelName, bool> = HashMap::new();
-            for (rel, same) in seen {
-                let e = deps.entry(rel).or_insert(true);
-                *e = *e && same;
+            let mut deps: HashMap<RelName, (bool, bool)> = HashMap::new();
+            for (rel, same, user) in seen {
+                let e = deps.entry(rel).or_insert((true, true));
+                *e = (e.0 && same, e.1 && user);
             }
             let mut v: Vec<Dep> = deps
                 .into_iter()
-                .map(|(rel, same_object)| Dep { rel, same_object })
+                .map(|(rel, (same_object, user_bound))| Dep {
+                    rel,
+                    same_object,
+                    user_bound: same_object && user_bound,
+                })
                 .collect();
             v.sort_by(|a, b| a.rel.cmp(&b.rel));
             depends_on.insert(start.clone(), v.iter().map(|d| d.rel.clone()).collect());
@@ -157,9 +169,20 @@ impl Model {
         self.depends_on.keys()
     }
 
-    /// Checks a tuple against the model: type, relation, and allowed user
-    /// types (with the right condition).
+    /// Checks a tuple to write against the model: type, relation, and
+    /// allowed user types (with the right condition).
     pub fn validate(&self, t: &TupleKey) -> Result<(), TupleError> {
+        self.validate_as(t, false)
+    }
+
+    /// Checks a tuple to delete: type, relation and user type, whatever its
+    /// condition. OpenFGA deletes by user, relation and object, so a tuple
+    /// written with a condition is revoked by its key alone.
+    pub fn validate_revoke(&self, t: &TupleKey) -> Result<(), TupleError> {
+        self.validate_as(t, true)
+    }
+
+    fn validate_as(&self, t: &TupleKey, any_condition: bool) -> Result<(), TupleError> {
         let ty = t.object_type();
         let Some(rels) = self.relations.get(ty) else {
             return Err(TupleError::new(
@@ -183,7 +206,7 @@ impl Model {
             a.type_name == user_type
                 && a.relation.as_deref() == user_rel
                 && a.wildcard == wildcard
-                && a.condition.as_deref() == cond
+                && (any_condition || a.condition.as_deref() == cond)
         });
         if ok {
             return Ok(());
@@ -274,18 +297,22 @@ fn parse_allowed(v: &Value) -> Option<AllowedUser> {
 }
 
 /// The `type#relation`s whose tuples one relation's rewrite reads.
+/// A dependency edge: (relation, on the same object, its tuples matched
+/// against the checked user).
+type Edge = (RelName, bool, bool);
+
 fn collect_deps(
     ty: &str,
     relation: &str,
     rewrite: &Value,
     relations: &HashMap<String, HashMap<String, Vec<AllowedUser>>>,
-    out: &mut HashSet<(RelName, bool)>,
+    out: &mut HashSet<Edge>,
 ) {
     let Some(obj) = rewrite.as_object() else {
         return;
     };
     if obj.contains_key("this") {
-        out.insert((rel_name(ty, relation), true));
+        out.insert((rel_name(ty, relation), true, true));
         // Usersets (`group#member`) pull in the tuples of that relation too,
         // on the group objects, not the checked one.
         for a in relations
@@ -295,13 +322,13 @@ fn collect_deps(
             .flatten()
         {
             if let Some(r) = &a.relation {
-                out.insert((rel_name(&a.type_name, r), false));
+                out.insert((rel_name(&a.type_name, r), false, false));
             }
         }
     }
     if let Some(cu) = obj.get("computedUserset") {
         if let Some(r) = cu.get("relation").and_then(Value::as_str) {
-            out.insert((rel_name(ty, r), true));
+            out.insert((rel_name(ty, r), true, true));
         }
     }
     if let Some(ttu) = obj.get("tupleToUserset") {
@@ -316,7 +343,7 @@ fn collect_deps(
         if let Some(ts) = tupleset {
             // The tupleset's tuples are on the checked object; the relation
             // they lead to is on other objects (the parents).
-            out.insert((rel_name(ty, ts), true));
+            out.insert((rel_name(ty, ts), true, false));
             if let Some(cr) = computed {
                 for a in relations
                     .get(ty)
@@ -324,7 +351,7 @@ fn collect_deps(
                     .into_iter()
                     .flatten()
                 {
-                    out.insert((rel_name(&a.type_name, cr), false));
+                    out.insert((rel_name(&a.type_name, cr), false, false));
                 }
             }
         }
@@ -418,6 +445,21 @@ mod tests {
         // (viewer from parent), so there it is not same-object.
         let f = m.depends_on_scoped("folder", "viewer").unwrap();
         assert!(f.iter().any(|d| d.rel == "folder#viewer" && !d.same_object));
+    }
+
+    #[test]
+    fn dependencies_know_which_tuples_count_only_for_their_user() {
+        let m = model();
+        let deps = m.depends_on_scoped("document", "can_view").unwrap();
+        let bound = |r: &str| deps.iter().find(|d| d.rel == r).map(|d| d.user_bound);
+        // Direct assignments on the document, and its blocked list.
+        assert_eq!(bound("document#viewer"), Some(true));
+        assert_eq!(bound("document#editor"), Some(true));
+        assert_eq!(bound("document#blocked"), Some(true));
+        // The parent tuple points at a folder: it counts for every user.
+        assert_eq!(bound("document#parent"), Some(false));
+        assert_eq!(bound("folder#viewer"), Some(false));
+        assert_eq!(bound("group#member"), Some(false));
     }
 
     #[test]

@@ -121,6 +121,11 @@ pub struct Status {
     pub totals: Totals,
     /// Queue mode: jobs by state and the workers seen.
     pub queue: Option<crate::queue::QueueStats>,
+    /// An open record of Redis losing acknowledged ops: checks fail closed
+    /// until an operator acknowledges it (`fga-wb loss --ack`).
+    pub loss: Option<String>,
+    /// When the last loss was acknowledged, and by whom.
+    pub last_loss_acknowledged: Option<String>,
 }
 
 impl Status {
@@ -150,6 +155,7 @@ impl Status {
         if let Some(reason) = shared.get("stopped").filter(|r| !r.is_empty()) {
             self.flushing_stopped = Some(reason.clone());
         }
+        self.last_loss_acknowledged = shared.get("last_loss_acknowledged").cloned();
     }
 }
 

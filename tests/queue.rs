@@ -317,6 +317,61 @@ async fn queued_ops_are_applied_by_a_worker() {
     assert_accounted(&wb).await;
 }
 
+/// Issue 12: on a Redis Cluster every key a worker touches sits in its
+/// store's slot, so workers start and apply jobs for stores on every
+/// primary (on a single node the same test runs, trivially spread).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workers_for_20_stores_spread_over_every_primary_apply_their_jobs() {
+    let mut stores = Vec::new();
+    let mut owners = std::collections::BTreeMap::new();
+    let mut primaries = 1;
+    while stores.len() < 20 || (owners.len() < primaries && stores.len() < 60) {
+        let s = new_store(&format!("queue-spread-{}", stores.len())).await;
+        let (owner, n) = support::redis_owner(&format!("fga-wb:{{{}}}", s.store_id)).await;
+        primaries = n;
+        *owners.entry(owner).or_insert(0) += 1;
+        stores.push(s);
+    }
+    assert_eq!(owners.len(), primaries, "stores per primary: {owners:?}");
+    eprintln!("{} stores, per primary: {owners:?}", stores.len());
+
+    let mut running = Vec::new();
+    for s in &stores {
+        let config = queue_mode(config_for(s), &[1]);
+        let wb = app(config.clone()).await;
+        let worker = Worker::start(config, 2);
+        for i in 0..10 {
+            wb.grant(&format!("user:u{i}"), "viewer", "document:spread")
+                .await
+                .unwrap();
+        }
+        wb.revoke("user:u3", "viewer", "document:spread")
+            .await
+            .unwrap();
+        assert_eq!(wb.flush().await.unwrap().queued, 10);
+        running.push((s, wb, worker));
+    }
+    for (s, wb, worker) in running {
+        let w = Watch {
+            wb: &wb,
+            writes: None,
+        };
+        w.until(
+            "the store's worker to apply its jobs",
+            Duration::from_secs(30),
+            || settled(&wb),
+        )
+        .await;
+        worker.stop().await;
+        let expected: Vec<String> = (0..10)
+            .filter(|i| *i != 3)
+            .map(|i| format!("document:spread#viewer@user:u{i}"))
+            .collect();
+        assert_eq!(stored(s).await, expected, "store {}", s.store_id);
+        assert_accounted(&wb).await;
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Retry schedule
 // ---------------------------------------------------------------------------

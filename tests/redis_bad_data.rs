@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use fga_wb::config::{Mode, StoreKind};
 use fga_wb::{Config, WriteBehind};
-use redis::aio::MultiplexedConnection;
-use support::{config_for, new_store, stored, TestStore};
+use support::{config_for, new_store, stored, RedisConn, TestStore};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fga-wb");
 
@@ -73,15 +72,11 @@ fn config(s: &TestStore, prefix: &str, mode: Mode) -> Config {
     c
 }
 
-async fn redis() -> MultiplexedConnection {
-    redis::Client::open(support::redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
+async fn redis() -> RedisConn {
+    support::redis_conn().await
 }
 
-async fn cmd<T: redis::FromRedisValue>(c: &mut MultiplexedConnection, args: &[&str]) -> T {
+async fn cmd<T: redis::FromRedisValue>(c: &mut RedisConn, args: &[&str]) -> T {
     let mut k = redis::cmd(args[0]);
     for a in &args[1..] {
         k.arg(*a);
@@ -358,12 +353,7 @@ async fn sequence_that_is_not_a_number() {
 
 /// Runs every handle call once; each must be `Ok` or a clear Redis error.
 /// Returns what Redis holds for the grant's tuple if the grant failed.
-async fn every_call(
-    wb: &WriteBehind,
-    label: &str,
-    c: &mut MultiplexedConnection,
-    ops: &str,
-) -> Option<String> {
+async fn every_call(wb: &WriteBehind, label: &str, c: &mut RedisConn, ops: &str) -> Option<String> {
     let g = wb.grant("user:w", "viewer", "document:w").await;
     clear(&format!("{label}: grant"), &g);
     let mut held = None;

@@ -65,6 +65,15 @@ enum Command {
         #[command(subcommand)]
         command: Dlq,
     },
+    /// Whether Redis lost acknowledged ops (checks fail closed until
+    /// acknowledged); exits 1 while a loss is open.
+    Loss {
+        /// Acknowledge the open loss, after re-applying what the
+        /// application granted and revoked around its time: checks answer
+        /// again.
+        #[arg(long)]
+        ack: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -239,6 +248,7 @@ async fn command(cli: &Cli, config: &Config, wb: &WriteBehind) -> Result<(), Fai
             }
         }
         Command::Dlq { command } => dlq(cli.json, wb, command).await,
+        Command::Loss { ack } => loss(cli.json, wb, *ack).await,
         Command::Worker { .. } => Ok(()),
     }
 }
@@ -283,6 +293,40 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
             let n = wb.purge_dead_letters(which.as_deref()).await?;
             report_count(json, "purged", n)
         }
+    }
+}
+
+async fn loss(json: bool, wb: &WriteBehind, ack: bool) -> Result<(), Failure> {
+    let open = wb.status().await?.loss;
+    if ack {
+        let by = format!(
+            "`fga-wb loss --ack` as {}",
+            std::env::var("USER").unwrap_or_else(|_| "?".into())
+        );
+        let closed = wb.acknowledge_loss(&by).await?;
+        if json {
+            return print_json(&serde_json::json!({ "acknowledged": closed, "loss": open }));
+        }
+        match open.filter(|_| closed) {
+            Some(l) => out!("acknowledged: {l}; checks answer again"),
+            None => out!("no loss was open"),
+        }
+        return Ok(());
+    }
+    if json {
+        print_json(&serde_json::json!({ "loss": open }))?;
+    } else if let Some(l) = &open {
+        out!("LOSS  {l}");
+        out!("checks fail closed until `fga-wb loss --ack`");
+    } else {
+        out!("no loss recorded");
+    }
+    match open {
+        Some(_) => Err(Failure {
+            code: 1,
+            message: "Redis lost acknowledged ops; see above".into(),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -370,6 +414,9 @@ fn print_status(s: &fga_wb::Status) {
         out!("workers seen      {workers}");
     }
     out!("dead letters      {}", s.dead_letters);
+    if let Some(l) = &s.loss {
+        out!("REDIS LOST OPS    {l}; checks fail closed until `fga-wb loss --ack`");
+    }
     if let Some(why) = &s.flushing_stopped {
         out!("FLUSHING STOPPED  {why}");
     }

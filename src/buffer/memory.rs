@@ -28,7 +28,8 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::future::{self, BoxFuture};
 
 use super::{
-    key_of, tuple_of, DeadLetter, Finished, Outcome, Pending, Pushed, Relevant, Store, Take, Taken,
+    counts_for, key_of, tuple_of, DeadLetter, Finished, Outcome, Pending, Pushed, Relevant, Store,
+    Take, Taken,
 };
 use crate::error::{Error, Kind, Result};
 use crate::model::Dep;
@@ -441,18 +442,25 @@ impl MemoryStore {
         f
     }
 
-    fn relevant_now(&self, rels: Option<&[Dep]>, object: &str, limit: usize) -> Relevant {
+    fn relevant_now(
+        &self,
+        rels: Option<&[Dep]>,
+        object: &str,
+        user: &str,
+        limit: usize,
+    ) -> Relevant {
         let prefix = format!("{object}#");
         let home = self.shard_of(object);
-        // (shard, type, relation, same object) for every part to read.
-        let mut wanted: Vec<(usize, &str, &str, bool)> = Vec::new();
+        // (shard, type, relation, same object, user-bound) for every part
+        // to read.
+        let mut wanted: Vec<(usize, &str, &str, bool, bool)> = Vec::new();
         let all: Vec<(String, String)>;
-        let deps: Vec<(&str, &str, bool)> = match rels {
+        let deps: Vec<(&str, &str, bool, bool)> = match rels {
             Some(rels) => rels
                 .iter()
                 .filter_map(|d| {
                     let (ty, r) = d.rel.split_once('#')?;
-                    Some((ty, r, d.same_object))
+                    Some((ty, r, d.same_object, d.user_bound))
                 })
                 .collect(),
             None => {
@@ -466,25 +474,28 @@ impl MemoryStore {
                 }
                 all = names.into_iter().collect();
                 all.iter()
-                    .map(|(t, r)| (t.as_str(), r.as_str(), false))
+                    .map(|(t, r)| (t.as_str(), r.as_str(), false, false))
                     .collect()
             }
         };
-        for (ty, r, same) in deps {
+        for (ty, r, same, bound) in deps {
             if same {
-                wanted.push((home, ty, r, true));
+                wanted.push((home, ty, r, true, bound));
             } else {
-                wanted.extend((0..SHARDS).map(|s| (s, ty, r, false)));
+                wanted.extend((0..SHARDS).map(|s| (s, ty, r, false, false)));
             }
         }
         let (mut revokes, mut grants) = (0, 0);
-        for &(s, ty, r, same) in &wanted {
+        for &(s, ty, r, same, bound) in &wanted {
             let g = self.lock(s);
             let Some(p) = g.part(ty, r).map(|i| &g.parts[i]) else {
                 continue;
             };
             if same {
-                for (_, slot) in slots_of(p, &prefix, true) {
+                for (key, slot) in slots_of(p, &prefix, true) {
+                    if bound && !counts_for(key, user) {
+                        continue;
+                    }
                     for e in slot.pending.iter().chain(slot.in_flight.as_deref()) {
                         match e.op {
                             Op::Grant => grants += 1,
@@ -504,12 +515,15 @@ impl MemoryStore {
             };
         }
         let mut out = Vec::with_capacity(grants);
-        for &(s, ty, r, same) in &wanted {
+        for &(s, ty, r, same, bound) in &wanted {
             let g = self.lock(s);
             let Some(p) = g.part(ty, r).map(|i| &g.parts[i]) else {
                 continue;
             };
             for (key, slot) in slots_of(p, &prefix, same) {
+                if bound && !counts_for(key, user) {
+                    continue;
+                }
                 // The newest op on the key is the one that counts.
                 let newest = slot.pending.as_ref().or(slot.in_flight.as_deref());
                 if let Some(e) = newest.filter(|e| e.op == Op::Grant) {
@@ -653,9 +667,12 @@ impl Store for MemoryStore {
         &'a self,
         rels: Option<&'a [Dep]>,
         object: &'a str,
+        user: &'a str,
         limit: usize,
     ) -> BoxFuture<'a, Result<Relevant>> {
-        Box::pin(future::ready(Ok(self.relevant_now(rels, object, limit))))
+        Box::pin(future::ready(Ok(
+            self.relevant_now(rels, object, user, limit)
+        )))
     }
 
     fn latest<'a>(&'a self, tuple: &'a TupleKey) -> BoxFuture<'a, Result<Option<(Op, bool)>>> {
@@ -787,15 +804,16 @@ mod tests {
         let viewer = vec![Dep {
             rel: "document#viewer".to_string(),
             same_object: true,
+            user_bound: false,
         }];
-        let r = s.relevant_now(Some(&viewer), "document:1", 100);
+        let r = s.relevant_now(Some(&viewer), "document:1", "user:a", 100);
         assert_eq!(r.revokes, 0);
         assert_eq!(r.grants.unwrap().len(), 1);
         // Another document's grants don't matter to a same-object dependency.
-        let r = s.relevant_now(Some(&viewer), "document:10", 100);
+        let r = s.relevant_now(Some(&viewer), "document:10", "user:a", 100);
         assert_eq!(r.grants.unwrap().len(), 0);
         let _taken = s.take_now(10, Take::All, u64::MAX);
-        let r = s.relevant_now(None, "document:1", 100);
+        let r = s.relevant_now(None, "document:1", "user:a", 100);
         assert_eq!(r.revokes, 1, "an in-flight revoke still counts");
         assert!(r.grants.is_none());
     }

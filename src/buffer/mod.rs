@@ -90,8 +90,6 @@ pub(crate) enum Claim {
 /// What another process did to the shared store.
 #[derive(Clone, Debug)]
 pub(crate) enum StoreEvent {
-    /// An op on this `type#relation` was acknowledged or dead-lettered.
-    Changed(RelName),
     /// Ops finished (applied, dead-lettered, or requeued).
     Finished,
     /// Jobs were queued (queue mode): workers may fetch.
@@ -189,13 +187,15 @@ pub(crate) trait Store: Send + Sync + 'static {
         done: Vec<(Taken, Outcome)>,
         job: Option<&'a JobEnd>,
     ) -> BoxFuture<'a, Result<Finished>>;
-    /// Pending work that can change a check of `object`: on the relations
-    /// `rels` (`None`: every relation), and for a same-object dependency
-    /// only on `object` itself.
+    /// Pending work that can change a check of `user` on `object`: on the
+    /// relations `rels` (`None`: every relation); for a same-object
+    /// dependency only on `object` itself, and for a user-bound one only
+    /// ops whose user can be `user` (see [`counts_for`]).
     fn relevant<'a>(
         &'a self,
         rels: Option<&'a [Dep]>,
         object: &'a str,
+        user: &'a str,
         limit: usize,
     ) -> BoxFuture<'a, Result<Relevant>>;
     /// The newest op on one key, pending or in flight, and whether it has a
@@ -244,6 +244,16 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn generation<'a>(&'a self, _rels: Option<&'a [RelName]>) -> BoxFuture<'a, Result<u64>> {
         Box::pin(futures::future::ready(Ok(0)))
     }
+    /// An open record of lost data (Redis lost acknowledged ops), for
+    /// people; while one is open, checks fail closed.
+    fn loss(&self) -> BoxFuture<'_, Result<Option<String>>> {
+        Box::pin(futures::future::ready(Ok(None)))
+    }
+    /// Closes the loss record (an operator has dealt with the loss); false
+    /// if none was open.
+    fn acknowledge_loss<'a>(&'a self, _by: &'a str) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(futures::future::ready(Ok(false)))
+    }
     /// Store-wide counters and notes (`last_flush`, `stopped`) written by
     /// every process; empty for a store only this process sees.
     fn shared_stats(&self) -> BoxFuture<'_, Result<std::collections::HashMap<String, String>>> {
@@ -282,14 +292,26 @@ pub(crate) async fn open_store(
 /// The Redis store for `config`, as a writer of `kind` (`app`, `worker`).
 pub(crate) async fn open_redis(config: &crate::Config, kind: &str) -> Result<redis::RedisStore> {
     redis::RedisStore::connect(
-        &config.redis.url,
-        &config.redis.key_prefix,
+        &config.redis,
         &config.openfga.store_id,
         config.buffer.capacity,
-        config.redis.writer_lease,
         kind,
     )
     .await
+}
+
+/// Whether an op on `key` can change a check of `user` through a
+/// user-bound dependency (`Dep::user_bound`): its user is `user`, a
+/// wildcard, or a userset (which may contain `user`).
+pub(crate) fn counts_for(key: &str, user: &str) -> bool {
+    let Some(u) = key
+        .split_once('#')
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .map(|(_, u)| u)
+    else {
+        return true;
+    };
+    u == user || u.ends_with(":*") || u.contains('#')
 }
 
 /// `object#relation@user`: the key ops are coalesced on.

@@ -207,7 +207,42 @@ impl RedisCluster {
         }
         let cluster = RedisCluster { nodes };
         cluster.wait_ok().await?;
+        cluster.wait_replicas(primaries * replicas).await?;
         Ok(cluster)
+    }
+
+    /// Waits until every node's view lists `count` replicas and each replica's
+    /// link to its primary is up: `cluster_state:ok` comes before gossip has
+    /// spread who replicates whom, and a test that looks for a primary's
+    /// replica (to fail over to it) must not race that.
+    async fn wait_replicas(&self, count: usize) -> Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut ok = true;
+            for n in &self.nodes {
+                ok &= n.command("CLUSTER NODES").await.is_some_and(|r| {
+                    r.lines()
+                        .filter(|l| {
+                            l.split_whitespace()
+                                .nth(2)
+                                .is_some_and(|f| f.contains("slave"))
+                        })
+                        .count()
+                        == count
+                });
+                let info = n.command("INFO replication").await.unwrap_or_default();
+                ok &= !info.contains("role:slave") || info.contains("master_link_status:up");
+            }
+            if ok {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::new(
+                    "the Redis cluster's replicas did not all attach in 60 s",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Waits until every running node reports `cluster_state:ok`.

@@ -37,6 +37,101 @@ pub fn redis_url() -> String {
     required_env("FGA_WB_TEST_REDIS_URL")
 }
 
+/// Whether the test Redis is a Redis Cluster (`FGA_WB_TEST_REDIS_URL` names
+/// its seed nodes, separated by commas).
+pub fn redis_is_cluster() -> bool {
+    redis_url().contains(',')
+}
+
+/// A direct connection to the test Redis, one node or a cluster, for tests
+/// that look at or tamper with fga-wb's keys.
+#[derive(Clone)]
+pub enum RedisConn {
+    Node(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+/// Connects to the test Redis.
+pub async fn redis_conn() -> RedisConn {
+    let url = redis_url();
+    if redis_is_cluster() {
+        let seeds: Vec<&str> = url.split(',').collect();
+        let c = redis::cluster::ClusterClient::new(seeds)
+            .expect("cluster client for the test Redis")
+            .get_async_connection()
+            .await
+            .expect("connect to the test Redis Cluster");
+        RedisConn::Cluster(c)
+    } else {
+        let c = redis::Client::open(url)
+            .expect("client for the test Redis")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to the test Redis");
+        RedisConn::Node(c)
+    }
+}
+
+impl redis::aio::ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            RedisConn::Node(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            RedisConn::Node(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
+}
+
+/// Which primary serves `key` (its port), and how many primaries there
+/// are; on a single node, always (its port, 1).
+pub async fn redis_owner(key: &str) -> (u16, usize) {
+    let mut c = redis_conn().await;
+    if !redis_is_cluster() {
+        return (0, 1);
+    }
+    let slot: i64 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query_async(&mut c)
+        .await
+        .expect("CLUSTER KEYSLOT");
+    let ranges: Vec<Vec<redis::Value>> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(&mut c)
+        .await
+        .expect("CLUSTER SLOTS");
+    let mut ports = std::collections::BTreeSet::new();
+    let mut owner = None;
+    for r in &ranges {
+        let n = |i: usize| -> i64 { redis::from_redis_value_ref(&r[i]).expect("a number") };
+        let node: Vec<redis::Value> = redis::from_redis_value_ref(&r[2]).expect("a node");
+        let port: u16 = redis::from_redis_value_ref(&node[1]).expect("a port");
+        ports.insert(port);
+        if (n(0)..=n(1)).contains(&slot) {
+            owner = Some(port);
+        }
+    }
+    (owner.expect("every slot is served"), ports.len())
+}
+
 /// The `openfga` binary, for tests that run their own server.
 pub fn openfga_bin() -> PathBuf {
     PathBuf::from(required_env("FGA_WB_TEST_OPENFGA_BIN"))
@@ -70,10 +165,24 @@ pub struct TestStore {
 
 /// Creates a store named after the test and writes the documents model to it.
 pub async fn new_store(name: &str) -> TestStore {
+    new_store_with(name, &documents_model()).await
+}
+
+/// A model from `models/`, by file name (`conditions.json`).
+pub fn model(file: &str) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(file);
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("a model file"))
+        .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+/// Creates a store named after the test with `model`.
+pub async fn new_store_with(name: &str, model: &Value) -> TestStore {
     let client = client();
     let store_id = client.create_store(name).await.expect("create store");
     let model_id = client
-        .write_authorization_model(&store_id, &documents_model())
+        .write_authorization_model(&store_id, model)
         .await
         .expect("write model");
     TestStore {

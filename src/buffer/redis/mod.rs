@@ -19,9 +19,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+mod conn;
+
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use redis::aio::ConnectionManager;
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
@@ -31,17 +32,19 @@ use super::{
 };
 use crate::error::{Error, Kind, Result};
 use crate::model::{Dep, RelName};
-use crate::openfga::redact_url;
 use crate::tuple::{Condition, Op, TupleKey};
+pub(crate) use conn::{Conn, Target};
 
-const SCRIPT: &str = include_str!("redis.lua");
+const SCRIPT: &str = include_str!("store.lua");
 /// Most ops one push script call carries.
 const PUSH_BATCH: usize = 512;
 
 /// The Redis store.
 pub(crate) struct RedisStore {
-    conn: ConnectionManager,
-    client: redis::Client,
+    conn: Conn,
+    target: Target,
+    /// `PUBLISH`, or `SPUBLISH` on a cluster (messages stay in the shard).
+    publish: &'static str,
     script: redis::Script,
     prefix: String,
     /// This instance's name as a writer (`app:...` or `worker:...`).
@@ -49,8 +52,61 @@ pub(crate) struct RedisStore {
     lease: Duration,
     /// When the lease was last renewed (ms since the epoch).
     renewed: Arc<AtomicU64>,
+    watch: Arc<Watch>,
     pushes: mpsc::Sender<PushRequest>,
     heartbeat: tokio::task::JoinHandle<()>,
+}
+
+/// What this process knows that a Redis which lost data would not, to
+/// prove the loss (see `heartbeat` in store.lua).
+#[derive(Default)]
+struct Watch {
+    /// The store's epoch in Redis as last seen; empty before the first look.
+    epoch: std::sync::Mutex<String>,
+    /// The highest sequence number this process acknowledged under `epoch`.
+    acked: AtomicU64,
+    /// Dropped connections and epoch changes seen. Part of every
+    /// generation: a connection that dropped may come back to a replica
+    /// promoted without the last writes, where a rolled-back generation
+    /// counter must not re-validate an answer cached before them.
+    resets: AtomicU64,
+    /// A connection dropped, and no heartbeat has succeeded since.
+    dropped: std::sync::atomic::AtomicBool,
+    /// Until when (ms since the epoch) checks fail closed after a dropped
+    /// connection came back: long enough for every live process to run a
+    /// heartbeat, and so to record a loss of what *it* acknowledged, which
+    /// this process cannot see.
+    quiet_until: AtomicU64,
+    /// Wakes the heartbeat task at once.
+    wake: tokio::sync::Notify,
+}
+
+impl Watch {
+    fn epoch(&self) -> String {
+        self.epoch.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    /// Takes what a heartbeat found; `lost_now` when it recorded a loss.
+    fn saw(&self, epoch: &str, seq: u64, lost_now: bool) {
+        let Ok(mut known) = self.epoch.lock() else {
+            return;
+        };
+        if *known != epoch || lost_now {
+            // A new epoch: what was acknowledged before is accounted for
+            // (reported as lost, or by whoever moved the store on).
+            *known = epoch.to_owned();
+            self.acked.store(seq, Ordering::Relaxed);
+            self.resets.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// How a push batch waits for replicas (`redis.wait_replicas`).
+#[derive(Clone, Copy)]
+struct Replication {
+    replicas: u32,
+    timeout: Duration,
+    fail: bool,
 }
 
 struct PushRequest {
@@ -187,9 +243,9 @@ fn count(v: &[Value], i: usize) -> Result<u64> {
 struct Args(Vec<Vec<u8>>);
 
 impl Args {
-    fn new(command: &str) -> Args {
+    fn new(command: &str, publish: &str) -> Args {
         let mut a = Args(Vec::with_capacity(16));
-        a.push(command).push("PUBLISH");
+        a.push(command).push(publish);
         a
     }
 
@@ -200,12 +256,7 @@ impl Args {
 }
 
 /// Invokes one command of the script library.
-async fn invoke(
-    conn: &ConnectionManager,
-    script: &redis::Script,
-    prefix: &str,
-    args: &Args,
-) -> Result<Value> {
+async fn invoke(conn: &Conn, script: &redis::Script, prefix: &str, args: &Args) -> Result<Value> {
     let mut inv = script.prepare_invoke();
     inv.key(prefix);
     for a in &args.0 {
@@ -216,70 +267,84 @@ async fn invoke(
 }
 
 impl RedisStore {
-    /// Connects to Redis as a writer of kind `kind` (`app` or `worker`),
-    /// and fails with a clear error if it cannot.
+    /// Connects to Redis (one node or a cluster) as a writer of kind
+    /// `kind` (`app` or `worker`), and fails with a clear error if it
+    /// cannot or if the server does not run Lua scripts.
     pub async fn connect(
-        url: &str,
-        key_prefix: &str,
+        config: &crate::config::RedisConfig,
         store_id: &str,
         capacity: usize,
-        lease: Duration,
         kind: &str,
     ) -> Result<RedisStore> {
-        let client = redis::Client::open(url).map_err(|e| {
-            Error::config(format!(
-                "redis.url {:?} is not a Redis URL ({e})",
-                redact_url(url)
-            ))
-        })?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(3)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(2);
-        let conn = ConnectionManager::new_with_config(client.clone(), config)
-            .await
-            .map_err(|e| {
-                Error::new(Kind::Redis {
-                    detail: format!("cannot connect to {}: {e}", redact_url(url)),
-                    transient: true,
-                })
-            })?;
+        let lease = config.writer_lease;
+        let target = Target::parse(&config.url)?;
+        let watch = Arc::new(Watch::default());
+        let on_disconnect: conn::OnDisconnect = {
+            let watch = watch.clone();
+            Arc::new(move || {
+                watch.dropped.store(true, Ordering::Relaxed);
+                watch.resets.fetch_add(1, Ordering::Relaxed);
+                watch.wake.notify_one();
+            })
+        };
+        let mut conn = conn::connect(&target, on_disconnect.clone()).await?;
+        conn::check_server(&mut conn, &target).await?;
+        // Pushes go on a connection of their own: their batches are
+        // pipelined, a WAIT after one covers exactly the pushes before it,
+        // and nothing else waits behind them.
+        let push_conn = conn::connect(&target, on_disconnect).await?;
+        let publish = if target.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
         // The braces make every key of one store hash to one cluster slot.
-        let prefix = format!("{key_prefix}:{{{store_id}}}");
+        let prefix = format!("{}:{{{store_id}}}", config.key_prefix);
         let script = redis::Script::new(SCRIPT);
         let writer = unique_name(kind);
         let renewed = Arc::new(AtomicU64::new(0));
         // Register before anything is taken, so a take never finds its own
         // writer without a lease. Data that is not fga-wb's under the prefix
         // fails every call with a clear error, not the connect.
-        match heartbeat_once(&conn, &script, &prefix, &writer, lease).await {
-            Ok(first) => renewed.store(first, Ordering::Relaxed),
-            Err(e) => tracing::warn!(error = %e, "cannot take a Redis lease; retrying"),
-        }
-        let heartbeat = tokio::spawn(heartbeats(
-            conn.clone(),
-            script.clone(),
-            prefix.clone(),
-            writer.clone(),
+        let beat = Heartbeat {
+            conn: conn.clone(),
+            script: script.clone(),
+            prefix: prefix.clone(),
+            publish,
+            writer: writer.clone(),
             lease,
-            renewed.clone(),
-        ));
+            renewed: renewed.clone(),
+            watch: watch.clone(),
+        };
+        if let Err(e) = beat.once().await {
+            tracing::warn!(error = %e, "cannot take a Redis lease; retrying");
+        }
+        let heartbeat = tokio::spawn(beat.run());
         let (pushes, rx) = mpsc::channel(4 * PUSH_BATCH);
-        tokio::spawn(push_batches(
-            conn.clone(),
-            script.clone(),
-            prefix.clone(),
+        let pusher = Pusher {
+            conn: push_conn,
+            script: script.clone(),
+            prefix: prefix.clone(),
+            publish,
             capacity,
-            rx,
-        ));
+            watch: watch.clone(),
+            replication: (config.wait_replicas > 0).then_some(Replication {
+                replicas: config.wait_replicas,
+                timeout: config.wait_timeout,
+                fail: config.fewer_replicas == crate::config::FewerReplicas::Fail,
+            }),
+        };
+        tokio::spawn(pusher.run(rx));
         Ok(RedisStore {
             conn,
-            client,
+            target,
+            publish,
             script,
             prefix,
             writer,
             lease,
             renewed,
+            watch,
             pushes,
             heartbeat,
         })
@@ -299,7 +364,7 @@ impl RedisStore {
             Take::Revokes => "r",
             Take::All => "rg",
         };
-        let mut a = Args::new("take");
+        let mut a = Args::new("take", self.publish);
         a.push(now_ms())
             .push(max)
             .push(kinds)
@@ -343,7 +408,7 @@ impl RedisStore {
                 (id.clone(), "retry", *due_ms, json.clone())
             }
         };
-        let mut a = Args::new("finish");
+        let mut a = Args::new("finish", self.publish);
         a.push(now_ms())
             .push(&self.writer)
             .push(job_id)
@@ -382,6 +447,7 @@ impl RedisStore {
         &self,
         rels: Option<&[Dep]>,
         object: &str,
+        user: &str,
         limit: usize,
     ) -> Result<Relevant> {
         // A model with no relations at all still means "only these".
@@ -391,8 +457,8 @@ impl RedisStore {
                 grants: Some(Vec::new()),
             });
         }
-        let mut a = Args::new("relevant");
-        a.push(limit).push(object);
+        let mut a = Args::new("relevant", self.publish);
+        a.push(limit).push(object).push(user);
         match rels {
             None => {
                 a.push(0);
@@ -400,7 +466,12 @@ impl RedisStore {
             Some(r) => {
                 a.push(r.len());
                 for d in r {
-                    a.push(&d.rel).push(u8::from(d.same_object));
+                    let scope: u8 = match (d.same_object, d.user_bound) {
+                        (false, _) => 0,
+                        (true, false) => 1,
+                        (true, true) => 2,
+                    };
+                    a.push(&d.rel).push(scope);
                 }
             }
         }
@@ -424,7 +495,7 @@ impl RedisStore {
     }
 
     async fn latest_now(&self, tuple: &TupleKey) -> Result<Option<(Op, bool)>> {
-        let mut a = Args::new("latest");
+        let mut a = Args::new("latest", self.publish);
         a.push(key_of(tuple));
         let v = items(self.call(&a).await?)?;
         let Some(first) = v.first() else {
@@ -443,7 +514,7 @@ impl RedisStore {
     }
 
     async fn pending_now(&self) -> Result<Pending> {
-        let mut a = Args::new("pending");
+        let mut a = Args::new("pending", self.publish);
         a.push(now_ms());
         let v = items(self.call(&a).await?)?;
         let n = |i: usize| v.get(i).map_or(Ok(0), int);
@@ -467,7 +538,7 @@ impl RedisStore {
     }
 
     async fn clear_now(&self) -> Result<Vec<(TupleKey, Op)>> {
-        let mut a = Args::new("clear");
+        let mut a = Args::new("clear", self.publish);
         a.push(now_ms());
         let v = items(self.call(&a).await?)?;
         let mut out = Vec::with_capacity(v.len() / 3);
@@ -534,7 +605,7 @@ impl RedisStore {
         model_id: Option<&str>,
         ops: &[Taken],
     ) -> Result<Option<u64>> {
-        let mut a = Args::new("enqueue");
+        let mut a = Args::new("enqueue", self.publish);
         a.push(now_ms())
             .push(&self.writer)
             .push(store_id)
@@ -550,7 +621,7 @@ impl RedisStore {
     /// Up to `max` due jobs for this worker (as stored: JSON), each with
     /// the claims it got for its ops, in order.
     pub async fn fetch_jobs(&self, max: usize) -> Result<Vec<(String, Vec<Claim>)>> {
-        let mut a = Args::new("fetch");
+        let mut a = Args::new("fetch", self.publish);
         a.push(now_ms())
             .push(&self.writer)
             .push(self.lease.as_millis() as u64)
@@ -588,14 +659,14 @@ impl RedisStore {
     /// Sets aside a job that does not decode; the ops it held are pending
     /// again. Returns how many.
     pub async fn drop_bad_job(&self, id: &str) -> Result<u64> {
-        let mut a = Args::new("badjob");
+        let mut a = Args::new("badjob", self.publish);
         a.push(now_ms()).push(id);
         Ok(int(&self.call(&a).await?)?.max(0) as u64)
     }
 
     /// Jobs by state and the workers alive.
     pub async fn queue_counts(&self) -> Result<QueueCounts> {
-        let mut a = Args::new("queue");
+        let mut a = Args::new("queue", self.publish);
         a.push(now_ms());
         let v = items(self.call(&a).await?)?;
         Ok(QueueCounts {
@@ -609,6 +680,66 @@ impl RedisStore {
         })
     }
 
+    /// Runs a heartbeat now (it also looks for lost data).
+    async fn beat(&self) -> Result<bool> {
+        Heartbeat {
+            conn: self.conn.clone(),
+            script: self.script.clone(),
+            prefix: self.prefix.clone(),
+            publish: self.publish,
+            writer: self.writer.clone(),
+            lease: self.lease,
+            renewed: self.renewed.clone(),
+            watch: self.watch.clone(),
+        }
+        .once()
+        .await
+    }
+
+    /// Fails closed while a dropped connection is not known to be back, and
+    /// for a while after (see `Watch::quiet_until`).
+    fn after_reconnect(&self) -> Result<()> {
+        let until = self.watch.quiet_until.load(Ordering::Relaxed);
+        let now = now_ms();
+        let left = if self.watch.dropped.load(Ordering::Relaxed) {
+            self.watch.wake.notify_one();
+            self.lease.as_millis() as u64 / 3 + QUIET_MARGIN_MS
+        } else {
+            until.saturating_sub(now)
+        };
+        if left > 0 {
+            return Err(Error::new(Kind::Reconnecting {
+                left: Duration::from_millis(left),
+            }));
+        }
+        Ok(())
+    }
+
+    /// The open loss record, as text for people.
+    async fn loss_now(&self) -> Result<Option<String>> {
+        let v = items(self.call(&Args::new("loss", self.publish)).await?)?;
+        if v.len() < 4 {
+            return Ok(None);
+        }
+        let at: u64 = text(&v[0])?.parse().unwrap_or(0);
+        let when = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(at));
+        let more = int(&v[3]).unwrap_or(0);
+        let mut s = format!("at {when}, seen by {}: {}", text(&v[1])?, text(&v[2])?);
+        if more > 0 {
+            s.push_str(&format!(" (and {more} more times since)"));
+        }
+        Ok(Some(s))
+    }
+
+    async fn loss_error(&self) -> Error {
+        let detail = match self.loss_now().await {
+            Ok(Some(s)) => s,
+            Ok(None) => "a loss was detected; see `fga-wb status`".into(),
+            Err(e) => format!("a loss was detected ({e})"),
+        };
+        Error::new(Kind::BufferLost { detail })
+    }
+
     /// How long a write may take from now and still end within this
     /// writer's lease (less a margin for the clocks and the finish).
     pub fn write_budget(&self) -> Duration {
@@ -618,45 +749,97 @@ impl RedisStore {
     }
 }
 
+/// Where dropped connections and new epochs enter a generation: far above
+/// any sum of change counters.
+const RESETS_SHIFT: u32 = 40;
+
+/// Added to a third of the lease for the quiet time after a reconnect:
+/// another process's heartbeat may take a round trip and a retry.
+const QUIET_MARGIN_MS: u64 = 1000;
+
 /// Kept free at the end of a lease: a write must be answered and finished
 /// before the lease could end.
 const LEASE_MARGIN_MS: u64 = 1000;
 
-async fn heartbeat_once(
-    conn: &ConnectionManager,
-    script: &redis::Script,
-    prefix: &str,
-    writer: &str,
-    lease: Duration,
-) -> Result<u64> {
-    let at = now_ms();
-    let mut a = Args::new("heartbeat");
-    a.push(at).push(writer).push(lease.as_millis() as u64);
-    let v = invoke(conn, script, prefix, &a).await?;
-    if int(&v)? == 0 {
-        tracing::error!(
-            writer,
-            "this process's Redis lease had ended (it was paused or cut off from Redis for longer than redis.writer_lease): \
-             the ops it was writing were handed to other writers"
-        );
-    }
-    Ok(at)
-}
-
-/// Renews the lease a third of the way through, until the store is dropped.
-async fn heartbeats(
-    conn: ConnectionManager,
+/// The task that renews a writer's lease and watches for lost data.
+struct Heartbeat {
+    conn: Conn,
     script: redis::Script,
     prefix: String,
+    publish: &'static str,
     writer: String,
     lease: Duration,
     renewed: Arc<AtomicU64>,
-) {
-    loop {
-        tokio::time::sleep(lease / 3).await;
-        match heartbeat_once(&conn, &script, &prefix, &writer, lease).await {
-            Ok(at) => renewed.store(at, Ordering::Relaxed),
-            Err(e) => tracing::warn!(error = %e, "cannot renew the Redis lease; retrying"),
+    watch: Arc<Watch>,
+}
+
+impl Heartbeat {
+    /// Renews the lease and compares what this process acknowledged with
+    /// what Redis holds. Returns whether a loss record is open.
+    async fn once(&self) -> Result<bool> {
+        let at = now_ms();
+        let epoch = self.watch.epoch();
+        let acked = self.watch.acked.load(Ordering::Relaxed);
+        let mut a = Args::new("heartbeat", self.publish);
+        a.push(at)
+            .push(&self.writer)
+            .push(self.lease.as_millis() as u64)
+            .push(&epoch)
+            .push(acked);
+        let dropped = self.watch.dropped.swap(false, Ordering::Relaxed);
+        let v = match invoke(&self.conn, &self.script, &self.prefix, &a).await {
+            Ok(v) => items(v)?,
+            Err(e) => {
+                self.watch.dropped.fetch_or(dropped, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        self.renewed.store(at, Ordering::Relaxed);
+        if dropped {
+            let quiet = self.lease.as_millis() as u64 / 3 + QUIET_MARGIN_MS;
+            self.watch
+                .quiet_until
+                .store(now_ms() + quiet, Ordering::Relaxed);
+        }
+        if v.first().map_or(Ok(1), int)? == 0 {
+            tracing::error!(
+                writer = %self.writer,
+                "this process's Redis lease had ended (it was paused or cut off from Redis for longer than redis.writer_lease): \
+                 the ops it was writing were handed to other writers"
+            );
+        }
+        let now_epoch = text(v.get(1).unwrap_or(&Value::Nil))?;
+        let seq = v.get(2).map_or(Ok(0), int)?.max(0) as u64;
+        let open = v.get(3).map_or(Ok(0), int)? == 1;
+        let lost_now = v.get(4).map_or(Ok(0), int)? == 1;
+        if lost_now {
+            tracing::error!(
+                prefix = %self.prefix,
+                acked,
+                seq,
+                "Redis lost acknowledged ops (this process had acknowledged up to sequence number {acked}; Redis now holds {seq}): \
+                 checks fail closed until an operator runs `fga-wb loss --ack`"
+            );
+            metrics::counter!("fga_wb_redis_losses_total").increment(1);
+        }
+        self.watch.saw(&now_epoch, seq, lost_now);
+        Ok(open)
+    }
+
+    /// Renews the lease a third of the way through, and at once when a
+    /// connection dropped, until the store is dropped.
+    async fn run(self) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.lease / 3) => {}
+                _ = self.watch.wake.notified() => {}
+            }
+            if let Err(e) = self.once().await {
+                tracing::warn!(error = %e, "cannot renew the Redis lease; retrying");
+                // A dropped connection wakes this task again at once; do
+                // not spin while Redis is away.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
 }
@@ -701,41 +884,181 @@ fn parse_dead(json: &str) -> Option<DeadLetter> {
     })
 }
 
-/// Collects concurrent pushes into script calls, up to `PUSH_PIPELINE` of
-/// them in flight at once, so Redis has the next batch while the replies of
-/// the last are handed out. (One caller's ops never share a batch or race:
-/// each waits for its acknowledgement before its next op.)
-async fn push_batches(
-    conn: ConnectionManager,
+/// Sends pushes to Redis: concurrent ones are collected into script calls,
+/// up to `PUSH_PIPELINE` of them in flight at once, so Redis has the next
+/// batch while the replies of the last are handed out. (One caller's ops
+/// never share a batch or race: each waits for its acknowledgement before
+/// its next op.)
+struct Pusher {
+    conn: Conn,
     script: redis::Script,
     prefix: String,
+    publish: &'static str,
     capacity: usize,
-    mut rx: mpsc::Receiver<PushRequest>,
-) {
-    let mut running = futures::stream::FuturesUnordered::new();
-    let mut open = true;
-    // How many ops the last call carried: callers woken by its replies
-    // come back within microseconds, so the next call waits a moment for
-    // about as many.
-    let mut last = 1;
-    loop {
-        // Another call goes out while one is in flight only when enough
-        // ops wait for it: small calls cost Redis more per op than a short
-        // wait costs the callers.
-        let room =
-            running.is_empty() || (running.len() < PUSH_PIPELINE && rx.len() >= PUSH_PIPELINE_MIN);
-        tokio::select! {
-            batch = collect(&mut rx, last), if open && room => {
-                if batch.is_empty() {
-                    open = false;
-                    continue;
+    watch: Arc<Watch>,
+    replication: Option<Replication>,
+}
+
+impl Pusher {
+    async fn run(self, mut rx: mpsc::Receiver<PushRequest>) {
+        let this = Arc::new(self);
+        let mut running = futures::stream::FuturesUnordered::new();
+        let mut open = true;
+        // How many ops the last call carried: callers woken by its replies
+        // come back within microseconds, so the next call waits a moment for
+        // about as many.
+        let mut last = 1;
+        loop {
+            // Another call goes out while one is in flight only when enough
+            // ops wait for it: small calls cost Redis more per op than a
+            // short wait costs the callers.
+            let room = running.is_empty()
+                || (running.len() < PUSH_PIPELINE && rx.len() >= PUSH_PIPELINE_MIN);
+            tokio::select! {
+                batch = collect(&mut rx, last), if open && room => {
+                    if batch.is_empty() {
+                        open = false;
+                        continue;
+                    }
+                    last = batch.len();
+                    running.push(this.clone().send(batch));
                 }
-                last = batch.len();
-                running.push(push_batch(conn.clone(), script.clone(), prefix.clone(), capacity, batch));
+                Some(()) = running.next(), if !running.is_empty() => {}
+                else => return,
             }
-            Some(()) = running.next(), if !running.is_empty() => {}
-            else => return,
         }
+    }
+
+    /// One script call (and its WAIT); answers every caller in `batch`.
+    async fn send(self: Arc<Self>, batch: Vec<PushRequest>) {
+        let mut inv = self.script.prepare_invoke();
+        inv.key(&self.prefix)
+            .arg("push")
+            .arg(self.publish)
+            .arg(now_ms())
+            .arg(self.capacity)
+            .arg(batch.len());
+        for p in &batch {
+            inv.arg(&p.key).arg(op_code(p.op)).arg(&p.condition);
+        }
+        let result = match self.replication {
+            None => {
+                let mut conn = self.conn.clone();
+                match inv.invoke_async::<Value>(&mut conn).await {
+                    Ok(v) => items(v).map(|v| (v, None)),
+                    Err(e) => Err(redis_error(e)),
+                }
+            }
+            Some(r) => self.invoke_and_wait(&inv, r).await,
+        };
+        let (v, replicas) = match result {
+            Ok((v, replicas)) if v.len() == batch.len() * 2 + 2 => (v, replicas),
+            Ok((v, _)) => {
+                let e = corrupt(format!("push returned {} items", v.len()));
+                return answer_all(batch, &e);
+            }
+            Err(e) => return answer_all(batch, &e),
+        };
+        let pending = int(&v[v.len() - 2]).unwrap_or(0).max(0) as usize;
+        let corrupt = int(&v[v.len() - 1]).unwrap_or(0);
+        if corrupt > 0 {
+            tracing::warn!(count = corrupt, prefix = %self.prefix, "replaced corrupt pending entries in Redis");
+        }
+        let seqs: Vec<i64> = (0..batch.len())
+            .map(|i| int(&v[2 * i]).unwrap_or(-1))
+            .collect();
+        self.note_acked(&seqs);
+        let short = match (self.replication, replicas) {
+            (Some(r), Some(got)) if got < r.replicas => {
+                metrics::counter!("fga_wb_redis_under_replicated_total").increment(1);
+                warn_under_replicated(r, got);
+                r.fail.then_some(Error::new(Kind::UnderReplicated {
+                    wanted: r.replicas,
+                    got,
+                    timeout: r.timeout,
+                }))
+            }
+            _ => None,
+        };
+        for (i, p) in batch.into_iter().enumerate() {
+            let reply = if seqs[i] < 0 {
+                Err(Error::new(Kind::BufferFull {
+                    capacity: self.capacity,
+                    waited: None,
+                }))
+            } else if let Some(e) = &short {
+                Err(e.clone())
+            } else {
+                Ok(Pushed {
+                    coalesced: int(&v[2 * i + 1]).unwrap_or(0) == 1,
+                    pending,
+                })
+            };
+            let _ = p.reply.send(reply);
+        }
+    }
+
+    /// The push script and `WAIT` in one pipeline on this connection, so
+    /// the WAIT covers exactly the pushes sent before it.
+    async fn invoke_and_wait(
+        &self,
+        inv: &redis::ScriptInvocation<'_>,
+        r: Replication,
+    ) -> Result<(Vec<Value>, Option<u32>)> {
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(inv)
+            .cmd("WAIT")
+            .arg(r.replicas)
+            .arg(r.timeout.as_millis() as u64);
+        let mut conn = self.conn.clone();
+        let mut reply: redis::RedisResult<(Value, u32)> = pipe.query_async(&mut conn).await;
+        if matches!(&reply, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
+        {
+            // A pipeline does not load a script by itself; the push did
+            // not run, so sending it again is safe.
+            inv.load_async(&mut conn).await.map_err(redis_error)?;
+            reply = pipe.query_async(&mut conn).await;
+        }
+        let (v, got) = reply.map_err(redis_error)?;
+        Ok((items(v)?, Some(got)))
+    }
+
+    /// Remembers the highest sequence number acknowledged; one at or below
+    /// it means Redis went back (see `Watch`): look at once.
+    fn note_acked(&self, seqs: &[i64]) {
+        let Some(max) = seqs.iter().copied().filter(|s| *s > 0).max() else {
+            return;
+        };
+        let min = seqs.iter().copied().filter(|s| *s > 0).min().unwrap_or(max);
+        let before = self.watch.acked.fetch_max(max as u64, Ordering::Relaxed);
+        if (min as u64) <= before {
+            self.watch.wake.notify_one();
+        }
+    }
+}
+
+fn answer_all(batch: Vec<PushRequest>, e: &Error) {
+    for p in batch {
+        let _ = p.reply.send(Err(e.clone()));
+    }
+}
+
+/// Logs pushes that fewer replicas than asked confirmed, at most every 10 s.
+fn warn_under_replicated(r: Replication, got: u32) {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = now_ms();
+    let last = LAST.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= 10_000
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            wanted = r.replicas,
+            got,
+            timeout = ?r.timeout,
+            "Redis replicas did not confirm pushes within redis.wait_timeout: those ops are on the primary only until they do (fga_wb_redis_under_replicated_total counts such batches)"
+        );
     }
 }
 
@@ -764,64 +1087,6 @@ const PUSH_LINGER: Duration = Duration::from_micros(200);
 const PUSH_PIPELINE: usize = 4;
 /// Ops waiting that justify a second push call in flight.
 const PUSH_PIPELINE_MIN: usize = 32;
-
-async fn push_batch(
-    mut conn: ConnectionManager,
-    script: redis::Script,
-    prefix: String,
-    capacity: usize,
-    batch: Vec<PushRequest>,
-) {
-    let mut inv = script.prepare_invoke();
-    inv.key(&prefix)
-        .arg("push")
-        .arg("PUBLISH")
-        .arg(now_ms())
-        .arg(capacity)
-        .arg(batch.len());
-    for p in &batch {
-        inv.arg(&p.key).arg(op_code(p.op)).arg(&p.condition);
-    }
-    let result: Result<Vec<Value>> = match inv.invoke_async::<Value>(&mut conn).await {
-        Ok(v) => items(v),
-        Err(e) => Err(redis_error(e)),
-    };
-    match result {
-        Ok(v) if v.len() == batch.len() * 2 + 2 => {
-            let pending = int(&v[v.len() - 2]).unwrap_or(0).max(0) as usize;
-            let corrupt = int(&v[v.len() - 1]).unwrap_or(0);
-            if corrupt > 0 {
-                tracing::warn!(count = corrupt, prefix = %prefix, "replaced corrupt pending entries in Redis");
-            }
-            for (i, p) in batch.into_iter().enumerate() {
-                let seq = int(&v[2 * i]).unwrap_or(-1);
-                let reply = if seq < 0 {
-                    Err(Error::new(Kind::BufferFull {
-                        capacity,
-                        waited: None,
-                    }))
-                } else {
-                    Ok(Pushed {
-                        coalesced: int(&v[2 * i + 1]).unwrap_or(0) == 1,
-                        pending,
-                    })
-                };
-                let _ = p.reply.send(reply);
-            }
-        }
-        Ok(v) => {
-            let e = corrupt(format!("push returned {} items", v.len()));
-            for p in batch {
-                let _ = p.reply.send(Err(e.clone()));
-            }
-        }
-        Err(e) => {
-            for p in batch {
-                let _ = p.reply.send(Err(e.clone()));
-            }
-        }
-    }
-}
 
 impl Store for RedisStore {
     fn push<'a>(&'a self, tuple: &'a TupleKey, op: Op) -> BoxFuture<'a, Result<Pushed>> {
@@ -857,9 +1122,10 @@ impl Store for RedisStore {
         &'a self,
         rels: Option<&'a [Dep]>,
         object: &'a str,
+        user: &'a str,
         limit: usize,
     ) -> BoxFuture<'a, Result<Relevant>> {
-        Box::pin(self.relevant_now(rels, object, limit))
+        Box::pin(self.relevant_now(rels, object, user, limit))
     }
 
     fn latest<'a>(&'a self, tuple: &'a TupleKey) -> BoxFuture<'a, Result<Option<(Op, bool)>>> {
@@ -920,7 +1186,7 @@ impl Store for RedisStore {
 
     fn blocked_up_to(&self, up_to: u64) -> BoxFuture<'_, Result<u64>> {
         Box::pin(async move {
-            let mut a = Args::new("blocked");
+            let mut a = Args::new("blocked", self.publish);
             a.push(up_to);
             Ok(int(&self.call(&a).await?)?.max(0) as u64)
         })
@@ -930,7 +1196,7 @@ impl Store for RedisStore {
         Box::pin(async move {
             self.heartbeat.abort();
             if hand_back {
-                let mut a = Args::new("release");
+                let mut a = Args::new("release", self.publish);
                 a.push(now_ms()).push(&self.writer);
                 self.call(&a).await?;
             }
@@ -965,38 +1231,69 @@ impl Store for RedisStore {
 
     fn generation<'a>(&'a self, rels: Option<&'a [RelName]>) -> BoxFuture<'a, Result<u64>> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
-            let key = format!("{}:gen", self.prefix);
-            let mut cmd = redis::cmd("HMGET");
-            cmd.arg(&key);
-            match rels {
-                Some([]) => return Ok(0),
-                Some(r) => cmd.arg(r),
-                None => cmd.arg("*"),
-            };
-            let vals: Vec<Option<u64>> = cmd.query_async(&mut conn).await.map_err(redis_error)?;
-            Ok(vals.into_iter().flatten().fold(0u64, u64::wrapping_add))
+            if rels.is_some_and(<[RelName]>::is_empty) {
+                return Ok(self.watch.resets.load(Ordering::Relaxed) << RESETS_SHIFT);
+            }
+            // Twice at most: the second time after the heartbeat has looked
+            // at what the first read found odd.
+            for _ in 0..2 {
+                let acked = self.watch.acked.load(Ordering::Relaxed);
+                let known = self.watch.epoch();
+                let resets = self.watch.resets.load(Ordering::Relaxed);
+                let mut a = Args::new("gen", self.publish);
+                match rels {
+                    Some(r) => a.push(r.len()).push(r),
+                    None => a.push(0),
+                };
+                let v = items(self.call(&a).await?)?;
+                self.after_reconnect()?;
+                let epoch = text(v.first().unwrap_or(&Value::Nil))?;
+                let seq = v.get(1).map_or(Ok(0), int)?.max(0) as u64;
+                if v.get(2).map_or(Ok(0), int)? == 1 {
+                    return Err(self.loss_error().await);
+                }
+                if (!known.is_empty() && epoch != known) || seq < acked {
+                    // Lost data, or another process moved the store to a
+                    // new epoch: the heartbeat tells which.
+                    self.beat().await?;
+                    continue;
+                }
+                let sum = v[3.min(v.len())..]
+                    .iter()
+                    .map(|g| int(g).map(|g| g as u64))
+                    .try_fold(0u64, |acc, g| g.map(|g| acc.wrapping_add(g)))?;
+                return Ok(sum.wrapping_add(resets << RESETS_SHIFT));
+            }
+            Err(self.loss_error().await)
+        })
+    }
+
+    fn loss(&self) -> BoxFuture<'_, Result<Option<String>>> {
+        Box::pin(self.loss_now())
+    }
+
+    fn acknowledge_loss<'a>(&'a self, by: &'a str) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let mut a = Args::new("ackloss", self.publish);
+            a.push(now_ms()).push(by);
+            Ok(int(&self.call(&a).await?)? == 1)
         })
     }
 
     fn events(
         &self,
     ) -> Option<BoxFuture<'static, Result<futures::stream::BoxStream<'static, StoreEvent>>>> {
-        let client = self.client.clone();
+        let target = self.target.clone();
         let channel = format!("{}:events", self.prefix);
         Some(Box::pin(async move {
-            let mut ps = client.get_async_pubsub().await.map_err(redis_error)?;
-            ps.subscribe(&channel).await.map_err(redis_error)?;
-            let stream = ps.into_on_message().map(|msg| {
-                let payload: String = msg.get_payload().unwrap_or_default();
-                match payload.split_once(' ') {
-                    Some(("op", rel)) => StoreEvent::Changed(rel.to_owned()),
-                    _ if payload == "finished" => StoreEvent::Finished,
-                    _ if payload == "jobs" => StoreEvent::Jobs,
+            let stream = conn::subscribe(&target, &channel).await?;
+            Ok(stream
+                .map(|payload| match payload.as_str() {
+                    "finished" => StoreEvent::Finished,
+                    "jobs" => StoreEvent::Jobs,
                     _ => StoreEvent::All,
-                }
-            });
-            Ok(stream.boxed())
+                })
+                .boxed())
         }))
     }
 }

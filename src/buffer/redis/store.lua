@@ -27,7 +27,10 @@
 --   P:dead             hash    id -> dead letter (JSON); P:deadseq its counter
 --   P:stats            hash    totals and notes
 --   P:gen              hash    "type#rel" -> changes of its checks; "*" -> any
---   P:epoch            string  set when the store's keys are first written
+--   P:epoch            string  the store's epoch: set when its keys are first
+--                              written, and again after a loss (heartbeat)
+--   P:epochs           hash    epochs replaced after a recorded loss -> when
+--   P:loss             hash    an open loss record: at, by, reason, more
 --   P:events           channel "op <type#rel>", "finished", "jobs", "all"
 --
 -- An entry is "seq|first|since|op|state|job|writer|ifseq|cond", describing the
@@ -733,15 +736,100 @@ if cmd == 'finish' then
   return { applied, dead, requeued, superseded }
 end
 
--- heartbeat pub now writer lease_ms -> 1, or 0 if the writer's lease had
--- already ended (what it held was handed to others)
+-- heartbeat pub now writer lease_ms epoch acked
+--   -> {alive, epoch, seq, loss open, lost now}
+-- Renews the writer's lease (alive is 0 if it had already ended: what the
+-- writer held was handed to others), and compares what the writer knows
+-- with what Redis holds: `epoch` is the store's epoch as the writer last saw
+-- it ('' before its first look), `acked` the highest sequence number it
+-- acknowledged under that epoch. Keys gone, an epoch never seen, or the
+-- sequence counter below `acked` prove that Redis lost acknowledged ops (a
+-- restart without its data, a failover to a replica that had not received
+-- them). The loss is recorded in P:loss, which stays until an operator
+-- acknowledges it, and the store moves to a new epoch. A writer that finds
+-- an epoch that replaced its own after a recorded loss just moves on to it.
 if cmd == 'heartbeat' then
   local now, writer, lease = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
-  local bad = expect_types({ { P .. ':owners', 'zset' } })
+  local known, acked = ARGV[6] or '', tonumber(ARGV[7]) or 0
+  local bad = expect_types({ { P .. ':owners', 'zset' }, { P .. ':loss', 'hash' },
+                             { P .. ':epochs', 'hash' }, { P .. ':epoch', 'string' } })
   if bad then return redis.error_reply(bad) end
   local ends = tonumber(rcall('ZSCORE', P .. ':owners', writer))
   rcall('ZADD', P .. ':owners', now + lease, writer)
-  if ends and ends < now then return 0 end
+  local alive = 1
+  if ends and ends < now then alive = 0 end
+  local epoch = rcall('GET', P .. ':epoch')
+  local seq_text = rcall('GET', P .. ':seq') or '0'
+  local seq = tonumber(seq_text) or 0
+  local why
+  if known ~= '' then
+    if not epoch then
+      why = 'its keys are gone (a restart without its data, a FLUSHALL, or eviction); ' ..
+        'this process had acknowledged ops up to sequence number ' .. acked
+    elseif epoch ~= known and rcall('HEXISTS', P .. ':epochs', known) == 0 then
+      why = 'the store\'s epoch changed from ' .. known .. ' to ' .. epoch ..
+        ' without a recorded loss (data restored from elsewhere, or a loss record that was itself lost)'
+    elseif epoch == known and seq < acked then
+      why = 'its sequence counter went back from ' .. acked .. ' to ' .. seq_text ..
+        ' (a failover to a replica that had not received them, or a restart from an older snapshot)'
+    end
+  end
+  local lost_now = 0
+  if why then
+    lost_now = 1
+    rcall('HSET', P .. ':epochs', known, ARGV[3])
+    if epoch then rcall('HSET', P .. ':epochs', epoch, ARGV[3]) end
+    epoch = ARGV[3] .. '/' .. writer
+    rcall('SET', P .. ':epoch', epoch)
+    if rcall('EXISTS', P .. ':loss') == 0 then
+      rcall('HSET', P .. ':loss', 'at', ARGV[3], 'by', writer, 'reason', why, 'more', 0)
+    else
+      rcall('HINCRBY', P .. ':loss', 'more', 1)
+    end
+    incr(P .. ':stats', 'losses', 1)
+    flush_incrs()
+    publish('all')
+  elseif not epoch then
+    epoch = ARGV[3] .. '/' .. writer
+    rcall('SET', P .. ':epoch', epoch)
+  end
+  return { alive, epoch, seq_text, rcall('EXISTS', P .. ':loss'), lost_now }
+end
+
+-- gen pub nrels rel* -> {epoch or '', seq, loss open, gen*}: what a cached
+-- answer is checked against. nrels = 0: the store-wide counter '*'.
+if cmd == 'gen' then
+  local n = tonumber(ARGV[3])
+  local out = { rcall('GET', P .. ':epoch') or '', rcall('GET', P .. ':seq') or '0',
+                rcall('EXISTS', P .. ':loss') }
+  local fields = {}
+  for i = 1, n do fields[i] = ARGV[3 + i] end
+  if n == 0 then fields[1] = '*' end
+  for _, v in ipairs(rcall('HMGET', P .. ':gen', unpack(fields))) do
+    tinsert(out, v or '0')
+  end
+  return out
+end
+
+-- loss pub -> {at, by, reason, more} of the open loss record, or {}
+if cmd == 'loss' then
+  local l = rcall('HMGET', P .. ':loss', 'at', 'by', 'reason', 'more')
+  if not l[1] then return {} end
+  return { l[1], l[2] or '', l[3] or '', l[4] or '0' }
+end
+
+-- ackloss pub now by -> 1 if a loss record was open: an operator has dealt
+-- with the loss; checks may answer again. Every cached answer is dropped.
+if cmd == 'ackloss' then
+  local l = rcall('HMGET', P .. ':loss', 'at', 'reason')
+  if not l[1] then return 0 end
+  rcall('DEL', P .. ':loss')
+  rcall('HSET', P .. ':stats', 'last_loss', l[1] .. ' ' .. (l[2] or ''),
+        'last_loss_acknowledged', ARGV[3] .. ' by ' .. ARGV[4])
+  for _, f in ipairs(rcall('HKEYS', P .. ':gen')) do incr(P .. ':gen', f, 1) end
+  incr(P .. ':gen', '*', 1)
+  flush_incrs()
+  publish('all')
   return 1
 end
 
@@ -755,11 +843,15 @@ if cmd == 'release' then
   return n
 end
 
--- relevant pub limit object nrels (rel same)* -> {revokes, grants, (key, cond)*}
--- same = 1: only ops on `object` count. No list when there are revokes or
--- more grants than limit. nrels = 0: every relation, every object.
+-- relevant pub limit object user nrels (rel scope)*
+--   -> {revokes, grants, (key, cond)*}
+-- scope 0: ops on every object count; 1: only ops on `object`; 2: only ops
+-- on `object` whose user can be `user` (itself, a wildcard, a userset). No
+-- list when there are revokes or more grants than limit. nrels = 0: every
+-- relation, every object.
+local SCAN_MAX = 1000
 if cmd == 'relevant' then
-  local limit, object, nrels = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+  local limit, object, user, nrels = tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6])
   local rels = {}
   if nrels == 0 then
     local seen = {}
@@ -767,37 +859,67 @@ if cmd == 'relevant' then
       local rel = smatch(f, '^(.*)|[gr]$')
       if rel and not seen[rel] then
         seen[rel] = true
-        tinsert(rels, { rel, false })
+        tinsert(rels, { rel, 0 })
       end
     end
   else
     for i = 0, nrels - 1 do
-      tinsert(rels, { ARGV[6 + i * 2], ARGV[7 + i * 2] == '1' })
+      tinsert(rels, { ARGV[7 + i * 2], tonumber(ARGV[8 + i * 2]) or 0 })
     end
   end
   local lo, hi = '[' .. object .. '#', '[' .. object .. '#\255'
+  local from = #object + 2
+  local function counts(key)
+    local at = string.find(key, '@', from, true)
+    if not at then return true end
+    local u = ssub(key, at + 1)
+    return u == user or ssub(u, -2) == ':*' or string.find(u, '#', 1, true) ~= nil
+  end
   local revokes, grants = 0, 0
+  -- Grant keys already picked (user-bound scopes), and the scopes whose
+  -- grants are listed whole if the check goes on.
+  local picked, whole = {}, {}
   for _, r in ipairs(rels) do
-    local rel, same = r[1], r[2]
-    if same then
-      grants = grants + rcall('ZLEXCOUNT', P .. ':lex:' .. rel .. '|g', lo, hi)
-      revokes = revokes + rcall('ZLEXCOUNT', P .. ':lex:' .. rel .. '|r', lo, hi)
-    else
+    local rel, scope = r[1], r[2]
+    local zg, zr = P .. ':lex:' .. rel .. '|g', P .. ':lex:' .. rel .. '|r'
+    if scope == 0 then
       local c = rcall('HMGET', P .. ':rel', rel .. '|g', rel .. '|r')
       grants = grants + math.max(tonumber(c[1]) or 0, 0)
       revokes = revokes + math.max(tonumber(c[2]) or 0, 0)
+      tinsert(whole, r)
+    else
+      local ng = rcall('ZLEXCOUNT', zg, lo, hi)
+      local nr = rcall('ZLEXCOUNT', zr, lo, hi)
+      if scope == 1 or ng + nr > SCAN_MAX then
+        grants = grants + ng
+        revokes = revokes + nr
+        tinsert(whole, r)
+      else
+        if nr > 0 then
+          for _, k in ipairs(rcall('ZRANGEBYLEX', zr, lo, hi)) do
+            if counts(k) then revokes = revokes + 1 end
+          end
+        end
+        if ng > 0 then
+          for _, k in ipairs(rcall('ZRANGEBYLEX', zg, lo, hi)) do
+            if counts(k) then
+              grants = grants + 1
+              tinsert(picked, k)
+            end
+          end
+        end
+      end
     end
   end
   local out = { revokes, grants }
   if revokes > 0 or grants > limit then return out end
-  local keys = {}
-  for _, r in ipairs(rels) do
-    local rel, same = r[1], r[2]
+  local keys = picked
+  for _, r in ipairs(whole) do
     local found
-    if same then
-      found = rcall('ZRANGEBYLEX', P .. ':lex:' .. rel .. '|g', lo, hi)
+    if r[2] == 0 then
+      found = rcall('ZRANGE', P .. ':lex:' .. r[1] .. '|g', 0, -1)
     else
-      found = rcall('ZRANGE', P .. ':lex:' .. rel .. '|g', 0, -1)
+      found = rcall('ZRANGEBYLEX', P .. ':lex:' .. r[1] .. '|g', lo, hi)
     end
     for _, k in ipairs(found) do tinsert(keys, k) end
   end

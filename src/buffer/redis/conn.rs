@@ -1,0 +1,357 @@
+//! Connections to Redis: one node, or a Redis Cluster (Valkey alike), behind
+//! one type, and the store's event channel on either.
+//!
+//! `redis.url` names one node (`redis://host:port`), or a cluster by its
+//! seed nodes: several URLs separated by commas, or `redis+cluster://`
+//! (`rediss+cluster://` with TLS) followed by comma-separated `host:port`s.
+//! Every key of a store shares one slot, so every script runs on the node
+//! that owns it; redirections during resharding and failovers (MOVED, ASK,
+//! TRYAGAIN, CLUSTERDOWN) are followed and retried by the cluster client.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::{BoxStream, StreamExt};
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+
+use crate::error::{Error, Kind, Result};
+use crate::openfga::redact_url;
+
+/// Where Redis is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// One node.
+    Node(String),
+    /// A cluster, by its seed nodes' URLs.
+    Cluster(Vec<String>),
+}
+
+impl Target {
+    /// Reads `redis.url`.
+    pub fn parse(url: &str) -> Result<Target> {
+        let url = url.trim();
+        let bad = |why: &str| {
+            Error::config(format!(
+                "redis.url {:?} {why}; expected redis://host:port, several such URLs separated by commas (a cluster), or redis+cluster://host:port,host:port",
+                redact_url(url)
+            ))
+        };
+        for (scheme, plain) in [
+            ("redis+cluster://", "redis://"),
+            ("rediss+cluster://", "rediss://"),
+        ] {
+            if let Some(rest) = url.strip_prefix(scheme) {
+                // Credentials and a path may only come with the first seed.
+                let (userinfo, hosts) = match rest.rsplit_once('@') {
+                    Some((u, h)) => (format!("{u}@"), h),
+                    None => (String::new(), rest),
+                };
+                let seeds: Vec<String> = hosts
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|h| !h.is_empty())
+                    .map(|h| format!("{plain}{userinfo}{h}"))
+                    .collect();
+                if seeds.is_empty() {
+                    return Err(bad("names no node"));
+                }
+                return Ok(Target::Cluster(seeds));
+            }
+        }
+        let seeds: Vec<String> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        match seeds.len() {
+            0 => Err(bad("is empty")),
+            1 => Ok(Target::Node(seeds.into_iter().next().unwrap_or_default())),
+            _ => Ok(Target::Cluster(seeds)),
+        }
+    }
+
+    /// Whether this is a cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Target::Cluster(_))
+    }
+
+    /// The URLs, for messages (without passwords).
+    pub fn shown(&self) -> String {
+        match self {
+            Target::Node(u) => redact_url(u),
+            Target::Cluster(s) => s
+                .iter()
+                .map(|u| redact_url(u))
+                .collect::<Vec<_>>()
+                .join(","),
+        }
+    }
+}
+
+/// A connection to one node or to a cluster. Cheap to clone; clones share
+/// the underlying connections.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    /// One node, reconnecting by itself.
+    Node(ConnectionManager),
+    /// A cluster: one connection per node, commands routed by key.
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Node(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Node(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Node(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+fn unreachable(target: &Target, e: impl std::fmt::Display) -> Error {
+    Error::new(Kind::Redis {
+        detail: format!("cannot connect to {}: {e}", target.shown()),
+        transient: true,
+    })
+}
+
+fn not_a_url(target: &Target, e: impl std::fmt::Display) -> Error {
+    Error::config(format!(
+        "redis.url {:?} is not a Redis URL ({e})",
+        target.shown()
+    ))
+}
+
+/// Called with every connection that drops (before it is re-established).
+pub(crate) type OnDisconnect = Arc<dyn Fn() + Send + Sync>;
+
+/// Longest any one command may take, redirections and reconnects included.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A cluster client that follows redirections but never sends a command
+/// twice on its own: scripts are not idempotent, and a per-attempt response
+/// timeout would make redis-rs re-send one; only the overall time is capped.
+/// RESP3 carries the library's notice of a dropped connection.
+fn cluster_client(
+    seeds: &[String],
+    target: &Target,
+    on_disconnect: OnDisconnect,
+) -> Result<redis::cluster::ClusterClient> {
+    redis::cluster::ClusterClientBuilder::new(seeds.to_vec())
+        .connection_timeout(Duration::from_secs(3))
+        .overall_response_timeout(Some(RESPONSE_TIMEOUT))
+        .retries(8)
+        .min_retry_wait(50)
+        .max_retry_wait(1_000)
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .push_sender(disconnect_sender(on_disconnect))
+        .build()
+        .map_err(|e| not_a_url(target, e))
+}
+
+fn disconnect_sender(
+    f: OnDisconnect,
+) -> impl Fn(redis::PushInfo) -> std::result::Result<(), ()> + Send + Sync + 'static {
+    move |push: redis::PushInfo| {
+        if push.kind == redis::PushKind::Disconnection {
+            f();
+        }
+        Ok(())
+    }
+}
+
+/// Connects to `target`; `on_disconnect` is told of every dropped
+/// connection (a restart or a failover may have happened behind it).
+pub(crate) async fn connect(target: &Target, on_disconnect: OnDisconnect) -> Result<Conn> {
+    match target {
+        Target::Node(url) => {
+            let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+                .map_err(|e| not_a_url(target, e))?;
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_protocol(redis::ProtocolVersion::RESP3);
+            let client = redis::Client::open(info.set_redis_settings(settings))
+                .map_err(|e| not_a_url(target, e))?;
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(3)))
+                .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                .set_number_of_retries(2)
+                .set_push_sender(disconnect_sender(on_disconnect));
+            let c = ConnectionManager::new_with_config(client, config)
+                .await
+                .map_err(|e| unreachable(target, e))?;
+            Ok(Conn::Node(c))
+        }
+        Target::Cluster(seeds) => {
+            let c = cluster_client(seeds, target, on_disconnect)?
+                .get_async_connection()
+                .await
+                .map_err(|e| unreachable(target, e))?;
+            Ok(Conn::Cluster(c))
+        }
+    }
+}
+
+/// Messages on `channel`: plain pub/sub on one node, sharded pub/sub
+/// (SSUBSCRIBE) on a cluster, where the store's scripts SPUBLISH. On a
+/// cluster the subscription is renewed after a failover or a reshard
+/// drops it. The stream ends when the subscription is lost for good (the
+/// caller subscribes again).
+pub(crate) async fn subscribe(
+    target: &Target,
+    channel: &str,
+) -> Result<BoxStream<'static, String>> {
+    match target {
+        Target::Node(url) => {
+            let client = redis::Client::open(url.as_str()).map_err(|e| not_a_url(target, e))?;
+            let mut ps = client
+                .get_async_pubsub()
+                .await
+                .map_err(super::redis_error)?;
+            ps.subscribe(channel).await.map_err(super::redis_error)?;
+            Ok(ps
+                .into_on_message()
+                .map(|m| m.get_payload::<String>().unwrap_or_default())
+                .boxed())
+        }
+        Target::Cluster(seeds) => {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<redis::PushInfo>();
+            let client = redis::cluster::ClusterClientBuilder::new(seeds.clone())
+                .connection_timeout(Duration::from_secs(3))
+                .overall_response_timeout(Some(RESPONSE_TIMEOUT))
+                .use_protocol(redis::ProtocolVersion::RESP3)
+                .push_sender(tx)
+                .build()
+                .map_err(|e| not_a_url(target, e))?;
+            // Subscriptions only: a command on this connection could be
+            // answered with an unsolicited push.
+            let mut sub = client
+                .get_async_connection()
+                .await
+                .map_err(|e| unreachable(target, e))?;
+            sub.ssubscribe(channel).await.map_err(super::redis_error)?;
+            let channel = channel.to_owned();
+            let (msg_tx, msg_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+            tokio::spawn(async move {
+                while let Some(push) = rx.recv().await {
+                    match push.kind {
+                        redis::PushKind::SMessage => {
+                            let payload = push
+                                .data
+                                .get(1)
+                                .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+                                .unwrap_or_default();
+                            if msg_tx.send(payload).is_err() {
+                                return;
+                            }
+                        }
+                        // A failover or reshard dropped the subscription, or
+                        // a node connection died: subscribe again.
+                        redis::PushKind::SUnsubscribe | redis::PushKind::Disconnection => {
+                            // Anything may have been missed meanwhile.
+                            if msg_tx.send("all".into()).is_err() {
+                                return;
+                            }
+                            let mut wait = Duration::from_millis(100);
+                            while sub.ssubscribe(&channel).await.is_err() {
+                                tokio::time::sleep(wait).await;
+                                wait = (wait * 2).min(Duration::from_secs(2));
+                                if msg_tx.is_closed() {
+                                    return;
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            });
+            Ok(tokio_stream_from(msg_rx))
+        }
+    }
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<String>,
+) -> BoxStream<'static, String> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+}
+
+/// What the server is, checked at connect: Lua scripting must work.
+pub(crate) async fn check_server(conn: &mut Conn, target: &Target) -> Result<()> {
+    let r: redis::RedisResult<i64> = redis::cmd("EVAL")
+        .arg("return 1")
+        .arg(1)
+        .arg("fga-wb:probe")
+        .query_async(conn)
+        .await;
+    match r {
+        Ok(1) => Ok(()),
+        Ok(other) => Err(Error::config(format!(
+            "Redis at {} answered {other} to a test script; fga-wb needs Lua scripting (Redis 7.0+ or Valkey 7.2+)",
+            target.shown()
+        ))),
+        Err(e) if e.is_io_error() || e.is_connection_refusal() || e.is_timeout() => {
+            Err(unreachable(target, e))
+        }
+        Err(e) => Err(Error::config(format!(
+            "Redis at {} refused a test script ({e}); fga-wb needs Lua scripting (EVAL/EVALSHA) allowed: Redis 7.0+ or Valkey 7.2+",
+            target.shown()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_one_node_or_a_cluster() {
+        assert_eq!(
+            Target::parse("redis://127.0.0.1:6379").unwrap(),
+            Target::Node("redis://127.0.0.1:6379".into())
+        );
+        assert_eq!(
+            Target::parse("redis://a:1, redis://b:2").unwrap(),
+            Target::Cluster(vec!["redis://a:1".into(), "redis://b:2".into()])
+        );
+        assert_eq!(
+            Target::parse("redis+cluster://user:pw@a:1,b:2").unwrap(),
+            Target::Cluster(vec![
+                "redis://user:pw@a:1".into(),
+                "redis://user:pw@b:2".into()
+            ])
+        );
+        assert_eq!(
+            Target::parse("rediss+cluster://a:1").unwrap(),
+            Target::Cluster(vec!["rediss://a:1".into()])
+        );
+        assert!(Target::parse("").is_err());
+        assert!(Target::parse("redis+cluster://").is_err());
+        let shown = Target::parse("redis+cluster://u:secret@a:1,b:2")
+            .unwrap()
+            .shown();
+        assert!(!shown.contains("secret"), "{shown}");
+    }
+}

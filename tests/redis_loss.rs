@@ -1,0 +1,253 @@
+//! Redis losing acknowledged ops (issue 12, and issue 9's "Redis loss is
+//! loud"): a Redis restarted without its data, and a Redis Cluster failover
+//! to a replica that had not received the last writes. Both times a revoke
+//! acknowledged before the loss vanishes from Redis while OpenFGA still
+//! holds the grant, so the only safe answer is a denial: checks must fail
+//! closed (never `true`) from the failure on, report the loss, and answer
+//! again only after an operator acknowledges it with `fga-wb loss --ack`.
+//!
+//! Each test runs its own Redis (or cluster), since it kills it; OpenFGA is
+//! the shared test server.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use fga_wb::config::{Mode, StoreKind};
+use fga_wb::{Config, WriteBehind};
+use support::{config_for, new_store, TestStore};
+use testenv::{Redis, RedisCluster, RedisOptions};
+
+fn config(s: &TestStore, url: &str) -> Config {
+    let mut c = config_for(s);
+    c.buffer.store = StoreKind::Redis;
+    c.redis.url = url.to_owned();
+    c.flush.mode = Mode::Inline;
+    // Short, so the quiet time after a reconnect is short too.
+    c.redis.writer_lease = Duration::from_secs(3);
+    c
+}
+
+/// A handle that flushes only when told: the revoke stays in Redis.
+async fn app(c: Config) -> WriteBehind {
+    WriteBehind::builder(c)
+        .automatic_flush(false)
+        .build()
+        .await
+        .expect("build the handle")
+}
+
+/// Runs `fga-wb` against `url` for store `s`; returns the exit code and
+/// stdout followed by stderr.
+async fn cli(s: &TestStore, url: &str, args: &[&str]) -> (i32, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fga-wb"))
+        .args(args)
+        .env_clear()
+        .env("FGA_API_URL", support::openfga_url())
+        .env("FGA_API_TOKEN", support::openfga_token())
+        .env("FGA_STORE_ID", &s.store_id)
+        .env("FGA_MODEL_ID", &s.model_id)
+        .env("FGA_WB_BUFFER__STORE", "redis")
+        .env("FGA_WB_REDIS__URL", url)
+        .current_dir(std::env::temp_dir())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("run fga-wb");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "$ fga-wb {}  -> {:?}\n{text}",
+        args.join(" "),
+        out.status.code()
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// Checks with every handle until each reports the loss, failing the test
+/// if any check ever answers `true` (the revoke was acknowledged).
+async fn until_every_check_reports_the_loss(handles: &[&WriteBehind]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut reported = vec![false; handles.len()];
+    let mut seen = Vec::new();
+    while reported.iter().any(|r| !r) {
+        for (i, wb) in handles.iter().enumerate() {
+            match wb.check("user:anne", "viewer", "document:1").await {
+                Ok(true) => panic!(
+                    "handle {i} answered `allowed` for a revoked grant after Redis lost the revoke; before: {seen:?}"
+                ),
+                Ok(false) => seen.push(format!("{i}: false")),
+                Err(e) if e.is_buffer_lost() => reported[i] = true,
+                Err(e) => seen.push(format!("{i}: {e}")),
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the loss was not reported within 60 s: {reported:?}, {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    seen.dedup();
+    eprintln!("answers before the loss was reported: {seen:?}");
+}
+
+/// The operator's part: status and `fga-wb loss` show the loss, the
+/// revoke is issued again, `fga-wb loss --ack` closes it, and a flush
+/// makes OpenFGA agree.
+async fn operator_recovers(s: &TestStore, url: &str, wb: &WriteBehind) {
+    let (code, text) = cli(s, url, &["status"]).await;
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("REDIS LOST OPS"), "{text}");
+    let (code, text) = cli(s, url, &["loss"]).await;
+    assert_eq!(code, 1, "an open loss exits 1: {text}");
+    assert!(text.contains("acknowledged"), "the loss says what: {text}");
+
+    wb.revoke("user:anne", "viewer", "document:1")
+        .await
+        .unwrap();
+    let err = wb
+        .check("user:anne", "viewer", "document:1")
+        .await
+        .expect_err("still closed until acknowledged");
+    assert!(err.is_buffer_lost(), "{err}");
+
+    let (code, text) = cli(s, url, &["loss", "--ack"]).await;
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("acknowledged"), "{text}");
+    let (code, text) = cli(s, url, &["loss"]).await;
+    assert_eq!(code, 0, "{text}");
+
+    let (code, text) = cli(s, url, &["flush"]).await;
+    assert_eq!(code, 0, "{text}");
+    assert!(!wb.check("user:anne", "viewer", "document:1").await.unwrap());
+    assert!(!support::ground_truth(s, "document:1#viewer@user:anne").await);
+    let st = wb.status().await.unwrap();
+    assert!(st.loss.is_none(), "{st:?}");
+    assert!(st.last_loss_acknowledged.is_some(), "{st:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_restarted_without_its_data_fails_checks_closed_until_acknowledged() {
+    let s = new_store("redis-loss-restart").await;
+    let mut redis = Redis::start(RedisOptions::default()).await.unwrap();
+    let url = redis.url();
+    let wb = app(config(&s, &url)).await;
+    // Another process that only checks: it acknowledged nothing itself.
+    let reader = app(config(&s, &url)).await;
+
+    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    assert_eq!(wb.flush().await.unwrap().applied, 1);
+    assert!(wb.check("user:anne", "viewer", "document:1").await.unwrap());
+    assert!(reader
+        .check("user:anne", "viewer", "document:1")
+        .await
+        .unwrap());
+    wb.revoke("user:anne", "viewer", "document:1")
+        .await
+        .unwrap();
+
+    redis.kill();
+    redis.run().await.unwrap();
+
+    until_every_check_reports_the_loss(&[&wb, &reader]).await;
+    operator_recovers(&s, &url, &wb).await;
+}
+
+/// The node of `cluster` that serves `key`'s slot, and its replica.
+async fn primary_and_replica(cluster: &RedisCluster, key: &str) -> (usize, usize) {
+    let nodes = cluster.nodes();
+    let slot: u16 = nodes[0]
+        .command(&format!("CLUSTER KEYSLOT {key}"))
+        .await
+        .and_then(|r| r.trim().trim_start_matches(':').parse().ok())
+        .expect("CLUSTER KEYSLOT");
+    let listing = nodes[0]
+        .command("CLUSTER NODES")
+        .await
+        .expect("CLUSTER NODES");
+    // <id> <ip:port@cport> <flags> <master> <ping> <pong> <epoch> <state> <slots...>
+    let mut primary = None;
+    for line in listing.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 9 || !f[2].contains("master") {
+            continue;
+        }
+        let owns = f[8..].iter().any(|r| match r.split_once('-') {
+            Some((a, b)) => {
+                a.parse::<u16>().is_ok_and(|a| a <= slot)
+                    && b.parse::<u16>().is_ok_and(|b| slot <= b)
+            }
+            None => r.parse::<u16>() == Ok(slot),
+        });
+        if owns {
+            primary = Some((f[0].to_owned(), port_of(f[1])));
+        }
+    }
+    let (id, port) = primary.expect("a primary serves the slot");
+    let replica_port = listing
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 3 && f[2].contains("slave") && f[3] == id)
+        .map(|f| port_of(f[1]))
+        .expect("the primary has a replica");
+    let index = |p: u16| {
+        nodes
+            .iter()
+            .position(|n| n.port() == p)
+            .expect("known node")
+    };
+    (index(port), index(replica_port))
+}
+
+fn port_of(addr: &str) -> u16 {
+    addr.split('@')
+        .next()
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .expect("ip:port@cport")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failover_that_drops_acknowledged_ops_is_detected_and_no_revoked_access_returns() {
+    let s = new_store("redis-loss-failover").await;
+    let mut cluster = RedisCluster::start(3, 1).await.unwrap();
+    let url = cluster.url();
+    let wb = app(config(&s, &url)).await;
+    let reader = app(config(&s, &url)).await;
+
+    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    assert_eq!(wb.flush().await.unwrap().applied, 1);
+    // Both handles have "allowed" cached now.
+    assert!(wb.check("user:anne", "viewer", "document:1").await.unwrap());
+    assert!(reader
+        .check("user:anne", "viewer", "document:1")
+        .await
+        .unwrap());
+
+    let (primary, replica) =
+        primary_and_replica(&cluster, &format!("fga-wb:{{{}}}", s.store_id)).await;
+    // The replica stops applying what it receives: the revoke reaches the
+    // primary only, and is acknowledged.
+    let paused = cluster.nodes()[replica]
+        .command("CLIENT PAUSE 60000 WRITE")
+        .await
+        .unwrap_or_default();
+    assert!(paused.contains("OK"), "{paused}");
+    wb.revoke("user:anne", "viewer", "document:1")
+        .await
+        .unwrap();
+
+    cluster.node_mut(primary).kill();
+    let took = cluster.nodes()[replica]
+        .command("CLUSTER FAILOVER TAKEOVER")
+        .await
+        .unwrap_or_default();
+    assert!(took.contains("OK"), "{took}");
+    cluster.nodes()[replica].command("CLIENT UNPAUSE").await;
+
+    until_every_check_reports_the_loss(&[&wb, &reader]).await;
+    operator_recovers(&s, &url, &wb).await;
+}
