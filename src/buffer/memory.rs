@@ -819,6 +819,40 @@ mod tests {
     }
 
     #[test]
+    fn a_user_bound_dependency_counts_only_its_users_wildcards_and_usersets() {
+        let s = MemoryStore::new(10);
+        for u in ["user:b", "user:*", "group:g#member"] {
+            s.push_now(&t(u, "temp_viewer", "document:1"), Op::Revoke)
+                .unwrap();
+        }
+        let temp = vec![Dep {
+            rel: "document#temp_viewer".to_string(),
+            same_object: true,
+            user_bound: true,
+        }];
+        // alice's check waits for the wildcard and the userset, not for bob.
+        assert_eq!(
+            s.relevant_now(Some(&temp), "document:1", "user:a", 100)
+                .revokes,
+            2
+        );
+        assert_eq!(
+            s.relevant_now(Some(&temp), "document:1", "user:b", 100)
+                .revokes,
+            3
+        );
+        let loose = vec![Dep {
+            user_bound: false,
+            ..temp[0].clone()
+        }];
+        assert_eq!(
+            s.relevant_now(Some(&loose), "document:1", "user:a", 100)
+                .revokes,
+            3
+        );
+    }
+
+    #[test]
     fn a_flush_takes_only_ops_acknowledged_before_it_in_queue_order() {
         let s = MemoryStore::new(10);
         let a = t("user:a", "viewer", "document:1");
