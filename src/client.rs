@@ -253,6 +253,9 @@ async fn follow_events(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
 }
 
 /// What a check needs after looking at the cache and the pending ops.
+/// Where a batch check's answer goes: its index, cache key and generation.
+type Slot = (usize, Option<String>, Generation);
+
 enum Prepared {
     /// Answered without OpenFGA.
     Answer(bool),
@@ -445,14 +448,25 @@ impl WriteBehind {
         }
     }
 
-    /// Many checks at once. Those the cache cannot answer go to OpenFGA's
-    /// BatchCheck (50 per request); each answer stands alone.
+    /// Many checks at once, with the guarantees of [`WriteBehind::check_request`]
+    /// each. Checks are prepared concurrently; those the cache cannot answer
+    /// go to OpenFGA's BatchCheck (50 per request, a few requests at once),
+    /// grouped by consistency since OpenFGA takes one per request. Each
+    /// answer stands alone.
     pub async fn batch_check(&self, checks: &[CheckRequest]) -> Result<Vec<Result<bool>>> {
+        use futures::StreamExt;
+        /// Checks prepared at once (each may be a Redis round trip).
+        const PREPARING: usize = 16;
+        let prepared: Vec<Result<Prepared>> = futures::stream::iter(checks)
+            .map(|c| self.prepare(c))
+            .buffered(PREPARING)
+            .collect()
+            .await;
         let mut out: Vec<Option<Result<bool>>> = Vec::with_capacity(checks.len());
-        let mut asks = Vec::new();
-        let mut slots = Vec::new();
-        for (i, c) in checks.iter().enumerate() {
-            match self.prepare(c).await {
+        // consistency -> (requests, (index, cache key, generation))
+        let mut groups: Vec<(Consistency, Vec<CheckRequest>, Vec<Slot>)> = Vec::new();
+        for (i, p) in prepared.into_iter().enumerate() {
+            match p {
                 Ok(Prepared::Answer(a)) => out.push(Some(Ok(a))),
                 Ok(Prepared::Ask {
                     request,
@@ -460,23 +474,26 @@ impl WriteBehind {
                     generation,
                 }) => {
                     out.push(None);
-                    asks.push(request);
-                    slots.push((i, key, generation));
+                    let g = match groups.iter().position(|g| g.0 == request.consistency) {
+                        Some(g) => g,
+                        None => {
+                            groups.push((request.consistency, Vec::new(), Vec::new()));
+                            groups.len() - 1
+                        }
+                    };
+                    groups[g].1.push(request);
+                    groups[g].2.push((i, key, generation));
                 }
                 Err(e) => out.push(Some(Err(e))),
             }
         }
-        if !asks.is_empty() {
-            let e = &self.inner.engine;
-            let answers = e
-                .client
-                .batch_check(
-                    &e.store_id,
-                    &asks,
-                    e.model_id.as_deref(),
-                    Consistency::Unspecified,
-                )
-                .await?;
+        let e = &self.inner.engine;
+        let sent = groups.iter().map(|(consistency, asks, _)| {
+            e.client
+                .batch_check(&e.store_id, asks, e.model_id.as_deref(), *consistency)
+        });
+        let answers = futures::future::try_join_all(sent).await?;
+        for ((_, _, slots), answers) in groups.into_iter().zip(answers) {
             for ((i, key, generation), answer) in slots.into_iter().zip(answers) {
                 if let (Some(k), Ok(a)) = (key, &answer) {
                     e.cache.insert(k, *a, generation);
@@ -531,7 +548,7 @@ impl WriteBehind {
         let deadline = waited_from + self.inner.config.check.revoke_wait_timeout;
         let mut changed = e.changed.subscribe();
         let mut flushed = false;
-        let grants = loop {
+        let (grants, written_ago) = loop {
             changed.borrow_and_update();
             let r = e.store.relevant(deps, &req.object, &req.user, room).await?;
             if r.revokes > 0 {
@@ -549,7 +566,7 @@ impl WriteBehind {
                 }
             }
             match r.grants {
-                Some(g) => break g,
+                Some(g) => break (g, r.written_ago),
                 None if !flushed => {
                     flushed = true;
                     self.flush().await?;
@@ -565,6 +582,9 @@ impl WriteBehind {
         count!(e.stats, cache_misses, "fga_wb_cache_misses_total", 1);
         let mut request = req.clone();
         request.authorization_model_id.clone_from(&e.model_id);
+        if self.needs_fresh_answers(written_ago) {
+            request.consistency = Consistency::HigherConsistency;
+        }
         for g in grants {
             let dup = request
                 .contextual_tuples
@@ -579,6 +599,24 @@ impl WriteBehind {
             key,
             generation,
         })
+    }
+
+    /// Whether a request must bypass OpenFGA's caches (and read replica):
+    /// they may answer from before a write fga-wb applied `written_ago`.
+    fn needs_fresh_answers(&self, written_ago: Option<std::time::Duration>) -> bool {
+        let check = &self.inner.config.check;
+        let fresh = check.always_higher_consistency
+            || written_ago.is_some_and(|ago| ago < check.server_cache_ttl);
+        if fresh {
+            let e = &self.inner.engine;
+            count!(
+                e.stats,
+                higher_consistency,
+                "fga_wb_higher_consistency_total",
+                1
+            );
+        }
+        fresh
     }
 
     /// Writes everything acknowledged so far to OpenFGA and reports what

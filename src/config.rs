@@ -283,12 +283,26 @@ pub struct CheckConfig {
     /// be applied before failing closed.
     #[serde(with = "duration")]
     pub revoke_wait_timeout: Duration,
+    /// How long after fga-wb applied a write OpenFGA may still answer from
+    /// before it (its check query cache, iterator caches and cache
+    /// controller, or a lagging read replica): a check, list or read that
+    /// can depend on such a write asks for `HIGHER_CONSISTENCY`. The default
+    /// covers OpenFGA's default 10 s cache TTLs chained (an iterator cache
+    /// entry feeding a query cache entry) with 50% jitter; raise it with
+    /// the server's TTLs. At most 10 minutes.
+    #[serde(with = "duration")]
+    pub server_cache_ttl: Duration,
+    /// Ask for `HIGHER_CONSISTENCY` on every check, list and read (when the
+    /// server's caches are not known, or writes bypass fga-wb).
+    pub always_higher_consistency: bool,
 }
 
 impl Default for CheckConfig {
     fn default() -> Self {
         CheckConfig {
             revoke_wait_timeout: Duration::from_secs(2),
+            server_cache_ttl: Duration::from_secs(30),
+            always_higher_consistency: false,
         }
     }
 }
@@ -557,6 +571,11 @@ impl Config {
         if self.redis.writer_lease < Duration::from_secs(2) {
             return Err(Error::config(
                 "redis.writer_lease must be at least 2s (a write needs a second of it to spare)",
+            ));
+        }
+        if self.check.server_cache_ttl > crate::buffer::written::KEEP {
+            return Err(Error::config(
+                "check.server_cache_ttl must be at most 10m (writes are remembered that long); for longer server caches set check.always_higher_consistency = true",
             ));
         }
         if self.redis.wait_replicas > 0

@@ -14,6 +14,7 @@
 //! | `fga_wb_write_requests_total{outcome}` | counter |
 //! | `fga_wb_flush_retries_total` | counter |
 //! | `fga_wb_cache_hits_total`, `fga_wb_cache_misses_total` | counter |
+//! | `fga_wb_higher_consistency_total` (checks, lists and reads sent with `HIGHER_CONSISTENCY`) | counter |
 //! | `fga_wb_pending_ops` | gauge |
 //! | `fga_wb_flush_duration_seconds` | histogram |
 
@@ -96,6 +97,10 @@ pub struct Totals {
     pub cache_hits: u64,
     /// Checks that asked OpenFGA.
     pub cache_misses: u64,
+    /// Checks, lists and reads sent with `HIGHER_CONSISTENCY`, because they
+    /// could depend on a recent write (or `check.always_higher_consistency`).
+    #[serde(default)]
+    pub higher_consistency: u64,
 }
 
 /// Everything `status()` reports.
@@ -171,6 +176,7 @@ pub(crate) struct Stats {
     pub retries: AtomicU64,
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
+    pub higher_consistency: AtomicU64,
     /// `coalesced` at the last flush report, to report the difference.
     pub coalesced_reported: AtomicU64,
     pub last_flush: Mutex<Option<LastFlush>>,
@@ -204,6 +210,7 @@ impl Stats {
             retries: l(&self.retries),
             cache_hits: l(&self.cache_hits),
             cache_misses: l(&self.cache_misses),
+            higher_consistency: l(&self.higher_consistency),
         }
     }
 

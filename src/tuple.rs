@@ -8,7 +8,15 @@
 //!   `type:id#relation` (userset);
 //! * `relation`: `^[^:#@\s]{1,50}$`;
 //! * `object`: `type:id`, `^[^\s]{2,256}$`;
-//! * a type is `^[^:#@\s]{1,254}$`, an id has no `:`, `#` or whitespace.
+//! * a type is `^[^:#@\s]{1,254}$`, an id has no `:`, `#` or whitespace;
+//! * a condition name is `^[^\s]{2,256}$`.
+//!
+//! "Whitespace" is what OpenFGA refuses, which is not Unicode's whitespace:
+//! its regexes' `\s` is ASCII only (tab, newline, form feed, carriage
+//! return, space) and its own checks refuse the space and every control
+//! character (`U+0000`-`U+001F`, `U+007F`-`U+009F`). So `U+00A0`, `U+3000`
+//! and `U+2028` are accepted in ids, as OpenFGA accepts them, and `U+0001`
+//! or `U+0085` are refused, as OpenFGA refuses them.
 
 use std::fmt;
 use std::str::FromStr;
@@ -234,12 +242,19 @@ impl FromStr for TupleKey {
     }
 }
 
+/// A character OpenFGA refuses anywhere in a tuple: the ASCII space and
+/// the control characters (which include `\t`, `\n`, `\x0c` and `\r`, the
+/// rest of its regexes' `\s`).
+fn is_forbidden(c: char) -> bool {
+    c == ' ' || c.is_control()
+}
+
 fn is_bad_name_char(c: char) -> bool {
-    c == ':' || c == '#' || c == '@' || c.is_whitespace()
+    c == ':' || c == '#' || c == '@' || is_forbidden(c)
 }
 
 fn is_bad_id_char(c: char) -> bool {
-    c == ':' || c == '#' || c.is_whitespace()
+    c == ':' || c == '#' || is_forbidden(c)
 }
 
 fn validate_type(field: Field, whole: &str, ty: &str) -> Result<(), TupleError> {
@@ -261,7 +276,7 @@ fn validate_type(field: Field, whole: &str, ty: &str) -> Result<(), TupleError> 
         return Err(TupleError::new(
             field,
             whole,
-            "has a type containing ':', '#', '@' or whitespace",
+            "has a type containing ':', '#', '@', a space or a control character (whitespace)",
         ));
     }
     Ok(())
@@ -275,7 +290,7 @@ fn validate_id(field: Field, whole: &str, id: &str) -> Result<(), TupleError> {
         return Err(TupleError::new(
             field,
             whole,
-            "has an id containing ':', '#' or whitespace",
+            "has an id containing ':', '#', a space or a control character (whitespace)",
         ));
     }
     Ok(())
@@ -350,7 +365,7 @@ pub fn validate_relation(relation: &str) -> Result<(), TupleError> {
         return Err(TupleError::new(
             f,
             relation,
-            "must not contain ':', '#', '@' or whitespace",
+            "must not contain ':', '#', '@', a space or a control character (whitespace)",
         ));
     }
     Ok(())
@@ -402,11 +417,12 @@ fn validate_condition_name(name: &str) -> Result<(), TupleError> {
             "is empty; give the condition's name",
         ));
     }
-    if name.chars().count() > 256 || name.chars().any(|c| c.is_whitespace()) {
+    let n = name.chars().count();
+    if !(2..=256).contains(&n) || name.chars().any(is_forbidden) {
         return Err(TupleError::new(
             f,
             name,
-            "must be a condition name of at most 256 characters without whitespace",
+            "must be a condition name of 2 to 256 characters without spaces or control characters (whitespace)",
         ));
     }
     Ok(())
@@ -443,6 +459,32 @@ mod tests {
         let e = err("user:anne", "can view", "document:1");
         assert_eq!(e.field, Field::Relation);
         assert!(e.reason.contains("whitespace"), "{e}");
+    }
+
+    #[test]
+    fn control_characters_are_refused_and_unicode_spaces_accepted() {
+        for bad in [
+            "user:a\u{1}b",
+            "user:a\u{7f}",
+            "user:a\u{85}",
+            "user:a\u{b}",
+            "user:a\tb",
+        ] {
+            let e = err(bad, "viewer", "document:1");
+            assert_eq!(e.field, Field::User, "{bad:?}");
+            assert!(e.reason.contains("control character"), "{e}");
+        }
+        for ok in [
+            "user:a\u{a0}b",
+            "user:a\u{3000}",
+            "user:a\u{2028}",
+            "user:\u{feff}",
+        ] {
+            assert!(
+                TupleKey::new(ok, "viewer", format!("document:{}", &ok[5..])).is_ok(),
+                "{ok:?}"
+            );
+        }
     }
 
     #[test]
@@ -537,7 +579,7 @@ mod tests {
             if let Ok(t) = TupleKey::new(&user, &relation, &object) {
                 prop_assert!(t.user.len() <= MAX_USER_BYTES);
                 prop_assert!(t.object.contains(':'));
-                prop_assert!(!t.relation.chars().any(char::is_whitespace));
+                prop_assert!(!t.relation.chars().any(is_forbidden));
             }
             let _ = format!("{}#{}@{}", object, relation, user).parse::<TupleKey>();
         }

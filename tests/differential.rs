@@ -39,7 +39,10 @@ use std::time::{Duration, Instant};
 
 use fga_wb::openfga::WriteRequest;
 use fga_wb::WriteBehind;
-use support::{config_for, ground_truth, new_store, parse, stored, tuple, TestStore};
+use support::{
+    config_for, documents_model, ground_truth, new_store_on, parse, stored, tuple, Server,
+    TestStore,
+};
 
 /// xorshift64*: deterministic, good enough to pick ops, no dependency.
 struct Rng(u64);
@@ -257,6 +260,7 @@ struct Counts {
 struct Variant {
     name: &'static str,
     seed: u64,
+    server: Server,
     configure: fn(&mut fga_wb::Config),
 }
 
@@ -270,8 +274,9 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 async fn run(v: Variant) -> Counts {
     let seed = env_or("FGA_WB_DIFF_SEED", v.seed);
     let ops = env_or("FGA_WB_DIFF_OPS", 3000usize);
-    let store = new_store(&format!("diff-{}", v.name)).await;
-    let oracle = new_store(&format!("diff-{}-oracle", v.name)).await;
+    let model = documents_model();
+    let store = new_store_on(v.server, &format!("diff-{}", v.name), &model).await;
+    let oracle = new_store_on(v.server, &format!("diff-{}-oracle", v.name), &model).await;
     let mut cfg = config_for(&store);
     (v.configure)(&mut cfg);
     let wb = WriteBehind::builder(cfg)
@@ -454,6 +459,7 @@ async fn differential_manual_flushes() {
     let c = run(Variant {
         name: "manual",
         seed: 0x5EED_0001,
+        server: Server::Plain,
         configure: |cfg| {
             cfg.flush.interval = Duration::from_secs(3600);
             cfg.flush.batch_size = 100_000;
@@ -479,9 +485,35 @@ async fn differential_background_flushes() {
     let c = run(Variant {
         name: "background",
         seed: 0x5EED_0002,
+        server: Server::Plain,
         configure: |cfg| {
             cfg.flush.interval = Duration::from_millis(50);
             cfg.cache.ttl = Duration::from_millis(50);
+        },
+    })
+    .await;
+    assert_eq!(c.stale_allow, 0);
+    assert!(c.checks > 500 && c.grants > 500 && c.revokes > 300, "{c:?}");
+    assert!(
+        c.oracle_true > c.checks / 10,
+        "too few allowed checks to mean much: {c:?}"
+    );
+}
+
+/// Background flushes against OpenFGA as production runs it: on PostgreSQL
+/// with the check query cache, both iterator caches and the cache controller
+/// on (TTL 60 s). The handle's own cache is off, so every check that cannot
+/// be answered from pending ops reaches the server: those that could depend
+/// on a recent write must bypass its caches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn differential_on_a_caching_server() {
+    let c = run(Variant {
+        name: "caching",
+        seed: 0x5EED_0003,
+        server: Server::Caching,
+        configure: |cfg| {
+            cfg.flush.interval = Duration::from_millis(50);
+            cfg.cache.ttl = Duration::from_millis(1);
         },
     })
     .await;

@@ -120,6 +120,7 @@ async fn child_load() {
         client: support::client(),
         store_id: p.store_id,
         model_id: p.model_id,
+        server: support::Server::Plain,
     };
     // Default flushing: batch size, interval, eager revokes, all in queue mode.
     let wb = WriteBehind::builder(redis_queue_config(&store))

@@ -55,6 +55,7 @@ pub(crate) struct MemoryStore {
     next_shard: AtomicUsize,
     epoch: Instant,
     dead: Mutex<DeadLetters>,
+    written: super::written::Written,
 }
 
 #[derive(Default)]
@@ -154,6 +155,7 @@ impl MemoryStore {
                 letters: Vec::new(),
                 next_id: 1,
             }),
+            written: Default::default(),
         }
     }
 
@@ -343,6 +345,12 @@ impl MemoryStore {
     }
 
     fn finish_now(&self, done: Vec<(Taken, Outcome)>) -> Finished {
+        // Before the ops leave the in-flight set: see written.rs.
+        self.written.note(
+            done.iter()
+                .filter(|(_, o)| matches!(o, Outcome::Applied))
+                .map(|(t, _)| &t.tuple),
+        );
         let mut f = Finished::default();
         let mut by_shard: Vec<Vec<(String, Taken, Outcome)>> =
             (0..SHARDS).map(|_| Vec::new()).collect();
@@ -449,6 +457,19 @@ impl MemoryStore {
         user: &str,
         limit: usize,
     ) -> Relevant {
+        let mut r = self.relevant_ops(rels, object, user, limit);
+        // After the ops: see written.rs.
+        r.written_ago = self.written.since(rels, object);
+        r
+    }
+
+    fn relevant_ops(
+        &self,
+        rels: Option<&[Dep]>,
+        object: &str,
+        user: &str,
+        limit: usize,
+    ) -> Relevant {
         let prefix = format!("{object}#");
         let home = self.shard_of(object);
         // (shard, type, relation, same object, user-bound) for every part
@@ -512,6 +533,7 @@ impl MemoryStore {
             return Relevant {
                 revokes,
                 grants: None,
+                written_ago: None,
             };
         }
         let mut out = Vec::with_capacity(grants);
@@ -536,11 +558,13 @@ impl MemoryStore {
             return Relevant {
                 revokes: 0,
                 grants: None,
+                written_ago: None,
             };
         }
         Relevant {
             revokes,
             grants: Some(out),
+            written_ago: None,
         }
     }
 

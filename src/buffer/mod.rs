@@ -16,6 +16,7 @@
 
 pub(crate) mod memory;
 pub(crate) mod redis;
+pub(crate) mod written;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -124,6 +125,9 @@ pub(crate) struct Relevant {
     pub revokes: usize,
     /// Grants pending or in flight on those relations, if at most `limit`.
     pub grants: Option<Vec<TupleKey>>,
+    /// How long ago the newest write the check can depend on was applied
+    /// (see `written.rs`), if within `written::KEEP`.
+    pub written_ago: Option<Duration>,
 }
 
 /// Which ops `take` may return.

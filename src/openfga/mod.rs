@@ -30,6 +30,8 @@ use types::*;
 
 /// OpenFGA's limit on checks in one BatchCheck request.
 pub const MAX_CHECKS_PER_BATCH: usize = 50;
+/// BatchCheck requests one `batch_check` keeps in flight.
+pub const BATCH_CHECKS_IN_FLIGHT: usize = 4;
 /// OpenFGA's default limit on tuples in one Write request.
 pub const DEFAULT_MAX_TUPLES_PER_WRITE: usize = 100;
 /// OpenFGA's limit on contextual tuples in one Check.
@@ -326,10 +328,11 @@ impl Client {
         Ok(r.allowed)
     }
 
-    /// Many checks, in requests of at most 50 (OpenFGA's limit), sent one
-    /// after another. Answers come back in the order of `checks`; a check the
-    /// server could not evaluate gets its own error, the others still answer.
-    /// `model_id` and `consistency` apply to every check.
+    /// Many checks, in requests of at most 50 (OpenFGA's limit), up to
+    /// [`BATCH_CHECKS_IN_FLIGHT`] requests at once. Answers come back in the
+    /// order of `checks`; a check the server could not evaluate gets its own
+    /// error, the others still answer. `model_id` and `consistency` apply to
+    /// every check (OpenFGA has no per-item consistency).
     pub async fn batch_check(
         &self,
         store_id: &str,
@@ -337,40 +340,66 @@ impl Client {
         model_id: Option<&str>,
         consistency: Consistency,
     ) -> Result<Vec<Result<bool>>> {
+        use futures::{StreamExt, TryStreamExt};
         let path = format!("/stores/{}/batch-check", seg(store_id));
-        let mut out = Vec::with_capacity(checks.len());
-        for (chunk_no, chunk) in checks.chunks(MAX_CHECKS_PER_BATCH).enumerate() {
-            let base = chunk_no * MAX_CHECKS_PER_BATCH;
-            let body = BatchCheckBody {
-                checks: chunk
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| BatchCheckItem {
-                        tuple_key: KeyOnly {
-                            user: &c.user,
-                            relation: &c.relation,
-                            object: &c.object,
-                        },
-                        contextual_tuples: (!c.contextual_tuples.is_empty()).then(|| {
-                            ContextualTuples {
-                                tuple_keys: &c.contextual_tuples,
-                            }
-                        }),
-                        context: c.context.as_ref(),
-                        correlation_id: (base + i).to_string(),
-                    })
-                    .collect(),
-                authorization_model_id: model_id,
-                consistency,
-            };
-            let span = tracing::debug_span!("openfga.batch_check", checks = chunk.len());
-            let mut resp: BatchCheckResponse = self
-                .call("batch check", Method::POST, path.clone(), Some(&body))
-                .instrument(span)
+        let chunks: Vec<Vec<Result<bool>>> =
+            futures::stream::iter(checks.chunks(MAX_CHECKS_PER_BATCH).enumerate())
+                .map(|(chunk_no, chunk)| {
+                    self.batch_check_chunk(
+                        &path,
+                        chunk,
+                        chunk_no * MAX_CHECKS_PER_BATCH,
+                        model_id,
+                        consistency,
+                    )
+                })
+                .buffered(BATCH_CHECKS_IN_FLIGHT)
+                .try_collect()
                 .await?;
-            for (i, check) in chunk.iter().enumerate() {
+        Ok(chunks.into_iter().flatten().collect())
+    }
+
+    async fn batch_check_chunk(
+        &self,
+        path: &str,
+        chunk: &[CheckRequest],
+        base: usize,
+        model_id: Option<&str>,
+        consistency: Consistency,
+    ) -> Result<Vec<Result<bool>>> {
+        let body = BatchCheckBody {
+            checks: chunk
+                .iter()
+                .enumerate()
+                .map(|(i, c)| BatchCheckItem {
+                    tuple_key: KeyOnly {
+                        user: &c.user,
+                        relation: &c.relation,
+                        object: &c.object,
+                    },
+                    contextual_tuples: (!c.contextual_tuples.is_empty()).then(|| {
+                        ContextualTuples {
+                            tuple_keys: &c.contextual_tuples,
+                        }
+                    }),
+                    context: c.context.as_ref(),
+                    correlation_id: (base + i).to_string(),
+                })
+                .collect(),
+            authorization_model_id: model_id,
+            consistency,
+        };
+        let span = tracing::debug_span!("openfga.batch_check", checks = chunk.len());
+        let mut resp: BatchCheckResponse = self
+            .call("batch check", Method::POST, path.to_owned(), Some(&body))
+            .instrument(span)
+            .await?;
+        Ok(chunk
+            .iter()
+            .enumerate()
+            .map(|(i, check)| {
                 let id = (base + i).to_string();
-                out.push(match resp.result.remove(&id) {
+                match resp.result.remove(&id) {
                     Some(BatchCheckSingle { error: Some(e), .. }) => {
                         Err(batch_item_error(check, &e))
                     }
@@ -379,10 +408,9 @@ impl Client {
                         operation: "batch check",
                         detail: format!("no result for correlation id {id}"),
                     })),
-                });
-            }
-        }
-        Ok(out)
+                }
+            })
+            .collect())
     }
 
     /// One page of tuples matching `filter`.

@@ -139,10 +139,40 @@ pub fn openfga_bin() -> PathBuf {
 
 /// A client of the real OpenFGA with the right key.
 pub fn client() -> Client {
-    Client::builder(openfga_url())
-        .api_token(Secret::new(openfga_token()))
-        .build()
-        .expect("client for the test server")
+    Server::Plain.client()
+}
+
+/// Which real OpenFGA a test uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Server {
+    /// The shared one: memory datastore, caches off.
+    Plain,
+    /// OpenFGA on PostgreSQL with every cache on and a 60 s TTL, as
+    /// production runs it (`openfga-pg` in `scripts/test`).
+    Caching,
+}
+
+impl Server {
+    pub fn url(self) -> String {
+        match self {
+            Server::Plain => openfga_url(),
+            Server::Caching => required_env("FGA_WB_TEST_OPENFGA_PG_URL"),
+        }
+    }
+
+    pub fn token(self) -> String {
+        match self {
+            Server::Plain => openfga_token(),
+            Server::Caching => required_env("FGA_WB_TEST_OPENFGA_PG_TOKEN"),
+        }
+    }
+
+    pub fn client(self) -> Client {
+        Client::builder(self.url())
+            .api_token(Secret::new(self.token()))
+            .build()
+            .expect("client for the test server")
+    }
 }
 
 /// The test model: `models/documents.json`.
@@ -161,6 +191,8 @@ pub struct TestStore {
     pub store_id: String,
     /// The documents model's id in it.
     pub model_id: String,
+    /// The server it is on.
+    pub server: Server,
 }
 
 /// Creates a store named after the test and writes the documents model to it.
@@ -179,7 +211,12 @@ pub fn model(file: &str) -> Value {
 
 /// Creates a store named after the test with `model`.
 pub async fn new_store_with(name: &str, model: &Value) -> TestStore {
-    let client = client();
+    new_store_on(Server::Plain, name, model).await
+}
+
+/// Creates a store named after the test with `model` on `server`.
+pub async fn new_store_on(server: Server, name: &str, model: &Value) -> TestStore {
+    let client = server.client();
     let store_id = client.create_store(name).await.expect("create store");
     let model_id = client
         .write_authorization_model(&store_id, model)
@@ -189,6 +226,7 @@ pub async fn new_store_with(name: &str, model: &Value) -> TestStore {
         client,
         store_id,
         model_id,
+        server,
     }
 }
 
@@ -249,8 +287,8 @@ impl Fixture {
 /// A config pointing at the real OpenFGA and `store`.
 pub fn config_for(store: &TestStore) -> fga_wb::Config {
     let mut c = fga_wb::Config::default();
-    c.openfga.api_url = openfga_url();
-    c.openfga.api_token = Secret::new(openfga_token());
+    c.openfga.api_url = store.server.url();
+    c.openfga.api_token = Secret::new(store.server.token());
     c.openfga.store_id = store.store_id.clone();
     c.openfga.model_id = store.model_id.clone();
     c

@@ -455,6 +455,7 @@ impl RedisStore {
             return Ok(Relevant {
                 revokes: 0,
                 grants: Some(Vec::new()),
+                written_ago: None,
             });
         }
         let mut a = Args::new("relevant", self.publish);
@@ -482,15 +483,21 @@ impl RedisStore {
             return Ok(Relevant {
                 revokes,
                 grants: None,
+                written_ago: None,
             });
         }
+        let written_ago = match v.get(2).map(int).transpose()? {
+            Some(ms) if ms >= 0 => Some(Duration::from_millis(ms as u64)),
+            _ => None,
+        };
         let mut list = Vec::with_capacity(grants);
-        for c in v[2.min(v.len())..].chunks_exact(2) {
+        for c in v[3.min(v.len())..].chunks_exact(2) {
             list.push(tuple_of(&text(&c[0])?, condition_of(&text(&c[1])?)));
         }
         Ok(Relevant {
             revokes,
             grants: Some(list),
+            written_ago,
         })
     }
 

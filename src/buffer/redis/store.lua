@@ -27,6 +27,10 @@
 --   P:dead             hash    id -> dead letter (JSON); P:deadseq its counter
 --   P:stats            hash    totals and notes
 --   P:gen              hash    "type#rel" -> changes of its checks; "*" -> any
+--   P:written          hash    "type#rel" -> when a write on it was last applied
+--                              (ms, Redis's clock): OpenFGA's caches may not
+--                              show it yet (see written.rs)
+--   P:wobj             zset    "object#rel" -> the same per object, kept 10 min
 --   P:epoch            string  the store's epoch: set when its keys are first
 --                              written, and again after a loss (heartbeat)
 --   P:epochs           hash    epochs replaced after a recorded loss -> when
@@ -247,6 +251,70 @@ local base_types = {
   { P .. ':deadseq', 'string' }, { P .. ':owners', 'zset' }, { P .. ':jobs', 'hash' },
   { P .. ':jobq', 'zset' }, { P .. ':jobrun', 'hash' }, { P .. ':blocked', 'zset' },
 }
+
+-- Redis's own clock, so processes with skewed clocks agree on ages.
+local function redis_ms()
+  local t = rcall('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- How long writes are remembered (written.rs KEEP).
+local WRITTEN_KEEP_MS = 600000
+
+-- Notes that the ops on `keys` were just applied. Called last in a script:
+-- pcall, so keys of the wrong type never abort it after its other writes.
+local function note_written(keys)
+  local now = redis_ms()
+  local h, z = {}, {}
+  local seen = {}
+  for _, key in ipairs(keys) do
+    local rel = rel_of(key)
+    local object, relation = smatch(key, '^([^#]*)#([^@]*)@')
+    if rel and not seen[rel] then
+      seen[rel] = true
+      tinsert(h, rel)
+      tinsert(h, now)
+    end
+    if object then
+      tinsert(z, now)
+      tinsert(z, object .. '#' .. relation)
+    end
+  end
+  for i = 1, #h, 4000 do
+    pcall_('HSET', P .. ':written', unpack(h, i, math.min(i + 3999, #h)))
+  end
+  for i = 1, #z, 4000 do
+    pcall_('ZADD', P .. ':wobj', unpack(z, i, math.min(i + 3999, #z)))
+  end
+  pcall_('ZREMRANGEBYSCORE', P .. ':wobj', '-inf', now - WRITTEN_KEEP_MS)
+end
+
+-- Milliseconds since the newest write a check on `object` can depend on
+-- ({rel, scope} pairs; scope 0: any object), -1 if none is remembered; 0 when
+-- the keys cannot be read (then the check asks for fresh answers).
+local function written_ago(rels, object, any)
+  local newest
+  local function see(v)
+    if type(v) == 'table' and v.err then v = redis_ms() end
+    v = tonumber(v)
+    if v and (not newest or v > newest) then newest = v end
+  end
+  if any then
+    local all = pcall_('HVALS', P .. ':written')
+    if type(all) == 'table' and all.err then see(all) else
+      for _, v in ipairs(all) do see(v) end
+    end
+  end
+  for _, r in ipairs(rels) do
+    if r[2] == 0 then
+      see(pcall_('HGET', P .. ':written', r[1]))
+    else
+      see(pcall_('ZSCORE', P .. ':wobj', object .. '#' .. (smatch(r[1], '#(.*)$') or r[1])))
+    end
+  end
+  if not newest then return -1 end
+  return math.max(redis_ms() - newest, 0)
+end
 
 local function check_keys(keys)
   local list = {}
@@ -668,7 +736,7 @@ if cmd == 'finish' then
   for i = 0, n - 1 do tinsert(keys, ARGV[10 + i * 6]) end
   load(keys)
   local applied, dead, requeued, superseded = 0, 0, 0, 0
-  local rels, mine = {}, {}
+  local rels, mine, written = {}, {}, {}
   -- Others need to hear of this only if a check may wait for it (a revoke)
   -- or an op waited behind it.
   local notify = job ~= ''
@@ -684,6 +752,7 @@ if cmd == 'finish' then
     if behind or (e and e.op == 'r') then notify = true end
     if outcome == 'a' then
       applied = applied + 1
+      tinsert(written, key)
       if writing or held then drop(key, e) elseif behind then move(key, e, 'r') end
     elseif outcome == 'd' and (writing or held) then
       dead = dead + 1
@@ -732,6 +801,7 @@ if cmd == 'finish' then
     rcall('SREM', P .. ':wj:' .. writer, job)
     rcall('ZADD', P .. ':jobq', due, job)
   end
+  if #written > 0 then note_written(written) end
   if notify then publish('finished') end
   return { applied, dead, requeued, superseded }
 end
@@ -844,7 +914,7 @@ if cmd == 'release' then
 end
 
 -- relevant pub limit object user nrels (rel scope)*
---   -> {revokes, grants, (key, cond)*}
+--   -> {revokes, grants, written ago (ms, -1: none), (key, cond)*}
 -- scope 0: ops on every object count; 1: only ops on `object`; 2: only ops
 -- on `object` whose user can be `user` (itself, a wildcard, a userset). No
 -- list when there are revokes or more grants than limit. nrels = 0: every
@@ -911,8 +981,8 @@ if cmd == 'relevant' then
       end
     end
   end
-  local out = { revokes, grants }
-  if revokes > 0 or grants > limit then return out end
+  if revokes > 0 or grants > limit then return { revokes, grants, -1 } end
+  local out = { revokes, grants, written_ago(rels, object, nrels == 0) }
   local keys = picked
   for _, r in ipairs(whole) do
     local found

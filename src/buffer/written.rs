@@ -1,0 +1,132 @@
+//! Writes applied recently, which OpenFGA may not show yet.
+//!
+//! OpenFGA's check query cache, its iterator caches, its cache controller and
+//! a read replica all answer a default (`MINIMIZE_LATENCY`) request from
+//! state older than a write it acknowledged, for up to their TTLs. Once an op
+//! is applied it leaves the buffer, so nothing pending tells a check about it
+//! any more: a check that can depend on a write applied within
+//! `check.server_cache_ttl` asks for `HIGHER_CONSISTENCY` instead (see
+//! `client.rs`). The memory store keeps those writes here; the Redis store
+//! keeps the same in Redis (`store.lua`), so every process sees every
+//! process's writes.
+//!
+//! Writes are noted before their ops leave the in-flight set, under the
+//! same order a check reads in (ops first, then this): a check that no
+//! longer sees an op pending or in flight sees its write here.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::model::Dep;
+use crate::tuple::TupleKey;
+
+/// How long a write is remembered: the longest `check.server_cache_ttl`.
+pub(crate) const KEEP: Duration = Duration::from_secs(600);
+
+/// Recently applied writes, by relation and by object.
+pub(crate) struct Written {
+    epoch: Instant,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// `type#relation` -> when a write on it was last applied (ms after the
+    /// epoch).
+    by_rel: HashMap<String, u64>,
+    /// `object#relation` -> the same, per object.
+    by_object: HashMap<String, u64>,
+    pruned_at: u64,
+}
+
+impl Default for Written {
+    fn default() -> Self {
+        Written {
+            epoch: Instant::now(),
+            inner: Mutex::default(),
+        }
+    }
+}
+
+impl Written {
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Plain maps of numbers: sound even if a holder panicked.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes that these tuples were just written.
+    pub fn note<'a>(&self, tuples: impl IntoIterator<Item = &'a TupleKey>) {
+        let now = self.now();
+        let mut g = self.lock();
+        for t in tuples {
+            let rel = crate::model::rel_name(t.object_type(), &t.relation);
+            g.by_rel.insert(rel, now);
+            g.by_object
+                .insert(format!("{}#{}", t.object, t.relation), now);
+        }
+        let keep = KEEP.as_millis() as u64;
+        if now.saturating_sub(g.pruned_at) > keep / 10 {
+            g.pruned_at = now;
+            g.by_object.retain(|_, at| now.saturating_sub(*at) < keep);
+        }
+    }
+
+    /// How long ago the newest write a check on `object` with dependencies
+    /// `rels` (`None`: any relation) can depend on was applied, if within
+    /// [`KEEP`].
+    pub fn since(&self, rels: Option<&[Dep]>, object: &str) -> Option<Duration> {
+        let g = self.lock();
+        let newest = match rels {
+            None => g.by_rel.values().max().copied(),
+            Some(rels) => rels
+                .iter()
+                .filter_map(|d| {
+                    if d.same_object {
+                        let relation = d.rel.split_once('#').map_or(d.rel.as_str(), |(_, r)| r);
+                        g.by_object.get(&format!("{object}#{relation}")).copied()
+                    } else {
+                        g.by_rel.get(&d.rel).copied()
+                    }
+                })
+                .max(),
+        }?;
+        let ago = Duration::from_millis(self.now().saturating_sub(newest));
+        (ago < KEEP).then_some(ago)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dep(rel: &str, same_object: bool) -> Dep {
+        Dep {
+            rel: rel.to_owned(),
+            same_object,
+            user_bound: false,
+        }
+    }
+
+    #[test]
+    fn a_write_counts_for_its_object_or_its_whole_relation() {
+        let w = Written::default();
+        assert_eq!(w.since(None, "document:1"), None);
+        let t = TupleKey::new("user:a", "viewer", "document:1").unwrap();
+        w.note([&t]);
+        let same = [dep("document#viewer", true)];
+        let any = [dep("document#viewer", false)];
+        assert!(w.since(Some(&same), "document:1").is_some());
+        assert_eq!(w.since(Some(&same), "document:2"), None);
+        assert!(w.since(Some(&any), "document:2").is_some());
+        assert_eq!(
+            w.since(Some(&[dep("document#editor", false)]), "document:1"),
+            None
+        );
+        assert!(w.since(None, "folder:x").is_some());
+    }
+}
