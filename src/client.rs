@@ -13,8 +13,11 @@ use crate::cache::{CheckCache, Generation};
 use crate::config::{Config, Mode, Overflow, StoreKind};
 use crate::error::{Error, Kind, Result};
 use crate::flush::{self, Command, Engine};
-use crate::model::Model;
-use crate::openfga::{CheckRequest, Client, Consistency, Context, MAX_CONTEXTUAL_TUPLES};
+use crate::model::{Dep, Model};
+use crate::openfga::{
+    CheckRequest, Client, Consistency, Context, ListObjectsRequest, ListUsersRequest,
+    MAX_CONTEXTUAL_TUPLES,
+};
 use crate::status::{count, FlushReport, Status};
 use crate::tuple::{Op, TupleKey};
 
@@ -150,7 +153,7 @@ impl Builder {
             stats: Default::default(),
             changed,
             sink,
-            room_wanted: Default::default(),
+            flush_wanted: Default::default(),
             revoke_wanted: Default::default(),
             parallel: Default::default(),
             sleeping: Default::default(),
@@ -253,17 +256,36 @@ async fn follow_events(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
 }
 
 /// What a check needs after looking at the cache and the pending ops.
-/// Where a batch check's answer goes: its index, cache key and generation.
-type Slot = (usize, Option<String>, Generation);
+/// Adds pending grants to a request's contextual tuples, except those the
+/// caller already sent (OpenFGA refuses a tuple twice).
+fn add_grants(contextual: &mut Vec<TupleKey>, grants: Vec<TupleKey>) {
+    for g in grants {
+        let dup = contextual
+            .iter()
+            .any(|c| c.user == g.user && c.relation == g.relation && c.object == g.object);
+        if !dup {
+            contextual.push(g);
+        }
+    }
+}
 
+/// Where a batch check's answer goes: its index, cache key, generation, and
+/// where the pending grants start in its contextual tuples.
+type Slot = (usize, Option<String>, Generation, usize);
+
+// Built and consumed at once, never stored in bulk: boxing the request
+// would only add an allocation per check.
+#[allow(clippy::large_enum_variant)]
 enum Prepared {
     /// Answered without OpenFGA.
     Answer(bool),
     /// Ask OpenFGA this, then cache the answer under `generation` if `key`.
+    /// Contextual tuples from `ours` on are pending grants fga-wb added.
     Ask {
         request: CheckRequest,
         key: Option<String>,
         generation: Generation,
+        ours: usize,
     },
 }
 
@@ -378,7 +400,7 @@ impl WriteBehind {
                 let mut changed = self.inner.engine.changed.subscribe();
                 self.inner
                     .engine
-                    .room_wanted
+                    .flush_wanted
                     .store(true, std::sync::atomic::Ordering::Relaxed);
                 self.inner.engine.wake_now();
                 let deadline = started + cfg.block_timeout;
@@ -437,9 +459,17 @@ impl WriteBehind {
                 request,
                 key,
                 generation,
+                ours,
             } => {
                 let e = &self.inner.engine;
-                let answer = e.client.check(&e.store_id, &request).await?;
+                let answer = match e.client.check(&e.store_id, &request).await {
+                    Err(err)
+                        if err.is_invalid_input() && request.contextual_tuples.len() > ours =>
+                    {
+                        return self.without_refused_grants(request, ours).await;
+                    }
+                    answer => answer?,
+                };
                 if let Some(k) = key {
                     e.cache.insert(k, answer, generation);
                 }
@@ -472,6 +502,7 @@ impl WriteBehind {
                     request,
                     key,
                     generation,
+                    ours,
                 }) => {
                     out.push(None);
                     let g = match groups.iter().position(|g| g.0 == request.consistency) {
@@ -482,7 +513,7 @@ impl WriteBehind {
                         }
                     };
                     groups[g].1.push(request);
-                    groups[g].2.push((i, key, generation));
+                    groups[g].2.push((i, key, generation, ours));
                 }
                 Err(e) => out.push(Some(Err(e))),
             }
@@ -493,11 +524,24 @@ impl WriteBehind {
                 .batch_check(&e.store_id, asks, e.model_id.as_deref(), *consistency)
         });
         let answers = futures::future::try_join_all(sent).await?;
-        for ((_, _, slots), answers) in groups.into_iter().zip(answers) {
-            for ((i, key, generation), answer) in slots.into_iter().zip(answers) {
-                if let (Some(k), Ok(a)) = (key, &answer) {
-                    e.cache.insert(k, *a, generation);
-                }
+        for ((_, asks, slots), answers) in groups.into_iter().zip(answers) {
+            for ((request, (i, key, generation, ours)), answer) in
+                asks.into_iter().zip(slots).zip(answers)
+            {
+                let answer = match answer {
+                    Err(err)
+                        if err.is_invalid_input() && request.contextual_tuples.len() > ours =>
+                    {
+                        self.without_refused_grants(request, ours).await
+                    }
+                    Ok(a) => {
+                        if let Some(k) = key {
+                            e.cache.insert(k, a, generation);
+                        }
+                        Ok(a)
+                    }
+                    err => err,
+                };
                 out[i] = Some(answer);
             }
         }
@@ -544,17 +588,146 @@ impl WriteBehind {
             return Ok(Prepared::Answer(true));
         }
         let room = MAX_CONTEXTUAL_TUPLES.saturating_sub(req.contextual_tuples.len());
+        let (grants, written_ago) = self
+            .pending_grants(deps, &req.object, &req.user, room)
+            .await?;
+        count!(e.stats, cache_misses, "fga_wb_cache_misses_total", 1);
+        let mut request = req.clone();
+        request.authorization_model_id.clone_from(&e.model_id);
+        if self.needs_fresh_answers(written_ago) {
+            request.consistency = Consistency::HigherConsistency;
+        }
+        add_grants(&mut request.contextual_tuples, grants);
+        Ok(Prepared::Ask {
+            request,
+            key,
+            generation,
+            ours: req.contextual_tuples.len(),
+        })
+    }
+
+    /// The objects of a type on which a user has a relation, counting every
+    /// acknowledged grant and revoke, as [`WriteBehind::check_request`]
+    /// does: pending grants on the relations the list depends on go to
+    /// OpenFGA's ListObjects as contextual tuples (more than 100: it flushes
+    /// first), a pending revoke (or grant with a condition) it depends on is
+    /// waited for, failing closed with [`Error::is_stale_check`], and a list
+    /// that can depend on a recent write bypasses OpenFGA's caches.
+    pub async fn list_objects(&self, req: &ListObjectsRequest) -> Result<Vec<String>> {
+        self.ensure_open()?;
+        crate::tuple::validate_user(&req.user)?;
+        crate::tuple::validate_relation(&req.relation)?;
+        let e = &self.inner.engine;
+        // Any object of the type can be listed: every pending op on the
+        // relations it depends on counts, whatever its object and user.
+        let deps: Option<Vec<Dep>> = self.inner.model.as_deref().and_then(|m| {
+            m.depends_on_scoped(&req.object_type, &req.relation)
+                .map(|d| d.iter().map(Dep::anywhere).collect())
+        });
+        let mut request = req.clone();
+        self.prepare_list(
+            deps.as_deref(),
+            ("", &req.user),
+            &mut request.contextual_tuples,
+            &mut request.authorization_model_id,
+            &mut request.consistency,
+        )
+        .await?;
+        let mut objects = e.client.list_objects(&e.store_id, &request).await?;
+        objects.sort();
+        objects.dedup();
+        Ok(objects)
+    }
+
+    /// The users of one type (`user`) or userset type (`group#member`) with
+    /// a relation on an object, counting every acknowledged grant and
+    /// revoke, with the guarantees of [`WriteBehind::list_objects`]. Users
+    /// come as tuple users: `user:anne`, `user:*`, `group:eng#member`.
+    pub async fn list_users(&self, req: &ListUsersRequest) -> Result<Vec<String>> {
+        self.ensure_open()?;
+        crate::tuple::validate_object(&req.object)?;
+        crate::tuple::validate_relation(&req.relation)?;
+        let e = &self.inner.engine;
+        let ty = req.object.split_once(':').map_or("", |(t, _)| t);
+        // Every user: ops of any user on the relations it depends on count.
+        let deps: Option<Vec<Dep>> = self.inner.model.as_deref().and_then(|m| {
+            m.depends_on_scoped(ty, &req.relation)
+                .map(|d| d.iter().map(Dep::any_user).collect())
+        });
+        let mut request = req.clone();
+        self.prepare_list(
+            deps.as_deref(),
+            (&req.object, ""),
+            &mut request.contextual_tuples,
+            &mut request.authorization_model_id,
+            &mut request.consistency,
+        )
+        .await?;
+        let mut users = e.client.list_users(&e.store_id, &request).await?;
+        users.sort();
+        users.dedup();
+        Ok(users)
+    }
+
+    /// Readies a list request: its pending grants as contextual tuples, the
+    /// handle's model, and fresh answers where a recent write can matter.
+    /// `(object, user)` scope the pending ops as the store's `relevant` does.
+    async fn prepare_list(
+        &self,
+        deps: Option<&[Dep]>,
+        (object, user): (&str, &str),
+        contextual: &mut Vec<TupleKey>,
+        model_id: &mut Option<String>,
+        consistency: &mut Consistency,
+    ) -> Result<()> {
+        let room = MAX_CONTEXTUAL_TUPLES.saturating_sub(contextual.len());
+        let (grants, written_ago) = self.pending_grants(deps, object, user, room).await?;
+        if model_id.is_none() {
+            model_id.clone_from(&self.inner.engine.model_id);
+        }
+        if self.needs_fresh_answers(written_ago) {
+            *consistency = Consistency::HigherConsistency;
+        }
+        add_grants(contextual, grants);
+        Ok(())
+    }
+
+    /// The pending grants a request on `object` for `user` can depend on
+    /// (`deps`; `None`: everything), at most `room` of them, and how long ago
+    /// a write it can depend on was applied. Waits while a pending revoke
+    /// (or grant with a condition) it can depend on is not written, failing
+    /// closed after `check.revoke_wait_timeout`; flushes once when more than
+    /// `room` grants are pending.
+    async fn pending_grants(
+        &self,
+        deps: Option<&[Dep]>,
+        object: &str,
+        user: &str,
+        room: usize,
+    ) -> Result<(Vec<TupleKey>, Option<std::time::Duration>)> {
+        let e = &self.inner.engine;
         let waited_from = Instant::now();
         let deadline = waited_from + self.inner.config.check.revoke_wait_timeout;
         let mut changed = e.changed.subscribe();
         let mut flushed = false;
-        let (grants, written_ago) = loop {
+        loop {
             changed.borrow_and_update();
-            let r = e.store.relevant(deps, &req.object, &req.user, room).await?;
-            if r.revokes > 0 {
-                // Contextual tuples cannot delete: wait for the revoke to land.
-                e.revoke_wanted
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            let r = e.store.relevant(deps, object, user, room).await?;
+            // A grant with a condition may replace a tuple OpenFGA holds
+            // with a wider one (or none); as a contextual tuple it would only
+            // add to that, so it narrows access only once written.
+            let narrowing = r
+                .grants
+                .as_ref()
+                .is_some_and(|g| g.iter().any(|t| t.condition.is_some()));
+            if r.revokes > 0 || narrowing {
+                // Contextual tuples cannot delete: wait for the op to land.
+                let wanted = if narrowing {
+                    &e.flush_wanted
+                } else {
+                    &e.revoke_wanted
+                };
+                wanted.store(true, std::sync::atomic::Ordering::Relaxed);
                 e.wake_now();
                 match tokio::time::timeout_at(deadline, changed.changed()).await {
                     Ok(Ok(())) => continue,
@@ -566,7 +739,7 @@ impl WriteBehind {
                 }
             }
             match r.grants {
-                Some(g) => break (g, r.written_ago),
+                Some(g) => return Ok((g, r.written_ago)),
                 None if !flushed => {
                     flushed = true;
                     self.flush().await?;
@@ -578,27 +751,63 @@ impl WriteBehind {
                     }))
                 }
             }
-        };
-        count!(e.stats, cache_misses, "fga_wb_cache_misses_total", 1);
-        let mut request = req.clone();
-        request.authorization_model_id.clone_from(&e.model_id);
-        if self.needs_fresh_answers(written_ago) {
-            request.consistency = Consistency::HigherConsistency;
         }
-        for g in grants {
-            let dup = request
-                .contextual_tuples
-                .iter()
-                .any(|c| c.user == g.user && c.relation == g.relation && c.object == g.object);
-            if !dup {
-                request.contextual_tuples.push(g);
+    }
+
+    /// A check OpenFGA refused for its input after fga-wb added pending
+    /// grants to it. One such grant (buffered before the model changed, or
+    /// with a condition context the server will not take) must not fail
+    /// every check it is sent with: find the grants OpenFGA refuses, by
+    /// halving, and answer without them, unless one of them could take this
+    /// access away (it sits under a `but not`): then fail closed. Rare, so a
+    /// few extra checks are fine. The refused grants are dead-lettered when
+    /// flushed.
+    async fn without_refused_grants(&self, mut request: CheckRequest, ours: usize) -> Result<bool> {
+        let e = &self.inner.engine;
+        let added = request.contextual_tuples.split_off(ours);
+        // The caller's own request may be what OpenFGA refuses.
+        e.client.check(&e.store_id, &request).await?;
+        let mut refused = Vec::new();
+        let mut groups = vec![added.clone()];
+        while let Some(group) = groups.pop() {
+            let mut probe = request.clone();
+            probe.contextual_tuples.extend(group.iter().cloned());
+            match e.client.check(&e.store_id, &probe).await {
+                Ok(_) => {}
+                Err(err) if err.is_invalid_input() && group.len() == 1 => {
+                    refused.extend(group.into_iter().map(|t| (t, err.to_string())));
+                }
+                Err(err) if err.is_invalid_input() => {
+                    let mut a = group;
+                    let b = a.split_off(a.len() / 2);
+                    groups.push(a);
+                    groups.push(b);
+                }
+                Err(err) => return Err(err),
             }
         }
-        Ok(Prepared::Ask {
-            request,
-            key,
-            generation,
-        })
+        let ty = request.object.split_once(':').map_or("", |(t, _)| t);
+        for (t, reason) in &refused {
+            tracing::warn!(tuple = %t, %reason, "OpenFGA refuses a pending grant as a contextual tuple; checks go on without it until it is dead-lettered");
+            let rel = crate::model::rel_name(t.object_type(), &t.relation);
+            let denies = self
+                .inner
+                .model
+                .as_deref()
+                .is_none_or(|m| m.may_deny(ty, &request.relation, &rel));
+            if denies {
+                return Err(Error::new(Kind::PendingGrantRefused {
+                    tuple: t.to_string(),
+                    reason: reason.clone(),
+                }));
+            }
+        }
+        request.contextual_tuples.extend(
+            added
+                .into_iter()
+                .filter(|t| !refused.iter().any(|(r, _)| r == t)),
+        );
+        e.client.check(&e.store_id, &request).await
     }
 
     /// Whether a request must bypass OpenFGA's caches (and read replica):

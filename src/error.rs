@@ -60,6 +60,10 @@ pub(crate) enum Kind {
     /// A check could depend on a revoke that did not reach OpenFGA in time; it
     /// fails closed rather than risk a stale allow.
     CheckWouldBeStale { waited: Duration },
+    /// OpenFGA refuses a pending grant (as a contextual tuple) that could
+    /// take this check's access away: the check fails closed until the grant
+    /// is dead-lettered (flushed) or revoked.
+    PendingGrantRefused { tuple: String, reason: String },
     /// The handle was shut down.
     Shutdown,
     /// Redis failed, or holds something fga-wb did not write.
@@ -218,9 +222,13 @@ impl Error {
     }
 
     /// A check failed closed because a revoke it could depend on was not yet in
-    /// OpenFGA. Treat it as "not allowed" or retry.
+    /// OpenFGA, or a pending grant that could take its access away is one
+    /// OpenFGA refuses. Treat it as "not allowed" or retry.
     pub fn is_stale_check(&self) -> bool {
-        matches!(&*self.kind, Kind::CheckWouldBeStale { .. })
+        matches!(
+            &*self.kind,
+            Kind::CheckWouldBeStale { .. } | Kind::PendingGrantRefused { .. }
+        )
     }
 
     /// The Redis buffer lost acknowledged ops: checks fail closed until an
@@ -248,6 +256,12 @@ impl Error {
             Kind::Api(e) if !e.code.is_empty() => Some(&e.code),
             _ => None,
         }
+    }
+
+    /// OpenFGA refused to write a tuple because it exists with another
+    /// condition or condition context (409 `Aborted`).
+    pub fn is_condition_conflict(&self) -> bool {
+        matches!(&*self.kind, Kind::Api(e) if e.is_condition_conflict())
     }
 
     /// OpenFGA's error `message`, if it sent one.
@@ -329,7 +343,11 @@ impl fmt::Display for Error {
             }
             Kind::CheckWouldBeStale { waited } => write!(
                 f,
-                "check denied (fail closed): a pending revoke it could depend on was not applied to OpenFGA within {waited:?}; retry, or look at `fga-wb status`"
+                "check denied (fail closed): a pending revoke (or grant with a condition) it could depend on was not applied to OpenFGA within {waited:?}; retry, or look at `fga-wb status`"
+            ),
+            Kind::PendingGrantRefused { tuple, reason } => write!(
+                f,
+                "check denied (fail closed): OpenFGA refuses the pending grant {tuple} ({reason}), which could take this access away; it will be dead-lettered when flushed (`fga-wb flush`), or revoke it"
             ),
             Kind::Shutdown => write!(f, "the write-behind handle has been shut down"),
             Kind::Redis { detail, transient } => {

@@ -67,9 +67,10 @@ pub(crate) struct Engine {
     /// Set by a check waiting for a pending revoke: flush revokes now, even
     /// with `eager_revokes` off.
     pub revoke_wanted: AtomicBool,
-    /// Set by a caller blocked on a full buffer: flush now, whatever the
-    /// batch size and interval say.
-    pub room_wanted: AtomicBool,
+    /// Set by a caller blocked on a full buffer, or by a check waiting for
+    /// a pending grant with a condition: flush now, whatever the batch size
+    /// and interval say.
+    pub flush_wanted: AtomicBool,
     /// The pump's current concurrency limit, for `status`.
     pub parallel: AtomicUsize,
     /// The pump has nothing in flight and waits: a new op may need to wake
@@ -295,6 +296,18 @@ impl Engine {
                     todo.push(right);
                     todo.push(left);
                 }
+                Err(e)
+                    if e.is_condition_conflict()
+                        && matches!(part.as_slice(), [t] if t.op == Op::Grant) =>
+                {
+                    // A grant again with another condition means "replace".
+                    for t in part {
+                        let outcome = self
+                            .replace_condition(&t, model, retries, &mut result)
+                            .await;
+                        result.outcomes.push((t, outcome));
+                    }
+                }
                 Err(e) if e.is_invalid_input() => {
                     metrics::counter!("fga_wb_write_requests_total", "outcome" => "rejected")
                         .increment(1);
@@ -323,6 +336,65 @@ impl Engine {
             }
         }
         result
+    }
+
+    /// Writes a grant over the same tuple held with another condition (or
+    /// condition context): OpenFGA will not overwrite it, nor take a delete
+    /// and a write of one tuple in one request, so the old tuple is deleted
+    /// first and the new one written next. In between the tuple is absent,
+    /// so access is never wider than either version; the op stays in flight
+    /// throughout, so checks see the new version and no newer op on the
+    /// tuple is written before it.
+    async fn replace_condition(
+        &self,
+        t: &Taken,
+        model: Option<&str>,
+        retries: QuickRetries,
+        result: &mut ChunkResult,
+    ) -> Outcome {
+        let delete = Taken {
+            op: Op::Revoke,
+            ..t.clone()
+        };
+        let written = match self
+            .write_retrying(std::slice::from_ref(&delete), model, retries, result)
+            .await
+        {
+            Ok(()) => {
+                self.write_retrying(std::slice::from_ref(t), model, retries, result)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok(()) => {
+                tracing::info!(tuple = %t.tuple, "replaced the tuple's condition (delete, then write)");
+                Outcome::Applied
+            }
+            Err(e) if e.is_invalid_input() => {
+                tracing::warn!(tuple = %t.tuple, error = %e, "dead-lettered");
+                let reason = e
+                    .server_message()
+                    .map_or_else(|| e.to_string(), str::to_owned);
+                Outcome::Dead {
+                    reason,
+                    code: e.code().map(str::to_owned),
+                }
+            }
+            Err(e) => {
+                // Written again later: by then the old tuple may be gone,
+                // and a plain write does it.
+                tracing::warn!(tuple = %t.tuple, error = %e, "replacing the tuple's condition failed; the grant stays pending");
+                if result.stop.is_none() {
+                    result.stop = Some(if e.is_auth() || e.is_not_found() {
+                        Stop::Halt(e)
+                    } else {
+                        Stop::Transient(e)
+                    });
+                }
+                Outcome::Retry
+            }
+        }
     }
 
     /// One Write of `ops`, sent again on a transient failure as `retries`
@@ -671,7 +743,7 @@ impl Pump {
             // Only what flush() and shutdown asked for (their targets are
             // raised below and by the command).
         } else if pending.total >= cfg.batch_size
-            || e.room_wanted.load(Ordering::Relaxed)
+            || e.flush_wanted.load(Ordering::Relaxed)
             || pending.oldest_age.is_some_and(|a| a >= cfg.interval)
         {
             if let Some(s) = last().await {
@@ -691,7 +763,7 @@ impl Pump {
                 }
             }
         }
-        e.room_wanted.store(false, Ordering::Relaxed);
+        e.flush_wanted.store(false, Ordering::Relaxed);
         e.revoke_wanted.store(false, Ordering::Relaxed);
         if e.others_finished.swap(false, Ordering::Relaxed) {
             self.exhausted = None;

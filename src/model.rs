@@ -41,6 +41,9 @@ pub(crate) struct Model {
     /// `type#relation`s where a direct tuple alone makes the check true
     /// (no exclusion or intersection sits above the direct assignment).
     direct_implies: HashSet<RelName>,
+    /// For each `type#relation`: the `type#relation`s whose tuples can take
+    /// its access away (reached through the subtracted side of a `but not`).
+    may_deny: HashMap<RelName, HashSet<RelName>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -66,6 +69,27 @@ pub(crate) struct Dep {
     pub user_bound: bool,
 }
 
+impl Dep {
+    /// The same relation, on every object and for every user (a list of
+    /// objects can be changed by a tuple on any of them).
+    pub fn anywhere(&self) -> Dep {
+        Dep {
+            rel: self.rel.clone(),
+            same_object: false,
+            user_bound: false,
+        }
+    }
+
+    /// The same relation and reach, for every user (a list of users can be
+    /// changed by a tuple of any of them).
+    pub fn any_user(&self) -> Dep {
+        Dep {
+            user_bound: false,
+            ..self.clone()
+        }
+    }
+}
+
 pub(crate) fn rel_name(object_type: &str, relation: &str) -> RelName {
     format!("{object_type}#{relation}")
 }
@@ -77,6 +101,7 @@ impl Model {
         // Edges carry whether the dependency stays on the same object, and
         // whether its tuples still match the checked user.
         let mut edges: HashMap<RelName, HashSet<Edge>> = HashMap::new();
+        let mut negated_edges: HashMap<RelName, HashSet<RelName>> = HashMap::new();
         let mut direct_implies = HashSet::new();
 
         for td in &m.type_definitions {
@@ -97,12 +122,13 @@ impl Model {
         for td in &m.type_definitions {
             for (name, rewrite) in &td.relations {
                 let me = rel_name(&td.type_name, name);
-                let mut deps = HashSet::new();
-                collect_deps(&td.type_name, name, rewrite, &relations, &mut deps);
+                let mut direct = Direct::default();
+                collect_deps(&td.type_name, name, rewrite, &relations, false, &mut direct);
                 if implies_directly(rewrite) {
                     direct_implies.insert(me.clone());
                 }
-                edges.insert(me, deps);
+                edges.insert(me.clone(), direct.edges);
+                negated_edges.insert(me, direct.negated);
             }
         }
 
@@ -111,22 +137,31 @@ impl Model {
         // relations). A relation reached several ways keeps the widest.
         let mut depends_on = HashMap::new();
         let mut scoped = HashMap::new();
+        let mut may_deny = HashMap::new();
         for start in edges.keys() {
-            let mut seen: HashSet<Edge> = HashSet::new();
-            let mut stack = vec![(start.clone(), true, true)];
-            while let Some((n, same, user)) = stack.pop() {
-                if seen.insert((n.clone(), same, user)) {
+            // (relation, same object, same user, through a `but not`)
+            let mut seen: HashSet<(RelName, bool, bool, bool)> = HashSet::new();
+            let mut stack = vec![(start.clone(), true, true, false)];
+            while let Some((n, same, user, neg)) = stack.pop() {
+                if seen.insert((n.clone(), same, user, neg)) {
+                    let negated = negated_edges.get(&n);
                     for (m, edge_same, edge_user) in edges.get(&n).into_iter().flatten() {
                         let same = same && *edge_same;
-                        stack.push((m.clone(), same, user && same && *edge_user));
+                        let neg = neg || negated.is_some_and(|x| x.contains(m));
+                        stack.push((m.clone(), same, user && same && *edge_user, neg));
                     }
                 }
             }
             let mut deps: HashMap<RelName, (bool, bool)> = HashMap::new();
-            for (rel, same, user) in seen {
+            let mut denying = HashSet::new();
+            for (rel, same, user, neg) in seen {
+                if neg {
+                    denying.insert(rel.clone());
+                }
                 let e = deps.entry(rel).or_insert((true, true));
                 *e = (e.0 && same, e.1 && user);
             }
+            may_deny.insert(start.clone(), denying);
             let mut v: Vec<Dep> = deps
                 .into_iter()
                 .map(|(rel, (same_object, user_bound))| Dep {
@@ -156,6 +191,7 @@ impl Model {
             scoped,
             affects,
             direct_implies,
+            may_deny,
         }
     }
 
@@ -256,6 +292,15 @@ impl Model {
         self.affects.get(rel).map(Vec::as_slice)
     }
 
+    /// Whether a tuple of `tuple_rel` can take away access checked on
+    /// `object_type#relation` (it sits under a `but not`); true for
+    /// relations the model does not know.
+    pub fn may_deny(&self, object_type: &str, relation: &str, tuple_rel: &str) -> bool {
+        self.may_deny
+            .get(&rel_name(object_type, relation))
+            .is_none_or(|d| d.contains(tuple_rel))
+    }
+
     /// Whether a direct, unconditional tuple on `object_type#relation` makes
     /// the check of that same tuple true by itself.
     pub fn direct_implies(&self, object_type: &str, relation: &str) -> bool {
@@ -301,18 +346,36 @@ fn parse_allowed(v: &Value) -> Option<AllowedUser> {
 /// against the checked user).
 type Edge = (RelName, bool, bool);
 
+/// A relation's direct dependencies, and which of them sit under the
+/// subtracted side of a `but not` (a tuple there can take access away).
+#[derive(Default)]
+struct Direct {
+    edges: HashSet<Edge>,
+    negated: HashSet<RelName>,
+}
+
+impl Direct {
+    fn insert(&mut self, edge: Edge, neg: bool) {
+        if neg {
+            self.negated.insert(edge.0.clone());
+        }
+        self.edges.insert(edge);
+    }
+}
+
 fn collect_deps(
     ty: &str,
     relation: &str,
     rewrite: &Value,
     relations: &HashMap<String, HashMap<String, Vec<AllowedUser>>>,
-    out: &mut HashSet<Edge>,
+    neg: bool,
+    out: &mut Direct,
 ) {
     let Some(obj) = rewrite.as_object() else {
         return;
     };
     if obj.contains_key("this") {
-        out.insert((rel_name(ty, relation), true, true));
+        out.insert((rel_name(ty, relation), true, true), neg);
         // Usersets (`group#member`) pull in the tuples of that relation too,
         // on the group objects, not the checked one.
         for a in relations
@@ -322,13 +385,13 @@ fn collect_deps(
             .flatten()
         {
             if let Some(r) = &a.relation {
-                out.insert((rel_name(&a.type_name, r), false, false));
+                out.insert((rel_name(&a.type_name, r), false, false), neg);
             }
         }
     }
     if let Some(cu) = obj.get("computedUserset") {
         if let Some(r) = cu.get("relation").and_then(Value::as_str) {
-            out.insert((rel_name(ty, r), true, true));
+            out.insert((rel_name(ty, r), true, true), neg);
         }
     }
     if let Some(ttu) = obj.get("tupleToUserset") {
@@ -343,7 +406,7 @@ fn collect_deps(
         if let Some(ts) = tupleset {
             // The tupleset's tuples are on the checked object; the relation
             // they lead to is on other objects (the parents).
-            out.insert((rel_name(ty, ts), true, false));
+            out.insert((rel_name(ty, ts), true, false), neg);
             if let Some(cr) = computed {
                 for a in relations
                     .get(ty)
@@ -351,7 +414,7 @@ fn collect_deps(
                     .into_iter()
                     .flatten()
                 {
-                    out.insert((rel_name(&a.type_name, cr), false, false));
+                    out.insert((rel_name(&a.type_name, cr), false, false), neg);
                 }
             }
         }
@@ -363,14 +426,14 @@ fn collect_deps(
             .and_then(Value::as_array)
         {
             for c in children {
-                collect_deps(ty, relation, c, relations, out);
+                collect_deps(ty, relation, c, relations, neg, out);
             }
         }
     }
     if let Some(d) = obj.get("difference") {
-        for part in ["base", "subtract"] {
+        for (part, negates) in [("base", false), ("subtract", true)] {
             if let Some(c) = d.get(part) {
-                collect_deps(ty, relation, c, relations, out);
+                collect_deps(ty, relation, c, relations, neg || negates, out);
             }
         }
     }
@@ -460,6 +523,20 @@ mod tests {
         assert_eq!(bound("document#parent"), Some(false));
         assert_eq!(bound("folder#viewer"), Some(false));
         assert_eq!(bound("group#member"), Some(false));
+    }
+
+    #[test]
+    fn only_tuples_under_a_but_not_can_take_access_away() {
+        let m = model();
+        assert!(m.may_deny("document", "can_view", "document#blocked"));
+        assert!(!m.may_deny("document", "can_view", "document#viewer"));
+        assert!(!m.may_deny("document", "can_view", "group#member"));
+        assert!(!m.may_deny("document", "viewer", "document#blocked"));
+        assert!(!m.may_deny("document", "can_share", "document#owner"));
+        assert!(
+            m.may_deny("planet", "x", "document#viewer"),
+            "unknown: assume it can"
+        );
     }
 
     #[test]

@@ -37,7 +37,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use fga_wb::openfga::WriteRequest;
+use fga_wb::openfga::{Consistency, ListObjectsRequest, ListUsersRequest, WriteRequest};
 use fga_wb::WriteBehind;
 use support::{
     config_for, documents_model, ground_truth, new_store_on, parse, stored, tuple, Server,
@@ -253,6 +253,10 @@ struct Counts {
     agree_failed_closed: usize,
     stale_allow: usize,
     stale_deny: usize,
+    /// Lists of objects and of users compared with the oracle's.
+    lists: usize,
+    /// Lists holding an object or user the oracle's does not.
+    list_stale_allow: usize,
     /// Stale denies that came as a fail-closed error.
     stale_deny_failed_closed: usize,
 }
@@ -333,6 +337,55 @@ async fn run(v: Variant) -> Counts {
             log.push(format!("{i}: revoke {t}"));
             last_object = Some(parse(&t).2.to_owned());
             acknowledged.remove(&t);
+        } else if dice >= 95 {
+            // A list of objects and a list of users, each compared whole
+            // with the oracle's.
+            let q = universe.random_check(&mut rng);
+            let (user, relation, object) = parse(&q);
+            let ty = object.split_once(':').map_or(object, |(t, _)| t);
+            let lo = ListObjectsRequest::new(user, relation, ty);
+            let lu = ListUsersRequest::new(object, relation, "user");
+            let got_objects = wb.list_objects(&lo).await;
+            let got_users = wb.list_users(&lu).await;
+            deferred.apply(&oracle).await;
+            let fresh = |mut r: ListObjectsRequest| {
+                r.consistency = Consistency::HigherConsistency;
+                r.authorization_model_id = Some(oracle.model_id.clone());
+                r
+            };
+            let want_objects = oracle
+                .client
+                .list_objects(&oracle.store_id, &fresh(lo))
+                .await
+                .expect("oracle list objects");
+            let mut lu = lu;
+            lu.consistency = Consistency::HigherConsistency;
+            lu.authorization_model_id = Some(oracle.model_id.clone());
+            let want_users = oracle
+                .client
+                .list_users(&oracle.store_id, &lu)
+                .await
+                .expect("oracle list users");
+            c.lists += 2;
+            for (what, got, want) in [
+                ("objects", got_objects, want_objects),
+                ("users", got_users, want_users),
+            ] {
+                let verdict = match &got {
+                    Ok(g) if g.iter().any(|x| !want.contains(x)) => {
+                        c.list_stale_allow += 1;
+                        first_stale_allow.get_or_insert(i);
+                        "STALE ALLOW"
+                    }
+                    Ok(g) if g.len() < want.len() => "stale deny",
+                    Ok(_) => "agree",
+                    Err(e) if e.is_stale_check() => "failed closed",
+                    Err(e) => panic!("{}: list {what} for {q} at op {i}: {e}", v.name),
+                };
+                log.push(format!(
+                    "{i}: list {what} for {q}: handle {got:?}, oracle {want:?}: {verdict}"
+                ));
+            }
         } else {
             // Half the checks are near the last op, where it most likely
             // changed something.
@@ -411,7 +464,7 @@ async fn run(v: Variant) -> Counts {
     println!(
         "differential {}: seed {seed}, {ops} ops in {elapsed:.1?} ({} grants, {} revokes, {} flushes, \
          {} checks, {} true in OpenFGA): agree {} (of which failed closed {}), stale-allow {}, \
-         stale-deny {} (of which failed closed {}); final tuples {}",
+         stale-deny {} (of which failed closed {}); {} lists, {} with a stale allow; final tuples {}",
         v.name,
         c.grants,
         c.revokes,
@@ -423,6 +476,8 @@ async fn run(v: Variant) -> Counts {
         c.stale_allow,
         c.stale_deny,
         c.stale_deny_failed_closed,
+        c.lists,
+        c.list_stale_allow,
         ours.len()
     );
     if let Some(at) = first_stale_allow {
@@ -435,9 +490,10 @@ async fn run(v: Variant) -> Counts {
         let _ = std::fs::write(&path, text);
         let from = at.saturating_sub(40);
         panic!(
-            "{}: {} stale allows (first at op {at}); full log in {}; ops {from}..={at}:\n{}",
+            "{}: {} stale allows in checks, {} in lists (first at op {at}); full log in {}; ops {from}..={at}:\n{}",
             v.name,
             c.stale_allow,
+            c.list_stale_allow,
             path.display(),
             log[from..=at].join("\n")
         );
@@ -471,6 +527,8 @@ async fn differential_manual_flushes() {
     })
     .await;
     assert_eq!(c.stale_allow, 0);
+    assert_eq!(c.list_stale_allow, 0);
+    assert!(c.lists > 100, "{c:?}");
     assert!(c.checks > 500 && c.grants > 500 && c.revokes > 300, "{c:?}");
     assert!(
         c.oracle_true > c.checks / 10,
@@ -493,6 +551,8 @@ async fn differential_background_flushes() {
     })
     .await;
     assert_eq!(c.stale_allow, 0);
+    assert_eq!(c.list_stale_allow, 0);
+    assert!(c.lists > 100, "{c:?}");
     assert!(c.checks > 500 && c.grants > 500 && c.revokes > 300, "{c:?}");
     assert!(
         c.oracle_true > c.checks / 10,
@@ -518,6 +578,8 @@ async fn differential_on_a_caching_server() {
     })
     .await;
     assert_eq!(c.stale_allow, 0);
+    assert_eq!(c.list_stale_allow, 0);
+    assert!(c.lists > 100, "{c:?}");
     assert!(c.checks > 500 && c.grants > 500 && c.revokes > 300, "{c:?}");
     assert!(
         c.oracle_true > c.checks / 10,

@@ -306,6 +306,64 @@ async fn wildcard_and_userset_grants_then_revokes(setup: Setup) {
     assert_eq!(stored(&e.s).await, ["group:eng#member@user:carl"]);
 }
 
+/// A grant of a tuple OpenFGA holds with another condition context
+/// replaces it (delete, then write); from the call on, no check answers by
+/// the old, wider version.
+async fn a_grant_with_another_condition_replaces_the_old_one(setup: Setup) {
+    let e = env("cond-replace", setup, true).await;
+    let noon = ctx(json!({ "current_time": "2026-11-30T12:00:00Z" }));
+    let quarter_past_eleven = ctx(json!({ "current_time": "2026-11-30T11:15:00Z" }));
+    let at = |when: &Option<Context>| {
+        let mut r = CheckRequest::new("user:anne", "temp_viewer", "document:1");
+        r.context = when.clone();
+        r
+    };
+    let two_hours = ctx(json!({ "grant_time": "2026-11-30T11:00:00Z", "grant_duration": "2h" }));
+    let half_hour = ctx(json!({ "grant_time": "2026-11-30T11:00:00Z", "grant_duration": "30m" }));
+    e.wb.grant_with_condition(
+        "user:anne",
+        "temp_viewer",
+        "document:1",
+        "non_expired",
+        two_hours,
+    )
+    .await
+    .unwrap();
+    e.apply().await;
+    assert!(e.wb.check_request(&at(&noon)).await.unwrap());
+
+    e.wb.grant_with_condition(
+        "user:anne",
+        "temp_viewer",
+        "document:1",
+        "non_expired",
+        half_hour.clone(),
+    )
+    .await
+    .unwrap();
+    let a = e.wb.check_request(&at(&noon)).await;
+    assert!(
+        !matches!(a, Ok(true)),
+        "answered by the old condition: {a:?}"
+    );
+    e.apply().await;
+    let held =
+        e.s.client
+            .read_all(&e.s.store_id, &Default::default())
+            .await
+            .unwrap();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(
+        held[0].condition.as_ref().and_then(|c| c.context.clone()),
+        half_hour,
+        "OpenFGA holds the new condition context"
+    );
+    assert!(!e.wb.check_request(&at(&noon)).await.unwrap());
+    assert!(e.wb.check_request(&at(&quarter_past_eleven)).await.unwrap());
+    let st = e.wb.status().await.unwrap();
+    assert_eq!(st.dead_letters, 0, "replaced, not dead-lettered");
+}
+
 /// A pending revoke of bob's time-limited access does not hold up alice's
 /// check on the same document; bob's own check fails closed.
 async fn a_revoke_holds_up_only_the_checks_it_can_change(setup: Setup) {
@@ -386,4 +444,5 @@ for_each_setup!(
     conditional_userset_policy,
     wildcard_and_userset_grants_then_revokes,
     a_revoke_holds_up_only_the_checks_it_can_change,
+    a_grant_with_another_condition_replaces_the_old_one,
 );

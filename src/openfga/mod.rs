@@ -19,8 +19,8 @@ use tracing::Instrument;
 
 pub use auth::{Credentials, OAuth2, Secret};
 pub use types::{
-    AuthorizationModel, CheckRequest, Consistency, Context, OnDuplicate, OnMissing, ReadFilter,
-    ReadPage, StoredTuple, TypeDefinition, WriteRequest,
+    AuthorizationModel, CheckRequest, Consistency, Context, ListObjectsRequest, ListUsersRequest,
+    OnDuplicate, OnMissing, ReadFilter, ReadPage, StoredTuple, TypeDefinition, WriteRequest,
 };
 
 use crate::error::{ApiError, Error, Kind, Result};
@@ -326,6 +326,69 @@ impl Client {
             .instrument(span)
             .await?;
         Ok(r.allowed)
+    }
+
+    /// The objects of a type on which a user has a relation (ListObjects;
+    /// OpenFGA caps the answer at its `--listObjects-max-results`).
+    pub async fn list_objects(
+        &self,
+        store_id: &str,
+        req: &ListObjectsRequest,
+    ) -> Result<Vec<String>> {
+        let path = format!("/stores/{}/list-objects", seg(store_id));
+        let body = ListObjectsBody {
+            object_type: &req.object_type,
+            relation: &req.relation,
+            user: &req.user,
+            contextual_tuples: (!req.contextual_tuples.is_empty()).then(|| ContextualTuples {
+                tuple_keys: &req.contextual_tuples,
+            }),
+            context: req.context.as_ref(),
+            authorization_model_id: req.authorization_model_id.as_deref(),
+            consistency: req.consistency,
+        };
+        let span = tracing::debug_span!(
+            "openfga.list_objects",
+            contextual = req.contextual_tuples.len()
+        );
+        let r: ListObjectsResponse = self
+            .call("list objects", Method::POST, path, Some(&body))
+            .instrument(span)
+            .await?;
+        Ok(r.objects)
+    }
+
+    /// The users of one type (or userset type) with a relation on an object
+    /// (ListUsers), as tuple user strings: `user:anne`, `user:*`,
+    /// `group:eng#member`.
+    pub async fn list_users(&self, store_id: &str, req: &ListUsersRequest) -> Result<Vec<String>> {
+        let path = format!("/stores/{}/list-users", seg(store_id));
+        let (object_type, id) = req.object.split_once(':').unwrap_or((&req.object, ""));
+        let (user_type, relation) = match req.user_filter.split_once('#') {
+            Some((t, r)) => (t, Some(r)),
+            None => (req.user_filter.as_str(), None),
+        };
+        let body = ListUsersBody {
+            object: ObjectRef { object_type, id },
+            relation: &req.relation,
+            user_filters: [UserFilterBody {
+                user_type,
+                relation,
+            }],
+            contextual_tuples: &req.contextual_tuples,
+            context: req.context.as_ref(),
+            authorization_model_id: req.authorization_model_id.as_deref(),
+            consistency: req.consistency,
+        };
+        let span = tracing::debug_span!(
+            "openfga.list_users",
+            contextual = req.contextual_tuples.len()
+        );
+        let r: ListUsersResponse = self
+            .call("list users", Method::POST, path, Some(&body))
+            .instrument(span)
+            .await?;
+        Ok(r.users.iter().filter_map(ListedUser::as_user).collect())
     }
 
     /// Many checks, in requests of at most 50 (OpenFGA's limit), up to

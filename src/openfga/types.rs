@@ -217,6 +217,186 @@ impl<'a> CheckBody<'a> {
     }
 }
 
+/// A ListObjects request: the objects of `object_type` on which `user` has
+/// `relation`.
+#[derive(Clone, Debug, Default)]
+pub struct ListObjectsRequest {
+    /// The user, e.g. `user:anne`.
+    pub user: String,
+    /// The relation, e.g. `viewer`.
+    pub relation: String,
+    /// The object type, e.g. `document`.
+    pub object_type: String,
+    /// Tuples to consider as if written, for this request only (at most 100).
+    pub contextual_tuples: Vec<TupleKey>,
+    /// Values for condition parameters known at request time.
+    pub context: Option<Context>,
+    /// Pin the request to a model; `None` uses the store's latest.
+    pub authorization_model_id: Option<String>,
+    /// Cache preference.
+    pub consistency: Consistency,
+}
+
+impl ListObjectsRequest {
+    /// The objects of `object_type` on which `user` has `relation`.
+    pub fn new(
+        user: impl Into<String>,
+        relation: impl Into<String>,
+        object_type: impl Into<String>,
+    ) -> Self {
+        ListObjectsRequest {
+            user: user.into(),
+            relation: relation.into(),
+            object_type: object_type.into(),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(crate) struct ListObjectsBody<'a> {
+    #[serde(rename = "type")]
+    pub object_type: &'a str,
+    pub relation: &'a str,
+    pub user: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub contextual_tuples: Option<ContextualTuples<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<&'a Context>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authorization_model_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Consistency::is_unspecified")]
+    pub consistency: Consistency,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ListObjectsResponse {
+    #[serde(default)]
+    pub objects: Vec<String>,
+}
+
+/// A ListUsers request: the users of the types in `user_filters` that have
+/// `relation` on `object`.
+#[derive(Clone, Debug, Default)]
+pub struct ListUsersRequest {
+    /// The object, e.g. `document:1`.
+    pub object: String,
+    /// The relation, e.g. `viewer`.
+    pub relation: String,
+    /// Which users: a type (`user`), or a userset type (`group#member`).
+    /// OpenFGA takes exactly one.
+    pub user_filter: String,
+    /// Tuples to consider as if written, for this request only (at most 100).
+    pub contextual_tuples: Vec<TupleKey>,
+    /// Values for condition parameters known at request time.
+    pub context: Option<Context>,
+    /// Pin the request to a model; `None` uses the store's latest.
+    pub authorization_model_id: Option<String>,
+    /// Cache preference.
+    pub consistency: Consistency,
+}
+
+impl ListUsersRequest {
+    /// The users of type `user_filter` (or userset type `type#relation`)
+    /// that have `relation` on `object`.
+    pub fn new(
+        object: impl Into<String>,
+        relation: impl Into<String>,
+        user_filter: impl Into<String>,
+    ) -> Self {
+        ListUsersRequest {
+            object: object.into(),
+            relation: relation.into(),
+            user_filter: user_filter.into(),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(crate) struct ObjectRef<'a> {
+    #[serde(rename = "type")]
+    pub object_type: &'a str,
+    pub id: &'a str,
+}
+
+#[derive(Serialize)]
+pub(crate) struct UserFilterBody<'a> {
+    #[serde(rename = "type")]
+    pub user_type: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relation: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct ListUsersBody<'a> {
+    pub object: ObjectRef<'a>,
+    pub relation: &'a str,
+    pub user_filters: [UserFilterBody<'a>; 1],
+    #[serde(skip_serializing_if = "<[TupleKey]>::is_empty")]
+    pub contextual_tuples: &'a [TupleKey],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<&'a Context>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authorization_model_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Consistency::is_unspecified")]
+    pub consistency: Consistency,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ListUsersResponse {
+    #[serde(default)]
+    pub users: Vec<ListedUser>,
+}
+
+/// One user in a ListUsers answer: an object, a userset or a wildcard.
+#[derive(Deserialize)]
+pub(crate) struct ListedUser {
+    #[serde(default)]
+    pub object: Option<ListedObject>,
+    #[serde(default)]
+    pub userset: Option<ListedUserset>,
+    #[serde(default)]
+    pub wildcard: Option<ListedWildcard>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ListedObject {
+    #[serde(rename = "type")]
+    pub object_type: String,
+    pub id: String,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ListedUserset {
+    #[serde(rename = "type")]
+    pub object_type: String,
+    pub id: String,
+    pub relation: String,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ListedWildcard {
+    #[serde(rename = "type")]
+    pub object_type: String,
+}
+
+impl ListedUser {
+    /// The user as a tuple's user string (`user:anne`, `group:eng#member`,
+    /// `user:*`), if OpenFGA sent one of the three shapes.
+    pub fn as_user(&self) -> Option<String> {
+        if let Some(o) = &self.object {
+            return Some(format!("{}:{}", o.object_type, o.id));
+        }
+        if let Some(u) = &self.userset {
+            return Some(format!("{}:{}#{}", u.object_type, u.id, u.relation));
+        }
+        self.wildcard
+            .as_ref()
+            .map(|w| format!("{}:*", w.object_type))
+    }
+}
+
 #[derive(Deserialize)]
 pub(crate) struct CheckResponse {
     #[serde(default)]

@@ -220,7 +220,7 @@ mod tests {
             stats: Default::default(),
             changed: tokio::sync::watch::channel(0).0,
             sink: Some(sink),
-            room_wanted: Default::default(),
+            flush_wanted: Default::default(),
             revoke_wanted: Default::default(),
             parallel: Default::default(),
             sleeping: Default::default(),

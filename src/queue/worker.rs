@@ -315,7 +315,7 @@ pub(crate) async fn applier(config: &Config) -> Result<Applier> {
         stats: Default::default(),
         changed: tokio::sync::watch::channel(0).0,
         sink: None,
-        room_wanted: Default::default(),
+        flush_wanted: Default::default(),
         revoke_wanted: Default::default(),
         parallel: Default::default(),
         sleeping: Default::default(),
