@@ -99,7 +99,6 @@ pub struct Totals {
     pub cache_misses: u64,
     /// Checks, lists and reads sent with `HIGHER_CONSISTENCY`, because they
     /// could depend on a recent write (or `check.always_higher_consistency`).
-    #[serde(default)]
     pub higher_consistency: u64,
 }
 
