@@ -15,7 +15,7 @@ use crate::error::{Error, Kind, Result};
 use crate::flush::{self, Command, Engine};
 use crate::model::{Dep, Model};
 use crate::openfga::{
-    CheckRequest, Client, Consistency, Context, ListObjectsRequest, ListUsersRequest,
+    CheckRequest, Client, Consistency, Context, ListObjectsRequest, ListUsersRequest, ReadFilter,
     MAX_CONTEXTUAL_TUPLES,
 };
 use crate::status::{count, FlushReport, Status};
@@ -256,6 +256,28 @@ async fn follow_events(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
 }
 
 /// What a check needs after looking at the cache and the pending ops.
+/// Most pending grants a `read` merges; more make it flush first.
+const READ_PENDING_MAX: usize = 1000;
+
+/// Whether a tuple matches a Read filter (`type:` matches every object of
+/// the type).
+fn read_matches(filter: &ReadFilter, t: &TupleKey) -> bool {
+    let object_ok = match filter.object.as_deref() {
+        None | Some("") => true,
+        Some(o) if o.ends_with(':') => t.object.starts_with(o),
+        Some(o) => t.object == o,
+    };
+    object_ok
+        && filter
+            .user
+            .as_deref()
+            .is_none_or(|u| u.is_empty() || t.user == u)
+        && filter
+            .relation
+            .as_deref()
+            .is_none_or(|r| r.is_empty() || t.relation == r)
+}
+
 /// Adds pending grants to a request's contextual tuples, except those the
 /// caller already sent (OpenFGA refuses a tuple twice).
 fn add_grants(contextual: &mut Vec<TupleKey>, grants: Vec<TupleKey>) {
@@ -667,6 +689,53 @@ impl WriteBehind {
         users.sort();
         users.dedup();
         Ok(users)
+    }
+
+    /// The tuples matching `filter`, as OpenFGA's Read takes it (any of
+    /// user, relation and object; `type:` with a user for every object of a
+    /// type), counting every acknowledged grant and revoke: what an admin
+    /// page shows as "who has access". A pending revoke that matches is
+    /// waited for (failing closed as a check does, [`Error::is_stale_check`]);
+    /// pending grants that match are added, with their conditions, to what
+    /// OpenFGA holds, read with `HIGHER_CONSISTENCY`.
+    pub async fn read(&self, filter: &ReadFilter) -> Result<Vec<TupleKey>> {
+        self.ensure_open()?;
+        let e = &self.inner.engine;
+        let object = filter.object.as_deref().unwrap_or("");
+        let (ty, id) = object.split_once(':').unwrap_or((object, ""));
+        let user = filter.user.as_deref().unwrap_or("");
+        let one_object = !id.is_empty();
+        let deps: Option<Vec<Dep>> = match self.inner.model.as_deref() {
+            Some(m) if !ty.is_empty() => Some(
+                m.relations_of(ty)
+                    .into_iter()
+                    .filter(|r| filter.relation.as_deref().is_none_or(|f| f == *r))
+                    .map(|r| Dep {
+                        rel: crate::model::rel_name(ty, r),
+                        same_object: one_object,
+                        user_bound: one_object && !user.is_empty(),
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        };
+        let (grants, _) = self
+            .pending_grants(deps.as_deref(), object, user, READ_PENDING_MAX)
+            .await?;
+        let mut held = e.client.read_all(&e.store_id, filter).await?;
+        for g in grants.into_iter().filter(|g| read_matches(filter, g)) {
+            let same = |h: &&mut TupleKey| {
+                h.user == g.user && h.relation == g.relation && h.object == g.object
+            };
+            match held.iter_mut().find(same) {
+                Some(h) => *h = g,
+                None => held.push(g),
+            }
+        }
+        held.sort_by(|a, b| {
+            (&a.object, &a.relation, &a.user).cmp(&(&b.object, &b.relation, &b.user))
+        });
+        Ok(held)
     }
 
     /// Readies a list request: its pending grants as contextual tuples, the

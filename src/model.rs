@@ -200,6 +200,17 @@ impl Model {
         &self.id
     }
 
+    /// The relations of one type (none for a type the model lacks).
+    pub fn relations_of(&self, object_type: &str) -> Vec<&str> {
+        let mut v: Vec<&str> = self
+            .relations
+            .get(object_type)
+            .map(|r| r.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        v.sort_unstable();
+        v
+    }
+
     /// Every `type#relation` of the model.
     pub fn relation_names(&self) -> impl Iterator<Item = &RelName> {
         self.depends_on.keys()
