@@ -35,7 +35,8 @@ pub struct WriteBehind {
 struct Handle {
     engine: Arc<Engine>,
     config: Config,
-    model: Option<Arc<Model>>,
+    /// The analysed model; replaced by `refresh_model`.
+    model: std::sync::RwLock<Option<Arc<Model>>>,
     /// The Redis store, when the buffer is there (its queue, for status).
     redis: Option<Arc<crate::buffer::redis::RedisStore>>,
     validate_against_model: bool,
@@ -147,7 +148,7 @@ impl Builder {
             writer: client.fork()?,
             client,
             store_id,
-            model_id,
+            model_id: flush::ModelId::new(model_id),
             cfg: config.flush.clone(),
             cache,
             stats: Default::default(),
@@ -168,13 +169,16 @@ impl Builder {
             flush::FlusherThread::spawn(engine.clone(), rx, stop_rx.clone(), self.automatic_flush)?;
         let mut tasks = Vec::new();
         if engine.store.events().is_some() {
-            tasks.push(tokio::spawn(follow_events(engine.clone(), stop_rx)));
+            tasks.push(tokio::spawn(follow_events(engine.clone(), stop_rx.clone())));
         }
-        Ok(WriteBehind {
+        let every = config.openfga.model_refresh;
+        let follow_latest =
+            config.openfga.model_id.is_empty() && self.read_model && !every.is_zero();
+        let wb = WriteBehind {
             inner: Arc::new(Handle {
                 engine,
                 config,
-                model,
+                model: std::sync::RwLock::new(model),
                 redis,
                 validate_against_model: self.validate_against_model,
                 commands,
@@ -183,7 +187,37 @@ impl Builder {
                 tasks: Mutex::new(tasks),
                 shut_down: AtomicBool::new(false),
             }),
-        })
+        };
+        if follow_latest {
+            let task = tokio::spawn(follow_model(Arc::downgrade(&wb.inner), every, stop_rx));
+            wb.inner
+                .tasks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(task);
+        }
+        Ok(wb)
+    }
+}
+
+/// Looks for a newer latest model every `every` until the handle stops (or
+/// is dropped: it holds the handle only weakly).
+async fn follow_model(
+    handle: std::sync::Weak<Handle>,
+    every: std::time::Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let Some(inner) = handle.upgrade() else {
+            return;
+        };
+        if let Err(e) = (WriteBehind { inner }).refresh_model().await {
+            tracing::warn!(error = %e, "cannot read the authorization model; keeping the one in use");
+        }
     }
 }
 
@@ -372,7 +406,7 @@ impl WriteBehind {
         self.ensure_open()?;
         tuple.validate_for_write()?;
         if self.inner.validate_against_model {
-            if let Some(m) = &self.inner.model {
+            if let Some(m) = self.inner.model() {
                 match op {
                     Op::Grant => m.validate(&tuple)?,
                     Op::Revoke => m.validate_revoke(&tuple)?,
@@ -541,9 +575,10 @@ impl WriteBehind {
             }
         }
         let e = &self.inner.engine;
+        let model_id = e.model_id.get();
         let sent = groups.iter().map(|(consistency, asks, _)| {
             e.client
-                .batch_check(&e.store_id, asks, e.model_id.as_deref(), *consistency)
+                .batch_check(&e.store_id, asks, model_id.as_deref(), *consistency)
         });
         let answers = futures::future::try_join_all(sent).await?;
         for ((_, asks, slots), answers) in groups.into_iter().zip(answers) {
@@ -578,7 +613,8 @@ impl WriteBehind {
         let probe = TupleKey::new(&req.user, &req.relation, &req.object)?;
         let e = &self.inner.engine;
         let ty = probe.object_type();
-        let model = self.inner.model.as_deref();
+        let model = self.inner.model();
+        let model = model.as_deref();
         let rels = model.and_then(|m| m.depends_on(ty, &req.relation));
         let deps = model.and_then(|m| m.depends_on_scoped(ty, &req.relation));
         // Read the generations before looking at anything pending: see
@@ -615,7 +651,7 @@ impl WriteBehind {
             .await?;
         count!(e.stats, cache_misses, "fga_wb_cache_misses_total", 1);
         let mut request = req.clone();
-        request.authorization_model_id.clone_from(&e.model_id);
+        request.authorization_model_id = e.model_id.get();
         if self.needs_fresh_answers(written_ago) {
             request.consistency = Consistency::HigherConsistency;
         }
@@ -642,7 +678,7 @@ impl WriteBehind {
         let e = &self.inner.engine;
         // Any object of the type can be listed: every pending op on the
         // relations it depends on counts, whatever its object and user.
-        let deps: Option<Vec<Dep>> = self.inner.model.as_deref().and_then(|m| {
+        let deps: Option<Vec<Dep>> = self.inner.model().and_then(|m| {
             m.depends_on_scoped(&req.object_type, &req.relation)
                 .map(|d| d.iter().map(Dep::anywhere).collect())
         });
@@ -672,7 +708,7 @@ impl WriteBehind {
         let e = &self.inner.engine;
         let ty = req.object.split_once(':').map_or("", |(t, _)| t);
         // Every user: ops of any user on the relations it depends on count.
-        let deps: Option<Vec<Dep>> = self.inner.model.as_deref().and_then(|m| {
+        let deps: Option<Vec<Dep>> = self.inner.model().and_then(|m| {
             m.depends_on_scoped(ty, &req.relation)
                 .map(|d| d.iter().map(Dep::any_user).collect())
         });
@@ -705,7 +741,8 @@ impl WriteBehind {
         let (ty, id) = object.split_once(':').unwrap_or((object, ""));
         let user = filter.user.as_deref().unwrap_or("");
         let one_object = !id.is_empty();
-        let deps: Option<Vec<Dep>> = match self.inner.model.as_deref() {
+        let model = self.inner.model();
+        let deps: Option<Vec<Dep>> = match model.as_deref() {
             Some(m) if !ty.is_empty() => Some(
                 m.relations_of(ty)
                     .into_iter()
@@ -752,7 +789,7 @@ impl WriteBehind {
         let room = MAX_CONTEXTUAL_TUPLES.saturating_sub(contextual.len());
         let (grants, written_ago) = self.pending_grants(deps, object, user, room).await?;
         if model_id.is_none() {
-            model_id.clone_from(&self.inner.engine.model_id);
+            *model_id = self.inner.engine.model_id.get();
         }
         if self.needs_fresh_answers(written_ago) {
             *consistency = Consistency::HigherConsistency;
@@ -861,8 +898,7 @@ impl WriteBehind {
             let rel = crate::model::rel_name(t.object_type(), &t.relation);
             let denies = self
                 .inner
-                .model
-                .as_deref()
+                .model()
                 .is_none_or(|m| m.may_deny(ty, &request.relation, &rel));
             if denies {
                 return Err(Error::new(Kind::PendingGrantRefused {
@@ -1092,8 +1128,49 @@ impl WriteBehind {
     }
 
     /// The id of the authorization model in use, if one was found.
-    pub fn model_id(&self) -> Option<&str> {
-        self.inner.engine.model_id.as_deref()
+    pub fn model_id(&self) -> Option<String> {
+        self.inner.engine.model_id.get()
+    }
+
+    /// Reads the authorization model again (`openfga.model_id`, or the
+    /// store's latest when that is empty) and, if it changed, switches to it:
+    /// validation of new grants and revokes, the dependencies checks wait
+    /// for, and the model id on checks and writes (ops already buffered are
+    /// written under it). Every cached answer is dropped. Returns the model
+    /// id now in use. Runs every `openfga.model_refresh` on its own when
+    /// `openfga.model_id` is empty.
+    pub async fn refresh_model(&self) -> Result<Option<String>> {
+        self.ensure_open()?;
+        let e = &self.inner.engine;
+        let pinned = &self.inner.config.openfga.model_id;
+        let pinned = (!pinned.is_empty()).then_some(pinned.as_str());
+        let found = match pinned {
+            Some(id) => e
+                .client
+                .read_authorization_model(&e.store_id, id)
+                .await
+                .map(Some),
+            None => e.client.read_latest_authorization_model(&e.store_id).await,
+        }?;
+        let Some(found) = found else {
+            return Ok(e.model_id.get());
+        };
+        if e.model_id.get().as_deref() == Some(found.id.as_str()) {
+            return Ok(Some(found.id));
+        }
+        let model = Arc::new(Model::new(&found));
+        *self.inner.model.write().unwrap_or_else(|p| p.into_inner()) = Some(model);
+        e.model_id.set(Some(found.id.clone()));
+        e.cache.invalidate_all();
+        tracing::info!(model_id = %found.id, "following a new authorization model");
+        Ok(Some(found.id))
+    }
+}
+
+impl Handle {
+    /// The analysed model in use, if one was read.
+    fn model(&self) -> Option<Arc<Model>> {
+        self.model.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 

@@ -56,6 +56,10 @@ pub struct OpenFgaConfig {
     pub store_id: String,
     /// Pin writes and checks to this model; empty means the store's latest.
     pub model_id: String,
+    /// With `model_id` empty: how often to look for a newer latest model
+    /// and follow it (`0s`: never; `WriteBehind::refresh_model` on demand).
+    #[serde(with = "duration")]
+    pub model_refresh: Duration,
     /// Preshared API token; empty means none.
     pub api_token: Secret,
     /// Per-request timeout.
@@ -74,6 +78,7 @@ impl Default for OpenFgaConfig {
             api_url: "http://127.0.0.1:8080".into(),
             store_id: String::new(),
             model_id: String::new(),
+            model_refresh: Duration::from_secs(60),
             api_token: Secret::default(),
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(3),

@@ -47,6 +47,27 @@ use crate::queue::Sink;
 use crate::status::{count, FlushReport, Stats};
 use crate::tuple::Op;
 
+/// The id of the authorization model writes (and checks) go out with. A
+/// handle that follows the store's latest model replaces it when a newer
+/// one is published (`WriteBehind::refresh_model`).
+#[derive(Debug, Default)]
+pub(crate) struct ModelId(std::sync::RwLock<Option<String>>);
+
+impl ModelId {
+    pub fn new(id: Option<String>) -> Self {
+        ModelId(std::sync::RwLock::new(id))
+    }
+
+    pub fn get(&self) -> Option<String> {
+        // A plain value: sound even if a writer panicked.
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set(&self, id: Option<String>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = id;
+    }
+}
+
 /// Everything a flush needs. Shared by the handle and the flusher task.
 pub(crate) struct Engine {
     pub store: Arc<dyn Store>,
@@ -55,7 +76,7 @@ pub(crate) struct Engine {
     /// `client` with its own connections, for the flusher's own runtime.
     pub writer: Client,
     pub store_id: String,
-    pub model_id: Option<String>,
+    pub model_id: ModelId,
     pub cfg: FlushConfig,
     pub cache: Arc<CheckCache>,
     pub stats: Arc<Stats>,
@@ -231,8 +252,9 @@ impl Engine {
             return self.write_chunk_as(None, None, ops, retries).await;
         };
         let mut result = ChunkResult::new(0);
+        let model_id = self.model_id.get();
         match sink
-            .enqueue(&self.store_id, self.model_id.as_deref(), &ops)
+            .enqueue(&self.store_id, model_id.as_deref(), &ops)
             .await
         {
             // The job holds the ops now, through all its retries; the worker
@@ -459,7 +481,7 @@ impl Engine {
             }
         }
         let mut req = WriteRequest::idempotent(writes, deletes);
-        req.authorization_model_id = model.map(str::to_owned).or_else(|| self.model_id.clone());
+        req.authorization_model_id = model.map(str::to_owned).or_else(|| self.model_id.get());
         // A write must end within this writer's hold on its ops (shared
         // stores), or another writer could write a newer op first.
         let budget = self.store.write_budget();

@@ -210,7 +210,7 @@ mod tests {
             client: client.clone(),
             writer: client,
             store_id: "01STORE".into(),
-            model_id: Some("01MODEL".into()),
+            model_id: crate::flush::ModelId::new(Some("01MODEL".into())),
             cfg: crate::config::FlushConfig::default(),
             cache: Arc::new(crate::cache::CheckCache::new(
                 10,

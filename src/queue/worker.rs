@@ -305,7 +305,7 @@ pub(crate) async fn applier(config: &Config) -> Result<Applier> {
         client: client.clone(),
         writer: client,
         store_id: config.openfga.store_id.clone(),
-        model_id,
+        model_id: crate::flush::ModelId::new(model_id),
         cfg: config.flush.clone(),
         cache: Arc::new(crate::cache::CheckCache::new(
             1,

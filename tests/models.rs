@@ -1,0 +1,115 @@
+//! Issue 7: following a new authorization model, and queue workers writing
+//! each job under the model its ops were accepted with.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use fga_wb::config::{Mode, StoreKind};
+use fga_wb::WriteBehind;
+use serde_json::{json, Value};
+use support::{config_for, new_store_with, stored, TestStore, Worker};
+
+/// `document#viewer` takes `user`, and `user:*` when `wildcards`.
+fn model(wildcards: bool) -> Value {
+    let mut allowed = vec![json!({ "type": "user" })];
+    if wildcards {
+        allowed.push(json!({ "type": "user", "wildcard": {} }));
+    }
+    json!({
+        "schema_version": "1.1",
+        "type_definitions": [
+            { "type": "user" },
+            {
+                "type": "document",
+                "relations": { "viewer": { "this": {} } },
+                "metadata": { "relations": {
+                    "viewer": { "directly_related_user_types": allowed }
+                } }
+            }
+        ]
+    })
+}
+
+async fn store(name: &str) -> TestStore {
+    new_store_with(name, &model(true)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handle_following_the_latest_model_switches_on_refresh() {
+    let s = store("model-refresh").await;
+    let mut c = config_for(&s);
+    c.openfga.model_id = String::new();
+    c.openfga.model_refresh = Duration::ZERO;
+    let wb = WriteBehind::builder(c).build().await.unwrap();
+    assert_eq!(wb.model_id().as_deref(), Some(s.model_id.as_str()));
+    wb.grant("user:*", "viewer", "document:1").await.unwrap();
+    wb.flush().await.unwrap();
+    assert!(wb.check("user:anne", "viewer", "document:1").await.unwrap());
+
+    let newer = s
+        .client
+        .write_authorization_model(&s.store_id, &model(false))
+        .await
+        .unwrap();
+    assert_eq!(wb.refresh_model().await.unwrap(), Some(newer.clone()));
+    assert_eq!(wb.model_id(), Some(newer.clone()));
+    // Validation follows the new model...
+    let e = wb
+        .grant("user:*", "viewer", "document:2")
+        .await
+        .unwrap_err();
+    assert!(e.is_invalid_input(), "{e}");
+    // ...and so do checks: under it the wildcard tuple no longer counts.
+    assert!(!wb.check("user:anne", "viewer", "document:1").await.unwrap());
+    // Refreshing again with nothing new changes nothing.
+    assert_eq!(wb.refresh_model().await.unwrap(), Some(newer));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handle_pinned_to_a_model_stays_on_it() {
+    let s = store("model-pinned").await;
+    let wb = WriteBehind::builder(config_for(&s)).build().await.unwrap();
+    s.client
+        .write_authorization_model(&s.store_id, &model(false))
+        .await
+        .unwrap();
+    assert_eq!(wb.refresh_model().await.unwrap(), Some(s.model_id.clone()));
+    wb.grant("user:*", "viewer", "document:1").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_writes_each_job_under_the_model_its_ops_were_accepted_with() {
+    let s = store("model-worker").await;
+    // The process that accepts the grant is pinned to the model that allows
+    // wildcards; by the time the worker runs, the store's latest does not.
+    let mut c = config_for(&s);
+    c.buffer.store = StoreKind::Redis;
+    c.redis.url = support::redis_url();
+    c.flush.mode = Mode::Queue;
+    c.queue.poll_interval = Duration::from_millis(50);
+    let wb = WriteBehind::builder(c.clone()).build().await.unwrap();
+    wb.grant("user:*", "viewer", "document:1").await.unwrap();
+    let r = wb.flush().await.unwrap();
+    assert!(r.error.is_none(), "{r:?}");
+    s.client
+        .write_authorization_model(&s.store_id, &model(false))
+        .await
+        .unwrap();
+
+    let mut worker_config = c;
+    worker_config.openfga.model_id = String::new();
+    let worker = Worker::start(worker_config, 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stored(&s).await.is_empty() {
+        let st = wb.status().await.unwrap();
+        assert_eq!(st.dead_letters, 0, "the job was refused: {st:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not apply the job"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stored(&s).await, ["document:1#viewer@user:*"]);
+    worker.stop().await;
+}
