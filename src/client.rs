@@ -997,9 +997,23 @@ impl WriteBehind {
             },
             loss: e.store.loss().await?,
             last_loss_acknowledged: None,
+            redis_keys: match &self.inner.redis {
+                Some(r) => Some(r.usage().await?),
+                None => None,
+            },
         };
         status.merge_shared(&e.store.shared_stats().await?);
         Ok(status)
+    }
+
+    /// Redis store: deletes the job keys versions before fga-wb kept jobs
+    /// in its own keys left under the store's prefix (finished jobs stayed
+    /// there forever); returns how many. `fga-wb sweep` runs it.
+    pub async fn sweep_legacy_keys(&self) -> Result<u64> {
+        match &self.inner.redis {
+            Some(r) => r.sweep_legacy().await,
+            None => Ok(0),
+        }
     }
 
     /// Closes the record of a Redis loss so checks answer again: for an

@@ -294,7 +294,7 @@ pub struct CheckConfig {
     /// can depend on such a write asks for `HIGHER_CONSISTENCY`. The default
     /// covers OpenFGA's default 10 s cache TTLs chained (an iterator cache
     /// entry feeding a query cache entry) with 50% jitter; raise it with
-    /// the server's TTLs. At most 10 minutes.
+    /// the server's TTLs. At most 2 minutes.
     #[serde(with = "duration")]
     pub server_cache_ttl: Duration,
     /// Ask for `HIGHER_CONSISTENCY` on every check, list and read (when the
@@ -580,7 +580,7 @@ impl Config {
         }
         if self.check.server_cache_ttl > crate::buffer::written::KEEP {
             return Err(Error::config(
-                "check.server_cache_ttl must be at most 10m (writes are remembered that long); for longer server caches set check.always_higher_consistency = true",
+                "check.server_cache_ttl must be at most 2m (writes are remembered that long); for longer server caches set check.always_higher_consistency = true",
             ));
         }
         if self.redis.wait_replicas > 0

@@ -77,6 +77,7 @@ pub mod queue;
 mod status;
 pub mod tuple;
 
+pub use buffer::redis::KeyUsage;
 pub use buffer::{DeadLetter, Pending};
 pub use client::{Builder, ShutdownReport, WriteBehind};
 pub use config::Config;

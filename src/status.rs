@@ -130,6 +130,8 @@ pub struct Status {
     pub loss: Option<String>,
     /// When the last loss was acknowledged, and by whom.
     pub last_loss_acknowledged: Option<String>,
+    /// Redis store: the keys and bytes the store holds, by category.
+    pub redis_keys: Option<Vec<crate::KeyUsage>>,
 }
 
 impl Status {

@@ -65,6 +65,9 @@ enum Command {
         #[command(subcommand)]
         command: Dlq,
     },
+    /// Delete the job keys older versions left in Redis (finished jobs
+    /// stayed forever); `status` shows them as `legacy`.
+    Sweep,
     /// Whether Redis lost acknowledged ops (checks fail closed until
     /// acknowledged); exits 1 while a loss is open.
     Loss {
@@ -249,6 +252,15 @@ async fn command(cli: &Cli, config: &Config, wb: &WriteBehind) -> Result<(), Fai
         }
         Command::Dlq { command } => dlq(cli.json, wb, command).await,
         Command::Loss { ack } => loss(cli.json, wb, *ack).await,
+        Command::Sweep => {
+            let n = wb.sweep_legacy_keys().await?;
+            if cli.json {
+                print_json(&serde_json::json!({ "deleted": n }))
+            } else {
+                out!("deleted {n} keys older versions left");
+                Ok(())
+            }
+        }
         Command::Worker { .. } => Ok(()),
     }
 }
@@ -293,6 +305,15 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
             let n = wb.purge_dead_letters(which.as_deref()).await?;
             report_count(json, "purged", n)
         }
+    }
+}
+
+/// `1.2 KiB`, `3.4 MiB`.
+fn bytes(n: u64) -> String {
+    match n {
+        0..=1023 => format!("{n} B"),
+        1024..=1_048_575 => format!("{:.1} KiB", n as f64 / 1024.0),
+        _ => format!("{:.1} MiB", n as f64 / 1_048_576.0),
     }
 }
 
@@ -414,6 +435,21 @@ fn print_status(s: &fga_wb::Status) {
         out!("workers seen      {workers}");
     }
     out!("dead letters      {}", s.dead_letters);
+    if let Some(keys) = &s.redis_keys {
+        let all: Vec<String> = keys
+            .iter()
+            .map(|k| format!("{} {} keys {}", k.category, k.keys, bytes(k.bytes)))
+            .collect();
+        let total: u64 = keys.iter().map(|k| k.bytes).sum();
+        out!(
+            "redis keys        {} ({} in all)",
+            all.join(", "),
+            bytes(total)
+        );
+        if keys.iter().any(|k| k.category == "legacy" && k.keys > 0) {
+            out!("                  legacy: job keys an older version left; `fga-wb sweep` deletes them");
+        }
+    }
     if let Some(l) = &s.loss {
         out!("REDIS LOST OPS    {l}; checks fail closed until `fga-wb loss --ack`");
     }

@@ -22,7 +22,7 @@ use crate::model::Dep;
 use crate::tuple::TupleKey;
 
 /// How long a write is remembered: the longest `check.server_cache_ttl`.
-pub(crate) const KEEP: Duration = Duration::from_secs(600);
+pub(crate) const KEEP: Duration = Duration::from_secs(120);
 
 /// Recently applied writes, by relation and by object.
 pub(crate) struct Written {

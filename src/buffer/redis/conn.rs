@@ -307,7 +307,7 @@ pub(crate) async fn check_server(conn: &mut Conn, target: &Target) -> Result<()>
         .query_async(conn)
         .await;
     match r {
-        Ok(1) => Ok(()),
+        Ok(1) => check_eviction(conn, target).await,
         Ok(other) => Err(Error::config(format!(
             "Redis at {} answered {other} to a test script; fga-wb needs Lua scripting (Redis 7.0+ or Valkey 7.2+)",
             target.shown()
@@ -319,6 +319,32 @@ pub(crate) async fn check_server(conn: &mut Conn, target: &Target) -> Result<()>
             "Redis at {} refused a test script ({e}); fga-wb needs Lua scripting (EVAL/EVALSHA) allowed: Redis 7.0+ or Valkey 7.2+",
             target.shown()
         ))),
+    }
+}
+
+/// Refuses a Redis that may evict keys when full: it would drop acknowledged
+/// ops (and the sequence counter) silently. With `noeviction` a full Redis
+/// refuses writes instead, and `grant` fails with an error. Managed services
+/// that hide CONFIG get a warning: check the policy there.
+async fn check_eviction(conn: &mut Conn, target: &Target) -> Result<()> {
+    // A map in RESP3, a flat list in RESP2: HashMap reads both.
+    let r: redis::RedisResult<std::collections::HashMap<String, String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(conn)
+        .await;
+    match r {
+        Ok(v) => match v.get("maxmemory-policy").map(String::as_str) {
+            Some("noeviction") | None => Ok(()),
+            Some(policy) => Err(Error::config(format!(
+                "Redis at {} has maxmemory-policy {policy}: when full it would evict fga-wb's pending ops; set maxmemory-policy noeviction (a full Redis then refuses new ops with an error instead)",
+                target.shown()
+            ))),
+        },
+        Err(e) => {
+            tracing::warn!(redis = %target.shown(), error = %e, "cannot read Redis's maxmemory-policy; make sure it is noeviction, or a full Redis may evict acknowledged ops");
+            Ok(())
+        }
     }
 }
 

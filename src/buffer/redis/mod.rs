@@ -159,6 +159,19 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// A Redis failure as a crate error: connection problems are transient.
+/// Keys and bytes one category of a store's Redis keys takes.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct KeyUsage {
+    /// `pending` (ops and their indexes), `dead` (dead letters), `queue`
+    /// (jobs), `meta` (counters, epochs, write marks) or `legacy` (job keys
+    /// older versions left: `fga-wb sweep` removes them).
+    pub category: String,
+    /// Keys in the category.
+    pub keys: u64,
+    /// What Redis's MEMORY USAGE reports, summed.
+    pub bytes: u64,
+}
+
 pub(crate) fn redis_error(e: redis::RedisError) -> Error {
     let transient = e.is_io_error()
         || e.is_connection_refusal()
@@ -166,6 +179,12 @@ pub(crate) fn redis_error(e: redis::RedisError) -> Error {
         || e.is_connection_dropped()
         || e.is_cluster_error();
     let text = e.to_string();
+    if text.contains("OOM") && text.contains("maxmemory") {
+        return Error::new(Kind::Redis {
+            detail: "Redis is full (its maxmemory is reached) and refuses writes: nothing was buffered; raise maxmemory, or let the flush drain it (`fga-wb status` shows what fga-wb holds)".into(),
+            transient: true,
+        });
+    }
     let detail = if text.contains("WRONGTYPE") || text.contains("not an integer") {
         format!(
             "a key under fga-wb's prefix holds data fga-wb did not write ({text}); the call did not complete and an op it carried was not buffered: remove that key, or use another redis.key_prefix"
@@ -516,6 +535,55 @@ impl RedisStore {
             None => {
                 tracing::warn!(tuple = %tuple, "ignoring a corrupt pending entry in Redis");
                 Ok(None)
+            }
+        }
+    }
+
+    /// How many keys and bytes the store holds in Redis, by category
+    /// (`pending`, `dead`, `queue`, `meta`, `legacy`), scanned in steps.
+    pub async fn usage(&self) -> Result<Vec<KeyUsage>> {
+        let mut out: Vec<KeyUsage> = Vec::new();
+        let mut cursor = "0".to_owned();
+        loop {
+            let mut a = Args::new("usage", self.publish);
+            a.push(&cursor);
+            let v = items(self.call(&a).await?)?;
+            cursor = text(v.first().unwrap_or(&Value::Nil))?;
+            for c in v[1.min(v.len())..].chunks_exact(3) {
+                let category = text(&c[0])?;
+                let (keys, bytes) = (int(&c[1])?.max(0) as u64, int(&c[2])?.max(0) as u64);
+                match out.iter_mut().find(|u| u.category == category) {
+                    Some(u) => {
+                        u.keys += keys;
+                        u.bytes += bytes;
+                    }
+                    None => out.push(KeyUsage {
+                        category,
+                        keys,
+                        bytes,
+                    }),
+                }
+            }
+            if cursor == "0" || cursor.is_empty() {
+                out.sort_by(|a, b| a.category.cmp(&b.category));
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Deletes what versions before fga-wb kept jobs in its own keys left
+    /// (apalis job keys under the store's prefix); returns how many.
+    pub async fn sweep_legacy(&self) -> Result<u64> {
+        let mut deleted = 0;
+        let mut cursor = "0".to_owned();
+        loop {
+            let mut a = Args::new("sweep", self.publish);
+            a.push(&cursor);
+            let v = items(self.call(&a).await?)?;
+            cursor = text(v.first().unwrap_or(&Value::Nil))?;
+            deleted += v.get(1).map_or(Ok(0), int)?.max(0) as u64;
+            if cursor == "0" || cursor.is_empty() {
+                return Ok(deleted);
             }
         }
     }

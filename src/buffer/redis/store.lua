@@ -30,7 +30,7 @@
 --   P:written          hash    "type#rel" -> when a write on it was last applied
 --                              (ms, Redis's clock): OpenFGA's caches may not
 --                              show it yet (see written.rs)
---   P:wobj             zset    "object#rel" -> the same per object, kept 10 min
+--   P:wobj             zset    "object#rel" -> the same per object, kept 2 min
 --   P:epoch            string  the store's epoch: set when its keys are first
 --                              written, and again after a loss (heartbeat)
 --   P:epochs           hash    epochs replaced after a recorded loss -> when
@@ -259,7 +259,7 @@ local function redis_ms()
 end
 
 -- How long writes are remembered (written.rs KEEP).
-local WRITTEN_KEEP_MS = 600000
+local WRITTEN_KEEP_MS = 120000
 
 -- Notes that the ops on `keys` were just applied. Called last in a script:
 -- pcall, so keys of the wrong type never abort it after its other writes.
@@ -437,7 +437,7 @@ end
 -- with its job), and the jobs they ran go back to the queue.
 local function reclaim(now)
   local dead = rcall('ZRANGEBYSCORE', P .. ':owners', '-inf', now, 'LIMIT', 0, 20)
-  local reclaimed = 0
+  local reclaimed, folded = 0, 0
   for _, w in ipairs(dead) do
     local keys = rcall('SMEMBERS', P .. ':w:' .. w)
     load(keys)
@@ -449,9 +449,11 @@ local function reclaim(now)
           reclaimed = reclaimed + 1
         elseif e.state == 'b' then
           -- The older op's write may or may not have landed; the newer op
-          -- is written after it either way.
+          -- is written after it either way. Its writer will never finish
+          -- it: it ends here, folded into the newer op.
           move(key, e, 'r')
           reclaimed = reclaimed + 1
+          folded = folded + 1
         end
       end
     end
@@ -466,6 +468,7 @@ local function reclaim(now)
     rcall('DEL', P .. ':w:' .. w, P .. ':wj:' .. w)
     rcall('ZREM', P .. ':owners', w)
   end
+  if folded > 0 then incr(P .. ':stats', 'coalesced', folded) end
   if reclaimed > 0 then
     incr(P .. ':stats', 'reclaimed', reclaimed)
     publish('finished')
@@ -826,6 +829,8 @@ if cmd == 'heartbeat' then
   if bad then return redis.error_reply(bad) end
   local ends = tonumber(rcall('ZSCORE', P .. ':owners', writer))
   rcall('ZADD', P .. ':owners', now + lease, writer)
+  -- Write marks past their use go even when nothing is being written.
+  pcall_('ZREMRANGEBYSCORE', P .. ':wobj', '-inf', redis_ms() - WRITTEN_KEEP_MS)
   local alive = 1
   if ends and ends < now then alive = 0 end
   local epoch = rcall('GET', P .. ':epoch')
@@ -1057,6 +1062,62 @@ if cmd == 'clear' then
 end
 
 -- pending pub now -> {pg, pr, t, oldest_since_ms or -1, j, reclaimed}
+-- usage pub cursor -> {next cursor, (category, keys, bytes)*}
+-- One step of a SCAN over the store's keys (at most 1000 looked at, so Redis
+-- is never blocked long): how many keys and bytes each category holds.
+-- Categories: pending (ops and their indexes, writers' sets), dead (dead
+-- letters), queue (jobs), meta (counters, epochs, write marks), legacy
+-- (apalis job keys `P:jobs:*` left by versions before fga-wb kept jobs in
+-- its own keys).
+local function category(key)
+  local rest = ssub(key, #P + 2)
+  if ssub(rest, 1, 5) == 'jobs:' then return 'legacy' end
+  local head = smatch(rest, '^([^:]*)')
+  if head == 'ops' or head == 'ready' or head == 'lex' or head == 'blocked' or head == 'w' then
+    return 'pending'
+  end
+  if head == 'dead' or head == 'deadseq' then return 'dead' end
+  if head == 'jobs' or head == 'jobq' or head == 'jobrun' or head == 'jk' or head == 'wj'
+    or head == 'badjobs' then
+    return 'queue'
+  end
+  -- Counters (counts, rel, seq, jobseq, stats, gen), epochs, owners, write
+  -- marks: a fixed set of keys, whatever the volume.
+  return 'meta'
+end
+
+if cmd == 'usage' then
+  local r = rcall('SCAN', ARGV[3], 'MATCH', P .. ':*', 'COUNT', 1000)
+  local sums, order = {}, {}
+  for _, key in ipairs(r[2]) do
+    local c = category(key)
+    if not sums[c] then
+      sums[c] = { 0, 0 }
+      tinsert(order, c)
+    end
+    sums[c][1] = sums[c][1] + 1
+    sums[c][2] = sums[c][2] + (tonumber(rcall('MEMORY', 'USAGE', key)) or 0)
+  end
+  local out = { r[1] }
+  for _, c in ipairs(order) do
+    tinsert(out, c)
+    tinsert(out, sums[c][1])
+    tinsert(out, sums[c][2])
+  end
+  return out
+end
+
+-- sweep pub cursor -> {next cursor, deleted}
+-- One step of deleting what older versions left (`legacy` above).
+if cmd == 'sweep' then
+  local r = rcall('SCAN', ARGV[3], 'MATCH', P .. ':jobs:*', 'COUNT', 1000)
+  local keys = r[2]
+  for i = 1, #keys, 1000 do
+    rcall('UNLINK', unpack(keys, i, math.min(i + 999, #keys)))
+  end
+  return { r[1], #keys }
+end
+
 if cmd == 'pending' then
   local now = tonumber(ARGV[3])
   local reclaimed = 0

@@ -1,0 +1,173 @@
+//! Issue 15: what fga-wb keeps in Redis. Finished jobs leave nothing, keys
+//! do not grow from one round of work to the next, `status` accounts for
+//! every key, older versions' leftovers can be swept, a Redis that would
+//! evict keys is refused, and a full Redis refuses ops with a clear error
+//! and buffers nothing.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use fga_wb::config::{Mode, StoreKind};
+use fga_wb::{Config, KeyUsage, WriteBehind};
+use support::{config_for, new_store, TestStore, Worker};
+use testenv::{Redis, RedisOptions};
+
+fn redis_config(s: &TestStore, url: &str) -> Config {
+    let mut c = config_for(s);
+    c.buffer.store = StoreKind::Redis;
+    c.redis.url = url.to_owned();
+    c
+}
+
+fn keys_of(usage: &[KeyUsage], category: &str) -> u64 {
+    usage
+        .iter()
+        .filter(|u| u.category == category)
+        .map(|u| u.keys)
+        .sum()
+}
+
+/// Grants `n` distinct tuples from `from` on, flushes, and waits until the
+/// worker applied them all.
+async fn round(wb: &WriteBehind, from: usize, n: usize) {
+    for i in from..from + n {
+        wb.grant(
+            &format!("user:u{i}"),
+            "viewer",
+            &format!("document:d{}", i / 10),
+        )
+        .await
+        .unwrap();
+    }
+    let r = wb.flush().await.unwrap();
+    assert!(r.error.is_none(), "{r:?}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = wb.status().await.unwrap();
+        let q = st.queue.as_ref().expect("queue mode");
+        if st.pending.total + st.pending.in_flight == 0 && q.pending + q.running + q.scheduled == 0
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not drained: {st:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn finished_jobs_leave_nothing_and_keys_do_not_grow() {
+    let s = new_store("redis-keys-jobs").await;
+    let mut c = redis_config(&s, &support::redis_url());
+    c.flush.mode = Mode::Queue;
+    c.queue.poll_interval = Duration::from_millis(50);
+    let wb = WriteBehind::builder(c.clone())
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    let worker = Worker::start(c, 2);
+
+    round(&wb, 0, 1000).await;
+    let first = wb.status().await.unwrap().redis_keys.expect("Redis store");
+    assert_eq!(
+        keys_of(&first, "queue"),
+        0,
+        "finished jobs left keys: {first:?}"
+    );
+    assert_eq!(keys_of(&first, "pending"), 0, "{first:?}");
+    assert_eq!(keys_of(&first, "legacy"), 0, "{first:?}");
+
+    round(&wb, 1000, 1000).await;
+    let second = wb.status().await.unwrap().redis_keys.expect("Redis store");
+    let total = |u: &[KeyUsage]| u.iter().map(|k| k.keys).sum::<u64>();
+    assert_eq!(
+        total(&second),
+        total(&first),
+        "keys grew from one round to the next: {first:?} -> {second:?}"
+    );
+    assert_eq!(keys_of(&second, "queue"), 0, "{second:?}");
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_older_versions_left_are_shown_and_swept() {
+    let s = new_store("redis-keys-legacy").await;
+    let mut redis = Redis::start(RedisOptions::default()).await.unwrap();
+    let wb = WriteBehind::builder(redis_config(&s, &redis.url()))
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    // What apalis-redis kept per finished job, under the store's prefix.
+    let prefix = format!("fga-wb:{{{}}}", s.store_id);
+    for k in ["jobs:fga-wb:meta:1", "jobs:fga-wb:data", "jobs:fga-wb:done"] {
+        let r = redis.command(&format!("SET {prefix}:{k} x")).await;
+        assert!(r.is_some_and(|r| r.starts_with("+OK")), "SET {k}");
+    }
+    let before = wb.status().await.unwrap().redis_keys.unwrap();
+    assert_eq!(keys_of(&before, "legacy"), 3, "{before:?}");
+    assert!(keys_of(&before, "pending") > 0, "{before:?}");
+
+    assert_eq!(wb.sweep_legacy_keys().await.unwrap(), 3);
+    let after = wb.status().await.unwrap().redis_keys.unwrap();
+    assert_eq!(keys_of(&after, "legacy"), 0, "{after:?}");
+    assert_eq!(keys_of(&after, "pending"), keys_of(&before, "pending"));
+    assert_eq!(
+        wb.pending().await.unwrap().total,
+        1,
+        "the sweep kept the ops"
+    );
+    redis.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_that_would_evict_keys_is_refused() {
+    let s = new_store("redis-keys-evict").await;
+    let redis = Redis::start(RedisOptions::default()).await.unwrap();
+    redis
+        .command("CONFIG SET maxmemory-policy allkeys-lru")
+        .await
+        .expect("CONFIG SET");
+    let e = WriteBehind::builder(redis_config(&s, &redis.url()))
+        .build()
+        .await
+        .err()
+        .expect("a Redis that evicts is refused");
+    assert!(e.is_config(), "{e}");
+    assert!(e.to_string().contains("noeviction"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_redis_refuses_ops_with_a_clear_error_and_buffers_nothing() {
+    let s = new_store("redis-keys-full").await;
+    let redis = Redis::start(RedisOptions::default()).await.unwrap();
+    let wb = WriteBehind::builder(redis_config(&s, &redis.url()))
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    redis
+        .command("CONFIG SET maxmemory 1")
+        .await
+        .expect("CONFIG SET");
+    let e = wb
+        .grant("user:bob", "viewer", "document:1")
+        .await
+        .expect_err("a full Redis takes no op");
+    assert!(e.is_redis() && e.is_transient(), "{e}");
+    assert!(e.to_string().contains("Redis is full"), "{e}");
+    redis
+        .command("CONFIG SET maxmemory 0")
+        .await
+        .expect("CONFIG SET");
+    assert_eq!(
+        wb.pending().await.unwrap().total,
+        1,
+        "bob's grant was not buffered"
+    );
+    wb.grant("user:bob", "viewer", "document:1").await.unwrap();
+    assert_eq!(wb.pending().await.unwrap().total, 2);
+}
