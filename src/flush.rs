@@ -1299,6 +1299,7 @@ pub(crate) async fn run(
     let mut pump = Pump::new(engine, automatic);
     let mut shutdown_reply: Option<oneshot::Sender<(FlushReport, bool)>> = None;
     let mut shutdown_start = FlushReport::default();
+    let mut shutdown_began: Option<Instant> = None;
     let mut last_record = Instant::now();
     loop {
         // Set before looking, so an op acknowledged from here on wakes us
@@ -1336,6 +1337,7 @@ pub(crate) async fn run(
                 r.retried -= shutdown_start.retried;
                 r.requests -= shutdown_start.requests;
                 r.queued -= shutdown_start.queued;
+                r.duration = shutdown_began.map_or(Duration::ZERO, |t| t.elapsed());
                 // An error only when something is left: a failure that was
                 // retried away is not the shutdown's result.
                 r.error = if idle {
@@ -1399,6 +1401,7 @@ pub(crate) async fn run(
                     pump.paused_until = None;
                     pump.last_error = None;
                     shutdown_start = pump.totals.clone();
+                    shutdown_began = Some(Instant::now());
                     shutdown_reply = Some(reply);
                     if let Ok(s) = pump.engine.store.last_seq().await {
                         pump.raise(s);

@@ -27,7 +27,7 @@ pub use openfga::{Datastore, OpenFga, OpenFgaOptions, Tls};
 pub use ports::free_port;
 pub use postgres::Postgres;
 pub use process::Proc;
-pub use proxy::DelayProxy;
+pub use proxy::{DelayProxy, WriteCounts};
 pub use redis::{Fsync, Redis, RedisCluster, RedisOptions};
 
 /// A random 64-bit number, without a dependency on `rand`.

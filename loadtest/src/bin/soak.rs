@@ -54,7 +54,11 @@ async fn run(
     redis: &Arc<Redis>,
     n: usize,
 ) -> Res<Row> {
-    let store = target.store(&format!("soak-{name}")).await?;
+    let slug: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let store = target.store(&format!("soak-{slug}")).await?;
     let mut c = target.config(&store);
     c.buffer.store = StoreKind::Redis;
     c.redis.url = redis.url();
