@@ -138,3 +138,39 @@ async fn two_processes_with_overlapping_tuples_apply_everything_by_shutdown() {
     check_counts("a", &a.local_totals(), &ra, &proxy_a.write_counts());
     check_counts("b", &b.local_totals(), &rb, &proxy_b.write_counts());
 }
+
+/// The disjoint case: 15,000 grants each, automatic flushing on,
+/// then `shutdown()` at once with the default 10 s deadline: everything is
+/// written (the duration is printed; it is not asserted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_processes_with_disjoint_tuples_drain_at_shutdown() {
+    let s = new_store_on(Server::Caching, "two-writers-disjoint", &documents_model()).await;
+    let mut handles = Vec::new();
+    for _ in 0..2 {
+        let wb = WriteBehind::builder(config_for(&s))
+            .build()
+            .await
+            .expect("handle");
+        handles.push(wb);
+    }
+    let per = 15_000;
+    tokio::join!(
+        load(handles[0].clone(), (0..per).collect(), Vec::new()),
+        load(handles[1].clone(), (per..2 * per).collect(), Vec::new())
+    );
+    let (ra, rb) = tokio::join!(handles[0].shutdown(), handles[1].shutdown());
+    for (who, r) in [
+        ("a", ra.expect("shutdown a")),
+        ("b", rb.expect("shutdown b")),
+    ] {
+        eprintln!("{who}: shutdown {:?}", r.flushed.duration);
+        assert_eq!(r.left.total + r.left.in_flight, 0, "{who}: {r:?}");
+        assert!(r.flushed.error.is_none(), "{who}: {r:?}");
+    }
+    let held = s
+        .client
+        .read_all(&s.store_id, &ReadFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 2 * per);
+}
