@@ -52,15 +52,19 @@
 //!
 //! # Layout
 //!
+//! How the pieces fit, and where each promise is kept, is in the
+//! repository's `ARCHITECTURE.md`.
+//!
 //! * `tuple`: tuples and OpenFGA's validation rules.
 //! * `config`: figment layering of defaults, file and environment.
 //! * `openfga`: a thin HTTP client; knows nothing of buffering.
-//! * `model` (private): what the authorization model says about validity
-//!   and about which checks a tuple can change.
+//! * `model` (private): what the authorization model says about validity,
+//!   which checks a tuple can change, and which tuples can take access away.
 //! * `buffer` (private): pending ops, coalescing, sequence numbers, the
-//!   in-flight set, dead letters; the memory store.
+//!   in-flight set, dead letters; the memory and Redis stores; recent writes.
 //! * `cache` (private): the moka check cache and its invalidation.
-//! * `flush` (private): the flusher task, chunking, bisection, backoff.
+//! * `flush` (private): the flusher, chunking, bisection, retries.
+//! * `queue`: queue mode's jobs and the `fga-wb worker` applier.
 //! * `client`: [`WriteBehind`], the handle.
 //! * `status`: counters, metrics and the status report.
 #![warn(missing_docs)]

@@ -1,7 +1,7 @@
 //! How the write-behind layer behaves when things go wrong: poison tuples,
 //! transient and auth failures, a slow write racing a newer op on its key,
 //! a full buffer, `clear`, dead-letter replay and purge, and shutdown with
-//! OpenFGA up or down (DESIGN.md promises 4, 5, 6 and 7).
+//! OpenFGA up or down (ARCHITECTURE.md promises 4, 5, 6 and 7).
 //!
 //! Tests marked "real server" run against the OpenFGA that `scripts/test`
 //! starts; the others put wiremock in its place, replaying responses captured

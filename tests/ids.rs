@@ -1,4 +1,4 @@
-//! Issue 7: fga-wb refuses exactly the ids OpenFGA refuses.
+//! fga-wb refuses exactly the ids OpenFGA refuses.
 //!
 //! A property test whose oracle is the real server: generated user and
 //! object ids (ASCII, the characters OpenFGA's rules single out, ASCII and

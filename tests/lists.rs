@@ -1,4 +1,4 @@
-//! Issue 7: list_objects, list_users and read see every acknowledged grant
+//! `list_objects`, `list_users` and `read` see every acknowledged grant
 //! and revoke, as check does, on the memory and the Redis store. (The
 //! differential test compares whole lists with an oracle under random ops.)
 

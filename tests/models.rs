@@ -1,4 +1,4 @@
-//! Issue 7: following a new authorization model, and queue workers writing
+//! Following a new authorization model, and queue workers writing
 //! each job under the model its ops were accepted with.
 
 mod support;

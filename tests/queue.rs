@@ -1,4 +1,4 @@
-//! Queue mode (issue 4): a flush pushes apalis jobs to Redis and workers
+//! Queue mode: a flush pushes apalis jobs to Redis and workers
 //! apply them, retry them on the configured schedule, skip ops a newer op
 //! superseded, dead-letter what never succeeds, and re-run the jobs of a
 //! worker that died.
@@ -134,7 +134,7 @@ async fn settled(wb: &WriteBehind) -> bool {
     s.pending.total + s.pending.in_flight == 0 && q.pending + q.running + q.scheduled == 0
 }
 
-/// Every acknowledged op is accounted for exactly once (DESIGN.md promise
+/// Every acknowledged op is accounted for exactly once (ARCHITECTURE.md promise
 /// 4), store-wide, once everything has settled.
 async fn assert_accounted(wb: &WriteBehind) {
     let s = wb.status().await.unwrap();
@@ -317,7 +317,7 @@ async fn queued_ops_are_applied_by_a_worker() {
     assert_accounted(&wb).await;
 }
 
-/// Issue 12: on a Redis Cluster every key a worker touches sits in its
+/// On a Redis Cluster every key a worker touches sits in its
 /// store's slot, so workers start and apply jobs for stores on every
 /// primary (on a single node the same test runs, trivially spread).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -770,7 +770,7 @@ async fn a_stale_retry_leaves_the_real_store_revoked() {
 /// One worker with two job slots: while its Write of grant(k) is in flight
 /// (the mock holds the response 2 s), revoke(k) is acknowledged and flushed
 /// into a second job. The revoke must not be written while the grant's
-/// Write is in flight (DESIGN.md: no two in-flight requests touch the same
+/// Write is in flight (ARCHITECTURE.md: no two in-flight requests touch the same
 /// tuple), or a grant the server applies late would overwrite the newer
 /// revoke: the delete reaches OpenFGA only after the grant's response.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

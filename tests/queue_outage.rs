@@ -1,4 +1,4 @@
-//! Queue mode with OpenFGA down (issue 4): jobs that fail because OpenFGA is
+//! Queue mode with OpenFGA down: jobs that fail because OpenFGA is
 //! unreachable are rescheduled on the retry schedule, and once it is back
 //! everything is applied. This test runs its own OpenFGA (the `openfga`
 //! binary `scripts/test` found) on a SQLite file, so that it can stop and

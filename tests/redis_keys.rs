@@ -1,4 +1,4 @@
-//! Issue 15: what fga-wb keeps in Redis. Finished jobs leave nothing, keys
+//! What fga-wb keeps in Redis. Finished jobs leave nothing, keys
 //! do not grow from one round of work to the next, `status` accounts for
 //! every key, older versions' leftovers can be swept, a Redis that would
 //! evict keys is refused, and a full Redis refuses ops with a clear error

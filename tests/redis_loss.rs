@@ -1,5 +1,5 @@
-//! Redis losing acknowledged ops (issue 12, and issue 9's "Redis loss is
-//! loud"): a Redis restarted without its data, and a Redis Cluster failover
+//! Redis losing acknowledged ops is loud (ARCHITECTURE.md, "Sharing one
+//! buffer"): a Redis restarted without its data, and a Redis Cluster failover
 //! to a replica that had not received the last writes. Both times a revoke
 //! acknowledged before the loss vanishes from Redis while OpenFGA still
 //! holds the grant, so the only safe answer is a denial: checks must fail

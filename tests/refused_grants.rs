@@ -1,4 +1,4 @@
-//! Issue 7: a pending grant OpenFGA refuses as a contextual tuple must not
+//! A pending grant OpenFGA refuses as a contextual tuple must not
 //! fail the checks it is sent with. This happens during a model rollout:
 //! processes sharing a Redis store run different models, and a grant one
 //! of them buffered (valid under its model) is refused under the other's.

@@ -1,4 +1,4 @@
-//! Issue 13: every way a grant and a revoke of one tuple can differ
+//! Every way a grant and a revoke of one tuple can differ
 //! (a condition, a wildcard user, a userset user, both) is granted and then
 //! revoked through the handle, on the memory store, the Redis store and in
 //! queue mode, against the real server with `models/conditions.fga`: the

@@ -1,4 +1,4 @@
-//! Issue 7: OpenFGA's caches never bring back a revoked "allowed".
+//! OpenFGA's caches never bring back a revoked "allowed".
 //!
 //! Against the OpenFGA that `scripts/test` starts as production runs it: on
 //! PostgreSQL, with the check query cache, both iterator caches and the

@@ -1,4 +1,4 @@
-//! Issue 14: two application processes writing overlapping tuples to
+//! Two application processes writing overlapping tuples to
 //! OpenFGA on PostgreSQL (which answers 409 to concurrent first inserts of
 //! one tuple, and can deadlock two inserts in different orders), with
 //! default settings. Every acknowledged op is applied before `shutdown()`
