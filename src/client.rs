@@ -279,6 +279,8 @@ async fn follow_events(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
                     },
                 }
             },
+            // A handle being dropped closes its connections: not news.
+            Err(_) if *stop.borrow() => return,
             Err(e) => tracing::warn!(error = %e, "cannot subscribe to store events; retrying"),
         }
         engine.cache.invalidate_all();
@@ -1033,18 +1035,42 @@ impl WriteBehind {
     }
 
     /// Buffers dead letters again (those with `ids`, or all) as new ops, for
-    /// after the model or the data was fixed. They skip model validation:
-    /// OpenFGA decides. Returns how many were replayed.
+    /// after the model or the data was fixed, and flushes them (in queue
+    /// mode: queues their jobs). They skip model validation: OpenFGA
+    /// decides. A letter leaves the dead letters only once its op is
+    /// buffered again, so a failed push (a full buffer) loses nothing.
+    /// Unknown ids are an error, and nothing is replayed then. Returns how
+    /// many were replayed.
     pub async fn replay_dead_letters(&self, ids: Option<&[u64]>) -> Result<usize> {
-        let letters = self.inner.engine.store.remove_dead_letters(ids).await?;
-        let n = letters.len();
-        for d in letters {
-            let e = &self.inner.engine;
+        let e = &self.inner.engine;
+        let letters = e.store.dead_letters().await?;
+        if let Some(ids) = ids {
+            let unknown: Vec<String> = ids
+                .iter()
+                .filter(|id| !letters.iter().any(|d| d.id == **id))
+                .map(ToString::to_string)
+                .collect();
+            if !unknown.is_empty() {
+                return Err(Error::invalid_argument(format!(
+                    "no dead letter with id {}; `fga-wb dlq list` shows them",
+                    unknown.join(", ")
+                )));
+            }
+        }
+        let mut replayed = 0;
+        for d in letters
+            .into_iter()
+            .filter(|d| ids.is_none_or(|ids| ids.contains(&d.id)))
+        {
             e.store.push(&d.tuple, d.op).await?;
             e.cache.invalidate_for(&d.tuple);
+            e.store.remove_dead_letters(Some(&[d.id])).await?;
+            replayed += 1;
         }
-        self.inner.engine.wake_now();
-        Ok(n)
+        if replayed > 0 {
+            self.flush().await?;
+        }
+        Ok(replayed)
     }
 
     /// Deletes dead letters (those with `ids`, or all); returns how many.

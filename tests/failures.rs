@@ -288,6 +288,33 @@ async fn poison_tuples_are_isolated_and_the_rest_applied() {
     assert_eq!(wb.shutdown().await.unwrap().left.total, 0);
 }
 
+/// A replay that cannot buffer its ops (the buffer is full) keeps the
+/// letters it could not replay: none is lost.
+#[tokio::test]
+async fn a_replay_that_cannot_buffer_keeps_its_letters() {
+    let s = new_store("wb-dlq-full").await;
+    let mut c = manual_flush(config_for(&s));
+    c.buffer.capacity = 20;
+    let wb = WriteBehind::builder(c)
+        .validate_against_model(false)
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    grant_with_poison(&wb, 20).await;
+    wb.flush().await.unwrap();
+    assert_eq!(wb.dead_letters().await.unwrap().len(), 3);
+    for i in 0..20 {
+        wb.grant(&format!("user:fill{i}"), "viewer", "document:full")
+            .await
+            .unwrap();
+    }
+    let e = wb.replay_dead_letters(None).await.unwrap_err();
+    assert!(e.is_buffer_full(), "{e}");
+    assert_eq!(wb.dead_letters().await.unwrap().len(), 3, "no letter lost");
+    assert_eq!(wb.pending().await.unwrap().total, 20);
+}
+
 /// Dead letters (real server): after a poison flush, replaying one dead
 /// letter unchanged sends it again and it is dead again (with a new id, the
 /// others untouched); replaying all does the same for all; purging one and
@@ -306,19 +333,11 @@ async fn dead_letters_replay_and_purge() {
     let dead = wb.dead_letters().await.unwrap();
     assert_eq!(dead.len(), 3);
 
-    // Replay one: buffered again, refused again.
+    // Replay one: buffered again and flushed at once, refused again.
     let one = dead[0].clone();
     assert_eq!(wb.replay_dead_letters(Some(&[one.id])).await.unwrap(), 1);
-    let after_replay = wb.dead_letters().await.unwrap();
-    assert_eq!(after_replay.len(), 2, "the replayed letter left the list");
     let p = wb.pending().await.unwrap();
-    assert_eq!(
-        p.total + p.in_flight,
-        1,
-        "the replayed op is pending: {p:?}"
-    );
-    let r = wb.flush().await.unwrap();
-    assert_eq!((r.applied, r.dead_lettered), (0, 1), "{r:?}");
+    assert_eq!(p.total + p.in_flight, 0, "the replay flushed: {p:?}");
     let dead2 = wb.dead_letters().await.unwrap();
     assert_eq!(dead2.len(), 3);
     let again = dead2
@@ -331,14 +350,16 @@ async fn dead_letters_replay_and_purge() {
         assert!(dead2.iter().any(|x| x.id == d.id), "{d:?} untouched");
     }
 
-    // Replay an unknown id: nothing happens.
-    assert_eq!(wb.replay_dead_letters(Some(&[999_999])).await.unwrap(), 0);
+    // Replay an unknown id: an error naming it, nothing replayed.
+    let e = wb.replay_dead_letters(Some(&[999_999])).await.unwrap_err();
+    assert!(
+        e.is_invalid_input() && e.to_string().contains("999999"),
+        "{e}"
+    );
+    assert_eq!(wb.dead_letters().await.unwrap().len(), 3);
 
-    // Replay all.
+    // Replay all: refused again, all of them.
     assert_eq!(wb.replay_dead_letters(None).await.unwrap(), 3);
-    assert!(wb.dead_letters().await.unwrap().is_empty());
-    let r = wb.flush().await.unwrap();
-    assert_eq!((r.applied, r.dead_lettered), (0, 3), "{r:?}");
     assert_eq!(wb.dead_letters().await.unwrap().len(), 3);
     assert_eq!(wb.status().await.unwrap().totals.dead_lettered, 7);
 

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use fga_wb::config::{Mode, StoreKind};
+use fga_wb::config::StoreKind;
 use fga_wb::{Config, WriteBehind};
 
 /// Prints a line to stdout; a closed pipe (`fga-wb status | head`) is not
@@ -44,9 +44,14 @@ enum Command {
     Status,
     /// Write (inline mode) or enqueue (queue mode) everything pending.
     Flush {
-        /// In queue mode, wait until workers have applied everything.
+        /// Keep flushing until nothing is pending, in flight or queued
+        /// (ops a dead process held come back and are flushed again; in
+        /// queue mode, until workers applied every job). Exits 0 only then.
         #[arg(long)]
         wait: bool,
+        /// With --wait: give up after this long (e.g. 90s, 5m) and exit 1.
+        #[arg(long, value_parser = humantime::parse_duration, requires = "wait")]
+        timeout: Option<Duration>,
     },
     /// Drop every pending op that is not already being written.
     Clear {
@@ -183,13 +188,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         .read_model(false)
         .build()
         .await?;
-    let result = command(&cli, &config, &wb).await;
+    let result = command(&cli, &wb).await;
     // Nothing was buffered through this handle; don't drain anything.
     drop(wb);
     result
 }
 
-async fn command(cli: &Cli, config: &Config, wb: &WriteBehind) -> Result<(), Failure> {
+async fn command(cli: &Cli, wb: &WriteBehind) -> Result<(), Failure> {
     match &cli.command {
         Command::Status => {
             let s = wb.status().await?;
@@ -200,14 +205,16 @@ async fn command(cli: &Cli, config: &Config, wb: &WriteBehind) -> Result<(), Fai
                 Ok(())
             }
         }
-        Command::Flush { wait } => {
+        Command::Flush { wait, timeout } => {
             let applied_before = wb.status().await?.totals.applied;
             let mut report = wb.flush().await?;
-            if *wait && config.flush.mode == Mode::Queue && report.error.is_none() {
-                wait_until_applied(wb, cli.json).await?;
-                // What the workers applied while we waited (store-wide).
+            if *wait {
+                wait_until_applied(wb, cli.json, *timeout).await?;
+                // What was applied while we waited (store-wide), and no
+                // error: everything was written in the end.
                 let applied_after = wb.status().await?.totals.applied;
                 report.applied = applied_after.saturating_sub(applied_before);
+                report.error = None;
             }
             let status = wb.status().await?;
             if cli.json {
@@ -361,46 +368,107 @@ fn report_count(json: bool, what: &str, n: usize) -> Result<(), Failure> {
 }
 
 /// Waits until nothing is pending or in flight, showing progress.
-async fn wait_until_applied(wb: &WriteBehind, quiet: bool) -> Result<(), Failure> {
-    let start = wb.pending().await?;
-    let total = (start.total + start.in_flight) as u64;
-    let bar = if quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
+/// Flushes again and again until nothing is pending, in flight or queued:
+/// ops a dead process held come back pending when its lease ends and are
+/// flushed again; in queue mode the workers apply the jobs. A progress bar
+/// on a terminal, a line every 5 s otherwise (unless `quiet`: --json).
+async fn wait_until_applied(
+    wb: &WriteBehind,
+    quiet: bool,
+    timeout: Option<Duration>,
+) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    let started = tokio::time::Instant::now();
+    let deadline = timeout.map(|t| started + t);
+    let tty = !quiet && std::io::stderr().is_terminal();
+    // Ops not yet written (ops held by queued jobs count as in flight), and
+    // jobs not yet finished.
+    let left_of = |s: &fga_wb::Status| (s.pending.total + s.pending.in_flight) as u64;
+    let jobs_of = |s: &fga_wb::Status| {
+        s.queue
+            .as_ref()
+            .map_or(0, |q| q.pending + q.running + q.scheduled)
+    };
+    let total = left_of(&wb.status().await?);
+    let bar = if tty {
         indicatif::ProgressBar::new(total)
+    } else {
+        indicatif::ProgressBar::hidden()
     };
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} ops applied ({elapsed}) {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} written ({elapsed}) {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    let mut last_line = started;
     loop {
-        let p = wb.pending().await?;
-        let left = (p.total + p.in_flight) as u64;
+        let status = wb.status().await?;
+        let left = left_of(&status);
+        bar.set_length(total.max(left));
         bar.set_position(total.saturating_sub(left));
-        if left == 0 {
+        if left == 0 && jobs_of(&status) == 0 {
             bar.finish();
             return Ok(());
         }
-        let status = wb.status().await?;
-        if let Some(why) = status.flushing_stopped {
+        if let Some(why) = &status.flushing_stopped {
             bar.abandon();
             return Err(Failure {
                 code: 1,
-                message: format!("workers are stopped: {why}"),
+                message: format!("flushing is stopped: {why}"),
             });
         }
-        if status.queue.is_some_and(|q| q.workers.is_empty()) {
-            bar.set_message("(no worker running: start `fga-wb worker`)");
+        let no_worker = status.queue.as_ref().is_some_and(|q| q.workers.is_empty());
+        let note = if no_worker {
+            "no worker is running: start `fga-wb worker`"
         } else {
-            bar.set_message("");
+            ""
+        };
+        bar.set_message(note);
+        if !tty && !quiet && last_line.elapsed() >= Duration::from_secs(5) {
+            last_line = tokio::time::Instant::now();
+            eprintln!(
+                "waiting ({:.0?}): {} pending, {} in flight{}{}",
+                started.elapsed(),
+                status.pending.total,
+                status.pending.in_flight,
+                status.queue.as_ref().map_or(String::new(), |q| format!(
+                    ", jobs {} queued / {} running / {} scheduled",
+                    q.pending, q.running, q.scheduled
+                )),
+                if note.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {note}")
+                }
+            );
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            bar.abandon();
+            return Err(Failure {
+                code: 1,
+                message: format!(
+                    "{left} ops still pending or queued ({} jobs) after {:.0?}{}",
+                    jobs_of(&status),
+                    started.elapsed(),
+                    if note.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({note})")
+                    }
+                ),
+            });
+        }
+        if status.pending.total > 0 {
+            // Ops came back (a dead writer's lease ended) or arrived: write
+            // or enqueue them; a transient failure is retried next round.
+            if let Err(e) = wb.flush().await {
+                bar.set_message(format!("flush failed, retrying: {e}"));
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             _ = tokio::signal::ctrl_c() => {
                 bar.abandon();
-                return Err(Failure { code: 1, message: "interrupted; the jobs keep running".into() });
+                return Err(Failure { code: 1, message: "interrupted; what was flushed stays flushed".into() });
             }
         }
     }
