@@ -707,13 +707,21 @@ mod duration {
         N(f64),
     }
 
+    /// Longest duration any setting takes: far beyond any sensible value,
+    /// and far below what timers and the cache would overflow on.
+    const MAX: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
     pub(super) fn parse<E: serde::de::Error>(t: Text) -> Result<Duration, E> {
         match t {
-            Text::S(s) => humantime::parse_duration(s.trim()).map_err(|_| {
-                E::custom(format!(
+            Text::S(s) => match humantime::parse_duration(s.trim()) {
+                Ok(d) if d <= MAX => Ok(d),
+                Ok(_) => Err(E::custom(format!(
+                    "{s:?} is longer than the longest duration fga-wb takes (10 years)"
+                ))),
+                Err(_) => Err(E::custom(format!(
                     "expected a duration like \"500ms\", \"10s\" or \"1m\", found {s:?}"
-                ))
-            }),
+                ))),
+            },
             Text::N(n) => Err(E::custom(format!(
                 "expected a duration with a unit, like \"{n}s\" or \"{n}ms\", found {n}"
             ))),
@@ -777,6 +785,28 @@ mod tests {
         assert_eq!(
             c.queue.retry_schedule,
             vec![Duration::from_secs(1), Duration::from_secs(2)]
+        );
+    }
+
+    #[test]
+    fn durations_too_long_for_the_runtime_are_refused_by_name() {
+        for (var, value) in [
+            ("FGA_WB_CACHE__TTL", "2000y"),
+            ("FGA_WB_FLUSH__INTERVAL", "18446744073709551615s"),
+            ("FGA_WB_CHECK__REVOKE_WAIT_TIMEOUT", "18446744073709551615s"),
+            ("FGA_WB_FLUSH__SHUTDOWN_DEADLINE", "11y"),
+        ] {
+            let e = Config::load_from(None, vec![(var.into(), value.into())]).unwrap_err();
+            let text = e.to_string();
+            assert!(e.is_config(), "{var}: {text}");
+            assert!(
+                text.contains("10 years") && text.contains(var),
+                "{var}: {text}"
+            );
+            assert_eq!(text.lines().count(), 1, "{text}");
+        }
+        assert!(
+            Config::load_from(None, vec![("FGA_WB_CACHE__TTL".into(), "3650days".into())]).is_ok()
         );
     }
 
