@@ -59,6 +59,16 @@ pub struct Builder {
     read_model: bool,
 }
 
+/// What [`WriteBehind::health`] found.
+#[derive(Clone, Debug, Default, Serialize)]
+#[non_exhaustive]
+pub struct Health {
+    /// What keeps ops from reaching OpenFGA now.
+    pub problems: Vec<String>,
+    /// What could lose or delay ops later.
+    pub warnings: Vec<String>,
+}
+
 /// What [`WriteBehind::shutdown`] did and what it left.
 #[derive(Clone, Debug, Serialize)]
 pub struct ShutdownReport {
@@ -1006,6 +1016,50 @@ impl WriteBehind {
         };
         status.merge_shared(&e.store.shared_stats().await?);
         Ok(status)
+    }
+
+    /// What could keep acknowledged ops from reaching OpenFGA, for an
+    /// operator's health check: OpenFGA unreachable or refusing the
+    /// credentials, flushing stopped, an open Redis loss, queued jobs with
+    /// no worker seen (problems); Redis without AOF, dead letters waiting
+    /// (warnings). Asks OpenFGA and Redis once each.
+    pub async fn health(&self) -> Result<Health> {
+        let e = &self.inner.engine;
+        let status = self.status().await?;
+        let mut h = Health::default();
+        match e.client.read_latest_authorization_model(&e.store_id).await {
+            Ok(_) => {}
+            Err(err) if err.is_auth() => h
+                .problems
+                .push(format!("OpenFGA refuses the credentials: {err}")),
+            Err(err) => h.problems.push(format!("OpenFGA: {err}")),
+        }
+        if let Some(why) = &status.flushing_stopped {
+            h.problems.push(format!("flushing is stopped: {why}"));
+        }
+        if let Some(loss) = &status.loss {
+            h.problems.push(format!(
+                "Redis lost acknowledged ops: {loss}; see `fga-wb loss`"
+            ));
+        }
+        if let Some(q) = &status.queue {
+            if q.workers.is_empty() && q.pending + q.scheduled > 0 {
+                h.problems.push(format!(
+                    "{} jobs wait and no worker was seen: start `fga-wb worker`",
+                    q.pending + q.scheduled
+                ));
+            }
+        }
+        if let Some(r) = &self.inner.redis {
+            h.warnings.extend(r.persistence_warning().await);
+        }
+        if status.dead_letters > 0 {
+            h.warnings.push(format!(
+                "{} dead letters wait for a decision (`fga-wb dlq list`)",
+                status.dead_letters
+            ));
+        }
+        Ok(h)
     }
 
     /// Redis store: deletes the job keys versions before fga-wb kept jobs

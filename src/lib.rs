@@ -83,7 +83,7 @@ pub mod tuple;
 
 pub use buffer::redis::KeyUsage;
 pub use buffer::{DeadLetter, Pending};
-pub use client::{Builder, ShutdownReport, WriteBehind};
+pub use client::{Builder, Health, ShutdownReport, WriteBehind};
 pub use config::Config;
 pub use error::{Error, Result};
 pub use status::{FlushReport, LastFlush, Status, Totals};

@@ -456,6 +456,13 @@ async fn queue_flush_wait_and_worker_sigterm() {
     assert_eq!(j["pending"]["in_flight"], 0);
     assert_eq!(stored(&s).await.len(), N + 10);
 
+    // All applied, a worker running: healthy, with a warning for the test
+    // Redis, which runs without AOF.
+    let r = cli.run(&["status", "--check"]).await;
+    r.ok();
+    assert!(r.stdout.contains("health            ok"), "{}", r.stdout);
+    assert!(r.stdout.contains("appendonly"), "{}", r.stdout);
+
     // SIGTERM: a graceful stop, exit 0.
     let started = Instant::now();
     let status = std::process::Command::new("kill")
@@ -477,11 +484,20 @@ async fn queue_flush_wait_and_worker_sigterm() {
     assert!(!stderr.contains(&cli.token));
     assert!(!String::from_utf8_lossy(&out.stdout).contains(&cli.token));
 
+    // Wrong credentials show as a problem, without the token.
+    let mut wrong = Cli::new(&s, "queue");
+    wrong.set("FGA_API_TOKEN", "s3cret-but-wrong");
+    let r = wrong.run(&["status", "--check"]).await;
+    r.fails(1, "OpenFGA refuses the credentials");
+
     // No worker now: `flush --wait` says so and gives up at its timeout.
     grant_range(&wb, "document:q3", 0..5).await;
     let r = cli.run(&["flush", "--wait", "--timeout", "2s"]).await;
     r.fails(1, "no worker is running");
     assert!(r.stderr.contains("5 ops still pending"), "{r:#?}");
+    let r = cli.run(&["status", "--check"]).await;
+    r.fails(1, "no worker was seen");
+    assert!(r.stdout.contains("PROBLEM"), "{}", r.stdout);
 
     // The summary of `flush --wait` should say what the workers applied:
     // checked last, so that the checks above run whatever it says.

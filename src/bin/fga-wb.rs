@@ -40,8 +40,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Pending ops, queue, dead letters, workers, the last flush.
-    Status,
+    /// Pending ops, queue, dead letters, workers, Redis keys, the last flush.
+    Status {
+        /// Also ask OpenFGA and Redis whether all is well (credentials,
+        /// flushing, workers, Redis persistence), and exit 1 on a problem:
+        /// for monitoring.
+        #[arg(long)]
+        check: bool,
+    },
     /// Write (inline mode) or enqueue (queue mode) everything pending.
     Flush {
         /// Keep flushing until nothing is pending, in flight or queued
@@ -196,13 +202,41 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 
 async fn command(cli: &Cli, wb: &WriteBehind) -> Result<(), Failure> {
     match &cli.command {
-        Command::Status => {
+        Command::Status { check } => {
             let s = wb.status().await?;
+            let health = match check {
+                true => Some(wb.health().await?),
+                false => None,
+            };
             if cli.json {
-                print_json(&s)
+                let mut v = serde_json::to_value(&s).map_err(|e| Failure {
+                    code: 1,
+                    message: format!("cannot print the status: {e}"),
+                })?;
+                if let (Some(h), Some(map)) = (&health, v.as_object_mut()) {
+                    map.insert("health".into(), serde_json::json!(h));
+                }
+                print_json(&v)?;
             } else {
                 print_status(&s);
-                Ok(())
+                if let Some(h) = &health {
+                    for p in &h.problems {
+                        out!("PROBLEM           {p}");
+                    }
+                    for w in &h.warnings {
+                        out!("warning           {w}");
+                    }
+                    if h.problems.is_empty() {
+                        out!("health            ok");
+                    }
+                }
+            }
+            match health {
+                Some(h) if !h.problems.is_empty() => Err(Failure {
+                    code: 1,
+                    message: format!("unhealthy: {}", h.problems.join("; ")),
+                }),
+                _ => Ok(()),
             }
         }
         Command::Flush { wait, timeout } => {

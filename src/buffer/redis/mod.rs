@@ -571,6 +571,26 @@ impl RedisStore {
         }
     }
 
+    /// Whether Redis keeps what it acknowledged across a restart: `None`
+    /// when it does (AOF on), a warning when it does not or cannot say.
+    pub async fn persistence_warning(&self) -> Option<String> {
+        let mut conn = self.conn.clone();
+        let r: redis::RedisResult<std::collections::HashMap<String, String>> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("appendonly")
+            .query_async(&mut conn)
+            .await;
+        match r {
+            Ok(m) if m.get("appendonly").is_some_and(|v| v == "yes") => None,
+            Ok(_) => Some(
+                "Redis runs without AOF (appendonly no): a Redis restart loses acknowledged ops (detected, see `fga-wb loss`); set appendonly yes".into(),
+            ),
+            Err(e) => Some(format!(
+                "cannot read Redis's appendonly setting ({e}); make sure AOF is on"
+            )),
+        }
+    }
+
     /// Deletes what versions before fga-wb kept jobs in its own keys left
     /// (apalis job keys under the store's prefix); returns how many.
     pub async fn sweep_legacy(&self) -> Result<u64> {
