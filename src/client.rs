@@ -172,6 +172,7 @@ impl Builder {
             wake: Arc::new(Notify::new()),
             others_finished: Default::default(),
             retry_deadline: Default::default(),
+            tuple_limit: Default::default(),
         });
         let (commands, rx) = mpsc::channel(16);
         let (stop, stop_rx) = watch::channel(false);
@@ -1009,6 +1010,10 @@ impl WriteBehind {
             },
             loss: e.store.loss().await?,
             last_loss_acknowledged: None,
+            write_limit: match e.tuple_limit.load(Ordering::Relaxed) {
+                0 => None,
+                l => Some(l),
+            },
             redis_keys: match &self.inner.redis {
                 Some(r) => Some(r.usage().await?),
                 None => None,

@@ -107,6 +107,46 @@ pub(crate) struct Engine {
     /// Shutdown's deadline: no request is retried past it (its ops go back
     /// to pending instead, rather than stay in flight).
     pub retry_deadline: std::sync::Mutex<Option<Instant>>,
+    /// The server's tuples-per-Write limit, when it refused a request for
+    /// being above it (its `--max-tuples-per-write` is lower than
+    /// `flush.max_tuples_per_write`); 0 until then.
+    pub tuple_limit: AtomicUsize,
+}
+
+impl Engine {
+    /// Most ops one Write carries: the configured size, or the server's
+    /// limit once it told us a lower one.
+    pub fn max_tuples(&self) -> usize {
+        match self.tuple_limit.load(Ordering::Relaxed) {
+            0 => self.cfg.max_tuples_per_write,
+            l => l.min(self.cfg.max_tuples_per_write),
+        }
+    }
+
+    /// Learns the server's limit from a refusal such as "The number of
+    /// write operations exceeds the allowed limit of 10"; returns it.
+    fn learn_limit(&self, e: &Error) -> Option<usize> {
+        if e.code() != Some("exceeded_entity_limit") {
+            return None;
+        }
+        let limit: usize = e
+            .server_message()?
+            .rsplit("allowed limit of ")
+            .next()?
+            .trim()
+            .trim_end_matches(|c: char| !c.is_ascii_digit())
+            .parse()
+            .ok()
+            .filter(|l| *l > 0)?;
+        if self.tuple_limit.swap(limit, Ordering::Relaxed) != limit {
+            tracing::warn!(
+                limit,
+                configured = self.cfg.max_tuples_per_write,
+                "OpenFGA takes at most {limit} tuples per Write (its --max-tuples-per-write); writing at most that many from now on (set flush.max_tuples_per_write to match)"
+            );
+        }
+        Some(limit)
+    }
 }
 
 /// Why a chunk stopped before all its ops were applied.
@@ -286,7 +326,7 @@ impl Engine {
             // Taken ops are this writer's.
             None => ops,
         };
-        let full = self.cfg.max_tuples_per_write;
+        let full = self.max_tuples();
         let mut todo = vec![ops];
         while let Some(part) = todo.pop() {
             if result.stop.is_some() {
@@ -309,6 +349,19 @@ impl Engine {
                     result
                         .outcomes
                         .extend(part.into_iter().map(|t| (t, Outcome::Applied)));
+                }
+                Err(e)
+                    if part.len() > 1 && self.learn_limit(&e).is_some_and(|l| l < part.len()) =>
+                {
+                    // Over the server's limit: the same ops in requests it
+                    // takes, not a bisection hunting for a bad tuple.
+                    let limit = self.max_tuples();
+                    let mut rest = part;
+                    while rest.len() > limit {
+                        let tail = rest.split_off(limit);
+                        todo.push(std::mem::replace(&mut rest, tail));
+                    }
+                    todo.push(rest);
                 }
                 Err(e) if e.is_invalid_input() && part.len() > 1 => {
                     metrics::counter!("fga_wb_write_requests_total", "outcome" => "bisected")
@@ -858,7 +911,7 @@ impl Pump {
 
     /// Starts chunks while the limit allows and something is due.
     async fn fill(&mut self) {
-        let chunk = self.engine.cfg.max_tuples_per_write;
+        let chunk = self.engine.max_tuples();
         while self.running.len() < self.limit.get() && self.may_write() {
             let revokes_due =
                 self.revoke_target > 0 && self.revokes_exhausted != Some(self.revoke_target);

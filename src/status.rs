@@ -132,6 +132,9 @@ pub struct Status {
     pub last_loss_acknowledged: Option<String>,
     /// Redis store: the keys and bytes the store holds, by category.
     pub redis_keys: Option<Vec<crate::KeyUsage>>,
+    /// The server's tuples-per-Write limit, when this process learned one
+    /// below `flush.max_tuples_per_write` (OpenFGA refused a request).
+    pub write_limit: Option<usize>,
 }
 
 impl Status {

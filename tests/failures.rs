@@ -1263,3 +1263,50 @@ async fn shutdown_with_openfga_down_returns_and_reports_what_is_left() {
         assert!(wb.dead_letters().await.unwrap().is_empty(), "{name}");
     }
 }
+
+/// An OpenFGA started with a lower `--max-tuples-per-write` (10) than the
+/// configured 100: the first refusal teaches the handle the server's limit,
+/// the refused request goes out again as requests the server takes (no
+/// bisection), later flushes cut chunks of 10, and status shows the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_lower_tuple_limit_is_learned_not_bisected() {
+    let server = testenv::OpenFga::start(testenv::OpenFgaOptions {
+        max_tuples_per_write: Some(10),
+        ..Default::default()
+    })
+    .await
+    .expect("an OpenFGA with --max-tuples-per-write 10");
+    let client = fga_wb::openfga::Client::builder(server.url())
+        .api_token(Secret::new(server.token().to_owned()))
+        .build()
+        .unwrap();
+    let store_id = client.create_store("low-limit").await.unwrap();
+    let model_id = client
+        .write_authorization_model(&store_id, &support::documents_model())
+        .await
+        .unwrap();
+    let mut c = Config::default();
+    c.openfga.api_url = server.url();
+    c.openfga.api_token = Secret::new(server.token().to_owned());
+    c.openfga.store_id = store_id.clone();
+    c.openfga.model_id = model_id;
+    let wb = WriteBehind::builder(manual_flush(c)).build().await.unwrap();
+    for i in 0..100 {
+        wb.grant(&format!("user:u{i}"), "viewer", "document:low")
+            .await
+            .unwrap();
+    }
+    let r = wb.flush().await.unwrap();
+    assert_eq!((r.applied, r.dead_lettered), (100, 0), "{r:?}");
+    // One refused request of 100, then ten of 10.
+    assert_eq!(r.requests, 11, "{r:?}");
+    assert_eq!(wb.status().await.unwrap().write_limit, Some(10));
+    for i in 0..50 {
+        wb.grant(&format!("user:v{i}"), "viewer", "document:low")
+            .await
+            .unwrap();
+    }
+    let r = wb.flush().await.unwrap();
+    assert_eq!((r.applied, r.requests), (50, 5), "{r:?}");
+    wb.shutdown().await.unwrap();
+}

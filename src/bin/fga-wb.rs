@@ -537,6 +537,9 @@ fn print_status(s: &fga_wb::Status) {
         out!("workers seen      {workers}");
     }
     out!("dead letters      {}", s.dead_letters);
+    if let Some(l) = s.write_limit {
+        out!("write limit       {l} tuples per Write (OpenFGA's --max-tuples-per-write; set flush.max_tuples_per_write = {l})");
+    }
     if let Some(keys) = &s.redis_keys {
         let all: Vec<String> = keys
             .iter()

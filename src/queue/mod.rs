@@ -228,6 +228,7 @@ mod tests {
             wake: Default::default(),
             others_finished: Default::default(),
             retry_deadline: Default::default(),
+            tuple_limit: Default::default(),
         }
     }
 

@@ -323,6 +323,7 @@ pub(crate) async fn applier(config: &Config) -> Result<Applier> {
         wake: Default::default(),
         others_finished: Default::default(),
         retry_deadline: Default::default(),
+        tuple_limit: Default::default(),
     };
     Ok(Applier {
         engine,
