@@ -1,4 +1,4 @@
-//! `scripts/bench checks`: check latency against OpenFGA as production runs
+//! `scripts/bench server-caches`: check latency against OpenFGA as production runs
 //! it (PostgreSQL, check query cache, both iterator caches and the cache
 //! controller on, 10 s TTL), with many concurrent callers, and how often
 //! fga-wb has to bypass those caches.
