@@ -440,6 +440,69 @@ const SECTIONS: &[&str] = &[
     "openfga", "buffer", "flush", "cache", "check", "redis", "queue",
 ];
 
+/// Refuses `FGA_WB_` variables that look like settings but configure
+/// nothing: `FGA_WB_NOPE__X` (no such section) and `FGA_WB_FLUSH_BATCH_SIZE`
+/// (one underscore where two separate section and key), each with the name
+/// that would work. Other `FGA_WB_` variables (the scripts' own) are left
+/// alone.
+fn check_env_names(vars: &[(String, String)]) -> Result<()> {
+    let defaults = serde_json::to_value(Config::default()).unwrap_or_default();
+    let keys_of = |section: &str| -> Vec<String> {
+        defaults
+            .get(section)
+            .and_then(|v| v.as_object())
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    for (name, _) in vars {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let lower = rest.to_ascii_lowercase();
+        if let Some((section, key)) = lower.split_once("__") {
+            if !SECTIONS.contains(&section) {
+                return Err(Error::config(format!(
+                    "{name} configures nothing: there is no section {section:?} (sections: {}); e.g. FGA_WB_{}__{}",
+                    SECTIONS.join(", "),
+                    closest(section, SECTIONS).to_ascii_uppercase(),
+                    key.to_ascii_uppercase()
+                )));
+            }
+            continue;
+        }
+        for section in SECTIONS {
+            let Some(key) = lower
+                .strip_prefix(section)
+                .and_then(|k| k.strip_prefix('_'))
+            else {
+                continue;
+            };
+            if keys_of(section).iter().any(|k| k == key) {
+                return Err(Error::config(format!(
+                    "{name} configures nothing: section and key are separated by two underscores, FGA_WB_{}__{}",
+                    section.to_ascii_uppercase(),
+                    key.to_ascii_uppercase()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The candidate sharing the longest prefix with `word`.
+fn closest<'a>(word: &str, candidates: &[&'a str]) -> &'a str {
+    candidates
+        .iter()
+        .max_by_key(|c| {
+            c.chars()
+                .zip(word.chars())
+                .take_while(|(a, b)| a == b)
+                .count()
+        })
+        .copied()
+        .unwrap_or("flush")
+}
+
 /// Environment variables as a figment provider.
 struct Env {
     vars: Vec<(String, String)>,
@@ -543,6 +606,7 @@ impl Config {
             Some(p) => Some(p),
             None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.is_file()),
         };
+        check_env_names(&vars)?;
         let mut fig = Figment::from(Serialized::defaults(DefaultsOnly));
         if let Some(f) = &file {
             fig = fig.merge(Toml::file_exact(f));
@@ -831,6 +895,26 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.openfga.api_url, "http://b:2");
+    }
+
+    #[test]
+    fn variables_that_configure_nothing_are_refused_with_the_name_that_works() {
+        let e = load_env(&[("FGA_WB_FLUSH_BATCH_SIZE", "10")]).unwrap_err();
+        assert!(e.is_config());
+        assert!(e.to_string().contains("FGA_WB_FLUSH__BATCH_SIZE"), "{e}");
+        let e = load_env(&[("FGA_WB_NOPE__X", "1")]).unwrap_err();
+        assert!(e.to_string().contains("no section \"nope\""), "{e}");
+        let e = load_env(&[("FGA_WB_FLUHS__INTERVAL", "1s")]).unwrap_err();
+        assert!(e.to_string().contains("FGA_WB_FLUSH__INTERVAL"), "{e}");
+        // The scripts' own variables are not settings.
+        for name in [
+            "FGA_WB_CACHE",
+            "FGA_WB_TEST_REDIS_URL",
+            "FGA_WB_OPENFGA_VERSION",
+            "FGA_WB_KEEP_TMP",
+        ] {
+            assert!(load_env(&[(name, "x")]).is_ok(), "{name}");
+        }
     }
 
     #[test]
