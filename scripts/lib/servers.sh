@@ -268,6 +268,11 @@ fga_wb_ensure_openfga() {
     fga_wb_log "using $OPENFGA_BIN (openfga $FGA_WB_OPENFGA_VERSION, built with go install)"
 }
 
+# The TLS test makes its certificates with the openssl command.
+fga_wb_ensure_openssl() {
+    command -v openssl >/dev/null 2>&1 || _fga_wb_apt_install openssl
+}
+
 # Sets REDIS_BIN: `redis-server` from PATH, else installs Debian's redis-server.
 # The package's postinst may start a system redis on 6379; we leave it alone and
 # never talk to it (our servers use random ports and their own data dirs).

@@ -1,0 +1,129 @@
+//! An OpenFGA served over HTTPS with a certificate from a private CA (made
+//! here with `openssl`): reachable with `openfga.ca_file`, refused without.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use fga_wb::openfga::Secret;
+use fga_wb::{Config, WriteBehind};
+use testenv::{OpenFga, OpenFgaOptions, Tls};
+
+/// A CA and a certificate it signed for 127.0.0.1, in `dir`.
+fn make_certificates(dir: &Path) -> Tls {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is installed");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=fga-wb test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    Tls {
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+        ca: dir.join("ca.pem"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openfga_behind_a_private_ca_is_reached_with_ca_file_only() {
+    let dir = testenv::temp_dir("tls").unwrap();
+    let tls = make_certificates(&dir);
+    let server = OpenFga::start(OpenFgaOptions {
+        tls: Some(tls.clone()),
+        ..Default::default()
+    })
+    .await
+    .expect("OpenFGA over HTTPS");
+    assert!(server.url().starts_with("https://"));
+
+    let mut c = Config::default();
+    c.openfga.api_url = server.url();
+    c.openfga.api_token = Secret::new(server.token().to_owned());
+    c.openfga.ca_file = tls.ca.display().to_string();
+    let client = c.openfga.client().unwrap();
+    let store = client
+        .create_store("tls")
+        .await
+        .expect("reached with the CA");
+    client
+        .write_authorization_model(&store, &support::documents_model())
+        .await
+        .unwrap();
+    c.openfga.store_id = store.clone();
+    let wb = WriteBehind::builder(c.clone()).build().await.unwrap();
+    wb.grant("user:anne", "viewer", "document:tls")
+        .await
+        .unwrap();
+    let r = wb.flush().await.unwrap();
+    assert_eq!(r.applied, 1, "{r:?}");
+    assert!(wb
+        .check("user:anne", "viewer", "document:tls")
+        .await
+        .unwrap());
+    wb.shutdown().await.unwrap();
+
+    // Without the CA the server's certificate is not trusted.
+    c.openfga.ca_file = String::new();
+    let e = c.openfga.client().unwrap().health().await.unwrap_err();
+    assert!(
+        e.is_connect() || e.to_string().contains("certificate"),
+        "{e}"
+    );
+
+    // A CA file that is not there is a clear configuration error.
+    c.openfga.ca_file = dir.join("missing.pem").display().to_string();
+    let e = c.openfga.client().unwrap_err();
+    assert!(e.is_config() && e.to_string().contains("ca_file"), "{e}");
+}
