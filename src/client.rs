@@ -617,7 +617,7 @@ impl WriteBehind {
         }
         Ok(out
             .into_iter()
-            .map(|a| a.unwrap_or_else(|| Err(Error::invalid_argument("check was not answered"))))
+            .map(|a| a.unwrap_or_else(|| Err(Error::internal("a batch check item got no answer"))))
             .collect())
     }
 
