@@ -441,6 +441,7 @@ impl WriteBehind {
         // After the push, never before: see cache.rs.
         e.cache.invalidate_for(&tuple);
         count!(e.stats, acknowledged, "fga_wb_ops_acknowledged_total", 1);
+        metrics::gauge!("fga_wb_pending_ops").set(pushed.pending as f64);
         if pushed.coalesced {
             count!(e.stats, coalesced, "fga_wb_ops_coalesced_total", 1);
         }

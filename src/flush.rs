@@ -1264,6 +1264,8 @@ impl Pump {
         r.coalesced = 0;
         if let Ok(p) = self.engine.store.pending().await {
             metrics::gauge!("fga_wb_pending_ops").set(p.total as f64);
+            metrics::gauge!("fga_wb_oldest_pending_seconds")
+                .set(p.oldest_age.map_or(0.0, |a| a.as_secs_f64()));
         }
         self.engine.record(&r).await;
     }

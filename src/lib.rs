@@ -75,6 +75,7 @@ mod client;
 pub mod config;
 mod error;
 mod flush;
+pub mod metrics;
 mod model;
 pub mod openfga;
 pub mod queue;

@@ -15,7 +15,8 @@
 //! | `fga_wb_flush_retries_total` | counter |
 //! | `fga_wb_cache_hits_total`, `fga_wb_cache_misses_total` | counter |
 //! | `fga_wb_higher_consistency_total` (checks, lists and reads sent with `HIGHER_CONSISTENCY`) | counter |
-//! | `fga_wb_pending_ops` | gauge |
+//! | `fga_wb_pending_ops` (after every op and flush) | gauge |
+//! | `fga_wb_oldest_pending_seconds` | gauge |
 //! | `fga_wb_flush_duration_seconds` | histogram |
 
 use std::sync::atomic::{AtomicU64, Ordering};

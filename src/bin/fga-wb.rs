@@ -70,6 +70,10 @@ enum Command {
         /// Jobs run at once (default: queue.worker_concurrency).
         #[arg(long)]
         concurrency: Option<usize>,
+        /// Serve Prometheus metrics on this address (`/metrics`), e.g.
+        /// 0.0.0.0:9464.
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Dead letters: ops OpenFGA refused for good.
     Dlq {
@@ -171,11 +175,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             "openfga.store_id is not set; set FGA_STORE_ID or openfga.store_id in the config file",
         ));
     }
-    if let Command::Worker { concurrency } = cli.command {
+    if let Command::Worker {
+        concurrency,
+        metrics_addr,
+    } = cli.command
+    {
         if config.buffer.store != StoreKind::Redis {
             return Err(usage(
                 "the worker applies jobs from Redis: set buffer.store = \"redis\" and flush.mode = \"queue\"",
             ));
+        }
+        if let Some(addr) = metrics_addr {
+            fga_wb::metrics::serve_prometheus(addr, &config.openfga.store_id)?;
         }
         let n = concurrency.unwrap_or(config.queue.worker_concurrency);
         fga_wb::queue::worker::run(config, n, shutdown_signal()).await?;

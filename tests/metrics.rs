@@ -1,0 +1,76 @@
+//! Prometheus metrics: after a known workload, `/metrics` (served by
+//! `fga_wb::metrics::serve_prometheus`) holds one series per name with the
+//! counts of what happened, and the live gauges.
+
+mod support;
+
+use fga_wb::WriteBehind;
+use support::{config_for, new_store};
+
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_workload_shows_in_the_scraped_metrics() {
+    let s = new_store("metrics").await;
+    let port = testenv::free_port().unwrap();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    fga_wb::metrics::serve_prometheus(addr, &s.store_id).unwrap();
+
+    let mut c = config_for(&s);
+    c.flush.interval = std::time::Duration::from_secs(3600);
+    let wb = WriteBehind::builder(c)
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    for i in 0..10 {
+        wb.grant(&format!("user:u{i}"), "viewer", "document:m")
+            .await
+            .unwrap();
+    }
+    // Folded into the pending grant: 11 acknowledged, 1 coalesced.
+    wb.revoke("user:u0", "viewer", "document:m").await.unwrap();
+    let scrape = || async {
+        reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .expect("scrape /metrics")
+            .text()
+            .await
+            .unwrap()
+    };
+    let before = scrape().await;
+    let store = format!("store=\"{}\"", s.store_id);
+    let pending = format!("fga_wb_pending_ops{{{store}}}");
+    assert_eq!(
+        value(&before, &pending),
+        Some(10.0),
+        "live gauge:\n{before}"
+    );
+
+    let r = wb.flush().await.unwrap();
+    assert_eq!(r.applied, 10, "{r:?}");
+    let text = scrape().await;
+    for (series, want) in [
+        (format!("fga_wb_ops_acknowledged_total{{{store}}}"), 11.0),
+        (format!("fga_wb_ops_coalesced_total{{{store}}}"), 1.0),
+        (format!("fga_wb_ops_applied_total{{{store}}}"), 10.0),
+        (format!("fga_wb_pending_ops{{{store}}}"), 0.0),
+    ] {
+        assert_eq!(value(&text, &series), Some(want), "{series}:\n{text}");
+    }
+    let requests: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("fga_wb_write_requests_total"))
+        .collect();
+    assert!(!requests.is_empty(), "{text}");
+    assert!(
+        requests.iter().all(|l| l.contains("outcome=")),
+        "one series per outcome, none without: {requests:?}"
+    );
+    wb.shutdown().await.unwrap();
+}
