@@ -360,6 +360,16 @@ enum Prepared {
 
 impl WriteBehind {
     /// A builder reading every setting from `config`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example() -> fga_wb::Result<()> {
+    /// // config/fga-wb.toml (or FGA_WB_CONFIG), then FGA_* / FGA_WB_* variables.
+    /// let config = fga_wb::Config::load(None)?;
+    /// let wb = fga_wb::WriteBehind::builder(config).build().await?;
+    /// # Ok(()) }
+    /// ```
     pub fn builder(config: Config) -> Builder {
         Builder {
             config,
@@ -371,7 +381,19 @@ impl WriteBehind {
     }
 
     /// Grants `relation` on `object` to `user`. Returns once the op is
-    /// buffered; it reaches OpenFGA with the next flush.
+    /// buffered; it reaches OpenFGA with the next flush. A tuple OpenFGA
+    /// would refuse is refused here, with an error naming the field and the
+    /// rule ([`Error::is_invalid_input`]), and nothing is buffered.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(wb: fga_wb::WriteBehind) -> fga_wb::Result<()> {
+    /// wb.grant("user:anne", "editor", "document:roadmap").await?;
+    /// // Derived relations see it at once (editor implies viewer here).
+    /// assert!(wb.check("user:anne", "viewer", "document:roadmap").await?);
+    /// # Ok(()) }
+    /// ```
     #[tracing::instrument(level = "debug", skip(self), err(Display))]
     pub async fn grant(&self, user: &str, relation: &str, object: &str) -> Result<()> {
         self.enqueue(TupleKey::new(user, relation, object)?, Op::Grant)
@@ -380,10 +402,21 @@ impl WriteBehind {
 
     /// Revokes `relation` on `object` from `user`. Returns once buffered;
     /// revokes are flushed at once, and until they are applied no check that
-    /// could depend on them answers `true`.
+    /// could depend on them answers `true`. A tuple written with a condition
+    /// is revoked by its user, relation and object alone, as OpenFGA
+    /// deletes it.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(wb: fga_wb::WriteBehind) -> fga_wb::Result<()> {
+    /// wb.revoke("user:anne", "editor", "document:roadmap").await?;
+    /// // Never "allowed" from here on: an error means "not allowed" too.
+    /// let allowed = wb.check("user:anne", "editor", "document:roadmap").await.unwrap_or(false);
+    /// assert!(!allowed);
+    /// # Ok(()) }
+    /// ```
     #[tracing::instrument(level = "debug", skip(self), err(Display))]
-    /// A tuple written with a condition is revoked by its user, relation
-    /// and object alone, as OpenFGA deletes it.
     pub async fn revoke(&self, user: &str, relation: &str, object: &str) -> Result<()> {
         self.enqueue(TupleKey::new(user, relation, object)?, Op::Revoke)
             .await
@@ -492,6 +525,20 @@ impl WriteBehind {
     /// Fails closed with an error for which [`Error::is_stale_check`] is true
     /// when a pending revoke this check could depend on is not applied within
     /// `check.revoke_wait_timeout`. Treat any error as "not allowed".
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(wb: fga_wb::WriteBehind) {
+    /// let allowed = match wb.check("user:anne", "viewer", "document:roadmap").await {
+    ///     Ok(a) => a,
+    ///     Err(e) => {
+    ///         tracing::warn!(error = %e, "check failed; denying");
+    ///         false
+    ///     }
+    /// };
+    /// # let _ = allowed; }
+    /// ```
     #[tracing::instrument(level = "debug", skip(self), err(Display))]
     pub async fn check(&self, user: &str, relation: &str, object: &str) -> Result<bool> {
         if let Some(answer) = self.cached(user, relation, object) {
@@ -553,6 +600,21 @@ impl WriteBehind {
     /// go to OpenFGA's BatchCheck (50 per request, a few requests at once),
     /// grouped by consistency since OpenFGA takes one per request. Each
     /// answer stands alone.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(wb: fga_wb::WriteBehind) -> fga_wb::Result<()> {
+    /// use fga_wb::openfga::CheckRequest;
+    /// let answers = wb
+    ///     .batch_check(&[
+    ///         CheckRequest::new("user:anne", "viewer", "document:1"),
+    ///         CheckRequest::new("user:anne", "viewer", "document:2"),
+    ///     ])
+    ///     .await?;
+    /// let visible: Vec<bool> = answers.into_iter().map(|a| a.unwrap_or(false)).collect();
+    /// # let _ = visible; Ok(()) }
+    /// ```
     pub async fn batch_check(&self, checks: &[CheckRequest]) -> Result<Vec<Result<bool>>> {
         use futures::StreamExt;
         /// Checks prepared at once (each may be a Redis round trip).
@@ -1147,6 +1209,17 @@ impl WriteBehind {
     /// Stops the flusher, then flushes until everything is applied or
     /// `flush.shutdown_deadline` passes, and reports what is left. Later
     /// calls on any clone fail with [`Error::is_shutdown`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(wb: fga_wb::WriteBehind) -> fga_wb::Result<()> {
+    /// let report = wb.shutdown().await?;
+    /// if report.left.total + report.left.in_flight > 0 {
+    ///     eprintln!("{} ops were not written", report.left.total + report.left.in_flight);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn shutdown(&self) -> Result<ShutdownReport> {
         if self.inner.shut_down.swap(true, Ordering::SeqCst) {
             return Err(Error::new(Kind::Shutdown));
