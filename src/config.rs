@@ -425,6 +425,11 @@ impl Default for QueueConfig {
 /// Keys whose values are strings, whatever they look like: figment would
 /// otherwise read `FGA_STORE_ID=0123` as the number 123.
 const STRING_KEYS: &[&str] = &[
+    "openfga.oauth2.client_id",
+    "openfga.oauth2.client_secret",
+    "openfga.oauth2.token_url",
+    "openfga.oauth2.audience",
+    "openfga.oauth2.scopes",
     "openfga.api_url",
     "openfga.ca_file",
     "openfga.store_id",
@@ -446,7 +451,29 @@ const FGA_CLI_VARS: &[(&str, &str)] = &[
     ("FGA_STORE_ID", "openfga.store_id"),
     ("FGA_MODEL_ID", "openfga.model_id"),
     ("FGA_API_TOKEN", "openfga.api_token"),
+    // Client credentials, as the `fga` CLI and the SDKs take them.
+    ("FGA_CLIENT_ID", "openfga.oauth2.client_id"),
+    ("FGA_CLIENT_SECRET", "openfga.oauth2.client_secret"),
+    ("FGA_API_TOKEN_ISSUER", "openfga.oauth2.token_url"),
+    ("FGA_API_AUDIENCE", "openfga.oauth2.audience"),
+    ("FGA_API_SCOPES", "openfga.oauth2.scopes"),
 ];
+
+/// `FGA_API_TOKEN_ISSUER` as the `fga` CLI takes it: a host (`auth.fga.dev`)
+/// means `https://<host>/oauth/token`; a URL with a path is used as is.
+fn token_url_of_issuer(issuer: &str) -> String {
+    let with_scheme = if issuer.contains("://") {
+        issuer.to_owned()
+    } else {
+        format!("https://{issuer}")
+    };
+    let after_scheme = with_scheme.split_once("://").map_or("", |(_, r)| r);
+    if after_scheme.trim_end_matches('/').contains('/') {
+        with_scheme
+    } else {
+        format!("{}/oauth/token", with_scheme.trim_end_matches('/'))
+    }
+}
 
 /// Top-level sections; other `FGA_WB_*` variables (`FGA_WB_CONFIG`, the test
 /// harness's `FGA_WB_TEST_*`) are not settings.
@@ -542,7 +569,11 @@ impl Provider for Env {
         };
         for (name, key) in FGA_CLI_VARS {
             if let Some((_, v)) = self.vars.iter().find(|(n, _)| n == name) {
-                put(key, v);
+                if *name == "FGA_API_TOKEN_ISSUER" {
+                    put(key, &token_url_of_issuer(v));
+                } else {
+                    put(key, v);
+                }
             }
         }
         for (name, v) in &self.vars {
@@ -929,6 +960,33 @@ mod tests {
         ] {
             assert!(load_env(&[(name, "x")]).is_ok(), "{name}");
         }
+    }
+
+    #[test]
+    fn fga_cli_client_credentials_are_read() {
+        let c = load_env(&[
+            ("FGA_API_URL", "https://api.fga.example"),
+            ("FGA_CLIENT_ID", "12345"),
+            ("FGA_CLIENT_SECRET", "s3cret"),
+            ("FGA_API_TOKEN_ISSUER", "auth.fga.dev"),
+            ("FGA_API_AUDIENCE", "https://api.fga.example/"),
+            ("FGA_API_SCOPES", "read write"),
+        ])
+        .unwrap();
+        let o = c.openfga.oauth2.expect("client credentials");
+        assert_eq!(o.token_url, "https://auth.fga.dev/oauth/token");
+        assert_eq!(o.client_id, "12345");
+        assert_eq!(o.client_secret.expose(), "s3cret");
+        assert_eq!(o.audience, "https://api.fga.example/");
+        assert_eq!(o.scopes, "read write");
+        assert_eq!(
+            token_url_of_issuer("https://issuer.example/v1/token"),
+            "https://issuer.example/v1/token"
+        );
+        assert_eq!(
+            token_url_of_issuer("http://127.0.0.1:9000"),
+            "http://127.0.0.1:9000/oauth/token"
+        );
     }
 
     #[test]

@@ -616,3 +616,33 @@ async fn unreachable_redis_is_one_line_without_the_password() {
         assert!(r.stdout.is_empty(), "{r:#?}");
     }
 }
+
+/// The `fga` CLI's global flags: `--store-id`, `--api-url`, `--api-token`
+/// beat the variables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fga_cli_flags_beat_the_variables() {
+    let s = new_store("cli-flags").await;
+    let mut cli = Cli::new(&s, "inline");
+    cli.vars
+        .retain(|(k, _)| k != "FGA_STORE_ID" && k != "FGA_API_URL");
+    cli.run(&["status"]).await.fails(2, "store_id");
+    let url = support::openfga_url();
+    let r = cli
+        .run(&["--store-id", &s.store_id, "--api-url", &url, "status"])
+        .await;
+    r.ok();
+    assert!(r.stdout.contains(&s.store_id), "{}", r.stdout);
+    // A wrong token given as a flag is used (and never printed).
+    cli.set("FGA_API_URL", &url);
+    let r = cli
+        .run(&[
+            "--store-id",
+            &s.store_id,
+            "--api-token",
+            "s3cret-wrong",
+            "status",
+            "--check",
+        ])
+        .await;
+    r.fails(1, "OpenFGA refuses the credentials");
+}

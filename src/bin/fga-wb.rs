@@ -34,6 +34,19 @@ struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// OpenFGA's URL, as the `fga` CLI takes it (beats FGA_API_URL).
+    #[arg(long, global = true, value_name = "URL")]
+    api_url: Option<String>,
+    /// The OpenFGA store (beats FGA_STORE_ID).
+    #[arg(long, global = true, value_name = "ID")]
+    store_id: Option<String>,
+    /// The authorization model (beats FGA_MODEL_ID).
+    #[arg(long, global = true, value_name = "ID")]
+    model_id: Option<String>,
+    /// A preshared API token (beats FGA_API_TOKEN; prefer the variable:
+    /// command lines are visible to other users).
+    #[arg(long, global = true, value_name = "TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -169,7 +182,22 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let config = Config::load(cli.config.as_deref())?;
+    // The `fga` CLI's flags beat every variable and the file.
+    let mut vars: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
+    for (flag, key) in [
+        (&cli.api_url, "FGA_WB_OPENFGA__API_URL"),
+        (&cli.store_id, "FGA_WB_OPENFGA__STORE_ID"),
+        (&cli.model_id, "FGA_WB_OPENFGA__MODEL_ID"),
+        (&cli.api_token, "FGA_WB_OPENFGA__API_TOKEN"),
+    ] {
+        if let Some(v) = flag {
+            vars.retain(|(k, _)| k != key);
+            vars.push((key.to_owned(), v.clone()));
+        }
+    }
+    let config = Config::load_from(cli.config.as_deref(), vars)?;
     if config.openfga.store_id.is_empty() {
         return Err(usage(
             "openfga.store_id is not set; set FGA_STORE_ID or openfga.store_id in the config file",
