@@ -17,9 +17,43 @@ use crate::error::{Error, Result};
 /// # Ok(()) }
 /// ```
 pub fn serve_prometheus(addr: SocketAddr, store: &str) -> Result<()> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    PrometheusBuilder::new()
         .with_http_listener(addr)
         .add_global_label("store", store)
+        // A histogram (buckets), not a summary: quantiles over any window.
+        .set_buckets_for_metric(
+            Matcher::Full("fga_wb_flush_duration_seconds".into()),
+            &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0],
+        )
+        .map_err(|e| Error::config(format!("metrics buckets: {e}")))?
         .install()
-        .map_err(|e| Error::config(format!("cannot serve metrics on {addr}: {e}")))
+        .map_err(|e| Error::config(format!("cannot serve metrics on {addr}: {e}")))?;
+    // Every series from the start, at zero: a dashboard shows 0, not "no
+    // data", before the first retry or dead letter.
+    for name in COUNTERS {
+        metrics::counter!(*name).increment(0);
+    }
+    for outcome in ["ok", "bisected", "rejected", "failed"] {
+        metrics::counter!("fga_wb_write_requests_total", "outcome" => outcome).increment(0);
+    }
+    metrics::gauge!("fga_wb_pending_ops").set(0.0);
+    metrics::gauge!("fga_wb_oldest_pending_seconds").set(0.0);
+    Ok(())
 }
+
+/// The counters fga-wb keeps (labels aside).
+const COUNTERS: &[&str] = &[
+    "fga_wb_ops_acknowledged_total",
+    "fga_wb_ops_applied_total",
+    "fga_wb_ops_coalesced_total",
+    "fga_wb_ops_dead_lettered_total",
+    "fga_wb_ops_cleared_total",
+    "fga_wb_write_retries_total",
+    "fga_wb_cache_hits_total",
+    "fga_wb_cache_misses_total",
+    "fga_wb_higher_consistency_total",
+    "fga_wb_flush_pauses_total",
+    "fga_wb_redis_losses_total",
+    "fga_wb_redis_under_replicated_total",
+];

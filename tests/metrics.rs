@@ -72,5 +72,32 @@ async fn a_known_workload_shows_in_the_scraped_metrics() {
         requests.iter().all(|l| l.contains("outcome=")),
         "one series per outcome, none without: {requests:?}"
     );
+
+    // The shipped Grafana dashboard asks only for series that are served.
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/dashboards/fga-wb.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut names = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(i) = rest.find("fga_wb_") {
+                let name: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[i + name.len()..];
+                names.push(name);
+            }
+        }
+    }
+    assert!(names.len() >= 8, "{names:?}");
+    for name in names {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("{name}{{"))),
+            "the dashboard asks for {name}, which /metrics does not serve:\n{text}"
+        );
+    }
     wb.shutdown().await.unwrap();
 }
