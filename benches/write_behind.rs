@@ -3,9 +3,9 @@
 //!
 //! Run through `scripts/bench [section...]`, which builds in release mode and
 //! starts a throw-away OpenFGA and Redis (`scripts/servers`). Sections:
-//! `ack`, `throughput`, `coalesce`, `checks`, `memory` (memory store, issue
-//! 3), `redis-ack`, `redis-throughput`, `queue-e2e`, `aof` (Redis store and
-//! queue mode, issue 4), `loss-window` (the memory store's crash loss
+//! `ack`, `throughput`, `coalesce`, `checks`, `memory` (memory store),
+//! `redis-ack`, `redis-throughput`, `queue-e2e`, `aof` (Redis store and
+//! queue mode), `loss-window` (the memory store's crash loss
 //! window); none means all. Each section runs in a fresh process (the binary
 //! re-runs itself), so one section's allocations never show in another's
 //! memory figure.
