@@ -48,35 +48,9 @@ use fga_wb::openfga::{
 };
 use fga_wb::WriteBehind;
 use support::{
-    config_for, documents_model, ground_truth, new_store_on, parse, stored, tuple, Server,
+    config_for, documents_model, ground_truth, new_store_on, parse, stored, tuple, Rng, Server,
     TestStore,
 };
-
-/// xorshift64*: deterministic, good enough to pick ops, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.max(1))
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
-        &v[self.below(v.len())]
-    }
-}
 
 const USERS: [&str; 4] = ["user:u0", "user:u1", "user:u2", "user:u3"];
 const GROUPS: [&str; 2] = ["group:g0", "group:g1"];
@@ -267,6 +241,24 @@ struct Counts {
     list_stale_allow: usize,
     /// Stale denies that came as a fail-closed error.
     stale_deny_failed_closed: usize,
+}
+
+impl Counts {
+    /// No stale allow anywhere, and enough of every kind of op and check
+    /// for that to mean something.
+    fn assert_meaningful_and_never_stale(&self) {
+        assert_eq!(self.stale_allow, 0);
+        assert_eq!(self.list_stale_allow, 0);
+        assert!(self.lists > 100, "{self:?}");
+        assert!(
+            self.checks > 500 && self.grants > 500 && self.revokes > 300,
+            "{self:?}"
+        );
+        assert!(
+            self.oracle_true > self.checks / 10,
+            "too few allowed checks to mean much: {self:?}"
+        );
+    }
 }
 
 struct Variant {
@@ -549,14 +541,7 @@ async fn differential_manual_flushes() {
         },
     })
     .await;
-    assert_eq!(c.stale_allow, 0);
-    assert_eq!(c.list_stale_allow, 0);
-    assert!(c.lists > 100, "{c:?}");
-    assert!(c.checks > 500 && c.grants > 500 && c.revokes > 300, "{c:?}");
-    assert!(
-        c.oracle_true > c.checks / 10,
-        "too few allowed checks to mean much: {c:?}"
-    );
+    c.assert_meaningful_and_never_stale();
 }
 
 /// Background flushes every 50 ms and a 50 ms cache TTL: the flusher, the
@@ -573,14 +558,7 @@ async fn differential_background_flushes() {
         },
     })
     .await;
-    assert_eq!(c.stale_allow, 0);
-    assert_eq!(c.list_stale_allow, 0);
-    assert!(c.lists > 100, "{c:?}");
-    assert!(c.checks > 500 && c.grants > 500 && c.revokes > 300, "{c:?}");
-    assert!(
-        c.oracle_true > c.checks / 10,
-        "too few allowed checks to mean much: {c:?}"
-    );
+    c.assert_meaningful_and_never_stale();
 }
 
 /// Background flushes against OpenFGA as production runs it: on PostgreSQL
@@ -600,12 +578,5 @@ async fn differential_on_a_caching_server() {
         },
     })
     .await;
-    assert_eq!(c.stale_allow, 0);
-    assert_eq!(c.list_stale_allow, 0);
-    assert!(c.lists > 100, "{c:?}");
-    assert!(c.checks > 500 && c.grants > 500 && c.revokes > 300, "{c:?}");
-    assert!(
-        c.oracle_true > c.checks / 10,
-        "too few allowed checks to mean much: {c:?}"
-    );
+    c.assert_meaningful_and_never_stale();
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fga_wb::config::{Mode, StoreKind};
 use fga_wb::{Config, WriteBehind};
 use serde::{Deserialize, Serialize};
-use support::{config_for, new_store, stored, TestStore};
+use support::{config_for, new_store, stored, Rng, TestStore};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// Parameters the parent hands to the child.
@@ -38,28 +38,6 @@ struct Params {
     model_id: String,
     ops: usize,
     seed: u64,
-}
-
-/// xorshift64*: deterministic, no crates.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.max(1))
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
