@@ -1077,13 +1077,23 @@ impl WriteBehind {
                 0 => None,
                 l => Some(l),
             },
-            redis_keys: match &self.inner.redis {
-                Some(r) => Some(r.usage().await?),
-                None => None,
-            },
+            // A scan of every key: asked for separately (`redis_key_usage`),
+            // not by every caller that polls the status.
+            redis_keys: None,
         };
         status.merge_shared(&e.store.shared_stats().await?);
         Ok(status)
+    }
+
+    /// Redis store: how many keys and bytes the store holds in Redis, by
+    /// category (`pending`, `queue`, `dead`, `meta`, `legacy`); `None` for
+    /// the memory store. Scans the store's keys (in steps), so it is for an
+    /// operator's look, not a loop: `status()` leaves `redis_keys` empty.
+    pub async fn redis_key_usage(&self) -> Result<Option<Vec<crate::KeyUsage>>> {
+        match &self.inner.redis {
+            Some(r) => Ok(Some(r.usage().await?)),
+            None => Ok(None),
+        }
     }
 
     /// What could keep acknowledged ops from reaching OpenFGA, for an

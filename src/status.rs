@@ -131,7 +131,8 @@ pub struct Status {
     pub loss: Option<String>,
     /// When the last loss was acknowledged, and by whom.
     pub last_loss_acknowledged: Option<String>,
-    /// Redis store: the keys and bytes the store holds, by category.
+    /// Redis store: the keys and bytes the store holds, by category, when
+    /// asked for (`WriteBehind::redis_key_usage`; `fga-wb status` does).
     pub redis_keys: Option<Vec<crate::KeyUsage>>,
     /// The server's tuples-per-Write limit, when this process learned one
     /// below `flush.max_tuples_per_write` (OpenFGA refused a request).

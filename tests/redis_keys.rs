@@ -69,7 +69,7 @@ async fn finished_jobs_leave_nothing_and_keys_do_not_grow() {
     let worker = Worker::start(c, 2);
 
     round(&wb, 0, 1000).await;
-    let first = wb.status().await.unwrap().redis_keys.expect("Redis store");
+    let first = wb.redis_key_usage().await.unwrap().expect("Redis store");
     assert_eq!(
         keys_of(&first, "queue"),
         0,
@@ -79,7 +79,7 @@ async fn finished_jobs_leave_nothing_and_keys_do_not_grow() {
     assert_eq!(keys_of(&first, "legacy"), 0, "{first:?}");
 
     round(&wb, 1000, 1000).await;
-    let second = wb.status().await.unwrap().redis_keys.expect("Redis store");
+    let second = wb.redis_key_usage().await.unwrap().expect("Redis store");
     let total = |u: &[KeyUsage]| u.iter().map(|k| k.keys).sum::<u64>();
     assert_eq!(
         total(&second),
@@ -106,12 +106,12 @@ async fn keys_older_versions_left_are_shown_and_swept() {
         let r = redis.command(&format!("SET {prefix}:{k} x")).await;
         assert!(r.is_some_and(|r| r.starts_with("+OK")), "SET {k}");
     }
-    let before = wb.status().await.unwrap().redis_keys.unwrap();
+    let before = wb.redis_key_usage().await.unwrap().unwrap();
     assert_eq!(keys_of(&before, "legacy"), 3, "{before:?}");
     assert!(keys_of(&before, "pending") > 0, "{before:?}");
 
     assert_eq!(wb.sweep_legacy_keys().await.unwrap(), 3);
-    let after = wb.status().await.unwrap().redis_keys.unwrap();
+    let after = wb.redis_key_usage().await.unwrap().unwrap();
     assert_eq!(keys_of(&after, "legacy"), 0, "{after:?}");
     assert_eq!(keys_of(&after, "pending"), keys_of(&before, "pending"));
     assert_eq!(

@@ -242,7 +242,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 async fn command(cli: &Cli, wb: &WriteBehind) -> Result<(), Failure> {
     match &cli.command {
         Command::Status { check } => {
-            let s = wb.status().await?;
+            let mut s = wb.status().await?;
+            s.redis_keys = wb.redis_key_usage().await?;
             let health = match check {
                 true => Some(wb.health().await?),
                 false => None,
