@@ -2,6 +2,7 @@
 //! and revoke, as check does, on the memory and the Redis store. (The
 //! differential test compares whole lists with an oracle under random ops.)
 
+#[macro_use]
 mod support;
 
 use std::time::Duration;
@@ -117,20 +118,8 @@ async fn a_pending_revoke_never_shows_in_a_list_or_read(setup_: Setup) {
     assert!(wb.read(&ReadFilter::default()).await.unwrap().is_empty());
 }
 
-macro_rules! for_each_setup {
-    ($($scenario:ident),* $(,)?) => {
-        mod memory {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $scenario() { super::$scenario(super::Setup::Memory).await })*
-        }
-        mod redis {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $scenario() { super::$scenario(super::Setup::Redis).await })*
-        }
-    };
-}
-
 for_each_setup!(
+    [memory => super::Setup::Memory, redis => super::Setup::Redis]
     pending_grants_are_listed_and_read,
     a_pending_revoke_never_shows_in_a_list_or_read,
 );

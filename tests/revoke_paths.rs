@@ -7,6 +7,7 @@
 //! from OpenFGA. Also: a pending revoke holds up only the checks it can
 //! change.
 
+#[macro_use]
 mod support;
 
 use std::time::{Duration, Instant};
@@ -421,24 +422,8 @@ async fn a_revoke_holds_up_only_the_checks_it_can_change(setup: Setup) {
     }
 }
 
-macro_rules! for_each_setup {
-    ($($scenario:ident),* $(,)?) => {
-        mod memory {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $scenario() { super::$scenario(super::Setup::Memory).await })*
-        }
-        mod redis {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $scenario() { super::$scenario(super::Setup::Redis).await })*
-        }
-        mod queue {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $scenario() { super::$scenario(super::Setup::Queue).await })*
-        }
-    };
-}
-
 for_each_setup!(
+    [memory => super::Setup::Memory, redis => super::Setup::Redis, queue => super::Setup::Queue]
     conditional_grant_then_revoke,
     conditional_grant_revoked_before_a_flush,
     conditional_userset_policy,

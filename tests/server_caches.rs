@@ -10,6 +10,7 @@
 //! against a server without caches. (It asks before fga-wb does: a
 //! `HIGHER_CONSISTENCY` answer is written back into the server's cache.)
 
+#[macro_use]
 mod support;
 
 use std::time::Duration;
@@ -191,20 +192,8 @@ async fn always_higher_consistency_bypasses_the_cache_everywhere(setup: Setup) {
     assert_eq!(wb.status().await.unwrap().totals.higher_consistency, 1);
 }
 
-macro_rules! for_each_setup {
-    ($($scenario:ident),* $(,)?) => {
-        mod memory {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $scenario() { super::$scenario(super::Setup::Memory).await })*
-        }
-        mod redis {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $scenario() { super::$scenario(super::Setup::Redis).await })*
-        }
-    };
-}
-
 for_each_setup!(
+    [memory => super::Setup::Memory, redis => super::Setup::Redis]
     revoked_access_never_returns_from_the_servers_cache,
     applied_grants_are_seen_and_unrelated_checks_keep_the_cache,
     always_higher_consistency_bypasses_the_cache_everywhere,

@@ -1,9 +1,29 @@
 //! Shared helpers for the integration tests: the real OpenFGA and Redis that
 //! `scripts/test` starts, fresh stores, and wiremock fixtures captured from the
 //! real server.
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros)]
 
 pub mod own_openfga;
+
+/// One multi-threaded `#[tokio::test]` per scenario and setup, in a module
+/// per setup: `for_each_setup!([memory => Setup::Memory, redis =>
+/// Setup::Redis] scenario_a, scenario_b)` makes `memory::scenario_a`, ...,
+/// each calling `scenario_a(Setup::Memory).await`. Needs `#[macro_use] mod
+/// support;`.
+macro_rules! for_each_setup {
+    ([$($module:ident => $setup:expr),* $(,)?] $($scenario:ident),* $(,)?) => {
+        for_each_setup!(@all [$($scenario),*] $($module => $setup),*);
+    };
+    (@all $scenarios:tt $($module:ident => $setup:expr),*) => {
+        $( for_each_setup!(@one $module, $setup, $scenarios); )*
+    };
+    (@one $module:ident, $setup:expr, [$($scenario:ident),*]) => {
+        mod $module {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $scenario() { super::$scenario($setup).await })*
+        }
+    };
+}
 
 use std::path::PathBuf;
 use std::time::Duration;
