@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::buffer::{key_of, DeadLetter, Pending, StoreEvent};
+use crate::buffer::{key_of, DeadLetter, Pending, Replayed, StoreEvent};
 use crate::cache::{CheckCache, Generation};
 use crate::config::{Config, Mode, Overflow, StoreKind};
 use crate::error::{Error, Kind, Result};
@@ -1169,14 +1169,19 @@ impl WriteBehind {
     /// Buffers dead letters again (those with `ids`, or all) as new ops, for
     /// after the model or the data was fixed, and flushes them (in queue
     /// mode: queues their jobs). They skip model validation: OpenFGA
-    /// decides. A letter leaves the dead letters only once its op is
-    /// buffered again, so a failed push (a full buffer) loses nothing.
-    /// Unknown ids are an error, and nothing is replayed then. Returns how
-    /// many were replayed.
-    pub async fn replay_dead_letters(&self, ids: Option<&[u64]>) -> Result<usize> {
+    /// decides.
+    ///
+    /// A letter whose tuple got a newer op since it died (pending, applied
+    /// or dead itself) is *superseded*: replaying it would undo what the
+    /// application said last, so it is dropped instead, and counted. A
+    /// letter leaves the dead letters only once its op is buffered again,
+    /// so a full buffer loses nothing: the replay then fails with
+    /// [`Error::is_buffer_full`] after flushing what it did replay. Unknown
+    /// ids are an error, and nothing is replayed then.
+    pub async fn replay_dead_letters(&self, ids: Option<&[u64]>) -> Result<Replayed> {
         let e = &self.inner.engine;
-        let letters = e.store.dead_letters().await?;
         if let Some(ids) = ids {
+            let letters = e.store.dead_letters().await?;
             let unknown: Vec<String> = ids
                 .iter()
                 .filter(|id| !letters.iter().any(|d| d.id == **id))
@@ -1189,20 +1194,32 @@ impl WriteBehind {
                 )));
             }
         }
-        let mut replayed = 0;
-        for d in letters
-            .into_iter()
-            .filter(|d| ids.is_none_or(|ids| ids.contains(&d.id)))
-        {
-            e.store.push(&d.tuple, d.op).await?;
-            e.cache.invalidate_for(&d.tuple);
-            e.store.remove_dead_letters(Some(&[d.id])).await?;
-            replayed += 1;
+        let r = e.store.replay_dead_letters(ids, false).await?;
+        // A replayed letter is a new op, acknowledged like a grant or revoke.
+        for t in &r.tuples {
+            e.cache.invalidate_for(t);
         }
-        if replayed > 0 {
+        count!(
+            e.stats,
+            acknowledged,
+            "fga_wb_ops_acknowledged_total",
+            r.replayed as u64
+        );
+        if r.replayed > 0 {
             self.flush().await?;
         }
-        Ok(replayed)
+        if r.kept > 0 {
+            tracing::warn!(
+                replayed = r.replayed,
+                kept = r.kept,
+                "the buffer is full: dead letters kept (nothing lost); make room and replay again"
+            );
+            return Err(Error::new(Kind::BufferFull {
+                capacity: self.inner.config.buffer.capacity,
+                waited: None,
+            }));
+        }
+        Ok(r)
     }
 
     /// Deletes dead letters (those with `ids`, or all); returns how many.

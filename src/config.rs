@@ -403,6 +403,14 @@ pub struct QueueConfig {
     /// these is presumed dead, and its running jobs run again elsewhere.
     #[serde(with = "duration")]
     pub heartbeat: Duration,
+    /// How often workers look for dead letters that died of a transient
+    /// cause (OpenFGA unreachable or failing through a job's whole retry
+    /// schedule) and, once OpenFGA answers, replay them: an outage longer
+    /// than the schedule needs no person. A letter whose tuple got a newer
+    /// op since is dropped, never replayed over it. `0s`: never (replay
+    /// them with `fga-wb dlq replay`).
+    #[serde(with = "duration")]
+    pub replay_transient: Duration,
 }
 
 impl Default for QueueConfig {
@@ -418,6 +426,7 @@ impl Default for QueueConfig {
             request_retries: 1,
             poll_interval: Duration::from_millis(100),
             heartbeat: Duration::from_secs(5),
+            replay_transient: Duration::from_secs(30),
         }
     }
 }

@@ -392,7 +392,14 @@ impl Engine {
                             .server_message()
                             .map_or_else(|| e.to_string(), str::to_owned);
                         let code = e.code().map(str::to_owned);
-                        result.outcomes.push((t, Outcome::Dead { reason, code }));
+                        result.outcomes.push((
+                            t,
+                            Outcome::Dead {
+                                reason,
+                                code,
+                                transient: false,
+                            },
+                        ));
                     }
                 }
                 Err(e) => {
@@ -454,6 +461,7 @@ impl Engine {
                 Outcome::Dead {
                     reason,
                     code: e.code().map(str::to_owned),
+                    transient: false,
                 }
             }
             Err(e) => {

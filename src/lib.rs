@@ -83,7 +83,7 @@ mod status;
 pub mod tuple;
 
 pub use buffer::redis::KeyUsage;
-pub use buffer::{DeadLetter, Pending};
+pub use buffer::{DeadLetter, Pending, Replayed};
 pub use client::{Builder, Health, ShutdownReport, WriteBehind};
 pub use config::Config;
 pub use error::{Error, Result};

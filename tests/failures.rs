@@ -335,7 +335,13 @@ async fn dead_letters_replay_and_purge() {
 
     // Replay one: buffered again and flushed at once, refused again.
     let one = dead[0].clone();
-    assert_eq!(wb.replay_dead_letters(Some(&[one.id])).await.unwrap(), 1);
+    assert_eq!(
+        wb.replay_dead_letters(Some(&[one.id]))
+            .await
+            .unwrap()
+            .replayed,
+        1
+    );
     let p = wb.pending().await.unwrap();
     assert_eq!(p.total + p.in_flight, 0, "the replay flushed: {p:?}");
     let dead2 = wb.dead_letters().await.unwrap();
@@ -359,7 +365,7 @@ async fn dead_letters_replay_and_purge() {
     assert_eq!(wb.dead_letters().await.unwrap().len(), 3);
 
     // Replay all: refused again, all of them.
-    assert_eq!(wb.replay_dead_letters(None).await.unwrap(), 3);
+    assert_eq!(wb.replay_dead_letters(None).await.unwrap().replayed, 3);
     assert_eq!(wb.dead_letters().await.unwrap().len(), 3);
     assert_eq!(wb.status().await.unwrap().totals.dead_lettered, 7);
 

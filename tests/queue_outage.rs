@@ -47,6 +47,25 @@ fn tuple(i: usize) -> (String, &'static str, String) {
     )
 }
 
+/// Queue mode against `server`, flushed only by `flush()`.
+fn queue_config(server: &OwnOpenFga, store_id: &str, model_id: String) -> Config {
+    let mut c = Config::default();
+    c.openfga.api_url = server.url();
+    c.openfga.api_token = Secret::new(server.key.clone());
+    c.openfga.store_id = store_id.to_owned();
+    c.openfga.model_id = model_id;
+    c.openfga.request_timeout = Duration::from_secs(2);
+    c.openfga.connect_timeout = Duration::from_millis(500);
+    c.buffer.store = StoreKind::Redis;
+    c.redis.url = support::redis_url();
+    c.flush.mode = Mode::Queue;
+    c.flush.batch_size = 1_000_000;
+    c.flush.interval = Duration::from_secs(3600);
+    c.queue.heartbeat = Duration::from_secs(1);
+    c.queue.poll_interval = Duration::from_millis(50);
+    c
+}
+
 /// OpenFGA down in queue mode (own OpenFGA on SQLite, retry schedule 1 s,
 /// 2 s, 4 s, 8 s, 8 s): with OpenFGA killed, 500 grants are acknowledged and
 /// flushed into 5 jobs; the worker's attempts fail and the jobs are
@@ -64,21 +83,8 @@ async fn openfga_down_in_queue_mode_loses_nothing() {
         .await
         .unwrap();
 
-    let mut c = Config::default();
-    c.openfga.api_url = server.url();
-    c.openfga.api_token = Secret::new(server.key.clone());
-    c.openfga.store_id = store_id.clone();
-    c.openfga.model_id = model_id;
-    c.openfga.request_timeout = Duration::from_secs(2);
-    c.openfga.connect_timeout = Duration::from_millis(500);
-    c.buffer.store = StoreKind::Redis;
-    c.redis.url = support::redis_url();
-    c.flush.mode = Mode::Queue;
-    c.flush.batch_size = 1_000_000;
-    c.flush.interval = Duration::from_secs(3600);
+    let mut c = queue_config(&server, &store_id, model_id);
     c.queue.retry_schedule = [1, 2, 4, 8, 8].map(Duration::from_secs).to_vec();
-    c.queue.heartbeat = Duration::from_secs(1);
-    c.queue.poll_interval = Duration::from_millis(50);
     let wb = WriteBehind::builder(c.clone())
         .automatic_flush(false)
         .build()
@@ -166,5 +172,106 @@ async fn openfga_down_in_queue_mode_loses_nothing() {
     assert_eq!(
         in_openfga, expected,
         "OpenFGA holds every acknowledged tuple"
+    );
+}
+
+/// OpenFGA down for longer than the whole retry schedule (100 ms, 100 ms):
+/// every op dies as a transient dead letter, and a revoke of one granted
+/// tuple (dead too) supersedes its grant. Nobody runs `dlq replay`: once
+/// OpenFGA is back, the worker replays the transient letters by itself
+/// (`queue.replay_transient`, 200 ms here) and queues them, dropping the
+/// superseded grant. OpenFGA ends with every grant but the revoked one,
+/// nothing pending or queued, no dead letters, and the totals add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outage_longer_than_the_retries_needs_no_person() {
+    const M: usize = 40;
+    let mut server = OwnOpenFga::start().await;
+    let admin = server.client();
+    let store_id = admin.create_store("wb-queue-replay").await.unwrap();
+    let model_id = admin
+        .write_authorization_model(&store_id, &documents_model())
+        .await
+        .unwrap();
+    let mut c = queue_config(&server, &store_id, model_id);
+    c.queue.retry_schedule = vec![Duration::from_millis(100); 2];
+    c.queue.request_retries = 0;
+    c.queue.replay_transient = Duration::from_millis(200);
+    let wb = WriteBehind::builder(c.clone())
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    let worker = Worker::start(c, 4);
+
+    server.kill().await;
+    for i in 0..M {
+        let (u, r, o) = tuple(i);
+        wb.grant(&u, r, &o).await.unwrap();
+    }
+    wb.flush().await.unwrap();
+    let dead = |n: usize| {
+        let wb = wb.clone();
+        async move { wb.dead_letters().await.unwrap().len() == n }
+    };
+    eventually(&wb, "every grant to die", Duration::from_secs(30), || {
+        dead(M)
+    })
+    .await;
+    let (u, r, o) = tuple(0);
+    wb.revoke(&u, r, &o).await.unwrap();
+    wb.flush().await.unwrap();
+    eventually(&wb, "the revoke to die", Duration::from_secs(30), || {
+        dead(M + 1)
+    })
+    .await;
+    let letters = wb.dead_letters().await.unwrap();
+    assert!(letters.iter().all(|d| d.transient), "{letters:?}");
+    let superseded: Vec<_> = letters.iter().filter(|d| d.superseded).collect();
+    assert_eq!(superseded.len(), 1, "{letters:?}");
+    assert_eq!(
+        (superseded[0].tuple.user.as_str(), superseded[0].op),
+        (u.as_str(), fga_wb::Op::Grant)
+    );
+
+    server.run().await;
+    eventually(
+        &wb,
+        "the worker to replay and apply the letters",
+        Duration::from_secs(30),
+        || async {
+            let st = wb.status().await.unwrap();
+            let q = st.queue.unwrap();
+            st.dead_letters == 0
+                && st.pending.total + st.pending.in_flight == 0
+                && q.pending + q.running + q.scheduled == 0
+        },
+    )
+    .await;
+    worker.stop().await;
+
+    let in_openfga: BTreeSet<String> = admin
+        .read_all(&store_id, &Default::default())
+        .await
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let expected: BTreeSet<String> = (1..M)
+        .map(|i| {
+            let (u, r, o) = tuple(i);
+            format!("{o}#{r}@{u}")
+        })
+        .collect();
+    assert_eq!(in_openfga, expected, "every grant but the revoked one");
+    let t = wb.status().await.unwrap().totals;
+    // M grants and a revoke, then M replays (M - 1 grants and the revoke).
+    assert_eq!(
+        (t.acknowledged, t.applied, t.dead_lettered),
+        (2 * M as u64 + 1, M as u64, M as u64 + 1),
+        "{t:?}"
+    );
+    assert_eq!(
+        t.acknowledged,
+        t.applied + t.coalesced + t.dead_lettered + t.cleared
     );
 }

@@ -364,8 +364,13 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
                 out!("no dead letters");
             }
             for d in letters {
+                let state = match (d.superseded, d.transient) {
+                    (true, _) => "superseded  ",
+                    (false, true) => "transient  ",
+                    _ => "",
+                };
                 out!(
-                    "{:>6}  {:<6}  {}  attempts={}  {}{}",
+                    "{:>6}  {:<6}  {}  attempts={}  {state}{}{}",
                     d.id,
                     format!("{:?}", d.op).to_lowercase(),
                     d.tuple,
@@ -378,8 +383,16 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
         }
         Dlq::Replay { all, ids: given } => {
             let which = ids(*all, given)?;
-            let n = wb.replay_dead_letters(which.as_deref()).await?;
-            report_count(json, "replayed", n)
+            let r = wb.replay_dead_letters(which.as_deref()).await?;
+            if json {
+                return print_json(&r);
+            }
+            out!(
+                "replayed {} dead letters; dropped {} superseded by a newer op on their tuple",
+                r.replayed,
+                r.superseded
+            );
+            Ok(())
         }
         Dlq::Purge { all, ids: given } => {
             let which = ids(*all, given)?;

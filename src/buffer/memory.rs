@@ -28,8 +28,8 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::future::{self, BoxFuture};
 
 use super::{
-    counts_for, key_of, tuple_of, DeadLetter, Finished, Outcome, Pending, Pushed, Relevant, Store,
-    Take, Taken,
+    counts_for, key_of, tuple_of, DeadLetter, Finished, Outcome, Pending, Pushed, Relevant,
+    Replayed, Store, Take, Taken,
 };
 use crate::error::{Error, Kind, Result};
 use crate::model::Dep;
@@ -55,6 +55,8 @@ pub(crate) struct MemoryStore {
     next_shard: AtomicUsize,
     epoch: Instant,
     dead: Mutex<DeadLetters>,
+    /// Keys with dead letters: while 0, applying an op needs no look at them.
+    dead_keys: AtomicUsize,
     written: super::written::Written,
 }
 
@@ -62,6 +64,37 @@ pub(crate) struct MemoryStore {
 struct DeadLetters {
     letters: Vec<DeadLetter>,
     next_id: u64,
+    /// Key -> the id of its newest letter, or 0 once a newer op on the key
+    /// was applied or cleared: a letter is current (replayable) only while
+    /// this names it and the key has no op buffered.
+    latest: HashMap<String, u64>,
+}
+
+impl DeadLetters {
+    fn add(&mut self, letter: DeadLetter) {
+        self.latest.insert(key_of(&letter.tuple), letter.id);
+        self.letters.push(letter);
+    }
+
+    /// A newer op on `key` ended (applied, cleared): its letters are stale.
+    fn supersede(&mut self, key: &str) {
+        if let Some(id) = self.latest.get_mut(key) {
+            *id = 0;
+        }
+    }
+
+    fn remove(&mut self, pos: usize) -> DeadLetter {
+        let d = self.letters.remove(pos);
+        let key = key_of(&d.tuple);
+        if self.latest.get(&key) == Some(&d.id) {
+            self.latest.remove(&key);
+        }
+        // A key whose letters are all gone needs no watching.
+        if self.latest.get(&key) == Some(&0) && !self.letters.iter().any(|x| x.tuple == d.tuple) {
+            self.latest.remove(&key);
+        }
+        d
+    }
 }
 
 /// The ops of the objects that hash to one shard.
@@ -152,9 +185,10 @@ impl MemoryStore {
             next_shard: AtomicUsize::new(0),
             epoch: Instant::now(),
             dead: Mutex::new(DeadLetters {
-                letters: Vec::new(),
                 next_id: 1,
+                ..Default::default()
             }),
+            dead_keys: AtomicUsize::new(0),
             written: Default::default(),
         }
     }
@@ -185,10 +219,15 @@ impl MemoryStore {
     }
 
     fn push_now(&self, tuple: &TupleKey, op: Op) -> Result<Pushed> {
+        let mut shard = self.lock(self.shard_of(&tuple.object));
+        self.push_locked(&mut shard, tuple, op)
+    }
+
+    /// Pushes with the tuple's shard locked.
+    fn push_locked(&self, shard: &mut Shard, tuple: &TupleKey, op: Op) -> Result<Pushed> {
         let key = key_of(tuple);
         let condition = tuple.condition.clone().map(Box::new);
         let now = self.now_cs();
-        let mut shard = self.lock(self.shard_of(&tuple.object));
         let part_no = shard.part_index(tuple.object_type(), &tuple.relation);
         let part = &mut shard.parts[part_no];
         let existing = part
@@ -260,7 +299,6 @@ impl MemoryStore {
         };
         part.ops[kind(op)] += 1;
         self.pending[kind(op)].fetch_add(1, Ordering::Relaxed);
-        drop(shard);
         Ok(Pushed {
             coalesced,
             pending: self.pending_total(),
@@ -357,7 +395,6 @@ impl MemoryStore {
         for (t, o) in done {
             by_shard[self.shard_of(&t.tuple.object)].push((key_of(&t.tuple), t, o));
         }
-        let mut dead = Vec::new();
         for (shard, items) in by_shard.into_iter().enumerate() {
             if items.is_empty() {
                 continue;
@@ -395,18 +432,37 @@ impl MemoryStore {
                 self.in_flight.fetch_sub(1, Ordering::Relaxed);
                 let superseded = slot.pending.is_some();
                 match outcome {
-                    Outcome::Applied => f.applied += 1,
+                    Outcome::Applied => {
+                        f.applied += 1;
+                        if self.dead_keys.load(Ordering::Relaxed) > 0 {
+                            self.dead().supersede(&key);
+                        }
+                    }
                     _ if superseded => f.superseded += 1,
-                    Outcome::Dead { reason, code } => {
+                    Outcome::Dead {
+                        reason,
+                        code,
+                        transient,
+                    } => {
                         f.dead += 1;
-                        dead.push((
-                            taken.tuple,
-                            entry.op,
-                            entry.seq,
+                        // Under the shard lock, so a replay never sees the
+                        // key free before its newest letter exists.
+                        let mut d = self.dead();
+                        let id = d.next_id;
+                        d.next_id += 1;
+                        d.add(DeadLetter {
+                            id,
+                            tuple: taken.tuple,
+                            op: entry.op,
+                            seq: entry.seq,
                             reason,
                             code,
-                            entry.attempts,
-                        ));
+                            attempts: u32::from(entry.attempts) + 1,
+                            dead_at: SystemTime::now(),
+                            transient,
+                            superseded: false,
+                        });
+                        self.dead_keys.store(d.latest.len(), Ordering::Relaxed);
                     }
                     Outcome::Retry | Outcome::Stale | Outcome::Busy | Outcome::Keep => {
                         f.requeued += 1;
@@ -430,24 +486,66 @@ impl MemoryStore {
                 }
             }
         }
-        if !dead.is_empty() {
-            let mut d = self.dead();
-            for (tuple, op, seq, reason, code, attempts) in dead {
-                let id = d.next_id;
-                d.next_id += 1;
-                d.letters.push(DeadLetter {
-                    id,
-                    tuple,
-                    op,
-                    seq,
-                    reason,
-                    code,
-                    attempts: u32::from(attempts) + 1,
-                    dead_at: SystemTime::now(),
-                });
-            }
-        }
         f
+    }
+
+    fn replay_now(&self, ids: Option<&[u64]>, only_transient: bool) -> Result<Replayed> {
+        let chosen: Vec<DeadLetter> = self
+            .dead()
+            .letters
+            .iter()
+            .filter(|d| ids.is_none_or(|ids| ids.contains(&d.id)))
+            .filter(|d| !only_transient || d.transient)
+            .cloned()
+            .collect();
+        let mut r = Replayed::default();
+        for (i, d) in chosen.iter().enumerate() {
+            let key = key_of(&d.tuple);
+            let mut shard = self.lock(self.shard_of(&d.tuple.object));
+            let buffered = shard
+                .part(d.tuple.object_type(), &d.tuple.relation)
+                .is_some_and(|p| shard.parts[p].slots.contains_key(key.as_str()));
+            let mut dead = self.dead();
+            let Some(pos) = dead.letters.iter().position(|x| x.id == d.id) else {
+                continue; // purged meanwhile
+            };
+            if buffered || dead.latest.get(&key) != Some(&d.id) {
+                dead.remove(pos);
+                r.superseded += 1;
+            } else {
+                match self.push_locked(&mut shard, &d.tuple, d.op) {
+                    Ok(_) => {
+                        dead.remove(pos);
+                        r.replayed += 1;
+                        r.tuples.push(d.tuple.clone());
+                    }
+                    Err(e) if e.is_buffer_full() => {
+                        r.kept = chosen.len() - i;
+                        self.dead_keys.store(dead.latest.len(), Ordering::Relaxed);
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            self.dead_keys.store(dead.latest.len(), Ordering::Relaxed);
+        }
+        Ok(r)
+    }
+
+    fn dead_now(&self) -> Vec<DeadLetter> {
+        let letters = self.dead().letters.clone();
+        letters
+            .into_iter()
+            .map(|mut d| {
+                let key = key_of(&d.tuple);
+                let shard = self.lock(self.shard_of(&d.tuple.object));
+                let buffered = shard
+                    .part(d.tuple.object_type(), &d.tuple.relation)
+                    .is_some_and(|p| shard.parts[p].slots.contains_key(key.as_str()));
+                d.superseded = buffered || self.dead().latest.get(&key) != Some(&d.id);
+                d
+            })
+            .collect()
     }
 
     fn relevant_now(
@@ -627,8 +725,12 @@ impl MemoryStore {
                 }
                 let mut gone = 0;
                 let mut counts = [0usize; 2];
+                let watch = self.dead_keys.load(Ordering::Relaxed) > 0;
                 part.slots.retain(|key, slot| {
                     if let Some(e) = slot.pending.take() {
+                        if watch {
+                            self.dead().supersede(key);
+                        }
                         counts[kind(e.op)] += 1;
                         dropped.push((tuple_of(key, e.condition.map(|c| *c)), e.op));
                     }
@@ -720,7 +822,15 @@ impl Store for MemoryStore {
     }
 
     fn dead_letters(&self) -> BoxFuture<'_, Result<Vec<DeadLetter>>> {
-        Box::pin(future::ready(Ok(self.dead().letters.clone())))
+        Box::pin(future::ready(Ok(self.dead_now())))
+    }
+
+    fn replay_dead_letters<'a>(
+        &'a self,
+        ids: Option<&'a [u64]>,
+        only_transient: bool,
+    ) -> BoxFuture<'a, Result<Replayed>> {
+        Box::pin(future::ready(self.replay_now(ids, only_transient)))
     }
 
     fn remove_dead_letters<'a>(
@@ -728,16 +838,16 @@ impl Store for MemoryStore {
         ids: Option<&'a [u64]>,
     ) -> BoxFuture<'a, Result<Vec<DeadLetter>>> {
         let mut g = self.dead();
-        let removed = match ids {
-            None => std::mem::take(&mut g.letters),
-            Some(ids) => {
-                let (out, keep) = std::mem::take(&mut g.letters)
-                    .into_iter()
-                    .partition(|d| ids.contains(&d.id));
-                g.letters = keep;
-                out
-            }
-        };
+        let mut removed = Vec::new();
+        while let Some(pos) = g
+            .letters
+            .iter()
+            .position(|d| ids.is_none_or(|ids| ids.contains(&d.id)))
+        {
+            removed.push(g.remove(pos));
+        }
+        self.dead_keys.store(g.latest.len(), Ordering::Relaxed);
+        drop(g);
         Box::pin(future::ready(Ok(removed)))
     }
 }
@@ -749,6 +859,104 @@ mod tests {
 
     fn t(user: &str, rel: &str, obj: &str) -> TupleKey {
         TupleKey::new(user, rel, obj).unwrap()
+    }
+
+    /// Pushes `op` on `k`, takes it and ends it with `outcome`.
+    fn settle(s: &MemoryStore, k: &TupleKey, op: Op, outcome: Outcome) {
+        s.push_now(k, op).unwrap();
+        let taken = s.take_now(10, Take::All, u64::MAX);
+        assert_eq!(taken.len(), 1);
+        s.finish_now(taken.into_iter().map(|t| (t, outcome.clone())).collect());
+    }
+
+    fn died(transient: bool) -> Outcome {
+        Outcome::Dead {
+            reason: "refused".into(),
+            code: None,
+            transient,
+        }
+    }
+
+    #[test]
+    fn a_replay_drops_letters_a_newer_op_superseded() {
+        let s = MemoryStore::new(10);
+        let (a, b, c) = (
+            t("user:a", "viewer", "document:1"),
+            t("user:b", "viewer", "document:1"),
+            t("user:c", "viewer", "document:1"),
+        );
+        // a: granted, died, then revoked and the revoke applied.
+        settle(&s, &a, Op::Grant, died(false));
+        settle(&s, &a, Op::Revoke, Outcome::Applied);
+        // b: died and nothing since.
+        settle(&s, &b, Op::Grant, died(true));
+        // c: died, then a newer op is pending.
+        settle(&s, &c, Op::Grant, died(false));
+        s.push_now(&c, Op::Revoke).unwrap();
+        let letters = s.dead_now();
+        let flags: Vec<(String, bool, bool)> = letters
+            .iter()
+            .map(|d| (d.tuple.user.clone(), d.superseded, d.transient))
+            .collect();
+        assert_eq!(
+            flags,
+            [
+                ("user:a".into(), true, false),
+                ("user:b".into(), false, true),
+                ("user:c".into(), true, false)
+            ]
+        );
+
+        let r = s.replay_now(None, false).unwrap();
+        assert_eq!((r.replayed, r.superseded, r.kept), (1, 2, 0));
+        assert_eq!(r.tuples, std::slice::from_ref(&b));
+        assert!(s.dead_now().is_empty());
+        // b is pending again as a grant; c's pending revoke is untouched.
+        let mut pending: Vec<(String, Op)> = s
+            .take_now(10, Take::All, u64::MAX)
+            .into_iter()
+            .map(|t| (t.tuple.user, t.op))
+            .collect();
+        pending.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(
+            pending,
+            [("user:b".into(), Op::Grant), ("user:c".into(), Op::Revoke)]
+        );
+    }
+
+    #[test]
+    fn a_newer_letter_supersedes_an_older_one_and_only_transient_ones_replay_automatically() {
+        let s = MemoryStore::new(10);
+        let (a, b) = (
+            t("user:a", "viewer", "document:1"),
+            t("user:b", "viewer", "document:1"),
+        );
+        settle(&s, &a, Op::Grant, died(true));
+        settle(&s, &a, Op::Revoke, died(true));
+        settle(&s, &b, Op::Grant, died(false));
+        let r = s.replay_now(None, true).unwrap();
+        assert_eq!((r.replayed, r.superseded), (1, 1), "{r:?}");
+        let left = s.dead_now();
+        assert_eq!(left.len(), 1, "the permanent letter stays: {left:?}");
+        assert_eq!(left[0].tuple, b);
+        let taken = s.take_now(10, Take::All, u64::MAX);
+        assert_eq!(
+            (taken.len(), taken[0].op),
+            (1, Op::Revoke),
+            "the newest op of a is what was replayed"
+        );
+    }
+
+    #[test]
+    fn a_replay_into_a_full_buffer_keeps_the_letters() {
+        let s = MemoryStore::new(1);
+        let a = t("user:a", "viewer", "document:1");
+        settle(&s, &a, Op::Grant, died(false));
+        s.push_now(&t("user:z", "viewer", "document:9"), Op::Grant)
+            .unwrap();
+        let r = s.replay_now(None, false).unwrap();
+        assert_eq!((r.replayed, r.kept), (0, 1));
+        assert_eq!(s.dead_now().len(), 1);
     }
 
     #[test]
@@ -946,7 +1154,7 @@ mod tests {
                                 let o = match (*mode, final_drain) {
                                     (0, _) | (_, true) => Outcome::Applied,
                                     (1, _) => Outcome::Retry,
-                                    _ => Outcome::Dead { reason: "bad".into(), code: None },
+                                    _ => Outcome::Dead { reason: "bad".into(), code: None, transient: false },
                                 };
                                 if matches!(o, Outcome::Applied) {
                                     server.insert(key_of(&t.tuple), t.op);

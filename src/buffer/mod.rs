@@ -48,10 +48,12 @@ pub(crate) struct Taken {
 pub(crate) enum Outcome {
     /// OpenFGA has it.
     Applied,
-    /// OpenFGA refused it for good: dead-letter it (unless superseded).
+    /// OpenFGA refused it for good, or (`transient`) a queue worker gave
+    /// up after its retry schedule: dead-letter it (unless superseded).
     Dead {
         reason: String,
         code: Option<String>,
+        transient: bool,
     },
     /// Not applied; try again later (unless superseded).
     Retry,
@@ -175,6 +177,29 @@ pub struct DeadLetter {
     /// When it was dead-lettered.
     #[serde(with = "unix_secs")]
     pub dead_at: SystemTime,
+    /// It died of a transient cause (OpenFGA unreachable or failing through
+    /// a queue job's whole retry schedule), not because OpenFGA refused it:
+    /// sent again unchanged, it may well be applied.
+    pub transient: bool,
+    /// A newer op on the same tuple was acknowledged since: replaying this
+    /// letter would undo it, so a replay drops it instead.
+    pub superseded: bool,
+}
+
+/// What a replay of dead letters did.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Replayed {
+    /// Letters buffered again as new ops (flushed, or queued, by the replay).
+    pub replayed: usize,
+    /// Letters dropped because a newer op on their tuple was acknowledged
+    /// after they died: that op is what the application wants now.
+    pub superseded: usize,
+    /// Letters kept because the buffer had no room for them.
+    #[serde(skip)]
+    pub kept: usize,
+    /// The tuples replayed, for cached answers to drop.
+    #[serde(skip)]
+    pub tuples: Vec<TupleKey>,
 }
 
 /// A pending-op store: the memory store, or the Redis store shared by
@@ -220,6 +245,17 @@ pub(crate) trait Store: Send + Sync + 'static {
         &'a self,
         ids: Option<&'a [u64]>,
     ) -> BoxFuture<'a, Result<Vec<DeadLetter>>>;
+    /// Buffers dead letters again as new ops (those with `ids`, or all; with
+    /// `only_transient`, only those that died of transient causes), in one
+    /// step per letter that also drops a superseded letter instead: one whose
+    /// tuple has a newer op pending, applied or dead since. A letter leaves
+    /// the dead letters only once its op is buffered; with the buffer full,
+    /// the rest are kept.
+    fn replay_dead_letters<'a>(
+        &'a self,
+        ids: Option<&'a [u64]>,
+        only_transient: bool,
+    ) -> BoxFuture<'a, Result<Replayed>>;
     /// Whether other processes share this store (their ops can change
     /// answers without this process seeing the op).
     fn shared(&self) -> bool {

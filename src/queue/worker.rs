@@ -99,6 +99,7 @@ impl Applier {
                         Outcome::Dead {
                             reason: why.clone(),
                             code: code.clone(),
+                            transient: true,
                         },
                     )
                 }));
@@ -250,6 +251,7 @@ async fn run_worker(
     let mut config = config;
     config.queue.worker_concurrency = concurrency.max(1);
     let applier = Arc::new(applier(&config).await?);
+    let replay_applier = applier.clone();
     let store = applier.store.clone();
     let name = store.writer().to_owned();
     tracing::info!(worker = %name, concurrency, "worker started");
@@ -277,6 +279,13 @@ async fn run_worker(
         Ok::<(), std::io::Error>(())
     };
     let grace = config.flush.shutdown_deadline;
+    // Owned by this function: stopped with the worker.
+    let replayer = (!config.queue.replay_transient.is_zero()).then(|| {
+        tokio::spawn(replay_transient_letters(
+            replay_applier,
+            config.queue.replay_transient,
+        ))
+    });
     let running: futures::future::BoxFuture<'static, _> = Box::pin(worker.run_until(signal));
     let mut cut_off = false;
     let result = tokio::select! {
@@ -287,12 +296,74 @@ async fn run_worker(
             Ok(())
         }
     };
+    if let Some(r) = replayer {
+        r.abort();
+    }
     // Whatever this worker still holds goes back at once, unless a job was
     // cut off mid-write (then when the lease ends).
     if let Err(e) = store.release(result.is_ok() && !cut_off).await {
         tracing::warn!(error = %e, "could not release this worker's lease; it ends by itself");
     }
     result
+}
+
+/// Every `every`: if dead letters died of transient causes and OpenFGA
+/// answers, replays them (superseded ones are dropped, see
+/// [`crate::buffer::Store::replay_dead_letters`]) and queues their jobs.
+async fn replay_transient_letters(applier: Arc<Applier>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = applier.replay_transient().await {
+            tracing::warn!(error = %e, "cannot replay transient dead letters yet; trying again later");
+        }
+    }
+}
+
+impl Applier {
+    /// One look for transient dead letters; see [`replay_transient_letters`].
+    async fn replay_transient(&self) -> Result<()> {
+        let letters = self.store.dead_letters().await?;
+        if !letters.iter().any(|d| d.transient && !d.superseded) {
+            return Ok(());
+        }
+        // OpenFGA answers again (and the credentials work): a cheap read.
+        let e = &self.engine;
+        e.client
+            .read_latest_authorization_model(&e.store_id)
+            .await?;
+        let r = self.store.replay_dead_letters(None, true).await?;
+        tracing::info!(
+            replayed = r.replayed,
+            superseded = r.superseded,
+            kept = r.kept,
+            "OpenFGA answers again: replayed dead letters that died of transient causes"
+        );
+        // Queued at once, as a flush would: no application process need be
+        // running.
+        let up_to = self.store.last_seq().await?;
+        let model = e.model_id.get();
+        loop {
+            let ops = self
+                .store
+                .take(e.max_tuples(), crate::buffer::Take::All, up_to)
+                .await?;
+            if ops.is_empty() {
+                return Ok(());
+            }
+            if let Err(err) = self
+                .store
+                .enqueue(&e.store_id, model.as_deref(), &ops)
+                .await
+            {
+                // Pending again, for the next flush or look.
+                let back = ops.into_iter().map(|t| (t, Outcome::Retry)).collect();
+                self.store.finish(back, None).await?;
+                return Err(err);
+            }
+        }
+    }
 }
 
 /// The applier for `config`: a Redis store and an OpenFGA client.

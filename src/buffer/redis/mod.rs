@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     key_of, tuple_of, Claim, DeadLetter, Finished, JobEnd, Outcome, Pending, Pushed, Relevant,
-    Store, StoreEvent, Take, Taken,
+    Replayed, Store, StoreEvent, Take, Taken,
 };
 use crate::error::{Error, Kind, Result};
 use crate::model::{Dep, RelName};
@@ -55,6 +55,8 @@ pub(crate) struct RedisStore {
     watch: Arc<Watch>,
     pushes: mpsc::Sender<PushRequest>,
     heartbeat: tokio::task::JoinHandle<()>,
+    /// Most keys the store holds (`buffer.capacity`).
+    capacity: usize,
 }
 
 /// What this process knows that a Redis which lost data would not, to
@@ -253,6 +255,13 @@ fn text(v: &Value) -> Result<String> {
     }
 }
 
+fn bytes(v: &Value) -> Result<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Ok(b.clone()),
+        other => text(other).map(String::into_bytes),
+    }
+}
+
 fn count(v: &[Value], i: usize) -> Result<u64> {
     Ok(v.get(i).map_or(Ok(0), int)?.max(0) as u64)
 }
@@ -366,6 +375,7 @@ impl RedisStore {
             watch,
             pushes,
             heartbeat,
+            capacity,
         })
     }
 
@@ -438,9 +448,15 @@ impl RedisStore {
         for (t, o) in &done {
             let (code, reason, err_code) = match o {
                 Outcome::Applied => ("a", "", ""),
-                Outcome::Dead { reason, code } => {
-                    ("d", reason.as_str(), code.as_deref().unwrap_or_default())
-                }
+                Outcome::Dead {
+                    reason,
+                    code,
+                    transient,
+                } => (
+                    if *transient { "D" } else { "d" },
+                    reason.as_str(),
+                    code.as_deref().unwrap_or_default(),
+                ),
                 Outcome::Retry => ("r", "", ""),
                 Outcome::Stale => ("s", "", ""),
                 Outcome::Busy => ("n", "", ""),
@@ -645,28 +661,28 @@ impl RedisStore {
         Ok(out)
     }
 
+    /// The dead letters (with `remove`: those with `ids`, or all, removed
+    /// in one script call), each marked superseded or not.
     async fn dead_now(&self, ids: Option<&[u64]>, remove: bool) -> Result<Vec<DeadLetter>> {
         let key = format!("{}:dead", self.prefix);
-        let mut conn = self.conn.clone();
-        let raw: Vec<(Vec<u8>, Vec<u8>)> = match ids {
-            None => redis::cmd("HGETALL")
+        let raw: Vec<(Vec<u8>, Vec<u8>)> = if remove {
+            let mut a = Args::new("dlqdrop", self.publish);
+            match ids {
+                None => a.push("*"),
+                Some([]) => return Ok(Vec::new()),
+                Some(ids) => a.push(ids),
+            };
+            items(self.call(&a).await?)?
+                .chunks_exact(2)
+                .map(|p| Ok((bytes(&p[0])?, bytes(&p[1])?)))
+                .collect::<Result<_>>()?
+        } else {
+            let mut conn = self.conn.clone();
+            redis::cmd("HGETALL")
                 .arg(&key)
                 .query_async(&mut conn)
                 .await
-                .map_err(redis_error)?,
-            Some([]) => Vec::new(),
-            Some(ids) => {
-                let vals: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
-                    .arg(&key)
-                    .arg(ids)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(redis_error)?;
-                ids.iter()
-                    .zip(vals)
-                    .filter_map(|(id, v)| v.map(|v| (id.to_string().into_bytes(), v)))
-                    .collect()
-            }
+                .map_err(redis_error)?
         };
         let mut out = Vec::with_capacity(raw.len());
         for (id, json) in &raw {
@@ -679,17 +695,62 @@ impl RedisStore {
                 ),
             }
         }
-        if remove && !raw.is_empty() {
-            let fields: Vec<&Vec<u8>> = raw.iter().map(|(id, _)| id).collect();
-            let _: i64 = redis::cmd("HDEL")
-                .arg(&key)
-                .arg(fields)
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-        }
         out.sort_by_key(|d| d.id);
+        if !remove {
+            for part in out.chunks_mut(1000) {
+                let mut a = Args::new("deadstate", self.publish);
+                for d in part.iter() {
+                    a.push(key_of(&d.tuple)).push(d.id);
+                }
+                let flags = items(self.call(&a).await?)?;
+                for (d, f) in part.iter_mut().zip(&flags) {
+                    d.superseded = int(f)? != 0;
+                }
+            }
+        }
         Ok(out)
+    }
+
+    /// See [`Store::replay_dead_letters`]: in steps of a few hundred
+    /// letters, each step one script call.
+    async fn replay_now(&self, ids: Option<&[u64]>, only_transient: bool) -> Result<Replayed> {
+        let ids: Vec<u64> = match ids {
+            Some(ids) => ids.to_vec(),
+            None => {
+                let mut conn = self.conn.clone();
+                let mut all: Vec<u64> = redis::cmd("HKEYS")
+                    .arg(format!("{}:dead", self.prefix))
+                    .query_async::<Vec<String>>(&mut conn)
+                    .await
+                    .map_err(redis_error)?
+                    .iter()
+                    .filter_map(|id| id.parse().ok())
+                    .collect();
+                all.sort_unstable();
+                all
+            }
+        };
+        let mut r = Replayed::default();
+        for (n, part) in ids.chunks(REPLAY_STEP).enumerate() {
+            let mut a = Args::new("replay", self.publish);
+            a.push(now_ms())
+                .push(self.capacity)
+                .push(u8::from(only_transient))
+                .push(part);
+            let v = items(self.call(&a).await?)?;
+            r.replayed += count(&v, 0)? as usize;
+            r.superseded += count(&v, 1)? as usize;
+            for p in v.get(3..).unwrap_or_default().chunks_exact(2) {
+                r.tuples
+                    .push(tuple_of(&text(&p[0])?, condition_of(&text(&p[1])?)));
+            }
+            let kept = count(&v, 2)? as usize;
+            if kept > 0 {
+                r.kept = kept + ids.len().saturating_sub((n + 1) * REPLAY_STEP);
+                break;
+            }
+        }
+        Ok(r)
     }
 
     /// Hands ops this writer took to a new job; returns the job's id, or
@@ -961,7 +1022,12 @@ struct StoredDead {
     dead_at: u64,
     #[serde(default)]
     cond: String,
+    #[serde(default)]
+    transient: bool,
 }
+
+/// Letters one replay script call handles: Redis is not held up long.
+const REPLAY_STEP: usize = 500;
 
 fn parse_dead(json: &str) -> Option<DeadLetter> {
     let d: StoredDead = serde_json::from_str(json).ok()?;
@@ -976,6 +1042,8 @@ fn parse_dead(json: &str) -> Option<DeadLetter> {
         code: (!d.code.is_empty()).then_some(d.code),
         attempts: d.attempts,
         dead_at: UNIX_EPOCH + Duration::from_secs(d.dead_at),
+        transient: d.transient,
+        superseded: false,
     })
 }
 
@@ -1269,6 +1337,14 @@ impl Store for RedisStore {
         ids: Option<&'a [u64]>,
     ) -> BoxFuture<'a, Result<Vec<DeadLetter>>> {
         Box::pin(self.dead_now(ids, true))
+    }
+
+    fn replay_dead_letters<'a>(
+        &'a self,
+        ids: Option<&'a [u64]>,
+        only_transient: bool,
+    ) -> BoxFuture<'a, Result<Replayed>> {
+        Box::pin(self.replay_now(ids, only_transient))
     }
 
     fn shared(&self) -> bool {

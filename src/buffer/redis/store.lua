@@ -25,6 +25,10 @@
 --                              were made pending again)
 --   P:jobseq           string  last job id
 --   P:dead             hash    id -> dead letter (JSON); P:deadseq its counter
+--   P:deadkey          hash    tuple key -> id of its newest letter, or 0 once a
+--                              newer op on the key was applied or cleared: a
+--                              letter is replayable only while this names it
+--                              and the key has no entry in P:ops
 --   P:stats            hash    totals and notes
 --   P:gen              hash    "type#rel" -> changes of its checks; "*" -> any
 --   P:written          hash    "type#rel" -> when a write on it was last applied
@@ -60,6 +64,7 @@ local tostring, tonumber, pairs, ipairs, unpack = tostring, tonumber, pairs, ipa
 local rcall, pcall_ = redis.call, redis.pcall
 -- Key and field names built once per call, not once per op.
 local K_OPS, K_COUNTS, K_REL, K_BLOCKED = P .. ':ops', P .. ':counts', P .. ':rel', P .. ':blocked'
+local K_DEAD, K_DEADKEY = P .. ':dead', P .. ':deadkey'
 local K_READY = { g = P .. ':ready:g', r = P .. ':ready:r' }
 local F_PENDING = { g = 'pg', r = 'pr' }
 local lex_keys, rel_fields = {}, {}
@@ -435,6 +440,28 @@ end
 
 -- Writers whose lease ended: what they were writing is ready again (or back
 -- with its job), and the jobs they ran go back to the queue.
+-- A newer op on these keys was applied or cleared: their dead letters are
+-- stale (see P:deadkey). Free while no key has letters.
+local function supersede_letters(keys)
+  if rcall('HLEN', K_DEADKEY) == 0 then return end
+  for i = 1, #keys, 4000 do
+    local part = { unpack(keys, i, math.min(i + 3999, #keys)) }
+    local ids = rcall('HMGET', K_DEADKEY, unpack(part))
+    for j, k in ipairs(part) do
+      if ids[j] and ids[j] ~= '0' then rcall('HSET', K_DEADKEY, k, 0) end
+    end
+  end
+end
+
+-- A new pending op on a key that has none.
+local function add_entry(key, op, cond, seq, now)
+  local e = { seq = seq, first = seq, since = now, op = op, state = 'r', job = '', writer = '', cond = cond }
+  count_state(e, 1, key)
+  index_latest(key, e, 1)
+  set_ready(key, e, true)
+  return e
+end
+
 local function reclaim(now)
   local dead = rcall('ZRANGEBYSCORE', P .. ':owners', '-inf', now, 'LIMIT', 0, 20)
   local reclaimed, folded = 0, 0
@@ -506,10 +533,7 @@ if cmd == 'push' then
       local e
       if not cur then
         size = size + 1
-        e = { seq = seq, first = seq, since = now, op = op, state = 'r', job = '', writer = '', cond = cond }
-        count_state(e, 1, key)
-        index_latest(key, e, 1)
-        set_ready(key, e, true)
+        e = add_entry(key, op, cond, seq, now)
       else
         index_latest(key, cur, -1)
         count_state(cur, -1, key)
@@ -757,13 +781,15 @@ if cmd == 'finish' then
       applied = applied + 1
       tinsert(written, key)
       if writing or held then drop(key, e) elseif behind then move(key, e, 'r') end
-    elseif outcome == 'd' and (writing or held) then
+    elseif (outcome == 'd' or outcome == 'D') and (writing or held) then
       dead = dead + 1
       drop(key, e)
       local id = rcall('INCR', P .. ':deadseq')
-      rcall('HSET', P .. ':dead', id, cjson.encode({
+      rcall('HSET', K_DEAD, id, cjson.encode({
         id = id, key = key, op = e.op, seq = tonumber(e.seq), reason = reason, code = code,
-        attempts = attempts, dead_at = math.floor(now / 1000), cond = e.cond }))
+        attempts = attempts, dead_at = math.floor(now / 1000), cond = e.cond,
+        transient = outcome == 'D' }))
+      rcall('HSET', K_DEADKEY, key, id)
       local rel = rel_of(key)
       if rel then rels[rel] = true end
     elseif outcome == 'r' and writing then
@@ -804,7 +830,10 @@ if cmd == 'finish' then
     rcall('SREM', P .. ':wj:' .. writer, job)
     rcall('ZADD', P .. ':jobq', due, job)
   end
-  if #written > 0 then note_written(written) end
+  if #written > 0 then
+    note_written(written)
+    supersede_letters(written)
+  end
   if notify then publish('finished') end
   return { applied, dead, requeued, superseded }
 end
@@ -1052,6 +1081,9 @@ if cmd == 'clear' then
     end
   end
   if #out > 0 then
+    local cleared = {}
+    for i = 1, #out, 3 do tinsert(cleared, out[i]) end
+    supersede_letters(cleared)
     incr(P .. ':stats', 'cleared', #out / 3)
     for _, f in ipairs(rcall('HKEYS', P .. ':gen')) do incr(P .. ':gen', f, 1) end
     incr(P .. ':gen', '*', 1)
@@ -1076,7 +1108,7 @@ local function category(key)
   if head == 'ops' or head == 'ready' or head == 'lex' or head == 'blocked' or head == 'w' then
     return 'pending'
   end
-  if head == 'dead' or head == 'deadseq' then return 'dead' end
+  if head == 'dead' or head == 'deadseq' or head == 'deadkey' then return 'dead' end
   if head == 'jobs' or head == 'jobq' or head == 'jobrun' or head == 'jk' or head == 'wj'
     or head == 'badjobs' then
     return 'queue'
@@ -1084,6 +1116,105 @@ local function category(key)
   -- Counters (counts, rel, seq, jobseq, stats, gen), epochs, owners, write
   -- marks: a fixed set of keys, whatever the volume.
   return 'meta'
+end
+
+-- Letters by id, or every letter for '*', in id order.
+local function letter_ids(from)
+  local ids = {}
+  if ARGV[from] == '*' then
+    ids = rcall('HKEYS', K_DEAD)
+    table.sort(ids, function(a, b) return (tonumber(a) or 0) < (tonumber(b) or 0) end)
+  else
+    for i = from, #ARGV do tinsert(ids, ARGV[i]) end
+  end
+  return ids
+end
+
+-- A letter's fields, or nil when it is not one fga-wb wrote.
+local function letter(raw)
+  if not raw then return nil end
+  local ok, d = pcall(cjson.decode, raw)
+  if not ok or type(d) ~= 'table' or type(d.key) ~= 'string' or (d.op ~= 'g' and d.op ~= 'r') then
+    return nil
+  end
+  if type(d.cond) ~= 'string' then d.cond = '' end
+  return d
+end
+
+-- replay pub now cap only_transient (id* | '*')
+--   -> {replayed, superseded, kept, (key, cond)* of the replayed}
+-- Each letter, in one step: dropped if superseded (its key has an entry, or
+-- P:deadkey does not name it), else buffered again as a new op; with the
+-- buffer full, it and the rest stay.
+if cmd == 'replay' then
+  local now, cap, only_transient = ARGV[3], tonumber(ARGV[4]), ARGV[5] == '1'
+  local ids = letter_ids(6)
+  local size = rcall('HLEN', K_OPS)
+  local replayed, superseded, kept = 0, 0, 0
+  local out, rels = {}, {}
+  for i, id in ipairs(ids) do
+    local d = letter(rcall('HGET', K_DEAD, id))
+    if d and (not only_transient or d.transient == true) then
+      load({ d.key })
+      local latest = rcall('HGET', K_DEADKEY, d.key)
+      if cache[d.key] or latest ~= tostring(id) then
+        superseded = superseded + 1
+        rcall('HDEL', K_DEAD, id)
+        if latest == tostring(id) then rcall('HDEL', K_DEADKEY, d.key) end
+      elseif size >= cap then
+        kept = #ids - i + 1
+        break
+      else
+        local seq = tostring(rcall('INCR', P .. ':seq'))
+        put(d.key, add_entry(d.key, d.op, d.cond, seq, now))
+        size = size + 1
+        replayed = replayed + 1
+        local rel = rel_of(d.key)
+        if rel then rels[rel] = true end
+        rcall('HDEL', K_DEAD, id)
+        rcall('HDEL', K_DEADKEY, d.key)
+        tinsert(out, d.key)
+        tinsert(out, d.cond)
+      end
+    end
+  end
+  if replayed > 0 then incr(P .. ':stats', 'acknowledged', replayed) end
+  bump_gen(rels)
+  apply_writes()
+  local res = { replayed, superseded, kept }
+  for _, v in ipairs(out) do tinsert(res, v) end
+  return res
+end
+
+-- dlqdrop pub (id* | '*') -> {(id, letter)*}: removes letters (purge).
+if cmd == 'dlqdrop' then
+  local out = {}
+  for _, id in ipairs(letter_ids(3)) do
+    local raw = rcall('HGET', K_DEAD, id)
+    if raw then
+      tinsert(out, id)
+      tinsert(out, raw)
+      rcall('HDEL', K_DEAD, id)
+      local d = letter(raw)
+      if d and rcall('HGET', K_DEADKEY, d.key) == tostring(id) then
+        rcall('HDEL', K_DEADKEY, d.key)
+      end
+    end
+  end
+  if ARGV[3] == '*' then rcall('DEL', K_DEADKEY) end
+  return out
+end
+
+-- deadstate pub key* -> {superseded (0/1)}* for letters whose ids are in
+-- the same order as their keys: used by listings.
+if cmd == 'deadstate' then
+  local out = {}
+  for i = 3, #ARGV, 2 do
+    local key, id = ARGV[i], ARGV[i + 1]
+    local buffered = rcall('HEXISTS', K_OPS, key) == 1
+    tinsert(out, (buffered or rcall('HGET', K_DEADKEY, key) ~= id) and 1 or 0)
+  end
+  return out
 end
 
 if cmd == 'usage' then
