@@ -913,9 +913,12 @@ impl WriteBehind {
                 e.wake_now();
                 match tokio::time::timeout_at(deadline, changed.changed()).await {
                     Ok(Ok(())) => continue,
+                    // The real cause, when flushing is stopped.
                     _ => {
-                        return Err(Error::new(Kind::CheckWouldBeStale {
-                            waited: waited_from.elapsed(),
+                        return Err(e.stats.halted().unwrap_or_else(|| {
+                            Error::new(Kind::CheckWouldBeStale {
+                                waited: waited_from.elapsed(),
+                            })
                         }))
                     }
                 }
@@ -1011,6 +1014,13 @@ impl WriteBehind {
 
     /// Writes everything acknowledged so far to OpenFGA and reports what
     /// happened. Also resumes flushing after an auth failure was fixed.
+    ///
+    /// Fails with OpenFGA's error ([`Error::is_auth`], [`Error::is_not_found`])
+    /// when the server refused the credentials or does not know the store:
+    /// nothing can be written until that is fixed, and every op is kept. A
+    /// transient failure (OpenFGA down, 5xx, 429) is not an error here: the
+    /// report's `error` says what happened, the ops stay pending and are
+    /// retried by themselves.
     #[tracing::instrument(level = "debug", skip(self))]
     pub async fn flush(&self) -> Result<FlushReport> {
         let (tx, rx) = oneshot::channel();
@@ -1019,7 +1029,13 @@ impl WriteBehind {
             .send(Command::Flush(tx))
             .await
             .map_err(|_| Error::new(Kind::Shutdown))?;
-        rx.await.map_err(|_| Error::new(Kind::Shutdown))
+        let report = rx.await.map_err(|_| Error::new(Kind::Shutdown))?;
+        if report.error.is_some() {
+            if let Some(halt) = self.inner.engine.stats.halted() {
+                return Err(halt);
+            }
+        }
+        Ok(report)
     }
 
     /// Drops every pending op that is not already being written, logs them,

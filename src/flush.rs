@@ -1153,7 +1153,7 @@ impl Pump {
         match &stop {
             Stop::Halt(err) => {
                 tracing::error!(error = %err, "flushing stopped; pending ops are kept");
-                e.stats.set_stopped(Some(msg.clone()));
+                e.stats.set_stopped(Some(err.clone()));
                 self.paused_until = None;
             }
             Stop::Transient(err) => {

@@ -186,7 +186,9 @@ pub(crate) struct Stats {
     /// `coalesced` at the last flush report, to report the difference.
     pub coalesced_reported: AtomicU64,
     pub last_flush: Mutex<Option<LastFlush>>,
-    pub stopped: Mutex<Option<String>>,
+    /// Why flushing stopped: the server refused the credentials or does
+    /// not know the store.
+    pub stopped: Mutex<Option<crate::error::Error>>,
 }
 
 /// Adds to a counter and its metric.
@@ -230,13 +232,18 @@ impl Stats {
     }
 
     pub fn stopped(&self) -> Option<String> {
+        self.halted().map(|e| e.to_string())
+    }
+
+    /// The error that stopped flushing, if one did.
+    pub fn halted(&self) -> Option<crate::error::Error> {
         self.stopped
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    pub fn set_stopped(&self, reason: Option<String>) {
+    pub fn set_stopped(&self, reason: Option<crate::error::Error>) {
         *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = reason;
     }
 

@@ -843,9 +843,10 @@ async fn rate_limited_429_retry_after_is_honoured() {
 }
 
 /// Auth stop (wiremock): the Write answers 401 (and, in a second round,
-/// 403). The flush reports the error, `status().flushing_stopped` says why,
+/// 403). `flush()` fails with that error, `status().flushing_stopped` says why,
 /// every op stays pending, nothing is dead-lettered, and the background
-/// flusher does not keep hammering the server. Once the server accepts the
+/// flusher does not keep hammering the server; a check held up by a pending
+/// revoke fails with the same error. Once the server accepts the
 /// credentials again, a manual `flush()` applies everything and clears
 /// `flushing_stopped`.
 #[tokio::test]
@@ -864,16 +865,17 @@ async fn auth_error_stops_flushing_until_a_manual_flush_succeeds() {
         write_mock().respond_with(refusal).mount(&server).await;
         let mut cfg = mock_config(&server);
         cfg.flush.interval = Duration::from_millis(20);
+        cfg.check.revoke_wait_timeout = Duration::from_millis(200);
         let wb = WriteBehind::builder(cfg).build().await.unwrap();
         for i in 0..5 {
             wb.grant(&format!("user:u{i}"), "viewer", "document:1")
                 .await
                 .unwrap();
         }
-        let r = wb.flush().await.unwrap();
-        let err = r.error.clone().unwrap_or_default();
-        assert!(err.contains(name), "{name}: {r:?}");
-        assert_eq!((r.applied, r.dead_lettered), (0, 0), "{name}: {r:?}");
+        // flush() fails with the server's refusal: nothing can be written.
+        let err = wb.flush().await.unwrap_err();
+        assert!(err.is_auth(), "{name}: {err}");
+        assert!(err.to_string().contains(name), "{name}: {err}");
         let st = wb.status().await.unwrap();
         let why = st.flushing_stopped.clone();
         assert!(
@@ -895,6 +897,13 @@ async fn auth_error_stops_flushing_until_a_manual_flush_succeeds() {
             "{name}: no automatic retry while flushing is stopped"
         );
         assert_eq!(wb.pending().await.unwrap().total, 6, "{name}");
+        // A check held up by a pending revoke reports the real cause.
+        wb.revoke("user:u0", "viewer", "document:1").await.unwrap();
+        let err = wb
+            .check("user:u0", "viewer", "document:1")
+            .await
+            .unwrap_err();
+        assert!(err.is_auth(), "{name}: {err}");
 
         // The credentials are fixed.
         server.reset().await;

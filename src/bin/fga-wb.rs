@@ -547,8 +547,14 @@ async fn wait_until_applied(
         if status.pending.total > 0 {
             // Ops came back (a dead writer's lease ended) or arrived: write
             // or enqueue them; a transient failure is retried next round.
-            if let Err(e) = wb.flush().await {
-                bar.set_message(format!("flush failed, retrying: {e}"));
+            match wb.flush().await {
+                // Nothing will be written until the operator fixes it.
+                Err(e) if e.is_auth() || e.is_not_found() => {
+                    bar.abandon();
+                    return Err(e.into());
+                }
+                Err(e) => bar.set_message(format!("flush failed, retrying: {e}")),
+                Ok(_) => {}
             }
         }
         tokio::select! {

@@ -83,7 +83,7 @@ impl Applier {
                 // Bad credentials or an unknown store: nothing to dead-letter,
                 // everything to keep. Try again at the slowest step.
                 tracing::error!(error = %reason, ops = again.len(), "OpenFGA refused the worker; ops kept");
-                self.engine.stats.set_stopped(Some(reason.clone()));
+                self.engine.stats.set_stopped(error.clone());
                 let wait = self.schedule.last().copied().unwrap_or(BUSY_RETRY);
                 next = Some((wait, job.attempt));
             } else if let Some(&wait) = self.schedule.get(step) {
