@@ -18,6 +18,14 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Features
+//!
+//! * `redis` (default): the Redis store, queue mode and `queue::worker`.
+//! * `cli` (default): the `fga-wb` binary; implies `redis`.
+//!
+//! Without default features the library has the memory store only and no
+//! Redis crate in its dependency graph.
+//!
 //! # Guarantees
 //!
 //! * **Acknowledged when buffered.** `grant`/`revoke` return once the op is
@@ -68,6 +76,9 @@
 //! * `client`: [`WriteBehind`], the handle.
 //! * `status`: counters, metrics and the status report.
 #![warn(missing_docs)]
+// Without the Redis store, the variants and helpers only it and queue mode
+// use (job states, claims, Redis errors) are unused: expected, not dead.
+#![cfg_attr(not(feature = "redis"), allow(dead_code))]
 
 pub(crate) mod buffer;
 mod cache;
@@ -82,12 +93,11 @@ pub mod queue;
 mod status;
 pub mod tuple;
 
-pub use buffer::redis::KeyUsage;
 pub use buffer::{DeadLetter, Pending, Replayed};
 pub use client::{Builder, Health, ShutdownReport, WriteBehind};
 pub use config::Config;
 pub use error::{Error, Result};
-pub use status::{FlushReport, LastFlush, Status, Totals};
+pub use status::{FlushReport, KeyUsage, LastFlush, Status, Totals};
 pub use tuple::{Condition, Op, TupleKey};
 
 // Handles and errors cross task and thread boundaries.

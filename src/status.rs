@@ -125,7 +125,7 @@ pub struct Status {
     /// process and worker), the others this process's.
     pub totals: Totals,
     /// Queue mode: jobs by state and the workers seen.
-    pub queue: Option<crate::queue::QueueStats>,
+    pub queue: Option<QueueStats>,
     /// An open record of Redis losing acknowledged ops: checks fail closed
     /// until an operator acknowledges it (`fga-wb loss --ack`).
     pub loss: Option<String>,
@@ -293,3 +293,31 @@ mod unix {
         Ok(UNIX_EPOCH + std::time::Duration::try_from_secs_f64(v).unwrap_or_default())
     }
 }
+
+/// Keys and bytes one category of a store's Redis keys takes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct KeyUsage {
+    /// `pending` (ops and their indexes), `dead` (dead letters), `queue`
+    /// (jobs), `meta` (counters, epochs, write marks) or `legacy` (job keys
+    /// older versions left: `fga-wb sweep` removes them).
+    pub category: String,
+    /// Keys in the category.
+    pub keys: u64,
+    /// What Redis's MEMORY USAGE reports, summed.
+    pub bytes: u64,
+}
+
+
+/// Jobs by state.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Jobs due to run now.
+    pub pending: u64,
+    /// Jobs a worker is running.
+    pub running: u64,
+    /// Jobs scheduled for later: retries waiting for their time.
+    pub scheduled: u64,
+    /// Workers whose lease is current.
+    pub workers: Vec<String>,
+}
+

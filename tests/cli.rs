@@ -4,6 +4,8 @@
 //! `worker`, `--json` on each, exit codes, and what must never be printed
 //! (the API token, the Redis password).
 
+#![cfg(feature = "cli")]
+
 mod support;
 
 use std::path::PathBuf;
@@ -15,135 +17,8 @@ use std::time::{Duration, Instant};
 use fga_wb::config::{Mode, StoreKind};
 use fga_wb::{Config, WriteBehind};
 use serde_json::Value;
+use support::cli::{Cli, BIN};
 use support::{config_for, new_store, stored, TestStore};
-
-const BIN: &str = env!("CARGO_BIN_EXE_fga-wb");
-
-/// What one run of the binary did.
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.stdout, self.stderr))
-    }
-
-    /// The line of the status table that starts with `label`.
-    fn line(&self, label: &str) -> &str {
-        self.stdout
-            .lines()
-            .find(|l| l.starts_with(label))
-            .unwrap_or_else(|| panic!("no {label:?} line in:\n{}", self.stdout))
-    }
-
-    #[track_caller]
-    fn ok(&self) -> &Run {
-        assert_eq!(self.code, 0, "{self:#?}");
-        self
-    }
-
-    /// Exit `code` with exactly one line on stderr, mentioning `needle`.
-    #[track_caller]
-    fn fails(&self, code: i32, needle: &str) -> &Run {
-        assert_eq!(self.code, code, "{self:#?}");
-        let lines: Vec<&str> = self
-            .stderr
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .collect();
-        assert_eq!(lines.len(), 1, "want one line on stderr: {self:#?}");
-        assert!(lines[0].starts_with("fga-wb: "), "{self:#?}");
-        assert!(
-            lines[0].contains(needle),
-            "stderr does not mention {needle:?}: {self:#?}"
-        );
-        self
-    }
-}
-
-/// How to run the binary for one store: configuration through the
-/// environment only, in an empty directory (no config/fga-wb.toml).
-struct Cli {
-    dir: PathBuf,
-    vars: Vec<(String, String)>,
-    token: String,
-}
-
-impl Cli {
-    fn new(s: &TestStore, mode: &str) -> Cli {
-        let dir =
-            std::env::temp_dir().join(format!("fga-wb-cli-{}-{}", std::process::id(), s.store_id));
-        std::fs::create_dir_all(&dir).unwrap();
-        let token = support::openfga_token();
-        let vars = [
-            ("FGA_API_URL", support::openfga_url()),
-            ("FGA_API_TOKEN", token.clone()),
-            ("FGA_STORE_ID", s.store_id.clone()),
-            ("FGA_MODEL_ID", s.model_id.clone()),
-            ("FGA_WB_BUFFER__STORE", "redis".into()),
-            ("FGA_WB_FLUSH__MODE", mode.into()),
-            ("FGA_WB_REDIS__URL", support::redis_url()),
-            ("FGA_WB_QUEUE__HEARTBEAT", "1s".into()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
-        Cli { dir, vars, token }
-    }
-
-    fn set(&mut self, name: &str, value: &str) {
-        self.vars.retain(|(k, _)| k != name);
-        self.vars.push((name.into(), value.into()));
-    }
-
-    fn command(&self, args: &[&str]) -> tokio::process::Command {
-        let mut c = tokio::process::Command::new(BIN);
-        c.args(args)
-            .env_clear()
-            .envs(self.vars.iter().map(|(k, v)| (k, v)))
-            .current_dir(&self.dir)
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        c
-    }
-
-    /// Runs `fga-wb args...` to completion; checks that no secret leaked.
-    async fn run(&self, args: &[&str]) -> Run {
-        let out = tokio::time::timeout(Duration::from_secs(60), self.command(args).output())
-            .await
-            .unwrap_or_else(|_| panic!("fga-wb {args:?} did not finish in 60 s"))
-            .expect("run fga-wb");
-        let run = Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
-        self.no_secrets(&run);
-        eprintln!("$ fga-wb {}  -> {}", args.join(" "), run.code);
-        run
-    }
-
-    #[track_caller]
-    fn no_secrets(&self, run: &Run) {
-        for secret in [self.token.as_str(), "s3cret"] {
-            assert!(
-                !run.stdout.contains(secret) && !run.stderr.contains(secret),
-                "a secret was printed: {run:#?}"
-            );
-        }
-    }
-}
-
-impl Drop for Cli {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// A handle in this process: the application filling the buffer. No
 /// automatic flush (long interval, big batch), so the CLI sees every op.

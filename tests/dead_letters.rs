@@ -6,6 +6,7 @@
 //! OpenFGA refuses a write of a relation its model lacks, but (v1.18.1)
 //! accepts a delete of it: so a grant of `approver` dies, and a later revoke
 //! of the same tuple is applied.
+#![cfg(feature = "redis")]
 
 #[macro_use]
 mod support;

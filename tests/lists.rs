@@ -1,6 +1,7 @@
 //! `list_objects`, `list_users` and `read` see every acknowledged grant
 //! and revoke, as check does, on the memory and the Redis store. (The
 //! differential test compares whole lists with an oracle under random ops.)
+#![cfg(feature = "redis")]
 
 #[macro_use]
 mod support;

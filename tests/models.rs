@@ -1,5 +1,6 @@
 //! Following a new authorization model, and queue workers writing
 //! each job under the model its ops were accepted with.
+#![cfg(feature = "redis")]
 
 mod support;
 

@@ -11,6 +11,7 @@
 //! Each OpenFGA store id has its own Redis keys and apalis queue, so every
 //! test uses a store id of its own. The outage test (own OpenFGA, killed and
 //! restarted) is in `tests/queue_outage.rs`.
+#![cfg(feature = "redis")]
 
 mod support;
 

@@ -3,6 +3,7 @@
 //! everything is applied. This test runs its own OpenFGA (the `openfga`
 //! binary `scripts/test` found) on a SQLite file, so that it can stop and
 //! restart it without touching the shared test server.
+#![cfg(feature = "redis")]
 
 mod support;
 

@@ -2,6 +2,7 @@
 //! commands, as a bug, an operator or another program might) never cause a
 //! panic: every call either fails with a clear Redis error or skips the bad
 //! data with a log line.
+#![cfg(feature = "redis")]
 
 mod support;
 

@@ -7,6 +7,7 @@
 //! only [`child_load`], with its parameters in `FGA_WB_CHILD_LOAD`. It
 //! prints `ack <i>` after op `i` returned, so the parent knows exactly which
 //! ops were acknowledged when it killed the child.
+#![cfg(feature = "redis")]
 
 mod support;
 

@@ -3,6 +3,7 @@
 //! every key, older versions' leftovers can be swept, a Redis that would
 //! evict keys is refused, and a full Redis refuses ops with a clear error
 //! and buffers nothing.
+#![cfg(feature = "redis")]
 
 mod support;
 

@@ -8,6 +8,7 @@
 //!
 //! Each test runs its own Redis (or cluster), since it kills it; OpenFGA is
 //! the shared test server.
+#![cfg(feature = "redis")]
 
 mod support;
 

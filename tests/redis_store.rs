@@ -1,5 +1,6 @@
 //! The Redis store against the real Redis and OpenFGA: a buffer shared by
 //! several handles (standing in for processes), durable before acknowledging.
+#![cfg(feature = "redis")]
 
 mod support;
 

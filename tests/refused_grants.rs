@@ -4,6 +4,7 @@
 //! of them buffered (valid under its model) is refused under the other's.
 //! Checks go on without the refused grant where that cannot widen access,
 //! and fail closed where it could take access away (under a `but not`).
+#![cfg(feature = "redis")]
 
 mod support;
 

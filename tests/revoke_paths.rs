@@ -6,6 +6,7 @@
 //! check right after it is never `true`, and once applied the tuple is gone
 //! from OpenFGA. Also: a pending revoke holds up only the checks it can
 //! change.
+#![cfg(feature = "redis")]
 
 #[macro_use]
 mod support;

@@ -9,6 +9,7 @@
 //! test also proves the server does serve stale answers, so it cannot pass
 //! against a server without caches. (It asks before fga-wb does: a
 //! `HIGHER_CONSISTENCY` answer is written back into the server's cache.)
+#![cfg(feature = "redis")]
 
 #[macro_use]
 mod support;

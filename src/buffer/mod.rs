@@ -15,7 +15,52 @@
 //! many grants and revokes are pending on the relations it depends on.
 
 pub(crate) mod memory;
+#[cfg(feature = "redis")]
 pub(crate) mod redis;
+#[cfg(not(feature = "redis"))]
+pub(crate) mod redis {
+    //! Built without the `redis` feature: there is no Redis store, and this
+    //! type has no values, so the handle's Redis paths compile to nothing.
+    use crate::error::Result;
+    use crate::status::KeyUsage;
+
+    pub(crate) enum RedisStore {}
+
+    /// Jobs by state, as the Redis store counts them.
+    pub(crate) struct QueueCounts {
+        pub due: u64,
+        pub running: u64,
+        pub scheduled: u64,
+        pub workers: Vec<String>,
+    }
+
+    impl RedisStore {
+        pub async fn usage(&self) -> Result<Vec<KeyUsage>> {
+            match *self {}
+        }
+
+        pub async fn persistence_warning(&self) -> Option<String> {
+            match *self {}
+        }
+
+        pub async fn sweep_legacy(&self) -> Result<u64> {
+            match *self {}
+        }
+
+        pub async fn enqueue(
+            &self,
+            _store_id: &str,
+            _model_id: Option<&str>,
+            _ops: &[super::Taken],
+        ) -> Result<Option<u64>> {
+            match *self {}
+        }
+
+        pub async fn queue_counts(&self) -> Result<QueueCounts> {
+            match *self {}
+        }
+    }
+}
 pub(crate) mod written;
 
 use std::sync::Arc;
@@ -322,14 +367,22 @@ pub(crate) async fn open_store(
             Arc::new(memory::MemoryStore::new(config.buffer.capacity)),
             None,
         ),
+        #[cfg(feature = "redis")]
         crate::config::StoreKind::Redis => {
             let r = Arc::new(open_redis(config, "app").await?);
             (r.clone(), Some(r))
+        }
+        #[cfg(not(feature = "redis"))]
+        crate::config::StoreKind::Redis => {
+            return Err(crate::error::Error::config(
+                "buffer.store = \"redis\" needs fga-wb built with its `redis` feature (on by default)",
+            ))
         }
     })
 }
 
 /// The Redis store for `config`, as a writer of `kind` (`app`, `worker`).
+#[cfg(feature = "redis")]
 pub(crate) async fn open_redis(config: &crate::Config, kind: &str) -> Result<redis::RedisStore> {
     redis::RedisStore::connect(
         &config.redis,
@@ -355,6 +408,29 @@ pub(crate) fn counts_for(key: &str, user: &str) -> bool {
 }
 
 /// `object#relation@user`: the key ops are coalesced on.
+/// An op from its one-letter code in Redis and in jobs (`g`, `r`).
+pub(crate) fn op_of(code: &str) -> Option<Op> {
+    match code {
+        "g" => Some(Op::Grant),
+        "r" => Some(Op::Revoke),
+        _ => None,
+    }
+}
+
+/// A condition from its stored JSON; empty: none. Unreadable: none, logged.
+pub(crate) fn condition_of(s: &str) -> Option<Condition> {
+    if s.is_empty() {
+        return None;
+    }
+    match serde_json::from_str(s) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring an unreadable stored tuple condition");
+            None
+        }
+    }
+}
+
 pub(crate) fn key_of(t: &TupleKey) -> String {
     let mut k = String::with_capacity(t.object.len() + t.relation.len() + t.user.len() + 2);
     k.push_str(&t.object);
@@ -396,5 +472,19 @@ mod unix_secs {
 
     pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Built without Redis, asking for the Redis store is a configuration
+    /// error that says which feature to turn on.
+    #[cfg(not(feature = "redis"))]
+    #[tokio::test]
+    async fn the_redis_store_needs_the_redis_feature() {
+        let mut c = crate::Config::default();
+        c.buffer.store = crate::config::StoreKind::Redis;
+        let e = super::open_store(&c).await.err().expect("an error");
+        assert!(e.to_string().contains("`redis` feature"), "{e}");
     }
 }

@@ -18,6 +18,7 @@
 //! back to the queue and the keys it was writing are released within
 //! `redis.writer_lease`.
 
+#[cfg(feature = "redis")]
 pub mod worker;
 
 use std::sync::Arc;
@@ -25,8 +26,8 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-use crate::buffer::redis::{condition_of, op_of, RedisStore};
-use crate::buffer::{key_of, tuple_of, Taken};
+use crate::buffer::redis::RedisStore;
+use crate::buffer::{condition_of, key_of, op_of, tuple_of, Taken};
 use crate::error::{Error, Result};
 use crate::tuple::Op;
 
@@ -163,18 +164,7 @@ impl JobSink for FakeQueue {
     }
 }
 
-/// Jobs by state.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct QueueStats {
-    /// Jobs due to run now.
-    pub pending: u64,
-    /// Jobs a worker is running.
-    pub running: u64,
-    /// Jobs scheduled for later: retries waiting for their time.
-    pub scheduled: u64,
-    /// Workers whose lease is current.
-    pub workers: Vec<String>,
-}
+pub use crate::status::QueueStats;
 
 /// Reads the queue's state from the Redis store.
 pub(crate) async fn stats(store: &RedisStore) -> Result<QueueStats> {

@@ -3,6 +3,8 @@
 //! real server.
 #![allow(dead_code, unused_macros)]
 
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod own_openfga;
 
 /// One multi-threaded `#[tokio::test]` per scenario and setup, in a module
@@ -63,6 +65,7 @@ pub fn redis_is_cluster() -> bool {
     redis_url().contains(',')
 }
 
+#[cfg(feature = "redis")]
 /// A direct connection to the test Redis, one node or a cluster, for tests
 /// that look at or tamper with fga-wb's keys.
 #[derive(Clone)]
@@ -71,6 +74,7 @@ pub enum RedisConn {
     Cluster(redis::cluster_async::ClusterConnection),
 }
 
+#[cfg(feature = "redis")]
 /// Connects to the test Redis.
 pub async fn redis_conn() -> RedisConn {
     let url = redis_url();
@@ -92,6 +96,7 @@ pub async fn redis_conn() -> RedisConn {
     }
 }
 
+#[cfg(feature = "redis")]
 impl redis::aio::ConnectionLike for RedisConn {
     fn req_packed_command<'a>(
         &'a mut self,
@@ -120,6 +125,7 @@ impl redis::aio::ConnectionLike for RedisConn {
     }
 }
 
+#[cfg(feature = "redis")]
 /// Which primary serves `key` (its port), and how many primaries there
 /// are; on a single node, always (its port, 1).
 pub async fn redis_owner(key: &str) -> (u16, usize) {
@@ -353,6 +359,7 @@ pub fn touched(body: &serde_json::Value) -> Vec<(String, fga_wb::Op)> {
     out
 }
 
+#[cfg(feature = "redis")]
 /// An in-process `fga-wb worker`: `fga_wb::queue::worker::run` on a task,
 /// stopped through its shutdown future. Dropping it (a failed test) aborts
 /// the task.
@@ -361,6 +368,7 @@ pub struct Worker {
     task: Option<tokio::task::JoinHandle<fga_wb::Result<()>>>,
 }
 
+#[cfg(feature = "redis")]
 impl Worker {
     pub fn start(config: fga_wb::Config, concurrency: usize) -> Worker {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -384,6 +392,7 @@ impl Worker {
     }
 }
 
+#[cfg(feature = "redis")]
 impl Drop for Worker {
     fn drop(&mut self) {
         if let Some(task) = &self.task {

@@ -27,11 +27,12 @@ use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    key_of, tuple_of, Claim, DeadLetter, Finished, JobEnd, Outcome, Pending, Pushed, Relevant,
-    Replayed, Store, StoreEvent, Take, Taken,
+    condition_of, key_of, op_of, tuple_of, Claim, DeadLetter, Finished, JobEnd, Outcome, Pending,
+    Pushed, Relevant, Replayed, Store, StoreEvent, Take, Taken,
 };
 use crate::error::{Error, Kind, Result};
 use crate::model::{Dep, RelName};
+use crate::status::KeyUsage;
 use crate::tuple::{Condition, Op, TupleKey};
 pub(crate) use conn::{Conn, Target};
 
@@ -134,14 +135,6 @@ fn op_code(op: Op) -> &'static str {
     }
 }
 
-pub(crate) fn op_of(code: &str) -> Option<Op> {
-    match code {
-        "g" => Some(Op::Grant),
-        "r" => Some(Op::Revoke),
-        _ => None,
-    }
-}
-
 /// A name no other writer (in any process, on any host) uses.
 pub(crate) fn unique_name(kind: &str) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -161,19 +154,6 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// A Redis failure as a crate error: connection problems are transient.
-/// Keys and bytes one category of a store's Redis keys takes.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct KeyUsage {
-    /// `pending` (ops and their indexes), `dead` (dead letters), `queue`
-    /// (jobs), `meta` (counters, epochs, write marks) or `legacy` (job keys
-    /// older versions left: `fga-wb sweep` removes them).
-    pub category: String,
-    /// Keys in the category.
-    pub keys: u64,
-    /// What Redis's MEMORY USAGE reports, summed.
-    pub bytes: u64,
-}
-
 pub(crate) fn redis_error(e: redis::RedisError) -> Error {
     let transient = e.is_io_error()
         || e.is_connection_refusal()
@@ -202,19 +182,6 @@ fn corrupt(what: impl Into<String>) -> Error {
         detail: format!("unexpected data under fga-wb's keys: {}", what.into()),
         transient: false,
     })
-}
-
-pub(crate) fn condition_of(s: &str) -> Option<Condition> {
-    if s.is_empty() {
-        return None;
-    }
-    match serde_json::from_str(s) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            tracing::warn!(error = %e, "ignoring an unreadable tuple condition in Redis");
-            None
-        }
-    }
 }
 
 fn condition_text(c: &Option<Condition>) -> Result<String> {
