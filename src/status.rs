@@ -307,7 +307,6 @@ pub struct KeyUsage {
     pub bytes: u64,
 }
 
-
 /// Jobs by state.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct QueueStats {
@@ -320,4 +319,3 @@ pub struct QueueStats {
     /// Workers whose lease is current.
     pub workers: Vec<String>,
 }
-

@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,7 +16,7 @@ use std::time::{Duration, Instant};
 use fga_wb::config::{Mode, StoreKind};
 use fga_wb::{Config, WriteBehind};
 use serde_json::Value;
-use support::cli::{Cli, BIN};
+use support::cli::Cli;
 use support::{config_for, new_store, stored, TestStore};
 
 /// A handle in this process: the application filling the buffer. No

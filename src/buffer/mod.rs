@@ -373,11 +373,9 @@ pub(crate) async fn open_store(
             (r.clone(), Some(r))
         }
         #[cfg(not(feature = "redis"))]
-        crate::config::StoreKind::Redis => {
-            return Err(crate::error::Error::config(
-                "buffer.store = \"redis\" needs fga-wb built with its `redis` feature (on by default)",
-            ))
-        }
+        crate::config::StoreKind::Redis => return Err(crate::error::Error::config(
+            "buffer.store = \"redis\" needs fga-wb built with its `redis` feature (on by default)",
+        )),
     })
 }
 

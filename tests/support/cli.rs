@@ -61,9 +61,9 @@ impl Run {
 /// How to run the binary for one store: configuration through the
 /// environment only, in an empty directory (no config/fga-wb.toml).
 pub struct Cli {
-    dir: PathBuf,
-    vars: Vec<(String, String)>,
-    token: String,
+    pub dir: PathBuf,
+    pub vars: Vec<(String, String)>,
+    pub token: String,
 }
 
 impl Cli {
@@ -132,8 +132,7 @@ impl Cli {
 }
 
 impl Drop for Cli {
-    pub fn drop(&mut self) {
+    fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
-
