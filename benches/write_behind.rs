@@ -1205,7 +1205,7 @@ async fn checks(env: &Env) -> Res<()> {
     // odd i: a denied one (user and document that share no tuple).
     let probe = |i: usize, side: usize| -> (TupleKey, bool) {
         let base = 2 * i + side;
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             (tuple(base), true)
         } else {
             (tuple(base + 1_000_000), false)
