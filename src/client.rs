@@ -47,7 +47,14 @@ struct Handle {
     /// For a shared store, the listener for other processes' changes.
     tasks: Mutex<Vec<JoinHandle<()>>>,
     shut_down: AtomicBool,
+    /// Told of every check the application makes (the test doubles).
+    #[cfg(feature = "test-util")]
+    on_check: Option<CheckHook>,
 }
+
+/// Called with `(user, relation, object)` of each check.
+#[cfg(feature = "test-util")]
+pub(crate) type CheckHook = Arc<dyn Fn(&str, &str, &str) + Send + Sync>;
 
 /// Builds a [`WriteBehind`] from a [`Config`].
 #[must_use]
@@ -57,6 +64,10 @@ pub struct Builder {
     validate_against_model: bool,
     automatic_flush: bool,
     read_model: bool,
+    /// Queue mode's job sink when it is not Redis's (the test double).
+    sink: Option<crate::queue::Sink>,
+    #[cfg(feature = "test-util")]
+    on_check: Option<CheckHook>,
 }
 
 /// What [`WriteBehind::health`] found.
@@ -113,6 +124,21 @@ impl Builder {
         self
     }
 
+    /// Hands every flushed chunk to `sink` as a job instead of writing it
+    /// (queue mode with any store): for `testing::FakeQueue`.
+    #[cfg_attr(not(feature = "test-util"), allow(dead_code))]
+    pub(crate) fn job_sink(mut self, sink: crate::queue::Sink) -> Self {
+        self.sink = Some(sink);
+        self
+    }
+
+    /// Tells `hook` of every check made through the handle.
+    #[cfg(feature = "test-util")]
+    pub(crate) fn on_check(mut self, hook: CheckHook) -> Self {
+        self.on_check = Some(hook);
+        self
+    }
+
     /// Connects to OpenFGA, reads the authorization model, and starts the
     /// flusher. Must be called inside a Tokio runtime.
     pub async fn build(self) -> Result<WriteBehind> {
@@ -144,6 +170,7 @@ impl Builder {
         ));
         let (store, redis) = crate::buffer::open_store(&config).await?;
         let sink: Option<crate::queue::Sink> = match (config.flush.mode, &redis) {
+            _ if self.sink.is_some() => self.sink,
             (Mode::Queue, Some(r)) => Some(Arc::new(crate::queue::RedisJobs(r.clone()))),
             (Mode::Queue, None) => {
                 return Err(Error::config(
@@ -197,6 +224,8 @@ impl Builder {
                 flusher: Mutex::new(Some(flusher)),
                 tasks: Mutex::new(tasks),
                 shut_down: AtomicBool::new(false),
+                #[cfg(feature = "test-util")]
+                on_check: self.on_check,
             }),
         };
         if follow_latest {
@@ -377,6 +406,9 @@ impl WriteBehind {
             validate_against_model: true,
             automatic_flush: true,
             read_model: true,
+            sink: None,
+            #[cfg(feature = "test-util")]
+            on_check: None,
         }
     }
 
@@ -541,12 +573,22 @@ impl WriteBehind {
     /// ```
     #[tracing::instrument(level = "debug", skip(self), err(Display))]
     pub async fn check(&self, user: &str, relation: &str, object: &str) -> Result<bool> {
+        self.observed(user, relation, object);
         if let Some(answer) = self.cached(user, relation, object) {
             return Ok(answer);
         }
-        self.check_request(&CheckRequest::new(user, relation, object))
-            .await
+        self.ask(&CheckRequest::new(user, relation, object)).await
     }
+
+    #[cfg(feature = "test-util")]
+    fn observed(&self, user: &str, relation: &str, object: &str) {
+        if let Some(hook) = &self.inner.on_check {
+            hook(user, relation, object);
+        }
+    }
+
+    #[cfg(not(feature = "test-util"))]
+    fn observed(&self, _user: &str, _relation: &str, _object: &str) {}
 
     /// The hot path of a cache hit, without allocating a request: only for
     /// a store no other process writes to (a shared store needs a round trip
@@ -570,6 +612,11 @@ impl WriteBehind {
     /// A check with context, contextual tuples or a consistency preference.
     /// Checks with context or contextual tuples are not cached.
     pub async fn check_request(&self, req: &CheckRequest) -> Result<bool> {
+        self.observed(&req.user, &req.relation, &req.object);
+        self.ask(req).await
+    }
+
+    async fn ask(&self, req: &CheckRequest) -> Result<bool> {
         match self.prepare(req).await? {
             Prepared::Answer(a) => Ok(a),
             Prepared::Ask {
@@ -619,6 +666,9 @@ impl WriteBehind {
         use futures::StreamExt;
         /// Checks prepared at once (each may be a Redis round trip).
         const PREPARING: usize = 16;
+        for c in checks {
+            self.observed(&c.user, &c.relation, &c.object);
+        }
         let prepared: Vec<Result<Prepared>> = futures::stream::iter(checks)
             .map(|c| self.prepare(c))
             .buffered(PREPARING)
@@ -1175,6 +1225,12 @@ impl WriteBehind {
         let closed = e.store.acknowledge_loss(by).await?;
         e.cache.invalidate_all();
         Ok(closed)
+    }
+
+    /// The engine, for the test doubles.
+    #[cfg(feature = "test-util")]
+    pub(crate) fn engine(&self) -> &Arc<Engine> {
+        &self.inner.engine
     }
 
     /// The ops OpenFGA refused for good, with its reasons.

@@ -158,7 +158,7 @@ pub(crate) enum Stop {
 }
 
 impl Stop {
-    fn error(&self) -> &Error {
+    pub(crate) fn error(&self) -> &Error {
         match self {
             Stop::Transient(e) | Stop::Halt(e) => e,
         }
@@ -262,7 +262,7 @@ impl Engine {
         let _ = self.store.set_note("stopped", stopped).await;
     }
 
-    fn account(&self, f: &Finished, report: &mut FlushReport) {
+    pub(crate) fn account(&self, f: &Finished, report: &mut FlushReport) {
         report.applied += f.applied;
         report.dead_lettered += f.dead;
         report.retried += f.requeued;

@@ -22,6 +22,8 @@
 //!
 //! * `redis` (default): the Redis store, queue mode and `queue::worker`.
 //! * `cli` (default): the `fga-wb` binary; implies `redis`.
+//! * `test-util`: [`testing`], a fake OpenFGA and a fake job queue for an
+//!   application's own tests.
 //!
 //! Without default features the library has the memory store only and no
 //! Redis crate in its dependency graph.
@@ -91,6 +93,8 @@ mod model;
 pub mod openfga;
 pub mod queue;
 mod status;
+#[cfg(feature = "test-util")]
+pub mod testing;
 pub mod tuple;
 
 pub use buffer::{DeadLetter, Pending, Replayed};
