@@ -22,7 +22,7 @@
 //!
 //! * `redis` (default): the Redis store, queue mode and `queue::worker`.
 //! * `cli` (default): the `fga-wb` binary; implies `redis`.
-//! * `test-util`: [`testing`], a fake OpenFGA and a fake job queue for an
+//! * `test-util`: `testing`, a fake OpenFGA and a fake job queue for an
 //!   application's own tests.
 //!
 //! Without default features the library has the memory store only and no
@@ -77,6 +77,7 @@
 //! * `queue`: queue mode's jobs and the `fga-wb worker` applier.
 //! * `client`: [`WriteBehind`], the handle.
 //! * `status`: counters, metrics and the status report.
+//! * `testing` (feature `test-util`): test doubles for applications.
 #![warn(missing_docs)]
 // Without the Redis store, the variants and helpers only it and queue mode
 // use (job states, claims, Redis errors) are unused: expected, not dead.
