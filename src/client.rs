@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -65,7 +65,7 @@ pub struct Builder {
     automatic_flush: bool,
     read_model: bool,
     /// Queue mode's job sink when it is not Redis's (the test double).
-    sink: Option<crate::queue::Sink>,
+    sink: Option<crate::flush::Sink>,
     #[cfg(feature = "test-util")]
     on_check: Option<CheckHook>,
 }
@@ -127,7 +127,7 @@ impl Builder {
     /// Hands every flushed chunk to `sink` as a job instead of writing it
     /// (queue mode with any store): for `testing::FakeQueue`.
     #[cfg_attr(not(feature = "test-util"), allow(dead_code))]
-    pub(crate) fn job_sink(mut self, sink: crate::queue::Sink) -> Self {
+    pub(crate) fn job_sink(mut self, sink: crate::flush::Sink) -> Self {
         self.sink = Some(sink);
         self
     }
@@ -169,7 +169,7 @@ impl Builder {
             model.clone(),
         ));
         let (store, redis) = crate::buffer::open_store(&config).await?;
-        let sink: Option<crate::queue::Sink> = match (config.flush.mode, &redis) {
+        let sink: Option<crate::flush::Sink> = match (config.flush.mode, &redis) {
             _ if self.sink.is_some() => self.sink,
             (Mode::Queue, Some(r)) => Some(Arc::new(crate::queue::RedisJobs(r.clone()))),
             (Mode::Queue, None) => {
@@ -179,28 +179,16 @@ impl Builder {
             }
             (Mode::Inline, _) => None,
         };
-        let (changed, _) = watch::channel(0u64);
-        let engine = Arc::new(Engine {
+        let engine = Arc::new(Engine::new(
             store,
-            writer: client.fork()?,
+            client.fork()?,
             client,
             store_id,
-            model_id: flush::ModelId::new(model_id),
-            cfg: config.flush.clone(),
+            model_id,
+            config.flush.clone(),
             cache,
-            stats: Default::default(),
-            changed,
             sink,
-            flush_wanted: Default::default(),
-            revoke_wanted: Default::default(),
-            parallel: Default::default(),
-            sleeping: Default::default(),
-            timer_armed: Default::default(),
-            wake: Arc::new(Notify::new()),
-            others_finished: Default::default(),
-            retry_deadline: Default::default(),
-            tuple_limit: Default::default(),
-        });
+        ));
         let (commands, rx) = mpsc::channel(16);
         let (stop, stop_rx) = watch::channel(false);
         let flusher =
@@ -1155,7 +1143,7 @@ impl WriteBehind {
     /// category (`pending`, `queue`, `dead`, `meta`, `legacy`); `None` for
     /// the memory store. Scans the store's keys (in steps), so it is for an
     /// operator's look, not a loop: `status()` leaves `redis_keys` empty.
-    pub async fn redis_key_usage(&self) -> Result<Option<Vec<crate::KeyUsage>>> {
+    pub async fn redis_key_usage(&self) -> Result<Option<Vec<crate::buffer::KeyUsage>>> {
         match &self.inner.redis {
             Some(r) => Ok(Some(r.usage().await?)),
             None => Ok(None),

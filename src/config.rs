@@ -293,6 +293,9 @@ impl Default for CacheConfig {
     }
 }
 
+/// The longest `check.server_cache_ttl`: how long writes are remembered.
+pub(crate) const MAX_SERVER_CACHE_TTL: Duration = Duration::from_secs(120);
+
 /// `[check]`
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -696,7 +699,7 @@ impl Config {
                 "redis.writer_lease must be at least 2s (a write needs a second of it to spare)",
             ));
         }
-        if self.check.server_cache_ttl > crate::buffer::written::KEEP {
+        if self.check.server_cache_ttl > MAX_SERVER_CACHE_TTL {
             return Err(Error::config(
                 "check.server_cache_ttl must be at most 2m (writes are remembered that long); for longer server caches set check.always_higher_consistency = true",
             ));

@@ -43,9 +43,23 @@ use crate::cache::CheckCache;
 use crate::config::FlushConfig;
 use crate::error::{Error, Kind};
 use crate::openfga::{Client, WriteRequest};
-use crate::queue::Sink;
 use crate::status::{count, FlushReport, Stats};
 use crate::tuple::Op;
+
+/// Where a flush in queue mode hands its chunks. The real one is the Redis
+/// store's job queue; the test doubles record them.
+pub(crate) trait JobSink: Send + Sync + 'static {
+    /// Hands taken ops to a new job, which holds them from then on.
+    fn enqueue<'a>(
+        &'a self,
+        store_id: &'a str,
+        model_id: Option<&'a str>,
+        ops: &'a [Taken],
+    ) -> BoxFuture<'a, crate::error::Result<()>>;
+}
+
+/// The sink used by a handle in queue mode.
+pub(crate) type Sink = Arc<dyn JobSink>;
 
 /// The id of the authorization model writes (and checks) go out with. A
 /// handle that follows the store's latest model replaces it when a newer
@@ -114,6 +128,44 @@ pub(crate) struct Engine {
 }
 
 impl Engine {
+    /// The runtime for one OpenFGA store: what a handle and a queue worker
+    /// both run on. `writer` sends the Write requests (a handle forks its
+    /// client so the flusher's runtime has its own connections); `sink`
+    /// makes it queue jobs instead of writing.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        client: Client,
+        writer: Client,
+        store_id: String,
+        model_id: Option<String>,
+        cfg: FlushConfig,
+        cache: Arc<CheckCache>,
+        sink: Option<Sink>,
+    ) -> Engine {
+        Engine {
+            store,
+            client,
+            writer,
+            store_id,
+            model_id: ModelId::new(model_id),
+            cfg,
+            cache,
+            stats: Default::default(),
+            changed: watch::channel(0).0,
+            sink,
+            flush_wanted: Default::default(),
+            revoke_wanted: Default::default(),
+            parallel: Default::default(),
+            sleeping: Default::default(),
+            timer_armed: Default::default(),
+            wake: Arc::new(Notify::new()),
+            others_finished: Default::default(),
+            retry_deadline: Default::default(),
+            tuple_limit: Default::default(),
+        }
+    }
+
     /// Most ops one Write carries: the configured size, or the server's
     /// limit once it told us a lower one.
     pub fn max_tuples(&self) -> usize {

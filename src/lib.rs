@@ -98,11 +98,11 @@ mod status;
 pub mod testing;
 pub mod tuple;
 
-pub use buffer::{DeadLetter, Pending, Replayed};
+pub use buffer::{DeadLetter, KeyUsage, Pending, Replayed};
 pub use client::{Builder, Health, ShutdownReport, WriteBehind};
 pub use config::Config;
 pub use error::{Error, Result};
-pub use status::{FlushReport, KeyUsage, LastFlush, Status, Totals};
+pub use status::{FlushReport, LastFlush, Status, Totals};
 pub use tuple::{Condition, Op, TupleKey};
 
 // Handles and errors cross task and thread boundaries.

@@ -133,7 +133,7 @@ pub struct Status {
     pub last_loss_acknowledged: Option<String>,
     /// Redis store: the keys and bytes the store holds, by category, when
     /// asked for (`WriteBehind::redis_key_usage`; `fga-wb status` does).
-    pub redis_keys: Option<Vec<crate::KeyUsage>>,
+    pub redis_keys: Option<Vec<crate::buffer::KeyUsage>>,
     /// The server's tuples-per-Write limit, when this process learned one
     /// below `flush.max_tuples_per_write` (OpenFGA refused a request).
     pub write_limit: Option<usize>,
@@ -294,18 +294,6 @@ mod unix {
     }
 }
 
-/// Keys and bytes one category of a store's Redis keys takes.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct KeyUsage {
-    /// `pending` (ops and their indexes), `dead` (dead letters), `queue`
-    /// (jobs), `meta` (counters, epochs, write marks) or `legacy` (job keys
-    /// older versions left: `fga-wb sweep` removes them).
-    pub category: String,
-    /// Keys in the category.
-    pub keys: u64,
-    /// What Redis's MEMORY USAGE reports, summed.
-    pub bytes: u64,
-}
 
 /// Jobs by state.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]

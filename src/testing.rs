@@ -50,7 +50,8 @@ use crate::buffer::Taken;
 use crate::config::{Config, StoreKind};
 use crate::error::{Error, Result};
 use crate::flush::QuickRetries;
-use crate::queue::{Job, JobOp, JobSink};
+use crate::flush::JobSink;
+use crate::queue::{Job, JobOp};
 use crate::status::FlushReport;
 use crate::{TupleKey, WriteBehind};
 

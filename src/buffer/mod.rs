@@ -21,8 +21,8 @@ pub(crate) mod redis;
 pub(crate) mod redis {
     //! Built without the `redis` feature: there is no Redis store, and this
     //! type has no values, so the handle's Redis paths compile to nothing.
+    use super::KeyUsage;
     use crate::error::Result;
-    use crate::status::KeyUsage;
 
     pub(crate) enum RedisStore {}
 
@@ -245,6 +245,19 @@ pub struct Replayed {
     /// The tuples replayed, for cached answers to drop.
     #[serde(skip)]
     pub tuples: Vec<TupleKey>,
+}
+
+/// Keys and bytes one category of a store's Redis keys takes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct KeyUsage {
+    /// `pending` (ops and their indexes), `dead` (dead letters), `queue`
+    /// (jobs), `meta` (counters, epochs, write marks) or `legacy` (job keys
+    /// older versions left: `fga-wb sweep` removes them).
+    pub category: String,
+    /// Keys in the category.
+    pub keys: u64,
+    /// What Redis's MEMORY USAGE reports, summed.
+    pub bytes: u64,
 }
 
 /// A pending-op store: the memory store, or the Redis store shared by

@@ -22,7 +22,7 @@ use crate::model::Dep;
 use crate::tuple::TupleKey;
 
 /// How long a write is remembered: the longest `check.server_cache_ttl`.
-pub(crate) const KEEP: Duration = Duration::from_secs(120);
+pub(crate) const KEEP: Duration = crate::config::MAX_SERVER_CACHE_TTL;
 
 /// Recently applied writes, by relation and by object.
 pub(crate) struct Written {

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::buffer::redis::RedisStore;
 use crate::buffer::{condition_of, key_of, op_of, tuple_of, Taken};
+use crate::flush::JobSink;
 use crate::error::{Error, Result};
 use crate::tuple::Op;
 
@@ -102,21 +103,6 @@ impl From<&Taken> for JobOp {
         }
     }
 }
-
-/// Where a flush in queue mode hands its chunks. The real one is the Redis
-/// store's job queue; [`FakeQueue`] records jobs for unit tests.
-pub(crate) trait JobSink: Send + Sync + 'static {
-    /// Hands taken ops to a new job, which holds them from then on.
-    fn enqueue<'a>(
-        &'a self,
-        store_id: &'a str,
-        model_id: Option<&'a str>,
-        ops: &'a [Taken],
-    ) -> BoxFuture<'a, Result<()>>;
-}
-
-/// The sink used by a handle in queue mode.
-pub(crate) type Sink = Arc<dyn JobSink>;
 
 /// The Redis store's job queue.
 pub(crate) struct RedisJobs(pub Arc<RedisStore>);
@@ -195,31 +181,20 @@ mod tests {
         let client = crate::openfga::Client::builder("http://127.0.0.1:9")
             .build()
             .unwrap();
-        Engine {
-            store: Arc::new(MemoryStore::new(1000)),
-            client: client.clone(),
-            writer: client,
-            store_id: "01STORE".into(),
-            model_id: crate::flush::ModelId::new(Some("01MODEL".into())),
-            cfg: crate::config::FlushConfig::default(),
-            cache: Arc::new(crate::cache::CheckCache::new(
+        Engine::new(
+            Arc::new(MemoryStore::new(1000)),
+            client.clone(),
+            client,
+            "01STORE".into(),
+            Some("01MODEL".into()),
+            crate::config::FlushConfig::default(),
+            Arc::new(crate::cache::CheckCache::new(
                 10,
                 Duration::from_secs(1),
                 None,
             )),
-            stats: Default::default(),
-            changed: tokio::sync::watch::channel(0).0,
-            sink: Some(sink),
-            flush_wanted: Default::default(),
-            revoke_wanted: Default::default(),
-            parallel: Default::default(),
-            sleeping: Default::default(),
-            timer_armed: Default::default(),
-            wake: Default::default(),
-            others_finished: Default::default(),
-            retry_deadline: Default::default(),
-            tuple_limit: Default::default(),
-        }
+            Some(sink),
+        )
     }
 
     /// A flush in queue mode pushes one job per chunk of at most

@@ -371,31 +371,22 @@ pub(crate) async fn applier(config: &Config) -> Result<Applier> {
     let store = Arc::new(crate::buffer::open_redis(config, "worker").await?);
     let model_id = (!config.openfga.model_id.is_empty()).then(|| config.openfga.model_id.clone());
     let client = config.openfga.client()?;
-    let engine = Engine {
-        store: store.clone(),
-        client: client.clone(),
-        writer: client,
-        store_id: config.openfga.store_id.clone(),
-        model_id: crate::flush::ModelId::new(model_id),
-        cfg: config.flush.clone(),
-        cache: Arc::new(crate::cache::CheckCache::new(
+    // The worker writes on the client it checks with: it has no flusher
+    // runtime of its own.
+    let engine = Engine::new(
+        store.clone(),
+        client.clone(),
+        client,
+        config.openfga.store_id.clone(),
+        model_id,
+        config.flush.clone(),
+        Arc::new(crate::cache::CheckCache::new(
             1,
             Duration::from_secs(1),
             None,
         )),
-        stats: Default::default(),
-        changed: tokio::sync::watch::channel(0).0,
-        sink: None,
-        flush_wanted: Default::default(),
-        revoke_wanted: Default::default(),
-        parallel: Default::default(),
-        sleeping: Default::default(),
-        timer_armed: Default::default(),
-        wake: Default::default(),
-        others_finished: Default::default(),
-        retry_deadline: Default::default(),
-        tuple_limit: Default::default(),
-    };
+        None,
+    );
     Ok(Applier {
         engine,
         store,

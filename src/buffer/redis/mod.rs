@@ -27,12 +27,11 @@ use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    condition_of, key_of, op_of, tuple_of, Claim, DeadLetter, Finished, JobEnd, Outcome, Pending,
-    Pushed, Relevant, Replayed, Store, StoreEvent, Take, Taken,
+    condition_of, key_of, op_of, tuple_of, Claim, DeadLetter, Finished, JobEnd, KeyUsage, Outcome,
+    Pending, Pushed, Relevant, Replayed, Store, StoreEvent, Take, Taken,
 };
 use crate::error::{Error, Kind, Result};
 use crate::model::{Dep, RelName};
-use crate::status::KeyUsage;
 use crate::tuple::{Condition, Op, TupleKey};
 pub(crate) use conn::{Conn, Target};
 
