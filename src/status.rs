@@ -294,7 +294,6 @@ mod unix {
     }
 }
 
-
 /// Jobs by state.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct QueueStats {

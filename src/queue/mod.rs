@@ -28,8 +28,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::buffer::redis::RedisStore;
 use crate::buffer::{condition_of, key_of, op_of, tuple_of, Taken};
-use crate::flush::JobSink;
 use crate::error::{Error, Result};
+use crate::flush::JobSink;
 use crate::tuple::Op;
 
 /// One job: up to `max_tuples_per_write` ops for one OpenFGA store, as it is

@@ -1,0 +1,212 @@
+//! What operators and monitoring ask of a handle: status, health, dead
+//! letters, clearing, Redis key usage and loss records.
+
+use super::*;
+
+impl WriteBehind {
+    /// Drops every pending op that is not already being written, logs them,
+    /// and returns how many were dropped.
+    pub async fn clear(&self) -> Result<usize> {
+        let e = &self.inner.engine;
+        let dropped = e.store.clear().await?;
+        e.cache.invalidate_all();
+        count!(
+            e.stats,
+            cleared,
+            "fga_wb_ops_cleared_total",
+            dropped.len() as u64
+        );
+        tracing::warn!(
+            count = dropped.len(),
+            "cleared pending ops; they will not reach OpenFGA"
+        );
+        const SHOWN: usize = 100;
+        for (t, op) in dropped.iter().take(SHOWN) {
+            tracing::info!(tuple = %t, ?op, "cleared");
+        }
+        if dropped.len() > SHOWN {
+            tracing::info!("... and {} more cleared", dropped.len() - SHOWN);
+        }
+        e.changed.send_modify(|v| *v += 1);
+        Ok(dropped.len())
+    }
+
+    /// Pending ops, dead letters, the last flush and totals.
+    pub async fn status(&self) -> Result<Status> {
+        let e = &self.inner.engine;
+        let config = &self.inner.config;
+        let mut status = Status {
+            store: config.buffer.store,
+            mode: config.flush.mode,
+            store_id: e.store_id.clone(),
+            pending: e.store.pending().await?,
+            dead_letters: e.store.dead_letters().await?.len(),
+            flushing_stopped: e.stats.stopped(),
+            last_flush: e.stats.last_flush(),
+            totals: e.stats.totals(),
+            queue: match (config.flush.mode, &self.inner.redis) {
+                (Mode::Queue, Some(r)) => Some(crate::queue::stats(r).await?),
+                _ => None,
+            },
+            loss: e.store.loss().await?,
+            last_loss_acknowledged: None,
+            write_limit: match e.tuple_limit.load(Ordering::Relaxed) {
+                0 => None,
+                l => Some(l),
+            },
+            // A scan of every key: asked for separately (`redis_key_usage`),
+            // not by every caller that polls the status.
+            redis_keys: None,
+        };
+        status.merge_shared(&e.store.shared_stats().await?);
+        Ok(status)
+    }
+
+    /// Redis store: how many keys and bytes the store holds in Redis, by
+    /// category (`pending`, `queue`, `dead`, `meta`, `legacy`); `None` for
+    /// the memory store. Scans the store's keys (in steps), so it is for an
+    /// operator's look, not a loop: `status()` leaves `redis_keys` empty.
+    pub async fn redis_key_usage(&self) -> Result<Option<Vec<crate::buffer::KeyUsage>>> {
+        match &self.inner.redis {
+            Some(r) => Ok(Some(r.usage().await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// What could keep acknowledged ops from reaching OpenFGA, for an
+    /// operator's health check: OpenFGA unreachable or refusing the
+    /// credentials, flushing stopped, an open Redis loss, queued jobs with
+    /// no worker seen (problems); Redis without AOF, dead letters waiting
+    /// (warnings). Asks OpenFGA and Redis once each.
+    pub async fn health(&self) -> Result<Health> {
+        let e = &self.inner.engine;
+        let status = self.status().await?;
+        let mut h = Health::default();
+        match e.client.read_latest_authorization_model(&e.store_id).await {
+            Ok(_) => {}
+            Err(err) if err.is_auth() => h
+                .problems
+                .push(format!("OpenFGA refuses the credentials: {err}")),
+            Err(err) => h.problems.push(format!("OpenFGA: {err}")),
+        }
+        if let Some(why) = &status.flushing_stopped {
+            h.problems.push(format!("flushing is stopped: {why}"));
+        }
+        if let Some(loss) = &status.loss {
+            h.problems.push(format!(
+                "Redis lost acknowledged ops: {loss}; see `fga-wb loss`"
+            ));
+        }
+        if let Some(q) = &status.queue {
+            if q.workers.is_empty() && q.pending + q.scheduled > 0 {
+                h.problems.push(format!(
+                    "{} jobs wait and no worker was seen: start `fga-wb worker`",
+                    q.pending + q.scheduled
+                ));
+            }
+        }
+        if let Some(r) = &self.inner.redis {
+            h.warnings.extend(r.persistence_warning().await);
+        }
+        if status.dead_letters > 0 {
+            h.warnings.push(format!(
+                "{} dead letters wait for a decision (`fga-wb dlq list`)",
+                status.dead_letters
+            ));
+        }
+        Ok(h)
+    }
+
+    /// Redis store: deletes the job keys versions before fga-wb kept jobs
+    /// in its own keys left under the store's prefix (finished jobs stayed
+    /// there forever); returns how many. `fga-wb sweep` runs it.
+    pub async fn sweep_legacy_keys(&self) -> Result<u64> {
+        match &self.inner.redis {
+            Some(r) => r.sweep_legacy().await,
+            None => Ok(0),
+        }
+    }
+
+    /// Closes the record of a Redis loss so checks answer again: for an
+    /// operator, after re-applying what the application granted and revoked
+    /// around the time of the loss (`status().loss` says when). `by` names
+    /// who did it, for the record. Returns false if no loss was open.
+    pub async fn acknowledge_loss(&self, by: &str) -> Result<bool> {
+        let e = &self.inner.engine;
+        let closed = e.store.acknowledge_loss(by).await?;
+        e.cache.invalidate_all();
+        Ok(closed)
+    }
+
+    /// The ops OpenFGA refused for good, with its reasons.
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
+        self.inner.engine.store.dead_letters().await
+    }
+
+    /// Buffers dead letters again (those with `ids`, or all) as new ops, for
+    /// after the model or the data was fixed, and flushes them (in queue
+    /// mode: queues their jobs). They skip model validation: OpenFGA
+    /// decides.
+    ///
+    /// A letter whose tuple got a newer op since it died (pending, applied
+    /// or dead itself) is *superseded*: replaying it would undo what the
+    /// application said last, so it is dropped instead, and counted. A
+    /// letter leaves the dead letters only once its op is buffered again,
+    /// so a full buffer loses nothing: the replay then fails with
+    /// [`Error::is_buffer_full`] after flushing what it did replay. Unknown
+    /// ids are an error, and nothing is replayed then.
+    pub async fn replay_dead_letters(&self, ids: Option<&[u64]>) -> Result<Replayed> {
+        let e = &self.inner.engine;
+        if let Some(ids) = ids {
+            let letters = e.store.dead_letters().await?;
+            let unknown: Vec<String> = ids
+                .iter()
+                .filter(|id| !letters.iter().any(|d| d.id == **id))
+                .map(ToString::to_string)
+                .collect();
+            if !unknown.is_empty() {
+                return Err(Error::invalid_argument(format!(
+                    "no dead letter with id {}; `fga-wb dlq list` shows them",
+                    unknown.join(", ")
+                )));
+            }
+        }
+        let r = e.store.replay_dead_letters(ids, false).await?;
+        // A replayed letter is a new op, acknowledged like a grant or revoke.
+        for t in &r.tuples {
+            e.cache.invalidate_for(t);
+        }
+        count!(
+            e.stats,
+            acknowledged,
+            "fga_wb_ops_acknowledged_total",
+            r.replayed as u64
+        );
+        if r.replayed > 0 {
+            self.flush().await?;
+        }
+        if r.kept > 0 {
+            tracing::warn!(
+                replayed = r.replayed,
+                kept = r.kept,
+                "the buffer is full: dead letters kept (nothing lost); make room and replay again"
+            );
+            return Err(Error::new(Kind::BufferFull {
+                capacity: self.inner.config.buffer.capacity,
+                waited: None,
+            }));
+        }
+        Ok(r)
+    }
+
+    /// Deletes dead letters (those with `ids`, or all); returns how many.
+    pub async fn purge_dead_letters(&self, ids: Option<&[u64]>) -> Result<usize> {
+        Ok(self
+            .inner
+            .engine
+            .store
+            .remove_dead_letters(ids)
+            .await?
+            .len())
+    }
+}

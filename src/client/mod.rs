@@ -1,0 +1,692 @@
+//! The handle applications hold: [`WriteBehind`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::buffer::{key_of, DeadLetter, Pending, Replayed, StoreEvent};
+use crate::cache::{CheckCache, Generation};
+use crate::config::{Config, Mode, Overflow, StoreKind};
+use crate::error::{Error, Kind, Result};
+use crate::flush::{self, Command, Engine};
+use crate::model::{Dep, Model};
+use crate::openfga::{
+    CheckRequest, Client, Consistency, Context, ListObjectsRequest, ListUsersRequest, ReadFilter,
+    MAX_CONTEXTUAL_TUPLES,
+};
+use crate::status::{count, FlushReport, Status};
+use crate::tuple::{Op, TupleKey};
+
+/// A write-behind buffer in front of one OpenFGA store.
+///
+/// Cheap to clone; clones share the buffer, the cache and the background
+/// flusher. Call [`WriteBehind::shutdown`] before exit to drain what is
+/// pending; dropping the last clone without it stops the flusher and logs how
+/// many ops were left.
+#[derive(Clone)]
+pub struct WriteBehind {
+    inner: Arc<Handle>,
+}
+
+struct Handle {
+    engine: Arc<Engine>,
+    config: Config,
+    /// The analysed model; replaced by `refresh_model`.
+    model: std::sync::RwLock<Option<Arc<Model>>>,
+    /// The Redis store, when the buffer is there (its queue, for status).
+    redis: Option<Arc<crate::buffer::redis::RedisStore>>,
+    validate_against_model: bool,
+    commands: mpsc::Sender<Command>,
+    stop: watch::Sender<bool>,
+    /// The flusher's thread; taken by shutdown.
+    flusher: Mutex<Option<flush::FlusherThread>>,
+    /// For a shared store, the listener for other processes' changes.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    shut_down: AtomicBool,
+    /// Told of every check the application makes (the test doubles).
+    #[cfg(feature = "test-util")]
+    on_check: Option<CheckHook>,
+}
+
+/// Called with `(user, relation, object)` of each check.
+#[cfg(feature = "test-util")]
+pub(crate) type CheckHook = Arc<dyn Fn(&str, &str, &str) + Send + Sync>;
+
+/// Builds a [`WriteBehind`] from a [`Config`].
+#[must_use]
+pub struct Builder {
+    config: Config,
+    client: Option<Client>,
+    validate_against_model: bool,
+    automatic_flush: bool,
+    read_model: bool,
+    /// Queue mode's job sink when it is not Redis's (the test double).
+    sink: Option<crate::flush::Sink>,
+    #[cfg(feature = "test-util")]
+    on_check: Option<CheckHook>,
+}
+
+/// What [`WriteBehind::health`] found.
+#[derive(Clone, Debug, Default, Serialize)]
+#[non_exhaustive]
+pub struct Health {
+    /// What keeps ops from reaching OpenFGA now.
+    pub problems: Vec<String>,
+    /// What could lose or delay ops later.
+    pub warnings: Vec<String>,
+}
+
+/// What [`WriteBehind::shutdown`] did and what it left.
+#[derive(Clone, Debug, Serialize)]
+pub struct ShutdownReport {
+    /// What the final flushes did.
+    pub flushed: FlushReport,
+    /// What is still pending (or in flight) after the deadline; with the
+    /// memory store, these ops are lost when the process exits.
+    pub left: Pending,
+}
+
+impl Builder {
+    /// Use this OpenFGA client instead of one built from the config
+    /// (a custom timeout or TLS setup). Default: built from `[openfga]`.
+    pub fn client(mut self, client: Client) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// Check each tuple's type, relation and user type against the
+    /// authorization model in `grant`/`revoke`, before acknowledging.
+    /// Default: on. Turn it off only when the model may change under a
+    /// running process; OpenFGA then refuses bad tuples at flush time and
+    /// they are dead-lettered.
+    pub fn validate_against_model(mut self, on: bool) -> Self {
+        self.validate_against_model = on;
+        self
+    }
+
+    /// Flush in the background (batch size, interval, revokes). Default: on.
+    /// Off for a handle that only inspects or flushes on request, such as
+    /// `fga-wb status` looking at a shared Redis buffer.
+    pub fn automatic_flush(mut self, on: bool) -> Self {
+        self.automatic_flush = on;
+        self
+    }
+
+    /// Read the authorization model at build. Default: on. Without it,
+    /// tuples are not checked against the model and every pending op counts
+    /// as relevant to every check (correct, just broader).
+    pub fn read_model(mut self, on: bool) -> Self {
+        self.read_model = on;
+        self
+    }
+
+    /// Hands every flushed chunk to `sink` as a job instead of writing it
+    /// (queue mode with any store): for `testing::FakeQueue`.
+    #[cfg_attr(not(feature = "test-util"), allow(dead_code))]
+    pub(crate) fn job_sink(mut self, sink: crate::flush::Sink) -> Self {
+        self.sink = Some(sink);
+        self
+    }
+
+    /// Tells `hook` of every check made through the handle.
+    #[cfg(feature = "test-util")]
+    pub(crate) fn on_check(mut self, hook: CheckHook) -> Self {
+        self.on_check = Some(hook);
+        self
+    }
+
+    /// Connects to OpenFGA, reads the authorization model, and starts the
+    /// flusher. Must be called inside a Tokio runtime.
+    pub async fn build(self) -> Result<WriteBehind> {
+        let config = self.config;
+        config.validate()?;
+        if config.openfga.store_id.is_empty() {
+            return Err(Error::config(
+                "openfga.store_id is not set; set FGA_STORE_ID or openfga.store_id in the config file",
+            ));
+        }
+        let client = match self.client {
+            Some(c) => c,
+            None => config.openfga.client()?,
+        };
+        let store_id = config.openfga.store_id.clone();
+        let model_id =
+            (!config.openfga.model_id.is_empty()).then(|| config.openfga.model_id.clone());
+        let model = if self.read_model {
+            load_model(&client, &store_id, model_id.as_deref()).await?
+        } else {
+            None
+        };
+        let model_id = model_id.or_else(|| model.as_ref().map(|m| m.id().to_owned()));
+
+        let cache = Arc::new(CheckCache::new(
+            config.cache.capacity,
+            config.cache.ttl,
+            model.clone(),
+        ));
+        let (store, redis) = crate::buffer::open_store(&config).await?;
+        let sink: Option<crate::flush::Sink> = match (config.flush.mode, &redis) {
+            _ if self.sink.is_some() => self.sink,
+            (Mode::Queue, Some(r)) => Some(Arc::new(crate::queue::RedisJobs(r.clone()))),
+            (Mode::Queue, None) => {
+                return Err(Error::config(
+                    "flush.mode = \"queue\" needs buffer.store = \"redis\"",
+                ))
+            }
+            (Mode::Inline, _) => None,
+        };
+        let engine = Arc::new(Engine::new(
+            store,
+            client.fork()?,
+            client,
+            store_id,
+            model_id,
+            config.flush.clone(),
+            cache,
+            sink,
+        ));
+        let (commands, rx) = mpsc::channel(16);
+        let (stop, stop_rx) = watch::channel(false);
+        let flusher =
+            flush::FlusherThread::spawn(engine.clone(), rx, stop_rx.clone(), self.automatic_flush)?;
+        let mut tasks = Vec::new();
+        if engine.store.events().is_some() {
+            tasks.push(tokio::spawn(follow_events(engine.clone(), stop_rx.clone())));
+        }
+        let every = config.openfga.model_refresh;
+        let follow_latest =
+            config.openfga.model_id.is_empty() && self.read_model && !every.is_zero();
+        let wb = WriteBehind {
+            inner: Arc::new(Handle {
+                engine,
+                config,
+                model: std::sync::RwLock::new(model),
+                redis,
+                validate_against_model: self.validate_against_model,
+                commands,
+                stop,
+                flusher: Mutex::new(Some(flusher)),
+                tasks: Mutex::new(tasks),
+                shut_down: AtomicBool::new(false),
+                #[cfg(feature = "test-util")]
+                on_check: self.on_check,
+            }),
+        };
+        if follow_latest {
+            let task = tokio::spawn(follow_model(Arc::downgrade(&wb.inner), every, stop_rx));
+            wb.inner
+                .tasks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(task);
+        }
+        Ok(wb)
+    }
+}
+
+/// Looks for a newer latest model every `every` until the handle stops (or
+/// is dropped: it holds the handle only weakly).
+async fn follow_model(
+    handle: std::sync::Weak<Handle>,
+    every: std::time::Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let Some(inner) = handle.upgrade() else {
+            return;
+        };
+        if let Err(e) = (WriteBehind { inner }).refresh_model().await {
+            tracing::warn!(error = %e, "cannot read the authorization model; keeping the one in use");
+        }
+    }
+}
+
+/// The pinned model, or the store's latest. A store without a model, or an
+/// OpenFGA that cannot be reached at start, leaves fga-wb without one: checks
+/// then treat every pending op as relevant (correct, just broader).
+async fn load_model(
+    client: &Client,
+    store_id: &str,
+    model_id: Option<&str>,
+) -> Result<Option<Arc<Model>>> {
+    let found = match model_id {
+        Some(id) => client
+            .read_authorization_model(store_id, id)
+            .await
+            .map(Some),
+        None => client.read_latest_authorization_model(store_id).await,
+    };
+    match found {
+        Ok(m) => Ok(m.map(|m| Arc::new(Model::new(&m)))),
+        Err(e) if e.is_transient() => {
+            tracing::warn!(error = %e, "cannot read the authorization model; running without it (broader cache invalidation, no model validation)");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Applies other processes' changes to this process's cache, and wakes
+/// checks waiting for a revoke that another process (or a worker) applied.
+/// Reconnects after a lost subscription, dropping the whole cache, since
+/// changes may have been missed meanwhile.
+async fn follow_events(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let Some(connect) = engine.store.events() else {
+            return;
+        };
+        match connect.await {
+            Ok(mut events) => loop {
+                use futures::StreamExt;
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    ev = events.next() => match ev {
+                        Some(StoreEvent::Finished) => {
+                            engine.changed.send_modify(|v| *v += 1);
+                            engine.others_finished.store(true, std::sync::atomic::Ordering::Relaxed);
+                            // A busy pump looks again anyway when its own
+                            // requests end.
+                            if engine.sleeping.load(std::sync::atomic::Ordering::Relaxed) {
+                                engine.wake_now();
+                            }
+                        }
+                        Some(StoreEvent::Jobs) => {}
+                        Some(StoreEvent::All) => {
+                            engine.cache.invalidate_all();
+                            engine.changed.send_modify(|v| *v += 1);
+                        }
+                        None => break,
+                    },
+                }
+            },
+            // A handle being dropped closes its connections: not news.
+            Err(_) if *stop.borrow() => return,
+            Err(e) => tracing::warn!(error = %e, "cannot subscribe to store events; retrying"),
+        }
+        engine.cache.invalidate_all();
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+mod admin;
+mod reads;
+
+impl WriteBehind {
+    /// A builder reading every setting from `config`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example() -> fga_wb::Result<()> {
+    /// // config/fga-wb.toml (or FGA_WB_CONFIG), then FGA_* / FGA_WB_* variables.
+    /// let config = fga_wb::Config::load(None)?;
+    /// let wb = fga_wb::WriteBehind::builder(config).build().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn builder(config: Config) -> Builder {
+        Builder {
+            config,
+            client: None,
+            validate_against_model: true,
+            automatic_flush: true,
+            read_model: true,
+            sink: None,
+            #[cfg(feature = "test-util")]
+            on_check: None,
+        }
+    }
+
+    /// Grants `relation` on `object` to `user`. Returns once the op is
+    /// buffered; it reaches OpenFGA with the next flush. A tuple OpenFGA
+    /// would refuse is refused here, with an error naming the field and the
+    /// rule ([`Error::is_invalid_input`]), and nothing is buffered.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(wb: fga_wb::WriteBehind) -> fga_wb::Result<()> {
+    /// wb.grant("user:anne", "editor", "document:roadmap").await?;
+    /// // Derived relations see it at once (editor implies viewer here).
+    /// assert!(wb.check("user:anne", "viewer", "document:roadmap").await?);
+    /// # Ok(()) }
+    /// ```
+    #[tracing::instrument(level = "debug", skip(self), err(Display))]
+    pub async fn grant(&self, user: &str, relation: &str, object: &str) -> Result<()> {
+        self.enqueue(TupleKey::new(user, relation, object)?, Op::Grant)
+            .await
+    }
+
+    /// Revokes `relation` on `object` from `user`. Returns once buffered;
+    /// revokes are flushed at once, and until they are applied no check that
+    /// could depend on them answers `true`. A tuple written with a condition
+    /// is revoked by its user, relation and object alone, as OpenFGA
+    /// deletes it.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(wb: fga_wb::WriteBehind) -> fga_wb::Result<()> {
+    /// wb.revoke("user:anne", "editor", "document:roadmap").await?;
+    /// // Never "allowed" from here on: an error means "not allowed" too.
+    /// let allowed = wb.check("user:anne", "editor", "document:roadmap").await.unwrap_or(false);
+    /// assert!(!allowed);
+    /// # Ok(()) }
+    /// ```
+    #[tracing::instrument(level = "debug", skip(self), err(Display))]
+    pub async fn revoke(&self, user: &str, relation: &str, object: &str) -> Result<()> {
+        self.enqueue(TupleKey::new(user, relation, object)?, Op::Revoke)
+            .await
+    }
+
+    /// Grants a tuple that holds only while the named condition holds, with
+    /// some of its parameters fixed by `context`.
+    pub async fn grant_with_condition(
+        &self,
+        user: &str,
+        relation: &str,
+        object: &str,
+        condition: &str,
+        context: Option<Context>,
+    ) -> Result<()> {
+        let t = TupleKey::new(user, relation, object)?.with_condition(condition, context)?;
+        self.enqueue(t, Op::Grant).await
+    }
+
+    /// Grants a tuple given whole (with or without a condition).
+    pub async fn grant_tuple(&self, tuple: TupleKey) -> Result<()> {
+        self.enqueue(tuple, Op::Grant).await
+    }
+
+    /// Revokes a tuple given whole. A condition on it is ignored: OpenFGA
+    /// deletes by user, relation and object.
+    pub async fn revoke_tuple(&self, mut tuple: TupleKey) -> Result<()> {
+        tuple.condition = None;
+        self.enqueue(tuple, Op::Revoke).await
+    }
+
+    async fn enqueue(&self, tuple: TupleKey, op: Op) -> Result<()> {
+        self.ensure_open()?;
+        tuple.validate_for_write()?;
+        if self.inner.validate_against_model {
+            if let Some(m) = self.inner.model() {
+                match op {
+                    Op::Grant => m.validate(&tuple)?,
+                    Op::Revoke => m.validate_revoke(&tuple)?,
+                }
+            }
+        }
+        let e = &self.inner.engine;
+        let started = Instant::now();
+        let mut flushed_for_room = false;
+        let pushed = loop {
+            match e.store.push(&tuple, op).await {
+                Ok(p) => break p,
+                Err(err) if err.is_buffer_full() => {
+                    self.make_room(started, &mut flushed_for_room).await?;
+                }
+                Err(err) => return Err(err),
+            }
+        };
+        // After the push, never before: see cache.rs.
+        e.cache.invalidate_for(&tuple);
+        count!(e.stats, acknowledged, "fga_wb_ops_acknowledged_total", 1);
+        metrics::gauge!("fga_wb_pending_ops").set(pushed.pending as f64);
+        if pushed.coalesced {
+            count!(e.stats, coalesced, "fga_wb_ops_coalesced_total", 1);
+        }
+        e.nudge(op == Op::Revoke, pushed.pending);
+        Ok(())
+    }
+
+    /// Applies the overflow policy once; `Ok` means "try the push again".
+    async fn make_room(&self, started: Instant, flushed: &mut bool) -> Result<()> {
+        let cfg = &self.inner.config.buffer;
+        let full = |waited| {
+            Error::new(Kind::BufferFull {
+                capacity: cfg.capacity,
+                waited,
+            })
+        };
+        match cfg.overflow {
+            Overflow::Reject => Err(full(None)),
+            Overflow::Flush if *flushed => Err(full(Some(started.elapsed()))),
+            Overflow::Flush => {
+                *flushed = true;
+                self.flush().await?;
+                Ok(())
+            }
+            Overflow::Block => {
+                let mut changed = self.inner.engine.changed.subscribe();
+                self.inner
+                    .engine
+                    .flush_wanted
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                self.inner.engine.wake_now();
+                let deadline = started + cfg.block_timeout;
+                // Other processes sharing the store make room without
+                // telling us: look again now and then.
+                let until = deadline.min(Instant::now() + std::time::Duration::from_millis(100));
+                match tokio::time::timeout_at(until, changed.changed()).await {
+                    Ok(Ok(())) => Ok(()),
+                    _ if Instant::now() < deadline => Ok(()),
+                    _ => Err(full(Some(started.elapsed()))),
+                }
+            }
+        }
+    }
+
+    /// Writes everything acknowledged so far to OpenFGA and reports what
+    /// happened. Also resumes flushing after an auth failure was fixed.
+    ///
+    /// Fails with OpenFGA's error ([`Error::is_auth`], [`Error::is_not_found`])
+    /// when the server refused the credentials or does not know the store:
+    /// nothing can be written until that is fixed, and every op is kept. A
+    /// transient failure (OpenFGA down, 5xx, 429) is not an error here: the
+    /// report's `error` says what happened, the ops stay pending and are
+    /// retried by themselves.
+    #[tracing::instrument(level = "debug", skip(self))]
+    pub async fn flush(&self) -> Result<FlushReport> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .commands
+            .send(Command::Flush(tx))
+            .await
+            .map_err(|_| Error::new(Kind::Shutdown))?;
+        let report = rx.await.map_err(|_| Error::new(Kind::Shutdown))?;
+        if report.error.is_some() {
+            if let Some(halt) = self.inner.engine.stats.halted() {
+                return Err(halt);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Counts of pending ops.
+    pub async fn pending(&self) -> Result<Pending> {
+        self.inner.engine.store.pending().await
+    }
+
+    /// The engine, for the test doubles.
+    #[cfg(feature = "test-util")]
+    pub(crate) fn engine(&self) -> &Arc<Engine> {
+        &self.inner.engine
+    }
+
+    /// Stops the flusher, then flushes until everything is applied or
+    /// `flush.shutdown_deadline` passes, and reports what is left. Later
+    /// calls on any clone fail with [`Error::is_shutdown`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(wb: fga_wb::WriteBehind) -> fga_wb::Result<()> {
+    /// let report = wb.shutdown().await?;
+    /// if report.left.total + report.left.in_flight > 0 {
+    ///     eprintln!("{} ops were not written", report.left.total + report.left.in_flight);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn shutdown(&self) -> Result<ShutdownReport> {
+        if self.inner.shut_down.swap(true, Ordering::SeqCst) {
+            return Err(Error::new(Kind::Shutdown));
+        }
+        let deadline = Instant::now() + self.inner.config.flush.shutdown_deadline;
+        // The flusher drains until the deadline and then stops; the other
+        // tasks (the event follower) stop at once.
+        let (reply, answer) = oneshot::channel();
+        let asked = self
+            .inner
+            .commands
+            .send(Command::Shutdown { deadline, reply })
+            .await
+            .is_ok();
+        let (flushed, cut_off) = if asked {
+            // A little past the deadline: the flusher answers at it.
+            let grace = deadline + std::time::Duration::from_secs(1);
+            match tokio::time::timeout_at(grace, answer).await {
+                Ok(Ok(r)) => r,
+                _ => (
+                    FlushReport {
+                        error: Some("the flusher did not answer by the deadline".into()),
+                        ..Default::default()
+                    },
+                    true,
+                ),
+            }
+        } else {
+            (FlushReport::default(), false)
+        };
+        let _ = self.inner.stop.send(true);
+        let flusher = self
+            .inner
+            .flusher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(f) = flusher {
+            f.join(std::time::Duration::from_secs(1)).await;
+        }
+        let tasks =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for mut task in tasks {
+            if tokio::time::timeout(std::time::Duration::from_secs(1), &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
+        }
+        let e = &self.inner.engine;
+        // What this process still holds goes back to the others now, unless
+        // a write was cut off in flight (then when its lease ends).
+        if let Err(err) = e.store.release(!cut_off).await {
+            tracing::warn!(error = %err, "could not release this process's Redis lease; it ends by itself");
+        }
+        let left = e.store.pending().await?;
+        if left.total + left.in_flight > 0 {
+            tracing::warn!(
+                pending = left.total,
+                in_flight = left.in_flight,
+                "shutdown left ops unflushed"
+            );
+        }
+        Ok(ShutdownReport { flushed, left })
+    }
+
+    fn ensure_open(&self) -> Result<()> {
+        if self.inner.shut_down.load(Ordering::Relaxed) {
+            return Err(Error::new(Kind::Shutdown));
+        }
+        Ok(())
+    }
+
+    /// This process's counters, read without waiting (for the Redis store,
+    /// [`WriteBehind::status`] reports the store-wide ones).
+    pub fn local_totals(&self) -> crate::Totals {
+        self.inner.engine.stats.totals()
+    }
+
+    /// The id of the authorization model in use, if one was found.
+    pub fn model_id(&self) -> Option<String> {
+        self.inner.engine.model_id.get()
+    }
+
+    /// Reads the authorization model again (`openfga.model_id`, or the
+    /// store's latest when that is empty) and, if it changed, switches to it:
+    /// validation of new grants and revokes, the dependencies checks wait
+    /// for, and the model id on checks and writes (ops already buffered are
+    /// written under it). Every cached answer is dropped. Returns the model
+    /// id now in use. Runs every `openfga.model_refresh` on its own when
+    /// `openfga.model_id` is empty.
+    pub async fn refresh_model(&self) -> Result<Option<String>> {
+        self.ensure_open()?;
+        let e = &self.inner.engine;
+        let pinned = &self.inner.config.openfga.model_id;
+        let pinned = (!pinned.is_empty()).then_some(pinned.as_str());
+        let found = match pinned {
+            Some(id) => e
+                .client
+                .read_authorization_model(&e.store_id, id)
+                .await
+                .map(Some),
+            None => e.client.read_latest_authorization_model(&e.store_id).await,
+        }?;
+        let Some(found) = found else {
+            return Ok(e.model_id.get());
+        };
+        if e.model_id.get().as_deref() == Some(found.id.as_str()) {
+            return Ok(Some(found.id));
+        }
+        let model = Arc::new(Model::new(&found));
+        *self.inner.model.write().unwrap_or_else(|p| p.into_inner()) = Some(model);
+        e.model_id.set(Some(found.id.clone()));
+        e.cache.invalidate_all();
+        tracing::info!(model_id = %found.id, "following a new authorization model");
+        Ok(Some(found.id))
+    }
+}
+
+impl Handle {
+    /// The analysed model in use, if one was read.
+    fn model(&self) -> Option<Arc<Model>> {
+        self.model.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // The flusher's thread ends when it sees this.
+        let _ = self.stop.send(true);
+        for task in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
+        if self.shut_down.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Some(p) = self.engine.store.pending_now() {
+            let n = p.total + p.in_flight;
+            if n > 0 && self.config.buffer.store == StoreKind::Memory {
+                tracing::warn!(
+                    pending = n,
+                    "WriteBehind dropped without shutdown(): {n} acknowledged ops were not written to OpenFGA and are lost"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,575 @@
+//! The read path: checks, batch checks, lists and reads that see every
+//! acknowledged op (pending grants as contextual tuples, pending revokes
+//! waited for), cached answers, and `HIGHER_CONSISTENCY` after recent
+//! writes.
+
+use super::*;
+
+/// What a check needs after looking at the cache and the pending ops.
+/// Most pending grants a `read` merges; more make it flush first.
+const READ_PENDING_MAX: usize = 1000;
+
+/// Whether a tuple matches a Read filter (`type:` matches every object of
+/// the type).
+fn read_matches(filter: &ReadFilter, t: &TupleKey) -> bool {
+    let object_ok = match filter.object.as_deref() {
+        None | Some("") => true,
+        Some(o) if o.ends_with(':') => t.object.starts_with(o),
+        Some(o) => t.object == o,
+    };
+    object_ok
+        && filter
+            .user
+            .as_deref()
+            .is_none_or(|u| u.is_empty() || t.user == u)
+        && filter
+            .relation
+            .as_deref()
+            .is_none_or(|r| r.is_empty() || t.relation == r)
+}
+
+/// Adds pending grants to a request's contextual tuples, except those the
+/// caller already sent (OpenFGA refuses a tuple twice).
+fn add_grants(contextual: &mut Vec<TupleKey>, grants: Vec<TupleKey>) {
+    for g in grants {
+        let dup = contextual
+            .iter()
+            .any(|c| c.user == g.user && c.relation == g.relation && c.object == g.object);
+        if !dup {
+            contextual.push(g);
+        }
+    }
+}
+
+/// Where a batch check's answer goes: its index, cache key, generation, and
+/// where the pending grants start in its contextual tuples.
+type Slot = (usize, Option<String>, Generation, usize);
+
+// Built and consumed at once, never stored in bulk: boxing the request
+// would only add an allocation per check.
+#[allow(clippy::large_enum_variant)]
+enum Prepared {
+    /// Answered without OpenFGA.
+    Answer(bool),
+    /// Ask OpenFGA this, then cache the answer under `generation` if `key`.
+    /// Contextual tuples from `ours` on are pending grants fga-wb added.
+    Ask {
+        request: CheckRequest,
+        key: Option<String>,
+        generation: Generation,
+        ours: usize,
+    },
+}
+
+impl WriteBehind {
+    /// Whether `user` has `relation` on `object`, counting every acknowledged
+    /// grant and revoke.
+    ///
+    /// Fails closed with an error for which [`Error::is_stale_check`] is true
+    /// when a pending revoke this check could depend on is not applied within
+    /// `check.revoke_wait_timeout`. Treat any error as "not allowed".
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(wb: fga_wb::WriteBehind) {
+    /// let allowed = match wb.check("user:anne", "viewer", "document:roadmap").await {
+    ///     Ok(a) => a,
+    ///     Err(e) => {
+    ///         tracing::warn!(error = %e, "check failed; denying");
+    ///         false
+    ///     }
+    /// };
+    /// # let _ = allowed; }
+    /// ```
+    #[tracing::instrument(level = "debug", skip(self), err(Display))]
+    pub async fn check(&self, user: &str, relation: &str, object: &str) -> Result<bool> {
+        self.observed(user, relation, object);
+        if let Some(answer) = self.cached(user, relation, object) {
+            return Ok(answer);
+        }
+        self.ask(&CheckRequest::new(user, relation, object)).await
+    }
+
+    #[cfg(feature = "test-util")]
+    fn observed(&self, user: &str, relation: &str, object: &str) {
+        if let Some(hook) = &self.inner.on_check {
+            hook(user, relation, object);
+        }
+    }
+
+    #[cfg(not(feature = "test-util"))]
+    fn observed(&self, _user: &str, _relation: &str, _object: &str) {}
+
+    /// The hot path of a cache hit, without allocating a request: only for
+    /// a store no other process writes to (a shared store needs a round trip
+    /// to Redis first).
+    fn cached(&self, user: &str, relation: &str, object: &str) -> Option<bool> {
+        let e = &self.inner.engine;
+        if self.inner.shut_down.load(Ordering::Relaxed) || e.store.shared() {
+            return None;
+        }
+        crate::tuple::validate_user(user).ok()?;
+        crate::tuple::validate_relation(relation).ok()?;
+        crate::tuple::validate_object(object).ok()?;
+        let ty = object.split_once(':').map_or(object, |(t, _)| t);
+        let generation = (e.cache.generation(ty, relation), 0);
+        let key = format!("{object}#{relation}@{user}");
+        let answer = e.cache.get(&key, generation)?;
+        count!(e.stats, cache_hits, "fga_wb_cache_hits_total", 1);
+        Some(answer)
+    }
+
+    /// A check with context, contextual tuples or a consistency preference.
+    /// Checks with context or contextual tuples are not cached.
+    pub async fn check_request(&self, req: &CheckRequest) -> Result<bool> {
+        self.observed(&req.user, &req.relation, &req.object);
+        self.ask(req).await
+    }
+
+    async fn ask(&self, req: &CheckRequest) -> Result<bool> {
+        match self.prepare(req).await? {
+            Prepared::Answer(a) => Ok(a),
+            Prepared::Ask {
+                request,
+                key,
+                generation,
+                ours,
+            } => {
+                let e = &self.inner.engine;
+                let answer = match e.client.check(&e.store_id, &request).await {
+                    Err(err)
+                        if err.is_invalid_input() && request.contextual_tuples.len() > ours =>
+                    {
+                        return self.without_refused_grants(request, ours).await;
+                    }
+                    answer => answer?,
+                };
+                if let Some(k) = key {
+                    e.cache.insert(k, answer, generation);
+                }
+                Ok(answer)
+            }
+        }
+    }
+
+    /// Many checks at once, with the guarantees of [`WriteBehind::check_request`]
+    /// each. Checks are prepared concurrently; those the cache cannot answer
+    /// go to OpenFGA's BatchCheck (50 per request, a few requests at once),
+    /// grouped by consistency since OpenFGA takes one per request. Each
+    /// answer stands alone.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(wb: fga_wb::WriteBehind) -> fga_wb::Result<()> {
+    /// use fga_wb::openfga::CheckRequest;
+    /// let answers = wb
+    ///     .batch_check(&[
+    ///         CheckRequest::new("user:anne", "viewer", "document:1"),
+    ///         CheckRequest::new("user:anne", "viewer", "document:2"),
+    ///     ])
+    ///     .await?;
+    /// let visible: Vec<bool> = answers.into_iter().map(|a| a.unwrap_or(false)).collect();
+    /// # let _ = visible; Ok(()) }
+    /// ```
+    pub async fn batch_check(&self, checks: &[CheckRequest]) -> Result<Vec<Result<bool>>> {
+        use futures::StreamExt;
+        /// Checks prepared at once (each may be a Redis round trip).
+        const PREPARING: usize = 16;
+        for c in checks {
+            self.observed(&c.user, &c.relation, &c.object);
+        }
+        let prepared: Vec<Result<Prepared>> = futures::stream::iter(checks)
+            .map(|c| self.prepare(c))
+            .buffered(PREPARING)
+            .collect()
+            .await;
+        let mut out: Vec<Option<Result<bool>>> = Vec::with_capacity(checks.len());
+        // consistency -> (requests, (index, cache key, generation))
+        let mut groups: Vec<(Consistency, Vec<CheckRequest>, Vec<Slot>)> = Vec::new();
+        for (i, p) in prepared.into_iter().enumerate() {
+            match p {
+                Ok(Prepared::Answer(a)) => out.push(Some(Ok(a))),
+                Ok(Prepared::Ask {
+                    request,
+                    key,
+                    generation,
+                    ours,
+                }) => {
+                    out.push(None);
+                    let g = match groups.iter().position(|g| g.0 == request.consistency) {
+                        Some(g) => g,
+                        None => {
+                            groups.push((request.consistency, Vec::new(), Vec::new()));
+                            groups.len() - 1
+                        }
+                    };
+                    groups[g].1.push(request);
+                    groups[g].2.push((i, key, generation, ours));
+                }
+                Err(e) => out.push(Some(Err(e))),
+            }
+        }
+        let e = &self.inner.engine;
+        let model_id = e.model_id.get();
+        let sent = groups.iter().map(|(consistency, asks, _)| {
+            e.client
+                .batch_check(&e.store_id, asks, model_id.as_deref(), *consistency)
+        });
+        let answers = futures::future::try_join_all(sent).await?;
+        for ((_, asks, slots), answers) in groups.into_iter().zip(answers) {
+            for ((request, (i, key, generation, ours)), answer) in
+                asks.into_iter().zip(slots).zip(answers)
+            {
+                let answer = match answer {
+                    Err(err)
+                        if err.is_invalid_input() && request.contextual_tuples.len() > ours =>
+                    {
+                        self.without_refused_grants(request, ours).await
+                    }
+                    Ok(a) => {
+                        if let Some(k) = key {
+                            e.cache.insert(k, a, generation);
+                        }
+                        Ok(a)
+                    }
+                    err => err,
+                };
+                out[i] = Some(answer);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Err(Error::internal("a batch check item got no answer"))))
+            .collect())
+    }
+
+    async fn prepare(&self, req: &CheckRequest) -> Result<Prepared> {
+        self.ensure_open()?;
+        let probe = TupleKey::new(&req.user, &req.relation, &req.object)?;
+        let e = &self.inner.engine;
+        let ty = probe.object_type();
+        let model = self.inner.model();
+        let model = model.as_deref();
+        let rels = model.and_then(|m| m.depends_on(ty, &req.relation));
+        let deps = model.and_then(|m| m.depends_on_scoped(ty, &req.relation));
+        // Read the generations before looking at anything pending: see
+        // cache.rs. A shared store costs one round trip here, so that an op
+        // acknowledged by another process is never hidden by this cache.
+        let shared = if e.store.shared() {
+            e.store.generation(rels).await?
+        } else {
+            0
+        };
+        let generation = (e.cache.generation(ty, &req.relation), shared);
+        let cacheable = req.context.is_none()
+            && req.contextual_tuples.is_empty()
+            && req.consistency != Consistency::HigherConsistency;
+        let key = cacheable.then(|| key_of(&probe));
+        if let Some(k) = &key {
+            if let Some(a) = e.cache.get(k, generation) {
+                count!(e.stats, cache_hits, "fga_wb_cache_hits_total", 1);
+                return Ok(Prepared::Answer(a));
+            }
+        }
+        if model.is_some_and(|m| m.direct_implies(ty, &req.relation))
+            && e.store.latest(&probe).await? == Some((Op::Grant, false))
+        {
+            // A pending unconditional grant of this very tuple, on a relation
+            // with no exclusion above its direct assignment: true whatever
+            // else is pending.
+            count!(e.stats, cache_hits, "fga_wb_cache_hits_total", 1);
+            return Ok(Prepared::Answer(true));
+        }
+        let room = MAX_CONTEXTUAL_TUPLES.saturating_sub(req.contextual_tuples.len());
+        let (grants, written_ago) = self
+            .pending_grants(deps, &req.object, &req.user, room)
+            .await?;
+        count!(e.stats, cache_misses, "fga_wb_cache_misses_total", 1);
+        let mut request = req.clone();
+        request.authorization_model_id = e.model_id.get();
+        if self.needs_fresh_answers(written_ago) {
+            request.consistency = Consistency::HigherConsistency;
+        }
+        add_grants(&mut request.contextual_tuples, grants);
+        Ok(Prepared::Ask {
+            request,
+            key,
+            generation,
+            ours: req.contextual_tuples.len(),
+        })
+    }
+
+    /// The objects of a type on which a user has a relation, counting every
+    /// acknowledged grant and revoke, as [`WriteBehind::check_request`]
+    /// does: pending grants on the relations the list depends on go to
+    /// OpenFGA's ListObjects as contextual tuples (more than 100: it flushes
+    /// first), a pending revoke (or grant with a condition) it depends on is
+    /// waited for, failing closed with [`Error::is_stale_check`], and a list
+    /// that can depend on a recent write bypasses OpenFGA's caches.
+    pub async fn list_objects(&self, req: &ListObjectsRequest) -> Result<Vec<String>> {
+        self.ensure_open()?;
+        crate::tuple::validate_user(&req.user)?;
+        crate::tuple::validate_relation(&req.relation)?;
+        let e = &self.inner.engine;
+        // Any object of the type can be listed: every pending op on the
+        // relations it depends on counts, whatever its object and user.
+        let deps: Option<Vec<Dep>> = self.inner.model().and_then(|m| {
+            m.depends_on_scoped(&req.object_type, &req.relation)
+                .map(|d| d.iter().map(Dep::anywhere).collect())
+        });
+        let mut request = req.clone();
+        self.prepare_list(
+            deps.as_deref(),
+            ("", &req.user),
+            &mut request.contextual_tuples,
+            &mut request.authorization_model_id,
+            &mut request.consistency,
+        )
+        .await?;
+        let mut objects = e.client.list_objects(&e.store_id, &request).await?;
+        objects.sort();
+        objects.dedup();
+        Ok(objects)
+    }
+
+    /// The users of one type (`user`) or userset type (`group#member`) with
+    /// a relation on an object, counting every acknowledged grant and
+    /// revoke, with the guarantees of [`WriteBehind::list_objects`]. Users
+    /// come as tuple users: `user:anne`, `user:*`, `group:eng#member`.
+    pub async fn list_users(&self, req: &ListUsersRequest) -> Result<Vec<String>> {
+        self.ensure_open()?;
+        crate::tuple::validate_object(&req.object)?;
+        crate::tuple::validate_relation(&req.relation)?;
+        let e = &self.inner.engine;
+        let ty = req.object.split_once(':').map_or("", |(t, _)| t);
+        // Every user: ops of any user on the relations it depends on count.
+        let deps: Option<Vec<Dep>> = self.inner.model().and_then(|m| {
+            m.depends_on_scoped(ty, &req.relation)
+                .map(|d| d.iter().map(Dep::any_user).collect())
+        });
+        let mut request = req.clone();
+        self.prepare_list(
+            deps.as_deref(),
+            (&req.object, ""),
+            &mut request.contextual_tuples,
+            &mut request.authorization_model_id,
+            &mut request.consistency,
+        )
+        .await?;
+        let mut users = e.client.list_users(&e.store_id, &request).await?;
+        users.sort();
+        users.dedup();
+        Ok(users)
+    }
+
+    /// The tuples matching `filter`, as OpenFGA's Read takes it (any of
+    /// user, relation and object; `type:` with a user for every object of a
+    /// type), counting every acknowledged grant and revoke: what an admin
+    /// page shows as "who has access". A pending revoke that matches is
+    /// waited for (failing closed as a check does, [`Error::is_stale_check`]);
+    /// pending grants that match are added, with their conditions, to what
+    /// OpenFGA holds, read with `HIGHER_CONSISTENCY`.
+    pub async fn read(&self, filter: &ReadFilter) -> Result<Vec<TupleKey>> {
+        self.ensure_open()?;
+        let e = &self.inner.engine;
+        let object = filter.object.as_deref().unwrap_or("");
+        let (ty, id) = object.split_once(':').unwrap_or((object, ""));
+        let user = filter.user.as_deref().unwrap_or("");
+        let one_object = !id.is_empty();
+        let model = self.inner.model();
+        let deps: Option<Vec<Dep>> = match model.as_deref() {
+            Some(m) if !ty.is_empty() => Some(
+                m.relations_of(ty)
+                    .into_iter()
+                    .filter(|r| filter.relation.as_deref().is_none_or(|f| f == *r))
+                    .map(|r| Dep {
+                        rel: crate::model::rel_name(ty, r),
+                        same_object: one_object,
+                        user_bound: one_object && !user.is_empty(),
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        };
+        let (grants, _) = self
+            .pending_grants(deps.as_deref(), object, user, READ_PENDING_MAX)
+            .await?;
+        let mut held = e.client.read_all(&e.store_id, filter).await?;
+        for g in grants.into_iter().filter(|g| read_matches(filter, g)) {
+            let same = |h: &&mut TupleKey| {
+                h.user == g.user && h.relation == g.relation && h.object == g.object
+            };
+            match held.iter_mut().find(same) {
+                Some(h) => *h = g,
+                None => held.push(g),
+            }
+        }
+        held.sort_by(|a, b| {
+            (&a.object, &a.relation, &a.user).cmp(&(&b.object, &b.relation, &b.user))
+        });
+        Ok(held)
+    }
+
+    /// Readies a list request: its pending grants as contextual tuples, the
+    /// handle's model, and fresh answers where a recent write can matter.
+    /// `(object, user)` scope the pending ops as the store's `relevant` does.
+    async fn prepare_list(
+        &self,
+        deps: Option<&[Dep]>,
+        (object, user): (&str, &str),
+        contextual: &mut Vec<TupleKey>,
+        model_id: &mut Option<String>,
+        consistency: &mut Consistency,
+    ) -> Result<()> {
+        let room = MAX_CONTEXTUAL_TUPLES.saturating_sub(contextual.len());
+        let (grants, written_ago) = self.pending_grants(deps, object, user, room).await?;
+        if model_id.is_none() {
+            *model_id = self.inner.engine.model_id.get();
+        }
+        if self.needs_fresh_answers(written_ago) {
+            *consistency = Consistency::HigherConsistency;
+        }
+        add_grants(contextual, grants);
+        Ok(())
+    }
+
+    /// The pending grants a request on `object` for `user` can depend on
+    /// (`deps`; `None`: everything), at most `room` of them, and how long ago
+    /// a write it can depend on was applied. Waits while a pending revoke
+    /// (or grant with a condition) it can depend on is not written, failing
+    /// closed after `check.revoke_wait_timeout`; flushes once when more than
+    /// `room` grants are pending.
+    async fn pending_grants(
+        &self,
+        deps: Option<&[Dep]>,
+        object: &str,
+        user: &str,
+        room: usize,
+    ) -> Result<(Vec<TupleKey>, Option<std::time::Duration>)> {
+        let e = &self.inner.engine;
+        let waited_from = Instant::now();
+        let deadline = waited_from + self.inner.config.check.revoke_wait_timeout;
+        let mut changed = e.changed.subscribe();
+        let mut flushed = false;
+        loop {
+            changed.borrow_and_update();
+            let r = e.store.relevant(deps, object, user, room).await?;
+            // A grant with a condition may replace a tuple OpenFGA holds
+            // with a wider one (or none); as a contextual tuple it would only
+            // add to that, so it narrows access only once written.
+            let narrowing = r
+                .grants
+                .as_ref()
+                .is_some_and(|g| g.iter().any(|t| t.condition.is_some()));
+            if r.revokes > 0 || narrowing {
+                // Contextual tuples cannot delete: wait for the op to land.
+                let wanted = if narrowing {
+                    &e.flush_wanted
+                } else {
+                    &e.revoke_wanted
+                };
+                wanted.store(true, std::sync::atomic::Ordering::Relaxed);
+                e.wake_now();
+                match tokio::time::timeout_at(deadline, changed.changed()).await {
+                    Ok(Ok(())) => continue,
+                    // The real cause, when flushing is stopped.
+                    _ => {
+                        return Err(e.stats.halted().unwrap_or_else(|| {
+                            Error::new(Kind::CheckWouldBeStale {
+                                waited: waited_from.elapsed(),
+                            })
+                        }))
+                    }
+                }
+            }
+            match r.grants {
+                Some(g) => return Ok((g, r.written_ago)),
+                None if !flushed => {
+                    flushed = true;
+                    self.flush().await?;
+                }
+                None => {
+                    return Err(Error::new(Kind::TooManyContextualTuples {
+                        count: room + 1,
+                        limit: MAX_CONTEXTUAL_TUPLES,
+                    }))
+                }
+            }
+        }
+    }
+
+    /// A check OpenFGA refused for its input after fga-wb added pending
+    /// grants to it. One such grant (buffered before the model changed, or
+    /// with a condition context the server will not take) must not fail
+    /// every check it is sent with: find the grants OpenFGA refuses, by
+    /// halving, and answer without them, unless one of them could take this
+    /// access away (it sits under a `but not`): then fail closed. Rare, so a
+    /// few extra checks are fine. The refused grants are dead-lettered when
+    /// flushed.
+    async fn without_refused_grants(&self, mut request: CheckRequest, ours: usize) -> Result<bool> {
+        let e = &self.inner.engine;
+        let added = request.contextual_tuples.split_off(ours);
+        // The caller's own request may be what OpenFGA refuses.
+        e.client.check(&e.store_id, &request).await?;
+        let mut refused = Vec::new();
+        let mut groups = vec![added.clone()];
+        while let Some(group) = groups.pop() {
+            let mut probe = request.clone();
+            probe.contextual_tuples.extend(group.iter().cloned());
+            match e.client.check(&e.store_id, &probe).await {
+                Ok(_) => {}
+                Err(err) if err.is_invalid_input() && group.len() == 1 => {
+                    refused.extend(group.into_iter().map(|t| (t, err.to_string())));
+                }
+                Err(err) if err.is_invalid_input() => {
+                    let mut a = group;
+                    let b = a.split_off(a.len() / 2);
+                    groups.push(a);
+                    groups.push(b);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        let ty = request.object.split_once(':').map_or("", |(t, _)| t);
+        for (t, reason) in &refused {
+            tracing::warn!(tuple = %t, %reason, "OpenFGA refuses a pending grant as a contextual tuple; checks go on without it until it is dead-lettered");
+            let rel = crate::model::rel_name(t.object_type(), &t.relation);
+            let denies = self
+                .inner
+                .model()
+                .is_none_or(|m| m.may_deny(ty, &request.relation, &rel));
+            if denies {
+                return Err(Error::new(Kind::PendingGrantRefused {
+                    tuple: t.to_string(),
+                    reason: reason.clone(),
+                }));
+            }
+        }
+        request.contextual_tuples.extend(
+            added
+                .into_iter()
+                .filter(|t| !refused.iter().any(|(r, _)| r == t)),
+        );
+        e.client.check(&e.store_id, &request).await
+    }
+
+    /// Whether a request must bypass OpenFGA's caches (and read replica):
+    /// they may answer from before a write fga-wb applied `written_ago`.
+    fn needs_fresh_answers(&self, written_ago: Option<std::time::Duration>) -> bool {
+        let check = &self.inner.config.check;
+        let fresh = check.always_higher_consistency
+            || written_ago.is_some_and(|ago| ago < check.server_cache_ttl);
+        if fresh {
+            let e = &self.inner.engine;
+            count!(
+                e.stats,
+                higher_consistency,
+                "fga_wb_higher_consistency_total",
+                1
+            );
+        }
+        fresh
+    }
+}
