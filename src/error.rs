@@ -11,6 +11,7 @@
 //! are stripped of their user-info before they are shown.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::tuple::TupleError;
@@ -23,6 +24,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Clone)]
 pub struct Error {
     kind: Box<Kind>,
+    /// The lower-level error behind this one (reqwest, redis, serde_json, a
+    /// tuple's validation), for `std::error::Error::source` chains. Its text
+    /// never holds a secret: URLs are stripped before it is attached.
+    source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
 /// The private kinds behind [`Error`]. `pub(crate)` so modules can build them.
@@ -130,6 +135,7 @@ impl Error {
     pub(crate) fn new(kind: Kind) -> Self {
         Error {
             kind: Box::new(kind),
+            source: None,
         }
     }
 
@@ -143,6 +149,15 @@ impl Error {
 
     pub(crate) fn internal(msg: impl Into<String>) -> Self {
         Error::new(Kind::Internal(msg.into()))
+    }
+
+    /// Keeps `cause` as this error's [`std::error::Error::source`].
+    pub(crate) fn caused_by(
+        mut self,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        self.source = Some(Arc::new(cause));
+        self
     }
 
     /// Worth retrying later: 5xx, 408, 409 (a conflicting concurrent write),
@@ -400,7 +415,16 @@ impl fmt::Debug for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        if let Kind::InvalidTuple(t) = &*self.kind {
+            return Some(t);
+        }
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 impl From<TupleError> for Error {
     fn from(e: TupleError) -> Self {

@@ -596,6 +596,7 @@ impl Client {
                     operation,
                     detail: e.to_string(),
                 })
+                .caused_by(e)
             });
         }
         if status == StatusCode::UNAUTHORIZED {
@@ -629,6 +630,16 @@ impl Client {
         e: reqwest::Error,
         timeout: Option<Duration>,
     ) -> Error {
+        self.transport_kind(operation, &e, timeout)
+            .caused_by(e.without_url())
+    }
+
+    fn transport_kind(
+        &self,
+        operation: &'static str,
+        e: &reqwest::Error,
+        timeout: Option<Duration>,
+    ) -> Error {
         if e.is_timeout() {
             Error::new(Kind::Timeout {
                 operation,
@@ -644,7 +655,7 @@ impl Client {
             Error::new(Kind::Connect {
                 operation,
                 url: redact_url(&self.inner.base),
-                detail: root_cause(&e),
+                detail: root_cause(e),
             })
         }
     }
@@ -717,6 +728,27 @@ mod tests {
     fn path_segments_are_encoded() {
         assert_eq!(seg("01HXYZ"), "01HXYZ");
         assert_eq!(seg("a/../b"), "a%2F..%2Fb");
+    }
+
+    /// A transport failure keeps reqwest's error as its source, without
+    /// the URL (which may carry credentials) anywhere in the chain.
+    #[tokio::test]
+    async fn a_connection_error_has_a_source_chain_without_secrets() {
+        let client = Client::builder("http://u:s3cret@127.0.0.1:9")
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        let e = client.create_store("x").await.unwrap_err();
+        assert!(e.is_transient(), "{e}");
+        let mut chain = vec![e.to_string()];
+        let mut cause = std::error::Error::source(&e);
+        assert!(cause.is_some(), "no source: {e}");
+        while let Some(c) = cause {
+            chain.push(c.to_string());
+            cause = c.source();
+        }
+        assert!(chain.len() >= 2, "{chain:?}");
+        assert!(!chain.iter().any(|m| m.contains("s3cret")), "{chain:?}");
     }
 
     #[test]

@@ -154,6 +154,10 @@ pub(crate) fn now_ms() -> u64 {
 
 /// A Redis failure as a crate error: connection problems are transient.
 pub(crate) fn redis_error(e: redis::RedisError) -> Error {
+    redis_kind(&e).caused_by(e)
+}
+
+fn redis_kind(e: &redis::RedisError) -> Error {
     let transient = e.is_io_error()
         || e.is_connection_refusal()
         || e.is_timeout()
@@ -590,7 +594,7 @@ impl RedisStore {
         }
     }
 
-    async fn pending_now(&self) -> Result<Pending> {
+    async fn read_pending(&self) -> Result<Pending> {
         let mut a = Args::new("pending", self.publish);
         a.push(now_ms());
         let v = items(self.call(&a).await?)?;
@@ -1283,7 +1287,7 @@ impl Store for RedisStore {
     }
 
     fn pending(&self) -> BoxFuture<'_, Result<Pending>> {
-        Box::pin(self.pending_now())
+        Box::pin(self.read_pending())
     }
 
     fn pending_now(&self) -> Option<Pending> {
