@@ -15,6 +15,7 @@
 
 mod support;
 
+use support::assert_accounted;
 use support::{touched, Worker};
 
 use std::future::Future;
@@ -133,19 +134,6 @@ async fn settled(wb: &WriteBehind) -> bool {
     let s = wb.status().await.expect("status");
     let q = s.queue.expect("queue mode reports the queue");
     s.pending.total + s.pending.in_flight == 0 && q.pending + q.running + q.scheduled == 0
-}
-
-/// Every acknowledged op is accounted for exactly once (ARCHITECTURE.md promise
-/// 4), store-wide, once everything has settled.
-async fn assert_accounted(wb: &WriteBehind) {
-    let s = wb.status().await.unwrap();
-    assert_eq!(s.pending.total + s.pending.in_flight, 0, "{:?}", s.pending);
-    let t = &s.totals;
-    assert_eq!(
-        t.acknowledged,
-        t.applied + t.coalesced + t.dead_lettered + t.cleared,
-        "every acknowledged op ends applied, coalesced, dead-lettered or cleared: {t:?}"
-    );
 }
 
 /// One Write request as the mock saw it.

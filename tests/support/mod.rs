@@ -5,6 +5,7 @@
 
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod mock;
 pub mod own_openfga;
 
 /// One multi-threaded `#[tokio::test]` per scenario and setup, in a module
@@ -436,6 +437,23 @@ impl Rng {
         Rng(seed.max(1))
     }
 
+    /// Seeded from `FGA_WB_TEST_SEED`, or at random (the seed is printed so
+    /// a failure can be replayed).
+    pub fn from_env_or_random() -> Rng {
+        use std::hash::{BuildHasher, Hasher};
+        let seed = std::env::var("FGA_WB_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                h.write_u64(0);
+                h.finish()
+            })
+            | 1;
+        eprintln!("seed: FGA_WB_TEST_SEED={seed}");
+        Rng(seed)
+    }
+
     pub fn next(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
@@ -452,4 +470,34 @@ impl Rng {
     pub fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
         &v[self.below(v.len())]
     }
+}
+
+/// Waits for a condition no API call can await (a background retry ending),
+/// polling, and fails the test with `what` after `limit`.
+pub async fn eventually<F, Fut>(what: &str, limit: std::time::Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    while !cond().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Every acknowledged op is accounted for exactly once (ARCHITECTURE.md, promise 4), once
+/// nothing is pending or in flight.
+pub async fn assert_accounted(wb: &fga_wb::WriteBehind) {
+    let s = wb.status().await.unwrap();
+    assert_eq!(s.pending.total + s.pending.in_flight, 0, "{:?}", s.pending);
+    let t = &s.totals;
+    assert_eq!(
+        t.acknowledged,
+        t.applied + t.coalesced + t.dead_lettered + t.cleared,
+        "every acknowledged op ends applied, coalesced, dead-lettered or cleared: {t:?}"
+    );
 }

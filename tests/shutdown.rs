@@ -1,0 +1,160 @@
+//! Shutdown drains pending ops, and with OpenFGA down returns at its
+//! deadline reporting what is left; a server's lower tuples-per-Write limit
+//! is learned, not bisected.
+//!
+//! Tests marked "real server" run against the OpenFGA that `scripts/test`
+//! starts; the others put wiremock in its place, replaying responses captured
+//! from the real server (`wiremock-fixtures/`), for what a healthy server
+//! cannot be made to do on demand.
+
+mod support;
+
+use std::time::Duration;
+
+use fga_wb::openfga::Secret;
+use fga_wb::{Config, WriteBehind};
+use support::mock::*;
+use support::{config_for, fixture, new_store, stored};
+
+/// Shutdown (real server): 5000 pending grants are drained by `shutdown`
+/// within its deadline; nothing is left and all are in OpenFGA. Afterwards
+/// the handle refuses work with a shutdown error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_pending_ops() {
+    let s = new_store("wb-shutdown").await;
+    let mut cfg = manual_flush(config_for(&s));
+    cfg.flush.shutdown_deadline = Duration::from_secs(60);
+    let wb = WriteBehind::builder(cfg).build().await.unwrap();
+    for i in 0..5000 {
+        wb.grant(
+            &format!("user:u{i}"),
+            "viewer",
+            &format!("document:d{}", i % 50),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(wb.pending().await.unwrap().total, 5000);
+    let r = tokio::time::timeout(Duration::from_secs(120), wb.shutdown())
+        .await
+        .expect("shutdown returned")
+        .unwrap();
+    assert_eq!((r.left.total, r.left.in_flight), (0, 0), "{r:?}");
+    assert_eq!(r.flushed.applied, 5000, "{r:?}");
+    assert_eq!(r.flushed.error, None, "{r:?}");
+    assert_eq!(stored(&s).await.len(), 5000);
+
+    assert!(wb
+        .grant("user:late", "viewer", "document:1")
+        .await
+        .unwrap_err()
+        .is_shutdown());
+    assert!(wb.flush().await.unwrap_err().is_shutdown());
+    assert!(wb.shutdown().await.unwrap_err().is_shutdown());
+}
+
+/// Shutdown with OpenFGA down, three ways: nothing listening (connection
+/// refused), a server that always answers 503, and a server that never
+/// answers (the write hangs longer than the deadline). Each time `shutdown`
+/// returns around its 1 s deadline (a 20 s timeout guards against a hang)
+/// and reports every op as left over (pending, or in flight for the hung
+/// write), and nothing as applied or dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_with_openfga_down_returns_and_reports_what_is_left() {
+    const N: usize = 50;
+    let unavailable = mock_openfga().await;
+    write_mock()
+        .respond_with(fixture("unavailable-503").response())
+        .mount(&unavailable)
+        .await;
+    let hung = mock_openfga().await;
+    write_mock()
+        .respond_with(fixture("hung-write").response())
+        .mount(&hung)
+        .await;
+    let mut hung_cfg = mock_config(&hung);
+    hung_cfg.openfga.request_timeout = Duration::from_secs(30);
+
+    for (name, cfg) in [
+        ("closed port", closed_port_config()),
+        ("503", mock_config(&unavailable)),
+        ("hung", hung_cfg),
+    ] {
+        let mut cfg = manual_flush(cfg);
+        cfg.flush.shutdown_deadline = Duration::from_secs(1);
+        let wb = WriteBehind::builder(cfg).build().await.unwrap();
+        for i in 0..N {
+            wb.grant(&format!("user:u{i}"), "viewer", "document:1")
+                .await
+                .unwrap();
+        }
+        let before = wb.pending().await.unwrap();
+        assert_eq!(before.total + before.in_flight, N, "{name}");
+        let r = tokio::time::timeout(Duration::from_secs(20), wb.shutdown())
+            .await
+            .unwrap_or_else(|_| panic!("{name}: shutdown did not return"))
+            .unwrap();
+        assert_eq!(
+            r.left.total + r.left.in_flight,
+            N,
+            "{name}: every op is reported as left: {r:?}"
+        );
+        if name != "hung" {
+            assert_eq!(r.left.total, N, "{name}: {r:?}");
+            assert!(r.flushed.error.is_some(), "{name}: {r:?}");
+        }
+        assert_eq!(
+            (r.flushed.applied, r.flushed.dead_lettered),
+            (0, 0),
+            "{name}: {r:?}"
+        );
+        assert!(wb.dead_letters().await.unwrap().is_empty(), "{name}");
+    }
+}
+
+/// An OpenFGA started with a lower `--max-tuples-per-write` (10) than the
+/// configured 100: the first refusal teaches the handle the server's limit,
+/// the refused request goes out again as requests the server takes (no
+/// bisection), later flushes cut chunks of 10, and status shows the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_lower_tuple_limit_is_learned_not_bisected() {
+    let server = testenv::OpenFga::start(testenv::OpenFgaOptions {
+        max_tuples_per_write: Some(10),
+        ..Default::default()
+    })
+    .await
+    .expect("an OpenFGA with --max-tuples-per-write 10");
+    let client = fga_wb::openfga::Client::builder(server.url())
+        .api_token(Secret::new(server.token().to_owned()))
+        .build()
+        .unwrap();
+    let store_id = client.create_store("low-limit").await.unwrap();
+    let model_id = client
+        .write_authorization_model(&store_id, &support::documents_model())
+        .await
+        .unwrap();
+    let mut c = Config::default();
+    c.openfga.api_url = server.url();
+    c.openfga.api_token = Secret::new(server.token().to_owned());
+    c.openfga.store_id = store_id.clone();
+    c.openfga.model_id = model_id;
+    let wb = WriteBehind::builder(manual_flush(c)).build().await.unwrap();
+    for i in 0..100 {
+        wb.grant(&format!("user:u{i}"), "viewer", "document:low")
+            .await
+            .unwrap();
+    }
+    let r = wb.flush().await.unwrap();
+    assert_eq!((r.applied, r.dead_lettered), (100, 0), "{r:?}");
+    // One refused request of 100, then ten of 10.
+    assert_eq!(r.requests, 11, "{r:?}");
+    assert_eq!(wb.status().await.unwrap().write_limit, Some(10));
+    for i in 0..50 {
+        wb.grant(&format!("user:v{i}"), "viewer", "document:low")
+            .await
+            .unwrap();
+    }
+    let r = wb.flush().await.unwrap();
+    assert_eq!((r.applied, r.requests), (50, 5), "{r:?}");
+    wb.shutdown().await.unwrap();
+}

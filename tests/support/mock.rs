@@ -1,0 +1,106 @@
+//! A wiremock OpenFGA for what a live server cannot be made to do on
+//! demand (503, 429, 401, a held response), with the documents model, and
+//! configs pointing at it or at a closed port.
+
+use std::time::Duration;
+
+use fga_wb::openfga::Secret;
+use fga_wb::Config;
+use serde_json::{json, Value};
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use super::documents_model;
+
+/// Store and model ids the mocked OpenFGA answers for.
+pub const STORE: &str = "01JFAILSTORE00000000000000";
+pub const MODEL: &str = "01JFAILMODEL00000000000000";
+
+/// A config where nothing flushes unless the test asks (or a revoke is
+/// pending: revokes are flushed eagerly whatever the config says).
+pub fn manual_flush(mut c: Config) -> Config {
+    c.flush.batch_size = 1_000_000;
+    c.flush.interval = Duration::from_secs(3600);
+    c
+}
+
+/// A config where a failed request is not sent again at once: its chunk
+/// gives up, and the flusher retries after a pause.
+pub fn no_quick_retries(mut c: Config) -> Config {
+    c.flush.request_retries = 0;
+    c
+}
+
+/// A wiremock OpenFGA that serves the documents model (read at build) and
+/// nothing else yet; tests mount their own write mocks.
+pub async fn mock_openfga() -> MockServer {
+    let server = MockServer::start().await;
+    mount_model(&server).await;
+    server
+}
+
+pub async fn mount_model(server: &MockServer) {
+    let mut model = documents_model();
+    model["id"] = json!(MODEL);
+    Mock::given(method("GET"))
+        .and(path(format!(
+            "/stores/{STORE}/authorization-models/{MODEL}"
+        )))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "authorization_model": model
+        })))
+        .mount(server)
+        .await;
+}
+
+/// A config pointing at the mocked OpenFGA, with fast retries.
+pub fn mock_config(server: &MockServer) -> Config {
+    let mut c = Config::default();
+    c.openfga.api_url = server.uri();
+    c.openfga.api_token = Secret::new("mock-token");
+    c.openfga.store_id = STORE.into();
+    c.openfga.model_id = MODEL.into();
+    c.openfga.request_timeout = Duration::from_secs(5);
+    c.flush.retry_initial_backoff = Duration::from_millis(10);
+    c.flush.retry_max_backoff = Duration::from_millis(100);
+    c
+}
+
+pub fn write_path() -> String {
+    format!("/stores/{STORE}/write")
+}
+
+/// A mock of the Write endpoint.
+pub fn write_mock() -> wiremock::MockBuilder {
+    Mock::given(method("POST")).and(path(write_path()))
+}
+
+/// A config pointing at a loopback port where nothing listens.
+pub fn closed_port_config() -> Config {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut c = Config::default();
+    c.openfga.api_url = format!("http://127.0.0.1:{port}");
+    c.openfga.api_token = Secret::new("nobody-listens");
+    c.openfga.store_id = STORE.into();
+    c.openfga.model_id = MODEL.into();
+    c.openfga.connect_timeout = Duration::from_millis(500);
+    c.openfga.request_timeout = Duration::from_secs(1);
+    c.flush.retry_initial_backoff = Duration::from_millis(10);
+    c.flush.retry_max_backoff = Duration::from_millis(100);
+    c
+}
+
+/// The Write requests a mock server received, in order of arrival.
+pub async fn write_bodies(server: &MockServer) -> Vec<Value> {
+    server
+        .received_requests()
+        .await
+        .expect("request recording is on")
+        .iter()
+        .filter(|r| r.method.as_str() == "POST" && r.url.path() == write_path())
+        .map(|r| serde_json::from_slice(&r.body).expect("write body is JSON"))
+        .collect()
+}
