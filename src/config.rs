@@ -29,6 +29,7 @@ const ENV_SOURCE: &str = "environment";
 /// Every setting of fga-wb. `config/fga-wb.toml` documents each key.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct Config {
     /// Where OpenFGA is and how to talk to it.
     pub openfga: OpenFgaConfig,
@@ -49,6 +50,7 @@ pub struct Config {
 /// `[openfga]`
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct OpenFgaConfig {
     /// Base URL of the HTTP API.
     pub api_url: String,
@@ -148,6 +150,7 @@ impl OpenFgaConfig {
 /// Where pending ops live.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum StoreKind {
     /// In this process only.
     #[default]
@@ -159,6 +162,7 @@ pub enum StoreKind {
 /// What `grant`/`revoke` do when the buffer is full.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Overflow {
     /// Wait for room, up to `buffer.block_timeout`, then fail.
     #[default]
@@ -172,6 +176,7 @@ pub enum Overflow {
 /// `[buffer]`
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct BufferConfig {
     /// `memory` or `redis`.
     pub store: StoreKind,
@@ -199,6 +204,7 @@ impl Default for BufferConfig {
 /// How flushes reach OpenFGA.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Mode {
     /// This process calls the Write API.
     #[default]
@@ -210,6 +216,7 @@ pub enum Mode {
 /// `[flush]`
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct FlushConfig {
     /// `inline` or `queue`.
     pub mode: Mode,
@@ -276,6 +283,7 @@ impl Default for FlushConfig {
 /// `[cache]`
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct CacheConfig {
     /// How long a check answer is reused.
     #[serde(with = "duration")]
@@ -299,6 +307,7 @@ pub(crate) const MAX_SERVER_CACHE_TTL: Duration = Duration::from_secs(120);
 /// `[check]`
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct CheckConfig {
     /// How long a check that could depend on a pending revoke waits for it to
     /// be applied before failing closed.
@@ -331,6 +340,7 @@ impl Default for CheckConfig {
 /// `[redis]`
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RedisConfig {
     /// One node: `redis://[user:password@]host:port[/db]`. A Redis (or
     /// Valkey) Cluster: its seed nodes as several such URLs separated by
@@ -362,6 +372,7 @@ pub struct RedisConfig {
 /// See [`RedisConfig::fewer_replicas`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum FewerReplicas {
     /// Acknowledge anyway.
     #[default]
@@ -386,6 +397,7 @@ impl Default for RedisConfig {
 /// `[queue]`
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct QueueConfig {
     /// The apalis queue's name.
     pub name: String,

@@ -67,14 +67,18 @@
 //!
 //! * `tuple`: tuples and OpenFGA's validation rules.
 //! * `config`: figment layering of defaults, file and environment.
-//! * `openfga`: a thin HTTP client; knows nothing of buffering.
+//! * `openfga`: a thin HTTP client; knows nothing of buffering. Public as a
+//!   secondary API (store and model admin, reads for tests and tools); the
+//!   handle is the primary one and changes more carefully.
 //! * `model` (private): what the authorization model says about validity,
 //!   which checks a tuple can change, and which tuples can take access away.
 //! * `buffer` (private): pending ops, coalescing, sequence numbers, the
 //!   in-flight set, dead letters; the memory and Redis stores; recent writes.
 //! * `cache` (private): the moka check cache and its invalidation.
 //! * `flush` (private): the flusher, chunking, bisection, retries.
-//! * `queue`: queue mode's jobs and the `fga-wb worker` applier.
+//! * `queue`: queue mode's jobs and the `fga-wb worker` applier
+//!   (`queue::worker::run` is public for the binary and for embedding a
+//!   worker in a service).
 //! * `client`: [`WriteBehind`], the handle.
 //! * `status`: counters, metrics and the status report.
 //! * `testing` (feature `test-util`): test doubles for applications.

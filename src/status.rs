@@ -31,6 +31,7 @@ use crate::config::{Mode, StoreKind};
 /// What one flush did.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct FlushReport {
     /// Ops now in OpenFGA.
     pub applied: u64,
@@ -69,6 +70,7 @@ impl FlushReport {
 
 /// The last flush and when it ended.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct LastFlush {
     /// When it ended.
     #[serde(with = "unix")]
@@ -79,6 +81,7 @@ pub struct LastFlush {
 
 /// Totals since the handle was built.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Totals {
     /// `grant`/`revoke` calls acknowledged.
     pub acknowledged: u64,
@@ -105,6 +108,7 @@ pub struct Totals {
 
 /// Everything `status()` reports.
 #[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
 pub struct Status {
     /// `memory` or `redis`.
     pub store: StoreKind,
@@ -296,6 +300,7 @@ mod unix {
 
 /// Jobs by state.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct QueueStats {
     /// Jobs due to run now.
     pub pending: u64,

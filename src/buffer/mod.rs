@@ -188,6 +188,7 @@ pub(crate) enum Take {
 
 /// Counts of pending ops.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Pending {
     /// Pending grants (tuples to write), in flight excluded.
     pub writes: usize,
@@ -204,6 +205,7 @@ pub struct Pending {
 
 /// An op OpenFGA refused for good, kept with the server's reason.
 #[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
 pub struct DeadLetter {
     /// Identifies the dead letter for replay and purge.
     pub id: u64,
@@ -233,6 +235,7 @@ pub struct DeadLetter {
 
 /// What a replay of dead letters did.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[non_exhaustive]
 pub struct Replayed {
     /// Letters buffered again as new ops (flushed, or queued, by the replay).
     pub replayed: usize,
@@ -249,6 +252,7 @@ pub struct Replayed {
 
 /// Keys and bytes one category of a store's Redis keys takes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct KeyUsage {
     /// `pending` (ops and their indexes), `dead` (dead letters), `queue`
     /// (jobs), `meta` (counters, epochs, write marks) or `legacy` (job keys

@@ -82,6 +82,7 @@ pub struct Health {
 
 /// What [`WriteBehind::shutdown`] did and what it left.
 #[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
 pub struct ShutdownReport {
     /// What the final flushes did.
     pub flushed: FlushReport,
