@@ -1,0 +1,643 @@
+//! The flusher: a pump that keeps OpenFGA busy with Write requests (or, in
+//! queue mode, pushes jobs) for as long as something is due.
+//!
+//! One background task owns the decision of *what* to write and *when*.
+//! Triggers raise a target sequence number: everything acknowledged up to it
+//! is due. They are: the batch size reached, the oldest op reaching
+//! `flush.interval`, revokes (at once, unless `eager_revokes` is off),
+//! `flush()` and shutdown. While something is due, the pump keeps up to its
+//! concurrency limit of requests in flight, starting the next as soon as one
+//! ends: there is no pause between rounds.
+//!
+//! Ops are taken from the store in windows of several chunks and sorted by
+//! key before chunks are cut, so each request touches a narrow range of the
+//! server's index, and two writers of the same tuples lock them in the same
+//! order (OpenFGA's SQL datastores lock rows in key order).
+//!
+//! A request that fails transiently is retried alone, with backoff, while the
+//! others go on; after `flush.request_retries` the chunk's ops go back to
+//! pending and the pump pauses new requests (exponential backoff, never
+//! sooner than `Retry-After`). A permanent input error is bisected down to
+//! the bad tuples. Refused credentials or an unknown store stop flushing
+//! until an explicit `flush()`.
+//!
+//! With `flush.adaptive_parallelism`, the concurrency limit follows the
+//! server: it grows while round trips stay near the fastest seen (a remote
+//! server, many idle workers) and shrinks when requests queue up at the
+//! server or it pushes back (429, 5xx, timeouts).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::buffer::{Claim, Finished, Outcome, Store, Take, Taken};
+use crate::cache::CheckCache;
+use crate::config::FlushConfig;
+use crate::error::{Error, Kind};
+use crate::openfga::{Client, WriteRequest};
+use crate::status::{count, FlushReport, Stats};
+use crate::tuple::Op;
+
+/// Where a flush in queue mode hands its chunks. The real one is the Redis
+/// store's job queue; the test doubles record them.
+pub(crate) trait JobSink: Send + Sync + 'static {
+    /// Hands taken ops to a new job, which holds them from then on.
+    fn enqueue<'a>(
+        &'a self,
+        store_id: &'a str,
+        model_id: Option<&'a str>,
+        ops: &'a [Taken],
+    ) -> BoxFuture<'a, crate::error::Result<()>>;
+}
+
+/// The sink used by a handle in queue mode.
+pub(crate) type Sink = Arc<dyn JobSink>;
+
+/// The id of the authorization model writes (and checks) go out with. A
+/// handle that follows the store's latest model replaces it when a newer
+/// one is published (`WriteBehind::refresh_model`).
+#[derive(Debug, Default)]
+pub(crate) struct ModelId(std::sync::RwLock<Option<String>>);
+
+impl ModelId {
+    pub fn new(id: Option<String>) -> Self {
+        ModelId(std::sync::RwLock::new(id))
+    }
+
+    pub fn get(&self) -> Option<String> {
+        // A plain value: sound even if a writer panicked.
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set(&self, id: Option<String>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = id;
+    }
+}
+
+/// Everything a flush needs. Shared by the handle and the flusher task.
+pub(crate) struct Engine {
+    pub store: Arc<dyn Store>,
+    pub client: Client,
+    /// The client Write requests go through: in a handle, a fork of
+    /// `client` with its own connections, for the flusher's own runtime.
+    pub writer: Client,
+    pub store_id: String,
+    pub model_id: ModelId,
+    pub cfg: FlushConfig,
+    pub cache: Arc<CheckCache>,
+    pub stats: Arc<Stats>,
+    /// Bumped after every batch of outcomes: checks waiting for a revoke
+    /// and callers waiting for room watch it.
+    pub changed: watch::Sender<u64>,
+    /// Queue mode: where jobs go. `None`: write inline.
+    pub sink: Option<Sink>,
+    /// Set by a check waiting for a pending revoke: flush revokes now, even
+    /// with `eager_revokes` off.
+    pub revoke_wanted: AtomicBool,
+    /// Set by a caller blocked on a full buffer, or by a check waiting for
+    /// a pending grant with a condition: flush now, whatever the batch size
+    /// and interval say.
+    pub flush_wanted: AtomicBool,
+    /// The pump's current concurrency limit, for `status`.
+    pub parallel: AtomicUsize,
+    /// The pump has nothing in flight and waits: a new op may need to wake
+    /// it (see [`Engine::nudge`]).
+    pub sleeping: AtomicBool,
+    /// The pump waits with a timer set (the interval of the oldest op).
+    pub timer_armed: AtomicBool,
+    /// Wakes the pump.
+    pub wake: Arc<Notify>,
+    /// Another process finished writes (shared stores): ops that waited
+    /// behind them may be ready now.
+    pub others_finished: AtomicBool,
+    /// Shutdown's deadline: no request is retried past it (its ops go back
+    /// to pending instead, rather than stay in flight).
+    pub retry_deadline: std::sync::Mutex<Option<Instant>>,
+    /// The server's tuples-per-Write limit, when it refused a request for
+    /// being above it (its `--max-tuples-per-write` is lower than
+    /// `flush.max_tuples_per_write`); 0 until then.
+    pub tuple_limit: AtomicUsize,
+}
+
+impl Engine {
+    /// The runtime for one OpenFGA store: what a handle and a queue worker
+    /// both run on. `writer` sends the Write requests (a handle forks its
+    /// client so the flusher's runtime has its own connections); `sink`
+    /// makes it queue jobs instead of writing.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        client: Client,
+        writer: Client,
+        store_id: String,
+        model_id: Option<String>,
+        cfg: FlushConfig,
+        cache: Arc<CheckCache>,
+        sink: Option<Sink>,
+    ) -> Engine {
+        Engine {
+            store,
+            client,
+            writer,
+            store_id,
+            model_id: ModelId::new(model_id),
+            cfg,
+            cache,
+            stats: Default::default(),
+            changed: watch::channel(0).0,
+            sink,
+            flush_wanted: Default::default(),
+            revoke_wanted: Default::default(),
+            parallel: Default::default(),
+            sleeping: Default::default(),
+            timer_armed: Default::default(),
+            wake: Arc::new(Notify::new()),
+            others_finished: Default::default(),
+            retry_deadline: Default::default(),
+            tuple_limit: Default::default(),
+        }
+    }
+
+    /// Most ops one Write carries: the configured size, or the server's
+    /// limit once it told us a lower one.
+    pub fn max_tuples(&self) -> usize {
+        match self.tuple_limit.load(Ordering::Relaxed) {
+            0 => self.cfg.max_tuples_per_write,
+            l => l.min(self.cfg.max_tuples_per_write),
+        }
+    }
+
+    /// Learns the server's limit from a refusal such as "The number of
+    /// write operations exceeds the allowed limit of 10"; returns it.
+    fn learn_limit(&self, e: &Error) -> Option<usize> {
+        if e.code() != Some("exceeded_entity_limit") {
+            return None;
+        }
+        let limit: usize = e
+            .server_message()?
+            .rsplit("allowed limit of ")
+            .next()?
+            .trim()
+            .trim_end_matches(|c: char| !c.is_ascii_digit())
+            .parse()
+            .ok()
+            .filter(|l| *l > 0)?;
+        if self.tuple_limit.swap(limit, Ordering::Relaxed) != limit {
+            tracing::warn!(
+                limit,
+                configured = self.cfg.max_tuples_per_write,
+                "OpenFGA takes at most {limit} tuples per Write (its --max-tuples-per-write); writing at most that many from now on (set flush.max_tuples_per_write to match)"
+            );
+        }
+        Some(limit)
+    }
+}
+
+/// Why a chunk stopped before all its ops were applied.
+pub(crate) enum Stop {
+    /// Retry later (5xx, timeout, connection, 429, conflicts).
+    Transient(Error),
+    /// Do not retry until someone acts (bad credentials, unknown store).
+    Halt(Error),
+}
+
+impl Stop {
+    pub(crate) fn error(&self) -> &Error {
+        match self {
+            Stop::Transient(e) | Stop::Halt(e) => e,
+        }
+    }
+}
+
+/// The outcome of one chunk, bisection and retries included.
+pub(crate) struct ChunkResult {
+    pub outcomes: Vec<(Taken, Outcome)>,
+    pub requests: u64,
+    /// Ops handed to the job queue.
+    pub queued: u64,
+    pub stop: Option<Stop>,
+    /// Round trips of successful full-size requests, for the concurrency
+    /// limit.
+    pub rtts: Vec<Duration>,
+    /// The server pushed back (429, 5xx, timeout): lower the limit.
+    pub congested: bool,
+    /// What the store did with the outcomes (set by the pump's chunk
+    /// future, which finishes its own ops).
+    pub finished: Option<Result<Finished, Error>>,
+}
+
+impl ChunkResult {
+    fn new(capacity: usize) -> Self {
+        ChunkResult {
+            outcomes: Vec::with_capacity(capacity),
+            requests: 0,
+            queued: 0,
+            stop: None,
+            rtts: Vec::new(),
+            congested: false,
+            finished: None,
+        }
+    }
+}
+
+/// How often one request is tried again at once (with a short jittered
+/// backoff) before its chunk gives up.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct QuickRetries {
+    /// After a transient failure (5xx, timeout, 429, connection).
+    pub transient: u32,
+    /// After a write conflict (409: a concurrent writer of the same
+    /// tuples), which clears as soon as the other transaction ends.
+    pub conflicts: u32,
+}
+
+/// Conflicts are retried at least this often: two writers of the same new
+/// tuples on PostgreSQL meet them constantly.
+const CONFLICT_RETRIES: u32 = 5;
+
+/// A request to the flusher task.
+pub(crate) enum Command {
+    /// Flush everything acknowledged so far and report.
+    Flush(oneshot::Sender<FlushReport>),
+    /// Flush everything until `deadline`, report (and whether writes were
+    /// cut off in flight), and stop the task.
+    Shutdown {
+        deadline: Instant,
+        reply: oneshot::Sender<(FlushReport, bool)>,
+    },
+}
+
+impl Engine {
+    /// Called after an op is acknowledged, with the pending count after it:
+    /// wakes a sleeping pump when the op makes something due at once (a
+    /// revoke, a full batch) or when the pump has no timer set. At most one
+    /// wake per pump iteration, so callers granting flat out never make the
+    /// pump spin, and a busy pump is never woken (its running requests
+    /// bring it back).
+    pub(crate) fn nudge(&self, revoke: bool, pending: usize) {
+        if !self.sleeping.load(Ordering::Relaxed) {
+            return;
+        }
+        let due = (revoke && self.cfg.eager_revokes)
+            || pending >= self.cfg.batch_size
+            || !self.timer_armed.load(Ordering::Relaxed);
+        if due && self.sleeping.swap(false, Ordering::AcqRel) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Wakes the pump now (a check waiting for a revoke, a caller waiting
+    /// for room, a dead letter replayed).
+    pub(crate) fn wake_now(&self) {
+        self.sleeping.store(false, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    /// Remembers a flush for `status`, here and, for a shared store, for
+    /// every process.
+    pub(crate) async fn record(&self, report: &FlushReport) {
+        self.stats.record_flush(report);
+        if let Some(last) = self.stats.last_flush() {
+            if let Ok(json) = serde_json::to_string(&last) {
+                let _ = self.store.set_note("last_flush", json).await;
+            }
+        }
+        let stopped = self.stats.stopped().unwrap_or_default();
+        let _ = self.store.set_note("stopped", stopped).await;
+    }
+
+    pub(crate) fn account(&self, f: &Finished, report: &mut FlushReport) {
+        report.applied += f.applied;
+        report.dead_lettered += f.dead;
+        report.retried += f.requeued;
+        count!(self.stats, applied, "fga_wb_ops_applied_total", f.applied);
+        count!(
+            self.stats,
+            dead_lettered,
+            "fga_wb_ops_dead_lettered_total",
+            f.dead
+        );
+        count!(
+            self.stats,
+            coalesced,
+            "fga_wb_ops_coalesced_total",
+            f.superseded
+        );
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Writes one chunk, or in queue mode hands it to one job.
+    async fn send_chunk(self: Arc<Self>, ops: Vec<Taken>) -> ChunkResult {
+        let Some(sink) = &self.sink else {
+            let retries = QuickRetries {
+                transient: self.cfg.request_retries,
+                conflicts: self.cfg.request_retries.max(CONFLICT_RETRIES),
+            };
+            return self.write_chunk_as(None, None, ops, retries).await;
+        };
+        let mut result = ChunkResult::new(0);
+        let model_id = self.model_id.get();
+        match sink
+            .enqueue(&self.store_id, model_id.as_deref(), &ops)
+            .await
+        {
+            // The job holds the ops now, through all its retries; the worker
+            // finishes them.
+            Ok(()) => result.queued = ops.len() as u64,
+            Err(e) => {
+                result.outcomes = ops.into_iter().map(|t| (t, Outcome::Retry)).collect();
+                result.stop = Some(Stop::Transient(e));
+            }
+        }
+        result
+    }
+
+    /// Writes one chunk (for a queue worker: a job's, with the claims it
+    /// got for its ops and under the job's `model`); on a permanent input
+    /// error, splits it in halves until the bad ops are alone, so the good
+    /// ones are applied. A request that fails transiently is tried again as
+    /// `retries` allows.
+    pub(crate) async fn write_chunk_as(
+        &self,
+        claims: Option<Vec<Claim>>,
+        model: Option<&str>,
+        ops: Vec<Taken>,
+        retries: QuickRetries,
+    ) -> ChunkResult {
+        let mut result = ChunkResult::new(ops.len());
+        let ops = match claims {
+            Some(claims) => keep_claimed(ops, claims, &mut result),
+            // Taken ops are this writer's.
+            None => ops,
+        };
+        let full = self.max_tuples();
+        let mut todo = vec![ops];
+        while let Some(part) = todo.pop() {
+            if result.stop.is_some() {
+                result
+                    .outcomes
+                    .extend(part.into_iter().map(|t| (t, Outcome::Retry)));
+                continue;
+            }
+            let started = Instant::now();
+            match self
+                .write_retrying(&part, model, retries, &mut result)
+                .await
+            {
+                Ok(()) => {
+                    metrics::counter!("fga_wb_write_requests_total", "outcome" => "ok")
+                        .increment(1);
+                    if part.len() * 2 >= full {
+                        result.rtts.push(started.elapsed());
+                    }
+                    result
+                        .outcomes
+                        .extend(part.into_iter().map(|t| (t, Outcome::Applied)));
+                }
+                Err(e)
+                    if part.len() > 1 && self.learn_limit(&e).is_some_and(|l| l < part.len()) =>
+                {
+                    // Over the server's limit: the same ops in requests it
+                    // takes, not a bisection hunting for a bad tuple.
+                    let limit = self.max_tuples();
+                    let mut rest = part;
+                    while rest.len() > limit {
+                        let tail = rest.split_off(limit);
+                        todo.push(std::mem::replace(&mut rest, tail));
+                    }
+                    todo.push(rest);
+                }
+                Err(e) if e.is_invalid_input() && part.len() > 1 => {
+                    metrics::counter!("fga_wb_write_requests_total", "outcome" => "bisected")
+                        .increment(1);
+                    let mut left = part;
+                    let right = left.split_off(left.len() / 2);
+                    todo.push(right);
+                    todo.push(left);
+                }
+                Err(e)
+                    if e.is_condition_conflict()
+                        && matches!(part.as_slice(), [t] if t.op == Op::Grant) =>
+                {
+                    // A grant again with another condition means "replace".
+                    for t in part {
+                        let outcome = self
+                            .replace_condition(&t, model, retries, &mut result)
+                            .await;
+                        result.outcomes.push((t, outcome));
+                    }
+                }
+                Err(e) if e.is_invalid_input() => {
+                    metrics::counter!("fga_wb_write_requests_total", "outcome" => "rejected")
+                        .increment(1);
+                    for t in part {
+                        tracing::warn!(tuple = %t.tuple, op = ?t.op, error = %e, "dead-lettered");
+                        let reason = e
+                            .server_message()
+                            .map_or_else(|| e.to_string(), str::to_owned);
+                        let code = e.code().map(str::to_owned);
+                        result.outcomes.push((
+                            t,
+                            Outcome::Dead {
+                                reason,
+                                code,
+                                transient: false,
+                            },
+                        ));
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!("fga_wb_write_requests_total", "outcome" => "failed")
+                        .increment(1);
+                    tracing::warn!(error = %e, tuples = part.len(), "write failed; ops stay pending");
+                    result
+                        .outcomes
+                        .extend(part.into_iter().map(|t| (t, Outcome::Retry)));
+                    result.stop = Some(if e.is_auth() || e.is_not_found() {
+                        Stop::Halt(e)
+                    } else {
+                        Stop::Transient(e)
+                    });
+                }
+            }
+        }
+        result
+    }
+
+    /// Writes a grant over the same tuple held with another condition (or
+    /// condition context): OpenFGA will not overwrite it, nor take a delete
+    /// and a write of one tuple in one request, so the old tuple is deleted
+    /// first and the new one written next. In between the tuple is absent,
+    /// so access is never wider than either version; the op stays in flight
+    /// throughout, so checks see the new version and no newer op on the
+    /// tuple is written before it.
+    async fn replace_condition(
+        &self,
+        t: &Taken,
+        model: Option<&str>,
+        retries: QuickRetries,
+        result: &mut ChunkResult,
+    ) -> Outcome {
+        let delete = Taken {
+            op: Op::Revoke,
+            ..t.clone()
+        };
+        let written = match self
+            .write_retrying(std::slice::from_ref(&delete), model, retries, result)
+            .await
+        {
+            Ok(()) => {
+                self.write_retrying(std::slice::from_ref(t), model, retries, result)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok(()) => {
+                tracing::info!(tuple = %t.tuple, "replaced the tuple's condition (delete, then write)");
+                Outcome::Applied
+            }
+            Err(e) if e.is_invalid_input() => {
+                tracing::warn!(tuple = %t.tuple, error = %e, "dead-lettered");
+                let reason = e
+                    .server_message()
+                    .map_or_else(|| e.to_string(), str::to_owned);
+                Outcome::Dead {
+                    reason,
+                    code: e.code().map(str::to_owned),
+                    transient: false,
+                }
+            }
+            Err(e) => {
+                // Written again later: by then the old tuple may be gone,
+                // and a plain write does it.
+                tracing::warn!(tuple = %t.tuple, error = %e, "replacing the tuple's condition failed; the grant stays pending");
+                if result.stop.is_none() {
+                    result.stop = Some(if e.is_auth() || e.is_not_found() {
+                        Stop::Halt(e)
+                    } else {
+                        Stop::Transient(e)
+                    });
+                }
+                Outcome::Retry
+            }
+        }
+    }
+
+    /// One Write of `ops`, sent again on a transient failure as `retries`
+    /// allows, with jittered backoff (never sooner than `Retry-After`).
+    async fn write_retrying(
+        &self,
+        ops: &[Taken],
+        model: Option<&str>,
+        retries: QuickRetries,
+        result: &mut ChunkResult,
+    ) -> Result<(), Error> {
+        let mut backoff = quick_backoff(&self.cfg);
+        let mut tries = 0u32;
+        loop {
+            result.requests += 1;
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let e = match self.write(ops, model).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            let conflict = e.status() == Some(409);
+            if e.is_transient() {
+                // Every request that failed transiently; its ops are sent
+                // again (now, or after the pause).
+                count!(self.stats, retries, "fga_wb_write_retries_total", 1);
+                if !conflict {
+                    result.congested = true;
+                }
+            }
+            let allowed = e.is_transient()
+                && tries
+                    < if conflict {
+                        retries.conflicts
+                    } else {
+                        retries.transient
+                    };
+            if !allowed {
+                return Err(e);
+            }
+            tries += 1;
+            let wait = backoff.next().unwrap_or(self.cfg.retry_max_backoff);
+            let wait = e.retry_after().map_or(wait, |r| r.max(wait));
+            let deadline = *self
+                .retry_deadline
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+                return Err(e);
+            }
+            tracing::debug!(error = %e, retry_in = ?wait, "write failed; retrying the request");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn write(&self, ops: &[Taken], model: Option<&str>) -> Result<(), Error> {
+        let mut writes = Vec::new();
+        let mut deletes = Vec::new();
+        for t in ops {
+            match t.op {
+                Op::Grant => writes.push(t.tuple.clone()),
+                Op::Revoke => deletes.push(t.tuple.clone()),
+            }
+        }
+        let mut req = WriteRequest::idempotent(writes, deletes);
+        req.authorization_model_id = model.map(str::to_owned).or_else(|| self.model_id.get());
+        // A write must end within this writer's hold on its ops (shared
+        // stores), or another writer could write a newer op first.
+        let budget = self.store.write_budget();
+        if budget.is_some_and(|b| b < Duration::from_millis(500)) {
+            return Err(Error::new(Kind::Busy(
+                "this process's Redis lease is about to end; not starting a write".into(),
+            )));
+        }
+        self.writer.write_within(&self.store_id, &req, budget).await
+    }
+}
+
+/// The ops a queue worker may write: the claimed ones. Stale ones (a newer
+/// op replaced them) finish without a write; busy ones (a writer presumed
+/// dead still holds the key) stay with their job for a moment.
+fn keep_claimed(ops: Vec<Taken>, claims: Vec<Claim>, result: &mut ChunkResult) -> Vec<Taken> {
+    let mut mine = Vec::with_capacity(ops.len());
+    let mut claims = claims.into_iter();
+    for t in ops {
+        match claims.next() {
+            Some(Claim::Claimed) => mine.push(t),
+            // Finishing a superseded op drops it.
+            Some(Claim::Stale) => result.outcomes.push((t, Outcome::Stale)),
+            Some(Claim::Busy) | None => result.outcomes.push((t, Outcome::Busy)),
+        }
+    }
+    mine
+}
+
+fn quick_backoff(cfg: &FlushConfig) -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(cfg.retry_initial_backoff.min(Duration::from_millis(50)))
+        .with_max_delay(cfg.retry_max_backoff.min(Duration::from_secs(2)))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+mod limit;
+mod pump;
+mod task;
+
+use limit::*;
+use pump::*;
+pub(crate) use task::*;

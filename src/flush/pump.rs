@@ -1,0 +1,679 @@
+//! The pump: plans what is due, takes windows of ops sorted by key, keeps
+//! requests in flight, and answers `flush()` waiters.
+
+use super::*;
+
+/// A `flush()` (or shutdown) waiting for everything acknowledged up to
+/// `up_to` to be written.
+pub(crate) struct Waiter {
+    pub(crate) up_to: u64,
+    pub(crate) reply: oneshot::Sender<FlushReport>,
+    /// The pump's totals when it started.
+    pub(crate) start: FlushReport,
+    pub(crate) started: Instant,
+}
+
+/// A running chunk's result and the lowest `first` among its ops.
+pub(crate) type Running = FuturesUnordered<BoxFuture<'static, (ChunkResult, u64)>>;
+
+/// The flusher task's state.
+pub(crate) struct Pump {
+    pub(crate) engine: Arc<Engine>,
+    pub(crate) automatic: bool,
+    pub(crate) running: Running,
+    /// `first` of each running chunk's oldest op (a multiset).
+    pub(crate) running_firsts: BTreeMap<u64, usize>,
+    /// Taken ops sorted by key, not yet sent.
+    pub(crate) staged: VecDeque<Taken>,
+    /// The next window being taken, while the staged ops are sent.
+    pub(crate) taking: Option<BoxFuture<'static, Window>>,
+    /// The tail of an object held back for the next window, where more of
+    /// its ops are due: merged with them, it fills whole chunks.
+    pub(crate) carry: Vec<Taken>,
+    /// How many times each staged op (by seq) was held back: at most
+    /// `MAX_CARRIES`, so a lone partial group waits a few windows at most.
+    pub(crate) carried: std::collections::HashMap<u64, u8>,
+    /// Everything with `first <= target` is due; revokes up to
+    /// `revoke_target` too.
+    pub(crate) target: u64,
+    pub(crate) revoke_target: u64,
+    /// Windows are taken by sequence range: the end of the last one.
+    pub(crate) cursor: u64,
+    /// Ops up to the waiters' targets that wait behind another writer.
+    pub(crate) blocked: u64,
+    /// A take found nothing due up to this target: don't ask again until
+    /// something changes.
+    pub(crate) exhausted: Option<u64>,
+    pub(crate) revokes_exhausted: Option<u64>,
+    pub(crate) waiters: Vec<Waiter>,
+    /// What the pump did since it started.
+    pub(crate) totals: FlushReport,
+    /// When the triggers were last looked at, and whether something asks
+    /// to look again now (a wake, a command, a timer).
+    pub(crate) planned_at: Option<Instant>,
+    pub(crate) replan: bool,
+    pub(crate) due: Option<Instant>,
+    pub(crate) limit: Limit,
+    /// After a chunk gave up on a transient error: no new request before this.
+    pub(crate) paused_until: Option<Instant>,
+    pub(crate) backoff: ExponentialBackoff,
+    /// An error seen since the last report to a waiter, for its report.
+    pub(crate) last_error: Option<String>,
+    /// Requests, ops applied and dead-lettered since the last record.
+    pub(crate) unrecorded: FlushReport,
+    pub(crate) shutdown: Option<Instant>,
+}
+
+impl Pump {
+    pub(crate) fn new(engine: Arc<Engine>, automatic: bool) -> Pump {
+        let limit = Limit::new(&engine.cfg);
+        let backoff = pause_backoff(&engine.cfg);
+        engine.parallel.store(limit.get(), Ordering::Relaxed);
+        Pump {
+            engine,
+            automatic,
+            running: FuturesUnordered::new(),
+            running_firsts: BTreeMap::new(),
+            staged: VecDeque::new(),
+            taking: None,
+            carry: Vec::new(),
+            carried: Default::default(),
+            target: 0,
+            revoke_target: 0,
+            cursor: 0,
+            blocked: 0,
+            exhausted: None,
+            revokes_exhausted: None,
+            waiters: Vec::new(),
+            totals: FlushReport::default(),
+            planned_at: None,
+            replan: true,
+            due: None,
+            limit,
+            paused_until: None,
+            backoff,
+            last_error: None,
+            unrecorded: FlushReport::default(),
+            shutdown: None,
+        }
+    }
+
+    /// Looks at the triggers when it may matter: while requests run and
+    /// the target is not reached, at most every `PLAN_EVERY` (for the Redis
+    /// store each look is a round trip).
+    pub(crate) async fn maybe_plan(&mut self) -> Option<Instant> {
+        let busy = !self.running.is_empty() && self.exhausted != Some(self.target);
+        let recent = self.planned_at.is_some_and(|t| t.elapsed() < PLAN_EVERY);
+        if self.replan || !busy || !recent {
+            self.replan = false;
+            self.planned_at = Some(Instant::now());
+            self.due = self.plan().await;
+        }
+        self.due
+    }
+
+    /// Raises the targets as the triggers say; returns when to look again.
+    pub(crate) async fn plan(&mut self) -> Option<Instant> {
+        let engine = self.engine.clone();
+        let e = &engine;
+        let cfg = &e.cfg;
+        let now = Instant::now();
+        let explicit = self.explicit();
+        if !explicit && (!self.automatic || e.stats.stopped().is_some()) {
+            // Only an explicit flush() tries again after an auth failure.
+            return None;
+        }
+        let pending = match e.store.pending().await {
+            Ok(p) => p,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read the pending ops");
+                return Some(now + cfg.interval.max(Duration::from_millis(100)));
+            }
+        };
+        let last = || async {
+            match e.store.last_seq().await {
+                Ok(s) => Some(s),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot read the sequence number");
+                    None
+                }
+            }
+        };
+        let mut next = None;
+        if pending.total == 0 {
+            // Ops held by jobs or by other processes come back here if their
+            // holder dies; look again now and then.
+            if pending.in_flight > 0 && e.store.shared() && self.running.is_empty() {
+                next = Some(now + cfg.interval.max(Duration::from_secs(1)));
+            }
+        } else if !self.automatic {
+            // Only what flush() and shutdown asked for (their targets are
+            // raised below and by the command).
+        } else if pending.total >= cfg.batch_size
+            || e.flush_wanted.load(Ordering::Relaxed)
+            || pending.oldest_age.is_some_and(|a| a >= cfg.interval)
+        {
+            if let Some(s) = last().await {
+                self.raise(s);
+            }
+        } else if let Some(age) = pending.oldest_age {
+            next = Some(now + cfg.interval.saturating_sub(age));
+        }
+        if self.automatic
+            && pending.deletes > 0
+            && (cfg.eager_revokes || e.revoke_wanted.load(Ordering::Relaxed))
+        {
+            if let Some(s) = last().await {
+                if s > self.revoke_target {
+                    self.revoke_target = s;
+                    self.revokes_exhausted = None;
+                }
+            }
+        }
+        e.flush_wanted.store(false, Ordering::Relaxed);
+        e.revoke_wanted.store(false, Ordering::Relaxed);
+        if e.others_finished.swap(false, Ordering::Relaxed) {
+            self.exhausted = None;
+            self.revokes_exhausted = None;
+        }
+        for w in &self.waiters {
+            if w.up_to > self.target {
+                self.target = w.up_to;
+                self.exhausted = None;
+            }
+        }
+        // A flush() also waits for its ops that wait behind other writers'
+        // writes; their end wakes the pump (pub/sub), and so does this poll.
+        self.blocked = 0;
+        if let Some(up_to) = self.waiters.iter().map(|w| w.up_to).max() {
+            match e.store.blocked_up_to(up_to).await {
+                Ok(n) => self.blocked = n,
+                Err(err) => tracing::warn!(error = %err, "cannot count blocked ops"),
+            }
+            if self.blocked > 0 {
+                next =
+                    Some(next.map_or(now + BLOCKED_POLL, |n: Instant| n.min(now + BLOCKED_POLL)));
+                // Writes of other processes end within their timeout and a
+                // dead writer's within its lease: a flush does not wait
+                // longer than that.
+                let (late, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
+                    .into_iter()
+                    .partition(|w| w.started.elapsed() > BLOCKED_WAIT);
+                self.waiters = waiting;
+                for w in late {
+                    let mut r = self.report_since(&w);
+                    r.error = Some(format!(
+                        "{} ops still wait behind writes by other processes after {BLOCKED_WAIT:?}; they are written when those end",
+                        self.blocked
+                    ));
+                    let _ = w.reply.send(r);
+                }
+            }
+        }
+        match (next, self.paused_until) {
+            (n, Some(p)) if p > now => Some(n.map_or(p, |n| n.min(p))),
+            (n, _) => n,
+        }
+    }
+
+    pub(crate) fn raise(&mut self, to: u64) {
+        if to > self.target {
+            self.target = to;
+            self.exhausted = None;
+        }
+    }
+
+    pub(crate) fn paused(&self) -> bool {
+        self.paused_until.is_some_and(|p| Instant::now() < p)
+    }
+
+    /// Someone asked: `flush()` or shutdown.
+    pub(crate) fn explicit(&self) -> bool {
+        !self.waiters.is_empty() || self.shutdown.is_some()
+    }
+
+    /// Whether new requests may start: not paused after a failure, and not
+    /// stopped by refused credentials (unless someone asked).
+    pub(crate) fn may_write(&self) -> bool {
+        let past_deadline = self.shutdown.is_some_and(|d| Instant::now() >= d);
+        !self.paused()
+            && !past_deadline
+            && (self.explicit() || self.engine.stats.stopped().is_none())
+    }
+
+    /// Starts chunks while the limit allows and something is due.
+    pub(crate) async fn fill(&mut self) {
+        let chunk = self.engine.max_tuples();
+        while self.running.len() < self.limit.get() && self.may_write() {
+            let revokes_due =
+                self.revoke_target > 0 && self.revokes_exhausted != Some(self.revoke_target);
+            // Revokes behind a window of grants go ahead of it in a chunk of
+            // their own: a check may be waiting for them.
+            if revokes_due && (!self.staged.is_empty() || self.exhausted == Some(self.target)) {
+                match self.take(chunk, Take::Revokes, self.revoke_target).await {
+                    Some(ops) if !ops.is_empty() => {
+                        self.start(ops);
+                        continue;
+                    }
+                    Some(_) => self.revokes_exhausted = Some(self.revoke_target),
+                    None => return,
+                }
+            }
+            // The next window is taken while this one's chunks go out.
+            let due = self.target > 0 && self.exhausted != Some(self.target);
+            if due && self.taking.is_none() && self.staged.len() < chunk * self.limit.get() {
+                self.taking = Some(Box::pin(take_window(
+                    self.engine.clone(),
+                    self.cursor,
+                    self.target,
+                    chunk * WINDOW_CHUNKS,
+                )));
+            }
+            if self.staged.is_empty() {
+                if self.taking.is_some() {
+                    return;
+                }
+                if revokes_due {
+                    match self
+                        .take(chunk * WINDOW_CHUNKS, Take::Revokes, self.revoke_target)
+                        .await
+                    {
+                        Some(ops) if ops.is_empty() => {
+                            self.revokes_exhausted = Some(self.revoke_target);
+                            return;
+                        }
+                        Some(ops) => self.stage(ops),
+                        None => return,
+                    }
+                } else if !self.carry.is_empty() {
+                    self.stage(Vec::new());
+                } else {
+                    return;
+                }
+            }
+            let n = self.next_cut(chunk);
+            if self.should_carry(n, chunk) {
+                self.carry.extend(self.staged.drain(..n));
+                continue;
+            }
+            let ops: Vec<Taken> = self.staged.drain(..n).collect();
+            self.start(ops);
+        }
+    }
+
+    /// Whether to hold back the next `n` staged ops for the next window:
+    /// they are a partial chunk of one object, the last of it staged, more
+    /// windows are due (so more of the object may come), and they were not
+    /// held back `MAX_CARRIES` times already.
+    pub(crate) fn should_carry(&self, n: usize, chunk: usize) -> bool {
+        if n >= chunk || n < (chunk / 4).max(1) || self.cursor >= self.target {
+            return false;
+        }
+        let object = &self.staged[0].tuple.object;
+        let whole = self.staged.get(n).is_none_or(|t| &t.tuple.object != object);
+        // Never a revoke: a check may be waiting for it.
+        let fresh = self.staged.range(..n).all(|t| {
+            t.op == Op::Grant && self.carried.get(&t.seq).is_none_or(|&n| n < MAX_CARRIES)
+        });
+        whole && fresh
+    }
+
+    /// How many staged ops the next chunk takes: one object's ops where it
+    /// has enough of them, small objects together. OpenFGA on PostgreSQL
+    /// writes a chunk of one object (or of many objects with one tuple
+    /// each) several times faster than one mixing a few objects with many
+    /// tuples each (its row-constructor lookup then scans), so a chunk
+    /// never straddles a large group.
+    pub(crate) fn next_cut(&self, chunk: usize) -> usize {
+        let run_at = |from: usize| {
+            let object = &self.staged[from].tuple.object;
+            self.staged
+                .range(from..)
+                .take(chunk)
+                .take_while(|t| &t.tuple.object == object)
+                .count()
+        };
+        let big = (chunk / 4).max(1);
+        let first = run_at(0);
+        if first >= big {
+            return first;
+        }
+        let mut n = first;
+        while n < self.staged.len() && n < chunk {
+            let g = run_at(n);
+            if g >= big || n + g > chunk {
+                break;
+            }
+            n += g;
+        }
+        n
+    }
+
+    /// A window was taken.
+    pub(crate) fn taken(&mut self, w: Window) {
+        self.taking = None;
+        self.cursor = self.cursor.max(w.cursor);
+        match w.result {
+            Ok(ops) if ops.is_empty() => {
+                if w.cursor >= w.target && w.target >= self.target {
+                    self.exhausted = Some(w.target);
+                }
+            }
+            Ok(ops) => self.stage(ops),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take pending ops");
+                self.give_up(Stop::Transient(e));
+            }
+        }
+    }
+
+    pub(crate) fn stage(&mut self, mut ops: Vec<Taken>) {
+        let before = std::mem::take(&mut self.carried);
+        self.carried = self
+            .carry
+            .iter()
+            .map(|t| (t.seq, before.get(&t.seq).copied().unwrap_or(0) + 1))
+            .collect();
+        ops.append(&mut self.carry);
+        // Key order: see the module docs.
+        ops.sort_unstable_by(|a, b| {
+            (&a.tuple.object, &a.tuple.relation, &a.tuple.user).cmp(&(
+                &b.tuple.object,
+                &b.tuple.relation,
+                &b.tuple.user,
+            ))
+        });
+        self.staged.extend(ops);
+    }
+
+    /// Takes ops from the store; `None` after an error (logged, paused).
+    pub(crate) async fn take(&mut self, max: usize, what: Take, up_to: u64) -> Option<Vec<Taken>> {
+        match self.engine.store.take(max, what, up_to).await {
+            Ok(ops) => Some(ops),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take pending ops");
+                self.give_up(Stop::Transient(e));
+                None
+            }
+        }
+    }
+
+    pub(crate) fn start(&mut self, ops: Vec<Taken>) {
+        let first = ops.iter().map(|t| t.first).min().unwrap_or(0);
+        *self.running_firsts.entry(first).or_default() += 1;
+        let engine = self.engine.clone();
+        let span = tracing::debug_span!("fga_wb.chunk", ops = ops.len());
+        self.running.push(Box::pin(
+            async move {
+                let mut result = engine.clone().send_chunk(ops).await;
+                // Finished here, not in the pump: chunks end concurrently,
+                // and the pump goes on starting others meanwhile.
+                for (t, o) in &result.outcomes {
+                    if matches!(o, Outcome::Dead { .. }) {
+                        // Its grant may have been in cached answers as a
+                        // contextual tuple; OpenFGA will never have it.
+                        engine.cache.invalidate_for(&t.tuple);
+                    }
+                }
+                let outcomes = std::mem::take(&mut result.outcomes);
+                if !outcomes.is_empty() {
+                    result.finished = Some(engine.store.finish(outcomes, None).await);
+                }
+                (result, first)
+            }
+            .instrument(span),
+        ));
+    }
+
+    /// Records a finished chunk.
+    pub(crate) fn done(&mut self, result: ChunkResult, first: u64) {
+        if let Some(n) = self.running_firsts.get_mut(&first) {
+            *n -= 1;
+            if *n == 0 {
+                self.running_firsts.remove(&first);
+            }
+        }
+        let e = self.engine.clone();
+        self.limit.observe(&result.rtts, result.congested);
+        e.parallel.store(self.limit.get(), Ordering::Relaxed);
+        let mut report = FlushReport {
+            requests: result.requests,
+            queued: result.queued,
+            ..Default::default()
+        };
+        let mut stop = result.stop;
+        match result.finished {
+            Some(Ok(f)) => e.account(&f, &mut report),
+            Some(Err(err)) => {
+                tracing::error!(error = %err, "could not record flush outcomes");
+                stop.get_or_insert(Stop::Transient(err));
+            }
+            None => {}
+        }
+        // Something finished: keys it held may be ready again.
+        self.exhausted = None;
+        self.revokes_exhausted = None;
+        self.totals.absorb(&report);
+        let error = self.unrecorded.error.take();
+        self.unrecorded.absorb(&report);
+        self.unrecorded.error = error;
+        match stop {
+            Some(stop) => self.give_up(stop),
+            None if report.requests > 0 || report.queued > 0 => {
+                self.backoff = pause_backoff(&e.cfg);
+                if e.stats.stopped().is_some() {
+                    e.stats.set_stopped(None);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// A chunk stopped on an error: pause new requests (or stop flushing),
+    /// and answer the waiters with it.
+    pub(crate) fn give_up(&mut self, stop: Stop) {
+        let e = &self.engine;
+        let msg = stop.error().to_string();
+        match &stop {
+            Stop::Halt(err) => {
+                tracing::error!(error = %err, "flushing stopped; pending ops are kept");
+                e.stats.set_stopped(Some(err.clone()));
+                self.paused_until = None;
+            }
+            Stop::Transient(err) => {
+                metrics::counter!("fga_wb_flush_pauses_total").increment(1);
+                let wait = self.backoff.next().unwrap_or(e.cfg.retry_max_backoff);
+                let wait = err.retry_after().map_or(wait, |r| r.max(wait));
+                let wait = match self.shutdown {
+                    // Shutdown spends its deadline writing: short pauses.
+                    Some(_) => wait.min(Duration::from_millis(200)),
+                    None => wait,
+                };
+                self.paused_until = Some(Instant::now() + wait);
+            }
+        }
+        self.last_error = Some(msg.clone());
+        self.unrecorded.error = Some(msg);
+        // The ops of a failed chunk are pending again: a flush() of them
+        // cannot complete now, so it reports the error.
+        let halted = matches!(stop, Stop::Halt(_));
+        let waiters: Vec<Waiter> = if halted || self.shutdown.is_none() {
+            std::mem::take(&mut self.waiters)
+        } else {
+            Vec::new()
+        };
+        for w in waiters {
+            self.answer(w);
+        }
+        if halted {
+            self.shutdown = self.shutdown.map(|_| Instant::now());
+        }
+    }
+
+    pub(crate) fn report_since(&self, w: &Waiter) -> FlushReport {
+        let t = &self.totals;
+        let s = &w.start;
+        FlushReport {
+            applied: t.applied - s.applied,
+            coalesced: 0,
+            dead_lettered: t.dead_lettered - s.dead_lettered,
+            retried: t.retried - s.retried,
+            requests: t.requests - s.requests,
+            queued: t.queued - s.queued,
+            duration: w.started.elapsed(),
+            error: None,
+        }
+    }
+
+    pub(crate) fn answer(&self, w: Waiter) {
+        let mut r = self.report_since(&w);
+        r.coalesced = self.engine.stats.take_coalesced();
+        r.error.clone_from(&self.last_error);
+        let _ = w.reply.send(r);
+    }
+
+    /// Whether everything acknowledged up to `up_to` is written.
+    pub(crate) fn reached(&self, up_to: u64) -> bool {
+        // Sequence numbers start at 1: up to 0 is nothing.
+        let ready_done =
+            up_to == 0 || (self.exhausted.is_some_and(|t| t >= up_to) && self.blocked == 0);
+        let none_running =
+            self.running_firsts.keys().next().is_none_or(|&f| f > up_to) && self.taking.is_none();
+        let none_staged = self
+            .staged
+            .iter()
+            .chain(&self.carry)
+            .all(|t| t.first > up_to);
+        ready_done && none_running && none_staged
+    }
+
+    /// Answers the waiters whose flush is complete.
+    pub(crate) fn settle(&mut self) {
+        let (done, wait): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition(|w| self.reached(w.up_to));
+        self.waiters = wait;
+        for w in done {
+            // Everything it wanted is written: an error seen on the way was
+            // recovered from.
+            self.last_error = None;
+            self.answer(w);
+        }
+    }
+
+    pub(crate) async fn add_waiter(&mut self, reply: oneshot::Sender<FlushReport>) {
+        let up_to = match self.engine.store.last_seq().await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = reply.send(FlushReport {
+                    error: Some(e.to_string()),
+                    ..Default::default()
+                });
+                return;
+            }
+        };
+        // An explicit flush resumes flushing after an auth failure and
+        // retries at once after a transient one.
+        self.paused_until = None;
+        self.engine.stats.set_stopped(None);
+        self.last_error = None;
+        self.waiters.push(Waiter {
+            up_to,
+            reply,
+            start: self.totals.clone(),
+            started: Instant::now(),
+        });
+        self.raise(up_to);
+    }
+
+    /// Records the work since the last record for `status` (at most a few
+    /// times a second, and when idle).
+    pub(crate) async fn record(&mut self) {
+        if self.unrecorded == FlushReport::default() {
+            return;
+        }
+        let mut r = std::mem::take(&mut self.unrecorded);
+        r.coalesced = 0;
+        if let Ok(p) = self.engine.store.pending().await {
+            metrics::gauge!("fga_wb_pending_ops").set(p.total as f64);
+            metrics::gauge!("fga_wb_oldest_pending_seconds")
+                .set(p.oldest_age.map_or(0.0, |a| a.as_secs_f64()));
+        }
+        self.engine.record(&r).await;
+    }
+
+    /// Gives staged ops back to the store (shutdown).
+    pub(crate) async fn unstage(&mut self) {
+        if self.staged.is_empty() {
+            return;
+        }
+        let back: Vec<(Taken, Outcome)> =
+            self.staged.drain(..).map(|t| (t, Outcome::Retry)).collect();
+        if let Err(e) = self.engine.store.finish(back, None).await {
+            tracing::warn!(error = %e, "could not give staged ops back");
+        }
+    }
+}
+
+/// What a window take brought back.
+pub(crate) struct Window {
+    pub(crate) result: crate::Result<Vec<Taken>>,
+    /// The end of the sequence range taken.
+    pub(crate) cursor: u64,
+    /// The target it was taken for.
+    pub(crate) target: u64,
+}
+
+/// The oldest due ops, about `window` of them: those acknowledged in the
+/// `window` sequence numbers after `cursor` (and any older ones ready
+/// again), up to `target`. Taking by sequence range rather than per shard
+/// keeps a caller's consecutive ops together.
+pub(crate) async fn take_window(
+    engine: Arc<Engine>,
+    mut cursor: u64,
+    target: u64,
+    window: usize,
+) -> Window {
+    let mut out = Vec::new();
+    loop {
+        let bound = target.min(cursor.saturating_add(window as u64));
+        match engine
+            .store
+            .take(window - out.len(), Take::All, bound)
+            .await
+        {
+            Ok(ops) => out.extend(ops),
+            Err(e) => {
+                return Window {
+                    result: Err(e),
+                    cursor,
+                    target,
+                }
+            }
+        }
+        cursor = cursor.max(bound);
+        if out.len() * 2 >= window || bound >= target {
+            return Window {
+                result: Ok(out),
+                cursor,
+                target,
+            };
+        }
+    }
+}
+
+/// Chunks per window sorted by key before cutting: large enough that the
+/// ops of one object from many interleaved callers fill whole chunks.
+pub(crate) const WINDOW_CHUNKS: usize = 32;
+/// Windows a partial group may be held back for.
+pub(crate) const MAX_CARRIES: u8 = 3;
+/// While requests run, the triggers are looked at this often at most.
+pub(crate) const PLAN_EVERY: Duration = Duration::from_millis(20);
+/// Longest a flush() waits for ops blocked behind other writers' writes.
+pub(crate) const BLOCKED_WAIT: Duration = Duration::from_secs(30);
+/// How often a waiting flush() looks at ops blocked behind other writers.
+pub(crate) const BLOCKED_POLL: Duration = Duration::from_millis(200);
+/// How long shutdown waits past its deadline for requests already running.
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_millis(250);
+/// How often the pump records its work for `status` while busy.
+pub(crate) const RECORD_EVERY: Duration = Duration::from_millis(250);

@@ -1,0 +1,201 @@
+//! The flusher task and its thread: runs the pump until stopped or shut
+//! down.
+
+use super::*;
+
+/// The background task: plans, keeps requests in flight, answers
+/// `flush()`, until `stop` turns true or a shutdown command completes.
+/// Without `automatic`, only `flush()` and shutdown trigger writes.
+pub(crate) async fn run(
+    engine: Arc<Engine>,
+    mut commands: mpsc::Receiver<Command>,
+    mut stop: watch::Receiver<bool>,
+    automatic: bool,
+) {
+    let wake = engine.wake.clone();
+    let mut pump = Pump::new(engine, automatic);
+    let mut shutdown_reply: Option<oneshot::Sender<(FlushReport, bool)>> = None;
+    let mut shutdown_start = FlushReport::default();
+    let mut shutdown_began: Option<Instant> = None;
+    let mut last_record = Instant::now();
+    loop {
+        // Set before looking, so an op acknowledged from here on wakes us
+        // (Notify keeps the permit if we are not waiting yet).
+        let idle = pump.running.is_empty();
+        pump.engine.sleeping.store(idle, Ordering::Release);
+        let due = pump.maybe_plan().await;
+        pump.engine
+            .timer_armed
+            .store(due.is_some(), Ordering::Release);
+        pump.fill().await;
+        if !pump.running.is_empty() {
+            pump.engine.sleeping.store(false, Ordering::Release);
+        }
+        pump.settle();
+        if last_record.elapsed() >= RECORD_EVERY || pump.running.is_empty() {
+            pump.record().await;
+            last_record = Instant::now();
+        }
+        if let Some(deadline) = pump.shutdown {
+            let idle = pump.running.is_empty() && pump.reached(pump.target);
+            let halted = pump.engine.stats.stopped().is_some();
+            // Past the deadline nothing new starts; requests still running
+            // get a moment to finish (their ops are then pending or applied,
+            // not in flight), and are abandoned after it.
+            let now = Instant::now();
+            let over =
+                now >= deadline && (pump.running.is_empty() || now >= deadline + SHUTDOWN_GRACE);
+            if idle || halted || over {
+                pump.unstage().await;
+                pump.record().await;
+                let mut r = pump.totals.clone();
+                r.applied -= shutdown_start.applied;
+                r.dead_lettered -= shutdown_start.dead_lettered;
+                r.retried -= shutdown_start.retried;
+                r.requests -= shutdown_start.requests;
+                r.queued -= shutdown_start.queued;
+                r.duration = shutdown_began.map_or(Duration::ZERO, |t| t.elapsed());
+                // An error only when something is left: a failure that was
+                // retried away is not the shutdown's result.
+                r.error = if idle {
+                    None
+                } else {
+                    pump.engine
+                        .stats
+                        .stopped()
+                        .or(pump.last_error.clone())
+                        .or_else(|| {
+                            Some("the shutdown deadline passed with ops not yet written".into())
+                        })
+                };
+                let cut_off = !pump.running.is_empty() || pump.taking.is_some();
+                if let Some(reply) = shutdown_reply.take() {
+                    let _ = reply.send((r, cut_off));
+                }
+                return;
+            }
+        }
+        let shutdown_at = pump.shutdown.map(|d| {
+            if Instant::now() < d {
+                d
+            } else {
+                d + SHUTDOWN_GRACE
+            }
+        });
+        let wake_at = match (due, shutdown_at) {
+            (Some(d), Some(s)) => Some(d.min(s)),
+            (d, s) => d.or(s),
+        };
+        tokio::select! {
+            biased;
+            _ = stop.changed() => {
+                pump.unstage().await;
+                return;
+            }
+            Some((result, first)) = pump.running.next(), if !pump.running.is_empty() => {
+                pump.done(result, first);
+            }
+            w = next_window(&mut pump.taking), if pump.taking.is_some() => {
+                pump.taken(w);
+            }
+            cmd = commands.recv() => match cmd {
+                None => {
+                    pump.unstage().await;
+                    return;
+                }
+                Some(Command::Flush(reply)) => {
+                    pump.replan = true;
+                    pump.add_waiter(reply).await;
+                }
+                Some(Command::Shutdown { deadline, reply }) => {
+                    pump.replan = true;
+                    pump.shutdown = Some(deadline);
+                    *pump
+                        .engine
+                        .retry_deadline
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(deadline);
+                    pump.paused_until = None;
+                    pump.last_error = None;
+                    shutdown_start = pump.totals.clone();
+                    shutdown_began = Some(Instant::now());
+                    shutdown_reply = Some(reply);
+                    if let Ok(s) = pump.engine.store.last_seq().await {
+                        pump.raise(s);
+                        pump.revoke_target = pump.revoke_target.max(s);
+                    }
+                }
+            },
+            _ = wake.notified() => pump.replan = true,
+            _ = sleep_until(wake_at), if wake_at.is_some() => pump.replan = true,
+        }
+    }
+}
+
+/// The flusher's thread: the pump runs on a runtime of its own, so callers
+/// granting flat out on the application's runtime (a memory-store grant
+/// never waits) cannot starve it, and it never adds to their latency.
+pub(crate) struct FlusherThread {
+    done: oneshot::Receiver<()>,
+}
+
+impl FlusherThread {
+    pub(crate) fn spawn(
+        engine: Arc<Engine>,
+        commands: mpsc::Receiver<Command>,
+        stop: watch::Receiver<bool>,
+        automatic: bool,
+    ) -> crate::Result<FlusherThread> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::internal(format!("cannot start the flusher's runtime: {e}")))?;
+        let (tx, done) = oneshot::channel();
+        // Its logs and spans go where the builder's did.
+        let dispatch = tracing::dispatcher::get_default(Clone::clone);
+        std::thread::Builder::new()
+            .name("fga-wb-flusher".into())
+            .spawn(move || {
+                tracing::dispatcher::with_default(&dispatch, || {
+                    runtime.block_on(run(engine, commands, stop, automatic));
+                });
+                let _ = tx.send(());
+            })
+            .map_err(|e| Error::internal(format!("cannot start the flusher's thread: {e}")))?;
+        Ok(FlusherThread { done })
+    }
+
+    /// Waits until the flusher has stopped (after a shutdown command or
+    /// `stop`), at most `limit`.
+    pub(crate) async fn join(self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.done).await;
+    }
+}
+
+/// Runs a pump until one `flush()` is answered (unit tests drive an engine
+/// without a handle).
+#[cfg(test)]
+pub(crate) async fn flush_once(engine: Arc<Engine>) -> FlushReport {
+    let (tx, rx) = mpsc::channel(1);
+    let (_stop_tx, stop) = watch::channel(false);
+    let task = tokio::spawn(run(engine, rx, stop, false));
+    let (reply, answer) = oneshot::channel();
+    let _ = tx.send(Command::Flush(reply)).await;
+    let report = answer.await.unwrap_or_default();
+    task.abort();
+    report
+}
+
+pub(crate) async fn next_window(taking: &mut Option<BoxFuture<'static, Window>>) -> Window {
+    match taking {
+        Some(t) => t.await,
+        None => std::future::pending().await,
+    }
+}
+
+pub(crate) async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
