@@ -1,0 +1,298 @@
+//! Dead letters, queue jobs and what operators ask about the store's keys.
+
+use super::*;
+
+impl RedisStore {
+    /// How many keys and bytes the store holds in Redis, by category
+    /// (`pending`, `dead`, `queue`, `meta`, `legacy`), scanned in steps.
+    pub async fn usage(&self) -> Result<Vec<KeyUsage>> {
+        let mut out: Vec<KeyUsage> = Vec::new();
+        let mut cursor = "0".to_owned();
+        loop {
+            let mut a = Args::new("usage", self.publish);
+            a.push(&cursor);
+            let v = items(self.call(&a).await?)?;
+            cursor = text(v.first().unwrap_or(&Value::Nil))?;
+            for c in v[1.min(v.len())..].chunks_exact(3) {
+                let category = text(&c[0])?;
+                let (keys, bytes) = (int(&c[1])?.max(0) as u64, int(&c[2])?.max(0) as u64);
+                match out.iter_mut().find(|u| u.category == category) {
+                    Some(u) => {
+                        u.keys += keys;
+                        u.bytes += bytes;
+                    }
+                    None => out.push(KeyUsage {
+                        category,
+                        keys,
+                        bytes,
+                    }),
+                }
+            }
+            if cursor == "0" || cursor.is_empty() {
+                out.sort_by(|a, b| a.category.cmp(&b.category));
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Whether Redis keeps what it acknowledged across a restart: `None`
+    /// when it does (AOF on), a warning when it does not or cannot say.
+    pub async fn persistence_warning(&self) -> Option<String> {
+        let mut conn = self.conn.clone();
+        let r: redis::RedisResult<std::collections::HashMap<String, String>> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("appendonly")
+            .query_async(&mut conn)
+            .await;
+        match r {
+            Ok(m) if m.get("appendonly").is_some_and(|v| v == "yes") => None,
+            Ok(_) => Some(
+                "Redis runs without AOF (appendonly no): a Redis restart loses acknowledged ops (detected, see `fga-wb loss`); set appendonly yes".into(),
+            ),
+            Err(e) => Some(format!(
+                "cannot read Redis's appendonly setting ({e}); make sure AOF is on"
+            )),
+        }
+    }
+
+    /// Deletes what versions before fga-wb kept jobs in its own keys left
+    /// (apalis job keys under the store's prefix); returns how many.
+    pub async fn sweep_legacy(&self) -> Result<u64> {
+        let mut deleted = 0;
+        let mut cursor = "0".to_owned();
+        loop {
+            let mut a = Args::new("sweep", self.publish);
+            a.push(&cursor);
+            let v = items(self.call(&a).await?)?;
+            cursor = text(v.first().unwrap_or(&Value::Nil))?;
+            deleted += v.get(1).map_or(Ok(0), int)?.max(0) as u64;
+            if cursor == "0" || cursor.is_empty() {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    /// The dead letters (with `remove`: those with `ids`, or all, removed
+    /// in one script call), each marked superseded or not.
+    pub(crate) async fn dead_now(
+        &self,
+        ids: Option<&[u64]>,
+        remove: bool,
+    ) -> Result<Vec<DeadLetter>> {
+        let key = format!("{}:dead", self.prefix);
+        let raw: Vec<(Vec<u8>, Vec<u8>)> = if remove {
+            let mut a = Args::new("dlqdrop", self.publish);
+            match ids {
+                None => a.push("*"),
+                Some([]) => return Ok(Vec::new()),
+                Some(ids) => a.push(ids),
+            };
+            items(self.call(&a).await?)?
+                .chunks_exact(2)
+                .map(|p| Ok((bytes(&p[0])?, bytes(&p[1])?)))
+                .collect::<Result<_>>()?
+        } else {
+            let mut conn = self.conn.clone();
+            redis::cmd("HGETALL")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)?
+        };
+        let mut out = Vec::with_capacity(raw.len());
+        for (id, json) in &raw {
+            match std::str::from_utf8(json).ok().and_then(parse_dead) {
+                Some(d) => out.push(d),
+                None => tracing::warn!(
+                    id = %String::from_utf8_lossy(id),
+                    key = %key,
+                    "skipping an unreadable dead letter (purge removes it)"
+                ),
+            }
+        }
+        out.sort_by_key(|d| d.id);
+        if !remove {
+            for part in out.chunks_mut(1000) {
+                let mut a = Args::new("deadstate", self.publish);
+                for d in part.iter() {
+                    a.push(key_of(&d.tuple)).push(d.id);
+                }
+                let flags = items(self.call(&a).await?)?;
+                for (d, f) in part.iter_mut().zip(&flags) {
+                    d.superseded = int(f)? != 0;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// See [`Store::replay_dead_letters`]: in steps of a few hundred
+    /// letters, each step one script call.
+    pub(crate) async fn replay_now(
+        &self,
+        ids: Option<&[u64]>,
+        only_transient: bool,
+    ) -> Result<Replayed> {
+        let ids: Vec<u64> = match ids {
+            Some(ids) => ids.to_vec(),
+            None => {
+                let mut conn = self.conn.clone();
+                let mut all: Vec<u64> = redis::cmd("HKEYS")
+                    .arg(format!("{}:dead", self.prefix))
+                    .query_async::<Vec<String>>(&mut conn)
+                    .await
+                    .map_err(redis_error)?
+                    .iter()
+                    .filter_map(|id| id.parse().ok())
+                    .collect();
+                all.sort_unstable();
+                all
+            }
+        };
+        let mut r = Replayed::default();
+        for (n, part) in ids.chunks(REPLAY_STEP).enumerate() {
+            let mut a = Args::new("replay", self.publish);
+            a.push(now_ms())
+                .push(self.capacity)
+                .push(u8::from(only_transient))
+                .push(part);
+            let v = items(self.call(&a).await?)?;
+            r.replayed += count(&v, 0)? as usize;
+            r.superseded += count(&v, 1)? as usize;
+            for p in v.get(3..).unwrap_or_default().chunks_exact(2) {
+                r.tuples
+                    .push(tuple_of(&text(&p[0])?, condition_of(&text(&p[1])?)));
+            }
+            let kept = count(&v, 2)? as usize;
+            if kept > 0 {
+                r.kept = kept + ids.len().saturating_sub((n + 1) * REPLAY_STEP);
+                break;
+            }
+        }
+        Ok(r)
+    }
+
+    /// Hands ops this writer took to a new job; returns the job's id, or
+    /// `None` if none of them was still this writer's.
+    pub async fn enqueue(
+        &self,
+        store_id: &str,
+        model_id: Option<&str>,
+        ops: &[Taken],
+    ) -> Result<Option<u64>> {
+        let mut a = Args::new("enqueue", self.publish);
+        a.push(now_ms())
+            .push(&self.writer)
+            .push(store_id)
+            .push(model_id.unwrap_or_default())
+            .push(ops.len());
+        for t in ops {
+            a.push(key_of(&t.tuple)).push(t.seq);
+        }
+        let id = int(&self.call(&a).await?)?;
+        Ok((id > 0).then_some(id as u64))
+    }
+
+    /// Up to `max` due jobs for this worker (as stored: JSON), each with
+    /// the claims it got for its ops, in order.
+    pub async fn fetch_jobs(&self, max: usize) -> Result<Vec<(String, Vec<Claim>)>> {
+        let mut a = Args::new("fetch", self.publish);
+        a.push(now_ms())
+            .push(&self.writer)
+            .push(self.lease.as_millis() as u64)
+            .push(max);
+        let v = items(self.call(&a).await?)?;
+        self.renewed.store(now_ms(), Ordering::Relaxed);
+        let bad = v.first().map_or(Ok(0), int)?;
+        if bad > 0 {
+            tracing::error!(jobs = bad, "set aside queued jobs that do not decode (not written by fga-wb, or corrupted); the ops they held are pending again");
+            let _ = self
+                .set_note(
+                    "last_bad_job",
+                    format!(
+                        "{bad} jobs did not decode; set aside in :badjobs, their ops pending again"
+                    ),
+                )
+                .await;
+        }
+        v[1.min(v.len())..]
+            .chunks_exact(2)
+            .map(|c| {
+                let claims = text(&c[1])?
+                    .bytes()
+                    .map(|b| match b {
+                        b'1' => Claim::Claimed,
+                        b'2' => Claim::Busy,
+                        _ => Claim::Stale,
+                    })
+                    .collect();
+                Ok((text(&c[0])?, claims))
+            })
+            .collect()
+    }
+
+    /// Sets aside a job that does not decode; the ops it held are pending
+    /// again. Returns how many.
+    pub async fn drop_bad_job(&self, id: &str) -> Result<u64> {
+        let mut a = Args::new("badjob", self.publish);
+        a.push(now_ms()).push(id);
+        Ok(int(&self.call(&a).await?)?.max(0) as u64)
+    }
+
+    /// Jobs by state and the workers alive.
+    pub async fn queue_counts(&self) -> Result<QueueCounts> {
+        let mut a = Args::new("queue", self.publish);
+        a.push(now_ms());
+        let v = items(self.call(&a).await?)?;
+        Ok(QueueCounts {
+            due: count(&v, 0)?,
+            running: count(&v, 1)?,
+            scheduled: count(&v, 2)?,
+            workers: v[3.min(v.len())..]
+                .iter()
+                .map(text)
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
+#[derive(serde::Deserialize)]
+pub(crate) struct StoredDead {
+    pub(crate) id: u64,
+    pub(crate) key: String,
+    pub(crate) op: String,
+    pub(crate) seq: u64,
+    #[serde(default)]
+    pub(crate) reason: String,
+    #[serde(default)]
+    pub(crate) code: String,
+    #[serde(default)]
+    pub(crate) attempts: u32,
+    #[serde(default)]
+    pub(crate) dead_at: u64,
+    #[serde(default)]
+    pub(crate) cond: String,
+    #[serde(default)]
+    pub(crate) transient: bool,
+}
+
+/// Letters one replay script call handles: Redis is not held up long.
+pub(crate) const REPLAY_STEP: usize = 500;
+
+pub(crate) fn parse_dead(json: &str) -> Option<DeadLetter> {
+    let d: StoredDead = serde_json::from_str(json).ok()?;
+    let tuple = tuple_of(&d.key, condition_of(&d.cond));
+    tuple.validate().ok()?;
+    Some(DeadLetter {
+        id: d.id,
+        tuple,
+        op: op_of(&d.op)?,
+        seq: d.seq,
+        reason: d.reason,
+        code: (!d.code.is_empty()).then_some(d.code),
+        attempts: d.attempts,
+        dead_at: UNIX_EPOCH + Duration::from_secs(d.dead_at),
+        transient: d.transient,
+        superseded: false,
+    })
+}

@@ -1,0 +1,170 @@
+//! The writer lease and loss detection: the heartbeat that renews this
+//! writer's lease, compares what it acknowledged with what Redis holds, and
+//! records a loss.
+
+use super::*;
+
+impl RedisStore {
+    /// Runs a heartbeat now (it also looks for lost data).
+    pub(crate) async fn beat(&self) -> Result<bool> {
+        Heartbeat {
+            conn: self.conn.clone(),
+            script: self.script.clone(),
+            prefix: self.prefix.clone(),
+            publish: self.publish,
+            writer: self.writer.clone(),
+            lease: self.lease,
+            renewed: self.renewed.clone(),
+            watch: self.watch.clone(),
+        }
+        .once()
+        .await
+    }
+
+    /// Fails closed while a dropped connection is not known to be back, and
+    /// for a while after (see `Watch::quiet_until`).
+    pub(crate) fn after_reconnect(&self) -> Result<()> {
+        let until = self.watch.quiet_until.load(Ordering::Relaxed);
+        let now = now_ms();
+        let left = if self.watch.dropped.load(Ordering::Relaxed) {
+            self.watch.wake.notify_one();
+            self.lease.as_millis() as u64 / 3 + QUIET_MARGIN_MS
+        } else {
+            until.saturating_sub(now)
+        };
+        if left > 0 {
+            return Err(Error::new(Kind::Reconnecting {
+                left: Duration::from_millis(left),
+            }));
+        }
+        Ok(())
+    }
+
+    /// The open loss record, as text for people.
+    pub(crate) async fn loss_now(&self) -> Result<Option<String>> {
+        let v = items(self.call(&Args::new("loss", self.publish)).await?)?;
+        if v.len() < 4 {
+            return Ok(None);
+        }
+        let at: u64 = text(&v[0])?.parse().unwrap_or(0);
+        let when = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(at));
+        let more = int(&v[3]).unwrap_or(0);
+        let mut s = format!("at {when}, seen by {}: {}", text(&v[1])?, text(&v[2])?);
+        if more > 0 {
+            s.push_str(&format!(" (and {more} more times since)"));
+        }
+        Ok(Some(s))
+    }
+
+    pub(crate) async fn loss_error(&self) -> Error {
+        let detail = match self.loss_now().await {
+            Ok(Some(s)) => s,
+            Ok(None) => "a loss was detected; see `fga-wb status`".into(),
+            Err(e) => format!("a loss was detected ({e})"),
+        };
+        Error::new(Kind::BufferLost { detail })
+    }
+
+    /// How long a write may take from now and still end within this
+    /// writer's lease (less a margin for the clocks and the finish).
+    pub fn write_budget(&self) -> Duration {
+        let renewed = self.renewed.load(Ordering::Relaxed);
+        let lease_end = renewed + self.lease.as_millis() as u64;
+        Duration::from_millis(lease_end.saturating_sub(now_ms() + LEASE_MARGIN_MS))
+    }
+}
+
+/// Where dropped connections and new epochs enter a generation: far above
+/// any sum of change counters.
+pub(crate) const RESETS_SHIFT: u32 = 40;
+
+/// Added to a third of the lease for the quiet time after a reconnect:
+/// another process's heartbeat may take a round trip and a retry.
+pub(crate) const QUIET_MARGIN_MS: u64 = 1000;
+
+/// Kept free at the end of a lease: a write must be answered and finished
+/// before the lease could end.
+pub(crate) const LEASE_MARGIN_MS: u64 = 1000;
+
+/// The task that renews a writer's lease and watches for lost data.
+pub(crate) struct Heartbeat {
+    pub(crate) conn: Conn,
+    pub(crate) script: redis::Script,
+    pub(crate) prefix: String,
+    pub(crate) publish: &'static str,
+    pub(crate) writer: String,
+    pub(crate) lease: Duration,
+    pub(crate) renewed: Arc<AtomicU64>,
+    pub(crate) watch: Arc<Watch>,
+}
+
+impl Heartbeat {
+    /// Renews the lease and compares what this process acknowledged with
+    /// what Redis holds. Returns whether a loss record is open.
+    pub(crate) async fn once(&self) -> Result<bool> {
+        let at = now_ms();
+        let epoch = self.watch.epoch();
+        let acked = self.watch.acked.load(Ordering::Relaxed);
+        let mut a = Args::new("heartbeat", self.publish);
+        a.push(at)
+            .push(&self.writer)
+            .push(self.lease.as_millis() as u64)
+            .push(&epoch)
+            .push(acked);
+        let dropped = self.watch.dropped.swap(false, Ordering::Relaxed);
+        let v = match invoke(&self.conn, &self.script, &self.prefix, &a).await {
+            Ok(v) => items(v)?,
+            Err(e) => {
+                self.watch.dropped.fetch_or(dropped, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        self.renewed.store(at, Ordering::Relaxed);
+        if dropped {
+            let quiet = self.lease.as_millis() as u64 / 3 + QUIET_MARGIN_MS;
+            self.watch
+                .quiet_until
+                .store(now_ms() + quiet, Ordering::Relaxed);
+        }
+        if v.first().map_or(Ok(1), int)? == 0 {
+            tracing::error!(
+                writer = %self.writer,
+                "this process's Redis lease had ended (it was paused or cut off from Redis for longer than redis.writer_lease): \
+                 the ops it was writing were handed to other writers"
+            );
+        }
+        let now_epoch = text(v.get(1).unwrap_or(&Value::Nil))?;
+        let seq = v.get(2).map_or(Ok(0), int)?.max(0) as u64;
+        let open = v.get(3).map_or(Ok(0), int)? == 1;
+        let lost_now = v.get(4).map_or(Ok(0), int)? == 1;
+        if lost_now {
+            tracing::error!(
+                prefix = %self.prefix,
+                acked,
+                seq,
+                "Redis lost acknowledged ops (this process had acknowledged up to sequence number {acked}; Redis now holds {seq}): \
+                 checks fail closed until an operator runs `fga-wb loss --ack`"
+            );
+            metrics::counter!("fga_wb_redis_losses_total").increment(1);
+        }
+        self.watch.saw(&now_epoch, seq, lost_now);
+        Ok(open)
+    }
+
+    /// Renews the lease a third of the way through, and at once when a
+    /// connection dropped, until the store is dropped.
+    pub(crate) async fn run(self) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.lease / 3) => {}
+                _ = self.watch.wake.notified() => {}
+            }
+            if let Err(e) = self.once().await {
+                tracing::warn!(error = %e, "cannot renew the Redis lease; retrying");
+                // A dropped connection wakes this task again at once; do
+                // not spin while Redis is away.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
