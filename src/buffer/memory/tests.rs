@@ -1,0 +1,340 @@
+use super::*;
+use proptest::prelude::*;
+
+fn t(user: &str, rel: &str, obj: &str) -> TupleKey {
+    TupleKey::new(user, rel, obj).unwrap()
+}
+
+/// Pushes `op` on `k`, takes it and ends it with `outcome`.
+fn settle(s: &MemoryStore, k: &TupleKey, op: Op, outcome: Outcome) {
+    s.push_now(k, op).unwrap();
+    let taken = s.take_now(10, Take::All, u64::MAX);
+    assert_eq!(taken.len(), 1);
+    s.finish_now(taken.into_iter().map(|t| (t, outcome.clone())).collect());
+}
+
+fn died(transient: bool) -> Outcome {
+    Outcome::Dead {
+        reason: "refused".into(),
+        code: None,
+        transient,
+    }
+}
+
+#[test]
+fn a_replay_drops_letters_a_newer_op_superseded() {
+    let s = MemoryStore::new(10);
+    let (a, b, c) = (
+        t("user:a", "viewer", "document:1"),
+        t("user:b", "viewer", "document:1"),
+        t("user:c", "viewer", "document:1"),
+    );
+    // a: granted, died, then revoked and the revoke applied.
+    settle(&s, &a, Op::Grant, died(false));
+    settle(&s, &a, Op::Revoke, Outcome::Applied);
+    // b: died and nothing since.
+    settle(&s, &b, Op::Grant, died(true));
+    // c: died, then a newer op is pending.
+    settle(&s, &c, Op::Grant, died(false));
+    s.push_now(&c, Op::Revoke).unwrap();
+    let letters = s.dead_now();
+    let flags: Vec<(String, bool, bool)> = letters
+        .iter()
+        .map(|d| (d.tuple.user.clone(), d.superseded, d.transient))
+        .collect();
+    assert_eq!(
+        flags,
+        [
+            ("user:a".into(), true, false),
+            ("user:b".into(), false, true),
+            ("user:c".into(), true, false)
+        ]
+    );
+
+    let r = s.replay_now(None, false).unwrap();
+    assert_eq!((r.replayed, r.superseded, r.kept), (1, 2, 0));
+    assert_eq!(r.tuples, std::slice::from_ref(&b));
+    assert!(s.dead_now().is_empty());
+    // b is pending again as a grant; c's pending revoke is untouched.
+    let mut pending: Vec<(String, Op)> = s
+        .take_now(10, Take::All, u64::MAX)
+        .into_iter()
+        .map(|t| (t.tuple.user, t.op))
+        .collect();
+    pending.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(
+        pending,
+        [("user:b".into(), Op::Grant), ("user:c".into(), Op::Revoke)]
+    );
+}
+
+#[test]
+fn a_newer_letter_supersedes_an_older_one_and_only_transient_ones_replay_automatically() {
+    let s = MemoryStore::new(10);
+    let (a, b) = (
+        t("user:a", "viewer", "document:1"),
+        t("user:b", "viewer", "document:1"),
+    );
+    settle(&s, &a, Op::Grant, died(true));
+    settle(&s, &a, Op::Revoke, died(true));
+    settle(&s, &b, Op::Grant, died(false));
+    let r = s.replay_now(None, true).unwrap();
+    assert_eq!((r.replayed, r.superseded), (1, 1), "{r:?}");
+    let left = s.dead_now();
+    assert_eq!(left.len(), 1, "the permanent letter stays: {left:?}");
+    assert_eq!(left[0].tuple, b);
+    let taken = s.take_now(10, Take::All, u64::MAX);
+    assert_eq!(
+        (taken.len(), taken[0].op),
+        (1, Op::Revoke),
+        "the newest op of a is what was replayed"
+    );
+}
+
+#[test]
+fn a_replay_into_a_full_buffer_keeps_the_letters() {
+    let s = MemoryStore::new(1);
+    let a = t("user:a", "viewer", "document:1");
+    settle(&s, &a, Op::Grant, died(false));
+    s.push_now(&t("user:z", "viewer", "document:9"), Op::Grant)
+        .unwrap();
+    let r = s.replay_now(None, false).unwrap();
+    assert_eq!((r.replayed, r.kept), (0, 1));
+    assert_eq!(s.dead_now().len(), 1);
+}
+
+#[test]
+fn last_op_wins_and_counts_coalescing() {
+    let s = MemoryStore::new(10);
+    let k = t("user:a", "viewer", "document:1");
+    assert!(!s.push_now(&k, Op::Grant).unwrap().coalesced);
+    assert!(s.push_now(&k, Op::Revoke).unwrap().coalesced);
+    let p = s.pending_counts();
+    assert_eq!((p.writes, p.deletes, p.total), (0, 1, 1));
+    let taken = s.take_now(10, Take::All, u64::MAX);
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].op, Op::Revoke);
+    assert_eq!(taken[0].seq, 2);
+}
+
+#[test]
+fn in_flight_keys_are_not_taken_twice_and_newer_ops_survive() {
+    let s = MemoryStore::new(10);
+    let k = t("user:a", "viewer", "document:1");
+    s.push_now(&k, Op::Grant).unwrap();
+    let first = s.take_now(10, Take::All, u64::MAX);
+    s.push_now(&k, Op::Revoke).unwrap();
+    assert!(
+        s.take_now(10, Take::All, u64::MAX).is_empty(),
+        "key is in flight"
+    );
+    // The grant's write succeeds late: the newer revoke stays pending.
+    let f = s.finish_now(first.into_iter().map(|t| (t, Outcome::Applied)).collect());
+    assert_eq!(f.applied, 1);
+    let next = s.take_now(10, Take::All, u64::MAX);
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].op, Op::Revoke);
+}
+
+#[test]
+fn a_failed_stale_op_is_dropped_not_retried() {
+    let s = MemoryStore::new(10);
+    let k = t("user:a", "viewer", "document:1");
+    s.push_now(&k, Op::Grant).unwrap();
+    let first = s.take_now(10, Take::All, u64::MAX);
+    s.push_now(&k, Op::Revoke).unwrap();
+    let f = s.finish_now(first.into_iter().map(|t| (t, Outcome::Retry)).collect());
+    assert_eq!((f.requeued, f.superseded), (0, 1));
+    let next = s.take_now(10, Take::All, u64::MAX);
+    assert_eq!(next[0].op, Op::Revoke);
+}
+
+#[test]
+fn revokes_are_taken_first_and_capacity_is_bounded() {
+    let s = MemoryStore::new(3);
+    s.push_now(&t("user:a", "viewer", "document:1"), Op::Grant)
+        .unwrap();
+    s.push_now(&t("user:b", "viewer", "document:1"), Op::Grant)
+        .unwrap();
+    s.push_now(&t("user:c", "owner", "document:1"), Op::Revoke)
+        .unwrap();
+    let e = s
+        .push_now(&t("user:d", "viewer", "document:1"), Op::Grant)
+        .unwrap_err();
+    assert!(e.is_buffer_full());
+    // Coalescing onto an existing key needs no room.
+    s.push_now(&t("user:a", "viewer", "document:1"), Op::Revoke)
+        .unwrap();
+    let revokes = s.take_now(10, Take::Revokes, u64::MAX);
+    assert_eq!(revokes.len(), 2);
+    assert!(revokes.iter().all(|t| t.op == Op::Revoke));
+}
+
+#[test]
+fn relevant_counts_in_flight_and_pending() {
+    let s = MemoryStore::new(10);
+    s.push_now(&t("user:a", "viewer", "document:1"), Op::Grant)
+        .unwrap();
+    s.push_now(&t("user:b", "blocked", "document:1"), Op::Revoke)
+        .unwrap();
+    let viewer = vec![Dep {
+        rel: "document#viewer".to_string(),
+        same_object: true,
+        user_bound: false,
+    }];
+    let r = s.relevant_now(Some(&viewer), "document:1", "user:a", 100);
+    assert_eq!(r.revokes, 0);
+    assert_eq!(r.grants.unwrap().len(), 1);
+    // Another document's grants don't matter to a same-object dependency.
+    let r = s.relevant_now(Some(&viewer), "document:10", "user:a", 100);
+    assert_eq!(r.grants.unwrap().len(), 0);
+    let _taken = s.take_now(10, Take::All, u64::MAX);
+    let r = s.relevant_now(None, "document:1", "user:a", 100);
+    assert_eq!(r.revokes, 1, "an in-flight revoke still counts");
+    assert!(r.grants.is_none());
+}
+
+#[test]
+fn a_user_bound_dependency_counts_only_its_users_wildcards_and_usersets() {
+    let s = MemoryStore::new(10);
+    for u in ["user:b", "user:*", "group:g#member"] {
+        s.push_now(&t(u, "temp_viewer", "document:1"), Op::Revoke)
+            .unwrap();
+    }
+    let temp = vec![Dep {
+        rel: "document#temp_viewer".to_string(),
+        same_object: true,
+        user_bound: true,
+    }];
+    // alice's check waits for the wildcard and the userset, not for bob.
+    assert_eq!(
+        s.relevant_now(Some(&temp), "document:1", "user:a", 100)
+            .revokes,
+        2
+    );
+    assert_eq!(
+        s.relevant_now(Some(&temp), "document:1", "user:b", 100)
+            .revokes,
+        3
+    );
+    let loose = vec![Dep {
+        user_bound: false,
+        ..temp[0].clone()
+    }];
+    assert_eq!(
+        s.relevant_now(Some(&loose), "document:1", "user:a", 100)
+            .revokes,
+        3
+    );
+}
+
+#[test]
+fn a_flush_takes_only_ops_acknowledged_before_it_in_queue_order() {
+    let s = MemoryStore::new(10);
+    let a = t("user:a", "viewer", "document:1");
+    s.push_now(&a, Op::Grant).unwrap();
+    s.push_now(&t("user:b", "viewer", "document:1"), Op::Grant)
+        .unwrap();
+    let up_to = s.last();
+    s.push_now(&t("user:c", "viewer", "document:1"), Op::Grant)
+        .unwrap();
+    // Coalescing after the flush started keeps the key's place.
+    s.push_now(&a, Op::Revoke).unwrap();
+    let taken = s.take_now(10, Take::All, up_to);
+    let users: Vec<&str> = taken.iter().map(|t| t.tuple.user.as_str()).collect();
+    assert_eq!(users, ["user:a", "user:b"]);
+    assert_eq!(taken[0].op, Op::Revoke);
+    assert!(s.pending_counts().oldest_age.is_some());
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    Push(u8, bool),
+    Take(u8),
+    Finish(u8),
+    Clear,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => (0u8..8, any::<bool>()).prop_map(|(k, g)| Step::Push(k, g)),
+        2 => (1u8..5).prop_map(Step::Take),
+        2 => (0u8..3).prop_map(Step::Finish),
+        1 => Just(Step::Clear),
+    ]
+}
+
+proptest! {
+    /// Random pushes, takes, outcomes (applied, transient, permanent) and
+    /// clears. Afterwards: every acknowledged op is accounted for exactly
+    /// once (applied, dead-lettered, cleared or coalesced), and what was
+    /// applied last per key is the last op acknowledged for it, unless that
+    /// op was cleared or dead-lettered.
+    #[test]
+    fn every_op_is_accounted_for_and_last_write_wins(steps in proptest::collection::vec(step(), 1..200)) {
+        let s = MemoryStore::new(1000);
+        let mut in_flight: Vec<Taken> = Vec::new();
+        let mut acked = 0u64;
+        let (mut applied, mut dead, mut cleared, mut coalesced) = (0u64, 0u64, 0u64, 0u64);
+        // What OpenFGA holds, per key, and the last op acknowledged per key.
+        let mut server: HashMap<String, Op> = HashMap::new();
+        let mut last: HashMap<String, (u64, Op)> = HashMap::new();
+        let mut lost: std::collections::HashSet<(String, u64)> = Default::default();
+        let mut drive = |steps: &[Step], in_flight: &mut Vec<Taken>, final_drain: bool| {
+            for st in steps {
+                match st {
+                    Step::Push(k, grant) => {
+                        let op = if *grant { Op::Grant } else { Op::Revoke };
+                        let tuple = t(&format!("user:{k}"), "viewer", "document:1");
+                        let p = s.push_now(&tuple, op).unwrap();
+                        acked += 1;
+                        if p.coalesced { coalesced += 1; }
+                        let seq = s.last();
+                        last.insert(key_of(&tuple), (seq, op));
+                    }
+                    Step::Take(n) => in_flight.extend(s.take_now(usize::from(*n), Take::All, u64::MAX)),
+                    Step::Finish(mode) => {
+                        let done: Vec<(Taken, Outcome)> = in_flight.drain(..).map(|t| {
+                            let o = match (*mode, final_drain) {
+                                (0, _) | (_, true) => Outcome::Applied,
+                                (1, _) => Outcome::Retry,
+                                _ => Outcome::Dead { reason: "bad".into(), code: None, transient: false },
+                            };
+                            if matches!(o, Outcome::Applied) {
+                                server.insert(key_of(&t.tuple), t.op);
+                            }
+                            if matches!(o, Outcome::Dead { .. }) {
+                                lost.insert((key_of(&t.tuple), t.seq));
+                            }
+                            (t, o)
+                        }).collect();
+                        let f = s.finish_now(done);
+                        applied += f.applied;
+                        dead += f.dead;
+                        coalesced += f.superseded;
+                    }
+                    Step::Clear => {
+                        for (tuple, _) in s.clear_now() {
+                            cleared += 1;
+                            let key = key_of(&tuple);
+                            let seq = last.get(&key).map_or(0, |l| l.0);
+                            lost.insert((key, seq));
+                        }
+                    }
+                }
+            }
+        };
+        drive(&steps, &mut in_flight, false);
+        // Drain everything that is left, successfully.
+        for _ in 0..100 {
+            drive(&[Step::Take(100), Step::Finish(0)], &mut in_flight, true);
+        }
+        prop_assert_eq!(s.pending_counts().total + s.pending_counts().in_flight, 0);
+        prop_assert_eq!(applied + dead + cleared + coalesced, acked);
+        for (key, (seq, op)) in &last {
+            if !lost.contains(&(key.clone(), *seq)) {
+                prop_assert_eq!(server.get(key), Some(op), "key {}", key);
+            }
+        }
+    }
+}

@@ -1,0 +1,191 @@
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn load_env(pairs: &[(&str, &str)]) -> Result<Config> {
+    Config::load_from(None, env(pairs))
+}
+
+#[test]
+fn defaults_load_without_a_file() {
+    let c = load_env(&[]).unwrap();
+    assert_eq!(c.flush.max_tuples_per_write, 100);
+    assert_eq!(c.queue.retry_schedule.len(), 3);
+}
+
+#[test]
+fn env_overrides_and_nests() {
+    let c = load_env(&[
+        ("FGA_WB_FLUSH__BATCH_SIZE", "500"),
+        ("FGA_WB_FLUSH__INTERVAL", "250ms"),
+        ("FGA_WB_BUFFER__OVERFLOW", "reject"),
+        ("FGA_WB_QUEUE__RETRY_SCHEDULE", "[\"1s\", \"2s\"]"),
+        ("FGA_WB_TEST_OPENFGA_URL", "http://ignored"),
+        ("FGA_WB_CONFIG_UNUSED", "x"),
+    ])
+    .unwrap();
+    assert_eq!(c.flush.batch_size, 500);
+    assert_eq!(c.flush.interval, Duration::from_millis(250));
+    assert_eq!(c.buffer.overflow, Overflow::Reject);
+    assert_eq!(
+        c.queue.retry_schedule,
+        vec![Duration::from_secs(1), Duration::from_secs(2)]
+    );
+}
+
+#[test]
+fn durations_too_long_for_the_runtime_are_refused_by_name() {
+    for (var, value) in [
+        ("FGA_WB_CACHE__TTL", "2000y"),
+        ("FGA_WB_FLUSH__INTERVAL", "18446744073709551615s"),
+        ("FGA_WB_CHECK__REVOKE_WAIT_TIMEOUT", "18446744073709551615s"),
+        ("FGA_WB_FLUSH__SHUTDOWN_DEADLINE", "11y"),
+    ] {
+        let e = Config::load_from(None, vec![(var.into(), value.into())]).unwrap_err();
+        let text = e.to_string();
+        assert!(e.is_config(), "{var}: {text}");
+        assert!(
+            text.contains("10 years") && text.contains(var),
+            "{var}: {text}"
+        );
+        assert_eq!(text.lines().count(), 1, "{text}");
+    }
+    assert!(Config::load_from(None, vec![("FGA_WB_CACHE__TTL".into(), "3650days".into())]).is_ok());
+}
+
+#[test]
+fn numeric_looking_ids_stay_strings() {
+    let c = load_env(&[
+        ("FGA_STORE_ID", "0123"),
+        ("FGA_WB_OPENFGA__MODEL_ID", "00042"),
+        ("FGA_API_TOKEN", "1e5"),
+    ])
+    .unwrap();
+    assert_eq!(c.openfga.store_id, "0123");
+    assert_eq!(c.openfga.model_id, "00042");
+    assert_eq!(c.openfga.api_token.expose(), "1e5");
+}
+
+#[test]
+fn fga_wb_vars_beat_openfga_cli_vars() {
+    let c = load_env(&[
+        ("FGA_API_URL", "http://a:1"),
+        ("FGA_WB_OPENFGA__API_URL", "http://b:2"),
+    ])
+    .unwrap();
+    assert_eq!(c.openfga.api_url, "http://b:2");
+}
+
+#[test]
+fn variables_that_configure_nothing_are_refused_with_the_name_that_works() {
+    let e = load_env(&[("FGA_WB_FLUSH_BATCH_SIZE", "10")]).unwrap_err();
+    assert!(e.is_config());
+    assert!(e.to_string().contains("FGA_WB_FLUSH__BATCH_SIZE"), "{e}");
+    let e = load_env(&[("FGA_WB_NOPE__X", "1")]).unwrap_err();
+    assert!(e.to_string().contains("no section \"nope\""), "{e}");
+    let e = load_env(&[("FGA_WB_FLUHS__INTERVAL", "1s")]).unwrap_err();
+    assert!(e.to_string().contains("FGA_WB_FLUSH__INTERVAL"), "{e}");
+    // The scripts' own variables are not settings.
+    for name in [
+        "FGA_WB_CACHE",
+        "FGA_WB_TEST_REDIS_URL",
+        "FGA_WB_OPENFGA_VERSION",
+        "FGA_WB_KEEP_TMP",
+    ] {
+        assert!(load_env(&[(name, "x")]).is_ok(), "{name}");
+    }
+}
+
+#[test]
+fn fga_cli_client_credentials_are_read() {
+    let c = load_env(&[
+        ("FGA_API_URL", "https://api.fga.example"),
+        ("FGA_CLIENT_ID", "12345"),
+        ("FGA_CLIENT_SECRET", "s3cret"),
+        ("FGA_API_TOKEN_ISSUER", "auth.fga.dev"),
+        ("FGA_API_AUDIENCE", "https://api.fga.example/"),
+        ("FGA_API_SCOPES", "read write"),
+    ])
+    .unwrap();
+    let o = c.openfga.oauth2.expect("client credentials");
+    assert_eq!(o.token_url, "https://auth.fga.dev/oauth/token");
+    assert_eq!(o.client_id, "12345");
+    assert_eq!(o.client_secret.expose(), "s3cret");
+    assert_eq!(o.audience, "https://api.fga.example/");
+    assert_eq!(o.scopes, "read write");
+    assert_eq!(
+        token_url_of_issuer("https://issuer.example/v1/token"),
+        "https://issuer.example/v1/token"
+    );
+    assert_eq!(
+        token_url_of_issuer("http://127.0.0.1:9000"),
+        "http://127.0.0.1:9000/oauth/token"
+    );
+}
+
+#[test]
+fn bad_integer_names_the_variable() {
+    let e = load_env(&[("FGA_WB_FLUSH__BATCH_SIZE", "ten")]).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "configuration error: FGA_WB_FLUSH__BATCH_SIZE: expected a positive integer, found \"ten\""
+    );
+    let e = load_env(&[("FGA_WB_FLUSH__BATCH_SIZE", "0")]).unwrap_err();
+    assert!(e.to_string().contains("positive integer"), "{e}");
+}
+
+#[test]
+fn bad_duration_and_enum_are_explained() {
+    let e = load_env(&[("FGA_WB_FLUSH__INTERVAL", "5")]).unwrap_err();
+    assert!(e.to_string().contains("FGA_WB_FLUSH__INTERVAL"), "{e}");
+    assert!(e.to_string().contains("\"5s\""), "{e}");
+    let e = load_env(&[("FGA_WB_BUFFER__STORE", "disk")]).unwrap_err();
+    assert!(e.to_string().contains("memory, redis"), "{e}");
+}
+
+#[test]
+fn the_shipped_file_loads_and_matches_the_defaults() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_PATH);
+    let c = Config::load_from(Some(&path), vec![]).unwrap();
+    let d = Config::default();
+    assert_eq!(
+        serde_json::to_value(&c).unwrap(),
+        serde_json::to_value(&d).unwrap(),
+        "config/fga-wb.toml must document the defaults"
+    );
+}
+
+#[test]
+fn bad_file_value_names_the_key_and_file() {
+    let dir = std::env::temp_dir().join(format!("fga-wb-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("bad.toml");
+    std::fs::write(&f, "[flush]\nbatch_size = \"ten\"\n").unwrap();
+    let e = Config::load_from(Some(&f), vec![]).unwrap_err();
+    assert!(e.to_string().contains("flush.batch_size in"), "{e}");
+    std::fs::write(&f, "[flush]\nbatchsize = 3\n").unwrap();
+    let e = Config::load_from(Some(&f), vec![]).unwrap_err();
+    assert!(
+        e.to_string().contains("unknown setting \"batchsize\""),
+        "{e}"
+    );
+    let e = Config::load_from(Some(&dir.join("missing.toml")), vec![]).unwrap_err();
+    assert!(e.to_string().contains("does not exist"), "{e}");
+}
+
+#[test]
+fn secrets_never_serialise() {
+    let c = load_env(&[
+        ("FGA_API_TOKEN", "s3cret"),
+        ("FGA_WB_REDIS__URL", "redis://:pw@127.0.0.1:6379"),
+    ])
+    .unwrap();
+    let s = serde_json::to_string(&c).unwrap();
+    assert!(!s.contains("s3cret") && !s.contains("pw@"), "{s}");
+    assert!(!format!("{c:?}").contains("s3cret"));
+}
