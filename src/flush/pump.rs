@@ -602,6 +602,15 @@ impl Pump {
         self.engine.record(&r).await;
     }
 
+    /// With flushing stopped (refused credentials, unknown store) and no
+    /// explicit flush waiting, ops staged for sending go back to pending,
+    /// where status counts them, instead of waiting as in flight.
+    pub(crate) async fn park_if_stopped(&mut self) {
+        if !self.staged.is_empty() && self.engine.stats.stopped().is_some() && !self.explicit() {
+            self.unstage().await;
+        }
+    }
+
     /// Gives staged ops back to the store (shutdown).
     pub(crate) async fn unstage(&mut self) {
         if self.staged.is_empty() {
