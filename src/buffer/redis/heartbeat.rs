@@ -40,6 +40,35 @@ impl RedisStore {
         Ok(())
     }
 
+    /// After a reconnect: fails closed until every other live writer (lease
+    /// not ended) has run a heartbeat since, and so has compared what it
+    /// acknowledged with what Redis holds. A writer that died stops counting
+    /// when its lease ends.
+    pub(crate) async fn confirm_others(&self) -> Result<()> {
+        let since = self.watch.reconnected_at.load(Ordering::Relaxed);
+        if since == 0 {
+            return Ok(());
+        }
+        let now = now_ms();
+        let mut a = Args::new("confirmed", self.publish);
+        a.push(now).push(since).push(&self.writer);
+        let v = items(self.call(&a).await?)?;
+        if count(&v, 0)? == 0 {
+            let _ = self.watch.reconnected_at.compare_exchange(
+                since,
+                0,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            return Ok(());
+        }
+        let next_beat = self.lease.as_millis() as u64 / 3;
+        let left = count(&v, 1)?.saturating_sub(now).min(next_beat).max(1);
+        Err(Error::new(Kind::Reconnecting {
+            left: Duration::from_millis(left),
+        }))
+    }
+
     /// The open loss record, as text for people.
     pub(crate) async fn loss_now(&self) -> Result<Option<String>> {
         let v = items(self.call(&Args::new("loss", self.publish)).await?)?;
@@ -125,6 +154,7 @@ impl Heartbeat {
             self.watch
                 .quiet_until
                 .store(now_ms() + quiet, Ordering::Relaxed);
+            self.watch.reconnected_at.store(at.max(1), Ordering::Relaxed);
         }
         if v.first().map_or(Ok(1), int)? == 0 {
             tracing::error!(

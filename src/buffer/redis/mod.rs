@@ -84,6 +84,12 @@ struct Watch {
     /// heartbeat, and so to record a loss of what *it* acknowledged, which
     /// this process cannot see.
     quiet_until: AtomicU64,
+    /// When (ms, this process's clock) the heartbeat after a dropped
+    /// connection ran; 0 once every other live writer has run one since.
+    /// Until then checks fail closed too: a process whose heartbeat is late
+    /// (a loaded machine, its own slow reconnect) has not yet compared what
+    /// it acknowledged, so the quiet time alone is not proof.
+    reconnected_at: AtomicU64,
     /// Wakes the heartbeat task at once.
     wake: tokio::sync::Notify,
 }
@@ -741,6 +747,7 @@ impl Store for RedisStore {
                 };
                 let v = items(self.call(&a).await?)?;
                 self.after_reconnect()?;
+                self.confirm_others().await?;
                 let epoch = text(v.first().unwrap_or(&Value::Nil))?;
                 let seq = v.get(1).map_or(Ok(0), int)?.max(0) as u64;
                 if v.get(2).map_or(Ok(0), int)? == 1 {

@@ -15,6 +15,7 @@
 --   P:blocked          zset    keys in state b (below), scored by `first`
 --   P:owners           zset    writer -> end of its lease (ms): processes and
 --                              workers that heartbeat
+--   P:beats            hash    writer -> when it last ran a heartbeat (ms)
 --   P:w:<writer>       set     keys the writer is writing
 --   P:wj:<writer>      set     jobs a worker is running
 --   P:jobs             hash    job id -> job (JSON)
@@ -494,6 +495,7 @@ local function reclaim(now)
     end
     rcall('DEL', P .. ':w:' .. w, P .. ':wj:' .. w)
     rcall('ZREM', P .. ':owners', w)
+    rcall('HDEL', P .. ':beats', w)
   end
   if folded > 0 then incr(P .. ':stats', 'coalesced', folded) end
   if reclaimed > 0 then
@@ -838,6 +840,24 @@ if cmd == 'finish' then
   return { applied, dead, requeued, superseded }
 end
 
+-- confirmed pub now since writer -> {waiting, latest lease end among them}
+-- Live writers (lease not ended) other than `writer` whose last heartbeat
+-- (P:beats) is older than `since`: they have not compared what they
+-- acknowledged with what Redis holds since `writer` reconnected.
+if cmd == 'confirmed' then
+  local now, since, me = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+  local alive = rcall('ZRANGEBYSCORE', P .. ':owners', '(' .. ARGV[3], '+inf', 'WITHSCORES')
+  local waiting, latest = 0, 0
+  for i = 1, #alive, 2 do
+    local w, ends = alive[i], tonumber(alive[i + 1]) or 0
+    if w ~= me and (tonumber(rcall('HGET', P .. ':beats', w)) or 0) < since then
+      waiting = waiting + 1
+      if ends > latest then latest = ends end
+    end
+  end
+  return { waiting, latest }
+end
+
 -- heartbeat pub now writer lease_ms epoch acked
 --   -> {alive, epoch, seq, loss open, lost now}
 -- Renews the writer's lease (alive is 0 if it had already ended: what the
@@ -858,6 +878,7 @@ if cmd == 'heartbeat' then
   if bad then return redis.error_reply(bad) end
   local ends = tonumber(rcall('ZSCORE', P .. ':owners', writer))
   rcall('ZADD', P .. ':owners', now + lease, writer)
+  rcall('HSET', P .. ':beats', writer, now)
   -- Write marks past their use go even when nothing is being written.
   pcall_('ZREMRANGEBYSCORE', P .. ':wobj', '-inf', redis_ms() - WRITTEN_KEEP_MS)
   local alive = 1
