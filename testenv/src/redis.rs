@@ -79,7 +79,7 @@ impl Redis {
     async fn cluster_node(options: RedisOptions) -> Result<Redis> {
         let mut r = Redis {
             dir: temp_dir("redis-node")?,
-            port: free_port()?,
+            port: crate::ports::free_cluster_port()?,
             options,
             cluster: true,
             proc: None,

@@ -154,7 +154,9 @@ impl Heartbeat {
             self.watch
                 .quiet_until
                 .store(now_ms() + quiet, Ordering::Relaxed);
-            self.watch.reconnected_at.store(at.max(1), Ordering::Relaxed);
+            self.watch
+                .reconnected_at
+                .store(at.max(1), Ordering::Relaxed);
         }
         if v.first().map_or(Ok(1), int)? == 0 {
             tracing::error!(
