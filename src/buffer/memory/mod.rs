@@ -62,38 +62,60 @@ pub(crate) struct MemoryStore {
 
 #[derive(Default)]
 struct DeadLetters {
-    letters: Vec<DeadLetter>,
+    /// By id: in the order they died.
+    letters: BTreeMap<u64, DeadLetter>,
     next_id: u64,
-    /// Key -> the id of its newest letter, or 0 once a newer op on the key
-    /// was applied or cleared: a letter is current (replayable) only while
-    /// this names it and the key has no op buffered.
-    latest: HashMap<String, u64>,
+    /// The keys that have letters.
+    keys: HashMap<String, KeyLetters>,
+}
+
+/// One key's letters.
+struct KeyLetters {
+    /// The id of its newest letter, or 0 once a newer op on the key was
+    /// applied or cleared: a letter is current (replayable) only while this
+    /// names it and the key has no op buffered. Removing the newest letter
+    /// leaves its id here, so the older ones stay superseded.
+    newest: u64,
+    /// How many letters the key has: at 0 it needs no watching.
+    count: usize,
 }
 
 impl DeadLetters {
     fn add(&mut self, letter: DeadLetter) {
-        self.latest.insert(key_of(&letter.tuple), letter.id);
-        self.letters.push(letter);
+        let k = self
+            .keys
+            .entry(key_of(&letter.tuple))
+            .or_insert(KeyLetters {
+                newest: 0,
+                count: 0,
+            });
+        k.newest = letter.id;
+        k.count += 1;
+        self.letters.insert(letter.id, letter);
     }
 
     /// A newer op on `key` ended (applied, cleared): its letters are stale.
     fn supersede(&mut self, key: &str) {
-        if let Some(id) = self.latest.get_mut(key) {
-            *id = 0;
+        if let Some(k) = self.keys.get_mut(key) {
+            k.newest = 0;
         }
     }
 
-    fn remove(&mut self, pos: usize) -> DeadLetter {
-        let d = self.letters.remove(pos);
+    /// Whether letter `id` is the newest of `key`, with no newer op ended.
+    fn is_newest(&self, key: &str, id: u64) -> bool {
+        self.keys.get(key).is_some_and(|k| k.newest == id)
+    }
+
+    fn remove(&mut self, id: u64) -> Option<DeadLetter> {
+        let d = self.letters.remove(&id)?;
         let key = key_of(&d.tuple);
-        if self.latest.get(&key) == Some(&d.id) {
-            self.latest.remove(&key);
+        if let Some(k) = self.keys.get_mut(&key) {
+            k.count -= 1;
+            if k.count == 0 {
+                self.keys.remove(&key);
+            }
         }
-        // A key whose letters are all gone needs no watching.
-        if self.latest.get(&key) == Some(&0) && !self.letters.iter().any(|x| x.tuple == d.tuple) {
-            self.latest.remove(&key);
-        }
-        d
+        Some(d)
     }
 }
 
@@ -145,6 +167,13 @@ fn kind(op: Op) -> usize {
 }
 
 impl Shard {
+    /// Whether an op on `t` (whose key is `key`) is buffered, pending or in
+    /// flight.
+    fn holds(&self, t: &TupleKey, key: &str) -> bool {
+        self.part(t.object_type(), &t.relation)
+            .is_some_and(|p| self.parts[p].slots.contains_key(key))
+    }
+
     fn part(&self, object_type: &str, relation: &str) -> Option<usize> {
         self.part_of.get(object_type)?.get(relation).copied()
     }
@@ -462,7 +491,7 @@ impl MemoryStore {
                             transient,
                             superseded: false,
                         });
-                        self.dead_keys.store(d.latest.len(), Ordering::Relaxed);
+                        self.dead_keys.store(d.keys.len(), Ordering::Relaxed);
                     }
                     Outcome::Retry | Outcome::Stale | Outcome::Busy | Outcome::Keep => {
                         f.requeued += 1;
@@ -493,7 +522,7 @@ impl MemoryStore {
         let chosen: Vec<DeadLetter> = self
             .dead()
             .letters
-            .iter()
+            .values()
             .filter(|d| ids.is_none_or(|ids| ids.contains(&d.id)))
             .filter(|d| !only_transient || d.transient)
             .cloned()
@@ -502,47 +531,41 @@ impl MemoryStore {
         for (i, d) in chosen.iter().enumerate() {
             let key = key_of(&d.tuple);
             let mut shard = self.lock(self.shard_of(&d.tuple.object));
-            let buffered = shard
-                .part(d.tuple.object_type(), &d.tuple.relation)
-                .is_some_and(|p| shard.parts[p].slots.contains_key(key.as_str()));
+            let buffered = shard.holds(&d.tuple, &key);
             let mut dead = self.dead();
-            let Some(pos) = dead.letters.iter().position(|x| x.id == d.id) else {
+            if !dead.letters.contains_key(&d.id) {
                 continue; // purged meanwhile
-            };
-            if buffered || dead.latest.get(&key) != Some(&d.id) {
-                dead.remove(pos);
+            }
+            if buffered || !dead.is_newest(&key, d.id) {
+                dead.remove(d.id);
                 r.superseded += 1;
             } else {
                 match self.push_locked(&mut shard, &d.tuple, d.op) {
                     Ok(_) => {
-                        dead.remove(pos);
+                        dead.remove(d.id);
                         r.replayed += 1;
                         r.tuples.push(d.tuple.clone());
                     }
                     Err(e) if e.is_buffer_full() => {
                         r.kept = chosen.len() - i;
-                        self.dead_keys.store(dead.latest.len(), Ordering::Relaxed);
                         break;
                     }
                     Err(e) => return Err(e),
                 }
             }
-            self.dead_keys.store(dead.latest.len(), Ordering::Relaxed);
+            self.dead_keys.store(dead.keys.len(), Ordering::Relaxed);
         }
         Ok(r)
     }
 
     fn dead_now(&self) -> Vec<DeadLetter> {
-        let letters = self.dead().letters.clone();
+        let letters: Vec<DeadLetter> = self.dead().letters.values().cloned().collect();
         letters
             .into_iter()
             .map(|mut d| {
                 let key = key_of(&d.tuple);
                 let shard = self.lock(self.shard_of(&d.tuple.object));
-                let buffered = shard
-                    .part(d.tuple.object_type(), &d.tuple.relation)
-                    .is_some_and(|p| shard.parts[p].slots.contains_key(key.as_str()));
-                d.superseded = buffered || self.dead().latest.get(&key) != Some(&d.id);
+                d.superseded = shard.holds(&d.tuple, &key) || !self.dead().is_newest(&key, d.id);
                 d
             })
             .collect()
@@ -838,15 +861,14 @@ impl Store for MemoryStore {
         ids: Option<&'a [u64]>,
     ) -> BoxFuture<'a, Result<Vec<DeadLetter>>> {
         let mut g = self.dead();
-        let mut removed = Vec::new();
-        while let Some(pos) = g
-            .letters
-            .iter()
-            .position(|d| ids.is_none_or(|ids| ids.contains(&d.id)))
-        {
-            removed.push(g.remove(pos));
-        }
-        self.dead_keys.store(g.latest.len(), Ordering::Relaxed);
+        let removed = match ids {
+            None => {
+                g.keys.clear();
+                std::mem::take(&mut g.letters).into_values().collect()
+            }
+            Some(ids) => ids.iter().filter_map(|&id| g.remove(id)).collect(),
+        };
+        self.dead_keys.store(g.keys.len(), Ordering::Relaxed);
         drop(g);
         Box::pin(future::ready(Ok(removed)))
     }
