@@ -72,58 +72,91 @@ impl RedisStore {
         }
     }
 
-    /// The dead letters (with `remove`: those with `ids`, or all, removed
-    /// in one script call), each marked superseded or not.
-    pub(crate) async fn dead_now(
-        &self,
-        ids: Option<&[u64]>,
-        remove: bool,
-    ) -> Result<Vec<DeadLetter>> {
-        let key = format!("{}:dead", self.prefix);
-        let raw: Vec<(Vec<u8>, Vec<u8>)> = if remove {
-            let mut a = Args::new("dlqdrop", self.publish);
-            match ids {
-                None => a.push("*"),
-                Some([]) => return Ok(Vec::new()),
-                Some(ids) => a.push(ids),
-            };
-            items(self.call(&a).await?)?
-                .chunks_exact(2)
-                .map(|p| Ok((bytes(&p[0])?, bytes(&p[1])?)))
-                .collect::<Result<_>>()?
-        } else {
-            let mut conn = self.conn.clone();
-            redis::cmd("HGETALL")
-                .arg(&key)
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)?
+    /// The dead letters, each marked superseded or not.
+    pub(crate) async fn dead_now(&self) -> Result<Vec<DeadLetter>> {
+        let mut conn = self.conn.clone();
+        let raw: Vec<(Vec<u8>, Vec<u8>)> = redis::cmd("HGETALL")
+            .arg(format!("{}:dead", self.prefix))
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        let mut out = self.letters_of(&raw);
+        for part in out.chunks_mut(1000) {
+            let mut a = Args::new("deadstate", self.publish);
+            for d in part.iter() {
+                a.push(key_of(&d.tuple)).push(d.id);
+            }
+            let flags = items(self.call(&a).await?)?;
+            for (d, f) in part.iter_mut().zip(&flags) {
+                d.superseded = int(f)? != 0;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes and returns the letters with `ids`, or all, in steps of a
+    /// few hundred letters (one script call each, so Redis is not held up
+    /// long); purging all ends with one call that also drops the per-tuple
+    /// bookkeeping.
+    pub(crate) async fn purge_now(&self, ids: Option<&[u64]>) -> Result<Vec<DeadLetter>> {
+        let all = ids.is_none();
+        let ids = match ids {
+            Some(ids) => ids.to_vec(),
+            None => self.letter_ids().await?,
         };
+        let mut calls: Vec<Args> = ids
+            .chunks(LETTERS_STEP)
+            .map(|part| {
+                let mut a = Args::new("dlqdrop", self.publish);
+                a.push(part);
+                a
+            })
+            .collect();
+        if all {
+            let mut a = Args::new("dlqdrop", self.publish);
+            a.push("*");
+            calls.push(a);
+        }
+        let mut raw = Vec::new();
+        for a in &calls {
+            for p in items(self.call(a).await?)?.chunks_exact(2) {
+                raw.push((bytes(&p[0])?, bytes(&p[1])?));
+            }
+        }
+        Ok(self.letters_of(&raw))
+    }
+
+    /// Every letter's id, in order.
+    async fn letter_ids(&self) -> Result<Vec<u64>> {
+        let mut conn = self.conn.clone();
+        let mut all: Vec<u64> = redis::cmd("HKEYS")
+            .arg(format!("{}:dead", self.prefix))
+            .query_async::<Vec<String>>(&mut conn)
+            .await
+            .map_err(redis_error)?
+            .iter()
+            .filter_map(|id| id.parse().ok())
+            .collect();
+        all.sort_unstable();
+        Ok(all)
+    }
+
+    /// Letters from `(id, json)` pairs as stored, in id order; unreadable
+    /// ones are logged and left out.
+    fn letters_of(&self, raw: &[(Vec<u8>, Vec<u8>)]) -> Vec<DeadLetter> {
         let mut out = Vec::with_capacity(raw.len());
-        for (id, json) in &raw {
+        for (id, json) in raw {
             match std::str::from_utf8(json).ok().and_then(parse_dead) {
                 Some(d) => out.push(d),
                 None => tracing::warn!(
                     id = %String::from_utf8_lossy(id),
-                    key = %key,
+                    key = %format!("{}:dead", self.prefix),
                     "skipping an unreadable dead letter (purge removes it)"
                 ),
             }
         }
         out.sort_by_key(|d| d.id);
-        if !remove {
-            for part in out.chunks_mut(1000) {
-                let mut a = Args::new("deadstate", self.publish);
-                for d in part.iter() {
-                    a.push(key_of(&d.tuple)).push(d.id);
-                }
-                let flags = items(self.call(&a).await?)?;
-                for (d, f) in part.iter_mut().zip(&flags) {
-                    d.superseded = int(f)? != 0;
-                }
-            }
-        }
-        Ok(out)
+        out
     }
 
     /// See [`Store::replay_dead_letters`]: in steps of a few hundred
@@ -135,22 +168,10 @@ impl RedisStore {
     ) -> Result<Replayed> {
         let ids: Vec<u64> = match ids {
             Some(ids) => ids.to_vec(),
-            None => {
-                let mut conn = self.conn.clone();
-                let mut all: Vec<u64> = redis::cmd("HKEYS")
-                    .arg(format!("{}:dead", self.prefix))
-                    .query_async::<Vec<String>>(&mut conn)
-                    .await
-                    .map_err(redis_error)?
-                    .iter()
-                    .filter_map(|id| id.parse().ok())
-                    .collect();
-                all.sort_unstable();
-                all
-            }
+            None => self.letter_ids().await?,
         };
         let mut r = Replayed::default();
-        for (n, part) in ids.chunks(REPLAY_STEP).enumerate() {
+        for (n, part) in ids.chunks(LETTERS_STEP).enumerate() {
             let mut a = Args::new("replay", self.publish);
             a.push(now_ms())
                 .push(self.capacity)
@@ -165,7 +186,7 @@ impl RedisStore {
             }
             let kept = count(&v, 2)? as usize;
             if kept > 0 {
-                r.kept = kept + ids.len().saturating_sub((n + 1) * REPLAY_STEP);
+                r.kept = kept + ids.len().saturating_sub((n + 1) * LETTERS_STEP);
                 break;
             }
         }
@@ -276,8 +297,9 @@ pub(crate) struct StoredDead {
     pub(crate) transient: bool,
 }
 
-/// Letters one replay script call handles: Redis is not held up long.
-pub(crate) const REPLAY_STEP: usize = 500;
+/// Letters one replay or purge script call handles: Redis is not held up
+/// long.
+pub(crate) const LETTERS_STEP: usize = 500;
 
 pub(crate) fn parse_dead(json: &str) -> Option<DeadLetter> {
     let d: StoredDead = serde_json::from_str(json).ok()?;

@@ -658,14 +658,14 @@ impl Store for RedisStore {
     }
 
     fn dead_letters(&self) -> BoxFuture<'_, Result<Vec<DeadLetter>>> {
-        Box::pin(self.dead_now(None, false))
+        Box::pin(self.dead_now())
     }
 
     fn remove_dead_letters<'a>(
         &'a self,
         ids: Option<&'a [u64]>,
     ) -> BoxFuture<'a, Result<Vec<DeadLetter>>> {
-        Box::pin(self.dead_now(ids, true))
+        Box::pin(self.purge_now(ids))
     }
 
     fn replay_dead_letters<'a>(
