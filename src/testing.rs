@@ -51,7 +51,7 @@ use crate::config::{Config, StoreKind};
 use crate::error::{Error, Result};
 use crate::flush::JobSink;
 use crate::flush::QuickRetries;
-use crate::queue::{Job, JobOp};
+use crate::queue::Job;
 use crate::status::FlushReport;
 use crate::{TupleKey, WriteBehind};
 
@@ -292,14 +292,7 @@ impl JobSink for Recorder {
         ops: &'a [Taken],
     ) -> futures::future::BoxFuture<'a, Result<()>> {
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        let job = Job {
-            id,
-            store_id: store_id.to_owned(),
-            model_id: model_id.unwrap_or_default().to_owned(),
-            ops: ops.iter().map(JobOp::from).collect(),
-            attempt: 0,
-            last_error: None,
-        };
+        let job = Job::new(id, store_id, model_id, ops);
         lock(&self.jobs).push((job, ops.to_vec()));
         Box::pin(futures::future::ready(Ok(())))
     }

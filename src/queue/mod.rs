@@ -56,6 +56,20 @@ pub struct Job {
     pub last_error: Option<String>,
 }
 
+impl Job {
+    /// A first run (attempt 0) of `ops` as job `id`.
+    pub(crate) fn new(id: u64, store_id: &str, model_id: Option<&str>, ops: &[Taken]) -> Job {
+        Job {
+            id,
+            store_id: store_id.to_owned(),
+            model_id: model_id.unwrap_or_default().to_owned(),
+            ops: ops.iter().map(JobOp::from).collect(),
+            attempt: 0,
+            last_error: None,
+        }
+    }
+}
+
 /// One op of a job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobOp {
@@ -138,14 +152,7 @@ impl JobSink for FakeQueue {
     ) -> BoxFuture<'a, Result<()>> {
         let mut pushed = self.pushed.lock().unwrap_or_else(|p| p.into_inner());
         let id = pushed.len() as u64 + 1;
-        pushed.push(Job {
-            id,
-            store_id: store_id.to_owned(),
-            model_id: model_id.unwrap_or_default().to_owned(),
-            ops: ops.iter().map(JobOp::from).collect(),
-            attempt: 0,
-            last_error: None,
-        });
+        pushed.push(Job::new(id, store_id, model_id, ops));
         Box::pin(futures::future::ready(Ok(())))
     }
 }
