@@ -48,6 +48,29 @@ fn tuple(i: usize) -> (String, &'static str, String) {
     )
 }
 
+/// Fails unless OpenFGA holds exactly the tuples `range` of [`tuple`].
+async fn assert_openfga_holds(
+    admin: &fga_wb::openfga::Client,
+    store_id: &str,
+    range: std::ops::Range<usize>,
+    what: &str,
+) {
+    let in_openfga: BTreeSet<String> = admin
+        .read_all(store_id, &Default::default())
+        .await
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let expected: BTreeSet<String> = range
+        .map(|i| {
+            let (u, r, o) = tuple(i);
+            format!("{o}#{r}@{u}")
+        })
+        .collect();
+    assert_eq!(in_openfga, expected, "OpenFGA should hold {what}");
+}
+
 /// Queue mode against `server`, flushed only by `flush()`.
 fn queue_config(server: &OwnOpenFga, store_id: &str, model_id: String) -> Config {
     let mut c = Config::default();
@@ -157,23 +180,7 @@ async fn openfga_down_in_queue_mode_loses_nothing() {
         "{st:?}"
     );
     assert!(wb.dead_letters().await.unwrap().is_empty());
-    let in_openfga: BTreeSet<String> = admin
-        .read_all(&store_id, &Default::default())
-        .await
-        .unwrap()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    let expected: BTreeSet<String> = (0..N)
-        .map(|i| {
-            let (u, r, o) = tuple(i);
-            format!("{o}#{r}@{u}")
-        })
-        .collect();
-    assert_eq!(
-        in_openfga, expected,
-        "OpenFGA holds every acknowledged tuple"
-    );
+    assert_openfga_holds(&admin, &store_id, 0..N, "every acknowledged tuple").await;
 }
 
 /// OpenFGA down for longer than the whole retry schedule (100 ms, 100 ms):
@@ -250,20 +257,7 @@ async fn an_outage_longer_than_the_retries_needs_no_person() {
     .await;
     worker.stop().await;
 
-    let in_openfga: BTreeSet<String> = admin
-        .read_all(&store_id, &Default::default())
-        .await
-        .unwrap()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    let expected: BTreeSet<String> = (1..M)
-        .map(|i| {
-            let (u, r, o) = tuple(i);
-            format!("{o}#{r}@{u}")
-        })
-        .collect();
-    assert_eq!(in_openfga, expected, "every grant but the revoked one");
+    assert_openfga_holds(&admin, &store_id, 1..M, "every grant but the revoked one").await;
     let t = wb.status().await.unwrap().totals;
     // M grants and a revoke, then M replays (M - 1 grants and the revoke).
     assert_eq!(

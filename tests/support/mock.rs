@@ -53,16 +53,22 @@ pub async fn mount_model(server: &MockServer) {
         .await;
 }
 
-/// A config pointing at the mocked OpenFGA, with fast retries.
-pub fn mock_config(server: &MockServer) -> Config {
+/// A config for the mocked store at `url`, with fast retries.
+fn config_at(url: String, token: &str) -> Config {
     let mut c = Config::default();
-    c.openfga.api_url = server.uri();
-    c.openfga.api_token = Secret::new("mock-token");
+    c.openfga.api_url = url;
+    c.openfga.api_token = Secret::new(token);
     c.openfga.store_id = STORE.into();
     c.openfga.model_id = MODEL.into();
-    c.openfga.request_timeout = Duration::from_secs(5);
     c.flush.retry_initial_backoff = Duration::from_millis(10);
     c.flush.retry_max_backoff = Duration::from_millis(100);
+    c
+}
+
+/// A config pointing at the mocked OpenFGA, with fast retries.
+pub fn mock_config(server: &MockServer) -> Config {
+    let mut c = config_at(server.uri(), "mock-token");
+    c.openfga.request_timeout = Duration::from_secs(5);
     c
 }
 
@@ -81,15 +87,9 @@ pub fn closed_port_config() -> Config {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let mut c = Config::default();
-    c.openfga.api_url = format!("http://127.0.0.1:{port}");
-    c.openfga.api_token = Secret::new("nobody-listens");
-    c.openfga.store_id = STORE.into();
-    c.openfga.model_id = MODEL.into();
+    let mut c = config_at(format!("http://127.0.0.1:{port}"), "nobody-listens");
     c.openfga.connect_timeout = Duration::from_millis(500);
     c.openfga.request_timeout = Duration::from_secs(1);
-    c.flush.retry_initial_backoff = Duration::from_millis(10);
-    c.flush.retry_max_backoff = Duration::from_millis(100);
     c
 }
 
