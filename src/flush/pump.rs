@@ -39,6 +39,10 @@ pub(crate) struct Pump {
     pub(crate) revoke_target: u64,
     /// Windows are taken by sequence range: the end of the last one.
     pub(crate) cursor: u64,
+    /// The last look found a full batch pending: callers are outpacing the
+    /// writes, so each window also takes what arrived since (see
+    /// `take_window`).
+    pub(crate) backlog: bool,
     /// Ops up to the waiters' targets that wait behind another writer.
     pub(crate) blocked: u64,
     /// A take found nothing due up to this target: don't ask again until
@@ -81,6 +85,7 @@ impl Pump {
             target: 0,
             revoke_target: 0,
             cursor: 0,
+            backlog: false,
             blocked: 0,
             exhausted: None,
             revokes_exhausted: None,
@@ -140,6 +145,7 @@ impl Pump {
             }
         };
         let mut next = None;
+        self.backlog = self.automatic && pending.total >= cfg.batch_size;
         if pending.total == 0 {
             // Ops held by jobs or by other processes come back here if their
             // holder dies; look again now and then.
@@ -267,6 +273,7 @@ impl Pump {
                     self.cursor,
                     self.target,
                     chunk * WINDOW_CHUNKS,
+                    self.backlog,
                 )));
             }
             if self.staged.is_empty() {
@@ -352,6 +359,7 @@ impl Pump {
     /// A window was taken.
     pub(crate) fn taken(&mut self, w: Window) {
         self.taking = None;
+        self.raise(w.target);
         self.cursor = self.cursor.max(w.cursor);
         match w.result {
             Ok(ops) if ops.is_empty() => {
@@ -637,12 +645,24 @@ pub(crate) struct Window {
 /// `window` sequence numbers after `cursor` (and any older ones ready
 /// again), up to `target`. Taking by sequence range rather than per shard
 /// keeps a caller's consecutive ops together.
+///
+/// With a `backlog`, the target first moves up to the newest op: under a
+/// stream of pushes the target set at the last look (every `PLAN_EVERY`
+/// while writing) trails by a few hundred ops, and windows cut at it come
+/// out small, so their chunks are partial and the server gets more,
+/// smaller requests than the backlog needs.
 pub(crate) async fn take_window(
     engine: Arc<Engine>,
     mut cursor: u64,
-    target: u64,
+    mut target: u64,
     window: usize,
+    backlog: bool,
 ) -> Window {
+    if backlog {
+        if let Ok(last) = engine.store.last_seq().await {
+            target = target.max(last);
+        }
+    }
     let mut out = Vec::new();
     loop {
         let bound = target.min(cursor.saturating_add(window as u64));
@@ -686,3 +706,51 @@ pub(crate) const BLOCKED_POLL: Duration = Duration::from_millis(200);
 pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_millis(250);
 /// How often the pump records its work for `status` while busy.
 pub(crate) const RECORD_EVERY: Duration = Duration::from_millis(250);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::memory::MemoryStore;
+    use crate::tuple::TupleKey;
+
+    fn engine() -> Arc<Engine> {
+        let client = crate::openfga::Client::builder("http://127.0.0.1:9")
+            .build()
+            .unwrap();
+        Arc::new(Engine::new(
+            Arc::new(MemoryStore::new(1000)),
+            client.clone(),
+            client,
+            "01STORE".into(),
+            Some("01MODEL".into()),
+            crate::config::FlushConfig::default(),
+            Arc::new(crate::cache::CheckCache::new(
+                10,
+                Duration::from_secs(1),
+                None,
+            )),
+            None,
+        ))
+    }
+
+    /// A window stops at its target, unless callers are outpacing the
+    /// writes: then it takes what arrived after the target was set too,
+    /// and reports the target it took up to.
+    #[tokio::test]
+    async fn a_window_under_a_backlog_takes_what_arrived_since_the_target() {
+        let e = engine();
+        for i in 0..300 {
+            let t = TupleKey::new(format!("user:u{i:03}"), "viewer", "document:1").unwrap();
+            e.store.push(&t, Op::Grant).await.unwrap();
+        }
+        let w = take_window(e.clone(), 0, 100, 3200, false).await;
+        let ops = w.result.unwrap();
+        assert_eq!((ops.len(), w.target), (100, 100));
+        assert!(ops.iter().all(|t| t.seq <= 100));
+
+        let w = take_window(e.clone(), w.cursor, 100, 3200, true).await;
+        let ops = w.result.unwrap();
+        assert_eq!((ops.len(), w.target), (200, 300));
+        assert!(ops.iter().all(|t| t.seq > 100));
+    }
+}

@@ -22,27 +22,41 @@ impl Pusher {
     pub(crate) async fn run(self, mut rx: mpsc::Receiver<PushRequest>) {
         let this = Arc::new(self);
         let mut running = futures::stream::FuturesUnordered::new();
+        let mut staged: Vec<PushRequest> = Vec::with_capacity(PUSH_BATCH);
         let mut open = true;
         // How many ops the last call carried: callers woken by its replies
         // come back within microseconds, so the next call waits a moment for
-        // about as many.
+        // about as many, up to PUSH_PIPELINE_MIN: with more callers than
+        // that they split into calls queued one behind the other, and Redis
+        // runs one while this process hands out the replies of another.
         let mut last = 1;
         loop {
-            // Another call goes out while one is in flight only when enough
-            // ops wait for it: small calls cost Redis more per op than a
-            // short wait costs the callers.
-            let room = running.is_empty()
-                || (running.len() < PUSH_PIPELINE && rx.len() >= PUSH_PIPELINE_MIN);
+            if !staged.is_empty() && running.is_empty() {
+                // Redis has nothing of ours: go now, with what the callers
+                // just answered bring back in a moment.
+                gather(&mut rx, &mut staged, last.min(PUSH_PIPELINE_MIN)).await;
+                last = staged.len();
+                let batch = std::mem::replace(&mut staged, Vec::with_capacity(PUSH_BATCH));
+                running.push(this.clone().send(batch));
+                continue;
+            }
+            if staged.len() >= PUSH_PIPELINE_MIN && running.len() < PUSH_PIPELINE {
+                // Queued behind the call Redis is running, so Redis goes on
+                // while this process hands out replies; only when enough ops
+                // wait, as small calls cost Redis more per op.
+                let batch = std::mem::replace(&mut staged, Vec::with_capacity(PUSH_BATCH));
+                running.push(this.clone().send(batch));
+                continue;
+            }
+            let room = PUSH_BATCH - staged.len();
             tokio::select! {
-                batch = collect(&mut rx, last), if open && room => {
-                    if batch.is_empty() {
-                        open = false;
-                        continue;
-                    }
-                    last = batch.len();
-                    running.push(this.clone().send(batch));
-                }
+                biased;
                 Some(()) = running.next(), if !running.is_empty() => {}
+                n = rx.recv_many(&mut staged, room), if open && room > 0 => {
+                    if n == 0 {
+                        open = false;
+                    }
+                }
                 else => return,
             }
         }
@@ -181,29 +195,37 @@ pub(crate) fn warn_under_replicated(r: Replication, got: u32) {
     }
 }
 
-/// The next batch: what is waiting, and for up to `PUSH_LINGER` more, until
-/// there are `want` (or `PUSH_BATCH`). Empty when the channel closed.
-pub(crate) async fn collect(rx: &mut mpsc::Receiver<PushRequest>, want: usize) -> Vec<PushRequest> {
-    let mut batch = Vec::with_capacity(PUSH_BATCH);
-    if rx.recv_many(&mut batch, PUSH_BATCH).await == 0 {
-        return batch;
-    }
-    let until = tokio::time::Instant::now() + PUSH_LINGER;
-    while batch.len() < want.min(PUSH_BATCH) {
-        let room = PUSH_BATCH - batch.len();
-        match tokio::time::timeout_at(until, rx.recv_many(&mut batch, room)).await {
-            Ok(n) if n > 0 => {}
-            _ => break,
+/// Adds to `batch` what callers answered a moment ago bring back, until it
+/// holds `want` (or `PUSH_BATCH`) or they stop coming.
+///
+/// "A moment" is a few yields, not a timer: the callers the last replies
+/// woke are queued on this runtime and push as soon as this task yields,
+/// while arming a timer of microseconds wakes the runtime's parked driver
+/// thread (a syscall per batch) and delays the call by a timer tick.
+pub(crate) async fn gather(
+    rx: &mut mpsc::Receiver<PushRequest>,
+    batch: &mut Vec<PushRequest>,
+    want: usize,
+) {
+    let mut idle = 0;
+    while batch.len() < want.min(PUSH_BATCH) && idle < PUSH_YIELDS {
+        tokio::task::yield_now().await;
+        let before = batch.len();
+        while batch.len() < PUSH_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
         }
+        idle = if batch.len() == before { idle + 1 } else { 0 };
     }
-    batch
 }
 
-/// Longest a push waits for others to share its script call.
-pub(crate) const PUSH_LINGER: Duration = Duration::from_micros(200);
+/// Yields in a row that bring no new push before a batch goes out.
+pub(crate) const PUSH_YIELDS: usize = 2;
 
 /// Most push script calls one store has in flight at once.
 pub(crate) const PUSH_PIPELINE: usize = 4;
 
 /// Ops waiting that justify a second push call in flight.
-pub(crate) const PUSH_PIPELINE_MIN: usize = 32;
+pub(crate) const PUSH_PIPELINE_MIN: usize = 16;

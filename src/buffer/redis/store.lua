@@ -68,20 +68,21 @@ local K_OPS, K_COUNTS, K_REL, K_BLOCKED = P .. ':ops', P .. ':counts', P .. ':re
 local K_DEAD, K_DEADKEY = P .. ':dead', P .. ':deadkey'
 local K_READY = { g = P .. ':ready:g', r = P .. ':ready:r' }
 local F_PENDING = { g = 'pg', r = 'pr' }
-local lex_keys, rel_fields = {}, {}
+-- Per relation and op kind, without building a lookup string per op.
+local lex_keys, rel_fields = { g = {}, r = {} }, { g = {}, r = {} }
 local function lex_key(rel, op)
-  local k = lex_keys[rel .. op]
+  local k = lex_keys[op][rel]
   if not k then
     k = P .. ':lex:' .. rel .. '|' .. op
-    lex_keys[rel .. op] = k
+    lex_keys[op][rel] = k
   end
   return k
 end
 local function rel_field(rel, op)
-  local k = rel_fields[rel .. op]
+  local k = rel_fields[op][rel]
   if not k then
     k = rel .. '|' .. op
-    rel_fields[rel .. op] = k
+    rel_fields[op][rel] = k
   end
   return k
 end
@@ -169,64 +170,51 @@ end
 -- command on a key of the wrong type aborts the script, and what ran before
 -- it stays. So the entries themselves (P:ops), which make an op count as
 -- buffered, are written last: an aborted call has buffered nothing.
+local function write_hash(h, fields)
+  local set, del, ns, nd = {}, {}, 0, 0
+  for f, v in pairs(fields) do
+    if v then
+      set[ns + 1] = f
+      set[ns + 2] = v
+      ns = ns + 2
+    else
+      nd = nd + 1
+      del[nd] = f
+    end
+  end
+  for i = 1, nd, 4000 do
+    rcall('HDEL', h, unpack(del, i, math.min(i + 3999, nd)))
+  end
+  for i = 1, ns, 8000 do
+    rcall('HSET', h, unpack(set, i, math.min(i + 7999, ns)))
+  end
+end
+
 local function apply_writes()
-  local ops = hashes[P .. ':ops']
-  hashes[P .. ':ops'] = nil
+  local ops = hashes[K_OPS]
+  hashes[K_OPS] = nil
   for z, members in pairs(zsets) do
-    local add, rem = {}, {}
+    local add, rem, na, nr = {}, {}, 0, 0
     for m, score in pairs(members) do
       if score then
-        tinsert(add, score)
-        tinsert(add, m)
+        add[na + 1] = score
+        add[na + 2] = m
+        na = na + 2
       else
-        tinsert(rem, m)
+        nr = nr + 1
+        rem[nr] = m
       end
     end
-    for i = 1, #rem, 4000 do
-      rcall('ZREM', z, unpack(rem, i, math.min(i + 3999, #rem)))
+    for i = 1, nr, 4000 do
+      rcall('ZREM', z, unpack(rem, i, math.min(i + 3999, nr)))
     end
-    for i = 1, #add, 8000 do
-      rcall('ZADD', z, unpack(add, i, math.min(i + 7999, #add)))
-    end
-  end
-  for h, fields in pairs(hashes) do
-    local set, del = {}, {}
-    for f, v in pairs(fields) do
-      if v then
-        tinsert(set, f)
-        tinsert(set, v)
-      else
-        tinsert(del, f)
-      end
-    end
-    for i = 1, #del, 4000 do
-      rcall('HDEL', h, unpack(del, i, math.min(i + 3999, #del)))
-    end
-    for i = 1, #set, 8000 do
-      rcall('HSET', h, unpack(set, i, math.min(i + 7999, #set)))
+    for i = 1, na, 8000 do
+      rcall('ZADD', z, unpack(add, i, math.min(i + 7999, na)))
     end
   end
+  for h, fields in pairs(hashes) do write_hash(h, fields) end
   flush_incrs()
-  if ops then
-    hashes = { [P .. ':ops'] = ops }
-    for h, fields in pairs(hashes) do
-      local set, del = {}, {}
-      for f, v in pairs(fields) do
-        if v then
-          tinsert(set, f)
-          tinsert(set, v)
-        else
-          tinsert(del, f)
-        end
-      end
-      for i = 1, #del, 4000 do
-        rcall('HDEL', h, unpack(del, i, math.min(i + 3999, #del)))
-      end
-      for i = 1, #set, 8000 do
-        rcall('HSET', h, unpack(set, i, math.min(i + 7999, #set)))
-      end
-    end
-  end
+  if ops then write_hash(K_OPS, ops) end
   zsets, hashes = {}, {}
 end
 
@@ -363,15 +351,19 @@ end
 -- Entries read in this call, with their writes collected in `hashes`.
 local cache = {}
 local function load(keys)
-  local missing = {}
+  local missing, n = {}, 0
   for _, k in ipairs(keys) do
-    if cache[k] == nil then tinsert(missing, k) end
+    if cache[k] == nil then
+      n = n + 1
+      missing[n] = k
+    end
   end
   local corrupt = 0
-  for i = 1, #missing, 4000 do
-    local part = { unpack(missing, i, math.min(i + 3999, #missing)) }
-    local raw = rcall('HMGET', P .. ':ops', unpack(part))
-    for j, k in ipairs(part) do
+  for i = 1, n, 4000 do
+    local last = math.min(i + 3999, n)
+    local raw = rcall('HMGET', K_OPS, unpack(missing, i, last))
+    for j = 1, last - i + 1 do
+      local k = missing[i + j - 1]
       local e = parse(raw[j])
       if raw[j] and not e then
         corrupt = corrupt + 1
@@ -516,7 +508,7 @@ end
 if cmd == 'push' then
   local now, cap, n = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
   local keys = {}
-  for i = 0, n - 1 do tinsert(keys, ARGV[6 + i * 3]) end
+  for i = 0, n - 1 do keys[i + 1] = ARGV[6 + i * 3] end
   local corrupt = load(keys)
   local out, rels = {}, {}
   local acked, coalesced_total = 0, 0
@@ -527,8 +519,8 @@ if cmd == 'push' then
     local key, op, cond = ARGV[6 + i * 3], ARGV[7 + i * 3], ARGV[8 + i * 3]
     local cur = cache[key]
     if not cur and size >= cap then
-      tinsert(out, -1)
-      tinsert(out, 0)
+      out[2 * i + 1] = -1
+      out[2 * i + 2] = 0
     else
       local seq = tostring(last - n + 1 + i)
       local coalesced = 0
@@ -567,17 +559,17 @@ if cmd == 'push' then
       if rel then rels[rel] = true end
       acked = acked + 1
       coalesced_total = coalesced_total + coalesced
-      tinsert(out, seq)
-      tinsert(out, coalesced)
+      out[2 * i + 1] = seq
+      out[2 * i + 2] = coalesced
     end
   end
   if acked > 0 then incr(P .. ':stats', 'acknowledged', acked) end
   if coalesced_total > 0 then incr(P .. ':stats', 'coalesced', coalesced_total) end
   bump_gen(rels)
   apply_writes()
-  local c = rcall('HMGET', P .. ':counts', 'pg', 'pr')
-  tinsert(out, (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0))
-  tinsert(out, corrupt)
+  local c = rcall('HMGET', K_COUNTS, 'pg', 'pr')
+  out[2 * n + 1] = (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0)
+  out[2 * n + 2] = corrupt
   return out
 end
 
@@ -588,8 +580,12 @@ local function ready_keys(kinds, up_to, max)
     local room = max - #keys
     if room <= 0 then break end
     local kind = ssub(kinds, i, i)
-    for _, k in ipairs(rcall('ZRANGEBYSCORE', P .. ':ready:' .. kind, '-inf', up_to, 'LIMIT', 0, room)) do
-      tinsert(keys, k)
+    local found = rcall('ZRANGEBYSCORE', K_READY[kind], '-inf', up_to, 'LIMIT', 0, room)
+    if #keys == 0 then
+      keys = found
+    else
+      local n = #keys
+      for j = 1, #found do keys[n + j] = found[j] end
     end
   end
   return keys
@@ -604,24 +600,22 @@ if cmd == 'take' then
   rcall('ZADD', P .. ':owners', now + lease, writer)
   local keys = ready_keys(kinds, up_to, max)
   local out = { load(keys) }
-  local taken = {}
+  local taken, n = {}, 0
   for _, key in ipairs(keys) do
     local e = cache[key]
     if e and e.state == 'r' then
       move(key, e, 't', writer)
-      tinsert(taken, key)
-      tinsert(out, key)
-      tinsert(out, e.seq)
-      tinsert(out, e.op)
-      tinsert(out, e.cond)
-      tinsert(out, e.first)
+      taken[n + 1] = key
+      local o = 5 * n + 1
+      out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] = key, e.seq, e.op, e.cond, e.first
+      n = n + 1
     else
       for _, kind in ipairs({ 'g', 'r' }) do zset(P .. ':ready:' .. kind, key, false) end
     end
   end
   apply_writes()
-  for i = 1, #taken, 4000 do
-    rcall('SADD', P .. ':w:' .. writer, unpack(taken, i, math.min(i + 3999, #taken)))
+  for i = 1, n, 4000 do
+    rcall('SADD', P .. ':w:' .. writer, unpack(taken, i, math.min(i + 3999, n)))
   end
   return out
 end
@@ -762,7 +756,7 @@ if cmd == 'finish' then
   local now, writer, job, action, due, jobjson, n =
     tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
   local keys = {}
-  for i = 0, n - 1 do tinsert(keys, ARGV[10 + i * 6]) end
+  for i = 0, n - 1 do keys[i + 1] = ARGV[10 + i * 6] end
   load(keys)
   local applied, dead, requeued, superseded = 0, 0, 0, 0
   local rels, mine, written = {}, {}, {}
