@@ -172,3 +172,57 @@ async fn a_full_redis_refuses_ops_with_a_clear_error_and_buffers_nothing() {
     wb.grant("user:bob", "viewer", "document:1").await.unwrap();
     assert_eq!(wb.pending().await.unwrap().total, 2);
 }
+
+/// `clear` of a backlog runs in steps of a few hundred keys, so it never
+/// holds Redis (and every other process's pushes and checks) for long: a
+/// clear of 1,201 ops (more than one step) while another task keeps
+/// granting drops exactly what was pending when it began, keeps every op
+/// acknowledged meanwhile, and leaves the totals exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clear_of_a_backlog_runs_in_steps_and_keeps_later_ops() {
+    let s = new_store("wb-clear-steps").await;
+    let wb = WriteBehind::builder(redis_config(&s, &support::redis_url()))
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    for i in 0..1200 {
+        wb.grant(
+            &format!("user:u{i}"),
+            "viewer",
+            &format!("document:d{}", i / 100),
+        )
+        .await
+        .unwrap();
+    }
+    wb.revoke("user:u0", "viewer", "document:other")
+        .await
+        .unwrap();
+    let before = wb.pending().await.unwrap().total;
+    assert_eq!(before, 1201);
+
+    let granting = {
+        let wb = wb.clone();
+        tokio::spawn(async move {
+            for i in 0..300 {
+                wb.grant(&format!("user:late{i}"), "viewer", "document:late")
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let cleared = wb.clear().await.unwrap();
+    granting.await.unwrap();
+    let after = wb.pending().await.unwrap().total;
+    assert!(
+        cleared >= 1201,
+        "everything pending when it began: {cleared}"
+    );
+    assert_eq!(cleared + after, 1501, "cleared {cleared}, pending {after}");
+    // What the clear kept (acknowledged after it began) the next one drops.
+    assert_eq!(wb.clear().await.unwrap(), after);
+    let t = wb.status().await.unwrap().totals;
+    assert_eq!((t.acknowledged, t.cleared), (1501, 1501), "{t:?}");
+    support::assert_accounted(&wb).await;
+    wb.shutdown().await.unwrap();
+}

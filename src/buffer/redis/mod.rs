@@ -560,17 +560,30 @@ impl RedisStore {
         })
     }
 
+    /// Clears in steps of a few hundred keys (one script call each), so a
+    /// backlog of millions never holds Redis, and every other process's
+    /// pushes and checks, for seconds; what was acknowledged after the
+    /// first step is kept.
     async fn clear_now(&self) -> Result<Vec<(TupleKey, Op)>> {
-        let mut a = Args::new("clear", self.publish);
-        a.push(now_ms());
-        let v = items(self.call(&a).await?)?;
-        let mut out = Vec::with_capacity(v.len() / 3);
-        for c in v.chunks_exact(3) {
-            if let Some(op) = op_of(&text(&c[1])?) {
-                out.push((tuple_of(&text(&c[0])?, condition_of(&text(&c[2])?)), op));
+        let (mut cursor, mut up_to, mut jobs) = ("0".to_owned(), String::new(), String::new());
+        let mut out = Vec::new();
+        loop {
+            let mut a = Args::new("clear", self.publish);
+            a.push(now_ms()).push(&cursor).push(&up_to).push(&jobs);
+            let v = items(self.call(&a).await?)?;
+            let [next, seq, job, cleared @ ..] = v.as_slice() else {
+                return Err(corrupt(format!("clear returned {} items", v.len())));
+            };
+            for c in cleared.chunks_exact(3) {
+                if let Some(op) = op_of(&text(&c[1])?) {
+                    out.push((tuple_of(&text(&c[0])?, condition_of(&text(&c[2])?)), op));
+                }
+            }
+            (cursor, up_to, jobs) = (text(next)?, text(seq)?, text(job)?);
+            if cursor == "0" {
+                return Ok(out);
             }
         }
-        Ok(out)
     }
 }
 

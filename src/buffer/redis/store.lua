@@ -1065,46 +1065,63 @@ if cmd == 'latest' then
   return { e.op, e.cond }
 end
 
--- clear pub now -> {key, op, cond}* : drops every pending op not being written
--- (ready ones, and those held by jobs that are not running)
+-- clear pub now cursor up_to jobs_up_to
+--   -> {next cursor, up_to, jobs_up_to, (key, op, cond)*}
+-- One step of a clear, so that a large backlog never holds Redis for long:
+-- drops the ops among about CLEAR_STEP keys of P:ops that are pending or held
+-- by a job no worker runs, if acknowledged before the clear began (sequence
+-- number <= up_to: an op acknowledged since is kept). The first step (cursor
+-- 0, up_to '') reads up_to and jobs_up_to (the last job id); the last step
+-- (next cursor 0) drops the jobs up to jobs_up_to that no worker runs.
+local CLEAR_STEP = 500
 if cmd == 'clear' then
-  local now = tonumber(ARGV[3])
   local bad = check_keys({})
   if bad then return redis.error_reply(bad) end
-  local out = {}
+  local up_to, jobs_up_to = ARGV[5], ARGV[6]
+  if up_to == '' then
+    up_to = rcall('GET', P .. ':seq') or '0'
+    jobs_up_to = rcall('GET', P .. ':jobseq') or '0'
+  end
+  local seq_limit, job_limit = tonumber(up_to) or 0, tonumber(jobs_up_to) or 0
   local running = {}
   for _, id in ipairs(rcall('HKEYS', P .. ':jobrun')) do running[id] = true end
-  local all = rcall('HKEYS', P .. ':ops')
-  load(all)
-  for _, key in ipairs(all) do
+  local scan = rcall('HSCAN', K_OPS, ARGV[4], 'COUNT', CLEAR_STEP)
+  local keys = {}
+  for i = 1, #scan[2], 2 do keys[#keys + 1] = scan[2][i] end
+  load(keys)
+  local out, cleared = { scan[1], up_to, jobs_up_to }, {}
+  for _, key in ipairs(keys) do
     local e = cache[key]
-    if e and (e.state == 'r' or (e.state == 'j' and not running[e.job])) then
+    if e and (tonumber(e.seq) or 0) <= seq_limit
+        and (e.state == 'r' or (e.state == 'j' and not running[e.job])) then
       drop(key, e)
-      tinsert(out, key)
-      tinsert(out, e.op)
-      tinsert(out, e.cond)
+      cleared[#cleared + 1] = key
+      out[#out + 1] = key
+      out[#out + 1] = e.op
+      out[#out + 1] = e.cond
     end
     -- A blocked op (state b) is kept: its entry is what keeps a newer op
     -- from being written before the older op's write in progress ends.
   end
-  -- Jobs left with nothing to write.
-  for _, id in ipairs(rcall('HKEYS', P .. ':jobs')) do
-    if not running[id] then
-      rcall('HDEL', P .. ':jobs', id)
-      rcall('ZREM', P .. ':jobq', id)
-      rcall('DEL', P .. ':jk:' .. id)
+  local last = scan[1] == '0'
+  if last then
+    -- Jobs left with nothing to write.
+    for _, id in ipairs(rcall('HKEYS', P .. ':jobs')) do
+      if not running[id] and (tonumber(id) or 0) <= job_limit then
+        rcall('HDEL', P .. ':jobs', id)
+        rcall('ZREM', P .. ':jobq', id)
+        rcall('DEL', P .. ':jk:' .. id)
+      end
     end
   end
-  if #out > 0 then
-    local cleared = {}
-    for i = 1, #out, 3 do tinsert(cleared, out[i]) end
+  if #cleared > 0 then
     supersede_letters(cleared)
-    incr(P .. ':stats', 'cleared', #out / 3)
+    incr(P .. ':stats', 'cleared', #cleared)
     for _, f in ipairs(rcall('HKEYS', P .. ':gen')) do incr(P .. ':gen', f, 1) end
     incr(P .. ':gen', '*', 1)
   end
   apply_writes()
-  publish('all')
+  if last or #cleared > 0 then publish('all') end
   return out
 end
 
