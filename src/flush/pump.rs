@@ -33,6 +33,10 @@ pub(crate) struct Pump {
     /// How many times each staged op (by seq) was held back: at most
     /// `MAX_CARRIES`, so a lone partial group waits a few windows at most.
     pub(crate) carried: std::collections::HashMap<u64, u8>,
+    /// Since when ops have been held back without a pause: while flushing
+    /// on its own, the pump waits up to `flush.interval` from then for the
+    /// next window rather than writing them as partial chunks.
+    pub(crate) carry_since: Option<Instant>,
     /// Everything with `first <= target` is due; revokes up to
     /// `revoke_target` too.
     pub(crate) target: u64,
@@ -82,6 +86,7 @@ impl Pump {
             taking: None,
             carry: Vec::new(),
             carried: Default::default(),
+            carry_since: None,
             target: 0,
             revoke_target: 0,
             cursor: 0,
@@ -293,6 +298,11 @@ impl Pump {
                         None => return,
                     }
                 } else if !self.carry.is_empty() {
+                    if self.carry_deadline().is_some() {
+                        // More of their objects comes with the next window
+                        // (the ops arrive interleaved from many callers).
+                        return;
+                    }
                     self.stage(Vec::new());
                 } else {
                     return;
@@ -301,6 +311,7 @@ impl Pump {
             let n = self.next_cut(chunk);
             if self.should_carry(n, chunk) {
                 self.carry.extend(self.staged.drain(..n));
+                self.carry_since.get_or_insert_with(Instant::now);
                 continue;
             }
             let ops: Vec<Taken> = self.staged.drain(..n).collect();
@@ -310,10 +321,17 @@ impl Pump {
 
     /// Whether to hold back the next `n` staged ops for the next window:
     /// they are a partial chunk of one object, the last of it staged, more
-    /// windows are due (so more of the object may come), and they were not
-    /// held back `MAX_CARRIES` times already.
+    /// of the object may come (more windows are due, or the pump flushes on
+    /// its own and may wait for the next one), and they were not held back
+    /// `MAX_CARRIES` times already.
     pub(crate) fn should_carry(&self, n: usize, chunk: usize) -> bool {
-        if n >= chunk || n < (chunk / 4).max(1) || self.cursor >= self.target {
+        let hold = self.may_hold();
+        let more = self.cursor < self.target || hold;
+        // A small group (a caller's first ops on its next object, say) is
+        // held back too while the pump flushes on its own: cut now, next to
+        // a large group, it would be a request of a few tuples.
+        let small = n < (chunk / 4).max(1) && !hold;
+        if n >= chunk || small || !more {
             return false;
         }
         let object = &self.staged[0].tuple.object;
@@ -323,6 +341,21 @@ impl Pump {
             t.op == Op::Grant && self.carried.get(&t.seq).is_none_or(|&n| n < MAX_CARRIES)
         });
         whole && fresh
+    }
+
+    /// Whether held-back ops may wait for a later window: only while the
+    /// pump flushes on its own (nobody waits on a `flush()` or shutdown)
+    /// and writes.
+    fn may_hold(&self) -> bool {
+        self.automatic && !self.explicit() && self.engine.stats.stopped().is_none()
+    }
+
+    /// Until when held-back ops wait for the next window, if they do: at
+    /// most `flush.interval` after they were first held back.
+    pub(crate) fn carry_deadline(&self) -> Option<Instant> {
+        let since = self.carry_since?;
+        let until = since + self.engine.cfg.interval;
+        (self.may_hold() && !self.carry.is_empty() && Instant::now() < until).then_some(until)
     }
 
     /// How many staged ops the next chunk takes: one object's ops where it
@@ -614,18 +647,24 @@ impl Pump {
     /// explicit flush waiting, ops staged for sending go back to pending,
     /// where status counts them, instead of waiting as in flight.
     pub(crate) async fn park_if_stopped(&mut self) {
-        if !self.staged.is_empty() && self.engine.stats.stopped().is_some() && !self.explicit() {
+        let holding = !self.staged.is_empty() || !self.carry.is_empty();
+        if holding && self.engine.stats.stopped().is_some() && !self.explicit() {
             self.unstage().await;
         }
     }
 
     /// Gives staged ops back to the store (shutdown).
     pub(crate) async fn unstage(&mut self) {
-        if self.staged.is_empty() {
+        if self.staged.is_empty() && self.carry.is_empty() {
             return;
         }
-        let back: Vec<(Taken, Outcome)> =
-            self.staged.drain(..).map(|t| (t, Outcome::Retry)).collect();
+        self.carry_since = None;
+        let back: Vec<(Taken, Outcome)> = self
+            .staged
+            .drain(..)
+            .chain(self.carry.drain(..))
+            .map(|t| (t, Outcome::Retry))
+            .collect();
         if let Err(e) = self.engine.store.finish(back, None).await {
             tracing::warn!(error = %e, "could not give staged ops back");
         }
@@ -713,7 +752,7 @@ mod tests {
     use crate::buffer::memory::MemoryStore;
     use crate::tuple::TupleKey;
 
-    fn engine() -> Arc<Engine> {
+    fn engine_with(sink: Option<Sink>) -> Arc<Engine> {
         let client = crate::openfga::Client::builder("http://127.0.0.1:9")
             .build()
             .unwrap();
@@ -729,8 +768,74 @@ mod tests {
                 Duration::from_secs(1),
                 None,
             )),
-            None,
+            sink,
         ))
+    }
+
+    fn engine() -> Arc<Engine> {
+        engine_with(None)
+    }
+
+    /// Grants users `from..to` on `doc`.
+    async fn grant(e: &Engine, doc: &str, from: usize, to: usize) {
+        for i in from..to {
+            let t = TupleKey::new(format!("user:u{i:03}"), "viewer", doc).unwrap();
+            e.store.push(&t, Op::Grant).await.unwrap();
+        }
+    }
+
+    /// Runs the pump's steps once: takes a window up to the newest op and
+    /// queues what it cuts.
+    async fn window(pump: &mut Pump) {
+        let last = pump.engine.store.last_seq().await.unwrap();
+        pump.raise(last);
+        pump.fill().await;
+        while let Some(w) = pump.taking.take() {
+            let w = w.await;
+            pump.taken(w);
+            pump.fill().await;
+        }
+        while let Some((result, first)) = pump.running.next().await {
+            pump.done(result, first);
+        }
+    }
+
+    /// Flushing on its own, the pump holds a partial group of one object
+    /// back for the next window (ops from many callers arrive interleaved,
+    /// and cut at once they make requests of a few dozen tuples), until it
+    /// fills a chunk or `flush.interval` has passed since it was first held.
+    #[tokio::test]
+    async fn on_its_own_the_pump_holds_partial_groups_for_the_next_window() {
+        let queue = Arc::new(crate::queue::FakeQueue::default());
+        let e = engine_with(Some(queue.clone()));
+        let jobs = || -> Vec<usize> {
+            queue
+                .pushed
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|j| j.ops.len())
+                .collect()
+        };
+        grant(&e, "document:1", 0, 60).await;
+        grant(&e, "document:2", 0, 60).await;
+        let mut pump = Pump::new(e.clone(), true);
+        window(&mut pump).await;
+        assert_eq!(jobs(), Vec::<usize>::new(), "both groups held back");
+        assert_eq!(pump.carry.len(), 120);
+        assert!(pump.carry_deadline().is_some());
+
+        grant(&e, "document:1", 60, 100).await;
+        window(&mut pump).await;
+        assert_eq!(jobs(), [100], "document:1 filled a chunk");
+        assert_eq!(pump.carry.len(), 60);
+
+        // Held since longer than the interval: written as it is.
+        pump.carry_since = Some(Instant::now() - e.cfg.interval);
+        assert!(pump.carry_deadline().is_none());
+        window(&mut pump).await;
+        assert_eq!(jobs(), [100, 60]);
+        assert!(pump.carry.is_empty());
     }
 
     /// A window stops at its target, unless callers are outpacing the

@@ -28,6 +28,13 @@ pub(crate) async fn run(
             .timer_armed
             .store(due.is_some(), Ordering::Release);
         pump.fill().await;
+        if pump.carry.is_empty() {
+            pump.carry_since = None;
+        }
+        let due = match (due, pump.carry_deadline()) {
+            (Some(d), Some(c)) => Some(d.min(c)),
+            (d, c) => d.or(c),
+        };
         if !pump.running.is_empty() {
             pump.engine.sleeping.store(false, Ordering::Release);
         }

@@ -228,4 +228,4 @@ pub(crate) const PUSH_YIELDS: usize = 2;
 pub(crate) const PUSH_PIPELINE: usize = 4;
 
 /// Ops waiting that justify a second push call in flight.
-pub(crate) const PUSH_PIPELINE_MIN: usize = 16;
+pub(crate) const PUSH_PIPELINE_MIN: usize = 10;

@@ -260,18 +260,20 @@ local WRITTEN_KEEP_MS = 120000
 local function note_written(keys)
   local now = redis_ms()
   local h, z = {}, {}
-  local seen = {}
+  local seen, marked = {}, {}
   for _, key in ipairs(keys) do
-    local rel = rel_of(key)
-    local object, relation = smatch(key, '^([^#]*)#([^@]*)@')
-    if rel and not seen[rel] then
-      seen[rel] = true
-      tinsert(h, rel)
-      tinsert(h, now)
-    end
-    if object then
-      tinsert(z, now)
-      tinsert(z, object .. '#' .. relation)
+    -- A chunk's ops are mostly on a few objects: each mark once.
+    local mark = smatch(key, '^([^#]*#[^@]*)@')
+    if mark and not marked[mark] then
+      marked[mark] = true
+      z[#z + 1] = now
+      z[#z + 1] = mark
+      local rel = rel_of(key)
+      if rel and not seen[rel] then
+        seen[rel] = true
+        h[#h + 1] = rel
+        h[#h + 1] = now
+      end
     end
   end
   for i = 1, #h, 4000 do
