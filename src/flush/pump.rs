@@ -37,6 +37,12 @@ pub(crate) struct Pump {
     /// on its own, the pump waits up to `flush.interval` from then for the
     /// next window rather than writing them as partial chunks.
     pub(crate) carry_since: Option<Instant>,
+    /// The last flush the pump started on its own was for a full batch
+    /// (not for age): while so, partial groups may wait for the next window.
+    pub(crate) by_size: bool,
+    /// Ops up to here are waited for (a caller blocked on a full buffer, a
+    /// check on a grant): never held back.
+    pub(crate) urgent: u64,
     /// Everything with `first <= target` is due; revokes up to
     /// `revoke_target` too.
     pub(crate) target: u64,
@@ -87,6 +93,8 @@ impl Pump {
             carry: Vec::new(),
             carried: Default::default(),
             carry_since: None,
+            urgent: 0,
+            by_size: false,
             target: 0,
             revoke_target: 0,
             cursor: 0,
@@ -164,6 +172,11 @@ impl Pump {
             || e.flush_wanted.load(Ordering::Relaxed)
             || pending.oldest_age.is_some_and(|a| a >= cfg.interval)
         {
+            // Only a flush for a full batch may hold ops back for fuller
+            // chunks: ops due by age go out as they are.
+            self.by_size = pending.total >= cfg.batch_size
+                && !e.flush_wanted.load(Ordering::Relaxed)
+                && pending.oldest_age.is_none_or(|a| a < cfg.interval);
             if let Some(s) = last().await {
                 self.raise(s);
             }
@@ -179,6 +192,13 @@ impl Pump {
                     self.revoke_target = s;
                     self.revokes_exhausted = None;
                 }
+            }
+        }
+        if e.flush_wanted.load(Ordering::Relaxed) {
+            // A caller waits for room or a check for a grant: nothing up to
+            // here is held back for a fuller chunk.
+            if let Some(s) = last().await {
+                self.urgent = self.urgent.max(s);
             }
         }
         e.flush_wanted.store(false, Ordering::Relaxed);
@@ -336,18 +356,22 @@ impl Pump {
         }
         let object = &self.staged[0].tuple.object;
         let whole = self.staged.get(n).is_none_or(|t| &t.tuple.object != object);
-        // Never a revoke: a check may be waiting for it.
+        // Never a revoke or a grant with a condition (a check may be waiting
+        // for it), nor an op a caller or a check waits for.
         let fresh = self.staged.range(..n).all(|t| {
-            t.op == Op::Grant && self.carried.get(&t.seq).is_none_or(|&n| n < MAX_CARRIES)
+            t.op == Op::Grant
+                && t.tuple.condition.is_none()
+                && t.first > self.urgent
+                && self.carried.get(&t.seq).is_none_or(|&n| n < MAX_CARRIES)
         });
         whole && fresh
     }
 
     /// Whether held-back ops may wait for a later window: only while the
-    /// pump flushes on its own (nobody waits on a `flush()` or shutdown)
-    /// and writes.
+    /// pump flushes on its own for full batches (nobody waits on a
+    /// `flush()` or shutdown, nothing is due by age) and writes.
     fn may_hold(&self) -> bool {
-        self.automatic && !self.explicit() && self.engine.stats.stopped().is_none()
+        self.automatic && self.by_size && !self.explicit() && self.engine.stats.stopped().is_none()
     }
 
     /// Until when held-back ops wait for the next window, if they do: at
@@ -355,7 +379,9 @@ impl Pump {
     pub(crate) fn carry_deadline(&self) -> Option<Instant> {
         let since = self.carry_since?;
         let until = since + self.engine.cfg.interval;
-        (self.may_hold() && !self.carry.is_empty() && Instant::now() < until).then_some(until)
+        let waited_for = self.carry.iter().any(|t| t.first <= self.urgent);
+        (self.may_hold() && !self.carry.is_empty() && !waited_for && Instant::now() < until)
+            .then_some(until)
     }
 
     /// How many staged ops the next chunk takes: one object's ops where it
@@ -800,10 +826,11 @@ mod tests {
         }
     }
 
-    /// Flushing on its own, the pump holds a partial group of one object
-    /// back for the next window (ops from many callers arrive interleaved,
-    /// and cut at once they make requests of a few dozen tuples), until it
-    /// fills a chunk or `flush.interval` has passed since it was first held.
+    /// Flushing on its own for full batches, the pump holds a partial group
+    /// of one object back for the next window (ops from many callers arrive
+    /// interleaved, and cut at once they make requests of a few dozen
+    /// tuples), until it fills a chunk or `flush.interval` has passed since
+    /// it was first held; ops due by age are never held.
     #[tokio::test]
     async fn on_its_own_the_pump_holds_partial_groups_for_the_next_window() {
         let queue = Arc::new(crate::queue::FakeQueue::default());
@@ -820,6 +847,8 @@ mod tests {
         grant(&e, "document:1", 0, 60).await;
         grant(&e, "document:2", 0, 60).await;
         let mut pump = Pump::new(e.clone(), true);
+        // As after a look that found a full batch pending.
+        pump.by_size = true;
         window(&mut pump).await;
         assert_eq!(jobs(), Vec::<usize>::new(), "both groups held back");
         assert_eq!(pump.carry.len(), 120);
@@ -836,6 +865,12 @@ mod tests {
         window(&mut pump).await;
         assert_eq!(jobs(), [100, 60]);
         assert!(pump.carry.is_empty());
+
+        // Due by age, not for a full batch: written as it is at once.
+        pump.by_size = false;
+        grant(&e, "document:3", 0, 30).await;
+        window(&mut pump).await;
+        assert_eq!(jobs(), [100, 60, 30]);
     }
 
     /// A window stops at its target, unless callers are outpacing the
