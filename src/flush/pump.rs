@@ -37,6 +37,10 @@ pub(crate) struct Pump {
     /// on its own, the pump waits up to `flush.interval` from then for the
     /// next window rather than writing them as partial chunks.
     pub(crate) carry_since: Option<Instant>,
+    /// Whether partial groups may be held back at all: only where held ops
+    /// survive a crash (the Redis store). The memory store writes them at
+    /// once, so what a crash loses stays as documented.
+    pub(crate) may_carry: bool,
     /// The last flush the pump started on its own was for a full batch
     /// (not for age): while so, partial groups may wait for the next window.
     pub(crate) by_size: bool,
@@ -83,6 +87,7 @@ impl Pump {
         let limit = Limit::new(&engine.cfg);
         let backoff = pause_backoff(&engine.cfg);
         engine.parallel.store(limit.get(), Ordering::Relaxed);
+        let may_carry = engine.store.shared();
         Pump {
             engine,
             automatic,
@@ -94,6 +99,7 @@ impl Pump {
             carried: Default::default(),
             carry_since: None,
             urgent: 0,
+            may_carry,
             by_size: false,
             target: 0,
             revoke_target: 0,
@@ -367,11 +373,16 @@ impl Pump {
         whole && fresh
     }
 
-    /// Whether held-back ops may wait for a later window: only while the
-    /// pump flushes on its own for full batches (nobody waits on a
-    /// `flush()` or shutdown, nothing is due by age) and writes.
+    /// Whether held-back ops may wait for a later window: only with a store
+    /// that keeps them through a crash, while the pump flushes on its own
+    /// for full batches (nobody waits on a `flush()` or shutdown, nothing is
+    /// due by age) and writes.
     fn may_hold(&self) -> bool {
-        self.automatic && self.by_size && !self.explicit() && self.engine.stats.stopped().is_none()
+        self.automatic
+            && self.may_carry
+            && self.by_size
+            && !self.explicit()
+            && self.engine.stats.stopped().is_none()
     }
 
     /// Until when held-back ops wait for the next window, if they do: at
@@ -847,7 +858,9 @@ mod tests {
         grant(&e, "document:1", 0, 60).await;
         grant(&e, "document:2", 0, 60).await;
         let mut pump = Pump::new(e.clone(), true);
-        // As after a look that found a full batch pending.
+        // As with the Redis store, after a look that found a full batch
+        // pending.
+        pump.may_carry = true;
         pump.by_size = true;
         window(&mut pump).await;
         assert_eq!(jobs(), Vec::<usize>::new(), "both groups held back");
