@@ -165,7 +165,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match tokio::runtime::Runtime::new() {
+    // A worker waits on the network almost all the time: one thread spares
+    // the cross-thread wake-ups a multi-threaded runtime pays per request,
+    // on the cores OpenFGA and Redis need.
+    let runtime = match &cli.command {
+        Command::Worker { .. } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Runtime::new(),
+    };
+    let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
             eprintln!("fga-wb: cannot start the async runtime: {e}");

@@ -31,7 +31,8 @@ pub(crate) struct Pump {
     /// its ops are due: merged with them, it fills whole chunks.
     pub(crate) carry: Vec<Taken>,
     /// How many times each staged op (by seq) was held back: at most
-    /// `MAX_CARRIES`, so a lone partial group waits a few windows at most.
+    /// `MAX_CARRIES` within one flush, so a lone partial group waits a few
+    /// windows at most (holding on its own, `flush.interval` bounds it).
     pub(crate) carried: std::collections::HashMap<u64, u8>,
     /// Since when ops have been held back without a pause: while flushing
     /// on its own, the pump waits up to `flush.interval` from then for the
@@ -349,9 +350,15 @@ impl Pump {
     /// they are a partial chunk of one object, the last of it staged, more
     /// of the object may come (more windows are due, or the pump flushes on
     /// its own and may wait for the next one), and they were not held back
-    /// `MAX_CARRIES` times already.
+    /// `MAX_CARRIES` times already (flushing on its own: for less than
+    /// `flush.interval`, however many windows that is).
     pub(crate) fn should_carry(&self, n: usize, chunk: usize) -> bool {
-        let hold = self.may_hold();
+        // Held back for up to `flush.interval`, however many windows that
+        // spans (small ones, when the writes are quick): then written.
+        let hold = self.may_hold()
+            && self
+                .carry_since
+                .is_none_or(|s| Instant::now() < s + self.engine.cfg.interval);
         let more = self.cursor < self.target || hold;
         // A small group (a caller's first ops on its next object, say) is
         // held back too while the pump flushes on its own: cut now, next to
@@ -368,7 +375,7 @@ impl Pump {
             t.op == Op::Grant
                 && t.tuple.condition.is_none()
                 && t.first > self.urgent
-                && self.carried.get(&t.seq).is_none_or(|&n| n < MAX_CARRIES)
+                && (hold || self.carried.get(&t.seq).is_none_or(|&n| n < MAX_CARRIES))
         });
         whole && fresh
     }
@@ -770,7 +777,7 @@ pub(crate) async fn take_window(
 /// Chunks per window sorted by key before cutting: large enough that the
 /// ops of one object from many interleaved callers fill whole chunks.
 pub(crate) const WINDOW_CHUNKS: usize = 32;
-/// Windows a partial group may be held back for.
+/// Windows a partial group may be held back for within one flush.
 pub(crate) const MAX_CARRIES: u8 = 3;
 /// While requests run, the triggers are looked at this often at most.
 pub(crate) const PLAN_EVERY: Duration = Duration::from_millis(20);
@@ -884,6 +891,58 @@ mod tests {
         grant(&e, "document:3", 0, 30).await;
         window(&mut pump).await;
         assert_eq!(jobs(), [100, 60, 30]);
+    }
+
+    /// When writes are quick (queue mode: a job is queued in a moment),
+    /// windows are small: a partial group is held across as many of them as
+    /// come within `flush.interval`, not a fixed number, and then written,
+    /// once, instead of being held again.
+    #[tokio::test]
+    async fn small_windows_hold_a_group_until_it_fills_or_the_interval_passes() {
+        let queue = Arc::new(crate::queue::FakeQueue::default());
+        let e = engine_with(Some(queue.clone()));
+        let jobs = || -> Vec<usize> {
+            queue
+                .pushed
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|j| j.ops.len())
+                .collect()
+        };
+        let mut pump = Pump::new(e.clone(), true);
+        pump.may_carry = true;
+        pump.by_size = true;
+        let limit = Duration::from_secs(10);
+        for step in 0..10 {
+            grant(&e, "document:1", step * 10, step * 10 + 10).await;
+            tokio::time::timeout(limit, window(&mut pump))
+                .await
+                .unwrap();
+        }
+        assert!(10 > MAX_CARRIES as usize);
+        assert_eq!(
+            jobs(),
+            [100],
+            "held over ten windows until it filled a chunk"
+        );
+        assert!(pump.carry.is_empty());
+
+        grant(&e, "document:2", 0, 10).await;
+        tokio::time::timeout(limit, window(&mut pump))
+            .await
+            .unwrap();
+        assert_eq!(pump.carry.len(), 10);
+        // Held for longer than the interval: written as it is, and the pump
+        // goes on (it had held it again and again without end).
+        pump.carry_since = Some(Instant::now() - e.cfg.interval);
+        pump.stage(Vec::new());
+        assert!(!pump.should_carry(pump.next_cut(100), 100));
+        tokio::time::timeout(limit, window(&mut pump))
+            .await
+            .unwrap();
+        assert_eq!(jobs(), [100, 10]);
+        assert!(pump.carry.is_empty());
     }
 
     /// A window stops at its target, unless callers are outpacing the
