@@ -16,7 +16,8 @@
 --   P:owners           zset    writer -> end of its lease (ms): processes and
 --                              workers that heartbeat
 --   P:beats            hash    writer -> when it last ran a heartbeat (ms)
---   P:w:<writer>       set     keys the writer is writing
+--   P:w:<writer>       set     keys the writer is writing (a process), or
+--                              keys blocked behind its writes
 --   P:wj:<writer>      set     jobs a worker is running
 --   P:jobs             hash    job id -> job (JSON)
 --   P:jobq             zset    job id -> when it may run (ms)
@@ -45,10 +46,13 @@
 -- An entry is "seq|first|since|op|state|job|writer|ifseq|cond", describing the
 -- key's latest op:
 --   state r  pending, ready to be taken
---         j  held by queued job `job`; a newer op supersedes it
---         t  being written by `writer` (a process, or a worker for `job`)
+--         j  held by job `job`: while the job waits in the queue a newer op
+--            supersedes it; while a worker runs it (P:jobrun) it is being
+--            written, as in state t
+--         t  being written by `writer` (a process)
 --         b  pending, blocked: an older op of the key (seq `ifseq`) is being
---            written by `writer`; it becomes ready when that write ends
+--            written by `writer` (a process, or the worker running the job
+--            that holds it); it becomes ready when that write ends
 -- So no two writers ever write one key at once, and a newer op is never
 -- overtaken by an older one.
 --
@@ -514,6 +518,12 @@ if cmd == 'push' then
   local corrupt = load(keys)
   local out, rels = {}, {}
   local acked, coalesced_total = 0, 0
+  -- Workers running the jobs that hold keys of this call (false: none).
+  local runners, blocked = {}, {}
+  local function job_runner(job)
+    if runners[job] == nil then runners[job] = rcall('HGET', P .. ':jobrun', job) or false end
+    return runners[job]
+  end
   local size = rcall('HLEN', P .. ':ops') - corrupt
   local last = rcall('INCRBY', P .. ':seq', n)
   if last == n then init_epoch(now) end
@@ -547,10 +557,21 @@ if cmd == 'push' then
           e = { seq = seq, first = seq, since = now, op = op, state = 'b', job = '',
                 writer = cur.writer, ifseq = cur.seq, cond = cond }
         else
-          -- Held by a job that is not running: superseded now (the job skips
-          -- it when it runs).
-          e = { seq = seq, first = seq, since = now, op = op, state = 'r', job = '', writer = '', cond = cond }
-          coalesced = 1
+          local runner = job_runner(cur.job)
+          if runner then
+            -- Held by a job a worker is running: waits for that write to
+            -- end, like behind a process's write (and is found through
+            -- the worker's set if the worker dies).
+            e = { seq = seq, first = seq, since = now, op = op, state = 'b', job = '',
+                  writer = runner, ifseq = cur.seq, cond = cond }
+            blocked[runner] = blocked[runner] or {}
+            tinsert(blocked[runner], key)
+          else
+            -- Held by a job that is not running: superseded now (the job
+            -- skips it when it runs).
+            e = { seq = seq, first = seq, since = now, op = op, state = 'r', job = '', writer = '', cond = cond }
+            coalesced = 1
+          end
         end
         count_state(e, 1, key)
         index_latest(key, e, 1)
@@ -568,6 +589,9 @@ if cmd == 'push' then
   if acked > 0 then incr(P .. ':stats', 'acknowledged', acked) end
   if coalesced_total > 0 then incr(P .. ':stats', 'coalesced', coalesced_total) end
   bump_gen(rels)
+  -- Before the entries (see apply_writes): a stray member is harmless, as
+  -- reclaim looks at an entry's own writer.
+  for runner, keys in pairs(blocked) do rcall('SADD', P .. ':w:' .. runner, unpack(keys)) end
   apply_writes()
   local c = rcall('HMGET', K_COUNTS, 'pg', 'pr')
   out[2 * n + 1] = (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0)
@@ -685,32 +709,26 @@ local function drop_bad_job(id, raw, now)
   return #keys
 end
 
--- fetch pub now worker lease_ms max -> {bad, job json*}
--- Due jobs for a worker; its lease is renewed. `bad`: jobs that could not be
--- read, set aside (their ops pending again).
 -- A worker's claim to write a job's ops: only ops still held by that job.
 -- Returns one status per op: 1 claimed, 0 stale, 2 busy.
+-- A claimed op stays in state j: the job's entry in P:jobrun is what says it
+-- is being written (push then blocks a newer op behind it), so a claim
+-- rewrites no entry and a job's end has no writer set to clean.
 local function claim_ops(worker, job, keys, seqs)
   load(keys)
-  local out, mine = {}, {}
+  local out = {}
   for i, key in ipairs(keys) do
     local e = cache[key]
     if not e or e.seq ~= seqs[i] then
-      tinsert(out, 0)
+      out[i] = 0
     elseif e.state == 'j' and e.job == job then
-      move(key, e, 't', worker, job)
-      tinsert(mine, key)
-      tinsert(out, 1)
+      out[i] = 1
     elseif e.state == 't' and e.writer ~= worker then
       -- Its write by a worker presumed dead has not been reclaimed yet.
-      tinsert(out, 2)
+      out[i] = 2
     else
-      tinsert(out, 0)
+      out[i] = 0
     end
-  end
-  apply_writes()
-  for i = 1, #mine, 4000 do
-    rcall('SADD', P .. ':w:' .. worker, unpack(mine, i, math.min(i + 3999, #mine)))
   end
   return out
 end
