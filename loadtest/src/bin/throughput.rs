@@ -246,8 +246,9 @@ async fn main() -> Res<()> {
             let k = sides.len();
             for j in 0..k {
                 let side = sides[(j + round) % k];
-                eprintln!("round {}: {} on {}", round + 1, side.name(), target.name);
+                eprint!("round {}: {} on {}", round + 1, side.name(), target.name);
                 let run = bench.run(target, *n, side).await?;
+                eprintln!(": {:.0} tuples/s", run.rate());
                 results
                     .entry((target.name.clone(), side))
                     .or_default()
