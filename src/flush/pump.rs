@@ -844,6 +844,21 @@ mod tests {
         }
     }
 
+    /// The ops of each job queued so far.
+    fn job_sizes(queue: &crate::queue::FakeQueue) -> Vec<usize> {
+        let pushed = queue.pushed.lock().unwrap();
+        pushed.iter().map(|j| j.ops.len()).collect()
+    }
+
+    /// A pump flushing on its own that may hold groups back: as with the
+    /// Redis store, after a look that found a full batch pending.
+    fn holding_pump(e: &Arc<Engine>) -> Pump {
+        let mut pump = Pump::new(e.clone(), true);
+        pump.may_carry = true;
+        pump.by_size = true;
+        pump
+    }
+
     /// Flushing on its own for full batches, the pump holds a partial group
     /// of one object back for the next window (ops from many callers arrive
     /// interleaved, and cut at once they make requests of a few dozen
@@ -853,22 +868,10 @@ mod tests {
     async fn on_its_own_the_pump_holds_partial_groups_for_the_next_window() {
         let queue = Arc::new(crate::queue::FakeQueue::default());
         let e = engine_with(Some(queue.clone()));
-        let jobs = || -> Vec<usize> {
-            queue
-                .pushed
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|j| j.ops.len())
-                .collect()
-        };
+        let jobs = || job_sizes(&queue);
         grant(&e, "document:1", 0, 60).await;
         grant(&e, "document:2", 0, 60).await;
-        let mut pump = Pump::new(e.clone(), true);
-        // As with the Redis store, after a look that found a full batch
-        // pending.
-        pump.may_carry = true;
-        pump.by_size = true;
+        let mut pump = holding_pump(&e);
         window(&mut pump).await;
         assert_eq!(jobs(), Vec::<usize>::new(), "both groups held back");
         assert_eq!(pump.carry.len(), 120);
@@ -901,18 +904,8 @@ mod tests {
     async fn small_windows_hold_a_group_until_it_fills_or_the_interval_passes() {
         let queue = Arc::new(crate::queue::FakeQueue::default());
         let e = engine_with(Some(queue.clone()));
-        let jobs = || -> Vec<usize> {
-            queue
-                .pushed
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|j| j.ops.len())
-                .collect()
-        };
-        let mut pump = Pump::new(e.clone(), true);
-        pump.may_carry = true;
-        pump.by_size = true;
+        let jobs = || job_sizes(&queue);
+        let mut pump = holding_pump(&e);
         let limit = Duration::from_secs(10);
         for step in 0..10 {
             grant(&e, "document:1", step * 10, step * 10 + 10).await;
