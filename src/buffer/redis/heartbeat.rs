@@ -40,10 +40,12 @@ impl RedisStore {
         Ok(())
     }
 
-    /// After a reconnect: fails closed until every other live writer (lease
-    /// not ended) has run a heartbeat since, and so has compared what it
-    /// acknowledged with what Redis holds. A writer that died stops counting
-    /// when its lease ends.
+    /// After a reconnect: fails closed until every other writer that was
+    /// alive around then has run a heartbeat since, and so has compared what
+    /// it acknowledged with what Redis holds. A failover to a lagging
+    /// replica brings back older leases, so a writer that looks dead is
+    /// waited for until two leases after the reconnect (see `confirmed` in
+    /// store.lua); one that stopped cleanly is not.
     pub(crate) async fn confirm_others(&self) -> Result<()> {
         let since = self.watch.reconnected_at.load(Ordering::Relaxed);
         if since == 0 {
@@ -51,7 +53,10 @@ impl RedisStore {
         }
         let now = now_ms();
         let mut a = Args::new("confirmed", self.publish);
-        a.push(now).push(since).push(&self.writer);
+        a.push(now)
+            .push(since)
+            .push(&self.writer)
+            .push(self.lease.as_millis() as u64);
         let v = items(self.call(&a).await?)?;
         if count(&v, 0)? == 0 {
             let _ = self.watch.reconnected_at.compare_exchange(

@@ -15,7 +15,9 @@
 --   P:blocked          zset    keys in state b (below), scored by `first`
 --   P:owners           zset    writer -> end of its lease (ms): processes and
 --                              workers that heartbeat
---   P:beats            hash    writer -> when it last ran a heartbeat (ms)
+--   P:beats            hash    writer -> when it last ran a heartbeat (ms); kept
+--                              10 min after its last (see confirmed), gone at
+--                              a clean stop
 --   P:w:<writer>       set     keys the writer is writing (a process), or
 --                              keys blocked behind its writes
 --   P:wj:<writer>      set     jobs a worker is running
@@ -256,6 +258,9 @@ local function redis_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- How long a writer's last heartbeat is kept after it stopped beating.
+local BEATS_KEEP_MS = 600000
+
 -- How long writes are remembered (written.rs KEEP).
 local WRITTEN_KEEP_MS = 120000
 
@@ -493,7 +498,7 @@ local function reclaim(now)
     end
     rcall('DEL', P .. ':w:' .. w, P .. ':wj:' .. w)
     rcall('ZREM', P .. ':owners', w)
-    rcall('HDEL', P .. ':beats', w)
+    -- Its last heartbeat stays (see confirmed); pruned by heartbeats later.
   end
   if folded > 0 then incr(P .. ':stats', 'coalesced', folded) end
   if reclaimed > 0 then
@@ -854,20 +859,39 @@ if cmd == 'finish' then
   return { applied, dead, requeued, superseded }
 end
 
--- confirmed pub now since writer -> {waiting, latest lease end among them}
--- Live writers (lease not ended) other than `writer` whose last heartbeat
--- (P:beats) is older than `since`: they have not compared what they
--- acknowledged with what Redis holds since `writer` reconnected.
+-- confirmed pub now since writer lease_ms -> {waiting, until when at most}
+-- Writers other than `writer` that have not run a heartbeat since `since`
+-- (when `writer` reconnected), and so have not compared what they
+-- acknowledged with what Redis holds: those whose lease runs, and those
+-- whose last heartbeat is less than three leases before `since`. A failover
+-- to a replica that lagged brings back an older lease end and heartbeat with
+-- the rest, so a live writer can look dead; it gets until two leases after
+-- `since` to look. A writer that stopped cleanly (release) has no heartbeat
+-- left and is not waited for.
 if cmd == 'confirmed' then
   local now, since, me = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-  local alive = rcall('ZRANGEBYSCORE', P .. ':owners', '(' .. ARGV[3], '+inf', 'WITHSCORES')
+  local lease = tonumber(ARGV[6]) or 0
   local waiting, latest = 0, 0
+  local function wait_for(until_ms)
+    if now < until_ms then
+      waiting = waiting + 1
+      if until_ms > latest then latest = until_ms end
+    end
+  end
+  local beats = rcall('HGETALL', P .. ':beats')
+  local beat_of = {}
+  for i = 1, #beats, 2 do
+    local w, beat = beats[i], tonumber(beats[i + 1]) or 0
+    beat_of[w] = beat
+    if w ~= me and beat < since and beat > since - 3 * lease then
+      local ends = tonumber(rcall('ZSCORE', P .. ':owners', w)) or 0
+      wait_for(math.max(ends, since + 2 * lease))
+    end
+  end
+  local alive = rcall('ZRANGEBYSCORE', P .. ':owners', '(' .. ARGV[3], '+inf', 'WITHSCORES')
   for i = 1, #alive, 2 do
     local w, ends = alive[i], tonumber(alive[i + 1]) or 0
-    if w ~= me and (tonumber(rcall('HGET', P .. ':beats', w)) or 0) < since then
-      waiting = waiting + 1
-      if ends > latest then latest = ends end
-    end
+    if w ~= me and beat_of[w] == nil then wait_for(ends) end
   end
   return { waiting, latest }
 end
@@ -893,6 +917,11 @@ if cmd == 'heartbeat' then
   local ends = tonumber(rcall('ZSCORE', P .. ':owners', writer))
   rcall('ZADD', P .. ':owners', now + lease, writer)
   rcall('HSET', P .. ':beats', writer, now)
+  -- Heartbeats of writers gone for long (kept for confirmed until then).
+  local beats = rcall('HGETALL', P .. ':beats')
+  for i = 1, #beats, 2 do
+    if (tonumber(beats[i + 1]) or 0) < now - BEATS_KEEP_MS then rcall('HDEL', P .. ':beats', beats[i]) end
+  end
   -- Write marks past their use go even when nothing is being written.
   pcall_('ZREMRANGEBYSCORE', P .. ':wobj', '-inf', redis_ms() - WRITTEN_KEEP_MS)
   local alive = 1
@@ -979,6 +1008,8 @@ if cmd == 'release' then
   rcall('ZADD', P .. ':owners', 0, writer)
   local n = reclaim(now)
   apply_writes()
+  -- Stopped cleanly: nothing of its own left to compare after a reconnect.
+  rcall('HDEL', P .. ':beats', writer)
   return n
 end
 
