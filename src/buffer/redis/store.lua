@@ -557,23 +557,20 @@ if cmd == 'push' then
           e = { seq = seq, first = cur.first, since = cur.since, op = op, state = 'b', job = '',
                 writer = cur.writer, ifseq = cur.ifseq, cond = cond }
           coalesced = 1
-        elseif cur.state == 't' then
-          -- Waits for the write of the older op to end.
-          e = { seq = seq, first = seq, since = now, op = op, state = 'b', job = '',
-                writer = cur.writer, ifseq = cur.seq, cond = cond }
         else
-          local runner = job_runner(cur.job)
-          if runner then
-            -- Held by a job a worker is running: waits for that write to
-            -- end, like behind a process's write (and is found through
-            -- the worker's set if the worker dies).
+          -- Being written (by a process, or by the worker running the job
+          -- that holds it): waits for that write to end. Held by a job
+          -- still queued: superseded now (the job skips it when it runs).
+          local writer = cur.state == 't' and cur.writer or job_runner(cur.job)
+          if writer then
             e = { seq = seq, first = seq, since = now, op = op, state = 'b', job = '',
-                  writer = runner, ifseq = cur.seq, cond = cond }
-            blocked[runner] = blocked[runner] or {}
-            tinsert(blocked[runner], key)
+                  writer = writer, ifseq = cur.seq, cond = cond }
+            if cur.state == 'j' then
+              -- Found through the worker's set if the worker dies.
+              blocked[writer] = blocked[writer] or {}
+              tinsert(blocked[writer], key)
+            end
           else
-            -- Held by a job that is not running: superseded now (the job
-            -- skips it when it runs).
             e = { seq = seq, first = seq, since = now, op = op, state = 'r', job = '', writer = '', cond = cond }
             coalesced = 1
           end
@@ -878,20 +875,20 @@ if cmd == 'confirmed' then
       if until_ms > latest then latest = until_ms end
     end
   end
+  local ends_of = {}
+  local owners = rcall('ZRANGE', P .. ':owners', 0, -1, 'WITHSCORES')
+  for i = 1, #owners, 2 do ends_of[owners[i]] = tonumber(owners[i + 1]) or 0 end
   local beats = rcall('HGETALL', P .. ':beats')
-  local beat_of = {}
   for i = 1, #beats, 2 do
     local w, beat = beats[i], tonumber(beats[i + 1]) or 0
-    beat_of[w] = beat
     if w ~= me and beat < since and beat > since - 3 * lease then
-      local ends = tonumber(rcall('ZSCORE', P .. ':owners', w)) or 0
-      wait_for(math.max(ends, since + 2 * lease))
+      wait_for(math.max(ends_of[w] or 0, since + 2 * lease))
     end
+    ends_of[w] = nil
   end
-  local alive = rcall('ZRANGEBYSCORE', P .. ':owners', '(' .. ARGV[3], '+inf', 'WITHSCORES')
-  for i = 1, #alive, 2 do
-    local w, ends = alive[i], tonumber(alive[i + 1]) or 0
-    if w ~= me and beat_of[w] == nil then wait_for(ends) end
+  -- Writers with a lease and no heartbeat on record.
+  for w, ends in pairs(ends_of) do
+    if w ~= me then wait_for(ends) end
   end
   return { waiting, latest }
 end
