@@ -7,7 +7,9 @@
 //! again only after an operator acknowledges it with `fga-wb loss --ack`.
 //!
 //! Each test runs its own Redis (or cluster), since it kills it; OpenFGA is
-//! the shared test server.
+//! the shared test server. The writer whose heartbeat is held up is this
+//! very test binary, re-executed to run only [`loss_writer`], so that it can
+//! be stopped (SIGSTOP) like a process the scheduler or a GC pause holds up.
 #![cfg(feature = "redis")]
 
 mod support;
@@ -18,6 +20,10 @@ use fga_wb::config::{Mode, StoreKind};
 use fga_wb::{Config, WriteBehind};
 use support::{config_for, new_store, TestStore};
 use testenv::{Redis, RedisCluster, RedisOptions};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// `<store id> <model id> <redis url>` for [`loss_writer`].
+const WRITER_VAR: &str = "FGA_WB_LOSS_WRITER";
 
 fn config(s: &TestStore, url: &str) -> Config {
     let mut c = config_for(s);
@@ -203,6 +209,30 @@ async fn primary_and_replica(cluster: &RedisCluster, key: &str) -> (usize, usize
     (index(port), index(replica_port))
 }
 
+/// The primary and replica of the store's slot, with the replica no longer
+/// applying what it receives (it lags from now on).
+async fn pause_replica(cluster: &RedisCluster, s: &TestStore) -> (usize, usize) {
+    let (primary, replica) =
+        primary_and_replica(cluster, &format!("fga-wb:{{{}}}", s.store_id)).await;
+    let paused = cluster.nodes()[replica]
+        .command("CLIENT PAUSE 60000 WRITE")
+        .await
+        .unwrap_or_default();
+    assert!(paused.contains("OK"), "{paused}");
+    (primary, replica)
+}
+
+/// The primary dies and its lagging replica takes over.
+async fn fail_over(cluster: &mut RedisCluster, primary: usize, replica: usize) {
+    cluster.node_mut(primary).kill();
+    let took = cluster.nodes()[replica]
+        .command("CLUSTER FAILOVER TAKEOVER")
+        .await
+        .unwrap_or_default();
+    assert!(took.contains("OK"), "{took}");
+    cluster.nodes()[replica].command("CLIENT UNPAUSE").await;
+}
+
 fn port_of(addr: &str) -> u16 {
     addr.split('@')
         .next()
@@ -228,27 +258,159 @@ async fn a_failover_that_drops_acknowledged_ops_is_detected_and_no_revoked_acces
         .await
         .unwrap());
 
-    let (primary, replica) =
-        primary_and_replica(&cluster, &format!("fga-wb:{{{}}}", s.store_id)).await;
-    // The replica stops applying what it receives: the revoke reaches the
-    // primary only, and is acknowledged.
-    let paused = cluster.nodes()[replica]
-        .command("CLIENT PAUSE 60000 WRITE")
-        .await
-        .unwrap_or_default();
-    assert!(paused.contains("OK"), "{paused}");
+    // The revoke reaches the primary only, and is acknowledged.
+    let (primary, replica) = pause_replica(&cluster, &s).await;
     wb.revoke("user:anne", "viewer", "document:1")
         .await
         .unwrap();
 
-    cluster.node_mut(primary).kill();
-    let took = cluster.nodes()[replica]
-        .command("CLUSTER FAILOVER TAKEOVER")
-        .await
-        .unwrap_or_default();
-    assert!(took.contains("OK"), "{took}");
-    cluster.nodes()[replica].command("CLIENT UNPAUSE").await;
+    fail_over(&mut cluster, primary, replica).await;
 
     until_every_check_reports_the_loss(&[&wb, &reader]).await;
     operator_recovers(&s, &url, &wb).await;
+}
+
+/// The child half of
+/// [`a_writer_that_looks_dead_after_a_failover_is_waited_for_before_checks_answer`]:
+/// an application process that grants (and writes the grant) or revokes
+/// (acknowledged, left in Redis) as told on stdin, answering each on
+/// stdout. Returns at once (a trivial pass) unless `FGA_WB_LOSS_WRITER` is
+/// set, as it is only when the parent re-executes this binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loss_writer() {
+    let Ok(raw) = std::env::var(WRITER_VAR) else {
+        return;
+    };
+    let [store_id, model_id, url]: [&str; 3] = raw
+        .split(' ')
+        .collect::<Vec<_>>()
+        .try_into()
+        .expect("store id, model id, redis url");
+    let s = TestStore {
+        client: support::client(),
+        store_id: store_id.to_owned(),
+        model_id: model_id.to_owned(),
+        server: support::Server::Plain,
+    };
+    let wb = app(config(&s, url)).await;
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut out = tokio::io::stdout();
+    while let Some(line) = lines.next_line().await.expect("stdin") {
+        let answer = match line.as_str() {
+            "grant" => {
+                wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+                assert_eq!(wb.flush().await.unwrap().applied, 1);
+                "granted\n"
+            }
+            "revoke" => {
+                wb.revoke("user:anne", "viewer", "document:1")
+                    .await
+                    .unwrap();
+                "revoked\n"
+            }
+            other => panic!("unknown command {other:?}"),
+        };
+        out.write_all(answer.as_bytes()).await.expect("stdout");
+        out.flush().await.expect("stdout");
+    }
+    // Parked until the parent kills us.
+    std::future::pending::<()>().await;
+}
+
+/// Sends a signal to a process with the system's `kill`.
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill {sig} {pid} failed");
+}
+
+/// The race CI once caught, made deterministic: after a failover to a
+/// replica that lagged, the writer that acknowledged the lost revoke looks
+/// dead (the replica holds its lease from before it lagged), and its next
+/// heartbeat, the only thing that can tell Redis lost its revoke, is held
+/// up (the process is stopped). Another process must not answer `allowed`
+/// meanwhile: it waits for that writer (fails closed) until it has run a
+/// heartbeat, or two leases after the reconnect; here the writer resumes
+/// within one lease, finds the loss, and every check reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_writer_that_looks_dead_after_a_failover_is_waited_for_before_checks_answer() {
+    let s = new_store("redis-loss-stopped-writer").await;
+    let mut cluster = RedisCluster::start(3, 1).await.unwrap();
+    let url = cluster.url();
+    let lease = config(&s, &url).redis.writer_lease;
+    let reader = app(config(&s, &url)).await;
+
+    let mut writer = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "loss_writer", "--nocapture", "--test-threads=1"])
+        .env(WRITER_VAR, format!("{} {} {url}", s.store_id, s.model_id))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn the writer");
+    let pid = writer.id().expect("the writer runs");
+    let mut to_writer = writer.stdin.take().unwrap();
+    let mut from_writer = BufReader::new(writer.stdout.take().unwrap()).lines();
+    let mut tell = async |what: &str, answer: &str| {
+        to_writer
+            .write_all(format!("{what}\n").as_bytes())
+            .await
+            .unwrap();
+        to_writer.flush().await.unwrap();
+        loop {
+            let line = from_writer.next_line().await.unwrap();
+            match line.as_deref() {
+                // With one test thread, the harness prints the test's name
+                // before running it, on the line its first answer ends.
+                Some(l) if l.ends_with(answer) => return,
+                Some(_) => continue,
+                None => panic!("the writer exited before answering {what}"),
+            }
+        }
+    };
+
+    tell("grant", "granted").await;
+    assert!(reader
+        .check("user:anne", "viewer", "document:1")
+        .await
+        .unwrap());
+
+    let (primary, replica) = pause_replica(&cluster, &s).await;
+    let paused_at = Instant::now();
+    tell("revoke", "revoked").await;
+    // The writer's heartbeats now reach the primary only: once a lease has
+    // passed, the replica holds a lease of the writer's that has ended.
+    tokio::time::sleep_until((paused_at + lease + lease / 5).into()).await;
+    signal(pid, "-STOP");
+
+    fail_over(&mut cluster, primary, replica).await;
+
+    // For a lease after the failover, with the writer stopped, the reader
+    // asks again and again: never `allowed`.
+    let stopped_until = Instant::now() + lease;
+    // Answers by kind (the countdown in their text left out), and how often.
+    let mut answers = std::collections::BTreeMap::<String, usize>::new();
+    while Instant::now() < stopped_until {
+        let answer = match reader.check("user:anne", "viewer", "document:1").await {
+            Ok(true) => panic!(
+                "the reader answered `allowed` for a revoked grant while the writer that acknowledged the revoke was stopped; before: {answers:?}"
+            ),
+            Ok(false) => "false".to_owned(),
+            Err(e) => e.to_string().replace(|c: char| c.is_ascii_digit(), ""),
+        };
+        *answers.entry(answer).or_default() += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("answers while the writer was stopped: {answers:?}");
+    assert!(
+        !answers.is_empty(),
+        "the reader was never asked while the writer was stopped"
+    );
+
+    signal(pid, "-CONT");
+    until_every_check_reports_the_loss(&[&reader]).await;
+    writer.start_kill().expect("SIGKILL");
 }
