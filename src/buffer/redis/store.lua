@@ -244,14 +244,6 @@ local function expect_types(list)
   return nil
 end
 
-local base_types = {
-  { P .. ':ops', 'hash' }, { P .. ':ready:g', 'zset' }, { P .. ':ready:r', 'zset' },
-  { P .. ':counts', 'hash' }, { P .. ':rel', 'hash' }, { P .. ':stats', 'hash' },
-  { P .. ':gen', 'hash' }, { P .. ':dead', 'hash' }, { P .. ':seq', 'string' },
-  { P .. ':deadseq', 'string' }, { P .. ':owners', 'zset' }, { P .. ':jobs', 'hash' },
-  { P .. ':jobq', 'zset' }, { P .. ':jobrun', 'hash' }, { P .. ':blocked', 'zset' },
-}
-
 -- Redis's own clock, so processes with skewed clocks agree on ages.
 local function redis_ms()
   local t = rcall('TIME')
@@ -321,9 +313,16 @@ local function written_ago(rels, object, any)
   return math.max(redis_ms() - newest, 0)
 end
 
+-- Built here, not at the top: the script's top level runs on every call,
+-- and this list is needed only by the rare calls that check types.
 local function check_keys(keys)
-  local list = {}
-  for _, kt in ipairs(base_types) do tinsert(list, kt) end
+  local list = {
+    { P .. ':ops', 'hash' }, { P .. ':ready:g', 'zset' }, { P .. ':ready:r', 'zset' },
+    { P .. ':counts', 'hash' }, { P .. ':rel', 'hash' }, { P .. ':stats', 'hash' },
+    { P .. ':gen', 'hash' }, { P .. ':dead', 'hash' }, { P .. ':seq', 'string' },
+    { P .. ':deadseq', 'string' }, { P .. ':owners', 'zset' }, { P .. ':jobs', 'hash' },
+    { P .. ':jobq', 'zset' }, { P .. ':jobrun', 'hash' }, { P .. ':blocked', 'zset' },
+  }
   local seen = {}
   for _, key in ipairs(keys) do
     local rel = rel_of(key)
