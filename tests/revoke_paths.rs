@@ -423,6 +423,28 @@ async fn a_revoke_holds_up_only_the_checks_it_can_change(setup: Setup) {
     }
 }
 
+/// A check held up by a pending grant with a condition (OpenFGA may hold a
+/// wider version) answers as soon as the grant is written: in queue mode by
+/// the worker, whose write tells every process so. Otherwise the wait runs
+/// into `check.revoke_wait_timeout` (10 s here) and the check fails.
+async fn a_check_held_up_by_a_grant_with_a_condition_answers_once_it_is_written(setup: Setup) {
+    let e = env("cond-wait", setup, true).await;
+    e.wb.grant_with_condition(
+        "user:anne",
+        "viewer",
+        "document:1",
+        "in_company_network",
+        office(),
+    )
+    .await
+    .unwrap();
+    let allowed = e
+        .check("user:anne", "viewer", "document:1")
+        .await
+        .expect("answered once the grant is written");
+    assert!(allowed, "anne's conditional grant applies from the office");
+}
+
 for_each_setup!(
     [memory => super::Setup::Memory, redis => super::Setup::Redis, queue => super::Setup::Queue]
     conditional_grant_then_revoke,
@@ -431,4 +453,5 @@ for_each_setup!(
     wildcard_and_userset_grants_then_revokes,
     a_revoke_holds_up_only_the_checks_it_can_change,
     a_grant_with_another_condition_replaces_the_old_one,
+    a_check_held_up_by_a_grant_with_a_condition_answers_once_it_is_written,
 );

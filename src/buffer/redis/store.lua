@@ -44,6 +44,9 @@
 --   P:epochs           hash    epochs replaced after a recorded loss -> when
 --   P:loss             hash    an open loss record: at, by, reason, more
 --   P:events           channel "op <type#rel>", "finished", "jobs", "all"
+--   P:roomwait         string  set (for 2 s) when a push found the buffer
+--                              full: while it exists, every write that
+--                              frees room says "finished"
 --
 -- An entry is "seq|first|since|op|state|job|writer|ifseq|cond", describing the
 -- key's latest op:
@@ -529,6 +532,7 @@ if cmd == 'push' then
     return runners[job]
   end
   local size = rcall('HLEN', P .. ':ops') - corrupt
+  local refused = false
   local last = rcall('INCRBY', P .. ':seq', n)
   if last == n then init_epoch(now) end
   for i = 0, n - 1 do
@@ -537,6 +541,7 @@ if cmd == 'push' then
     if not cur and size >= cap then
       out[2 * i + 1] = -1
       out[2 * i + 2] = 0
+      refused = true
     else
       local seq = tostring(last - n + 1 + i)
       local coalesced = 0
@@ -594,6 +599,9 @@ if cmd == 'push' then
   -- reclaim looks at an entry's own writer.
   for runner, keys in pairs(blocked) do rcall('SADD', P .. ':w:' .. runner, unpack(keys)) end
   apply_writes()
+  -- Its caller may wait for room (overflow "block"): writes say when
+  -- they make some.
+  if refused then rcall('SET', P .. ':roomwait', now, 'PX', 2000) end
   local c = rcall('HMGET', K_COUNTS, 'pg', 'pr')
   out[2 * n + 1] = (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0)
   out[2 * n + 2] = corrupt
@@ -781,9 +789,10 @@ if cmd == 'finish' then
   load(keys)
   local applied, dead, requeued, superseded = 0, 0, 0, 0
   local rels, mine, written = {}, {}, {}
-  -- Others need to hear of this only if a check may wait for it (a revoke)
-  -- or an op waited behind it.
-  local notify = job ~= ''
+  -- Others need to hear of this only if a check may wait for it (a revoke,
+  -- a grant with a condition), an op waited behind it, or a caller waits
+  -- for room (below). Not for every job: each message wakes every process.
+  local notify = false
   for i = 0, n - 1 do
     local b = 10 + i * 6
     local key, seq, outcome = ARGV[b], ARGV[b + 1], ARGV[b + 2]
@@ -793,7 +802,7 @@ if cmd == 'finish' then
     local behind = e and e.state == 'b' and e.ifseq == seq and e.writer == writer
     local held = e and e.state == 'j' and e.seq == seq and e.job == job
     if writing or behind then tinsert(mine, key) end
-    if behind or (e and e.op == 'r') then notify = true end
+    if behind or (e and (e.op == 'r' or e.cond ~= '')) then notify = true end
     if outcome == 'a' then
       applied = applied + 1
       tinsert(written, key)
@@ -850,6 +859,9 @@ if cmd == 'finish' then
   if #written > 0 then
     note_written(written)
     supersede_letters(written)
+  end
+  if not notify and applied + dead > 0 and rcall('EXISTS', P .. ':roomwait') == 1 then
+    notify = true
   end
   if notify then publish('finished') end
   return { applied, dead, requeued, superseded }
