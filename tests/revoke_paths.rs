@@ -112,6 +112,14 @@ impl Env {
         }
     }
 
+    /// A grant that holds from the office network only.
+    async fn grant_in_office(&self, user: &str, relation: &str, object: &str) {
+        self.wb
+            .grant_with_condition(user, relation, object, "in_company_network", office())
+            .await
+            .unwrap();
+    }
+
     /// The handle's check, from an office address.
     async fn check(&self, user: &str, relation: &str, object: &str) -> fga_wb::Result<bool> {
         let mut r = CheckRequest::new(user, relation, object);
@@ -135,15 +143,7 @@ impl Env {
 /// Grant with a condition, check, revoke, check at once, flush: gone.
 async fn conditional_grant_then_revoke(setup: Setup) {
     let e = env("cond-revoke", setup, true).await;
-    e.wb.grant_with_condition(
-        "user:anne",
-        "viewer",
-        "document:1",
-        "in_company_network",
-        office(),
-    )
-    .await
-    .unwrap();
+    e.grant_in_office("user:anne", "viewer", "document:1").await;
     e.apply().await;
     assert_eq!(
         stored(&e.s).await,
@@ -159,15 +159,7 @@ async fn conditional_grant_then_revoke(setup: Setup) {
     assert!(stored(&e.s).await.is_empty());
 
     // revoke_tuple with the condition on it: the same delete.
-    e.wb.grant_with_condition(
-        "user:anne",
-        "viewer",
-        "document:1",
-        "in_company_network",
-        office(),
-    )
-    .await
-    .unwrap();
+    e.grant_in_office("user:anne", "viewer", "document:1").await;
     e.apply().await;
     let t = TupleKey::new("user:anne", "viewer", "document:1")
         .unwrap()
@@ -183,15 +175,7 @@ async fn conditional_grant_then_revoke(setup: Setup) {
 /// delete, also of the same tuple already in OpenFGA.
 async fn conditional_grant_revoked_before_a_flush(setup: Setup) {
     let e = env("cond-coalesce", setup, true).await;
-    e.wb.grant_with_condition(
-        "user:anne",
-        "viewer",
-        "document:1",
-        "in_company_network",
-        office(),
-    )
-    .await
-    .unwrap();
+    e.grant_in_office("user:anne", "viewer", "document:1").await;
     e.wb.revoke("user:anne", "viewer", "document:1")
         .await
         .unwrap();
@@ -208,15 +192,7 @@ async fn conditional_grant_revoked_before_a_flush(setup: Setup) {
         .write(&e.s.store_id, &WriteRequest::idempotent(vec![t], vec![]))
         .await
         .unwrap();
-    e.wb.grant_with_condition(
-        "user:bob",
-        "viewer",
-        "document:1",
-        "in_company_network",
-        office(),
-    )
-    .await
-    .unwrap();
+    e.grant_in_office("user:bob", "viewer", "document:1").await;
     e.wb.revoke("user:bob", "viewer", "document:1")
         .await
         .unwrap();
@@ -234,9 +210,7 @@ async fn conditional_userset_policy(setup: Setup) {
         "ip_based_access_policy",
         "organization:acme",
     );
-    e.wb.grant_with_condition(user, rel, obj, "in_company_network", office())
-        .await
-        .unwrap();
+    e.grant_in_office(user, rel, obj).await;
     e.wb.grant("user:anne", "member", "organization:acme")
         .await
         .unwrap();
@@ -263,24 +237,9 @@ async fn wildcard_and_userset_grants_then_revokes(setup: Setup) {
     e.wb.grant("group:eng#member", "reader", "document:2")
         .await
         .unwrap();
-    e.wb.grant_with_condition(
-        "user:*",
-        "viewer",
-        "document:3",
-        "in_company_network",
-        office(),
-    )
-    .await
-    .unwrap();
-    e.wb.grant_with_condition(
-        "group:eng#member",
-        "viewer",
-        "document:4",
-        "in_company_network",
-        office(),
-    )
-    .await
-    .unwrap();
+    e.grant_in_office("user:*", "viewer", "document:3").await;
+    e.grant_in_office("group:eng#member", "viewer", "document:4")
+        .await;
     e.apply().await;
     assert_eq!(stored(&e.s).await.len(), 5);
     for (user, rel, obj) in [
@@ -429,15 +388,7 @@ async fn a_revoke_holds_up_only_the_checks_it_can_change(setup: Setup) {
 /// into `check.revoke_wait_timeout` (10 s here) and the check fails.
 async fn a_check_held_up_by_a_grant_with_a_condition_answers_once_it_is_written(setup: Setup) {
     let e = env("cond-wait", setup, true).await;
-    e.wb.grant_with_condition(
-        "user:anne",
-        "viewer",
-        "document:1",
-        "in_company_network",
-        office(),
-    )
-    .await
-    .unwrap();
+    e.grant_in_office("user:anne", "viewer", "document:1").await;
     let allowed = e
         .check("user:anne", "viewer", "document:1")
         .await
