@@ -501,6 +501,26 @@ async fn wrong_types_and_non_numeric_counters() {
     );
 }
 
+type Worker = tokio::task::JoinHandle<fga_wb::Result<()>>;
+
+/// A queue worker in this process, and the sender that stops it.
+fn start_worker(cfg: &Config) -> (tokio::sync::oneshot::Sender<()>, Worker) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(fga_wb::queue::worker::run(cfg.clone(), 1, async move {
+        let _ = stopped.await;
+    }));
+    (stop, worker)
+}
+
+async fn stop_worker(stop: tokio::sync::oneshot::Sender<()>, worker: Worker) {
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(15), worker)
+        .await
+        .expect("worker stopped")
+        .expect("worker task")
+        .expect("worker ended cleanly");
+}
+
 /// A queued job whose payload no longer decodes (a foreign or corrupted
 /// job) must not take the worker down nor lose the ops it held: the worker
 /// applies the good job, sets the bad one aside with a log line, and the
@@ -538,10 +558,7 @@ async fn undecodable_job_payload() {
     }
     assert_eq!(wb.flush().await.unwrap().queued, 3);
 
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut worker = tokio::spawn(fga_wb::queue::worker::run(cfg.clone(), 1, async move {
-        let _ = stopped.await;
-    }));
+    let (stop, mut worker) = start_worker(&cfg);
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut ended = None;
     while stored(&s).await.len() < 3 && Instant::now() < deadline {
@@ -578,10 +595,52 @@ async fn undecodable_job_payload() {
         .contains(&"document:1#viewer@user:lost".to_owned()));
     let set_aside: Vec<String> = cmd(&mut c, &["HKEYS", &format!("{p}:badjobs")]).await;
     assert_eq!(set_aside, [bad]);
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(15), worker)
+    stop_worker(stop, worker).await;
+}
+
+/// The ops of a job set aside are written without anyone calling flush:
+/// the automatic flusher of a handle that queued them earlier hears they
+/// are pending again and queues them anew.
+#[tokio::test]
+async fn ops_of_a_job_set_aside_are_queued_again_by_the_automatic_flusher() {
+    let (logs, _guard) = Logs::start();
+    let s = new_store("bad-job-auto").await;
+    let pre = prefix("job-auto");
+    let mut cfg = config(&s, &pre, Mode::Queue);
+    cfg.flush.interval = Duration::from_millis(200);
+    let p = format!("{pre}:{{{}}}", s.store_id);
+    let wb = WriteBehind::builder(cfg.clone()).build().await.unwrap();
+    let mut c = redis().await;
+
+    // The automatic flusher queues the op; the job is then corrupted.
+    wb.grant("user:lost", "viewer", "document:1").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let bad = loop {
+        let ids: Vec<String> = cmd(&mut c, &["HKEYS", &format!("{p}:jobs")]).await;
+        if let [id] = &ids[..] {
+            break id.clone();
+        }
+        assert!(Instant::now() < deadline, "the op was not queued: {ids:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _: i64 = cmd(&mut c, &["HSET", &format!("{p}:jobs"), &bad, "garbage"]).await;
+
+    let (stop, worker) = start_worker(&cfg);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !stored(&s)
         .await
-        .expect("worker stopped")
-        .expect("worker task")
-        .expect("worker ended cleanly");
+        .contains(&"document:1#viewer@user:lost".to_owned())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the op of the job set aside was not queued again: {:?}",
+            wb.pending().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(logs.take().contains("do not decode"));
+    let set_aside: Vec<String> = cmd(&mut c, &["HKEYS", &format!("{p}:badjobs")]).await;
+    assert_eq!(set_aside, [bad]);
+    stop_worker(stop, worker).await;
+    wb.shutdown().await.unwrap();
 }

@@ -672,6 +672,11 @@ impl Pump {
             started: Instant::now(),
         });
         self.raise(up_to);
+        // It looks at the store at least once: ops may be ready again below
+        // the target (another process's write given up, a queued job set
+        // aside) without a word to this process.
+        self.exhausted = None;
+        self.revokes_exhausted = None;
     }
 
     /// Records the work since the last record for `status` (at most a few

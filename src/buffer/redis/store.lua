@@ -771,6 +771,8 @@ if cmd == 'fetch' then
       out[1] = out[1] + 1
     end
   end
+  -- Their ops are ready again: flushers take them.
+  if out[1] > 0 then publish('finished') end
   return out
 end
 
@@ -790,8 +792,8 @@ if cmd == 'finish' then
   local applied, dead, requeued, superseded = 0, 0, 0, 0
   local rels, mine, written = {}, {}, {}
   -- Others need to hear of this only if a check may wait for it (a revoke,
-  -- a grant with a condition), an op waited behind it, or a caller waits
-  -- for room (below). Not for every job: each message wakes every process.
+  -- a grant with a condition), an op waited behind it or is ready again,
+  -- or a caller waits for room (below). Not for every job: each message wakes every process.
   local notify = false
   for i = 0, n - 1 do
     local b = 10 + i * 6
@@ -821,6 +823,8 @@ if cmd == 'finish' then
     elseif outcome == 'r' and writing then
       requeued = requeued + 1
       move(key, e, 'r')
+      -- Ready again: other processes' flushers take it.
+      notify = true
     elseif outcome == 'k' and writing and job ~= '' then
       requeued = requeued + 1
       move(key, e, 'j', nil, job)
@@ -1367,7 +1371,9 @@ end
 -- badjob pub now id -> a worker could not decode job `id`: set it aside
 if cmd == 'badjob' then
   local id = ARGV[4]
-  return drop_bad_job(id, rcall('HGET', P .. ':jobs', id), tonumber(ARGV[3]))
+  local back = drop_bad_job(id, rcall('HGET', P .. ':jobs', id), tonumber(ARGV[3]))
+  publish('finished')
+  return back
 end
 
 -- blocked pub up_to -> ops pending behind a write in progress, with first <= up_to
