@@ -64,6 +64,8 @@ pub(crate) struct Pump {
     /// something changes.
     pub(crate) exhausted: Option<u64>,
     pub(crate) revokes_exhausted: Option<u64>,
+    /// When overdue ops last made the pump look again despite `exhausted`.
+    pub(crate) relooked: Option<Instant>,
     pub(crate) waiters: Vec<Waiter>,
     /// What the pump did since it started.
     pub(crate) totals: FlushReport,
@@ -109,6 +111,7 @@ impl Pump {
             blocked: 0,
             exhausted: None,
             revokes_exhausted: None,
+            relooked: None,
             waiters: Vec::new(),
             totals: FlushReport::default(),
             planned_at: None,
@@ -186,6 +189,22 @@ impl Pump {
                 && pending.oldest_age.is_none_or(|a| a < cfg.interval);
             if let Some(s) = last().await {
                 self.raise(s);
+            }
+            // Overdue ops, yet this process found none ready: others may
+            // have made some ready again without a word reaching it (a lost
+            // subscription). It looks again, once an interval.
+            if e.store.shared()
+                && self.running.is_empty()
+                && self.exhausted.is_some_and(|t| t >= self.target)
+            {
+                let again = self.relooked.map_or(now, |t| t + cfg.interval);
+                if again <= now {
+                    self.relooked = Some(now);
+                    self.exhausted = None;
+                    self.revokes_exhausted = None;
+                } else {
+                    next = Some(again);
+                }
             }
         } else if let Some(age) = pending.oldest_age {
             next = Some(now + cfg.interval.saturating_sub(age));

@@ -685,6 +685,8 @@ if cmd == 'enqueue' then
   end
   if superseded > 0 then incr(P .. ':stats', 'coalesced', superseded) end
   apply_writes()
+  -- The newer ops are ready now; the processes that pushed them take them.
+  if superseded > 0 then publish('finished') end
   for i = 1, #keys, 4000 do
     rcall('SREM', P .. ':w:' .. writer, unpack(keys, i, math.min(i + 3999, #keys)))
   end
