@@ -37,6 +37,8 @@ struct Run {
     cpu: Duration,
     /// CPU of `fga-wb worker` processes during the run (queue mode).
     worker_cpu: Duration,
+    /// Write requests sent (the raw writer's: its pre-built requests).
+    requests: u64,
     load: f64,
 }
 
@@ -367,6 +369,7 @@ async fn raw(target: &Target, store: &Store, n: usize) -> Res<Run> {
         wall,
         cpu,
         worker_cpu: Duration::ZERO,
+        requests: reqs.len() as u64,
         load,
     })
 }
@@ -412,6 +415,7 @@ async fn fga_wb_run(cfg: fga_wb::Config, n: usize, callers: usize, workers: &[u3
         wall,
         cpu,
         worker_cpu,
+        requests: totals.requests,
         load,
     })
 }
@@ -446,8 +450,8 @@ fn print_results(
         "== end to end, as a ratio to the raw ceiling on the same server in the same round =="
     );
     println!(
-        "{:<9} {:<66} {:>6} {:>6} {:>6} {:>9} {:>10} {:>6}",
-        "server", "", "min", "median", "max", "tuples/s", "CPU/100k", "load"
+        "{:<9} {:<66} {:>6} {:>6} {:>6} {:>9} {:>10} {:>8} {:>6}",
+        "server", "", "min", "median", "max", "tuples/s", "CPU/100k", "req/100k", "load"
     );
     for (target, _, sides) in groups {
         let raw = &results[&(target.name.clone(), Side::Raw)];
@@ -466,9 +470,15 @@ fn print_results(
                     .map(|r| (r.cpu + r.worker_cpu).as_secs_f64() * 100_000.0 / r.tuples as f64)
                     .collect::<Vec<_>>(),
             );
+            let (_, requests, _) = spread(
+                &runs
+                    .iter()
+                    .map(|r| r.requests as f64 * 100_000.0 / r.tuples as f64)
+                    .collect::<Vec<_>>(),
+            );
             let load = runs.iter().map(|r| r.load).sum::<f64>() / runs.len() as f64;
             println!(
-                "{:<9} {:<66} {:>6.2} {:>6.2} {:>6.2} {:>9.0} {:>8.2} s {:>6.2}",
+                "{:<9} {:<66} {:>6.2} {:>6.2} {:>6.2} {:>9.0} {:>8.2} s {:>8.0} {:>6.2}",
                 target.name,
                 side.name(),
                 lo,
@@ -476,11 +486,12 @@ fn print_results(
                 hi,
                 rate,
                 cpu,
+                requests,
                 load
             );
         }
     }
-    println!("CPU/100k: CPU seconds of the benchmark process (fga-wb and its calling tasks; the raw row: the raw writer) plus the `fga-wb worker` processes, per 100k tuples, median over rounds. load: mean 1-minute load average at the start of the runs.\n");
+    println!("CPU/100k: CPU seconds of the benchmark process (fga-wb and its calling tasks; the raw row: the raw writer) plus the `fga-wb worker` processes, per 100k tuples, median over rounds. req/100k: Write requests per 100k tuples (store-wide, workers' included), median. load: mean 1-minute load average at the start of the runs.\n");
 }
 
 /// The per-call and burst figures, measured once per round.
