@@ -125,8 +125,8 @@ pub struct Status {
     /// The last flush.
     pub last_flush: Option<LastFlush>,
     /// Totals since start; with the Redis store, the acknowledged, applied,
-    /// coalesced, dead-lettered and cleared counts are store-wide (every
-    /// process and worker), the others this process's.
+    /// coalesced, dead-lettered, cleared and request counts are store-wide
+    /// (every process and worker), the others this process's.
     pub totals: Totals,
     /// Queue mode: jobs by state and the workers seen.
     pub queue: Option<QueueStats>,
@@ -154,6 +154,7 @@ impl Status {
             (&mut t.coalesced, "coalesced"),
             (&mut t.dead_lettered, "dead_lettered"),
             (&mut t.cleared, "cleared"),
+            (&mut t.requests, "requests"),
         ] {
             if let Some(v) = n(name) {
                 *field = v;

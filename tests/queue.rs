@@ -210,7 +210,8 @@ fn revoke(key: &str) -> (String, Op) {
 /// pending op, nothing is written by the application) and leaves the ops in
 /// flight; a worker, visible in `status().queue`, applies the jobs; then
 /// OpenFGA holds exactly the last op per tuple, nothing is pending or
-/// dead-lettered, and the store-wide totals add up.
+/// dead-lettered, and the store-wide totals (the worker's requests
+/// included) add up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn queued_ops_are_applied_by_a_worker() {
     let s = new_store("queue-e2e").await;
@@ -303,6 +304,9 @@ async fn queued_ops_are_applied_by_a_worker() {
         (258, 255, 3, 0),
         "{t:?}"
     );
+    // Store-wide too: the worker's Write requests (at most 100 tuples
+    // each), though this process sent none.
+    assert!((3..=255).contains(&t.requests), "{t:?}");
     assert_accounted(&wb).await;
 }
 

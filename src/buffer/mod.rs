@@ -365,6 +365,15 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn set_note(&self, _name: &'static str, _value: String) -> BoxFuture<'_, Result<()>> {
         Box::pin(futures::future::ready(Ok(())))
     }
+    /// Records notes and adds Write requests sent to the store-wide count,
+    /// in one round trip (see `shared_stats`).
+    fn record_work(
+        &self,
+        _notes: Vec<(&'static str, String)>,
+        _requests: u64,
+    ) -> BoxFuture<'_, Result<()>> {
+        Box::pin(futures::future::ready(Ok(())))
+    }
     /// Changes made by other processes, for stores shared between them.
     #[allow(clippy::type_complexity)]
     fn events(

@@ -305,13 +305,15 @@ impl Engine {
     /// every process.
     pub(crate) async fn record(&self, report: &FlushReport) {
         self.stats.record_flush(report);
-        if let Some(last) = self.stats.last_flush() {
-            if let Ok(json) = serde_json::to_string(&last) {
-                let _ = self.store.set_note("last_flush", json).await;
-            }
+        let mut notes = vec![("stopped", self.stats.stopped().unwrap_or_default())];
+        if let Some(json) = self
+            .stats
+            .last_flush()
+            .and_then(|last| serde_json::to_string(&last).ok())
+        {
+            notes.push(("last_flush", json));
         }
-        let stopped = self.stats.stopped().unwrap_or_default();
-        let _ = self.store.set_note("stopped", stopped).await;
+        let _ = self.store.record_work(notes, report.requests).await;
     }
 
     pub(crate) fn account(&self, f: &Finished, report: &mut FlushReport) {

@@ -742,6 +742,33 @@ impl Store for RedisStore {
         })
     }
 
+    fn record_work(
+        &self,
+        notes: Vec<(&'static str, String)>,
+        requests: u64,
+    ) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let key = format!("{}:stats", self.prefix);
+            let mut pipe = redis::pipe();
+            if !notes.is_empty() {
+                pipe.cmd("HSET").arg(&key);
+                for (name, value) in &notes {
+                    pipe.arg(*name).arg(value);
+                }
+                pipe.ignore();
+            }
+            if requests > 0 {
+                pipe.cmd("HINCRBY")
+                    .arg(&key)
+                    .arg("requests")
+                    .arg(requests)
+                    .ignore();
+            }
+            let mut conn = self.conn.clone();
+            pipe.query_async::<()>(&mut conn).await.map_err(redis_error)
+        })
+    }
+
     fn generation<'a>(&'a self, rels: Option<&'a [RelName]>) -> BoxFuture<'a, Result<u64>> {
         Box::pin(async move {
             if rels.is_some_and(<[RelName]>::is_empty) {
