@@ -29,6 +29,9 @@ pub(crate) struct Applier {
     store: Arc<RedisStore>,
     schedule: Vec<Duration>,
     request_retries: u32,
+    /// The store's count of transient letters ever written when a look
+    /// last found none to replay: while it stays, no need to list them all.
+    none_transient_at: std::sync::Mutex<Option<u64>>,
 }
 
 impl Applier {
@@ -324,8 +327,26 @@ async fn replay_transient_letters(applier: Arc<Applier>, every: Duration) {
 impl Applier {
     /// One look for transient dead letters; see [`replay_transient_letters`].
     async fn replay_transient(&self) -> Result<()> {
+        // Read before the letters: one written meanwhile moves it, and the
+        // next look lists them again.
+        let written = self
+            .store
+            .shared_stats()
+            .await?
+            .get("dead_transient")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        let none_at = || {
+            self.none_transient_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+        };
+        if *none_at() == Some(written) {
+            return Ok(());
+        }
         let letters = self.store.dead_letters().await?;
         if !letters.iter().any(|d| d.transient && !d.superseded) {
+            *none_at() = Some(written);
             return Ok(());
         }
         // OpenFGA answers again (and the credentials work): a cheap read.
@@ -392,5 +413,6 @@ pub(crate) async fn applier(config: &Config) -> Result<Applier> {
         store,
         schedule: config.queue.retry_schedule.clone(),
         request_retries: config.queue.request_retries,
+        none_transient_at: std::sync::Mutex::new(None),
     })
 }

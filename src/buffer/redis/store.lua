@@ -33,7 +33,8 @@
 --                              newer op on the key was applied or cleared: a
 --                              letter is replayable only while this names it
 --                              and the key has no entry in P:ops
---   P:stats            hash    totals and notes
+--   P:stats            hash    totals and notes (dead_transient: letters ever
+--                              written that died of transient causes)
 --   P:gen              hash    "type#rel" -> changes of its checks; "*" -> any
 --   P:written          hash    "type#rel" -> when a write on it was last applied
 --                              (ms, Redis's clock): OpenFGA's caches may not
@@ -792,6 +793,7 @@ if cmd == 'finish' then
   for i = 0, n - 1 do keys[i + 1] = ARGV[10 + i * 6] end
   load(keys)
   local applied, dead, requeued, superseded = 0, 0, 0, 0
+  local transient = 0
   local rels, mine, written = {}, {}, {}
   -- Others need to hear of this only if a check may wait for it (a revoke,
   -- a grant with a condition), an op waited behind it or is ready again,
@@ -819,6 +821,7 @@ if cmd == 'finish' then
         id = id, key = key, op = e.op, seq = tonumber(e.seq), reason = reason, code = code,
         attempts = attempts, dead_at = math.floor(now / 1000), cond = e.cond,
         transient = outcome == 'D' }))
+      if outcome == 'D' then transient = transient + 1 end
       rcall('HSET', K_DEADKEY, key, id)
       local rel = rel_of(key)
       if rel then rels[rel] = true end
@@ -844,6 +847,8 @@ if cmd == 'finish' then
   end
   if applied > 0 then incr(P .. ':stats', 'applied', applied) end
   if dead > 0 then incr(P .. ':stats', 'dead_lettered', dead) end
+  -- Workers list the letters for transient ones only when this has moved.
+  if transient > 0 then incr(P .. ':stats', 'dead_transient', transient) end
   if superseded > 0 then incr(P .. ':stats', 'coalesced', superseded) end
   bump_gen(rels)
   apply_writes()
