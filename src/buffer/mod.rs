@@ -362,8 +362,8 @@ pub(crate) trait Store: Send + Sync + 'static {
         Box::pin(futures::future::ready(Ok(Default::default())))
     }
     /// Records a note for other processes' `status` (see `shared_stats`).
-    fn set_note(&self, _name: &'static str, _value: String) -> BoxFuture<'_, Result<()>> {
-        Box::pin(futures::future::ready(Ok(())))
+    fn set_note(&self, name: &'static str, value: String) -> BoxFuture<'_, Result<()>> {
+        self.record_work(vec![(name, value)], 0)
     }
     /// Records notes and adds Write requests sent to the store-wide count,
     /// in one round trip (see `shared_stats`).

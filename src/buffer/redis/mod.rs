@@ -728,20 +728,6 @@ impl Store for RedisStore {
         })
     }
 
-    fn set_note(&self, name: &'static str, value: String) -> BoxFuture<'_, Result<()>> {
-        Box::pin(async move {
-            let mut conn = self.conn.clone();
-            redis::cmd("HSET")
-                .arg(format!("{}:stats", self.prefix))
-                .arg(name)
-                .arg(value)
-                .query_async::<i64>(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            Ok(())
-        })
-    }
-
     fn record_work(
         &self,
         notes: Vec<(&'static str, String)>,

@@ -754,7 +754,7 @@ if cmd == 'fetch' then
   reclaim(now)
   apply_writes()
   rcall('ZADD', P .. ':owners', now + lease, worker)
-  local out = { 0 }
+  local out, back = { 0 }, 0
   for _, id in ipairs(rcall('ZRANGEBYSCORE', P .. ':jobq', '-inf', now, 'LIMIT', 0, max)) do
     rcall('ZREM', P .. ':jobq', id)
     local job = rcall('HGET', P .. ':jobs', id)
@@ -770,12 +770,12 @@ if cmd == 'fetch' then
       tinsert(out, job)
       tinsert(out, table.concat(claim_ops(worker, id, keys, seqs)))
     elseif job then
-      drop_bad_job(id, job, now)
+      back = back + drop_bad_job(id, job, now)
       out[1] = out[1] + 1
     end
   end
   -- Their ops are ready again: flushers take them.
-  if out[1] > 0 then publish('finished') end
+  if back > 0 then publish('finished') end
   return out
 end
 
@@ -797,7 +797,8 @@ if cmd == 'finish' then
   local rels, mine, written = {}, {}, {}
   -- Others need to hear of this only if a check may wait for it (a revoke,
   -- a grant with a condition), an op waited behind it or is ready again,
-  -- or a caller waits for room (below). Not for every job: each message wakes every process.
+  -- or a caller waits for room (below). Not for every job: each message
+  -- wakes every process.
   local notify = false
   for i = 0, n - 1 do
     local b = 10 + i * 6
@@ -1379,7 +1380,7 @@ end
 if cmd == 'badjob' then
   local id = ARGV[4]
   local back = drop_bad_job(id, rcall('HGET', P .. ':jobs', id), tonumber(ARGV[3]))
-  publish('finished')
+  if back > 0 then publish('finished') end
   return back
 end
 
