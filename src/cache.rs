@@ -43,41 +43,71 @@ pub(crate) struct CheckCache {
     /// Bumped by ops the model does not know, by `clear`, and for everything
     /// when there is no model.
     global: AtomicU64,
-    /// type -> relation -> generation.
-    gens: HashMap<String, HashMap<String, AtomicU64>>,
-    model: Option<Arc<Model>>,
+    /// One generation per relation of the model.
+    gens: Box<[AtomicU64]>,
+    /// type -> relation -> its index in `gens`.
+    index: ByRel<usize>,
+    /// type -> relation -> the generations an op on it bumps: worked out
+    /// once, so acknowledging an op builds no name and looks up no list.
+    bumps: ByRel<Box<[usize]>>,
+}
+
+/// Something per `type#relation`, looked up by the two parts without
+/// joining them.
+type ByRel<T> = HashMap<String, HashMap<String, T>>;
+
+fn by_rel<'a, T>(map: &'a ByRel<T>, object_type: &str, relation: &str) -> Option<&'a T> {
+    map.get(object_type)?.get(relation)
 }
 
 impl CheckCache {
     pub fn new(capacity: u64, ttl: Duration, model: Option<Arc<Model>>) -> Self {
-        let mut gens: HashMap<String, HashMap<String, AtomicU64>> = HashMap::new();
+        let mut index: ByRel<usize> = HashMap::new();
+        let mut bumps: ByRel<Box<[usize]>> = HashMap::new();
         if let Some(m) = &model {
+            for (i, (ty, r)) in m
+                .relation_names()
+                .filter_map(|rel| rel.split_once('#'))
+                .enumerate()
+            {
+                index
+                    .entry(ty.to_owned())
+                    .or_default()
+                    .insert(r.to_owned(), i);
+            }
             for rel in m.relation_names() {
-                if let Some((ty, r)) = rel.split_once('#') {
-                    gens.entry(ty.to_owned())
-                        .or_default()
-                        .insert(r.to_owned(), AtomicU64::new(0));
-                }
+                let (Some((ty, r)), Some(affected)) = (rel.split_once('#'), m.affects(rel)) else {
+                    continue;
+                };
+                let gens = affected
+                    .iter()
+                    .filter_map(|a| a.split_once('#'))
+                    .filter_map(|(aty, ar)| by_rel(&index, aty, ar).copied())
+                    .collect();
+                bumps
+                    .entry(ty.to_owned())
+                    .or_default()
+                    .insert(r.to_owned(), gens);
             }
         }
+        let count = index.values().map(HashMap::len).sum();
         CheckCache {
             answers: moka::sync::Cache::builder()
                 .max_capacity(capacity)
                 .time_to_live(ttl)
                 .build(),
             global: AtomicU64::new(0),
-            gens,
-            model,
+            gens: (0..count).map(|_| AtomicU64::new(0)).collect(),
+            index,
+            bumps,
         }
     }
 
     /// The generation answers for `object_type#relation` are computed under.
     pub fn generation(&self, object_type: &str, relation: &str) -> u64 {
         // Both counters only grow, so their sum changes whenever either does.
-        let local = self
-            .gens
-            .get(object_type)
-            .and_then(|r| r.get(relation))
+        let local = by_rel(&self.index, object_type, relation)
+            .and_then(|&i| self.gens.get(i))
             .map_or(0, |g| g.load(Ordering::Acquire));
         self.global.load(Ordering::Acquire) + local
     }
@@ -100,24 +130,14 @@ impl CheckCache {
 
     /// Makes unusable every answer an op on `tuple` could change.
     pub fn invalidate_for(&self, tuple: &TupleKey) {
-        self.invalidate_rel(&crate::model::rel_name(
-            tuple.object_type(),
-            &tuple.relation,
-        ));
+        self.invalidate(tuple.object_type(), &tuple.relation);
     }
 
-    /// Makes unusable every answer an op on `rel` (`type#relation`) could
-    /// change.
-    pub fn invalidate_rel(&self, rel: &str) {
-        let affected = self.model.as_ref().and_then(|m| m.affects(rel));
-        match affected {
-            Some(rels) => {
-                for r in rels {
-                    if let Some((ty, name)) = r.split_once('#') {
-                        if let Some(g) = self.gens.get(ty).and_then(|m| m.get(name)) {
-                            g.fetch_add(1, Ordering::AcqRel);
-                        }
-                    }
+    fn invalidate(&self, object_type: &str, relation: &str) {
+        match by_rel(&self.bumps, object_type, relation) {
+            Some(gens) => {
+                for g in gens.iter().filter_map(|&i| self.gens.get(i)) {
+                    g.fetch_add(1, Ordering::AcqRel);
                 }
             }
             None => self.invalidate_all(),

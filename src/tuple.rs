@@ -131,14 +131,23 @@ impl TupleKey {
         relation: impl Into<String>,
         object: impl Into<String>,
     ) -> Result<Self, TupleError> {
-        let t = TupleKey {
+        let t = TupleKey::unvalidated(user, relation, object);
+        t.validate()?;
+        Ok(t)
+    }
+
+    /// A tuple not yet validated, for a caller that validates it next.
+    pub(crate) fn unvalidated(
+        user: impl Into<String>,
+        relation: impl Into<String>,
+        object: impl Into<String>,
+    ) -> Self {
+        TupleKey {
             user: user.into(),
             relation: relation.into(),
             object: object.into(),
             condition: None,
-        };
-        t.validate()?;
-        Ok(t)
+        }
     }
 
     /// The same tuple, only when `condition` holds with `context` fixed.

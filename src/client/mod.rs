@@ -36,7 +36,7 @@ struct Handle {
     engine: Arc<Engine>,
     config: Config,
     /// The analysed model; replaced by `refresh_model`.
-    model: std::sync::RwLock<Option<Arc<Model>>>,
+    model: arc_swap::ArcSwapOption<Model>,
     /// The Redis store, when the buffer is there (its queue, for status).
     redis: Option<Arc<crate::buffer::redis::RedisStore>>,
     validate_against_model: bool,
@@ -205,7 +205,7 @@ impl Builder {
             inner: Arc::new(Handle {
                 engine,
                 config,
-                model: std::sync::RwLock::new(model),
+                model: arc_swap::ArcSwapOption::new(model),
                 redis,
                 validate_against_model: self.validate_against_model,
                 commands,
@@ -364,7 +364,8 @@ impl WriteBehind {
     /// ```
     #[tracing::instrument(level = "debug", skip(self), err(Display))]
     pub async fn grant(&self, user: &str, relation: &str, object: &str) -> Result<()> {
-        self.enqueue(TupleKey::new(user, relation, object)?, Op::Grant)
+        // enqueue validates it.
+        self.enqueue(TupleKey::unvalidated(user, relation, object), Op::Grant)
             .await
     }
 
@@ -386,7 +387,8 @@ impl WriteBehind {
     /// ```
     #[tracing::instrument(level = "debug", skip(self), err(Display))]
     pub async fn revoke(&self, user: &str, relation: &str, object: &str) -> Result<()> {
-        self.enqueue(TupleKey::new(user, relation, object)?, Op::Revoke)
+        // enqueue validates it.
+        self.enqueue(TupleKey::unvalidated(user, relation, object), Op::Revoke)
             .await
     }
 
@@ -420,7 +422,8 @@ impl WriteBehind {
         self.ensure_open()?;
         tuple.validate_for_write()?;
         if self.inner.validate_against_model {
-            if let Some(m) = self.inner.model() {
+            // A guard, not a clone: no shared count to bump per op.
+            if let Some(m) = self.inner.model.load().as_deref() {
                 match op {
                     Op::Grant => m.validate(&tuple)?,
                     Op::Revoke => m.validate_revoke(&tuple)?,
@@ -428,12 +431,13 @@ impl WriteBehind {
             }
         }
         let e = &self.inner.engine;
-        let started = Instant::now();
+        let mut started = None;
         let mut flushed_for_room = false;
         let pushed = loop {
             match e.store.push(&tuple, op).await {
                 Ok(p) => break p,
                 Err(err) if err.is_buffer_full() => {
+                    let started = *started.get_or_insert_with(Instant::now);
                     self.make_room(started, &mut flushed_for_room).await?;
                 }
                 Err(err) => return Err(err),
@@ -650,7 +654,7 @@ impl WriteBehind {
             return Ok(Some(found.id));
         }
         let model = Arc::new(Model::new(&found));
-        *self.inner.model.write().unwrap_or_else(|p| p.into_inner()) = Some(model);
+        self.inner.model.store(Some(model));
         e.model_id.set(Some(found.id.clone()));
         e.cache.invalidate_all();
         tracing::info!(model_id = %found.id, "following a new authorization model");
@@ -661,7 +665,7 @@ impl WriteBehind {
 impl Handle {
     /// The analysed model in use, if one was read.
     fn model(&self) -> Option<Arc<Model>> {
-        self.model.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.model.load_full()
     }
 }
 

@@ -18,7 +18,7 @@
 //! Memory per pending op is kept small on purpose (one shared key string, a
 //! 40-byte slot, one queue entry), because the buffer may hold a million ops.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{btree_map, BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -35,8 +35,15 @@ use crate::error::{Error, Kind, Result};
 use crate::model::Dep;
 use crate::tuple::{Condition, Op, TupleKey};
 
-/// Shards of the store: enough that two calling threads rarely meet.
-const SHARDS: usize = 16;
+/// Shards of the store: enough that two calling threads rarely meet (with
+/// 16, two callers each granting on one object shared a shard one time in
+/// 16, and the one that waited parked on the mutex).
+const SHARDS: usize = 64;
+
+/// Ops a take or a finish handles per hold of a shard's lock, so a caller
+/// pushing to that shard never waits for a whole Write's worth of map
+/// updates (a flush's chunks are in key order: one chunk is often one shard).
+const PER_HOLD: usize = 16;
 
 /// The memory store.
 pub(crate) struct MemoryStore {
@@ -254,17 +261,14 @@ impl MemoryStore {
 
     /// Pushes with the tuple's shard locked.
     fn push_locked(&self, shard: &mut Shard, tuple: &TupleKey, op: Op) -> Result<Pushed> {
-        let key = key_of(tuple);
+        let key: Arc<str> = Arc::from(key_of(tuple));
         let condition = tuple.condition.clone().map(Box::new);
         let now = self.now_cs();
         let part_no = shard.part_index(tuple.object_type(), &tuple.relation);
         let part = &mut shard.parts[part_no];
-        let existing = part
-            .slots
-            .get_key_value(key.as_str())
-            .map(|(k, _)| k.clone());
-        let coalesced = match existing {
-            None => {
+        // One search of the ordered map, whether the key is new or not.
+        let coalesced = match part.slots.entry(key) {
+            btree_map::Entry::Vacant(v) => {
                 if self.keys.fetch_add(1, Ordering::Relaxed) >= self.capacity {
                     self.keys.fetch_sub(1, Ordering::Relaxed);
                     return Err(Error::new(Kind::BufferFull {
@@ -274,32 +278,24 @@ impl MemoryStore {
                 }
                 // Numbered under the shard's lock: see the module docs.
                 let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
-                let k: Arc<str> = Arc::from(key);
-                part.ready[kind(op)].insert(seq, k.clone());
-                let entry = Entry {
-                    seq,
-                    first: seq,
-                    condition,
-                    since: now,
-                    attempts: 0,
-                    op,
-                };
-                part.slots.insert(
-                    k,
-                    Slot {
-                        pending: Some(entry),
-                        in_flight: None,
-                    },
-                );
+                part.ready[kind(op)].insert(seq, v.key().clone());
+                v.insert(Slot {
+                    pending: Some(Entry {
+                        seq,
+                        first: seq,
+                        condition,
+                        since: now,
+                        attempts: 0,
+                        op,
+                    }),
+                    in_flight: None,
+                });
                 false
             }
-            Some(k) => {
+            btree_map::Entry::Occupied(mut o) => {
                 let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
-                let Some(slot) = part.slots.get_mut(&k) else {
-                    return Err(Error::internal(
-                        "a buffered key vanished while it was locked",
-                    ));
-                };
+                let k = o.key().clone();
+                let slot = o.get_mut();
                 let blocked = slot.in_flight.is_some();
                 let (first, since, coalesced) = match slot.pending.take() {
                     Some(old) => {
@@ -335,20 +331,25 @@ impl MemoryStore {
     }
 
     /// Moves up to `max` ready ops of kind `k` with `first <= up_to` out of
-    /// one shard.
+    /// one shard, [`PER_HOLD`] at a time.
     fn take_from(&self, shard: usize, k: usize, max: usize, up_to: u64, out: &mut Vec<Moved>) {
-        let mut g = self.lock(shard);
         let mut moved = 0;
-        for part in &mut g.parts {
-            while moved < max {
-                // Ops that became pending after the flush started wait
-                // for the next one, so a flush always ends.
-                let Some(entry) = part.ready[k].first_entry() else {
+        // Parts are only ever appended, so an index stays good across holds.
+        let mut part_no = 0;
+        loop {
+            let mut g = self.lock(shard);
+            let mut held = 0;
+            while held < PER_HOLD && moved < max {
+                let Some(part) = g.parts.get_mut(part_no) else {
                     break;
                 };
-                if *entry.key() > up_to {
-                    break;
-                }
+                // Ops that became pending after the flush started wait
+                // for the next one, so a flush always ends.
+                let Some(entry) = part.ready[k].first_entry().filter(|e| *e.key() <= up_to) else {
+                    part_no += 1;
+                    continue;
+                };
+                held += 1;
                 let key = entry.remove();
                 let Some(slot) = part.slots.get_mut(&key) else {
                     continue;
@@ -366,8 +367,11 @@ impl MemoryStore {
                 slot.in_flight = Some(Box::new(e));
                 moved += 1;
             }
+            drop(g);
+            if held < PER_HOLD || moved >= max {
+                break;
+            }
         }
-        drop(g);
         self.pending[k].fetch_sub(moved, Ordering::Relaxed);
         self.in_flight.fetch_add(moved, Ordering::Relaxed);
     }
@@ -428,89 +432,93 @@ impl MemoryStore {
             if items.is_empty() {
                 continue;
             }
-            let mut g = self.lock(shard);
-            for (key, taken, outcome) in items {
-                let Some(part_no) = g.part(taken.tuple.object_type(), &taken.tuple.relation) else {
-                    continue;
-                };
-                let part = &mut g.parts[part_no];
-                let Some(k) = part
-                    .slots
-                    .get_key_value(key.as_str())
-                    .map(|(k, _)| k.clone())
-                else {
-                    continue;
-                };
-                let Some(slot) = part.slots.get_mut(&k) else {
-                    continue;
-                };
-                match &slot.in_flight {
-                    Some(e) if e.seq == taken.seq => {}
-                    // Not the op we sent: leave the slot alone.
-                    _ => continue,
-                }
-                if matches!(outcome, Outcome::Keep) {
-                    // Still owned by whoever holds it (a queued job).
-                    continue;
-                }
-                let Some(entry) = slot.in_flight.take() else {
-                    continue;
-                };
-                let entry = *entry;
-                part.ops[kind(entry.op)] -= 1;
-                self.in_flight.fetch_sub(1, Ordering::Relaxed);
-                let superseded = slot.pending.is_some();
-                match outcome {
-                    Outcome::Applied => {
-                        f.applied += 1;
-                        if self.dead_keys.load(Ordering::Relaxed) > 0 {
-                            self.dead().supersede(&key);
-                        }
+            let mut items = items.into_iter().peekable();
+            while items.peek().is_some() {
+                let mut g = self.lock(shard);
+                for (key, taken, outcome) in items.by_ref().take(PER_HOLD) {
+                    let Some(part_no) = g.part(taken.tuple.object_type(), &taken.tuple.relation)
+                    else {
+                        continue;
+                    };
+                    let part = &mut g.parts[part_no];
+                    let Some(k) = part
+                        .slots
+                        .get_key_value(key.as_str())
+                        .map(|(k, _)| k.clone())
+                    else {
+                        continue;
+                    };
+                    let Some(slot) = part.slots.get_mut(&k) else {
+                        continue;
+                    };
+                    match &slot.in_flight {
+                        Some(e) if e.seq == taken.seq => {}
+                        // Not the op we sent: leave the slot alone.
+                        _ => continue,
                     }
-                    _ if superseded => f.superseded += 1,
-                    Outcome::Dead {
-                        reason,
-                        code,
-                        transient,
-                    } => {
-                        f.dead += 1;
-                        // Under the shard lock, so a replay never sees the
-                        // key free before its newest letter exists.
-                        let mut d = self.dead();
-                        let id = d.next_id;
-                        d.next_id += 1;
-                        d.add(DeadLetter {
-                            id,
-                            tuple: taken.tuple,
-                            op: entry.op,
-                            seq: entry.seq,
+                    if matches!(outcome, Outcome::Keep) {
+                        // Still owned by whoever holds it (a queued job).
+                        continue;
+                    }
+                    let Some(entry) = slot.in_flight.take() else {
+                        continue;
+                    };
+                    let entry = *entry;
+                    part.ops[kind(entry.op)] -= 1;
+                    self.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    let superseded = slot.pending.is_some();
+                    match outcome {
+                        Outcome::Applied => {
+                            f.applied += 1;
+                            if self.dead_keys.load(Ordering::Relaxed) > 0 {
+                                self.dead().supersede(&key);
+                            }
+                        }
+                        _ if superseded => f.superseded += 1,
+                        Outcome::Dead {
                             reason,
                             code,
-                            attempts: u32::from(entry.attempts) + 1,
-                            dead_at: SystemTime::now(),
                             transient,
-                            superseded: false,
-                        });
-                        self.dead_keys.store(d.keys.len(), Ordering::Relaxed);
+                        } => {
+                            f.dead += 1;
+                            // Under the shard lock, so a replay never sees the
+                            // key free before its newest letter exists.
+                            let mut d = self.dead();
+                            let id = d.next_id;
+                            d.next_id += 1;
+                            d.add(DeadLetter {
+                                id,
+                                tuple: taken.tuple,
+                                op: entry.op,
+                                seq: entry.seq,
+                                reason,
+                                code,
+                                attempts: u32::from(entry.attempts) + 1,
+                                dead_at: SystemTime::now(),
+                                transient,
+                                superseded: false,
+                            });
+                            self.dead_keys.store(d.keys.len(), Ordering::Relaxed);
+                        }
+                        Outcome::Retry | Outcome::Stale | Outcome::Busy | Outcome::Keep => {
+                            f.requeued += 1;
+                            part.ops[kind(entry.op)] += 1;
+                            self.pending[kind(entry.op)].fetch_add(1, Ordering::Relaxed);
+                            slot.pending = Some(Entry {
+                                attempts: entry.attempts.saturating_add(1),
+                                ..entry
+                            });
+                        }
                     }
-                    Outcome::Retry | Outcome::Stale | Outcome::Busy | Outcome::Keep => {
-                        f.requeued += 1;
-                        part.ops[kind(entry.op)] += 1;
-                        self.pending[kind(entry.op)].fetch_add(1, Ordering::Relaxed);
-                        slot.pending = Some(Entry {
-                            attempts: entry.attempts.saturating_add(1),
-                            ..entry
-                        });
-                    }
-                }
-                match &slot.pending {
-                    // Unblocked, or requeued: ready again, in its old place.
-                    Some(p) => {
-                        part.ready[kind(p.op)].insert(p.first, k);
-                    }
-                    None => {
-                        part.slots.remove(&k);
-                        self.keys.fetch_sub(1, Ordering::Relaxed);
+                    match &slot.pending {
+                        // Unblocked, or requeued: ready again, in its old place.
+                        Some(p) => {
+                            part.ready[kind(p.op)].insert(p.first, k);
+                        }
+                        None => {
+                            part.slots.remove(&k);
+                            self.keys.fetch_sub(1, Ordering::Relaxed);
+                        }
                     }
                 }
             }
