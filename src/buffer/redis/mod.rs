@@ -43,6 +43,11 @@ use pusher::*;
 const SCRIPT: &str = include_str!("store.lua");
 /// Most ops one push script call carries.
 const PUSH_BATCH: usize = 512;
+/// Most ops one take script call moves. A script call holds Redis for its
+/// whole run (about 12 us per op taken on a slow core), and every caller's
+/// push waits behind it: a flush window of 3,200 in one call held Redis for
+/// 40 ms.
+const TAKE_PER_CALL: usize = 500;
 
 /// The Redis store.
 pub(crate) struct RedisStore {
@@ -370,6 +375,33 @@ impl RedisStore {
     }
 
     async fn take_now(&self, max: usize, what: Take, up_to: u64) -> Result<Vec<Taken>> {
+        let mut out = Vec::with_capacity(max.min(4096));
+        while out.len() < max {
+            let want = (max - out.len()).min(TAKE_PER_CALL);
+            match self.take_some(want, what, up_to, &mut out).await {
+                Ok(got) if got < want => break,
+                Ok(_) => {}
+                // What earlier calls took is this writer's to write now:
+                // hand it on, and let the next call meet the error.
+                Err(e) if !out.is_empty() => {
+                    tracing::warn!(error = %e, taken = out.len(), "a take stopped part way");
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// One call of a take: up to `max` ops into `out`; returns how many the
+    /// store moved to this writer.
+    async fn take_some(
+        &self,
+        max: usize,
+        what: Take,
+        up_to: u64,
+        out: &mut Vec<Taken>,
+    ) -> Result<usize> {
         let kinds = match what {
             Take::Revokes => "r",
             Take::All => "rg",
@@ -387,8 +419,9 @@ impl RedisStore {
         if corrupt > 0 {
             tracing::warn!(count = corrupt, prefix = %self.prefix, "dropped corrupt pending entries (unreadable, not written by fga-wb)");
         }
-        let mut out = Vec::with_capacity(v.len() / 5);
-        for c in v[1.min(v.len())..].chunks_exact(5) {
+        let moved = v[1.min(v.len())..].chunks_exact(5);
+        let got = moved.len();
+        for c in moved {
             let key = text(&c[0])?;
             let Some(op) = op_of(&text(&c[2])?) else {
                 tracing::warn!(%key, "skipping an op of unknown kind in Redis");
@@ -402,7 +435,7 @@ impl RedisStore {
                 attempts: 0,
             });
         }
-        Ok(out)
+        Ok(got)
     }
 
     /// Ends ops with their outcomes; with `job`, also ends or reschedules it.
