@@ -242,15 +242,7 @@ async fn queued_ops_are_applied_by_a_worker() {
     )
     .await;
 
-    for i in 0..250 {
-        wb.grant(
-            &format!("user:u{i}"),
-            "viewer",
-            &format!("document:d{}", i % 7),
-        )
-        .await
-        .unwrap();
-    }
+    support::grant_spread(&wb, 0..250, 7).await;
     for i in [3, 50, 249] {
         wb.revoke(
             &format!("user:u{i}"),

@@ -154,15 +154,7 @@ async fn a_window_taken_in_several_calls_applies_every_op_once() {
         .await
         .unwrap();
     let n = 1_700;
-    for i in 0..n {
-        wb.grant(
-            &format!("user:u{i}"),
-            "viewer",
-            &format!("document:d{}", i % 7),
-        )
-        .await
-        .unwrap();
-    }
+    support::grant_spread(&wb, 0..n, 7).await;
     // The flusher may have applied some already (flush.batch_size).
     let report = wb.flush().await.unwrap();
     assert_eq!(report.dead_lettered, 0, "{report:?}");
