@@ -518,16 +518,17 @@ async fn a_job_that_fails_twice_then_succeeds_is_applied_once() {
     assert_accounted(&wb).await;
 }
 
-/// A blip (one 500, as a busy database answers) is retried at once by the
-/// worker (`queue.request_retries = 1`), not after the first step of the
-/// retry schedule (30 s here, longer than the test waits): two Write
-/// requests, the op applied, nothing dead-lettered or left queued.
+/// A blip (two 500s in a row, as a busy database answers) is retried within
+/// the job's run by the worker (`queue.request_retries`, default 3), not
+/// after the first step of the retry schedule (30 s here, longer than the
+/// test waits): three Write requests, the op applied, nothing dead-lettered
+/// or left queued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_blip_is_retried_at_once_by_the_worker() {
+async fn a_blip_is_retried_within_the_job_by_the_worker() {
     let server = MockServer::start().await;
     let store_id = unique_store_id();
     let writes = WriteLog::mount(&server, &store_id, |n| {
-        if n == 0 {
+        if n < 2 {
             fixture("server-error-500").response()
         } else {
             fixture("write-ok").response()
@@ -535,7 +536,8 @@ async fn a_blip_is_retried_at_once_by_the_worker() {
     })
     .await;
     let mut config = mock_config(&server, &store_id, &[30]);
-    config.queue.request_retries = 1;
+    // The default, which queue_mode sets to 0 for the other tests.
+    config.queue.request_retries = fga_wb::config::QueueConfig::default().request_retries;
     let wb = app(config.clone()).await;
     let w = Watch {
         wb: &wb,
@@ -555,7 +557,7 @@ async fn a_blip_is_retried_at_once_by_the_worker() {
     })
     .await;
     worker.stop().await;
-    assert_eq!(writes.requests().len(), 2, "500, then 200");
+    assert_eq!(writes.requests().len(), 3, "500, 500, then 200");
     assert!(wb.dead_letters().await.unwrap().is_empty());
     assert_accounted(&wb).await;
 }

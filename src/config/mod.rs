@@ -408,8 +408,9 @@ pub struct QueueConfig {
     /// Jobs one `fga-wb worker` runs at once.
     #[serde(deserialize_with = "positive")]
     pub worker_concurrency: usize,
-    /// Times a worker sends a failed request again at once (a blip such as
-    /// a busy database) before the job waits for the next retry step.
+    /// Times a worker sends a failed request again within the job's run,
+    /// with a short jittered backoff from 50 ms (a blip such as a busy
+    /// database), before the job waits for the next retry step.
     pub request_retries: u32,
     /// How often an idle worker looks for jobs.
     #[serde(with = "duration")]
@@ -438,7 +439,10 @@ impl Default for QueueConfig {
                 Duration::from_secs(60),
             ],
             worker_concurrency: 8,
-            request_retries: 1,
+            // One retry at once was not enough: under 16 concurrent Writes
+            // SQLite stays busy for longer than 50 ms now and then, and
+            // the job then waited 10 s for its next step.
+            request_retries: 3,
             poll_interval: Duration::from_millis(100),
             heartbeat: Duration::from_secs(5),
             replay_transient: Duration::from_secs(30),
