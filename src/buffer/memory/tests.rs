@@ -247,6 +247,53 @@ fn a_flush_takes_only_ops_acknowledged_before_it_in_queue_order() {
     assert!(s.pending_counts().oldest_age.is_some());
 }
 
+/// Takes and finishes hold a shard's lock for a few ops at a time: across
+/// those holds (and the relations of one object), every op is taken once,
+/// oldest first within a relation, and every finish is counted.
+#[test]
+fn takes_and_finishes_larger_than_one_lock_hold_handle_every_op_once() {
+    let s = MemoryStore::new(1_000);
+    // One object: one shard, two relations.
+    for i in 0..100 {
+        s.push_now(&t(&format!("user:u{i}"), "viewer", "document:1"), Op::Grant)
+            .unwrap();
+    }
+    for i in 0..20 {
+        s.push_now(&t(&format!("user:u{i}"), "editor", "document:1"), Op::Grant)
+            .unwrap();
+    }
+    let first = s.take_now(70, Take::All, u64::MAX);
+    let rest = s.take_now(1_000, Take::All, u64::MAX);
+    assert_eq!((first.len(), rest.len()), (70, 50));
+    let all: Vec<&Taken> = first.iter().chain(&rest).collect();
+    let mut seqs: Vec<u64> = all.iter().map(|t| t.seq).collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), 120, "an op was taken twice");
+    for rel in ["viewer", "editor"] {
+        let order: Vec<u64> = all
+            .iter()
+            .filter(|t| t.tuple.relation == rel)
+            .map(|t| t.first)
+            .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{rel}: {order:?}");
+    }
+    let p = s.pending_counts();
+    assert_eq!((p.total, p.in_flight), (0, 120));
+
+    let f = s.finish_now(
+        first
+            .into_iter()
+            .chain(rest)
+            .map(|t| (t, Outcome::Applied))
+            .collect(),
+    );
+    assert_eq!(f.applied, 120);
+    let p = s.pending_counts();
+    assert_eq!((p.total, p.in_flight), (0, 0));
+    assert_eq!(s.keys.load(Ordering::Relaxed), 0);
+}
+
 #[derive(Clone, Debug)]
 enum Step {
     Push(u8, bool),
