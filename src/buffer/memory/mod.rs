@@ -441,16 +441,13 @@ impl MemoryStore {
                         continue;
                     };
                     let part = &mut g.parts[part_no];
-                    let Some(k) = part
-                        .slots
-                        .get_key_value(key.as_str())
-                        .map(|(k, _)| k.clone())
-                    else {
+                    // One search for the stored key (the ready queue shares
+                    // it) and its slot.
+                    let one = (Bound::Included(key.as_str()), Bound::Included(key.as_str()));
+                    let Some((k, slot)) = part.slots.range_mut::<str, _>(one).next() else {
                         continue;
                     };
-                    let Some(slot) = part.slots.get_mut(&k) else {
-                        continue;
-                    };
+                    let k = k.clone();
                     match &slot.in_flight {
                         Some(e) if e.seq == taken.seq => {}
                         // Not the op we sent: leave the slot alone.
