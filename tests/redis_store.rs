@@ -19,19 +19,18 @@ fn redis_config(s: &TestStore) -> Config {
     c
 }
 
+/// A handle on the Redis store of `s`.
+async fn redis_handle(s: &TestStore) -> WriteBehind {
+    WriteBehind::builder(redis_config(s)).build().await.unwrap()
+}
+
 /// Two handles share one buffer: a grant through one is pending for both, is
 /// visible to the other's checks, and either can flush it.
 #[tokio::test]
 async fn handles_share_one_buffer() {
     let s = new_store("redis-shared").await;
-    let a = WriteBehind::builder(redis_config(&s))
-        .build()
-        .await
-        .unwrap();
-    let b = WriteBehind::builder(redis_config(&s))
-        .build()
-        .await
-        .unwrap();
+    let a = redis_handle(&s).await;
+    let b = redis_handle(&s).await;
 
     a.grant("user:anne", "editor", "document:1").await.unwrap();
     assert_eq!(b.pending().await.unwrap().writes, 1);
@@ -48,14 +47,8 @@ async fn handles_share_one_buffer() {
 #[tokio::test]
 async fn a_revoke_elsewhere_is_never_stale_allowed() {
     let s = new_store("redis-revoke").await;
-    let a = WriteBehind::builder(redis_config(&s))
-        .build()
-        .await
-        .unwrap();
-    let b = WriteBehind::builder(redis_config(&s))
-        .build()
-        .await
-        .unwrap();
+    let a = redis_handle(&s).await;
+    let b = redis_handle(&s).await;
     a.grant("user:bob", "viewer", "document:2").await.unwrap();
     a.flush().await.unwrap();
     // Cache a positive answer in b.
@@ -81,10 +74,7 @@ async fn a_revoke_elsewhere_is_never_stale_allowed() {
 async fn acknowledged_ops_survive_the_handle() {
     let s = new_store("redis-durable").await;
     {
-        let a = WriteBehind::builder(redis_config(&s))
-            .build()
-            .await
-            .unwrap();
+        let a = redis_handle(&s).await;
         for i in 0..50 {
             a.grant(&format!("user:u{i}"), "viewer", "document:3")
                 .await
@@ -93,10 +83,7 @@ async fn acknowledged_ops_survive_the_handle() {
         a.revoke("user:u0", "viewer", "document:3").await.unwrap();
         // Dropped here without shutdown() or flush().
     }
-    let b = WriteBehind::builder(redis_config(&s))
-        .build()
-        .await
-        .unwrap();
+    let b = redis_handle(&s).await;
     let p = b.pending().await.unwrap();
     assert_eq!(p.total + p.in_flight, 50, "{p:?}");
     assert_eq!(p.writes, 49, "the grants were not being written yet: {p:?}");
@@ -149,10 +136,7 @@ async fn redis_down_is_a_clear_error() {
 #[tokio::test]
 async fn a_window_taken_in_several_calls_applies_every_op_once() {
     let s = new_store("redis-split-take").await;
-    let wb = WriteBehind::builder(redis_config(&s))
-        .build()
-        .await
-        .unwrap();
+    let wb = redis_handle(&s).await;
     let n = 1_700;
     support::grant_spread(&wb, 0..n, 7).await;
     // The flusher may have applied some already (flush.batch_size).

@@ -324,7 +324,6 @@ pub fn config_for(store: &TestStore) -> fga_wb::Config {
 /// Every tuple in the store, as sorted `object#relation@user` strings.
 /// Grants `user:u<i>` viewer on `document:d<i % objects>` for every `i` in
 /// `range`.
-#[allow(dead_code)]
 pub async fn grant_spread(wb: &fga_wb::WriteBehind, range: std::ops::Range<usize>, objects: usize) {
     for i in range {
         wb.grant(
