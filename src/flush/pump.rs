@@ -802,8 +802,12 @@ pub(crate) async fn take_window(
 }
 
 /// Chunks per window sorted by key before cutting: large enough that the
-/// ops of one object from many interleaved callers fill whole chunks.
-pub(crate) const WINDOW_CHUNKS: usize = 32;
+/// ops of one object from many interleaved callers fill whole chunks, and
+/// that each of 16 callers granting their own key ranges brings 8 chunks of
+/// neighbouring keys, so the requests in flight at once are neighbours too.
+/// With 32, 100-tuple Writes of 16 separate ranges ran about 4% slower on
+/// OpenFGA's SQLite datastore than the same Writes in key order.
+pub(crate) const WINDOW_CHUNKS: usize = 128;
 /// Windows a partial group may be held back for within one flush.
 pub(crate) const MAX_CARRIES: u8 = 3;
 /// While requests run, the triggers are looked at this often at most.
