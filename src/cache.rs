@@ -12,13 +12,13 @@
 //! arrived is stored under a generation that is already stale. Without a
 //! model every op bumps one global generation: correct, just broader.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::model::Model;
 use crate::tuple::TupleKey;
+use crate::NameMap;
 
 /// The generations an answer was computed under: this process's, and the
 /// shared store's (0 for the memory store).
@@ -54,7 +54,7 @@ pub(crate) struct CheckCache {
 
 /// Something per `type#relation`, looked up by the two parts without
 /// joining them.
-type ByRel<T> = HashMap<String, HashMap<String, T>>;
+type ByRel<T> = NameMap<String, NameMap<String, T>>;
 
 fn by_rel<'a, T>(map: &'a ByRel<T>, object_type: &str, relation: &str) -> Option<&'a T> {
     map.get(object_type)?.get(relation)
@@ -62,8 +62,8 @@ fn by_rel<'a, T>(map: &'a ByRel<T>, object_type: &str, relation: &str) -> Option
 
 impl CheckCache {
     pub fn new(capacity: u64, ttl: Duration, model: Option<Arc<Model>>) -> Self {
-        let mut index: ByRel<usize> = HashMap::new();
-        let mut bumps: ByRel<Box<[usize]>> = HashMap::new();
+        let mut index: ByRel<usize> = ByRel::default();
+        let mut bumps: ByRel<Box<[usize]>> = ByRel::default();
         if let Some(m) = &model {
             for (i, (ty, r)) in m
                 .relation_names()
@@ -90,7 +90,7 @@ impl CheckCache {
                     .insert(r.to_owned(), gens);
             }
         }
-        let count = index.values().map(HashMap::len).sum();
+        let count = index.values().map(NameMap::len).sum();
         CheckCache {
             answers: moka::sync::Cache::builder()
                 .max_capacity(capacity)

@@ -19,6 +19,7 @@ use serde_json::Value;
 
 use crate::openfga::AuthorizationModel;
 use crate::tuple::{Field, TupleError, TupleKey};
+use crate::NameMap;
 
 /// `type#relation`, the unit of dependency.
 pub(crate) type RelName = String;
@@ -28,7 +29,7 @@ pub(crate) type RelName = String;
 pub(crate) struct Model {
     id: String,
     /// type -> relation -> allowed direct user types.
-    relations: HashMap<String, HashMap<String, Vec<AllowedUser>>>,
+    relations: Relations,
     /// For each `type#relation`: every `type#relation` whose tuples can change
     /// its checks (itself included), as names.
     depends_on: HashMap<RelName, Vec<RelName>>,
@@ -45,6 +46,9 @@ pub(crate) struct Model {
     /// its access away (reached through the subtracted side of a `but not`).
     may_deny: HashMap<RelName, HashSet<RelName>>,
 }
+
+/// type -> relation -> allowed direct user types.
+type Relations = NameMap<String, NameMap<String, Vec<AllowedUser>>>;
 
 #[derive(Debug, Clone, PartialEq)]
 struct AllowedUser {
@@ -97,7 +101,7 @@ pub(crate) fn rel_name(object_type: &str, relation: &str) -> RelName {
 impl Model {
     /// Analyses a model as OpenFGA returns it.
     pub fn new(m: &AuthorizationModel) -> Model {
-        let mut relations: HashMap<String, HashMap<String, Vec<AllowedUser>>> = HashMap::new();
+        let mut relations = Relations::default();
         // Edges carry whether the dependency stays on the same object, and
         // whether its tuples still match the checked user.
         let mut edges: HashMap<RelName, HashSet<Edge>> = HashMap::new();
@@ -378,7 +382,7 @@ fn collect_deps(
     ty: &str,
     relation: &str,
     rewrite: &Value,
-    relations: &HashMap<String, HashMap<String, Vec<AllowedUser>>>,
+    relations: &Relations,
     neg: bool,
     out: &mut Direct,
 ) {

@@ -274,7 +274,7 @@ fn validate_type(field: Field, whole: &str, ty: &str) -> Result<(), TupleError> 
             "has an empty type before ':'",
         ));
     }
-    if ty.chars().count() > MAX_TYPE_CHARS {
+    if chars_over(ty, MAX_TYPE_CHARS).is_some() {
         return Err(TupleError::new(
             field,
             whole,
@@ -289,6 +289,17 @@ fn validate_type(field: Field, whole: &str, ty: &str) -> Result<(), TupleError> 
         ));
     }
     Ok(())
+}
+
+/// How many characters `s` has, if more than `max`. Counted only when its
+/// bytes could be (a character is at least one byte): every grant checks
+/// three names, nearly all short.
+fn chars_over(s: &str, max: usize) -> Option<usize> {
+    if s.len() <= max {
+        return None;
+    }
+    let n = s.chars().count();
+    (n > max).then_some(n)
 }
 
 fn validate_id(field: Field, whole: &str, id: &str) -> Result<(), TupleError> {
@@ -362,8 +373,7 @@ pub fn validate_relation(relation: &str) -> Result<(), TupleError> {
             "is empty; the relation is required",
         ));
     }
-    let n = relation.chars().count();
-    if n > MAX_RELATION_CHARS {
+    if let Some(n) = chars_over(relation, MAX_RELATION_CHARS) {
         return Err(TupleError::new(
             f,
             relation,
@@ -390,8 +400,7 @@ pub fn validate_object(object: &str) -> Result<(), TupleError> {
             "is empty; the object is required",
         ));
     }
-    let n = object.chars().count();
-    if n > MAX_OBJECT_CHARS {
+    if let Some(n) = chars_over(object, MAX_OBJECT_CHARS) {
         return Err(TupleError::new(
             f,
             object,
@@ -515,6 +524,19 @@ mod tests {
         assert!(e.reason.contains("at most 256"), "{e}");
         let max = format!("document:{}", "x".repeat(247));
         assert!(TupleKey::new("user:anne", "viewer", max).is_ok());
+    }
+
+    #[test]
+    fn object_and_relation_limits_count_characters_not_bytes() {
+        // 256 characters, 503 bytes: within OpenFGA's limit.
+        let wide = format!("document:{}", "é".repeat(247));
+        assert!(TupleKey::new("user:anne", "viewer", &wide).is_ok());
+        let e = err("user:anne", "viewer", &format!("{wide}é"));
+        assert!(e.reason.contains("is 257 characters"), "{e}");
+        assert!(TupleKey::new("user:anne", "é".repeat(50), "document:1").is_ok());
+        let e = err("user:anne", &"é".repeat(51), "document:1");
+        assert_eq!(e.field, Field::Relation);
+        assert!(e.reason.contains("is 51 characters"), "{e}");
     }
 
     #[test]

@@ -270,6 +270,11 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// Records an op; fails with `BufferFull` when a new key would exceed
     /// the capacity.
     fn push<'a>(&'a self, tuple: &'a TupleKey, op: Op) -> BoxFuture<'a, Result<Pushed>>;
+    /// `push` without a future, where it needs no I/O (`None`: call
+    /// `push`): a grant on the memory store then allocates no boxed future.
+    fn push_at_once(&self, _tuple: &TupleKey, _op: Op) -> Option<Result<Pushed>> {
+        None
+    }
     /// Takes up to `max` ready ops with `seq <= up_to`, marking them in flight.
     fn take(&self, max: usize, what: Take, up_to: u64) -> BoxFuture<'_, Result<Vec<Taken>>>;
     /// Ends in-flight ops with their outcomes, and with `job`, the job.
@@ -457,12 +462,17 @@ pub(crate) fn condition_of(s: &str) -> Option<Condition> {
 
 pub(crate) fn key_of(t: &TupleKey) -> String {
     let mut k = String::with_capacity(t.object.len() + t.relation.len() + t.user.len() + 2);
+    write_key(&mut k, t);
+    k
+}
+
+/// Appends `t`'s key to `k`.
+pub(crate) fn write_key(k: &mut String, t: &TupleKey) {
     k.push_str(&t.object);
     k.push('#');
     k.push_str(&t.relation);
     k.push('@');
     k.push_str(&t.user);
-    k
 }
 
 /// The tuple a key names, with a condition. Keys are built by `key_of` from

@@ -434,7 +434,11 @@ impl WriteBehind {
         let mut started = None;
         let mut flushed_for_room = false;
         let pushed = loop {
-            match e.store.push(&tuple, op).await {
+            let pushed = match e.store.push_at_once(&tuple, op) {
+                Some(p) => p,
+                None => e.store.push(&tuple, op).await,
+            };
+            match pushed {
                 Ok(p) => break p,
                 Err(err) if err.is_buffer_full() => {
                     let started = *started.get_or_insert_with(Instant::now);

@@ -131,7 +131,7 @@ impl DeadLetters {
 struct Shard {
     parts: Vec<Part>,
     /// object type -> relation -> index in `parts`.
-    part_of: HashMap<String, HashMap<String, usize>>,
+    part_of: crate::NameMap<String, crate::NameMap<String, usize>>,
 }
 
 /// The ops of one `type#relation` in one shard.
@@ -261,7 +261,7 @@ impl MemoryStore {
 
     /// Pushes with the tuple's shard locked.
     fn push_locked(&self, shard: &mut Shard, tuple: &TupleKey, op: Op) -> Result<Pushed> {
-        let key: Arc<str> = Arc::from(key_of(tuple));
+        let key = shared_key(tuple);
         let condition = tuple.condition.clone().map(Box::new);
         let now = self.now_cs();
         let part_no = shard.part_index(tuple.object_type(), &tuple.relation);
@@ -800,9 +800,27 @@ fn slots_of<'a>(
     }
 }
 
+thread_local! {
+    /// Where a pushed key is built before its one copy into an `Arc`.
+    static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// `t`'s key in an `Arc`, with one allocation (not a `String` and a copy).
+fn shared_key(t: &TupleKey) -> Arc<str> {
+    KEY.with_borrow_mut(|k| {
+        k.clear();
+        super::write_key(k, t);
+        Arc::from(k.as_str())
+    })
+}
+
 impl Store for MemoryStore {
     fn push<'a>(&'a self, tuple: &'a TupleKey, op: Op) -> BoxFuture<'a, Result<Pushed>> {
         Box::pin(future::ready(self.push_now(tuple, op)))
+    }
+
+    fn push_at_once(&self, tuple: &TupleKey, op: Op) -> Option<Result<Pushed>> {
+        Some(self.push_now(tuple, op))
     }
 
     fn take(&self, max: usize, what: Take, up_to: u64) -> BoxFuture<'_, Result<Vec<Taken>>> {
