@@ -47,7 +47,6 @@ pub(crate) struct Model {
     may_deny: HashMap<RelName, HashSet<RelName>>,
 }
 
-/// type -> relation -> allowed direct user types.
 type Relations = NameMap<String, NameMap<String, Vec<AllowedUser>>>;
 
 #[derive(Debug, Clone, PartialEq)]
