@@ -14,6 +14,7 @@ pub(crate) async fn run(
 ) {
     let wake = engine.wake.clone();
     let mut pump = Pump::new(engine, automatic);
+    let freed = pump.freed.clone();
     let mut shutdown_reply: Option<oneshot::Sender<(FlushReport, bool)>> = None;
     let mut shutdown_start = FlushReport::default();
     let mut shutdown_began: Option<Instant> = None;
@@ -136,6 +137,8 @@ pub(crate) async fn run(
                 }
             },
             _ = wake.notified() => pump.replan = true,
+            // Another chunk may start while this one records its outcomes.
+            _ = freed.notified() => {}
             _ = sleep_until(wake_at), if wake_at.is_some() => pump.replan = true,
         }
     }
