@@ -80,7 +80,7 @@ enum Command {
     },
     /// Apply queued write jobs until SIGINT or SIGTERM.
     Worker {
-        /// Jobs run at once (default: queue.worker_concurrency).
+        /// Requests kept in flight (default: queue.worker_concurrency).
         #[arg(long)]
         concurrency: Option<usize>,
         /// Serve Prometheus metrics on this address (`/metrics`), e.g.

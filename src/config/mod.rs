@@ -405,7 +405,9 @@ pub struct QueueConfig {
     /// are dead-lettered.
     #[serde(with = "durations")]
     pub retry_schedule: Vec<Duration>,
-    /// Jobs one `fga-wb worker` runs at once.
+    /// Requests one `fga-wb worker` keeps in flight. It runs up to twice as
+    /// many jobs at once, so that fetching jobs and recording their outcomes
+    /// overlap other jobs' requests.
     #[serde(deserialize_with = "positive")]
     pub worker_concurrency: usize,
     /// Times a worker sends a failed request again within the job's run,

@@ -23,12 +23,20 @@ use crate::flush::{Engine, QuickRetries, Stop};
 /// soon, at the same attempt.
 const BUSY_RETRY: Duration = Duration::from_secs(1);
 
+/// Jobs a worker runs per request it keeps in flight: while some jobs are
+/// fetched or record their outcomes (Redis round trips), others' requests
+/// fill the `queue.worker_concurrency` slots, so OpenFGA always has that
+/// many to work on.
+const JOBS_PER_WRITE: usize = 2;
+
 /// What a worker needs to apply a job.
 pub(crate) struct Applier {
     engine: Engine,
     store: Arc<RedisStore>,
     schedule: Vec<Duration>,
     request_retries: u32,
+    /// One permit per request in flight (`queue.worker_concurrency`).
+    writes: tokio::sync::Semaphore,
     /// The store's count of transient letters ever written when a look
     /// last found none to replay: while it stays, no need to list them all.
     none_transient_at: std::sync::Mutex<Option<u64>>,
@@ -50,6 +58,8 @@ impl Applier {
             .filter_map(|(o, c)| Some((o.taken(job.attempt)?, c)))
             .unzip();
         let model = (!job.model_id.is_empty()).then_some(job.model_id.as_str());
+        // Never closed; without a permit the job would write anyway.
+        let slot = self.writes.acquire().await.ok();
         // A failed request is sent again once at once (a blip such as a busy
         // database), conflicts a few times; then the retry schedule.
         let retries = QuickRetries {
@@ -60,6 +70,7 @@ impl Applier {
             .engine
             .write_chunk_as(Some(claims), model, taken, retries)
             .await;
+        drop(slot);
         let error = result.stop.as_ref().map(|s| match s {
             Stop::Transient(e) | Stop::Halt(e) => e.clone(),
         });
@@ -273,7 +284,7 @@ async fn run_worker(
     let worker = WorkerBuilder::new(name)
         .backend(backend)
         .data(applier)
-        .concurrency(config.queue.worker_concurrency)
+        .concurrency(config.queue.worker_concurrency * JOBS_PER_WRITE)
         .build(handle);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
@@ -413,6 +424,7 @@ pub(crate) async fn applier(config: &Config) -> Result<Applier> {
         store,
         schedule: config.queue.retry_schedule.clone(),
         request_retries: config.queue.request_retries,
+        writes: tokio::sync::Semaphore::new(config.queue.worker_concurrency.max(1)),
         none_transient_at: std::sync::Mutex::new(None),
     })
 }
