@@ -985,6 +985,30 @@ mod tests {
         assert!(pump.carry.is_empty());
     }
 
+    /// Within one flush (not holding: a `flush()` waits), a partial group of
+    /// any size waits for the flush's next window, where the rest of its
+    /// object may come (many callers' first ops on their next objects): cut
+    /// at once, it would be a request of a few tuples. At the flush's last
+    /// window it is cut as it is.
+    #[tokio::test]
+    async fn within_a_flush_even_a_small_partial_group_waits_for_the_next_window() {
+        let e = engine();
+        grant(&e, "document:1", 0, 3).await;
+        grant(&e, "document:2", 0, 100).await;
+        let mut pump = Pump::new(e.clone(), false);
+        let ops = e.store.take(1000, Take::All, u64::MAX).await.unwrap();
+        pump.stage(ops);
+        let n = pump.next_cut(100);
+        assert_eq!(n, 3, "document:1's group alone: document:2's is large");
+        (pump.cursor, pump.target) = (103, 10_000);
+        assert!(
+            pump.should_carry(n, 100),
+            "more windows are due in this flush"
+        );
+        pump.cursor = pump.target;
+        assert!(!pump.should_carry(n, 100), "the flush's last window");
+    }
+
     /// A window stops at its target, unless callers are outpacing the
     /// writes: then it takes what arrived after the target was set too,
     /// and reports the target it took up to.
