@@ -284,7 +284,12 @@ async fn run_worker(
     let worker = WorkerBuilder::new(name)
         .backend(backend)
         .data(applier)
-        .concurrency(config.queue.worker_concurrency * JOBS_PER_WRITE)
+        .concurrency(
+            config
+                .queue
+                .worker_concurrency
+                .saturating_mul(JOBS_PER_WRITE),
+        )
         .build(handle);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
@@ -424,7 +429,13 @@ pub(crate) async fn applier(config: &Config) -> Result<Applier> {
         store,
         schedule: config.queue.retry_schedule.clone(),
         request_retries: config.queue.request_retries,
-        writes: tokio::sync::Semaphore::new(config.queue.worker_concurrency.max(1)),
+        // Any positive number is a valid setting; a semaphore holds fewer.
+        writes: tokio::sync::Semaphore::new(
+            config
+                .queue
+                .worker_concurrency
+                .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+        ),
         none_transient_at: std::sync::Mutex::new(None),
     })
 }
