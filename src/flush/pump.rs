@@ -324,12 +324,9 @@ impl Pump {
                     None => return,
                 }
             }
-            // The next window is taken while this one's chunks go out, two
-            // rounds of requests ahead: from Redis a window is some 26 calls,
-            // which under load took longer than one round, and the requests
-            // in flight fell to 7.7 of 8 on average.
+            // The next window is taken while this one's chunks go out.
             let due = self.target > 0 && self.exhausted != Some(self.target);
-            let ahead = chunk * self.limit.get() * 2;
+            let ahead = chunk * self.limit.get() * TAKE_AHEAD_ROUNDS;
             if due && self.taking.is_none() && self.staged.len() < ahead {
                 self.taking = Some(Box::pin(take_window(
                     self.engine.clone(),
@@ -831,6 +828,11 @@ pub(crate) async fn take_window(
 /// With 32, 100-tuple Writes of 16 separate ranges ran about 4% slower on
 /// OpenFGA's SQLite datastore than the same Writes in key order.
 pub(crate) const WINDOW_CHUNKS: usize = 128;
+/// Rounds of requests (`limit` chunks each) still staged when the next
+/// window is taken: from Redis a window is some 26 calls, which under load
+/// took longer than one round, and the requests in flight fell to 7.7 of 8
+/// on average.
+pub(crate) const TAKE_AHEAD_ROUNDS: usize = 2;
 /// Windows a partial group may be held back for within one flush.
 pub(crate) const MAX_CARRIES: u8 = 3;
 /// While requests run, the triggers are looked at this often at most.
