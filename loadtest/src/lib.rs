@@ -50,6 +50,38 @@ impl Tuples {
     }
 }
 
+/// A whole-number setting from the environment (`FGA_WB_BENCH_ROUNDS`,
+/// ...), or `default` when unset or not a number.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// `callers` tasks grant tuples `0..n` through `wb`, each its own
+/// contiguous range, concurrently; returns when all are acknowledged.
+pub async fn grant_ranges(wb: &fga_wb::WriteBehind, n: usize, callers: usize) -> Res<()> {
+    let per = n.div_ceil(callers.max(1));
+    let tasks: Vec<_> = (0..callers)
+        .map(|c| {
+            let wb = wb.clone();
+            tokio::spawn(async move {
+                let mut t = Tuples::default();
+                for i in c * per..((c + 1) * per).min(n) {
+                    let (u, o) = t.set(i);
+                    wb.grant(u, RELATION, o).await?;
+                }
+                Ok::<(), fga_wb::Error>(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
 /// The i-th tuple as a [`TupleKey`].
 pub fn tuple(i: usize) -> TupleKey {
     let mut t = Tuples::default();

@@ -18,19 +18,13 @@ use std::time::{Duration, Instant};
 use fga_wb::config::StoreKind;
 use fga_wb::WriteBehind;
 use loadtest::{
-    fmt_ns, load1, print_machine, proc_cpu, spread, Lat, Res, Store, Target, Tuples, RELATION,
+    env_usize, fmt_ns, load1, print_machine, proc_cpu, spread, Lat, Res, Store, Target, Tuples,
+    RELATION,
 };
 use testenv::{OpenFga, OpenFgaOptions, Redis, RedisCluster, RedisOptions};
 
 const CALLERS_PER_STORE: usize = 8;
 const RUN: Duration = Duration::from_secs(3);
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// One way to run Redis.
 struct Contender {

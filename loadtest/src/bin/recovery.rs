@@ -65,10 +65,7 @@ async fn main() -> Res<()> {
         return child(args.get(2).map(String::as_str) == Some("queue")).await;
     }
     print_machine("recovery");
-    let rounds: usize = std::env::var("FGA_WB_BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(3);
+    let rounds = env_usize("FGA_WB_BENCH_ROUNDS", 3);
     let only = std::env::var("FGA_WB_BENCH_ONLY").unwrap_or_default();
     let wants = |what: &str| only.is_empty() || only.split(',').any(|o| o == what);
     let bin = std::env::current_exe()?

@@ -23,20 +23,15 @@ use std::time::{Duration, Instant};
 
 use fga_wb::openfga::{CheckRequest, Consistency, WriteRequest};
 use fga_wb::WriteBehind;
-use loadtest::{fmt_ns, load1, print_machine, spread, Lat, Res, Store, Target, RELATION};
+use loadtest::{
+    env_usize, fmt_ns, load1, print_machine, spread, Lat, Res, Store, Target, RELATION,
+};
 use testenv::{Datastore, OpenFga, OpenFgaOptions, Postgres};
 
 const CALLERS: usize = 16;
 const RUN: Duration = Duration::from_secs(3);
 const DOCS: usize = 1000;
 const USERS: usize = 20;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A small deterministic generator (xorshift), per calling task.
 struct Rng(u64);

@@ -97,10 +97,7 @@ struct Bench {
 #[tokio::main]
 async fn main() -> Res<()> {
     print_machine("throughput");
-    let rounds: usize = std::env::var("FGA_WB_BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(3);
+    let rounds = env_usize("FGA_WB_BENCH_ROUNDS", 3);
     let worker_bin = std::env::current_exe()?
         .parent()
         .ok_or("no exe dir")?
@@ -381,23 +378,7 @@ async fn fga_wb_run(cfg: fga_wb::Config, n: usize, callers: usize, workers: &[u3
     let load = load1();
     let worker_cpu0: Duration = workers.iter().map(|&p| proc_cpu(p)).sum();
     let meter = Meter::default();
-    let per = n.div_ceil(callers);
-    let tasks: Vec<_> = (0..callers)
-        .map(|c| {
-            let wb = wb.clone();
-            tokio::spawn(async move {
-                let mut t = Tuples::default();
-                for i in c * per..((c + 1) * per).min(n) {
-                    let (u, o) = t.set(i);
-                    wb.grant(u, RELATION, o).await?;
-                }
-                Ok::<(), fga_wb::Error>(())
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await??;
-    }
+    grant_ranges(&wb, n, callers).await?;
     drain(&wb, Duration::from_secs(600)).await?;
     let (wall, cpu) = meter.read();
     let worker_cpu = workers
