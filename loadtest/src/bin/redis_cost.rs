@@ -9,7 +9,8 @@
 //! encoding entries, tables, arguments, garbage collection).
 //! `FGA_WB_BENCH_ROUNDS` (default 3).
 //!
-//! Recording every command costs Redis a little, and a command's time is
+//! Recording every command costs Redis CPU (each round also runs each mode
+//! without the slow log, to show how much), and a command's time is
 //! wall time inside Redis: on shared cores it includes the moments Redis's
 //! thread waited for a core. So the figures are for comparing the store
 //! calls with each other and one version with another on one machine, not
@@ -25,8 +26,9 @@ use redis::Value;
 use testenv::{Datastore, OpenFga, OpenFgaOptions, Redis, RedisOptions};
 
 const CALLERS: usize = 16;
-/// The slow log holds this many entries at most: more than a run's calls.
-const LOG_LEN: u32 = 1_000_000;
+/// Slow-log entries kept per tuple: a run makes about 1.3 per tuple (the
+/// script runs and the commands inside them), each a few hundred bytes.
+const LOG_PER_TUPLE: usize = 4;
 /// Commands Redis counts that no store script issues (this benchmark's own,
 /// the clients' connection setup and the events subscription).
 const NOT_SCRIPTS: &[&str] = &[
@@ -53,6 +55,8 @@ struct Cost {
     scripts_us: u64,
     commands_us: u64,
     redis_cpu: Duration,
+    /// Redis's CPU in a run of the same mode without the slow log.
+    plain_cpu: Duration,
     tuples: usize,
 }
 
@@ -118,7 +122,9 @@ fn split_stats(info: &str) -> (u64, u64) {
     (scripts, commands)
 }
 
-async fn run(target: &Target, redis: &Redis, mode: Mode, n: usize) -> Res<Cost> {
+/// One run; `logged`: with every command in the slow log (else only
+/// Redis's CPU is measured).
+async fn run(target: &Target, redis: &Redis, mode: Mode, n: usize, logged: bool) -> Res<Cost> {
     let store = target.store("bench-redis-cost").await?;
     let mut cfg = target.config(&store);
     cfg.buffer.store = StoreKind::Redis;
@@ -126,7 +132,7 @@ async fn run(target: &Target, redis: &Redis, mode: Mode, n: usize) -> Res<Cost> 
     cfg.flush.mode = mode;
     let client = redis::Client::open(redis.url())?;
     let mut con = client.get_connection_with_timeout(Duration::from_secs(60))?;
-    let set = |con: &mut redis::Connection, k: &str, v: u32| -> Res<()> {
+    let set = |con: &mut redis::Connection, k: &str, v: usize| -> Res<()> {
         redis::cmd("CONFIG")
             .arg("SET")
             .arg(k)
@@ -134,8 +140,12 @@ async fn run(target: &Target, redis: &Redis, mode: Mode, n: usize) -> Res<Cost> 
             .query::<()>(con)?;
         Ok(())
     };
-    set(&mut con, "slowlog-max-len", LOG_LEN)?;
-    set(&mut con, "slowlog-log-slower-than", 0)?;
+    set(&mut con, "slowlog-max-len", n * LOG_PER_TUPLE)?;
+    set(
+        &mut con,
+        "slowlog-log-slower-than",
+        if logged { 0 } else { 10_000 },
+    )?;
     redis::cmd("SLOWLOG").arg("RESET").query::<()>(&mut con)?;
     redis::cmd("CONFIG")
         .arg("RESETSTAT")
@@ -167,6 +177,9 @@ async fn run(target: &Target, redis: &Redis, mode: Mode, n: usize) -> Res<Cost> 
     let redis_cpu = proc_cpu(pid).saturating_sub(cpu0);
     set(&mut con, "slowlog-log-slower-than", 10_000)?;
     let log: Value = redis::cmd("SLOWLOG").arg("GET").arg(-1).query(&mut con)?;
+    if matches!(&log, Value::Array(e) if e.len() >= n * LOG_PER_TUPLE) {
+        return Err("Redis's slow log filled up: raise LOG_PER_TUPLE".into());
+    }
     let info: String = redis::cmd("INFO").arg("commandstats").query(&mut con)?;
     let _ = stop.send(());
     if let Some(w) = worker {
@@ -251,8 +264,9 @@ fn print(name: &str, runs: &[Cost]) {
         .collect();
     println!("  costliest commands (median): {}", top.join(", "));
     println!(
-        "  Redis's CPU over the run (/proc): {}",
-        per_tuple(runs, |c| c.redis_cpu.as_micros() as f64)
+        "  Redis's CPU over the run (/proc): {}; in a run without the slow log: {}",
+        per_tuple(runs, |c| c.redis_cpu.as_micros() as f64),
+        per_tuple(runs, |c| c.plain_cpu.as_micros() as f64)
     );
 }
 
@@ -278,7 +292,11 @@ async fn main() -> Res<()> {
     for round in 0..rounds {
         for (i, (name, mode)) in modes.iter().enumerate() {
             eprintln!("round {}: {name}", round + 1);
-            results[i].push(run(&target, &redis, *mode, n).await?);
+            // Without the slow log first: what recording costs Redis.
+            let plain = run(&target, &redis, *mode, n, false).await?;
+            let mut cost = run(&target, &redis, *mode, n, true).await?;
+            cost.plain_cpu = plain.redis_cpu;
+            results[i].push(cost);
         }
     }
     for ((name, _), runs) in modes.iter().zip(&results) {
