@@ -82,6 +82,28 @@ pub async fn grant_ranges(wb: &fga_wb::WriteBehind, n: usize, callers: usize) ->
     Ok(())
 }
 
+/// Flushes until nothing is pending or in flight (in queue mode: until the
+/// workers have applied everything).
+pub async fn drain(wb: &fga_wb::WriteBehind, limit: Duration) -> Res<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let p = wb.pending().await?;
+        if p.total + p.in_flight == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("still pending after {limit:?}: {p:?}").into());
+        }
+        if p.total > 0 {
+            wb.flush().await?;
+        } else {
+            // Workers are writing: look now and then (each look is a Redis
+            // call on the cores being measured; 20 ms is 0.2% of a run).
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 /// The i-th tuple as a [`TupleKey`].
 pub fn tuple(i: usize) -> TupleKey {
     let mut t = Tuples::default();

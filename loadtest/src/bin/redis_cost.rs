@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use fga_wb::config::{Mode, StoreKind};
 use fga_wb::WriteBehind;
-use loadtest::{env_usize, grant_ranges, print_machine, proc_cpu, scaled, spread, Res, Target};
+use loadtest::{
+    drain, env_usize, grant_ranges, print_machine, proc_cpu, scaled, spread, Res, Target,
+};
 use redis::Value;
 use testenv::{Datastore, OpenFga, OpenFgaOptions, Redis, RedisOptions};
 
@@ -162,18 +164,7 @@ async fn run(target: &Target, redis: &Redis, mode: Mode, n: usize, logged: bool)
         }))
     });
     grant_ranges(&wb, n, CALLERS).await?;
-    // Drained: everything applied, nothing pending, in flight or queued.
-    loop {
-        let st = wb.status().await?;
-        if st.totals.applied >= n as u64 && st.pending.total + st.pending.in_flight == 0 {
-            break;
-        }
-        if st.pending.total > 0 {
-            wb.flush().await?;
-        } else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    drain(&wb, Duration::from_secs(600)).await?;
     let redis_cpu = proc_cpu(pid).saturating_sub(cpu0);
     set(&mut con, "slowlog-log-slower-than", 10_000)?;
     let log: Value = redis::cmd("SLOWLOG").arg("GET").arg(-1).query(&mut con)?;

@@ -401,28 +401,6 @@ async fn fga_wb_run(cfg: fga_wb::Config, n: usize, callers: usize, workers: &[u3
     })
 }
 
-/// Flushes until nothing is pending or in flight (in queue mode: until the
-/// workers have applied everything).
-async fn drain(wb: &WriteBehind, limit: Duration) -> Res<()> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let p = wb.pending().await?;
-        if p.total + p.in_flight == 0 {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(format!("still pending after {limit:?}: {p:?}").into());
-        }
-        if p.total > 0 {
-            wb.flush().await?;
-        } else {
-            // Workers are writing: look now and then (each look is a Redis
-            // call on the cores being measured; 20 ms is 0.2% of a run).
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
 fn print_results(
     groups: &[(Target, usize, Vec<Side>)],
     results: &BTreeMap<(String, Side), Vec<Run>>,
