@@ -364,6 +364,31 @@ end
 
 -- Entries read in this call, with their writes collected in `hashes`.
 local cache = {}
+
+-- Puts key `k`'s raw entry `v` (false: none) in the cache; returns 1 if it
+-- cannot be read, else 0.
+local function admit(k, v)
+  local e = parse(v)
+  cache[k] = e or false
+  if not v or e then return 0 end
+  -- Unreadable: treated as absent; whatever replaces it overwrites it.
+  -- The indexes it is found in say what it was counted as.
+  hset(P .. ':ops', k, false)
+  local rel = rel_of(k)
+  for _, kind in ipairs({ 'g', 'r' }) do
+    if rcall('ZSCORE', P .. ':ready:' .. kind, k) then
+      incr(P .. ':counts', 'p' .. kind, -1)
+      zset(P .. ':ready:' .. kind, k, false)
+    end
+    if rel and rcall('ZSCORE', P .. ':lex:' .. rel .. '|' .. kind, k) then
+      incr(P .. ':rel', rel .. '|' .. kind, -1)
+      zset(P .. ':lex:' .. rel .. '|' .. kind, k, false)
+    end
+  end
+  zset(P .. ':blocked', k, false)
+  return 1
+end
+
 local function load(keys)
   local missing, n = {}, 0
   for _, k in ipairs(keys) do
@@ -378,29 +403,26 @@ local function load(keys)
     local raw = rcall('HMGET', K_OPS, unpack(missing, i, last))
     for j = 1, last - i + 1 do
       local k = missing[i + j - 1]
-      local e = parse(raw[j])
-      if raw[j] and not e then
-        corrupt = corrupt + 1
-        -- Unreadable: treated as absent; whatever replaces it overwrites it.
-        -- The indexes it is found in say what it was counted as.
-        hset(P .. ':ops', k, false)
-        local rel = rel_of(k)
-        for _, kind in ipairs({ 'g', 'r' }) do
-          if rcall('ZSCORE', P .. ':ready:' .. kind, k) then
-            incr(P .. ':counts', 'p' .. kind, -1)
-            zset(P .. ':ready:' .. kind, k, false)
-          end
-          if rel and rcall('ZSCORE', P .. ':lex:' .. rel .. '|' .. kind, k) then
-            incr(P .. ':rel', rel .. '|' .. kind, -1)
-            zset(P .. ':lex:' .. rel .. '|' .. kind, k, false)
-          end
-        end
-        zset(P .. ':blocked', k, false)
-      end
-      cache[k] = e or false
+      -- Listed twice: read once.
+      if cache[k] == nil then corrupt = corrupt + admit(k, raw[j]) end
     end
   end
   return corrupt
+end
+
+-- Raw entries of `keys`, in order (false: none). The frequent calls read
+-- entries of one known shape with a pattern and rewrite them as strings:
+-- `parse` and `encode` (a table of nine strings per entry) cost several
+-- times that, and the calls touch every op two to four times. Entries of
+-- any other shape, and keys this call already loaded, go through `load`.
+local function read_raw(keys)
+  local raw, n = {}, #keys
+  for i = 1, n, 4000 do
+    local last = math.min(i + 3999, n)
+    local part = rcall('HMGET', K_OPS, unpack(keys, i, last))
+    for j = 1, last - i + 1 do raw[i + j - 1] = part[j] end
+  end
+  return raw
 end
 
 local function put(key, e)
@@ -635,18 +657,46 @@ if cmd == 'take' then
   reclaim(now)
   rcall('ZADD', P .. ':owners', now + lease, writer)
   local keys = ready_keys(kinds, up_to, max)
-  local out = { load(keys) }
-  local taken, n = {}, 0
-  for _, key in ipairs(keys) do
-    local e = cache[key]
-    if e and e.state == 'r' then
-      move(key, e, 't', writer)
+  local raw = read_raw(keys)
+  local out = { 0 }
+  local taken, n, seen = {}, 0, {}
+  -- A ready entry is "seq|first|since|op|r||||cond"; taken, it is
+  -- "seq|first|since|op|t||writer||cond" (as `move` would write it).
+  local as_taken = 't||' .. writer .. '||'
+  local took = { g = 0, r = 0 }
+  for i, key in ipairs(keys) do
+    local head, seq, first, op, cond
+    if cache[key] == nil and not seen[key] then
+      head, seq, first, op, cond = smatch(raw[i] or '', '^((%d+)|(%d+)|%d+|([gr])|)r||||(.*)$')
+    end
+    local e
+    if head then
+      took[op] = took[op] + 1
+      zset(K_READY[op], key, false)
+      hset(K_OPS, key, head .. as_taken .. cond)
+    elseif not seen[key] then
+      if cache[key] == nil then out[1] = out[1] + admit(key, raw[i]) end
+      e = cache[key]
+      if e and e.state == 'r' then
+        move(key, e, 't', writer)
+        seq, op, cond, first = e.seq, e.op, e.cond, e.first
+      end
+    end
+    if seq then
       taken[n + 1] = key
       local o = 5 * n + 1
-      out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] = key, e.seq, e.op, e.cond, e.first
+      out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] = key, seq, op, cond, first
       n = n + 1
-    else
+    elseif not head then
+      -- Not ready after all (or listed twice): out of the ready sets.
       for _, kind in ipairs({ 'g', 'r' }) do zset(P .. ':ready:' .. kind, key, false) end
+    end
+    seen[key] = true
+  end
+  for op, c in pairs(took) do
+    if c > 0 then
+      incr(K_COUNTS, F_PENDING[op], -c)
+      incr(K_COUNTS, 't', c)
     end
   end
   apply_writes()
@@ -668,21 +718,39 @@ if cmd == 'enqueue' then
   end
   local bad = check_keys({})
   if bad then return redis.error_reply(bad) end
-  load(keys)
+  local raw = read_raw(keys)
   local id = rcall('INCR', P .. ':jobseq')
   local ops = {}
-  local superseded = 0
+  local superseded, held, seen = 0, 0, {}
+  -- Taken by this writer, an entry is "seq|first|since|op|t||writer||cond";
+  -- held by the job, "seq|first|since|op|j|id|||cond" (as `move` writes).
+  local as_held = 'j|' .. id .. '|||'
   for i, key in ipairs(keys) do
-    local e = cache[key]
-    if e and e.state == 't' and e.writer == writer and e.seq == seqs[i] then
-      move(key, e, 'j', nil, tostring(id))
-      tinsert(ops, { key = key, op = e.op, seq = tonumber(e.seq), cond = e.cond })
-    elseif e and e.state == 'b' and e.writer == writer and e.ifseq == seqs[i] then
-      -- A newer op arrived since the take: it is ready now, and the taken
-      -- op is folded into it.
-      move(key, e, 'r')
-      superseded = superseded + 1
+    if not seen[key] then
+      seen[key] = true
+      local seq, mid, op, w, cond = smatch(raw[i] or '', '^(%d+)|(%d+|%d+|([gr])|)t||([^|]*)||(.*)$')
+      if seq == seqs[i] and w == writer then
+        held = held + 1
+        hset(K_OPS, key, seq .. '|' .. mid .. as_held .. cond)
+        tinsert(ops, { key = key, op = op, seq = tonumber(seq), cond = cond })
+      else
+        if cache[key] == nil then admit(key, raw[i]) end
+        local e = cache[key]
+        if e and e.state == 't' and e.writer == writer and e.seq == seqs[i] then
+          move(key, e, 'j', nil, tostring(id))
+          tinsert(ops, { key = key, op = e.op, seq = tonumber(e.seq), cond = e.cond })
+        elseif e and e.state == 'b' and e.writer == writer and e.ifseq == seqs[i] then
+          -- A newer op arrived since the take: it is ready now, and the taken
+          -- op is folded into it.
+          move(key, e, 'r')
+          superseded = superseded + 1
+        end
+      end
     end
+  end
+  if held > 0 then
+    incr(K_COUNTS, 't', -held)
+    incr(K_COUNTS, 'j', held)
   end
   if superseded > 0 then incr(P .. ':stats', 'coalesced', superseded) end
   apply_writes()
@@ -727,15 +795,26 @@ end
 -- is being written (push then blocks a newer op behind it), so a claim
 -- rewrites no entry and a job's end has no writer set to clean.
 local function claim_ops(worker, job, keys, seqs)
-  load(keys)
+  local raw = read_raw(keys)
   local out = {}
   for i, key in ipairs(keys) do
+    local seq, state, ejob, w
     local e = cache[key]
-    if not e or e.seq ~= seqs[i] then
+    if e == nil then
+      -- Only what a claim compares; `parse` accepts the same entries.
+      seq, state, ejob, w = smatch(raw[i] or '', '^(%d+)|%d+|%d+|[gr]|([rjtb])|([^|]*)|([^|]*)|%d*|')
+      if not seq and raw[i] then
+        -- Unreadable: `admit` drops it and mends the indexes.
+        admit(key, raw[i])
+        e = cache[key]
+      end
+    end
+    if e then seq, state, ejob, w = e.seq, e.state, e.job, e.writer end
+    if not seq or seq ~= seqs[i] then
       out[i] = 0
-    elseif e.state == 'j' and e.job == job then
+    elseif state == 'j' and ejob == job then
       out[i] = 1
-    elseif e.state == 't' and e.writer ~= worker then
+    elseif state == 't' and w ~= worker then
       -- Its write by a worker presumed dead has not been reclaimed yet.
       out[i] = 2
     else
@@ -791,10 +870,13 @@ if cmd == 'finish' then
     tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
   local keys = {}
   for i = 0, n - 1 do keys[i + 1] = ARGV[10 + i * 6] end
-  load(keys)
+  local raw = read_raw(keys)
   local applied, dead, requeued, superseded = 0, 0, 0, 0
   local transient = 0
   local rels, mine, written = {}, {}, {}
+  -- Applied ops of this writer (state t) or of this job (state j), the
+  -- usual case, are dropped from their raw entries (see read_raw).
+  local ended = { t = 0, j = 0 }
   -- Others need to hear of this only if a check may wait for it (a revoke,
   -- a grant with a condition), an op waited behind it or is ready again,
   -- or a caller waits for room (below). Not for every job: each message
@@ -805,46 +887,75 @@ if cmd == 'finish' then
     local key, seq, outcome = ARGV[b], ARGV[b + 1], ARGV[b + 2]
     local reason, code, attempts = ARGV[b + 3], ARGV[b + 4], tonumber(ARGV[b + 5])
     local e = cache[key]
-    local writing = e and e.state == 't' and e.seq == seq and e.writer == writer
-    local behind = e and e.state == 'b' and e.ifseq == seq and e.writer == writer
-    local held = e and e.state == 'j' and e.seq == seq and e.job == job
-    if writing or behind then tinsert(mine, key) end
-    if behind or (e and (e.op == 'r' or e.cond ~= '')) then notify = true end
-    if outcome == 'a' then
-      applied = applied + 1
-      tinsert(written, key)
-      if writing or held then drop(key, e) elseif behind then move(key, e, 'r') end
-    elseif (outcome == 'd' or outcome == 'D') and (writing or held) then
-      dead = dead + 1
-      drop(key, e)
-      local id = rcall('INCR', P .. ':deadseq')
-      rcall('HSET', K_DEAD, id, cjson.encode({
-        id = id, key = key, op = e.op, seq = tonumber(e.seq), reason = reason, code = code,
-        attempts = attempts, dead_at = math.floor(now / 1000), cond = e.cond,
-        transient = outcome == 'D' }))
-      if outcome == 'D' then transient = transient + 1 end
-      rcall('HSET', K_DEADKEY, key, id)
-      local rel = rel_of(key)
-      if rel then rels[rel] = true end
-    elseif outcome == 'r' and writing then
-      requeued = requeued + 1
-      move(key, e, 'r')
-      -- Ready again: other processes' flushers take it.
-      notify = true
-    elseif outcome == 'k' and writing and job ~= '' then
-      requeued = requeued + 1
-      move(key, e, 'j', nil, job)
-    elseif outcome == 'k' and held then
-      -- Still with its job.
-    elseif outcome == 'n' or outcome == 's' then
-      -- Not this writer's to finish (another writer holds the key), or found
-      -- superseded when claimed (counted when it was superseded).
-    else
-      -- A newer op replaced it (or its writer was presumed dead and the key
-      -- reclaimed): that op counts, this one is folded into it.
-      superseded = superseded + 1
-      if behind then move(key, e, 'r') end
+    local light = false
+    if e == nil and outcome == 'a' then
+      local eseq, op, state, ejob, w, cond =
+        smatch(raw[i + 1] or '', '^(%d+)|%d+|%d+|([gr])|([tj])|([^|]*)|([^|]*)||(.*)$')
+      if eseq == seq and ((state == 't' and ejob == '' and w == writer) or
+                          (state == 'j' and ejob == job and w == '')) then
+        light = true
+        applied = applied + 1
+        tinsert(written, key)
+        if state == 't' then tinsert(mine, key) end
+        if op == 'r' or cond ~= '' then notify = true end
+        ended[state] = ended[state] + 1
+        local rel = rel_of(key)
+        if rel then
+          incr(K_REL, rel_field(rel, op), -1)
+          zset(lex_key(rel, op), key, false)
+        end
+        put(key, nil)
+      end
     end
+    if not light then
+      if e == nil then
+        admit(key, raw[i + 1])
+        e = cache[key]
+      end
+      local writing = e and e.state == 't' and e.seq == seq and e.writer == writer
+      local behind = e and e.state == 'b' and e.ifseq == seq and e.writer == writer
+      local held = e and e.state == 'j' and e.seq == seq and e.job == job
+      if writing or behind then tinsert(mine, key) end
+      if behind or (e and (e.op == 'r' or e.cond ~= '')) then notify = true end
+      if outcome == 'a' then
+        applied = applied + 1
+        tinsert(written, key)
+        if writing or held then drop(key, e) elseif behind then move(key, e, 'r') end
+      elseif (outcome == 'd' or outcome == 'D') and (writing or held) then
+        dead = dead + 1
+        drop(key, e)
+        local id = rcall('INCR', P .. ':deadseq')
+        rcall('HSET', K_DEAD, id, cjson.encode({
+          id = id, key = key, op = e.op, seq = tonumber(e.seq), reason = reason, code = code,
+          attempts = attempts, dead_at = math.floor(now / 1000), cond = e.cond,
+          transient = outcome == 'D' }))
+        if outcome == 'D' then transient = transient + 1 end
+        rcall('HSET', K_DEADKEY, key, id)
+        local rel = rel_of(key)
+        if rel then rels[rel] = true end
+      elseif outcome == 'r' and writing then
+        requeued = requeued + 1
+        move(key, e, 'r')
+        -- Ready again: other processes' flushers take it.
+        notify = true
+      elseif outcome == 'k' and writing and job ~= '' then
+        requeued = requeued + 1
+        move(key, e, 'j', nil, job)
+      elseif outcome == 'k' and held then
+        -- Still with its job.
+      elseif outcome == 'n' or outcome == 's' then
+        -- Not this writer's to finish (another writer holds the key), or found
+        -- superseded when claimed (counted when it was superseded).
+      else
+        -- A newer op replaced it (or its writer was presumed dead and the key
+        -- reclaimed): that op counts, this one is folded into it.
+        superseded = superseded + 1
+        if behind then move(key, e, 'r') end
+      end
+    end
+  end
+  for state, c in pairs(ended) do
+    if c > 0 then incr(K_COUNTS, state, -c) end
   end
   if applied > 0 then incr(P .. ':stats', 'applied', applied) end
   if dead > 0 then incr(P .. ':stats', 'dead_lettered', dead) end
