@@ -558,6 +558,22 @@ if cmd == 'push' then
   local refused = false
   local last = rcall('INCRBY', P .. ':seq', n)
   if last == n then init_epoch(now) end
+  -- A key met once in this call that has no entry, nearly every op, is
+  -- written straight out as a string, its index members collected in
+  -- plain arrays (`adds`): no entry table, no `encode`. A key met twice
+  -- goes the general way, so its second op sees its first.
+  local once = {}
+  for _, key in ipairs(keys) do once[key] = once[key] == nil end
+  local adds, pend = {}, { g = 0, r = 0 }
+  local function add(z, score, member)
+    local a = adds[z]
+    if not a then
+      a = {}
+      adds[z] = a
+    end
+    a[#a + 1] = score
+    a[#a + 1] = member
+  end
   for i = 0, n - 1 do
     local key, op, cond = ARGV[6 + i * 3], ARGV[7 + i * 3], ARGV[8 + i * 3]
     local cur = cache[key]
@@ -565,6 +581,22 @@ if cmd == 'push' then
       out[2 * i + 1] = -1
       out[2 * i + 2] = 0
       refused = true
+    elseif not cur and once[key] and K_READY[op] then
+      -- As add_entry and put would write it.
+      size = size + 1
+      local seq = tostring(last - n + 1 + i)
+      pend[op] = pend[op] + 1
+      local rel = rel_of(key)
+      if rel then
+        rels[rel] = true
+        incr(K_REL, rel_field(rel, op), 1)
+        add(lex_key(rel, op), 0, key)
+      end
+      add(K_READY[op], seq, key)
+      hset(K_OPS, key, seq .. '|' .. seq .. '|' .. now .. '|' .. op .. '|r||||' .. cond)
+      acked = acked + 1
+      out[2 * i + 1] = seq
+      out[2 * i + 2] = 0
     else
       local seq = tostring(last - n + 1 + i)
       local coalesced = 0
@@ -614,6 +646,14 @@ if cmd == 'push' then
       out[2 * i + 1] = seq
       out[2 * i + 2] = coalesced
     end
+  end
+  for op, c in pairs(pend) do
+    if c > 0 then incr(K_COUNTS, F_PENDING[op], c) end
+  end
+  -- Before the entries (see apply_writes); members of keys met once, so
+  -- no collected write in `zsets` touches them.
+  for z, a in pairs(adds) do
+    for i = 1, #a, 8000 do rcall('ZADD', z, unpack(a, i, math.min(i + 7999, #a))) end
   end
   if acked > 0 then incr(P .. ':stats', 'acknowledged', acked) end
   if coalesced_total > 0 then incr(P .. ':stats', 'coalesced', coalesced_total) end
