@@ -131,13 +131,19 @@ end
 -- Counter changes, summed in Lua and written once per call. HINCRBY on a
 -- field that is not a number would abort the script after earlier writes
 -- (which Redis does not undo), so a bad counter is reset, not fatal.
+-- t[k], a table created on first use.
+local function slot(t, k)
+  local v = t[k]
+  if not v then
+    v = {}
+    t[k] = v
+  end
+  return v
+end
+
 local deltas = {}
 local function incr(hash, field, d)
-  local h = deltas[hash]
-  if not h then
-    h = {}
-    deltas[hash] = h
-  end
+  local h = slot(deltas, hash)
   h[field] = (h[field] or 0) + d
 end
 
@@ -160,20 +166,10 @@ end
 local zsets = {}   -- zset -> member -> score, or false to remove
 local hashes = {}  -- hash -> field -> value, or false to delete
 local function zset(z, member, score)
-  local t = zsets[z]
-  if not t then
-    t = {}
-    zsets[z] = t
-  end
-  t[member] = score
+  slot(zsets, z)[member] = score
 end
 local function hset(h, field, value)
-  local t = hashes[h]
-  if not t then
-    t = {}
-    hashes[h] = t
-  end
-  t[field] = value
+  slot(hashes, h)[field] = value
 end
 
 -- Order matters when data that is not fga-wb's sits under the prefix: a
@@ -566,11 +562,7 @@ if cmd == 'push' then
   for _, key in ipairs(keys) do once[key] = once[key] == nil end
   local adds, pend = {}, { g = 0, r = 0 }
   local function add(z, score, member)
-    local a = adds[z]
-    if not a then
-      a = {}
-      adds[z] = a
-    end
+    local a = slot(adds, z)
     a[#a + 1] = score
     a[#a + 1] = member
   end
