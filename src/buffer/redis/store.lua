@@ -128,9 +128,6 @@ local function rel_of(key)
   return r
 end
 
--- Counter changes, summed in Lua and written once per call. HINCRBY on a
--- field that is not a number would abort the script after earlier writes
--- (which Redis does not undo), so a bad counter is reset, not fatal.
 -- t[k], a table created on first use.
 local function slot(t, k)
   local v = t[k]
@@ -141,6 +138,9 @@ local function slot(t, k)
   return v
 end
 
+-- Counter changes, summed in Lua and written once per call. HINCRBY on a
+-- field that is not a number would abort the script after earlier writes
+-- (which Redis does not undo), so a bad counter is reset, not fatal.
 local deltas = {}
 local function incr(hash, field, d)
   local h = slot(deltas, hash)
@@ -385,32 +385,11 @@ local function admit(k, v)
   return 1
 end
 
-local function load(keys)
-  local missing, n = {}, 0
-  for _, k in ipairs(keys) do
-    if cache[k] == nil then
-      n = n + 1
-      missing[n] = k
-    end
-  end
-  local corrupt = 0
-  for i = 1, n, 4000 do
-    local last = math.min(i + 3999, n)
-    local raw = rcall('HMGET', K_OPS, unpack(missing, i, last))
-    for j = 1, last - i + 1 do
-      local k = missing[i + j - 1]
-      -- Listed twice: read once.
-      if cache[k] == nil then corrupt = corrupt + admit(k, raw[j]) end
-    end
-  end
-  return corrupt
-end
-
 -- Raw entries of `keys`, in order (false: none). The frequent calls read
 -- entries of one known shape with a pattern and rewrite them as strings:
 -- `parse` and `encode` (a table of nine strings per entry) cost several
 -- times that, and the calls touch every op two to four times. Entries of
--- any other shape, and keys this call already loaded, go through `load`.
+-- any other shape, and keys this call already loaded, go through `admit`.
 local function read_raw(keys)
   local raw, n = {}, #keys
   for i = 1, n, 4000 do
@@ -419,6 +398,24 @@ local function read_raw(keys)
     for j = 1, last - i + 1 do raw[i + j - 1] = part[j] end
   end
   return raw
+end
+
+local function load(keys)
+  local missing, n = {}, 0
+  for _, k in ipairs(keys) do
+    if cache[k] == nil then
+      n = n + 1
+      missing[n] = k
+    end
+  end
+  local raw = read_raw(missing)
+  local corrupt = 0
+  for i = 1, n do
+    local k = missing[i]
+    -- Listed twice: read once.
+    if cache[k] == nil then corrupt = corrupt + admit(k, raw[i]) end
+  end
+  return corrupt
 end
 
 local function put(key, e)
@@ -560,7 +557,7 @@ if cmd == 'push' then
   -- goes the general way, so its second op sees its first.
   local once = {}
   for _, key in ipairs(keys) do once[key] = once[key] == nil end
-  local adds, pend = {}, { g = 0, r = 0 }
+  local adds = {}
   local function add(z, score, member)
     local a = slot(adds, z)
     a[#a + 1] = score
@@ -577,7 +574,7 @@ if cmd == 'push' then
       -- As add_entry and put would write it.
       size = size + 1
       local seq = tostring(last - n + 1 + i)
-      pend[op] = pend[op] + 1
+      incr(K_COUNTS, F_PENDING[op], 1)
       local rel = rel_of(key)
       if rel then
         rels[rel] = true
@@ -639,9 +636,6 @@ if cmd == 'push' then
       out[2 * i + 2] = coalesced
     end
   end
-  for op, c in pairs(pend) do
-    if c > 0 then incr(K_COUNTS, F_PENDING[op], c) end
-  end
   -- Before the entries (see apply_writes); members of keys met once, so
   -- no collected write in `zsets` touches them.
   for z, a in pairs(adds) do
@@ -695,7 +689,6 @@ if cmd == 'take' then
   -- A ready entry is "seq|first|since|op|r||||cond"; taken, it is
   -- "seq|first|since|op|t||writer||cond" (as `move` would write it).
   local as_taken = 't||' .. writer .. '||'
-  local took = { g = 0, r = 0 }
   for i, key in ipairs(keys) do
     local head, seq, first, op, cond
     if cache[key] == nil and not seen[key] then
@@ -703,7 +696,8 @@ if cmd == 'take' then
     end
     local e
     if head then
-      took[op] = took[op] + 1
+      incr(K_COUNTS, F_PENDING[op], -1)
+      incr(K_COUNTS, 't', 1)
       zset(K_READY[op], key, false)
       hset(K_OPS, key, head .. as_taken .. cond)
     elseif not seen[key] then
@@ -724,12 +718,6 @@ if cmd == 'take' then
       for _, kind in ipairs({ 'g', 'r' }) do zset(P .. ':ready:' .. kind, key, false) end
     end
     seen[key] = true
-  end
-  for op, c in pairs(took) do
-    if c > 0 then
-      incr(K_COUNTS, F_PENDING[op], -c)
-      incr(K_COUNTS, 't', c)
-    end
   end
   apply_writes()
   for i = 1, n, 4000 do
@@ -753,7 +741,7 @@ if cmd == 'enqueue' then
   local raw = read_raw(keys)
   local id = rcall('INCR', P .. ':jobseq')
   local ops = {}
-  local superseded, held, seen = 0, 0, {}
+  local superseded, seen = 0, {}
   -- Taken by this writer, an entry is "seq|first|since|op|t||writer||cond";
   -- held by the job, "seq|first|since|op|j|id|||cond" (as `move` writes).
   local as_held = 'j|' .. id .. '|||'
@@ -762,7 +750,8 @@ if cmd == 'enqueue' then
       seen[key] = true
       local seq, mid, op, w, cond = smatch(raw[i] or '', '^(%d+)|(%d+|%d+|([gr])|)t||([^|]*)||(.*)$')
       if seq == seqs[i] and w == writer then
-        held = held + 1
+        incr(K_COUNTS, 't', -1)
+        incr(K_COUNTS, 'j', 1)
         hset(K_OPS, key, seq .. '|' .. mid .. as_held .. cond)
         tinsert(ops, { key = key, op = op, seq = tonumber(seq), cond = cond })
       else
@@ -779,10 +768,6 @@ if cmd == 'enqueue' then
         end
       end
     end
-  end
-  if held > 0 then
-    incr(K_COUNTS, 't', -held)
-    incr(K_COUNTS, 'j', held)
   end
   if superseded > 0 then incr(P .. ':stats', 'coalesced', superseded) end
   apply_writes()
@@ -906,9 +891,6 @@ if cmd == 'finish' then
   local applied, dead, requeued, superseded = 0, 0, 0, 0
   local transient = 0
   local rels, mine, written = {}, {}, {}
-  -- Applied ops of this writer (state t) or of this job (state j), the
-  -- usual case, are dropped from their raw entries (see read_raw).
-  local ended = { t = 0, j = 0 }
   -- Others need to hear of this only if a check may wait for it (a revoke,
   -- a grant with a condition), an op waited behind it or is ready again,
   -- or a caller waits for room (below). Not for every job: each message
@@ -919,6 +901,8 @@ if cmd == 'finish' then
     local key, seq, outcome = ARGV[b], ARGV[b + 1], ARGV[b + 2]
     local reason, code, attempts = ARGV[b + 3], ARGV[b + 4], tonumber(ARGV[b + 5])
     local e = cache[key]
+    -- Applied ops of this writer (state t) or of this job (state j), the
+    -- usual case, are dropped from their raw entries (see read_raw).
     local light = false
     if e == nil and outcome == 'a' then
       local eseq, op, state, ejob, w, cond =
@@ -930,7 +914,7 @@ if cmd == 'finish' then
         tinsert(written, key)
         if state == 't' then tinsert(mine, key) end
         if op == 'r' or cond ~= '' then notify = true end
-        ended[state] = ended[state] + 1
+        incr(K_COUNTS, state, -1)
         local rel = rel_of(key)
         if rel then
           incr(K_REL, rel_field(rel, op), -1)
@@ -985,9 +969,6 @@ if cmd == 'finish' then
         if behind then move(key, e, 'r') end
       end
     end
-  end
-  for state, c in pairs(ended) do
-    if c > 0 then incr(K_COUNTS, state, -c) end
   end
   if applied > 0 then incr(P .. ':stats', 'applied', applied) end
   if dead > 0 then incr(P .. ':stats', 'dead_lettered', dead) end
