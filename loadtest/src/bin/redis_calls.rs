@@ -1,0 +1,240 @@
+//! `scripts/bench redis-calls [script.lua ...]`: Redis's time per op of the
+//! store script's frequent calls on an idle Redis, for comparing versions of
+//! the script with each other without OpenFGA or the machine's other load in
+//! the figures.
+//!
+//! Each round, for each version in turn (the committed
+//! `src/buffer/redis/store.lua` first, then the files given, which must take
+//! the same call arguments), on a flushed Redis: push `N` distinct ops 16 a
+//! call (`FGA_WB_BENCH_PUSH_BATCH`), take them 500 a call and enqueue them in
+//! jobs of 100, then fetch the jobs 8 a call and finish each as applied, as
+//! queue mode does (inline mode's calls are push, take and finish, though
+//! its finish drops ops taken by a process, not held by a job, through the
+//! same fast path). Redis's own
+//! `INFO commandstats` gives the time of the script runs, so neither the
+//! network nor this process counts. Rotating which version goes first each
+//! round puts drift in the machine on every version alike.
+//! `FGA_WB_BENCH_ROUNDS` (default 5); `FGA_WB_BENCH_SCALE` scales N
+//! (default 50k).
+
+use loadtest::{env_usize, print_machine, scaled, spread, Res};
+use redis::aio::MultiplexedConnection;
+use redis::Value;
+use testenv::{Redis, RedisOptions};
+
+const CALLS: [&str; 5] = ["push", "take", "enqueue", "fetch", "finish"];
+const TAKE: usize = 500;
+const JOB: usize = 100;
+const FETCH: usize = 8;
+const WRITER: &str = "bench:1";
+
+/// µs of script time in Redis so far (`EVAL` and `EVALSHA`).
+async fn script_us(c: &mut MultiplexedConnection) -> Res<u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(c)
+        .await?;
+    let mut total = 0;
+    for line in info.lines().filter(|l| l.starts_with("cmdstat_eval")) {
+        let us = line
+            .split("usec=")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .and_then(|u| u.parse::<u64>().ok())
+            .ok_or_else(|| format!("unexpected INFO line: {line}"))?;
+        total += us;
+    }
+    Ok(total)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn text(v: &Value) -> Res<String> {
+    Ok(redis::from_redis_value_ref::<String>(v)?)
+}
+
+/// One script call, with its Redis time added to `spent`.
+async fn timed(
+    c: &mut MultiplexedConnection,
+    inv: &redis::ScriptInvocation<'_>,
+    spent: &mut u64,
+) -> Res<Vec<Value>> {
+    let before = script_us(c).await?;
+    let v = match inv.invoke_async(c).await? {
+        Value::Array(items) => items,
+        _ => Vec::new(),
+    };
+    *spent += script_us(c).await? - before;
+    Ok(v)
+}
+
+/// One version's run: µs per op of each call in `CALLS`.
+async fn run(
+    c: &mut MultiplexedConnection,
+    script: &redis::Script,
+    prefix: &str,
+    n: usize,
+    batch: usize,
+) -> Res<[f64; 5]> {
+    let _: () = redis::cmd("FLUSHALL").query_async(c).await?;
+    let mut spent = [0u64; 5];
+    for start in (0..n).step_by(batch) {
+        let end = (start + batch).min(n);
+        let mut inv = script.key(prefix);
+        inv.arg("push")
+            .arg("PUBLISH")
+            .arg(now_ms())
+            .arg(n * 2)
+            .arg(end - start);
+        for i in start..end {
+            // 2000 objects, users in no order: as concurrent callers push.
+            let key = format!("document:d{:05}#viewer@user:u{:07}", (i * 7919) % 2000, i);
+            inv.arg(key).arg("g").arg("");
+        }
+        timed(c, &inv, &mut spent[0]).await?;
+    }
+    loop {
+        let mut inv = script.key(prefix);
+        inv.arg("take")
+            .arg("PUBLISH")
+            .arg(now_ms())
+            .arg(TAKE)
+            .arg("rg")
+            .arg(u64::MAX / 4)
+            .arg(WRITER)
+            .arg(30_000);
+        let v = timed(c, &inv, &mut spent[1]).await?;
+        // {corrupt, (key, seq, op, cond, first)*}
+        let mut ops = v
+            .get(1..)
+            .unwrap_or_default()
+            .chunks_exact(5)
+            .map(|o| Ok((text(&o[0])?, text(&o[1])?)))
+            .collect::<Res<Vec<(String, String)>>>()?;
+        if ops.is_empty() {
+            break;
+        }
+        ops.sort();
+        for job in ops.chunks(JOB) {
+            let mut inv = script.key(prefix);
+            inv.arg("enqueue")
+                .arg("PUBLISH")
+                .arg(now_ms())
+                .arg(WRITER)
+                .arg("store")
+                .arg("model")
+                .arg(job.len());
+            for (key, seq) in job {
+                inv.arg(key).arg(seq);
+            }
+            timed(c, &inv, &mut spent[2]).await?;
+        }
+    }
+    loop {
+        let mut inv = script.key(prefix);
+        inv.arg("fetch")
+            .arg("PUBLISH")
+            .arg(now_ms())
+            .arg(WRITER)
+            .arg(30_000)
+            .arg(FETCH);
+        let v = timed(c, &inv, &mut spent[3]).await?;
+        if v.len() <= 1 {
+            break;
+        }
+        // {.., (job json, ..)*}
+        for pair in v[1..].chunks_exact(2) {
+            let job: serde_json::Value = serde_json::from_str(&text(&pair[0])?)?;
+            let ops = job["ops"].as_array().ok_or("a job without ops")?;
+            let mut inv = script.key(prefix);
+            inv.arg("finish")
+                .arg("PUBLISH")
+                .arg(now_ms())
+                .arg(WRITER)
+                .arg(job["id"].to_string())
+                .arg("done")
+                .arg(0)
+                .arg("")
+                .arg(ops.len());
+            for op in ops {
+                let key = op["key"].as_str().ok_or("an op without a key")?;
+                inv.arg(key)
+                    .arg(op["seq"].to_string())
+                    .arg("a")
+                    .arg("")
+                    .arg("")
+                    .arg(0);
+            }
+            timed(c, &inv, &mut spent[4]).await?;
+        }
+    }
+    let left: usize = redis::cmd("HLEN")
+        .arg(format!("{prefix}:ops"))
+        .query_async(c)
+        .await?;
+    if left != 0 {
+        return Err(format!(
+            "{left} ops left in Redis after the run: the calls did not match this script"
+        )
+        .into());
+    }
+    Ok(spent.map(|us| us as f64 / n as f64))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Res<()> {
+    print_machine("Redis time per op of the store script's calls, idle Redis");
+    let rounds = env_usize("FGA_WB_BENCH_ROUNDS", 5);
+    let n = scaled(50_000);
+    let batch = env_usize("FGA_WB_BENCH_PUSH_BATCH", 16).max(1);
+    let mut files = vec!["src/buffer/redis/store.lua".to_owned()];
+    files.extend(std::env::args().skip(1));
+    let scripts = files
+        .iter()
+        .map(|f| {
+            std::fs::read_to_string(f)
+                .map(|s| redis::Script::new(&s))
+                .map_err(|e| format!("{f}: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let redis = Redis::start(RedisOptions::default()).await?;
+    let mut c = redis::Client::open(redis.url())?
+        .get_multiplexed_async_connection()
+        .await?;
+    println!(
+        "{n} ops per run, pushed {batch} a call; {rounds} rounds, the versions' order rotated each round"
+    );
+    let mut got: Vec<Vec<[f64; 5]>> = vec![Vec::new(); scripts.len()];
+    for round in 0..rounds {
+        for i in 0..scripts.len() {
+            let v = (round + i) % scripts.len();
+            let prefix = format!("fga-wb:{{bench{round}v{v}}}");
+            got[v].push(run(&mut c, &scripts[v], &prefix, n, batch).await?);
+        }
+        eprintln!("round {} of {rounds} done", round + 1);
+    }
+    println!("\nµs of Redis time per op, min / median / max over rounds");
+    for (f, runs) in files.iter().zip(&got) {
+        println!("{f}");
+        let mut inline = Vec::new();
+        let mut queue = Vec::new();
+        for r in runs {
+            inline.push(r[0] + r[1] + r[4]);
+            queue.push(r.iter().sum::<f64>());
+        }
+        for (i, call) in CALLS.iter().enumerate() {
+            let (lo, mid, hi) = spread(&runs.iter().map(|r| r[i]).collect::<Vec<_>>());
+            println!("  {call:8} {lo:6.2} / {mid:6.2} / {hi:6.2}");
+        }
+        let (lo, mid, hi) = spread(&inline);
+        println!("  push + take + finish  {lo:6.2} / {mid:6.2} / {hi:6.2}");
+        let (lo, mid, hi) = spread(&queue);
+        println!("  all five              {lo:6.2} / {mid:6.2} / {hi:6.2}");
+    }
+    println!("load average at the end: {:.2}", loadtest::load1());
+    Ok(())
+}
