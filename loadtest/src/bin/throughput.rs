@@ -14,6 +14,7 @@
 //! the rounds (default 3).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -338,9 +339,9 @@ impl Bench {
     }
 }
 
-/// The raw ceiling: pre-built requests in key order, `RAW_PARALLEL` at once.
-async fn raw(target: &Target, store: &Store, n: usize) -> Res<Run> {
-    let reqs: Vec<WriteRequest> = (0..n)
+/// `n` distinct tuples in key order, as pre-built 100-tuple Writes.
+fn raw_requests(store: &Store, n: usize) -> Vec<WriteRequest> {
+    (0..n)
         .collect::<Vec<_>>()
         .chunks(RAW_PER_WRITE)
         .map(|c| {
@@ -348,7 +349,12 @@ async fn raw(target: &Target, store: &Store, n: usize) -> Res<Run> {
             r.authorization_model_id = Some(store.model_id.clone());
             r
         })
-        .collect();
+        .collect()
+}
+
+/// The raw ceiling: pre-built requests in key order, `RAW_PARALLEL` at once.
+async fn raw(target: &Target, store: &Store, n: usize) -> Res<Run> {
+    let reqs = raw_requests(store, n);
     let load = load1();
     let meter = Meter::default();
     stream::iter(
@@ -453,11 +459,107 @@ fn print_results(
     println!("CPU/100k: CPU seconds of the benchmark process (fga-wb and its calling tasks; the raw row: the raw writer) plus the `fga-wb worker` processes, per 100k tuples, median over rounds. req/100k: Write requests per 100k tuples (store-wide, workers' included), median. load: mean 1-minute load average at the start of the runs.\n");
 }
 
+/// `n` tasks granting distinct tuples through `wb` until `stop` is set;
+/// each returns how many it granted.
+fn grant_flat_out(
+    wb: &WriteBehind,
+    n: usize,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Result<u64, fga_wb::Error>>> {
+    (0..n)
+        .map(|c| {
+            let (wb, stop) = (wb.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut t = Tuples::default();
+                let mut i = c * 10_000_000;
+                while !stop.load(Ordering::Relaxed) {
+                    let (u, o) = t.set(i);
+                    wb.grant(u, RELATION, o).await?;
+                    i += 1;
+                }
+                Ok((i - c * 10_000_000) as u64)
+            })
+        })
+        .collect()
+}
+
+/// A memory store that never flushes: callers granting into it hold the
+/// cores as in the burst, and nothing of theirs reaches the server.
+async fn sink(target: &Target) -> Res<WriteBehind> {
+    let store = target.store("bench-sink").await?;
+    let mut cfg = target.config(&store);
+    cfg.buffer.capacity = 10_000_000;
+    cfg.flush.batch_size = 100_000_000;
+    cfg.flush.interval = Duration::from_secs(3600);
+    cfg.flush.eager_revokes = false;
+    Ok(WriteBehind::builder(cfg)
+        .automatic_flush(false)
+        .build()
+        .await?)
+}
+
+/// The raw writer (pre-built 100-tuple Writes in key order, 8 in parallel)
+/// on a thread and runtime of its own, as fga-wb's flusher runs: says
+/// `ready` once its requests are built, then writes until `stop` is set,
+/// adding what it wrote by then to `written`. Its own client, so its
+/// connections are driven by its own runtime.
+fn raw_until(
+    target: &Target,
+    n: usize,
+    ready: tokio::sync::oneshot::Sender<()>,
+    stop: Arc<AtomicBool>,
+    written: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<Res<()>> {
+    let (name, url, token) = (
+        target.name.clone(),
+        target.url.clone(),
+        target.token.clone(),
+    );
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let target = Target::new(&name, &url, &token)?;
+            let store = target.store("bench-burst-raw").await?;
+            let reqs = raw_requests(&store, n);
+            let _ = ready.send(());
+            stream::iter(reqs.iter().map(Ok))
+                .try_for_each_concurrent(RAW_PARALLEL, |r| {
+                    let (target, store, stop, written) = (&target, &store, &stop, &written);
+                    async move {
+                        if stop.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        target.write_retrying(store, r).await?;
+                        if !stop.load(Ordering::Relaxed) {
+                            written.fetch_add(r.writes.len() as u64, Ordering::Relaxed);
+                        }
+                        Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+                    }
+                })
+                .await
+        })
+    })
+}
+
+/// How long the burst lasts.
+const BURST: Duration = Duration::from_secs(2);
+
+/// One round's burst: ops fga-wb applied during it, the raw writer's rate
+/// (from the end-to-end run) times its length, and what the raw writer
+/// wrote during the same burst.
+struct Burst {
+    applied: u64,
+    raw_rate_times: f64,
+    raw_in_burst: u64,
+}
+
 /// The per-call and burst figures, measured once per round.
 #[derive(Default)]
 struct Micro {
     grant_p99: Vec<(u64, u64, u64)>,
-    burst: Vec<(u64, f64)>,
+    burst: Vec<Burst>,
     redis_rate: Vec<(f64, f64)>,
 }
 
@@ -507,49 +609,65 @@ impl Micro {
         wb.clear().await?;
         wb.shutdown().await?;
 
-        // A 2 s burst of 8 tasks granting flat out: what the flusher applied meanwhile.
+        // A 2 s burst of 8 tasks granting flat out: what the flusher applied
+        // meanwhile; then the same burst into a store that does not flush,
+        // while the raw writer writes on a thread of its own (as the flusher
+        // runs): the server's pace while the callers hold the cores.
         let store = sqlite.store("bench-burst").await?;
         let mut cfg = sqlite.config(&store);
         cfg.buffer.capacity = 10_000_000;
         let wb = WriteBehind::builder(cfg).build().await?;
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let tasks: Vec<_> = (0..8)
-            .map(|c| {
-                let (wb, stop) = (wb.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let mut t = Tuples::default();
-                    let mut i = c * 10_000_000;
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        let (u, o) = t.set(i);
-                        wb.grant(u, RELATION, o).await?;
-                        i += 1;
-                    }
-                    Ok::<u64, fga_wb::Error>((i - c * 10_000_000) as u64)
-                })
-            })
-            .collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = grant_flat_out(&wb, 8, &stop);
         // The callers never wait (a memory-store grant does not), so the
         // 2 s are timed on a thread of its own, not on their runtime.
         let started = Instant::now();
         let timer = {
             let (stop, wb) = (stop.clone(), wb.clone());
             std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_secs(2));
-                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(BURST);
+                stop.store(true, Ordering::Relaxed);
                 wb.local_totals().applied
             })
         };
         let applied_at_stop = timer.join().map_err(|_| "timer thread")?;
         let elapsed = started.elapsed();
-        let mut granted = 0;
         for t in tasks {
-            granted += t.await??;
+            t.await??;
         }
-        let _ = granted;
-        self.burst
-            .push((applied_at_stop, raw_rate * elapsed.as_secs_f64()));
         wb.clear().await?;
         wb.shutdown().await?;
+
+        let wb = sink(sqlite).await?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicU64::new(0));
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let n = ((raw_rate * BURST.as_secs_f64() * 3.0) as usize).max(RAW_PER_WRITE * RAW_PARALLEL);
+        let writer = raw_until(sqlite, n, ready_tx, stop.clone(), written.clone());
+        ready_rx
+            .await
+            .map_err(|_| "the raw writer's thread stopped before it was ready")?;
+        let tasks = grant_flat_out(&wb, 8, &stop);
+        let timer = {
+            let (stop, written) = (stop.clone(), written.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(BURST);
+                stop.store(true, Ordering::Relaxed);
+                written.load(Ordering::Relaxed)
+            })
+        };
+        let raw_in_burst = timer.join().map_err(|_| "timer thread")?;
+        for t in tasks {
+            t.await??;
+        }
+        writer.join().map_err(|_| "raw writer thread")??;
+        wb.clear().await?;
+        wb.shutdown().await?;
+        self.burst.push(Burst {
+            applied: applied_at_stop,
+            raw_rate_times: raw_rate * elapsed.as_secs_f64(),
+            raw_in_burst,
+        });
 
         // Redis store acknowledgements, 32 callers, flushing deferred.
         let store = sqlite.store("bench-redis-ack").await?;
@@ -566,25 +684,11 @@ impl Micro {
             .await?;
         let pid = bench.redis.pid().unwrap_or(0);
         let cpu0 = proc_cpu(pid);
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
-        let tasks: Vec<_> = (0..32)
-            .map(|c| {
-                let (wb, stop) = (wb.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let mut t = Tuples::default();
-                    let mut i = c * 10_000_000;
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        let (u, o) = t.set(i);
-                        wb.grant(u, RELATION, o).await?;
-                        i += 1;
-                    }
-                    Ok::<u64, fga_wb::Error>((i - c * 10_000_000) as u64)
-                })
-            })
-            .collect();
+        let tasks = grant_flat_out(&wb, 32, &stop);
         tokio::time::sleep(Duration::from_secs(3)).await;
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        stop.store(true, Ordering::Relaxed);
         let mut acked = 0;
         for t in tasks {
             acked += t.await??;
@@ -611,15 +715,24 @@ impl Micro {
             fmt_ns(spread(&self.grant_p99.iter().map(|t| t.0 as f64).collect::<Vec<_>>()).1 as u64),
             fmt_ns(spread(&self.grant_p99.iter().map(|t| t.2 as f64).collect::<Vec<_>>()).1 as u64),
         );
-        let ratios: Vec<f64> = self
-            .burst
-            .iter()
-            .map(|(a, r)| *a as f64 / r.max(1.0))
-            .collect();
-        let (lo, mid, hi) = spread(&ratios);
+        let ratio = |f: &dyn Fn(&Burst) -> f64| {
+            spread(
+                &self
+                    .burst
+                    .iter()
+                    .map(|b| b.applied as f64 / f(b).max(1.0))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let (lo, mid, hi) = ratio(&|b| b.raw_rate_times);
         println!(
             "applied during a 2 s burst of 8 tasks, / raw rate x 2 s:   min {lo:.2} median {mid:.2} max {hi:.2}   (applied: {:?})",
-            self.burst.iter().map(|b| b.0).collect::<Vec<_>>()
+            self.burst.iter().map(|b| b.applied).collect::<Vec<_>>()
+        );
+        let (lo, mid, hi) = ratio(&|b| b.raw_in_burst as f64);
+        println!(
+            "  / raw writer during the same burst (callers granting into a store that does not flush): min {lo:.2} median {mid:.2} max {hi:.2}   (raw wrote: {:?})",
+            self.burst.iter().map(|b| b.raw_in_burst).collect::<Vec<_>>()
         );
         let rates: Vec<f64> = self.redis_rate.iter().map(|r| r.0).collect();
         let (lo, mid, hi) = spread(&rates);
