@@ -220,19 +220,19 @@ async fn main() -> Res<()> {
     println!("\nµs of Redis time per op, min / median / max over rounds");
     for (f, runs) in files.iter().zip(&got) {
         println!("{f}");
-        let mut inline = Vec::new();
-        let mut queue = Vec::new();
+        let mut push_take_finish = Vec::new();
+        let mut all_five = Vec::new();
         for r in runs {
-            inline.push(r[0] + r[1] + r[4]);
-            queue.push(r.iter().sum::<f64>());
+            push_take_finish.push(r[0] + r[1] + r[4]);
+            all_five.push(r.iter().sum::<f64>());
         }
         for (i, call) in CALLS.iter().enumerate() {
             let (lo, mid, hi) = spread(&runs.iter().map(|r| r[i]).collect::<Vec<_>>());
             println!("  {call:8} {lo:6.2} / {mid:6.2} / {hi:6.2}");
         }
-        let (lo, mid, hi) = spread(&inline);
+        let (lo, mid, hi) = spread(&push_take_finish);
         println!("  push + take + finish  {lo:6.2} / {mid:6.2} / {hi:6.2}");
-        let (lo, mid, hi) = spread(&queue);
+        let (lo, mid, hi) = spread(&all_five);
         println!("  all five              {lo:6.2} / {mid:6.2} / {hi:6.2}");
     }
     println!("load average at the end: {:.2}", loadtest::load1());

@@ -546,6 +546,23 @@ fn raw_until(
 /// How long the burst lasts.
 const BURST: Duration = Duration::from_secs(2);
 
+/// Sets `stop` once `BURST` has passed and returns what `read` finds at that
+/// moment. The callers never wait (a memory-store grant does not), so the
+/// burst is timed on a thread of its own, not on their runtime.
+fn after_burst<T: Send + 'static>(
+    stop: &Arc<AtomicBool>,
+    read: impl FnOnce() -> T + Send + 'static,
+) -> Res<T> {
+    let stop = stop.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(BURST);
+        stop.store(true, Ordering::Relaxed);
+        read()
+    })
+    .join()
+    .map_err(|_| "timer thread".into())
+}
+
 /// One round's burst: ops fga-wb applied during it, the raw writer's rate
 /// (from the end-to-end run) times its length, and what the raw writer
 /// wrote during the same burst.
@@ -619,18 +636,11 @@ impl Micro {
         let wb = WriteBehind::builder(cfg).build().await?;
         let stop = Arc::new(AtomicBool::new(false));
         let tasks = grant_flat_out(&wb, 8, &stop);
-        // The callers never wait (a memory-store grant does not), so the
-        // 2 s are timed on a thread of its own, not on their runtime.
         let started = Instant::now();
-        let timer = {
-            let (stop, wb) = (stop.clone(), wb.clone());
-            std::thread::spawn(move || {
-                std::thread::sleep(BURST);
-                stop.store(true, Ordering::Relaxed);
-                wb.local_totals().applied
-            })
+        let applied_at_stop = {
+            let wb = wb.clone();
+            after_burst(&stop, move || wb.local_totals().applied)?
         };
-        let applied_at_stop = timer.join().map_err(|_| "timer thread")?;
         let elapsed = started.elapsed();
         for t in tasks {
             t.await??;
@@ -648,15 +658,10 @@ impl Micro {
             .await
             .map_err(|_| "the raw writer's thread stopped before it was ready")?;
         let tasks = grant_flat_out(&wb, 8, &stop);
-        let timer = {
-            let (stop, written) = (stop.clone(), written.clone());
-            std::thread::spawn(move || {
-                std::thread::sleep(BURST);
-                stop.store(true, Ordering::Relaxed);
-                written.load(Ordering::Relaxed)
-            })
+        let raw_in_burst = {
+            let written = written.clone();
+            after_burst(&stop, move || written.load(Ordering::Relaxed))?
         };
-        let raw_in_burst = timer.join().map_err(|_| "timer thread")?;
         for t in tasks {
             t.await??;
         }
