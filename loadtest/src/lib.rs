@@ -275,7 +275,7 @@ pub fn print_machine(what: &str) {
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!("== {what} ==");
     println!(
-        "machine: {nproc} cores ({model}); OpenFGA, PostgreSQL, Redis and the benchmark share them; load average at start {:.2}",
+        "machine: {nproc} cores ({model}); the servers this benchmark starts and the benchmark share them; load average at start {:.2}",
         load1()
     );
 }
