@@ -352,19 +352,42 @@ fn raw_requests(store: &Store, n: usize) -> Vec<WriteRequest> {
         .collect()
 }
 
+/// Sends `reqs`, `RAW_PARALLEL` at once, until all are written or `stop` is
+/// set; adds the tuples of the requests that ended before `stop` to
+/// `written`.
+async fn write_raw(
+    target: &Target,
+    store: &Store,
+    reqs: &[WriteRequest],
+    stop: &AtomicBool,
+    written: &AtomicU64,
+) -> Res<()> {
+    stream::iter(reqs.iter().map(Ok))
+        .try_for_each_concurrent(RAW_PARALLEL, |r| async move {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            target.write_retrying(store, r).await?;
+            if !stop.load(Ordering::Relaxed) {
+                written.fetch_add(r.writes.len() as u64, Ordering::Relaxed);
+            }
+            Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+        })
+        .await
+}
+
 /// The raw ceiling: pre-built requests in key order, `RAW_PARALLEL` at once.
 async fn raw(target: &Target, store: &Store, n: usize) -> Res<Run> {
     let reqs = raw_requests(store, n);
     let load = load1();
     let meter = Meter::default();
-    stream::iter(
-        reqs.iter()
-            .map(Ok::<_, Box<dyn std::error::Error + Send + Sync>>),
+    write_raw(
+        target,
+        store,
+        &reqs,
+        &AtomicBool::new(false),
+        &AtomicU64::new(0),
     )
-    .try_for_each_concurrent(RAW_PARALLEL, |r| async move {
-        target.write_retrying(store, r).await?;
-        Ok(())
-    })
     .await?;
     let (wall, cpu) = meter.read();
     Ok(Run {
@@ -524,21 +547,7 @@ fn raw_until(
             let store = target.store("bench-burst-raw").await?;
             let reqs = raw_requests(&store, n);
             let _ = ready.send(());
-            stream::iter(reqs.iter().map(Ok))
-                .try_for_each_concurrent(RAW_PARALLEL, |r| {
-                    let (target, store, stop, written) = (&target, &store, &stop, &written);
-                    async move {
-                        if stop.load(Ordering::Relaxed) {
-                            return Ok(());
-                        }
-                        target.write_retrying(store, r).await?;
-                        if !stop.load(Ordering::Relaxed) {
-                            written.fetch_add(r.writes.len() as u64, Ordering::Relaxed);
-                        }
-                        Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
-                    }
-                })
-                .await
+            write_raw(&target, &store, &reqs, &stop, &written).await
         })
     })
 }
