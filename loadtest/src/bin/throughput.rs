@@ -41,6 +41,10 @@ struct Run {
     /// Write requests sent (the raw writer's: its pre-built requests).
     requests: u64,
     load: f64,
+    /// CPU of Redis and of the OpenFGA server during the run (set by
+    /// `Bench::run`, which sees the servers).
+    redis_cpu: Duration,
+    server_cpu: Duration,
 }
 
 impl Run {
@@ -93,6 +97,8 @@ struct Bench {
     redis: Redis,
     worker_bin: std::path::PathBuf,
     round: usize,
+    /// Each target's OpenFGA process, for its CPU per run.
+    servers: BTreeMap<String, u32>,
 }
 
 #[tokio::main]
@@ -233,10 +239,20 @@ async fn main() -> Res<()> {
                 .is_none_or(|o| o.split(',').any(|n| n == t.name))
         })
         .collect();
+    let servers = [
+        ("sqlite", sqlite_fga.pid()),
+        ("postgres", pg_fga.pid()),
+        ("remote", mem_fga.pid()),
+        ("far-pg", pg_fga.pid()),
+    ]
+    .into_iter()
+    .filter_map(|(name, pid)| Some((name.to_owned(), pid?)))
+    .collect();
     let mut bench = Bench {
         redis,
         worker_bin,
         round: 0,
+        servers,
     };
     let mut results: BTreeMap<(String, Side), Vec<Run>> = BTreeMap::new();
     let mut micro = Micro::default();
@@ -274,7 +290,11 @@ async fn main() -> Res<()> {
 impl Bench {
     async fn run(&self, target: &Target, n: usize, side: Side) -> Res<Run> {
         let store = target.store("bench-throughput").await?;
-        let run = match side {
+        let cpu_of = |pid: Option<u32>| pid.map_or(Duration::ZERO, proc_cpu);
+        let redis_pid = self.redis.pid();
+        let server_pid = self.servers.get(&target.name).copied();
+        let (redis0, server0) = (cpu_of(redis_pid), cpu_of(server_pid));
+        let mut run = match side {
             Side::Raw => raw(target, &store, n).await?,
             Side::Memory { callers } => {
                 let cfg = target.config(&store);
@@ -314,6 +334,8 @@ impl Bench {
                 run?
             }
         };
+        run.redis_cpu = cpu_of(redis_pid).saturating_sub(redis0);
+        run.server_cpu = cpu_of(server_pid).saturating_sub(server0);
         let stored = target.count(&store).await?;
         if stored != n {
             return Err(format!("{}: {stored} tuples stored, {n} expected", side.name()).into());
@@ -397,6 +419,8 @@ async fn raw(target: &Target, store: &Store, n: usize) -> Res<Run> {
         worker_cpu: Duration::ZERO,
         requests: reqs.len() as u64,
         load,
+        redis_cpu: Duration::ZERO,
+        server_cpu: Duration::ZERO,
     })
 }
 
@@ -427,6 +451,8 @@ async fn fga_wb_run(cfg: fga_wb::Config, n: usize, callers: usize, workers: &[u3
         worker_cpu,
         requests: totals.requests,
         load,
+        redis_cpu: Duration::ZERO,
+        server_cpu: Duration::ZERO,
     })
 }
 
@@ -438,8 +464,19 @@ fn print_results(
         "== end to end, as a ratio to the raw ceiling on the same server in the same round =="
     );
     println!(
-        "{:<9} {:<66} {:>6} {:>6} {:>6} {:>9} {:>10} {:>8} {:>6}",
-        "server", "", "min", "median", "max", "tuples/s", "CPU/100k", "req/100k", "load"
+        "{:<9} {:<66} {:>6} {:>6} {:>6} {:>9} {:>10} {:>10} {:>10} {:>6} {:>8} {:>6}",
+        "server",
+        "",
+        "min",
+        "median",
+        "max",
+        "tuples/s",
+        "CPU/100k",
+        "Redis",
+        "OpenFGA",
+        "cores",
+        "req/100k",
+        "load"
     );
     for (target, _, sides) in groups {
         let raw = &results[&(target.name.clone(), Side::Raw)];
@@ -452,10 +489,25 @@ fn print_results(
                 .collect();
             let (lo, mid, hi) = spread(&ratios);
             let (_, rate, _) = spread(&runs.iter().map(Run::rate).collect::<Vec<_>>());
-            let (_, cpu, _) = spread(
+            let per_100k = |f: &dyn Fn(&Run) -> Duration| {
+                spread(
+                    &runs
+                        .iter()
+                        .map(|r| f(r).as_secs_f64() * 100_000.0 / r.tuples as f64)
+                        .collect::<Vec<_>>(),
+                )
+                .1
+            };
+            let cpu = per_100k(&|r| r.cpu + r.worker_cpu);
+            let redis_cpu = per_100k(&|r| r.redis_cpu);
+            let server_cpu = per_100k(&|r| r.server_cpu);
+            let (_, cores, _) = spread(
                 &runs
                     .iter()
-                    .map(|r| (r.cpu + r.worker_cpu).as_secs_f64() * 100_000.0 / r.tuples as f64)
+                    .map(|r| {
+                        (r.cpu + r.worker_cpu + r.redis_cpu + r.server_cpu).as_secs_f64()
+                            / r.wall.as_secs_f64()
+                    })
                     .collect::<Vec<_>>(),
             );
             let (_, requests, _) = spread(
@@ -466,7 +518,7 @@ fn print_results(
             );
             let load = runs.iter().map(|r| r.load).sum::<f64>() / runs.len() as f64;
             println!(
-                "{:<9} {:<66} {:>6.2} {:>6.2} {:>6.2} {:>9.0} {:>8.2} s {:>8.0} {:>6.2}",
+                "{:<9} {:<66} {:>6.2} {:>6.2} {:>6.2} {:>9.0} {:>8.2} s {:>8.2} s {:>8.2} s {:>6.2} {:>8.0} {:>6.2}",
                 target.name,
                 side.name(),
                 lo,
@@ -474,12 +526,15 @@ fn print_results(
                 hi,
                 rate,
                 cpu,
+                redis_cpu,
+                server_cpu,
+                cores,
                 requests,
                 load
             );
         }
     }
-    println!("CPU/100k: CPU seconds of the benchmark process (fga-wb and its calling tasks; the raw row: the raw writer) plus the `fga-wb worker` processes, per 100k tuples, median over rounds. req/100k: Write requests per 100k tuples (store-wide, workers' included), median. load: mean 1-minute load average at the start of the runs.\n");
+    println!("CPU/100k: CPU seconds of the benchmark process (fga-wb and its calling tasks; the raw row: the raw writer) plus the `fga-wb worker` processes, per 100k tuples, median over rounds; Redis and OpenFGA: the same for the Redis server and the OpenFGA server (not PostgreSQL's own processes); cores: all four together over the run's wall time, median (the machine has 2). req/100k: Write requests per 100k tuples (store-wide, workers' included), median. load: mean 1-minute load average at the start of the runs.\n");
 }
 
 /// `n` tasks granting distinct tuples through `wb` until `stop` is set;
