@@ -84,6 +84,9 @@ struct Watch {
     resets: AtomicU64,
     /// A connection dropped, and no heartbeat has succeeded since.
     dropped: std::sync::atomic::AtomicBool,
+    /// The replication id of the node that last answered a check; empty
+    /// before the first. A new one is a failover or a restart.
+    replid: std::sync::Mutex<String>,
     /// Until when (ms since the epoch) checks fail closed after a dropped
     /// connection came back: long enough for every live process to run a
     /// heartbeat, and so to record a loss of what *it* acknowledged, which
@@ -100,6 +103,30 @@ struct Watch {
 }
 
 impl Watch {
+    /// A connection dropped, or a check met another node than before:
+    /// checks fail closed until the heartbeat has looked (see
+    /// `after_reconnect`), and no cached answer is valid any more.
+    fn disconnected(&self) {
+        self.dropped.store(true, Ordering::Relaxed);
+        self.resets.fetch_add(1, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    /// Remembers the replication id a check met; true when it differs from
+    /// the last one (a failover or a restart behind a connection whose
+    /// drop may not have been noticed yet).
+    fn node_changed(&self, replid: &str) -> bool {
+        let Ok(mut known) = self.replid.lock() else {
+            return false;
+        };
+        if replid.is_empty() || *known == replid {
+            return false;
+        }
+        let changed = !known.is_empty();
+        *known = replid.to_owned();
+        changed
+    }
+
     fn epoch(&self) -> String {
         self.epoch.lock().map(|e| e.clone()).unwrap_or_default()
     }
@@ -295,11 +322,7 @@ impl RedisStore {
         let watch = Arc::new(Watch::default());
         let on_disconnect: conn::OnDisconnect = {
             let watch = watch.clone();
-            Arc::new(move || {
-                watch.dropped.store(true, Ordering::Relaxed);
-                watch.resets.fetch_add(1, Ordering::Relaxed);
-                watch.wake.notify_one();
-            })
+            Arc::new(move || watch.disconnected())
         };
         let mut conn = conn::connect(&target, on_disconnect.clone()).await?;
         conn::check_server(&mut conn, &target).await?;
@@ -805,6 +828,12 @@ impl Store for RedisStore {
                     None => a.push(0),
                 };
                 let v = items(self.call(&a).await?)?;
+                if self
+                    .watch
+                    .node_changed(&text(v.get(3).unwrap_or(&Value::Nil))?)
+                {
+                    self.watch.disconnected();
+                }
                 self.after_reconnect()?;
                 self.confirm_others().await?;
                 let epoch = text(v.first().unwrap_or(&Value::Nil))?;
@@ -818,7 +847,7 @@ impl Store for RedisStore {
                     self.beat().await?;
                     continue;
                 }
-                let sum = v[3.min(v.len())..]
+                let sum = v[4.min(v.len())..]
                     .iter()
                     .map(|g| int(g).map(|g| g as u64))
                     .try_fold(0u64, |acc, g| g.map(|g| acc.wrapping_add(g)))?;
