@@ -325,14 +325,75 @@ async fn loss_writer() {
     std::future::pending::<()>().await;
 }
 
-/// Sends a signal to a process with the system's `kill`.
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("run kill")
-        .success();
-    assert!(ok, "kill {sig} {pid} failed");
+/// A reader and a [`Writer`] (leases of `STOPPED_TEST_LEASE`); the writer
+/// has granted, and the reader has seen it.
+async fn reader_and_writer(s: &TestStore, url: &str) -> (WriteBehind, Writer) {
+    let mut c = config(s, url);
+    c.redis.writer_lease = STOPPED_TEST_LEASE;
+    let reader = app(c).await;
+    let mut writer = Writer::spawn(s, url);
+    writer.tell("grant", "granted").await;
+    assert!(reader
+        .check("user:anne", "viewer", "document:1")
+        .await
+        .unwrap());
+    (reader, writer)
+}
+
+/// [`loss_writer`] in a process of its own, told what to do on stdin.
+struct Writer {
+    /// Killed when dropped.
+    _child: tokio::process::Child,
+    pid: u32,
+    to: tokio::process::ChildStdin,
+    from: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Writer {
+    fn spawn(s: &TestStore, url: &str) -> Writer {
+        let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "loss_writer", "--nocapture", "--test-threads=1"])
+            .env(WRITER_VAR, format!("{} {} {url}", s.store_id, s.model_id))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn the writer");
+        Writer {
+            pid: child.id().expect("the writer runs"),
+            to: child.stdin.take().unwrap(),
+            from: BufReader::new(child.stdout.take().unwrap()).lines(),
+            _child: child,
+        }
+    }
+
+    /// Tells it `what` and waits for its line ending in `answer`.
+    async fn tell(&mut self, what: &str, answer: &str) {
+        self.to
+            .write_all(format!("{what}\n").as_bytes())
+            .await
+            .unwrap();
+        self.to.flush().await.unwrap();
+        loop {
+            match self.from.next_line().await.unwrap().as_deref() {
+                // With one test thread, the harness prints the test's name
+                // before running it, on the line its first answer ends.
+                Some(l) if l.ends_with(answer) => return,
+                Some(_) => continue,
+                None => panic!("the writer exited before answering {what}"),
+            }
+        }
+    }
+
+    /// Sends it a signal with the system's `kill`.
+    fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &self.pid.to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill {sig} {} failed", self.pid);
+    }
 }
 
 /// The race CI once caught, made deterministic: after a failover to a
@@ -349,52 +410,15 @@ async fn a_writer_that_looks_dead_after_a_failover_is_waited_for_before_checks_a
     let mut cluster = RedisCluster::start(3, 1).await.unwrap();
     let url = cluster.url();
     let lease = STOPPED_TEST_LEASE;
-    let mut c = config(&s, &url);
-    c.redis.writer_lease = lease;
-    let reader = app(c).await;
-
-    let mut writer = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "loss_writer", "--nocapture", "--test-threads=1"])
-        .env(WRITER_VAR, format!("{} {} {url}", s.store_id, s.model_id))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn the writer");
-    let pid = writer.id().expect("the writer runs");
-    let mut to_writer = writer.stdin.take().unwrap();
-    let mut from_writer = BufReader::new(writer.stdout.take().unwrap()).lines();
-    let mut tell = async |what: &str, answer: &str| {
-        to_writer
-            .write_all(format!("{what}\n").as_bytes())
-            .await
-            .unwrap();
-        to_writer.flush().await.unwrap();
-        loop {
-            let line = from_writer.next_line().await.unwrap();
-            match line.as_deref() {
-                // With one test thread, the harness prints the test's name
-                // before running it, on the line its first answer ends.
-                Some(l) if l.ends_with(answer) => return,
-                Some(_) => continue,
-                None => panic!("the writer exited before answering {what}"),
-            }
-        }
-    };
-
-    tell("grant", "granted").await;
-    assert!(reader
-        .check("user:anne", "viewer", "document:1")
-        .await
-        .unwrap());
+    let (reader, mut writer) = reader_and_writer(&s, &url).await;
 
     let (primary, replica) = pause_replica(&cluster, &s).await;
     let paused_at = Instant::now();
-    tell("revoke", "revoked").await;
+    writer.tell("revoke", "revoked").await;
     // The writer's heartbeats now reach the primary only: once a lease has
     // passed, the replica holds a lease of the writer's that has ended.
     tokio::time::sleep_until((paused_at + lease + lease / 5).into()).await;
-    signal(pid, "-STOP");
+    writer.signal("-STOP");
 
     fail_over(&mut cluster, primary, replica).await;
 
@@ -402,7 +426,16 @@ async fn a_writer_that_looks_dead_after_a_failover_is_waited_for_before_checks_a
     // third of a lease and a second, from a reconnect that came before
     // `fail_over` returned), so only waiting for the writer holds the reader
     // back, the reader asks again and again: never `allowed`.
-    let stopped_until = Instant::now() + lease / 3 + Duration::from_secs(2);
+    never_allowed_while_stopped(&reader, lease / 3 + Duration::from_secs(2)).await;
+
+    writer.signal("-CONT");
+    until_every_check_reports_the_loss(&[&reader]).await;
+}
+
+/// Checks with `reader` for `how_long`, failing the test if it ever
+/// answers `allowed` (the writer that acknowledged the revoke is stopped).
+async fn never_allowed_while_stopped(reader: &WriteBehind, how_long: Duration) {
+    let stopped_until = Instant::now() + how_long;
     // Answers by kind (the countdown in their text left out), and how often.
     let mut answers = std::collections::BTreeMap::<String, usize>::new();
     while Instant::now() < stopped_until {
@@ -421,8 +454,63 @@ async fn a_writer_that_looks_dead_after_a_failover_is_waited_for_before_checks_a
         !answers.is_empty(),
         "the reader was never asked while the writer was stopped"
     );
+}
 
-    signal(pid, "-CONT");
+/// A node's reply to INFO holds `field:value`.
+async fn info_says(node: &Redis, section: &str, field: &str, value: &str) -> bool {
+    node.command(&format!("INFO {section}"))
+        .await
+        .is_some_and(|i| i.lines().any(|l| l.trim() == format!("{field}:{value}")))
+}
+
+/// `node` becomes a replica of `of` and takes its data; then it is a
+/// primary again, with a new replication id. The connections of its
+/// clients stay open all along: nothing tells them but that id.
+async fn resync_from(node: &Redis, of: &Redis) {
+    let told = node
+        .command(&format!("REPLICAOF 127.0.0.1 {}", of.port()))
+        .await
+        .unwrap_or_default();
+    assert!(told.contains("OK"), "{told}");
+    support::eventually(
+        "the node to sync from the other",
+        Duration::from_secs(30),
+        || async {
+            info_says(node, "replication", "master_link_status", "up").await
+                && info_says(node, "persistence", "loading", "0").await
+        },
+    )
+    .await;
+    let told = node.command("REPLICAOF NO ONE").await.unwrap_or_default();
+    assert!(told.contains("OK"), "{told}");
+}
+
+/// A Redis that went back to an older copy of the store under open
+/// connections (here: it took the data of a node that stopped replicating
+/// from it before the revoke, then was made primary again) drops no
+/// connection, so a process learns of it only from the node's new
+/// replication id, which every check reads. The reader must fail closed
+/// from its first check on: its cached `allowed` is from before the revoke
+/// the node no longer holds, and the writer that acknowledged the revoke is
+/// stopped. CI once saw that first check answer `allowed` after a failover,
+/// before the client's notice of the dropped connection arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_went_back_under_open_connections_fails_checks_closed() {
+    let s = new_store("redis-loss-replid").await;
+    let node = Redis::start(RedisOptions::default()).await.unwrap();
+    let copy = Redis::start(RedisOptions::default()).await.unwrap();
+    let url = node.url();
+    let lease = STOPPED_TEST_LEASE;
+    let (reader, mut writer) = reader_and_writer(&s, &url).await;
+    // `copy` holds the store as it is now, then stops following `node`.
+    resync_from(&copy, &node).await;
+
+    writer.tell("revoke", "revoked").await;
+    writer.signal("-STOP");
+    resync_from(&node, &copy).await;
+
+    never_allowed_while_stopped(&reader, lease / 3 + Duration::from_secs(2)).await;
+
+    writer.signal("-CONT");
     until_every_check_reports_the_loss(&[&reader]).await;
-    writer.start_kill().expect("SIGKILL");
 }
