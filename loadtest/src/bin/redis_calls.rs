@@ -10,7 +10,11 @@
 //! jobs of 100, then fetch the jobs 8 a call and finish each as applied, as
 //! queue mode does (inline mode's calls are push, take and finish, though
 //! its finish drops ops taken by a process, not held by a job, through the
-//! same fast path). Redis's own
+//! same fast path). Between the pushes and the takes, `N / 5` calls of
+//! `gen`, which every check on a shared store runs, are timed per call:
+//! `src/buffer/redis/gen.lua`, or a version's own `gen` command where it
+//! has one (store.lua had it before gen.lua).
+//! Redis's own
 //! `INFO commandstats` gives the time of the script runs, so neither the
 //! network nor this process counts. Rotating which version goes first each
 //! round puts drift in the machine on every version alike.
@@ -23,6 +27,9 @@ use redis::Value;
 use testenv::{Redis, RedisOptions};
 
 const CALLS: [&str; 5] = ["push", "take", "enqueue", "fetch", "finish"];
+/// `gen` calls per op pushed: what every check on a shared store runs,
+/// timed per call, on the store holding every op pushed.
+const CHECKS_PER_OP: usize = 5;
 const TAKE: usize = 500;
 const JOB: usize = 100;
 const FETCH: usize = 8;
@@ -72,14 +79,16 @@ async fn timed(
     Ok(v)
 }
 
-/// One version's run: µs per op of each call in `CALLS`.
+/// One version's run: µs per op of each call in `CALLS`, and µs per `gen`
+/// call.
 async fn run(
     c: &mut MultiplexedConnection,
     script: &redis::Script,
+    gen_script: &redis::Script,
     prefix: &str,
     n: usize,
     batch: usize,
-) -> Res<[f64; 5]> {
+) -> Res<([f64; 5], f64)> {
     let _: () = redis::cmd("FLUSHALL").query_async(c).await?;
     let mut spent = [0u64; 5];
     for start in (0..n).step_by(batch) {
@@ -96,6 +105,13 @@ async fn run(
             inv.arg(key).arg("g").arg("");
         }
         timed(c, &inv, &mut spent[0]).await?;
+    }
+    let checks = (n / CHECKS_PER_OP).max(1);
+    let mut gen = 0;
+    for _ in 0..checks {
+        let mut inv = gen_script.key(prefix);
+        inv.arg("gen").arg("PUBLISH").arg(1).arg("document#viewer");
+        timed(c, &inv, &mut gen).await?;
     }
     loop {
         let mut inv = script.key(prefix);
@@ -182,7 +198,10 @@ async fn run(
         )
         .into());
     }
-    Ok(spent.map(|us| us as f64 / n as f64))
+    Ok((
+        spent.map(|us| us as f64 / n as f64),
+        gen as f64 / checks as f64,
+    ))
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -193,12 +212,18 @@ async fn main() -> Res<()> {
     let batch = env_usize("FGA_WB_BENCH_PUSH_BATCH", 16).max(1);
     let mut files = vec!["src/buffer/redis/store.lua".to_owned()];
     files.extend(std::env::args().skip(1));
+    let gen = redis::Script::new(&std::fs::read_to_string("src/buffer/redis/gen.lua")?);
     let scripts = files
         .iter()
         .map(|f| {
-            std::fs::read_to_string(f)
-                .map(|s| redis::Script::new(&s))
-                .map_err(|e| format!("{f}: {e}"))
+            let text = std::fs::read_to_string(f).map_err(|e| format!("{f}: {e}"))?;
+            let script = redis::Script::new(&text);
+            let gen = if text.contains("if cmd == 'gen' then") {
+                script.clone()
+            } else {
+                gen.clone()
+            };
+            Ok::<_, String>((gen, script))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let redis = Redis::start(RedisOptions::default()).await?;
@@ -208,12 +233,13 @@ async fn main() -> Res<()> {
     println!(
         "{n} ops per run, pushed {batch} a call; {rounds} rounds, the versions' order rotated each round"
     );
-    let mut got: Vec<Vec<[f64; 5]>> = vec![Vec::new(); scripts.len()];
+    let mut got: Vec<Vec<([f64; 5], f64)>> = vec![Vec::new(); scripts.len()];
     for round in 0..rounds {
         for i in 0..scripts.len() {
             let v = (round + i) % scripts.len();
             let prefix = format!("fga-wb:{{bench{round}v{v}}}");
-            got[v].push(run(&mut c, &scripts[v], &prefix, n, batch).await?);
+            let (gen, script) = &scripts[v];
+            got[v].push(run(&mut c, script, gen, &prefix, n, batch).await?);
         }
         eprintln!("round {} of {rounds} done", round + 1);
     }
@@ -222,18 +248,20 @@ async fn main() -> Res<()> {
         println!("{f}");
         let mut push_take_finish = Vec::new();
         let mut all_five = Vec::new();
-        for r in runs {
+        for (r, _) in runs {
             push_take_finish.push(r[0] + r[1] + r[4]);
             all_five.push(r.iter().sum::<f64>());
         }
         for (i, call) in CALLS.iter().enumerate() {
-            let (lo, mid, hi) = spread(&runs.iter().map(|r| r[i]).collect::<Vec<_>>());
+            let (lo, mid, hi) = spread(&runs.iter().map(|(r, _)| r[i]).collect::<Vec<_>>());
             println!("  {call:8} {lo:6.2} / {mid:6.2} / {hi:6.2}");
         }
         let (lo, mid, hi) = spread(&push_take_finish);
         println!("  push + take + finish  {lo:6.2} / {mid:6.2} / {hi:6.2}");
         let (lo, mid, hi) = spread(&all_five);
         println!("  all five              {lo:6.2} / {mid:6.2} / {hi:6.2}");
+        let (lo, mid, hi) = spread(&runs.iter().map(|(_, g)| *g).collect::<Vec<_>>());
+        println!("  gen, per check        {lo:6.2} / {mid:6.2} / {hi:6.2}");
     }
     println!("load average at the end: {:.2}", loadtest::load1());
     Ok(())

@@ -41,6 +41,8 @@ use heartbeat::*;
 use pusher::*;
 
 const SCRIPT: &str = include_str!("store.lua");
+/// The check path's call, a script of its own (see its header).
+const GEN_SCRIPT: &str = include_str!("gen.lua");
 /// Most ops one push script call carries.
 const PUSH_BATCH: usize = 512;
 /// Most ops one take script call moves. A script call holds Redis for its
@@ -56,6 +58,7 @@ pub(crate) struct RedisStore {
     /// `PUBLISH`, or `SPUBLISH` on a cluster (messages stay in the shard).
     publish: &'static str,
     script: redis::Script,
+    gen_script: redis::Script,
     prefix: String,
     /// This instance's name as a writer (`app:...` or `worker:...`).
     writer: String,
@@ -377,6 +380,7 @@ impl RedisStore {
             target,
             publish,
             script,
+            gen_script: redis::Script::new(GEN_SCRIPT),
             prefix,
             writer,
             lease,
@@ -827,7 +831,7 @@ impl Store for RedisStore {
                     Some(r) => a.push(r.len()).push(r),
                     None => a.push(0),
                 };
-                let v = items(self.call(&a).await?)?;
+                let v = items(invoke(&self.conn, &self.gen_script, &self.prefix, &a).await?)?;
                 if self
                     .watch
                     .node_changed(&text(v.get(3).unwrap_or(&Value::Nil))?)

@@ -1108,26 +1108,9 @@ if cmd == 'heartbeat' then
   return { alive, epoch, seq_text, rcall('EXISTS', P .. ':loss'), lost_now }
 end
 
--- gen pub nrels rel* -> {epoch or '', seq, loss open, replid, gen*}: what a
--- cached answer is checked against. nrels = 0: the store-wide counter '*'.
--- replid is the serving node's replication id ('' if it cannot be read): a
--- replica promoted by a failover, or a restarted node, has a new one, which
--- tells a process that it may be reading from before a loss even when the
--- notice of its dropped connection has not reached it yet.
-if cmd == 'gen' then
-  local n = tonumber(ARGV[3])
-  local info = pcall_('INFO', 'replication')
-  local replid = type(info) == 'string' and smatch(info, 'master_replid:(%w+)') or ''
-  local out = { rcall('GET', P .. ':epoch') or '', rcall('GET', P .. ':seq') or '0',
-                rcall('EXISTS', P .. ':loss'), replid }
-  local fields = {}
-  for i = 1, n do fields[i] = ARGV[3 + i] end
-  if n == 0 then fields[1] = '*' end
-  for _, v in ipairs(rcall('HMGET', P .. ':gen', unpack(fields))) do
-    tinsert(out, v or '0')
-  end
-  return out
-end
+-- gen: what checks compare cached answers against is a script of its own,
+-- gen.lua (checks make that call once each, and this script's top level
+-- would cost more than the call).
 
 -- loss pub -> {at, by, reason, more} of the open loss record, or {}
 if cmd == 'loss' then
