@@ -58,6 +58,12 @@ impl RedisStore {
             .push(&self.writer)
             .push(self.lease.as_millis() as u64);
         let v = items(self.call(&a).await?)?;
+        // The heartbeat that confirmed the last writer may also have
+        // recorded a loss, after the caller read the loss flag: it must
+        // not answer from what it read before.
+        if count(&v, 2).unwrap_or(1) == 1 {
+            return Err(self.loss_error().await);
+        }
         if count(&v, 0)? == 0 {
             let _ = self.watch.reconnected_at.compare_exchange(
                 since,

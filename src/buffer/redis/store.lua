@@ -1003,7 +1003,7 @@ if cmd == 'finish' then
   return { applied, dead, requeued, superseded }
 end
 
--- confirmed pub now since writer lease_ms -> {waiting, until when at most}
+-- confirmed pub now since writer lease_ms -> {waiting, until when at most, loss open}
 -- Writers other than `writer` that have not run a heartbeat since `since`
 -- (when `writer` reconnected), and so have not compared what they
 -- acknowledged with what Redis holds: those whose lease runs, and those
@@ -1011,7 +1011,10 @@ end
 -- to a replica that lagged brings back an older lease end and heartbeat with
 -- the rest, so a live writer can look dead; it gets until two leases after
 -- `since` to look. A writer that stopped cleanly (release) has no heartbeat
--- left and is not waited for.
+-- left and is not waited for. `loss open` is read in the same run: the
+-- heartbeat that confirms a writer also records the loss it found, and a
+-- caller that read the loss flag before that heartbeat must not go on from
+-- this confirmation alone.
 if cmd == 'confirmed' then
   local now, since, me = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
   local lease = tonumber(ARGV[6]) or 0
@@ -1037,7 +1040,7 @@ if cmd == 'confirmed' then
   for w, ends in pairs(ends_of) do
     if w ~= me then wait_for(ends) end
   end
-  return { waiting, latest }
+  return { waiting, latest, rcall('EXISTS', P .. ':loss') }
 end
 
 -- heartbeat pub now writer lease_ms epoch acked
