@@ -24,9 +24,13 @@ impl RedisStore {
     /// Fails closed while a dropped connection is not known to be back, and
     /// for a while after (see `Watch::quiet_until`).
     pub(crate) fn after_reconnect(&self) -> Result<()> {
-        let until = self.watch.quiet_until.load(Ordering::Relaxed);
+        // `dropped` first: the heartbeat sets the quiet time before it
+        // clears `dropped`, so a check that finds it cleared finds the
+        // quiet time too.
+        let dropped = self.watch.dropped.load(Ordering::Acquire);
+        let until = self.watch.quiet_until.load(Ordering::Acquire);
         let now = now_ms();
-        let left = if self.watch.dropped.load(Ordering::Relaxed) {
+        let left = if dropped {
             self.watch.wake.notify_one();
             self.lease.as_millis() as u64 / 3 + QUIET_MARGIN_MS
         } else {
@@ -151,23 +155,25 @@ impl Heartbeat {
             .push(self.lease.as_millis() as u64)
             .push(&epoch)
             .push(acked);
-        let dropped = self.watch.dropped.swap(false, Ordering::Relaxed);
-        let v = match invoke(&self.conn, &self.script, &self.prefix, &a).await {
-            Ok(v) => items(v)?,
-            Err(e) => {
-                self.watch.dropped.fetch_or(dropped, Ordering::Relaxed);
-                return Err(e);
-            }
-        };
+        // Cleared only once the quiet time and the reconnect are recorded
+        // (below): cleared before this call, it let a check through while
+        // the call was under way, with neither set yet. A connection that
+        // drops meanwhile adds to `resets` and keeps it set.
+        let dropped = self.watch.dropped.load(Ordering::Acquire);
+        let resets = self.watch.resets.load(Ordering::Acquire);
+        let v = items(invoke(&self.conn, &self.script, &self.prefix, &a).await?)?;
         self.renewed.store(at, Ordering::Relaxed);
         if dropped {
             let quiet = self.lease.as_millis() as u64 / 3 + QUIET_MARGIN_MS;
             self.watch
                 .quiet_until
-                .store(now_ms() + quiet, Ordering::Relaxed);
+                .store(now_ms() + quiet, Ordering::Release);
             self.watch
                 .reconnected_at
-                .store(at.max(1), Ordering::Relaxed);
+                .store(at.max(1), Ordering::Release);
+            if self.watch.resets.load(Ordering::Acquire) == resets {
+                self.watch.dropped.store(false, Ordering::Release);
+            }
         }
         if v.first().map_or(Ok(1), int)? == 0 {
             tracing::error!(

@@ -110,8 +110,10 @@ impl Watch {
     /// checks fail closed until the heartbeat has looked (see
     /// `after_reconnect`), and no cached answer is valid any more.
     fn disconnected(&self) {
-        self.dropped.store(true, Ordering::Relaxed);
-        self.resets.fetch_add(1, Ordering::Relaxed);
+        // `resets` first: a heartbeat clears `dropped` only if `resets` did
+        // not move during its call (see `Heartbeat::once`).
+        self.resets.fetch_add(1, Ordering::AcqRel);
+        self.dropped.store(true, Ordering::Release);
         self.wake.notify_one();
     }
 
