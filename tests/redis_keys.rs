@@ -1,6 +1,7 @@
 //! What fga-wb keeps in Redis. Finished jobs leave nothing, keys
 //! do not grow from one round of work to the next, `status` accounts for
-//! every key, older versions' leftovers can be swept, a Redis that would
+//! every key, older versions' leftovers can be swept, their jobs still run,
+//! a Redis that would
 //! evict keys is refused, and a full Redis refuses ops with a clear error
 //! and buffers nothing.
 #![cfg(feature = "redis")]
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use fga_wb::config::{Mode, StoreKind};
 use fga_wb::{Config, KeyUsage, WriteBehind};
-use support::{config_for, new_store, TestStore, Worker};
+use support::{config_for, new_store, stored, TestStore, Worker};
 use testenv::{Redis, RedisOptions};
 
 fn redis_config(s: &TestStore, url: &str) -> Config {
@@ -19,6 +20,20 @@ fn redis_config(s: &TestStore, url: &str) -> Config {
     c.buffer.store = StoreKind::Redis;
     c.redis.url = url.to_owned();
     c
+}
+
+/// Queue mode on the Redis at `url`, with a quick worker poll; the handle
+/// flushes only when told.
+async fn queue_app(s: &TestStore, url: &str) -> (Config, WriteBehind) {
+    let mut c = redis_config(s, url);
+    c.flush.mode = Mode::Queue;
+    c.queue.poll_interval = Duration::from_millis(50);
+    let wb = WriteBehind::builder(c.clone())
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    (c, wb)
 }
 
 fn keys_of(usage: &[KeyUsage], category: &str) -> u64 {
@@ -43,11 +58,18 @@ async fn round(wb: &WriteBehind, from: usize, n: usize) {
     }
     let r = wb.flush().await.unwrap();
     assert!(r.error.is_none(), "{r:?}");
+    drained(wb, 0).await;
+}
+
+/// Waits until the queue holds no job and `pending` ops are left, none of
+/// them being written.
+async fn drained(wb: &WriteBehind, pending: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let st = wb.status().await.unwrap();
         let q = st.queue.as_ref().expect("queue mode");
-        if st.pending.total + st.pending.in_flight == 0 && q.pending + q.running + q.scheduled == 0
+        if (st.pending.total, st.pending.in_flight) == (pending, 0)
+            && q.pending + q.running + q.scheduled == 0
         {
             return;
         }
@@ -59,14 +81,7 @@ async fn round(wb: &WriteBehind, from: usize, n: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn finished_jobs_leave_nothing_and_keys_do_not_grow() {
     let s = new_store("redis-keys-jobs").await;
-    let mut c = redis_config(&s, &support::redis_url());
-    c.flush.mode = Mode::Queue;
-    c.queue.poll_interval = Duration::from_millis(50);
-    let wb = WriteBehind::builder(c.clone())
-        .automatic_flush(false)
-        .build()
-        .await
-        .unwrap();
+    let (c, wb) = queue_app(&s, &support::redis_url()).await;
     let worker = Worker::start(c, 2);
 
     round(&wb, 0, 1000).await;
@@ -88,6 +103,37 @@ async fn finished_jobs_leave_nothing_and_keys_do_not_grow() {
         "keys grew from one round to the next: {first:?} -> {second:?}"
     );
     assert_eq!(keys_of(&second, "queue"), 0, "{second:?}");
+    worker.stop().await;
+}
+
+/// A job queued by a version that kept no list of its ops beside it (the
+/// claim list, `:jobc`) still runs: the worker's claims come from the job's
+/// JSON, and an op a newer one superseded while the job waited is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_without_its_claim_list_runs_and_skips_superseded_ops() {
+    let s = new_store("redis-keys-no-list").await;
+    let redis = Redis::start(RedisOptions::default()).await.unwrap();
+    let (c, wb) = queue_app(&s, &redis.url()).await;
+    for i in 0..3 {
+        wb.grant(&format!("user:old{i}"), "viewer", "document:1")
+            .await
+            .unwrap();
+    }
+    assert_eq!(wb.flush().await.unwrap().queued, 3);
+    let prefix = format!("fga-wb:{{{}}}", s.store_id);
+    let r = redis.command(&format!("DEL {prefix}:jobc")).await;
+    assert_eq!(r.as_deref().map(str::trim), Some(":1"), "the claim list");
+    // Superseded while its job waits: the grant must not be written.
+    wb.revoke("user:old1", "viewer", "document:1")
+        .await
+        .unwrap();
+
+    let worker = Worker::start(c, 1);
+    drained(&wb, 1).await;
+    assert_eq!(
+        stored(&s).await,
+        ["document:1#viewer@user:old0", "document:1#viewer@user:old2"]
+    );
     worker.stop().await;
 }
 

@@ -58,7 +58,6 @@ pub struct Job {
 
 impl Job {
     /// A first run (attempt 0) of `ops` as job `id`.
-    #[cfg(any(test, feature = "test-util"))]
     pub(crate) fn new(id: u64, store_id: &str, model_id: Option<&str>, ops: &[Taken]) -> Job {
         Job {
             id,

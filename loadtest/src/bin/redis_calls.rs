@@ -147,6 +147,18 @@ async fn run(
             for (key, seq) in job {
                 inv.arg(key).arg(seq);
             }
+            // The job as the library builds it (id 0 for the script to fill
+            // in); a script that does not read it ignores it.
+            let ops: Vec<_> = job
+                .iter()
+                .map(|(key, seq)| {
+                    serde_json::json!({"key": key, "op": "g", "seq": seq.parse::<u64>().unwrap_or(0), "cond": ""})
+                })
+                .collect();
+            let rest = serde_json::to_string(&serde_json::json!({
+                "store_id": "store", "model_id": "model", "ops": ops, "attempt": 0
+            }))?;
+            inv.arg(format!("{{\"id\":0,{}", &rest[1..]));
             timed(c, &inv, &mut spent[2]).await?;
         }
     }

@@ -201,15 +201,21 @@ impl RedisStore {
         model_id: Option<&str>,
         ops: &[Taken],
     ) -> Result<Option<u64>> {
+        // The job as stored, with id 0 for the script to fill in: built
+        // here, where encoding costs a fraction of what it costs in Lua on
+        // Redis's one core.
+        let job = crate::queue::Job::new(0, store_id, model_id, ops);
         let mut a = Args::new("enqueue", self.publish);
         a.push(now_ms())
             .push(&self.writer)
             .push(store_id)
             .push(model_id.unwrap_or_default())
             .push(ops.len());
-        for t in ops {
-            a.push(key_of(&t.tuple)).push(t.seq);
+        for o in &job.ops {
+            a.push(&o.key).push(o.seq);
         }
+        // It cannot fail to encode; if it did, the script would build it.
+        a.push(serde_json::to_string(&job).unwrap_or_default());
         let id = int(&self.call(&a).await?)?;
         Ok((id > 0).then_some(id as u64))
     }

@@ -22,6 +22,8 @@
 --                              keys blocked behind its writes
 --   P:wj:<writer>      set     jobs a worker is running
 --   P:jobs             hash    job id -> job (JSON)
+--   P:jobc             hash    job id -> its ops' "key\nseq" lines, as
+--                              enqueued (see enqueue); gone once rewritten
 --   P:jobq             zset    job id -> when it may run (ms)
 --   P:jobrun           hash    job id -> the worker running it
 --   P:jk:<id>          set     keys a job holds
@@ -321,7 +323,8 @@ local function check_keys(keys)
     { P .. ':counts', 'hash' }, { P .. ':rel', 'hash' }, { P .. ':stats', 'hash' },
     { P .. ':gen', 'hash' }, { P .. ':dead', 'hash' }, { P .. ':seq', 'string' },
     { P .. ':deadseq', 'string' }, { P .. ':owners', 'zset' }, { P .. ':jobs', 'hash' },
-    { P .. ':jobq', 'zset' }, { P .. ':jobrun', 'hash' }, { P .. ':blocked', 'zset' },
+    { P .. ':jobc', 'hash' }, { P .. ':jobq', 'zset' }, { P .. ':jobrun', 'hash' },
+    { P .. ':blocked', 'zset' },
   }
   local seen = {}
   for _, key in ipairs(keys) do
@@ -726,21 +729,28 @@ if cmd == 'take' then
   return out
 end
 
--- enqueue pub now writer store model n (key seq)*n -> job id (0: nothing held)
+-- enqueue pub now writer store model n (key seq)*n template -> job id (0: nothing held)
 -- Hands ops this writer took to a new job: they are held by it until a
 -- worker writes them, and a newer op supersedes them meanwhile.
+-- `template` is the job's JSON as the caller built it from what it took,
+-- starting `{"id":0,`: stored with the id when every op is still this
+-- writer's (the usual case), so no op is decoded or encoded here. Besides
+-- the JSON, P:jobc keeps "key\nseq\n..." of the job's ops, for fetch to
+-- claim them without decoding the JSON either.
 if cmd == 'enqueue' then
   local now, writer, store, model, n = tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+  local template = ARGV[8 + 2 * n]
   local keys, seqs = {}, {}
   for i = 0, n - 1 do
-    tinsert(keys, ARGV[8 + i * 2])
-    tinsert(seqs, ARGV[9 + i * 2])
+    keys[i + 1] = ARGV[8 + i * 2]
+    seqs[i + 1] = ARGV[9 + i * 2]
   end
   local bad = check_keys({})
   if bad then return redis.error_reply(bad) end
   local raw = read_raw(keys)
   local id = rcall('INCR', P .. ':jobseq')
-  local ops = {}
+  -- The held ops, in order, as parallel lists (no table per op).
+  local hkeys, hseqs, hops, hconds, h = {}, {}, {}, {}, 0
   local superseded, seen = 0, {}
   -- Taken by this writer, an entry is "seq|first|since|op|t||writer||cond";
   -- held by the job, "seq|first|since|op|j|id|||cond" (as `move` writes).
@@ -753,13 +763,15 @@ if cmd == 'enqueue' then
         incr(K_COUNTS, 't', -1)
         incr(K_COUNTS, 'j', 1)
         hset(K_OPS, key, seq .. '|' .. mid .. as_held .. cond)
-        tinsert(ops, { key = key, op = op, seq = tonumber(seq), cond = cond })
+        h = h + 1
+        hkeys[h], hseqs[h], hops[h], hconds[h] = key, seq, op, cond
       else
         if cache[key] == nil then admit(key, raw[i]) end
         local e = cache[key]
         if e and e.state == 't' and e.writer == writer and e.seq == seqs[i] then
           move(key, e, 'j', nil, tostring(id))
-          tinsert(ops, { key = key, op = e.op, seq = tonumber(e.seq), cond = e.cond })
+          h = h + 1
+          hkeys[h], hseqs[h], hops[h], hconds[h] = key, e.seq, e.op, e.cond
         elseif e and e.state == 'b' and e.writer == writer and e.ifseq == seqs[i] then
           -- A newer op arrived since the take: it is ready now, and the taken
           -- op is folded into it.
@@ -776,12 +788,26 @@ if cmd == 'enqueue' then
   for i = 1, #keys, 4000 do
     rcall('SREM', P .. ':w:' .. writer, unpack(keys, i, math.min(i + 3999, #keys)))
   end
-  if #ops == 0 then return 0 end
-  rcall('HSET', P .. ':jobs', id, cjson.encode({
-    id = id, store_id = store, model_id = model, attempt = 0, ops = ops, created = now }))
-  local held = {}
-  for _, o in ipairs(ops) do tinsert(held, o.key) end
-  rcall('SADD', P .. ':jk:' .. id, unpack(held))
+  if h == 0 then return 0 end
+  local json, claims
+  if h == n and template and ssub(template, 1, 8) == '{"id":0,' then
+    json = '{"id":' .. id .. ',' .. ssub(template, 9)
+    claims = table.concat(ARGV, '\n', 8, 7 + 2 * n)
+  else
+    local ops, pairs_ = {}, {}
+    for i = 1, h do
+      ops[i] = { key = hkeys[i], op = hops[i], seq = tonumber(hseqs[i]), cond = hconds[i] }
+      pairs_[2 * i - 1], pairs_[2 * i] = hkeys[i], hseqs[i]
+    end
+    json = cjson.encode({
+      id = id, store_id = store, model_id = model, attempt = 0, ops = ops, created = now })
+    claims = table.concat(pairs_, '\n')
+  end
+  rcall('HSET', P .. ':jobs', id, json)
+  rcall('HSET', P .. ':jobc', id, claims)
+  for i = 1, h, 4000 do
+    rcall('SADD', P .. ':jk:' .. id, unpack(hkeys, i, math.min(i + 3999, h)))
+  end
   rcall('ZADD', P .. ':jobq', now, id)
   publish('jobs')
   return id
@@ -799,6 +825,7 @@ local function drop_bad_job(id, raw, now)
   apply_writes()
   rcall('DEL', P .. ':jk:' .. id)
   rcall('HDEL', P .. ':jobs', id)
+  rcall('HDEL', P .. ':jobc', id)
   rcall('HDEL', P .. ':jobrun', id)
   rcall('ZREM', P .. ':jobq', id)
   rcall('HSET', P .. ':badjobs', id, ssub(raw or '', 1, 2000))
@@ -854,15 +881,32 @@ if cmd == 'fetch' then
   for _, id in ipairs(rcall('ZRANGEBYSCORE', P .. ':jobq', '-inf', now, 'LIMIT', 0, max)) do
     rcall('ZREM', P .. ':jobq', id)
     local job = rcall('HGET', P .. ':jobs', id)
-    local ok, decoded = pcall(cjson.decode, job or '')
-    if job and ok and type(decoded) == 'table' and type(decoded.ops) == 'table' then
+    -- The job's keys and seqs as enqueue listed them, for a job that still
+    -- looks like one enqueue stored; any other (rewritten for a retry,
+    -- queued by an older version, or not fga-wb's) is decoded.
+    local keys, seqs = {}, {}
+    local list = job and ssub(job, 1, 6) == '{"id":' and rcall('HGET', P .. ':jobc', id)
+    if list then
+      local i = 0
+      for key, seq in string.gmatch(list, '([^\n]+)\n(%d+)') do
+        i = i + 1
+        keys[i], seqs[i] = key, seq
+      end
+    end
+    if #keys == 0 and job then
+      local ok, decoded = pcall(cjson.decode, job)
+      if ok and type(decoded) == 'table' and type(decoded.ops) == 'table' then
+        for i, o in ipairs(decoded.ops) do
+          keys[i] = tostring(o.key)
+          seqs[i] = string.format('%d', tonumber(o.seq) or 0)
+        end
+      else
+        keys = nil
+      end
+    end
+    if job and keys then
       rcall('HSET', P .. ':jobrun', id, worker)
       rcall('SADD', P .. ':wj:' .. worker, id)
-      local keys, seqs = {}, {}
-      for i, o in ipairs(decoded.ops) do
-        keys[i] = tostring(o.key)
-        seqs[i] = string.format('%d', tonumber(o.seq) or 0)
-      end
       tinsert(out, job)
       tinsert(out, table.concat(claim_ops(worker, id, keys, seqs)))
     elseif job then
@@ -983,11 +1027,14 @@ if cmd == 'finish' then
   if job ~= '' and action == 'done' then
     rcall('DEL', P .. ':jk:' .. job)
     rcall('HDEL', P .. ':jobs', job)
+    rcall('HDEL', P .. ':jobc', job)
     rcall('HDEL', P .. ':jobrun', job)
     rcall('ZREM', P .. ':jobq', job)
     rcall('SREM', P .. ':wj:' .. writer, job)
   elseif job ~= '' and action == 'retry' then
     rcall('HSET', P .. ':jobs', job, jobjson)
+    -- Its ops may be fewer now: fetch decodes the new JSON.
+    rcall('HDEL', P .. ':jobc', job)
     rcall('HDEL', P .. ':jobrun', job)
     rcall('SREM', P .. ':wj:' .. writer, job)
     rcall('ZADD', P .. ':jobq', due, job)
@@ -1296,6 +1343,7 @@ if cmd == 'clear' then
     for _, id in ipairs(rcall('HKEYS', P .. ':jobs')) do
       if not running[id] and (tonumber(id) or 0) <= job_limit then
         rcall('HDEL', P .. ':jobs', id)
+        rcall('HDEL', P .. ':jobc', id)
         rcall('ZREM', P .. ':jobq', id)
         rcall('DEL', P .. ':jk:' .. id)
       end
@@ -1328,8 +1376,8 @@ local function category(key)
     return 'pending'
   end
   if head == 'dead' or head == 'deadseq' or head == 'deadkey' then return 'dead' end
-  if head == 'jobs' or head == 'jobq' or head == 'jobrun' or head == 'jk' or head == 'wj'
-    or head == 'badjobs' then
+  if head == 'jobs' or head == 'jobc' or head == 'jobq' or head == 'jobrun' or head == 'jk'
+    or head == 'wj' or head == 'badjobs' then
     return 'queue'
   end
   -- Counters (counts, rel, seq, jobseq, stats, gen), epochs, owners, write
