@@ -1,9 +1,8 @@
 //! What fga-wb keeps in Redis. Finished jobs leave nothing, keys
 //! do not grow from one round of work to the next, `status` accounts for
 //! every key, older versions' leftovers can be swept, their jobs still run,
-//! a Redis that would
-//! evict keys is refused, and a full Redis refuses ops with a clear error
-//! and buffers nothing.
+//! a Redis that would evict keys is refused, and a full Redis refuses ops
+//! with a clear error and buffers nothing.
 #![cfg(feature = "redis")]
 
 mod support;

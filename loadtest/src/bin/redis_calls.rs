@@ -21,6 +21,7 @@
 //! `FGA_WB_BENCH_ROUNDS` (default 5); `FGA_WB_BENCH_SCALE` scales N
 //! (default 50k).
 
+use fga_wb::queue::{Job, JobOp};
 use loadtest::{env_usize, print_machine, scaled, spread, Res};
 use redis::aio::MultiplexedConnection;
 use redis::Value;
@@ -147,18 +148,25 @@ async fn run(
             for (key, seq) in job {
                 inv.arg(key).arg(seq);
             }
-            // The job as the library builds it (id 0 for the script to fill
-            // in); a script that does not read it ignores it.
-            let ops: Vec<_> = job
-                .iter()
-                .map(|(key, seq)| {
-                    serde_json::json!({"key": key, "op": "g", "seq": seq.parse::<u64>().unwrap_or(0), "cond": ""})
-                })
-                .collect();
-            let rest = serde_json::to_string(&serde_json::json!({
-                "store_id": "store", "model_id": "model", "ops": ops, "attempt": 0
-            }))?;
-            inv.arg(format!("{{\"id\":0,{}", &rest[1..]));
+            // The job as the library encodes it (id 0 for the script to
+            // fill in); a script that does not read it ignores it.
+            let template = Job {
+                id: 0,
+                store_id: "store".into(),
+                model_id: "model".into(),
+                ops: job
+                    .iter()
+                    .map(|(key, seq)| JobOp {
+                        key: key.clone(),
+                        op: "g".into(),
+                        seq: seq.parse().unwrap_or(0),
+                        cond: String::new(),
+                    })
+                    .collect(),
+                attempt: 0,
+                last_error: None,
+            };
+            inv.arg(serde_json::to_string(&template)?);
             timed(c, &inv, &mut spent[2]).await?;
         }
     }
