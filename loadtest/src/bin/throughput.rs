@@ -5,8 +5,12 @@
 //! the memory datastore behind a proxy that adds 1.4 ms of round trip; one
 //! Redis) and runs every contender in rounds, rotating the order each round,
 //! so that drift in the machine's load hits every contender alike. Each
-//! fga-wb figure is a ratio to the raw ceiling measured on the same server in
-//! the same round: pre-built 100-tuple Writes in key order, 8 in parallel.
+//! fga-wb figure is a ratio to the raw ceiling (pre-built 100-tuple Writes
+//! in key order, 8 in parallel) measured on the same server just before and
+//! just after it: the raw ceiling runs between every two contenders. On this
+//! kind of machine two raw runs in a row differ by up to a fifth, so the raw
+//! row's own ratio (each raw run against the raw runs either side of it) is
+//! the control: the spread a ratio has when nothing differs.
 //! Every run writes distinct tuples to a fresh store and is verified by
 //! reading the store back.
 //!
@@ -255,21 +259,46 @@ async fn main() -> Res<()> {
         servers,
     };
     let mut results: BTreeMap<(String, Side), Vec<Run>> = BTreeMap::new();
+    let mut ratios: BTreeMap<(String, Side), Vec<f64>> = BTreeMap::new();
     let mut micro = Micro::default();
     for round in 0..rounds {
         bench.round = round;
         for (target, n, sides) in &groups {
-            let k = sides.len();
+            // Raw, then each contender followed by raw again, in an order
+            // rotated each round: a contender's ratio is to the mean of the
+            // raw runs just before and just after it, so drift in the
+            // machine's speed over minutes does not pass for a difference.
+            let contenders: Vec<Side> = sides.iter().copied().filter(|s| *s != Side::Raw).collect();
+            let k = contenders.len();
+            let mut raws = vec![bench.timed_run(round, target, *n, Side::Raw).await?];
             for j in 0..k {
-                let side = sides[(j + round) % k];
-                eprint!("round {}: {} on {}", round + 1, side.name(), target.name);
-                let run = bench.run(target, *n, side).await?;
-                eprintln!(": {:.0} tuples/s", run.rate());
+                let side = contenders[(j + round) % k];
+                let run = bench.timed_run(round, target, *n, side).await?;
+                let after = bench.timed_run(round, target, *n, Side::Raw).await?;
+                let before = raws.last().map_or(after.rate(), Run::rate);
+                ratios
+                    .entry((target.name.clone(), side))
+                    .or_default()
+                    .push(run.rate() * 2.0 / (before + after.rate()));
+                raws.push(after);
                 results
                     .entry((target.name.clone(), side))
                     .or_default()
                     .push(run);
             }
+            // The control: each raw run between two others, against their
+            // mean, as a contender is measured. Its spread is what the
+            // machine alone does to a ratio.
+            for w in raws.windows(3) {
+                ratios
+                    .entry((target.name.clone(), Side::Raw))
+                    .or_default()
+                    .push(w[1].rate() * 2.0 / (w[0].rate() + w[2].rate()));
+            }
+            results
+                .entry((target.name.clone(), Side::Raw))
+                .or_default()
+                .extend(raws);
         }
         if only
             .as_ref()
@@ -278,7 +307,7 @@ async fn main() -> Res<()> {
             micro.round(&bench, &sqlite, &results).await?;
         }
     }
-    print_results(&groups, &results);
+    print_results(&groups, &results, &ratios);
     if !micro.grant_p99.is_empty() {
         micro.print();
     }
@@ -288,6 +317,13 @@ async fn main() -> Res<()> {
 }
 
 impl Bench {
+    async fn timed_run(&self, round: usize, target: &Target, n: usize, side: Side) -> Res<Run> {
+        eprint!("round {}: {} on {}", round + 1, side.name(), target.name);
+        let run = self.run(target, n, side).await?;
+        eprintln!(": {:.0} tuples/s", run.rate());
+        Ok(run)
+    }
+
     async fn run(&self, target: &Target, n: usize, side: Side) -> Res<Run> {
         let store = target.store("bench-throughput").await?;
         let cpu_of = |pid: Option<u32>| pid.map_or(Duration::ZERO, proc_cpu);
@@ -459,9 +495,10 @@ async fn fga_wb_run(cfg: fga_wb::Config, n: usize, callers: usize, workers: &[u3
 fn print_results(
     groups: &[(Target, usize, Vec<Side>)],
     results: &BTreeMap<(String, Side), Vec<Run>>,
+    ratios: &BTreeMap<(String, Side), Vec<f64>>,
 ) {
     println!(
-        "== end to end, as a ratio to the raw ceiling on the same server in the same round =="
+        "== end to end, as a ratio to the raw ceiling on the same server, run just before and just after =="
     );
     println!(
         "{:<9} {:<66} {:>6} {:>6} {:>6} {:>9} {:>10} {:>10} {:>10} {:>6} {:>8} {:>6}",
@@ -479,15 +516,10 @@ fn print_results(
         "load"
     );
     for (target, _, sides) in groups {
-        let raw = &results[&(target.name.clone(), Side::Raw)];
         for side in sides {
-            let runs = &results[&(target.name.clone(), *side)];
-            let ratios: Vec<f64> = runs
-                .iter()
-                .zip(raw)
-                .map(|(r, w)| r.rate() / w.rate())
-                .collect();
-            let (lo, mid, hi) = spread(&ratios);
+            let key = (target.name.clone(), *side);
+            let runs = &results[&key];
+            let (lo, mid, hi) = ratios.get(&key).map_or((1.0, 1.0, 1.0), |r| spread(r));
             let (_, rate, _) = spread(&runs.iter().map(Run::rate).collect::<Vec<_>>());
             let per_100k = |f: &dyn Fn(&Run) -> Duration| {
                 spread(
@@ -534,6 +566,7 @@ fn print_results(
             );
         }
     }
+    println!("Ratios: each run against the mean of the raw runs just before and just after it; the raw row's is each raw run against the raw runs either side of it (a contender between), the spread of a ratio when nothing differs.");
     println!("CPU/100k: CPU seconds of the benchmark process (fga-wb and its calling tasks; the raw row: the raw writer) plus the `fga-wb worker` processes, per 100k tuples, median over rounds; Redis and OpenFGA: the same for the Redis server and the OpenFGA server (not PostgreSQL's own processes); cores: all four together over the run's wall time, median (the machine has 2). req/100k: Write requests per 100k tuples (store-wide, workers' included), median. load: mean 1-minute load average at the start of the runs.\n");
 }
 
