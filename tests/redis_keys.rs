@@ -136,6 +136,41 @@ async fn a_job_without_its_claim_list_runs_and_skips_superseded_ops() {
     worker.stop().await;
 }
 
+#[cfg(feature = "cli")]
+async fn hlen(redis: &Redis, key: &str) -> String {
+    let r = redis.command(&format!("HLEN {key}")).await;
+    r.map(|r| r.trim().to_owned()).unwrap_or_default()
+}
+
+/// A worker of a version before the claim lists finishes a job this version
+/// queued without deleting its list. `fga-wb sweep` deletes such a list and
+/// keeps the list of a job still queued, which then runs as usual.
+#[cfg(feature = "cli")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sweep_deletes_claim_lists_an_older_worker_left() {
+    let s = new_store("redis-keys-orphan-list").await;
+    let redis = Redis::start(RedisOptions::default()).await.unwrap();
+    let (c, wb) = queue_app(&s, &redis.url()).await;
+    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    assert_eq!(wb.flush().await.unwrap().queued, 1);
+    let jobc = format!("fga-wb:{{{}}}:jobc", s.store_id);
+    // What the older worker left: the list of a job it finished.
+    let r = redis.command(&format!("HSET {jobc} 424242 x")).await;
+    assert_eq!(r.as_deref().map(str::trim), Some(":1"));
+    assert_eq!(hlen(&redis, &jobc).await, ":2");
+
+    let mut cli = support::cli::Cli::new(&s, "queue");
+    cli.set("FGA_WB_REDIS__URL", &redis.url());
+    let run = cli.run(&["--json", "sweep"]).await;
+    assert_eq!(run.ok().json()["deleted"], 1, "{run:?}");
+    assert_eq!(hlen(&redis, &jobc).await, ":1", "the queued job's list");
+
+    let worker = Worker::start(c, 1);
+    drained(&wb, 0).await;
+    assert_eq!(stored(&s).await, ["document:1#viewer@user:anne"]);
+    worker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn keys_older_versions_left_are_shown_and_swept() {
     let s = new_store("redis-keys-legacy").await;

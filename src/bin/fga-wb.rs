@@ -93,8 +93,9 @@ enum Command {
         #[command(subcommand)]
         command: Dlq,
     },
-    /// Delete the job keys older versions left in Redis (finished jobs
-    /// stayed forever); `status` shows them as `legacy`.
+    /// Delete what older versions left in Redis: job keys (finished jobs
+    /// stayed forever; `status` shows them as `legacy`) and the claim lists
+    /// of jobs their workers finished during an upgrade.
     Sweep,
     /// Whether Redis lost acknowledged ops (checks fail closed until
     /// acknowledged); exits 1 while a loss is open.
@@ -347,7 +348,7 @@ async fn command(cli: &Cli, wb: &WriteBehind) -> Result<(), Failure> {
             if cli.json {
                 print_json(&serde_json::json!({ "deleted": n }))
             } else {
-                out!("deleted {n} keys older versions left");
+                out!("deleted {n} keys and claim lists older versions left");
                 Ok(())
             }
         }

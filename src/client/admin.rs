@@ -117,9 +117,11 @@ impl WriteBehind {
         Ok(h)
     }
 
-    /// Redis store: deletes the job keys versions before fga-wb kept jobs
-    /// in its own keys left under the store's prefix (finished jobs stayed
-    /// there forever); returns how many. `fga-wb sweep` runs it.
+    /// Redis store: deletes what older versions left under the store's
+    /// prefix: the job keys of versions before fga-wb kept jobs in its own
+    /// keys (finished jobs stayed there forever), and the claim lists of
+    /// jobs that an older version's workers finished during an upgrade;
+    /// returns how many. `fga-wb sweep` runs it.
     pub async fn sweep_legacy_keys(&self) -> Result<u64> {
         match &self.inner.redis {
             Some(r) => r.sweep_legacy().await,

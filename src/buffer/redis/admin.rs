@@ -55,8 +55,10 @@ impl RedisStore {
         }
     }
 
-    /// Deletes what versions before fga-wb kept jobs in its own keys left
-    /// (apalis job keys under the store's prefix); returns how many.
+    /// Deletes what older versions left: the apalis job keys of versions
+    /// before fga-wb kept jobs in its own keys, and the claim lists of jobs
+    /// that workers of versions before the lists finished (they do not
+    /// delete them); returns how many.
     pub async fn sweep_legacy(&self) -> Result<u64> {
         let mut deleted = 0;
         let mut cursor = "0".to_owned();

@@ -1506,14 +1506,30 @@ if cmd == 'usage' then
 end
 
 -- sweep pub cursor -> {next cursor, deleted}
--- One step of deleting what older versions left (`legacy` above).
+-- One step of deleting what older versions left: the `legacy` keys above
+-- and, in the first step, claim lists (P:jobc) whose job is gone. A worker
+-- of a version before the lists finishes a job this version queued without
+-- deleting its list; nothing reads it again, as job ids are never reused.
 if cmd == 'sweep' then
+  local orphans = 0
+  if ARGV[3] == '0' then
+    local bad = expect_types({ { P .. ':jobc', 'hash' }, { P .. ':jobs', 'hash' } })
+    if bad then return redis.error_reply(bad) end
+    local gone = {}
+    for _, id in ipairs(rcall('HKEYS', P .. ':jobc')) do
+      if rcall('HEXISTS', P .. ':jobs', id) == 0 then gone[#gone + 1] = id end
+    end
+    for i = 1, #gone, 1000 do
+      rcall('HDEL', P .. ':jobc', unpack(gone, i, math.min(i + 999, #gone)))
+    end
+    orphans = #gone
+  end
   local r = rcall('SCAN', ARGV[3], 'MATCH', P .. ':jobs:*', 'COUNT', 1000)
   local keys = r[2]
   for i = 1, #keys, 1000 do
     rcall('UNLINK', unpack(keys, i, math.min(i + 999, #keys)))
   end
-  return { r[1], #keys }
+  return { r[1], #keys + orphans }
 end
 
 if cmd == 'pending' then
