@@ -166,6 +166,26 @@ impl Engine {
         }
     }
 
+    /// For unit tests: a memory store of 1,000 ops, default settings, and
+    /// a client of a server that never answers (port 9), so nothing is
+    /// written unless `sink` takes the ops.
+    #[cfg(test)]
+    pub(crate) fn for_tests(sink: Option<Sink>) -> Engine {
+        let client = Client::builder("http://127.0.0.1:9")
+            .build()
+            .expect("a client of a fixed local address builds");
+        Engine::new(
+            Arc::new(crate::buffer::memory::MemoryStore::new(1000)),
+            client.clone(),
+            client,
+            "01STORE".into(),
+            Some("01MODEL".into()),
+            FlushConfig::default(),
+            Arc::new(CheckCache::new(10, Duration::from_secs(1), None)),
+            sink,
+        )
+    }
+
     /// Most ops one Write carries: the configured size, or the server's
     /// limit once it told us a lower one.
     pub fn max_tuples(&self) -> usize {

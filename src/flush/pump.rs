@@ -849,27 +849,10 @@ pub(crate) const RECORD_EVERY: Duration = Duration::from_millis(250);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buffer::memory::MemoryStore;
     use crate::tuple::TupleKey;
 
     fn engine_with(sink: Option<Sink>) -> Arc<Engine> {
-        let client = crate::openfga::Client::builder("http://127.0.0.1:9")
-            .build()
-            .unwrap();
-        Arc::new(Engine::new(
-            Arc::new(MemoryStore::new(1000)),
-            client.clone(),
-            client,
-            "01STORE".into(),
-            Some("01MODEL".into()),
-            crate::config::FlushConfig::default(),
-            Arc::new(crate::cache::CheckCache::new(
-                10,
-                Duration::from_secs(1),
-                None,
-            )),
-            sink,
-        ))
+        Arc::new(Engine::for_tests(sink))
     }
 
     fn engine() -> Arc<Engine> {

@@ -179,30 +179,8 @@ pub(crate) fn decode(json: &str) -> std::result::Result<Job, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buffer::memory::MemoryStore;
     use crate::flush::Engine;
     use crate::tuple::TupleKey;
-    use std::time::Duration;
-
-    fn engine(sink: Arc<FakeQueue>) -> Engine {
-        let client = crate::openfga::Client::builder("http://127.0.0.1:9")
-            .build()
-            .unwrap();
-        Engine::new(
-            Arc::new(MemoryStore::new(1000)),
-            client.clone(),
-            client,
-            "01STORE".into(),
-            Some("01MODEL".into()),
-            crate::config::FlushConfig::default(),
-            Arc::new(crate::cache::CheckCache::new(
-                10,
-                Duration::from_secs(1),
-                None,
-            )),
-            Some(sink),
-        )
-    }
 
     /// A flush in queue mode pushes one job per chunk of at most
     /// `max_tuples_per_write` ops, in key order, a large object's ops in
@@ -211,7 +189,7 @@ mod tests {
     #[tokio::test]
     async fn flush_pushes_one_job_per_chunk() {
         let fake = Arc::new(FakeQueue::default());
-        let e = Arc::new(engine(fake.clone()));
+        let e = Arc::new(Engine::for_tests(Some(fake.clone())));
         for i in 0..240 {
             let t = TupleKey::new(format!("user:u{i}"), "viewer", "document:1").unwrap();
             e.store.push(&t, Op::Grant).await.unwrap();

@@ -130,6 +130,30 @@ local function rel_of(key)
   return r
 end
 
+-- `cmd key list[1..n]` (without `key` when it is false), a few thousand
+-- arguments a command: Lua's stack caps what `unpack` can pass. `step` is
+-- even for lists of pairs (field value, score member). `call`: rcall, or
+-- pcall_ where a key of the wrong type must not abort the script.
+local function in_parts(call, cmd, key, list, n, step)
+  step = step or 4000
+  for i = 1, n, step do
+    local last = math.min(i + step - 1, n)
+    if key then call(cmd, key, unpack(list, i, last)) else call(cmd, unpack(list, i, last)) end
+  end
+end
+
+-- HMGET of `hash`'s `fields`, in parts as in_parts: values in order (false:
+-- none).
+local function hmget(hash, fields)
+  local out, n = {}, #fields
+  for i = 1, n, 4000 do
+    local last = math.min(i + 3999, n)
+    local part = rcall('HMGET', hash, unpack(fields, i, last))
+    for j = 1, last - i + 1 do out[i + j - 1] = part[j] end
+  end
+  return out
+end
+
 -- t[k], a table created on first use.
 local function slot(t, k)
   local v = t[k]
@@ -190,12 +214,8 @@ local function write_hash(h, fields)
       del[nd] = f
     end
   end
-  for i = 1, nd, 4000 do
-    rcall('HDEL', h, unpack(del, i, math.min(i + 3999, nd)))
-  end
-  for i = 1, ns, 8000 do
-    rcall('HSET', h, unpack(set, i, math.min(i + 7999, ns)))
-  end
+  in_parts(rcall, 'HDEL', h, del, nd)
+  in_parts(rcall, 'HSET', h, set, ns, 8000)
 end
 
 local function apply_writes()
@@ -213,12 +233,8 @@ local function apply_writes()
         rem[nr] = m
       end
     end
-    for i = 1, nr, 4000 do
-      rcall('ZREM', z, unpack(rem, i, math.min(i + 3999, nr)))
-    end
-    for i = 1, na, 8000 do
-      rcall('ZADD', z, unpack(add, i, math.min(i + 7999, na)))
-    end
+    in_parts(rcall, 'ZREM', z, rem, nr)
+    in_parts(rcall, 'ZADD', z, add, na, 8000)
   end
   for h, fields in pairs(hashes) do write_hash(h, fields) end
   flush_incrs()
@@ -279,12 +295,8 @@ local function note_written(keys)
       end
     end
   end
-  for i = 1, #h, 4000 do
-    pcall_('HSET', P .. ':written', unpack(h, i, math.min(i + 3999, #h)))
-  end
-  for i = 1, #z, 4000 do
-    pcall_('ZADD', P .. ':wobj', unpack(z, i, math.min(i + 3999, #z)))
-  end
+  in_parts(pcall_, 'HSET', P .. ':written', h, #h)
+  in_parts(pcall_, 'ZADD', P .. ':wobj', z, #z)
   pcall_('ZREMRANGEBYSCORE', P .. ':wobj', '-inf', now - WRITTEN_KEEP_MS)
 end
 
@@ -394,13 +406,7 @@ end
 -- times that, and the calls touch every op two to four times. Entries of
 -- any other shape, and keys this call already loaded, go through `admit`.
 local function read_raw(keys)
-  local raw, n = {}, #keys
-  for i = 1, n, 4000 do
-    local last = math.min(i + 3999, n)
-    local part = rcall('HMGET', K_OPS, unpack(keys, i, last))
-    for j = 1, last - i + 1 do raw[i + j - 1] = part[j] end
-  end
-  return raw
+  return hmget(K_OPS, keys)
 end
 
 local function load(keys)
@@ -463,18 +469,13 @@ local function bump_gen(rels)
   if any then incr(P .. ':gen', '*', 1) end
 end
 
--- Writers whose lease ended: what they were writing is ready again (or back
--- with its job), and the jobs they ran go back to the queue.
 -- A newer op on these keys was applied or cleared: their dead letters are
 -- stale (see P:deadkey). Free while no key has letters.
 local function supersede_letters(keys)
   if rcall('HLEN', K_DEADKEY) == 0 then return end
-  for i = 1, #keys, 4000 do
-    local part = { unpack(keys, i, math.min(i + 3999, #keys)) }
-    local ids = rcall('HMGET', K_DEADKEY, unpack(part))
-    for j, k in ipairs(part) do
-      if ids[j] and ids[j] ~= '0' then rcall('HSET', K_DEADKEY, k, 0) end
-    end
+  local ids = hmget(K_DEADKEY, keys)
+  for i, k in ipairs(keys) do
+    if ids[i] and ids[i] ~= '0' then rcall('HSET', K_DEADKEY, k, 0) end
   end
 end
 
@@ -487,6 +488,8 @@ local function add_entry(key, op, cond, seq, now)
   return e
 end
 
+-- Writers whose lease ended: what they were writing is ready again (or back
+-- with its job), and the jobs they ran go back to the queue.
 local function reclaim(now)
   local dead = rcall('ZRANGEBYSCORE', P .. ':owners', '-inf', now, 'LIMIT', 0, 20)
   local reclaimed, folded = 0, 0
@@ -642,14 +645,14 @@ if cmd == 'push' then
   -- Before the entries (see apply_writes); members of keys met once, so
   -- no collected write in `zsets` touches them.
   for z, a in pairs(adds) do
-    for i = 1, #a, 8000 do rcall('ZADD', z, unpack(a, i, math.min(i + 7999, #a))) end
+    in_parts(rcall, 'ZADD', z, a, #a, 8000)
   end
   if acked > 0 then incr(P .. ':stats', 'acknowledged', acked) end
   if coalesced_total > 0 then incr(P .. ':stats', 'coalesced', coalesced_total) end
   bump_gen(rels)
   -- Before the entries (see apply_writes): a stray member is harmless, as
   -- reclaim looks at an entry's own writer.
-  for runner, keys in pairs(blocked) do rcall('SADD', P .. ':w:' .. runner, unpack(keys)) end
+  for runner, keys in pairs(blocked) do in_parts(rcall, 'SADD', P .. ':w:' .. runner, keys, #keys) end
   apply_writes()
   -- Its caller may wait for room (overflow "block"): writes say when
   -- they make some.
@@ -723,9 +726,7 @@ if cmd == 'take' then
     seen[key] = true
   end
   apply_writes()
-  for i = 1, n, 4000 do
-    rcall('SADD', P .. ':w:' .. writer, unpack(taken, i, math.min(i + 3999, n)))
-  end
+  in_parts(rcall, 'SADD', P .. ':w:' .. writer, taken, n)
   return out
 end
 
@@ -785,9 +786,7 @@ if cmd == 'enqueue' then
   apply_writes()
   -- The newer ops are ready now; the processes that pushed them take them.
   if superseded > 0 then publish('finished') end
-  for i = 1, #keys, 4000 do
-    rcall('SREM', P .. ':w:' .. writer, unpack(keys, i, math.min(i + 3999, #keys)))
-  end
+  in_parts(rcall, 'SREM', P .. ':w:' .. writer, keys, #keys)
   if h == 0 then return 0 end
   local json, claims
   if h == n and template and ssub(template, 1, 8) == '{"id":0,' then
@@ -805,9 +804,7 @@ if cmd == 'enqueue' then
   end
   rcall('HSET', P .. ':jobs', id, json)
   rcall('HSET', P .. ':jobc', id, claims)
-  for i = 1, h, 4000 do
-    rcall('SADD', P .. ':jk:' .. id, unpack(hkeys, i, math.min(i + 3999, h)))
-  end
+  in_parts(rcall, 'SADD', P .. ':jk:' .. id, hkeys, h)
   rcall('ZADD', P .. ':jobq', now, id)
   publish('jobs')
   return id
@@ -1021,9 +1018,7 @@ if cmd == 'finish' then
   if superseded > 0 then incr(P .. ':stats', 'coalesced', superseded) end
   bump_gen(rels)
   apply_writes()
-  for i = 1, #mine, 4000 do
-    rcall('SREM', P .. ':w:' .. writer, unpack(mine, i, math.min(i + 3999, #mine)))
-  end
+  in_parts(rcall, 'SREM', P .. ':w:' .. writer, mine, #mine)
   if job ~= '' and action == 'done' then
     rcall('DEL', P .. ':jk:' .. job)
     rcall('HDEL', P .. ':jobs', job)
@@ -1277,7 +1272,7 @@ if cmd == 'relevant' then
     for _, k in ipairs(found) do tinsert(keys, k) end
   end
   if #keys > 0 then
-    local raw = rcall('HMGET', P .. ':ops', unpack(keys))
+    local raw = read_raw(keys)
     for i, key in ipairs(keys) do
       local e = parse(raw[i])
       if e and e.op == 'g' then
@@ -1519,16 +1514,12 @@ if cmd == 'sweep' then
     for _, id in ipairs(rcall('HKEYS', P .. ':jobc')) do
       if rcall('HEXISTS', P .. ':jobs', id) == 0 then gone[#gone + 1] = id end
     end
-    for i = 1, #gone, 1000 do
-      rcall('HDEL', P .. ':jobc', unpack(gone, i, math.min(i + 999, #gone)))
-    end
+    in_parts(rcall, 'HDEL', P .. ':jobc', gone, #gone)
     orphans = #gone
   end
   local r = rcall('SCAN', ARGV[3], 'MATCH', P .. ':jobs:*', 'COUNT', 1000)
   local keys = r[2]
-  for i = 1, #keys, 1000 do
-    rcall('UNLINK', unpack(keys, i, math.min(i + 999, #keys)))
-  end
+  in_parts(rcall, 'UNLINK', false, keys, #keys)
   return { r[1], #keys + orphans }
 end
 
