@@ -4,9 +4,11 @@
 
 mod support;
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fga_wb::config::StoreKind;
+use fga_wb::openfga::WriteRequest;
 use fga_wb::{Config, WriteBehind};
 use support::{config_for, new_store, stored, TestStore};
 
@@ -22,6 +24,15 @@ fn redis_config(s: &TestStore) -> Config {
 /// A handle on the Redis store of `s`.
 async fn redis_handle(s: &TestStore) -> WriteBehind {
     WriteBehind::builder(redis_config(s)).build().await.unwrap()
+}
+
+/// A handle on the Redis store of `s` that flushes only when told to.
+async fn manual_handle(s: &TestStore) -> WriteBehind {
+    WriteBehind::builder(redis_config(s))
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap()
 }
 
 /// Two handles share one buffer: a grant through one is pending for both, is
@@ -152,4 +163,146 @@ async fn a_window_taken_in_several_calls_applies_every_op_once() {
     );
     assert_eq!(st.totals.applied, n as u64);
     wb.shutdown().await.unwrap();
+}
+
+/// The store's script, called directly to play a writer that was paused for
+/// longer than its lease (a process stopped, or starved of CPU) and then
+/// goes on: Redis has handed what it was writing to others meanwhile.
+struct LateWriter {
+    conn: support::RedisConn,
+    script: redis::Script,
+    prefix: String,
+    publish: &'static str,
+    name: String,
+}
+
+impl LateWriter {
+    async fn new(s: &TestStore, name: &str) -> LateWriter {
+        LateWriter {
+            conn: support::redis_conn().await,
+            script: redis::Script::new(include_str!("../src/buffer/redis/store.lua")),
+            prefix: format!("fga-wb:{{{}}}", s.store_id),
+            publish: if support::redis_is_cluster() {
+                "SPUBLISH"
+            } else {
+                "PUBLISH"
+            },
+            name: name.to_owned(),
+        }
+    }
+
+    /// Takes every ready op at `now` with a lease of `lease_ms` (taken a
+    /// minute ago with a lease of 1 ms, the lease has long ended). Returns
+    /// each key's sequence number.
+    async fn take_at(&mut self, now: u64, lease_ms: u64) -> HashMap<String, String> {
+        let out: Vec<String> = self
+            .script
+            .key(&self.prefix)
+            .arg(&["take", self.publish])
+            .arg(now)
+            .arg(100)
+            .arg("gr")
+            .arg(u64::MAX / 2)
+            .arg(&self.name)
+            .arg(lease_ms)
+            .invoke_async(&mut self.conn)
+            .await
+            .unwrap();
+        out[1..]
+            .chunks(5)
+            .map(|c| (c[0].clone(), c[1].clone()))
+            .collect()
+    }
+
+    /// Finishes its write of `key` (op `seq`) with `outcome` ("a" applied,
+    /// "r" not applied: try again).
+    async fn finish(&mut self, key: &str, seq: &str, outcome: &str) {
+        let _: Vec<i64> = self
+            .script
+            .key(&self.prefix)
+            .arg(&["finish", self.publish])
+            .arg(now_ms())
+            .arg(&self.name)
+            .arg(&["", "", "0", "", "1"])
+            .arg(&[key, seq, outcome, "", "", "1"])
+            .invoke_async(&mut self.conn)
+            .await
+            .unwrap();
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// A writer paused past its lease goes on: it finishes writes whose ops
+/// Redis handed to another writer, folded into newer ops, or left waiting.
+/// Each op still counts once (acknowledged = applied + coalesced), what
+/// it did write is not written again, and OpenFGA ends in each tuple's
+/// last state.
+#[tokio::test]
+async fn a_writer_back_from_a_pause_counts_each_op_once() {
+    let s = new_store("redis-late-writer").await;
+    let b = manual_handle(&s).await;
+    let users = ["u1", "u2", "u3", "u4", "u5"];
+    for u in users {
+        b.grant(&format!("user:{u}"), "viewer", "document:late")
+            .await
+            .unwrap();
+    }
+    let key = |u: &str| format!("document:late#viewer@user:{u}");
+    let mut a = LateWriter::new(&s, "app:paused").await;
+    let seqs = a.take_at(now_ms() - 60_000, 1).await;
+    assert_eq!(seqs.len(), 5, "{seqs:?}");
+    let seq = |u: &str| seqs[&key(u)].clone();
+
+    // u3's revoke waits behind a's write; then a's lease is found ended:
+    // its ops are ready again, and u3's grant is folded into the revoke.
+    b.revoke("user:u3", "viewer", "document:late")
+        .await
+        .unwrap();
+    assert_eq!(b.status().await.unwrap().totals.coalesced, 1);
+    // u2's grant, ready again, is folded into a revoke.
+    b.revoke("user:u2", "viewer", "document:late")
+        .await
+        .unwrap();
+
+    // a's write of u4 landed; u5's did not.
+    let write = WriteRequest::idempotent(vec![support::tuple(&key("u4"))], vec![]);
+    s.client.write(&s.store_id, &write).await.unwrap();
+    a.finish(&key("u4"), &seq("u4"), "a").await;
+    a.finish(&key("u5"), &seq("u5"), "r").await;
+
+    // b writes what is left: u1's and u5's grants, u2's and u3's revokes.
+    let report = b.flush().await.unwrap();
+    assert_eq!(report.applied, 4, "u4 is written once: {report:?}");
+    // a's writes of u1, u2 and u3 land late.
+    for u in ["u1", "u2", "u3"] {
+        a.finish(&key(u), &seq(u), "a").await;
+    }
+
+    let t = b.status().await.unwrap().totals;
+    assert_eq!((t.acknowledged, t.applied, t.coalesced), (7, 5, 2), "{t:?}");
+    support::assert_accounted(&b).await;
+    assert_eq!(stored(&s).await, [key("u1"), key("u4"), key("u5")]);
+}
+
+/// A writer whose lease ended while it was paused, and that takes again
+/// before anyone else noticed, keeps what it is writing: it is not handed
+/// back to itself to be written twice.
+#[tokio::test]
+async fn a_writer_back_from_a_pause_keeps_what_it_is_writing() {
+    let s = new_store("redis-late-taker").await;
+    let b = manual_handle(&s).await;
+    b.grant("user:anne", "viewer", "document:paused")
+        .await
+        .unwrap();
+    let mut a = LateWriter::new(&s, "app:paused-taker").await;
+    assert_eq!(a.take_at(now_ms() - 60_000, 1).await.len(), 1);
+    assert!(a.take_at(now_ms(), 60_000).await.is_empty());
+    let p = b.pending().await.unwrap();
+    assert_eq!((p.total, p.in_flight), (0, 1), "{p:?}");
 }

@@ -686,8 +686,10 @@ end
 if cmd == 'take' then
   local now, max, kinds, up_to, writer, lease =
     tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
-  reclaim(now)
+  -- Renewed first: a writer that is taking is alive, and must not hand
+  -- what it is writing back to itself (it would write it twice).
   rcall('ZADD', P .. ':owners', now + lease, writer)
+  reclaim(now)
   local keys = ready_keys(kinds, up_to, max)
   local raw = read_raw(keys)
   local out = { 0 }
@@ -871,9 +873,10 @@ end
 -- read, set aside (their ops pending again).
 if cmd == 'fetch' then
   local now, worker, lease, max = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+  -- Renewed first, as in take: its own running jobs stay its own.
+  rcall('ZADD', P .. ':owners', now + lease, worker)
   reclaim(now)
   apply_writes()
-  rcall('ZADD', P .. ':owners', now + lease, worker)
   local out, back = { 0 }, 0
   for _, id in ipairs(rcall('ZRANGEBYSCORE', P .. ':jobq', '-inf', now, 'LIMIT', 0, max)) do
     rcall('ZREM', P .. ':jobq', id)
@@ -974,10 +977,20 @@ if cmd == 'finish' then
       local held = e and e.state == 'j' and e.seq == seq and e.job == job
       if writing or behind then tinsert(mine, key) end
       if behind or (e and (e.op == 'r' or e.cond ~= '')) then notify = true end
+      local reclaimed = e and e.state == 'r' and e.seq == seq
       if outcome == 'a' then
-        applied = applied + 1
+        -- The write landed whoever holds the key now, but the op counts
+        -- once: here if it is still this writer's, or was handed back
+        -- (its lease ended) and not taken again; otherwise it was taken
+        -- again, folded into a newer op, or cleared, and counts there.
         tinsert(written, key)
-        if writing or held then drop(key, e) elseif behind then move(key, e, 'r') end
+        if writing or held or reclaimed then
+          applied = applied + 1
+          drop(key, e)
+        elseif behind then
+          applied = applied + 1
+          move(key, e, 'r')
+        end
       elseif (outcome == 'd' or outcome == 'D') and (writing or held) then
         dead = dead + 1
         drop(key, e)
@@ -1003,12 +1016,15 @@ if cmd == 'finish' then
       elseif outcome == 'n' or outcome == 's' then
         -- Not this writer's to finish (another writer holds the key), or found
         -- superseded when claimed (counted when it was superseded).
-      else
-        -- A newer op replaced it (or its writer was presumed dead and the key
-        -- reclaimed): that op counts, this one is folded into it.
+      elseif behind then
+        -- A newer op waited behind it: that op counts, this one is folded
+        -- into it.
         superseded = superseded + 1
-        if behind then move(key, e, 'r') end
+        move(key, e, 'r')
       end
+      -- Otherwise its writer's lease ended and the op was handed back: it
+      -- counts where it ends (applied by another writer, folded into a
+      -- newer op by a push or by reclaim, or cleared), not here.
     end
   end
   if applied > 0 then incr(P .. ':stats', 'applied', applied) end
