@@ -55,5 +55,6 @@ const COUNTERS: &[&str] = &[
     "fga_wb_higher_consistency_total",
     "fga_wb_flush_pauses_total",
     "fga_wb_redis_losses_total",
+    "fga_wb_redis_leases_lost_total",
     "fga_wb_redis_under_replicated_total",
 ];

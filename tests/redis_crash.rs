@@ -45,6 +45,10 @@ struct Params {
     ops: usize,
     seed: u64,
     queue: bool,
+    /// The child's `redis.writer_lease` in ms (0: the default).
+    lease_ms: u64,
+    /// How many tuples the load is spread over.
+    tuples: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,12 +57,13 @@ enum Kind {
     Revoke,
 }
 
-/// The load: `n` ops over `USERS * DOCS` tuples, 60 % grants.
-fn ops(seed: u64, n: usize) -> Vec<(usize, Kind)> {
+/// The load: `n` ops over the first `tuples` of `USERS * DOCS` tuples, 60 %
+/// grants.
+fn ops(seed: u64, n: usize, tuples: usize) -> Vec<(usize, Kind)> {
     let mut rng = Rng::new(seed);
     (0..n)
         .map(|_| {
-            let t = rng.below(USERS * DOCS);
+            let t = rng.below(tuples.min(USERS * DOCS));
             let kind = if rng.below(10) < 6 {
                 Kind::Grant
             } else {
@@ -116,12 +121,16 @@ async fn child_load() {
         server: support::Server::Plain,
     };
     // Default flushing: batch size, interval, eager revokes.
-    let wb = WriteBehind::builder(redis_config(&store, p.queue))
+    let mut config = redis_config(&store, p.queue);
+    if p.lease_ms > 0 {
+        config.redis.writer_lease = Duration::from_millis(p.lease_ms);
+    }
+    let wb = WriteBehind::builder(config)
         .build()
         .await
         .expect("child handle");
     let mut out = std::io::stdout().lock();
-    for (i, (t, kind)) in ops(p.seed, p.ops).into_iter().enumerate() {
+    for (i, (t, kind)) in ops(p.seed, p.ops, p.tuples).into_iter().enumerate() {
         let r = match kind {
             Kind::Grant => wb.grant(&user(t), "viewer", &object(t)).await,
             Kind::Revoke => wb.revoke(&user(t), "viewer", &object(t)).await,
@@ -134,6 +143,30 @@ async fn child_load() {
     out.flush().expect("stdout");
     // Parked until the parent kills us.
     std::future::pending::<()>().await;
+}
+
+type ChildLines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+/// Starts [`child_load`] in a process of its own; its stdout, by line.
+fn spawn_child(params: &Params) -> (tokio::process::Child, ChildLines) {
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_load", "--nocapture", "--test-threads=1"])
+        .env(CHILD_VAR, serde_json::to_string(params).unwrap())
+        .stdout(std::process::Stdio::piped())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn the child");
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
+}
+
+/// The op a line of the child acknowledges. With one test thread the
+/// harness prints the test's name first, on the line the first ack ends:
+/// "test child_load ... ack 0".
+fn ack_of(line: &str) -> Option<usize> {
+    let (_, i) = line.split_once("ack ")?;
+    Some(i.parse().expect("ack index"))
 }
 
 /// Recovers as an operator does: `fga-wb flush --wait` flushes what comes
@@ -238,25 +271,16 @@ async fn killed_application_loses_nothing(queue: bool) {
         ops: OPS,
         seed: LOAD_SEED,
         queue,
+        lease_ms: 0,
+        tuples: USERS * DOCS,
     };
-    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_load", "--nocapture", "--test-threads=1"])
-        .env(CHILD_VAR, serde_json::to_string(&params).unwrap())
-        .stdout(std::process::Stdio::piped())
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn the child");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut child, mut lines) = spawn_child(&params);
     let mut last: Option<usize> = None;
     let mut killed = false;
     let load_started = Instant::now();
     let mut kill_time = Duration::ZERO;
     while let Some(line) = lines.next_line().await.expect("child stdout") {
-        // With one test thread the harness prints the test's name first,
-        // on the line the first ack ends: "test child_load ... ack 0".
-        if let Some((_, i)) = line.split_once("ack ") {
-            let i: usize = i.parse().expect("ack index");
+        if let Some(i) = ack_of(&line) {
             last = Some(i);
             if !killed && i >= kill_at {
                 child.start_kill().expect("SIGKILL");
@@ -286,7 +310,7 @@ async fn killed_application_loses_nothing(queue: bool) {
     // Expected: each tuple's last acknowledged op. The op after `last` may
     // have reached Redis without its line being printed: either state is
     // right for its tuple.
-    let load = ops(LOAD_SEED, OPS);
+    let load = ops(LOAD_SEED, OPS, USERS * DOCS);
     let mut expected: HashMap<usize, Kind> = HashMap::new();
     for &(t, kind) in &load[..acknowledged] {
         expected.insert(t, kind);
@@ -298,11 +322,7 @@ async fn killed_application_loses_nothing(queue: bool) {
         w.stop().await;
     }
     let present = assert_last_state(&s, &expected, maybe).await;
-    let wb = WriteBehind::builder(config)
-        .automatic_flush(false)
-        .build()
-        .await
-        .unwrap();
+    let wb = manual_handle(config).await;
     let st = wb.status().await.unwrap();
     eprintln!(
         "kill test ({}): {acknowledged} acknowledged (store-wide counter: {}), {} applied, \
@@ -333,12 +353,8 @@ async fn killed_worker_loses_nothing() {
     let mut config = redis_config(&s, true);
     config.flush.batch_size = 1_000_000;
     config.flush.interval = Duration::from_secs(3600);
-    let wb = WriteBehind::builder(config)
-        .automatic_flush(false)
-        .build()
-        .await
-        .unwrap();
-    let load = ops(LOAD_SEED ^ 1, WORKER_OPS);
+    let wb = manual_handle(config).await;
+    let load = ops(LOAD_SEED ^ 1, WORKER_OPS, USERS * DOCS);
     let mut expected: HashMap<usize, Kind> = HashMap::new();
     for &(t, kind) in &load {
         match kind {
@@ -377,5 +393,163 @@ async fn killed_worker_loses_nothing() {
     second.wait().await.unwrap();
     eprintln!("killed at {applied_at_kill} applied; flush --wait {drain_time:.2?}");
     assert_last_state(&s, &expected, None).await;
+    assert_accounted(&wb).await;
+}
+
+/// A handle that flushes only when told to.
+async fn manual_handle(config: Config) -> WriteBehind {
+    WriteBehind::builder(config)
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap()
+}
+
+/// Sends `sig` to process `pid` with the system's `kill`.
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill {sig} {pid} failed");
+}
+
+/// Stop (SIGSTOP) an application process at a moment it is writing, for
+/// longer than its writer lease (2 s here), so that what it was writing is
+/// handed on, and another process applies it; then the stopped process
+/// resumes (SIGCONT), finishes its writes late and goes on to the end of its
+/// load. Each op still counts once, `fga-wb flush --wait` recovers, and
+/// every tuple ends in its last state. (CI once caught late finishes
+/// counted twice.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn paused_application_resumes_and_counts_each_op_once() {
+    const PAUSED_OPS: usize = 6_000;
+    let s = new_store("redis-crash-paused").await;
+    let prefix = format!("fga-wb:{{{}}}", s.store_id);
+    let mut redis = support::redis_conn().await;
+    let params = Params {
+        store_id: s.store_id.clone(),
+        model_id: s.model_id.clone(),
+        ops: PAUSED_OPS,
+        seed: LOAD_SEED ^ 2,
+        queue: false,
+        lease_ms: 2_000,
+        // Few tuples, many ops on each: ops the child held when it stopped
+        // get newer ops after it resumes, which its stale writes of them
+        // would overtake.
+        tuples: 200,
+    };
+    let (mut child, mut lines) = spawn_child(&params);
+    let pid = child.id().expect("the child runs");
+
+    // Stop it when it holds ops it is writing (taken, not yet finished) and
+    // newer ops wait behind some of them: those are written by the other
+    // process, and a stale write of the older op after it resumes would
+    // undo them. When a stop finds none, let it go on a little and try again.
+    let mut acked = 0;
+    let mut stops = 0;
+    let (mut holding, mut behind) = (0, 0);
+    while let Some(line) = lines.next_line().await.expect("child stdout") {
+        if line.ends_with("done") {
+            break;
+        }
+        let Some(i) = ack_of(&line) else { continue };
+        acked = i + 1;
+        if acked < PAUSED_OPS / 5 || acked % 10 != 0 {
+            continue;
+        }
+        signal(pid, "-STOP");
+        stops += 1;
+        (holding, behind) = redis::pipe()
+            .cmd("HGET")
+            .arg(format!("{prefix}:counts"))
+            .arg("t")
+            .cmd("ZCARD")
+            .arg(format!("{prefix}:blocked"))
+            .query_async::<(Option<u64>, u64)>(&mut redis)
+            .await
+            .map(|(t, b)| (t.unwrap_or(0), b))
+            .unwrap();
+        if holding > 0 && behind > 0 {
+            break;
+        }
+        signal(pid, "-CONT");
+    }
+    assert!(
+        holding > 0 && behind > 0,
+        "no stop (of {stops}) found the child writing with newer ops behind; it acknowledged {acked} ops"
+    );
+    eprintln!(
+        "stopped the child after {acked} acks ({stops} tries), writing {holding} ops, {behind} newer ops behind"
+    );
+
+    // Once its lease has ended, another process takes what it held and
+    // applies it.
+    support::eventually(
+        "the stopped child's lease to end",
+        Duration::from_secs(30),
+        || {
+            let mut redis = redis.clone();
+            let owners = format!("{prefix}:owners");
+            async move {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis();
+                let live: u64 = redis::cmd("ZCOUNT")
+                    .arg(owners)
+                    .arg(format!("({now}"))
+                    .arg("+inf")
+                    .query_async(&mut redis)
+                    .await
+                    .unwrap();
+                live == 0
+            }
+        },
+    )
+    .await;
+    let wb = manual_handle(redis_config(&s, false)).await;
+    let report = wb.flush().await.unwrap();
+    let reclaimed: Option<u64> = redis::cmd("HGET")
+        .arg(format!("{prefix}:stats"))
+        .arg("reclaimed")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(
+        reclaimed.unwrap_or(0) > 0,
+        "nothing the child held was handed on: {report:?}"
+    );
+
+    // It resumes and runs its load to the end.
+    signal(pid, "-CONT");
+    let mut done = false;
+    while let Some(line) = lines.next_line().await.expect("child stdout") {
+        if line.ends_with("done") {
+            done = true;
+            break;
+        }
+    }
+    assert!(done, "the child stopped before the end of its load");
+
+    let drain_time = drain_with_cli(&s, false).await;
+    let mut expected: HashMap<usize, Kind> = HashMap::new();
+    for (t, kind) in ops(params.seed, PAUSED_OPS, params.tuples) {
+        expected.insert(t, kind);
+    }
+    assert_last_state(&s, &expected, None).await;
+    child.start_kill().expect("SIGKILL");
+    child.wait().await.unwrap();
+    let t = wb.status().await.unwrap().totals;
+    eprintln!(
+        "paused test: {} acknowledged, {} applied, {} coalesced; {} handed on; \
+         flush --wait {drain_time:.2?}",
+        t.acknowledged,
+        t.applied,
+        t.coalesced,
+        reclaimed.unwrap_or(0)
+    );
+    assert_eq!(t.acknowledged, PAUSED_OPS as u64);
     assert_accounted(&wb).await;
 }

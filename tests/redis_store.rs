@@ -208,7 +208,7 @@ impl LateWriter {
             .invoke_async(&mut self.conn)
             .await
             .unwrap();
-        out[1..]
+        out[2..]
             .chunks(5)
             .map(|c| (c[0].clone(), c[1].clone()))
             .collect()
@@ -305,4 +305,101 @@ async fn a_writer_back_from_a_pause_keeps_what_it_is_writing() {
     assert!(a.take_at(now_ms(), 60_000).await.is_empty());
     let p = b.pending().await.unwrap();
     assert_eq!((p.total, p.in_flight), (0, 1), "{p:?}");
+}
+
+/// A process whose lease ends while it waits to send a Write again (429,
+/// `Retry-After: 3`, from a wiremock OpenFGA) finds, at its next heartbeat,
+/// that what it held was handed to another process: it does not send that
+/// Write (the other process may have written a newer op on the tuple since),
+/// and the other process applies the op, counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_handed_on_during_its_retry_is_not_sent() {
+    use support::mock::{manual_flush, mock_config, mock_openfga, write_mock, STORE};
+    let server = mock_openfga().await;
+    write_mock()
+        .respond_with(support::fixture("rate-limited-429").response())
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    write_mock()
+        .respond_with(support::fixture("write-ok").response())
+        .mount(&server)
+        .await;
+    let mut c = manual_flush(mock_config(&server));
+    c.buffer.store = StoreKind::Redis;
+    c.redis.url = support::redis_url();
+    c.redis.key_prefix = format!("fga-wb-handed-on-{}", now_ms());
+    let prefix = format!("{}:{{{STORE}}}", c.redis.key_prefix);
+    let writes = || async { support::mock::write_bodies(&server).await.len() };
+
+    let a = WriteBehind::builder(c.clone())
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    a.grant("user:anne", "viewer", "document:1").await.unwrap();
+    let flushing = tokio::spawn(async move {
+        let report = a.flush().await.unwrap();
+        (a, report)
+    });
+    support::eventually("the first Write", Duration::from_secs(10), || async {
+        writes().await == 1
+    })
+    .await;
+
+    // a's lease ends (as if it were paused) and b takes over what it held.
+    let mut redis = support::redis_conn().await;
+    let owners: Vec<String> = redis::cmd("ZRANGE")
+        .arg(format!("{prefix}:owners"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(owners.len(), 1, "{owners:?}");
+    let b = WriteBehind::builder(c)
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    let watcher = redis.clone();
+    let reclaimed = || {
+        let mut redis = watcher.clone();
+        let stats = format!("{prefix}:stats");
+        async move {
+            let n: Option<u64> = redis::cmd("HGET")
+                .arg(stats)
+                .arg("reclaimed")
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            n.unwrap_or(0)
+        }
+    };
+    while reclaimed().await == 0 {
+        // a's heartbeat may renew in between: end its lease again.
+        let _: () = redis::cmd("ZADD")
+            .arg(format!("{prefix}:owners"))
+            .arg(0)
+            .arg(&owners[0])
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        b.status().await.unwrap();
+    }
+    let (a, report) = flushing.await.unwrap();
+    assert_eq!(
+        writes().await,
+        1,
+        "a sent the Write it no longer held: {report:?}"
+    );
+    // From here a is a live writer again, in a new term: either process
+    // may write the op, once.
+    a.shutdown().await.unwrap();
+    b.flush().await.unwrap();
+    assert_eq!(writes().await, 2);
+    let t = b.status().await.unwrap().totals;
+    assert_eq!((t.acknowledged, t.applied), (1, 1), "{t:?}");
+    support::assert_accounted(&b).await;
 }

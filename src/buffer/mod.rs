@@ -86,6 +86,9 @@ pub(crate) struct Taken {
     /// Write attempts made before this one (queue mode; the memory store
     /// counts its own).
     pub attempts: u32,
+    /// The writer's term when it took the op (shared stores; see
+    /// [`Store::holds`]).
+    pub term: u64,
 }
 
 /// How a write attempt ended for one op.
@@ -333,6 +336,14 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// lease ends. `None`: no limit.
     fn write_budget(&self) -> Option<Duration> {
         None
+    }
+    /// Whether this writer still holds `t` (stores where others take over
+    /// what a writer held when its lease ends): false once its lease ended
+    /// and what it held was handed on, as a writer learns when it renews.
+    /// Call after [`Store::write_budget`]: a budget from a renewal comes
+    /// with what that renewal learnt.
+    fn holds(&self, _t: &Taken) -> bool {
+        true
     }
     /// Pending ops with `first <= up_to` that wait behind another writer's
     /// write in progress (only shared stores have other writers).

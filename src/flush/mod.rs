@@ -367,6 +367,10 @@ impl Engine {
         };
         let mut result = ChunkResult::new(0);
         let model_id = self.model_id.get();
+        let ops = self.keep_held(ops, &mut result);
+        if ops.is_empty() {
+            return result;
+        }
         match sink
             .enqueue(&self.store_id, model_id.as_deref(), &ops)
             .await
@@ -375,7 +379,9 @@ impl Engine {
             // finishes them.
             Ok(()) => result.queued = ops.len() as u64,
             Err(e) => {
-                result.outcomes = ops.into_iter().map(|t| (t, Outcome::Retry)).collect();
+                result
+                    .outcomes
+                    .extend(ops.into_iter().map(|t| self.unwritten(t)));
                 result.stop = Some(Stop::Transient(e));
             }
         }
@@ -400,13 +406,14 @@ impl Engine {
             // Taken ops are this writer's.
             None => ops,
         };
+        let ops = self.keep_held(ops, &mut result);
         let full = self.max_tuples();
         let mut todo = vec![ops];
         while let Some(part) = todo.pop() {
             if result.stop.is_some() {
                 result
                     .outcomes
-                    .extend(part.into_iter().map(|t| (t, Outcome::Retry)));
+                    .extend(part.into_iter().map(|t| self.unwritten(t)));
                 continue;
             }
             let started = Instant::now();
@@ -482,7 +489,7 @@ impl Engine {
                     tracing::warn!(error = %e, tuples = part.len(), "write failed; ops stay pending");
                     result
                         .outcomes
-                        .extend(part.into_iter().map(|t| (t, Outcome::Retry)));
+                        .extend(part.into_iter().map(|t| self.unwritten(t)));
                     result.stop = Some(if e.is_auth() || e.is_not_found() {
                         Stop::Halt(e)
                     } else {
@@ -492,6 +499,34 @@ impl Engine {
             }
         }
         result
+    }
+
+    /// The ops this writer still holds. Those handed to other writers while
+    /// it was paused past its lease are not its to write (a newer op on the
+    /// key may have been written since), nor to end: `Busy`.
+    fn keep_held(&self, ops: Vec<Taken>, result: &mut ChunkResult) -> Vec<Taken> {
+        let (held, gone): (Vec<Taken>, Vec<Taken>) =
+            ops.into_iter().partition(|t| self.store.holds(t));
+        result
+            .outcomes
+            .extend(gone.into_iter().map(|t| (t, Outcome::Busy)));
+        held
+    }
+
+    /// An op not written this time: pending again (`Retry`), unless it was
+    /// handed to another writer meanwhile (`Busy`: finishing it must not
+    /// touch the key, which may be this writer's again in a new term).
+    fn unwritten(&self, t: Taken) -> (Taken, Outcome) {
+        let outcome = self.not_written(&t);
+        (t, outcome)
+    }
+
+    fn not_written(&self, t: &Taken) -> Outcome {
+        if self.store.holds(t) {
+            Outcome::Retry
+        } else {
+            Outcome::Busy
+        }
     }
 
     /// Writes a grant over the same tuple held with another condition (or
@@ -549,7 +584,7 @@ impl Engine {
                         Stop::Transient(e)
                     });
                 }
-                Outcome::Retry
+                self.not_written(t)
             }
         }
     }
@@ -623,6 +658,12 @@ impl Engine {
         if budget.is_some_and(|b| b < Duration::from_millis(500)) {
             return Err(Error::new(Kind::Busy(
                 "this process's Redis lease is about to end; not starting a write".into(),
+            )));
+        }
+        // After the budget: the renewal it comes from brought the term too.
+        if !ops.iter().all(|t| self.store.holds(t)) {
+            return Err(Error::new(Kind::Busy(
+                "this process's Redis lease ended while it was paused, and what it was writing was handed to other writers; not writing it".into(),
             )));
         }
         self.writer.write_within(&self.store_id, &req, budget).await

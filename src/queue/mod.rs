@@ -95,6 +95,7 @@ impl JobOp {
             seq: self.seq,
             first: self.seq,
             attempts: attempt,
+            term: 0,
         })
     }
 }

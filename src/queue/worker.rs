@@ -46,7 +46,7 @@ impl Applier {
     /// Applies a job. Never fails the job: ops end applied, dead-lettered,
     /// superseded, or with the job rescheduled at the next retry step.
     #[tracing::instrument(level = "info", name = "fga_wb.job", skip_all, fields(id = job.id, ops = job.ops.len(), attempt = job.attempt))]
-    pub(crate) async fn apply(&self, job: Job, claims: Vec<Claim>) -> Result<()> {
+    pub(crate) async fn apply(&self, job: Job, claims: Vec<Claim>, term: u64) -> Result<()> {
         let started = std::time::Instant::now();
         let id = job.id.to_string();
         // An op of an unknown kind (not written by fga-wb) is left out, with
@@ -55,7 +55,11 @@ impl Applier {
             .ops
             .iter()
             .zip(claims.into_iter().chain(std::iter::repeat(Claim::Stale)))
-            .filter_map(|(o, c)| Some((o.taken(job.attempt)?, c)))
+            .filter_map(|(o, c)| {
+                let mut t = o.taken(job.attempt)?;
+                t.term = term;
+                Some((t, c))
+            })
             .unzip();
         let model = (!job.model_id.is_empty()).then_some(job.model_id.as_str());
         // Never closed; without a permit the job would write anyway.
@@ -71,6 +75,14 @@ impl Applier {
             .write_chunk_as(Some(claims), model, taken, retries)
             .await;
         drop(slot);
+        if self.store.term() != term {
+            // This worker's lease ended while it ran the job, and the job
+            // went back to the queue (another worker may be running it):
+            // it is not this worker's to end. Whatever it wrote before is
+            // written again by the next run, as claimed then.
+            tracing::warn!(job = %id, "the job was handed to other workers while this one was paused; left to them");
+            return Ok(());
+        }
         let error = result.stop.as_ref().map(|s| match s {
             Stop::Transient(e) | Stop::Halt(e) => e.clone(),
         });
@@ -162,7 +174,7 @@ impl Applier {
 }
 
 fn handle(
-    (job, claims): (Job, Vec<Claim>),
+    (job, claims, term): Fetched,
     applier: Data<Arc<Applier>>,
 ) -> futures::future::BoxFuture<'static, std::result::Result<(), BoxDynError>> {
     let applier: Arc<Applier> = (*applier).clone();
@@ -172,7 +184,7 @@ fn handle(
         // An Err would only make apalis log it: the job's state is in
         // Redis, and a job left running by a failed finish goes back to the
         // queue when this worker's lease ends.
-        let result: Result<()> = applier.apply(job, claims).await;
+        let result: Result<()> = applier.apply(job, claims, term).await;
         result.map_err(|e| {
             tracing::error!(error = %e, "job could not be applied or rescheduled");
             Box::new(e) as BoxDynError
@@ -180,8 +192,8 @@ fn handle(
     })
 }
 
-/// A fetched job and the claims its ops got.
-type Fetched = (Job, Vec<Claim>);
+/// A fetched job, the claims its ops got, and the worker's term then.
+type Fetched = (Job, Vec<Claim>, u64);
 type JobStream = BoxStream<'static, std::result::Result<Option<Task<Fetched>>, BoxDynError>>;
 /// Jobs are queued by flushes, never through apalis.
 type NoSink = std::pin::Pin<Box<dyn futures::Sink<Task<Fetched>, Error = BoxDynError> + Send>>;
@@ -212,11 +224,11 @@ fn jobs(store: Arc<RedisStore>, poll: Duration) -> JobStream {
     futures::stream::unfold((store, events), move |(store, events)| async move {
         loop {
             match store.fetch_jobs(1).await {
-                Ok(found) => {
+                Ok((term, found)) => {
                     for (json, claims) in found {
                         match decode(&json) {
                             Ok(job) => {
-                                let task = TaskBuilder::new((job, claims)).build();
+                                let task = TaskBuilder::new((job, claims, term)).build();
                                 return Some((Ok(Some(task)), (store, events)));
                             }
                             Err(e) => {

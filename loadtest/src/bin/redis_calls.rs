@@ -125,9 +125,9 @@ async fn run(
             .arg(WRITER)
             .arg(30_000);
         let v = timed(c, &inv, &mut spent[1]).await?;
-        // {corrupt, (key, seq, op, cond, first)*}
+        // {corrupt, term, (key, seq, op, cond, first)*}
         let mut ops = v
-            .get(1..)
+            .get(replies_from(&v)..)
             .unwrap_or_default()
             .chunks_exact(5)
             .map(|o| Ok((text(&o[0])?, text(&o[1])?)))
@@ -182,8 +182,12 @@ async fn run(
         if v.len() <= 1 {
             break;
         }
-        // {.., (job json, ..)*}
-        for pair in v[1..].chunks_exact(2) {
+        // {bad, term, (job json, claims)*}
+        for pair in v
+            .get(replies_from(&v)..)
+            .unwrap_or_default()
+            .chunks_exact(2)
+        {
             let job: serde_json::Value = serde_json::from_str(&text(&pair[0])?)?;
             let ops = job["ops"].as_array().ok_or("a job without ops")?;
             let mut inv = script.key(prefix);
@@ -285,4 +289,13 @@ async fn main() -> Res<()> {
     }
     println!("load average at the end: {:.2}", loadtest::load1());
     Ok(())
+}
+
+/// Where the ops or jobs of a take or fetch reply start: after the count
+/// and the writer's term, or (a script from before terms) after the count.
+fn replies_from(v: &[Value]) -> usize {
+    match v.get(1) {
+        Some(Value::Int(_)) => 2,
+        _ => 1,
+    }
 }

@@ -411,6 +411,7 @@ impl MemoryStore {
                 seq: m.seq,
                 first: m.first,
                 attempts: 0,
+                term: 0,
             })
             .collect()
     }

@@ -223,16 +223,19 @@ impl RedisStore {
     }
 
     /// Up to `max` due jobs for this worker (as stored: JSON), each with
-    /// the claims it got for its ops, in order.
-    pub async fn fetch_jobs(&self, max: usize) -> Result<Vec<(String, Vec<Claim>)>> {
+    /// the claims it got for its ops, in order; and the worker's term (see
+    /// [`Store::holds`]), which the jobs' ops are taken in.
+    pub async fn fetch_jobs(&self, max: usize) -> Result<(u64, Vec<(String, Vec<Claim>)>)> {
+        let now = now_ms();
         let mut a = Args::new("fetch", self.publish);
-        a.push(now_ms())
+        a.push(now)
             .push(&self.writer)
             .push(self.lease.as_millis() as u64)
             .push(max);
         let v = items(self.call(&a).await?)?;
-        self.renewed.store(now_ms(), Ordering::Relaxed);
         let bad = v.first().map_or(Ok(0), int)?;
+        let term = v.get(1).map_or(Ok(0), int)?.max(0) as u64;
+        self.hold.renewed(now, term, &self.writer);
         if bad > 0 {
             tracing::error!(jobs = bad, "set aside queued jobs that do not decode (not written by fga-wb, or corrupted); the ops they held are pending again");
             let _ = self
@@ -244,7 +247,7 @@ impl RedisStore {
                 )
                 .await;
         }
-        v[1.min(v.len())..]
+        let jobs = v[2.min(v.len())..]
             .chunks_exact(2)
             .map(|c| {
                 let claims = text(&c[1])?
@@ -257,7 +260,8 @@ impl RedisStore {
                     .collect();
                 Ok((text(&c[0])?, claims))
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok((term, jobs))
     }
 
     /// Sets aside a job that does not decode; the ops it held are pending

@@ -14,7 +14,7 @@ impl RedisStore {
             publish: self.publish,
             writer: self.writer.clone(),
             lease: self.lease,
-            renewed: self.renewed.clone(),
+            hold: self.hold.clone(),
             watch: self.watch.clone(),
         }
         .once()
@@ -112,9 +112,49 @@ impl RedisStore {
     /// How long a write may take from now and still end within this
     /// writer's lease (less a margin for the clocks and the finish).
     pub fn write_budget(&self) -> Duration {
-        let renewed = self.renewed.load(Ordering::Relaxed);
+        let renewed = self.hold.renewed_at();
         let lease_end = renewed + self.lease.as_millis() as u64;
         Duration::from_millis(lease_end.saturating_sub(now_ms() + LEASE_MARGIN_MS))
+    }
+}
+
+/// This writer's hold on what it takes: when its lease was last renewed
+/// and its term (see `renew` in store.lua). A writer that was paused, or cut
+/// off from Redis, for longer than its lease may find what it held handed to
+/// others; its next renewal brings a new term, and it must not write what
+/// it took in an earlier one (a newer op on the key may have been written
+/// since).
+#[derive(Default)]
+pub(crate) struct Hold {
+    renewed: AtomicU64,
+    term: AtomicU64,
+}
+
+impl Hold {
+    /// A call sent at `at` (ms) renewed the lease and answered `term`. The
+    /// term is stored first: whoever reads the renewal (the write budget)
+    /// then reads the term that came with it.
+    pub(crate) fn renewed(&self, at: u64, term: u64, writer: &str) {
+        let before = self.term.fetch_max(term, Ordering::AcqRel);
+        self.renewed.fetch_max(at, Ordering::AcqRel);
+        if before != 0 && term > before {
+            tracing::error!(
+                writer,
+                "this process's Redis lease had ended (it was paused or cut off from Redis for longer than redis.writer_lease), \
+                 and the ops it was writing were handed to other writers: it does not write them"
+            );
+            metrics::counter!("fga_wb_redis_leases_lost_total").increment(1);
+        }
+    }
+
+    /// When the lease was last renewed (ms since the epoch).
+    pub(crate) fn renewed_at(&self) -> u64 {
+        self.renewed.load(Ordering::Acquire)
+    }
+
+    /// The current term.
+    pub(crate) fn term(&self) -> u64 {
+        self.term.load(Ordering::Acquire)
     }
 }
 
@@ -138,7 +178,7 @@ pub(crate) struct Heartbeat {
     pub(crate) publish: &'static str,
     pub(crate) writer: String,
     pub(crate) lease: Duration,
-    pub(crate) renewed: Arc<AtomicU64>,
+    pub(crate) hold: Arc<Hold>,
     pub(crate) watch: Arc<Watch>,
 }
 
@@ -162,7 +202,8 @@ impl Heartbeat {
         let dropped = self.watch.dropped.load(Ordering::Acquire);
         let resets = self.watch.resets.load(Ordering::Acquire);
         let v = items(invoke(&self.conn, &self.script, &self.prefix, &a).await?)?;
-        self.renewed.store(at, Ordering::Relaxed);
+        let term = v.get(5).map_or(Ok(0), int)?.max(0) as u64;
+        self.hold.renewed(at, term, &self.writer);
         if dropped {
             let quiet = self.lease.as_millis() as u64 / 3 + QUIET_MARGIN_MS;
             self.watch
@@ -176,10 +217,10 @@ impl Heartbeat {
             }
         }
         if v.first().map_or(Ok(1), int)? == 0 {
-            tracing::error!(
+            tracing::warn!(
                 writer = %self.writer,
-                "this process's Redis lease had ended (it was paused or cut off from Redis for longer than redis.writer_lease): \
-                 the ops it was writing were handed to other writers"
+                "this process's Redis lease had ended (it was paused or cut off from Redis for longer than redis.writer_lease); \
+                 renewed before another writer took over what it held"
             );
         }
         let now_epoch = text(v.get(1).unwrap_or(&Value::Nil))?;

@@ -63,8 +63,8 @@ pub(crate) struct RedisStore {
     /// This instance's name as a writer (`app:...` or `worker:...`).
     writer: String,
     lease: Duration,
-    /// When the lease was last renewed (ms since the epoch).
-    renewed: Arc<AtomicU64>,
+    /// When the lease was last renewed, and the term.
+    hold: Arc<Hold>,
     watch: Arc<Watch>,
     pushes: mpsc::Sender<PushRequest>,
     heartbeat: tokio::task::JoinHandle<()>,
@@ -344,7 +344,7 @@ impl RedisStore {
         let prefix = format!("{}:{{{store_id}}}", config.key_prefix);
         let script = redis::Script::new(SCRIPT);
         let writer = unique_name(kind);
-        let renewed = Arc::new(AtomicU64::new(0));
+        let hold = Arc::new(Hold::default());
         // Register before anything is taken, so a take never finds its own
         // writer without a lease. Data that is not fga-wb's under the prefix
         // fails every call with a clear error, not the connect.
@@ -355,7 +355,7 @@ impl RedisStore {
             publish,
             writer: writer.clone(),
             lease,
-            renewed: renewed.clone(),
+            hold: hold.clone(),
             watch: watch.clone(),
         };
         if let Err(e) = beat.once().await {
@@ -386,7 +386,7 @@ impl RedisStore {
             prefix,
             writer,
             lease,
-            renewed,
+            hold,
             watch,
             pushes,
             heartbeat,
@@ -401,6 +401,11 @@ impl RedisStore {
     /// This store's writer name.
     pub fn writer(&self) -> &str {
         &self.writer
+    }
+
+    /// This writer's current term (see [`Store::holds`]).
+    pub fn term(&self) -> u64 {
+        self.hold.term()
     }
 
     async fn take_now(&self, max: usize, what: Take, up_to: u64) -> Result<Vec<Taken>> {
@@ -435,20 +440,22 @@ impl RedisStore {
             Take::Revokes => "r",
             Take::All => "rg",
         };
+        let now = now_ms();
         let mut a = Args::new("take", self.publish);
-        a.push(now_ms())
+        a.push(now)
             .push(max)
             .push(kinds)
             .push(up_to)
             .push(&self.writer)
             .push(self.lease.as_millis() as u64);
         let v = items(self.call(&a).await?)?;
-        self.renewed.store(now_ms(), Ordering::Relaxed);
         let corrupt = v.first().map_or(Ok(0), int)?;
+        let term = v.get(1).map_or(Ok(0), int)?.max(0) as u64;
+        self.hold.renewed(now, term, &self.writer);
         if corrupt > 0 {
             tracing::warn!(count = corrupt, prefix = %self.prefix, "dropped corrupt pending entries (unreadable, not written by fga-wb)");
         }
-        let moved = v[1.min(v.len())..].chunks_exact(5);
+        let moved = v[2.min(v.len())..].chunks_exact(5);
         let got = moved.len();
         for c in moved {
             let key = text(&c[0])?;
@@ -462,6 +469,7 @@ impl RedisStore {
                 seq: int(&c[1])? as u64,
                 first: int(&c[4])? as u64,
                 attempts: 0,
+                term,
             });
         }
         Ok(got)
@@ -490,6 +498,10 @@ impl RedisStore {
             .push(done.len());
         for (t, o) in &done {
             let (code, reason, err_code) = match o {
+                // Handed to another writer while this one was paused: it is
+                // not this writer's to end, whatever its write did, and the
+                // key may be this writer's again in a new term.
+                _ if !self.holds(t) => ("n", "", ""),
                 Outcome::Applied => ("a", "", ""),
                 Outcome::Dead {
                     reason,
@@ -757,6 +769,10 @@ impl Store for RedisStore {
 
     fn write_budget(&self) -> Option<Duration> {
         Some(self.write_budget())
+    }
+
+    fn holds(&self, t: &Taken) -> bool {
+        t.term == self.hold.term()
     }
 
     fn blocked_up_to(&self, up_to: u64) -> BoxFuture<'_, Result<u64>> {

@@ -15,6 +15,11 @@
 --   P:blocked          zset    keys in state b (below), scored by `first`
 --   P:owners           zset    writer -> end of its lease (ms): processes and
 --                              workers that heartbeat
+--   P:terms            hash    writer -> its term, from P:termseq: new each time
+--                              the writer renews and finds it had no lease
+--                              (its first call, or reclaim handed what it
+--                              held to others); see renew
+--   P:termseq          string  last term
 --   P:beats            hash    writer -> when it last ran a heartbeat (ms); kept
 --                              10 min after its last (see confirmed), gone at
 --                              a clean stop
@@ -336,7 +341,7 @@ local function check_keys(keys)
     { P .. ':gen', 'hash' }, { P .. ':dead', 'hash' }, { P .. ':seq', 'string' },
     { P .. ':deadseq', 'string' }, { P .. ':owners', 'zset' }, { P .. ':jobs', 'hash' },
     { P .. ':jobc', 'hash' }, { P .. ':jobq', 'zset' }, { P .. ':jobrun', 'hash' },
-    { P .. ':blocked', 'zset' },
+    { P .. ':blocked', 'zset' }, { P .. ':terms', 'hash' }, { P .. ':termseq', 'string' },
   }
   local seen = {}
   for _, key in ipairs(keys) do
@@ -532,6 +537,21 @@ local function reclaim(now)
   return reclaimed
 end
 
+-- Renews `writer`'s lease; returns when its lease was to end (nil: it had
+-- none) and its term. A writer with no lease gets a new term: what it took
+-- before was handed to others when its lease ended (reclaim), so the process
+-- writes only ops taken in the term the latest call returned.
+local function renew(writer, now, lease)
+  local ends = tonumber(rcall('ZSCORE', P .. ':owners', writer))
+  rcall('ZADD', P .. ':owners', now + lease, writer)
+  local term = ends and rcall('HGET', P .. ':terms', writer)
+  if not term then
+    term = rcall('INCR', P .. ':termseq')
+    rcall('HSET', P .. ':terms', writer, term)
+  end
+  return ends, tonumber(term)
+end
+
 local function init_epoch(now)
   if rcall('EXISTS', P .. ':epoch') == 0 then
     rcall('SET', P .. ':epoch', now)
@@ -681,18 +701,19 @@ local function ready_keys(kinds, up_to, max)
   return keys
 end
 
--- take pub now max kinds up_to writer lease_ms -> {corrupt, (key, seq, op, cond, first)*}
--- The writer's lease is renewed; what it takes is being written by it.
+-- take pub now max kinds up_to writer lease_ms -> {corrupt, term, (key, seq, op, cond, first)*}
+-- The writer's lease is renewed; what it takes is being written by it, in
+-- `term` (see renew).
 if cmd == 'take' then
   local now, max, kinds, up_to, writer, lease =
     tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
   -- Renewed first: a writer that is taking is alive, and must not hand
   -- what it is writing back to itself (it would write it twice).
-  rcall('ZADD', P .. ':owners', now + lease, writer)
+  local _, term = renew(writer, now, lease)
   reclaim(now)
   local keys = ready_keys(kinds, up_to, max)
   local raw = read_raw(keys)
-  local out = { 0 }
+  local out = { 0, term }
   local taken, n, seen = {}, 0, {}
   -- A ready entry is "seq|first|since|op|r||||cond"; taken, it is
   -- "seq|first|since|op|t||writer||cond" (as `move` would write it).
@@ -718,7 +739,7 @@ if cmd == 'take' then
     end
     if seq then
       taken[n + 1] = key
-      local o = 5 * n + 1
+      local o = 5 * n + 2
       out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] = key, seq, op, cond, first
       n = n + 1
     elseif not head then
@@ -867,17 +888,17 @@ local function claim_ops(worker, job, keys, seqs)
   return out
 end
 
--- fetch pub now worker lease_ms max -> {bad, (job json, claims)*}
+-- fetch pub now worker lease_ms max -> {bad, term, (job json, claims)*}
 -- Due jobs for a worker, their ops claimed for it (claims: one digit per op
 -- as claim_ops says); its lease is renewed. `bad`: jobs that could not be
 -- read, set aside (their ops pending again).
 if cmd == 'fetch' then
   local now, worker, lease, max = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
   -- Renewed first, as in take: its own running jobs stay its own.
-  rcall('ZADD', P .. ':owners', now + lease, worker)
+  local _, term = renew(worker, now, lease)
   reclaim(now)
   apply_writes()
-  local out, back = { 0 }, 0
+  local out, back = { 0, term }, 0
   for _, id in ipairs(rcall('ZRANGEBYSCORE', P .. ':jobq', '-inf', now, 'LIMIT', 0, max)) do
     rcall('ZREM', P .. ':jobq', id)
     local job = rcall('HGET', P .. ':jobs', id)
@@ -975,7 +996,9 @@ if cmd == 'finish' then
       local writing = e and e.state == 't' and e.seq == seq and e.writer == writer
       local behind = e and e.state == 'b' and e.ifseq == seq and e.writer == writer
       local held = e and e.state == 'j' and e.seq == seq and e.job == job
-      if writing or behind then tinsert(mine, key) end
+      -- 'n': not this writer's to finish, even when it holds the key (it
+      -- may hold it again, in a new term): its set keeps the key.
+      if (writing or behind) and outcome ~= 'n' then tinsert(mine, key) end
       if behind or (e and (e.op == 'r' or e.cond ~= '')) then notify = true end
       local reclaimed = e and e.state == 'r' and e.seq == seq
       if outcome == 'a' then
@@ -1102,9 +1125,9 @@ if cmd == 'confirmed' then
 end
 
 -- heartbeat pub now writer lease_ms epoch acked
---   -> {alive, epoch, seq, loss open, lost now}
--- Renews the writer's lease (alive is 0 if it had already ended: what the
--- writer held was handed to others), and compares what the writer knows
+--   -> {alive, epoch, seq, loss open, lost now, term}
+-- Renews the writer's lease (alive is 0 if it had already ended; a new
+-- `term` says what it held was handed to others), and compares what the writer knows
 -- with what Redis holds: `epoch` is the store's epoch as the writer last saw
 -- it ('' before its first look), `acked` the highest sequence number it
 -- acknowledged under that epoch. Keys gone, an epoch never seen, or the
@@ -1119,13 +1142,15 @@ if cmd == 'heartbeat' then
   local bad = expect_types({ { P .. ':owners', 'zset' }, { P .. ':loss', 'hash' },
                              { P .. ':epochs', 'hash' }, { P .. ':epoch', 'string' } })
   if bad then return redis.error_reply(bad) end
-  local ends = tonumber(rcall('ZSCORE', P .. ':owners', writer))
-  rcall('ZADD', P .. ':owners', now + lease, writer)
+  local ends, term = renew(writer, now, lease)
   rcall('HSET', P .. ':beats', writer, now)
   -- Heartbeats of writers gone for long (kept for confirmed until then).
   local beats = rcall('HGETALL', P .. ':beats')
   for i = 1, #beats, 2 do
-    if (tonumber(beats[i + 1]) or 0) < now - BEATS_KEEP_MS then rcall('HDEL', P .. ':beats', beats[i]) end
+    if (tonumber(beats[i + 1]) or 0) < now - BEATS_KEEP_MS then
+      rcall('HDEL', P .. ':beats', beats[i])
+      rcall('HDEL', P .. ':terms', beats[i])
+    end
   end
   -- Write marks past their use go even when nothing is being written.
   pcall_('ZREMRANGEBYSCORE', P .. ':wobj', '-inf', redis_ms() - WRITTEN_KEEP_MS)
@@ -1166,7 +1191,7 @@ if cmd == 'heartbeat' then
     epoch = ARGV[3] .. '/' .. writer
     rcall('SET', P .. ':epoch', epoch)
   end
-  return { alive, epoch, seq_text, rcall('EXISTS', P .. ':loss'), lost_now }
+  return { alive, epoch, seq_text, rcall('EXISTS', P .. ':loss'), lost_now, term }
 end
 
 -- gen: what checks compare cached answers against is a script of its own,
@@ -1204,6 +1229,7 @@ if cmd == 'release' then
   apply_writes()
   -- Stopped cleanly: nothing of its own left to compare after a reconnect.
   rcall('HDEL', P .. ':beats', writer)
+  rcall('HDEL', P .. ':terms', writer)
   return n
 end
 
