@@ -179,15 +179,12 @@ async fn run(
             .arg(30_000)
             .arg(FETCH);
         let v = timed(c, &inv, &mut spent[3]).await?;
-        if v.len() <= 1 {
+        // {bad, term, (job json, claims)*}
+        let from = replies_from(&v);
+        if v.len() <= from {
             break;
         }
-        // {bad, term, (job json, claims)*}
-        for pair in v
-            .get(replies_from(&v)..)
-            .unwrap_or_default()
-            .chunks_exact(2)
-        {
+        for pair in v.get(from..).unwrap_or_default().chunks_exact(2) {
             let job: serde_json::Value = serde_json::from_str(&text(&pair[0])?)?;
             let ops = job["ops"].as_array().ok_or("a job without ops")?;
             let mut inv = script.key(prefix);
