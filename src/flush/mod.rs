@@ -379,9 +379,7 @@ impl Engine {
             // finishes them.
             Ok(()) => result.queued = ops.len() as u64,
             Err(e) => {
-                result
-                    .outcomes
-                    .extend(ops.into_iter().map(|t| self.unwritten(t)));
+                result.outcomes = ops.into_iter().map(|t| (t, Outcome::Retry)).collect();
                 result.stop = Some(Stop::Transient(e));
             }
         }
@@ -413,7 +411,7 @@ impl Engine {
             if result.stop.is_some() {
                 result
                     .outcomes
-                    .extend(part.into_iter().map(|t| self.unwritten(t)));
+                    .extend(part.into_iter().map(|t| (t, Outcome::Retry)));
                 continue;
             }
             let started = Instant::now();
@@ -489,7 +487,7 @@ impl Engine {
                     tracing::warn!(error = %e, tuples = part.len(), "write failed; ops stay pending");
                     result
                         .outcomes
-                        .extend(part.into_iter().map(|t| self.unwritten(t)));
+                        .extend(part.into_iter().map(|t| (t, Outcome::Retry)));
                     result.stop = Some(if e.is_auth() || e.is_not_found() {
                         Stop::Halt(e)
                     } else {
@@ -503,7 +501,9 @@ impl Engine {
 
     /// The ops this writer still holds. Those handed to other writers while
     /// it was paused past its lease are not its to write (a newer op on the
-    /// key may have been written since), nor to end: `Busy`.
+    /// key may have been written since), nor to end: `Busy` (the store
+    /// finishes any op it no longer holds as not its own, whatever the
+    /// outcome).
     fn keep_held(&self, ops: Vec<Taken>, result: &mut ChunkResult) -> Vec<Taken> {
         let (held, gone): (Vec<Taken>, Vec<Taken>) =
             ops.into_iter().partition(|t| self.store.holds(t));
@@ -511,22 +511,6 @@ impl Engine {
             .outcomes
             .extend(gone.into_iter().map(|t| (t, Outcome::Busy)));
         held
-    }
-
-    /// An op not written this time: pending again (`Retry`), unless it was
-    /// handed to another writer meanwhile (`Busy`: finishing it must not
-    /// touch the key, which may be this writer's again in a new term).
-    fn unwritten(&self, t: Taken) -> (Taken, Outcome) {
-        let outcome = self.not_written(&t);
-        (t, outcome)
-    }
-
-    fn not_written(&self, t: &Taken) -> Outcome {
-        if self.store.holds(t) {
-            Outcome::Retry
-        } else {
-            Outcome::Busy
-        }
     }
 
     /// Writes a grant over the same tuple held with another condition (or
@@ -584,7 +568,7 @@ impl Engine {
                         Stop::Transient(e)
                     });
                 }
-                self.not_written(t)
+                Outcome::Retry
             }
         }
     }

@@ -86,16 +86,16 @@ pub struct JobOp {
 }
 
 impl JobOp {
-    /// The op as taken for writing on the job's `attempt`; `None` for an op
-    /// of an unknown kind (not written by fga-wb).
-    pub(crate) fn taken(&self, attempt: u32) -> Option<Taken> {
+    /// The op as taken for writing on the job's `attempt`, by a worker in
+    /// `term`; `None` for an op of an unknown kind (not written by fga-wb).
+    pub(crate) fn taken(&self, attempt: u32, term: u64) -> Option<Taken> {
         Some(Taken {
             tuple: tuple_of(&self.key, condition_of(&self.cond)),
             op: op_of(&self.op)?,
             seq: self.seq,
             first: self.seq,
             attempts: attempt,
-            term: 0,
+            term,
         })
     }
 }

@@ -55,11 +55,7 @@ impl Applier {
             .ops
             .iter()
             .zip(claims.into_iter().chain(std::iter::repeat(Claim::Stale)))
-            .filter_map(|(o, c)| {
-                let mut t = o.taken(job.attempt)?;
-                t.term = term;
-                Some((t, c))
-            })
+            .filter_map(|(o, c)| Some((o.taken(job.attempt, term)?, c)))
             .unzip();
         let model = (!job.model_id.is_empty()).then_some(job.model_id.as_str());
         // Never closed; without a permit the job would write anyway.
