@@ -21,7 +21,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -282,6 +282,19 @@ mod secs {
     }
 }
 
+/// A time read from stored data, as its distance from the Unix epoch: the
+/// epoch itself when it lies past what can be shown (RFC 3339 ends with the
+/// year 9999) or held, so stored garbage never panics.
+pub(crate) fn stored_time(since_epoch: Duration) -> SystemTime {
+    /// 9999-12-31T23:59:59Z.
+    const LAST: Duration = Duration::from_secs(253_402_300_799);
+    if since_epoch > LAST {
+        UNIX_EPOCH
+    } else {
+        UNIX_EPOCH + since_epoch
+    }
+}
+
 mod unix {
     use serde::Serializer;
     use std::time::{SystemTime, UNIX_EPOCH};
@@ -295,7 +308,9 @@ mod unix {
 
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
         let v = <f64 as serde::Deserialize>::deserialize(d)?;
-        Ok(UNIX_EPOCH + std::time::Duration::try_from_secs_f64(v).unwrap_or_default())
+        Ok(super::stored_time(
+            std::time::Duration::try_from_secs_f64(v).unwrap_or_default(),
+        ))
     }
 }
 

@@ -171,6 +171,13 @@ impl TupleKey {
         validate_object(&self.object)?;
         if let Some(c) = &self.condition {
             validate_condition_name(&c.name)?;
+            if c.context.as_ref().is_some_and(context_too_deep) {
+                return Err(TupleError::new(
+                    Field::Condition,
+                    &c.name,
+                    format!("has a context nested deeper than {MAX_CONTEXT_DEPTH} levels of objects and arrays; flatten it"),
+                ));
+            }
         }
         Ok(())
     }
@@ -426,6 +433,28 @@ pub fn validate_object(object: &str) -> Result<(), TupleError> {
     Ok(())
 }
 
+/// Deepest nesting of a condition's context taken: what fga-wb stores (in
+/// Redis, in queue jobs) it must read back, and serde_json reads at most 128
+/// levels, the condition's own object included.
+const MAX_CONTEXT_DEPTH: usize = 100;
+
+/// Without recursion: the context is the caller's, however deep.
+fn context_too_deep(context: &serde_json::Map<String, serde_json::Value>) -> bool {
+    let mut todo: Vec<(&serde_json::Value, usize)> = context.values().map(|v| (v, 1)).collect();
+    while let Some((v, outer)) = todo.pop() {
+        let inner: Box<dyn Iterator<Item = &serde_json::Value>> = match v {
+            serde_json::Value::Object(m) => Box::new(m.values()),
+            serde_json::Value::Array(a) => Box::new(a.iter()),
+            _ => continue,
+        };
+        if outer + 1 > MAX_CONTEXT_DEPTH {
+            return true;
+        }
+        todo.extend(inner.map(|v| (v, outer + 1)));
+    }
+    false
+}
+
 fn validate_condition_name(name: &str) -> Result<(), TupleError> {
     let f = Field::Condition;
     if name.is_empty() {
@@ -456,6 +485,36 @@ mod tests {
             Ok(t) => panic!("{t} was accepted"),
             Err(e) => e,
         }
+    }
+
+    /// `{"k": {"k": ... 1}}` with `levels` objects, the context's own first.
+    fn nested_context(levels: usize) -> serde_json::Map<String, serde_json::Value> {
+        let mut v = serde_json::json!(1);
+        for _ in 1..levels {
+            v = serde_json::json!({ "k": v });
+        }
+        let mut m = serde_json::Map::new();
+        m.insert("k".into(), v);
+        m
+    }
+
+    /// What fga-wb takes it can store and read back; deeper is refused
+    /// with a reason, never stored as a condition it could not read.
+    #[test]
+    fn a_condition_context_too_deep_to_read_back_is_refused() {
+        let t = TupleKey::new("user:anne", "viewer", "document:1").expect("valid");
+        let ok = t
+            .clone()
+            .with_condition("in_hours", Some(nested_context(MAX_CONTEXT_DEPTH)))
+            .expect("as deep as allowed");
+        let stored = serde_json::to_string(&ok.condition).expect("encodes");
+        let back: Option<Condition> = serde_json::from_str(&stored).expect("reads back");
+        assert_eq!(back, ok.condition);
+        let e = t
+            .with_condition("in_hours", Some(nested_context(MAX_CONTEXT_DEPTH + 1)))
+            .expect_err("one level deeper");
+        assert_eq!(e.field, Field::Condition);
+        assert!(e.reason.contains("nested deeper than 100"), "{e}");
     }
 
     #[test]

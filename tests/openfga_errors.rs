@@ -171,19 +171,40 @@ async fn captured_success_bodies_decode() {
     assert!(!page.continuation_token.is_empty());
 }
 
+/// `/oauth/token` on `server` hands out `tok-1`, living `expires_in`
+/// seconds, and expects to be asked `times` times.
+async fn mount_token(server: &MockServer, expires_in: u64, times: u64) {
+    Mock::given(method("POST"))
+        .and(path("/oauth/token"))
+        .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(
+            serde_json::json!({"access_token": "tok-1", "expires_in": expires_in, "token_type": "Bearer"}),
+        ))
+        .expect(times)
+        .mount(server)
+        .await;
+}
+
+/// A client of `server` with client credentials, its token endpoint
+/// `/oauth/token` on the same server.
+fn oauth_client(server: &MockServer, audience: Option<&str>) -> Client {
+    Client::builder(server.uri())
+        .credentials(Credentials::ClientCredentials(OAuth2 {
+            token_url: format!("{}/oauth/token", server.uri()),
+            client_id: "id".into(),
+            client_secret: Secret::new("client-secret-xyz"),
+            audience: audience.map(str::to_owned),
+            scopes: None,
+        }))
+        .build()
+        .unwrap()
+}
+
 /// OAuth2 client credentials: the token is fetched once and reused while it
 /// is fresh, sent as a bearer, and fetched again after a 401.
 #[tokio::test]
 async fn oauth2_token_is_cached_and_refreshed_after_401() {
     let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/oauth/token"))
-        .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(
-            serde_json::json!({"access_token": "tok-1", "expires_in": 3600, "token_type": "Bearer"}),
-        ))
-        .expect(2)
-        .mount(&server)
-        .await;
+    mount_token(&server, 3600, 2).await;
     Mock::given(method("POST"))
         .and(path(format!("/stores/{STORE}/check")))
         .and(header("authorization", "Bearer tok-1"))
@@ -196,16 +217,7 @@ async fn oauth2_token_is_cached_and_refreshed_after_401() {
         .respond_with(fixture("auth-wrong-token").response())
         .mount(&server)
         .await;
-    let client = Client::builder(server.uri())
-        .credentials(Credentials::ClientCredentials(OAuth2 {
-            token_url: format!("{}/oauth/token", server.uri()),
-            client_id: "id".into(),
-            client_secret: Secret::new("client-secret-xyz"),
-            audience: Some("https://api.fga.example".into()),
-            scopes: None,
-        }))
-        .build()
-        .unwrap();
+    let client = oauth_client(&server, Some("https://api.fga.example"));
     let check = CheckRequest::new("user:anne", "viewer", "document:1");
     for _ in 0..3 {
         assert!(client.check(STORE, &check).await.unwrap());
@@ -220,6 +232,25 @@ async fn oauth2_token_is_cached_and_refreshed_after_401() {
     // `expect(2)` on the token endpoint is verified when the server drops.
 }
 
+/// A token that claims to live longer than a clock holds is used (and kept
+/// at most a day), not a panic in the middle of every call.
+#[tokio::test]
+async fn oauth2_token_with_an_endless_lifetime_is_used() {
+    let server = MockServer::start().await;
+    mount_token(&server, u64::MAX, 1).await;
+    Mock::given(method("POST"))
+        .and(path(format!("/stores/{STORE}/check")))
+        .and(header("authorization", "Bearer tok-1"))
+        .respond_with(fixture("check-allowed").response())
+        .mount(&server)
+        .await;
+    let client = oauth_client(&server, None);
+    let check = CheckRequest::new("user:anne", "viewer", "document:1");
+    for _ in 0..2 {
+        assert!(client.check(STORE, &check).await.unwrap());
+    }
+}
+
 /// A token endpoint that refuses the client is an auth error naming the
 /// setting to fix, without the secret.
 #[tokio::test]
@@ -230,16 +261,7 @@ async fn oauth2_refusal_is_an_auth_error() {
         .respond_with(wiremock::ResponseTemplate::new(401))
         .mount(&server)
         .await;
-    let client = Client::builder(server.uri())
-        .credentials(Credentials::ClientCredentials(OAuth2 {
-            token_url: format!("{}/oauth/token", server.uri()),
-            client_id: "id".into(),
-            client_secret: Secret::new("client-secret-xyz"),
-            audience: None,
-            scopes: None,
-        }))
-        .build()
-        .unwrap();
+    let client = oauth_client(&server, None);
     let e = client
         .check(STORE, &CheckRequest::new("user:a", "viewer", "document:1"))
         .await

@@ -101,10 +101,57 @@ fn clear<T: std::fmt::Debug>(what: &str, r: &fga_wb::Result<T>) {
     }
 }
 
+/// Runs the `fga-wb` binary on the store `s` under key prefix `pre`: its
+/// exit code (`None`: killed by a signal) and what it printed.
+fn fga_wb(s: &TestStore, pre: &str, args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .env_clear()
+        .env("FGA_API_URL", support::openfga_url())
+        .env("FGA_API_TOKEN", support::openfga_token())
+        .env("FGA_STORE_ID", &s.store_id)
+        .env("FGA_WB_BUFFER__STORE", "redis")
+        .env("FGA_WB_REDIS__URL", support::redis_url())
+        .env("FGA_WB_REDIS__KEY_PREFIX", pre)
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("$ fga-wb {}  -> {}\n{text}", args.join(" "), out.status);
+    (out.status.code(), text)
+}
+
 /// A unique key prefix per test, so tests sharing one OpenFGA store and one
 /// Redis never see each other's keys.
 fn prefix(name: &str) -> String {
     format!("fga-wb-bad-{name}-{}", std::process::id())
+}
+
+/// A store for a test named `name`, its key prefix `pre` and the prefix
+/// `p` of its keys in Redis, an inline handle on it and a connection to
+/// Redis.
+struct Inline {
+    s: TestStore,
+    pre: String,
+    p: String,
+    wb: WriteBehind,
+    c: RedisConn,
+}
+
+async fn inline(name: &str) -> Inline {
+    let s = new_store(&format!("bad-{name}")).await;
+    let pre = prefix(name);
+    let p = format!("{pre}:{{{}}}", s.store_id);
+    let wb = WriteBehind::builder(config(&s, &pre, Mode::Inline))
+        .build()
+        .await
+        .unwrap();
+    let c = redis().await;
+    Inline { s, pre, p, wb, c }
 }
 
 /// Garbage as a tuple's pending entry in `:ops`: checks, pending, flush,
@@ -113,14 +160,9 @@ fn prefix(name: &str) -> String {
 #[tokio::test]
 async fn garbage_pending_entry() {
     let (logs, _guard) = Logs::start();
-    let s = new_store("bad-ops").await;
-    let pre = prefix("ops");
-    let p = format!("{pre}:{{{}}}", s.store_id);
-    let wb = WriteBehind::builder(config(&s, &pre, Mode::Inline))
-        .build()
-        .await
-        .unwrap();
-    let mut c = redis().await;
+    let Inline {
+        s, p, wb, mut c, ..
+    } = inline("ops").await;
 
     // 1. A foreign value under a key nothing was pushed for.
     let k1 = "document:1#viewer@user:anne";
@@ -201,14 +243,13 @@ async fn garbage_pending_entry() {
 #[tokio::test]
 async fn garbage_dead_letters_are_skipped() {
     let (logs, _guard) = Logs::start();
-    let s = new_store("bad-dead").await;
-    let pre = prefix("dead");
-    let p = format!("{pre}:{{{}}}", s.store_id);
-    let wb = WriteBehind::builder(config(&s, &pre, Mode::Inline))
-        .build()
-        .await
-        .unwrap();
-    let mut c = redis().await;
+    let Inline {
+        s,
+        pre,
+        p,
+        wb,
+        mut c,
+    } = inline("dead").await;
     let dead = format!("{p}:dead");
     let good = r#"{"id":3,"key":"document:1#viewer@user:ok","op":"g","seq":1,"reason":"refused","code":"validation_error","attempts":1,"dead_at":1700000000,"cond":""}"#;
     for (id, v) in [
@@ -241,27 +282,7 @@ async fn garbage_dead_letters_are_skipped() {
     let st = wb.status().await.unwrap();
     assert_eq!(st.dead_letters, 1);
 
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(BIN)
-            .args(args)
-            .env_clear()
-            .env("FGA_API_URL", support::openfga_url())
-            .env("FGA_API_TOKEN", support::openfga_token())
-            .env("FGA_STORE_ID", &s.store_id)
-            .env("FGA_WB_BUFFER__STORE", "redis")
-            .env("FGA_WB_REDIS__URL", support::redis_url())
-            .env("FGA_WB_REDIS__KEY_PREFIX", &pre)
-            .current_dir(std::env::temp_dir())
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        eprintln!("$ fga-wb {}  -> {}\n{text}", args.join(" "), out.status);
-        (out.status.code(), text)
-    };
+    let run = |args: &[&str]| fga_wb(&s, &pre, args);
     let (code, text) = run(&["dlq", "list"]);
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("document:1#viewer@user:ok"), "{text}");
@@ -318,14 +339,7 @@ async fn garbage_dead_letters_are_skipped() {
 #[tokio::test]
 async fn sequence_that_is_not_a_number() {
     let (logs, _guard) = Logs::start();
-    let s = new_store("bad-seq").await;
-    let pre = prefix("seq");
-    let p = format!("{pre}:{{{}}}", s.store_id);
-    let wb = WriteBehind::builder(config(&s, &pre, Mode::Inline))
-        .build()
-        .await
-        .unwrap();
-    let mut c = redis().await;
+    let Inline { p, wb, mut c, .. } = inline("seq").await;
     let _: () = cmd(&mut c, &["SET", &format!("{p}:seq"), "abc"]).await;
 
     let r = wb.grant("user:a", "viewer", "document:1").await;
@@ -478,27 +492,226 @@ async fn wrong_types_and_non_numeric_counters() {
         ],
     )
     .await;
-    let out = std::process::Command::new(BIN)
-        .args(["status"])
-        .env_clear()
-        .env("FGA_API_URL", support::openfga_url())
-        .env("FGA_STORE_ID", &s.store_id)
-        .env("FGA_WB_BUFFER__STORE", "redis")
-        .env("FGA_WB_REDIS__URL", support::redis_url())
-        .env("FGA_WB_REDIS__KEY_PREFIX", &pre)
-        .current_dir(std::env::temp_dir())
-        .output()
-        .unwrap();
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, text) = fga_wb(&s, &pre, &["status"]);
+    assert_eq!(code, Some(0), "{text}");
     assert!(
         buffered_despite_error.is_empty(),
         "grant returned an error, yet its op is in Redis and would be written: {buffered_despite_error:?}"
     );
+}
+
+/// A pending entry whose numbers are too long for 64 bits is garbage like
+/// any other: the flush drops it with a log line instead of taking it and
+/// then failing to read it (which left it taken, and never written).
+#[tokio::test]
+async fn numbers_too_long_for_64_bits() {
+    let (logs, _guard) = Logs::start();
+    let Inline {
+        s, p, wb, mut c, ..
+    } = inline("long").await;
+    let key = "document:n#viewer@user:n";
+    wb.grant("user:n", "viewer", "document:n").await.unwrap();
+    let raw: String = cmd(&mut c, &["HGET", &format!("{p}:ops"), key]).await;
+    let (_, rest) = raw.split_once('|').expect("an entry");
+    let long = format!("99999999999999999999|{rest}");
+    let _: i64 = cmd(&mut c, &["HSET", &format!("{p}:ops"), key, &long]).await;
+    logs.take();
+
+    let r = wb.flush().await;
+    clear("flush", &r);
+    assert!(logs.take().contains("corrupt"), "no log line for the entry");
+    let left = wb.pending().await.unwrap();
+    assert_eq!(left.in_flight, 0, "the entry was left taken: {left:?}");
+    wb.grant("user:n", "viewer", "document:n").await.unwrap();
+    assert_eq!(wb.flush().await.unwrap().applied, 1);
+    assert_eq!(stored(&s).await, [key]);
+}
+
+/// Replaces the condition of `key`'s entry in `:ops` (its last field) with
+/// `cond`.
+async fn set_stored_condition(c: &mut RedisConn, ops: &str, key: &str, cond: &str) {
+    let raw: String = cmd(c, &["HGET", ops, key]).await;
+    let (head, _) = raw.rsplit_once('|').expect("an entry");
+    let _: i64 = cmd(c, &["HSET", ops, key, &format!("{head}|{cond}")]).await;
+}
+
+/// A pending grant whose stored condition cannot be read (not JSON fga-wb
+/// wrote) is never taken for an unconditional grant: a check on it fails
+/// (towards deny) instead of allowing, and the flush dead-letters it with
+/// the reason instead of writing it without its condition.
+#[tokio::test]
+async fn unreadable_condition_is_never_dropped() {
+    let (logs, _guard) = Logs::start();
+    let Inline {
+        s, p, wb, mut c, ..
+    } = inline("cond").await;
+    let key = "document:c#viewer@user:c";
+    wb.grant("user:c", "viewer", "document:c").await.unwrap();
+    set_stored_condition(&mut c, &format!("{p}:ops"), key, "{\"name\":").await;
+
+    let r = wb.check("user:c", "viewer", "document:c").await;
+    clear("check", &r);
+    assert!(r.is_err(), "a check on an unreadable pending grant: {r:?}");
+
+    // Dead-lettered as it is taken, before the flush writes anything: the
+    // store's totals count it, the flush's report does not.
+    let report = wb.flush().await.unwrap();
+    assert_eq!(report.applied, 0, "{report:?}");
+    assert!(
+        !stored(&s).await.contains(&key.to_owned()),
+        "written without its condition"
+    );
+    assert_eq!(wb.status().await.unwrap().totals.dead_lettered, 1);
+    let letters = wb.dead_letters().await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].tuple.to_string(), key);
+    assert!(letters[0].reason.contains("condition"), "{letters:?}");
+    let left = wb.pending().await.unwrap();
+    assert_eq!((left.total, left.in_flight), (0, 0), "{left:?}");
+    assert!(logs.take().contains("dead-lettered"));
+}
+
+/// The same in queue mode, where the condition travels in the job: the
+/// worker dead-letters the op and writes the rest of the job.
+#[tokio::test]
+async fn unreadable_condition_in_a_job_is_dead_lettered() {
+    let (_logs, _guard) = Logs::start();
+    let s = new_store("bad-cond-job").await;
+    let pre = prefix("cond-job");
+    let cfg = config(&s, &pre, Mode::Queue);
+    let p = format!("{pre}:{{{}}}", s.store_id);
+    let wb = WriteBehind::builder(cfg.clone())
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    let mut c = redis().await;
+    wb.grant("user:bad", "viewer", "document:j").await.unwrap();
+    wb.grant("user:good", "viewer", "document:j").await.unwrap();
+    assert_eq!(wb.flush().await.unwrap().queued, 2);
+    let ids: Vec<String> = cmd(&mut c, &["HKEYS", &format!("{p}:jobs")]).await;
+    let [id] = &ids[..] else {
+        panic!("one job: {ids:?}")
+    };
+    let job: String = cmd(&mut c, &["HGET", &format!("{p}:jobs"), id]).await;
+    let mut json: serde_json::Value = serde_json::from_str(&job).unwrap();
+    for op in json["ops"].as_array_mut().unwrap() {
+        if op["key"] == "document:j#viewer@user:bad" {
+            op["cond"] = "{not json".into();
+        }
+    }
+    let _: i64 = cmd(
+        &mut c,
+        &["HSET", &format!("{p}:jobs"), id, &json.to_string()],
+    )
+    .await;
+
+    let (stop, worker) = start_worker(&cfg);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while wb.dead_letters().await.unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the op was not dead-lettered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, text) = fga_wb(&s, &pre, &["flush", "--wait", "--timeout", "20s"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(stored(&s).await, ["document:j#viewer@user:good"]);
+    let letters = wb.dead_letters().await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].tuple.to_string(), "document:j#viewer@user:bad");
+    assert!(letters[0].reason.contains("condition"), "{letters:?}");
+    stop_worker(stop, worker).await;
+}
+
+/// A writer's term that is not a number is replaced, as a missing one is:
+/// the writer's next take still hands it its ops (a nil would cut the
+/// script's reply short, leaving them taken and never written).
+#[tokio::test]
+async fn term_that_is_not_a_number() {
+    let (_logs, _guard) = Logs::start();
+    let Inline {
+        s, p, wb, mut c, ..
+    } = inline("term").await;
+    wb.grant("user:a", "viewer", "document:t").await.unwrap();
+    assert_eq!(wb.flush().await.unwrap().applied, 1);
+    let writers: Vec<String> = cmd(&mut c, &["HKEYS", &format!("{p}:terms")]).await;
+    assert!(!writers.is_empty(), "no term recorded");
+    for w in &writers {
+        let _: i64 = cmd(&mut c, &["HSET", &format!("{p}:terms"), w, "x"]).await;
+    }
+    wb.grant("user:b", "viewer", "document:t").await.unwrap();
+    let report = wb.flush().await.unwrap();
+    assert_eq!(report.applied, 1, "{report:?}");
+    assert_eq!(
+        stored(&s).await,
+        ["document:t#viewer@user:a", "document:t#viewer@user:b"]
+    );
+}
+
+/// Times in Redis past what a clock holds or RFC 3339 shows, and a loss
+/// record's count that is not a number: status, dead letters, checks and
+/// the operator's commands answer, none panics, and the loss can still be
+/// acknowledged.
+#[tokio::test]
+async fn times_out_of_range() {
+    let (_logs, _guard) = Logs::start();
+    let Inline {
+        s,
+        pre,
+        p,
+        wb,
+        mut c,
+    } = inline("times").await;
+    wb.grant("user:a", "viewer", "document:t").await.unwrap();
+    assert_eq!(wb.flush().await.unwrap().applied, 1);
+    let last: String = cmd(&mut c, &["HGET", &format!("{p}:stats"), "last_flush"]).await;
+    let mut last: serde_json::Value = serde_json::from_str(&last).unwrap();
+    last["at"] = 1.8e19.into();
+    let letter = r#"{"id":1,"key":"document:1#viewer@user:t","op":"g","seq":1,"reason":"r","code":"","attempts":1,"dead_at":18446744073709551615,"cond":""}"#;
+    for args in [
+        vec![
+            "HSET",
+            &format!("{p}:stats"),
+            "last_flush",
+            &last.to_string(),
+        ],
+        vec!["HSET", &format!("{p}:dead"), "1", letter],
+        vec![
+            "HSET",
+            &format!("{p}:loss"),
+            "at",
+            "99999999999999999",
+            "by",
+            "a test",
+            "reason",
+            "planted",
+            "more",
+            "lots",
+        ],
+    ] {
+        let _: i64 = cmd(&mut c, &args).await;
+    }
+    let status = wb.status().await;
+    clear("status", &status);
+    assert!(status.is_ok());
+    let letters = wb.dead_letters().await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let r = wb.check("user:a", "viewer", "document:t").await;
+    assert!(r.is_err(), "a check during a loss must fail closed: {r:?}");
+    for args in [
+        &["status"][..],
+        &["dlq", "list"],
+        &["loss"],
+        &["loss", "--ack"],
+    ] {
+        let (code, text) = fga_wb(&s, &pre, args);
+        assert!(
+            matches!(code, Some(0 | 1)),
+            "`fga-wb {}`: {text}",
+            args.join(" ")
+        );
+    }
+    let open: i64 = cmd(&mut c, &["EXISTS", &format!("{p}:loss")]).await;
+    assert_eq!(open, 0, "`fga-wb loss --ack` left the loss open");
 }
 
 type Worker = tokio::task::JoinHandle<fga_wb::Result<()>>;
@@ -527,9 +740,20 @@ async fn stop_worker(stop: tokio::sync::oneshot::Sender<()>, worker: Worker) {
 /// op the bad job held is pending again, so a later flush applies it.
 #[tokio::test]
 async fn undecodable_job_payload() {
+    job_set_aside("job", "{\"not\":\"a job\"}").await;
+}
+
+/// The same for a job whose ops are not objects (the store script read
+/// them as if they were, and raised after taking the job off the queue).
+#[tokio::test]
+async fn job_whose_ops_are_not_objects() {
+    job_set_aside("job-ops", "{\"ops\":[1,null]}").await;
+}
+
+async fn job_set_aside(name: &str, payload: &str) {
     let (logs, _guard) = Logs::start();
-    let s = new_store("bad-job").await;
-    let pre = prefix("job");
+    let s = new_store(&format!("bad-{name}")).await;
+    let pre = prefix(name);
     let cfg = config(&s, &pre, Mode::Queue);
     let p = format!("{pre}:{{{}}}", s.store_id);
     let wb = WriteBehind::builder(cfg.clone())
@@ -545,11 +769,7 @@ async fn undecodable_job_payload() {
     let ids: Vec<String> = cmd(&mut c, &["HKEYS", &format!("{p}:jobs")]).await;
     assert_eq!(ids.len(), 1);
     let bad = ids[0].clone();
-    let _: i64 = cmd(
-        &mut c,
-        &["HSET", &format!("{p}:jobs"), &bad, "{\"not\":\"a job\"}"],
-    )
-    .await;
+    let _: i64 = cmd(&mut c, &["HSET", &format!("{p}:jobs"), &bad, payload]).await;
     // Job 2: good.
     for i in 0..3 {
         wb.grant(&format!("user:g{i}"), "viewer", "document:2")

@@ -480,11 +480,13 @@ async fn wait_until_applied(
     let tty = !quiet && std::io::stderr().is_terminal();
     // Ops not yet written (ops held by queued jobs count as in flight), and
     // jobs not yet finished.
-    let left_of = |s: &fga_wb::Status| (s.pending.total + s.pending.in_flight) as u64;
+    let left_of = |s: &fga_wb::Status| s.pending.total.saturating_add(s.pending.in_flight) as u64;
     let jobs_of = |s: &fga_wb::Status| {
-        s.queue
-            .as_ref()
-            .map_or(0, |q| q.pending + q.running + q.scheduled)
+        s.queue.as_ref().map_or(0, |q| {
+            q.pending
+                .saturating_add(q.running)
+                .saturating_add(q.scheduled)
+        })
     };
     let total = left_of(&wb.status().await?);
     let bar = if tty {

@@ -457,18 +457,37 @@ pub(crate) fn op_of(code: &str) -> Option<Op> {
     }
 }
 
-/// A condition from its stored JSON; empty: none. Unreadable: none, logged.
-pub(crate) fn condition_of(s: &str) -> Option<Condition> {
+/// A condition from its stored JSON; empty: none.
+///
+/// Unreadable (not written by fga-wb): an error, never "no condition",
+/// which would make a conditional grant unconditional.
+pub(crate) fn condition_of(s: &str) -> std::result::Result<Option<Condition>, String> {
     if s.is_empty() {
-        return None;
+        return Ok(None);
     }
-    match serde_json::from_str(s) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            tracing::warn!(error = %e, "ignoring an unreadable stored tuple condition");
-            None
-        }
+    serde_json::from_str(s).map(Some).map_err(|e| {
+        format!("its condition as stored in Redis is not one fga-wb wrote ({e}); it was not written, lest it be written without its condition")
+    })
+}
+
+/// How an op whose stored condition cannot be read ends: dead-lettered
+/// with `reason`, for good (writing it again cannot help).
+pub(crate) fn unreadable_outcome(key: &str, reason: String) -> Outcome {
+    tracing::warn!(%key, error = %reason, "dead-lettered");
+    Outcome::Dead {
+        reason,
+        code: None,
+        transient: false,
     }
+}
+
+/// [`condition_of`] where the condition is only shown (listings, reports):
+/// an unreadable one is shown as none, and logged.
+pub(crate) fn shown_condition(s: &str) -> Option<Condition> {
+    condition_of(s).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "showing a tuple without its unreadable stored condition");
+        None
+    })
 }
 
 pub(crate) fn key_of(t: &TupleKey) -> String {

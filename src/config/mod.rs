@@ -48,11 +48,12 @@ pub struct Config {
 }
 
 /// `[openfga]`
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct OpenFgaConfig {
     /// Base URL of the HTTP API.
+    #[serde(serialize_with = "redacted_url")]
     pub api_url: String,
     /// The store to write to and check against.
     pub store_id: String,
@@ -94,10 +95,11 @@ impl Default for OpenFgaConfig {
 }
 
 /// `[openfga.oauth2]`
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OAuth2Config {
     /// Token endpoint.
+    #[serde(serialize_with = "redacted_url")]
     pub token_url: String,
     /// Client id.
     pub client_id: String,
@@ -338,7 +340,7 @@ impl Default for CheckConfig {
 }
 
 /// `[redis]`
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct RedisConfig {
@@ -823,6 +825,23 @@ fn positive<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Er
 fn redacted_url<S: Serializer>(url: &str, s: S) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(&crate::openfga::redact_url(url))
 }
+
+/// `Debug` of the sections that hold URLs and secrets goes through
+/// `Serialize`, which redacts them: an application that logs its config
+/// with `{:?}` logs no password.
+macro_rules! debug_as_serialized {
+    ($($t:ident),*) => {$(
+        impl std::fmt::Debug for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                match serde_json::to_string(self) {
+                    Ok(s) => write!(f, "{} {s}", stringify!($t)),
+                    Err(_) => write!(f, "{} {{ .. }}", stringify!($t)),
+                }
+            }
+        }
+    )*};
+}
+debug_as_serialized!(OpenFgaConfig, OAuth2Config, RedisConfig);
 
 /// Durations as human strings: `"500ms"`, `"10s"`, `"1m"`.
 mod duration {

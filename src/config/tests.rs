@@ -178,14 +178,38 @@ fn bad_file_value_names_the_key_and_file() {
     assert!(e.to_string().contains("does not exist"), "{e}");
 }
 
+/// Neither serialised (`status --json`) nor `{:?}` config shows a token, a
+/// client secret or a password in a URL, whatever the password holds.
 #[test]
 fn secrets_never_serialise() {
     let c = load_env(&[
         ("FGA_API_TOKEN", "s3cret"),
-        ("FGA_WB_REDIS__URL", "redis://:pw@127.0.0.1:6379"),
+        ("FGA_API_URL", "http://proxy:pw-api@127.0.0.1:8080"),
+        (
+            "FGA_API_TOKEN_ISSUER",
+            "https://auth:pw-issuer@issuer.example/oauth/token",
+        ),
+        ("FGA_CLIENT_ID", "client"),
+        ("FGA_CLIENT_SECRET", "pw-client"),
+        (
+            "FGA_WB_REDIS__URL",
+            "redis://:pw/red#is?@127.0.0.1:6379,redis://:pw-two@127.0.0.1:6380",
+        ),
     ])
     .unwrap();
     let s = serde_json::to_string(&c).unwrap();
-    assert!(!s.contains("s3cret") && !s.contains("pw@"), "{s}");
-    assert!(!format!("{c:?}").contains("s3cret"));
+    let d = format!("{c:?}");
+    for shown in [&s, &d] {
+        for secret in [
+            "s3cret",
+            "pw-api",
+            "pw-issuer",
+            "pw-client",
+            "pw/red",
+            "pw-two",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+    }
+    assert!(d.contains("127.0.0.1:6379"), "{d}");
 }

@@ -150,7 +150,11 @@ async fn fetch_token(http: &reqwest::Client, o: &OAuth2) -> Result<(Secret, Dura
     let status = resp.status();
     if !status.is_success() {
         return Err(token_err(
-            format!("{} answered HTTP {}", o.token_url, status.as_u16()),
+            format!(
+                "{} answered HTTP {}",
+                super::redact_url(&o.token_url),
+                status.as_u16()
+            ),
             status.is_server_error() || status.as_u16() == 429,
         ));
     }
@@ -158,7 +162,9 @@ async fn fetch_token(http: &reqwest::Client, o: &OAuth2) -> Result<(Secret, Dura
         .json()
         .await
         .map_err(|e| token_err(format!("unreadable token response: {e}"), false))?;
-    // Without expires_in, assume a short life rather than caching forever.
-    let lifetime = Duration::from_secs(body.expires_in.unwrap_or(300));
+    // Without expires_in, assume a short life rather than caching forever;
+    // at most a day, so no answer can push the expiry past what a clock
+    // holds.
+    let lifetime = Duration::from_secs(body.expires_in.unwrap_or(300).min(86_400));
     Ok((Secret::new(body.access_token), lifetime))
 }

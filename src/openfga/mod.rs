@@ -192,15 +192,39 @@ fn http_client(
         .map_err(|e| Error::config(format!("cannot build the HTTP client: {e}")))
 }
 
-/// A URL with any `user:password@` removed, for messages.
+/// A URL (or a list of them, as Redis Cluster seeds) without what may be a
+/// password, for messages: after each `://`, everything up to the last `@`
+/// before the next URL (a password may hold an unencoded `/`, `?` or `#`,
+/// so where the authority ends cannot be told), and `pass` or `password`
+/// query parameters (as Redis's unix-socket URLs take them).
 pub(crate) fn redact_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
-            let _ = u.set_username("");
-            let _ = u.set_password(None);
+    let mut stripped = String::with_capacity(url.len());
+    let mut rest = url;
+    while let Some(s) = rest.find("://") {
+        stripped.push_str(&rest[..s + 3]);
+        rest = &rest[s + 3..];
+        let this = rest.find("://").map_or(rest, |next| &rest[..next]);
+        if let Some(at) = this.rfind('@') {
+            rest = &rest[at + 1..];
+        }
+    }
+    stripped.push_str(rest);
+    let secret = |k: &str| k == "pass" || k == "password";
+    match reqwest::Url::parse(&stripped) {
+        Ok(mut u) if u.query_pairs().any(|(k, _)| secret(&k)) => {
+            let kept: Vec<(String, String)> = u
+                .query_pairs()
+                .filter(|(k, _)| !secret(k))
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            if kept.is_empty() {
+                u.set_query(None);
+            } else {
+                u.query_pairs_mut().clear().extend_pairs(kept);
+            }
             u.to_string()
         }
-        _ => url.to_owned(),
+        _ => stripped,
     }
 }
 
@@ -700,11 +724,18 @@ fn batch_item_error(check: &CheckRequest, e: &serde_json::Value) -> Error {
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is rare from OpenFGA and its
-/// proxies; it is ignored rather than guessed at).
+/// proxies; it is ignored rather than guessed at), at most
+/// [`MAX_RETRY_AFTER`].
 fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
     let v = headers.get(RETRY_AFTER)?.to_str().ok()?;
-    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+    let secs = v.trim().parse::<u64>().ok()?;
+    Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
 }
+
+/// The longest wait a `Retry-After` gets: a server that asks for more is
+/// asked again then, and no header value can push a timer past what a
+/// clock holds.
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 
 /// Percent-encodes an id for use as one path segment, so an id can never
 /// change which endpoint is called.
@@ -753,9 +784,39 @@ mod tests {
 
     #[test]
     fn urls_lose_their_credentials_in_messages() {
-        assert_eq!(
-            redact_url("http://u:secret@h:1/x"),
-            "http://h:1/x".to_string()
-        );
+        for (url, shown) in [
+            ("http://u:secret@h:1/x", "http://h:1/x"),
+            ("http://h:1/x", "http://h:1/x"),
+            // Passwords that stop a URL parser, or fool it.
+            ("redis://default:ab/se#cr?et@h:6379", "redis://h:6379"),
+            ("redis://u:12/34@h:6379/0", "redis://h:6379/0"),
+            // Cluster seeds, each with its password.
+            (
+                "redis://:pw1@a:1,redis://:pw2@b:2",
+                "redis://a:1,redis://b:2",
+            ),
+            ("redis+cluster://u:p/w@a:1,b:2", "redis+cluster://a:1,b:2"),
+            (
+                "redis+unix:///tmp/r.sock?db=1&pass=secret",
+                "redis+unix:///tmp/r.sock?db=1",
+            ),
+            ("unix:///tmp/r.sock?password=secret", "unix:///tmp/r.sock"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn retry_after_is_capped() {
+        let at = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(RETRY_AFTER, v.parse().expect("header value"));
+            parse_retry_after(&h)
+        };
+        assert_eq!(at("3"), Some(Duration::from_secs(3)));
+        assert_eq!(at("18446744073709551615"), Some(MAX_RETRY_AFTER));
+        assert_eq!(at("99999999999999999999999"), None);
+        assert_eq!(at("Wed, 21 Oct 2015 07:28:00 GMT"), None);
     }
 }

@@ -87,16 +87,20 @@ pub struct JobOp {
 
 impl JobOp {
     /// The op as taken for writing on the job's `attempt`, by a worker in
-    /// `term`; `None` for an op of an unknown kind (not written by fga-wb).
-    pub(crate) fn taken(&self, attempt: u32, term: u64) -> Option<Taken> {
-        Some(Taken {
-            tuple: tuple_of(&self.key, condition_of(&self.cond)),
+    /// `term`; `None` for an op of an unknown kind (not written by fga-wb);
+    /// with an error when its condition cannot be read (then it must not
+    /// be written).
+    pub(crate) fn taken(&self, attempt: u32, term: u64) -> Option<(Taken, Result<(), String>)> {
+        let condition = condition_of(&self.cond);
+        let t = Taken {
+            tuple: tuple_of(&self.key, condition.clone().unwrap_or(None)),
             op: op_of(&self.op)?,
             seq: self.seq,
             first: self.seq,
             attempts: attempt,
             term,
-        })
+        };
+        Some((t, condition.map(|_| ())))
     }
 }
 

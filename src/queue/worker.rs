@@ -14,7 +14,7 @@ use futures::SinkExt;
 
 use super::{decode, Job, JobOp};
 use crate::buffer::redis::{now_ms, RedisStore};
-use crate::buffer::{Claim, JobEnd, Outcome, Store, StoreEvent, Taken};
+use crate::buffer::{unreadable_outcome, Claim, JobEnd, Outcome, Store, StoreEvent, Taken};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::flush::{Engine, QuickRetries, Stop};
@@ -50,12 +50,19 @@ impl Applier {
         let started = std::time::Instant::now();
         let id = job.id.to_string();
         // An op of an unknown kind (not written by fga-wb) is left out, with
-        // its claim.
+        // its claim; one whose condition cannot be read is dead-lettered.
+        let mut unreadable = Vec::new();
         let (taken, claims): (Vec<Taken>, Vec<Claim>) = job
             .ops
             .iter()
             .zip(claims.into_iter().chain(std::iter::repeat(Claim::Stale)))
-            .filter_map(|(o, c)| Some((o.taken(job.attempt, term)?, c)))
+            .filter_map(|(o, c)| match o.taken(job.attempt, term)? {
+                (t, Ok(())) => Some((t, c)),
+                (t, Err(reason)) => {
+                    unreadable.push((t, unreadable_outcome(&o.key, reason)));
+                    None
+                }
+            })
             .unzip();
         let model = (!job.model_id.is_empty()).then_some(job.model_id.as_str());
         // Never closed; without a permit the job would write anyway.
@@ -83,7 +90,7 @@ impl Applier {
             Stop::Transient(e) | Stop::Halt(e) => e.clone(),
         });
         let halted = matches!(result.stop, Some(Stop::Halt(_)));
-        let mut done = Vec::with_capacity(result.outcomes.len());
+        let mut done = unreadable;
         let (mut again, mut busy) = (Vec::new(), Vec::new());
         for (t, o) in result.outcomes {
             match o {

@@ -184,7 +184,7 @@ impl RedisStore {
             r.superseded += count(&v, 1)? as usize;
             for p in v.get(3..).unwrap_or_default().chunks_exact(2) {
                 r.tuples
-                    .push(tuple_of(&text(&p[0])?, condition_of(&text(&p[1])?)));
+                    .push(tuple_of(&text(&p[0])?, shown_condition(&text(&p[1])?)));
             }
             let kept = count(&v, 2)? as usize;
             if kept > 0 {
@@ -315,7 +315,7 @@ pub(crate) const LETTERS_STEP: usize = 500;
 
 pub(crate) fn parse_dead(json: &str) -> Option<DeadLetter> {
     let d: StoredDead = serde_json::from_str(json).ok()?;
-    let tuple = tuple_of(&d.key, condition_of(&d.cond));
+    let tuple = tuple_of(&d.key, shown_condition(&d.cond));
     tuple.validate().ok()?;
     Some(DeadLetter {
         id: d.id,
@@ -325,7 +325,7 @@ pub(crate) fn parse_dead(json: &str) -> Option<DeadLetter> {
         reason: d.reason,
         code: (!d.code.is_empty()).then_some(d.code),
         attempts: d.attempts,
-        dead_at: UNIX_EPOCH + Duration::from_secs(d.dead_at),
+        dead_at: stored_time(Duration::from_secs(d.dead_at)),
         transient: d.transient,
         superseded: false,
     })

@@ -91,7 +91,7 @@ impl RedisStore {
             return Ok(None);
         }
         let at: u64 = text(&v[0])?.parse().unwrap_or(0);
-        let when = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(at));
+        let when = humantime::format_rfc3339_seconds(stored_time(Duration::from_millis(at)));
         let more = int(&v[3]).unwrap_or(0);
         let mut s = format!("at {when}, seen by {}: {}", text(&v[1])?, text(&v[2])?);
         if more > 0 {

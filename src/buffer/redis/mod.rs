@@ -30,11 +30,13 @@ use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    condition_of, key_of, op_of, tuple_of, Claim, DeadLetter, Finished, JobEnd, KeyUsage, Outcome,
-    Pending, Pushed, Relevant, Replayed, Store, StoreEvent, Take, Taken,
+    condition_of, key_of, op_of, shown_condition, tuple_of, unreadable_outcome, Claim, DeadLetter,
+    Finished, JobEnd, KeyUsage, Outcome, Pending, Pushed, Relevant, Replayed, Store, StoreEvent,
+    Take, Taken,
 };
 use crate::error::{Error, Kind, Result};
 use crate::model::{Dep, RelName};
+use crate::status::stored_time;
 use crate::tuple::{Condition, Op, TupleKey};
 pub(crate) use conn::{Conn, Target};
 use heartbeat::*;
@@ -457,20 +459,36 @@ impl RedisStore {
         }
         let moved = v[2.min(v.len())..].chunks_exact(5);
         let got = moved.len();
+        let mut unreadable = Vec::new();
         for c in moved {
             let key = text(&c[0])?;
             let Some(op) = op_of(&text(&c[2])?) else {
                 tracing::warn!(%key, "skipping an op of unknown kind in Redis");
                 continue;
             };
-            out.push(Taken {
-                tuple: tuple_of(&key, condition_of(&text(&c[3])?)),
+            let condition = condition_of(&text(&c[3])?);
+            let t = Taken {
+                tuple: tuple_of(&key, condition.clone().unwrap_or(None)),
                 op,
                 seq: int(&c[1])? as u64,
                 first: int(&c[4])? as u64,
                 attempts: 0,
                 term,
-            });
+            };
+            match condition {
+                Ok(_) => out.push(t),
+                Err(reason) => unreadable.push((t, unreadable_outcome(&key, reason))),
+            }
+        }
+        if !unreadable.is_empty() {
+            // Dead-lettered here, never sent: the operator sees the op and
+            // the reason in the dead-letter set.
+            match self.finish_now(unreadable, None).await {
+                Ok(f) => metrics::counter!("fga_wb_ops_dead_lettered_total").increment(f.dead),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not dead-letter ops with unreadable conditions; they are taken again after this process stops")
+                }
+            }
         }
         Ok(got)
     }
@@ -522,7 +540,7 @@ impl RedisStore {
                 .push(code)
                 .push(reason)
                 .push(err_code)
-                .push(t.attempts + 1);
+                .push(t.attempts.saturating_add(1));
         }
         let v = items(self.call(&a).await?)?;
         Ok(Finished {
@@ -582,7 +600,12 @@ impl RedisStore {
         };
         let mut list = Vec::with_capacity(grants);
         for c in v[3.min(v.len())..].chunks_exact(2) {
-            list.push(tuple_of(&text(&c[0])?, condition_of(&text(&c[1])?)));
+            let key = text(&c[0])?;
+            // Neither "no condition" nor "no grant" is safe to assume for a
+            // pending grant that cannot be read: the check fails instead.
+            let condition = condition_of(&text(&c[1])?)
+                .map_err(|reason| corrupt(format!("a pending grant of {key}: {reason}")))?;
+            list.push(tuple_of(&key, condition));
         }
         Ok(Relevant {
             revokes,
@@ -628,7 +651,7 @@ impl RedisStore {
             writes,
             deletes,
             total: writes + deletes,
-            in_flight: (n(2)?.max(0) + n(4)?.max(0)) as usize,
+            in_flight: n(2)?.max(0).saturating_add(n(4)?.max(0)) as usize,
             oldest_age: (oldest >= 0)
                 .then(|| Duration::from_millis(now_ms().saturating_sub(oldest as u64))),
         })
@@ -650,7 +673,7 @@ impl RedisStore {
             };
             for c in cleared.chunks_exact(3) {
                 if let Some(op) = op_of(&text(&c[1])?) {
-                    out.push((tuple_of(&text(&c[0])?, condition_of(&text(&c[2])?)), op));
+                    out.push((tuple_of(&text(&c[0])?, shown_condition(&text(&c[2])?)), op));
                 }
             }
             (cursor, up_to, jobs) = (text(next)?, text(seq)?, text(job)?);

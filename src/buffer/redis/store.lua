@@ -111,7 +111,8 @@ local function parse(v)
   if not v then return nil end
   local seq, first, since, op, state, job, writer, ifseq, cond = smatch(v,
     '^(%d+)|(%d+)|(%d+)|([gr])|([rjtb])|([^|]*)|([^|]*)|(%d*)|(.*)$')
-  if not seq then return nil end
+  -- Longer numbers than a signed 64-bit integer holds are not fga-wb's.
+  if not seq or #seq > 18 or #first > 18 or #since > 18 then return nil end
   return { seq = seq, first = first, since = since, op = op, state = state, job = job,
            writer = writer, ifseq = ifseq ~= '' and ifseq or nil, cond = cond }
 end
@@ -544,12 +545,14 @@ end
 local function renew(writer, now, lease)
   local ends = tonumber(rcall('ZSCORE', P .. ':owners', writer))
   rcall('ZADD', P .. ':owners', now + lease, writer)
-  local term = ends and rcall('HGET', P .. ':terms', writer)
+  -- A term that is not a number (not fga-wb's) is replaced like a missing
+  -- one: a nil in a reply would cut it short.
+  local term = ends and tonumber(rcall('HGET', P .. ':terms', writer))
   if not term then
     term = rcall('INCR', P .. ':termseq')
     rcall('HSET', P .. ':terms', writer, term)
   end
-  return ends, tonumber(term)
+  return ends, term
 end
 
 local function init_epoch(now)
@@ -722,6 +725,8 @@ if cmd == 'take' then
     local head, seq, first, op, cond
     if cache[key] == nil and not seen[key] then
       head, seq, first, op, cond = smatch(raw[i] or '', '^((%d+)|(%d+)|%d+|([gr])|)r||||(.*)$')
+      -- Too long for 64 bits: not fga-wb's (see parse).
+      if head and (#seq > 18 or #first > 18) then head, seq = nil, nil end
     end
     local e
     if head then
@@ -849,7 +854,8 @@ local function drop_bad_job(id, raw, now)
   rcall('HDEL', P .. ':jobrun', id)
   rcall('ZREM', P .. ':jobq', id)
   rcall('HSET', P .. ':badjobs', id, ssub(raw or '', 1, 2000))
-  rcall('HINCRBY', P .. ':stats', 'bad_jobs', 1)
+  incr(P .. ':stats', 'bad_jobs', 1)
+  flush_incrs()
   return #keys
 end
 
@@ -918,6 +924,12 @@ if cmd == 'fetch' then
       local ok, decoded = pcall(cjson.decode, job)
       if ok and type(decoded) == 'table' and type(decoded.ops) == 'table' then
         for i, o in ipairs(decoded.ops) do
+          -- An op that is not an object: the job cannot be read (o.key
+          -- would raise, after the ZREM above).
+          if type(o) ~= 'table' then
+            keys = nil
+            break
+          end
           keys[i] = tostring(o.key)
           seqs[i] = string.format('%d', tonumber(o.seq) or 0)
         end
@@ -1182,7 +1194,8 @@ if cmd == 'heartbeat' then
     if rcall('EXISTS', P .. ':loss') == 0 then
       rcall('HSET', P .. ':loss', 'at', ARGV[3], 'by', writer, 'reason', why, 'more', 0)
     else
-      rcall('HINCRBY', P .. ':loss', 'more', 1)
+      incr(P .. ':loss', 'more', 1)
+      flush_incrs()
     end
     incr(P .. ':stats', 'losses', 1)
     flush_incrs()
