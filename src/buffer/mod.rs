@@ -175,6 +175,10 @@ pub(crate) struct Relevant {
     pub revokes: usize,
     /// Grants pending or in flight on those relations, if at most `limit`.
     pub grants: Option<Vec<TupleKey>>,
+    /// Of those grants, ones whose stored condition cannot be read (see
+    /// [`condition_of`]), left out of `grants`: a check waits until the
+    /// flush has dead-lettered them.
+    pub unreadable: usize,
     /// How long ago the newest write the check can depend on was applied
     /// (see `written.rs`), if within `written::KEEP`.
     pub written_ago: Option<Duration>,

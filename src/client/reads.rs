@@ -459,10 +459,10 @@ impl WriteBehind {
             // A grant with a condition may replace a tuple OpenFGA holds
             // with a wider one (or none); as a contextual tuple it would only
             // add to that, so it narrows access only once written.
-            let narrowing = r
-                .grants
-                .as_ref()
-                .is_some_and(|g| g.iter().any(|t| t.condition.is_some()));
+            let narrowing = r.unreadable > 0
+                || r.grants
+                    .as_ref()
+                    .is_some_and(|g| g.iter().any(|t| t.condition.is_some()));
             if r.revokes > 0 || narrowing {
                 // Contextual tuples cannot delete: wait for the op to land.
                 let wanted = if narrowing {

@@ -194,7 +194,7 @@ fn http_client(
 
 /// A URL (or a list of them, as Redis Cluster seeds) without what may be a
 /// password, for messages: after each `://`, everything up to the last `@`
-/// before the next URL (a password may hold an unencoded `/`, `?` or `#`,
+/// before the next URL, shown as `***@` (a password may hold an unencoded `/`, `?` or `#`,
 /// so where the authority ends cannot be told), and `pass` or `password`
 /// query parameters (as Redis's unix-socket URLs take them).
 pub(crate) fn redact_url(url: &str) -> String {
@@ -205,6 +205,9 @@ pub(crate) fn redact_url(url: &str) -> String {
         rest = &rest[s + 3..];
         let this = rest.find("://").map_or(rest, |next| &rest[..next]);
         if let Some(at) = this.rfind('@') {
+            // Marked, so a cut that went too far (an `@` in a path) reads
+            // as a redaction, not as another host.
+            stripped.push_str("***@");
             rest = &rest[at + 1..];
         }
     }
@@ -785,17 +788,20 @@ mod tests {
     #[test]
     fn urls_lose_their_credentials_in_messages() {
         for (url, shown) in [
-            ("http://u:secret@h:1/x", "http://h:1/x"),
+            ("http://u:secret@h:1/x", "http://***@h:1/x"),
             ("http://h:1/x", "http://h:1/x"),
             // Passwords that stop a URL parser, or fool it.
-            ("redis://default:ab/se#cr?et@h:6379", "redis://h:6379"),
-            ("redis://u:12/34@h:6379/0", "redis://h:6379/0"),
+            ("redis://default:ab/se#cr?et@h:6379", "redis://***@h:6379"),
+            ("redis://u:12/34@h:6379/0", "redis://***@h:6379/0"),
             // Cluster seeds, each with its password.
             (
                 "redis://:pw1@a:1,redis://:pw2@b:2",
-                "redis://a:1,redis://b:2",
+                "redis://***@a:1,redis://***@b:2",
             ),
-            ("redis+cluster://u:p/w@a:1,b:2", "redis+cluster://a:1,b:2"),
+            (
+                "redis+cluster://u:p/w@a:1,b:2",
+                "redis+cluster://***@a:1,b:2",
+            ),
             (
                 "redis+unix:///tmp/r.sock?db=1&pass=secret",
                 "redis+unix:///tmp/r.sock?db=1",

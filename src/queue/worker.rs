@@ -50,18 +50,20 @@ impl Applier {
         let started = std::time::Instant::now();
         let id = job.id.to_string();
         // An op of an unknown kind (not written by fga-wb) is left out, with
-        // its claim; one whose condition cannot be read is dead-lettered.
+        // its claim. One whose condition cannot be read is dead-lettered
+        // unless it is stale (then it is dropped as such): kept in the job
+        // for a retry, it would be stored without its condition.
         let mut unreadable = Vec::new();
         let (taken, claims): (Vec<Taken>, Vec<Claim>) = job
             .ops
             .iter()
             .zip(claims.into_iter().chain(std::iter::repeat(Claim::Stale)))
             .filter_map(|(o, c)| match o.taken(job.attempt, term)? {
-                (t, Ok(())) => Some((t, c)),
-                (t, Err(reason)) => {
+                (t, Err(reason)) if !matches!(c, Claim::Stale) => {
                     unreadable.push((t, unreadable_outcome(&o.key, reason)));
                     None
                 }
+                (t, _) => Some((t, c)),
             })
             .unzip();
         let model = (!job.model_id.is_empty()).then_some(job.model_id.as_str());

@@ -660,6 +660,7 @@ impl MemoryStore {
             return Relevant {
                 revokes,
                 grants: None,
+                unreadable: 0,
                 written_ago: None,
             };
         }
@@ -685,12 +686,14 @@ impl MemoryStore {
             return Relevant {
                 revokes: 0,
                 grants: None,
+                unreadable: 0,
                 written_ago: None,
             };
         }
         Relevant {
             revokes,
             grants: Some(out),
+            unreadable: 0,
             written_ago: None,
         }
     }

@@ -466,29 +466,30 @@ impl RedisStore {
                 tracing::warn!(%key, "skipping an op of unknown kind in Redis");
                 continue;
             };
-            let condition = condition_of(&text(&c[3])?);
+            let (condition, bad) = match condition_of(&text(&c[3])?) {
+                Ok(c) => (c, None),
+                Err(reason) => (None, Some(reason)),
+            };
             let t = Taken {
-                tuple: tuple_of(&key, condition.clone().unwrap_or(None)),
+                tuple: tuple_of(&key, condition),
                 op,
                 seq: int(&c[1])? as u64,
                 first: int(&c[4])? as u64,
                 attempts: 0,
                 term,
             };
-            match condition {
-                Ok(_) => out.push(t),
-                Err(reason) => unreadable.push((t, unreadable_outcome(&key, reason))),
+            match bad {
+                None => out.push(t),
+                Some(reason) => unreadable.push((t, unreadable_outcome(&key, reason))),
             }
         }
         if !unreadable.is_empty() {
             // Dead-lettered here, never sent: the operator sees the op and
-            // the reason in the dead-letter set.
-            match self.finish_now(unreadable, None).await {
-                Ok(f) => metrics::counter!("fga_wb_ops_dead_lettered_total").increment(f.dead),
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not dead-letter ops with unreadable conditions; they are taken again after this process stops")
-                }
-            }
+            // the reason in the dead-letter set. Should Redis fail now,
+            // they stay this writer's until it stops (then another takes
+            // them), and the flush reports the error.
+            let f = self.finish_now(unreadable, None).await?;
+            metrics::counter!("fga_wb_ops_dead_lettered_total").increment(f.dead);
         }
         Ok(got)
     }
@@ -563,6 +564,7 @@ impl RedisStore {
             return Ok(Relevant {
                 revokes: 0,
                 grants: Some(Vec::new()),
+                unreadable: 0,
                 written_ago: None,
             });
         }
@@ -591,6 +593,7 @@ impl RedisStore {
             return Ok(Relevant {
                 revokes,
                 grants: None,
+                unreadable: 0,
                 written_ago: None,
             });
         }
@@ -599,17 +602,23 @@ impl RedisStore {
             _ => None,
         };
         let mut list = Vec::with_capacity(grants);
+        let mut unreadable = 0;
         for c in v[3.min(v.len())..].chunks_exact(2) {
             let key = text(&c[0])?;
-            // Neither "no condition" nor "no grant" is safe to assume for a
-            // pending grant that cannot be read: the check fails instead.
-            let condition = condition_of(&text(&c[1])?)
-                .map_err(|reason| corrupt(format!("a pending grant of {key}: {reason}")))?;
-            list.push(tuple_of(&key, condition));
+            match condition_of(&text(&c[1])?) {
+                Ok(condition) => list.push(tuple_of(&key, condition)),
+                // Neither "no condition" nor "no grant" is safe to assume:
+                // the check waits for the flush to dead-letter it.
+                Err(reason) => {
+                    tracing::warn!(%key, error = %reason, "a check waits for a pending grant it cannot read to be dead-lettered");
+                    unreadable += 1;
+                }
+            }
         }
         Ok(Relevant {
             revokes,
             grants: Some(list),
+            unreadable,
             written_ago,
         })
     }

@@ -722,11 +722,11 @@ if cmd == 'take' then
   -- "seq|first|since|op|t||writer||cond" (as `move` would write it).
   local as_taken = 't||' .. writer .. '||'
   for i, key in ipairs(keys) do
-    local head, seq, first, op, cond
+    local head, seq, first, since, op, cond
     if cache[key] == nil and not seen[key] then
-      head, seq, first, op, cond = smatch(raw[i] or '', '^((%d+)|(%d+)|%d+|([gr])|)r||||(.*)$')
+      head, seq, first, since, op, cond = smatch(raw[i] or '', '^((%d+)|(%d+)|(%d+)|([gr])|)r||||(.*)$')
       -- Too long for 64 bits: not fga-wb's (see parse).
-      if head and (#seq > 18 or #first > 18) then head, seq = nil, nil end
+      if head and (#seq > 18 or #first > 18 or #since > 18) then head, seq = nil, nil end
     end
     local e
     if head then
