@@ -440,17 +440,17 @@ const MAX_CONTEXT_DEPTH: usize = 100;
 
 /// Without recursion: the context is the caller's, however deep.
 fn context_too_deep(context: &serde_json::Map<String, serde_json::Value>) -> bool {
-    let mut todo: Vec<(&serde_json::Value, usize)> = context.values().map(|v| (v, 1)).collect();
-    while let Some((v, outer)) = todo.pop() {
-        let inner: Box<dyn Iterator<Item = &serde_json::Value>> = match v {
-            serde_json::Value::Object(m) => Box::new(m.values()),
-            serde_json::Value::Array(a) => Box::new(a.iter()),
-            _ => continue,
-        };
-        if outer + 1 > MAX_CONTEXT_DEPTH {
-            return true;
+    use serde_json::Value;
+    // Each value with the level it would open if it is an object or array
+    // (the context's own is level 1).
+    let mut todo: Vec<(&Value, usize)> = context.values().map(|v| (v, 2)).collect();
+    while let Some((v, level)) = todo.pop() {
+        match v {
+            Value::Object(_) | Value::Array(_) if level > MAX_CONTEXT_DEPTH => return true,
+            Value::Object(m) => todo.extend(m.values().map(|v| (v, level + 1))),
+            Value::Array(a) => todo.extend(a.iter().map(|v| (v, level + 1))),
+            _ => {}
         }
-        todo.extend(inner.map(|v| (v, outer + 1)));
     }
     false
 }

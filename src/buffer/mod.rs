@@ -474,6 +474,16 @@ pub(crate) fn condition_of(s: &str) -> std::result::Result<Option<Condition>, St
     })
 }
 
+/// The tuple of `key` with its stored condition `cond`, and why that
+/// condition cannot be read, if it cannot (then the tuple has none, and
+/// must not be written or checked as it stands).
+pub(crate) fn stored_tuple(key: &str, cond: &str) -> (TupleKey, Option<String>) {
+    match condition_of(cond) {
+        Ok(c) => (tuple_of(key, c), None),
+        Err(reason) => (tuple_of(key, None), Some(reason)),
+    }
+}
+
 /// How an op whose stored condition cannot be read ends: dead-lettered
 /// with `reason`, for good (writing it again cannot help).
 pub(crate) fn unreadable_outcome(key: &str, reason: String) -> Outcome {

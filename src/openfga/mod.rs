@@ -194,9 +194,9 @@ fn http_client(
 
 /// A URL (or a list of them, as Redis Cluster seeds) without what may be a
 /// password, for messages: after each `://`, everything up to the last `@`
-/// before the next URL, shown as `***@` (a password may hold an unencoded `/`, `?` or `#`,
-/// so where the authority ends cannot be told), and `pass` or `password`
-/// query parameters (as Redis's unix-socket URLs take them).
+/// before the next URL, shown as `***@` (a password may hold an unencoded
+/// `/`, `?` or `#`, so where the authority ends cannot be told), and `pass`
+/// or `password` query parameters (as Redis's unix-socket URLs take them).
 pub(crate) fn redact_url(url: &str) -> String {
     let mut stripped = String::with_capacity(url.len());
     let mut rest = url;

@@ -27,7 +27,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::buffer::redis::RedisStore;
-use crate::buffer::{condition_of, key_of, op_of, tuple_of, Taken};
+use crate::buffer::{key_of, op_of, stored_tuple, Taken};
 use crate::error::{Error, Result};
 use crate::flush::JobSink;
 use crate::tuple::Op;
@@ -88,19 +88,19 @@ pub struct JobOp {
 impl JobOp {
     /// The op as taken for writing on the job's `attempt`, by a worker in
     /// `term`; `None` for an op of an unknown kind (not written by fga-wb);
-    /// with an error when its condition cannot be read (then it must not
-    /// be written).
-    pub(crate) fn taken(&self, attempt: u32, term: u64) -> Option<(Taken, Result<(), String>)> {
-        let condition = condition_of(&self.cond);
+    /// with why its condition cannot be read, if it cannot (then it must
+    /// not be written).
+    pub(crate) fn taken(&self, attempt: u32, term: u64) -> Option<(Taken, Option<String>)> {
+        let (tuple, unreadable) = stored_tuple(&self.key, &self.cond);
         let t = Taken {
-            tuple: tuple_of(&self.key, condition.clone().unwrap_or(None)),
+            tuple,
             op: op_of(&self.op)?,
             seq: self.seq,
             first: self.seq,
             attempts: attempt,
             term,
         };
-        Some((t, condition.map(|_| ())))
+        Some((t, unreadable))
     }
 }
 

@@ -59,7 +59,7 @@ impl Applier {
             .iter()
             .zip(claims.into_iter().chain(std::iter::repeat(Claim::Stale)))
             .filter_map(|(o, c)| match o.taken(job.attempt, term)? {
-                (t, Err(reason)) if !matches!(c, Claim::Stale) => {
+                (t, Some(reason)) if !matches!(c, Claim::Stale) => {
                     unreadable.push((t, unreadable_outcome(&o.key, reason)));
                     None
                 }

@@ -30,9 +30,9 @@ use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    condition_of, key_of, op_of, shown_condition, tuple_of, unreadable_outcome, Claim, DeadLetter,
-    Finished, JobEnd, KeyUsage, Outcome, Pending, Pushed, Relevant, Replayed, Store, StoreEvent,
-    Take, Taken,
+    condition_of, key_of, op_of, shown_condition, stored_tuple, tuple_of, unreadable_outcome,
+    Claim, DeadLetter, Finished, JobEnd, KeyUsage, Outcome, Pending, Pushed, Relevant, Replayed,
+    Store, StoreEvent, Take, Taken,
 };
 use crate::error::{Error, Kind, Result};
 use crate::model::{Dep, RelName};
@@ -466,12 +466,9 @@ impl RedisStore {
                 tracing::warn!(%key, "skipping an op of unknown kind in Redis");
                 continue;
             };
-            let (condition, bad) = match condition_of(&text(&c[3])?) {
-                Ok(c) => (c, None),
-                Err(reason) => (None, Some(reason)),
-            };
+            let (tuple, bad) = stored_tuple(&key, &text(&c[3])?);
             let t = Taken {
-                tuple: tuple_of(&key, condition),
+                tuple,
                 op,
                 seq: int(&c[1])? as u64,
                 first: int(&c[4])? as u64,

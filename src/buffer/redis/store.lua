@@ -847,6 +847,7 @@ local function drop_bad_job(id, raw, now)
     local e = cache[key]
     if e and (e.state == 'j' or e.state == 't') and e.job == id then move(key, e, 'r') end
   end
+  incr(P .. ':stats', 'bad_jobs', 1)
   apply_writes()
   rcall('DEL', P .. ':jk:' .. id)
   rcall('HDEL', P .. ':jobs', id)
@@ -854,8 +855,6 @@ local function drop_bad_job(id, raw, now)
   rcall('HDEL', P .. ':jobrun', id)
   rcall('ZREM', P .. ':jobq', id)
   rcall('HSET', P .. ':badjobs', id, ssub(raw or '', 1, 2000))
-  incr(P .. ':stats', 'bad_jobs', 1)
-  flush_incrs()
   return #keys
 end
 
@@ -1195,7 +1194,6 @@ if cmd == 'heartbeat' then
       rcall('HSET', P .. ':loss', 'at', ARGV[3], 'by', writer, 'reason', why, 'more', 0)
     else
       incr(P .. ':loss', 'more', 1)
-      flush_incrs()
     end
     incr(P .. ':stats', 'losses', 1)
     flush_incrs()
