@@ -471,23 +471,32 @@ async fn unreachable_redis_is_one_line_without_the_password() {
         .local_addr()
         .unwrap()
         .port();
-    cli.set(
-        "FGA_WB_REDIS__URL",
-        &format!("redis://:s3cret@127.0.0.1:{port}"),
-    );
-    for cmd in [
-        &["status"][..],
-        &["status", "--json"],
-        &["flush", "--wait"],
-        &["clear", "--yes"],
-        &["dlq", "list"],
-        &["dlq", "purge", "--all"],
-        &["worker"],
+    // Passwords as typed, unencoded: with a comma (which also separates
+    // cluster seeds) or a `://` (which starts a URL, and makes this one
+    // unreadable: a configuration error) in them.
+    for (password, code, says) in [
+        ("s3cret", 1, "Redis"),
+        ("s3cret,redis", 1, "Redis"),
+        ("s3cret://x", 2, "percent-encoded"),
     ] {
-        let r = cli.run(cmd).await;
-        r.fails(1, "Redis");
-        assert!(r.stderr.contains(&format!("127.0.0.1:{port}")), "{r:#?}");
-        assert!(r.stdout.is_empty(), "{r:#?}");
+        cli.set(
+            "FGA_WB_REDIS__URL",
+            &format!("redis://:{password}@127.0.0.1:{port}"),
+        );
+        for cmd in [
+            &["status"][..],
+            &["status", "--json"],
+            &["flush", "--wait"],
+            &["clear", "--yes"],
+            &["dlq", "list"],
+            &["dlq", "purge", "--all"],
+            &["worker"],
+        ] {
+            let r = cli.run(cmd).await;
+            r.fails(code, says);
+            assert!(r.stderr.contains(&format!("127.0.0.1:{port}")), "{r:#?}");
+            assert!(r.stdout.is_empty(), "{r:#?}");
+        }
     }
 }
 

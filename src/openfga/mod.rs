@@ -193,23 +193,29 @@ fn http_client(
 }
 
 /// A URL (or a list of them, as Redis Cluster seeds) without what may be a
-/// password, for messages: after each `://`, everything up to the last `@`
-/// before the next URL, shown as `***@` (a password may hold an unencoded
-/// `/`, `?` or `#`, so where the authority ends cannot be told), and `pass`
-/// or `password` query parameters (as Redis's unix-socket URLs take them).
+/// password, for messages: in each URL, everything between its `://` and
+/// its last `@` is shown as `***@` (a password may hold an unencoded `/`,
+/// `?`, `#`, `@` or even `://`, so where the authority ends cannot be
+/// told), and `pass` or `password` query parameters (as Redis's unix-socket
+/// URLs take them) are left out. A URL ends only where a comma is followed
+/// by another scheme's `://`, so a `://` inside a password stays hidden.
 pub(crate) fn redact_url(url: &str) -> String {
     let mut stripped = String::with_capacity(url.len());
     let mut rest = url;
     while let Some(s) = rest.find("://") {
         stripped.push_str(&rest[..s + 3]);
         rest = &rest[s + 3..];
-        let this = rest.find("://").map_or(rest, |next| &rest[..next]);
+        let this = &rest[..next_url(rest)];
         if let Some(at) = this.rfind('@') {
             // Marked, so a cut that went too far (an `@` in a path) reads
             // as a redaction, not as another host.
             stripped.push_str("***@");
             rest = &rest[at + 1..];
         }
+        // The text up to the next URL holds no credentials.
+        let next = next_url(rest);
+        stripped.push_str(&rest[..next]);
+        rest = &rest[next..];
     }
     stripped.push_str(rest);
     let secret = |k: &str| k == "pass" || k == "password";
@@ -229,6 +235,55 @@ pub(crate) fn redact_url(url: &str) -> String {
         }
         _ => stripped,
     }
+}
+
+/// The URLs of a comma-separated list (Redis Cluster seeds), as
+/// [`redact_url`] tells them apart: a comma inside a password does not
+/// split a URL.
+pub(crate) fn split_urls(list: &str) -> Vec<&str> {
+    let mut urls = Vec::new();
+    let mut rest = list;
+    loop {
+        // Past this URL's own `://`, so that it is not taken for the next.
+        let body = rest.find("://").map_or(rest.len(), |s| s + 3);
+        let end = body + next_url(&rest[body..]);
+        urls.push(&rest[..end]);
+        match rest.get(end + 1..) {
+            Some(next) => rest = next,
+            None => return urls,
+        }
+    }
+}
+
+/// Where the next URL of a comma-separated list starts in `s` (the part
+/// after a scheme's `://`): at a comma followed by the `://` of a scheme
+/// fga-wb takes, or `s.len()`. Only known schemes, so that a password
+/// holding `,x://` is not cut in two.
+fn next_url(s: &str) -> usize {
+    const SCHEMES: [&str; 10] = [
+        "redis",
+        "rediss",
+        "redis+unix",
+        "unix",
+        "redis+cluster",
+        "rediss+cluster",
+        "valkey",
+        "valkeys",
+        "http",
+        "https",
+    ];
+    let mut from = 0;
+    while let Some(c) = s[from..].find(',') {
+        let comma = from + c;
+        let after = s[comma + 1..].trim_start();
+        if let Some((scheme, _)) = after.split_once("://") {
+            if SCHEMES.iter().any(|k| scheme.eq_ignore_ascii_case(k)) {
+                return comma;
+            }
+        }
+        from = comma + 1;
+    }
+    s.len()
 }
 
 impl Client {
@@ -808,6 +863,19 @@ mod tests {
             ),
             ("unix:///tmp/r.sock?password=secret", "unix:///tmp/r.sock"),
             ("not a url", "not a url"),
+            // A `://` or an `@` inside a password: hidden to the last `@`.
+            ("redis://u:ab://cd@h:6379", "redis://***@h:6379"),
+            (
+                "redis://u:a@b://c@h:1,redis://:x://y@k:2",
+                "redis://***@h:1,redis://***@k:2",
+            ),
+            (
+                "redis://h:1, rediss://:p://w@k:2/0",
+                "redis://h:1, rediss://***@k:2/0",
+            ),
+            // A comma inside a password does not start a URL of its own.
+            ("redis://u:p,w://x@h:1", "redis://***@h:1"),
+            ("redis://u:p,1://x@h:1", "redis://***@h:1"),
         ] {
             assert_eq!(redact_url(url), shown, "{url}");
         }

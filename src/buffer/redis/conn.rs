@@ -17,7 +17,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::error::{Error, Kind, Result};
-use crate::openfga::redact_url;
+use crate::openfga::{redact_url, split_urls};
 
 /// Where Redis is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,9 +60,9 @@ impl Target {
                 return Ok(Target::Cluster(seeds));
             }
         }
-        let seeds: Vec<String> = url
-            .split(',')
-            .map(str::trim)
+        let seeds: Vec<String> = split_urls(url)
+            .into_iter()
+            .map(|s| s.trim_matches(|c: char| c == ',' || c.is_whitespace()))
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
             .collect();
@@ -138,7 +138,7 @@ fn unreachable(target: &Target, e: impl std::fmt::Display) -> Error {
 
 fn not_a_url(target: &Target, e: impl std::fmt::Display) -> Error {
     Error::config(format!(
-        "redis.url {:?} is not a Redis URL ({e})",
+        "redis.url {:?} is not a Redis URL ({e}); a password holding `/`, `?`, `#` or `@` must be percent-encoded (`/` as %2F)",
         target.shown()
     ))
 }
@@ -361,6 +361,15 @@ mod tests {
         assert_eq!(
             Target::parse("redis://a:1, redis://b:2").unwrap(),
             Target::Cluster(vec!["redis://a:1".into(), "redis://b:2".into()])
+        );
+        // A comma in a password does not make a cluster of one node.
+        assert_eq!(
+            Target::parse("redis://u:p,w@a:1").unwrap(),
+            Target::Node("redis://u:p,w@a:1".into())
+        );
+        assert_eq!(
+            Target::parse("redis://u:p,w@a:1,,redis://:x,y@b:2").unwrap(),
+            Target::Cluster(vec!["redis://u:p,w@a:1".into(), "redis://:x,y@b:2".into()])
         );
         assert_eq!(
             Target::parse("redis+cluster://user:pw@a:1,b:2").unwrap(),
