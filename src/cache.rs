@@ -16,6 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+
 use crate::model::Model;
 use crate::tuple::TupleKey;
 use crate::NameMap;
@@ -43,6 +45,13 @@ pub(crate) struct CheckCache {
     /// Bumped by ops the model does not know, by `clear`, and for everything
     /// when there is no model.
     global: AtomicU64,
+    /// The model's relations and what an op on each can change: replaced
+    /// whole when the handle follows a new model.
+    tables: ArcSwap<Tables>,
+}
+
+/// What the cache knows of one model.
+struct Tables {
     /// One generation per relation of the model.
     gens: Box<[AtomicU64]>,
     /// type -> relation -> its index in `gens`.
@@ -60,11 +69,12 @@ fn by_rel<'a, T>(map: &'a ByRel<T>, object_type: &str, relation: &str) -> Option
     map.get(object_type)?.get(relation)
 }
 
-impl CheckCache {
-    pub fn new(capacity: u64, ttl: Duration, model: Option<Arc<Model>>) -> Self {
+impl Tables {
+    /// The tables of `model`, every generation starting at `start`.
+    fn new(model: Option<&Model>, start: u64) -> Tables {
         let mut index: ByRel<usize> = ByRel::default();
         let mut bumps: ByRel<Box<[usize]>> = ByRel::default();
-        if let Some(m) = &model {
+        if let Some(m) = model {
             for (i, (ty, r)) in m
                 .relation_names()
                 .filter_map(|rel| rel.split_once('#'))
@@ -91,23 +101,51 @@ impl CheckCache {
             }
         }
         let count = index.values().map(NameMap::len).sum();
+        Tables {
+            gens: (0..count).map(|_| AtomicU64::new(start)).collect(),
+            index,
+            bumps,
+        }
+    }
+}
+
+impl CheckCache {
+    pub fn new(capacity: u64, ttl: Duration, model: Option<Arc<Model>>) -> Self {
         CheckCache {
             answers: moka::sync::Cache::builder()
                 .max_capacity(capacity)
                 .time_to_live(ttl)
                 .build(),
             global: AtomicU64::new(0),
-            gens: (0..count).map(|_| AtomicU64::new(0)).collect(),
-            index,
-            bumps,
+            tables: ArcSwap::from_pointee(Tables::new(model.as_deref(), 0)),
         }
+    }
+
+    /// Follows a new model: what an op can change is the new model's to
+    /// say (a relation that now derives from another must be bumped by
+    /// ops on that one), and every cached answer is dropped.
+    pub fn set_model(&self, model: Option<&Model>) {
+        // The new generations start above every old one, and the global
+        // counter moves after the swap: no generation an answer was ever
+        // cached under comes round again.
+        let start = self
+            .tables
+            .load()
+            .gens
+            .iter()
+            .map(|g| g.load(Ordering::Acquire))
+            .max()
+            .unwrap_or(0);
+        self.tables.store(Arc::new(Tables::new(model, start)));
+        self.invalidate_all();
     }
 
     /// The generation answers for `object_type#relation` are computed under.
     pub fn generation(&self, object_type: &str, relation: &str) -> u64 {
         // Both counters only grow, so their sum changes whenever either does.
-        let local = by_rel(&self.index, object_type, relation)
-            .and_then(|&i| self.gens.get(i))
+        let t = self.tables.load();
+        let local = by_rel(&t.index, object_type, relation)
+            .and_then(|&i| t.gens.get(i))
             .map_or(0, |g| g.load(Ordering::Acquire));
         self.global.load(Ordering::Acquire) + local
     }
@@ -134,9 +172,10 @@ impl CheckCache {
     }
 
     fn invalidate(&self, object_type: &str, relation: &str) {
-        match by_rel(&self.bumps, object_type, relation) {
+        let t = self.tables.load();
+        match by_rel(&t.bumps, object_type, relation) {
             Some(gens) => {
-                for g in gens.iter().filter_map(|&i| self.gens.get(i)) {
+                for g in gens.iter().filter_map(|&i| t.gens.get(i)) {
                     g.fetch_add(1, Ordering::AcqRel);
                 }
             }
@@ -175,6 +214,42 @@ mod tests {
         assert_ne!(now, viewer);
         assert_eq!(c.get("k", (now, 0)), None);
         assert_eq!(c.generation("document", "blocked"), blocked);
+    }
+
+    /// After a new model, ops bump what the new model says, and no
+    /// generation from before comes round again.
+    #[test]
+    fn a_new_model_brings_its_own_bumps() {
+        let c = cache();
+        let viewer = TupleKey::new("user:a", "viewer", "document:d").unwrap();
+        let mut seen = vec![c.generation("document", "viewer")];
+        for _ in 0..5 {
+            c.invalidate_for(&viewer);
+            seen.push(c.generation("document", "viewer"));
+        }
+        let m: AuthorizationModel = serde_json::from_value(serde_json::json!({
+            "id": "m2",
+            "schema_version": "1.1",
+            "type_definitions": [
+                { "type": "user" },
+                { "type": "document", "relations": {
+                    "viewer": { "this": {} },
+                    "can_read": { "computedUserset": { "relation": "viewer" } }
+                }, "metadata": { "relations": {
+                    "viewer": { "directly_related_user_types": [{ "type": "user" }] }
+                } } }
+            ]
+        }))
+        .unwrap();
+        c.set_model(Some(&Model::new(&m)));
+        for _ in 0..10 {
+            let read = c.generation("document", "can_read");
+            let now = c.generation("document", "viewer");
+            assert!(!seen.contains(&now), "{now} came round again: {seen:?}");
+            seen.push(now);
+            c.invalidate_for(&viewer);
+            assert_ne!(c.generation("document", "can_read"), read);
+        }
     }
 
     #[test]

@@ -67,6 +67,59 @@ async fn a_handle_following_the_latest_model_switches_on_refresh() {
     assert_eq!(wb.refresh_model().await.unwrap(), Some(newer));
 }
 
+/// The first model with `document#can_read` defined as `viewer`.
+fn model_with_can_read() -> Value {
+    let mut m = model(false);
+    m["type_definitions"][1]["relations"]["can_read"] =
+        json!({ "computedUserset": { "relation": "viewer" } });
+    m
+}
+
+/// A relation the new model derives from another: a revoke of the other
+/// makes a cached answer of it unusable, in either store. The cache's list
+/// of what an op changes was the old model's, which had no `can_read`, so
+/// the revoke of `viewer` left the cached `allowed` in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoke_under_a_new_model_drops_the_answers_it_derives() {
+    for kind in [StoreKind::Memory, StoreKind::Redis] {
+        let s = new_store_with("model-derived", &model(false)).await;
+        let mut c = config_for(&s);
+        c.openfga.model_id = String::new();
+        c.openfga.model_refresh = Duration::ZERO;
+        c.buffer.store = kind;
+        c.redis.url = support::redis_url();
+        let wb = WriteBehind::builder(c).build().await.unwrap();
+        let newer = s
+            .client
+            .write_authorization_model(&s.store_id, &model_with_can_read())
+            .await
+            .unwrap();
+        assert_eq!(wb.refresh_model().await.unwrap(), Some(newer));
+
+        wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+        wb.flush().await.unwrap();
+        assert!(wb
+            .check("user:anne", "can_read", "document:1")
+            .await
+            .unwrap());
+        // Cached now; the revoke must make it unusable.
+        assert!(wb
+            .check("user:anne", "can_read", "document:1")
+            .await
+            .unwrap());
+        wb.revoke("user:anne", "viewer", "document:1")
+            .await
+            .unwrap();
+        assert!(
+            !wb.check("user:anne", "can_read", "document:1")
+                .await
+                .unwrap(),
+            "{kind:?}: a cached answer survived the revoke it derives from"
+        );
+        wb.shutdown().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_handle_pinned_to_a_model_stays_on_it() {
     let s = store("model-pinned").await;

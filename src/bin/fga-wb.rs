@@ -476,7 +476,8 @@ async fn wait_until_applied(
 ) -> Result<(), Failure> {
     use std::io::IsTerminal;
     let started = tokio::time::Instant::now();
-    let deadline = timeout.map(|t| started + t);
+    // A timeout past what a clock can hold is no timeout.
+    let deadline = timeout.and_then(|t| started.checked_add(t));
     let tty = !quiet && std::io::stderr().is_terminal();
     // Ops not yet written (ops held by queued jobs count as in flight), and
     // jobs not yet finished.

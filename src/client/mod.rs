@@ -607,10 +607,10 @@ impl WriteBehind {
         // its grace: the report's error is for what is left, not for a
         // deadline that passed with nothing lost.
         let mut flushed = flushed;
-        if left.total + left.in_flight == 0 {
+        if left.total.saturating_add(left.in_flight) == 0 {
             flushed.error = None;
         }
-        if left.total + left.in_flight > 0 {
+        if left.total.saturating_add(left.in_flight) > 0 {
             tracing::warn!(
                 pending = left.total,
                 in_flight = left.in_flight,
@@ -665,9 +665,9 @@ impl WriteBehind {
             return Ok(Some(found.id));
         }
         let model = Arc::new(Model::new(&found));
-        self.inner.model.store(Some(model));
+        self.inner.model.store(Some(model.clone()));
         e.model_id.set(Some(found.id.clone()));
-        e.cache.invalidate_all();
+        e.cache.set_model(Some(&model));
         tracing::info!(model_id = %found.id, "following a new authorization model");
         Ok(Some(found.id))
     }
@@ -696,7 +696,7 @@ impl Drop for Handle {
             return;
         }
         if let Some(p) = self.engine.store.pending_now() {
-            let n = p.total + p.in_flight;
+            let n = p.total.saturating_add(p.in_flight);
             if n > 0 && self.config.buffer.store == StoreKind::Memory {
                 tracing::warn!(
                     pending = n,

@@ -701,6 +701,28 @@ impl Config {
                 "flush.mode = \"queue\" needs buffer.store = \"redis\": workers read the buffer from Redis",
             ));
         }
+        // Bounds far above any server's limits, so that sizes derived from
+        // them (windows of chunks, requests ahead) cannot overflow.
+        for (name, v) in [
+            (
+                "flush.max_tuples_per_write",
+                self.flush.max_tuples_per_write,
+            ),
+            (
+                "flush.max_parallel_requests",
+                self.flush.max_parallel_requests,
+            ),
+            (
+                "flush.min_parallel_requests",
+                self.flush.min_parallel_requests,
+            ),
+        ] {
+            if v > MAX_REQUEST_SETTING {
+                return Err(Error::config(format!(
+                    "{name} is {v}; it must be at most {MAX_REQUEST_SETTING}"
+                )));
+            }
+        }
         if self.queue.heartbeat < Duration::from_secs(1) {
             return Err(Error::config("queue.heartbeat must be at least 1s"));
         }
@@ -756,6 +778,9 @@ impl Serialize for DefaultsOnly {
     }
 }
 
+/// The most tuples per Write, and requests in flight, fga-wb accepts.
+const MAX_REQUEST_SETTING: usize = 100_000;
+
 /// Turns a figment error into one line naming the variable or file key.
 fn describe(e: &figment::Error) -> Error {
     use figment::error::{Actual, Kind};
@@ -773,7 +798,13 @@ fn describe(e: &figment::Error) -> Error {
             _ => path.clone(),
         }
     };
+    // A secret's value is never echoed, nor a URL's password.
+    let field = e.path.last().map_or("", String::as_str);
+    let secret = matches!(field, "api_token" | "client_secret");
+    let url = matches!(field, "api_url" | "token_url" | "url");
     let found = |a: &Actual| match a {
+        _ if secret => "a value not shown (it may be a secret)".to_owned(),
+        Actual::Str(s) if url => format!("{:?}", crate::openfga::redact_url(s)),
         Actual::Str(s) => format!("{s:?}"),
         other => other.to_string(),
     };
@@ -788,7 +819,13 @@ fn describe(e: &figment::Error) -> Error {
             )
         }
         Kind::UnknownField(f, _) => format!("unknown setting {f:?}; see config/fga-wb.toml"),
-        Kind::Message(m) => m.clone(),
+        // A file's syntax error quotes the line, which may hold a secret:
+        // only where it is and why.
+        Kind::Message(m) => m
+            .lines()
+            .filter(|l| !quotes_source(l))
+            .collect::<Vec<_>>()
+            .join("; "),
         other => other.to_string(),
     };
     if place.is_empty() {
@@ -796,6 +833,13 @@ fn describe(e: &figment::Error) -> Error {
     } else {
         Error::config(format!("{place}: {what}"))
     }
+}
+
+/// Whether a line of a parser's message quotes the source: `3 | text`, or
+/// the ` |` lines around it.
+fn quotes_source(line: &str) -> bool {
+    line.split_once('|')
+        .is_some_and(|(gutter, _)| gutter.trim().chars().all(|c| c.is_ascii_digit()))
 }
 
 /// Deserialises a `usize` that must be at least 1.

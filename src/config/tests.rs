@@ -178,6 +178,31 @@ fn bad_file_value_names_the_key_and_file() {
     assert!(e.to_string().contains("does not exist"), "{e}");
 }
 
+/// A file that does not parse, or a secret of the wrong type: the error
+/// says where and why, and never quotes the secret.
+#[test]
+fn bad_file_never_quotes_a_secret() {
+    let dir = std::env::temp_dir().join(format!("fga-wb-cfg-s-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("bad.toml");
+    for (text, says) in [
+        ("[openfga]\napi_token = \"pw\\qfile\"\n", "line 2"),
+        ("[openfga]\napi_token = 12345678\n", "openfga.api_token in"),
+        (
+            "[openfga.oauth2]\ntoken_url = \"https://a\"\nclient_id = \"c\"\nclient_secret = [\"pw-list\"]\n",
+            "client_secret",
+        ),
+        ("[redis]\nurl = 7\n[openfga]\napi_token = \"x\"\napi_token = \"pw-twice\"\n", "line"),
+    ] {
+        std::fs::write(&f, text).unwrap();
+        let e = Config::load_from(Some(&f), vec![]).unwrap_err().to_string();
+        assert!(e.contains(says), "{e}");
+        for secret in ["pw", "12345678"] {
+            assert!(!e.contains(secret), "{secret} in {e}");
+        }
+    }
+}
+
 /// Neither serialised (`status --json`) nor `{:?}` config shows a token, a
 /// client secret or a password in a URL, whatever the password holds.
 #[test]
@@ -212,4 +237,18 @@ fn secrets_never_serialise() {
         }
     }
     assert!(d.contains("127.0.0.1:6379"), "{d}");
+}
+
+/// Request sizes that would overflow the windows derived from them are
+/// refused with the bound, not a panic at the first flush.
+#[test]
+fn huge_request_settings_are_refused() {
+    for var in [
+        "FGA_WB_FLUSH__MAX_TUPLES_PER_WRITE",
+        "FGA_WB_FLUSH__MAX_PARALLEL_REQUESTS",
+    ] {
+        let e = load_env(&[(var, "18446744073709551615")]).unwrap_err();
+        assert!(e.to_string().contains("must be at most 100000"), "{e}");
+    }
+    assert!(load_env(&[("FGA_WB_FLUSH__MAX_TUPLES_PER_WRITE", "1000")]).is_ok());
 }

@@ -535,16 +535,21 @@ impl Pump {
                 freed.notify_one();
                 // Finished here, not in the pump: chunks end concurrently,
                 // and the pump goes on starting others meanwhile.
-                for (t, o) in &result.outcomes {
-                    if matches!(o, Outcome::Dead { .. }) {
-                        // Its grant may have been in cached answers as a
-                        // contextual tuple; OpenFGA will never have it.
-                        engine.cache.invalidate_for(&t.tuple);
-                    }
-                }
                 let outcomes = std::mem::take(&mut result.outcomes);
+                let dead: Vec<crate::tuple::TupleKey> = outcomes
+                    .iter()
+                    .filter(|(_, o)| matches!(o, Outcome::Dead { .. }))
+                    .map(|(t, _)| t.tuple.clone())
+                    .collect();
                 if !outcomes.is_empty() {
                     result.finished = Some(engine.store.finish(outcomes, None).await);
+                }
+                // A dead grant may have been in cached answers as a
+                // contextual tuple; OpenFGA will never have it. After the
+                // finish, never before (see cache.rs): a check between the
+                // two would cache its answer under the new generation.
+                for t in &dead {
+                    engine.cache.invalidate_for(t);
                 }
                 (result, first)
             }

@@ -50,7 +50,7 @@ impl serde::Serialize for Secret {
 }
 
 /// OAuth2 client-credentials settings.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct OAuth2 {
     /// Token endpoint URL.
     pub token_url: String,
@@ -62,6 +62,18 @@ pub struct OAuth2 {
     pub audience: Option<String>,
     /// Scopes to request, space separated.
     pub scopes: Option<String>,
+}
+
+impl fmt::Debug for OAuth2 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OAuth2")
+            .field("token_url", &super::redact_url(&self.token_url))
+            .field("client_id", &self.client_id)
+            .field("client_secret", &self.client_secret)
+            .field("audience", &self.audience)
+            .field("scopes", &self.scopes)
+            .finish()
+    }
 }
 
 /// How to authenticate to OpenFGA.

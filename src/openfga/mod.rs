@@ -59,7 +59,7 @@ struct Inner {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("api_url", &self.inner.base)
+            .field("api_url", &redact_url(&self.inner.base))
             .finish_non_exhaustive()
     }
 }
@@ -67,7 +67,6 @@ impl std::fmt::Debug for Client {
 /// Builds a [`Client`]. A bad setting is remembered and returned by
 /// [`ClientBuilder::build`], so chained calls never panic.
 #[must_use]
-#[derive(Debug)]
 pub struct ClientBuilder {
     api_url: String,
     credentials: Credentials,
@@ -75,6 +74,19 @@ pub struct ClientBuilder {
     connect_timeout: Duration,
     pool_max_idle_per_host: usize,
     ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("api_url", &redact_url(&self.api_url))
+            .field("credentials", &self.credentials)
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("pool_max_idle_per_host", &self.pool_max_idle_per_host)
+            .field("ca_pem", &self.ca_pem.as_ref().map(Vec::len))
+            .finish()
+    }
 }
 
 impl ClientBuilder {
@@ -193,65 +205,83 @@ fn http_client(
 }
 
 /// A URL (or a list of them, as Redis Cluster seeds) without what may be a
-/// password, for messages: in each URL, everything between its `://` and
-/// its last `@` is shown as `***@` (a password may hold an unencoded `/`,
-/// `?`, `#`, `@` or even `://`, so where the authority ends cannot be
-/// told), and `pass` or `password` query parameters (as Redis's unix-socket
-/// URLs take them) are left out. A URL ends only where a comma is followed
-/// by another scheme's `://`, so a `://` inside a password stays hidden.
+/// password, for messages: in each URL (see [`split_urls`]), everything
+/// between its `://` (or its start, if it has none) and its last `@` is
+/// shown as `***@`, as a password may hold an unencoded `/`, `?`, `#`, `@`
+/// or even `://`, so where the authority ends cannot be told; and a `pass`
+/// or `password` query parameter (as Redis's unix-socket URLs take them) is
+/// left out with all that follows it.
 pub(crate) fn redact_url(url: &str) -> String {
-    let mut stripped = String::with_capacity(url.len());
-    let mut rest = url;
-    while let Some(s) = rest.find("://") {
-        stripped.push_str(&rest[..s + 3]);
-        rest = &rest[s + 3..];
-        let this = &rest[..next_url(rest)];
-        if let Some(at) = this.rfind('@') {
-            // Marked, so a cut that went too far (an `@` in a path) reads
-            // as a redaction, not as another host.
-            stripped.push_str("***@");
-            rest = &rest[at + 1..];
-        }
-        // The text up to the next URL holds no credentials.
-        let next = next_url(rest);
-        stripped.push_str(&rest[..next]);
-        rest = &rest[next..];
-    }
-    stripped.push_str(rest);
-    let secret = |k: &str| k == "pass" || k == "password";
-    match reqwest::Url::parse(&stripped) {
-        Ok(mut u) if u.query_pairs().any(|(k, _)| secret(&k)) => {
-            let kept: Vec<(String, String)> = u
-                .query_pairs()
-                .filter(|(k, _)| !secret(k))
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect();
-            if kept.is_empty() {
-                u.set_query(None);
-            } else {
-                u.query_pairs_mut().clear().extend_pairs(kept);
-            }
-            u.to_string()
-        }
-        _ => stripped,
-    }
+    split_urls(url)
+        .into_iter()
+        .map(redact_one)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
-/// The URLs of a comma-separated list (Redis Cluster seeds), as
-/// [`redact_url`] tells them apart: a comma inside a password does not
-/// split a URL.
+fn redact_one(url: &str) -> String {
+    let (scheme, body) = url.split_at(scheme_len(url));
+    // A unix socket's path (`redis+unix:///run/r.sock`) has no user info;
+    // an `@` there may be in its password parameter.
+    let at = body.rfind('@').filter(|_| !body.starts_with('/'));
+    let shown = match at {
+        None => without_password_param(body).to_owned(),
+        // The `@` may be inside a password parameter: hide it all.
+        Some(at) if without_password_param(&body[..at]).len() < at => "***".to_owned(),
+        Some(at) => format!("***@{}", without_password_param(&body[at + 1..])),
+    };
+    format!("{scheme}{shown}")
+}
+
+/// `s` without its first `pass`/`password` query parameter and all that
+/// follows it (an unencoded password may hold `&` or `#`).
+fn without_password_param(s: &str) -> &str {
+    let Some(q) = s.find('?') else { return s };
+    let mut at = q + 1;
+    for param in s[q + 1..].split('&') {
+        let name = param.split('=').next().unwrap_or_default();
+        if name.eq_ignore_ascii_case("pass") || name.eq_ignore_ascii_case("password") {
+            // Keep the `?` only if a parameter stays before it.
+            return if at == q + 1 { &s[..q] } else { &s[..at - 1] };
+        }
+        at += param.len() + 1;
+    }
+    s
+}
+
+/// The URLs of a comma-separated list (Redis Cluster seeds), each with
+/// the whitespace that followed its comma: a comma starts the next URL
+/// only where the `://` of a known scheme follows it, so a comma inside a
+/// password does not split a URL.
 pub(crate) fn split_urls(list: &str) -> Vec<&str> {
     let mut urls = Vec::new();
     let mut rest = list;
     loop {
         // Past this URL's own `://`, so that it is not taken for the next.
-        let body = rest.find("://").map_or(rest.len(), |s| s + 3);
+        let body = scheme_len(rest);
         let end = body + next_url(&rest[body..]);
         urls.push(&rest[..end]);
         match rest.get(end + 1..) {
             Some(next) => rest = next,
             None => return urls,
         }
+    }
+}
+
+/// The length of `s`'s leading scheme and `://` (with the whitespace
+/// before them), or 0 if it does not start with one.
+fn scheme_len(s: &str) -> usize {
+    let t = s.trim_start();
+    let Some((scheme, _)) = t.split_once("://") else {
+        return 0;
+    };
+    let mut chars = scheme.chars();
+    let is_scheme = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    if is_scheme {
+        s.len() - t.len() + scheme.len() + 3
+    } else {
+        0
     }
 }
 
@@ -819,6 +849,29 @@ mod tests {
         assert_eq!(seg("a/../b"), "a%2F..%2Fb");
     }
 
+    /// `{:?}` of the builder, the client and its credentials never shows
+    /// a password in a URL or a secret.
+    #[test]
+    fn debug_never_shows_credentials() {
+        let oauth = OAuth2 {
+            token_url: "https://auth:pw-issuer@issuer.example/oauth/token".into(),
+            client_id: "client".into(),
+            client_secret: Secret::new("pw-client"),
+            audience: None,
+            scopes: None,
+        };
+        let builder = Client::builder("http://proxy:pw-api@127.0.0.1:8080")
+            .credentials(Credentials::ClientCredentials(oauth));
+        let shown_builder = format!("{builder:?}");
+        let client = builder.build().expect("a client");
+        for shown in [shown_builder, format!("{client:?}")] {
+            for secret in ["pw-api", "pw-issuer", "pw-client"] {
+                assert!(!shown.contains(secret), "{secret} in {shown}");
+            }
+            assert!(shown.contains("127.0.0.1:8080"), "{shown}");
+        }
+    }
+
     /// A transport failure keeps reqwest's error as its source, without
     /// the URL (which may carry credentials) anywhere in the chain.
     #[tokio::test]
@@ -863,6 +916,22 @@ mod tests {
             ),
             ("unix:///tmp/r.sock?password=secret", "unix:///tmp/r.sock"),
             ("not a url", "not a url"),
+            // No scheme: still a password before the `@`.
+            ("default:s3cret@redis:6379", "***@redis:6379"),
+            ("u:p@fga:8080,redis://h:1", "***@fga:8080,redis://h:1"),
+            ("u:p://x@h:1", "***@h:1"),
+            // A unix socket's password with an `@`, a `&` or a `#` in it.
+            (
+                "redis+unix:///run/r.sock?pass=abc@defghij",
+                "redis+unix:///run/r.sock",
+            ),
+            (
+                "redis+unix:///r.sock?db=2&pass=a&b#c",
+                "redis+unix:///r.sock?db=2",
+            ),
+            ("redis://h:1/0?PASSWORD=x", "redis://h:1/0"),
+            ("redis://u:p@h:1/0?db=1", "redis://***@h:1/0?db=1"),
+            ("redis://h:1/0?password=a@b", "redis://***"),
             // A `://` or an `@` inside a password: hidden to the last `@`.
             ("redis://u:ab://cd@h:6379", "redis://***@h:6379"),
             (
