@@ -69,6 +69,11 @@ pub(crate) enum Kind {
     /// take this check's access away: the check fails closed until the grant
     /// is dead-lettered (flushed) or revoked.
     PendingGrantRefused { tuple: String, reason: String },
+    /// A revoke the check could depend on was dead-lettered after transient
+    /// failures (queue mode) and is still current: OpenFGA may hold what it
+    /// revokes, so the check fails closed until the letter is replayed or
+    /// purged.
+    RevokeDeadLettered { count: usize },
     /// The handle was shut down.
     Shutdown,
     /// Redis failed, or holds something fga-wb did not write.
@@ -237,12 +242,15 @@ impl Error {
     }
 
     /// A check failed closed because a revoke it could depend on was not yet in
-    /// OpenFGA, or a pending grant that could take its access away is one
-    /// OpenFGA refuses. Treat it as "not allowed" or retry.
+    /// OpenFGA (pending, or dead-lettered after transient failures), or a
+    /// pending grant that could take its access away is one OpenFGA refuses.
+    /// Treat it as "not allowed" or retry.
     pub fn is_stale_check(&self) -> bool {
         matches!(
             &*self.kind,
-            Kind::CheckWouldBeStale { .. } | Kind::PendingGrantRefused { .. }
+            Kind::CheckWouldBeStale { .. }
+                | Kind::PendingGrantRefused { .. }
+                | Kind::RevokeDeadLettered { .. }
         )
     }
 
@@ -363,6 +371,10 @@ impl fmt::Display for Error {
             Kind::PendingGrantRefused { tuple, reason } => write!(
                 f,
                 "check denied (fail closed): OpenFGA refuses the pending grant {tuple} ({reason}), which could take this access away; it will be dead-lettered when flushed (`fga-wb flush`), or revoke it"
+            ),
+            Kind::RevokeDeadLettered { count } => write!(
+                f,
+                "check denied (fail closed): {count} revoke(s) it could depend on died after transient write failures and are in the dead letters, so OpenFGA may still hold what they revoke; workers replay them once OpenFGA answers again (queue.replay_transient), or run `fga-wb dlq replay` (or `fga-wb dlq purge` to give them up)"
             ),
             Kind::Shutdown => write!(f, "the write-behind handle has been shut down"),
             Kind::Redis { detail, transient } => {

@@ -386,6 +386,95 @@ async fn queue_flush_wait_and_worker_sigterm() {
     );
 }
 
+/// A revoke that died of transient failures (its worker could not reach
+/// OpenFGA through the retry schedule, while the application could): OpenFGA
+/// still holds the grant, so the checks the revoke can change fail closed
+/// instead of answering `allowed`, and the others answer. After `fga-wb dlq
+/// replay --all` and a worker that reaches OpenFGA, the revoke is applied
+/// and the check answers `false`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_dead_lettered_in_an_outage_denies_until_replayed() {
+    let s = new_store("cli-deadrev").await;
+    let anne = fga_wb::TupleKey::new("user:anne", "viewer", "document:1").unwrap();
+    s.client
+        .write(
+            &s.store_id,
+            &fga_wb::openfga::WriteRequest::idempotent(vec![anne], vec![]),
+        )
+        .await
+        .unwrap();
+    let wb = filler(&s, Mode::Queue).await;
+    assert!(wb.check("user:anne", "viewer", "document:1").await.unwrap());
+
+    let cli = Cli::new(&s, "queue");
+    let mut cut_off = Cli::new(&s, "queue");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    cut_off.set("FGA_API_URL", &format!("http://127.0.0.1:{port}"));
+    cut_off.set("FGA_WB_QUEUE__RETRY_SCHEDULE", r#"["100ms"]"#);
+    cut_off.set("FGA_WB_QUEUE__REQUEST_RETRIES", "0");
+    cut_off.set("FGA_WB_QUEUE__REPLAY_TRANSIENT", "0s");
+    let worker = cut_off
+        .command(&["worker"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn fga-wb worker");
+
+    wb.revoke("user:anne", "viewer", "document:1")
+        .await
+        .unwrap();
+    wb.flush().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let letters = wb.dead_letters().await.unwrap();
+        if let [d] = letters.as_slice() {
+            assert!(d.transient && d.op == fga_wb::Op::Revoke, "{d:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the revoke never died: {letters:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(worker);
+
+    let e = wb
+        .check("user:anne", "viewer", "document:1")
+        .await
+        .expect_err("a check answered while the revoke it depends on is dead-lettered");
+    assert!(e.is_stale_check(), "{e}");
+    assert!(e.to_string().contains("dlq replay"), "{e}");
+    let e = wb
+        .batch_check(&[fga_wb::openfga::CheckRequest::new(
+            "user:anne",
+            "viewer",
+            "document:1",
+        )])
+        .await;
+    assert!(!matches!(e.as_deref(), Ok([Ok(true)])), "{e:?}");
+    // Checks the revoke cannot change answer.
+    assert!(!wb.check("user:bob", "viewer", "document:1").await.unwrap());
+    assert!(!wb.check("user:anne", "viewer", "document:2").await.unwrap());
+
+    let r = cli.run(&["dlq", "replay", "--all"]).await;
+    r.ok();
+    assert!(r.stdout.contains("replayed 1 dead letters"), "{}", r.stdout);
+    let _worker = cli
+        .command(&["worker"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn fga-wb worker");
+    cli.run(&["flush", "--wait"]).await.ok();
+    assert!(!wb.check("user:anne", "viewer", "document:1").await.unwrap());
+    assert!(stored(&s).await.is_empty());
+}
+
 /// The memory store is per process: `status` and `flush` refuse it with
 /// exit 2 instead of showing zeros.
 #[tokio::test]

@@ -182,6 +182,10 @@ pub(crate) struct Relevant {
     /// How long ago the newest write the check can depend on was applied
     /// (see `written.rs`), if within `written::KEEP`.
     pub written_ago: Option<Duration>,
+    /// Revokes on those relations dead-lettered after transient failures
+    /// (queue mode), and current: OpenFGA may still hold what they revoke,
+    /// and no flush will write them until they are replayed.
+    pub dead_revokes: usize,
 }
 
 /// Which ops `take` may return.

@@ -456,6 +456,12 @@ impl WriteBehind {
         loop {
             changed.borrow_and_update();
             let r = e.store.relevant(deps, object, user, room).await?;
+            // No flush writes these: waiting would only delay the denial.
+            if r.dead_revokes > 0 {
+                return Err(Error::new(Kind::RevokeDeadLettered {
+                    count: r.dead_revokes,
+                }));
+            }
             // A grant with a condition may replace a tuple OpenFGA holds
             // with a wider one (or none); as a contextual tuple it would only
             // add to that, so it narrows access only once written.

@@ -662,6 +662,7 @@ impl MemoryStore {
                 grants: None,
                 unreadable: 0,
                 written_ago: None,
+                dead_revokes: 0,
             };
         }
         let mut out = Vec::with_capacity(grants);
@@ -688,6 +689,7 @@ impl MemoryStore {
                 grants: None,
                 unreadable: 0,
                 written_ago: None,
+                dead_revokes: 0,
             };
         }
         Relevant {
@@ -695,6 +697,7 @@ impl MemoryStore {
             grants: Some(out),
             unreadable: 0,
             written_ago: None,
+            dead_revokes: 0,
         }
     }
 

@@ -563,6 +563,7 @@ impl RedisStore {
                 grants: Some(Vec::new()),
                 unreadable: 0,
                 written_ago: None,
+                dead_revokes: 0,
             });
         }
         let mut a = Args::new("relevant", self.publish);
@@ -586,12 +587,14 @@ impl RedisStore {
         let v = items(self.call(&a).await?)?;
         let revokes = count(&v, 0)? as usize;
         let grants = count(&v, 1)? as usize;
-        if revokes > 0 || grants > limit {
+        let dead_revokes = count(&v, 3)? as usize;
+        if revokes > 0 || grants > limit || dead_revokes > 0 {
             return Ok(Relevant {
                 revokes,
                 grants: None,
                 unreadable: 0,
                 written_ago: None,
+                dead_revokes,
             });
         }
         let written_ago = match v.get(2).map(int).transpose()? {
@@ -600,7 +603,7 @@ impl RedisStore {
         };
         let mut list = Vec::with_capacity(grants);
         let mut unreadable = 0;
-        for c in v[3.min(v.len())..].chunks_exact(2) {
+        for c in v[4.min(v.len())..].chunks_exact(2) {
             let key = text(&c[0])?;
             match condition_of(&text(&c[1])?) {
                 Ok(condition) => list.push(tuple_of(&key, condition)),
@@ -617,6 +620,7 @@ impl RedisStore {
             grants: Some(list),
             unreadable,
             written_ago,
+            dead_revokes: 0,
         })
     }
 

@@ -40,6 +40,12 @@
 --                              newer op on the key was applied or cleared: a
 --                              letter is replayable only while this names it
 --                              and the key has no entry in P:ops
+--   P:deadrev          zset    tuple keys whose newest letter is a revoke that
+--                              died of transient causes, all score 0: OpenFGA
+--                              may still hold what it revokes, so checks it
+--                              can change fail closed while it is current
+--                              (see relevant; entries are checked there, so
+--                              one left behind only costs a look)
 --   P:stats            hash    totals and notes (dead_transient: letters ever
 --                              written that died of transient causes)
 --   P:gen              hash    "type#rel" -> changes of its checks; "*" -> any
@@ -82,7 +88,7 @@ local tostring, tonumber, pairs, ipairs, unpack = tostring, tonumber, pairs, ipa
 local rcall, pcall_ = redis.call, redis.pcall
 -- Key and field names built once per call, not once per op.
 local K_OPS, K_COUNTS, K_REL, K_BLOCKED = P .. ':ops', P .. ':counts', P .. ':rel', P .. ':blocked'
-local K_DEAD, K_DEADKEY = P .. ':dead', P .. ':deadkey'
+local K_DEAD, K_DEADKEY, K_DEADREV = P .. ':dead', P .. ':deadkey', P .. ':deadrev'
 local K_READY = { g = P .. ':ready:g', r = P .. ':ready:r' }
 local F_PENDING = { g = 'pg', r = 'pr' }
 -- Per relation and op kind, without building a lookup string per op.
@@ -481,8 +487,22 @@ local function supersede_letters(keys)
   if rcall('HLEN', K_DEADKEY) == 0 then return end
   local ids = hmget(K_DEADKEY, keys)
   for i, k in ipairs(keys) do
-    if ids[i] and ids[i] ~= '0' then rcall('HSET', K_DEADKEY, k, 0) end
+    if ids[i] and ids[i] ~= '0' then
+      rcall('HSET', K_DEADKEY, k, 0)
+      pcall_('ZREM', K_DEADREV, k)
+    end
   end
+end
+
+-- A letter's fields, or nil when it is not one fga-wb wrote.
+local function letter(raw)
+  if not raw then return nil end
+  local ok, d = pcall(cjson.decode, raw)
+  if not ok or type(d) ~= 'table' or type(d.key) ~= 'string' or (d.op ~= 'g' and d.op ~= 'r') then
+    return nil
+  end
+  if type(d.cond) ~= 'string' then d.cond = '' end
+  return d
 end
 
 -- A new pending op on a key that has none.
@@ -1035,6 +1055,12 @@ if cmd == 'finish' then
           transient = outcome == 'D' }))
         if outcome == 'D' then transient = transient + 1 end
         rcall('HSET', K_DEADKEY, key, id)
+        -- pcall: a key of another type must not abort the finish.
+        if outcome == 'D' and e.op == 'r' then
+          pcall_('ZADD', K_DEADREV, 0, key)
+        else
+          pcall_('ZREM', K_DEADREV, key)
+        end
         local rel = rel_of(key)
         if rel then rels[rel] = true end
       elseif outcome == 'r' and writing then
@@ -1312,8 +1338,35 @@ if cmd == 'relevant' then
       end
     end
   end
-  if revokes > 0 or grants > limit then return { revokes, grants, -1 } end
-  local out = { revokes, grants, written_ago(rels, object, nrels == 0) }
+  -- Revokes that died of transient causes while current: OpenFGA may
+  -- still hold what they revoke (see P:deadrev). Empty but in an outage.
+  local dead = 0
+  local nd = pcall_('ZCARD', K_DEADREV)
+  if type(nd) ~= 'number' then
+    return redis.error_reply('fga-wb: Redis key ' .. K_DEADREV .. ' is not a sorted set; it was not written by fga-wb (remove it, or use another redis.key_prefix)')
+  end
+  if nd > SCAN_MAX then
+    -- Too many to look at each: every check fails closed.
+    dead = nd
+  elseif nd > 0 then
+    local scopes = {}
+    for _, r in ipairs(rels) do scopes[r[1]] = r[2] end
+    local own = object .. '#'
+    for _, k in ipairs(rcall('ZRANGE', K_DEADREV, 0, -1)) do
+      local rel = rel_of(k)
+      local scope = rel and scopes[rel]
+      -- With no model (nrels 0) any relation can matter.
+      local can = nrels == 0 or scope == 0
+        or (scope and ssub(k, 1, #own) == own and (scope == 1 or counts(k)))
+      if can and rcall('HEXISTS', K_OPS, k) == 0 then
+        local id = rcall('HGET', K_DEADKEY, k)
+        local d = id and id ~= '0' and letter(rcall('HGET', K_DEAD, id))
+        if d and d.op == 'r' and d.transient == true then dead = dead + 1 end
+      end
+    end
+  end
+  if revokes > 0 or grants > limit or dead > 0 then return { revokes, grants, -1, dead } end
+  local out = { revokes, grants, written_ago(rels, object, nrels == 0), 0 }
   local keys = picked
   for _, r in ipairs(whole) do
     local found
@@ -1423,7 +1476,9 @@ local function category(key)
   if head == 'ops' or head == 'ready' or head == 'lex' or head == 'blocked' or head == 'w' then
     return 'pending'
   end
-  if head == 'dead' or head == 'deadseq' or head == 'deadkey' then return 'dead' end
+  if head == 'dead' or head == 'deadseq' or head == 'deadkey' or head == 'deadrev' then
+    return 'dead'
+  end
   if head == 'jobs' or head == 'jobc' or head == 'jobq' or head == 'jobrun' or head == 'jk'
     or head == 'wj' or head == 'badjobs' then
     return 'queue'
@@ -1445,17 +1500,6 @@ local function letter_ids(from)
   return ids
 end
 
--- A letter's fields, or nil when it is not one fga-wb wrote.
-local function letter(raw)
-  if not raw then return nil end
-  local ok, d = pcall(cjson.decode, raw)
-  if not ok or type(d) ~= 'table' or type(d.key) ~= 'string' or (d.op ~= 'g' and d.op ~= 'r') then
-    return nil
-  end
-  if type(d.cond) ~= 'string' then d.cond = '' end
-  return d
-end
-
 -- replay pub now cap only_transient (id* | '*')
 --   -> {replayed, superseded, kept, (key, cond)* of the replayed}
 -- Each letter, in one step: dropped if superseded (its key has an entry, or
@@ -1475,7 +1519,10 @@ if cmd == 'replay' then
       if cache[d.key] or latest ~= tostring(id) then
         superseded = superseded + 1
         rcall('HDEL', K_DEAD, id)
-        if latest == tostring(id) then rcall('HDEL', K_DEADKEY, d.key) end
+        if latest == tostring(id) then
+          rcall('HDEL', K_DEADKEY, d.key)
+          pcall_('ZREM', K_DEADREV, d.key)
+        end
       elseif size >= cap then
         kept = #ids - i + 1
         break
@@ -1488,6 +1535,7 @@ if cmd == 'replay' then
         if rel then rels[rel] = true end
         rcall('HDEL', K_DEAD, id)
         rcall('HDEL', K_DEADKEY, d.key)
+        pcall_('ZREM', K_DEADREV, d.key)
         tinsert(out, d.key)
         tinsert(out, d.cond)
       end
@@ -1513,10 +1561,11 @@ if cmd == 'dlqdrop' then
       local d = letter(raw)
       if d and rcall('HGET', K_DEADKEY, d.key) == tostring(id) then
         rcall('HDEL', K_DEADKEY, d.key)
+        pcall_('ZREM', K_DEADREV, d.key)
       end
     end
   end
-  if ARGV[3] == '*' then rcall('DEL', K_DEADKEY) end
+  if ARGV[3] == '*' then rcall('DEL', K_DEADKEY, K_DEADREV) end
   return out
 end
 
