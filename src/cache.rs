@@ -52,6 +52,9 @@ pub(crate) struct CheckCache {
 
 /// What the cache knows of one model.
 struct Tables {
+    /// Which model of this handle's, counting from 0: part of every
+    /// generation read from these tables.
+    epoch: u64,
     /// One generation per relation of the model.
     gens: Box<[AtomicU64]>,
     /// type -> relation -> its index in `gens`.
@@ -69,9 +72,14 @@ fn by_rel<'a, T>(map: &'a ByRel<T>, object_type: &str, relation: &str) -> Option
     map.get(object_type)?.get(relation)
 }
 
+/// A generation's bits below its tables' epoch. Generations read from
+/// different tables never match (a check that read the old tables while
+/// the handle switched models caches under the old epoch), as long as a
+/// model sees fewer than 2^48 ops.
+const EPOCH_SHIFT: u32 = 48;
+
 impl Tables {
-    /// The tables of `model`, every generation starting at `start`.
-    fn new(model: Option<&Model>, start: u64) -> Tables {
+    fn new(model: Option<&Model>, epoch: u64) -> Tables {
         let mut index: ByRel<usize> = ByRel::default();
         let mut bumps: ByRel<Box<[usize]>> = ByRel::default();
         if let Some(m) = model {
@@ -102,7 +110,8 @@ impl Tables {
         }
         let count = index.values().map(NameMap::len).sum();
         Tables {
-            gens: (0..count).map(|_| AtomicU64::new(start)).collect(),
+            epoch,
+            gens: (0..count).map(|_| AtomicU64::new(0)).collect(),
             index,
             bumps,
         }
@@ -123,21 +132,13 @@ impl CheckCache {
 
     /// Follows a new model: what an op can change is the new model's to
     /// say (a relation that now derives from another must be bumped by
-    /// ops on that one), and every cached answer is dropped.
+    /// ops on that one), and no answer cached before is used again (a new
+    /// epoch). Call it after the handle's model is replaced, and read a
+    /// check's generation before its model: a check that read the old
+    /// epoch caches under it, whichever model it then used.
     pub fn set_model(&self, model: Option<&Model>) {
-        // The new generations start above every old one, and the global
-        // counter moves after the swap: no generation an answer was ever
-        // cached under comes round again.
-        let start = self
-            .tables
-            .load()
-            .gens
-            .iter()
-            .map(|g| g.load(Ordering::Acquire))
-            .max()
-            .unwrap_or(0);
-        self.tables.store(Arc::new(Tables::new(model, start)));
-        self.invalidate_all();
+        let epoch = self.tables.load().epoch + 1;
+        self.tables.store(Arc::new(Tables::new(model, epoch)));
     }
 
     /// The generation answers for `object_type#relation` are computed under.
@@ -147,7 +148,8 @@ impl CheckCache {
         let local = by_rel(&t.index, object_type, relation)
             .and_then(|&i| t.gens.get(i))
             .map_or(0, |g| g.load(Ordering::Acquire));
-        self.global.load(Ordering::Acquire) + local
+        let count = self.global.load(Ordering::Acquire).wrapping_add(local);
+        (t.epoch << EPOCH_SHIFT) | (count & ((1 << EPOCH_SHIFT) - 1))
     }
 
     /// A cached answer still valid under `generation`.

@@ -250,19 +250,23 @@ impl WriteBehind {
         let probe = TupleKey::new(&req.user, &req.relation, &req.object)?;
         let e = &self.inner.engine;
         let ty = probe.object_type();
+        // Read the generations before looking at anything pending: see
+        // cache.rs. This process's before the model, so that an answer
+        // worked out with a model the handle just left is cached under
+        // that model's epoch (see CheckCache::set_model).
+        let local = e.cache.generation(ty, &req.relation);
         let model = self.inner.model();
         let model = model.as_deref();
         let rels = model.and_then(|m| m.depends_on(ty, &req.relation));
         let deps = model.and_then(|m| m.depends_on_scoped(ty, &req.relation));
-        // Read the generations before looking at anything pending: see
-        // cache.rs. A shared store costs one round trip here, so that an op
+        // A shared store costs one round trip here, so that an op
         // acknowledged by another process is never hidden by this cache.
         let shared = if e.store.shared() {
             e.store.generation(rels).await?
         } else {
             0
         };
-        let generation = (e.cache.generation(ty, &req.relation), shared);
+        let generation = (local, shared);
         let cacheable = req.context.is_none()
             && req.contextual_tuples.is_empty()
             && req.consistency != Consistency::HigherConsistency;

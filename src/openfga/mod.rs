@@ -233,14 +233,19 @@ fn redact_one(url: &str) -> String {
     format!("{scheme}{shown}")
 }
 
-/// `s` without its first `pass`/`password` query parameter and all that
-/// follows it (an unencoded password may hold `&` or `#`).
+/// `s` without its first `pass`/`password` query parameter (or one with a
+/// percent-encoded name) and all that follows it (an unencoded password
+/// may hold `&` or `#`).
 fn without_password_param(s: &str) -> &str {
     let Some(q) = s.find('?') else { return s };
     let mut at = q + 1;
     for param in s[q + 1..].split('&') {
         let name = param.split('=').next().unwrap_or_default();
-        if name.eq_ignore_ascii_case("pass") || name.eq_ignore_ascii_case("password") {
+        // A percent-encoded name (`pa%73s`) may decode to either.
+        if name.eq_ignore_ascii_case("pass")
+            || name.eq_ignore_ascii_case("password")
+            || name.contains('%')
+        {
             // Keep the `?` only if a parameter stays before it.
             return if at == q + 1 { &s[..q] } else { &s[..at - 1] };
         }
@@ -932,6 +937,10 @@ mod tests {
             ("redis://h:1/0?PASSWORD=x", "redis://h:1/0"),
             ("redis://u:p@h:1/0?db=1", "redis://***@h:1/0?db=1"),
             ("redis://h:1/0?password=a@b", "redis://***"),
+            (
+                "redis+unix:///r.sock?db=1&pa%73s=secret",
+                "redis+unix:///r.sock?db=1",
+            ),
             // A `://` or an `@` inside a password: hidden to the last `@`.
             ("redis://u:ab://cd@h:6379", "redis://***@h:6379"),
             (

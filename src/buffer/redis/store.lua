@@ -46,6 +46,8 @@
 --                              can change fail closed while it is current
 --                              (see relevant; entries are checked there, so
 --                              one left behind only costs a look)
+--   P:deadrev:<type#rel> zset  the same, by relation, so one object's keys
+--                              are one lex range
 --   P:stats            hash    totals and notes (dead_transient: letters ever
 --                              written that died of transient causes)
 --   P:gen              hash    "type#rel" -> changes of its checks; "*" -> any
@@ -481,6 +483,15 @@ local function bump_gen(rels)
   if any then incr(P .. ':gen', '*', 1) end
 end
 
+-- Lists `key` in P:deadrev and its relation's, or takes it out. pcall: a
+-- key of another type must not abort the call after its other writes.
+local function index_dead_revoke(key, on)
+  local rel = rel_of(key)
+  for _, z in ipairs({ K_DEADREV, rel and (K_DEADREV .. ':' .. rel) or nil }) do
+    if on then pcall_('ZADD', z, 0, key) else pcall_('ZREM', z, key) end
+  end
+end
+
 -- A newer op on these keys was applied or cleared: their dead letters are
 -- stale (see P:deadkey). Free while no key has letters.
 local function supersede_letters(keys)
@@ -489,7 +500,7 @@ local function supersede_letters(keys)
   for i, k in ipairs(keys) do
     if ids[i] and ids[i] ~= '0' then
       rcall('HSET', K_DEADKEY, k, 0)
-      pcall_('ZREM', K_DEADREV, k)
+      index_dead_revoke(k, false)
     end
   end
 end
@@ -1055,12 +1066,7 @@ if cmd == 'finish' then
           transient = outcome == 'D' }))
         if outcome == 'D' then transient = transient + 1 end
         rcall('HSET', K_DEADKEY, key, id)
-        -- pcall: a key of another type must not abort the finish.
-        if outcome == 'D' and e.op == 'r' then
-          pcall_('ZADD', K_DEADREV, 0, key)
-        else
-          pcall_('ZREM', K_DEADREV, key)
-        end
+        index_dead_revoke(key, outcome == 'D' and e.op == 'r')
         local rel = rel_of(key)
         if rel then rels[rel] = true end
       elseif outcome == 'r' and writing then
@@ -1339,29 +1345,44 @@ if cmd == 'relevant' then
     end
   end
   -- Revokes that died of transient causes while current: OpenFGA may
-  -- still hold what they revoke (see P:deadrev). Empty but in an outage.
+  -- still hold what they revoke (see P:deadrev). Empty but in an outage,
+  -- so one ZCARD is all a check pays otherwise.
   local dead = 0
   local nd = pcall_('ZCARD', K_DEADREV)
   if type(nd) ~= 'number' then
     return redis.error_reply('fga-wb: Redis key ' .. K_DEADREV .. ' is not a sorted set; it was not written by fga-wb (remove it, or use another redis.key_prefix)')
   end
-  if nd > SCAN_MAX then
-    -- Too many to look at each: every check fails closed.
-    dead = nd
-  elseif nd > 0 then
-    local scopes = {}
-    for _, r in ipairs(rels) do scopes[r[1]] = r[2] end
-    local own = object .. '#'
-    for _, k in ipairs(rcall('ZRANGE', K_DEADREV, 0, -1)) do
-      local rel = rel_of(k)
-      local scope = rel and scopes[rel]
-      -- With no model (nrels 0) any relation can matter.
-      local can = nrels == 0 or scope == 0
-        or (scope and ssub(k, 1, #own) == own and (scope == 1 or counts(k)))
-      if can and rcall('HEXISTS', K_OPS, k) == 0 then
-        local id = rcall('HGET', K_DEADKEY, k)
-        local d = id and id ~= '0' and letter(rcall('HGET', K_DEAD, id))
-        if d and d.op == 'r' and d.transient == true then dead = dead + 1 end
+  if nd > 0 then
+    -- Still its key's newest letter, a transient revoke, with no newer op.
+    local function current(k)
+      if rcall('HEXISTS', K_OPS, k) == 1 then return false end
+      local id = rcall('HGET', K_DEADKEY, k)
+      local d = id and id ~= '0' and letter(rcall('HGET', K_DEAD, id))
+      return d and d.op == 'r' and d.transient == true
+    end
+    -- Each scope's candidates, or their number when there are too many to
+    -- look at each (then the checks they can change fail closed).
+    local scans = {}
+    if nrels == 0 then
+      -- No model: any relation can matter.
+      scans[1] = { K_DEADREV, false, nd }
+    else
+      for _, r in ipairs(rels) do
+        local z = K_DEADREV .. ':' .. r[1]
+        local n = r[2] == 0 and rcall('ZCARD', z) or rcall('ZLEXCOUNT', z, lo, hi)
+        if n > 0 then tinsert(scans, { z, r[2], n }) end
+      end
+    end
+    for _, sc in ipairs(scans) do
+      local z, scope, n = sc[1], sc[2], sc[3]
+      if n > SCAN_MAX then
+        dead = dead + n
+      else
+        local found = (scope == false or scope == 0) and rcall('ZRANGE', z, 0, -1)
+          or rcall('ZRANGEBYLEX', z, lo, hi)
+        for _, k in ipairs(found) do
+          if (scope ~= 2 or counts(k)) and current(k) then dead = dead + 1 end
+        end
       end
     end
   end
@@ -1521,7 +1542,7 @@ if cmd == 'replay' then
         rcall('HDEL', K_DEAD, id)
         if latest == tostring(id) then
           rcall('HDEL', K_DEADKEY, d.key)
-          pcall_('ZREM', K_DEADREV, d.key)
+          index_dead_revoke(d.key, false)
         end
       elseif size >= cap then
         kept = #ids - i + 1
@@ -1535,7 +1556,7 @@ if cmd == 'replay' then
         if rel then rels[rel] = true end
         rcall('HDEL', K_DEAD, id)
         rcall('HDEL', K_DEADKEY, d.key)
-        pcall_('ZREM', K_DEADREV, d.key)
+        index_dead_revoke(d.key, false)
         tinsert(out, d.key)
         tinsert(out, d.cond)
       end
@@ -1561,11 +1582,21 @@ if cmd == 'dlqdrop' then
       local d = letter(raw)
       if d and rcall('HGET', K_DEADKEY, d.key) == tostring(id) then
         rcall('HDEL', K_DEADKEY, d.key)
-        pcall_('ZREM', K_DEADREV, d.key)
+        index_dead_revoke(d.key, false)
       end
     end
   end
-  if ARGV[3] == '*' then rcall('DEL', K_DEADKEY, K_DEADREV) end
+  if ARGV[3] == '*' then
+    -- Every letter is gone: so is every index entry (the keys of the
+    -- relations' indexes are the members' relations).
+    local rels = {}
+    for _, k in ipairs(rcall('ZRANGE', K_DEADREV, 0, -1)) do
+      local rel = rel_of(k)
+      if rel then rels[K_DEADREV .. ':' .. rel] = true end
+    end
+    for z, _ in pairs(rels) do rcall('DEL', z) end
+    rcall('DEL', K_DEADKEY, K_DEADREV)
+  end
   return out
 end
 
