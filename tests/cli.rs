@@ -395,14 +395,7 @@ async fn queue_flush_wait_and_worker_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoke_dead_lettered_in_an_outage_denies_until_replayed() {
     let s = new_store("cli-deadrev").await;
-    let anne = fga_wb::TupleKey::new("user:anne", "viewer", "document:1").unwrap();
-    s.client
-        .write(
-            &s.store_id,
-            &fga_wb::openfga::WriteRequest::idempotent(vec![anne], vec![]),
-        )
-        .await
-        .unwrap();
+    support::write_to_openfga(&s, "user:anne", "viewer", "document:1").await;
     let wb = filler(&s, Mode::Queue).await;
     assert!(wb.check("user:anne", "viewer", "document:1").await.unwrap());
 

@@ -120,6 +120,43 @@ async fn a_revoke_under_a_new_model_drops_the_answers_it_derives() {
     }
 }
 
+/// A list pinned by its caller to another model than the handle's: the
+/// handle's model cannot say which pending ops the list depends on, so
+/// every pending revoke counts. Here the handle's model assigns `can_read`
+/// directly, the caller's derives it from `viewer`, and a revoke of the
+/// viewer tuple OpenFGA holds is pending: the list must not show the
+/// document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_list_pinned_to_another_model_counts_every_pending_revoke() {
+    let mut direct = model(false);
+    direct["type_definitions"][1]["relations"]["can_read"] = json!({ "this": {} });
+    direct["type_definitions"][1]["metadata"]["relations"]["can_read"] =
+        json!({ "directly_related_user_types": [{ "type": "user" }] });
+    let s = new_store_with("model-pinned-list", &direct).await;
+    let derived = s
+        .client
+        .write_authorization_model(&s.store_id, &model_with_can_read())
+        .await
+        .unwrap();
+    support::write_to_openfga(&s, "user:anne", "viewer", "document:1").await;
+    let mut c = config_for(&s);
+    c.check.revoke_wait_timeout = Duration::from_millis(300);
+    let wb = WriteBehind::builder(c)
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    wb.revoke("user:anne", "viewer", "document:1")
+        .await
+        .unwrap();
+    let mut req = fga_wb::openfga::ListObjectsRequest::new("user:anne", "can_read", "document");
+    req.authorization_model_id = Some(derived);
+    match wb.list_objects(&req).await {
+        Ok(objects) => assert!(objects.is_empty(), "listed despite the revoke: {objects:?}"),
+        Err(e) => assert!(e.is_stale_check(), "{e}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_handle_pinned_to_a_model_stays_on_it() {
     let s = store("model-pinned").await;

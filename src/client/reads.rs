@@ -28,13 +28,17 @@ fn read_matches(filter: &ReadFilter, t: &TupleKey) -> bool {
             .is_none_or(|r| r.is_empty() || t.relation == r)
 }
 
+/// Whether two tuples have one key (user, relation, object).
+fn same_key(a: &TupleKey, b: &TupleKey) -> bool {
+    a.user == b.user && a.relation == b.relation && a.object == b.object
+}
+
 /// Adds pending grants to a request's contextual tuples, except those the
-/// caller already sent (OpenFGA refuses a tuple twice).
+/// caller already sent (OpenFGA refuses a tuple twice; one with another
+/// condition is waited for instead, see `pending_grants`).
 fn add_grants(contextual: &mut Vec<TupleKey>, grants: Vec<TupleKey>) {
     for g in grants {
-        let dup = contextual
-            .iter()
-            .any(|c| c.user == g.user && c.relation == g.relation && c.object == g.object);
+        let dup = contextual.iter().any(|c| same_key(c, &g));
         if !dup {
             contextual.push(g);
         }
@@ -44,6 +48,9 @@ fn add_grants(contextual: &mut Vec<TupleKey>, grants: Vec<TupleKey>) {
 /// Where a batch check's answer goes: its index, cache key, generation, and
 /// where the pending grants start in its contextual tuples.
 type Slot = (usize, Option<String>, Generation, usize);
+
+/// The requests sent in one BatchCheck: one consistency, one model.
+type Group = (Consistency, Option<String>);
 
 // Built and consumed at once, never stored in bulk: boxing the request
 // would only add an allocation per check.
@@ -186,8 +193,8 @@ impl WriteBehind {
             .collect()
             .await;
         let mut out: Vec<Option<Result<bool>>> = Vec::with_capacity(checks.len());
-        // consistency -> (requests, (index, cache key, generation))
-        let mut groups: Vec<(Consistency, Vec<CheckRequest>, Vec<Slot>)> = Vec::new();
+        // (consistency, model) -> (requests, (index, cache key, generation))
+        let mut groups: Vec<(Group, Vec<CheckRequest>, Vec<Slot>)> = Vec::new();
         for (i, p) in prepared.into_iter().enumerate() {
             match p {
                 Ok(Prepared::Answer(a)) => out.push(Some(Ok(a))),
@@ -198,10 +205,12 @@ impl WriteBehind {
                     ours,
                 }) => {
                     out.push(None);
-                    let g = match groups.iter().position(|g| g.0 == request.consistency) {
+                    // Each item goes under the model it was prepared with.
+                    let group = (request.consistency, request.authorization_model_id.clone());
+                    let g = match groups.iter().position(|g| g.0 == group) {
                         Some(g) => g,
                         None => {
-                            groups.push((request.consistency, Vec::new(), Vec::new()));
+                            groups.push((group, Vec::new(), Vec::new()));
                             groups.len() - 1
                         }
                     };
@@ -212,8 +221,7 @@ impl WriteBehind {
             }
         }
         let e = &self.inner.engine;
-        let model_id = e.model_id.get();
-        let sent = groups.iter().map(|(consistency, asks, _)| {
+        let sent = groups.iter().map(|((consistency, model_id), asks, _)| {
             e.client
                 .batch_check(&e.store_id, asks, model_id.as_deref(), *consistency)
         });
@@ -277,7 +285,10 @@ impl WriteBehind {
                 return Ok(Prepared::Answer(a));
             }
         }
+        // Not when the caller sends a tuple of its own with this key: OpenFGA
+        // would read that one (with its condition) instead of the stored one.
         if model.is_some_and(|m| m.direct_implies(ty, &req.relation))
+            && !req.contextual_tuples.iter().any(|c| same_key(c, &probe))
             && e.store.latest(&probe).await? == Some((Op::Grant, false))
         {
             // A pending unconditional grant of this very tuple, on a relation
@@ -288,11 +299,15 @@ impl WriteBehind {
         }
         let room = MAX_CONTEXTUAL_TUPLES.saturating_sub(req.contextual_tuples.len());
         let (grants, written_ago) = self
-            .pending_grants(deps, &req.object, &req.user, room)
+            .pending_grants(deps, &req.object, &req.user, room, &req.contextual_tuples)
             .await?;
         count!(e.stats, cache_misses, "fga_wb_cache_misses_total", 1);
         let mut request = req.clone();
-        request.authorization_model_id = e.model_id.get();
+        // The model the pending ops were judged by, not one the handle
+        // switched to meanwhile.
+        request.authorization_model_id = model
+            .map(|m| m.id().to_owned())
+            .or_else(|| e.model_id.get());
         if self.needs_fresh_answers(written_ago) {
             request.consistency = Consistency::HigherConsistency;
         }
@@ -319,12 +334,14 @@ impl WriteBehind {
         let e = &self.inner.engine;
         // Any object of the type can be listed: every pending op on the
         // relations it depends on counts, whatever its object and user.
-        let deps: Option<Vec<Dep>> = self.inner.model().and_then(|m| {
+        let model = self.inner.model();
+        let deps: Option<Vec<Dep>> = model.as_deref().and_then(|m| {
             m.depends_on_scoped(&req.object_type, &req.relation)
                 .map(|d| d.iter().map(Dep::anywhere).collect())
         });
         let mut request = req.clone();
         self.prepare_list(
+            model.as_deref(),
             deps.as_deref(),
             ("", &req.user),
             &mut request.contextual_tuples,
@@ -349,12 +366,14 @@ impl WriteBehind {
         let e = &self.inner.engine;
         let ty = req.object.split_once(':').map_or("", |(t, _)| t);
         // Every user: ops of any user on the relations it depends on count.
-        let deps: Option<Vec<Dep>> = self.inner.model().and_then(|m| {
+        let model = self.inner.model();
+        let deps: Option<Vec<Dep>> = model.as_deref().and_then(|m| {
             m.depends_on_scoped(ty, &req.relation)
                 .map(|d| d.iter().map(Dep::any_user).collect())
         });
         let mut request = req.clone();
         self.prepare_list(
+            model.as_deref(),
             deps.as_deref(),
             (&req.object, ""),
             &mut request.contextual_tuples,
@@ -398,7 +417,7 @@ impl WriteBehind {
             _ => None,
         };
         let (grants, _) = self
-            .pending_grants(deps.as_deref(), object, user, READ_PENDING_MAX)
+            .pending_grants(deps.as_deref(), object, user, READ_PENDING_MAX, &[])
             .await?;
         let mut held = e.client.read_all(&e.store_id, filter).await?;
         for g in grants.into_iter().filter(|g| read_matches(filter, g)) {
@@ -421,16 +440,28 @@ impl WriteBehind {
     /// `(object, user)` scope the pending ops as the store's `relevant` does.
     async fn prepare_list(
         &self,
+        model: Option<&Model>,
         deps: Option<&[Dep]>,
         (object, user): (&str, &str),
         contextual: &mut Vec<TupleKey>,
         model_id: &mut Option<String>,
         consistency: &mut Consistency,
     ) -> Result<()> {
+        let ours = model
+            .map(|m| m.id().to_owned())
+            .or_else(|| self.inner.engine.model_id.get());
+        // A model the caller pinned, other than the one `deps` came from,
+        // may depend on anything: every pending op counts.
+        let deps = match model_id {
+            Some(id) if Some(id.as_str()) != ours.as_deref() => None,
+            _ => deps,
+        };
         let room = MAX_CONTEXTUAL_TUPLES.saturating_sub(contextual.len());
-        let (grants, written_ago) = self.pending_grants(deps, object, user, room).await?;
+        let (grants, written_ago) = self
+            .pending_grants(deps, object, user, room, contextual)
+            .await?;
         if model_id.is_none() {
-            *model_id = self.inner.engine.model_id.get();
+            *model_id = ours;
         }
         if self.needs_fresh_answers(written_ago) {
             *consistency = Consistency::HigherConsistency;
@@ -451,6 +482,7 @@ impl WriteBehind {
         object: &str,
         user: &str,
         room: usize,
+        contextual: &[TupleKey],
     ) -> Result<(Vec<TupleKey>, Option<std::time::Duration>)> {
         let e = &self.inner.engine;
         let waited_from = Instant::now();
@@ -469,10 +501,17 @@ impl WriteBehind {
             // A grant with a condition may replace a tuple OpenFGA holds
             // with a wider one (or none); as a contextual tuple it would only
             // add to that, so it narrows access only once written.
+            // So may one the caller sends too, with another condition: one
+            // of the two would be left out of the request.
             let narrowing = r.unreadable > 0
-                || r.grants
-                    .as_ref()
-                    .is_some_and(|g| g.iter().any(|t| t.condition.is_some()));
+                || r.grants.as_ref().is_some_and(|g| {
+                    g.iter().any(|t| {
+                        t.condition.is_some()
+                            || contextual
+                                .iter()
+                                .any(|c| same_key(c, t) && c.condition != t.condition)
+                    })
+                });
             if r.revokes > 0 || narrowing {
                 // Contextual tuples cannot delete: wait for the op to land.
                 let wanted = if narrowing {

@@ -542,7 +542,7 @@ impl Pump {
                     .map(|(t, _)| t.tuple.clone())
                     .collect();
                 if !outcomes.is_empty() {
-                    result.finished = Some(engine.store.finish(outcomes, None).await);
+                    result.finished = Some(engine.finish_recorded(outcomes, None).await);
                 }
                 // A dead grant may have been in cached answers as a
                 // contextual tuple; OpenFGA will never have it. After the
@@ -761,7 +761,7 @@ impl Pump {
             .chain(self.carry.drain(..))
             .map(|t| (t, Outcome::Retry))
             .collect();
-        if let Err(e) = self.engine.store.finish(back, None).await {
+        if let Err(e) = self.engine.finish_recorded(back, None).await {
             tracing::warn!(error = %e, "could not give staged ops back");
         }
     }
@@ -807,6 +807,17 @@ pub(crate) async fn take_window(
             .await
         {
             Ok(ops) => out.extend(ops),
+            // What earlier takes moved to this writer is written, not
+            // dropped (it would stay taken, by a live writer, for good):
+            // the next take meets the error again if it lasts.
+            Err(e) if !out.is_empty() => {
+                tracing::warn!(error = %e, taken = out.len(), "cannot take more pending ops; writing those taken");
+                return Window {
+                    result: Ok(out),
+                    cursor,
+                    target,
+                };
+            }
             Err(e) => {
                 return Window {
                     result: Err(e),
@@ -854,7 +865,154 @@ pub(crate) const RECORD_EVERY: Duration = Duration::from_millis(250);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::buffer::memory::MemoryStore;
+    use crate::buffer::{DeadLetter, JobEnd, Pending, Pushed, Relevant, Replayed};
+    use crate::model::Dep;
     use crate::tuple::TupleKey;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A memory store whose `take` number `fail_take` (counting from 1)
+    /// and next `fail_finishes` finishes fail, as a Redis call can.
+    struct Flaky {
+        inner: MemoryStore,
+        takes: AtomicUsize,
+        fail_take: AtomicUsize,
+        fail_finishes: AtomicUsize,
+    }
+
+    fn flaky_engine() -> (Arc<Engine>, Arc<Flaky>) {
+        let store = Arc::new(Flaky {
+            inner: MemoryStore::new(1000),
+            takes: AtomicUsize::new(0),
+            fail_take: AtomicUsize::new(0),
+            fail_finishes: AtomicUsize::new(0),
+        });
+        let mut e = Engine::for_tests(None);
+        e.store = store.clone();
+        (Arc::new(e), store)
+    }
+
+    fn failure() -> Error {
+        Error::new(Kind::Redis {
+            detail: "connection dropped".into(),
+            transient: true,
+        })
+    }
+
+    impl Store for Flaky {
+        fn push<'a>(&'a self, tuple: &'a TupleKey, op: Op) -> BoxFuture<'a, Result<Pushed, Error>> {
+            self.inner.push(tuple, op)
+        }
+        fn take(
+            &self,
+            max: usize,
+            what: Take,
+            up_to: u64,
+        ) -> BoxFuture<'_, Result<Vec<Taken>, Error>> {
+            let n = self.takes.fetch_add(1, Ordering::Relaxed) + 1;
+            if n == self.fail_take.load(Ordering::Relaxed) {
+                return Box::pin(futures::future::ready(Err(failure())));
+            }
+            self.inner.take(max, what, up_to)
+        }
+        fn finish<'a>(
+            &'a self,
+            done: Vec<(Taken, Outcome)>,
+            job: Option<&'a JobEnd>,
+        ) -> BoxFuture<'a, Result<Finished, Error>> {
+            let failing = self
+                .fail_finishes
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok();
+            if failing {
+                return Box::pin(futures::future::ready(Err(failure())));
+            }
+            self.inner.finish(done, job)
+        }
+        fn relevant<'a>(
+            &'a self,
+            rels: Option<&'a [Dep]>,
+            object: &'a str,
+            user: &'a str,
+            limit: usize,
+        ) -> BoxFuture<'a, Result<Relevant, Error>> {
+            self.inner.relevant(rels, object, user, limit)
+        }
+        fn latest<'a>(
+            &'a self,
+            tuple: &'a TupleKey,
+        ) -> BoxFuture<'a, Result<Option<(Op, bool)>, Error>> {
+            self.inner.latest(tuple)
+        }
+        fn last_seq(&self) -> BoxFuture<'_, Result<u64, Error>> {
+            self.inner.last_seq()
+        }
+        fn pending(&self) -> BoxFuture<'_, Result<Pending, Error>> {
+            self.inner.pending()
+        }
+        fn pending_now(&self) -> Option<Pending> {
+            self.inner.pending_now()
+        }
+        fn clear(&self) -> BoxFuture<'_, Result<Vec<(TupleKey, Op)>, Error>> {
+            self.inner.clear()
+        }
+        fn dead_letters(&self) -> BoxFuture<'_, Result<Vec<DeadLetter>, Error>> {
+            self.inner.dead_letters()
+        }
+        fn remove_dead_letters<'a>(
+            &'a self,
+            ids: Option<&'a [u64]>,
+        ) -> BoxFuture<'a, Result<Vec<DeadLetter>, Error>> {
+            self.inner.remove_dead_letters(ids)
+        }
+        fn replay_dead_letters<'a>(
+            &'a self,
+            ids: Option<&'a [u64]>,
+            only_transient: bool,
+        ) -> BoxFuture<'a, Result<Replayed, Error>> {
+            self.inner.replay_dead_letters(ids, only_transient)
+        }
+    }
+
+    /// A window's second take fails: what its first took is written, not
+    /// dropped (it would stay taken by this live writer for good).
+    #[tokio::test]
+    async fn ops_taken_before_a_failed_take_are_kept() {
+        let (e, store) = flaky_engine();
+        grant(&e, "document:1", 0, 60).await;
+        // 55 of the first 60 are being written: the window's first take,
+        // up to seq 100, finds few ready and takes again.
+        let busy = e.store.take(55, Take::All, u64::MAX).await.unwrap();
+        assert_eq!(busy.len(), 55);
+        grant(&e, "document:2", 0, 240).await;
+        store.takes.store(0, Ordering::Relaxed);
+        store.fail_take.store(2, Ordering::Relaxed);
+        let w = take_window(e.clone(), 0, 300, 100, false).await;
+        assert_eq!(
+            store.takes.load(Ordering::Relaxed),
+            2,
+            "the window took twice"
+        );
+        let ops = w.result.expect("the ops the first take got");
+        assert_eq!(ops.len(), 45);
+        assert_eq!(w.cursor, 100, "the failed range is taken again next time");
+    }
+
+    /// Finishing fails twice (Redis blinked): it is retried until the
+    /// outcomes are recorded, and nothing stays taken.
+    #[tokio::test]
+    async fn a_failed_finish_is_retried_until_recorded() {
+        let (e, store) = flaky_engine();
+        grant(&e, "document:1", 0, 10).await;
+        let taken = e.store.take(100, Take::All, u64::MAX).await.unwrap();
+        store.fail_finishes.store(2, Ordering::Relaxed);
+        let done = taken.into_iter().map(|t| (t, Outcome::Applied)).collect();
+        let f = e.finish_recorded(done, None).await.expect("recorded");
+        assert_eq!(f.applied, 10);
+        assert_eq!(store.fail_finishes.load(Ordering::Relaxed), 0);
+        let p = e.store.pending().await.unwrap();
+        assert_eq!(p.total + p.in_flight, 0, "{p:?}");
+    }
 
     fn engine_with(sink: Option<Sink>) -> Arc<Engine> {
         Arc::new(Engine::for_tests(sink))

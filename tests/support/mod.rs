@@ -336,6 +336,19 @@ pub async fn grant_spread(wb: &fga_wb::WriteBehind, range: std::ops::Range<usize
     }
 }
 
+/// Writes one tuple straight to OpenFGA, as another application would.
+pub async fn write_to_openfga(store: &TestStore, user: &str, relation: &str, object: &str) {
+    let t = fga_wb::TupleKey::new(user, relation, object).expect("a valid tuple");
+    store
+        .client
+        .write(
+            &store.store_id,
+            &fga_wb::openfga::WriteRequest::idempotent(vec![t], vec![]),
+        )
+        .await
+        .expect("write to OpenFGA");
+}
+
 pub async fn stored(store: &TestStore) -> Vec<String> {
     let mut v: Vec<String> = store
         .client

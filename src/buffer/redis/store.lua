@@ -1446,24 +1446,43 @@ if cmd == 'clear' then
   for i = 1, #scan[2], 2 do keys[#keys + 1] = scan[2][i] end
   load(keys)
   local out, cleared = { scan[1], up_to, jobs_up_to }, {}
+  local function clear_entry(key, e)
+    drop(key, e)
+    cleared[#cleared + 1] = key
+    out[#out + 1] = key
+    out[#out + 1] = e.op
+    out[#out + 1] = e.cond
+  end
   for _, key in ipairs(keys) do
     local e = cache[key]
     if e and (tonumber(e.seq) or 0) <= seq_limit
         and (e.state == 'r' or (e.state == 'j' and not running[e.job])) then
-      drop(key, e)
-      cleared[#cleared + 1] = key
-      out[#out + 1] = key
-      out[#out + 1] = e.op
-      out[#out + 1] = e.cond
+      clear_entry(key, e)
     end
     -- A blocked op (state b) is kept: its entry is what keeps a newer op
     -- from being written before the older op's write in progress ends.
   end
   local last = scan[1] == '0'
   if last then
-    -- Jobs left with nothing to write.
+    -- Jobs left with nothing to write. A job can still hold ops here: its
+    -- write failed and it went back to the queue after an earlier step
+    -- skipped its ops as running. They go with it, cleared (or pending
+    -- again if newer than the clear), never left held by a job that is
+    -- gone, where nothing would ever write or end them.
     for _, id in ipairs(rcall('HKEYS', P .. ':jobs')) do
       if not running[id] and (tonumber(id) or 0) <= job_limit then
+        local held = rcall('SMEMBERS', P .. ':jk:' .. id)
+        load(held)
+        for _, key in ipairs(held) do
+          local e = cache[key]
+          if e and e.state == 'j' and e.job == id then
+            if (tonumber(e.seq) or 0) <= seq_limit then
+              clear_entry(key, e)
+            else
+              move(key, e, 'r')
+            end
+          end
+        end
         rcall('HDEL', P .. ':jobs', id)
         rcall('HDEL', P .. ':jobc', id)
         rcall('ZREM', P .. ':jobq', id)
