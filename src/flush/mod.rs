@@ -348,6 +348,10 @@ impl Engine {
         done: Vec<(Taken, Outcome)>,
         job: Option<&crate::buffer::JobEnd>,
     ) -> Result<Finished, Error> {
+        if !self.store.shared() {
+            // In this process's memory: nothing to retry, nothing to copy.
+            return self.store.finish(done, job).await;
+        }
         let until = Instant::now() + FINISH_RETRY_FOR;
         let mut backoff = pause_backoff(&self.cfg);
         loop {

@@ -900,6 +900,10 @@ mod tests {
     }
 
     impl Store for Flaky {
+        /// As a Redis store is: a finish can fail, so it is retried.
+        fn shared(&self) -> bool {
+            true
+        }
         fn push<'a>(&'a self, tuple: &'a TupleKey, op: Op) -> BoxFuture<'a, Result<Pushed, Error>> {
             self.inner.push(tuple, op)
         }
