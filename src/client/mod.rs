@@ -37,6 +37,9 @@ struct Handle {
     config: Config,
     /// The analysed model; replaced by `refresh_model`.
     model: arc_swap::ArcSwapOption<Model>,
+    /// Models that lists were pinned to by their callers, by id, analysed
+    /// once (a model never changes under its id).
+    pinned_models: Mutex<std::collections::HashMap<String, Arc<Model>>>,
     /// The Redis store, when the buffer is there (its queue, for status).
     redis: Option<Arc<crate::buffer::redis::RedisStore>>,
     validate_against_model: bool,
@@ -206,6 +209,7 @@ impl Builder {
                 engine,
                 config,
                 model: arc_swap::ArcSwapOption::new(model),
+                pinned_models: Mutex::default(),
                 redis,
                 validate_against_model: self.validate_against_model,
                 commands,
@@ -677,6 +681,30 @@ impl Handle {
     /// The analysed model in use, if one was read.
     fn model(&self) -> Option<Arc<Model>> {
         self.model.load_full()
+    }
+
+    /// The analysed model `id`, read from OpenFGA the first time.
+    async fn pinned_model(&self, id: &str) -> Result<Arc<Model>> {
+        let known = || {
+            self.pinned_models
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(id)
+                .cloned()
+        };
+        if let Some(m) = known() {
+            return Ok(m);
+        }
+        let e = &self.engine;
+        let found = e.client.read_authorization_model(&e.store_id, id).await?;
+        let m = Arc::new(Model::new(&found));
+        let mut models = self.pinned_models.lock().unwrap_or_else(|p| p.into_inner());
+        // A handful in practice; bounded all the same.
+        if models.len() >= 16 {
+            models.clear();
+        }
+        models.insert(id.to_owned(), m.clone());
+        Ok(m)
     }
 }
 

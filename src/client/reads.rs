@@ -334,15 +334,13 @@ impl WriteBehind {
         let e = &self.inner.engine;
         // Any object of the type can be listed: every pending op on the
         // relations it depends on counts, whatever its object and user.
-        let model = self.inner.model();
-        let deps: Option<Vec<Dep>> = model.as_deref().and_then(|m| {
+        let deps_of = |m: &Model| {
             m.depends_on_scoped(&req.object_type, &req.relation)
                 .map(|d| d.iter().map(Dep::anywhere).collect())
-        });
+        };
         let mut request = req.clone();
         self.prepare_list(
-            model.as_deref(),
-            deps.as_deref(),
+            &deps_of,
             ("", &req.user),
             &mut request.contextual_tuples,
             &mut request.authorization_model_id,
@@ -366,15 +364,13 @@ impl WriteBehind {
         let e = &self.inner.engine;
         let ty = req.object.split_once(':').map_or("", |(t, _)| t);
         // Every user: ops of any user on the relations it depends on count.
-        let model = self.inner.model();
-        let deps: Option<Vec<Dep>> = model.as_deref().and_then(|m| {
+        let deps_of = |m: &Model| {
             m.depends_on_scoped(ty, &req.relation)
                 .map(|d| d.iter().map(Dep::any_user).collect())
-        });
+        };
         let mut request = req.clone();
         self.prepare_list(
-            model.as_deref(),
-            deps.as_deref(),
+            &deps_of,
             (&req.object, ""),
             &mut request.contextual_tuples,
             &mut request.authorization_model_id,
@@ -440,25 +436,28 @@ impl WriteBehind {
     /// `(object, user)` scope the pending ops as the store's `relevant` does.
     async fn prepare_list(
         &self,
-        model: Option<&Model>,
-        deps: Option<&[Dep]>,
+        deps_of: &(dyn Fn(&Model) -> Option<Vec<Dep>> + Sync),
         (object, user): (&str, &str),
         contextual: &mut Vec<TupleKey>,
         model_id: &mut Option<String>,
         consistency: &mut Consistency,
     ) -> Result<()> {
+        let model = self.inner.model();
         let ours = model
+            .as_deref()
             .map(|m| m.id().to_owned())
             .or_else(|| self.inner.engine.model_id.get());
-        // A model the caller pinned, other than the one `deps` came from,
-        // may depend on anything: every pending op counts.
-        let deps = match model_id {
-            Some(id) if Some(id.as_str()) != ours.as_deref() => None,
-            _ => deps,
+        // What the pending ops can change is the model OpenFGA will answer
+        // with to say: one the caller pinned, if not the handle's.
+        let deps = match model_id.as_deref() {
+            Some(id) if Some(id) != ours.as_deref() => {
+                deps_of(&*self.inner.pinned_model(id).await?)
+            }
+            _ => model.as_deref().and_then(deps_of),
         };
         let room = MAX_CONTEXTUAL_TUPLES.saturating_sub(contextual.len());
         let (grants, written_ago) = self
-            .pending_grants(deps, object, user, room, contextual)
+            .pending_grants(deps.as_deref(), object, user, room, contextual)
             .await?;
         if model_id.is_none() {
             *model_id = ours;

@@ -336,43 +336,6 @@ impl Engine {
         let _ = self.store.record_work(notes, report.requests).await;
     }
 
-    /// Ends taken ops (and, with `job`, the job) with their outcomes,
-    /// retrying while the store fails: ops left taken by a writer that goes
-    /// on living would be neither written nor handed back to others. A
-    /// repeat finds what the first call ended already ended and changes
-    /// nothing. Gives up after `FINISH_RETRY_FOR`, or at shutdown's
-    /// deadline; by then the writer's lease has lapsed if its store is
-    /// unreachable, and others take the ops back.
-    pub(crate) async fn finish_recorded(
-        &self,
-        done: Vec<(Taken, Outcome)>,
-        job: Option<&crate::buffer::JobEnd>,
-    ) -> Result<Finished, Error> {
-        if !self.store.shared() {
-            // In this process's memory: nothing to retry, nothing to copy.
-            return self.store.finish(done, job).await;
-        }
-        let until = Instant::now() + FINISH_RETRY_FOR;
-        let mut backoff = pause_backoff(&self.cfg);
-        loop {
-            let e = match self.store.finish(done.clone(), job).await {
-                Ok(f) => return Ok(f),
-                Err(e) => e,
-            };
-            let wait = backoff.next().unwrap_or(self.cfg.retry_max_backoff);
-            let deadline = *self
-                .retry_deadline
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let end = deadline.map_or(until, |d| d.min(until));
-            if Instant::now() + wait >= end {
-                return Err(e);
-            }
-            tracing::warn!(error = %e, retry_in = ?wait, "could not record write outcomes; retrying");
-            tokio::time::sleep(wait).await;
-        }
-    }
-
     pub(crate) fn account(&self, f: &Finished, report: &mut FlushReport) {
         report.applied += f.applied;
         report.dead_lettered += f.dead;
@@ -721,10 +684,6 @@ fn quick_backoff(cfg: &FlushConfig) -> ExponentialBackoff {
 mod limit;
 mod pump;
 mod task;
-
-/// How long a failed finish is retried (see `Engine::finish_recorded`):
-/// long enough to ride out a Redis failover.
-const FINISH_RETRY_FOR: Duration = Duration::from_secs(30);
 
 use limit::*;
 use pump::*;

@@ -542,7 +542,7 @@ impl Pump {
                     .map(|(t, _)| t.tuple.clone())
                     .collect();
                 if !outcomes.is_empty() {
-                    result.finished = Some(engine.finish_recorded(outcomes, None).await);
+                    result.finished = Some(engine.store.finish(outcomes, None).await);
                 }
                 // A dead grant may have been in cached answers as a
                 // contextual tuple; OpenFGA will never have it. After the
@@ -761,7 +761,7 @@ impl Pump {
             .chain(self.carry.drain(..))
             .map(|t| (t, Outcome::Retry))
             .collect();
-        if let Err(e) = self.engine.finish_recorded(back, None).await {
+        if let Err(e) = self.engine.store.finish(back, None).await {
             tracing::warn!(error = %e, "could not give staged ops back");
         }
     }
@@ -872,12 +872,11 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     /// A memory store whose `take` number `fail_take` (counting from 1)
-    /// and next `fail_finishes` finishes fail, as a Redis call can.
+    /// fails, as a Redis call can.
     struct Flaky {
         inner: MemoryStore,
         takes: AtomicUsize,
         fail_take: AtomicUsize,
-        fail_finishes: AtomicUsize,
     }
 
     fn flaky_engine() -> (Arc<Engine>, Arc<Flaky>) {
@@ -885,7 +884,6 @@ mod tests {
             inner: MemoryStore::new(1000),
             takes: AtomicUsize::new(0),
             fail_take: AtomicUsize::new(0),
-            fail_finishes: AtomicUsize::new(0),
         });
         let mut e = Engine::for_tests(None);
         e.store = store.clone();
@@ -900,10 +898,6 @@ mod tests {
     }
 
     impl Store for Flaky {
-        /// As a Redis store is: a finish can fail, so it is retried.
-        fn shared(&self) -> bool {
-            true
-        }
         fn push<'a>(&'a self, tuple: &'a TupleKey, op: Op) -> BoxFuture<'a, Result<Pushed, Error>> {
             self.inner.push(tuple, op)
         }
@@ -924,13 +918,6 @@ mod tests {
             done: Vec<(Taken, Outcome)>,
             job: Option<&'a JobEnd>,
         ) -> BoxFuture<'a, Result<Finished, Error>> {
-            let failing = self
-                .fail_finishes
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                .is_ok();
-            if failing {
-                return Box::pin(futures::future::ready(Err(failure())));
-            }
             self.inner.finish(done, job)
         }
         fn relevant<'a>(
@@ -1000,22 +987,6 @@ mod tests {
         let ops = w.result.expect("the ops the first take got");
         assert_eq!(ops.len(), 45);
         assert_eq!(w.cursor, 100, "the failed range is taken again next time");
-    }
-
-    /// Finishing fails twice (Redis blinked): it is retried until the
-    /// outcomes are recorded, and nothing stays taken.
-    #[tokio::test]
-    async fn a_failed_finish_is_retried_until_recorded() {
-        let (e, store) = flaky_engine();
-        grant(&e, "document:1", 0, 10).await;
-        let taken = e.store.take(100, Take::All, u64::MAX).await.unwrap();
-        store.fail_finishes.store(2, Ordering::Relaxed);
-        let done = taken.into_iter().map(|t| (t, Outcome::Applied)).collect();
-        let f = e.finish_recorded(done, None).await.expect("recorded");
-        assert_eq!(f.applied, 10);
-        assert_eq!(store.fail_finishes.load(Ordering::Relaxed), 0);
-        let p = e.store.pending().await.unwrap();
-        assert_eq!(p.total + p.in_flight, 0, "{p:?}");
     }
 
     fn engine_with(sink: Option<Sink>) -> Arc<Engine> {

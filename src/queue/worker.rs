@@ -160,7 +160,7 @@ impl Applier {
         };
         done.extend(again.into_iter().map(|t| (t, Outcome::Keep)));
         done.extend(busy.into_iter().map(|t| (t, Outcome::Busy)));
-        let finished = self.engine.finish_recorded(done, Some(&end)).await?;
+        let finished = self.store.finish(done, Some(&end)).await?;
         if finished.applied > 0 {
             self.engine.stats.set_stopped(None);
         }
@@ -413,7 +413,7 @@ impl Applier {
             {
                 // Pending again, for the next flush or look.
                 let back = ops.into_iter().map(|t| (t, Outcome::Retry)).collect();
-                self.engine.finish_recorded(back, None).await?;
+                self.store.finish(back, None).await?;
                 return Err(err);
             }
         }

@@ -1453,23 +1453,32 @@ if cmd == 'clear' then
     out[#out + 1] = e.op
     out[#out + 1] = e.cond
   end
+  local skipped = {}
   for _, key in ipairs(keys) do
     local e = cache[key]
     if e and (tonumber(e.seq) or 0) <= seq_limit
         and (e.state == 'r' or (e.state == 'j' and not running[e.job])) then
       clear_entry(key, e)
+    elseif e and e.state == 'j' then
+      skipped[e.job] = true
     end
     -- A blocked op (state b) is kept: its entry is what keeps a newer op
     -- from being written before the older op's write in progress ends.
   end
+  -- Jobs whose ops a step kept because the job was running, for the last
+  -- step (a clear's steps are separate calls).
+  local K_SKIPPED = P .. ':clearskip'
+  for id, _ in pairs(skipped) do pcall_('SADD', K_SKIPPED, id) end
   local last = scan[1] == '0'
   if last then
-    -- Jobs left with nothing to write. A job can still hold ops here: its
-    -- write failed and it went back to the queue after an earlier step
-    -- skipped its ops as running. They go with it, cleared (or pending
+    -- A job that a step found running may have gone back to the queue
+    -- since (its write failed): its ops go with it, cleared (or pending
     -- again if newer than the clear), never left held by a job that is
-    -- gone, where nothing would ever write or end them.
-    for _, id in ipairs(rcall('HKEYS', P .. ':jobs')) do
+    -- gone, where nothing would ever write or end them. Only those jobs:
+    -- the others' ops were cleared as the steps met them.
+    local again = pcall_('SMEMBERS', K_SKIPPED)
+    rcall('DEL', K_SKIPPED)
+    for _, id in ipairs(type(again) == 'table' and again or {}) do
       if not running[id] and (tonumber(id) or 0) <= job_limit then
         local held = rcall('SMEMBERS', P .. ':jk:' .. id)
         load(held)
@@ -1483,6 +1492,11 @@ if cmd == 'clear' then
             end
           end
         end
+      end
+    end
+    -- Jobs left with nothing to write.
+    for _, id in ipairs(rcall('HKEYS', P .. ':jobs')) do
+      if not running[id] and (tonumber(id) or 0) <= job_limit then
         rcall('HDEL', P .. ':jobs', id)
         rcall('HDEL', P .. ':jobc', id)
         rcall('ZREM', P .. ':jobq', id)
