@@ -121,13 +121,12 @@ async fn a_revoke_under_a_new_model_drops_the_answers_it_derives() {
 }
 
 /// A list pinned by its caller to another model than the handle's: the
-/// handle's model cannot say which pending ops the list depends on, so
-/// every pending revoke counts. Here the handle's model assigns `can_read`
-/// directly, the caller's derives it from `viewer`, and a revoke of the
-/// viewer tuple OpenFGA holds is pending: the list must not show the
-/// document.
+/// pending ops it depends on are the pinned model's to say. Here the
+/// handle's model assigns `can_read` directly, the caller's derives it
+/// from `viewer`, and a revoke of the viewer tuple OpenFGA holds is
+/// pending: the list must not show the document.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_list_pinned_to_another_model_counts_every_pending_revoke() {
+async fn a_list_pinned_to_another_model_follows_that_models_dependencies() {
     let mut direct = model(false);
     direct["type_definitions"][1]["relations"]["can_read"] = json!({ "this": {} });
     direct["type_definitions"][1]["metadata"]["relations"]["can_read"] =

@@ -60,6 +60,10 @@
 --   P:epochs           hash    epochs replaced after a recorded loss -> when
 --   P:loss             hash    an open loss record: at, by, reason, more
 --   P:events           channel "op <type#rel>", "finished", "jobs", "all"
+--   P:clearskip        set     ids of jobs whose ops a clear's step kept
+--                              because the job was running: its last step
+--                              ends those a job still holds once it is not
+--                              (10 min expiry; shared by clears at once)
 --   P:roomwait         string  set (for 2 s) when a push found the buffer
 --                              full: while it exists, every write that
 --                              frees room says "finished"
@@ -1469,6 +1473,7 @@ if cmd == 'clear' then
   -- step (a clear's steps are separate calls).
   local K_SKIPPED = P .. ':clearskip'
   for id, _ in pairs(skipped) do pcall_('SADD', K_SKIPPED, id) end
+  if next(skipped) then pcall_('PEXPIRE', K_SKIPPED, 600000) end
   local last = scan[1] == '0'
   if last then
     -- A job that a step found running may have gone back to the queue
@@ -1476,10 +1481,12 @@ if cmd == 'clear' then
     -- again if newer than the clear), never left held by a job that is
     -- gone, where nothing would ever write or end them. Only those jobs:
     -- the others' ops were cleared as the steps met them.
+    -- Shared by clears running at once: each takes out only the jobs it
+    -- ends.
     local again = pcall_('SMEMBERS', K_SKIPPED)
-    rcall('DEL', K_SKIPPED)
     for _, id in ipairs(type(again) == 'table' and again or {}) do
       if not running[id] and (tonumber(id) or 0) <= job_limit then
+        pcall_('SREM', K_SKIPPED, id)
         local held = rcall('SMEMBERS', P .. ':jk:' .. id)
         load(held)
         for _, key in ipairs(held) do
