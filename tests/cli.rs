@@ -401,11 +401,7 @@ async fn a_revoke_dead_lettered_in_an_outage_denies_until_replayed() {
 
     let cli = Cli::new(&s, "queue");
     let mut cut_off = Cli::new(&s, "queue");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::closed_port();
     cut_off.set("FGA_API_URL", &format!("http://127.0.0.1:{port}"));
     cut_off.set("FGA_WB_QUEUE__RETRY_SCHEDULE", r#"["100ms"]"#);
     cut_off.set("FGA_WB_QUEUE__REQUEST_RETRIES", "0");
@@ -552,11 +548,7 @@ async fn config_file_is_read() {
 async fn unreachable_redis_is_one_line_without_the_password() {
     let s = new_store("cli-noredis").await;
     let mut cli = Cli::new(&s, "queue");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::closed_port();
     // Passwords as typed, unencoded: with a comma (which also separates
     // cluster seeds) or a `://` (which starts a URL, and makes this one
     // unreadable: a configuration error) in them.

@@ -127,11 +127,7 @@ async fn acknowledged_ops_survive_the_handle() {
 async fn redis_down_is_a_clear_error() {
     let s = new_store("redis-down").await;
     let mut c = redis_config(&s);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::closed_port();
     c.redis.url = format!("redis://:secretpw@127.0.0.1:{port}");
     let e = match WriteBehind::builder(c).build().await {
         Ok(_) => panic!("built against a closed port"),

@@ -613,8 +613,7 @@ impl WriteBehind {
         let mut flushed = flushed;
         if left.total.saturating_add(left.in_flight) == 0 {
             flushed.error = None;
-        }
-        if left.total.saturating_add(left.in_flight) > 0 {
+        } else {
             tracing::warn!(
                 pending = left.total,
                 in_flight = left.in_flight,

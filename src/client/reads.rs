@@ -305,9 +305,7 @@ impl WriteBehind {
         let mut request = req.clone();
         // The model the pending ops were judged by, not one the handle
         // switched to meanwhile.
-        request.authorization_model_id = model
-            .map(|m| m.id().to_owned())
-            .or_else(|| e.model_id.get());
+        request.authorization_model_id = self.model_id_of(model);
         if self.needs_fresh_answers(written_ago) {
             request.consistency = Consistency::HigherConsistency;
         }
@@ -417,10 +415,7 @@ impl WriteBehind {
             .await?;
         let mut held = e.client.read_all(&e.store_id, filter).await?;
         for g in grants.into_iter().filter(|g| read_matches(filter, g)) {
-            let same = |h: &&mut TupleKey| {
-                h.user == g.user && h.relation == g.relation && h.object == g.object
-            };
-            match held.iter_mut().find(same) {
+            match held.iter_mut().find(|h| same_key(h, &g)) {
                 Some(h) => *h = g,
                 None => held.push(g),
             }
@@ -443,10 +438,7 @@ impl WriteBehind {
         consistency: &mut Consistency,
     ) -> Result<()> {
         let model = self.inner.model();
-        let ours = model
-            .as_deref()
-            .map(|m| m.id().to_owned())
-            .or_else(|| self.inner.engine.model_id.get());
+        let ours = self.model_id_of(model.as_deref());
         // What the pending ops can change is the model OpenFGA will answer
         // with to say: one the caller pinned, if not the handle's.
         let deps = match model_id.as_deref() {
@@ -467,6 +459,14 @@ impl WriteBehind {
         }
         add_grants(contextual, grants);
         Ok(())
+    }
+
+    /// The id of `model` (a snapshot of the handle's), or the configured
+    /// one when no model was read.
+    fn model_id_of(&self, model: Option<&Model>) -> Option<String> {
+        model
+            .map(|m| m.id().to_owned())
+            .or_else(|| self.inner.engine.model_id.get())
     }
 
     /// The pending grants a request on `object` for `user` can depend on

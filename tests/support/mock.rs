@@ -83,10 +83,7 @@ pub fn write_mock() -> wiremock::MockBuilder {
 
 /// A config pointing at a loopback port where nothing listens.
 pub fn closed_port_config() -> Config {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = super::closed_port();
     let mut c = config_at(format!("http://127.0.0.1:{port}"), "nobody-listens");
     c.openfga.connect_timeout = Duration::from_millis(500);
     c.openfga.request_timeout = Duration::from_secs(1);

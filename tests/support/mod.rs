@@ -336,6 +336,12 @@ pub async fn grant_spread(wb: &fga_wb::WriteBehind, range: std::ops::Range<usize
     }
 }
 
+/// A loopback port where nothing listens (bound once, then let go).
+pub fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    l.local_addr().expect("its address").port()
+}
+
 /// Writes one tuple straight to OpenFGA, as another application would.
 pub async fn write_to_openfga(store: &TestStore, user: &str, relation: &str, object: &str) {
     let t = fga_wb::TupleKey::new(user, relation, object).expect("a valid tuple");

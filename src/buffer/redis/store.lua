@@ -487,11 +487,16 @@ local function bump_gen(rels)
   if any then incr(P .. ':gen', '*', 1) end
 end
 
+-- A relation's index of transient revoke letters (see P:deadrev).
+local function deadrev_key(rel)
+  return K_DEADREV .. ':' .. rel
+end
+
 -- Lists `key` in P:deadrev and its relation's, or takes it out. pcall: a
 -- key of another type must not abort the call after its other writes.
 local function index_dead_revoke(key, on)
   local rel = rel_of(key)
-  for _, z in ipairs({ K_DEADREV, rel and (K_DEADREV .. ':' .. rel) or nil }) do
+  for _, z in ipairs({ K_DEADREV, rel and deadrev_key(rel) or nil }) do
     if on then pcall_('ZADD', z, 0, key) else pcall_('ZREM', z, key) end
   end
 end
@@ -1372,7 +1377,7 @@ if cmd == 'relevant' then
       scans[1] = { K_DEADREV, false, nd }
     else
       for _, r in ipairs(rels) do
-        local z = K_DEADREV .. ':' .. r[1]
+        local z = deadrev_key(r[1])
         local n = r[2] == 0 and rcall('ZCARD', z) or rcall('ZLEXCOUNT', z, lo, hi)
         if n > 0 then tinsert(scans, { z, r[2], n }) end
       end
@@ -1476,34 +1481,34 @@ if cmd == 'clear' then
   if next(skipped) then pcall_('PEXPIRE', K_SKIPPED, 600000) end
   local last = scan[1] == '0'
   if last then
-    -- A job that a step found running may have gone back to the queue
-    -- since (its write failed): its ops go with it, cleared (or pending
-    -- again if newer than the clear), never left held by a job that is
-    -- gone, where nothing would ever write or end them. Only those jobs:
-    -- the others' ops were cleared as the steps met them.
-    -- Shared by clears running at once: each takes out only the jobs it
-    -- ends.
-    local again = pcall_('SMEMBERS', K_SKIPPED)
-    for _, id in ipairs(type(again) == 'table' and again or {}) do
+    -- Jobs that a step found running (P:clearskip) and that are not now.
+    local again = {}
+    local listed = pcall_('SMEMBERS', K_SKIPPED)
+    for _, id in ipairs(type(listed) == 'table' and listed or {}) do again[id] = true end
+    -- Jobs left with nothing to write. One that a step found running may
+    -- have gone back to the queue since (its write failed): its ops go with
+    -- it, cleared (or pending again if newer than the clear), never left
+    -- held by a job that is gone, where nothing would ever write or end
+    -- them. Only those jobs: the others' ops were cleared as the steps met
+    -- them. P:clearskip is shared by clears running at once: each takes
+    -- out only the jobs it ends.
+    for _, id in ipairs(rcall('HKEYS', P .. ':jobs')) do
       if not running[id] and (tonumber(id) or 0) <= job_limit then
-        pcall_('SREM', K_SKIPPED, id)
-        local held = rcall('SMEMBERS', P .. ':jk:' .. id)
-        load(held)
-        for _, key in ipairs(held) do
-          local e = cache[key]
-          if e and e.state == 'j' and e.job == id then
-            if (tonumber(e.seq) or 0) <= seq_limit then
-              clear_entry(key, e)
-            else
-              move(key, e, 'r')
+        if again[id] then
+          pcall_('SREM', K_SKIPPED, id)
+          local held = rcall('SMEMBERS', P .. ':jk:' .. id)
+          load(held)
+          for _, key in ipairs(held) do
+            local e = cache[key]
+            if e and e.state == 'j' and e.job == id then
+              if (tonumber(e.seq) or 0) <= seq_limit then
+                clear_entry(key, e)
+              else
+                move(key, e, 'r')
+              end
             end
           end
         end
-      end
-    end
-    -- Jobs left with nothing to write.
-    for _, id in ipairs(rcall('HKEYS', P .. ':jobs')) do
-      if not running[id] and (tonumber(id) or 0) <= job_limit then
         rcall('HDEL', P .. ':jobs', id)
         rcall('HDEL', P .. ':jobc', id)
         rcall('ZREM', P .. ':jobq', id)
@@ -1632,7 +1637,7 @@ if cmd == 'dlqdrop' then
     local rels = {}
     for _, k in ipairs(rcall('ZRANGE', K_DEADREV, 0, -1)) do
       local rel = rel_of(k)
-      if rel then rels[K_DEADREV .. ':' .. rel] = true end
+      if rel then rels[deadrev_key(rel)] = true end
     end
     for z, _ in pairs(rels) do rcall('DEL', z) end
     rcall('DEL', K_DEADKEY, K_DEADREV)
