@@ -17,7 +17,6 @@ use fga_wb::{Op, WriteBehind};
 use serde_json::Value;
 use support::mock::*;
 use support::{assert_accounted, eventually, fixture, touched, Rng};
-use tokio::sync::mpsc;
 use wiremock::Request;
 
 /// Sequence (wiremock): a grant's Write is held in flight (the mock answers
@@ -28,19 +27,10 @@ use wiremock::Request;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoke_racing_an_in_flight_grant_ends_revoked() {
     let server = mock_openfga().await;
-    let (arrived, mut arrivals) = mpsc::unbounded_channel::<()>();
     let held = fixture("write-ok")
         .response()
         .set_delay(Duration::from_secs(2));
-    write_mock()
-        .respond_with(move |_: &Request| {
-            let _ = arrived.send(());
-            held.clone()
-        })
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&server)
-        .await;
+    let mut arrivals = reporting_write(&server, held, Some(1)).await;
     write_mock()
         .respond_with(fixture("write-ok").response())
         .mount(&server)
@@ -52,14 +42,7 @@ async fn revoke_racing_an_in_flight_grant_ends_revoked() {
         .unwrap();
     let key = "document:1#editor@user:anne";
     wb.grant("user:anne", "editor", "document:1").await.unwrap();
-    let flushing = tokio::spawn({
-        let wb = wb.clone();
-        async move { wb.flush().await }
-    });
-    tokio::time::timeout(Duration::from_secs(10), arrivals.recv())
-        .await
-        .expect("the grant's write reached the mock")
-        .unwrap();
+    let flushing = flush_until_a_write_arrives(&wb, &mut arrivals).await;
 
     wb.revoke("user:anne", "editor", "document:1")
         .await

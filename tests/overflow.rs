@@ -15,8 +15,6 @@ use fga_wb::config::Overflow;
 use fga_wb::{Config, WriteBehind};
 use support::mock::*;
 use support::{assert_accounted, config_for, fixture, new_store, stored, touched};
-use tokio::sync::mpsc;
-use wiremock::Request;
 
 fn with_capacity(mut c: Config, capacity: usize, overflow: Overflow) -> Config {
     c.buffer.capacity = capacity;
@@ -222,30 +220,16 @@ async fn clear_drops_pending_ops_and_counts_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clear_leaves_in_flight_ops_alone() {
     let server = mock_openfga().await;
-    let (arrived, mut arrivals) = mpsc::unbounded_channel::<()>();
     let held = fixture("write-ok")
         .response()
         .set_delay(Duration::from_secs(1));
-    write_mock()
-        .respond_with(move |_: &Request| {
-            let _ = arrived.send(());
-            held.clone()
-        })
-        .mount(&server)
-        .await;
+    let mut arrivals = reporting_write(&server, held, None).await;
     let wb = WriteBehind::builder(manual_flush(mock_config(&server)))
         .build()
         .await
         .unwrap();
     wb.grant("user:anne", "viewer", "document:1").await.unwrap();
-    let flushing = tokio::spawn({
-        let wb = wb.clone();
-        async move { wb.flush().await }
-    });
-    tokio::time::timeout(Duration::from_secs(10), arrivals.recv())
-        .await
-        .expect("the write reached the mock")
-        .unwrap();
+    let flushing = flush_until_a_write_arrives(&wb, &mut arrivals).await;
     wb.grant("user:bob", "viewer", "document:1").await.unwrap();
     wb.grant("user:carl", "viewer", "document:1").await.unwrap();
     assert_eq!(wb.clear().await.unwrap(), 2);

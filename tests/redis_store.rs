@@ -170,6 +170,8 @@ struct LateWriter {
     prefix: String,
     publish: &'static str,
     name: String,
+    /// The term its last take answered.
+    term: String,
 }
 
 impl LateWriter {
@@ -184,6 +186,7 @@ impl LateWriter {
                 "PUBLISH"
             },
             name: name.to_owned(),
+            term: String::new(),
         }
     }
 
@@ -204,26 +207,79 @@ impl LateWriter {
             .invoke_async(&mut self.conn)
             .await
             .unwrap();
+        self.term = out[1].clone();
         out[2..]
             .chunks(5)
             .map(|c| (c[0].clone(), c[1].clone()))
             .collect()
     }
 
-    /// Finishes its write of `key` (op `seq`) with `outcome` ("a" applied,
-    /// "r" not applied: try again).
-    async fn finish(&mut self, key: &str, seq: &str, outcome: &str) {
-        let _: Vec<i64> = self
+    /// Fetches due jobs at `now` with a lease of `lease_ms`, as a worker:
+    /// each job's id and its ops' keys and seqs.
+    async fn fetch_at(&mut self, now: u64, lease_ms: u64) -> Vec<(String, Vec<(String, String)>)> {
+        let out: Vec<String> = self
             .script
+            .key(&self.prefix)
+            .arg(&["fetch", self.publish])
+            .arg(now)
+            .arg(&self.name)
+            .arg(lease_ms)
+            .arg(10)
+            .invoke_async(&mut self.conn)
+            .await
+            .unwrap();
+        self.term = out[1].clone();
+        out[2..]
+            .chunks(2)
+            .map(|c| {
+                let job: serde_json::Value = serde_json::from_str(&c[0]).unwrap();
+                let ops = job["ops"].as_array().unwrap().iter();
+                let ops =
+                    ops.map(|o| (o["key"].as_str().unwrap().to_owned(), o["seq"].to_string()));
+                (job["id"].to_string(), ops.collect())
+            })
+            .collect()
+    }
+
+    /// Finishes its write of `key` (op `seq`) with `outcome` ("a" applied,
+    /// "r" not applied: try again), as a writer before finish ids and terms.
+    async fn finish(&mut self, key: &str, seq: &str, outcome: &str) {
+        self.finish_call(key, seq, outcome, &[]).await;
+    }
+
+    /// The same, with the call's `[id, oldest open id, term]` (or none);
+    /// returns its answer (applied, dead, requeued, superseded).
+    async fn finish_call(
+        &mut self,
+        key: &str,
+        seq: &str,
+        outcome: &str,
+        call: &[&str],
+    ) -> Vec<i64> {
+        self.finish_job("", key, seq, outcome, call).await
+    }
+
+    /// A finish as a worker ends job `job` ("done").
+    async fn finish_job(
+        &mut self,
+        job: &str,
+        key: &str,
+        seq: &str,
+        outcome: &str,
+        call: &[&str],
+    ) -> Vec<i64> {
+        let action = if job.is_empty() { "" } else { "done" };
+        self.script
             .key(&self.prefix)
             .arg(&["finish", self.publish])
             .arg(now_ms())
             .arg(&self.name)
-            .arg(&["", "", "0", "", "1"])
+            .arg(&[job, action, "0", "", "1"])
             .arg(&[key, seq, outcome, "", "", "1"])
+            .arg(call)
             .invoke_async(&mut self.conn)
             .await
-            .unwrap();
+            .unwrap()
     }
 }
 
@@ -398,4 +454,251 @@ async fn a_write_handed_on_during_its_retry_is_not_sent() {
     let t = b.status().await.unwrap().totals;
     assert_eq!((t.acknowledged, t.applied), (1, 1), "{t:?}");
     support::assert_accounted(&b).await;
+}
+
+/// A finish whose reply was lost, repeated with its id after its ops were
+/// taken again, answers what the first call did and ends nothing again: the
+/// op it made ready, and that the writer is now writing again, stays in
+/// flight (a plain repeat made it ready a second time, for another writer
+/// to write alongside).
+#[tokio::test]
+async fn a_repeated_finish_answers_what_the_first_did() {
+    let s = new_store("redis-finish-repeat").await;
+    let b = manual_handle(&s).await;
+    b.grant("user:anne", "viewer", "document:repeat")
+        .await
+        .unwrap();
+    let key = "document:repeat#viewer@user:anne";
+    let mut a = LateWriter::new(&s, "app:repeater").await;
+    let seq = a.take_at(now_ms(), 60_000).await[key].clone();
+    let term = a.term.clone();
+    let first = a.finish_call(key, &seq, "r", &["7", "7", &term]).await;
+    assert_eq!(first, [0, 0, 1, 0], "the op is ready again");
+    assert_eq!(a.take_at(now_ms(), 60_000).await[key], seq, "taken again");
+
+    let repeat = a.finish_call(key, &seq, "r", &["7", "7", &term]).await;
+    assert_eq!(repeat, first, "the repeat answers what the first did");
+    let p = b.pending().await.unwrap();
+    assert_eq!((p.total, p.in_flight), (0, 1), "still being written: {p:?}");
+    // Its next call (oldest open id 8) drops the answer: a repeat of 7
+    // would now run again.
+    let next = a.finish_call(key, &seq, "a", &["8", "8", &term]).await;
+    assert_eq!(next, [1, 0, 0, 0]);
+    let mut redis = support::redis_conn().await;
+    let kept: Vec<String> = redis::cmd("ZRANGE")
+        .arg(format!("fga-wb:{{{}}}:fin:app:repeater", s.store_id))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(kept, ["8|1|0|0|0"]);
+}
+
+/// A manual handle on `s` with anne's grant as viewer of `object`, taken by
+/// writer `name` whose lease then ended and was found so by the handle: the
+/// op is ready again. Returns the handle, the writer and the op's seq.
+async fn taken_by_a_lapsed_writer(
+    s: &TestStore,
+    object: &str,
+    name: &str,
+) -> (WriteBehind, LateWriter, String) {
+    let b = manual_handle(s).await;
+    b.grant("user:anne", "viewer", object).await.unwrap();
+    let mut a = LateWriter::new(s, name).await;
+    let seq = a.take_at(now_ms() - 60_000, 1).await[&format!("{object}#viewer@user:anne")].clone();
+    b.status().await.unwrap();
+    (b, a, seq)
+}
+
+/// A writer's finish sent in a term that has ended (its lease ended, what
+/// it held was handed back, and it took the same op again in a new term)
+/// ends nothing it now holds: that is the new term's write.
+#[tokio::test]
+async fn a_finish_from_an_earlier_term_leaves_the_new_terms_write() {
+    let s = new_store("redis-finish-term").await;
+    let (b, mut a, seq) = taken_by_a_lapsed_writer(&s, "document:term", "app:two-terms").await;
+    let key = "document:term#viewer@user:anne";
+    let old_term = a.term.clone();
+    let p = b.pending().await.unwrap();
+    assert_eq!((p.total, p.in_flight), (1, 0), "handed back: {p:?}");
+    assert_eq!(a.take_at(now_ms(), 60_000).await[key], seq);
+    assert_ne!(a.term, old_term, "a new term");
+
+    let late = a.finish_call(key, &seq, "r", &["1", "1", &old_term]).await;
+    assert_eq!(late, [0, 0, 0, 0], "ends nothing");
+    let p = b.pending().await.unwrap();
+    assert_eq!((p.total, p.in_flight), (0, 1), "still being written: {p:?}");
+}
+
+/// A write of an older op that lands late (its writer was paused) does not
+/// hide a newer revoke's dead letter: the revoke died of transient causes,
+/// OpenFGA holds the grant the late write wrote, and checks fail closed
+/// until the revoke is replayed. Before, the late write marked the letter
+/// superseded and the check answered "allowed".
+#[tokio::test]
+async fn a_late_write_does_not_hide_a_newer_dead_revoke() {
+    let s = new_store("redis-late-letter").await;
+    let (b, mut a, grant) =
+        taken_by_a_lapsed_writer(&s, "document:late-letter", "app:late-grant").await;
+    let key = "document:late-letter#viewer@user:anne";
+    // The grant, handed back, is folded into a revoke that another writer
+    // takes and gives up as transient.
+    b.revoke("user:anne", "viewer", "document:late-letter")
+        .await
+        .unwrap();
+    let mut c = LateWriter::new(&s, "app:gives-up").await;
+    let revoke = c.take_at(now_ms(), 60_000).await[key].clone();
+    assert!(revoke.parse::<u64>().unwrap() > grant.parse::<u64>().unwrap());
+    let term = c.term.clone();
+    assert_eq!(
+        c.finish_call(key, &revoke, "D", &["1", "1", &term]).await,
+        [0, 1, 0, 0]
+    );
+
+    // a's write of the grant lands late.
+    support::write_to_openfga(&s, "user:anne", "viewer", "document:late-letter").await;
+    a.finish(key, &grant, "a").await;
+
+    let e = b
+        .check("user:anne", "viewer", "document:late-letter")
+        .await
+        .expect_err("the revoke is dead, OpenFGA holds the grant");
+    assert!(e.is_stale_check(), "{e}");
+    let r = b.replay_dead_letters(None).await.unwrap();
+    assert_eq!(r.replayed, 1, "the letter is current: {r:?}");
+    b.flush().await.unwrap();
+    assert!(!b
+        .check("user:anne", "viewer", "document:late-letter")
+        .await
+        .unwrap());
+}
+
+/// A worker whose lease ended while it ran a job (it was paused) and that
+/// then finishes it, while another worker runs the job again, ends neither
+/// the job nor its ops: the other worker is writing them. Before, the late
+/// finish deleted the job and dropped its ops from under the other worker.
+#[tokio::test]
+async fn a_late_workers_finish_leaves_a_job_another_worker_runs() {
+    let s = new_store("redis-late-worker").await;
+    let mut c = redis_config(&s);
+    c.flush.mode = fga_wb::config::Mode::Queue;
+    let app = WriteBehind::builder(c)
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    app.grant("user:anne", "viewer", "document:job")
+        .await
+        .unwrap();
+    assert_eq!(app.flush().await.unwrap().queued, 1);
+
+    let mut a = LateWriter::new(&s, "worker:paused").await;
+    let now = now_ms();
+    let jobs = a.fetch_at(now, 1).await;
+    let (job, ops) = jobs.first().expect("a's job").clone();
+    let term = a.term.clone();
+    // b finds a's lease ended: the job goes back to the queue, and b runs it.
+    let mut b = LateWriter::new(&s, "worker:next").await;
+    assert_eq!(
+        b.fetch_at(now + 10, 60_000).await.first().map(|j| &j.0),
+        Some(&job)
+    );
+
+    let (key, seq) = &ops[0];
+    let late = a.finish_job(&job, key, seq, "a", &["1", "1", &term]).await;
+    assert_eq!(late, [0, 0, 0, 0], "ends nothing");
+    let mut redis = support::redis_conn().await;
+    let prefix = format!("fga-wb:{{{}}}", s.store_id);
+    let runner: Option<String> = redis::cmd("HGET")
+        .arg(format!("{prefix}:jobrun"))
+        .arg(&job)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(runner.as_deref(), Some("worker:next"), "the job is b's");
+    let held: bool = redis::cmd("HEXISTS")
+        .arg(format!("{prefix}:ops"))
+        .arg(key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(held, "its op is still held by the job");
+}
+
+/// A finish that Redis refuses for a moment (it is full: maxmemory) is
+/// repeated until it is recorded: a Write fails (a 500 from a wiremock
+/// OpenFGA), Redis refuses to make its op pending again, then accepts; the
+/// op is pending again and the next flush writes it. Before, the op stayed
+/// in flight, held by a live writer, until that process stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finish_redis_refuses_for_a_moment_is_repeated_until_recorded() {
+    use support::mock::{
+        flush_until_a_write_arrives, manual_flush, mock_config, mock_openfga, no_quick_retries,
+        reporting_write, write_mock,
+    };
+    use testenv::{Redis, RedisOptions};
+    let server = mock_openfga().await;
+    let failing = support::fixture("server-error-500")
+        .response()
+        .set_delay(Duration::from_millis(500));
+    let mut arrivals = reporting_write(&server, failing, Some(1)).await;
+    write_mock()
+        .respond_with(support::fixture("write-ok").response())
+        .mount(&server)
+        .await;
+    // Redis of its own: every other test's writes would be refused too.
+    let redis = Redis::start(RedisOptions::default()).await.unwrap();
+    let mut c = no_quick_retries(manual_flush(mock_config(&server)));
+    c.buffer.store = StoreKind::Redis;
+    c.redis.url = redis.url();
+    // No heartbeat in the window: what Redis refuses is the finish.
+    c.redis.writer_lease = Duration::from_secs(60);
+    let wb = WriteBehind::builder(c)
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    let flushing = flush_until_a_write_arrives(&wb, &mut arrivals).await;
+
+    let client = redis::Client::open(redis.url()).unwrap();
+    let admin = client.get_multiplexed_async_connection().await.unwrap();
+    let query = |args: &'static [&'static str]| {
+        let mut admin = admin.clone();
+        async move {
+            let v: String = redis::cmd(args[0])
+                .arg(&args[1..])
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+            v
+        }
+    };
+    query(&["CONFIG", "SET", "maxmemory", "1"]).await;
+    // Making the op pending again is refused, and repeated.
+    support::eventually("finishes refused", Duration::from_secs(20), || async {
+        oom_errors(&query(&["INFO", "errorstats"]).await) >= 3
+    })
+    .await;
+    let p = wb.pending().await.unwrap();
+    assert_eq!(p.in_flight, 1, "{p:?}");
+    query(&["CONFIG", "SET", "maxmemory", "0"]).await;
+
+    // The flush reports the failed Write; its op is pending again, not
+    // left taken.
+    let report = flushing.await.unwrap().unwrap();
+    assert_eq!(report.retried, 1, "{report:?}");
+    let p = wb.pending().await.unwrap();
+    assert_eq!((p.total, p.in_flight), (1, 0), "{p:?}");
+    assert_eq!(wb.flush().await.unwrap().applied, 1);
+    support::assert_accounted(&wb).await;
+}
+
+/// OOM errors Redis has answered, from `INFO errorstats`.
+fn oom_errors(info: &str) -> u64 {
+    info.lines()
+        .find_map(|l| l.strip_prefix("errorstat_OOM:count="))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }

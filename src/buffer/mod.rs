@@ -288,7 +288,9 @@ pub(crate) trait Store: Send + Sync + 'static {
     }
     /// Takes up to `max` ready ops with `seq <= up_to`, marking them in flight.
     fn take(&self, max: usize, what: Take, up_to: u64) -> BoxFuture<'_, Result<Vec<Taken>>>;
-    /// Ends in-flight ops with their outcomes, and with `job`, the job.
+    /// Ends in-flight ops with their outcomes, and with `job`, the job. A
+    /// shared store repeats a call that fails for a transient cause, once
+    /// only in effect (see `redis::finish`), until `stop_retrying_at`.
     fn finish<'a>(
         &'a self,
         done: Vec<(Taken, Outcome)>,
@@ -353,6 +355,9 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn holds(&self, _t: &Taken) -> bool {
         true
     }
+    /// Calls that fail are not repeated after `at` (a shutdown's deadline):
+    /// for stores whose `finish` repeats a failed call.
+    fn stop_retrying_at(&self, _at: std::time::Instant) {}
     /// Pending ops with `first <= up_to` that wait behind another writer's
     /// write in progress (only shared stores have other writers).
     fn blocked_up_to(&self, _up_to: u64) -> BoxFuture<'_, Result<u64>> {

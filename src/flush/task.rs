@@ -97,6 +97,7 @@ pub(crate) async fn run(
         tokio::select! {
             biased;
             _ = stop.changed() => {
+                pump.engine.store.stop_retrying_at(std::time::Instant::now());
                 pump.unstage().await;
                 return;
             }
@@ -110,6 +111,7 @@ pub(crate) async fn run(
             }
             cmd = commands.recv() => match cmd {
                 None => {
+                    pump.engine.store.stop_retrying_at(std::time::Instant::now());
                     pump.unstage().await;
                     return;
                 }
@@ -125,6 +127,7 @@ pub(crate) async fn run(
                         .retry_deadline
                         .lock()
                         .unwrap_or_else(|p| p.into_inner()) = Some(deadline);
+                    pump.engine.store.stop_retrying_at(deadline.into_std());
                     pump.paused_until = None;
                     pump.last_error = None;
                     shutdown_start = pump.totals.clone();

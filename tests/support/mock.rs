@@ -81,6 +81,45 @@ pub fn write_mock() -> wiremock::MockBuilder {
     Mock::given(method("POST")).and(path(write_path()))
 }
 
+/// A Write mock that answers `response` (the first `times` Writes, ahead
+/// of other Write mocks; `None`: every one) and reports each arrival, for
+/// a test to act while the request is held.
+pub async fn reporting_write(
+    server: &MockServer,
+    response: ResponseTemplate,
+    times: Option<u64>,
+) -> tokio::sync::mpsc::UnboundedReceiver<()> {
+    let (arrived, arrivals) = tokio::sync::mpsc::unbounded_channel();
+    let mut mock = write_mock()
+        .respond_with(move |_: &wiremock::Request| {
+            let _ = arrived.send(());
+            response.clone()
+        })
+        .with_priority(1);
+    if let Some(n) = times {
+        mock = mock.up_to_n_times(n);
+    }
+    mock.mount(server).await;
+    arrivals
+}
+
+/// Starts `wb.flush()` and returns once a Write of it reached the mock
+/// (see [`reporting_write`]), with the flush still running.
+pub async fn flush_until_a_write_arrives(
+    wb: &fga_wb::WriteBehind,
+    arrivals: &mut tokio::sync::mpsc::UnboundedReceiver<()>,
+) -> tokio::task::JoinHandle<fga_wb::Result<fga_wb::FlushReport>> {
+    let flushing = tokio::spawn({
+        let wb = wb.clone();
+        async move { wb.flush().await }
+    });
+    tokio::time::timeout(Duration::from_secs(10), arrivals.recv())
+        .await
+        .expect("a Write reached the mock")
+        .expect("the mock is mounted");
+    flushing
+}
+
 /// A config pointing at a loopback port where nothing listens.
 pub fn closed_port_config() -> Config {
     let port = super::closed_port();

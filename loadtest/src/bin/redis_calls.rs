@@ -170,6 +170,7 @@ async fn run(
             timed(c, &inv, &mut spent[2]).await?;
         }
     }
+    let mut calls = 0u64;
     loop {
         let mut inv = script.key(prefix);
         inv.arg("fetch")
@@ -184,6 +185,10 @@ async fn run(
         if v.len() <= from {
             break;
         }
+        let term = match v.get(1) {
+            Some(Value::Int(t)) if from == 2 => t.to_string(),
+            _ => String::new(),
+        };
         for pair in v.get(from..).unwrap_or_default().chunks_exact(2) {
             let job: serde_json::Value = serde_json::from_str(&text(&pair[0])?)?;
             let ops = job["ops"].as_array().ok_or("a job without ops")?;
@@ -206,6 +211,11 @@ async fn run(
                     .arg("")
                     .arg(0);
             }
+            // The call's id, the oldest still open (this one) and the term,
+            // as the library sends them; a script before finish ids
+            // ignores them.
+            calls += 1;
+            inv.arg(calls).arg(calls).arg(&term);
             timed(c, &inv, &mut spent[4]).await?;
         }
     }

@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 mod admin;
 mod conn;
+mod finish;
 mod heartbeat;
 mod pusher;
 
@@ -72,6 +73,7 @@ pub(crate) struct RedisStore {
     heartbeat: tokio::task::JoinHandle<()>,
     /// Most keys the store holds (`buffer.capacity`).
     capacity: usize,
+    finishes: finish::Finishes,
 }
 
 /// What this process knows that a Redis which lost data would not, to
@@ -393,6 +395,7 @@ impl RedisStore {
             pushes,
             heartbeat,
             capacity,
+            finishes: Default::default(),
         })
     }
 
@@ -489,64 +492,6 @@ impl RedisStore {
             metrics::counter!("fga_wb_ops_dead_lettered_total").increment(f.dead);
         }
         Ok(got)
-    }
-
-    /// Ends ops with their outcomes; with `job`, also ends or reschedules it.
-    async fn finish_now(
-        &self,
-        done: Vec<(Taken, Outcome)>,
-        job: Option<&JobEnd>,
-    ) -> Result<Finished> {
-        let (job_id, action, due, json) = match job {
-            None => (String::new(), "", 0, String::new()),
-            Some(JobEnd::Done { id }) => (id.clone(), "done", 0, String::new()),
-            Some(JobEnd::Retry { id, due_ms, json }) => {
-                (id.clone(), "retry", *due_ms, json.clone())
-            }
-        };
-        let mut a = Args::new("finish", self.publish);
-        a.push(now_ms())
-            .push(&self.writer)
-            .push(job_id)
-            .push(action)
-            .push(due)
-            .push(json)
-            .push(done.len());
-        for (t, o) in &done {
-            let (code, reason, err_code) = match o {
-                // Handed to another writer while this one was paused: it is
-                // not this writer's to end, whatever its write did, and the
-                // key may be this writer's again in a new term.
-                _ if !self.holds(t) => ("n", "", ""),
-                Outcome::Applied => ("a", "", ""),
-                Outcome::Dead {
-                    reason,
-                    code,
-                    transient,
-                } => (
-                    if *transient { "D" } else { "d" },
-                    reason.as_str(),
-                    code.as_deref().unwrap_or_default(),
-                ),
-                Outcome::Retry => ("r", "", ""),
-                Outcome::Stale => ("s", "", ""),
-                Outcome::Busy => ("n", "", ""),
-                Outcome::Keep => ("k", "", ""),
-            };
-            a.push(key_of(&t.tuple))
-                .push(t.seq)
-                .push(code)
-                .push(reason)
-                .push(err_code)
-                .push(t.attempts.saturating_add(1));
-        }
-        let v = items(self.call(&a).await?)?;
-        Ok(Finished {
-            applied: count(&v, 0)?,
-            dead: count(&v, 1)?,
-            requeued: count(&v, 2)?,
-            superseded: count(&v, 3)?,
-        })
     }
 
     async fn relevant_now(
@@ -806,6 +751,10 @@ impl Store for RedisStore {
 
     fn holds(&self, t: &Taken) -> bool {
         t.term == self.hold.term()
+    }
+
+    fn stop_retrying_at(&self, at: std::time::Instant) {
+        self.finishes.stop_at(at);
     }
 
     fn blocked_up_to(&self, up_to: u64) -> BoxFuture<'_, Result<u64>> {

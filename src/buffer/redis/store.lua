@@ -26,6 +26,9 @@
 --   P:w:<writer>       set     keys the writer is writing (a process), or
 --                              keys blocked behind its writes
 --   P:wj:<writer>      set     jobs a worker is running
+--   P:fin:<writer>     zset    call id -> "id|applied|dead|requeued|superseded":
+--                              the answers of the writer's finish calls it
+--                              may still repeat (see finish); 10 min expiry
 --   P:jobs             hash    job id -> job (JSON)
 --   P:jobc             hash    job id -> its ops' "key\nseq" lines, as
 --                              enqueued (see enqueue); gone once rewritten
@@ -501,19 +504,6 @@ local function index_dead_revoke(key, on)
   end
 end
 
--- A newer op on these keys was applied or cleared: their dead letters are
--- stale (see P:deadkey). Free while no key has letters.
-local function supersede_letters(keys)
-  if rcall('HLEN', K_DEADKEY) == 0 then return end
-  local ids = hmget(K_DEADKEY, keys)
-  for i, k in ipairs(keys) do
-    if ids[i] and ids[i] ~= '0' then
-      rcall('HSET', K_DEADKEY, k, 0)
-      index_dead_revoke(k, false)
-    end
-  end
-end
-
 -- A letter's fields, or nil when it is not one fga-wb wrote.
 local function letter(raw)
   if not raw then return nil end
@@ -523,6 +513,25 @@ local function letter(raw)
   end
   if type(d.cond) ~= 'string' then d.cond = '' end
   return d
+end
+
+-- Writes of the ops `seqs` on `keys` landed: the keys' dead letters of
+-- those ops or older ones are stale (see P:deadkey). A letter of a newer op
+-- stays: a write that lands late (a writer back from a pause) must not hide
+-- it. Free while no key has letters.
+local function supersede_letters(keys, seqs)
+  if rcall('HLEN', K_DEADKEY) == 0 then return end
+  local ids = hmget(K_DEADKEY, keys)
+  for i, k in ipairs(keys) do
+    local id = ids[i]
+    if id and id ~= '0' then
+      local d = letter(rcall('HGET', K_DEAD, id))
+      if not d or (tonumber(d.seq) or 0) <= (tonumber(seqs[i]) or 0) then
+        rcall('HSET', K_DEADKEY, k, 0)
+        index_dead_revoke(k, false)
+      end
+    end
+  end
 end
 
 -- A new pending op on a key that has none.
@@ -566,7 +575,9 @@ local function reclaim(now)
         end
       end
     end
-    rcall('DEL', P .. ':w:' .. w, P .. ':wj:' .. w)
+    -- Its finish answers go too: a repeat from it now belongs to an
+    -- earlier term once it renews, and until then finds nothing of its own.
+    rcall('DEL', P .. ':w:' .. w, P .. ':wj:' .. w, P .. ':fin:' .. w)
     rcall('ZREM', P .. ':owners', w)
     -- Its last heartbeat stays (see confirmed); pruned by heartbeats later.
   end
@@ -992,21 +1003,45 @@ if cmd == 'fetch' then
 end
 
 -- finish pub now writer job action due jobjson n (key seq outcome reason code attempts)*n
+--        [call oldest term]
 --   outcome: a(pplied) d(ead) r(etry: ready again) k(eep: back to its job)
 --            s(tale: superseded, not written) n(ot ours: another writer
 --            holds the key)
 --   action (with job): '' nothing, 'done' delete the job, 'retry' store
 --   jobjson and run it at `due`
+--   call: the writer's id for this finish. A writer whose call failed (its
+--   reply may be lost after the call ran) repeats it with the same id, and
+--   the repeat answers what the call did instead of doing it again: ops it
+--   made ready may have been taken again since. P:fin:<writer> keeps the
+--   answers of the writer's calls from `oldest` (its oldest unanswered) on.
+--   term: the writer's term when it sent the call. From an earlier term
+--   (what it held was handed to others since), the call ends nothing the
+--   writer holds now: that is a write of the new term.
 --   -> {applied, dead, requeued, superseded}
+local FIN_KEEP_MS = 600000
 if cmd == 'finish' then
   local now, writer, job, action, due, jobjson, n =
     tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
+  local tail = 10 + n * 6
+  local call, oldest, term = ARGV[tail] or '', ARGV[tail + 1] or '', ARGV[tail + 2] or ''
+  local K_FIN = P .. ':fin:' .. writer
+  if call ~= '' then
+    local prior = pcall_('ZRANGEBYSCORE', K_FIN, call, call)
+    local a, d, r, s = smatch(type(prior) == 'table' and prior[1] or '', '^%d+|(%d+)|(%d+)|(%d+)|(%d+)$')
+    if a then return { tonumber(a), tonumber(d), tonumber(r), tonumber(s) } end
+  end
+  -- Without a term (an older caller) the call is taken as this term's.
+  local fresh = term == '' or rcall('HGET', P .. ':terms', writer) == term
+  -- A job's ops are this call's only while this writer runs the job: once
+  -- its lease ended the job went back to the queue, and another worker may
+  -- be writing them.
+  local own_job = job ~= '' and fresh and rcall('HGET', P .. ':jobrun', job) == writer
   local keys = {}
   for i = 0, n - 1 do keys[i + 1] = ARGV[10 + i * 6] end
   local raw = read_raw(keys)
   local applied, dead, requeued, superseded = 0, 0, 0, 0
   local transient = 0
-  local rels, mine, written = {}, {}, {}
+  local rels, mine, written, wseqs = {}, {}, {}, {}
   -- Others need to hear of this only if a check may wait for it (a revoke,
   -- a grant with a condition), an op waited behind it or is ready again,
   -- or a caller waits for room (below). Not for every job: each message
@@ -1023,11 +1058,12 @@ if cmd == 'finish' then
     if e == nil and outcome == 'a' then
       local eseq, op, state, ejob, w, cond =
         smatch(raw[i + 1] or '', '^(%d+)|%d+|%d+|([gr])|([tj])|([^|]*)|([^|]*)||(.*)$')
-      if eseq == seq and ((state == 't' and ejob == '' and w == writer) or
-                          (state == 'j' and ejob == job and w == '')) then
+      if eseq == seq and ((state == 't' and ejob == '' and w == writer and fresh) or
+                          (state == 'j' and ejob == job and w == '' and own_job)) then
         light = true
         applied = applied + 1
         tinsert(written, key)
+        tinsert(wseqs, seq)
         if state == 't' then tinsert(mine, key) end
         if op == 'r' or cond ~= '' then notify = true end
         incr(K_COUNTS, state, -1)
@@ -1044,9 +1080,9 @@ if cmd == 'finish' then
         admit(key, raw[i + 1])
         e = cache[key]
       end
-      local writing = e and e.state == 't' and e.seq == seq and e.writer == writer
-      local behind = e and e.state == 'b' and e.ifseq == seq and e.writer == writer
-      local held = e and e.state == 'j' and e.seq == seq and e.job == job
+      local writing = fresh and e and e.state == 't' and e.seq == seq and e.writer == writer
+      local behind = fresh and e and e.state == 'b' and e.ifseq == seq and e.writer == writer
+      local held = own_job and e and e.state == 'j' and e.seq == seq and e.job == job
       -- 'n': not this writer's to finish, even when it holds the key (it
       -- may hold it again, in a new term): its set keeps the key.
       if (writing or behind) and outcome ~= 'n' then tinsert(mine, key) end
@@ -1058,6 +1094,7 @@ if cmd == 'finish' then
         -- (its lease ended) and not taken again; otherwise it was taken
         -- again, folded into a newer op, or cleared, and counts there.
         tinsert(written, key)
+        tinsert(wseqs, seq)
         if writing or held or reclaimed then
           applied = applied + 1
           drop(key, e)
@@ -1110,14 +1147,14 @@ if cmd == 'finish' then
   bump_gen(rels)
   apply_writes()
   in_parts(rcall, 'SREM', P .. ':w:' .. writer, mine, #mine)
-  if job ~= '' and action == 'done' then
+  if own_job and action == 'done' then
     rcall('DEL', P .. ':jk:' .. job)
     rcall('HDEL', P .. ':jobs', job)
     rcall('HDEL', P .. ':jobc', job)
     rcall('HDEL', P .. ':jobrun', job)
     rcall('ZREM', P .. ':jobq', job)
     rcall('SREM', P .. ':wj:' .. writer, job)
-  elseif job ~= '' and action == 'retry' then
+  elseif own_job and action == 'retry' then
     rcall('HSET', P .. ':jobs', job, jobjson)
     -- Its ops may be fewer now: fetch decodes the new JSON.
     rcall('HDEL', P .. ':jobc', job)
@@ -1127,12 +1164,19 @@ if cmd == 'finish' then
   end
   if #written > 0 then
     note_written(written)
-    supersede_letters(written)
+    supersede_letters(written, wseqs)
   end
   if not notify and applied + dead > 0 and rcall('EXISTS', P .. ':roomwait') == 1 then
     notify = true
   end
   if notify then publish('finished') end
+  if call ~= '' then
+    -- pcall: a key of another type must not abort the call after its
+    -- writes (a repeat would then do them again).
+    if oldest ~= '' then pcall_('ZREMRANGEBYSCORE', K_FIN, '-inf', '(' .. oldest) end
+    pcall_('ZADD', K_FIN, call, call .. '|' .. applied .. '|' .. dead .. '|' .. requeued .. '|' .. superseded)
+    pcall_('PEXPIRE', K_FIN, FIN_KEEP_MS)
+  end
   return { applied, dead, requeued, superseded }
 end
 
@@ -1550,7 +1594,8 @@ local function category(key)
     return 'queue'
   end
   -- Counters (counts, rel, seq, jobseq, stats, gen), epochs, owners, write
-  -- marks: a fixed set of keys, whatever the volume.
+  -- marks, finish answers: a fixed set of keys (or one per writer),
+  -- whatever the volume.
   return 'meta'
 end
 

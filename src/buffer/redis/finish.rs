@@ -1,0 +1,159 @@
+//! Ending taken ops, once. A finish whose call fails is repeated: ops left
+//! taken by a writer that goes on living would be neither written nor
+//! handed to others until it stops. But the call may have run with only its
+//! reply lost, and its ops may have been taken again since (it made them
+//! ready), or its job run by another worker: a plain repeat would end those
+//! too. So each call carries an id, Redis keeps its answer (`P:fin:<writer>`,
+//! see `finish` in store.lua), and a repeat with the same id only reads it.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use super::*;
+
+/// How long a failed finish is repeated: long enough to ride out a Redis
+/// failover or restart, and well within the 10 min Redis keeps its answer.
+const RETRY_FOR: Duration = Duration::from_secs(120);
+const FIRST_WAIT: Duration = Duration::from_millis(50);
+const MAX_WAIT: Duration = Duration::from_secs(2);
+
+/// This writer's finish calls: the next id, and the ids whose answer has
+/// not arrived yet (their answers must stay in Redis).
+#[derive(Default)]
+pub(crate) struct Finishes {
+    next: AtomicU64,
+    open: Mutex<BTreeSet<u64>>,
+    /// No repeats after this (a shutdown's deadline, or a stop).
+    stop_at: Mutex<Option<Instant>>,
+}
+
+/// One finish call's id, open until dropped (answered, given up, or its
+/// future dropped: nothing repeats it then).
+struct Open<'a> {
+    id: u64,
+    of: &'a Finishes,
+}
+
+impl Finishes {
+    fn open(&self) -> Open<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        self.set().insert(id);
+        Open { id, of: self }
+    }
+
+    /// The oldest call that may still be repeated: answers before it can go.
+    fn oldest(&self) -> u64 {
+        self.set().first().copied().unwrap_or(0)
+    }
+
+    fn set(&self) -> std::sync::MutexGuard<'_, BTreeSet<u64>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn stop_at(&self, at: Instant) {
+        let mut s = self.stop_at.lock().unwrap_or_else(|p| p.into_inner());
+        *s = Some(s.map_or(at, |s| s.min(at)));
+    }
+
+    fn retry_until(&self, started: Instant) -> Instant {
+        let until = started + RETRY_FOR;
+        let stop = *self.stop_at.lock().unwrap_or_else(|p| p.into_inner());
+        stop.map_or(until, |s| s.min(until))
+    }
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.of.set().remove(&self.id);
+    }
+}
+
+impl RedisStore {
+    /// Ends ops with their outcomes; with `job`, also ends or reschedules
+    /// it. A call that fails for a transient cause is repeated, with the
+    /// same id, for up to `RETRY_FOR` (or until a shutdown's deadline).
+    pub(super) async fn finish_now(
+        &self,
+        done: Vec<(Taken, Outcome)>,
+        job: Option<&JobEnd>,
+    ) -> Result<Finished> {
+        let call = self.finishes.open();
+        let started = Instant::now();
+        let mut wait = FIRST_WAIT;
+        loop {
+            // Built again each time: an op handed to another writer
+            // meanwhile is no longer this writer's to end.
+            let args = self.finish_args(&done, job, call.id);
+            let e = match self.call(&args).await {
+                Ok(v) => {
+                    let v = items(v)?;
+                    return Ok(Finished {
+                        applied: count(&v, 0)?,
+                        dead: count(&v, 1)?,
+                        requeued: count(&v, 2)?,
+                        superseded: count(&v, 3)?,
+                    });
+                }
+                Err(e) => e,
+            };
+            if !e.is_transient() || Instant::now() + wait >= self.finishes.retry_until(started) {
+                return Err(e);
+            }
+            tracing::warn!(error = %e, retry_in = ?wait, ops = done.len(), "could not record write outcomes; repeating");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(MAX_WAIT);
+        }
+    }
+
+    fn finish_args(&self, done: &[(Taken, Outcome)], job: Option<&JobEnd>, call: u64) -> Args {
+        let (job_id, action, due, json) = match job {
+            None => ("", "", 0, ""),
+            Some(JobEnd::Done { id }) => (id.as_str(), "done", 0, ""),
+            Some(JobEnd::Retry { id, due_ms, json }) => {
+                (id.as_str(), "retry", *due_ms, json.as_str())
+            }
+        };
+        // The term first: an op taken in a later term than this is never
+        // marked ours under an earlier one.
+        let term = self.hold.term();
+        let mut a = Args::new("finish", self.publish);
+        a.push(now_ms())
+            .push(&self.writer)
+            .push(job_id)
+            .push(action)
+            .push(due)
+            .push(json)
+            .push(done.len());
+        for (t, o) in done {
+            let (code, reason, err_code) = match o {
+                // Handed to another writer while this one was paused: it is
+                // not this writer's to end, whatever its write did, and the
+                // key may be this writer's again in a new term.
+                _ if t.term != term => ("n", "", ""),
+                Outcome::Applied => ("a", "", ""),
+                Outcome::Dead {
+                    reason,
+                    code,
+                    transient,
+                } => (
+                    if *transient { "D" } else { "d" },
+                    reason.as_str(),
+                    code.as_deref().unwrap_or_default(),
+                ),
+                Outcome::Retry => ("r", "", ""),
+                Outcome::Stale => ("s", "", ""),
+                Outcome::Busy => ("n", "", ""),
+                Outcome::Keep => ("k", "", ""),
+            };
+            a.push(key_of(&t.tuple))
+                .push(t.seq)
+                .push(code)
+                .push(reason)
+                .push(err_code)
+                .push(t.attempts.saturating_add(1));
+        }
+        a.push(call).push(self.finishes.oldest()).push(term);
+        a
+    }
+}
