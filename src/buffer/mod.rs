@@ -116,12 +116,15 @@ pub(crate) enum Outcome {
 /// How a queue worker ends a job, with the outcomes of its ops.
 #[derive(Clone, Debug)]
 pub(crate) enum JobEnd {
-    /// Nothing is left to do: remove the job.
-    Done { id: String },
+    /// Nothing is left to do: remove the job. `term`: the worker's term when
+    /// it fetched the job (a finish from a later term must not end a run
+    /// of the job that term fetched).
+    Done { id: String, term: u64 },
     /// The ops finished with [`Outcome::Keep`] run again at `due_ms`, in the
     /// job as `json` now says.
     Retry {
         id: String,
+        term: u64,
         due_ms: u64,
         json: String,
     },

@@ -137,7 +137,10 @@ impl Applier {
             }
         }
         let end = match next {
-            None => JobEnd::Done { id: id.clone() },
+            None => JobEnd::Done {
+                id: id.clone(),
+                term,
+            },
             Some((wait, attempt)) => {
                 let kept: Vec<JobOp> = again.iter().chain(&busy).map(JobOp::from).collect();
                 let retry = Job {
@@ -153,6 +156,7 @@ impl Applier {
                     .map_err(|e| Error::internal(format!("cannot encode a job: {e}")))?;
                 JobEnd::Retry {
                     id: id.clone(),
+                    term,
                     due_ms: now_ms() + wait.as_millis() as u64,
                     json,
                 }
@@ -326,7 +330,12 @@ async fn run_worker(
     let mut cut_off = false;
     let result = tokio::select! {
         r = running => r.map_err(|e| Error::internal(format!("worker stopped: {e}"))),
-        _ = async { let _ = rx.await; tokio::time::sleep(grace).await } => {
+        _ = async {
+            let _ = rx.await;
+            // Outcomes Redis does not take are not repeated past the grace.
+            store.stop_retrying_at(std::time::Instant::now() + grace);
+            tokio::time::sleep(grace).await
+        } => {
             tracing::warn!("shutdown deadline passed with jobs running; they will run again on another worker once this worker's lease ends");
             cut_off = true;
             Ok(())

@@ -18,12 +18,13 @@ const RETRY_FOR: Duration = Duration::from_secs(120);
 const FIRST_WAIT: Duration = Duration::from_millis(50);
 const MAX_WAIT: Duration = Duration::from_secs(2);
 
-/// This writer's finish calls: the next id, and the ids whose answer has
-/// not arrived yet (their answers must stay in Redis).
+/// This writer's finish calls: the last id handed out, and the ids whose
+/// answer has not arrived yet (their answers must stay in Redis). One lock:
+/// no call reads an oldest open id that skips one handed out but not yet
+/// open.
 #[derive(Default)]
 pub(crate) struct Finishes {
-    next: AtomicU64,
-    open: Mutex<BTreeSet<u64>>,
+    open: Mutex<(u64, BTreeSet<u64>)>,
     /// No repeats after this (a shutdown's deadline, or a stop).
     stop_at: Mutex<Option<Instant>>,
 }
@@ -37,17 +38,19 @@ struct Open<'a> {
 
 impl Finishes {
     fn open(&self) -> Open<'_> {
-        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        self.set().insert(id);
+        let mut open = self.lock();
+        open.0 += 1;
+        let id = open.0;
+        open.1.insert(id);
         Open { id, of: self }
     }
 
     /// The oldest call that may still be repeated: answers before it can go.
     fn oldest(&self) -> u64 {
-        self.set().first().copied().unwrap_or(0)
+        self.lock().1.first().copied().unwrap_or(0)
     }
 
-    fn set(&self) -> std::sync::MutexGuard<'_, BTreeSet<u64>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, BTreeSet<u64>)> {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -65,7 +68,7 @@ impl Finishes {
 
 impl Drop for Open<'_> {
     fn drop(&mut self) {
-        self.of.set().remove(&self.id);
+        self.of.lock().1.remove(&self.id);
     }
 }
 
@@ -79,12 +82,18 @@ impl RedisStore {
         job: Option<&JobEnd>,
     ) -> Result<Finished> {
         let call = self.finishes.open();
+        // The term the call ends ops and its job in, fixed once: a repeat
+        // after the writer's lease ended and it took or fetched again (in a
+        // new term) must not end what it holds in that term. A job's is the
+        // term it was fetched in.
+        let term = match job {
+            Some(JobEnd::Done { term, .. } | JobEnd::Retry { term, .. }) => *term,
+            None => self.hold.term(),
+        };
         let started = Instant::now();
         let mut wait = FIRST_WAIT;
         loop {
-            // Built again each time: an op handed to another writer
-            // meanwhile is no longer this writer's to end.
-            let args = self.finish_args(&done, job, call.id);
+            let args = self.finish_args(&done, job, call.id, term);
             let e = match self.call(&args).await {
                 Ok(v) => {
                     let v = items(v)?;
@@ -106,17 +115,20 @@ impl RedisStore {
         }
     }
 
-    fn finish_args(&self, done: &[(Taken, Outcome)], job: Option<&JobEnd>, call: u64) -> Args {
+    fn finish_args(
+        &self,
+        done: &[(Taken, Outcome)],
+        job: Option<&JobEnd>,
+        call: u64,
+        term: u64,
+    ) -> Args {
         let (job_id, action, due, json) = match job {
             None => ("", "", 0, ""),
-            Some(JobEnd::Done { id }) => (id.as_str(), "done", 0, ""),
-            Some(JobEnd::Retry { id, due_ms, json }) => {
-                (id.as_str(), "retry", *due_ms, json.as_str())
-            }
+            Some(JobEnd::Done { id, .. }) => (id.as_str(), "done", 0, ""),
+            Some(JobEnd::Retry {
+                id, due_ms, json, ..
+            }) => (id.as_str(), "retry", *due_ms, json.as_str()),
         };
-        // The term first: an op taken in a later term than this is never
-        // marked ours under an earlier one.
-        let term = self.hold.term();
         let mut a = Args::new("finish", self.publish);
         a.push(now_ms())
             .push(&self.writer)

@@ -1120,7 +1120,7 @@ if cmd == 'finish' then
         move(key, e, 'r')
         -- Ready again: other processes' flushers take it.
         notify = true
-      elseif outcome == 'k' and writing and job ~= '' then
+      elseif outcome == 'k' and writing and own_job then
         requeued = requeued + 1
         move(key, e, 'j', nil, job)
       elseif outcome == 'k' and held then
