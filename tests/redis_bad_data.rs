@@ -366,6 +366,39 @@ async fn sequence_that_is_not_a_number() {
     assert_eq!(wb.flush().await.unwrap().applied, 1);
 }
 
+/// Counters that are not numbers (`:termseq`, which a new writer's first
+/// call draws from, and `:jobseq`, which a queue-mode flush draws from):
+/// the call fails with an error that names the key, and works once the key
+/// is gone.
+#[tokio::test]
+async fn counters_that_are_not_numbers_are_named() {
+    let Inline {
+        s, pre, p, mut c, ..
+    } = inline("counters").await;
+    for (key, mode) in [(":termseq", Mode::Inline), (":jobseq", Mode::Queue)] {
+        let k = format!("{p}{key}");
+        let _: () = cmd(&mut c, &["SET", &k, "abc"]).await;
+        let wb = WriteBehind::builder(config(&s, &pre, mode))
+            .automatic_flush(false)
+            .build()
+            .await
+            .unwrap();
+        wb.grant("user:a", "viewer", "document:1").await.unwrap();
+        let e = match wb.flush().await {
+            Ok(r) => r.error.expect("the flush failed"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.contains(&k) && e.contains("not written by fga-wb"),
+            "{key}: {e}"
+        );
+        let _: i64 = cmd(&mut c, &["DEL", &k]).await;
+        let r = wb.flush().await.unwrap();
+        assert_eq!(r.applied + r.queued, 1, "{key}: {r:?}");
+        wb.shutdown().await.unwrap();
+    }
+}
+
 /// Runs every handle call once; each must be `Ok` or a clear Redis error.
 /// Returns what Redis holds for the grant's tuple if the grant failed.
 async fn every_call(wb: &WriteBehind, label: &str, c: &mut RedisConn, ops: &str) -> Option<String> {

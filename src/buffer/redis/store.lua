@@ -348,6 +348,18 @@ local function written_ago(rels, object, any)
   return math.max(redis_ms() - newest, 0)
 end
 
+-- The next value of the counter `key` (P:termseq, P:jobseq, P:deadseq,
+-- P:seq in a replay). Redis's own error for a key that holds what fga-wb
+-- did not write does not name the key; this one does.
+local function next_of(key)
+  local v = pcall_('INCR', key)
+  if type(v) == 'table' and v.err then
+    error({ err = 'fga-wb: Redis key ' .. key .. ' holds something other than a whole number; ' ..
+      'it was not written by fga-wb (remove it, or use another redis.key_prefix)' })
+  end
+  return v
+end
+
 -- Built here, not at the top: the script's top level runs on every call,
 -- and this list is needed only by the rare calls that check types.
 local function check_keys(keys)
@@ -600,7 +612,7 @@ local function renew(writer, now, lease)
   -- one: a nil in a reply would cut it short.
   local term = ends and tonumber(rcall('HGET', P .. ':terms', writer))
   if not term then
-    term = rcall('INCR', P .. ':termseq')
+    term = next_of(P .. ':termseq')
     rcall('HSET', P .. ':terms', writer, term)
   end
   return ends, term
@@ -828,7 +840,7 @@ if cmd == 'enqueue' then
   local bad = check_keys({})
   if bad then return redis.error_reply(bad) end
   local raw = read_raw(keys)
-  local id = rcall('INCR', P .. ':jobseq')
+  local id = next_of(P .. ':jobseq')
   -- The held ops, in order, as parallel lists (no table per op).
   local hkeys, hseqs, hops, hconds, h = {}, {}, {}, {}, 0
   local superseded, seen = 0, {}
@@ -1105,7 +1117,7 @@ if cmd == 'finish' then
       elseif (outcome == 'd' or outcome == 'D') and (writing or held) then
         dead = dead + 1
         drop(key, e)
-        local id = rcall('INCR', P .. ':deadseq')
+        local id = next_of(P .. ':deadseq')
         rcall('HSET', K_DEAD, id, cjson.encode({
           id = id, key = key, op = e.op, seq = tonumber(e.seq), reason = reason, code = code,
           attempts = attempts, dead_at = math.floor(now / 1000), cond = e.cond,
@@ -1638,7 +1650,7 @@ if cmd == 'replay' then
         kept = #ids - i + 1
         break
       else
-        local seq = tostring(rcall('INCR', P .. ':seq'))
+        local seq = tostring(next_of(P .. ':seq'))
         put(d.key, add_entry(d.key, d.op, d.cond, seq, now))
         size = size + 1
         replayed = replayed + 1
