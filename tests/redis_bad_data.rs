@@ -596,8 +596,8 @@ async fn unreadable_condition_is_never_dropped() {
         "a check on an unreadable pending grant: {r:?}"
     );
 
-    // Dead-lettered as it was taken, before anything was written: the
-    // store's totals count it, a flush's report does not.
+    // Dead-lettered as it was taken (for the check), before anything was
+    // written.
     let report = wb.flush().await.unwrap();
     assert_eq!(report.applied, 0, "{report:?}");
     assert!(
@@ -612,6 +612,28 @@ async fn unreadable_condition_is_never_dropped() {
     let left = wb.pending().await.unwrap();
     assert_eq!((left.total, left.in_flight), (0, 0), "{left:?}");
     assert!(logs.take().contains("dead-lettered"));
+}
+
+/// A flush that dead-letters an op whose stored condition cannot be read,
+/// as it takes it, reports it (before, only the store's totals counted it).
+#[tokio::test]
+async fn a_flush_reports_what_it_dead_lettered_unread() {
+    let s = new_store("bad-cond-report").await;
+    let pre = prefix("cond-report");
+    let p = format!("{pre}:{{{}}}", s.store_id);
+    let wb = WriteBehind::builder(config(&s, &pre, Mode::Inline))
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    let mut c = redis().await;
+    let key = "document:r#viewer@user:r";
+    wb.grant("user:r", "viewer", "document:r").await.unwrap();
+    wb.grant("user:ok", "viewer", "document:r").await.unwrap();
+    set_stored_condition(&mut c, &format!("{p}:ops"), key, "{\"name\":").await;
+    let report = wb.flush().await.unwrap();
+    assert_eq!((report.applied, report.dead_lettered), (1, 1), "{report:?}");
+    assert_eq!(wb.status().await.unwrap().totals.dead_lettered, 1);
 }
 
 /// The same in queue mode, where the condition travels in the job: the

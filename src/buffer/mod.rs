@@ -358,6 +358,11 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn holds(&self, _t: &Taken) -> bool {
         true
     }
+    /// How many ops takes dead-lettered since the last call, without
+    /// handing them out (unreadable in the store): a flush reports them.
+    fn dead_on_take(&self) -> u64 {
+        0
+    }
     /// Calls that fail are not repeated after `at` (a shutdown's deadline):
     /// for stores whose `finish` repeats a failed call.
     fn stop_retrying_at(&self, _at: std::time::Instant) {}

@@ -474,6 +474,16 @@ impl Pump {
     /// A window was taken.
     pub(crate) fn taken(&mut self, w: Window) {
         self.taking = None;
+        let dead = self.engine.store.dead_on_take();
+        if dead > 0 {
+            let mut report = FlushReport::default();
+            let f = Finished {
+                dead,
+                ..Default::default()
+            };
+            self.engine.account(&f, &mut report);
+            self.absorb(&report);
+        }
         self.raise(w.target);
         self.cursor = self.cursor.max(w.cursor);
         match w.result {
@@ -557,6 +567,15 @@ impl Pump {
         ));
     }
 
+    /// Adds what a chunk or a take ended to the flush's totals and to what
+    /// is yet to be recorded (whose error is the pump's own, kept).
+    fn absorb(&mut self, report: &FlushReport) {
+        self.totals.absorb(report);
+        let error = self.unrecorded.error.take();
+        self.unrecorded.absorb(report);
+        self.unrecorded.error = error;
+    }
+
     /// Records a finished chunk.
     pub(crate) fn done(&mut self, result: ChunkResult, first: u64) {
         if let Some(n) = self.running_firsts.get_mut(&first) {
@@ -585,10 +604,7 @@ impl Pump {
         // Something finished: keys it held may be ready again.
         self.exhausted = None;
         self.revokes_exhausted = None;
-        self.totals.absorb(&report);
-        let error = self.unrecorded.error.take();
-        self.unrecorded.absorb(&report);
-        self.unrecorded.error = error;
+        self.absorb(&report);
         match stop {
             Some(stop) => self.give_up(stop),
             None if report.requests > 0 || report.queued > 0 => {

@@ -74,6 +74,8 @@ pub(crate) struct RedisStore {
     /// Most keys the store holds (`buffer.capacity`).
     capacity: usize,
     finishes: finish::Finishes,
+    /// Ops takes dead-lettered, not yet reported (see `Store::dead_on_take`).
+    dead_on_take: AtomicU64,
 }
 
 /// What this process knows that a Redis which lost data would not, to
@@ -396,6 +398,7 @@ impl RedisStore {
             heartbeat,
             capacity,
             finishes: Default::default(),
+            dead_on_take: AtomicU64::new(0),
         })
     }
 
@@ -489,7 +492,7 @@ impl RedisStore {
             // they stay this writer's until it stops (then another takes
             // them), and the flush reports the error.
             let f = self.finish_now(unreadable, None).await?;
-            metrics::counter!("fga_wb_ops_dead_lettered_total").increment(f.dead);
+            self.dead_on_take.fetch_add(f.dead, Ordering::Relaxed);
         }
         Ok(got)
     }
@@ -751,6 +754,10 @@ impl Store for RedisStore {
 
     fn holds(&self, t: &Taken) -> bool {
         t.term == self.hold.term()
+    }
+
+    fn dead_on_take(&self) -> u64 {
+        self.dead_on_take.swap(0, Ordering::Relaxed)
     }
 
     fn stop_retrying_at(&self, at: std::time::Instant) {
