@@ -156,6 +156,52 @@ async fn a_list_pinned_to_another_model_follows_that_models_dependencies() {
     }
 }
 
+/// A check pinned by its caller to another model than the handle's is
+/// answered under that model, and the pending ops are judged by it: the
+/// handle's model assigns `can_read` directly, the caller's derives it from
+/// `viewer`. Before, the check went out under the handle's model (anne's
+/// viewer tuple did not count), and with a pending revoke of that tuple the
+/// pinned check would not have waited for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_check_pinned_to_another_model_is_answered_and_judged_by_it() {
+    let mut direct = model(false);
+    direct["type_definitions"][1]["relations"]["can_read"] = json!({ "this": {} });
+    direct["type_definitions"][1]["metadata"]["relations"]["can_read"] =
+        json!({ "directly_related_user_types": [{ "type": "user" }] });
+    let s = new_store_with("model-pinned-check", &direct).await;
+    let derived = s
+        .client
+        .write_authorization_model(&s.store_id, &model_with_can_read())
+        .await
+        .unwrap();
+    support::write_to_openfga(&s, "user:anne", "viewer", "document:1").await;
+    let mut c = config_for(&s);
+    c.check.revoke_wait_timeout = Duration::from_millis(300);
+    let wb = WriteBehind::builder(c)
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    let mut req = fga_wb::openfga::CheckRequest::new("user:anne", "can_read", "document:1");
+    req.authorization_model_id = Some(derived);
+    assert!(
+        wb.check_request(&req).await.unwrap(),
+        "under the pinned model"
+    );
+    assert!(!wb
+        .check("user:anne", "can_read", "document:1")
+        .await
+        .unwrap());
+
+    wb.revoke("user:anne", "viewer", "document:1")
+        .await
+        .unwrap();
+    match wb.check_request(&req).await {
+        Ok(allowed) => assert!(!allowed, "allowed despite the revoke"),
+        Err(e) => assert!(e.is_stale_check(), "{e}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_handle_pinned_to_a_model_stays_on_it() {
     let s = store("model-pinned").await;

@@ -264,7 +264,16 @@ impl WriteBehind {
         // that model's epoch (see CheckCache::set_model).
         let local = e.cache.generation(ty, &req.relation);
         let model = self.inner.model();
-        let model = model.as_deref();
+        // A model the caller pinned, if not the handle's: OpenFGA answers
+        // with it, so the pending ops are judged by it too, and the answer
+        // is not cached (the cache follows the handle's model).
+        let pinned = match req.authorization_model_id.as_deref() {
+            Some(id) if Some(id) != self.model_id_of(model.as_deref()).as_deref() => {
+                Some(self.inner.pinned_model(id).await?)
+            }
+            _ => None,
+        };
+        let model = pinned.as_deref().or(model.as_deref());
         let rels = model.and_then(|m| m.depends_on(ty, &req.relation));
         let deps = model.and_then(|m| m.depends_on_scoped(ty, &req.relation));
         // A shared store costs one round trip here, so that an op
@@ -277,7 +286,8 @@ impl WriteBehind {
         let generation = (local, shared);
         let cacheable = req.context.is_none()
             && req.contextual_tuples.is_empty()
-            && req.consistency != Consistency::HigherConsistency;
+            && req.consistency != Consistency::HigherConsistency
+            && pinned.is_none();
         let key = cacheable.then(|| key_of(&probe));
         if let Some(k) = &key {
             if let Some(a) = e.cache.get(k, generation) {
@@ -303,8 +313,8 @@ impl WriteBehind {
             .await?;
         count!(e.stats, cache_misses, "fga_wb_cache_misses_total", 1);
         let mut request = req.clone();
-        // The model the pending ops were judged by, not one the handle
-        // switched to meanwhile.
+        // The model the pending ops were judged by (the caller's pinned one,
+        // or the handle's), not one the handle switched to meanwhile.
         request.authorization_model_id = self.model_id_of(model);
         if self.needs_fresh_answers(written_ago) {
             request.consistency = Consistency::HigherConsistency;
