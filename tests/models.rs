@@ -127,24 +127,7 @@ async fn a_revoke_under_a_new_model_drops_the_answers_it_derives() {
 /// pending: the list must not show the document.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_list_pinned_to_another_model_follows_that_models_dependencies() {
-    let mut direct = model(false);
-    direct["type_definitions"][1]["relations"]["can_read"] = json!({ "this": {} });
-    direct["type_definitions"][1]["metadata"]["relations"]["can_read"] =
-        json!({ "directly_related_user_types": [{ "type": "user" }] });
-    let s = new_store_with("model-pinned-list", &direct).await;
-    let derived = s
-        .client
-        .write_authorization_model(&s.store_id, &model_with_can_read())
-        .await
-        .unwrap();
-    support::write_to_openfga(&s, "user:anne", "viewer", "document:1").await;
-    let mut c = config_for(&s);
-    c.check.revoke_wait_timeout = Duration::from_millis(300);
-    let wb = WriteBehind::builder(c)
-        .automatic_flush(false)
-        .build()
-        .await
-        .unwrap();
+    let (wb, derived) = two_models("model-pinned-list").await;
     wb.revoke("user:anne", "viewer", "document:1")
         .await
         .unwrap();
@@ -156,19 +139,16 @@ async fn a_list_pinned_to_another_model_follows_that_models_dependencies() {
     }
 }
 
-/// A check pinned by its caller to another model than the handle's is
-/// answered under that model, and the pending ops are judged by it: the
-/// handle's model assigns `can_read` directly, the caller's derives it from
-/// `viewer`. Before, the check went out under the handle's model (anne's
-/// viewer tuple did not count), and with a pending revoke of that tuple the
-/// pinned check would not have waited for it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_check_pinned_to_another_model_is_answered_and_judged_by_it() {
+/// A store whose handle follows a model that assigns `can_read` directly,
+/// while a later model (its id returned) derives it from `viewer`; anne is
+/// a viewer of document:1 in OpenFGA. The handle flushes only when told,
+/// and fails a check after waiting 300 ms for a revoke.
+async fn two_models(name: &str) -> (WriteBehind, String) {
     let mut direct = model(false);
     direct["type_definitions"][1]["relations"]["can_read"] = json!({ "this": {} });
     direct["type_definitions"][1]["metadata"]["relations"]["can_read"] =
         json!({ "directly_related_user_types": [{ "type": "user" }] });
-    let s = new_store_with("model-pinned-check", &direct).await;
+    let s = new_store_with(name, &direct).await;
     let derived = s
         .client
         .write_authorization_model(&s.store_id, &model_with_can_read())
@@ -182,6 +162,18 @@ async fn a_check_pinned_to_another_model_is_answered_and_judged_by_it() {
         .build()
         .await
         .unwrap();
+    (wb, derived)
+}
+
+/// A check pinned by its caller to another model than the handle's is
+/// answered under that model, and the pending ops are judged by it: the
+/// handle's model assigns `can_read` directly, the caller's derives it from
+/// `viewer`. Before, the check went out under the handle's model (anne's
+/// viewer tuple did not count), and with a pending revoke of that tuple the
+/// pinned check would not have waited for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_check_pinned_to_another_model_is_answered_and_judged_by_it() {
+    let (wb, derived) = two_models("model-pinned-check").await;
     let mut req = fga_wb::openfga::CheckRequest::new("user:anne", "can_read", "document:1");
     req.authorization_model_id = Some(derived);
     assert!(
