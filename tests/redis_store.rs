@@ -600,8 +600,10 @@ async fn a_late_workers_finish_leaves_a_job_another_worker_runs() {
     let term = a.term.clone();
     // b finds a's lease ended: the job goes back to the queue, and b runs it.
     let mut b = LateWriter::new(&s, "worker:next").await;
+    // Far enough ahead that a reclaim by anyone else since (requeueing the
+    // job at their time) is due too.
     assert_eq!(
-        b.fetch_at(now + 10, 60_000).await.first().map(|j| &j.0),
+        b.fetch_at(now + 60_000, 60_000).await.first().map(|j| &j.0),
         Some(&job)
     );
 
@@ -639,9 +641,10 @@ async fn a_finish_redis_refuses_for_a_moment_is_repeated_until_recorded() {
     };
     use testenv::{Redis, RedisOptions};
     let server = mock_openfga().await;
+    // Held long enough for the test to make Redis refuse writes first.
     let failing = support::fixture("server-error-500")
         .response()
-        .set_delay(Duration::from_millis(500));
+        .set_delay(Duration::from_secs(1));
     let mut arrivals = reporting_write(&server, failing, Some(1)).await;
     write_mock()
         .respond_with(support::fixture("write-ok").response())
@@ -659,11 +662,11 @@ async fn a_finish_redis_refuses_for_a_moment_is_repeated_until_recorded() {
         .build()
         .await
         .unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let admin = client.get_multiplexed_async_connection().await.unwrap();
     wb.grant("user:anne", "viewer", "document:1").await.unwrap();
     let flushing = flush_until_a_write_arrives(&wb, &mut arrivals).await;
 
-    let client = redis::Client::open(redis.url()).unwrap();
-    let admin = client.get_multiplexed_async_connection().await.unwrap();
     let query = |args: &'static [&'static str]| {
         let mut admin = admin.clone();
         async move {

@@ -303,6 +303,11 @@ impl Default for CacheConfig {
     }
 }
 
+/// The longest `redis.writer_lease`: the Redis store forgets a writer's
+/// term 10 minutes after its last heartbeat (BEATS_KEEP_MS in store.lua),
+/// and heartbeats come every third of the lease.
+pub(crate) const MAX_WRITER_LEASE: Duration = Duration::from_secs(600);
+
 /// The longest `check.server_cache_ttl`: how long writes are remembered.
 pub(crate) const MAX_SERVER_CACHE_TTL: Duration = Duration::from_secs(120);
 
@@ -739,6 +744,11 @@ impl Config {
         if self.redis.writer_lease < Duration::from_secs(2) {
             return Err(Error::config(
                 "redis.writer_lease must be at least 2s (a write needs a second of it to spare)",
+            ));
+        }
+        if self.redis.writer_lease > MAX_WRITER_LEASE {
+            return Err(Error::config(
+                "redis.writer_lease must be at most 10m (a writer renews every third of it, and one whose last renewal is 10 minutes old is taken for gone: what it holds would be stuck)",
             ));
         }
         if self.check.server_cache_ttl > MAX_SERVER_CACHE_TTL {

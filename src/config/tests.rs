@@ -252,3 +252,12 @@ fn huge_request_settings_are_refused() {
     }
     assert!(load_env(&[("FGA_WB_FLUSH__MAX_TUPLES_PER_WRITE", "1000")]).is_ok());
 }
+
+/// A lease so long that heartbeats come less often than the Redis store
+/// remembers a writer's term would strand what the writer holds.
+#[test]
+fn writer_lease_is_bounded() {
+    let e = load_env(&[("FGA_WB_REDIS__WRITER_LEASE", "1h")]).unwrap_err();
+    assert!(e.to_string().contains("at most 10m"), "{e}");
+    assert!(load_env(&[("FGA_WB_REDIS__WRITER_LEASE", "10m")]).is_ok());
+}

@@ -1026,7 +1026,8 @@ end
 --   the repeat answers what the call did instead of doing it again: ops it
 --   made ready may have been taken again since. P:fin:<writer> keeps the
 --   answers of the writer's calls from `oldest` (its oldest unanswered) on.
---   term: the writer's term when it sent the call. From an earlier term
+--   term: the writer's term when it first built the call (a job's: when it
+--   fetched the job), the same in every repeat. From an earlier term
 --   (what it held was handed to others since), the call ends nothing the
 --   writer holds now: that is a write of the new term.
 --   -> {applied, dead, requeued, superseded}
