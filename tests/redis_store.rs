@@ -194,6 +194,15 @@ impl LateWriter {
     /// minute ago with a lease of 1 ms, the lease has long ended). Returns
     /// each key's sequence number.
     async fn take_at(&mut self, now: u64, lease_ms: u64) -> HashMap<String, String> {
+        self.try_take_at(now, lease_ms).await.unwrap()
+    }
+
+    /// `take_at`, with Redis's error if the call fails.
+    async fn try_take_at(
+        &mut self,
+        now: u64,
+        lease_ms: u64,
+    ) -> redis::RedisResult<HashMap<String, String>> {
         let out: Vec<String> = self
             .script
             .key(&self.prefix)
@@ -205,13 +214,12 @@ impl LateWriter {
             .arg(&self.name)
             .arg(lease_ms)
             .invoke_async(&mut self.conn)
-            .await
-            .unwrap();
+            .await?;
         self.term = out[1].clone();
-        out[2..]
+        Ok(out[2..]
             .chunks(5)
             .map(|c| (c[0].clone(), c[1].clone()))
-            .collect()
+            .collect())
     }
 
     /// Fetches due jobs at `now` with a lease of `lease_ms`, as a worker:
@@ -572,6 +580,38 @@ async fn a_late_write_does_not_hide_a_newer_dead_revoke() {
         .check("user:anne", "viewer", "document:late-letter")
         .await
         .unwrap());
+}
+
+/// A writer back from a pause whose first renewal fails (`:termseq` holds
+/// data fga-wb did not write) is left no lease by it: once the counter is
+/// mended, its next call brings a new term, not the one whose ops were
+/// handed on. Before, the failed call left it a lease, and the next call
+/// read its old term back: it would have written ops others had written
+/// since.
+#[tokio::test]
+async fn a_failed_renewal_leaves_no_lease_with_an_old_term() {
+    let s = new_store("redis-failed-renewal").await;
+    let (b, mut a, _) = taken_by_a_lapsed_writer(&s, "document:renew", "app:renews").await;
+    let old_term = a.term.clone();
+    let termseq = format!("fga-wb:{{{}}}:termseq", s.store_id);
+    let mut redis = support::redis_conn().await;
+    let _: () = redis::cmd("SET")
+        .arg(&termseq)
+        .arg("not a number")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let e = a.try_take_at(now_ms(), 60_000).await.unwrap_err();
+    assert!(e.to_string().contains(":termseq"), "{e}");
+    let _: () = redis::cmd("SET")
+        .arg(&termseq)
+        .arg(1_000_000)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    a.take_at(now_ms(), 60_000).await;
+    assert_ne!(a.term, old_term, "a new term");
+    drop(b);
 }
 
 /// A worker whose lease ended while it ran a job (it was paused) and that

@@ -359,7 +359,8 @@ pub(crate) trait Store: Send + Sync + 'static {
         true
     }
     /// How many ops takes dead-lettered since the last call, without
-    /// handing them out (unreadable in the store): a flush reports them.
+    /// handing them out (unreadable in the store; the store counts them in
+    /// its totals and the metric): a flush reports them.
     fn dead_on_take(&self) -> u64 {
         0
     }

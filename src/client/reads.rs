@@ -297,7 +297,10 @@ impl WriteBehind {
         }
         // Not when the caller sends a tuple of its own with this key: OpenFGA
         // would read that one (with its condition) instead of the stored one.
-        if model.is_some_and(|m| m.direct_implies(ty, &req.relation))
+        // Not under a pinned model either: its grants were accepted under
+        // the handle's, and the pinned one may not admit this one as sent.
+        if pinned.is_none()
+            && model.is_some_and(|m| m.direct_implies(ty, &req.relation))
             && !req.contextual_tuples.iter().any(|c| same_key(c, &probe))
             && e.store.latest(&probe).await? == Some((Op::Grant, false))
         {

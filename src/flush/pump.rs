@@ -474,16 +474,7 @@ impl Pump {
     /// A window was taken.
     pub(crate) fn taken(&mut self, w: Window) {
         self.taking = None;
-        let dead = self.engine.store.dead_on_take();
-        if dead > 0 {
-            let mut report = FlushReport::default();
-            let f = Finished {
-                dead,
-                ..Default::default()
-            };
-            self.engine.account(&f, &mut report);
-            self.absorb(&report);
-        }
+        self.report_dead_on_take();
         self.raise(w.target);
         self.cursor = self.cursor.max(w.cursor);
         match w.result {
@@ -521,7 +512,9 @@ impl Pump {
 
     /// Takes ops from the store; `None` after an error (logged, paused).
     pub(crate) async fn take(&mut self, max: usize, what: Take, up_to: u64) -> Option<Vec<Taken>> {
-        match self.engine.store.take(max, what, up_to).await {
+        let taken = self.engine.store.take(max, what, up_to).await;
+        self.report_dead_on_take();
+        match taken {
             Ok(ops) => Some(ops),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot take pending ops");
@@ -565,6 +558,18 @@ impl Pump {
             }
             .instrument(span),
         ));
+    }
+
+    /// Adds the ops takes dead-lettered as they took them to the flush's
+    /// report (the store counted them in its totals already).
+    fn report_dead_on_take(&mut self) {
+        let dead = self.engine.store.dead_on_take();
+        if dead > 0 {
+            self.absorb(&FlushReport {
+                dead_lettered: dead,
+                ..Default::default()
+            });
+        }
     }
 
     /// Adds what a chunk or a take ended to the flush's totals and to what

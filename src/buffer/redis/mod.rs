@@ -492,6 +492,7 @@ impl RedisStore {
             // they stay this writer's until it stops (then another takes
             // them), and the flush reports the error.
             let f = self.finish_now(unreadable, None).await?;
+            metrics::counter!("fga_wb_ops_dead_lettered_total").increment(f.dead);
             self.dead_on_take.fetch_add(f.dead, Ordering::Relaxed);
         }
         Ok(got)

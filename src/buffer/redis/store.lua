@@ -591,6 +591,8 @@ local function reclaim(now)
     -- earlier term once it renews, and until then finds nothing of its own.
     rcall('DEL', P .. ':w:' .. w, P .. ':wj:' .. w, P .. ':fin:' .. w)
     rcall('ZREM', P .. ':owners', w)
+    -- Its term too: whatever it renews with next is a new one.
+    rcall('HDEL', P .. ':terms', w)
     -- Its last heartbeat stays (see confirmed); pruned by heartbeats later.
   end
   if folded > 0 then incr(P .. ':stats', 'coalesced', folded) end
@@ -607,14 +609,17 @@ end
 -- writes only ops taken in the term the latest call returned.
 local function renew(writer, now, lease)
   local ends = tonumber(rcall('ZSCORE', P .. ':owners', writer))
-  rcall('ZADD', P .. ':owners', now + lease, writer)
   -- A term that is not a number (not fga-wb's) is replaced like a missing
-  -- one: a nil in a reply would cut it short.
+  -- one: a nil in a reply would cut it short. Drawn before the lease is
+  -- written: a call that fails here (P:termseq not a number) must not
+  -- leave the writer a lease without a new term, which its next call would
+  -- take for its old one.
   local term = ends and tonumber(rcall('HGET', P .. ':terms', writer))
   if not term then
     term = next_of(P .. ':termseq')
     rcall('HSET', P .. ':terms', writer, term)
   end
+  rcall('ZADD', P .. ':owners', now + lease, writer)
   return ends, term
 end
 
