@@ -56,5 +56,6 @@ const COUNTERS: &[&str] = &[
     "fga_wb_flush_pauses_total",
     "fga_wb_redis_losses_total",
     "fga_wb_redis_leases_lost_total",
+    "fga_wb_redis_term_regressed_total",
     "fga_wb_redis_under_replicated_total",
 ];

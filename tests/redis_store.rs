@@ -603,6 +603,13 @@ async fn a_failed_renewal_leaves_no_lease_with_an_old_term() {
         .unwrap();
     let e = a.try_take_at(now_ms(), 60_000).await.unwrap_err();
     assert!(e.to_string().contains(":termseq"), "{e}");
+    let lease: Option<f64> = redis::cmd("ZSCORE")
+        .arg(format!("fga-wb:{{{}}}:owners", s.store_id))
+        .arg("app:renews")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(lease, None, "the failed call left a lease");
     let _: () = redis::cmd("SET")
         .arg(&termseq)
         .arg(1_000_000)

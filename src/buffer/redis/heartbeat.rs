@@ -136,7 +136,20 @@ impl Hold {
     /// then reads the term that came with it.
     pub(crate) fn renewed(&self, at: u64, term: u64, writer: &str) {
         let before = self.term.fetch_max(term, Ordering::AcqRel);
-        self.renewed.fetch_max(at, Ordering::AcqRel);
+        let last = self.renewed.fetch_max(at, Ordering::AcqRel);
+        if term < before && at > last {
+            // Terms only grow in Redis: it failed over to a replica that had
+            // not received this writer's last term. What this writer takes
+            // from now on carries that term and is not written (it is never
+            // sure the ops are not another writer's): say so, loudly.
+            tracing::error!(
+                writer,
+                term,
+                held = before,
+                "Redis answered an earlier term than this writer holds (a failover to a replica behind its writes): ops it takes from now on are not written; restart this process"
+            );
+            metrics::counter!("fga_wb_redis_term_regressed_total").increment(1);
+        }
         if before != 0 && term > before {
             tracing::error!(
                 writer,

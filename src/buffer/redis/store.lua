@@ -18,7 +18,8 @@
 --   P:terms            hash    writer -> its term, from P:termseq: new each time
 --                              the writer renews and finds it had no lease
 --                              (its first call, or reclaim handed what it
---                              held to others); see renew
+--                              held to others, and deleted its term); see
+--                              renew
 --   P:termseq          string  last term
 --   P:beats            hash    writer -> when it last ran a heartbeat (ms); kept
 --                              10 min after its last (see confirmed), gone at
