@@ -755,3 +755,46 @@ fn oom_errors(info: &str) -> u64 {
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// Redis loses its data (here FLUSHALL; a restart without persistence
+/// alike) and counts terms from scratch. A writer that renews first after
+/// that, while it had a higher term than Redis now draws, still writes
+/// what it takes: its new term is above the one it had. Before, it kept
+/// the higher term, took every op as not its own, and wrote nothing until
+/// it restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_writes_after_redis_lost_its_terms() {
+    use testenv::{Redis, RedisOptions};
+    let s = new_store("redis-terms-lost").await;
+    let redis = Redis::start(RedisOptions::default()).await.unwrap();
+    let mut c = redis_config(&s);
+    c.redis.url = redis.url();
+    // No heartbeat during the test: the take is the first renewal.
+    c.redis.writer_lease = Duration::from_secs(60);
+    let first = WriteBehind::builder(c.clone())
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    let second = WriteBehind::builder(c)
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+
+    second
+        .grant("user:anne", "viewer", "document:1")
+        .await
+        .unwrap();
+    let r = second.flush().await.unwrap();
+    assert_eq!(r.applied, 1, "{r:?}");
+    let p = second.pending().await.unwrap();
+    assert_eq!((p.total, p.in_flight), (0, 0), "{p:?}");
+    drop(first);
+}

@@ -268,7 +268,9 @@ impl WriteBehind {
         // with it, so the pending ops are judged by it too, and the answer
         // is not cached (the cache follows the handle's model).
         let pinned = match req.authorization_model_id.as_deref() {
-            Some(id) if Some(id) != self.model_id_of(model.as_deref()).as_deref() => {
+            Some(id)
+                if !id.is_empty() && Some(id) != self.model_id_of(model.as_deref()).as_deref() =>
+            {
                 Some(self.inner.pinned_model(id).await?)
             }
             _ => None,

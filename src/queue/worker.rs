@@ -333,7 +333,9 @@ async fn run_worker(
         _ = async {
             let _ = rx.await;
             // Outcomes Redis does not take are not repeated past the grace.
-            store.stop_retrying_at(std::time::Instant::now() + grace);
+            if let Some(at) = std::time::Instant::now().checked_add(grace) {
+                store.stop_retrying_at(at);
+            }
             tokio::time::sleep(grace).await
         } => {
             tracing::warn!("shutdown deadline passed with jobs running; they will run again on another worker once this worker's lease ends");

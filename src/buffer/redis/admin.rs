@@ -231,7 +231,8 @@ impl RedisStore {
         a.push(now)
             .push(&self.writer)
             .push(self.lease.as_millis() as u64)
-            .push(max);
+            .push(max)
+            .push(self.hold.term());
         let v = items(self.call(&a).await?)?;
         let bad = v.first().map_or(Ok(0), int)?;
         let term = v.get(1).map_or(Ok(0), int)?.max(0) as u64;

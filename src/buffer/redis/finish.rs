@@ -14,7 +14,7 @@ use super::*;
 
 /// How long a failed finish is repeated: long enough to ride out a Redis
 /// failover or restart, and well within the 10 min Redis keeps its answer.
-const RETRY_FOR: Duration = Duration::from_secs(120);
+pub(super) const RETRY_FOR: Duration = Duration::from_secs(120);
 const FIRST_WAIT: Duration = Duration::from_millis(50);
 const MAX_WAIT: Duration = Duration::from_secs(2);
 
@@ -59,8 +59,8 @@ impl Finishes {
         *s = Some(s.map_or(at, |s| s.min(at)));
     }
 
-    fn retry_until(&self, started: Instant) -> Instant {
-        let until = started + RETRY_FOR;
+    fn retry_until(&self, started: Instant, repeat_for: Duration) -> Instant {
+        let until = started + repeat_for;
         let stop = *self.stop_at.lock().unwrap_or_else(|p| p.into_inner());
         stop.map_or(until, |s| s.min(until))
     }
@@ -75,11 +75,12 @@ impl Drop for Open<'_> {
 impl RedisStore {
     /// Ends ops with their outcomes; with `job`, also ends or reschedules
     /// it. A call that fails for a transient cause is repeated, with the
-    /// same id, for up to `RETRY_FOR` (or until a shutdown's deadline).
+    /// same id, for up to `repeat_for` (or until a shutdown's deadline).
     pub(super) async fn finish_now(
         &self,
         done: Vec<(Taken, Outcome)>,
         job: Option<&JobEnd>,
+        repeat_for: Duration,
     ) -> Result<Finished> {
         let call = self.finishes.open();
         // The term the call ends ops and its job in, fixed once: a repeat
@@ -106,7 +107,9 @@ impl RedisStore {
                 }
                 Err(e) => e,
             };
-            if !e.is_transient() || Instant::now() + wait >= self.finishes.retry_until(started) {
+            if !e.is_transient()
+                || Instant::now() + wait >= self.finishes.retry_until(started, repeat_for)
+            {
                 return Err(e);
             }
             tracing::warn!(error = %e, retry_in = ?wait, ops = done.len(), "could not record write outcomes; repeating");

@@ -146,7 +146,7 @@ impl Hold {
                 writer,
                 term,
                 held = before,
-                "Redis answered an earlier term than this writer holds (a failover to a replica behind its writes): ops it takes from now on are not written; restart this process"
+                "Redis answered an earlier term than this writer holds (a failover to a replica behind its writes, or data restored from an older copy): ops it takes from now on are not written; restart this process"
             );
             metrics::counter!("fga_wb_redis_term_regressed_total").increment(1);
         }
@@ -207,7 +207,8 @@ impl Heartbeat {
             .push(&self.writer)
             .push(self.lease.as_millis() as u64)
             .push(&epoch)
-            .push(acked);
+            .push(acked)
+            .push(self.hold.term());
         // Cleared only once the quiet time and the reconnect are recorded
         // (below): cleared before this call, it let a check through while
         // the call was under way, with neither set yet. A connection that

@@ -455,7 +455,8 @@ impl RedisStore {
             .push(kinds)
             .push(up_to)
             .push(&self.writer)
-            .push(self.lease.as_millis() as u64);
+            .push(self.lease.as_millis() as u64)
+            .push(self.hold.term());
         let v = items(self.call(&a).await?)?;
         let corrupt = v.first().map_or(Ok(0), int)?;
         let term = v.get(1).map_or(Ok(0), int)?.max(0) as u64;
@@ -491,7 +492,8 @@ impl RedisStore {
             // the reason in the dead-letter set. Should Redis fail now,
             // they stay this writer's until it stops (then another takes
             // them), and the flush reports the error.
-            let f = self.finish_now(unreadable, None).await?;
+            // Once: a take runs where the flusher does not hear a stop.
+            let f = self.finish_now(unreadable, None, Duration::ZERO).await?;
             metrics::counter!("fga_wb_ops_dead_lettered_total").increment(f.dead);
             self.dead_on_take.fetch_add(f.dead, Ordering::Relaxed);
         }
@@ -676,7 +678,7 @@ impl Store for RedisStore {
         done: Vec<(Taken, Outcome)>,
         job: Option<&'a JobEnd>,
     ) -> BoxFuture<'a, Result<Finished>> {
-        Box::pin(self.finish_now(done, job))
+        Box::pin(self.finish_now(done, job, finish::RETRY_FOR))
     }
 
     fn relevant<'a>(

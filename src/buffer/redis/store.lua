@@ -605,10 +605,11 @@ local function reclaim(now)
 end
 
 -- Renews `writer`'s lease; returns when its lease was to end (nil: it had
--- none) and its term. A writer with no lease gets a new term: what it took
+-- none) and its term. `had`: the highest term the writer has seen (callers
+-- before it send none). A writer with no lease gets a new term: what it took
 -- before was handed to others when its lease ended (reclaim), so the process
 -- writes only ops taken in the term the latest call returned.
-local function renew(writer, now, lease)
+local function renew(writer, now, lease, had)
   local ends = tonumber(rcall('ZSCORE', P .. ':owners', writer))
   -- A term that is not a number (not fga-wb's) is replaced like a missing
   -- one: a nil in a reply would cut it short. Drawn before the lease is
@@ -618,6 +619,14 @@ local function renew(writer, now, lease)
   local term = ends and tonumber(rcall('HGET', P .. ':terms', writer))
   if not term then
     term = next_of(P .. ':termseq')
+    -- Above any term the writer had (`had`): a Redis that lost its data
+    -- (restarted empty, flushed) counts terms from scratch, and a writer
+    -- that kept a higher one would take every op as not its own.
+    had = tonumber(had) or 0
+    if term <= had then
+      term = had + 1
+      rcall('SET', P .. ':termseq', term)
+    end
     rcall('HSET', P .. ':terms', writer, term)
   end
   rcall('ZADD', P .. ':owners', now + lease, writer)
@@ -773,7 +782,7 @@ local function ready_keys(kinds, up_to, max)
   return keys
 end
 
--- take pub now max kinds up_to writer lease_ms -> {corrupt, term, (key, seq, op, cond, first)*}
+-- take pub now max kinds up_to writer lease_ms [had] -> {corrupt, term, (key, seq, op, cond, first)*}
 -- The writer's lease is renewed; what it takes is being written by it, in
 -- `term` (see renew).
 if cmd == 'take' then
@@ -781,7 +790,7 @@ if cmd == 'take' then
     tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
   -- Renewed first: a writer that is taking is alive, and must not hand
   -- what it is writing back to itself (it would write it twice).
-  local _, term = renew(writer, now, lease)
+  local _, term = renew(writer, now, lease, ARGV[9])
   reclaim(now)
   local keys = ready_keys(kinds, up_to, max)
   local raw = read_raw(keys)
@@ -962,14 +971,14 @@ local function claim_ops(worker, job, keys, seqs)
   return out
 end
 
--- fetch pub now worker lease_ms max -> {bad, term, (job json, claims)*}
+-- fetch pub now worker lease_ms max [had] -> {bad, term, (job json, claims)*}
 -- Due jobs for a worker, their ops claimed for it (claims: one digit per op
 -- as claim_ops says); its lease is renewed. `bad`: jobs that could not be
 -- read, set aside (their ops pending again).
 if cmd == 'fetch' then
   local now, worker, lease, max = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
   -- Renewed first, as in take: its own running jobs stay its own.
-  local _, term = renew(worker, now, lease)
+  local _, term = renew(worker, now, lease, ARGV[7])
   reclaim(now)
   apply_writes()
   local out, back = { 0, term }, 0
@@ -1239,7 +1248,7 @@ if cmd == 'confirmed' then
   return { waiting, latest, rcall('EXISTS', P .. ':loss') }
 end
 
--- heartbeat pub now writer lease_ms epoch acked
+-- heartbeat pub now writer lease_ms epoch acked [had]
 --   -> {alive, epoch, seq, loss open, lost now, term}
 -- Renews the writer's lease (alive is 0 if it had already ended; a new
 -- `term` says what it held was handed to others), and compares what the writer knows
@@ -1257,7 +1266,7 @@ if cmd == 'heartbeat' then
   local bad = expect_types({ { P .. ':owners', 'zset' }, { P .. ':loss', 'hash' },
                              { P .. ':epochs', 'hash' }, { P .. ':epoch', 'string' } })
   if bad then return redis.error_reply(bad) end
-  local ends, term = renew(writer, now, lease)
+  local ends, term = renew(writer, now, lease, ARGV[8])
   rcall('HSET', P .. ':beats', writer, now)
   -- Heartbeats of writers gone for long (kept for confirmed until then).
   local beats = rcall('HGETALL', P .. ':beats')
