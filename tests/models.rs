@@ -194,6 +194,20 @@ async fn a_check_pinned_to_another_model_is_answered_and_judged_by_it() {
     }
 }
 
+/// An empty model id in a request pins nothing: the check and the list
+/// are answered under the handle's model (an empty id was read as a model
+/// to fetch, and the list failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_empty_model_id_pins_nothing() {
+    let (wb, _) = two_models("model-pinned-empty").await;
+    let mut check = fga_wb::openfga::CheckRequest::new("user:anne", "viewer", "document:1");
+    check.authorization_model_id = Some(String::new());
+    assert!(wb.check_request(&check).await.unwrap());
+    let mut list = fga_wb::openfga::ListObjectsRequest::new("user:anne", "viewer", "document");
+    list.authorization_model_id = Some(String::new());
+    assert_eq!(wb.list_objects(&list).await.unwrap(), ["document:1"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_handle_pinned_to_a_model_stays_on_it() {
     let s = store("model-pinned").await;

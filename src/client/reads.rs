@@ -454,6 +454,10 @@ impl WriteBehind {
     ) -> Result<()> {
         let model = self.inner.model();
         let ours = self.model_id_of(model.as_deref());
+        // An empty id pins nothing (as for a check).
+        if model_id.as_deref() == Some("") {
+            *model_id = None;
+        }
         // What the pending ops can change is the model OpenFGA will answer
         // with to say: one the caller pinned, if not the handle's.
         let deps = match model_id.as_deref() {
