@@ -222,6 +222,17 @@ impl LateWriter {
             .collect())
     }
 
+    /// Runs `cmd` on the store's key `P:<key>` with `args`: what a test
+    /// reads or breaks in Redis.
+    async fn on_key<T: redis::FromRedisValue>(&mut self, cmd: &str, key: &str, args: &[&str]) -> T {
+        redis::cmd(cmd)
+            .arg(format!("{}:{key}", self.prefix))
+            .arg(args)
+            .query_async(&mut self.conn)
+            .await
+            .unwrap()
+    }
+
     /// Fetches due jobs at `now` with a lease of `lease_ms`, as a worker:
     /// each job's id and its ops' keys and seqs.
     async fn fetch_at(&mut self, now: u64, lease_ms: u64) -> Vec<(String, Vec<(String, String)>)> {
@@ -492,14 +503,7 @@ async fn a_repeated_finish_answers_what_the_first_did() {
     // would now run again.
     let next = a.finish_call(key, &seq, "a", &["8", "8", &term]).await;
     assert_eq!(next, [1, 0, 0, 0]);
-    let mut redis = support::redis_conn().await;
-    let kept: Vec<String> = redis::cmd("ZRANGE")
-        .arg(format!("fga-wb:{{{}}}:fin:app:repeater", s.store_id))
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    let kept: Vec<String> = a.on_key("ZRANGE", "fin:app:repeater", &["0", "-1"]).await;
     assert_eq!(kept, ["8|1|0|0|0"]);
 }
 
@@ -593,29 +597,12 @@ async fn a_failed_renewal_leaves_no_lease_with_an_old_term() {
     let s = new_store("redis-failed-renewal").await;
     let (b, mut a, _) = taken_by_a_lapsed_writer(&s, "document:renew", "app:renews").await;
     let old_term = a.term.clone();
-    let termseq = format!("fga-wb:{{{}}}:termseq", s.store_id);
-    let mut redis = support::redis_conn().await;
-    let _: () = redis::cmd("SET")
-        .arg(&termseq)
-        .arg("not a number")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    let _: () = a.on_key("SET", "termseq", &["not a number"]).await;
     let e = a.try_take_at(now_ms(), 60_000).await.unwrap_err();
     assert!(e.to_string().contains(":termseq"), "{e}");
-    let lease: Option<f64> = redis::cmd("ZSCORE")
-        .arg(format!("fga-wb:{{{}}}:owners", s.store_id))
-        .arg("app:renews")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    let lease: Option<f64> = a.on_key("ZSCORE", "owners", &["app:renews"]).await;
     assert_eq!(lease, None, "the failed call left a lease");
-    let _: () = redis::cmd("SET")
-        .arg(&termseq)
-        .arg(1_000_000)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    let _: () = a.on_key("SET", "termseq", &["1000000"]).await;
     a.take_at(now_ms(), 60_000).await;
     assert_ne!(a.term, old_term, "a new term");
     drop(b);
@@ -657,21 +644,9 @@ async fn a_late_workers_finish_leaves_a_job_another_worker_runs() {
     let (key, seq) = &ops[0];
     let late = a.finish_job(&job, key, seq, "a", &["1", "1", &term]).await;
     assert_eq!(late, [0, 0, 0, 0], "ends nothing");
-    let mut redis = support::redis_conn().await;
-    let prefix = format!("fga-wb:{{{}}}", s.store_id);
-    let runner: Option<String> = redis::cmd("HGET")
-        .arg(format!("{prefix}:jobrun"))
-        .arg(&job)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    let runner: Option<String> = a.on_key("HGET", "jobrun", &[&job]).await;
     assert_eq!(runner.as_deref(), Some("worker:next"), "the job is b's");
-    let held: bool = redis::cmd("HEXISTS")
-        .arg(format!("{prefix}:ops"))
-        .arg(key)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    let held: bool = a.on_key("HEXISTS", "ops", &[key]).await;
     assert!(held, "its op is still held by the job");
 }
 

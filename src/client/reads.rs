@@ -264,17 +264,12 @@ impl WriteBehind {
         // that model's epoch (see CheckCache::set_model).
         let local = e.cache.generation(ty, &req.relation);
         let model = self.inner.model();
-        // A model the caller pinned, if not the handle's: OpenFGA answers
-        // with it, so the pending ops are judged by it too, and the answer
-        // is not cached (the cache follows the handle's model).
-        let pinned = match req.authorization_model_id.as_deref() {
-            Some(id)
-                if !id.is_empty() && Some(id) != self.model_id_of(model.as_deref()).as_deref() =>
-            {
-                Some(self.inner.pinned_model(id).await?)
-            }
-            _ => None,
-        };
+        // OpenFGA answers with a model the caller pinned, so the pending ops
+        // are judged by it too, and the answer is not cached (the cache
+        // follows the handle's model).
+        let pinned = self
+            .pinned_elsewhere(req.authorization_model_id.as_deref(), model.as_deref())
+            .await?;
         let model = pinned.as_deref().or(model.as_deref());
         let rels = model.and_then(|m| m.depends_on(ty, &req.relation));
         let deps = model.and_then(|m| m.depends_on_scoped(ty, &req.relation));
@@ -453,31 +448,47 @@ impl WriteBehind {
         consistency: &mut Consistency,
     ) -> Result<()> {
         let model = self.inner.model();
-        let ours = self.model_id_of(model.as_deref());
-        // An empty id pins nothing (as for a check).
+        // An empty id pins nothing: the handle's is sent (below).
         if model_id.as_deref() == Some("") {
             *model_id = None;
         }
         // What the pending ops can change is the model OpenFGA will answer
         // with to say: one the caller pinned, if not the handle's.
-        let deps = match model_id.as_deref() {
-            Some(id) if Some(id) != ours.as_deref() => {
-                deps_of(&*self.inner.pinned_model(id).await?)
-            }
-            _ => model.as_deref().and_then(deps_of),
+        let deps = match self
+            .pinned_elsewhere(model_id.as_deref(), model.as_deref())
+            .await?
+        {
+            Some(pinned) => deps_of(&pinned),
+            None => model.as_deref().and_then(deps_of),
         };
         let room = MAX_CONTEXTUAL_TUPLES.saturating_sub(contextual.len());
         let (grants, written_ago) = self
             .pending_grants(deps.as_deref(), object, user, room, contextual)
             .await?;
         if model_id.is_none() {
-            *model_id = ours;
+            *model_id = self.model_id_of(model.as_deref());
         }
         if self.needs_fresh_answers(written_ago) {
             *consistency = Consistency::HigherConsistency;
         }
         add_grants(contextual, grants);
         Ok(())
+    }
+
+    /// The model a request's caller pinned (`id`) when it is not the
+    /// handle's (`model`, a snapshot): read from OpenFGA once. An empty id
+    /// pins nothing.
+    async fn pinned_elsewhere(
+        &self,
+        id: Option<&str>,
+        model: Option<&Model>,
+    ) -> Result<Option<Arc<Model>>> {
+        match id {
+            Some(id) if !id.is_empty() && Some(id) != self.model_id_of(model).as_deref() => {
+                Ok(Some(self.inner.pinned_model(id).await?))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// The id of `model` (a snapshot of the handle's), or the configured
