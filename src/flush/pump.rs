@@ -770,6 +770,15 @@ impl Pump {
         }
     }
 
+    /// Stops at once (the handle is gone, or stopped): nothing is repeated
+    /// any more, and staged ops go back to the store.
+    pub(crate) async fn stop_now(&mut self) {
+        self.engine
+            .store
+            .stop_retrying_at(std::time::Instant::now());
+        self.unstage().await;
+    }
+
     /// Gives staged ops back to the store (shutdown).
     pub(crate) async fn unstage(&mut self) {
         if self.staged.is_empty() && self.carry.is_empty() {

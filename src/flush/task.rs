@@ -97,8 +97,7 @@ pub(crate) async fn run(
         tokio::select! {
             biased;
             _ = stop.changed() => {
-                pump.engine.store.stop_retrying_at(std::time::Instant::now());
-                pump.unstage().await;
+                pump.stop_now().await;
                 return;
             }
             Some((result, first)) = pump.running.next(), if !pump.running.is_empty() => {
@@ -111,8 +110,7 @@ pub(crate) async fn run(
             }
             cmd = commands.recv() => match cmd {
                 None => {
-                    pump.engine.store.stop_retrying_at(std::time::Instant::now());
-                    pump.unstage().await;
+                    pump.stop_now().await;
                     return;
                 }
                 Some(Command::Flush(reply)) => {
