@@ -36,10 +36,7 @@ async fn revoke_racing_an_in_flight_grant_ends_revoked() {
         .mount(&server)
         .await;
 
-    let wb = WriteBehind::builder(manual_flush(mock_config(&server)))
-        .build()
-        .await
-        .unwrap();
+    let wb = manual_handle(&server).await;
     let key = "document:1#editor@user:anne";
     wb.grant("user:anne", "editor", "document:1").await.unwrap();
     let flushing = flush_until_a_write_arrives(&wb, &mut arrivals).await;

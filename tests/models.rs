@@ -148,7 +148,14 @@ async fn two_models(name: &str) -> (WriteBehind, String) {
     direct["type_definitions"][1]["relations"]["can_read"] = json!({ "this": {} });
     direct["type_definitions"][1]["metadata"]["relations"]["can_read"] =
         json!({ "directly_related_user_types": [{ "type": "user" }] });
-    let s = new_store_with(name, &direct).await;
+    under_and_pinned(name, &direct).await
+}
+
+/// A handle following `handles` (the store's first model), the id of a
+/// later model that derives `can_read` from `viewer`, and anne a viewer of
+/// document:1 in OpenFGA, as `two_models` describes.
+async fn under_and_pinned(name: &str, handles: &Value) -> (WriteBehind, String) {
+    let s = new_store_with(name, handles).await;
     let derived = s
         .client
         .write_authorization_model(&s.store_id, &model_with_can_read())
@@ -192,6 +199,33 @@ async fn a_check_pinned_to_another_model_is_answered_and_judged_by_it() {
         Ok(allowed) => assert!(!allowed, "allowed despite the revoke"),
         Err(e) => assert!(e.is_stale_check(), "{e}"),
     }
+}
+
+/// A pending grant OpenFGA refuses as a contextual tuple is judged by the
+/// model the check is answered with. The handle's model takes `user:*` as
+/// a viewer and makes viewers lose `can_read`; the caller's pinned model
+/// takes no wildcard and derives `can_read` from `viewer`. Under it the
+/// refused wildcard grant cannot take anne's access away, so the check is
+/// answered (before, the handle's model said it could, and the check
+/// failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_grant_under_a_pinned_model_is_judged_by_it() {
+    let mut excluding = model(true);
+    excluding["type_definitions"][1]["relations"]["can_read"] = json!({
+        "difference": {
+            "base": { "this": {} },
+            "subtract": { "computedUserset": { "relation": "viewer" } }
+        }
+    });
+    excluding["type_definitions"][1]["metadata"]["relations"]["can_read"] =
+        json!({ "directly_related_user_types": [{ "type": "user" }] });
+    let (wb, derived) = under_and_pinned("model-pinned-refused", &excluding).await;
+    wb.grant("user:*", "viewer", "document:1").await.unwrap();
+    let mut req = fga_wb::openfga::CheckRequest::new("user:anne", "can_read", "document:1");
+    req.authorization_model_id = Some(derived);
+    assert!(wb.check_request(&req).await.unwrap());
+    let answers = wb.batch_check(&[req]).await.unwrap();
+    assert!(matches!(answers[..], [Ok(true)]), "{answers:?}");
 }
 
 /// An empty model id in a request pins nothing: the check and the list

@@ -224,10 +224,7 @@ async fn clear_leaves_in_flight_ops_alone() {
         .response()
         .set_delay(Duration::from_secs(1));
     let mut arrivals = reporting_write(&server, held, None).await;
-    let wb = WriteBehind::builder(manual_flush(mock_config(&server)))
-        .build()
-        .await
-        .unwrap();
+    let wb = manual_handle(&server).await;
     wb.grant("user:anne", "viewer", "document:1").await.unwrap();
     let flushing = flush_until_a_write_arrives(&wb, &mut arrivals).await;
     wb.grant("user:bob", "viewer", "document:1").await.unwrap();

@@ -1,5 +1,5 @@
-//! Transient failures (503, 429 with and without Retry-After, timeouts) are
-//! retried alone while the rest of the flush goes on; refused credentials
+//! Transient failures (503, 429 with and without Retry-After, timeouts, a
+//! slow model read) are retried or waited for alone while the rest of the flush goes on; refused credentials
 //! stop flushing, keep every op and are reported (ARCHITECTURE.md,
 //! promises 4 and 6).
 //!
@@ -92,10 +92,7 @@ async fn a_transient_failure_is_retried_alone_and_the_flush_completes() {
         .respond_with(fixture("write-ok").response())
         .mount(&server)
         .await;
-    let wb = WriteBehind::builder(manual_flush(mock_config(&server)))
-        .build()
-        .await
-        .unwrap();
+    let wb = manual_handle(&server).await;
     for i in 0..300 {
         wb.grant(&format!("user:u{i:03}"), "viewer", "document:1")
             .await
@@ -328,4 +325,38 @@ async fn auth_error_stops_flushing_until_a_manual_flush_succeeds() {
         assert_accounted(&wb).await;
         wb.shutdown().await.unwrap();
     }
+}
+
+/// A slow model read (wiremock): checks pinned at once to a model the
+/// handle has not read yet wait for one read of it, instead of each
+/// reading it (a burst of pinned checks was a burst of model reads).
+#[tokio::test]
+async fn checks_pinned_to_an_unread_model_read_it_once() {
+    const PINNED: &str = "01JPINNEDMODEL000000000000";
+    let server = mock_openfga().await;
+    let mut model = support::documents_model();
+    model["id"] = json!(PINNED);
+    wiremock::Mock::given(wiremock::matchers::method("GET"))
+        .and(wiremock::matchers::path(format!(
+            "/stores/{STORE}/authorization-models/{PINNED}"
+        )))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({ "authorization_model": model }))
+                .set_delay(Duration::from_millis(300)),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::path(format!("/stores/{STORE}/check")))
+        .respond_with(fixture("check-allowed").response())
+        .mount(&server)
+        .await;
+    let wb = manual_handle(&server).await;
+    let mut req = fga_wb::openfga::CheckRequest::new("user:anne", "viewer", "document:1");
+    req.authorization_model_id = Some(PINNED.into());
+    let answers = futures::future::join_all((0..8).map(|_| wb.check_request(&req))).await;
+    assert!(answers.iter().all(|a| matches!(a, Ok(true))), "{answers:?}");
+    server.verify().await;
 }

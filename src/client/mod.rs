@@ -39,7 +39,8 @@ struct Handle {
     model: arc_swap::ArcSwapOption<Model>,
     /// Models that lists were pinned to by their callers, by id, analysed
     /// once (a model never changes under its id).
-    pinned_models: Mutex<std::collections::HashMap<String, Arc<Model>>>,
+    /// Models callers pinned, each read once however many ask at a time.
+    pinned_models: Mutex<std::collections::HashMap<String, Arc<tokio::sync::OnceCell<Arc<Model>>>>>,
     /// The Redis store, when the buffer is there (its queue, for status).
     redis: Option<Arc<crate::buffer::redis::RedisStore>>,
     validate_against_model: bool,
@@ -682,28 +683,25 @@ impl Handle {
         self.model.load_full()
     }
 
-    /// The analysed model `id`, read from OpenFGA the first time.
+    /// The analysed model `id`, read from OpenFGA the first time; callers
+    /// asking for it meanwhile wait for that one read.
     async fn pinned_model(&self, id: &str) -> Result<Arc<Model>> {
-        let known = || {
-            self.pinned_models
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(id)
-                .cloned()
+        let cell = {
+            let mut models = self.pinned_models.lock().unwrap_or_else(|p| p.into_inner());
+            // A handful in practice; bounded all the same.
+            if models.len() >= 16 && !models.contains_key(id) {
+                models.clear();
+            }
+            models.entry(id.to_owned()).or_default().clone()
         };
-        if let Some(m) = known() {
-            return Ok(m);
-        }
         let e = &self.engine;
-        let found = e.client.read_authorization_model(&e.store_id, id).await?;
-        let m = Arc::new(Model::new(&found));
-        let mut models = self.pinned_models.lock().unwrap_or_else(|p| p.into_inner());
-        // A handful in practice; bounded all the same.
-        if models.len() >= 16 {
-            models.clear();
-        }
-        models.insert(id.to_owned(), m.clone());
-        Ok(m)
+        let m = cell
+            .get_or_try_init(|| async {
+                let found = e.client.read_authorization_model(&e.store_id, id).await?;
+                Ok::<_, Error>(Arc::new(Model::new(&found)))
+            })
+            .await?;
+        Ok(m.clone())
     }
 }
 

@@ -611,13 +611,17 @@ impl WriteBehind {
             }
         }
         let ty = request.object.split_once(':').map_or("", |(t, _)| t);
+        // Judged by the model OpenFGA answers with: the one the request
+        // names (a caller's pin, or the handle's when it was prepared).
+        let own = self.inner.model();
+        let pinned = self
+            .pinned_elsewhere(request.authorization_model_id.as_deref(), own.as_deref())
+            .await?;
+        let model = pinned.as_deref().or(own.as_deref());
         for (t, reason) in &refused {
             tracing::warn!(tuple = %t, %reason, "OpenFGA refuses a pending grant as a contextual tuple; checks go on without it until it is dead-lettered");
             let rel = crate::model::rel_name(t.object_type(), &t.relation);
-            let denies = self
-                .inner
-                .model()
-                .is_none_or(|m| m.may_deny(ty, &request.relation, &rel));
+            let denies = model.is_none_or(|m| m.may_deny(ty, &request.relation, &rel));
             if denies {
                 return Err(Error::new(Kind::PendingGrantRefused {
                     tuple: t.to_string(),

@@ -65,6 +65,14 @@ fn config_at(url: String, token: &str) -> Config {
     c
 }
 
+/// A handle on the mocked OpenFGA that flushes only when told.
+pub async fn manual_handle(server: &MockServer) -> fga_wb::WriteBehind {
+    fga_wb::WriteBehind::builder(manual_flush(mock_config(server)))
+        .build()
+        .await
+        .unwrap()
+}
+
 /// A config pointing at the mocked OpenFGA, with fast retries.
 pub fn mock_config(server: &MockServer) -> Config {
     let mut c = config_at(server.uri(), "mock-token");
