@@ -1526,10 +1526,11 @@ if cmd == 'clear' then
   local keys = {}
   for i = 1, #scan[2], 2 do keys[#keys + 1] = scan[2][i] end
   load(keys)
-  local out, cleared = { scan[1], up_to, jobs_up_to }, {}
+  local out, cleared, cleared_seqs = { scan[1], up_to, jobs_up_to }, {}, {}
   local function clear_entry(key, e)
     drop(key, e)
     cleared[#cleared + 1] = key
+    cleared_seqs[#cleared] = e.seq
     out[#out + 1] = key
     out[#out + 1] = e.op
     out[#out + 1] = e.cond
@@ -1589,7 +1590,7 @@ if cmd == 'clear' then
     end
   end
   if #cleared > 0 then
-    supersede_letters(cleared)
+    supersede_letters(cleared, cleared_seqs)
     incr(P .. ':stats', 'cleared', #cleared)
     for _, f in ipairs(rcall('HKEYS', P .. ':gen')) do incr(P .. ':gen', f, 1) end
     incr(P .. ':gen', '*', 1)
