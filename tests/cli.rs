@@ -333,6 +333,24 @@ async fn queue_flush_wait_and_worker_sigterm() {
     cli.run(&["flush", "--wait", "--timeout", "10000000000000000000s"])
         .await
         .ok();
+    // What the worker dead-lettered while `flush --wait` waited is
+    // reported (the summary said 0: it counted only the CLI's own enqueue).
+    let unchecked = WriteBehind::builder(filler_config(&s, Mode::Queue))
+        .validate_against_model(false)
+        .build()
+        .await
+        .unwrap();
+    grant_range(&unchecked, "document:q4", 0..4).await;
+    unchecked
+        .grant("user:bad", "no_such_relation", "document:q4")
+        .await
+        .unwrap();
+    let r = cli.run(&["flush", "--wait", "--json"]).await;
+    let j = r.ok().json();
+    let counts = ["queued", "applied", "dead_lettered"].map(|k| j["flush"][k].as_u64());
+    assert_eq!(counts, [Some(5), Some(4), Some(1)], "{j:#}");
+    assert!(r.stderr.contains("dlq list"), "{r:#?}");
+    unchecked.shutdown().await.unwrap();
 
     // All applied, a worker running: healthy, with a warning for the test
     // Redis, which runs without AOF.
@@ -376,6 +394,16 @@ async fn queue_flush_wait_and_worker_sigterm() {
     let r = cli.run(&["status", "--check"]).await;
     r.fails(1, "no worker was seen");
     assert!(r.stdout.contains("PROBLEM"), "{}", r.stdout);
+    // Nor does it wait forever without a timeout: it gives up once no
+    // worker has run for 6 worker leases.
+    let mut short_lease = Cli::new(&s, "queue");
+    short_lease.set("FGA_WB_REDIS__WRITER_LEASE", "2s");
+    let r = short_lease.run(&["flush", "--wait"]).await;
+    let last = r.stderr.lines().last().unwrap_or_default();
+    assert!(
+        r.code == 1 && last.contains("no worker is running") && last.contains("--timeout"),
+        "{r:#?}"
+    );
 
     // The summary of `flush --wait` should say what the workers applied:
     // checked last, so that the checks above run whatever it says.

@@ -65,7 +65,9 @@ enum Command {
     Flush {
         /// Keep flushing until nothing is pending, in flight or queued
         /// (ops a dead process held come back and are flushed again; in
-        /// queue mode, until workers applied every job). Exits 0 only then.
+        /// queue mode, until workers applied every job). Exits 0 only then;
+        /// in queue mode without --timeout, exits 1 once no worker has run
+        /// for 6 worker leases (30 s by default).
         #[arg(long)]
         wait: bool,
         /// With --wait: give up after this long (e.g. 90s, 5m) and exit 1.
@@ -243,13 +245,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         .read_model(false)
         .build()
         .await?;
-    let result = command(&cli, &wb).await;
+    let result = command(&cli, &wb, &config).await;
     // Nothing was buffered through this handle; don't drain anything.
     drop(wb);
     result
 }
 
-async fn command(cli: &Cli, wb: &WriteBehind) -> Result<(), Failure> {
+async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Failure> {
     match &cli.command {
         Command::Status { check } => {
             let mut s = wb.status().await?;
@@ -290,14 +292,23 @@ async fn command(cli: &Cli, wb: &WriteBehind) -> Result<(), Failure> {
             }
         }
         Command::Flush { wait, timeout } => {
-            let applied_before = wb.status().await?.totals.applied;
+            let before = wb.status().await?.totals;
+            let started = tokio::time::Instant::now();
             let mut report = wb.flush().await?;
             if *wait {
-                wait_until_applied(wb, cli.json, *timeout).await?;
-                // What was applied while we waited (store-wide), and no
-                // error: everything was written in the end.
-                let applied_after = wb.status().await?.totals.applied;
-                report.applied = applied_after.saturating_sub(applied_before);
+                // Long enough for a worker to restart and show up again.
+                let patience = config.redis.writer_lease.saturating_mul(NO_WORKER_LEASES);
+                let more = wait_until_applied(wb, cli.json, *timeout, patience).await?;
+                // What every writer and worker did while we waited (the
+                // store's totals: in queue mode the workers write), and no
+                // error: everything was written or dead-lettered in the end.
+                let after = wb.status().await?.totals;
+                report.applied = after.applied.saturating_sub(before.applied);
+                report.coalesced = after.coalesced.saturating_sub(before.coalesced);
+                report.dead_lettered = after.dead_lettered.saturating_sub(before.dead_lettered);
+                report.requests = after.requests.saturating_sub(before.requests);
+                report.queued = report.queued.saturating_add(more);
+                report.duration = started.elapsed();
                 report.error = None;
             }
             let status = wb.status().await?;
@@ -316,6 +327,12 @@ async fn command(cli: &Cli, wb: &WriteBehind) -> Result<(), Failure> {
                     "now pending: {} ({} in flight)",
                     status.pending.total,
                     status.pending.in_flight
+                );
+            }
+            if report.dead_lettered > 0 {
+                eprintln!(
+                    "warning: {} ops were refused by OpenFGA and dead-lettered: see `fga-wb dlq list`",
+                    report.dead_lettered
                 );
             }
             match report.error {
@@ -464,7 +481,8 @@ fn report_count(json: bool, what: &str, n: usize) -> Result<(), Failure> {
     }
 }
 
-/// Waits until nothing is pending or in flight, showing progress.
+/// Waits until nothing is pending or in flight, showing progress, and
+/// returns how many ops its own flushes queued.
 /// Flushes again and again until nothing is pending, in flight or queued:
 /// ops a dead process held come back pending when its lease ends and are
 /// flushed again; in queue mode the workers apply the jobs. A progress bar
@@ -473,7 +491,8 @@ async fn wait_until_applied(
     wb: &WriteBehind,
     quiet: bool,
     timeout: Option<Duration>,
-) -> Result<(), Failure> {
+    no_worker_patience: Duration,
+) -> Result<u64, Failure> {
     use std::io::IsTerminal;
     let started = tokio::time::Instant::now();
     // A timeout past what a clock can hold is no timeout.
@@ -499,86 +518,109 @@ async fn wait_until_applied(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} written ({elapsed}) {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let mut last_line = started;
-    loop {
-        let status = wb.status().await?;
-        let left = left_of(&status);
-        bar.set_length(total.max(left));
-        bar.set_position(total.saturating_sub(left));
-        if left == 0 && jobs_of(&status) == 0 {
-            bar.finish();
-            return Ok(());
-        }
-        if let Some(why) = &status.flushing_stopped {
-            bar.abandon();
-            return Err(Failure {
-                code: 1,
-                message: format!("flushing is stopped: {why}"),
-            });
-        }
-        let no_worker = status.queue.as_ref().is_some_and(|q| q.workers.is_empty());
-        let note = if no_worker {
-            "no worker is running: start `fga-wb worker`"
-        } else {
-            ""
-        };
-        bar.set_message(note);
-        if !tty && !quiet && last_line.elapsed() >= Duration::from_secs(5) {
-            last_line = tokio::time::Instant::now();
-            eprintln!(
-                "waiting ({:.0?}): {} pending, {} in flight{}{}",
-                started.elapsed(),
-                status.pending.total,
-                status.pending.in_flight,
-                status.queue.as_ref().map_or(String::new(), |q| format!(
-                    ", jobs {} queued / {} running / {} scheduled",
-                    q.pending, q.running, q.scheduled
-                )),
-                if note.is_empty() {
-                    String::new()
-                } else {
-                    format!("; {note}")
-                }
-            );
-        }
-        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-            bar.abandon();
-            return Err(Failure {
-                code: 1,
-                message: format!(
-                    "{left} ops still pending or queued ({} jobs) after {:.0?}{}",
-                    jobs_of(&status),
+    let waited = async {
+        let mut last_line = started;
+        let mut queued = 0u64;
+        let mut no_worker_since = None;
+        loop {
+            let status = wb.status().await?;
+            let left = left_of(&status);
+            bar.set_length(total.max(left));
+            bar.set_position(total.saturating_sub(left));
+            if left == 0 && jobs_of(&status) == 0 {
+                bar.finish();
+                return Ok(queued);
+            }
+            if let Some(why) = &status.flushing_stopped {
+                bar.abandon();
+                return Err(Failure {
+                    code: 1,
+                    message: format!("flushing is stopped: {why}"),
+                });
+            }
+            let no_worker = status.queue.as_ref().is_some_and(|q| q.workers.is_empty());
+            let note = if no_worker {
+                "no worker is running: start `fga-wb worker`"
+            } else {
+                ""
+            };
+            bar.set_message(note);
+            if !tty && !quiet && last_line.elapsed() >= Duration::from_secs(5) {
+                last_line = tokio::time::Instant::now();
+                eprintln!(
+                    "waiting ({:.0?}): {} pending, {} in flight{}{}",
                     started.elapsed(),
+                    status.pending.total,
+                    status.pending.in_flight,
+                    status.queue.as_ref().map_or(String::new(), |q| format!(
+                        ", jobs {} queued / {} running / {} scheduled",
+                        q.pending, q.running, q.scheduled
+                    )),
                     if note.is_empty() {
                         String::new()
                     } else {
-                        format!(" ({note})")
+                        format!("; {note}")
                     }
-                ),
-            });
-        }
-        if status.pending.total > 0 {
-            // Ops came back (a dead writer's lease ended) or arrived: write
-            // or enqueue them; a transient failure is retried next round.
-            match wb.flush().await {
-                // Nothing will be written until the operator fixes it.
-                Err(e) if e.is_auth() || e.is_not_found() => {
-                    bar.abandon();
-                    return Err(e.into());
-                }
-                Err(e) => bar.set_message(format!("flush failed, retrying: {e}")),
-                Ok(_) => {}
+                );
             }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-            _ = tokio::signal::ctrl_c() => {
+            // Without a timeout, jobs no worker runs would be waited for
+            // forever: give up once none has been seen for a while.
+            let no_worker_for = no_worker
+                .then(|| *no_worker_since.get_or_insert_with(tokio::time::Instant::now))
+                .map(|since| since.elapsed());
+            if !no_worker {
+                no_worker_since = None;
+            }
+            let gave_up = match deadline {
+                Some(d) => tokio::time::Instant::now() >= d,
+                None => no_worker_for.is_some_and(|d| d >= no_worker_patience),
+            };
+            if gave_up {
                 bar.abandon();
-                return Err(Failure { code: 1, message: "interrupted; what was flushed stays flushed".into() });
+                return Err(Failure {
+                    code: 1,
+                    message: format!(
+                        "{left} ops still pending or queued ({} jobs) after {:.0?}{}",
+                        jobs_of(&status),
+                        started.elapsed(),
+                        if note.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({note}, or pass --timeout to wait for one)")
+                        }
+                    ),
+                });
             }
+            if status.pending.total > 0 {
+                // Ops came back (a dead writer's lease ended) or arrived: write
+                // or enqueue them; a transient failure is retried next round.
+                match wb.flush().await {
+                    // Nothing will be written until the operator fixes it.
+                    Err(e) if e.is_auth() || e.is_not_found() => {
+                        bar.abandon();
+                        return Err(e.into());
+                    }
+                    Err(e) => bar.set_message(format!("flush failed, retrying: {e}")),
+                    Ok(r) => queued = queued.saturating_add(r.queued),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    // One listener for the whole wait: a Ctrl-C during a flush or a status
+    // read counts too (a listener made per sleep missed those).
+    tokio::select! {
+        r = waited => r,
+        _ = tokio::signal::ctrl_c() => {
+            bar.abandon();
+            Err(Failure { code: 1, message: "interrupted; what was flushed stays flushed".into() })
         }
     }
 }
+
+/// How long, in worker leases, `flush --wait` without `--timeout` waits
+/// for a worker while none runs and jobs are queued (30 s by default).
+const NO_WORKER_LEASES: u32 = 6;
 
 fn print_status(s: &fga_wb::Status) {
     let age = s
