@@ -126,8 +126,14 @@ pub(crate) async fn run(
                         .lock()
                         .unwrap_or_else(|p| p.into_inner()) = Some(deadline);
                     pump.engine.store.stop_retrying_at(deadline.into_std());
+                    // It tries again, as an explicit flush does, after an
+                    // earlier stop (refused credentials, since fixed): the
+                    // stop it looks for above is one met during shutdown.
                     pump.paused_until = None;
+                    pump.engine.stats.set_stopped(None);
                     pump.last_error = None;
+                    pump.exhausted = None;
+                    pump.revokes_exhausted = None;
                     shutdown_start = pump.totals.clone();
                     shutdown_began = Some(Instant::now());
                     shutdown_reply = Some(reply);
