@@ -103,6 +103,15 @@ async fn a_pending_revoke_never_shows_in_a_list_or_read(setup_: Setup) {
         })
         .await;
     assert!(matches!(&rd, Err(e) if e.is_stale_check()), "{rd:?}");
+    // An empty relation filters nothing, here too (the revoke was missed).
+    let rd = wb
+        .read(&ReadFilter {
+            object: Some("document:2".into()),
+            relation: Some(String::new()),
+            ..Default::default()
+        })
+        .await;
+    assert!(matches!(&rd, Err(e) if e.is_stale_check()), "{rd:?}");
     // Another document's users do not wait for it.
     let other = wb
         .list_users(&ListUsersRequest::new("document:9", "viewer", "user"))

@@ -84,17 +84,21 @@ async fn cli(s: &TestStore, url: &str, args: &[&str]) -> (i32, String) {
 /// if any check ever answers `true` (the revoke was acknowledged).
 async fn until_every_check_reports_the_loss(handles: &[&WriteBehind]) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut reported = vec![false; handles.len()];
+    // Each handle's check, list_objects, list_users and read of anne's
+    // revoked access (lists and reads skipped the loss guard and showed it).
+    let mut reported = vec![[false; 4]; handles.len()];
     let mut seen = Vec::new();
-    while reported.iter().any(|r| !r) {
+    while reported.iter().flatten().any(|r| !r) {
         for (i, wb) in handles.iter().enumerate() {
-            match wb.check("user:anne", "viewer", "document:1").await {
-                Ok(true) => panic!(
-                    "handle {i} answered `allowed` for a revoked grant after Redis lost the revoke; before: {seen:?}"
-                ),
-                Ok(false) => seen.push(format!("{i}: false")),
-                Err(e) if e.is_buffer_lost() => reported[i] = true,
-                Err(e) => seen.push(format!("{i}: {e}")),
+            for (k, (what, answer)) in access_of_anne(wb).await.into_iter().enumerate() {
+                match answer {
+                    Ok(true) => panic!(
+                        "handle {i}'s {what} showed a revoked grant after Redis lost the revoke; before: {seen:?}"
+                    ),
+                    Ok(false) => seen.push(format!("{i} {what}: no access")),
+                    Err(e) if e.is_buffer_lost() => reported[i][k] = true,
+                    Err(e) => seen.push(format!("{i} {what}: {e}")),
+                }
             }
         }
         assert!(
@@ -105,6 +109,34 @@ async fn until_every_check_reports_the_loss(handles: &[&WriteBehind]) {
     }
     seen.dedup();
     eprintln!("answers before the loss was reported: {seen:?}");
+}
+
+/// Whether each way of asking shows anne as a viewer of document:1.
+async fn access_of_anne(wb: &WriteBehind) -> [(&'static str, fga_wb::Result<bool>); 4] {
+    use fga_wb::openfga::{ListObjectsRequest, ListUsersRequest, ReadFilter};
+    let check = wb.check("user:anne", "viewer", "document:1").await;
+    let objects = wb
+        .list_objects(&ListObjectsRequest::new("user:anne", "viewer", "document"))
+        .await
+        .map(|o| o.iter().any(|o| o == "document:1"));
+    let users = wb
+        .list_users(&ListUsersRequest::new("document:1", "viewer", "user"))
+        .await
+        .map(|u| u.iter().any(|u| u == "user:anne"));
+    let filter = ReadFilter {
+        object: Some("document:1".into()),
+        ..Default::default()
+    };
+    let read = wb
+        .read(&filter)
+        .await
+        .map(|t| t.iter().any(|t| t.user == "user:anne"));
+    [
+        ("check", check),
+        ("list_objects", objects),
+        ("list_users", users),
+        ("read", read),
+    ]
 }
 
 /// The operator's part: status and `fga-wb loss` show the loss, the

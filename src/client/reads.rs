@@ -406,11 +406,13 @@ impl WriteBehind {
         let user = filter.user.as_deref().unwrap_or("");
         let one_object = !id.is_empty();
         let model = self.inner.model();
+        // An empty relation filters nothing, for OpenFGA as for read_matches.
+        let relation = filter.relation.as_deref().filter(|r| !r.is_empty());
         let deps: Option<Vec<Dep>> = match model.as_deref() {
             Some(m) if !ty.is_empty() => Some(
                 m.relations_of(ty)
                     .into_iter()
-                    .filter(|r| filter.relation.as_deref().is_none_or(|f| f == *r))
+                    .filter(|r| relation.is_none_or(|f| f == *r))
                     .map(|r| Dep {
                         rel: crate::model::rel_name(ty, r),
                         same_object: one_object,
@@ -420,6 +422,10 @@ impl WriteBehind {
             ),
             _ => None,
         };
+        // A type or relation the model lacks may still have ops buffered
+        // (without validation): every pending op counts then.
+        let deps = deps.filter(|d| !d.is_empty());
+        self.guard_shared(deps.as_deref()).await?;
         let (grants, _) = self
             .pending_grants(deps.as_deref(), object, user, READ_PENDING_MAX, &[])
             .await?;
@@ -461,6 +467,7 @@ impl WriteBehind {
             Some(pinned) => deps_of(&pinned),
             None => model.as_deref().and_then(deps_of),
         };
+        self.guard_shared(deps.as_deref()).await?;
         let room = MAX_CONTEXTUAL_TUPLES.saturating_sub(contextual.len());
         let (grants, written_ago) = self
             .pending_grants(deps.as_deref(), object, user, room, contextual)
@@ -489,6 +496,20 @@ impl WriteBehind {
             }
             _ => Ok(None),
         }
+    }
+
+    /// With a shared store, fails when Redis may have lost acknowledged ops
+    /// these `deps` depend on (restarted empty, a failover, a reconnect not
+    /// yet confirmed by every process), as a check does: through reading
+    /// their generations, which a check needs anyway and a list does not.
+    async fn guard_shared(&self, deps: Option<&[Dep]>) -> Result<()> {
+        let e = &self.inner.engine;
+        if e.store.shared() {
+            let rels: Option<Vec<crate::model::RelName>> =
+                deps.map(|d| d.iter().map(|d| d.rel.clone()).collect());
+            e.store.generation(rels.as_deref()).await?;
+        }
+        Ok(())
     }
 
     /// The id of `model` (a snapshot of the handle's), or the configured
