@@ -130,6 +130,11 @@ async fn grants_refused_under_the_checking_processs_model_fail_no_unrelated_chec
         "{batch:?}"
     );
 
+    // Nor is the refused grant itself taken as access under the new model
+    // (a pending unconditional grant of the checked tuple answered `true`
+    // without asking whether the model admits it).
+    let a = new.check("user:*", "viewer", "document:1").await;
+    assert!(!matches!(a, Ok(true)), "{a:?}");
     // A refused `blocked` could take anne's access away: fail closed.
     let a = new.check("user:anne", "can_view", "document:2").await;
     match &a {

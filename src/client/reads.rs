@@ -296,8 +296,11 @@ impl WriteBehind {
         // would read that one (with its condition) instead of the stored one.
         // Not under a pinned model either: its grants were accepted under
         // the handle's, and the pinned one may not admit this one as sent.
+        // Nor when the model does not admit the tuple (buffered under an
+        // earlier model, or without validation): OpenFGA would not count it.
         if pinned.is_none()
-            && model.is_some_and(|m| m.direct_implies(ty, &req.relation))
+            && model
+                .is_some_and(|m| m.direct_implies(ty, &req.relation) && m.validate(&probe).is_ok())
             && !req.contextual_tuples.iter().any(|c| same_key(c, &probe))
             && e.store.latest(&probe).await? == Some((Op::Grant, false))
         {
