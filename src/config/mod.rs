@@ -706,8 +706,32 @@ impl Config {
                 "flush.mode = \"queue\" needs buffer.store = \"redis\": workers read the buffer from Redis",
             ));
         }
+        // Set in code rather than read (where `positive` refuses 0): a 0
+        // here made the flusher spin on empty windows.
+        for (name, v) in [
+            ("buffer.capacity", self.buffer.capacity),
+            ("flush.batch_size", self.flush.batch_size),
+            (
+                "flush.max_tuples_per_write",
+                self.flush.max_tuples_per_write,
+            ),
+            (
+                "flush.max_parallel_requests",
+                self.flush.max_parallel_requests,
+            ),
+            (
+                "flush.min_parallel_requests",
+                self.flush.min_parallel_requests,
+            ),
+            ("queue.worker_concurrency", self.queue.worker_concurrency),
+        ] {
+            if v == 0 {
+                return Err(Error::config(format!("{name} is 0; it must be at least 1")));
+            }
+        }
         // Bounds far above any server's limits, so that sizes derived from
-        // them (windows of chunks, requests ahead) cannot overflow.
+        // them (windows of chunks, requests ahead, a worker's job slots)
+        // cannot overflow.
         for (name, v) in [
             (
                 "flush.max_tuples_per_write",
@@ -721,6 +745,7 @@ impl Config {
                 "flush.min_parallel_requests",
                 self.flush.min_parallel_requests,
             ),
+            ("queue.worker_concurrency", self.queue.worker_concurrency),
         ] {
             if v > MAX_REQUEST_SETTING {
                 return Err(Error::config(format!(

@@ -261,3 +261,21 @@ fn writer_lease_is_bounded() {
     assert!(e.to_string().contains("at most 10m"), "{e}");
     assert!(load_env(&[("FGA_WB_REDIS__WRITER_LEASE", "10m")]).is_ok());
 }
+
+/// Sizes set in code are checked as those read are: a 0 made the flusher
+/// spin on empty windows, and a huge worker concurrency panicked in the
+/// job runner's semaphore.
+#[test]
+fn sizes_set_in_code_are_checked() {
+    let mut c = Config::default();
+    c.flush.max_tuples_per_write = 0;
+    let e = c.validate().unwrap_err();
+    assert!(
+        e.to_string().contains("flush.max_tuples_per_write is 0"),
+        "{e}"
+    );
+    let mut c = Config::default();
+    c.queue.worker_concurrency = usize::MAX / 2;
+    let e = c.validate().unwrap_err();
+    assert!(e.to_string().contains("queue.worker_concurrency"), "{e}");
+}

@@ -314,6 +314,16 @@ impl Engine {
         }
     }
 
+    /// The pump is about to look at what is due (`idle`: with nothing in
+    /// flight). Set before it looks, so an op acknowledged from here on
+    /// wakes it (Notify keeps the permit if it is not waiting yet): the
+    /// timer of the previous look no longer counts, as this look may find
+    /// nothing and arm none.
+    pub(crate) fn looking(&self, idle: bool) {
+        self.timer_armed.store(false, Ordering::Release);
+        self.sleeping.store(idle, Ordering::Release);
+    }
+
     /// Wakes the pump now (a check waiting for a revoke, a caller waiting
     /// for room, a dead letter replayed).
     pub(crate) fn wake_now(&self) {

@@ -1019,6 +1019,19 @@ mod tests {
         assert_eq!(w.cursor, 100, "the failed range is taken again next time");
     }
 
+    /// An op acknowledged while an idle pump looks at what is due wakes
+    /// it, whatever timer the previous look armed: this look may have
+    /// found nothing and armed none, and the op would wait for the next.
+    #[test]
+    fn an_op_acknowledged_while_the_pump_looks_wakes_it() {
+        use futures::FutureExt;
+        let e = engine();
+        e.timer_armed.store(true, Ordering::Relaxed);
+        e.looking(true);
+        e.nudge(false, 1);
+        assert!(e.wake.notified().now_or_never().is_some());
+    }
+
     fn engine_with(sink: Option<Sink>) -> Arc<Engine> {
         Arc::new(Engine::for_tests(sink))
     }

@@ -20,10 +20,7 @@ pub(crate) async fn run(
     let mut shutdown_began: Option<Instant> = None;
     let mut last_record = Instant::now();
     loop {
-        // Set before looking, so an op acknowledged from here on wakes us
-        // (Notify keeps the permit if we are not waiting yet).
-        let idle = pump.running.is_empty();
-        pump.engine.sleeping.store(idle, Ordering::Release);
+        pump.engine.looking(pump.running.is_empty());
         let due = pump.maybe_plan().await;
         pump.engine
             .timer_armed

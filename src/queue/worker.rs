@@ -285,6 +285,8 @@ async fn run_worker(
 ) -> Result<()> {
     let mut config = config;
     config.queue.worker_concurrency = concurrency.max(1);
+    // `--concurrency` comes after the config was checked.
+    config.validate()?;
     let applier = Arc::new(applier(&config).await?);
     let replay_applier = applier.clone();
     let store = applier.store.clone();
