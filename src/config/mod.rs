@@ -706,48 +706,28 @@ impl Config {
                 "flush.mode = \"queue\" needs buffer.store = \"redis\": workers read the buffer from Redis",
             ));
         }
-        // Set in code rather than read (where `positive` refuses 0): a 0
-        // here made the flusher spin on empty windows.
-        for (name, v) in [
-            ("buffer.capacity", self.buffer.capacity),
-            ("flush.batch_size", self.flush.batch_size),
+        // Sizes: at least 1, checked here too for a config set in code
+        // (`positive` refuses 0 only as it reads; a 0 made the flusher spin
+        // on empty windows). Those bounded far above any server's limits,
+        // so that sizes derived from them (windows of chunks, requests
+        // ahead, a worker's job slots) cannot overflow.
+        let f = &self.flush;
+        for (name, v, bounded) in [
+            ("buffer.capacity", self.buffer.capacity, false),
+            ("flush.batch_size", f.batch_size, false),
+            ("flush.max_tuples_per_write", f.max_tuples_per_write, true),
+            ("flush.max_parallel_requests", f.max_parallel_requests, true),
+            ("flush.min_parallel_requests", f.min_parallel_requests, true),
             (
-                "flush.max_tuples_per_write",
-                self.flush.max_tuples_per_write,
+                "queue.worker_concurrency",
+                self.queue.worker_concurrency,
+                true,
             ),
-            (
-                "flush.max_parallel_requests",
-                self.flush.max_parallel_requests,
-            ),
-            (
-                "flush.min_parallel_requests",
-                self.flush.min_parallel_requests,
-            ),
-            ("queue.worker_concurrency", self.queue.worker_concurrency),
         ] {
             if v == 0 {
                 return Err(Error::config(format!("{name} is 0; it must be at least 1")));
             }
-        }
-        // Bounds far above any server's limits, so that sizes derived from
-        // them (windows of chunks, requests ahead, a worker's job slots)
-        // cannot overflow.
-        for (name, v) in [
-            (
-                "flush.max_tuples_per_write",
-                self.flush.max_tuples_per_write,
-            ),
-            (
-                "flush.max_parallel_requests",
-                self.flush.max_parallel_requests,
-            ),
-            (
-                "flush.min_parallel_requests",
-                self.flush.min_parallel_requests,
-            ),
-            ("queue.worker_concurrency", self.queue.worker_concurrency),
-        ] {
-            if v > MAX_REQUEST_SETTING {
+            if bounded && v > MAX_REQUEST_SETTING {
                 return Err(Error::config(format!(
                     "{name} is {v}; it must be at most {MAX_REQUEST_SETTING}"
                 )));
