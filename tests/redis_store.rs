@@ -249,9 +249,9 @@ impl LateWriter {
             .unwrap();
         self.term = out[1].clone();
         out[2..]
-            .chunks(2)
+            .chunks(3)
             .map(|c| {
-                let job: serde_json::Value = serde_json::from_str(&c[0]).unwrap();
+                let job: serde_json::Value = serde_json::from_str(&c[1]).unwrap();
                 let ops = job["ops"].as_array().unwrap().iter();
                 let ops =
                     ops.map(|o| (o["key"].as_str().unwrap().to_owned(), o["seq"].to_string()));

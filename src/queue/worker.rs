@@ -13,7 +13,7 @@ use futures::stream::{BoxStream, StreamExt};
 use futures::SinkExt;
 
 use super::{decode, Job, JobOp};
-use crate::buffer::redis::{now_ms, RedisStore};
+use crate::buffer::redis::{now_ms, FetchedJob, RedisStore};
 use crate::buffer::{unreadable_outcome, Claim, JobEnd, Outcome, Store, StoreEvent, Taken};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -234,7 +234,7 @@ fn jobs(store: Arc<RedisStore>, poll: Duration) -> JobStream {
         loop {
             match store.fetch_jobs(1).await {
                 Ok((term, found)) => {
-                    for (json, claims) in found {
+                    for FetchedJob { id, json, claims } in found {
                         match decode(&json) {
                             Ok(job) => {
                                 let task = TaskBuilder::new((job, claims, term)).build();
@@ -243,10 +243,6 @@ fn jobs(store: Arc<RedisStore>, poll: Duration) -> JobStream {
                             Err(e) => {
                                 // Not ours, or corrupt: set aside, loudly;
                                 // the ops it held are pending again.
-                                let id = serde_json::from_str::<serde_json::Value>(&json)
-                                    .ok()
-                                    .and_then(|v| v.get("id").map(ToString::to_string))
-                                    .unwrap_or_default();
                                 let back = store.drop_bad_job(&id).await.unwrap_or(0);
                                 tracing::error!(error = %e, job = %id, ops_back_to_pending = back, "set aside a job that does not decode");
                                 let _ = store

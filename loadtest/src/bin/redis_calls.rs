@@ -180,7 +180,8 @@ async fn run(
             .arg(30_000)
             .arg(FETCH);
         let v = timed(c, &inv, &mut spent[3]).await?;
-        // {bad, term, (job json, claims)*}
+        // {bad, term, (job id, job json, claims)*}; scripts before ids:
+        // (job json, claims)*.
         let from = replies_from(&v);
         if v.len() <= from {
             break;
@@ -189,8 +190,10 @@ async fn run(
             Some(Value::Int(t)) if from == 2 => t.to_string(),
             _ => String::new(),
         };
-        for pair in v.get(from..).unwrap_or_default().chunks_exact(2) {
-            let job: serde_json::Value = serde_json::from_str(&text(&pair[0])?)?;
+        let with_ids = !text(&v[from])?.starts_with('{');
+        let json_at = usize::from(with_ids);
+        for each in v.get(from..).unwrap_or_default().chunks_exact(2 + json_at) {
+            let job: serde_json::Value = serde_json::from_str(&text(&each[json_at])?)?;
             let ops = job["ops"].as_array().ok_or("a job without ops")?;
             let mut inv = script.key(prefix);
             inv.arg("finish")

@@ -222,10 +222,11 @@ impl RedisStore {
         Ok((id > 0).then_some(id as u64))
     }
 
-    /// Up to `max` due jobs for this worker (as stored: JSON), each with
-    /// the claims it got for its ops, in order; and the worker's term (see
-    /// [`Store::holds`]), which the jobs' ops are taken in.
-    pub async fn fetch_jobs(&self, max: usize) -> Result<(u64, Vec<(String, Vec<Claim>)>)> {
+    /// Up to `max` due jobs for this worker (their ids, and the jobs as
+    /// stored: JSON), each with the claims it got for its ops, in order;
+    /// and the worker's term (see [`Store::holds`]), which the jobs' ops are
+    /// taken in.
+    pub async fn fetch_jobs(&self, max: usize) -> Result<(u64, Vec<FetchedJob>)> {
         let now = now_ms();
         let mut a = Args::new("fetch", self.publish);
         a.push(now)
@@ -249,9 +250,9 @@ impl RedisStore {
                 .await;
         }
         let jobs = v[2.min(v.len())..]
-            .chunks_exact(2)
+            .chunks_exact(3)
             .map(|c| {
-                let claims = text(&c[1])?
+                let claims = text(&c[2])?
                     .bytes()
                     .map(|b| match b {
                         b'1' => Claim::Claimed,
@@ -259,7 +260,11 @@ impl RedisStore {
                         _ => Claim::Stale,
                     })
                     .collect();
-                Ok((text(&c[0])?, claims))
+                Ok(FetchedJob {
+                    id: text(&c[0])?,
+                    json: text(&c[1])?,
+                    claims,
+                })
             })
             .collect::<Result<_>>()?;
         Ok((term, jobs))
@@ -330,4 +335,12 @@ pub(crate) fn parse_dead(json: &str) -> Option<DeadLetter> {
         transient: d.transient,
         superseded: false,
     })
+}
+
+/// A job fetched for a worker: its id as Redis holds it, the job as
+/// stored (JSON), and the claims it got for its ops.
+pub(crate) struct FetchedJob {
+    pub(crate) id: String,
+    pub(crate) json: String,
+    pub(crate) claims: Vec<Claim>,
 }

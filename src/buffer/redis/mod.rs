@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 mod admin;
+pub(crate) use admin::FetchedJob;
 mod conn;
 mod finish;
 mod heartbeat;

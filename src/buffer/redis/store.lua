@@ -971,7 +971,7 @@ local function claim_ops(worker, job, keys, seqs)
   return out
 end
 
--- fetch pub now worker lease_ms max [had] -> {bad, term, (job json, claims)*}
+-- fetch pub now worker lease_ms max [had] -> {bad, term, (job id, job json, claims)*}
 -- Due jobs for a worker, their ops claimed for it (claims: one digit per op
 -- as claim_ops says); its lease is renewed. `bad`: jobs that could not be
 -- read, set aside (their ops pending again).
@@ -1017,6 +1017,9 @@ if cmd == 'fetch' then
     if job and keys then
       rcall('HSET', P .. ':jobrun', id, worker)
       rcall('SADD', P .. ':wj:' .. worker, id)
+      -- The id as stored: a job the worker cannot decode is set aside by
+      -- it, whatever its JSON says.
+      tinsert(out, id)
       tinsert(out, job)
       tinsert(out, table.concat(claim_ops(worker, id, keys, seqs)))
     elseif job then
