@@ -368,3 +368,35 @@ async fn checks_pinned_to_an_unread_model_read_it_once() {
     assert!(answers.iter().all(|a| matches!(a, Ok(true))), "{answers:?}");
     server.verify().await;
 }
+
+/// An outage (wiremock: every Write answers 503): the ops taken for the
+/// next requests go back to pending while the flusher waits to retry, so
+/// `status` shows them pending, not being written, and `clear` drops them
+/// all. They stayed "in flight" through the outage, and a clear left them
+/// to be written once OpenFGA was back.
+#[tokio::test]
+async fn an_outage_leaves_no_op_taken_while_the_flusher_waits() {
+    let server = mock_openfga().await;
+    write_mock()
+        .respond_with(fixture("unavailable-503").response())
+        .mount(&server)
+        .await;
+    let mut cfg = no_quick_retries(manual_flush(mock_config(&server)));
+    cfg.flush.retry_initial_backoff = Duration::from_secs(60);
+    cfg.flush.retry_max_backoff = Duration::from_secs(60);
+    let wb = WriteBehind::builder(cfg).build().await.unwrap();
+    const N: usize = 5_000;
+    for i in 0..N {
+        wb.grant(&format!("user:u{i:05}"), "viewer", "document:1")
+            .await
+            .unwrap();
+    }
+    let r = wb.flush().await.unwrap();
+    assert!(r.error.is_some(), "{r:?}");
+    eventually("no op in flight", Duration::from_secs(10), || async {
+        wb.pending().await.unwrap().in_flight == 0
+    })
+    .await;
+    assert_eq!(wb.pending().await.unwrap().total, N);
+    assert_eq!(wb.clear().await.unwrap(), N);
+}

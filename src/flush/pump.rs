@@ -760,13 +760,18 @@ impl Pump {
         self.engine.record(&r).await;
     }
 
-    /// With flushing stopped (refused credentials, unknown store) and no
-    /// explicit flush waiting, ops staged for sending go back to pending,
-    /// where status counts them, instead of waiting as in flight.
-    pub(crate) async fn park_if_stopped(&mut self) {
+    /// With flushing stopped (refused credentials, unknown store) or paused
+    /// after a transient failure, and no explicit flush or shutdown
+    /// waiting, ops staged for sending go back to pending, where status
+    /// counts them and `clear` drops them, instead of waiting as in flight
+    /// through the outage. The pump takes them again when it resumes.
+    pub(crate) async fn park_if_idle(&mut self) {
         let holding = !self.staged.is_empty() || !self.carry.is_empty();
-        if holding && self.engine.stats.stopped().is_some() && !self.explicit() {
+        let idle = self.engine.stats.stopped().is_some() || self.paused();
+        if holding && idle && !self.explicit() {
             self.unstage().await;
+            self.exhausted = None;
+            self.revokes_exhausted = None;
         }
     }
 

@@ -99,11 +99,11 @@ pub(crate) async fn run(
             }
             Some((result, first)) = pump.running.next(), if !pump.running.is_empty() => {
                 pump.done(result, first);
-                pump.park_if_stopped().await;
+                pump.park_if_idle().await;
             }
             w = next_window(&mut pump.taking), if pump.taking.is_some() => {
                 pump.taken(w);
-                pump.park_if_stopped().await;
+                pump.park_if_idle().await;
             }
             cmd = commands.recv() => match cmd {
                 None => {
