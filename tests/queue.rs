@@ -357,6 +357,53 @@ async fn workers_for_20_stores_spread_over_every_primary_apply_their_jobs() {
     }
 }
 
+/// A worker OpenFGA refuses (wiremock: every Write answers 401) reports
+/// flushing as stopped in `status`, however often the application process
+/// records its own work: each process notes its own stop. The one shared
+/// note was overwritten within a second by the application's "not
+/// stopped", so `status --check` and `flush --wait` missed the refusal.
+/// Once the worker is gone, its note no longer shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_worker_shows_in_status_whatever_others_record() {
+    let server = MockServer::start().await;
+    let store_id = unique_store_id();
+    let writes = WriteLog::mount(&server, &store_id, |_| {
+        fixture("auth-wrong-token").response()
+    })
+    .await;
+    let config = mock_config(&server, &store_id, &[1]);
+    let wb = app(config.clone()).await;
+    let w = Watch {
+        wb: &wb,
+        writes: Some(&writes),
+    };
+    let worker = Worker::start(config, 1);
+    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    assert_eq!(wb.flush().await.unwrap().queued, 1);
+    let stopped = || async { wb.status().await.unwrap().flushing_stopped.is_some() };
+    w.until(
+        "the worker's stop in status",
+        Duration::from_secs(20),
+        stopped,
+    )
+    .await;
+    for i in 0..3 {
+        wb.grant(&format!("user:u{i}"), "viewer", "document:2")
+            .await
+            .unwrap();
+        assert_eq!(wb.flush().await.unwrap().queued, 1);
+        let why = wb.status().await.unwrap().flushing_stopped;
+        assert!(why.as_deref().is_some_and(|w| w.contains("401")), "{why:?}");
+    }
+    worker.stop().await;
+    w.until(
+        "the stop of a worker gone",
+        Duration::from_secs(20),
+        || async { wb.status().await.unwrap().flushing_stopped.is_none() },
+    )
+    .await;
+}
+
 // ---------------------------------------------------------------------------
 // Retry schedule
 // ---------------------------------------------------------------------------

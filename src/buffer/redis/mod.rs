@@ -201,6 +201,10 @@ pub(crate) fn unique_name(kind: &str) -> String {
     format!("{kind}:{host}-{}-{}-{n}", std::process::id(), now_ms())
 }
 
+/// The field of `P:stats` a writer notes why its flushing is stopped in,
+/// followed by its name.
+const STOPPED_NOTE: &str = "stopped:";
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -791,11 +795,31 @@ impl Store for RedisStore {
     fn shared_stats(&self) -> BoxFuture<'_, Result<std::collections::HashMap<String, String>>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            redis::cmd("HGETALL")
-                .arg(format!("{}:stats", self.prefix))
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)
+            let (mut stats, live): (std::collections::HashMap<String, String>, Vec<String>) =
+                redis::pipe()
+                    .cmd("HGETALL")
+                    .arg(format!("{}:stats", self.prefix))
+                    .cmd("ZRANGEBYSCORE")
+                    .arg(format!("{}:owners", self.prefix))
+                    .arg(now_ms())
+                    .arg("+inf")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(redis_error)?;
+            // Each writer's own stop (see record_work), of those alive: one
+            // process's note no longer overwrites another's, and a dead
+            // process's is not shown.
+            let mut stopped: Vec<(String, String)> = stats
+                .iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix(STOPPED_NOTE)?.to_owned(), v.clone())))
+                .collect();
+            stats.retain(|k, _| !k.starts_with(STOPPED_NOTE));
+            stopped.retain(|(writer, why)| !why.is_empty() && live.contains(writer));
+            stopped.sort();
+            if let Some((writer, why)) = stopped.into_iter().next() {
+                stats.insert("stopped".into(), format!("{why} (reported by {writer})"));
+            }
+            Ok(stats)
         })
     }
 
@@ -807,6 +831,25 @@ impl Store for RedisStore {
         Box::pin(async move {
             let key = format!("{}:stats", self.prefix);
             let mut pipe = redis::pipe();
+            // Whether flushing is stopped is each writer's own: under its
+            // name, and gone once it is not (see shared_stats).
+            let (stopped, notes): (Vec<_>, Vec<_>) =
+                notes.into_iter().partition(|(name, _)| *name == "stopped");
+            let mine = format!("{STOPPED_NOTE}{}", self.writer);
+            if !stopped.is_empty() {
+                // The one note all writers shared before (versions up to
+                // 0.1): left stale, it would show for good.
+                pipe.cmd("HDEL").arg(&key).arg("stopped").ignore();
+            }
+            match stopped.into_iter().next() {
+                Some((_, why)) if !why.is_empty() => {
+                    pipe.cmd("HSET").arg(&key).arg(&mine).arg(why).ignore();
+                }
+                Some(_) => {
+                    pipe.cmd("HDEL").arg(&key).arg(&mine).ignore();
+                }
+                None => {}
+            }
             if !notes.is_empty() {
                 pipe.cmd("HSET").arg(&key);
                 for (name, value) in &notes {
