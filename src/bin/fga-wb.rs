@@ -344,8 +344,18 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
             }
         }
         Command::Clear { yes } => {
-            let pending = wb.pending().await?;
-            if !yes && !confirm(&format!("drop {} pending ops?", pending.total)) {
+            let status = wb.status().await?;
+            let pending = &status.pending;
+            // In queue mode a clear also drops the ops of jobs no worker
+            // runs yet, which count as in flight.
+            let queued = match &status.queue {
+                Some(_) if pending.in_flight > 0 => format!(
+                    ", and those of queued jobs no worker has started (up to {})",
+                    pending.in_flight
+                ),
+                _ => String::new(),
+            };
+            if !yes && !confirm(&format!("drop {} pending ops{queued}?", pending.total)) {
                 return Err(usage(
                     "not confirmed; nothing cleared (use --yes to skip the question)",
                 ));
