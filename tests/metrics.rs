@@ -63,6 +63,24 @@ async fn a_known_workload_shows_in_the_scraped_metrics() {
     ] {
         assert_eq!(value(&text, &series), Some(want), "{series}:\n{text}");
     }
+    // The flush's wall time is recorded (it was 0: the reports of its
+    // requests carry none).
+    let took = || async {
+        let last = wb.status().await.unwrap().last_flush;
+        last.is_some_and(|l| !l.report.duration.is_zero())
+    };
+    support::eventually(
+        "a flush with its time",
+        std::time::Duration::from_secs(10),
+        took,
+    )
+    .await;
+    let text = scrape().await;
+    let sum = format!("fga_wb_flush_duration_seconds_sum{{{store}}}");
+    assert!(
+        value(&text, &sum).is_some_and(|s| s > 0.0),
+        "{sum}:\n{text}"
+    );
     let requests: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with("fga_wb_write_requests_total"))

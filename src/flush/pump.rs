@@ -88,6 +88,9 @@ pub(crate) struct Pump {
     pub(crate) last_error: Option<String>,
     /// Requests, ops applied and dead-lettered since the last record.
     pub(crate) unrecorded: FlushReport,
+    /// When the first request since the last record started: the wall
+    /// time a record covers (its requests' reports carry none).
+    pub(crate) busy_since: Option<Instant>,
     pub(crate) shutdown: Option<Instant>,
 }
 
@@ -130,6 +133,7 @@ impl Pump {
             backoff,
             last_error: None,
             unrecorded: FlushReport::default(),
+            busy_since: None,
             shutdown: None,
         }
     }
@@ -525,6 +529,7 @@ impl Pump {
     }
 
     pub(crate) fn start(&mut self, ops: Vec<Taken>) {
+        self.busy_since.get_or_insert_with(Instant::now);
         let first = ops.iter().map(|t| t.first).min().unwrap_or(0);
         *self.running_firsts.entry(first).or_default() += 1;
         let engine = self.engine.clone();
@@ -752,6 +757,13 @@ impl Pump {
         }
         let mut r = std::mem::take(&mut self.unrecorded);
         r.coalesced = 0;
+        // Requests still running count towards the next record.
+        let now = Instant::now();
+        let since = match self.running.is_empty() {
+            true => self.busy_since.take(),
+            false => self.busy_since.replace(now),
+        };
+        r.duration = since.map_or(Duration::ZERO, |t| now - t);
         if let Ok(p) = self.engine.store.pending().await {
             metrics::gauge!("fga_wb_pending_ops").set(p.total as f64);
             metrics::gauge!("fga_wb_oldest_pending_seconds")
