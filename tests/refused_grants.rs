@@ -11,7 +11,7 @@ mod support;
 use std::time::Duration;
 
 use fga_wb::config::StoreKind;
-use fga_wb::openfga::{CheckRequest, WriteRequest};
+use fga_wb::openfga::{CheckRequest, ListObjectsRequest, ListUsersRequest, WriteRequest};
 use fga_wb::{TupleKey, WriteBehind};
 use serde_json::{json, Value};
 use support::{config_for, new_store_with, TestStore};
@@ -141,6 +141,17 @@ async fn grants_refused_under_the_checking_processs_model_fail_no_unrelated_chec
         Err(e) => assert!(e.is_stale_check(), "{e}"),
         Ok(x) => panic!("answered {x} past a refused pending block"),
     }
+    // Lists too: answered without a refused grant that cannot take access
+    // away, failing closed past one that can (they failed with the
+    // server's refusal until the grants were dead-lettered).
+    let viewer_of = ListObjectsRequest::new("user:anne", "viewer", "document");
+    let listed = new.list_objects(&viewer_of).await.unwrap();
+    assert_eq!(listed, ["document:1", "document:2"]);
+    let users = ListUsersRequest::new("document:1", "viewer", "user");
+    assert_eq!(new.list_users(&users).await.unwrap(), ["user:anne"]);
+    let can_view = ListObjectsRequest::new("user:anne", "can_view", "document");
+    let l = new.list_objects(&can_view).await;
+    assert!(matches!(&l, Err(e) if e.is_stale_check()), "{l:?}");
     // The old process, under its own model, still answers with them.
     assert!(old.check("user:bob", "viewer", "document:1").await.unwrap());
     assert!(!old

@@ -358,7 +358,23 @@ impl WriteBehind {
             &mut request.consistency,
         )
         .await?;
-        let mut objects = e.client.list_objects(&e.store_id, &request).await?;
+        let ours = req.contextual_tuples.len();
+        let mut objects = match e.client.list_objects(&e.store_id, &request).await {
+            Err(err) if err.is_invalid_input() && request.contextual_tuples.len() > ours => {
+                let asked = (
+                    request.authorization_model_id.as_deref(),
+                    req.object_type.as_str(),
+                    req.relation.as_str(),
+                );
+                self.without_refused(asked, &request.contextual_tuples, ours, |tuples| {
+                    let mut r = request.clone();
+                    r.contextual_tuples = tuples;
+                    async move { e.client.list_objects(&e.store_id, &r).await }
+                })
+                .await?
+            }
+            objects => objects?,
+        };
         objects.sort();
         objects.dedup();
         Ok(objects)
@@ -388,7 +404,23 @@ impl WriteBehind {
             &mut request.consistency,
         )
         .await?;
-        let mut users = e.client.list_users(&e.store_id, &request).await?;
+        let ours = req.contextual_tuples.len();
+        let mut users = match e.client.list_users(&e.store_id, &request).await {
+            Err(err) if err.is_invalid_input() && request.contextual_tuples.len() > ours => {
+                let asked = (
+                    request.authorization_model_id.as_deref(),
+                    ty,
+                    req.relation.as_str(),
+                );
+                self.without_refused(asked, &request.contextual_tuples, ours, |tuples| {
+                    let mut r = request.clone();
+                    r.contextual_tuples = tuples;
+                    async move { e.client.list_users(&e.store_id, &r).await }
+                })
+                .await?
+            }
+            users => users?,
+        };
         users.sort();
         users.dedup();
         Ok(users)
@@ -603,24 +635,54 @@ impl WriteBehind {
     }
 
     /// A check OpenFGA refused for its input after fga-wb added pending
-    /// grants to it. One such grant (buffered before the model changed, or
-    /// with a condition context the server will not take) must not fail
-    /// every check it is sent with: find the grants OpenFGA refuses, by
-    /// halving, and answer without them, unless one of them could take this
-    /// access away (it sits under a `but not`): then fail closed. Rare, so a
-    /// few extra checks are fine. The refused grants are dead-lettered when
-    /// flushed.
-    async fn without_refused_grants(&self, mut request: CheckRequest, ours: usize) -> Result<bool> {
+    /// grants to it (those past the caller's `ours`): see
+    /// [`WriteBehind::without_refused`].
+    async fn without_refused_grants(&self, request: CheckRequest, ours: usize) -> Result<bool> {
         let e = &self.inner.engine;
-        let added = request.contextual_tuples.split_off(ours);
+        let ty = request.object.split_once(':').map_or("", |(t, _)| t);
+        let asked = (
+            request.authorization_model_id.as_deref(),
+            ty,
+            request.relation.as_str(),
+        );
+        self.without_refused(asked, &request.contextual_tuples, ours, |tuples| {
+            let mut r = request.clone();
+            r.contextual_tuples = tuples;
+            async move { e.client.check(&e.store_id, &r).await }
+        })
+        .await
+    }
+
+    /// A request OpenFGA refused for its input after fga-wb added pending
+    /// grants to its contextual tuples (those past the caller's `ours`).
+    /// One such grant (buffered before the model changed, or with a
+    /// condition context the server will not take) must not fail every
+    /// request it is sent with: find the grants OpenFGA refuses, by halving,
+    /// and answer without them, unless one of them could take access to
+    /// `relation` on `object_type` away (it sits under a `but not` of the
+    /// model the request names, `model_id`): then fail closed. Rare, so a
+    /// few extra requests are fine. The refused grants are dead-lettered
+    /// when flushed. `ask` sends the request with the given contextual
+    /// tuples.
+    async fn without_refused<T, F, Fut>(
+        &self,
+        (model_id, object_type, relation): (Option<&str>, &str, &str),
+        tuples: &[TupleKey],
+        ours: usize,
+        ask: F,
+    ) -> Result<T>
+    where
+        F: Fn(Vec<TupleKey>) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let (own_tuples, added) = tuples.split_at(ours.min(tuples.len()));
         // The caller's own request may be what OpenFGA refuses.
-        e.client.check(&e.store_id, &request).await?;
+        ask(own_tuples.to_vec()).await?;
         let mut refused = Vec::new();
-        let mut groups = vec![added.clone()];
+        let mut groups = vec![added.to_vec()];
         while let Some(group) = groups.pop() {
-            let mut probe = request.clone();
-            probe.contextual_tuples.extend(group.iter().cloned());
-            match e.client.check(&e.store_id, &probe).await {
+            let probe = own_tuples.iter().chain(&group).cloned().collect();
+            match ask(probe).await {
                 Ok(_) => {}
                 Err(err) if err.is_invalid_input() && group.len() == 1 => {
                     refused.extend(group.into_iter().map(|t| (t, err.to_string())));
@@ -634,31 +696,25 @@ impl WriteBehind {
                 Err(err) => return Err(err),
             }
         }
-        let ty = request.object.split_once(':').map_or("", |(t, _)| t);
         // Judged by the model OpenFGA answers with: the one the request
         // names (a caller's pin, or the handle's when it was prepared).
         let own = self.inner.model();
-        let pinned = self
-            .pinned_elsewhere(request.authorization_model_id.as_deref(), own.as_deref())
-            .await?;
+        let pinned = self.pinned_elsewhere(model_id, own.as_deref()).await?;
         let model = pinned.as_deref().or(own.as_deref());
         for (t, reason) in &refused {
-            tracing::warn!(tuple = %t, %reason, "OpenFGA refuses a pending grant as a contextual tuple; checks go on without it until it is dead-lettered");
+            tracing::warn!(tuple = %t, %reason, "OpenFGA refuses a pending grant as a contextual tuple; requests go on without it until it is dead-lettered");
             let rel = crate::model::rel_name(t.object_type(), &t.relation);
-            let denies = model.is_none_or(|m| m.may_deny(ty, &request.relation, &rel));
-            if denies {
+            if model.is_none_or(|m| m.may_deny(object_type, relation, &rel)) {
                 return Err(Error::new(Kind::PendingGrantRefused {
                     tuple: t.to_string(),
                     reason: reason.clone(),
                 }));
             }
         }
-        request.contextual_tuples.extend(
-            added
-                .into_iter()
-                .filter(|t| !refused.iter().any(|(r, _)| r == t)),
-        );
-        e.client.check(&e.store_id, &request).await
+        let kept = added
+            .iter()
+            .filter(|t| !refused.iter().any(|(r, _)| r == *t));
+        ask(own_tuples.iter().chain(kept).cloned().collect()).await
     }
 
     /// Whether a request must bypass OpenFGA's caches (and read replica):
