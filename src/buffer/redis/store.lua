@@ -409,6 +409,9 @@ end
 
 -- Entries read in this call, with their writes collected in `hashes`.
 local cache = {}
+-- Keys whose unreadable entry `admit` took out of the indexes in this call:
+-- their removals are collected, so nothing may add them back directly.
+local repaired = {}
 
 -- Puts key `k`'s raw entry `v` (false: none) in the cache; returns 1 if it
 -- cannot be read, else 0.
@@ -418,6 +421,7 @@ local function admit(k, v)
   if not v or e then return 0 end
   -- Unreadable: treated as absent; whatever replaces it overwrites it.
   -- The indexes it is found in say what it was counted as.
+  repaired[k] = true
   hset(P .. ':ops', k, false)
   local rel = rel_of(k)
   for _, kind in ipairs({ 'g', 'r' }) do
@@ -664,6 +668,9 @@ if cmd == 'push' then
   -- goes the general way, so its second op sees its first.
   local once = {}
   for _, key in ipairs(keys) do once[key] = once[key] == nil end
+  -- A key just repaired goes the general way: the removals admit
+  -- collected would undo a member added straight out.
+  for key, _ in pairs(repaired) do once[key] = false end
   local adds = {}
   local function add(z, score, member)
     local a = slot(adds, z)
