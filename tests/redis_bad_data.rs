@@ -241,10 +241,14 @@ async fn garbage_pending_entry() {
     // anything met it: the push repairs the entry and queues the new op.
     // (Its ready member was added straight out, then taken out again by
     // the repair's collected removals: pending for good, never written.)
-    wb.grant("user:carol", "viewer", "document:3").await.unwrap();
+    wb.grant("user:carol", "viewer", "document:3")
+        .await
+        .unwrap();
     let k3 = "document:3#viewer@user:carol";
     let _: i64 = cmd(&mut c, &["HSET", &format!("{p}:ops"), k3, "\u{0}garbage"]).await;
-    wb.grant("user:carol", "viewer", "document:3").await.unwrap();
+    wb.grant("user:carol", "viewer", "document:3")
+        .await
+        .unwrap();
     let r = wb.flush().await.unwrap();
     assert_eq!((r.applied, &r.error), (1, &None), "{r:?}");
     assert!(stored(&s).await.contains(&k3.to_owned()));

@@ -523,6 +523,31 @@ async fn taken_by_a_lapsed_writer(
     (b, a, seq)
 }
 
+/// A reclaim whose call fails part way (here the take that runs it meets
+/// a key of another type) leaves the lapsed writer's op to the next
+/// reclaim: Redis keeps what a failed script wrote, and the reclaim had
+/// already dropped the writer's lease and set while the op's move back to
+/// ready was lost with the call, so the op stayed taken for good.
+#[tokio::test]
+async fn a_failed_reclaim_leaves_the_lapsed_writers_op_to_the_next() {
+    let s = new_store("redis-failed-reclaim").await;
+    let b = manual_handle(&s).await;
+    b.grant("user:anne", "viewer", "document:reclaim")
+        .await
+        .unwrap();
+    // Nothing else may reclaim meanwhile (dropped, it writes nothing).
+    drop(b);
+    let mut a = LateWriter::new(&s, "app:lapsed").await;
+    let key = "document:reclaim#viewer@user:anne";
+    assert!(a.take_at(now_ms() - 60_000, 1).await.contains_key(key));
+    let _: i64 = a.on_key("HSET", "ready:g", &["not", "a zset"]).await;
+    let mut next = LateWriter::new(&s, "app:next").await;
+    assert!(next.try_take_at(now_ms(), 60_000).await.is_err());
+    let _: i64 = a.on_key("DEL", "ready:g", &[]).await;
+    let taken = next.take_at(now_ms(), 60_000).await;
+    assert!(taken.contains_key(key), "{taken:?}");
+}
+
 /// A writer's finish sent in a term that has ended (its lease ended, what
 /// it held was handed back, and it took the same op again in a new term)
 /// ends nothing it now holds: that is the new term's write.

@@ -584,14 +584,20 @@ local function reclaim(now)
         end
       end
     end
+    local ran = {}
     for _, id in ipairs(rcall('SMEMBERS', P .. ':wj:' .. w)) do
       if rcall('HGET', P .. ':jobrun', id) == w then
-        rcall('HDEL', P .. ':jobrun', id)
+        ran[#ran + 1] = id
         if rcall('HEXISTS', P .. ':jobs', id) == 1 then
           zset(P .. ':jobq', id, now)
         end
       end
     end
+    -- Its ops and jobs back first: a call that fails after this point
+    -- leaves the writer to the next reclaim, never its holdings with no
+    -- lease or set that would bring them back.
+    apply_writes()
+    for _, id in ipairs(ran) do rcall('HDEL', P .. ':jobrun', id) end
     -- Its finish answers go too: a repeat from it now belongs to an
     -- earlier term once it renews, and until then finds nothing of its own.
     rcall('DEL', P .. ':w:' .. w, P .. ':wj:' .. w, P .. ':fin:' .. w)
@@ -838,9 +844,35 @@ if cmd == 'take' then
     end
     seen[key] = true
   end
-  apply_writes()
+  -- Before the entries: ops taken but in no writer's set would never be
+  -- reclaimed if this call failed between the two (a stray member is
+  -- harmless: reclaim looks at an entry's own writer).
   in_parts(rcall, 'SADD', P .. ':w:' .. writer, taken, n)
+  apply_writes()
   return out
+end
+
+-- Stores job `id` holding the `h` ops listed (of the `n` the caller sent,
+-- with its JSON `template`) and queues it.
+local function store_job(id, n, h, template, store, model, now, hkeys, hseqs, hops, hconds)
+  local json, claims
+  if h == n and template and ssub(template, 1, 8) == '{"id":0,' then
+    json = '{"id":' .. id .. ',' .. ssub(template, 9)
+    claims = table.concat(ARGV, '\n', 8, 7 + 2 * n)
+  else
+    local ops, pairs_ = {}, {}
+    for i = 1, h do
+      ops[i] = { key = hkeys[i], op = hops[i], seq = tonumber(hseqs[i]), cond = hconds[i] }
+      pairs_[2 * i - 1], pairs_[2 * i] = hkeys[i], hseqs[i]
+    end
+    json = cjson.encode({
+      id = id, store_id = store, model_id = model, attempt = 0, ops = ops, created = now })
+    claims = table.concat(pairs_, '\n')
+  end
+  rcall('HSET', P .. ':jobs', id, json)
+  rcall('HSET', P .. ':jobc', id, claims)
+  in_parts(rcall, 'SADD', P .. ':jk:' .. id, hkeys, h)
+  rcall('ZADD', P .. ':jobq', now, id)
 end
 
 -- enqueue pub now writer store model n (key seq)*n template -> job id (0: nothing held)
@@ -896,32 +928,21 @@ if cmd == 'enqueue' then
     end
   end
   if superseded > 0 then incr(P .. ':stats', 'coalesced', superseded) end
+  -- The job before its ops' entries: a call that fails between the two
+  -- leaves a job whose ops it does not hold (its worker finds them stale),
+  -- never ops held by a job that does not exist.
+  if h > 0 then
+    store_job(id, n, h, template, store, model, now, hkeys, hseqs, hops, hconds)
+  end
   apply_writes()
   -- The newer ops are ready now; the processes that pushed them take them.
   if superseded > 0 then publish('finished') end
   in_parts(rcall, 'SREM', P .. ':w:' .. writer, keys, #keys)
   if h == 0 then return 0 end
-  local json, claims
-  if h == n and template and ssub(template, 1, 8) == '{"id":0,' then
-    json = '{"id":' .. id .. ',' .. ssub(template, 9)
-    claims = table.concat(ARGV, '\n', 8, 7 + 2 * n)
-  else
-    local ops, pairs_ = {}, {}
-    for i = 1, h do
-      ops[i] = { key = hkeys[i], op = hops[i], seq = tonumber(hseqs[i]), cond = hconds[i] }
-      pairs_[2 * i - 1], pairs_[2 * i] = hkeys[i], hseqs[i]
-    end
-    json = cjson.encode({
-      id = id, store_id = store, model_id = model, attempt = 0, ops = ops, created = now })
-    claims = table.concat(pairs_, '\n')
-  end
-  rcall('HSET', P .. ':jobs', id, json)
-  rcall('HSET', P .. ':jobc', id, claims)
-  in_parts(rcall, 'SADD', P .. ':jk:' .. id, hkeys, h)
-  rcall('ZADD', P .. ':jobq', now, id)
   publish('jobs')
   return id
 end
+
 
 -- A job that cannot be read: set aside (P:badjobs), and the ops it held are
 -- pending again, so nothing is lost with it.
@@ -1368,7 +1389,7 @@ if cmd == 'release' then
 end
 
 -- relevant pub limit object user nrels (rel scope)*
---   -> {revokes, grants, written ago (ms, -1: none), (key, cond)*}
+--   -> {revokes, grants, written ago (ms, -1: none), dead revokes, (key, cond)*}
 -- scope 0: ops on every object count; 1: only ops on `object`; 2: only ops
 -- on `object` whose user can be `user` (itself, a wildcard, a userset). No
 -- list when there are revokes or more grants than limit. nrels = 0: every
@@ -1563,6 +1584,7 @@ if cmd == 'clear' then
   for id, _ in pairs(skipped) do pcall_('SADD', K_SKIPPED, id) end
   if next(skipped) then pcall_('PEXPIRE', K_SKIPPED, 600000) end
   local last = scan[1] == '0'
+  local gone = {}
   if last then
     -- Jobs that a step found running (P:clearskip) and that are not now.
     local again = {}
@@ -1592,10 +1614,7 @@ if cmd == 'clear' then
             end
           end
         end
-        rcall('HDEL', P .. ':jobs', id)
-        rcall('HDEL', P .. ':jobc', id)
-        rcall('ZREM', P .. ':jobq', id)
-        rcall('DEL', P .. ':jk:' .. id)
+        gone[#gone + 1] = id
       end
     end
   end
@@ -1606,11 +1625,18 @@ if cmd == 'clear' then
     incr(P .. ':gen', '*', 1)
   end
   apply_writes()
+  -- The jobs last: a call that fails before this leaves them with their
+  -- ops (a later clear ends both), never ops held by a job that is gone.
+  for _, id in ipairs(gone) do
+    rcall('HDEL', P .. ':jobs', id)
+    rcall('HDEL', P .. ':jobc', id)
+    rcall('ZREM', P .. ':jobq', id)
+    rcall('DEL', P .. ':jk:' .. id)
+  end
   if last or #cleared > 0 then publish('all') end
   return out
 end
 
--- pending pub now -> {pg, pr, t, oldest_since_ms or -1, j, reclaimed}
 -- usage pub cursor -> {next cursor, (category, keys, bytes)*}
 -- One step of a SCAN over the store's keys (at most 1000 looked at, so Redis
 -- is never blocked long): how many keys and bytes each category holds.
@@ -1660,7 +1686,7 @@ if cmd == 'replay' then
   local ids = letter_ids(6)
   local size = rcall('HLEN', K_OPS)
   local replayed, superseded, kept = 0, 0, 0
-  local out, rels = {}, {}
+  local out, rels, done = {}, {}, {}
   for i, id in ipairs(ids) do
     local d = letter(rcall('HGET', K_DEAD, id))
     if d and (not only_transient or d.transient == true) then
@@ -1683,17 +1709,23 @@ if cmd == 'replay' then
         replayed = replayed + 1
         local rel = rel_of(d.key)
         if rel then rels[rel] = true end
-        rcall('HDEL', K_DEAD, id)
-        rcall('HDEL', K_DEADKEY, d.key)
-        index_dead_revoke(d.key, false)
         tinsert(out, d.key)
         tinsert(out, d.cond)
+        tinsert(done, id)
       end
     end
   end
   if replayed > 0 then incr(P .. ':stats', 'acknowledged', replayed) end
   bump_gen(rels)
   apply_writes()
+  -- The letters of the replayed ops go once the ops are pending again: a
+  -- call that fails before this leaves the letters, never an op in neither.
+  for i, id in ipairs(done) do
+    local key = out[2 * i - 1]
+    rcall('HDEL', K_DEAD, id)
+    rcall('HDEL', K_DEADKEY, key)
+    index_dead_revoke(key, false)
+  end
   local res = { replayed, superseded, kept }
   for _, v in ipairs(out) do tinsert(res, v) end
   return res
@@ -1729,8 +1761,8 @@ if cmd == 'dlqdrop' then
   return out
 end
 
--- deadstate pub key* -> {superseded (0/1)}* for letters whose ids are in
--- the same order as their keys: used by listings.
+-- deadstate pub (key id)* -> {superseded (0/1)}*: whether each letter
+-- (its tuple's key and its id) is superseded; used by listings.
 if cmd == 'deadstate' then
   local out = {}
   for i = 3, #ARGV, 2 do
@@ -1785,6 +1817,7 @@ if cmd == 'sweep' then
   return { r[1], #keys + orphans }
 end
 
+-- pending pub now -> {pg, pr, t, oldest_since_ms or -1, j, reclaimed}
 if cmd == 'pending' then
   local now = tonumber(ARGV[3])
   local reclaimed = 0
