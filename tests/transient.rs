@@ -340,20 +340,42 @@ async fn auth_error_stops_flushing_until_a_manual_flush_or_shutdown_succeeds() {
 /// reading it (a burst of pinned checks was a burst of model reads).
 #[tokio::test]
 async fn checks_pinned_to_an_unread_model_read_it_once() {
-    const PINNED: &str = "01JPINNEDMODEL000000000000";
-    let server = mock_openfga().await;
     let mut model = support::documents_model();
     model["id"] = json!(PINNED);
+    let read = ResponseTemplate::new(200).set_body_json(json!({ "authorization_model": model }));
+    let (wb, server) = pinned_model_served_as(read, 1).await;
+    let answers = eight_pinned_checks(&wb).await;
+    assert!(answers.iter().all(|a| matches!(a, Ok(true))), "{answers:?}");
+    server.verify().await;
+}
+
+/// The same read failing: the checks waiting for it share its failure
+/// (each took its turn to read again, one timeout after another), and the
+/// next check reads again.
+#[tokio::test]
+async fn checks_pinned_to_a_model_that_fails_to_read_share_the_failure() {
+    let (wb, server) = pinned_model_served_as(fixture("model-not-found").response(), 2).await;
+    let answers = eight_pinned_checks(&wb).await;
+    assert!(answers.iter().all(Result::is_err), "{answers:?}");
+    assert!(eight_pinned_checks(&wb).await[0].is_err());
+    server.verify().await;
+}
+
+const PINNED: &str = "01JPINNEDMODEL000000000000";
+
+/// A manual handle on a wiremock OpenFGA whose checks answer `allowed` and
+/// which serves model `PINNED` as `read` (held 300 ms), expecting `reads`.
+async fn pinned_model_served_as(
+    read: ResponseTemplate,
+    reads: u64,
+) -> (WriteBehind, wiremock::MockServer) {
+    let server = mock_openfga().await;
     wiremock::Mock::given(wiremock::matchers::method("GET"))
         .and(wiremock::matchers::path(format!(
             "/stores/{STORE}/authorization-models/{PINNED}"
         )))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({ "authorization_model": model }))
-                .set_delay(Duration::from_millis(300)),
-        )
-        .expect(1)
+        .respond_with(read.set_delay(Duration::from_millis(300)))
+        .expect(reads)
         .mount(&server)
         .await;
     wiremock::Mock::given(wiremock::matchers::method("POST"))
@@ -361,12 +383,14 @@ async fn checks_pinned_to_an_unread_model_read_it_once() {
         .respond_with(fixture("check-allowed").response())
         .mount(&server)
         .await;
-    let wb = manual_handle(&server).await;
+    (manual_handle(&server).await, server)
+}
+
+/// Eight checks at once, pinned to `PINNED`.
+async fn eight_pinned_checks(wb: &WriteBehind) -> Vec<fga_wb::Result<bool>> {
     let mut req = fga_wb::openfga::CheckRequest::new("user:anne", "viewer", "document:1");
     req.authorization_model_id = Some(PINNED.into());
-    let answers = futures::future::join_all((0..8).map(|_| wb.check_request(&req))).await;
-    assert!(answers.iter().all(|a| matches!(a, Ok(true))), "{answers:?}");
-    server.verify().await;
+    futures::future::join_all((0..8).map(|_| wb.check_request(&req))).await
 }
 
 /// An outage (wiremock: every Write answers 503): the ops taken for the

@@ -40,7 +40,7 @@ struct Handle {
     /// Models that lists were pinned to by their callers, by id, analysed
     /// once (a model never changes under its id).
     /// Models callers pinned, each read once however many ask at a time.
-    pinned_models: Mutex<std::collections::HashMap<String, Arc<tokio::sync::OnceCell<Arc<Model>>>>>,
+    pinned_models: Mutex<std::collections::HashMap<String, PinnedRead>>,
     /// The Redis store, when the buffer is there (its queue, for status).
     redis: Option<Arc<crate::buffer::redis::RedisStore>>,
     validate_against_model: bool,
@@ -684,26 +684,43 @@ impl Handle {
     }
 
     /// The analysed model `id`, read from OpenFGA the first time; callers
-    /// asking for it meanwhile wait for that one read.
+    /// asking for it meanwhile share that one read, and its failure (a
+    /// failed read is forgotten, so the next caller reads again).
     async fn pinned_model(&self, id: &str) -> Result<Arc<Model>> {
-        let cell = {
+        let read = {
             let mut models = self.pinned_models.lock().unwrap_or_else(|p| p.into_inner());
             // A handful in practice; bounded all the same.
             if models.len() >= 16 && !models.contains_key(id) {
                 models.clear();
             }
-            models.entry(id.to_owned()).or_default().clone()
+            let e = &self.engine;
+            models
+                .entry(id.to_owned())
+                .or_insert_with(|| {
+                    let (client, store_id, id) =
+                        (e.client.clone(), e.store_id.clone(), id.to_owned());
+                    let read: futures::future::BoxFuture<'static, Result<Arc<Model>>> =
+                        Box::pin(async move {
+                            let found = client.read_authorization_model(&store_id, &id).await?;
+                            Ok(Arc::new(Model::new(&found)))
+                        });
+                    futures::FutureExt::shared(read)
+                })
+                .clone()
         };
-        let e = &self.engine;
-        let m = cell
-            .get_or_try_init(|| async {
-                let found = e.client.read_authorization_model(&e.store_id, id).await?;
-                Ok::<_, Error>(Arc::new(Model::new(&found)))
-            })
-            .await?;
-        Ok(m.clone())
+        let got = read.clone().await;
+        if got.is_err() {
+            let mut models = self.pinned_models.lock().unwrap_or_else(|p| p.into_inner());
+            if models.get(id).is_some_and(|r| r.ptr_eq(&read)) {
+                models.remove(id);
+            }
+        }
+        got
     }
 }
+
+/// A read of a pinned model, shared by the callers waiting for it.
+type PinnedRead = futures::future::Shared<futures::future::BoxFuture<'static, Result<Arc<Model>>>>;
 
 impl Drop for Handle {
     fn drop(&mut self) {
