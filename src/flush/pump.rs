@@ -88,6 +88,9 @@ pub(crate) struct Pump {
     pub(crate) last_error: Option<String>,
     /// Requests, ops applied and dead-lettered since the last record.
     pub(crate) unrecorded: FlushReport,
+    /// The current pause is long and OpenFGA's doing: staged ops go back
+    /// to pending meanwhile.
+    pub(crate) park_while_paused: bool,
     /// When the first request since the last record started: the wall
     /// time a record covers (its requests' reports carry none).
     pub(crate) busy_since: Option<Instant>,
@@ -134,6 +137,7 @@ impl Pump {
             last_error: None,
             unrecorded: FlushReport::default(),
             busy_since: None,
+            park_while_paused: false,
             shutdown: None,
         }
     }
@@ -648,6 +652,10 @@ impl Pump {
                     None => wait,
                 };
                 self.paused_until = Some(Instant::now() + wait);
+                // An outage of OpenFGA, not a blip (a single 429 pauses
+                // for 100 ms), nor Redis's own failure (giving back would
+                // wait on the Redis that just failed).
+                self.park_while_paused = wait >= PARK_AFTER && !err.is_redis();
             }
         }
         self.last_error = Some(msg.clone());
@@ -773,13 +781,15 @@ impl Pump {
     }
 
     /// With flushing stopped (refused credentials, unknown store) or paused
-    /// after a transient failure, and no explicit flush or shutdown
+    /// for long after OpenFGA failed (see `park_while_paused`), and no
+    /// explicit flush or shutdown
     /// waiting, ops staged for sending go back to pending, where status
     /// counts them and `clear` drops them, instead of waiting as in flight
     /// through the outage. The pump takes them again when it resumes.
     pub(crate) async fn park_if_idle(&mut self) {
         let holding = !self.staged.is_empty() || !self.carry.is_empty();
-        let idle = self.engine.stats.stopped().is_some() || self.paused();
+        let idle =
+            self.engine.stats.stopped().is_some() || (self.paused() && self.park_while_paused);
         if holding && idle && !self.explicit() {
             self.unstage().await;
             self.exhausted = None;
@@ -898,6 +908,9 @@ pub(crate) const WINDOW_CHUNKS: usize = 128;
 pub(crate) const TAKE_AHEAD_ROUNDS: usize = 2;
 /// Windows a partial group may be held back for within one flush.
 pub(crate) const MAX_CARRIES: u8 = 3;
+/// Pauses at least this long give staged ops back to pending (see
+/// `park_if_idle`): by then the backoff has grown past a blip's.
+pub(crate) const PARK_AFTER: Duration = Duration::from_secs(1);
 /// While requests run, the triggers are looked at this often at most.
 pub(crate) const PLAN_EVERY: Duration = Duration::from_millis(20);
 /// Longest a flush() waits for ops blocked behind other writers' writes.
