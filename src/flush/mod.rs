@@ -113,6 +113,9 @@ pub(crate) struct Engine {
     pub sleeping: AtomicBool,
     /// The pump waits with a timer set (the interval of the oldest op).
     pub timer_armed: AtomicBool,
+    /// An op arrived while the pump slept with a timer armed, and did not
+    /// wake it.
+    pub missed: AtomicBool,
     /// Wakes the pump.
     pub wake: Arc<Notify>,
     /// Another process finished writes (shared stores): ops that waited
@@ -159,6 +162,7 @@ impl Engine {
             parallel: Default::default(),
             sleeping: Default::default(),
             timer_armed: Default::default(),
+            missed: Default::default(),
             wake: Arc::new(Notify::new()),
             others_finished: Default::default(),
             retry_deadline: Default::default(),
@@ -308,20 +312,35 @@ impl Engine {
         }
         let due = (revoke && self.cfg.eager_revokes)
             || pending >= self.cfg.batch_size
-            || !self.timer_armed.load(Ordering::Relaxed);
-        if due && self.sleeping.swap(false, Ordering::AcqRel) {
+            || !self.timer_armed.load(Ordering::Acquire);
+        if !due {
+            // The timer may be the previous look's (see `looked`). Read
+            // first: callers granting flat out share this line.
+            if !self.missed.load(Ordering::Relaxed) {
+                self.missed.store(true, Ordering::Release);
+            }
+        } else if self.sleeping.swap(false, Ordering::AcqRel) {
             self.wake.notify_one();
         }
     }
 
     /// The pump is about to look at what is due (`idle`: with nothing in
     /// flight). Set before it looks, so an op acknowledged from here on
-    /// wakes it (Notify keeps the permit if it is not waiting yet): the
-    /// timer of the previous look no longer counts, as this look may find
-    /// nothing and arm none.
+    /// wakes it (Notify keeps the permit if it is not waiting yet).
     pub(crate) fn looking(&self, idle: bool) {
-        self.timer_armed.store(false, Ordering::Release);
+        self.missed.store(false, Ordering::Release);
         self.sleeping.store(idle, Ordering::Release);
+    }
+
+    /// The pump looked, and set a timer (`armed`) or none. An op that
+    /// arrived while it looked was not woken for if the previous look's
+    /// timer was armed; with none now, it would wait for the next op: wake
+    /// the pump to look again.
+    pub(crate) fn looked(&self, armed: bool) {
+        self.timer_armed.store(armed, Ordering::Release);
+        if !armed && self.missed.swap(false, Ordering::AcqRel) {
+            self.wake_now();
+        }
     }
 
     /// Wakes the pump now (a check waiting for a revoke, a caller waiting

@@ -22,9 +22,7 @@ pub(crate) async fn run(
     loop {
         pump.engine.looking(pump.running.is_empty());
         let due = pump.maybe_plan().await;
-        pump.engine
-            .timer_armed
-            .store(due.is_some(), Ordering::Release);
+        pump.engine.looked(due.is_some());
         pump.fill().await;
         if pump.carry.is_empty() {
             pump.carry_since = None;
