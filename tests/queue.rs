@@ -402,6 +402,18 @@ async fn a_refused_worker_shows_in_status_whatever_others_record() {
         || async { wb.status().await.unwrap().flushing_stopped.is_none() },
     )
     .await;
+    // Its note is gone with its lease: a process restarting in a loop
+    // would otherwise add one per run.
+    let mut c = support::redis_conn().await;
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(format!("fga-wb:{{{store_id}}}:stats"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(
+        !fields.iter().any(|f| f.starts_with("stopped")),
+        "{fields:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------

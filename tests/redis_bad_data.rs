@@ -823,14 +823,14 @@ async fn stop_worker(stop: tokio::sync::oneshot::Sender<()>, worker: Worker) {
 /// op the bad job held is pending again, so a later flush applies it.
 #[tokio::test]
 async fn undecodable_job_payload() {
-    job_set_aside("job", "{\"not\":\"a job\"}").await;
+    job_set_aside("job", |_, _| "{\"not\":\"a job\"}".into()).await;
 }
 
 /// The same for a job whose ops are not objects (the store script read
 /// them as if they were, and raised after taking the job off the queue).
 #[tokio::test]
 async fn job_whose_ops_are_not_objects() {
-    job_set_aside("job-ops", "{\"ops\":[1,null]}").await;
+    job_set_aside("job-ops", |_, _| "{\"ops\":[1,null]}".into()).await;
 }
 
 /// The same for jobs that look like fga-wb's to the store script (their
@@ -840,13 +840,22 @@ async fn job_whose_ops_are_not_objects() {
 /// job: the job stayed running, its op held for good.
 #[tokio::test]
 async fn jobs_the_script_reads_but_the_worker_cannot() {
-    job_set_aside("job-strid", "{\"id\":\"{id}\",\"ops\":7}").await;
-    job_set_aside("job-notjson", "{\"id\":{id},\"ops\":[").await;
+    job_set_aside("job-strid", |_, id| {
+        format!("{{\"id\":\"{id}\",\"ops\":7}}")
+    })
+    .await;
+    job_set_aside("job-notjson", |_, id| format!("{{\"id\":{id},\"ops\":[")).await;
+    // A whole job stored under another id (copied, restored): it was run,
+    // and finished under the id in its JSON, which ended nothing.
+    job_set_aside("job-otherid", |json, id| {
+        json.replacen(&format!("{{\"id\":{id},"), "{\"id\":999999,", 1)
+    })
+    .await;
 }
 
-/// Queues a job, replaces its payload with `payload` (`{id}`: the job's
-/// id), and checks the worker sets it aside with its op pending again.
-async fn job_set_aside(name: &str, payload: &str) {
+/// Queues a job, replaces its payload with `payload(stored, id)`, and
+/// checks the worker sets it aside with its op pending again.
+async fn job_set_aside(name: &str, payload: impl Fn(&str, &str) -> String) {
     let (logs, _guard) = Logs::start();
     let s = new_store(&format!("bad-{name}")).await;
     let pre = prefix(name);
@@ -865,7 +874,9 @@ async fn job_set_aside(name: &str, payload: &str) {
     let ids: Vec<String> = cmd(&mut c, &["HKEYS", &format!("{p}:jobs")]).await;
     assert_eq!(ids.len(), 1);
     let bad = ids[0].clone();
-    let payload = payload.replace("{id}", &bad);
+    let queued: String = cmd(&mut c, &["HGET", &format!("{p}:jobs"), &bad]).await;
+    let payload = payload(&queued, &bad);
+    assert_ne!(payload, queued);
     let _: i64 = cmd(&mut c, &["HSET", &format!("{p}:jobs"), &bad, &payload]).await;
     // Job 2: good.
     for i in 0..3 {

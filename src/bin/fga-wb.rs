@@ -541,7 +541,13 @@ async fn wait_until_applied(
                 bar.finish();
                 return Ok(queued);
             }
-            if let Some(why) = &status.flushing_stopped {
+            // In queue mode a worker's stop is final for the wait; inline,
+            // this process writes, and its own flush says if it cannot.
+            if let Some(why) = status
+                .flushing_stopped
+                .as_ref()
+                .filter(|_| status.queue.is_some())
+            {
                 bar.abandon();
                 return Err(Failure {
                     code: 1,

@@ -165,7 +165,9 @@ impl Applier {
         done.extend(again.into_iter().map(|t| (t, Outcome::Keep)));
         done.extend(busy.into_iter().map(|t| (t, Outcome::Busy)));
         let finished = self.store.finish(done, Some(&end)).await?;
-        if finished.applied > 0 {
+        // OpenFGA took its credentials: an op written or refused for its
+        // input (all of a job's ops may be superseded or refused).
+        if !halted && finished.applied + finished.dead > 0 {
             self.engine.stats.set_stopped(None);
         }
         let report = crate::status::FlushReport {
@@ -235,7 +237,17 @@ fn jobs(store: Arc<RedisStore>, poll: Duration) -> JobStream {
             match store.fetch_jobs(1).await {
                 Ok((term, found)) => {
                     for FetchedJob { id, json, claims } in found {
-                        match decode(&json) {
+                        // A job is finished under the id its JSON says: one
+                        // stored under another (copied, restored) would
+                        // never end the run Redis holds it in.
+                        let decoded = decode(&json).and_then(|job| match job.id.to_string() == id {
+                            true => Ok(job),
+                            false => Err(Error::internal(format!(
+                                "a queued job stored as {id} says it is job {}",
+                                job.id
+                            ))),
+                        });
+                        match decoded {
                             Ok(job) => {
                                 let task = TaskBuilder::new((job, claims, term)).build();
                                 return Some((Ok(Some(task)), (store, events)));

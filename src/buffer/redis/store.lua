@@ -604,6 +604,9 @@ local function reclaim(now)
     rcall('ZREM', P .. ':owners', w)
     -- Its term too: whatever it renews with next is a new one.
     rcall('HDEL', P .. ':terms', w)
+    -- And its note that its flushing is stopped (see record_work): a
+    -- process restarting in a loop would add one per run.
+    pcall_('HDEL', P .. ':stats', 'stopped:' .. w)
     -- Its last heartbeat stays (see confirmed); pruned by heartbeats later.
   end
   if folded > 0 then incr(P .. ':stats', 'coalesced', folded) end
