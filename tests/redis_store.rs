@@ -236,6 +236,15 @@ impl LateWriter {
     /// Fetches due jobs at `now` with a lease of `lease_ms`, as a worker:
     /// each job's id and its ops' keys and seqs.
     async fn fetch_at(&mut self, now: u64, lease_ms: u64) -> Vec<(String, Vec<(String, String)>)> {
+        self.try_fetch_at(now, lease_ms).await.unwrap()
+    }
+
+    /// `fetch_at`, with Redis's error if the call fails.
+    async fn try_fetch_at(
+        &mut self,
+        now: u64,
+        lease_ms: u64,
+    ) -> redis::RedisResult<Vec<(String, Vec<(String, String)>)>> {
         let out: Vec<String> = self
             .script
             .key(&self.prefix)
@@ -245,10 +254,9 @@ impl LateWriter {
             .arg(lease_ms)
             .arg(10)
             .invoke_async(&mut self.conn)
-            .await
-            .unwrap();
+            .await?;
         self.term = out[1].clone();
-        out[2..]
+        Ok(out[2..]
             .chunks(3)
             .map(|c| {
                 let job: serde_json::Value = serde_json::from_str(&c[1]).unwrap();
@@ -257,7 +265,7 @@ impl LateWriter {
                     ops.map(|o| (o["key"].as_str().unwrap().to_owned(), o["seq"].to_string()));
                 (job["id"].to_string(), ops.collect())
             })
-            .collect()
+            .collect())
     }
 
     /// Finishes its write of `key` (op `seq`) with `outcome` ("a" applied,
@@ -548,6 +556,36 @@ async fn a_failed_reclaim_leaves_the_lapsed_writers_op_to_the_next() {
     assert!(taken.contains_key(key), "{taken:?}");
 }
 
+/// A manual queue-mode handle on `s` that queued one job: anne's grant as
+/// viewer of `object`.
+async fn one_queued_job(s: &TestStore, object: &str) -> WriteBehind {
+    let mut c = redis_config(s);
+    c.flush.mode = fga_wb::config::Mode::Queue;
+    let app = WriteBehind::builder(c)
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    app.grant("user:anne", "viewer", object).await.unwrap();
+    assert_eq!(app.flush().await.unwrap().queued, 1);
+    app
+}
+
+/// A fetch whose call fails part way (here the worker's set of jobs holds
+/// another type) leaves the job queued: it was taken off the queue first,
+/// and left running under a worker whose set did not list it, so no
+/// reclaim would ever queue it again.
+#[tokio::test]
+async fn a_failed_fetch_leaves_the_job_queued() {
+    let s = new_store("redis-failed-fetch").await;
+    let _app = one_queued_job(&s, "document:fetch").await;
+    let mut w = LateWriter::new(&s, "worker:broken").await;
+    let _: () = w.on_key("SET", "wj:worker:broken", &["not a set"]).await;
+    assert!(w.try_fetch_at(now_ms(), 60_000).await.is_err());
+    let _: i64 = w.on_key("DEL", "wj:worker:broken", &[]).await;
+    assert_eq!(w.fetch_at(now_ms(), 60_000).await.len(), 1, "the job");
+}
+
 /// A writer's finish sent in a term that has ended (its lease ended, what
 /// it held was handed back, and it took the same op again in a new term)
 /// ends nothing it now holds: that is the new term's write.
@@ -640,17 +678,7 @@ async fn a_failed_renewal_leaves_no_lease_with_an_old_term() {
 #[tokio::test]
 async fn a_late_workers_finish_leaves_a_job_another_worker_runs() {
     let s = new_store("redis-late-worker").await;
-    let mut c = redis_config(&s);
-    c.flush.mode = fga_wb::config::Mode::Queue;
-    let app = WriteBehind::builder(c)
-        .automatic_flush(false)
-        .build()
-        .await
-        .unwrap();
-    app.grant("user:anne", "viewer", "document:job")
-        .await
-        .unwrap();
-    assert_eq!(app.flush().await.unwrap().queued, 1);
+    let _app = one_queued_job(&s, "document:job").await;
 
     let mut a = LateWriter::new(&s, "worker:paused").await;
     let now = now_ms();

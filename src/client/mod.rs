@@ -699,10 +699,19 @@ impl Handle {
                 .or_insert_with(|| {
                     let (client, store_id, id) =
                         (e.client.clone(), e.store_id.clone(), id.to_owned());
+                    // A task of its own: it goes on if every waiter gives
+                    // up, and a panic in it is an error, forgotten as one.
+                    let task = tokio::spawn(async move {
+                        let found = client.read_authorization_model(&store_id, &id).await?;
+                        Ok(Arc::new(Model::new(&found)))
+                    });
                     let read: futures::future::BoxFuture<'static, Result<Arc<Model>>> =
                         Box::pin(async move {
-                            let found = client.read_authorization_model(&store_id, &id).await?;
-                            Ok(Arc::new(Model::new(&found)))
+                            task.await.unwrap_or_else(|e| {
+                                Err(Error::internal(format!(
+                                    "reading a pinned model failed: {e}"
+                                )))
+                            })
                         });
                     futures::FutureExt::shared(read)
                 })

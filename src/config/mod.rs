@@ -406,7 +406,8 @@ impl Default for RedisConfig {
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct QueueConfig {
-    /// The apalis queue's name.
+    /// Not used: jobs live in fga-wb's own Redis keys. Kept so that
+    /// configuration files naming it still load.
     pub name: String,
     /// Waits before each retry of a failed job; after the last, the job's ops
     /// are dead-lettered.
@@ -424,8 +425,10 @@ pub struct QueueConfig {
     /// How often an idle worker looks for jobs.
     #[serde(with = "duration")]
     pub poll_interval: Duration,
-    /// How often a worker reports it is alive. A worker silent for three of
-    /// these is presumed dead, and its running jobs run again elsewhere.
+    /// Not used: a worker renews its lease every third of
+    /// `redis.writer_lease`, and one whose lease ends is presumed dead (its
+    /// running jobs run again elsewhere). Kept so that configuration files
+    /// naming it still load.
     #[serde(with = "duration")]
     pub heartbeat: Duration,
     /// How often workers look for dead letters that died of a transient

@@ -307,19 +307,20 @@ impl Engine {
     /// pump spin, and a busy pump is never woken (its running requests
     /// bring it back).
     pub(crate) fn nudge(&self, revoke: bool, pending: usize) {
-        if !self.sleeping.load(Ordering::Relaxed) {
+        if !self.sleeping.load(Ordering::Acquire) {
             return;
         }
-        let due = (revoke && self.cfg.eager_revokes)
-            || pending >= self.cfg.batch_size
-            || !self.timer_armed.load(Ordering::Acquire);
-        if !due {
-            // The timer may be the previous look's (see `looked`). Read
-            // first: callers granting flat out share this line.
-            if !self.missed.load(Ordering::Relaxed) {
-                self.missed.store(true, Ordering::Release);
-            }
-        } else if self.sleeping.swap(false, Ordering::AcqRel) {
+        let due = (revoke && self.cfg.eager_revokes) || pending >= self.cfg.batch_size || {
+            // Due unless a timer is armed; but the timer may be the
+            // previous look's (see `looked`). The op is noted first, then
+            // the timer read, while `looked` writes the timer, then reads
+            // the note: one of the two sees the other's write, so the op
+            // is woken for here or there.
+            self.missed.store(true, Ordering::SeqCst);
+            std::sync::atomic::fence(Ordering::SeqCst);
+            !self.timer_armed.load(Ordering::SeqCst)
+        };
+        if due && self.sleeping.swap(false, Ordering::AcqRel) {
             self.wake.notify_one();
         }
     }
@@ -328,7 +329,7 @@ impl Engine {
     /// flight). Set before it looks, so an op acknowledged from here on
     /// wakes it (Notify keeps the permit if it is not waiting yet).
     pub(crate) fn looking(&self, idle: bool) {
-        self.missed.store(false, Ordering::Release);
+        self.missed.store(false, Ordering::SeqCst);
         self.sleeping.store(idle, Ordering::Release);
     }
 
@@ -337,8 +338,9 @@ impl Engine {
     /// timer was armed; with none now, it would wait for the next op: wake
     /// the pump to look again.
     pub(crate) fn looked(&self, armed: bool) {
-        self.timer_armed.store(armed, Ordering::Release);
-        if !armed && self.missed.swap(false, Ordering::AcqRel) {
+        self.timer_armed.store(armed, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if !armed && self.missed.swap(false, Ordering::SeqCst) {
             self.wake_now();
         }
     }

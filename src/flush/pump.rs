@@ -655,7 +655,8 @@ impl Pump {
                 // An outage of OpenFGA, not a blip (a single 429 pauses
                 // for 100 ms), nor Redis's own failure (giving back would
                 // wait on the Redis that just failed).
-                self.park_while_paused = wait >= PARK_AFTER && !err.is_redis();
+                let long = PARK_AFTER.min(e.cfg.retry_max_backoff);
+                self.park_while_paused = wait >= long && !err.is_redis();
             }
         }
         self.last_error = Some(msg.clone());
@@ -908,8 +909,9 @@ pub(crate) const WINDOW_CHUNKS: usize = 128;
 pub(crate) const TAKE_AHEAD_ROUNDS: usize = 2;
 /// Windows a partial group may be held back for within one flush.
 pub(crate) const MAX_CARRIES: u8 = 3;
-/// Pauses at least this long give staged ops back to pending (see
-/// `park_if_idle`): by then the backoff has grown past a blip's.
+/// Pauses at least this long (or `flush.retry_max_backoff` when shorter)
+/// give staged ops back to pending (see `park_if_idle`): by then the
+/// backoff has grown past a blip's.
 pub(crate) const PARK_AFTER: Duration = Duration::from_secs(1);
 /// While requests run, the triggers are looked at this often at most.
 pub(crate) const PLAN_EVERY: Duration = Duration::from_millis(20);

@@ -165,9 +165,9 @@ impl Applier {
         done.extend(again.into_iter().map(|t| (t, Outcome::Keep)));
         done.extend(busy.into_iter().map(|t| (t, Outcome::Busy)));
         let finished = self.store.finish(done, Some(&end)).await?;
-        // OpenFGA took its credentials: an op written or refused for its
-        // input (all of a job's ops may be superseded or refused).
-        if !halted && finished.applied + finished.dead > 0 {
+        // OpenFGA answered every request it was sent, so it took the
+        // credentials (all of a job's ops may be superseded or refused).
+        if result.requests > 0 && result.stop.is_none() {
             self.engine.stats.set_stopped(None);
         }
         let report = crate::status::FlushReport {

@@ -932,7 +932,8 @@ if cmd == 'enqueue' then
   end
   if superseded > 0 then incr(P .. ':stats', 'coalesced', superseded) end
   -- The job before its ops' entries: a call that fails between the two
-  -- leaves a job whose ops it does not hold (its worker finds them stale),
+  -- leaves a job whose ops it does not hold (its worker finds them busy
+  -- until this writer gives them back or its lease ends, then stale),
   -- never ops held by a job that does not exist.
   if h > 0 then
     store_job(id, n, h, template, store, model, now, hkeys, hseqs, hops, hconds)
@@ -1014,7 +1015,6 @@ if cmd == 'fetch' then
   apply_writes()
   local out, back = { 0, term }, 0
   for _, id in ipairs(rcall('ZRANGEBYSCORE', P .. ':jobq', '-inf', now, 'LIMIT', 0, max)) do
-    rcall('ZREM', P .. ':jobq', id)
     local job = rcall('HGET', P .. ':jobs', id)
     -- The job's keys and seqs as enqueue listed them, for a job that still
     -- looks like one enqueue stored; any other (rewritten for a retry,
@@ -1033,7 +1033,7 @@ if cmd == 'fetch' then
       if ok and type(decoded) == 'table' and type(decoded.ops) == 'table' then
         for i, o in ipairs(decoded.ops) do
           -- An op that is not an object: the job cannot be read (o.key
-          -- would raise, after the ZREM above).
+          -- would raise).
           if type(o) ~= 'table' then
             keys = nil
             break
@@ -1046,8 +1046,12 @@ if cmd == 'fetch' then
       end
     end
     if job and keys then
-      rcall('HSET', P .. ':jobrun', id, worker)
+      -- Off the queue last: a call that fails before leaves the job queued
+      -- (a stray member of the worker's set is harmless: reclaim looks at
+      -- P:jobrun), never in neither place.
       rcall('SADD', P .. ':wj:' .. worker, id)
+      rcall('HSET', P .. ':jobrun', id, worker)
+      rcall('ZREM', P .. ':jobq', id)
       -- The id as stored: a job the worker cannot decode is set aside by
       -- it, whatever its JSON says.
       tinsert(out, id)
@@ -1056,8 +1060,12 @@ if cmd == 'fetch' then
     elseif job then
       back = back + drop_bad_job(id, job, now)
       out[1] = out[1] + 1
+    else
+      rcall('ZREM', P .. ':jobq', id)
     end
   end
+  -- Repairs admit collected while claiming.
+  apply_writes()
   -- Their ops are ready again: flushers take them.
   if back > 0 then publish('finished') end
   return out
@@ -1220,9 +1228,10 @@ if cmd == 'finish' then
     rcall('HSET', P .. ':jobs', job, jobjson)
     -- Its ops may be fewer now: fetch decodes the new JSON.
     rcall('HDEL', P .. ':jobc', job)
+    -- Queued before it stops running: never in neither place.
+    rcall('ZADD', P .. ':jobq', due, job)
     rcall('HDEL', P .. ':jobrun', job)
     rcall('SREM', P .. ':wj:' .. writer, job)
-    rcall('ZADD', P .. ':jobq', due, job)
   end
   if #written > 0 then
     note_written(written)
@@ -1690,8 +1699,10 @@ if cmd == 'replay' then
   local size = rcall('HLEN', K_OPS)
   local replayed, superseded, kept = 0, 0, 0
   local out, rels, done = {}, {}, {}
+  local handled = {}
   for i, id in ipairs(ids) do
-    local d = letter(rcall('HGET', K_DEAD, id))
+    local d = not handled[id] and letter(rcall('HGET', K_DEAD, id))
+    handled[id] = true
     if d and (not only_transient or d.transient == true) then
       load({ d.key })
       local latest = rcall('HGET', K_DEADKEY, d.key)
