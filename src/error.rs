@@ -95,8 +95,9 @@ pub(crate) enum Kind {
     },
     /// Another writer holds the tuples; try again shortly.
     Busy(String),
-    /// Too many pending grants are relevant to a check to send them all as
-    /// contextual tuples; the caller should flush first.
+    /// Too many pending grants are relevant to a check or list to send them
+    /// all as contextual tuples (or to a read to merge); the caller should
+    /// flush first.
     TooManyContextualTuples { count: usize, limit: usize },
     /// The caller passed something that is not a tuple but is still wrong.
     InvalidArgument(String),
@@ -408,7 +409,7 @@ impl fmt::Display for Error {
             Kind::Busy(what) => write!(f, "{what}; retrying shortly"),
             Kind::TooManyContextualTuples { count, limit } => write!(
                 f,
-                "{count} pending grants are relevant to this check but OpenFGA takes at most {limit} contextual tuples; flush first"
+                "at least {count} pending grants are relevant to this request, more than the {limit} it can carry; flush first (in queue mode, wait for the workers: `fga-wb flush --wait`)"
             ),
             Kind::InvalidArgument(msg) => write!(f, "invalid argument: {msg}"),
             Kind::Internal(msg) => write!(

@@ -416,6 +416,28 @@ async fn a_refused_worker_shows_in_status_whatever_others_record() {
     );
 }
 
+/// More than 100 pending grants a list depends on, held by queued jobs no
+/// worker runs yet: the flush the list makes first cannot write them, and
+/// the error says to wait for the workers (it said "flush first", which
+/// had just been done, with the count and limit of a check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_grants_held_by_queued_jobs_say_to_wait_for_the_workers() {
+    let s = new_store("queue-too-many").await;
+    let wb = app(queue_mode(config_for(&s), &[1])).await;
+    for i in 0..101 {
+        wb.grant(&format!("user:u{i}"), "viewer", "document:1")
+            .await
+            .unwrap();
+    }
+    let users = fga_wb::openfga::ListUsersRequest::new("document:1", "viewer", "user");
+    let e = wb.list_users(&users).await.unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("at least 101") && text.contains("flush --wait"),
+        "{text}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Retry schedule
 // ---------------------------------------------------------------------------

@@ -627,7 +627,7 @@ impl WriteBehind {
                 None => {
                     return Err(Error::new(Kind::TooManyContextualTuples {
                         count: room + 1,
-                        limit: MAX_CONTEXTUAL_TUPLES,
+                        limit: room,
                     }))
                 }
             }
