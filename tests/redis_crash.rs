@@ -415,6 +415,33 @@ fn signal(pid: u32, sig: &str) {
     assert!(ok, "kill {sig} {pid} failed");
 }
 
+/// Waits until no writer of the store under `prefix` holds a live lease.
+async fn lease_ended(redis: &support::RedisConn, prefix: &str) {
+    support::eventually(
+        "the stopped child's lease to end",
+        Duration::from_secs(30),
+        || {
+            let mut redis = redis.clone();
+            let owners = format!("{prefix}:owners");
+            async move {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis();
+                let live: u64 = redis::cmd("ZCOUNT")
+                    .arg(owners)
+                    .arg(format!("({now}"))
+                    .arg("+inf")
+                    .query_async(&mut redis)
+                    .await
+                    .unwrap();
+                live == 0
+            }
+        },
+    )
+    .await;
+}
+
 /// Stop (SIGSTOP) an application process at a moment it is writing, for
 /// longer than its writer lease (2 s here), so that what it was writing is
 /// handed on, and another process applies it; then the stopped process
@@ -446,7 +473,9 @@ async fn paused_application_resumes_and_counts_each_op_once() {
     // Stop it when it holds ops it is writing (taken, not yet finished) and
     // newer ops wait behind some of them: those are written by the other
     // process, and a stale write of the older op after it resumes would
-    // undo them. When a stop finds none, let it go on a little and try again.
+    // undo them. What it holds is read once its lease has ended: a finish
+    // it sent just before the stop may still land until then. When a stop
+    // finds none, let it go on a little and try again.
     let mut acked = 0;
     let mut stops = 0;
     let (mut holding, mut behind) = (0, 0);
@@ -461,6 +490,7 @@ async fn paused_application_resumes_and_counts_each_op_once() {
         }
         signal(pid, "-STOP");
         stops += 1;
+        lease_ended(&redis, &prefix).await;
         (holding, behind) = redis::pipe()
             .cmd("HGET")
             .arg(format!("{prefix}:counts"))
@@ -484,31 +514,8 @@ async fn paused_application_resumes_and_counts_each_op_once() {
         "stopped the child after {acked} acks ({stops} tries), writing {holding} ops, {behind} newer ops behind"
     );
 
-    // Once its lease has ended, another process takes what it held and
-    // applies it.
-    support::eventually(
-        "the stopped child's lease to end",
-        Duration::from_secs(30),
-        || {
-            let mut redis = redis.clone();
-            let owners = format!("{prefix}:owners");
-            async move {
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap()
-                    .as_millis();
-                let live: u64 = redis::cmd("ZCOUNT")
-                    .arg(owners)
-                    .arg(format!("({now}"))
-                    .arg("+inf")
-                    .query_async(&mut redis)
-                    .await
-                    .unwrap();
-                live == 0
-            }
-        },
-    )
-    .await;
+    // Its lease has ended: another process takes what it held and applies
+    // it.
     let wb = manual_handle(redis_config(&s, false)).await;
     let report = wb.flush().await.unwrap();
     let reclaimed: Option<u64> = redis::cmd("HGET")
