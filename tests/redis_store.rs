@@ -239,6 +239,25 @@ impl LateWriter {
         self.try_fetch_at(now, lease_ms).await.unwrap()
     }
 
+    /// A heartbeat at `now` from a writer that knows the store's epoch as
+    /// `known` and acknowledged ops up to `acked`: whether it recorded a
+    /// loss.
+    async fn heartbeat_at(&mut self, now: u64, known: &str, acked: u64) -> bool {
+        let out: Vec<redis::Value> = self
+            .script
+            .key(&self.prefix)
+            .arg(&["heartbeat", self.publish])
+            .arg(now)
+            .arg(&self.name)
+            .arg(60_000)
+            .arg(known)
+            .arg(acked)
+            .invoke_async(&mut self.conn)
+            .await
+            .unwrap();
+        out.get(4) == Some(&redis::Value::Int(1))
+    }
+
     /// `fetch_at`, with Redis's error if the call fails.
     async fn try_fetch_at(
         &mut self,
@@ -569,6 +588,23 @@ async fn one_queued_job(s: &TestStore, object: &str) -> WriteBehind {
     app.grant("user:anne", "viewer", object).await.unwrap();
     assert_eq!(app.flush().await.unwrap().queued, 1);
     app
+}
+
+/// A process that acknowledged ops before it learnt the store's epoch (its
+/// first heartbeat failed) still compares its counter: Redis below it lost
+/// them. The script compared only with a known epoch, and the process then
+/// took Redis's lower counter for its own.
+#[tokio::test]
+async fn a_heartbeat_without_an_epoch_still_finds_a_lost_counter() {
+    let s = new_store("redis-no-epoch").await;
+    let wb = manual_handle(&s).await;
+    wb.grant("user:anne", "viewer", "document:epoch")
+        .await
+        .unwrap();
+    let mut w = LateWriter::new(&s, "app:no-epoch").await;
+    assert!(!w.heartbeat_at(now_ms(), "", 1).await, "Redis has seq 1");
+    assert!(w.heartbeat_at(now_ms(), "", 5).await, "Redis lost 2 to 5");
+    drop(wb);
 }
 
 /// A fetch whose call fails part way (here the worker's set of jobs holds

@@ -384,6 +384,18 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn generation<'a>(&'a self, _rels: Option<&'a [RelName]>) -> BoxFuture<'a, Result<u64>> {
         Box::pin(futures::future::ready(Ok(0)))
     }
+    /// A mark that moves whenever the connection to a shared store dropped
+    /// or met another node (always 0 for a private store). A check reads
+    /// the store in several calls: one that began under a mark and ends
+    /// under another may have read a store that lost ops after its guard.
+    fn connection_mark(&self) -> u64 {
+        0
+    }
+    /// Fails (closed) when the connection changed since `mark` was taken
+    /// (see `connection_mark`), or is not yet known to be back.
+    fn still_connected(&self, _mark: u64) -> Result<()> {
+        Ok(())
+    }
     /// An open record of lost data (Redis lost acknowledged ops), for
     /// people; while one is open, checks fail closed.
     fn loss(&self) -> BoxFuture<'_, Result<Option<String>>> {

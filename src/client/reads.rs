@@ -263,6 +263,9 @@ impl WriteBehind {
         // worked out with a model the handle just left is cached under
         // that model's epoch (see CheckCache::set_model).
         let local = e.cache.generation(ty, &req.relation);
+        // Taken before the shared store's guard (in `generation`): the
+        // reads after it must come from the same connection's Redis.
+        let mark = e.store.connection_mark();
         let model = self.inner.model();
         // OpenFGA answers with a model the caller pinned, so the pending ops
         // are judged by it too, and the answer is not cached (the cache
@@ -303,6 +306,7 @@ impl WriteBehind {
                 .is_some_and(|m| m.direct_implies(ty, &req.relation) && m.validate(&probe).is_ok())
             && !req.contextual_tuples.iter().any(|c| same_key(c, &probe))
             && e.store.latest(&probe).await? == Some((Op::Grant, false))
+            && e.store.still_connected(mark).is_ok()
         {
             // A pending unconditional grant of this very tuple, on a relation
             // with no exclusion above its direct assignment: true whatever
@@ -314,6 +318,7 @@ impl WriteBehind {
         let (grants, written_ago) = self
             .pending_grants(deps, &req.object, &req.user, room, &req.contextual_tuples)
             .await?;
+        e.store.still_connected(mark)?;
         count!(e.stats, cache_misses, "fga_wb_cache_misses_total", 1);
         let mut request = req.clone();
         // The model the pending ops were judged by (the caller's pinned one,
@@ -460,10 +465,11 @@ impl WriteBehind {
         // A type or relation the model lacks may still have ops buffered
         // (without validation): every pending op counts then.
         let deps = deps.filter(|d| !d.is_empty());
-        self.guard_shared(deps.as_deref()).await?;
+        let mark = self.guard_shared(deps.as_deref()).await?;
         let (grants, _) = self
             .pending_grants(deps.as_deref(), object, user, READ_PENDING_MAX, &[])
             .await?;
+        e.store.still_connected(mark)?;
         let mut held = e.client.read_all(&e.store_id, filter).await?;
         for g in grants.into_iter().filter(|g| read_matches(filter, g)) {
             match held.iter_mut().find(|h| same_key(h, &g)) {
@@ -502,11 +508,12 @@ impl WriteBehind {
             Some(pinned) => deps_of(&pinned),
             None => model.as_deref().and_then(deps_of),
         };
-        self.guard_shared(deps.as_deref()).await?;
+        let mark = self.guard_shared(deps.as_deref()).await?;
         let room = MAX_CONTEXTUAL_TUPLES.saturating_sub(contextual.len());
         let (grants, written_ago) = self
             .pending_grants(deps.as_deref(), object, user, room, contextual)
             .await?;
+        self.inner.engine.store.still_connected(mark)?;
         if model_id.is_none() {
             *model_id = self.model_id_of(model.as_deref());
         }
@@ -537,14 +544,17 @@ impl WriteBehind {
     /// these `deps` depend on (restarted empty, a failover, a reconnect not
     /// yet confirmed by every process), as a check does: through reading
     /// their generations, which a check needs anyway and a list does not.
-    async fn guard_shared(&self, deps: Option<&[Dep]>) -> Result<()> {
+    /// Returns the connection's mark from before the guard, for the reads
+    /// after it (see `Store::connection_mark`).
+    async fn guard_shared(&self, deps: Option<&[Dep]>) -> Result<u64> {
         let e = &self.inner.engine;
+        let mark = e.store.connection_mark();
         if e.store.shared() {
             let rels: Option<Vec<crate::model::RelName>> =
                 deps.map(|d| d.iter().map(|d| d.rel.clone()).collect());
             e.store.generation(rels.as_deref()).await?;
         }
-        Ok(())
+        Ok(mark)
     }
 
     /// The id of `model` (a snapshot of the handle's), or the configured

@@ -124,9 +124,10 @@ impl Watch {
         self.wake.notify_one();
     }
 
-    /// Remembers the replication id a check met; true when it differs from
-    /// the last one (a failover or a restart behind a connection whose
-    /// drop may not have been noticed yet).
+    /// Remembers the replication id a check met; when it differs from the
+    /// last one (a failover or a restart behind a connection whose drop may
+    /// not have been noticed yet), counts as a dropped connection and
+    /// returns true.
     fn node_changed(&self, replid: &str) -> bool {
         let Ok(mut known) = self.replid.lock() else {
             return false;
@@ -136,6 +137,11 @@ impl Watch {
         }
         let changed = !known.is_empty();
         *known = replid.to_owned();
+        if changed {
+            // Under the lock: a check that meets the same new node next
+            // must find the reset done, not "unchanged" with the old one.
+            self.disconnected();
+        }
         changed
     }
 
@@ -148,7 +154,12 @@ impl Watch {
         let Ok(mut known) = self.epoch.lock() else {
             return;
         };
-        if *known != epoch || lost_now {
+        if known.is_empty() && !lost_now {
+            // The first epoch seen: pushes acknowledged before it (or while
+            // this heartbeat ran) count in it.
+            *known = epoch.to_owned();
+            self.acked.fetch_max(seq, Ordering::Relaxed);
+        } else if *known != epoch || lost_now {
             // A new epoch: what was acknowledged before is accounted for
             // (reported as lost, or by whoever moved the store on).
             *known = epoch.to_owned();
@@ -869,6 +880,22 @@ impl Store for RedisStore {
         })
     }
 
+    fn connection_mark(&self) -> u64 {
+        self.watch.resets.load(Ordering::Acquire)
+    }
+
+    fn still_connected(&self, mark: u64) -> Result<()> {
+        self.after_reconnect()?;
+        if self.watch.resets.load(Ordering::Acquire) != mark {
+            // Reset and already settled again within one check: rare, and
+            // this check's reads may straddle it.
+            return Err(Error::new(Kind::Reconnecting {
+                left: Duration::ZERO,
+            }));
+        }
+        Ok(())
+    }
+
     fn generation<'a>(&'a self, rels: Option<&'a [RelName]>) -> BoxFuture<'a, Result<u64>> {
         Box::pin(async move {
             if rels.is_some_and(<[RelName]>::is_empty) {
@@ -886,12 +913,9 @@ impl Store for RedisStore {
                     None => a.push(0),
                 };
                 let v = items(invoke(&self.conn, &self.gen_script, &self.prefix, &a).await?)?;
-                if self
-                    .watch
-                    .node_changed(&text(v.get(3).unwrap_or(&Value::Nil))?)
-                {
-                    self.watch.disconnected();
-                }
+                // A new node counts as a dropped connection (see node_changed).
+                self.watch
+                    .node_changed(&text(v.get(3).unwrap_or(&Value::Nil))?);
                 self.after_reconnect()?;
                 self.confirm_others().await?;
                 let epoch = text(v.first().unwrap_or(&Value::Nil))?;

@@ -1327,14 +1327,16 @@ if cmd == 'heartbeat' then
   local seq_text = rcall('GET', P .. ':seq') or '0'
   local seq = tonumber(seq_text) or 0
   local why
-  if known ~= '' then
+  -- A process that acknowledged ops before it knew the epoch (its first
+  -- heartbeat failed) still compares its counter.
+  if known ~= '' or acked > 0 then
     if not epoch then
       why = 'its keys are gone (a restart without its data, a FLUSHALL, or eviction); ' ..
         'this process had acknowledged ops up to sequence number ' .. acked
-    elseif epoch ~= known and rcall('HEXISTS', P .. ':epochs', known) == 0 then
+    elseif known ~= '' and epoch ~= known and rcall('HEXISTS', P .. ':epochs', known) == 0 then
       why = 'the store\'s epoch changed from ' .. known .. ' to ' .. epoch ..
         ' without a recorded loss (data restored from elsewhere, or a loss record that was itself lost)'
-    elseif epoch == known and seq < acked then
+    elseif (known == '' or epoch == known) and seq < acked then
       why = 'its sequence counter went back from ' .. acked .. ' to ' .. seq_text ..
         ' (a failover to a replica that had not received them, or a restart from an older snapshot)'
     end
@@ -1342,7 +1344,7 @@ if cmd == 'heartbeat' then
   local lost_now = 0
   if why then
     lost_now = 1
-    rcall('HSET', P .. ':epochs', known, ARGV[3])
+    if known ~= '' then rcall('HSET', P .. ':epochs', known, ARGV[3]) end
     if epoch then rcall('HSET', P .. ':epochs', epoch, ARGV[3]) end
     epoch = ARGV[3] .. '/' .. writer
     rcall('SET', P .. ':epoch', epoch)
