@@ -149,10 +149,13 @@ pub(crate) type OnDisconnect = Arc<dyn Fn() + Send + Sync>;
 /// Longest any one command may take, redirections and reconnects included.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A cluster client that follows redirections but never sends a command
-/// twice on its own: scripts are not idempotent, and a per-attempt response
-/// timeout would make redis-rs re-send one; only the overall time is capped.
-/// RESP3 carries the library's notice of a dropped connection.
+/// A cluster client that follows redirections, with no per-attempt
+/// response timeout (on one, redis-rs would re-send a script, and scripts
+/// are not idempotent): only the overall time is capped. It does send a
+/// command again after a dropped connection or an I/O error, within
+/// `retries`: a `finish` is repeatable, a `take` or `fetch` whose first
+/// reply was lost is not (see ARCHITECTURE.md). RESP3 carries the library's
+/// notice of a dropped connection.
 fn cluster_client(
     seeds: &[String],
     target: &Target,
