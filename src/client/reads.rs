@@ -306,8 +306,8 @@ impl WriteBehind {
                 .is_some_and(|m| m.direct_implies(ty, &req.relation) && m.validate(&probe).is_ok())
             && !req.contextual_tuples.iter().any(|c| same_key(c, &probe))
             && e.store.latest(&probe).await? == Some((Op::Grant, false))
-            && e.store.still_connected(mark).is_ok()
         {
+            e.store.still_connected(mark)?;
             // A pending unconditional grant of this very tuple, on a relation
             // with no exclusion above its direct assignment: true whatever
             // else is pending.

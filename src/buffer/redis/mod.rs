@@ -156,9 +156,11 @@ impl Watch {
         };
         if known.is_empty() && !lost_now {
             // The first epoch seen: pushes acknowledged before it (or while
-            // this heartbeat ran) count in it.
+            // this heartbeat ran) count in it. Still a reset: answers cached
+            // before it (a first heartbeat that failed) were not compared.
             *known = epoch.to_owned();
             self.acked.fetch_max(seq, Ordering::Relaxed);
+            self.resets.fetch_add(1, Ordering::Relaxed);
         } else if *known != epoch || lost_now {
             // A new epoch: what was acknowledged before is accounted for
             // (reported as lost, or by whoever moved the store on).
@@ -885,10 +887,10 @@ impl Store for RedisStore {
     }
 
     fn still_connected(&self, mark: u64) -> Result<()> {
-        self.after_reconnect()?;
         if self.watch.resets.load(Ordering::Acquire) != mark {
-            // Reset and already settled again within one check: rare, and
-            // this check's reads may straddle it.
+            // This check's reads may straddle a reconnect: the quiet time
+            // after it says when checks resume.
+            self.after_reconnect()?;
             return Err(Error::new(Kind::Reconnecting {
                 left: Duration::ZERO,
             }));
