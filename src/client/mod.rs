@@ -37,9 +37,9 @@ struct Handle {
     config: Config,
     /// The analysed model; replaced by `refresh_model`.
     model: arc_swap::ArcSwapOption<Model>,
-    /// Models that lists were pinned to by their callers, by id, analysed
-    /// once (a model never changes under its id).
-    /// Models callers pinned, each read once however many ask at a time.
+    /// Models that checks and lists were pinned to by their callers, by id,
+    /// each read and analysed once however many ask at a time (a model
+    /// never changes under its id).
     pinned_models: Mutex<std::collections::HashMap<String, PinnedRead>>,
     /// The Redis store, when the buffer is there (its queue, for status).
     redis: Option<Arc<crate::buffer::redis::RedisStore>>,

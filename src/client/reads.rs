@@ -363,23 +363,20 @@ impl WriteBehind {
             &mut request.consistency,
         )
         .await?;
+        let asked = (
+            request.authorization_model_id.as_deref(),
+            req.object_type.as_str(),
+            req.relation.as_str(),
+        );
         let ours = req.contextual_tuples.len();
-        let mut objects = match e.client.list_objects(&e.store_id, &request).await {
-            Err(err) if err.is_invalid_input() && request.contextual_tuples.len() > ours => {
-                let asked = (
-                    request.authorization_model_id.as_deref(),
-                    req.object_type.as_str(),
-                    req.relation.as_str(),
-                );
-                self.without_refused(asked, &request.contextual_tuples, ours, |tuples| {
-                    let mut r = request.clone();
-                    r.contextual_tuples = tuples;
-                    async move { e.client.list_objects(&e.store_id, &r).await }
-                })
-                .await?
-            }
-            objects => objects?,
-        };
+        let tuples = &request.contextual_tuples;
+        let mut objects = self
+            .asked_with_pending(asked, tuples, ours, |tuples| {
+                let mut r = request.clone();
+                r.contextual_tuples = tuples;
+                async move { e.client.list_objects(&e.store_id, &r).await }
+            })
+            .await?;
         objects.sort();
         objects.dedup();
         Ok(objects)
@@ -409,23 +406,20 @@ impl WriteBehind {
             &mut request.consistency,
         )
         .await?;
+        let asked = (
+            request.authorization_model_id.as_deref(),
+            ty,
+            req.relation.as_str(),
+        );
         let ours = req.contextual_tuples.len();
-        let mut users = match e.client.list_users(&e.store_id, &request).await {
-            Err(err) if err.is_invalid_input() && request.contextual_tuples.len() > ours => {
-                let asked = (
-                    request.authorization_model_id.as_deref(),
-                    ty,
-                    req.relation.as_str(),
-                );
-                self.without_refused(asked, &request.contextual_tuples, ours, |tuples| {
-                    let mut r = request.clone();
-                    r.contextual_tuples = tuples;
-                    async move { e.client.list_users(&e.store_id, &r).await }
-                })
-                .await?
-            }
-            users => users?,
-        };
+        let tuples = &request.contextual_tuples;
+        let mut users = self
+            .asked_with_pending(asked, tuples, ours, |tuples| {
+                let mut r = request.clone();
+                r.contextual_tuples = tuples;
+                async move { e.client.list_users(&e.store_id, &r).await }
+            })
+            .await?;
         users.sort();
         users.dedup();
         Ok(users)
@@ -661,6 +655,29 @@ impl WriteBehind {
             async move { e.client.check(&e.store_id, &r).await }
         })
         .await
+    }
+
+    /// Sends a request with its contextual `tuples` (the caller's first
+    /// `ours`, then the pending grants fga-wb added) through `ask`; if
+    /// OpenFGA refuses its input and grants were added, answers
+    /// [`WriteBehind::without_refused`] them.
+    async fn asked_with_pending<T, F, Fut>(
+        &self,
+        asked: (Option<&str>, &str, &str),
+        tuples: &[TupleKey],
+        ours: usize,
+        ask: F,
+    ) -> Result<T>
+    where
+        F: Fn(Vec<TupleKey>) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        match ask(tuples.to_vec()).await {
+            Err(err) if err.is_invalid_input() && tuples.len() > ours => {
+                self.without_refused(asked, tuples, ours, ask).await
+            }
+            answer => answer,
+        }
     }
 
     /// A request OpenFGA refused for its input after fga-wb added pending

@@ -739,11 +739,7 @@ impl Pump {
                 return;
             }
         };
-        // An explicit flush resumes flushing after an auth failure and
-        // retries at once after a transient one.
-        self.paused_until = None;
-        self.engine.stats.set_stopped(None);
-        self.last_error = None;
+        self.try_again();
         self.waiters.push(Waiter {
             up_to,
             reply,
@@ -751,9 +747,17 @@ impl Pump {
             started: Instant::now(),
         });
         self.raise(up_to);
-        // It looks at the store at least once: ops may be ready again below
-        // the target (another process's write given up, a queued job set
-        // aside) without a word to this process.
+    }
+
+    /// Someone asked (a flush or a shutdown): flushing resumes after an
+    /// auth failure and retries at once after a transient one, and it
+    /// looks at the store at least once: ops may be ready again below the
+    /// target (another process's write given up, a queued job set aside)
+    /// without a word to this process.
+    pub(crate) fn try_again(&mut self) {
+        self.paused_until = None;
+        self.engine.stats.set_stopped(None);
+        self.last_error = None;
         self.exhausted = None;
         self.revokes_exhausted = None;
     }
@@ -783,10 +787,10 @@ impl Pump {
 
     /// With flushing stopped (refused credentials, unknown store) or paused
     /// for long after OpenFGA failed (see `park_while_paused`), and no
-    /// explicit flush or shutdown
-    /// waiting, ops staged for sending go back to pending, where status
-    /// counts them and `clear` drops them, instead of waiting as in flight
-    /// through the outage. The pump takes them again when it resumes.
+    /// explicit flush or shutdown waiting, ops staged for sending go back
+    /// to pending, where status counts them and `clear` drops them, instead
+    /// of waiting as in flight through the outage. The pump takes them
+    /// again when it resumes.
     pub(crate) async fn park_if_idle(&mut self) {
         let holding = !self.staged.is_empty() || !self.carry.is_empty();
         let idle =

@@ -124,11 +124,7 @@ pub(crate) async fn run(
                     // It tries again, as an explicit flush does, after an
                     // earlier stop (refused credentials, since fixed): the
                     // stop it looks for above is one met during shutdown.
-                    pump.paused_until = None;
-                    pump.engine.stats.set_stopped(None);
-                    pump.last_error = None;
-                    pump.exhausted = None;
-                    pump.revokes_exhausted = None;
+                    pump.try_again();
                     shutdown_start = pump.totals.clone();
                     shutdown_began = Some(Instant::now());
                     shutdown_reply = Some(reply);

@@ -124,16 +124,15 @@ impl Watch {
         self.wake.notify_one();
     }
 
-    /// Remembers the replication id a check met; when it differs from the
-    /// last one (a failover or a restart behind a connection whose drop may
-    /// not have been noticed yet), counts as a dropped connection and
-    /// returns true.
-    fn node_changed(&self, replid: &str) -> bool {
+    /// Remembers the replication id a check met; one that differs from the
+    /// last (a failover or a restart behind a connection whose drop may not
+    /// have been noticed yet) counts as a dropped connection.
+    fn node_met(&self, replid: &str) {
         let Ok(mut known) = self.replid.lock() else {
-            return false;
+            return;
         };
         if replid.is_empty() || *known == replid {
-            return false;
+            return;
         }
         let changed = !known.is_empty();
         *known = replid.to_owned();
@@ -142,7 +141,6 @@ impl Watch {
             // must find the reset done, not "unchanged" with the old one.
             self.disconnected();
         }
-        changed
     }
 
     fn epoch(&self) -> String {
@@ -915,9 +913,7 @@ impl Store for RedisStore {
                     None => a.push(0),
                 };
                 let v = items(invoke(&self.conn, &self.gen_script, &self.prefix, &a).await?)?;
-                // A new node counts as a dropped connection (see node_changed).
-                self.watch
-                    .node_changed(&text(v.get(3).unwrap_or(&Value::Nil))?);
+                self.watch.node_met(&text(v.get(3).unwrap_or(&Value::Nil))?);
                 self.after_reconnect()?;
                 self.confirm_others().await?;
                 let epoch = text(v.first().unwrap_or(&Value::Nil))?;
