@@ -405,16 +405,6 @@ async fn manual_handle(config: Config) -> WriteBehind {
         .unwrap()
 }
 
-/// Sends `sig` to process `pid` with the system's `kill`.
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("run kill")
-        .success();
-    assert!(ok, "kill {sig} {pid} failed");
-}
-
 /// Waits until no writer of the store under `prefix` holds a live lease.
 async fn lease_ended(redis: &support::RedisConn, prefix: &str) {
     support::eventually(
@@ -488,7 +478,7 @@ async fn paused_application_resumes_and_counts_each_op_once() {
         if acked < PAUSED_OPS / 5 || acked % 10 != 0 {
             continue;
         }
-        signal(pid, "-STOP");
+        support::signal(pid, "-STOP");
         stops += 1;
         lease_ended(&redis, &prefix).await;
         (holding, behind) = redis::pipe()
@@ -504,7 +494,7 @@ async fn paused_application_resumes_and_counts_each_op_once() {
         if holding > 0 && behind > 0 {
             break;
         }
-        signal(pid, "-CONT");
+        support::signal(pid, "-CONT");
     }
     assert!(
         holding > 0 && behind > 0,
@@ -530,7 +520,7 @@ async fn paused_application_resumes_and_counts_each_op_once() {
     );
 
     // It resumes and runs its load to the end.
-    signal(pid, "-CONT");
+    support::signal(pid, "-CONT");
     let mut done = false;
     while let Some(line) = lines.next_line().await.expect("child stdout") {
         if line.ends_with("done") {

@@ -862,3 +862,121 @@ async fn a_writer_writes_after_redis_lost_its_terms() {
     assert_eq!((p.total, p.in_flight), (0, 0), "{p:?}");
     drop(first);
 }
+
+/// The one writer of `kind` (`app`, `worker`) Redis knows for the store of
+/// `late`, once it has renewed its lease.
+async fn live_writer(late: &mut LateWriter, kind: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let owners: Vec<String> = late.on_key("ZRANGE", "owners", &["0", "-1"]).await;
+        let mine: Vec<&String> = owners
+            .iter()
+            .filter(|w| w.starts_with(&format!("{kind}:")))
+            .collect();
+        if let [one] = mine.as_slice() {
+            return (*one).clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no single live {kind} writer: {owners:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A take whose reply is lost (the connection dropped, or the call timed
+/// out, after Redis ran it) leaves ops Redis names a live process as
+/// writing, though the process never got them; a newer op on one of them
+/// waits behind that write. Once the process holds nothing it gives them
+/// back: flush() writes them, the newer op last, and nothing stays in
+/// flight. Before, they stayed in flight until the process stopped, and
+/// flush() reported success without them.
+#[tokio::test]
+async fn ops_a_lost_take_reply_left_with_a_live_process_are_written() {
+    let s = new_store("redis-lost-take").await;
+    let wb = manual_handle(&s).await;
+    for i in 0..30 {
+        wb.grant(&format!("user:u{i}"), "viewer", "document:lost")
+            .await
+            .unwrap();
+    }
+    let mut late = LateWriter::new(&s, "").await;
+    late.name = live_writer(&mut late, "app").await;
+    // The take as the process's own call would make it, its reply lost.
+    let taken = late.take_at(now_ms(), 60_000).await;
+    assert_eq!(taken.len(), 30);
+    wb.revoke("user:u0", "viewer", "document:lost")
+        .await
+        .unwrap();
+    let p = wb.pending().await.unwrap();
+    assert_eq!((p.total, p.in_flight), (1, 30), "{p:?}");
+
+    let report = wb.flush().await.unwrap();
+    assert_eq!(report.error, None, "{report:?}");
+    let mut expected: Vec<String> = (1..30)
+        .map(|i| format!("document:lost#viewer@user:u{i}"))
+        .collect();
+    expected.sort();
+    assert_eq!(stored(&s).await, expected);
+    let st = wb.status().await.unwrap();
+    assert_eq!(
+        (st.pending.total, st.pending.in_flight),
+        (0, 0),
+        "{:?}",
+        st.pending
+    );
+    let t = &st.totals;
+    assert_eq!(t.acknowledged, 31, "{t:?}");
+    assert_eq!(t.applied + t.coalesced, 31, "each op counted once: {t:?}");
+    wb.shutdown().await.unwrap();
+}
+
+/// A fetch whose reply is lost leaves a job Redis names a live worker as
+/// running, though the worker never got it (here the worker is stopped
+/// with SIGSTOP while the lost fetch happens, so the job is not fetched
+/// for real first). Once the worker holds nothing it puts the job back in
+/// the queue and runs it: `fga-wb flush --wait` ends with every op
+/// written. Before, the job stayed "running" until the worker stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_a_lost_fetch_reply_left_with_a_live_worker_runs() {
+    let s = new_store("redis-lost-fetch").await;
+    let mut c = redis_config(&s);
+    c.flush.mode = fga_wb::config::Mode::Queue;
+    c.redis.writer_lease = Duration::from_secs(30);
+    let wb = WriteBehind::builder(c)
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    let cli = support::cli::Cli::new(&s, "queue");
+    let mut worker = cli
+        .command(&["worker"])
+        .env("FGA_WB_REDIS__WRITER_LEASE", "30s")
+        .spawn()
+        .expect("start a worker");
+    let pid = worker.id().expect("worker pid");
+    let mut late = LateWriter::new(&s, "").await;
+    late.name = live_writer(&mut late, "worker").await;
+    assert!(late.name.contains(&format!("-{pid}-")), "{}", late.name);
+
+    support::signal(pid, "-STOP");
+    for i in 0..20 {
+        wb.grant(&format!("user:u{i}"), "viewer", "document:fetched")
+            .await
+            .unwrap();
+    }
+    assert_eq!(wb.flush().await.unwrap().queued, 20);
+    let jobs = late.fetch_at(now_ms(), 60_000).await;
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    support::signal(pid, "-CONT");
+
+    let r = cli
+        .run(&["flush", "--wait", "--timeout", "40s", "--json"])
+        .await;
+    r.ok();
+    assert_eq!(stored(&s).await.len(), 20, "{}", r.stdout);
+    let j = r.json();
+    assert_eq!(j["pending"]["in_flight"], 0, "{j:#}");
+    worker.start_kill().expect("stop the worker");
+    wb.shutdown().await.unwrap();
+}

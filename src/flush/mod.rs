@@ -717,5 +717,7 @@ mod pump;
 mod task;
 
 use limit::*;
+#[cfg(feature = "redis")]
+pub(crate) use pump::STRAY_EVERY;
 use pump::*;
 pub(crate) use task::*;

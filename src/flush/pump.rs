@@ -94,6 +94,10 @@ pub(crate) struct Pump {
     /// When the first request since the last record started: the wall
     /// time a record covers (its requests' reports carry none).
     pub(crate) busy_since: Option<Instant>,
+    /// When the store was last asked for what it names this writer as
+    /// holding while the pump held nothing (see `give_back_strays`);
+    /// `None`: at the next look that finds it so.
+    pub(crate) strays_looked: Option<Instant>,
     pub(crate) shutdown: Option<Instant>,
 }
 
@@ -138,6 +142,7 @@ impl Pump {
             unrecorded: FlushReport::default(),
             busy_since: None,
             park_while_paused: false,
+            strays_looked: None,
             shutdown: None,
         }
     }
@@ -183,6 +188,9 @@ impl Pump {
                 }
             }
         };
+        if pending.in_flight > 0 {
+            self.give_back_strays().await;
+        }
         let mut next = None;
         self.backlog = self.automatic && pending.total >= cfg.batch_size;
         if pending.total == 0 {
@@ -286,6 +294,45 @@ impl Pump {
         match (next, self.paused_until) {
             (n, Some(p)) if p > now => Some(n.map_or(p, |n| n.min(p))),
             (n, _) => n,
+        }
+    }
+
+    /// Whether the pump holds no op at all: nothing taken, staged, held
+    /// back or being written or finished, and no take under way.
+    pub(crate) fn holds_nothing(&self) -> bool {
+        self.running.is_empty()
+            && self.staged.is_empty()
+            && self.carry.is_empty()
+            && self.taking.is_none()
+    }
+
+    /// While the pump holds nothing, whatever a shared store names this
+    /// writer as holding is stray (a take whose reply was lost, a finish
+    /// that never got through): given back to pending, it is written like
+    /// any other op. Asked at most every `STRAY_EVERY`, and at the first
+    /// look after each `flush()`.
+    async fn give_back_strays(&mut self) {
+        let e = self.engine.clone();
+        if !e.store.shared()
+            || !self.holds_nothing()
+            || self
+                .strays_looked
+                .is_some_and(|t| t.elapsed() < STRAY_EVERY)
+        {
+            return;
+        }
+        self.strays_looked = Some(Instant::now());
+        match e.store.give_back_strays().await {
+            Ok((0, _)) => {}
+            Ok((ops, _)) => {
+                tracing::warn!(ops, "gave back ops Redis named this process as writing though it was not (a reply lost on the way); they are pending again");
+                self.exhausted = None;
+                self.revokes_exhausted = None;
+                self.replan = true;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot look for ops this process holds in Redis without knowing")
+            }
         }
     }
 
@@ -740,6 +787,7 @@ impl Pump {
             }
         };
         self.try_again();
+        self.strays_looked = None;
         self.waiters.push(Waiter {
             up_to,
             reply,
@@ -917,6 +965,9 @@ pub(crate) const MAX_CARRIES: u8 = 3;
 /// give staged ops back to pending (see `park_if_idle`): by then the
 /// backoff has grown past a blip's.
 pub(crate) const PARK_AFTER: Duration = Duration::from_secs(1);
+/// How often a pump that holds nothing asks the store for what it names
+/// the writer as holding (see `Pump::give_back_strays`).
+pub(crate) const STRAY_EVERY: Duration = Duration::from_secs(5);
 /// While requests run, the triggers are looked at this often at most.
 pub(crate) const PLAN_EVERY: Duration = Duration::from_millis(20);
 /// Longest a flush() waits for ops blocked behind other writers' writes.

@@ -17,7 +17,7 @@ use crate::buffer::redis::{now_ms, FetchedJob, RedisStore};
 use crate::buffer::{unreadable_outcome, Claim, JobEnd, Outcome, Store, StoreEvent, Taken};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::flush::{Engine, QuickRetries, Stop};
+use crate::flush::{Engine, QuickRetries, Stop, STRAY_EVERY};
 
 /// A busy key (a writer presumed dead still holds it) is tried again this
 /// soon, at the same attempt.
@@ -40,6 +40,62 @@ pub(crate) struct Applier {
     /// The store's count of transient letters ever written when a look
     /// last found none to replay: while it stays, no need to list them all.
     none_transient_at: std::sync::Mutex<Option<u64>>,
+    /// Who holds this worker's ops: jobs handed to apalis and not yet
+    /// ended, and a replay's take until its enqueue (see `Holding`).
+    holding: Arc<Holding>,
+}
+
+/// What a worker holds in Redis to its knowledge: while it holds nothing,
+/// whatever Redis names it as holding is stray (a fetch or take whose
+/// reply was lost, a finish that never got through) and goes back.
+#[derive(Default)]
+struct Holding {
+    /// Jobs fetched and not yet ended.
+    jobs: std::sync::atomic::AtomicUsize,
+    /// Held by a replay between its take and its enqueue, and by the look
+    /// for strays.
+    taking: tokio::sync::Mutex<()>,
+}
+
+/// A fetched job's hold: ends when the job does, however it ends.
+struct JobHold(Arc<Holding>);
+
+impl JobHold {
+    fn new(h: &Arc<Holding>) -> JobHold {
+        h.jobs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        JobHold(h.clone())
+    }
+}
+
+impl Drop for JobHold {
+    fn drop(&mut self) {
+        self.0
+            .jobs
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Holding {
+    /// Gives back whatever Redis names the worker as holding, if it holds
+    /// nothing now and did not look within `STRAY_EVERY`.
+    async fn give_back_strays(&self, store: &RedisStore, looked: &mut Option<std::time::Instant>) {
+        if looked.is_some_and(|t| t.elapsed() < STRAY_EVERY) {
+            return;
+        }
+        // Jobs are only handed out by the fetching stream this runs in.
+        let Ok(_quiet) = self.taking.try_lock() else {
+            return;
+        };
+        if self.jobs.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            return;
+        }
+        *looked = Some(std::time::Instant::now());
+        match store.give_back_strays().await {
+            Ok((0, 0)) => {}
+            Ok((ops, jobs)) => tracing::warn!(ops, jobs, "gave back ops and jobs Redis named this worker as holding though it was not (a reply lost on the way); they are pending or queued again"),
+            Err(e) => tracing::warn!(error = %e, "cannot look for jobs this worker holds in Redis without knowing"),
+        }
+    }
 }
 
 impl Applier {
@@ -185,7 +241,7 @@ impl Applier {
 }
 
 fn handle(
-    (job, claims, term): Fetched,
+    (job, claims, term, hold): Fetched,
     applier: Data<Arc<Applier>>,
 ) -> futures::future::BoxFuture<'static, std::result::Result<(), BoxDynError>> {
     let applier: Arc<Applier> = (*applier).clone();
@@ -196,6 +252,7 @@ fn handle(
         // Redis, and a job left running by a failed finish goes back to the
         // queue when this worker's lease ends.
         let result: Result<()> = applier.apply(job, claims, term).await;
+        drop(hold);
         result.map_err(|e| {
             tracing::error!(error = %e, "job could not be applied or rescheduled");
             Box::new(e) as BoxDynError
@@ -203,8 +260,9 @@ fn handle(
     })
 }
 
-/// A fetched job, the claims its ops got, and the worker's term then.
-type Fetched = (Job, Vec<Claim>, u64);
+/// A fetched job, the claims its ops got, the worker's term then, and the
+/// job's hold (shared: apalis wants tasks it can clone).
+type Fetched = (Job, Vec<Claim>, u64, Arc<JobHold>);
 type JobStream = BoxStream<'static, std::result::Result<Option<Task<Fetched>>, BoxDynError>>;
 /// Jobs are queued by flushes, never through apalis.
 type NoSink = std::pin::Pin<Box<dyn futures::Sink<Task<Fetched>, Error = BoxDynError> + Send>>;
@@ -214,8 +272,9 @@ fn never(e: std::convert::Infallible) -> BoxDynError {
 }
 
 /// Due jobs, one at a time, as fast as the worker takes them: fetched when
-/// the worker has room, woken by new jobs (pub/sub) and else polled.
-fn jobs(store: Arc<RedisStore>, poll: Duration) -> JobStream {
+/// the worker has room, woken by new jobs (pub/sub) and else polled. Each
+/// job holds `holding` until it ends.
+fn jobs(store: Arc<RedisStore>, holding: Arc<Holding>, poll: Duration) -> JobStream {
     let events = Arc::new(tokio::sync::Notify::new());
     if let Some(subscribe) = store.events() {
         let events = events.clone();
@@ -232,8 +291,10 @@ fn jobs(store: Arc<RedisStore>, poll: Duration) -> JobStream {
             }
         });
     }
-    futures::stream::unfold((store, events), move |(store, events)| async move {
+    let state = (store, events, holding, None);
+    futures::stream::unfold(state, move |(store, events, holding, mut looked)| async move {
         loop {
+            holding.give_back_strays(&store, &mut looked).await;
             match store.fetch_jobs(1).await {
                 Ok((term, found)) => {
                     for FetchedJob { id, json, claims } in found {
@@ -249,8 +310,9 @@ fn jobs(store: Arc<RedisStore>, poll: Duration) -> JobStream {
                         });
                         match decoded {
                             Ok(job) => {
-                                let task = TaskBuilder::new((job, claims, term)).build();
-                                return Some((Ok(Some(task)), (store, events)));
+                                let hold = Arc::new(JobHold::new(&holding));
+                                let task = TaskBuilder::new((job, claims, term, hold)).build();
+                                return Some((Ok(Some(task)), (store, events, holding, looked)));
                             }
                             Err(e) => {
                                 // Not ours, or corrupt: set aside, loudly;
@@ -302,10 +364,11 @@ async fn run_worker(
     tracing::info!(worker = %name, concurrency, "worker started");
     let poll = config.queue.poll_interval;
     let fetch_store = store.clone();
+    let holding = applier.holding.clone();
     let backend = BackendBuilder::new()
         .database(())
         .fetcher(move |_: &mut (), _: &(), _: &WorkerContext| -> JobStream {
-            jobs(fetch_store.clone(), poll)
+            jobs(fetch_store.clone(), holding.clone(), poll)
         })
         .sink(|_: &mut (), _: &()| -> NoSink {
             Box::pin(futures::sink::drain().sink_map_err(never))
@@ -419,6 +482,9 @@ impl Applier {
         // running.
         let up_to = self.store.last_seq().await?;
         let model = e.model_id.get();
+        // Taken ops are this worker's until enqueued: no look for strays
+        // meanwhile.
+        let _taking = self.holding.taking.lock().await;
         loop {
             let ops = self
                 .store
@@ -475,5 +541,6 @@ pub(crate) async fn applier(config: &Config) -> Result<Applier> {
                 .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
         ),
         none_transient_at: std::sync::Mutex::new(None),
+        holding: Arc::default(),
     })
 }

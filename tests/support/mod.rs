@@ -534,3 +534,13 @@ pub async fn assert_accounted(wb: &fga_wb::WriteBehind) {
         "every acknowledged op ends applied, coalesced, dead-lettered or cleared: {t:?}"
     );
 }
+
+/// Sends `sig` to process `pid` with the system's `kill`.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill {sig} {pid} failed");
+}

@@ -77,6 +77,18 @@ enum Side {
 }
 
 impl Side {
+    /// Its short name for `FGA_WB_BENCH_SIDES`: `memory16`, `memory1`,
+    /// `fixed8`, `inline`, `queue1`, `queue2`.
+    fn tag(&self) -> String {
+        match self {
+            Side::Raw => "raw".into(),
+            Side::Memory { callers } => format!("memory{callers}"),
+            Side::MemoryFixed8 { .. } => "fixed8".into(),
+            Side::RedisInline { .. } => "inline".into(),
+            Side::Queue { workers, .. } => format!("queue{workers}"),
+        }
+    }
+
     fn name(&self) -> String {
         match self {
             Side::Raw => format!(
@@ -242,6 +254,25 @@ async fn main() -> Res<()> {
             only.as_ref()
                 .is_none_or(|o| o.split(',').any(|n| n == t.name))
         })
+        .collect();
+    // FGA_WB_BENCH_SIDES=inline,queue1 runs only those contenders (and the
+    // raw ceiling they are measured against).
+    let sides = std::env::var("FGA_WB_BENCH_SIDES").ok();
+    let groups: Vec<_> = groups
+        .into_iter()
+        .map(|(t, n, s)| {
+            let s: Vec<Side> = s
+                .into_iter()
+                .filter(|side| {
+                    *side == Side::Raw
+                        || sides
+                            .as_ref()
+                            .is_none_or(|o| o.split(',').any(|n| n == side.tag()))
+                })
+                .collect();
+            (t, n, s)
+        })
+        .filter(|(_, _, s)| s.len() > 1)
         .collect();
     let servers = [
         ("sqlite", sqlite_fga.pid()),

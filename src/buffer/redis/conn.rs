@@ -153,9 +153,10 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// response timeout (on one, redis-rs would re-send a script, and scripts
 /// are not idempotent): only the overall time is capped. It does send a
 /// command again after a dropped connection or an I/O error, within
-/// `retries`: a `finish` is repeatable, a `take` or `fetch` whose first
-/// reply was lost is not (see ARCHITECTURE.md). RESP3 carries the library's
-/// notice of a dropped connection.
+/// `retries`: a `finish` is repeatable; what a `take` or `fetch` whose
+/// first reply was lost took goes back once the writer holds nothing (see
+/// ARCHITECTURE.md). RESP3 carries the library's notice of a dropped
+/// connection.
 fn cluster_client(
     seeds: &[String],
     target: &Target,

@@ -803,6 +803,15 @@ impl Store for RedisStore {
         })
     }
 
+    fn give_back_strays(&self) -> BoxFuture<'_, Result<(u64, u64)>> {
+        Box::pin(async move {
+            let mut a = Args::new("strays", self.publish);
+            a.push(now_ms()).push(&self.writer);
+            let v = items(self.call(&a).await?)?;
+            Ok((count(&v, 0)?, count(&v, 1)?))
+        })
+    }
+
     fn shared_stats(&self) -> BoxFuture<'_, Result<std::collections::HashMap<String, String>>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();

@@ -562,45 +562,56 @@ end
 
 -- Writers whose lease ended: what they were writing is ready again (or back
 -- with its job), and the jobs they ran go back to the queue.
+-- Hands back what writer `w` holds: the ops it is writing are ready again
+-- (or back with their job), ops blocked behind its writes ready, the jobs
+-- it runs queued. Its ops and jobs back first: a call that fails after this
+-- leaves the writer's sets to the next look, never its holdings in neither
+-- place. Returns the ops handed back, those folded into newer ops, and the
+-- jobs.
+local function hand_back(w, now)
+  local keys = rcall('SMEMBERS', P .. ':w:' .. w)
+  load(keys)
+  local ops, folded = 0, 0
+  for _, key in ipairs(keys) do
+    local e = cache[key]
+    if e and e.writer == w then
+      if e.state == 't' then
+        move(key, e, e.job ~= '' and 'j' or 'r')
+        ops = ops + 1
+      elseif e.state == 'b' then
+        -- The older op's write may or may not have landed; the newer op
+        -- is written after it either way. Its writer will never finish
+        -- it: it ends here, folded into the newer op.
+        move(key, e, 'r')
+        ops = ops + 1
+        folded = folded + 1
+      end
+    end
+  end
+  local ran = {}
+  for _, id in ipairs(rcall('SMEMBERS', P .. ':wj:' .. w)) do
+    if rcall('HGET', P .. ':jobrun', id) == w then
+      ran[#ran + 1] = id
+      if rcall('HEXISTS', P .. ':jobs', id) == 1 then
+        zset(P .. ':jobq', id, now)
+      end
+    end
+  end
+  apply_writes()
+  for _, id in ipairs(ran) do rcall('HDEL', P .. ':jobrun', id) end
+  rcall('DEL', P .. ':w:' .. w, P .. ':wj:' .. w)
+  return ops, folded, #ran
+end
+
 local function reclaim(now)
   local dead = rcall('ZRANGEBYSCORE', P .. ':owners', '-inf', now, 'LIMIT', 0, 20)
   local reclaimed, folded = 0, 0
   for _, w in ipairs(dead) do
-    local keys = rcall('SMEMBERS', P .. ':w:' .. w)
-    load(keys)
-    for _, key in ipairs(keys) do
-      local e = cache[key]
-      if e and e.writer == w then
-        if e.state == 't' then
-          move(key, e, e.job ~= '' and 'j' or 'r')
-          reclaimed = reclaimed + 1
-        elseif e.state == 'b' then
-          -- The older op's write may or may not have landed; the newer op
-          -- is written after it either way. Its writer will never finish
-          -- it: it ends here, folded into the newer op.
-          move(key, e, 'r')
-          reclaimed = reclaimed + 1
-          folded = folded + 1
-        end
-      end
-    end
-    local ran = {}
-    for _, id in ipairs(rcall('SMEMBERS', P .. ':wj:' .. w)) do
-      if rcall('HGET', P .. ':jobrun', id) == w then
-        ran[#ran + 1] = id
-        if rcall('HEXISTS', P .. ':jobs', id) == 1 then
-          zset(P .. ':jobq', id, now)
-        end
-      end
-    end
-    -- Its ops and jobs back first: a call that fails after this point
-    -- leaves the writer to the next reclaim, never its holdings with no
-    -- lease or set that would bring them back.
-    apply_writes()
-    for _, id in ipairs(ran) do rcall('HDEL', P .. ':jobrun', id) end
+    local ops, f = hand_back(w, now)
+    reclaimed, folded = reclaimed + ops, folded + f
     -- Its finish answers go too: a repeat from it now belongs to an
     -- earlier term once it renews, and until then finds nothing of its own.
-    rcall('DEL', P .. ':w:' .. w, P .. ':wj:' .. w, P .. ':fin:' .. w)
+    rcall('DEL', P .. ':fin:' .. w)
     rcall('ZREM', P .. ':owners', w)
     -- Its term too: whatever it renews with next is a new one.
     rcall('HDEL', P .. ':terms', w)
@@ -1400,6 +1411,31 @@ if cmd == 'release' then
   rcall('HDEL', P .. ':beats', writer)
   rcall('HDEL', P .. ':terms', writer)
   return n
+end
+
+-- strays pub now writer -> {ops, jobs}
+-- What a live writer holds here without knowing it: ops a take moved to it
+-- or a job a fetch handed it whose reply was lost (a dropped connection, a
+-- timeout), ops whose finish never got through. While its lease runs,
+-- nothing else brings them back. The caller holds nothing at all now (no
+-- take, write or finish of its own under way), so everything this names it
+-- as holding goes back, as reclaim hands back a dead writer's; the writer
+-- keeps its lease and term.
+if cmd == 'strays' then
+  local now, writer = tonumber(ARGV[3]), ARGV[4]
+  local bad = expect_types({ { P .. ':w:' .. writer, 'set' }, { P .. ':wj:' .. writer, 'set' },
+    { P .. ':ops', 'hash' }, { P .. ':jobrun', 'hash' }, { P .. ':jobs', 'hash' },
+    { P .. ':jobq', 'zset' } })
+  if bad then return redis.error_reply(bad) end
+  local ops, folded, jobs = hand_back(writer, now)
+  if folded > 0 then incr(P .. ':stats', 'coalesced', folded) end
+  if ops > 0 then
+    incr(P .. ':stats', 'reclaimed', ops)
+    publish('finished')
+  end
+  flush_incrs()
+  if jobs > 0 then publish('jobs') end
+  return { ops, jobs }
 end
 
 -- relevant pub limit object user nrels (rel scope)*
