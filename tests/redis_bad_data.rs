@@ -256,6 +256,27 @@ async fn garbage_pending_entry() {
     assert_eq!((p_end.total, p_end.in_flight), (0, 0));
 }
 
+/// A dead-letter index (`:deadkey`) of another type does not fail the
+/// finish that records a write after its other writes: the flush reports
+/// the op applied, without an error. Before, the finish failed once its
+/// ops were dropped, and its repeat found them gone and counted none.
+#[tokio::test]
+async fn a_letter_index_of_another_type_does_not_fail_the_finish() {
+    let Inline {
+        s, p, wb, mut c, ..
+    } = inline("deadkey").await;
+    let _: i64 = cmd(&mut c, &["RPUSH", &format!("{p}:deadkey"), "x"]).await;
+    wb.grant("user:anne", "viewer", "document:dk")
+        .await
+        .unwrap();
+    let r = wb.flush().await.unwrap();
+    assert_eq!((r.applied, r.error.as_deref()), (1, None), "{r:?}");
+    assert_eq!(stored(&s).await, ["document:dk#viewer@user:anne"]);
+    let p = wb.pending().await.unwrap();
+    assert_eq!((p.total, p.in_flight), (0, 0), "{p:?}");
+    wb.shutdown().await.unwrap();
+}
+
 /// Non-JSON and wrong-shape JSON in `:dead`: `dead_letters()` skips them
 /// with a log line; `status` and `fga-wb dlq list` work.
 #[tokio::test]

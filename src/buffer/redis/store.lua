@@ -1246,7 +1246,9 @@ if cmd == 'finish' then
   end
   if #written > 0 then
     note_written(written)
-    supersede_letters(written, wseqs)
+    -- After the call's writes: a letter index of another type must not
+    -- abort it (its repeat would find its ops gone and count none).
+    pcall(supersede_letters, written, wseqs)
   end
   if not notify and applied + dead > 0 and rcall('EXISTS', P .. ':roomwait') == 1 then
     notify = true
