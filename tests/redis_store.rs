@@ -887,10 +887,11 @@ async fn live_writer(late: &mut LateWriter, kind: &str) -> String {
 /// A take whose reply is lost (the connection dropped, or the call timed
 /// out, after Redis ran it) leaves ops Redis names a live process as
 /// writing, though the process never got them; a newer op on one of them
-/// waits behind that write. Once the process holds nothing it gives them
-/// back: flush() writes them, the newer op last, and nothing stays in
-/// flight. Before, they stayed in flight until the process stopped, and
-/// flush() reported success without them.
+/// (a revoke) waits behind that write. The process gives them back:
+/// flush() writes them, the revoke folded with its grant, and nothing
+/// stays in flight. Before, they stayed in flight until the process
+/// stopped, and flush() waited 30 s for the revoke and gave up with an
+/// error.
 #[tokio::test]
 async fn ops_a_lost_take_reply_left_with_a_live_process_are_written() {
     let s = new_store("redis-lost-take").await;

@@ -378,13 +378,17 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn release(&self, _hand_back: bool) -> BoxFuture<'_, Result<()>> {
         Box::pin(futures::future::ready(Ok(())))
     }
-    /// Gives back what the store names this writer as holding, for a
-    /// caller that holds nothing at all (no take, write or finish of its
-    /// own under way): ops a take moved to it or jobs a fetch handed it
-    /// whose reply was lost, ops whose finish never got through. Nothing
-    /// else brings them back while the writer lives. Returns how many ops
+    /// Gives back what the store names this writer as holding that the
+    /// caller does not hold: ops a take moved to it or jobs a fetch handed
+    /// it whose reply was lost, ops whose finish never got through. Nothing
+    /// else brings them back while the writer lives. `held` says which keys
+    /// the caller holds (with no take or fetch of its own under way);
+    /// `None`: it holds nothing at all, jobs included. Returns how many ops
     /// and jobs went back.
-    fn give_back_strays(&self) -> BoxFuture<'_, Result<(u64, u64)>> {
+    fn give_back_strays<'a>(
+        &'a self,
+        _held: Option<&'a (dyn Fn(&str) -> bool + Sync)>,
+    ) -> BoxFuture<'a, Result<(u64, u64)>> {
         Box::pin(futures::future::ready(Ok((0, 0))))
     }
     /// A number that changes whenever an op on one of `rels` (`None`: any)

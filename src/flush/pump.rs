@@ -13,8 +13,15 @@ pub(crate) struct Waiter {
     pub(crate) started: Instant,
 }
 
-/// A running chunk's result and the lowest `first` among its ops.
-pub(crate) type Running = FuturesUnordered<BoxFuture<'static, (ChunkResult, u64)>>;
+/// What a running chunk holds: the lowest `first` among its ops, and (for a
+/// shared store) its ops' keys, which a look for strays leaves alone.
+pub(crate) struct Held {
+    pub(crate) first: u64,
+    pub(crate) keys: Vec<String>,
+}
+
+/// A running chunk's result, and what it held.
+pub(crate) type Running = FuturesUnordered<BoxFuture<'static, (ChunkResult, Held)>>;
 
 /// The flusher task's state.
 pub(crate) struct Pump {
@@ -29,6 +36,9 @@ pub(crate) struct Pump {
     pub(crate) freed: Arc<Notify>,
     /// `first` of each running chunk's oldest op (a multiset).
     pub(crate) running_firsts: BTreeMap<u64, usize>,
+    /// Keys of the running chunks' ops (a multiset: a key's chunk may end
+    /// and the key be taken again before the pump hears of the end).
+    pub(crate) running_keys: std::collections::HashMap<String, u32>,
     /// Taken ops sorted by key, not yet sent.
     pub(crate) staged: VecDeque<Taken>,
     /// The next window being taken, while the staged ops are sent.
@@ -95,9 +105,10 @@ pub(crate) struct Pump {
     /// time a record covers (its requests' reports carry none).
     pub(crate) busy_since: Option<Instant>,
     /// When the store was last asked for what it names this writer as
-    /// holding while the pump held nothing (see `give_back_strays`);
-    /// `None`: at the next look that finds it so.
+    /// holding that the pump does not hold (see `give_back_strays`), and
+    /// when a flush() or shutdown last asked for a look.
     pub(crate) strays_looked: Option<Instant>,
+    pub(crate) strays_wanted: Option<Instant>,
     pub(crate) shutdown: Option<Instant>,
 }
 
@@ -114,6 +125,7 @@ impl Pump {
             writing: Arc::new(AtomicUsize::new(0)),
             freed: Arc::new(Notify::new()),
             running_firsts: BTreeMap::new(),
+            running_keys: Default::default(),
             staged: VecDeque::new(),
             taking: None,
             carry: Vec::new(),
@@ -143,6 +155,7 @@ impl Pump {
             busy_since: None,
             park_while_paused: false,
             strays_looked: None,
+            strays_wanted: None,
             shutdown: None,
         }
     }
@@ -176,6 +189,8 @@ impl Pump {
             Ok(p) => p,
             Err(err) => {
                 tracing::warn!(error = %err, "cannot read the pending ops");
+                // A flush() waits for a look, tried whatever Redis answers.
+                self.give_back_strays().await;
                 return Some(now + cfg.interval.max(Duration::from_millis(100)));
             }
         };
@@ -188,7 +203,10 @@ impl Pump {
                 }
             }
         };
-        if pending.in_flight > 0 {
+        if pending.in_flight == 0 {
+            // Nothing is held by anyone: nothing is stray.
+            self.strays_looked = Some(now);
+        } else {
             self.give_back_strays().await;
         }
         let mut next = None;
@@ -297,32 +315,32 @@ impl Pump {
         }
     }
 
-    /// Whether the pump holds no op at all: nothing taken, staged, held
-    /// back or being written or finished, and no take under way.
-    pub(crate) fn holds_nothing(&self) -> bool {
-        self.running.is_empty()
-            && self.staged.is_empty()
-            && self.carry.is_empty()
-            && self.taking.is_none()
-    }
-
-    /// While the pump holds nothing, whatever a shared store names this
-    /// writer as holding is stray (a take whose reply was lost, a finish
-    /// that never got through): given back to pending, it is written like
-    /// any other op. Asked at most every `STRAY_EVERY`, and at the first
-    /// look after each `flush()`.
+    /// Whatever a shared store names this writer as holding that the pump
+    /// does not hold (not staged, held back or in a running chunk, with no
+    /// take under way) is stray: a take whose reply was lost, a finish that
+    /// never got through. Given back to pending, it is written like any
+    /// other op. Asked at most every `STRAY_EVERY`, and at the first chance
+    /// after each `flush()` and shutdown, which wait for that look.
     async fn give_back_strays(&mut self) {
         let e = self.engine.clone();
-        if !e.store.shared()
-            || !self.holds_nothing()
-            || self
-                .strays_looked
-                .is_some_and(|t| t.elapsed() < STRAY_EVERY)
-        {
+        let due = self.strays_looked.is_none_or(|l| {
+            l.elapsed() >= STRAY_EVERY || self.strays_wanted.is_some_and(|w| w > l)
+        });
+        if !e.store.shared() || self.taking.is_some() || !due {
             return;
         }
         self.strays_looked = Some(Instant::now());
-        match e.store.give_back_strays().await {
+        let nothing = self.running.is_empty() && self.staged.is_empty() && self.carry.is_empty();
+        let staged: std::collections::HashSet<String> = self
+            .staged
+            .iter()
+            .chain(&self.carry)
+            .map(|t| crate::buffer::key_of(&t.tuple))
+            .collect();
+        let running = &self.running_keys;
+        let held = |k: &str| staged.contains(k) || running.contains_key(k);
+        let held: Option<&(dyn Fn(&str) -> bool + Sync)> = (!nothing).then_some(&held);
+        match e.store.give_back_strays(held).await {
             Ok((0, _)) => {}
             Ok((ops, _)) => {
                 tracing::warn!(ops, "gave back ops Redis named this process as writing though it was not (a reply lost on the way); they are pending again");
@@ -330,10 +348,18 @@ impl Pump {
                 self.revokes_exhausted = None;
                 self.replan = true;
             }
+            // Not looked after all; a flush() waiting for the look goes on
+            // rather than wait for Redis.
             Err(err) => {
                 tracing::warn!(error = %err, "cannot look for ops this process holds in Redis without knowing")
             }
         }
+    }
+
+    /// Whether the store was asked for strays since `t` (always, for a
+    /// store no other process shares: it has none).
+    pub(crate) fn strays_seen_since(&self, t: Instant) -> bool {
+        !self.engine.store.shared() || self.strays_looked.is_some_and(|l| l >= t)
     }
 
     pub(crate) fn raise(&mut self, to: u64) {
@@ -583,6 +609,17 @@ impl Pump {
         self.busy_since.get_or_insert_with(Instant::now);
         let first = ops.iter().map(|t| t.first).min().unwrap_or(0);
         *self.running_firsts.entry(first).or_default() += 1;
+        let keys: Vec<String> = match self.may_carry {
+            true => ops
+                .iter()
+                .map(|t| crate::buffer::key_of(&t.tuple))
+                .collect(),
+            false => Vec::new(),
+        };
+        for k in &keys {
+            *self.running_keys.entry(k.clone()).or_default() += 1;
+        }
+        let held = Held { first, keys };
         let engine = self.engine.clone();
         let (writing, freed) = (self.writing.clone(), self.freed.clone());
         writing.fetch_add(1, Ordering::Relaxed);
@@ -610,7 +647,7 @@ impl Pump {
                 for t in &dead {
                     engine.cache.invalidate_for(t);
                 }
-                (result, first)
+                (result, held)
             }
             .instrument(span),
         ));
@@ -638,11 +675,19 @@ impl Pump {
     }
 
     /// Records a finished chunk.
-    pub(crate) fn done(&mut self, result: ChunkResult, first: u64) {
-        if let Some(n) = self.running_firsts.get_mut(&first) {
+    pub(crate) fn done(&mut self, result: ChunkResult, held: Held) {
+        if let Some(n) = self.running_firsts.get_mut(&held.first) {
             *n -= 1;
             if *n == 0 {
-                self.running_firsts.remove(&first);
+                self.running_firsts.remove(&held.first);
+            }
+        }
+        for k in held.keys {
+            if let std::collections::hash_map::Entry::Occupied(mut n) = self.running_keys.entry(k) {
+                *n.get_mut() -= 1;
+                if *n.get() == 0 {
+                    n.remove();
+                }
             }
         }
         let e = self.engine.clone();
@@ -765,7 +810,7 @@ impl Pump {
     pub(crate) fn settle(&mut self) {
         let (done, wait): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
             .into_iter()
-            .partition(|w| self.reached(w.up_to));
+            .partition(|w| self.reached(w.up_to) && self.strays_seen_since(w.started));
         self.waiters = wait;
         for w in done {
             // Everything it wanted is written: an error seen on the way was
@@ -787,7 +832,7 @@ impl Pump {
             }
         };
         self.try_again();
-        self.strays_looked = None;
+        self.strays_wanted = Some(Instant::now());
         self.waiters.push(Waiter {
             up_to,
             reply,
@@ -989,20 +1034,41 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     /// A memory store whose `take` number `fail_take` (counting from 1)
-    /// fails, as a Redis call can.
+    /// fails, as a Redis call can. With `shared`, it plays a store others
+    /// share: ops in `lost` were taken by a call whose reply was lost, and
+    /// a look for strays gives back those the pump does not hold, noting
+    /// which keys the pump said it held.
     struct Flaky {
         inner: MemoryStore,
         takes: AtomicUsize,
         fail_take: AtomicUsize,
+        shared: bool,
+        lost: std::sync::Mutex<Vec<Taken>>,
+        looks: std::sync::Mutex<Vec<Option<Vec<String>>>>,
+        looked: Notify,
+    }
+
+    impl Default for Flaky {
+        fn default() -> Self {
+            Flaky {
+                inner: MemoryStore::new(1000),
+                takes: AtomicUsize::new(0),
+                fail_take: AtomicUsize::new(0),
+                shared: false,
+                lost: Default::default(),
+                looks: Default::default(),
+                looked: Notify::new(),
+            }
+        }
     }
 
     fn flaky_engine() -> (Arc<Engine>, Arc<Flaky>) {
-        let store = Arc::new(Flaky {
-            inner: MemoryStore::new(1000),
-            takes: AtomicUsize::new(0),
-            fail_take: AtomicUsize::new(0),
-        });
-        let mut e = Engine::for_tests(None);
+        flaky_engine_with(Flaky::default(), None)
+    }
+
+    fn flaky_engine_with(store: Flaky, sink: Option<Sink>) -> (Arc<Engine>, Arc<Flaky>) {
+        let store = Arc::new(store);
+        let mut e = Engine::for_tests(sink);
         e.store = store.clone();
         (Arc::new(e), store)
     }
@@ -1080,6 +1146,112 @@ mod tests {
         ) -> BoxFuture<'a, Result<Replayed, Error>> {
             self.inner.replay_dead_letters(ids, only_transient)
         }
+        fn shared(&self) -> bool {
+            self.shared
+        }
+        fn give_back_strays<'a>(
+            &'a self,
+            held: Option<&'a (dyn Fn(&str) -> bool + Sync)>,
+        ) -> BoxFuture<'a, Result<(u64, u64), Error>> {
+            Box::pin(async move {
+                let lost = std::mem::take(&mut *self.lost.lock().unwrap());
+                let key = |t: &Taken| crate::buffer::key_of(&t.tuple);
+                let (kept, back): (Vec<Taken>, Vec<Taken>) = lost
+                    .into_iter()
+                    .partition(|t| held.is_some_and(|h| h(&key(t))));
+                let said_held = held.map(|h| {
+                    let mut all: Vec<String> = (0..3)
+                        .map(|i| format!("document:9#viewer@user:u{i:03}"))
+                        .chain(kept.iter().chain(&back).map(key))
+                        .filter(|k| h(k))
+                        .collect();
+                    all.sort();
+                    all
+                });
+                self.looks.lock().unwrap().push(said_held);
+                *self.lost.lock().unwrap() = kept;
+                let n = back.len() as u64;
+                let back = back.into_iter().map(|t| (t, Outcome::Retry)).collect();
+                self.inner.finish(back, None).await?;
+                self.looked.notify_one();
+                Ok((n, 0))
+            })
+        }
+    }
+
+    /// A queue whose enqueues wait until the test opens it.
+    struct Gate {
+        entered: Notify,
+        open: tokio::sync::Semaphore,
+        queued: AtomicUsize,
+    }
+
+    impl JobSink for Gate {
+        fn enqueue<'a>(
+            &'a self,
+            _store_id: &'a str,
+            _model_id: Option<&'a str>,
+            ops: &'a [Taken],
+        ) -> BoxFuture<'a, crate::error::Result<()>> {
+            Box::pin(async move {
+                self.entered.notify_one();
+                let _open = self.open.acquire().await;
+                self.queued.fetch_add(ops.len(), Ordering::Relaxed);
+                Ok(())
+            })
+        }
+    }
+
+    /// Ops a take whose reply was lost left with this writer, while a chunk
+    /// of the pump is still being written: a flush() looks for strays at
+    /// once, naming the running chunk's keys as held (they are not given
+    /// back), and the strays are written within that flush. Before, the
+    /// pump looked only while it held nothing, and a flush() could end
+    /// before such a moment came, without them.
+    #[tokio::test]
+    async fn a_flush_gives_back_strays_while_a_chunk_runs() {
+        let gate = Arc::new(Gate {
+            entered: Notify::new(),
+            open: tokio::sync::Semaphore::new(0),
+            queued: AtomicUsize::new(0),
+        });
+        let shared = Flaky {
+            shared: true,
+            ..Default::default()
+        };
+        let (e, store) = flaky_engine_with(shared, Some(gate.clone()));
+        grant(&e, "document:9", 0, 3).await;
+        let (commands, rx) = mpsc::channel(4);
+        let (_stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(super::super::task::run(e.clone(), rx, stop, false));
+        let (first, first_done) = oneshot::channel();
+        commands.send(Command::Flush(first)).await.unwrap();
+        gate.entered.notified().await;
+
+        // The chunk of document:9 waits at the queue; meanwhile a take
+        // whose reply was lost moves 20 more ops to this writer.
+        grant(&e, "document:1", 0, 20).await;
+        let lost = e.store.take(20, Take::All, u64::MAX).await.unwrap();
+        assert_eq!(lost.len(), 20);
+        store.lost.lock().unwrap().extend(lost);
+        let (second, second_done) = oneshot::channel();
+        commands.send(Command::Flush(second)).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), store.looked.notified())
+            .await
+            .expect("a look for strays while the chunk runs");
+        let running: Vec<String> = (0..3)
+            .map(|i| format!("document:9#viewer@user:u{i:03}"))
+            .collect();
+        assert_eq!(*store.looks.lock().unwrap(), [Some(running)]);
+
+        gate.open.add_permits(1000);
+        first_done.await.unwrap();
+        let report = second_done.await.unwrap();
+        assert_eq!(report.error, None, "{report:?}");
+        assert_eq!(gate.queued.load(Ordering::Relaxed), 23);
+        let p = e.store.pending().await.unwrap();
+        assert_eq!(p.total, 0, "{p:?}");
+        task.abort();
     }
 
     /// A window's second take fails: what its first took is written, not
@@ -1151,8 +1323,8 @@ mod tests {
             pump.taken(w);
             pump.fill().await;
         }
-        while let Some((result, first)) = pump.running.next().await {
-            pump.done(result, first);
+        while let Some((result, held)) = pump.running.next().await {
+            pump.done(result, held);
         }
     }
 

@@ -40,7 +40,9 @@ pub(crate) async fn run(
             last_record = Instant::now();
         }
         if let Some(deadline) = pump.shutdown {
-            let idle = pump.running.is_empty() && pump.reached(pump.target);
+            let idle = pump.running.is_empty()
+                && pump.reached(pump.target)
+                && pump.strays_wanted.is_none_or(|t| pump.strays_seen_since(t));
             let halted = pump.engine.stats.stopped().is_some();
             // Past the deadline nothing new starts; requests still running
             // get a moment to finish (their ops are then pending or applied,
@@ -95,8 +97,8 @@ pub(crate) async fn run(
                 pump.stop_now().await;
                 return;
             }
-            Some((result, first)) = pump.running.next(), if !pump.running.is_empty() => {
-                pump.done(result, first);
+            Some((result, held)) = pump.running.next(), if !pump.running.is_empty() => {
+                pump.done(result, held);
                 pump.park_if_idle().await;
             }
             w = next_window(&mut pump.taking), if pump.taking.is_some() => {
@@ -127,6 +129,7 @@ pub(crate) async fn run(
                     pump.try_again();
                     shutdown_start = pump.totals.clone();
                     shutdown_began = Some(Instant::now());
+                    pump.strays_wanted = Some(Instant::now());
                     shutdown_reply = Some(reply);
                     if let Ok(s) = pump.engine.store.last_seq().await {
                         pump.raise(s);

@@ -90,7 +90,7 @@ impl Holding {
             return;
         }
         *looked = Some(std::time::Instant::now());
-        match store.give_back_strays().await {
+        match crate::buffer::Store::give_back_strays(store, None).await {
             Ok((0, 0)) => {}
             Ok((ops, jobs)) => tracing::warn!(ops, jobs, "gave back ops and jobs Redis named this worker as holding though it was not (a reply lost on the way); they are pending or queued again"),
             Err(e) => tracing::warn!(error = %e, "cannot look for jobs this worker holds in Redis without knowing"),

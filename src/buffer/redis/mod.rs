@@ -506,8 +506,9 @@ impl RedisStore {
         if !unreadable.is_empty() {
             // Dead-lettered here, never sent: the operator sees the op and
             // the reason in the dead-letter set. Should Redis fail now,
-            // they stay this writer's until it stops (then another takes
-            // them), and the flush reports the error.
+            // they stay this writer's until its next look for strays gives
+            // them back (see `give_back_strays`), and the flush reports
+            // the error.
             // Once: a take runs where the flusher does not hear a stop.
             let f = self.finish_now(unreadable, None, Duration::ZERO).await?;
             metrics::counter!("fga_wb_ops_dead_lettered_total").increment(f.dead);
@@ -803,10 +804,31 @@ impl Store for RedisStore {
         })
     }
 
-    fn give_back_strays(&self) -> BoxFuture<'_, Result<(u64, u64)>> {
+    fn give_back_strays<'a>(
+        &'a self,
+        held: Option<&'a (dyn Fn(&str) -> bool + Sync)>,
+    ) -> BoxFuture<'a, Result<(u64, u64)>> {
         Box::pin(async move {
             let mut a = Args::new("strays", self.publish);
             a.push(now_ms()).push(&self.writer);
+            if let Some(held) = held {
+                // Only the keys the caller does not hold: what it holds is
+                // listed in the same set.
+                let mut conn = self.conn.clone();
+                let listed: Vec<String> = redis::cmd("SMEMBERS")
+                    .arg(format!("{}:w:{}", self.prefix, self.writer))
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(redis_error)?;
+                let strays: Vec<&String> = listed.iter().filter(|k| !held(k)).collect();
+                if strays.is_empty() {
+                    return Ok((0, 0));
+                }
+                a.push("keys");
+                for k in strays {
+                    a.push(k);
+                }
+            }
             let v = items(self.call(&a).await?)?;
             Ok((count(&v, 0)?, count(&v, 1)?))
         })

@@ -560,16 +560,14 @@ local function add_entry(key, op, cond, seq, now)
   return e
 end
 
--- Writers whose lease ended: what they were writing is ready again (or back
--- with its job), and the jobs they ran go back to the queue.
 -- Hands back what writer `w` holds: the ops it is writing are ready again
 -- (or back with their job), ops blocked behind its writes ready, the jobs
--- it runs queued. Its ops and jobs back first: a call that fails after this
--- leaves the writer's sets to the next look, never its holdings in neither
--- place. Returns the ops handed back, those folded into newer ops, and the
--- jobs.
-local function hand_back(w, now)
-  local keys = rcall('SMEMBERS', P .. ':w:' .. w)
+-- it runs queued; with `only`, just the ops of those keys. Its ops and jobs
+-- back first: a call that fails after this leaves the writer's sets to the
+-- next look, never its holdings in neither place. Returns the ops handed
+-- back, those folded into newer ops, and the jobs.
+local function hand_back(w, now, only)
+  local keys = only or rcall('SMEMBERS', P .. ':w:' .. w)
   load(keys)
   local ops, folded = 0, 0
   for _, key in ipairs(keys) do
@@ -589,7 +587,7 @@ local function hand_back(w, now)
     end
   end
   local ran = {}
-  for _, id in ipairs(rcall('SMEMBERS', P .. ':wj:' .. w)) do
+  for _, id in ipairs(only and {} or rcall('SMEMBERS', P .. ':wj:' .. w)) do
     if rcall('HGET', P .. ':jobrun', id) == w then
       ran[#ran + 1] = id
       if rcall('HEXISTS', P .. ':jobs', id) == 1 then
@@ -599,10 +597,16 @@ local function hand_back(w, now)
   end
   apply_writes()
   for _, id in ipairs(ran) do rcall('HDEL', P .. ':jobrun', id) end
-  rcall('DEL', P .. ':w:' .. w, P .. ':wj:' .. w)
+  if only then
+    in_parts(rcall, 'SREM', P .. ':w:' .. w, keys, #keys)
+  else
+    rcall('DEL', P .. ':w:' .. w, P .. ':wj:' .. w)
+  end
   return ops, folded, #ran
 end
 
+-- Writers whose lease ended: what they were writing is ready again (or back
+-- with its job), and the jobs they ran go back to the queue.
 local function reclaim(now)
   local dead = rcall('ZRANGEBYSCORE', P .. ':owners', '-inf', now, 'LIMIT', 0, 20)
   local reclaimed, folded = 0, 0
@@ -1415,21 +1419,26 @@ if cmd == 'release' then
   return n
 end
 
--- strays pub now writer -> {ops, jobs}
+-- strays pub now writer ['keys' key*] -> {ops, jobs}
 -- What a live writer holds here without knowing it: ops a take moved to it
 -- or a job a fetch handed it whose reply was lost (a dropped connection, a
 -- timeout), ops whose finish never got through. While its lease runs,
--- nothing else brings them back. The caller holds nothing at all now (no
--- take, write or finish of its own under way), so everything this names it
--- as holding goes back, as reclaim hands back a dead writer's; the writer
--- keeps its lease and term.
+-- nothing else brings them back. Without keys the caller holds nothing at
+-- all now (no take, write or finish of its own under way), so everything
+-- this names it as holding goes back, as reclaim hands back a dead
+-- writer's; with keys, the ops of those keys, which it does not hold. The
+-- writer keeps its lease and term.
 if cmd == 'strays' then
   local now, writer = tonumber(ARGV[3]), ARGV[4]
-  local bad = expect_types({ { P .. ':w:' .. writer, 'set' }, { P .. ':wj:' .. writer, 'set' },
-    { P .. ':ops', 'hash' }, { P .. ':jobrun', 'hash' }, { P .. ':jobs', 'hash' },
-    { P .. ':jobq', 'zset' } })
+  local only
+  if ARGV[5] == 'keys' then
+    only = {}
+    for i = 6, #ARGV do only[#only + 1] = ARGV[i] end
+  end
+  local list = { { P .. ':w:' .. writer, 'set' }, { P .. ':wj:' .. writer, 'set' } }
+  local bad = check_keys(only or {}) or expect_types(list)
   if bad then return redis.error_reply(bad) end
-  local ops, folded, jobs = hand_back(writer, now)
+  local ops, folded, jobs = hand_back(writer, now, only)
   if folded > 0 then incr(P .. ':stats', 'coalesced', folded) end
   if ops > 0 then
     incr(P .. ':stats', 'reclaimed', ops)
