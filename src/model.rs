@@ -106,27 +106,42 @@ impl Model {
         let mut edges: HashMap<RelName, HashSet<Edge>> = HashMap::new();
         let mut negated_edges: HashMap<RelName, HashSet<RelName>> = HashMap::new();
         let mut direct_implies = HashSet::new();
+        // Relations whose directly related user types the model states.
+        let mut described = HashSet::new();
 
         for td in &m.type_definitions {
             let rels = relations.entry(td.type_name.clone()).or_default();
             for name in td.relations.keys() {
-                let allowed = td
+                let listed = td
                     .metadata
                     .as_ref()
                     .and_then(|md| md.get("relations"))
                     .and_then(|r| r.get(name))
                     .and_then(|r| r.get("directly_related_user_types"))
-                    .and_then(Value::as_array)
+                    .and_then(Value::as_array);
+                if listed.is_some() {
+                    described.insert(rel_name(&td.type_name, name));
+                }
+                let allowed = listed
                     .map(|list| list.iter().filter_map(parse_allowed).collect())
                     .unwrap_or_default();
                 rels.insert(name.clone(), allowed);
             }
         }
+        // A direct relation or a tupleset without its user types (metadata
+        // stripped, or a model from before schema 1.1): the usersets and
+        // parents its tuples lead to are unknown, so no dependency is
+        // trusted, and every op counts for every check.
+        let mut blind = false;
         for td in &m.type_definitions {
             for (name, rewrite) in &td.relations {
                 let me = rel_name(&td.type_name, name);
                 let mut direct = Direct::default();
                 collect_deps(&td.type_name, name, rewrite, &relations, false, &mut direct);
+                blind |= direct
+                    .reads
+                    .iter()
+                    .any(|r| !described.contains(&rel_name(&td.type_name, r)));
                 if implies_directly(rewrite) {
                     direct_implies.insert(me.clone());
                 }
@@ -186,6 +201,13 @@ impl Model {
         }
         for v in affects.values_mut() {
             v.sort();
+        }
+        if blind {
+            depends_on.clear();
+            scoped.clear();
+            affects.clear();
+            direct_implies.clear();
+            may_deny.clear();
         }
         Model {
             id: m.id.clone(),
@@ -366,6 +388,9 @@ type Edge = (RelName, bool, bool);
 struct Direct {
     edges: HashSet<Edge>,
     negated: HashSet<RelName>,
+    /// Relations of the same type whose directly related user types the
+    /// analysis needs: direct ones (`this`) and tuplesets.
+    reads: Vec<String>,
 }
 
 impl Direct {
@@ -389,6 +414,7 @@ fn collect_deps(
         return;
     };
     if obj.contains_key("this") {
+        out.reads.push(relation.to_owned());
         out.insert((rel_name(ty, relation), true, true), neg);
         // Usersets (`group#member`) pull in the tuples of that relation too,
         // on the group objects, not the checked one.
@@ -420,6 +446,7 @@ fn collect_deps(
         if let Some(ts) = tupleset {
             // The tupleset's tuples are on the checked object; the relation
             // they lead to is on other objects (the parents).
+            out.reads.push(ts.to_owned());
             out.insert((rel_name(ty, ts), true, false), neg);
             if let Some(cr) = computed {
                 for a in relations
@@ -502,6 +529,28 @@ mod tests {
         assert!(can_view.iter().any(|x| x == "document#blocked"));
         let affected = m.affects("document#blocked").unwrap();
         assert_eq!(affected, ["document#blocked", "document#can_view"]);
+    }
+
+    /// A model whose direct relations lack their user types (metadata
+    /// stripped on the way) cannot say which usersets a check reads: no
+    /// dependency is trusted, every op changes every cached answer, and no
+    /// pending grant answers a check by itself. Read as "no usersets", a
+    /// revoked group membership would not hold back a document check.
+    #[test]
+    fn a_model_without_user_types_trusts_no_dependency() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/models/documents.json");
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        for td in v["type_definitions"].as_array_mut().unwrap() {
+            td.as_object_mut().unwrap().remove("metadata");
+        }
+        let m = Model::new(&serde_json::from_value(v).unwrap());
+        assert_eq!(m.depends_on("document", "viewer"), None);
+        assert_eq!(m.depends_on_scoped("document", "viewer"), None);
+        assert_eq!(m.affects("group#member"), None);
+        assert!(!m.direct_implies("document", "viewer"));
+        assert!(m.may_deny("document", "viewer", "document#viewer"));
+        // With them, the same model is analysed.
+        assert!(model().depends_on("document", "viewer").is_some());
     }
 
     #[test]

@@ -744,6 +744,17 @@ impl Config {
                 "queue.retry_schedule is empty; give at least one wait, e.g. [\"10s\"]",
             ));
         }
+        // Zero would retry a failing OpenFGA, or poll Redis, with no pause.
+        if self.flush.retry_initial_backoff.is_zero() {
+            return Err(Error::config(
+                "flush.retry_initial_backoff is 0; it must be above 0 (e.g. \"100ms\")",
+            ));
+        }
+        if self.queue.poll_interval < Duration::from_millis(1) {
+            return Err(Error::config(
+                "queue.poll_interval is below 1ms; an idle worker would call Redis without a pause (e.g. \"100ms\")",
+            ));
+        }
         if self.flush.retry_initial_backoff > self.flush.retry_max_backoff {
             return Err(Error::config(
                 "flush.retry_initial_backoff is longer than flush.retry_max_backoff",

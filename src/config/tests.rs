@@ -279,3 +279,17 @@ fn sizes_set_in_code_are_checked() {
     let e = c.validate().unwrap_err();
     assert!(e.to_string().contains("queue.worker_concurrency"), "{e}");
 }
+
+/// Pauses of zero would retry a failing OpenFGA, or poll Redis from an
+/// idle worker, with no pause at all: refused by name.
+#[test]
+fn zero_pauses_are_refused() {
+    let e = load_env(&[("FGA_WB_FLUSH__RETRY_INITIAL_BACKOFF", "0s")]).unwrap_err();
+    assert!(
+        e.to_string().contains("flush.retry_initial_backoff is 0"),
+        "{e}"
+    );
+    let e = load_env(&[("FGA_WB_QUEUE__POLL_INTERVAL", "0ms")]).unwrap_err();
+    assert!(e.to_string().contains("queue.poll_interval"), "{e}");
+    assert!(load_env(&[("FGA_WB_QUEUE__POLL_INTERVAL", "1ms")]).is_ok());
+}

@@ -19,8 +19,8 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 use crate::error::{Error, Kind, Result};
 use crate::openfga::{redact_url, split_urls};
 
-/// Where Redis is.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Where Redis is. Its `Debug` shows the URLs without their passwords.
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) enum Target {
     /// One node.
     Node(String),
@@ -87,6 +87,15 @@ impl Target {
                 .map(|u| redact_url(u))
                 .collect::<Vec<_>>()
                 .join(","),
+        }
+    }
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Node(_) => write!(f, "Node({})", self.shown()),
+            Target::Cluster(_) => write!(f, "Cluster({})", self.shown()),
         }
     }
 }
@@ -392,5 +401,12 @@ mod tests {
             .unwrap()
             .shown();
         assert!(!shown.contains("secret"), "{shown}");
+        for url in ["redis://:secret@a:1", "redis+cluster://u:secret@a:1,b:2"] {
+            let debug = format!("{:?}", Target::parse(url).unwrap());
+            assert!(
+                !debug.contains("secret") && debug.contains("a:1"),
+                "{debug}"
+            );
+        }
     }
 }
