@@ -358,6 +358,11 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn holds(&self, _t: &Taken) -> bool {
         true
     }
+    /// How many take and finish calls failed so far, each possibly after
+    /// it ran with its reply lost (leaving strays: see `give_back_strays`).
+    fn unsure_calls(&self) -> u64 {
+        0
+    }
     /// How many ops takes dead-lettered since the last call, without
     /// handing them out (unreadable in the store; the store counts them in
     /// its totals and the metric): a flush reports them.

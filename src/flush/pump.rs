@@ -14,10 +14,27 @@ pub(crate) struct Waiter {
 }
 
 /// What a running chunk holds: the lowest `first` among its ops, and (for a
-/// shared store) its ops' keys, which a look for strays leaves alone.
+/// shared store) its ops' keys, hashed (see `key_hash`), which a look for
+/// strays leaves alone.
 pub(crate) struct Held {
     pub(crate) first: u64,
-    pub(crate) keys: Vec<String>,
+    pub(crate) keys: Vec<u64>,
+}
+
+/// A key's hash, from its parts (`object#relation@user`) or whole: the
+/// same either way, and no string built per op. Keys that collide are
+/// both taken as held, which only leaves a stray for a later look.
+fn key_hash(parts: &[&str]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for p in parts {
+        h.write(p.as_bytes());
+    }
+    h.finish()
+}
+
+fn tuple_hash(t: &crate::tuple::TupleKey) -> u64 {
+    key_hash(&[&t.object, "#", &t.relation, "@", &t.user])
 }
 
 /// A running chunk's result, and what it held.
@@ -36,9 +53,12 @@ pub(crate) struct Pump {
     pub(crate) freed: Arc<Notify>,
     /// `first` of each running chunk's oldest op (a multiset).
     pub(crate) running_firsts: BTreeMap<u64, usize>,
-    /// Keys of the running chunks' ops (a multiset: a key's chunk may end
-    /// and the key be taken again before the pump hears of the end).
-    pub(crate) running_keys: std::collections::HashMap<String, u32>,
+    /// Keys of the running chunks' ops, hashed (a multiset: a key's chunk
+    /// may end and the key be taken again before the pump hears of it).
+    pub(crate) running_keys: std::collections::HashMap<u64, u32>,
+    /// The store's count of failed calls when last seen: a new one may
+    /// have left strays, so waiters wait for a look after it.
+    pub(crate) unsure_seen: u64,
     /// Taken ops sorted by key, not yet sent.
     pub(crate) staged: VecDeque<Taken>,
     /// The next window being taken, while the staged ops are sent.
@@ -126,6 +146,7 @@ impl Pump {
             freed: Arc::new(Notify::new()),
             running_firsts: BTreeMap::new(),
             running_keys: Default::default(),
+            unsure_seen: 0,
             staged: VecDeque::new(),
             taking: None,
             carry: Vec::new(),
@@ -331,14 +352,17 @@ impl Pump {
         }
         self.strays_looked = Some(Instant::now());
         let nothing = self.running.is_empty() && self.staged.is_empty() && self.carry.is_empty();
-        let staged: std::collections::HashSet<String> = self
+        let staged: std::collections::HashSet<u64> = self
             .staged
             .iter()
             .chain(&self.carry)
-            .map(|t| crate::buffer::key_of(&t.tuple))
+            .map(|t| tuple_hash(&t.tuple))
             .collect();
         let running = &self.running_keys;
-        let held = |k: &str| staged.contains(k) || running.contains_key(k);
+        let held = |k: &str| {
+            let h = key_hash(&[k]);
+            staged.contains(&h) || running.contains_key(&h)
+        };
         let held: Option<&(dyn Fn(&str) -> bool + Sync)> = (!nothing).then_some(&held);
         match e.store.give_back_strays(held).await {
             Ok((0, _)) => {}
@@ -356,10 +380,20 @@ impl Pump {
         }
     }
 
-    /// Whether the store was asked for strays since `t` (always, for a
-    /// store no other process shares: it has none).
-    pub(crate) fn strays_seen_since(&self, t: Instant) -> bool {
-        !self.engine.store.shared() || self.strays_looked.is_some_and(|l| l >= t)
+    /// Whether the store was asked for strays since `t`, and since the
+    /// last call that may have left some (always, for a store no other
+    /// process shares: it has none).
+    pub(crate) fn strays_seen_since(&mut self, t: Instant) -> bool {
+        let unsure = self.engine.store.unsure_calls();
+        if unsure != self.unsure_seen {
+            self.unsure_seen = unsure;
+            self.strays_wanted = Some(Instant::now());
+            self.replan = true;
+        }
+        !self.engine.store.shared()
+            || self
+                .strays_looked
+                .is_some_and(|l| l >= t && self.strays_wanted.is_none_or(|w| l >= w))
     }
 
     pub(crate) fn raise(&mut self, to: u64) {
@@ -609,15 +643,12 @@ impl Pump {
         self.busy_since.get_or_insert_with(Instant::now);
         let first = ops.iter().map(|t| t.first).min().unwrap_or(0);
         *self.running_firsts.entry(first).or_default() += 1;
-        let keys: Vec<String> = match self.may_carry {
-            true => ops
-                .iter()
-                .map(|t| crate::buffer::key_of(&t.tuple))
-                .collect(),
+        let keys: Vec<u64> = match self.may_carry {
+            true => ops.iter().map(|t| tuple_hash(&t.tuple)).collect(),
             false => Vec::new(),
         };
-        for k in &keys {
-            *self.running_keys.entry(k.clone()).or_default() += 1;
+        for &k in &keys {
+            *self.running_keys.entry(k).or_default() += 1;
         }
         let held = Held { first, keys };
         let engine = self.engine.clone();
@@ -808,9 +839,14 @@ impl Pump {
 
     /// Answers the waiters whose flush is complete.
     pub(crate) fn settle(&mut self) {
-        let (done, wait): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
-            .into_iter()
-            .partition(|w| self.reached(w.up_to) && self.strays_seen_since(w.started));
+        let waiters = std::mem::take(&mut self.waiters);
+        let (mut done, mut wait) = (Vec::new(), Vec::new());
+        for w in waiters {
+            match self.reached(w.up_to) && self.strays_seen_since(w.started) {
+                true => done.push(w),
+                false => wait.push(w),
+            }
+        }
         self.waiters = wait;
         for w in done {
             // Everything it wanted is written: an error seen on the way was
@@ -1091,10 +1127,20 @@ mod tests {
             up_to: u64,
         ) -> BoxFuture<'_, Result<Vec<Taken>, Error>> {
             let n = self.takes.fetch_add(1, Ordering::Relaxed) + 1;
-            if n == self.fail_take.load(Ordering::Relaxed) {
-                return Box::pin(futures::future::ready(Err(failure())));
+            if n != self.fail_take.load(Ordering::Relaxed) {
+                return self.inner.take(max, what, up_to);
             }
-            self.inner.take(max, what, up_to)
+            Box::pin(async move {
+                if self.shared {
+                    // It ran, and its reply was lost.
+                    let lost = self.inner.take(max, what, up_to).await?;
+                    self.lost.lock().unwrap().extend(lost);
+                }
+                Err(failure())
+            })
+        }
+        fn unsure_calls(&self) -> u64 {
+            u64::from(self.takes.load(Ordering::Relaxed) >= self.fail_take.load(Ordering::Relaxed))
         }
         fn finish<'a>(
             &'a self,
@@ -1252,6 +1298,38 @@ mod tests {
         let p = e.store.pending().await.unwrap();
         assert_eq!(p.total, 0, "{p:?}");
         task.abort();
+    }
+
+    /// A take of a flush fails after it ran (its reply lost) while earlier
+    /// takes of its window got ops: the flush writes those, and does not
+    /// report success before a look for strays after the failure gave the
+    /// lost ops back and wrote them too. Before, it ended without them.
+    #[tokio::test]
+    async fn a_flush_waits_for_what_a_failed_take_of_its_own_left() {
+        let queue = Arc::new(crate::queue::FakeQueue::default());
+        let store = Arc::new(Flaky {
+            shared: true,
+            ..Default::default()
+        });
+        let mut e = Engine::for_tests(Some(queue.clone()));
+        e.store = store.clone();
+        // Windows of 128 ops (one-op chunks).
+        e.cfg.max_tuples_per_write = 1;
+        let e = Arc::new(e);
+        grant(&e, "document:1", 0, 120).await;
+        // 115 of them are being written by another process: the window's
+        // first take finds few ready and takes again; that take fails.
+        let busy = e.store.take(115, Take::All, u64::MAX).await.unwrap();
+        assert_eq!(busy.len(), 115);
+        grant(&e, "document:2", 0, 240).await;
+        store.takes.store(0, Ordering::Relaxed);
+        store.fail_take.store(2, Ordering::Relaxed);
+        let report = super::super::flush_once(e.clone()).await;
+        assert!(store.takes.load(Ordering::Relaxed) > 2, "the take failed");
+        assert_eq!(report.queued, 245, "{report:?}");
+        assert!(store.lost.lock().unwrap().is_empty());
+        let p = e.store.pending().await.unwrap();
+        assert_eq!((p.total, p.in_flight), (0, 360), "{p:?}");
     }
 
     /// A window's second take fails: what its first took is written, not

@@ -42,7 +42,7 @@ pub(crate) async fn run(
         if let Some(deadline) = pump.shutdown {
             let idle = pump.running.is_empty()
                 && pump.reached(pump.target)
-                && pump.strays_wanted.is_none_or(|t| pump.strays_seen_since(t));
+                && shutdown_began.is_none_or(|t| pump.strays_seen_since(t));
             let halted = pump.engine.stats.stopped().is_some();
             // Past the deadline nothing new starts; requests still running
             // get a moment to finish (their ops are then pending or applied,

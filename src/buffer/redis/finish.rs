@@ -110,6 +110,9 @@ impl RedisStore {
             if !e.is_transient()
                 || Instant::now() + wait >= self.finishes.retry_until(started, repeat_for)
             {
+                // Its ops may stay this writer's: stray.
+                self.unsure
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Err(e);
             }
             tracing::warn!(error = %e, retry_in = ?wait, ops = done.len(), "could not record write outcomes; repeating");

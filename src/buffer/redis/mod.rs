@@ -77,6 +77,8 @@ pub(crate) struct RedisStore {
     finishes: finish::Finishes,
     /// Ops takes dead-lettered, not yet reported (see `Store::dead_on_take`).
     dead_on_take: AtomicU64,
+    /// Takes and finishes that failed (see `Store::unsure_calls`).
+    unsure: AtomicU64,
 }
 
 /// What this process knows that a Redis which lost data would not, to
@@ -415,6 +417,7 @@ impl RedisStore {
             capacity,
             finishes: Default::default(),
             dead_on_take: AtomicU64::new(0),
+            unsure: AtomicU64::new(0),
         })
     }
 
@@ -436,7 +439,12 @@ impl RedisStore {
         let mut out = Vec::with_capacity(max.min(4096));
         while out.len() < max {
             let want = (max - out.len()).min(TAKE_PER_CALL);
-            match self.take_some(want, what, up_to, &mut out).await {
+            let some = self.take_some(want, what, up_to, &mut out).await;
+            if some.is_err() {
+                // It may have run, its reply lost: what it took is stray.
+                self.unsure.fetch_add(1, Ordering::Relaxed);
+            }
+            match some {
                 Ok(got) if got < want => break,
                 Ok(_) => {}
                 // What earlier calls took is this writer's to write now:
@@ -774,6 +782,10 @@ impl Store for RedisStore {
 
     fn holds(&self, t: &Taken) -> bool {
         t.term == self.hold.term()
+    }
+
+    fn unsure_calls(&self) -> u64 {
+        self.unsure.load(Ordering::Relaxed)
     }
 
     fn dead_on_take(&self) -> u64 {
