@@ -21,9 +21,9 @@ pub(crate) struct Held {
     pub(crate) keys: Vec<u64>,
 }
 
-/// A key's hash, from its parts (`object#relation@user`) or whole: the
-/// same either way, and no string built per op. Keys that collide are
-/// both taken as held, which only leaves a stray for a later look.
+/// A key's hash, from its parts (`object`, `#`, `relation`, `@`, `user`):
+/// no string built per op. Keys that collide are both taken as held, which
+/// only leaves a stray for a later look.
 fn key_hash(parts: &[&str]) -> u64 {
     use std::hash::Hasher;
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -35,6 +35,14 @@ fn key_hash(parts: &[&str]) -> u64 {
 
 fn tuple_hash(t: &crate::tuple::TupleKey) -> u64 {
     key_hash(&[&t.object, "#", &t.relation, "@", &t.user])
+}
+
+/// The hash of a key as stored (`key_of`): the object has no `#` and the
+/// relation no `@`, so the first of each ends them.
+fn member_hash(k: &str) -> Option<u64> {
+    let (object, rest) = k.split_once('#')?;
+    let (relation, user) = rest.split_once('@')?;
+    Some(key_hash(&[object, "#", relation, "@", user]))
 }
 
 /// A running chunk's result, and what it held.
@@ -185,6 +193,7 @@ impl Pump {
     /// the target is not reached, at most every `PLAN_EVERY` (for the Redis
     /// store each look is a round trip).
     pub(crate) async fn maybe_plan(&mut self) -> Option<Instant> {
+        self.note_unsure();
         let busy = !self.running.is_empty() && self.exhausted != Some(self.target);
         let recent = self.planned_at.is_some_and(|t| t.elapsed() < PLAN_EVERY);
         if self.replan || !busy || !recent {
@@ -359,9 +368,9 @@ impl Pump {
             .map(|t| tuple_hash(&t.tuple))
             .collect();
         let running = &self.running_keys;
+        // A member that is not a key a take of this writer made is not held.
         let held = |k: &str| {
-            let h = key_hash(&[k]);
-            staged.contains(&h) || running.contains_key(&h)
+            member_hash(k).is_some_and(|h| staged.contains(&h) || running.contains_key(&h))
         };
         let held: Option<&(dyn Fn(&str) -> bool + Sync)> = (!nothing).then_some(&held);
         match e.store.give_back_strays(held).await {
@@ -380,16 +389,21 @@ impl Pump {
         }
     }
 
-    /// Whether the store was asked for strays since `t`, and since the
-    /// last call that may have left some (always, for a store no other
-    /// process shares: it has none).
-    pub(crate) fn strays_seen_since(&mut self, t: Instant) -> bool {
+    /// A take or finish failed since the last time: it may have run with
+    /// its reply lost, so a look for strays is wanted, at once.
+    pub(crate) fn note_unsure(&mut self) {
         let unsure = self.engine.store.unsure_calls();
         if unsure != self.unsure_seen {
             self.unsure_seen = unsure;
             self.strays_wanted = Some(Instant::now());
             self.replan = true;
         }
+    }
+
+    /// Whether the store was asked for strays since `t`, and since the
+    /// last call that may have left some (always, for a store no other
+    /// process shares: it has none).
+    pub(crate) fn strays_seen_since(&self, t: Instant) -> bool {
         !self.engine.store.shared()
             || self
                 .strays_looked
@@ -839,14 +853,11 @@ impl Pump {
 
     /// Answers the waiters whose flush is complete.
     pub(crate) fn settle(&mut self) {
-        let waiters = std::mem::take(&mut self.waiters);
-        let (mut done, mut wait) = (Vec::new(), Vec::new());
-        for w in waiters {
-            match self.reached(w.up_to) && self.strays_seen_since(w.started) {
-                true => done.push(w),
-                false => wait.push(w),
-            }
-        }
+        // A call that failed since the look: the task plans again at once.
+        self.note_unsure();
+        let (done, wait): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition(|w| self.reached(w.up_to) && self.strays_seen_since(w.started));
         self.waiters = wait;
         for w in done {
             // Everything it wanted is written: an error seen on the way was
@@ -1140,7 +1151,8 @@ mod tests {
             })
         }
         fn unsure_calls(&self) -> u64 {
-            u64::from(self.takes.load(Ordering::Relaxed) >= self.fail_take.load(Ordering::Relaxed))
+            let fail = self.fail_take.load(Ordering::Relaxed);
+            u64::from(fail != 0 && self.takes.load(Ordering::Relaxed) >= fail)
         }
         fn finish<'a>(
             &'a self,
@@ -1298,6 +1310,24 @@ mod tests {
         let p = e.store.pending().await.unwrap();
         assert_eq!(p.total, 0, "{p:?}");
         task.abort();
+    }
+
+    /// A key as Redis lists it hashes as the tuple it was made from, users
+    /// with `#`, `@` or beyond ASCII included: a held key is never taken
+    /// for a stray.
+    #[test]
+    fn keys_hash_as_their_tuples() {
+        for (u, r, o) in [
+            ("user:anne", "viewer", "document:1"),
+            ("group:eng#member", "viewer", "document:2"),
+            ("user:anne@example.com", "editor", "folder:é"),
+            ("user:*", "viewer", "document:3"),
+        ] {
+            let t = TupleKey::new(u, r, o).unwrap();
+            let k = crate::buffer::key_of(&t);
+            assert_eq!(member_hash(&k), Some(tuple_hash(&t)), "{k}");
+        }
+        assert_eq!(member_hash("not a key"), None);
     }
 
     /// A take of a flush fails after it ran (its reply lost) while earlier

@@ -97,6 +97,8 @@ pub(crate) async fn run(
                 pump.stop_now().await;
                 return;
             }
+            // Something asks to look again now (see `Pump::note_unsure`).
+            _ = std::future::ready(()), if pump.replan => {}
             Some((result, held)) = pump.running.next(), if !pump.running.is_empty() => {
                 pump.done(result, held);
                 pump.park_if_idle().await;
