@@ -1313,8 +1313,8 @@ mod tests {
     }
 
     /// A key as Redis lists it hashes as the tuple it was made from, users
-    /// with `#`, `@` or beyond ASCII included: a held key is never taken
-    /// for a stray.
+    /// with `#`, `@` or beyond ASCII and objects with `@` included: a held
+    /// key is never taken for a stray.
     #[test]
     fn keys_hash_as_their_tuples() {
         for (u, r, o) in [
@@ -1322,6 +1322,7 @@ mod tests {
             ("group:eng#member", "viewer", "document:2"),
             ("user:anne@example.com", "editor", "folder:é"),
             ("user:*", "viewer", "document:3"),
+            ("user:bob", "viewer", "document:a@b"),
         ] {
             let t = TupleKey::new(u, r, o).unwrap();
             let k = crate::buffer::key_of(&t);
