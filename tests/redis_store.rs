@@ -981,3 +981,38 @@ async fn a_job_a_lost_fetch_reply_left_with_a_live_worker_runs() {
     worker.start_kill().expect("stop the worker");
     wb.shutdown().await.unwrap();
 }
+
+/// `strays` with keys gives back only the ops of those keys that Redis
+/// names the writer as writing (what the flusher does not hold), and
+/// leaves the writer's other ops being written: they are its own.
+#[tokio::test]
+async fn strays_with_keys_gives_back_only_those() {
+    let s = new_store("redis-strays-keys").await;
+    let wb = manual_handle(&s).await;
+    for i in 0..3 {
+        wb.grant(&format!("user:u{i}"), "viewer", "document:sk")
+            .await
+            .unwrap();
+    }
+    let mut w = LateWriter::new(&s, "app:strays-keys").await;
+    let taken = w.take_at(now_ms(), 60_000).await;
+    assert_eq!(taken.len(), 3);
+    let answer: Vec<i64> = w
+        .script
+        .key(&w.prefix)
+        .arg(&["strays", w.publish])
+        .arg(now_ms())
+        .arg(&w.name)
+        .arg("keys")
+        .arg("document:sk#viewer@user:u1")
+        .invoke_async(&mut w.conn)
+        .await
+        .unwrap();
+    assert_eq!(answer, [1, 0]);
+    let p = wb.pending().await.unwrap();
+    assert_eq!((p.total, p.in_flight), (1, 2), "{p:?}");
+    let members: Vec<String> = w.on_key("SMEMBERS", &format!("w:{}", w.name), &[]).await;
+    assert_eq!(members.len(), 2, "{members:?}");
+    assert!(!members.contains(&"document:sk#viewer@user:u1".to_owned()));
+    wb.shutdown().await.unwrap();
+}
