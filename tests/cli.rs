@@ -38,14 +38,6 @@ fn filler_config(s: &TestStore, mode: Mode) -> Config {
     c
 }
 
-async fn grant_range(wb: &WriteBehind, doc: &str, users: std::ops::Range<usize>) {
-    for i in users {
-        wb.grant(&format!("user:u{i}"), "viewer", doc)
-            .await
-            .unwrap();
-    }
-}
-
 /// `status`, `status --json`, `flush`, `clear` and `clear --yes` on a
 /// buffer that a handle in this process fills, also while it is filling.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,7 +46,7 @@ async fn status_flush_clear_on_a_buffer_being_filled() {
     let cli = Cli::new(&s, "inline");
     let wb = filler(&s, Mode::Inline).await;
     const N: usize = 40;
-    grant_range(&wb, "document:a", 0..N).await;
+    support::grant_users(&wb, "document:a", 0..N).await;
 
     // The table names the pending count and the dead letters.
     let r = cli.run(&["status"]).await;
@@ -131,7 +123,7 @@ async fn status_flush_clear_on_a_buffer_being_filled() {
     assert_eq!(wb.pending().await.unwrap().total, 0);
     assert_eq!(stored(&s).await.len(), N + applied);
 
-    grant_range(&wb, "document:c", 0..7).await;
+    support::grant_users(&wb, "document:c", 0..7).await;
     let r = cli.run(&["clear", "--yes"]).await;
     r.ok();
     assert!(r.stdout.contains("cleared 7 pending ops"), "{}", r.stdout);
@@ -160,14 +152,14 @@ async fn dead_letters_list_replay_purge() {
         .then_some(())
         .expect("no dead letters yet");
     // Two tuples the model has no relation for, between good ones.
-    grant_range(&wb, "document:ok", 0..5).await;
+    support::grant_users(&wb, "document:ok", 0..5).await;
     wb.grant("user:bad1", "no_such_relation", "document:x")
         .await
         .unwrap();
     wb.grant("user:bad2", "no_such_relation", "document:y")
         .await
         .unwrap();
-    grant_range(&wb, "document:ok2", 0..5).await;
+    support::grant_users(&wb, "document:ok2", 0..5).await;
 
     let r = cli.run(&["flush"]).await;
     r.ok();
@@ -277,7 +269,7 @@ async fn queue_flush_wait_and_worker_sigterm() {
     let cli = Cli::new(&s, "queue");
     let wb = filler(&s, Mode::Queue).await;
     const N: usize = 250;
-    grant_range(&wb, "document:q", 0..N).await;
+    support::grant_users(&wb, "document:q", 0..N).await;
 
     let worker = cli
         .command(&["worker", "--concurrency", "2"])
@@ -322,7 +314,7 @@ async fn queue_flush_wait_and_worker_sigterm() {
     let applied_line = r.stdout.lines().next().unwrap_or_default().to_owned();
 
     // And with --json.
-    grant_range(&wb, "document:q2", 0..10).await;
+    support::grant_users(&wb, "document:q2", 0..10).await;
     let j = cli.run(&["flush", "--wait", "--json"]).await.ok().json();
     assert_eq!(j["flush"]["queued"], 10, "{j:#}");
     assert_eq!(j["flush"]["applied"], 10, "{j:#}");
@@ -340,7 +332,7 @@ async fn queue_flush_wait_and_worker_sigterm() {
         .build()
         .await
         .unwrap();
-    grant_range(&unchecked, "document:q4", 0..4).await;
+    support::grant_users(&unchecked, "document:q4", 0..4).await;
     unchecked
         .grant("user:bad", "no_such_relation", "document:q4")
         .await
@@ -387,7 +379,7 @@ async fn queue_flush_wait_and_worker_sigterm() {
     r.fails(1, "OpenFGA refuses the credentials");
 
     // No worker now: `flush --wait` says so and gives up at its timeout.
-    grant_range(&wb, "document:q3", 0..5).await;
+    support::grant_users(&wb, "document:q3", 0..5).await;
     let r = cli.run(&["flush", "--wait", "--timeout", "2s"]).await;
     r.fails(1, "no worker is running");
     assert!(r.stderr.contains("5 ops still pending"), "{r:#?}");
@@ -559,7 +551,7 @@ async fn config_file_is_read() {
     cli.vars
         .retain(|(k, _)| k != "FGA_WB_BUFFER__STORE" && k != "FGA_WB_REDIS__URL");
     let wb = filler(&s, Mode::Inline).await;
-    grant_range(&wb, "document:cfg", 0..3).await;
+    support::grant_users(&wb, "document:cfg", 0..3).await;
     let j = cli
         .run(&["--config", path.to_str().unwrap(), "status", "--json"])
         .await

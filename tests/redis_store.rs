@@ -896,11 +896,7 @@ async fn live_writer(late: &mut LateWriter, kind: &str) -> String {
 async fn ops_a_lost_take_reply_left_with_a_live_process_are_written() {
     let s = new_store("redis-lost-take").await;
     let wb = manual_handle(&s).await;
-    for i in 0..30 {
-        wb.grant(&format!("user:u{i}"), "viewer", "document:lost")
-            .await
-            .unwrap();
-    }
+    support::grant_users(&wb, "document:lost", 0..30).await;
     let mut late = LateWriter::new(&s, "").await;
     late.name = live_writer(&mut late, "app").await;
     // The take as the process's own call would make it, its reply lost.
@@ -961,11 +957,7 @@ async fn a_job_a_lost_fetch_reply_left_with_a_live_worker_runs() {
     assert!(late.name.contains(&format!("-{pid}-")), "{}", late.name);
 
     support::signal(pid, "-STOP");
-    for i in 0..20 {
-        wb.grant(&format!("user:u{i}"), "viewer", "document:fetched")
-            .await
-            .unwrap();
-    }
+    support::grant_users(&wb, "document:fetched", 0..20).await;
     assert_eq!(wb.flush().await.unwrap().queued, 20);
     let jobs = late.fetch_at(now_ms(), 60_000).await;
     assert_eq!(jobs.len(), 1, "{jobs:?}");
@@ -989,11 +981,7 @@ async fn a_job_a_lost_fetch_reply_left_with_a_live_worker_runs() {
 async fn strays_with_keys_gives_back_only_those() {
     let s = new_store("redis-strays-keys").await;
     let wb = manual_handle(&s).await;
-    for i in 0..3 {
-        wb.grant(&format!("user:u{i}"), "viewer", "document:sk")
-            .await
-            .unwrap();
-    }
+    support::grant_users(&wb, "document:sk", 0..3).await;
     let mut w = LateWriter::new(&s, "app:strays-keys").await;
     let taken = w.take_at(now_ms(), 60_000).await;
     assert_eq!(taken.len(), 3);

@@ -45,6 +45,21 @@ fn member_hash(k: &str) -> Option<u64> {
     Some(key_hash(&[object, "#", relation, "@", user]))
 }
 
+/// Adds one `k` to a multiset.
+fn add_one(set: &mut BTreeMap<u64, usize>, k: u64) {
+    *set.entry(k).or_default() += 1;
+}
+
+/// Removes one `k` from a multiset.
+fn remove_one(set: &mut BTreeMap<u64, usize>, k: u64) {
+    if let std::collections::btree_map::Entry::Occupied(mut n) = set.entry(k) {
+        *n.get_mut() -= 1;
+        if *n.get() == 0 {
+            n.remove();
+        }
+    }
+}
+
 /// A running chunk's result, and what it held.
 pub(crate) type Running = FuturesUnordered<BoxFuture<'static, (ChunkResult, Held)>>;
 
@@ -63,7 +78,7 @@ pub(crate) struct Pump {
     pub(crate) running_firsts: BTreeMap<u64, usize>,
     /// Keys of the running chunks' ops, hashed (a multiset: a key's chunk
     /// may end and the key be taken again before the pump hears of it).
-    pub(crate) running_keys: std::collections::HashMap<u64, u32>,
+    pub(crate) running_keys: BTreeMap<u64, usize>,
     /// The store's count of failed calls when last seen: a new one may
     /// have left strays, so waiters wait for a look after it.
     pub(crate) unsure_seen: u64,
@@ -153,7 +168,7 @@ impl Pump {
             writing: Arc::new(AtomicUsize::new(0)),
             freed: Arc::new(Notify::new()),
             running_firsts: BTreeMap::new(),
-            running_keys: Default::default(),
+            running_keys: BTreeMap::new(),
             unsure_seen: 0,
             staged: VecDeque::new(),
             taking: None,
@@ -656,13 +671,13 @@ impl Pump {
     pub(crate) fn start(&mut self, ops: Vec<Taken>) {
         self.busy_since.get_or_insert_with(Instant::now);
         let first = ops.iter().map(|t| t.first).min().unwrap_or(0);
-        *self.running_firsts.entry(first).or_default() += 1;
+        add_one(&mut self.running_firsts, first);
         let keys: Vec<u64> = match self.may_carry {
             true => ops.iter().map(|t| tuple_hash(&t.tuple)).collect(),
             false => Vec::new(),
         };
         for &k in &keys {
-            *self.running_keys.entry(k).or_default() += 1;
+            add_one(&mut self.running_keys, k);
         }
         let held = Held { first, keys };
         let engine = self.engine.clone();
@@ -721,19 +736,9 @@ impl Pump {
 
     /// Records a finished chunk.
     pub(crate) fn done(&mut self, result: ChunkResult, held: Held) {
-        if let Some(n) = self.running_firsts.get_mut(&held.first) {
-            *n -= 1;
-            if *n == 0 {
-                self.running_firsts.remove(&held.first);
-            }
-        }
+        remove_one(&mut self.running_firsts, held.first);
         for k in held.keys {
-            if let std::collections::hash_map::Entry::Occupied(mut n) = self.running_keys.entry(k) {
-                *n.get_mut() -= 1;
-                if *n.get() == 0 {
-                    n.remove();
-                }
-            }
+            remove_one(&mut self.running_keys, k);
         }
         let e = self.engine.clone();
         self.limit.observe(&result.rtts, result.congested);
@@ -1057,8 +1062,10 @@ pub(crate) const MAX_CARRIES: u8 = 3;
 /// give staged ops back to pending (see `park_if_idle`): by then the
 /// backoff has grown past a blip's.
 pub(crate) const PARK_AFTER: Duration = Duration::from_secs(1);
-/// How often a pump that holds nothing asks the store for what it names
-/// the writer as holding (see `Pump::give_back_strays`).
+/// How often, at most, a flusher with no take under way, or a worker that
+/// runs no job, asks the store for what it names the writer as holding
+/// that the writer does not hold (see `Pump::give_back_strays`), unless a
+/// flush(), a shutdown or a failed call asks sooner.
 pub(crate) const STRAY_EVERY: Duration = Duration::from_secs(5);
 /// While requests run, the triggers are looked at this often at most.
 pub(crate) const PLAN_EVERY: Duration = Duration::from_millis(20);

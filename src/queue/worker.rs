@@ -250,7 +250,7 @@ fn handle(
     Box::pin(async move {
         // An Err would only make apalis log it: the job's state is in
         // Redis, and a job left running by a failed finish goes back to the
-        // queue when this worker's lease ends.
+        // queue at this worker's next look for strays, once it runs no job.
         let result: Result<()> = applier.apply(job, claims, term).await;
         drop(hold);
         result.map_err(|e| {

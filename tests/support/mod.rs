@@ -324,6 +324,15 @@ pub fn config_for(store: &TestStore) -> fga_wb::Config {
 /// Every tuple in the store, as sorted `object#relation@user` strings.
 /// Grants `user:u<i>` viewer on `document:d<i % objects>` for every `i` in
 /// `range`.
+/// Grants users `u<i>` for `i` in `users` viewer on `doc`.
+pub async fn grant_users(wb: &fga_wb::WriteBehind, doc: &str, users: std::ops::Range<usize>) {
+    for i in users {
+        wb.grant(&format!("user:u{i}"), "viewer", doc)
+            .await
+            .unwrap();
+    }
+}
+
 pub async fn grant_spread(wb: &fga_wb::WriteBehind, range: std::ops::Range<usize>, objects: usize) {
     for i in range {
         wb.grant(

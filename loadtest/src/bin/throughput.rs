@@ -250,10 +250,7 @@ async fn main() -> Res<()> {
     let only = std::env::var("FGA_WB_BENCH_ONLY").ok();
     let groups: Vec<_> = groups
         .into_iter()
-        .filter(|(t, _, _)| {
-            only.as_ref()
-                .is_none_or(|o| o.split(',').any(|n| n == t.name))
-        })
+        .filter(|(t, _, _)| picked(&only, &[&t.name]))
         .collect();
     // FGA_WB_BENCH_SIDES=inline,queue1 runs only those contenders (and the
     // raw ceiling they are measured against).
@@ -263,12 +260,7 @@ async fn main() -> Res<()> {
         .map(|(t, n, s)| {
             let s: Vec<Side> = s
                 .into_iter()
-                .filter(|side| {
-                    *side == Side::Raw
-                        || sides
-                            .as_ref()
-                            .is_none_or(|o| o.split(',').any(|n| n == side.tag()))
-                })
+                .filter(|side| *side == Side::Raw || picked(&sides, &[&side.tag()]))
                 .collect();
             (t, n, s)
         })
@@ -331,10 +323,7 @@ async fn main() -> Res<()> {
                 .or_default()
                 .extend(raws);
         }
-        if only
-            .as_ref()
-            .is_none_or(|o| o.split(',').any(|n| n == "sqlite" || n == "micro"))
-        {
+        if picked(&only, &["sqlite", "micro"]) {
             micro.round(&bench, &sqlite, &results).await?;
         }
     }
@@ -345,6 +334,13 @@ async fn main() -> Res<()> {
     drop(proxy);
     drop(far_proxy);
     Ok(())
+}
+
+/// Whether a comma-separated pick (`FGA_WB_BENCH_ONLY`, `..._SIDES`; none:
+/// everything) names one of `names`.
+fn picked(list: &Option<String>, names: &[&str]) -> bool {
+    list.as_ref()
+        .is_none_or(|l| l.split(',').any(|n| names.contains(&n)))
 }
 
 impl Bench {

@@ -605,6 +605,16 @@ local function hand_back(w, now, only)
   return ops, folded, #ran
 end
 
+-- Counts ops handed back (and those folded into newer ops), and tells the
+-- processes that take them.
+local function note_handed_back(ops, folded)
+  if folded > 0 then incr(P .. ':stats', 'coalesced', folded) end
+  if ops > 0 then
+    incr(P .. ':stats', 'reclaimed', ops)
+    publish('finished')
+  end
+end
+
 -- Writers whose lease ended: what they were writing is ready again (or back
 -- with its job), and the jobs they ran go back to the queue.
 local function reclaim(now)
@@ -624,11 +634,7 @@ local function reclaim(now)
     pcall_('HDEL', P .. ':stats', 'stopped:' .. w)
     -- Its last heartbeat stays (see confirmed); pruned by heartbeats later.
   end
-  if folded > 0 then incr(P .. ':stats', 'coalesced', folded) end
-  if reclaimed > 0 then
-    incr(P .. ':stats', 'reclaimed', reclaimed)
-    publish('finished')
-  end
+  note_handed_back(reclaimed, folded)
   return reclaimed
 end
 
@@ -1439,11 +1445,7 @@ if cmd == 'strays' then
   local bad = check_keys(only or {}) or expect_types(list)
   if bad then return redis.error_reply(bad) end
   local ops, folded, jobs = hand_back(writer, now, only)
-  if folded > 0 then incr(P .. ':stats', 'coalesced', folded) end
-  if ops > 0 then
-    incr(P .. ':stats', 'reclaimed', ops)
-    publish('finished')
-  end
+  note_handed_back(ops, folded)
   flush_incrs()
   if jobs > 0 then publish('jobs') end
   return { ops, jobs }
