@@ -152,6 +152,8 @@ pub(crate) struct Pump {
     /// when a flush() or shutdown last asked for a look.
     pub(crate) strays_looked: Option<Instant>,
     pub(crate) strays_wanted: Option<Instant>,
+    /// The last look failed: nothing counts as looked until one succeeds.
+    pub(crate) strays_failed: bool,
     pub(crate) shutdown: Option<Instant>,
 }
 
@@ -200,6 +202,7 @@ impl Pump {
             park_while_paused: false,
             strays_looked: None,
             strays_wanted: None,
+            strays_failed: false,
             shutdown: None,
         }
     }
@@ -251,6 +254,7 @@ impl Pump {
         if pending.in_flight == 0 {
             // Nothing is held by anyone: nothing is stray.
             self.strays_looked = Some(now);
+            self.strays_failed = false;
         } else {
             self.give_back_strays().await;
         }
@@ -365,11 +369,14 @@ impl Pump {
     /// take under way) is stray: a take whose reply was lost, a finish that
     /// never got through. Given back to pending, it is written like any
     /// other op. Asked at most every `STRAY_EVERY`, and at the first chance
-    /// after each `flush()` and shutdown, which wait for that look.
+    /// after each `flush()` and shutdown, which wait for that look; after a
+    /// look that failed, every `STRAY_RETRY`.
     async fn give_back_strays(&mut self) {
         let e = self.engine.clone();
         let due = self.strays_looked.is_none_or(|l| {
-            l.elapsed() >= STRAY_EVERY || self.strays_wanted.is_some_and(|w| w > l)
+            l.elapsed() >= STRAY_EVERY
+                || self.strays_wanted.is_some_and(|w| w > l)
+                || (self.strays_failed && l.elapsed() >= STRAY_RETRY)
         });
         if !e.store.shared() || self.taking.is_some() || !due {
             return;
@@ -388,7 +395,9 @@ impl Pump {
             member_hash(k).is_some_and(|h| staged.contains(&h) || running.contains_key(&h))
         };
         let held: Option<&(dyn Fn(&str) -> bool + Sync)> = (!nothing).then_some(&held);
-        match e.store.give_back_strays(held).await {
+        let looked = e.store.give_back_strays(held).await;
+        self.strays_failed = looked.is_err();
+        match looked {
             Ok((0, _)) => {}
             Ok((ops, _)) => {
                 tracing::warn!(ops, "gave back ops Redis named this process as writing though it was not (a reply lost on the way); they are pending again");
@@ -396,10 +405,22 @@ impl Pump {
                 self.revokes_exhausted = None;
                 self.replan = true;
             }
-            // Not looked after all; a flush() waiting for the look goes on
-            // rather than wait for Redis.
+            // Not looked: what a lost reply left may still be out, so a
+            // flush() waiting for the look reports that rather than
+            // success (or waits for Redis). Shutdown tries until its
+            // deadline; its release hands back whatever is left.
             Err(err) => {
-                tracing::warn!(error = %err, "cannot look for ops this process holds in Redis without knowing")
+                tracing::warn!(error = %err, "cannot look for ops this process holds in Redis without knowing");
+                if self.shutdown.is_none() {
+                    let msg = format!(
+                        "cannot look in Redis for ops it names this process as writing after a reply was lost ({err}); they may not be written yet: they are, after the next look (flush again)"
+                    );
+                    for w in std::mem::take(&mut self.waiters) {
+                        let mut r = self.report_since(&w);
+                        r.error = Some(msg.clone());
+                        let _ = w.reply.send(r);
+                    }
+                }
             }
         }
     }
@@ -420,9 +441,10 @@ impl Pump {
     /// process shares: it has none).
     pub(crate) fn strays_seen_since(&self, t: Instant) -> bool {
         !self.engine.store.shared()
-            || self
-                .strays_looked
-                .is_some_and(|l| l >= t && self.strays_wanted.is_none_or(|w| l >= w))
+            || (!self.strays_failed
+                && self
+                    .strays_looked
+                    .is_some_and(|l| l >= t && self.strays_wanted.is_none_or(|w| l >= w)))
     }
 
     pub(crate) fn raise(&mut self, to: u64) {
@@ -1062,11 +1084,13 @@ pub(crate) const MAX_CARRIES: u8 = 3;
 /// give staged ops back to pending (see `park_if_idle`): by then the
 /// backoff has grown past a blip's.
 pub(crate) const PARK_AFTER: Duration = Duration::from_secs(1);
-/// How often, at most, a flusher with no take under way, or a worker that
-/// runs no job, asks the store for what it names the writer as holding
+/// How often, at most, a flusher with no take under way, or a worker
+/// fetching jobs, asks the store for what it names the writer as holding
 /// that the writer does not hold (see `Pump::give_back_strays`), unless a
 /// flush(), a shutdown or a failed call asks sooner.
 pub(crate) const STRAY_EVERY: Duration = Duration::from_secs(5);
+/// How soon a look for strays that failed is tried again.
+pub(crate) const STRAY_RETRY: Duration = Duration::from_secs(1);
 /// While requests run, the triggers are looked at this often at most.
 pub(crate) const PLAN_EVERY: Duration = Duration::from_millis(20);
 /// Longest a flush() waits for ops blocked behind other writers' writes.
@@ -1091,11 +1115,13 @@ mod tests {
     /// fails, as a Redis call can. With `shared`, it plays a store others
     /// share: ops in `lost` were taken by a call whose reply was lost, and
     /// a look for strays gives back those the pump does not hold, noting
-    /// which keys the pump said it held.
+    /// which keys the pump said it held. The next `fail_looks` looks fail
+    /// without running.
     struct Flaky {
         inner: MemoryStore,
         takes: AtomicUsize,
         fail_take: AtomicUsize,
+        fail_looks: AtomicUsize,
         shared: bool,
         lost: std::sync::Mutex<Vec<Taken>>,
         looks: std::sync::Mutex<Vec<Option<Vec<String>>>>,
@@ -1108,6 +1134,7 @@ mod tests {
                 inner: MemoryStore::new(1000),
                 takes: AtomicUsize::new(0),
                 fail_take: AtomicUsize::new(0),
+                fail_looks: AtomicUsize::new(0),
                 shared: false,
                 lost: Default::default(),
                 looks: Default::default(),
@@ -1219,6 +1246,11 @@ mod tests {
             held: Option<&'a (dyn Fn(&str) -> bool + Sync)>,
         ) -> BoxFuture<'a, Result<(u64, u64), Error>> {
             Box::pin(async move {
+                let failing = self.fail_looks.load(Ordering::Relaxed);
+                if failing > 0 {
+                    self.fail_looks.store(failing - 1, Ordering::Relaxed);
+                    return Err(failure());
+                }
                 let lost = std::mem::take(&mut *self.lost.lock().unwrap());
                 let key = |t: &Taken| crate::buffer::key_of(&t.tuple);
                 let (kept, back): (Vec<Taken>, Vec<Taken>) = lost
@@ -1368,6 +1400,35 @@ mod tests {
         assert!(store.lost.lock().unwrap().is_empty());
         let p = e.store.pending().await.unwrap();
         assert_eq!((p.total, p.in_flight), (0, 360), "{p:?}");
+    }
+
+    /// A look for strays fails after a take whose reply was lost: the
+    /// flush() reports that it could not look, not success, and the next
+    /// flush() looks and writes the lost ops. Before, a failed look counted
+    /// as done and the flush reported success with them still out.
+    #[tokio::test]
+    async fn a_flush_whose_look_for_strays_fails_says_so() {
+        let queue = Arc::new(crate::queue::FakeQueue::default());
+        let shared = Flaky {
+            shared: true,
+            ..Default::default()
+        };
+        let (e, store) = flaky_engine_with(shared, Some(queue.clone()));
+        grant(&e, "document:1", 0, 20).await;
+        let lost = e.store.take(20, Take::All, u64::MAX).await.unwrap();
+        store.lost.lock().unwrap().extend(lost);
+        store.fail_looks.store(1, Ordering::Relaxed);
+
+        let report = super::super::flush_once(e.clone()).await;
+        let error = report.error.expect("a flush that could not look says so");
+        assert!(error.contains("cannot look in Redis"), "{error}");
+        assert_eq!(store.lost.lock().unwrap().len(), 20, "nothing looked");
+
+        let report = super::super::flush_once(e.clone()).await;
+        assert_eq!(report.error, None, "{report:?}");
+        assert_eq!(report.queued, 20, "{report:?}");
+        let p = e.store.pending().await.unwrap();
+        assert_eq!(p.total, 0, "{p:?}");
     }
 
     /// A window's second take fails: what its first took is written, not
