@@ -258,6 +258,21 @@ impl LateWriter {
         out.get(4) == Some(&redis::Value::Int(1))
     }
 
+    /// Asks for its strays, naming the keys or jobs (`mode`) it holds:
+    /// the ops and jobs given back.
+    async fn strays(&mut self, mode: &str, held: &[&str]) -> Vec<i64> {
+        self.script
+            .key(&self.prefix)
+            .arg(&["strays", self.publish])
+            .arg(now_ms())
+            .arg(&self.name)
+            .arg(mode)
+            .arg(held)
+            .invoke_async(&mut self.conn)
+            .await
+            .unwrap()
+    }
+
     /// `fetch_at`, with Redis's error if the call fails.
     async fn try_fetch_at(
         &mut self,
@@ -575,16 +590,21 @@ async fn a_failed_reclaim_leaves_the_lapsed_writers_op_to_the_next() {
     assert!(taken.contains_key(key), "{taken:?}");
 }
 
-/// A manual queue-mode handle on `s` that queued one job: anne's grant as
-/// viewer of `object`.
-async fn one_queued_job(s: &TestStore, object: &str) -> WriteBehind {
+/// A queue-mode handle on `s` that flushes only when asked.
+async fn queue_app(s: &TestStore) -> WriteBehind {
     let mut c = redis_config(s);
     c.flush.mode = fga_wb::config::Mode::Queue;
-    let app = WriteBehind::builder(c)
+    WriteBehind::builder(c)
         .automatic_flush(false)
         .build()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// A manual queue-mode handle on `s` that queued one job: anne's grant as
+/// viewer of `object`.
+async fn one_queued_job(s: &TestStore, object: &str) -> WriteBehind {
+    let app = queue_app(s).await;
     app.grant("user:anne", "viewer", object).await.unwrap();
     assert_eq!(app.flush().await.unwrap().queued, 1);
     app
@@ -974,6 +994,93 @@ async fn a_job_a_lost_fetch_reply_left_with_a_live_worker_runs() {
     wb.shutdown().await.unwrap();
 }
 
+/// A worker busy with a job whose Write never ends (OpenFGA hung, here a
+/// wiremock OpenFGA holding Writes of `document:slow`; every other Write
+/// answers as OpenFGA does) still gets back a job a lost fetch reply left
+/// with it, and runs it. Before, a worker looked for strays only while it
+/// ran no job, so the job waited as long as the hung one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_worker_runs_a_job_a_lost_fetch_left_with_it() {
+    use wiremock::matchers::{body_string_contains, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let s = new_store("redis-busy-stray").await;
+    let openfga = MockServer::start().await;
+    let mut model = support::documents_model();
+    model["id"] = serde_json::json!(s.model_id);
+    Mock::given(method("GET"))
+        .and(path(format!(
+            "/stores/{}/authorization-models/{}",
+            s.store_id, s.model_id
+        )))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(serde_json::json!({ "authorization_model": model })),
+        )
+        .mount(&openfga)
+        .await;
+    let write = format!("/stores/{}/write", s.store_id);
+    let (arrived, mut hung) = tokio::sync::mpsc::unbounded_channel();
+    let held = support::fixture("hung-write")
+        .response()
+        .set_delay(Duration::from_secs(600));
+    Mock::given(method("POST"))
+        .and(path(write.clone()))
+        .and(body_string_contains("document:slow"))
+        .respond_with(move |_: &wiremock::Request| {
+            let _ = arrived.send(());
+            held.clone()
+        })
+        .with_priority(1)
+        .mount(&openfga)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(write))
+        .respond_with(support::fixture("write-ok").response())
+        .mount(&openfga)
+        .await;
+
+    let app = queue_app(&s).await;
+    let mut cli = support::cli::Cli::new(&s, "queue");
+    cli.set("FGA_API_URL", &openfga.uri());
+    cli.set("FGA_WB_OPENFGA__REQUEST_TIMEOUT", "600s");
+    cli.set("FGA_WB_REDIS__WRITER_LEASE", "30s");
+    let mut worker = cli.command(&["worker"]).spawn().expect("start a worker");
+    let pid = worker.id().expect("worker pid");
+    let mut late = LateWriter::new(&s, "").await;
+    late.name = live_writer(&mut late, "worker").await;
+
+    app.grant("user:anne", "viewer", "document:slow")
+        .await
+        .unwrap();
+    assert_eq!(app.flush().await.unwrap().queued, 1);
+    tokio::time::timeout(Duration::from_secs(30), hung.recv())
+        .await
+        .expect("the worker writes the slow job");
+
+    support::signal(pid, "-STOP");
+    support::grant_users(&app, "document:lost", 0..5).await;
+    assert_eq!(app.flush().await.unwrap().queued, 5);
+    let jobs = late.fetch_at(now_ms(), 60_000).await;
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    support::signal(pid, "-CONT");
+
+    // Only the hung job's op stays in flight.
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let p = app.pending().await.unwrap();
+        if (p.total, p.in_flight) == (0, 1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lost job is still out while the worker is busy: {p:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    worker.start_kill().expect("stop the worker");
+    app.shutdown().await.unwrap();
+}
+
 /// `strays` with keys gives back only the ops of those keys that Redis
 /// names the writer as writing (what the flusher does not hold), and
 /// leaves the writer's other ops being written: they are its own.
@@ -985,17 +1092,7 @@ async fn strays_with_keys_gives_back_only_those() {
     let mut w = LateWriter::new(&s, "app:strays-keys").await;
     let taken = w.take_at(now_ms(), 60_000).await;
     assert_eq!(taken.len(), 3);
-    let answer: Vec<i64> = w
-        .script
-        .key(&w.prefix)
-        .arg(&["strays", w.publish])
-        .arg(now_ms())
-        .arg(&w.name)
-        .arg("keys")
-        .arg("document:sk#viewer@user:u1")
-        .invoke_async(&mut w.conn)
-        .await
-        .unwrap();
+    let answer = w.strays("keys", &["document:sk#viewer@user:u1"]).await;
     assert_eq!(answer, [1, 0]);
     let p = wb.pending().await.unwrap();
     assert_eq!((p.total, p.in_flight), (1, 2), "{p:?}");
@@ -1003,4 +1100,55 @@ async fn strays_with_keys_gives_back_only_those() {
     assert_eq!(members.len(), 2, "{members:?}");
     assert!(!members.contains(&"document:sk#viewer@user:u1".to_owned()));
     wb.shutdown().await.unwrap();
+}
+
+/// `strays` with the jobs a worker runs puts back in the queue only the
+/// other jobs Redis names it as running (a fetch whose reply was lost),
+/// and makes ready the op blocked behind theirs; the op blocked behind a
+/// job it runs stays blocked. Before, a worker looked only while it ran no
+/// job, and a busy worker's stray job waited for its backlog to end.
+#[tokio::test]
+async fn strays_with_jobs_gives_back_only_the_others() {
+    let s = new_store("redis-strays-jobs").await;
+    let app = queue_app(&s).await;
+    for object in ["document:runs", "document:lost"] {
+        app.grant("user:anne", "viewer", object).await.unwrap();
+        assert_eq!(app.flush().await.unwrap().queued, 1);
+    }
+    let mut w = LateWriter::new(&s, "worker:busy").await;
+    let jobs = w.fetch_at(now_ms(), 60_000).await;
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    let id_of = |object: &str| {
+        let job = jobs.iter().find(|j| j.1[0].0.starts_with(object));
+        job.map(|j| j.0.clone()).unwrap()
+    };
+    let (runs, lost) = (id_of("document:runs"), id_of("document:lost"));
+    // A revoke on each job's key waits behind the job.
+    for object in ["document:runs", "document:lost"] {
+        app.revoke("user:anne", "viewer", object).await.unwrap();
+    }
+    let blocked = |object: &str| format!("{object}#viewer@user:anne");
+    let mut both: Vec<String> = w.on_key("SMEMBERS", "w:worker:busy", &[]).await;
+    both.sort();
+    assert_eq!(both, [blocked("document:lost"), blocked("document:runs")]);
+
+    let answer = w.strays("jobs", &[&runs]).await;
+    assert_eq!(answer, [1, 1], "one op ready, one job back");
+    let running: Vec<String> = w.on_key("SMEMBERS", "wj:worker:busy", &[]).await;
+    assert_eq!(running, [runs]);
+    let queued: Option<u64> = w.on_key("ZSCORE", "jobq", &[&lost]).await;
+    assert!(queued.is_some(), "the lost job is queued again");
+    let runner: Option<String> = w.on_key("HGET", "jobrun", &[&lost]).await;
+    assert_eq!(runner, None);
+    let still: Option<f64> = w
+        .on_key("ZSCORE", "blocked", &[&blocked("document:runs")])
+        .await;
+    assert!(still.is_some(), "the revoke behind the running job waits");
+    let freed: Option<f64> = w
+        .on_key("ZSCORE", "blocked", &[&blocked("document:lost")])
+        .await;
+    assert_eq!(freed, None, "the revoke behind the lost job is ready");
+    let left: Vec<String> = w.on_key("SMEMBERS", "w:worker:busy", &[]).await;
+    assert_eq!(left, [blocked("document:runs")]);
+    app.shutdown().await.unwrap();
 }

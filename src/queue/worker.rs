@@ -1,5 +1,6 @@
 //! `fga-wb worker`: applies queued write jobs.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,39 +46,55 @@ pub(crate) struct Applier {
     holding: Arc<Holding>,
 }
 
-/// What a worker holds in Redis to its knowledge: while it holds nothing,
-/// whatever Redis names it as holding is stray (a fetch or take whose
-/// reply was lost, a finish that never got through) and goes back.
+/// What a worker holds in Redis to its knowledge: whatever else Redis
+/// names it as holding is stray (a fetch or take whose reply was lost, a
+/// finish that never got through) and goes back.
 #[derive(Default)]
 struct Holding {
-    /// Jobs fetched and not yet ended.
-    jobs: std::sync::atomic::AtomicUsize,
+    /// Jobs fetched and not yet ended, by id (a job handed back and
+    /// fetched again may run twice at once).
+    jobs: std::sync::Mutex<HashMap<String, usize>>,
     /// Held by a replay between its take and its enqueue, and by the look
     /// for strays.
     taking: tokio::sync::Mutex<()>,
 }
 
 /// A fetched job's hold: ends when the job does, however it ends.
-struct JobHold(Arc<Holding>);
+struct JobHold {
+    holding: Arc<Holding>,
+    id: String,
+}
 
 impl JobHold {
-    fn new(h: &Arc<Holding>) -> JobHold {
-        h.jobs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        JobHold(h.clone())
+    fn new(holding: &Arc<Holding>, id: &str) -> JobHold {
+        *holding.running().entry(id.to_owned()).or_default() += 1;
+        JobHold {
+            holding: holding.clone(),
+            id: id.to_owned(),
+        }
     }
 }
 
 impl Drop for JobHold {
     fn drop(&mut self) {
-        self.0
-            .jobs
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        let mut running = self.holding.running();
+        if let Some(n) = running.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                running.remove(&self.id);
+            }
+        }
     }
 }
 
 impl Holding {
-    /// Gives back whatever Redis names the worker as holding, if it holds
-    /// nothing now and did not look within `STRAY_EVERY`.
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Gives back whatever Redis names the worker as holding besides the
+    /// jobs it runs, if it did not look within `STRAY_EVERY` and no replay
+    /// holds taken ops.
     async fn give_back_strays(&self, store: &RedisStore, looked: &mut Option<std::time::Instant>) {
         if looked.is_some_and(|t| t.elapsed() < STRAY_EVERY) {
             return;
@@ -86,11 +103,9 @@ impl Holding {
         let Ok(_quiet) = self.taking.try_lock() else {
             return;
         };
-        if self.jobs.load(std::sync::atomic::Ordering::SeqCst) > 0 {
-            return;
-        }
         *looked = Some(std::time::Instant::now());
-        match crate::buffer::Store::give_back_strays(store, None).await {
+        let running: Vec<String> = self.running().keys().cloned().collect();
+        match store.give_back_stray_jobs(&running).await {
             Ok((0, 0)) => {}
             Ok((ops, jobs)) => tracing::warn!(ops, jobs, "gave back ops and jobs Redis named this worker as holding though it was not (a reply lost on the way); they are pending or queued again"),
             Err(e) => tracing::warn!(error = %e, "cannot look for jobs this worker holds in Redis without knowing"),
@@ -250,7 +265,7 @@ fn handle(
     Box::pin(async move {
         // An Err would only make apalis log it: the job's state is in
         // Redis, and a job left running by a failed finish goes back to the
-        // queue at this worker's next look for strays, once it runs no job.
+        // queue at this worker's next look for strays.
         let result: Result<()> = applier.apply(job, claims, term).await;
         drop(hold);
         result.map_err(|e| {
@@ -310,7 +325,7 @@ fn jobs(store: Arc<RedisStore>, holding: Arc<Holding>, poll: Duration) -> JobStr
                         });
                         match decoded {
                             Ok(job) => {
-                                let hold = Arc::new(JobHold::new(&holding));
+                                let hold = Arc::new(JobHold::new(&holding, &id));
                                 let task = TaskBuilder::new((job, claims, term, hold)).build();
                                 return Some((Ok(Some(task)), (store, events, holding, looked)));
                             }

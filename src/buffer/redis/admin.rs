@@ -270,6 +270,25 @@ impl RedisStore {
         Ok((term, jobs))
     }
 
+    /// For a worker running the jobs `running` (and holding nothing
+    /// else): the other jobs Redis names it as running (a fetch whose
+    /// reply was lost, a finish that never got through) go back to the
+    /// queue, and ops blocked behind theirs are pending. Returns the ops
+    /// and the jobs given back. Running nothing, everything it is named as
+    /// holding goes back (see [`Store::give_back_strays`]).
+    pub async fn give_back_stray_jobs(&self, running: &[String]) -> Result<(u64, u64)> {
+        if running.is_empty() {
+            return Store::give_back_strays(self, None).await;
+        }
+        let mut a = Args::new("strays", self.publish);
+        a.push(now_ms()).push(&self.writer).push("jobs");
+        for id in running {
+            a.push(id);
+        }
+        let v = items(self.call(&a).await?)?;
+        Ok((count(&v, 0)?, count(&v, 1)?))
+    }
+
     /// Sets aside a job that does not decode; the ops it held are pending
     /// again. Returns how many.
     pub async fn drop_bad_job(&self, id: &str) -> Result<u64> {

@@ -566,6 +566,71 @@ end
 -- back first: a call that fails after this leaves the writer's sets to the
 -- next look, never its holdings in neither place. Returns the ops handed
 -- back, those folded into newer ops, and the jobs.
+-- The keys and seqs of job `id`'s ops (`job`: its JSON), or nil if it
+-- cannot be read. As enqueue listed them, for a job that still looks like
+-- one enqueue stored; any other (rewritten for a retry, queued by an older
+-- version, or not fga-wb's) is decoded.
+local function job_ops(id, job)
+  if not job then return nil end
+  local keys, seqs = {}, {}
+  local list = ssub(job, 1, 6) == '{"id":' and rcall('HGET', P .. ':jobc', id)
+  if list then
+    local i = 0
+    for key, seq in string.gmatch(list, '([^\n]+)\n(%d+)') do
+      i = i + 1
+      keys[i], seqs[i] = key, seq
+    end
+  end
+  if #keys == 0 then
+    local ok, decoded = pcall(cjson.decode, job)
+    if not (ok and type(decoded) == 'table' and type(decoded.ops) == 'table') then return nil end
+    for i, o in ipairs(decoded.ops) do
+      -- An op that is not an object: the job cannot be read (o.key would
+      -- raise).
+      if type(o) ~= 'table' then return nil end
+      keys[i] = tostring(o.key)
+      seqs[i] = string.format('%d', tonumber(o.seq) or 0)
+    end
+  end
+  return keys, seqs
+end
+
+-- Jobs Redis names worker `w` as running, other than those in `running`
+-- (a set of ids), go back to the queue, and ops blocked behind their ops
+-- are ready: a worker that runs jobs names them, and only the others are
+-- stray. Returns ops made ready (all folded into newer ops) and jobs.
+local function hand_back_jobs(w, now, running)
+  local ran, keys, seqs = {}, {}, {}
+  for _, id in ipairs(rcall('SMEMBERS', P .. ':wj:' .. w)) do
+    if not running[id] and rcall('HGET', P .. ':jobrun', id) == w then
+      ran[#ran + 1] = id
+      local job = rcall('HGET', P .. ':jobs', id)
+      if job then zset(P .. ':jobq', id, now) end
+      local ks, ss = job_ops(id, job)
+      for i, k in ipairs(ks or {}) do
+        keys[#keys + 1], seqs[#seqs + 1] = k, ss[i]
+      end
+    end
+  end
+  load(keys)
+  local mine = {}
+  for i, key in ipairs(keys) do
+    local e = cache[key]
+    -- Behind this job's op, not behind a later job's op on the same key.
+    if e and e.state == 'b' and e.writer == w and e.ifseq == seqs[i] then
+      move(key, e, 'r')
+      mine[#mine + 1] = key
+    end
+  end
+  apply_writes()
+  for _, id in ipairs(ran) do
+    rcall('HDEL', P .. ':jobrun', id)
+    rcall('SREM', P .. ':wj:' .. w, id)
+  end
+  in_parts(rcall, 'SREM', P .. ':w:' .. w, mine, #mine)
+  return #mine, #mine, #ran
+end
+
 local function hand_back(w, now, only)
   local keys = only or rcall('SMEMBERS', P .. ':w:' .. w)
   load(keys)
@@ -1037,35 +1102,7 @@ if cmd == 'fetch' then
   local out, back = { 0, term }, 0
   for _, id in ipairs(rcall('ZRANGEBYSCORE', P .. ':jobq', '-inf', now, 'LIMIT', 0, max)) do
     local job = rcall('HGET', P .. ':jobs', id)
-    -- The job's keys and seqs as enqueue listed them, for a job that still
-    -- looks like one enqueue stored; any other (rewritten for a retry,
-    -- queued by an older version, or not fga-wb's) is decoded.
-    local keys, seqs = {}, {}
-    local list = job and ssub(job, 1, 6) == '{"id":' and rcall('HGET', P .. ':jobc', id)
-    if list then
-      local i = 0
-      for key, seq in string.gmatch(list, '([^\n]+)\n(%d+)') do
-        i = i + 1
-        keys[i], seqs[i] = key, seq
-      end
-    end
-    if #keys == 0 and job then
-      local ok, decoded = pcall(cjson.decode, job)
-      if ok and type(decoded) == 'table' and type(decoded.ops) == 'table' then
-        for i, o in ipairs(decoded.ops) do
-          -- An op that is not an object: the job cannot be read (o.key
-          -- would raise).
-          if type(o) ~= 'table' then
-            keys = nil
-            break
-          end
-          keys[i] = tostring(o.key)
-          seqs[i] = string.format('%d', tonumber(o.seq) or 0)
-        end
-      else
-        keys = nil
-      end
-    end
+    local keys, seqs = job_ops(id, job)
     if job and keys then
       -- Off the queue last: a call that fails before leaves the job queued
       -- (a stray member of the worker's set is harmless: reclaim looks at
@@ -1425,26 +1462,35 @@ if cmd == 'release' then
   return n
 end
 
--- strays pub now writer ['keys' key*] -> {ops, jobs}
+-- strays pub now writer ['keys' key* | 'jobs' id*] -> {ops, jobs}
 -- What a live writer holds here without knowing it: ops a take moved to it
 -- or a job a fetch handed it whose reply was lost (a dropped connection, a
 -- timeout), ops whose finish never got through. While its lease runs,
 -- nothing else brings them back. Without keys the caller holds nothing at
 -- all now (no take, write or finish of its own under way), so everything
 -- this names it as holding goes back, as reclaim hands back a dead
--- writer's; with keys, the ops of those keys, which it does not hold. The
+-- writer's; with keys, the ops of those keys, which it does not hold; with
+-- jobs (a worker running those), the other jobs it is named as running. The
 -- writer keeps its lease and term.
 if cmd == 'strays' then
   local now, writer = tonumber(ARGV[3]), ARGV[4]
-  local only
+  local only, running
   if ARGV[5] == 'keys' then
     only = {}
     for i = 6, #ARGV do only[#only + 1] = ARGV[i] end
+  elseif ARGV[5] == 'jobs' then
+    running = {}
+    for i = 6, #ARGV do running[ARGV[i]] = true end
   end
   local list = { { P .. ':w:' .. writer, 'set' }, { P .. ':wj:' .. writer, 'set' } }
   local bad = check_keys(only or {}) or expect_types(list)
   if bad then return redis.error_reply(bad) end
-  local ops, folded, jobs = hand_back(writer, now, only)
+  local ops, folded, jobs
+  if running then
+    ops, folded, jobs = hand_back_jobs(writer, now, running)
+  else
+    ops, folded, jobs = hand_back(writer, now, only)
+  end
   note_handed_back(ops, folded)
   flush_incrs()
   if jobs > 0 then publish('jobs') end
