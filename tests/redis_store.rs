@@ -1104,33 +1104,52 @@ async fn strays_with_keys_gives_back_only_those() {
 
 /// `strays` with the jobs a worker runs puts back in the queue only the
 /// other jobs Redis names it as running (a fetch whose reply was lost),
-/// and makes ready the op blocked behind theirs; the op blocked behind a
-/// job it runs stays blocked. Before, a worker looked only while it ran no
+/// and makes ready the op blocked behind theirs. Ops blocked behind a job
+/// it runs stay blocked: `document:runs`, and `document:shared`, which the
+/// lost job also lists, at an older op that a newer one, now in the
+/// running job, superseded. Before, a worker looked only while it ran no
 /// job, and a busy worker's stray job waited for its backlog to end.
 #[tokio::test]
 async fn strays_with_jobs_gives_back_only_the_others() {
     let s = new_store("redis-strays-jobs").await;
     let app = queue_app(&s).await;
-    for object in ["document:runs", "document:lost"] {
+    for object in ["document:lost", "document:shared"] {
         app.grant("user:anne", "viewer", object).await.unwrap();
-        assert_eq!(app.flush().await.unwrap().queued, 1);
     }
+    assert_eq!(app.flush().await.unwrap().queued, 2);
+    app.revoke("user:anne", "viewer", "document:shared")
+        .await
+        .unwrap();
+    app.grant("user:anne", "viewer", "document:runs")
+        .await
+        .unwrap();
+    assert_eq!(app.flush().await.unwrap().queued, 2);
     let mut w = LateWriter::new(&s, "worker:busy").await;
     let jobs = w.fetch_at(now_ms(), 60_000).await;
     assert_eq!(jobs.len(), 2, "{jobs:?}");
     let id_of = |object: &str| {
-        let job = jobs.iter().find(|j| j.1[0].0.starts_with(object));
+        let job = jobs
+            .iter()
+            .find(|j| j.1.iter().any(|o| o.0.starts_with(object)));
         job.map(|j| j.0.clone()).unwrap()
     };
     let (runs, lost) = (id_of("document:runs"), id_of("document:lost"));
-    // A revoke on each job's key waits behind the job.
-    for object in ["document:runs", "document:lost"] {
-        app.revoke("user:anne", "viewer", object).await.unwrap();
-    }
+    // A newer op on each key waits behind the job that holds it now.
+    app.revoke("user:anne", "viewer", "document:lost")
+        .await
+        .unwrap();
+    app.revoke("user:anne", "viewer", "document:runs")
+        .await
+        .unwrap();
+    app.grant("user:anne", "viewer", "document:shared")
+        .await
+        .unwrap();
     let blocked = |object: &str| format!("{object}#viewer@user:anne");
-    let mut both: Vec<String> = w.on_key("SMEMBERS", "w:worker:busy", &[]).await;
-    both.sort();
-    assert_eq!(both, [blocked("document:lost"), blocked("document:runs")]);
+    let mut all: Vec<String> = w.on_key("SMEMBERS", "w:worker:busy", &[]).await;
+    all.sort();
+    let objects = ["document:lost", "document:runs", "document:shared"];
+    assert_eq!(all, objects.map(blocked));
+    assert_eq!(app.pending().await.unwrap().total, 3);
 
     let answer = w.strays("jobs", &[&runs]).await;
     assert_eq!(answer, [1, 1], "one op ready, one job back");
@@ -1140,15 +1159,17 @@ async fn strays_with_jobs_gives_back_only_the_others() {
     assert!(queued.is_some(), "the lost job is queued again");
     let runner: Option<String> = w.on_key("HGET", "jobrun", &[&lost]).await;
     assert_eq!(runner, None);
-    let still: Option<f64> = w
-        .on_key("ZSCORE", "blocked", &[&blocked("document:runs")])
-        .await;
-    assert!(still.is_some(), "the revoke behind the running job waits");
-    let freed: Option<f64> = w
-        .on_key("ZSCORE", "blocked", &[&blocked("document:lost")])
-        .await;
-    assert_eq!(freed, None, "the revoke behind the lost job is ready");
-    let left: Vec<String> = w.on_key("SMEMBERS", "w:worker:busy", &[]).await;
-    assert_eq!(left, [blocked("document:runs")]);
+    for (object, waits) in [
+        ("document:lost", false),
+        ("document:runs", true),
+        ("document:shared", true),
+    ] {
+        let at: Option<f64> = w.on_key("ZSCORE", "blocked", &[&blocked(object)]).await;
+        assert_eq!(at.is_some(), waits, "{object} blocked");
+    }
+    let mut left: Vec<String> = w.on_key("SMEMBERS", "w:worker:busy", &[]).await;
+    left.sort();
+    assert_eq!(left, [blocked("document:runs"), blocked("document:shared")]);
+    assert_eq!(app.pending().await.unwrap().total, 3, "still pending");
     app.shutdown().await.unwrap();
 }

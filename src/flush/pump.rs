@@ -148,12 +148,15 @@ pub(crate) struct Pump {
     /// time a record covers (its requests' reports carry none).
     pub(crate) busy_since: Option<Instant>,
     /// When the store was last asked for what it names this writer as
-    /// holding that the pump does not hold (see `give_back_strays`), and
-    /// when a flush() or shutdown last asked for a look.
+    /// holding that the pump does not hold (see `give_back_strays`), when
+    /// a look that got an answer began, when a look was last asked for (a
+    /// flush(), shutdown, or a failed call), and when a call of this writer
+    /// last failed (it may have left strays: every waiter then needs a
+    /// look after it).
     pub(crate) strays_looked: Option<Instant>,
+    pub(crate) strays_answered: Option<Instant>,
     pub(crate) strays_wanted: Option<Instant>,
-    /// The last look failed: nothing counts as looked until one succeeds.
-    pub(crate) strays_failed: bool,
+    pub(crate) strays_unsure: Option<Instant>,
     pub(crate) shutdown: Option<Instant>,
 }
 
@@ -202,7 +205,8 @@ impl Pump {
             park_while_paused: false,
             strays_looked: None,
             strays_wanted: None,
-            strays_failed: false,
+            strays_unsure: None,
+            strays_answered: None,
             shutdown: None,
         }
     }
@@ -254,7 +258,7 @@ impl Pump {
         if pending.in_flight == 0 {
             // Nothing is held by anyone: nothing is stray.
             self.strays_looked = Some(now);
-            self.strays_failed = false;
+            self.strays_answered = Some(now);
         } else {
             self.give_back_strays().await;
         }
@@ -376,12 +380,13 @@ impl Pump {
         let due = self.strays_looked.is_none_or(|l| {
             l.elapsed() >= STRAY_EVERY
                 || self.strays_wanted.is_some_and(|w| w > l)
-                || (self.strays_failed && l.elapsed() >= STRAY_RETRY)
+                || (self.strays_answered.is_none_or(|a| a < l) && l.elapsed() >= STRAY_RETRY)
         });
         if !e.store.shared() || self.taking.is_some() || !due {
             return;
         }
-        self.strays_looked = Some(Instant::now());
+        let start = Instant::now();
+        self.strays_looked = Some(start);
         let nothing = self.running.is_empty() && self.staged.is_empty() && self.carry.is_empty();
         let staged: std::collections::HashSet<u64> = self
             .staged
@@ -396,7 +401,9 @@ impl Pump {
         };
         let held: Option<&(dyn Fn(&str) -> bool + Sync)> = (!nothing).then_some(&held);
         let looked = e.store.give_back_strays(held).await;
-        self.strays_failed = looked.is_err();
+        if looked.is_ok() {
+            self.strays_answered = Some(start);
+        }
         match looked {
             Ok((0, _)) => {}
             Ok((ops, _)) => {
@@ -415,7 +422,13 @@ impl Pump {
                     let msg = format!(
                         "cannot look in Redis for ops it names this process as writing after a reply was lost ({err}); they may not be written yet: they are, after the next look (flush again)"
                     );
-                    for w in std::mem::take(&mut self.waiters) {
+                    // Those that had their look before this one go on.
+                    let (failed, wait): (Vec<Waiter>, Vec<Waiter>) =
+                        std::mem::take(&mut self.waiters)
+                            .into_iter()
+                            .partition(|w| !self.strays_seen_since(w.started));
+                    self.waiters = wait;
+                    for w in failed {
                         let mut r = self.report_since(&w);
                         r.error = Some(msg.clone());
                         let _ = w.reply.send(r);
@@ -432,6 +445,7 @@ impl Pump {
         if unsure != self.unsure_seen {
             self.unsure_seen = unsure;
             self.strays_wanted = Some(Instant::now());
+            self.strays_unsure = self.strays_wanted;
             self.replan = true;
         }
     }
@@ -441,10 +455,9 @@ impl Pump {
     /// process shares: it has none).
     pub(crate) fn strays_seen_since(&self, t: Instant) -> bool {
         !self.engine.store.shared()
-            || (!self.strays_failed
-                && self
-                    .strays_looked
-                    .is_some_and(|l| l >= t && self.strays_wanted.is_none_or(|w| l >= w)))
+            || self
+                .strays_answered
+                .is_some_and(|l| l >= t && self.strays_unsure.is_none_or(|u| l >= u))
     }
 
     pub(crate) fn raise(&mut self, to: u64) {
@@ -1348,6 +1361,44 @@ mod tests {
         assert_eq!(gate.queued.load(Ordering::Relaxed), 23);
         let p = e.store.pending().await.unwrap();
         assert_eq!(p.total, 0, "{p:?}");
+        task.abort();
+    }
+
+    /// A look that fails answers only the flush() calls waiting for it: a
+    /// flush() whose own look succeeded before goes on and succeeds. Before,
+    /// one failed look failed every flush() under way.
+    #[tokio::test]
+    async fn a_failed_look_fails_only_the_flushes_that_wait_for_it() {
+        let gate = Arc::new(Gate {
+            entered: Notify::new(),
+            open: tokio::sync::Semaphore::new(0),
+            queued: AtomicUsize::new(0),
+        });
+        let shared = Flaky {
+            shared: true,
+            ..Default::default()
+        };
+        let (e, store) = flaky_engine_with(shared, Some(gate.clone()));
+        grant(&e, "document:9", 0, 3).await;
+        let (commands, rx) = mpsc::channel(4);
+        let (_stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(super::super::task::run(e.clone(), rx, stop, false));
+        let (first, first_done) = oneshot::channel();
+        commands.send(Command::Flush(first)).await.unwrap();
+        // Its look came before its chunk was taken: nothing was held.
+        gate.entered.notified().await;
+
+        store.fail_looks.store(1, Ordering::Relaxed);
+        let (second, second_done) = oneshot::channel();
+        commands.send(Command::Flush(second)).await.unwrap();
+        let report = second_done.await.unwrap();
+        let error = report.error.expect("the second flush's look failed");
+        assert!(error.contains("cannot look in Redis"), "{error}");
+
+        gate.open.add_permits(1000);
+        let report = first_done.await.unwrap();
+        assert_eq!(report.error, None, "{report:?}");
+        assert_eq!(gate.queued.load(Ordering::Relaxed), 3);
         task.abort();
     }
 

@@ -51,9 +51,10 @@ pub(crate) struct Applier {
 /// finish that never got through) and goes back.
 #[derive(Default)]
 struct Holding {
-    /// Jobs fetched and not yet ended, by id (a job handed back and
-    /// fetched again may run twice at once).
-    jobs: std::sync::Mutex<HashMap<String, usize>>,
+    /// Jobs fetched and not yet ended, by id and the term they were
+    /// fetched in (a job handed back and fetched again may run twice at
+    /// once).
+    jobs: std::sync::Mutex<HashMap<(String, u64), usize>>,
     /// Held by a replay between its take and its enqueue, and by the look
     /// for strays.
     taking: tokio::sync::Mutex<()>,
@@ -62,15 +63,16 @@ struct Holding {
 /// A fetched job's hold: ends when the job does, however it ends.
 struct JobHold {
     holding: Arc<Holding>,
-    id: String,
+    job: (String, u64),
 }
 
 impl JobHold {
-    fn new(holding: &Arc<Holding>, id: &str) -> JobHold {
-        *holding.running().entry(id.to_owned()).or_default() += 1;
+    fn new(holding: &Arc<Holding>, id: &str, term: u64) -> JobHold {
+        let job = (id.to_owned(), term);
+        *holding.running().entry(job.clone()).or_default() += 1;
         JobHold {
             holding: holding.clone(),
-            id: id.to_owned(),
+            job,
         }
     }
 }
@@ -78,17 +80,17 @@ impl JobHold {
 impl Drop for JobHold {
     fn drop(&mut self) {
         let mut running = self.holding.running();
-        if let Some(n) = running.get_mut(&self.id) {
+        if let Some(n) = running.get_mut(&self.job) {
             *n -= 1;
             if *n == 0 {
-                running.remove(&self.id);
+                running.remove(&self.job);
             }
         }
     }
 }
 
 impl Holding {
-    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u64), usize>> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -104,7 +106,15 @@ impl Holding {
             return;
         };
         *looked = Some(std::time::Instant::now());
-        let running: Vec<String> = self.running().keys().cloned().collect();
+        // A run from an earlier term never ends its job (see `apply`): the
+        // job may be stray in this one.
+        let term = store.term();
+        let running: Vec<String> = self
+            .running()
+            .keys()
+            .filter(|(_, t)| *t == term)
+            .map(|(id, _)| id.clone())
+            .collect();
         match store.give_back_stray_jobs(&running).await {
             Ok((0, 0)) => {}
             Ok((ops, jobs)) => tracing::warn!(ops, jobs, "gave back ops and jobs Redis named this worker as holding though it was not (a reply lost on the way); they are pending or queued again"),
@@ -325,7 +335,7 @@ fn jobs(store: Arc<RedisStore>, holding: Arc<Holding>, poll: Duration) -> JobStr
                         });
                         match decoded {
                             Ok(job) => {
-                                let hold = Arc::new(JobHold::new(&holding, &id));
+                                let hold = Arc::new(JobHold::new(&holding, &id, term));
                                 let task = TaskBuilder::new((job, claims, term, hold)).build();
                                 return Some((Ok(Some(task)), (store, events, holding, looked)));
                             }

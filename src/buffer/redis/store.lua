@@ -560,12 +560,6 @@ local function add_entry(key, op, cond, seq, now)
   return e
 end
 
--- Hands back what writer `w` holds: the ops it is writing are ready again
--- (or back with their job), ops blocked behind its writes ready, the jobs
--- it runs queued; with `only`, just the ops of those keys. Its ops and jobs
--- back first: a call that fails after this leaves the writer's sets to the
--- next look, never its holdings in neither place. Returns the ops handed
--- back, those folded into newer ops, and the jobs.
 -- The keys and seqs of job `id`'s ops (`job`: its JSON), or nil if it
 -- cannot be read. As enqueue listed them, for a job that still looks like
 -- one enqueue stored; any other (rewritten for a retry, queued by an older
@@ -600,13 +594,22 @@ end
 -- are ready: a worker that runs jobs names them, and only the others are
 -- stray. Returns ops made ready (all folded into newer ops) and jobs.
 local function hand_back_jobs(w, now, running)
-  local ran, keys, seqs = {}, {}, {}
+  local ran, keys, seqs, gone = {}, {}, {}, {}
+  -- Ops a job it runs lists: what is blocked behind them stays, even if a
+  -- stray job lists the same op (one left by an enqueue that failed).
+  local kept = {}
   for _, id in ipairs(rcall('SMEMBERS', P .. ':wj:' .. w)) do
-    if not running[id] and rcall('HGET', P .. ':jobrun', id) == w then
+    local runs = rcall('HGET', P .. ':jobrun', id) == w
+    local job = runs and rcall('HGET', P .. ':jobs', id)
+    local ks, ss = job_ops(id, job)
+    if not runs then
+      -- Not its job any more (handed back, set aside): only a member left.
+      gone[#gone + 1] = id
+    elseif running[id] then
+      for i, k in ipairs(ks or {}) do kept[k .. '\n' .. ss[i]] = true end
+    else
       ran[#ran + 1] = id
-      local job = rcall('HGET', P .. ':jobs', id)
       if job then zset(P .. ':jobq', id, now) end
-      local ks, ss = job_ops(id, job)
       for i, k in ipairs(ks or {}) do
         keys[#keys + 1], seqs[#seqs + 1] = k, ss[i]
       end
@@ -617,7 +620,7 @@ local function hand_back_jobs(w, now, running)
   for i, key in ipairs(keys) do
     local e = cache[key]
     -- Behind this job's op, not behind a later job's op on the same key.
-    if e and e.state == 'b' and e.writer == w and e.ifseq == seqs[i] then
+    if e and e.state == 'b' and e.writer == w and e.ifseq == seqs[i] and not kept[key .. '\n' .. seqs[i]] then
       move(key, e, 'r')
       mine[#mine + 1] = key
     end
@@ -625,12 +628,19 @@ local function hand_back_jobs(w, now, running)
   apply_writes()
   for _, id in ipairs(ran) do
     rcall('HDEL', P .. ':jobrun', id)
-    rcall('SREM', P .. ':wj:' .. w, id)
+    gone[#gone + 1] = id
   end
+  in_parts(rcall, 'SREM', P .. ':wj:' .. w, gone, #gone)
   in_parts(rcall, 'SREM', P .. ':w:' .. w, mine, #mine)
   return #mine, #mine, #ran
 end
 
+-- Hands back what writer `w` holds: the ops it is writing are ready again
+-- (or back with their job), ops blocked behind its writes ready, the jobs
+-- it runs queued; with `only`, just the ops of those keys. Its ops and jobs
+-- back first: a call that fails after this leaves the writer's sets to the
+-- next look, never its holdings in neither place. Returns the ops handed
+-- back, those folded into newer ops, and the jobs.
 local function hand_back(w, now, only)
   local keys = only or rcall('SMEMBERS', P .. ':w:' .. w)
   load(keys)
