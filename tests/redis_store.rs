@@ -1077,7 +1077,60 @@ async fn a_busy_worker_runs_a_job_a_lost_fetch_left_with_it() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The running job was named, not handed back and fetched again.
+    assert!(hung.try_recv().is_err(), "the hung job was written twice");
     worker.start_kill().expect("stop the worker");
+    app.shutdown().await.unwrap();
+}
+
+/// A stray job that lists the very op a running job lists (a copy, as an
+/// enqueue that failed part way can leave): the op blocked behind it stays
+/// blocked, as the running job is writing that op.
+#[tokio::test]
+async fn strays_with_jobs_keeps_what_waits_behind_a_running_copy() {
+    let s = new_store("redis-strays-copy").await;
+    let app = one_queued_job(&s, "document:copy").await;
+    let mut w = LateWriter::new(&s, "worker:copy").await;
+    let ids: Vec<String> = w.on_key("ZRANGE", "jobq", &["0", "-1"]).await;
+    let [runs] = ids.as_slice() else {
+        panic!("one job: {ids:?}")
+    };
+    for hash in ["jobs", "jobc"] {
+        let v: String = w.on_key("HGET", hash, &[runs]).await;
+        let _: i64 = w.on_key("HSET", hash, &["copy", &v]).await;
+    }
+    let _: i64 = w.on_key("ZADD", "jobq", &["0", "copy"]).await;
+    assert_eq!(w.fetch_at(now_ms(), 60_000).await.len(), 2);
+    app.revoke("user:anne", "viewer", "document:copy")
+        .await
+        .unwrap();
+    let key = "document:copy#viewer@user:anne";
+    let answer = w.strays("jobs", &[runs]).await;
+    assert_eq!(answer, [0, 1], "the copy back, no op");
+    let at: Option<f64> = w.on_key("ZSCORE", "blocked", &[key]).await;
+    assert!(at.is_some(), "the revoke waits behind the running job");
+    let queued: Option<f64> = w.on_key("ZSCORE", "jobq", &["copy"]).await;
+    assert!(queued.is_some(), "the copy is queued again");
+    app.shutdown().await.unwrap();
+}
+
+/// Ops Redis names a worker as writing itself (a replay's take whose reply
+/// was lost) go back with the jobs mode too, while the worker runs a job.
+#[tokio::test]
+async fn strays_with_jobs_gives_back_ops_the_worker_took() {
+    let s = new_store("redis-strays-took").await;
+    let app = one_queued_job(&s, "document:running").await;
+    let mut w = LateWriter::new(&s, "worker:took").await;
+    let jobs = w.fetch_at(now_ms(), 60_000).await;
+    let [(runs, _)] = jobs.as_slice() else {
+        panic!("one job: {jobs:?}")
+    };
+    support::grant_users(&app, "document:took", 0..3).await;
+    assert_eq!(w.take_at(now_ms(), 60_000).await.len(), 3);
+    let answer = w.strays("jobs", &[runs]).await;
+    assert_eq!(answer, [3, 0], "the ops back, no job");
+    let p = app.pending().await.unwrap();
+    assert_eq!((p.total, p.in_flight), (3, 1), "{p:?}");
     app.shutdown().await.unwrap();
 }
 

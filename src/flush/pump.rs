@@ -362,6 +362,15 @@ impl Pump {
                 }
             }
         }
+        if let Some(looked) = self.strays_looked {
+            // A look failed and a shutdown (or a flush() since) waits for
+            // one: try again then, whatever else wakes the pump.
+            let failed = self.strays_answered.is_none_or(|a| a < looked);
+            if failed && (self.shutdown.is_some() || !self.waiters.is_empty()) {
+                let retry = looked + STRAY_RETRY;
+                next = Some(next.map_or(retry, |n: Instant| n.min(retry)));
+            }
+        }
         match (next, self.paused_until) {
             (n, Some(p)) if p > now => Some(n.map_or(p, |n| n.min(p))),
             (n, _) => n,
@@ -1362,6 +1371,41 @@ mod tests {
         let p = e.store.pending().await.unwrap();
         assert_eq!(p.total, 0, "{p:?}");
         task.abort();
+    }
+
+    /// A shutdown whose look for strays fails tries the look again a
+    /// second later (not at the next flush interval, an hour here), and
+    /// ends with the ops a lost reply left written and no error.
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_tries_a_failed_look_again() {
+        let queue = Arc::new(crate::queue::FakeQueue::default());
+        let store = Arc::new(Flaky {
+            shared: true,
+            ..Default::default()
+        });
+        let mut e = Engine::for_tests(Some(queue.clone()));
+        e.store = store.clone();
+        e.cfg.interval = Duration::from_secs(3600);
+        let e = Arc::new(e);
+        grant(&e, "document:1", 0, 20).await;
+        let lost = e.store.take(20, Take::All, u64::MAX).await.unwrap();
+        store.lost.lock().unwrap().extend(lost);
+        store.fail_looks.store(1, Ordering::Relaxed);
+
+        let (commands, rx) = mpsc::channel(4);
+        let (_stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(super::super::task::run(e.clone(), rx, stop, false));
+        let (reply, done) = oneshot::channel();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        commands
+            .send(Command::Shutdown { deadline, reply })
+            .await
+            .unwrap();
+        let (report, _) = done.await.unwrap();
+        assert_eq!(report.error, None, "{report:?}");
+        assert_eq!(report.queued, 20, "{report:?}");
+        assert_eq!(store.looks.lock().unwrap().len(), 1, "one look answered");
+        task.await.unwrap();
     }
 
     /// A look that fails answers only the flush() calls waiting for it: a

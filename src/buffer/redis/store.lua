@@ -592,7 +592,10 @@ end
 -- Jobs Redis names worker `w` as running, other than those in `running`
 -- (a set of ids), go back to the queue, and ops blocked behind their ops
 -- are ready: a worker that runs jobs names them, and only the others are
--- stray. Returns ops made ready (all folded into newer ops) and jobs.
+-- stray. So are ops it is named as writing itself: a worker writes only
+-- through jobs, and the ops a replay takes are its until they are in a
+-- job, while the worker does not look. Returns the ops handed back, those
+-- folded into newer ops, and the jobs.
 local function hand_back_jobs(w, now, running)
   local ran, keys, seqs, gone = {}, {}, {}, {}
   -- Ops a job it runs lists: what is blocked behind them stays, even if a
@@ -615,13 +618,23 @@ local function hand_back_jobs(w, now, running)
       end
     end
   end
+  local taken = rcall('SMEMBERS', P .. ':w:' .. w)
   load(keys)
-  local mine = {}
+  load(taken)
+  local mine, folded = {}, 0
   for i, key in ipairs(keys) do
     local e = cache[key]
     -- Behind this job's op, not behind a later job's op on the same key.
     if e and e.state == 'b' and e.writer == w and e.ifseq == seqs[i] and not kept[key .. '\n' .. seqs[i]] then
       move(key, e, 'r')
+      mine[#mine + 1] = key
+      folded = folded + 1
+    end
+  end
+  for _, key in ipairs(taken) do
+    local e = cache[key]
+    if e and e.state == 't' and e.writer == w then
+      move(key, e, e.job ~= '' and 'j' or 'r')
       mine[#mine + 1] = key
     end
   end
@@ -632,7 +645,7 @@ local function hand_back_jobs(w, now, running)
   end
   in_parts(rcall, 'SREM', P .. ':wj:' .. w, gone, #gone)
   in_parts(rcall, 'SREM', P .. ':w:' .. w, mine, #mine)
-  return #mine, #mine, #ran
+  return #mine, folded, #ran
 end
 
 -- Hands back what writer `w` holds: the ops it is writing are ready again
