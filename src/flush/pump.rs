@@ -1176,6 +1176,27 @@ mod tests {
         (Arc::new(e), store)
     }
 
+    /// A store others share, flushing into a test queue, with `n` ops on
+    /// `document:1` that a take whose reply was lost moved to this writer.
+    async fn with_lost_take(e: Engine, n: usize) -> (Arc<Engine>, Arc<Flaky>) {
+        let store = Arc::new(Flaky {
+            shared: true,
+            ..Default::default()
+        });
+        let mut e = e;
+        e.store = store.clone();
+        let e = Arc::new(e);
+        grant(&e, "document:1", 0, n).await;
+        let lost = e.store.take(n, Take::All, u64::MAX).await.unwrap();
+        assert_eq!(lost.len(), n);
+        store.lost.lock().unwrap().extend(lost);
+        (e, store)
+    }
+
+    fn queue_engine() -> Engine {
+        Engine::for_tests(Some(Arc::new(crate::queue::FakeQueue::default())))
+    }
+
     fn failure() -> Error {
         Error::new(Kind::Redis {
             detail: "connection dropped".into(),
@@ -1378,18 +1399,9 @@ mod tests {
     /// ends with the ops a lost reply left written and no error.
     #[tokio::test(start_paused = true)]
     async fn a_shutdown_tries_a_failed_look_again() {
-        let queue = Arc::new(crate::queue::FakeQueue::default());
-        let store = Arc::new(Flaky {
-            shared: true,
-            ..Default::default()
-        });
-        let mut e = Engine::for_tests(Some(queue.clone()));
-        e.store = store.clone();
+        let mut e = queue_engine();
         e.cfg.interval = Duration::from_secs(3600);
-        let e = Arc::new(e);
-        grant(&e, "document:1", 0, 20).await;
-        let lost = e.store.take(20, Take::All, u64::MAX).await.unwrap();
-        store.lost.lock().unwrap().extend(lost);
+        let (e, store) = with_lost_take(e, 20).await;
         store.fail_looks.store(1, Ordering::Relaxed);
 
         let (commands, rx) = mpsc::channel(4);
@@ -1503,15 +1515,7 @@ mod tests {
     /// as done and the flush reported success with them still out.
     #[tokio::test]
     async fn a_flush_whose_look_for_strays_fails_says_so() {
-        let queue = Arc::new(crate::queue::FakeQueue::default());
-        let shared = Flaky {
-            shared: true,
-            ..Default::default()
-        };
-        let (e, store) = flaky_engine_with(shared, Some(queue.clone()));
-        grant(&e, "document:1", 0, 20).await;
-        let lost = e.store.take(20, Take::All, u64::MAX).await.unwrap();
-        store.lost.lock().unwrap().extend(lost);
+        let (e, store) = with_lost_take(queue_engine(), 20).await;
         store.fail_looks.store(1, Ordering::Relaxed);
 
         let report = super::super::flush_once(e.clone()).await;
