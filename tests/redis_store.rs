@@ -1115,7 +1115,9 @@ async fn strays_with_jobs_keeps_what_waits_behind_a_running_copy() {
 }
 
 /// Ops Redis names a worker as writing itself (a replay's take whose reply
-/// was lost) go back with the jobs mode too, while the worker runs a job.
+/// was lost) go back with the jobs mode too, while the worker runs a job;
+/// a newer op blocked behind one of them is ready, the lost op folded
+/// into it.
 #[tokio::test]
 async fn strays_with_jobs_gives_back_ops_the_worker_took() {
     let s = new_store("redis-strays-took").await;
@@ -1127,10 +1129,24 @@ async fn strays_with_jobs_gives_back_ops_the_worker_took() {
     };
     support::grant_users(&app, "document:took", 0..3).await;
     assert_eq!(w.take_at(now_ms(), 60_000).await.len(), 3);
+    app.revoke("user:u0", "viewer", "document:took")
+        .await
+        .unwrap();
+    let stat = |v: Option<i64>| v.unwrap_or(0);
+    let reclaimed = stat(w.on_key("HGET", "stats", &["reclaimed"]).await);
+    let coalesced = stat(w.on_key("HGET", "stats", &["coalesced"]).await);
     let answer = w.strays("jobs", &[runs]).await;
     assert_eq!(answer, [3, 0], "the ops back, no job");
     let p = app.pending().await.unwrap();
     assert_eq!((p.total, p.in_flight), (3, 1), "{p:?}");
+    let blocked: Option<f64> = w
+        .on_key("ZSCORE", "blocked", &["document:took#viewer@user:u0"])
+        .await;
+    assert_eq!(blocked, None, "the revoke is ready");
+    let now_reclaimed = stat(w.on_key("HGET", "stats", &["reclaimed"]).await);
+    let now_coalesced = stat(w.on_key("HGET", "stats", &["coalesced"]).await);
+    assert_eq!(now_reclaimed - reclaimed, 3);
+    assert_eq!(now_coalesced - coalesced, 1, "the lost grant folded");
     app.shutdown().await.unwrap();
 }
 

@@ -366,8 +366,11 @@ impl Pump {
             // A look failed and a shutdown (or a flush() since) waits for
             // one: try again then, whatever else wakes the pump.
             let failed = self.strays_answered.is_none_or(|a| a < looked);
-            if failed && (self.shutdown.is_some() || !self.waiters.is_empty()) {
-                let retry = looked + STRAY_RETRY;
+            // A take under way wakes the pump when it ends; the look
+            // follows it.
+            let waiting = self.shutdown.is_some() || !self.waiters.is_empty();
+            if failed && waiting && self.taking.is_none() {
+                let retry = (looked + STRAY_RETRY).max(now + Duration::from_millis(100));
                 next = Some(next.map_or(retry, |n: Instant| n.min(retry)));
             }
         }

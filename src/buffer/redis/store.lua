@@ -600,7 +600,7 @@ local function hand_back_jobs(w, now, running)
   local ran, keys, seqs, gone = {}, {}, {}, {}
   -- Ops a job it runs lists: what is blocked behind them stays, even if a
   -- stray job lists the same op (one left by an enqueue that failed).
-  local kept = {}
+  local kept, unread = {}, false
   for _, id in ipairs(rcall('SMEMBERS', P .. ':wj:' .. w)) do
     local runs = rcall('HGET', P .. ':jobrun', id) == w
     local job = runs and rcall('HGET', P .. ':jobs', id)
@@ -609,6 +609,7 @@ local function hand_back_jobs(w, now, running)
       -- Not its job any more (handed back, set aside): only a member left.
       gone[#gone + 1] = id
     elseif running[id] then
+      if not ks then unread = true end
       for i, k in ipairs(ks or {}) do kept[k .. '\n' .. ss[i]] = true end
     else
       ran[#ran + 1] = id
@@ -636,6 +637,12 @@ local function hand_back_jobs(w, now, running)
     if e and e.state == 't' and e.writer == w then
       move(key, e, e.job ~= '' and 'j' or 'r')
       mine[#mine + 1] = key
+    elseif e and e.state == 'b' and e.writer == w and not unread and not kept[key .. '\n' .. (e.ifseq or '')] then
+      -- Behind an op of its own that no job it runs lists (a lost take's):
+      -- folded into the newer op, as hand_back does.
+      move(key, e, 'r')
+      mine[#mine + 1] = key
+      folded = folded + 1
     end
   end
   apply_writes()
