@@ -638,8 +638,9 @@ local function hand_back_jobs(w, now, running)
       move(key, e, e.job ~= '' and 'j' or 'r')
       mine[#mine + 1] = key
     elseif e and e.state == 'b' and e.writer == w and not unread and not kept[key .. '\n' .. (e.ifseq or '')] then
-      -- Behind an op of its own that no job it runs lists (a lost take's):
-      -- folded into the newer op, as hand_back does.
+      -- Behind an op of its own that no job it runs lists, so nobody
+      -- writes it: a lost take's, or a job's op found stale or set aside
+      -- with its job. Folded into the newer op, as hand_back does.
       move(key, e, 'r')
       mine[#mine + 1] = key
       folded = folded + 1
