@@ -430,10 +430,12 @@ impl Pump {
             // deadline; its release hands back whatever is left.
             Err(err) => {
                 tracing::warn!(error = %err, "cannot look for ops this process holds in Redis without knowing");
+                let msg = format!(
+                    "cannot look in Redis for ops it names this process as writing after a reply was lost ({err}); they may not be written yet: they are, after the next look (flush again)"
+                );
+                // What a shutdown that ends without the look reports.
+                self.last_error = Some(msg.clone());
                 if self.shutdown.is_none() {
-                    let msg = format!(
-                        "cannot look in Redis for ops it names this process as writing after a reply was lost ({err}); they may not be written yet: they are, after the next look (flush again)"
-                    );
                     // Those that had their look before this one go on.
                     let (failed, wait): (Vec<Waiter>, Vec<Waiter>) =
                         std::mem::take(&mut self.waiters)
@@ -1420,6 +1422,27 @@ mod tests {
         assert_eq!(report.error, None, "{report:?}");
         assert_eq!(report.queued, 20, "{report:?}");
         assert_eq!(store.looks.lock().unwrap().len(), 1, "one look answered");
+        task.await.unwrap();
+    }
+
+    /// A shutdown whose looks for strays all fail says so when its
+    /// deadline passes, rather than that ops are not yet written.
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_without_a_look_says_why() {
+        let (e, store) = with_lost_take(queue_engine(), 5).await;
+        store.fail_looks.store(usize::MAX, Ordering::Relaxed);
+        let (commands, rx) = mpsc::channel(4);
+        let (_stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(super::super::task::run(e.clone(), rx, stop, false));
+        let (reply, done) = oneshot::channel();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        commands
+            .send(Command::Shutdown { deadline, reply })
+            .await
+            .unwrap();
+        let (report, _) = done.await.unwrap();
+        let error = report.error.expect("the looks failed");
+        assert!(error.contains("cannot look in Redis"), "{error}");
         task.await.unwrap();
     }
 
