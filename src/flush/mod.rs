@@ -717,7 +717,7 @@ mod pump;
 mod task;
 
 use limit::*;
-#[cfg(feature = "redis")]
-pub(crate) use pump::STRAY_EVERY;
 use pump::*;
+#[cfg(feature = "redis")]
+pub(crate) use pump::{add_one, remove_one, STRAY_EVERY};
 pub(crate) use task::*;

@@ -46,12 +46,12 @@ fn member_hash(k: &str) -> Option<u64> {
 }
 
 /// Adds one `k` to a multiset.
-fn add_one(set: &mut BTreeMap<u64, usize>, k: u64) {
+pub(crate) fn add_one<K: Ord>(set: &mut BTreeMap<K, usize>, k: K) {
     *set.entry(k).or_default() += 1;
 }
 
 /// Removes one `k` from a multiset.
-fn remove_one(set: &mut BTreeMap<u64, usize>, k: u64) {
+pub(crate) fn remove_one<K: Ord>(set: &mut BTreeMap<K, usize>, k: K) {
     if let std::collections::btree_map::Entry::Occupied(mut n) = set.entry(k) {
         *n.get_mut() -= 1;
         if *n.get() == 0 {
@@ -365,7 +365,7 @@ impl Pump {
         if let Some(looked) = self.strays_looked {
             // A look failed and a shutdown (or a flush() since) waits for
             // one: try again then, whatever else wakes the pump.
-            let failed = self.strays_answered.is_none_or(|a| a < looked);
+            let failed = self.last_look_failed();
             // A take under way wakes the pump when it ends; the look
             // follows it.
             let waiting = self.shutdown.is_some() || !self.waiters.is_empty();
@@ -392,7 +392,7 @@ impl Pump {
         let due = self.strays_looked.is_none_or(|l| {
             l.elapsed() >= STRAY_EVERY
                 || self.strays_wanted.is_some_and(|w| w > l)
-                || (self.strays_answered.is_none_or(|a| a < l) && l.elapsed() >= STRAY_RETRY)
+                || (self.last_look_failed() && l.elapsed() >= STRAY_RETRY)
         });
         if !e.store.shared() || self.taking.is_some() || !due {
             return;
@@ -450,6 +450,12 @@ impl Pump {
                 }
             }
         }
+    }
+
+    /// Whether the last look for strays got no answer.
+    fn last_look_failed(&self) -> bool {
+        self.strays_looked
+            .is_some_and(|l| self.strays_answered.is_none_or(|a| a < l))
     }
 
     /// A take or finish failed since the last time: it may have run with
@@ -1347,14 +1353,50 @@ mod tests {
         }
     }
 
-    /// Ops a take whose reply was lost left with this writer, while a chunk
-    /// of the pump is still being written: a flush() looks for strays at
-    /// once, naming the running chunk's keys as held (they are not given
-    /// back), and the strays are written within that flush. Before, the
-    /// pump looked only while it held nothing, and a flush() could end
-    /// before such a moment came, without them.
-    #[tokio::test]
-    async fn a_flush_gives_back_strays_while_a_chunk_runs() {
+    /// The pump's task on `e` (flushing only when asked), the channel that
+    /// commands it, and its stop sender (kept while the task runs).
+    fn run_pump(
+        e: &Arc<Engine>,
+    ) -> (
+        mpsc::Sender<Command>,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (commands, rx) = mpsc::channel(4);
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(super::super::task::run(e.clone(), rx, stop, false));
+        (commands, stop_tx, task)
+    }
+
+    /// Shuts the pump's task on `e` down with `within` to go: its report,
+    /// and the task.
+    async fn shut_down(
+        e: &Arc<Engine>,
+        within: Duration,
+    ) -> (FlushReport, tokio::task::JoinHandle<()>) {
+        let (commands, _stop, task) = run_pump(e);
+        let (reply, done) = oneshot::channel();
+        let deadline = Instant::now() + within;
+        commands
+            .send(Command::Shutdown { deadline, reply })
+            .await
+            .unwrap();
+        (done.await.unwrap().0, task)
+    }
+
+    /// A flush() whose one chunk (3 ops on `document:9`, a store others
+    /// share) waits at a closed gate to the queue.
+    struct AtGate {
+        e: Arc<Engine>,
+        store: Arc<Flaky>,
+        gate: Arc<Gate>,
+        commands: mpsc::Sender<Command>,
+        first_done: oneshot::Receiver<FlushReport>,
+        task: tokio::task::JoinHandle<()>,
+        _stop: watch::Sender<bool>,
+    }
+
+    async fn flush_at_gate() -> AtGate {
         let gate = Arc::new(Gate {
             entered: Notify::new(),
             open: tokio::sync::Semaphore::new(0),
@@ -1366,21 +1408,40 @@ mod tests {
         };
         let (e, store) = flaky_engine_with(shared, Some(gate.clone()));
         grant(&e, "document:9", 0, 3).await;
-        let (commands, rx) = mpsc::channel(4);
-        let (_stop_tx, stop) = watch::channel(false);
-        let task = tokio::spawn(super::super::task::run(e.clone(), rx, stop, false));
+        let (commands, _stop, task) = run_pump(&e);
         let (first, first_done) = oneshot::channel();
         commands.send(Command::Flush(first)).await.unwrap();
         gate.entered.notified().await;
+        AtGate {
+            e,
+            store,
+            gate,
+            commands,
+            first_done,
+            task,
+            _stop,
+        }
+    }
+
+    /// Ops a take whose reply was lost left with this writer, while a chunk
+    /// of the pump is still being written: a flush() looks for strays at
+    /// once, naming the running chunk's keys as held (they are not given
+    /// back), and the strays are written within that flush. Before, the
+    /// pump looked only while it held nothing, and a flush() could end
+    /// before such a moment came, without them.
+    #[tokio::test]
+    async fn a_flush_gives_back_strays_while_a_chunk_runs() {
+        let g = flush_at_gate().await;
+        let (e, store, gate) = (&g.e, &g.store, &g.gate);
 
         // The chunk of document:9 waits at the queue; meanwhile a take
         // whose reply was lost moves 20 more ops to this writer.
-        grant(&e, "document:1", 0, 20).await;
+        grant(e, "document:1", 0, 20).await;
         let lost = e.store.take(20, Take::All, u64::MAX).await.unwrap();
         assert_eq!(lost.len(), 20);
         store.lost.lock().unwrap().extend(lost);
         let (second, second_done) = oneshot::channel();
-        commands.send(Command::Flush(second)).await.unwrap();
+        g.commands.send(Command::Flush(second)).await.unwrap();
         tokio::time::timeout(Duration::from_secs(10), store.looked.notified())
             .await
             .expect("a look for strays while the chunk runs");
@@ -1390,13 +1451,13 @@ mod tests {
         assert_eq!(*store.looks.lock().unwrap(), [Some(running)]);
 
         gate.open.add_permits(1000);
-        first_done.await.unwrap();
+        g.first_done.await.unwrap();
         let report = second_done.await.unwrap();
         assert_eq!(report.error, None, "{report:?}");
         assert_eq!(gate.queued.load(Ordering::Relaxed), 23);
         let p = e.store.pending().await.unwrap();
         assert_eq!(p.total, 0, "{p:?}");
-        task.abort();
+        g.task.abort();
     }
 
     /// A shutdown whose look for strays fails tries the look again a
@@ -1409,16 +1470,7 @@ mod tests {
         let (e, store) = with_lost_take(e, 20).await;
         store.fail_looks.store(1, Ordering::Relaxed);
 
-        let (commands, rx) = mpsc::channel(4);
-        let (_stop_tx, stop) = watch::channel(false);
-        let task = tokio::spawn(super::super::task::run(e.clone(), rx, stop, false));
-        let (reply, done) = oneshot::channel();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        commands
-            .send(Command::Shutdown { deadline, reply })
-            .await
-            .unwrap();
-        let (report, _) = done.await.unwrap();
+        let (report, task) = shut_down(&e, Duration::from_secs(30)).await;
         assert_eq!(report.error, None, "{report:?}");
         assert_eq!(report.queued, 20, "{report:?}");
         assert_eq!(store.looks.lock().unwrap().len(), 1, "one look answered");
@@ -1431,16 +1483,7 @@ mod tests {
     async fn a_shutdown_without_a_look_says_why() {
         let (e, store) = with_lost_take(queue_engine(), 5).await;
         store.fail_looks.store(usize::MAX, Ordering::Relaxed);
-        let (commands, rx) = mpsc::channel(4);
-        let (_stop_tx, stop) = watch::channel(false);
-        let task = tokio::spawn(super::super::task::run(e.clone(), rx, stop, false));
-        let (reply, done) = oneshot::channel();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        commands
-            .send(Command::Shutdown { deadline, reply })
-            .await
-            .unwrap();
-        let (report, _) = done.await.unwrap();
+        let (report, task) = shut_down(&e, Duration::from_secs(5)).await;
         let error = report.error.expect("the looks failed");
         assert!(error.contains("cannot look in Redis"), "{error}");
         task.await.unwrap();
@@ -1451,37 +1494,22 @@ mod tests {
     /// one failed look failed every flush() under way.
     #[tokio::test]
     async fn a_failed_look_fails_only_the_flushes_that_wait_for_it() {
-        let gate = Arc::new(Gate {
-            entered: Notify::new(),
-            open: tokio::sync::Semaphore::new(0),
-            queued: AtomicUsize::new(0),
-        });
-        let shared = Flaky {
-            shared: true,
-            ..Default::default()
-        };
-        let (e, store) = flaky_engine_with(shared, Some(gate.clone()));
-        grant(&e, "document:9", 0, 3).await;
-        let (commands, rx) = mpsc::channel(4);
-        let (_stop_tx, stop) = watch::channel(false);
-        let task = tokio::spawn(super::super::task::run(e.clone(), rx, stop, false));
-        let (first, first_done) = oneshot::channel();
-        commands.send(Command::Flush(first)).await.unwrap();
         // Its look came before its chunk was taken: nothing was held.
-        gate.entered.notified().await;
+        let g = flush_at_gate().await;
+        let (store, gate) = (&g.store, &g.gate);
 
         store.fail_looks.store(1, Ordering::Relaxed);
         let (second, second_done) = oneshot::channel();
-        commands.send(Command::Flush(second)).await.unwrap();
+        g.commands.send(Command::Flush(second)).await.unwrap();
         let report = second_done.await.unwrap();
         let error = report.error.expect("the second flush's look failed");
         assert!(error.contains("cannot look in Redis"), "{error}");
 
         gate.open.add_permits(1000);
-        let report = first_done.await.unwrap();
+        let report = g.first_done.await.unwrap();
         assert_eq!(report.error, None, "{report:?}");
         assert_eq!(gate.queued.load(Ordering::Relaxed), 3);
-        task.abort();
+        g.task.abort();
     }
 
     /// A key as Redis lists it hashes as the tuple it was made from, users

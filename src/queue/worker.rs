@@ -1,6 +1,6 @@
 //! `fga-wb worker`: applies queued write jobs.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +18,7 @@ use crate::buffer::redis::{now_ms, FetchedJob, RedisStore};
 use crate::buffer::{unreadable_outcome, Claim, JobEnd, Outcome, Store, StoreEvent, Taken};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::flush::{Engine, QuickRetries, Stop, STRAY_EVERY};
+use crate::flush::{add_one, remove_one, Engine, QuickRetries, Stop, STRAY_EVERY};
 
 /// A busy key (a writer presumed dead still holds it) is tried again this
 /// soon, at the same attempt.
@@ -54,7 +54,7 @@ struct Holding {
     /// Jobs fetched and not yet ended, by id and the term they were
     /// fetched in (a job handed back and fetched again may run twice at
     /// once).
-    jobs: std::sync::Mutex<HashMap<(String, u64), usize>>,
+    jobs: std::sync::Mutex<BTreeMap<(String, u64), usize>>,
     /// Held by a replay between its take and its enqueue, and by the look
     /// for strays.
     taking: tokio::sync::Mutex<()>,
@@ -69,7 +69,7 @@ struct JobHold {
 impl JobHold {
     fn new(holding: &Arc<Holding>, id: &str, term: u64) -> JobHold {
         let job = (id.to_owned(), term);
-        *holding.running().entry(job.clone()).or_default() += 1;
+        add_one(&mut holding.running(), job.clone());
         JobHold {
             holding: holding.clone(),
             job,
@@ -79,18 +79,12 @@ impl JobHold {
 
 impl Drop for JobHold {
     fn drop(&mut self) {
-        let mut running = self.holding.running();
-        if let Some(n) = running.get_mut(&self.job) {
-            *n -= 1;
-            if *n == 0 {
-                running.remove(&self.job);
-            }
-        }
+        remove_one(&mut self.holding.running(), std::mem::take(&mut self.job));
     }
 }
 
 impl Holding {
-    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u64), usize>> {
+    fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, u64), usize>> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 

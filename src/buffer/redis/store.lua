@@ -623,13 +623,17 @@ local function hand_back_jobs(w, now, running)
   load(keys)
   load(taken)
   local mine, folded = {}, 0
+  -- A blocked op waiting behind an op nobody writes: folded into it.
+  local function ready(key, e)
+    move(key, e, 'r')
+    mine[#mine + 1] = key
+    folded = folded + 1
+  end
   for i, key in ipairs(keys) do
     local e = cache[key]
     -- Behind this job's op, not behind a later job's op on the same key.
     if e and e.state == 'b' and e.writer == w and e.ifseq == seqs[i] and not kept[key .. '\n' .. seqs[i]] then
-      move(key, e, 'r')
-      mine[#mine + 1] = key
-      folded = folded + 1
+      ready(key, e)
     end
   end
   for _, key in ipairs(taken) do
@@ -640,10 +644,8 @@ local function hand_back_jobs(w, now, running)
     elseif e and e.state == 'b' and e.writer == w and not unread and not kept[key .. '\n' .. (e.ifseq or '')] then
       -- Behind an op of its own that no job it runs lists, so nobody
       -- writes it: a lost take's, or a job's op found stale or set aside
-      -- with its job. Folded into the newer op, as hand_back does.
-      move(key, e, 'r')
-      mine[#mine + 1] = key
-      folded = folded + 1
+      -- with its job. As hand_back does.
+      ready(key, e)
     end
   end
   apply_writes()
