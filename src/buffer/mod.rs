@@ -358,8 +358,9 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn holds(&self, _t: &Taken) -> bool {
         true
     }
-    /// How many take and finish calls failed so far, each possibly after
-    /// it ran with its reply lost (leaving strays: see `give_back_strays`).
+    /// How many take and finish calls failed, and connections dropped, so
+    /// far: each may have lost the reply of a call that ran (leaving
+    /// strays: see `give_back_strays`).
     fn unsure_calls(&self) -> u64 {
         0
     }

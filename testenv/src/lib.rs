@@ -1,7 +1,7 @@
 //! Throw-away servers on loopback for fga-wb's tests, benchmarks and scripts:
 //! OpenFGA (memory, SQLite or PostgreSQL datastore, caches on or off, TLS),
-//! PostgreSQL, Redis (single node, with or without AOF, or a cluster) and a
-//! TCP proxy that adds latency.
+//! PostgreSQL, Redis (single node, with or without AOF, or a cluster), a
+//! TCP proxy that adds latency and one that loses an answer.
 //!
 //! This is the one place that starts servers. The integration tests and the
 //! load tests use the library; `scripts/test`, `scripts/servers` and
@@ -14,6 +14,7 @@
 //! (`PR_SET_PDEATHSIG`), so a crashed test or a `kill -9` of the runner
 //! leaves nothing behind.
 
+mod cut;
 mod error;
 mod openfga;
 mod ports;
@@ -22,6 +23,7 @@ mod process;
 mod proxy;
 mod redis;
 
+pub use cut::CutProxy;
 pub use error::{Error, Result};
 pub use openfga::{Datastore, OpenFga, OpenFgaOptions, Tls};
 pub use ports::free_port;

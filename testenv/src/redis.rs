@@ -211,6 +211,26 @@ impl RedisCluster {
         Ok(cluster)
     }
 
+    /// A cluster of one primary holding every slot, reached at
+    /// `announce_port` (a proxy's, in front of the node's own port, which
+    /// `nodes()[0].port()` gives): clients that follow the cluster's map
+    /// connect there too.
+    pub async fn one_node(announce_port: u16) -> Result<RedisCluster> {
+        let node = Redis::cluster_node(RedisOptions::default()).await?;
+        for cmd in [
+            format!("CONFIG SET cluster-announce-port {announce_port}"),
+            "CLUSTER ADDSLOTSRANGE 0 16383".to_owned(),
+        ] {
+            match node.command(&cmd).await {
+                Some(r) if r.starts_with("+OK") => {}
+                r => return Err(Error::new(format!("{cmd} on a cluster node: {r:?}"))),
+            }
+        }
+        let cluster = RedisCluster { nodes: vec![node] };
+        cluster.wait_ok().await?;
+        Ok(cluster)
+    }
+
     /// Waits until every node's view lists `count` replicas and each replica's
     /// link to its primary is up: `cluster_state:ok` comes before gossip has
     /// spread who replicates whom, and a test that looks for a primary's

@@ -785,7 +785,10 @@ impl Store for RedisStore {
     }
 
     fn unsure_calls(&self) -> u64 {
-        self.unsure.load(Ordering::Relaxed)
+        // A dropped connection may have lost the answer of a call under
+        // way, and the cluster client sends such a call again by itself: it
+        // succeeds, though its first run may have taken ops too.
+        self.unsure.load(Ordering::Relaxed) + self.watch.resets.load(Ordering::Acquire)
     }
 
     fn dead_on_take(&self) -> u64 {
