@@ -13,6 +13,11 @@
 //! Writes are noted before their ops leave the in-flight set, under the
 //! same order a check reads in (ops first, then this): a check that no
 //! longer sees an op pending or in flight sees its write here.
+//!
+//! A process knows nothing of the writes before it started: the one an
+//! earlier life of it applied as it shut down (a revoke) may be younger
+//! than the server's cached answers. So the start counts as a write to
+//! every relation.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -77,8 +82,8 @@ impl Written {
     }
 
     /// How long ago the newest write a check on `object` with dependencies
-    /// `rels` (`None`: any relation) can depend on was applied, if within
-    /// [`KEEP`].
+    /// `rels` (`None`: any relation) can depend on was applied, or this
+    /// process started, if within [`KEEP`].
     pub fn since(&self, rels: Option<&[Dep]>, object: &str) -> Option<Duration> {
         let g = self.lock();
         let newest = match rels {
@@ -94,7 +99,9 @@ impl Written {
                     }
                 })
                 .max(),
-        }?;
+        }
+        // The epoch: this process's start.
+        .unwrap_or(0);
         let ago = Duration::from_millis(self.now().saturating_sub(newest));
         (ago < KEEP).then_some(ago)
     }
@@ -112,9 +119,29 @@ mod tests {
         }
     }
 
+    /// Started longer ago than writes are remembered.
+    fn long_running() -> Written {
+        let epoch = Instant::now().checked_sub(KEEP + Duration::from_secs(1));
+        Written {
+            epoch: epoch.unwrap_or_else(Instant::now),
+            inner: Mutex::default(),
+        }
+    }
+
+    #[test]
+    fn the_start_counts_as_a_write_to_everything() {
+        let w = Written::default();
+        let any = [dep("document#viewer", false)];
+        let same = [dep("document#viewer", true)];
+        for rels in [None, Some(&any[..]), Some(&same[..])] {
+            assert!(w.since(rels, "document:1").is_some_and(|a| a < KEEP));
+        }
+        assert_eq!(long_running().since(None, "document:1"), None);
+    }
+
     #[test]
     fn a_write_counts_for_its_object_or_its_whole_relation() {
-        let w = Written::default();
+        let w = long_running();
         assert_eq!(w.since(None, "document:1"), None);
         let t = TupleKey::new("user:a", "viewer", "document:1").unwrap();
         w.note([&t]);
