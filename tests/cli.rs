@@ -627,3 +627,52 @@ async fn fga_cli_flags_beat_the_variables() {
         .await;
     r.fails(1, "OpenFGA refuses the credentials");
 }
+
+/// `flush --wait --timeout` gives up at its timeout even while its first
+/// flush is still writing (inline, the command writes the backlog itself;
+/// here a wiremock OpenFGA holds every Write for 2 minutes): it exits 1
+/// saying what is left. Before, the timeout began after that first flush,
+/// which returned only once its Writes did.
+#[tokio::test]
+async fn flush_wait_gives_up_at_its_timeout_while_it_writes() {
+    use support::cli::Where;
+    use support::mock::{mock_config, mock_openfga, write_mock, MODEL, STORE};
+    let server = mock_openfga().await;
+    write_mock()
+        .respond_with(
+            support::fixture("write-ok")
+                .response()
+                .set_delay(Duration::from_secs(120)),
+        )
+        .mount(&server)
+        .await;
+    // Redis of its own: the mocked store's id is every mock test's.
+    let redis = testenv::Redis::start(testenv::RedisOptions::default())
+        .await
+        .unwrap();
+    let mut c = mock_config(&server);
+    c.buffer.store = StoreKind::Redis;
+    c.redis.url = redis.url();
+    let app = WriteBehind::builder(c)
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    app.grant("user:anne", "viewer", "document:held")
+        .await
+        .unwrap();
+    let mut cli = Cli::at(
+        Where {
+            api_url: server.uri(),
+            token: "mock-token".into(),
+            store_id: STORE.into(),
+            model_id: MODEL.into(),
+            redis_url: redis.url(),
+        },
+        "inline",
+    );
+    cli.set("FGA_WB_OPENFGA__REQUEST_TIMEOUT", "300s");
+    let r = cli.run(&["flush", "--wait", "--timeout", "1s"]).await;
+    r.fails(1, "1 ops still pending or queued");
+    drop(app);
+}

@@ -185,11 +185,15 @@ async fn openfga_down_in_queue_mode_loses_nothing() {
 
 /// OpenFGA down for longer than the whole retry schedule (100 ms, 100 ms):
 /// every op dies as a transient dead letter, and a revoke of one granted
-/// tuple (dead too) supersedes its grant. Nobody runs `dlq replay`: once
-/// OpenFGA is back, the worker replays the transient letters by itself
-/// (`queue.replay_transient`, 200 ms here) and queues them, dropping the
-/// superseded grant. OpenFGA ends with every grant but the revoked one,
-/// nothing pending or queued, no dead letters, and the totals add up.
+/// tuple (dead too) supersedes its grant. `fga-wb flush --wait` does not
+/// call that written: it waits for them, and gives up at its timeout
+/// saying why. Nobody runs `dlq replay`: once OpenFGA is back, the worker
+/// replays the transient letters by itself (`queue.replay_transient`,
+/// 200 ms here) and queues them, dropping the superseded grant, and
+/// `fga-wb flush --wait` ends once they are written: OpenFGA holds every
+/// grant but the revoked one, nothing is pending or queued, no dead
+/// letters, and the totals add up. Before, `flush --wait` exited 0 at once
+/// with the letters not written, saying OpenFGA had refused them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_outage_longer_than_the_retries_needs_no_person() {
     const M: usize = 40;
@@ -241,20 +245,29 @@ async fn an_outage_longer_than_the_retries_needs_no_person() {
         (u.as_str(), fga_wb::Op::Grant)
     );
 
-    server.run().await;
-    eventually(
-        &wb,
-        "the worker to replay and apply the letters",
-        Duration::from_secs(30),
-        || async {
-            let st = wb.status().await.unwrap();
-            let q = st.queue.unwrap();
-            st.dead_letters == 0
-                && st.pending.total + st.pending.in_flight == 0
-                && q.pending + q.running + q.scheduled == 0
+    let cli = support::cli::Cli::at(
+        support::cli::Where {
+            api_url: server.url(),
+            token: server.key.clone(),
+            store_id: store_id.clone(),
+            model_id: wb.model_id().unwrap_or_default(),
+            redis_url: support::redis_url(),
         },
-    )
-    .await;
+        "queue",
+    );
+    let r = cli.run(&["flush", "--wait", "--timeout", "2s"]).await;
+    r.fails(
+        1,
+        &format!("({M} ops that died of transient failures wait in the dead-letter set"),
+    );
+
+    server.run().await;
+    cli.run(&["flush", "--wait", "--timeout", "30s"]).await.ok();
+    let st = wb.status().await.unwrap();
+    let q = st.queue.unwrap();
+    assert_eq!(st.dead_letters, 0);
+    assert_eq!(st.pending.total + st.pending.in_flight, 0);
+    assert_eq!(q.pending + q.running + q.scheduled, 0);
     worker.stop().await;
 
     assert_openfga_holds(&admin, &store_id, 1..M, "every grant but the revoked one").await;

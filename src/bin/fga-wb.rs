@@ -65,12 +65,15 @@ enum Command {
     Flush {
         /// Keep flushing until nothing is pending, in flight or queued
         /// (ops a dead process held come back and are flushed again; in
-        /// queue mode, until workers applied every job). Exits 0 only then;
-        /// in queue mode without --timeout, exits 1 once no worker has run
-        /// for 6 worker leases (30 s by default).
+        /// queue mode, until workers applied every job and replayed every
+        /// op that died of transient failures). Exits 0 only then; in queue
+        /// mode without --timeout, exits 1 once no worker has run for 6
+        /// worker leases (30 s by default), or at once when such dead ops
+        /// wait and workers do not replay them (queue.replay_transient = 0).
         #[arg(long)]
         wait: bool,
-        /// With --wait: give up after this long (e.g. 90s, 5m) and exit 1.
+        /// With --wait: give up after this long (e.g. 90s, 5m), the first
+        /// flush included, and exit 1.
         #[arg(long, value_parser = humantime::parse_duration, requires = "wait")]
         timeout: Option<Duration>,
     },
@@ -294,11 +297,28 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
         Command::Flush { wait, timeout } => {
             let before = wb.status().await?.totals;
             let started = tokio::time::Instant::now();
-            let mut report = wb.flush().await?;
-            if *wait {
+            let waiting = Waiting {
+                started,
+                // A timeout past what a clock can hold is no timeout.
+                deadline: timeout
+                    .filter(|_| *wait)
+                    .and_then(|t| started.checked_add(t)),
                 // Long enough for a worker to restart and show up again.
-                let patience = config.redis.writer_lease.saturating_mul(NO_WORKER_LEASES);
-                let more = wait_until_applied(wb, cli.json, *timeout, patience).await?;
+                no_worker_patience: config.redis.writer_lease.saturating_mul(NO_WORKER_LEASES),
+                replays: (config.flush.mode == fga_wb::config::Mode::Queue)
+                    .then_some(config.queue.replay_transient)
+                    .filter(|every| !every.is_zero()),
+            };
+            let mut report = match waiting.deadline {
+                // Inline, this flush writes everything pending first.
+                Some(d) => match tokio::time::timeout_at(d, wb.flush()).await {
+                    Ok(r) => r?,
+                    Err(_) => return Err(left_after(wb, &waiting).await),
+                },
+                None => wb.flush().await?,
+            };
+            if *wait {
+                let more = wait_until_applied(wb, cli.json, &waiting).await?;
                 // What every writer and worker did while we waited (the
                 // store's totals: in queue mode the workers write), and no
                 // error: everything was written or dead-lettered in the end.
@@ -331,7 +351,7 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
             }
             if report.dead_lettered > 0 {
                 eprintln!(
-                    "warning: {} ops were refused by OpenFGA and dead-lettered: see `fga-wb dlq list`",
+                    "warning: {} ops were dead-lettered: see `fga-wb dlq list`",
                     report.dead_lettered
                 );
             }
@@ -491,33 +511,122 @@ fn report_count(json: bool, what: &str, n: usize) -> Result<(), Failure> {
     }
 }
 
-/// Waits until nothing is pending or in flight, showing progress, and
-/// returns how many ops its own flushes queued.
-/// Flushes again and again until nothing is pending, in flight or queued:
-/// ops a dead process held come back pending when its lease ends and are
-/// flushed again; in queue mode the workers apply the jobs. A progress bar
-/// on a terminal, a line every 5 s otherwise (unless `quiet`: --json).
-async fn wait_until_applied(
-    wb: &WriteBehind,
-    quiet: bool,
-    timeout: Option<Duration>,
+/// How `flush --wait` waits.
+struct Waiting {
+    started: tokio::time::Instant,
+    /// `--timeout`: when it gives up, wherever it is.
+    deadline: Option<tokio::time::Instant>,
+    /// Without a deadline, how long it waits for a worker while none runs
+    /// and jobs are queued.
     no_worker_patience: Duration,
-) -> Result<u64, Failure> {
-    use std::io::IsTerminal;
-    let started = tokio::time::Instant::now();
-    // A timeout past what a clock can hold is no timeout.
-    let deadline = timeout.and_then(|t| started.checked_add(t));
-    let tty = !quiet && std::io::stderr().is_terminal();
-    // Ops not yet written (ops held by queued jobs count as in flight), and
-    // jobs not yet finished.
-    let left_of = |s: &fga_wb::Status| s.pending.total.saturating_add(s.pending.in_flight) as u64;
-    let jobs_of = |s: &fga_wb::Status| {
-        s.queue.as_ref().map_or(0, |q| {
-            q.pending
-                .saturating_add(q.running)
-                .saturating_add(q.scheduled)
-        })
+    /// Queue mode: how often workers replay ops that died of transient
+    /// failures (`None`: they do not).
+    replays: Option<Duration>,
+}
+
+/// Ops not yet written (ops held by queued jobs count as in flight).
+fn left_of(s: &fga_wb::Status) -> u64 {
+    s.pending.total.saturating_add(s.pending.in_flight) as u64
+}
+
+/// Jobs not yet finished.
+fn jobs_of(s: &fga_wb::Status) -> u64 {
+    s.queue.as_ref().map_or(0, |q| {
+        q.pending
+            .saturating_add(q.running)
+            .saturating_add(q.scheduled)
+    })
+}
+
+/// What keeps jobs from being applied, if it is that no worker runs.
+fn no_worker_note(s: &fga_wb::Status) -> &'static str {
+    match s.queue.as_ref().is_some_and(|q| q.workers.is_empty()) {
+        true => "no worker is running: start `fga-wb worker`",
+        false => "",
+    }
+}
+
+/// `flush --wait` gives up: what is left, and what it waits for.
+fn gave_up(s: &fga_wb::Status, started: tokio::time::Instant, note: &str) -> Failure {
+    let hint = match no_worker_note(s) {
+        n if n == note && !n.is_empty() => ", or pass --timeout to wait for one",
+        _ => "",
     };
+    Failure {
+        code: 1,
+        message: format!(
+            "{} ops still pending or queued ({} jobs) after {:.0?}{}",
+            left_of(s),
+            jobs_of(s),
+            started.elapsed(),
+            if note.is_empty() {
+                String::new()
+            } else {
+                format!(" ({note}{hint})")
+            }
+        ),
+    }
+}
+
+/// `flush --wait`'s deadline passed during a call: what is left, if
+/// Redis says so promptly.
+async fn left_after(wb: &WriteBehind, w: &Waiting) -> Failure {
+    let look = async {
+        let s = wb.status().await?;
+        let mut note = no_worker_note(&s).to_owned();
+        if let (true, Some(every)) = (note.is_empty(), w.replays) {
+            note = dead_note(transient_letters(wb, &s).await?, every);
+        }
+        Ok::<_, Failure>(gave_up(&s, w.started, &note))
+    };
+    match tokio::time::timeout(Duration::from_secs(5), look).await {
+        Ok(Ok(f)) => f,
+        _ => Failure {
+            code: 1,
+            message: format!(
+                "not everything was written after {:.0?}",
+                w.started.elapsed()
+            ),
+        },
+    }
+}
+
+/// What `flush --wait` waits for when only ops that died of transient
+/// failures (`dead`) are left: workers replay them `every` so often.
+fn dead_note(dead: usize, every: Duration) -> String {
+    match dead {
+        0 => String::new(),
+        _ => format!(
+            "{dead} ops that died of transient failures wait in the dead-letter set; workers replay them every {} once OpenFGA answers",
+            humantime::format_duration(every)
+        ),
+    }
+}
+
+/// Ops that died of transient failures (OpenFGA unreachable, or failing
+/// through a queue job's whole retry schedule) and whose letters are
+/// still their tuples' latest: not written, and workers may replay them.
+async fn transient_letters(wb: &WriteBehind, s: &fga_wb::Status) -> Result<usize, Failure> {
+    if s.dead_letters == 0 || s.queue.is_none() {
+        return Ok(0);
+    }
+    let letters = wb.dead_letters().await?;
+    Ok(letters
+        .iter()
+        .filter(|d| d.transient && !d.superseded)
+        .count())
+}
+
+/// Flushes again and again until nothing is pending, in flight or queued,
+/// and returns how many ops its own flushes queued: ops a dead process
+/// held come back pending when its lease ends and are flushed again; in
+/// queue mode the workers apply the jobs, and replay ops that died of
+/// transient failures. A progress bar on a terminal, a line every 5 s
+/// otherwise (unless `quiet`: --json).
+async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Result<u64, Failure> {
+    use std::io::IsTerminal;
+    let started = w.started;
+    let tty = !quiet && std::io::stderr().is_terminal();
     let total = left_of(&wb.status().await?);
     let bar = if tty {
         indicatif::ProgressBar::new(total)
@@ -529,7 +638,7 @@ async fn wait_until_applied(
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let waited = async {
-        let mut last_line = started;
+        let mut last_line = tokio::time::Instant::now();
         let mut queued = 0u64;
         let mut no_worker_since = None;
         loop {
@@ -537,9 +646,26 @@ async fn wait_until_applied(
             let left = left_of(&status);
             bar.set_length(total.max(left));
             bar.set_position(total.saturating_sub(left));
+            let mut note = no_worker_note(&status).to_owned();
             if left == 0 && jobs_of(&status) == 0 {
-                bar.finish();
-                return Ok(queued);
+                let dead = transient_letters(wb, &status).await?;
+                match w.replays {
+                    _ if dead == 0 => {
+                        bar.finish();
+                        return Ok(queued);
+                    }
+                    None => {
+                        bar.abandon();
+                        return Err(Failure {
+                            code: 1,
+                            message: format!(
+                                "{dead} ops died of transient failures (OpenFGA unreachable or failing through the retry schedule) and are not written; workers do not replay them (queue.replay_transient = 0): run `fga-wb dlq replay` once OpenFGA answers"
+                            ),
+                        });
+                    }
+                    Some(every) if note.is_empty() => note = dead_note(dead, every),
+                    Some(_) => {}
+                }
             }
             // In queue mode a worker's stop is final for the wait; inline,
             // this process writes, and its own flush says if it cannot.
@@ -555,12 +681,7 @@ async fn wait_until_applied(
                 });
             }
             let no_worker = status.queue.as_ref().is_some_and(|q| q.workers.is_empty());
-            let note = if no_worker {
-                "no worker is running: start `fga-wb worker`"
-            } else {
-                ""
-            };
-            bar.set_message(note);
+            bar.set_message(note.clone());
             if !tty && !quiet && last_line.elapsed() >= Duration::from_secs(5) {
                 last_line = tokio::time::Instant::now();
                 eprintln!(
@@ -587,25 +708,13 @@ async fn wait_until_applied(
             if !no_worker {
                 no_worker_since = None;
             }
-            let gave_up = match deadline {
+            let gave_up_now = match w.deadline {
                 Some(d) => tokio::time::Instant::now() >= d,
-                None => no_worker_for.is_some_and(|d| d >= no_worker_patience),
+                None => no_worker_for.is_some_and(|d| d >= w.no_worker_patience),
             };
-            if gave_up {
+            if gave_up_now {
                 bar.abandon();
-                return Err(Failure {
-                    code: 1,
-                    message: format!(
-                        "{left} ops still pending or queued ({} jobs) after {:.0?}{}",
-                        jobs_of(&status),
-                        started.elapsed(),
-                        if note.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" ({note}, or pass --timeout to wait for one)")
-                        }
-                    ),
-                });
+                return Err(gave_up(&status, started, &note));
             }
             if status.pending.total > 0 {
                 // Ops came back (a dead writer's lease ended) or arrived: write
@@ -623,10 +732,22 @@ async fn wait_until_applied(
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     };
+    let deadline = async {
+        match w.deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
     // One listener for the whole wait: a Ctrl-C during a flush or a status
     // read counts too (a listener made per sleep missed those).
     tokio::select! {
         r = waited => r,
+        // A call under way at the deadline (an inline flush writing a
+        // backlog, Redis slow to answer) does not hold the wait past it.
+        () = deadline => {
+            bar.abandon();
+            Err(left_after(wb, w).await)
+        }
         _ = tokio::signal::ctrl_c() => {
             bar.abandon();
             Err(Failure { code: 1, message: "interrupted; what was flushed stays flushed".into() })

@@ -58,6 +58,15 @@ impl Run {
     }
 }
 
+/// Where a [`Cli`] finds OpenFGA, the store and Redis.
+pub struct Where {
+    pub api_url: String,
+    pub token: String,
+    pub store_id: String,
+    pub model_id: String,
+    pub redis_url: String,
+}
+
 /// How to run the binary for one store: configuration through the
 /// environment only, in an empty directory (no config/fga-wb.toml).
 pub struct Cli {
@@ -68,18 +77,36 @@ pub struct Cli {
 
 impl Cli {
     pub fn new(s: &TestStore, mode: &str) -> Cli {
-        let dir =
-            std::env::temp_dir().join(format!("fga-wb-cli-{}-{}", std::process::id(), s.store_id));
+        let at = Where {
+            api_url: super::openfga_url(),
+            token: super::openfga_token(),
+            store_id: s.store_id.clone(),
+            model_id: s.model_id.clone(),
+            redis_url: super::redis_url(),
+        };
+        Cli::at(at, mode)
+    }
+
+    /// For a store on another OpenFGA (a test's own, a wiremock one), with
+    /// its buffer in Redis at `redis_url`.
+    pub fn at(at: Where, mode: &str) -> Cli {
+        // A Redis of a test's own can hold a store id another test uses.
+        let dir = std::env::temp_dir().join(format!(
+            "fga-wb-cli-{}-{}-{}",
+            std::process::id(),
+            at.store_id,
+            at.redis_url.rsplit(':').next().unwrap_or_default()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
-        let token = super::openfga_token();
+        let token = at.token;
         let vars = [
-            ("FGA_API_URL", super::openfga_url()),
+            ("FGA_API_URL", at.api_url),
             ("FGA_API_TOKEN", token.clone()),
-            ("FGA_STORE_ID", s.store_id.clone()),
-            ("FGA_MODEL_ID", s.model_id.clone()),
+            ("FGA_STORE_ID", at.store_id),
+            ("FGA_MODEL_ID", at.model_id),
             ("FGA_WB_BUFFER__STORE", "redis".into()),
             ("FGA_WB_FLUSH__MODE", mode.into()),
-            ("FGA_WB_REDIS__URL", super::redis_url()),
+            ("FGA_WB_REDIS__URL", at.redis_url),
             ("FGA_WB_QUEUE__HEARTBEAT", "1s".into()),
         ]
         .into_iter()
