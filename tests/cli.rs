@@ -676,3 +676,39 @@ async fn flush_wait_gives_up_at_its_timeout_while_it_writes() {
     r.fails(1, "1 ops still pending or queued");
     drop(app);
 }
+
+/// An operator's command leaves the store's writers as it exits, whether
+/// it wrote (`flush`) or only looked: after Redis drops a connection, the
+/// applications' checks wait for every writer seen recently to run a
+/// heartbeat, and a command that is gone never does. Before, its entry
+/// stayed until its lease ran out.
+#[tokio::test]
+async fn commands_leave_no_writer_behind() {
+    let s = new_store("cli-leaves").await;
+    let wb = filler(&s, Mode::Inline).await;
+    support::grant_users(&wb, "document:left", 0..3).await;
+    let beats = format!("fga-wb:{{{}}}:beats", s.store_id);
+    let redis = support::redis_conn().await;
+    let writers = || {
+        let beats = beats.clone();
+        let mut redis = redis.clone();
+        async move {
+            let mut w: Vec<String> = redis::cmd("HKEYS")
+                .arg(&beats)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            w.sort();
+            w
+        }
+    };
+    let before = writers().await;
+    assert_eq!(before.len(), 1, "the application: {before:?}");
+    let cli = Cli::new(&s, "inline");
+    for args in [&["status"][..], &["flush"], &["dlq", "list"]] {
+        cli.run(args).await.ok();
+        assert_eq!(writers().await, before, "fga-wb {args:?} stayed a writer");
+    }
+    assert_eq!(stored(&s).await.len(), 3);
+    wb.shutdown().await.unwrap();
+}

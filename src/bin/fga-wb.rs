@@ -249,8 +249,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         .build()
         .await?;
     let result = command(&cli, &wb, &config).await;
-    // Nothing was buffered through this handle; don't drain anything.
-    drop(wb);
+    // Nothing was buffered through this handle: drain nothing, but leave
+    // the store's writers now, not when the lease ends (after a Redis
+    // reconnect, the applications' checks wait for every recent writer).
+    if let Err(e) = wb.close().await {
+        tracing::debug!(error = %e, "closing the operator's handle");
+    }
     result
 }
 

@@ -581,6 +581,52 @@ impl WriteBehind {
         } else {
             (FlushReport::default(), false)
         };
+        self.stop_and_release(cut_off).await;
+        let e = &self.inner.engine;
+        let left = e.store.pending().await?;
+        // Requests running at the deadline may still have finished within
+        // its grace: the report's error is for what is left, not for a
+        // deadline that passed with nothing lost.
+        let mut flushed = flushed;
+        if left.total.saturating_add(left.in_flight) == 0 {
+            flushed.error = None;
+        } else {
+            tracing::warn!(
+                pending = left.total,
+                in_flight = left.in_flight,
+                "shutdown left ops unflushed"
+            );
+        }
+        Ok(ShutdownReport { flushed, left })
+    }
+
+    /// Stops without writing anything more, for a handle through which
+    /// nothing was buffered, or whose ops others write (an operator's
+    /// tool, a process that only checks): with the Redis store, what it
+    /// holds goes back to the other processes at once and it stops
+    /// counting as a live writer, instead of when its lease ends (until
+    /// then, after Redis drops a connection, other processes' checks wait
+    /// for its heartbeat). Ops pending in a memory store are lost, as when
+    /// the handle is dropped: [`WriteBehind::shutdown`] writes them. Later
+    /// calls on any clone fail with [`Error::is_shutdown`].
+    pub async fn close(&self) -> Result<()> {
+        if self.inner.shut_down.swap(true, Ordering::SeqCst) {
+            return Err(Error::new(Kind::Shutdown));
+        }
+        let (reply, answer) = oneshot::channel();
+        let cut_off = match self.inner.commands.send(Command::Close(reply)).await {
+            Ok(()) => answer.await.unwrap_or(true),
+            // The flusher is gone: it took nothing it still holds.
+            Err(_) => false,
+        };
+        self.stop_and_release(cut_off).await;
+        Ok(())
+    }
+
+    /// Stops the flusher and the other tasks, and gives what this process
+    /// still holds back to the others now, unless a write or a take was
+    /// cut off in flight (then when its lease ends).
+    async fn stop_and_release(&self, cut_off: bool) {
         let _ = self.inner.stop.send(true);
         let flusher = self
             .inner
@@ -601,27 +647,9 @@ impl WriteBehind {
                 task.abort();
             }
         }
-        let e = &self.inner.engine;
-        // What this process still holds goes back to the others now, unless
-        // a write was cut off in flight (then when its lease ends).
-        if let Err(err) = e.store.release(!cut_off).await {
+        if let Err(err) = self.inner.engine.store.release(!cut_off).await {
             tracing::warn!(error = %err, "could not release this process's Redis lease; it ends by itself");
         }
-        let left = e.store.pending().await?;
-        // Requests running at the deadline may still have finished within
-        // its grace: the report's error is for what is left, not for a
-        // deadline that passed with nothing lost.
-        let mut flushed = flushed;
-        if left.total.saturating_add(left.in_flight) == 0 {
-            flushed.error = None;
-        } else {
-            tracing::warn!(
-                pending = left.total,
-                in_flight = left.in_flight,
-                "shutdown left ops unflushed"
-            );
-        }
-        Ok(ShutdownReport { flushed, left })
     }
 
     fn ensure_open(&self) -> Result<()> {

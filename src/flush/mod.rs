@@ -297,6 +297,9 @@ pub(crate) enum Command {
         deadline: Instant,
         reply: oneshot::Sender<(FlushReport, bool)>,
     },
+    /// Stop at once, writing nothing more: staged ops go back to the
+    /// store; the reply says whether a write or a take was cut off.
+    Close(oneshot::Sender<bool>),
 }
 
 impl Engine {

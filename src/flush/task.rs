@@ -138,6 +138,11 @@ pub(crate) async fn run(
                         pump.revoke_target = pump.revoke_target.max(s);
                     }
                 }
+                Some(Command::Close(reply)) => {
+                    pump.stop_now().await;
+                    let _ = reply.send(!pump.running.is_empty() || pump.taking.is_some());
+                    return;
+                }
             },
             _ = wake.notified() => pump.replan = true,
             // Another chunk may start while this one records its outcomes.
