@@ -712,3 +712,47 @@ async fn commands_leave_no_writer_behind() {
     assert_eq!(stored(&s).await.len(), 3);
     wb.shutdown().await.unwrap();
 }
+
+/// `status` on a Redis whose ACL denies `MEMORY` (as some managed ones
+/// do) still works: the store's keys are counted, their bytes left at 0.
+/// Before, the whole command failed with Redis's NOPERM. An ACL that
+/// denies `INFO` too is named in a warning: checks cannot compare the
+/// node's replication id then.
+#[tokio::test]
+async fn status_works_where_the_acl_denies_memory() {
+    use support::cli::Where;
+    let s = new_store("cli-acl").await;
+    let redis = testenv::Redis::start(testenv::RedisOptions::default())
+        .await
+        .unwrap();
+    let set = redis
+        .command("ACL SETUSER ops on >s3cret-ops ~* &* +@all -memory -info")
+        .await;
+    assert!(
+        set.as_deref().is_some_and(|r| r.starts_with("+OK")),
+        "{set:?}"
+    );
+    let url = format!("redis://ops:s3cret-ops@127.0.0.1:{}", redis.port());
+    let mut c = filler_config(&s, Mode::Inline);
+    c.redis.url = url.clone();
+    let wb = WriteBehind::builder(c).build().await.unwrap();
+    support::grant_users(&wb, "document:acl", 0..3).await;
+    let cli = Cli::at(
+        Where {
+            api_url: support::openfga_url(),
+            token: support::openfga_token(),
+            store_id: s.store_id.clone(),
+            model_id: s.model_id.clone(),
+            redis_url: url,
+        },
+        "inline",
+    );
+    let r = cli.run(&["--json", "status"]).await;
+    assert!(r.stderr.contains("INFO replication"), "{r:#?}");
+    let j = r.ok().json();
+    assert_eq!(j["pending"]["total"], 3, "{j:#}");
+    let keys = j["redis_keys"].as_array().expect("redis_keys");
+    let counted: u64 = keys.iter().filter_map(|k| k["keys"].as_u64()).sum();
+    assert!(counted > 0, "{j:#}");
+    wb.shutdown().await.unwrap();
+}

@@ -1927,7 +1927,8 @@ if cmd == 'usage' then
       tinsert(order, c)
     end
     sums[c][1] = sums[c][1] + 1
-    sums[c][2] = sums[c][2] + (tonumber(rcall('MEMORY', 'USAGE', key)) or 0)
+    -- An ACL may deny MEMORY: the keys are still counted (0 bytes).
+    sums[c][2] = sums[c][2] + (tonumber(pcall_('MEMORY', 'USAGE', key)) or 0)
   end
   local out = { r[1] }
   for _, c in ipairs(order) do
