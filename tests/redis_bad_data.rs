@@ -990,3 +990,41 @@ async fn ops_of_a_job_set_aside_are_queued_again_by_the_automatic_flusher() {
     stop_worker(stop, worker).await;
     wb.shutdown().await.unwrap();
 }
+
+/// A pending revoke on a relation checks count on every object (a group's
+/// members, reached through a userset) is counted from the revoke index
+/// too, not only the relation's counter: with the counter drifted to 0
+/// (data fga-wb did not write), the check still waits for the revoke and
+/// fails closed. Before, it answered "allowed" from OpenFGA.
+#[tokio::test]
+async fn a_revoke_counter_that_drifted_low_still_denies() {
+    let Inline {
+        s, p, wb, mut c, ..
+    } = inline("revoke-counter").await;
+    support::write_to_openfga(&s, "group:eng#member", "viewer", "document:d").await;
+    support::write_to_openfga(&s, "user:anne", "member", "group:eng").await;
+    assert!(wb.check("user:anne", "viewer", "document:d").await.unwrap());
+    let mut cfg = config(&s, &prefix("revoke-counter"), Mode::Inline);
+    cfg.flush.eager_revokes = false;
+    cfg.check.revoke_wait_timeout = Duration::from_millis(200);
+    let app = WriteBehind::builder(cfg)
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    app.revoke("user:anne", "member", "group:eng")
+        .await
+        .unwrap();
+    let _: i64 = cmd(
+        &mut c,
+        &["HSET", &format!("{p}:rel"), "group#member|r", "0"],
+    )
+    .await;
+    let a = app.check("user:anne", "viewer", "document:d").await;
+    assert!(
+        matches!(&a, Err(e) if e.is_stale_check()),
+        "with the revoke pending: {a:?}"
+    );
+    drop(wb);
+    app.shutdown().await.unwrap();
+}

@@ -1572,7 +1572,9 @@ if cmd == 'relevant' then
     if scope == 0 then
       local c = rcall('HMGET', P .. ':rel', rel .. '|g', rel .. '|r')
       grants = grants + math.max(tonumber(c[1]) or 0, 0)
-      revokes = revokes + math.max(tonumber(c[2]) or 0, 0)
+      -- Revokes from the index as well as the counter: one that drifted
+      -- low (data fga-wb did not write) must not let a revoke through.
+      revokes = revokes + math.max(tonumber(c[2]) or 0, rcall('ZCARD', zr))
       tinsert(whole, r)
     else
       local ng = rcall('ZLEXCOUNT', zg, lo, hi)
