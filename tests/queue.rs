@@ -416,6 +416,58 @@ async fn a_refused_worker_shows_in_status_whatever_others_record() {
     );
 }
 
+/// A worker OpenFGA refused once (a 401 on its Write) and that has no
+/// job to run since (the refused job waits a minute for its retry) asks
+/// OpenFGA again and ends its stop once OpenFGA answers (here: its model
+/// read): `status` no longer reports flushing stopped, so `status --check`
+/// and `fga-wb flush --wait` do not take the note for final. Before, the
+/// note stayed until that worker completed a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_worker_ends_its_stop_once_openfga_answers() {
+    let server = MockServer::start().await;
+    let store_id = unique_store_id();
+    let writes = WriteLog::mount(&server, &store_id, |_| {
+        fixture("auth-wrong-token").response()
+    })
+    .await;
+    let mut config = mock_config(&server, &store_id, &[60]);
+    config.queue.replay_transient = Duration::from_millis(200);
+    let wb = app(config.clone()).await;
+    let w = Watch {
+        wb: &wb,
+        writes: Some(&writes),
+    };
+    let worker = Worker::start(config, 1);
+    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    assert_eq!(wb.flush().await.unwrap().queued, 1);
+    let stopped = || async { wb.status().await.unwrap().flushing_stopped.is_some() };
+    w.until(
+        "the worker's stop in status",
+        Duration::from_secs(20),
+        stopped,
+    )
+    .await;
+    // OpenFGA takes the credentials again (what the worker's look reads).
+    let mut model = support::documents_model();
+    model["id"] = serde_json::json!("01JMODEL000000000000000000");
+    Mock::given(method("GET"))
+        .and(path(format!("/stores/{store_id}/authorization-models")))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(serde_json::json!({ "authorization_models": [model] })),
+        )
+        .mount(&server)
+        .await;
+    w.until(
+        "the idle worker's stop to end",
+        Duration::from_secs(20),
+        || async { wb.status().await.unwrap().flushing_stopped.is_none() },
+    )
+    .await;
+    assert_eq!(writes.count(), 1, "the refused job has not run again");
+    worker.stop().await;
+}
+
 /// More than 100 pending grants a list depends on, held by queued jobs no
 /// worker runs yet: the flush the list makes first cannot write them, and
 /// the error says to wait for the workers (it said "flush first", which

@@ -370,6 +370,12 @@ impl Engine {
         let _ = self.store.record_work(notes, report.requests).await;
     }
 
+    /// Records this process's stop (or its end) for `status`, alone.
+    pub(crate) async fn record_stop(&self) {
+        let note = vec![("stopped", self.stats.stopped().unwrap_or_default())];
+        let _ = self.store.record_work(note, 0).await;
+    }
+
     pub(crate) fn account(&self, f: &Finished, report: &mut FlushReport) {
         report.applied += f.applied;
         report.dead_lettered += f.dead;

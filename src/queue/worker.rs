@@ -412,12 +412,15 @@ async fn run_worker(
     };
     let grace = config.flush.shutdown_deadline;
     // Owned by this function: stopped with the worker.
-    let replayer = (!config.queue.replay_transient.is_zero()).then(|| {
-        tokio::spawn(replay_transient_letters(
-            replay_applier,
-            config.queue.replay_transient,
-        ))
-    });
+    let replay = config.queue.replay_transient;
+    let replayer = tokio::spawn(look_again(
+        replay_applier,
+        match replay.is_zero() {
+            true => STOP_LOOK,
+            false => replay.min(STOP_LOOK),
+        },
+        (!replay.is_zero()).then_some(replay),
+    ));
     let running: futures::future::BoxFuture<'static, _> = Box::pin(worker.run_until(signal));
     let mut cut_off = false;
     let result = tokio::select! {
@@ -435,9 +438,7 @@ async fn run_worker(
             Ok(())
         }
     };
-    if let Some(r) = replayer {
-        r.abort();
-    }
+    replayer.abort();
     // Whatever this worker still holds goes back at once, unless a job was
     // cut off mid-write (then when the lease ends).
     if let Err(e) = store.release(result.is_ok() && !cut_off).await {
@@ -446,14 +447,26 @@ async fn run_worker(
     result
 }
 
-/// Every `every`: if dead letters died of transient causes and OpenFGA
-/// answers, replays them (superseded ones are dropped, see
-/// [`crate::buffer::Store::replay_dead_letters`]) and queues their jobs.
-async fn replay_transient_letters(applier: Arc<Applier>, every: Duration) {
+/// How often, at most, a worker whose flushing stopped asks OpenFGA again.
+const STOP_LOOK: Duration = Duration::from_secs(30);
+
+/// Every `every`: a worker whose flushing stopped asks OpenFGA again (see
+/// [`Applier::look_past_stop`]); every `replay`, if dead letters died of
+/// transient causes and OpenFGA answers, replays them (superseded ones are
+/// dropped, see [`crate::buffer::Store::replay_dead_letters`]) and queues
+/// their jobs.
+async fn look_again(applier: Arc<Applier>, every: Duration, replay: Option<Duration>) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut replayed: Option<tokio::time::Instant> = None;
     loop {
         tick.tick().await;
+        applier.look_past_stop().await;
+        let due = replay.is_some_and(|r| replayed.is_none_or(|t| t.elapsed() >= r));
+        if !due {
+            continue;
+        }
+        replayed = Some(tokio::time::Instant::now());
         if let Err(e) = applier.replay_transient().await {
             tracing::warn!(error = %e, "cannot replay transient dead letters yet; trying again later");
         }
@@ -461,7 +474,29 @@ async fn replay_transient_letters(applier: Arc<Applier>, every: Duration) {
 }
 
 impl Applier {
-    /// One look for transient dead letters; see [`replay_transient_letters`].
+    /// A worker OpenFGA refused (credentials, an unknown store) notes its
+    /// flushing as stopped until it completes a request; but the job it
+    /// stopped on may go to another worker, which applies it, and leave
+    /// this one idle with a note `status --check` and `fga-wb flush
+    /// --wait` take for final. So it asks OpenFGA again, and ends the stop
+    /// once OpenFGA answers.
+    async fn look_past_stop(&self) {
+        let e = &self.engine;
+        if e.stats.stopped().is_none() {
+            return;
+        }
+        if e.client
+            .read_latest_authorization_model(&e.store_id)
+            .await
+            .is_ok()
+        {
+            tracing::info!("OpenFGA answers the worker again: its flushing is no longer stopped");
+            e.stats.set_stopped(None);
+            e.record_stop().await;
+        }
+    }
+
+    /// One look for transient dead letters; see [`look_again`].
     async fn replay_transient(&self) -> Result<()> {
         // Read before the letters: one written meanwhile moves it, and the
         // next look lists them again.
