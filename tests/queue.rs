@@ -357,6 +357,52 @@ async fn workers_for_20_stores_spread_over_every_primary_apply_their_jobs() {
     }
 }
 
+/// A worker on a wiremock OpenFGA that answers every Write 401, with
+/// `schedule` (seconds) and `queue.replay_transient` = `look`, once
+/// `status` reports its stop after its first job.
+struct Refused {
+    server: MockServer,
+    wb: WriteBehind,
+    writes: WriteLog,
+    worker: Worker,
+    store_id: String,
+}
+
+impl Refused {
+    async fn start(schedule: &[u64], look: Duration) -> Refused {
+        let server = MockServer::start().await;
+        let store_id = unique_store_id();
+        let writes = WriteLog::mount(&server, &store_id, |_| {
+            fixture("auth-wrong-token").response()
+        })
+        .await;
+        let mut config = mock_config(&server, &store_id, schedule);
+        config.queue.replay_transient = look;
+        let wb = app(config.clone()).await;
+        let worker = Worker::start(config, 1);
+        wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+        assert_eq!(wb.flush().await.unwrap().queued, 1);
+        let w = Watch {
+            wb: &wb,
+            writes: Some(&writes),
+        };
+        let stopped = || async { wb.status().await.unwrap().flushing_stopped.is_some() };
+        w.until(
+            "the worker's stop in status",
+            Duration::from_secs(20),
+            stopped,
+        )
+        .await;
+        Refused {
+            server,
+            wb,
+            writes,
+            worker,
+            store_id,
+        }
+    }
+}
+
 /// A worker OpenFGA refuses (wiremock: every Write answers 401) reports
 /// flushing as stopped in `status`, however often the application process
 /// records its own work: each process notes its own stop. The one shared
@@ -365,28 +411,17 @@ async fn workers_for_20_stores_spread_over_every_primary_apply_their_jobs() {
 /// Once the worker is gone, its note no longer shows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_refused_worker_shows_in_status_whatever_others_record() {
-    let server = MockServer::start().await;
-    let store_id = unique_store_id();
-    let writes = WriteLog::mount(&server, &store_id, |_| {
-        fixture("auth-wrong-token").response()
-    })
-    .await;
-    let config = mock_config(&server, &store_id, &[1]);
-    let wb = app(config.clone()).await;
+    let Refused {
+        wb,
+        writes,
+        worker,
+        store_id,
+        ..
+    } = Refused::start(&[1], Duration::from_secs(30)).await;
     let w = Watch {
         wb: &wb,
         writes: Some(&writes),
     };
-    let worker = Worker::start(config, 1);
-    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
-    assert_eq!(wb.flush().await.unwrap().queued, 1);
-    let stopped = || async { wb.status().await.unwrap().flushing_stopped.is_some() };
-    w.until(
-        "the worker's stop in status",
-        Duration::from_secs(20),
-        stopped,
-    )
-    .await;
     for i in 0..3 {
         wb.grant(&format!("user:u{i}"), "viewer", "document:2")
             .await
@@ -424,29 +459,17 @@ async fn a_refused_worker_shows_in_status_whatever_others_record() {
 /// note stayed until that worker completed a request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_idle_worker_ends_its_stop_once_openfga_answers() {
-    let server = MockServer::start().await;
-    let store_id = unique_store_id();
-    let writes = WriteLog::mount(&server, &store_id, |_| {
-        fixture("auth-wrong-token").response()
-    })
-    .await;
-    let mut config = mock_config(&server, &store_id, &[60]);
-    config.queue.replay_transient = Duration::from_millis(200);
-    let wb = app(config.clone()).await;
+    let Refused {
+        server,
+        wb,
+        writes,
+        worker,
+        store_id,
+    } = Refused::start(&[60], Duration::from_millis(200)).await;
     let w = Watch {
         wb: &wb,
         writes: Some(&writes),
     };
-    let worker = Worker::start(config, 1);
-    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
-    assert_eq!(wb.flush().await.unwrap().queued, 1);
-    let stopped = || async { wb.status().await.unwrap().flushing_stopped.is_some() };
-    w.until(
-        "the worker's stop in status",
-        Duration::from_secs(20),
-        stopped,
-    )
-    .await;
     // OpenFGA takes the credentials again (what the worker's look reads).
     let mut model = support::documents_model();
     model["id"] = serde_json::json!("01JMODEL000000000000000000");
