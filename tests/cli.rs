@@ -756,3 +756,37 @@ async fn status_works_where_the_acl_denies_memory() {
     assert!(counted > 0, "{j:#}");
     wb.shutdown().await.unwrap();
 }
+
+/// `status --check` reports pending ops that no process flushes (here
+/// the application never flushes by itself): after ten flush intervals or
+/// two writer leases with no flush recorded, it is a problem; once they
+/// are written, it is not. Before, the check said "ok" while acknowledged
+/// ops sat in Redis with nobody to write them.
+#[tokio::test]
+async fn status_check_reports_pending_ops_nobody_flushes() {
+    let s = new_store("cli-nobody").await;
+    let wb = filler(&s, Mode::Inline).await;
+    support::grant_users(&wb, "document:nobody", 0..2).await;
+    let mut cli = Cli::new(&s, "inline");
+    cli.set("FGA_WB_FLUSH__INTERVAL", "100ms");
+    cli.set("FGA_WB_REDIS__WRITER_LEASE", "2s");
+    cli.run(&["status", "--check"]).await.ok();
+    support::eventually(
+        "the ops to wait two leases",
+        Duration::from_secs(20),
+        || {
+            let wb = wb.clone();
+            async move {
+                let p = wb.pending().await.unwrap();
+                p.oldest_age.is_some_and(|a| a > Duration::from_secs(4))
+            }
+        },
+    )
+    .await;
+    let r = cli.run(&["status", "--check"]).await;
+    r.fails(1, "no process flushed for longer");
+    cli.run(&["flush"]).await.ok();
+    cli.run(&["status", "--check"]).await.ok();
+    assert_eq!(stored(&s).await.len(), 2);
+    wb.shutdown().await.unwrap();
+}

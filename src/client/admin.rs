@@ -75,9 +75,10 @@ impl WriteBehind {
 
     /// What could keep acknowledged ops from reaching OpenFGA, for an
     /// operator's health check: OpenFGA unreachable or refusing the
-    /// credentials, flushing stopped, an open Redis loss, queued jobs with
-    /// no worker seen (problems); Redis without AOF, dead letters waiting
-    /// (warnings). Asks OpenFGA and Redis once each.
+    /// credentials, flushing stopped, an open Redis loss, pending ops no
+    /// process flushes, queued jobs with no worker seen (problems); Redis
+    /// without AOF, dead letters waiting (warnings). Asks OpenFGA and Redis
+    /// once each.
     pub async fn health(&self) -> Result<Health> {
         let e = &self.inner.engine;
         let status = self.status().await?;
@@ -96,6 +97,9 @@ impl WriteBehind {
             h.problems.push(format!(
                 "Redis lost acknowledged ops: {loss}; see `fga-wb loss`"
             ));
+        }
+        if let Some(p) = nobody_flushes(&status, &self.inner.config) {
+            h.problems.push(p);
         }
         if let Some(q) = &status.queue {
             if q.workers.is_empty() && q.pending + q.scheduled > 0 {
@@ -211,4 +215,28 @@ impl WriteBehind {
             .await?
             .len())
     }
+}
+
+/// Pending ops that have waited long with no flush recorded by any process
+/// meanwhile: no application process runs to flush them (workers apply
+/// queued jobs only), so they stay in Redis, safe but unwritten. "Long" is
+/// ten flush intervals, or two writer leases (a crashed process's ops come
+/// back after one), whichever is longer.
+fn nobody_flushes(status: &crate::Status, config: &crate::Config) -> Option<String> {
+    let stale =
+        (config.flush.interval.saturating_mul(10)).max(config.redis.writer_lease.saturating_mul(2));
+    let waited = status.pending.oldest_age.filter(|a| *a > stale)?;
+    // A time ahead of this clock counts as now.
+    let flushed_ago = status
+        .last_flush
+        .as_ref()
+        .map(|l| l.at.elapsed().unwrap_or_default());
+    if flushed_ago.is_some_and(|a| a <= stale) {
+        return None;
+    }
+    Some(format!(
+        "{} pending ops, the oldest {}s old, and no process flushed for longer: is an application process running? (`fga-wb flush` writes them)",
+        status.pending.total,
+        waited.as_secs()
+    ))
 }
