@@ -1028,3 +1028,22 @@ async fn a_revoke_counter_that_drifted_low_still_denies() {
     drop(wb);
     app.shutdown().await.unwrap();
 }
+
+/// A loss record without its fields (data fga-wb did not write) still
+/// fails checks closed, shows in `status`, and can be acknowledged.
+/// Before, `status` showed no loss and acknowledging it said none was
+/// open, so checks failed closed for good.
+#[tokio::test]
+async fn a_loss_record_without_its_fields_can_be_acknowledged() {
+    let Inline { p, wb, mut c, .. } = inline("loss-fields").await;
+    let loss = format!("{p}:loss");
+    let _: i64 = cmd(&mut c, &["HSET", &loss, "junk", "1"]).await;
+    let r = wb.check("user:a", "viewer", "document:1").await;
+    assert!(r.is_err(), "a check during a loss must fail closed: {r:?}");
+    let st = wb.status().await.unwrap();
+    assert!(st.loss.is_some(), "{st:?}");
+    assert!(wb.acknowledge_loss("a test").await.unwrap());
+    let open: i64 = cmd(&mut c, &["EXISTS", &loss]).await;
+    assert_eq!(open, 0);
+    assert!(!wb.check("user:a", "viewer", "document:1").await.unwrap());
+}

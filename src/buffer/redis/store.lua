@@ -1461,19 +1461,28 @@ end
 -- would cost more than the call).
 
 -- loss pub -> {at, by, reason, more} of the open loss record, or {}
+-- A loss is open while its key exists (checks test EXISTS): a record
+-- without its fields (data fga-wb did not write) is still shown, and
+-- acknowledged.
+local function loss_fields(...)
+  if rcall('EXISTS', P .. ':loss') == 0 then return nil end
+  local l = pcall_('HMGET', P .. ':loss', ...)
+  if type(l) ~= 'table' or l.err then return {} end
+  return l
+end
 if cmd == 'loss' then
-  local l = rcall('HMGET', P .. ':loss', 'at', 'by', 'reason', 'more')
-  if not l[1] then return {} end
-  return { l[1], l[2] or '', l[3] or '', l[4] or '0' }
+  local l = loss_fields('at', 'by', 'reason', 'more')
+  if not l then return {} end
+  return { l[1] or '0', l[2] or '', l[3] or 'an unreadable record of a loss', l[4] or '0' }
 end
 
 -- ackloss pub now by -> 1 if a loss record was open: an operator has dealt
 -- with the loss; checks may answer again. Every cached answer is dropped.
 if cmd == 'ackloss' then
-  local l = rcall('HMGET', P .. ':loss', 'at', 'reason')
-  if not l[1] then return 0 end
+  local l = loss_fields('at', 'reason')
+  if not l then return 0 end
   rcall('DEL', P .. ':loss')
-  rcall('HSET', P .. ':stats', 'last_loss', l[1] .. ' ' .. (l[2] or ''),
+  rcall('HSET', P .. ':stats', 'last_loss', (l[1] or '0') .. ' ' .. (l[2] or ''),
         'last_loss_acknowledged', ARGV[3] .. ' by ' .. ARGV[4])
   for _, f in ipairs(rcall('HKEYS', P .. ':gen')) do incr(P .. ':gen', f, 1) end
   incr(P .. ':gen', '*', 1)
