@@ -252,6 +252,17 @@ impl Stats {
         *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = reason;
     }
 
+    /// Ends the stop `was` (as `stopped()` gave it), unless another took
+    /// its place meanwhile; returns whether it ended.
+    pub fn end_stop(&self, was: &str) -> bool {
+        let mut g = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        let same = g.as_ref().is_some_and(|e| e.to_string() == was);
+        if same {
+            *g = None;
+        }
+        same
+    }
+
     pub fn record_flush(&self, report: &FlushReport) {
         metrics::histogram!("fga_wb_flush_duration_seconds").record(report.duration.as_secs_f64());
         *self.last_flush.lock().unwrap_or_else(|p| p.into_inner()) = Some(LastFlush {

@@ -245,7 +245,7 @@ async fn an_outage_longer_than_the_retries_needs_no_person() {
         (u.as_str(), fga_wb::Op::Grant)
     );
 
-    let cli = support::cli::Cli::at(
+    let mut cli = support::cli::Cli::at(
         support::cli::Where {
             api_url: server.url(),
             token: server.key.clone(),
@@ -255,10 +255,11 @@ async fn an_outage_longer_than_the_retries_needs_no_person() {
         },
         "queue",
     );
+    cli.set("FGA_WB_QUEUE__REPLAY_TRANSIENT", "200ms");
     let r = cli.run(&["flush", "--wait", "--timeout", "2s"]).await;
     r.fails(
         1,
-        &format!("({M} ops that died of transient failures wait in the dead-letter set"),
+        &format!("{M} ops that died of transient failures wait in the dead-letter set"),
     );
 
     server.run().await;

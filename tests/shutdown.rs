@@ -158,3 +158,30 @@ async fn the_servers_lower_tuple_limit_is_learned_not_bisected() {
     assert_eq!((r.applied, r.requests), (50, 5), "{r:?}");
     wb.shutdown().await.unwrap();
 }
+
+/// `close()` stops without writing (real server): on the memory store the
+/// ops it held are lost, and it says how many, as dropping the handle
+/// does; later calls fail with a shutdown error.
+#[tokio::test]
+async fn close_says_what_a_memory_store_loses() {
+    let (logs, _guard) = support::logs::Logs::start();
+    let s = new_store("close-memory").await;
+    let wb = WriteBehind::builder(manual_flush(config_for(&s)))
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    support::grant_users(&wb, "document:closed", 0..3).await;
+    wb.close().await.unwrap();
+    let text = logs.text();
+    assert!(
+        text.contains("closed without shutdown(): 3 acknowledged ops were not written"),
+        "{text}"
+    );
+    let e = wb
+        .grant("user:a", "viewer", "document:1")
+        .await
+        .unwrap_err();
+    assert!(e.is_shutdown(), "{e}");
+    assert!(stored(&s).await.is_empty());
+}

@@ -252,8 +252,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     // Nothing was buffered through this handle: drain nothing, but leave
     // the store's writers now, not when the lease ends (after a Redis
     // reconnect, the applications' checks wait for every recent writer).
-    if let Err(e) = wb.close().await {
-        tracing::debug!(error = %e, "closing the operator's handle");
+    // Bounded: a Redis that does not answer must not hold the exit (the
+    // lease then ends by itself).
+    match tokio::time::timeout(Duration::from_secs(2), wb.close()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "closing the operator's handle"),
+        Err(_) => tracing::debug!("closing the operator's handle took too long"),
     }
     result
 }
@@ -299,7 +303,6 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
             }
         }
         Command::Flush { wait, timeout } => {
-            let before = wb.status().await?.totals;
             let started = tokio::time::Instant::now();
             let waiting = Waiting {
                 started,
@@ -313,14 +316,9 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
                     .then_some(config.queue.replay_transient)
                     .filter(|every| !every.is_zero()),
             };
-            let mut report = match waiting.deadline {
-                // Inline, this flush writes everything pending first.
-                Some(d) => match tokio::time::timeout_at(d, wb.flush()).await {
-                    Ok(r) => r?,
-                    Err(_) => return Err(left_after(wb, &waiting).await),
-                },
-                None => wb.flush().await?,
-            };
+            let before = within(wb, &waiting, wb.status()).await?.totals;
+            // Inline, this flush writes everything pending first.
+            let mut report = within(wb, &waiting, wb.flush()).await?;
             if *wait {
                 let more = wait_until_applied(wb, cli.json, &waiting).await?;
                 // What every writer and worker did while we waited (the
@@ -556,6 +554,13 @@ fn gave_up(s: &fga_wb::Status, started: tokio::time::Instant, note: &str) -> Fai
         n if n == note && !n.is_empty() => ", or pass --timeout to wait for one",
         _ => "",
     };
+    if left_of(s) == 0 && jobs_of(s) == 0 && !note.is_empty() {
+        // Only dead letters are left: the note says how many.
+        return Failure {
+            code: 1,
+            message: format!("not all written after {:.0?}: {note}", started.elapsed()),
+        };
+    }
     Failure {
         code: 1,
         message: format!(
@@ -569,6 +574,21 @@ fn gave_up(s: &fga_wb::Status, started: tokio::time::Instant, note: &str) -> Fai
                 format!(" ({note}{hint})")
             }
         ),
+    }
+}
+
+/// `call`, given up at `flush --wait`'s deadline (saying what is left).
+async fn within<T>(
+    wb: &WriteBehind,
+    w: &Waiting,
+    call: impl std::future::Future<Output = fga_wb::Result<T>>,
+) -> Result<T, Failure> {
+    match w.deadline {
+        Some(d) => match tokio::time::timeout_at(d, call).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(left_after(wb, w).await),
+        },
+        None => Ok(call.await?),
     }
 }
 
@@ -601,7 +621,7 @@ fn dead_note(dead: usize, every: Duration) -> String {
     match dead {
         0 => String::new(),
         _ => format!(
-            "{dead} ops that died of transient failures wait in the dead-letter set; workers replay them every {} once OpenFGA answers",
+            "{dead} ops that died of transient failures wait in the dead-letter set for the workers' replay (every {}: queue.replay_transient, as this command's configuration says) once OpenFGA answers",
             humantime::format_duration(every)
         ),
     }
@@ -631,9 +651,8 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
     use std::io::IsTerminal;
     let started = w.started;
     let tty = !quiet && std::io::stderr().is_terminal();
-    let total = left_of(&wb.status().await?);
     let bar = if tty {
-        indicatif::ProgressBar::new(total)
+        indicatif::ProgressBar::new(0)
     } else {
         indicatif::ProgressBar::hidden()
     };
@@ -642,6 +661,7 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let waited = async {
+        let total = left_of(&wb.status().await?);
         let mut last_line = tokio::time::Instant::now();
         let mut queued = 0u64;
         let mut no_worker_since = None;

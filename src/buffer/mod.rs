@@ -358,9 +358,9 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn holds(&self, _t: &Taken) -> bool {
         true
     }
-    /// How many take and finish calls failed, and connections dropped, so
-    /// far: each may have lost the reply of a call that ran (leaving
-    /// strays: see `give_back_strays`).
+    /// How many take and finish calls failed, and connections dropped (or
+    /// a failover or a new epoch seen), so far: each may have lost the
+    /// reply of a call that ran (leaving strays: see `give_back_strays`).
     fn unsure_calls(&self) -> u64 {
         0
     }

@@ -615,11 +615,15 @@ impl WriteBehind {
         }
         let (reply, answer) = oneshot::channel();
         let cut_off = match self.inner.commands.send(Command::Close(reply)).await {
-            Ok(()) => answer.await.unwrap_or(true),
+            // The flusher answers between two steps: a second is ample.
+            Ok(()) => tokio::time::timeout(std::time::Duration::from_secs(1), answer)
+                .await
+                .map_or(true, |r| r.unwrap_or(true)),
             // The flusher is gone: it took nothing it still holds.
             Err(_) => false,
         };
         self.stop_and_release(cut_off).await;
+        self.inner.warn_unwritten("closed");
         Ok(())
     }
 
@@ -774,14 +778,26 @@ impl Drop for Handle {
         if self.shut_down.load(Ordering::Relaxed) {
             return;
         }
-        if let Some(p) = self.engine.store.pending_now() {
-            let n = p.total.saturating_add(p.in_flight);
-            if n > 0 && self.config.buffer.store == StoreKind::Memory {
-                tracing::warn!(
-                    pending = n,
-                    "WriteBehind dropped without shutdown(): {n} acknowledged ops were not written to OpenFGA and are lost"
-                );
-            }
+        self.warn_unwritten("dropped");
+    }
+}
+
+impl Handle {
+    /// A memory store's ops die with the handle: says how many, if any.
+    fn warn_unwritten(&self, how: &str) {
+        if self.config.buffer.store != StoreKind::Memory {
+            return;
+        }
+        let n = self
+            .engine
+            .store
+            .pending_now()
+            .map_or(0, |p| p.total.saturating_add(p.in_flight));
+        if n > 0 {
+            tracing::warn!(
+                pending = n,
+                "WriteBehind {how} without shutdown(): {n} acknowledged ops were not written to OpenFGA and are lost"
+            );
         }
     }
 }

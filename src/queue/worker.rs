@@ -456,19 +456,27 @@ const STOP_LOOK: Duration = Duration::from_secs(30);
 /// dropped, see [`crate::buffer::Store::replay_dead_letters`]) and queues
 /// their jobs.
 async fn look_again(applier: Arc<Applier>, every: Duration, replay: Option<Duration>) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut replayed: Option<tokio::time::Instant> = None;
+    let ticks = |d: Duration| {
+        let mut t = tokio::time::interval(d);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    };
+    let mut stop_tick = ticks(every);
+    // Each on its own clock: one cadence never skips the other's ticks.
+    let mut replay_tick = replay.map(ticks);
     loop {
-        tick.tick().await;
-        applier.look_past_stop().await;
-        let due = replay.is_some_and(|r| replayed.is_none_or(|t| t.elapsed() >= r));
-        if !due {
-            continue;
-        }
-        replayed = Some(tokio::time::Instant::now());
-        if let Err(e) = applier.replay_transient().await {
-            tracing::warn!(error = %e, "cannot replay transient dead letters yet; trying again later");
+        tokio::select! {
+            _ = stop_tick.tick() => applier.look_past_stop().await,
+            _ = async {
+                match replay_tick.as_mut() {
+                    Some(t) => t.tick().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Err(e) = applier.replay_transient().await {
+                    tracing::warn!(error = %e, "cannot replay transient dead letters yet; trying again later");
+                }
+            }
         }
     }
 }
@@ -479,19 +487,21 @@ impl Applier {
     /// stopped on may go to another worker, which applies it, and leave
     /// this one idle with a note `status --check` and `fga-wb flush
     /// --wait` take for final. So it asks OpenFGA again, and ends the stop
-    /// once OpenFGA answers.
+    /// once OpenFGA answers a read with its credentials (credentials that
+    /// may read but not write are refused again at its next job).
     async fn look_past_stop(&self) {
         let e = &self.engine;
-        if e.stats.stopped().is_none() {
+        let Some(was) = e.stats.stopped() else {
             return;
-        }
-        if e.client
+        };
+        let answers = e
+            .client
             .read_latest_authorization_model(&e.store_id)
             .await
-            .is_ok()
-        {
+            .is_ok();
+        // A job refused meanwhile keeps its own stop.
+        if answers && e.stats.end_stop(&was) {
             tracing::info!("OpenFGA answers the worker again: its flushing is no longer stopped");
-            e.stats.set_stopped(None);
             e.record_stop().await;
         }
     }

@@ -152,7 +152,24 @@ async fn relay(
             }
         }
     }
-    while let Ok(Ok(1..)) = tokio::time::timeout(SETTLE, sr.read(&mut down)).await {}
+    // The rest of the request may come in later reads: it still goes to
+    // the server, and what the server answers is dropped.
+    loop {
+        tokio::select! {
+            r = cr.read(&mut up) => match r {
+                Ok(n @ 1..) => {
+                    if sw.write_all(&up[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                _ => break,
+            },
+            r = tokio::time::timeout(SETTLE, sr.read(&mut down)) => match r {
+                Ok(Ok(1..)) => {}
+                _ => break,
+            },
+        }
+    }
     cuts.fetch_add(1, Ordering::AcqRel);
     let _ = sw.shutdown().await;
     let _ = cw.shutdown().await;

@@ -5,6 +5,7 @@
 
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod logs;
 pub mod mock;
 pub mod own_openfga;
 
