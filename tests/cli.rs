@@ -757,11 +757,12 @@ async fn status_works_where_the_acl_denies_memory() {
     wb.shutdown().await.unwrap();
 }
 
-/// `status --check` reports pending ops that no process flushes (here
-/// the application never flushes by itself): after ten flush intervals or
-/// two writer leases with no flush recorded, it is a problem; once they
-/// are written, it is not. Before, the check said "ok" while acknowledged
-/// ops sat in Redis with nobody to write them.
+/// `status --check` reports pending ops that no application process is
+/// left to flush (workers apply queued jobs only): while the application
+/// runs, old pending ops are its to write; once it is gone and they have
+/// waited ten flush intervals or two writer leases, it is a problem; once
+/// they are written, it is not. Before, the check said "ok" while
+/// acknowledged ops sat in Redis with nobody to write them.
 #[tokio::test]
 async fn status_check_reports_pending_ops_nobody_flushes() {
     let s = new_store("cli-nobody").await;
@@ -770,7 +771,6 @@ async fn status_check_reports_pending_ops_nobody_flushes() {
     let mut cli = Cli::new(&s, "inline");
     cli.set("FGA_WB_FLUSH__INTERVAL", "100ms");
     cli.set("FGA_WB_REDIS__WRITER_LEASE", "2s");
-    cli.run(&["status", "--check"]).await.ok();
     support::eventually(
         "the ops to wait two leases",
         Duration::from_secs(20),
@@ -783,10 +783,11 @@ async fn status_check_reports_pending_ops_nobody_flushes() {
         },
     )
     .await;
+    cli.run(&["status", "--check"]).await.ok();
+    wb.close().await.unwrap();
     let r = cli.run(&["status", "--check"]).await;
-    r.fails(1, "no process flushed for longer");
+    r.fails(1, "no application process runs to flush them");
     cli.run(&["flush"]).await.ok();
     cli.run(&["status", "--check"]).await.ok();
     assert_eq!(stored(&s).await.len(), 2);
-    wb.shutdown().await.unwrap();
 }

@@ -548,33 +548,44 @@ fn no_worker_note(s: &fga_wb::Status) -> &'static str {
     }
 }
 
-/// `flush --wait` gives up: what is left, and what it waits for.
-fn gave_up(s: &fga_wb::Status, started: tokio::time::Instant, note: &str) -> Failure {
-    let hint = match no_worker_note(s) {
-        n if n == note && !n.is_empty() => ", or pass --timeout to wait for one",
-        _ => "",
-    };
-    if left_of(s) == 0 && jobs_of(s) == 0 && !note.is_empty() {
-        // Only dead letters are left: the note says how many.
-        return Failure {
-            code: 1,
-            message: format!("not all written after {:.0?}: {note}", started.elapsed()),
-        };
+/// What `flush --wait` waits for besides pending ops and jobs: a worker,
+/// and ops that died of transient failures (`dead`) for the workers'
+/// replay; `hint` adds what to do about no worker when giving up.
+fn waiting_for(s: &fga_wb::Status, dead: usize, replays: Option<Duration>, hint: bool) -> String {
+    let mut parts = Vec::new();
+    match no_worker_note(s) {
+        "" => {}
+        n if hint => parts.push(format!("{n}, or pass --timeout to wait for one")),
+        n => parts.push(n.to_owned()),
     }
-    Failure {
-        code: 1,
-        message: format!(
-            "{} ops still pending or queued ({} jobs) after {:.0?}{}",
-            left_of(s),
-            jobs_of(s),
-            started.elapsed(),
+    if let Some(every) = replays.filter(|_| dead > 0) {
+        parts.push(dead_note(dead, every));
+    }
+    parts.join("; ")
+}
+
+/// `flush --wait` gives up: what is left, and what it waits for.
+fn gave_up(s: &fga_wb::Status, w: &Waiting, dead: usize) -> Failure {
+    let after = w.started.elapsed();
+    let note = waiting_for(s, dead, w.replays, true);
+    let message = match (left_of(s), jobs_of(s)) {
+        (0, 0) if dead > 0 && w.replays.is_some() => {
+            format!("not all written after {after:.0?}: {note}")
+        }
+        // Written while the last call ran past the deadline.
+        (0, 0) => format!(
+            "the deadline passed after {after:.0?} during a call; nothing is left now (run it again to confirm)"
+        ),
+        (left, jobs) => format!(
+            "{left} ops still pending or queued ({jobs} jobs) after {after:.0?}{}",
             if note.is_empty() {
                 String::new()
             } else {
-                format!(" ({note}{hint})")
+                format!(" ({note})")
             }
         ),
-    }
+    };
+    Failure { code: 1, message }
 }
 
 /// `call`, given up at `flush --wait`'s deadline (saying what is left).
@@ -597,11 +608,8 @@ async fn within<T>(
 async fn left_after(wb: &WriteBehind, w: &Waiting) -> Failure {
     let look = async {
         let s = wb.status().await?;
-        let mut note = no_worker_note(&s).to_owned();
-        if let (true, Some(every)) = (note.is_empty(), w.replays) {
-            note = dead_note(transient_letters(wb, &s).await?, every);
-        }
-        Ok::<_, Failure>(gave_up(&s, w.started, &note))
+        let dead = transient_letters(wb, &s).await?;
+        Ok::<_, Failure>(gave_up(&s, w, dead))
     };
     match tokio::time::timeout(Duration::from_secs(5), look).await {
         Ok(Ok(f)) => f,
@@ -618,13 +626,10 @@ async fn left_after(wb: &WriteBehind, w: &Waiting) -> Failure {
 /// What `flush --wait` waits for when only ops that died of transient
 /// failures (`dead`) are left: workers replay them `every` so often.
 fn dead_note(dead: usize, every: Duration) -> String {
-    match dead {
-        0 => String::new(),
-        _ => format!(
-            "{dead} ops that died of transient failures wait in the dead-letter set for the workers' replay (every {}: queue.replay_transient, as this command's configuration says) once OpenFGA answers",
-            humantime::format_duration(every)
-        ),
-    }
+    format!(
+        "{dead} ops that died of transient failures wait in the dead-letter set for the workers' replay (every {}: queue.replay_transient, as this command's configuration says) once OpenFGA answers",
+        humantime::format_duration(every)
+    )
 }
 
 /// Ops that died of transient failures (OpenFGA unreachable, or failing
@@ -670,9 +675,9 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
             let left = left_of(&status);
             bar.set_length(total.max(left));
             bar.set_position(total.saturating_sub(left));
-            let mut note = no_worker_note(&status).to_owned();
+            let mut dead = 0;
             if left == 0 && jobs_of(&status) == 0 {
-                let dead = transient_letters(wb, &status).await?;
+                dead = transient_letters(wb, &status).await?;
                 match w.replays {
                     _ if dead == 0 => {
                         bar.finish();
@@ -687,10 +692,10 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
                             ),
                         });
                     }
-                    Some(every) if note.is_empty() => note = dead_note(dead, every),
                     Some(_) => {}
                 }
             }
+            let note = waiting_for(&status, dead, w.replays, false);
             // In queue mode a worker's stop is final for the wait; inline,
             // this process writes, and its own flush says if it cannot.
             if let Some(why) = status
@@ -738,7 +743,7 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
             };
             if gave_up_now {
                 bar.abandon();
-                return Err(gave_up(&status, started, &note));
+                return Err(gave_up(&status, w, dead));
             }
             if status.pending.total > 0 {
                 // Ops came back (a dead writer's lease ended) or arrived: write

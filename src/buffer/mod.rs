@@ -217,6 +217,10 @@ pub struct Pending {
     pub oldest_age: Option<Duration>,
 }
 
+/// The entry of [`Store::shared_stats`] that counts the live application
+/// processes other than the caller.
+pub(crate) const LIVE_APPS: &str = "live_apps";
+
 /// An op OpenFGA refused for good, kept with the server's reason.
 #[derive(Clone, Debug, Serialize)]
 #[non_exhaustive]

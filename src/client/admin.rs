@@ -98,7 +98,8 @@ impl WriteBehind {
                 "Redis lost acknowledged ops: {loss}; see `fga-wb loss`"
             ));
         }
-        if let Some(p) = nobody_flushes(&status, &self.inner.config) {
+        let shared = e.store.shared_stats().await?;
+        if let Some(p) = nobody_flushes(&status, &self.inner.config, &shared) {
             h.problems.push(p);
         }
         if let Some(q) = &status.queue {
@@ -217,26 +218,25 @@ impl WriteBehind {
     }
 }
 
-/// Pending ops that have waited long with no flush recorded by any process
-/// meanwhile: no application process runs to flush them (workers apply
-/// queued jobs only), so they stay in Redis, safe but unwritten. "Long" is
-/// ten flush intervals, or two writer leases (a crashed process's ops come
-/// back after one), whichever is longer.
-fn nobody_flushes(status: &crate::Status, config: &crate::Config) -> Option<String> {
+/// Pending ops in a shared store that have waited long while no
+/// application process runs: workers apply queued jobs only, so they stay
+/// in Redis, safe but unwritten. "Long" is ten flush intervals, or two
+/// writer leases (a crashed process's ops come back after one), whichever
+/// is longer, as this process's configuration says.
+fn nobody_flushes(
+    status: &crate::Status,
+    config: &crate::Config,
+    shared: &std::collections::HashMap<String, String>,
+) -> Option<String> {
+    let apps: usize = shared.get(crate::buffer::LIVE_APPS)?.parse().ok()?;
     let stale =
         (config.flush.interval.saturating_mul(10)).max(config.redis.writer_lease.saturating_mul(2));
     let waited = status.pending.oldest_age.filter(|a| *a > stale)?;
-    // A time ahead of this clock counts as now.
-    let flushed_ago = status
-        .last_flush
-        .as_ref()
-        .map(|l| l.at.elapsed().unwrap_or_default());
-    if flushed_ago.is_some_and(|a| a <= stale) {
-        return None;
-    }
-    Some(format!(
-        "{} pending ops, the oldest {}s old, and no process flushed for longer: is an application process running? (`fga-wb flush` writes them)",
-        status.pending.total,
-        waited.as_secs()
-    ))
+    (apps == 0).then(|| {
+        format!(
+            "{} pending ops, the oldest {}s old, and no application process runs to flush them (workers apply queued jobs only): start one, or run `fga-wb flush`",
+            status.pending.total,
+            waited.as_secs()
+        )
+    })
 }

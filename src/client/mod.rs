@@ -607,20 +607,29 @@ impl WriteBehind {
     /// counting as a live writer, instead of when its lease ends (until
     /// then, after Redis drops a connection, other processes' checks wait
     /// for its heartbeat). Ops pending in a memory store are lost, as when
-    /// the handle is dropped: [`WriteBehind::shutdown`] writes them. Later
-    /// calls on any clone fail with [`Error::is_shutdown`].
+    /// the handle is dropped: [`WriteBehind::shutdown`] writes them. Takes
+    /// a second or two at most, plus one Redis call (bounded by the
+    /// connection's 30 s response timeout). Later calls on any clone fail
+    /// with [`Error::is_shutdown`].
     pub async fn close(&self) -> Result<()> {
         if self.inner.shut_down.swap(true, Ordering::SeqCst) {
             return Err(Error::new(Kind::Shutdown));
         }
         let (reply, answer) = oneshot::channel();
-        let cut_off = match self.inner.commands.send(Command::Close(reply)).await {
-            // The flusher answers between two steps: a second is ample.
-            Ok(()) => tokio::time::timeout(std::time::Duration::from_secs(1), answer)
+        // The flusher answers between two steps: a second is ample.
+        let ample = std::time::Duration::from_secs(1);
+        let cut_off = match self
+            .inner
+            .commands
+            .send_timeout(Command::Close(reply), ample)
+            .await
+        {
+            Ok(()) => tokio::time::timeout(ample, answer)
                 .await
                 .map_or(true, |r| r.unwrap_or(true)),
             // The flusher is gone: it took nothing it still holds.
-            Err(_) => false,
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => true,
         };
         self.stop_and_release(cut_off).await;
         self.inner.warn_unwritten("closed");

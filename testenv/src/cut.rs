@@ -153,7 +153,10 @@ async fn relay(
         }
     }
     // The rest of the request may come in later reads: it still goes to
-    // the server, and what the server answers is dropped.
+    // the server, and what the server answers is dropped, until it has
+    // been quiet a while (and no longer than a few of those in all).
+    let end = tokio::time::Instant::now() + SETTLE * 4;
+    let mut quiet_at = tokio::time::Instant::now() + SETTLE;
     loop {
         tokio::select! {
             r = cr.read(&mut up) => match r {
@@ -164,10 +167,11 @@ async fn relay(
                 }
                 _ => break,
             },
-            r = tokio::time::timeout(SETTLE, sr.read(&mut down)) => match r {
-                Ok(Ok(1..)) => {}
+            r = sr.read(&mut down) => match r {
+                Ok(1..) => quiet_at = tokio::time::Instant::now() + SETTLE,
                 _ => break,
             },
+            () = tokio::time::sleep_until(quiet_at.min(end)) => break,
         }
     }
     cuts.fetch_add(1, Ordering::AcqRel);

@@ -876,6 +876,13 @@ impl Store for RedisStore {
             if let Some((writer, why)) = stopped.into_iter().next() {
                 stats.insert("stopped".into(), format!("{why} (reported by {writer})"));
             }
+            // Application processes alive besides this one: each flushes
+            // the shared buffer (workers only apply queued jobs).
+            let apps = live
+                .iter()
+                .filter(|w| w.starts_with("app:") && **w != self.writer)
+                .count();
+            stats.insert(super::LIVE_APPS.into(), apps.to_string());
             Ok(stats)
         })
     }
