@@ -167,11 +167,15 @@ impl Error {
     }
 
     /// Worth retrying later: 5xx, 408, 409 (a conflicting concurrent write),
-    /// 429, timeouts, connection errors, .
+    /// 429, a 400 without OpenFGA's error code (not OpenFGA's answer: a
+    /// proxy's or a gateway's), timeouts, connection errors.
     pub fn is_transient(&self) -> bool {
         match &*self.kind {
             Kind::Api(e) => {
-                (e.status >= 500 || matches!(e.status, 408 | 409 | 429) || e.is_throttled())
+                (e.status >= 500
+                    || matches!(e.status, 408 | 409 | 429)
+                    || (matches!(e.status, 400 | 422) && e.code.is_empty())
+                    || e.is_throttled())
                     && !e.is_condition_conflict()
             }
             Kind::Timeout { .. }
@@ -186,12 +190,16 @@ impl Error {
 
     /// The input will never be accepted as it is: a tuple that fails local
     /// validation, or OpenFGA's 400 for the tuples of a request (unknown type or
-    /// relation, user type not allowed, too many tuples, duplicates).
+    /// relation, user type not allowed, too many tuples, duplicates). A 400
+    /// without OpenFGA's error code (a proxy's page, a gateway's own
+    /// answer) says nothing about the tuples: it is not one, and what it
+    /// refused is kept and tried again rather than dead-lettered.
     pub fn is_invalid_input(&self) -> bool {
         match &*self.kind {
             Kind::InvalidTuple(_) | Kind::InvalidArgument(_) => true,
             Kind::Api(e) => {
                 (matches!(e.status, 400 | 422)
+                    && !e.code.is_empty()
                     && !e.is_throttled()
                     && !NOT_FOUND_CODES.contains(&e.code.as_str()))
                     || e.is_condition_conflict()

@@ -23,13 +23,27 @@ use wiremock::{Request, ResponseTemplate};
 /// request is retried at once (`flush.request_retries = 0`). The ops stay
 /// pending through the failures, the background flusher retries with
 /// backoff on its own, and they end applied: `totals.retries >= 2`, nothing
-/// dead-lettered, flushing not stopped.
+/// dead-lettered, flushing not stopped. The same for a 500, and for a 400
+/// that did not come from OpenFGA (a proxy's page, a gateway's JSON
+/// without OpenFGA's error code): it says nothing about the tuples. Before,
+/// such a 400 dead-lettered every op as refused, a revoke's letter letting
+/// checks answer from what OpenFGA still held.
 #[tokio::test]
 async fn transient_503_is_retried_until_applied() {
-    for failure in ["unavailable-503", "server-error-500"] {
+    let proxy_page = ResponseTemplate::new(400).set_body_string(
+        "<html><body><h1>400 Bad Request</h1>The plain HTTP request was sent to HTTPS port</body></html>",
+    );
+    let gateway =
+        ResponseTemplate::new(400).set_body_json(json!({ "message": "request validation failed" }));
+    for (failure, response) in [
+        ("unavailable-503", fixture("unavailable-503").response()),
+        ("server-error-500", fixture("server-error-500").response()),
+        ("a proxy's 400 page", proxy_page),
+        ("a gateway's 400", gateway),
+    ] {
         let server = mock_openfga().await;
         write_mock()
-            .respond_with(fixture(failure).response())
+            .respond_with(response)
             .up_to_n_times(2)
             .with_priority(1)
             .mount(&server)
