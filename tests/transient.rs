@@ -438,3 +438,43 @@ async fn an_outage_leaves_no_op_taken_while_the_flusher_waits() {
     assert_eq!(wb.pending().await.unwrap().total, N);
     assert_eq!(wb.clear().await.unwrap(), N);
 }
+
+/// A 429 whose `Retry-After` is longer than a quick retry waits (60 s here,
+/// with the default quick retries on): the flush returns with the error at
+/// once, and the op is pending again (not held in flight by a sleeping
+/// request) until the pump's pause ends. Before, each quick retry slept the
+/// whole minute with the op in flight, and flush() did not return for
+/// three minutes.
+#[tokio::test]
+async fn a_long_retry_after_does_not_hold_ops_in_flight() {
+    let server = mock_openfga().await;
+    write_mock()
+        .respond_with(
+            fixture("rate-limited-429")
+                .response()
+                .insert_header("Retry-After", "60"),
+        )
+        .mount(&server)
+        .await;
+    let wb = WriteBehind::builder(manual_flush(mock_config(&server)))
+        .build()
+        .await
+        .unwrap();
+    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(30), wb.flush())
+        .await
+        .expect("flush() returns, not after the quick retries' minutes")
+        .unwrap();
+    assert!(first.error.is_some(), "{first:?}");
+    assert_eq!(write_bodies(&server).await.len(), 1);
+    eventually(
+        "the op to be pending again",
+        Duration::from_secs(10),
+        || async {
+            let p = wb.pending().await.unwrap();
+            (p.total, p.in_flight) == (1, 0)
+        },
+    )
+    .await;
+    assert_eq!(wb.status().await.unwrap().totals.dead_lettered, 0);
+}

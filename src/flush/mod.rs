@@ -650,6 +650,12 @@ impl Engine {
             if !allowed {
                 return Err(e);
             }
+            // Longer than a quick retry waits: the pump's pause waits
+            // instead, with the ops pending again meanwhile (see
+            // `park_if_idle`), not held in flight by a sleeping request.
+            if e.retry_after().is_some_and(|r| r > QUICK_RETRY_MAX) {
+                return Err(e);
+            }
             tries += 1;
             let wait = backoff.next().unwrap_or(self.cfg.retry_max_backoff);
             let wait = e.retry_after().map_or(wait, |r| r.max(wait));
@@ -711,10 +717,13 @@ fn keep_claimed(ops: Vec<Taken>, claims: Vec<Claim>, result: &mut ChunkResult) -
     mine
 }
 
+/// The longest wait before a quick retry of one request.
+const QUICK_RETRY_MAX: Duration = Duration::from_secs(2);
+
 fn quick_backoff(cfg: &FlushConfig) -> ExponentialBackoff {
     ExponentialBuilder::default()
         .with_min_delay(cfg.retry_initial_backoff.min(Duration::from_millis(50)))
-        .with_max_delay(cfg.retry_max_backoff.min(Duration::from_secs(2)))
+        .with_max_delay(cfg.retry_max_backoff.min(QUICK_RETRY_MAX))
         .with_factor(2.0)
         .with_jitter()
         .without_max_times()
