@@ -421,7 +421,9 @@ async fn a_writer_back_from_a_pause_keeps_what_it_is_writing() {
 }
 
 /// A process whose lease ends while it waits to send a Write again (429,
-/// `Retry-After: 3`, from a wiremock OpenFGA) finds, at its next heartbeat,
+/// `Retry-After: 2`, from a wiremock OpenFGA: a quick retry's longest wait;
+/// a longer one ends the request, see `tests/transient.rs`) finds, at its
+/// next heartbeat,
 /// that what it held was handed to another process: it does not send that
 /// Write (the other process may have written a newer op on the tuple since),
 /// and the other process applies the op, counted once.
@@ -430,7 +432,11 @@ async fn a_write_handed_on_during_its_retry_is_not_sent() {
     use support::mock::{manual_flush, mock_config, mock_openfga, write_mock, STORE};
     let server = mock_openfga().await;
     write_mock()
-        .respond_with(support::fixture("rate-limited-429").response())
+        .respond_with(
+            support::fixture("rate-limited-429")
+                .response()
+                .insert_header("Retry-After", "2"),
+        )
         .up_to_n_times(1)
         .with_priority(1)
         .mount(&server)
@@ -490,7 +496,12 @@ async fn a_write_handed_on_during_its_retry_is_not_sent() {
             n.unwrap_or(0)
         }
     };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while reclaimed().await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a's ops were never handed on"
+        );
         // a's heartbeat may renew in between: end its lease again.
         let _: () = redis::cmd("ZADD")
             .arg(format!("{prefix}:owners"))
