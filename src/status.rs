@@ -141,6 +141,9 @@ pub struct Status {
     /// The server's tuples-per-Write limit, when this process learned one
     /// below `flush.max_tuples_per_write` (OpenFGA refused a request).
     pub write_limit: Option<usize>,
+    /// Redis store: the application processes alive besides this one (each
+    /// flushes the shared buffer; workers only apply queued jobs).
+    pub live_apps: Option<usize>,
 }
 
 impl Status {
@@ -172,6 +175,9 @@ impl Status {
             self.flushing_stopped = Some(reason.clone());
         }
         self.last_loss_acknowledged = shared.get("last_loss_acknowledged").cloned();
+        self.live_apps = shared
+            .get(crate::buffer::LIVE_APPS)
+            .and_then(|v| v.parse().ok());
     }
 }
 

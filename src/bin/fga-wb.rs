@@ -540,9 +540,14 @@ fn jobs_of(s: &fga_wb::Status) -> u64 {
     })
 }
 
+/// Queue mode, and no worker was seen.
+fn no_worker(s: &fga_wb::Status) -> bool {
+    s.queue.as_ref().is_some_and(|q| q.workers.is_empty())
+}
+
 /// What keeps jobs from being applied, if it is that no worker runs.
 fn no_worker_note(s: &fga_wb::Status) -> &'static str {
-    match s.queue.as_ref().is_some_and(|q| q.workers.is_empty()) {
+    match no_worker(s) {
         true => "no worker is running: start `fga-wb worker`",
         false => "",
     }
@@ -709,7 +714,7 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
                     message: format!("flushing is stopped: {why}"),
                 });
             }
-            let no_worker = status.queue.as_ref().is_some_and(|q| q.workers.is_empty());
+            let no_worker = no_worker(&status);
             bar.set_message(note.clone());
             if !tty && !quiet && last_line.elapsed() >= Duration::from_secs(5) {
                 last_line = tokio::time::Instant::now();

@@ -57,6 +57,7 @@ impl WriteBehind {
             // A scan of every key: asked for separately (`redis_key_usage`),
             // not by every caller that polls the status.
             redis_keys: None,
+            live_apps: None,
         };
         status.merge_shared(&e.store.shared_stats().await?);
         Ok(status)
@@ -98,8 +99,7 @@ impl WriteBehind {
                 "Redis lost acknowledged ops: {loss}; see `fga-wb loss`"
             ));
         }
-        let shared = e.store.shared_stats().await?;
-        if let Some(p) = nobody_flushes(&status, &self.inner.config, &shared) {
+        if let Some(p) = nobody_flushes(&status, &self.inner.config) {
             h.problems.push(p);
         }
         if let Some(q) = &status.queue {
@@ -223,12 +223,8 @@ impl WriteBehind {
 /// in Redis, safe but unwritten. "Long" is ten flush intervals, or two
 /// writer leases (a crashed process's ops come back after one), whichever
 /// is longer, as this process's configuration says.
-fn nobody_flushes(
-    status: &crate::Status,
-    config: &crate::Config,
-    shared: &std::collections::HashMap<String, String>,
-) -> Option<String> {
-    let apps: usize = shared.get(crate::buffer::LIVE_APPS)?.parse().ok()?;
+fn nobody_flushes(status: &crate::Status, config: &crate::Config) -> Option<String> {
+    let apps = status.live_apps?;
     let stale =
         (config.flush.interval.saturating_mul(10)).max(config.redis.writer_lease.saturating_mul(2));
     let waited = status.pending.oldest_age.filter(|a| *a > stale)?;

@@ -311,20 +311,29 @@ fn tokio_stream_from(
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
 }
 
-/// What the server is, checked at connect: Lua scripting must work.
+/// What the server is, checked at connect: Lua scripting must work. The
+/// same test script reads the node's replication id, which every check
+/// compares (to notice a failover or a restart behind a connection that
+/// did not drop): a warning when scripts cannot read it (an ACL that
+/// denies INFO, a renamed command).
 pub(crate) async fn check_server(conn: &mut Conn, target: &Target) -> Result<()> {
-    let r: redis::RedisResult<i64> = redis::cmd("EVAL")
-        .arg("return 1")
+    let r: redis::RedisResult<(i64, String)> = redis::cmd("EVAL")
+        .arg("local i = redis.pcall('INFO', 'replication') return { 1, type(i) == 'string' and string.match(i, 'master_replid:(%w+)') or '' }")
         .arg(1)
         .arg("fga-wb:probe")
         .query_async(conn)
         .await;
     match r {
-        Ok(1) => {
-            check_replid(conn, target).await;
+        Ok((1, replid)) => {
+            if replid.is_empty() {
+                tracing::warn!(
+                    redis = %target.shown(),
+                    "Redis does not let scripts run INFO replication (an ACL, or a renamed command): a failover or restart behind a connection that did not drop is noticed only by the writers' heartbeats, up to a third of redis.writer_lease later; allow INFO to fga-wb's Redis user"
+                );
+            }
             check_eviction(conn, target).await
         }
-        Ok(other) => Err(Error::config(format!(
+        Ok((other, _)) => Err(Error::config(format!(
             "Redis at {} answered {other} to a test script; fga-wb needs Lua scripting (Redis 7.0+ or Valkey 7.2+)",
             target.shown()
         ))),
@@ -335,24 +344,6 @@ pub(crate) async fn check_server(conn: &mut Conn, target: &Target) -> Result<()>
             "Redis at {} refused a test script ({e}); fga-wb needs Lua scripting (EVAL/EVALSHA) allowed: Redis 7.0+ or Valkey 7.2+",
             target.shown()
         ))),
-    }
-}
-
-/// Warns when scripts cannot read the node's replication id (an ACL that
-/// denies INFO, a renamed command): every check compares it, to notice a
-/// failover or a restart behind a connection that did not drop.
-async fn check_replid(conn: &mut Conn, target: &Target) {
-    let r: redis::RedisResult<String> = redis::cmd("EVAL")
-        .arg("local i = redis.pcall('INFO', 'replication') return type(i) == 'string' and string.match(i, 'master_replid:(%w+)') or ''")
-        .arg(1)
-        .arg("fga-wb:probe")
-        .query_async(conn)
-        .await;
-    if matches!(&r, Ok(id) if id.is_empty()) {
-        tracing::warn!(
-            redis = %target.shown(),
-            "Redis does not let scripts run INFO replication (an ACL, or a renamed command): a failover or restart behind a connection that did not drop is noticed only by the writers' heartbeats, up to a third of redis.writer_lease later; allow INFO to fga-wb's Redis user"
-        );
     }
 }
 
