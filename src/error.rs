@@ -43,12 +43,17 @@ pub(crate) enum Kind {
     Timeout {
         operation: &'static str,
         timeout: Option<Duration>,
+        /// The request may have reached the server (not a connect timeout).
+        sent: bool,
     },
     /// No connection could be made, or it broke mid-request.
     Connect {
         operation: &'static str,
         url: String,
         detail: String,
+        /// The request may have reached the server (the connection broke
+        /// after it was made).
+        sent: bool,
     },
     /// OpenFGA answered 2xx but with a body we could not understand.
     Decode {
@@ -121,6 +126,16 @@ impl ApiError {
         self.code == "throttled_timeout_error"
     }
 
+    /// A request larger than the server takes: OpenFGA's gRPC limit
+    /// (`--grpc-max-recv-msg-bytes`, 616,448 bytes by default; 500
+    /// `resource_exhausted`, a message that says "larger than max"), or a
+    /// proxy's 413. The datastore's throttling shares the code, not the
+    /// message.
+    fn is_too_large(&self) -> bool {
+        self.status == 413
+            || (self.code == "resource_exhausted" && self.message.contains("larger than max"))
+    }
+
     /// 409 `Aborted` for a tuple that exists with a different condition: no
     /// retry will ever succeed, so it is an input error, not a conflict.
     fn is_condition_conflict(&self) -> bool {
@@ -177,6 +192,7 @@ impl Error {
                     || (matches!(e.status, 400 | 422) && e.code.is_empty())
                     || e.is_throttled())
                     && !e.is_condition_conflict()
+                    && !e.is_too_large()
             }
             Kind::Timeout { .. }
             | Kind::Connect { .. }
@@ -189,8 +205,12 @@ impl Error {
     }
 
     /// The input will never be accepted as it is: a tuple that fails local
-    /// validation, or OpenFGA's 400 for the tuples of a request (unknown type or
-    /// relation, user type not allowed, too many tuples, duplicates). A 400
+    /// validation, OpenFGA's 400 for the tuples of a request (unknown type or
+    /// relation, user type not allowed, too many tuples, duplicates), or a
+    /// request too large for the server (a 413, or over OpenFGA's gRPC size
+    /// limit: a 500 `resource_exhausted` saying "larger than max"): the
+    /// flusher splits such a request until the tuples pass or one stands
+    /// alone. A 400
     /// without OpenFGA's error code (a proxy's page, a gateway's own
     /// answer) says nothing about the tuples: it is not one, and what it
     /// refused is kept and tried again rather than dead-lettered.
@@ -203,6 +223,7 @@ impl Error {
                     && !e.is_throttled()
                     && !NOT_FOUND_CODES.contains(&e.code.as_str()))
                     || e.is_condition_conflict()
+                    || e.is_too_large()
             }
             _ => false,
         }
@@ -221,6 +242,27 @@ impl Error {
     pub fn is_not_found(&self) -> bool {
         match &*self.kind {
             Kind::Api(e) => e.status == 404 || NOT_FOUND_CODES.contains(&e.code.as_str()),
+            _ => false,
+        }
+    }
+
+    /// The request failed, yet the server may have run it, or may still
+    /// commit it: it timed out or its connection broke after it was sent, a
+    /// gateway answered 502 or 504 (its upstream may still be running it),
+    /// OpenFGA's own deadline passed (500 `deadline_exceeded`), a 5xx came
+    /// without OpenFGA's error body, or a success came back
+    /// unreadable. A Write that ends so may land after a newer one.
+    pub fn may_have_applied(&self) -> bool {
+        match &*self.kind {
+            Kind::Timeout { sent, .. } | Kind::Connect { sent, .. } => *sent,
+            Kind::Api(e) => {
+                matches!(e.status, 502 | 504)
+                    || (e.status >= 500 && e.code.is_empty())
+                    // OpenFGA's own request timeout: the datastore may
+                    // still commit what it was running.
+                    || e.code == "deadline_exceeded"
+            }
+            Kind::Decode { .. } => true,
             _ => false,
         }
     }
@@ -326,6 +368,14 @@ impl fmt::Display for Error {
                 if !e.message.is_empty() {
                     write!(f, ": {}", e.message)?;
                 }
+                if e.is_too_large() {
+                    return write!(
+                        f,
+                        "; the request is larger than the server (or a proxy in front of it) accepts: \
+                         its tuples are written in smaller requests, and a tuple too large alone is \
+                         dead-lettered (raise OpenFGA's --grpc-max-recv-msg-bytes, then replay it)"
+                    );
+                }
                 match e.status {
                     401 | 403 => write!(
                         f,
@@ -340,7 +390,9 @@ impl fmt::Display for Error {
                     _ => Ok(()),
                 }
             }
-            Kind::Timeout { operation, timeout } => match timeout {
+            Kind::Timeout {
+                operation, timeout, ..
+            } => match timeout {
                 Some(t) => write!(
                     f,
                     "OpenFGA {operation} timed out after {t:?}; raise openfga.request_timeout or check the server's load"
@@ -351,6 +403,7 @@ impl fmt::Display for Error {
                 operation,
                 url,
                 detail,
+                ..
             } => write!(
                 f,
                 "OpenFGA {operation}: cannot reach {url} ({detail}); check openfga.api_url (FGA_API_URL) and that the server is up"
@@ -473,8 +526,25 @@ mod tests {
         }))
     }
 
+    /// OpenFGA's answer to a Write over its gRPC limit, as a real server
+    /// sends it.
+    fn too_large() -> Error {
+        Error::new(Kind::Api(ApiError {
+            operation: "write",
+            status: 500,
+            code: "resource_exhausted".into(),
+            message: "grpc: received message larger than max (902542 vs. 616448)".into(),
+            retry_after: None,
+        }))
+    }
+
     #[test]
     fn classifies_statuses() {
+        assert!(too_large().is_invalid_input() && !too_large().is_transient());
+        assert!(api(413, "").is_invalid_input() && !api(413, "").is_transient());
+        // The datastore's throttling shares the code: retried.
+        assert!(api(500, "resource_exhausted").is_transient());
+        assert!(!api(500, "resource_exhausted").is_invalid_input());
         assert!(api(503, "").is_transient());
         assert!(api(429, "").is_transient());
         assert!(api(409, "Aborted").is_transient());
@@ -487,5 +557,44 @@ mod tests {
         assert!(api(404, "store_id_not_found").is_not_found());
         assert!(api(400, "latest_authorization_model_not_found").is_not_found());
         assert!(!api(400, "latest_authorization_model_not_found").is_invalid_input());
+    }
+
+    /// What may have been applied though it failed: only what the server
+    /// may have run, or may still.
+    #[test]
+    fn knows_which_failures_may_have_been_applied() {
+        let timeout = |sent| {
+            Error::new(Kind::Timeout {
+                operation: "write",
+                timeout: None,
+                sent,
+            })
+        };
+        let cut = |sent| {
+            Error::new(Kind::Connect {
+                operation: "write",
+                url: "u".into(),
+                detail: "d".into(),
+                sent,
+            })
+        };
+        for (e, unsure) in [
+            (timeout(true), true),
+            (timeout(false), false),
+            (cut(true), true),
+            (cut(false), false),
+            (api(502, ""), true),
+            (api(504, "deadline_exceeded"), true),
+            (api(500, ""), true),
+            (api(500, "internal_error"), false),
+            (api(500, "deadline_exceeded"), true),
+            (api(503, "unavailable"), false),
+            (api(429, ""), false),
+            (api(409, "write_failed_due_to_invalid_input"), false),
+            (api(400, "validation_error"), false),
+            (too_large(), false),
+        ] {
+            assert_eq!(e.may_have_applied(), unsure, "{e}");
+        }
     }
 }

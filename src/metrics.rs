@@ -50,6 +50,7 @@ const COUNTERS: &[&str] = &[
     "fga_wb_ops_dead_lettered_total",
     "fga_wb_ops_cleared_total",
     "fga_wb_write_retries_total",
+    "fga_wb_write_unknown_outcomes_total",
     "fga_wb_cache_hits_total",
     "fga_wb_cache_misses_total",
     "fga_wb_higher_consistency_total",

@@ -219,3 +219,116 @@ async fn last_op_wins_under_slow_and_failing_writes() {
     assert_accounted(&wb).await;
     wb.shutdown().await.unwrap();
 }
+
+/// Real server (PostgreSQL, caches on), behind a proxy that delivers one
+/// request late: a grant's Write is kept from OpenFGA for 3 s, fga-wb gives
+/// up on it after 1 s, so its outcome is unknown, and the tuple is revoked
+/// meanwhile. The held grant reaches OpenFGA and commits after fga-wb
+/// gave up on it; the revoke goes out only once that can no longer happen
+/// (`flush.unknown_outcome_hold`), so OpenFGA ends without the tuple and
+/// the check says no. Before the hold, the revoke was written at once,
+/// deleted nothing, and the late grant left the tuple in OpenFGA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_landing_late_never_outlives_a_newer_revoke() {
+    let s = support::new_store_on(
+        support::Server::Caching,
+        "late-write",
+        &support::documents_model(),
+    )
+    .await;
+    late_grant_then_revoke(&s, support::config_for(&s)).await;
+}
+
+/// The same on the Redis store: the held ops stay this writer's, so no
+/// other writer writes the revoke either.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_landing_late_never_outlives_a_newer_revoke_on_redis() {
+    let s = support::new_store_on(
+        support::Server::Caching,
+        "late-write-redis",
+        &support::documents_model(),
+    )
+    .await;
+    let mut c = support::config_for(&s);
+    c.buffer.store = fga_wb::config::StoreKind::Redis;
+    c.redis.url = support::redis_url();
+    late_grant_then_revoke(&s, c).await;
+}
+
+/// The same in queue mode: the worker keeps the job running through the
+/// hold, so the revoke stays blocked behind it.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_landing_late_never_outlives_a_newer_revoke_in_queue_mode() {
+    let s = support::new_store_on(
+        support::Server::Caching,
+        "late-write-queue",
+        &support::documents_model(),
+    )
+    .await;
+    let mut c = support::config_for(&s);
+    c.buffer.store = fga_wb::config::StoreKind::Redis;
+    c.redis.url = support::redis_url();
+    c.flush.mode = fga_wb::config::Mode::Queue;
+    c.queue.poll_interval = Duration::from_millis(50);
+    late_grant_then_revoke(&s, c).await;
+}
+
+async fn late_grant_then_revoke(s: &support::TestStore, mut c: fga_wb::Config) {
+    let upstream = c.openfga.api_url.trim_start_matches("http://").to_owned();
+    let proxy = testenv::HoldProxy::start(&upstream).await.unwrap();
+    c.openfga.api_url = proxy.url();
+    c.openfga.request_timeout = Duration::from_secs(1);
+    c.flush.unknown_outcome_hold = Duration::from_secs(6);
+    #[cfg(feature = "redis")]
+    let worker =
+        (c.flush.mode == fga_wb::config::Mode::Queue).then(|| support::Worker::start(c.clone(), 2));
+    let wb = WriteBehind::builder(c)
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    let (user, relation, object) = ("user:late", "viewer", "document:late");
+    proxy.hold_next(&[b"/write", user.as_bytes()], Duration::from_secs(3));
+    wb.grant(user, relation, object).await.unwrap();
+    let flushing = {
+        let wb = wb.clone();
+        tokio::spawn(async move { wb.flush().await })
+    };
+    assert_eq!(
+        proxy.wait_held(1, Duration::from_secs(30)).await,
+        1,
+        "the grant's Write never reached the proxy"
+    );
+    wb.revoke(user, relation, object).await.unwrap();
+    flushing.await.unwrap().unwrap();
+    wb.flush().await.unwrap();
+    // Queue mode: the flushes only enqueue; the worker writes.
+    support::eventually(
+        "nothing pending or in flight",
+        Duration::from_secs(60),
+        || async {
+            let p = wb.pending().await.unwrap();
+            (p.total, p.in_flight) == (0, 0)
+        },
+    )
+    .await;
+    assert_eq!(
+        proxy.wait_landed(1, Duration::from_secs(30)).await,
+        1,
+        "the held grant never reached OpenFGA"
+    );
+    let check = format!("{object}#{relation}@{user}");
+    assert!(
+        !support::ground_truth(s, &check).await,
+        "OpenFGA holds the revoked tuple: the late grant landed after the revoke; it holds {:?}",
+        support::stored(s).await
+    );
+    assert!(!wb.check(user, relation, object).await.unwrap());
+    wb.shutdown().await.unwrap();
+    #[cfg(feature = "redis")]
+    if let Some(w) = worker {
+        w.stop().await;
+    }
+}

@@ -209,3 +209,46 @@ async fn dead_letters_replay_and_purge() {
     assert_eq!(p.total + p.in_flight, 0, "{p:?}");
     wb.shutdown().await.unwrap();
 }
+
+/// Too large for one request (real server): 60 grants whose condition
+/// context is 30 KB each (OpenFGA allows 32 KB a tuple) make requests over
+/// OpenFGA's gRPC limit (616,448 bytes by default), which it refuses with
+/// a 500 `resource_exhausted`. The flusher writes the same tuples in
+/// smaller requests: all 60 are applied, none dead-lettered, and the flush
+/// ends. Before, that 500 was retried as it was, forever.
+#[tokio::test]
+async fn grants_too_large_for_one_request_are_written_in_smaller_ones() {
+    let s = support::new_store_with("wb-too-large", &support::model("conditions.json")).await;
+    let wb = WriteBehind::builder(manual_flush(config_for(&s)))
+        .build()
+        .await
+        .unwrap();
+    let mut context = serde_json::Map::new();
+    context.insert("cidr".into(), "1".repeat(30_000).into());
+    let mut want = BTreeSet::new();
+    for i in 0..60 {
+        let user = format!("user:u{i}");
+        wb.grant_with_condition(
+            &user,
+            "viewer",
+            "document:big",
+            "in_company_network",
+            Some(context.clone()),
+        )
+        .await
+        .unwrap();
+        want.insert(format!(
+            "document:big#viewer@{user} (when in_company_network)"
+        ));
+    }
+    let r = tokio::time::timeout(std::time::Duration::from_secs(120), wb.flush())
+        .await
+        .expect("the flush did not end within 120 s: the oversized request is retried as it is")
+        .unwrap();
+    assert_eq!((r.applied, r.dead_lettered), (60, 0), "{r:?}");
+    assert!(r.requests > 1, "{r:?}");
+    let got: BTreeSet<String> = stored(&s).await.into_iter().collect();
+    assert_eq!(got, want);
+    assert_accounted(&wb).await;
+    wb.shutdown().await.unwrap();
+}

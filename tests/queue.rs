@@ -621,15 +621,20 @@ async fn retries_come_no_sooner_than_their_step() {
     }
 }
 
-/// A job that fails twice (503, 503) and then succeeds is applied exactly
-/// once: three Write requests, no dead letter, nothing pending.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_job_that_fails_twice_then_succeeds_is_applied_once() {
+/// One grant (`document:<object>#viewer@user:bob`) queued and run by a
+/// worker (retry schedule 1 s / 2 s / 3 s) whose first `failures` Writes
+/// get `failure`, the rest OK, until it is applied and the queue empty;
+/// returns the handle and the Writes seen.
+async fn one_grant_after_failures(
+    object: &str,
+    failures: usize,
+    failure: impl Fn() -> ResponseTemplate + Send + Sync + 'static,
+) -> (WriteBehind, Vec<Seen>) {
     let server = MockServer::start().await;
     let store_id = unique_store_id();
-    let writes = WriteLog::mount(&server, &store_id, |n| {
-        if n < 2 {
-            fixture("unavailable-503").response()
+    let writes = WriteLog::mount(&server, &store_id, move |n| {
+        if n < failures {
+            failure()
         } else {
             fixture("write-ok").response()
         }
@@ -643,12 +648,12 @@ async fn a_job_that_fails_twice_then_succeeds_is_applied_once() {
     };
     let worker = Worker::start(config, 1);
 
-    wb.grant("user:bob", "viewer", "document:twice")
+    wb.grant("user:bob", "viewer", &format!("document:{object}"))
         .await
         .unwrap();
     assert_eq!(wb.flush().await.unwrap().queued, 1);
 
-    w.until("the op to be applied", Duration::from_secs(20), || async {
+    w.until("the op to be applied", Duration::from_secs(30), || async {
         wb.status().await.unwrap().totals.applied == 1
     })
     .await;
@@ -657,9 +662,21 @@ async fn a_job_that_fails_twice_then_succeeds_is_applied_once() {
     })
     .await;
     worker.stop().await;
-
     let seen = writes.requests();
-    assert_eq!(seen.len(), 3, "503, 503, then 200: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        failures + 1,
+        "{failures} failures, then 200: {seen:?}"
+    );
+    (wb, seen)
+}
+
+/// A job that fails twice (503, 503) and then succeeds is applied exactly
+/// once: three Write requests, no dead letter, nothing pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_that_fails_twice_then_succeeds_is_applied_once() {
+    let (wb, seen) =
+        one_grant_after_failures("twice", 2, || fixture("unavailable-503").response()).await;
     for r in &seen {
         assert_eq!(r.tuples, [grant("document:twice#viewer@user:bob")]);
     }
@@ -672,6 +689,24 @@ async fn a_job_that_fails_twice_then_succeeds_is_applied_once() {
         "{st:?}"
     );
     assert_accounted(&wb).await;
+}
+
+/// A job refused with 429 and `Retry-After: 4` runs again no sooner than 4 s
+/// later, though its schedule's first step is 1 s (lower bound only).
+/// Before, the schedule alone set the wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_waits_at_least_what_retry_after_asks() {
+    let (_wb, seen) = one_grant_after_failures("later", 1, || {
+        fixture("rate-limited-429")
+            .response()
+            .insert_header("retry-after", "4")
+    })
+    .await;
+    let spacing = seen[1].at - seen[0].at;
+    assert!(
+        spacing >= Duration::from_secs(4),
+        "the retry came {spacing:?} after the 429, sooner than its Retry-After of 4 s"
+    );
 }
 
 /// A blip (two 500s in a row, as a busy database answers) is retried within

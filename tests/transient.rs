@@ -96,16 +96,7 @@ async fn transient_503_is_retried_until_applied() {
 #[tokio::test]
 async fn a_transient_failure_is_retried_alone_and_the_flush_completes() {
     let server = mock_openfga().await;
-    write_mock()
-        .respond_with(fixture("unavailable-503").response())
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    write_mock()
-        .respond_with(fixture("write-ok").response())
-        .mount(&server)
-        .await;
+    first_write_then_ok(&server, fixture("unavailable-503").response()).await;
     let wb = manual_handle(&server).await;
     for i in 0..300 {
         wb.grant(&format!("user:u{i:03}"), "viewer", "document:1")
@@ -145,16 +136,7 @@ async fn a_transient_failure_is_retried_alone_and_the_flush_completes() {
 #[tokio::test]
 async fn timed_out_write_is_retried() {
     let server = mock_openfga().await;
-    write_mock()
-        .respond_with(fixture("hung-write").response())
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    write_mock()
-        .respond_with(fixture("write-ok").response())
-        .mount(&server)
-        .await;
+    first_write_then_ok(&server, fixture("hung-write").response()).await;
     let mut cfg = no_quick_retries(manual_flush(mock_config(&server)));
     cfg.openfga.request_timeout = Duration::from_millis(300);
     let wb = WriteBehind::builder(cfg).build().await.unwrap();
@@ -176,16 +158,7 @@ async fn timed_out_write_is_retried() {
 #[tokio::test]
 async fn rate_limited_429_is_retried_until_applied() {
     let server = mock_openfga().await;
-    write_mock()
-        .respond_with(fixture("rate-limited-429").response())
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    write_mock()
-        .respond_with(fixture("write-ok").response())
-        .mount(&server)
-        .await;
+    first_write_then_ok(&server, fixture("rate-limited-429").response()).await;
     let wb = WriteBehind::builder(no_quick_retries(manual_flush(mock_config(&server))))
         .build()
         .await
@@ -283,6 +256,8 @@ async fn auth_error_stops_flushing_until_a_manual_flush_or_shutdown_succeeds() {
         let mut cfg = mock_config(&server);
         cfg.flush.interval = Duration::from_millis(20);
         cfg.check.revoke_wait_timeout = Duration::from_millis(200);
+        // The flusher's own next look: after the test.
+        cfg.flush.retry_max_backoff = Duration::from_secs(600);
         let wb = WriteBehind::builder(cfg).build().await.unwrap();
         for i in 0..5 {
             wb.grant(&format!("user:u{i}"), "viewer", "document:1")
@@ -304,7 +279,8 @@ async fn auth_error_stops_flushing_until_a_manual_flush_or_shutdown_succeeds() {
         assert!(wb.dead_letters().await.unwrap().is_empty(), "{name}");
 
         // Stopped means stopped: new ops and the interval timer do not make
-        // the flusher try again. (A negative check: it needs a wait.)
+        // the flusher try again before its look (`flush.retry_max_backoff`).
+        // (A negative check: it needs a wait.)
         let before = write_bodies(&server).await.len();
         wb.grant("user:late", "viewer", "document:1").await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -347,6 +323,38 @@ async fn auth_error_stops_flushing_until_a_manual_flush_or_shutdown_succeeds() {
         assert_accounted(&wb).await;
         wb.shutdown().await.unwrap();
     }
+}
+
+/// Refused credentials fixed on the server's side (wiremock: the first
+/// Write answers 401, the rest 200), an OAuth2 token that works again, or a
+/// key rotated back: the stopped flusher asks OpenFGA again by itself after
+/// `flush.retry_max_backoff`, applies the op without a `flush()`, and
+/// clears `flushing_stopped`. Before, only a `flush()` or a restart did.
+#[tokio::test]
+async fn flushing_stopped_by_a_401_asks_again_by_itself() {
+    let server = mock_openfga().await;
+    first_write_then_ok(&server, fixture("auth-wrong-token").response()).await;
+    let mut cfg = mock_config(&server);
+    cfg.flush.interval = Duration::from_millis(20);
+    cfg.flush.retry_max_backoff = Duration::from_millis(500);
+    let wb = WriteBehind::builder(cfg).build().await.unwrap();
+    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    eventually(
+        "flushing to stop on the 401",
+        Duration::from_secs(10),
+        || async { wb.status().await.unwrap().flushing_stopped.is_some() },
+    )
+    .await;
+    eventually(
+        "the op to be applied without a flush()",
+        Duration::from_secs(10),
+        || async { wb.status().await.unwrap().totals.applied == 1 },
+    )
+    .await;
+    let st = wb.status().await.unwrap();
+    assert_eq!(st.flushing_stopped, None, "{st:?}");
+    assert_eq!(write_bodies(&server).await.len(), 2);
+    wb.shutdown().await.unwrap();
 }
 
 /// A slow model read (wiremock): checks pinned at once to a model the

@@ -251,7 +251,9 @@ pub struct FlushConfig {
     /// First backoff after a transient failure (inline mode).
     #[serde(with = "duration")]
     pub retry_initial_backoff: Duration,
-    /// Longest backoff after repeated transient failures (inline mode).
+    /// Longest backoff after repeated transient failures (inline mode);
+    /// also how often flushing stopped by refused credentials or an unknown
+    /// store asks OpenFGA again by itself.
     #[serde(with = "duration")]
     pub retry_max_backoff: Duration,
     /// Flush revokes as soon as they arrive. Off: revokes wait for the batch
@@ -261,6 +263,13 @@ pub struct FlushConfig {
     /// How long `shutdown()` keeps flushing before it reports what is left.
     #[serde(with = "duration")]
     pub shutdown_deadline: Duration,
+    /// How long a Write may still commit on the server after fga-wb stopped
+    /// waiting for it (a timeout, a connection cut after the request went
+    /// out, a gateway's 502 or 504): the server's own request timeout plus
+    /// any queueing in front of it. Its ops stay in flight that long, so no
+    /// newer op on those tuples is written before it could land.
+    #[serde(with = "duration")]
+    pub unknown_outcome_hold: Duration,
 }
 
 impl Default for FlushConfig {
@@ -278,6 +287,7 @@ impl Default for FlushConfig {
             retry_max_backoff: Duration::from_secs(30),
             eager_revokes: true,
             shutdown_deadline: Duration::from_secs(10),
+            unknown_outcome_hold: Duration::from_secs(30),
         }
     }
 }
@@ -753,6 +763,11 @@ impl Config {
         if self.queue.poll_interval < Duration::from_millis(1) {
             return Err(Error::config(
                 "queue.poll_interval is below 1ms; an idle worker would call Redis without a pause (e.g. \"100ms\")",
+            ));
+        }
+        if self.flush.unknown_outcome_hold > Duration::from_secs(600) {
+            return Err(Error::config(
+                "flush.unknown_outcome_hold must be at most 10m (the ops of a Write whose outcome is unknown stay in flight that long; e.g. \"30s\")",
             ));
         }
         if self.flush.retry_initial_backoff > self.flush.retry_max_backoff {

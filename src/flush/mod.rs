@@ -123,7 +123,7 @@ pub(crate) struct Engine {
     pub others_finished: AtomicBool,
     /// Shutdown's deadline: no request is retried past it (its ops go back
     /// to pending instead, rather than stay in flight).
-    pub retry_deadline: std::sync::Mutex<Option<Instant>>,
+    pub retry_deadline: watch::Sender<Option<Instant>>,
     /// The server's tuples-per-Write limit, when it refused a request for
     /// being above it (its `--max-tuples-per-write` is lower than
     /// `flush.max_tuples_per_write`); 0 until then.
@@ -165,7 +165,7 @@ impl Engine {
             missed: Default::default(),
             wake: Arc::new(Notify::new()),
             others_finished: Default::default(),
-            retry_deadline: Default::default(),
+            retry_deadline: watch::Sender::new(None),
             tuple_limit: Default::default(),
         }
     }
@@ -253,13 +253,16 @@ pub(crate) struct ChunkResult {
     pub rtts: Vec<Duration>,
     /// The server pushed back (429, 5xx, timeout): lower the limit.
     pub congested: bool,
+    /// When the last request whose outcome is unknown (see
+    /// [`Error::may_have_applied`]) ended.
+    pub unsure_at: Option<Instant>,
     /// What the store did with the outcomes (set by the pump's chunk
     /// future, which finishes its own ops).
     pub finished: Option<Result<Finished, Error>>,
 }
 
 impl ChunkResult {
-    fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
         ChunkResult {
             outcomes: Vec::with_capacity(capacity),
             requests: 0,
@@ -267,6 +270,7 @@ impl ChunkResult {
             stop: None,
             rtts: Vec::new(),
             congested: false,
+            unsure_at: None,
             finished: None,
         }
     }
@@ -539,6 +543,43 @@ impl Engine {
         result
     }
 
+    /// Waits out a request whose outcome is unknown (see
+    /// [`Error::may_have_applied`]) that ended `at`: it may still commit on
+    /// the server until `flush.unknown_outcome_hold` has passed, and a newer
+    /// op on one of its tuples written before then (a revoke, after a
+    /// grant) would be undone by it. The caller keeps the ops in flight
+    /// meanwhile: checks count them, a newer op on their tuples waits
+    /// behind them, and in a shared store the keys stay this writer's. Cut
+    /// short by shutdown's deadline, set before or during the wait.
+    pub(crate) async fn wait_out(&self, at: Instant, ops: usize) {
+        let until = at + self.cfg.unknown_outcome_hold;
+        if until <= Instant::now() {
+            return;
+        }
+        metrics::counter!("fga_wb_write_unknown_outcomes_total").increment(1);
+        tracing::warn!(
+            ops,
+            hold = ?self.cfg.unknown_outcome_hold,
+            "a Write's outcome is unknown (it may still commit on the server); its ops stay in flight until it no longer can, so no newer op on them is written first"
+        );
+        let mut deadline = self.retry_deadline.subscribe();
+        loop {
+            let end = deadline.borrow_and_update().map_or(until, |d| d.min(until));
+            if end <= Instant::now() {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(end) => return,
+                changed = deadline.changed() => {
+                    if changed.is_err() {
+                        tokio::time::sleep_until(end).await;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
     /// The ops this writer still holds. Those handed to other writers while
     /// it was paused past its lease are not its to write (a newer op on the
     /// key may have been written since), nor to end: `Busy` (the store
@@ -576,6 +617,11 @@ impl Engine {
             .await
         {
             Ok(()) => {
+                // A delete that may still land would remove the grant
+                // written after it.
+                if let Some(at) = result.unsure_at {
+                    self.wait_out(at, 1).await;
+                }
                 self.write_retrying(std::slice::from_ref(t), model, retries, result)
                     .await
             }
@@ -631,6 +677,9 @@ impl Engine {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
+            if e.may_have_applied() {
+                result.unsure_at = Some(Instant::now());
+            }
             let conflict = e.status() == Some(409);
             if e.is_transient() {
                 // Every request that failed transiently; its ops are sent
@@ -659,10 +708,7 @@ impl Engine {
             tries += 1;
             let wait = backoff.next().unwrap_or(self.cfg.retry_max_backoff);
             let wait = e.retry_after().map_or(wait, |r| r.max(wait));
-            let deadline = *self
-                .retry_deadline
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let deadline = *self.retry_deadline.borrow();
             if deadline.is_some_and(|d| Instant::now() + wait >= d) {
                 return Err(e);
             }

@@ -136,6 +136,10 @@ pub(crate) struct Pump {
     pub(crate) limit: Limit,
     /// After a chunk gave up on a transient error: no new request before this.
     pub(crate) paused_until: Option<Instant>,
+    /// With flushing stopped (refused credentials, unknown store): when to
+    /// ask OpenFGA again by writing, unasked (an OAuth2 token, a key or a
+    /// store fixed since may work by then).
+    pub(crate) stop_look_at: Option<Instant>,
     pub(crate) backoff: ExponentialBackoff,
     /// An error seen since the last report to a waiter, for its report.
     pub(crate) last_error: Option<String>,
@@ -198,6 +202,7 @@ impl Pump {
             due: None,
             limit,
             paused_until: None,
+            stop_look_at: None,
             backoff,
             last_error: None,
             unrecorded: FlushReport::default(),
@@ -233,9 +238,13 @@ impl Pump {
         let cfg = &e.cfg;
         let now = Instant::now();
         let explicit = self.explicit();
-        if !explicit && (!self.automatic || e.stats.stopped().is_some()) {
-            // Only an explicit flush() tries again after an auth failure.
+        if !explicit && !self.automatic {
             return None;
+        }
+        if !explicit && e.stats.stopped().is_some() && !self.looking_past_stop() {
+            // An explicit flush() tries again at once after an auth
+            // failure; the pump itself at its look.
+            return self.stop_look_at;
         }
         let pending = match e.store.pending().await {
             Ok(p) => p,
@@ -345,17 +354,19 @@ impl Pump {
             if self.blocked > 0 {
                 next =
                     Some(next.map_or(now + BLOCKED_POLL, |n: Instant| n.min(now + BLOCKED_POLL)));
-                // Writes of other processes end within their timeout and a
-                // dead writer's within its lease: a flush does not wait
-                // longer than that.
+                // Writes of other processes end within their timeout (or
+                // their hold, when the outcome is unknown) and a dead
+                // writer's within its lease: a flush does not wait longer
+                // than that.
+                let blocked_wait = BLOCKED_WAIT + cfg.unknown_outcome_hold;
                 let (late, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
                     .into_iter()
-                    .partition(|w| w.started.elapsed() > BLOCKED_WAIT);
+                    .partition(|w| w.started.elapsed() > blocked_wait);
                 self.waiters = waiting;
                 for w in late {
                     let mut r = self.report_since(&w);
                     r.error = Some(format!(
-                        "{} ops still wait behind writes by other processes after {BLOCKED_WAIT:?}; they are written when those end",
+                        "{} ops still wait behind writes by other processes after {blocked_wait:?}; they are written when those end",
                         self.blocked
                     ));
                     let _ = w.reply.send(r);
@@ -502,7 +513,14 @@ impl Pump {
         let past_deadline = self.shutdown.is_some_and(|d| Instant::now() >= d);
         !self.paused()
             && !past_deadline
-            && (self.explicit() || self.engine.stats.stopped().is_none())
+            && (self.explicit()
+                || self.engine.stats.stopped().is_none()
+                || self.looking_past_stop())
+    }
+
+    /// Flushing stopped, and it is time to ask OpenFGA again.
+    fn looking_past_stop(&self) -> bool {
+        self.stop_look_at.is_some_and(|t| Instant::now() >= t)
     }
 
     /// Starts chunks while the limit allows and something is due.
@@ -744,28 +762,30 @@ impl Pump {
                 let mut result = engine.clone().send_chunk(ops).await;
                 writing.fetch_sub(1, Ordering::Relaxed);
                 freed.notify_one();
-                // Finished here, not in the pump: chunks end concurrently,
-                // and the pump goes on starting others meanwhile.
-                let outcomes = std::mem::take(&mut result.outcomes);
-                let dead: Vec<crate::tuple::TupleKey> = outcomes
-                    .iter()
-                    .filter(|(_, o)| matches!(o, Outcome::Dead { .. }))
-                    .map(|(t, _)| t.tuple.clone())
-                    .collect();
-                if !outcomes.is_empty() {
-                    result.finished = Some(engine.store.finish(outcomes, None).await);
-                }
-                // A dead grant may have been in cached answers as a
-                // contextual tuple; OpenFGA will never have it. After the
-                // finish, never before (see cache.rs): a check between the
-                // two would cache its answer under the new generation.
-                for t in &dead {
-                    engine.cache.invalidate_for(t);
+                // Its ops wait out their hold in flight (see `done`); the
+                // pump learns of the failure now.
+                if result.unsure_at.is_none() {
+                    finish_chunk(&engine, &mut result).await;
                 }
                 (result, held)
             }
             .instrument(span),
         ));
+    }
+
+    /// Keeps the ops of a chunk whose request's outcome is unknown in
+    /// flight until it can no longer land (see [`Engine::wait_out`]), then
+    /// finishes them: a chunk of its own in `running`, with no requests,
+    /// holding the keys meanwhile.
+    fn hold(&mut self, at: Instant, outcomes: Vec<(Taken, Outcome)>, held: Held) {
+        let engine = self.engine.clone();
+        self.running.push(Box::pin(async move {
+            engine.wait_out(at, outcomes.len()).await;
+            let mut result = ChunkResult::new(0);
+            result.outcomes = outcomes;
+            finish_chunk(&engine, &mut result).await;
+            (result, held)
+        }));
     }
 
     /// Adds the ops takes dead-lettered as they took them to the flush's
@@ -790,10 +810,18 @@ impl Pump {
     }
 
     /// Records a finished chunk.
-    pub(crate) fn done(&mut self, result: ChunkResult, held: Held) {
-        remove_one(&mut self.running_firsts, held.first);
-        for k in held.keys {
-            remove_one(&mut self.running_keys, k);
+    pub(crate) fn done(&mut self, mut result: ChunkResult, held: Held) {
+        match result.unsure_at.take() {
+            Some(at) => {
+                let outcomes = std::mem::take(&mut result.outcomes);
+                self.hold(at, outcomes, held);
+            }
+            None => {
+                remove_one(&mut self.running_firsts, held.first);
+                for k in held.keys {
+                    remove_one(&mut self.running_keys, k);
+                }
+            }
         }
         let e = self.engine.clone();
         self.limit.observe(&result.rtts, result.congested);
@@ -823,6 +851,7 @@ impl Pump {
                 if e.stats.stopped().is_some() {
                     e.stats.set_stopped(None);
                 }
+                self.stop_look_at = None;
             }
             None => {}
         }
@@ -838,6 +867,9 @@ impl Pump {
                 tracing::error!(error = %err, "flushing stopped; pending ops are kept");
                 e.stats.set_stopped(Some(err.clone()));
                 self.paused_until = None;
+                // Never a loop of refused requests, whatever the setting.
+                let look = e.cfg.retry_max_backoff.max(STOP_LOOK_MIN);
+                self.stop_look_at = Some(Instant::now() + look);
             }
             Stop::Transient(err) => {
                 metrics::counter!("fga_wb_flush_pauses_total").increment(1);
@@ -993,8 +1025,8 @@ impl Pump {
     /// again when it resumes.
     pub(crate) async fn park_if_idle(&mut self) {
         let holding = !self.staged.is_empty() || !self.carry.is_empty();
-        let idle =
-            self.engine.stats.stopped().is_some() || (self.paused() && self.park_while_paused);
+        let stopped = self.engine.stats.stopped().is_some() && !self.looking_past_stop();
+        let idle = stopped || (self.paused() && self.park_while_paused);
         if holding && idle && !self.explicit() {
             self.unstage().await;
             self.exhausted = None;
@@ -1124,9 +1156,34 @@ pub(crate) const PARK_AFTER: Duration = Duration::from_secs(1);
 pub(crate) const STRAY_EVERY: Duration = Duration::from_secs(5);
 /// How soon a look for strays that failed is tried again.
 pub(crate) const STRAY_RETRY: Duration = Duration::from_secs(1);
+/// Has the store record a chunk's outcomes. Done in the chunk's future,
+/// not in the pump: chunks end concurrently, and the pump goes on
+/// starting others meanwhile.
+async fn finish_chunk(engine: &Engine, result: &mut ChunkResult) {
+    let outcomes = std::mem::take(&mut result.outcomes);
+    let dead: Vec<crate::tuple::TupleKey> = outcomes
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Dead { .. }))
+        .map(|(t, _)| t.tuple.clone())
+        .collect();
+    if !outcomes.is_empty() {
+        result.finished = Some(engine.store.finish(outcomes, None).await);
+    }
+    // A dead grant may have been in cached answers as a contextual tuple;
+    // OpenFGA will never have it. After the finish, never before (see
+    // cache.rs): a check between the two would cache its answer under the
+    // new generation.
+    for t in &dead {
+        engine.cache.invalidate_for(t);
+    }
+}
+
 /// While requests run, the triggers are looked at this often at most.
 pub(crate) const PLAN_EVERY: Duration = Duration::from_millis(20);
-/// Longest a flush() waits for ops blocked behind other writers' writes.
+/// Shortest wait before a stopped flusher asks OpenFGA again.
+const STOP_LOOK_MIN: Duration = Duration::from_secs(1);
+/// Longest a flush() waits for ops blocked behind other writers' writes
+/// (beyond `flush.unknown_outcome_hold`, which such a write may last).
 pub(crate) const BLOCKED_WAIT: Duration = Duration::from_secs(30);
 /// How often a waiting flush() looks at ops blocked behind other writers.
 pub(crate) const BLOCKED_POLL: Duration = Duration::from_millis(200);

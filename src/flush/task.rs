@@ -119,11 +119,7 @@ pub(crate) async fn run(
                 Some(Command::Shutdown { deadline, reply }) => {
                     pump.replan = true;
                     pump.shutdown = Some(deadline);
-                    *pump
-                        .engine
-                        .retry_deadline
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner()) = Some(deadline);
+                    pump.engine.retry_deadline.send_replace(Some(deadline));
                     pump.engine.store.stop_retrying_at(deadline.into_std());
                     // It tries again, as an explicit flush does, after an
                     // earlier stop (refused credentials, since fixed): the

@@ -757,22 +757,27 @@ impl Client {
         e: &reqwest::Error,
         timeout: Option<Duration>,
     ) -> Error {
+        // A connection that failed to open carried no request.
+        let sent = !e.is_connect();
         if e.is_timeout() {
             Error::new(Kind::Timeout {
                 operation,
                 timeout: Some(timeout.unwrap_or(self.inner.timeout)),
+                sent,
             })
         } else if e.is_decode() || e.is_body() && !e.is_connect() && !e.is_request() {
             Error::new(Kind::Connect {
                 operation,
                 url: redact_url(&self.inner.base),
                 detail: "the response body was cut off".into(),
+                sent,
             })
         } else {
             Error::new(Kind::Connect {
                 operation,
                 url: redact_url(&self.inner.base),
                 detail: root_cause(e),
+                sent,
             })
         }
     }

@@ -155,6 +155,11 @@ impl Applier {
             .write_chunk_as(Some(claims), model, taken, retries)
             .await;
         drop(slot);
+        // The job stays running, so its keys stay claimed: no newer op on
+        // them is written while the request may still land.
+        if let Some(at) = result.unsure_at {
+            self.engine.wait_out(at, result.outcomes.len()).await;
+        }
         if self.store.term() != term {
             // This worker's lease ended while it ran the job, and the job
             // went back to the queue (another worker may be running it):
@@ -192,7 +197,12 @@ impl Applier {
                 self.engine.stats.set_stopped(error.clone());
                 let wait = self.schedule.last().copied().unwrap_or(BUSY_RETRY);
                 next = Some((wait, job.attempt));
-            } else if let Some(&wait) = self.schedule.get(step) {
+            } else if let Some(&step_wait) = self.schedule.get(step) {
+                // Never sooner than the server asked (429, 503).
+                let wait = error
+                    .as_ref()
+                    .and_then(Error::retry_after)
+                    .map_or(step_wait, |r| r.max(step_wait));
                 tracing::warn!(error = %reason, ops = again.len(), retry_in = ?wait, "write failed; retry scheduled");
                 next = Some((wait, job.attempt + 1));
             } else {

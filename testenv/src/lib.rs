@@ -1,7 +1,8 @@
 //! Throw-away servers on loopback for fga-wb's tests, benchmarks and scripts:
 //! OpenFGA (memory, SQLite or PostgreSQL datastore, caches on or off, TLS),
 //! PostgreSQL, Redis (single node, with or without AOF, or a cluster), a
-//! TCP proxy that adds latency and one that loses an answer.
+//! TCP proxy that adds latency, one that loses an answer and one that
+//! delivers a request late.
 //!
 //! This is the one place that starts servers. The integration tests and the
 //! load tests use the library; `scripts/test`, `scripts/servers` and
@@ -16,6 +17,7 @@
 
 mod cut;
 mod error;
+mod hold;
 mod openfga;
 mod ports;
 mod postgres;
@@ -25,6 +27,7 @@ mod redis;
 
 pub use cut::CutProxy;
 pub use error::{Error, Result};
+pub use hold::HoldProxy;
 pub use openfga::{Datastore, OpenFga, OpenFgaOptions, Tls};
 pub use ports::free_port;
 pub use postgres::Postgres;

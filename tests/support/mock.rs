@@ -77,6 +77,9 @@ pub async fn manual_handle(server: &MockServer) -> fga_wb::WriteBehind {
 pub fn mock_config(server: &MockServer) -> Config {
     let mut c = config_at(server.uri(), "mock-token");
     c.openfga.request_timeout = Duration::from_secs(5);
+    // A mock commits nothing late: a timed-out Write's hold (see
+    // `last_write_wins.rs`, on the real server) need not last.
+    c.flush.unknown_outcome_hold = Duration::from_secs(1);
     c
 }
 
@@ -87,6 +90,20 @@ pub fn write_path() -> String {
 /// A mock of the Write endpoint.
 pub fn write_mock() -> wiremock::MockBuilder {
     Mock::given(method("POST")).and(path(write_path()))
+}
+
+/// Write mocks: the first Write gets `first`, every later one OK.
+pub async fn first_write_then_ok(server: &MockServer, first: ResponseTemplate) {
+    write_mock()
+        .respond_with(first)
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(server)
+        .await;
+    write_mock()
+        .respond_with(super::fixture("write-ok").response())
+        .mount(server)
+        .await;
 }
 
 /// A Write mock that answers `response` (the first `times` Writes, ahead
