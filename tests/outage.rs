@@ -148,12 +148,9 @@ async fn openfga_killed_mid_flush_then_restarted_loses_nothing() {
     assert_eq!(st.flushing_stopped, None);
     assert!(wb.dead_letters().await.unwrap().is_empty());
 
-    let in_openfga: BTreeSet<String> = admin
-        .read_all(&store_id, &Default::default())
+    let in_openfga: BTreeSet<String> = support::stored_in(&admin, &store_id)
         .await
-        .unwrap()
-        .iter()
-        .map(ToString::to_string)
+        .into_iter()
         .collect();
     let expected: BTreeSet<String> = (0..N + DURING)
         .map(|i| {

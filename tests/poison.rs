@@ -210,16 +210,36 @@ async fn dead_letters_replay_and_purge() {
     wb.shutdown().await.unwrap();
 }
 
-/// Too large for one request (real server): 60 grants whose condition
-/// context is 30 KB each (OpenFGA allows 32 KB a tuple) make requests over
-/// OpenFGA's gRPC limit (616,448 bytes by default), which it refuses with
-/// a 500 `resource_exhausted`. The flusher writes the same tuples in
-/// smaller requests: all 60 are applied, none dead-lettered, and the flush
-/// ends. Before, that 500 was retried as it was, forever.
+/// Too large for one request (a real server that takes at most 100,000
+/// bytes a request; the default is 616,448): 60 grants whose condition
+/// context is 30 KB each (OpenFGA allows 32 KB a tuple). fga-wb cuts
+/// requests of some 400 KB, which this server refuses with a 500
+/// `resource_exhausted`; the flusher writes the same tuples in smaller
+/// requests: all 60 are applied, none dead-lettered, and the flush ends.
+/// Before, that 500 was retried as it was, forever.
 #[tokio::test]
 async fn grants_too_large_for_one_request_are_written_in_smaller_ones() {
-    let s = support::new_store_with("wb-too-large", &support::model("conditions.json")).await;
-    let wb = WriteBehind::builder(manual_flush(config_for(&s)))
+    let server = testenv::OpenFga::start(testenv::OpenFgaOptions {
+        max_request_bytes: Some(100_000),
+        ..Default::default()
+    })
+    .await
+    .expect("an OpenFGA with --grpc-max-recv-msg-bytes 100000");
+    let client = fga_wb::openfga::Client::builder(server.url())
+        .api_token(fga_wb::openfga::Secret::new(server.token().to_owned()))
+        .build()
+        .unwrap();
+    let store_id = client.create_store("wb-too-large").await.unwrap();
+    let model_id = client
+        .write_authorization_model(&store_id, &support::model("conditions.json"))
+        .await
+        .unwrap();
+    let mut cfg = fga_wb::Config::default();
+    cfg.openfga.api_url = server.url();
+    cfg.openfga.api_token = fga_wb::openfga::Secret::new(server.token().to_owned());
+    cfg.openfga.store_id = store_id.clone();
+    cfg.openfga.model_id = model_id;
+    let wb = WriteBehind::builder(manual_flush(cfg))
         .build()
         .await
         .unwrap();
@@ -247,7 +267,10 @@ async fn grants_too_large_for_one_request_are_written_in_smaller_ones() {
         .unwrap();
     assert_eq!((r.applied, r.dead_lettered), (60, 0), "{r:?}");
     assert!(r.requests > 1, "{r:?}");
-    let got: BTreeSet<String> = stored(&s).await.into_iter().collect();
+    let got: BTreeSet<String> = support::stored_in(&client, &store_id)
+        .await
+        .into_iter()
+        .collect();
     assert_eq!(got, want);
     assert_accounted(&wb).await;
     wb.shutdown().await.unwrap();

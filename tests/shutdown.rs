@@ -112,6 +112,36 @@ async fn shutdown_with_openfga_down_returns_and_reports_what_is_left() {
     }
 }
 
+/// A shutdown while ops wait out a Write whose outcome is unknown (it
+/// timed out; `flush.unknown_outcome_hold` is 10 min here): the hold ends
+/// at the shutdown's 1 s deadline, so `shutdown` returns (a 20 s timeout
+/// guards against a hang) and reports the ops as left over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_cuts_short_a_hold_under_way() {
+    let hung = mock_openfga().await;
+    write_mock()
+        .respond_with(fixture("hung-write").response())
+        .mount(&hung)
+        .await;
+    let mut cfg = no_quick_retries(manual_flush(mock_config(&hung)));
+    cfg.openfga.request_timeout = Duration::from_millis(300);
+    cfg.flush.unknown_outcome_hold = Duration::from_secs(600);
+    cfg.flush.shutdown_deadline = Duration::from_secs(1);
+    let wb = WriteBehind::builder(cfg).build().await.unwrap();
+    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    // The flush reports the timeout at once; the op stays in flight.
+    let r = wb.flush().await.unwrap();
+    assert!(r.error.is_some(), "{r:?}");
+    let p = wb.pending().await.unwrap();
+    assert_eq!((p.total, p.in_flight), (0, 1), "held in flight: {p:?}");
+    let r = tokio::time::timeout(Duration::from_secs(20), wb.shutdown())
+        .await
+        .expect("shutdown did not return: the hold outlived its deadline")
+        .unwrap();
+    assert_eq!(r.left.total + r.left.in_flight, 1, "{r:?}");
+    assert_eq!(r.flushed.applied, 0, "{r:?}");
+}
+
 /// An OpenFGA started with a lower `--max-tuples-per-write` (10) than the
 /// configured 100: the first refusal teaches the handle the server's limit,
 /// the refused request goes out again as requests the server takes (no

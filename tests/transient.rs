@@ -152,6 +152,55 @@ async fn timed_out_write_is_retried() {
     wb.shutdown().await.unwrap();
 }
 
+/// While a timed-out Write's ops wait out their hold (10 min here), the
+/// flusher goes on with other ops: a grant due by age and an eager revoke
+/// on other tuples are applied, with the held op still in flight. Before,
+/// the hold kept the flusher from looking at new ops until it ended.
+#[tokio::test]
+async fn a_hold_does_not_hold_up_other_ops() {
+    let server = mock_openfga().await;
+    first_write_then_ok(&server, fixture("hung-write").response()).await;
+    let mut cfg = no_quick_retries(mock_config(&server));
+    cfg.openfga.request_timeout = Duration::from_millis(300);
+    cfg.flush.interval = Duration::from_millis(50);
+    cfg.flush.unknown_outcome_hold = Duration::from_secs(600);
+    cfg.flush.shutdown_deadline = Duration::from_secs(1);
+    let wb = WriteBehind::builder(cfg).build().await.unwrap();
+    wb.grant("user:held", "viewer", "document:1").await.unwrap();
+    let held = || async {
+        let p = wb.pending().await.unwrap();
+        (p.total, p.in_flight) == (0, 1)
+    };
+    eventually(
+        "the timed-out op to be held",
+        Duration::from_secs(10),
+        || async { held().await && write_bodies(&server).await.len() == 1 },
+    )
+    .await;
+    // Past the flusher's look that found nothing else pending; watched
+    // through the server alone from here (asking the handle wakes its
+    // flusher).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    wb.grant("user:next", "viewer", "document:2").await.unwrap();
+    eventually(
+        "the grant to be written",
+        Duration::from_secs(10),
+        || async { write_bodies(&server).await.len() == 2 },
+    )
+    .await;
+    wb.revoke("user:gone", "viewer", "document:3")
+        .await
+        .unwrap();
+    eventually(
+        "the revoke to be written",
+        Duration::from_secs(10),
+        || async { write_bodies(&server).await.len() == 3 },
+    )
+    .await;
+    assert!(held().await, "the held op is still in flight");
+    wb.shutdown().await.unwrap();
+}
+
 /// 429 (wiremock): rate limited once, with `Retry-After: 3`, then OK, with
 /// no immediate retries. The op stays pending, is retried, and ends applied;
 /// nothing is dead-lettered.

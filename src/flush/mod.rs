@@ -256,6 +256,8 @@ pub(crate) struct ChunkResult {
     /// When the last request whose outcome is unknown (see
     /// [`Error::may_have_applied`]) ended.
     pub unsure_at: Option<Instant>,
+    /// The ops waited out such a request (the pump's `hold`).
+    pub held_out: bool,
     /// What the store did with the outcomes (set by the pump's chunk
     /// future, which finishes its own ops).
     pub finished: Option<Result<Finished, Error>>,
@@ -271,6 +273,7 @@ impl ChunkResult {
             rtts: Vec::new(),
             congested: false,
             unsure_at: None,
+            held_out: false,
             finished: None,
         }
     }
@@ -612,6 +615,7 @@ impl Engine {
             op: Op::Revoke,
             ..t.clone()
         };
+        let before = result.unsure_at;
         let written = match self
             .write_retrying(std::slice::from_ref(&delete), model, retries, result)
             .await
@@ -619,7 +623,7 @@ impl Engine {
             Ok(()) => {
                 // A delete that may still land would remove the grant
                 // written after it.
-                if let Some(at) = result.unsure_at {
+                if let Some(at) = result.unsure_at.filter(|_| result.unsure_at != before) {
                     self.wait_out(at, 1).await;
                 }
                 self.write_retrying(std::slice::from_ref(t), model, retries, result)

@@ -140,6 +140,10 @@ pub(crate) struct Pump {
     /// ask OpenFGA again by writing, unasked (an OAuth2 token, a key or a
     /// store fixed since may work by then).
     pub(crate) stop_look_at: Option<Instant>,
+    /// Of `running`, the ops waiting out a request whose outcome is
+    /// unknown (see `hold`): no requests, so neither a slot nor a reason
+    /// to leave new ops unlooked at.
+    pub(crate) holds: usize,
     pub(crate) backoff: ExponentialBackoff,
     /// An error seen since the last report to a waiter, for its report.
     pub(crate) last_error: Option<String>,
@@ -203,6 +207,7 @@ impl Pump {
             limit,
             paused_until: None,
             stop_look_at: None,
+            holds: 0,
             backoff,
             last_error: None,
             unrecorded: FlushReport::default(),
@@ -221,7 +226,7 @@ impl Pump {
     /// store each look is a round trip).
     pub(crate) async fn maybe_plan(&mut self) -> Option<Instant> {
         self.note_unsure();
-        let busy = !self.running.is_empty() && self.exhausted != Some(self.target);
+        let busy = self.chunks_running() > 0 && self.exhausted != Some(self.target);
         let recent = self.planned_at.is_some_and(|t| t.elapsed() < PLAN_EVERY);
         if self.replan || !busy || !recent {
             self.replan = false;
@@ -276,7 +281,7 @@ impl Pump {
         if pending.total == 0 {
             // Ops held by jobs or by other processes come back here if their
             // holder dies; look again now and then.
-            if pending.in_flight > 0 && e.store.shared() && self.running.is_empty() {
+            if pending.in_flight > 0 && e.store.shared() && self.chunks_running() == 0 {
                 next = Some(now + cfg.interval.max(Duration::from_secs(1)));
             }
         } else if !self.automatic {
@@ -298,7 +303,7 @@ impl Pump {
             // have made some ready again without a word reaching it (a lost
             // subscription). It looks again, once an interval.
             if e.store.shared()
-                && self.running.is_empty()
+                && self.chunks_running() == 0
                 && self.exhausted.is_some_and(|t| t >= self.target)
             {
                 let again = self.relooked.map_or(now, |t| t + cfg.interval);
@@ -518,6 +523,12 @@ impl Pump {
                 || self.looking_past_stop())
     }
 
+    /// Running chunks that are writing or recording what they wrote (not
+    /// ops waiting out a hold).
+    pub(crate) fn chunks_running(&self) -> usize {
+        self.running.len() - self.holds
+    }
+
     /// Flushing stopped, and it is time to ask OpenFGA again.
     fn looking_past_stop(&self) -> bool {
         self.stop_look_at.is_some_and(|t| Instant::now() >= t)
@@ -596,7 +607,7 @@ impl Pump {
     /// slow store holds them back).
     fn slot_free(&self) -> bool {
         let limit = self.limit.get();
-        self.writing.load(Ordering::Relaxed) < limit && self.running.len() < 2 * limit
+        self.writing.load(Ordering::Relaxed) < limit && self.chunks_running() < 2 * limit
     }
 
     /// Whether to hold back the next `n` staged ops for the next window:
@@ -675,7 +686,7 @@ impl Pump {
         let big = (chunk / 4).max(1);
         let first = run_at(0);
         if first >= big {
-            return first;
+            return self.within_bytes(first);
         }
         let mut n = first;
         while n < self.staged.len() && n < chunk {
@@ -684,6 +695,20 @@ impl Pump {
                 break;
             }
             n += g;
+        }
+        self.within_bytes(n)
+    }
+
+    /// Of the next `n` staged ops, as many as fit in [`REQUEST_BYTES`], at least one: tuples
+    /// with large condition contexts would make a request OpenFGA refuses
+    /// for its size (it is split then, at the cost of a refused request).
+    fn within_bytes(&self, n: usize) -> usize {
+        let mut bytes = 0;
+        for (i, t) in self.staged.range(..n).enumerate() {
+            bytes += request_bytes(&t.tuple);
+            if bytes > REQUEST_BYTES && i > 0 {
+                return i;
+            }
         }
         n
     }
@@ -779,10 +804,12 @@ impl Pump {
     /// holding the keys meanwhile.
     fn hold(&mut self, at: Instant, outcomes: Vec<(Taken, Outcome)>, held: Held) {
         let engine = self.engine.clone();
+        self.holds += 1;
         self.running.push(Box::pin(async move {
             engine.wait_out(at, outcomes.len()).await;
             let mut result = ChunkResult::new(0);
             result.outcomes = outcomes;
+            result.held_out = true;
             finish_chunk(&engine, &mut result).await;
             (result, held)
         }));
@@ -811,6 +838,9 @@ impl Pump {
 
     /// Records a finished chunk.
     pub(crate) fn done(&mut self, mut result: ChunkResult, held: Held) {
+        if result.held_out {
+            self.holds -= 1;
+        }
         match result.unsure_at.take() {
             Some(at) => {
                 let outcomes = std::mem::take(&mut result.outcomes);
@@ -1004,7 +1034,7 @@ impl Pump {
         r.coalesced = 0;
         // Requests still running count towards the next record.
         let now = Instant::now();
-        let since = match self.running.is_empty() {
+        let since = match self.chunks_running() == 0 {
             true => self.busy_since.take(),
             false => self.busy_since.replace(now),
         };
@@ -1156,6 +1186,36 @@ pub(crate) const PARK_AFTER: Duration = Duration::from_secs(1);
 pub(crate) const STRAY_EVERY: Duration = Duration::from_secs(5);
 /// How soon a look for strays that failed is tried again.
 pub(crate) const STRAY_RETRY: Duration = Duration::from_secs(1);
+/// Most bytes of tuples one request carries, as JSON: OpenFGA's gRPC
+/// limit is 616,448 bytes by default (a condition context may hold 32 KB),
+/// with room for the encoding's differences and the request's own fields.
+pub(crate) const REQUEST_BYTES: usize = 400_000;
+
+/// About what `t` adds to a Write request's JSON.
+fn request_bytes(t: &crate::tuple::TupleKey) -> usize {
+    /// Counts what is written to it.
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let keys = t.user.len() + t.relation.len() + t.object.len() + 40;
+    let condition = t.condition.as_ref().map_or(0, |c| {
+        let mut n = Count(0);
+        let _ = c
+            .context
+            .as_ref()
+            .map(|ctx| serde_json::to_writer(&mut n, ctx));
+        c.name.len() + n.0 + 30
+    });
+    keys + condition
+}
+
 /// Has the store record a chunk's outcomes. Done in the chunk's future,
 /// not in the pump: chunks end concurrently, and the pump goes on
 /// starting others meanwhile.
@@ -1824,6 +1884,47 @@ mod tests {
         );
         pump.cursor = pump.target;
         assert!(!pump.should_carry(n, 100), "the flush's last window");
+    }
+
+    /// Grants with large condition contexts (30 KB each) are cut into
+    /// requests under [`REQUEST_BYTES`], not 100 to a request that OpenFGA
+    /// would refuse for its size; ordinary tuples still go 100 at a time.
+    #[tokio::test]
+    async fn chunks_stay_under_the_request_size() {
+        let e = engine();
+        let mut context = serde_json::Map::new();
+        context.insert("cidr".into(), "1".repeat(30_000).into());
+        for i in 0..100 {
+            let t = TupleKey::new(format!("user:u{i}"), "viewer", "document:big")
+                .unwrap()
+                .with_condition("in_company_network", Some(context.clone()))
+                .unwrap();
+            e.store.push(&t, Op::Grant).await.unwrap();
+        }
+        grant(&e, "document:small", 0, 100).await;
+        let mut pump = Pump::new(e.clone(), false);
+        let ops = e.store.take(1000, Take::All, u64::MAX).await.unwrap();
+        pump.stage(ops);
+        let mut cuts = Vec::new();
+        while !pump.staged.is_empty() {
+            let n = pump.next_cut(100);
+            let bytes: usize = pump
+                .staged
+                .range(..n)
+                .map(|t| request_bytes(&t.tuple))
+                .sum();
+            assert!(n == 1 || bytes <= REQUEST_BYTES, "{n} ops, {bytes} bytes");
+            cuts.push((pump.staged[0].tuple.object.clone(), n));
+            pump.staged.drain(..n);
+        }
+        let big: Vec<usize> = cuts
+            .iter()
+            .filter(|(o, _)| o == "document:big")
+            .map(|c| c.1)
+            .collect();
+        assert_eq!(big.iter().sum::<usize>(), 100);
+        assert!(big.iter().all(|&n| n <= 13), "{cuts:?}");
+        assert!(cuts.contains(&("document:small".into(), 100)), "{cuts:?}");
     }
 
     /// A window stops at its target, unless callers are outpacing the

@@ -20,7 +20,7 @@ pub(crate) async fn run(
     let mut shutdown_began: Option<Instant> = None;
     let mut last_record = Instant::now();
     loop {
-        pump.engine.looking(pump.running.is_empty());
+        pump.engine.looking(pump.chunks_running() == 0);
         let due = pump.maybe_plan().await;
         pump.engine.looked(due.is_some());
         pump.fill().await;
@@ -31,7 +31,7 @@ pub(crate) async fn run(
             (Some(d), Some(c)) => Some(d.min(c)),
             (d, c) => d.or(c),
         };
-        if !pump.running.is_empty() {
+        if pump.chunks_running() > 0 {
             pump.engine.sleeping.store(false, Ordering::Release);
         }
         pump.settle();

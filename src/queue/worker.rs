@@ -388,6 +388,7 @@ async fn run_worker(
     config.validate()?;
     let applier = Arc::new(applier(&config).await?);
     let replay_applier = applier.clone();
+    let deadline_applier = applier.clone();
     let store = applier.store.clone();
     let name = store.writer().to_owned();
     tracing::info!(worker = %name, concurrency, "worker started");
@@ -440,6 +441,11 @@ async fn run_worker(
             // Outcomes Redis does not take are not repeated past the grace.
             if let Some(at) = std::time::Instant::now().checked_add(grace) {
                 store.stop_retrying_at(at);
+                // Nor do jobs wait out holds past it (see `Engine::wait_out`).
+                deadline_applier
+                    .engine
+                    .retry_deadline
+                    .send_replace(Some(tokio::time::Instant::from_std(at)));
             }
             tokio::time::sleep(grace).await
         } => {

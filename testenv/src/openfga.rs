@@ -38,6 +38,9 @@ pub struct OpenFgaOptions {
     pub caches: Option<Duration>,
     /// `--max-tuples-per-write` (OpenFGA's default is 100).
     pub max_tuples_per_write: Option<u32>,
+    /// `--grpc-max-recv-msg-bytes`: the largest request it takes (OpenFGA's
+    /// default is 616,448 bytes).
+    pub max_request_bytes: Option<u32>,
     /// Serve HTTPS with this certificate.
     pub tls: Option<Tls>,
 }
@@ -199,6 +202,9 @@ impl OpenFga {
         }
         if let Some(n) = self.options.max_tuples_per_write {
             cmd.arg(format!("--max-tuples-per-write={n}"));
+        }
+        if let Some(n) = self.options.max_request_bytes {
+            cmd.arg(format!("--grpc-max-recv-msg-bytes={n}"));
         }
         if let Some(tls) = &self.options.tls {
             cmd.arg("--http-tls-enabled=true")

@@ -366,9 +366,13 @@ pub async fn write_to_openfga(store: &TestStore, user: &str, relation: &str, obj
 }
 
 pub async fn stored(store: &TestStore) -> Vec<String> {
-    let mut v: Vec<String> = store
-        .client
-        .read_all(&store.store_id, &Default::default())
+    stored_in(&store.client, &store.store_id).await
+}
+
+/// Every tuple in `store_id` as `client` reads it, sorted.
+pub async fn stored_in(client: &Client, store_id: &str) -> Vec<String> {
+    let mut v: Vec<String> = client
+        .read_all(store_id, &Default::default())
         .await
         .expect("read back")
         .iter()
