@@ -607,7 +607,11 @@ impl Pump {
     /// slow store holds them back).
     fn slot_free(&self) -> bool {
         let limit = self.limit.get();
-        self.writing.load(Ordering::Relaxed) < limit && self.chunks_running() < 2 * limit
+        // Holds need no slot, but each is a request that failed: past a
+        // few rounds of them, new chunks wait too.
+        self.writing.load(Ordering::Relaxed) < limit
+            && self.chunks_running() < 2 * limit
+            && self.holds < 2 * self.engine.cfg.max_parallel_requests
     }
 
     /// Whether to hold back the next `n` staged ops for the next window:

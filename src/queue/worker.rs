@@ -441,11 +441,13 @@ async fn run_worker(
             // Outcomes Redis does not take are not repeated past the grace.
             if let Some(at) = std::time::Instant::now().checked_add(grace) {
                 store.stop_retrying_at(at);
-                // Nor do jobs wait out holds past it (see `Engine::wait_out`).
+                // Nor do jobs wait out holds past it (see `Engine::wait_out`),
+                // with time left to end them before the grace is over.
+                let end = std::time::Instant::now() + grace.saturating_sub(HOLD_END_MARGIN).max(grace / 2);
                 deadline_applier
                     .engine
                     .retry_deadline
-                    .send_replace(Some(tokio::time::Instant::from_std(at)));
+                    .send_replace(Some(tokio::time::Instant::from_std(end)));
             }
             tokio::time::sleep(grace).await
         } => {
@@ -462,6 +464,10 @@ async fn run_worker(
     }
     result
 }
+
+/// At shutdown, holds end this long before the grace does: the jobs then
+/// record their outcomes (Redis round trips) before the worker stops.
+const HOLD_END_MARGIN: Duration = Duration::from_secs(1);
 
 /// How often, at most, a worker whose flushing stopped asks OpenFGA again.
 const STOP_LOOK: Duration = Duration::from_secs(30);
