@@ -253,7 +253,7 @@ pub struct FlushConfig {
     pub retry_initial_backoff: Duration,
     /// Longest backoff after repeated transient failures (inline mode);
     /// also how often flushing stopped by refused credentials or an unknown
-    /// store asks OpenFGA again by itself.
+    /// store asks OpenFGA again by itself (at least every second).
     #[serde(with = "duration")]
     pub retry_max_backoff: Duration,
     /// Flush revokes as soon as they arrive. Off: revokes wait for the batch
@@ -267,7 +267,8 @@ pub struct FlushConfig {
     /// waiting for it (a timeout, a connection cut after the request went
     /// out, a gateway's 502 or 504): the server's own request timeout plus
     /// any queueing in front of it. Its ops stay in flight that long, so no
-    /// newer op on those tuples is written before it could land.
+    /// newer op on those tuples is written before it could land. At most
+    /// 10 min; 0 turns holds off.
     #[serde(with = "duration")]
     pub unknown_outcome_hold: Duration,
 }
