@@ -5,7 +5,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::{Error, Result};
+use crate::relay::{lock, loopback, port_of, relay_each};
+use crate::Result;
 
 /// How long a cut connection waits for the server to fall quiet before it
 /// closes: by then the server ran the request and sent its whole answer,
@@ -30,32 +31,20 @@ type Armed = Option<(Vec<u8>, usize)>;
 impl CutProxy {
     /// Forwards a new loopback port to `upstream` (`host:port`).
     pub async fn start(upstream: &str) -> Result<CutProxy> {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| Error::io("bind the cutting proxy", e))?;
+        let (listener, _) = loopback("cutting proxy").await?;
         Self::serve(listener, upstream)
     }
 
     /// Forwards `listener` (bound before the server it forwards to was
     /// told its port) to `upstream` (`host:port`).
     pub fn serve(listener: TcpListener, upstream: &str) -> Result<CutProxy> {
-        let port = listener
-            .local_addr()
-            .map_err(|e| Error::io("cutting proxy address", e))?
-            .port();
-        let upstream = upstream.to_owned();
+        let port = port_of(&listener, "cutting proxy")?;
         let marker: Arc<Mutex<Armed>> = Arc::default();
         let cuts: Arc<AtomicU64> = Arc::default();
         let (m, c) = (marker.clone(), cuts.clone());
-        let task = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let (upstream, marker, cuts) = (upstream.clone(), m.clone(), c.clone());
-                tokio::spawn(async move {
-                    if let Ok(server) = TcpStream::connect(&upstream).await {
-                        relay(client, server, &marker, &cuts).await;
-                    }
-                });
-            }
+        let task = relay_each(listener, upstream, move |client, server| {
+            let (marker, cuts) = (m.clone(), c.clone());
+            async move { relay(client, server, &marker, &cuts).await }
         });
         Ok(CutProxy {
             port,
@@ -87,10 +76,6 @@ impl Drop for CutProxy {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Copies both ways until either side closes, or until a request holding

@@ -2,10 +2,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::{Error, Result};
+use crate::relay::{lock, loopback, relay_each};
+use crate::Result;
 
 /// How long a held request's answer is waited for once it is delivered.
 const ANSWER_WAIT: Duration = Duration::from_secs(30);
@@ -29,28 +30,15 @@ type Armed = Option<(Vec<Vec<u8>>, Duration)>;
 impl HoldProxy {
     /// Forwards a new loopback port to `upstream` (`host:port`).
     pub async fn start(upstream: &str) -> Result<HoldProxy> {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| Error::io("bind the holding proxy", e))?;
-        let port = listener
-            .local_addr()
-            .map_err(|e| Error::io("holding proxy address", e))?
-            .port();
-        let upstream = upstream.to_owned();
+        let (listener, port) = loopback("holding proxy").await?;
         let armed: Arc<Mutex<Armed>> = Arc::default();
         let (held_tx, held) = watch::channel(0u64);
         let (landed_tx, landed) = watch::channel(0u64);
         let counts = Arc::new((held_tx, landed_tx));
         let a = armed.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let (upstream, armed, counts) = (upstream.clone(), a.clone(), counts.clone());
-                tokio::spawn(async move {
-                    if let Ok(server) = TcpStream::connect(&upstream).await {
-                        relay(client, server, &armed, &counts).await;
-                    }
-                });
-            }
+        let task = relay_each(listener, upstream, move |client, server| {
+            let (armed, counts) = (a.clone(), counts.clone());
+            async move { relay(client, server, &armed, &counts).await }
         });
         Ok(HoldProxy {
             port,
@@ -102,10 +90,6 @@ async fn wait_for(count: &watch::Receiver<u64>, n: u64, limit: Duration) -> u64 
 
 /// Requests held back, and held requests the server answered.
 type Counts = (watch::Sender<u64>, watch::Sender<u64>);
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Copies both ways until either side closes, or until a request holding
 /// the armed markers comes: that one is kept, then delivered to the server

@@ -24,6 +24,7 @@ mod postgres;
 mod process;
 mod proxy;
 mod redis;
+mod relay;
 
 pub use cut::CutProxy;
 pub use error::{Error, Result};

@@ -3,11 +3,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::{Error, Result};
+use crate::relay::{lock, loopback, relay_each};
+use crate::Result;
 
 /// A TCP proxy on loopback that delays every byte by a fixed time in each
 /// direction, like a server one network hop away, and counts the OpenFGA
@@ -36,32 +36,20 @@ impl DelayProxy {
     /// Forwards a new loopback port to `upstream` (`host:port`), adding
     /// `one_way` in each direction (the round trip grows by twice that).
     pub async fn start(upstream: &str, one_way: Duration) -> Result<DelayProxy> {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| Error::io("bind the delay proxy", e))?;
-        let port = listener
-            .local_addr()
-            .map_err(|e| Error::io("delay proxy address", e))?
-            .port();
-        let upstream = upstream.to_owned();
+        let (listener, port) = loopback("delay proxy").await?;
         let counts: Arc<Mutex<WriteCounts>> = Arc::default();
         let all = counts.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let upstream = upstream.clone();
-                let counts = all.clone();
-                tokio::spawn(async move {
-                    if let Ok(server) = TcpStream::connect(&upstream).await {
-                        let _ = client.set_nodelay(true);
-                        let _ = server.set_nodelay(true);
-                        let (cr, cw) = client.into_split();
-                        let (sr, sw) = server.into_split();
-                        let in_flight: InFlight = Arc::default();
-                        let up = Watch::Requests(in_flight.clone(), counts.clone());
-                        tokio::spawn(pipe(cr, sw, one_way, up));
-                        pipe(sr, cw, one_way, Watch::Responses(in_flight, counts)).await;
-                    }
-                });
+        let task = relay_each(listener, upstream, move |client, server| {
+            let counts = all.clone();
+            async move {
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                let in_flight: InFlight = Arc::default();
+                let up = Watch::Requests(in_flight.clone(), counts.clone());
+                tokio::spawn(pipe(cr, sw, one_way, up));
+                pipe(sr, cw, one_way, Watch::Responses(in_flight, counts)).await;
             }
         });
         Ok(DelayProxy { port, task, counts })
@@ -69,10 +57,7 @@ impl DelayProxy {
 
     /// The Write requests seen so far.
     pub fn write_counts(&self) -> WriteCounts {
-        self.counts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        lock(&self.counts).clone()
     }
 
     /// `host:port` to connect to.
@@ -128,10 +113,6 @@ impl Watch {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Copies `from` to `to`, each chunk no sooner than `delay` after it was
