@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fga_wb::config::{Mode, StoreKind};
 use fga_wb::{Op, WriteBehind};
 use serde_json::Value;
 use support::mock::*;
@@ -230,13 +231,7 @@ async fn last_op_wins_under_slow_and_failing_writes() {
 /// deleted nothing, and the late grant left the tuple in OpenFGA.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_landing_late_never_outlives_a_newer_revoke() {
-    let s = support::new_store_on(
-        support::Server::Caching,
-        "late-write",
-        &support::documents_model(),
-    )
-    .await;
-    late_grant_then_revoke(&s, support::config_for(&s)).await;
+    late_grant_then_revoke("late-write", StoreKind::Memory, Mode::Inline).await;
 }
 
 /// The same on the Redis store: the held ops stay this writer's, so no
@@ -244,16 +239,7 @@ async fn a_write_landing_late_never_outlives_a_newer_revoke() {
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_landing_late_never_outlives_a_newer_revoke_on_redis() {
-    let s = support::new_store_on(
-        support::Server::Caching,
-        "late-write-redis",
-        &support::documents_model(),
-    )
-    .await;
-    let mut c = support::config_for(&s);
-    c.buffer.store = fga_wb::config::StoreKind::Redis;
-    c.redis.url = support::redis_url();
-    late_grant_then_revoke(&s, c).await;
+    late_grant_then_revoke("late-write-redis", StoreKind::Redis, Mode::Inline).await;
 }
 
 /// The same in queue mode: the worker keeps the job running through the
@@ -261,29 +247,30 @@ async fn a_write_landing_late_never_outlives_a_newer_revoke_on_redis() {
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_landing_late_never_outlives_a_newer_revoke_in_queue_mode() {
-    let s = support::new_store_on(
-        support::Server::Caching,
-        "late-write-queue",
-        &support::documents_model(),
-    )
-    .await;
-    let mut c = support::config_for(&s);
-    c.buffer.store = fga_wb::config::StoreKind::Redis;
-    c.redis.url = support::redis_url();
-    c.flush.mode = fga_wb::config::Mode::Queue;
-    c.queue.poll_interval = Duration::from_millis(50);
-    late_grant_then_revoke(&s, c).await;
+    late_grant_then_revoke("late-write-queue", StoreKind::Redis, Mode::Queue).await;
 }
 
-async fn late_grant_then_revoke(s: &support::TestStore, mut c: fga_wb::Config) {
+/// The scenario above, on a store of its own named `name` (OpenFGA on
+/// PostgreSQL with caches on), through a handle with `store` and `mode`.
+async fn late_grant_then_revoke(name: &str, store: StoreKind, mode: Mode) {
+    let s =
+        support::new_store_on(support::Server::Caching, name, &support::documents_model()).await;
+    let mut c = support::config_for(&s);
+    c.buffer.store = store;
+    if store == StoreKind::Redis {
+        c.redis.url = support::redis_url();
+    }
+    c.flush.mode = mode;
+    if mode == Mode::Queue {
+        c.queue.poll_interval = Duration::from_millis(50);
+    }
     let upstream = c.openfga.api_url.trim_start_matches("http://").to_owned();
     let proxy = testenv::HoldProxy::start(&upstream).await.unwrap();
     c.openfga.api_url = proxy.url();
     c.openfga.request_timeout = Duration::from_secs(1);
     c.flush.unknown_outcome_hold = Duration::from_secs(6);
     #[cfg(feature = "redis")]
-    let worker =
-        (c.flush.mode == fga_wb::config::Mode::Queue).then(|| support::Worker::start(c.clone(), 2));
+    let worker = (c.flush.mode == Mode::Queue).then(|| support::Worker::start(c.clone(), 2));
     let wb = WriteBehind::builder(c)
         .automatic_flush(false)
         .build()
@@ -321,9 +308,9 @@ async fn late_grant_then_revoke(s: &support::TestStore, mut c: fga_wb::Config) {
     );
     let check = format!("{object}#{relation}@{user}");
     assert!(
-        !support::ground_truth(s, &check).await,
+        !support::ground_truth(&s, &check).await,
         "OpenFGA holds the revoked tuple: the late grant landed after the revoke; it holds {:?}",
-        support::stored(s).await
+        support::stored(&s).await
     );
     assert!(!wb.check(user, relation, object).await.unwrap());
     wb.shutdown().await.unwrap();
