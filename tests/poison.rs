@@ -219,27 +219,16 @@ async fn dead_letters_replay_and_purge() {
 /// Before, that 500 was retried as it was, forever.
 #[tokio::test]
 async fn grants_too_large_for_one_request_are_written_in_smaller_ones() {
-    let server = testenv::OpenFga::start(testenv::OpenFgaOptions {
-        max_request_bytes: Some(100_000),
-        ..Default::default()
-    })
-    .await
-    .expect("an OpenFGA with --grpc-max-recv-msg-bytes 100000");
-    let client = fga_wb::openfga::Client::builder(server.url())
-        .api_token(fga_wb::openfga::Secret::new(server.token().to_owned()))
-        .build()
-        .unwrap();
-    let store_id = client.create_store("wb-too-large").await.unwrap();
-    let model_id = client
-        .write_authorization_model(&store_id, &support::model("conditions.json"))
-        .await
-        .unwrap();
-    let mut cfg = fga_wb::Config::default();
-    cfg.openfga.api_url = server.url();
-    cfg.openfga.api_token = fga_wb::openfga::Secret::new(server.token().to_owned());
-    cfg.openfga.store_id = store_id.clone();
-    cfg.openfga.model_id = model_id;
-    let wb = WriteBehind::builder(manual_flush(cfg))
+    let own = support::own_store(
+        testenv::OpenFgaOptions {
+            max_request_bytes: Some(100_000),
+            ..Default::default()
+        },
+        "wb-too-large",
+        &support::model("conditions.json"),
+    )
+    .await;
+    let wb = WriteBehind::builder(manual_flush(own.config.clone()))
         .build()
         .await
         .unwrap();
@@ -267,7 +256,7 @@ async fn grants_too_large_for_one_request_are_written_in_smaller_ones() {
         .unwrap();
     assert_eq!((r.applied, r.dead_lettered), (60, 0), "{r:?}");
     assert!(r.requests > 1, "{r:?}");
-    let got: BTreeSet<String> = support::stored_in(&client, &store_id)
+    let got: BTreeSet<String> = support::stored_in(&own.client, &own.store_id)
         .await
         .into_iter()
         .collect();

@@ -11,8 +11,7 @@ mod support;
 
 use std::time::Duration;
 
-use fga_wb::openfga::Secret;
-use fga_wb::{Config, WriteBehind};
+use fga_wb::WriteBehind;
 use support::mock::*;
 use support::{config_for, fixture, new_store, stored};
 
@@ -148,27 +147,19 @@ async fn shutdown_cuts_short_a_hold_under_way() {
 /// bisection), later flushes cut chunks of 10, and status shows the limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_servers_lower_tuple_limit_is_learned_not_bisected() {
-    let server = testenv::OpenFga::start(testenv::OpenFgaOptions {
-        max_tuples_per_write: Some(10),
-        ..Default::default()
-    })
-    .await
-    .expect("an OpenFGA with --max-tuples-per-write 10");
-    let client = fga_wb::openfga::Client::builder(server.url())
-        .api_token(Secret::new(server.token().to_owned()))
+    let own = support::own_store(
+        testenv::OpenFgaOptions {
+            max_tuples_per_write: Some(10),
+            ..Default::default()
+        },
+        "low-limit",
+        &support::documents_model(),
+    )
+    .await;
+    let wb = WriteBehind::builder(manual_flush(own.config.clone()))
         .build()
-        .unwrap();
-    let store_id = client.create_store("low-limit").await.unwrap();
-    let model_id = client
-        .write_authorization_model(&store_id, &support::documents_model())
         .await
         .unwrap();
-    let mut c = Config::default();
-    c.openfga.api_url = server.url();
-    c.openfga.api_token = Secret::new(server.token().to_owned());
-    c.openfga.store_id = store_id.clone();
-    c.openfga.model_id = model_id;
-    let wb = WriteBehind::builder(manual_flush(c)).build().await.unwrap();
     for i in 0..100 {
         wb.grant(&format!("user:u{i}"), "viewer", "document:low")
             .await

@@ -312,6 +312,44 @@ impl Fixture {
     }
 }
 
+/// An OpenFGA of the test's own, a store on it and a config for that store.
+pub struct OwnStore {
+    /// Kept alive with the store; dropped, the server stops.
+    pub server: testenv::OpenFga,
+    pub client: Client,
+    pub store_id: String,
+    /// Pointing at the store and its model, otherwise the defaults.
+    pub config: fga_wb::Config,
+}
+
+/// Starts an OpenFGA with `options` and creates a store named `name` with
+/// `model` on it.
+pub async fn own_store(options: testenv::OpenFgaOptions, name: &str, model: &Value) -> OwnStore {
+    let server = testenv::OpenFga::start(options.clone())
+        .await
+        .unwrap_or_else(|e| panic!("start an OpenFGA with {options:?}: {e}"));
+    let client = Client::builder(server.url())
+        .api_token(Secret::new(server.token().to_owned()))
+        .build()
+        .expect("a client for the test's own OpenFGA");
+    let store_id = client.create_store(name).await.expect("create store");
+    let model_id = client
+        .write_authorization_model(&store_id, model)
+        .await
+        .expect("write model");
+    let mut config = fga_wb::Config::default();
+    config.openfga.api_url = server.url();
+    config.openfga.api_token = Secret::new(server.token().to_owned());
+    config.openfga.store_id = store_id.clone();
+    config.openfga.model_id = model_id;
+    OwnStore {
+        server,
+        client,
+        store_id,
+        config,
+    }
+}
+
 /// A config pointing at the real OpenFGA and `store`.
 pub fn config_for(store: &TestStore) -> fga_wb::Config {
     let mut c = fga_wb::Config::default();
