@@ -613,7 +613,7 @@ async fn within<T>(
 async fn left_after(wb: &WriteBehind, w: &Waiting) -> Failure {
     let look = async {
         let s = wb.status().await?;
-        let dead = transient_letters(wb, &s).await?;
+        let dead = transient_letters(wb, &s).await?.unwrap_or(s.dead_letters);
         Ok::<_, Failure>(gave_up(&s, w, dead))
     };
     match tokio::time::timeout(Duration::from_secs(5), look).await {
@@ -640,15 +640,22 @@ fn dead_note(dead: usize, every: Duration) -> String {
 /// Ops that died of transient failures (OpenFGA unreachable, or failing
 /// through a queue job's whole retry schedule) and whose letters are
 /// still their tuples' latest: not written, and workers may replay them.
-async fn transient_letters(wb: &WriteBehind, s: &fga_wb::Status) -> Result<usize, Failure> {
+/// `None` when the letters changed since `s` was read (a worker's replay
+/// made them pending again, or more died): what `s` says is left is stale.
+async fn transient_letters(wb: &WriteBehind, s: &fga_wb::Status) -> Result<Option<usize>, Failure> {
     if s.dead_letters == 0 || s.queue.is_none() {
-        return Ok(0);
+        return Ok(Some(0));
     }
     let letters = wb.dead_letters().await?;
-    Ok(letters
-        .iter()
-        .filter(|d| d.transient && !d.superseded)
-        .count())
+    if letters.len() != s.dead_letters {
+        return Ok(None);
+    }
+    Ok(Some(
+        letters
+            .iter()
+            .filter(|d| d.transient && !d.superseded)
+            .count(),
+    ))
 }
 
 /// Flushes again and again until nothing is pending, in flight or queued,
@@ -681,8 +688,13 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
             bar.set_length(total.max(left));
             bar.set_position(total.saturating_sub(left));
             let mut dead = 0;
-            if left == 0 && jobs_of(&status) == 0 {
-                dead = transient_letters(wb, &status).await?;
+            // Letters that changed meanwhile: the status is looked at again.
+            let letters = match left == 0 && jobs_of(&status) == 0 {
+                true => transient_letters(wb, &status).await?,
+                false => None,
+            };
+            if let Some(n) = letters {
+                dead = n;
                 match w.replays {
                     _ if dead == 0 => {
                         bar.finish();
