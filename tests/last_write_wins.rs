@@ -276,8 +276,110 @@ async fn late_grant_then_revoke(name: &str, store: StoreKind, mode: Mode) {
         .build()
         .await
         .unwrap();
-    let (user, relation, object) = ("user:late", "viewer", "document:late");
-    proxy.hold_next(&[b"/write", user.as_bytes()], Duration::from_secs(3));
+    let flushing = grant_held_then_revoke(&wb, &proxy, Duration::from_secs(3)).await;
+    flushing.await.unwrap().unwrap();
+    // Queue mode: the flushes only enqueue; the worker writes.
+    ends_revoked(&wb, &s, &proxy).await;
+    wb.shutdown().await.unwrap();
+    #[cfg(feature = "redis")]
+    if let Some(w) = worker {
+        w.stop().await;
+    }
+}
+
+/// Real server (PostgreSQL, caches on), Redis store: as above, but the late
+/// grant's writer stops within the hold (its shutdown deadline cuts the
+/// hold short), and another process writes the revoke. The stopped
+/// writer's lease is kept in Redis until the hold's end, longer than the
+/// lease itself (3 s) and than the grant's delay (8 s), so the keys go to
+/// the other process only then, and the revoke reaches OpenFGA after the
+/// late grant. Before, the stop handed the keys on at once (and without
+/// the kept lease they would go when its 3 s lease ended): the other
+/// process wrote the revoke first, and the late grant left the tuple in
+/// OpenFGA.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_landing_late_outlives_no_revoke_after_its_writer_stops() {
+    late_grant_then_stop("late-stop", Mode::Inline).await;
+}
+
+/// The same in queue mode: the worker running the grant's job stops within
+/// the hold, and another worker takes the jobs over.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_landing_late_outlives_no_revoke_after_its_worker_stops() {
+    late_grant_then_stop("late-stop-queue", Mode::Queue).await;
+}
+
+/// The scenario of the two tests above: the first writer (a process
+/// inline, a worker in queue mode) writes through the delaying proxy and
+/// stops within its hold; the second writes directly.
+#[cfg(feature = "redis")]
+async fn late_grant_then_stop(name: &str, mode: Mode) {
+    let s =
+        support::new_store_on(support::Server::Caching, name, &support::documents_model()).await;
+    let mut direct = support::config_for(&s);
+    direct.buffer.store = StoreKind::Redis;
+    direct.redis.url = support::redis_url();
+    direct.redis.writer_lease = Duration::from_secs(3);
+    direct.flush.mode = mode;
+    direct.flush.shutdown_deadline = Duration::from_secs(2);
+    direct.flush.unknown_outcome_hold = Duration::from_secs(12);
+    direct.queue.poll_interval = Duration::from_millis(50);
+    let upstream = direct
+        .openfga
+        .api_url
+        .trim_start_matches("http://")
+        .to_owned();
+    let proxy = testenv::HoldProxy::start(&upstream).await.unwrap();
+    let mut delayed = direct.clone();
+    delayed.openfga.api_url = proxy.url();
+    delayed.openfga.request_timeout = Duration::from_secs(1);
+    let first_worker = (mode == Mode::Queue).then(|| support::Worker::start(delayed.clone(), 2));
+    let first = WriteBehind::builder(delayed)
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    let flushing = grant_held_then_revoke(&first, &proxy, Duration::from_secs(8)).await;
+    // The writer of the grant stops while its Write is held (1 s to its
+    // timeout, then the hold, cut at the 2 s deadline).
+    match first_worker {
+        Some(w) => {
+            w.stop().await;
+            first.close().await.unwrap();
+        }
+        None => {
+            first.shutdown().await.unwrap();
+        }
+    }
+    let _ = flushing.await;
+    let second_worker = (mode == Mode::Queue).then(|| support::Worker::start(direct.clone(), 2));
+    let second = WriteBehind::builder(direct)
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    ends_revoked(&second, &s, &proxy).await;
+    second.shutdown().await.unwrap();
+    if let Some(w) = second_worker {
+        w.stop().await;
+    }
+}
+
+/// The tuple the late-write tests grant and revoke.
+const LATE: (&str, &str, &str) = ("user:late", "viewer", "document:late");
+
+/// Grants `LATE` through `wb`, has `proxy` keep its Write from OpenFGA for
+/// `delay`, and revokes it once the Write is held. Returns the flush that
+/// sent the grant.
+async fn grant_held_then_revoke(
+    wb: &WriteBehind,
+    proxy: &testenv::HoldProxy,
+    delay: Duration,
+) -> tokio::task::JoinHandle<fga_wb::Result<fga_wb::FlushReport>> {
+    let (user, relation, object) = LATE;
+    proxy.hold_next(&[b"/write", user.as_bytes()], delay);
     wb.grant(user, relation, object).await.unwrap();
     let flushing = {
         let wb = wb.clone();
@@ -289,13 +391,18 @@ async fn late_grant_then_revoke(name: &str, store: StoreKind, mode: Mode) {
         "the grant's Write never reached the proxy"
     );
     wb.revoke(user, relation, object).await.unwrap();
-    flushing.await.unwrap().unwrap();
-    wb.flush().await.unwrap();
-    // Queue mode: the flushes only enqueue; the worker writes.
+    flushing
+}
+
+/// Flushes `wb` until nothing is pending or in flight, waits for the held
+/// grant to reach OpenFGA, and asserts that OpenFGA (bypassing its caches)
+/// and `wb` both answer `LATE` as revoked.
+async fn ends_revoked(wb: &WriteBehind, s: &support::TestStore, proxy: &testenv::HoldProxy) {
     support::eventually(
         "nothing pending or in flight",
         Duration::from_secs(60),
         || async {
+            let _ = wb.flush().await;
             let p = wb.pending().await.unwrap();
             (p.total, p.in_flight) == (0, 0)
         },
@@ -306,16 +413,12 @@ async fn late_grant_then_revoke(name: &str, store: StoreKind, mode: Mode) {
         1,
         "the held grant never reached OpenFGA"
     );
+    let (user, relation, object) = LATE;
     let check = format!("{object}#{relation}@{user}");
     assert!(
-        !support::ground_truth(&s, &check).await,
+        !support::ground_truth(s, &check).await,
         "OpenFGA holds the revoked tuple: the late grant landed after the revoke; it holds {:?}",
-        support::stored(&s).await
+        support::stored(s).await
     );
     assert!(!wb.check(user, relation, object).await.unwrap());
-    wb.shutdown().await.unwrap();
-    #[cfg(feature = "redis")]
-    if let Some(w) = worker {
-        w.stop().await;
-    }
 }

@@ -388,6 +388,14 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn release(&self, _hand_back: bool) -> BoxFuture<'_, Result<()>> {
         Box::pin(futures::future::ready(Ok(())))
     }
+    /// Keeps this writer's lease until `until` at least, for stores where
+    /// others take over what a writer held when its lease ends: a Write
+    /// whose outcome is unknown may still commit until then, and no other
+    /// writer may write a newer op on its keys first, even when this one
+    /// stops or dies meanwhile.
+    fn keep_lease_until(&self, _until: std::time::Instant) -> BoxFuture<'_, Result<()>> {
+        Box::pin(futures::future::ready(Ok(())))
+    }
     /// Gives back what the store names this writer as holding that the
     /// caller does not hold: ops a take moved to it or jobs a fetch handed
     /// it whose reply was lost, ops whose finish never got through. Nothing

@@ -128,6 +128,10 @@ pub(crate) struct Engine {
     /// being above it (its `--max-tuples-per-write` is lower than
     /// `flush.max_tuples_per_write`); 0 until then.
     pub tuple_limit: AtomicUsize,
+    /// Shutdown cut a hold short (see [`Engine::wait_out`]) and its ops
+    /// were left in flight: with a shared store, this writer's lease must
+    /// end by itself (kept until the hold's end), not be released.
+    pub holds_cut: AtomicBool,
 }
 
 impl Engine {
@@ -167,6 +171,7 @@ impl Engine {
             others_finished: Default::default(),
             retry_deadline: watch::Sender::new(None),
             tuple_limit: Default::default(),
+            holds_cut: Default::default(),
         }
     }
 
@@ -552,12 +557,19 @@ impl Engine {
     /// op on one of its tuples written before then (a revoke, after a
     /// grant) would be undone by it. The caller keeps the ops in flight
     /// meanwhile: checks count them, a newer op on their tuples waits
-    /// behind them, and in a shared store the keys stay this writer's. Cut
-    /// short by shutdown's deadline, set before or during the wait.
-    pub(crate) async fn wait_out(&self, at: Instant, ops: usize) {
+    /// behind them, and in a shared store the keys stay this writer's,
+    /// its lease kept in the store until the hold ends, so that they do not
+    /// go to other writers even if this one stops or dies first.
+    ///
+    /// Cut short by shutdown's deadline, set before or during the wait:
+    /// then it returns false and notes it in `holds_cut`. In a shared store
+    /// the caller then leaves the ops in flight (the writer's kept lease
+    /// hands them on when the hold would have ended): ending them would
+    /// hand them on at once.
+    pub(crate) async fn wait_out(&self, at: Instant, ops: usize) -> bool {
         let until = at + self.cfg.unknown_outcome_hold;
         if until <= Instant::now() {
-            return;
+            return true;
         }
         metrics::counter!("fga_wb_write_unknown_outcomes_total").increment(1);
         tracing::warn!(
@@ -565,22 +577,33 @@ impl Engine {
             hold = ?self.cfg.unknown_outcome_hold,
             "a Write's outcome is unknown (it may still commit on the server); its ops stay in flight until it no longer can, so no newer op on them is written first"
         );
+        if let Err(e) = self.store.keep_lease_until(until.into_std()).await {
+            // The lease still runs its usual length, renewed while this
+            // process lives: only a stop or a crash within the hold would
+            // hand the keys on early.
+            tracing::warn!(error = %e, "could not keep this writer's lease to the end of the hold");
+        }
         let mut deadline = self.retry_deadline.subscribe();
         loop {
             let end = deadline.borrow_and_update().map_or(until, |d| d.min(until));
             if end <= Instant::now() {
-                return;
+                break;
             }
             tokio::select! {
-                () = tokio::time::sleep_until(end) => return,
+                () = tokio::time::sleep_until(end) => break,
                 changed = deadline.changed() => {
                     if changed.is_err() {
                         tokio::time::sleep_until(end).await;
-                        return;
+                        break;
                     }
                 }
             }
         }
+        let held = Instant::now() >= until;
+        if !held {
+            self.holds_cut.store(true, Ordering::Relaxed);
+        }
+        held
     }
 
     /// The ops this writer still holds. Those handed to other writers while
@@ -623,8 +646,11 @@ impl Engine {
             Ok(()) => {
                 // A delete that may still land would remove the grant
                 // written after it.
-                if let Some(at) = result.unsure_at.filter(|_| result.unsure_at != before) {
-                    self.wait_out(at, 1).await;
+                match result.unsure_at.filter(|_| result.unsure_at != before) {
+                    // Cut short: the grant is not written (the chunk's own
+                    // hold leaves it in flight, see `wait_out`).
+                    Some(at) if !self.wait_out(at, 1).await => return Outcome::Retry,
+                    _ => {}
                 }
                 self.write_retrying(std::slice::from_ref(t), model, retries, result)
                     .await

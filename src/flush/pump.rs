@@ -810,11 +810,15 @@ impl Pump {
         let engine = self.engine.clone();
         self.holds += 1;
         self.running.push(Box::pin(async move {
-            engine.wait_out(at, outcomes.len()).await;
+            let held_to_end = engine.wait_out(at, outcomes.len()).await;
             let mut result = ChunkResult::new(0);
-            result.outcomes = outcomes;
             result.held_out = true;
-            finish_chunk(&engine, &mut result).await;
+            // Cut short by shutdown, a shared store's ops stay in flight:
+            // this writer's kept lease hands them on when the hold ends.
+            if held_to_end || !engine.store.shared() {
+                result.outcomes = outcomes;
+                finish_chunk(&engine, &mut result).await;
+            }
             (result, held)
         }));
     }

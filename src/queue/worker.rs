@@ -158,7 +158,13 @@ impl Applier {
         // The job stays running, so its keys stay claimed: no newer op on
         // them is written while the request may still land.
         if let Some(at) = result.unsure_at {
-            self.engine.wait_out(at, result.outcomes.len()).await;
+            if !self.engine.wait_out(at, result.outcomes.len()).await {
+                // Shutdown cut the hold short: the job stays running, and
+                // goes back to the queue when this worker's lease (kept
+                // until the hold's end) ends, not before.
+                tracing::warn!(job = %id, "stopping within the hold of a Write whose outcome is unknown; the job runs again once it can no longer land");
+                return Ok(());
+            }
         }
         if self.store.term() != term {
             // This worker's lease ended while it ran the job, and the job
@@ -459,7 +465,11 @@ async fn run_worker(
     replayer.abort();
     // Whatever this worker still holds goes back at once, unless a job was
     // cut off mid-write (then when the lease ends).
-    if let Err(e) = store.release(result.is_ok() && !cut_off).await {
+    let held = deadline_applier
+        .engine
+        .holds_cut
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if let Err(e) = store.release(result.is_ok() && !cut_off && !held).await {
         tracing::warn!(error = %e, "could not release this worker's lease; it ends by itself");
     }
     result

@@ -819,6 +819,17 @@ impl Store for RedisStore {
         })
     }
 
+    fn keep_lease_until(&self, until: std::time::Instant) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            let mut a = Args::new("lease", self.publish);
+            a.push(&self.writer)
+                .push(now_ms().saturating_add(left.as_millis() as u64));
+            self.call(&a).await?;
+            Ok(())
+        })
+    }
+
     fn give_back_strays<'a>(
         &'a self,
         held: Option<&'a (dyn Fn(&str) -> bool + Sync)>,

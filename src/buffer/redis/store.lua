@@ -761,7 +761,10 @@ local function renew(writer, now, lease, had)
     end
     rcall('HSET', P .. ':terms', writer, term)
   end
-  rcall('ZADD', P .. ':owners', now + lease, writer)
+  -- Never shortened: a lease kept for a write whose outcome is unknown
+  -- (see `lease`) outlasts the renewals meanwhile.
+  local to = tonumber(now) + lease
+  if not ends or ends < to then rcall('ZADD', P .. ':owners', to, writer) end
   return ends, term
 end
 
@@ -1502,6 +1505,23 @@ if cmd == 'release' then
   rcall('HDEL', P .. ':beats', writer)
   rcall('HDEL', P .. ':terms', writer)
   return n
+end
+
+-- lease pub writer until -> when the writer's lease ends now (0: it has none)
+-- Keeps `writer`'s lease to `until` (ms) at least: a Write of its whose
+-- outcome is unknown may commit on the server until then, and what it holds
+-- must not go to others meanwhile (they would write a newer op on those keys
+-- first), not even when it stops or dies. Once reclaimed, a lease is not
+-- brought back: what it held went to others already.
+if cmd == 'lease' then
+  local writer, to = ARGV[3], tonumber(ARGV[4])
+  local ends = tonumber(rcall('ZSCORE', P .. ':owners', writer))
+  if not ends then return 0 end
+  if to and to > ends then
+    rcall('ZADD', P .. ':owners', to, writer)
+    ends = to
+  end
+  return ends
 end
 
 -- strays pub now writer ['keys' key* | 'jobs' id*] -> {ops, jobs}
