@@ -682,6 +682,8 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
         let mut last_line = tokio::time::Instant::now();
         let mut queued = 0u64;
         let mut no_worker_since = None;
+        // The totals of a look that found nothing left (see below).
+        let mut empty_at: Option<fga_wb::Totals> = None;
         loop {
             let status = wb.status().await?;
             let left = left_of(&status);
@@ -696,9 +698,20 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
             if let Some(n) = letters {
                 dead = n;
                 match w.replays {
-                    _ if dead == 0 => {
+                    // A status is several Redis reads: a job that dies
+                    // between the dead letters' read and the queue's, or a
+                    // worker's replay between the pending ops' and the
+                    // letters', is in none of them. Both move a store-wide
+                    // total (dead-lettered, acknowledged): nothing is left
+                    // when a second look, begun after this one, finds
+                    // nothing either and no total moved in between.
+                    _ if dead == 0 && empty_at.as_ref() == Some(&status.totals) => {
                         bar.finish();
                         return Ok(queued);
+                    }
+                    _ if dead == 0 => {
+                        empty_at = Some(status.totals);
+                        continue;
                     }
                     None => {
                         bar.abandon();
@@ -712,6 +725,7 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
                     Some(_) => {}
                 }
             }
+            empty_at = None;
             let note = waiting_for(&status, dead, w.replays, false);
             // In queue mode a worker's stop is final for the wait; inline,
             // this process writes, and its own flush says if it cannot.
