@@ -323,7 +323,9 @@ async fn late_grant_then_stop(name: &str, mode: Mode) {
     direct.redis.url = support::redis_url();
     direct.redis.writer_lease = Duration::from_secs(3);
     direct.flush.mode = mode;
-    direct.flush.shutdown_deadline = Duration::from_secs(2);
+    // Past the 5 s between looks for strays: the look at the deadline must
+    // not give the held keys back either.
+    direct.flush.shutdown_deadline = Duration::from_secs(6);
     direct.flush.unknown_outcome_hold = Duration::from_secs(12);
     direct.queue.poll_interval = Duration::from_millis(50);
     let upstream = direct
@@ -343,7 +345,7 @@ async fn late_grant_then_stop(name: &str, mode: Mode) {
         .unwrap();
     let flushing = grant_held_then_revoke(&first, &proxy, Duration::from_secs(8)).await;
     // The writer of the grant stops while its Write is held (1 s to its
-    // timeout, then the hold, cut at the 2 s deadline).
+    // timeout, then the hold, cut at the 6 s deadline).
     match first_worker {
         Some(w) => {
             w.stop().await;

@@ -263,6 +263,10 @@ pub(crate) struct ChunkResult {
     pub unsure_at: Option<Instant>,
     /// The ops waited out such a request (the pump's `hold`).
     pub held_out: bool,
+    /// Shutdown cut that wait short and the ops stay in flight in a shared
+    /// store, this writer's until its kept lease ends: their keys stay
+    /// held, so no look for strays gives them back.
+    pub left_in_flight: bool,
     /// What the store did with the outcomes (set by the pump's chunk
     /// future, which finishes its own ops).
     pub finished: Option<Result<Finished, Error>>,
@@ -279,6 +283,7 @@ impl ChunkResult {
             congested: false,
             unsure_at: None,
             held_out: false,
+            left_in_flight: false,
             finished: None,
         }
     }

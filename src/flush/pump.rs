@@ -415,7 +415,12 @@ impl Pump {
         }
         let start = Instant::now();
         self.strays_looked = Some(start);
-        let nothing = self.running.is_empty() && self.staged.is_empty() && self.carry.is_empty();
+        // Keys of holds that shutdown cut short stay held with no chunk
+        // running (see `done`).
+        let nothing = self.running.is_empty()
+            && self.running_keys.is_empty()
+            && self.staged.is_empty()
+            && self.carry.is_empty();
         let staged: std::collections::HashSet<u64> = self
             .staged
             .iter()
@@ -818,6 +823,8 @@ impl Pump {
             if held_to_end || !engine.store.shared() {
                 result.outcomes = outcomes;
                 finish_chunk(&engine, &mut result).await;
+            } else {
+                result.left_in_flight = true;
             }
             (result, held)
         }));
@@ -854,6 +861,7 @@ impl Pump {
                 let outcomes = std::mem::take(&mut result.outcomes);
                 self.hold(at, outcomes, held);
             }
+            None if result.left_in_flight => {}
             None => {
                 remove_one(&mut self.running_firsts, held.first);
                 for k in held.keys {

@@ -1511,8 +1511,9 @@ end
 -- Keeps `writer`'s lease to `until` (ms) at least: a Write of its whose
 -- outcome is unknown may commit on the server until then, and what it holds
 -- must not go to others meanwhile (they would write a newer op on those keys
--- first), not even when it stops or dies. Once reclaimed, a lease is not
--- brought back: what it held went to others already.
+-- first), not even when it stops or dies. A lease that ended is kept too
+-- while nobody has reclaimed it (nothing went to others yet); once
+-- reclaimed it is not brought back: what it held went to others already.
 if cmd == 'lease' then
   local writer, to = ARGV[3], tonumber(ARGV[4])
   local ends = tonumber(rcall('ZSCORE', P .. ':owners', writer))
