@@ -118,7 +118,9 @@ pub struct Status {
     pub store_id: String,
     /// Pending ops.
     pub pending: Pending,
-    /// Dead letters held.
+    /// Dead letters held, counted without loading them (with any the Redis
+    /// store holds that cannot be read, which `dead_letters()` skips and
+    /// purging removes).
     pub dead_letters: usize,
     /// Why flushing is stopped (bad credentials, unknown store), if it is.
     pub flushing_stopped: Option<String>,

@@ -231,7 +231,8 @@ async fn a_letter_index_of_another_type_does_not_fail_the_finish() {
 }
 
 /// Non-JSON and wrong-shape JSON in `:dead`: `dead_letters()` skips them
-/// with a log line; `status` and `fga-wb dlq list` work.
+/// with a log line; `status` counts them (it does not read the letters) and
+/// `fga-wb dlq list` works.
 #[tokio::test]
 async fn garbage_dead_letters_are_skipped() {
     let (logs, _guard) = Logs::start();
@@ -271,8 +272,10 @@ async fn garbage_dead_letters_are_skipped() {
         6,
         "one log line per skipped dead letter"
     );
+    // Counted without reading them (HLEN): every entry, as purging
+    // removes them all.
     let st = wb.status().await.unwrap();
-    assert_eq!(st.dead_letters, 1);
+    assert_eq!(st.dead_letters, 7);
 
     let run = |args: &[&str]| fga_wb(&s, &pre, args);
     let (code, text) = run(&["dlq", "list"]);

@@ -613,7 +613,7 @@ async fn within<T>(
 async fn left_after(wb: &WriteBehind, w: &Waiting) -> Failure {
     let look = async {
         let s = wb.status().await?;
-        let dead = transient_letters(wb, &s).await?.unwrap_or(s.dead_letters);
+        let dead = transient_letters(wb, &s).await?;
         Ok::<_, Failure>(gave_up(&s, w, dead))
     };
     match tokio::time::timeout(Duration::from_secs(5), look).await {
@@ -640,22 +640,18 @@ fn dead_note(dead: usize, every: Duration) -> String {
 /// Ops that died of transient failures (OpenFGA unreachable, or failing
 /// through a queue job's whole retry schedule) and whose letters are
 /// still their tuples' latest: not written, and workers may replay them.
-/// `None` when the letters changed since `s` was read (a worker's replay
-/// made them pending again, or more died): what `s` says is left is stale.
-async fn transient_letters(wb: &WriteBehind, s: &fga_wb::Status) -> Result<Option<usize>, Failure> {
+/// Read after `s`: the letters may have changed since (a worker's replay,
+/// more deaths), which `wait_until_applied` rules out with a second look.
+async fn transient_letters(wb: &WriteBehind, s: &fga_wb::Status) -> Result<usize, Failure> {
     if s.dead_letters == 0 || s.queue.is_none() {
-        return Ok(Some(0));
+        return Ok(0);
     }
-    let letters = wb.dead_letters().await?;
-    if letters.len() != s.dead_letters {
-        return Ok(None);
-    }
-    Ok(Some(
-        letters
-            .iter()
-            .filter(|d| d.transient && !d.superseded)
-            .count(),
-    ))
+    Ok(wb
+        .dead_letters()
+        .await?
+        .iter()
+        .filter(|d| d.transient && !d.superseded)
+        .count())
 }
 
 /// Flushes again and again until nothing is pending, in flight or queued,
@@ -690,21 +686,21 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
             bar.set_length(total.max(left));
             bar.set_position(total.saturating_sub(left));
             let mut dead = 0;
-            // Letters that changed meanwhile: the status is looked at again.
             let letters = match left == 0 && jobs_of(&status) == 0 {
-                true => transient_letters(wb, &status).await?,
+                true => Some(transient_letters(wb, &status).await?),
                 false => None,
             };
             if let Some(n) = letters {
                 dead = n;
                 match w.replays {
-                    // A status is several Redis reads: a job that dies
-                    // between the dead letters' read and the queue's, or a
-                    // worker's replay between the pending ops' and the
-                    // letters', is in none of them. Both move a store-wide
-                    // total (dead-lettered, acknowledged): nothing is left
-                    // when a second look, begun after this one, finds
-                    // nothing either and no total moved in between.
+                    // A status is several Redis reads, and the letters are
+                    // read after it: a job that dies between the letters'
+                    // count and the queue's, or a worker's replay between
+                    // the pending ops' read and the letters', is in none of
+                    // them. Both move a store-wide total (dead-lettered,
+                    // acknowledged): nothing is left when a second look,
+                    // begun after this one, finds nothing either and no
+                    // total moved in between.
                     _ if dead == 0 && empty_at.as_ref() == Some(&status.totals) => {
                         bar.finish();
                         return Ok(queued);

@@ -327,6 +327,12 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn clear(&self) -> BoxFuture<'_, Result<Vec<(TupleKey, Op)>>>;
     /// The dead letters.
     fn dead_letters(&self) -> BoxFuture<'_, Result<Vec<DeadLetter>>>;
+    /// How many dead letters there are (with any a shared store holds that
+    /// cannot be read), without loading them: `status` asks it on every
+    /// look, and a dead-letter set can be large after an outage.
+    fn dead_count(&self) -> BoxFuture<'_, Result<usize>> {
+        Box::pin(async move { Ok(self.dead_letters().await?.len()) })
+    }
     /// Removes and returns dead letters: those with the given ids, or all.
     fn remove_dead_letters<'a>(
         &'a self,

@@ -40,7 +40,7 @@ impl WriteBehind {
             mode: config.flush.mode,
             store_id: e.store_id.clone(),
             pending: e.store.pending().await?,
-            dead_letters: e.store.dead_letters().await?.len(),
+            dead_letters: e.store.dead_count().await?,
             flushing_stopped: e.stats.stopped(),
             last_flush: e.stats.last_flush(),
             totals: e.stats.totals(),

@@ -878,6 +878,10 @@ impl Store for MemoryStore {
         Box::pin(future::ready(Ok(self.dead_now())))
     }
 
+    fn dead_count(&self) -> BoxFuture<'_, Result<usize>> {
+        Box::pin(future::ready(Ok(self.dead().letters.len())))
+    }
+
     fn replay_dead_letters<'a>(
         &'a self,
         ids: Option<&'a [u64]>,

@@ -757,6 +757,17 @@ impl Store for RedisStore {
         Box::pin(self.dead_now())
     }
 
+    fn dead_count(&self) -> BoxFuture<'_, Result<usize>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            redis::cmd("HLEN")
+                .arg(format!("{}:dead", self.prefix))
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)
+        })
+    }
+
     fn remove_dead_letters<'a>(
         &'a self,
         ids: Option<&'a [u64]>,
