@@ -424,3 +424,90 @@ async fn ends_revoked(wb: &WriteBehind, s: &support::TestStore, proxy: &testenv:
     );
     assert!(!wb.check(user, relation, object).await.unwrap());
 }
+
+/// Real server (PostgreSQL, caches on), queue mode, through the operator's
+/// commands: an `fga-wb worker` process writes the grant through the
+/// delaying proxy, its Write times out (unknown outcome), a retry writes
+/// the grant, and the worker is SIGKILLed within the hold. The revoke,
+/// acknowledged meanwhile, is written by a second `fga-wb worker` once
+/// `fga-wb flush --wait` has waited for it: only after the hold's end
+/// (12 s), since the killed worker's lease was kept in Redis that long, so
+/// after the late grant (8 s) and not at the end of the worker's own 3 s
+/// lease. Before, the second worker wrote the revoke about 3 s after the
+/// kill, and the late grant left the tuple in OpenFGA.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_within_a_hold_leaves_its_keys_until_the_hold_ends() {
+    use support::cli::{Cli, Where};
+    let server = support::Server::Caching;
+    let s = support::new_store_on(server, "late-kill", &support::documents_model()).await;
+    let upstream = server.url().trim_start_matches("http://").to_owned();
+    let proxy = testenv::HoldProxy::start(&upstream).await.unwrap();
+    let cli = |api_url: String| {
+        let mut cli = Cli::at(
+            Where {
+                api_url,
+                token: server.token(),
+                store_id: s.store_id.clone(),
+                model_id: s.model_id.clone(),
+                redis_url: support::redis_url(),
+            },
+            "queue",
+        );
+        cli.set("FGA_WB_REDIS__WRITER_LEASE", "3s");
+        cli.set("FGA_WB_OPENFGA__REQUEST_TIMEOUT", "1s");
+        cli.set("FGA_WB_FLUSH__UNKNOWN_OUTCOME_HOLD", "12s");
+        cli.set("FGA_WB_QUEUE__POLL_INTERVAL", "50ms");
+        cli
+    };
+    let (delayed, direct) = (cli(proxy.url()), cli(server.url()));
+    let spawn_worker = |cli: &Cli| {
+        cli.command(&["worker", "--concurrency", "2"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn fga-wb worker")
+    };
+    let mut first = spawn_worker(&delayed);
+    let mut c = support::config_for(&s);
+    c.buffer.store = StoreKind::Redis;
+    c.redis.url = support::redis_url();
+    c.flush.mode = Mode::Queue;
+    let wb = WriteBehind::builder(c)
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    let flushing = grant_held_then_revoke(&wb, &proxy, Duration::from_secs(8)).await;
+    // The retry after the timeout wrote the grant: the hold has begun.
+    let (user, relation, object) = LATE;
+    let check = format!("{object}#{relation}@{user}");
+    support::eventually(
+        "the retry to write the grant",
+        Duration::from_secs(30),
+        || support::ground_truth(&s, &check),
+    )
+    .await;
+    first.start_kill().expect("SIGKILL the first worker");
+    first.wait().await.expect("the first worker ends");
+    let mut second = spawn_worker(&direct);
+    direct
+        .run(&["flush", "--wait", "--timeout", "50s"])
+        .await
+        .ok();
+    assert_eq!(
+        proxy.wait_landed(1, Duration::from_secs(30)).await,
+        1,
+        "the held grant never reached OpenFGA"
+    );
+    assert!(
+        !support::ground_truth(&s, &check).await,
+        "OpenFGA holds the revoked tuple: the second worker wrote the revoke before the late grant landed; it holds {:?}",
+        support::stored(&s).await
+    );
+    assert!(!wb.check(user, relation, object).await.unwrap());
+    second.start_kill().expect("SIGKILL the second worker");
+    let _ = second.wait().await;
+    let _ = flushing.await;
+    wb.shutdown().await.unwrap();
+}
