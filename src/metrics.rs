@@ -39,6 +39,7 @@ pub fn serve_prometheus(addr: SocketAddr, store: &str) -> Result<()> {
     }
     metrics::gauge!("fga_wb_pending_ops").set(0.0);
     metrics::gauge!("fga_wb_oldest_pending_seconds").set(0.0);
+    metrics::gauge!("fga_wb_ops_held").set(0.0);
     Ok(())
 }
 

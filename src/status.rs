@@ -13,10 +13,12 @@
 //! | `fga_wb_ops_cleared_total` | counter |
 //! | `fga_wb_write_requests_total{outcome}` | counter |
 //! | `fga_wb_flush_retries_total` | counter |
+//! | `fga_wb_write_unknown_outcomes_total` (Writes whose outcome fga-wb cannot know) | counter |
 //! | `fga_wb_cache_hits_total`, `fga_wb_cache_misses_total` | counter |
 //! | `fga_wb_higher_consistency_total` (checks, lists and reads sent with `HIGHER_CONSISTENCY`) | counter |
 //! | `fga_wb_pending_ops` (after every op and flush) | gauge |
 //! | `fga_wb_oldest_pending_seconds` | gauge |
+//! | `fga_wb_ops_held` (ops kept in flight while such a Write may still land: `flush.unknown_outcome_hold`) | gauge |
 //! | `fga_wb_flush_duration_seconds` | histogram |
 
 use std::sync::atomic::{AtomicU64, Ordering};

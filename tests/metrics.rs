@@ -118,4 +118,33 @@ async fn a_known_workload_shows_in_the_scraped_metrics() {
         );
     }
     wb.shutdown().await.unwrap();
+
+    // A Write that times out (wiremock: a server cannot be made to hang on
+    // demand) is counted, and its op shows as held until the hold ends
+    // (here: cut short by shutdown).
+    use support::mock::*;
+    let server = mock_openfga().await;
+    first_write_then_ok(&server, support::fixture("hung-write").response()).await;
+    let mut c = no_quick_retries(mock_config(&server));
+    c.openfga.request_timeout = std::time::Duration::from_millis(300);
+    c.flush.unknown_outcome_hold = std::time::Duration::from_secs(600);
+    c.flush.shutdown_deadline = std::time::Duration::from_secs(1);
+    let held = WriteBehind::builder(c).build().await.unwrap();
+    held.grant("user:held", "viewer", "document:1")
+        .await
+        .unwrap();
+    let unknown = format!("fga_wb_write_unknown_outcomes_total{{{store}}}");
+    let ops_held = format!("fga_wb_ops_held{{{store}}}");
+    support::eventually(
+        "the op to show as held",
+        std::time::Duration::from_secs(10),
+        || async {
+            let text = scrape().await;
+            value(&text, &unknown) == Some(1.0) && value(&text, &ops_held) == Some(1.0)
+        },
+    )
+    .await;
+    held.shutdown().await.unwrap();
+    let text = scrape().await;
+    assert_eq!(value(&text, &ops_held), Some(0.0), "{ops_held}:\n{text}");
 }

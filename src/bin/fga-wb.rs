@@ -680,6 +680,12 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
         let mut no_worker_since = None;
         // The totals of a look that found nothing left (see below).
         let mut empty_at: Option<fga_wb::Totals> = None;
+        // The last count of transient letters, with the letter count and
+        // totals of the status it was read after: every change to the
+        // letters (one dying, a replay, a newer op superseding one) moves
+        // one of them, so while neither moves the letters are not loaded
+        // again on every look.
+        let mut seen: Option<(usize, fga_wb::Totals, usize)> = None;
         loop {
             let status = wb.status().await?;
             let left = left_of(&status);
@@ -687,27 +693,42 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
             bar.set_position(total.saturating_sub(left));
             let mut dead = 0;
             let letters = match left == 0 && jobs_of(&status) == 0 {
-                true => Some(transient_letters(wb, &status).await?),
+                true => Some(match &seen {
+                    Some((n, totals, dead))
+                        if *n == status.dead_letters && *totals == status.totals =>
+                    {
+                        *dead
+                    }
+                    _ => {
+                        let dead = transient_letters(wb, &status).await?;
+                        seen = Some((status.dead_letters, status.totals.clone(), dead));
+                        dead
+                    }
+                }),
                 false => None,
             };
             if let Some(n) = letters {
                 dead = n;
                 match w.replays {
                     // A status is several Redis reads, and the letters are
-                    // read after it: a job that dies between the letters'
-                    // count and the queue's, or a worker's replay between
-                    // the pending ops' read and the letters', is in none of
-                    // them. Both move a store-wide total (dead-lettered,
-                    // acknowledged): nothing is left when a second look,
-                    // begun after this one, finds nothing either and no
-                    // total moved in between.
+                    // read after it: a worker's replay between the pending
+                    // ops' read and the letters' count or load is in none
+                    // of them. It moves a store-wide total (acknowledged):
+                    // nothing is left when a second look, begun after this
+                    // one, finds nothing either and no total moved in
+                    // between.
                     _ if dead == 0 && empty_at.as_ref() == Some(&status.totals) => {
                         bar.finish();
                         return Ok(queued);
                     }
+                    // The first time at once; while totals keep moving (other
+                    // processes' ops written as they come), at the usual pace.
                     _ if dead == 0 => {
-                        empty_at = Some(status.totals);
-                        continue;
+                        let again = empty_at.is_none();
+                        empty_at = Some(status.totals.clone());
+                        if again {
+                            continue;
+                        }
                     }
                     None => {
                         bar.abandon();
@@ -721,7 +742,9 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
                     Some(_) => {}
                 }
             }
-            empty_at = None;
+            if letters != Some(0) {
+                empty_at = None;
+            }
             let note = waiting_for(&status, dead, w.replays, false);
             // In queue mode a worker's stop is final for the wait; inline,
             // this process writes, and its own flush says if it cannot.

@@ -134,6 +134,24 @@ pub(crate) struct Engine {
     pub holds_cut: AtomicBool,
 }
 
+/// `fga_wb_ops_held`: ops kept in flight while a Write whose outcome is
+/// unknown may still land (see [`Engine::wait_out`]).
+struct HeldGauge(f64);
+
+impl HeldGauge {
+    fn add(ops: usize) -> HeldGauge {
+        let n = ops as f64;
+        metrics::gauge!("fga_wb_ops_held").increment(n);
+        HeldGauge(n)
+    }
+}
+
+impl Drop for HeldGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("fga_wb_ops_held").decrement(self.0);
+    }
+}
+
 impl Engine {
     /// The runtime for one OpenFGA store: what a handle and a queue worker
     /// both run on. `writer` sends the Write requests (a handle forks its
@@ -582,6 +600,8 @@ impl Engine {
             hold = ?self.cfg.unknown_outcome_hold,
             "a Write's outcome is unknown (it may still commit on the server); its ops stay in flight until it no longer can, so no newer op on them is written first"
         );
+        // Until the hold ends, however it ends (a dropped future too).
+        let _held = HeldGauge::add(ops);
         if let Err(e) = self.store.keep_lease_until(until.into_std()).await {
             // The lease still runs its usual length, renewed while this
             // process lives: only a stop or a crash within the hold would
