@@ -1255,3 +1255,57 @@ async fn a_job_of_a_killed_worker_runs_again_elsewhere() {
     );
     assert_accounted(&wb).await;
 }
+
+/// Jobs waiting out Writes whose outcome is unknown (wiremock: the first
+/// two Writes hang past the 300 ms timeout; a server cannot be made to hang
+/// on demand) do not keep the worker from running others: with one request
+/// slot (two job slots), two held jobs and a 10-minute hold, a third job is
+/// written at once. Before, each held job kept its job slot through the
+/// hold, and the worker fetched nothing more until the holds ended. The
+/// stop cuts the holds short and returns within its grace; the held jobs
+/// stay this worker's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn held_jobs_leave_the_worker_free_for_others() {
+    let server = MockServer::start().await;
+    let store_id = unique_store_id();
+    let writes = WriteLog::mount(&server, &store_id, |n| match n {
+        0 | 1 => fixture("hung-write").response(),
+        _ => fixture("write-ok").response(),
+    })
+    .await;
+    let mut config = mock_config(&server, &store_id, &[1, 2, 3]);
+    config.openfga.request_timeout = Duration::from_millis(300);
+    config.flush.unknown_outcome_hold = Duration::from_secs(600);
+    config.flush.shutdown_deadline = Duration::from_secs(2);
+    let wb = app(config.clone()).await;
+    let w = Watch {
+        wb: &wb,
+        writes: Some(&writes),
+    };
+    let worker = Worker::start(config, 1);
+    for (i, object) in ["document:held-1", "document:held-2"].iter().enumerate() {
+        wb.grant("user:bob", "viewer", object).await.unwrap();
+        assert_eq!(wb.flush().await.unwrap().queued, 1);
+        w.until("the job's Write to arrive", Duration::from_secs(10), || {
+            let sent = writes.requests().len();
+            async move { sent == i + 1 }
+        })
+        .await;
+    }
+    wb.grant("user:bob", "viewer", "document:free")
+        .await
+        .unwrap();
+    assert_eq!(wb.flush().await.unwrap().queued, 1);
+    w.until(
+        "the third job to be applied",
+        Duration::from_secs(10),
+        || async { wb.status().await.unwrap().totals.applied == 1 },
+    )
+    .await;
+    let seen = writes.requests();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(seen[2].tuples, [grant("document:free#viewer@user:bob")]);
+    // The two held jobs' ops are still in flight.
+    assert_eq!(wb.pending().await.unwrap().in_flight, 2);
+    worker.stop().await;
+}

@@ -44,7 +44,24 @@ pub(crate) struct Applier {
     /// Who holds this worker's ops: jobs handed to apalis and not yet
     /// ended, and a replay's take until its enqueue (see `Holding`).
     holding: Arc<Holding>,
+    /// Jobs waiting out a Write whose outcome is unknown (see
+    /// [`Engine::wait_out`]), apart from apalis's job slots: a brownout's
+    /// timeouts would otherwise fill them all, and the worker would fetch
+    /// nothing until the holds end. A stop waits for them.
+    holds: tokio_util::task::TaskTracker,
 }
+
+/// A job whose request has been sent, as ending it needs it: the job, its
+/// id, the term it was fetched in, the request's result, the ops ended
+/// without a request (unreadable in the job), and when it started.
+type Written = (
+    Job,
+    String,
+    u64,
+    crate::flush::ChunkResult,
+    Vec<(Taken, Outcome)>,
+    std::time::Instant,
+);
 
 /// What a worker holds in Redis to its knowledge: whatever else Redis
 /// names it as holding is stray (a fetch or take whose reply was lost, a
@@ -121,7 +138,13 @@ impl Applier {
     /// Applies a job. Never fails the job: ops end applied, dead-lettered,
     /// superseded, or with the job rescheduled at the next retry step.
     #[tracing::instrument(level = "info", name = "fga_wb.job", skip_all, fields(id = job.id, ops = job.ops.len(), attempt = job.attempt))]
-    pub(crate) async fn apply(&self, job: Job, claims: Vec<Claim>, term: u64) -> Result<()> {
+    async fn apply(
+        self: &Arc<Self>,
+        job: Job,
+        claims: Vec<Claim>,
+        term: u64,
+        hold: Arc<JobHold>,
+    ) -> Result<()> {
         let started = std::time::Instant::now();
         let id = job.id.to_string();
         // An op of an unknown kind (not written by fga-wb) is left out, with
@@ -155,17 +178,42 @@ impl Applier {
             .write_chunk_as(Some(claims), model, taken, retries)
             .await;
         drop(slot);
+        let Some(at) = result.unsure_at else {
+            let ended = self.end((job, id, term, result, unreadable, started)).await;
+            drop(hold);
+            return ended;
+        };
+        let outcomes = result.outcomes.len();
+        let written = (job, id, term, result, unreadable, started);
         // The job stays running, so its keys stay claimed: no newer op on
-        // them is written while the request may still land.
-        if let Some(at) = result.unsure_at {
-            if !self.engine.wait_out(at, result.outcomes.len()).await {
+        // them is written while the request may still land. It waits apart
+        // from its apalis slot, which fetches the next job meanwhile.
+        let me = self.clone();
+        let waited = async move {
+            if !me.engine.wait_out(at, outcomes).await {
                 // Shutdown cut the hold short: the job stays running, and
                 // goes back to the queue when this worker's lease (kept
                 // until the hold's end) ends, not before.
-                tracing::warn!(job = %id, "stopping within the hold of a Write whose outcome is unknown; the job runs again once it can no longer land");
-                return Ok(());
+                tracing::warn!(job = %written.1, "stopping within the hold of a Write whose outcome is unknown; the job runs again once it can no longer land");
+                return;
             }
-        }
+            if let Err(e) = me.end(written).await {
+                tracing::error!(error = %e, "job could not be applied or rescheduled");
+            }
+            drop(hold);
+        };
+        self.holds.spawn(tracing::Instrument::instrument(
+            waited,
+            tracing::Span::current(),
+        ));
+        Ok(())
+    }
+
+    /// Ends a job whose request was sent (and waited out, if its outcome
+    /// was unknown): records the outcomes, and reschedules or dead-letters
+    /// what failed.
+    async fn end(&self, w: Written) -> Result<()> {
+        let (job, id, term, result, unreadable, started) = w;
         if self.store.term() != term {
             // This worker's lease ended while it ran the job, and the job
             // went back to the queue (another worker may be running it):
@@ -286,8 +334,7 @@ fn handle(
         // An Err would only make apalis log it: the job's state is in
         // Redis, and a job left running by a failed finish goes back to the
         // queue at this worker's next look for strays.
-        let result: Result<()> = applier.apply(job, claims, term).await;
-        drop(hold);
+        let result: Result<()> = applier.apply(job, claims, term, hold).await;
         result.map_err(|e| {
             tracing::error!(error = %e, "job could not be applied or rescheduled");
             Box::new(e) as BoxDynError
@@ -439,22 +486,31 @@ async fn run_worker(
         (!replay.is_zero()).then_some(replay),
     ));
     let running: futures::future::BoxFuture<'static, _> = Box::pin(worker.run_until(signal));
+    // From the stop on: outcomes Redis does not take are not repeated past
+    // the grace, nor do jobs wait out holds past it (see
+    // `Engine::wait_out`), with time left to end them before it is over.
+    // Returns when the holds must end.
+    let stopping = || {
+        let engine = &deadline_applier.engine;
+        let set = *engine.retry_deadline.borrow();
+        if let Some(end) = set {
+            return end;
+        }
+        let now = std::time::Instant::now();
+        if let Some(at) = now.checked_add(grace) {
+            store.stop_retrying_at(at);
+        }
+        let end = now + grace.saturating_sub(HOLD_END_MARGIN).max(grace / 2);
+        let end = tokio::time::Instant::from_std(end);
+        engine.retry_deadline.send_replace(Some(end));
+        end
+    };
     let mut cut_off = false;
     let result = tokio::select! {
         r = running => r.map_err(|e| Error::internal(format!("worker stopped: {e}"))),
         _ = async {
             let _ = rx.await;
-            // Outcomes Redis does not take are not repeated past the grace.
-            if let Some(at) = std::time::Instant::now().checked_add(grace) {
-                store.stop_retrying_at(at);
-                // Nor do jobs wait out holds past it (see `Engine::wait_out`),
-                // with time left to end them before the grace is over.
-                let end = std::time::Instant::now() + grace.saturating_sub(HOLD_END_MARGIN).max(grace / 2);
-                deadline_applier
-                    .engine
-                    .retry_deadline
-                    .send_replace(Some(tokio::time::Instant::from_std(end)));
-            }
+            stopping();
             tokio::time::sleep(grace).await
         } => {
             tracing::warn!("shutdown deadline passed with jobs running; they will run again on another worker once this worker's lease ends");
@@ -463,6 +519,20 @@ async fn run_worker(
         }
     };
     replayer.abort();
+    // Jobs waiting out holds end them by the holds' deadline, then record
+    // their outcomes; one still at it stays this worker's until its lease
+    // ends.
+    let holds = &deadline_applier.holds;
+    holds.close();
+    if !holds.is_empty() {
+        let end = stopping();
+        if tokio::time::timeout_at(end + HOLD_END_MARGIN, holds.wait())
+            .await
+            .is_err()
+        {
+            cut_off = true;
+        }
+    }
     // Whatever this worker still holds goes back at once, unless a job was
     // cut off mid-write (then when the lease ends).
     let held = deadline_applier
@@ -637,6 +707,7 @@ pub(crate) async fn applier(config: &Config) -> Result<Applier> {
                 .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
         ),
         none_transient_at: std::sync::Mutex::new(None),
+        holds: tokio_util::task::TaskTracker::new(),
         holding: Arc::default(),
     })
 }
