@@ -766,6 +766,13 @@ impl Config {
                 "queue.poll_interval is below 1ms; an idle worker would call Redis without a pause (e.g. \"100ms\")",
             ));
         }
+        // Added to the clock at every stop: a deadline centuries away would
+        // overflow it.
+        if self.flush.shutdown_deadline > Duration::from_secs(86_400) {
+            return Err(Error::config(
+                "flush.shutdown_deadline must be at most 24h (a stop waits that long for writes to finish; e.g. \"10s\")",
+            ));
+        }
         if self.flush.unknown_outcome_hold > Duration::from_secs(600) {
             return Err(Error::config(
                 "flush.unknown_outcome_hold must be at most 10m (the ops of a Write whose outcome is unknown stay in flight that long; e.g. \"30s\")",

@@ -253,6 +253,16 @@ fn huge_request_settings_are_refused() {
     assert!(load_env(&[("FGA_WB_FLUSH__MAX_TUPLES_PER_WRITE", "1000")]).is_ok());
 }
 
+/// A shutdown deadline is at most a day (read ones are at most 10 years,
+/// one set in code could be `Duration::MAX`: added to the clock at a stop,
+/// it would panic).
+#[test]
+fn shutdown_deadline_is_bounded() {
+    let e = load_env(&[("FGA_WB_FLUSH__SHUTDOWN_DEADLINE", "2d")]).unwrap_err();
+    assert!(e.to_string().contains("at most 24h"), "{e}");
+    assert!(load_env(&[("FGA_WB_FLUSH__SHUTDOWN_DEADLINE", "24h")]).is_ok());
+}
+
 /// A lease so long that heartbeats come less often than the Redis store
 /// remembers a writer's term would strand what the writer holds.
 #[test]

@@ -49,6 +49,8 @@ pub(crate) struct Applier {
     /// timeouts would otherwise fill them all, and the worker would fetch
     /// nothing until the holds end. A stop waits for them.
     holds: tokio_util::task::TaskTracker,
+    /// One permit per job waiting out a hold in `holds`.
+    held_jobs: Arc<tokio::sync::Semaphore>,
 }
 
 /// A job whose request has been sent, as ending it needs it: the job, its
@@ -117,7 +119,7 @@ impl Holding {
             return;
         };
         *looked = Some(std::time::Instant::now());
-        // A run from an earlier term never ends its job (see `apply`): the
+        // A run from an earlier term never ends its job (see `end`): the
         // job may be stray in this one.
         let term = store.term();
         let running: Vec<String> = self
@@ -178,6 +180,12 @@ impl Applier {
             .write_chunk_as(Some(claims), model, taken, retries)
             .await;
         drop(slot);
+        // OpenFGA answered every request it was sent, so it took the
+        // credentials (all of a job's ops may be superseded or refused).
+        // Said now: after a hold it could clear a stop met since.
+        if result.requests > 0 && result.stop.is_none() {
+            self.engine.stats.set_stopped(None);
+        }
         let Some(at) = result.unsure_at else {
             let ended = self.end((job, id, term, result, unreadable, started)).await;
             drop(hold);
@@ -187,7 +195,11 @@ impl Applier {
         let written = (job, id, term, result, unreadable, started);
         // The job stays running, so its keys stay claimed: no newer op on
         // them is written while the request may still land. It waits apart
-        // from its apalis slot, which fetches the next job meanwhile.
+        // from its apalis slot, which fetches the next job meanwhile, while
+        // fewer than twice `worker_concurrency` jobs wait so (as inline,
+        // twice `max_parallel_requests` chunks): in an outage the worker
+        // then stops fetching, rather than spend every queued job's retries.
+        let apart = self.held_jobs.clone().try_acquire_owned().ok();
         let me = self.clone();
         let waited = async move {
             if !me.engine.wait_out(at, outcomes).await {
@@ -202,10 +214,19 @@ impl Applier {
             }
             drop(hold);
         };
-        self.holds.spawn(tracing::Instrument::instrument(
-            waited,
-            tracing::Span::current(),
-        ));
+        match apart {
+            Some(permit) => {
+                let waited = async move {
+                    waited.await;
+                    drop(permit);
+                };
+                self.holds.spawn(tracing::Instrument::instrument(
+                    waited,
+                    tracing::Span::current(),
+                ));
+            }
+            None => waited.await,
+        }
         Ok(())
     }
 
@@ -304,11 +325,6 @@ impl Applier {
         done.extend(again.into_iter().map(|t| (t, Outcome::Keep)));
         done.extend(busy.into_iter().map(|t| (t, Outcome::Busy)));
         let finished = self.store.finish(done, Some(&end)).await?;
-        // OpenFGA answered every request it was sent, so it took the
-        // credentials (all of a job's ops may be superseded or refused).
-        if result.requests > 0 && result.stop.is_none() {
-            self.engine.stats.set_stopped(None);
-        }
         let report = crate::status::FlushReport {
             applied: finished.applied,
             dead_lettered: finished.dead,
@@ -489,21 +505,21 @@ async fn run_worker(
     // From the stop on: outcomes Redis does not take are not repeated past
     // the grace, nor do jobs wait out holds past it (see
     // `Engine::wait_out`), with time left to end them before it is over.
-    // Returns when the holds must end.
+    // Set once; returns when the grace ends.
+    let stop = std::sync::OnceLock::new();
     let stopping = || {
-        let engine = &deadline_applier.engine;
-        let set = *engine.retry_deadline.borrow();
-        if let Some(end) = set {
-            return end;
-        }
-        let now = std::time::Instant::now();
-        if let Some(at) = now.checked_add(grace) {
-            store.stop_retrying_at(at);
-        }
-        let end = now + grace.saturating_sub(HOLD_END_MARGIN).max(grace / 2);
-        let end = tokio::time::Instant::from_std(end);
-        engine.retry_deadline.send_replace(Some(end));
-        end
+        *stop.get_or_init(|| {
+            let now = tokio::time::Instant::now();
+            if let Some(at) = now.into_std().checked_add(grace) {
+                store.stop_retrying_at(at);
+            }
+            let end = now + grace.saturating_sub(HOLD_END_MARGIN).max(grace / 2);
+            deadline_applier
+                .engine
+                .retry_deadline
+                .send_replace(Some(end));
+            now + grace
+        })
     };
     let mut cut_off = false;
     let result = tokio::select! {
@@ -524,14 +540,12 @@ async fn run_worker(
     // ends.
     let holds = &deadline_applier.holds;
     holds.close();
-    if !holds.is_empty() {
-        let end = stopping();
-        if tokio::time::timeout_at(end + HOLD_END_MARGIN, holds.wait())
+    if !holds.is_empty()
+        && tokio::time::timeout_at(stopping(), holds.wait())
             .await
             .is_err()
-        {
-            cut_off = true;
-        }
+    {
+        cut_off = true;
     }
     // Whatever this worker still holds goes back at once, unless a job was
     // cut off mid-write (then when the lease ends).
@@ -708,6 +722,13 @@ pub(crate) async fn applier(config: &Config) -> Result<Applier> {
         ),
         none_transient_at: std::sync::Mutex::new(None),
         holds: tokio_util::task::TaskTracker::new(),
+        held_jobs: Arc::new(tokio::sync::Semaphore::new(
+            config
+                .queue
+                .worker_concurrency
+                .saturating_mul(2)
+                .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+        )),
         holding: Arc::default(),
     })
 }
