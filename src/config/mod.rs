@@ -260,7 +260,8 @@ pub struct FlushConfig {
     /// size or interval like grants (fewer writes under churn), unless a
     /// check is waiting for one, which flushes at once.
     pub eager_revokes: bool,
-    /// How long `shutdown()` keeps flushing before it reports what is left.
+    /// How long `shutdown()` keeps flushing before it reports what is left
+    /// (a worker's stop, its grace); at most 24h.
     #[serde(with = "duration")]
     pub shutdown_deadline: Duration,
     /// How long a Write may still commit on the server after fga-wb stopped

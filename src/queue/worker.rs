@@ -182,9 +182,15 @@ impl Applier {
         drop(slot);
         // OpenFGA answered every request it was sent, so it took the
         // credentials (all of a job's ops may be superseded or refused).
-        // Said now: after a hold it could clear a stop met since.
+        // Said now: after a hold it could clear a stop met since. And
+        // published now: the job may end without recording (a hold, a
+        // changed term), and the look past the stop no longer runs.
         if result.requests > 0 && result.stop.is_none() {
-            self.engine.stats.set_stopped(None);
+            if let Some(was) = self.engine.stats.stopped() {
+                if self.engine.stats.end_stop(&was) {
+                    self.engine.record_stop().await;
+                }
+            }
         }
         let Some(at) = result.unsure_at else {
             let ended = self.end((job, id, term, result, unreadable, started)).await;
