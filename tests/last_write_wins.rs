@@ -300,7 +300,7 @@ async fn late_grant_then_revoke(name: &str, store: StoreKind, mode: Mode) {
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_landing_late_outlives_no_revoke_after_its_writer_stops() {
-    late_grant_then_stop("late-stop", Mode::Inline).await;
+    late_grant_then_stop("late-stop", Mode::Inline, Stop::InHold).await;
 }
 
 /// The same in queue mode: the worker running the grant's job stops within
@@ -308,25 +308,62 @@ async fn a_write_landing_late_outlives_no_revoke_after_its_writer_stops() {
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_landing_late_outlives_no_revoke_after_its_worker_stops() {
-    late_grant_then_stop("late-stop-queue", Mode::Queue).await;
+    late_grant_then_stop("late-stop-queue", Mode::Queue, Stop::InHold).await;
+}
+
+/// The same, with the stop's deadline (1 s) passing while the grant's
+/// Write is still under way (a 6 s lease leaves it 3–5 s): a Write cut
+/// off is one whose outcome is unknown, so the stop keeps its lease as a
+/// hold does (15 s; the grant lands at 12 s). Before, the lease ended by
+/// itself 6 s after its last renewal, and the other process wrote the
+/// revoke first.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_cut_off_by_its_writers_stop_outlives_no_revoke() {
+    late_grant_then_stop("late-cut", Mode::Inline, Stop::MidRequest).await;
+}
+
+/// The same in queue mode: the worker's grace (1 s) passes with the job's
+/// Write under way.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_cut_off_by_its_workers_stop_outlives_no_revoke() {
+    late_grant_then_stop("late-cut-queue", Mode::Queue, Stop::MidRequest).await;
+}
+
+/// When the first writer of `late_grant_then_stop` stops.
+#[cfg(feature = "redis")]
+#[derive(Clone, Copy, PartialEq)]
+enum Stop {
+    /// Within the hold that follows its Write's timeout.
+    InHold,
+    /// With its Write still under way.
+    MidRequest,
 }
 
 /// The scenario of the two tests above: the first writer (a process
 /// inline, a worker in queue mode) writes through the delaying proxy and
 /// stops within its hold; the second writes directly.
 #[cfg(feature = "redis")]
-async fn late_grant_then_stop(name: &str, mode: Mode) {
+async fn late_grant_then_stop(name: &str, mode: Mode, stop: Stop) {
+    // Lease, the grant's delay, the hold, the stop's deadline, the
+    // request timeout: the grant lands after the lease would have ended
+    // and before the hold does.
+    let (lease, delay, hold, deadline, timeout) = match stop {
+        // The deadline is past the 5 s between looks for strays: the look
+        // at the deadline must not give the held keys back either.
+        Stop::InHold => (3, 8, 12, 6, 1),
+        Stop::MidRequest => (6, 12, 15, 1, 20),
+    };
     let s =
         support::new_store_on(support::Server::Caching, name, &support::documents_model()).await;
     let mut direct = support::config_for(&s);
     direct.buffer.store = StoreKind::Redis;
     direct.redis.url = support::redis_url();
-    direct.redis.writer_lease = Duration::from_secs(3);
+    direct.redis.writer_lease = Duration::from_secs(lease);
     direct.flush.mode = mode;
-    // Past the 5 s between looks for strays: the look at the deadline must
-    // not give the held keys back either.
-    direct.flush.shutdown_deadline = Duration::from_secs(6);
-    direct.flush.unknown_outcome_hold = Duration::from_secs(12);
+    direct.flush.shutdown_deadline = Duration::from_secs(deadline);
+    direct.flush.unknown_outcome_hold = Duration::from_secs(hold);
     direct.queue.poll_interval = Duration::from_millis(50);
     let upstream = direct
         .openfga
@@ -336,16 +373,15 @@ async fn late_grant_then_stop(name: &str, mode: Mode) {
     let proxy = testenv::HoldProxy::start(&upstream).await.unwrap();
     let mut delayed = direct.clone();
     delayed.openfga.api_url = proxy.url();
-    delayed.openfga.request_timeout = Duration::from_secs(1);
+    delayed.openfga.request_timeout = Duration::from_secs(timeout);
     let first_worker = (mode == Mode::Queue).then(|| support::Worker::start(delayed.clone(), 2));
     let first = WriteBehind::builder(delayed)
         .automatic_flush(false)
         .build()
         .await
         .unwrap();
-    let flushing = grant_held_then_revoke(&first, &proxy, Duration::from_secs(8)).await;
-    // The writer of the grant stops while its Write is held (1 s to its
-    // timeout, then the hold, cut at the 6 s deadline).
+    let flushing = grant_held_then_revoke(&first, &proxy, Duration::from_secs(delay)).await;
+    // The writer of the grant stops while its Write is held by the proxy.
     match first_worker {
         Some(w) => {
             w.stop().await;

@@ -660,9 +660,7 @@ impl WriteBehind {
                 task.abort();
             }
         }
-        if let Err(err) = self.inner.engine.store.release(!cut_off).await {
-            tracing::warn!(error = %err, "could not release this process's Redis lease; it ends by itself");
-        }
+        self.inner.engine.release_lease(cut_off).await;
     }
 
     fn ensure_open(&self) -> Result<()> {

@@ -631,6 +631,26 @@ impl Engine {
         held
     }
 
+    /// Ends this writer's lease at a stop: at once (what it holds goes to
+    /// others) unless a request was cut off in flight or a hold cut short.
+    /// A request cut off is one whose outcome is unknown, so the lease is
+    /// then kept until it can no longer land (as a hold keeps it), and
+    /// left to end by itself.
+    pub(crate) async fn release_lease(&self, cut_off: bool) {
+        let held = self.holds_cut.load(Ordering::Relaxed);
+        if cut_off && !self.cfg.unknown_outcome_hold.is_zero() {
+            let until = std::time::Instant::now().checked_add(self.cfg.unknown_outcome_hold);
+            if let Some(until) = until {
+                if let Err(e) = self.store.keep_lease_until(until).await {
+                    tracing::warn!(error = %e, "could not keep this writer's lease while a Write cut off at the stop may still land");
+                }
+            }
+        }
+        if let Err(e) = self.store.release(!cut_off && !held).await {
+            tracing::warn!(error = %e, "could not release this writer's Redis lease; it ends by itself");
+        }
+    }
+
     /// The ops this writer still holds. Those handed to other writers while
     /// it was paused past its lease are not its to write (a newer op on the
     /// key may have been written since), nor to end: `Busy` (the store

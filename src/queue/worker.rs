@@ -554,14 +554,11 @@ async fn run_worker(
         cut_off = true;
     }
     // Whatever this worker still holds goes back at once, unless a job was
-    // cut off mid-write (then when the lease ends).
-    let held = deadline_applier
+    // cut off mid-write or in a hold (then when the kept lease ends).
+    deadline_applier
         .engine
-        .holds_cut
-        .load(std::sync::atomic::Ordering::Relaxed);
-    if let Err(e) = store.release(result.is_ok() && !cut_off && !held).await {
-        tracing::warn!(error = %e, "could not release this worker's lease; it ends by itself");
-    }
+        .release_lease(result.is_err() || cut_off)
+        .await;
     result
 }
 
