@@ -608,8 +608,10 @@ impl WriteBehind {
     /// then, after Redis drops a connection, other processes' checks wait
     /// for its heartbeat). Ops pending in a memory store are lost, as when
     /// the handle is dropped: [`WriteBehind::shutdown`] writes them. Takes
-    /// a second or two at most, plus one Redis call (bounded by the
-    /// connection's 30 s response timeout). Later calls on any clone fail
+    /// a second or two at most, plus a Redis call or two (each bounded by
+    /// the connection's 30 s response timeout); a Write still under way is
+    /// cut off, and its ops stay this process's until it can no longer
+    /// land (`flush.unknown_outcome_hold`). Later calls on any clone fail
     /// with [`Error::is_shutdown`].
     pub async fn close(&self) -> Result<()> {
         if self.inner.shut_down.swap(true, Ordering::SeqCst) {
