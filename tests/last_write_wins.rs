@@ -253,19 +253,7 @@ async fn a_write_landing_late_never_outlives_a_newer_revoke_in_queue_mode() {
 /// The scenario above, on a store of its own named `name` (OpenFGA on
 /// PostgreSQL with caches on), through a handle with `store` and `mode`.
 async fn late_grant_then_revoke(name: &str, store: StoreKind, mode: Mode) {
-    let s =
-        support::new_store_on(support::Server::Caching, name, &support::documents_model()).await;
-    let mut c = support::config_for(&s);
-    c.buffer.store = store;
-    if store == StoreKind::Redis {
-        c.redis.url = support::redis_url();
-    }
-    c.flush.mode = mode;
-    if mode == Mode::Queue {
-        c.queue.poll_interval = Duration::from_millis(50);
-    }
-    let upstream = c.openfga.api_url.trim_start_matches("http://").to_owned();
-    let proxy = testenv::HoldProxy::start(&upstream).await.unwrap();
+    let (s, mut c, proxy) = late_setup(name, store, mode).await;
     c.openfga.api_url = proxy.url();
     c.openfga.request_timeout = Duration::from_secs(1);
     c.flush.unknown_outcome_hold = Duration::from_secs(6);
@@ -355,22 +343,10 @@ async fn late_grant_then_stop(name: &str, mode: Mode, stop: Stop) {
         Stop::InHold => (3, 8, 12, 6, 1),
         Stop::MidRequest => (6, 12, 15, 1, 20),
     };
-    let s =
-        support::new_store_on(support::Server::Caching, name, &support::documents_model()).await;
-    let mut direct = support::config_for(&s);
-    direct.buffer.store = StoreKind::Redis;
-    direct.redis.url = support::redis_url();
+    let (s, mut direct, proxy) = late_setup(name, StoreKind::Redis, mode).await;
     direct.redis.writer_lease = Duration::from_secs(lease);
-    direct.flush.mode = mode;
     direct.flush.shutdown_deadline = Duration::from_secs(deadline);
     direct.flush.unknown_outcome_hold = Duration::from_secs(hold);
-    direct.queue.poll_interval = Duration::from_millis(50);
-    let upstream = direct
-        .openfga
-        .api_url
-        .trim_start_matches("http://")
-        .to_owned();
-    let proxy = testenv::HoldProxy::start(&upstream).await.unwrap();
     let mut delayed = direct.clone();
     delayed.openfga.api_url = proxy.url();
     delayed.openfga.request_timeout = Duration::from_secs(timeout);
@@ -405,6 +381,30 @@ async fn late_grant_then_stop(name: &str, mode: Mode, stop: Stop) {
     }
 }
 
+/// For a late-write test: a store of its own named `name` (OpenFGA on
+/// PostgreSQL with caches on), a config for it with `store` and `mode`
+/// (straight to OpenFGA), and a holding proxy in front of that server.
+async fn late_setup(
+    name: &str,
+    store: StoreKind,
+    mode: Mode,
+) -> (support::TestStore, fga_wb::Config, testenv::HoldProxy) {
+    let s =
+        support::new_store_on(support::Server::Caching, name, &support::documents_model()).await;
+    let mut c = support::config_for(&s);
+    c.buffer.store = store;
+    if store == StoreKind::Redis {
+        c.redis.url = support::redis_url();
+    }
+    c.flush.mode = mode;
+    if mode == Mode::Queue {
+        c.queue.poll_interval = Duration::from_millis(50);
+    }
+    let upstream = c.openfga.api_url.trim_start_matches("http://").to_owned();
+    let proxy = testenv::HoldProxy::start(&upstream).await.unwrap();
+    (s, c, proxy)
+}
+
 /// The tuple the late-write tests grant and revoke.
 const LATE: (&str, &str, &str) = ("user:late", "viewer", "document:late");
 
@@ -432,9 +432,8 @@ async fn grant_held_then_revoke(
     flushing
 }
 
-/// Flushes `wb` until nothing is pending or in flight, waits for the held
-/// grant to reach OpenFGA, and asserts that OpenFGA (bypassing its caches)
-/// and `wb` both answer `LATE` as revoked.
+/// Flushes `wb` until nothing is pending or in flight, then as
+/// `late_grant_revoked`.
 async fn ends_revoked(wb: &WriteBehind, s: &support::TestStore, proxy: &testenv::HoldProxy) {
     support::eventually(
         "nothing pending or in flight",
@@ -446,6 +445,12 @@ async fn ends_revoked(wb: &WriteBehind, s: &support::TestStore, proxy: &testenv:
         },
     )
     .await;
+    late_grant_revoked(wb, s, proxy).await;
+}
+
+/// Waits for the held grant to reach OpenFGA, and asserts that OpenFGA
+/// (bypassing its caches) and `wb` both answer `LATE` as revoked.
+async fn late_grant_revoked(wb: &WriteBehind, s: &support::TestStore, proxy: &testenv::HoldProxy) {
     assert_eq!(
         proxy.wait_landed(1, Duration::from_secs(30)).await,
         1,
@@ -476,9 +481,7 @@ async fn ends_revoked(wb: &WriteBehind, s: &support::TestStore, proxy: &testenv:
 async fn a_worker_killed_within_a_hold_leaves_its_keys_until_the_hold_ends() {
     use support::cli::{Cli, Where};
     let server = support::Server::Caching;
-    let s = support::new_store_on(server, "late-kill", &support::documents_model()).await;
-    let upstream = server.url().trim_start_matches("http://").to_owned();
-    let proxy = testenv::HoldProxy::start(&upstream).await.unwrap();
+    let (s, c, proxy) = late_setup("late-kill", StoreKind::Redis, Mode::Queue).await;
     let cli = |api_url: String| {
         let mut cli = Cli::at(
             Where {
@@ -505,10 +508,6 @@ async fn a_worker_killed_within_a_hold_leaves_its_keys_until_the_hold_ends() {
             .expect("spawn fga-wb worker")
     };
     let mut first = spawn_worker(&delayed);
-    let mut c = support::config_for(&s);
-    c.buffer.store = StoreKind::Redis;
-    c.redis.url = support::redis_url();
-    c.flush.mode = Mode::Queue;
     let wb = WriteBehind::builder(c)
         .automatic_flush(false)
         .build()
@@ -531,17 +530,7 @@ async fn a_worker_killed_within_a_hold_leaves_its_keys_until_the_hold_ends() {
         .run(&["flush", "--wait", "--timeout", "50s"])
         .await
         .ok();
-    assert_eq!(
-        proxy.wait_landed(1, Duration::from_secs(30)).await,
-        1,
-        "the held grant never reached OpenFGA"
-    );
-    assert!(
-        !support::ground_truth(&s, &check).await,
-        "OpenFGA holds the revoked tuple: the second worker wrote the revoke before the late grant landed; it holds {:?}",
-        support::stored(&s).await
-    );
-    assert!(!wb.check(user, relation, object).await.unwrap());
+    late_grant_revoked(&wb, &s, &proxy).await;
     second.start_kill().expect("SIGKILL the second worker");
     let _ = second.wait().await;
     let _ = flushing.await;

@@ -691,7 +691,6 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
             let left = left_of(&status);
             bar.set_length(total.max(left));
             bar.set_position(total.saturating_sub(left));
-            let mut dead = 0;
             let letters = match left == 0 && jobs_of(&status) == 0 {
                 true => Some(match &seen {
                     Some((n, totals, dead))
@@ -707,8 +706,8 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
                 }),
                 false => None,
             };
-            if let Some(n) = letters {
-                dead = n;
+            let dead = letters.unwrap_or(0);
+            if letters.is_some() {
                 match w.replays {
                     // A status is several Redis reads, and the letters are
                     // read after it: a worker's replay between the pending

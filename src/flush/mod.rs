@@ -405,6 +405,17 @@ impl Engine {
         let _ = self.store.record_work(notes, report.requests).await;
     }
 
+    /// Ends the stop `was` (as `stats.stopped()` gave it) unless another
+    /// took its place meanwhile, and records that for `status` at once;
+    /// returns whether it ended.
+    pub(crate) async fn end_stop(&self, was: &str) -> bool {
+        let ended = self.stats.end_stop(was);
+        if ended {
+            self.record_stop().await;
+        }
+        ended
+    }
+
     /// Records this process's stop (or its end) for `status`, alone.
     pub(crate) async fn record_stop(&self) {
         let note = vec![("stopped", self.stats.stopped().unwrap_or_default())];

@@ -73,9 +73,9 @@ pub(crate) async fn run(
                             Some("the shutdown deadline passed with ops not yet written".into())
                         })
                 };
-                let cut_off = !pump.running.is_empty()
-                    || pump.taking.is_some()
-                    || pump.engine.holds_cut.load(Ordering::Relaxed);
+                // Holds cut short are the lease's release to weigh (see
+                // `Engine::release_lease`).
+                let cut_off = !pump.running.is_empty() || pump.taking.is_some();
                 if let Some(reply) = shutdown_reply.take() {
                     let _ = reply.send((r, cut_off));
                 }

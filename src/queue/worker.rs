@@ -53,17 +53,17 @@ pub(crate) struct Applier {
     held_jobs: Arc<tokio::sync::Semaphore>,
 }
 
-/// A job whose request has been sent, as ending it needs it: the job, its
-/// id, the term it was fetched in, the request's result, the ops ended
-/// without a request (unreadable in the job), and when it started.
-type Written = (
-    Job,
-    String,
-    u64,
-    crate::flush::ChunkResult,
-    Vec<(Taken, Outcome)>,
-    std::time::Instant,
-);
+/// A job whose request has been sent: what ending it needs.
+struct Written {
+    job: Job,
+    id: String,
+    /// The term the job was fetched in.
+    term: u64,
+    result: crate::flush::ChunkResult,
+    /// Ops ended without a request (unreadable in the job).
+    unreadable: Vec<(Taken, Outcome)>,
+    started: std::time::Instant,
+}
 
 /// What a worker holds in Redis to its knowledge: whatever else Redis
 /// names it as holding is stray (a fetch or take whose reply was lost, a
@@ -187,18 +187,23 @@ impl Applier {
         // changed term), and the look past the stop no longer runs.
         if result.requests > 0 && result.stop.is_none() {
             if let Some(was) = self.engine.stats.stopped() {
-                if self.engine.stats.end_stop(&was) {
-                    self.engine.record_stop().await;
-                }
+                self.engine.end_stop(&was).await;
             }
         }
-        let Some(at) = result.unsure_at else {
-            let ended = self.end((job, id, term, result, unreadable, started)).await;
+        let (unsure_at, outcomes) = (result.unsure_at, result.outcomes.len());
+        let written = Written {
+            job,
+            id,
+            term,
+            result,
+            unreadable,
+            started,
+        };
+        let Some(at) = unsure_at else {
+            let ended = self.end(written).await;
             drop(hold);
             return ended;
         };
-        let outcomes = result.outcomes.len();
-        let written = (job, id, term, result, unreadable, started);
         // The job stays running, so its keys stay claimed: no newer op on
         // them is written while the request may still land. It waits apart
         // from its apalis slot, which fetches the next job meanwhile, while
@@ -212,7 +217,7 @@ impl Applier {
                 // Shutdown cut the hold short: the job stays running, and
                 // goes back to the queue when this worker's lease (kept
                 // until the hold's end) ends, not before.
-                tracing::warn!(job = %written.1, "stopping within the hold of a Write whose outcome is unknown; the job runs again once it can no longer land");
+                tracing::warn!(job = %written.id, "stopping within the hold of a Write whose outcome is unknown; the job runs again once it can no longer land");
                 return;
             }
             if let Err(e) = me.end(written).await {
@@ -240,7 +245,14 @@ impl Applier {
     /// was unknown): records the outcomes, and reschedules or dead-letters
     /// what failed.
     async fn end(&self, w: Written) -> Result<()> {
-        let (job, id, term, result, unreadable, started) = w;
+        let Written {
+            job,
+            id,
+            term,
+            result,
+            unreadable,
+            started,
+        } = w;
         if self.store.term() != term {
             // This worker's lease ended while it ran the job, and the job
             // went back to the queue (another worker may be running it):
@@ -619,9 +631,8 @@ impl Applier {
             .await
             .is_ok();
         // A job refused meanwhile keeps its own stop.
-        if answers && e.stats.end_stop(&was) {
+        if answers && e.end_stop(&was).await {
             tracing::info!("OpenFGA answers the worker again: its flushing is no longer stopped");
-            e.record_stop().await;
         }
     }
 
