@@ -479,9 +479,60 @@ async fn late_grant_revoked(wb: &WriteBehind, s: &support::TestStore, proxy: &te
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_within_a_hold_leaves_its_keys_until_the_hold_ends() {
+    killed_while_writing("late-kill", Mode::Queue, Kill::InHold).await;
+}
+
+/// The same with the worker SIGKILLed while its Write is still under way
+/// (held by the proxy, before any timeout): nothing in the worker knew the
+/// outcome was unknown. Redis keeps what a writer holds for its hold
+/// (12 s) past the end of its lease (3 s) when the lease ends while it
+/// was writing, so the revoke is written after the late grant (8 s).
+/// Before, the second worker wrote it when the lease ended.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_with_its_write_under_way_leaves_its_keys_until_it_can_no_longer_land() {
+    killed_while_writing("late-kill-mid", Mode::Queue, Kill::MidRequest).await;
+}
+
+/// The same inline: an `fga-wb flush` process writes the grant and is
+/// SIGKILLed with its Write under way; an application process writes the
+/// revoke, and `fga-wb flush --wait` waits for it.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_killed_with_its_write_under_way_leaves_its_keys_until_it_can_no_longer_land() {
+    killed_while_writing("late-kill-inline", Mode::Inline, Kill::MidRequest).await;
+}
+
+/// When `killed_while_writing` kills the writer of the grant.
+#[cfg(feature = "redis")]
+#[derive(Clone, Copy, PartialEq)]
+enum Kill {
+    /// Within the hold that follows its Write's timeout (1 s).
+    InHold,
+    /// With its Write still under way.
+    MidRequest,
+}
+
+/// The scenario of the three tests above: the grant is written by an
+/// `fga-wb` process (a worker in queue mode, `fga-wb flush` inline) through
+/// the delaying proxy (8 s), which is SIGKILLed; the revoke, acknowledged
+/// meanwhile, is written straight to OpenFGA by a second worker (queue) or
+/// application process (inline), and `fga-wb flush --wait` waits for it.
+#[cfg(feature = "redis")]
+async fn killed_while_writing(name: &str, mode: Mode, kill: Kill) {
     use support::cli::{Cli, Where};
     let server = support::Server::Caching;
-    let (s, c, proxy) = late_setup("late-kill", StoreKind::Redis, Mode::Queue).await;
+    let (s, c, proxy) = late_setup(name, StoreKind::Redis, mode).await;
+    let mode_name = match mode {
+        Mode::Queue => "queue",
+        _ => "inline",
+    };
+    let timeout = match kill {
+        Kill::InHold => "1s",
+        // Longer than the lease: the Write's own budget (what is left of
+        // the lease) bounds it, and it is killed before either.
+        Kill::MidRequest => "20s",
+    };
     let cli = |api_url: String| {
         let mut cli = Cli::at(
             Where {
@@ -491,48 +542,78 @@ async fn a_worker_killed_within_a_hold_leaves_its_keys_until_the_hold_ends() {
                 model_id: s.model_id.clone(),
                 redis_url: support::redis_url(),
             },
-            "queue",
+            mode_name,
         );
         cli.set("FGA_WB_REDIS__WRITER_LEASE", "3s");
-        cli.set("FGA_WB_OPENFGA__REQUEST_TIMEOUT", "1s");
+        cli.set("FGA_WB_OPENFGA__REQUEST_TIMEOUT", timeout);
         cli.set("FGA_WB_FLUSH__UNKNOWN_OUTCOME_HOLD", "12s");
         cli.set("FGA_WB_QUEUE__POLL_INTERVAL", "50ms");
         cli
     };
     let (delayed, direct) = (cli(proxy.url()), cli(server.url()));
-    let spawn_worker = |cli: &Cli| {
-        cli.command(&["worker", "--concurrency", "2"])
+    let spawn = |cli: &Cli, args: &[&str]| {
+        cli.command(args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .expect("spawn fga-wb worker")
+            .unwrap_or_else(|e| panic!("spawn fga-wb {args:?}: {e}"))
     };
-    let mut first = spawn_worker(&delayed);
-    let wb = WriteBehind::builder(c)
+    let worker = ["worker", "--concurrency", "2"];
+    let wb = WriteBehind::builder(c.clone())
         .automatic_flush(false)
         .build()
         .await
         .unwrap();
-    let flushing = grant_held_then_revoke(&wb, &proxy, Duration::from_secs(8)).await;
-    // The retry after the timeout wrote the grant: the hold has begun.
     let (user, relation, object) = LATE;
-    let check = format!("{object}#{relation}@{user}");
-    support::eventually(
-        "the retry to write the grant",
-        Duration::from_secs(30),
-        || support::ground_truth(&s, &check),
-    )
-    .await;
-    first.start_kill().expect("SIGKILL the first worker");
-    first.wait().await.expect("the first worker ends");
-    let mut second = spawn_worker(&direct);
+    let (mut first, flushing) = match mode {
+        Mode::Queue => {
+            let first = spawn(&delayed, &worker);
+            let flushing = grant_held_then_revoke(&wb, &proxy, Duration::from_secs(8)).await;
+            (first, Some(flushing))
+        }
+        _ => {
+            proxy.hold_next(&[b"/write", user.as_bytes()], Duration::from_secs(8));
+            wb.grant(user, relation, object).await.unwrap();
+            let first = spawn(&delayed, &["flush"]);
+            assert_eq!(
+                proxy.wait_held(1, Duration::from_secs(30)).await,
+                1,
+                "the grant's Write never reached the proxy"
+            );
+            wb.revoke(user, relation, object).await.unwrap();
+            (first, None)
+        }
+    };
+    if kill == Kill::InHold {
+        // The retry after the timeout wrote the grant: the hold has begun.
+        let check = format!("{object}#{relation}@{user}");
+        support::eventually(
+            "the retry to write the grant",
+            Duration::from_secs(30),
+            || support::ground_truth(&s, &check),
+        )
+        .await;
+    }
+    first.start_kill().expect("SIGKILL the grant's writer");
+    first.wait().await.expect("the grant's writer ends");
+    let (mut second, app) = match mode {
+        Mode::Queue => (Some(spawn(&direct, &worker)), None),
+        _ => (None, Some(WriteBehind::builder(c).build().await.unwrap())),
+    };
     direct
         .run(&["flush", "--wait", "--timeout", "50s"])
         .await
         .ok();
     late_grant_revoked(&wb, &s, &proxy).await;
-    second.start_kill().expect("SIGKILL the second worker");
-    let _ = second.wait().await;
-    let _ = flushing.await;
+    if let Some(mut second) = second.take() {
+        second.start_kill().expect("SIGKILL the second worker");
+        let _ = second.wait().await;
+    }
+    if let Some(app) = app {
+        app.shutdown().await.unwrap();
+    }
+    if let Some(flushing) = flushing {
+        let _ = flushing.await;
+    }
     wb.shutdown().await.unwrap();
 }

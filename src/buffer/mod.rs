@@ -495,13 +495,7 @@ pub(crate) async fn open_store(
 /// The Redis store for `config`, as a writer of `kind` (`app`, `worker`).
 #[cfg(feature = "redis")]
 pub(crate) async fn open_redis(config: &crate::Config, kind: &str) -> Result<redis::RedisStore> {
-    redis::RedisStore::connect(
-        &config.redis,
-        &config.openfga.store_id,
-        config.buffer.capacity,
-        kind,
-    )
-    .await
+    redis::RedisStore::connect(config, kind).await
 }
 
 /// Whether an op on `key` can change a check of `user` through a

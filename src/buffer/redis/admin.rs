@@ -233,7 +233,8 @@ impl RedisStore {
             .push(&self.writer)
             .push(self.lease.as_millis() as u64)
             .push(max)
-            .push(self.hold.term());
+            .push(self.hold.term())
+            .push(self.outcome_hold.as_millis() as u64);
         let v = items(self.call(&a).await?)?;
         let bad = v.first().map_or(Ok(0), int)?;
         let term = v.get(1).map_or(Ok(0), int)?.max(0) as u64;

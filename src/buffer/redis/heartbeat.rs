@@ -14,6 +14,7 @@ impl RedisStore {
             publish: self.publish,
             writer: self.writer.clone(),
             lease: self.lease,
+            outcome_hold: self.outcome_hold,
             hold: self.hold.clone(),
             watch: self.watch.clone(),
         }
@@ -191,6 +192,7 @@ pub(crate) struct Heartbeat {
     pub(crate) publish: &'static str,
     pub(crate) writer: String,
     pub(crate) lease: Duration,
+    pub(crate) outcome_hold: Duration,
     pub(crate) hold: Arc<Hold>,
     pub(crate) watch: Arc<Watch>,
 }
@@ -208,7 +210,8 @@ impl Heartbeat {
             .push(self.lease.as_millis() as u64)
             .push(&epoch)
             .push(acked)
-            .push(self.hold.term());
+            .push(self.hold.term())
+            .push(self.outcome_hold.as_millis() as u64);
         // Cleared only once the quiet time and the reconnect are recorded
         // (below): cleared before this call, it let a check through while
         // the call was under way, with neither set yet. A connection that

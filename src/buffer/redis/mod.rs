@@ -67,6 +67,10 @@ pub(crate) struct RedisStore {
     /// This instance's name as a writer (`app:...` or `worker:...`).
     writer: String,
     lease: Duration,
+    /// `flush.unknown_outcome_hold`: how long a Write of this writer's may
+    /// still land after it stopped waiting. Redis keeps what it holds that
+    /// long past its lease if it dies while writing (the script's reclaim).
+    outcome_hold: Duration,
     /// When the lease was last renewed, and the term.
     hold: Arc<Hold>,
     watch: Arc<Watch>,
@@ -340,12 +344,10 @@ impl RedisStore {
     /// Connects to Redis (one node or a cluster) as a writer of kind
     /// `kind` (`app` or `worker`), and fails with a clear error if it
     /// cannot or if the server does not run Lua scripts.
-    pub async fn connect(
-        config: &crate::config::RedisConfig,
-        store_id: &str,
-        capacity: usize,
-        kind: &str,
-    ) -> Result<RedisStore> {
+    pub async fn connect(config: &crate::Config, kind: &str) -> Result<RedisStore> {
+        let (store_id, capacity) = (&config.openfga.store_id, config.buffer.capacity);
+        let outcome_hold = config.flush.unknown_outcome_hold;
+        let config = &config.redis;
         let lease = config.writer_lease;
         let target = Target::parse(&config.url)?;
         let watch = Arc::new(Watch::default());
@@ -379,6 +381,7 @@ impl RedisStore {
             publish,
             writer: writer.clone(),
             lease,
+            outcome_hold,
             hold: hold.clone(),
             watch: watch.clone(),
         };
@@ -410,6 +413,7 @@ impl RedisStore {
             prefix,
             writer,
             lease,
+            outcome_hold,
             hold,
             watch,
             pushes,
@@ -480,7 +484,8 @@ impl RedisStore {
             .push(up_to)
             .push(&self.writer)
             .push(self.lease.as_millis() as u64)
-            .push(self.hold.term());
+            .push(self.hold.term())
+            .push(self.outcome_hold.as_millis() as u64);
         let v = items(self.call(&a).await?)?;
         let corrupt = v.first().map_or(Ok(0), int)?;
         let term = v.get(1).map_or(Ok(0), int)?.max(0) as u64;
@@ -821,11 +826,12 @@ impl Store for RedisStore {
     fn release(&self, hand_back: bool) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             self.heartbeat.abort();
-            if hand_back {
-                let mut a = Args::new("release", self.publish);
-                a.push(now_ms()).push(&self.writer);
-                self.call(&a).await?;
+            let mut a = Args::new("release", self.publish);
+            a.push(now_ms()).push(&self.writer);
+            if !hand_back {
+                a.push("keep");
             }
+            self.call(&a).await?;
             Ok(())
         })
     }
@@ -874,17 +880,22 @@ impl Store for RedisStore {
     fn shared_stats(&self) -> BoxFuture<'_, Result<std::collections::HashMap<String, String>>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            let (mut stats, live): (std::collections::HashMap<String, String>, Vec<String>) =
-                redis::pipe()
-                    .cmd("HGETALL")
-                    .arg(format!("{}:stats", self.prefix))
-                    .cmd("ZRANGEBYSCORE")
-                    .arg(format!("{}:owners", self.prefix))
-                    .arg(now_ms())
-                    .arg("+inf")
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(redis_error)?;
+            type Stats = std::collections::HashMap<String, String>;
+            let (mut stats, mut live, gone): (Stats, Vec<String>, Vec<String>) = redis::pipe()
+                .cmd("HGETALL")
+                .arg(format!("{}:stats", self.prefix))
+                .cmd("ZRANGEBYSCORE")
+                .arg(format!("{}:owners", self.prefix))
+                .arg(now_ms())
+                .arg("+inf")
+                .cmd("HKEYS")
+                .arg(format!("{}:heldover", self.prefix))
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            // Writers whose lease ended while they wrote: Redis keeps what
+            // they hold a while longer, but they are gone.
+            live.retain(|w| !gone.contains(w));
             // Each writer's own stop (see record_work), of those alive: one
             // process's note no longer overwrites another's, and a dead
             // process's is not shown.

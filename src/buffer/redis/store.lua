@@ -21,6 +21,13 @@
 --                              held to others, and deleted its term); see
 --                              renew
 --   P:termseq          string  last term
+--   P:holdfor          hash    writer -> its flush.unknown_outcome_hold (ms),
+--                              set with its term: how long a Write of its
+--                              may still land after it stopped waiting
+--   P:heldover         hash    writer -> when its lease ended (ms), for a
+--                              writer whose lease ended while it was writing:
+--                              reclaim keeps what it holds for its hold past
+--                              that (see reclaim), and it counts as gone
 --   P:beats            hash    writer -> when it last ran a heartbeat (ms); kept
 --                              10 min after its last (see confirmed), gone at
 --                              a clean stop
@@ -371,6 +378,7 @@ local function check_keys(keys)
     { P .. ':deadseq', 'string' }, { P .. ':owners', 'zset' }, { P .. ':jobs', 'hash' },
     { P .. ':jobc', 'hash' }, { P .. ':jobq', 'zset' }, { P .. ':jobrun', 'hash' },
     { P .. ':blocked', 'zset' }, { P .. ':terms', 'hash' }, { P .. ':termseq', 'string' },
+    { P .. ':holdfor', 'hash' }, { P .. ':heldover', 'hash' },
   }
   local seen = {}
   for _, key in ipairs(keys) do
@@ -715,22 +723,41 @@ end
 
 -- Writers whose lease ended: what they were writing is ready again (or back
 -- with its job), and the jobs they ran go back to the queue.
+--
+-- A writer whose lease ended while it was writing (it crashed, or lost
+-- Redis for longer than its lease) may have a Write under way that commits
+-- on the server up to its hold (P:holdfor) after the lease's end: a Write
+-- ends within the lease on the writer's side, not on the server's. What it
+-- holds stays its own until then (P:heldover), so that no newer op on those
+-- keys is written first and undone by the late one; checks go on counting
+-- its ops as in flight, and a newer op waits behind them. A writer that
+-- renews meanwhile carries on with what it holds: nothing went to others.
 local function reclaim(now)
-  local dead = rcall('ZRANGEBYSCORE', P .. ':owners', '-inf', now, 'LIMIT', 0, 20)
+  local dead = rcall('ZRANGEBYSCORE', P .. ':owners', '-inf', now, 'WITHSCORES', 'LIMIT', 0, 20)
   local reclaimed, folded = 0, 0
-  for _, w in ipairs(dead) do
-    local ops, f = hand_back(w, now)
-    reclaimed, folded = reclaimed + ops, folded + f
-    -- Its finish answers go too: a repeat from it now belongs to an
-    -- earlier term once it renews, and until then finds nothing of its own.
-    rcall('DEL', P .. ':fin:' .. w)
-    rcall('ZREM', P .. ':owners', w)
-    -- Its term too: whatever it renews with next is a new one.
-    rcall('HDEL', P .. ':terms', w)
-    -- And its note that its flushing is stopped (see record_work): a
-    -- process restarting in a loop would add one per run.
-    pcall_('HDEL', P .. ':stats', 'stopped:' .. w)
-    -- Its last heartbeat stays (see confirmed); pruned by heartbeats later.
+  for i = 1, #dead, 2 do
+    local w, ends = dead[i], tonumber(dead[i + 1]) or 0
+    local hold = tonumber(rcall('HGET', P .. ':holdfor', w)) or 0
+    if hold > 0 and ends + hold > now and rcall('HEXISTS', P .. ':heldover', w) == 0
+        and rcall('EXISTS', P .. ':w:' .. w, P .. ':wj:' .. w) > 0 then
+      rcall('HSET', P .. ':heldover', w, ends)
+      rcall('ZADD', P .. ':owners', ends + hold, w)
+    else
+      local ops, f = hand_back(w, now)
+      reclaimed, folded = reclaimed + ops, folded + f
+      rcall('HDEL', P .. ':holdfor', w)
+      rcall('HDEL', P .. ':heldover', w)
+      -- Its finish answers go too: a repeat from it now belongs to an
+      -- earlier term once it renews, and until then finds nothing of its own.
+      rcall('DEL', P .. ':fin:' .. w)
+      rcall('ZREM', P .. ':owners', w)
+      -- Its term too: whatever it renews with next is a new one.
+      rcall('HDEL', P .. ':terms', w)
+      -- And its note that its flushing is stopped (see record_work): a
+      -- process restarting in a loop would add one per run.
+      pcall_('HDEL', P .. ':stats', 'stopped:' .. w)
+      -- Its last heartbeat stays (see confirmed); pruned by heartbeats later.
+    end
   end
   note_handed_back(reclaimed, folded)
   return reclaimed
@@ -741,7 +768,7 @@ end
 -- before it send none). A writer with no lease gets a new term: what it took
 -- before was handed to others when its lease ended (reclaim), so the process
 -- writes only ops taken in the term the latest call returned.
-local function renew(writer, now, lease, had)
+local function renew(writer, now, lease, had, hold)
   local ends = tonumber(rcall('ZSCORE', P .. ':owners', writer))
   -- A term that is not a number (not fga-wb's) is replaced like a missing
   -- one: a nil in a reply would cut it short. Drawn before the lease is
@@ -760,7 +787,15 @@ local function renew(writer, now, lease, had)
       rcall('SET', P .. ':termseq', term)
     end
     rcall('HSET', P .. ':terms', writer, term)
+    hold = tonumber(hold) or 0
+    if hold > 0 then
+      rcall('HSET', P .. ':holdfor', writer, hold)
+    else
+      rcall('HDEL', P .. ':holdfor', writer)
+    end
   end
+  -- Alive after all, if reclaim was keeping what it holds past its lease.
+  rcall('HDEL', P .. ':heldover', writer)
   -- Never shortened: a lease kept for a write whose outcome is unknown
   -- (see `lease`) outlasts the renewals meanwhile.
   local to = tonumber(now) + lease
@@ -920,7 +955,7 @@ local function ready_keys(kinds, up_to, max)
   return keys
 end
 
--- take pub now max kinds up_to writer lease_ms [had] -> {corrupt, term, (key, seq, op, cond, first)*}
+-- take pub now max kinds up_to writer lease_ms had hold_ms -> {corrupt, term, (key, seq, op, cond, first)*}
 -- The writer's lease is renewed; what it takes is being written by it, in
 -- `term` (see renew).
 if cmd == 'take' then
@@ -928,7 +963,7 @@ if cmd == 'take' then
     tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
   -- Renewed first: a writer that is taking is alive, and must not hand
   -- what it is writing back to itself (it would write it twice).
-  local _, term = renew(writer, now, lease, ARGV[9])
+  local _, term = renew(writer, now, lease, ARGV[9], ARGV[10])
   reclaim(now)
   local keys = ready_keys(kinds, up_to, max)
   local raw = read_raw(keys)
@@ -1125,14 +1160,14 @@ local function claim_ops(worker, job, keys, seqs)
   return out
 end
 
--- fetch pub now worker lease_ms max [had] -> {bad, term, (job id, job json, claims)*}
+-- fetch pub now worker lease_ms max had hold_ms -> {bad, term, (job id, job json, claims)*}
 -- Due jobs for a worker, their ops claimed for it (claims: one digit per op
 -- as claim_ops says); its lease is renewed. `bad`: jobs that could not be
 -- read, set aside (their ops pending again).
 if cmd == 'fetch' then
   local now, worker, lease, max = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
   -- Renewed first, as in take: its own running jobs stay its own.
-  local _, term = renew(worker, now, lease, ARGV[7])
+  local _, term = renew(worker, now, lease, ARGV[7], ARGV[8])
   reclaim(now)
   apply_writes()
   local out, back = { 0, term }, 0
@@ -1372,6 +1407,12 @@ if cmd == 'confirmed' then
   local ends_of = {}
   local owners = rcall('ZRANGE', P .. ':owners', 0, -1, 'WITHSCORES')
   for i = 1, #owners, 2 do ends_of[owners[i]] = tonumber(owners[i + 1]) or 0 end
+  -- A writer whose keys reclaim keeps past its lease is gone: its lease
+  -- ended when reclaim found it.
+  local over = rcall('HGETALL', P .. ':heldover')
+  for i = 1, #over, 2 do
+    if ends_of[over[i]] then ends_of[over[i]] = tonumber(over[i + 1]) or 0 end
+  end
   local beats = rcall('HGETALL', P .. ':beats')
   for i = 1, #beats, 2 do
     local w, beat = beats[i], tonumber(beats[i + 1]) or 0
@@ -1387,7 +1428,7 @@ if cmd == 'confirmed' then
   return { waiting, latest, rcall('EXISTS', P .. ':loss') }
 end
 
--- heartbeat pub now writer lease_ms epoch acked [had]
+-- heartbeat pub now writer lease_ms epoch acked had hold_ms
 --   -> {alive, epoch, seq, loss open, lost now, term}
 -- Renews the writer's lease (alive is 0 if it had already ended; a new
 -- `term` says what it held was handed to others), and compares what the writer knows
@@ -1405,7 +1446,7 @@ if cmd == 'heartbeat' then
   local bad = expect_types({ { P .. ':owners', 'zset' }, { P .. ':loss', 'hash' },
                              { P .. ':epochs', 'hash' }, { P .. ':epoch', 'string' } })
   if bad then return redis.error_reply(bad) end
-  local ends, term = renew(writer, now, lease, ARGV[8])
+  local ends, term = renew(writer, now, lease, ARGV[8], ARGV[9])
   rcall('HSET', P .. ':beats', writer, now)
   -- Heartbeats of writers gone for long (kept for confirmed until then).
   local beats = rcall('HGETALL', P .. ':beats')
@@ -1413,6 +1454,7 @@ if cmd == 'heartbeat' then
     if (tonumber(beats[i + 1]) or 0) < now - BEATS_KEEP_MS then
       rcall('HDEL', P .. ':beats', beats[i])
       rcall('HDEL', P .. ':terms', beats[i])
+      rcall('HDEL', P .. ':holdfor', beats[i])
     end
   end
   -- Write marks past their use go even when nothing is being written.
@@ -1494,10 +1536,15 @@ if cmd == 'ackloss' then
   return 1
 end
 
--- release pub now writer -> ends a writer's lease now (a clean stop): what
--- it held is ready again
+-- release pub now writer [keep] -> ends a writer's lease now (a clean stop): what
+-- it held is ready again. With `keep`, a stop that left a Write whose outcome
+-- is unknown: its lease, kept to when that Write can no longer land (see
+-- lease), ends by itself; no Write of its is under way from here on, so
+-- reclaim hands what it holds on at once then.
 if cmd == 'release' then
   local now, writer = tonumber(ARGV[3]), ARGV[4]
+  rcall('HDEL', P .. ':holdfor', writer)
+  if ARGV[5] == 'keep' then return 0 end
   rcall('ZADD', P .. ':owners', 0, writer)
   local n = reclaim(now)
   apply_writes()
@@ -1518,6 +1565,8 @@ if cmd == 'lease' then
   local writer, to = ARGV[3], tonumber(ARGV[4])
   local ends = tonumber(rcall('ZSCORE', P .. ':owners', writer))
   if not ends then return 0 end
+  -- Alive, as renew says.
+  rcall('HDEL', P .. ':heldover', writer)
   if to and to > ends then
     rcall('ZADD', P .. ':owners', to, writer)
     ends = to
@@ -2040,7 +2089,9 @@ if cmd == 'queue' then
   local running = rcall('HLEN', P .. ':jobrun')
   local out = { due, running, later }
   for _, w in ipairs(rcall('ZRANGEBYSCORE', P .. ':owners', now, '+inf')) do
-    if ssub(w, 1, 7) == 'worker:' then tinsert(out, w) end
+    if ssub(w, 1, 7) == 'worker:' and rcall('HEXISTS', P .. ':heldover', w) == 0 then
+      tinsert(out, w)
+    end
   end
   return out
 end
