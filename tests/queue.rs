@@ -1127,6 +1127,8 @@ impl ChildWorker {
             .env("FGA_WB_QUEUE__HEARTBEAT", "1s")
             .env("FGA_WB_QUEUE__POLL_INTERVAL", "50ms")
             .env("FGA_WB_OPENFGA__REQUEST_TIMEOUT", request_timeout)
+            // A killed worker's jobs come back a hold after its lease.
+            .env("FGA_WB_FLUSH__UNKNOWN_OUTCOME_HOLD", "2s")
             .env("RUST_LOG", "warn,fga_wb=debug")
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
@@ -1157,9 +1159,9 @@ impl Drop for ChildWorker {
 }
 
 /// A worker process is killed (SIGKILL) while its Write request is in
-/// flight (the mock holds the response). apalis notices the missed
-/// heartbeats and the job runs again on another worker, once the dead
-/// worker's write lock on the tuples has expired; it is applied to the real
+/// flight (the mock holds the response). The job runs again on another
+/// worker once the dead worker's lease has ended and its hold after that
+/// (2 s here: the killed Write might still land until then); it is applied to the real
 /// OpenFGA, including the tuples the killed write may already have landed
 /// (written here directly), with no duplicate error and no dead letter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -34,9 +34,13 @@ const USERS: usize = 100;
 const DOCS: usize = 50;
 const LOAD_SEED: u64 = 0x5eed_f9a0_4b1d_2024;
 /// `fga-wb flush --wait --timeout`: the recovery bound is the writer lease
-/// (5 s) plus the time to write what is left (README, Benchmarks); this
-/// leaves room for a loaded machine.
+/// (5 s) plus, for what the killed writer was writing, its hold (`HOLD`),
+/// plus the time to write what is left (README, Benchmarks); this leaves
+/// room for a loaded machine.
 const DRAIN_TIMEOUT: &str = "50s";
+/// The killed writers' `flush.unknown_outcome_hold`: shorter than the
+/// default 30 s, so the bound above stays well within `DRAIN_TIMEOUT`.
+const HOLD: Duration = Duration::from_secs(5);
 
 #[derive(Serialize, Deserialize)]
 struct Params {
@@ -93,6 +97,7 @@ fn redis_config(s: &TestStore, queue: bool) -> Config {
     c.redis.url = support::redis_url();
     c.flush.mode = if queue { Mode::Queue } else { Mode::Inline };
     c.queue.heartbeat = Duration::from_secs(1);
+    c.flush.unknown_outcome_hold = HOLD;
     c
 }
 
@@ -373,7 +378,11 @@ async fn killed_worker_loses_nothing() {
     let kill_at = (queued as usize) * 3 / 10 + Rng::new(seed).below(queued as usize * 4 / 10);
     eprintln!("{queued} ops queued; killing the worker after {kill_at} applied (seed {seed})");
 
-    let cli = Cli::new(&s, "queue");
+    let mut cli = Cli::new(&s, "queue");
+    cli.set(
+        "FGA_WB_FLUSH__UNKNOWN_OUTCOME_HOLD",
+        &format!("{}s", HOLD.as_secs()),
+    );
     let mut first = cli.command(&["worker"]).spawn().expect("start a worker");
     let watch_started = Instant::now();
     while (wb.status().await.unwrap().totals.applied as usize) < kill_at {

@@ -388,10 +388,11 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn blocked_up_to(&self, _up_to: u64) -> BoxFuture<'_, Result<u64>> {
         Box::pin(futures::future::ready(Ok(0)))
     }
-    /// Stops this writer's lease: with `hand_back` (a clean stop, no write
-    /// left in flight) what it holds goes to others at once; without, when
-    /// the lease ends (a write cut off may still land before then).
-    fn release(&self, _hand_back: bool) -> BoxFuture<'_, Result<()>> {
+    /// Stops this writer's lease: without `keep_until` (a clean stop, no
+    /// write left in flight) what it holds goes to others at once; with
+    /// it, when the lease ends, kept to `keep_until` at least (a write cut
+    /// off may still land before then).
+    fn release(&self, _keep_until: Option<std::time::Instant>) -> BoxFuture<'_, Result<()>> {
         Box::pin(futures::future::ready(Ok(())))
     }
     /// Keeps this writer's lease until `until` at least, for stores where

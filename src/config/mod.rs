@@ -370,7 +370,9 @@ pub struct RedisConfig {
     pub key_prefix: String,
     /// How long what a process or worker is writing stays its own without a
     /// heartbeat (renewed every third of it): after it dies, others take
-    /// its ops and jobs over within this time. A write never outlives it.
+    /// its ops and jobs over within this time (if it was writing, a
+    /// `flush.unknown_outcome_hold` later: a Write of its may still land
+    /// until then). A write never outlives it on fga-wb's side.
     #[serde(with = "duration")]
     pub writer_lease: Duration,
     /// Replicas that must have each push before `grant`/`revoke` return

@@ -645,20 +645,23 @@ impl Engine {
     /// Ends this writer's lease at a stop: at once (what it holds goes to
     /// others) unless a request was cut off in flight or a hold cut short.
     /// A request cut off is one whose outcome is unknown, so the lease is
-    /// then kept until it can no longer land (as a hold keeps it), and
-    /// left to end by itself.
+    /// then kept until it can no longer land (a hold from now, which covers
+    /// a hold cut short too), and left to end by itself.
     pub(crate) async fn release_lease(&self, cut_off: bool) {
         let held = self.holds_cut.load(Ordering::Relaxed);
-        if cut_off && !self.cfg.unknown_outcome_hold.is_zero() {
-            let until = std::time::Instant::now().checked_add(self.cfg.unknown_outcome_hold);
-            if let Some(until) = until {
-                if let Err(e) = self.store.keep_lease_until(until).await {
-                    tracing::warn!(error = %e, "could not keep this writer's lease while a Write cut off at the stop may still land");
-                }
-            }
-        }
-        if let Err(e) = self.store.release(!cut_off && !held).await {
-            tracing::warn!(error = %e, "could not release this writer's Redis lease; it ends by itself");
+        let keep = match (cut_off || held, self.cfg.unknown_outcome_hold.is_zero()) {
+            (false, _) => None,
+            // Holds off: nothing is kept, but nothing is handed on early
+            // either; the lease ends by itself.
+            (true, true) => Some(std::time::Instant::now()),
+            (true, false) => Some(
+                std::time::Instant::now()
+                    .checked_add(self.cfg.unknown_outcome_hold)
+                    .unwrap_or_else(std::time::Instant::now),
+            ),
+        };
+        if let Err(e) = self.store.release(keep).await {
+            tracing::warn!(error = %e, "could not release this writer's Redis lease; it ends by itself (a hold past it if it was writing)");
         }
     }
 

@@ -361,8 +361,8 @@ impl Pump {
                     Some(next.map_or(now + BLOCKED_POLL, |n: Instant| n.min(now + BLOCKED_POLL)));
                 // Writes of other processes end within their timeout (or
                 // their hold, when the outcome is unknown) and a dead
-                // writer's within its lease: a flush does not wait longer
-                // than that.
+                // writer's a hold after its lease: a flush does not wait
+                // longer than that (with the default lease).
                 let blocked_wait = BLOCKED_WAIT + cfg.unknown_outcome_hold;
                 let (late, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
                     .into_iter()

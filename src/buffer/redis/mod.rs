@@ -346,7 +346,12 @@ impl RedisStore {
     /// cannot or if the server does not run Lua scripts.
     pub async fn connect(config: &crate::Config, kind: &str) -> Result<RedisStore> {
         let (store_id, capacity) = (&config.openfga.store_id, config.buffer.capacity);
-        let outcome_hold = config.flush.unknown_outcome_hold;
+        // An application in queue mode hands what it takes to jobs and
+        // sends no Write of its own: nothing of its can land late.
+        let outcome_hold = match (kind, config.flush.mode) {
+            ("app", crate::config::Mode::Queue) => Duration::ZERO,
+            _ => config.flush.unknown_outcome_hold,
+        };
         let config = &config.redis;
         let lease = config.writer_lease;
         let target = Target::parse(&config.url)?;
@@ -823,13 +828,15 @@ impl Store for RedisStore {
         })
     }
 
-    fn release(&self, hand_back: bool) -> BoxFuture<'_, Result<()>> {
+    fn release(&self, keep_until: Option<std::time::Instant>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             self.heartbeat.abort();
+            let now = now_ms();
             let mut a = Args::new("release", self.publish);
-            a.push(now_ms()).push(&self.writer);
-            if !hand_back {
-                a.push("keep");
+            a.push(now).push(&self.writer);
+            if let Some(until) = keep_until {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                a.push(now.saturating_add(left.as_millis() as u64));
             }
             self.call(&a).await?;
             Ok(())

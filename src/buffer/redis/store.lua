@@ -1409,7 +1409,8 @@ if cmd == 'confirmed' then
   for i = 1, #owners, 2 do ends_of[owners[i]] = tonumber(owners[i + 1]) or 0 end
   -- A writer whose keys reclaim keeps past its lease is gone: its lease
   -- ended when reclaim found it.
-  local over = rcall('HGETALL', P .. ':heldover')
+  local over = pcall_('HGETALL', P .. ':heldover')
+  if type(over) ~= 'table' or over.err then over = {} end
   for i = 1, #over, 2 do
     if ends_of[over[i]] then ends_of[over[i]] = tonumber(over[i + 1]) or 0 end
   end
@@ -1444,7 +1445,8 @@ if cmd == 'heartbeat' then
   local now, writer, lease = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
   local known, acked = ARGV[6] or '', tonumber(ARGV[7]) or 0
   local bad = expect_types({ { P .. ':owners', 'zset' }, { P .. ':loss', 'hash' },
-                             { P .. ':epochs', 'hash' }, { P .. ':epoch', 'string' } })
+                             { P .. ':epochs', 'hash' }, { P .. ':epoch', 'string' },
+                             { P .. ':holdfor', 'hash' }, { P .. ':heldover', 'hash' } })
   if bad then return redis.error_reply(bad) end
   local ends, term = renew(writer, now, lease, ARGV[8], ARGV[9])
   rcall('HSET', P .. ':beats', writer, now)
@@ -1536,15 +1538,24 @@ if cmd == 'ackloss' then
   return 1
 end
 
--- release pub now writer [keep] -> ends a writer's lease now (a clean stop): what
--- it held is ready again. With `keep`, a stop that left a Write whose outcome
--- is unknown: its lease, kept to when that Write can no longer land (see
--- lease), ends by itself; no Write of its is under way from here on, so
--- reclaim hands what it holds on at once then.
+-- release pub now writer [until] -> ends a writer's lease now (a clean stop):
+-- what it held is ready again. With `until` (ms), a stop that left a Write
+-- whose outcome is unknown: its lease is kept to then at least, when that
+-- Write can no longer land (as `lease` does), and ends by itself; no Write of
+-- its is under way from here on, so reclaim hands what it holds on at once
+-- then, not a hold later. One call: a stop whose lease could not be kept
+-- keeps its hold record too.
 if cmd == 'release' then
-  local now, writer = tonumber(ARGV[3]), ARGV[4]
+  local now, writer, to = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+  if ARGV[5] then
+    local ends = tonumber(rcall('ZSCORE', P .. ':owners', writer))
+    -- Once reclaimed, not brought back (see lease).
+    if not ends then return 0 end
+    if to and to > ends then rcall('ZADD', P .. ':owners', to, writer) end
+    rcall('HDEL', P .. ':holdfor', writer)
+    return 0
+  end
   rcall('HDEL', P .. ':holdfor', writer)
-  if ARGV[5] == 'keep' then return 0 end
   rcall('ZADD', P .. ':owners', 0, writer)
   local n = reclaim(now)
   apply_writes()
