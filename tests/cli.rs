@@ -228,6 +228,25 @@ async fn dead_letters_list_replay_purge() {
         .fails(1, "no dead letter with id");
     assert_eq!(wb.dead_letters().await.unwrap().len(), 2);
 
+    // A replay whose flush OpenFGA refuses (a wrong token) exits 1, and
+    // says that the letters were replayed and are pending: nothing lost,
+    // and `fga-wb flush` writes them (here: refused again, dead again).
+    let mut wrong = Cli::new(&s, "inline");
+    wrong.set("FGA_API_TOKEN", "not-the-token");
+    let r = wrong.run(&["dlq", "replay", "--all"]).await;
+    // The flush's own warnings come first: the error is the last line.
+    assert_eq!(r.code, 1, "{r:#?}");
+    let last = r.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("fga-wb: the 2 replayed ops are pending (nothing is lost)"),
+        "{r:#?}"
+    );
+    assert!(!r.stderr.contains("not-the-token"), "{r:#?}");
+    assert!(r.stdout.contains("replayed 2 dead letters"), "{}", r.stdout);
+    assert_eq!(wb.pending().await.unwrap().total, 2);
+    let r = cli.run(&["flush"]).await;
+    assert!(r.ok().stdout.contains("2 dead-lettered"), "{}", r.stdout);
+
     // Purge them all.
     let j = cli
         .run(&["dlq", "purge", "--all", "--json"])

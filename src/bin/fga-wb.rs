@@ -444,14 +444,24 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
             let which = ids(*all, given)?;
             let r = wb.replay_dead_letters(which.as_deref()).await?;
             if json {
-                return print_json(&r);
+                print_json(&r)?;
+            } else {
+                out!(
+                    "replayed {} dead letters; dropped {} superseded by a newer op on their tuple",
+                    r.replayed,
+                    r.superseded
+                );
             }
-            out!(
-                "replayed {} dead letters; dropped {} superseded by a newer op on their tuple",
-                r.replayed,
-                r.superseded
-            );
-            Ok(())
+            match r.flush_error {
+                Some(e) => Err(Failure {
+                    code: 1,
+                    message: format!(
+                        "the {} replayed ops are pending (nothing is lost), but writing them failed: {e}; `fga-wb flush` writes them once that is fixed",
+                        r.replayed
+                    ),
+                }),
+                None => Ok(()),
+            }
         }
         Dlq::Purge { all, ids: given } => {
             let which = ids(*all, given)?;

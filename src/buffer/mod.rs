@@ -266,6 +266,11 @@ pub struct Replayed {
     /// The tuples replayed, for cached answers to drop.
     #[serde(skip)]
     pub tuples: Vec<TupleKey>,
+    /// Why the flush after the replay failed (refused credentials, an
+    /// unknown store), if it did: the replayed ops are pending like any
+    /// acknowledged op, and written once flushing works again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flush_error: Option<String>,
 }
 
 /// Keys and bytes one category of a store's Redis keys takes.

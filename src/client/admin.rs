@@ -161,7 +161,10 @@ impl WriteBehind {
     /// letter leaves the dead letters only once its op is buffered again,
     /// so a full buffer loses nothing: the replay then fails with
     /// [`Error::is_buffer_full`] after flushing what it did replay. Unknown
-    /// ids are an error, and nothing is replayed then.
+    /// ids are an error, and nothing is replayed then. A flush afterwards
+    /// that fails (refused credentials, an unknown store) does not fail the
+    /// replay: the error is in [`Replayed::flush_error`], and the replayed
+    /// ops stay pending.
     pub async fn replay_dead_letters(&self, ids: Option<&[u64]>) -> Result<Replayed> {
         let e = &self.inner.engine;
         if let Some(ids) = ids {
@@ -178,7 +181,7 @@ impl WriteBehind {
                 )));
             }
         }
-        let r = e.store.replay_dead_letters(ids, false).await?;
+        let mut r = e.store.replay_dead_letters(ids, false).await?;
         // A replayed letter is a new op, acknowledged like a grant or revoke.
         for t in &r.tuples {
             e.cache.invalidate_for(t);
@@ -190,7 +193,12 @@ impl WriteBehind {
             r.replayed as u64
         );
         if r.replayed > 0 {
-            self.flush().await?;
+            if let Err(e) = self.flush().await {
+                // The letters are ops again, acknowledged and buffered: an
+                // error here must not read as a replay that did not happen.
+                tracing::warn!(error = %e, replayed = r.replayed, "the flush after replaying dead letters failed; they are pending");
+                r.flush_error = Some(e.to_string());
+            }
         }
         if r.kept > 0 {
             tracing::warn!(

@@ -8,7 +8,10 @@
 //! is the time from the kill until `fga-wb flush --wait` exits 0 with every
 //! acknowledged op in OpenFGA (verified by reading the store back). What a
 //! dead writer held comes back when its lease (`redis.writer_lease`, 5 s)
-//! ends, so the bound is the lease plus the time to write what is left.
+//! ends, or, if it was writing then, its hold later
+//! (`flush.unknown_outcome_hold`, 30 s: a Write of its may still land until
+//! then), so the bound is the lease plus the hold plus the time to write
+//! what is left.
 //!
 //! Retry spacing: a `fga-wb worker` whose OpenFGA is unreachable runs one
 //! job through the default schedule (10 s, 30 s, 60 s), and the gaps
@@ -104,7 +107,8 @@ async fn main() -> Res<()> {
         println!();
         println!(
             "Recovery after SIGKILL: from the kill until `fga-wb flush --wait` exits 0 with every \
-             acknowledged op in OpenFGA ({} ops per run, {rounds} rounds; redis.writer_lease 5 s)",
+             acknowledged op in OpenFGA ({} ops per run, {rounds} rounds; redis.writer_lease 5 s, \
+             flush.unknown_outcome_hold 30 s)",
             scaled(OPS)
         );
         println!("| scenario | min | median | max |");
