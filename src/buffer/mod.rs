@@ -266,8 +266,9 @@ pub struct Replayed {
     /// The tuples replayed, for cached answers to drop.
     #[serde(skip)]
     pub tuples: Vec<TupleKey>,
-    /// Why the flush after the replay failed (refused credentials, an
-    /// unknown store), if it did: the replayed ops are pending like any
+    /// Why the flush after the replay failed or could not write them
+    /// (refused credentials, an unknown store, OpenFGA unreachable), if it
+    /// did: the replayed ops are pending like any
     /// acknowledged op, and written once flushing works again.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flush_error: Option<String>,

@@ -162,9 +162,9 @@ impl WriteBehind {
     /// so a full buffer loses nothing: the replay then fails with
     /// [`Error::is_buffer_full`] after flushing what it did replay. Unknown
     /// ids are an error, and nothing is replayed then. A flush afterwards
-    /// that fails (refused credentials, an unknown store) does not fail the
-    /// replay: the error is in [`Replayed::flush_error`], and the replayed
-    /// ops stay pending.
+    /// that fails or cannot write them (refused credentials, an unknown
+    /// store, OpenFGA unreachable) does not fail the replay: the error is
+    /// in [`Replayed::flush_error`], and the replayed ops stay pending.
     pub async fn replay_dead_letters(&self, ids: Option<&[u64]>) -> Result<Replayed> {
         let e = &self.inner.engine;
         if let Some(ids) = ids {
@@ -193,12 +193,16 @@ impl WriteBehind {
             r.replayed as u64
         );
         if r.replayed > 0 {
-            if let Err(e) = self.flush().await {
-                // The letters are ops again, acknowledged and buffered: an
-                // error here must not read as a replay that did not happen.
+            // The letters are ops again, acknowledged and buffered: an
+            // error here must not read as a replay that did not happen.
+            let failed = match self.flush().await {
+                Ok(report) => report.error,
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(e) = &failed {
                 tracing::warn!(error = %e, replayed = r.replayed, "the flush after replaying dead letters failed; they are pending");
-                r.flush_error = Some(e.to_string());
             }
+            r.flush_error = failed;
         }
         if r.kept > 0 {
             tracing::warn!(

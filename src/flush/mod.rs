@@ -128,10 +128,10 @@ pub(crate) struct Engine {
     /// being above it (its `--max-tuples-per-write` is lower than
     /// `flush.max_tuples_per_write`); 0 until then.
     pub tuple_limit: AtomicUsize,
-    /// Shutdown cut a hold short (see [`Engine::wait_out`]) and its ops
-    /// were left in flight: with a shared store, this writer's lease must
-    /// end by itself (kept until the hold's end), not be released.
-    pub holds_cut: AtomicBool,
+    /// The end of the latest hold shutdown cut short (see
+    /// [`Engine::wait_out`]), whose ops were left in flight: with a shared
+    /// store, this writer's lease is kept to it at the stop, not released.
+    pub holds_cut: std::sync::Mutex<Option<Instant>>,
 }
 
 /// `fga_wb_ops_held`: ops kept in flight while a Write whose outcome is
@@ -596,7 +596,7 @@ impl Engine {
     /// go to other writers even if this one stops or dies first.
     ///
     /// Cut short by shutdown's deadline, set before or during the wait:
-    /// then it returns false and notes it in `holds_cut`. In a shared store
+    /// then it returns false and notes the hold's end in `holds_cut`. In a shared store
     /// the caller then leaves the ops in flight (the writer's kept lease
     /// hands them on when the hold would have ended): ending them would
     /// hand them on at once.
@@ -637,7 +637,9 @@ impl Engine {
         }
         let held = Instant::now() >= until;
         if !held {
-            self.holds_cut.store(true, Ordering::Relaxed);
+            if let Ok(mut cut) = self.holds_cut.lock() {
+                *cut = Some(cut.map_or(until, |c| c.max(until)));
+            }
         }
         held
     }
@@ -645,21 +647,27 @@ impl Engine {
     /// Ends this writer's lease at a stop: at once (what it holds goes to
     /// others) unless a request was cut off in flight or a hold cut short.
     /// A request cut off is one whose outcome is unknown, so the lease is
-    /// then kept until it can no longer land (a hold from now, which covers
-    /// a hold cut short too), and left to end by itself.
+    /// then kept until it can no longer land (a hold from now), and a hold
+    /// cut short to its end; then left to end by itself.
     pub(crate) async fn release_lease(&self, cut_off: bool) {
-        let held = self.holds_cut.load(Ordering::Relaxed);
-        let keep = match (cut_off || held, self.cfg.unknown_outcome_hold.is_zero()) {
-            (false, _) => None,
-            // Holds off: nothing is kept, but nothing is handed on early
-            // either; the lease ends by itself.
-            (true, true) => Some(std::time::Instant::now()),
-            (true, false) => Some(
-                std::time::Instant::now()
-                    .checked_add(self.cfg.unknown_outcome_hold)
-                    .unwrap_or_else(std::time::Instant::now),
+        let held = self.holds_cut.lock().ok().and_then(|c| *c);
+        // A request an application in queue mode cut off was Redis's (a
+        // take, an enqueue): nothing of its can land on OpenFGA later.
+        let cut_off = cut_off && self.sink.is_none();
+        let now = Instant::now();
+        let keep = match (cut_off, held) {
+            (false, None) => None,
+            // With holds off, `now`: the lease is not released, and ends by
+            // itself.
+            (true, held) => Some(
+                held.unwrap_or(now).max(
+                    now.checked_add(self.cfg.unknown_outcome_hold)
+                        .unwrap_or(now),
+                ),
             ),
+            (false, Some(held)) => Some(held),
         };
+        let keep = keep.map(Instant::into_std);
         if let Err(e) = self.store.release(keep).await {
             tracing::warn!(error = %e, "could not release this writer's Redis lease; it ends by itself (a hold past it if it was writing)");
         }
