@@ -456,7 +456,7 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
                 Some(e) => Err(Failure {
                     code: 1,
                     message: format!(
-                        "the {} replayed ops are pending (nothing is lost), but writing them failed: {e}; `fga-wb flush` writes them once that is fixed",
+                        "the {} replayed ops are pending (nothing is lost), but the flush after the replay did not finish: {e}; `fga-wb flush` writes what is left of them once that is fixed",
                         r.replayed
                     ),
                 }),

@@ -637,9 +637,8 @@ impl Engine {
         }
         let held = Instant::now() >= until;
         if !held {
-            if let Ok(mut cut) = self.holds_cut.lock() {
-                *cut = Some(cut.map_or(until, |c| c.max(until)));
-            }
+            let mut cut = self.holds_cut.lock().unwrap_or_else(|p| p.into_inner());
+            *cut = Some(cut.map_or(until, |c| c.max(until)));
         }
         held
     }
@@ -650,7 +649,7 @@ impl Engine {
     /// then kept until it can no longer land (a hold from now), and a hold
     /// cut short to its end; then left to end by itself.
     pub(crate) async fn release_lease(&self, cut_off: bool) {
-        let held = self.holds_cut.lock().ok().and_then(|c| *c);
+        let held = *self.holds_cut.lock().unwrap_or_else(|p| p.into_inner());
         // A request an application in queue mode cut off was Redis's (a
         // take, an enqueue): nothing of its can land on OpenFGA later.
         let cut_off = cut_off && self.sink.is_none();
@@ -665,7 +664,9 @@ impl Engine {
                         .unwrap_or(now),
                 ),
             ),
-            (false, Some(held)) => Some(held),
+            (false, Some(held)) if held > now => Some(held),
+            // Ended already: it can no longer land.
+            (false, Some(_)) => None,
         };
         let keep = keep.map(Instant::into_std);
         if let Err(e) = self.store.release(keep).await {
