@@ -106,7 +106,7 @@ pub use buffer::{DeadLetter, KeyUsage, Pending, Replayed};
 pub use client::{Builder, Health, ShutdownReport, WriteBehind};
 pub use config::Config;
 pub use error::{Error, Result};
-pub use status::{FlushReport, LastFlush, Status, Totals};
+pub use status::{FlushReport, HeldOver, LastFlush, Status, Totals};
 pub use tuple::{Condition, Op, TupleKey};
 
 /// A map looked up by name on every grant: hashed with foldhash, as SipHash

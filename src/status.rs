@@ -148,6 +148,22 @@ pub struct Status {
     /// Redis store: the application processes alive besides this one (each
     /// flushes the shared buffer; workers only apply queued jobs).
     pub live_apps: Option<usize>,
+    /// Redis store: writers whose lease ended while they were writing (a
+    /// crash): what they held stays in flight until a Write of theirs can
+    /// no longer land, then goes to the others.
+    pub held_over: Option<HeldOver>,
+}
+
+/// Writers whose lease ended while they were writing, and when the last of
+/// them hands on what it held (`flush.unknown_outcome_hold` past its lease).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[non_exhaustive]
+pub struct HeldOver {
+    /// How many.
+    pub writers: usize,
+    /// When the last of them hands on what it held.
+    #[serde(serialize_with = "unix::serialize")]
+    pub until: SystemTime,
 }
 
 impl Status {
@@ -182,6 +198,15 @@ impl Status {
         self.live_apps = shared
             .get(crate::buffer::LIVE_APPS)
             .and_then(|v| v.parse().ok());
+        self.held_over = shared
+            .get(crate::buffer::HELD_OVER)
+            .and_then(|v| v.split_once('/'))
+            .and_then(|(n, until)| {
+                Some(HeldOver {
+                    writers: n.parse().ok()?,
+                    until: stored_time(Duration::from_millis(until.parse().ok()?)),
+                })
+            });
     }
 }
 

@@ -596,6 +596,24 @@ async fn killed_while_writing(name: &str, mode: Mode, kill: Kill) {
     }
     first.start_kill().expect("SIGKILL the grant's writer");
     first.wait().await.expect("the grant's writer ends");
+    if kill == Kill::MidRequest {
+        // Once its lease has ended, `status` says what is held and why.
+        support::eventually(
+            "status to show the killed writer held over",
+            Duration::from_secs(30),
+            || async {
+                let j = direct.run(&["status", "--json"]).await.ok().json();
+                j["held_over"]["writers"] == 1
+            },
+        )
+        .await;
+        let r = direct.run(&["status"]).await;
+        assert!(
+            r.ok().stdout.contains("1 writer(s) stopped while writing"),
+            "{}",
+            r.stdout
+        );
+    }
     let (mut second, app) = match mode {
         Mode::Queue => (Some(spawn(&direct, &worker)), None),
         _ => (None, Some(WriteBehind::builder(c).build().await.unwrap())),

@@ -576,7 +576,22 @@ fn waiting_for(s: &fga_wb::Status, dead: usize, replays: Option<Duration>, hint:
     if let Some(every) = replays.filter(|_| dead > 0) {
         parts.push(dead_note(dead, every));
     }
+    if let Some(h) = &s.held_over {
+        parts.push(held_over_note(h));
+    }
     parts.join("; ")
+}
+
+/// Writers held over: what they hold, and until when.
+fn held_over_note(h: &fga_wb::HeldOver) -> String {
+    let left = h
+        .until
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    format!(
+        "{} writer(s) stopped while writing (a crash); what they held stays in flight {:.0?} more, while a Write of theirs may still land (flush.unknown_outcome_hold)",
+        h.writers, left
+    )
 }
 
 /// `flush --wait` gives up: what is left, and what it waits for.
@@ -861,6 +876,9 @@ fn print_status(s: &fga_wb::Status) {
         s.pending.deletes
     );
     out!("in flight         {}", s.pending.in_flight);
+    if let Some(h) = &s.held_over {
+        out!("held over         {}", held_over_note(h));
+    }
     if let Some(q) = &s.queue {
         out!(
             "queue             {} pending, {} running, {} scheduled retries",

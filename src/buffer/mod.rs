@@ -220,6 +220,8 @@ pub struct Pending {
 /// The entry of [`Store::shared_stats`] that counts the live application
 /// processes other than the caller.
 pub(crate) const LIVE_APPS: &str = "live_apps";
+/// The shared stat "writers held over/until (ms)" (see `Status::held_over`).
+pub(crate) const HELD_OVER: &str = "held_over";
 
 /// An op OpenFGA refused for good, kept with the server's reason.
 #[derive(Clone, Debug, Serialize)]

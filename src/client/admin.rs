@@ -58,6 +58,7 @@ impl WriteBehind {
             // not by every caller that polls the status.
             redis_keys: None,
             live_apps: None,
+            held_over: None,
         };
         status.merge_shared(&e.store.shared_stats().await?);
         Ok(status)

@@ -903,6 +903,22 @@ impl Store for RedisStore {
             // Writers whose lease ended while they wrote: Redis keeps what
             // they hold a while longer, but they are gone.
             live.retain(|w| !gone.contains(w));
+            if !gone.is_empty() {
+                let mut scores = redis::pipe();
+                for w in &gone {
+                    scores
+                        .cmd("ZSCORE")
+                        .arg(format!("{}:owners", self.prefix))
+                        .arg(w);
+                }
+                let until: Vec<Option<f64>> =
+                    scores.query_async(&mut conn).await.map_err(redis_error)?;
+                let latest = until.into_iter().flatten().fold(0.0, f64::max);
+                stats.insert(
+                    super::HELD_OVER.into(),
+                    format!("{}/{}", gone.len(), latest.max(0.0) as u64),
+                );
+            }
             // Each writer's own stop (see record_work), of those alive: one
             // process's note no longer overwrites another's, and a dead
             // process's is not shown.
