@@ -589,7 +589,7 @@ fn held_over_note(h: &fga_wb::HeldOver) -> String {
         .duration_since(std::time::SystemTime::now())
         .unwrap_or_default();
     format!(
-        "{} writer(s) stopped while writing (a crash); what they held stays in flight {:.0?} more, while a Write of theirs may still land (flush.unknown_outcome_hold)",
+        "{} writer(s) stopped while writing (crashed, or cut off from Redis); what they held stays in flight {:.0?} more, while a Write of theirs may still land (flush.unknown_outcome_hold)",
         h.writers, left
     )
 }

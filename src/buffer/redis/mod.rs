@@ -888,35 +888,31 @@ impl Store for RedisStore {
         Box::pin(async move {
             let mut conn = self.conn.clone();
             type Stats = std::collections::HashMap<String, String>;
-            let (mut stats, mut live, gone): (Stats, Vec<String>, Vec<String>) = redis::pipe()
+            type Owners = Vec<(String, f64)>;
+            let (mut stats, owners, gone): (Stats, Owners, Vec<String>) = redis::pipe()
                 .cmd("HGETALL")
                 .arg(format!("{}:stats", self.prefix))
                 .cmd("ZRANGEBYSCORE")
                 .arg(format!("{}:owners", self.prefix))
                 .arg(now_ms())
                 .arg("+inf")
+                .arg("WITHSCORES")
                 .cmd("HKEYS")
                 .arg(format!("{}:heldover", self.prefix))
                 .query_async(&mut conn)
                 .await
                 .map_err(redis_error)?;
             // Writers whose lease ended while they wrote: Redis keeps what
-            // they hold a while longer, but they are gone.
-            live.retain(|w| !gone.contains(w));
-            if !gone.is_empty() {
-                let mut scores = redis::pipe();
-                for w in &gone {
-                    scores
-                        .cmd("ZSCORE")
-                        .arg(format!("{}:owners", self.prefix))
-                        .arg(w);
-                }
-                let until: Vec<Option<f64>> =
-                    scores.query_async(&mut conn).await.map_err(redis_error)?;
-                let latest = until.into_iter().flatten().fold(0.0, f64::max);
+            // they hold a while longer (to their lease's end, now), but they
+            // are gone. A mark whose writer has no lease left is stale.
+            let (held, owners): (Owners, Owners) =
+                owners.into_iter().partition(|(w, _)| gone.contains(w));
+            let live: Vec<String> = owners.into_iter().map(|(w, _)| w).collect();
+            if !held.is_empty() {
+                let until = held.iter().map(|(_, at)| *at).fold(0.0, f64::max);
                 stats.insert(
                     super::HELD_OVER.into(),
-                    format!("{}/{}", gone.len(), latest.max(0.0) as u64),
+                    format!("{}/{}", held.len(), until.max(0.0) as u64),
                 );
             }
             // Each writer's own stop (see record_work), of those alive: one

@@ -1457,6 +1457,8 @@ if cmd == 'heartbeat' then
       rcall('HDEL', P .. ':beats', beats[i])
       rcall('HDEL', P .. ':terms', beats[i])
       rcall('HDEL', P .. ':holdfor', beats[i])
+      -- A mark an older version's reclaim left behind.
+      rcall('HDEL', P .. ':heldover', beats[i])
     end
   end
   -- Write marks past their use go even when nothing is being written.
