@@ -472,9 +472,9 @@ async fn late_grant_revoked(wb: &WriteBehind, s: &support::TestStore, proxy: &te
 /// the grant, and the worker is SIGKILLed within the hold. The revoke,
 /// acknowledged meanwhile, is written by a second `fga-wb worker` once
 /// `fga-wb flush --wait` has waited for it: only after the hold's end
-/// (12 s), since the killed worker's lease was kept in Redis that long, so
-/// after the late grant (8 s) and not at the end of the worker's own 3 s
-/// lease. Before, the second worker wrote the revoke about 3 s after the
+/// (12 s), since the killed worker's lease was kept in Redis that long
+/// (and a hold more, since it died holding the job), so after the late
+/// grant (8 s) and not at the end of the worker's own 3 s lease. Before, the second worker wrote the revoke about 3 s after the
 /// kill, and the late grant left the tuple in OpenFGA.
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -175,6 +175,9 @@ struct LateWriter {
     name: String,
     /// The term its last take answered.
     term: String,
+    /// The `flush.unknown_outcome_hold` it records with a new term (ms; 0:
+    /// none).
+    hold_ms: u64,
 }
 
 impl LateWriter {
@@ -190,6 +193,7 @@ impl LateWriter {
             },
             name: name.to_owned(),
             term: String::new(),
+            hold_ms: 0,
         }
     }
 
@@ -216,6 +220,8 @@ impl LateWriter {
             .arg(u64::MAX / 2)
             .arg(&self.name)
             .arg(lease_ms)
+            .arg("")
+            .arg(self.hold_ms)
             .invoke_async(&mut self.conn)
             .await?;
         self.term = out[1].clone();
@@ -404,6 +410,83 @@ async fn a_writer_back_from_a_pause_counts_each_op_once() {
     assert_eq!((t.acknowledged, t.applied, t.coalesced), (7, 5, 2), "{t:?}");
     support::assert_accounted(&b).await;
     assert_eq!(stored(&s).await, [key("u1"), key("u4"), key("u5")]);
+}
+
+/// A writer whose lease ends while it holds keys (a crash, with a Write
+/// perhaps under way) keeps them for its recorded hold past its lease's
+/// end: the newer op waits, checks count its op in flight, and `status`
+/// shows it held over. Once it renews it carries on in the same term. A
+/// writer whose hold has passed by the time its lease is found ended, and
+/// one that stopped keeping its lease to an end (`release` with an end),
+/// are handed back at once: no second hold.
+#[tokio::test]
+async fn a_writer_whose_lease_ends_while_it_writes_is_held_for_its_hold() {
+    let s = new_store("redis-held-over").await;
+    let b = manual_handle(&s).await;
+    let key = |u: &str| format!("document:held#viewer@user:{u}");
+    let held = |b: &WriteBehind| {
+        let b = b.clone();
+        async move { b.status().await.unwrap().held_over }
+    };
+    let in_flight = |b: &WriteBehind| {
+        let b = b.clone();
+        async move { b.pending().await.unwrap().in_flight }
+    };
+    b.grant("user:a", "viewer", "document:held").await.unwrap();
+    let mut a = LateWriter::new(&s, "app:held").await;
+    a.hold_ms = 120_000;
+    // Its lease (1 ms) ended a minute ago; its hold runs a minute more.
+    assert_eq!(a.take_at(now_ms() - 60_000, 1).await.len(), 1);
+    let term = a.term.clone();
+    b.revoke("user:a", "viewer", "document:held").await.unwrap();
+    let p = b.pending().await.unwrap();
+    assert_eq!((p.total, p.in_flight), (1, 1), "the revoke waits: {p:?}");
+    let h = held(&b).await.expect("a held over");
+    assert_eq!(h.writers, 1);
+    assert!(
+        h.until > std::time::SystemTime::now() + Duration::from_secs(30),
+        "{h:?}"
+    );
+    // Denied, or failed closed while the revoke waits.
+    assert!(!matches!(
+        b.check("user:a", "viewer", "document:held").await,
+        Ok(true)
+    ));
+    // Back: same term, no longer held over, still writing its op.
+    assert!(a.take_at(now_ms(), 60_000).await.is_empty());
+    assert_eq!(a.term, term);
+    assert_eq!(held(&b).await, None);
+    assert_eq!(in_flight(&b).await, 1);
+
+    // Its hold passed before anyone found its lease ended: handed back.
+    b.grant("user:c", "viewer", "document:held").await.unwrap();
+    let mut c = LateWriter::new(&s, "app:held-long-ago").await;
+    c.hold_ms = 120_000;
+    assert_eq!(c.take_at(now_ms() - 200_000, 1).await[&key("c")], "3");
+    assert_eq!(in_flight(&b).await, 1, "c's op is pending again");
+    assert_eq!(held(&b).await, None);
+
+    // A stop that keeps its lease to an end drops its hold: handed back
+    // when that end passes, not a hold later.
+    b.grant("user:d", "viewer", "document:held").await.unwrap();
+    let mut d = LateWriter::new(&s, "app:held-stopped").await;
+    d.hold_ms = 120_000;
+    let mut taken = d.take_at(now_ms() - 60_000, 1).await;
+    assert!(taken.remove(&key("d")).is_some(), "{taken:?}");
+    let released: i64 = d
+        .script
+        .key(&d.prefix)
+        .arg(&["release", d.publish])
+        .arg(now_ms())
+        .arg(&d.name)
+        .arg(now_ms() - 1_000)
+        .invoke_async(&mut d.conn)
+        .await
+        .unwrap();
+    assert_eq!(released, 0);
+    assert_eq!(in_flight(&b).await, 1, "d's op is pending again");
+    assert_eq!(held(&b).await, None);
+    b.shutdown().await.unwrap();
 }
 
 /// A writer whose lease ended while it was paused, and that takes again

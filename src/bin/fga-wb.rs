@@ -456,7 +456,7 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
                 Some(e) => Err(Failure {
                     code: 1,
                     message: format!(
-                        "the {} replayed ops are pending (nothing is lost), but the flush after the replay did not finish: {e}; `fga-wb flush` writes what is left of them once that is fixed",
+                        "replayed {} dead letters (nothing is lost), but the flush after the replay did not finish: {e}; what it did not write stays pending, and `fga-wb flush` writes it once that is fixed",
                         r.replayed
                     ),
                 }),
@@ -681,7 +681,8 @@ async fn transient_letters(wb: &WriteBehind, s: &fga_wb::Status) -> Result<usize
 
 /// Flushes again and again until nothing is pending, in flight or queued,
 /// and returns how many ops its own flushes queued: ops a dead process
-/// held come back pending when its lease ends and are flushed again; in
+/// held come back pending when its lease ends (a hold later if it was
+/// writing) and are flushed again; in
 /// queue mode the workers apply the jobs, and replay ops that died of
 /// transient failures. A progress bar on a terminal, a line every 5 s
 /// otherwise (unless `quiet`: --json).

@@ -268,8 +268,10 @@ pub struct FlushConfig {
     /// waiting for it (a timeout, a connection cut after the request went
     /// out, a gateway's 502 or 504): the server's own request timeout plus
     /// any queueing in front of it. Its ops stay in flight that long, so no
-    /// newer op on those tuples is written before it could land. At most
-    /// 10 min; 0 turns holds off.
+    /// newer op on those tuples is written before it could land. A process
+    /// or worker that dies while writing (Redis store) leaves what it held
+    /// to the others this long after its lease ends, for the same reason.
+    /// At most 10 min; 0 turns holds off.
     #[serde(with = "duration")]
     pub unknown_outcome_hold: Duration,
 }

@@ -547,7 +547,7 @@ async fn run_worker(
             stopping();
             tokio::time::sleep(grace).await
         } => {
-            tracing::warn!("shutdown deadline passed with jobs running; they will run again on another worker once this worker's lease ends");
+            tracing::warn!("shutdown deadline passed with jobs running; they will run again on another worker once this worker's lease ends (kept until their Writes can no longer land)");
             cut_off = true;
             Ok(())
         }

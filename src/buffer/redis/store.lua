@@ -1453,7 +1453,10 @@ if cmd == 'heartbeat' then
   -- Heartbeats of writers gone for long (kept for confirmed until then).
   local beats = rcall('HGETALL', P .. ':beats')
   for i = 1, #beats, 2 do
-    if (tonumber(beats[i + 1]) or 0) < now - BEATS_KEEP_MS then
+    -- Not a writer whose lease (or hold past it) still runs: a long lease
+    -- and hold can outlast its last heartbeat by more than that.
+    if (tonumber(beats[i + 1]) or 0) < now - BEATS_KEEP_MS
+        and (tonumber(rcall('ZSCORE', P .. ':owners', beats[i])) or 0) < now then
       rcall('HDEL', P .. ':beats', beats[i])
       rcall('HDEL', P .. ':terms', beats[i])
       rcall('HDEL', P .. ':holdfor', beats[i])
