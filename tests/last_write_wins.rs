@@ -416,20 +416,32 @@ async fn grant_held_then_revoke(
     proxy: &testenv::HoldProxy,
     delay: Duration,
 ) -> tokio::task::JoinHandle<fga_wb::Result<fga_wb::FlushReport>> {
-    let (user, relation, object) = LATE;
-    proxy.hold_next(&[b"/write", user.as_bytes()], delay);
-    wb.grant(user, relation, object).await.unwrap();
+    grant_held(wb, proxy, delay).await;
     let flushing = {
         let wb = wb.clone();
         tokio::spawn(async move { wb.flush().await })
     };
+    revoke_once_held(wb, proxy).await;
+    flushing
+}
+
+/// Grants `LATE` through `wb`, and has `proxy` keep its Write from OpenFGA
+/// for `delay`.
+async fn grant_held(wb: &WriteBehind, proxy: &testenv::HoldProxy, delay: Duration) {
+    let (user, relation, object) = LATE;
+    proxy.hold_next(&[b"/write", user.as_bytes()], delay);
+    wb.grant(user, relation, object).await.unwrap();
+}
+
+/// Revokes `LATE` through `wb` once `proxy` holds the grant's Write.
+async fn revoke_once_held(wb: &WriteBehind, proxy: &testenv::HoldProxy) {
+    let (user, relation, object) = LATE;
     assert_eq!(
         proxy.wait_held(1, Duration::from_secs(30)).await,
         1,
         "the grant's Write never reached the proxy"
     );
     wb.revoke(user, relation, object).await.unwrap();
-    flushing
 }
 
 /// Flushes `wb` until nothing is pending or in flight, then as
@@ -572,15 +584,9 @@ async fn killed_while_writing(name: &str, mode: Mode, kill: Kill) {
             (first, Some(flushing))
         }
         _ => {
-            proxy.hold_next(&[b"/write", user.as_bytes()], Duration::from_secs(8));
-            wb.grant(user, relation, object).await.unwrap();
+            grant_held(&wb, &proxy, Duration::from_secs(8)).await;
             let first = spawn(&delayed, &["flush"]);
-            assert_eq!(
-                proxy.wait_held(1, Duration::from_secs(30)).await,
-                1,
-                "the grant's Write never reached the proxy"
-            );
-            wb.revoke(user, relation, object).await.unwrap();
+            revoke_once_held(&wb, &proxy).await;
             (first, None)
         }
     };

@@ -655,18 +655,16 @@ impl Engine {
         let cut_off = cut_off && self.sink.is_none();
         let now = Instant::now();
         let keep = match (cut_off, held) {
-            (false, None) => None,
-            // With holds off, `now`: the lease is not released, and ends by
-            // itself.
-            (true, held) => Some(
-                held.unwrap_or(now).max(
-                    now.checked_add(self.cfg.unknown_outcome_hold)
-                        .unwrap_or(now),
-                ),
+            // A hold from now: later than any hold cut short, which began
+            // before now. With holds off, `now`: the lease is not
+            // released, and ends by itself.
+            (true, _) => Some(
+                now.checked_add(self.cfg.unknown_outcome_hold)
+                    .unwrap_or(now),
             ),
             (false, Some(held)) if held > now => Some(held),
-            // Ended already: it can no longer land.
-            (false, Some(_)) => None,
+            // None cut short, or it ended already: it can no longer land.
+            (false, _) => None,
         };
         let keep = keep.map(Instant::into_std);
         if let Err(e) = self.store.release(keep).await {

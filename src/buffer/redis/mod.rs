@@ -228,6 +228,12 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// `at`, on the clock leases are kept by (ms since the epoch).
+fn ms_at(at: std::time::Instant) -> u64 {
+    let left = at.saturating_duration_since(std::time::Instant::now());
+    now_ms().saturating_add(left.as_millis() as u64)
+}
+
 /// A Redis failure as a crate error: connection problems are transient.
 pub(crate) fn redis_error(e: redis::RedisError) -> Error {
     redis_kind(&e).caused_by(e)
@@ -831,12 +837,10 @@ impl Store for RedisStore {
     fn release(&self, keep_until: Option<std::time::Instant>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             self.heartbeat.abort();
-            let now = now_ms();
             let mut a = Args::new("release", self.publish);
-            a.push(now).push(&self.writer);
+            a.push(now_ms()).push(&self.writer);
             if let Some(until) = keep_until {
-                let left = until.saturating_duration_since(std::time::Instant::now());
-                a.push(now.saturating_add(left.as_millis() as u64));
+                a.push(ms_at(until));
             }
             self.call(&a).await?;
             Ok(())
@@ -845,10 +849,8 @@ impl Store for RedisStore {
 
     fn keep_lease_until(&self, until: std::time::Instant) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            let left = until.saturating_duration_since(std::time::Instant::now());
             let mut a = Args::new("lease", self.publish);
-            a.push(&self.writer)
-                .push(now_ms().saturating_add(left.as_millis() as u64));
+            a.push(&self.writer).push(ms_at(until));
             self.call(&a).await?;
             Ok(())
         })

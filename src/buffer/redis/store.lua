@@ -803,6 +803,18 @@ local function renew(writer, now, lease, had, hold)
   return ends, term
 end
 
+-- Keeps `writer`'s lease to `to` (ms) at least; its lease's end now, or nil
+-- once reclaimed: that is not brought back, since what it held went to
+-- others already (see lease).
+local function keep_lease(writer, to)
+  local ends = tonumber(rcall('ZSCORE', P .. ':owners', writer))
+  if ends and to and to > ends then
+    rcall('ZADD', P .. ':owners', to, writer)
+    ends = to
+  end
+  return ends
+end
+
 local function init_epoch(now)
   if rcall('EXISTS', P .. ':epoch') == 0 then
     rcall('SET', P .. ':epoch', now)
@@ -1551,13 +1563,9 @@ end
 -- then, not a hold later. One call: a stop whose lease could not be kept
 -- keeps its hold record too.
 if cmd == 'release' then
-  local now, writer, to = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+  local now, writer = tonumber(ARGV[3]), ARGV[4]
   if ARGV[5] then
-    local ends = tonumber(rcall('ZSCORE', P .. ':owners', writer))
-    -- Once reclaimed, not brought back (see lease).
-    if not ends then return 0 end
-    if to and to > ends then rcall('ZADD', P .. ':owners', to, writer) end
-    rcall('HDEL', P .. ':holdfor', writer)
+    if keep_lease(writer, tonumber(ARGV[5])) then rcall('HDEL', P .. ':holdfor', writer) end
     return 0
   end
   rcall('HDEL', P .. ':holdfor', writer)
@@ -1578,15 +1586,11 @@ end
 -- while nobody has reclaimed it (nothing went to others yet); once
 -- reclaimed it is not brought back: what it held went to others already.
 if cmd == 'lease' then
-  local writer, to = ARGV[3], tonumber(ARGV[4])
-  local ends = tonumber(rcall('ZSCORE', P .. ':owners', writer))
+  local writer = ARGV[3]
+  local ends = keep_lease(writer, tonumber(ARGV[4]))
   if not ends then return 0 end
   -- Alive, as renew says.
   rcall('HDEL', P .. ':heldover', writer)
-  if to and to > ends then
-    rcall('ZADD', P .. ':owners', to, writer)
-    ends = to
-  end
   return ends
 end
 
