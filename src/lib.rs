@@ -102,7 +102,7 @@ mod status;
 pub mod testing;
 pub mod tuple;
 
-pub use buffer::{DeadLetter, KeyUsage, Pending, Replayed};
+pub use buffer::{DeadLetter, KeyUsage, Pending, Replayed, Unfinished};
 pub use client::{Builder, Health, ShutdownReport, WriteBehind};
 pub use config::Config;
 pub use error::{Error, Result};

@@ -436,6 +436,79 @@ async fn queue_flush_wait_and_worker_sigterm() {
     );
 }
 
+/// `flush --wait` while an application keeps granting, inline: it waits
+/// for what was acknowledged before it began, not for a moment with
+/// nothing pending, which steady traffic never gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_wait_ends_under_steady_traffic() {
+    flush_wait_under_traffic("cli-steady", Mode::Inline).await;
+}
+
+/// The same in queue mode, with a worker applying the jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_flush_wait_ends_under_steady_traffic() {
+    flush_wait_under_traffic("cli-steady-queue", Mode::Queue).await;
+}
+
+async fn flush_wait_under_traffic(name: &str, mode: Mode) {
+    let s = new_store(name).await;
+    let cli = Cli::new(
+        &s,
+        if mode == Mode::Queue {
+            "queue"
+        } else {
+            "inline"
+        },
+    );
+    let wb = filler(&s, mode).await;
+    let _worker = (mode == Mode::Queue).then(|| {
+        cli.command(&["worker"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn fga-wb worker")
+    });
+    const N: usize = 100;
+    support::grant_users(&wb, "document:before", 0..N).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let granted = Arc::new(AtomicUsize::new(0));
+    let (started_tx, mut started) = tokio::sync::watch::channel(0usize);
+    let fill = tokio::spawn({
+        let (wb, stop, granted) = (wb.clone(), stop.clone(), granted.clone());
+        async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                wb.grant(&format!("user:u{i}"), "viewer", "document:steady")
+                    .await
+                    .unwrap();
+                i += 1;
+                granted.store(i, Ordering::Relaxed);
+                started_tx.send_replace(i);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    });
+    started.wait_for(|n| *n >= 20).await.unwrap();
+    let before = granted.load(Ordering::Relaxed);
+    let r = cli.run(&["flush", "--wait", "--timeout", "40s"]).await;
+    let during = granted.load(Ordering::Relaxed) - before;
+    stop.store(true, Ordering::Relaxed);
+    fill.await.unwrap();
+    r.ok();
+    assert!(during > 0, "the application granted while it ran");
+    let stored: std::collections::HashSet<String> = stored(&s).await.into_iter().collect();
+    let acknowledged_before = (0..N)
+        .map(|i| format!("document:before#viewer@user:u{i}"))
+        .chain((0..before).map(|i| format!("document:steady#viewer@user:u{i}")));
+    let missing: Vec<String> = acknowledged_before
+        .filter(|t| !stored.contains(t))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged before `flush --wait` began, not in OpenFGA when it exited 0: {missing:?}"
+    );
+}
+
 /// A revoke that died of transient failures (its worker could not reach
 /// OpenFGA through the retry schedule, while the application could): OpenFGA
 /// still holds the grant, so the checks the revoke can change fail closed

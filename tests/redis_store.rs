@@ -646,6 +646,83 @@ async fn a_repeated_finish_answers_what_the_first_did() {
     assert_eq!(kept, ["8|1|0|0|0"]);
 }
 
+/// What `flush --wait` waits for (`unfinished`): the ops acknowledged up
+/// to a mark, wherever they go (pending, folded into a newer op, being
+/// written, written with a newer op blocked behind, dead of transient
+/// causes and replayed, held by a queued job and by the worker running
+/// it), and none acknowledged after it.
+#[tokio::test]
+async fn unfinished_follows_the_ops_acknowledged_before_a_mark() {
+    let s = new_store("redis-unfinished").await;
+    let b = manual_handle(&s).await;
+    let left = |mark| {
+        let b = b.clone();
+        async move {
+            let u = b.unfinished(mark).await.unwrap();
+            (u.ops, u.transient_letters)
+        }
+    };
+    for doc in ["document:u1", "document:u2", "document:u3"] {
+        b.grant("user:anne", "viewer", doc).await.unwrap();
+    }
+    let mark = b.last_acknowledged().await.unwrap();
+    b.grant("user:anne", "viewer", "document:u4").await.unwrap();
+    assert_eq!(left(mark).await, (3, 0));
+    // Folded into a newer op, it keeps its place in line.
+    b.revoke("user:anne", "viewer", "document:u1")
+        .await
+        .unwrap();
+    assert_eq!(left(mark).await, (3, 0));
+    assert_eq!(left(b.last_acknowledged().await.unwrap()).await, (4, 0));
+
+    let mut w = LateWriter::new(&s, "app:unfinished").await;
+    let taken = w.take_at(now_ms(), 60_000).await;
+    assert_eq!(taken.len(), 4);
+    let key = |doc: &str| format!("document:{doc}#viewer@user:anne");
+    assert_eq!(left(mark).await, (1, 0), "being written");
+    // A newer op on u2 waits behind u2's write.
+    b.revoke("user:anne", "viewer", "document:u2")
+        .await
+        .unwrap();
+    for (doc, outcome) in [("u1", "a"), ("u4", "a"), ("u3", "D")] {
+        w.finish(&key(doc), &taken[&key(doc)], outcome).await;
+    }
+    assert_eq!(left(mark).await, (1, 1), "u2 being written, u3 dead");
+    w.finish(&key("u2"), &taken[&key("u2")], "a").await;
+    assert_eq!(
+        left(mark).await,
+        (0, 1),
+        "u2's newer revoke is not waited for"
+    );
+    // Replayed, u3's grant is still the op acknowledged before the mark.
+    let replayed: Vec<redis::Value> = w
+        .script
+        .key(&w.prefix)
+        .arg(&["replay", w.publish])
+        .arg(now_ms())
+        .arg(1000)
+        .arg(&["1", "*"])
+        .invoke_async(&mut w.conn)
+        .await
+        .unwrap();
+    assert_eq!(replayed[0], redis::Value::Int(1), "{replayed:?}");
+    assert_eq!(left(mark).await, (1, 0));
+    b.flush().await.unwrap();
+    assert_eq!(left(mark).await, (0, 0));
+    assert_eq!(stored(&s).await, [key("u3")]);
+
+    // In queue mode: held by a queued job, then by the worker running it.
+    let app = one_queued_job(&s, "document:u5").await;
+    let mark = app.last_acknowledged().await.unwrap();
+    assert_eq!(left(mark).await, (1, 0), "queued");
+    let mut worker = LateWriter::new(&s, "worker:unfinished").await;
+    let jobs = worker.fetch_at(now_ms(), 60_000).await;
+    let (job, ops) = &jobs[0];
+    assert_eq!(left(mark).await, (1, 0), "running");
+    worker.finish_job(job, &ops[0].0, &ops[0].1, "a", &[]).await;
+    assert_eq!(left(mark).await, (0, 0));
+}
+
 /// A manual handle on `s` with anne's grant as viewer of `object`, taken by
 /// writer `name` whose lease then ended and was found so by the handle: the
 /// op is ready again. Returns the handle, the writer and the op's seq.

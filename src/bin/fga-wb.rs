@@ -63,10 +63,13 @@ enum Command {
     },
     /// Write (inline mode) or enqueue (queue mode) everything pending.
     Flush {
-        /// Keep flushing until nothing is pending, in flight or queued
-        /// (ops a dead process held come back and are flushed again; in
-        /// queue mode, until workers applied every job and replayed every
-        /// op that died of transient failures). Exits 0 only then; in queue
+        /// Keep flushing until every op acknowledged before the command
+        /// began is written: none pending, in flight or queued (ops a dead
+        /// process held come back and are flushed again; in queue mode,
+        /// until workers applied their jobs and replayed those that died of
+        /// transient failures). Ops acknowledged later are flushed as they
+        /// come but not waited for, so it ends under steady traffic; an op
+        /// a newer one on its tuple superseded is done. Exits 0 only then; in queue
         /// mode without --timeout, exits 1 once no worker has run for 6
         /// worker leases (30 s by default), or at once when such dead ops
         /// wait and workers do not replay them (queue.replay_transient = 0).
@@ -304,7 +307,7 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
         }
         Command::Flush { wait, timeout } => {
             let started = tokio::time::Instant::now();
-            let waiting = Waiting {
+            let mut waiting = Waiting {
                 started,
                 // A timeout past what a clock can hold is no timeout.
                 deadline: timeout
@@ -315,8 +318,11 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
                 replays: (config.flush.mode == fga_wb::config::Mode::Queue)
                     .then_some(config.queue.replay_transient)
                     .filter(|every| !every.is_zero()),
+                mark: 0,
             };
             let before = within(wb, &waiting, wb.status()).await?.totals;
+            // What --wait waits for: ops acknowledged up to now.
+            waiting.mark = within(wb, &waiting, wb.last_acknowledged()).await?;
             // Inline, this flush writes everything pending first.
             let mut report = within(wb, &waiting, wb.flush()).await?;
             if *wait {
@@ -534,6 +540,8 @@ struct Waiting {
     /// Queue mode: how often workers replay ops that died of transient
     /// failures (`None`: they do not).
     replays: Option<Duration>,
+    /// The last op acknowledged when the command began: what it waits for.
+    mark: u64,
 }
 
 /// Ops not yet written (ops held by queued jobs count as in flight).
@@ -548,6 +556,15 @@ fn jobs_of(s: &fga_wb::Status) -> u64 {
             .saturating_add(q.running)
             .saturating_add(q.scheduled)
     })
+}
+
+/// The letters of `u` that `flush --wait` waits for: only workers replay
+/// letters; inline, they wait for the operator's `dlq replay`.
+fn letters_waited_for(s: &fga_wb::Status, u: &fga_wb::Unfinished) -> usize {
+    match s.queue {
+        Some(_) => usize::try_from(u.transient_letters).unwrap_or(usize::MAX),
+        None => 0,
+    }
 }
 
 /// Queue mode, and no worker was seen.
@@ -638,7 +655,7 @@ async fn within<T>(
 async fn left_after(wb: &WriteBehind, w: &Waiting) -> Failure {
     let look = async {
         let s = wb.status().await?;
-        let dead = transient_letters(wb, &s).await?;
+        let dead = letters_waited_for(&s, &wb.unfinished(w.mark).await?);
         Ok::<_, Failure>(gave_up(&s, w, dead))
     };
     match tokio::time::timeout(Duration::from_secs(5), look).await {
@@ -662,30 +679,14 @@ fn dead_note(dead: usize, every: Duration) -> String {
     )
 }
 
-/// Ops that died of transient failures (OpenFGA unreachable, or failing
-/// through a queue job's whole retry schedule) and whose letters are
-/// still their tuples' latest: not written, and workers may replay them.
-/// Read after `s`: the letters may have changed since (a worker's replay,
-/// more deaths), which `wait_until_applied` rules out with a second look.
-async fn transient_letters(wb: &WriteBehind, s: &fga_wb::Status) -> Result<usize, Failure> {
-    if s.dead_letters == 0 || s.queue.is_none() {
-        return Ok(0);
-    }
-    Ok(wb
-        .dead_letters()
-        .await?
-        .iter()
-        .filter(|d| d.transient && !d.superseded)
-        .count())
-}
-
-/// Flushes again and again until nothing is pending, in flight or queued,
-/// and returns how many ops its own flushes queued: ops a dead process
-/// held come back pending when its lease ends (a hold later if it was
-/// writing) and are flushed again; in
-/// queue mode the workers apply the jobs, and replay ops that died of
-/// transient failures. A progress bar on a terminal, a line every 5 s
-/// otherwise (unless `quiet`: --json).
+/// Flushes again and again until every op acknowledged before the command
+/// began (`w.mark`) is written, and returns how many ops its own flushes
+/// queued: ops a dead process held come back pending when its lease ends
+/// (a hold later if it was writing) and are flushed again; in queue mode
+/// the workers apply the jobs, and replay ops that died of transient
+/// failures. Ops acknowledged since are flushed too, but not waited for,
+/// so steady traffic does not keep it waiting. A progress bar on a
+/// terminal, a line every 5 s otherwise (unless `quiet`: --json).
 async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Result<u64, Failure> {
     use std::io::IsTerminal;
     let started = w.started;
@@ -704,56 +705,21 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
         let mut last_line = tokio::time::Instant::now();
         let mut queued = 0u64;
         let mut no_worker_since = None;
-        // The totals of a look that found nothing left (see below).
-        let mut empty_at: Option<fga_wb::Totals> = None;
-        // The last count of transient letters, with the letter count and
-        // totals of the status it was read after: every change to the
-        // letters (one dying, a replay, a newer op superseding one) moves
-        // one of them, so while neither moves the letters are not loaded
-        // again on every look.
-        let mut seen: Option<(usize, fga_wb::Totals, usize)> = None;
         loop {
             let status = wb.status().await?;
             let left = left_of(&status);
             bar.set_length(total.max(left));
             bar.set_position(total.saturating_sub(left));
-            let letters = match left == 0 && jobs_of(&status) == 0 {
-                true => Some(match &seen {
-                    Some((n, totals, dead))
-                        if *n == status.dead_letters && *totals == status.totals =>
-                    {
-                        *dead
-                    }
-                    _ => {
-                        let dead = transient_letters(wb, &status).await?;
-                        seen = Some((status.dead_letters, status.totals.clone(), dead));
-                        dead
-                    }
-                }),
-                false => None,
-            };
-            let dead = letters.unwrap_or(0);
-            if letters.is_some() {
+            // One look, atomic in the store, at what is left of the ops
+            // acknowledged before the command began: an op moving on
+            // meanwhile (taken, dead, replayed) is seen where it is.
+            let u = wb.unfinished(w.mark).await?;
+            let dead = letters_waited_for(&status, &u);
+            if u.ops == 0 {
                 match w.replays {
-                    // A status is several Redis reads, and the letters are
-                    // read after it: a worker's replay between the pending
-                    // ops' read and the letters' count or load is in none
-                    // of them. It moves a store-wide total (acknowledged):
-                    // nothing is left when a second look, begun after this
-                    // one, finds nothing either and no total moved in
-                    // between.
-                    _ if dead == 0 && empty_at.as_ref() == Some(&status.totals) => {
+                    _ if dead == 0 => {
                         bar.finish();
                         return Ok(queued);
-                    }
-                    // The first time at once; while totals keep moving (other
-                    // processes' ops written as they come), at the usual pace.
-                    _ if dead == 0 => {
-                        let again = empty_at.is_none();
-                        empty_at = Some(status.totals.clone());
-                        if again {
-                            continue;
-                        }
                     }
                     None => {
                         bar.abandon();
@@ -766,9 +732,6 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
                     }
                     Some(_) => {}
                 }
-            }
-            if letters != Some(0) {
-                empty_at = None;
             }
             let note = waiting_for(&status, dead, w.replays, false);
             // In queue mode a worker's stop is final for the wait; inline,

@@ -217,6 +217,31 @@ pub struct Pending {
     pub oldest_age: Option<Duration>,
 }
 
+/// What is not done yet of the ops acknowledged up to a sequence number
+/// (see [`WriteBehind::unfinished`](crate::WriteBehind::unfinished)).
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Unfinished {
+    /// Ops still pending, being written or held by jobs. Zero only when
+    /// none is; else exact for pending ops, and at least 1 where only ops
+    /// in flight or queued are left (the Redis store's look ends at the
+    /// first it finds).
+    pub ops: u64,
+    /// Ops that died of transient causes (OpenFGA unreachable, a queue
+    /// job's retries spent) whose letters are still their tuples' latest:
+    /// not written, and a replay may still write them.
+    pub transient_letters: u64,
+}
+
+impl Unfinished {
+    /// Nothing of them is left: each op was applied, dead-lettered for
+    /// good (OpenFGA refused it), cleared, or superseded by a newer op on
+    /// its tuple.
+    pub fn is_done(&self) -> bool {
+        self.ops == 0 && self.transient_letters == 0
+    }
+}
+
 /// The entry of [`Store::shared_stats`] that counts the live application
 /// processes other than the caller.
 pub(crate) const LIVE_APPS: &str = "live_apps";
@@ -327,6 +352,9 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn latest<'a>(&'a self, tuple: &'a TupleKey) -> BoxFuture<'a, Result<Option<(Op, bool)>>>;
     /// The highest sequence number handed out so far.
     fn last_seq(&self) -> BoxFuture<'_, Result<u64>>;
+    /// What is left of the ops acknowledged up to seq `up_to`, in one
+    /// consistent look (see [`Unfinished`]).
+    fn unfinished(&self, up_to: u64) -> BoxFuture<'_, Result<Unfinished>>;
     /// Counts of pending ops.
     fn pending(&self) -> BoxFuture<'_, Result<Pending>>;
     /// Pending ops, without waiting: `None` where that needs I/O.

@@ -64,6 +64,27 @@ impl WriteBehind {
         Ok(status)
     }
 
+    /// The sequence number of the newest op acknowledged so far: through
+    /// this handle with the memory store; through any process sharing the
+    /// store with the Redis store. With [`unfinished`](Self::unfinished),
+    /// waits for what was acknowledged before a moment while ops keep
+    /// arriving (`fga-wb flush --wait`).
+    pub async fn last_acknowledged(&self) -> Result<u64> {
+        self.inner.engine.store.last_seq().await
+    }
+
+    /// What is left of the ops acknowledged up to `seq` (from
+    /// [`last_acknowledged`](Self::last_acknowledged)): ops pending, in
+    /// flight or held by queued jobs, and ops that died of transient
+    /// causes and may still be replayed. Ops acknowledged later are not
+    /// counted, nor is an op a newer one on its tuple superseded (what the
+    /// application said last is what gets written). One consistent look:
+    /// an op moving on meanwhile (written, handed back by a crashed
+    /// writer, replayed) is seen where it is.
+    pub async fn unfinished(&self, seq: u64) -> Result<Unfinished> {
+        self.inner.engine.store.unfinished(seq).await
+    }
+
     /// Redis store: how many keys and bytes the store holds in Redis, by
     /// category (`pending`, `queue`, `dead`, `meta`, `legacy`); `None` for
     /// the memory store. Scans the store's keys (in steps), so it is for an

@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::buffer::{key_of, DeadLetter, Pending, Replayed, StoreEvent};
+use crate::buffer::{key_of, DeadLetter, Pending, Replayed, StoreEvent, Unfinished};
 use crate::cache::{CheckCache, Generation};
 use crate::config::{Config, Mode, Overflow, StoreKind};
 use crate::error::{Error, Kind, Result};

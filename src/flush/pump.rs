@@ -1272,7 +1272,7 @@ pub(crate) const RECORD_EVERY: Duration = Duration::from_millis(250);
 mod tests {
     use super::*;
     use crate::buffer::memory::MemoryStore;
-    use crate::buffer::{DeadLetter, JobEnd, Pending, Pushed, Relevant, Replayed};
+    use crate::buffer::{DeadLetter, JobEnd, Pending, Pushed, Relevant, Replayed, Unfinished};
     use crate::model::Dep;
     use crate::tuple::TupleKey;
     use std::sync::atomic::AtomicUsize;
@@ -1399,6 +1399,9 @@ mod tests {
         }
         fn last_seq(&self) -> BoxFuture<'_, Result<u64, Error>> {
             self.inner.last_seq()
+        }
+        fn unfinished(&self, up_to: u64) -> BoxFuture<'_, Result<Unfinished, Error>> {
+            self.inner.unfinished(up_to)
         }
         fn pending(&self) -> BoxFuture<'_, Result<Pending, Error>> {
             self.inner.pending()

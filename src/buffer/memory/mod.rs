@@ -29,7 +29,7 @@ use futures::future::{self, BoxFuture};
 
 use super::{
     counts_for, key_of, tuple_of, DeadLetter, Finished, Outcome, Pending, Pushed, Relevant,
-    Replayed, Store, Take, Taken,
+    Replayed, Store, Take, Taken, Unfinished,
 };
 use crate::error::{Error, Kind, Result};
 use crate::model::Dep;
@@ -256,11 +256,18 @@ impl MemoryStore {
 
     fn push_now(&self, tuple: &TupleKey, op: Op) -> Result<Pushed> {
         let mut shard = self.lock(self.shard_of(&tuple.object));
-        self.push_locked(&mut shard, tuple, op)
+        self.push_locked(&mut shard, tuple, op, None)
     }
 
-    /// Pushes with the tuple's shard locked.
-    fn push_locked(&self, shard: &mut Shard, tuple: &TupleKey, op: Op) -> Result<Pushed> {
+    /// Pushes with the tuple's shard locked. A new key's op takes its place
+    /// in line at `place` (an older seq) if given, else at its own seq.
+    fn push_locked(
+        &self,
+        shard: &mut Shard,
+        tuple: &TupleKey,
+        op: Op,
+        place: Option<u64>,
+    ) -> Result<Pushed> {
         let key = shared_key(tuple);
         let condition = tuple.condition.clone().map(Box::new);
         let now = self.now_cs();
@@ -278,11 +285,12 @@ impl MemoryStore {
                 }
                 // Numbered under the shard's lock: see the module docs.
                 let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
-                part.ready[kind(op)].insert(seq, v.key().clone());
+                let first = place.filter(|p| *p < seq).unwrap_or(seq);
+                part.ready[kind(op)].insert(first, v.key().clone());
                 v.insert(Slot {
                     pending: Some(Entry {
                         seq,
-                        first: seq,
+                        first,
                         condition,
                         since: now,
                         attempts: 0,
@@ -546,7 +554,9 @@ impl MemoryStore {
                 dead.remove(d.id);
                 r.superseded += 1;
             } else {
-                match self.push_locked(&mut shard, &d.tuple, d.op) {
+                // In line at the letter's own seq: to `unfinished` it is
+                // the op acknowledged then, not a new one.
+                match self.push_locked(&mut shard, &d.tuple, d.op, Some(d.seq)) {
                     Ok(_) => {
                         dead.remove(d.id);
                         r.replayed += 1;
@@ -750,6 +760,39 @@ impl MemoryStore {
         }
     }
 
+    /// Every shard's lock, then the letters': an op moving between them
+    /// (dying, replayed) is seen on one side. Locks are taken in the order
+    /// every other path takes them (a shard, then the letters).
+    fn unfinished_now(&self, up_to: u64) -> Unfinished {
+        let shards: Vec<_> = (0..SHARDS).map(|s| self.lock(s)).collect();
+        let mut u = Unfinished::default();
+        for g in &shards {
+            for p in &g.parts {
+                for slot in p.slots.values() {
+                    let old = |e: &Entry| e.first <= up_to;
+                    // The op in flight, or else the one pending.
+                    if slot.in_flight.as_deref().is_some_and(old)
+                        || slot.pending.as_ref().is_some_and(old)
+                    {
+                        u.ops += 1;
+                    }
+                }
+            }
+        }
+        let dead = self.dead();
+        for d in dead.letters.values() {
+            let key = key_of(&d.tuple);
+            if d.transient
+                && d.seq <= up_to
+                && dead.is_newest(&key, d.id)
+                && !shards[self.shard_of(&d.tuple.object)].holds(&d.tuple, &key)
+            {
+                u.transient_letters += 1;
+            }
+        }
+        u
+    }
+
     fn clear_now(&self) -> Vec<(TupleKey, Op)> {
         let mut dropped = Vec::new();
         for s in 0..SHARDS {
@@ -860,6 +903,10 @@ impl Store for MemoryStore {
 
     fn last_seq(&self) -> BoxFuture<'_, Result<u64>> {
         Box::pin(future::ready(Ok(self.seq.load(Ordering::Acquire))))
+    }
+
+    fn unfinished(&self, up_to: u64) -> BoxFuture<'_, Result<Unfinished>> {
+        Box::pin(future::ready(Ok(self.unfinished_now(up_to))))
     }
 
     fn pending(&self) -> BoxFuture<'_, Result<Pending>> {

@@ -103,6 +103,55 @@ fn a_replay_into_a_full_buffer_keeps_the_letters() {
     assert_eq!(s.dead_now().len(), 1);
 }
 
+/// What `flush --wait` waits for: the ops acknowledged up to a mark,
+/// wherever they go (pending, folded into a newer op, in flight, dead of
+/// transient causes and replayed), and none acknowledged after it.
+#[test]
+fn unfinished_follows_the_ops_acknowledged_before_a_mark() {
+    let s = MemoryStore::new(10);
+    let [a, b, c] = ["a", "b", "c"].map(|u| t(&format!("user:{u}"), "viewer", "document:1"));
+    let left = |mark| {
+        let u = s.unfinished_now(mark);
+        (u.ops, u.transient_letters)
+    };
+    s.push_now(&a, Op::Grant).unwrap();
+    s.push_now(&b, Op::Grant).unwrap();
+    let mark = s.last();
+    s.push_now(&c, Op::Grant).unwrap();
+    assert_eq!(left(mark), (2, 0));
+    // Folded into a newer op, it keeps its place in line.
+    s.push_now(&a, Op::Revoke).unwrap();
+    assert_eq!(left(mark), (2, 0));
+    let taken = s.take_now(10, Take::All, u64::MAX);
+    assert_eq!(taken.len(), 3);
+    assert_eq!(left(mark), (2, 0), "in flight");
+    let outcome = |t: &Taken| match t.tuple.user.as_str() {
+        "user:b" => died(true),
+        _ => Outcome::Applied,
+    };
+    s.finish_now(
+        taken
+            .into_iter()
+            .map(|t| {
+                let o = outcome(&t);
+                (t, o)
+            })
+            .collect(),
+    );
+    assert_eq!(left(mark), (0, 1), "b died of a transient cause");
+    let r = s.replay_now(None, true).unwrap();
+    assert_eq!(r.replayed, 1);
+    assert_eq!(
+        left(mark),
+        (1, 0),
+        "replayed, b is still the op acknowledged then"
+    );
+    let taken = s.take_now(10, Take::All, mark);
+    assert_eq!(taken.len(), 1, "and a flush up to the mark takes it");
+    s.finish_now(taken.into_iter().map(|t| (t, Outcome::Applied)).collect());
+    assert_eq!(left(mark), (0, 0));
+}
+
 #[test]
 fn last_op_wins_and_counts_coalescing() {
     let s = MemoryStore::new(10);

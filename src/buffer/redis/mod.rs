@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     condition_of, key_of, op_of, shown_condition, stored_tuple, tuple_of, unreadable_outcome,
     Claim, DeadLetter, Finished, JobEnd, KeyUsage, Outcome, Pending, Pushed, Relevant, Replayed,
-    Store, StoreEvent, Take, Taken,
+    Store, StoreEvent, Take, Taken, Unfinished,
 };
 use crate::error::{Error, Kind, Result};
 use crate::model::{Dep, RelName};
@@ -753,6 +753,20 @@ impl Store for RedisStore {
                         s.chars().take(40).collect::<String>()
                     ))
                 }),
+            }
+        })
+    }
+
+    fn unfinished(&self, up_to: u64) -> BoxFuture<'_, Result<Unfinished>> {
+        Box::pin(async move {
+            let mut a = Args::new("unfinished", self.publish);
+            a.push(up_to);
+            match items(self.call(&a).await?)?.as_slice() {
+                [ops, letters] => Ok(Unfinished {
+                    ops: int(ops)?.max(0) as u64,
+                    transient_letters: int(letters)?.max(0) as u64,
+                }),
+                other => Err(corrupt(format!("unfinished returned {other:?}"))),
             }
         })
     }

@@ -559,9 +559,10 @@ local function supersede_letters(keys, seqs)
   end
 end
 
--- A new pending op on a key that has none.
-local function add_entry(key, op, cond, seq, now)
-  local e = { seq = seq, first = seq, since = now, op = op, state = 'r', job = '', writer = '', cond = cond }
+-- A new pending op on a key that has none; `first` (its place in line)
+-- defaults to its own seq.
+local function add_entry(key, op, cond, seq, now, first)
+  local e = { seq = seq, first = first or seq, since = now, op = op, state = 'r', job = '', writer = '', cond = cond }
   count_state(e, 1, key)
   index_latest(key, e, 1)
   set_ready(key, e, true)
@@ -1949,7 +1950,13 @@ if cmd == 'replay' then
         break
       else
         local seq = tostring(next_of(P .. ':seq'))
-        put(d.key, add_entry(d.key, d.op, d.cond, seq, now))
+        -- In line at the letter's own seq: to `unfinished` (flush --wait)
+        -- it is the op acknowledged then, not a new one.
+        local was, first = tonumber(d.seq), nil
+        if was and was >= 1 and was == math.floor(was) and was < tonumber(seq) then
+          first = string.format('%.0f', was)
+        end
+        put(d.key, add_entry(d.key, d.op, d.cond, seq, now, first))
         size = size + 1
         replayed = replayed + 1
         local rel = rel_of(d.key)
@@ -2099,6 +2106,66 @@ end
 -- blocked pub up_to -> ops pending behind a write in progress, with first <= up_to
 if cmd == 'blocked' then
   return rcall('ZCOUNT', P .. ':blocked', '-inf', tonumber(ARGV[3]))
+end
+
+-- Whether an op of `keys` acknowledged up to seq `up_to` is being
+-- written or held by a job: one whose place in line (`first`) is at most
+-- `up_to`, or, for a newer op blocked behind a write, the op being
+-- written (`ifseq`). 1 at the first found, else 0.
+local function any_unfinished(keys, up_to)
+  if #keys == 0 then return 0 end
+  local raw = hmget(K_OPS, keys)
+  for i = 1, #keys do
+    local e = parse(raw[i])
+    if e then
+      local seq = (e.state == 't' or e.state == 'j') and e.first or (e.state == 'b' and e.ifseq)
+      if seq and tonumber(seq) <= up_to then return 1 end
+    end
+  end
+  return 0
+end
+
+-- unfinished pub up_to -> {ops, letters}: of the ops acknowledged up to
+-- seq `up_to` (flush --wait's start), how many are still pending (exact),
+-- or else whether one is being written or held by a job (1: the look ends
+-- at the first), and how many died of transient causes with letters that
+-- are still their tuples' latest (a replay may still write them). In one
+-- call, so an op moving on (taken, handed back, dead, replayed: a replayed
+-- op keeps its letter's place in line) is seen where it is. Newer ops that
+-- superseded one of them are not waited for: the older op is done.
+if cmd == 'unfinished' then
+  local up_to = tonumber(ARGV[3])
+  local n = rcall('ZCOUNT', K_READY.g, '-inf', up_to) + rcall('ZCOUNT', K_READY.r, '-inf', up_to)
+    + rcall('ZCOUNT', K_BLOCKED, '-inf', up_to)
+  if n == 0 then
+    -- A held-over writer stays among the owners until reclaim hands its
+    -- keys on.
+    for _, w in ipairs(rcall('ZRANGE', P .. ':owners', 0, -1)) do
+      n = any_unfinished(rcall('SMEMBERS', P .. ':w:' .. w), up_to)
+      if n > 0 then break end
+    end
+  end
+  if n == 0 then
+    -- Oldest jobs first: they hold the oldest ops.
+    local ids = rcall('HKEYS', P .. ':jobs')
+    table.sort(ids, function(a, b) return (tonumber(a) or 0) < (tonumber(b) or 0) end)
+    for _, id in ipairs(ids) do
+      n = any_unfinished(rcall('SMEMBERS', P .. ':jk:' .. id), up_to)
+      if n > 0 then break end
+    end
+  end
+  local letters = 0
+  if rcall('HLEN', K_DEADKEY) > 0 then
+    local latest = rcall('HGETALL', K_DEADKEY)
+    for i = 1, #latest, 2 do
+      local key, id = latest[i], latest[i + 1]
+      if id ~= '0' and rcall('HEXISTS', K_OPS, key) == 0 then
+        local d = letter(rcall('HGET', K_DEAD, id))
+        if d and d.transient == true and (tonumber(d.seq) or 0) <= up_to then letters = letters + 1 end
+      end
+    end
+  end
+  return { n, letters }
 end
 
 -- queue pub now -> {due, running, scheduled, workers...}
