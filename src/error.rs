@@ -67,6 +67,13 @@ pub(crate) enum Kind {
         capacity: usize,
         waited: Option<Duration>,
     },
+    /// A replay of dead letters filled the buffer: `kept` letters stay.
+    ReplayFilledBuffer {
+        capacity: usize,
+        replayed: usize,
+        superseded: usize,
+        kept: usize,
+    },
     /// A check could depend on a revoke that did not reach OpenFGA in time; it
     /// fails closed rather than risk a stale allow.
     CheckWouldBeStale { waited: Duration },
@@ -282,9 +289,14 @@ impl Error {
         matches!(&*self.kind, Kind::Config(_))
     }
 
-    /// The buffer was full and the overflow policy refused the op.
+    /// The buffer was full and the overflow policy refused the op, or a
+    /// replay of dead letters stopped part way (the letters it did not
+    /// replay stay).
     pub fn is_buffer_full(&self) -> bool {
-        matches!(&*self.kind, Kind::BufferFull { .. })
+        matches!(
+            &*self.kind,
+            Kind::BufferFull { .. } | Kind::ReplayFilledBuffer { .. }
+        )
     }
 
     /// Redis failed or holds data fga-wb cannot read.
@@ -426,6 +438,15 @@ impl fmt::Display for Error {
                     "; the op was not accepted: retry later, flush, or raise buffer.capacity"
                 )
             }
+            Kind::ReplayFilledBuffer {
+                capacity,
+                replayed,
+                superseded,
+                kept,
+            } => write!(
+                f,
+                "replayed {replayed} dead letters (and dropped {superseded} superseded by a newer op on their tuple) until the write-behind buffer was full ({capacity} ops pending): {kept} stay dead letters, nothing is lost; flush, or raise buffer.capacity, and replay again"
+            ),
             Kind::CheckWouldBeStale { waited } => write!(
                 f,
                 "check denied (fail closed): a pending revoke (or grant with a condition) it could depend on was not applied to OpenFGA within {waited:?}; retry, or look at `fga-wb status`"

@@ -319,6 +319,20 @@ async fn a_write_cut_off_by_its_workers_stop_outlives_no_revoke() {
     late_grant_then_stop("late-cut-queue", Mode::Queue, Stop::MidRequest).await;
 }
 
+/// The same, with the worker embedded in an application that drops its
+/// run future (a `select!` that took another branch) while the job's
+/// Write is under way: what the worker spawned ends with it, its lease
+/// with them, and another worker takes the job over once the Write can no
+/// longer land. Before, the worker's replay task outlived the future and
+/// kept the worker's lease renewed for good: the job stayed running under
+/// a worker that no longer ran, and neither the grant nor the revoke
+/// after it was written again.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_of_a_dropped_embedded_worker_outlives_no_revoke() {
+    late_grant_then_stop("late-dropped-queue", Mode::Queue, Stop::Dropped).await;
+}
+
 /// When the first writer of `late_grant_then_stop` stops.
 #[cfg(feature = "redis")]
 #[derive(Clone, Copy, PartialEq)]
@@ -327,6 +341,8 @@ enum Stop {
     InHold,
     /// With its Write still under way.
     MidRequest,
+    /// Its future dropped (a worker) with its Write under way.
+    Dropped,
 }
 
 /// The scenario of the two tests above: the first writer (a process
@@ -341,7 +357,7 @@ async fn late_grant_then_stop(name: &str, mode: Mode, stop: Stop) {
         // The deadline is past the 5 s between looks for strays: the look
         // at the deadline must not give the held keys back either.
         Stop::InHold => (3, 8, 12, 6, 1),
-        Stop::MidRequest => (6, 12, 15, 1, 20),
+        Stop::MidRequest | Stop::Dropped => (6, 12, 15, 1, 20),
     };
     let (s, mut direct, proxy) = late_setup(name, StoreKind::Redis, mode).await;
     direct.redis.writer_lease = Duration::from_secs(lease);
@@ -359,6 +375,11 @@ async fn late_grant_then_stop(name: &str, mode: Mode, stop: Stop) {
     let flushing = grant_held_then_revoke(&first, &proxy, Duration::from_secs(delay)).await;
     // The writer of the grant stops while its Write is held by the proxy.
     match first_worker {
+        // Aborts the worker's task: its future is dropped.
+        Some(w) if stop == Stop::Dropped => {
+            drop(w);
+            first.close().await.unwrap();
+        }
         Some(w) => {
             w.stop().await;
             first.close().await.unwrap();

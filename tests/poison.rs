@@ -129,15 +129,20 @@ async fn a_replay_that_cannot_buffer_keeps_its_letters() {
     grant_with_poison(&wb, 20).await;
     wb.flush().await.unwrap();
     assert_eq!(wb.dead_letters().await.unwrap().len(), 3);
-    for i in 0..20 {
-        wb.grant(&format!("user:fill{i}"), "viewer", "document:full")
-            .await
-            .unwrap();
+    // Full, then with room for one (the replayed one is flushed, and dies
+    // again): the error says what was replayed and what stays.
+    for (fill, replayed, pending) in [(20, 0, 20), (19, 1, 0)] {
+        wb.clear().await.unwrap();
+        support::grant_users(&wb, "document:full", 0..fill).await;
+        let e = wb.replay_dead_letters(None).await.unwrap_err();
+        assert!(e.is_buffer_full(), "{e}");
+        let said = format!("replayed {replayed} dead letters");
+        assert!(e.to_string().contains(&said), "{e}");
+        let kept = format!("{} stay dead letters", 3 - replayed);
+        assert!(e.to_string().contains(&kept), "{e}");
+        assert_eq!(wb.dead_letters().await.unwrap().len(), 3, "no letter lost");
+        assert_eq!(wb.pending().await.unwrap().total, pending);
     }
-    let e = wb.replay_dead_letters(None).await.unwrap_err();
-    assert!(e.is_buffer_full(), "{e}");
-    assert_eq!(wb.dead_letters().await.unwrap().len(), 3, "no letter lost");
-    assert_eq!(wb.pending().await.unwrap().total, 20);
 }
 
 /// Dead letters (real server): after a poison flush, replaying one dead

@@ -231,6 +231,28 @@ impl LateWriter {
             .collect())
     }
 
+    /// The place in line (`first`) of `key`'s entry, and when it became
+    /// pending (`since`).
+    async fn place(&mut self, key: &str) -> Vec<String> {
+        let e: String = self.on_key("HGET", "ops", &[key]).await;
+        e.split('|').skip(1).take(2).map(str::to_owned).collect()
+    }
+
+    /// Replays every letter that died of transient causes, as a worker.
+    async fn replay_all(&mut self) {
+        let replayed: Vec<redis::Value> = self
+            .script
+            .key(&self.prefix)
+            .arg(&["replay", self.publish])
+            .arg(now_ms())
+            .arg(1000)
+            .arg(&["1", "*"])
+            .invoke_async(&mut self.conn)
+            .await
+            .unwrap();
+        assert_eq!(replayed[0], redis::Value::Int(1), "{replayed:?}");
+    }
+
     /// Runs `cmd` on the store's key `P:<key>` with `args`: what a test
     /// reads or breaks in Redis.
     async fn on_key<T: redis::FromRedisValue>(&mut self, cmd: &str, key: &str, args: &[&str]) -> T {
@@ -680,6 +702,8 @@ async fn unfinished_follows_the_ops_acknowledged_before_a_mark() {
     assert_eq!(taken.len(), 4);
     let key = |doc: &str| format!("document:{doc}#viewer@user:anne");
     assert_eq!(left(mark).await, (1, 0), "being written");
+    // u3's place in line, and when it became pending.
+    let u3_place = w.place(&key("u3")).await;
     // A newer op on u2 waits behind u2's write.
     b.revoke("user:anne", "viewer", "document:u2")
         .await
@@ -687,26 +711,31 @@ async fn unfinished_follows_the_ops_acknowledged_before_a_mark() {
     for (doc, outcome) in [("u1", "a"), ("u4", "a"), ("u3", "D")] {
         w.finish(&key(doc), &taken[&key(doc)], outcome).await;
     }
-    assert_eq!(left(mark).await, (1, 1), "u2 being written, u3 dead");
+    assert_eq!(
+        left(mark).await,
+        (1, 0),
+        "u2 being written (letters count once no op is left)"
+    );
     w.finish(&key("u2"), &taken[&key("u2")], "a").await;
     assert_eq!(
         left(mark).await,
         (0, 1),
-        "u2's newer revoke is not waited for"
+        "u3 dead; u2's newer revoke is not waited for"
     );
-    // Replayed, u3's grant is still the op acknowledged before the mark.
-    let replayed: Vec<redis::Value> = w
-        .script
-        .key(&w.prefix)
-        .arg(&["replay", w.publish])
-        .arg(now_ms())
-        .arg(1000)
-        .arg(&["1", "*"])
-        .invoke_async(&mut w.conn)
-        .await
-        .unwrap();
-    assert_eq!(replayed[0], redis::Value::Int(1), "{replayed:?}");
+    // Replayed, u3's grant is still the op acknowledged before the mark:
+    // in line where it was, pending since it was (the oldest op's age).
+    w.replay_all().await;
     assert_eq!(left(mark).await, (1, 0));
+    assert_eq!(w.place(&key("u3")).await, u3_place);
+    // Dead again and replayed again: still that op.
+    let again = w.take_at(now_ms(), 60_000).await;
+    assert_eq!(again.len(), 2, "u3's grant and u2's revoke: {again:?}");
+    w.finish(&key("u3"), &again[&key("u3")], "D").await;
+    w.finish(&key("u2"), &again[&key("u2")], "a").await;
+    assert_eq!(left(mark).await, (0, 1));
+    w.replay_all().await;
+    assert_eq!(left(mark).await, (1, 0));
+    assert_eq!(w.place(&key("u3")).await, u3_place);
     b.flush().await.unwrap();
     assert_eq!(left(mark).await, (0, 0));
     assert_eq!(stored(&s).await, [key("u3")]);
@@ -719,6 +748,9 @@ async fn unfinished_follows_the_ops_acknowledged_before_a_mark() {
     let jobs = worker.fetch_at(now_ms(), 60_000).await;
     let (job, ops) = &jobs[0];
     assert_eq!(left(mark).await, (1, 0), "running");
+    // A job an older version queued is not in P:jobmin: still found.
+    let _: i64 = worker.on_key("DEL", "jobmin", &[]).await;
+    assert_eq!(left(mark).await, (1, 0), "running, not indexed");
     worker.finish_job(job, &ops[0].0, &ops[0].1, "a", &[]).await;
     assert_eq!(left(mark).await, (0, 0));
 }

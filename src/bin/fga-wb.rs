@@ -611,20 +611,25 @@ fn held_over_note(h: &fga_wb::HeldOver) -> String {
     )
 }
 
-/// `flush --wait` gives up: what is left, and what it waits for.
-fn gave_up(s: &fga_wb::Status, w: &Waiting, dead: usize) -> Failure {
+/// `flush --wait` gives up: what is left (`u`: of what it waits for), and
+/// what it waits for.
+fn gave_up(s: &fga_wb::Status, w: &Waiting, u: &fga_wb::Unfinished) -> Failure {
     let after = w.started.elapsed();
+    let dead = letters_waited_for(s, u);
     let note = waiting_for(s, dead, w.replays, true);
-    let message = match (left_of(s), jobs_of(s)) {
-        (0, 0) if dead > 0 && w.replays.is_some() => {
+    let message = match u.ops {
+        0 if dead > 0 && w.replays.is_some() => {
             format!("not all written after {after:.0?}: {note}")
         }
         // Written while the last call ran past the deadline.
-        (0, 0) => format!(
-            "the deadline passed after {after:.0?} during a call; nothing is left now (run it again to confirm)"
+        0 => format!(
+            "the deadline passed after {after:.0?} during a call; everything acknowledged before this command began is written now (run it again to confirm)"
         ),
-        (left, jobs) => format!(
-            "{left} ops still pending or queued ({jobs} jobs) after {after:.0?}{}",
+        // The store's counts: ops acknowledged since are among them.
+        _ => format!(
+            "{} ops still pending or queued ({} jobs) after {after:.0?}, some acknowledged before this command began{}",
+            left_of(s),
+            jobs_of(s),
             if note.is_empty() {
                 String::new()
             } else {
@@ -655,8 +660,7 @@ async fn within<T>(
 async fn left_after(wb: &WriteBehind, w: &Waiting) -> Failure {
     let look = async {
         let s = wb.status().await?;
-        let dead = letters_waited_for(&s, &wb.unfinished(w.mark).await?);
-        Ok::<_, Failure>(gave_up(&s, w, dead))
+        Ok::<_, Failure>(gave_up(&s, w, &wb.unfinished(w.mark).await?))
     };
     match tokio::time::timeout(Duration::from_secs(5), look).await {
         Ok(Ok(f)) => f,
@@ -781,7 +785,7 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
             };
             if gave_up_now {
                 bar.abandon();
-                return Err(gave_up(&status, w, dead));
+                return Err(gave_up(&status, w, &u));
             }
             if status.pending.total > 0 {
                 // Ops came back (a dead writer's lease ended) or arrived: write

@@ -229,7 +229,9 @@ pub struct Unfinished {
     pub ops: u64,
     /// Ops that died of transient causes (OpenFGA unreachable, a queue
     /// job's retries spent) whose letters are still their tuples' latest:
-    /// not written, and a replay may still write them.
+    /// not written, and a replay may still write them. Counted once no op
+    /// is left (0 until then); the Redis store may count some whose tuple
+    /// has a newer op pending.
     pub transient_letters: u64,
 }
 
@@ -276,6 +278,11 @@ pub struct DeadLetter {
     /// A newer op on the same tuple was acknowledged since: replaying this
     /// letter would undo it, so a replay drops it instead.
     pub superseded: bool,
+    /// The memory store's place in line of the op (its `first`) and when
+    /// it became pending: a replay puts it back there (see
+    /// `Store::unfinished`). The Redis store keeps these in the letter.
+    #[serde(skip)]
+    pub(crate) place: Option<(u64, u32)>,
 }
 
 /// What a replay of dead letters did.

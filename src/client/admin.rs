@@ -232,9 +232,11 @@ impl WriteBehind {
                 kept = r.kept,
                 "the buffer is full: dead letters kept (nothing lost); make room and replay again"
             );
-            return Err(Error::new(Kind::BufferFull {
+            return Err(Error::new(Kind::ReplayFilledBuffer {
                 capacity: self.inner.config.buffer.capacity,
-                waited: None,
+                replayed: r.replayed,
+                superseded: r.superseded,
+                kept: r.kept,
             }));
         }
         Ok(r)

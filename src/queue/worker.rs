@@ -51,6 +51,9 @@ pub(crate) struct Applier {
     holds: tokio_util::task::TaskTracker,
     /// One permit per job waiting out a hold in `holds`.
     held_jobs: Arc<tokio::sync::Semaphore>,
+    /// Cancelled when the worker's run ends or its future is dropped: the
+    /// jobs in `holds` then stop waiting (see `run_worker`).
+    stopped: tokio_util::sync::CancellationToken,
 }
 
 /// A job whose request has been sent: what ending it needs.
@@ -227,8 +230,14 @@ impl Applier {
         };
         match apart {
             Some(permit) => {
+                let stopped = self.stopped.clone();
                 let waited = async move {
-                    waited.await;
+                    // Stopped: the job stays running in Redis, as when a
+                    // shutdown cuts the hold short.
+                    tokio::select! {
+                        () = waited => {}
+                        () = stopped.cancelled() => {}
+                    }
                     drop(permit);
                 };
                 self.holds.spawn(tracing::Instrument::instrument(
@@ -392,9 +401,10 @@ fn never(e: std::convert::Infallible) -> BoxDynError {
 /// job holds `holding` until it ends.
 fn jobs(store: Arc<RedisStore>, holding: Arc<Holding>, poll: Duration) -> JobStream {
     let events = Arc::new(tokio::sync::Notify::new());
-    if let Some(subscribe) = store.events() {
+    // Ends with the stream (and so with the worker).
+    let listener = store.events().map(|subscribe| {
         let events = events.clone();
-        tokio::spawn(async move {
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
             if let Ok(mut stream) = subscribe.await {
                 while let Some(ev) = stream.next().await {
                     if matches!(
@@ -405,10 +415,12 @@ fn jobs(store: Arc<RedisStore>, holding: Arc<Holding>, poll: Duration) -> JobStr
                     }
                 }
             }
-        });
-    }
+        }))
+    });
     let state = (store, events, holding, None);
-    futures::stream::unfold(state, move |(store, events, holding, mut looked)| async move {
+    futures::stream::unfold(state, move |(store, events, holding, mut looked)| {
+        let _owned = &listener;
+        async move {
         loop {
             holding.give_back_strays(&store, &mut looked).await;
             match store.fetch_jobs(1).await {
@@ -449,6 +461,7 @@ fn jobs(store: Arc<RedisStore>, holding: Arc<Holding>, poll: Duration) -> JobStr
                 }
             }
             let _ = tokio::time::timeout(poll, events.notified()).await;
+        }
         }
     })
     .boxed()
@@ -509,16 +522,21 @@ async fn run_worker(
         Ok::<(), std::io::Error>(())
     };
     let grace = config.flush.shutdown_deadline;
-    // Owned by this function: stopped with the worker.
+    // What the worker spawns ends with this function, also when its future
+    // is dropped (an application's `select!`): else the replayer and jobs
+    // waiting out holds would keep the store, and so the heartbeat that
+    // renews the worker's lease, alive for good, and the jobs it held
+    // would never go back to the queue.
+    let _stop_holds = deadline_applier.stopped.clone().drop_guard();
     let replay = config.queue.replay_transient;
-    let replayer = tokio::spawn(look_again(
+    let replayer = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(look_again(
         replay_applier,
         match replay.is_zero() {
             true => STOP_LOOK,
             false => replay.min(STOP_LOOK),
         },
         (!replay.is_zero()).then_some(replay),
-    ));
+    )));
     let running: futures::future::BoxFuture<'static, _> = Box::pin(worker.run_until(signal));
     // From the stop on: outcomes Redis does not take are not repeated past
     // the grace, nor do jobs wait out holds past it (see
@@ -736,6 +754,7 @@ pub(crate) async fn applier(config: &Config) -> Result<Applier> {
         ),
         none_transient_at: std::sync::Mutex::new(None),
         holds: tokio_util::task::TaskTracker::new(),
+        stopped: tokio_util::sync::CancellationToken::new(),
         held_jobs: Arc::new(tokio::sync::Semaphore::new(
             config
                 .queue

@@ -259,14 +259,15 @@ impl MemoryStore {
         self.push_locked(&mut shard, tuple, op, None)
     }
 
-    /// Pushes with the tuple's shard locked. A new key's op takes its place
-    /// in line at `place` (an older seq) if given, else at its own seq.
+    /// Pushes with the tuple's shard locked. A new key's op takes `place`
+    /// (an older op's place in line and when it became pending) if given,
+    /// else its own seq and now.
     fn push_locked(
         &self,
         shard: &mut Shard,
         tuple: &TupleKey,
         op: Op,
-        place: Option<u64>,
+        place: Option<(u64, u32)>,
     ) -> Result<Pushed> {
         let key = shared_key(tuple);
         let condition = tuple.condition.clone().map(Box::new);
@@ -285,14 +286,14 @@ impl MemoryStore {
                 }
                 // Numbered under the shard's lock: see the module docs.
                 let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
-                let first = place.filter(|p| *p < seq).unwrap_or(seq);
+                let (first, since) = place.filter(|p| p.0 < seq).unwrap_or((seq, now));
                 part.ready[kind(op)].insert(first, v.key().clone());
                 v.insert(Slot {
                     pending: Some(Entry {
                         seq,
                         first,
                         condition,
-                        since: now,
+                        since,
                         attempts: 0,
                         op,
                     }),
@@ -503,6 +504,7 @@ impl MemoryStore {
                                 dead_at: SystemTime::now(),
                                 transient,
                                 superseded: false,
+                                place: Some((entry.first, entry.since)),
                             });
                             self.dead_keys.store(d.keys.len(), Ordering::Relaxed);
                         }
@@ -554,9 +556,10 @@ impl MemoryStore {
                 dead.remove(d.id);
                 r.superseded += 1;
             } else {
-                // In line at the letter's own seq: to `unfinished` it is
-                // the op acknowledged then, not a new one.
-                match self.push_locked(&mut shard, &d.tuple, d.op, Some(d.seq)) {
+                // Back in line where its op was, pending since it was: to
+                // `unfinished` it is the op acknowledged then, not a new
+                // one, and the oldest pending op's age stays true.
+                match self.push_locked(&mut shard, &d.tuple, d.op, d.place) {
                     Ok(_) => {
                         dead.remove(d.id);
                         r.replayed += 1;
@@ -769,21 +772,31 @@ impl MemoryStore {
         for g in &shards {
             for p in &g.parts {
                 for slot in p.slots.values() {
-                    let old = |e: &Entry| e.first <= up_to;
-                    // The op in flight, or else the one pending.
-                    if slot.in_flight.as_deref().is_some_and(old)
-                        || slot.pending.as_ref().is_some_and(old)
-                    {
+                    // By place in line, as the Redis store counts; an op in
+                    // flight with a newer one behind it by its own seq (the
+                    // newer op supersedes it), as Redis knows only that.
+                    let in_flight = slot
+                        .in_flight
+                        .as_deref()
+                        .is_some_and(|e| match slot.pending {
+                            Some(_) => e.seq <= up_to,
+                            None => e.first <= up_to,
+                        });
+                    if in_flight || slot.pending.as_ref().is_some_and(|e| e.first <= up_to) {
                         u.ops += 1;
                     }
                 }
             }
         }
+        // As the Redis store counts: letters once no op is left.
+        if u.ops > 0 {
+            return u;
+        }
         let dead = self.dead();
         for d in dead.letters.values() {
             let key = key_of(&d.tuple);
             if d.transient
-                && d.seq <= up_to
+                && d.place.map_or(d.seq, |p| p.0) <= up_to
                 && dead.is_newest(&key, d.id)
                 && !shards[self.shard_of(&d.tuple.object)].holds(&d.tuple, &key)
             {

@@ -125,6 +125,8 @@ fn unfinished_follows_the_ops_acknowledged_before_a_mark() {
     let taken = s.take_now(10, Take::All, u64::MAX);
     assert_eq!(taken.len(), 3);
     assert_eq!(left(mark), (2, 0), "in flight");
+    let b_first = taken.iter().find(|t| t.tuple == b).map(|t| t.first);
+    let b_first = b_first.unwrap();
     let outcome = |t: &Taken| match t.tuple.user.as_str() {
         "user:b" => died(true),
         _ => Outcome::Applied,
@@ -146,8 +148,17 @@ fn unfinished_follows_the_ops_acknowledged_before_a_mark() {
         (1, 0),
         "replayed, b is still the op acknowledged then"
     );
+    // In line where it was: a flush up to the mark takes it. Dead again
+    // and replayed again, it is still that op.
     let taken = s.take_now(10, Take::All, mark);
-    assert_eq!(taken.len(), 1, "and a flush up to the mark takes it");
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].first, b_first);
+    s.finish_now(taken.into_iter().map(|t| (t, died(true))).collect());
+    assert_eq!(left(mark), (0, 1));
+    assert_eq!(s.replay_now(None, true).unwrap().replayed, 1);
+    assert_eq!(left(mark), (1, 0));
+    let taken = s.take_now(10, Take::All, mark);
+    assert_eq!(taken[0].first, b_first);
     s.finish_now(taken.into_iter().map(|t| (t, Outcome::Applied)).collect());
     assert_eq!(left(mark), (0, 0));
 }

@@ -354,6 +354,7 @@ pub(crate) fn parse_dead(json: &str) -> Option<DeadLetter> {
         dead_at: stored_time(Duration::from_secs(d.dead_at)),
         transient: d.transient,
         superseded: false,
+        place: None,
     })
 }
 

@@ -59,6 +59,13 @@
 --                              one left behind only costs a look)
 --   P:deadrev:<type#rel> zset  the same, by relation, so one object's keys
 --                              are one lex range
+--   P:deadcur          zset    tuple keys whose newest letter died of transient
+--                              causes, scored by its op's place in line
+--                              (`first`): what `unfinished` looks at for
+--                              letters a replay may still write
+--   P:jobmin           zset    job id -> the lowest place in line (`first`) of
+--                              the ops it held when queued: the jobs
+--                              `unfinished` looks in (kept with P:jobs)
 --   P:stats            hash    totals and notes (dead_transient: letters ever
 --                              written that died of transient causes)
 --   P:gen              hash    "type#rel" -> changes of its checks; "*" -> any
@@ -106,6 +113,7 @@ local rcall, pcall_ = redis.call, redis.pcall
 -- Key and field names built once per call, not once per op.
 local K_OPS, K_COUNTS, K_REL, K_BLOCKED = P .. ':ops', P .. ':counts', P .. ':rel', P .. ':blocked'
 local K_DEAD, K_DEADKEY, K_DEADREV = P .. ':dead', P .. ':deadkey', P .. ':deadrev'
+local K_DEADCUR, K_JOBMIN = P .. ':deadcur', P .. ':jobmin'
 local K_READY = { g = P .. ':ready:g', r = P .. ':ready:r' }
 local F_PENDING = { g = 'pg', r = 'pr' }
 -- Per relation and op kind, without building a lookup string per op.
@@ -529,6 +537,18 @@ local function index_dead_revoke(key, on)
   end
 end
 
+-- Lists `key` in P:deadcur at `first` (its newest letter died of transient
+-- causes), or takes it out (nil).
+local function index_dead_current(key, first)
+  if first then pcall_('ZADD', K_DEADCUR, first, key) else pcall_('ZREM', K_DEADCUR, key) end
+end
+
+-- Both indexes out: `key`'s newest letter is superseded, replayed or gone.
+local function unindex_dead(key)
+  index_dead_revoke(key, false)
+  index_dead_current(key, nil)
+end
+
 -- A letter's fields, or nil when it is not one fga-wb wrote.
 local function letter(raw)
   if not raw then return nil end
@@ -553,10 +573,20 @@ local function supersede_letters(keys, seqs)
       local d = letter(rcall('HGET', K_DEAD, id))
       if not d or (tonumber(d.seq) or 0) <= (tonumber(seqs[i]) or 0) then
         rcall('HSET', K_DEADKEY, k, 0)
-        index_dead_revoke(k, false)
+        unindex_dead(k)
       end
     end
   end
+end
+
+-- `v` (a number a letter kept) as a place in line or a time before
+-- `limit`, as entries write them; nil if it is not one.
+local function place(v, limit)
+  v = tonumber(v)
+  if v and v >= 1 and v == math.floor(v) and v < (tonumber(limit) or 0) then
+    return string.format('%.0f', v)
+  end
+  return nil
 end
 
 -- A new pending op on a key that has none; `first` (its place in line)
@@ -1071,14 +1101,22 @@ if cmd == 'enqueue' then
   -- The held ops, in order, as parallel lists (no table per op).
   local hkeys, hseqs, hops, hconds, h = {}, {}, {}, {}, 0
   local superseded, seen = 0, {}
+  -- The lowest place in line among the held ops (P:jobmin).
+  local minfirst
+  local function held_first(first)
+    local f = tonumber(first)
+    if f and (not minfirst or f < minfirst) then minfirst = f end
+  end
   -- Taken by this writer, an entry is "seq|first|since|op|t||writer||cond";
   -- held by the job, "seq|first|since|op|j|id|||cond" (as `move` writes).
   local as_held = 'j|' .. id .. '|||'
   for i, key in ipairs(keys) do
     if not seen[key] then
       seen[key] = true
-      local seq, mid, op, w, cond = smatch(raw[i] or '', '^(%d+)|(%d+|%d+|([gr])|)t||([^|]*)||(.*)$')
+      local seq, mid, first, op, w, cond =
+        smatch(raw[i] or '', '^(%d+)|((%d+)|%d+|([gr])|)t||([^|]*)||(.*)$')
       if seq == seqs[i] and w == writer then
+        held_first(first)
         incr(K_COUNTS, 't', -1)
         incr(K_COUNTS, 'j', 1)
         hset(K_OPS, key, seq .. '|' .. mid .. as_held .. cond)
@@ -1088,6 +1126,7 @@ if cmd == 'enqueue' then
         if cache[key] == nil then admit(key, raw[i]) end
         local e = cache[key]
         if e and e.state == 't' and e.writer == writer and e.seq == seqs[i] then
+          held_first(e.first)
           move(key, e, 'j', nil, tostring(id))
           h = h + 1
           hkeys[h], hseqs[h], hops[h], hconds[h] = key, e.seq, e.op, e.cond
@@ -1107,6 +1146,7 @@ if cmd == 'enqueue' then
   -- never ops held by a job that does not exist.
   if h > 0 then
     store_job(id, n, h, template, store, model, now, hkeys, hseqs, hops, hconds)
+    if minfirst then rcall('ZADD', K_JOBMIN, minfirst, id) end
   end
   apply_writes()
   -- The newer ops are ready now; the processes that pushed them take them.
@@ -1134,6 +1174,7 @@ local function drop_bad_job(id, raw, now)
   rcall('HDEL', P .. ':jobc', id)
   rcall('HDEL', P .. ':jobrun', id)
   rcall('ZREM', P .. ':jobq', id)
+  pcall_('ZREM', K_JOBMIN, id)
   rcall('HSET', P .. ':badjobs', id, ssub(raw or '', 1, 2000))
   return #keys
 end
@@ -1318,13 +1359,16 @@ if cmd == 'finish' then
         dead = dead + 1
         drop(key, e)
         local id = next_of(P .. ':deadseq')
+        -- With its place in line (`first`) and when it became pending
+        -- (`since`): a replay puts it back there (see replay).
         rcall('HSET', K_DEAD, id, cjson.encode({
           id = id, key = key, op = e.op, seq = tonumber(e.seq), reason = reason, code = code,
           attempts = attempts, dead_at = math.floor(now / 1000), cond = e.cond,
-          transient = outcome == 'D' }))
+          transient = outcome == 'D', first = tonumber(e.first), since = tonumber(e.since) }))
         if outcome == 'D' then transient = transient + 1 end
         rcall('HSET', K_DEADKEY, key, id)
         index_dead_revoke(key, outcome == 'D' and e.op == 'r')
+        index_dead_current(key, outcome == 'D' and e.first or nil)
         local rel = rel_of(key)
         if rel then rels[rel] = true end
       elseif outcome == 'r' and writing then
@@ -1365,6 +1409,7 @@ if cmd == 'finish' then
     rcall('HDEL', P .. ':jobc', job)
     rcall('HDEL', P .. ':jobrun', job)
     rcall('ZREM', P .. ':jobq', job)
+    pcall_('ZREM', K_JOBMIN, job)
     rcall('SREM', P .. ':wj:' .. writer, job)
   elseif own_job and action == 'retry' then
     rcall('HSET', P .. ':jobs', job, jobjson)
@@ -1875,6 +1920,7 @@ if cmd == 'clear' then
     rcall('HDEL', P .. ':jobs', id)
     rcall('HDEL', P .. ':jobc', id)
     rcall('ZREM', P .. ':jobq', id)
+    pcall_('ZREM', K_JOBMIN, id)
     rcall('DEL', P .. ':jk:' .. id)
   end
   if last or #cleared > 0 then publish('all') end
@@ -1895,11 +1941,12 @@ local function category(key)
   if head == 'ops' or head == 'ready' or head == 'lex' or head == 'blocked' or head == 'w' then
     return 'pending'
   end
-  if head == 'dead' or head == 'deadseq' or head == 'deadkey' or head == 'deadrev' then
+  if head == 'dead' or head == 'deadseq' or head == 'deadkey' or head == 'deadrev'
+    or head == 'deadcur' then
     return 'dead'
   end
   if head == 'jobs' or head == 'jobc' or head == 'jobq' or head == 'jobrun' or head == 'jk'
-    or head == 'wj' or head == 'badjobs' then
+    or head == 'wj' or head == 'badjobs' or head == 'jobmin' then
     return 'queue'
   end
   -- Counters (counts, rel, seq, jobseq, stats, gen), epochs, owners, write
@@ -1943,20 +1990,20 @@ if cmd == 'replay' then
         rcall('HDEL', K_DEAD, id)
         if latest == tostring(id) then
           rcall('HDEL', K_DEADKEY, d.key)
-          index_dead_revoke(d.key, false)
+          unindex_dead(d.key)
         end
       elseif size >= cap then
         kept = #ids - i + 1
         break
       else
         local seq = tostring(next_of(P .. ':seq'))
-        -- In line at the letter's own seq: to `unfinished` (flush --wait)
-        -- it is the op acknowledged then, not a new one.
-        local was, first = tonumber(d.seq), nil
-        if was and was >= 1 and was == math.floor(was) and was < tonumber(seq) then
-          first = string.format('%.0f', was)
-        end
-        put(d.key, add_entry(d.key, d.op, d.cond, seq, now, first))
+        -- Back in line where its op was, pending since it was: to
+        -- `unfinished` (flush --wait) it is the op acknowledged then, not
+        -- a new one, and the oldest pending op's age stays true.
+        local e = add_entry(d.key, d.op, d.cond, seq, now, place(d.first or d.seq, seq))
+        local since = place(d.since, now)
+        if since then e.since = since end
+        put(d.key, e)
         size = size + 1
         replayed = replayed + 1
         local rel = rel_of(d.key)
@@ -1976,7 +2023,7 @@ if cmd == 'replay' then
     local key = out[2 * i - 1]
     rcall('HDEL', K_DEAD, id)
     rcall('HDEL', K_DEADKEY, key)
-    index_dead_revoke(key, false)
+    unindex_dead(key)
   end
   local res = { replayed, superseded, kept }
   for _, v in ipairs(out) do tinsert(res, v) end
@@ -1995,7 +2042,7 @@ if cmd == 'dlqdrop' then
       local d = letter(raw)
       if d and rcall('HGET', K_DEADKEY, d.key) == tostring(id) then
         rcall('HDEL', K_DEADKEY, d.key)
-        index_dead_revoke(d.key, false)
+        unindex_dead(d.key)
       end
     end
   end
@@ -2008,7 +2055,7 @@ if cmd == 'dlqdrop' then
       if rel then rels[deadrev_key(rel)] = true end
     end
     for z, _ in pairs(rels) do rcall('DEL', z) end
-    rcall('DEL', K_DEADKEY, K_DEADREV)
+    rcall('DEL', K_DEADKEY, K_DEADREV, K_DEADCUR)
   end
   return out
 end
@@ -2111,15 +2158,18 @@ end
 -- Whether an op of `keys` acknowledged up to seq `up_to` is being
 -- written or held by a job: one whose place in line (`first`) is at most
 -- `up_to`, or, for a newer op blocked behind a write, the op being
--- written (`ifseq`). 1 at the first found, else 0.
+-- written (`ifseq`: a newer op supersedes it). 1 at the first found, else
+-- 0; read a part at a time, so a large set found early costs little.
 local function any_unfinished(keys, up_to)
-  if #keys == 0 then return 0 end
-  local raw = hmget(K_OPS, keys)
-  for i = 1, #keys do
-    local e = parse(raw[i])
-    if e then
-      local seq = (e.state == 't' or e.state == 'j') and e.first or (e.state == 'b' and e.ifseq)
-      if seq and tonumber(seq) <= up_to then return 1 end
+  for i = 1, #keys, 500 do
+    local part = { unpack(keys, i, math.min(i + 499, #keys)) }
+    local raw = rcall('HMGET', K_OPS, unpack(part))
+    for j = 1, #part do
+      local e = parse(raw[j])
+      if e then
+        local seq = (e.state == 't' or e.state == 'j') and e.first or (e.state == 'b' and e.ifseq)
+        if seq and tonumber(seq) <= up_to then return 1 end
+      end
     end
   end
   return 0
@@ -2128,11 +2178,13 @@ end
 -- unfinished pub up_to -> {ops, letters}: of the ops acknowledged up to
 -- seq `up_to` (flush --wait's start), how many are still pending (exact),
 -- or else whether one is being written or held by a job (1: the look ends
--- at the first), and how many died of transient causes with letters that
--- are still their tuples' latest (a replay may still write them). In one
--- call, so an op moving on (taken, handed back, dead, replayed: a replayed
--- op keeps its letter's place in line) is seen where it is. Newer ops that
--- superseded one of them are not waited for: the older op is done.
+-- at the first), and, once none is, how many died of transient causes
+-- with letters that are still their tuples' latest (a replay may still
+-- write them; once one is found, the letters listed for them). In one call, so an op moving on (taken,
+-- handed back, dead, replayed: a replayed op keeps its letter's place in
+-- line) is seen where it is. Only indexes are read: the ready and blocked
+-- sets, the writers' sets, the jobs P:jobmin lists as holding such ops
+-- when queued, the letters P:deadcur lists.
 if cmd == 'unfinished' then
   local up_to = tonumber(ARGV[3])
   local n = rcall('ZCOUNT', K_READY.g, '-inf', up_to) + rcall('ZCOUNT', K_READY.r, '-inf', up_to)
@@ -2146,22 +2198,29 @@ if cmd == 'unfinished' then
     end
   end
   if n == 0 then
-    -- Oldest jobs first: they hold the oldest ops.
-    local ids = rcall('HKEYS', P .. ':jobs')
-    table.sort(ids, function(a, b) return (tonumber(a) or 0) < (tonumber(b) or 0) end)
+    local ids
+    if rcall('ZCARD', K_JOBMIN) >= rcall('HLEN', P .. ':jobs') then
+      ids = rcall('ZRANGEBYSCORE', K_JOBMIN, '-inf', up_to)
+    else
+      -- Jobs an older version queued are not listed: all of them.
+      ids = rcall('HKEYS', P .. ':jobs')
+    end
     for _, id in ipairs(ids) do
       n = any_unfinished(rcall('SMEMBERS', P .. ':jk:' .. id), up_to)
       if n > 0 then break end
     end
   end
   local letters = 0
-  if rcall('HLEN', K_DEADKEY) > 0 then
-    local latest = rcall('HGETALL', K_DEADKEY)
-    for i = 1, #latest, 2 do
-      local key, id = latest[i], latest[i + 1]
-      if id ~= '0' and rcall('HEXISTS', K_OPS, key) == 0 then
+  if n == 0 then
+    local keys = rcall('ZRANGEBYSCORE', K_DEADCUR, '-inf', up_to)
+    for _, key in ipairs(keys) do
+      local id = rcall('HGET', K_DEADKEY, key)
+      if id and id ~= '0' and rcall('HEXISTS', K_OPS, key) == 0 then
         local d = letter(rcall('HGET', K_DEAD, id))
-        if d and d.transient == true and (tonumber(d.seq) or 0) <= up_to then letters = letters + 1 end
+        if d and d.transient == true then
+          letters = #keys
+          break
+        end
       end
     end
   end
