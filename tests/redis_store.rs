@@ -717,6 +717,9 @@ async fn unfinished_follows_the_ops_acknowledged_before_a_mark() {
         "u2 being written (letters count once no op is left)"
     );
     w.finish(&key("u2"), &taken[&key("u2")], "a").await;
+    // As an older version left it: the letter not indexed.
+    let _: i64 = w.on_key("DEL", "deadcur", &[]).await;
+    let _: i64 = w.on_key("DEL", "deadcur:v", &[]).await;
     assert_eq!(
         left(mark).await,
         (0, 1),
@@ -748,9 +751,18 @@ async fn unfinished_follows_the_ops_acknowledged_before_a_mark() {
     let jobs = worker.fetch_at(now_ms(), 60_000).await;
     let (job, ops) = &jobs[0];
     assert_eq!(left(mark).await, (1, 0), "running");
-    // A job an older version queued is not in P:jobmin: still found.
+    // A job an older version queued is not in P:jobmin: still found, also
+    // when one an older version ended is still listed.
     let _: i64 = worker.on_key("DEL", "jobmin", &[]).await;
     assert_eq!(left(mark).await, (1, 0), "running, not indexed");
+    let _: i64 = worker.on_key("ZADD", "jobmin", &["0", "999999"]).await;
+    assert_eq!(
+        left(mark).await,
+        (1, 0),
+        "running, not indexed, one gone listed"
+    );
+    let listed: Vec<String> = worker.on_key("ZRANGE", "jobmin", &["0", "-1"]).await;
+    assert!(listed.is_empty(), "the gone one is taken out: {listed:?}");
     worker.finish_job(job, &ops[0].0, &ops[0].1, "a", &[]).await;
     assert_eq!(left(mark).await, (0, 0));
 }

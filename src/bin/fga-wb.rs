@@ -621,6 +621,9 @@ fn gave_up(s: &fga_wb::Status, w: &Waiting, u: &fga_wb::Unfinished) -> Failure {
         0 if dead > 0 && w.replays.is_some() => {
             format!("not all written after {after:.0?}: {note}")
         }
+        0 if dead > 0 => format!(
+            "{dead} ops died of transient failures and are not written after {after:.0?}; workers do not replay them (queue.replay_transient = 0): run `fga-wb dlq replay` once OpenFGA answers"
+        ),
         // Written while the last call ran past the deadline.
         0 => format!(
             "the deadline passed after {after:.0?} during a call; everything acknowledged before this command began is written now (run it again to confirm)"

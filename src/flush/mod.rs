@@ -128,10 +128,32 @@ pub(crate) struct Engine {
     /// being above it (its `--max-tuples-per-write` is lower than
     /// `flush.max_tuples_per_write`); 0 until then.
     pub tuple_limit: AtomicUsize,
-    /// The end of the latest hold shutdown cut short (see
-    /// [`Engine::wait_out`]), whose ops were left in flight: with a shared
-    /// store, this writer's lease is kept to it at the stop, not released.
-    pub holds_cut: std::sync::Mutex<Option<Instant>>,
+    /// The end of the latest hold begun (see [`Engine::wait_out`]): with a
+    /// shared store, a stop before it keeps this writer's lease to it, not
+    /// released (a hold a stop cuts short leaves its ops in flight).
+    pub holds_until: std::sync::Mutex<Option<Instant>>,
+    /// Write requests sent and not answered yet: a stop with one under way
+    /// cuts it off, and its outcome is unknown (see
+    /// [`Engine::release_lease`]). A chunk only recording its outcomes in
+    /// the store is not one.
+    writes_under_way: AtomicUsize,
+}
+
+/// One Write request under way, counted in `Engine::writes_under_way`
+/// until it is answered or dropped.
+struct UnderWay<'a>(&'a AtomicUsize);
+
+impl<'a> UnderWay<'a> {
+    fn start(n: &'a AtomicUsize) -> UnderWay<'a> {
+        n.fetch_add(1, Ordering::AcqRel);
+        UnderWay(n)
+    }
+}
+
+impl Drop for UnderWay<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// `fga_wb_ops_held`: ops kept in flight while a Write whose outcome is
@@ -189,7 +211,8 @@ impl Engine {
             others_finished: Default::default(),
             retry_deadline: watch::Sender::new(None),
             tuple_limit: Default::default(),
-            holds_cut: Default::default(),
+            holds_until: Default::default(),
+            writes_under_way: Default::default(),
         }
     }
 
@@ -596,10 +619,10 @@ impl Engine {
     /// go to other writers even if this one stops or dies first.
     ///
     /// Cut short by shutdown's deadline, set before or during the wait:
-    /// then it returns false and notes the hold's end in `holds_cut`. In a shared store
-    /// the caller then leaves the ops in flight (the writer's kept lease
-    /// hands them on when the hold would have ended): ending them would
-    /// hand them on at once.
+    /// then it returns false. In a shared store the caller then leaves the
+    /// ops in flight (the writer's lease, kept to the hold's end, noted in
+    /// `holds_until` as the hold begins, hands them on then): ending them
+    /// would hand them on at once.
     pub(crate) async fn wait_out(&self, at: Instant, ops: usize) -> bool {
         let until = at + self.cfg.unknown_outcome_hold;
         if until <= Instant::now() {
@@ -613,6 +636,7 @@ impl Engine {
         );
         // Until the hold ends, however it ends (a dropped future too).
         let _held = HeldGauge::add(ops);
+        self.note_hold(until);
         if let Err(e) = self.store.keep_lease_until(until.into_std()).await {
             // The lease still runs its usual length, renewed while this
             // process lives: only a stop or a crash within the hold would
@@ -635,21 +659,28 @@ impl Engine {
                 }
             }
         }
-        let held = Instant::now() >= until;
-        if !held {
-            let mut cut = self.holds_cut.lock().unwrap_or_else(|p| p.into_inner());
-            *cut = Some(cut.map_or(until, |c| c.max(until)));
-        }
-        held
+        Instant::now() >= until
+    }
+
+    /// Write requests sent and not answered yet.
+    pub(crate) fn writes_under_way(&self) -> usize {
+        self.writes_under_way.load(Ordering::Acquire)
+    }
+
+    /// A hold until `until` began: a stop before then keeps the lease.
+    fn note_hold(&self, until: Instant) {
+        let mut h = self.holds_until.lock().unwrap_or_else(|p| p.into_inner());
+        *h = Some(h.map_or(until, |c| c.max(until)));
     }
 
     /// Ends this writer's lease at a stop: at once (what it holds goes to
-    /// others) unless a request was cut off in flight or a hold cut short.
-    /// A request cut off is one whose outcome is unknown, so the lease is
-    /// then kept until it can no longer land (a hold from now), and a hold
-    /// cut short to its end; then left to end by itself.
+    /// others) unless a Write request was cut off (`cut_off`: see
+    /// `writes_under_way`) or a hold has not ended. A request cut off is one
+    /// whose outcome is unknown, so the lease is then kept until it can no
+    /// longer land (a hold from now), and a hold to its end; then left to
+    /// end by itself.
     pub(crate) async fn release_lease(&self, cut_off: bool) {
-        let held = *self.holds_cut.lock().unwrap_or_else(|p| p.into_inner());
+        let held = *self.holds_until.lock().unwrap_or_else(|p| p.into_inner());
         // A request an application in queue mode cut off was Redis's (a
         // take, an enqueue): nothing of its can land on OpenFGA later.
         let cut_off = cut_off && self.sink.is_none();
@@ -663,7 +694,7 @@ impl Engine {
                     .unwrap_or(now),
             ),
             (false, Some(held)) if held > now => Some(held),
-            // None cut short, or it ended already: it can no longer land.
+            // No hold, or it ended already: nothing can land any more.
             (false, _) => None,
         };
         let keep = keep.map(Instant::into_std);
@@ -769,12 +800,19 @@ impl Engine {
         loop {
             result.requests += 1;
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let e = match self.write(ops, model).await {
+            let under_way = UnderWay::start(&self.writes_under_way);
+            let written = self.write(ops, model).await;
+            drop(under_way);
+            let e = match written {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
             if e.may_have_applied() {
-                result.unsure_at = Some(Instant::now());
+                // Noted at once: a stop during the retries (before the
+                // chunk waits out its hold) keeps the lease too.
+                let at = Instant::now();
+                result.unsure_at = Some(at);
+                self.note_hold(at + self.cfg.unknown_outcome_hold);
             }
             let conflict = e.status() == Some(409);
             if e.is_transient() {

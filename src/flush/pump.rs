@@ -1082,6 +1082,13 @@ impl Pump {
 
     /// Stops at once (the handle is gone, or stopped): nothing is repeated
     /// any more, and staged ops go back to the store.
+    /// Whether stopping now cuts something off whose outcome is unknown:
+    /// a Write under way (not a chunk recording its outcomes), or a take
+    /// (see `Engine::release_lease`).
+    pub(crate) fn cut_off(&self) -> bool {
+        self.engine.writes_under_way() > 0 || self.taking.is_some()
+    }
+
     pub(crate) async fn stop_now(&mut self) {
         self.engine
             .store
@@ -1965,5 +1972,75 @@ mod tests {
         let ops = w.result.unwrap();
         assert_eq!((ops.len(), w.target), (200, 300));
         assert!(ops.iter().all(|t| t.seq > 100));
+    }
+
+    /// A stop cuts off only a Write under way: once answered, a chunk
+    /// (then recording its outcomes) has none, so a stop need not keep the
+    /// writer's lease for it. A Write whose outcome is unknown keeps the
+    /// lease to its hold's end from the moment the failure is seen, before
+    /// the chunk waits out its hold (a stop may come between the two).
+    #[tokio::test]
+    async fn only_a_write_under_way_is_cut_off_by_a_stop() {
+        use wiremock::matchers::{method, path};
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+        let server = MockServer::start().await;
+        let write = || Mock::given(method("POST")).and(path("/stores/01STORE/write"));
+        write()
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(serde_json::json!({}))
+                    .set_delay(Duration::from_millis(300)),
+            )
+            .up_to_n_times(1)
+            .with_priority(1)
+            .mount(&server)
+            .await;
+        write()
+            .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(30)))
+            .mount(&server)
+            .await;
+        let client = crate::openfga::Client::builder(server.uri())
+            .timeout(Duration::from_millis(500))
+            .build()
+            .unwrap();
+        let mut e = Engine::for_tests(None);
+        e.writer = client;
+        let e = Arc::new(e);
+        let no_retries = QuickRetries {
+            transient: 0,
+            conflicts: 0,
+        };
+        let send = |ops| {
+            let e = e.clone();
+            tokio::spawn(async move { e.write_chunk_as(None, None, ops, no_retries).await })
+        };
+        let take_one = |from| {
+            let e = e.clone();
+            async move {
+                grant(&e, "document:1", from, from + 1).await;
+                e.store.take(10, Take::All, u64::MAX).await.unwrap()
+            }
+        };
+        let chunk = send(take_one(0).await);
+        while server
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .is_empty()
+        {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(e.writes_under_way(), 1, "sent, not answered");
+        let r = chunk.await.unwrap();
+        assert!(r.unsure_at.is_none() && r.stop.is_none());
+        assert_eq!(e.writes_under_way(), 0, "answered: recording is no Write");
+        assert!(e.holds_until.lock().unwrap().is_none());
+
+        let sent = Instant::now();
+        let r = send(take_one(1).await).await.unwrap();
+        assert!(r.unsure_at.is_some(), "timed out: outcome unknown");
+        assert_eq!(e.writes_under_way(), 0);
+        let until = e.holds_until.lock().unwrap().expect("noted at once");
+        assert!(until >= sent + e.cfg.unknown_outcome_hold, "{until:?}");
     }
 }

@@ -73,11 +73,8 @@ pub(crate) async fn run(
                             Some("the shutdown deadline passed with ops not yet written".into())
                         })
                 };
-                // Holds cut short are the lease's release to weigh (see
-                // `Engine::release_lease`).
-                let cut_off = !pump.running.is_empty() || pump.taking.is_some();
                 if let Some(reply) = shutdown_reply.take() {
-                    let _ = reply.send((r, cut_off));
+                    let _ = reply.send((r, pump.cut_off()));
                 }
                 return;
             }
@@ -138,7 +135,7 @@ pub(crate) async fn run(
                 }
                 Some(Command::Close(reply)) => {
                     pump.stop_now().await;
-                    let _ = reply.send(!pump.running.is_empty() || pump.taking.is_some());
+                    let _ = reply.send(pump.cut_off());
                     return;
                 }
             },

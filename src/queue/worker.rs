@@ -560,28 +560,27 @@ async fn run_worker(
     let mut cut_off = false;
     let result = tokio::select! {
         r = running => r.map_err(|e| Error::internal(format!("worker stopped: {e}"))),
-        _ = async {
+        // Read while the jobs still run: dropped, they are no longer
+        // counted.
+        under_way = async {
             let _ = rx.await;
             stopping();
-            tokio::time::sleep(grace).await
+            tokio::time::sleep(grace).await;
+            deadline_applier.engine.writes_under_way()
         } => {
-            tracing::warn!("shutdown deadline passed with jobs running; they will run again on another worker once this worker's lease ends (kept until their Writes can no longer land)");
-            cut_off = true;
+            tracing::warn!(writes_cut_off = under_way, "shutdown deadline passed with jobs running; they will run again on another worker once this worker's lease ends (kept until their Writes can no longer land)");
+            cut_off = under_way > 0;
             Ok(())
         }
     };
     replayer.abort();
     // Jobs waiting out holds end them by the holds' deadline, then record
     // their outcomes; one still at it stays this worker's until its lease
-    // ends.
+    // ends (kept to the end of its hold, see `Engine::release_lease`).
     let holds = &deadline_applier.holds;
     holds.close();
-    if !holds.is_empty()
-        && tokio::time::timeout_at(stopping(), holds.wait())
-            .await
-            .is_err()
-    {
-        cut_off = true;
+    if !holds.is_empty() {
+        let _ = tokio::time::timeout_at(stopping(), holds.wait()).await;
     }
     // Whatever this worker still holds goes back at once, unless a job was
     // cut off mid-write or in a hold (then when the kept lease ends).

@@ -63,6 +63,8 @@
 --                              causes, scored by its op's place in line
 --                              (`first`): what `unfinished` looks at for
 --                              letters a replay may still write
+--   P:deadcur:v        string  set once the transient letters older versions
+--                              wrote were indexed in P:deadcur
 --   P:jobmin           zset    job id -> the lowest place in line (`first`) of
 --                              the ops it held when queued: the jobs
 --                              `unfinished` looks in (kept with P:jobs)
@@ -1146,7 +1148,7 @@ if cmd == 'enqueue' then
   -- never ops held by a job that does not exist.
   if h > 0 then
     store_job(id, n, h, template, store, model, now, hkeys, hseqs, hops, hconds)
-    if minfirst then rcall('ZADD', K_JOBMIN, minfirst, id) end
+    if minfirst then pcall_('ZADD', K_JOBMIN, minfirst, id) end
   end
   apply_writes()
   -- The newer ops are ready now; the processes that pushed them take them.
@@ -2175,6 +2177,22 @@ local function any_unfinished(keys, up_to)
   return 0
 end
 
+-- Transient letters an older version wrote are not in P:deadcur: indexed
+-- once, when `unfinished` first looks (P:deadcur:v marks it done).
+local function index_old_letters()
+  if rcall('EXISTS', K_DEADCUR .. ':v') == 1 then return end
+  local latest = rcall('HGETALL', K_DEADKEY)
+  for i = 1, #latest, 2 do
+    local key, id = latest[i], latest[i + 1]
+    if id ~= '0' then
+      local d = letter(rcall('HGET', K_DEAD, id))
+      local first = d and d.transient == true and (tonumber(d.first) or tonumber(d.seq))
+      if first then index_dead_current(key, first) end
+    end
+  end
+  rcall('SET', K_DEADCUR .. ':v', '1')
+end
+
 -- unfinished pub up_to -> {ops, letters}: of the ops acknowledged up to
 -- seq `up_to` (flush --wait's start), how many are still pending (exact),
 -- or else whether one is being written or held by a job (1: the look ends
@@ -2198,30 +2216,46 @@ if cmd == 'unfinished' then
     end
   end
   if n == 0 then
-    local ids
-    if rcall('ZCARD', K_JOBMIN) >= rcall('HLEN', P .. ':jobs') then
-      ids = rcall('ZRANGEBYSCORE', K_JOBMIN, '-inf', up_to)
-    else
-      -- Jobs an older version queued are not listed: all of them.
-      ids = rcall('HKEYS', P .. ':jobs')
-    end
-    for _, id in ipairs(ids) do
-      n = any_unfinished(rcall('SMEMBERS', P .. ':jk:' .. id), up_to)
-      if n > 0 then break end
+    -- The listed jobs; all of them while some are not listed (queued by
+    -- an older version), which listed ones ended by an older version
+    -- (taken out as they are met) may hide until then.
+    local pass = 1
+    while n == 0 and pass <= 2 do
+      local indexed = rcall('ZCARD', K_JOBMIN) >= rcall('HLEN', P .. ':jobs')
+      local ids = indexed and rcall('ZRANGEBYSCORE', K_JOBMIN, '-inf', up_to)
+        or rcall('HKEYS', P .. ':jobs')
+      local pruned = 0
+      for _, id in ipairs(ids) do
+        if indexed and rcall('HEXISTS', P .. ':jobs', id) == 0 then
+          pcall_('ZREM', K_JOBMIN, id)
+          pruned = pruned + 1
+        else
+          n = any_unfinished(rcall('SMEMBERS', P .. ':jk:' .. id), up_to)
+          if n > 0 then break end
+        end
+      end
+      pass = (indexed and pruned > 0) and pass + 1 or 3
     end
   end
   local letters = 0
   if n == 0 then
-    local keys = rcall('ZRANGEBYSCORE', K_DEADCUR, '-inf', up_to)
-    for _, key in ipairs(keys) do
-      local id = rcall('HGET', K_DEADKEY, key)
-      if id and id ~= '0' and rcall('HEXISTS', K_OPS, key) == 0 then
-        local d = letter(rcall('HGET', K_DEAD, id))
-        if d and d.transient == true then
-          letters = #keys
-          break
+    index_old_letters()
+    -- A page at a time, until one is still current: then all listed.
+    local from = 0
+    while letters == 0 do
+      local keys = rcall('ZRANGEBYSCORE', K_DEADCUR, '-inf', up_to, 'LIMIT', from, 100)
+      if #keys == 0 then break end
+      for _, key in ipairs(keys) do
+        local id = rcall('HGET', K_DEADKEY, key)
+        if id and id ~= '0' and rcall('HEXISTS', K_OPS, key) == 0 then
+          local d = letter(rcall('HGET', K_DEAD, id))
+          if d and d.transient == true then
+            letters = rcall('ZCOUNT', K_DEADCUR, '-inf', up_to)
+            break
+          end
         end
       end
+      from = from + #keys
     end
   end
   return { n, letters }
