@@ -1089,6 +1089,26 @@ impl Pump {
         self.engine.writes_under_way() > 0 || self.taking.is_some()
     }
 
+    /// Lets a take under way end (within [`TAKE_END_WAIT`]) and stages
+    /// what it took, for `unstage` to give back: a stop then leaves
+    /// nothing taken behind it. A take call Redis ran after the stop's
+    /// release would hold its ops under a lease nothing renews, and they
+    /// would come back only a hold after it ended, though never sent. One
+    /// that does not end in time stays a cut-off take (see `cut_off`).
+    pub(crate) async fn end_take(&mut self) {
+        if self.taking.is_none() {
+            return;
+        }
+        let ended =
+            tokio::time::timeout(TAKE_END_WAIT, super::task::next_window(&mut self.taking)).await;
+        if let Ok(w) = ended {
+            self.taking = None;
+            if let Ok(ops) = w.result {
+                self.staged.extend(ops);
+            }
+        }
+    }
+
     pub(crate) async fn stop_now(&mut self) {
         self.engine
             .store
@@ -1264,6 +1284,10 @@ async fn finish_chunk(engine: &Engine, result: &mut ChunkResult) {
 /// While requests run, the triggers are looked at this often at most.
 pub(crate) const PLAN_EVERY: Duration = Duration::from_millis(20);
 /// Shortest wait before a stopped flusher asks OpenFGA again.
+/// How long a stop lets a take under way end (see `Pump::end_take`):
+/// within the second `close()` gives the flusher to answer.
+const TAKE_END_WAIT: Duration = Duration::from_millis(500);
+
 const STOP_LOOK_MIN: Duration = Duration::from_secs(1);
 /// Longest a flush() waits for ops blocked behind other writers' writes
 /// (beyond `flush.unknown_outcome_hold`, which such a write may last).

@@ -51,6 +51,7 @@ pub(crate) async fn run(
             let over =
                 now >= deadline && (pump.running.is_empty() || now >= deadline + SHUTDOWN_GRACE);
             if idle || halted || over {
+                pump.end_take().await;
                 pump.unstage().await;
                 pump.record().await;
                 let mut r = pump.totals.clone();
@@ -134,6 +135,7 @@ pub(crate) async fn run(
                     }
                 }
                 Some(Command::Close(reply)) => {
+                    pump.end_take().await;
                     pump.stop_now().await;
                     let _ = reply.send(pump.cut_off());
                     return;
