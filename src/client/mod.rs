@@ -640,8 +640,8 @@ impl WriteBehind {
 
     /// Stops the flusher and the other tasks, and gives what this process
     /// still holds back to the others now, unless a Write was cut off in
-    /// flight or a hold cut short (then when they can no longer land: see
-    /// `Engine::release_lease`).
+    /// flight or a hold has not ended (then when they can no longer land:
+    /// see `Engine::release_lease`).
     async fn stop_and_release(&self, cut_off: bool) {
         let _ = self.inner.stop.send(true);
         let flusher = self

@@ -140,19 +140,39 @@ pub(crate) struct Engine {
 }
 
 /// One Write request under way, counted in `Engine::writes_under_way`
-/// until it is answered or dropped.
-struct UnderWay<'a>(&'a AtomicUsize);
+/// until it is answered. Dropped unanswered (its future cancelled: a stop,
+/// a panic elsewhere in the flusher, a dropped worker), its outcome is
+/// unknown: a hold from then is noted before it stops counting.
+struct UnderWay<'a> {
+    engine: &'a Engine,
+    answered: bool,
+}
 
 impl<'a> UnderWay<'a> {
-    fn start(n: &'a AtomicUsize) -> UnderWay<'a> {
-        n.fetch_add(1, Ordering::AcqRel);
-        UnderWay(n)
+    fn start(engine: &'a Engine) -> UnderWay<'a> {
+        engine.writes_under_way.fetch_add(1, Ordering::AcqRel);
+        UnderWay {
+            engine,
+            answered: false,
+        }
+    }
+
+    /// The request was answered (its outcome, if unknown, already noted).
+    fn answered(mut self) {
+        self.answered = true;
     }
 }
 
 impl Drop for UnderWay<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        if !self.answered {
+            let now = Instant::now();
+            self.engine.note_hold(
+                now.checked_add(self.engine.cfg.unknown_outcome_hold)
+                    .unwrap_or(now),
+            );
+        }
+        self.engine.writes_under_way.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -800,20 +820,23 @@ impl Engine {
         loop {
             result.requests += 1;
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let under_way = UnderWay::start(&self.writes_under_way);
-            let written = self.write(ops, model).await;
-            drop(under_way);
-            let e = match written {
-                Ok(()) => return Ok(()),
+            let under_way = UnderWay::start(self);
+            let e = match self.write(ops, model).await {
+                Ok(()) => {
+                    under_way.answered();
+                    return Ok(());
+                }
                 Err(e) => e,
             };
             if e.may_have_applied() {
-                // Noted at once: a stop during the retries (before the
-                // chunk waits out its hold) keeps the lease too.
+                // Noted at once, before it stops counting as under way: a
+                // stop during the retries (before the chunk waits out its
+                // hold) keeps the lease too.
                 let at = Instant::now();
                 result.unsure_at = Some(at);
                 self.note_hold(at + self.cfg.unknown_outcome_hold);
             }
+            under_way.answered();
             let conflict = e.status() == Some(409);
             if e.is_transient() {
                 // Every request that failed transiently; its ops are sent

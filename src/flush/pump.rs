@@ -1080,8 +1080,6 @@ impl Pump {
         }
     }
 
-    /// Stops at once (the handle is gone, or stopped): nothing is repeated
-    /// any more, and staged ops go back to the store.
     /// Whether stopping now cuts something off whose outcome is unknown:
     /// a Write under way (not a chunk recording its outcomes), or a take
     /// (see `Engine::release_lease`).
@@ -1103,12 +1101,16 @@ impl Pump {
             tokio::time::timeout(TAKE_END_WAIT, super::task::next_window(&mut self.taking)).await;
         if let Ok(w) = ended {
             self.taking = None;
-            if let Ok(ops) = w.result {
-                self.staged.extend(ops);
+            self.report_dead_on_take();
+            match w.result {
+                Ok(ops) => self.staged.extend(ops),
+                Err(e) => tracing::warn!(error = %e, "a take under way at the stop failed"),
             }
         }
     }
 
+    /// Stops at once (the handle is gone, or stopped): nothing is repeated
+    /// any more, and staged ops go back to the store.
     pub(crate) async fn stop_now(&mut self) {
         self.engine
             .store
@@ -1283,11 +1285,10 @@ async fn finish_chunk(engine: &Engine, result: &mut ChunkResult) {
 
 /// While requests run, the triggers are looked at this often at most.
 pub(crate) const PLAN_EVERY: Duration = Duration::from_millis(20);
-/// Shortest wait before a stopped flusher asks OpenFGA again.
 /// How long a stop lets a take under way end (see `Pump::end_take`):
-/// within the second `close()` gives the flusher to answer.
-const TAKE_END_WAIT: Duration = Duration::from_millis(500);
-
+/// well within the second `close()` gives the flusher to answer.
+const TAKE_END_WAIT: Duration = Duration::from_millis(300);
+/// Shortest wait before a stopped flusher asks OpenFGA again.
 const STOP_LOOK_MIN: Duration = Duration::from_secs(1);
 /// Longest a flush() waits for ops blocked behind other writers' writes
 /// (beyond `flush.unknown_outcome_hold`, which such a write may last).
@@ -2001,8 +2002,9 @@ mod tests {
     /// A stop cuts off only a Write under way: once answered, a chunk
     /// (then recording its outcomes) has none, so a stop need not keep the
     /// writer's lease for it. A Write whose outcome is unknown keeps the
-    /// lease to its hold's end from the moment the failure is seen, before
-    /// the chunk waits out its hold (a stop may come between the two).
+    /// lease to its hold's end from the moment that is seen (timed out, or
+    /// its future dropped unanswered), before any chunk waits out a hold:
+    /// a stop may come between the two.
     #[tokio::test]
     async fn only_a_write_under_way_is_cut_off_by_a_stop() {
         use wiremock::matchers::{method, path};
@@ -2013,58 +2015,76 @@ mod tests {
             .respond_with(
                 ResponseTemplate::new(200)
                     .set_body_json(serde_json::json!({}))
-                    .set_delay(Duration::from_millis(300)),
+                    .set_delay(Duration::from_secs(1)),
             )
             .up_to_n_times(1)
             .with_priority(1)
             .mount(&server)
             .await;
         write()
-            .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(30)))
+            .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(60)))
             .mount(&server)
             .await;
-        let client = crate::openfga::Client::builder(server.uri())
-            .timeout(Duration::from_millis(500))
-            .build()
-            .unwrap();
-        let mut e = Engine::for_tests(None);
-        e.writer = client;
-        let e = Arc::new(e);
-        let no_retries = QuickRetries {
-            transient: 0,
-            conflicts: 0,
+        let engine = |timeout| {
+            let mut e = Engine::for_tests(None);
+            e.writer = crate::openfga::Client::builder(server.uri())
+                .timeout(timeout)
+                .build()
+                .unwrap();
+            Arc::new(e)
         };
-        let send = |ops| {
+        let send = |e: &Arc<Engine>, from: usize| {
             let e = e.clone();
-            tokio::spawn(async move { e.write_chunk_as(None, None, ops, no_retries).await })
-        };
-        let take_one = |from| {
-            let e = e.clone();
-            async move {
+            tokio::spawn(async move {
                 grant(&e, "document:1", from, from + 1).await;
-                e.store.take(10, Take::All, u64::MAX).await.unwrap()
+                let ops = e.store.take(10, Take::All, u64::MAX).await.unwrap();
+                let no_retries = QuickRetries {
+                    transient: 0,
+                    conflicts: 0,
+                };
+                e.write_chunk_as(None, None, ops, no_retries).await
+            })
+        };
+        let requests = |n: usize| {
+            let server = &server;
+            async move {
+                while server.received_requests().await.unwrap_or_default().len() < n {
+                    tokio::task::yield_now().await;
+                }
             }
         };
-        let chunk = send(take_one(0).await);
-        while server
-            .received_requests()
-            .await
-            .unwrap_or_default()
-            .is_empty()
-        {
-            tokio::task::yield_now().await;
-        }
+        let hold = |e: &Engine| *e.holds_until.lock().unwrap();
+
+        // Answered: under way until then, no hold.
+        let e = engine(Duration::from_secs(30));
+        let chunk = send(&e, 0);
+        requests(1).await;
         assert_eq!(e.writes_under_way(), 1, "sent, not answered");
         let r = chunk.await.unwrap();
         assert!(r.unsure_at.is_none() && r.stop.is_none());
         assert_eq!(e.writes_under_way(), 0, "answered: recording is no Write");
-        assert!(e.holds_until.lock().unwrap().is_none());
+        assert_eq!(hold(&e), None);
 
+        // Dropped unanswered (a stop, a panic): a hold from then.
+        let chunk = send(&e, 1);
+        requests(2).await;
+        assert_eq!(e.writes_under_way(), 1);
+        let dropped = Instant::now();
+        chunk.abort();
+        assert!(chunk.await.is_err_and(|e| e.is_cancelled()));
+        assert_eq!(e.writes_under_way(), 0);
+        let until = hold(&e).expect("noted as it was dropped");
+        assert!(until >= dropped + e.cfg.unknown_outcome_hold, "{until:?}");
+
+        // Timed out: the outcome is unknown; a hold from the timeout, noted
+        // as the chunk sees it, before any wait_out.
+        let e = engine(Duration::from_millis(300));
         let sent = Instant::now();
-        let r = send(take_one(1).await).await.unwrap();
+        let r = send(&e, 2).await.unwrap();
         assert!(r.unsure_at.is_some(), "timed out: outcome unknown");
         assert_eq!(e.writes_under_way(), 0);
-        let until = e.holds_until.lock().unwrap().expect("noted at once");
-        assert!(until >= sent + e.cfg.unknown_outcome_hold, "{until:?}");
+        let until = hold(&e).expect("noted at once");
+        let earliest = sent + Duration::from_millis(300) + e.cfg.unknown_outcome_hold;
+        assert!(until >= earliest, "{until:?} before {earliest:?}");
     }
 }

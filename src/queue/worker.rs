@@ -568,7 +568,10 @@ async fn run_worker(
             tokio::time::sleep(grace).await;
             deadline_applier.engine.writes_under_way()
         } => {
-            tracing::warn!(writes_cut_off = under_way, "shutdown deadline passed with jobs running; they will run again on another worker once this worker's lease ends (kept until their Writes can no longer land)");
+            match under_way {
+                0 => tracing::warn!("shutdown deadline passed with jobs running (recording their outcomes or waiting out holds); they run again on another worker once this worker's lease ends"),
+                n => tracing::warn!(writes_cut_off = n, "shutdown deadline passed with jobs' Writes under way; they run again on another worker once this worker's lease, kept until those Writes can no longer land, ends"),
+            }
             cut_off = under_way > 0;
             Ok(())
         }

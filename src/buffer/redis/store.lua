@@ -63,8 +63,9 @@
 --                              causes, scored by its op's place in line
 --                              (`first`): what `unfinished` looks at for
 --                              letters a replay may still write
---   P:deadcur:v        string  set once the transient letters older versions
---                              wrote were indexed in P:deadcur
+--   P:deadcur:v        string  how far the transient letters older versions
+--                              wrote are indexed in P:deadcur: a scan's
+--                              cursor, then "done"
 --   P:jobmin           zset    job id -> the lowest place in line (`first`) of
 --                              the ops it held when queued: the jobs
 --                              `unfinished` looks in (kept with P:jobs)
@@ -2178,10 +2179,14 @@ local function any_unfinished(keys, up_to)
 end
 
 -- Transient letters an older version wrote are not in P:deadcur: indexed
--- once, when `unfinished` first looks (P:deadcur:v marks it done).
+-- when `unfinished` first looks, 500 keys a call so a large set does not
+-- hold Redis (P:deadcur:v: the scan's cursor, then "done"). Returns
+-- whether all are.
 local function index_old_letters()
-  if rcall('EXISTS', K_DEADCUR .. ':v') == 1 then return end
-  local latest = rcall('HGETALL', K_DEADKEY)
+  local at = rcall('GET', K_DEADCUR .. ':v')
+  if at == 'done' then return true end
+  local page = rcall('HSCAN', K_DEADKEY, tonumber(at) and at or '0', 'COUNT', 500)
+  local latest = page[2]
   for i = 1, #latest, 2 do
     local key, id = latest[i], latest[i + 1]
     if id ~= '0' then
@@ -2190,7 +2195,9 @@ local function index_old_letters()
       if first then index_dead_current(key, first) end
     end
   end
-  rcall('SET', K_DEADCUR .. ':v', '1')
+  local done = page[1] == '0'
+  rcall('SET', K_DEADCUR .. ':v', done and 'done' or page[1])
+  return done
 end
 
 -- unfinished pub up_to -> {ops, letters}: of the ops acknowledged up to
@@ -2239,10 +2246,12 @@ if cmd == 'unfinished' then
   end
   local letters = 0
   if n == 0 then
-    index_old_letters()
+    -- Until every letter is indexed, one is taken to be left.
+    if not index_old_letters() then letters = 1 end
     -- A page at a time, until one is still current: then all listed.
     local from = 0
-    while letters == 0 do
+    local found = false
+    while not found do
       local keys = rcall('ZRANGEBYSCORE', K_DEADCUR, '-inf', up_to, 'LIMIT', from, 100)
       if #keys == 0 then break end
       for _, key in ipairs(keys) do
@@ -2250,7 +2259,8 @@ if cmd == 'unfinished' then
         if id and id ~= '0' and rcall('HEXISTS', K_OPS, key) == 0 then
           local d = letter(rcall('HGET', K_DEAD, id))
           if d and d.transient == true then
-            letters = rcall('ZCOUNT', K_DEADCUR, '-inf', up_to)
+            letters = math.max(letters, rcall('ZCOUNT', K_DEADCUR, '-inf', up_to))
+            found = true
             break
           end
         end
