@@ -225,7 +225,8 @@ pub struct Unfinished {
     /// Ops still pending, being written or held by jobs. Zero only when
     /// none is; else exact for pending ops, and at least 1 where only ops
     /// in flight or queued are left (the Redis store's look ends at the
-    /// first it finds).
+    /// first it finds), or while the Redis store indexes dead letters an
+    /// older version wrote (2,000 a look).
     pub ops: u64,
     /// Ops that died of transient causes (OpenFGA unreachable, a queue
     /// job's retries spent) whose letters are still their tuples' latest:

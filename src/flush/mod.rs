@@ -141,8 +141,8 @@ pub(crate) struct Engine {
 
 /// One Write request under way, counted in `Engine::writes_under_way`
 /// until it is answered. Dropped unanswered (its future cancelled: a stop,
-/// a panic elsewhere in the flusher, a dropped worker), its outcome is
-/// unknown: a hold from then is noted before it stops counting.
+/// a panic elsewhere in the flusher), its outcome is unknown: a hold from
+/// then is noted before it stops counting, for the stop's release.
 struct UnderWay<'a> {
     engine: &'a Engine,
     answered: bool,

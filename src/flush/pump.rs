@@ -2047,10 +2047,15 @@ mod tests {
         };
         let requests = |n: usize| {
             let server = &server;
-            async move {
+            let arrived = async move {
                 while server.received_requests().await.unwrap_or_default().len() < n {
                     tokio::task::yield_now().await;
                 }
+            };
+            async move {
+                tokio::time::timeout(Duration::from_secs(30), arrived)
+                    .await
+                    .expect("the Write reached the mock")
             }
         };
         let hold = |e: &Engine| *e.holds_until.lock().unwrap();

@@ -64,8 +64,8 @@
 --                              (`first`): what `unfinished` looks at for
 --                              letters a replay may still write
 --   P:deadcur:v        string  how far the transient letters older versions
---                              wrote are indexed in P:deadcur: a scan's
---                              cursor, then "done"
+--                              wrote are indexed in P:deadcur: the last
+--                              letter id looked at, then "done"
 --   P:jobmin           zset    job id -> the lowest place in line (`first`) of
 --                              the ops it held when queued: the jobs
 --                              `unfinished` looks in (kept with P:jobs)
@@ -2179,24 +2179,30 @@ local function any_unfinished(keys, up_to)
 end
 
 -- Transient letters an older version wrote are not in P:deadcur: indexed
--- when `unfinished` first looks, 500 keys a call so a large set does not
--- hold Redis (P:deadcur:v: the scan's cursor, then "done"). Returns
--- whether all are.
+-- when `unfinished` first looks, by id, 2000 ids a call, so a large set
+-- does not hold Redis (P:deadcur:v: the last id looked at, then "done";
+-- ids stay where a scan's cursor would not across a restart or a
+-- failover). This version indexes the letters it writes as it writes
+-- them. Returns whether all are indexed.
 local function index_old_letters()
   local at = rcall('GET', K_DEADCUR .. ':v')
   if at == 'done' then return true end
-  local page = rcall('HSCAN', K_DEADKEY, tonumber(at) and at or '0', 'COUNT', 500)
-  local latest = page[2]
-  for i = 1, #latest, 2 do
-    local key, id = latest[i], latest[i + 1]
-    if id ~= '0' then
-      local d = letter(rcall('HGET', K_DEAD, id))
-      local first = d and d.transient == true and (tonumber(d.first) or tonumber(d.seq))
-      if first then index_dead_current(key, first) end
+  local from = math.max(0, math.floor(tonumber(at) or 0))
+  local last = tonumber(rcall('GET', P .. ':deadseq')) or 0
+  local to = math.min(from + 2000, last)
+  if to > from then
+    local ids = {}
+    for id = from + 1, to do ids[#ids + 1] = string.format('%.0f', id) end
+    local raw = hmget(K_DEAD, ids)
+    for i, id in ipairs(ids) do
+      local d = letter(raw[i])
+      if d and d.transient == true and rcall('HGET', K_DEADKEY, d.key) == id then
+        index_dead_current(d.key, tonumber(d.first) or tonumber(d.seq))
+      end
     end
   end
-  local done = page[1] == '0'
-  rcall('SET', K_DEADCUR .. ':v', done and 'done' or page[1])
+  local done = to >= last
+  rcall('SET', K_DEADCUR .. ':v', done and 'done' or string.format('%.0f', to))
   return done
 end
 
@@ -2244,10 +2250,11 @@ if cmd == 'unfinished' then
       pass = (indexed and pruned > 0) and pass + 1 or 3
     end
   end
+  -- Until the letters older versions wrote are indexed, something is
+  -- taken to be left (not a letter: no op is known to have died).
+  if n == 0 and not index_old_letters() then n = 1 end
   local letters = 0
   if n == 0 then
-    -- Until every letter is indexed, one is taken to be left.
-    if not index_old_letters() then letters = 1 end
     -- A page at a time, until one is still current: then all listed.
     local from = 0
     local found = false
@@ -2259,7 +2266,7 @@ if cmd == 'unfinished' then
         if id and id ~= '0' and rcall('HEXISTS', K_OPS, key) == 0 then
           local d = letter(rcall('HGET', K_DEAD, id))
           if d and d.transient == true then
-            letters = math.max(letters, rcall('ZCOUNT', K_DEADCUR, '-inf', up_to))
+            letters = rcall('ZCOUNT', K_DEADCUR, '-inf', up_to)
             found = true
             break
           end
