@@ -69,10 +69,11 @@ enum Command {
         /// until workers applied their jobs and replayed those that died of
         /// transient failures). Ops acknowledged later are flushed as they
         /// come but not waited for, so it ends under steady traffic; an op
-        /// a newer one on its tuple superseded is done. Exits 0 only then; in queue
-        /// mode without --timeout, exits 1 once no worker has run for 6
-        /// worker leases (30 s by default), or at once when such dead ops
-        /// wait and workers do not replay them (queue.replay_transient = 0).
+        /// a newer one on its tuple superseded is done. Exits 0 only then.
+        /// In queue mode, exits 1 at once when a worker reports flushing
+        /// stopped, or when such dead ops wait and workers do not replay
+        /// them (queue.replay_transient = 0), and, without --timeout, once
+        /// no worker has run for 6 worker leases (30 s by default).
         #[arg(long)]
         wait: bool,
         /// With --wait: give up after this long (e.g. 90s, 5m), the first
@@ -96,7 +97,7 @@ enum Command {
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
     },
-    /// Dead letters: ops OpenFGA refused for good.
+    /// Dead letters: ops OpenFGA refused, or that died of transient causes.
     Dlq {
         #[command(subcommand)]
         command: Dlq,
@@ -120,7 +121,7 @@ enum Command {
 enum Dlq {
     /// List dead letters with OpenFGA's reasons.
     List,
-    /// Buffer dead letters again as new ops.
+    /// Buffer dead letters again, each in its op's place in line.
     Replay {
         /// Replay every dead letter.
         #[arg(long, conflicts_with = "ids")]

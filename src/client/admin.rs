@@ -77,8 +77,10 @@ impl WriteBehind {
     /// [`last_acknowledged`](Self::last_acknowledged)): ops pending, in
     /// flight or held by queued jobs, and ops that died of transient
     /// causes and may still be replayed. Ops acknowledged later are not
-    /// counted, nor is an op a newer one on its tuple superseded (what the
-    /// application said last is what gets written). One consistent look:
+    /// counted (but one folded into a pending op from before keeps its
+    /// place, and is counted in its stead), nor is an op that a newer one
+    /// on its tuple superseded before it was sent (what the application
+    /// said last is what gets written). One consistent look:
     /// an op moving on meanwhile (written, handed back by a crashed
     /// writer, replayed) is seen where it is.
     pub async fn unfinished(&self, seq: u64) -> Result<Unfinished> {
@@ -167,12 +169,15 @@ impl WriteBehind {
         Ok(closed)
     }
 
-    /// The ops OpenFGA refused for good, with its reasons.
+    /// The dead letters: ops OpenFGA refused (its reasons kept), and ops
+    /// that died of transient causes (marked `transient`).
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
         self.inner.engine.store.dead_letters().await
     }
 
-    /// Buffers dead letters again (those with `ids`, or all) as new ops, for
+    /// Buffers dead letters again (those with `ids`, or all), each in its
+    /// op's place in line and pending time (it is still the op
+    /// acknowledged then: see [`unfinished`](Self::unfinished)), for
     /// after the model or the data was fixed, and flushes them (in queue
     /// mode: queues their jobs). They skip model validation: OpenFGA
     /// decides.
@@ -204,7 +209,7 @@ impl WriteBehind {
             }
         }
         let mut r = e.store.replay_dead_letters(ids, false).await?;
-        // A replayed letter is a new op, acknowledged like a grant or revoke.
+        // A replayed letter is acknowledged again, like a grant or revoke.
         for t in &r.tuples {
             e.cache.invalidate_for(t);
         }

@@ -611,7 +611,9 @@ impl WriteBehind {
     /// a second or two at most, plus a Redis call or two (each bounded by
     /// the connection's 30 s response timeout); a Write still under way is
     /// cut off, and its ops stay this process's until it can no longer
-    /// land (`flush.unknown_outcome_hold`). Later calls on any clone fail
+    /// land (`flush.unknown_outcome_hold`), as do those of a Write whose
+    /// outcome is unknown whose hold has not ended, and (inline) what a
+    /// take under way for more than 300 ms took. Later calls on any clone fail
     /// with [`Error::is_shutdown`].
     pub async fn close(&self) -> Result<()> {
         if self.inner.shut_down.swap(true, Ordering::SeqCst) {

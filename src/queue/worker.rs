@@ -468,7 +468,10 @@ fn jobs(store: Arc<RedisStore>, holding: Arc<Holding>, poll: Duration) -> JobStr
 }
 
 /// Runs one worker until `shutdown` completes, then lets running jobs finish
-/// (up to `flush.shutdown_deadline`).
+/// (up to `flush.shutdown_deadline`). Dropping the future stops the worker
+/// at once: what it spawned ends with it, its lease is no longer renewed,
+/// and the jobs it was running go to other workers once a Write of theirs
+/// can no longer land (its lease, then `flush.unknown_outcome_hold`).
 pub fn run(
     config: Config,
     concurrency: usize,
