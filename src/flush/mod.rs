@@ -128,9 +128,10 @@ pub(crate) struct Engine {
     /// being above it (its `--max-tuples-per-write` is lower than
     /// `flush.max_tuples_per_write`); 0 until then.
     pub tuple_limit: AtomicUsize,
-    /// The end of the latest hold begun (see [`Engine::wait_out`]): with a
-    /// shared store, a stop before it keeps this writer's lease to it, not
-    /// released (a hold a stop cuts short leaves its ops in flight).
+    /// The end of the latest hold (see [`Engine::wait_out`]), noted when a
+    /// Write's outcome is found unknown: with a shared store, a stop before
+    /// it keeps this writer's lease to it, not released (a hold a stop cuts
+    /// short leaves its ops in flight).
     pub holds_until: std::sync::Mutex<Option<Instant>>,
     /// Write requests sent and not answered yet: a stop with one under way
     /// cuts it off, and its outcome is unknown (see
@@ -166,11 +167,8 @@ impl<'a> UnderWay<'a> {
 impl Drop for UnderWay<'_> {
     fn drop(&mut self) {
         if !self.answered {
-            let now = Instant::now();
-            self.engine.note_hold(
-                now.checked_add(self.engine.cfg.unknown_outcome_hold)
-                    .unwrap_or(now),
-            );
+            let e = self.engine;
+            e.note_hold(e.hold_end(Instant::now()));
         }
         self.engine.writes_under_way.fetch_sub(1, Ordering::AcqRel);
     }
@@ -641,10 +639,10 @@ impl Engine {
     /// Cut short by shutdown's deadline, set before or during the wait:
     /// then it returns false. In a shared store the caller then leaves the
     /// ops in flight (the writer's lease, kept to the hold's end, noted in
-    /// `holds_until` as the hold begins, hands them on then): ending them
-    /// would hand them on at once.
+    /// `holds_until` when the outcome was found unknown, hands them on
+    /// then): ending them would hand them on at once.
     pub(crate) async fn wait_out(&self, at: Instant, ops: usize) -> bool {
-        let until = at + self.cfg.unknown_outcome_hold;
+        let until = self.hold_end(at);
         if until <= Instant::now() {
             return true;
         }
@@ -656,7 +654,6 @@ impl Engine {
         );
         // Until the hold ends, however it ends (a dropped future too).
         let _held = HeldGauge::add(ops);
-        self.note_hold(until);
         if let Err(e) = self.store.keep_lease_until(until.into_std()).await {
             // The lease still runs its usual length, renewed while this
             // process lives: only a stop or a crash within the hold would
@@ -687,6 +684,12 @@ impl Engine {
         self.writes_under_way.load(Ordering::Acquire)
     }
 
+    /// When a Write whose outcome was found unknown at `at` can no longer
+    /// land.
+    fn hold_end(&self, at: Instant) -> Instant {
+        at.checked_add(self.cfg.unknown_outcome_hold).unwrap_or(at)
+    }
+
     /// A hold until `until` began: a stop before then keeps the lease.
     fn note_hold(&self, until: Instant) {
         let mut h = self.holds_until.lock().unwrap_or_else(|p| p.into_inner());
@@ -709,10 +712,7 @@ impl Engine {
             // A hold from now: later than any hold cut short, which began
             // before now. With holds off, `now`: the lease is not
             // released, and ends by itself.
-            (true, _) => Some(
-                now.checked_add(self.cfg.unknown_outcome_hold)
-                    .unwrap_or(now),
-            ),
+            (true, _) => Some(self.hold_end(now)),
             (false, Some(held)) if held > now => Some(held),
             // No hold, or it ended already: nothing can land any more.
             (false, _) => None,
@@ -834,7 +834,7 @@ impl Engine {
                 // hold) keeps the lease too.
                 let at = Instant::now();
                 result.unsure_at = Some(at);
-                self.note_hold(at + self.cfg.unknown_outcome_hold);
+                self.note_hold(self.hold_end(at));
             }
             under_way.answered();
             let conflict = e.status() == Some(409);
