@@ -622,9 +622,7 @@ fn gave_up(s: &fga_wb::Status, w: &Waiting, u: &fga_wb::Unfinished) -> Failure {
         0 if dead > 0 && w.replays.is_some() => {
             format!("not all written after {after:.0?}: {note}")
         }
-        0 if dead > 0 => format!(
-            "{dead} ops died of transient failures and are not written after {after:.0?}; workers do not replay them (queue.replay_transient = 0): run `fga-wb dlq replay` once OpenFGA answers"
-        ),
+        0 if dead > 0 => format!("after {after:.0?}: {}", unreplayed_note(dead)),
         // Written while the last call ran past the deadline.
         0 => format!(
             "the deadline passed after {after:.0?} during a call; everything acknowledged before this command began is written now (run it again to confirm)"
@@ -687,6 +685,14 @@ fn dead_note(dead: usize, every: Duration) -> String {
     )
 }
 
+/// What is left when only ops that died of transient failures (`dead`)
+/// are, and workers do not replay them.
+fn unreplayed_note(dead: usize) -> String {
+    format!(
+        "{dead} ops died of transient failures (OpenFGA unreachable or failing through the retry schedule) and are not written; workers do not replay them (queue.replay_transient = 0): run `fga-wb dlq replay` once OpenFGA answers"
+    )
+}
+
 /// Flushes again and again until every op acknowledged before the command
 /// began (`w.mark`) is written, and returns how many ops its own flushes
 /// queued: ops a dead process held come back pending when its lease ends
@@ -733,9 +739,7 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
                         bar.abandon();
                         return Err(Failure {
                             code: 1,
-                            message: format!(
-                                "{dead} ops died of transient failures (OpenFGA unreachable or failing through the retry schedule) and are not written; workers do not replay them (queue.replay_transient = 0): run `fga-wb dlq replay` once OpenFGA answers"
-                            ),
+                            message: unreplayed_note(dead),
                         });
                     }
                     Some(_) => {}
