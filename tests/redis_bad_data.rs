@@ -96,10 +96,17 @@ struct Inline {
 }
 
 async fn inline(name: &str) -> Inline {
+    inline_flushing(name, true).await
+}
+
+/// As `inline`, with the handle flushing only when asked (`automatic`
+/// false).
+async fn inline_flushing(name: &str, automatic: bool) -> Inline {
     let s = new_store(&format!("bad-{name}")).await;
     let pre = prefix(name);
     let p = format!("{pre}:{{{}}}", s.store_id);
     let wb = WriteBehind::builder(config(&s, &pre, Mode::Inline))
+        .automatic_flush(automatic)
         .build()
         .await
         .unwrap();
@@ -361,6 +368,29 @@ async fn sequence_that_is_not_a_number() {
     assert_eq!(wb.flush().await.unwrap().applied, 1);
 }
 
+/// A sequence number past 14 digits (set by hand, or after some 10^14 ops)
+/// is written out in full: Lua's own number formatting gave "1e+14", which
+/// the grant could not read back (it reported the buffer full, with the op
+/// buffered) and the flush then dropped as a corrupt entry.
+#[tokio::test]
+async fn sequence_numbers_past_fourteen_digits() {
+    let Inline {
+        s, p, wb, mut c, ..
+    } = inline("seq-digits").await;
+    let _: () = cmd(&mut c, &["SET", &format!("{p}:seq"), "99999999999998"]).await;
+    for i in 0..4 {
+        wb.grant(&format!("user:d{i}"), "viewer", "document:digits")
+            .await
+            .unwrap();
+    }
+    let seq: String = cmd(&mut c, &["GET", &format!("{p}:seq")]).await;
+    assert_eq!(seq, "100000000000002");
+    let r = wb.flush().await.unwrap();
+    assert_eq!((r.applied, r.error.as_deref()), (4, None), "{r:?}");
+    assert_eq!(stored(&s).await.len(), 4);
+    wb.shutdown().await.unwrap();
+}
+
 /// Counters that are not numbers (`:termseq`, which a new writer's first
 /// call draws from, and `:jobseq`, which a queue-mode flush draws from):
 /// the call fails with an error that names the key, and works once the key
@@ -613,15 +643,7 @@ async fn unreadable_condition_is_never_dropped() {
 /// as it takes it, reports it (before, only the store's totals counted it).
 #[tokio::test]
 async fn a_flush_reports_what_it_dead_lettered_unread() {
-    let s = new_store("bad-cond-report").await;
-    let pre = prefix("cond-report");
-    let p = format!("{pre}:{{{}}}", s.store_id);
-    let wb = WriteBehind::builder(config(&s, &pre, Mode::Inline))
-        .automatic_flush(false)
-        .build()
-        .await
-        .unwrap();
-    let mut c = redis().await;
+    let Inline { p, wb, mut c, .. } = inline_flushing("cond-report", false).await;
     let key = "document:r#viewer@user:r";
     wb.grant("user:r", "viewer", "document:r").await.unwrap();
     wb.grant("user:ok", "viewer", "document:r").await.unwrap();
@@ -1002,4 +1024,91 @@ async fn a_loss_record_without_its_fields_can_be_acknowledged() {
     let open: i64 = cmd(&mut c, &["EXISTS", &loss]).await;
     assert_eq!(open, 0);
     assert!(!wb.check("user:a", "viewer", "document:1").await.unwrap());
+}
+
+/// A grant or revoke that fails on a key of another type (here the totals
+/// or the check generations) has written nothing: before, it had already
+/// listed its op in the relation's index of pending revokes, and every
+/// check on that relation then waited for a revoke that did not exist, and
+/// failed closed, until that very tuple was written.
+#[tokio::test]
+async fn a_push_that_fails_on_a_key_of_another_type_leaves_nothing_behind() {
+    let s = new_store("bad-push-abort").await;
+    let mut c = redis().await;
+    for (i, key) in [":stats", ":gen", ":rel"].into_iter().enumerate() {
+        let pre = prefix(&format!("push-abort{i}"));
+        let p = format!("{pre}:{{{}}}", s.store_id);
+        let mut cfg = config(&s, &pre, Mode::Inline);
+        cfg.check.revoke_wait_timeout = Duration::from_secs(2);
+        let wb = WriteBehind::builder(cfg)
+            .automatic_flush(false)
+            .build()
+            .await
+            .unwrap();
+        let bad = format!("{p}{key}");
+        let _: () = cmd(&mut c, &["SET", &bad, "a string"]).await;
+        let r = wb.revoke("user:w", "viewer", "document:w").await;
+        clear(key, &r);
+        let e = r.expect_err("the revoke cannot be buffered").to_string();
+        assert!(e.contains(&bad), "{key}: the error names the key: {e}");
+        for (index, what) in [
+            ("lex:document#viewer|r", "the relation's index"),
+            ("ready:r", "the ready set"),
+        ] {
+            let n: i64 = cmd(&mut c, &["ZCARD", &format!("{p}:{index}")]).await;
+            assert_eq!(n, 0, "{key}: the failed revoke is in {what}");
+        }
+        let counts: Vec<Option<String>> =
+            cmd(&mut c, &["HMGET", &format!("{p}:counts"), "pg", "pr"]).await;
+        assert!(
+            counts.iter().all(|v| v.as_deref().is_none_or(|v| v == "0")),
+            "{key}: the failed revoke is counted: {counts:?}"
+        );
+        let _: i64 = cmd(&mut c, &["DEL", &bad]).await;
+        // Nothing pending: a check on the relation asks OpenFGA at once.
+        let allowed = wb.check("user:x", "viewer", "document:w").await;
+        assert!(matches!(allowed, Ok(false)), "{key}: {allowed:?}");
+        wb.shutdown().await.unwrap();
+    }
+}
+
+/// A dead-letter index (`:deadkey`) of another type fails the finish that
+/// would dead-letter an op before it writes the letter: before, the letter
+/// was written, the finish failed, and each flush after wrote the op's
+/// letter again. Once the key is gone, the op has one letter.
+#[tokio::test]
+async fn a_finish_that_fails_on_a_key_of_another_type_writes_no_letter() {
+    let Inline { p, wb, mut c, .. } = inline_flushing("finish-abort", false).await;
+    let key = "document:f#viewer@user:f";
+    wb.grant("user:f", "viewer", "document:f").await.unwrap();
+    // An op the flush dead-letters as it takes it: its stored condition
+    // cannot be read.
+    set_stored_condition(&mut c, &format!("{p}:ops"), key, "{\"name\":").await;
+    let bad = format!("{p}:deadkey");
+    let _: i64 = cmd(&mut c, &["RPUSH", &bad, "x"]).await;
+    for _ in 0..2 {
+        let r = wb.flush().await;
+        let e = match &r {
+            Ok(r) => r.error.clone().unwrap_or_default(),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(&bad), "the flush names the key: {r:?}");
+        let letters: i64 = cmd(&mut c, &["HLEN", &format!("{p}:dead")]).await;
+        assert_eq!(letters, 0, "a letter written by a finish that failed");
+    }
+    let _: i64 = cmd(&mut c, &["DEL", &bad]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = wb.flush().await;
+        let p = wb.pending().await.unwrap();
+        if (p.total, p.in_flight) == (0, 0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still pending: {p:?} ({r:?})");
+    }
+    let letters = wb.dead_letters().await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].tuple.to_string(), key);
+    assert_eq!(wb.status().await.unwrap().totals.dead_lettered, 1);
+    wb.shutdown().await.unwrap();
 }

@@ -110,7 +110,7 @@
 local P = KEYS[1]
 local cmd = ARGV[1]
 -- Locals: Lua 5.1 looks globals up in a table on every use.
-local tinsert, smatch, ssub = table.insert, string.match, string.sub
+local tinsert, smatch, ssub, sformat = table.insert, string.match, string.sub, string.format
 local tostring, tonumber, pairs, ipairs, unpack = tostring, tonumber, pairs, ipairs, unpack
 local rcall, pcall_ = redis.call, redis.pcall
 -- Key and field names built once per call, not once per op.
@@ -204,6 +204,25 @@ local function slot(t, k)
   return v
 end
 
+-- Keys this call found to be of the type it writes (or absent).
+local typed = {}
+
+-- Raises, naming `k`, when it holds another type than `t` (data that is not
+-- fga-wb's under the prefix). Redis keeps what a script wrote before an
+-- error, and a command on a key of the wrong type is one: so the frequent
+-- calls look at every key they write before their first write that matters,
+-- and an aborted call has changed nothing (an op taken out of the ready set
+-- but left pending would never be written).
+local function want(k, t)
+  if typed[k] then return end
+  local got = rcall('TYPE', k)['ok']
+  if got ~= 'none' and got ~= t then
+    error({ err = 'fga-wb: Redis key ' .. k .. ' holds a ' .. got .. ', expected a ' .. t ..
+      '; it was not written by fga-wb (remove it, or use another redis.key_prefix)' })
+  end
+  typed[k] = true
+end
+
 -- Counter changes, summed in Lua and written once per call. HINCRBY on a
 -- field that is not a number would abort the script after earlier writes
 -- (which Redis does not undo), so a bad counter is reset, not fatal.
@@ -214,6 +233,7 @@ local function incr(hash, field, d)
 end
 
 local function flush_incrs()
+  for hash, _ in pairs(deltas) do want(hash, 'hash') end
   for hash, fields in pairs(deltas) do
     for field, d in pairs(fields) do
       if d ~= 0 then
@@ -238,10 +258,15 @@ local function hset(h, field, value)
   slot(hashes, h)[field] = value
 end
 
--- Order matters when data that is not fga-wb's sits under the prefix: a
--- command on a key of the wrong type aborts the script, and what ran before
--- it stays. So the entries themselves (P:ops), which make an op count as
--- buffered, are written last: an aborted call has buffered nothing.
+-- `want` for every key the collected writes touch.
+local function want_collected()
+  for z, _ in pairs(zsets) do want(z, 'zset') end
+  for h, _ in pairs(hashes) do want(h, 'hash') end
+  for h, _ in pairs(deltas) do want(h, 'hash') end
+end
+
+-- Order matters besides: the entries themselves (P:ops), which make an op
+-- count as buffered, are written last.
 local function write_hash(h, fields)
   local set, del, ns, nd = {}, {}, 0, 0
   for f, v in pairs(fields) do
@@ -259,6 +284,7 @@ local function write_hash(h, fields)
 end
 
 local function apply_writes()
+  want_collected()
   local ops = hashes[K_OPS]
   hashes[K_OPS] = nil
   for z, members in pairs(zsets) do
@@ -463,7 +489,10 @@ end
 -- times that, and the calls touch every op two to four times. Entries of
 -- any other shape, and keys this call already loaded, go through `admit`.
 local function read_raw(keys)
-  return hmget(K_OPS, keys)
+  local raw = hmget(K_OPS, keys)
+  -- Read as a hash: no need to look at its type before writing it.
+  if #keys > 0 then typed[K_OPS] = true end
+  return raw
 end
 
 local function load(keys)
@@ -870,7 +899,8 @@ if cmd == 'push' then
     if runners[job] == nil then runners[job] = rcall('HGET', P .. ':jobrun', job) or false end
     return runners[job]
   end
-  local size = rcall('HLEN', P .. ':ops') - corrupt
+  local size = rcall('HLEN', K_OPS) - corrupt
+  typed[K_OPS] = true
   local refused = false
   local last = rcall('INCRBY', P .. ':seq', n)
   if last == n then init_epoch(now) end
@@ -899,7 +929,7 @@ if cmd == 'push' then
     elseif not cur and once[key] and K_READY[op] then
       -- As add_entry and put would write it.
       size = size + 1
-      local seq = tostring(last - n + 1 + i)
+      local seq = sformat('%.0f', last - n + 1 + i)
       incr(K_COUNTS, F_PENDING[op], 1)
       local rel = rel_of(key)
       if rel then
@@ -913,7 +943,7 @@ if cmd == 'push' then
       out[2 * i + 1] = seq
       out[2 * i + 2] = 0
     else
-      local seq = tostring(last - n + 1 + i)
+      local seq = sformat('%.0f', last - n + 1 + i)
       local coalesced = 0
       local e
       if not cur then
@@ -962,16 +992,22 @@ if cmd == 'push' then
       out[2 * i + 2] = coalesced
     end
   end
+  if acked > 0 then incr(P .. ':stats', 'acknowledged', acked) end
+  if coalesced_total > 0 then incr(P .. ':stats', 'coalesced', coalesced_total) end
+  bump_gen(rels)
+  -- Every key written below, before the first write (see want): a member
+  -- left in a relation's index by an aborted call would count as a
+  -- pending revoke for good.
+  for z, _ in pairs(adds) do want(z, 'zset') end
+  for runner, _ in pairs(blocked) do want(P .. ':w:' .. runner, 'set') end
+  want_collected()
   -- Before the entries (see apply_writes); members of keys met once, so
   -- no collected write in `zsets` touches them.
   for z, a in pairs(adds) do
     in_parts(rcall, 'ZADD', z, a, #a, 8000)
   end
-  if acked > 0 then incr(P .. ':stats', 'acknowledged', acked) end
-  if coalesced_total > 0 then incr(P .. ':stats', 'coalesced', coalesced_total) end
-  bump_gen(rels)
-  -- Before the entries (see apply_writes): a stray member is harmless, as
-  -- reclaim looks at an entry's own writer.
+  -- Before the entries: a stray member is harmless, as reclaim looks at
+  -- an entry's own writer.
   for runner, keys in pairs(blocked) do in_parts(rcall, 'SADD', P .. ':w:' .. runner, keys, #keys) end
   apply_writes()
   -- Its caller may wait for room (overflow "block"): writes say when
@@ -1052,7 +1088,11 @@ if cmd == 'take' then
   end
   -- Before the entries: ops taken but in no writer's set would never be
   -- reclaimed if this call failed between the two (a stray member is
-  -- harmless: reclaim looks at an entry's own writer).
+  -- harmless: reclaim looks at an entry's own writer). And no write at all
+  -- before every key is known to be of its type: a key taken out of the
+  -- ready set and left pending would never be written.
+  want(P .. ':w:' .. writer, 'set')
+  want_collected()
   in_parts(rcall, 'SADD', P .. ':w:' .. writer, taken, n)
   apply_writes()
   return out
@@ -1297,7 +1337,7 @@ if cmd == 'finish' then
   local raw = read_raw(keys)
   local applied, dead, requeued, superseded = 0, 0, 0, 0
   local transient = 0
-  local rels, mine, written, wseqs = {}, {}, {}, {}
+  local rels, mine, written, wseqs, letters = {}, {}, {}, {}, {}
   -- Others need to hear of this only if a check may wait for it (a revoke,
   -- a grant with a condition), an op waited behind it or is ready again,
   -- or a caller waits for room (below). Not for every job: each message
@@ -1361,17 +1401,10 @@ if cmd == 'finish' then
       elseif (outcome == 'd' or outcome == 'D') and (writing or held) then
         dead = dead + 1
         drop(key, e)
-        local id = next_of(P .. ':deadseq')
-        -- With its place in line (`first`) and when it became pending
-        -- (`since`): a replay puts it back there (see replay).
-        rcall('HSET', K_DEAD, id, cjson.encode({
-          id = id, key = key, op = e.op, seq = tonumber(e.seq), reason = reason, code = code,
-          attempts = attempts, dead_at = math.floor(now / 1000), cond = e.cond,
-          transient = outcome == 'D', first = tonumber(e.first), since = tonumber(e.since) }))
+        -- Written once every key is known to be of its type (below).
+        letters[#letters + 1] = { key = key, e = e, reason = reason, code = code,
+                                  attempts = attempts, transient = outcome == 'D' }
         if outcome == 'D' then transient = transient + 1 end
-        rcall('HSET', K_DEADKEY, key, id)
-        index_dead_revoke(key, outcome == 'D' and e.op == 'r')
-        index_dead_current(key, outcome == 'D' and e.first or nil)
         local rel = rel_of(key)
         if rel then rels[rel] = true end
       elseif outcome == 'r' and writing then
@@ -1404,6 +1437,33 @@ if cmd == 'finish' then
   if transient > 0 then incr(P .. ':stats', 'dead_transient', transient) end
   if superseded > 0 then incr(P .. ':stats', 'coalesced', superseded) end
   bump_gen(rels)
+  -- No write before every key written is known to be of its type (see
+  -- want): an aborted finish would leave letters of ops still taken, and
+  -- its repeat would write them again.
+  want_collected()
+  want(P .. ':w:' .. writer, 'set')
+  if #letters > 0 then
+    want(K_DEAD, 'hash')
+    want(K_DEADKEY, 'hash')
+  end
+  if own_job then
+    for _, h in ipairs({ ':jobs', ':jobc', ':jobrun' }) do want(P .. h, 'hash') end
+    want(P .. ':jobq', 'zset')
+    want(P .. ':wj:' .. writer, 'set')
+  end
+  for _, l in ipairs(letters) do
+    local e = l.e
+    local id = next_of(P .. ':deadseq')
+    -- With its place in line (`first`) and when it became pending
+    -- (`since`): a replay puts it back there (see replay).
+    rcall('HSET', K_DEAD, id, cjson.encode({
+      id = id, key = l.key, op = e.op, seq = tonumber(e.seq), reason = l.reason, code = l.code,
+      attempts = l.attempts, dead_at = math.floor(now / 1000), cond = e.cond,
+      transient = l.transient, first = tonumber(e.first), since = tonumber(e.since) }))
+    rcall('HSET', K_DEADKEY, l.key, id)
+    index_dead_revoke(l.key, l.transient and e.op == 'r')
+    index_dead_current(l.key, l.transient and e.first or nil)
+  end
   apply_writes()
   in_parts(rcall, 'SREM', P .. ':w:' .. writer, mine, #mine)
   if own_job and action == 'done' then
@@ -1999,7 +2059,7 @@ if cmd == 'replay' then
         kept = #ids - i + 1
         break
       else
-        local seq = tostring(next_of(P .. ':seq'))
+        local seq = sformat('%.0f', next_of(P .. ':seq'))
         -- Back in line where its op was, pending since it was: to
         -- `unfinished` (flush --wait) it is the op acknowledged then, not
         -- a new one, and the oldest pending op's age stays true.
