@@ -388,6 +388,14 @@ async fn sequence_numbers_past_fourteen_digits() {
     let r = wb.flush().await.unwrap();
     assert_eq!((r.applied, r.error.as_deref()), (4, None), "{r:?}");
     assert_eq!(stored(&s).await.len(), 4);
+
+    // Past what 64 bits hold (Lua's numbers round it up to 2^63): a Redis
+    // error, not a full buffer to wait on.
+    let _: () = cmd(&mut c, &["SET", &format!("{p}:seq"), "9223372036854775500"]).await;
+    let r = wb.grant("user:big", "viewer", "document:digits").await;
+    clear("grant", &r);
+    let e = r.expect_err("a sequence number past 64 bits");
+    assert!(!e.is_buffer_full(), "{e}");
     wb.shutdown().await.unwrap();
 }
 
@@ -1058,6 +1066,8 @@ async fn a_push_that_fails_on_a_key_of_another_type_leaves_nothing_behind() {
             let n: i64 = cmd(&mut c, &["ZCARD", &format!("{p}:{index}")]).await;
             assert_eq!(n, 0, "{key}: the failed revoke is in {what}");
         }
+        let entries: i64 = cmd(&mut c, &["HLEN", &format!("{p}:ops")]).await;
+        assert_eq!(entries, 0, "{key}: the failed revoke's entry");
         let counts: Vec<Option<String>> =
             cmd(&mut c, &["HMGET", &format!("{p}:counts"), "pg", "pr"]).await;
         assert!(

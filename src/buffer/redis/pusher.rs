@@ -93,14 +93,14 @@ impl Pusher {
             Err(e) => return answer_all(batch, &e),
         };
         let pending = int(&v[v.len() - 2]).unwrap_or(0).max(0) as usize;
-        let corrupt = int(&v[v.len() - 1]).unwrap_or(0);
-        if corrupt > 0 {
-            tracing::warn!(count = corrupt, prefix = %self.prefix, "replaced corrupt pending entries in Redis");
+        let replaced = int(&v[v.len() - 1]).unwrap_or(0);
+        if replaced > 0 {
+            tracing::warn!(count = replaced, prefix = %self.prefix, "replaced corrupt pending entries in Redis");
         }
-        let seqs: Vec<i64> = (0..batch.len())
-            .map(|i| int(&v[2 * i]).unwrap_or(-1))
-            .collect();
-        self.note_acked(&seqs);
+        // -1: refused, the buffer is full. A number it cannot read is not
+        // that: the op may be buffered, and the caller hears so.
+        let seqs: Vec<Option<i64>> = (0..batch.len()).map(|i| int(&v[2 * i]).ok()).collect();
+        self.note_acked(&seqs.iter().flatten().copied().collect::<Vec<i64>>());
         let short = match (self.replication, replicas) {
             (Some(r), Some(got)) if got < r.replicas => {
                 metrics::counter!("fga_wb_redis_under_replicated_total").increment(1);
@@ -114,7 +114,12 @@ impl Pusher {
             _ => None,
         };
         for (i, p) in batch.into_iter().enumerate() {
-            let reply = if seqs[i] < 0 {
+            let reply = if seqs[i].is_none() {
+                Err(corrupt(format!(
+                    "push answered {:?} for an op's sequence number; the op may be buffered",
+                    v[2 * i]
+                )))
+            } else if seqs[i].is_some_and(|s| s < 0) {
                 Err(Error::new(Kind::BufferFull {
                     capacity: self.capacity,
                     waited: None,

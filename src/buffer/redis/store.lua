@@ -1170,7 +1170,7 @@ if cmd == 'enqueue' then
         local e = cache[key]
         if e and e.state == 't' and e.writer == writer and e.seq == seqs[i] then
           held_first(e.first)
-          move(key, e, 'j', nil, tostring(id))
+          move(key, e, 'j', nil, sformat('%.0f', id))
           h = h + 1
           hkeys[h], hseqs[h], hops[h], hconds[h] = key, e.seq, e.op, e.cond
         elseif e and e.state == 'b' and e.writer == writer and e.ifseq == seqs[i] then
