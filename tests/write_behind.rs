@@ -85,3 +85,50 @@ async fn lazy_revokes_are_flushed_when_a_check_needs_them() {
     assert!(!wb.check("user:anne", "viewer", "document:7").await.unwrap());
     assert!(stored(&s).await.is_empty());
 }
+
+/// `flush_up_to` writes the ops acknowledged up to a sequence number and
+/// leaves later ones pending for the flusher's own triggers; a later op
+/// folded into a pending one from before keeps its place in line and is
+/// written in its stead.
+async fn flush_up_to_writes_what_came_before(cfg: fga_wb::Config, s: &support::TestStore) {
+    let wb = WriteBehind::builder(cfg)
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    wb.grant("user:a", "viewer", "document:m").await.unwrap();
+    wb.grant("user:b", "viewer", "document:m").await.unwrap();
+    let mark = wb.last_acknowledged().await.unwrap();
+    wb.grant("user:c", "viewer", "document:m").await.unwrap();
+    // Folded into the grant to user:b, acknowledged before the mark.
+    wb.revoke("user:b", "viewer", "document:m").await.unwrap();
+
+    let r = wb.flush_up_to(mark).await.unwrap();
+    assert_eq!((r.applied, r.error.as_deref()), (2, None), "{r:?}");
+    assert_eq!(stored(s).await, ["document:m#viewer@user:a"]);
+    let left = wb.pending().await.unwrap();
+    assert_eq!((left.writes, left.deletes), (1, 0), "{left:?}");
+
+    assert_eq!(wb.flush().await.unwrap().applied, 1);
+    assert_eq!(
+        stored(s).await,
+        ["document:m#viewer@user:a", "document:m#viewer@user:c"]
+    );
+    wb.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn flush_up_to_writes_what_came_before_a_mark() {
+    let s = new_store("wb-flush-up-to").await;
+    flush_up_to_writes_what_came_before(config_for(&s), &s).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn flush_up_to_writes_what_came_before_a_mark_in_redis() {
+    let s = new_store("wb-flush-up-to-redis").await;
+    let mut cfg = config_for(&s);
+    cfg.buffer.store = fga_wb::config::StoreKind::Redis;
+    cfg.redis.url = support::redis_url();
+    flush_up_to_writes_what_came_before(cfg, &s).await;
+}

@@ -67,8 +67,9 @@ enum Command {
         /// began is written: none pending, in flight or queued (ops a dead
         /// process held come back and are flushed again; in queue mode,
         /// until workers applied their jobs and replayed those that died of
-        /// transient failures). Ops acknowledged later are flushed as they
-        /// come but not waited for, so it ends under steady traffic; an op
+        /// transient failures). Ops acknowledged later are left to their
+        /// writers' own flushes and not waited for, so it ends under
+        /// steady traffic; an op
         /// a newer one on its tuple superseded is done. Exits 0 only then.
         /// In queue mode, exits 1 at once when a worker reports flushing
         /// stopped, or when such dead ops wait and workers do not replay
@@ -698,8 +699,9 @@ fn unreplayed_note(dead: usize) -> String {
 /// queued: ops a dead process held come back pending when its lease ends
 /// (a hold later if it was writing) and are flushed again; in queue mode
 /// the workers apply the jobs, and replay ops that died of transient
-/// failures. Ops acknowledged since are flushed too, but not waited for,
-/// so steady traffic does not keep it waiting. A progress bar on a
+/// failures. Ops acknowledged since are neither flushed here (their
+/// writers flush them, in full chunks) nor waited for, so steady traffic
+/// does not keep it waiting. A progress bar on a
 /// terminal, a line every 5 s otherwise (unless `quiet`: --json).
 async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Result<u64, Failure> {
     use std::io::IsTerminal;
@@ -798,7 +800,9 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
             if status.pending.total > 0 {
                 // Ops came back (a dead writer's lease ended) or arrived: write
                 // or enqueue them; a transient failure is retried next round.
-                match wb.flush().await {
+                // Only up to the mark: later ops are their writers' to
+                // flush, in full chunks.
+                match wb.flush_up_to(w.mark).await {
                     // Nothing will be written until the operator fixes it.
                     Err(e) if e.is_auth() || e.is_not_found() => {
                         bar.abandon();

@@ -511,10 +511,26 @@ impl WriteBehind {
     /// retried by themselves.
     #[tracing::instrument(level = "debug", skip(self))]
     pub async fn flush(&self) -> Result<FlushReport> {
+        self.flush_to(None).await
+    }
+
+    /// As [`flush`](Self::flush), for the ops acknowledged up to `seq`
+    /// (from [`last_acknowledged`](Self::last_acknowledged)) only: ops
+    /// acknowledged later are left to their writers' own flushes (batch
+    /// size, interval), so a flush that waits for a moment's ops under
+    /// steady traffic does not cut everyone's newest ops into small
+    /// requests or jobs (`fga-wb flush --wait`). An op folded into a
+    /// pending one from before keeps its place in line, and is written.
+    #[tracing::instrument(level = "debug", skip(self))]
+    pub async fn flush_up_to(&self, seq: u64) -> Result<FlushReport> {
+        self.flush_to(Some(seq)).await
+    }
+
+    async fn flush_to(&self, up_to: Option<u64>) -> Result<FlushReport> {
         let (tx, rx) = oneshot::channel();
         self.inner
             .commands
-            .send(Command::Flush(tx))
+            .send(Command::Flush(tx, up_to))
             .await
             .map_err(|_| Error::new(Kind::Shutdown))?;
         let report = rx.await.map_err(|_| Error::new(Kind::Shutdown))?;

@@ -365,8 +365,9 @@ const CONFLICT_RETRIES: u32 = 5;
 
 /// A request to the flusher task.
 pub(crate) enum Command {
-    /// Flush everything acknowledged so far and report.
-    Flush(oneshot::Sender<FlushReport>),
+    /// Flush everything acknowledged so far (or up to a sequence number)
+    /// and report.
+    Flush(oneshot::Sender<FlushReport>, Option<u64>),
     /// Flush everything until `deadline`, report (and whether writes were
     /// cut off in flight), and stop the task.
     Shutdown {

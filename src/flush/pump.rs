@@ -1005,9 +1005,14 @@ impl Pump {
         }
     }
 
-    pub(crate) async fn add_waiter(&mut self, reply: oneshot::Sender<FlushReport>) {
+    pub(crate) async fn add_waiter(
+        &mut self,
+        reply: oneshot::Sender<FlushReport>,
+        up_to: Option<u64>,
+    ) {
         let up_to = match self.engine.store.last_seq().await {
-            Ok(s) => s,
+            // Never past the newest op: nothing there to wait for.
+            Ok(s) => up_to.map_or(s, |u| u.min(s)),
             Err(e) => {
                 let _ = reply.send(FlushReport {
                     error: Some(e.to_string()),
@@ -1603,7 +1608,7 @@ mod tests {
         grant(&e, "document:9", 0, 3).await;
         let (commands, _stop, task) = run_pump(&e);
         let (first, first_done) = oneshot::channel();
-        commands.send(Command::Flush(first)).await.unwrap();
+        commands.send(Command::Flush(first, None)).await.unwrap();
         gate.entered.notified().await;
         AtGate {
             e,
@@ -1634,7 +1639,7 @@ mod tests {
         assert_eq!(lost.len(), 20);
         store.lost.lock().unwrap().extend(lost);
         let (second, second_done) = oneshot::channel();
-        g.commands.send(Command::Flush(second)).await.unwrap();
+        g.commands.send(Command::Flush(second, None)).await.unwrap();
         tokio::time::timeout(Duration::from_secs(10), store.looked.notified())
             .await
             .expect("a look for strays while the chunk runs");
@@ -1693,7 +1698,7 @@ mod tests {
 
         store.fail_looks.store(1, Ordering::Relaxed);
         let (second, second_done) = oneshot::channel();
-        g.commands.send(Command::Flush(second)).await.unwrap();
+        g.commands.send(Command::Flush(second, None)).await.unwrap();
         let report = second_done.await.unwrap();
         let error = report.error.expect("the second flush's look failed");
         assert!(error.contains("cannot look in Redis"), "{error}");

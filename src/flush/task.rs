@@ -112,9 +112,9 @@ pub(crate) async fn run(
                     pump.stop_now().await;
                     return;
                 }
-                Some(Command::Flush(reply)) => {
+                Some(Command::Flush(reply, up_to)) => {
                     pump.replan = true;
-                    pump.add_waiter(reply).await;
+                    pump.add_waiter(reply, up_to).await;
                 }
                 Some(Command::Shutdown { deadline, reply }) => {
                     pump.replan = true;
@@ -197,7 +197,7 @@ pub(crate) async fn flush_once(engine: Arc<Engine>) -> FlushReport {
     let (_stop_tx, stop) = watch::channel(false);
     let task = tokio::spawn(run(engine, rx, stop, false));
     let (reply, answer) = oneshot::channel();
-    let _ = tx.send(Command::Flush(reply)).await;
+    let _ = tx.send(Command::Flush(reply, None)).await;
     let report = answer.await.unwrap_or_default();
     task.abort();
     report
