@@ -325,8 +325,12 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
             let before = within(wb, &waiting, wb.status()).await?.totals;
             // What --wait waits for: ops acknowledged up to now.
             waiting.mark = within(wb, &waiting, wb.last_acknowledged()).await?;
-            // Inline, this flush writes everything pending first.
-            let mut report = within(wb, &waiting, wb.flush()).await?;
+            // Inline, this flush writes everything pending first (with
+            // --wait, everything up to the mark).
+            let mut report = match *wait {
+                true => within(wb, &waiting, wb.flush_up_to(waiting.mark)).await?,
+                false => within(wb, &waiting, wb.flush()).await?,
+            };
             if *wait {
                 let more = wait_until_applied(wb, cli.json, &waiting).await?;
                 // What every writer and worker did while we waited (the
@@ -797,7 +801,11 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
                 bar.abandon();
                 return Err(gave_up(&status, w, &u));
             }
-            if status.pending.total > 0 {
+            // While any op it waits for is left, not only while some are
+            // pending: each flush also looks for ops Redis names this
+            // process as holding that it does not (a take whose reply was
+            // lost), and gives them back.
+            if u.ops > 0 {
                 // Ops came back (a dead writer's lease ended) or arrived: write
                 // or enqueue them; a transient failure is retried next round.
                 // Only up to the mark: later ops are their writers' to

@@ -515,12 +515,14 @@ impl WriteBehind {
     }
 
     /// As [`flush`](Self::flush), for the ops acknowledged up to `seq`
-    /// (from [`last_acknowledged`](Self::last_acknowledged)) only: ops
-    /// acknowledged later are left to their writers' own flushes (batch
-    /// size, interval), so a flush that waits for a moment's ops under
-    /// steady traffic does not cut everyone's newest ops into small
-    /// requests or jobs (`fga-wb flush --wait`). An op folded into a
-    /// pending one from before keeps its place in line, and is written.
+    /// (from [`last_acknowledged`](Self::last_acknowledged)) only: it does
+    /// not reach for ops acknowledged later, so a flush that waits for a
+    /// moment's ops under steady traffic does not cut everyone's newest
+    /// ops into small requests or jobs (`fga-wb flush --wait`). A flush
+    /// this handle already has under way (its own triggers, another
+    /// `flush()`) may still write them, and the call returns once that
+    /// ends. An op folded into a pending one from before keeps its place
+    /// in line, and is written.
     #[tracing::instrument(level = "debug", skip(self))]
     pub async fn flush_up_to(&self, seq: u64) -> Result<FlushReport> {
         self.flush_to(Some(seq)).await
