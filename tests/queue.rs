@@ -1266,6 +1266,54 @@ async fn a_job_of_a_killed_worker_runs_again_elsewhere() {
 /// hold, and the worker fetched nothing more until the holds ended. The
 /// stop cuts the holds short and returns within its grace; the held jobs
 /// stay this worker's.
+/// At most twice `queue.worker_concurrency` jobs wait out holds apart from
+/// their slots: past that, a held job keeps its slot, and once every slot
+/// holds one the worker fetches nothing more (in an outage it would
+/// otherwise spend every queued job's retries). With one request slot (two
+/// job slots) and every Write hanging, two jobs wait apart, two more in
+/// their slots, and a fifth stays queued, not fetched, until the worker
+/// stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn past_the_cap_held_jobs_keep_their_slots() {
+    let server = MockServer::start().await;
+    let store_id = unique_store_id();
+    let writes = WriteLog::mount(&server, &store_id, |_| fixture("hung-write").response()).await;
+    let mut config = mock_config(&server, &store_id, &[1, 2, 3]);
+    config.openfga.request_timeout = Duration::from_millis(300);
+    config.flush.unknown_outcome_hold = Duration::from_secs(600);
+    config.flush.shutdown_deadline = Duration::from_secs(2);
+    let wb = app(config.clone()).await;
+    let w = Watch {
+        wb: &wb,
+        writes: Some(&writes),
+    };
+    let worker = Worker::start(config, 1);
+    for i in 1..=4 {
+        wb.grant("user:bob", "viewer", &format!("document:held-{i}"))
+            .await
+            .unwrap();
+        assert_eq!(wb.flush().await.unwrap().queued, 1);
+        w.until("the job's Write to arrive", Duration::from_secs(10), || {
+            let sent = writes.requests().len();
+            async move { sent == i }
+        })
+        .await;
+    }
+    wb.grant("user:bob", "viewer", "document:fifth")
+        .await
+        .unwrap();
+    assert_eq!(wb.flush().await.unwrap().queued, 1);
+    // The worker is told of the new job at once, and polls every 100 ms:
+    // thirty polls later, the fifth job is still queued and never sent.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let st = wb.status().await.unwrap();
+    let q = st.queue.as_ref().unwrap();
+    assert_eq!((q.pending, q.running), (1, 4), "{st:?}");
+    assert_eq!(writes.requests().len(), 4, "{:?}", writes.requests());
+    assert_eq!(wb.pending().await.unwrap().in_flight, 5);
+    worker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn held_jobs_leave_the_worker_free_for_others() {
     let server = MockServer::start().await;
