@@ -1275,29 +1275,10 @@ async fn a_job_of_a_killed_worker_runs_again_elsewhere() {
 /// stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn past_the_cap_held_jobs_keep_their_slots() {
-    let server = MockServer::start().await;
-    let store_id = unique_store_id();
-    let writes = WriteLog::mount(&server, &store_id, |_| fixture("hung-write").response()).await;
-    let mut config = mock_config(&server, &store_id, &[1, 2, 3]);
-    config.openfga.request_timeout = Duration::from_millis(300);
-    config.flush.unknown_outcome_hold = Duration::from_secs(600);
-    config.flush.shutdown_deadline = Duration::from_secs(2);
-    let wb = app(config.clone()).await;
-    let w = Watch {
-        wb: &wb,
-        writes: Some(&writes),
-    };
-    let worker = Worker::start(config, 1);
+    let h = Holding::start(|_| fixture("hung-write").response()).await;
+    let (wb, writes) = (&h.wb, &h.writes);
     for i in 1..=4 {
-        wb.grant("user:bob", "viewer", &format!("document:held-{i}"))
-            .await
-            .unwrap();
-        assert_eq!(wb.flush().await.unwrap().queued, 1);
-        w.until("the job's Write to arrive", Duration::from_secs(10), || {
-            let sent = writes.requests().len();
-            async move { sent == i }
-        })
-        .await;
+        h.send(&format!("document:held-{i}"), i).await;
     }
     wb.grant("user:bob", "viewer", "document:fifth")
         .await
@@ -1311,37 +1292,69 @@ async fn past_the_cap_held_jobs_keep_their_slots() {
     assert_eq!((q.pending, q.running), (1, 4), "{st:?}");
     assert_eq!(writes.requests().len(), 4, "{:?}", writes.requests());
     assert_eq!(wb.pending().await.unwrap().in_flight, 5);
-    worker.stop().await;
+    h.worker.stop().await;
+}
+
+/// A worker with one request slot (two job slots) and an application
+/// handle, against a mock whose Writes follow `script`; a request times
+/// out after 300 ms, and its outcome is unknown for 10 minutes.
+struct Holding {
+    _server: MockServer,
+    writes: WriteLog,
+    wb: WriteBehind,
+    worker: Worker,
+}
+
+impl Holding {
+    async fn start(script: impl Fn(usize) -> ResponseTemplate + Send + Sync + 'static) -> Holding {
+        let server = MockServer::start().await;
+        let store_id = unique_store_id();
+        let writes = WriteLog::mount(&server, &store_id, script).await;
+        let mut config = mock_config(&server, &store_id, &[1, 2, 3]);
+        config.openfga.request_timeout = Duration::from_millis(300);
+        config.flush.unknown_outcome_hold = Duration::from_secs(600);
+        config.flush.shutdown_deadline = Duration::from_secs(2);
+        let wb = app(config.clone()).await;
+        let worker = Worker::start(config, 1);
+        Holding {
+            _server: server,
+            writes,
+            wb,
+            worker,
+        }
+    }
+
+    /// Grants on `object`, queues its job and waits for its Write, the
+    /// `n`th the mock sees.
+    async fn send(&self, object: &str, n: usize) {
+        self.wb.grant("user:bob", "viewer", object).await.unwrap();
+        assert_eq!(self.wb.flush().await.unwrap().queued, 1);
+        let w = Watch {
+            wb: &self.wb,
+            writes: Some(&self.writes),
+        };
+        w.until("the job's Write to arrive", Duration::from_secs(10), || {
+            let sent = self.writes.requests().len();
+            async move { sent == n }
+        })
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn held_jobs_leave_the_worker_free_for_others() {
-    let server = MockServer::start().await;
-    let store_id = unique_store_id();
-    let writes = WriteLog::mount(&server, &store_id, |n| match n {
+    let h = Holding::start(|n| match n {
         0 | 1 => fixture("hung-write").response(),
         _ => fixture("write-ok").response(),
     })
     .await;
-    let mut config = mock_config(&server, &store_id, &[1, 2, 3]);
-    config.openfga.request_timeout = Duration::from_millis(300);
-    config.flush.unknown_outcome_hold = Duration::from_secs(600);
-    config.flush.shutdown_deadline = Duration::from_secs(2);
-    let wb = app(config.clone()).await;
+    let (wb, writes) = (&h.wb, &h.writes);
     let w = Watch {
-        wb: &wb,
-        writes: Some(&writes),
+        wb,
+        writes: Some(writes),
     };
-    let worker = Worker::start(config, 1);
-    for (i, object) in ["document:held-1", "document:held-2"].iter().enumerate() {
-        wb.grant("user:bob", "viewer", object).await.unwrap();
-        assert_eq!(wb.flush().await.unwrap().queued, 1);
-        w.until("the job's Write to arrive", Duration::from_secs(10), || {
-            let sent = writes.requests().len();
-            async move { sent == i + 1 }
-        })
-        .await;
-    }
+    h.send("document:held-1", 1).await;
+    h.send("document:held-2", 2).await;
     wb.grant("user:bob", "viewer", "document:free")
         .await
         .unwrap();
@@ -1357,5 +1370,5 @@ async fn held_jobs_leave_the_worker_free_for_others() {
     assert_eq!(seen[2].tuples, [grant("document:free#viewer@user:bob")]);
     // The two held jobs' ops are still in flight.
     assert_eq!(wb.pending().await.unwrap().in_flight, 2);
-    worker.stop().await;
+    h.worker.stop().await;
 }
