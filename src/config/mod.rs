@@ -752,6 +752,35 @@ impl Config {
                 )));
             }
         }
+        // Durations set in code, as those read are (10 years at most):
+        // added to the clock, one past what it holds would panic.
+        let (o, q) = (&self.openfga, &self.queue);
+        let longest = [
+            ("openfga.model_refresh", o.model_refresh),
+            ("openfga.request_timeout", o.request_timeout),
+            ("openfga.connect_timeout", o.connect_timeout),
+            ("buffer.block_timeout", self.buffer.block_timeout),
+            ("flush.interval", f.interval),
+            ("flush.retry_initial_backoff", f.retry_initial_backoff),
+            ("flush.retry_max_backoff", f.retry_max_backoff),
+            ("cache.ttl", self.cache.ttl),
+            ("check.revoke_wait_timeout", self.check.revoke_wait_timeout),
+            ("queue.poll_interval", q.poll_interval),
+            ("queue.heartbeat", q.heartbeat),
+            ("queue.replay_transient", q.replay_transient),
+        ]
+        .into_iter()
+        .chain(
+            q.retry_schedule
+                .iter()
+                .map(|&d| ("queue.retry_schedule", d)),
+        )
+        .find(|(_, d)| *d > duration::MAX);
+        if let Some((name, d)) = longest {
+            return Err(Error::config(format!(
+                "{name} is {d:?}, longer than the longest duration fga-wb takes (10 years)"
+            )));
+        }
         if self.queue.heartbeat < Duration::from_secs(1) {
             return Err(Error::config("queue.heartbeat must be at least 1s"));
         }
@@ -968,7 +997,7 @@ mod duration {
 
     /// Longest duration any setting takes: far beyond any sensible value,
     /// and far below what timers and the cache would overflow on.
-    const MAX: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+    pub(super) const MAX: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
     pub(super) fn parse<E: serde::de::Error>(t: Text) -> Result<Duration, E> {
         match t {

@@ -290,6 +290,24 @@ fn sizes_set_in_code_are_checked() {
     assert!(e.to_string().contains("queue.worker_concurrency"), "{e}");
 }
 
+/// Durations set in code are bounded as those read are: a backoff of
+/// `Duration::MAX` panicked at the first auth failure, adding it to the
+/// clock.
+#[test]
+fn durations_set_in_code_are_checked() {
+    let mut c = Config::default();
+    c.flush.retry_max_backoff = Duration::MAX;
+    let e = c.validate().unwrap_err();
+    assert!(e.to_string().contains("flush.retry_max_backoff"), "{e}");
+    let mut c = Config::default();
+    c.queue.retry_schedule = vec![Duration::from_secs(10), Duration::MAX];
+    let e = c.validate().unwrap_err();
+    assert!(e.to_string().contains("queue.retry_schedule"), "{e}");
+    let mut c = Config::default();
+    c.buffer.block_timeout = Duration::from_secs(10 * 365 * 24 * 3600);
+    assert!(c.validate().is_ok());
+}
+
 /// Pauses of zero would retry a failing OpenFGA, or poll Redis from an
 /// idle worker, with no pause at all: refused by name.
 #[test]
