@@ -114,23 +114,20 @@ impl Pusher {
             _ => None,
         };
         for (i, p) in batch.into_iter().enumerate() {
-            let reply = if seqs[i].is_none() {
-                Err(corrupt(format!(
+            let reply = match (seqs[i], &short) {
+                (None, _) => Err(corrupt(format!(
                     "push answered {:?} for an op's sequence number; the op may be buffered",
                     v[2 * i]
-                )))
-            } else if seqs[i].is_some_and(|s| s < 0) {
-                Err(Error::new(Kind::BufferFull {
+                ))),
+                (Some(s), _) if s < 0 => Err(Error::new(Kind::BufferFull {
                     capacity: self.capacity,
                     waited: None,
-                }))
-            } else if let Some(e) = &short {
-                Err(e.clone())
-            } else {
-                Ok(Pushed {
+                })),
+                (_, Some(e)) => Err(e.clone()),
+                _ => Ok(Pushed {
                     coalesced: int(&v[2 * i + 1]).unwrap_or(0) == 1,
                     pending,
-                })
+                }),
             };
             let _ = p.reply.send(reply);
         }

@@ -207,20 +207,27 @@ end
 -- Keys this call found to be of the type it writes (or absent).
 local typed = {}
 
--- Raises, naming `k`, when it holds another type than `t` (data that is not
--- fga-wb's under the prefix). Redis keeps what a script wrote before an
--- error, and a command on a key of the wrong type is one: so the frequent
--- calls look at every key they write before their first write that matters,
--- and an aborted call has changed nothing (an op taken out of the ready set
--- but left pending would never be written).
-local function want(k, t)
-  if typed[k] then return end
+-- What is wrong with `k` if it holds another type than `t` (data that is
+-- not fga-wb's under the prefix), else nil.
+local function wrong_type(k, t)
+  if typed[k] then return nil end
   local got = rcall('TYPE', k)['ok']
   if got ~= 'none' and got ~= t then
-    error({ err = 'fga-wb: Redis key ' .. k .. ' holds a ' .. got .. ', expected a ' .. t ..
-      '; it was not written by fga-wb (remove it, or use another redis.key_prefix)' })
+    return 'fga-wb: Redis key ' .. k .. ' holds a ' .. got .. ', expected a ' .. t ..
+      '; it was not written by fga-wb (remove it, or use another redis.key_prefix)'
   end
   typed[k] = true
+  return nil
+end
+
+-- Raises, naming `k`, when it holds another type than `t`. Redis keeps what
+-- a script wrote before an error, and a command on a key of the wrong type
+-- is one: so the frequent calls look at every key they write before their
+-- first write that matters, and an aborted call has changed nothing (an op
+-- taken out of the ready set but left pending would never be written).
+local function want(k, t)
+  local bad = wrong_type(k, t)
+  if bad then error({ err = bad }) end
 end
 
 -- Counter changes, summed in Lua and written once per call. HINCRBY on a
@@ -314,11 +321,8 @@ end
 -- of their writes (see apply_writes) and Redis's own WRONGTYPE.
 local function expect_types(list)
   for _, kt in ipairs(list) do
-    local t = rcall('TYPE', kt[1])['ok']
-    if t ~= 'none' and t ~= kt[2] then
-      return 'fga-wb: Redis key ' .. kt[1] .. ' holds a ' .. t .. ', expected a ' .. kt[2] ..
-        '; it was not written by fga-wb (remove it, or use another redis.key_prefix)'
-    end
+    local bad = wrong_type(kt[1], kt[2])
+    if bad then return bad end
   end
   local seq = rcall('GET', P .. ':seq')
   if seq and not tonumber(seq) then
