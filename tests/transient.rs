@@ -537,3 +537,61 @@ async fn a_long_retry_after_does_not_hold_ops_in_flight() {
     .await;
     assert_eq!(wb.status().await.unwrap().totals.dead_lettered, 0);
 }
+
+/// OpenFGA unreachable when the application starts (wiremock: the model
+/// read answers 503), with the model id pinned: the handle starts without
+/// the model and says so in `health()`, and once OpenFGA answers it reads
+/// the model, on demand (`refresh_model()`) or on its own (every
+/// `openfga.model_refresh`, 100 ms here); from then on grants are validated
+/// against it. Before, a pinned model that failed to read at start was
+/// never read again (`refresh_model()` saw its id and returned), and
+/// nothing was validated for the handle's whole life.
+#[tokio::test]
+async fn a_pinned_model_unreadable_at_start_is_read_once_openfga_answers() {
+    use wiremock::matchers::{method, path};
+    let unread = |h: &fga_wb::Health| {
+        h.warnings
+            .iter()
+            .any(|w| w.contains("no authorization model read yet"))
+    };
+    for on_demand in [true, false] {
+        let server = wiremock::MockServer::start().await;
+        wiremock::Mock::given(method("GET"))
+            .and(path(format!(
+                "/stores/{STORE}/authorization-models/{MODEL}"
+            )))
+            .respond_with(fixture("unavailable-503").response())
+            .mount(&server)
+            .await;
+        let mut cfg = manual_flush(mock_config(&server));
+        cfg.openfga.model_refresh = match on_demand {
+            true => Duration::ZERO,
+            false => Duration::from_millis(100),
+        };
+        let wb = WriteBehind::builder(cfg).build().await.unwrap();
+        assert!(
+            unread(&wb.health().await.unwrap()),
+            "on demand: {on_demand}"
+        );
+        server.reset().await;
+        mount_model(&server).await;
+        if on_demand {
+            assert_eq!(wb.refresh_model().await.unwrap().as_deref(), Some(MODEL));
+        } else {
+            eventually("the model read again", Duration::from_secs(10), || async {
+                !unread(&wb.health().await.unwrap())
+            })
+            .await;
+        }
+        assert!(
+            !unread(&wb.health().await.unwrap()),
+            "on demand: {on_demand}"
+        );
+        let e = wb
+            .grant("user:anne", "no_such_relation", "document:1")
+            .await
+            .unwrap_err();
+        assert!(e.is_invalid_input(), "on demand: {on_demand}: {e}");
+        wb.shutdown().await.unwrap();
+    }
+}

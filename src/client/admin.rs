@@ -102,8 +102,8 @@ impl WriteBehind {
     /// operator's health check: OpenFGA unreachable or refusing the
     /// credentials, flushing stopped, an open Redis loss, pending ops no
     /// process flushes, queued jobs with no worker seen (problems); Redis
-    /// without AOF, dead letters waiting (warnings). Asks OpenFGA and Redis
-    /// once each.
+    /// without AOF, dead letters waiting, no authorization model read yet
+    /// (warnings). Asks OpenFGA and Redis once each.
     pub async fn health(&self) -> Result<Health> {
         let e = &self.inner.engine;
         let status = self.status().await?;
@@ -136,6 +136,11 @@ impl WriteBehind {
         }
         if let Some(r) = &self.inner.redis {
             h.warnings.extend(r.persistence_warning().await);
+        }
+        if self.inner.read_model && self.inner.model.load().is_none() {
+            h.warnings.push(
+                "no authorization model read yet (OpenFGA was unreachable, or the store has none): grants and revokes are not validated and every pending op counts for every check; it is read again until it is".into(),
+            );
         }
         if status.dead_letters > 0 {
             h.warnings.push(format!(

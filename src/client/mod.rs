@@ -44,6 +44,8 @@ struct Handle {
     /// The Redis store, when the buffer is there (its queue, for status).
     redis: Option<Arc<crate::buffer::redis::RedisStore>>,
     validate_against_model: bool,
+    /// Whether it reads the authorization model (the CLI does not).
+    read_model: bool,
     commands: mpsc::Sender<Command>,
     stop: watch::Sender<bool>,
     /// The flusher's thread; taken by shutdown.
@@ -205,6 +207,10 @@ impl Builder {
         let every = config.openfga.model_refresh;
         let follow_latest =
             config.openfga.model_id.is_empty() && self.read_model && !every.is_zero();
+        // A model that could not be read at start (OpenFGA down, pinned or
+        // not) is read again until it is: without it nothing is validated
+        // and every pending op counts for every check.
+        let missing = self.read_model && model.is_none();
         let wb = WriteBehind {
             inner: Arc::new(Handle {
                 engine,
@@ -213,6 +219,7 @@ impl Builder {
                 pinned_models: Mutex::default(),
                 redis,
                 validate_against_model: self.validate_against_model,
+                read_model: self.read_model,
                 commands,
                 stop,
                 flusher: Mutex::new(Some(flusher)),
@@ -222,8 +229,13 @@ impl Builder {
                 on_check: self.on_check,
             }),
         };
-        if follow_latest {
-            let task = tokio::spawn(follow_model(Arc::downgrade(&wb.inner), every, stop_rx));
+        if follow_latest || missing {
+            let task = tokio::spawn(follow_model(
+                Arc::downgrade(&wb.inner),
+                every,
+                follow_latest,
+                stop_rx,
+            ));
             wb.inner
                 .tasks
                 .lock()
@@ -234,23 +246,45 @@ impl Builder {
     }
 }
 
-/// Looks for a newer latest model every `every` until the handle stops (or
-/// is dropped: it holds the handle only weakly).
+/// How often a model that could not be read is read again, at most.
+const MISSING_MODEL_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads the model again until the handle stops (or is dropped: it holds
+/// the handle only weakly): every `every` to follow the store's latest
+/// (`follow_latest`), and while none could be read yet, at least every
+/// `MISSING_MODEL_RETRY`; a pinned model, once read, is not read again.
 async fn follow_model(
     handle: std::sync::Weak<Handle>,
     every: std::time::Duration,
+    follow_latest: bool,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
+        let Some(loaded) = handle.upgrade().map(|h| h.model.load().is_some()) else {
+            return;
+        };
+        let wait = match (loaded, follow_latest) {
+            (true, true) => every,
+            (true, false) => return,
+            (false, _) if every.is_zero() => MISSING_MODEL_RETRY,
+            (false, _) => every.min(MISSING_MODEL_RETRY),
+        };
         tokio::select! {
             _ = stop.changed() => return,
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
         let Some(inner) = handle.upgrade() else {
             return;
         };
         if let Err(e) = (WriteBehind { inner }).refresh_model().await {
-            tracing::warn!(error = %e, "cannot read the authorization model; keeping the one in use");
+            match loaded {
+                true => {
+                    tracing::warn!(error = %e, "cannot read the authorization model; keeping the one in use")
+                }
+                false => {
+                    tracing::warn!(error = %e, "cannot read the authorization model; still running without it (no model validation, every pending op counts for every check)")
+                }
+            }
         }
     }
 }
@@ -710,7 +744,8 @@ impl WriteBehind {
     /// for, and the model id on checks and writes (ops already buffered are
     /// written under it). Every cached answer is dropped. Returns the model
     /// id now in use. Runs every `openfga.model_refresh` on its own when
-    /// `openfga.model_id` is empty.
+    /// `openfga.model_id` is empty, and (pinned or not) until a model is
+    /// read when none could be at start.
     pub async fn refresh_model(&self) -> Result<Option<String>> {
         self.ensure_open()?;
         let e = &self.inner.engine;
@@ -727,7 +762,11 @@ impl WriteBehind {
         let Some(found) = found else {
             return Ok(e.model_id.get());
         };
-        if e.model_id.get().as_deref() == Some(found.id.as_str()) {
+        // The same id is news when its model could not be read before (a
+        // pinned id is known from the start).
+        if e.model_id.get().as_deref() == Some(found.id.as_str())
+            && self.inner.model.load().is_some()
+        {
             return Ok(Some(found.id));
         }
         let model = Arc::new(Model::new(&found));

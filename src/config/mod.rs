@@ -61,6 +61,8 @@ pub struct OpenFgaConfig {
     pub model_id: String,
     /// With `model_id` empty: how often to look for a newer latest model
     /// and follow it (`0s`: never; `WriteBehind::refresh_model` on demand).
+    /// A model that cannot be read at start is read again every 10 s (or
+    /// this, when shorter) until it is, pinned or not.
     #[serde(with = "duration")]
     pub model_refresh: Duration,
     /// Preshared API token; empty means none.
