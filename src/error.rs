@@ -81,11 +81,12 @@ pub(crate) enum Kind {
     /// take this check's access away: the check fails closed until the grant
     /// is dead-lettered (flushed) or revoked.
     PendingGrantRefused { tuple: String, reason: String },
-    /// A revoke the check could depend on was dead-lettered after transient
-    /// failures (queue mode) and is still current: OpenFGA may hold what it
-    /// revokes, so the check fails closed until the letter is replayed or
-    /// purged.
-    RevokeDeadLettered { count: usize },
+    /// An op the check could depend on was dead-lettered after transient
+    /// failures (queue mode) and is still current: OpenFGA may hold what a
+    /// revoke revokes, or lack a grant that takes access away (under a
+    /// `but not`, or with a condition), so the check fails closed until the
+    /// letter is replayed or purged.
+    DeadLetterInDoubt { count: usize },
     /// The handle was shut down.
     Shutdown,
     /// Redis failed, or holds something fga-wb did not write.
@@ -313,7 +314,7 @@ impl Error {
             &*self.kind,
             Kind::CheckWouldBeStale { .. }
                 | Kind::PendingGrantRefused { .. }
-                | Kind::RevokeDeadLettered { .. }
+                | Kind::DeadLetterInDoubt { .. }
         )
     }
 
@@ -455,9 +456,9 @@ impl fmt::Display for Error {
                 f,
                 "check denied (fail closed): OpenFGA refuses the pending grant {tuple} ({reason}), which could take this access away; it will be dead-lettered when flushed (`fga-wb flush`), or revoke it"
             ),
-            Kind::RevokeDeadLettered { count } => write!(
+            Kind::DeadLetterInDoubt { count } => write!(
                 f,
-                "check denied (fail closed): {count} revoke(s) it could depend on died after transient write failures and are in the dead letters, so OpenFGA may still hold what they revoke; workers replay them once OpenFGA answers again (queue.replay_transient), or run `fga-wb dlq replay` (or `fga-wb dlq purge` to give them up)"
+                "check denied (fail closed): {count} revoke(s), or grant(s) that can take its access away, it could depend on died after transient write failures and are in the dead letters, so OpenFGA may still hold what they revoke or lack what they grant; workers replay them once OpenFGA answers again (queue.replay_transient), or run `fga-wb dlq replay` (or `fga-wb dlq purge` to give them up)"
             ),
             Kind::Shutdown => write!(f, "the write-behind handle has been shut down"),
             Kind::Redis { detail, transient } => {

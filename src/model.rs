@@ -70,6 +70,10 @@ pub(crate) struct Dep {
     /// a userset (`type:id#relation`). False for a tupleset relation (its
     /// tuples point at parent objects, whatever the user).
     pub user_bound: bool,
+    /// A grant of this relation can take the checked access away (it sits
+    /// under a `but not`): one that may or may not be in OpenFGA leaves the
+    /// check's answer in doubt, as a revoke does.
+    pub may_deny: bool,
 }
 
 impl Dep {
@@ -77,9 +81,9 @@ impl Dep {
     /// objects can be changed by a tuple on any of them).
     pub fn anywhere(&self) -> Dep {
         Dep {
-            rel: self.rel.clone(),
             same_object: false,
             user_bound: false,
+            ..self.clone()
         }
     }
 
@@ -179,16 +183,17 @@ impl Model {
                 let e = deps.entry(rel).or_insert((true, true));
                 *e = (e.0 && same, e.1 && user);
             }
-            may_deny.insert(start.clone(), denying);
             let mut v: Vec<Dep> = deps
                 .into_iter()
                 .map(|(rel, (same_object, user_bound))| Dep {
+                    may_deny: denying.contains(&rel),
                     rel,
                     same_object,
                     user_bound: same_object && user_bound,
                 })
                 .collect();
             v.sort_by(|a, b| a.rel.cmp(&b.rel));
+            may_deny.insert(start.clone(), denying);
             depends_on.insert(start.clone(), v.iter().map(|d| d.rel.clone()).collect());
             scoped.insert(start.clone(), v);
         }
@@ -600,6 +605,14 @@ mod tests {
             m.may_deny("planet", "x", "document#viewer"),
             "unknown: assume it can"
         );
+        // The same, on each dependency a check's pending ops are looked
+        // up by (and a list's, on any object).
+        let deps = m.depends_on_scoped("document", "can_view").unwrap();
+        let deny = |r: &str| deps.iter().find(|d| d.rel == r).map(|d| d.may_deny);
+        assert_eq!(deny("document#blocked"), Some(true));
+        assert_eq!(deny("document#viewer"), Some(false));
+        assert_eq!(deny("group#member"), Some(false));
+        assert!(deps.iter().all(|d| d.anywhere().may_deny == d.may_deny));
     }
 
     #[test]

@@ -523,38 +523,14 @@ async fn a_revoke_dead_lettered_in_an_outage_denies_until_replayed() {
     let wb = filler(&s, Mode::Queue).await;
     assert!(wb.check("user:anne", "viewer", "document:1").await.unwrap());
 
-    let cli = Cli::new(&s, "queue");
-    let mut cut_off = Cli::new(&s, "queue");
-    let port = support::closed_port();
-    cut_off.set("FGA_API_URL", &format!("http://127.0.0.1:{port}"));
-    cut_off.set("FGA_WB_QUEUE__RETRY_SCHEDULE", r#"["100ms"]"#);
-    cut_off.set("FGA_WB_QUEUE__REQUEST_RETRIES", "0");
-    cut_off.set("FGA_WB_QUEUE__REPLAY_TRANSIENT", "0s");
-    let worker = cut_off
-        .command(&["worker"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn fga-wb worker");
-
-    wb.revoke("user:anne", "viewer", "document:1")
-        .await
-        .unwrap();
-    wb.flush().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let letters = wb.dead_letters().await.unwrap();
-        if let [d] = letters.as_slice() {
-            assert!(d.transient && d.op == fga_wb::Op::Revoke, "{d:?}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the revoke never died: {letters:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    drop(worker);
+    die_in_an_outage(&s, &wb, 1, async {
+        wb.revoke("user:anne", "viewer", "document:1")
+            .await
+            .unwrap();
+    })
+    .await;
+    let letters = wb.dead_letters().await.unwrap();
+    assert_eq!(letters[0].op, fga_wb::Op::Revoke, "{letters:?}");
 
     let e = wb
         .check("user:anne", "viewer", "document:1")
@@ -574,9 +550,126 @@ async fn a_revoke_dead_lettered_in_an_outage_denies_until_replayed() {
     assert!(!wb.check("user:bob", "viewer", "document:1").await.unwrap());
     assert!(!wb.check("user:anne", "viewer", "document:2").await.unwrap());
 
+    replay_and_drain(&s, 1).await;
+    assert!(!wb.check("user:anne", "viewer", "document:1").await.unwrap());
+    assert!(stored(&s).await.is_empty());
+}
+
+/// The same for grants that take access away, which died of transient
+/// failures: `blocked` (under `can_view`'s `but not`) for anne, whose
+/// `can_view` OpenFGA answers `true` without it, and bob's `viewer` with a
+/// condition over his unconditional tuple (written, it would narrow his
+/// access). Their checks fail closed instead of answering `allowed`. A
+/// plain grant that died (carol's `viewer`) leaves her checks answered from
+/// OpenFGA, which errs towards deny. After a replay all three are written.
+/// Before, only revokes failed closed: anne's `can_view` and bob's `viewer`
+/// answered `true`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_that_takes_access_away_dead_lettered_in_an_outage_denies_until_replayed() {
+    let s = new_store("cli-deadgrant").await;
+    support::write_to_openfga(&s, "user:anne", "viewer", "document:1").await;
+    support::write_to_openfga(&s, "user:bob", "viewer", "document:1").await;
+    let wb = filler(&s, Mode::Queue).await;
+    assert!(wb
+        .check("user:anne", "can_view", "document:1")
+        .await
+        .unwrap());
+    assert!(wb.check("user:bob", "viewer", "document:1").await.unwrap());
+
+    die_in_an_outage(&s, &wb, 3, async {
+        wb.grant("user:anne", "blocked", "document:1")
+            .await
+            .unwrap();
+        wb.grant_with_condition(
+            "user:bob",
+            "viewer",
+            "document:1",
+            "non_expired",
+            serde_json::json!({ "grant_time": "2000-01-01T00:00:00Z", "grant_duration": "1h" })
+                .as_object()
+                .cloned(),
+        )
+        .await
+        .unwrap();
+        wb.grant("user:carol", "viewer", "document:1")
+            .await
+            .unwrap();
+    })
+    .await;
+
+    for (user, relation) in [("user:anne", "can_view"), ("user:bob", "viewer")] {
+        let e = wb.check(user, relation, "document:1").await.expect_err(
+            "a check answered while a grant that takes its access away is dead-lettered",
+        );
+        assert!(e.is_stale_check(), "{user} {relation}: {e}");
+    }
+    assert!(!wb
+        .check("user:carol", "viewer", "document:1")
+        .await
+        .unwrap());
+    assert!(wb.check("user:anne", "viewer", "document:1").await.unwrap());
+
+    replay_and_drain(&s, 3).await;
+    assert!(!wb
+        .check("user:anne", "can_view", "document:1")
+        .await
+        .unwrap());
+    assert!(wb
+        .check("user:carol", "viewer", "document:1")
+        .await
+        .unwrap());
+    // Without the time in its context, the condition cannot say yes.
+    let e = wb.check("user:bob", "viewer", "document:1").await;
+    assert!(!matches!(e, Ok(true)), "bob's access is narrowed: {e:?}");
+}
+
+/// Runs `act` (ops that the application acknowledges) with only a worker
+/// that cannot reach OpenFGA (one 100 ms retry), until `letters` transient
+/// dead letters are written; the worker is gone when this returns.
+async fn die_in_an_outage(
+    s: &TestStore,
+    wb: &WriteBehind,
+    letters: usize,
+    act: impl std::future::Future<Output = ()>,
+) {
+    let mut cut_off = Cli::new(s, "queue");
+    let port = support::closed_port();
+    cut_off.set("FGA_API_URL", &format!("http://127.0.0.1:{port}"));
+    cut_off.set("FGA_WB_QUEUE__RETRY_SCHEDULE", r#"["100ms"]"#);
+    cut_off.set("FGA_WB_QUEUE__REQUEST_RETRIES", "0");
+    cut_off.set("FGA_WB_QUEUE__REPLAY_TRANSIENT", "0s");
+    let worker = cut_off
+        .command(&["worker"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn fga-wb worker");
+    act.await;
+    wb.flush().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = wb.dead_letters().await.unwrap();
+        if found.len() == letters {
+            assert!(found.iter().all(|d| d.transient), "{found:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {letters} dead letters: {found:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(worker);
+}
+
+/// `fga-wb dlq replay --all` (of `letters`), then a worker that reaches
+/// OpenFGA, until `fga-wb flush --wait` says everything is written.
+async fn replay_and_drain(s: &TestStore, letters: usize) {
+    let cli = Cli::new(s, "queue");
     let r = cli.run(&["dlq", "replay", "--all"]).await;
     r.ok();
-    assert!(r.stdout.contains("replayed 1 dead letters"), "{}", r.stdout);
+    let replayed = format!("replayed {letters} dead letters");
+    assert!(r.stdout.contains(&replayed), "{}", r.stdout);
     let _worker = cli
         .command(&["worker"])
         .stdout(Stdio::null())
@@ -584,8 +677,6 @@ async fn a_revoke_dead_lettered_in_an_outage_denies_until_replayed() {
         .spawn()
         .expect("spawn fga-wb worker");
     cli.run(&["flush", "--wait"]).await.ok();
-    assert!(!wb.check("user:anne", "viewer", "document:1").await.unwrap());
-    assert!(stored(&s).await.is_empty());
 }
 
 /// The memory store is per process: `status` and `flush` refuse it with

@@ -185,10 +185,12 @@ pub(crate) struct Relevant {
     /// How long ago the newest write the check can depend on was applied
     /// (see `written.rs`), if within `written::KEEP`.
     pub written_ago: Option<Duration>,
-    /// Revokes on those relations dead-lettered after transient failures
-    /// (queue mode), and current: OpenFGA may still hold what they revoke,
-    /// and no flush will write them until they are replayed.
-    pub dead_revokes: usize,
+    /// Ops on those relations dead-lettered after transient failures
+    /// (queue mode), current, that leave the check in doubt: a revoke
+    /// (OpenFGA may still hold what it revokes), a grant with a condition
+    /// or one that can take the access away (OpenFGA may lack it). No
+    /// flush writes them until they are replayed.
+    pub dead_in_doubt: usize,
 }
 
 /// Which ops `take` may return.

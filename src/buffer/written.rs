@@ -116,6 +116,7 @@ mod tests {
             rel: rel.to_owned(),
             same_object,
             user_bound: false,
+            may_deny: false,
         }
     }
 

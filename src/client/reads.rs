@@ -451,6 +451,8 @@ impl WriteBehind {
                         rel: crate::model::rel_name(ty, r),
                         same_object: one_object,
                         user_bound: one_object && !user.is_empty(),
+                        // A read shows what OpenFGA holds, doubt or not.
+                        may_deny: false,
                     })
                     .collect(),
             ),
@@ -582,9 +584,9 @@ impl WriteBehind {
             changed.borrow_and_update();
             let r = e.store.relevant(deps, object, user, room).await?;
             // No flush writes these: waiting would only delay the denial.
-            if r.dead_revokes > 0 {
-                return Err(Error::new(Kind::RevokeDeadLettered {
-                    count: r.dead_revokes,
+            if r.dead_in_doubt > 0 {
+                return Err(Error::new(Kind::DeadLetterInDoubt {
+                    count: r.dead_in_doubt,
                 }));
             }
             // A grant with a condition may replace a tuple OpenFGA holds

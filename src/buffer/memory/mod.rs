@@ -675,7 +675,7 @@ impl MemoryStore {
                 grants: None,
                 unreadable: 0,
                 written_ago: None,
-                dead_revokes: 0,
+                dead_in_doubt: 0,
             };
         }
         let mut out = Vec::with_capacity(grants);
@@ -702,7 +702,7 @@ impl MemoryStore {
                 grants: None,
                 unreadable: 0,
                 written_ago: None,
-                dead_revokes: 0,
+                dead_in_doubt: 0,
             };
         }
         Relevant {
@@ -710,7 +710,7 @@ impl MemoryStore {
             grants: Some(out),
             unreadable: 0,
             written_ago: None,
-            dead_revokes: 0,
+            dead_in_doubt: 0,
         }
     }
 

@@ -241,6 +241,7 @@ fn relevant_counts_in_flight_and_pending() {
         rel: "document#viewer".to_string(),
         same_object: true,
         user_bound: false,
+        may_deny: false,
     }];
     let r = s.relevant_now(Some(&viewer), "document:1", "user:a", 100);
     assert_eq!(r.revokes, 0);
@@ -265,6 +266,7 @@ fn a_user_bound_dependency_counts_only_its_users_wildcards_and_usersets() {
         rel: "document#temp_viewer".to_string(),
         same_object: true,
         user_bound: true,
+        may_deny: false,
     }];
     // alice's check waits for the wildcard and the userset, not for bob.
     assert_eq!(

@@ -555,7 +555,7 @@ impl RedisStore {
                 grants: Some(Vec::new()),
                 unreadable: 0,
                 written_ago: None,
-                dead_revokes: 0,
+                dead_in_doubt: 0,
             });
         }
         let mut a = Args::new("relevant", self.publish);
@@ -572,21 +572,22 @@ impl RedisStore {
                         (true, false) => 1,
                         (true, true) => 2,
                     };
-                    a.push(&d.rel).push(scope);
+                    let deny = if d.may_deny { 4 } else { 0 };
+                    a.push(&d.rel).push(scope + deny);
                 }
             }
         }
         let v = items(self.call(&a).await?)?;
         let revokes = count(&v, 0)? as usize;
         let grants = count(&v, 1)? as usize;
-        let dead_revokes = count(&v, 3)? as usize;
-        if revokes > 0 || grants > limit || dead_revokes > 0 {
+        let dead_in_doubt = count(&v, 3)? as usize;
+        if revokes > 0 || grants > limit || dead_in_doubt > 0 {
             return Ok(Relevant {
                 revokes,
                 grants: None,
                 unreadable: 0,
                 written_ago: None,
-                dead_revokes,
+                dead_in_doubt,
             });
         }
         let written_ago = match v.get(2).map(int).transpose()? {
@@ -612,7 +613,7 @@ impl RedisStore {
             grants: Some(list),
             unreadable,
             written_ago,
-            dead_revokes: 0,
+            dead_in_doubt: 0,
         })
     }
 

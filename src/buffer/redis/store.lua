@@ -51,12 +51,14 @@
 --                              newer op on the key was applied or cleared: a
 --                              letter is replayable only while this names it
 --                              and the key has no entry in P:ops
---   P:deadrev          zset    tuple keys whose newest letter is a revoke that
---                              died of transient causes, all score 0: OpenFGA
---                              may still hold what it revokes, so checks it
---                              can change fail closed while it is current
---                              (see relevant; entries are checked there, so
---                              one left behind only costs a look)
+--   P:deadrev          zset    tuple keys whose newest letter died of
+--                              transient causes, all score 0: OpenFGA may
+--                              still hold what a revoke revokes, or lack what
+--                              a grant under a `but not` (or with a
+--                              condition) takes away, so checks it can change
+--                              that way fail closed while it is current (see
+--                              relevant; entries are checked there, so one
+--                              left behind only costs a look)
 --   P:deadrev:<type#rel> zset  the same, by relation, so one object's keys
 --                              are one lex range
 --   P:deadcur          zset    tuple keys whose newest letter died of transient
@@ -559,14 +561,14 @@ local function bump_gen(rels)
   if any then incr(P .. ':gen', '*', 1) end
 end
 
--- A relation's index of transient revoke letters (see P:deadrev).
+-- A relation's index of transient letters (see P:deadrev).
 local function deadrev_key(rel)
   return K_DEADREV .. ':' .. rel
 end
 
 -- Lists `key` in P:deadrev and its relation's, or takes it out. pcall: a
 -- key of another type must not abort the call after its other writes.
-local function index_dead_revoke(key, on)
+local function index_dead_for_checks(key, on)
   local rel = rel_of(key)
   for _, z in ipairs({ K_DEADREV, rel and deadrev_key(rel) or nil }) do
     if on then pcall_('ZADD', z, 0, key) else pcall_('ZREM', z, key) end
@@ -581,7 +583,7 @@ end
 
 -- Both indexes out: `key`'s newest letter is superseded, replayed or gone.
 local function unindex_dead(key)
-  index_dead_revoke(key, false)
+  index_dead_for_checks(key, false)
   index_dead_current(key, nil)
 end
 
@@ -1465,7 +1467,7 @@ if cmd == 'finish' then
       attempts = l.attempts, dead_at = math.floor(now / 1000), cond = e.cond,
       transient = l.transient, first = tonumber(e.first), since = tonumber(e.since) }))
     rcall('HSET', K_DEADKEY, l.key, id)
-    index_dead_revoke(l.key, l.transient and e.op == 'r')
+    index_dead_for_checks(l.key, l.transient)
     index_dead_current(l.key, l.transient and e.first or nil)
   end
   apply_writes()
@@ -1743,9 +1745,11 @@ if cmd == 'strays' then
 end
 
 -- relevant pub limit object user nrels (rel scope)*
---   -> {revokes, grants, written ago (ms, -1: none), dead revokes, (key, cond)*}
+--   -> {revokes, grants, written ago (ms, -1: none), dead, (key, cond)*}
 -- scope 0: ops on every object count; 1: only ops on `object`; 2: only ops
--- on `object` whose user can be `user` (itself, a wildcard, a userset). No
+-- on `object` whose user can be `user` (itself, a wildcard, a userset);
+-- plus 4 when a grant of the relation can take the checked access away.
+-- dead: transient letters that leave the check in doubt (see P:deadrev). No
 -- list when there are revokes or more grants than limit. nrels = 0: every
 -- relation, every object.
 local SCAN_MAX = 1000
@@ -1762,8 +1766,11 @@ if cmd == 'relevant' then
       end
     end
   else
+    -- A scope of 4 or more: a grant of the relation can take the checked
+    -- access away (see `current` below).
     for i = 0, nrels - 1 do
-      tinsert(rels, { ARGV[7 + i * 2], tonumber(ARGV[8 + i * 2]) or 0 })
+      local s = tonumber(ARGV[8 + i * 2]) or 0
+      tinsert(rels, { ARGV[7 + i * 2], s % 4, s >= 4 })
     end
   end
   local lo, hi = '[' .. object .. '#', '[' .. object .. '#\255'
@@ -1812,44 +1819,49 @@ if cmd == 'relevant' then
       end
     end
   end
-  -- Revokes that died of transient causes while current: OpenFGA may
-  -- still hold what they revoke (see P:deadrev). Empty but in an outage,
-  -- so one ZCARD is all a check pays otherwise.
+  -- Ops that died of transient causes while current: OpenFGA may still
+  -- hold what a revoke revokes, or lack what a grant takes away (see
+  -- P:deadrev). Empty but in an outage, so one ZCARD is all a check pays
+  -- otherwise.
   local dead = 0
   local nd = pcall_('ZCARD', K_DEADREV)
   if type(nd) ~= 'number' then
     return redis.error_reply('fga-wb: Redis key ' .. K_DEADREV .. ' is not a sorted set; it was not written by fga-wb (remove it, or use another redis.key_prefix)')
   end
   if nd > 0 then
-    -- Still its key's newest letter, a transient revoke, with no newer op.
-    local function current(k)
+    -- Still its key's newest letter, a transient one, with no newer op,
+    -- and one that leaves the check in doubt: a revoke; a grant with a
+    -- condition (it may replace a wider tuple OpenFGA holds); or, where a
+    -- grant of the relation takes access away (`deny`; any without a
+    -- model), any grant.
+    local function current(k, deny)
       if rcall('HEXISTS', K_OPS, k) == 1 then return false end
       local id = rcall('HGET', K_DEADKEY, k)
       local d = id and id ~= '0' and letter(rcall('HGET', K_DEAD, id))
-      return d and d.op == 'r' and d.transient == true
+      return d and d.transient == true and (d.op == 'r' or d.cond ~= '' or deny)
     end
     -- Each scope's candidates, or their number when there are too many to
     -- look at each (then the checks they can change fail closed).
     local scans = {}
     if nrels == 0 then
       -- No model: any relation can matter.
-      scans[1] = { K_DEADREV, false, nd }
+      scans[1] = { K_DEADREV, false, nd, true }
     else
       for _, r in ipairs(rels) do
         local z = deadrev_key(r[1])
         local n = r[2] == 0 and rcall('ZCARD', z) or rcall('ZLEXCOUNT', z, lo, hi)
-        if n > 0 then tinsert(scans, { z, r[2], n }) end
+        if n > 0 then tinsert(scans, { z, r[2], n, r[3] }) end
       end
     end
     for _, sc in ipairs(scans) do
-      local z, scope, n = sc[1], sc[2], sc[3]
+      local z, scope, n, deny = sc[1], sc[2], sc[3], sc[4]
       if n > SCAN_MAX then
         dead = dead + n
       else
         local found = (scope == false or scope == 0) and rcall('ZRANGE', z, 0, -1)
           or rcall('ZRANGEBYLEX', z, lo, hi)
         for _, k in ipairs(found) do
-          if (scope ~= 2 or counts(k)) and current(k) then dead = dead + 1 end
+          if (scope ~= 2 or counts(k)) and current(k, deny) then dead = dead + 1 end
         end
       end
     end
