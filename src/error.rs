@@ -149,6 +149,16 @@ impl ApiError {
     fn is_condition_conflict(&self) -> bool {
         self.status == 409 && self.message.contains("different condition")
     }
+
+    /// OpenFGA's 400 for a store or model id that cannot be one
+    /// ("invalid WriteRequest.AuthorizationModelId: value does not match
+    /// regex pattern ..."): about the request, whatever its tuples, so
+    /// bisecting a batch over it would dead-letter every op.
+    fn names_a_malformed_id(&self) -> bool {
+        self.code == "validation_error"
+            && (self.message.contains(".StoreId:")
+                || self.message.contains(".AuthorizationModelId:"))
+    }
 }
 
 /// OpenFGA codes that come with a 400 but describe the store or model rather
@@ -229,7 +239,8 @@ impl Error {
                 (matches!(e.status, 400 | 422)
                     && !e.code.is_empty()
                     && !e.is_throttled()
-                    && !NOT_FOUND_CODES.contains(&e.code.as_str()))
+                    && !NOT_FOUND_CODES.contains(&e.code.as_str())
+                    && !e.names_a_malformed_id())
                     || e.is_condition_conflict()
                     || e.is_too_large()
             }
@@ -246,10 +257,16 @@ impl Error {
         }
     }
 
-    /// The store or the authorization model does not exist.
+    /// The store or the authorization model does not exist, or its id
+    /// cannot be one (`openfga.store_id`, `openfga.model_id`: OpenFGA's ids
+    /// are 26 digits and capital letters).
     pub fn is_not_found(&self) -> bool {
         match &*self.kind {
-            Kind::Api(e) => e.status == 404 || NOT_FOUND_CODES.contains(&e.code.as_str()),
+            Kind::Api(e) => {
+                e.status == 404
+                    || NOT_FOUND_CODES.contains(&e.code.as_str())
+                    || e.names_a_malformed_id()
+            }
             _ => false,
         }
     }
@@ -464,7 +481,7 @@ impl fmt::Display for Error {
             Kind::Redis { detail, transient } => {
                 write!(f, "Redis: {detail}")?;
                 if *transient {
-                    write!(f, "; check redis.url and that Redis is up (nothing was acknowledged)")?;
+                    write!(f, "; check redis.url and that Redis is up (a grant or revoke that failed so was not acknowledged, but if its request reached Redis before the connection dropped or timed out it may be buffered: calling it again is safe)")?;
                 }
                 Ok(())
             }

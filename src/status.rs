@@ -12,7 +12,7 @@
 //! | `fga_wb_ops_dead_lettered_total` | counter |
 //! | `fga_wb_ops_cleared_total` | counter |
 //! | `fga_wb_write_requests_total{outcome}` | counter |
-//! | `fga_wb_flush_retries_total` | counter |
+//! | `fga_wb_write_retries_total` | counter |
 //! | `fga_wb_write_unknown_outcomes_total` (Writes whose outcome fga-wb cannot know) | counter |
 //! | `fga_wb_cache_hits_total`, `fga_wb_cache_misses_total` | counter |
 //! | `fga_wb_higher_consistency_total` (checks, lists and reads sent with `HIGHER_CONSISTENCY`) | counter |

@@ -222,10 +222,16 @@ async fn dead_letters_list_replay_purge() {
         .unwrap()
         .iter()
         .any(|d| d["tuple"]["user"] == "user:bad1"));
-    // Replaying an id that is gone is an error, and replays nothing.
+    // Replaying an id that is gone is an error, and replays nothing; so
+    // is purging one (it said "purged 0" and exited 0), with another that
+    // is there: nothing is purged.
     cli.run(&["dlq", "replay", &id_bad1.to_string()])
         .await
         .fails(1, "no dead letter with id");
+    let there = wb.dead_letters().await.unwrap()[0].id.to_string();
+    cli.run(&["dlq", "purge", &there, &id_bad1.to_string()])
+        .await
+        .fails(1, &format!("no dead letter with id {id_bad1}"));
     assert_eq!(wb.dead_letters().await.unwrap().len(), 2);
 
     // A replay whose flush OpenFGA refuses (a wrong token) exits 1, and
@@ -830,10 +836,8 @@ async fn fga_cli_flags_beat_the_variables() {
 /// which returned only once its Writes did.
 #[tokio::test]
 async fn flush_wait_gives_up_at_its_timeout_while_it_writes() {
-    use support::cli::Where;
-    use support::mock::{mock_config, mock_openfga, write_mock, MODEL, STORE};
-    let server = mock_openfga().await;
-    write_mock()
+    let (server, _redis, app, mut cli) = mocked_inline().await;
+    support::mock::write_mock()
         .respond_with(
             support::fixture("write-ok")
                 .response()
@@ -841,7 +845,51 @@ async fn flush_wait_gives_up_at_its_timeout_while_it_writes() {
         )
         .mount(&server)
         .await;
-    // Redis of its own: the mocked store's id is every mock test's.
+    cli.set("FGA_WB_OPENFGA__REQUEST_TIMEOUT", "300s");
+    // A deadline that passes before the command has read what to wait for
+    // does not say that everything is written (it did).
+    let r = cli.run(&["flush", "--wait", "--timeout", "1ms"]).await;
+    assert_eq!(r.code, 1, "{r:#?}");
+    assert!(!r.stderr.contains("is written now"), "{r:#?}");
+    let r = cli.run(&["flush", "--wait", "--timeout", "1s"]).await;
+    r.fails(1, "1 ops still pending or queued");
+    drop(app);
+}
+
+/// `flush --wait` against an OpenFGA that fails every Write (503, no quick
+/// retries) backs off between its flushes, doubling from half a second:
+/// a handful of Writes in 4 s. Before, it flushed every 250 ms, each
+/// flush retrying at once: about sixteen.
+#[tokio::test]
+async fn flush_wait_backs_off_while_openfga_fails() {
+    let (server, _redis, app, mut cli) = mocked_inline().await;
+    let mut writes = support::mock::reporting_write(
+        &server,
+        support::fixture("unavailable-503").response(),
+        None,
+    )
+    .await;
+    cli.set("FGA_WB_FLUSH__REQUEST_RETRIES", "0");
+    let r = cli.run(&["flush", "--wait", "--timeout", "4s"]).await;
+    // Each failed Write logs a warning; the error is the last line.
+    assert_eq!(r.code, 1, "{r:#?}");
+    let last = r.stderr.lines().last().unwrap_or_default();
+    assert!(last.contains("1 ops still pending or queued"), "{r:#?}");
+    let mut n = 0;
+    while writes.try_recv().is_ok() {
+        n += 1;
+    }
+    assert!((1..=6).contains(&n), "{n} Writes in 4 s");
+    drop(app);
+}
+
+/// A wiremock OpenFGA (tests mount its Writes), a Redis of its own (the
+/// mocked store's id is every mock test's), an application on them that
+/// acknowledged one grant and does not flush, and the CLI, inline.
+async fn mocked_inline() -> (wiremock::MockServer, testenv::Redis, WriteBehind, Cli) {
+    use support::cli::Where;
+    use support::mock::{mock_config, mock_openfga, MODEL, STORE};
+    let server = mock_openfga().await;
     let redis = testenv::Redis::start(testenv::RedisOptions::default())
         .await
         .unwrap();
@@ -856,7 +904,7 @@ async fn flush_wait_gives_up_at_its_timeout_while_it_writes() {
     app.grant("user:anne", "viewer", "document:held")
         .await
         .unwrap();
-    let mut cli = Cli::at(
+    let cli = Cli::at(
         Where {
             api_url: server.uri(),
             token: "mock-token".into(),
@@ -866,10 +914,7 @@ async fn flush_wait_gives_up_at_its_timeout_while_it_writes() {
         },
         "inline",
     );
-    cli.set("FGA_WB_OPENFGA__REQUEST_TIMEOUT", "300s");
-    let r = cli.run(&["flush", "--wait", "--timeout", "1s"]).await;
-    r.fails(1, "1 ops still pending or queued");
-    drop(app);
+    (server, redis, app, cli)
 }
 
 /// An operator's command leaves the store's writers as it exits, whether
@@ -985,4 +1030,16 @@ async fn status_check_reports_pending_ops_nobody_flushes() {
     cli.run(&["flush"]).await.ok();
     cli.run(&["status", "--check"]).await.ok();
     assert_eq!(stored(&s).await.len(), 2);
+}
+
+/// `worker --concurrency 0` is refused by clap (exit 2, naming the flag);
+/// it ran with 1 and logged 0.
+#[tokio::test]
+async fn worker_concurrency_zero_is_refused() {
+    let s = new_store("cli-concurrency-0").await;
+    let r = Cli::new(&s, "queue")
+        .run(&["worker", "--concurrency", "0"])
+        .await;
+    assert_eq!(r.code, 2, "{r:#?}");
+    assert!(r.stderr.contains("--concurrency"), "{r:#?}");
 }

@@ -296,6 +296,16 @@ async fn real_server_errors_are_classified() {
         .await
         .unwrap_err();
     assert!(e.is_invalid_input() && e.code().is_some(), "{e}");
+
+    // A malformed model or store id (a quoted or lower-case FGA_MODEL_ID)
+    // is about the request, not its tuples: never a reason to dead-letter.
+    let one = || WriteRequest::idempotent(vec![t("user:a", "viewer", "document:1")], vec![]);
+    let mut w = one();
+    w.authorization_model_id = Some("01jlowercase00000000000000".into());
+    let e = s.client.write(&s.store_id, &w).await.unwrap_err();
+    assert!(e.is_not_found() && !e.is_invalid_input(), "{e}");
+    let e = s.client.write("not-a-store-id", &one()).await.unwrap_err();
+    assert!(e.is_not_found() && !e.is_invalid_input(), "{e}");
 }
 
 /// A closed port is a connection error, which the flusher retries.

@@ -232,22 +232,27 @@ async fn oauth2_token_is_cached_and_refreshed_after_401() {
     // `expect(2)` on the token endpoint is verified when the server drops.
 }
 
-/// A token that claims to live longer than a clock holds is used (and kept
-/// at most a day), not a panic in the middle of every call.
+/// A token is reused within its life: one that claims to live longer than a
+/// clock holds (kept at most a day), not a panic in the middle of every
+/// call; and one that lives a minute, not fetched again for every request
+/// (the refresh margin was a fixed minute, which left it no life at all).
 #[tokio::test]
-async fn oauth2_token_with_an_endless_lifetime_is_used() {
-    let server = MockServer::start().await;
-    mount_token(&server, u64::MAX, 1).await;
-    Mock::given(method("POST"))
-        .and(path(format!("/stores/{STORE}/check")))
-        .and(header("authorization", "Bearer tok-1"))
-        .respond_with(fixture("check-allowed").response())
-        .mount(&server)
-        .await;
-    let client = oauth_client(&server, None);
-    let check = CheckRequest::new("user:anne", "viewer", "document:1");
-    for _ in 0..2 {
-        assert!(client.check(STORE, &check).await.unwrap());
+async fn oauth2_tokens_are_reused_within_their_life() {
+    for (expires_in, checks) in [(u64::MAX, 2), (60, 5)] {
+        let server = MockServer::start().await;
+        mount_token(&server, expires_in, 1).await;
+        Mock::given(method("POST"))
+            .and(path(format!("/stores/{STORE}/check")))
+            .and(header("authorization", "Bearer tok-1"))
+            .respond_with(fixture("check-allowed").response())
+            .mount(&server)
+            .await;
+        let client = oauth_client(&server, None);
+        let check = CheckRequest::new("user:anne", "viewer", "document:1");
+        for _ in 0..checks {
+            assert!(client.check(STORE, &check).await.unwrap());
+        }
+        // `expect(1)` on the token endpoint is verified as the server drops.
     }
 }
 

@@ -269,3 +269,36 @@ async fn grants_too_large_for_one_request_are_written_in_smaller_ones() {
     assert_accounted(&wb).await;
     wb.shutdown().await.unwrap();
 }
+
+/// A malformed model id (real server: a lower-case `FGA_MODEL_ID`, as an
+/// operator's shell may hold) is the request's fault, not its tuples':
+/// flushing stops with OpenFGA's reason and every op is kept, none
+/// dead-lettered. Before, each op was bisected alone and dead-lettered as
+/// refused. Built without reading the model, as `fga-wb` builds its own.
+#[tokio::test]
+async fn a_malformed_model_id_stops_flushing_and_dead_letters_nothing() {
+    let s = new_store("bad-model-id").await;
+    let mut c = config_for(&s);
+    c.openfga.model_id = "01jlowercase00000000000000".into();
+    let wb = WriteBehind::builder(c)
+        .read_model(false)
+        .build()
+        .await
+        .unwrap();
+    for i in 0..5 {
+        wb.grant(&format!("user:u{i}"), "viewer", "document:1")
+            .await
+            .unwrap();
+    }
+    let e = wb.flush().await.expect_err("flushing stops");
+    assert!(
+        e.is_not_found() && e.to_string().contains("AuthorizationModelId"),
+        "{e}"
+    );
+    let st = wb.status().await.unwrap();
+    assert_eq!(st.totals.dead_lettered, 0, "{st:?}");
+    assert!(st.flushing_stopped.is_some(), "{st:?}");
+    assert_eq!(st.pending.total, 5, "{st:?}");
+    assert!(stored(&s).await.is_empty());
+    wb.clear().await.unwrap();
+}

@@ -127,3 +127,65 @@ async fn an_openfga_behind_a_private_ca_is_reached_with_ca_file_only() {
     let e = c.openfga.client().unwrap_err();
     assert!(e.is_config() && e.to_string().contains("ca_file"), "{e}");
 }
+
+/// A Redis served over TLS (`rediss://`) with a certificate from a private
+/// CA: the Redis store works through it with `redis.ca_file` (a grant, a
+/// check, a flush to OpenFGA), and without the CA it is refused with an
+/// error that points at `redis.ca_file`. Before, the redis crate was built
+/// without TLS and every `rediss://` URL was refused as "not a Redis URL".
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_behind_a_private_ca_is_reached_with_ca_file() {
+    let dir = testenv::temp_dir("redis-tls").unwrap();
+    let tls = make_certificates(&dir);
+    let port = testenv::free_port().unwrap();
+    let file = |p: &Path| p.display().to_string();
+    let _redis = testenv::Redis::start(testenv::RedisOptions {
+        extra: vec![
+            ("tls-port".into(), port.to_string()),
+            ("tls-cert-file".into(), file(&tls.cert)),
+            ("tls-key-file".into(), file(&tls.key)),
+            ("tls-ca-cert-file".into(), file(&tls.ca)),
+            ("tls-auth-clients".into(), "no".into()),
+        ],
+        ..Default::default()
+    })
+    .await
+    .expect("Redis with a TLS port");
+    let s = support::new_store("redis-tls").await;
+    let mut c = support::config_for(&s);
+    c.buffer.store = fga_wb::config::StoreKind::Redis;
+    c.redis.url = format!("rediss://127.0.0.1:{port}");
+    c.redis.ca_file = file(&tls.ca);
+    let wb = WriteBehind::builder(c.clone()).build().await.unwrap();
+    wb.grant("user:anne", "viewer", "document:tls")
+        .await
+        .unwrap();
+    assert!(wb
+        .check("user:anne", "viewer", "document:tls")
+        .await
+        .unwrap());
+    let r = wb.flush().await.unwrap();
+    assert_eq!(r.applied, 1, "{r:?}");
+    assert_eq!(support::stored(&s).await, ["document:tls#viewer@user:anne"]);
+    wb.shutdown().await.unwrap();
+
+    // Without the CA the server's certificate is not trusted.
+    c.redis.ca_file = String::new();
+    let e = match WriteBehind::builder(c.clone()).build().await {
+        Ok(_) => panic!("connected without trusting the server's CA"),
+        Err(e) => e,
+    };
+    assert!(e.to_string().contains("redis.ca_file"), "{e}");
+
+    // A CA file that is not there is a clear configuration error.
+    c.redis.ca_file = file(&dir.join("missing.pem"));
+    let e = match WriteBehind::builder(c).build().await {
+        Ok(_) => panic!("built with a CA file that is not there"),
+        Err(e) => e,
+    };
+    assert!(
+        e.is_config() && e.to_string().contains("redis.ca_file"),
+        "{e}"
+    );
+}

@@ -209,11 +209,7 @@ async fn a_hold_does_not_hold_up_other_ops() {
 async fn rate_limited_429_is_retried_until_applied() {
     let server = mock_openfga().await;
     first_write_then_ok(&server, fixture("rate-limited-429").response()).await;
-    let wb = WriteBehind::builder(no_quick_retries(manual_flush(mock_config(&server))))
-        .build()
-        .await
-        .unwrap();
-    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    let wb = anne_granted(&server).await;
     let first = wb.flush().await.unwrap();
     assert!(
         first.error.as_deref().is_some_and(|e| e.contains("429")),
@@ -261,11 +257,7 @@ async fn rate_limited_429_retry_after_is_honoured() {
         })
         .mount(&server)
         .await;
-    let wb = WriteBehind::builder(no_quick_retries(manual_flush(mock_config(&server))))
-        .build()
-        .await
-        .unwrap();
-    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    let wb = anne_granted(&server).await;
     let first = wb.flush().await.unwrap();
     assert!(first.error.is_some(), "{first:?}");
     eventually("the retry to apply", Duration::from_secs(30), || async {
@@ -594,4 +586,54 @@ async fn a_pinned_model_unreadable_at_start_is_read_once_openfga_answers() {
         assert!(e.is_invalid_input(), "on demand: {on_demand}: {e}");
         wb.shutdown().await.unwrap();
     }
+}
+
+/// `flush()` called again during a pause OpenFGA asked for (every Write
+/// answers 429 with `Retry-After: 1`) sends nothing before that pause
+/// ends: each call waits it out, then tries. Before, every call sent
+/// a Write at once, so a caller flushing in a loop (`fga-wb flush --wait`
+/// looks every 250 ms) kept hitting a server that asked it to wait.
+#[tokio::test]
+async fn flushing_again_waits_out_the_retry_after() {
+    let server = mock_openfga().await;
+    let arrivals: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let log = arrivals.clone();
+    let limited = fixture("rate-limited-429")
+        .response()
+        .insert_header("Retry-After", "1");
+    write_mock()
+        .respond_with(move |_: &Request| {
+            log.lock().unwrap().push(Instant::now());
+            limited.clone()
+        })
+        .mount(&server)
+        .await;
+    let wb = anne_granted(&server).await;
+    for _ in 0..3 {
+        let r = wb.flush().await.unwrap();
+        assert!(r.error.is_some(), "{r:?}");
+    }
+    let arrivals = arrivals.lock().unwrap().clone();
+    // The pump's own retries after each pause come on top.
+    assert!(arrivals.len() >= 3, "{arrivals:?}");
+    for w in arrivals.windows(2) {
+        assert!(
+            w[1] - w[0] >= Duration::from_secs(1),
+            "a Write {:?} after a 429 that said Retry-After: 1",
+            w[1] - w[0]
+        );
+    }
+    let p = wb.pending().await.unwrap();
+    assert_eq!(p.total + p.in_flight, 1, "{p:?}");
+}
+
+/// A handle on the mocked `server` that flushes only when told and sends
+/// no request twice, with anne's viewer grant on document:1 pending.
+async fn anne_granted(server: &wiremock::MockServer) -> WriteBehind {
+    let wb = WriteBehind::builder(no_quick_retries(manual_flush(mock_config(server))))
+        .build()
+        .await
+        .unwrap();
+    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    wb
 }

@@ -91,8 +91,8 @@ enum Command {
     /// Apply queued write jobs until SIGINT or SIGTERM.
     Worker {
         /// Requests kept in flight (default: queue.worker_concurrency).
-        #[arg(long)]
-        concurrency: Option<usize>,
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        concurrency: Option<u16>,
         /// Serve Prometheus metrics on this address (`/metrics`), e.g.
         /// 0.0.0.0:9464.
         #[arg(long)]
@@ -236,7 +236,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         if let Some(addr) = metrics_addr {
             fga_wb::metrics::serve_prometheus(addr, &config.openfga.store_id)?;
         }
-        let n = concurrency.unwrap_or(config.queue.worker_concurrency);
+        let n = concurrency.map_or(config.queue.worker_concurrency, usize::from);
         fga_wb::queue::worker::run(config, n, shutdown_signal()).await?;
         return Ok(());
     }
@@ -320,15 +320,16 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
                 replays: (config.flush.mode == fga_wb::config::Mode::Queue)
                     .then_some(config.queue.replay_transient)
                     .filter(|every| !every.is_zero()),
-                mark: 0,
+                mark: None,
             };
             let before = within(wb, &waiting, wb.status()).await?.totals;
             // What --wait waits for: ops acknowledged up to now.
-            waiting.mark = within(wb, &waiting, wb.last_acknowledged()).await?;
+            let mark = within(wb, &waiting, wb.last_acknowledged()).await?;
+            waiting.mark = Some(mark);
             // Inline, this flush writes everything pending first (with
             // --wait, everything up to the mark).
             let mut report = match *wait {
-                true => within(wb, &waiting, wb.flush_up_to(waiting.mark)).await?,
+                true => within(wb, &waiting, wb.flush_up_to(mark)).await?,
                 false => within(wb, &waiting, wb.flush()).await?,
             };
             if *wait {
@@ -546,8 +547,9 @@ struct Waiting {
     /// Queue mode: how often workers replay ops that died of transient
     /// failures (`None`: they do not).
     replays: Option<Duration>,
-    /// The last op acknowledged when the command began: what it waits for.
-    mark: u64,
+    /// The last op acknowledged when the command began: what it waits for
+    /// (`None` until it is read).
+    mark: Option<u64>,
 }
 
 /// Ops not yet written (ops held by queued jobs count as in flight).
@@ -665,9 +667,18 @@ async fn within<T>(
 /// `flush --wait`'s deadline passed during a call: what is left, if
 /// Redis says so promptly.
 async fn left_after(wb: &WriteBehind, w: &Waiting) -> Failure {
+    let Some(mark) = w.mark else {
+        return Failure {
+            code: 1,
+            message: format!(
+                "the deadline passed after {:.0?}, before this command could read what to wait for; nothing was flushed",
+                w.started.elapsed()
+            ),
+        };
+    };
     let look = async {
         let s = wb.status().await?;
-        Ok::<_, Failure>(gave_up(&s, w, &wb.unfinished(w.mark).await?))
+        Ok::<_, Failure>(gave_up(&s, w, &wb.unfinished(mark).await?))
     };
     match tokio::time::timeout(Duration::from_secs(5), look).await {
         Ok(Ok(f)) => f,
@@ -710,6 +721,8 @@ fn unreplayed_note(dead: usize) -> String {
 async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Result<u64, Failure> {
     use std::io::IsTerminal;
     let started = w.started;
+    // Read before the first flush, which came before this.
+    let mark = w.mark.unwrap_or_default();
     let tty = !quiet && std::io::stderr().is_terminal();
     let bar = if tty {
         indicatif::ProgressBar::new(0)
@@ -725,6 +738,10 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
         let mut last_line = tokio::time::Instant::now();
         let mut queued = 0u64;
         let mut no_worker_since = None;
+        // After flushes that failed: none again before this, doubling
+        // from half a second to 10 s (each flush() retries at once).
+        let mut failed_flushes = 0u32;
+        let mut flush_at = tokio::time::Instant::now();
         loop {
             let status = wb.status().await?;
             let left = left_of(&status);
@@ -733,7 +750,7 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
             // One look, atomic in the store, at what is left of the ops
             // acknowledged before the command began: an op moving on
             // meanwhile (taken, dead, replayed) is seen where it is.
-            let u = wb.unfinished(w.mark).await?;
+            let u = wb.unfinished(mark).await?;
             let dead = letters_waited_for(&status, &u);
             if u.ops == 0 {
                 match w.replays {
@@ -805,20 +822,36 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
             // pending: each flush also looks for ops Redis names this
             // process as holding that it does not (a take whose reply was
             // lost), and gives them back.
-            if u.ops > 0 {
+            if u.ops > 0 && tokio::time::Instant::now() >= flush_at {
                 // Ops came back (a dead writer's lease ended) or arrived: write
                 // or enqueue them; a transient failure is retried next round.
                 // Only up to the mark: later ops are their writers' to
                 // flush, in full chunks.
-                match wb.flush_up_to(w.mark).await {
+                let error = match wb.flush_up_to(mark).await {
                     // Nothing will be written until the operator fixes it.
                     Err(e) if e.is_auth() || e.is_not_found() => {
                         bar.abandon();
                         return Err(e.into());
                     }
-                    Err(e) => bar.set_message(format!("flush failed, retrying: {e}")),
-                    Ok(r) => queued = queued.saturating_add(r.queued),
-                }
+                    Err(e) => Some(e.to_string()),
+                    Ok(r) => {
+                        queued = queued.saturating_add(r.queued);
+                        r.error
+                    }
+                };
+                failed_flushes = match &error {
+                    Some(e) => {
+                        bar.set_message(format!("flush failed, retrying: {e}"));
+                        failed_flushes.saturating_add(1)
+                    }
+                    None => 0,
+                };
+                let pause = match failed_flushes {
+                    0 => Duration::ZERO,
+                    n => (Duration::from_millis(250) * 2u32.pow(n.min(6)))
+                        .min(Duration::from_secs(10)),
+                };
+                flush_at = tokio::time::Instant::now() + pause;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }

@@ -199,20 +199,7 @@ impl WriteBehind {
     /// in [`Replayed::flush_error`], and the replayed ops stay pending.
     pub async fn replay_dead_letters(&self, ids: Option<&[u64]>) -> Result<Replayed> {
         let e = &self.inner.engine;
-        if let Some(ids) = ids {
-            let letters = e.store.dead_letters().await?;
-            let unknown: Vec<String> = ids
-                .iter()
-                .filter(|id| !letters.iter().any(|d| d.id == **id))
-                .map(ToString::to_string)
-                .collect();
-            if !unknown.is_empty() {
-                return Err(Error::invalid_argument(format!(
-                    "no dead letter with id {}; `fga-wb dlq list` shows them",
-                    unknown.join(", ")
-                )));
-            }
-        }
+        self.refuse_unknown_letters(ids).await?;
         let mut r = e.store.replay_dead_letters(ids, false).await?;
         // A replayed letter is acknowledged again, like a grant or revoke.
         for t in &r.tuples {
@@ -253,7 +240,10 @@ impl WriteBehind {
     }
 
     /// Deletes dead letters (those with `ids`, or all); returns how many.
+    /// Unknown ids are an error, and nothing is deleted then (a mistyped
+    /// id read as "purged 0").
     pub async fn purge_dead_letters(&self, ids: Option<&[u64]>) -> Result<usize> {
+        self.refuse_unknown_letters(ids).await?;
         Ok(self
             .inner
             .engine
@@ -261,6 +251,26 @@ impl WriteBehind {
             .remove_dead_letters(ids)
             .await?
             .len())
+    }
+
+    /// An error naming the `ids` that are no dead letter's.
+    async fn refuse_unknown_letters(&self, ids: Option<&[u64]>) -> Result<()> {
+        let Some(ids) = ids else {
+            return Ok(());
+        };
+        let letters = self.inner.engine.store.dead_letters().await?;
+        let unknown: Vec<String> = ids
+            .iter()
+            .filter(|id| !letters.iter().any(|d| d.id == **id))
+            .map(ToString::to_string)
+            .collect();
+        match unknown.is_empty() {
+            true => Ok(()),
+            false => Err(Error::invalid_argument(format!(
+                "no dead letter with id {}; `fga-wb dlq list` shows them",
+                unknown.join(", ")
+            ))),
+        }
     }
 }
 

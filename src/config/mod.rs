@@ -237,7 +237,8 @@ pub struct FlushConfig {
     #[serde(deserialize_with = "positive")]
     pub max_parallel_requests: usize,
     /// Fewest Write requests in flight at once while something is due
-    /// (the adaptive limit never goes below it).
+    /// (the adaptive limit never goes below it); `max_parallel_requests`
+    /// when that is lower.
     #[serde(deserialize_with = "positive")]
     pub min_parallel_requests: usize,
     /// Let the number of requests in flight follow the server: from 8 (or
@@ -368,8 +369,12 @@ pub struct RedisConfig {
     /// One node: `redis://[user:password@]host:port[/db]`. A Redis (or
     /// Valkey) Cluster: its seed nodes as several such URLs separated by
     /// commas, or `redis+cluster://[user:password@]host:port,host:port`.
+    /// `rediss://` (and `rediss+cluster://`) connect over TLS.
     #[serde(serialize_with = "redacted_url")]
     pub url: String,
+    /// For `rediss://`: a PEM file of the CA certificates to trust instead
+    /// of the system's roots (a private CA); empty: the system's.
+    pub ca_file: String,
     /// Prefix of every key fga-wb writes; the store id follows it.
     pub key_prefix: String,
     /// How long what a process or worker is writing stays its own without a
@@ -410,6 +415,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: "redis://127.0.0.1:6379".into(),
+            ca_file: String::new(),
             key_prefix: "fga-wb".into(),
             writer_lease: Duration::from_secs(5),
             wait_replicas: 0,
@@ -490,6 +496,7 @@ const STRING_KEYS: &[&str] = &[
     "openfga.oauth2.scopes",
     "openfga.api_url",
     "openfga.ca_file",
+    "redis.ca_file",
     "openfga.store_id",
     "openfga.model_id",
     "openfga.api_token",
@@ -783,8 +790,14 @@ impl Config {
                 "{name} is {d:?}, longer than the longest duration fga-wb takes (10 years)"
             )));
         }
-        if self.queue.heartbeat < Duration::from_secs(1) {
-            return Err(Error::config("queue.heartbeat must be at least 1s"));
+        // HTTP headers cannot carry these: reqwest refuses the request, which
+        // read as "cannot reach OpenFGA" and held every Write as one whose
+        // outcome is unknown. The token itself is never shown.
+        let token = self.openfga.api_token.expose();
+        if token.trim() != token || token.chars().any(char::is_control) {
+            return Err(Error::config(
+                "openfga.api_token (FGA_API_TOKEN) has leading or trailing whitespace or a control character (a newline at the end, as `echo` writes into a Kubernetes Secret): remove it",
+            ));
         }
         if self.queue.retry_schedule.is_empty() {
             return Err(Error::config(

@@ -321,3 +321,27 @@ fn zero_pauses_are_refused() {
     assert!(e.to_string().contains("queue.poll_interval"), "{e}");
     assert!(load_env(&[("FGA_WB_QUEUE__POLL_INTERVAL", "1ms")]).is_ok());
 }
+
+/// An API token HTTP headers cannot carry (a newline at its end, as `echo`
+/// writes into a Kubernetes Secret, or other whitespace or control
+/// characters) is refused by name, without showing it. Before, every
+/// request failed as "cannot reach OpenFGA", and every Write was held as
+/// one whose outcome was unknown.
+#[test]
+fn an_api_token_headers_cannot_carry_is_refused_without_showing_it() {
+    for bad in [
+        "s3cret-token\n",
+        " s3cret-token",
+        "s3cret\ttoken",
+        "s3cret\u{7f}",
+    ] {
+        let e = load_env(&[("FGA_API_TOKEN", bad)]).unwrap_err();
+        let shown = e.to_string();
+        assert!(
+            e.is_config() && shown.contains("openfga.api_token"),
+            "{shown}"
+        );
+        assert!(!shown.contains("s3cret"), "the token is shown: {shown}");
+    }
+    assert!(load_env(&[("FGA_API_TOKEN", "abc.DEF-123_~+/=")]).is_ok());
+}

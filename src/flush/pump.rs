@@ -136,6 +136,9 @@ pub(crate) struct Pump {
     pub(crate) limit: Limit,
     /// After a chunk gave up on a transient error: no new request before this.
     pub(crate) paused_until: Option<Instant>,
+    /// The end of a pause OpenFGA asked for (`Retry-After`): a flush() does
+    /// not cut that one short, as it does a backoff.
+    pub(crate) asked_pause: Option<Instant>,
     /// With flushing stopped (refused credentials, unknown store): when to
     /// ask OpenFGA again by writing, unasked (an OAuth2 token, a key or a
     /// store fixed since may work by then).
@@ -206,6 +209,7 @@ impl Pump {
             due: None,
             limit,
             paused_until: None,
+            asked_pause: None,
             stop_look_at: None,
             holds: 0,
             backoff,
@@ -927,6 +931,10 @@ impl Pump {
                     None => wait,
                 };
                 self.paused_until = Some(Instant::now() + wait);
+                self.asked_pause = err
+                    .retry_after()
+                    .filter(|_| self.shutdown.is_none())
+                    .map(|r| Instant::now() + r);
                 // An outage of OpenFGA, not a blip (a single 429 pauses
                 // for 100 ms), nor Redis's own failure (giving back would
                 // wait on the Redis that just failed).
@@ -1033,12 +1041,16 @@ impl Pump {
     }
 
     /// Someone asked (a flush or a shutdown): flushing resumes after an
-    /// auth failure and retries at once after a transient one, and it
-    /// looks at the store at least once: ops may be ready again below the
-    /// target (another process's write given up, a queued job set aside)
-    /// without a word to this process.
+    /// auth failure and retries at once after a transient one (but not
+    /// before a pause OpenFGA asked for ends, unless shutting down: a
+    /// caller flushing in a loop sent a request every time), and it looks
+    /// at the store at least once: ops may be ready again below the target
+    /// (another process's write given up, a queued job set aside) without
+    /// a word to this process.
     pub(crate) fn try_again(&mut self) {
-        self.paused_until = None;
+        self.paused_until = self
+            .asked_pause
+            .filter(|p| self.shutdown.is_none() && Instant::now() < *p);
         self.engine.stats.set_stopped(None);
         self.last_error = None;
         self.exhausted = None;

@@ -126,7 +126,10 @@ impl Authenticator {
                     }
                 }
                 let (token, lifetime) = fetch_token(http, o).await?;
-                let until = Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN);
+                // A quarter of a short life at most: a token living a
+                // minute or less was fetched again for every request.
+                let margin = EXPIRY_MARGIN.min(lifetime / 4);
+                let until = Instant::now() + lifetime.saturating_sub(margin);
                 *cached = Some((token.clone(), until));
                 Ok(Some(token))
             }
@@ -157,8 +160,9 @@ async fn fetch_token(http: &reqwest::Client, o: &OAuth2) -> Result<(Secret, Dura
         .form(&form)
         .send()
         .await
-        // reqwest's error text names the URL, never the form body.
-        .map_err(|e| token_err(e.without_url().to_string(), true))?;
+        // The innermost cause (refused, DNS, TLS), without the URL; never
+        // the form body.
+        .map_err(|e| token_err(super::root_cause(&e.without_url()), true))?;
     let status = resp.status();
     if !status.is_success() {
         return Err(token_err(
@@ -170,10 +174,12 @@ async fn fetch_token(http: &reqwest::Client, o: &OAuth2) -> Result<(Secret, Dura
             status.is_server_error() || status.as_u16() == 429,
         ));
     }
-    let body: TokenResponse = resp
-        .json()
-        .await
-        .map_err(|e| token_err(format!("unreadable token response: {e}"), false))?;
+    let body: TokenResponse = resp.json().await.map_err(|e| {
+        token_err(
+            format!("unreadable token response: {}", e.without_url()),
+            false,
+        )
+    })?;
     // Without expires_in, assume a short life rather than caching forever;
     // at most a day, so no answer can push the expiry past what a clock
     // holds.

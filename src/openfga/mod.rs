@@ -689,11 +689,23 @@ impl Client {
     ) -> Result<T> {
         let url = format!("{}{}", self.inner.base, path);
         let mut req = self.inner.http.request(method, &url);
-        if let Some(t) = timeout {
-            req = req.timeout(t);
-        }
+        let asked = std::time::Instant::now();
         if let Some(token) = self.inner.auth.bearer(&self.inner.http).await? {
             req = req.header(AUTHORIZATION, format!("Bearer {}", token.expose()));
+        }
+        // The time limit counts from the call, a token fetch included: a
+        // Write given what is left of a writer's lease must not start after
+        // it ends (another writer may write the key by then).
+        if let Some(t) = timeout {
+            let left = t.saturating_sub(asked.elapsed());
+            if left.is_zero() {
+                return Err(Error::new(Kind::Timeout {
+                    operation,
+                    timeout: Some(t),
+                    sent: false,
+                }));
+            }
+            req = req.timeout(left);
         }
         if let Some(b) = body {
             req = req.json(b);
@@ -852,6 +864,52 @@ fn seg(id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Write limited to what is left of a writer's lease is not sent
+    /// once a slow token fetch has used that up (wiremock: the token
+    /// endpoint answers after 600 ms, the limit is 300 ms): it fails as not
+    /// sent, and no Write reaches the server. Before, the limit began after
+    /// the fetch, and the Write went out past the lease.
+    #[tokio::test]
+    async fn a_time_limit_counts_the_token_fetch() {
+        use wiremock::matchers::{method, path};
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/oauth/token"))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(serde_json::json!({"access_token": "t", "expires_in": 3600}))
+                    .set_delay(Duration::from_millis(600)),
+            )
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/stores/s/write"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({})))
+            .expect(0)
+            .mount(&server)
+            .await;
+        let client = Client::builder(server.uri())
+            .credentials(Credentials::ClientCredentials(OAuth2 {
+                token_url: format!("{}/oauth/token", server.uri()),
+                client_id: "id".into(),
+                client_secret: Secret::new("secret"),
+                audience: None,
+                scopes: None,
+            }))
+            .build()
+            .unwrap();
+        let req = WriteRequest::idempotent(
+            vec![crate::TupleKey::new("user:a", "viewer", "document:1").unwrap()],
+            vec![],
+        );
+        let e = client
+            .write_within("s", &req, Some(Duration::from_millis(300)))
+            .await
+            .unwrap_err();
+        assert!(e.is_timeout() && !e.may_have_applied(), "{e}");
+    }
 
     #[test]
     fn path_segments_are_encoded() {

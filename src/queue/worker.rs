@@ -486,8 +486,8 @@ async fn run_worker(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let mut config = config;
-    config.queue.worker_concurrency = concurrency.max(1);
-    // `--concurrency` comes after the config was checked.
+    config.queue.worker_concurrency = concurrency;
+    // `--concurrency` comes after the config was checked (0 is refused).
     config.validate()?;
     let applier = Arc::new(applier(&config).await?);
     let replay_applier = applier.clone();

@@ -7,6 +7,9 @@
 //! Every key of a store shares one slot, so every script runs on the node
 //! that owns it; redirections during resharding and failovers (MOVED, ASK,
 //! TRYAGAIN, CLUSTERDOWN) are followed and retried by the cluster client.
+//!
+//! `rediss://` connects over TLS (rustls), trusting the system's roots, or
+//! only the CA certificates of `redis.ca_file` when it is set.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -139,10 +142,65 @@ impl ConnectionLike for Conn {
 }
 
 fn unreachable(target: &Target, e: impl std::fmt::Display) -> Error {
+    let tls = match target {
+        Target::Node(u) => u.starts_with("rediss://"),
+        Target::Cluster(s) => s.iter().any(|u| u.starts_with("rediss://")),
+    };
+    let hint = match tls {
+        true => " (over TLS: the server's certificate must be signed by a CA the system trusts, or by one in redis.ca_file)",
+        false => "",
+    };
     Error::new(Kind::Redis {
-        detail: format!("cannot connect to {}: {e}", target.shown()),
+        detail: format!("cannot connect to {}: {e}{hint}", target.shown()),
         transient: true,
     })
+}
+
+/// TLS for `rediss://`: the CA certificates to trust instead of the
+/// system's roots (`redis.ca_file`), if any.
+#[derive(Clone, Default)]
+pub(crate) struct Tls {
+    ca: Option<Arc<Vec<u8>>>,
+}
+
+impl Tls {
+    /// Reads `redis.ca_file`.
+    pub fn from_config(c: &crate::config::RedisConfig) -> Result<Tls> {
+        if c.ca_file.is_empty() {
+            return Ok(Tls::default());
+        }
+        let pem = std::fs::read(&c.ca_file).map_err(|e| {
+            Error::config(format!("redis.ca_file {:?} cannot be read: {e}", c.ca_file))
+        })?;
+        Ok(Tls {
+            ca: Some(Arc::new(pem)),
+        })
+    }
+
+    fn certificates(&self) -> Option<redis::TlsCertificates> {
+        self.ca.as_ref().map(|pem| redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem.to_vec()),
+        })
+    }
+
+    /// A client for one node.
+    fn client(&self, info: redis::ConnectionInfo, target: &Target) -> Result<redis::Client> {
+        match self.certificates() {
+            Some(certs) => redis::Client::build_with_tls(info, certs),
+            None => redis::Client::open(info),
+        }
+        .map_err(|e| not_a_url(target, e))
+    }
+
+    /// A cluster client builder for `seeds`.
+    fn cluster(&self, seeds: &[String]) -> redis::cluster::ClusterClientBuilder {
+        let b = redis::cluster::ClusterClientBuilder::new(seeds.to_vec());
+        match self.certificates() {
+            Some(certs) => b.certs(certs),
+            None => b,
+        }
+    }
 }
 
 fn not_a_url(target: &Target, e: impl std::fmt::Display) -> Error {
@@ -169,9 +227,10 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 fn cluster_client(
     seeds: &[String],
     target: &Target,
+    tls: &Tls,
     on_disconnect: OnDisconnect,
 ) -> Result<redis::cluster::ClusterClient> {
-    redis::cluster::ClusterClientBuilder::new(seeds.to_vec())
+    tls.cluster(seeds)
         .connection_timeout(Duration::from_secs(3))
         .overall_response_timeout(Some(RESPONSE_TIMEOUT))
         .retries(8)
@@ -196,7 +255,11 @@ fn disconnect_sender(
 
 /// Connects to `target`; `on_disconnect` is told of every dropped
 /// connection (a restart or a failover may have happened behind it).
-pub(crate) async fn connect(target: &Target, on_disconnect: OnDisconnect) -> Result<Conn> {
+pub(crate) async fn connect(
+    target: &Target,
+    tls: &Tls,
+    on_disconnect: OnDisconnect,
+) -> Result<Conn> {
     match target {
         Target::Node(url) => {
             let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
@@ -205,8 +268,7 @@ pub(crate) async fn connect(target: &Target, on_disconnect: OnDisconnect) -> Res
                 .redis_settings()
                 .clone()
                 .set_protocol(redis::ProtocolVersion::RESP3);
-            let client = redis::Client::open(info.set_redis_settings(settings))
-                .map_err(|e| not_a_url(target, e))?;
+            let client = tls.client(info.set_redis_settings(settings), target)?;
             let config = redis::aio::ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(3)))
                 .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -218,7 +280,7 @@ pub(crate) async fn connect(target: &Target, on_disconnect: OnDisconnect) -> Res
             Ok(Conn::Node(c))
         }
         Target::Cluster(seeds) => {
-            let c = cluster_client(seeds, target, on_disconnect)?
+            let c = cluster_client(seeds, target, tls, on_disconnect)?
                 .get_async_connection()
                 .await
                 .map_err(|e| unreachable(target, e))?;
@@ -234,11 +296,14 @@ pub(crate) async fn connect(target: &Target, on_disconnect: OnDisconnect) -> Res
 /// caller subscribes again).
 pub(crate) async fn subscribe(
     target: &Target,
+    tls: &Tls,
     channel: &str,
 ) -> Result<BoxStream<'static, String>> {
     match target {
         Target::Node(url) => {
-            let client = redis::Client::open(url.as_str()).map_err(|e| not_a_url(target, e))?;
+            let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+                .map_err(|e| not_a_url(target, e))?;
+            let client = tls.client(info, target)?;
             let mut ps = client
                 .get_async_pubsub()
                 .await
@@ -251,7 +316,8 @@ pub(crate) async fn subscribe(
         }
         Target::Cluster(seeds) => {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<redis::PushInfo>();
-            let client = redis::cluster::ClusterClientBuilder::new(seeds.clone())
+            let client = tls
+                .cluster(seeds)
                 .connection_timeout(Duration::from_secs(3))
                 .overall_response_timeout(Some(RESPONSE_TIMEOUT))
                 .use_protocol(redis::ProtocolVersion::RESP3)
@@ -340,6 +406,11 @@ pub(crate) async fn check_server(conn: &mut Conn, target: &Target) -> Result<()>
         Err(e) if e.is_io_error() || e.is_connection_refusal() || e.is_timeout() => {
             Err(unreachable(target, e))
         }
+        // Not a missing feature: a server that cannot serve yet.
+        Err(e) if super::not_ready(&e) => Err(Error::new(Kind::Redis {
+            detail: format!("Redis at {} is not ready ({e}); try again", target.shown()),
+            transient: true,
+        })),
         Err(e) => Err(Error::config(format!(
             "Redis at {} refused a test script ({e}); fga-wb needs Lua scripting (EVAL/EVALSHA) allowed: Redis 7.0+ or Valkey 7.2+",
             target.shown()
@@ -376,6 +447,34 @@ async fn check_eviction(conn: &mut Conn, target: &Target) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server that cannot serve yet (loading its data after a restart, a
+    /// long script, a replica cut off or just demoted) fails a call as
+    /// transient, not as a configuration error. Before, the connect's test
+    /// script read LOADING as "needs Lua scripting", and `fga-wb status`
+    /// exited 2 right after a restart.
+    #[test]
+    fn a_server_not_ready_is_transient() {
+        let refused = |reply: &str| {
+            redis::parse_redis_value(reply.as_bytes())
+                .and_then(Value::extract_error)
+                .expect_err("a server error")
+        };
+        for reply in [
+            "-LOADING Redis is loading the dataset in memory\r\n",
+            "-BUSY Redis is busy running a script.\r\n",
+            "-MASTERDOWN Link with MASTER is down\r\n",
+            "-READONLY You can't write against a read only replica.\r\n",
+        ] {
+            let e = refused(reply);
+            assert!(super::super::not_ready(&e), "{reply}");
+            let e = super::super::redis_error(e);
+            assert!(e.is_transient() && !e.is_config(), "{reply}: {e}");
+        }
+        assert!(!super::super::not_ready(&refused(
+            "-NOSCRIPT No matching script\r\n"
+        )));
+    }
 
     #[test]
     fn urls_name_one_node_or_a_cluster() {

@@ -59,6 +59,7 @@ const TAKE_PER_CALL: usize = 500;
 pub(crate) struct RedisStore {
     conn: Conn,
     target: Target,
+    tls: conn::Tls,
     /// `PUBLISH`, or `SPUBLISH` on a cluster (messages stay in the shard).
     publish: &'static str,
     script: redis::Script,
@@ -239,12 +240,23 @@ pub(crate) fn redis_error(e: redis::RedisError) -> Error {
     redis_kind(&e).caused_by(e)
 }
 
+/// A server that refused a command for now, before running it: loading its
+/// data after a restart, running a long script, a replica cut off from its
+/// primary or one that a failover just demoted, a cluster slot moving.
+pub(crate) fn not_ready(e: &redis::RedisError) -> bool {
+    matches!(
+        e.code(),
+        Some("LOADING" | "BUSY" | "MASTERDOWN" | "READONLY" | "TRYAGAIN" | "CLUSTERDOWN")
+    )
+}
+
 fn redis_kind(e: &redis::RedisError) -> Error {
     let transient = e.is_io_error()
         || e.is_connection_refusal()
         || e.is_timeout()
         || e.is_connection_dropped()
-        || e.is_cluster_error();
+        || e.is_cluster_error()
+        || not_ready(e);
     let text = e.to_string();
     if text.contains("OOM") && text.contains("maxmemory") {
         return Error::new(Kind::Redis {
@@ -361,17 +373,18 @@ impl RedisStore {
         let config = &config.redis;
         let lease = config.writer_lease;
         let target = Target::parse(&config.url)?;
+        let tls = conn::Tls::from_config(config)?;
         let watch = Arc::new(Watch::default());
         let on_disconnect: conn::OnDisconnect = {
             let watch = watch.clone();
             Arc::new(move || watch.disconnected())
         };
-        let mut conn = conn::connect(&target, on_disconnect.clone()).await?;
+        let mut conn = conn::connect(&target, &tls, on_disconnect.clone()).await?;
         conn::check_server(&mut conn, &target).await?;
         // Pushes go on a connection of their own: their batches are
         // pipelined, a WAIT after one covers exactly the pushes before it,
         // and nothing else waits behind them.
-        let push_conn = conn::connect(&target, on_disconnect).await?;
+        let push_conn = conn::connect(&target, &tls, on_disconnect).await?;
         let publish = if target.is_cluster() {
             "SPUBLISH"
         } else {
@@ -418,6 +431,7 @@ impl RedisStore {
         Ok(RedisStore {
             conn,
             target,
+            tls,
             publish,
             script,
             gen_script: redis::Script::new(GEN_SCRIPT),
@@ -1074,10 +1088,10 @@ impl Store for RedisStore {
     fn events(
         &self,
     ) -> Option<BoxFuture<'static, Result<futures::stream::BoxStream<'static, StoreEvent>>>> {
-        let target = self.target.clone();
+        let (target, tls) = (self.target.clone(), self.tls.clone());
         let channel = format!("{}:events", self.prefix);
         Some(Box::pin(async move {
-            let stream = conn::subscribe(&target, &channel).await?;
+            let stream = conn::subscribe(&target, &tls, &channel).await?;
             Ok(stream
                 .map(|payload| match payload.as_str() {
                     "finished" => StoreEvent::Finished,

@@ -76,7 +76,10 @@
 --   P:gen              hash    "type#rel" -> changes of its checks; "*" -> any
 --   P:written          hash    "type#rel" -> when a write on it was last applied
 --                              (ms, Redis's clock): OpenFGA's caches may not
---                              show it yet (see written.rs)
+--                              show it yet (see written.rs); "*" -> when the
+--                              store's epoch began or a loss was acknowledged:
+--                              the marks of writes before then may be gone,
+--                              so every check counts it
 --   P:wobj             zset    "object#rel" -> the same per object, kept 2 min
 --   P:epoch            string  the store's epoch: set when its keys are first
 --                              written, and again after a loss (heartbeat)
@@ -387,6 +390,8 @@ local function written_ago(rels, object, any)
     if type(all) == 'table' and all.err then see(all) else
       for _, v in ipairs(all) do see(v) end
     end
+  else
+    see(pcall_('HGET', P .. ':written', '*'))
   end
   for _, r in ipairs(rels) do
     if r[2] == 0 then
@@ -884,9 +889,17 @@ local function keep_lease(writer, to)
   return ends
 end
 
+-- The write marks from before a new epoch or an acknowledged loss may be
+-- gone with the data (a restart without it): checks count every relation
+-- as just written (see P:written).
+local function mark_all_written()
+  pcall_('HSET', P .. ':written', '*', redis_ms())
+end
+
 local function init_epoch(now)
   if rcall('EXISTS', P .. ':epoch') == 0 then
     rcall('SET', P .. ':epoch', now)
+    mark_all_written()
   end
 end
 
@@ -1620,6 +1633,7 @@ if cmd == 'heartbeat' then
     if epoch then rcall('HSET', P .. ':epochs', epoch, ARGV[3]) end
     epoch = ARGV[3] .. '/' .. writer
     rcall('SET', P .. ':epoch', epoch)
+    mark_all_written()
     if rcall('EXISTS', P .. ':loss') == 0 then
       rcall('HSET', P .. ':loss', 'at', ARGV[3], 'by', writer, 'reason', why, 'more', 0)
     else
@@ -1631,6 +1645,7 @@ if cmd == 'heartbeat' then
   elseif not epoch then
     epoch = ARGV[3] .. '/' .. writer
     rcall('SET', P .. ':epoch', epoch)
+    mark_all_written()
   end
   return { alive, epoch, seq_text, rcall('EXISTS', P .. ':loss'), lost_now, term }
 end
@@ -1661,6 +1676,7 @@ if cmd == 'ackloss' then
   local l = loss_fields('at', 'reason')
   if not l then return 0 end
   rcall('DEL', P .. ':loss')
+  mark_all_written()
   rcall('HSET', P .. ':stats', 'last_loss', (l[1] or '0') .. ' ' .. (l[2] or ''),
         'last_loss_acknowledged', ARGV[3] .. ' by ' .. ARGV[4])
   for _, f in ipairs(rcall('HKEYS', P .. ':gen')) do incr(P .. ':gen', f, 1) end
