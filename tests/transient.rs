@@ -637,3 +637,41 @@ async fn anne_granted(server: &wiremock::MockServer) -> WriteBehind {
     wb.grant("user:anne", "viewer", "document:1").await.unwrap();
     wb
 }
+
+/// A check that more pending grants are relevant to than one request can
+/// carry (200 group memberships) flushes once to make room, but waits for
+/// that flush no longer than `check.revoke_wait_timeout` (300 ms here):
+/// with every Write taking 3 s it fails, saying to flush first. Before, it
+/// waited for the whole flush (in a shared store, everyone's backlog), and
+/// answered 3 s later.
+#[tokio::test]
+async fn a_check_waits_for_room_no_longer_than_its_timeout() {
+    use wiremock::matchers::{method, path};
+    let server = mock_openfga().await;
+    write_mock()
+        .respond_with(
+            fixture("write-ok")
+                .response()
+                .set_delay(Duration::from_secs(3)),
+        )
+        .mount(&server)
+        .await;
+    wiremock::Mock::given(method("POST"))
+        .and(path(format!("/stores/{STORE}/check")))
+        .respond_with(fixture("check-allowed").response())
+        .mount(&server)
+        .await;
+    let mut cfg = manual_flush(mock_config(&server));
+    cfg.check.revoke_wait_timeout = Duration::from_millis(300);
+    let wb = WriteBehind::builder(cfg).build().await.unwrap();
+    for i in 0..200 {
+        wb.grant(&format!("user:u{i}"), "member", "group:eng")
+            .await
+            .unwrap();
+    }
+    let e = wb
+        .check("user:anne", "viewer", "document:1")
+        .await
+        .expect_err("answered only after the Writes ended");
+    assert!(e.to_string().contains("flush first"), "{e}");
+}

@@ -566,7 +566,7 @@ impl WriteBehind {
     /// a write it can depend on was applied. Waits while a pending revoke
     /// (or grant with a condition) it can depend on is not written, failing
     /// closed after `check.revoke_wait_timeout`; flushes once when more than
-    /// `room` grants are pending.
+    /// `room` grants are pending, waiting for that flush no longer either.
     async fn pending_grants(
         &self,
         deps: Option<&[Dep]>,
@@ -628,7 +628,12 @@ impl WriteBehind {
                 Some(g) => return Ok((g, r.written_ago)),
                 None if !flushed => {
                     flushed = true;
-                    self.flush().await?;
+                    // Bounded as a wait for a revoke is: the flush writes
+                    // everything pending (other processes' ops too, in a
+                    // shared store), and a backlog must not hold the check.
+                    if let Ok(flushed) = tokio::time::timeout_at(deadline, self.flush()).await {
+                        flushed?;
+                    }
                 }
                 None => {
                     return Err(Error::new(Kind::TooManyContextualTuples {
