@@ -156,8 +156,13 @@ impl ApiError {
     /// bisecting a batch over it would dead-letter every op.
     fn names_a_malformed_id(&self) -> bool {
         self.code == "validation_error"
-            && (self.message.contains(".StoreId:")
-                || self.message.contains(".AuthorizationModelId:"))
+            && [
+                ".StoreId:",
+                ".AuthorizationModelId:",
+                "AuthorizationModelRequest.Id:",
+            ]
+            .iter()
+            .any(|f| self.message.contains(f))
     }
 }
 

@@ -567,9 +567,11 @@ async fn a_revoke_dead_lettered_in_an_outage_denies_until_replayed() {
 /// condition over his unconditional tuple (written, it would narrow his
 /// access). Their checks fail closed instead of answering `allowed`. A
 /// plain grant that died (carol's `viewer`) leaves her checks answered from
-/// OpenFGA, which errs towards deny. After a replay all three are written.
-/// Before, only revokes failed closed: anne's `can_view` and bob's `viewer`
-/// answered `true`.
+/// OpenFGA, which errs towards deny, and so do 1,001 plain group
+/// memberships that died (more than a check looks at one by one, on a
+/// relation no grant takes access away through). After a replay all are
+/// written. Before, only revokes failed closed: anne's `can_view` and
+/// bob's `viewer` answered `true`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_that_takes_access_away_dead_lettered_in_an_outage_denies_until_replayed() {
     let s = new_store("cli-deadgrant").await;
@@ -582,7 +584,13 @@ async fn a_grant_that_takes_access_away_dead_lettered_in_an_outage_denies_until_
         .unwrap());
     assert!(wb.check("user:bob", "viewer", "document:1").await.unwrap());
 
-    die_in_an_outage(&s, &wb, 3, async {
+    const MEMBERS: usize = 1_001;
+    die_in_an_outage(&s, &wb, 3 + MEMBERS, async {
+        for i in 0..MEMBERS {
+            wb.grant(&format!("user:m{i}"), "member", "group:many")
+                .await
+                .unwrap();
+        }
         wb.grant("user:anne", "blocked", "document:1")
             .await
             .unwrap();
@@ -614,8 +622,10 @@ async fn a_grant_that_takes_access_away_dead_lettered_in_an_outage_denies_until_
         .await
         .unwrap());
     assert!(wb.check("user:anne", "viewer", "document:1").await.unwrap());
+    // document#viewer depends on group#member on every group.
+    assert!(!wb.check("user:m0", "viewer", "document:2").await.unwrap());
 
-    replay_and_drain(&s, 3).await;
+    replay_and_drain(&s, 3 + MEMBERS).await;
     assert!(!wb
         .check("user:anne", "can_view", "document:1")
         .await

@@ -306,6 +306,12 @@ async fn real_server_errors_are_classified() {
     assert!(e.is_not_found() && !e.is_invalid_input(), "{e}");
     let e = s.client.write("not-a-store-id", &one()).await.unwrap_err();
     assert!(e.is_not_found() && !e.is_invalid_input(), "{e}");
+    let e = s
+        .client
+        .read_authorization_model(&s.store_id, "01jlowercase00000000000000")
+        .await
+        .unwrap_err();
+    assert!(e.is_not_found() && !e.is_invalid_input(), "{e}");
 }
 
 /// A closed port is a connection error, which the flusher retries.

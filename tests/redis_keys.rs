@@ -220,6 +220,26 @@ async fn a_redis_that_would_evict_keys_is_refused() {
     assert!(e.to_string().contains("noeviction"), "{e}");
 }
 
+/// A `redis.url` that names a replica is refused at start, naming the
+/// fix. Before, it passed the start's read-only probe and every grant then
+/// failed with READONLY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_is_refused() {
+    let s = new_store("redis-keys-replica").await;
+    let primary = Redis::start(RedisOptions::default()).await.unwrap();
+    let replica = Redis::start(RedisOptions::default()).await.unwrap();
+    replica
+        .command(&format!("REPLICAOF 127.0.0.1 {}", primary.port()))
+        .await
+        .expect("REPLICAOF");
+    let e = WriteBehind::builder(redis_config(&s, &replica.url()))
+        .build()
+        .await
+        .err()
+        .expect("a replica is refused");
+    assert!(e.is_config() && e.to_string().contains("replica"), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_redis_refuses_ops_with_a_clear_error_and_buffers_nothing() {
     let s = new_store("redis-keys-full").await;

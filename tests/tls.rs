@@ -178,6 +178,19 @@ async fn a_redis_behind_a_private_ca_is_reached_with_ca_file() {
     };
     assert!(e.to_string().contains("redis.ca_file"), "{e}");
 
+    // A file that is not PEM is named, not the URL.
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate").unwrap();
+    c.redis.ca_file = file(&garbage);
+    let e = match WriteBehind::builder(c.clone()).build().await {
+        Ok(_) => panic!("built with a CA file that holds no certificate"),
+        Err(e) => e,
+    };
+    assert!(
+        e.is_config() && e.to_string().contains("redis.ca_file"),
+        "{e}"
+    );
+
     // A CA file that is not there is a clear configuration error.
     c.redis.ca_file = file(&dir.join("missing.pem"));
     let e = match WriteBehind::builder(c).build().await {

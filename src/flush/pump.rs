@@ -136,8 +136,9 @@ pub(crate) struct Pump {
     pub(crate) limit: Limit,
     /// After a chunk gave up on a transient error: no new request before this.
     pub(crate) paused_until: Option<Instant>,
-    /// The end of a pause OpenFGA asked for (`Retry-After`): a flush() does
-    /// not cut that one short, as it does a backoff.
+    /// The end of a pause OpenFGA asked for (`Retry-After`): a flush()
+    /// meanwhile is answered at once with the error, sending nothing (it
+    /// cuts a backoff short, not this).
     pub(crate) asked_pause: Option<Instant>,
     /// With flushing stopped (refused credentials, unknown store): when to
     /// ask OpenFGA again by writing, unasked (an OAuth2 token, a key or a
@@ -917,6 +918,7 @@ impl Pump {
                 tracing::error!(error = %err, "flushing stopped; pending ops are kept");
                 e.stats.set_stopped(Some(err.clone()));
                 self.paused_until = None;
+                self.asked_pause = None;
                 // Never a loop of refused requests, whatever the setting.
                 let look = e.cfg.retry_max_backoff.max(STOP_LOOK_MIN);
                 self.stop_look_at = Some(Instant::now() + look);
@@ -931,10 +933,12 @@ impl Pump {
                     None => wait,
                 };
                 self.paused_until = Some(Instant::now() + wait);
-                self.asked_pause = err
-                    .retry_after()
-                    .filter(|_| self.shutdown.is_none())
-                    .map(|r| Instant::now() + r);
+                // The latest end any request was asked for: another chunk
+                // giving up without one does not cut it short.
+                if let Some(r) = err.retry_after().filter(|_| self.shutdown.is_none()) {
+                    let until = Instant::now() + r;
+                    self.asked_pause = Some(self.asked_pause.map_or(until, |p| p.max(until)));
+                }
                 // An outage of OpenFGA, not a blip (a single 429 pauses
                 // for 100 ms), nor Redis's own failure (giving back would
                 // wait on the Redis that just failed).
@@ -1029,6 +1033,24 @@ impl Pump {
                 return;
             }
         };
+        // OpenFGA asked for a pause: no request before it ends, and no
+        // caller held until then either (a grant making room, a check):
+        // the flush answers at once with why.
+        let now = Instant::now();
+        if let Some(until) = self
+            .asked_pause
+            .filter(|p| now < *p && self.shutdown.is_none())
+        {
+            let last = self.last_error.clone().unwrap_or_default();
+            let _ = reply.send(FlushReport {
+                error: Some(format!(
+                    "{last}; OpenFGA asked for a pause (Retry-After): nothing is sent for {:.1?} more, and the ops stay pending",
+                    until - now
+                )),
+                ..Default::default()
+            });
+            return;
+        }
         self.try_again();
         self.strays_wanted = Some(Instant::now());
         self.waiters.push(Waiter {
@@ -1041,16 +1063,12 @@ impl Pump {
     }
 
     /// Someone asked (a flush or a shutdown): flushing resumes after an
-    /// auth failure and retries at once after a transient one (but not
-    /// before a pause OpenFGA asked for ends, unless shutting down: a
-    /// caller flushing in a loop sent a request every time), and it looks
-    /// at the store at least once: ops may be ready again below the target
-    /// (another process's write given up, a queued job set aside) without
-    /// a word to this process.
+    /// auth failure and retries at once after a transient one, and it
+    /// looks at the store at least once: ops may be ready again below the
+    /// target (another process's write given up, a queued job set aside)
+    /// without a word to this process.
     pub(crate) fn try_again(&mut self) {
-        self.paused_until = self
-            .asked_pause
-            .filter(|p| self.shutdown.is_none() && Instant::now() < *p);
+        self.paused_until = None;
         self.engine.stats.set_stopped(None);
         self.last_error = None;
         self.exhausted = None;

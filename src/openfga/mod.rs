@@ -466,7 +466,9 @@ impl Client {
                 Method::POST,
                 path,
                 Some(&WriteBody::new(req)),
-                limit.filter(|l| *l < self.inner.timeout),
+                // Counted from the call (a token fetch included), so passed
+                // even when the request's own timeout is shorter.
+                limit.map(|l| l.min(self.inner.timeout)),
             )
             .instrument(span)
             .await?;

@@ -160,7 +160,8 @@ fn unreachable(target: &Target, e: impl std::fmt::Display) -> Error {
 /// system's roots (`redis.ca_file`), if any.
 #[derive(Clone, Default)]
 pub(crate) struct Tls {
-    ca: Option<Arc<Vec<u8>>>,
+    /// The file's name, and what it holds.
+    ca: Option<(String, Arc<Vec<u8>>)>,
 }
 
 impl Tls {
@@ -172,16 +173,38 @@ impl Tls {
         let pem = std::fs::read(&c.ca_file).map_err(|e| {
             Error::config(format!("redis.ca_file {:?} cannot be read: {e}", c.ca_file))
         })?;
+        // rustls skips what is not a certificate, and would only say later,
+        // at each connect, that the server's is not trusted.
+        if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+            return Err(Error::config(format!(
+                "redis.ca_file {:?} holds no PEM certificate (-----BEGIN CERTIFICATE-----); give it the CA's certificates in PEM",
+                c.ca_file
+            )));
+        }
+        if !c.url.contains("rediss") {
+            tracing::warn!(ca_file = %c.ca_file, "redis.ca_file is set but redis.url is not rediss://: the connection is not encrypted, and the file is not used");
+        }
         Ok(Tls {
-            ca: Some(Arc::new(pem)),
+            ca: Some((c.ca_file.clone(), Arc::new(pem))),
         })
     }
 
     fn certificates(&self) -> Option<redis::TlsCertificates> {
-        self.ca.as_ref().map(|pem| redis::TlsCertificates {
+        self.ca.as_ref().map(|(_, pem)| redis::TlsCertificates {
             client_tls: None,
             root_cert: Some(pem.to_vec()),
         })
+    }
+
+    /// What is wrong when a client cannot be built: the CA file, when one
+    /// is given (it is read as PEM then), else the URL.
+    fn refused(&self, target: &Target, e: redis::RedisError) -> Error {
+        match &self.ca {
+            Some((file, _)) => Error::config(format!(
+                "redis.ca_file {file:?} or redis.url cannot be used ({e}); the file must hold PEM CA certificates"
+            )),
+            None => not_a_url(target, e),
+        }
     }
 
     /// A client for one node.
@@ -190,7 +213,7 @@ impl Tls {
             Some(certs) => redis::Client::build_with_tls(info, certs),
             None => redis::Client::open(info),
         }
-        .map_err(|e| not_a_url(target, e))
+        .map_err(|e| self.refused(target, e))
     }
 
     /// A cluster client builder for `seeds`.
@@ -239,7 +262,7 @@ fn cluster_client(
         .use_protocol(redis::ProtocolVersion::RESP3)
         .push_sender(disconnect_sender(on_disconnect))
         .build()
-        .map_err(|e| not_a_url(target, e))
+        .map_err(|e| tls.refused(target, e))
 }
 
 fn disconnect_sender(
@@ -323,7 +346,7 @@ pub(crate) async fn subscribe(
                 .use_protocol(redis::ProtocolVersion::RESP3)
                 .push_sender(tx)
                 .build()
-                .map_err(|e| not_a_url(target, e))?;
+                .map_err(|e| tls.refused(target, e))?;
             // Subscriptions only: a command on this connection could be
             // answered with an unsolicited push.
             let mut sub = client
@@ -383,14 +406,19 @@ fn tokio_stream_from(
 /// did not drop): a warning when scripts cannot read it (an ACL that
 /// denies INFO, a renamed command).
 pub(crate) async fn check_server(conn: &mut Conn, target: &Target) -> Result<()> {
-    let r: redis::RedisResult<(i64, String)> = redis::cmd("EVAL")
-        .arg("local i = redis.pcall('INFO', 'replication') return { 1, type(i) == 'string' and string.match(i, 'master_replid:(%w+)') or '' }")
+    let r: redis::RedisResult<(i64, String, String)> = redis::cmd("EVAL")
+        .arg("local i = redis.pcall('INFO', 'replication') if type(i) ~= 'string' then i = '' end return { 1, string.match(i, 'master_replid:(%w+)') or '', string.match(i, 'role:(%w+)') or '' }")
         .arg(1)
         .arg("fga-wb:probe")
         .query_async(conn)
         .await;
     match r {
-        Ok((1, replid)) => {
+        // Its writes would fail (READONLY), or not reach the primary.
+        Ok((1, _, role)) if role == "slave" && !target.is_cluster() => Err(Error::config(format!(
+            "Redis at {} is a replica; point redis.url at the primary",
+            target.shown()
+        ))),
+        Ok((1, replid, _)) => {
             if replid.is_empty() {
                 tracing::warn!(
                     redis = %target.shown(),
@@ -399,7 +427,7 @@ pub(crate) async fn check_server(conn: &mut Conn, target: &Target) -> Result<()>
             }
             check_eviction(conn, target).await
         }
-        Ok((other, _)) => Err(Error::config(format!(
+        Ok((other, _, _)) => Err(Error::config(format!(
             "Redis at {} answered {other} to a test script; fga-wb needs Lua scripting (Redis 7.0+ or Valkey 7.2+)",
             target.shown()
         ))),

@@ -51,15 +51,19 @@
 --                              newer op on the key was applied or cleared: a
 --                              letter is replayable only while this names it
 --                              and the key has no entry in P:ops
---   P:deadrev          zset    tuple keys whose newest letter died of
---                              transient causes, all score 0: OpenFGA may
---                              still hold what a revoke revokes, or lack what
---                              a grant under a `but not` (or with a
---                              condition) takes away, so checks it can change
---                              that way fail closed while it is current (see
---                              relevant; entries are checked there, so one
---                              left behind only costs a look)
---   P:deadrev:<type#rel> zset  the same, by relation, so one object's keys
+--   P:deadrev          zset    tuple keys whose newest letter is a revoke, or a
+--                              grant with a condition, that died of transient
+--                              causes, all score 0: OpenFGA may still hold
+--                              what the revoke revokes, or a wider tuple the
+--                              grant was to replace, so checks it can change
+--                              fail closed while it is current (see relevant;
+--                              entries are checked there, so one left behind
+--                              only costs a look)
+--   P:deadgr           zset    the same for plain grants: they leave a check
+--                              in doubt only where a grant of their relation
+--                              takes access away (under a `but not`)
+--   P:deadrev:<type#rel>, P:deadgr:<type#rel>
+--                      zset    the same, by relation, so one object's keys
 --                              are one lex range
 --   P:deadcur          zset    tuple keys whose newest letter died of transient
 --                              causes, scored by its op's place in line
@@ -121,7 +125,7 @@ local rcall, pcall_ = redis.call, redis.pcall
 -- Key and field names built once per call, not once per op.
 local K_OPS, K_COUNTS, K_REL, K_BLOCKED = P .. ':ops', P .. ':counts', P .. ':rel', P .. ':blocked'
 local K_DEAD, K_DEADKEY, K_DEADREV = P .. ':dead', P .. ':deadkey', P .. ':deadrev'
-local K_DEADCUR, K_JOBMIN = P .. ':deadcur', P .. ':jobmin'
+local K_DEADCUR, K_JOBMIN, K_DEADGR = P .. ':deadcur', P .. ':jobmin', P .. ':deadgr'
 local K_READY = { g = P .. ':ready:g', r = P .. ':ready:r' }
 local F_PENDING = { g = 'pg', r = 'pr' }
 -- Per relation and op kind, without building a lookup string per op.
@@ -566,17 +570,20 @@ local function bump_gen(rels)
   if any then incr(P .. ':gen', '*', 1) end
 end
 
--- A relation's index of transient letters (see P:deadrev).
-local function deadrev_key(rel)
-  return K_DEADREV .. ':' .. rel
+-- A relation's index of transient letters (see P:deadrev, P:deadgr).
+local function deadrev_key(rel, index)
+  return (index or K_DEADREV) .. ':' .. rel
 end
 
--- Lists `key` in P:deadrev and its relation's, or takes it out. pcall: a
--- key of another type must not abort the call after its other writes.
-local function index_dead_for_checks(key, on)
+-- Lists `key` in `index` (P:deadrev or P:deadgr) and its relation's, and
+-- out of the other; nil: out of both. pcall: a key of another type must
+-- not abort the call after its other writes.
+local function index_dead_for_checks(key, index)
   local rel = rel_of(key)
-  for _, z in ipairs({ K_DEADREV, rel and deadrev_key(rel) or nil }) do
-    if on then pcall_('ZADD', z, 0, key) else pcall_('ZREM', z, key) end
+  for _, ix in ipairs({ K_DEADREV, K_DEADGR }) do
+    for _, z in ipairs({ ix, rel and deadrev_key(rel, ix) or nil }) do
+      if ix == index then pcall_('ZADD', z, 0, key) else pcall_('ZREM', z, key) end
+    end
   end
 end
 
@@ -588,7 +595,7 @@ end
 
 -- Both indexes out: `key`'s newest letter is superseded, replayed or gone.
 local function unindex_dead(key)
-  index_dead_for_checks(key, false)
+  index_dead_for_checks(key, nil)
   index_dead_current(key, nil)
 end
 
@@ -1480,7 +1487,8 @@ if cmd == 'finish' then
       attempts = l.attempts, dead_at = math.floor(now / 1000), cond = e.cond,
       transient = l.transient, first = tonumber(e.first), since = tonumber(e.since) }))
     rcall('HSET', K_DEADKEY, l.key, id)
-    index_dead_for_checks(l.key, l.transient)
+    local plain = e.op == 'g' and e.cond == ''
+    index_dead_for_checks(l.key, l.transient and (plain and K_DEADGR or K_DEADREV) or nil)
     index_dead_current(l.key, l.transient and e.first or nil)
   end
   apply_writes()
@@ -1840,44 +1848,49 @@ if cmd == 'relevant' then
   -- P:deadrev). Empty but in an outage, so one ZCARD is all a check pays
   -- otherwise.
   local dead = 0
-  local nd = pcall_('ZCARD', K_DEADREV)
-  if type(nd) ~= 'number' then
-    return redis.error_reply('fga-wb: Redis key ' .. K_DEADREV .. ' is not a sorted set; it was not written by fga-wb (remove it, or use another redis.key_prefix)')
+  local sizes = {}
+  for _, ix in ipairs({ K_DEADREV, K_DEADGR }) do
+    local n = pcall_('ZCARD', ix)
+    if type(n) ~= 'number' then
+      return redis.error_reply('fga-wb: Redis key ' .. ix .. ' is not a sorted set; it was not written by fga-wb (remove it, or use another redis.key_prefix)')
+    end
+    sizes[ix] = n
   end
-  if nd > 0 then
-    -- Still its key's newest letter, a transient one, with no newer op,
-    -- and one that leaves the check in doubt: a revoke; a grant with a
-    -- condition (it may replace a wider tuple OpenFGA holds); or, where a
-    -- grant of the relation takes access away (`deny`; any without a
-    -- model), any grant.
-    local function current(k, deny)
+  if sizes[K_DEADREV] + sizes[K_DEADGR] > 0 then
+    -- Still its key's newest letter, a transient one of the index's kind
+    -- (a plain grant for P:deadgr), with no newer op.
+    local function current(k, plain)
       if rcall('HEXISTS', K_OPS, k) == 1 then return false end
       local id = rcall('HGET', K_DEADKEY, k)
       local d = id and id ~= '0' and letter(rcall('HGET', K_DEAD, id))
-      return d and d.transient == true and (d.op == 'r' or d.cond ~= '' or deny)
+      return d and d.transient == true and ((d.op == 'g' and d.cond == '') == plain)
     end
     -- Each scope's candidates, or their number when there are too many to
-    -- look at each (then the checks they can change fail closed).
+    -- look at each (then the checks they can change fail closed). Plain
+    -- grants only where a grant takes access away (`deny`; any relation
+    -- without a model).
     local scans = {}
     if nrels == 0 then
-      -- No model: any relation can matter.
-      scans[1] = { K_DEADREV, false, nd, true }
+      scans[1] = { K_DEADREV, false, sizes[K_DEADREV], false }
+      scans[2] = { K_DEADGR, false, sizes[K_DEADGR], true }
     else
       for _, r in ipairs(rels) do
-        local z = deadrev_key(r[1])
-        local n = r[2] == 0 and rcall('ZCARD', z) or rcall('ZLEXCOUNT', z, lo, hi)
-        if n > 0 then tinsert(scans, { z, r[2], n, r[3] }) end
+        for _, ix in ipairs({ K_DEADREV, r[3] and K_DEADGR or nil }) do
+          local z = deadrev_key(r[1], ix)
+          local n = r[2] == 0 and rcall('ZCARD', z) or rcall('ZLEXCOUNT', z, lo, hi)
+          if n > 0 then tinsert(scans, { z, r[2], n, ix == K_DEADGR }) end
+        end
       end
     end
     for _, sc in ipairs(scans) do
-      local z, scope, n, deny = sc[1], sc[2], sc[3], sc[4]
+      local z, scope, n, plain = sc[1], sc[2], sc[3], sc[4]
       if n > SCAN_MAX then
         dead = dead + n
-      else
+      elseif n > 0 then
         local found = (scope == false or scope == 0) and rcall('ZRANGE', z, 0, -1)
           or rcall('ZRANGEBYLEX', z, lo, hi)
         for _, k in ipairs(found) do
-          if (scope ~= 2 or counts(k)) and current(k, deny) then dead = dead + 1 end
+          if (scope ~= 2 or counts(k)) and current(k, plain) then dead = dead + 1 end
         end
       end
     end
@@ -2037,7 +2050,7 @@ local function category(key)
     return 'pending'
   end
   if head == 'dead' or head == 'deadseq' or head == 'deadkey' or head == 'deadrev'
-    or head == 'deadcur' then
+    or head == 'deadgr' or head == 'deadcur' then
     return 'dead'
   end
   if head == 'jobs' or head == 'jobc' or head == 'jobq' or head == 'jobrun' or head == 'jk'
@@ -2145,12 +2158,14 @@ if cmd == 'dlqdrop' then
     -- Every letter is gone: so is every index entry (the keys of the
     -- relations' indexes are the members' relations).
     local rels = {}
-    for _, k in ipairs(rcall('ZRANGE', K_DEADREV, 0, -1)) do
-      local rel = rel_of(k)
-      if rel then rels[deadrev_key(rel)] = true end
+    for _, ix in ipairs({ K_DEADREV, K_DEADGR }) do
+      for _, k in ipairs(rcall('ZRANGE', ix, 0, -1)) do
+        local rel = rel_of(k)
+        if rel then rels[deadrev_key(rel, ix)] = true end
+      end
     end
     for z, _ in pairs(rels) do rcall('DEL', z) end
-    rcall('DEL', K_DEADKEY, K_DEADREV, K_DEADCUR)
+    rcall('DEL', K_DEADKEY, K_DEADREV, K_DEADGR, K_DEADCUR)
   end
   return out
 end
