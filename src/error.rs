@@ -155,14 +155,19 @@ impl ApiError {
     /// regex pattern ..."): about the request, whatever its tuples, so
     /// bisecting a batch over it would dead-letter every op.
     fn names_a_malformed_id(&self) -> bool {
+        // Each part is "invalid <Request>.<Field>: ...": anchored there, as
+        // a refused tuple's message quotes the tuple, ids and all.
+        const FIELDS: [&str; 3] = [
+            ".StoreId:",
+            ".AuthorizationModelId:",
+            "AuthorizationModelRequest.Id:",
+        ];
         self.code == "validation_error"
-            && [
-                ".StoreId:",
-                ".AuthorizationModelId:",
-                "AuthorizationModelRequest.Id:",
-            ]
-            .iter()
-            .any(|f| self.message.contains(f))
+            && self.message.split("; ").any(|part| {
+                part.strip_prefix("invalid ")
+                    .and_then(|r| r.split_once(' '))
+                    .is_some_and(|(field, _)| FIELDS.iter().any(|f| field.ends_with(f)))
+            })
     }
 }
 
@@ -601,6 +606,28 @@ mod tests {
         assert!(api(404, "store_id_not_found").is_not_found());
         assert!(api(400, "latest_authorization_model_not_found").is_not_found());
         assert!(!api(400, "latest_authorization_model_not_found").is_invalid_input());
+    }
+
+    /// OpenFGA's 400 for a malformed store or model id is about the
+    /// request (not found), matched where its validator names the field:
+    /// a refused tuple whose ids hold the same text stays invalid input.
+    #[test]
+    fn a_malformed_id_is_told_from_a_tuple_that_quotes_one() {
+        let with = |message: &str| {
+            Error::new(Kind::Api(ApiError {
+                operation: "write",
+                status: 400,
+                code: "validation_error".into(),
+                message: message.into(),
+                retry_after: None,
+            }))
+        };
+        let id = with("invalid WriteRequest.StoreId: value does not match regex pattern \"^[ABCDEFGHJKMNPQRSTVWXYZ0-9]{26}$\"; invalid WriteRequest.AuthorizationModelId: value does not match regex pattern \"^[ABCDEFGHJKMNPQRSTVWXYZ0-9]{26}$\"");
+        assert!(id.is_not_found() && !id.is_invalid_input());
+        let model = with("invalid ReadAuthorizationModelRequest.Id: value does not match regex pattern");
+        assert!(model.is_not_found());
+        let tuple = with("Invalid tuple 'document:a.StoreId: b#viewer@user:x'. Reason: invalid WriteRequest.StoreId: c");
+        assert!(tuple.is_invalid_input() && !tuple.is_not_found());
     }
 
     /// What may have been applied though it failed: only what the server

@@ -932,13 +932,17 @@ impl Pump {
                     Some(_) => wait.min(Duration::from_millis(200)),
                     None => wait,
                 };
-                self.paused_until = Some(Instant::now() + wait);
                 // The latest end any request was asked for: another chunk
-                // giving up without one does not cut it short.
+                // (or Redis) failing without one does not cut it short.
                 if let Some(r) = err.retry_after().filter(|_| self.shutdown.is_none()) {
                     let until = Instant::now() + r;
                     self.asked_pause = Some(self.asked_pause.map_or(until, |p| p.max(until)));
                 }
+                let until = Instant::now() + wait;
+                self.paused_until = Some(match self.asked_pause {
+                    Some(p) if self.shutdown.is_none() => until.max(p),
+                    _ => until,
+                });
                 // An outage of OpenFGA, not a blip (a single 429 pauses
                 // for 100 ms), nor Redis's own failure (giving back would
                 // wait on the Redis that just failed).
@@ -1036,11 +1040,16 @@ impl Pump {
         // OpenFGA asked for a pause: no request before it ends, and no
         // caller held until then either (a grant making room, a check):
         // the flush answers at once with why.
+        // Not once the ops are written (by others too), and not while
+        // flushing is stopped: a flush() is how a fixed credential resumes.
         let now = Instant::now();
-        if let Some(until) = self
-            .asked_pause
-            .filter(|p| now < *p && self.shutdown.is_none())
-        {
+        let asked = self.asked_pause.filter(|p| {
+            now < *p
+                && self.shutdown.is_none()
+                && self.engine.stats.halted().is_none()
+                && !self.reached(up_to)
+        });
+        if let Some(until) = asked {
             let last = self.last_error.clone().unwrap_or_default();
             let _ = reply.send(FlushReport {
                 error: Some(format!(

@@ -413,11 +413,18 @@ pub(crate) async fn check_server(conn: &mut Conn, target: &Target) -> Result<()>
         .query_async(conn)
         .await;
     match r {
-        // Its writes would fail (READONLY), or not reach the primary.
-        Ok((1, _, role)) if role == "slave" && !target.is_cluster() => Err(Error::config(format!(
-            "Redis at {} is a replica; point redis.url at the primary",
-            target.shown()
-        ))),
+        // Its writes would fail (READONLY), or not reach the primary. Not
+        // a configuration error for sure: a primary's address may name a
+        // replica for a moment during a failover.
+        Ok((1, _, role)) if !role.is_empty() && role != "master" && !target.is_cluster() => {
+            Err(Error::new(Kind::Redis {
+                detail: format!(
+                    "Redis at {} is a replica (role {role}); point redis.url at the primary (during a failover, try again)",
+                    target.shown()
+                ),
+                transient: true,
+            }))
+        }
         Ok((1, replid, _)) => {
             if replid.is_empty() {
                 tracing::warn!(
