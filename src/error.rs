@@ -624,7 +624,8 @@ mod tests {
         };
         let id = with("invalid WriteRequest.StoreId: value does not match regex pattern \"^[ABCDEFGHJKMNPQRSTVWXYZ0-9]{26}$\"; invalid WriteRequest.AuthorizationModelId: value does not match regex pattern \"^[ABCDEFGHJKMNPQRSTVWXYZ0-9]{26}$\"");
         assert!(id.is_not_found() && !id.is_invalid_input());
-        let model = with("invalid ReadAuthorizationModelRequest.Id: value does not match regex pattern");
+        let model =
+            with("invalid ReadAuthorizationModelRequest.Id: value does not match regex pattern");
         assert!(model.is_not_found());
         let tuple = with("Invalid tuple 'document:a.StoreId: b#viewer@user:x'. Reason: invalid WriteRequest.StoreId: c");
         assert!(tuple.is_invalid_input() && !tuple.is_not_found());

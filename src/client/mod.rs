@@ -542,7 +542,8 @@ impl WriteBehind {
     /// nothing can be written until that is fixed, and every op is kept. A
     /// transient failure (OpenFGA down, 5xx, 429) is not an error here: the
     /// report's `error` says what happened, the ops stay pending and are
-    /// retried by themselves.
+    /// retried by themselves. While a pause OpenFGA asked for
+    /// (`Retry-After`) runs, it sends nothing and returns at once so.
     #[tracing::instrument(level = "debug", skip(self))]
     pub async fn flush(&self) -> Result<FlushReport> {
         self.flush_to(None).await
