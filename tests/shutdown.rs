@@ -206,3 +206,44 @@ async fn close_says_what_a_memory_store_loses() {
     assert!(e.is_shutdown(), "{e}");
     assert!(stored(&s).await.is_empty());
 }
+
+/// A grant waiting for room (memory store, capacity 1, overflow `block`)
+/// when `shutdown()` begins: the shutdown's flush writes the op that filled
+/// the buffer (each Write takes 1 s here), which makes room, and the
+/// waiting grant's op then goes in after what the shutdown writes. It is
+/// never answered `Ok` and left unwritten: it fails as shut down (or is
+/// written). Before, it returned `Ok` and was lost with the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_that_races_shutdown_is_not_acknowledged_and_lost() {
+    let server = mock_openfga().await;
+    let mut writes = reporting_write(
+        &server,
+        fixture("write-ok")
+            .response()
+            .set_delay(Duration::from_secs(1)),
+        None,
+    )
+    .await;
+    let mut cfg = manual_flush(mock_config(&server));
+    cfg.buffer.capacity = 1;
+    cfg.buffer.overflow = fga_wb::config::Overflow::Block;
+    cfg.buffer.block_timeout = Duration::from_secs(30);
+    let wb = WriteBehind::builder(cfg).build().await.unwrap();
+    wb.grant("user:first", "viewer", "document:1")
+        .await
+        .unwrap();
+    let waiting = tokio::spawn({
+        let wb = wb.clone();
+        async move { wb.grant("user:second", "viewer", "document:1").await }
+    });
+    // The wait for room asks for a flush: its Write is under way (1 s).
+    writes.recv().await.expect("a Write of the first op");
+    let r = wb.shutdown().await.unwrap();
+    let second = waiting.await.unwrap();
+    let bodies = write_bodies(&server).await;
+    let written = bodies.iter().any(|b| b.to_string().contains("user:second"));
+    match second {
+        Ok(()) => assert!(written, "acknowledged, never written: {r:?}"),
+        Err(e) => assert!(e.is_shutdown(), "{e}"),
+    }
+}

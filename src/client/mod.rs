@@ -486,6 +486,13 @@ impl WriteBehind {
                 Err(err) => return Err(err),
             }
         };
+        // A push that raced shutdown() (a grant waiting for room, say): the
+        // shutdown's flush may have fixed what it writes before this op
+        // came, and a memory store ends with the process. Not acknowledged
+        // then, though it may still be written; a shared store keeps it.
+        if self.inner.shut_down.load(Ordering::SeqCst) && !e.store.shared() {
+            return Err(Error::new(Kind::Shutdown));
+        }
         // After the push, never before: see cache.rs.
         e.cache.invalidate_for(&tuple);
         count!(e.stats, acknowledged, "fga_wb_ops_acknowledged_total", 1);
@@ -592,7 +599,9 @@ impl WriteBehind {
 
     /// Stops the flusher, then flushes until everything is applied or
     /// `flush.shutdown_deadline` passes, and reports what is left. Later
-    /// calls on any clone fail with [`Error::is_shutdown`].
+    /// calls on any clone fail with [`Error::is_shutdown`]; with the memory
+    /// store, so does a grant or revoke under way when it began (one
+    /// waiting for room, say), which may or may not be written.
     ///
     /// # Examples
     ///
