@@ -211,11 +211,7 @@ async fn a_redis_that_would_evict_keys_is_refused() {
         .command("CONFIG SET maxmemory-policy allkeys-lru")
         .await
         .expect("CONFIG SET");
-    let e = WriteBehind::builder(redis_config(&s, &redis.url()))
-        .build()
-        .await
-        .err()
-        .expect("a Redis that evicts is refused");
+    let e = refused_at_start(&s, &redis.url(), "a Redis that evicts").await;
     assert!(e.is_config(), "{e}");
     assert!(e.to_string().contains("noeviction"), "{e}");
 }
@@ -232,12 +228,17 @@ async fn a_replica_is_refused() {
         .command(&format!("REPLICAOF 127.0.0.1 {}", primary.port()))
         .await
         .expect("REPLICAOF");
-    let e = WriteBehind::builder(redis_config(&s, &replica.url()))
-        .build()
-        .await
-        .err()
-        .expect("a replica is refused");
+    let e = refused_at_start(&s, &replica.url(), "a replica").await;
     assert!(e.to_string().contains("is a replica"), "{e}");
+}
+
+/// The error of a handle built on the Redis at `url`, which must refuse
+/// `what`.
+async fn refused_at_start(s: &TestStore, url: &str, what: &str) -> fga_wb::Error {
+    match WriteBehind::builder(redis_config(s, url)).build().await {
+        Ok(_) => panic!("{what} was not refused"),
+        Err(e) => e,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

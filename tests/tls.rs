@@ -172,20 +172,14 @@ async fn a_redis_behind_a_private_ca_is_reached_with_ca_file() {
 
     // Without the CA the server's certificate is not trusted.
     c.redis.ca_file = String::new();
-    let e = match WriteBehind::builder(c.clone()).build().await {
-        Ok(_) => panic!("connected without trusting the server's CA"),
-        Err(e) => e,
-    };
+    let e = refused(c.clone(), "connected without trusting the server's CA").await;
     assert!(e.to_string().contains("redis.ca_file"), "{e}");
 
     // A file that is not PEM is named, not the URL.
     let garbage = dir.join("garbage.pem");
     std::fs::write(&garbage, "not a certificate").unwrap();
     c.redis.ca_file = file(&garbage);
-    let e = match WriteBehind::builder(c.clone()).build().await {
-        Ok(_) => panic!("built with a CA file that holds no certificate"),
-        Err(e) => e,
-    };
+    let e = refused(c.clone(), "built with a CA file that holds no certificate").await;
     assert!(
         e.is_config() && e.to_string().contains("redis.ca_file"),
         "{e}"
@@ -193,12 +187,18 @@ async fn a_redis_behind_a_private_ca_is_reached_with_ca_file() {
 
     // A CA file that is not there is a clear configuration error.
     c.redis.ca_file = file(&dir.join("missing.pem"));
-    let e = match WriteBehind::builder(c).build().await {
-        Ok(_) => panic!("built with a CA file that is not there"),
-        Err(e) => e,
-    };
+    let e = refused(c, "built with a CA file that is not there").await;
     assert!(
         e.is_config() && e.to_string().contains("redis.ca_file"),
         "{e}"
     );
+}
+
+/// The error of a handle built with `c`, which must fail (else: `wrong`).
+#[cfg(feature = "redis")]
+async fn refused(c: Config, wrong: &str) -> fga_wb::Error {
+    match WriteBehind::builder(c).build().await {
+        Ok(_) => panic!("{wrong}"),
+        Err(e) => e,
+    }
 }

@@ -277,14 +277,11 @@ async fn follow_model(
             return;
         };
         if let Err(e) = (WriteBehind { inner }).refresh_model().await {
-            match loaded {
-                true => {
-                    tracing::warn!(error = %e, "cannot read the authorization model; keeping the one in use")
-                }
-                false => {
-                    tracing::warn!(error = %e, "cannot read the authorization model; still running without it (no model validation, every pending op counts for every check)")
-                }
-            }
+            let meanwhile = match loaded {
+                true => "keeping the one in use",
+                false => "still running without it (no model validation, every pending op counts for every check)",
+            };
+            tracing::warn!(error = %e, "cannot read the authorization model; {meanwhile}");
         }
     }
 }
@@ -297,20 +294,28 @@ async fn load_model(
     store_id: &str,
     model_id: Option<&str>,
 ) -> Result<Option<Arc<Model>>> {
-    let found = match model_id {
-        Some(id) => client
-            .read_authorization_model(store_id, id)
-            .await
-            .map(Some),
-        None => client.read_latest_authorization_model(store_id).await,
-    };
-    match found {
+    match read_model(client, store_id, model_id).await {
         Ok(m) => Ok(m.map(|m| Arc::new(Model::new(&m)))),
         Err(e) if e.is_transient() => {
             tracing::warn!(error = %e, "cannot read the authorization model; running without it (broader cache invalidation, no model validation)");
             Ok(None)
         }
         Err(e) => Err(e),
+    }
+}
+
+/// The model `model_id`, or the store's latest (`None` if it has none).
+async fn read_model(
+    client: &Client,
+    store_id: &str,
+    model_id: Option<&str>,
+) -> Result<Option<crate::openfga::AuthorizationModel>> {
+    match model_id {
+        Some(id) => client
+            .read_authorization_model(store_id, id)
+            .await
+            .map(Some),
+        None => client.read_latest_authorization_model(store_id).await,
     }
 }
 
@@ -761,14 +766,7 @@ impl WriteBehind {
         let e = &self.inner.engine;
         let pinned = &self.inner.config.openfga.model_id;
         let pinned = (!pinned.is_empty()).then_some(pinned.as_str());
-        let found = match pinned {
-            Some(id) => e
-                .client
-                .read_authorization_model(&e.store_id, id)
-                .await
-                .map(Some),
-            None => e.client.read_latest_authorization_model(&e.store_id).await,
-        }?;
+        let found = read_model(&e.client, &e.store_id, pinned).await?;
         let Some(found) = found else {
             return Ok(e.model_id.get());
         };

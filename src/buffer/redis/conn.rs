@@ -81,6 +81,14 @@ impl Target {
         matches!(self, Target::Cluster(_))
     }
 
+    /// Whether it is reached over TLS (`rediss://`).
+    fn is_tls(&self) -> bool {
+        match self {
+            Target::Node(u) => u.starts_with("rediss://"),
+            Target::Cluster(s) => s.iter().any(|u| u.starts_with("rediss://")),
+        }
+    }
+
     /// The URLs, for messages (without passwords).
     pub fn shown(&self) -> String {
         match self {
@@ -142,11 +150,7 @@ impl ConnectionLike for Conn {
 }
 
 fn unreachable(target: &Target, e: impl std::fmt::Display) -> Error {
-    let tls = match target {
-        Target::Node(u) => u.starts_with("rediss://"),
-        Target::Cluster(s) => s.iter().any(|u| u.starts_with("rediss://")),
-    };
-    let hint = match tls {
+    let hint = match target.is_tls() {
         true => " (over TLS: the server's certificate must be signed by a CA the system trusts, or by one in redis.ca_file)",
         false => "",
     };
@@ -165,8 +169,8 @@ pub(crate) struct Tls {
 }
 
 impl Tls {
-    /// Reads `redis.ca_file`.
-    pub fn from_config(c: &crate::config::RedisConfig) -> Result<Tls> {
+    /// Reads `redis.ca_file`, for `target` (`redis.url`).
+    pub fn from_config(c: &crate::config::RedisConfig, target: &Target) -> Result<Tls> {
         if c.ca_file.is_empty() {
             return Ok(Tls::default());
         }
@@ -181,7 +185,7 @@ impl Tls {
                 c.ca_file
             )));
         }
-        if !c.url.contains("rediss") {
+        if !target.is_tls() {
             tracing::warn!(ca_file = %c.ca_file, "redis.ca_file is set but redis.url is not rediss://: the connection is not encrypted, and the file is not used");
         }
         Ok(Tls {

@@ -373,7 +373,7 @@ impl RedisStore {
         let config = &config.redis;
         let lease = config.writer_lease;
         let target = Target::parse(&config.url)?;
-        let tls = conn::Tls::from_config(config)?;
+        let tls = conn::Tls::from_config(config, &target)?;
         let watch = Arc::new(Watch::default());
         let on_disconnect: conn::OnDisconnect = {
             let watch = watch.clone();

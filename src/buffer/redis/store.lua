@@ -903,11 +903,15 @@ local function mark_all_written()
   pcall_('HSET', P .. ':written', '*', redis_ms())
 end
 
+-- The store's epoch begins (its keys are first written, or again after a
+-- loss).
+local function begin_epoch(epoch)
+  rcall('SET', P .. ':epoch', epoch)
+  mark_all_written()
+end
+
 local function init_epoch(now)
-  if rcall('EXISTS', P .. ':epoch') == 0 then
-    rcall('SET', P .. ':epoch', now)
-    mark_all_written()
-  end
+  if rcall('EXISTS', P .. ':epoch') == 0 then begin_epoch(now) end
 end
 
 -- push pub now cap n (key op cond)*n -> {seq, coalesced}*n .. {pending, corrupt}
@@ -1640,8 +1644,7 @@ if cmd == 'heartbeat' then
     if known ~= '' then rcall('HSET', P .. ':epochs', known, ARGV[3]) end
     if epoch then rcall('HSET', P .. ':epochs', epoch, ARGV[3]) end
     epoch = ARGV[3] .. '/' .. writer
-    rcall('SET', P .. ':epoch', epoch)
-    mark_all_written()
+    begin_epoch(epoch)
     if rcall('EXISTS', P .. ':loss') == 0 then
       rcall('HSET', P .. ':loss', 'at', ARGV[3], 'by', writer, 'reason', why, 'more', 0)
     else
@@ -1652,8 +1655,7 @@ if cmd == 'heartbeat' then
     publish('all')
   elseif not epoch then
     epoch = ARGV[3] .. '/' .. writer
-    rcall('SET', P .. ':epoch', epoch)
-    mark_all_written()
+    begin_epoch(epoch)
   end
   return { alive, epoch, seq_text, rcall('EXISTS', P .. ':loss'), lost_now, term }
 end
