@@ -90,6 +90,7 @@
 pub(crate) mod buffer;
 mod cache;
 mod client;
+mod condition;
 pub mod config;
 mod error;
 mod flush;

@@ -17,6 +17,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::Value;
 
+use crate::condition::Conditions;
 use crate::openfga::AuthorizationModel;
 use crate::tuple::{Field, TupleError, TupleKey};
 use crate::NameMap;
@@ -45,6 +46,8 @@ pub(crate) struct Model {
     /// For each `type#relation`: the `type#relation`s whose tuples can take
     /// its access away (reached through the subtracted side of a `but not`).
     may_deny: HashMap<RelName, HashSet<RelName>>,
+    /// Each condition's parameter types, for the contexts of grants.
+    conditions: Conditions,
 }
 
 type Relations = NameMap<String, NameMap<String, Vec<AllowedUser>>>;
@@ -222,6 +225,7 @@ impl Model {
             affects,
             direct_implies,
             may_deny,
+            conditions: Conditions::parse(&m.conditions),
         }
     }
 
@@ -286,7 +290,14 @@ impl Model {
                 && (any_condition || a.condition.as_deref() == cond)
         });
         if ok {
-            return Ok(());
+            // A grant's context, too: OpenFGA converts it to the
+            // condition's parameter types, or refuses the tuple.
+            let context = t.condition.as_ref().filter(|_| !any_condition);
+            let refused = context.and_then(|c| {
+                let why = self.conditions.refuses(&c.name, c.context.as_ref()?)?;
+                Some(TupleError::new(Field::Condition, &c.name, why))
+            });
+            return refused.map_or(Ok(()), Err);
         }
         let shown: Vec<String> = allowed.iter().map(AllowedUser::to_string).collect();
         let what = match cond {

@@ -171,12 +171,8 @@ impl TupleKey {
         validate_object(&self.object)?;
         if let Some(c) = &self.condition {
             validate_condition_name(&c.name)?;
-            if c.context.as_ref().is_some_and(context_too_deep) {
-                return Err(TupleError::new(
-                    Field::Condition,
-                    &c.name,
-                    format!("has a context nested deeper than {MAX_CONTEXT_DEPTH} levels of objects and arrays; flatten it"),
-                ));
+            if let Some(why) = c.context.as_ref().and_then(context_problem) {
+                return Err(TupleError::new(Field::Condition, &c.name, why));
             }
         }
         Ok(())
@@ -438,21 +434,39 @@ pub fn validate_object(object: &str) -> Result<(), TupleError> {
 /// levels, the condition's own object included.
 const MAX_CONTEXT_DEPTH: usize = 100;
 
-/// Without recursion: the context is the caller's, however deep.
-fn context_too_deep(context: &serde_json::Map<String, serde_json::Value>) -> bool {
+/// What in a condition's context fga-wb cannot read back (too deep) or
+/// OpenFGA refuses whatever the model (a control character in a key or a
+/// string, at any depth), if anything. Without recursion: the context is
+/// the caller's, however deep.
+fn context_problem(context: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
     use serde_json::Value;
+    let control = |s: &str| s.chars().any(char::is_control);
+    let refused = || {
+        Some("has a context key or string value with a control character (a newline or a tab, say), which OpenFGA refuses: remove it".to_owned())
+    };
     // Each value with the level it would open if it is an object or array
     // (the context's own is level 1).
+    if context.keys().any(|k| control(k)) {
+        return refused();
+    }
     let mut todo: Vec<(&Value, usize)> = context.values().map(|v| (v, 2)).collect();
     while let Some((v, level)) = todo.pop() {
         match v {
-            Value::Object(_) | Value::Array(_) if level > MAX_CONTEXT_DEPTH => return true,
-            Value::Object(m) => todo.extend(m.values().map(|v| (v, level + 1))),
+            Value::Object(_) | Value::Array(_) if level > MAX_CONTEXT_DEPTH => {
+                return Some(format!("has a context nested deeper than {MAX_CONTEXT_DEPTH} levels of objects and arrays; flatten it"));
+            }
+            Value::Object(m) => {
+                if m.keys().any(|k| control(k)) {
+                    return refused();
+                }
+                todo.extend(m.values().map(|v| (v, level + 1)));
+            }
             Value::Array(a) => todo.extend(a.iter().map(|v| (v, level + 1))),
+            Value::String(s) if control(s) => return refused(),
             _ => {}
         }
     }
-    false
+    None
 }
 
 fn validate_condition_name(name: &str) -> Result<(), TupleError> {

@@ -73,7 +73,7 @@ enum Command {
         /// a newer one on its tuple superseded is done. Exits 0 only then.
         /// In queue mode, exits 1 at once when a worker reports flushing
         /// stopped, or when such dead ops wait and workers do not replay
-        /// them (queue.replay_transient = 0), and, without --timeout, once
+        /// them (queue.replay_transient = "0s"), and, without --timeout, once
         /// no worker has run for 6 worker leases (30 s by default).
         #[arg(long)]
         wait: bool,
@@ -705,7 +705,7 @@ fn dead_note(dead: usize, every: Duration) -> String {
 /// are, and workers do not replay them.
 fn unreplayed_note(dead: usize) -> String {
     format!(
-        "{dead} ops died of transient failures (OpenFGA unreachable or failing through the retry schedule) and are not written; workers do not replay them (queue.replay_transient = 0): run `fga-wb dlq replay` once OpenFGA answers"
+        "{dead} ops died of transient failures (OpenFGA unreachable or failing through the retry schedule) and are not written; workers do not replay them (queue.replay_transient = \"0s\"): run `fga-wb dlq replay` once OpenFGA answers"
     )
 }
 

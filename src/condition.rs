@@ -1,0 +1,597 @@
+//! Condition contexts as OpenFGA takes them.
+//!
+//! A conditional tuple may fix some of its condition's parameters in its
+//! context. OpenFGA converts each value to its parameter's type when the
+//! tuple is written, and refuses the whole tuple when one does not convert
+//! or names no parameter. Buffered, such a grant would be acknowledged and
+//! then die at flush time, and a revoke it replaced while both were pending
+//! would die with it: so the model's parameter types are checked at the
+//! call, by OpenFGA's own conversion rules.
+//!
+//! Where the rules turn on exact arithmetic (numbers given as strings whose
+//! precision or range is at the edge of what OpenFGA's conversion keeps), a
+//! value is let through and OpenFGA decides: refusing what OpenFGA takes
+//! would turn valid grants away.
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+
+/// A condition parameter's type (OpenFGA's `TYPE_NAME_*`).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum ParamType {
+    Any,
+    Bool,
+    String,
+    Int,
+    Uint,
+    Double,
+    Duration,
+    Timestamp,
+    IpAddress,
+    List(Box<ParamType>),
+    Map(Box<ParamType>),
+    /// A type this version does not know: every value passes, and OpenFGA
+    /// decides.
+    Unknown,
+}
+
+/// Each condition's parameters and their types, from the model.
+#[derive(Debug, Default)]
+pub(crate) struct Conditions(HashMap<String, HashMap<String, ParamType>>);
+
+impl Conditions {
+    /// From a model's `conditions` (name -> `{"parameters": {...}}`).
+    pub fn parse(conditions: &Map<String, Value>) -> Conditions {
+        let parse_params = |c: &Value| -> HashMap<String, ParamType> {
+            c.get("parameters")
+                .and_then(Value::as_object)
+                .map(|p| {
+                    p.iter()
+                        .map(|(k, v)| (k.clone(), ParamType::parse(v)))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        Conditions(
+            conditions
+                .iter()
+                .map(|(name, c)| (name.clone(), parse_params(c)))
+                .collect(),
+        )
+    }
+
+    /// Why OpenFGA would refuse `context` for condition `name`, if it would.
+    /// A condition the model does not list is left to OpenFGA.
+    pub fn refuses(&self, name: &str, context: &Map<String, Value>) -> Option<String> {
+        let params = self.0.get(name)?;
+        if context.is_empty() {
+            return None;
+        }
+        if params.is_empty() {
+            return Some(
+                "takes no parameters, but the context gives some: drop the context".into(),
+            );
+        }
+        // In key order, so the same context always gets the same answer.
+        let mut keys: Vec<&String> = context.keys().collect();
+        keys.sort_unstable();
+        for key in keys {
+            let Some(ty) = params.get(key) else {
+                let mut known: Vec<&str> = params.keys().map(String::as_str).collect();
+                known.sort_unstable();
+                return Some(format!(
+                    "has context parameter {key:?}, which it does not declare (its parameters: {})",
+                    known.join(", ")
+                ));
+            };
+            if let Some(why) = ty.refuses(&context[key]) {
+                return Some(format!("has context parameter {key:?} {why}"));
+            }
+        }
+        None
+    }
+}
+
+impl ParamType {
+    /// From a `ConditionParamTypeRef` (`{"type_name", "generic_types"}`).
+    fn parse(v: &Value) -> ParamType {
+        let generic = || {
+            v.get("generic_types")
+                .and_then(Value::as_array)
+                .and_then(|g| g.first())
+                .map_or(ParamType::Unknown, ParamType::parse)
+        };
+        match v.get("type_name").and_then(Value::as_str).unwrap_or("") {
+            "TYPE_NAME_ANY" => ParamType::Any,
+            "TYPE_NAME_BOOL" => ParamType::Bool,
+            "TYPE_NAME_STRING" => ParamType::String,
+            "TYPE_NAME_INT" => ParamType::Int,
+            "TYPE_NAME_UINT" => ParamType::Uint,
+            "TYPE_NAME_DOUBLE" => ParamType::Double,
+            "TYPE_NAME_DURATION" => ParamType::Duration,
+            "TYPE_NAME_TIMESTAMP" => ParamType::Timestamp,
+            "TYPE_NAME_IPADDRESS" => ParamType::IpAddress,
+            "TYPE_NAME_LIST" => ParamType::List(Box::new(generic())),
+            "TYPE_NAME_MAP" => ParamType::Map(Box::new(generic())),
+            _ => ParamType::Unknown,
+        }
+    }
+
+    /// What it is, to finish "must be ...".
+    fn what(&self) -> String {
+        match self {
+            ParamType::Any | ParamType::Unknown => "any value".into(),
+            ParamType::Bool => "a boolean (true or false)".into(),
+            ParamType::String => "a string".into(),
+            ParamType::Int => "an integer (a whole number, or a string of one)".into(),
+            ParamType::Uint => {
+                "an unsigned integer (a whole number from 0, or a string of one)".into()
+            }
+            ParamType::Double => "a number (or a string of one)".into(),
+            ParamType::Duration => "a duration string such as \"1h30m\" or \"250ms\"".into(),
+            ParamType::Timestamp => {
+                "an RFC 3339 timestamp string such as \"2024-01-31T09:00:00Z\"".into()
+            }
+            ParamType::IpAddress => {
+                "an IP address string such as \"10.0.0.1\" or \"::1\" (no prefix length)".into()
+            }
+            ParamType::List(t) => format!("a list of {}", t.what_item()),
+            ParamType::Map(t) => format!("an object (a map) of {}", t.what_item()),
+        }
+    }
+
+    fn what_item(&self) -> String {
+        match self {
+            ParamType::Any | ParamType::Unknown => "any values".into(),
+            t => format!("values each {}", t.what()),
+        }
+    }
+
+    /// Why OpenFGA would not convert `v` to this type, if it would not:
+    /// phrased to follow "has context parameter ...".
+    fn refuses(&self, v: &Value) -> Option<String> {
+        let fits = match (self, v) {
+            (ParamType::Any | ParamType::Unknown, _) => true,
+            (ParamType::Bool, Value::Bool(_)) => true,
+            (ParamType::String, Value::String(_)) => true,
+            (ParamType::Int, Value::Number(n)) => n.as_f64().is_some_and(|f| f.fract() == 0.0),
+            (ParamType::Uint, Value::Number(n)) => {
+                n.as_f64().is_some_and(|f| f.fract() == 0.0 && f >= 0.0)
+            }
+            (ParamType::Double, Value::Number(_)) => true,
+            (ParamType::Int | ParamType::Uint | ParamType::Double, Value::String(s)) => {
+                numeric_string_fits(self, s)
+            }
+            (ParamType::Duration, Value::String(s)) => go_duration_parses(s),
+            (ParamType::Timestamp, Value::String(s)) => go_rfc3339_parses(s),
+            (ParamType::IpAddress, Value::String(s)) => ip_parses(s),
+            (ParamType::List(t), Value::Array(items)) => {
+                return items.iter().enumerate().find_map(|(i, item)| {
+                    t.refuses(item)
+                        .map(|why| format!("= {}: item {i} {why}", short(v)))
+                });
+            }
+            (ParamType::Map(t), Value::Object(m)) => {
+                return m.iter().find_map(|(k, item)| {
+                    t.refuses(item)
+                        .map(|why| format!("= {}: key {k:?} {why}", short(v)))
+                });
+            }
+            _ => false,
+        };
+        (!fits).then(|| format!("= {}, which must be {}", short(v), self.what()))
+    }
+}
+
+/// A value as given, cut short for an error message.
+fn short(v: &Value) -> String {
+    const MAX: usize = 60;
+    let s = v.to_string();
+    match s.char_indices().nth(MAX) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s,
+    }
+}
+
+/// Whether OpenFGA's conversion of a string to a number (Go's
+/// `big.ParseFloat(s, 10, 64, 0)`, then a whole-number check for int and
+/// uint) may take `s`. Strings whose answer turns on rounding at 64 bits
+/// (more than 19 significant digits, a binary exponent, a float's range)
+/// pass.
+fn numeric_string_fits(ty: &ParamType, s: &str) -> bool {
+    let Some(n) = GoFloat::parse(s) else {
+        return false;
+    };
+    match ty {
+        ParamType::Double => true,
+        // Not a whole number: infinities, and fractions that no rounding
+        // can make whole.
+        _ if n.inf => false,
+        ParamType::Uint if n.negative && !n.zero() => false,
+        _ => n.may_be_whole(),
+    }
+}
+
+/// The parts of a decimal string in Go's `big.Float` syntax (base 10): sign,
+/// `digits[.digits]` or `.digits`, an optional `e`/`E` (decimal) or `p`/`P`
+/// (binary) exponent, or `inf`/`Inf`.
+struct GoFloat {
+    negative: bool,
+    inf: bool,
+    /// Significant digits: the mantissa's without leading zeros, and without
+    /// the fraction's trailing zeros.
+    significant: usize,
+    /// Digits of the mantissa after the point, trailing zeros dropped.
+    fraction: usize,
+    /// The exponent, when decimal (`e`); `None` without one.
+    exp10: Option<i64>,
+    /// A binary exponent (`p`) was given.
+    exp2: bool,
+}
+
+impl GoFloat {
+    fn parse(s: &str) -> Option<GoFloat> {
+        let (negative, rest) = match s.as_bytes().first() {
+            Some(b'-') => (true, &s[1..]),
+            Some(b'+') => (false, &s[1..]),
+            _ => (false, s),
+        };
+        if rest == "inf" || rest == "Inf" {
+            return Some(GoFloat {
+                negative,
+                inf: true,
+                significant: 0,
+                fraction: 0,
+                exp10: None,
+                exp2: false,
+            });
+        }
+        let (mantissa, exponent) = match rest.find(['e', 'E', 'p', 'P']) {
+            Some(i) => (&rest[..i], Some((&rest[i..i + 1], &rest[i + 1..]))),
+            None => (rest, None),
+        };
+        let (int_part, frac_part) = match mantissa.split_once('.') {
+            Some((i, f)) => (i, f),
+            None => (mantissa, ""),
+        };
+        let digits = |d: &str| d.bytes().all(|b| b.is_ascii_digit());
+        if !digits(int_part) || !digits(frac_part) || (int_part.is_empty() && frac_part.is_empty())
+        {
+            return None;
+        }
+        let (exp10, exp2) = match exponent {
+            None => (None, false),
+            Some((kind, e)) => {
+                let body = e.strip_prefix(['+', '-']).unwrap_or(e);
+                if body.is_empty() || !digits(body) {
+                    return None;
+                }
+                match kind {
+                    "e" | "E" => (Some(e.parse::<i64>().unwrap_or(i64::MAX)), false),
+                    _ => (None, true),
+                }
+            }
+        };
+        let frac = frac_part.trim_end_matches('0');
+        let all = format!("{int_part}{frac}");
+        let significant = all.trim_start_matches('0').len();
+        Some(GoFloat {
+            negative,
+            inf: false,
+            significant,
+            fraction: frac.len(),
+            exp10,
+            exp2,
+        })
+    }
+
+    fn zero(&self) -> bool {
+        !self.inf && self.significant == 0
+    }
+
+    /// Whether the value may be a whole number after Go rounds it to 64
+    /// bits: certainly not when it has at most 19 significant digits (less
+    /// than 2^64) and a fraction the exponent does not cover.
+    fn may_be_whole(&self) -> bool {
+        if self.zero() || self.exp2 || self.significant > 19 {
+            return true;
+        }
+        let shift = self.exp10.unwrap_or(0);
+        i64::try_from(self.fraction).is_ok_and(|f| f <= shift)
+    }
+}
+
+/// Whether Go's `time.ParseDuration` takes `s`:
+/// `[-+]?([0-9]*(\.[0-9]*)?[a-z]+)+`, or `0`, with known units and no
+/// overflow of an `int64` of nanoseconds.
+fn go_duration_parses(s: &str) -> bool {
+    const UNITS: [(&str, u128); 8] = [
+        ("ns", 1),
+        ("us", 1_000),
+        ("\u{b5}s", 1_000),
+        ("\u{3bc}s", 1_000),
+        ("ms", 1_000_000),
+        ("s", 1_000_000_000),
+        ("m", 60_000_000_000),
+        ("h", 3_600_000_000_000),
+    ];
+    const LIMIT: u128 = 1 << 63;
+    let (negative, mut rest) = match s.as_bytes().first() {
+        Some(b'-') => (true, &s[1..]),
+        Some(b'+') => (false, &s[1..]),
+        _ => (false, s),
+    };
+    if rest == "0" {
+        return true;
+    }
+    if rest.is_empty() {
+        return false;
+    }
+    let mut total: u128 = 0;
+    while !rest.is_empty() {
+        let digits_end = |t: &str| t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let n = digits_end(rest);
+        let whole = &rest[..n];
+        rest = &rest[n..];
+        let mut fraction = "";
+        if let Some(after) = rest.strip_prefix('.') {
+            let m = digits_end(after);
+            fraction = &after[..m];
+            rest = &after[m..];
+        }
+        if whole.is_empty() && fraction.is_empty() {
+            return false;
+        }
+        let unit_end = rest
+            .find(|c: char| c == '.' || c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let Some(&(_, unit)) = UNITS.iter().find(|(u, _)| *u == &rest[..unit_end]) else {
+            return false;
+        };
+        rest = &rest[unit_end..];
+        // Go's arithmetic: the whole part must stay within 2^63 as read and
+        // once scaled; the fraction adds what its leading digits give.
+        let mut v: u128 = 0;
+        for b in whole.bytes() {
+            v = v * 10 + u128::from(b - b'0');
+            if v > LIMIT {
+                return false;
+            }
+        }
+        if v > LIMIT / unit {
+            return false;
+        }
+        v *= unit;
+        let mut f: u128 = 0;
+        let mut scale: u128 = 1;
+        for b in fraction.bytes() {
+            // Go stops taking digits once they would overflow.
+            if f > (LIMIT - 1) / 10 {
+                break;
+            }
+            f = f * 10 + u128::from(b - b'0');
+            scale *= 10;
+        }
+        v += f * unit / scale;
+        if v > LIMIT {
+            return false;
+        }
+        total += v;
+        if total > LIMIT {
+            return false;
+        }
+    }
+    negative || total < LIMIT
+}
+
+/// Whether Go's `time.Parse(time.RFC3339, s)` takes `s`:
+/// `YYYY-MM-DDTHH:MM:SS[.frac](Z|±hh:mm)` with the hour in one or two
+/// digits, in range, and the day within its month.
+fn go_rfc3339_parses(s: &str) -> bool {
+    let b = s.as_bytes();
+    let num = |from: usize, len: usize| -> Option<u32> {
+        let part = b.get(from..from + len)?;
+        part.iter()
+            .all(u8::is_ascii_digit)
+            .then(|| part.iter().fold(0, |n, d| n * 10 + u32::from(d - b'0')))
+    };
+    let parsed = (|| {
+        let year = num(0, 4)?;
+        (b.get(4) == Some(&b'-')).then_some(())?;
+        let month = num(5, 2).filter(|m| (1..=12).contains(m))?;
+        (b.get(7) == Some(&b'-')).then_some(())?;
+        let day = num(8, 2).filter(|d| (1..=31).contains(d))?;
+        (b.get(10) == Some(&b'T')).then_some(())?;
+        // One digit or two.
+        let hour_len = if num(12, 1).is_some() { 2 } else { 1 };
+        num(11, hour_len).filter(|h| *h < 24)?;
+        let mut i = 11 + hour_len;
+        (b.get(i) == Some(&b':')).then_some(())?;
+        num(i + 1, 2).filter(|m| *m < 60)?;
+        (b.get(i + 3) == Some(&b':')).then_some(())?;
+        num(i + 4, 2).filter(|s| *s < 60)?;
+        i += 6;
+        if matches!(b.get(i), Some(b'.' | b',')) && num(i + 1, 1).is_some() {
+            i += 1;
+            while num(i, 1).is_some() {
+                i += 1;
+            }
+        }
+        let zone_ok = match b.get(i..)? {
+            [b'Z'] => true,
+            [sign, ..] if (*sign == b'+' || *sign == b'-') && b.len() == i + 6 => {
+                b[i + 3] == b':'
+                    && num(i + 1, 2).is_some_and(|h| h <= 24)
+                    && num(i + 4, 2).is_some_and(|m| m <= 60)
+            }
+            _ => false,
+        };
+        zone_ok.then_some((year, month, day))
+    })();
+    parsed.is_some_and(|(year, month, day)| day <= days_in(month, year))
+}
+
+fn days_in(month: u32, year: u32) -> u32 {
+    match month {
+        2 if year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400)) => {
+            29
+        }
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Whether Go's `netip.ParseAddr` takes `s`: an IPv4 address in four
+/// decimal parts without leading zeros, or an IPv6 address, optionally with
+/// a non-empty zone (`%eth0`). No prefix length.
+fn ip_parses(s: &str) -> bool {
+    match s.find(['.', ':', '%']).map(|i| s.as_bytes()[i]) {
+        Some(b'.') => s.parse::<std::net::Ipv4Addr>().is_ok(),
+        Some(b':') => {
+            let addr = match s.split_once('%') {
+                Some((_, "")) => return false,
+                Some((a, _)) => a,
+                None => s,
+            };
+            addr.parse::<std::net::Ipv6Addr>().is_ok()
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn refuses(ty: ParamType, v: Value) -> bool {
+        ty.refuses(&v).is_some()
+    }
+
+    #[test]
+    fn numbers_convert_as_openfga_converts_them() {
+        use ParamType::*;
+        assert!(!refuses(Int, json!(3)));
+        assert!(!refuses(Int, json!(3.0)));
+        assert!(refuses(Int, json!(3.5)));
+        assert!(!refuses(Int, json!("-12")));
+        assert!(!refuses(Int, json!("1.50e1")));
+        assert!(refuses(Int, json!("1.5")));
+        assert!(refuses(Int, json!("Inf")));
+        assert!(refuses(Int, json!("12abc")));
+        assert!(refuses(Int, json!("")));
+        assert!(refuses(Int, json!(true)));
+        assert!(!refuses(Uint, json!(0)));
+        assert!(!refuses(Uint, json!("-0")));
+        assert!(refuses(Uint, json!(-1)));
+        assert!(refuses(Uint, json!("-1")));
+        assert!(!refuses(Double, json!(0.1)));
+        assert!(!refuses(Double, json!("-Inf")));
+        assert!(refuses(Double, json!("0x10")));
+        assert!(refuses(Double, json!(null)));
+        // At the edge of 64-bit rounding: OpenFGA decides.
+        assert!(!refuses(Int, json!("1.00000000000000000000001")));
+    }
+
+    #[test]
+    fn durations_timestamps_and_addresses_parse_as_go_parses_them() {
+        use ParamType::*;
+        for ok in [
+            "0",
+            "-0",
+            "+0",
+            "1h30m",
+            "1.5s",
+            "1.s",
+            ".5ms",
+            "300\u{b5}s",
+            "-2h",
+        ] {
+            assert!(!refuses(Duration, json!(ok)), "{ok}");
+        }
+        for bad in ["", "1", "1d", " 1h", "h", ".s", "2562048h", "1h 30m"] {
+            assert!(refuses(Duration, json!(bad)), "{bad}");
+        }
+        for ok in [
+            "2024-01-31T09:00:00Z",
+            "2024-02-29T23:59:59.123456789+02:00",
+            "2024-01-31T9:00:00Z",
+            "2024-01-31T09:00:00,5-24:00",
+        ] {
+            assert!(!refuses(Timestamp, json!(ok)), "{ok}");
+        }
+        for bad in [
+            "2024-01-31",
+            "2023-02-29T00:00:00Z",
+            "2024-01-31T24:00:00Z",
+            "2024-01-31t09:00:00Z",
+            "2024-01-31T09:00:00",
+            "2024-01-31T09:00:00z",
+            "2024-01-31 09:00:00Z",
+            "1706691600",
+        ] {
+            assert!(refuses(Timestamp, json!(bad)), "{bad}");
+        }
+        for ok in ["10.0.0.1", "::1", "fe80::1%eth0", "::ffff:10.0.0.1"] {
+            assert!(!refuses(IpAddress, json!(ok)), "{ok}");
+        }
+        for bad in [
+            "10.0.0.0/8",
+            "010.0.0.1",
+            "localhost",
+            "fe80::1%",
+            "%eth0",
+            "1.2.3",
+        ] {
+            assert!(refuses(IpAddress, json!(bad)), "{bad}");
+        }
+    }
+
+    #[test]
+    fn lists_and_maps_convert_each_item() {
+        let list = ParamType::List(Box::new(ParamType::Int));
+        assert!(!refuses(list.clone(), json!([1, "2"])));
+        let why = list.refuses(&json!([1, 2.5])).unwrap_or_default();
+        assert!(why.contains("item 1"), "{why}");
+        assert!(refuses(list, json!(1)));
+        let map = ParamType::Map(Box::new(ParamType::String));
+        assert!(!refuses(map.clone(), json!({"a": "b"})));
+        assert!(refuses(map, json!({"a": 1})));
+    }
+
+    #[test]
+    fn a_context_is_checked_against_its_condition() {
+        let model = json!({
+            "in_hours": {"parameters": {
+                "hour": {"type_name": "TYPE_NAME_INT"},
+                "zones": {"type_name": "TYPE_NAME_LIST", "generic_types": [{"type_name": "TYPE_NAME_STRING"}]},
+            }},
+            "plain": {"expression": "true"},
+        });
+        let c = Conditions::parse(model.as_object().unwrap_or(&Map::new()));
+        let ctx = |v: Value| v.as_object().cloned().unwrap_or_default();
+        assert_eq!(c.refuses("in_hours", &ctx(json!({"hour": 9}))), None);
+        assert_eq!(c.refuses("in_hours", &ctx(json!({}))), None);
+        assert_eq!(c.refuses("unlisted", &ctx(json!({"x": 1}))), None);
+        let why = c.refuses("in_hours", &ctx(json!({"hour": "nine"})));
+        assert!(
+            why.as_deref()
+                .is_some_and(|w| w.contains("\"hour\"") && w.contains("an integer")),
+            "{why:?}"
+        );
+        let why = c.refuses("in_hours", &ctx(json!({"minute": 1})));
+        assert!(
+            why.as_deref()
+                .is_some_and(|w| w.contains("\"minute\"") && w.contains("hour, zones")),
+            "{why:?}"
+        );
+        let why = c.refuses("plain", &ctx(json!({"x": 1})));
+        assert!(
+            why.as_deref()
+                .is_some_and(|w| w.contains("takes no parameters")),
+            "{why:?}"
+        );
+    }
+}

@@ -1,0 +1,343 @@
+//! fga-wb refuses the condition contexts OpenFGA refuses, at the call.
+//!
+//! OpenFGA converts each value of a conditional tuple's context to its
+//! parameter's type when the tuple is written, and refuses the tuple when
+//! one does not convert. A grant fga-wb took would then die at flush time,
+//! long after it was acknowledged, and take with it a revoke of the same
+//! tuple it had replaced while both were pending. The oracle is the real
+//! server: each context below goes through `WriteBehind::grant_tuple` and,
+//! as the same tuple, straight to OpenFGA's Write. They must agree, except
+//! where fga-wb takes a context and leaves the answer to OpenFGA on purpose
+//! (numbers as strings at the edge of Go's rounding), which is listed.
+
+mod support;
+
+use fga_wb::openfga::WriteRequest;
+use fga_wb::tuple::Condition;
+use fga_wb::{TupleKey, WriteBehind};
+use serde_json::{json, Map, Value};
+use support::{config_for, new_store_with, stored, TestStore};
+
+/// A condition with a parameter of every type, and one with none.
+fn model() -> Value {
+    let t = |name: &str| json!({ "type_name": name });
+    let generic = |name: &str, of: &str| json!({ "type_name": name, "generic_types": [t(of)] });
+    json!({
+        "schema_version": "1.1",
+        "type_definitions": [
+            { "type": "user" },
+            {
+                "type": "doc",
+                "relations": { "viewer": { "this": {} } },
+                "metadata": { "relations": { "viewer": { "directly_related_user_types": [
+                    { "type": "user", "condition": "every" },
+                    { "type": "user", "condition": "bare" }
+                ] } } }
+            }
+        ],
+        "conditions": {
+            "every": {
+                "name": "every",
+                "expression": "true",
+                "parameters": {
+                    "i": t("TYPE_NAME_INT"),
+                    "u": t("TYPE_NAME_UINT"),
+                    "d": t("TYPE_NAME_DOUBLE"),
+                    "b": t("TYPE_NAME_BOOL"),
+                    "s": t("TYPE_NAME_STRING"),
+                    "du": t("TYPE_NAME_DURATION"),
+                    "ts": t("TYPE_NAME_TIMESTAMP"),
+                    "ip": t("TYPE_NAME_IPADDRESS"),
+                    "li": generic("TYPE_NAME_LIST", "TYPE_NAME_INT"),
+                    "ms": generic("TYPE_NAME_MAP", "TYPE_NAME_STRING"),
+                    "a": t("TYPE_NAME_ANY")
+                }
+            },
+            "bare": { "name": "bare", "expression": "true" }
+        }
+    })
+}
+
+/// Contexts given for condition `every` (or `bare`, where named), each as
+/// one parameter and its value.
+fn cases() -> Vec<(&'static str, &'static str, Value)> {
+    let every = |p: &'static str, v: Value| ("every", p, v);
+    let mut c = vec![];
+    for v in [
+        json!(3),
+        json!(3.0),
+        json!(-7),
+        json!(3.5),
+        json!(1e20),
+        json!("12"),
+        json!("-12"),
+        json!("+12"),
+        json!("1.50e1"),
+        json!("15e-1"),
+        json!("1.5"),
+        json!("Inf"),
+        json!("12abc"),
+        json!(""),
+        json!(" 1"),
+        json!("0x10"),
+        json!("1_000"),
+        json!("."),
+        json!("1e"),
+        json!(true),
+        json!(null),
+        json!([1]),
+    ] {
+        c.push(every("i", v));
+    }
+    for v in [
+        json!(0),
+        json!(-1),
+        json!(5.5),
+        json!("5"),
+        json!("-1"),
+        json!("-0"),
+    ] {
+        c.push(every("u", v));
+    }
+    for v in [
+        json!(0.1),
+        json!(-2),
+        json!("2.5"),
+        json!("-Inf"),
+        json!("inf"),
+        json!(".5"),
+        json!("5."),
+        json!("abc"),
+        json!("INF"),
+        json!(true),
+        json!("0.1"),
+        json!("1e400"),
+        json!("1e-400"),
+    ] {
+        c.push(every("d", v));
+    }
+    for v in [json!(true), json!("true"), json!(1)] {
+        c.push(every("b", v));
+    }
+    for v in [
+        json!("x"),
+        json!(""),
+        json!(1),
+        json!(null),
+        json!("tab\there"),
+    ] {
+        c.push(every("s", v));
+    }
+    for v in [
+        "1h30m",
+        "1.5s",
+        "1.s",
+        ".5ms",
+        "300\u{b5}s",
+        "300\u{3bc}s",
+        "0",
+        "-0",
+        "+0",
+        "-2h",
+        "1",
+        "1d",
+        " 1h",
+        "",
+        "h",
+        ".s",
+        "2562047h",
+        "2562048h",
+        "1h 30m",
+        "1H",
+    ] {
+        c.push(every("du", json!(v)));
+    }
+    c.push(every("du", json!(90)));
+    for v in [
+        "2024-01-31T09:00:00Z",
+        "2024-02-29T23:59:59.123456789+02:00",
+        "2024-01-31T9:00:00Z",
+        "2024-01-31T09:00:00,5-24:00",
+        "2024-01-31T09:00:00+01:60",
+        "2024-01-31T09:00:00+25:00",
+        "0000-01-01T00:00:00Z",
+        "2024-01-31",
+        "2023-02-29T00:00:00Z",
+        "2024-04-31T00:00:00Z",
+        "2024-13-01T00:00:00Z",
+        "2024-01-31T24:00:00Z",
+        "2024-01-31T09:60:00Z",
+        "2024-01-31T09:00:60Z",
+        "2024-01-31t09:00:00Z",
+        "2024-01-31T09:00:00",
+        "2024-01-31T09:00:00z",
+        "2024-01-31 09:00:00Z",
+        "2024-01-31T09:00:00.Z",
+        "24-01-31T09:00:00Z",
+        "1706691600",
+    ] {
+        c.push(every("ts", json!(v)));
+    }
+    c.push(every("ts", json!(1706691600)));
+    for v in [
+        "10.0.0.1",
+        "::1",
+        "fe80::1%eth0",
+        "::ffff:10.0.0.1",
+        "2001:db8::",
+        "10.0.0.0/8",
+        "010.0.0.1",
+        "256.0.0.1",
+        "localhost",
+        "fe80::1%",
+        "%eth0",
+        "1.2.3",
+        "1.2.3.4%eth0",
+        ":::1",
+    ] {
+        c.push(every("ip", json!(v)));
+    }
+    c.push(every("ip", json!(10)));
+    for v in [
+        json!([1, "2"]),
+        json!([1, 2.5]),
+        json!(1),
+        json!([]),
+        json!([null]),
+    ] {
+        c.push(every("li", v));
+    }
+    for v in [json!({"a": "b"}), json!({"a": 1}), json!("x"), json!({})] {
+        c.push(every("ms", v));
+    }
+    for v in [
+        json!({"x": [1]}),
+        json!(null),
+        json!(["a\nb"]),
+        json!({"k\u{1}": 1}),
+    ] {
+        c.push(every("a", v));
+    }
+    c.push(every("nope", json!(1)));
+    c.push(("bare", "x", json!(1)));
+    c
+}
+
+/// Where fga-wb takes a context whatever OpenFGA answers: a number as a
+/// string whose conversion to a double turns on Go's rounding and range
+/// (OpenFGA refuses one that does not convert exactly).
+fn left_to_openfga(param: &str, v: &Value) -> bool {
+    param == "d" && [json!("0.1"), json!("1e400"), json!("1e-400")].contains(v)
+}
+
+fn tuple(i: usize, condition: &str, param: &str, v: &Value) -> TupleKey {
+    let mut context = Map::new();
+    context.insert(param.to_owned(), v.clone());
+    TupleKey {
+        user: format!("user:c{i}"),
+        relation: "viewer".into(),
+        object: "doc:1".into(),
+        condition: Some(Condition {
+            name: condition.into(),
+            context: Some(context),
+        }),
+    }
+}
+
+/// Whether OpenFGA writes `t`.
+async fn server_writes(store: &TestStore, t: &TupleKey) -> bool {
+    let req = WriteRequest::idempotent(vec![t.clone()], vec![]);
+    match store.client.write(&store.store_id, &req).await {
+        Ok(()) => true,
+        Err(e) if e.is_invalid_input() => false,
+        Err(e) => panic!("the server failed on {t}: {e}"),
+    }
+}
+
+async fn handle(store: &TestStore) -> WriteBehind {
+    WriteBehind::builder(config_for(store))
+        .automatic_flush(false)
+        .build()
+        .await
+        .expect("handle")
+}
+
+#[tokio::test]
+async fn grant_refuses_the_contexts_openfga_refuses() {
+    let store = new_store_with("contexts", &model()).await;
+    let wb = handle(&store).await;
+    let mut disagree = vec![];
+    for (i, (condition, param, v)) in cases().iter().enumerate() {
+        let t = tuple(i, condition, param, v);
+        let ours = wb.grant_tuple(t.clone()).await;
+        if let Err(e) = &ours {
+            assert!(
+                e.is_invalid_input(),
+                "grant failed, but not on its input: {e}"
+            );
+        }
+        let theirs = match left_to_openfga(param, v) {
+            true => ours.is_ok(),
+            false => server_writes(&store, &t).await,
+        };
+        if ours.is_ok() != theirs {
+            disagree.push(format!(
+                "{condition}.{param} = {v}: fga-wb {}, OpenFGA {}",
+                match &ours {
+                    Ok(()) => "takes it".to_owned(),
+                    Err(e) => format!("refuses it ({e})"),
+                },
+                if theirs { "writes it" } else { "refuses it" }
+            ));
+        }
+    }
+    assert!(disagree.is_empty(), "{}", disagree.join("\n"));
+}
+
+/// The error says which parameter, what was given and what it must be.
+#[tokio::test]
+async fn a_refused_context_names_the_parameter_and_its_type() {
+    let store = new_store_with("context-message", &model()).await;
+    let wb = handle(&store).await;
+    let e = wb
+        .grant_with_condition(
+            "user:anne",
+            "viewer",
+            "doc:1",
+            "every",
+            json!({"ts": "2024-01-31 09:00:00"}).as_object().cloned(),
+        )
+        .await
+        .expect_err("a timestamp without T or zone");
+    let msg = e.to_string();
+    assert!(e.is_invalid_input(), "{msg}");
+    for needle in ["\"ts\"", "2024-01-31 09:00:00", "RFC 3339"] {
+        assert!(msg.contains(needle), "{needle:?} not in {msg:?}");
+    }
+}
+
+/// The case the check exists for: a revoke pending, then a grant of the
+/// same tuple whose context OpenFGA would refuse. The grant is refused at
+/// the call, so it never replaces the revoke, and the revoke is written.
+#[tokio::test]
+async fn a_refused_grant_does_not_replace_a_pending_revoke() {
+    let store = new_store_with("context-revoke", &model()).await;
+    let wb = handle(&store).await;
+    let good = tuple(0, "every", "i", &json!(1));
+    wb.grant_tuple(good.clone()).await.expect("grant");
+    wb.flush().await.expect("flush");
+    assert_eq!(stored(&store).await.len(), 1);
+    wb.revoke_tuple(good).await.expect("revoke");
+    let bad = tuple(0, "every", "i", &json!("one"));
+    let e = wb
+        .grant_tuple(bad)
+        .await
+        .expect_err("context OpenFGA refuses");
+    assert!(e.is_invalid_input(), "{e}");
+    wb.flush().await.expect("flush");
+    assert!(
+        stored(&store).await.is_empty(),
+        "the revoke was not written"
+    );
+    assert!(!wb.check("user:c0", "viewer", "doc:1").await.expect("check"));
+}
