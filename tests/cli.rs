@@ -468,13 +468,7 @@ async fn flush_wait_under_traffic(name: &str, mode: Mode) {
         },
     );
     let wb = filler(&s, mode).await;
-    let _worker = (mode == Mode::Queue).then(|| {
-        cli.command(&["worker"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn fga-wb worker")
-    });
+    let _worker = (mode == Mode::Queue).then(|| quiet_worker(&cli));
     const N: usize = 100;
     support::grant_users(&wb, "document:before", 0..N).await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -639,6 +633,78 @@ async fn a_grant_that_takes_access_away_dead_lettered_in_an_outage_denies_until_
     assert!(!matches!(e, Ok(true)), "bob's access is narrowed: {e:?}");
 }
 
+/// A revoke that died in an outage is owed to OpenFGA until a newer op on
+/// its tuple is written. When the newer op is refused for good (here a
+/// grant under a condition the model lacks, from a handle that does not
+/// validate against the model), the revoke is pending again, and the next
+/// flush writes it. Before, the refused grant's letter took the revoke's
+/// place: checks stopped failing closed and answered `true` from the tuple
+/// OpenFGA still held, and a replay counted the revoke as superseded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_dead_in_an_outage_is_owed_again_when_a_newer_op_is_refused() {
+    let s = new_store("cli-owed-revoke").await;
+    support::write_to_openfga(&s, "user:anne", "viewer", "document:1").await;
+    let wb = filler(&s, Mode::Queue).await;
+    die_in_an_outage(&s, &wb, 1, async {
+        wb.revoke("user:anne", "viewer", "document:1")
+            .await
+            .unwrap();
+    })
+    .await;
+    let e = wb.check("user:anne", "viewer", "document:1").await;
+    assert!(e.as_ref().is_err_and(|e| e.is_stale_check()), "{e:?}");
+
+    let unchecked = WriteBehind::builder(filler_config(&s, Mode::Queue))
+        .validate_against_model(false)
+        .build()
+        .await
+        .unwrap();
+    unchecked
+        .grant_with_condition(
+            "user:anne",
+            "viewer",
+            "document:1",
+            "no_such_condition",
+            None,
+        )
+        .await
+        .unwrap();
+    unchecked.flush().await.unwrap();
+    let cli = Cli::new(&s, "queue");
+    let mut worker = Cli::new(&s, "queue");
+    worker.set("FGA_WB_QUEUE__REPLAY_TRANSIENT", "0s");
+    let _worker = quiet_worker(&worker);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        let letters = wb.dead_letters().await.unwrap();
+        if let Some(d) = letters.iter().find(|d| !d.transient) {
+            break d.clone();
+        }
+        assert!(Instant::now() < deadline, "no refused grant: {letters:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(refused.op, fga_wb::Op::Grant, "{refused:?}");
+    let e = wb.check("user:anne", "viewer", "document:1").await;
+    assert!(
+        !matches!(e, Ok(true)),
+        "a revoke owed to OpenFGA answered allowed"
+    );
+    cli.run(&["flush", "--wait"]).await.ok();
+    assert!(stored(&s).await.is_empty(), "the revoke was not written");
+    assert!(!wb.check("user:anne", "viewer", "document:1").await.unwrap());
+    let letters = wb.dead_letters().await.unwrap();
+    assert!(letters.iter().all(|d| !d.transient), "{letters:?}");
+}
+
+/// `fga-wb worker` for `cli`'s store, its output dropped.
+fn quiet_worker(cli: &Cli) -> tokio::process::Child {
+    cli.command(&["worker"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn fga-wb worker")
+}
+
 /// Runs `act` (ops that the application acknowledges) with only a worker
 /// that cannot reach OpenFGA (one 100 ms retry), until `letters` transient
 /// dead letters are written; the worker is gone when this returns.
@@ -654,12 +720,7 @@ async fn die_in_an_outage(
     cut_off.set("FGA_WB_QUEUE__RETRY_SCHEDULE", r#"["100ms"]"#);
     cut_off.set("FGA_WB_QUEUE__REQUEST_RETRIES", "0");
     cut_off.set("FGA_WB_QUEUE__REPLAY_TRANSIENT", "0s");
-    let worker = cut_off
-        .command(&["worker"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn fga-wb worker");
+    let worker = quiet_worker(&cut_off);
     act.await;
     wb.flush().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -686,12 +747,7 @@ async fn replay_and_drain(s: &TestStore, letters: usize) {
     r.ok();
     let replayed = format!("replayed {letters} dead letters");
     assert!(r.stdout.contains(&replayed), "{}", r.stdout);
-    let _worker = cli
-        .command(&["worker"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn fga-wb worker");
+    let _worker = quiet_worker(&cli);
     cli.run(&["flush", "--wait"]).await.ok();
 }
 

@@ -629,6 +629,20 @@ local function supersede_letters(keys, seqs)
   end
 end
 
+-- The letter of a revoke of `key` that died of transient causes and is still
+-- the key's newest (no newer op has been applied or written off since), and
+-- its id: OpenFGA may still hold what it revokes. Nil otherwise, and for
+-- indexes of another type (the caller's own check of their types names
+-- them).
+local function owed_revoke(key)
+  local id = pcall_('HGET', K_DEADKEY, key)
+  if type(id) ~= 'string' or id == '0' then return nil end
+  local raw = pcall_('HGET', K_DEAD, id)
+  local d = type(raw) == 'string' and letter(raw)
+  if d and d.transient == true and d.op == 'r' then return d, id end
+  return nil
+end
+
 -- `v` (a number a letter kept) as a place in line or a time before
 -- `limit`, as entries write them; nil if it is not one.
 local function place(v, limit)
@@ -1366,7 +1380,7 @@ if cmd == 'finish' then
   for i = 0, n - 1 do keys[i + 1] = ARGV[10 + i * 6] end
   local raw = read_raw(keys)
   local applied, dead, requeued, superseded = 0, 0, 0, 0
-  local transient = 0
+  local transient, repended = 0, 0
   local rels, mine, written, wseqs, letters = {}, {}, {}, {}, {}
   -- Others need to hear of this only if a check may wait for it (a revoke,
   -- a grant with a condition), an op waited behind it or is ready again,
@@ -1435,6 +1449,23 @@ if cmd == 'finish' then
         letters[#letters + 1] = { key = key, e = e, reason = reason, code = code,
                                   attempts = attempts, transient = outcome == 'D' }
         if outcome == 'D' then transient = transient + 1 end
+        -- Refused for good, this op never reaches OpenFGA: a revoke of the
+        -- key that died in an outage before it is owed again, not
+        -- superseded (OpenFGA may still hold what it revokes, and checks
+        -- would answer from that). Pending again where it was in line, as
+        -- a replay would put it; its letter goes below.
+        local owed, owed_id = nil, nil
+        if outcome == 'd' then owed, owed_id = owed_revoke(key) end
+        if owed then
+          local s = sformat('%.0f', next_of(P .. ':seq'))
+          local again = add_entry(key, 'r', '', s, ARGV[3], place(owed.first or owed.seq, s))
+          local since = place(owed.since, ARGV[3])
+          if since then again.since = since end
+          put(key, again)
+          letters[#letters].owed = owed_id
+          repended = repended + 1
+          notify = true
+        end
         local rel = rel_of(key)
         if rel then rels[rel] = true end
       elseif outcome == 'r' and writing then
@@ -1463,6 +1494,8 @@ if cmd == 'finish' then
   end
   if applied > 0 then incr(P .. ':stats', 'applied', applied) end
   if dead > 0 then incr(P .. ':stats', 'dead_lettered', dead) end
+  -- Counted as a replay counts them.
+  if repended > 0 then incr(P .. ':stats', 'acknowledged', repended) end
   -- Workers list the letters for transient ones only when this has moved.
   if transient > 0 then incr(P .. ':stats', 'dead_transient', transient) end
   if superseded > 0 then incr(P .. ':stats', 'coalesced', superseded) end
@@ -1491,6 +1524,7 @@ if cmd == 'finish' then
       attempts = l.attempts, dead_at = math.floor(now / 1000), cond = e.cond,
       transient = l.transient, first = tonumber(e.first), since = tonumber(e.since) }))
     rcall('HSET', K_DEADKEY, l.key, id)
+    if l.owed then rcall('HDEL', K_DEAD, l.owed) end
     local plain = e.op == 'g' and e.cond == ''
     index_dead_for_checks(l.key, l.transient and (plain and K_DEADGR or K_DEADREV) or nil)
     index_dead_current(l.key, l.transient and e.first or nil)
