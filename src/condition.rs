@@ -219,13 +219,12 @@ fn numeric_string_fits(ty: &ParamType, s: &str) -> bool {
 struct GoFloat {
     negative: bool,
     inf: bool,
-    /// Significant digits: the mantissa's without leading zeros, and without
-    /// the fraction's trailing zeros.
+    /// Significant digits: the mantissa's without leading or trailing zeros.
     significant: usize,
-    /// Digits of the mantissa after the point, trailing zeros dropped.
-    fraction: usize,
-    /// The exponent, when decimal (`e`); `None` without one.
-    exp10: Option<i64>,
+    /// The power of ten of the last significant digit (the exponent, less
+    /// the digits after the point, plus the trailing zeros dropped): the
+    /// value is whole when it is at least 0. Without a binary exponent.
+    last_digit: i64,
     /// A binary exponent (`p`) was given.
     exp2: bool,
 }
@@ -242,8 +241,7 @@ impl GoFloat {
                 negative,
                 inf: true,
                 significant: 0,
-                fraction: 0,
-                exp10: None,
+                last_digit: 0,
                 exp2: false,
             });
         }
@@ -260,28 +258,32 @@ impl GoFloat {
         {
             return None;
         }
-        let (exp10, exp2) = match exponent {
-            None => (None, false),
+        // Go reads the exponent as an int64, and refuses one beyond it.
+        let (exp, exp2) = match exponent {
+            None => (0, false),
             Some((kind, e)) => {
                 let body = e.strip_prefix(['+', '-']).unwrap_or(e);
                 if body.is_empty() || !digits(body) {
                     return None;
                 }
-                match kind {
-                    "e" | "E" => (Some(e.parse::<i64>().unwrap_or(i64::MAX)), false),
-                    _ => (None, true),
-                }
+                (e.parse::<i64>().ok()?, kind == "p" || kind == "P")
             }
         };
-        let frac = frac_part.trim_end_matches('0');
-        let all = format!("{int_part}{frac}");
-        let significant = all.trim_start_matches('0').len();
+        let all = format!("{int_part}{frac_part}");
+        let trimmed = all.trim_end_matches('0');
+        let dropped = all.len() - trimmed.len();
+        let significant = trimmed.trim_start_matches('0').len();
+        let shift = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         Some(GoFloat {
             negative,
             inf: false,
             significant,
-            fraction: frac.len(),
-            exp10,
+            last_digit: match exp2 {
+                true => 0,
+                false => exp
+                    .saturating_sub(shift(frac_part.len()))
+                    .saturating_add(shift(dropped)),
+            },
             exp2,
         })
     }
@@ -292,13 +294,9 @@ impl GoFloat {
 
     /// Whether the value may be a whole number after Go rounds it to 64
     /// bits: certainly not when it has at most 19 significant digits (less
-    /// than 2^64) and a fraction the exponent does not cover.
+    /// than 2^64) and its last one is below the units.
     fn may_be_whole(&self) -> bool {
-        if self.zero() || self.exp2 || self.significant > 19 {
-            return true;
-        }
-        let shift = self.exp10.unwrap_or(0);
-        i64::try_from(self.fraction).is_ok_and(|f| f <= shift)
+        self.zero() || self.exp2 || self.significant > 19 || self.last_digit >= 0
     }
 }
 
@@ -306,7 +304,7 @@ impl GoFloat {
 /// `[-+]?([0-9]*(\.[0-9]*)?[a-z]+)+`, or `0`, with known units and no
 /// overflow of an `int64` of nanoseconds.
 fn go_duration_parses(s: &str) -> bool {
-    const UNITS: [(&str, u128); 8] = [
+    const UNITS: [(&str, u64); 8] = [
         ("ns", 1),
         ("us", 1_000),
         ("\u{b5}s", 1_000),
@@ -316,7 +314,7 @@ fn go_duration_parses(s: &str) -> bool {
         ("m", 60_000_000_000),
         ("h", 3_600_000_000_000),
     ];
-    const LIMIT: u128 = 1 << 63;
+    const LIMIT: u64 = 1 << 63;
     let (negative, mut rest) = match s.as_bytes().first() {
         Some(b'-') => (true, &s[1..]),
         Some(b'+') => (false, &s[1..]),
@@ -328,7 +326,7 @@ fn go_duration_parses(s: &str) -> bool {
     if rest.is_empty() {
         return false;
     }
-    let mut total: u128 = 0;
+    let mut total: u64 = 0;
     while !rest.is_empty() {
         let digits_end = |t: &str| t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let n = digits_end(rest);
@@ -350,11 +348,14 @@ fn go_duration_parses(s: &str) -> bool {
             return false;
         };
         rest = &rest[unit_end..];
-        // Go's arithmetic: the whole part must stay within 2^63 as read and
-        // once scaled; the fraction adds what its leading digits give.
-        let mut v: u128 = 0;
+        // Go's arithmetic, step for step (a uint64, and a float64 for the
+        // fraction), so that the same strings overflow.
+        let mut v: u64 = 0;
         for b in whole.bytes() {
-            v = v * 10 + u128::from(b - b'0');
+            if v > LIMIT / 10 {
+                return false;
+            }
+            v = v * 10 + u64::from(b - b'0');
             if v > LIMIT {
                 return false;
             }
@@ -363,21 +364,28 @@ fn go_duration_parses(s: &str) -> bool {
             return false;
         }
         v *= unit;
-        let mut f: u128 = 0;
-        let mut scale: u128 = 1;
+        let (mut f, mut scale, mut overflow) = (0u64, 1f64, false);
         for b in fraction.bytes() {
-            // Go stops taking digits once they would overflow.
-            if f > (LIMIT - 1) / 10 {
-                break;
+            // Go skips the digits past an overflow.
+            if overflow || f > (LIMIT - 1) / 10 {
+                overflow = true;
+                continue;
             }
-            f = f * 10 + u128::from(b - b'0');
-            scale *= 10;
+            let y = f * 10 + u64::from(b - b'0');
+            if y > LIMIT {
+                overflow = true;
+                continue;
+            }
+            f = y;
+            scale *= 10.0;
         }
-        v += f * unit / scale;
-        if v > LIMIT {
-            return false;
+        if f > 0 {
+            v += (f as f64 * (unit as f64 / scale)) as u64;
+            if v > LIMIT {
+                return false;
+            }
         }
-        total += v;
+        total = total.wrapping_add(v);
         if total > LIMIT {
             return false;
         }
@@ -478,6 +486,9 @@ mod tests {
         assert!(refuses(Int, json!(3.5)));
         assert!(!refuses(Int, json!("-12")));
         assert!(!refuses(Int, json!("1.50e1")));
+        assert!(!refuses(Int, json!("150e-1")));
+        assert!(!refuses(Int, json!("1000e-3")));
+        assert!(refuses(Int, json!("1e-99999999999999999999")));
         assert!(refuses(Int, json!("1.5")));
         assert!(refuses(Int, json!("Inf")));
         assert!(refuses(Int, json!("12abc")));
@@ -508,6 +519,8 @@ mod tests {
             ".5ms",
             "300\u{b5}s",
             "-2h",
+            // Go's float64 rounds this fraction down, to just within 2^63.
+            "9223372036853779661ns0.99614700000000000ms",
         ] {
             assert!(!refuses(Duration, json!(ok)), "{ok}");
         }

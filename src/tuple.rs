@@ -171,7 +171,7 @@ impl TupleKey {
         validate_object(&self.object)?;
         if let Some(c) = &self.condition {
             validate_condition_name(&c.name)?;
-            if let Some(why) = c.context.as_ref().and_then(context_problem) {
+            if let Some(why) = c.context.as_ref().and_then(|c| context_problem(c, false)) {
                 return Err(TupleError::new(Field::Condition, &c.name, why));
             }
         }
@@ -183,6 +183,13 @@ impl TupleKey {
     /// is implicit; OpenFGA refuses to write it, though it may be checked).
     pub fn validate_for_write(&self) -> Result<(), TupleError> {
         self.validate()?;
+        // Checked for what is written only: ops and letters an older
+        // version stored with such a context stay readable.
+        if let Some(c) = &self.condition {
+            if let Some(why) = c.context.as_ref().and_then(|c| context_problem(c, true)) {
+                return Err(TupleError::new(Field::Condition, &c.name, why));
+            }
+        }
         if self.user.split_once('#') == Some((self.object.as_str(), self.relation.as_str())) {
             return Err(TupleError::new(
                 Field::User,
@@ -434,13 +441,16 @@ pub fn validate_object(object: &str) -> Result<(), TupleError> {
 /// levels, the condition's own object included.
 const MAX_CONTEXT_DEPTH: usize = 100;
 
-/// What in a condition's context fga-wb cannot read back (too deep) or
-/// OpenFGA refuses whatever the model (a control character in a key or a
-/// string, at any depth), if anything. Without recursion: the context is
-/// the caller's, however deep.
-fn context_problem(context: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+/// What in a condition's context fga-wb cannot read back (too deep) or, with
+/// `control`, OpenFGA refuses whatever the model (a control character in a
+/// key or a string, at any depth), if anything. Without recursion: the
+/// context is the caller's, however deep.
+fn context_problem(
+    context: &serde_json::Map<String, serde_json::Value>,
+    control: bool,
+) -> Option<String> {
     use serde_json::Value;
-    let control = |s: &str| s.chars().any(char::is_control);
+    let control = |s: &str| control && s.chars().any(char::is_control);
     let refused = || {
         Some("has a context key or string value with a control character (a newline or a tab, say), which OpenFGA refuses: remove it".to_owned())
     };

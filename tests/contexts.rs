@@ -149,6 +149,8 @@ fn cases() -> Vec<(&'static str, &'static str, Value)> {
         "2562048h",
         "1h 30m",
         "1H",
+        "9223372036853779661ns0.99614700000000000ms",
+        "9223372036853779661ns0.996148ms",
     ] {
         c.push(every("du", json!(v)));
     }
