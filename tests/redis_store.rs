@@ -850,6 +850,38 @@ async fn a_heartbeat_without_an_epoch_still_finds_a_lost_counter() {
     drop(wb);
 }
 
+/// After Redis lost acknowledged ops, the sequence numbers it hands out
+/// next are not ones it handed out before: a writer still writing an op of
+/// the lost history would otherwise finish a new op that got the same
+/// number on the same key, and drop it unwritten.
+#[tokio::test]
+async fn after_a_loss_sequence_numbers_are_not_reused() {
+    let s = new_store("redis-loss-seq").await;
+    let wb = manual_handle(&s).await;
+    wb.grant("user:anne", "viewer", "document:loss-seq")
+        .await
+        .unwrap();
+    let key = "document:loss-seq#viewer@user:anne";
+    let mut a = LateWriter::new(&s, "app:before-loss").await;
+    let seq = a.take_at(now_ms(), 60_000).await[key].clone();
+    // Redis goes back to before the grant (a failover to a replica behind),
+    // and a heartbeat of the process that acknowledged it records the loss.
+    let _: i64 = a.on_key("HDEL", "ops", &[key]).await;
+    let _: () = a.on_key("SET", "seq", &["0"]).await;
+    let mut b = LateWriter::new(&s, "app:acknowledged").await;
+    assert!(
+        b.heartbeat_at(now_ms(), "", 1).await,
+        "the loss is recorded"
+    );
+    wb.revoke("user:anne", "viewer", "document:loss-seq")
+        .await
+        .unwrap();
+    // The old write lands and its writer finishes it.
+    a.finish_call(key, &seq, "a", &[]).await;
+    let p = wb.pending().await.unwrap();
+    assert_eq!(p.deletes, 1, "the revoke after the loss is pending: {p:?}");
+}
+
 /// A fetch whose call fails part way (here the worker's set of jobs holds
 /// another type) leaves the job queued: it was taken off the queue first,
 /// and left running under a worker whose set did not list it, so no

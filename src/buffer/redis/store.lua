@@ -1627,6 +1627,10 @@ end
 -- them). The loss is recorded in P:loss, which stays until an operator
 -- acknowledges it, and the store moves to a new epoch. A writer that finds
 -- an epoch that replaced its own after a recorded loss just moves on to it.
+-- How far the counters jump when a loss is recorded: 2^40, so a store can
+-- record thousands of losses before its numbers leave a double's exact
+-- integers (2^53).
+local LOSS_GAP = 1099511627776
 if cmd == 'heartbeat' then
   local now, writer, lease = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
   local known, acked = ARGV[6] or '', tonumber(ARGV[7]) or 0
@@ -1679,6 +1683,15 @@ if cmd == 'heartbeat' then
     if epoch then rcall('HSET', P .. ':epochs', epoch, ARGV[3]) end
     epoch = ARGV[3] .. '/' .. writer
     begin_epoch(epoch)
+    -- Numbers Redis handed out before the loss may still be in use (a
+    -- writer still writing an op of the lost history, a worker running a
+    -- job of it): the next ones start far past any of them, or a finish of
+    -- the old op would end a new one that got its number on the same key.
+    for _, k in ipairs({ ':seq', ':jobseq', ':deadseq' }) do
+      local at = tonumber(rcall('GET', P .. k)) or 0
+      if k == ':seq' and acked > at then at = acked end
+      rcall('SET', P .. k, sformat('%.0f', at + LOSS_GAP))
+    end
     if rcall('EXISTS', P .. ':loss') == 0 then
       rcall('HSET', P .. ':loss', 'at', ARGV[3], 'by', writer, 'reason', why, 'more', 0)
     else
