@@ -636,16 +636,82 @@ async fn a_grant_that_takes_access_away_dead_lettered_in_an_outage_denies_until_
 /// A revoke that died in an outage is owed to OpenFGA until a newer op on
 /// its tuple is written. When the newer op is refused for good (here a
 /// grant under a condition the model lacks, from a handle that does not
-/// validate against the model), the revoke is pending again, and the next
-/// flush writes it. Before, the refused grant's letter took the revoke's
-/// place: checks stopped failing closed and answered `true` from the tuple
-/// OpenFGA still held, and a replay counted the revoke as superseded.
+/// validate against the model), the revoke is pending again, and the
+/// worker queues and writes it with no application flushing. A replay
+/// while the newer op is buffered leaves the revoke's letter as it is.
+/// Before, the refused grant's letter took the revoke's place: checks
+/// stopped failing closed and answered `true` from the tuple OpenFGA still
+/// held, and a replay dropped the revoke as superseded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoke_dead_in_an_outage_is_owed_again_when_a_newer_op_is_refused() {
     let s = new_store("cli-owed-revoke").await;
-    support::write_to_openfga(&s, "user:anne", "viewer", "document:1").await;
-    let wb = filler(&s, Mode::Queue).await;
-    die_in_an_outage(&s, &wb, 1, async {
+    let wb = revoke_dead_in_an_outage(&s).await;
+    let unchecked = unchecked_handle(&s).await;
+    refused_grant(&unchecked).await;
+    let cli = Cli::new(&s, "queue");
+    let r = cli.run(&["dlq", "replay", "--all"]).await;
+    r.ok();
+    assert!(r.stdout.contains("replayed 0"), "{}", r.stdout);
+    assert_eq!(
+        wb.dead_letters().await.unwrap().len(),
+        1,
+        "the revoke's letter stays"
+    );
+    unchecked.flush().await.unwrap();
+    // No application flushes from here on.
+    unchecked.shutdown().await.unwrap();
+    wb.shutdown().await.unwrap();
+    let inspect = inspecting_handle(&s).await;
+    let _worker = replaying_off_worker(&s);
+    let refused = refused_letter(&inspect).await;
+    assert_eq!(refused.op, fga_wb::Op::Grant, "{refused:?}");
+    let e = inspect.check("user:anne", "viewer", "document:1").await;
+    assert!(
+        !matches!(e, Ok(true)),
+        "a revoke owed to OpenFGA answered allowed"
+    );
+    // The worker alone writes the revoke.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !stored(&s).await.is_empty() {
+        assert!(Instant::now() < deadline, "the revoke was not written");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!inspect
+        .check("user:anne", "viewer", "document:1")
+        .await
+        .unwrap());
+    let letters = inspect.dead_letters().await.unwrap();
+    assert!(letters.iter().all(|d| !d.transient), "{letters:?}");
+    cli.run(&["flush", "--wait"]).await.ok();
+}
+
+/// The same, with a plain grant acknowledged after the revoke and folded
+/// into the refused one: the application granted after the revoke, so the
+/// revoke is no longer owed, and the tuple OpenFGA holds stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_folded_after_a_revoke_dead_in_an_outage_settles_it() {
+    let s = new_store("cli-owed-settled").await;
+    let wb = revoke_dead_in_an_outage(&s).await;
+    let unchecked = unchecked_handle(&s).await;
+    unchecked
+        .grant("user:anne", "viewer", "document:1")
+        .await
+        .unwrap();
+    refused_grant(&unchecked).await;
+    unchecked.flush().await.unwrap();
+    let _worker = replaying_off_worker(&s);
+    refused_letter(&wb).await;
+    Cli::new(&s, "queue").run(&["flush", "--wait"]).await.ok();
+    assert_eq!(stored(&s).await, ["document:1#viewer@user:anne"]);
+    assert!(wb.check("user:anne", "viewer", "document:1").await.unwrap());
+}
+
+/// A store where anne is viewer of document:1 in OpenFGA, and a queue-mode
+/// handle whose revoke of it died in an outage (checks fail closed).
+async fn revoke_dead_in_an_outage(s: &TestStore) -> WriteBehind {
+    support::write_to_openfga(s, "user:anne", "viewer", "document:1").await;
+    let wb = filler(s, Mode::Queue).await;
+    die_in_an_outage(s, &wb, 1, async {
         wb.revoke("user:anne", "viewer", "document:1")
             .await
             .unwrap();
@@ -653,12 +719,30 @@ async fn a_revoke_dead_in_an_outage_is_owed_again_when_a_newer_op_is_refused() {
     .await;
     let e = wb.check("user:anne", "viewer", "document:1").await;
     assert!(e.as_ref().is_err_and(|e| e.is_stale_check()), "{e:?}");
+    wb
+}
 
-    let unchecked = WriteBehind::builder(filler_config(&s, Mode::Queue))
+/// A queue-mode handle that does not check tuples against the model.
+async fn unchecked_handle(s: &TestStore) -> WriteBehind {
+    WriteBehind::builder(filler_config(s, Mode::Queue))
         .validate_against_model(false)
         .build()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// A queue-mode handle that flushes nothing by itself.
+async fn inspecting_handle(s: &TestStore) -> WriteBehind {
+    WriteBehind::builder(filler_config(s, Mode::Queue))
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap()
+}
+
+/// Grants anne viewer of document:1 under a condition the model lacks:
+/// OpenFGA refuses it for good.
+async fn refused_grant(unchecked: &WriteBehind) {
     unchecked
         .grant_with_condition(
             "user:anne",
@@ -669,31 +753,26 @@ async fn a_revoke_dead_in_an_outage_is_owed_again_when_a_newer_op_is_refused() {
         )
         .await
         .unwrap();
-    unchecked.flush().await.unwrap();
-    let cli = Cli::new(&s, "queue");
-    let mut worker = Cli::new(&s, "queue");
+}
+
+/// A worker that writes, and does not replay transient letters by itself.
+fn replaying_off_worker(s: &TestStore) -> tokio::process::Child {
+    let mut worker = Cli::new(s, "queue");
     worker.set("FGA_WB_QUEUE__REPLAY_TRANSIENT", "0s");
-    let _worker = quiet_worker(&worker);
+    quiet_worker(&worker)
+}
+
+/// Waits for the letter of an op OpenFGA refused for good.
+async fn refused_letter(wb: &WriteBehind) -> fga_wb::DeadLetter {
     let deadline = Instant::now() + Duration::from_secs(30);
-    let refused = loop {
+    loop {
         let letters = wb.dead_letters().await.unwrap();
         if let Some(d) = letters.iter().find(|d| !d.transient) {
-            break d.clone();
+            return d.clone();
         }
-        assert!(Instant::now() < deadline, "no refused grant: {letters:?}");
+        assert!(Instant::now() < deadline, "no refused op: {letters:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert_eq!(refused.op, fga_wb::Op::Grant, "{refused:?}");
-    let e = wb.check("user:anne", "viewer", "document:1").await;
-    assert!(
-        !matches!(e, Ok(true)),
-        "a revoke owed to OpenFGA answered allowed"
-    );
-    cli.run(&["flush", "--wait"]).await.ok();
-    assert!(stored(&s).await.is_empty(), "the revoke was not written");
-    assert!(!wb.check("user:anne", "viewer", "document:1").await.unwrap());
-    let letters = wb.dead_letters().await.unwrap();
-    assert!(letters.iter().all(|d| !d.transient), "{letters:?}");
+    }
 }
 
 /// `fga-wb worker` for `cli`'s store, its output dropped.

@@ -169,6 +169,9 @@ pub(crate) struct Finished {
     pub requeued: u64,
     /// Dropped because a newer op on the same key arrived while in flight.
     pub superseded: u64,
+    /// Revokes that died of transient causes, pending again because a
+    /// newer op on their tuple was refused for good (Redis store).
+    pub repended: u64,
 }
 
 /// Pending ops relevant to a check.

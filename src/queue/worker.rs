@@ -352,6 +352,14 @@ impl Applier {
         done.extend(again.into_iter().map(|t| (t, Outcome::Keep)));
         done.extend(busy.into_iter().map(|t| (t, Outcome::Busy)));
         let finished = self.store.finish(done, Some(&end)).await?;
+        if finished.repended > 0 {
+            // Revokes pending again (a newer op on their tuples was refused
+            // for good): queued now, as a flush would, since no application
+            // process need be running.
+            if let Err(e) = self.queue_pending().await {
+                tracing::warn!(error = %e, "cannot queue revokes pending again; the next flush does");
+            }
+        }
         let report = crate::status::FlushReport {
             applied: finished.applied,
             dead_lettered: finished.dead,
@@ -697,6 +705,13 @@ impl Applier {
         );
         // Queued at once, as a flush would: no application process need be
         // running.
+        self.queue_pending().await
+    }
+
+    /// Takes what is pending and queues it in jobs, as an application's
+    /// flush would.
+    async fn queue_pending(&self) -> Result<()> {
+        let e = &self.engine;
         let up_to = self.store.last_seq().await?;
         let model = e.model_id.get();
         // Taken ops are this worker's until enqueued: no look for strays

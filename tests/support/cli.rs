@@ -121,6 +121,8 @@ impl Cli {
     }
 
     pub fn command(&self, args: &[&str]) -> tokio::process::Command {
+        // Another `Cli` of the same store, dropped, removed it.
+        let _ = std::fs::create_dir_all(&self.dir);
         let mut c = tokio::process::Command::new(BIN);
         c.args(args)
             .env_clear()

@@ -103,6 +103,8 @@ impl RedisStore {
                         dead: count(&v, 1)?,
                         requeued: count(&v, 2)?,
                         superseded: count(&v, 3)?,
+                        // Not in a repeated call's answer.
+                        repended: count(&v, 4).unwrap_or(0),
                     });
                 }
                 Err(e) => e,

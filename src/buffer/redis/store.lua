@@ -299,6 +299,11 @@ local function write_hash(h, fields)
   in_parts(rcall, 'HSET', h, set, ns, 8000)
 end
 
+-- Keys on which a grant, or an op that may have been one, was folded into a
+-- newer op during this call: see settle_owed (defined with the letters).
+local folded_grants = {}
+local settle_owed
+
 local function apply_writes()
   want_collected()
   local ops = hashes[K_OPS]
@@ -322,6 +327,11 @@ local function apply_writes()
   flush_incrs()
   if ops then write_hash(K_OPS, ops) end
   zsets, hashes = {}, {}
+  if #folded_grants > 0 then
+    local settle = folded_grants
+    folded_grants = {}
+    settle_owed(settle)
+  end
 end
 
 -- Refuses to run (before writing anything) when a key holds another type than
@@ -643,6 +653,20 @@ local function owed_revoke(key)
   return nil
 end
 
+-- The application granted on `keys` after a revoke of theirs died of
+-- transient causes (a grant, or an op that may have been one, was folded
+-- into a newer op): that revoke is no longer owed (see finish), and its
+-- letter is superseded. Free while no key has letters.
+settle_owed = function(keys)
+  if rcall('HLEN', K_DEADKEY) == 0 then return end
+  for _, k in ipairs(keys) do
+    if owed_revoke(k) then
+      rcall('HSET', K_DEADKEY, k, 0)
+      unindex_dead(k)
+    end
+  end
+end
+
 -- `v` (a number a letter kept) as a place in line or a time before
 -- `limit`, as entries write them; nil if it is not one.
 local function place(v, limit)
@@ -731,6 +755,8 @@ local function hand_back_jobs(w, now, running)
     move(key, e, 'r')
     mine[#mine + 1] = key
     folded = folded + 1
+    -- The older op may have been a grant, and its write may have landed.
+    tinsert(folded_grants, key)
   end
   for i, key in ipairs(keys) do
     local e = cache[key]
@@ -780,10 +806,12 @@ local function hand_back(w, now, only)
       elseif e.state == 'b' then
         -- The older op's write may or may not have landed; the newer op
         -- is written after it either way. Its writer will never finish
-        -- it: it ends here, folded into the newer op.
+        -- it: it ends here, folded into the newer op (which may have been
+        -- a grant).
         move(key, e, 'r')
         ops = ops + 1
         folded = folded + 1
+        tinsert(folded_grants, key)
       end
     end
   end
@@ -999,12 +1027,14 @@ if cmd == 'push' then
         if cur.state == 'r' then
           -- Folded into this op: it keeps its place in the queue.
           set_ready(key, cur, false)
+          if cur.op == 'g' then tinsert(folded_grants, key) end
           e = { seq = seq, first = cur.first, since = cur.since, op = op, state = 'r', job = '', writer = '', cond = cond }
           coalesced = 1
         elseif cur.state == 'b' then
           e = { seq = seq, first = cur.first, since = cur.since, op = op, state = 'b', job = '',
                 writer = cur.writer, ifseq = cur.ifseq, cond = cond }
           coalesced = 1
+          if cur.op == 'g' then tinsert(folded_grants, key) end
         else
           -- Being written (by a process, or by the worker running the job
           -- that holds it): waits for that write to end. Held by a job
@@ -1021,6 +1051,7 @@ if cmd == 'push' then
           else
             e = { seq = seq, first = seq, since = now, op = op, state = 'r', job = '', writer = '', cond = cond }
             coalesced = 1
+            if cur.op == 'g' then tinsert(folded_grants, key) end
           end
         end
         count_state(e, 1, key)
@@ -1219,9 +1250,10 @@ if cmd == 'enqueue' then
           hkeys[h], hseqs[h], hops[h], hconds[h] = key, e.seq, e.op, e.cond
         elseif e and e.state == 'b' and e.writer == writer and e.ifseq == seqs[i] then
           -- A newer op arrived since the take: it is ready now, and the taken
-          -- op is folded into it.
+          -- op (of a kind the entry no longer says) is folded into it.
           move(key, e, 'r')
           superseded = superseded + 1
+          tinsert(folded_grants, key)
         end
       end
     end
@@ -1357,7 +1389,8 @@ end
 --   fetched the job), the same in every repeat. From an earlier term
 --   (what it held was handed to others since), the call ends nothing the
 --   writer holds now: that is a write of the new term.
---   -> {applied, dead, requeued, superseded}
+--   -> {applied, dead, requeued, superseded[, revokes pending again (see
+--       below), when some are; never in a repeat's answer]}
 local FIN_KEEP_MS = 600000
 if cmd == 'finish' then
   local now, writer, job, action, due, jobjson, n =
@@ -1482,10 +1515,11 @@ if cmd == 'finish' then
         -- Not this writer's to finish (another writer holds the key), or found
         -- superseded when claimed (counted when it was superseded).
       elseif behind then
-        -- A newer op waited behind it: that op counts, this one is folded
-        -- into it.
+        -- A newer op waited behind it: that op counts, this one (which may
+        -- have been a grant) is folded into it.
         superseded = superseded + 1
         move(key, e, 'r')
+        tinsert(folded_grants, key)
       end
       -- Otherwise its writer's lease ended and the op was handed back: it
       -- counts where it ends (applied by another writer, folded into a
@@ -1565,6 +1599,7 @@ if cmd == 'finish' then
     pcall_('ZADD', K_FIN, call, call .. '|' .. applied .. '|' .. dead .. '|' .. requeued .. '|' .. superseded)
     pcall_('PEXPIRE', K_FIN, FIN_KEEP_MS)
   end
+  if repended > 0 then return { applied, dead, requeued, superseded, repended } end
   return { applied, dead, requeued, superseded }
 end
 
@@ -1627,10 +1662,11 @@ end
 -- them). The loss is recorded in P:loss, which stays until an operator
 -- acknowledges it, and the store moves to a new epoch. A writer that finds
 -- an epoch that replaced its own after a recorded loss just moves on to it.
--- How far the counters jump when a loss is recorded: 2^40, so a store can
--- record thousands of losses before its numbers leave a double's exact
--- integers (2^53).
-local LOSS_GAP = 1099511627776
+-- How far the counters jump when a loss is recorded: 2^32, far more than a
+-- lost stretch of history holds, and small enough that a store records
+-- some 23,000 losses before its numbers reach 10^14, past which Lua and
+-- cjson write them with an exponent.
+local LOSS_GAP = 4294967296
 if cmd == 'heartbeat' then
   local now, writer, lease = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
   local known, acked = ARGV[6] or '', tonumber(ARGV[7]) or 0
@@ -2128,7 +2164,8 @@ end
 --   -> {replayed, superseded, kept, (key, cond)* of the replayed}
 -- Each letter, in one step: dropped if superseded (its key has an entry, or
 -- P:deadkey does not name it), else buffered again as a new op; with the
--- buffer full, it and the rest stay.
+-- buffer full, it and the rest stay. A transient revoke's letter whose key
+-- has an entry stays as it is: it is owed until that op is written.
 if cmd == 'replay' then
   local now, cap, only_transient = ARGV[3], tonumber(ARGV[4]), ARGV[5] == '1'
   local ids = letter_ids(6)
@@ -2142,7 +2179,10 @@ if cmd == 'replay' then
     if d and (not only_transient or d.transient == true) then
       load({ d.key })
       local latest = rcall('HGET', K_DEADKEY, d.key)
-      if cache[d.key] or latest ~= tostring(id) then
+      if cache[d.key] and latest == tostring(id) and d.transient == true and d.op == 'r' then
+        -- A revoke owed until the newer op buffered on its key is written
+        -- (see finish): not superseded yet, and not replayed over that op.
+      elseif cache[d.key] or latest ~= tostring(id) then
         superseded = superseded + 1
         rcall('HDEL', K_DEAD, id)
         if latest == tostring(id) then
@@ -2226,7 +2266,11 @@ if cmd == 'deadstate' then
   for i = 3, #ARGV, 2 do
     local key, id = ARGV[i], ARGV[i + 1]
     local buffered = rcall('HEXISTS', K_OPS, key) == 1
-    tinsert(out, (buffered or rcall('HGET', K_DEADKEY, key) ~= id) and 1 or 0)
+    local named = rcall('HGET', K_DEADKEY, key) == id
+    -- A revoke owed until the newer op on its key is written is not
+    -- superseded by it (see replay).
+    local _, owed = owed_revoke(key)
+    tinsert(out, ((buffered and owed ~= id) or not named) and 1 or 0)
   end
   return out
 end
