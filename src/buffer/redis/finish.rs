@@ -103,7 +103,7 @@ impl RedisStore {
                         dead: count(&v, 1)?,
                         requeued: count(&v, 2)?,
                         superseded: count(&v, 3)?,
-                        // Not in a repeated call's answer.
+                        // Only when some are (and not from older versions).
                         repended: count(&v, 4).unwrap_or(0),
                     });
                 }
