@@ -850,6 +850,34 @@ async fn a_heartbeat_without_an_epoch_still_finds_a_lost_counter() {
     drop(wb);
 }
 
+/// A revoke that died of transient causes and is owed behind a newer op on
+/// its tuple (written if that op is refused for good) is an op left for
+/// `flush --wait`, also when the newer op came after the mark: the revoke
+/// was acknowledged before it. Before, its letter was skipped (its tuple
+/// has an entry) and the newer op was past the mark: nothing was left.
+#[tokio::test]
+async fn an_owed_revoke_behind_a_newer_op_is_left_before_the_mark() {
+    let s = new_store("redis-owed-unfinished").await;
+    let b = manual_handle(&s).await;
+    b.revoke("user:anne", "viewer", "document:owed")
+        .await
+        .unwrap();
+    let key = "document:owed#viewer@user:anne";
+    let mut w = LateWriter::new(&s, "app:owed").await;
+    let taken = w.take_at(now_ms(), 60_000).await;
+    w.finish(key, &taken[key], "D").await;
+    let mark = b.last_acknowledged().await.unwrap();
+    let left = || async {
+        let u = b.unfinished(mark).await.unwrap();
+        (u.ops, u.transient_letters)
+    };
+    assert_eq!(left().await, (0, 1), "the revoke's letter");
+    b.grant("user:anne", "viewer", "document:owed")
+        .await
+        .unwrap();
+    assert_eq!(left().await, (1, 0), "owed behind the newer op");
+}
+
 /// After Redis lost acknowledged ops, the sequence numbers it hands out
 /// next are not ones it handed out before: a writer still writing an op of
 /// the lost history would otherwise finish a new op that got the same
