@@ -252,6 +252,10 @@ async fn a_handle_pinned_to_a_model_stays_on_it() {
         .unwrap();
     assert_eq!(wb.refresh_model().await.unwrap(), Some(s.model_id.clone()));
     wb.grant("user:*", "viewer", "document:1").await.unwrap();
+    // Written under the pinned model, which allows it (the latest does not).
+    wb.flush().await.unwrap();
+    assert_eq!(stored(&s).await, ["document:1#viewer@user:*"]);
+    assert!(wb.dead_letters().await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
