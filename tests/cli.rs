@@ -652,6 +652,12 @@ async fn a_revoke_dead_in_an_outage_is_owed_again_when_a_newer_op_is_refused() {
     let r = cli.run(&["dlq", "replay", "--all"]).await;
     r.ok();
     assert!(r.stdout.contains("replayed 0"), "{}", r.stdout);
+    assert!(
+        r.stdout
+            .contains("1 revoke letter stays: it is owed behind a newer op"),
+        "{}",
+        r.stdout
+    );
     assert_eq!(
         wb.dead_letters().await.unwrap().len(),
         1,

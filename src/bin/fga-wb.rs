@@ -464,6 +464,30 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
                     r.replayed,
                     r.superseded
                 );
+                // With room for all, a replay leaves only revokes owed
+                // behind a newer op on their tuple: say why they stay.
+                if r.kept == 0 {
+                    let owed = wb
+                        .dead_letters()
+                        .await?
+                        .iter()
+                        .filter(|d| {
+                            d.transient
+                                && !d.superseded
+                                && d.op == fga_wb::Op::Revoke
+                                && which.as_ref().is_none_or(|w| w.contains(&d.id))
+                        })
+                        .count();
+                    if owed > 0 {
+                        let (what, them) = match owed {
+                            1 => ("letter stays: it is", "it"),
+                            _ => ("letters stay: each is", "them"),
+                        };
+                        out!(
+                            "{owed} revoke {what} owed behind a newer op on its tuple, not replayed over it, and written if that op is refused for good (`fga-wb dlq list` shows {them})"
+                        );
+                    }
+                }
             }
             match r.flush_error {
                 Some(e) => Err(Failure {
