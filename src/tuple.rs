@@ -166,12 +166,19 @@ impl TupleKey {
 
     /// Checks every field against OpenFGA's rules.
     pub fn validate(&self) -> Result<(), TupleError> {
+        self.validate_fields(false)
+    }
+
+    /// The fields; with `written`, also what OpenFGA refuses only in what is
+    /// written (control characters in a context), so that ops and letters an
+    /// older version stored with such a context stay readable.
+    fn validate_fields(&self, written: bool) -> Result<(), TupleError> {
         validate_user(&self.user)?;
         validate_relation(&self.relation)?;
         validate_object(&self.object)?;
         if let Some(c) = &self.condition {
             validate_condition_name(&c.name)?;
-            if let Some(why) = c.context.as_ref().and_then(|c| context_problem(c, false)) {
+            if let Some(why) = c.context.as_ref().and_then(|c| context_problem(c, written)) {
                 return Err(TupleError::new(Field::Condition, &c.name, why));
             }
         }
@@ -182,14 +189,7 @@ impl TupleKey {
     /// and no userset of the tuple's own object and relation (such a tuple
     /// is implicit; OpenFGA refuses to write it, though it may be checked).
     pub fn validate_for_write(&self) -> Result<(), TupleError> {
-        self.validate()?;
-        // Checked for what is written only: ops and letters an older
-        // version stored with such a context stay readable.
-        if let Some(c) = &self.condition {
-            if let Some(why) = c.context.as_ref().and_then(|c| context_problem(c, true)) {
-                return Err(TupleError::new(Field::Condition, &c.name, why));
-            }
-        }
+        self.validate_fields(true)?;
         if self.user.split_once('#') == Some((self.object.as_str(), self.relation.as_str())) {
             return Err(TupleError::new(
                 Field::User,
@@ -454,11 +454,11 @@ fn context_problem(
     let refused = || {
         Some("has a context key or string value with a control character (a newline or a tab, say), which OpenFGA refuses: remove it".to_owned())
     };
-    // Each value with the level it would open if it is an object or array
-    // (the context's own is level 1).
     if context.keys().any(|k| control(k)) {
         return refused();
     }
+    // Each value with the level it would open if it is an object or array
+    // (the context's own is level 1).
     let mut todo: Vec<(&Value, usize)> = context.values().map(|v| (v, 2)).collect();
     while let Some((v, level)) = todo.pop() {
         match v {

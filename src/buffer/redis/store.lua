@@ -688,6 +688,18 @@ local function add_entry(key, op, cond, seq, now, first)
   return e
 end
 
+-- Buffers a letter's op again on a key with no entry, back in line where
+-- its op was and pending since it was: to `unfinished` (flush --wait) it is
+-- the op acknowledged then, not a new one, and the oldest pending op's age
+-- stays true.
+local function rebuffer(d, now)
+  local seq = sformat('%.0f', next_of(P .. ':seq'))
+  local e = add_entry(d.key, d.op, d.cond, seq, now, place(d.first or d.seq, seq))
+  local since = place(d.since, now)
+  if since then e.since = since end
+  put(d.key, e)
+end
+
 -- The keys and seqs of job `id`'s ops (`job`: its JSON), or nil if it
 -- cannot be read. As enqueue listed them, for a job that still looks like
 -- one enqueue stored; any other (rewritten for a retry, queued by an older
@@ -1489,16 +1501,12 @@ if cmd == 'finish' then
         -- Refused for good, this op never reaches OpenFGA: a revoke of the
         -- key that died in an outage before it is owed again, not
         -- superseded (OpenFGA may still hold what it revokes, and checks
-        -- would answer from that). Pending again where it was in line, as
-        -- a replay would put it; its letter goes below.
+        -- would answer from that). Pending again, as a replay would put it;
+        -- its letter goes below.
         local owed, owed_id = nil, nil
         if outcome == 'd' then owed, owed_id = owed_revoke(key) end
         if owed then
-          local s = sformat('%.0f', next_of(P .. ':seq'))
-          local again = add_entry(key, 'r', '', s, ARGV[3], place(owed.first or owed.seq, s))
-          local since = place(owed.since, ARGV[3])
-          if since then again.since = since end
-          put(key, again)
+          rebuffer(owed, ARGV[3])
           letters[#letters].owed = owed_id
           repended = repended + 1
           notify = true
@@ -2198,14 +2206,7 @@ if cmd == 'replay' then
         kept = #ids - i + 1
         break
       else
-        local seq = sformat('%.0f', next_of(P .. ':seq'))
-        -- Back in line where its op was, pending since it was: to
-        -- `unfinished` (flush --wait) it is the op acknowledged then, not
-        -- a new one, and the oldest pending op's age stays true.
-        local e = add_entry(d.key, d.op, d.cond, seq, now, place(d.first or d.seq, seq))
-        local since = place(d.since, now)
-        if since then e.since = since end
-        put(d.key, e)
+        rebuffer(d, now)
         size = size + 1
         replayed = replayed + 1
         local rel = rel_of(d.key)
@@ -2274,8 +2275,8 @@ if cmd == 'deadstate' then
     local named = rcall('HGET', K_DEADKEY, key) == id
     -- A revoke owed until the newer op on its key is written is not
     -- superseded by it (see replay).
-    local _, owed = owed_revoke(key)
-    tinsert(out, ((buffered and owed ~= id) or not named) and 1 or 0)
+    local owed = buffered and named and select(2, owed_revoke(key)) == id
+    tinsert(out, ((buffered and not owed) or not named) and 1 or 0)
   end
   return out
 end
