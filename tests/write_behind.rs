@@ -132,3 +132,77 @@ async fn flush_up_to_writes_what_came_before_a_mark_in_redis() {
     cfg.redis.url = support::redis_url();
     flush_up_to_writes_what_came_before(cfg, &s).await;
 }
+
+/// A `flush()` ends once what was acknowledged before it is written, even
+/// while other callers keep more than a batch pending all along. It waited
+/// for a take to come back empty, which a steady backlog never lets happen.
+async fn flush_ends_under_a_steady_backlog(mut cfg: fga_wb::Config, s: &support::TestStore) {
+    cfg.flush.batch_size = 100;
+    cfg.buffer.capacity = 3_000;
+    cfg.buffer.overflow = fga_wb::config::Overflow::Reject;
+    let wb = std::sync::Arc::new(WriteBehind::builder(cfg).build().await.unwrap());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let granted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let granter = {
+        let (wb, stop, granted) = (wb.clone(), stop.clone(), granted.clone());
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                match wb
+                    .grant(&format!("user:s{i}"), "viewer", "document:steady")
+                    .await
+                {
+                    Ok(()) => {
+                        granted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e) if e.is_buffer_full() => tokio::task::yield_now().await,
+                    Err(e) => panic!("grant: {e}"),
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    support::eventually("a backlog", Duration::from_secs(30), || async {
+        let p = wb.pending().await.unwrap();
+        p.total + p.in_flight >= 1_000
+    })
+    .await;
+    // Acknowledged before the flush began.
+    let before = granted.load(std::sync::atomic::Ordering::Relaxed);
+    let flushed = tokio::time::timeout(Duration::from_secs(120), wb.flush()).await;
+    let backlog = {
+        let p = wb.pending().await.unwrap();
+        p.total + p.in_flight
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    granter.await.unwrap();
+    let r = flushed
+        .expect("flush() did not end while others kept a backlog")
+        .unwrap();
+    assert_eq!(r.error, None, "{r:?}");
+    assert!(backlog >= 100, "the backlog lasted to the end: {backlog}");
+    let written = stored(s).await.len();
+    assert!(
+        written >= before,
+        "{written} written, {before} acknowledged before the flush"
+    );
+    let wb = std::sync::Arc::into_inner(wb).unwrap();
+    wb.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_ends_under_a_steady_backlog_in_memory() {
+    let s = new_store("wb-flush-backlog").await;
+    flush_ends_under_a_steady_backlog(config_for(&s), &s).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_ends_under_a_steady_backlog_in_redis() {
+    let s = new_store("wb-flush-backlog-redis").await;
+    let mut cfg = config_for(&s);
+    cfg.buffer.store = fga_wb::config::StoreKind::Redis;
+    cfg.redis.url = support::redis_url();
+    flush_ends_under_a_steady_backlog(cfg, &s).await;
+}

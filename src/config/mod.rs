@@ -171,7 +171,8 @@ pub enum Overflow {
     /// Wait for room, up to `buffer.block_timeout`, then fail.
     #[default]
     Block,
-    /// Flush synchronously, then accept.
+    /// Flush synchronously (`flush()`), then take the op if that made
+    /// room, else fail as full.
     Flush,
     /// Fail at once.
     Reject,

@@ -123,6 +123,12 @@ pub(crate) struct Pump {
     /// something changes.
     pub(crate) exhausted: Option<u64>,
     pub(crate) revokes_exhausted: Option<u64>,
+    /// A take came back with fewer ops than it asked for, up to this
+    /// bound: nothing was ready up to it then. What `flush()` waits for
+    /// (see `reached`); `exhausted` needs an empty take at the whole
+    /// target, which a steady backlog never gives. Forgotten with
+    /// `exhausted`.
+    pub(crate) drained: Option<u64>,
     /// When overdue ops last made the pump look again despite `exhausted`.
     pub(crate) relooked: Option<Instant>,
     pub(crate) waiters: Vec<Waiter>,
@@ -202,6 +208,7 @@ impl Pump {
             blocked: 0,
             exhausted: None,
             revokes_exhausted: None,
+            drained: None,
             relooked: None,
             waiters: Vec::new(),
             totals: FlushReport::default(),
@@ -315,6 +322,7 @@ impl Pump {
                 if again <= now {
                     self.relooked = Some(now);
                     self.exhausted = None;
+                    self.drained = None;
                     self.revokes_exhausted = None;
                 } else {
                     next = Some(again);
@@ -345,12 +353,14 @@ impl Pump {
         e.revoke_wanted.store(false, Ordering::Relaxed);
         if e.others_finished.swap(false, Ordering::Relaxed) {
             self.exhausted = None;
+            self.drained = None;
             self.revokes_exhausted = None;
         }
         for w in &self.waiters {
             if w.up_to > self.target {
                 self.target = w.up_to;
                 self.exhausted = None;
+                self.drained = None;
             }
         }
         // A flush() also waits for its ops that wait behind other writers'
@@ -447,6 +457,7 @@ impl Pump {
             Ok((ops, _)) => {
                 tracing::warn!(ops, "gave back ops Redis named this process as writing though it was not (a reply lost on the way); they are pending again");
                 self.exhausted = None;
+                self.drained = None;
                 self.revokes_exhausted = None;
                 self.replan = true;
             }
@@ -510,6 +521,7 @@ impl Pump {
         if to > self.target {
             self.target = to;
             self.exhausted = None;
+            self.drained = None;
         }
     }
 
@@ -566,12 +578,21 @@ impl Pump {
             let due = self.target > 0 && self.exhausted != Some(self.target);
             let ahead = chunk * self.limit.get() * TAKE_AHEAD_ROUNDS;
             if due && self.taking.is_none() && self.staged.len() < ahead {
+                // The oldest flush() not known to be drained: its
+                // stragglers are taken first (see take_window).
+                let mark = self
+                    .waiters
+                    .iter()
+                    .map(|w| w.up_to)
+                    .filter(|&u| self.exhausted.max(self.drained).is_none_or(|d| d < u))
+                    .min();
                 self.taking = Some(Box::pin(take_window(
                     self.engine.clone(),
                     self.cursor,
                     self.target,
                     chunk * WINDOW_CHUNKS,
                     self.backlog,
+                    mark,
                 )));
             }
             if self.staged.is_empty() {
@@ -733,6 +754,9 @@ impl Pump {
         self.report_dead_on_take();
         self.raise(w.target);
         self.cursor = self.cursor.max(w.cursor);
+        if w.drained > self.drained {
+            self.drained = w.drained;
+        }
         match w.result {
             Ok(ops) if ops.is_empty() => {
                 if w.cursor >= w.target && w.target >= self.target {
@@ -893,6 +917,7 @@ impl Pump {
         }
         // Something finished: keys it held may be ready again.
         self.exhausted = None;
+        self.drained = None;
         self.revokes_exhausted = None;
         self.absorb(&report);
         match stop {
@@ -993,8 +1018,8 @@ impl Pump {
     /// Whether everything acknowledged up to `up_to` is written.
     pub(crate) fn reached(&self, up_to: u64) -> bool {
         // Sequence numbers start at 1: up to 0 is nothing.
-        let ready_done =
-            up_to == 0 || (self.exhausted.is_some_and(|t| t >= up_to) && self.blocked == 0);
+        let ready_done = up_to == 0
+            || (self.exhausted.max(self.drained).is_some_and(|t| t >= up_to) && self.blocked == 0);
         let none_running =
             self.running_firsts.keys().next().is_none_or(|&f| f > up_to) && self.taking.is_none();
         let none_staged = self
@@ -1081,6 +1106,7 @@ impl Pump {
         self.engine.stats.set_stopped(None);
         self.last_error = None;
         self.exhausted = None;
+        self.drained = None;
         self.revokes_exhausted = None;
     }
 
@@ -1120,6 +1146,7 @@ impl Pump {
         if holding && idle && !self.explicit() {
             self.unstage().await;
             self.exhausted = None;
+            self.drained = None;
             self.revokes_exhausted = None;
         }
     }
@@ -1187,6 +1214,9 @@ pub(crate) struct Window {
     pub(crate) cursor: u64,
     /// The target it was taken for.
     pub(crate) target: u64,
+    /// The highest bound a take of it came back short at (see
+    /// `Pump::drained`).
+    pub(crate) drained: Option<u64>,
 }
 
 /// The oldest due ops, about `window` of them: those acknowledged in the
@@ -1199,12 +1229,18 @@ pub(crate) struct Window {
 /// while writing) trails by a few hundred ops, and windows cut at it come
 /// out small, so their chunks are partial and the server gets more,
 /// smaller requests than the backlog needs.
+///
+/// `mark`: a `flush()` waits for everything up to it. Once the walk is past
+/// it, what is still ready up to it (ops a take left, or ready again) is
+/// taken first, until a take up to it finds none (`drained`): while others
+/// keep more than a window due, no take up to the whole target ever does.
 pub(crate) async fn take_window(
     engine: Arc<Engine>,
     mut cursor: u64,
     mut target: u64,
     window: usize,
     backlog: bool,
+    mark: Option<u64>,
 ) -> Window {
     if backlog {
         if let Ok(last) = engine.store.last_seq().await {
@@ -1212,9 +1248,12 @@ pub(crate) async fn take_window(
         }
     }
     let mut out: Vec<Taken> = Vec::new();
+    let mut drained = None;
     let mut jumped = false;
+    let mut stragglers = mark.map(|m| m.min(target)).filter(|&m| m <= cursor);
     loop {
-        let bound = target.min(cursor.saturating_add(window as u64));
+        let straggling = stragglers.take();
+        let bound = straggling.unwrap_or_else(|| target.min(cursor.saturating_add(window as u64)));
         let empty = match engine
             .store
             .take(window - out.len(), Take::All, bound)
@@ -1223,6 +1262,11 @@ pub(crate) async fn take_window(
             Ok(ops) => {
                 let empty = ops.is_empty();
                 out.extend(ops);
+                if empty && straggling.is_some() {
+                    drained = straggling;
+                    // Says nothing of the range after the cursor.
+                    continue;
+                }
                 empty
             }
             // What earlier takes moved to this writer is written, not
@@ -1234,6 +1278,7 @@ pub(crate) async fn take_window(
                     result: Ok(out),
                     cursor,
                     target,
+                    drained,
                 };
             }
             Err(e) => {
@@ -1241,6 +1286,7 @@ pub(crate) async fn take_window(
                     result: Err(e),
                     cursor,
                     target,
+                    drained: None,
                 }
             }
         };
@@ -1258,6 +1304,7 @@ pub(crate) async fn take_window(
                 result: Ok(out),
                 cursor,
                 target,
+                drained,
             };
         }
         if empty && engine.store.shared() {
@@ -1834,7 +1881,7 @@ mod tests {
         grant(&e, "document:2", 0, 240).await;
         store.takes.store(0, Ordering::Relaxed);
         store.fail_take.store(2, Ordering::Relaxed);
-        let w = take_window(e.clone(), 0, 300, 100, false).await;
+        let w = take_window(e.clone(), 0, 300, 100, false, None).await;
         assert_eq!(
             store.takes.load(Ordering::Relaxed),
             2,
@@ -2057,15 +2104,41 @@ mod tests {
             let t = TupleKey::new(format!("user:u{i:03}"), "viewer", "document:1").unwrap();
             e.store.push(&t, Op::Grant).await.unwrap();
         }
-        let w = take_window(e.clone(), 0, 100, 3200, false).await;
+        let w = take_window(e.clone(), 0, 100, 3200, false, None).await;
         let ops = w.result.unwrap();
         assert_eq!((ops.len(), w.target), (100, 100));
         assert!(ops.iter().all(|t| t.seq <= 100));
 
-        let w = take_window(e.clone(), w.cursor, 100, 3200, true).await;
+        let w = take_window(e.clone(), w.cursor, 100, 3200, true, None).await;
         let ops = w.result.unwrap();
         assert_eq!((ops.len(), w.target), (200, 300));
         assert!(ops.iter().all(|t| t.seq > 100));
+    }
+
+    /// A flush() waiting for seq 150, the walk past it: what is still
+    /// ready up to 150 comes first, and a window whose take up to 150
+    /// finds nothing says so (`drained`), however much is due after it.
+    #[tokio::test]
+    async fn a_window_past_a_flush_mark_takes_its_stragglers_first() {
+        let e = engine();
+        for i in 0..300 {
+            let t = TupleKey::new(format!("user:u{i:03}"), "viewer", "document:1").unwrap();
+            e.store.push(&t, Op::Grant).await.unwrap();
+        }
+        let w = take_window(e.clone(), 200, 300, 50, false, Some(150)).await;
+        let ops = w.result.unwrap();
+        assert_eq!(ops.len(), 50);
+        assert!(ops.iter().all(|t| t.seq <= 150), "stragglers first");
+        assert_eq!(w.drained, None, "some were left");
+        for _ in 0..2 {
+            let w = take_window(e.clone(), 200, 300, 50, false, Some(150)).await;
+            assert_eq!(w.result.unwrap().len(), 50);
+        }
+        let w = take_window(e.clone(), 200, 300, 50, false, Some(150)).await;
+        let ops = w.result.unwrap();
+        assert_eq!(w.drained, Some(150));
+        assert_eq!(ops.len(), 50, "the rest of the window is taken as before");
+        assert!(ops.iter().all(|t| t.seq > 150 && t.seq <= 250));
     }
 
     /// Far behind the target (a process new to a shared store, whose
@@ -2088,7 +2161,7 @@ mod tests {
         let old = e.store.take(900, Take::All, 900).await.unwrap();
         assert_eq!(old.len(), 900);
         let before = store.takes.load(Ordering::Relaxed);
-        let w = take_window(e.clone(), 0, 1_000, 10, false).await;
+        let w = take_window(e.clone(), 0, 1_000, 10, false, None).await;
         let ops = w.result.unwrap();
         assert_eq!(ops.len(), 10);
         assert!(ops.iter().all(|t| t.seq > 900));
