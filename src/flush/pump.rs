@@ -2100,10 +2100,7 @@ mod tests {
     #[tokio::test]
     async fn a_window_under_a_backlog_takes_what_arrived_since_the_target() {
         let e = engine();
-        for i in 0..300 {
-            let t = TupleKey::new(format!("user:u{i:03}"), "viewer", "document:1").unwrap();
-            e.store.push(&t, Op::Grant).await.unwrap();
-        }
+        grant(&e, "document:1", 0, 300).await;
         let w = take_window(e.clone(), 0, 100, 3200, false, None).await;
         let ops = w.result.unwrap();
         assert_eq!((ops.len(), w.target), (100, 100));
@@ -2121,10 +2118,7 @@ mod tests {
     #[tokio::test]
     async fn a_window_past_a_flush_mark_takes_its_stragglers_first() {
         let e = engine();
-        for i in 0..300 {
-            let t = TupleKey::new(format!("user:u{i:03}"), "viewer", "document:1").unwrap();
-            e.store.push(&t, Op::Grant).await.unwrap();
-        }
+        grant(&e, "document:1", 0, 300).await;
         let w = take_window(e.clone(), 200, 300, 50, false, Some(150)).await;
         let ops = w.result.unwrap();
         assert_eq!(ops.len(), 50);
