@@ -302,6 +302,25 @@ impl Error {
         }
     }
 
+    /// A transient failure that may lie with the request's tuples rather
+    /// than with the server: OpenFGA's own 500 (its datastore refused a
+    /// row, as a column narrower than the API's limits does), or a 400/422
+    /// without OpenFGA's code (a proxy's rule). The same tuples may meet it
+    /// every time, so the flusher splits such a request while other writes
+    /// land. Never an unknown outcome: those are waited out, not split.
+    pub(crate) fn may_lie_with_tuples(&self) -> bool {
+        match &*self.kind {
+            Kind::Api(e) => {
+                self.is_transient()
+                    && !self.may_have_applied()
+                    && !e.is_throttled()
+                    && !e.code.contains("resource_exhausted")
+                    && matches!(e.status, 500 | 400 | 422)
+            }
+            _ => false,
+        }
+    }
+
     /// The request timed out.
     pub fn is_timeout(&self) -> bool {
         matches!(&*self.kind, Kind::Timeout { .. })

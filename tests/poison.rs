@@ -302,3 +302,119 @@ async fn a_malformed_model_id_stops_flushing_and_dead_letters_nothing() {
     assert!(stored(&s).await.is_empty());
     wb.clear().await.unwrap();
 }
+
+/// The Write mocks for a server whose datastore fails every request that
+/// carries `user:poison` (OpenFGA's own 500, as for a row a column cannot
+/// hold) and takes the rest.
+async fn failing_on_poison(server: &wiremock::MockServer) {
+    write_mock()
+        .and(wiremock::matchers::body_string_contains("user:poison"))
+        .respond_with(support::fixture("server-error-500").response())
+        .with_priority(1)
+        .mount(server)
+        .await;
+    write_mock()
+        .respond_with(support::fixture("write-ok").response())
+        .mount(server)
+        .await;
+}
+
+/// The tuples of a Write body, as `object#relation@user`.
+fn body_tuples(body: &serde_json::Value) -> Vec<String> {
+    ["writes", "deletes"]
+        .iter()
+        .flat_map(|k| {
+            body[k]["tuple_keys"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|t| format!("{}#{}@{}", t["object"], t["relation"], t["user"]).replace('"', ""))
+        .collect()
+}
+
+/// One tuple the server fails with a 500 every time (not a refusal, so not
+/// bisected as one) holds back only itself: the 40 grants cut into its
+/// request are applied, it stays pending (not dead-lettered: the failure
+/// is transient), and a later flush tries it alone. Before, every op of
+/// its request went back to pending with it, every time.
+#[tokio::test]
+async fn a_tuple_the_server_fails_every_time_holds_back_only_itself() {
+    let server = mock_openfga().await;
+    failing_on_poison(&server).await;
+    let wb = manual_handle(&server).await;
+    for i in 0..40 {
+        wb.grant(&format!("user:u{i:02}"), "viewer", "document:p")
+            .await
+            .unwrap();
+    }
+    wb.grant("user:poison", "viewer", "document:p")
+        .await
+        .unwrap();
+
+    let r = wb.flush().await.unwrap();
+    assert_eq!((r.applied, r.dead_lettered), (40, 0), "{r:?}");
+    assert!(
+        r.error.is_some(),
+        "the lone tuple's failure is reported: {r:?}"
+    );
+    let p = wb.pending().await.unwrap();
+    assert_eq!((p.total, p.in_flight), (1, 0), "{p:?}");
+    let landed: BTreeSet<String> = write_bodies(&server)
+        .await
+        .iter()
+        .map(body_tuples)
+        .filter(|t| !t.iter().any(|t| t.ends_with("@user:poison")))
+        .flatten()
+        .collect();
+    assert_eq!(landed.len(), 40, "{landed:?}");
+
+    let before = write_bodies(&server).await.len();
+    let r = wb.flush().await.unwrap();
+    assert_eq!(r.applied, 0, "{r:?}");
+    let later = write_bodies(&server).await;
+    assert!(
+        later[before..]
+            .iter()
+            .all(|b| body_tuples(b) == ["document:p#viewer@user:poison"]),
+        "tried alone: {:?}",
+        &later[before..]
+    );
+    assert_eq!(wb.pending().await.unwrap().total, 1);
+    wb.clear().await.unwrap();
+}
+
+/// A server that fails every Write with a 500 is not bisected: each chunk
+/// is split once, its halves sent once each, and then it waits for the
+/// pause like any outage (its requests carry at least half a chunk).
+#[tokio::test]
+async fn a_server_failing_every_write_is_not_bisected() {
+    let server = mock_openfga().await;
+    write_mock()
+        .respond_with(support::fixture("server-error-500").response())
+        .mount(&server)
+        .await;
+    let wb = manual_handle(&server).await;
+    for i in 0..200 {
+        wb.grant(&format!("user:u{i:03}"), "viewer", "document:o")
+            .await
+            .unwrap();
+    }
+    let r = wb.flush().await.unwrap();
+    assert_eq!(r.applied, 0, "{r:?}");
+    assert!(r.error.is_some(), "{r:?}");
+    let sizes: Vec<usize> = write_bodies(&server)
+        .await
+        .iter()
+        .map(|b| body_tuples(b).len())
+        .collect();
+    assert!(sizes.iter().all(|&n| n >= 50), "{sizes:?}");
+    // Per chunk of 100 at most: the request and its 3 quick retries,
+    // then two halves once each.
+    let n = |size| sizes.iter().filter(|&&s| s == size).count();
+    assert!(n(100) <= 2 * 4 && n(50) <= 2 * 2, "{sizes:?}");
+    let p = wb.pending().await.unwrap();
+    assert_eq!(p.total + p.in_flight, 200, "nothing lost: {p:?}");
+    assert_eq!(r.dead_lettered, 0, "{r:?}");
+    wb.clear().await.unwrap();
+}

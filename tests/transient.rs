@@ -27,7 +27,9 @@ use wiremock::{Request, ResponseTemplate};
 /// that did not come from OpenFGA (a proxy's page, a gateway's JSON
 /// without OpenFGA's error code): it says nothing about the tuples. Before,
 /// such a 400 dead-lettered every op as refused, a revoke's letter letting
-/// checks answer from what OpenFGA still held.
+/// checks answer from what OpenFGA still held. (A 500 or a proxy's 400 may
+/// also lie with the tuples: the request is split, and its halves may land
+/// in the first flush.)
 #[tokio::test]
 async fn transient_503_is_retried_until_applied() {
     let proxy_page = ResponseTemplate::new(400).set_body_string(
@@ -62,11 +64,21 @@ async fn transient_503_is_retried_until_applied() {
                 .unwrap();
         }
         let first = wb.flush().await.unwrap();
-        assert!(first.error.is_some(), "{failure}: {first:?}");
-        assert_eq!(first.applied, 0, "{failure}: {first:?}");
         assert_eq!(first.dead_lettered, 0, "{failure}: {first:?}");
         let p = wb.pending().await.unwrap();
-        assert_eq!(p.total + p.in_flight, 10, "{failure}: kept pending: {p:?}");
+        if failure == "unavailable-503" {
+            assert!(first.error.is_some(), "{failure}: {first:?}");
+            assert_eq!(first.applied, 0, "{failure}: {first:?}");
+            assert_eq!(p.total + p.in_flight, 10, "{failure}: kept pending: {p:?}");
+        } else {
+            // May lie with the tuples: split in halves, sent once each, and
+            // the half that lands shows the server works (see poison.rs).
+            assert_eq!(
+                first.applied as usize + p.total + p.in_flight,
+                10,
+                "{failure}: applied or kept pending: {first:?} {p:?}"
+            );
+        }
         assert_eq!(wb.status().await.unwrap().flushing_stopped, None);
 
         // No more flush() calls: the flusher retries on its own.
@@ -81,7 +93,9 @@ async fn transient_503_is_retried_until_applied() {
         assert_eq!(st.totals.dead_lettered, 0, "{failure}");
         assert_eq!(st.flushing_stopped, None, "{failure}");
         assert!(wb.dead_letters().await.unwrap().is_empty(), "{failure}");
-        assert_eq!(write_bodies(&server).await.len(), 3, "{failure}");
+        if failure == "unavailable-503" {
+            assert_eq!(write_bodies(&server).await.len(), 3, "{failure}");
+        }
         assert_accounted(&wb).await;
         wb.shutdown().await.unwrap();
     }

@@ -27,7 +27,7 @@
 //! server or it pushes back (429, 5xx, timeouts).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -138,6 +138,9 @@ pub(crate) struct Engine {
     /// [`Engine::release_lease`]). A chunk only recording its outcomes in
     /// the store is not one.
     writes_under_way: AtomicUsize,
+    /// Write requests that succeeded: a chunk that keeps failing while this
+    /// moves fails for its own tuples (see `write_chunk_as`).
+    writes_ok: AtomicU64,
 }
 
 /// One Write request under way, counted in `Engine::writes_under_way`
@@ -231,6 +234,7 @@ impl Engine {
             tuple_limit: Default::default(),
             holds_until: Default::default(),
             writes_under_way: Default::default(),
+            writes_ok: Default::default(),
         }
     }
 
@@ -534,95 +538,149 @@ impl Engine {
         };
         let ops = self.keep_held(ops, &mut result);
         let full = self.max_tuples();
-        let mut todo = vec![ops];
-        while let Some(part) = todo.pop() {
-            if result.stop.is_some() {
-                result
-                    .outcomes
-                    .extend(part.into_iter().map(|t| (t, Outcome::Retry)));
-                continue;
-            }
-            let started = Instant::now();
-            match self
-                .write_retrying(&part, model, retries, &mut result)
-                .await
-            {
-                Ok(()) => {
-                    metrics::counter!("fga_wb_write_requests_total", "outcome" => "ok")
-                        .increment(1);
-                    if part.len() * 2 >= full {
-                        result.rtts.push(started.elapsed());
-                    }
-                    result
-                        .outcomes
-                        .extend(part.into_iter().map(|t| (t, Outcome::Applied)));
-                }
-                Err(e)
-                    if part.len() > 1 && self.learn_limit(&e).is_some_and(|l| l < part.len()) =>
-                {
-                    // Over the server's limit: the same ops in requests it
-                    // takes, not a bisection hunting for a bad tuple.
-                    let limit = self.max_tuples();
-                    let mut rest = part;
-                    while rest.len() > limit {
-                        let tail = rest.split_off(limit);
-                        todo.push(std::mem::replace(&mut rest, tail));
-                    }
-                    todo.push(rest);
-                }
-                Err(e) if e.is_invalid_input() && part.len() > 1 => {
-                    metrics::counter!("fga_wb_write_requests_total", "outcome" => "bisected")
-                        .increment(1);
-                    let mut left = part;
-                    let right = left.split_off(left.len() / 2);
-                    todo.push(right);
-                    todo.push(left);
-                }
-                Err(e)
-                    if e.is_condition_conflict()
-                        && matches!(part.as_slice(), [t] if t.op == Op::Grant) =>
-                {
-                    // A grant again with another condition means "replace".
-                    for t in part {
-                        let outcome = self
-                            .replace_condition(&t, model, retries, &mut result)
-                            .await;
-                        result.outcomes.push((t, outcome));
-                    }
-                }
-                Err(e) if e.is_invalid_input() => {
-                    metrics::counter!("fga_wb_write_requests_total", "outcome" => "rejected")
-                        .increment(1);
-                    for t in part {
-                        tracing::warn!(tuple = %t.tuple, op = ?t.op, error = %e, "dead-lettered");
-                        let reason = e
-                            .server_message()
-                            .map_or_else(|| e.to_string(), str::to_owned);
-                        let code = e.code().map(str::to_owned);
-                        result.outcomes.push((
-                            t,
-                            Outcome::Dead {
-                                reason,
-                                code,
-                                transient: false,
-                            },
-                        ));
-                    }
-                }
-                Err(e) => {
-                    metrics::counter!("fga_wb_write_requests_total", "outcome" => "failed")
-                        .increment(1);
-                    tracing::warn!(error = %e, tuples = part.len(), "write failed; ops stay pending");
+        let ok_before = self.writes_ok.load(Ordering::Relaxed);
+        // Parts that failed in a way that may lie with their tuples (see
+        // below), a lone tuple's error, and whether this chunk split such
+        // parts yet.
+        let mut suspects: Vec<(Vec<Taken>, Error)> = Vec::new();
+        let mut lone = None;
+        let mut probed = false;
+        let mut todo = vec![(ops, retries)];
+        loop {
+            while let Some((part, retries)) = todo.pop() {
+                if result.stop.is_some() {
                     result
                         .outcomes
                         .extend(part.into_iter().map(|t| (t, Outcome::Retry)));
-                    result.stop = Some(if e.is_auth() || e.is_not_found() {
-                        Stop::Halt(e)
-                    } else {
-                        Stop::Transient(e)
-                    });
+                    continue;
+                }
+                let started = Instant::now();
+                match self
+                    .write_retrying(&part, model, retries, &mut result)
+                    .await
+                {
+                    Ok(()) => {
+                        metrics::counter!("fga_wb_write_requests_total", "outcome" => "ok")
+                            .increment(1);
+                        if part.len() * 2 >= full {
+                            result.rtts.push(started.elapsed());
+                        }
+                        result
+                            .outcomes
+                            .extend(part.into_iter().map(|t| (t, Outcome::Applied)));
+                    }
+                    Err(e)
+                        if part.len() > 1
+                            && self.learn_limit(&e).is_some_and(|l| l < part.len()) =>
+                    {
+                        // Over the server's limit: the same ops in requests it
+                        // takes, not a bisection hunting for a bad tuple.
+                        let limit = self.max_tuples();
+                        let mut rest = part;
+                        while rest.len() > limit {
+                            let tail = rest.split_off(limit);
+                            todo.push((std::mem::replace(&mut rest, tail), retries));
+                        }
+                        todo.push((rest, retries));
+                    }
+                    Err(e) if e.is_invalid_input() && part.len() > 1 => {
+                        metrics::counter!("fga_wb_write_requests_total", "outcome" => "bisected")
+                            .increment(1);
+                        let mut left = part;
+                        let right = left.split_off(left.len() / 2);
+                        todo.push((right, retries));
+                        todo.push((left, retries));
+                    }
+                    Err(e)
+                        if e.is_condition_conflict()
+                            && matches!(part.as_slice(), [t] if t.op == Op::Grant) =>
+                    {
+                        // A grant again with another condition means "replace".
+                        for t in part {
+                            let outcome = self
+                                .replace_condition(&t, model, retries, &mut result)
+                                .await;
+                            result.outcomes.push((t, outcome));
+                        }
+                    }
+                    Err(e) if e.is_invalid_input() => {
+                        metrics::counter!("fga_wb_write_requests_total", "outcome" => "rejected")
+                            .increment(1);
+                        for t in part {
+                            tracing::warn!(tuple = %t.tuple, op = ?t.op, error = %e, "dead-lettered");
+                            let reason = e
+                                .server_message()
+                                .map_or_else(|| e.to_string(), str::to_owned);
+                            let code = e.code().map(str::to_owned);
+                            result.outcomes.push((
+                                t,
+                                Outcome::Dead {
+                                    reason,
+                                    code,
+                                    transient: false,
+                                },
+                            ));
+                        }
+                    }
+                    Err(e) if e.may_lie_with_tuples() => suspects.push((part, e)),
+                    Err(e) => {
+                        pending_again(&mut result, part, &e);
+                        result.stop = Some(if e.is_auth() || e.is_not_found() {
+                            Stop::Halt(e)
+                        } else {
+                            Stop::Transient(e)
+                        });
+                    }
                 }
             }
+            if suspects.is_empty() {
+                break;
+            }
+            // A Write that keeps failing with a 500 (or a proxy's code-less
+            // 400) while other Writes land fails for its own tuples: split, as
+            // for a refusal, so one bad tuple holds back only itself; it stays
+            // pending, retried after a pause. Not knowing yet that any write
+            // lands, one split only, each half sent once: a server that fails
+            // everything costs two more requests a chunk, not a bisection.
+            let works = self.writes_ok.load(Ordering::Relaxed) != ok_before;
+            if (probed && !works) || result.stop.is_some() {
+                result.congested = true;
+                for (part, e) in suspects.drain(..) {
+                    pending_again(&mut result, part, &e);
+                    result.stop.get_or_insert(Stop::Transient(e));
+                }
+                break;
+            }
+            probed = true;
+            let halves = if works {
+                retries
+            } else {
+                QuickRetries {
+                    transient: 0,
+                    ..retries
+                }
+            };
+            for (mut part, e) in suspects.drain(..) {
+                if part.len() > 1 {
+                    metrics::counter!("fga_wb_write_requests_total", "outcome" => "bisected")
+                        .increment(1);
+                    let right = part.split_off(part.len() / 2);
+                    todo.push((right, halves));
+                    todo.push((part, halves));
+                } else {
+                    metrics::counter!("fga_wb_write_requests_total", "outcome" => "failed")
+                        .increment(1);
+                    for t in part {
+                        tracing::warn!(tuple = %t.tuple, op = ?t.op, error = %e, "a write of this tuple alone failed; it stays pending");
+                        result.outcomes.push((t, Outcome::Retry));
+                    }
+                    lone.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = lone {
+            // Retried after the pump's pause, which successes keep short.
+            result.stop.get_or_insert(Stop::Transient(e));
         }
         result
     }
@@ -825,6 +883,7 @@ impl Engine {
             let e = match self.write(ops, model).await {
                 Ok(()) => {
                     under_way.answered();
+                    self.writes_ok.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
                 Err(e) => e,
@@ -843,7 +902,8 @@ impl Engine {
                 // Every request that failed transiently; its ops are sent
                 // again (now, or after the pause).
                 count!(self.stats, retries, "fga_wb_write_retries_total", 1);
-                if !conflict {
+                // One bad tuple is not a busy server (see write_chunk_as).
+                if !conflict && !e.may_lie_with_tuples() {
                     result.congested = true;
                 }
             }
@@ -902,6 +962,15 @@ impl Engine {
         }
         self.writer.write_within(&self.store_id, &req, budget).await
     }
+}
+
+/// A part whose Write failed, not for its input: its ops are pending again.
+fn pending_again(result: &mut ChunkResult, part: Vec<Taken>, e: &Error) {
+    metrics::counter!("fga_wb_write_requests_total", "outcome" => "failed").increment(1);
+    tracing::warn!(error = %e, tuples = part.len(), "write failed; ops stay pending");
+    result
+        .outcomes
+        .extend(part.into_iter().map(|t| (t, Outcome::Retry)));
 }
 
 /// The ops a queue worker may write: the claimed ones. Stale ones (a newer
