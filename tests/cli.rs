@@ -117,9 +117,20 @@ async fn status_flush_clear_on_a_buffer_being_filled() {
     assert_eq!(applied + left, total, "flushed {applied}, left {left}");
     assert!(stored(&s).await.len() >= N + applied);
 
-    // `clear --yes` drops what is left and says how many.
+    // `clear --yes` drops what is left, says how many, and lists them: the
+    // record of what will not reach OpenFGA (before, only a log line at
+    // info, which the CLI does not show).
     let j = cli.run(&["clear", "--yes", "--json"]).await.ok().json();
     assert_eq!(j["cleared"], left, "{j:#}");
+    let ops = j["ops"].as_array().expect("the cleared ops");
+    assert_eq!(ops.len(), left, "{j:#}");
+    assert!(
+        ops.iter().all(|o| o["op"] == "grant"
+            && o["tuple"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("document:b#viewer@user:u"))),
+        "{j:#}"
+    );
     assert_eq!(wb.pending().await.unwrap().total, 0);
     assert_eq!(stored(&s).await.len(), N + applied);
 
@@ -127,6 +138,10 @@ async fn status_flush_clear_on_a_buffer_being_filled() {
     let r = cli.run(&["clear", "--yes"]).await;
     r.ok();
     assert!(r.stdout.contains("cleared 7 pending ops"), "{}", r.stdout);
+    for i in 0..7 {
+        let line = format!("  grant document:c#viewer@user:u{i}\n");
+        assert!(r.stdout.contains(&line), "{}", r.stdout);
+    }
     assert_eq!(wb.pending().await.unwrap().total, 0);
     let j = cli.run(&["status", "--json"]).await.ok().json();
     assert_eq!(j["pending"]["total"], 0);
@@ -423,6 +438,12 @@ async fn queue_flush_wait_and_worker_sigterm() {
     let r = cli.run(&["status", "--check"]).await;
     r.fails(1, "no worker was seen");
     assert!(r.stdout.contains("PROBLEM"), "{}", r.stdout);
+    // So does an operator's CLI configured for inline mode (the hint for
+    // a memory store names only buffer.store): the store's queue shows
+    // whatever the CLI's own flush.mode says. Before, it showed no queue.
+    let inline = Cli::new(&s, "inline");
+    let r = inline.run(&["status", "--check"]).await;
+    r.fails(1, "no worker was seen");
     // Nor does it wait forever without a timeout: it gives up once no
     // worker has run for 6 worker leases.
     let mut short_lease = Cli::new(&s, "queue");

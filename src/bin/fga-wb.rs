@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use fga_wb::config::StoreKind;
-use fga_wb::{Config, WriteBehind};
+use fga_wb::{Config, Op, WriteBehind};
 
 /// Prints a line to stdout; a closed pipe (`fga-wb status | head`) is not
 /// an error worth a panic.
@@ -82,7 +82,8 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration, requires = "wait")]
         timeout: Option<Duration>,
     },
-    /// Drop every pending op that is not already being written.
+    /// Drop every pending op that is not already being written, and print
+    /// each one dropped.
     Clear {
         /// Do not ask for confirmation.
         #[arg(long)]
@@ -395,11 +396,23 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
                     "not confirmed; nothing cleared (use --yes to skip the question)",
                 ));
             }
-            let n = wb.clear().await?;
+            // The record of what will not reach OpenFGA.
+            let ops = wb.clear_ops().await?;
             if cli.json {
-                print_json(&serde_json::json!({ "cleared": n }))
+                let listed: Vec<_> = ops
+                    .iter()
+                    .map(|(t, op)| serde_json::json!({ "op": op, "tuple": t.to_string() }))
+                    .collect();
+                print_json(&serde_json::json!({ "cleared": ops.len(), "ops": listed }))
             } else {
-                out!("cleared {n} pending ops");
+                out!("cleared {} pending ops", ops.len());
+                for (t, op) in &ops {
+                    let op = match op {
+                        Op::Grant => "grant",
+                        Op::Revoke => "revoke",
+                    };
+                    out!("  {op} {t}");
+                }
                 Ok(())
             }
         }

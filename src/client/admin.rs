@@ -7,6 +7,12 @@ impl WriteBehind {
     /// Drops every pending op that is not already being written, logs them,
     /// and returns how many were dropped.
     pub async fn clear(&self) -> Result<usize> {
+        Ok(self.clear_ops().await?.len())
+    }
+
+    /// [`clear`](Self::clear), returning the ops it dropped: the record of
+    /// what will not reach OpenFGA (`fga-wb clear` prints it).
+    pub async fn clear_ops(&self) -> Result<Vec<(TupleKey, Op)>> {
         let e = &self.inner.engine;
         let dropped = e.store.clear().await?;
         e.cache.invalidate_all();
@@ -28,7 +34,7 @@ impl WriteBehind {
             tracing::info!("... and {} more cleared", dropped.len() - SHOWN);
         }
         e.changed.send_modify(|v| *v += 1);
-        Ok(dropped.len())
+        Ok(dropped)
     }
 
     /// Pending ops, dead letters, the last flush and totals.
@@ -44,9 +50,17 @@ impl WriteBehind {
             flushing_stopped: e.stats.stopped(),
             last_flush: e.stats.last_flush(),
             totals: e.stats.totals(),
-            queue: match (config.flush.mode, &self.inner.redis) {
-                (Mode::Queue, Some(r)) => Some(crate::queue::stats(r).await?),
-                _ => None,
+            queue: match &self.inner.redis {
+                Some(r) => {
+                    let q = crate::queue::stats(r).await?;
+                    // Shown to every handle once the store has a queue: an
+                    // operator's CLI configured for inline mode would
+                    // otherwise not see jobs waiting for a worker, and
+                    // `flush --wait` would wait for them for good.
+                    let used = q.pending + q.running + q.scheduled > 0 || !q.workers.is_empty();
+                    (config.flush.mode == Mode::Queue || used).then_some(q)
+                }
+                None => None,
             },
             loss: e.store.loss().await?,
             last_loss_acknowledged: None,

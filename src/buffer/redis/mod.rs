@@ -680,11 +680,21 @@ impl RedisStore {
     /// first step is kept.
     async fn clear_now(&self) -> Result<Vec<(TupleKey, Op)>> {
         let (mut cursor, mut up_to, mut jobs) = ("0".to_owned(), String::new(), String::new());
-        let mut out = Vec::new();
+        let mut out: Vec<(TupleKey, Op)> = Vec::new();
         loop {
             let mut a = Args::new("clear", self.publish);
             a.push(now_ms()).push(&cursor).push(&up_to).push(&jobs);
-            let v = items(self.call(&a).await?)?;
+            let v = match self.call(&a).await.and_then(items) {
+                Ok(v) => v,
+                Err(e) => {
+                    // Earlier steps dropped these for good: their record
+                    // is here or nowhere.
+                    for (t, op) in &out {
+                        tracing::warn!(tuple = %t, ?op, "cleared before the clear failed");
+                    }
+                    return Err(e);
+                }
+            };
             let [next, seq, job, cleared @ ..] = v.as_slice() else {
                 return Err(corrupt(format!("clear returned {} items", v.len())));
             };
