@@ -637,6 +637,40 @@ async fn flushing_again_during_a_retry_after_sends_nothing() {
     assert_eq!(p.total + p.in_flight, 1, "{p:?}");
 }
 
+/// A shutdown during a pause OpenFGA asked for (`Retry-After: 30`, past
+/// the 1 s deadline) sends no more Writes, whether the pause began before
+/// it (a flush met it) or during it: it ends at its deadline and reports
+/// the op left. Before, shutdown cut every pause to 200 ms and ignored the
+/// server's, sending a Write five times a second.
+#[tokio::test]
+async fn shutdown_keeps_a_pause_openfga_asked_for() {
+    for flushed_first in [false, true] {
+        let server = mock_openfga().await;
+        let mut writes = reporting_write(
+            &server,
+            fixture("rate-limited-429")
+                .response()
+                .insert_header("Retry-After", "30"),
+            None,
+        )
+        .await;
+        let mut c = no_quick_retries(manual_flush(mock_config(&server)));
+        c.flush.shutdown_deadline = Duration::from_secs(1);
+        let wb = WriteBehind::builder(c).build().await.unwrap();
+        wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+        if flushed_first {
+            assert!(wb.flush().await.unwrap().error.is_some());
+        }
+        let report = wb.shutdown().await.unwrap();
+        assert_eq!(report.left.total + report.left.in_flight, 1, "{report:?}");
+        let mut n = 0;
+        while writes.try_recv().is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, 1, "flushed first: {flushed_first}: one Write, then none");
+    }
+}
+
 /// A handle on the mocked `server` that flushes only when told and sends
 /// no request twice, with anne's viewer grant on document:1 pending.
 async fn anne_granted(server: &wiremock::MockServer) -> WriteBehind {

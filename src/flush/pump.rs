@@ -953,20 +953,25 @@ impl Pump {
                 let wait = self.backoff.next().unwrap_or(e.cfg.retry_max_backoff);
                 let wait = err.retry_after().map_or(wait, |r| r.max(wait));
                 let wait = match self.shutdown {
-                    // Shutdown spends its deadline writing: short pauses.
-                    Some(_) => wait.min(Duration::from_millis(200)),
+                    // Shutdown spends its deadline writing: short pauses of
+                    // its own, but never a shorter one than OpenFGA asked
+                    // for (past the deadline, the shutdown ends with the
+                    // ops left, as it would writing them).
+                    Some(_) => err
+                        .retry_after()
+                        .unwrap_or(wait.min(Duration::from_millis(200))),
                     None => wait,
                 };
                 // The latest end any request was asked for: another chunk
                 // (or Redis) failing without one does not cut it short.
-                if let Some(r) = err.retry_after().filter(|_| self.shutdown.is_none()) {
+                if let Some(r) = err.retry_after() {
                     let until = Instant::now() + r;
                     self.asked_pause = Some(self.asked_pause.map_or(until, |p| p.max(until)));
                 }
                 let until = Instant::now() + wait;
                 self.paused_until = Some(match self.asked_pause {
-                    Some(p) if self.shutdown.is_none() => until.max(p),
-                    _ => until,
+                    Some(p) => until.max(p),
+                    None => until,
                 });
                 // An outage of OpenFGA, not a blip (a single 429 pauses
                 // for 100 ms), nor Redis's own failure (giving back would
