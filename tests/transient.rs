@@ -611,14 +611,7 @@ async fn a_pinned_model_unreadable_at_start_is_read_once_openfga_answers() {
 #[tokio::test]
 async fn flushing_again_during_a_retry_after_sends_nothing() {
     let server = mock_openfga().await;
-    let writes = reporting_write(
-        &server,
-        fixture("rate-limited-429")
-            .response()
-            .insert_header("Retry-After", "30"),
-        None,
-    )
-    .await;
+    let writes = asking_for_a_pause(&server).await;
     let wb = anne_granted(&server).await;
     let r = wb.flush().await.unwrap();
     assert!(r.error.is_some(), "{r:?}");
@@ -646,14 +639,7 @@ async fn flushing_again_during_a_retry_after_sends_nothing() {
 async fn shutdown_keeps_a_pause_openfga_asked_for() {
     for flushed_first in [false, true] {
         let server = mock_openfga().await;
-        let mut writes = reporting_write(
-            &server,
-            fixture("rate-limited-429")
-                .response()
-                .insert_header("Retry-After", "30"),
-            None,
-        )
-        .await;
+        let mut writes = asking_for_a_pause(&server).await;
         let mut c = no_quick_retries(manual_flush(mock_config(&server)));
         c.flush.shutdown_deadline = Duration::from_secs(1);
         let wb = WriteBehind::builder(c).build().await.unwrap();
@@ -669,6 +655,16 @@ async fn shutdown_keeps_a_pause_openfga_asked_for() {
         }
         assert_eq!(n, 1, "flushed first: {flushed_first}: one Write, then none");
     }
+}
+
+/// Every Write answers 429 with `Retry-After: 30`; reports each arrival.
+async fn asking_for_a_pause(
+    server: &wiremock::MockServer,
+) -> tokio::sync::mpsc::UnboundedReceiver<()> {
+    let pause = fixture("rate-limited-429")
+        .response()
+        .insert_header("Retry-After", "30");
+    reporting_write(server, pause, None).await
 }
 
 /// A handle on the mocked `server` that flushes only when told and sends
