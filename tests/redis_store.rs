@@ -730,6 +730,13 @@ async fn unfinished_follows_the_ops_acknowledged_before_a_mark() {
         (0, 1),
         "u3 dead; u2's newer revoke is not waited for"
     );
+    // The same with the letter counter moved 2^32 ahead, as after a loss
+    // (recorded by an older version, or with letters left): the walk ends
+    // at the highest letter id, not 2^32 ids later (2000 a look: days).
+    let _: i64 = w.on_key("DEL", "deadcur", &[]).await;
+    let _: i64 = w.on_key("DEL", "deadcur:v", &[]).await;
+    let _: () = w.on_key("SET", "deadseq", &["4294972296"]).await;
+    assert_eq!(left(mark).await, (0, 1), "at once");
     // Replayed, u3's grant is still the op acknowledged before the mark:
     // in line where it was, pending since it was (the oldest op's age).
     w.replay_all().await;

@@ -715,3 +715,49 @@ async fn a_check_waits_for_room_no_longer_than_its_timeout() {
         .expect_err("answered only after the Writes ended");
     assert!(e.to_string().contains("flush first"), "{e}");
 }
+
+/// A chunk failing does not end a `flush()` that waits only for older ops
+/// (wiremock, one tuple a request): `flush_up_to` a mark before user:b's
+/// grant waits for user:a's slow Write and returns with it applied and no
+/// error, while user:b's request fails with a 503. Before, every waiting
+/// flush was answered with the other chunk's error, user:a's op still in
+/// flight.
+#[tokio::test]
+async fn another_chunks_failure_does_not_end_a_flush_of_older_ops() {
+    let server = mock_openfga().await;
+    write_mock()
+        .and(wiremock::matchers::body_string_contains("user:b"))
+        .respond_with(fixture("unavailable-503").response())
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    write_mock()
+        .respond_with(
+            fixture("write-ok")
+                .response()
+                .set_delay(Duration::from_millis(500)),
+        )
+        .mount(&server)
+        .await;
+    let mut c = no_quick_retries(manual_flush(mock_config(&server)));
+    c.flush.max_tuples_per_write = 1;
+    let wb = WriteBehind::builder(c).build().await.unwrap();
+    wb.grant("user:a", "viewer", "document:1").await.unwrap();
+    let mark = wb.last_acknowledged().await.unwrap();
+    wb.grant("user:b", "viewer", "document:2").await.unwrap();
+    let older = tokio::spawn({
+        let wb = wb.clone();
+        async move { wb.flush_up_to(mark).await }
+    });
+    let all = wb.flush().await.unwrap();
+    assert!(all.error.is_some(), "user:b's Write failed: {all:?}");
+    let older = older.await.unwrap().unwrap();
+    assert_eq!(
+        (older.applied, older.error.as_deref()),
+        (1, None),
+        "{older:?}"
+    );
+    let p = wb.pending().await.unwrap();
+    assert_eq!(p.total + p.in_flight, 1, "user:b's grant stays: {p:?}");
+    wb.clear().await.unwrap();
+}

@@ -538,7 +538,7 @@ impl Engine {
         };
         let ops = self.keep_held(ops, &mut result);
         let full = self.max_tuples();
-        let ok_before = self.writes_ok.load(Ordering::Relaxed);
+        let mut round_began = self.writes_ok.load(Ordering::Relaxed);
         // Parts that failed in a way that may lie with their tuples (see
         // below), a lone tuple's error, and whether this chunk split such
         // parts yet.
@@ -639,12 +639,18 @@ impl Engine {
             // A Write that keeps failing with a 500 (or a proxy's code-less
             // 400) while other Writes land fails for its own tuples: split, as
             // for a refusal, so one bad tuple holds back only itself; it stays
-            // pending, retried after a pause. Not knowing yet that any write
-            // lands, one split only, each half sent once: a server that fails
-            // everything costs two more requests a chunk, not a bisection.
-            let works = self.writes_ok.load(Ordering::Relaxed) != ok_before;
-            if (probed && !works) || result.stop.is_some() {
+            // pending, retried after a pause. Halves are sent once each (the
+            // chunk had its quick retries), and a round of them in which no
+            // Write landed anywhere ends the split: a server that starts
+            // failing everything costs two more requests a chunk, not a
+            // bisection, and counts as congested.
+            let landed = self.writes_ok.load(Ordering::Relaxed);
+            let works = landed != round_began;
+            round_began = landed;
+            if !works {
                 result.congested = true;
+            }
+            if (probed && !works) || result.stop.is_some() {
                 for (part, e) in suspects.drain(..) {
                     pending_again(&mut result, part, &e);
                     result.stop.get_or_insert(Stop::Transient(e));
@@ -652,13 +658,9 @@ impl Engine {
                 break;
             }
             probed = true;
-            let halves = if works {
-                retries
-            } else {
-                QuickRetries {
-                    transient: 0,
-                    ..retries
-                }
+            let halves = QuickRetries {
+                transient: 0,
+                ..retries
             };
             for (mut part, e) in suspects.drain(..) {
                 if part.len() > 1 {

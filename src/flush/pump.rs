@@ -123,12 +123,19 @@ pub(crate) struct Pump {
     /// something changes.
     pub(crate) exhausted: Option<u64>,
     pub(crate) revokes_exhausted: Option<u64>,
-    /// A take came back with fewer ops than it asked for, up to this
-    /// bound: nothing was ready up to it then. What `flush()` waits for
-    /// (see `reached`); `exhausted` needs an empty take at the whole
-    /// target, which a steady backlog never gives. Forgotten with
-    /// `exhausted`.
+    /// A take up to this bound found nothing ready, and nothing up to it
+    /// can have been made ready since: what `flush()` waits for (see
+    /// `reached`); `exhausted` needs an empty take at the whole target,
+    /// which a steady backlog never gives.
     pub(crate) drained: Option<u64>,
+    /// Bumped (and `drained` forgotten) whenever ops a waiting flush
+    /// counts may be ready again: a chunk with such ops ended (its failed
+    /// ops, or an op blocked behind one, are ready again), others said
+    /// something finished, strays were given back, staged ops unstaged.
+    pub(crate) ready_gen: u64,
+    /// `ready_gen` when the window being taken began: its `drained` holds
+    /// only if nothing was made ready since.
+    pub(crate) taking_gen: u64,
     /// When overdue ops last made the pump look again despite `exhausted`.
     pub(crate) relooked: Option<Instant>,
     pub(crate) waiters: Vec<Waiter>,
@@ -209,6 +216,8 @@ impl Pump {
             exhausted: None,
             revokes_exhausted: None,
             drained: None,
+            ready_gen: 0,
+            taking_gen: 0,
             relooked: None,
             waiters: Vec::new(),
             totals: FlushReport::default(),
@@ -322,7 +331,7 @@ impl Pump {
                 if again <= now {
                     self.relooked = Some(now);
                     self.exhausted = None;
-                    self.drained = None;
+                    self.ready_again();
                     self.revokes_exhausted = None;
                 } else {
                     next = Some(again);
@@ -353,14 +362,13 @@ impl Pump {
         e.revoke_wanted.store(false, Ordering::Relaxed);
         if e.others_finished.swap(false, Ordering::Relaxed) {
             self.exhausted = None;
-            self.drained = None;
+            self.ready_again();
             self.revokes_exhausted = None;
         }
         for w in &self.waiters {
             if w.up_to > self.target {
                 self.target = w.up_to;
                 self.exhausted = None;
-                self.drained = None;
             }
         }
         // A flush() also waits for its ops that wait behind other writers'
@@ -457,7 +465,7 @@ impl Pump {
             Ok((ops, _)) => {
                 tracing::warn!(ops, "gave back ops Redis named this process as writing though it was not (a reply lost on the way); they are pending again");
                 self.exhausted = None;
-                self.drained = None;
+                self.ready_again();
                 self.revokes_exhausted = None;
                 self.replan = true;
             }
@@ -521,7 +529,6 @@ impl Pump {
         if to > self.target {
             self.target = to;
             self.exhausted = None;
-            self.drained = None;
         }
     }
 
@@ -586,6 +593,7 @@ impl Pump {
                     .map(|w| w.up_to)
                     .filter(|&u| self.exhausted.max(self.drained).is_none_or(|d| d < u))
                     .min();
+                self.taking_gen = self.ready_gen;
                 self.taking = Some(Box::pin(take_window(
                     self.engine.clone(),
                     self.cursor,
@@ -754,7 +762,7 @@ impl Pump {
         self.report_dead_on_take();
         self.raise(w.target);
         self.cursor = self.cursor.max(w.cursor);
-        if w.drained > self.drained {
+        if w.drained > self.drained && self.taking_gen == self.ready_gen {
             self.drained = w.drained;
         }
         match w.result {
@@ -769,6 +777,10 @@ impl Pump {
                 self.give_up(Stop::Transient(e));
             }
         }
+        // Before the next window's take starts: a flush is not reached
+        // while a take is under way, and under a backlog one always is by
+        // the time the task settles.
+        self.settle();
     }
 
     pub(crate) fn stage(&mut self, mut ops: Vec<Taken>) {
@@ -882,6 +894,7 @@ impl Pump {
 
     /// Records a finished chunk.
     pub(crate) fn done(&mut self, mut result: ChunkResult, held: Held) {
+        let first = held.first;
         if result.held_out {
             self.holds -= 1;
         }
@@ -917,11 +930,17 @@ impl Pump {
         }
         // Something finished: keys it held may be ready again.
         self.exhausted = None;
-        self.drained = None;
+        // Ops it ended may be ready again (failed ones, or one blocked
+        // behind it), none older than it: what a waiting flush counts, or
+        // what `drained` vouched for.
+        if self.drained.is_some_and(|d| d >= first) || self.waiters.iter().any(|w| w.up_to >= first)
+        {
+            self.ready_again();
+        }
         self.revokes_exhausted = None;
         self.absorb(&report);
         match stop {
-            Some(stop) => self.give_up(stop),
+            Some(stop) => self.give_up_from(stop, Some(first)),
             None if report.requests > 0 || report.queued > 0 => {
                 self.backoff = pause_backoff(&e.cfg);
                 if e.stats.stopped().is_some() {
@@ -933,9 +952,17 @@ impl Pump {
         }
     }
 
-    /// A chunk stopped on an error: pause new requests (or stop flushing),
-    /// and answer the waiters with it.
+    /// A take failed: pause new requests, and answer every waiter with
+    /// the error.
     pub(crate) fn give_up(&mut self, stop: Stop) {
+        self.give_up_from(stop, None);
+    }
+
+    /// A chunk whose oldest op is `first` stopped on an error (None: not a
+    /// chunk's): pause new requests (or stop flushing), and answer the
+    /// waiters its ops are among with it. A `flush()` of only older ops
+    /// goes on: another tuple's failure says nothing of them.
+    pub(crate) fn give_up_from(&mut self, stop: Stop, first: Option<u64>) {
         let e = &self.engine;
         let msg = stop.error().to_string();
         match &stop {
@@ -985,10 +1012,17 @@ impl Pump {
         // The ops of a failed chunk are pending again: a flush() of them
         // cannot complete now, so it reports the error.
         let halted = matches!(stop, Stop::Halt(_));
-        let waiters: Vec<Waiter> = if halted || self.shutdown.is_none() {
-            std::mem::take(&mut self.waiters)
-        } else {
-            Vec::new()
+        let waiters: Vec<Waiter> = match first {
+            _ if halted => std::mem::take(&mut self.waiters),
+            _ if self.shutdown.is_some() => Vec::new(),
+            None => std::mem::take(&mut self.waiters),
+            Some(first) => {
+                let (theirs, others) = std::mem::take(&mut self.waiters)
+                    .into_iter()
+                    .partition(|w| w.up_to >= first);
+                self.waiters = others;
+                theirs
+            }
         };
         for w in waiters {
             self.answer(w);
@@ -1036,6 +1070,12 @@ impl Pump {
     }
 
     /// Answers the waiters whose flush is complete.
+    /// Ops a waiting flush counts may be ready again (see `ready_gen`).
+    pub(crate) fn ready_again(&mut self) {
+        self.ready_gen += 1;
+        self.drained = None;
+    }
+
     pub(crate) fn settle(&mut self) {
         // A call that failed since the look: the task plans again at once.
         self.note_unsure();
@@ -1111,7 +1151,6 @@ impl Pump {
         self.engine.stats.set_stopped(None);
         self.last_error = None;
         self.exhausted = None;
-        self.drained = None;
         self.revokes_exhausted = None;
     }
 
@@ -1151,7 +1190,7 @@ impl Pump {
         if holding && idle && !self.explicit() {
             self.unstage().await;
             self.exhausted = None;
-            self.drained = None;
+            self.ready_again();
             self.revokes_exhausted = None;
         }
     }

@@ -72,9 +72,9 @@
 --   P:deadcur:v        string  how far the transient letters older versions
 --                              wrote are indexed in P:deadcur: the last
 --                              letter id looked at, then "done"
---   P:deadcur:end      string  where that walk ends when a loss moved P:deadseq
---                              past ids never handed out (see
---                              note_letters_end)
+--   P:deadcur:end      string  where that walk ends when P:deadseq is far past
+--                              it (a loss moved it 2^32 ahead): the highest
+--                              letter id when the walk began
 --   P:jobmin           zset    job id -> the lowest place in line (`first`) of
 --                              the ops it held when queued: the jobs
 --                              `unfinished` looks in (kept with P:jobs)
@@ -961,23 +961,12 @@ local function mark_all_written()
   pcall_('HSET', P .. ':written', '*', redis_ms())
 end
 
--- A loss moves P:deadseq LOSS_GAP ahead (see heartbeat): no letter has an
--- id between `at` (the counter before) and the new value. Letters this
--- version writes are indexed as written, so what `index_old_letters` may
--- still have to walk ends at `at` (P:deadcur:end), not 2^32 ids later: a
--- walk of 2000 ids a call would keep `flush --wait` for days. A Redis that
--- lost its data is a consistent older snapshot, or empty, so P:deadcur:v
--- and P:dead agree with each other here.
--- pcall: keys of another type must not abort the heartbeat after its
--- other writes (the walk then runs as before).
-local function note_letters_end(at)
-  if pcall_('GET', K_DEADCUR .. ':v') == 'done' then return end
-  if pcall_('HLEN', K_DEAD) == 0 then
-    pcall_('SET', K_DEADCUR .. ':v', 'done')
-    return
-  end
-  local prior = tonumber(pcall_('GET', K_DEADCUR .. ':end'))
-  if not prior or at < prior then pcall_('SET', K_DEADCUR .. ':end', sformat('%.0f', at)) end
+-- A loss moves P:deadseq LOSS_GAP ahead (see heartbeat): with no letter
+-- left, there is nothing for `index_old_letters` to walk (the common
+-- case: a restart without data). pcall: keys of another type must not
+-- abort the heartbeat after its other writes.
+local function note_no_letters()
+  if pcall_('HLEN', K_DEAD) == 0 then pcall_('SET', K_DEADCUR .. ':v', 'done') end
 end
 
 -- The store's epoch begins (its keys are first written, or again after a
@@ -1761,7 +1750,7 @@ if cmd == 'heartbeat' then
     for _, k in ipairs({ ':seq', ':jobseq', ':deadseq' }) do
       local at = tonumber(rcall('GET', P .. k)) or 0
       if k == ':seq' and acked > at then at = acked end
-      if k == ':deadseq' then note_letters_end(at) end
+      if k == ':deadseq' then note_no_letters() end
       rcall('SET', P .. k, sformat('%.0f', at + LOSS_GAP))
     end
     if rcall('EXISTS', P .. ':loss') == 0 then
@@ -2418,8 +2407,20 @@ local function index_old_letters()
   if at == 'done' then return true end
   local from = math.max(0, math.floor(tonumber(at) or 0))
   local last = tonumber(rcall('GET', P .. ':deadseq')) or 0
-  local gap = tonumber(rcall('GET', K_DEADCUR .. ':end'))
-  if gap and gap < last then last = gap end
+  -- A loss moves P:deadseq 2^32 past any id handed out (see heartbeat): a
+  -- walk that far, 2000 ids a call, would keep `flush --wait` for days.
+  -- Far from its end, it ends at the highest id a letter has (read once;
+  -- letters written after are this version's, indexed as written).
+  local ends = tonumber(rcall('GET', K_DEADCUR .. ':end'))
+  if not ends and last - from > 100000 then
+    ends = 0
+    for _, id in ipairs(rcall('HKEYS', K_DEAD)) do
+      local n = tonumber(id)
+      if n and n > ends then ends = n end
+    end
+    rcall('SET', K_DEADCUR .. ':end', sformat('%.0f', ends))
+  end
+  if ends and ends < last then last = ends end
   local to = math.min(from + 2000, last)
   if to > from then
     local ids = {}
