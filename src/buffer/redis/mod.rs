@@ -592,6 +592,11 @@ impl RedisStore {
             }
         }
         let v = items(self.call(&a).await?)?;
+        // Every answer of the script has these four: a shorter one read as
+        // zeros would say nothing is pending, which errs towards allow.
+        if v.len() < 4 {
+            return Err(corrupt(format!("relevant returned {} items", v.len())));
+        }
         let revokes = count(&v, 0)? as usize;
         let grants = count(&v, 1)? as usize;
         let dead_in_doubt = count(&v, 3)? as usize;
@@ -1059,6 +1064,11 @@ impl Store for RedisStore {
                     None => a.push(0),
                 };
                 let v = items(invoke(&self.conn, &self.gen_script, &self.prefix, &a).await?)?;
+                // Never shorter: one read as zeros would keep cached
+                // answers past changes.
+                if v.len() < 4 {
+                    return Err(corrupt(format!("gen returned {} items", v.len())));
+                }
                 self.watch.node_met(&text(v.get(3).unwrap_or(&Value::Nil))?);
                 self.after_reconnect()?;
                 self.confirm_others().await?;
