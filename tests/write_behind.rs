@@ -127,16 +127,19 @@ async fn flush_up_to_writes_what_came_before_a_mark() {
 #[tokio::test]
 async fn flush_up_to_writes_what_came_before_a_mark_in_redis() {
     let s = new_store("wb-flush-up-to-redis").await;
-    let mut cfg = config_for(&s);
-    cfg.buffer.store = fga_wb::config::StoreKind::Redis;
-    cfg.redis.url = support::redis_url();
-    flush_up_to_writes_what_came_before(cfg, &s).await;
+    flush_up_to_writes_what_came_before(in_redis(&s), &s).await;
 }
 
 /// A `flush()` ends once what was acknowledged before it is written, even
-/// while other callers keep more than a batch pending all along. It waited
-/// for a take to come back empty, which a steady backlog never lets happen.
-async fn flush_ends_under_a_steady_backlog(mut cfg: fga_wb::Config, s: &support::TestStore) {
+/// while other callers keep more than a batch pending all along (with
+/// `revokes`, every tenth op is a revoke, whose writes tell every process
+/// that something finished). It waited for a take to come back empty,
+/// which a steady backlog never lets happen.
+async fn flush_ends_under_a_steady_backlog(
+    mut cfg: fga_wb::Config,
+    s: &support::TestStore,
+    revokes: bool,
+) {
     cfg.flush.batch_size = 100;
     cfg.buffer.capacity = 3_000;
     cfg.buffer.overflow = fga_wb::config::Overflow::Reject;
@@ -149,10 +152,14 @@ async fn flush_ends_under_a_steady_backlog(mut cfg: fga_wb::Config, s: &support:
             let mut i = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 i += 1;
-                match wb
-                    .grant(&format!("user:s{i}"), "viewer", "document:steady")
-                    .await
-                {
+                let user = format!("user:s{i}");
+                let acked = if revokes && i.is_multiple_of(10) {
+                    // Never granted: the count of tuples stays the grants'.
+                    wb.revoke(&user, "viewer", "document:gone").await
+                } else {
+                    wb.grant(&user, "viewer", "document:steady").await
+                };
+                match acked {
                     Ok(()) => {
                         granted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -194,15 +201,28 @@ async fn flush_ends_under_a_steady_backlog(mut cfg: fga_wb::Config, s: &support:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flush_ends_under_a_steady_backlog_in_memory() {
     let s = new_store("wb-flush-backlog").await;
-    flush_ends_under_a_steady_backlog(config_for(&s), &s).await;
+    flush_ends_under_a_steady_backlog(config_for(&s), &s, false).await;
 }
 
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flush_ends_under_a_steady_backlog_in_redis() {
     let s = new_store("wb-flush-backlog-redis").await;
-    let mut cfg = config_for(&s);
+    flush_ends_under_a_steady_backlog(in_redis(&s), &s, false).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_ends_under_a_steady_backlog_with_revokes_in_redis() {
+    let s = new_store("wb-flush-backlog-revokes").await;
+    flush_ends_under_a_steady_backlog(in_redis(&s), &s, true).await;
+}
+
+/// `s`'s config with the Redis store.
+#[cfg(feature = "redis")]
+fn in_redis(s: &support::TestStore) -> fga_wb::Config {
+    let mut cfg = config_for(s);
     cfg.buffer.store = fga_wb::config::StoreKind::Redis;
     cfg.redis.url = support::redis_url();
-    flush_ends_under_a_steady_backlog(cfg, &s).await;
+    cfg
 }

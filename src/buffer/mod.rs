@@ -368,6 +368,11 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// What is left of the ops acknowledged up to seq `up_to`, in one
     /// consistent look (see [`Unfinished`]).
     fn unfinished(&self, up_to: u64) -> BoxFuture<'_, Result<Unfinished>>;
+    /// Whether an op whose place in line (`first`) is at most `up_to` is
+    /// pending (ready, or blocked behind a write), in one look: what a
+    /// `flush()` up to it still waits for once none of its ops is being
+    /// taken, staged or written by this process.
+    fn pending_up_to(&self, up_to: u64) -> BoxFuture<'_, Result<bool>>;
     /// Counts of pending ops.
     fn pending(&self) -> BoxFuture<'_, Result<Pending>>;
     /// Pending ops, without waiting: `None` where that needs I/O.

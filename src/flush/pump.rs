@@ -123,19 +123,6 @@ pub(crate) struct Pump {
     /// something changes.
     pub(crate) exhausted: Option<u64>,
     pub(crate) revokes_exhausted: Option<u64>,
-    /// A take up to this bound found nothing ready, and nothing up to it
-    /// can have been made ready since: what `flush()` waits for (see
-    /// `reached`); `exhausted` needs an empty take at the whole target,
-    /// which a steady backlog never gives.
-    pub(crate) drained: Option<u64>,
-    /// Bumped (and `drained` forgotten) whenever ops a waiting flush
-    /// counts may be ready again: a chunk with such ops ended (its failed
-    /// ops, or an op blocked behind one, are ready again), others said
-    /// something finished, strays were given back, staged ops unstaged.
-    pub(crate) ready_gen: u64,
-    /// `ready_gen` when the window being taken began: its `drained` holds
-    /// only if nothing was made ready since.
-    pub(crate) taking_gen: u64,
     /// When overdue ops last made the pump look again despite `exhausted`.
     pub(crate) relooked: Option<Instant>,
     pub(crate) waiters: Vec<Waiter>,
@@ -215,9 +202,6 @@ impl Pump {
             blocked: 0,
             exhausted: None,
             revokes_exhausted: None,
-            drained: None,
-            ready_gen: 0,
-            taking_gen: 0,
             relooked: None,
             waiters: Vec::new(),
             totals: FlushReport::default(),
@@ -331,7 +315,6 @@ impl Pump {
                 if again <= now {
                     self.relooked = Some(now);
                     self.exhausted = None;
-                    self.ready_again();
                     self.revokes_exhausted = None;
                 } else {
                     next = Some(again);
@@ -362,7 +345,6 @@ impl Pump {
         e.revoke_wanted.store(false, Ordering::Relaxed);
         if e.others_finished.swap(false, Ordering::Relaxed) {
             self.exhausted = None;
-            self.ready_again();
             self.revokes_exhausted = None;
         }
         for w in &self.waiters {
@@ -465,7 +447,6 @@ impl Pump {
             Ok((ops, _)) => {
                 tracing::warn!(ops, "gave back ops Redis named this process as writing though it was not (a reply lost on the way); they are pending again");
                 self.exhausted = None;
-                self.ready_again();
                 self.revokes_exhausted = None;
                 self.replan = true;
             }
@@ -585,22 +566,12 @@ impl Pump {
             let due = self.target > 0 && self.exhausted != Some(self.target);
             let ahead = chunk * self.limit.get() * TAKE_AHEAD_ROUNDS;
             if due && self.taking.is_none() && self.staged.len() < ahead {
-                // The oldest flush() not known to be drained: its
-                // stragglers are taken first (see take_window).
-                let mark = self
-                    .waiters
-                    .iter()
-                    .map(|w| w.up_to)
-                    .filter(|&u| self.exhausted.max(self.drained).is_none_or(|d| d < u))
-                    .min();
-                self.taking_gen = self.ready_gen;
                 self.taking = Some(Box::pin(take_window(
                     self.engine.clone(),
                     self.cursor,
                     self.target,
                     chunk * WINDOW_CHUNKS,
                     self.backlog,
-                    mark,
                 )));
             }
             if self.staged.is_empty() {
@@ -762,9 +733,6 @@ impl Pump {
         self.report_dead_on_take();
         self.raise(w.target);
         self.cursor = self.cursor.max(w.cursor);
-        if w.drained > self.drained && self.taking_gen == self.ready_gen {
-            self.drained = w.drained;
-        }
         match w.result {
             Ok(ops) if ops.is_empty() => {
                 if w.cursor >= w.target && w.target >= self.target {
@@ -777,10 +745,6 @@ impl Pump {
                 self.give_up(Stop::Transient(e));
             }
         }
-        // Before the next window's take starts: a flush is not reached
-        // while a take is under way, and under a backlog one always is by
-        // the time the task settles.
-        self.settle();
     }
 
     pub(crate) fn stage(&mut self, mut ops: Vec<Taken>) {
@@ -930,13 +894,6 @@ impl Pump {
         }
         // Something finished: keys it held may be ready again.
         self.exhausted = None;
-        // Ops it ended may be ready again (failed ones, or one blocked
-        // behind it), none older than it: what a waiting flush counts, or
-        // what `drained` vouched for.
-        if self.drained.is_some_and(|d| d >= first) || self.waiters.iter().any(|w| w.up_to >= first)
-        {
-            self.ready_again();
-        }
         self.revokes_exhausted = None;
         self.absorb(&report);
         match stop {
@@ -1012,10 +969,14 @@ impl Pump {
         // The ops of a failed chunk are pending again: a flush() of them
         // cannot complete now, so it reports the error.
         let halted = matches!(stop, Stop::Halt(_));
+        // No caller is held through a pause OpenFGA asked for (see
+        // add_waiter).
+        let asked = stop.error().retry_after().is_some();
         let waiters: Vec<Waiter> = match first {
             _ if halted => std::mem::take(&mut self.waiters),
             _ if self.shutdown.is_some() => Vec::new(),
             None => std::mem::take(&mut self.waiters),
+            Some(_) if asked => std::mem::take(&mut self.waiters),
             Some(first) => {
                 let (theirs, others) = std::mem::take(&mut self.waiters)
                     .into_iter()
@@ -1057,8 +1018,8 @@ impl Pump {
     /// Whether everything acknowledged up to `up_to` is written.
     pub(crate) fn reached(&self, up_to: u64) -> bool {
         // Sequence numbers start at 1: up to 0 is nothing.
-        let ready_done = up_to == 0
-            || (self.exhausted.max(self.drained).is_some_and(|t| t >= up_to) && self.blocked == 0);
+        let ready_done =
+            up_to == 0 || (self.exhausted.is_some_and(|t| t >= up_to) && self.blocked == 0);
         let none_running =
             self.running_firsts.keys().next().is_none_or(|&f| f > up_to) && self.taking.is_none();
         let none_staged = self
@@ -1070,10 +1031,63 @@ impl Pump {
     }
 
     /// Answers the waiters whose flush is complete.
-    /// Ops a waiting flush counts may be ready again (see `ready_gen`).
-    pub(crate) fn ready_again(&mut self) {
-        self.ready_gen += 1;
-        self.drained = None;
+    /// Answers the waiters whose ops this process is done with by asking
+    /// the store, in one look, whether an op at or before their mark is
+    /// still pending: while others keep more than a window due, no take at
+    /// the whole target comes back empty (`exhausted`, what `reached`
+    /// needs), and a `flush()` waited for the traffic to stop. Only with
+    /// no take under way (ops it moves are in neither the store's pending
+    /// sets nor the staged ones) and none of the waiter's ops staged,
+    /// carried or running here: a chunk of them that ends may make ops
+    /// pending again (its failed ones, or ones blocked behind it) before
+    /// the pump hears of it.
+    pub(crate) async fn settle_quiet(&mut self) {
+        let mut marks: Vec<u64> = self
+            .waiters
+            .iter()
+            .map(|w| w.up_to)
+            .filter(|&u| self.only_store_left(u) && !self.reached(u))
+            .collect();
+        marks.sort_unstable();
+        marks.dedup();
+        let mut done_to = None;
+        for up_to in marks {
+            match self.engine.store.pending_up_to(up_to).await {
+                Ok(false) => done_to = Some(up_to),
+                Ok(true) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot look for pending ops; a later look decides");
+                    break;
+                }
+            }
+        }
+        let Some(done_to) = done_to else {
+            return;
+        };
+        let (done, wait): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition(|w| {
+                w.up_to <= done_to
+                    && self.only_store_left(w.up_to)
+                    && self.strays_seen_since(w.started)
+            });
+        self.waiters = wait;
+        for w in done {
+            self.last_error = None;
+            self.answer(w);
+        }
+    }
+
+    /// No op up to `up_to` is being taken, staged, carried or written by
+    /// this process.
+    fn only_store_left(&self, up_to: u64) -> bool {
+        self.taking.is_none()
+            && self.running_firsts.keys().next().is_none_or(|&f| f > up_to)
+            && self
+                .staged
+                .iter()
+                .chain(&self.carry)
+                .all(|t| t.first > up_to)
     }
 
     pub(crate) fn settle(&mut self) {
@@ -1190,7 +1204,6 @@ impl Pump {
         if holding && idle && !self.explicit() {
             self.unstage().await;
             self.exhausted = None;
-            self.ready_again();
             self.revokes_exhausted = None;
         }
     }
@@ -1258,9 +1271,6 @@ pub(crate) struct Window {
     pub(crate) cursor: u64,
     /// The target it was taken for.
     pub(crate) target: u64,
-    /// The highest bound a take of it came back short at (see
-    /// `Pump::drained`).
-    pub(crate) drained: Option<u64>,
 }
 
 /// The oldest due ops, about `window` of them: those acknowledged in the
@@ -1273,18 +1283,12 @@ pub(crate) struct Window {
 /// while writing) trails by a few hundred ops, and windows cut at it come
 /// out small, so their chunks are partial and the server gets more,
 /// smaller requests than the backlog needs.
-///
-/// `mark`: a `flush()` waits for everything up to it. Once the walk is past
-/// it, what is still ready up to it (ops a take left, or ready again) is
-/// taken first, until a take up to it finds none (`drained`): while others
-/// keep more than a window due, no take up to the whole target ever does.
 pub(crate) async fn take_window(
     engine: Arc<Engine>,
     mut cursor: u64,
     mut target: u64,
     window: usize,
     backlog: bool,
-    mark: Option<u64>,
 ) -> Window {
     if backlog {
         if let Ok(last) = engine.store.last_seq().await {
@@ -1292,12 +1296,9 @@ pub(crate) async fn take_window(
         }
     }
     let mut out: Vec<Taken> = Vec::new();
-    let mut drained = None;
     let mut jumped = false;
-    let mut stragglers = mark.map(|m| m.min(target)).filter(|&m| m <= cursor);
     loop {
-        let straggling = stragglers.take();
-        let bound = straggling.unwrap_or_else(|| target.min(cursor.saturating_add(window as u64)));
+        let bound = target.min(cursor.saturating_add(window as u64));
         let empty = match engine
             .store
             .take(window - out.len(), Take::All, bound)
@@ -1306,11 +1307,6 @@ pub(crate) async fn take_window(
             Ok(ops) => {
                 let empty = ops.is_empty();
                 out.extend(ops);
-                if empty && straggling.is_some() {
-                    drained = straggling;
-                    // Says nothing of the range after the cursor.
-                    continue;
-                }
                 empty
             }
             // What earlier takes moved to this writer is written, not
@@ -1322,7 +1318,6 @@ pub(crate) async fn take_window(
                     result: Ok(out),
                     cursor,
                     target,
-                    drained,
                 };
             }
             Err(e) => {
@@ -1330,7 +1325,6 @@ pub(crate) async fn take_window(
                     result: Err(e),
                     cursor,
                     target,
-                    drained: None,
                 }
             }
         };
@@ -1348,7 +1342,6 @@ pub(crate) async fn take_window(
                 result: Ok(out),
                 cursor,
                 target,
-                drained,
             };
         }
         if empty && engine.store.shared() {
@@ -1594,6 +1587,9 @@ mod tests {
         }
         fn unfinished(&self, up_to: u64) -> BoxFuture<'_, Result<Unfinished, Error>> {
             self.inner.unfinished(up_to)
+        }
+        fn pending_up_to(&self, up_to: u64) -> BoxFuture<'_, Result<bool, Error>> {
+            self.inner.pending_up_to(up_to)
         }
         fn pending(&self) -> BoxFuture<'_, Result<Pending, Error>> {
             self.inner.pending()
@@ -1925,7 +1921,7 @@ mod tests {
         grant(&e, "document:2", 0, 240).await;
         store.takes.store(0, Ordering::Relaxed);
         store.fail_take.store(2, Ordering::Relaxed);
-        let w = take_window(e.clone(), 0, 300, 100, false, None).await;
+        let w = take_window(e.clone(), 0, 300, 100, false).await;
         assert_eq!(
             store.takes.load(Ordering::Relaxed),
             2,
@@ -2145,38 +2141,15 @@ mod tests {
     async fn a_window_under_a_backlog_takes_what_arrived_since_the_target() {
         let e = engine();
         grant(&e, "document:1", 0, 300).await;
-        let w = take_window(e.clone(), 0, 100, 3200, false, None).await;
+        let w = take_window(e.clone(), 0, 100, 3200, false).await;
         let ops = w.result.unwrap();
         assert_eq!((ops.len(), w.target), (100, 100));
         assert!(ops.iter().all(|t| t.seq <= 100));
 
-        let w = take_window(e.clone(), w.cursor, 100, 3200, true, None).await;
+        let w = take_window(e.clone(), w.cursor, 100, 3200, true).await;
         let ops = w.result.unwrap();
         assert_eq!((ops.len(), w.target), (200, 300));
         assert!(ops.iter().all(|t| t.seq > 100));
-    }
-
-    /// A flush() waiting for seq 150, the walk past it: what is still
-    /// ready up to 150 comes first, and a window whose take up to 150
-    /// finds nothing says so (`drained`), however much is due after it.
-    #[tokio::test]
-    async fn a_window_past_a_flush_mark_takes_its_stragglers_first() {
-        let e = engine();
-        grant(&e, "document:1", 0, 300).await;
-        let w = take_window(e.clone(), 200, 300, 50, false, Some(150)).await;
-        let ops = w.result.unwrap();
-        assert_eq!(ops.len(), 50);
-        assert!(ops.iter().all(|t| t.seq <= 150), "stragglers first");
-        assert_eq!(w.drained, None, "some were left");
-        for _ in 0..2 {
-            let w = take_window(e.clone(), 200, 300, 50, false, Some(150)).await;
-            assert_eq!(w.result.unwrap().len(), 50);
-        }
-        let w = take_window(e.clone(), 200, 300, 50, false, Some(150)).await;
-        let ops = w.result.unwrap();
-        assert_eq!(w.drained, Some(150));
-        assert_eq!(ops.len(), 50, "the rest of the window is taken as before");
-        assert!(ops.iter().all(|t| t.seq > 150 && t.seq <= 250));
     }
 
     /// Far behind the target (a process new to a shared store, whose
@@ -2199,7 +2172,7 @@ mod tests {
         let old = e.store.take(900, Take::All, 900).await.unwrap();
         assert_eq!(old.len(), 900);
         let before = store.takes.load(Ordering::Relaxed);
-        let w = take_window(e.clone(), 0, 1_000, 10, false, None).await;
+        let w = take_window(e.clone(), 0, 1_000, 10, false).await;
         let ops = w.result.unwrap();
         assert_eq!(ops.len(), 10);
         assert!(ops.iter().all(|t| t.seq > 900));

@@ -35,6 +35,9 @@ pub(crate) async fn run(
             pump.engine.sleeping.store(false, Ordering::Release);
         }
         pump.settle();
+        if !pump.waiters.is_empty() {
+            pump.settle_quiet().await;
+        }
         if last_record.elapsed() >= RECORD_EVERY || pump.running.is_empty() {
             pump.record().await;
             last_record = Instant::now();
@@ -105,6 +108,10 @@ pub(crate) async fn run(
             }
             w = next_window(&mut pump.taking), if pump.taking.is_some() => {
                 pump.taken(w);
+                // Before the next take starts (see settle_quiet).
+                if !pump.waiters.is_empty() {
+                    pump.settle_quiet().await;
+                }
                 pump.park_if_idle().await;
             }
             cmd = commands.recv() => match cmd {

@@ -922,6 +922,21 @@ impl Store for MemoryStore {
         Box::pin(future::ready(Ok(self.unfinished_now(up_to))))
     }
 
+    fn pending_up_to(&self, up_to: u64) -> BoxFuture<'_, Result<bool>> {
+        // Each shard under its lock, both kinds at once (a fold moves an
+        // op between them and keeps its place). An op waiting behind one
+        // in flight is in neither: it is newer than that op, whose request
+        // the caller is still running.
+        let pending = (0..SHARDS).any(|s| {
+            self.lock(s).parts.iter().any(|p| {
+                p.ready
+                    .iter()
+                    .any(|r| r.first_key_value().is_some_and(|(f, _)| *f <= up_to))
+            })
+        });
+        Box::pin(future::ready(Ok(pending)))
+    }
+
     fn pending(&self) -> BoxFuture<'_, Result<Pending>> {
         Box::pin(future::ready(Ok(self.pending_counts())))
     }

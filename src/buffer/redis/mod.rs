@@ -870,6 +870,14 @@ impl Store for RedisStore {
         self.finishes.stop_at(at);
     }
 
+    fn pending_up_to(&self, up_to: u64) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(async move {
+            let mut a = Args::new("pendingupto", self.publish);
+            a.push(up_to);
+            Ok(int(&self.call(&a).await?)? != 0)
+        })
+    }
+
     fn blocked_up_to(&self, up_to: u64) -> BoxFuture<'_, Result<u64>> {
         Box::pin(async move {
             let mut a = Args::new("blocked", self.publish);

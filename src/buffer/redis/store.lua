@@ -2376,6 +2376,16 @@ if cmd == 'blocked' then
   return rcall('ZCOUNT', P .. ':blocked', '-inf', tonumber(ARGV[3]))
 end
 
+-- pendingupto pub up_to -> 1 if an op with first <= up_to is ready or
+-- blocked, else 0: in one look (see Store::pending_up_to).
+if cmd == 'pendingupto' then
+  local up_to = tonumber(ARGV[3])
+  for _, z in ipairs({ K_READY.g, K_READY.r, K_BLOCKED }) do
+    if #rcall('ZRANGEBYSCORE', z, '-inf', up_to, 'LIMIT', 0, 1) > 0 then return 1 end
+  end
+  return 0
+end
+
 -- Whether an op of `keys` acknowledged up to seq `up_to` is being
 -- written or held by a job: one whose place in line (`first`) is at most
 -- `up_to`, or, for a newer op blocked behind a write, the op being
