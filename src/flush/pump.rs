@@ -123,6 +123,8 @@ pub(crate) struct Pump {
     /// something changes.
     pub(crate) exhausted: Option<u64>,
     pub(crate) revokes_exhausted: Option<u64>,
+    /// When the store last told `settle_quiet` that ops are pending.
+    pub(crate) quiet_looked: Option<Instant>,
     /// When overdue ops last made the pump look again despite `exhausted`.
     pub(crate) relooked: Option<Instant>,
     pub(crate) waiters: Vec<Waiter>,
@@ -202,6 +204,7 @@ impl Pump {
             blocked: 0,
             exhausted: None,
             revokes_exhausted: None,
+            quiet_looked: None,
             relooked: None,
             waiters: Vec::new(),
             totals: FlushReport::default(),
@@ -1041,20 +1044,36 @@ impl Pump {
     /// carried or running here: a chunk of them that ends may make ops
     /// pending again (its failed ones, or ones blocked behind it) before
     /// the pump hears of it.
-    pub(crate) async fn settle_quiet(&mut self) {
+    ///
+    /// `now`: right after a window was taken; otherwise, after the store
+    /// said "pending", not again within a `PLAN_EVERY` (ops blocked behind
+    /// another process's write can keep that answer for long, and the
+    /// loop turns at every chunk's end).
+    pub(crate) async fn settle_quiet(&mut self, now: bool) {
+        if !now && self.quiet_looked.is_some_and(|t| t.elapsed() < PLAN_EVERY) {
+            return;
+        }
+        // A take whose reply was lost may have left ops taken here and
+        // known nowhere: a waiter waits for the look for strays after it.
+        self.note_unsure();
         let mut marks: Vec<u64> = self
             .waiters
             .iter()
+            .filter(|w| self.strays_seen_since(w.started))
             .map(|w| w.up_to)
             .filter(|&u| self.only_store_left(u) && !self.reached(u))
             .collect();
+
         marks.sort_unstable();
         marks.dedup();
         let mut done_to = None;
         for up_to in marks {
             match self.engine.store.pending_up_to(up_to).await {
                 Ok(false) => done_to = Some(up_to),
-                Ok(true) => break,
+                Ok(true) => {
+                    self.quiet_looked = Some(Instant::now());
+                    break;
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot look for pending ops; a later look decides");
                     break;

@@ -36,7 +36,7 @@ pub(crate) async fn run(
         }
         pump.settle();
         if !pump.waiters.is_empty() {
-            pump.settle_quiet().await;
+            pump.settle_quiet(false).await;
         }
         if last_record.elapsed() >= RECORD_EVERY || pump.running.is_empty() {
             pump.record().await;
@@ -110,7 +110,7 @@ pub(crate) async fn run(
                 pump.taken(w);
                 // Before the next take starts (see settle_quiet).
                 if !pump.waiters.is_empty() {
-                    pump.settle_quiet().await;
+                    pump.settle_quiet(true).await;
                 }
                 pump.park_if_idle().await;
             }
