@@ -407,11 +407,7 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
             } else {
                 out!("cleared {} pending ops", ops.len());
                 for (t, op) in &ops {
-                    let op = match op {
-                        Op::Grant => "grant",
-                        Op::Revoke => "revoke",
-                    };
-                    out!("  {op} {t}");
+                    out!("  {} {t}", op_name(*op));
                 }
                 Ok(())
             }
@@ -428,6 +424,14 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
             }
         }
         Command::Worker { .. } => Ok(()),
+    }
+}
+
+/// An op as the operator's listings name it.
+fn op_name(op: Op) -> &'static str {
+    match op {
+        Op::Grant => "grant",
+        Op::Revoke => "revoke",
     }
 }
 
@@ -457,7 +461,7 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
                 out!(
                     "{:>6}  {:<6}  {}  attempts={}  {state}{}{}",
                     d.id,
-                    format!("{:?}", d.op).to_lowercase(),
+                    op_name(d.op),
                     d.tuple,
                     d.attempts,
                     d.code.map(|c| format!("[{c}] ")).unwrap_or_default(),
@@ -487,7 +491,7 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
                         .filter(|d| {
                             d.transient
                                 && !d.superseded
-                                && d.op == fga_wb::Op::Revoke
+                                && d.op == Op::Revoke
                                 && which.as_ref().is_none_or(|w| w.contains(&d.id))
                         })
                         .count();

@@ -584,12 +584,7 @@ impl Engine {
                         todo.push((rest, retries));
                     }
                     Err(e) if e.is_invalid_input() && part.len() > 1 => {
-                        metrics::counter!("fga_wb_write_requests_total", "outcome" => "bisected")
-                            .increment(1);
-                        let mut left = part;
-                        let right = left.split_off(left.len() / 2);
-                        todo.push((right, retries));
-                        todo.push((left, retries));
+                        bisect(&mut todo, part, retries);
                     }
                     Err(e)
                         if e.is_condition_conflict()
@@ -662,13 +657,9 @@ impl Engine {
                 transient: 0,
                 ..retries
             };
-            for (mut part, e) in suspects.drain(..) {
+            for (part, e) in suspects.drain(..) {
                 if part.len() > 1 {
-                    metrics::counter!("fga_wb_write_requests_total", "outcome" => "bisected")
-                        .increment(1);
-                    let right = part.split_off(part.len() / 2);
-                    todo.push((right, halves));
-                    todo.push((part, halves));
+                    bisect(&mut todo, part, halves);
                 } else {
                     metrics::counter!("fga_wb_write_requests_total", "outcome" => "failed")
                         .increment(1);
@@ -964,6 +955,14 @@ impl Engine {
         }
         self.writer.write_within(&self.store_id, &req, budget).await
     }
+}
+
+/// Splits `part` in halves onto `todo`, the left one to be written first.
+fn bisect(todo: &mut Vec<(Vec<Taken>, QuickRetries)>, mut part: Vec<Taken>, retries: QuickRetries) {
+    metrics::counter!("fga_wb_write_requests_total", "outcome" => "bisected").increment(1);
+    let right = part.split_off(part.len() / 2);
+    todo.push((right, retries));
+    todo.push((part, retries));
 }
 
 /// A part whose Write failed, not for its input: its ops are pending again.

@@ -1023,17 +1023,9 @@ impl Pump {
         // Sequence numbers start at 1: up to 0 is nothing.
         let ready_done =
             up_to == 0 || (self.exhausted.is_some_and(|t| t >= up_to) && self.blocked == 0);
-        let none_running =
-            self.running_firsts.keys().next().is_none_or(|&f| f > up_to) && self.taking.is_none();
-        let none_staged = self
-            .staged
-            .iter()
-            .chain(&self.carry)
-            .all(|t| t.first > up_to);
-        ready_done && none_running && none_staged
+        ready_done && self.only_store_left(up_to)
     }
 
-    /// Answers the waiters whose flush is complete.
     /// Answers the waiters whose ops this process is done with by asking
     /// the store, in one look, whether an op at or before their mark is
     /// still pending: while others keep more than a window due, no take at
@@ -1063,7 +1055,6 @@ impl Pump {
             .map(|w| w.up_to)
             .filter(|&u| self.only_store_left(u) && !self.reached(u))
             .collect();
-
         marks.sort_unstable();
         marks.dedup();
         let mut done_to = None;
@@ -1080,20 +1071,8 @@ impl Pump {
                 }
             }
         }
-        let Some(done_to) = done_to else {
-            return;
-        };
-        let (done, wait): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
-            .into_iter()
-            .partition(|w| {
-                w.up_to <= done_to
-                    && self.only_store_left(w.up_to)
-                    && self.strays_seen_since(w.started)
-            });
-        self.waiters = wait;
-        for w in done {
-            self.last_error = None;
-            self.answer(w);
+        if let Some(done_to) = done_to {
+            self.answer_done(|p, w| w.up_to <= done_to && p.only_store_left(w.up_to));
         }
     }
 
@@ -1109,12 +1088,19 @@ impl Pump {
                 .all(|t| t.first > up_to)
     }
 
+    /// Answers the waiters whose flush is complete.
     pub(crate) fn settle(&mut self) {
         // A call that failed since the look: the task plans again at once.
         self.note_unsure();
+        self.answer_done(|p, w| p.reached(w.up_to));
+    }
+
+    /// Answers the waiters `written` says are complete, once the look for
+    /// strays after they began was answered.
+    fn answer_done(&mut self, written: impl Fn(&Pump, &Waiter) -> bool) {
         let (done, wait): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
             .into_iter()
-            .partition(|w| self.reached(w.up_to) && self.strays_seen_since(w.started));
+            .partition(|w| written(self, w) && self.strays_seen_since(w.started));
         self.waiters = wait;
         for w in done {
             // Everything it wanted is written: an error seen on the way was
