@@ -176,8 +176,16 @@ async fn dead_letters_list_replay_purge() {
         .unwrap();
     support::grant_users(&wb, "document:ok2", 0..5).await;
 
-    let r = cli.run(&["flush"]).await;
-    r.ok();
+    // `flush --wait` did not write everything acknowledged before it
+    // began: exit 1 (it exited 0 with a warning).
+    // (The flush's own warnings come first.)
+    let r = cli.run(&["flush", "--wait"]).await;
+    assert_eq!(r.code, 1, "{r:#?}");
+    let last = r.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("fga-wb: 2 ops acknowledged before this command began were dead-lettered"),
+        "{r:#?}"
+    );
     assert!(
         r.stdout.contains("10 applied") && r.stdout.contains("2 dead-lettered"),
         "{}",
@@ -389,11 +397,21 @@ async fn queue_flush_wait_and_worker_sigterm() {
         .grant("user:bad", "no_such_relation", "document:q4")
         .await
         .unwrap();
+    // An op acknowledged before it began is not written: it did not do
+    // what it is for (it exited 0).
     let r = cli.run(&["flush", "--wait", "--json"]).await;
-    let j = r.ok().json();
+    let j = r
+        .fails(
+            1,
+            "1 ops acknowledged before this command began were dead-lettered",
+        )
+        .json();
     let counts = ["queued", "applied", "dead_lettered"].map(|k| j["flush"][k].as_u64());
     assert_eq!(counts, [Some(5), Some(4), Some(1)], "{j:#}");
     assert!(r.stderr.contains("dlq list"), "{r:#?}");
+    // The letter is older than the next wait, which succeeds.
+    support::grant_users(&unchecked, "document:q5", 0..2).await;
+    cli.run(&["flush", "--wait"]).await.ok();
     unchecked.shutdown().await.unwrap();
 
     // All applied, a worker running: healthy, with a warning for the test

@@ -70,7 +70,8 @@ enum Command {
         /// transient failures). Ops acknowledged later are left to their
         /// writers' own flushes and not waited for, so it ends under
         /// steady traffic; an op
-        /// a newer one on its tuple superseded is done. Exits 0 only then.
+        /// a newer one on its tuple superseded is done. Exits 0 only then:
+        /// exits 1 when some of those ops were dead-lettered while it ran.
         /// In queue mode, exits 1 at once when a worker reports flushing
         /// stopped, or when such dead ops wait and workers do not replay
         /// them (queue.replay_transient = "0s"), and, without --timeout, once
@@ -323,7 +324,13 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
                     .filter(|every| !every.is_zero()),
                 mark: None,
             };
-            let before = within(wb, &waiting, wb.status()).await?.totals;
+            let at_start = within(wb, &waiting, wb.status()).await?;
+            let before = at_start.totals;
+            // Letters written from here on are this wait's to report.
+            let old_letters = match *wait && at_start.dead_letters > 0 {
+                true => newest_letter(within(wb, &waiting, wb.dead_letters()).await?),
+                false => 0,
+            };
             // What --wait waits for: ops acknowledged up to now.
             let mark = within(wb, &waiting, wb.last_acknowledged()).await?;
             waiting.mark = Some(mark);
@@ -364,6 +371,26 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
                     status.pending.total,
                     status.pending.in_flight
                 );
+            }
+            // Not written: --wait failed at what it is for.
+            let lost = match *wait && report.dead_lettered > 0 {
+                true => {
+                    let letters = wb.dead_letters().await?;
+                    letters
+                        .iter()
+                        .filter(|d| d.id > old_letters && d.first <= mark && !d.superseded)
+                        .count()
+                }
+                false => 0,
+            };
+            if lost > 0 {
+                return Err(Failure {
+                    code: 1,
+                    message: format!(
+                        "{lost} ops acknowledged before this command began were dead-lettered, not written (of {} dead-lettered while it ran): see `fga-wb dlq list`, and `fga-wb dlq replay` once their cause is fixed",
+                        report.dead_lettered
+                    ),
+                });
             }
             if report.dead_lettered > 0 {
                 eprintln!(
@@ -614,6 +641,11 @@ fn letters_waited_for(s: &fga_wb::Status, u: &fga_wb::Unfinished) -> usize {
         Some(_) => usize::try_from(u.transient_letters).unwrap_or(usize::MAX),
         None => 0,
     }
+}
+
+/// The highest id among `letters` (0: none): letter ids only grow.
+fn newest_letter(letters: Vec<fga_wb::DeadLetter>) -> u64 {
+    letters.iter().map(|d| d.id).max().unwrap_or(0)
 }
 
 /// Queue mode, and no worker was seen.

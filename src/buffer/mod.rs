@@ -268,6 +268,11 @@ pub struct DeadLetter {
     pub op: Op,
     /// The op's sequence number.
     pub seq: u64,
+    /// The op's place in line: its own `seq`, or the older op's it was
+    /// folded into or (replayed) put back in place of. A flush of what was
+    /// acknowledged up to `n` ([`flush_up_to`](crate::WriteBehind::flush_up_to),
+    /// `fga-wb flush --wait`) covered it when `first <= n`.
+    pub first: u64,
     /// OpenFGA's message (or why fga-wb gave up).
     pub reason: String,
     /// OpenFGA's error code, if any.

@@ -498,6 +498,7 @@ impl MemoryStore {
                                 tuple: taken.tuple,
                                 op: entry.op,
                                 seq: entry.seq,
+                                first: entry.first,
                                 reason,
                                 code,
                                 attempts: u32::from(entry.attempts) + 1,
@@ -796,7 +797,7 @@ impl MemoryStore {
         for d in dead.letters.values() {
             let key = key_of(&d.tuple);
             if d.transient
-                && d.place.map_or(d.seq, |p| p.0) <= up_to
+                && d.first <= up_to
                 && dead.is_newest(&key, d.id)
                 && !shards[self.shard_of(&d.tuple.object)].holds(&d.tuple, &key)
             {

@@ -321,6 +321,9 @@ pub(crate) struct StoredDead {
     pub(crate) key: String,
     pub(crate) op: String,
     pub(crate) seq: u64,
+    /// Letters of older versions have none: their op's own seq.
+    #[serde(default)]
+    pub(crate) first: Option<u64>,
     #[serde(default)]
     pub(crate) reason: String,
     #[serde(default)]
@@ -348,6 +351,7 @@ pub(crate) fn parse_dead(json: &str) -> Option<DeadLetter> {
         tuple,
         op: op_of(&d.op)?,
         seq: d.seq,
+        first: d.first.unwrap_or(d.seq),
         reason: d.reason,
         code: (!d.code.is_empty()).then_some(d.code),
         attempts: d.attempts,
