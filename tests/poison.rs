@@ -10,6 +10,7 @@
 mod support;
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use fga_wb::{Op, WriteBehind};
 use support::mock::*;
@@ -319,6 +320,17 @@ async fn failing_on_poison(server: &wiremock::MockServer) {
         .await;
 }
 
+/// The tuples of the Writes that did not carry `user:poison`.
+async fn landed_without_poison(server: &wiremock::MockServer) -> BTreeSet<String> {
+    write_bodies(server)
+        .await
+        .iter()
+        .map(body_tuples)
+        .filter(|t| !t.iter().any(|t| t.ends_with("@user:poison")))
+        .flatten()
+        .collect()
+}
+
 /// The tuples of a Write body, as `object#relation@user`.
 fn body_tuples(body: &serde_json::Value) -> Vec<String> {
     ["writes", "deletes"]
@@ -360,13 +372,7 @@ async fn a_tuple_the_server_fails_every_time_holds_back_only_itself() {
     );
     let p = wb.pending().await.unwrap();
     assert_eq!((p.total, p.in_flight), (1, 0), "{p:?}");
-    let landed: BTreeSet<String> = write_bodies(&server)
-        .await
-        .iter()
-        .map(body_tuples)
-        .filter(|t| !t.iter().any(|t| t.ends_with("@user:poison")))
-        .flatten()
-        .collect();
+    let landed = landed_without_poison(&server).await;
     assert_eq!(landed.len(), 40, "{landed:?}");
 
     let before = write_bodies(&server).await.len();
@@ -382,6 +388,77 @@ async fn a_tuple_the_server_fails_every_time_holds_back_only_itself() {
     );
     assert_eq!(wb.pending().await.unwrap().total, 1);
     wb.clear().await.unwrap();
+}
+
+/// Inline, a tuple whose Write alone keeps failing while other Writes land
+/// is given up after `queue.retry_schedule`, as a queue job's op is: a
+/// transient dead letter with the server's reason, and flushes end without
+/// error again. Before, it was retried for good, and every flush it was in
+/// returned the error.
+#[tokio::test]
+async fn a_tuple_failing_alone_through_the_retry_schedule_is_dead_lettered() {
+    failing_alone_through_the_schedule(fga_wb::config::StoreKind::Memory).await;
+}
+
+/// The same with the Redis store.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn a_tuple_failing_alone_through_the_retry_schedule_is_dead_lettered_in_redis() {
+    failing_alone_through_the_schedule(fga_wb::config::StoreKind::Redis).await;
+}
+
+async fn failing_alone_through_the_schedule(store: fga_wb::config::StoreKind) {
+    let server = mock_openfga().await;
+    failing_on_poison(&server).await;
+    let mut cfg = no_quick_retries(manual_flush(mock_config(&server)));
+    cfg.queue.retry_schedule = vec![Duration::from_millis(20); 2];
+    if store == fga_wb::config::StoreKind::Redis {
+        cfg.buffer.store = store;
+        cfg.redis.url = support::redis_url();
+        // The mock's one store id: keys of this test's own.
+        cfg.redis.key_prefix = format!("fga-wb-lone-{}", std::process::id());
+    }
+    let wb = WriteBehind::builder(cfg).build().await.unwrap();
+    wb.grant("user:poison", "viewer", "document:p")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut others = 0;
+    let last = loop {
+        // Other traffic: a Write lands between the tuple's tries.
+        wb.grant(&format!("user:u{others}"), "viewer", "document:q")
+            .await
+            .unwrap();
+        others += 1;
+        let r = wb.flush().await.unwrap();
+        if r.dead_lettered > 0 {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never given up: {r:?}"
+        );
+    };
+    assert_eq!(last.dead_lettered, 1, "{last:?}");
+    let letters = wb.dead_letters().await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let d = &letters[0];
+    assert_eq!(d.tuple.user, "user:poison");
+    assert!(d.transient, "{d:?}");
+    assert!(d.reason.contains("queue.retry_schedule"), "{d:?}");
+    // At least the schedule's two waits and a first try.
+    assert!(others >= 3, "given up after {others} tries");
+    let p = wb.pending().await.unwrap();
+    assert_eq!((p.total, p.in_flight), (0, 0), "{p:?}");
+    wb.grant("user:later", "viewer", "document:q")
+        .await
+        .unwrap();
+    let r = wb.flush().await.unwrap();
+    assert!(r.error.is_none() && r.applied == 1, "{r:?}");
+    let landed = landed_without_poison(&server).await;
+    assert_eq!(landed.len(), others + 1, "{landed:?}");
+    wb.purge_dead_letters(None).await.unwrap();
+    wb.shutdown().await.unwrap();
 }
 
 /// A server that fails every Write with a 500 is not bisected: each chunk

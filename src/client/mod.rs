@@ -186,7 +186,7 @@ impl Builder {
             }
             (Mode::Inline, _) => None,
         };
-        let engine = Arc::new(Engine::new(
+        let mut engine = Engine::new(
             store,
             client.fork()?,
             client,
@@ -195,7 +195,9 @@ impl Builder {
             config.flush.clone(),
             cache,
             sink,
-        ));
+        );
+        engine.lone = crate::flush::LoneFailures::after(&config.queue.retry_schedule);
+        let engine = Arc::new(engine);
         let (commands, rx) = mpsc::channel(16);
         let (stop, stop_rx) = watch::channel(false);
         let flusher =

@@ -141,6 +141,8 @@ pub(crate) struct Engine {
     /// Write requests that succeeded: a chunk that keeps failing while this
     /// moves fails for its own tuples (see `write_chunk_as`).
     writes_ok: AtomicU64,
+    /// Inline: when an op failing alone is given up (see [`lone`]).
+    pub lone: lone::LoneFailures,
 }
 
 /// One Write request under way, counted in `Engine::writes_under_way`
@@ -235,6 +237,7 @@ impl Engine {
             holds_until: Default::default(),
             writes_under_way: Default::default(),
             writes_ok: Default::default(),
+            lone: lone::LoneFailures::never(),
         }
     }
 
@@ -664,8 +667,8 @@ impl Engine {
                     metrics::counter!("fga_wb_write_requests_total", "outcome" => "failed")
                         .increment(1);
                     for t in part {
-                        tracing::warn!(tuple = %t.tuple, op = ?t.op, error = %e, "a write of this tuple alone failed; it stays pending");
-                        result.outcomes.push((t, Outcome::Retry));
+                        let outcome = self.lone_failure(&t, &e, landed);
+                        result.outcomes.push((t, outcome));
                     }
                     lone.get_or_insert(e);
                 }
@@ -676,6 +679,27 @@ impl Engine {
             result.stop.get_or_insert(Stop::Transient(e));
         }
         result
+    }
+
+    /// What becomes of an op whose Write alone failed (with `landed`
+    /// Writes landed so far): pending again, or, inline, once it has
+    /// failed so through the retry schedule, a transient dead letter.
+    fn lone_failure(&self, t: &Taken, e: &Error, landed: u64) -> Outcome {
+        let Some(failing_for) = self.lone.failed(t.seq, landed, Instant::now()) else {
+            tracing::warn!(tuple = %t.tuple, op = ?t.op, error = %e, "a write of this tuple alone failed; it stays pending");
+            return Outcome::Retry;
+        };
+        tracing::warn!(tuple = %t.tuple, op = ?t.op, error = %e, ?failing_for, "a write of this tuple alone kept failing while others landed: dead-lettered (transient)");
+        let message = e
+            .server_message()
+            .map_or_else(|| e.to_string(), str::to_owned);
+        Outcome::Dead {
+            reason: format!(
+                "{message} (its Write alone failed for {failing_for:.0?} while other Writes landed: queue.retry_schedule)"
+            ),
+            code: e.code().map(str::to_owned),
+            transient: true,
+        }
     }
 
     /// Waits out a request whose outcome is unknown (see
@@ -1005,10 +1029,12 @@ fn quick_backoff(cfg: &FlushConfig) -> ExponentialBackoff {
 }
 
 mod limit;
+mod lone;
 mod pump;
 mod task;
 
 use limit::*;
+pub(crate) use lone::LoneFailures;
 use pump::*;
 #[cfg(feature = "redis")]
 pub(crate) use pump::{add_one, remove_one, STRAY_EVERY};

@@ -1,0 +1,159 @@
+//! Ops whose Write fails alone, again and again, while other Writes land.
+//!
+//! A tuple the server fails with a 500 every time (a datastore column
+//! narrower than the API's limits, say) is split out of its chunk and
+//! retried alone after each pause. A queue job gives such an op up after
+//! `queue.retry_schedule` and dead-letters it as transient; inline, it was
+//! retried for good: every retry a failed request, a pause, and an error
+//! for the flushes it is in, and `fga-wb flush --wait` never ended. This
+//! gives it the same budget inline: once it has failed alone for as long
+//! as the schedule adds up to, and as many times as the schedule has
+//! waits plus one, it is dead-lettered as transient (kept, replayable,
+//! and a revoke among them fails its checks closed meanwhile).
+//!
+//! A failure counts only if some Write landed since the op's last one: in
+//! an outage every Write fails, and no op is given up for that.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// One op's failures alone so far.
+struct Failing {
+    since: Instant,
+    tries: u32,
+    /// The count of landed Writes at its last counted failure.
+    landed: Option<u64>,
+}
+
+impl Failing {
+    fn new(now: Instant) -> Failing {
+        Failing {
+            since: now,
+            tries: 0,
+            landed: None,
+        }
+    }
+}
+
+pub(crate) struct LoneFailures {
+    /// How long an op fails alone before it is given up; zero: never (a
+    /// queue worker, whose jobs keep their own schedule).
+    give_up_after: Duration,
+    /// How many counted failures it takes, too.
+    tries: u32,
+    /// By the op's seq: a newer op on the tuple starts afresh.
+    ops: Mutex<HashMap<u64, Failing>>,
+}
+
+/// Entries kept at most; the oldest go first (only ops failing alone are
+/// here, so this is reached only by a server failing many tuples alone).
+const KEEP: usize = 10_000;
+
+impl LoneFailures {
+    /// Never gives an op up.
+    pub(crate) fn never() -> LoneFailures {
+        LoneFailures::after(&[])
+    }
+
+    /// Gives an op up after `schedule` (`queue.retry_schedule`): failing
+    /// alone for its sum, `schedule.len() + 1` times.
+    pub(crate) fn after(schedule: &[Duration]) -> LoneFailures {
+        LoneFailures {
+            give_up_after: schedule.iter().sum(),
+            tries: u32::try_from(schedule.len())
+                .unwrap_or(u32::MAX)
+                .saturating_add(1),
+            ops: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Notes that the op `seq` failed alone, `landed` Writes having
+    /// landed so far; returns how long it has failed if that is the end of
+    /// its budget (it is forgotten then).
+    pub(crate) fn failed(&self, seq: u64, landed: u64, now: Instant) -> Option<Duration> {
+        if self.give_up_after.is_zero() {
+            return None;
+        }
+        let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        // Entries idle this long stopped failing (applied, superseded,
+        // cleared), or wait out an outage: they start afresh.
+        let stale = self
+            .give_up_after
+            .saturating_mul(2)
+            .max(Duration::from_secs(60));
+        if ops.len() >= KEEP {
+            ops.retain(|_, f| now.saturating_duration_since(f.since) < stale);
+        }
+        if ops.len() >= KEEP {
+            if let Some(oldest) = ops.iter().min_by_key(|(_, f)| f.since).map(|(&s, _)| s) {
+                ops.remove(&oldest);
+            }
+        }
+        let f = ops.entry(seq).or_insert_with(|| Failing::new(now));
+        if now.saturating_duration_since(f.since) >= stale {
+            *f = Failing::new(now);
+        }
+        if f.landed != Some(landed) {
+            f.tries = f.tries.saturating_add(1);
+            f.landed = Some(landed);
+        }
+        let failing_for = now.saturating_duration_since(f.since);
+        if f.tries >= self.tries && failing_for >= self.give_up_after {
+            ops.remove(&seq);
+            return Some(failing_for);
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn an_op_is_given_up_after_the_schedule_with_writes_landing_between() {
+        let lone = LoneFailures::after(&[S, 2 * S]);
+        let t0 = Instant::now();
+        assert_eq!(lone.failed(7, 10, t0), None);
+        assert_eq!(lone.failed(7, 11, t0 + S), None);
+        // Three failures, but not yet for 3 s.
+        assert_eq!(lone.failed(7, 12, t0 + 2 * S), None);
+        assert_eq!(lone.failed(7, 13, t0 + 3 * S), Some(3 * S));
+        // Forgotten once given up.
+        assert_eq!(lone.failed(7, 14, t0 + 4 * S), None);
+    }
+
+    #[test]
+    fn failures_with_no_write_landing_between_do_not_count() {
+        let lone = LoneFailures::after(&[S]);
+        let t0 = Instant::now();
+        assert_eq!(lone.failed(1, 5, t0), None);
+        // An outage: nothing lands, however long.
+        for i in 1..10 {
+            assert_eq!(lone.failed(1, 5, t0 + i * S), None);
+        }
+        assert_eq!(lone.failed(1, 6, t0 + 10 * S), Some(10 * S));
+    }
+
+    #[test]
+    fn a_worker_never_gives_an_op_up_here() {
+        let lone = LoneFailures::never();
+        let t0 = Instant::now();
+        for i in 0..10 {
+            assert_eq!(lone.failed(1, i, t0 + i as u32 * 60 * S), None);
+        }
+    }
+
+    #[test]
+    fn an_op_idle_for_long_starts_afresh() {
+        let lone = LoneFailures::after(&[S]);
+        let t0 = Instant::now();
+        assert_eq!(lone.failed(1, 1, t0), None);
+        assert_eq!(lone.failed(1, 2, t0 + 100 * S), None);
+        assert_eq!(lone.failed(1, 3, t0 + 101 * S), Some(S));
+    }
+}
