@@ -504,7 +504,7 @@ impl fmt::Display for Error {
             ),
             Kind::DeadLetterInDoubt { count } => write!(
                 f,
-                "check denied (fail closed): {count} revoke(s), or grant(s) that can take its access away, it could depend on died after transient write failures and are in the dead letters, so OpenFGA may still hold what they revoke or lack what they grant; workers replay them once OpenFGA answers again (queue.replay_transient), or run `fga-wb dlq replay` (or `fga-wb dlq purge` to give them up)"
+                "check denied (fail closed): {count} revoke(s), or grant(s) that can take its access away, it could depend on died after transient write failures and are in the dead letters, so OpenFGA may still hold what they revoke or lack what they grant; in queue mode workers replay them once OpenFGA answers again (queue.replay_transient); else run `fga-wb dlq replay` (or `fga-wb dlq purge` to give them up)"
             ),
             Kind::Shutdown => write!(f, "the write-behind handle has been shut down"),
             Kind::Redis { detail, transient } => {

@@ -183,7 +183,7 @@ async fn dead_letters_list_replay_purge() {
     assert_eq!(r.code, 1, "{r:#?}");
     let last = r.stderr.lines().last().unwrap_or_default();
     assert!(
-        last.starts_with("fga-wb: 2 ops acknowledged before this command began were dead-lettered"),
+        last.starts_with("fga-wb: 2 of the ops it waited for (acknowledged before it began"),
         "{r:#?}"
     );
     assert!(
@@ -403,7 +403,7 @@ async fn queue_flush_wait_and_worker_sigterm() {
     let j = r
         .fails(
             1,
-            "1 ops acknowledged before this command began were dead-lettered",
+            "1 of the ops it waited for (acknowledged before it began",
         )
         .json();
     let counts = ["queued", "applied", "dead_lettered"].map(|k| j["flush"][k].as_u64());

@@ -390,47 +390,30 @@ async fn a_tuple_the_server_fails_every_time_holds_back_only_itself() {
     wb.clear().await.unwrap();
 }
 
-/// Inline, a tuple whose Write alone keeps failing while other Writes land
-/// is given up after `queue.retry_schedule`, as a queue job's op is: a
-/// transient dead letter with the server's reason, and flushes end without
-/// error again. Before, it was retried for good, and every flush it was in
-/// returned the error.
-#[tokio::test]
-async fn a_tuple_failing_alone_through_the_retry_schedule_is_dead_lettered() {
-    failing_alone_through_the_schedule(fga_wb::config::StoreKind::Memory).await;
-}
-
-/// The same with the Redis store.
+/// Inline on the Redis store, a revoke whose Write alone keeps failing
+/// while other Writes land is given up after `queue.retry_schedule`, as a
+/// queue job's op is: a transient dead letter with the server's reason,
+/// checks it can change fail closed (OpenFGA may still hold the tuple), and
+/// flushes end without error again. Before, it was retried for good, and
+/// every flush it was in returned the error.
 #[cfg(feature = "redis")]
 #[tokio::test]
-async fn a_tuple_failing_alone_through_the_retry_schedule_is_dead_lettered_in_redis() {
-    failing_alone_through_the_schedule(fga_wb::config::StoreKind::Redis).await;
-}
-
-async fn failing_alone_through_the_schedule(store: fga_wb::config::StoreKind) {
+async fn a_revoke_failing_alone_through_the_retry_schedule_is_dead_lettered_in_redis() {
     let server = mock_openfga().await;
     failing_on_poison(&server).await;
-    let mut cfg = no_quick_retries(manual_flush(mock_config(&server)));
-    cfg.queue.retry_schedule = vec![Duration::from_millis(20); 2];
-    if store == fga_wb::config::StoreKind::Redis {
-        cfg.buffer.store = store;
-        cfg.redis.url = support::redis_url();
-        // The mock's one store id: keys of this test's own.
-        cfg.redis.key_prefix = format!("fga-wb-lone-{}", std::process::id());
-    }
+    let mut cfg = lone_config(&server);
+    cfg.buffer.store = fga_wb::config::StoreKind::Redis;
+    cfg.redis.url = support::redis_url();
+    // The mock's one store id: keys of this test's own.
+    cfg.redis.key_prefix = format!("fga-wb-lone-{}", std::process::id());
     let wb = WriteBehind::builder(cfg).build().await.unwrap();
-    wb.grant("user:poison", "viewer", "document:p")
+    wb.revoke("user:poison", "viewer", "document:p")
         .await
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut others = 0;
     let last = loop {
-        // Other traffic: a Write lands between the tuple's tries.
-        wb.grant(&format!("user:u{others}"), "viewer", "document:q")
-            .await
-            .unwrap();
-        others += 1;
-        let r = wb.flush().await.unwrap();
+        let r = flush_with_traffic(&wb, &mut others).await;
         if r.dead_lettered > 0 {
             break r;
         }
@@ -439,26 +422,81 @@ async fn failing_alone_through_the_schedule(store: fga_wb::config::StoreKind) {
             "never given up: {r:?}"
         );
     };
+    // Given up, it is no failure: the flush waited for the other tuple
+    // (and counts one an earlier flush, ended by the failure, left).
     assert_eq!(last.dead_lettered, 1, "{last:?}");
+    assert!(last.applied >= 1 && last.error.is_none(), "{last:?}");
     let letters = wb.dead_letters().await.unwrap();
     assert_eq!(letters.len(), 1, "{letters:?}");
     let d = &letters[0];
-    assert_eq!(d.tuple.user, "user:poison");
+    assert_eq!((d.tuple.user.as_str(), d.op), ("user:poison", Op::Revoke));
     assert!(d.transient, "{d:?}");
     assert!(d.reason.contains("queue.retry_schedule"), "{d:?}");
     // At least the schedule's two waits and a first try.
     assert!(others >= 3, "given up after {others} tries");
+    let e = wb
+        .check("user:poison", "viewer", "document:p")
+        .await
+        .expect_err("fails closed on the dead revoke");
+    assert!(e.to_string().contains("dlq replay"), "{e}");
     let p = wb.pending().await.unwrap();
     assert_eq!((p.total, p.in_flight), (0, 0), "{p:?}");
-    wb.grant("user:later", "viewer", "document:q")
-        .await
-        .unwrap();
-    let r = wb.flush().await.unwrap();
+    let r = flush_with_traffic(&wb, &mut others).await;
     assert!(r.error.is_none() && r.applied == 1, "{r:?}");
     let landed = landed_without_poison(&server).await;
-    assert_eq!(landed.len(), others + 1, "{landed:?}");
+    assert_eq!(landed.len(), others, "{landed:?}");
     wb.purge_dead_letters(None).await.unwrap();
     wb.shutdown().await.unwrap();
+}
+
+/// The memory store never gives such an op up: its checks do not look at
+/// dead letters, so a revoke given up would let OpenFGA's stale tuple
+/// answer `allowed`. It stays pending, and checks on it fail closed.
+#[tokio::test]
+async fn the_memory_store_keeps_a_revoke_failing_alone() {
+    let server = mock_openfga().await;
+    failing_on_poison(&server).await;
+    let wb = WriteBehind::builder(lone_config(&server))
+        .build()
+        .await
+        .unwrap();
+    wb.revoke("user:poison", "viewer", "document:p")
+        .await
+        .unwrap();
+    let mut others = 0;
+    // Well past what the Redis store gives up after.
+    let started = std::time::Instant::now();
+    while others < 10 || started.elapsed() < Duration::from_millis(200) {
+        let r = flush_with_traffic(&wb, &mut others).await;
+        assert_eq!(r.dead_lettered, 0, "{r:?}");
+    }
+    let p = wb.pending().await.unwrap();
+    assert_eq!((p.deletes, p.in_flight), (1, 0), "{p:?}");
+    assert!(wb.dead_letters().await.unwrap().is_empty());
+    wb.check("user:poison", "viewer", "document:p")
+        .await
+        .expect_err("fails closed on the pending revoke");
+    wb.clear().await.unwrap();
+    wb.shutdown().await.unwrap();
+}
+
+/// Manual flushes, no quick retries, and a retry schedule of 40 ms in all.
+fn lone_config(server: &wiremock::MockServer) -> fga_wb::Config {
+    let mut cfg = no_quick_retries(manual_flush(mock_config(server)));
+    cfg.queue.retry_schedule = vec![Duration::from_millis(20); 2];
+    // A check waiting for the pending revoke gives up soon.
+    cfg.check.revoke_wait_timeout = Duration::from_millis(100);
+    cfg
+}
+
+/// Grants one more tuple (other traffic: a Write lands between the
+/// failing tuple's tries), then flushes.
+async fn flush_with_traffic(wb: &WriteBehind, others: &mut usize) -> fga_wb::FlushReport {
+    wb.grant(&format!("user:u{others}"), "viewer", "document:q")
+        .await
+        .unwrap();
+    *others += 1;
+    wb.flush().await.unwrap()
 }
 
 /// A server that fails every Write with a 500 is not bisected: each chunk

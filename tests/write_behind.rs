@@ -130,6 +130,52 @@ async fn flush_up_to_writes_what_came_before_a_mark_in_redis() {
     flush_up_to_writes_what_came_before(in_redis(&s), &s).await;
 }
 
+/// `clear_ops_up_to` drops only the ops acknowledged up to a mark (what
+/// `fga-wb clear` asked the operator about): a grant and a revoke
+/// acknowledged since are kept and written, the revoke although it was
+/// folded into a grant from before the mark. Before, a clear dropped
+/// everything pending when it ran.
+async fn clear_up_to_keeps_what_came_after(cfg: fga_wb::Config, s: &support::TestStore) {
+    let wb = WriteBehind::builder(cfg)
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    wb.grant("user:a", "viewer", "document:k").await.unwrap();
+    wb.grant("user:b", "viewer", "document:k").await.unwrap();
+    let mark = wb.last_acknowledged().await.unwrap();
+    wb.grant("user:c", "viewer", "document:k").await.unwrap();
+    wb.revoke("user:b", "viewer", "document:k").await.unwrap();
+
+    let dropped = wb.clear_ops_up_to(mark).await.unwrap();
+    let dropped: Vec<String> = dropped
+        .iter()
+        .map(|(t, op)| format!("{op:?} {t}"))
+        .collect();
+    assert_eq!(dropped, ["Grant document:k#viewer@user:a"]);
+    let left = wb.pending().await.unwrap();
+    assert_eq!((left.writes, left.deletes), (1, 1), "{left:?}");
+    assert_eq!(wb.flush().await.unwrap().applied, 2);
+    assert_eq!(stored(s).await, ["document:k#viewer@user:c"]);
+    // And without a mark, everything pending goes.
+    wb.grant("user:d", "viewer", "document:k").await.unwrap();
+    assert_eq!(wb.clear().await.unwrap(), 1);
+    wb.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn clear_up_to_keeps_what_came_after_a_mark() {
+    let s = new_store("wb-clear-up-to").await;
+    clear_up_to_keeps_what_came_after(config_for(&s), &s).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn clear_up_to_keeps_what_came_after_a_mark_in_redis() {
+    let s = new_store("wb-clear-up-to-redis").await;
+    clear_up_to_keeps_what_came_after(in_redis(&s), &s).await;
+}
+
 /// A `flush()` ends once what was acknowledged before it is written, even
 /// while other callers keep more than a batch pending all along (with
 /// `revokes`, every tenth op is a revoke, whose writes tell every process

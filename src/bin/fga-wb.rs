@@ -71,7 +71,8 @@ enum Command {
         /// writers' own flushes and not waited for, so it ends under
         /// steady traffic; an op
         /// a newer one on its tuple superseded is done. Exits 0 only then:
-        /// exits 1 when some of those ops were dead-lettered while it ran.
+        /// exits 1 when some of those ops were dead-lettered while it ran
+        /// (letters written before it began are not its own).
         /// In queue mode, exits 1 at once when a worker reports flushing
         /// stopped, or when such dead ops wait and workers do not replay
         /// them (queue.replay_transient = "0s"), and, without --timeout, once
@@ -324,13 +325,12 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
                     .filter(|every| !every.is_zero()),
                 mark: None,
             };
-            let at_start = within(wb, &waiting, wb.status()).await?;
-            let before = at_start.totals;
             // Letters written from here on are this wait's to report.
-            let old_letters = match *wait && at_start.dead_letters > 0 {
-                true => newest_letter(within(wb, &waiting, wb.dead_letters()).await?),
+            let old_letters = match *wait {
+                true => within(wb, &waiting, wb.newest_dead_letter_id()).await?,
                 false => 0,
             };
+            let before = within(wb, &waiting, wb.status()).await?.totals;
             // What --wait waits for: ops acknowledged up to now.
             let mark = within(wb, &waiting, wb.last_acknowledged()).await?;
             waiting.mark = Some(mark);
@@ -372,23 +372,22 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
                     status.pending.in_flight
                 );
             }
-            // Not written: --wait failed at what it is for.
-            let lost = match *wait && report.dead_lettered > 0 {
-                true => {
-                    let letters = wb.dead_letters().await?;
-                    letters
-                        .iter()
-                        .filter(|d| d.id > old_letters && d.first <= mark && !d.superseded)
-                        .count()
-                }
+            // Not written: --wait failed at what it is for. (Past the wait,
+            // as the status read above: its deadline is for the waiting.)
+            let lost = match *wait && wb.newest_dead_letter_id().await? > old_letters {
+                true => wb
+                    .dead_letters()
+                    .await?
+                    .iter()
+                    .filter(|d| d.id > old_letters && d.first <= mark && !d.superseded)
+                    .count(),
                 false => 0,
             };
             if lost > 0 {
                 return Err(Failure {
                     code: 1,
                     message: format!(
-                        "{lost} ops acknowledged before this command began were dead-lettered, not written (of {} dead-lettered while it ran): see `fga-wb dlq list`, and `fga-wb dlq replay` once their cause is fixed",
-                        report.dead_lettered
+                        "{lost} of the ops it waited for (acknowledged before it began, or folded into such an op's place in line) were dead-lettered while it ran, not written: see `fga-wb dlq list`, and `fga-wb dlq replay` once their cause is fixed"
                     ),
                 });
             }
@@ -407,6 +406,9 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
             }
         }
         Command::Clear { yes } => {
+            // What the question is about: ops acknowledged while the
+            // operator answers are not theirs to drop.
+            let mark = wb.last_acknowledged().await?;
             let status = wb.status().await?;
             let pending = &status.pending;
             // In queue mode a clear also drops the ops of jobs no worker
@@ -424,7 +426,7 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
                 ));
             }
             // The record of what will not reach OpenFGA.
-            let ops = wb.clear_ops().await?;
+            let ops = wb.clear_ops_up_to(mark).await?;
             if cli.json {
                 let listed: Vec<_> = ops
                     .iter()
@@ -641,11 +643,6 @@ fn letters_waited_for(s: &fga_wb::Status, u: &fga_wb::Unfinished) -> usize {
         Some(_) => usize::try_from(u.transient_letters).unwrap_or(usize::MAX),
         None => 0,
     }
-}
-
-/// The highest id among `letters` (0: none): letter ids only grow.
-fn newest_letter(letters: Vec<fga_wb::DeadLetter>) -> u64 {
-    letters.iter().map(|d| d.id).max().unwrap_or(0)
 }
 
 /// Queue mode, and no worker was seen.

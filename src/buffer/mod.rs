@@ -382,8 +382,10 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn pending(&self) -> BoxFuture<'_, Result<Pending>>;
     /// Pending ops, without waiting: `None` where that needs I/O.
     fn pending_now(&self) -> Option<Pending>;
-    /// Drops every pending op that is not in flight and returns them.
-    fn clear(&self) -> BoxFuture<'_, Result<Vec<(TupleKey, Op)>>>;
+    /// Drops every pending op that is not in flight and returns them:
+    /// with `up_to`, only ops acknowledged up to that seq (an op
+    /// acknowledged since is kept, even folded into an older one's place).
+    fn clear(&self, up_to: Option<u64>) -> BoxFuture<'_, Result<Vec<(TupleKey, Op)>>>;
     /// The dead letters.
     fn dead_letters(&self) -> BoxFuture<'_, Result<Vec<DeadLetter>>>;
     /// How many dead letters there are (with any a shared store holds that
@@ -391,6 +393,14 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// look, and a dead-letter set can be large after an outage.
     fn dead_count(&self) -> BoxFuture<'_, Result<usize>> {
         Box::pin(async move { Ok(self.dead_letters().await?.len()) })
+    }
+    /// The id of the newest dead letter ever written (0: none), gone or
+    /// not: ids only grow, so a letter with a higher id was written since.
+    fn newest_letter_id(&self) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(async move {
+            let letters = self.dead_letters().await?;
+            Ok(letters.iter().map(|d| d.id).max().unwrap_or(0))
+        })
     }
     /// Removes and returns dead letters: those with the given ids, or all.
     fn remove_dead_letters<'a>(

@@ -13,8 +13,20 @@ impl WriteBehind {
     /// [`clear`](Self::clear), returning the ops it dropped: the record of
     /// what will not reach OpenFGA (`fga-wb clear` prints it).
     pub async fn clear_ops(&self) -> Result<Vec<(TupleKey, Op)>> {
+        self.clear_bounded(None).await
+    }
+
+    /// [`clear_ops`](Self::clear_ops) of the ops acknowledged up to `seq`
+    /// (a [`last_acknowledged`](Self::last_acknowledged)) only: those
+    /// acknowledged since are kept. `fga-wb clear` drops what there was
+    /// when the operator was asked, not what arrived while they answered.
+    pub async fn clear_ops_up_to(&self, seq: u64) -> Result<Vec<(TupleKey, Op)>> {
+        self.clear_bounded(Some(seq)).await
+    }
+
+    async fn clear_bounded(&self, up_to: Option<u64>) -> Result<Vec<(TupleKey, Op)>> {
         let e = &self.inner.engine;
-        let dropped = e.store.clear().await?;
+        let dropped = e.store.clear(up_to).await?;
         e.cache.invalidate_all();
         count!(
             e.stats,
@@ -192,6 +204,13 @@ impl WriteBehind {
     /// that died of transient causes (marked `transient`).
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
         self.inner.engine.store.dead_letters().await
+    }
+
+    /// The id of the newest dead letter ever written (0: none), without
+    /// loading the letters: those written later have higher ids
+    /// (`fga-wb flush --wait` tells what died while it ran).
+    pub async fn newest_dead_letter_id(&self) -> Result<u64> {
+        self.inner.engine.store.newest_letter_id().await
     }
 
     /// Buffers dead letters again (those with `ids`, or all), each in its

@@ -196,7 +196,12 @@ impl Builder {
             cache,
             sink,
         );
-        engine.lone = crate::flush::LoneFailures::after(&config.queue.retry_schedule);
+        // Only where a transient letter fails the checks it can change
+        // closed: the memory store's checks do not look at letters, so a
+        // revoke given up there would let OpenFGA's stale tuple answer.
+        if engine.store.shared() {
+            engine.lone = crate::flush::LoneFailures::after(&config.queue.retry_schedule);
+        }
         let engine = Arc::new(engine);
         let (commands, rx) = mpsc::channel(16);
         let (stop, stop_rx) = watch::channel(false);

@@ -9,7 +9,9 @@
 //! gives it the same budget inline: once it has failed alone for as long
 //! as the schedule adds up to, and as many times as the schedule has
 //! waits plus one, it is dead-lettered as transient (kept, replayable,
-//! and a revoke among them fails its checks closed meanwhile).
+//! and a revoke among them fails its checks closed meanwhile). Only with
+//! a shared store: the memory store's checks do not look at letters, so
+//! there the op stays pending.
 //!
 //! A failure counts only if some Write landed since the op's last one: in
 //! an outage every Write fails, and no op is given up for that.
@@ -22,6 +24,8 @@ use tokio::time::Instant;
 /// One op's failures alone so far.
 struct Failing {
     since: Instant,
+    /// Its latest failure.
+    last: Instant,
     tries: u32,
     /// The count of landed Writes at its last counted failure.
     landed: Option<u64>,
@@ -31,6 +35,7 @@ impl Failing {
     fn new(now: Instant) -> Failing {
         Failing {
             since: now,
+            last: now,
             tries: 0,
             landed: None,
         }
@@ -84,17 +89,18 @@ impl LoneFailures {
             .saturating_mul(2)
             .max(Duration::from_secs(60));
         if ops.len() >= KEEP {
-            ops.retain(|_, f| now.saturating_duration_since(f.since) < stale);
+            ops.retain(|_, f| now.saturating_duration_since(f.last) < stale);
         }
         if ops.len() >= KEEP {
-            if let Some(oldest) = ops.iter().min_by_key(|(_, f)| f.since).map(|(&s, _)| s) {
+            if let Some(oldest) = ops.iter().min_by_key(|(_, f)| f.last).map(|(&s, _)| s) {
                 ops.remove(&oldest);
             }
         }
         let f = ops.entry(seq).or_insert_with(|| Failing::new(now));
-        if now.saturating_duration_since(f.since) >= stale {
+        if now.saturating_duration_since(f.last) >= stale {
             *f = Failing::new(now);
         }
+        f.last = now;
         if f.landed != Some(landed) {
             f.tries = f.tries.saturating_add(1);
             f.landed = Some(landed);
@@ -146,6 +152,18 @@ mod tests {
         for i in 0..10 {
             assert_eq!(lone.failed(1, i, t0 + i as u32 * 60 * S), None);
         }
+    }
+
+    #[test]
+    fn an_op_failing_all_along_is_not_started_afresh() {
+        let lone = LoneFailures::after(&[100 * S; 3]);
+        let t0 = Instant::now();
+        for (i, t) in [0, 250, 500].into_iter().enumerate() {
+            assert_eq!(lone.failed(1, i as u64, t0 + t * S), None);
+        }
+        // 750 s after its first failure (past twice the schedule), but
+        // 250 s after its last.
+        assert_eq!(lone.failed(1, 3, t0 + 750 * S), Some(750 * S));
     }
 
     #[test]

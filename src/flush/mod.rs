@@ -668,9 +668,12 @@ impl Engine {
                         .increment(1);
                     for t in part {
                         let outcome = self.lone_failure(&t, &e, landed);
+                        // Given up: nothing to pause for.
+                        if matches!(outcome, Outcome::Retry) {
+                            lone.get_or_insert_with(|| e.clone());
+                        }
                         result.outcomes.push((t, outcome));
                     }
-                    lone.get_or_insert(e);
                 }
             }
         }

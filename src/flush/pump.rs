@@ -1602,8 +1602,8 @@ mod tests {
         fn pending_now(&self) -> Option<Pending> {
             self.inner.pending_now()
         }
-        fn clear(&self) -> BoxFuture<'_, Result<Vec<(TupleKey, Op)>, Error>> {
-            self.inner.clear()
+        fn clear(&self, up_to: Option<u64>) -> BoxFuture<'_, Result<Vec<(TupleKey, Op)>, Error>> {
+            self.inner.clear(up_to)
         }
         fn dead_letters(&self) -> BoxFuture<'_, Result<Vec<DeadLetter>, Error>> {
             self.inner.dead_letters()

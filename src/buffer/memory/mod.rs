@@ -807,26 +807,28 @@ impl MemoryStore {
         u
     }
 
-    fn clear_now(&self) -> Vec<(TupleKey, Op)> {
+    fn clear_now(&self, up_to: u64) -> Vec<(TupleKey, Op)> {
         let mut dropped = Vec::new();
         for s in 0..SHARDS {
             let mut g = self.lock(s);
             for part in &mut g.parts {
-                for q in &mut part.ready {
-                    q.clear();
-                }
                 let mut gone = 0;
                 let mut counts = [0usize; 2];
                 let watch = self.dead_keys.load(Ordering::Relaxed) > 0;
+                let ready = &mut part.ready;
                 part.slots.retain(|key, slot| {
-                    if let Some(e) = slot.pending.take() {
+                    if let Some(e) = slot.pending.take_if(|e| e.seq <= up_to) {
                         if watch {
                             self.dead().supersede(key);
+                        }
+                        let queue = &mut ready[kind(e.op)];
+                        if queue.get(&e.first).is_some_and(|k| k == key) {
+                            queue.remove(&e.first);
                         }
                         counts[kind(e.op)] += 1;
                         dropped.push((tuple_of(key, e.condition.map(|c| *c)), e.op));
                     }
-                    let keep = slot.in_flight.is_some();
+                    let keep = slot.in_flight.is_some() || slot.pending.is_some();
                     gone += usize::from(!keep);
                     keep
                 });
@@ -946,8 +948,8 @@ impl Store for MemoryStore {
         Some(self.pending_counts())
     }
 
-    fn clear(&self) -> BoxFuture<'_, Result<Vec<(TupleKey, Op)>>> {
-        Box::pin(future::ready(Ok(self.clear_now())))
+    fn clear(&self, up_to: Option<u64>) -> BoxFuture<'_, Result<Vec<(TupleKey, Op)>>> {
+        Box::pin(future::ready(Ok(self.clear_now(up_to.unwrap_or(u64::MAX)))))
     }
 
     fn dead_letters(&self) -> BoxFuture<'_, Result<Vec<DeadLetter>>> {
@@ -956,6 +958,10 @@ impl Store for MemoryStore {
 
     fn dead_count(&self) -> BoxFuture<'_, Result<usize>> {
         Box::pin(future::ready(Ok(self.dead().letters.len())))
+    }
+
+    fn newest_letter_id(&self) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(future::ready(Ok(self.dead().next_id - 1)))
     }
 
     fn replay_dead_letters<'a>(

@@ -423,7 +423,7 @@ proptest! {
                         coalesced += f.superseded;
                     }
                     Step::Clear => {
-                        for (tuple, _) in s.clear_now() {
+                        for (tuple, _) in s.clear_now(u64::MAX) {
                             cleared += 1;
                             let key = key_of(&tuple);
                             let seq = last.get(&key).map_or(0, |l| l.0);

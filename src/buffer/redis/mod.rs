@@ -683,8 +683,9 @@ impl RedisStore {
     /// backlog of millions never holds Redis, and every other process's
     /// pushes and checks, for seconds; what was acknowledged after the
     /// first step is kept.
-    async fn clear_now(&self) -> Result<Vec<(TupleKey, Op)>> {
-        let (mut cursor, mut up_to, mut jobs) = ("0".to_owned(), String::new(), String::new());
+    async fn clear_now(&self, up_to: Option<u64>) -> Result<Vec<(TupleKey, Op)>> {
+        let mut up_to = up_to.map(|s| s.to_string()).unwrap_or_default();
+        let (mut cursor, mut jobs) = ("0".to_owned(), String::new());
         let mut out: Vec<(TupleKey, Op)> = Vec::new();
         loop {
             let mut a = Args::new("clear", self.publish);
@@ -809,8 +810,8 @@ impl Store for RedisStore {
         None
     }
 
-    fn clear(&self) -> BoxFuture<'_, Result<Vec<(TupleKey, Op)>>> {
-        Box::pin(self.clear_now())
+    fn clear(&self, up_to: Option<u64>) -> BoxFuture<'_, Result<Vec<(TupleKey, Op)>>> {
+        Box::pin(self.clear_now(up_to))
     }
 
     fn dead_letters(&self) -> BoxFuture<'_, Result<Vec<DeadLetter>>> {
@@ -825,6 +826,26 @@ impl Store for RedisStore {
                 .query_async(&mut conn)
                 .await
                 .map_err(redis_error)
+        })
+    }
+
+    fn newest_letter_id(&self) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(async move {
+            let key = format!("{}:deadseq", self.prefix);
+            let mut conn = self.conn.clone();
+            let v: Option<String> = redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            match v {
+                None => Ok(0),
+                Some(v) => v.parse().map_err(|_| {
+                    corrupt(format!(
+                        "Redis key {key} holds {v:.40}, expected a whole number; it was not written by fga-wb"
+                    ))
+                }),
+            }
         })
     }
 

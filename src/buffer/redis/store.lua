@@ -2046,17 +2046,16 @@ end
 -- drops the ops among about CLEAR_STEP keys of P:ops that are pending or held
 -- by a job no worker runs, if acknowledged before the clear began (sequence
 -- number <= up_to: an op acknowledged since is kept). The first step (cursor
--- 0, up_to '') reads up_to and jobs_up_to (the last job id); the last step
+-- 0, jobs_up_to '') reads jobs_up_to (the last job id), and up_to unless the
+-- caller gave it (the last seq when the operator was asked); the last step
 -- (next cursor 0) drops the jobs up to jobs_up_to that no worker runs.
 local CLEAR_STEP = 500
 if cmd == 'clear' then
   local bad = check_keys({})
   if bad then return redis.error_reply(bad) end
   local up_to, jobs_up_to = ARGV[5], ARGV[6]
-  if up_to == '' then
-    up_to = rcall('GET', P .. ':seq') or '0'
-    jobs_up_to = rcall('GET', P .. ':jobseq') or '0'
-  end
+  if up_to == '' then up_to = rcall('GET', P .. ':seq') or '0' end
+  if jobs_up_to == '' then jobs_up_to = rcall('GET', P .. ':jobseq') or '0' end
   local seq_limit, job_limit = tonumber(up_to) or 0, tonumber(jobs_up_to) or 0
   local running = {}
   for _, id in ipairs(rcall('HKEYS', P .. ':jobrun')) do running[id] = true end
