@@ -292,6 +292,16 @@ async fn garbage_dead_letters_are_skipped() {
     assert_eq!(code, Some(0), "{text}");
     let (code, text) = run(&["status"]);
     assert_eq!(code, Some(0), "{text}");
+    // The log line says purging removes an unreadable letter, by its id
+    // too: `dlq purge 1 2` said "no dead letter with id 1, 2".
+    let (code, text) = run(&["dlq", "purge", "1", "2"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("purged 2 dead letters"), "{text}");
+    let (code, text) = run(&["dlq", "purge", "99"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("no dead letter with id 99"), "{text}");
+    let left: i64 = cmd(&mut c, &["HLEN", &dead]).await;
+    assert_eq!(left, 5);
 
     // Invalid UTF-8 in a dead letter.
     let _: i64 = redis::cmd("HSET")

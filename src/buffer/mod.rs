@@ -402,11 +402,17 @@ pub(crate) trait Store: Send + Sync + 'static {
             Ok(letters.iter().map(|d| d.id).max().unwrap_or(0))
         })
     }
-    /// Removes and returns dead letters: those with the given ids, or all.
-    fn remove_dead_letters<'a>(
-        &'a self,
-        ids: Option<&'a [u64]>,
-    ) -> BoxFuture<'a, Result<Vec<DeadLetter>>>;
+    /// The ids of the dead letters, those a shared store holds that cannot
+    /// be read included (a purge removes them too).
+    fn letter_ids(&self) -> BoxFuture<'_, Result<Vec<u64>>> {
+        Box::pin(async move {
+            let letters = self.dead_letters().await?;
+            Ok(letters.iter().map(|d| d.id).collect())
+        })
+    }
+    /// Removes dead letters: those with the given ids, or all; returns how
+    /// many (those that could not be read included).
+    fn remove_dead_letters<'a>(&'a self, ids: Option<&'a [u64]>) -> BoxFuture<'a, Result<usize>>;
     /// Buffers dead letters again as new ops (those with `ids`, or all; with
     /// `only_transient`, only those that died of transient causes), in one
     /// step per letter that also drops a superseded letter instead: one whose

@@ -1611,7 +1611,7 @@ mod tests {
         fn remove_dead_letters<'a>(
             &'a self,
             ids: Option<&'a [u64]>,
-        ) -> BoxFuture<'a, Result<Vec<DeadLetter>, Error>> {
+        ) -> BoxFuture<'a, Result<usize, Error>> {
             self.inner.remove_dead_letters(ids)
         }
         fn replay_dead_letters<'a>(

@@ -687,7 +687,10 @@ impl Applier {
             return Ok(());
         }
         let letters = self.store.dead_letters().await?;
-        if !letters.iter().any(|d| d.transient && !d.superseded) {
+        // Letters this process cannot read may still be the script's to
+        // replay (`flush --wait` counts what the script counts).
+        let unread = self.store.dead_count().await? > letters.len();
+        if !unread && !letters.iter().any(|d| d.transient && !d.superseded) {
             *none_at() = Some(written);
             return Ok(());
         }
@@ -697,6 +700,10 @@ impl Applier {
             .read_latest_authorization_model(&e.store_id)
             .await?;
         let r = self.store.replay_dead_letters(None, true).await?;
+        if r.replayed + r.superseded + r.kept == 0 {
+            // Only letters nobody can replay: not again until another dies.
+            *none_at() = Some(written);
+        }
         tracing::info!(
             replayed = r.replayed,
             superseded = r.superseded,

@@ -972,17 +972,14 @@ impl Store for MemoryStore {
         Box::pin(future::ready(self.replay_now(ids, only_transient)))
     }
 
-    fn remove_dead_letters<'a>(
-        &'a self,
-        ids: Option<&'a [u64]>,
-    ) -> BoxFuture<'a, Result<Vec<DeadLetter>>> {
+    fn remove_dead_letters<'a>(&'a self, ids: Option<&'a [u64]>) -> BoxFuture<'a, Result<usize>> {
         let mut g = self.dead();
         let removed = match ids {
             None => {
                 g.keys.clear();
-                std::mem::take(&mut g.letters).into_values().collect()
+                std::mem::take(&mut g.letters).len()
             }
-            Some(ids) => ids.iter().filter_map(|&id| g.remove(id)).collect(),
+            Some(ids) => ids.iter().filter_map(|&id| g.remove(id)).count(),
         };
         self.dead_keys.store(g.keys.len(), Ordering::Relaxed);
         drop(g);

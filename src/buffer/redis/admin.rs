@@ -96,15 +96,16 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// Removes and returns the letters with `ids`, or all, in steps of a
-    /// few hundred letters (one script call each, so Redis is not held up
-    /// long); purging all ends with one call that also drops the per-tuple
-    /// bookkeeping.
-    pub(crate) async fn purge_now(&self, ids: Option<&[u64]>) -> Result<Vec<DeadLetter>> {
+    /// Removes the letters with `ids`, or all, in steps of a few hundred
+    /// letters (one script call each, so Redis is not held up long);
+    /// purging all ends with one call that also drops the per-tuple
+    /// bookkeeping. Returns how many were removed, unreadable ones
+    /// included (they are not parsed: there is nothing to show of them).
+    pub(crate) async fn purge_now(&self, ids: Option<&[u64]>) -> Result<usize> {
         let all = ids.is_none();
         let ids = match ids {
             Some(ids) => ids.to_vec(),
-            None => self.letter_ids().await?,
+            None => self.letter_ids_now().await?,
         };
         let mut calls: Vec<Args> = ids
             .chunks(LETTERS_STEP)
@@ -119,17 +120,15 @@ impl RedisStore {
             a.push("*");
             calls.push(a);
         }
-        let mut raw = Vec::new();
+        let mut removed = 0;
         for a in &calls {
-            for p in items(self.call(a).await?)?.chunks_exact(2) {
-                raw.push((bytes(&p[0])?, bytes(&p[1])?));
-            }
+            removed += items(self.call(a).await?)?.len() / 2;
         }
-        Ok(self.letters_of(&raw))
+        Ok(removed)
     }
 
     /// Every letter's id, in order.
-    async fn letter_ids(&self) -> Result<Vec<u64>> {
+    pub(crate) async fn letter_ids_now(&self) -> Result<Vec<u64>> {
         let mut conn = self.conn.clone();
         let mut all: Vec<u64> = redis::cmd("HKEYS")
             .arg(format!("{}:dead", self.prefix))
@@ -170,7 +169,7 @@ impl RedisStore {
     ) -> Result<Replayed> {
         let ids: Vec<u64> = match ids {
             Some(ids) => ids.to_vec(),
-            None => self.letter_ids().await?,
+            None => self.letter_ids_now().await?,
         };
         let mut r = Replayed::default();
         for (n, part) in ids.chunks(LETTERS_STEP).enumerate() {

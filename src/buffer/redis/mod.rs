@@ -319,13 +319,6 @@ fn text(v: &Value) -> Result<String> {
     }
 }
 
-fn bytes(v: &Value) -> Result<Vec<u8>> {
-    match v {
-        Value::BulkString(b) => Ok(b.clone()),
-        other => text(other).map(String::into_bytes),
-    }
-}
-
 fn count(v: &[Value], i: usize) -> Result<u64> {
     Ok(v.get(i).map_or(Ok(0), int)?.max(0) as u64)
 }
@@ -849,10 +842,11 @@ impl Store for RedisStore {
         })
     }
 
-    fn remove_dead_letters<'a>(
-        &'a self,
-        ids: Option<&'a [u64]>,
-    ) -> BoxFuture<'a, Result<Vec<DeadLetter>>> {
+    fn letter_ids(&self) -> BoxFuture<'_, Result<Vec<u64>>> {
+        Box::pin(self.letter_ids_now())
+    }
+
+    fn remove_dead_letters<'a>(&'a self, ids: Option<&'a [u64]>) -> BoxFuture<'a, Result<usize>> {
         Box::pin(self.purge_now(ids))
     }
 
