@@ -302,6 +302,11 @@ async fn garbage_dead_letters_are_skipped() {
     assert!(text.contains("no dead letter with id 99"), "{text}");
     let left: i64 = cmd(&mut c, &["HLEN", &dead]).await;
     assert_eq!(left, 5);
+    // Nothing of it can be replayed: a replay by id says so, and how to
+    // get rid of it (it replayed nothing and exited 0).
+    let (code, text) = run(&["dlq", "replay", "4"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("`fga-wb dlq purge 4` removes it"), "{text}");
 
     // Invalid UTF-8 in a dead letter.
     let _: i64 = redis::cmd("HSET")
@@ -331,6 +336,11 @@ async fn garbage_dead_letters_are_skipped() {
         assert!(code == Some(0) || code == Some(1), "{text}");
         if code != Some(0) {
             problems.push(format!("`fga-wb {}` exits {code:?}", args.join(" ")));
+        }
+        // Every letter removed is counted, readable or not (3 to 6,
+        // `seven` and the one that is not UTF-8).
+        if args.get(1) == Some(&"purge") && !text.contains("purged 6 dead letters") {
+            problems.push(format!("`fga-wb dlq purge --all` said: {text}"));
         }
     }
     // Purging clears the garbage too, so an operator can get rid of it.

@@ -2,6 +2,7 @@
 //! letters, clearing, Redis key usage and loss records.
 
 use super::*;
+use std::collections::HashSet;
 
 impl WriteBehind {
     /// Drops every pending op that is not already being written, logs them,
@@ -232,7 +233,7 @@ impl WriteBehind {
     /// in [`Replayed::flush_error`], and the replayed ops stay pending.
     pub async fn replay_dead_letters(&self, ids: Option<&[u64]>) -> Result<Replayed> {
         let e = &self.inner.engine;
-        self.refuse_unknown_letters(ids).await?;
+        self.refuse_unknown_letters(ids, true).await?;
         let mut r = e.store.replay_dead_letters(ids, false).await?;
         // A replayed letter is acknowledged again, like a grant or revoke.
         for t in &r.tuples {
@@ -276,35 +277,43 @@ impl WriteBehind {
     /// Unknown ids are an error, and nothing is deleted then (a mistyped
     /// id read as "purged 0").
     pub async fn purge_dead_letters(&self, ids: Option<&[u64]>) -> Result<usize> {
-        self.refuse_unknown_letters(ids).await?;
+        self.refuse_unknown_letters(ids, false).await?;
         self.inner.engine.store.remove_dead_letters(ids).await
     }
 
-    /// An error naming the `ids` that are no dead letter's.
-    async fn refuse_unknown_letters(&self, ids: Option<&[u64]>) -> Result<()> {
+    /// An error naming the `ids` that are no dead letter's; for a replay,
+    /// also those of letters that cannot be read (a purge removes them).
+    async fn refuse_unknown_letters(&self, ids: Option<&[u64]>, replay: bool) -> Result<()> {
         let Some(ids) = ids else {
             return Ok(());
         };
+        let store = &self.inner.engine.store;
         // Unreadable letters too: the log line that skips one names its id
         // and says purging removes it.
-        let known: std::collections::HashSet<u64> = self
-            .inner
-            .engine
-            .store
-            .letter_ids()
-            .await?
-            .into_iter()
-            .collect();
-        let unknown: Vec<String> = ids
-            .iter()
-            .filter(|id| !known.contains(id))
-            .map(ToString::to_string)
-            .collect();
-        match unknown.is_empty() {
-            true => Ok(()),
-            false => Err(Error::invalid_argument(format!(
+        let known: HashSet<u64> = store.letter_ids().await?.into_iter().collect();
+        let missing = |present: &HashSet<u64>| -> Vec<String> {
+            ids.iter()
+                .filter(|id| !present.contains(id))
+                .map(ToString::to_string)
+                .collect()
+        };
+        let unknown = missing(&known);
+        if !unknown.is_empty() {
+            return Err(Error::invalid_argument(format!(
                 "no dead letter with id {}; `fga-wb dlq list` shows them",
                 unknown.join(", ")
+            )));
+        }
+        if !replay {
+            return Ok(());
+        }
+        let readable: HashSet<u64> = store.dead_letters().await?.iter().map(|d| d.id).collect();
+        let unread = missing(&readable);
+        match unread.is_empty() {
+            true => Ok(()),
+            false => Err(Error::invalid_argument(format!(
+                "dead letter {0} cannot be read (it was not written by fga-wb), so nothing of it can be replayed; `fga-wb dlq purge {0}` removes it",
+                unread.join(" ")
             ))),
         }
     }

@@ -687,10 +687,7 @@ impl Applier {
             return Ok(());
         }
         let letters = self.store.dead_letters().await?;
-        // Letters this process cannot read may still be the script's to
-        // replay (`flush --wait` counts what the script counts).
-        let unread = self.store.dead_count().await? > letters.len();
-        if !unread && !letters.iter().any(|d| d.transient && !d.superseded) {
+        if !letters.iter().any(|d| d.transient && !d.superseded) {
             *none_at() = Some(written);
             return Ok(());
         }
@@ -701,7 +698,8 @@ impl Applier {
             .await?;
         let r = self.store.replay_dead_letters(None, true).await?;
         if r.replayed + r.superseded + r.kept == 0 {
-            // Only letters nobody can replay: not again until another dies.
+            // Only revokes owed until the newer op on their tuple is
+            // written: not again until another letter dies.
             *none_at() = Some(written);
         }
         tracing::info!(

@@ -130,13 +130,15 @@ impl RedisStore {
     /// Every letter's id, in order.
     pub(crate) async fn letter_ids_now(&self) -> Result<Vec<u64>> {
         let mut conn = self.conn.clone();
+        // As bytes: a field that is not UTF-8 (not fga-wb's) is skipped,
+        // not an error for the whole list.
         let mut all: Vec<u64> = redis::cmd("HKEYS")
             .arg(format!("{}:dead", self.prefix))
-            .query_async::<Vec<String>>(&mut conn)
+            .query_async::<Vec<Vec<u8>>>(&mut conn)
             .await
             .map_err(redis_error)?
             .iter()
-            .filter_map(|id| id.parse().ok())
+            .filter_map(|id| std::str::from_utf8(id).ok()?.parse().ok())
             .collect();
         all.sort_unstable();
         Ok(all)
