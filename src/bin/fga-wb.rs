@@ -85,7 +85,7 @@ enum Command {
         timeout: Option<Duration>,
     },
     /// Drop every pending op that is not already being written, and print
-    /// each one dropped.
+    /// each one dropped (ops acknowledged after it asked are kept).
     Clear {
         /// Do not ask for confirmation.
         #[arg(long)]

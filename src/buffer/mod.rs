@@ -283,8 +283,10 @@ pub struct DeadLetter {
     #[serde(with = "unix_secs")]
     pub dead_at: SystemTime,
     /// It died of a transient cause (OpenFGA unreachable or failing through
-    /// a queue job's whole retry schedule), not because OpenFGA refused it:
-    /// sent again unchanged, it may well be applied.
+    /// a queue job's whole retry schedule, or, inline on the Redis store,
+    /// its Write alone failing through as long while others landed), not
+    /// because OpenFGA refused it: sent again unchanged, it may well be
+    /// applied.
     pub transient: bool,
     /// A newer op on the same tuple was acknowledged since: replaying this
     /// letter would undo it, so a replay drops it instead.
@@ -394,8 +396,10 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn dead_count(&self) -> BoxFuture<'_, Result<usize>> {
         Box::pin(async move { Ok(self.dead_letters().await?.len()) })
     }
-    /// The id of the newest dead letter ever written (0: none), gone or
-    /// not: ids only grow, so a letter with a higher id was written since.
+    /// The store's dead-letter counter: the id of the newest letter written
+    /// (0: none), gone or not. A letter with a higher id was written since
+    /// (a Redis data loss restarts the counter far ahead, and reports the
+    /// loss).
     fn newest_letter_id(&self) -> BoxFuture<'_, Result<u64>> {
         Box::pin(async move {
             let letters = self.dead_letters().await?;

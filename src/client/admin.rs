@@ -19,7 +19,8 @@ impl WriteBehind {
 
     /// [`clear_ops`](Self::clear_ops) of the ops acknowledged up to `seq`
     /// (a [`last_acknowledged`](Self::last_acknowledged)) only: those
-    /// acknowledged since are kept. `fga-wb clear` drops what there was
+    /// acknowledged since are kept, one folded into an older op's place
+    /// in line too. `fga-wb clear` drops what there was
     /// when the operator was asked, not what arrived while they answered.
     pub async fn clear_ops_up_to(&self, seq: u64) -> Result<Vec<(TupleKey, Op)>> {
         self.clear_bounded(Some(seq)).await
@@ -207,9 +208,9 @@ impl WriteBehind {
         self.inner.engine.store.dead_letters().await
     }
 
-    /// The id of the newest dead letter ever written (0: none), without
-    /// loading the letters: those written later have higher ids
-    /// (`fga-wb flush --wait` tells what died while it ran).
+    /// The id of the newest dead letter written (0: none), without loading
+    /// the letters: those written later have higher ids (`fga-wb flush
+    /// --wait` tells what died while it ran).
     pub async fn newest_dead_letter_id(&self) -> Result<u64> {
         self.inner.engine.store.newest_letter_id().await
     }
@@ -312,7 +313,8 @@ impl WriteBehind {
         match unread.is_empty() {
             true => Ok(()),
             false => Err(Error::invalid_argument(format!(
-                "dead letter {0} cannot be read (it was not written by fga-wb), so nothing of it can be replayed; `fga-wb dlq purge {0}` removes it",
+                "dead letter {} cannot be read (it was not written by fga-wb), so nothing of it can be replayed; `fga-wb dlq purge {}` removes it",
+                unread.join(", "),
                 unread.join(" ")
             ))),
         }

@@ -43,9 +43,9 @@ impl Failing {
 }
 
 pub(crate) struct LoneFailures {
-    /// How long an op fails alone before it is given up; zero: never (a
+    /// How long an op fails alone before it is given up; `None`: never (a
     /// queue worker, whose jobs keep their own schedule).
-    give_up_after: Duration,
+    give_up_after: Option<Duration>,
     /// How many counted failures it takes, too.
     tries: u32,
     /// By the op's seq: a newer op on the tuple starts afresh.
@@ -59,14 +59,18 @@ const KEEP: usize = 10_000;
 impl LoneFailures {
     /// Never gives an op up.
     pub(crate) fn never() -> LoneFailures {
-        LoneFailures::after(&[])
+        LoneFailures {
+            give_up_after: None,
+            tries: u32::MAX,
+            ops: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Gives an op up after `schedule` (`queue.retry_schedule`): failing
     /// alone for its sum, `schedule.len() + 1` times.
     pub(crate) fn after(schedule: &[Duration]) -> LoneFailures {
         LoneFailures {
-            give_up_after: schedule.iter().sum(),
+            give_up_after: Some(schedule.iter().sum()),
             tries: u32::try_from(schedule.len())
                 .unwrap_or(u32::MAX)
                 .saturating_add(1),
@@ -78,16 +82,11 @@ impl LoneFailures {
     /// landed so far; returns how long it has failed if that is the end of
     /// its budget (it is forgotten then).
     pub(crate) fn failed(&self, seq: u64, landed: u64, now: Instant) -> Option<Duration> {
-        if self.give_up_after.is_zero() {
-            return None;
-        }
+        let give_up_after = self.give_up_after?;
         let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
         // Entries idle this long stopped failing (applied, superseded,
         // cleared), or wait out an outage: they start afresh.
-        let stale = self
-            .give_up_after
-            .saturating_mul(2)
-            .max(Duration::from_secs(60));
+        let stale = give_up_after.saturating_mul(2).max(Duration::from_secs(60));
         if ops.len() >= KEEP {
             ops.retain(|_, f| now.saturating_duration_since(f.last) < stale);
         }
@@ -106,7 +105,7 @@ impl LoneFailures {
             f.landed = Some(landed);
         }
         let failing_for = now.saturating_duration_since(f.since);
-        if f.tries >= self.tries && failing_for >= self.give_up_after {
+        if f.tries >= self.tries && failing_for >= give_up_after {
             ops.remove(&seq);
             return Some(failing_for);
         }
@@ -143,6 +142,14 @@ mod tests {
             assert_eq!(lone.failed(1, 5, t0 + i * S), None);
         }
         assert_eq!(lone.failed(1, 6, t0 + 10 * S), Some(10 * S));
+    }
+
+    #[test]
+    fn a_schedule_of_zeros_gives_up_after_its_tries() {
+        let lone = LoneFailures::after(&[Duration::ZERO]);
+        let t0 = Instant::now();
+        assert_eq!(lone.failed(1, 1, t0), None);
+        assert_eq!(lone.failed(1, 2, t0), Some(Duration::ZERO));
     }
 
     #[test]

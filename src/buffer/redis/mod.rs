@@ -835,7 +835,7 @@ impl Store for RedisStore {
                 None => Ok(0),
                 Some(v) => v.parse().map_err(|_| {
                     corrupt(format!(
-                        "Redis key {key} holds {v:.40}, expected a whole number; it was not written by fga-wb"
+                        "Redis key {key} holds {v:.40}, expected a whole number; it was not written by fga-wb (remove it, or use another redis.key_prefix)"
                     ))
                 }),
             }
