@@ -70,6 +70,13 @@ enum Side {
     RedisInline {
         callers: usize,
     },
+    /// Redis inline with the grants made before the clock starts, and
+    /// nothing written meanwhile: the drain alone. A diagnostic (where
+    /// the Redis row's time goes), run only when `FGA_WB_BENCH_SIDES`
+    /// names it.
+    RedisDrain {
+        callers: usize,
+    },
     Queue {
         callers: usize,
         workers: usize,
@@ -78,13 +85,14 @@ enum Side {
 
 impl Side {
     /// Its short name for `FGA_WB_BENCH_SIDES`: `memory16`, `memory1`,
-    /// `fixed8`, `inline`, `queue1`, `queue2`.
+    /// `fixed8`, `inline`, `drain`, `queue1`, `queue2`.
     fn tag(&self) -> String {
         match self {
             Side::Raw => "raw".into(),
             Side::Memory { callers } => format!("memory{callers}"),
             Side::MemoryFixed8 { .. } => "fixed8".into(),
             Side::RedisInline { .. } => "inline".into(),
+            Side::RedisDrain { .. } => "drain".into(),
             Side::Queue { workers, .. } => format!("queue{workers}"),
         }
     }
@@ -100,6 +108,9 @@ impl Side {
             }
             Side::RedisInline { callers } => {
                 format!("fga-wb Redis store, inline, {callers} calling tasks")
+            }
+            Side::RedisDrain { callers } => {
+                format!("  the same ({callers} tasks), its flush alone, granted untimed")
             }
             Side::Queue { callers, workers } => format!(
                 "fga-wb queue mode, {workers} `fga-wb worker` process{}, {callers} calling tasks",
@@ -208,6 +219,7 @@ async fn main() -> Res<()> {
                 Side::Memory { callers: 16 },
                 Side::Memory { callers: 1 },
                 Side::RedisInline { callers: 16 },
+                Side::RedisDrain { callers: 16 },
                 Side::Queue {
                     callers: 16,
                     workers: 1,
@@ -260,7 +272,14 @@ async fn main() -> Res<()> {
         .map(|(t, n, s)| {
             let s: Vec<Side> = s
                 .into_iter()
-                .filter(|side| *side == Side::Raw || picked(&sides, &[&side.tag()]))
+                .filter(|side| match side {
+                    Side::Raw => true,
+                    // A diagnostic: only when named.
+                    Side::RedisDrain { .. } => sides
+                        .as_deref()
+                        .is_some_and(|s| s.split(',').any(|t| t == "drain")),
+                    _ => picked(&sides, &[&side.tag()]),
+                })
                 .collect();
             (t, n, s)
         })
@@ -361,19 +380,25 @@ impl Bench {
             Side::Raw => raw(target, &store, n).await?,
             Side::Memory { callers } => {
                 let cfg = target.config(&store);
-                fga_wb_run(cfg, n, callers, &[]).await?
+                fga_wb_run(cfg, n, callers, &[], Grants::Timed).await?
             }
             Side::MemoryFixed8 { callers } => {
                 let mut cfg = target.config(&store);
                 cfg.flush.adaptive_parallelism = false;
                 cfg.flush.max_parallel_requests = 8;
-                fga_wb_run(cfg, n, callers, &[]).await?
+                fga_wb_run(cfg, n, callers, &[], Grants::Timed).await?
             }
             Side::RedisInline { callers } => {
                 let mut cfg = target.config(&store);
                 cfg.buffer.store = StoreKind::Redis;
                 cfg.redis.url = self.redis.url();
-                fga_wb_run(cfg, n, callers, &[]).await?
+                fga_wb_run(cfg, n, callers, &[], Grants::Timed).await?
+            }
+            Side::RedisDrain { callers } => {
+                let mut cfg = target.config(&store);
+                cfg.buffer.store = StoreKind::Redis;
+                cfg.redis.url = self.redis.url();
+                fga_wb_run(cfg, n, callers, &[], Grants::Untimed).await?
             }
             Side::Queue { callers, workers } => {
                 let mut cfg = target.config(&store);
@@ -386,7 +411,7 @@ impl Bench {
                 // A worker is up once it has registered; give them a moment.
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let pids: Vec<u32> = procs.iter().map(|p| p.id()).collect();
-                let run = fga_wb_run(cfg, n, callers, &pids).await;
+                let run = fga_wb_run(cfg, n, callers, &pids, Grants::Timed).await;
                 for mut p in procs {
                     // SAFETY: signalling our own child.
                     unsafe {
@@ -487,14 +512,38 @@ async fn raw(target: &Target, store: &Store, n: usize) -> Res<Run> {
     })
 }
 
+/// Whether a run's clock starts before its grants or after them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Grants {
+    Timed,
+    Untimed,
+}
+
 /// `callers` tasks grant `n` distinct tuples (each its own contiguous
-/// range), then `flush()` until nothing is pending or in flight.
-async fn fga_wb_run(cfg: fga_wb::Config, n: usize, callers: usize, workers: &[u32]) -> Res<Run> {
+/// range), then `flush()` until nothing is pending or in flight. With
+/// `Grants::Untimed`, the grants are made before the clock starts, with
+/// nothing flushed meanwhile: the time of the flush alone.
+async fn fga_wb_run(
+    mut cfg: fga_wb::Config,
+    n: usize,
+    callers: usize,
+    workers: &[u32],
+    grants: Grants,
+) -> Res<Run> {
+    if grants == Grants::Untimed {
+        cfg.flush.batch_size = 100_000_000;
+        cfg.flush.interval = Duration::from_secs(3600);
+    }
     let wb = WriteBehind::builder(cfg).build().await?;
+    if grants == Grants::Untimed {
+        grant_ranges(&wb, n, callers).await?;
+    }
     let load = load1();
     let worker_cpu0: Duration = workers.iter().map(|&p| proc_cpu(p)).sum();
     let meter = Meter::default();
-    grant_ranges(&wb, n, callers).await?;
+    if grants == Grants::Timed {
+        grant_ranges(&wb, n, callers).await?;
+    }
     drain(&wb, Duration::from_secs(600)).await?;
     let (wall, cpu) = meter.read();
     let worker_cpu = workers
