@@ -400,12 +400,7 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// (0: none), gone or not. A letter with a higher id was written since
     /// (a Redis data loss restarts the counter far ahead, and reports the
     /// loss).
-    fn newest_letter_id(&self) -> BoxFuture<'_, Result<u64>> {
-        Box::pin(async move {
-            let letters = self.dead_letters().await?;
-            Ok(letters.iter().map(|d| d.id).max().unwrap_or(0))
-        })
-    }
+    fn newest_letter_id(&self) -> BoxFuture<'_, Result<u64>>;
     /// The ids of the dead letters, those a shared store holds that cannot
     /// be read included (a purge removes them too).
     fn letter_ids(&self) -> BoxFuture<'_, Result<Vec<u64>>> {

@@ -606,18 +606,7 @@ impl Engine {
                             .increment(1);
                         for t in part {
                             tracing::warn!(tuple = %t.tuple, op = ?t.op, error = %e, "dead-lettered");
-                            let reason = e
-                                .server_message()
-                                .map_or_else(|| e.to_string(), str::to_owned);
-                            let code = e.code().map(str::to_owned);
-                            result.outcomes.push((
-                                t,
-                                Outcome::Dead {
-                                    reason,
-                                    code,
-                                    transient: false,
-                                },
-                            ));
+                            result.outcomes.push((t, dead_for(&e, "", false)));
                         }
                     }
                     Err(e) if e.may_lie_with_tuples() => suspects.push((part, e)),
@@ -693,16 +682,10 @@ impl Engine {
             return Outcome::Retry;
         };
         tracing::warn!(tuple = %t.tuple, op = ?t.op, error = %e, ?failing_for, "a write of this tuple alone kept failing while others landed: dead-lettered (transient)");
-        let message = e
-            .server_message()
-            .map_or_else(|| e.to_string(), str::to_owned);
-        Outcome::Dead {
-            reason: format!(
-                "{message} (its Write alone failed for {failing_for:.0?} while other Writes landed: queue.retry_schedule)"
-            ),
-            code: e.code().map(str::to_owned),
-            transient: true,
-        }
+        let why = format!(
+            " (its Write alone failed for {failing_for:.0?} while other Writes landed: queue.retry_schedule)"
+        );
+        dead_for(e, &why, true)
     }
 
     /// Waits out a request whose outcome is unknown (see
@@ -860,14 +843,7 @@ impl Engine {
             }
             Err(e) if e.is_invalid_input() => {
                 tracing::warn!(tuple = %t.tuple, error = %e, "dead-lettered");
-                let reason = e
-                    .server_message()
-                    .map_or_else(|| e.to_string(), str::to_owned);
-                Outcome::Dead {
-                    reason,
-                    code: e.code().map(str::to_owned),
-                    transient: false,
-                }
+                dead_for(&e, "", false)
             }
             Err(e) => {
                 // Written again later: by then the old tuple may be gone,
@@ -981,6 +957,19 @@ impl Engine {
             )));
         }
         self.writer.write_within(&self.store_id, &req, budget).await
+    }
+}
+
+/// The outcome of an op dead-lettered for `e`: OpenFGA's own message (else
+/// ours) with `more` after it, and OpenFGA's code.
+fn dead_for(e: &Error, more: &str, transient: bool) -> Outcome {
+    let message = e
+        .server_message()
+        .map_or_else(|| e.to_string(), str::to_owned);
+    Outcome::Dead {
+        reason: format!("{message}{more}"),
+        code: e.code().map(str::to_owned),
+        transient,
     }
 }
 

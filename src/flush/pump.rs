@@ -1608,6 +1608,9 @@ mod tests {
         fn dead_letters(&self) -> BoxFuture<'_, Result<Vec<DeadLetter>, Error>> {
             self.inner.dead_letters()
         }
+        fn newest_letter_id(&self) -> BoxFuture<'_, Result<u64, Error>> {
+            self.inner.newest_letter_id()
+        }
         fn remove_dead_letters<'a>(
             &'a self,
             ids: Option<&'a [u64]>,
