@@ -49,6 +49,7 @@ const COUNTERS: &[&str] = &[
     "fga_wb_ops_applied_total",
     "fga_wb_ops_coalesced_total",
     "fga_wb_ops_dead_lettered_total",
+    "fga_wb_dead_letters_evicted_total",
     "fga_wb_ops_cleared_total",
     "fga_wb_write_retries_total",
     "fga_wb_write_unknown_outcomes_total",

@@ -10,6 +10,7 @@
 //! | `fga_wb_ops_applied_total` | counter |
 //! | `fga_wb_ops_coalesced_total` | counter |
 //! | `fga_wb_ops_dead_lettered_total` | counter |
+//! | `fga_wb_dead_letters_evicted_total` (memory store: oldest letters dropped at `buffer.dead_letter_capacity`) | counter |
 //! | `fga_wb_ops_cleared_total` | counter |
 //! | `fga_wb_write_requests_total{outcome}` | counter |
 //! | `fga_wb_write_retries_total` | counter |
@@ -93,6 +94,9 @@ pub struct Totals {
     pub coalesced: u64,
     /// Ops dead-lettered.
     pub dead_lettered: u64,
+    /// Memory store: dead letters dropped, oldest first, to keep at most
+    /// `buffer.dead_letter_capacity` (their ops count in `dead_lettered`).
+    pub dead_letters_evicted: u64,
     /// Ops dropped by `clear`.
     pub cleared: u64,
     /// Write requests sent.
@@ -217,6 +221,7 @@ pub(crate) struct Stats {
     pub applied: AtomicU64,
     pub coalesced: AtomicU64,
     pub dead_lettered: AtomicU64,
+    pub dead_letters_evicted: AtomicU64,
     pub cleared: AtomicU64,
     pub requests: AtomicU64,
     pub retries: AtomicU64,
@@ -253,6 +258,7 @@ impl Stats {
             applied: l(&self.applied),
             coalesced: l(&self.coalesced),
             dead_lettered: l(&self.dead_lettered),
+            dead_letters_evicted: l(&self.dead_letters_evicted),
             cleared: l(&self.cleared),
             requests: l(&self.requests),
             retries: l(&self.retries),

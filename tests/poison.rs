@@ -114,6 +114,44 @@ async fn poison_tuples_are_isolated_and_the_rest_applied() {
     assert_eq!(wb.shutdown().await.unwrap().left.total, 0);
 }
 
+/// Bounded memory (real server): the memory store keeps at most
+/// `buffer.dead_letter_capacity` letters. Three refused tuples with room for
+/// two: the oldest letter goes, counted, and the op still counts as
+/// dead-lettered; the two kept are the newest and still replay.
+#[tokio::test]
+async fn the_memory_store_keeps_at_most_its_dead_letter_capacity() {
+    let s = new_store("wb-dlq-cap").await;
+    let mut c = manual_flush(config_for(&s));
+    c.buffer.dead_letter_capacity = 2;
+    let wb = WriteBehind::builder(c)
+        .validate_against_model(false)
+        .build()
+        .await
+        .unwrap();
+    grant_with_poison(&wb, 20).await;
+    let r = wb.flush().await.unwrap();
+    assert_eq!((r.applied, r.dead_lettered), (17, 3), "{r:?}");
+    let dead = wb.dead_letters().await.unwrap();
+    let ids: Vec<u64> = dead.iter().map(|d| d.id).collect();
+    assert_eq!(ids, [2, 3], "the first letter went: {dead:#?}");
+    let st = wb.status().await.unwrap();
+    assert_eq!(st.dead_letters, 2);
+    assert_eq!(st.totals.dead_lettered, 3);
+    assert_eq!(st.totals.dead_letters_evicted, 1);
+    // The kept ones are the newest, and still replay (and die again).
+    assert_eq!(wb.replay_dead_letters(None).await.unwrap().replayed, 2);
+    let again = wb.dead_letters().await.unwrap();
+    assert_eq!(again.len(), 2, "{again:#?}");
+    let st = wb.status().await.unwrap();
+    assert_eq!(st.totals.dead_lettered, 5);
+    assert_eq!(
+        st.totals.dead_letters_evicted, 1,
+        "a replay frees its letters first"
+    );
+    assert_accounted(&wb).await;
+    wb.shutdown().await.unwrap();
+}
+
 /// A replay that cannot buffer its ops (the buffer is full) keeps the
 /// letters it could not replay: none is lost.
 #[tokio::test]

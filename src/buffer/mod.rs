@@ -172,6 +172,9 @@ pub(crate) struct Finished {
     /// Revokes that died of transient causes, pending again because a
     /// newer op on their tuple was refused for good (Redis store).
     pub repended: u64,
+    /// The oldest dead letters dropped to keep the memory store's set
+    /// within `buffer.dead_letter_capacity`.
+    pub evicted: u64,
 }
 
 /// Pending ops relevant to a check.
@@ -552,7 +555,10 @@ pub(crate) async fn open_store(
 ) -> Result<(Arc<dyn Store>, Option<Arc<redis::RedisStore>>)> {
     Ok(match config.buffer.store {
         crate::config::StoreKind::Memory => (
-            Arc::new(memory::MemoryStore::new(config.buffer.capacity)),
+            Arc::new(memory::MemoryStore::keeping_letters(
+                config.buffer.capacity,
+                config.buffer.dead_letter_capacity,
+            )),
             None,
         ),
         #[cfg(feature = "redis")]

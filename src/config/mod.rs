@@ -193,6 +193,11 @@ pub struct BufferConfig {
     /// With `overflow = "block"`: how long to wait for room.
     #[serde(with = "duration")]
     pub block_timeout: Duration,
+    /// Memory store: most dead letters kept; past it the oldest go (counted
+    /// in `Totals::dead_letters_evicted` and logged). The Redis store keeps
+    /// every letter until it is replayed or purged.
+    #[serde(deserialize_with = "positive")]
+    pub dead_letter_capacity: usize,
 }
 
 impl Default for BufferConfig {
@@ -202,6 +207,7 @@ impl Default for BufferConfig {
             capacity: 1_000_000,
             overflow: Overflow::Block,
             block_timeout: Duration::from_secs(5),
+            dead_letter_capacity: 10_000,
         }
     }
 }
@@ -743,6 +749,11 @@ impl Config {
         let f = &self.flush;
         for (name, v, bounded) in [
             ("buffer.capacity", self.buffer.capacity, false),
+            (
+                "buffer.dead_letter_capacity",
+                self.buffer.dead_letter_capacity,
+                false,
+            ),
             ("flush.batch_size", f.batch_size, false),
             ("flush.max_tuples_per_write", f.max_tuples_per_write, true),
             ("flush.max_parallel_requests", f.max_parallel_requests, true),

@@ -488,6 +488,19 @@ impl Engine {
             "fga_wb_ops_coalesced_total",
             f.superseded
         );
+        if f.evicted > 0 {
+            count!(
+                self.stats,
+                dead_letters_evicted,
+                "fga_wb_dead_letters_evicted_total",
+                f.evicted
+            );
+            tracing::warn!(
+                count = f.evicted,
+                "the dead letters are full (buffer.dead_letter_capacity): dropped the oldest; \
+                 each was logged with the server's reason when it died"
+            );
+        }
         self.changed.send_modify(|v| *v += 1);
     }
 

@@ -62,6 +62,9 @@ pub(crate) struct MemoryStore {
     next_shard: AtomicUsize,
     epoch: Instant,
     dead: Mutex<DeadLetters>,
+    /// Most letters kept (`buffer.dead_letter_capacity`): the oldest go
+    /// first, so the set never grows without bound.
+    letter_capacity: usize,
     /// Keys with dead letters: while 0, applying an op needs no look at them.
     dead_keys: AtomicUsize,
     written: super::written::Written,
@@ -209,7 +212,15 @@ struct Moved {
 }
 
 impl MemoryStore {
+    #[cfg(test)]
     pub fn new(capacity: usize) -> Self {
+        Self::keeping_letters(
+            capacity,
+            crate::config::BufferConfig::default().dead_letter_capacity,
+        )
+    }
+
+    pub fn keeping_letters(capacity: usize, letter_capacity: usize) -> Self {
         MemoryStore {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             hasher: Default::default(),
@@ -224,6 +235,7 @@ impl MemoryStore {
                 next_id: 1,
                 ..Default::default()
             }),
+            letter_capacity: letter_capacity.max(1),
             dead_keys: AtomicUsize::new(0),
             written: Default::default(),
         }
@@ -507,6 +519,13 @@ impl MemoryStore {
                                 superseded: false,
                                 place: Some((entry.first, entry.since)),
                             });
+                            while d.letters.len() > self.letter_capacity {
+                                let Some(oldest) = d.letters.keys().next().copied() else {
+                                    break;
+                                };
+                                d.remove(oldest);
+                                f.evicted += 1;
+                            }
                             self.dead_keys.store(d.keys.len(), Ordering::Relaxed);
                         }
                         Outcome::Retry | Outcome::Stale | Outcome::Busy | Outcome::Keep => {

@@ -447,3 +447,37 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn past_its_capacity_the_oldest_letters_go() {
+    let s = MemoryStore::keeping_letters(10, 2);
+    let (a, b) = (
+        t("user:a", "viewer", "document:1"),
+        t("user:b", "viewer", "document:1"),
+    );
+    // a dies twice (its first letter superseded by its second), then b.
+    settle(&s, &a, Op::Grant, died(false));
+    settle(&s, &a, Op::Revoke, died(false));
+    s.push_now(&b, Op::Grant).unwrap();
+    let taken = s.take_now(10, Take::All, u64::MAX);
+    let f = s.finish_now(taken.into_iter().map(|t| (t, died(false))).collect());
+    assert_eq!((f.dead, f.evicted), (1, 1), "{f:?}");
+    let left: Vec<(String, Op)> = s
+        .dead_now()
+        .into_iter()
+        .map(|d| (d.tuple.user, d.op))
+        .collect();
+    assert_eq!(
+        left,
+        [
+            ("user:a".to_string(), Op::Revoke),
+            ("user:b".into(), Op::Grant)
+        ],
+        "the oldest went"
+    );
+    assert_eq!(s.dead_keys.load(Ordering::Relaxed), 2);
+    // What is left is still current: both replay.
+    assert_eq!(s.replay_now(None, false).unwrap().replayed, 2);
+    assert!(s.dead_now().is_empty());
+    assert_eq!(s.dead_keys.load(Ordering::Relaxed), 0);
+}

@@ -105,6 +105,7 @@ impl RedisStore {
                         superseded: count(&v, 3)?,
                         // Only when some are (and not from older versions).
                         repended: count(&v, 4).unwrap_or(0),
+                        evicted: 0,
                     });
                 }
                 Err(e) => e,
