@@ -563,6 +563,17 @@ impl WriteBehind {
     /// report's `error` says what happened, the ops stay pending and are
     /// retried by themselves. While a pause OpenFGA asked for
     /// (`Retry-After`) runs, it sends nothing and returns at once so.
+    ///
+    /// With the Redis store, "everything" is what this process can reach:
+    /// the ops pending when it looks (its own and other processes'), written
+    /// here; ops another process was already writing stay that process's,
+    /// and the call does not wait for them (should that process die, they
+    /// come back as pending after its lease and are written by whoever
+    /// flushes then). In queue mode it returns once the ops are in jobs.
+    /// To wait until every op acknowledged before a moment is in OpenFGA,
+    /// whoever writes it, poll [`unfinished`](Self::unfinished) with the
+    /// mark from [`last_acknowledged`](Self::last_acknowledged), as
+    /// `fga-wb flush --wait` does.
     #[tracing::instrument(level = "debug", skip(self))]
     pub async fn flush(&self) -> Result<FlushReport> {
         self.flush_to(None).await
