@@ -301,8 +301,12 @@ impl WriteBehind {
         let unknown = missing(&known);
         if !unknown.is_empty() {
             return Err(Error::invalid_argument(format!(
-                "no dead letter with id {}; `fga-wb dlq list` shows them",
-                unknown.join(", ")
+                "no dead letter with id {}; `fga-wb dlq list` shows them{}",
+                unknown.join(", "),
+                match self.inner.redis {
+                    None => " (the memory store drops its oldest letters past buffer.dead_letter_capacity)",
+                    Some(_) => "",
+                }
             )));
         }
         if !replay {

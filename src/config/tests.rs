@@ -137,6 +137,10 @@ fn bad_integer_names_the_variable() {
     );
     let e = load_env(&[("FGA_WB_FLUSH__BATCH_SIZE", "0")]).unwrap_err();
     assert!(e.to_string().contains("positive integer"), "{e}");
+    let e = load_env(&[("FGA_WB_BUFFER__DEAD_LETTER_CAPACITY", "0")]).unwrap_err();
+    assert!(e.to_string().contains("positive integer"), "{e}");
+    let c = load_env(&[("FGA_WB_BUFFER__DEAD_LETTER_CAPACITY", "250")]).unwrap();
+    assert_eq!(c.buffer.dead_letter_capacity, 250);
 }
 
 #[test]

@@ -111,6 +111,17 @@ impl DeadLetters {
         }
     }
 
+    /// The letter to drop at capacity: the oldest, sparing letters of
+    /// transient deaths while there is another (`unfinished` counts them;
+    /// this store writes none today, as its checks never look at letters).
+    fn oldest_to_evict(&self) -> Option<u64> {
+        let mut ids = self.letters.values();
+        ids.clone()
+            .find(|d| !d.transient)
+            .or_else(|| ids.next())
+            .map(|d| d.id)
+    }
+
     /// Whether letter `id` is the newest of `key`, with no newer op ended.
     fn is_newest(&self, key: &str, id: u64) -> bool {
         self.keys.get(key).is_some_and(|k| k.newest == id)
@@ -520,7 +531,7 @@ impl MemoryStore {
                                 place: Some((entry.first, entry.since)),
                             });
                             while d.letters.len() > self.letter_capacity {
-                                let Some(oldest) = d.letters.keys().next().copied() else {
+                                let Some(oldest) = d.oldest_to_evict() else {
                                     break;
                                 };
                                 d.remove(oldest);

@@ -481,3 +481,26 @@ fn past_its_capacity_the_oldest_letters_go() {
     assert!(s.dead_now().is_empty());
     assert_eq!(s.dead_keys.load(Ordering::Relaxed), 0);
 }
+
+#[test]
+fn eviction_spares_transient_letters_and_forgets_emptied_keys() {
+    let s = MemoryStore::keeping_letters(10, 1);
+    let (a, b, c) = (
+        t("user:a", "viewer", "document:1"),
+        t("user:b", "viewer", "document:1"),
+        t("user:c", "viewer", "document:1"),
+    );
+    settle(&s, &a, Op::Revoke, died(true));
+    assert_eq!(s.dead_keys.load(Ordering::Relaxed), 1);
+    // b's letter is newer, but a's is transient: b's goes, a's stays.
+    settle(&s, &b, Op::Grant, died(false));
+    let left: Vec<String> = s.dead_now().into_iter().map(|d| d.tuple.user).collect();
+    assert_eq!(left, ["user:a"]);
+    assert_eq!(s.dead_keys.load(Ordering::Relaxed), 1, "b's key forgotten");
+    assert_eq!(s.unfinished_now(u64::MAX).transient_letters, 1);
+    // Only transient letters left: the oldest goes all the same (a bound).
+    settle(&s, &c, Op::Revoke, died(true));
+    let left: Vec<String> = s.dead_now().into_iter().map(|d| d.tuple.user).collect();
+    assert_eq!(left, ["user:c"]);
+    assert_eq!(s.dead_keys.load(Ordering::Relaxed), 1);
+}
