@@ -439,27 +439,9 @@ async fn a_tuple_the_server_fails_every_time_holds_back_only_itself() {
 async fn a_revoke_failing_alone_through_the_retry_schedule_is_dead_lettered_in_redis() {
     let server = mock_openfga().await;
     failing_on_poison(&server).await;
-    let mut cfg = lone_config(&server);
-    cfg.buffer.store = fga_wb::config::StoreKind::Redis;
-    cfg.redis.url = support::redis_url();
-    // The mock's one store id: keys of this test's own.
-    cfg.redis.key_prefix = format!("fga-wb-lone-{}", std::process::id());
-    let wb = WriteBehind::builder(cfg).build().await.unwrap();
-    wb.revoke("user:poison", "viewer", "document:p")
-        .await
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let wb = lone_redis_handle(&server, "lone").await;
     let mut others = 0;
-    let last = loop {
-        let r = flush_with_traffic(&wb, &mut others).await;
-        if r.dead_lettered > 0 {
-            break r;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never given up: {r:?}"
-        );
-    };
+    let last = give_up_a_revoke(&wb, &mut others).await;
     // Given up, it is no failure: the flush waited for the other tuple
     // (and counts one an earlier flush, ended by the failure, left).
     assert_eq!(last.dead_lettered, 1, "{last:?}");
@@ -483,6 +465,69 @@ async fn a_revoke_failing_alone_through_the_retry_schedule_is_dead_lettered_in_r
     assert!(r.error.is_none() && r.applied == 1, "{r:?}");
     let landed = landed_without_poison(&server).await;
     assert_eq!(landed.len(), others, "{landed:?}");
+    wb.purge_dead_letters(None).await.unwrap();
+    wb.shutdown().await.unwrap();
+}
+
+/// The Redis store on the mock whose Write of `POISON_REVOKE` alone fails.
+#[cfg(feature = "redis")]
+async fn lone_redis_handle(server: &wiremock::MockServer, test: &str) -> WriteBehind {
+    let mut cfg = lone_config(server);
+    cfg.buffer.store = fga_wb::config::StoreKind::Redis;
+    cfg.redis.url = support::redis_url();
+    // The mock's one store id: keys of this test's own.
+    cfg.redis.key_prefix = format!("fga-wb-{test}-{}", std::process::id());
+    WriteBehind::builder(cfg).build().await.unwrap()
+}
+
+/// Revokes the tuple whose Write alone fails, and flushes with other
+/// traffic until it is given up; the flush that gave it up.
+#[cfg(feature = "redis")]
+async fn give_up_a_revoke(wb: &WriteBehind, others: &mut usize) -> fga_wb::FlushReport {
+    wb.revoke("user:poison", "viewer", "document:p")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = flush_with_traffic(wb, others).await;
+        if r.dead_lettered > 0 {
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never given up: {r:?}"
+        );
+    }
+}
+
+/// A clear that drops a newer op on a tuple whose revoke was given up
+/// after transient failures leaves that letter current: the op dropped
+/// never reached OpenFGA, which may still hold the tuple, so checks keep
+/// failing closed until a replay. Before, the clear superseded the letter,
+/// and the check asked OpenFGA, which could answer `allowed`.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn a_clear_keeps_a_given_up_revoke_failing_checks_closed() {
+    let server = mock_openfga().await;
+    failing_on_poison(&server).await;
+    let wb = lone_redis_handle(&server, "lone-clear").await;
+    give_up_a_revoke(&wb, &mut 0).await;
+    for newer in [fga_wb::Op::Revoke, fga_wb::Op::Grant] {
+        match newer {
+            fga_wb::Op::Revoke => wb.revoke("user:poison", "viewer", "document:p").await,
+            _ => wb.grant("user:poison", "viewer", "document:p").await,
+        }
+        .unwrap();
+        assert_eq!(wb.clear().await.unwrap(), 1, "{newer:?}");
+        let e = wb
+            .check("user:poison", "viewer", "document:p")
+            .await
+            .expect_err("fails closed on the dead revoke");
+        assert!(e.to_string().contains("dlq replay"), "{newer:?}: {e}");
+        let letters = wb.dead_letters().await.unwrap();
+        assert_eq!(letters.len(), 1, "{letters:?}");
+        assert!(!letters[0].superseded, "{newer:?}: {letters:?}");
+    }
     wb.purge_dead_letters(None).await.unwrap();
     wb.shutdown().await.unwrap();
 }

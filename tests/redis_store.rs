@@ -1687,3 +1687,90 @@ async fn strays_with_jobs_gives_back_only_the_others() {
     assert_eq!(app.pending().await.unwrap().total, 3, "still pending");
     app.shutdown().await.unwrap();
 }
+
+/// A queue-mode application's enqueue that reaches Redis late (after its
+/// lease ended, its ops were handed back and it took one of them again in
+/// a new term) leaves the key it took again in its writer's set. Before,
+/// the late call removed every key it named from the set, and should the
+/// writer then die, reclaim (which reads that set) never handed the key
+/// back: it stayed taken by a dead writer, never written. Driven through
+/// the store's script itself, at chosen times.
+#[tokio::test]
+async fn a_late_enqueue_leaves_a_key_taken_again_with_its_writer() {
+    use redis::Value;
+    let script = redis::Script::new(include_str!("../src/buffer/redis/store.lua"));
+    let mut c = support::redis_conn().await;
+    let mut look = support::redis_conn().await;
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let p = format!("fga-wb-test:{{late-enqueue-{nanos}}}");
+    let key = "document:1#viewer@user:anne";
+    let mut call = async |args: &[&str]| -> Vec<Value> {
+        let mut inv = script.prepare_invoke();
+        inv.key(&p);
+        for a in args {
+            inv.arg(*a);
+        }
+        match inv.invoke_async::<Value>(&mut c).await.unwrap() {
+            Value::Array(v) => v,
+            other => vec![other],
+        }
+    };
+    let (forever, lease) = ("999999999999999", "5000");
+    let push = ["push", "PUBLISH", "1000", "100", "1", key, "g", ""];
+    // take pub now max kinds up_to writer lease_ms had hold_ms
+    let take = |now: &'static str, who: &'static str, kinds: &'static str| {
+        [
+            "take", "PUBLISH", now, "10", kinds, forever, who, lease, "0", "0",
+        ]
+    };
+    call(&push).await;
+    let t1 = call(&take("1000", "app-w", "rg")).await;
+    assert_eq!(t1.len(), 2 + 5, "took the grant: {t1:?}");
+    let seq1 = match &t1[3] {
+        Value::BulkString(b) => String::from_utf8(b.clone()).unwrap(),
+        v => panic!("{v:?}"),
+    };
+    // app-w's lease ends at 6000; another writer's call at 10000 hands the
+    // key back (it takes revokes only, so it leaves the grant ready).
+    call(&take("10000", "app-x", "r")).await;
+    let mut push2 = push;
+    push2[2] = "10000";
+    call(&push2).await;
+    // app-w takes the key again, in a new term.
+    let t2 = call(&take("10001", "app-w", "rg")).await;
+    assert_eq!(t2.len(), 2 + 5, "took it again: {t2:?}");
+    assert_ne!(t1[1], t2[1], "a new term");
+    // Its enqueue of the first take arrives only now.
+    let late = [
+        "enqueue", "PUBLISH", "10002", "app-w", "store", "", "1", key, &seq1, "",
+    ];
+    call(&late).await;
+    let set = format!("{p}:w:app-w");
+    let member: bool = redis::cmd("SISMEMBER")
+        .arg(&set)
+        .arg(key)
+        .query_async(&mut look)
+        .await
+        .unwrap();
+    assert!(member, "the key app-w took again is still in its set");
+    // app-w dies: its lease ends, and the next call hands the key back.
+    call(&take("30000", "app-x", "r")).await;
+    let entry: String = redis::cmd("HGET")
+        .arg(format!("{p}:ops"))
+        .arg(key)
+        .query_async(&mut look)
+        .await
+        .unwrap();
+    assert!(
+        entry.contains("|r|"),
+        "ready again, not stuck taken: {entry}"
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(&set)
+        .query_async(&mut look)
+        .await
+        .unwrap_or(());
+}

@@ -104,6 +104,20 @@ impl DeadLetters {
         self.letters.insert(letter.id, letter);
     }
 
+    /// A newer op on `key` was cleared: its letters are stale, but for one
+    /// of a transient death (as in the Redis store: the op dropped never
+    /// reached OpenFGA, which may still hold what that letter was to change).
+    fn supersede_cleared(&mut self, key: &str) {
+        let transient = self
+            .keys
+            .get(key)
+            .and_then(|k| self.letters.get(&k.newest))
+            .is_some_and(|d| d.transient);
+        if !transient {
+            self.supersede(key);
+        }
+    }
+
     /// A newer op on `key` ended (applied, cleared): its letters are stale.
     fn supersede(&mut self, key: &str) {
         if let Some(k) = self.keys.get_mut(key) {
@@ -849,7 +863,7 @@ impl MemoryStore {
                 part.slots.retain(|key, slot| {
                     if let Some(e) = slot.pending.take_if(|e| e.seq <= up_to) {
                         if watch {
-                            self.dead().supersede(key);
+                            self.dead().supersede_cleared(key);
                         }
                         let queue = &mut ready[kind(e.op)];
                         if queue.get(&e.first).is_some_and(|k| k == key) {

@@ -504,3 +504,27 @@ fn eviction_spares_transient_letters_and_forgets_emptied_keys() {
     assert_eq!(left, ["user:c"]);
     assert_eq!(s.dead_keys.load(Ordering::Relaxed), 1);
 }
+
+#[test]
+fn a_clear_supersedes_only_letters_of_refused_ops() {
+    let s = MemoryStore::new(10);
+    let (a, b) = (
+        t("user:a", "viewer", "document:1"),
+        t("user:b", "viewer", "document:1"),
+    );
+    settle(&s, &a, Op::Revoke, died(true));
+    settle(&s, &b, Op::Revoke, died(false));
+    s.push_now(&a, Op::Grant).unwrap();
+    s.push_now(&b, Op::Grant).unwrap();
+    assert_eq!(s.clear_now(u64::MAX).len(), 2);
+    let marks: Vec<(String, bool)> = s
+        .dead_now()
+        .into_iter()
+        .map(|d| (d.tuple.user, d.superseded))
+        .collect();
+    assert_eq!(
+        marks,
+        [("user:a".to_string(), false), ("user:b".into(), true)],
+        "the transient one stays current"
+    );
+}

@@ -48,9 +48,11 @@
 --   P:jobseq           string  last job id
 --   P:dead             hash    id -> dead letter (JSON); P:deadseq its counter
 --   P:deadkey          hash    tuple key -> id of its newest letter, or 0 once a
---                              newer op on the key was applied or cleared: a
---                              letter is replayable only while this names it
---                              and the key has no entry in P:ops
+--                              newer op on the key was applied, or cleared
+--                              (unless the letter died of transient
+--                              causes: see supersede_letters): a letter is
+--                              replayable only while this names it and the
+--                              key has no entry in P:ops
 --   P:deadrev          zset    tuple keys whose newest letter is a revoke, or a
 --                              grant with a condition, that died of transient
 --                              causes, all score 0: OpenFGA may still hold
@@ -624,18 +626,23 @@ local function letter(raw)
   return d
 end
 
--- Writes of the ops `seqs` on `keys` landed: the keys' dead letters of
--- those ops or older ones are stale (see P:deadkey). A letter of a newer op
--- stays: a write that lands late (a writer back from a pause) must not hide
--- it. Free while no key has letters.
-local function supersede_letters(keys, seqs)
+-- Writes of the ops `seqs` on `keys` landed (or, `cleared`, a clear dropped
+-- them): the keys' dead letters of those ops or older ones are stale (see
+-- P:deadkey). A letter of a newer op stays: a write that lands late (a
+-- writer back from a pause) must not hide it. So does, for a clear, a
+-- letter of a transient death: the op dropped never reached OpenFGA, which
+-- may still hold what that letter's revoke revokes (or a wider tuple its
+-- grant was to replace), so checks keep failing closed on it until a
+-- replay. Free while no key has letters.
+local function supersede_letters(keys, seqs, cleared)
   if rcall('HLEN', K_DEADKEY) == 0 then return end
   local ids = hmget(K_DEADKEY, keys)
   for i, k in ipairs(keys) do
     local id = ids[i]
     if id and id ~= '0' then
       local d = letter(rcall('HGET', K_DEAD, id))
-      if not d or (tonumber(d.seq) or 0) <= (tonumber(seqs[i]) or 0) then
+      local kept = cleared and d and d.transient == true
+      if not kept and (not d or (tonumber(d.seq) or 0) <= (tonumber(seqs[i]) or 0)) then
         rcall('HSET', K_DEADKEY, k, 0)
         unindex_dead(k)
       end
@@ -1243,6 +1250,11 @@ if cmd == 'enqueue' then
   -- The held ops, in order, as parallel lists (no table per op).
   local hkeys, hseqs, hops, hconds, h = {}, {}, {}, {}, 0
   local superseded, seen = 0, {}
+  -- Keys that leave this writer's set: those moved here, and those whose
+  -- entry no longer names it. One it took again since (a call that reached
+  -- Redis late, after its lease ended and it took the key anew) stays, or
+  -- reclaim would never hand it back should the writer die.
+  local gone, g = {}, 0
   -- The lowest place in line among the held ops (P:jobmin).
   local minfirst
   local function held_first(first)
@@ -1264,6 +1276,8 @@ if cmd == 'enqueue' then
         hset(K_OPS, key, seq .. '|' .. mid .. as_held .. cond)
         h = h + 1
         hkeys[h], hseqs[h], hops[h], hconds[h] = key, seq, op, cond
+        g = g + 1
+        gone[g] = key
       else
         if cache[key] == nil then admit(key, raw[i]) end
         local e = cache[key]
@@ -1278,6 +1292,13 @@ if cmd == 'enqueue' then
           move(key, e, 'r')
           superseded = superseded + 1
           tinsert(folded_grants, key)
+        end
+        -- Still this writer's in some state (taken again since): not this
+        -- call's to release.
+        local still = e and (e.state == 't' or e.state == 'b') and e.writer == writer
+        if not still then
+          g = g + 1
+          gone[g] = key
         end
       end
     end
@@ -1294,7 +1315,7 @@ if cmd == 'enqueue' then
   apply_writes()
   -- The newer ops are ready now; the processes that pushed them take them.
   if superseded > 0 then publish('finished') end
-  in_parts(rcall, 'SREM', P .. ':w:' .. writer, keys, #keys)
+  in_parts(rcall, 'SREM', P .. ':w:' .. writer, gone, g)
   if h == 0 then return 0 end
   publish('jobs')
   return id
@@ -2125,7 +2146,7 @@ if cmd == 'clear' then
     end
   end
   if #cleared > 0 then
-    supersede_letters(cleared, cleared_seqs)
+    supersede_letters(cleared, cleared_seqs, true)
     incr(P .. ':stats', 'cleared', #cleared)
     for _, f in ipairs(rcall('HKEYS', P .. ':gen')) do incr(P .. ':gen', f, 1) end
     incr(P .. ':gen', '*', 1)
