@@ -293,3 +293,59 @@ async fn a_worker_writes_each_job_under_the_model_its_ops_were_accepted_with() {
     assert_eq!(stored(&s).await, ["document:1#viewer@user:*"]);
     worker.stop().await;
 }
+
+/// A read with no relation filter counts a pending revoke on a relation
+/// the handle's model no longer has: OpenFGA's Read returns what it holds
+/// whatever the model says. Before, such a read returned the tuple the
+/// application had revoked (the pending ops were looked for on the model's
+/// relations only).
+#[tokio::test]
+async fn a_read_counts_a_pending_revoke_on_a_relation_the_model_dropped() {
+    for store in [StoreKind::Memory, StoreKind::Redis] {
+        read_with_a_pending_revoke_on_a_dropped_relation(store).await;
+    }
+}
+
+async fn read_with_a_pending_revoke_on_a_dropped_relation(store: StoreKind) {
+    let mut first = model(false);
+    first["type_definitions"][1]["relations"]["legacy"] = json!({ "this": {} });
+    first["type_definitions"][1]["metadata"]["relations"]["legacy"] =
+        json!({ "directly_related_user_types": [{ "type": "user" }] });
+    let s = new_store_with(&format!("read-dropped-{store:?}"), &first).await;
+    support::write_to_openfga(&s, "user:anne", "legacy", "document:1").await;
+    let newer = s
+        .client
+        .write_authorization_model(&s.store_id, &model(false))
+        .await
+        .unwrap();
+    let mut c = config_for(&s);
+    c.openfga.model_id = String::new();
+    c.check.revoke_wait_timeout = Duration::from_millis(300);
+    c.buffer.store = store;
+    c.redis.url = support::redis_url();
+    // Without validation, as a handle built before the change would have
+    // taken it (or one that does not validate at all).
+    let wb = WriteBehind::builder(c)
+        .validate_against_model(false)
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(wb.model_id(), Some(newer));
+    wb.revoke("user:anne", "legacy", "document:1")
+        .await
+        .unwrap();
+    let filter = fga_wb::openfga::ReadFilter {
+        object: Some("document:1".into()),
+        ..Default::default()
+    };
+    match wb.read(&filter).await {
+        Ok(held) => assert!(
+            !held.iter().any(|t| t.relation == "legacy"),
+            "{store:?}: a revoked tuple read back: {held:?}"
+        ),
+        Err(e) => assert!(e.is_stale_check(), "{store:?}: {e}"),
+    }
+    wb.clear().await.unwrap();
+    wb.shutdown().await.unwrap();
+}

@@ -1774,3 +1774,53 @@ async fn a_late_enqueue_leaves_a_key_taken_again_with_its_writer() {
         .await
         .unwrap_or(());
 }
+
+/// Every step of a clear keeps the list of jobs its steps found running
+/// (P:clearskip) for another 10 minutes, not only a step that adds to it:
+/// a clear of a large backlog can run longer than that, and the last step
+/// needs the list (a job that went back to the queue since is ended there
+/// with the ops it still holds). Driven through the store's script.
+#[tokio::test]
+async fn a_clear_step_keeps_the_running_jobs_it_noted() {
+    let script = redis::Script::new(include_str!("../src/buffer/redis/store.lua"));
+    let mut c = support::redis_conn().await;
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let p = format!("fga-wb-test:{{clear-skip-{nanos}}}");
+    let skip = format!("{p}:clearskip");
+    let _: () = redis::pipe()
+        .cmd("SADD")
+        .arg(&skip)
+        .arg("7")
+        .ignore()
+        .cmd("PEXPIRE")
+        .arg(&skip)
+        .arg(1000)
+        .ignore()
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    // A step over an empty store: it skips no job of its own.
+    let mut inv = script.prepare_invoke();
+    inv.key(&p)
+        .arg("clear")
+        .arg("PUBLISH")
+        .arg("1000")
+        .arg("0")
+        .arg("")
+        .arg("");
+    let _: redis::Value = inv.invoke_async(&mut c).await.unwrap();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&skip)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(ttl > 60_000, "kept for another 10 minutes: {ttl} ms left");
+    let _: () = redis::cmd("DEL")
+        .arg(&skip)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+}

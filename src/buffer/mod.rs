@@ -370,6 +370,10 @@ pub(crate) trait Store: Send + Sync + 'static {
         user: &'a str,
         limit: usize,
     ) -> BoxFuture<'a, Result<Relevant>>;
+    /// The relations of `object_type` with ops pending or in flight, model
+    /// or not (a read with no relation asked for counts them all).
+    fn relations_buffered<'a>(&'a self, object_type: &'a str)
+        -> BoxFuture<'a, Result<Vec<String>>>;
     /// The newest op on one key, pending or in flight, and whether it has a
     /// condition.
     fn latest<'a>(&'a self, tuple: &'a TupleKey) -> BoxFuture<'a, Result<Option<(Op, bool)>>>;

@@ -443,19 +443,36 @@ impl WriteBehind {
         // An empty relation filters nothing, for OpenFGA as for read_matches.
         let relation = filter.relation.as_deref().filter(|r| !r.is_empty());
         let deps: Option<Vec<Dep>> = match model.as_deref() {
-            Some(m) if !ty.is_empty() => Some(
-                m.relations_of(ty)
+            Some(m) if !ty.is_empty() => {
+                let mut rels: Vec<String> = m
+                    .relations_of(ty)
                     .into_iter()
                     .filter(|r| relation.is_none_or(|f| f == *r))
-                    .map(|r| Dep {
-                        rel: crate::model::rel_name(ty, r),
-                        same_object: one_object,
-                        user_bound: one_object && !user.is_empty(),
-                        // A read shows what OpenFGA holds, doubt or not.
-                        may_deny: false,
-                    })
-                    .collect(),
-            ),
+                    .map(str::to_owned)
+                    .collect();
+                // OpenFGA's Read returns what it holds whatever the model
+                // says: with no relation asked for, ops on relations the
+                // model lacks (it changed since, or they were not
+                // validated) count too.
+                if relation.is_none() {
+                    for r in e.store.relations_buffered(ty).await? {
+                        if !rels.contains(&r) {
+                            rels.push(r);
+                        }
+                    }
+                }
+                Some(
+                    rels.iter()
+                        .map(|r| Dep {
+                            rel: crate::model::rel_name(ty, r),
+                            same_object: one_object,
+                            user_bound: one_object && !user.is_empty(),
+                            // A read shows what OpenFGA holds, doubt or not.
+                            may_deny: false,
+                        })
+                        .collect(),
+                )
+            }
             _ => None,
         };
         // A type or relation the model lacks may still have ops buffered

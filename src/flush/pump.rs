@@ -1581,6 +1581,12 @@ mod tests {
         ) -> BoxFuture<'a, Result<Relevant, Error>> {
             self.inner.relevant(rels, object, user, limit)
         }
+        fn relations_buffered<'a>(
+            &'a self,
+            object_type: &'a str,
+        ) -> BoxFuture<'a, Result<Vec<String>, Error>> {
+            self.inner.relations_buffered(object_type)
+        }
         fn latest<'a>(
             &'a self,
             tuple: &'a TupleKey,

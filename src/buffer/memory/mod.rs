@@ -961,6 +961,24 @@ impl Store for MemoryStore {
         Box::pin(future::ready(Ok(self.latest_now(tuple))))
     }
 
+    fn relations_buffered<'a>(
+        &'a self,
+        object_type: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>>> {
+        let mut rels = std::collections::BTreeSet::new();
+        for s in 0..SHARDS {
+            let g = self.lock(s);
+            if let Some(of) = g.part_of.get(object_type) {
+                rels.extend(
+                    of.iter()
+                        .filter(|(_, &i)| g.parts[i].ops.iter().any(|&n| n > 0))
+                        .map(|(r, _)| r.clone()),
+                );
+            }
+        }
+        Box::pin(future::ready(Ok(rels.into_iter().collect())))
+    }
+
     fn last_seq(&self) -> BoxFuture<'_, Result<u64>> {
         Box::pin(future::ready(Ok(self.seq.load(Ordering::Acquire))))
     }

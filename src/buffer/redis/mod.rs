@@ -760,6 +760,34 @@ impl Store for RedisStore {
         Box::pin(self.latest_now(tuple))
     }
 
+    fn relations_buffered<'a>(
+        &'a self,
+        object_type: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            // "type#relation|g" (or "|r") -> ops of that kind whose latest
+            // op it is (see store.lua, P:rel).
+            let counts: Vec<(String, String)> = redis::cmd("HGETALL")
+                .arg(format!("{}:rel", self.prefix))
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            let mut rels: Vec<String> = counts
+                .into_iter()
+                .filter(|(_, n)| n.parse::<i64>().map_or(true, |n| n > 0))
+                .filter_map(|(f, _)| {
+                    let (ty, rest) = f.split_once('#')?;
+                    let (rel, _kind) = rest.rsplit_once('|')?;
+                    (ty == object_type).then(|| rel.to_owned())
+                })
+                .collect();
+            rels.sort_unstable();
+            rels.dedup();
+            Ok(rels)
+        })
+    }
+
     fn last_seq(&self) -> BoxFuture<'_, Result<u64>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();

@@ -2109,7 +2109,10 @@ if cmd == 'clear' then
   -- step (a clear's steps are separate calls).
   local K_SKIPPED = P .. ':clearskip'
   for id, _ in pairs(skipped) do pcall_('SADD', K_SKIPPED, id) end
-  if next(skipped) then pcall_('PEXPIRE', K_SKIPPED, 600000) end
+  -- Kept as long as a clear is under way, whether this step skipped a job
+  -- or not: lost before the last step, a job that went back to the queue
+  -- since would be dropped with ops of its still held.
+  pcall_('PEXPIRE', K_SKIPPED, 600000)
   local last = scan[1] == '0'
   local gone = {}
   if last then
