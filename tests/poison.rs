@@ -484,9 +484,14 @@ async fn lone_redis_handle(server: &wiremock::MockServer, test: &str) -> WriteBe
 /// traffic until it is given up; the flush that gave it up.
 #[cfg(feature = "redis")]
 async fn give_up_a_revoke(wb: &WriteBehind, others: &mut usize) -> fga_wb::FlushReport {
-    wb.revoke("user:poison", "viewer", "document:p")
-        .await
-        .unwrap();
+    give_up(wb, Op::Revoke, others).await
+}
+
+/// `op` on the tuple whose Write alone fails, flushed with other traffic
+/// until it is given up; the flush that gave it up.
+#[cfg(feature = "redis")]
+async fn give_up(wb: &WriteBehind, op: Op, others: &mut usize) -> fga_wb::FlushReport {
+    on_poison(wb, op).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let r = flush_with_traffic(wb, others).await;
@@ -500,11 +505,23 @@ async fn give_up_a_revoke(wb: &WriteBehind, others: &mut usize) -> fga_wb::Flush
     }
 }
 
+/// `op` on the tuple whose Write alone fails.
+#[cfg(feature = "redis")]
+async fn on_poison(wb: &WriteBehind, op: Op) {
+    match op {
+        Op::Revoke => wb.revoke("user:poison", "viewer", "document:p").await,
+        _ => wb.grant("user:poison", "viewer", "document:p").await,
+    }
+    .unwrap();
+}
+
 /// A clear that drops a newer op on a tuple whose revoke was given up
 /// after transient failures leaves that letter current: the op dropped
 /// never reached OpenFGA, which may still hold the tuple, so checks keep
 /// failing closed until a replay. Before, the clear superseded the letter,
-/// and the check asked OpenFGA, which could answer `allowed`.
+/// and the check asked OpenFGA, which could answer `allowed`. A grant's
+/// letter is superseded by such a clear as before: a replay must not grant
+/// what the application took back since.
 #[cfg(feature = "redis")]
 #[tokio::test]
 async fn a_clear_keeps_a_given_up_revoke_failing_checks_closed() {
@@ -512,12 +529,8 @@ async fn a_clear_keeps_a_given_up_revoke_failing_checks_closed() {
     failing_on_poison(&server).await;
     let wb = lone_redis_handle(&server, "lone-clear").await;
     give_up_a_revoke(&wb, &mut 0).await;
-    for newer in [fga_wb::Op::Revoke, fga_wb::Op::Grant] {
-        match newer {
-            fga_wb::Op::Revoke => wb.revoke("user:poison", "viewer", "document:p").await,
-            _ => wb.grant("user:poison", "viewer", "document:p").await,
-        }
-        .unwrap();
+    for newer in [Op::Revoke, Op::Grant] {
+        on_poison(&wb, newer).await;
         assert_eq!(wb.clear().await.unwrap(), 1, "{newer:?}");
         let e = wb
             .check("user:poison", "viewer", "document:p")
@@ -528,6 +541,14 @@ async fn a_clear_keeps_a_given_up_revoke_failing_checks_closed() {
         assert_eq!(letters.len(), 1, "{letters:?}");
         assert!(!letters[0].superseded, "{newer:?}: {letters:?}");
     }
+    wb.purge_dead_letters(None).await.unwrap();
+    give_up(&wb, Op::Grant, &mut 0).await;
+    on_poison(&wb, Op::Revoke).await;
+    assert_eq!(wb.clear().await.unwrap(), 1);
+    let letters = wb.dead_letters().await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].op, Op::Grant, "{letters:?}");
+    assert!(letters[0].superseded, "{letters:?}");
     wb.purge_dead_letters(None).await.unwrap();
     wb.shutdown().await.unwrap();
 }

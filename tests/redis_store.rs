@@ -1797,7 +1797,7 @@ async fn a_clear_step_keeps_the_running_jobs_it_noted() {
         .ignore()
         .cmd("PEXPIRE")
         .arg(&skip)
-        .arg(1000)
+        .arg(30_000)
         .ignore()
         .query_async(&mut c)
         .await

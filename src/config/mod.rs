@@ -466,8 +466,9 @@ pub struct QueueConfig {
     /// cause (OpenFGA unreachable or failing through a job's whole retry
     /// schedule) and, once OpenFGA answers, replay them: an outage longer
     /// than the schedule needs no person. A letter whose tuple got a newer
-    /// op since is dropped, never replayed over it. `0s`: never (replay
-    /// them with `fga-wb dlq replay`).
+    /// op since is dropped, never replayed over it (a revoke's letter stays
+    /// if that op was cleared, not written). `0s`: never (replay them with
+    /// `fga-wb dlq replay`).
     #[serde(with = "duration")]
     pub replay_transient: Duration,
 }

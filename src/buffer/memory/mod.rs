@@ -104,16 +104,17 @@ impl DeadLetters {
         self.letters.insert(letter.id, letter);
     }
 
-    /// A newer op on `key` was cleared: its letters are stale, but for one
-    /// of a transient death (as in the Redis store: the op dropped never
-    /// reached OpenFGA, which may still hold what that letter was to change).
+    /// A newer op on `key` was cleared: its letters are stale, but for a
+    /// revoke's that died of transient causes (as in the Redis store: the op
+    /// dropped may never have reached OpenFGA, which may still hold what
+    /// that revoke revokes).
     fn supersede_cleared(&mut self, key: &str) {
-        let transient = self
+        let owed = self
             .keys
             .get(key)
             .and_then(|k| self.letters.get(&k.newest))
-            .is_some_and(|d| d.transient);
-        if !transient {
+            .is_some_and(|d| d.transient && d.op == Op::Revoke);
+        if !owed {
             self.supersede(key);
         }
     }

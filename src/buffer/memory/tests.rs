@@ -506,17 +506,20 @@ fn eviction_spares_transient_letters_and_forgets_emptied_keys() {
 }
 
 #[test]
-fn a_clear_supersedes_only_letters_of_refused_ops() {
+fn a_clear_keeps_only_a_revoke_given_up_current() {
     let s = MemoryStore::new(10);
-    let (a, b) = (
+    let (a, b, c) = (
         t("user:a", "viewer", "document:1"),
         t("user:b", "viewer", "document:1"),
+        t("user:c", "viewer", "document:1"),
     );
     settle(&s, &a, Op::Revoke, died(true));
     settle(&s, &b, Op::Revoke, died(false));
+    settle(&s, &c, Op::Grant, died(true));
     s.push_now(&a, Op::Grant).unwrap();
     s.push_now(&b, Op::Grant).unwrap();
-    assert_eq!(s.clear_now(u64::MAX).len(), 2);
+    s.push_now(&c, Op::Revoke).unwrap();
+    assert_eq!(s.clear_now(u64::MAX).len(), 3);
     let marks: Vec<(String, bool)> = s
         .dead_now()
         .into_iter()
@@ -524,7 +527,11 @@ fn a_clear_supersedes_only_letters_of_refused_ops() {
         .collect();
     assert_eq!(
         marks,
-        [("user:a".to_string(), false), ("user:b".into(), true)],
-        "the transient one stays current"
+        [
+            ("user:a".to_string(), false),
+            ("user:b".into(), true),
+            ("user:c".into(), true)
+        ],
+        "only the revoke given up stays current"
     );
 }

@@ -49,8 +49,9 @@
 --   P:dead             hash    id -> dead letter (JSON); P:deadseq its counter
 --   P:deadkey          hash    tuple key -> id of its newest letter, or 0 once a
 --                              newer op on the key was applied, or cleared
---                              (unless the letter died of transient
---                              causes: see supersede_letters): a letter is
+--                              (unless the letter is of a revoke that died
+--                              of transient causes: see supersede_letters):
+--                              a letter is
 --                              replayable only while this names it and the
 --                              key has no entry in P:ops
 --   P:deadrev          zset    tuple keys whose newest letter is a revoke, or a
@@ -629,11 +630,13 @@ end
 -- Writes of the ops `seqs` on `keys` landed (or, `cleared`, a clear dropped
 -- them): the keys' dead letters of those ops or older ones are stale (see
 -- P:deadkey). A letter of a newer op stays: a write that lands late (a
--- writer back from a pause) must not hide it. So does, for a clear, a
--- letter of a transient death: the op dropped never reached OpenFGA, which
--- may still hold what that letter's revoke revokes (or a wider tuple its
--- grant was to replace), so checks keep failing closed on it until a
--- replay. Free while no key has letters.
+-- writer back from a pause) must not hide it. So does, for a clear, the
+-- letter of a revoke that died of transient causes (as owed_revoke reads
+-- them): the op dropped may never have reached OpenFGA, which may still
+-- hold what that revoke revokes, so checks keep failing closed on it until
+-- a replay. A grant's letter goes as before: a replay (workers replay
+-- transient letters by themselves) must not grant what the application
+-- took back since. Free while no key has letters.
 local function supersede_letters(keys, seqs, cleared)
   if rcall('HLEN', K_DEADKEY) == 0 then return end
   local ids = hmget(K_DEADKEY, keys)
@@ -641,7 +644,7 @@ local function supersede_letters(keys, seqs, cleared)
     local id = ids[i]
     if id and id ~= '0' then
       local d = letter(rcall('HGET', K_DEAD, id))
-      local kept = cleared and d and d.transient == true
+      local kept = cleared and d and d.transient == true and d.op == 'r'
       if not kept and (not d or (tonumber(d.seq) or 0) <= (tonumber(seqs[i]) or 0)) then
         rcall('HSET', K_DEADKEY, k, 0)
         unindex_dead(k)
