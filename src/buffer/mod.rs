@@ -349,6 +349,13 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn push_at_once(&self, _tuple: &TupleKey, _op: Op) -> Option<Result<Pushed>> {
         None
     }
+    /// Shutdown begins: later pushes are refused before they change
+    /// anything, and every push under way has ended when this returns, so
+    /// what the shutdown drains (up to the last sequence number, read after
+    /// this) holds every op acknowledged. The memory store's ops end with
+    /// the process; a shared store's outlive it, acknowledged or not, and
+    /// it stays open.
+    fn close(&self) {}
     /// Takes up to `max` ready ops with `seq <= up_to`, marking them in flight.
     fn take(&self, max: usize, what: Take, up_to: u64) -> BoxFuture<'_, Result<Vec<Taken>>>;
     /// Ends in-flight ops with their outcomes, and with `job`, the job. A
@@ -370,8 +377,9 @@ pub(crate) trait Store: Send + Sync + 'static {
         user: &'a str,
         limit: usize,
     ) -> BoxFuture<'a, Result<Relevant>>;
-    /// The relations of `object_type` with ops pending or in flight, model
-    /// or not (a read with no relation asked for counts them all).
+    /// The relations of `object_type` with ops pending or in flight, or
+    /// with revokes that died of transient causes (which checks still count),
+    /// model or not: a read with no relation asked for counts them all.
     fn relations_buffered<'a>(&'a self, object_type: &'a str)
         -> BoxFuture<'a, Result<Vec<String>>>;
     /// The newest op on one key, pending or in flight, and whether it has a

@@ -498,13 +498,8 @@ impl WriteBehind {
                 Err(err) => return Err(err),
             }
         };
-        // A push that raced shutdown() (a grant waiting for room, say): the
-        // shutdown's flush may have fixed what it writes before this op
-        // came, and a memory store ends with the process. Not acknowledged
-        // then, though it may still be written; a shared store keeps it.
-        if self.inner.shut_down.load(Ordering::SeqCst) && !e.store.shared() {
-            return Err(Error::new(Kind::Shutdown));
-        }
+        // A push that raced shutdown() got in before the store closed, so the
+        // shutdown's drain counts it (see `Store::close`): acknowledged.
         // After the push, never before: see cache.rs.
         e.cache.invalidate_for(&tuple);
         count!(e.stats, acknowledged, "fga_wb_ops_acknowledged_total", 1);
@@ -622,9 +617,11 @@ impl WriteBehind {
 
     /// Stops the flusher, then flushes until everything is applied or
     /// `flush.shutdown_deadline` passes, and reports what is left. Later
-    /// calls on any clone fail with [`Error::is_shutdown`]; with the memory
-    /// store, so does a grant or revoke under way when it began (one
-    /// waiting for room, say), which may or may not be written.
+    /// calls on any clone fail with [`Error::is_shutdown`]. A grant or
+    /// revoke under way when it began (one waiting for room, say) is either
+    /// buffered before the drain starts, acknowledged and drained with the
+    /// rest, or (memory store) fails as shut down with nothing buffered: it
+    /// never replaces an acknowledged op on its tuple and is then disowned.
     ///
     /// # Examples
     ///
@@ -640,6 +637,10 @@ impl WriteBehind {
         if self.inner.shut_down.swap(true, Ordering::SeqCst) {
             return Err(Error::new(Kind::Shutdown));
         }
+        // Before the flusher reads what to drain: a grant or revoke racing
+        // this is either in by then, and acknowledged, or refused untouched
+        // (it must not fold into an acknowledged op and then be disowned).
+        self.inner.engine.store.close();
         let deadline = Instant::now() + self.inner.config.flush.shutdown_deadline;
         // The flusher drains until the deadline and then stops; the other
         // tasks (the event follower) stop at once.

@@ -1581,6 +1581,9 @@ mod tests {
         ) -> BoxFuture<'a, Result<Relevant, Error>> {
             self.inner.relevant(rels, object, user, limit)
         }
+        fn close(&self) {
+            self.inner.close()
+        }
         fn relations_buffered<'a>(
             &'a self,
             object_type: &'a str,

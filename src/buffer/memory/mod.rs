@@ -21,7 +21,7 @@
 use std::collections::{btree_map, BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
 use std::ops::Bound;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -65,6 +65,8 @@ pub(crate) struct MemoryStore {
     /// Most letters kept (`buffer.dead_letter_capacity`): the oldest go
     /// first, so the set never grows without bound.
     letter_capacity: usize,
+    /// Set by `close` (shutdown): no push changes anything after it.
+    closed: AtomicBool,
     /// Keys with dead letters: while 0, applying an op needs no look at them.
     dead_keys: AtomicUsize,
     written: super::written::Written,
@@ -262,6 +264,7 @@ impl MemoryStore {
                 ..Default::default()
             }),
             letter_capacity: letter_capacity.max(1),
+            closed: AtomicBool::new(false),
             dead_keys: AtomicUsize::new(0),
             written: Default::default(),
         }
@@ -307,6 +310,11 @@ impl MemoryStore {
         op: Op,
         place: Option<(u64, u32)>,
     ) -> Result<Pushed> {
+        // Under the shard lock, before anything changes: a push refused
+        // here merged into no acknowledged op (see `close`).
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::new(Kind::Shutdown));
+        }
         let key = shared_key(tuple);
         let condition = tuple.condition.clone().map(Box::new);
         let now = self.now_cs();
@@ -932,6 +940,15 @@ impl Store for MemoryStore {
 
     fn push_at_once(&self, tuple: &TupleKey, op: Op) -> Option<Result<Pushed>> {
         Some(self.push_now(tuple, op))
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        // Every push that found the store open has ended once each shard
+        // was free: its op is in before the shutdown reads what to drain.
+        for s in 0..SHARDS {
+            drop(self.lock(s));
+        }
     }
 
     fn take(&self, max: usize, what: Take, up_to: u64) -> BoxFuture<'_, Result<Vec<Taken>>> {

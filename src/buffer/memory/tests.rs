@@ -535,3 +535,17 @@ fn a_clear_keeps_only_a_revoke_given_up_current() {
         "only the revoke given up stays current"
     );
 }
+
+#[test]
+fn a_closed_store_refuses_pushes_before_they_change_anything() {
+    let s = MemoryStore::new(10);
+    let k = t("user:a", "viewer", "document:1");
+    s.push_now(&k, Op::Revoke).unwrap();
+    s.close();
+    let e = s.push_now(&k, Op::Grant).unwrap_err();
+    assert!(e.is_shutdown(), "{e}");
+    // The acknowledged revoke is still what is pending, in its place.
+    let taken = s.take_now(10, Take::All, u64::MAX);
+    let ops: Vec<(Op, u64)> = taken.iter().map(|t| (t.op, t.seq)).collect();
+    assert_eq!(ops, [(Op::Revoke, 1)]);
+}

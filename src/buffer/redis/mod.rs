@@ -767,9 +767,20 @@ impl Store for RedisStore {
         Box::pin(async move {
             let mut conn = self.conn.clone();
             // "type#relation|g" (or "|r") -> ops of that kind whose latest
-            // op it is (see store.lua, P:rel).
-            let counts: Vec<(String, String)> = redis::cmd("HGETALL")
+            // op it is (P:rel); and the keys (`object#relation@user`) of
+            // this type's revokes that died of transient causes, which the
+            // read's look at the relation counts as well (P:deadrev: a few
+            // at most, and one relation suffices for many).
+            let (counts, owed): (Vec<(String, String)>, Vec<String>) = redis::pipe()
+                .cmd("HGETALL")
                 .arg(format!("{}:rel", self.prefix))
+                .cmd("ZRANGEBYLEX")
+                .arg(format!("{}:deadrev", self.prefix))
+                .arg(format!("[{object_type}:"))
+                .arg(format!("({object_type};"))
+                .arg("LIMIT")
+                .arg(0)
+                .arg(10_000)
                 .query_async(&mut conn)
                 .await
                 .map_err(redis_error)?;
@@ -782,6 +793,10 @@ impl Store for RedisStore {
                     (ty == object_type).then(|| rel.to_owned())
                 })
                 .collect();
+            rels.extend(owed.into_iter().filter_map(|k| {
+                let (_, rest) = k.split_once('#')?;
+                Some(rest.split_once('@')?.0.to_owned())
+            }));
             rels.sort_unstable();
             rels.dedup();
             Ok(rels)
