@@ -208,11 +208,12 @@ async fn close_says_what_a_memory_store_loses() {
 }
 
 /// A grant waiting for room (memory store, capacity 1, overflow `block`)
-/// when `shutdown()` begins: the shutdown's flush writes the op that filled
-/// the buffer (each Write takes 1 s here), which makes room, and the
-/// waiting grant's op then goes in after what the shutdown writes. It is
-/// never answered `Ok` and left unwritten: it fails as shut down (or is
-/// written). Before, it returned `Ok` and was lost with the process.
+/// when `shutdown()` begins: the shutdown closes the store before its
+/// flush writes the op that filled the buffer (each Write takes 1 s here)
+/// and makes room, so the waiting grant is refused untouched. It is never
+/// answered `Ok` and left unwritten: it fails as shut down (or, had it got
+/// in first, is written). Before, it returned `Ok` and was lost with the
+/// process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_that_races_shutdown_is_not_acknowledged_and_lost() {
     let server = mock_openfga().await;

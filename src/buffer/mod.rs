@@ -378,8 +378,9 @@ pub(crate) trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> BoxFuture<'a, Result<Relevant>>;
     /// The relations of `object_type` with ops pending or in flight, or
-    /// with revokes that died of transient causes (which checks still count),
-    /// model or not: a read with no relation asked for counts them all.
+    /// with revokes (or grants with a condition) that died of transient
+    /// causes, which checks still count; model or not: a read with no
+    /// relation asked for counts them all.
     fn relations_buffered<'a>(&'a self, object_type: &'a str)
         -> BoxFuture<'a, Result<Vec<String>>>;
     /// The newest op on one key, pending or in flight, and whether it has a

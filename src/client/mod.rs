@@ -619,9 +619,11 @@ impl WriteBehind {
     /// `flush.shutdown_deadline` passes, and reports what is left. Later
     /// calls on any clone fail with [`Error::is_shutdown`]. A grant or
     /// revoke under way when it began (one waiting for room, say) is either
-    /// buffered before the drain starts, acknowledged and drained with the
-    /// rest, or (memory store) fails as shut down with nothing buffered: it
-    /// never replaces an acknowledged op on its tuple and is then disowned.
+    /// buffered and acknowledged, or (memory store) fails as shut down with
+    /// nothing buffered: it never replaces an acknowledged op on its tuple
+    /// and is then disowned. With the memory store, one buffered is drained
+    /// with the rest; with the Redis store, one that lands after the drain
+    /// began is left there for the other processes.
     ///
     /// # Examples
     ///
@@ -705,6 +707,9 @@ impl WriteBehind {
         if self.inner.shut_down.swap(true, Ordering::SeqCst) {
             return Err(Error::new(Kind::Shutdown));
         }
+        // A grant or revoke racing this is refused untouched, or in before
+        // what is left is counted (warn_unwritten, below).
+        self.inner.engine.store.close();
         let (reply, answer) = oneshot::channel();
         // The flusher answers between two steps: a second is ample.
         let ample = std::time::Duration::from_secs(1);

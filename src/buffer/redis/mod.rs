@@ -54,6 +54,9 @@ const PUSH_BATCH: usize = 512;
 /// push waits behind it: a flush window of 3,200 in one call held Redis for
 /// 40 ms.
 const TAKE_PER_CALL: usize = 500;
+/// Most letters of transient deaths a read lists to find their relations
+/// (see `relations_buffered`); past it the read fails closed.
+const OWED_MAX: usize = 10_000;
 
 /// The Redis store.
 pub(crate) struct RedisStore {
@@ -771,19 +774,29 @@ impl Store for RedisStore {
             // this type's revokes that died of transient causes, which the
             // read's look at the relation counts as well (P:deadrev: a few
             // at most, and one relation suffices for many).
-            let (counts, owed): (Vec<(String, String)>, Vec<String>) = redis::pipe()
-                .cmd("HGETALL")
-                .arg(format!("{}:rel", self.prefix))
-                .cmd("ZRANGEBYLEX")
-                .arg(format!("{}:deadrev", self.prefix))
-                .arg(format!("[{object_type}:"))
-                .arg(format!("({object_type};"))
-                .arg("LIMIT")
-                .arg(0)
-                .arg(10_000)
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
+            // The letters read before and after the ops: a replay (letter
+            // to op) or a death (op to letter) in between is seen in one.
+            let owed_cmd = |pipe: &mut redis::Pipeline| {
+                pipe.cmd("ZRANGEBYLEX")
+                    .arg(format!("{}:deadrev", self.prefix))
+                    .arg(format!("[{object_type}:"))
+                    .arg(format!("({object_type};"))
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(OWED_MAX);
+            };
+            let mut pipe = redis::pipe();
+            owed_cmd(&mut pipe);
+            pipe.cmd("HGETALL").arg(format!("{}:rel", self.prefix));
+            owed_cmd(&mut pipe);
+            let (before, counts, after): (Vec<String>, Vec<(String, String)>, Vec<String>) =
+                pipe.query_async(&mut conn).await.map_err(redis_error)?;
+            if before.len().max(after.len()) >= OWED_MAX {
+                // Not all listed: the read cannot know which relations
+                // to look at, and fails closed.
+                return Err(Error::new(Kind::DeadLetterInDoubt { count: OWED_MAX }));
+            }
+            let owed = before.into_iter().chain(after);
             let mut rels: Vec<String> = counts
                 .into_iter()
                 .filter(|(_, n)| n.parse::<i64>().map_or(true, |n| n > 0))
