@@ -87,6 +87,10 @@ pub(crate) enum Kind {
     /// `but not`, or with a condition), so the check fails closed until the
     /// letter is replayed or purged.
     DeadLetterInDoubt { count: usize },
+    /// A read of a whole type found more than `letters` ops of the type
+    /// that died after transient failures: it cannot tell which relations
+    /// they leave in doubt.
+    ReadInDoubt { object_type: String, letters: usize },
     /// The handle was shut down.
     Shutdown,
     /// Redis failed, or holds something fga-wb did not write.
@@ -361,6 +365,7 @@ impl Error {
             Kind::CheckWouldBeStale { .. }
                 | Kind::PendingGrantRefused { .. }
                 | Kind::DeadLetterInDoubt { .. }
+                | Kind::ReadInDoubt { .. }
         )
     }
 
@@ -505,6 +510,10 @@ impl fmt::Display for Error {
             Kind::DeadLetterInDoubt { count } => write!(
                 f,
                 "check denied (fail closed): {count} revoke(s), or grant(s) that can take its access away, it could depend on died after transient write failures and are in the dead letters, so OpenFGA may still hold what they revoke or lack what they grant; in queue mode workers replay them once OpenFGA answers again (queue.replay_transient); else run `fga-wb dlq replay` (or `fga-wb dlq purge` to give them up)"
+            ),
+            Kind::ReadInDoubt { object_type, letters } => write!(
+                f,
+                "read denied (fail closed): more than {letters} ops on {object_type} objects died after transient write failures and are in the dead letters, too many to tell which relations they leave in doubt; in queue mode workers replay them once OpenFGA answers again (queue.replay_transient); else run `fga-wb dlq replay` (or `fga-wb dlq purge` to give them up)"
             ),
             Kind::Shutdown => write!(f, "the write-behind handle has been shut down"),
             Kind::Redis { detail, transient } => {

@@ -441,7 +441,7 @@ async fn a_revoke_failing_alone_through_the_retry_schedule_is_dead_lettered_in_r
     failing_on_poison(&server).await;
     let wb = lone_redis_handle(&server, "lone").await;
     let mut others = 0;
-    let last = give_up_a_revoke(&wb, &mut others).await;
+    let last = give_up(&wb, Op::Revoke, &mut others).await;
     // Given up, it is no failure: the flush waited for the other tuple
     // (and counts one an earlier flush, ended by the failure, left).
     assert_eq!(last.dead_lettered, 1, "{last:?}");
@@ -478,13 +478,6 @@ async fn lone_redis_handle(server: &wiremock::MockServer, test: &str) -> WriteBe
     // The mock's one store id: keys of this test's own.
     cfg.redis.key_prefix = format!("fga-wb-{test}-{}", std::process::id());
     WriteBehind::builder(cfg).build().await.unwrap()
-}
-
-/// Revokes the tuple whose Write alone fails, and flushes with other
-/// traffic until it is given up; the flush that gave it up.
-#[cfg(feature = "redis")]
-async fn give_up_a_revoke(wb: &WriteBehind, others: &mut usize) -> fga_wb::FlushReport {
-    give_up(wb, Op::Revoke, others).await
 }
 
 /// `op` on the tuple whose Write alone fails, flushed with other traffic
@@ -528,7 +521,7 @@ async fn a_clear_keeps_a_given_up_revoke_failing_checks_closed() {
     let server = mock_openfga().await;
     failing_on_poison(&server).await;
     let wb = lone_redis_handle(&server, "lone-clear").await;
-    give_up_a_revoke(&wb, &mut 0).await;
+    give_up(&wb, Op::Revoke, &mut 0).await;
     for newer in [Op::Revoke, Op::Grant] {
         on_poison(&wb, newer).await;
         assert_eq!(wb.clear().await.unwrap(), 1, "{newer:?}");

@@ -186,11 +186,7 @@ impl LateWriter {
             conn: support::redis_conn().await,
             script: redis::Script::new(include_str!("../src/buffer/redis/store.lua")),
             prefix: format!("fga-wb:{{{}}}", s.store_id),
-            publish: if support::redis_is_cluster() {
-                "SPUBLISH"
-            } else {
-                "PUBLISH"
-            },
+            publish: publish_command(),
             name: name.to_owned(),
             term: String::new(),
             hold_ms: 0,
@@ -1688,6 +1684,65 @@ async fn strays_with_jobs_gives_back_only_the_others() {
     app.shutdown().await.unwrap();
 }
 
+/// The store's script under a prefix of its own (one cluster slot),
+/// called command by command at chosen times.
+struct ScriptAt {
+    conn: support::RedisConn,
+    script: redis::Script,
+    prefix: String,
+}
+
+impl ScriptAt {
+    async fn new(name: &str) -> ScriptAt {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        ScriptAt {
+            conn: support::redis_conn().await,
+            script: redis::Script::new(include_str!("../src/buffer/redis/store.lua")),
+            prefix: format!("fga-wb-test:{{{name}-{nanos}}}"),
+        }
+    }
+
+    /// Runs `command` with `args` (after the publish command it takes).
+    async fn call(&mut self, command: &str, args: &[&str]) -> Vec<redis::Value> {
+        let mut inv = self.script.prepare_invoke();
+        inv.key(&self.prefix).arg(command).arg(publish_command());
+        for a in args {
+            inv.arg(*a);
+        }
+        match inv.invoke_async(&mut self.conn).await.unwrap() {
+            redis::Value::Array(v) => v,
+            other => vec![other],
+        }
+    }
+
+    /// `cmd` on the store's key `suffix` (`P:<suffix>`), with `args`.
+    async fn look<T: redis::FromRedisValue>(
+        &mut self,
+        cmd: &str,
+        suffix: &str,
+        args: &[&str],
+    ) -> T {
+        redis::cmd(cmd)
+            .arg(format!("{}:{suffix}", self.prefix))
+            .arg(args)
+            .query_async(&mut self.conn)
+            .await
+            .unwrap()
+    }
+}
+
+/// What the script publishes with: `SPUBLISH` on a cluster.
+fn publish_command() -> &'static str {
+    if support::redis_is_cluster() {
+        "SPUBLISH"
+    } else {
+        "PUBLISH"
+    }
+}
+
 /// A queue-mode application's enqueue that reaches Redis late (after its
 /// lease ended, its ops were handed back and it took one of them again in
 /// a new term) leaves the key it took again in its writer's set. Before,
@@ -1697,82 +1752,45 @@ async fn strays_with_jobs_gives_back_only_the_others() {
 /// the store's script itself, at chosen times.
 #[tokio::test]
 async fn a_late_enqueue_leaves_a_key_taken_again_with_its_writer() {
-    use redis::Value;
-    let script = redis::Script::new(include_str!("../src/buffer/redis/store.lua"));
-    let mut c = support::redis_conn().await;
-    let mut look = support::redis_conn().await;
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let p = format!("fga-wb-test:{{late-enqueue-{nanos}}}");
+    let mut r = ScriptAt::new("late-enqueue").await;
     let key = "document:1#viewer@user:anne";
-    let mut call = async |args: &[&str]| -> Vec<Value> {
-        let mut inv = script.prepare_invoke();
-        inv.key(&p);
-        for a in args {
-            inv.arg(*a);
-        }
-        match inv.invoke_async::<Value>(&mut c).await.unwrap() {
-            Value::Array(v) => v,
-            other => vec![other],
-        }
-    };
-    let (forever, lease) = ("999999999999999", "5000");
-    let push = ["push", "PUBLISH", "1000", "100", "1", key, "g", ""];
-    // take pub now max kinds up_to writer lease_ms had hold_ms
+    // push now capacity n (key op cond)*
+    let push = |now: &'static str| [now, "100", "1", key, "g", ""];
+    // take now max kinds up_to writer lease_ms had hold_ms; a lease of 5 s
     let take = |now: &'static str, who: &'static str, kinds: &'static str| {
-        [
-            "take", "PUBLISH", now, "10", kinds, forever, who, lease, "0", "0",
-        ]
+        [now, "10", kinds, "999999999999999", who, "5000", "0", "0"]
     };
-    call(&push).await;
-    let t1 = call(&take("1000", "app-w", "rg")).await;
+    r.call("push", &push("1000")).await;
+    let t1 = r.call("take", &take("1000", "app-w", "rg")).await;
     assert_eq!(t1.len(), 2 + 5, "took the grant: {t1:?}");
     let seq1 = match &t1[3] {
-        Value::BulkString(b) => String::from_utf8(b.clone()).unwrap(),
+        redis::Value::BulkString(b) => String::from_utf8(b.clone()).unwrap(),
         v => panic!("{v:?}"),
     };
     // app-w's lease ends at 6000; another writer's call at 10000 hands the
     // key back (it takes revokes only, so it leaves the grant ready).
-    call(&take("10000", "app-x", "r")).await;
-    let mut push2 = push;
-    push2[2] = "10000";
-    call(&push2).await;
+    r.call("take", &take("10000", "app-x", "r")).await;
+    r.call("push", &push("10000")).await;
     // app-w takes the key again, in a new term.
-    let t2 = call(&take("10001", "app-w", "rg")).await;
+    let t2 = r.call("take", &take("10001", "app-w", "rg")).await;
     assert_eq!(t2.len(), 2 + 5, "took it again: {t2:?}");
     assert_ne!(t1[1], t2[1], "a new term");
     // Its enqueue of the first take arrives only now.
-    let late = [
-        "enqueue", "PUBLISH", "10002", "app-w", "store", "", "1", key, &seq1, "",
-    ];
-    call(&late).await;
-    let set = format!("{p}:w:app-w");
-    let member: bool = redis::cmd("SISMEMBER")
-        .arg(&set)
-        .arg(key)
-        .query_async(&mut look)
-        .await
-        .unwrap();
+    // enqueue now writer store model n (key seq)* template
+    r.call(
+        "enqueue",
+        &["10002", "app-w", "store", "", "1", key, &seq1, ""],
+    )
+    .await;
+    let member: bool = r.look("SISMEMBER", "w:app-w", &[key]).await;
     assert!(member, "the key app-w took again is still in its set");
     // app-w dies: its lease ends, and the next call hands the key back.
-    call(&take("30000", "app-x", "r")).await;
-    let entry: String = redis::cmd("HGET")
-        .arg(format!("{p}:ops"))
-        .arg(key)
-        .query_async(&mut look)
-        .await
-        .unwrap();
+    r.call("take", &take("30000", "app-x", "r")).await;
+    let entry: String = r.look("HGET", "ops", &[key]).await;
     assert!(
         entry.contains("|r|"),
         "ready again, not stuck taken: {entry}"
     );
-    let _: () = redis::cmd("DEL")
-        .arg(&set)
-        .query_async(&mut look)
-        .await
-        .unwrap_or(());
 }
 
 /// Every step of a clear keeps the list of jobs its steps found running
@@ -1782,45 +1800,12 @@ async fn a_late_enqueue_leaves_a_key_taken_again_with_its_writer() {
 /// with the ops it still holds). Driven through the store's script.
 #[tokio::test]
 async fn a_clear_step_keeps_the_running_jobs_it_noted() {
-    let script = redis::Script::new(include_str!("../src/buffer/redis/store.lua"));
-    let mut c = support::redis_conn().await;
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let p = format!("fga-wb-test:{{clear-skip-{nanos}}}");
-    let skip = format!("{p}:clearskip");
-    let _: () = redis::pipe()
-        .cmd("SADD")
-        .arg(&skip)
-        .arg("7")
-        .ignore()
-        .cmd("PEXPIRE")
-        .arg(&skip)
-        .arg(30_000)
-        .ignore()
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let mut r = ScriptAt::new("clear-skip").await;
+    let _: () = r.look("SADD", "clearskip", &["7"]).await;
+    let _: () = r.look("PEXPIRE", "clearskip", &["30000"]).await;
     // A step over an empty store: it skips no job of its own.
-    let mut inv = script.prepare_invoke();
-    inv.key(&p)
-        .arg("clear")
-        .arg("PUBLISH")
-        .arg("1000")
-        .arg("0")
-        .arg("")
-        .arg("");
-    let _: redis::Value = inv.invoke_async(&mut c).await.unwrap();
-    let ttl: i64 = redis::cmd("PTTL")
-        .arg(&skip)
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    // clear now cursor up_to jobs_up_to
+    r.call("clear", &["1000", "0", "", ""]).await;
+    let ttl: i64 = r.look("PTTL", "clearskip", &[]).await;
     assert!(ttl > 60_000, "kept for another 10 minutes: {ttl} ms left");
-    let _: () = redis::cmd("DEL")
-        .arg(&skip)
-        .query_async(&mut c)
-        .await
-        .unwrap();
 }

@@ -245,6 +245,9 @@ async fn a_grant_that_races_shutdown_is_not_acknowledged_and_lost() {
     let written = bodies.iter().any(|b| b.to_string().contains("user:second"));
     match second {
         Ok(()) => assert!(written, "acknowledged, never written: {r:?}"),
-        Err(e) => assert!(e.is_shutdown(), "{e}"),
+        Err(e) => {
+            assert!(e.is_shutdown(), "{e}");
+            assert!(!written, "refused, yet written: {r:?}");
+        }
     }
 }

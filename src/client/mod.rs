@@ -498,8 +498,9 @@ impl WriteBehind {
                 Err(err) => return Err(err),
             }
         };
-        // A push that raced shutdown() got in before the store closed, so the
-        // shutdown's drain counts it (see `Store::close`): acknowledged.
+        // A push that raced shutdown() got in before the store closed: the
+        // memory store's drain counts it (see `Store::close`), a shared
+        // store keeps it. Acknowledged either way.
         // After the push, never before: see cache.rs.
         e.cache.invalidate_for(&tuple);
         count!(e.stats, acknowledged, "fga_wb_ops_acknowledged_total", 1);

@@ -771,9 +771,9 @@ impl Store for RedisStore {
             let mut conn = self.conn.clone();
             // "type#relation|g" (or "|r") -> ops of that kind whose latest
             // op it is (P:rel); and the keys (`object#relation@user`) of
-            // this type's revokes that died of transient causes, which the
-            // read's look at the relation counts as well (P:deadrev: a few
-            // at most, and one relation suffices for many).
+            // this type's revokes (and grants with a condition) that died of
+            // transient causes, which the read's look at the relation counts
+            // as well (P:deadrev: a few at most).
             // The letters read before and after the ops: a replay (letter
             // to op) or a death (op to letter) in between is seen in one.
             let owed_cmd = |pipe: &mut redis::Pipeline| {
@@ -783,7 +783,7 @@ impl Store for RedisStore {
                     .arg(format!("({object_type};"))
                     .arg("LIMIT")
                     .arg(0)
-                    .arg(OWED_MAX);
+                    .arg(OWED_MAX + 1);
             };
             let mut pipe = redis::pipe();
             owed_cmd(&mut pipe);
@@ -791,10 +791,13 @@ impl Store for RedisStore {
             owed_cmd(&mut pipe);
             let (before, counts, after): (Vec<String>, Vec<(String, String)>, Vec<String>) =
                 pipe.query_async(&mut conn).await.map_err(redis_error)?;
-            if before.len().max(after.len()) >= OWED_MAX {
+            if before.len().max(after.len()) > OWED_MAX {
                 // Not all listed: the read cannot know which relations
                 // to look at, and fails closed.
-                return Err(Error::new(Kind::DeadLetterInDoubt { count: OWED_MAX }));
+                return Err(Error::new(Kind::ReadInDoubt {
+                    object_type: object_type.to_owned(),
+                    letters: OWED_MAX,
+                }));
             }
             let owed = before.into_iter().chain(after);
             let mut rels: Vec<String> = counts
@@ -806,7 +809,7 @@ impl Store for RedisStore {
                     (ty == object_type).then(|| rel.to_owned())
                 })
                 .collect();
-            rels.extend(owed.into_iter().filter_map(|k| {
+            rels.extend(owed.filter_map(|k| {
                 let (_, rest) = k.split_once('#')?;
                 Some(rest.split_once('@')?.0.to_owned())
             }));

@@ -631,12 +631,13 @@ end
 -- them): the keys' dead letters of those ops or older ones are stale (see
 -- P:deadkey). A letter of a newer op stays: a write that lands late (a
 -- writer back from a pause) must not hide it. So does, for a clear, the
--- letter of a revoke that died of transient causes (as owed_revoke reads
--- them): the op dropped may never have reached OpenFGA, which may still
--- hold what that revoke revokes, so checks keep failing closed on it until
--- a replay. A grant's letter goes as before: a replay (workers replay
--- transient letters by themselves) must not grant what the application
--- took back since. Free while no key has letters.
+-- letter of a revoke that died of transient causes (revokes only, as
+-- owed_revoke reads them, though P:deadrev indexes some grants too): the
+-- op dropped may never have reached OpenFGA, which may still hold what
+-- that revoke revokes, so checks keep failing closed on it until a replay.
+-- A grant's letter goes as before: a replay (workers replay transient
+-- letters by themselves) must not grant what the application took back
+-- since. Free while no key has letters.
 local function supersede_letters(keys, seqs, cleared)
   if rcall('HLEN', K_DEADKEY) == 0 then return end
   local ids = hmget(K_DEADKEY, keys)
