@@ -419,6 +419,10 @@ impl Error {
     }
 }
 
+/// What to do about ops that died after transient write failures and leave
+/// a read in doubt.
+const REPLAY_THEM: &str = "in queue mode workers replay them once OpenFGA answers again (queue.replay_transient); else run `fga-wb dlq replay` (or `fga-wb dlq purge` to give them up)";
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &*self.kind {
@@ -509,11 +513,11 @@ impl fmt::Display for Error {
             ),
             Kind::DeadLetterInDoubt { count } => write!(
                 f,
-                "check denied (fail closed): {count} revoke(s), or grant(s) that can take its access away, it could depend on died after transient write failures and are in the dead letters, so OpenFGA may still hold what they revoke or lack what they grant; in queue mode workers replay them once OpenFGA answers again (queue.replay_transient); else run `fga-wb dlq replay` (or `fga-wb dlq purge` to give them up)"
+                "check denied (fail closed): {count} revoke(s), or grant(s) that can take its access away, it could depend on died after transient write failures and are in the dead letters, so OpenFGA may still hold what they revoke or lack what they grant; {REPLAY_THEM}"
             ),
             Kind::ReadInDoubt { object_type, letters } => write!(
                 f,
-                "read denied (fail closed): more than {letters} ops on {object_type} objects died after transient write failures and are in the dead letters, too many to tell which relations they leave in doubt; in queue mode workers replay them once OpenFGA answers again (queue.replay_transient); else run `fga-wb dlq replay` (or `fga-wb dlq purge` to give them up)"
+                "read denied (fail closed): more than {letters} ops on {object_type} objects died after transient write failures and are in the dead letters, too many to tell which relations they leave in doubt; {REPLAY_THEM}"
             ),
             Kind::Shutdown => write!(f, "the write-behind handle has been shut down"),
             Kind::Redis { detail, transient } => {

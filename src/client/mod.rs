@@ -637,13 +637,7 @@ impl WriteBehind {
     /// # Ok(()) }
     /// ```
     pub async fn shutdown(&self) -> Result<ShutdownReport> {
-        if self.inner.shut_down.swap(true, Ordering::SeqCst) {
-            return Err(Error::new(Kind::Shutdown));
-        }
-        // Before the flusher reads what to drain: a grant or revoke racing
-        // this is either in by then, and acknowledged, or refused untouched
-        // (it must not fold into an acknowledged op and then be disowned).
-        self.inner.engine.store.close();
+        self.stop_taking_ops()?;
         let deadline = Instant::now() + self.inner.config.flush.shutdown_deadline;
         // The flusher drains until the deadline and then stops; the other
         // tasks (the event follower) stop at once.
@@ -705,12 +699,7 @@ impl WriteBehind {
     /// take under way for more than 300 ms took. Later calls on any clone fail
     /// with [`Error::is_shutdown`].
     pub async fn close(&self) -> Result<()> {
-        if self.inner.shut_down.swap(true, Ordering::SeqCst) {
-            return Err(Error::new(Kind::Shutdown));
-        }
-        // A grant or revoke racing this is refused untouched, or in before
-        // what is left is counted (warn_unwritten, below).
-        self.inner.engine.store.close();
+        self.stop_taking_ops()?;
         let (reply, answer) = oneshot::channel();
         // The flusher answers between two steps: a second is ample.
         let ample = std::time::Duration::from_secs(1);
@@ -729,6 +718,20 @@ impl WriteBehind {
         };
         self.stop_and_release(cut_off).await;
         self.inner.warn_unwritten("closed");
+        Ok(())
+    }
+
+    /// The first step of `shutdown` and `close` (an error if either ran
+    /// before): later calls fail as shut down, and the store is closed
+    /// before the flusher is told, so a grant or revoke racing this is in
+    /// by then, acknowledged and counted by what follows (the drain, or the
+    /// warning of what is left unwritten), or refused untouched: it never
+    /// folds into an acknowledged op and is then disowned.
+    fn stop_taking_ops(&self) -> Result<()> {
+        if self.inner.shut_down.swap(true, Ordering::SeqCst) {
+            return Err(Error::new(Kind::Shutdown));
+        }
+        self.inner.engine.store.close();
         Ok(())
     }
 

@@ -276,6 +276,29 @@ impl MemoryStore {
         (h.finish() % SHARDS as u64) as usize
     }
 
+    /// Every `(type, relation)` with ops pending or in flight, of
+    /// `object_type` only if given, across the shards.
+    fn relations_with_ops(
+        &self,
+        object_type: Option<&str>,
+    ) -> std::collections::BTreeSet<(String, String)> {
+        let mut names = std::collections::BTreeSet::new();
+        for s in 0..SHARDS {
+            let g = self.lock(s);
+            for (ty, rels) in &g.part_of {
+                if object_type.is_some_and(|t| t != ty.as_str()) {
+                    continue;
+                }
+                for (r, &i) in rels {
+                    if g.parts[i].ops.iter().any(|&n| n > 0) {
+                        names.insert((ty.clone(), r.clone()));
+                    }
+                }
+            }
+        }
+        names
+    }
+
     fn lock(&self, shard: usize) -> MutexGuard<'_, Shard> {
         // Every update below keeps the maps consistent before it can panic
         // (nothing in them panics on input), so a poisoned lock still guards
@@ -679,15 +702,7 @@ impl MemoryStore {
                 })
                 .collect(),
             None => {
-                let mut names = std::collections::BTreeSet::new();
-                for s in 0..SHARDS {
-                    for (ty, rels) in &self.lock(s).part_of {
-                        for r in rels.keys() {
-                            names.insert((ty.clone(), r.clone()));
-                        }
-                    }
-                }
-                all = names.into_iter().collect();
+                all = self.relations_with_ops(None).into_iter().collect();
                 all.iter()
                     .map(|(t, r)| (t.as_str(), r.as_str(), false, false))
                     .collect()
@@ -983,18 +998,11 @@ impl Store for MemoryStore {
         &'a self,
         object_type: &'a str,
     ) -> BoxFuture<'a, Result<Vec<String>>> {
-        let mut rels = std::collections::BTreeSet::new();
-        for s in 0..SHARDS {
-            let g = self.lock(s);
-            if let Some(of) = g.part_of.get(object_type) {
-                rels.extend(
-                    of.iter()
-                        .filter(|(_, &i)| g.parts[i].ops.iter().any(|&n| n > 0))
-                        .map(|(r, _)| r.clone()),
-                );
-            }
-        }
-        Box::pin(future::ready(Ok(rels.into_iter().collect())))
+        let rels = self.relations_with_ops(Some(object_type));
+        Box::pin(future::ready(Ok(rels
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect())))
     }
 
     fn last_seq(&self) -> BoxFuture<'_, Result<u64>> {

@@ -51,9 +51,8 @@
 --                              newer op on the key was applied, or cleared
 --                              (unless the letter is of a revoke that died
 --                              of transient causes: see supersede_letters):
---                              a letter is
---                              replayable only while this names it and the
---                              key has no entry in P:ops
+--                              a letter is replayable only while this names
+--                              it and the key has no entry in P:ops
 --   P:deadrev          zset    tuple keys whose newest letter is a revoke, or a
 --                              grant with a condition, that died of transient
 --                              causes, all score 0: OpenFGA may still hold
