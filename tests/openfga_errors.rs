@@ -173,7 +173,7 @@ async fn captured_success_bodies_decode() {
 
 /// `/oauth/token` on `server` hands out `tok-1`, living `expires_in`
 /// seconds, and expects to be asked `times` times.
-async fn mount_token(server: &MockServer, expires_in: u64, times: u64) {
+async fn mount_token(server: &MockServer, expires_in: serde_json::Value, times: u64) {
     Mock::given(method("POST"))
         .and(path("/oauth/token"))
         .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(
@@ -204,7 +204,7 @@ fn oauth_client(server: &MockServer, audience: Option<&str>) -> Client {
 #[tokio::test]
 async fn oauth2_token_is_cached_and_refreshed_after_401() {
     let server = MockServer::start().await;
-    mount_token(&server, 3600, 2).await;
+    mount_token(&server, 3600.into(), 2).await;
     Mock::given(method("POST"))
         .and(path(format!("/stores/{STORE}/check")))
         .and(header("authorization", "Bearer tok-1"))
@@ -236,9 +236,16 @@ async fn oauth2_token_is_cached_and_refreshed_after_401() {
 /// clock holds (kept at most a day), not a panic in the middle of every
 /// call; and one that lives a minute, not fetched again for every request
 /// (the refresh margin was a fixed minute, which left it no life at all).
+/// Its life may come as a string, as some identity providers send it
+/// (Azure AD's v1 endpoint): before, that response was unreadable, taken
+/// for refused credentials, and nothing was ever written.
 #[tokio::test]
 async fn oauth2_tokens_are_reused_within_their_life() {
-    for (expires_in, checks) in [(u64::MAX, 2), (60, 5)] {
+    for (expires_in, checks) in [
+        (serde_json::json!(u64::MAX), 2),
+        (serde_json::json!(60), 5),
+        (serde_json::json!("3599"), 5),
+    ] {
         let server = MockServer::start().await;
         mount_token(&server, expires_in, 1).await;
         Mock::given(method("POST"))

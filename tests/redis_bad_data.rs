@@ -681,6 +681,26 @@ async fn a_flush_reports_what_it_dead_lettered_unread() {
     assert_eq!(wb.status().await.unwrap().totals.dead_lettered, 1);
 }
 
+/// A pending revoke whose stored condition cannot be read is written all
+/// the same: OpenFGA deletes a tuple by its key alone. Before, it was
+/// dead-lettered for good, and OpenFGA kept the tuple it revoked.
+#[tokio::test]
+async fn a_revoke_is_written_whatever_its_stored_condition() {
+    let Inline {
+        s, p, wb, mut c, ..
+    } = inline_flushing("cond-revoke", false).await;
+    let key = "document:v#viewer@user:v";
+    let t = fga_wb::TupleKey::new("user:v", "viewer", "document:v").unwrap();
+    let req = fga_wb::openfga::WriteRequest::idempotent(vec![t], vec![]);
+    s.client.write(&s.store_id, &req).await.unwrap();
+    wb.revoke("user:v", "viewer", "document:v").await.unwrap();
+    set_stored_condition(&mut c, &format!("{p}:ops"), key, "{\"name\":").await;
+    let report = wb.flush().await.unwrap();
+    assert_eq!((report.applied, report.dead_lettered), (1, 0), "{report:?}");
+    assert!(!stored(&s).await.contains(&key.to_owned()), "not revoked");
+    assert!(!wb.check("user:v", "viewer", "document:v").await.unwrap());
+}
+
 /// The same in queue mode, where the condition travels in the job: the
 /// worker dead-letters the op and writes the rest of the job.
 #[tokio::test]
@@ -876,6 +896,27 @@ async fn jobs_the_script_reads_but_the_worker_cannot() {
     // and finished under the id in its JSON, which ended nothing.
     job_set_aside("job-otherid", |json, id| {
         json.replacen(&format!("{{\"id\":{id},"), "{\"id\":999999,", 1)
+    })
+    .await;
+}
+
+/// A job whose claim list (kept beside its JSON, so that fetch claims its
+/// ops without decoding it) is not its own: a worker of a version before
+/// claim lists were dropped on a retry rewrote the JSON with fewer ops and
+/// left the list. Paired by place, claims landed on the wrong ops (here
+/// the job's one op got none and stayed held by a job that was gone). And
+/// a job with an op of unknown kind, which was left out and stayed held
+/// the same way. Both are set aside, their ops pending again.
+#[tokio::test]
+async fn jobs_whose_claims_do_not_match_their_ops() {
+    job_set_aside("job-fewer", |json, _| {
+        let start = json.find("\"ops\":[").unwrap() + "\"ops\":[".len();
+        let end = start + json[start..].find(']').unwrap();
+        format!("{}{}", &json[..start], &json[end..])
+    })
+    .await;
+    job_set_aside("job-kind", |json, _| {
+        json.replacen("\"op\":\"g\"", "\"op\":\"x\"", 1)
     })
     .await;
 }

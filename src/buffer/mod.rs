@@ -169,8 +169,10 @@ pub(crate) struct Finished {
     pub requeued: u64,
     /// Dropped because a newer op on the same key arrived while in flight.
     pub superseded: u64,
-    /// Revokes that died of transient causes, pending again because a
-    /// newer op on their tuple was refused for good (Redis store).
+    /// Revokes pending again because a newer grant on their tuple, pushed
+    /// over them before they reached OpenFGA, was refused for good (and,
+    /// in the Redis store, revokes that died of transient causes, owed
+    /// again so). Acknowledged again, as a replay is.
     pub repended: u64,
     /// The oldest dead letters dropped to keep the memory store's set
     /// within `buffer.dead_letter_capacity`.
@@ -629,10 +631,14 @@ pub(crate) fn condition_of(s: &str) -> std::result::Result<Option<Condition>, St
     })
 }
 
-/// The tuple of `key` with its stored condition `cond`, and why that
-/// condition cannot be read, if it cannot (then the tuple has none, and
-/// must not be written or checked as it stands).
-pub(crate) fn stored_tuple(key: &str, cond: &str) -> (TupleKey, Option<String>) {
+/// The tuple of `key`'s op `op` with its stored condition `cond`, and why
+/// that condition cannot be read, if it cannot (then the tuple has none,
+/// and must not be written or checked as it stands). A revoke's is never
+/// read: OpenFGA deletes a tuple by its key alone, and fga-wb stores none.
+pub(crate) fn stored_tuple(key: &str, cond: &str, op: Op) -> (TupleKey, Option<String>) {
+    if op == Op::Revoke {
+        return (tuple_of(key, None), None);
+    }
     match condition_of(cond) {
         Ok(c) => (tuple_of(key, c), None),
         Err(reason) => (tuple_of(key, None), Some(reason)),

@@ -817,6 +817,18 @@ impl Config {
                 "queue.retry_schedule is empty; give at least one wait, e.g. [\"10s\"]",
             ));
         }
+        // reqwest takes zero as no time at all, not as no limit: every
+        // request would time out, each Write's outcome unknown and held.
+        for (name, d) in [
+            ("openfga.request_timeout", self.openfga.request_timeout),
+            ("openfga.connect_timeout", self.openfga.connect_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(Error::config(format!(
+                    "{name} is 0; it must be above 0 (every request would time out at once; e.g. \"10s\")"
+                )));
+            }
+        }
         // Zero would retry a failing OpenFGA, or poll Redis, with no pause.
         if self.flush.retry_initial_backoff.is_zero() {
             return Err(Error::config(

@@ -326,6 +326,26 @@ fn zero_pauses_are_refused() {
     assert!(load_env(&[("FGA_WB_QUEUE__POLL_INTERVAL", "1ms")]).is_ok());
 }
 
+/// A timeout of zero, often meant as "no limit", is no time at all to
+/// reqwest: every request would time out, each Write held as an unknown
+/// outcome and retried for good. Refused by name.
+#[test]
+fn zero_timeouts_are_refused() {
+    for (var, name) in [
+        (
+            "FGA_WB_OPENFGA__REQUEST_TIMEOUT",
+            "openfga.request_timeout is 0",
+        ),
+        (
+            "FGA_WB_OPENFGA__CONNECT_TIMEOUT",
+            "openfga.connect_timeout is 0",
+        ),
+    ] {
+        let e = load_env(&[(var, "0s")]).unwrap_err();
+        assert!(e.to_string().contains(name), "{e}");
+    }
+}
+
 /// An API token HTTP headers cannot carry (a newline at its end, as `echo`
 /// writes into a Kubernetes Secret, or other whitespace or control
 /// characters) is refused by name, without showing it. Before, every

@@ -101,8 +101,23 @@ pub(crate) struct Authenticator {
 #[derive(Deserialize)]
 struct TokenResponse {
     access_token: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "seconds")]
     expires_in: Option<u64>,
+}
+
+/// `expires_in` as a number or, as some identity providers send it (Azure
+/// AD's v1 endpoint, which the `fga` CLI's Go library also takes), a
+/// string of one; anything else as none (a short life is assumed).
+fn seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| *f >= 0.0)
+                .map(|f| f.min(u64::MAX as f64) as u64)
+        }),
+        serde_json::Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    })
 }
 
 impl Authenticator {
@@ -174,10 +189,13 @@ async fn fetch_token(http: &reqwest::Client, o: &OAuth2) -> Result<(Secret, Dura
             status.is_server_error() || status.as_u16() == 429,
         ));
     }
+    // A body cut off on the way is worth another try; one that is not a
+    // token response is the endpoint's answer.
     let body: TokenResponse = resp.json().await.map_err(|e| {
+        let cut_off = !e.is_decode();
         token_err(
             format!("unreadable token response: {}", e.without_url()),
-            false,
+            cut_off,
         )
     })?;
     // Without expires_in, assume a short life rather than caching forever;

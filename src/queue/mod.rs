@@ -91,10 +91,11 @@ impl JobOp {
     /// with why its condition cannot be read, if it cannot (then it must
     /// not be written).
     pub(crate) fn taken(&self, attempt: u32, term: u64) -> Option<(Taken, Option<String>)> {
-        let (tuple, unreadable) = stored_tuple(&self.key, &self.cond);
+        let op = op_of(&self.op)?;
+        let (tuple, unreadable) = stored_tuple(&self.key, &self.cond, op);
         let t = Taken {
             tuple,
-            op: op_of(&self.op)?,
+            op,
             seq: self.seq,
             first: self.seq,
             attempts: attempt,

@@ -15,7 +15,7 @@ use futures::SinkExt;
 
 use super::{decode, Job, JobOp};
 use crate::buffer::redis::{now_ms, FetchedJob, RedisStore};
-use crate::buffer::{unreadable_outcome, Claim, JobEnd, Outcome, Store, StoreEvent, Taken};
+use crate::buffer::{op_of, unreadable_outcome, Claim, JobEnd, Outcome, Store, StoreEvent, Taken};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::flush::{add_one, remove_one, Engine, QuickRetries, Stop, STRAY_EVERY};
@@ -152,8 +152,8 @@ impl Applier {
     ) -> Result<()> {
         let started = std::time::Instant::now();
         let id = job.id.to_string();
-        // An op of an unknown kind (not written by fga-wb) is left out, with
-        // its claim. One whose condition cannot be read is dead-lettered
+        // An op of an unknown kind never gets here (see `runnable`). One
+        // whose condition cannot be read is dead-lettered
         // unless it is stale (then it is dropped as such): kept in the job
         // for a retry, it would be stored without its condition.
         let mut unreadable = Vec::new();
@@ -397,6 +397,31 @@ fn handle(
 /// job's hold (shared: apalis wants tasks it can clone).
 type Fetched = (Job, Vec<Claim>, u64, Arc<JobHold>);
 type JobStream = BoxStream<'static, std::result::Result<Option<Task<Fetched>>, BoxDynError>>;
+/// `job` if each of its ops is of a known kind and has a claim (Redis
+/// answers one per op it listed for the job): else it is set aside. A
+/// worker of a version before claim lists were dropped on a retry leaves
+/// the list of the job as first queued beside JSON with fewer ops; paired
+/// by place, claims would land on the wrong ops (an op superseded since
+/// written over the newer one, another left held by a job that is gone).
+/// An op of unknown kind, left out, would stay held by the job for good.
+/// Set aside, the job's ops are pending again, as Redis holds them.
+fn runnable(job: Job, claims: usize) -> Result<Job> {
+    if claims != job.ops.len() {
+        return Err(Error::internal(format!(
+            "job {} lists {} ops, and Redis claimed {claims} for it: its claim list is another version's",
+            job.id,
+            job.ops.len()
+        )));
+    }
+    if let Some(o) = job.ops.iter().find(|o| op_of(&o.op).is_none()) {
+        return Err(Error::internal(format!(
+            "job {} has an op of unknown kind {:?}",
+            job.id, o.op
+        )));
+    }
+    Ok(job)
+}
+
 /// Jobs are queued by flushes, never through apalis.
 type NoSink = std::pin::Pin<Box<dyn futures::Sink<Task<Fetched>, Error = BoxDynError> + Send>>;
 
@@ -437,13 +462,15 @@ fn jobs(store: Arc<RedisStore>, holding: Arc<Holding>, poll: Duration) -> JobStr
                         // A job is finished under the id its JSON says: one
                         // stored under another (copied, restored) would
                         // never end the run Redis holds it in.
-                        let decoded = decode(&json).and_then(|job| match job.id.to_string() == id {
-                            true => Ok(job),
-                            false => Err(Error::internal(format!(
-                                "a queued job stored as {id} says it is job {}",
-                                job.id
-                            ))),
-                        });
+                        let decoded = decode(&json)
+                            .and_then(|job| match job.id.to_string() == id {
+                                true => Ok(job),
+                                false => Err(Error::internal(format!(
+                                    "a queued job stored as {id} says it is job {}",
+                                    job.id
+                                ))),
+                            })
+                            .and_then(|job| runnable(job, claims.len()));
                         match decoded {
                             Ok(job) => {
                                 let hold = Arc::new(JobHold::new(&holding, &id, term));

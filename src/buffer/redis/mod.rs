@@ -523,7 +523,7 @@ impl RedisStore {
                 tracing::warn!(%key, "skipping an op of unknown kind in Redis");
                 continue;
             };
-            let (tuple, bad) = stored_tuple(&key, &text(&c[3])?);
+            let (tuple, bad) = stored_tuple(&key, &text(&c[3])?, op);
             let t = Taken {
                 tuple,
                 op,
