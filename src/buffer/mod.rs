@@ -271,7 +271,9 @@ pub struct DeadLetter {
     pub tuple: TupleKey,
     /// Grant or revoke.
     pub op: Op,
-    /// The op's sequence number.
+    /// The op's sequence number; for a grant whose death left a revoke it
+    /// owed pending again, one after that revoke's (so that revoke's
+    /// write does not supersede the letter).
     pub seq: u64,
     /// The op's place in line: its own `seq`, or the older op's it was
     /// folded into or (replayed) put back in place of. A flush of what was

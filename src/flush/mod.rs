@@ -488,6 +488,18 @@ impl Engine {
             "fga_wb_ops_coalesced_total",
             f.superseded
         );
+        if f.repended > 0 {
+            count!(
+                self.stats,
+                acknowledged,
+                "fga_wb_ops_acknowledged_total",
+                f.repended
+            );
+            tracing::warn!(
+                count = f.repended,
+                "ops refused for good had been pushed over revokes of their tuples that never reached OpenFGA: those revokes are pending again"
+            );
+        }
         if f.evicted > 0 {
             count!(
                 self.stats,

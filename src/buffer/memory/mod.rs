@@ -110,20 +110,25 @@ impl DeadLetters {
     /// revoke's that died of transient causes (as in the Redis store: the op
     /// dropped may never have reached OpenFGA, which may still hold what
     /// that revoke revokes).
-    fn supersede_cleared(&mut self, key: &str) {
+    fn supersede_cleared(&mut self, key: &str, seq: u64) {
         let owed = self
             .keys
             .get(key)
             .and_then(|k| self.letters.get(&k.newest))
             .is_some_and(|d| d.transient && d.op == Op::Revoke);
         if !owed {
-            self.supersede(key);
+            self.supersede(key, seq);
         }
     }
 
-    /// A newer op on `key` ended (applied, cleared): its letters are stale.
-    fn supersede(&mut self, key: &str) {
-        if let Some(k) = self.keys.get_mut(key) {
+    /// The op `seq` on `key` ended (applied, cleared): letters of older ops
+    /// are stale. A revoke owed again when a newer grant died (see
+    /// `finish_now`) is older than that grant's letter, which stays.
+    fn supersede(&mut self, key: &str, seq: u64) {
+        let Some(k) = self.keys.get_mut(key) else {
+            return;
+        };
+        if self.letters.get(&k.newest).is_none_or(|d| d.seq <= seq) {
             k.newest = 0;
         }
     }
@@ -195,6 +200,34 @@ struct Entry {
     since: u32,
     attempts: u16,
     op: Op,
+    owes: Owes,
+}
+
+/// Whether a grant owes a revoke of its tuple: pushed over a revoke that
+/// is not known to have reached OpenFGA, should OpenFGA refuse the grant
+/// for good, that revoke is still owed, or the tuple it revoked would stay
+/// (see `finish_now`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Owes {
+    No,
+    /// Pushed over a pending revoke (or a grant that owed one).
+    Yes,
+    /// Pushed while a revoke (or a grant that owed one) was being written:
+    /// owed unless that write lands (see `finish_now`).
+    UnlessItLands,
+}
+
+impl Owes {
+    /// What a grant pushed on a key whose newest op is `pending` (else
+    /// `in_flight`) owes.
+    fn of_grant(pending: Option<&Entry>, in_flight: Option<&Entry>) -> Owes {
+        match (pending, in_flight) {
+            (Some(p), _) if p.op == Op::Revoke => Owes::Yes,
+            (Some(p), _) => p.owes,
+            (None, Some(f)) if f.op == Op::Revoke || f.owes != Owes::No => Owes::UnlessItLands,
+            _ => Owes::No,
+        }
+    }
 }
 
 fn kind(op: Op) -> usize {
@@ -210,6 +243,17 @@ impl Shard {
     fn holds(&self, t: &TupleKey, key: &str) -> bool {
         self.part(t.object_type(), &t.relation)
             .is_some_and(|p| self.parts[p].slots.contains_key(key))
+    }
+
+    /// The seq of the newest op buffered on `t` (key `key`): pending, else
+    /// in flight.
+    fn newest_seq(&self, t: &TupleKey, key: &str) -> Option<u64> {
+        let p = self.part(t.object_type(), &t.relation)?;
+        let slot = self.parts[p].slots.get(key)?;
+        slot.pending
+            .as_ref()
+            .or(slot.in_flight.as_deref())
+            .map(|e| e.seq)
     }
 
     fn part(&self, object_type: &str, relation: &str) -> Option<usize> {
@@ -365,6 +409,7 @@ impl MemoryStore {
                         since,
                         attempts: 0,
                         op,
+                        owes: Owes::No,
                     }),
                     in_flight: None,
                 });
@@ -375,6 +420,10 @@ impl MemoryStore {
                 let k = o.key().clone();
                 let slot = o.get_mut();
                 let blocked = slot.in_flight.is_some();
+                let owes = match op {
+                    Op::Grant => Owes::of_grant(slot.pending.as_ref(), slot.in_flight.as_deref()),
+                    Op::Revoke => Owes::No,
+                };
                 let (first, since, coalesced) = match slot.pending.take() {
                     Some(old) => {
                         part.ops[kind(old.op)] -= 1;
@@ -393,6 +442,7 @@ impl MemoryStore {
                     since,
                     attempts: 0,
                     op,
+                    owes,
                 });
                 if !blocked {
                     part.ready[kind(op)].insert(first, k);
@@ -543,11 +593,23 @@ impl MemoryStore {
                     part.ops[kind(entry.op)] -= 1;
                     self.in_flight.fetch_sub(1, Ordering::Relaxed);
                     let superseded = slot.pending.is_some();
+                    // A grant pushed while this op was written owes what it
+                    // owed unless its write landed.
+                    if let Some(p) = slot
+                        .pending
+                        .as_mut()
+                        .filter(|p| p.owes == Owes::UnlessItLands)
+                    {
+                        p.owes = match outcome {
+                            Outcome::Applied => Owes::No,
+                            _ => Owes::Yes,
+                        };
+                    }
                     match outcome {
                         Outcome::Applied => {
                             f.applied += 1;
                             if self.dead_keys.load(Ordering::Relaxed) > 0 {
-                                self.dead().supersede(&key);
+                                self.dead().supersede(&key, entry.seq);
                             }
                         }
                         _ if superseded => f.superseded += 1,
@@ -557,6 +619,29 @@ impl MemoryStore {
                             transient,
                         } => {
                             f.dead += 1;
+                            // A grant refused for good that owes a revoke
+                            // leaves the revoke pending again, in the grant's
+                            // place in line: with every acknowledged op
+                            // applied in order, the tuple is gone. The letter
+                            // is numbered after it, so the revoke's write
+                            // leaves the letter current (replayable).
+                            let mut letter_seq = entry.seq;
+                            if !transient && entry.op == Op::Grant && entry.owes != Owes::No {
+                                let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
+                                slot.pending = Some(Entry {
+                                    seq,
+                                    first: entry.first,
+                                    condition: None,
+                                    since: entry.since,
+                                    attempts: 0,
+                                    op: Op::Revoke,
+                                    owes: Owes::No,
+                                });
+                                part.ops[kind(Op::Revoke)] += 1;
+                                self.pending[kind(Op::Revoke)].fetch_add(1, Ordering::Relaxed);
+                                f.repended += 1;
+                                letter_seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
+                            }
                             // Under the shard lock, so a replay never sees the
                             // key free before its newest letter exists.
                             let mut d = self.dead();
@@ -566,7 +651,7 @@ impl MemoryStore {
                                 id,
                                 tuple: taken.tuple,
                                 op: entry.op,
-                                seq: entry.seq,
+                                seq: letter_seq,
                                 first: entry.first,
                                 reason,
                                 code,
@@ -624,14 +709,17 @@ impl MemoryStore {
         for (i, d) in chosen.iter().enumerate() {
             let key = key_of(&d.tuple);
             let mut shard = self.lock(self.shard_of(&d.tuple.object));
-            let buffered = shard.holds(&d.tuple, &key);
+            let buffered = shard.newest_seq(&d.tuple, &key);
             let mut dead = self.dead();
             if !dead.letters.contains_key(&d.id) {
                 continue; // purged meanwhile
             }
-            if buffered || !dead.is_newest(&key, d.id) {
+            if buffered.is_some_and(|s| s > d.seq) || !dead.is_newest(&key, d.id) {
                 dead.remove(d.id);
                 r.superseded += 1;
+            } else if buffered.is_some() {
+                // Behind a revoke owed before it (see `finish_now`): it
+                // stays, replayable once that is written.
             } else {
                 // Back in line where its op was, pending since it was: to
                 // `unfinished` it is the op acknowledged then, not a new
@@ -661,7 +749,8 @@ impl MemoryStore {
             .map(|mut d| {
                 let key = key_of(&d.tuple);
                 let shard = self.lock(self.shard_of(&d.tuple.object));
-                d.superseded = shard.holds(&d.tuple, &key) || !self.dead().is_newest(&key, d.id);
+                d.superseded = shard.newest_seq(&d.tuple, &key).is_some_and(|s| s > d.seq)
+                    || !self.dead().is_newest(&key, d.id);
                 d
             })
             .collect()
@@ -887,7 +976,7 @@ impl MemoryStore {
                 part.slots.retain(|key, slot| {
                     if let Some(e) = slot.pending.take_if(|e| e.seq <= up_to) {
                         if watch {
-                            self.dead().supersede_cleared(key);
+                            self.dead().supersede_cleared(key, e.seq);
                         }
                         let queue = &mut ready[kind(e.op)];
                         if queue.get(&e.first).is_some_and(|k| k == key) {

@@ -418,6 +418,8 @@ proptest! {
                             (t, o)
                         }).collect();
                         let f = s.finish_now(done);
+                        // Revokes owed again are acknowledged again.
+                        acked += f.repended;
                         applied += f.applied;
                         dead += f.dead;
                         coalesced += f.superseded;
@@ -548,4 +550,88 @@ fn a_closed_store_refuses_pushes_before_they_change_anything() {
     let taken = s.take_now(10, Take::All, u64::MAX);
     let ops: Vec<(Op, u64)> = taken.iter().map(|t| (t.op, t.seq)).collect();
     assert_eq!(ops, [(Op::Revoke, 1)]);
+}
+
+/// A grant pushed over a pending revoke of its tuple, then refused for
+/// good: the revoke is pending again, in the grant's place in line (so a
+/// flush waiting for it writes it), and the grant's letter stays current
+/// once the revoke is written: it was acknowledged after the revoke.
+#[test]
+fn a_grant_refused_for_good_leaves_the_revoke_it_was_pushed_over_pending() {
+    let s = MemoryStore::new(10);
+    let k = t("user:a", "viewer", "document:1");
+    s.push_now(&k, Op::Revoke).unwrap();
+    assert!(s.push_now(&k, Op::Grant).unwrap().coalesced);
+    let grant = s.take_now(10, Take::All, u64::MAX);
+    assert_eq!((grant[0].op, grant[0].first), (Op::Grant, 1));
+    let f = s.finish_now(grant.into_iter().map(|t| (t, died(false))).collect());
+    assert_eq!((f.dead, f.repended), (1, 1));
+    assert_eq!(s.latest_now(&k), Some((Op::Revoke, false)));
+    // The letter is newer than the revoke ahead of it: a replay now leaves
+    // it, and a listing does not call it superseded.
+    let r = s.replay_now(None, false).unwrap();
+    assert_eq!((r.replayed, r.superseded, r.kept), (0, 0, 0));
+    assert!(!s.dead_now()[0].superseded);
+    let revoke = s.take_now(10, Take::All, 1);
+    assert_eq!((revoke[0].op, revoke[0].first), (Op::Revoke, 1));
+    s.finish_now(revoke.into_iter().map(|t| (t, Outcome::Applied)).collect());
+    let letters = s.dead_now();
+    assert_eq!(letters.len(), 1);
+    assert_eq!((letters[0].op, letters[0].superseded), (Op::Grant, false));
+    assert!(s.take_now(10, Take::All, u64::MAX).is_empty());
+}
+
+/// The same when the revoke was being written as the grant came, and its
+/// write did not land (the grant waited behind it and supersedes it).
+#[test]
+fn a_grant_refused_for_good_leaves_a_revoke_written_ahead_of_it_owed() {
+    let s = MemoryStore::new(10);
+    let k = t("user:a", "viewer", "document:1");
+    s.push_now(&k, Op::Revoke).unwrap();
+    let revoke = s.take_now(10, Take::All, u64::MAX);
+    s.push_now(&k, Op::Grant).unwrap();
+    let f = s.finish_now(revoke.into_iter().map(|t| (t, Outcome::Retry)).collect());
+    assert_eq!(f.superseded, 1);
+    let grant = s.take_now(10, Take::All, u64::MAX);
+    assert_eq!(grant[0].op, Op::Grant);
+    let f = s.finish_now(grant.into_iter().map(|t| (t, died(false))).collect());
+    assert_eq!(f.repended, 1);
+    assert_eq!(s.latest_now(&k), Some((Op::Revoke, false)));
+}
+
+/// A grant that owes no revoke (the tuple's last op was a grant written
+/// before it), or that died of transient causes (its letter is replayed
+/// as it stands), leaves nothing pending.
+#[test]
+fn only_a_grant_refused_for_good_over_a_revoke_leaves_one_pending() {
+    let s = MemoryStore::new(10);
+    let k = t("user:a", "viewer", "document:1");
+    settle(&s, &k, Op::Grant, Outcome::Applied);
+    settle(&s, &k, Op::Grant, died(false));
+    assert_eq!(s.latest_now(&k), None);
+    s.push_now(&k, Op::Revoke).unwrap();
+    s.push_now(&k, Op::Grant).unwrap();
+    let grant = s.take_now(10, Take::All, u64::MAX);
+    let f = s.finish_now(grant.into_iter().map(|t| (t, died(true))).collect());
+    assert_eq!((f.dead, f.repended), (1, 0));
+    assert_eq!(s.latest_now(&k), None);
+}
+
+/// A grant pushed while a grant that owed a revoke was being written owes
+/// it only unless that write lands: it landed, so the tuple is that
+/// grant's, and the newer grant refused for good leaves it so (before, the
+/// revoke was pended again and deleted an applied grant's tuple).
+#[test]
+fn a_grant_behind_a_write_that_lands_owes_nothing() {
+    let s = MemoryStore::new(10);
+    let k = t("user:a", "viewer", "document:1");
+    s.push_now(&k, Op::Revoke).unwrap();
+    s.push_now(&k, Op::Grant).unwrap();
+    let first = s.take_now(10, Take::All, u64::MAX);
+    s.push_now(&k, Op::Grant).unwrap();
+    s.finish_now(first.into_iter().map(|t| (t, Outcome::Applied)).collect());
+    let second = s.take_now(10, Take::All, u64::MAX);
+    let f = s.finish_now(second.into_iter().map(|t| (t, died(false))).collect());
+    assert_eq!((f.dead, f.repended), (1, 0));
+    assert_eq!(s.latest_now(&k), None);
 }

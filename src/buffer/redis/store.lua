@@ -31,6 +31,15 @@
 --   P:beats            hash    writer -> when it last ran a heartbeat (ms); kept
 --                              10 min after its last (see confirmed), gone at
 --                              a clean stop
+--   P:owes             hash    tuple key -> seq of its latest op, a grant
+--                              pushed over a revoke of the tuple not known
+--                              to have reached OpenFGA (folded into it), or
+--                              "seq|ifseq" when pushed while that revoke
+--                              (op ifseq) was being written: owed unless
+--                              that write lands. Should OpenFGA refuse the
+--                              grant for good, the revoke is owed (see
+--                              finish). A field whose seq is not the key's
+--                              latest op's means nothing.
 --   P:w:<writer>       set     keys the writer is writing (a process), or
 --                              keys blocked behind its writes
 --   P:wj:<writer>      set     jobs a worker is running
@@ -131,6 +140,7 @@ local rcall, pcall_ = redis.call, redis.pcall
 local K_OPS, K_COUNTS, K_REL, K_BLOCKED = P .. ':ops', P .. ':counts', P .. ':rel', P .. ':blocked'
 local K_DEAD, K_DEADKEY, K_DEADREV = P .. ':dead', P .. ':deadkey', P .. ':deadrev'
 local K_DEADCUR, K_JOBMIN, K_DEADGR = P .. ':deadcur', P .. ':jobmin', P .. ':deadgr'
+local K_OWES = P .. ':owes'
 local K_READY = { g = P .. ':ready:g', r = P .. ':ready:r' }
 local F_PENDING = { g = 'pg', r = 'pr' }
 -- Per relation and op kind, without building a lookup string per op.
@@ -553,12 +563,61 @@ local function set_ready(key, e, on)
   zset(K_READY[e.op], key, on and e.first or false)
 end
 
+-- Whether P:owes has fields, read once per call: nearly always not, and
+-- then no op needs a look there.
+local owes_n
+local function owes_any()
+  if owes_n == nil then
+    local n = pcall_('HLEN', K_OWES)
+    owes_n = type(n) == 'number' and n or 0
+  end
+  return owes_n > 0
+end
+
+-- `key`'s field in P:owes, as this call left it if it changed it.
+local function owed_field(key)
+  local v = (hashes[K_OWES] or {})[key]
+  if v == nil then v = owes_any() and pcall_('HGET', K_OWES, key) end
+  return type(v) == 'string' and v or nil
+end
+
+-- What `e`, key `key`'s latest op, a grant, owes, as its P:owes field says
+-- after its seq ('' or '|ifseq'); nil: nothing.
+local function debt_of(key, e)
+  local v = owed_field(key)
+  if v and ssub(v, 1, #e.seq) == e.seq then
+    local rest = ssub(v, #e.seq + 1)
+    if rest == '' or ssub(rest, 1, 1) == '|' then return rest end
+  end
+  return nil
+end
+
+-- Whether `e`, key `key`'s latest op, is a revoke or a grant that owes
+-- one (unless a write lands, too: until it is known to have, it is owed).
+local function revokes(key, e)
+  return e.op == 'r' or debt_of(key, e) ~= nil
+end
+
+-- Notes that `key`'s latest op, `seq`, owes a revoke; `unless`: unless the
+-- write of op `unless` lands.
+local function owe(key, seq, unless)
+  owes_any()
+  owes_n = owes_n + 1
+  hset(K_OWES, key, unless and (seq .. '|' .. unless) or seq)
+end
+
+-- Forgets what `key`'s latest op owed: it ended, or a newer op owes nothing.
+local function owes_nothing(key)
+  if owes_any() then hset(K_OWES, key, false) end
+end
+
 -- Removes an entry for good (applied, dead-lettered, cleared).
 local function drop(key, e)
   count_state(e, -1, key)
   index_latest(key, e, -1)
   if e.state == 'r' then set_ready(key, e, false) end
   put(key, nil)
+  owes_nothing(key)
 end
 
 -- Moves an entry to another state, keeping the counts right. `writer` and
@@ -667,6 +726,17 @@ local function owed_revoke(key)
   return nil
 end
 
+-- Whether `key`'s newest letter is of a grant given up after transient
+-- failures that owed a revoke (see finish), still current: neither it nor
+-- that revoke reached OpenFGA.
+local function owing_letter(key)
+  local id = pcall_('HGET', K_DEADKEY, key)
+  if type(id) ~= 'string' or id == '0' then return false end
+  local raw = pcall_('HGET', K_DEAD, id)
+  local d = type(raw) == 'string' and letter(raw)
+  return d and d.transient == true and d.op == 'g' and d.owes == true or false
+end
+
 -- The application granted on `keys` after a revoke of theirs died of
 -- transient causes (a grant, or an op that may have been one, was folded
 -- into a newer op): that revoke is no longer owed (see finish), and its
@@ -711,6 +781,7 @@ local function rebuffer(d, now)
   local since = place(d.since, now)
   if since then e.since = since end
   put(d.key, e)
+  return e
 end
 
 -- The keys and seqs of job `id`'s ops (`job`: its JSON), or nil if it
@@ -1091,6 +1162,18 @@ if cmd == 'push' then
         count_state(e, 1, key)
         index_latest(key, e, 1)
         if e.state == 'r' then set_ready(key, e, true) end
+        -- A grant over a revoke owes it; waiting for the revoke's write
+        -- (or an owing grant's), it owes it unless that write lands.
+        -- Ops folded into this one are not written on their own (what the
+        -- application said last is what gets written): with it refused,
+        -- the tuple is revoked, erring towards deny.
+        if op == 'g' and revokes(key, cur) then
+          local behind = e.state == 'b' and e.ifseq == cur.seq
+          local before = cur.op == 'g' and debt_of(key, cur) or ''
+          owe(key, seq, behind and cur.seq or (before ~= '' and ssub(before, 2)) or nil)
+        else
+          owes_nothing(key)
+        end
       end
       put(key, e)
       local rel = rel_of(key)
@@ -1497,6 +1580,7 @@ if cmd == 'finish' then
           zset(lex_key(rel, op), key, false)
         end
         put(key, nil)
+        owes_nothing(key)
       end
     end
     if not light then
@@ -1524,10 +1608,14 @@ if cmd == 'finish' then
           drop(key, e)
         elseif behind then
           applied = applied + 1
+          -- What the op waiting behind owed unless this write landed.
+          if e.op == 'g' and debt_of(key, e) == '|' .. seq then owes_nothing(key) end
           move(key, e, 'r')
         end
       elseif (outcome == 'd' or outcome == 'D') and (writing or held) then
         dead = dead + 1
+        -- Before drop forgets it.
+        local owes = e.op == 'g' and revokes(key, e)
         drop(key, e)
         -- Written once every key is known to be of its type (below).
         letters[#letters + 1] = { key = key, e = e, reason = reason, code = code,
@@ -1540,9 +1628,22 @@ if cmd == 'finish' then
         -- its letter goes below.
         local owed, owed_id = nil, nil
         if outcome == 'd' then owed, owed_id = owed_revoke(key) end
+        -- So is a revoke this grant was pushed over before it reached
+        -- OpenFGA (see P:owes), or one a grant given up before it owed (its
+        -- letter says so): with every acknowledged op applied in order,
+        -- the tuple is gone. Pending again in this grant's place.
+        if not owed and outcome == 'd' and (owes or owing_letter(key)) then
+          owed = { key = key, op = 'r', cond = '', first = e.first, since = e.since }
+        end
+        -- Given up (transient), its letter keeps the debt: a replay owes
+        -- it again, and so does a newer op refused for good.
+        if owes and outcome == 'D' then letters[#letters].owes = true end
         if owed then
           rebuffer(owed, ARGV[3])
           letters[#letters].owed = owed_id
+          -- Numbered after that revoke: its write leaves the letter
+          -- current (replayable), as a newer op's would not.
+          letters[#letters].seq = next_of(P .. ':seq')
           repended = repended + 1
           notify = true
         end
@@ -1601,7 +1702,7 @@ if cmd == 'finish' then
     -- With its place in line (`first`) and when it became pending
     -- (`since`): a replay puts it back there (see replay).
     rcall('HSET', K_DEAD, id, cjson.encode({
-      id = id, key = l.key, op = e.op, seq = tonumber(e.seq), reason = l.reason, code = l.code,
+      id = id, key = l.key, op = e.op, seq = l.seq or tonumber(e.seq), owes = l.owes, reason = l.reason, code = l.code,
       attempts = l.attempts, dead_at = math.floor(now / 1000), cond = e.cond,
       transient = l.transient, first = tonumber(e.first), since = tonumber(e.since) }))
     rcall('HSET', K_DEADKEY, l.key, id)
@@ -2182,7 +2283,8 @@ local function category(key)
   local rest = ssub(key, #P + 2)
   if ssub(rest, 1, 5) == 'jobs:' then return 'legacy' end
   local head = smatch(rest, '^([^:]*)')
-  if head == 'ops' or head == 'ready' or head == 'lex' or head == 'blocked' or head == 'w' then
+  if head == 'ops' or head == 'ready' or head == 'lex' or head == 'blocked' or head == 'w'
+    or head == 'owes' then
     return 'pending'
   end
   if head == 'dead' or head == 'deadseq' or head == 'deadkey' or head == 'deadrev'
@@ -2233,6 +2335,10 @@ if cmd == 'replay' then
       if cache[d.key] and latest == tostring(id) and d.transient == true and d.op == 'r' then
         -- A revoke owed until the newer op buffered on its key is written
         -- (see finish): not superseded yet, and not replayed over that op.
+      elseif cache[d.key] and latest == tostring(id)
+          and (tonumber(cache[d.key].seq) or 0) < (tonumber(d.seq) or 0) then
+        -- Numbered after a revoke owed before it (see finish): replayable
+        -- once that is written.
       elseif cache[d.key] or latest ~= tostring(id) then
         superseded = superseded + 1
         rcall('HDEL', K_DEAD, id)
@@ -2244,7 +2350,9 @@ if cmd == 'replay' then
         kept = #ids - i + 1
         break
       else
-        rebuffer(d, now)
+        local e = rebuffer(d, now)
+        -- A grant given up that owed a revoke owes it again.
+        if d.owes == true and d.op == 'g' then owe(d.key, e.seq) end
         size = size + 1
         replayed = replayed + 1
         local rel = rel_of(d.key)
@@ -2309,12 +2417,16 @@ if cmd == 'deadstate' then
   local out = {}
   for i = 3, #ARGV, 2 do
     local key, id = ARGV[i], ARGV[i + 1]
-    local buffered = rcall('HEXISTS', K_OPS, key) == 1
+    load({ key })
+    local e = cache[key]
     local named = rcall('HGET', K_DEADKEY, key) == id
     -- A revoke owed until the newer op on its key is written is not
-    -- superseded by it (see replay).
-    local owed = buffered and named and select(2, owed_revoke(key)) == id
-    tinsert(out, ((buffered and not owed) or not named) and 1 or 0)
+    -- superseded by it, nor a letter numbered after a revoke owed before
+    -- it (see replay).
+    local owed = e and named and select(2, owed_revoke(key)) == id
+    local d = e and named and letter(rcall('HGET', K_DEAD, id))
+    local ahead = d and (tonumber(e.seq) or 0) < (tonumber(d.seq) or 0)
+    tinsert(out, ((e and not owed and not ahead) or not named) and 1 or 0)
   end
   return out
 end
