@@ -1076,6 +1076,32 @@ async fn a_revoke_counter_that_drifted_low_still_denies() {
     app.shutdown().await.unwrap();
 }
 
+/// A grant counter that drifted low (data fga-wb did not write) does not
+/// send more pending grants with a check than OpenFGA takes (100): the
+/// grants listed count, as a count over the limit does. Before, the list
+/// went out whole, OpenFGA refused it, and every check on the relation
+/// failed until a flush.
+#[tokio::test]
+async fn a_grant_counter_that_drifted_low_sends_no_more_than_the_limit() {
+    let Inline {
+        s, p, wb, mut c, ..
+    } = inline_flushing("grant-counter", false).await;
+    support::write_to_openfga(&s, "group:eng#member", "viewer", "document:d").await;
+    for i in 0..120 {
+        wb.grant(&format!("user:u{i}"), "member", &format!("group:g{i}"))
+            .await
+            .unwrap();
+    }
+    wb.grant("user:anne", "member", "group:eng").await.unwrap();
+    let _: i64 = cmd(
+        &mut c,
+        &["HSET", &format!("{p}:rel"), "group#member|g", "10"],
+    )
+    .await;
+    let a = wb.check("user:anne", "viewer", "document:d").await;
+    assert!(matches!(a, Ok(true)), "{a:?}");
+}
+
 /// A loss record without its fields (data fga-wb did not write) still
 /// fails checks closed, shows in `status`, and can be acknowledged.
 /// Before, `status` showed no loss and acknowledging it said none was

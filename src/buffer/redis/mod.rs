@@ -609,7 +609,19 @@ impl RedisStore {
             Some(ms) if ms >= 0 => Some(Duration::from_millis(ms as u64)),
             _ => None,
         };
-        let mut list = Vec::with_capacity(grants);
+        let listed = v.len().saturating_sub(4) / 2;
+        if listed > limit {
+            // More than counted (a counter that drifted low): too many to
+            // send with a check, as a count over the limit is.
+            return Ok(Relevant {
+                revokes,
+                grants: None,
+                unreadable: 0,
+                written_ago: None,
+                dead_in_doubt,
+            });
+        }
+        let mut list = Vec::with_capacity(listed);
         let mut unreadable = 0;
         for c in v[4.min(v.len())..].chunks_exact(2) {
             let key = text(&c[0])?;
