@@ -1073,6 +1073,107 @@ async fn flush_wait_backs_off_while_openfga_fails() {
     drop(app);
 }
 
+/// `flush --wait` without --timeout ends when the ops it waits for keep
+/// failing while OpenFGA answers: here the one pending tuple's Write fails
+/// with a 500 every time, and nothing else is written (no other writer),
+/// so the tuple is never given up (a failure counts only while other
+/// Writes land). Before, the command waited for good. OpenFGA answering a
+/// read of the store tells this from an outage, which is waited out.
+#[tokio::test]
+async fn flush_wait_ends_when_a_tuple_keeps_failing_while_openfga_answers() {
+    let (server, _redis, app, mut cli) = mocked_inline().await;
+    support::mock::write_mock()
+        .respond_with(support::fixture("server-error-500").response())
+        .mount(&server)
+        .await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::path(format!(
+            "/stores/{}/read",
+            support::mock::STORE
+        )))
+        .respond_with(support::fixture("read-page").response())
+        .mount(&server)
+        .await;
+    // A patience of a few seconds: twice a request (1 s, no quick
+    // retries), the retry schedule, a hold and a lease.
+    for (var, value) in [
+        ("FGA_WB_FLUSH__REQUEST_RETRIES", "0"),
+        ("FGA_WB_QUEUE__REQUEST_RETRIES", "0"),
+        ("FGA_WB_OPENFGA__REQUEST_TIMEOUT", "1s"),
+        ("FGA_WB_QUEUE__RETRY_SCHEDULE", r#"["50ms"]"#),
+        ("FGA_WB_QUEUE__REPLAY_TRANSIENT", "0s"),
+        ("FGA_WB_FLUSH__UNKNOWN_OUTCOME_HOLD", "100ms"),
+        ("FGA_WB_REDIS__WRITER_LEASE", "2s"),
+    ] {
+        cli.set(var, value);
+    }
+    let r = cli.run(&["flush", "--wait"]).await;
+    // Each failed Write logs a warning; the error is the last line.
+    assert_eq!(r.code, 1, "{r:#?}");
+    let last = r.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("keep failing while OpenFGA answers reads")
+            && last.contains("none of them was written"),
+        "{r:#?}"
+    );
+    drop(app);
+}
+
+/// In queue mode the same tuple dies of transient causes after its job's
+/// retries, the workers replay it (OpenFGA answers), it dies again, and so
+/// on for good: `flush --wait` without --timeout ends once it died again
+/// after a replay, naming it. Before, it waited for good.
+#[tokio::test]
+async fn queue_flush_wait_ends_when_a_replayed_tuple_dies_again() {
+    let (server, _redis, app, mut cli) = mocked_inline().await;
+    support::mock::write_mock()
+        .respond_with(support::fixture("server-error-500").response())
+        .mount(&server)
+        .await;
+    let store = support::mock::STORE;
+    let mut model = support::documents_model();
+    model["id"] = support::mock::MODEL.into();
+    wiremock::Mock::given(wiremock::matchers::method("GET"))
+        .and(wiremock::matchers::path(format!(
+            "/stores/{store}/authorization-models"
+        )))
+        .respond_with(
+            wiremock::ResponseTemplate::new(200)
+                .set_body_json(serde_json::json!({ "authorization_models": [model] })),
+        )
+        .mount(&server)
+        .await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::path(format!("/stores/{store}/read")))
+        .respond_with(support::fixture("read-page").response())
+        .mount(&server)
+        .await;
+    // Letters wait 2 s for each replay, so the command sees them; its
+    // patience with nothing written is far longer (the lease), so it is
+    // the second death that ends it.
+    for (var, value) in [
+        ("FGA_WB_FLUSH__MODE", "queue"),
+        ("FGA_WB_QUEUE__REQUEST_RETRIES", "0"),
+        ("FGA_WB_OPENFGA__REQUEST_TIMEOUT", "1s"),
+        ("FGA_WB_QUEUE__RETRY_SCHEDULE", r#"["50ms"]"#),
+        ("FGA_WB_QUEUE__REPLAY_TRANSIENT", "2s"),
+        ("FGA_WB_FLUSH__UNKNOWN_OUTCOME_HOLD", "100ms"),
+        ("FGA_WB_REDIS__WRITER_LEASE", "60s"),
+    ] {
+        cli.set(var, value);
+    }
+    let mut worker = quiet_worker(&cli);
+    let r = cli.run(&["flush", "--wait"]).await;
+    let _ = worker.kill().await;
+    assert_eq!(r.code, 1, "{r:#?}");
+    let last = r.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("document:held#viewer@user:anne died again after the workers replayed it"),
+        "{r:#?}"
+    );
+    drop(app);
+}
+
 /// A wiremock OpenFGA (tests mount its Writes), a Redis of its own (the
 /// mocked store's id is every mock test's), an application on them that
 /// acknowledged one grant and does not flush, and the CLI, inline.

@@ -4,6 +4,7 @@
 //! call the library, print. Exit codes: 0 success, 1 the operation failed,
 //! 2 usage or configuration error.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -77,6 +78,13 @@ enum Command {
         /// stopped, or when such dead ops wait and workers do not replay
         /// them (queue.replay_transient = "0s"), and, without --timeout, once
         /// no worker has run for 6 worker leases (30 s by default).
+        /// Without --timeout it also exits 1 when those ops keep failing
+        /// while OpenFGA answers a read of the store: one died again after
+        /// the workers replayed it, or none of them (nor anything else) was
+        /// written for twice what a healthy store makes an op wait (a
+        /// request and its retries, queue.retry_schedule, the replay wait,
+        /// a writer's lease and hold: about 6 minutes by default). An outage
+        /// is waited out.
         #[arg(long)]
         wait: bool,
         /// With --wait: give up after this long (e.g. 90s, 5m), the first
@@ -323,6 +331,7 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
                 replays: (config.flush.mode == fga_wb::config::Mode::Queue)
                     .then_some(config.queue.replay_transient)
                     .filter(|every| !every.is_zero()),
+                patience: stuck_patience(config),
                 mark: None,
             };
             // Letters written from here on are this wait's to report.
@@ -330,7 +339,16 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
                 true => within(wb, &waiting, wb.newest_dead_letter_id()).await?,
                 false => 0,
             };
-            let before = within(wb, &waiting, wb.status()).await?.totals;
+            let status = within(wb, &waiting, wb.status()).await?;
+            // Workers run on the store though this command's configuration
+            // is inline: they replay (as this configuration says, unless
+            // it says never).
+            if waiting.replays.is_none()
+                && status.queue.as_ref().is_some_and(|q| !q.workers.is_empty())
+            {
+                waiting.replays = Some(config.queue.replay_transient).filter(|e| !e.is_zero());
+            }
+            let before = status.totals;
             // What --wait waits for: ops acknowledged up to now.
             let mark = within(wb, &waiting, wb.last_acknowledged()).await?;
             waiting.mark = Some(mark);
@@ -617,9 +635,126 @@ struct Waiting {
     /// Queue mode: how often workers replay ops that died of transient
     /// failures (`None`: they do not).
     replays: Option<Duration>,
+    /// Without a deadline, how long it waits while none of its ops is
+    /// written, nor anything else, and OpenFGA answers (see [`Stuck`]).
+    patience: Duration,
     /// The last op acknowledged when the command began: what it waits for
     /// (`None` until it is read).
     mark: Option<u64>,
+}
+
+/// Longer than a healthy store keeps an op from being written: a Write
+/// and its quick retries, the queue's retry schedule, a replay's wait, a
+/// dead writer's lease and hold; twice that.
+fn stuck_patience(c: &Config) -> Duration {
+    let tries = c
+        .flush
+        .request_retries
+        .max(c.queue.request_retries)
+        .saturating_add(1);
+    let schedule: Duration = c.queue.retry_schedule.iter().sum();
+    [
+        c.openfga.request_timeout.saturating_mul(tries),
+        schedule,
+        c.queue.replay_transient,
+        c.flush.unknown_outcome_hold,
+        c.redis.writer_lease,
+    ]
+    .into_iter()
+    .fold(Duration::ZERO, Duration::saturating_add)
+    .saturating_mul(2)
+}
+
+/// Tells `flush --wait` without `--timeout` that the ops it waits for
+/// keep failing while OpenFGA answers, so that it ends: none of them
+/// written and nothing written anywhere for its patience (inline, a tuple
+/// whose Write fails alone is given up only while other Writes land), or
+/// one that died of transient causes dying again after the workers
+/// replayed it (queue mode, where they replay it for good). An outage
+/// (OpenFGA not answering a read of the store's tuples) is waited out.
+struct Stuck {
+    /// The fewest ops (and letters) left, the store's applied total, and
+    /// when either last moved.
+    moved: (u64, u64, tokio::time::Instant),
+    /// The newest transient letter seen of each tuple waited for.
+    letters: HashMap<String, u64>,
+    letters_at: Option<tokio::time::Instant>,
+    /// An op that died again after a replay, until OpenFGA is seen
+    /// answering (or one of the ops is written).
+    died_again: Option<String>,
+    probed_at: Option<tokio::time::Instant>,
+}
+
+/// How often [`Stuck`] lists the letters, and asks OpenFGA.
+const STUCK_LOOK_EVERY: Duration = Duration::from_secs(5);
+
+impl Stuck {
+    fn new() -> Stuck {
+        Stuck {
+            moved: (u64::MAX, 0, tokio::time::Instant::now()),
+            letters: HashMap::new(),
+            letters_at: None,
+            died_again: None,
+            probed_at: None,
+        }
+    }
+
+    /// Why the wait should end, if it should.
+    async fn look(
+        &mut self,
+        wb: &WriteBehind,
+        w: &Waiting,
+        s: &fga_wb::Status,
+        u: &fga_wb::Unfinished,
+        dead: usize,
+    ) -> Result<Option<String>, Failure> {
+        let now = tokio::time::Instant::now();
+        let left = u.ops.saturating_add(dead as u64);
+        if left < self.moved.0 {
+            self.died_again = None;
+        }
+        if left < self.moved.0 || s.totals.applied != self.moved.1 {
+            self.moved = (left, s.totals.applied, now);
+        }
+        let still = now.duration_since(self.moved.2);
+        let due = |at: Option<tokio::time::Instant>| {
+            at.is_none_or(|t| now.duration_since(t) >= STUCK_LOOK_EVERY)
+        };
+        if dead > 0 && due(self.letters_at) {
+            self.letters_at = Some(now);
+            let mark = w.mark.unwrap_or_default();
+            for d in wb.dead_letters().await? {
+                if !d.transient || d.superseded || d.first > mark {
+                    continue;
+                }
+                let tuple = d.tuple.to_string();
+                if self
+                    .letters
+                    .insert(tuple.clone(), d.id)
+                    .is_some_and(|id| id < d.id)
+                {
+                    self.died_again.get_or_insert_with(|| {
+                        format!(
+                            "{tuple} died again after the workers replayed it ({})",
+                            d.reason
+                        )
+                    });
+                }
+            }
+        }
+        let why = match &self.died_again {
+            Some(why) => why.clone(),
+            None if still >= w.patience => {
+                format!("none of them was written, nor anything else, for {still:.0?}")
+            }
+            None => return Ok(None),
+        };
+        if !due(self.probed_at) {
+            return Ok(None);
+        }
+        self.probed_at = Some(now);
+        Ok(wb.openfga_reads().await.is_ok().then_some(why))
+    }
 }
 
 /// Ops not yet written (ops held by queued jobs count as in flight).
@@ -719,6 +854,18 @@ fn gave_up(s: &fga_wb::Status, w: &Waiting, u: &fga_wb::Unfinished) -> Failure {
     Failure { code: 1, message }
 }
 
+/// `flush --wait` ends: its ops keep failing while OpenFGA answers (see
+/// [`Stuck`]).
+fn stuck_failure(why: &str, last_error: Option<&str>) -> Failure {
+    Failure {
+        code: 1,
+        message: format!(
+            "ops acknowledged before this command began are not written and keep failing while OpenFGA answers reads: {why}{}. They stay pending or dead-lettered and are retried; the logs and `fga-wb dlq list` name them (`fga-wb dlq purge <id>` gives one up). Pass --timeout to wait anyway",
+            last_error.map_or(String::new(), |e| format!("; the last flush: {e}"))
+        ),
+    }
+}
+
 /// `call`, given up at `flush --wait`'s deadline (saying what is left).
 async fn within<T>(
     wb: &WriteBehind,
@@ -812,6 +959,9 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
         // from half a second to 10 s (each flush() retries at once).
         let mut failed_flushes = 0u32;
         let mut flush_at = tokio::time::Instant::now();
+        let mut stuck = Stuck::new();
+        // Inline, the last error its own flushes met.
+        let mut last_error = None;
         loop {
             let status = wb.status().await?;
             let left = left_of(&status);
@@ -888,6 +1038,12 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
                 bar.abandon();
                 return Err(gave_up(&status, w, &u));
             }
+            if w.deadline.is_none() {
+                if let Some(why) = stuck.look(wb, w, &status, &u, dead).await? {
+                    bar.abandon();
+                    return Err(stuck_failure(&why, last_error.as_deref()));
+                }
+            }
             // While any op it waits for is left, not only while some are
             // pending: each flush also looks for ops Redis names this
             // process as holding that it does not (a take whose reply was
@@ -909,6 +1065,9 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
                         r.error
                     }
                 };
+                if error.is_some() {
+                    last_error.clone_from(&error);
+                }
                 failed_flushes = match &error {
                     Some(e) => {
                         bar.set_message(format!("flush failed, retrying: {e}"));

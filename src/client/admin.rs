@@ -115,6 +115,17 @@ impl WriteBehind {
         self.inner.engine.store.unfinished(seq).await
     }
 
+    /// Whether OpenFGA answers a read of the store's tuples (one, with
+    /// `HIGHER_CONSISTENCY`: from its datastore) with this handle's
+    /// credentials. Tells an outage from Writes that fail on their own
+    /// (`fga-wb flush --wait`).
+    pub async fn openfga_reads(&self) -> Result<()> {
+        let e = &self.inner.engine;
+        let any = crate::openfga::ReadFilter::default();
+        e.client.read(&e.store_id, &any, Some(1), None).await?;
+        Ok(())
+    }
+
     /// Redis store: how many keys and bytes the store holds in Redis, by
     /// category (`pending`, `queue`, `dead`, `meta`, `legacy`); `None` for
     /// the memory store. Scans the store's keys (in steps), so it is for an
