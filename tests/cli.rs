@@ -1082,39 +1082,17 @@ async fn flush_wait_backs_off_while_openfga_fails() {
 #[tokio::test]
 async fn flush_wait_ends_when_a_tuple_keeps_failing_while_openfga_answers() {
     let (server, _redis, app, mut cli) = mocked_inline().await;
-    support::mock::write_mock()
-        .respond_with(support::fixture("server-error-500").response())
-        .mount(&server)
-        .await;
-    wiremock::Mock::given(wiremock::matchers::method("POST"))
-        .and(wiremock::matchers::path(format!(
-            "/stores/{}/read",
-            support::mock::STORE
-        )))
-        .respond_with(support::fixture("read-page").response())
-        .mount(&server)
-        .await;
-    // A patience of a few seconds: twice a request (1 s, no quick
-    // retries), the retry schedule, a hold and a lease.
-    for (var, value) in [
-        ("FGA_WB_FLUSH__REQUEST_RETRIES", "0"),
-        ("FGA_WB_QUEUE__REQUEST_RETRIES", "0"),
-        ("FGA_WB_OPENFGA__REQUEST_TIMEOUT", "1s"),
-        ("FGA_WB_QUEUE__RETRY_SCHEDULE", r#"["50ms"]"#),
+    // A patience of a few seconds: twice a request, the retry schedule, a
+    // hold and a lease.
+    let settings = [
         ("FGA_WB_QUEUE__REPLAY_TRANSIENT", "0s"),
-        ("FGA_WB_FLUSH__UNKNOWN_OUTCOME_HOLD", "100ms"),
         ("FGA_WB_REDIS__WRITER_LEASE", "2s"),
-    ] {
-        cli.set(var, value);
-    }
+    ];
+    writes_fail_reads_answer(&server, &mut cli, &settings).await;
     let r = cli.run(&["flush", "--wait"]).await;
-    // Each failed Write logs a warning; the error is the last line.
-    assert_eq!(r.code, 1, "{r:#?}");
-    let last = r.stderr.lines().last().unwrap_or_default();
-    assert!(
-        last.contains("keep failing while OpenFGA answers reads")
-            && last.contains("none of them was written"),
-        "{r:#?}"
+    ended_with(
+        &r,
+        "keep failing while OpenFGA answers reads: none of them was written",
     );
     drop(app);
 }
@@ -1126,52 +1104,74 @@ async fn flush_wait_ends_when_a_tuple_keeps_failing_while_openfga_answers() {
 #[tokio::test]
 async fn queue_flush_wait_ends_when_a_replayed_tuple_dies_again() {
     let (server, _redis, app, mut cli) = mocked_inline().await;
-    support::mock::write_mock()
-        .respond_with(support::fixture("server-error-500").response())
-        .mount(&server)
-        .await;
-    let store = support::mock::STORE;
-    let mut model = support::documents_model();
-    model["id"] = support::mock::MODEL.into();
-    wiremock::Mock::given(wiremock::matchers::method("GET"))
-        .and(wiremock::matchers::path(format!(
-            "/stores/{store}/authorization-models"
-        )))
-        .respond_with(
-            wiremock::ResponseTemplate::new(200)
-                .set_body_json(serde_json::json!({ "authorization_models": [model] })),
-        )
-        .mount(&server)
-        .await;
-    wiremock::Mock::given(wiremock::matchers::method("POST"))
-        .and(wiremock::matchers::path(format!("/stores/{store}/read")))
-        .respond_with(support::fixture("read-page").response())
-        .mount(&server)
-        .await;
     // Letters wait 2 s for each replay, so the command sees them; its
     // patience with nothing written is far longer (the lease), so it is
     // the second death that ends it.
-    for (var, value) in [
+    let settings = [
         ("FGA_WB_FLUSH__MODE", "queue"),
-        ("FGA_WB_QUEUE__REQUEST_RETRIES", "0"),
-        ("FGA_WB_OPENFGA__REQUEST_TIMEOUT", "1s"),
-        ("FGA_WB_QUEUE__RETRY_SCHEDULE", r#"["50ms"]"#),
         ("FGA_WB_QUEUE__REPLAY_TRANSIENT", "2s"),
-        ("FGA_WB_FLUSH__UNKNOWN_OUTCOME_HOLD", "100ms"),
         ("FGA_WB_REDIS__WRITER_LEASE", "60s"),
-    ] {
-        cli.set(var, value);
-    }
+    ];
+    writes_fail_reads_answer(&server, &mut cli, &settings).await;
     let mut worker = quiet_worker(&cli);
     let r = cli.run(&["flush", "--wait"]).await;
     let _ = worker.kill().await;
-    assert_eq!(r.code, 1, "{r:#?}");
-    let last = r.stderr.lines().last().unwrap_or_default();
-    assert!(
-        last.contains("document:held#viewer@user:anne died again after the workers replayed it"),
-        "{r:#?}"
+    ended_with(
+        &r,
+        "document:held#viewer@user:anne died again after the workers replayed it",
     );
     drop(app);
+}
+
+/// Every Write to the mock fails with a 500 while OpenFGA answers reads
+/// (of the store's tuples and of its latest model); the CLI runs with no
+/// quick retries, 1 s requests, a 50 ms retry schedule and a 100 ms hold,
+/// and `settings`.
+async fn writes_fail_reads_answer(
+    server: &wiremock::MockServer,
+    cli: &mut Cli,
+    settings: &[(&str, &str)],
+) {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, ResponseTemplate};
+    let store = support::mock::STORE;
+    support::mock::write_mock()
+        .respond_with(support::fixture("server-error-500").response())
+        .mount(server)
+        .await;
+    let mut model = support::documents_model();
+    model["id"] = support::mock::MODEL.into();
+    let models = serde_json::json!({ "authorization_models": [model] });
+    Mock::given(method("GET"))
+        .and(path(format!("/stores/{store}/authorization-models")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(models))
+        .mount(server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(format!("/stores/{store}/read")))
+        .respond_with(support::fixture("read-page").response())
+        .mount(server)
+        .await;
+    for (var, value) in [
+        ("FGA_WB_FLUSH__REQUEST_RETRIES", "0"),
+        ("FGA_WB_QUEUE__REQUEST_RETRIES", "0"),
+        ("FGA_WB_OPENFGA__REQUEST_TIMEOUT", "1s"),
+        ("FGA_WB_QUEUE__RETRY_SCHEDULE", r#"["50ms"]"#),
+        ("FGA_WB_FLUSH__UNKNOWN_OUTCOME_HOLD", "100ms"),
+    ]
+    .iter()
+    .chain(settings)
+    {
+        cli.set(var, value);
+    }
+}
+
+/// `r` exited 1 with `needle` in its last line (each failed Write logs a
+/// warning before it).
+fn ended_with(r: &support::cli::Run, needle: &str) {
+    assert_eq!(r.code, 1, "{r:#?}");
+    let last = r.stderr.lines().last().unwrap_or_default();
+    assert!(last.contains(needle), "{r:#?}");
 }
 
 /// A wiremock OpenFGA (tests mount its Writes), a Redis of its own (the

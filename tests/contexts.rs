@@ -377,15 +377,26 @@ async fn a_grant_refused_when_written_leaves_the_revoke_before_it(
     wb.shutdown().await.expect("shutdown");
 }
 
-#[tokio::test]
-async fn a_grant_refused_when_written_leaves_the_revoke_before_it_in_memory() {
-    let store = new_store_with("context-owed-memory", &model()).await;
-    let wb = WriteBehind::builder(config_for(&store))
+/// A handle on `store` that does not validate (nor flush on its own), on
+/// the memory store or on Redis.
+async fn unvalidated(store: &TestStore, redis: bool) -> WriteBehind {
+    let mut c = config_for(store);
+    if redis {
+        c.buffer.store = fga_wb::config::StoreKind::Redis;
+        c.redis.url = support::redis_url();
+    }
+    WriteBehind::builder(c)
         .automatic_flush(false)
         .validate_against_model(false)
         .build()
         .await
-        .expect("handle");
+        .expect("handle")
+}
+
+#[tokio::test]
+async fn a_grant_refused_when_written_leaves_the_revoke_before_it_in_memory() {
+    let store = new_store_with("context-owed-memory", &model()).await;
+    let wb = unvalidated(&store, false).await;
     a_grant_refused_when_written_leaves_the_revoke_before_it(wb, &store).await;
 }
 
@@ -393,14 +404,6 @@ async fn a_grant_refused_when_written_leaves_the_revoke_before_it_in_memory() {
 #[tokio::test]
 async fn a_grant_refused_when_written_leaves_the_revoke_before_it_in_redis() {
     let store = new_store_with("context-owed-redis", &model()).await;
-    let mut c = config_for(&store);
-    c.buffer.store = fga_wb::config::StoreKind::Redis;
-    c.redis.url = support::redis_url();
-    let wb = WriteBehind::builder(c)
-        .automatic_flush(false)
-        .validate_against_model(false)
-        .build()
-        .await
-        .expect("handle");
+    let wb = unvalidated(&store, true).await;
     a_grant_refused_when_written_leaves_the_revoke_before_it(wb, &store).await;
 }
