@@ -290,14 +290,18 @@ async fn dead_letters_list_replay_purge() {
 
     // Purge them all.
     let j = cli
-        .run(&["dlq", "purge", "--all", "--json"])
+        .run(&["dlq", "purge", "--all", "--yes", "--json"])
         .await
         .ok()
         .json();
     assert_eq!(j["purged"], 2, "{j:#}");
     let r = cli.run(&["dlq", "list"]).await;
     assert!(r.ok().stdout.contains("no dead letters"), "{}", r.stdout);
-    let r = cli.run(&["dlq", "purge", "--all"]).await;
+    // Without a terminal to ask on, --all needs --yes.
+    cli.run(&["dlq", "purge", "--all"])
+        .await
+        .fails(2, "nothing purged (use --yes");
+    let r = cli.run(&["dlq", "purge", "--all", "--yes"]).await;
     assert!(
         r.ok().stdout.contains("purged 0 dead letters"),
         "{}",
@@ -978,7 +982,7 @@ async fn unreachable_redis_is_one_line_without_the_password() {
             &["flush", "--wait"],
             &["clear", "--yes"],
             &["dlq", "list"],
-            &["dlq", "purge", "--all"],
+            &["dlq", "purge", "--all", "--yes"],
             &["worker"],
         ] {
             let r = cli.run(cmd).await;

@@ -330,7 +330,7 @@ async fn garbage_dead_letters_are_skipped() {
     for args in [
         &["dlq", "list"][..],
         &["status"],
-        &["dlq", "purge", "--all"],
+        &["dlq", "purge", "--all", "--yes"],
     ] {
         let (code, text) = run(args);
         assert!(code == Some(0) || code == Some(1), "{text}");

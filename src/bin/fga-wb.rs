@@ -141,11 +141,15 @@ enum Dlq {
         /// Dead-letter ids (from `dlq list`).
         ids: Vec<u64>,
     },
-    /// Delete dead letters.
+    /// Delete dead letters: their ops are never written.
     Purge {
-        /// Delete every dead letter.
+        /// Delete every dead letter (asks first; without a terminal, needs
+        /// --yes).
         #[arg(long, conflicts_with = "ids")]
         all: bool,
+        /// With --all: do not ask for confirmation.
+        #[arg(long, requires = "all")]
+        yes: bool,
         /// Dead-letter ids (from `dlq list`).
         ids: Vec<u64>,
     },
@@ -564,8 +568,31 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
                 None => Ok(()),
             }
         }
-        Dlq::Purge { all, ids: given } => {
+        Dlq::Purge {
+            all,
+            yes,
+            ids: given,
+        } => {
             let which = ids(*all, given)?;
+            if *all && !*yes {
+                let letters = wb.dead_letters().await?;
+                // Revokes given up in an outage: their checks fail closed
+                // until replayed, and ask OpenFGA (which may still hold
+                // the tuples) once their letters are gone.
+                let owed = letters
+                    .iter()
+                    .filter(|d| d.transient && !d.superseded && d.op == Op::Revoke)
+                    .count();
+                let note = match owed {
+                    0 => String::new(),
+                    n => format!(", {n} of them revokes given up in an outage whose checks fail closed until replayed (once deleted, checks ask OpenFGA, which may still hold those tuples)"),
+                };
+                if !confirm(&format!("delete {} dead letters{note}?", letters.len())) {
+                    return Err(usage(
+                        "not confirmed; nothing purged (use --yes to skip the question)",
+                    ));
+                }
+            }
             let n = wb.purge_dead_letters(which.as_deref()).await?;
             report_count(json, "purged", n)
         }

@@ -290,7 +290,14 @@ impl WriteBehind {
     /// id read as "purged 0").
     pub async fn purge_dead_letters(&self, ids: Option<&[u64]>) -> Result<usize> {
         self.refuse_unknown_letters(ids, false).await?;
-        self.inner.engine.store.remove_dead_letters(ids).await
+        let n = self.inner.engine.store.remove_dead_letters(ids).await?;
+        if n > 0 {
+            tracing::warn!(
+                count = n,
+                "purged dead letters: their ops will never be written"
+            );
+        }
+        Ok(n)
     }
 
     /// An error naming the `ids` that are no dead letter's; for a replay,

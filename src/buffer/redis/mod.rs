@@ -219,7 +219,21 @@ pub(crate) fn unique_name(kind: &str) -> String {
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
         .collect();
-    format!("{kind}:{host}-{}-{}-{n}", std::process::id(), now_ms())
+    // Random bits too: without HOSTNAME (systemd does not export it), two
+    // hosts could start a writer with one pid in one millisecond, and two
+    // writers under one name would share a lease and a term.
+    let salt = {
+        use std::hash::{BuildHasher, Hasher};
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+            & 0xffff_ffff
+    };
+    format!(
+        "{kind}:{host}-{}-{}-{n}-{salt:08x}",
+        std::process::id(),
+        now_ms()
+    )
 }
 
 /// The field of `P:stats` a writer notes why its flushing is stopped in,
