@@ -1101,6 +1101,43 @@ async fn flush_wait_ends_when_a_tuple_keeps_failing_while_openfga_answers() {
     drop(app);
 }
 
+/// An outage (OpenFGA not answering reads either) is waited out, and its
+/// time does not count: after three failed reads OpenFGA answers again,
+/// and the wait gives up only once a whole patience (about 12 s here, the
+/// probe every 5 s) passed with OpenFGA answering, three answers later.
+/// Counting the outage, it would have given up at the first answer.
+#[tokio::test]
+async fn flush_wait_does_not_count_an_outage() {
+    let (server, _redis, app, mut cli) = mocked_inline().await;
+    let settings = [
+        ("FGA_WB_QUEUE__REPLAY_TRANSIENT", "0s"),
+        ("FGA_WB_REDIS__WRITER_LEASE", "5s"),
+    ];
+    writes_fail_reads_answer(&server, &mut cli, &settings).await;
+    let read = format!("/stores/{}/read", support::mock::STORE);
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::path(read.as_str()))
+        .respond_with(support::fixture("unavailable-503").response())
+        .up_to_n_times(3)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    let r = cli.run(&["flush", "--wait"]).await;
+    ended_with(&r, "none of them was written");
+    let reads = server
+        .received_requests()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .filter(|q| q.url.path() == read)
+        .count();
+    assert!(
+        reads >= 3 + 3,
+        "{reads} reads: gave up too soon after the outage"
+    );
+    drop(app);
+}
+
 /// In queue mode the same tuple dies of transient causes after its job's
 /// retries, the workers replay it (OpenFGA answers), it dies again, and so
 /// on for good: `flush --wait` without --timeout ends once it died again

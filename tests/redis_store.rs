@@ -1937,25 +1937,28 @@ async fn a_grant_behind_a_write_that_lands_owes_nothing() {
 /// A grant over a pending revoke given up after transient failures keeps
 /// the debt in its letter: replayed, it owes the revoke again, and refused
 /// for good then, the revoke is pending again. So is it when, instead, a
-/// newer grant on the free tuple is refused for good.
+/// newer grant on the free tuple is refused for good, also when a replay
+/// meanwhile drops the old letter (the debt passes to the newer grant).
 #[tokio::test]
 async fn a_grant_given_up_keeps_the_revoke_it_owed() {
-    for replayed in [true, false] {
-        let mut k = OneKey::new(&format!("owed-given-up-{replayed}")).await;
+    for (replay, newer) in [(true, false), (false, true), (true, true)] {
+        let case = format!("replay {replay}, newer {newer}");
+        let mut k = OneKey::new(&format!("owed-given-up-{replay}-{newer}")).await;
         k.push("r").await;
         k.push("g").await;
         let grant = k.take().await.unwrap();
         k.finish(&grant, "D").await;
-        assert_eq!(k.letter().await["owes"], true);
-        if replayed {
+        assert_eq!(k.letter().await["owes"], true, "{case}");
+        if newer {
+            k.push("g").await;
+        }
+        if replay {
             // replay now cap only_transient ids
             k.r.call("replay", &["1000", "100", "1", "*"]).await;
-        } else {
-            k.push("g").await;
         }
         let again = k.take().await.expect("a grant pending again");
         let out = k.finish(&again, "d").await;
-        assert_eq!(out.len(), 5, "replayed {replayed}: {out:?}");
-        assert_eq!(k.entry().await, pair("r", "r"), "replayed {replayed}");
+        assert_eq!(out.len(), 5, "{case}: {out:?}");
+        assert_eq!(k.entry().await, pair("r", "r"), "{case}");
     }
 }

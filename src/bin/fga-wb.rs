@@ -83,8 +83,8 @@ enum Command {
         /// the workers replayed it, or none of them (nor anything else) was
         /// written for twice what a healthy store makes an op wait (a
         /// request and its retries, queue.retry_schedule, the replay wait,
-        /// a writer's lease and hold: about 6 minutes by default). An outage
-        /// is waited out.
+        /// a writer's lease and hold: about 7 minutes by default). An outage
+        /// (that read failing) is waited out, and its time not counted.
         #[arg(long)]
         wait: bool,
         /// With --wait: give up after this long (e.g. 90s, 5m), the first
@@ -693,36 +693,38 @@ fn stuck_patience(c: &Config) -> Duration {
 }
 
 /// Tells `flush --wait` without `--timeout` that the ops it waits for
-/// keep failing while OpenFGA answers, so that it ends: none of them
-/// written and nothing written anywhere for its patience (inline, a tuple
-/// whose Write fails alone is given up only while other Writes land), or
-/// one that died of transient causes dying again after the workers
-/// replayed it (queue mode, where they replay it for good). An outage
-/// (OpenFGA not answering a read of the store's tuples) is waited out.
+/// keep failing while OpenFGA answers, so that it ends: one that died of
+/// transient causes dying again after the workers replayed it (queue mode,
+/// where they replay it for good), or none of them written, nor anything
+/// else, for its patience (inline, a tuple whose Write fails alone is
+/// given up only while other Writes land). OpenFGA is asked every few
+/// seconds (a read of the store's tuples): time it does not answer is an
+/// outage, waited out, and counts for neither.
 struct Stuck {
     /// The fewest ops (and letters) left, the store's applied total, and
-    /// when either last moved.
+    /// when either last moved or OpenFGA last failed to answer.
     moved: (u64, u64, tokio::time::Instant),
+    /// The newest letter id when the letters were last listed.
+    newest_letter: Option<u64>,
     /// The newest transient letter seen of each tuple waited for.
     letters: HashMap<String, u64>,
-    letters_at: Option<tokio::time::Instant>,
-    /// An op that died again after a replay, until OpenFGA is seen
-    /// answering (or one of the ops is written).
+    /// An op that died again after a replay (while OpenFGA answered),
+    /// until one of the ops is written.
     died_again: Option<String>,
-    probed_at: Option<tokio::time::Instant>,
+    looked_at: Option<tokio::time::Instant>,
 }
 
-/// How often [`Stuck`] lists the letters, and asks OpenFGA.
+/// How often [`Stuck`] asks OpenFGA, and looks for new letters.
 const STUCK_LOOK_EVERY: Duration = Duration::from_secs(5);
 
 impl Stuck {
     fn new() -> Stuck {
         Stuck {
             moved: (u64::MAX, 0, tokio::time::Instant::now()),
+            newest_letter: None,
             letters: HashMap::new(),
-            letters_at: None,
             died_again: None,
-            probed_at: None,
+            looked_at: None,
         }
     }
 
@@ -743,12 +745,26 @@ impl Stuck {
         if left < self.moved.0 || s.totals.applied != self.moved.1 {
             self.moved = (left, s.totals.applied, now);
         }
-        let still = now.duration_since(self.moved.2);
-        let due = |at: Option<tokio::time::Instant>| {
-            at.is_none_or(|t| now.duration_since(t) >= STUCK_LOOK_EVERY)
-        };
-        if dead > 0 && due(self.letters_at) {
-            self.letters_at = Some(now);
+        if self
+            .looked_at
+            .is_some_and(|t| now.duration_since(t) < STUCK_LOOK_EVERY)
+        {
+            return Ok(None);
+        }
+        self.looked_at = Some(now);
+        // Bounded: a hung OpenFGA must not hold up the wait's own flushes.
+        let probe = tokio::time::timeout(STUCK_LOOK_EVERY, wb.openfga_reads());
+        if !matches!(probe.await, Ok(Ok(()))) {
+            // An outage: its time, and deaths during it, count for nothing.
+            self.moved.2 = now;
+            self.died_again = None;
+            self.letters.clear();
+            return Ok(None);
+        }
+        // Listed only when a letter was written since the last listing.
+        let newest = wb.newest_dead_letter_id().await?;
+        if dead > 0 && self.newest_letter != Some(newest) {
+            self.newest_letter = Some(newest);
             let mark = w.mark.unwrap_or_default();
             for d in wb.dead_letters().await? {
                 if !d.transient || d.superseded || d.first > mark {
@@ -769,18 +785,14 @@ impl Stuck {
                 }
             }
         }
-        let why = match &self.died_again {
-            Some(why) => why.clone(),
-            None if still >= w.patience => {
-                format!("none of them was written, nor anything else, for {still:.0?}")
-            }
-            None => return Ok(None),
-        };
-        if !due(self.probed_at) {
-            return Ok(None);
-        }
-        self.probed_at = Some(now);
-        Ok(wb.openfga_reads().await.is_ok().then_some(why))
+        let still = now.duration_since(self.moved.2);
+        Ok(match &self.died_again {
+            Some(why) => Some(why.clone()),
+            None if still >= w.patience => Some(format!(
+                "none of them was written, nor anything else, for {still:.0?}"
+            )),
+            None => None,
+        })
     }
 }
 

@@ -1597,6 +1597,11 @@ if cmd == 'finish' then
       if behind or (e and (e.op == 'r' or e.cond ~= '')) then notify = true end
       local reclaimed = e and e.state == 'r' and e.seq == seq
       if outcome == 'a' then
+        -- A grant pushed while this op was written owed its revoke unless
+        -- this write landed: it did, whoever holds the key now.
+        if e and e.op == 'g' and e.seq ~= seq and debt_of(key, e) == '|' .. seq then
+          owes_nothing(key)
+        end
         -- The write landed whoever holds the key now, but the op counts
         -- once: here if it is still this writer's, or was handed back
         -- (its lease ended) and not taken again; otherwise it was taken
@@ -1608,8 +1613,6 @@ if cmd == 'finish' then
           drop(key, e)
         elseif behind then
           applied = applied + 1
-          -- What the op waiting behind owed unless this write landed.
-          if e.op == 'g' and debt_of(key, e) == '|' .. seq then owes_nothing(key) end
           move(key, e, 'r')
         end
       elseif (outcome == 'd' or outcome == 'D') and (writing or held) then
@@ -1632,12 +1635,14 @@ if cmd == 'finish' then
         -- OpenFGA (see P:owes), or one a grant given up before it owed (its
         -- letter says so): with every acknowledged op applied in order,
         -- the tuple is gone. Pending again in this grant's place.
-        if not owed and outcome == 'd' and (owes or owing_letter(key)) then
+        local owing = e.op == 'g' and (owes or owing_letter(key))
+        if not owed and outcome == 'd' and owing then
           owed = { key = key, op = 'r', cond = '', first = e.first, since = e.since }
         end
-        -- Given up (transient), its letter keeps the debt: a replay owes
-        -- it again, and so does a newer op refused for good.
-        if owes and outcome == 'D' then letters[#letters].owes = true end
+        -- Given up (transient), its letter keeps the debt (its own, or the
+        -- one the letter it replaces kept): a replay owes it again, and so
+        -- does a newer op refused for good.
+        if owing and outcome == 'D' then letters[#letters].owes = true end
         if owed then
           rebuffer(owed, ARGV[3])
           letters[#letters].owed = owed_id
@@ -2340,6 +2345,13 @@ if cmd == 'replay' then
         -- Numbered after a revoke owed before it (see finish): replayable
         -- once that is written.
       elseif cache[d.key] or latest ~= tostring(id) then
+        -- A grant's debt (see finish) passes to the op buffered after it,
+        -- if a grant that owes none.
+        local cur = cache[d.key]
+        if d.owes == true and latest == tostring(id) and cur and cur.op == 'g'
+            and not debt_of(d.key, cur) then
+          owe(d.key, cur.seq)
+        end
         superseded = superseded + 1
         rcall('HDEL', K_DEAD, id)
         if latest == tostring(id) then
