@@ -123,6 +123,14 @@ pub(crate) struct Pump {
     /// something changes.
     pub(crate) exhausted: Option<u64>,
     pub(crate) revokes_exhausted: Option<u64>,
+    /// How many times `exhausted` was forgotten (something may have made
+    /// ops ready), and that count when the window being taken began: a
+    /// window that began before a change and comes back empty says
+    /// nothing of what is due after it (its take may have run in Redis
+    /// before a finish that made an op ready, both answered before the
+    /// pump looked).
+    pub(crate) changes: u64,
+    pub(crate) taking_since: u64,
     /// When the store last told `settle_quiet` that ops are pending.
     pub(crate) quiet_looked: Option<Instant>,
     /// When overdue ops last made the pump look again despite `exhausted`.
@@ -204,6 +212,8 @@ impl Pump {
             blocked: 0,
             exhausted: None,
             revokes_exhausted: None,
+            changes: 0,
+            taking_since: 0,
             quiet_looked: None,
             relooked: None,
             waiters: Vec::new(),
@@ -317,7 +327,7 @@ impl Pump {
                 let again = self.relooked.map_or(now, |t| t + cfg.interval);
                 if again <= now {
                     self.relooked = Some(now);
-                    self.exhausted = None;
+                    self.forget_exhausted();
                     self.revokes_exhausted = None;
                 } else {
                     next = Some(again);
@@ -347,7 +357,7 @@ impl Pump {
         e.flush_wanted.store(false, Ordering::Relaxed);
         e.revoke_wanted.store(false, Ordering::Relaxed);
         if e.others_finished.swap(false, Ordering::Relaxed) {
-            self.exhausted = None;
+            self.forget_exhausted();
             self.revokes_exhausted = None;
         }
         for w in &self.waiters {
@@ -449,7 +459,7 @@ impl Pump {
             Ok((0, _)) => {}
             Ok((ops, _)) => {
                 tracing::warn!(ops, "gave back ops Redis named this process as writing though it was not (a reply lost on the way); they are pending again");
-                self.exhausted = None;
+                self.forget_exhausted();
                 self.revokes_exhausted = None;
                 self.replan = true;
             }
@@ -512,7 +522,7 @@ impl Pump {
     pub(crate) fn raise(&mut self, to: u64) {
         if to > self.target {
             self.target = to;
-            self.exhausted = None;
+            self.forget_exhausted();
         }
     }
 
@@ -569,6 +579,7 @@ impl Pump {
             let due = self.target > 0 && self.exhausted != Some(self.target);
             let ahead = chunk * self.limit.get() * TAKE_AHEAD_ROUNDS;
             if due && self.taking.is_none() && self.staged.len() < ahead {
+                self.taking_since = self.changes;
                 self.taking = Some(Box::pin(take_window(
                     self.engine.clone(),
                     self.cursor,
@@ -730,6 +741,12 @@ impl Pump {
         n
     }
 
+    /// Something may have made ops ready: takes are worth asking again.
+    pub(crate) fn forget_exhausted(&mut self) {
+        self.exhausted = None;
+        self.changes += 1;
+    }
+
     /// A window was taken.
     pub(crate) fn taken(&mut self, w: Window) {
         self.taking = None;
@@ -738,7 +755,10 @@ impl Pump {
         self.cursor = self.cursor.max(w.cursor);
         match w.result {
             Ok(ops) if ops.is_empty() => {
-                if w.cursor >= w.target && w.target >= self.target {
+                if w.cursor >= w.target
+                    && w.target >= self.target
+                    && self.taking_since == self.changes
+                {
                     self.exhausted = Some(w.target);
                 }
             }
@@ -896,7 +916,7 @@ impl Pump {
             None => {}
         }
         // Something finished: keys it held may be ready again.
-        self.exhausted = None;
+        self.forget_exhausted();
         self.revokes_exhausted = None;
         self.absorb(&report);
         match stop {
@@ -1169,7 +1189,7 @@ impl Pump {
         self.paused_until = None;
         self.engine.stats.set_stopped(None);
         self.last_error = None;
-        self.exhausted = None;
+        self.forget_exhausted();
         self.revokes_exhausted = None;
     }
 
@@ -1208,7 +1228,7 @@ impl Pump {
         let idle = stopped || (self.paused() && self.park_while_paused);
         if holding && idle && !self.explicit() {
             self.unstage().await;
-            self.exhausted = None;
+            self.forget_exhausted();
             self.revokes_exhausted = None;
         }
     }
@@ -2108,6 +2128,48 @@ mod tests {
         );
         pump.cursor = pump.target;
         assert!(!pump.should_carry(n, 100), "the flush's last window");
+    }
+
+    /// A window whose take began before a chunk ended and comes back empty
+    /// says nothing of what is due after that end: with the Redis store the
+    /// chunk's finish may have run after the take, making an op ready
+    /// (one blocked behind the chunk's write), with both answered before
+    /// the pump looked. The pump does not take its target for done then,
+    /// and a flush() waiting for that op is not answered. Before, the empty
+    /// window marked the target exhausted, and the flush() was answered
+    /// with the op still pending.
+    #[tokio::test]
+    async fn an_empty_window_taken_before_a_chunk_ended_says_nothing() {
+        let e = engine();
+        grant(&e, "document:1", 0, 1).await;
+        let mut pump = Pump::new(e.clone(), false);
+        pump.target = 1;
+        // A take began (and, in Redis, ran before the op was ready) ...
+        pump.taking_since = pump.changes;
+        pump.taking = Some(Box::pin(async {
+            Window {
+                result: Ok(Vec::new()),
+                cursor: 1,
+                target: 1,
+            }
+        }));
+        // ... then a chunk ended, and only then the take was answered.
+        add_one(&mut pump.running_firsts, 1);
+        pump.done(
+            ChunkResult::new(0),
+            Held {
+                first: 1,
+                keys: Vec::new(),
+            },
+        );
+        let w = crate::flush::task::next_window(&mut pump.taking).await;
+        pump.taken(w);
+        assert_eq!(pump.exhausted, None);
+        assert!(!pump.reached(1), "the op is still pending");
+        // A window that began after the end says so.
+        pump.fill().await;
+        let w = crate::flush::task::next_window(&mut pump.taking).await;
+        assert_eq!(w.result.as_ref().map(Vec::len).ok(), Some(1));
     }
 
     /// Grants with large condition contexts (30 KB each) are cut into
