@@ -263,6 +263,27 @@ async fn oauth2_tokens_are_reused_within_their_life() {
     }
 }
 
+/// A token response cut off mid-body is worth another try: a transient
+/// failure, not refused credentials (which stop flushing until an operator
+/// looks). Before, any unreadable body was taken for refused credentials.
+#[tokio::test]
+async fn oauth2_token_response_cut_off_is_transient() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/oauth/token"))
+        .respond_with(
+            wiremock::ResponseTemplate::new(200).set_body_string("{\"access_token\":\"tok"),
+        )
+        .mount(&server)
+        .await;
+    let client = oauth_client(&server, None);
+    let e = client
+        .check(STORE, &CheckRequest::new("user:a", "viewer", "document:1"))
+        .await
+        .unwrap_err();
+    assert!(e.is_transient() && !e.is_auth(), "{e}");
+}
+
 /// A token endpoint that refuses the client is an auth error naming the
 /// setting to fix, without the secret.
 #[tokio::test]

@@ -522,7 +522,8 @@ impl Pump {
     pub(crate) fn raise(&mut self, to: u64) {
         if to > self.target {
             self.target = to;
-            self.forget_exhausted();
+            // Not a change (see `changes`): `exhausted` names its target.
+            self.exhausted = None;
         }
     }
 
@@ -1098,7 +1099,7 @@ impl Pump {
 
     /// No op up to `up_to` is being taken, staged, carried or written by
     /// this process.
-    fn only_store_left(&self, up_to: u64) -> bool {
+    pub(crate) fn only_store_left(&self, up_to: u64) -> bool {
         self.taking.is_none()
             && self.running_firsts.keys().next().is_none_or(|&f| f > up_to)
             && self
@@ -2170,6 +2171,28 @@ mod tests {
         pump.fill().await;
         let w = crate::flush::task::next_window(&mut pump.taking).await;
         assert_eq!(w.result.as_ref().map(Vec::len).ok(), Some(1));
+    }
+
+    /// An empty window taken for a target it raised itself (under a
+    /// backlog it takes up to the newest op) marks that target done: a
+    /// raised target is no change that could have made ops ready. Else,
+    /// under steady pushes, every empty window would be taken again at
+    /// once.
+    #[tokio::test]
+    async fn an_empty_window_for_a_raised_target_marks_it_done() {
+        let mut pump = Pump::new(engine(), false);
+        pump.target = 1;
+        pump.taking_since = pump.changes;
+        pump.taking = Some(Box::pin(async {
+            Window {
+                result: Ok(Vec::new()),
+                cursor: 5,
+                target: 5,
+            }
+        }));
+        let w = crate::flush::task::next_window(&mut pump.taking).await;
+        pump.taken(w);
+        assert_eq!(pump.exhausted, Some(5));
     }
 
     /// Grants with large condition contexts (30 KB each) are cut into

@@ -43,9 +43,18 @@ pub(crate) async fn run(
             last_record = Instant::now();
         }
         if let Some(deadline) = pump.shutdown {
-            let idle = pump.running.is_empty()
-                && pump.reached(pump.target)
-                && shutdown_began.is_none_or(|t| pump.strays_seen_since(t));
+            let looked = shutdown_began.is_none_or(|t| pump.strays_seen_since(t));
+            let mut idle = pump.running.is_empty() && pump.reached(pump.target) && looked;
+            // As `settle_quiet` for a flush(): with nothing of this process
+            // left in play, the store says whether any op up to the target
+            // is pending (takes that keep overlapping other writers' events
+            // never mark the target done).
+            if !idle && looked && pump.running.is_empty() && pump.only_store_left(pump.target) {
+                idle = matches!(
+                    pump.engine.store.pending_up_to(pump.target).await,
+                    Ok(false)
+                );
+            }
             let halted = pump.engine.stats.stopped().is_some();
             // Past the deadline nothing new starts; requests still running
             // get a moment to finish (their ops are then pending or applied,

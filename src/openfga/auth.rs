@@ -191,13 +191,17 @@ async fn fetch_token(http: &reqwest::Client, o: &OAuth2) -> Result<(Secret, Dura
     }
     // A body cut off on the way is worth another try; one that is not a
     // token response is the endpoint's answer.
-    let body: TokenResponse = resp.json().await.map_err(|e| {
-        let cut_off = !e.is_decode();
+    let bytes = resp.bytes().await.map_err(|e| {
         token_err(
-            format!("unreadable token response: {}", e.without_url()),
-            cut_off,
+            format!(
+                "token response cut off: {}",
+                super::root_cause(&e.without_url())
+            ),
+            true,
         )
     })?;
+    let body: TokenResponse = serde_json::from_slice(&bytes)
+        .map_err(|e| token_err(format!("unreadable token response: {e}"), e.is_eof()))?;
     // Without expires_in, assume a short life rather than caching forever;
     // at most a day, so no answer can push the expiry past what a clock
     // holds.
