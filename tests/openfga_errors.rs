@@ -268,19 +268,8 @@ async fn oauth2_tokens_are_reused_within_their_life() {
 /// looks). Before, any unreadable body was taken for refused credentials.
 #[tokio::test]
 async fn oauth2_token_response_cut_off_is_transient() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/oauth/token"))
-        .respond_with(
-            wiremock::ResponseTemplate::new(200).set_body_string("{\"access_token\":\"tok"),
-        )
-        .mount(&server)
-        .await;
-    let client = oauth_client(&server, None);
-    let e = client
-        .check(STORE, &CheckRequest::new("user:a", "viewer", "document:1"))
-        .await
-        .unwrap_err();
+    let cut_off = wiremock::ResponseTemplate::new(200).set_body_string("{\"access_token\":\"tok");
+    let e = check_with_token_answer(cut_off).await;
     assert!(e.is_transient() && !e.is_auth(), "{e}");
 }
 
@@ -288,17 +277,22 @@ async fn oauth2_token_response_cut_off_is_transient() {
 /// setting to fix, without the secret.
 #[tokio::test]
 async fn oauth2_refusal_is_an_auth_error() {
+    let e = check_with_token_answer(wiremock::ResponseTemplate::new(401)).await;
+    assert!(e.is_auth(), "{e}");
+    assert!(e.to_string().contains("client_secret") && !e.to_string().contains("xyz"));
+}
+
+/// The error of a check whose token endpoint answers `answer`.
+async fn check_with_token_answer(answer: wiremock::ResponseTemplate) -> fga_wb::Error {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/oauth/token"))
-        .respond_with(wiremock::ResponseTemplate::new(401))
+        .respond_with(answer)
         .mount(&server)
         .await;
     let client = oauth_client(&server, None);
-    let e = client
+    client
         .check(STORE, &CheckRequest::new("user:a", "viewer", "document:1"))
         .await
-        .unwrap_err();
-    assert!(e.is_auth(), "{e}");
-    assert!(e.to_string().contains("client_secret") && !e.to_string().contains("xyz"));
+        .unwrap_err()
 }
