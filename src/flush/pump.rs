@@ -295,14 +295,18 @@ impl Pump {
             self.give_back_strays().await;
         }
         let mut next = None;
-        self.backlog = self.automatic && pending.total >= cfg.batch_size;
+        // A shutdown drains what this process acknowledged (its target was
+        // set when it began): ops others acknowledge meanwhile are theirs
+        // to flush, and chasing them can run the shutdown to its deadline.
+        let automatic = self.automatic && self.shutdown.is_none();
+        self.backlog = automatic && pending.total >= cfg.batch_size;
         if pending.total == 0 {
             // Ops held by jobs or by other processes come back here if their
             // holder dies; look again now and then.
             if pending.in_flight > 0 && e.store.shared() && self.chunks_running() == 0 {
                 next = Some(now + cfg.interval.max(Duration::from_secs(1)));
             }
-        } else if !self.automatic {
+        } else if !automatic {
             // Only what flush() and shutdown asked for (their targets are
             // raised below and by the command).
         } else if pending.total >= cfg.batch_size
@@ -336,7 +340,7 @@ impl Pump {
         } else if let Some(age) = pending.oldest_age {
             next = Some(now + cfg.interval.saturating_sub(age));
         }
-        if self.automatic
+        if automatic
             && pending.deletes > 0
             && (cfg.eager_revokes || e.revoke_wanted.load(Ordering::Relaxed))
         {
@@ -1820,6 +1824,45 @@ mod tests {
         let p = e.store.pending().await.unwrap();
         assert_eq!(p.total, 0, "{p:?}");
         g.task.abort();
+    }
+
+    /// A shutdown with a shared store drains what this process
+    /// acknowledged, not what another writer acknowledged since: with its
+    /// own chunk at the queue's gate, another writer's op arrives, and once
+    /// the gate lets the chunk through the shutdown ends, without an error
+    /// and without taking the other op.
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_drains_its_own_ops_not_others_arriving() {
+        let gate = Arc::new(Gate {
+            entered: Notify::new(),
+            open: tokio::sync::Semaphore::new(0),
+            queued: AtomicUsize::new(0),
+        });
+        let store = Arc::new(Flaky {
+            shared: true,
+            ..Default::default()
+        });
+        let mut e = Engine::for_tests(Some(gate.clone()));
+        e.cfg.batch_size = 1;
+        e.store = store.clone();
+        let e = Arc::new(e);
+        grant(&e, "document:mine", 0, 1).await;
+        let (commands, rx) = mpsc::channel(4);
+        let (_stop, stop) = watch::channel(false);
+        let task = tokio::spawn(super::super::task::run(e.clone(), rx, stop, true));
+        let (reply, done) = oneshot::channel();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        commands
+            .send(Command::Shutdown { deadline, reply })
+            .await
+            .unwrap();
+        gate.entered.notified().await;
+        grant(&e, "document:theirs", 0, 1).await;
+        gate.open.add_permits(1);
+        let report = done.await.unwrap().0;
+        assert_eq!(report.error, None, "{report:?}");
+        assert_eq!(gate.queued.load(Ordering::Relaxed), 1);
+        task.await.unwrap();
     }
 
     /// A shutdown whose look for strays fails tries the look again a
