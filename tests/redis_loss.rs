@@ -451,7 +451,8 @@ impl Writer {
 /// up (the process is stopped). Another process must not answer `allowed`
 /// meanwhile: it waits for that writer (fails closed) until it has run a
 /// heartbeat, or two leases after the reconnect; here the writer resumes
-/// well within that, finds the loss, and every check reports it.
+/// well within that, finds the loss, and every check reports it, though
+/// another process pushed meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_writer_that_looks_dead_after_a_failover_is_waited_for_before_checks_answer() {
     let s = new_store("redis-loss-stopped-writer").await;
@@ -469,6 +470,13 @@ async fn a_writer_that_looks_dead_after_a_failover_is_waited_for_before_checks_a
     writer.signal("-STOP");
 
     fail_over(&mut cluster, primary, replica).await;
+    // Another process's push raises the sequence counter back to what the
+    // writer acknowledged: the writer's own count in Redis still tells the
+    // loss. Before, nothing did: the heartbeat compared the counter alone.
+    reader
+        .grant("user:bob", "viewer", "document:2")
+        .await
+        .expect("a push after the failover");
 
     // With the writer stopped, past the quiet time every reconnect has (a
     // third of a lease and a second, from a reconnect that came before

@@ -1962,3 +1962,21 @@ async fn a_grant_given_up_keeps_the_revoke_it_owed() {
         assert_eq!(k.entry().await, pair("r", "r"), "{case}");
     }
 }
+
+/// A writer whose last heartbeat is older than three leases before a
+/// reconnect, but whose lease still runs (a longer lease of its own, or
+/// one kept for an unknown outcome's hold), is waited for until the lease
+/// ends. Before, a heartbeat on record that old took it for gone, and
+/// checks answered without its look. Driven through the store's script.
+#[tokio::test]
+async fn confirmed_waits_for_a_writer_with_an_old_heartbeat_whose_lease_runs() {
+    let mut r = ScriptAt::new("old-beat").await;
+    // now 100 s, reconnected at 99 s, leases of 5 s: its beat is 20 s old.
+    let _: () = r.look("HSET", "beats", &["other", "79000"]).await;
+    let _: () = r.look("ZADD", "owners", &["110000", "other"]).await;
+    // confirmed now since writer lease_ms
+    let out = r
+        .call("confirmed", &["100000", "99000", "me", "5000"])
+        .await;
+    assert_eq!(out.first(), Some(&redis::Value::Int(1)), "waits: {out:?}");
+}

@@ -211,7 +211,8 @@ impl Heartbeat {
             .push(&epoch)
             .push(acked)
             .push(self.hold.term())
-            .push(self.outcome_hold.as_millis() as u64);
+            .push(self.outcome_hold.as_millis() as u64)
+            .push(self.watch.pushed.load(Ordering::Relaxed));
         // Cleared only once the quiet time and the reconnect are recorded
         // (below): cleared before this call, it let a check through while
         // the call was under way, with neither set yet. A connection that

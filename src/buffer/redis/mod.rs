@@ -97,6 +97,13 @@ struct Watch {
     epoch: std::sync::Mutex<String>,
     /// The highest sequence number this process acknowledged under `epoch`.
     acked: AtomicU64,
+    /// How many ops this process's pushes had accepted, in all. Redis
+    /// counts the same per writer (`P:acks`) in each push's own script
+    /// call, so a Redis that went back (a failover to a lagging replica, a
+    /// restart from an older snapshot) holds less, whatever other writers
+    /// pushed since: the sequence counter alone, which every push raises,
+    /// can be back above `acked` before the heartbeat looks.
+    pushed: AtomicU64,
     /// Dropped connections and epoch changes seen. Part of every
     /// generation: a connection that dropped may come back to a replica
     /// promoted without the last writes, where a rolled-back generation
@@ -431,6 +438,7 @@ impl RedisStore {
             publish,
             capacity,
             watch: watch.clone(),
+            writer: writer.clone(),
             replication: (config.wait_replicas > 0).then_some(Replication {
                 replicas: config.wait_replicas,
                 timeout: config.wait_timeout,

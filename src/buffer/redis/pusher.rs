@@ -16,6 +16,9 @@ pub(crate) struct Pusher {
     pub(crate) capacity: usize,
     pub(crate) watch: Arc<Watch>,
     pub(crate) replication: Option<Replication>,
+    /// This process's writer name: Redis counts the ops it accepted from
+    /// each writer (see `Watch::pushed`).
+    pub(crate) writer: String,
 }
 
 impl Pusher {
@@ -74,6 +77,7 @@ impl Pusher {
         for p in &batch {
             inv.arg(&p.key).arg(op_code(p.op)).arg(&p.condition);
         }
+        inv.arg(&self.writer);
         let result = match self.replication {
             None => {
                 let mut conn = self.conn.clone();
@@ -158,9 +162,12 @@ impl Pusher {
         Ok((items(v)?, Some(got)))
     }
 
-    /// Remembers the highest sequence number acknowledged; one at or below
-    /// it means Redis went back (see `Watch`): look at once.
+    /// Remembers the highest sequence number acknowledged, and counts the
+    /// ops; a number at or below the highest means Redis went back (see
+    /// `Watch`): look at once.
     pub(crate) fn note_acked(&self, seqs: &[i64]) {
+        let accepted = seqs.iter().filter(|s| **s > 0).count() as u64;
+        self.watch.pushed.fetch_add(accepted, Ordering::Relaxed);
         let Some(max) = seqs.iter().copied().filter(|s| *s > 0).max() else {
             return;
         };

@@ -31,6 +31,8 @@
 --   P:beats            hash    writer -> when it last ran a heartbeat (ms); kept
 --                              10 min after its last (see confirmed), gone at
 --                              a clean stop
+--   P:acks             hash    writer -> how many ops its pushes had
+--                              accepted, in all (see heartbeat)
 --   P:owes             hash    tuple key -> seq of its latest op, a grant
 --                              pushed over a revoke of the tuple not known
 --                              to have reached OpenFGA (folded into it), or
@@ -1186,6 +1188,9 @@ if cmd == 'push' then
   end
   if acked > 0 then incr(P .. ':stats', 'acknowledged', acked) end
   if coalesced_total > 0 then incr(P .. ':stats', 'coalesced', coalesced_total) end
+  -- The writer's own count, in the same call as its ops (see heartbeat).
+  local pusher = ARGV[6 + 3 * n] or ''
+  if pusher ~= '' and acked > 0 then incr(P .. ':acks', pusher, acked) end
   bump_gen(rels)
   -- Every key written below, before the first write (see want): a member
   -- left in a relation's index by an aborted call would count as a
@@ -1794,8 +1799,13 @@ if cmd == 'confirmed' then
     local w, beat = beats[i], tonumber(beats[i + 1]) or 0
     if w ~= me and beat < since and beat > since - 3 * lease then
       wait_for(math.max(ends_of[w] or 0, since + 2 * lease))
+      ends_of[w] = nil
+    elseif beat >= since then
+      ends_of[w] = nil
     end
-    ends_of[w] = nil
+    -- Else its last heartbeat is old, yet its lease may run (a longer
+    -- lease of its own, or one kept for a hold): waited for below while
+    -- it does.
   end
   -- Writers with a lease and no heartbeat on record.
   for w, ends in pairs(ends_of) do
@@ -1824,6 +1834,14 @@ local LOSS_GAP = 4294967296
 if cmd == 'heartbeat' then
   local now, writer, lease = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
   local known, acked = ARGV[6] or '', tonumber(ARGV[7]) or 0
+  -- How many ops this writer's pushes had accepted, and what Redis counts
+  -- for it: any other writer's push raises P:seq back above `acked` after
+  -- a failover to a lagging replica, but not this.
+  local pushed = tonumber(ARGV[10]) or 0
+  -- None (a writer gone for long, whose count went with its heartbeat):
+  -- unknown, counted again from here.
+  local have = pcall_('HGET', P .. ':acks', writer)
+  have = type(have) == 'string' and tonumber(have) or nil
   local bad = expect_types({ { P .. ':owners', 'zset' }, { P .. ':loss', 'hash' },
                              { P .. ':epochs', 'hash' }, { P .. ':epoch', 'string' },
                              { P .. ':holdfor', 'hash' }, { P .. ':heldover', 'hash' } })
@@ -1840,6 +1858,7 @@ if cmd == 'heartbeat' then
       rcall('HDEL', P .. ':beats', beats[i])
       rcall('HDEL', P .. ':terms', beats[i])
       rcall('HDEL', P .. ':holdfor', beats[i])
+      pcall_('HDEL', P .. ':acks', beats[i])
       -- A mark an older version's reclaim left behind.
       rcall('HDEL', P .. ':heldover', beats[i])
     end
@@ -1864,7 +1883,14 @@ if cmd == 'heartbeat' then
     elseif (known == '' or epoch == known) and seq < acked then
       why = 'its sequence counter went back from ' .. acked .. ' to ' .. seq_text ..
         ' (a failover to a replica that had not received them, or a restart from an older snapshot)'
+    elseif (known == '' or epoch == known) and have and have < pushed then
+      why = 'it holds ' .. have .. ' of the ' .. pushed .. ' ops this process acknowledged' ..
+        ' (a failover to a replica that had not received them, or a restart from an older snapshot)'
     end
+  end
+  -- Accounted for: recorded below, or by whoever moved the epoch on.
+  if pushed > 0 and (not have or have < pushed) then
+    pcall_('HSET', P .. ':acks', writer, sformat('%.0f', pushed))
   end
   local lost_now = 0
   if why then
@@ -1954,6 +1980,7 @@ if cmd == 'release' then
   -- Stopped cleanly: nothing of its own left to compare after a reconnect.
   rcall('HDEL', P .. ':beats', writer)
   rcall('HDEL', P .. ':terms', writer)
+  pcall_('HDEL', P .. ':acks', writer)
   return n
 end
 
