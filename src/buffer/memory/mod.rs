@@ -144,6 +144,14 @@ impl DeadLetters {
             .map(|d| d.id)
     }
 
+    /// Whether letter `d` (of `key`, whose newest op buffered is
+    /// `buffered`) is superseded: an op newer than it is buffered, or one
+    /// ended. An older op buffered (a revoke owed before it, see
+    /// `finish_now`) leaves it current.
+    fn superseded(&self, key: &str, d: &DeadLetter, buffered: Option<u64>) -> bool {
+        buffered.is_some_and(|s| s > d.seq) || !self.is_newest(key, d.id)
+    }
+
     /// Whether letter `id` is the newest of `key`, with no newer op ended.
     fn is_newest(&self, key: &str, id: u64) -> bool {
         self.keys.get(key).is_some_and(|k| k.newest == id)
@@ -714,7 +722,7 @@ impl MemoryStore {
             if !dead.letters.contains_key(&d.id) {
                 continue; // purged meanwhile
             }
-            if buffered.is_some_and(|s| s > d.seq) || !dead.is_newest(&key, d.id) {
+            if dead.superseded(&key, d, buffered) {
                 dead.remove(d.id);
                 r.superseded += 1;
             } else if buffered.is_some() {
@@ -749,8 +757,9 @@ impl MemoryStore {
             .map(|mut d| {
                 let key = key_of(&d.tuple);
                 let shard = self.lock(self.shard_of(&d.tuple.object));
-                d.superseded = shard.newest_seq(&d.tuple, &key).is_some_and(|s| s > d.seq)
-                    || !self.dead().is_newest(&key, d.id);
+                d.superseded = self
+                    .dead()
+                    .superseded(&key, &d, shard.newest_seq(&d.tuple, &key));
                 d
             })
             .collect()
