@@ -635,3 +635,62 @@ fn a_grant_behind_a_write_that_lands_owes_nothing() {
     assert_eq!((f.dead, f.repended), (1, 0));
     assert_eq!(s.latest_now(&k), None);
 }
+
+#[test]
+fn a_check_never_sees_a_state_that_never_existed_across_shards() {
+    // One caller grants A, revokes A, grants B, revokes B, and the flusher
+    // applies them all, over and over: A and B are never granted at once.
+    // A check reading one shard, then another, could see A before its
+    // revoke and B after its grant (with `a and b` in the model: allowed
+    // where every real state denies).
+    let s = std::sync::Arc::new(MemoryStore::new(100));
+    let object_in = |shard: usize| {
+        (0..10_000)
+            .map(|n| format!("group:{n}"))
+            .find(|o| s.shard_of(o) == shard)
+            .unwrap()
+    };
+    let (a, b) = (
+        t("user:x", "member", &object_in(0)),
+        t("user:x", "member", &object_in(SHARDS - 1)),
+    );
+    let member = vec![Dep {
+        rel: "group#member".to_string(),
+        same_object: false,
+        user_bound: false,
+        may_deny: false,
+    }];
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (s, done, a, b) = (s.clone(), done.clone(), a.clone(), b.clone());
+        std::thread::spawn(move || {
+            let mut seen_both = 0;
+            while !done.load(Ordering::Relaxed) {
+                let r = s.relevant_now(Some(&member), "group:0", "user:x", 100);
+                let grants = r.grants.unwrap_or_default();
+                if grants.contains(&a) && grants.contains(&b) {
+                    seen_both += 1;
+                }
+            }
+            seen_both
+        })
+    };
+    for _ in 0..20_000 {
+        for (k, op) in [
+            (&a, Op::Grant),
+            (&a, Op::Revoke),
+            (&b, Op::Grant),
+            (&b, Op::Revoke),
+        ] {
+            s.push_now(k, op).unwrap();
+        }
+        let taken = s.take_now(10, Take::All, u64::MAX);
+        s.finish_now(taken.into_iter().map(|t| (t, Outcome::Applied)).collect());
+    }
+    done.store(true, Ordering::Relaxed);
+    assert_eq!(
+        reader.join().unwrap(),
+        0,
+        "a check saw A and B granted at once"
+    );
+}
