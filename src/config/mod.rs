@@ -641,7 +641,14 @@ impl Provider for Env {
             }
         };
         for (name, key) in FGA_CLI_VARS {
-            if let Some((_, v)) = self.vars.iter().find(|(n, _)| n == name) {
+            // Empty is unset, as the `fga` CLI takes them: a chart that
+            // passes `FGA_CLIENT_ID=` through must not turn a working API
+            // token into client credentials with no issuer.
+            let set = self
+                .vars
+                .iter()
+                .find(|(n, v)| n == name && !v.trim().is_empty());
+            if let Some((_, v)) = set {
                 if *name == "FGA_API_TOKEN_ISSUER" {
                     put(key, &token_url_of_issuer(v));
                 } else {

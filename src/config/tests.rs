@@ -129,6 +129,22 @@ fn fga_cli_client_credentials_are_read() {
 }
 
 #[test]
+fn empty_fga_cli_variables_are_unset() {
+    let c = load_env(&[
+        ("FGA_API_TOKEN", "tok"),
+        ("FGA_CLIENT_ID", ""),
+        ("FGA_CLIENT_SECRET", ""),
+        ("FGA_API_TOKEN_ISSUER", ""),
+        ("FGA_API_AUDIENCE", " "),
+        ("FGA_MODEL_ID", ""),
+    ])
+    .unwrap();
+    assert!(c.openfga.oauth2.is_none());
+    assert!(matches!(c.openfga.credentials(), Credentials::ApiToken(_)));
+    assert!(load_env(&[("FGA_API_AUDIENCE", "")]).is_ok());
+}
+
+#[test]
 fn bad_integer_names_the_variable() {
     let e = load_env(&[("FGA_WB_FLUSH__BATCH_SIZE", "ten")]).unwrap_err();
     assert_eq!(
