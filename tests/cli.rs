@@ -1101,6 +1101,32 @@ async fn flush_wait_ends_when_a_tuple_keeps_failing_while_openfga_answers() {
     drop(app);
 }
 
+/// OpenFGA refusing the command's own read (its credentials or settings,
+/// not an outage) does not pass for an outage: the wait still ends, and
+/// says why it could not tell. Before, every refused read reset its
+/// patience, and it waited for good.
+#[tokio::test]
+async fn flush_wait_ends_when_openfga_refuses_its_read() {
+    let (server, _redis, app, mut cli) = mocked_inline().await;
+    let settings = [
+        ("FGA_WB_QUEUE__REPLAY_TRANSIENT", "0s"),
+        ("FGA_WB_REDIS__WRITER_LEASE", "2s"),
+    ];
+    writes_fail_reads_answer(&server, &mut cli, &settings).await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::path(format!(
+            "/stores/{}/read",
+            support::mock::STORE
+        )))
+        .respond_with(support::fixture("auth-wrong-token").response())
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    let r = cli.run(&["flush", "--wait"]).await;
+    ended_with(&r, "OpenFGA refused this command's read of the store");
+    drop(app);
+}
+
 /// An outage (OpenFGA not answering reads either) is waited out, and its
 /// time does not count: after three failed reads OpenFGA answers again,
 /// and the wait gives up only once a whole patience (about 12 s here, the

@@ -711,6 +711,8 @@ struct Stuck {
     /// An op that died again after a replay (while OpenFGA answered),
     /// until one of the ops is written.
     died_again: Option<String>,
+    /// Why OpenFGA refused the last look's read, when it was not an outage.
+    refused: Option<String>,
     looked_at: Option<tokio::time::Instant>,
 }
 
@@ -724,6 +726,7 @@ impl Stuck {
             newest_letter: None,
             letters: HashMap::new(),
             died_again: None,
+            refused: None,
             looked_at: None,
         }
     }
@@ -753,13 +756,21 @@ impl Stuck {
         }
         self.looked_at = Some(now);
         // Bounded: a hung OpenFGA must not hold up the wait's own flushes.
-        let probe = tokio::time::timeout(STUCK_LOOK_EVERY, wb.openfga_reads());
-        if !matches!(probe.await, Ok(Ok(()))) {
-            // An outage: its time, and deaths during it, count for nothing.
-            self.moved.2 = now;
-            self.died_again = None;
-            self.letters.clear();
-            return Ok(None);
+        let probe = tokio::time::timeout(STUCK_LOOK_EVERY, wb.openfga_reads()).await;
+        self.refused = None;
+        match probe {
+            Ok(Ok(())) => {}
+            // Not an outage: this command's own credentials or settings
+            // (queue mode's CLI may have only Redis's). Taken as one, it
+            // kept the wait from ever ending.
+            Ok(Err(e)) if !e.is_transient() => self.refused = Some(e.to_string()),
+            _ => {
+                // An outage: its time, and deaths during it, count for nothing.
+                self.moved.2 = now;
+                self.died_again = None;
+                self.letters.clear();
+                return Ok(None);
+            }
         }
         // Listed only when a letter was written since the last listing.
         let newest = wb.newest_dead_letter_id().await?;
@@ -788,9 +799,14 @@ impl Stuck {
         let still = now.duration_since(self.moved.2);
         Ok(match &self.died_again {
             Some(why) => Some(why.clone()),
-            None if still >= w.patience => Some(format!(
-                "none of them was written, nor anything else, for {still:.0?}"
-            )),
+            None if still >= w.patience => Some(match &self.refused {
+                Some(e) => format!(
+                    "none of them was written, nor anything else, for {still:.0?} \
+                     (and OpenFGA refused this command's read of the store, so an outage \
+                     could not be told apart: {e})"
+                ),
+                None => format!("none of them was written, nor anything else, for {still:.0?}"),
+            }),
             None => None,
         })
     }
