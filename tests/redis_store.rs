@@ -1963,6 +1963,51 @@ async fn a_grant_given_up_keeps_the_revoke_it_owed() {
     }
 }
 
+/// A revoke given up in an outage, then a grant given up too: the grant's
+/// letter replaces the revoke's as the key's newest, and keeps its debt.
+/// Replayed and then refused for good, the grant leaves that revoke
+/// pending. Before, the grant's letter owed nothing, the replay dropped the
+/// revoke's letter as superseded, and OpenFGA kept the tuple.
+#[tokio::test]
+async fn a_grant_given_up_over_a_revoke_given_up_owes_it() {
+    let mut k = OneKey::new("owed-over-letter").await;
+    k.push("r").await;
+    let revoke = k.take().await.unwrap();
+    k.finish(&revoke, "D").await;
+    k.push("g").await;
+    let grant = k.take().await.unwrap();
+    k.finish(&grant, "D").await;
+    assert_eq!(k.letter().await["owes"], true);
+    // replay now cap only_transient ids
+    k.r.call("replay", &["1000", "100", "1", "*"]).await;
+    let again = k.take().await.expect("the grant pending again");
+    let out = k.finish(&again, "d").await;
+    assert_eq!(out.len(), 5, "{out:?}");
+    assert_eq!(k.entry().await, pair("r", "r"));
+}
+
+/// A revoke given up in an outage, then the same grant twice (a retried
+/// call): the second folds the first, which never reached OpenFGA, so the
+/// revoke stays owed, and the grant refused for good leaves it pending, as
+/// a single grant does. Before, the fold settled the revoke's letter.
+#[tokio::test]
+async fn a_grant_folded_before_it_was_written_leaves_a_given_up_revoke_owed() {
+    for twice in [false, true] {
+        let mut k = OneKey::new(&format!("owed-fold-{twice}")).await;
+        k.push("r").await;
+        let revoke = k.take().await.unwrap();
+        k.finish(&revoke, "D").await;
+        k.push("g").await;
+        if twice {
+            k.push("g").await;
+        }
+        let grant = k.take().await.unwrap();
+        let out = k.finish(&grant, "d").await;
+        assert_eq!(out.len(), 5, "twice {twice}: {out:?}");
+        assert_eq!(k.entry().await, pair("r", "r"), "twice {twice}");
+    }
+}
+
 /// A writer whose last heartbeat is older than three leases before a
 /// reconnect, but whose lease still runs (a longer lease of its own, or
 /// one kept for an unknown outcome's hold), is waited for until the lease

@@ -740,9 +740,11 @@ local function owing_letter(key)
 end
 
 -- The application granted on `keys` after a revoke of theirs died of
--- transient causes (a grant, or an op that may have been one, was folded
--- into a newer op): that revoke is no longer owed (see finish), and its
--- letter is superseded. Free while no key has letters.
+-- transient causes, and that grant (or an op that may have been one) may
+-- have reached OpenFGA before it was folded into a newer op (its writer's
+-- lease ended, or its write failed): that revoke is no longer owed (see
+-- finish), and its letter is superseded. Not for a grant that cannot have
+-- reached OpenFGA: the revoke stays owed. Free while no key has letters.
 settle_owed = function(keys)
   if rcall('HLEN', K_DEADKEY) == 0 then return end
   for _, k in ipairs(keys) do
@@ -1134,14 +1136,12 @@ if cmd == 'push' then
         if cur.state == 'r' then
           -- Folded into this op: it keeps its place in the queue.
           set_ready(key, cur, false)
-          if cur.op == 'g' then tinsert(folded_grants, key) end
           e = { seq = seq, first = cur.first, since = cur.since, op = op, state = 'r', job = '', writer = '', cond = cond }
           coalesced = 1
         elseif cur.state == 'b' then
           e = { seq = seq, first = cur.first, since = cur.since, op = op, state = 'b', job = '',
                 writer = cur.writer, ifseq = cur.ifseq, cond = cond }
           coalesced = 1
-          if cur.op == 'g' then tinsert(folded_grants, key) end
         else
           -- Being written (by a process, or by the worker running the job
           -- that holds it): waits for that write to end. Held by a job
@@ -1158,7 +1158,6 @@ if cmd == 'push' then
           else
             e = { seq = seq, first = seq, since = now, op = op, state = 'r', job = '', writer = '', cond = cond }
             coalesced = 1
-            if cur.op == 'g' then tinsert(folded_grants, key) end
           end
         end
         count_state(e, 1, key)
@@ -1169,6 +1168,10 @@ if cmd == 'push' then
         -- Ops folded into this one are not written on their own (what the
         -- application said last is what gets written): with it refused,
         -- the tuple is revoked, erring towards deny.
+        -- A grant folded here never reached OpenFGA (pending, blocked, or
+        -- held by a job not yet run), so a revoke letter it was pushed
+        -- after stays owed (see settle_owed): a newer grant refused for
+        -- good pends that revoke again, as it would with the first grant.
         if op == 'g' and revokes(key, cur) then
           local behind = e.state == 'b' and e.ifseq == cur.seq
           local before = cur.op == 'g' and debt_of(key, cur) or ''
@@ -1382,7 +1385,7 @@ if cmd == 'enqueue' then
           -- op (of a kind the entry no longer says) is folded into it.
           move(key, e, 'r')
           superseded = superseded + 1
-          tinsert(folded_grants, key)
+          -- Taken, never written: no revoke letter is settled by it.
         end
         -- Still this writer's in some state (taken again since): not this
         -- call's to release.
@@ -1640,7 +1643,11 @@ if cmd == 'finish' then
         -- OpenFGA (see P:owes), or one a grant given up before it owed (its
         -- letter says so): with every acknowledged op applied in order,
         -- the tuple is gone. Pending again in this grant's place.
-        local owing = e.op == 'g' and (owes or owing_letter(key))
+        -- Given up too, a grant owes a revoke whose letter is current: its
+        -- own letter replaces that one as the key's newest, and a replay
+        -- or a newer grant refused for good must still find the debt.
+        local owing = e.op == 'g' and (owes or owing_letter(key)
+          or (outcome == 'D' and owed_revoke(key) ~= nil))
         if not owed and outcome == 'd' and owing then
           owed = { key = key, op = 'r', cond = '', first = e.first, since = e.since }
         end
@@ -1677,7 +1684,9 @@ if cmd == 'finish' then
         -- have been a grant) is folded into it.
         superseded = superseded + 1
         move(key, e, 'r')
-        tinsert(folded_grants, key)
+        -- Refused for good, it never reached OpenFGA: a revoke letter
+        -- stays owed. Otherwise its write may have landed.
+        if outcome ~= 'd' then tinsert(folded_grants, key) end
       end
       -- Otherwise its writer's lease ended and the op was handed back: it
       -- counts where it ends (applied by another writer, folded into a
