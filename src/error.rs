@@ -80,7 +80,13 @@ pub(crate) enum Kind {
     /// OpenFGA refuses a pending grant (as a contextual tuple) that could
     /// take this check's access away: the check fails closed until the grant
     /// is dead-lettered (flushed) or revoked.
-    PendingGrantRefused { tuple: String, reason: String },
+    PendingGrantRefused {
+        tuple: String,
+        reason: String,
+        /// It replaced a revoke not yet written, which is written once the
+        /// grant is dead-lettered.
+        owes: bool,
+    },
     /// An op the check could depend on was dead-lettered after transient
     /// failures (queue mode) and is still current: OpenFGA may hold what a
     /// revoke revokes, or lack a grant that takes access away (under a
@@ -507,7 +513,15 @@ impl fmt::Display for Error {
                 f,
                 "check denied (fail closed): a pending revoke (or grant with a condition) it could depend on was not applied to OpenFGA within {waited:?}; retry, or look at `fga-wb status`"
             ),
-            Kind::PendingGrantRefused { tuple, reason } => write!(
+            Kind::PendingGrantRefused {
+                tuple,
+                reason,
+                owes: true,
+            } => write!(
+                f,
+                "check denied (fail closed): OpenFGA refuses the pending grant {tuple} ({reason}), which replaced a revoke of that tuple not yet written; once the grant is dead-lettered when flushed (`fga-wb flush`), the revoke is written"
+            ),
+            Kind::PendingGrantRefused { tuple, reason, .. } => write!(
                 f,
                 "check denied (fail closed): OpenFGA refuses the pending grant {tuple} ({reason}), which could take this access away; it will be dead-lettered when flushed (`fga-wb flush`), or revoke it"
             ),

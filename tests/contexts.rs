@@ -12,7 +12,7 @@
 
 mod support;
 
-use fga_wb::openfga::WriteRequest;
+use fga_wb::openfga::{ListObjectsRequest, WriteRequest};
 use fga_wb::tuple::Condition;
 use fga_wb::{TupleKey, WriteBehind};
 use serde_json::{json, Map, Value};
@@ -375,6 +375,59 @@ async fn a_grant_refused_when_written_leaves_the_revoke_before_it(
     let got: Vec<(fga_wb::Op, bool)> = letters.iter().map(|d| (d.op, d.superseded)).collect();
     assert_eq!(got, [(fga_wb::Op::Grant, false)], "{letters:?}");
     wb.shutdown().await.expect("shutdown");
+}
+
+/// OpenFGA holds a conditional tuple; the application revokes it and grants
+/// it plain, which this model refuses: the grant replaced a revoke not yet
+/// written, and dead-lettered it leaves that revoke written. A check (or a
+/// list) before the flush must not answer from the stored tuple the revoke
+/// deletes: it fails closed. Before, the refused grant was left out of the
+/// request and OpenFGA's stored tuple answered allowed.
+async fn a_refused_grant_that_owes_a_revoke_fails_reads_closed(wb: WriteBehind, store: &TestStore) {
+    let good = TupleKey {
+        condition: Some(Condition {
+            name: "bare".into(),
+            context: None,
+        }),
+        ..TupleKey::new("user:c0", "viewer", "doc:1").expect("tuple")
+    };
+    wb.grant_tuple(good.clone()).await.expect("grant");
+    wb.flush().await.expect("flush");
+    wb.revoke_tuple(good).await.expect("revoke");
+    wb.grant("user:c0", "viewer", "doc:1")
+        .await
+        .expect("taken: not validated");
+    let check = wb.check("user:c0", "viewer", "doc:1").await;
+    assert!(
+        check.as_ref().is_err_and(|e| e.is_stale_check()),
+        "{check:?}"
+    );
+    let lo = ListObjectsRequest::new("user:c0", "viewer", "doc");
+    let listed = wb.list_objects(&lo).await;
+    assert!(
+        listed.as_ref().is_err_and(|e| e.is_stale_check()),
+        "{listed:?}"
+    );
+    let r = wb.flush().await.expect("flush");
+    assert_eq!(r.dead_lettered, 1, "{r:?}");
+    assert!(stored(store).await.is_empty());
+    assert!(!wb.check("user:c0", "viewer", "doc:1").await.expect("check"));
+    wb.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_refused_grant_that_owes_a_revoke_fails_reads_closed_in_memory() {
+    let store = new_store_with("context-owing-refused-memory", &model()).await;
+    let wb = unvalidated(&store, false).await;
+    a_refused_grant_that_owes_a_revoke_fails_reads_closed(wb, &store).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn a_refused_grant_that_owes_a_revoke_fails_reads_closed_in_redis() {
+    let store = new_store_with("context-owing-refused-redis", &model()).await;
+    let wb = unvalidated(&store, true).await;
+    a_refused_grant_that_owes_a_revoke_fails_reads_closed(wb, &store).await;
 }
 
 /// A handle on `store` that does not validate (nor flush on its own), on

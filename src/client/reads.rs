@@ -755,10 +755,15 @@ impl WriteBehind {
         for (t, reason) in &refused {
             tracing::warn!(tuple = %t, %reason, "OpenFGA refuses a pending grant as a contextual tuple; requests go on without it until it is dead-lettered");
             let rel = crate::model::rel_name(t.object_type(), &t.relation);
-            if model.is_none_or(|m| m.may_deny(object_type, relation, &rel)) {
+            // A grant that replaced a revoke not yet written: once it is
+            // dead-lettered, that revoke is written, so the tuple OpenFGA
+            // still holds would answer for a state that never comes.
+            let owes = self.inner.engine.store.owes_revoke(t).await?;
+            if owes || model.is_none_or(|m| m.may_deny(object_type, relation, &rel)) {
                 return Err(Error::new(Kind::PendingGrantRefused {
                     tuple: t.to_string(),
                     reason: reason.clone(),
+                    owes,
                 }));
             }
         }

@@ -1621,6 +1621,9 @@ mod tests {
         ) -> BoxFuture<'a, Result<Option<(Op, bool)>, Error>> {
             self.inner.latest(tuple)
         }
+        fn owes_revoke<'a>(&'a self, tuple: &'a TupleKey) -> BoxFuture<'a, Result<bool, Error>> {
+            self.inner.owes_revoke(tuple)
+        }
         fn last_seq(&self) -> BoxFuture<'_, Result<u64, Error>> {
             self.inner.last_seq()
         }

@@ -1098,6 +1098,16 @@ impl Store for MemoryStore {
         Box::pin(future::ready(Ok(self.latest_now(tuple))))
     }
 
+    fn owes_revoke<'a>(&'a self, tuple: &'a TupleKey) -> BoxFuture<'a, Result<bool>> {
+        let g = self.lock(self.shard_of(&tuple.object));
+        let owes = g
+            .part(tuple.object_type(), &tuple.relation)
+            .and_then(|p| g.parts[p].slots.get(key_of(tuple).as_str()))
+            .and_then(|slot| slot.pending.as_ref().or(slot.in_flight.as_deref()))
+            .is_some_and(|e| e.op == Op::Grant && e.owes != Owes::No);
+        Box::pin(future::ready(Ok(owes)))
+    }
+
     fn relations_buffered<'a>(
         &'a self,
         object_type: &'a str,

@@ -788,6 +788,14 @@ impl Store for RedisStore {
         Box::pin(self.latest_now(tuple))
     }
 
+    fn owes_revoke<'a>(&'a self, tuple: &'a TupleKey) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let mut a = Args::new("owes", self.publish);
+            a.push(key_of(tuple));
+            Ok(int(&self.call(&a).await?)? == 1)
+        })
+    }
+
     fn relations_buffered<'a>(
         &'a self,
         object_type: &'a str,

@@ -2206,6 +2206,16 @@ if cmd == 'latest' then
   return { e.op, e.cond }
 end
 
+-- owes pub key -> 1 if the key's latest op is a grant that owes a revoke
+-- (P:owes, unless a write lands too), or one a letter of the key still
+-- leaves owed (a revoke's given up, or an owing grant's); 0 otherwise.
+if cmd == 'owes' then
+  local e = parse(rcall('HGET', P .. ':ops', ARGV[3]))
+  if not e or e.op ~= 'g' then return 0 end
+  if revokes(ARGV[3], e) or owed_revoke(ARGV[3]) or owing_letter(ARGV[3]) then return 1 end
+  return 0
+end
+
 -- clear pub now cursor up_to jobs_up_to
 --   -> {next cursor, up_to, jobs_up_to, (key, op, cond)*}
 -- One step of a clear, so that a large backlog never holds Redis for long:
