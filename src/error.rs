@@ -160,6 +160,19 @@ impl ApiError {
         self.status == 409 && self.message.contains("different condition")
     }
 
+    /// OpenFGA's 400 for a model it has stored but cannot use ("invalid
+    /// authorization model encountered: invalid schema version", a model
+    /// an older server accepted and this one's validation refuses): about
+    /// every request under that model, delete-only ones too, so bisecting
+    /// would dead-letter every op, revokes included.
+    fn names_an_unusable_model(&self) -> bool {
+        self.code == "validation_error"
+            && self
+                .message
+                .trim_start()
+                .starts_with("invalid authorization model encountered")
+    }
+
     /// OpenFGA's 400 for a store or model id that cannot be one
     /// ("invalid WriteRequest.AuthorizationModelId: value does not match
     /// regex pattern ..."): about the request, whatever its tuples, so
@@ -260,7 +273,8 @@ impl Error {
                     && !e.code.is_empty()
                     && !e.is_throttled()
                     && !NOT_FOUND_CODES.contains(&e.code.as_str())
-                    && !e.names_a_malformed_id())
+                    && !e.names_a_malformed_id()
+                    && !e.names_an_unusable_model())
                     || e.is_condition_conflict()
                     || e.is_too_large()
             }
@@ -279,13 +293,15 @@ impl Error {
 
     /// The store or the authorization model does not exist, or its id
     /// cannot be one (`openfga.store_id`, `openfga.model_id`: OpenFGA's ids
-    /// are 26 digits and capital letters).
+    /// are 26 digits and capital letters), or OpenFGA cannot use the model
+    /// it has stored (one an older server accepted).
     pub fn is_not_found(&self) -> bool {
         match &*self.kind {
             Kind::Api(e) => {
                 e.status == 404
                     || NOT_FOUND_CODES.contains(&e.code.as_str())
                     || e.names_a_malformed_id()
+                    || e.names_an_unusable_model()
             }
             _ => false,
         }
@@ -675,6 +691,8 @@ mod tests {
         assert!(model.is_not_found());
         let tuple = with("Invalid tuple 'document:a.StoreId: b#viewer@user:x'. Reason: invalid WriteRequest.StoreId: c");
         assert!(tuple.is_invalid_input() && !tuple.is_not_found());
+        let unusable = with("invalid authorization model encountered: invalid schema version");
+        assert!(unusable.is_not_found() && !unusable.is_invalid_input());
     }
 
     /// What may have been applied though it failed: only what the server

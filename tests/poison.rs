@@ -342,6 +342,38 @@ async fn a_malformed_model_id_stops_flushing_and_dead_letters_nothing() {
     wb.clear().await.unwrap();
 }
 
+/// A model OpenFGA has stored but cannot use (one an older server accepted)
+/// refuses every Write under it, delete-only ones too: that is the
+/// model's fault, not the tuples'. Flushing stops with OpenFGA's reason and
+/// every op is kept, the revoke too. Before, each op was bisected alone and
+/// dead-lettered for good: once the model was fixed, OpenFGA still held
+/// the revoked tuple, and checks answered allowed.
+#[tokio::test]
+async fn a_model_openfga_cannot_use_stops_flushing_and_dead_letters_nothing() {
+    let server = mock_openfga().await;
+    write_mock()
+        .respond_with(support::fixture("write-unusable-model").response())
+        .mount(&server)
+        .await;
+    let wb = manual_handle(&server).await;
+    for i in 0..4 {
+        wb.grant(&format!("user:u{i}"), "viewer", "document:1")
+            .await
+            .unwrap();
+    }
+    wb.revoke("user:anne", "viewer", "document:1")
+        .await
+        .unwrap();
+    let e = wb.flush().await.expect_err("flushing stops");
+    assert!(e.is_not_found(), "{e}");
+    let st = wb.status().await.unwrap();
+    assert_eq!(st.totals.dead_lettered, 0, "{st:?}");
+    assert!(st.flushing_stopped.is_some(), "{st:?}");
+    let kept = st.pending.total + st.pending.in_flight;
+    assert_eq!(kept, 5, "nothing lost: {st:?}");
+    wb.clear().await.unwrap();
+}
+
 /// The Write mocks for a server whose datastore fails every request that
 /// carries `user:poison` (OpenFGA's own 500, as for a row a column cannot
 /// hold) and takes the rest.
