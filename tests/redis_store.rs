@@ -2008,6 +2008,27 @@ async fn a_grant_folded_before_it_was_written_leaves_a_given_up_revoke_owed() {
     }
 }
 
+/// The same with the first grant's write failing (a 503; queue mode: its
+/// job's attempt) while the second waits behind it: folded then, it
+/// settled the revoke's letter as if it had landed, and with the second
+/// refused for good OpenFGA kept the tuple. Only a write that lands
+/// settles it now.
+#[tokio::test]
+async fn a_grant_folded_after_its_write_failed_leaves_a_given_up_revoke_owed() {
+    let mut k = OneKey::new("owed-fold-failed").await;
+    k.push("r").await;
+    let revoke = k.take().await.unwrap();
+    k.finish(&revoke, "D").await;
+    k.push("g").await;
+    let first = k.take().await.unwrap();
+    k.push("g").await;
+    k.finish(&first, "r").await;
+    let second = k.take().await.expect("the second grant ready");
+    let out = k.finish(&second, "d").await;
+    assert_eq!(out.len(), 5, "{out:?}");
+    assert_eq!(k.entry().await, pair("r", "r"));
+}
+
 /// A writer whose last heartbeat is older than three leases before a
 /// reconnect, but whose lease still runs (a longer lease of its own, or
 /// one kept for an unknown outcome's hold), is waited for until the lease

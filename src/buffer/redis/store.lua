@@ -316,11 +316,6 @@ local function write_hash(h, fields)
   in_parts(rcall, 'HSET', h, set, ns, 8000)
 end
 
--- Keys on which a grant, or an op that may have been one, was folded into a
--- newer op during this call: see settle_owed (defined with the letters).
-local folded_grants = {}
-local settle_owed
-
 local function apply_writes()
   want_collected()
   local ops = hashes[K_OPS]
@@ -344,12 +339,6 @@ local function apply_writes()
   flush_incrs()
   if ops then write_hash(K_OPS, ops) end
   zsets, hashes = {}, {}
-  if #folded_grants > 0 then
-    local settle = folded_grants
-    folded_grants = {}
-    -- After the call's writes: an index of another type must not abort it.
-    pcall(settle_owed, settle)
-  end
 end
 
 -- Refuses to run (before writing anything) when a key holds another type than
@@ -739,22 +728,6 @@ local function owing_letter(key)
   return d and d.transient == true and d.op == 'g' and d.owes == true or false
 end
 
--- The application granted on `keys` after a revoke of theirs died of
--- transient causes, and that grant (or an op that may have been one) may
--- have reached OpenFGA before it was folded into a newer op (its writer's
--- lease ended, or its write failed): that revoke is no longer owed (see
--- finish), and its letter is superseded. Not for a grant that cannot have
--- reached OpenFGA: the revoke stays owed. Free while no key has letters.
-settle_owed = function(keys)
-  if rcall('HLEN', K_DEADKEY) == 0 then return end
-  for _, k in ipairs(keys) do
-    if owed_revoke(k) then
-      rcall('HSET', K_DEADKEY, k, 0)
-      unindex_dead(k)
-    end
-  end
-end
-
 -- `v` (a number a letter kept) as a place in line or a time before
 -- `limit`, as entries write them; nil if it is not one.
 local function place(v, limit)
@@ -856,8 +829,6 @@ local function hand_back_jobs(w, now, running)
     move(key, e, 'r')
     mine[#mine + 1] = key
     folded = folded + 1
-    -- The older op may have been a grant, and its write may have landed.
-    tinsert(folded_grants, key)
   end
   for i, key in ipairs(keys) do
     local e = cache[key]
@@ -912,7 +883,6 @@ local function hand_back(w, now, only)
         move(key, e, 'r')
         ops = ops + 1
         folded = folded + 1
-        tinsert(folded_grants, key)
       end
     end
   end
@@ -1168,10 +1138,9 @@ if cmd == 'push' then
         -- Ops folded into this one are not written on their own (what the
         -- application said last is what gets written): with it refused,
         -- the tuple is revoked, erring towards deny.
-        -- A grant folded here never reached OpenFGA (pending, blocked, or
-        -- held by a job not yet run), so a revoke letter it was pushed
-        -- after stays owed (see settle_owed): a newer grant refused for
-        -- good pends that revoke again, as it would with the first grant.
+        -- Nor does folding settle a revoke given up before (a current
+        -- letter): only a write that lands does (supersede_letters), so a
+        -- newer grant refused for good pends that revoke again (finish).
         if op == 'g' and revokes(key, cur) then
           local behind = e.state == 'b' and e.ifseq == cur.seq
           local before = cur.op == 'g' and debt_of(key, cur) or ''
@@ -1385,7 +1354,6 @@ if cmd == 'enqueue' then
           -- op (of a kind the entry no longer says) is folded into it.
           move(key, e, 'r')
           superseded = superseded + 1
-          -- Taken, never written: no revoke letter is settled by it.
         end
         -- Still this writer's in some state (taken again since): not this
         -- call's to release.
@@ -1684,9 +1652,6 @@ if cmd == 'finish' then
         -- have been a grant) is folded into it.
         superseded = superseded + 1
         move(key, e, 'r')
-        -- Refused for good, it never reached OpenFGA: a revoke letter
-        -- stays owed. Otherwise its write may have landed.
-        if outcome ~= 'd' then tinsert(folded_grants, key) end
       end
       -- Otherwise its writer's lease ended and the op was handed back: it
       -- counts where it ends (applied by another writer, folded into a
