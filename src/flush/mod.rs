@@ -565,6 +565,12 @@ impl Engine {
             None => ops,
         };
         let ops = self.keep_held(ops, &mut result);
+        if ops.is_empty() {
+            // Nothing sent is no Write: counted as one that landed, it
+            // ended a stop on refused credentials (a job whose ops were all
+            // superseded) and passed for a write landing in an outage.
+            return result;
+        }
         let full = self.max_tuples();
         let mut round_began = self.writes_ok.load(Ordering::Relaxed);
         // Parts that failed in a way that may lie with their tuples (see

@@ -1486,6 +1486,18 @@ pub(crate) const RECORD_EVERY: Duration = Duration::from_millis(250);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_chunk_with_nothing_left_to_write_is_no_request() {
+        let e = Engine::for_tests(None);
+        let retries = QuickRetries {
+            transient: 0,
+            conflicts: 0,
+        };
+        let r = e.write_chunk_as(None, None, Vec::new(), retries).await;
+        assert_eq!(r.requests, 0);
+        assert_eq!(e.writes_ok.load(Ordering::Relaxed), 0);
+    }
     use crate::buffer::memory::MemoryStore;
     use crate::buffer::{DeadLetter, JobEnd, Pending, Pushed, Relevant, Replayed, Unfinished};
     use crate::model::Dep;
