@@ -2029,6 +2029,25 @@ async fn a_grant_folded_after_its_write_failed_leaves_a_given_up_revoke_owed() {
     assert_eq!(k.entry().await, pair("r", "r"));
 }
 
+/// A clear that leaves a revoke given up in an outage current again (the
+/// op cleared was newer, so a replay had left the letter alone) tells the
+/// workers to look at the letters again. Before, they looked only when
+/// another op died, and checks on the tuple failed closed until then.
+#[tokio::test]
+async fn a_clear_that_leaves_a_letter_replayable_tells_the_workers() {
+    let mut k = OneKey::new("clear-replayable").await;
+    k.push("r").await;
+    let revoke = k.take().await.unwrap();
+    k.finish(&revoke, "D").await;
+    k.push("g").await;
+    let before: u64 = k.r.look("HGET", "stats", &["dead_transient"]).await;
+    // clear now cursor up_to jobs_up_to
+    k.r.call("clear", &["1000", "0", "", ""]).await;
+    let after: u64 = k.r.look("HGET", "stats", &["dead_transient"]).await;
+    assert!(after > before, "{before} -> {after}");
+    assert_eq!(k.letter().await["op"], "r");
+}
+
 /// A writer whose last heartbeat is older than three leases before a
 /// reconnect, but whose lease still runs (a longer lease of its own, or
 /// one kept for an unknown outcome's hold), is waited for until the lease

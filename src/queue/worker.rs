@@ -713,16 +713,18 @@ impl Applier {
         if *none_at() == Some(written) {
             return Ok(());
         }
+        // OpenFGA answers again (and the credentials work): a cheap read,
+        // before the letters are listed: in an outage they pile up, and
+        // every worker listing them all on every look would hold Redis.
+        let e = &self.engine;
+        e.client
+            .read_latest_authorization_model(&e.store_id)
+            .await?;
         let letters = self.store.dead_letters().await?;
         if !letters.iter().any(|d| d.transient && !d.superseded) {
             *none_at() = Some(written);
             return Ok(());
         }
-        // OpenFGA answers again (and the credentials work): a cheap read.
-        let e = &self.engine;
-        e.client
-            .read_latest_authorization_model(&e.store_id)
-            .await?;
         let r = self.store.replay_dead_letters(None, true).await?;
         if r.replayed + r.superseded + r.kept == 0 {
             // Only revokes owed until the newer op on their tuple is

@@ -698,6 +698,10 @@ local function supersede_letters(keys, seqs, cleared)
       if not kept and (not d or (tonumber(d.seq) or 0) <= (tonumber(seqs[i]) or 0)) then
         rcall('HSET', K_DEADKEY, k, 0)
         unindex_dead(k)
+      elseif kept then
+        -- Replayable again (a replay left it while the op cleared was
+        -- buffered): workers look at the letters only when this moves.
+        pcall_('HINCRBY', P .. ':stats', 'dead_transient', 1)
       end
     end
   end
