@@ -141,6 +141,27 @@ async fn garbage_success_body_is_a_clear_error() {
     assert!(e.to_string().contains("unexpected response"), "{e}");
 }
 
+/// A Read that hands back the token it was sent (a broken server or proxy)
+/// ends with a clear error. Before, reading every page never ended, and
+/// the tuples piled up.
+#[tokio::test]
+async fn a_read_whose_token_repeats_ends() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(format!("/stores/{STORE}/read")))
+        .respond_with(fixture("read-page").response())
+        .mount(&server)
+        .await;
+    let client = Client::builder(server.uri()).build().unwrap();
+    let all = fga_wb::openfga::ReadFilter::default();
+    let read = tokio::time::timeout(Duration::from_secs(30), client.read_all(STORE, &all));
+    let e = read.await.expect("the read ended").unwrap_err();
+    assert!(
+        e.to_string().contains("continuation token came back twice"),
+        "{e}"
+    );
+}
+
 /// Captured success bodies decode.
 #[tokio::test]
 async fn captured_success_bodies_decode() {

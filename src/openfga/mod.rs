@@ -656,6 +656,7 @@ impl Client {
     pub async fn read_all(&self, store_id: &str, filter: &ReadFilter) -> Result<Vec<TupleKey>> {
         let mut out = Vec::new();
         let mut token = String::new();
+        let mut seen = std::collections::HashSet::new();
         loop {
             let page = self
                 .read(store_id, filter, Some(100), Some(token.as_str()))
@@ -663,6 +664,14 @@ impl Client {
             out.extend(page.tuples.into_iter().map(|t| t.key));
             if page.continuation_token.is_empty() {
                 return Ok(out);
+            }
+            // A server or proxy that hands back a token already followed
+            // would keep this reading (and growing) for good.
+            if !seen.insert(page.continuation_token.clone()) {
+                return Err(Error::new(Kind::Decode {
+                    operation: "read",
+                    detail: "a continuation token came back twice".into(),
+                }));
             }
             token = page.continuation_token;
         }
