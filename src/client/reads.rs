@@ -485,6 +485,21 @@ impl WriteBehind {
         e.store.still_connected(mark)?;
         let mut held = e.client.read_all(&e.store_id, filter).await?;
         for g in grants.into_iter().filter(|g| read_matches(filter, g)) {
+            // A grant the model does not admit (buffered under an earlier
+            // model, or without validation) will be refused: not shown, as
+            // checks leave it out. One that replaced a revoke not yet
+            // written leaves that revoke written: what OpenFGA holds of the
+            // tuple is going, so the read fails closed.
+            if let Some(refused) = model.as_deref().and_then(|m| m.validate(&g).err()) {
+                if e.store.owes_revoke(&g).await? {
+                    return Err(Error::new(Kind::PendingGrantRefused {
+                        tuple: g.to_string(),
+                        reason: refused.to_string(),
+                        owes: true,
+                    }));
+                }
+                continue;
+            }
             match held.iter_mut().find(|h| same_key(h, &g)) {
                 Some(h) => *h = g,
                 None => held.push(g),
