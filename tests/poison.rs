@@ -238,11 +238,22 @@ async fn dead_letters_replay_and_purge() {
     assert_eq!(wb.dead_letters().await.unwrap().len(), 3);
     assert_eq!(wb.status().await.unwrap().totals.dead_lettered, 7);
 
-    // Purge one, then all.
+    // Purge one, then those up to a bound (what `dlq purge --all` asked
+    // about), then all.
     let first = wb.dead_letters().await.unwrap()[0].id;
     assert_eq!(wb.purge_dead_letters(Some(&[first])).await.unwrap(), 1);
-    assert_eq!(wb.dead_letters().await.unwrap().len(), 2);
-    assert_eq!(wb.purge_dead_letters(None).await.unwrap(), 2);
+    let left = wb.dead_letters().await.unwrap();
+    assert_eq!(left.len(), 2);
+    assert_eq!(wb.purge_dead_letters_up_to(left[0].id).await.unwrap(), 1);
+    let after: Vec<u64> = wb
+        .dead_letters()
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(after, [left[1].id], "the newer letter is spared");
+    assert_eq!(wb.purge_dead_letters(None).await.unwrap(), 1);
     assert!(wb.dead_letters().await.unwrap().is_empty());
     assert_eq!(wb.status().await.unwrap().dead_letters, 0);
     assert_eq!(wb.purge_dead_letters(None).await.unwrap(), 0);

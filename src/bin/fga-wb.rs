@@ -574,6 +574,9 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
             ids: given,
         } => {
             let which = ids(*all, given)?;
+            // What the operator was asked about (or, with --yes, what there
+            // is now): not letters written while the question was open.
+            let up_to = wb.newest_dead_letter_id().await?;
             if *all && !*yes {
                 let letters = wb.dead_letters().await?;
                 // Revokes given up in an outage: their checks fail closed
@@ -593,7 +596,10 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
                     ));
                 }
             }
-            let n = wb.purge_dead_letters(which.as_deref()).await?;
+            let n = match which.as_deref() {
+                Some(ids) => wb.purge_dead_letters(Some(ids)).await?,
+                None => wb.purge_dead_letters_up_to(up_to).await?,
+            };
             report_count(json, "purged", n)
         }
     }

@@ -300,6 +300,25 @@ impl WriteBehind {
         Ok(n)
     }
 
+    /// Deletes every dead letter numbered up to `up_to` (from
+    /// [`newest_dead_letter_id`](Self::newest_dead_letter_id) when an
+    /// operator was asked), sparing the ones written since: a revoke given
+    /// up in an outage meanwhile keeps failing its checks closed until it
+    /// is replayed. Returns how many were deleted.
+    pub async fn purge_dead_letters_up_to(&self, up_to: u64) -> Result<usize> {
+        let store = &self.inner.engine.store;
+        let ids: Vec<u64> = store
+            .letter_ids()
+            .await?
+            .into_iter()
+            .filter(|&id| id <= up_to)
+            .collect();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.purge_dead_letters(Some(&ids)).await
+    }
+
     /// An error naming the `ids` that are no dead letter's; for a replay,
     /// also those of letters that cannot be read (a purge removes them).
     async fn refuse_unknown_letters(&self, ids: Option<&[u64]>, replay: bool) -> Result<()> {
