@@ -29,6 +29,11 @@ use crate::tuple::TupleKey;
 /// How long a write is remembered: the longest `check.server_cache_ttl`.
 pub(crate) const KEEP: Duration = crate::config::MAX_SERVER_CACHE_TTL;
 
+/// Most objects remembered one by one (some 100 bytes each): past it, as
+/// writes on distinct objects can outrun `KEEP`, the per-object record is
+/// dropped and every object counts as written then (see `Inner::dropped`).
+const MAX_OBJECTS: usize = 1 << 18;
+
 /// Recently applied writes, by relation and by object.
 pub(crate) struct Written {
     epoch: Instant,
@@ -42,6 +47,10 @@ struct Inner {
     by_rel: HashMap<String, u64>,
     /// `object#relation` -> the same, per object.
     by_object: HashMap<String, u64>,
+    /// When `by_object` was last dropped for being full: no
+    /// object's write since `KEEP` before then can be told apart, so each
+    /// counts as written then (towards fresh answers, never stale ones).
+    dropped: Option<u64>,
     pruned_at: u64,
 }
 
@@ -75,9 +84,13 @@ impl Written {
                 .insert(format!("{}#{}", t.object, t.relation), now);
         }
         let keep = KEEP.as_millis() as u64;
-        if now.saturating_sub(g.pruned_at) > keep / 10 {
+        if now.saturating_sub(g.pruned_at) > keep / 10 || g.by_object.len() > MAX_OBJECTS {
             g.pruned_at = now;
             g.by_object.retain(|_, at| now.saturating_sub(*at) < keep);
+            if g.by_object.len() > MAX_OBJECTS {
+                g.by_object = HashMap::new();
+                g.dropped = Some(now);
+            }
         }
     }
 
@@ -93,7 +106,8 @@ impl Written {
                 .filter_map(|d| {
                     if d.same_object {
                         let relation = d.rel.split_once('#').map_or(d.rel.as_str(), |(_, r)| r);
-                        g.by_object.get(&format!("{object}#{relation}")).copied()
+                        let at = g.by_object.get(&format!("{object}#{relation}")).copied();
+                        at.into_iter().chain(g.dropped).max()
                     } else {
                         g.by_rel.get(&d.rel).copied()
                     }
@@ -156,5 +170,22 @@ mod tests {
             None
         );
         assert!(w.since(None, "folder:x").is_some());
+    }
+
+    /// More distinct objects written than it keeps: the record stays
+    /// bounded, and an object whose own write was dropped with it still
+    /// counts as written recently (fresh answers, never stale ones).
+    #[test]
+    fn the_objects_kept_are_bounded_and_the_dropped_count_as_written() {
+        let w = long_running();
+        let first = TupleKey::new("user:a", "viewer", "document:first").unwrap();
+        w.note([&first]);
+        for i in 0..=MAX_OBJECTS {
+            let t = TupleKey::new("user:a", "viewer", format!("document:{i}")).unwrap();
+            w.note([&t]);
+        }
+        assert!(w.lock().by_object.len() <= MAX_OBJECTS);
+        let same = [dep("document#viewer", true)];
+        assert!(w.since(Some(&same), "document:first").is_some());
     }
 }
