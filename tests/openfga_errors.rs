@@ -253,6 +253,27 @@ async fn oauth2_token_is_cached_and_refreshed_after_401() {
     // `expect(2)` on the token endpoint is verified when the server drops.
 }
 
+/// A 401 that a new token does not cure (OpenFGA's wrong audience or
+/// issuer, its access control) fetches a token again once, not for every
+/// request. Before, each refused request dropped the token, and each next
+/// one waited on the token endpoint.
+#[tokio::test]
+async fn refused_tokens_are_not_fetched_again_for_every_request() {
+    let server = MockServer::start().await;
+    mount_token(&server, 3600.into(), 2).await;
+    Mock::given(method("POST"))
+        .and(path(format!("/stores/{STORE}/check")))
+        .respond_with(fixture("auth-wrong-token").response())
+        .mount(&server)
+        .await;
+    let client = oauth_client(&server, None);
+    let check = CheckRequest::new("user:anne", "viewer", "document:1");
+    for _ in 0..10 {
+        assert!(client.check(STORE, &check).await.unwrap_err().is_auth());
+    }
+    // `expect(2)` on the token endpoint is verified as the server drops.
+}
+
 /// A token is reused within its life: one that claims to live longer than a
 /// clock holds (kept at most a day), not a panic in the middle of every
 /// call; and one that lives a minute, not fetched again for every request

@@ -95,8 +95,23 @@ const EXPIRY_MARGIN: Duration = Duration::from_secs(60);
 /// Produces the `Authorization` header value for each request.
 pub(crate) struct Authenticator {
     credentials: Credentials,
-    cached: Mutex<Option<(Secret, Instant)>>,
+    cached: Mutex<Cached>,
 }
+
+#[derive(Default)]
+struct Cached {
+    /// The token, and until when it is used.
+    token: Option<(Secret, Instant)>,
+    /// When a refused token was last dropped.
+    dropped_at: Option<Instant>,
+}
+
+/// After a refused token was dropped, refusals within this long do not
+/// drop the next: a fresh token that is refused too (OpenFGA's 401s for a
+/// wrong audience or issuer, its access control's) would otherwise be
+/// fetched again for every wave of requests, each waiting on the token
+/// endpoint.
+const REFETCH_EVERY: Duration = Duration::from_secs(30);
 
 #[derive(Deserialize)]
 struct TokenResponse {
@@ -124,7 +139,7 @@ impl Authenticator {
     pub fn new(credentials: Credentials) -> Self {
         Authenticator {
             credentials,
-            cached: Mutex::new(None),
+            cached: Mutex::default(),
         }
     }
 
@@ -135,7 +150,7 @@ impl Authenticator {
             Credentials::ApiToken(t) => Ok(Some(t.clone())),
             Credentials::ClientCredentials(o) => {
                 let mut cached = self.cached.lock().await;
-                if let Some((token, until)) = &*cached {
+                if let Some((token, until)) = &cached.token {
                     if Instant::now() < *until {
                         return Ok(Some(token.clone()));
                     }
@@ -145,15 +160,26 @@ impl Authenticator {
                 // minute or less was fetched again for every request.
                 let margin = EXPIRY_MARGIN.min(lifetime / 4);
                 let until = Instant::now() + lifetime.saturating_sub(margin);
-                *cached = Some((token.clone(), until));
+                cached.token = Some((token.clone(), until));
                 Ok(Some(token))
             }
         }
     }
 
-    /// Forget a cached token, after the server refused it.
-    pub async fn invalidate(&self) {
-        *self.cached.lock().await = None;
+    /// Forgets the cached token after the server refused `used` (it may
+    /// have been revoked early), unless another request has fetched a newer
+    /// one since, or one was dropped moments ago (see [`REFETCH_EVERY`]).
+    pub async fn invalidate(&self, used: &Secret) {
+        let mut cached = self.cached.lock().await;
+        let same = cached.token.as_ref().is_some_and(|(t, _)| t == used);
+        if same
+            && cached
+                .dropped_at
+                .is_none_or(|at| at.elapsed() >= REFETCH_EVERY)
+        {
+            cached.token = None;
+            cached.dropped_at = Some(Instant::now());
+        }
     }
 }
 

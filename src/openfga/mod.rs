@@ -701,7 +701,8 @@ impl Client {
         let url = format!("{}{}", self.inner.base, path);
         let mut req = self.inner.http.request(method, &url);
         let asked = std::time::Instant::now();
-        if let Some(token) = self.inner.auth.bearer(&self.inner.http).await? {
+        let token = self.inner.auth.bearer(&self.inner.http).await?;
+        if let Some(token) = &token {
             req = req.header(AUTHORIZATION, format!("Bearer {}", token.expose()));
         }
         // The time limit counts from the call, a token fetch included: a
@@ -741,7 +742,9 @@ impl Client {
         }
         if status == StatusCode::UNAUTHORIZED {
             // A cached OAuth2 token may have been revoked early: fetch anew next time.
-            self.inner.auth.invalidate().await;
+            if let Some(token) = &token {
+                self.inner.auth.invalidate(token).await;
+            }
         }
         let retry_after = parse_retry_after(resp.headers());
         let bytes = resp.bytes().await.unwrap_or_default();
