@@ -891,10 +891,10 @@ impl Config {
             || self
                 .redis
                 .key_prefix
-                .contains(|c: char| c.is_whitespace() || c == '{' || c == '}')
+                .contains(|c: char| c.is_whitespace() || "{}*?[]\\".contains(c))
         {
             return Err(Error::config(
-                "redis.key_prefix must be non-empty, without whitespace or braces (braces pick a store's Redis Cluster slot)",
+                "redis.key_prefix must be non-empty, without whitespace, braces (they pick a store's Redis Cluster slot) or any of * ? [ ] \\ (the key scans of `status` and the sweeps would match other keys)",
             ));
         }
         Ok(())

@@ -129,6 +129,15 @@ fn fga_cli_client_credentials_are_read() {
 }
 
 #[test]
+fn a_key_prefix_that_would_match_other_keys_is_refused() {
+    for prefix in ["fga-wb*", "a?b", "x[1]", "a\\b", "a{b}", "a b", ""] {
+        let e = load_env(&[("FGA_WB_REDIS__KEY_PREFIX", prefix)]).unwrap_err();
+        assert!(e.to_string().contains("redis.key_prefix"), "{prefix}: {e}");
+    }
+    assert!(load_env(&[("FGA_WB_REDIS__KEY_PREFIX", "team-a:fga.wb_1")]).is_ok());
+}
+
+#[test]
 fn empty_fga_cli_variables_are_unset() {
     let c = load_env(&[
         ("FGA_API_TOKEN", "tok"),
