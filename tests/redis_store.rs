@@ -430,6 +430,32 @@ async fn a_writer_back_from_a_pause_counts_each_op_once() {
     assert_eq!(stored(&s).await, [key("u1"), key("u4"), key("u5")]);
 }
 
+/// A writer with a long lease whose last heartbeat is older than heartbeats
+/// are kept, and whose lease has just ended with a key still taken: another
+/// writer's heartbeat does not prune its hold before the key is taken
+/// back, so the key is held over, not handed on at once (a late Write of
+/// the dead writer could land over the newer op). Before, the prune
+/// dropped the hold.
+#[tokio::test]
+async fn a_heartbeat_keeps_the_hold_of_a_writer_that_still_holds_keys() {
+    let s = new_store("redis-hold-pruned").await;
+    let b = manual_handle(&s).await;
+    b.grant("user:a", "viewer", "document:held").await.unwrap();
+    let mut a = LateWriter::new(&s, "app:long-lease").await;
+    a.hold_ms = 120_000;
+    // Taken eleven minutes ago with a lease of ten and a half: it ended
+    // half a minute ago, and its hold runs a minute and a half more.
+    let took = now_ms() - 660_000;
+    assert_eq!(a.take_at(took, 630_000).await.len(), 1);
+    let beat = took.to_string();
+    let _: () = a.on_key("HSET", "beats", &[&a.name.clone(), &beat]).await;
+    let mut other = LateWriter::new(&s, "app:other").await;
+    other.heartbeat_at(now_ms(), "", 0).await;
+    let held = b.status().await.unwrap().held_over;
+    assert_eq!(held.map(|h| h.writers), Some(1), "handed on at once");
+    b.clear().await.unwrap();
+}
+
 /// A writer whose lease ends while it holds keys (a crash, with a Write
 /// perhaps under way) keeps them for its recorded hold past its lease's
 /// end: the newer op waits, checks count its op in flight, and `status`

@@ -1831,8 +1831,12 @@ if cmd == 'heartbeat' then
   for i = 1, #beats, 2 do
     -- Not a writer whose lease (or hold past it) still runs: a long lease
     -- and hold can outlast its last heartbeat by more than that.
+    -- Nor one that still holds keys or jobs: whoever takes them back reads
+    -- its hold (a lease of ten minutes or more can end after its last
+    -- heartbeat is that old, and before anyone has looked).
     if (tonumber(beats[i + 1]) or 0) < now - BEATS_KEEP_MS
-        and (tonumber(rcall('ZSCORE', P .. ':owners', beats[i])) or 0) < now then
+        and (tonumber(rcall('ZSCORE', P .. ':owners', beats[i])) or 0) < now
+        and rcall('EXISTS', P .. ':w:' .. beats[i], P .. ':wj:' .. beats[i]) == 0 then
       rcall('HDEL', P .. ':beats', beats[i])
       rcall('HDEL', P .. ':terms', beats[i])
       rcall('HDEL', P .. ':holdfor', beats[i])
