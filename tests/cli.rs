@@ -1126,7 +1126,31 @@ async fn flush_wait_ends_when_openfga_refuses_its_read() {
         .mount(&server)
         .await;
     let r = cli.run(&["flush", "--wait"]).await;
-    ended_with(&r, "OpenFGA refused this command's read of the store");
+    ended_with(
+        &r,
+        "OpenFGA did not answer this command's read of the store",
+    );
+    drop(app);
+}
+
+/// Queue mode, where the command needs only Redis: with no OpenFGA of its
+/// own to ask (its address left at a port nothing listens on), a tuple the
+/// workers keep failing is not waited on for good as if OpenFGA were down.
+/// Before, every look counted as an outage, and it waited for good.
+#[tokio::test]
+async fn queue_flush_wait_ends_without_an_openfga_of_its_own() {
+    let (server, _redis, app, mut cli) = mocked_inline().await;
+    let settings = [
+        ("FGA_WB_FLUSH__MODE", "queue"),
+        ("FGA_WB_QUEUE__REPLAY_TRANSIENT", "2s"),
+        ("FGA_WB_REDIS__WRITER_LEASE", "2s"),
+    ];
+    writes_fail_reads_answer(&server, &mut cli, &settings).await;
+    let mut worker = quiet_worker(&cli);
+    cli.set("FGA_WB_OPENFGA__API_URL", "http://127.0.0.1:9");
+    let r = cli.run(&["flush", "--wait"]).await;
+    let _ = worker.kill().await;
+    ended_with(&r, "in queue mode this command needs only Redis");
     drop(app);
 }
 

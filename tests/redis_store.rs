@@ -1892,6 +1892,11 @@ impl OneKey {
         self.r.call("finish", &args).await
     }
 
+    /// Whether a revoke of the tuple is still to reach OpenFGA (`owes`).
+    async fn owes(&mut self) -> bool {
+        self.r.call("owes", &[OWED_KEY]).await == [redis::Value::Int(1)]
+    }
+
     /// The tuple's entry's op and state, if it has one.
     async fn entry(&mut self) -> Option<(String, String)> {
         let entry: Option<String> = self.r.look("HGET", "ops", &[OWED_KEY]).await;
@@ -2053,6 +2058,28 @@ async fn a_grant_folded_after_its_write_failed_leaves_a_given_up_revoke_owed() {
     let out = k.finish(&second, "d").await;
     assert_eq!(out.len(), 5, "{out:?}");
     assert_eq!(k.entry().await, pair("r", "r"));
+}
+
+/// Whether a revoke of the tuple is still to reach OpenFGA (reads that had
+/// a refused grant fail closed on it): with a grant owing it, with the
+/// revoke pending again after that grant died, with only letters that owe
+/// it, and not once the revoke is written.
+#[tokio::test]
+async fn owes_tells_a_revoke_still_to_come() {
+    let mut k = OneKey::new("owes-told").await;
+    k.push("r").await;
+    k.push("g").await;
+    assert!(k.owes().await, "a grant owing the revoke");
+    let grant = k.take().await.unwrap();
+    k.finish(&grant, "d").await;
+    assert!(k.owes().await, "the revoke pending again");
+    let revoke = k.take().await.unwrap();
+    k.finish(&revoke, "D").await;
+    assert!(k.owes().await, "the revoke given up");
+    k.push("r").await;
+    let revoke = k.take().await.unwrap();
+    k.finish(&revoke, "a").await;
+    assert!(!k.owes().await, "written");
 }
 
 /// A clear that leaves a revoke given up in an outage current again (the

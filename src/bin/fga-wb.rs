@@ -719,6 +719,8 @@ struct Stuck {
     died_again: Option<String>,
     /// Why OpenFGA refused the last look's read, when it was not an outage.
     refused: Option<String>,
+    /// OpenFGA answered a look at least once during this wait.
+    answered: bool,
     looked_at: Option<tokio::time::Instant>,
 }
 
@@ -733,6 +735,7 @@ impl Stuck {
             letters: HashMap::new(),
             died_again: None,
             refused: None,
+            answered: false,
             looked_at: None,
         }
     }
@@ -765,11 +768,19 @@ impl Stuck {
         let probe = tokio::time::timeout(STUCK_LOOK_EVERY, wb.openfga_reads()).await;
         self.refused = None;
         match probe {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => self.answered = true,
             // Not an outage: this command's own credentials or settings
             // (queue mode's CLI may have only Redis's). Taken as one, it
             // kept the wait from ever ending.
             Ok(Err(e)) if !e.is_transient() => self.refused = Some(e.to_string()),
+            // Queue mode, where this command needs no OpenFGA of its own:
+            // one it never reached may be no OpenFGA at all (settings left
+            // at their defaults), not an outage.
+            Ok(Err(e)) if s.queue.is_some() && !self.answered => {
+                self.refused = Some(format!(
+                    "{e}; in queue mode this command needs only Redis, so set openfga.api_url (and its credentials) to let it tell an outage apart"
+                ));
+            }
             _ => {
                 // An outage: its time, and deaths during it, count for nothing.
                 self.moved.2 = now;
@@ -803,18 +814,20 @@ impl Stuck {
             }
         }
         let still = now.duration_since(self.moved.2);
-        Ok(match &self.died_again {
-            Some(why) => Some(why.clone()),
-            None if still >= w.patience => Some(match &self.refused {
-                Some(e) => format!(
-                    "none of them was written, nor anything else, for {still:.0?} \
-                     (and OpenFGA refused this command's read of the store, so an outage \
-                     could not be told apart: {e})"
-                ),
-                None => format!("none of them was written, nor anything else, for {still:.0?}"),
-            }),
-            None => None,
-        })
+        let why = match &self.died_again {
+            Some(why) => why.clone(),
+            None if still >= w.patience => {
+                format!("none of them was written, nor anything else, for {still:.0?}")
+            }
+            None => return Ok(None),
+        };
+        Ok(Some(match &self.refused {
+            Some(e) => format!(
+                "(OpenFGA did not answer this command's read of the store, so an outage \
+                 could not be told apart: {e}): {why}"
+            ),
+            None => format!("while OpenFGA answers reads: {why}"),
+        }))
     }
 }
 
@@ -915,13 +928,13 @@ fn gave_up(s: &fga_wb::Status, w: &Waiting, u: &fga_wb::Unfinished) -> Failure {
     Failure { code: 1, message }
 }
 
-/// `flush --wait` ends: its ops keep failing while OpenFGA answers (see
-/// [`Stuck`]).
+/// `flush --wait` ends: its ops keep failing while OpenFGA answers, or
+/// while it cannot tell (see [`Stuck`]); `why` says which.
 fn stuck_failure(why: &str, last_error: Option<&str>) -> Failure {
     Failure {
         code: 1,
         message: format!(
-            "ops acknowledged before this command began are not written and keep failing while OpenFGA answers reads: {why}{}. They stay pending or dead-lettered and are retried; the logs and `fga-wb dlq list` name them (`fga-wb dlq purge <id>` gives one up). Pass --timeout to wait anyway",
+            "ops acknowledged before this command began are not written and keep failing {why}{}. They stay pending or dead-lettered and are retried; the logs and `fga-wb dlq list` name them (`fga-wb dlq purge <id>` gives one up). Pass --timeout to wait anyway",
             last_error.map_or(String::new(), |e| format!("; the last flush: {e}"))
         ),
     }

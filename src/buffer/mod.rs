@@ -390,9 +390,10 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// The newest op on one key, pending or in flight, and whether it has a
     /// condition.
     fn latest<'a>(&'a self, tuple: &'a TupleKey) -> BoxFuture<'a, Result<Option<(Op, bool)>>>;
-    /// Whether the newest op on one key is a grant that owes a revoke (it
-    /// was pushed over one not known to have reached OpenFGA, see
-    /// `finish`): refused for good, it leaves that revoke pending again.
+    /// Whether a revoke of one key is still to reach OpenFGA: the newest op
+    /// is a revoke, or a grant that owes one (it was pushed over one not
+    /// known to have reached OpenFGA: refused for good, it leaves that
+    /// revoke pending again), or (Redis) a letter leaves one owed.
     fn owes_revoke<'a>(&'a self, tuple: &'a TupleKey) -> BoxFuture<'a, Result<bool>>;
     /// The highest sequence number handed out so far.
     fn last_seq(&self) -> BoxFuture<'_, Result<u64>>;

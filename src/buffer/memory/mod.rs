@@ -338,17 +338,7 @@ impl MemoryStore {
     ) -> std::collections::BTreeSet<(String, String)> {
         let mut names = std::collections::BTreeSet::new();
         for s in 0..SHARDS {
-            let g = self.lock(s);
-            for (ty, rels) in &g.part_of {
-                if object_type.is_some_and(|t| t != ty.as_str()) {
-                    continue;
-                }
-                for (r, &i) in rels {
-                    if g.parts[i].ops.iter().any(|&n| n > 0) {
-                        names.insert((ty.clone(), r.clone()));
-                    }
-                }
-            }
+            relations_in(&self.lock(s), object_type, &mut names);
         }
         names
     }
@@ -792,6 +782,14 @@ impl MemoryStore {
         // (shard, type, relation, same object, user-bound) for every part
         // to read.
         let mut wanted: Vec<(usize, &str, &str, bool, bool)> = Vec::new();
+        // Every shard read at once, in ascending order (as `unfinished_now`
+        // takes them): read one at a time, a check overlapping a revoke of
+        // one tuple and then a grant of another in a later shard saw the
+        // first before its revoke and the second after its grant, a state
+        // that never existed, and with an intersection in the model such a
+        // state can allow what every real one denies. With no dependencies
+        // known, the relations to read are listed under the same locks.
+        let mut held: Vec<Option<MutexGuard<'_, Shard>>> = Vec::new();
         let all: Vec<(String, String)>;
         let deps: Vec<(&str, &str, bool, bool)> = match rels {
             Some(rels) => rels
@@ -802,7 +800,12 @@ impl MemoryStore {
                 })
                 .collect(),
             None => {
-                all = self.relations_with_ops(None).into_iter().collect();
+                held = (0..SHARDS).map(|s| Some(self.lock(s))).collect();
+                let mut names = std::collections::BTreeSet::new();
+                for g in held.iter().flatten() {
+                    relations_in(g, None, &mut names);
+                }
+                all = names.into_iter().collect();
                 all.iter()
                     .map(|(t, r)| (t.as_str(), r.as_str(), false, false))
                     .collect()
@@ -815,15 +818,11 @@ impl MemoryStore {
                 wanted.extend((0..SHARDS).map(|s| (s, ty, r, false, false)));
             }
         }
-        // Every shard read at once, in ascending order (as `unfinished_now`
-        // takes them): read one at a time, a check overlapping a revoke of
-        // one tuple and then a grant of another in a later shard saw the
-        // first before its revoke and the second after its grant, a state
-        // that never existed, and with an intersection in the model such a
-        // state can allow what every real one denies.
-        let held: Vec<Option<MutexGuard<'_, Shard>>> = (0..SHARDS)
-            .map(|s| wanted.iter().any(|w| w.0 == s).then(|| self.lock(s)))
-            .collect();
+        if held.is_empty() {
+            held = (0..SHARDS)
+                .map(|s| wanted.iter().any(|w| w.0 == s).then(|| self.lock(s)))
+                .collect();
+        }
         let (mut revokes, mut grants) = (0, 0);
         for &(s, ty, r, same, bound) in &wanted {
             let Some(g) = held[s].as_deref() else {
@@ -1022,6 +1021,25 @@ impl MemoryStore {
 
 /// The slots that can matter to a check: one object's (all its keys start
 /// with `prefix`) for a same-object dependency, all of the part's otherwise.
+/// Adds the `(type, relation)`s with ops in `g` (of `object_type`, if
+/// given) to `names`.
+fn relations_in(
+    g: &Shard,
+    object_type: Option<&str>,
+    names: &mut std::collections::BTreeSet<(String, String)>,
+) {
+    for (ty, rels) in &g.part_of {
+        if object_type.is_some_and(|t| t != ty.as_str()) {
+            continue;
+        }
+        for (r, &i) in rels {
+            if g.parts[i].ops.iter().any(|&n| n > 0) {
+                names.insert((ty.clone(), r.clone()));
+            }
+        }
+    }
+}
+
 fn slots_of<'a>(
     p: &'a Part,
     prefix: &'a str,
@@ -1104,7 +1122,10 @@ impl Store for MemoryStore {
             .part(tuple.object_type(), &tuple.relation)
             .and_then(|p| g.parts[p].slots.get(key_of(tuple).as_str()))
             .and_then(|slot| slot.pending.as_ref().or(slot.in_flight.as_deref()))
-            .is_some_and(|e| e.op == Op::Grant && e.owes != Owes::No);
+            // A revoke newest: the grant died since and pended it again, or
+            // the application revoked since; OpenFGA holds the tuple until
+            // it is written, either way.
+            .is_some_and(|e| e.op == Op::Revoke || e.owes != Owes::No);
         Box::pin(future::ready(Ok(owes)))
     }
 

@@ -694,3 +694,65 @@ fn a_check_never_sees_a_state_that_never_existed_across_shards() {
         "a check saw A and B granted at once"
     );
 }
+
+#[test]
+fn a_check_with_no_known_dependencies_sees_one_moment_too() {
+    // Revoke A (its relation has no other ops), then grant B on another
+    // relation, then the flusher applies both, over and over: a check that
+    // lists B must count A's revoke too. Listing the relations with ops
+    // before reading the shards missed the revoke on a relation that had
+    // none when listed.
+    let s = std::sync::Arc::new(MemoryStore::new(100));
+    // B's shard first, so a finish (shard by shard) ends B before A's
+    // revoke: B without the revoke is then only the bug's state.
+    let object_in = |shard: usize| {
+        (0..10_000)
+            .map(|n| format!("group:{n}"))
+            .find(|o| s.shard_of(o) == shard)
+            .unwrap()
+    };
+    let (a, b) = (
+        t("user:x", "blocked", &object_in(SHARDS - 1)),
+        t("user:x", "member", &object_in(0)),
+    );
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (s, done, b) = (s.clone(), done.clone(), b.clone());
+        std::thread::spawn(move || {
+            let mut missed = 0;
+            while !done.load(Ordering::Relaxed) {
+                let r = s.relevant_now(None, &b.object, "user:x", 100);
+                if r.revokes == 0 && r.grants.unwrap_or_default().contains(&b) {
+                    missed += 1;
+                }
+            }
+            missed
+        })
+    };
+    for _ in 0..20_000 {
+        s.push_now(&a, Op::Revoke).unwrap();
+        s.push_now(&b, Op::Grant).unwrap();
+        let taken = s.take_now(10, Take::All, u64::MAX);
+        s.finish_now(taken.into_iter().map(|t| (t, Outcome::Applied)).collect());
+    }
+    done.store(true, Ordering::Relaxed);
+    assert_eq!(reader.join().unwrap(), 0, "a check missed A's revoke");
+}
+
+#[test]
+fn a_revoke_still_to_come_is_told_after_the_grant_that_owed_it_died() {
+    let s = MemoryStore::new(10);
+    let k = t("user:a", "viewer", "document:1");
+    let owes = |s: &MemoryStore| futures::executor::block_on(s.owes_revoke(&k)).unwrap();
+    s.push_now(&k, Op::Revoke).unwrap();
+    s.push_now(&k, Op::Grant).unwrap();
+    assert!(owes(&s), "the grant owes the revoke");
+    // Refused for good: the revoke is pending again, and a read that saw
+    // the grant before must still fail closed.
+    let taken = s.take_now(10, Take::All, u64::MAX);
+    s.finish_now(taken.into_iter().map(|t| (t, died(false))).collect());
+    assert!(owes(&s), "the revoke is still to come");
+    let taken = s.take_now(10, Take::All, u64::MAX);
+    s.finish_now(taken.into_iter().map(|t| (t, Outcome::Applied)).collect());
+    assert!(!owes(&s));
+}

@@ -2179,13 +2179,15 @@ if cmd == 'latest' then
   return { e.op, e.cond }
 end
 
--- owes pub key -> 1 if the key's latest op is a grant that owes a revoke
--- (P:owes, unless a write lands too), or one a letter of the key still
--- leaves owed (a revoke's given up, or an owing grant's); 0 otherwise.
+-- owes pub key -> 1 if a revoke of the key is still to reach OpenFGA: its
+-- latest op is a revoke (a grant that died since pended it again, or the
+-- application revoked since), or a grant that owes one (P:owes, unless a
+-- write lands too), or a letter of the key still leaves one owed (a
+-- revoke's given up, or an owing grant's, with no op buffered); else 0.
 if cmd == 'owes' then
   local e = parse(rcall('HGET', P .. ':ops', ARGV[3]))
-  if not e or e.op ~= 'g' then return 0 end
-  if revokes(ARGV[3], e) or owed_revoke(ARGV[3]) or owing_letter(ARGV[3]) then return 1 end
+  if e and (e.op == 'r' or revokes(ARGV[3], e)) then return 1 end
+  if owed_revoke(ARGV[3]) or owing_letter(ARGV[3]) then return 1 end
   return 0
 end
 
