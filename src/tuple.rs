@@ -360,6 +360,14 @@ pub fn validate_user(user: &str) -> Result<(), TupleError> {
                     "combines a wildcard with a relation; use type:* or type:id#relation",
                 ));
             }
+            // OpenFGA refuses a `*` anywhere after the type in a userset.
+            if rest.contains('*') {
+                return Err(TupleError::new(
+                    f,
+                    user,
+                    "has a `*` in a userset's id or relation, which OpenFGA refuses",
+                ));
+            }
             if let Err(e) = validate_relation(relation) {
                 return Err(TupleError::new(
                     f,

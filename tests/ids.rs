@@ -107,4 +107,26 @@ proptest! {
             if theirs { "writes it" } else { "refuses it" }
         );
     }
+
+    /// Usersets too (`group:<id>#member`, which the model admits): a `*`
+    /// anywhere after the type is refused by OpenFGA, and by fga-wb at the
+    /// call (before, `group:eng*#member` was taken and dead-lettered).
+    #[test]
+    fn grant_accepts_exactly_the_usersets_openfga_writes(group_id in id()) {
+        let e = env();
+        let user = format!("group:{group_id}#member");
+        let (ours, theirs) = e.rt.block_on(async {
+            let ours = e.wb.grant(&user, "viewer", "document:usersets").await;
+            (ours, server_writes(e, &user, "document:usersets").await)
+        });
+        let theirs = theirs.map_err(|err| TestCaseError::fail(format!("the server failed: {err}")))?;
+        prop_assert_eq!(
+            ours.is_ok(),
+            theirs,
+            "user {:?}: fga-wb says {:?}, OpenFGA {}",
+            user,
+            ours.as_ref().err().map(ToString::to_string),
+            if theirs { "writes it" } else { "refuses it" }
+        );
+    }
 }
