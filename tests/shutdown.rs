@@ -180,6 +180,27 @@ async fn the_servers_lower_tuple_limit_is_learned_not_bisected() {
     wb.shutdown().await.unwrap();
 }
 
+/// A `shutdown()` cut short (its future dropped by the application's own
+/// timeout) and then the handle dropped: the memory store's ops it did not
+/// write are counted and logged as lost, as a drop without shutdown is.
+/// Before, the drop saw a shutdown begun and said nothing.
+#[tokio::test]
+async fn a_shutdown_cut_short_says_what_is_lost() {
+    let (logs, _guard) = support::logs::Logs::start();
+    let mut cfg = manual_flush(closed_port_config());
+    cfg.flush.shutdown_deadline = Duration::from_secs(30);
+    let wb = WriteBehind::builder(cfg).build().await.unwrap();
+    support::grant_users(&wb, "document:cut", 0..3).await;
+    let cut = tokio::time::timeout(Duration::from_millis(300), wb.shutdown()).await;
+    assert!(cut.is_err(), "the shutdown was not cut short: {cut:?}");
+    drop(wb);
+    let text = logs.text();
+    assert!(
+        text.contains("cut short: 3 acknowledged ops were not written"),
+        "{text}"
+    );
+}
+
 /// `close()` stops without writing (real server): on the memory store the
 /// ops it held are lost, and it says how many, as dropping the handle
 /// does; later calls fail with a shutdown error.

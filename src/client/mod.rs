@@ -53,6 +53,9 @@ struct Handle {
     /// For a shared store, the listener for other processes' changes.
     tasks: Mutex<Vec<JoinHandle<()>>>,
     shut_down: AtomicBool,
+    /// A `shutdown()` or `close()` ran to its end (one cut short, its
+    /// future dropped, leaves the ops it did not write to `Drop`'s count).
+    ended: AtomicBool,
     /// Told of every check the application makes (the test doubles).
     #[cfg(feature = "test-util")]
     on_check: Option<CheckHook>,
@@ -232,6 +235,7 @@ impl Builder {
                 flusher: Mutex::new(Some(flusher)),
                 tasks: Mutex::new(tasks),
                 shut_down: AtomicBool::new(false),
+                ended: AtomicBool::new(false),
                 #[cfg(feature = "test-util")]
                 on_check: self.on_check,
             }),
@@ -665,6 +669,7 @@ impl WriteBehind {
             (FlushReport::default(), false)
         };
         self.stop_and_release(cut_off).await;
+        self.inner.ended.store(true, Ordering::SeqCst);
         let e = &self.inner.engine;
         let left = e.store.pending().await?;
         // Requests running at the deadline may still have finished within
@@ -717,7 +722,8 @@ impl WriteBehind {
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => true,
         };
         self.stop_and_release(cut_off).await;
-        self.inner.warn_unwritten("closed");
+        self.inner.ended.store(true, Ordering::SeqCst);
+        self.inner.warn_unwritten("closed without shutdown()");
         Ok(())
     }
 
@@ -880,10 +886,14 @@ impl Drop for Handle {
         {
             task.abort();
         }
-        if self.shut_down.load(Ordering::Relaxed) {
+        if self.ended.load(Ordering::SeqCst) {
             return;
         }
-        self.warn_unwritten("dropped");
+        self.warn_unwritten(if self.shut_down.load(Ordering::SeqCst) {
+            "dropped with its shutdown() or close() cut short"
+        } else {
+            "dropped without shutdown()"
+        });
     }
 }
 
@@ -901,7 +911,7 @@ impl Handle {
         if n > 0 {
             tracing::warn!(
                 pending = n,
-                "WriteBehind {how} without shutdown(): {n} acknowledged ops were not written to OpenFGA and are lost"
+                "WriteBehind {how}: {n} acknowledged ops were not written to OpenFGA and are lost"
             );
         }
     }
