@@ -107,6 +107,35 @@ async fn overflow_flush() {
     wb.clear().await.unwrap();
 }
 
+/// Overflow `flush` with an OpenFGA that accepts connections and never
+/// answers (a Write hung past the request timeout): the synchronous flush
+/// is waited for up to `block_timeout`, then the grant fails as buffer-full.
+/// Before, it waited for every request's timeout and retries and the
+/// unknown outcome's hold: some 20 s here, a minute with the defaults.
+#[tokio::test]
+async fn overflow_flush_is_bounded_when_openfga_hangs() {
+    let server = mock_openfga().await;
+    write_mock()
+        .respond_with(fixture("hung-write").response())
+        .mount(&server)
+        .await;
+    let mut cfg = with_capacity(manual_flush(mock_config(&server)), 10, Overflow::Flush);
+    cfg.buffer.block_timeout = Duration::from_millis(300);
+    let wb = WriteBehind::builder(cfg).build().await.unwrap();
+    grant_n(&wb, 0, 10).await;
+    let e = tokio::time::timeout(
+        Duration::from_secs(10),
+        wb.grant("user:u10", "viewer", "document:1"),
+    )
+    .await
+    .expect("the grant returned")
+    .unwrap_err();
+    assert!(e.is_buffer_full(), "{e}");
+    let p = wb.pending().await.unwrap();
+    assert_eq!(p.total + p.in_flight, 10, "{p:?}");
+    wb.clear().await.unwrap();
+}
+
 /// Overflow `block` (real server): with capacity 10 and no flush due by size
 /// or age (batch size and interval far away), the 11th distinct grant waits,
 /// the full buffer gets flushed in the background, and the grant is

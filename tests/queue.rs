@@ -1374,3 +1374,52 @@ async fn held_jobs_leave_the_worker_free_for_others() {
     assert_eq!(wb.pending().await.unwrap().in_flight, 2);
     h.worker.stop().await;
 }
+
+/// Overflow `flush` in queue mode (real server and Redis, a worker
+/// running): a flush only queues the ops, and queued ops keep their room
+/// until the worker writes them, so the grant at capacity waits for that
+/// (as `block` does) and is taken. Before, it failed as buffer-full every
+/// time: the policy acted as `reject`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overflow_flush_in_queue_mode_waits_for_the_worker() {
+    let s = new_store("queue-overflow-flush").await;
+    let mut config = queue_mode(config_for(&s), &[1, 2, 3]);
+    config.buffer.capacity = 10;
+    config.buffer.overflow = fga_wb::config::Overflow::Flush;
+    config.buffer.block_timeout = Duration::from_secs(20);
+    let wb = WriteBehind::builder(config.clone())
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    for i in 0..10 {
+        wb.grant(&format!("user:u{i}"), "viewer", "document:full")
+            .await
+            .unwrap();
+    }
+    let eleventh = tokio::spawn({
+        let wb = wb.clone();
+        async move { wb.grant("user:u10", "viewer", "document:full").await }
+    });
+    let w = Watch {
+        wb: &wb,
+        writes: None,
+    };
+    // Its flush queued the ten; only then does a worker run.
+    w.until("the ten to be queued", Duration::from_secs(20), || async {
+        wb.status().await.unwrap().queue.unwrap().pending > 0
+    })
+    .await;
+    let worker = Worker::start(config, 2);
+    eleventh
+        .await
+        .unwrap()
+        .expect("the grant at capacity was taken");
+    wb.flush().await.unwrap();
+    w.until("all 11 to be written", Duration::from_secs(20), || async {
+        stored(&s).await.len() == 11
+    })
+    .await;
+    worker.stop().await;
+    wb.shutdown().await.unwrap();
+}

@@ -525,15 +525,23 @@ impl WriteBehind {
                 waited,
             })
         };
+        let queued = self.inner.config.flush.mode == crate::config::Mode::Queue;
         match cfg.overflow {
             Overflow::Reject => Err(full(None)),
-            Overflow::Flush if *flushed => Err(full(Some(started.elapsed()))),
-            Overflow::Flush => {
+            Overflow::Flush if !*flushed => {
                 *flushed = true;
-                self.flush().await?;
-                Ok(())
+                // Bounded as a wait for room is: an OpenFGA that accepts
+                // connections and never answers held the call for each
+                // request's timeout and retries, and a hold after them.
+                match tokio::time::timeout_at(started + cfg.block_timeout, self.flush()).await {
+                    Ok(flushed) => flushed.map(|_| ()),
+                    Err(_) => Err(full(Some(started.elapsed()))),
+                }
             }
-            Overflow::Block => {
+            // In queue mode a flush only queues the ops, and queued ops
+            // hold their room until a worker writes them: wait for that.
+            Overflow::Flush if !queued => Err(full(Some(started.elapsed()))),
+            Overflow::Flush | Overflow::Block => {
                 let mut changed = self.inner.engine.changed.subscribe();
                 self.inner
                     .engine

@@ -171,8 +171,11 @@ pub enum Overflow {
     /// Wait for room, up to `buffer.block_timeout`, then fail.
     #[default]
     Block,
-    /// Flush synchronously (`flush()`), then take the op if that made
-    /// room, else fail as full.
+    /// Flush synchronously (`flush()`, waiting up to
+    /// `buffer.block_timeout`), then take the op if that made room, else
+    /// fail as full. In queue mode, where a flush only queues the ops and
+    /// they keep their room until a worker writes them, then wait for room
+    /// as `Block` does, up to the same time.
     Flush,
     /// Fail at once.
     Reject,
@@ -190,7 +193,7 @@ pub struct BufferConfig {
     pub capacity: usize,
     /// `block`, `flush` or `reject`.
     pub overflow: Overflow,
-    /// With `overflow = "block"`: how long to wait for room.
+    /// With `overflow = "block"` (or `"flush"`): how long to wait for room.
     #[serde(with = "duration")]
     pub block_timeout: Duration,
     /// Memory store: most dead letters kept; past it the oldest go (counted
