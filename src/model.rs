@@ -253,17 +253,6 @@ impl Model {
     /// Checks a tuple to write against the model: type, relation, and
     /// allowed user types (with the right condition).
     pub fn validate(&self, t: &TupleKey) -> Result<(), TupleError> {
-        self.validate_as(t, false)
-    }
-
-    /// Checks a tuple to delete: type, relation and user type, whatever its
-    /// condition. OpenFGA deletes by user, relation and object, so a tuple
-    /// written with a condition is revoked by its key alone.
-    pub fn validate_revoke(&self, t: &TupleKey) -> Result<(), TupleError> {
-        self.validate_as(t, true)
-    }
-
-    fn validate_as(&self, t: &TupleKey, any_condition: bool) -> Result<(), TupleError> {
         let ty = t.object_type();
         let Some(rels) = self.relations.get(ty) else {
             return Err(TupleError::new(
@@ -287,12 +276,12 @@ impl Model {
             a.type_name == user_type
                 && a.relation.as_deref() == user_rel
                 && a.wildcard == wildcard
-                && (any_condition || a.condition.as_deref() == cond)
+                && a.condition.as_deref() == cond
         });
         if ok {
             // A grant's context, too: OpenFGA converts it to the
             // condition's parameter types, or refuses the tuple.
-            let context = t.condition.as_ref().filter(|_| !any_condition);
+            let context = t.condition.as_ref();
             let refused = context.and_then(|c| {
                 let why = self.conditions.refuses(&c.name, c.context.as_ref()?)?;
                 Some(TupleError::new(Field::Condition, &c.name, why))

@@ -200,6 +200,13 @@ impl TupleKey {
         Ok(())
     }
 
+    /// Checks that OpenFGA would delete the tuple: its fields' syntax
+    /// ([`TupleKey::validate`]). OpenFGA holds deletes to no model, and
+    /// deleting a tuple it does not hold changes nothing.
+    pub fn validate_for_delete(&self) -> Result<(), TupleError> {
+        self.validate_fields(true)
+    }
+
     /// The object's type, the part before `:`.
     pub fn object_type(&self) -> &str {
         type_of(&self.object)

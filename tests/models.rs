@@ -65,6 +65,12 @@ async fn a_handle_following_the_latest_model_switches_on_refresh() {
     assert!(!wb.check("user:anne", "viewer", "document:1").await.unwrap());
     // Refreshing again with nothing new changes nothing.
     assert_eq!(wb.refresh_model().await.unwrap(), Some(newer));
+    // A revoke is not held to the model, as OpenFGA's deletes are not: the
+    // wildcard tuple the old model admitted can still be deleted (before,
+    // the revoke was refused and the tuple stayed).
+    wb.revoke("user:*", "viewer", "document:1").await.unwrap();
+    wb.flush().await.unwrap();
+    assert!(support::stored(&s).await.is_empty());
 }
 
 /// The first model with `document#can_read` defined as `viewer`.

@@ -475,15 +475,19 @@ impl WriteBehind {
 
     async fn enqueue(&self, tuple: TupleKey, op: Op) -> Result<()> {
         self.ensure_open()?;
-        tuple.validate_for_write()?;
-        if self.inner.validate_against_model {
-            // A guard, not a clone: no shared count to bump per op.
-            if let Some(m) = self.inner.model.load().as_deref() {
-                match op {
-                    Op::Grant => m.validate(&tuple)?,
-                    Op::Revoke => m.validate_revoke(&tuple)?,
+        match op {
+            Op::Grant => {
+                tuple.validate_for_write()?;
+                if self.inner.validate_against_model {
+                    // A guard, not a clone: no shared count to bump per op.
+                    if let Some(m) = self.inner.model.load().as_deref() {
+                        m.validate(&tuple)?;
+                    }
                 }
             }
+            // As OpenFGA takes a delete: its syntax, not the model (a tuple
+            // an earlier model admitted can still be deleted).
+            Op::Revoke => tuple.validate_for_delete()?,
         }
         let e = &self.inner.engine;
         let mut started = None;
