@@ -451,6 +451,36 @@ async fn a_refused_worker_shows_in_status_whatever_others_record() {
     );
 }
 
+/// A worker OpenFGA refused (a 401) fetches no more jobs while its stop
+/// lasts: each would only be refused too. Before, it fetched every due job
+/// and sent one refused Write each (a thousand queued jobs, a thousand
+/// refused Writes a retry step).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_worker_fetches_no_jobs_while_stopped() {
+    let Refused {
+        wb, writes, worker, ..
+    } = Refused::start(&[60], Duration::from_secs(30)).await;
+    let w = Watch {
+        wb: &wb,
+        writes: Some(&writes),
+    };
+    for i in 0..5 {
+        wb.grant("user:anne", "viewer", &format!("document:more{i}"))
+            .await
+            .unwrap();
+        wb.flush().await.unwrap();
+    }
+    w.until("six jobs queued", Duration::from_secs(20), || async {
+        let q = wb.status().await.unwrap().queue.unwrap();
+        q.pending + q.running + q.scheduled >= 6
+    })
+    .await;
+    // A second of polls (every 50 ms) in which none is fetched.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(writes.count(), 1, "a stopped worker ran refused jobs");
+    worker.stop().await;
+}
+
 /// A worker OpenFGA refused once (a 401 on its Write) and that has no
 /// job to run since (the refused job waits a minute for its retry) asks
 /// OpenFGA again and ends its stop once OpenFGA answers (here: its model

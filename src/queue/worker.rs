@@ -432,7 +432,12 @@ fn never(e: std::convert::Infallible) -> BoxDynError {
 /// Due jobs, one at a time, as fast as the worker takes them: fetched when
 /// the worker has room, woken by new jobs (pub/sub) and else polled. Each
 /// job holds `holding` until it ends.
-fn jobs(store: Arc<RedisStore>, holding: Arc<Holding>, poll: Duration) -> JobStream {
+fn jobs(
+    store: Arc<RedisStore>,
+    holding: Arc<Holding>,
+    poll: Duration,
+    stats: Arc<crate::status::Stats>,
+) -> JobStream {
     let events = Arc::new(tokio::sync::Notify::new());
     // Ends with the stream (and so with the worker).
     let listener = store.events().map(|subscribe| {
@@ -453,9 +458,18 @@ fn jobs(store: Arc<RedisStore>, holding: Arc<Holding>, poll: Duration) -> JobStr
     let state = (store, events, holding, None);
     futures::stream::unfold(state, move |(store, events, holding, mut looked)| {
         let _owned = &listener;
+        let stats = stats.clone();
         async move {
         loop {
             holding.give_back_strays(&store, &mut looked).await;
+            if stats.halted().is_some() {
+                // OpenFGA refused this worker (credentials, the store): a
+                // job fetched now would only be refused too, one Write per
+                // due job. Its look (`look_past_stop`) ends the stop once
+                // OpenFGA answers; other workers take the jobs meanwhile.
+                tokio::time::sleep(poll).await;
+                continue;
+            }
             match store.fetch_jobs(1).await {
                 Ok((term, found)) => {
                     for FetchedJob { id, json, claims } in found {
@@ -533,10 +547,11 @@ async fn run_worker(
     let poll = config.queue.poll_interval;
     let fetch_store = store.clone();
     let holding = applier.holding.clone();
+    let stats = applier.engine.stats.clone();
     let backend = BackendBuilder::new()
         .database(())
         .fetcher(move |_: &mut (), _: &(), _: &WorkerContext| -> JobStream {
-            jobs(fetch_store.clone(), holding.clone(), poll)
+            jobs(fetch_store.clone(), holding.clone(), poll, stats.clone())
         })
         .sink(|_: &mut (), _: &()| -> NoSink {
             Box::pin(futures::sink::drain().sink_map_err(never))
