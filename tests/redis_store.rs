@@ -2082,6 +2082,31 @@ async fn owes_tells_a_revoke_still_to_come() {
     assert!(!k.owes().await, "written");
 }
 
+/// A grant given up that owed a revoke given up before it, then a newer op
+/// that a clear drops: what is owed is the revoke, kept as a revoke letter
+/// (checks fail closed until a replay writes it). Before, the clear
+/// superseded the grant's letter and the debt was gone: OpenFGA kept the
+/// tuple the revoke revokes.
+#[tokio::test]
+async fn a_clear_keeps_the_revoke_a_given_up_grant_owed() {
+    let mut k = OneKey::new("clear-owing").await;
+    k.push("r").await;
+    let revoke = k.take().await.unwrap();
+    k.finish(&revoke, "D").await;
+    k.push("g").await;
+    let grant = k.take().await.unwrap();
+    k.finish(&grant, "D").await;
+    assert_eq!(k.letter().await["owes"], true);
+    k.push("g").await;
+    // clear now cursor up_to jobs_up_to
+    k.r.call("clear", &["1000", "0", "", ""]).await;
+    assert_eq!(k.letter().await["op"], "r");
+    assert!(k.owes().await, "the revoke is still owed");
+    // replay now cap only_transient ids: the revoke is written next.
+    k.r.call("replay", &["1000", "100", "1", "*"]).await;
+    assert_eq!(k.entry().await, pair("r", "r"));
+}
+
 /// A clear that leaves a revoke given up in an outage current again (the
 /// op cleared was newer, so a replay had left the letter alone) tells the
 /// workers to look at the letters again. Before, they looked only when

@@ -686,7 +686,8 @@ end
 -- that revoke revokes, so checks keep failing closed on it until a replay.
 -- A grant's letter goes as before: a replay (workers replay transient
 -- letters by themselves) must not grant what the application took back
--- since. Free while no key has letters.
+-- since; an owing grant's (see finish) becomes the revoke it owed. Free
+-- while no key has letters.
 local function supersede_letters(keys, seqs, cleared)
   if rcall('HLEN', K_DEADKEY) == 0 then return end
   local ids = hmget(K_DEADKEY, keys)
@@ -694,6 +695,17 @@ local function supersede_letters(keys, seqs, cleared)
     local id = ids[i]
     if id and id ~= '0' then
       local d = letter(rcall('HGET', K_DEAD, id))
+      if cleared and d and d.transient == true and d.op == 'g' and d.owes == true then
+        -- A grant given up that owed a revoke: with the op after it
+        -- dropped, what is owed is that revoke (replaying the grant would
+        -- grant what the application revoked before it). Kept as one.
+        d.op, d.cond, d.owes = 'r', '', nil
+        d.reason = tostring(d.reason or '') ..
+          '; kept as the revoke this grant owed when a clear dropped the op after it'
+        rcall('HSET', K_DEAD, id, cjson.encode(d))
+        index_dead_for_checks(k, K_DEADREV)
+        index_dead_current(k, d.first)
+      end
       local kept = cleared and d and d.transient == true and d.op == 'r'
       if not kept and (not d or (tonumber(d.seq) or 0) <= (tonumber(seqs[i]) or 0)) then
         rcall('HSET', K_DEADKEY, k, 0)
