@@ -781,7 +781,9 @@ impl Applier {
             {
                 // Pending again, for the next flush or look.
                 let back = ops.into_iter().map(|t| (t, Outcome::Retry)).collect();
-                self.store.finish(back, None).await?;
+                let f = self.store.finish(back, None).await?;
+                // Ops superseded meanwhile end here: counted as coalesced.
+                e.account(&f, &mut crate::status::FlushReport::default());
                 return Err(err);
             }
         }
