@@ -535,11 +535,11 @@ impl fmt::Display for Error {
                 owes: true,
             } => write!(
                 f,
-                "check denied (fail closed): OpenFGA refuses the pending grant {tuple} ({reason}), which replaced a revoke of that tuple not yet written; once the grant is dead-lettered when flushed (`fga-wb flush`), the revoke is written"
+                "denied (fail closed): the pending grant {tuple} will be refused ({reason}), and it replaced a revoke of that tuple not yet written: OpenFGA still holds what that revoke deletes; once the grant is dead-lettered when flushed (`fga-wb flush`), the revoke is written"
             ),
             Kind::PendingGrantRefused { tuple, reason, .. } => write!(
                 f,
-                "check denied (fail closed): OpenFGA refuses the pending grant {tuple} ({reason}), which could take this access away; it will be dead-lettered when flushed (`fga-wb flush`), or revoke it"
+                "denied (fail closed): OpenFGA refuses the pending grant {tuple} ({reason}), which could take this access away; it will be dead-lettered when flushed (`fga-wb flush`), or revoke it"
             ),
             Kind::DeadLetterInDoubt { count } => write!(
                 f,

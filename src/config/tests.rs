@@ -151,6 +151,13 @@ fn empty_fga_cli_variables_are_unset() {
     assert!(c.openfga.oauth2.is_none());
     assert!(matches!(c.openfga.credentials(), Credentials::ApiToken(_)));
     assert!(load_env(&[("FGA_API_AUDIENCE", "")]).is_ok());
+    // An empty FGA_MODEL_ID leaves the file's pinned model alone.
+    let dir = std::env::temp_dir().join(format!("fga-wb-cfg-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("pinned.toml");
+    std::fs::write(&f, "[openfga]\nmodel_id = \"01JPINNED00000000000000000\"\n").unwrap();
+    let c = Config::load_from(Some(&f), env(&[("FGA_MODEL_ID", "")])).unwrap();
+    assert_eq!(c.openfga.model_id, "01JPINNED00000000000000000");
 }
 
 #[test]
