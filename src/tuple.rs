@@ -197,6 +197,16 @@ impl TupleKey {
                 "is the tuple's own object and relation: the tuple would relate a set to itself, which OpenFGA refuses to write (implicit tuple)",
             ));
         }
+        if let Some(c) = &self.condition {
+            let size = c.context.as_ref().map_or(0, struct_size);
+            if size > MAX_WRITE_CONTEXT_BYTES {
+                return Err(TupleError::new(
+                    Field::Condition,
+                    &c.name,
+                    format!("has a context of {size} bytes as OpenFGA stores it; OpenFGA writes at most {MAX_WRITE_CONTEXT_BYTES}"),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -455,6 +465,49 @@ pub fn validate_object(object: &str) -> Result<(), TupleError> {
 /// Redis, in queue jobs) it must read back, and serde_json reads at most 128
 /// levels, the condition's own object included.
 const MAX_CONTEXT_DEPTH: usize = 100;
+
+/// The most bytes a written tuple's condition context takes in OpenFGA's
+/// protobuf form (`google.protobuf.Struct`); past it a Write is refused.
+/// Checks and their contextual tuples have no such limit.
+const MAX_WRITE_CONTEXT_BYTES: usize = 32 * 1024;
+
+/// The size of a context as OpenFGA measures it: the protobuf encoding of a
+/// `Struct` (map entries of a key and a `Value`, whose oneof is always
+/// encoded; numbers as doubles). The depth is bounded by
+/// [`context_problem`], checked before.
+fn struct_size(m: &serde_json::Map<String, serde_json::Value>) -> usize {
+    m.iter()
+        .map(|(k, v)| {
+            // The entry's key (field 1) and value (field 2), each tagged.
+            let entry = 1 + bytes_size(k.len()) + 1 + bytes_size(value_size(v));
+            1 + bytes_size(entry)
+        })
+        .sum()
+}
+
+/// A `google.protobuf.Value`'s encoded size.
+fn value_size(v: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    1 + match v {
+        Value::Null | Value::Bool(_) => 1,
+        Value::Number(_) => 8,
+        Value::String(s) => bytes_size(s.len()),
+        Value::Object(m) => bytes_size(struct_size(m)),
+        Value::Array(a) => bytes_size(a.iter().map(|v| 1 + bytes_size(value_size(v))).sum()),
+    }
+}
+
+/// A length-delimited field's payload of `n` bytes with its length (a
+/// varint), without the field's tag.
+fn bytes_size(n: usize) -> usize {
+    let mut len = 1;
+    let mut rest = n >> 7;
+    while rest > 0 {
+        len += 1;
+        rest >>= 7;
+    }
+    len + n
+}
 
 /// What in a condition's context fga-wb cannot read back (too deep) or, with
 /// `control`, OpenFGA refuses whatever the model (a control character in a

@@ -454,6 +454,47 @@ async fn a_read_leaves_out_a_pending_grant_the_model_refuses() {
     wb.clear().await.expect("clear");
 }
 
+/// The 32 KiB a written context may take, as OpenFGA measures it (its
+/// protobuf form, not its JSON): for strings, lists and maps around the
+/// limit, a grant is taken exactly when OpenFGA writes the tuple. Before,
+/// any size was taken and a context over the limit was dead-lettered when
+/// flushed.
+#[tokio::test]
+async fn the_context_size_limit_is_the_servers() {
+    let store = new_store_with("context-size", &model()).await;
+    let wb = handle(&store).await;
+    let shapes: [(&str, std::ops::Range<usize>, fn(usize) -> Value); 3] = [
+        ("s", 32_740..32_766, |n| json!("x".repeat(n))),
+        ("li", 2_972..2_984, |n| json!(vec![1; n])),
+        ("ms", 2_176..2_190, |n| {
+            let m: Map<String, Value> = (0..n).map(|i| (format!("k{i:05}"), json!("x"))).collect();
+            Value::Object(m)
+        }),
+    ];
+    let mut user = 100;
+    for (param, sizes, make) in shapes {
+        let mut seen = (false, false);
+        for n in sizes {
+            user += 1;
+            let t = tuple(user, "every", param, &make(n));
+            let ours = wb.grant_tuple(t.clone()).await;
+            let theirs = server_writes(&store, &t).await;
+            assert_eq!(ours.is_ok(), theirs, "{param} of {n}: {ours:?}");
+            if theirs {
+                seen.0 = true
+            } else {
+                seen.1 = true
+            }
+        }
+        assert_eq!(
+            seen,
+            (true, true),
+            "{param}: the limit is not in the range tried"
+        );
+    }
+    wb.clear().await.expect("clear");
+}
+
 /// A handle on `store` that does not validate (nor flush on its own), on
 /// the memory store or on Redis.
 async fn unvalidated(store: &TestStore, redis: bool) -> WriteBehind {
