@@ -463,7 +463,8 @@ async fn a_read_leaves_out_a_pending_grant_the_model_refuses() {
 async fn the_context_size_limit_is_the_servers() {
     let store = new_store_with("context-size", &model()).await;
     let wb = handle(&store).await;
-    let shapes: [(&str, std::ops::Range<usize>, fn(usize) -> Value); 3] = [
+    type Shape = (&'static str, std::ops::Range<usize>, fn(usize) -> Value);
+    let shapes: [Shape; 3] = [
         ("s", 32_740..32_766, |n| json!("x".repeat(n))),
         ("li", 2_972..2_984, |n| json!(vec![1; n])),
         ("ms", 2_176..2_190, |n| {
