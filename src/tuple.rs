@@ -345,19 +345,36 @@ fn validate_id(field: Field, whole: &str, id: &str) -> Result<(), TupleError> {
 
 /// Checks a `user`: `type:id`, `type:*` or `type:id#relation`, at most 512 bytes.
 pub fn validate_user(user: &str) -> Result<(), TupleError> {
-    let f = Field::User;
-    if user.is_empty() {
-        return Err(TupleError::new(f, user, "is empty; the user is required"));
-    }
     if user.len() > MAX_USER_BYTES {
         return Err(TupleError::new(
-            f,
+            Field::User,
             user,
             format!(
                 "is {} bytes; OpenFGA allows at most {MAX_USER_BYTES}",
                 user.len()
             ),
         ));
+    }
+    validate_user_shape(user)
+}
+
+/// Checks the user a check asks about: as [`validate_user`], but at most 512
+/// characters, as OpenFGA's Check counts them (a tuple's user counts bytes).
+pub fn validate_check_user(user: &str) -> Result<(), TupleError> {
+    if let Some(n) = chars_over(user, MAX_USER_BYTES) {
+        return Err(TupleError::new(
+            Field::User,
+            user,
+            format!("is {n} characters; OpenFGA's Check allows at most {MAX_USER_BYTES}"),
+        ));
+    }
+    validate_user_shape(user)
+}
+
+fn validate_user_shape(user: &str) -> Result<(), TupleError> {
+    let f = Field::User;
+    if user.is_empty() {
+        return Err(TupleError::new(f, user, "is empty; the user is required"));
     }
     let Some((ty, rest)) = user.split_once(':') else {
         return Err(TupleError::new(

@@ -77,6 +77,34 @@ fn id() -> impl Strategy<Value = String> {
     ]
 }
 
+/// A check's user may be 512 characters (OpenFGA's Check counts
+/// characters; a written tuple's user counts bytes): one of 305 characters
+/// and 605 bytes is answered, from a wildcard grant, as OpenFGA answers.
+/// Before, fga-wb refused the check as invalid input.
+#[test]
+fn a_check_user_is_limited_in_characters_as_openfga_limits_it() {
+    let e = env();
+    let user = format!("user:{}", "é".repeat(300));
+    e.rt.block_on(async {
+        e.wb.grant("user:*", "viewer", "document:wide")
+            .await
+            .unwrap();
+        e.wb.flush().await.unwrap();
+        let theirs = e
+            .store
+            .client
+            .check(
+                &e.store.store_id,
+                &fga_wb::openfga::CheckRequest::new(&user, "viewer", "document:wide"),
+            )
+            .await
+            .expect("OpenFGA answers");
+        assert!(theirs);
+        let ours = e.wb.check(&user, "viewer", "document:wide").await;
+        assert!(matches!(ours, Ok(true)), "{ours:?}");
+    });
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: 400,

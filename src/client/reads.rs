@@ -255,7 +255,11 @@ impl WriteBehind {
 
     async fn prepare(&self, req: &CheckRequest) -> Result<Prepared> {
         self.ensure_open()?;
-        let probe = TupleKey::new(&req.user, &req.relation, &req.object)?;
+        // Check's own rules: its user may be 512 characters, not bytes.
+        crate::tuple::validate_check_user(&req.user)?;
+        crate::tuple::validate_relation(&req.relation)?;
+        crate::tuple::validate_object(&req.object)?;
+        let probe = TupleKey::unvalidated(&req.user, &req.relation, &req.object);
         let e = &self.inner.engine;
         let ty = probe.object_type();
         // Read the generations before looking at anything pending: see
