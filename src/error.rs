@@ -397,6 +397,12 @@ impl Error {
         matches!(&*self.kind, Kind::BufferLost { .. })
     }
 
+    /// Not started because this process's hold on the ops is ending or
+    /// ended (its Redis lease): nothing was sent, so no attempt was used.
+    pub(crate) fn is_busy(&self) -> bool {
+        matches!(&*self.kind, Kind::Busy(_))
+    }
+
     /// The handle has been shut down.
     pub fn is_shutdown(&self) -> bool {
         matches!(&*self.kind, Kind::Shutdown)

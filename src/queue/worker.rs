@@ -291,8 +291,13 @@ impl Applier {
             // Not a failure: wait for the other writer, same attempt.
             next = Some((BUSY_RETRY, job.attempt));
         }
+        // Not sent (the worker's lease is ending): no attempt was used, so
+        // none of the schedule is, nor is the job given up.
+        let unsent = error.as_ref().is_some_and(Error::is_busy);
         if !again.is_empty() {
-            if halted {
+            if unsent {
+                next = Some((BUSY_RETRY, job.attempt));
+            } else if halted {
                 // Bad credentials or an unknown store: nothing to dead-letter,
                 // everything to keep. Try again at the slowest step.
                 tracing::error!(error = %reason, ops = again.len(), "OpenFGA refused the worker; ops kept");
