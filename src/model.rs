@@ -272,12 +272,34 @@ impl Model {
         let user_rel = t.user_relation();
         let wildcard = t.is_wildcard_user();
         let cond = t.condition.as_ref().map(|c| c.name.as_str());
-        let ok = allowed.iter().any(|a| {
+        // As OpenFGA judges it: the user's kind against the type
+        // restrictions, whatever their conditions; then the condition on
+        // its own (one restriction of the user's type naming it, or, with
+        // none, an unconditional restriction that fits the user).
+        let kind_ok = allowed.iter().any(|a| {
             a.type_name == user_type
-                && a.relation.as_deref() == user_rel
-                && a.wildcard == wildcard
-                && a.condition.as_deref() == cond
+                && match (user_rel, wildcard) {
+                    (Some(r), _) => a.relation.as_deref() == Some(r),
+                    (None, true) => a.wildcard,
+                    (None, false) => !a.wildcard && a.relation.is_none(),
+                }
         });
+        let condition_ok = match cond {
+            Some(c) => allowed
+                .iter()
+                .any(|a| a.type_name == user_type && a.condition.as_deref() == Some(c)),
+            None => allowed.iter().any(|a| {
+                a.type_name == user_type
+                    && a.condition.is_none()
+                    && if a.relation.is_some() || a.wildcard {
+                        a.relation.as_deref().is_none_or(|r| Some(r) == user_rel)
+                            && (!a.wildcard || wildcard)
+                    } else {
+                        !wildcard
+                    }
+            }),
+        };
+        let ok = kind_ok && condition_ok;
         if ok {
             // A grant's context, too: OpenFGA converts it to the
             // condition's parameter types, or refuses the tuple.

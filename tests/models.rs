@@ -355,3 +355,79 @@ async fn read_with_a_pending_revoke_on_a_dropped_relation(store: StoreKind) {
     wb.clear().await.unwrap();
     wb.shutdown().await.unwrap();
 }
+
+/// Type restrictions with conditions, judged as OpenFGA judges them (the
+/// user's kind against the restrictions whatever their conditions, then the
+/// condition on its own): for each tuple, a grant is taken exactly when the
+/// real server writes it. Before, fga-wb wanted one restriction matching
+/// kind and condition at once, and refused `user:anne with cc` under
+/// `[user, user:* with cc]` and a plain `group:x#member` under
+/// `[group, group#member with cc]`, which OpenFGA writes.
+#[tokio::test]
+async fn conditions_on_type_restrictions_are_judged_as_openfga_judges_them() {
+    let restriction = |t: &str, extra: Value| {
+        let mut r = json!({ "type": t });
+        for (k, v) in extra.as_object().unwrap() {
+            r[k] = v.clone();
+        }
+        r
+    };
+    let m = json!({
+        "schema_version": "1.1",
+        "type_definitions": [
+            { "type": "user" },
+            { "type": "group", "relations": { "member": { "this": {} } },
+              "metadata": { "relations": { "member": { "directly_related_user_types": [{ "type": "user" }] } } } },
+            { "type": "document",
+              "relations": { "viewer": { "this": {} }, "editor": { "this": {} } },
+              "metadata": { "relations": {
+                  "viewer": { "directly_related_user_types": [
+                      restriction("user", json!({})),
+                      restriction("user", json!({ "wildcard": {}, "condition": "cc" })),
+                  ] },
+                  "editor": { "directly_related_user_types": [
+                      restriction("group", json!({})),
+                      restriction("group", json!({ "relation": "member", "condition": "cc" })),
+                  ] },
+              } } }
+        ],
+        "conditions": { "cc": { "name": "cc", "expression": "x < 10",
+            "parameters": { "x": { "type_name": "TYPE_NAME_INT" } } } }
+    });
+    let s = new_store_with("model-condition-restrictions", &m).await;
+    let wb = WriteBehind::builder(config_for(&s))
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    let cases = [
+        ("user:anne", "viewer", Some("cc")),
+        ("user:anne", "viewer", None),
+        ("user:*", "viewer", Some("cc")),
+        ("user:*", "viewer", None),
+        ("group:x#member", "editor", None),
+        ("group:x#member", "editor", Some("cc")),
+        ("group:x", "editor", Some("cc")),
+        ("group:x", "editor", None),
+    ];
+    for (i, (user, relation, condition)) in cases.into_iter().enumerate() {
+        let object = format!("document:{i}");
+        let mut t = fga_wb::TupleKey::new(user, relation, &object).unwrap();
+        if let Some(c) = condition {
+            t = t.with_condition(c, None).unwrap();
+        }
+        let ours = wb.grant_tuple(t.clone()).await;
+        let req = fga_wb::openfga::WriteRequest::idempotent(vec![t], vec![]);
+        let theirs = match s.client.write(&s.store_id, &req).await {
+            Ok(()) => true,
+            Err(e) if e.is_invalid_input() => false,
+            Err(e) => panic!("the server failed: {e}"),
+        };
+        assert_eq!(
+            ours.is_ok(),
+            theirs,
+            "{user} {relation} {condition:?}: {ours:?}"
+        );
+    }
+    wb.clear().await.unwrap();
+}
