@@ -8,10 +8,12 @@
 //! would die with it: so the model's parameter types are checked at the
 //! call, by OpenFGA's own conversion rules.
 //!
-//! Where the rules turn on exact arithmetic (numbers given as strings whose
-//! precision or range is at the edge of what OpenFGA's conversion keeps), a
-//! value is let through and OpenFGA decides: refusing what OpenFGA takes
-//! would turn valid grants away.
+//! A number given as a string for a double is worked out exactly as Go's
+//! conversion does it (rounded to 64 bits, then exact as a float64 or
+//! refused). Where an int's answer turns on rounding past 19 significant
+//! digits, or a binary exponent is given, a value is let through and
+//! OpenFGA decides: refusing what OpenFGA takes would turn valid grants
+//! away.
 
 use std::collections::HashMap;
 
@@ -195,16 +197,18 @@ fn short(v: &Value) -> String {
 }
 
 /// Whether OpenFGA's conversion of a string to a number (Go's
-/// `big.ParseFloat(s, 10, 64, 0)`, then a whole-number check for int and
-/// uint) may take `s`. Strings whose answer turns on rounding at 64 bits
-/// (more than 19 significant digits, a binary exponent, a float's range)
-/// pass.
+/// `big.ParseFloat(s, 10, 64, 0)`, then an exact `Float64()` for a double,
+/// a whole-number check for int and uint) may take `s`. Int and uint
+/// strings whose answer turns on rounding at 64 bits (more than 19
+/// significant digits) pass, as do binary exponents.
 fn numeric_string_fits(ty: &ParamType, s: &str) -> bool {
     let Some(n) = GoFloat::parse(s) else {
         return false;
     };
     match ty {
-        ParamType::Double => true,
+        // An infinity converts exactly; a binary exponent is OpenFGA's call.
+        ParamType::Double if n.exp2 || n.inf => true,
+        ParamType::Double => n.exact_double(),
         // Not a whole number: infinities, and fractions that no rounding
         // can make whole.
         _ if n.inf => false,
@@ -227,6 +231,8 @@ struct GoFloat {
     last_digit: i64,
     /// A binary exponent (`p`) was given.
     exp2: bool,
+    /// The significant digits themselves (without a binary exponent).
+    digits: String,
 }
 
 impl GoFloat {
@@ -243,6 +249,7 @@ impl GoFloat {
                 significant: 0,
                 last_digit: 0,
                 exp2: false,
+                digits: String::new(),
             });
         }
         let (mantissa, exponent) = match rest.find(['e', 'E', 'p', 'P']) {
@@ -272,11 +279,13 @@ impl GoFloat {
         let all = format!("{int_part}{frac_part}");
         let trimmed = all.trim_end_matches('0');
         let dropped = all.len() - trimmed.len();
-        let significant = trimmed.trim_start_matches('0').len();
+        let digits = trimmed.trim_start_matches('0').to_owned();
+        let significant = digits.len();
         let shift = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         Some(GoFloat {
             negative,
             inf: false,
+            digits,
             significant,
             last_digit: match exp2 {
                 true => 0,
@@ -292,11 +301,162 @@ impl GoFloat {
         !self.inf && self.significant == 0
     }
 
+    /// Whether the value, rounded to 64 bits (to nearest, ties to even),
+    /// is a float64 exactly, as Go's `Float64()` must find it for OpenFGA
+    /// to take it. That holds when the value rounds to the float64 nearest
+    /// it at 64 bits: when it lies within half a 64-bit step of it (that
+    /// float64's mantissa ends in zeros, so a tie goes to it). Not for a
+    /// binary exponent.
+    fn exact_double(&self) -> bool {
+        if self.zero() {
+            return true;
+        }
+        // The nearest float64 (Rust's parse rounds correctly), of the
+        // digits alone: the sign changes nothing.
+        let Ok(f) = format!("{}e{}", self.digits, self.last_digit).parse::<f64>() else {
+            return false;
+        };
+        if f == 0.0 || f.is_infinite() {
+            return false;
+        }
+        // f = mant * 2^exp, its top bit at 2^top.
+        let bits = f.to_bits();
+        let raw_exp = ((bits >> 52) & 0x7ff) as i64;
+        let (mant, exp) = match raw_exp {
+            0 => (bits & ((1 << 52) - 1), -1074),
+            e => ((bits & ((1 << 52) - 1)) | (1 << 52), e - 1075),
+        };
+        let top = exp + 63 - i64::from(mant.leading_zeros());
+        // In units of 2^base, the smallest step below: f, and half a
+        // 64-bit step above and below it (half as far below a power of two).
+        let base = top - 65;
+        let at = u128::from(mant) << (exp - base);
+        let above = at + (1u128 << (top - 64 - base));
+        let below = match mant.is_power_of_two() {
+            true => at - 1,
+            false => at - (1u128 << (top - 64 - base)),
+        };
+        let x = Decimal {
+            digits: &self.digits,
+            exp10: self.last_digit,
+        };
+        x.cmp_binary(below, base).is_ge() && x.cmp_binary(above, base).is_le()
+    }
+
     /// Whether the value may be a whole number after Go rounds it to 64
     /// bits: certainly not when it has at most 19 significant digits (less
     /// than 2^64) and its last one is below the units.
     fn may_be_whole(&self) -> bool {
         self.zero() || self.exp2 || self.significant > 19 || self.last_digit >= 0
+    }
+}
+
+/// A decimal `digits` * 10^`exp10`, compared exactly with binary numbers.
+struct Decimal<'a> {
+    digits: &'a str,
+    exp10: i64,
+}
+
+impl Decimal<'_> {
+    /// How this compares with `n` * 2^`exp2`: both sides made whole, in
+    /// arbitrary precision. Only called with exponents a float64's range
+    /// bounds (the value is a finite, nonzero float64 when rounded).
+    fn cmp_binary(&self, n: u128, exp2: i64) -> std::cmp::Ordering {
+        let mut lhs = BigUint::from_decimal(self.digits);
+        let mut rhs = BigUint::from_u128(n);
+        match self.exp10 {
+            e if e >= 0 => lhs.mul_pow10(e.unsigned_abs()),
+            e => rhs.mul_pow10(e.unsigned_abs()),
+        }
+        match exp2 {
+            e if e >= 0 => rhs.shl(e.unsigned_abs()),
+            e => lhs.shl(e.unsigned_abs()),
+        }
+        lhs.cmp(&rhs)
+    }
+}
+
+/// Just enough of an unsigned big integer for [`Decimal::cmp_binary`]:
+/// little-endian 32-bit limbs, no trailing zero limbs.
+#[derive(PartialEq, Eq)]
+struct BigUint(Vec<u32>);
+
+impl BigUint {
+    fn from_u128(mut n: u128) -> BigUint {
+        let mut v = Vec::new();
+        while n > 0 {
+            v.push(n as u32);
+            n >>= 32;
+        }
+        BigUint(v)
+    }
+
+    fn from_decimal(digits: &str) -> BigUint {
+        let mut n = BigUint(Vec::new());
+        // Nine digits at a time: each step one multiply over the limbs.
+        for chunk in digits.as_bytes().chunks(9) {
+            let (mut mul, mut add) = (1u32, 0u32);
+            for d in chunk {
+                mul *= 10;
+                add = add * 10 + u32::from(d - b'0');
+            }
+            n.mul_add(mul, add);
+        }
+        n
+    }
+
+    fn mul_add(&mut self, mul: u32, add: u32) {
+        let mut carry = u64::from(add);
+        for limb in &mut self.0 {
+            let v = u64::from(*limb) * u64::from(mul) + carry;
+            *limb = v as u32;
+            carry = v >> 32;
+        }
+        if carry > 0 {
+            self.0.push(carry as u32);
+        }
+    }
+
+    fn mul_pow10(&mut self, mut e: u64) {
+        while e > 0 {
+            let step = e.min(9);
+            self.mul_add(10u32.pow(step as u32), 0);
+            e -= step;
+        }
+    }
+
+    fn shl(&mut self, bits: u64) {
+        if self.0.is_empty() {
+            return;
+        }
+        let (limbs, rest) = ((bits / 32) as usize, (bits % 32) as u32);
+        if rest > 0 {
+            let mut carry = 0u32;
+            for limb in &mut self.0 {
+                let v = (u64::from(*limb) << rest) | u64::from(carry);
+                *limb = v as u32;
+                carry = (v >> 32) as u32;
+            }
+            if carry > 0 {
+                self.0.push(carry);
+            }
+        }
+        self.0.splice(0..0, std::iter::repeat_n(0, limbs));
+    }
+}
+
+impl Ord for BigUint {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0
+            .len()
+            .cmp(&other.0.len())
+            .then_with(|| self.0.iter().rev().cmp(other.0.iter().rev()))
+    }
+}
+
+impl PartialOrd for BigUint {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
