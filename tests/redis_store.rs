@@ -2107,6 +2107,31 @@ async fn a_clear_keeps_the_revoke_a_given_up_grant_owed() {
     assert_eq!(k.entry().await, pair("r", "r"));
 }
 
+/// A purge of every letter up to a bound (what `dlq purge --all` asked
+/// about) spares a letter written after it, and its place in the indexes
+/// checks read.
+#[tokio::test]
+async fn a_purge_up_to_a_bound_spares_newer_letters() {
+    let mut k = OneKey::new("purge-bound").await;
+    k.push("r").await;
+    let revoke = k.take().await.unwrap();
+    k.finish(&revoke, "D").await;
+    let first = k.letter().await["id"].as_u64().unwrap();
+    k.push("r").await;
+    let again = k.take().await.unwrap();
+    k.finish(&again, "D").await;
+    let first = first.to_string();
+    // dlqdrop pub ('*' up_to)
+    let out = k.r.call("dlqdrop", &["*", &first]).await;
+    assert_eq!(out.len(), 2, "one letter purged: {out:?}");
+    assert_eq!(
+        k.letter().await["op"],
+        "r",
+        "the newer letter stays current"
+    );
+    assert!(k.owes().await, "its revoke still fails checks closed");
+}
+
 /// A clear that leaves a revoke given up in an outage current again (the
 /// op cleared was newer, so a replay had left the letter alone) tells the
 /// workers to look at the letters again. Before, they looked only when

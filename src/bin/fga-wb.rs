@@ -574,11 +574,13 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
             ids: given,
         } => {
             let which = ids(*all, given)?;
-            // What the operator was asked about (or, with --yes, what there
-            // is now): not letters written while the question was open.
-            let up_to = wb.newest_dead_letter_id().await?;
+            // What the operator was asked about: not letters written while
+            // the question was open (with --yes, all there are).
+            let mut up_to = None;
             if *all && !*yes {
+                let newest = wb.newest_dead_letter_id().await?;
                 let letters = wb.dead_letters().await?;
+                up_to = Some(letters.iter().map(|d| d.id).fold(newest, u64::max));
                 // Revokes given up in an outage: their checks fail closed
                 // until replayed, and ask OpenFGA (which may still hold
                 // the tuples) once their letters are gone.
@@ -596,9 +598,9 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
                     ));
                 }
             }
-            let n = match which.as_deref() {
-                Some(ids) => wb.purge_dead_letters(Some(ids)).await?,
-                None => wb.purge_dead_letters_up_to(up_to).await?,
+            let n = match (which.as_deref(), up_to) {
+                (None, Some(up_to)) => wb.purge_dead_letters_up_to(up_to).await?,
+                (which, _) => wb.purge_dead_letters(which).await?,
             };
             report_count(json, "purged", n)
         }

@@ -434,9 +434,14 @@ pub(crate) trait Store: Send + Sync + 'static {
             Ok(letters.iter().map(|d| d.id).collect())
         })
     }
-    /// Removes dead letters: those with the given ids, or all; returns how
-    /// many (those that could not be read included).
-    fn remove_dead_letters<'a>(&'a self, ids: Option<&'a [u64]>) -> BoxFuture<'a, Result<usize>>;
+    /// Removes dead letters: those with the given ids, or all (with
+    /// `up_to`, all but those numbered after it); returns how many (those
+    /// that could not be read included).
+    fn remove_dead_letters<'a>(
+        &'a self,
+        ids: Option<&'a [u64]>,
+        up_to: Option<u64>,
+    ) -> BoxFuture<'a, Result<usize>>;
     /// Buffers dead letters again as new ops (those with `ids`, or all; with
     /// `only_transient`, only those that died of transient causes), in one
     /// step per letter that also drops a superseded letter instead: one whose

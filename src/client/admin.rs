@@ -290,7 +290,12 @@ impl WriteBehind {
     /// id read as "purged 0").
     pub async fn purge_dead_letters(&self, ids: Option<&[u64]>) -> Result<usize> {
         self.refuse_unknown_letters(ids, false).await?;
-        let n = self.inner.engine.store.remove_dead_letters(ids).await?;
+        let n = self
+            .inner
+            .engine
+            .store
+            .remove_dead_letters(ids, None)
+            .await?;
         if n > 0 {
             tracing::warn!(
                 count = n,
@@ -306,17 +311,19 @@ impl WriteBehind {
     /// up in an outage meanwhile keeps failing its checks closed until it
     /// is replayed. Returns how many were deleted.
     pub async fn purge_dead_letters_up_to(&self, up_to: u64) -> Result<usize> {
-        let store = &self.inner.engine.store;
-        let ids: Vec<u64> = store
-            .letter_ids()
-            .await?
-            .into_iter()
-            .filter(|&id| id <= up_to)
-            .collect();
-        if ids.is_empty() {
-            return Ok(0);
+        let n = self
+            .inner
+            .engine
+            .store
+            .remove_dead_letters(None, Some(up_to))
+            .await?;
+        if n > 0 {
+            tracing::warn!(
+                count = n,
+                "purged dead letters: their ops will never be written"
+            );
         }
-        self.purge_dead_letters(Some(&ids)).await
+        Ok(n)
     }
 
     /// An error naming the `ids` that are no dead letter's; for a replay,

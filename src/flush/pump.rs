@@ -1680,8 +1680,9 @@ mod tests {
         fn remove_dead_letters<'a>(
             &'a self,
             ids: Option<&'a [u64]>,
+            up_to: Option<u64>,
         ) -> BoxFuture<'a, Result<usize, Error>> {
-            self.inner.remove_dead_letters(ids)
+            self.inner.remove_dead_letters(ids, up_to)
         }
         fn replay_dead_letters<'a>(
             &'a self,

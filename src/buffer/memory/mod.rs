@@ -1195,14 +1195,27 @@ impl Store for MemoryStore {
         Box::pin(future::ready(self.replay_now(ids, only_transient)))
     }
 
-    fn remove_dead_letters<'a>(&'a self, ids: Option<&'a [u64]>) -> BoxFuture<'a, Result<usize>> {
+    fn remove_dead_letters<'a>(
+        &'a self,
+        ids: Option<&'a [u64]>,
+        up_to: Option<u64>,
+    ) -> BoxFuture<'a, Result<usize>> {
         let mut g = self.dead();
-        let removed = match ids {
-            None => {
+        let removed = match (ids, up_to) {
+            (None, Some(up_to)) => {
+                let old: Vec<u64> = g
+                    .letters
+                    .keys()
+                    .copied()
+                    .filter(|&id| id <= up_to)
+                    .collect();
+                old.into_iter().filter_map(|id| g.remove(id)).count()
+            }
+            (None, None) => {
                 g.keys.clear();
                 std::mem::take(&mut g.letters).len()
             }
-            Some(ids) => ids.iter().filter_map(|&id| g.remove(id)).count(),
+            (Some(ids), _) => ids.iter().filter_map(|&id| g.remove(id)).count(),
         };
         self.dead_keys.store(g.keys.len(), Ordering::Relaxed);
         drop(g);

@@ -101,11 +101,15 @@ impl RedisStore {
     /// purging all ends with one call that also drops the per-tuple
     /// bookkeeping. Returns how many were removed, unreadable ones
     /// included (they are not parsed: there is nothing to show of them).
-    pub(crate) async fn purge_now(&self, ids: Option<&[u64]>) -> Result<usize> {
+    pub(crate) async fn purge_now(&self, ids: Option<&[u64]>, up_to: Option<u64>) -> Result<usize> {
         let all = ids.is_none();
         let ids = match ids {
             Some(ids) => ids.to_vec(),
-            None => self.letter_ids_now().await?,
+            None => {
+                let mut ids = self.letter_ids_now().await?;
+                ids.retain(|&id| up_to.is_none_or(|u| id <= u));
+                ids
+            }
         };
         let mut calls: Vec<Args> = ids
             .chunks(LETTERS_STEP)
@@ -116,8 +120,13 @@ impl RedisStore {
             })
             .collect();
         if all {
+            // The rest, unreadable ones too; with `up_to`, not the letters
+            // numbered after it.
             let mut a = Args::new("dlqdrop", self.publish);
             a.push("*");
+            if let Some(u) = up_to {
+                a.push(u);
+            }
             calls.push(a);
         }
         let mut removed = 0;

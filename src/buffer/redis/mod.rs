@@ -938,8 +938,12 @@ impl Store for RedisStore {
         Box::pin(self.letter_ids_now())
     }
 
-    fn remove_dead_letters<'a>(&'a self, ids: Option<&'a [u64]>) -> BoxFuture<'a, Result<usize>> {
-        Box::pin(self.purge_now(ids))
+    fn remove_dead_letters<'a>(
+        &'a self,
+        ids: Option<&'a [u64]>,
+        up_to: Option<u64>,
+    ) -> BoxFuture<'a, Result<usize>> {
+        Box::pin(self.purge_now(ids, up_to))
     }
 
     fn replay_dead_letters<'a>(

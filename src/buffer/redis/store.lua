@@ -2424,11 +2424,15 @@ if cmd == 'replay' then
   return res
 end
 
--- dlqdrop pub (id* | '*') -> {(id, letter)*}: removes letters (purge).
+-- dlqdrop pub (id* | '*' [up_to]) -> {(id, letter)*}: removes letters (purge).
 if cmd == 'dlqdrop' then
   local out = {}
+  -- With '*', a bound spares the letters numbered after it (written while
+  -- an operator was asked); ids that are no number go.
+  local bound = ARGV[3] == '*' and tonumber(ARGV[4]) or nil
   for _, id in ipairs(letter_ids(3)) do
-    local raw = rcall('HGET', K_DEAD, id)
+    local raw = (not bound or not tonumber(id) or tonumber(id) <= bound)
+      and rcall('HGET', K_DEAD, id)
     if raw then
       tinsert(out, id)
       tinsert(out, raw)
@@ -2440,7 +2444,7 @@ if cmd == 'dlqdrop' then
       end
     end
   end
-  if ARGV[3] == '*' then
+  if ARGV[3] == '*' and rcall('HLEN', K_DEAD) == 0 then
     -- Every letter is gone: so is every index entry (the keys of the
     -- relations' indexes are the members' relations).
     local rels = {}
