@@ -361,7 +361,17 @@ pub(crate) async fn subscribe(
             let channel = channel.to_owned();
             let (msg_tx, msg_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
             tokio::spawn(async move {
-                while let Some(push) = rx.recv().await {
+                loop {
+                    // Ends with the stream's reader, not only with a message
+                    // after it is gone: the connection holds the push
+                    // sender, so on a quiet store `recv` alone never ends.
+                    let push = tokio::select! {
+                        push = rx.recv() => match push {
+                            Some(push) => push,
+                            None => return,
+                        },
+                        () = msg_tx.closed() => return,
+                    };
                     match push.kind {
                         redis::PushKind::SMessage => {
                             let payload = push
