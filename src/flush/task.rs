@@ -183,23 +183,42 @@ impl FlusherThread {
         stop: watch::Receiver<bool>,
         automatic: bool,
     ) -> crate::Result<FlusherThread> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Error::internal(format!("cannot start the flusher's runtime: {e}")))?;
         let (tx, done) = oneshot::channel();
         // Its logs and spans go where the builder's did.
         let dispatch = tracing::dispatcher::get_default(Clone::clone);
+        // The runtime is built on the thread itself: built here and then
+        // dropped with a thread that failed to start, it would panic (a
+        // runtime cannot be dropped inside another).
+        let (started, start) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("fga-wb-flusher".into())
             .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = started.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = started.send(Ok(()));
                 tracing::dispatcher::with_default(&dispatch, || {
                     runtime.block_on(run(engine, commands, stop, automatic));
                 });
                 let _ = tx.send(());
             })
             .map_err(|e| Error::internal(format!("cannot start the flusher's thread: {e}")))?;
-        Ok(FlusherThread { done })
+        // Building a runtime takes microseconds: waiting for it here keeps
+        // a failure to build one an error of `build()`.
+        match start.recv() {
+            Ok(Ok(())) => Ok(FlusherThread { done }),
+            Ok(Err(e)) => Err(Error::internal(format!(
+                "cannot start the flusher's runtime: {e}"
+            ))),
+            Err(_) => Err(Error::internal("the flusher's thread ended as it started")),
+        }
     }
 
     /// Waits until the flusher has stopped (after a shutdown command or
