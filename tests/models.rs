@@ -430,4 +430,26 @@ async fn conditions_on_type_restrictions_are_judged_as_openfga_judges_them() {
         );
     }
     wb.clear().await.unwrap();
+
+    // Read your writes with such a grant pending: OpenFGA writes a plain
+    // group:x#member there and counts it, and its Check takes it as a
+    // contextual tuple too: the pending grant answers as the written one.
+    let wb = WriteBehind::builder(support::mock::manual_flush(config_for(&s)))
+        .build()
+        .await
+        .unwrap();
+    support::write_to_openfga(&s, "user:bob", "member", "group:x").await;
+    wb.grant("group:x#member", "editor", "document:rw")
+        .await
+        .unwrap();
+    let pending = wb.check("user:bob", "editor", "document:rw").await;
+    wb.flush().await.unwrap();
+    let req = fga_wb::openfga::CheckRequest::new("user:bob", "editor", "document:rw");
+    let truth = s.client.check(&s.store_id, &req).await.unwrap();
+    assert_eq!(
+        pending.ok(),
+        Some(truth),
+        "answered while the grant was pending"
+    );
+    wb.shutdown().await.unwrap();
 }
