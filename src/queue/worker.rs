@@ -461,19 +461,35 @@ fn jobs(
         }))
     });
     let state = (store, events, holding, None);
+    // Since when a stopped worker has fetched nothing (or last fetched a
+    // job anyway).
+    let tried = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
     futures::stream::unfold(state, move |(store, events, holding, mut looked)| {
         let _owned = &listener;
-        let stats = stats.clone();
+        let (stats, tried) = (stats.clone(), tried.clone());
         async move {
         loop {
             holding.give_back_strays(&store, &mut looked).await;
             if stats.halted().is_some() {
                 // OpenFGA refused this worker (credentials, the store): a
-                // job fetched now would only be refused too, one Write per
-                // due job. Its look (`look_past_stop`) ends the stop once
-                // OpenFGA answers; other workers take the jobs meanwhile.
-                tokio::time::sleep(poll).await;
-                continue;
+                // job fetched now would most likely be refused too, one
+                // Write per due job. Its look (`look_past_stop`) ends the
+                // stop once OpenFGA answers a read; credentials that may
+                // write but not read are found by one job per look.
+                let wait = {
+                    let mut last = tried.lock().unwrap_or_else(|p| p.into_inner());
+                    let wait = last.is_none_or(|t| t.elapsed() < STOP_LOOK);
+                    if last.is_none() || !wait {
+                        *last = Some(std::time::Instant::now());
+                    }
+                    wait
+                };
+                if wait {
+                    tokio::time::sleep(poll).await;
+                    continue;
+                }
+            } else {
+                *tried.lock().unwrap_or_else(|p| p.into_inner()) = None;
             }
             match store.fetch_jobs(1).await {
                 Ok((term, found)) => {
