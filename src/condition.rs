@@ -10,10 +10,11 @@
 //!
 //! A number given as a string for a double is worked out exactly as Go's
 //! conversion does it (rounded to 64 bits, then exact as a float64 or
-//! refused). Where an int's answer turns on rounding past 19 significant
-//! digits, or a binary exponent is given, a value is let through and
-//! OpenFGA decides: refusing what OpenFGA takes would turn valid grants
-//! away.
+//! refused), where Go's own arithmetic is exact (a power of ten up to
+//! 10^55 either way). Past that, where an int's answer turns on rounding
+//! past 19 significant digits, or a binary exponent is given, a value is
+//! let through and OpenFGA decides: refusing what OpenFGA takes would turn
+//! valid grants away.
 
 use std::collections::HashMap;
 
@@ -206,8 +207,10 @@ fn numeric_string_fits(ty: &ParamType, s: &str) -> bool {
         return false;
     };
     match ty {
-        // An infinity converts exactly; a binary exponent is OpenFGA's call.
-        ParamType::Double if n.exp2 || n.inf => true,
+        // An infinity converts exactly; a binary exponent, or a power of
+        // five Go works out only approximately (past 5^55), is OpenFGA's
+        // call.
+        ParamType::Double if n.exp2 || n.inf || n.exp5.unsigned_abs() > 55 => true,
         ParamType::Double => n.exact_double(),
         // Not a whole number: infinities, and fractions that no rounding
         // can make whole.
@@ -233,6 +236,10 @@ struct GoFloat {
     exp2: bool,
     /// The significant digits themselves (without a binary exponent).
     digits: String,
+    /// The power of ten Go applies to the digits as written (the exponent
+    /// less every digit after the point, trailing zeros too): Go's
+    /// conversion is exact up to 5^55, approximate past it.
+    exp5: i64,
 }
 
 impl GoFloat {
@@ -250,6 +257,7 @@ impl GoFloat {
                 last_digit: 0,
                 exp2: false,
                 digits: String::new(),
+                exp5: 0,
             });
         }
         let (mantissa, exponent) = match rest.find(['e', 'E', 'p', 'P']) {
@@ -285,6 +293,7 @@ impl GoFloat {
         Some(GoFloat {
             negative,
             inf: false,
+            exp5: exp.saturating_sub(shift(frac_part.len())),
             digits,
             significant,
             last_digit: match exp2 {
