@@ -87,7 +87,9 @@ impl Written {
         if now.saturating_sub(g.pruned_at) > keep / 10 || g.by_object.len() > MAX_OBJECTS {
             g.pruned_at = now;
             g.by_object.retain(|_, at| now.saturating_sub(*at) < keep);
-            if g.by_object.len() > MAX_OBJECTS {
+            // Still more than half full: dropped, so that a pass over the
+            // whole map comes at most once per half of it written.
+            if g.by_object.len() > MAX_OBJECTS / 2 {
                 g.by_object = HashMap::new();
                 g.dropped = Some(now);
             }
