@@ -84,12 +84,14 @@ impl Written {
                 .insert(format!("{}#{}", t.object, t.relation), now);
         }
         let keep = KEEP.as_millis() as u64;
-        if now.saturating_sub(g.pruned_at) > keep / 10 || g.by_object.len() > MAX_OBJECTS {
+        let full = g.by_object.len() > MAX_OBJECTS;
+        if now.saturating_sub(g.pruned_at) > keep / 10 || full {
             g.pruned_at = now;
             g.by_object.retain(|_, at| now.saturating_sub(*at) < keep);
-            // Still more than half full: dropped, so that a pass over the
-            // whole map comes at most once per half of it written.
-            if g.by_object.len() > MAX_OBJECTS / 2 {
+            // Full, and still more than half full once pruned: dropped, so
+            // that a pass over the whole map for being full comes at most
+            // once per half of it written.
+            if full && g.by_object.len() > MAX_OBJECTS / 2 {
                 g.by_object = HashMap::new();
                 g.dropped = Some(now);
             }
