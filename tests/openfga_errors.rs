@@ -141,17 +141,22 @@ async fn garbage_success_body_is_a_clear_error() {
     assert!(e.to_string().contains("unexpected response"), "{e}");
 }
 
+/// Every Read on `server` answers the captured page (with its token).
+async fn mount_read_page(server: &MockServer) {
+    Mock::given(method("POST"))
+        .and(path(format!("/stores/{STORE}/read")))
+        .respond_with(fixture("read-page").response())
+        .mount(server)
+        .await;
+}
+
 /// A Read that hands back the token it was sent (a broken server or proxy)
 /// ends with a clear error. Before, reading every page never ended, and
 /// the tuples piled up.
 #[tokio::test]
 async fn a_read_whose_token_repeats_ends() {
     let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path(format!("/stores/{STORE}/read")))
-        .respond_with(fixture("read-page").response())
-        .mount(&server)
-        .await;
+    mount_read_page(&server).await;
     let client = Client::builder(server.uri()).build().unwrap();
     let all = fga_wb::openfga::ReadFilter::default();
     let read = tokio::time::timeout(Duration::from_secs(30), client.read_all(STORE, &all));
@@ -171,11 +176,7 @@ async fn captured_success_bodies_decode() {
         .respond_with(fixture("check-allowed").response())
         .mount(&server)
         .await;
-    Mock::given(method("POST"))
-        .and(path(format!("/stores/{STORE}/read")))
-        .respond_with(fixture("read-page").response())
-        .mount(&server)
-        .await;
+    mount_read_page(&server).await;
     let client = Client::builder(server.uri()).build().unwrap();
     assert!(client
         .check(

@@ -1892,6 +1892,28 @@ impl OneKey {
         self.r.call("finish", &args).await
     }
 
+    /// Pushes `op`, takes it and finishes it with `outcome`.
+    async fn ends(&mut self, op: &str, outcome: &str) {
+        self.push(op).await;
+        let seq = self.take().await.expect("the op ready");
+        self.finish(&seq, outcome).await;
+    }
+
+    /// Replays every letter that died of transient causes, as a worker.
+    async fn replay_all(&mut self) {
+        // replay now cap only_transient ids
+        self.r.call("replay", &["1000", "100", "1", "*"]).await;
+    }
+
+    /// Takes the grant pending now and refuses it for good: the revoke it
+    /// owed is pending again in its place (the reply names it).
+    async fn refused_grant_leaves_the_revoke(&mut self, case: &str) {
+        let grant = self.take().await.expect("a grant pending");
+        let out = self.finish(&grant, "d").await;
+        assert_eq!(out.len(), 5, "{case}: {out:?}");
+        assert_eq!(self.entry().await, pair("r", "r"), "{case}");
+    }
+
     /// Whether a revoke of the tuple is still to reach OpenFGA (`owes`).
     async fn owes(&mut self) -> bool {
         self.r.call("owes", &[OWED_KEY]).await == [redis::Value::Int(1)]
@@ -2002,19 +2024,11 @@ async fn a_grant_given_up_keeps_the_revoke_it_owed() {
 #[tokio::test]
 async fn a_grant_given_up_over_a_revoke_given_up_owes_it() {
     let mut k = OneKey::new("owed-over-letter").await;
-    k.push("r").await;
-    let revoke = k.take().await.unwrap();
-    k.finish(&revoke, "D").await;
-    k.push("g").await;
-    let grant = k.take().await.unwrap();
-    k.finish(&grant, "D").await;
+    k.ends("r", "D").await;
+    k.ends("g", "D").await;
     assert_eq!(k.letter().await["owes"], true);
-    // replay now cap only_transient ids
-    k.r.call("replay", &["1000", "100", "1", "*"]).await;
-    let again = k.take().await.expect("the grant pending again");
-    let out = k.finish(&again, "d").await;
-    assert_eq!(out.len(), 5, "{out:?}");
-    assert_eq!(k.entry().await, pair("r", "r"));
+    k.replay_all().await;
+    k.refused_grant_leaves_the_revoke("replayed").await;
 }
 
 /// A revoke given up in an outage, then the same grant twice (a retried
@@ -2025,17 +2039,13 @@ async fn a_grant_given_up_over_a_revoke_given_up_owes_it() {
 async fn a_grant_folded_before_it_was_written_leaves_a_given_up_revoke_owed() {
     for twice in [false, true] {
         let mut k = OneKey::new(&format!("owed-fold-{twice}")).await;
-        k.push("r").await;
-        let revoke = k.take().await.unwrap();
-        k.finish(&revoke, "D").await;
+        k.ends("r", "D").await;
         k.push("g").await;
         if twice {
             k.push("g").await;
         }
-        let grant = k.take().await.unwrap();
-        let out = k.finish(&grant, "d").await;
-        assert_eq!(out.len(), 5, "twice {twice}: {out:?}");
-        assert_eq!(k.entry().await, pair("r", "r"), "twice {twice}");
+        k.refused_grant_leaves_the_revoke(&format!("twice {twice}"))
+            .await;
     }
 }
 
@@ -2047,17 +2057,12 @@ async fn a_grant_folded_before_it_was_written_leaves_a_given_up_revoke_owed() {
 #[tokio::test]
 async fn a_grant_folded_after_its_write_failed_leaves_a_given_up_revoke_owed() {
     let mut k = OneKey::new("owed-fold-failed").await;
-    k.push("r").await;
-    let revoke = k.take().await.unwrap();
-    k.finish(&revoke, "D").await;
+    k.ends("r", "D").await;
     k.push("g").await;
     let first = k.take().await.unwrap();
     k.push("g").await;
     k.finish(&first, "r").await;
-    let second = k.take().await.expect("the second grant ready");
-    let out = k.finish(&second, "d").await;
-    assert_eq!(out.len(), 5, "{out:?}");
-    assert_eq!(k.entry().await, pair("r", "r"));
+    k.refused_grant_leaves_the_revoke("the second").await;
 }
 
 /// Whether a revoke of the tuple is still to reach OpenFGA (reads that had
@@ -2090,12 +2095,8 @@ async fn owes_tells_a_revoke_still_to_come() {
 #[tokio::test]
 async fn a_clear_keeps_the_revoke_a_given_up_grant_owed() {
     let mut k = OneKey::new("clear-owing").await;
-    k.push("r").await;
-    let revoke = k.take().await.unwrap();
-    k.finish(&revoke, "D").await;
-    k.push("g").await;
-    let grant = k.take().await.unwrap();
-    k.finish(&grant, "D").await;
+    k.ends("r", "D").await;
+    k.ends("g", "D").await;
     assert_eq!(k.letter().await["owes"], true);
     k.push("g").await;
     // clear now cursor up_to jobs_up_to
@@ -2113,9 +2114,7 @@ async fn a_clear_keeps_the_revoke_a_given_up_grant_owed() {
 #[tokio::test]
 async fn a_purge_up_to_a_bound_spares_newer_letters() {
     let mut k = OneKey::new("purge-bound").await;
-    k.push("r").await;
-    let revoke = k.take().await.unwrap();
-    k.finish(&revoke, "D").await;
+    k.ends("r", "D").await;
     let first = k.letter().await["id"].as_u64().unwrap();
     k.push("r").await;
     let again = k.take().await.unwrap();
@@ -2139,9 +2138,7 @@ async fn a_purge_up_to_a_bound_spares_newer_letters() {
 #[tokio::test]
 async fn a_clear_that_leaves_a_letter_replayable_tells_the_workers() {
     let mut k = OneKey::new("clear-replayable").await;
-    k.push("r").await;
-    let revoke = k.take().await.unwrap();
-    k.finish(&revoke, "D").await;
+    k.ends("r", "D").await;
     k.push("g").await;
     let before: u64 = k.r.look("HGET", "stats", &["dead_transient"]).await;
     // clear now cursor up_to jobs_up_to

@@ -290,19 +290,7 @@ impl WriteBehind {
     /// id read as "purged 0").
     pub async fn purge_dead_letters(&self, ids: Option<&[u64]>) -> Result<usize> {
         self.refuse_unknown_letters(ids, false).await?;
-        let n = self
-            .inner
-            .engine
-            .store
-            .remove_dead_letters(ids, None)
-            .await?;
-        if n > 0 {
-            tracing::warn!(
-                count = n,
-                "purged dead letters: their ops will never be written"
-            );
-        }
-        Ok(n)
+        self.remove_letters(ids, None).await
     }
 
     /// Deletes every dead letter numbered up to `up_to` (from
@@ -311,11 +299,16 @@ impl WriteBehind {
     /// up in an outage meanwhile keeps failing its checks closed until it
     /// is replayed. Returns how many were deleted.
     pub async fn purge_dead_letters_up_to(&self, up_to: u64) -> Result<usize> {
+        self.remove_letters(None, Some(up_to)).await
+    }
+
+    /// Removes letters (see `Store::remove_dead_letters`), logging how many.
+    async fn remove_letters(&self, ids: Option<&[u64]>, up_to: Option<u64>) -> Result<usize> {
         let n = self
             .inner
             .engine
             .store
-            .remove_dead_letters(None, Some(up_to))
+            .remove_dead_letters(ids, up_to)
             .await?;
         if n > 0 {
             tracing::warn!(

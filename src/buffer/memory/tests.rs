@@ -644,12 +644,7 @@ fn a_check_never_sees_a_state_that_never_existed_across_shards() {
     // revoke and B after its grant (with `a and b` in the model: allowed
     // where every real state denies).
     let s = std::sync::Arc::new(MemoryStore::new(100));
-    let object_in = |shard: usize| {
-        (0..10_000)
-            .map(|n| format!("group:{n}"))
-            .find(|o| s.shard_of(o) == shard)
-            .unwrap()
-    };
+    let object_in = |shard| object_in(&s, shard);
     let (a, b) = (
         t("user:x", "member", &object_in(0)),
         t("user:x", "member", &object_in(SHARDS - 1)),
@@ -705,12 +700,7 @@ fn a_check_with_no_known_dependencies_sees_one_moment_too() {
     let s = std::sync::Arc::new(MemoryStore::new(100));
     // B's shard first, so a finish (shard by shard) ends B before A's
     // revoke: B without the revoke is then only the bug's state.
-    let object_in = |shard: usize| {
-        (0..10_000)
-            .map(|n| format!("group:{n}"))
-            .find(|o| s.shard_of(o) == shard)
-            .unwrap()
-    };
+    let object_in = |shard| object_in(&s, shard);
     let (a, b) = (
         t("user:x", "blocked", &object_in(SHARDS - 1)),
         t("user:x", "member", &object_in(0)),
@@ -755,4 +745,12 @@ fn a_revoke_still_to_come_is_told_after_the_grant_that_owed_it_died() {
     let taken = s.take_now(10, Take::All, u64::MAX);
     s.finish_now(taken.into_iter().map(|t| (t, Outcome::Applied)).collect());
     assert!(!owes(&s));
+}
+
+/// A group object whose ops land in `shard`.
+fn object_in(s: &MemoryStore, shard: usize) -> String {
+    (0..10_000)
+        .map(|n| format!("group:{n}"))
+        .find(|o| s.shard_of(o) == shard)
+        .unwrap()
 }
