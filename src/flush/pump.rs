@@ -1488,6 +1488,11 @@ pub(crate) const RECORD_EVERY: Duration = Duration::from_millis(250);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::buffer::memory::MemoryStore;
+    use crate::buffer::{DeadLetter, JobEnd, Pending, Pushed, Relevant, Replayed, Unfinished};
+    use crate::model::Dep;
+    use crate::tuple::TupleKey;
+    use std::sync::atomic::AtomicUsize;
 
     /// A staged op superseded before it was written, then handed back:
     /// it ends as coalesced, so the totals still add up. Before, the count
@@ -1504,6 +1509,9 @@ mod tests {
         assert_eq!(e.stats.totals().coalesced, 1);
     }
 
+    /// A chunk whose ops all went elsewhere sends nothing and counts as no
+    /// request. Before, it counted as a Write that landed, and ended a stop
+    /// on refused credentials.
     #[tokio::test]
     async fn a_chunk_with_nothing_left_to_write_is_no_request() {
         let e = Engine::for_tests(None);
@@ -1515,11 +1523,6 @@ mod tests {
         assert_eq!(r.requests, 0);
         assert_eq!(e.writes_ok.load(Ordering::Relaxed), 0);
     }
-    use crate::buffer::memory::MemoryStore;
-    use crate::buffer::{DeadLetter, JobEnd, Pending, Pushed, Relevant, Replayed, Unfinished};
-    use crate::model::Dep;
-    use crate::tuple::TupleKey;
-    use std::sync::atomic::AtomicUsize;
 
     /// A memory store whose `take` number `fail_take` (counting from 1)
     /// fails, as a Redis call can. With `shared`, it plays a store others

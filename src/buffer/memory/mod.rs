@@ -887,13 +887,16 @@ impl MemoryStore {
     }
 
     fn latest_now(&self, tuple: &TupleKey) -> Option<(Op, bool)> {
+        self.newest_entry(tuple, |e| (e.op, e.condition.is_some()))
+    }
+
+    /// `f` of the newest op on `tuple`'s key (pending, else in flight), if
+    /// it has one, read under its shard's lock.
+    fn newest_entry<R>(&self, tuple: &TupleKey, f: impl FnOnce(&Entry) -> R) -> Option<R> {
         let g = self.lock(self.shard_of(&tuple.object));
         let part = g.part(tuple.object_type(), &tuple.relation)?;
         let slot = g.parts[part].slots.get(key_of(tuple).as_str())?;
-        slot.pending
-            .as_ref()
-            .or(slot.in_flight.as_deref())
-            .map(|e| (e.op, e.condition.is_some()))
+        slot.pending.as_ref().or(slot.in_flight.as_deref()).map(f)
     }
 
     fn pending_counts(&self) -> Pending {
@@ -1019,8 +1022,6 @@ impl MemoryStore {
     }
 }
 
-/// The slots that can matter to a check: one object's (all its keys start
-/// with `prefix`) for a same-object dependency, all of the part's otherwise.
 /// Adds the `(type, relation)`s with ops in `g` (of `object_type`, if
 /// given) to `names`.
 fn relations_in(
@@ -1040,6 +1041,8 @@ fn relations_in(
     }
 }
 
+/// The slots that can matter to a check: one object's (all its keys start
+/// with `prefix`) for a same-object dependency, all of the part's otherwise.
 fn slots_of<'a>(
     p: &'a Part,
     prefix: &'a str,
@@ -1117,16 +1120,11 @@ impl Store for MemoryStore {
     }
 
     fn owes_revoke<'a>(&'a self, tuple: &'a TupleKey) -> BoxFuture<'a, Result<bool>> {
-        let g = self.lock(self.shard_of(&tuple.object));
-        let owes = g
-            .part(tuple.object_type(), &tuple.relation)
-            .and_then(|p| g.parts[p].slots.get(key_of(tuple).as_str()))
-            .and_then(|slot| slot.pending.as_ref().or(slot.in_flight.as_deref()))
-            // A revoke newest: the grant died since and pended it again, or
-            // the application revoked since; OpenFGA holds the tuple until
-            // it is written, either way.
-            .is_some_and(|e| e.op == Op::Revoke || e.owes != Owes::No);
-        Box::pin(future::ready(Ok(owes)))
+        // A revoke newest: the grant died since and pended it again, or the
+        // application revoked since; OpenFGA holds the tuple until it is
+        // written, either way.
+        let owes = self.newest_entry(tuple, |e| e.op == Op::Revoke || e.owes != Owes::No);
+        Box::pin(future::ready(Ok(owes == Some(true))))
     }
 
     fn relations_buffered<'a>(

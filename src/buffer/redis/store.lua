@@ -719,16 +719,25 @@ local function supersede_letters(keys, seqs, cleared)
   end
 end
 
+-- `key`'s current letter (the newest of its ops that died, no newer op
+-- applied or written off since) and its id, or nil; nil too for indexes of
+-- another type (the caller's own check of their types names them).
+local function current_letter(key)
+  local id = pcall_('HGET', K_DEADKEY, key)
+  if type(id) ~= 'string' or id == '0' then return nil end
+  local raw = pcall_('HGET', K_DEAD, id)
+  local d = type(raw) == 'string' and letter(raw)
+  if d then return d, id end
+  return nil
+end
+
 -- The letter of a revoke of `key` that died of transient causes and is still
 -- the key's newest (no newer op has been applied or written off since), and
 -- its id: OpenFGA may still hold what it revokes. Nil otherwise, and for
 -- indexes of another type (the caller's own check of their types names
 -- them).
 local function owed_revoke(key)
-  local id = pcall_('HGET', K_DEADKEY, key)
-  if type(id) ~= 'string' or id == '0' then return nil end
-  local raw = pcall_('HGET', K_DEAD, id)
-  local d = type(raw) == 'string' and letter(raw)
+  local d, id = current_letter(key)
   if d and d.transient == true and d.op == 'r' then return d, id end
   return nil
 end
@@ -737,10 +746,7 @@ end
 -- failures that owed a revoke (see finish), still current: neither it nor
 -- that revoke reached OpenFGA.
 local function owing_letter(key)
-  local id = pcall_('HGET', K_DEADKEY, key)
-  if type(id) ~= 'string' or id == '0' then return false end
-  local raw = pcall_('HGET', K_DEAD, id)
-  local d = type(raw) == 'string' and letter(raw)
+  local d = current_letter(key)
   return d and d.transient == true and d.op == 'g' and d.owes == true or false
 end
 
