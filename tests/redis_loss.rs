@@ -282,6 +282,22 @@ async fn fail_over(cluster: &mut RedisCluster, primary: usize, replica: usize) {
     cluster.nodes()[replica].command("CLIENT UNPAUSE").await;
 }
 
+/// [`fail_over`], then another process's push raises the sequence counter
+/// back to what the writer acknowledged: the counter alone no longer
+/// tells the loss.
+async fn fail_over_then_push(
+    cluster: &mut RedisCluster,
+    primary: usize,
+    replica: usize,
+    reader: &WriteBehind,
+) {
+    fail_over(cluster, primary, replica).await;
+    reader
+        .grant("user:bob", "viewer", "document:2")
+        .await
+        .expect("a push after the failover");
+}
+
 fn port_of(addr: &str) -> u16 {
     addr.split('@')
         .next()
@@ -347,6 +363,8 @@ async fn loss_writer() {
     let mut out = tokio::io::stdout();
     while let Some(line) = lines.next_line().await.expect("stdin") {
         let answer = match line.as_str() {
+            // Its handle is built (its first heartbeat ran).
+            "hello" => "hello\n",
             "grant" => {
                 wb.grant("user:anne", "viewer", "document:1").await.unwrap();
                 assert_eq!(wb.flush().await.unwrap().applied, 1);
@@ -469,14 +487,9 @@ async fn a_writer_that_looks_dead_after_a_failover_is_waited_for_before_checks_a
     tokio::time::sleep_until((paused_at + lease + lease / 5).into()).await;
     writer.signal("-STOP");
 
-    fail_over(&mut cluster, primary, replica).await;
-    // Another process's push raises the sequence counter back to what the
-    // writer acknowledged: the writer's own count in Redis still tells the
-    // loss. Before, nothing did: the heartbeat compared the counter alone.
-    reader
-        .grant("user:bob", "viewer", "document:2")
-        .await
-        .expect("a push after the failover");
+    // The writer's own count in Redis still tells the loss. Before,
+    // nothing did: the heartbeat compared the counter alone.
+    fail_over_then_push(&mut cluster, primary, replica, &reader).await;
 
     // With the writer stopped, past the quiet time every reconnect has (a
     // third of a lease and a second, from a reconnect that came before
@@ -484,6 +497,41 @@ async fn a_writer_that_looks_dead_after_a_failover_is_waited_for_before_checks_a
     // back, the reader asks again and again: never `allowed`.
     never_allowed_while_stopped(&reader, lease / 3 + Duration::from_secs(2)).await;
 
+    writer.signal("-CONT");
+    until_every_check_reports_the_loss(&[&reader]).await;
+}
+
+/// A writer whose every push the failover lost: its first op, a revoke,
+/// reaches the primary only. Redis then holds no count of its pushes at all
+/// (P:acks has no field for it), and another process's push raises the
+/// sequence counter back to what the writer acknowledged, so only a missing
+/// count can tell the loss. Before, a missing count meant "unknown": the
+/// writer's heartbeat accepted it, and the reader answered `allowed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_writer_whose_every_push_was_lost_is_detected() {
+    let s = new_store("redis-loss-first-push").await;
+    let mut cluster = RedisCluster::start(3, 1).await.unwrap();
+    let url = cluster.url();
+    let mut c = config(&s, &url);
+    c.redis.writer_lease = STOPPED_TEST_LEASE;
+    let reader = app(c).await;
+    let mut writer = Writer::spawn(&s, &url);
+    writer.tell("hello", "hello").await;
+    // The reader grants and writes; it has "allowed" cached.
+    reader
+        .grant("user:anne", "viewer", "document:1")
+        .await
+        .unwrap();
+    assert_eq!(reader.flush().await.unwrap().applied, 1);
+    assert!(reader
+        .check("user:anne", "viewer", "document:1")
+        .await
+        .unwrap());
+
+    let (primary, replica) = pause_replica(&cluster, &s).await;
+    writer.tell("revoke", "revoked").await;
+    writer.signal("-STOP");
+    fail_over_then_push(&mut cluster, primary, replica, &reader).await;
     writer.signal("-CONT");
     until_every_check_reports_the_loss(&[&reader]).await;
 }

@@ -184,6 +184,11 @@ pub(crate) const QUIET_MARGIN_MS: u64 = 1000;
 /// before the lease could end.
 pub(crate) const LEASE_MARGIN_MS: u64 = 1000;
 
+/// Half the time Redis keeps a silent writer's heartbeat and count
+/// (`BEATS_KEEP_MS` in store.lua): the rest covers clocks that differ
+/// between processes.
+const COUNT_KEPT_MS: u64 = 300_000;
+
 /// The task that renews a writer's lease and watches for lost data.
 pub(crate) struct Heartbeat {
     pub(crate) conn: Conn,
@@ -212,7 +217,8 @@ impl Heartbeat {
             .push(acked)
             .push(self.hold.term())
             .push(self.outcome_hold.as_millis() as u64)
-            .push(self.watch.pushed.load(Ordering::Relaxed));
+            .push(self.watch.pushed.load(Ordering::Relaxed))
+            .push(u8::from(self.counted_in_redis(at)));
         // Cleared only once the quiet time and the reconnect are recorded
         // (below): cleared before this call, it let a check through while
         // the call was under way, with neither set yet. A connection that
@@ -222,6 +228,7 @@ impl Heartbeat {
         let v = items(invoke(&self.conn, &self.script, &self.prefix, &a).await?)?;
         let term = v.get(5).map_or(Ok(0), int)?.max(0) as u64;
         self.hold.renewed(at, term, &self.writer);
+        self.watch.beat_ok_at.store(at, Ordering::Release);
         if dropped {
             let quiet = self.lease.as_millis() as u64 / 3 + QUIET_MARGIN_MS;
             self.watch
@@ -257,6 +264,15 @@ impl Heartbeat {
         }
         self.watch.saw(&now_epoch, seq, lost_now);
         Ok(open)
+    }
+
+    /// Whether Redis cannot have forgotten this writer's count of the ops
+    /// its pushes accepted: its last heartbeat succeeded well within the
+    /// ten minutes after which another writer's heartbeat prunes it (see
+    /// `heartbeat` in store.lua). A count missing then was lost with them.
+    fn counted_in_redis(&self, now: u64) -> bool {
+        let last = self.watch.beat_ok_at.load(Ordering::Acquire);
+        last > 0 && now.saturating_sub(last) < COUNT_KEPT_MS
     }
 
     /// Renews the lease a third of the way through, and at once when a

@@ -104,6 +104,11 @@ struct Watch {
     /// pushed since: the sequence counter alone, which every push raises,
     /// can be back above `acked` before the heartbeat looks.
     pushed: AtomicU64,
+    /// When (ms, this process's clock) a heartbeat last succeeded; 0
+    /// before the first. Redis forgets a writer's count only once its last
+    /// heartbeat is ten minutes old, so a writer that ran one since holds
+    /// a count in Redis, and a Redis without it lost every op it counted.
+    beat_ok_at: AtomicU64,
     /// Dropped connections and epoch changes seen. Part of every
     /// generation: a connection that dropped may come back to a replica
     /// promoted without the last writes, where a rolled-back generation

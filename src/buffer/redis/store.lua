@@ -1810,14 +1810,17 @@ if cmd == 'confirmed' then
   return { waiting, latest, rcall('EXISTS', P .. ':loss') }
 end
 
--- heartbeat pub now writer lease_ms epoch acked had hold_ms
+-- heartbeat pub now writer lease_ms epoch acked had hold_ms pushed recent
 --   -> {alive, epoch, seq, loss open, lost now, term}
 -- Renews the writer's lease (alive is 0 if it had already ended; a new
 -- `term` says what it held was handed to others), and compares what the writer knows
 -- with what Redis holds: `epoch` is the store's epoch as the writer last saw
 -- it ('' before its first look), `acked` the highest sequence number it
--- acknowledged under that epoch. Keys gone, an epoch never seen, or the
--- sequence counter below `acked` prove that Redis lost acknowledged ops (a
+-- acknowledged under that epoch, `pushed` how many ops its pushes had
+-- accepted in all, `recent` 1 if its last heartbeat succeeded a short
+-- while ago. Keys gone, an epoch never seen, the sequence counter below
+-- `acked`, or the writer's own count (P:acks) below `pushed` prove that
+-- Redis lost acknowledged ops (a
 -- restart without its data, a failover to a replica that had not received
 -- them). The loss is recorded in P:loss, which stays until an operator
 -- acknowledges it, and the store moves to a new epoch. A writer that finds
@@ -1834,9 +1837,14 @@ if cmd == 'heartbeat' then
   -- for it: any other writer's push raises P:seq back above `acked` after
   -- a failover to a lagging replica, but not this.
   local pushed = tonumber(ARGV[10]) or 0
-  -- None (a writer gone for long, whose count went with its heartbeat):
-  -- unknown, counted again from here.
+  -- None: unknown for a writer gone for long, whose count went with its
+  -- heartbeat (counted again from here). But one whose heartbeat is still
+  -- here, or that ran one a short while ago (ARGV[11]), cannot have lost
+  -- it so: its count went with the ops it counted, every one of them.
   local have = pcall_('HGET', P .. ':acks', writer)
+  if have == false and (ARGV[11] == '1' or rcall('HEXISTS', P .. ':beats', writer) == 1) then
+    have = '0'
+  end
   have = type(have) == 'string' and tonumber(have) or nil
   local bad = expect_types({ { P .. ':owners', 'zset' }, { P .. ':loss', 'hash' },
                              { P .. ':epochs', 'hash' }, { P .. ':epoch', 'string' },
