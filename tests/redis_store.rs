@@ -1914,6 +1914,16 @@ impl OneKey {
         assert_eq!(self.entry().await, pair("r", "r"), "{case}");
     }
 
+    /// A revoke, then a grant over it given up after transient failures:
+    /// its letter keeps the debt.
+    async fn grant_given_up_over_a_revoke(&mut self, case: &str) {
+        self.push("r").await;
+        self.push("g").await;
+        let grant = self.take().await.unwrap();
+        self.finish(&grant, "D").await;
+        assert_eq!(self.letter().await["owes"], true, "{case}");
+    }
+
     /// Whether a revoke of the tuple is still to reach OpenFGA (`owes`).
     async fn owes(&mut self) -> bool {
         self.r.call("owes", &[OWED_KEY]).await == [redis::Value::Int(1)]
@@ -1997,11 +2007,7 @@ async fn a_grant_given_up_keeps_the_revoke_it_owed() {
     for (replay, newer) in [(true, false), (false, true), (true, true)] {
         let case = format!("replay {replay}, newer {newer}");
         let mut k = OneKey::new(&format!("owed-given-up-{replay}-{newer}")).await;
-        k.push("r").await;
-        k.push("g").await;
-        let grant = k.take().await.unwrap();
-        k.finish(&grant, "D").await;
-        assert_eq!(k.letter().await["owes"], true, "{case}");
+        k.grant_given_up_over_a_revoke(&case).await;
         if newer {
             k.push("g").await;
         }
@@ -2120,15 +2126,48 @@ async fn a_purge_up_to_a_bound_spares_newer_letters() {
     let again = k.take().await.unwrap();
     k.finish(&again, "D").await;
     let first = first.to_string();
-    // dlqdrop pub ('*' up_to)
-    let out = k.r.call("dlqdrop", &["*", &first]).await;
-    assert_eq!(out.len(), 2, "one letter purged: {out:?}");
+    // dlqdrop pub now ('*' up_to)
+    let out = k.r.call("dlqdrop", &["1000", "*", &first]).await;
+    assert_eq!(
+        out.len(),
+        3,
+        "one letter purged, no revoke pending again: {out:?}"
+    );
     assert_eq!(
         k.letter().await["op"],
         "r",
         "the newer letter stays current"
     );
     assert!(k.owes().await, "its revoke still fails checks closed");
+}
+
+/// Purged, a grant given up over a revoke (see finish) is never written,
+/// and neither does OpenFGA keep what the application revoked before it:
+/// the revoke is pending again, or, with a newer grant buffered on the key,
+/// that grant owes it. Before, the purge dropped the debt, and checks asked
+/// OpenFGA, which still held the tuple.
+#[tokio::test]
+async fn a_purged_grant_leaves_the_revoke_it_owed() {
+    for newer in [false, true] {
+        let case = format!("newer {newer}");
+        let mut k = OneKey::new(&format!("purge-owing-{newer}")).await;
+        k.grant_given_up_over_a_revoke(&case).await;
+        if newer {
+            k.push("g").await;
+        }
+        let id = k.letter().await["id"].as_u64().unwrap().to_string();
+        // dlqdrop pub now ids -> {repended, (id, letter)*}
+        let out = k.r.call("dlqdrop", &["1000", &id]).await;
+        let repended = redis::Value::Int(i64::from(!newer));
+        assert_eq!(out.len(), 3, "{case}: {out:?}");
+        assert_eq!(out[0], repended, "{case}: {out:?}");
+        assert!(k.owes().await, "{case}: the revoke is still owed");
+        if newer {
+            k.refused_grant_leaves_the_revoke(&case).await;
+        } else {
+            assert_eq!(k.entry().await, pair("r", "r"), "{case}");
+        }
+    }
 }
 
 /// A clear that leaves a revoke given up in an outage current again (the

@@ -328,6 +328,17 @@ pub struct Replayed {
     pub flush_error: Option<String>,
 }
 
+/// What a purge of dead letters did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Purged {
+    /// Letters removed, unreadable ones included.
+    pub(crate) removed: usize,
+    /// Revokes that purged grants owed (a grant given up over a revoke
+    /// that never reached OpenFGA), pending again: purging the grant must
+    /// not leave OpenFGA holding what the application revoked before it.
+    pub(crate) repended: usize,
+}
+
 /// Keys and bytes one category of a store's Redis keys takes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
@@ -435,13 +446,12 @@ pub(crate) trait Store: Send + Sync + 'static {
         })
     }
     /// Removes dead letters: those with the given ids, or all (with
-    /// `up_to`, all but those numbered after it); returns how many (those
-    /// that could not be read included).
+    /// `up_to`, all but those numbered after it).
     fn remove_dead_letters<'a>(
         &'a self,
         ids: Option<&'a [u64]>,
         up_to: Option<u64>,
-    ) -> BoxFuture<'a, Result<usize>>;
+    ) -> BoxFuture<'a, Result<Purged>>;
     /// Buffers dead letters again as new ops (those with `ids`, or all; with
     /// `only_transient`, only those that died of transient causes), in one
     /// step per letter that also drops a superseded letter instead: one whose

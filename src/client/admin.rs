@@ -303,20 +303,33 @@ impl WriteBehind {
     }
 
     /// Removes letters (see `Store::remove_dead_letters`), logging how many.
+    /// Revokes that purged grants owed are pending again: flushed, as a
+    /// replay flushes what it buffers.
     async fn remove_letters(&self, ids: Option<&[u64]>, up_to: Option<u64>) -> Result<usize> {
-        let n = self
-            .inner
-            .engine
-            .store
-            .remove_dead_letters(ids, up_to)
-            .await?;
-        if n > 0 {
+        let e = &self.inner.engine;
+        let p = e.store.remove_dead_letters(ids, up_to).await?;
+        if p.removed > 0 {
             tracing::warn!(
-                count = n,
+                count = p.removed,
                 "purged dead letters: their ops will never be written"
             );
         }
-        Ok(n)
+        if p.repended > 0 {
+            count!(
+                e.stats,
+                acknowledged,
+                "fga_wb_ops_acknowledged_total",
+                p.repended as u64
+            );
+            tracing::warn!(
+                revokes = p.repended,
+                "purged grants that were given up over a revoke that never reached OpenFGA: that revoke is pending again, so OpenFGA does not keep what the application revoked"
+            );
+            if let Err(err) = self.flush().await {
+                tracing::warn!(error = %err, "the flush after purging failed; the revokes are pending");
+            }
+        }
+        Ok(p.removed)
     }
 
     /// An error naming the `ids` that are no dead letter's; for a replay,

@@ -1684,7 +1684,7 @@ mod tests {
             &'a self,
             ids: Option<&'a [u64]>,
             up_to: Option<u64>,
-        ) -> BoxFuture<'a, Result<usize, Error>> {
+        ) -> BoxFuture<'a, Result<crate::buffer::Purged, Error>> {
             self.inner.remove_dead_letters(ids, up_to)
         }
         fn replay_dead_letters<'a>(

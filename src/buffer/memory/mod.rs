@@ -30,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::future::{self, BoxFuture};
 
 use super::{
-    counts_for, key_of, tuple_of, DeadLetter, Finished, Outcome, Pending, Pushed, Relevant,
+    counts_for, key_of, tuple_of, DeadLetter, Finished, Outcome, Pending, Purged, Pushed, Relevant,
     Replayed, Store, Take, Taken, Unfinished,
 };
 use crate::error::{Error, Kind, Result};
@@ -1197,7 +1197,10 @@ impl Store for MemoryStore {
         &'a self,
         ids: Option<&'a [u64]>,
         up_to: Option<u64>,
-    ) -> BoxFuture<'a, Result<usize>> {
+    ) -> BoxFuture<'a, Result<Purged>> {
+        // Its letters owe nothing: ops are never given up here (they stay
+        // pending through transient failures), and a grant refused for
+        // good left the revoke it owed pending when it died.
         let mut g = self.dead();
         let removed = match (ids, up_to) {
             (None, Some(up_to)) => {
@@ -1217,7 +1220,10 @@ impl Store for MemoryStore {
         };
         self.dead_keys.store(g.keys.len(), Ordering::Relaxed);
         drop(g);
-        Box::pin(future::ready(Ok(removed)))
+        Box::pin(future::ready(Ok(Purged {
+            removed,
+            repended: 0,
+        })))
     }
 }
 

@@ -100,8 +100,13 @@ impl RedisStore {
     /// letters (one script call each, so Redis is not held up long);
     /// purging all ends with one call that also drops the per-tuple
     /// bookkeeping. Returns how many were removed, unreadable ones
-    /// included (they are not parsed: there is nothing to show of them).
-    pub(crate) async fn purge_now(&self, ids: Option<&[u64]>, up_to: Option<u64>) -> Result<usize> {
+    /// included (they are not parsed: there is nothing to show of them),
+    /// and how many revokes purged grants owed are pending again.
+    pub(crate) async fn purge_now(
+        &self,
+        ids: Option<&[u64]>,
+        up_to: Option<u64>,
+    ) -> Result<Purged> {
         let all = ids.is_none();
         let ids = match ids {
             Some(ids) => ids.to_vec(),
@@ -115,7 +120,7 @@ impl RedisStore {
             .chunks(LETTERS_STEP)
             .map(|part| {
                 let mut a = Args::new("dlqdrop", self.publish);
-                a.push(part);
+                a.push(now_ms()).push(part);
                 a
             })
             .collect();
@@ -123,17 +128,19 @@ impl RedisStore {
             // The rest, unreadable ones too; with `up_to`, not the letters
             // numbered after it.
             let mut a = Args::new("dlqdrop", self.publish);
-            a.push("*");
+            a.push(now_ms()).push("*");
             if let Some(u) = up_to {
                 a.push(u);
             }
             calls.push(a);
         }
-        let mut removed = 0;
+        let mut purged = Purged::default();
         for a in &calls {
-            removed += items(self.call(a).await?)?.len() / 2;
+            let v = items(self.call(a).await?)?;
+            purged.repended += count(&v, 0)? as usize;
+            purged.removed += v.len().saturating_sub(1) / 2;
         }
-        Ok(removed)
+        Ok(purged)
     }
 
     /// Every letter's id, in order.

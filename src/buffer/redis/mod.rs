@@ -33,8 +33,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     condition_of, key_of, op_of, shown_condition, stored_tuple, tuple_of, unreadable_outcome,
-    Claim, DeadLetter, Finished, JobEnd, KeyUsage, Outcome, Pending, Pushed, Relevant, Replayed,
-    Store, StoreEvent, Take, Taken, Unfinished,
+    Claim, DeadLetter, Finished, JobEnd, KeyUsage, Outcome, Pending, Purged, Pushed, Relevant,
+    Replayed, Store, StoreEvent, Take, Taken, Unfinished,
 };
 use crate::error::{Error, Kind, Result};
 use crate::model::{Dep, RelName};
@@ -947,7 +947,7 @@ impl Store for RedisStore {
         &'a self,
         ids: Option<&'a [u64]>,
         up_to: Option<u64>,
-    ) -> BoxFuture<'a, Result<usize>> {
+    ) -> BoxFuture<'a, Result<Purged>> {
         Box::pin(self.purge_now(ids, up_to))
     }
 

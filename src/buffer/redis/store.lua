@@ -2365,6 +2365,25 @@ local function letter_ids(from)
   return ids
 end
 
+-- Removes letter `id`; with `key` (its tuple's, while the letter is the
+-- key's newest), the key's letter bookkeeping too.
+local function remove_letter(id, key)
+  rcall('HDEL', K_DEAD, id)
+  if key then
+    rcall('HDEL', K_DEADKEY, key)
+    unindex_dead(key)
+  end
+end
+
+-- `d`, the key's newest letter, goes while `cur` (the key's entry) is
+-- buffered: a grant given up that owed a revoke (see finish) passes the
+-- debt to `cur`, if a grant that owes none.
+local function pass_debt(d, cur)
+  if d.owes == true and cur and cur.op == 'g' and not debt_of(d.key, cur) then
+    owe(d.key, cur.seq)
+  end
+end
+
 -- replay pub now cap only_transient (id* | '*')
 --   -> {replayed, superseded, kept, (key, cond)* of the replayed}
 -- Each letter, in one step: dropped if superseded (its key has an entry, or
@@ -2392,19 +2411,9 @@ if cmd == 'replay' then
         -- Numbered after a revoke owed before it (see finish): replayable
         -- once that is written.
       elseif cache[d.key] or latest ~= tostring(id) then
-        -- A grant's debt (see finish) passes to the op buffered after it,
-        -- if a grant that owes none.
-        local cur = cache[d.key]
-        if d.owes == true and latest == tostring(id) and cur and cur.op == 'g'
-            and not debt_of(d.key, cur) then
-          owe(d.key, cur.seq)
-        end
+        if latest == tostring(id) then pass_debt(d, cache[d.key]) end
         superseded = superseded + 1
-        rcall('HDEL', K_DEAD, id)
-        if latest == tostring(id) then
-          rcall('HDEL', K_DEADKEY, d.key)
-          unindex_dead(d.key)
-        end
+        remove_letter(id, latest == tostring(id) and d.key)
       elseif size >= cap then
         kept = #ids - i + 1
         break
@@ -2427,50 +2436,72 @@ if cmd == 'replay' then
   apply_writes()
   -- The letters of the replayed ops go once the ops are pending again: a
   -- call that fails before this leaves the letters, never an op in neither.
-  for i, id in ipairs(done) do
-    local key = out[2 * i - 1]
-    rcall('HDEL', K_DEAD, id)
-    rcall('HDEL', K_DEADKEY, key)
-    unindex_dead(key)
-  end
+  for i, id in ipairs(done) do remove_letter(id, out[2 * i - 1]) end
   local res = { replayed, superseded, kept }
   for _, v in ipairs(out) do tinsert(res, v) end
   return res
 end
 
--- dlqdrop pub (id* | '*' [up_to]) -> {(id, letter)*}: removes letters (purge).
+-- dlqdrop pub now (id* | '*' [up_to]) -> {repended, (id, letter)*}: removes
+-- letters (purge). Purged, a grant given up that owed a revoke (see finish)
+-- is never written, but its debt stays: with it gone, what the application
+-- said last before it is that revoke, and OpenFGA may still hold what it
+-- revokes. It passes to a grant buffered after it that owes none, or,
+-- with no op buffered on the key, the revoke is pending again in the
+-- grant's place in line (`repended` of them), as when OpenFGA refuses such
+-- a grant for good.
 if cmd == 'dlqdrop' then
-  local out = {}
+  local now = ARGV[3]
+  local out, gone, handled, rels, repended = {}, {}, {}, {}, 0
   -- With '*', a bound spares the letters numbered after it (written while
   -- an operator was asked); ids that are no number go.
-  local bound = ARGV[3] == '*' and tonumber(ARGV[4]) or nil
-  for _, id in ipairs(letter_ids(3)) do
-    local raw = (not bound or not tonumber(id) or tonumber(id) <= bound)
+  local bound = ARGV[4] == '*' and tonumber(ARGV[5]) or nil
+  for _, id in ipairs(letter_ids(4)) do
+    local raw = not handled[id] and (not bound or not tonumber(id) or tonumber(id) <= bound)
       and rcall('HGET', K_DEAD, id)
+    handled[id] = true
     if raw then
       tinsert(out, id)
       tinsert(out, raw)
-      rcall('HDEL', K_DEAD, id)
       local d = letter(raw)
-      if d and rcall('HGET', K_DEADKEY, d.key) == tostring(id) then
-        rcall('HDEL', K_DEADKEY, d.key)
-        unindex_dead(d.key)
+      local current = d and rcall('HGET', K_DEADKEY, d.key) == tostring(id)
+      if current and d.transient == true and d.op == 'g' and d.owes == true then
+        load({ d.key })
+        local cur = cache[d.key]
+        if not cur then
+          rebuffer({ key = d.key, op = 'r', cond = '', first = d.first, since = d.since }, now)
+          repended = repended + 1
+          local rel = rel_of(d.key)
+          if rel then rels[rel] = true end
+        end
+        pass_debt(d, cur)
       end
+      tinsert(gone, { id = id, key = current and d.key })
     end
   end
-  if ARGV[3] == '*' and rcall('HLEN', K_DEAD) == 0 then
+  -- Counted as a replay counts them.
+  if repended > 0 then incr(P .. ':stats', 'acknowledged', repended) end
+  bump_gen(rels)
+  apply_writes()
+  -- The letters go once what they owed is buffered: a call that fails
+  -- before this leaves them, never a debt in neither place.
+  for _, g in ipairs(gone) do remove_letter(g.id, g.key) end
+  if ARGV[4] == '*' and rcall('HLEN', K_DEAD) == 0 then
     -- Every letter is gone: so is every index entry (the keys of the
     -- relations' indexes are the members' relations).
-    local rels = {}
+    local ixs = {}
     for _, ix in ipairs({ K_DEADREV, K_DEADGR }) do
       for _, k in ipairs(rcall('ZRANGE', ix, 0, -1)) do
         local rel = rel_of(k)
-        if rel then rels[deadrev_key(rel, ix)] = true end
+        if rel then ixs[deadrev_key(rel, ix)] = true end
       end
     end
-    for z, _ in pairs(rels) do rcall('DEL', z) end
+    for z, _ in pairs(ixs) do rcall('DEL', z) end
     rcall('DEL', K_DEADKEY, K_DEADREV, K_DEADGR, K_DEADCUR)
   end
+  -- Ready again: other processes' flushers take it.
+  if repended > 0 then publish('finished') end
+  tinsert(out, 1, repended)
   return out
 end
 
