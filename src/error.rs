@@ -347,6 +347,19 @@ impl Error {
         }
     }
 
+    /// The request reached OpenFGA, or the way to it (a proxy, a
+    /// gateway): not a failure before anything was sent (this process's
+    /// lease ending, the token endpoint, a timeout or a connection that
+    /// failed before the request went out). Only those say how busy the
+    /// server is.
+    pub(crate) fn reached_server(&self) -> bool {
+        match &*self.kind {
+            Kind::Api(_) => true,
+            Kind::Timeout { sent, .. } | Kind::Connect { sent, .. } => *sent,
+            _ => false,
+        }
+    }
+
     /// The request timed out.
     pub fn is_timeout(&self) -> bool {
         matches!(&*self.kind, Kind::Timeout { .. })
@@ -641,6 +654,29 @@ mod tests {
             message: "m".into(),
             retry_after: None,
         }))
+    }
+
+    /// Only a request that went out tells how busy OpenFGA is (the
+    /// concurrency limit halves on push-back): not this process's lease
+    /// ending, the token endpoint failing, or a timeout before sending.
+    #[test]
+    fn only_requests_sent_tell_how_busy_the_server_is() {
+        let timeout = |sent| {
+            Error::new(Kind::Timeout {
+                operation: "write",
+                timeout: None,
+                sent,
+            })
+        };
+        assert!(api(503, "").reached_server());
+        assert!(timeout(true).reached_server());
+        assert!(!timeout(false).reached_server());
+        assert!(!Error::new(Kind::Busy("the lease ends".into())).reached_server());
+        let token = Kind::Token {
+            detail: "503".into(),
+            transient: true,
+        };
+        assert!(!Error::new(token).reached_server());
     }
 
     /// OpenFGA's answer to a Write over its gRPC limit, as a real server

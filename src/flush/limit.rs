@@ -65,7 +65,10 @@ impl Limit {
         self.current as usize
     }
 
-    pub(crate) fn observe(&mut self, rtts: &[Duration], congested: bool) {
+    /// Takes a chunk's requests: the round trips of its full-size ones
+    /// that landed, how many landed in all, and whether the server pushed
+    /// back.
+    pub(crate) fn observe(&mut self, rtts: &[Duration], landed: usize, congested: bool) {
         if !self.adaptive {
             return;
         }
@@ -77,6 +80,16 @@ impl Limit {
                     Some(now + self.base_rtt.unwrap_or(Duration::from_millis(100)) * 2);
             }
             return;
+        }
+        // Below `start`, after push-back, every request that lands climbs
+        // back, whatever its size: chunks under half a batch (objects of a
+        // few dozen ops each) give no round trip, and with only round
+        // trips counting the limit stayed at its minimum for good.
+        for _ in rtts.len()..landed {
+            if self.current >= self.start {
+                break;
+            }
+            self.current = (self.current + 1.0 / self.current).min(self.start);
         }
         for &rtt in rtts {
             self.window_min = Some(self.window_min.map_or(rtt, |m| m.min(rtt)));
@@ -97,5 +110,28 @@ impl Limit {
                 self.current = (self.current - step).max(self.start);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Halved to its minimum by push-back, the limit climbs back to where
+    /// it starts on requests that land, also when none is full-size
+    /// enough to give a round trip.
+    #[test]
+    fn the_limit_climbs_back_on_small_requests_too() {
+        let mut limit = Limit::new(&FlushConfig::default());
+        let start = limit.get();
+        for _ in 0..8 {
+            limit.calm_until = None;
+            limit.observe(&[], 0, true);
+        }
+        assert_eq!(limit.get(), limit.min as usize);
+        for _ in 0..100 {
+            limit.observe(&[], 1, false);
+        }
+        assert_eq!(limit.get(), start);
     }
 }

@@ -322,6 +322,8 @@ pub(crate) struct ChunkResult {
     /// Round trips of successful full-size requests, for the concurrency
     /// limit.
     pub rtts: Vec<Duration>,
+    /// Successful requests, of any size.
+    pub landed: usize,
     /// The server pushed back (429, 5xx, timeout): lower the limit.
     pub congested: bool,
     /// When the last request whose outcome is unknown (see
@@ -346,6 +348,7 @@ impl ChunkResult {
             queued: 0,
             stop: None,
             rtts: Vec::new(),
+            landed: 0,
             congested: false,
             unsure_at: None,
             held_out: false,
@@ -596,6 +599,7 @@ impl Engine {
                     Ok(()) => {
                         metrics::counter!("fga_wb_write_requests_total", "outcome" => "ok")
                             .increment(1);
+                        result.landed += 1;
                         if part.len() * 2 >= full {
                             result.rtts.push(started.elapsed());
                         }
@@ -929,8 +933,9 @@ impl Engine {
                 // Every request that failed transiently; its ops are sent
                 // again (now, or after the pause).
                 count!(self.stats, retries, "fga_wb_write_retries_total", 1);
-                // One bad tuple is not a busy server (see write_chunk_as).
-                if !conflict && !e.may_lie_with_tuples() {
+                // One bad tuple is not a busy server (see write_chunk_as),
+                // nor is a request never sent.
+                if !conflict && !e.may_lie_with_tuples() && e.reached_server() {
                     result.congested = true;
                 }
             }

@@ -904,7 +904,8 @@ impl Pump {
             }
         }
         let e = self.engine.clone();
-        self.limit.observe(&result.rtts, result.congested);
+        self.limit
+            .observe(&result.rtts, result.landed, result.congested);
         e.parallel.store(self.limit.get(), Ordering::Relaxed);
         let mut report = FlushReport {
             requests: result.requests,
@@ -962,7 +963,16 @@ impl Pump {
             }
             Stop::Transient(err) => {
                 metrics::counter!("fga_wb_flush_pauses_total").increment(1);
-                let wait = self.backoff.next().unwrap_or(e.cfg.retry_max_backoff);
+                let now = Instant::now();
+                // One step of the backoff per pause: the chunks in flight
+                // when OpenFGA went away fail within the pause the first
+                // began, and with a step each, a two-second outage paused
+                // flushing for up to a minute.
+                let pausing = self.paused_until.filter(|&p| p > now);
+                let wait = match pausing {
+                    Some(p) => p - now,
+                    None => self.backoff.next().unwrap_or(e.cfg.retry_max_backoff),
+                };
                 let wait = err.retry_after().map_or(wait, |r| r.max(wait));
                 let wait = match self.shutdown {
                     // Shutdown spends its deadline writing: short pauses of
@@ -977,19 +987,21 @@ impl Pump {
                 // The latest end any request was asked for: another chunk
                 // (or Redis) failing without one does not cut it short.
                 if let Some(r) = err.retry_after() {
-                    let until = Instant::now() + r;
+                    let until = now + r;
                     self.asked_pause = Some(self.asked_pause.map_or(until, |p| p.max(until)));
                 }
-                let until = Instant::now() + wait;
+                let until = now + wait;
                 self.paused_until = Some(match self.asked_pause {
                     Some(p) => until.max(p),
                     None => until,
                 });
                 // An outage of OpenFGA, not a blip (a single 429 pauses
                 // for 100 ms), nor Redis's own failure (giving back would
-                // wait on the Redis that just failed).
+                // wait on the Redis that just failed). A pause under way
+                // that parks stays so.
                 let long = PARK_AFTER.min(e.cfg.retry_max_backoff);
-                self.park_while_paused = wait >= long && !err.is_redis();
+                let park = wait >= long && !err.is_redis();
+                self.park_while_paused = park || (pausing.is_some() && self.park_while_paused);
             }
         }
         self.last_error = Some(msg.clone());
@@ -2065,6 +2077,32 @@ mod tests {
             let woken = e.wake.notified().now_or_never().is_some();
             assert_eq!(woken, !armed_now, "armed now: {armed_now}");
         }
+    }
+
+    /// Every chunk in flight when OpenFGA went away fails: together they
+    /// pause flushing for one step of the backoff, not one step each. With
+    /// a step each, eight failed chunks paused it for 12.8 s or more
+    /// (jitter adds up to as much again), whatever the outage's length.
+    #[tokio::test]
+    async fn chunks_failing_in_one_pause_step_the_backoff_once() {
+        let mut pump = Pump::new(engine(), true);
+        for _ in 0..8 {
+            let err = Error::new(Kind::Api(crate::error::ApiError {
+                operation: "write",
+                status: 503,
+                code: String::new(),
+                message: "unavailable".into(),
+                retry_after: None,
+            }));
+            pump.give_up(Stop::Transient(err));
+        }
+        let left = pump.paused_until.expect("paused") - Instant::now();
+        // The first step: retry_initial_backoff, jitter at most doubles it.
+        let first = pump.engine.cfg.retry_initial_backoff * 2;
+        assert!(
+            left <= first,
+            "paused for {left:?}, one step is at most {first:?}"
+        );
     }
 
     fn engine_with(sink: Option<Sink>) -> Arc<Engine> {
