@@ -1115,7 +1115,11 @@ async fn a_loss_record_without_its_fields_can_be_acknowledged() {
     assert!(r.is_err(), "a check during a loss must fail closed: {r:?}");
     let st = wb.status().await.unwrap();
     assert!(st.loss.is_some(), "{st:?}");
-    assert!(wb.acknowledge_loss("a test").await.unwrap());
+    let closed = wb.acknowledge_loss("a test").await.unwrap();
+    assert!(
+        closed.is_some_and(|l| l.contains("an unreadable record of a loss")),
+        "the record closed is told"
+    );
     let open: i64 = cmd(&mut c, &["EXISTS", &loss]).await;
     assert_eq!(open, 0);
     assert!(!wb.check("user:a", "viewer", "document:1").await.unwrap());

@@ -2187,6 +2187,31 @@ async fn a_clear_that_leaves_a_letter_replayable_tells_the_workers() {
     assert_eq!(k.letter().await["op"], "r");
 }
 
+/// Acknowledging a loss returns the record it closed, read in the same
+/// step: a loss recorded after the operator last looked is closed with it,
+/// and `fga-wb loss --ack` tells it. Before, the command printed the record
+/// it had read before closing, or "no loss was open" when the loss came in
+/// between.
+#[tokio::test]
+async fn acknowledging_a_loss_returns_the_record_it_closed() {
+    let mut r = ScriptAt::new("ackloss").await;
+    // ackloss now by
+    assert!(
+        r.call("ackloss", &["6000", "op"]).await.is_empty(),
+        "none open"
+    );
+    let record = ["at", "5000", "by", "w1", "reason", "keys gone", "more", "1"];
+    let _: () = r.look("HSET", "loss", &record).await;
+    let closed = r.call("ackloss", &["6000", "op"]).await;
+    let text: Vec<String> = closed
+        .into_iter()
+        .map(|v| redis::from_redis_value(v).unwrap())
+        .collect();
+    assert_eq!(text, ["5000", "w1", "keys gone", "1"]);
+    let open: bool = r.look("EXISTS", "loss", &[]).await;
+    assert!(!open);
+}
+
 /// A writer whose last heartbeat is older than three leases before a
 /// reconnect, but whose lease still runs (a longer lease of its own, or
 /// one kept for an unknown outcome's hold), is waited for until the lease

@@ -617,22 +617,26 @@ fn bytes(n: u64) -> String {
 }
 
 async fn loss(json: bool, wb: &WriteBehind, ack: bool) -> Result<(), Failure> {
-    let open = wb.status().await?.loss;
     if ack {
         let by = format!(
             "`fga-wb loss --ack` as {}",
             std::env::var("USER").unwrap_or_else(|_| "?".into())
         );
+        // What was closed, not what was read before: a loss recorded in
+        // between is closed too, and must be told.
         let closed = wb.acknowledge_loss(&by).await?;
         if json {
-            return print_json(&serde_json::json!({ "acknowledged": closed, "loss": open }));
+            return print_json(
+                &serde_json::json!({ "acknowledged": closed.is_some(), "loss": closed }),
+            );
         }
-        match open.filter(|_| closed) {
+        match closed {
             Some(l) => out!("acknowledged: {l}; checks answer again"),
             None => out!("no loss was open"),
         }
         return Ok(());
     }
+    let open = wb.status().await?.loss;
     if json {
         print_json(&serde_json::json!({ "loss": open }))?;
     } else if let Some(l) = &open {

@@ -553,10 +553,10 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn loss(&self) -> BoxFuture<'_, Result<Option<String>>> {
         Box::pin(futures::future::ready(Ok(None)))
     }
-    /// Closes the loss record (an operator has dealt with the loss); false
-    /// if none was open.
-    fn acknowledge_loss<'a>(&'a self, _by: &'a str) -> BoxFuture<'a, Result<bool>> {
-        Box::pin(futures::future::ready(Ok(false)))
+    /// Closes the loss record (an operator has dealt with the loss), and
+    /// returns it as [`loss`](Self::loss) shows it; None if none was open.
+    fn acknowledge_loss<'a>(&'a self, _by: &'a str) -> BoxFuture<'a, Result<Option<String>>> {
+        Box::pin(futures::future::ready(Ok(None)))
     }
     /// Store-wide counters and notes (`last_flush`, `stopped`) written by
     /// every process; empty for a store only this process sees.

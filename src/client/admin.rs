@@ -205,8 +205,10 @@ impl WriteBehind {
     /// Closes the record of a Redis loss so checks answer again: for an
     /// operator, after re-applying what the application granted and revoked
     /// around the time of the loss (`status().loss` says when). `by` names
-    /// who did it, for the record. Returns false if no loss was open.
-    pub async fn acknowledge_loss(&self, by: &str) -> Result<bool> {
+    /// who did it, for the record. Returns the record closed, read in the
+    /// same step (a loss recorded since the operator last looked is in
+    /// it, as "more times since"); None if no loss was open.
+    pub async fn acknowledge_loss(&self, by: &str) -> Result<Option<String>> {
         let e = &self.inner.engine;
         let closed = e.store.acknowledge_loss(by).await?;
         e.cache.invalidate_all();

@@ -87,18 +87,14 @@ impl RedisStore {
 
     /// The open loss record, as text for people.
     pub(crate) async fn loss_now(&self) -> Result<Option<String>> {
-        let v = items(self.call(&Args::new("loss", self.publish)).await?)?;
-        if v.len() < 4 {
-            return Ok(None);
-        }
-        let at: u64 = text(&v[0])?.parse().unwrap_or(0);
-        let when = humantime::format_rfc3339_seconds(stored_time(Duration::from_millis(at)));
-        let more = int(&v[3]).unwrap_or(0);
-        let mut s = format!("at {when}, seen by {}: {}", text(&v[1])?, text(&v[2])?);
-        if more > 0 {
-            s.push_str(&format!(" (and {more} more times since)"));
-        }
-        Ok(Some(s))
+        loss_record(self.call(&Args::new("loss", self.publish)).await?)
+    }
+
+    /// Closes the open loss record; returns it, if one was open.
+    pub(crate) async fn acknowledge_loss_now(&self, by: &str) -> Result<Option<String>> {
+        let mut a = Args::new("ackloss", self.publish);
+        a.push(now_ms()).push(by);
+        loss_record(self.call(&a).await?)
     }
 
     pub(crate) async fn loss_error(&self) -> Error {
@@ -170,6 +166,23 @@ impl Hold {
     pub(crate) fn term(&self) -> u64 {
         self.term.load(Ordering::Acquire)
     }
+}
+
+/// A loss record as the `loss` and `ackloss` scripts return it ({at, by,
+/// reason, more}, or {} for none), for people.
+fn loss_record(v: Value) -> Result<Option<String>> {
+    let v = items(v)?;
+    if v.len() < 4 {
+        return Ok(None);
+    }
+    let at: u64 = text(&v[0])?.parse().unwrap_or(0);
+    let when = humantime::format_rfc3339_seconds(stored_time(Duration::from_millis(at)));
+    let more = int(&v[3]).unwrap_or(0);
+    let mut s = format!("at {when}, seen by {}: {}", text(&v[1])?, text(&v[2])?);
+    if more > 0 {
+        s.push_str(&format!(" (and {more} more times since)"));
+    }
+    Ok(Some(s))
 }
 
 /// Where dropped connections and new epochs enter a generation: far above

@@ -1221,12 +1221,8 @@ impl Store for RedisStore {
         Box::pin(self.loss_now())
     }
 
-    fn acknowledge_loss<'a>(&'a self, by: &'a str) -> BoxFuture<'a, Result<bool>> {
-        Box::pin(async move {
-            let mut a = Args::new("ackloss", self.publish);
-            a.push(now_ms()).push(by);
-            Ok(int(&self.call(&a).await?)? == 1)
-        })
+    fn acknowledge_loss<'a>(&'a self, by: &'a str) -> BoxFuture<'a, Result<Option<String>>> {
+        Box::pin(self.acknowledge_loss_now(by))
     }
 
     fn events(

@@ -1952,11 +1952,14 @@ if cmd == 'loss' then
   return { l[1] or '0', l[2] or '', l[3] or 'an unreadable record of a loss', l[4] or '0' }
 end
 
--- ackloss pub now by -> 1 if a loss record was open: an operator has dealt
--- with the loss; checks may answer again. Every cached answer is dropped.
+-- ackloss pub now by -> the loss record closed, as `loss` shows it, or {}:
+-- an operator has dealt with the loss; checks may answer again. Every
+-- cached answer is dropped. The record is read in the same call: what the
+-- operator is told was closed is what was (a loss recorded after the
+-- operator last looked is in it).
 if cmd == 'ackloss' then
-  local l = loss_fields('at', 'reason')
-  if not l then return 0 end
+  local l = loss_fields('at', 'reason', 'by', 'more')
+  if not l then return {} end
   rcall('DEL', P .. ':loss')
   mark_all_written()
   rcall('HSET', P .. ':stats', 'last_loss', (l[1] or '0') .. ' ' .. (l[2] or ''),
@@ -1965,7 +1968,7 @@ if cmd == 'ackloss' then
   incr(P .. ':gen', '*', 1)
   flush_incrs()
   publish('all')
-  return 1
+  return { l[1] or '0', l[3] or '', l[2] or 'an unreadable record of a loss', l[4] or '0' }
 end
 
 -- release pub now writer [until] -> ends a writer's lease now (a clean stop):
