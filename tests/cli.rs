@@ -697,7 +697,7 @@ async fn a_revoke_dead_in_an_outage_is_owed_again_when_a_newer_op_is_refused() {
     assert!(r.stdout.contains("replayed 0"), "{}", r.stdout);
     assert!(
         r.stdout
-            .contains("1 revoke letter stays: it is owed behind a newer op"),
+            .contains("1 letter stays: its tuple has an op that must be written first"),
         "{}",
         r.stdout
     );

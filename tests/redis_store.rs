@@ -2170,6 +2170,24 @@ async fn a_purged_grant_leaves_the_revoke_it_owed() {
     }
 }
 
+/// A replay counts the letters it leaves as they are: a grant refused for
+/// good waits for the revoke it owed, pending again. Before, the replay
+/// counted it nowhere, and `fga-wb dlq replay` said it replayed none and
+/// dropped none, with no reason.
+#[tokio::test]
+async fn a_replay_counts_the_letters_that_wait() {
+    use redis::Value::Int;
+    let mut k = OneKey::new("replay-waiting").await;
+    k.push("r").await;
+    k.push("g").await;
+    let grant = k.take().await.unwrap();
+    k.finish(&grant, "d").await;
+    // replay now cap only_transient ids
+    //   -> {replayed, superseded, kept, waiting, (key, cond)*}
+    let out = k.r.call("replay", &["1000", "100", "0", "*"]).await;
+    assert_eq!(out, [Int(0), Int(0), Int(0), Int(1)]);
+}
+
 /// A clear that leaves a revoke given up in an outage current again (the
 /// op cleared was newer, so a replay had left the letter alone) tells the
 /// workers to look at the letters again. Before, they looked only when

@@ -532,29 +532,15 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
                     r.replayed,
                     r.superseded
                 );
-                // With room for all, a replay leaves only revokes owed
-                // behind a newer op on their tuple: say why they stay.
-                if r.kept == 0 {
-                    let owed = wb
-                        .dead_letters()
-                        .await?
-                        .iter()
-                        .filter(|d| {
-                            d.transient
-                                && !d.superseded
-                                && d.op == Op::Revoke
-                                && which.as_ref().is_none_or(|w| w.contains(&d.id))
-                        })
-                        .count();
-                    if owed > 0 {
-                        let (what, them) = match owed {
-                            1 => ("letter stays: it is", "it"),
-                            _ => ("letters stay: each is", "them"),
-                        };
-                        out!(
-                            "{owed} revoke {what} owed behind a newer op on its tuple, not replayed over it, and written if that op is refused for good (`fga-wb dlq list` shows {them})"
-                        );
-                    }
+                // Say why letters the replay left as they are stay.
+                if r.waiting > 0 {
+                    let what = match r.waiting {
+                        1 => "1 letter stays: its tuple has".to_owned(),
+                        n => format!("{n} letters stay: each one's tuple has"),
+                    };
+                    out!(
+                        "{what} an op that must be written first (a revoke given up in an outage waits behind a newer op, and is written if that op is refused for good; a grant waits for the revoke it owed); once it is, `fga-wb dlq replay` replays or drops them (`fga-wb dlq list` shows them)"
+                    );
                 }
             }
             match r.flush_error {

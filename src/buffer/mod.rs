@@ -317,6 +317,11 @@ pub struct Replayed {
     /// Letters kept because the buffer had no room for them.
     #[serde(skip)]
     pub kept: usize,
+    /// Letters left as they are because an op on their tuple must be
+    /// written first: a revoke given up in an outage, owed behind a newer
+    /// op (written if that op is refused for good), or a grant behind the
+    /// revoke it owed (replayable once that is written).
+    pub waiting: usize,
     /// The tuples replayed, for cached answers to drop.
     #[serde(skip)]
     pub tuples: Vec<TupleKey>,

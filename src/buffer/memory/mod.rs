@@ -720,6 +720,7 @@ impl MemoryStore {
             } else if buffered.is_some() {
                 // Behind a revoke owed before it (see `finish_now`): it
                 // stays, replayable once that is written.
+                r.waiting += 1;
             } else {
                 // Back in line where its op was, pending since it was: to
                 // `unfinished` it is the op acknowledged then, not a new

@@ -199,7 +199,8 @@ impl RedisStore {
             let v = items(self.call(&a).await?)?;
             r.replayed += count(&v, 0)? as usize;
             r.superseded += count(&v, 1)? as usize;
-            for p in v.get(3..).unwrap_or_default().chunks_exact(2) {
+            r.waiting += count(&v, 3)? as usize;
+            for p in v.get(4..).unwrap_or_default().chunks_exact(2) {
                 r.tuples
                     .push(tuple_of(&text(&p[0])?, shown_condition(&text(&p[1])?)));
             }

@@ -2388,7 +2388,7 @@ local function pass_debt(d, cur)
 end
 
 -- replay pub now cap only_transient (id* | '*')
---   -> {replayed, superseded, kept, (key, cond)* of the replayed}
+--   -> {replayed, superseded, kept, waiting, (key, cond)* of the replayed}
 -- Each letter, in one step: dropped if superseded (its key has an entry, or
 -- P:deadkey does not name it), else buffered again as a new op; with the
 -- buffer full, it and the rest stay. A transient revoke's letter whose key
@@ -2397,7 +2397,7 @@ if cmd == 'replay' then
   local now, cap, only_transient = ARGV[3], tonumber(ARGV[4]), ARGV[5] == '1'
   local ids = letter_ids(6)
   local size = rcall('HLEN', K_OPS)
-  local replayed, superseded, kept = 0, 0, 0
+  local replayed, superseded, kept, waiting = 0, 0, 0, 0
   local out, rels, done = {}, {}, {}
   local handled = {}
   for i, id in ipairs(ids) do
@@ -2409,10 +2409,12 @@ if cmd == 'replay' then
       if cache[d.key] and latest == tostring(id) and d.transient == true and d.op == 'r' then
         -- A revoke owed until the newer op buffered on its key is written
         -- (see finish): not superseded yet, and not replayed over that op.
+        waiting = waiting + 1
       elseif cache[d.key] and latest == tostring(id)
           and (tonumber(cache[d.key].seq) or 0) < (tonumber(d.seq) or 0) then
         -- Numbered after a revoke owed before it (see finish): replayable
         -- once that is written.
+        waiting = waiting + 1
       elseif cache[d.key] or latest ~= tostring(id) then
         if latest == tostring(id) then pass_debt(d, cache[d.key]) end
         superseded = superseded + 1
@@ -2440,7 +2442,7 @@ if cmd == 'replay' then
   -- The letters of the replayed ops go once the ops are pending again: a
   -- call that fails before this leaves the letters, never an op in neither.
   for i, id in ipairs(done) do remove_letter(id, out[2 * i - 1]) end
-  local res = { replayed, superseded, kept }
+  local res = { replayed, superseded, kept, waiting }
   for _, v in ipairs(out) do tinsert(res, v) end
   return res
 end
