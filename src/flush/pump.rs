@@ -962,13 +962,15 @@ impl Pump {
                 self.stop_look_at = Some(Instant::now() + look);
             }
             Stop::Transient(err) => {
-                metrics::counter!("fga_wb_flush_pauses_total").increment(1);
                 let now = Instant::now();
                 // One step of the backoff per pause: the chunks in flight
                 // when OpenFGA went away fail within the pause the first
                 // began, and with a step each, a two-second outage paused
                 // flushing for up to a minute.
                 let pausing = self.paused_until.filter(|&p| p > now);
+                if pausing.is_none() {
+                    metrics::counter!("fga_wb_flush_pauses_total").increment(1);
+                }
                 let wait = match pausing {
                     Some(p) => p - now,
                     None => self.backoff.next().unwrap_or(e.cfg.retry_max_backoff),
