@@ -890,12 +890,18 @@ impl Config {
                 "redis.wait_timeout must be between 1ms and 10s (a push waits that long for its replicas)",
             ));
         }
-        if self.redis.key_prefix.is_empty()
-            || self
-                .redis
-                .key_prefix
-                .contains(|c: char| c.is_whitespace() || "{}*?[]\\".contains(c))
-        {
+        // Both name a store's Redis keys: a glob character in either
+        // would make the key scans of `status` and the sweeps match other
+        // stores' keys (the store id never has one: OpenFGA's ids are 26
+        // digits and capital letters).
+        let unsafe_in_keys =
+            |v: &str| v.contains(|c: char| c.is_whitespace() || "{}*?[]\\".contains(c));
+        if unsafe_in_keys(&self.openfga.store_id) {
+            return Err(Error::config(
+                "openfga.store_id (FGA_STORE_ID) is not an OpenFGA store id: it has whitespace, braces or any of * ? [ ] \\ (OpenFGA's ids are 26 digits and capital letters, e.g. 01J8Z6W2X1K3M4N5P6Q7R8S9T0)",
+            ));
+        }
+        if self.redis.key_prefix.is_empty() || unsafe_in_keys(&self.redis.key_prefix) {
             return Err(Error::config(
                 "redis.key_prefix must be non-empty, without whitespace, braces (they pick a store's Redis Cluster slot) or any of * ? [ ] \\ (the key scans of `status` and the sweeps would match other keys)",
             ));

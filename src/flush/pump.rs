@@ -1002,8 +1002,9 @@ impl Pump {
                 // wait on the Redis that just failed). A pause under way
                 // that parks stays so.
                 let long = PARK_AFTER.min(e.cfg.retry_max_backoff);
-                let park = wait >= long && !err.is_redis();
-                self.park_while_paused = park || (pausing.is_some() && self.park_while_paused);
+                self.park_while_paused = (wait >= long
+                    || (pausing.is_some() && self.park_while_paused))
+                    && !err.is_redis();
             }
         }
         self.last_error = Some(msg.clone());

@@ -219,6 +219,10 @@ impl Heartbeat {
     /// Renews the lease and compares what this process acknowledged with
     /// what Redis holds. Returns whether a loss record is open.
     pub(crate) async fn once(&self) -> Result<bool> {
+        let _beat = self.watch.beat_lock.lock().await;
+        if self.watch.released.load(Ordering::Acquire) {
+            return Ok(false);
+        }
         let at = now_ms();
         let epoch = self.watch.epoch();
         let acked = self.watch.acked.load(Ordering::Relaxed);
@@ -280,12 +284,13 @@ impl Heartbeat {
     }
 
     /// Whether Redis cannot have forgotten this writer's count of the ops
-    /// its pushes accepted: its last heartbeat succeeded well within the
-    /// ten minutes after which another writer's heartbeat prunes it (see
-    /// `heartbeat` in store.lua). A count missing then was lost with them.
+    /// its pushes accepted: its last heartbeat succeeded (or the store
+    /// connected) well within the ten minutes after which another writer's
+    /// heartbeat prunes it (see `heartbeat` in store.lua). A count missing
+    /// then was lost with them.
     fn counted_in_redis(&self, now: u64) -> bool {
         let last = self.watch.beat_ok_at.load(Ordering::Acquire);
-        last > 0 && now.saturating_sub(last) < COUNT_KEPT_MS
+        now.saturating_sub(last) < COUNT_KEPT_MS
     }
 
     /// Renews the lease a third of the way through, and at once when a

@@ -104,11 +104,20 @@ struct Watch {
     /// pushed since: the sequence counter alone, which every push raises,
     /// can be back above `acked` before the heartbeat looks.
     pushed: AtomicU64,
-    /// When (ms, this process's clock) a heartbeat last succeeded; 0
-    /// before the first. Redis forgets a writer's count only once its last
-    /// heartbeat is ten minutes old, so a writer that ran one since holds
-    /// a count in Redis, and a Redis without it lost every op it counted.
+    /// When (ms, this process's clock) a heartbeat last succeeded, or the
+    /// store connected. Redis forgets a writer's count only once its last
+    /// heartbeat there is ten minutes old, so a writer that ran one since
+    /// (or none yet: nothing to forget) holds a count in Redis, and a Redis
+    /// without it lost every op it counted.
     beat_ok_at: AtomicU64,
+    /// The lease was released (a clean stop deletes the writer's count in
+    /// Redis): no heartbeat runs from then on, or it would take the count
+    /// missing for a loss.
+    released: std::sync::atomic::AtomicBool,
+    /// Held by a heartbeat's call, and by the release: a heartbeat under
+    /// way when the store stops reaches Redis before the release, or not
+    /// at all.
+    beat_lock: tokio::sync::Mutex<()>,
     /// Dropped connections and epoch changes seen. Part of every
     /// generation: a connection that dropped may come back to a replica
     /// promoted without the last writes, where a rolled-back generation
@@ -397,6 +406,7 @@ impl RedisStore {
         let target = Target::parse(&config.url)?;
         let tls = conn::Tls::from_config(config, &target)?;
         let watch = Arc::new(Watch::default());
+        watch.beat_ok_at.store(now_ms(), Ordering::Release);
         let on_disconnect: conn::OnDisconnect = {
             let watch = watch.clone();
             Arc::new(move || watch.disconnected())
@@ -1004,7 +1014,9 @@ impl Store for RedisStore {
 
     fn release(&self, keep_until: Option<std::time::Instant>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
+            self.watch.released.store(true, Ordering::Release);
             self.heartbeat.abort();
+            let _no_beat = self.watch.beat_lock.lock().await;
             let mut a = Args::new("release", self.publish);
             a.push(now_ms()).push(&self.writer);
             if let Some(until) = keep_until {
