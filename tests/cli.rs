@@ -457,6 +457,8 @@ async fn queue_flush_wait_and_worker_sigterm() {
     let r = cli.run(&["flush", "--wait", "--timeout", "2s"]).await;
     r.fails(1, "no worker is running");
     assert!(r.stderr.contains("5 ops still pending"), "{r:#?}");
+    // Given one, it is not told to pass --timeout.
+    assert!(!r.stderr.contains("pass --timeout"), "{r:#?}");
     let r = cli.run(&["status", "--check"]).await;
     r.fails(1, "no worker was seen");
     assert!(r.stdout.contains("PROBLEM"), "{}", r.stdout);

@@ -442,7 +442,9 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
                 ),
                 _ => String::new(),
             };
-            if !yes && !confirm(&format!("drop {} pending ops{queued}?", pending.total)) {
+            // Up to: ops waiting behind a write under way are kept.
+            let question = format!("drop up to {} pending ops{queued}?", pending.total);
+            if !yes && !confirm(&question) {
                 return Err(usage(
                     "not confirmed; nothing cleared (use --yes to skip the question)",
                 ));
@@ -895,7 +897,8 @@ fn held_over_note(h: &fga_wb::HeldOver) -> String {
 fn gave_up(s: &fga_wb::Status, w: &Waiting, u: &fga_wb::Unfinished) -> Failure {
     let after = w.started.elapsed();
     let dead = letters_waited_for(s, u);
-    let note = waiting_for(s, dead, w.replays, true);
+    // Told to pass --timeout only when it was not given one.
+    let note = waiting_for(s, dead, w.replays, w.deadline.is_none());
     let message = match u.ops {
         0 if dead > 0 && w.replays.is_some() => {
             format!("not all written after {after:.0?}: {note}")

@@ -137,6 +137,18 @@ fn a_key_prefix_that_would_match_other_keys_is_refused() {
     assert!(load_env(&[("FGA_WB_REDIS__KEY_PREFIX", "team-a:fga.wb_1")]).is_ok());
 }
 
+/// A store id names its Redis keys too: a typo like `FGA_STORE_ID='*'` in
+/// queue mode (where nothing asks OpenFGA) made `status` count, and the
+/// sweep delete, other stores' keys.
+#[test]
+fn a_store_id_that_would_match_other_keys_is_refused() {
+    for id in ["*", "01J?", "a[1]", "{x}", "a b"] {
+        let e = load_env(&[("FGA_STORE_ID", id)]).unwrap_err();
+        assert!(e.to_string().contains("openfga.store_id"), "{id}: {e}");
+    }
+    assert!(load_env(&[("FGA_STORE_ID", "01J8Z6W2X1K3M4N5P6Q7R8S9T0")]).is_ok());
+}
+
 #[test]
 fn empty_fga_cli_variables_are_unset() {
     let c = load_env(&[
