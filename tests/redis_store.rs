@@ -2230,6 +2230,58 @@ async fn acknowledging_a_loss_returns_the_record_it_closed() {
     assert!(!open);
 }
 
+/// A clear takes steps (separate script calls) on a large buffer: while it
+/// is under way, checks count it as a revoke still to come and wait. Before,
+/// a check between two steps could see a revoke dropped and a grant on
+/// another object still pending, a state that never existed.
+#[tokio::test]
+async fn checks_wait_while_a_clear_is_under_way() {
+    let mut r = ScriptAt::new("clearing").await;
+    let keys: Vec<String> = (0..2000)
+        .map(|i| format!("document:d{i}#viewer@user:u"))
+        .collect();
+    // push now capacity n (key op cond)*
+    let mut args = vec![
+        "1000".to_owned(),
+        "100000".to_owned(),
+        keys.len().to_string(),
+    ];
+    for k in &keys {
+        args.extend([k.clone(), "g".to_owned(), String::new()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    r.call("push", &args).await;
+    // relevant limit object user nrels (rel scope)*: folder#viewer, any object.
+    let relevant = ["100", "folder:f", "user:u", "1", "folder#viewer", "0"];
+    let revokes = |v: &[redis::Value]| v.first().cloned();
+    assert_eq!(
+        revokes(&r.call("relevant", &relevant).await),
+        Some(redis::Value::Int(0))
+    );
+    // clear now cursor up_to jobs_up_to, one step at a time.
+    let mut cursor = "0".to_owned();
+    let mut steps = 0;
+    loop {
+        let out = r.call("clear", &["2000", &cursor, "", ""]).await;
+        cursor = redis::from_redis_value(out[0].clone()).unwrap();
+        steps += 1;
+        if cursor == "0" {
+            break;
+        }
+        assert_eq!(
+            revokes(&r.call("relevant", &relevant).await),
+            Some(redis::Value::Int(1)),
+            "a check between steps {steps} and {} waits",
+            steps + 1
+        );
+    }
+    assert!(steps > 1, "the clear took one step: nothing between steps");
+    assert_eq!(
+        revokes(&r.call("relevant", &relevant).await),
+        Some(redis::Value::Int(0))
+    );
+}
+
 /// A writer whose last heartbeat is older than three leases before a
 /// reconnect, but whose lease still runs (a longer lease of its own, or
 /// one kept for an unknown outcome's hold), is waited for until the lease

@@ -984,8 +984,13 @@ impl MemoryStore {
 
     fn clear_now(&self, up_to: u64) -> Vec<(TupleKey, Op)> {
         let mut dropped = Vec::new();
-        for s in 0..SHARDS {
-            let mut g = self.lock(s);
+        // Every shard at once, in ascending order (as checks take them):
+        // shard by shard, a check between two could see a revoke dropped
+        // and a grant in a later shard still pending, a state that never
+        // existed (`allowed` through a folder whose parent link was
+        // revoked, where before and after the clear it is not).
+        let mut shards: Vec<_> = (0..SHARDS).map(|s| self.lock(s)).collect();
+        for g in &mut shards {
             for part in &mut g.parts {
                 let mut gone = 0;
                 let mut counts = [0usize; 2];

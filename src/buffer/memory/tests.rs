@@ -691,6 +691,52 @@ fn a_check_never_sees_a_state_that_never_existed_across_shards() {
 }
 
 #[test]
+fn a_check_never_sees_half_a_clear() {
+    // A revoke of A and a grant of B, both pending, then a clear, over and
+    // over: a check sees both or neither. Cleared shard by shard, a check
+    // between two saw B's grant without A's revoke, a state that never
+    // existed (with B a folder's viewer and A a document's parent link:
+    // allowed, where before and after the clear it is not).
+    let s = std::sync::Arc::new(MemoryStore::new(100));
+    let object_in = |shard| object_in(&s, shard);
+    let (a, b) = (
+        t("user:x", "member", &object_in(0)),
+        t("user:x", "member", &object_in(SHARDS - 1)),
+    );
+    let member = vec![Dep {
+        rel: "group#member".to_string(),
+        same_object: false,
+        user_bound: false,
+        may_deny: false,
+    }];
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (s, done, b) = (s.clone(), done.clone(), b.clone());
+        std::thread::spawn(move || {
+            let mut half = 0;
+            while !done.load(Ordering::Relaxed) {
+                let r = s.relevant_now(Some(&member), "group:0", "user:x", 100);
+                if r.revokes == 0 && r.grants.unwrap_or_default().contains(&b) {
+                    half += 1;
+                }
+            }
+            half
+        })
+    };
+    for _ in 0..20_000 {
+        s.push_now(&a, Op::Revoke).unwrap();
+        s.push_now(&b, Op::Grant).unwrap();
+        s.clear_now(u64::MAX);
+    }
+    done.store(true, Ordering::Relaxed);
+    assert_eq!(
+        reader.join().unwrap(),
+        0,
+        "a check saw B's grant without A's revoke"
+    );
+}
+
+#[test]
 fn a_check_with_no_known_dependencies_sees_one_moment_too() {
     // Revoke A (its relation has no other ops), then grant B on another
     // relation, then the flusher applies both, over and over: a check that

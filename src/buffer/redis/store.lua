@@ -2083,7 +2083,13 @@ if cmd == 'relevant' then
     local u = ssub(key, at + 1)
     return u == user or ssub(u, -2) == ':*' or string.find(u, '#', 1, true) ~= nil
   end
-  local revokes, grants = 0, 0
+  -- A clear under way (its steps are separate calls) counts as a revoke
+  -- still to be written: between two steps a check could see one op
+  -- dropped and another not yet, a state that never existed (a revoke of a
+  -- folder's parent link dropped, a grant on the folder still pending:
+  -- `allowed`, where before and after the clear it is not). The check
+  -- waits for the clear to end.
+  local revokes, grants = rcall('EXISTS', P .. ':clearing'), 0
   -- Grant keys already picked (user-bound scopes), and the scopes whose
   -- grants are listed whole if the check goes on.
   local picked, whole = {}, {}
@@ -2240,6 +2246,13 @@ if cmd == 'clear' then
   local running = {}
   for _, id in ipairs(rcall('HKEYS', P .. ':jobrun')) do running[id] = true end
   local scan = rcall('HSCAN', K_OPS, ARGV[4], 'COUNT', CLEAR_STEP)
+  -- Checks wait while it lasts (see relevant); gone by itself should its
+  -- caller stop between steps.
+  if scan[1] ~= '0' then
+    rcall('SET', P .. ':clearing', ARGV[3], 'PX', 60000)
+  else
+    rcall('DEL', P .. ':clearing')
+  end
   local keys = {}
   for i = 1, #scan[2], 2 do keys[#keys + 1] = scan[2][i] end
   load(keys)
