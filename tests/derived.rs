@@ -29,8 +29,8 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use fga_wb::openfga::WriteRequest;
-use fga_wb::WriteBehind;
+use fga_wb::openfga::{CheckRequest, WriteRequest};
+use fga_wb::{TupleKey, WriteBehind};
 use support::{config_for, ground_truth, new_store, parse, stored, tuple, TestStore};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -300,6 +300,29 @@ async fn editor_implies_viewer() {
         sc.expect(&anne).await;
         sc.finish().await;
     }
+}
+
+/// The shortcut that answers `true` for a pending grant of the checked tuple
+/// does not skip the caller's own input: with a contextual tuple OpenFGA
+/// refuses (a type the model lacks), the check is refused, as the same
+/// check is once the grant is written. Before, it answered `true`.
+#[tokio::test]
+async fn a_check_openfga_refuses_is_refused_with_the_grant_pending_too() {
+    let s = new_store("derived-shortcut-input").await;
+    let wb = WriteBehind::builder(config_for(&s))
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    let mut r = CheckRequest::new("user:anne", "viewer", "document:1");
+    r.contextual_tuples
+        .push(TupleKey::new("planet:x", "viewer", "document:2").unwrap());
+    let pending = wb.check_request(&r).await;
+    wb.flush().await.unwrap();
+    let written = wb.check_request(&r).await;
+    assert!(written.is_err(), "OpenFGA refuses it: {written:?}");
+    assert!(pending.is_err(), "so with the grant pending: {pending:?}");
 }
 
 /// `owner` implies `editor` implies `viewer`; `can_share` is `editor and

@@ -299,16 +299,18 @@ impl WriteBehind {
                 return Ok(Prepared::Answer(a));
             }
         }
-        // Not when the caller sends a tuple of its own with this key: OpenFGA
-        // would read that one (with its condition) instead of the stored one.
-        // Not under a pinned model either: its grants were accepted under
+        // Not when the caller sends tuples or a context of its own: OpenFGA
+        // judges them first (one with this key would be read, with its
+        // condition, instead of the stored one; one it refuses refuses the
+        // request). Not under a pinned model either: its grants were accepted under
         // the handle's, and the pinned one may not admit this one as sent.
         // Nor when the model does not admit the tuple (buffered under an
         // earlier model, or without validation): OpenFGA would not count it.
         if pinned.is_none()
             && model
                 .is_some_and(|m| m.direct_implies(ty, &req.relation) && m.validate(&probe).is_ok())
-            && !req.contextual_tuples.iter().any(|c| same_key(c, &probe))
+            && req.contextual_tuples.is_empty()
+            && req.context.is_none()
             && e.store.latest(&probe).await? == Some((Op::Grant, false))
         {
             e.store.still_connected(mark)?;

@@ -644,30 +644,12 @@ fn a_check_never_sees_a_state_that_never_existed_across_shards() {
     // revoke and B after its grant (with `a and b` in the model: allowed
     // where every real state denies).
     let s = std::sync::Arc::new(MemoryStore::new(100));
-    let object_in = |shard| object_in(&s, shard);
-    let (a, b) = (
-        t("user:x", "member", &object_in(0)),
-        t("user:x", "member", &object_in(SHARDS - 1)),
-    );
-    let member = vec![Dep {
-        rel: "group#member".to_string(),
-        same_object: false,
-        user_bound: false,
-        may_deny: false,
-    }];
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = {
-        let (s, done, a, b) = (s.clone(), done.clone(), a.clone(), b.clone());
-        std::thread::spawn(move || {
-            let mut seen_both = 0;
-            while !done.load(Ordering::Relaxed) {
-                let r = s.relevant_now(Some(&member), "group:0", "user:x", 100);
-                let grants = r.grants.unwrap_or_default();
-                if grants.contains(&a) && grants.contains(&b) {
-                    seen_both += 1;
-                }
-            }
-            seen_both
+    let (a, b) = members_in_first_and_last_shard(&s);
+    let (done, reader) = {
+        let (a, b) = (a.clone(), b.clone());
+        read_until_done(&s, move |r| {
+            let grants = r.grants.unwrap_or_default();
+            grants.contains(&a) && grants.contains(&b)
         })
     };
     for _ in 0..20_000 {
@@ -698,29 +680,11 @@ fn a_check_never_sees_half_a_clear() {
     // existed (with B a folder's viewer and A a document's parent link:
     // allowed, where before and after the clear it is not).
     let s = std::sync::Arc::new(MemoryStore::new(100));
-    let object_in = |shard| object_in(&s, shard);
-    let (a, b) = (
-        t("user:x", "member", &object_in(0)),
-        t("user:x", "member", &object_in(SHARDS - 1)),
-    );
-    let member = vec![Dep {
-        rel: "group#member".to_string(),
-        same_object: false,
-        user_bound: false,
-        may_deny: false,
-    }];
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = {
-        let (s, done, b) = (s.clone(), done.clone(), b.clone());
-        std::thread::spawn(move || {
-            let mut half = 0;
-            while !done.load(Ordering::Relaxed) {
-                let r = s.relevant_now(Some(&member), "group:0", "user:x", 100);
-                if r.revokes == 0 && r.grants.unwrap_or_default().contains(&b) {
-                    half += 1;
-                }
-            }
-            half
+    let (a, b) = members_in_first_and_last_shard(&s);
+    let (done, reader) = {
+        let b = b.clone();
+        read_until_done(&s, move |r| {
+            r.revokes == 0 && r.grants.unwrap_or_default().contains(&b)
         })
     };
     for _ in 0..20_000 {
@@ -794,6 +758,46 @@ fn a_revoke_still_to_come_is_told_after_the_grant_that_owed_it_died() {
 }
 
 /// A group object whose ops land in `shard`.
+/// `user:x` a member of a group in the first shard (A) and of one in the
+/// last (B).
+fn members_in_first_and_last_shard(s: &MemoryStore) -> (TupleKey, TupleKey) {
+    (
+        t("user:x", "member", &object_in(s, 0)),
+        t("user:x", "member", &object_in(s, SHARDS - 1)),
+    )
+}
+
+/// A thread that checks `user:x` against `group#member` on any object, as
+/// often as it can until told to stop, counting the answers `bad` finds.
+fn read_until_done(
+    s: &std::sync::Arc<MemoryStore>,
+    bad: impl Fn(Relevant) -> bool + Send + 'static,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<usize>,
+) {
+    let member = vec![Dep {
+        rel: "group#member".to_string(),
+        same_object: false,
+        user_bound: false,
+        may_deny: false,
+    }];
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (s, done) = (s.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut seen = 0;
+            while !done.load(Ordering::Relaxed) {
+                if bad(s.relevant_now(Some(&member), "group:0", "user:x", 100)) {
+                    seen += 1;
+                }
+            }
+            seen
+        })
+    };
+    (done, reader)
+}
+
 fn object_in(s: &MemoryStore, shard: usize) -> String {
     (0..10_000)
         .map(|n| format!("group:{n}"))
