@@ -295,6 +295,10 @@ impl WriteBehind {
         let key = cacheable.then(|| key_of(&probe));
         if let Some(k) = &key {
             if let Some(a) = e.cache.get(k, generation) {
+                // A connection that dropped since the mark (another check
+                // saw it) may have come back to a Redis that lost what the
+                // generation counted: as every other answer, this one waits.
+                e.store.still_connected(mark)?;
                 count!(e.stats, cache_hits, "fga_wb_cache_hits_total", 1);
                 return Ok(Prepared::Answer(a));
             }

@@ -91,7 +91,12 @@ impl Pusher {
         let (v, replicas) = match result {
             Ok((v, replicas)) if v.len() == batch.len() * 2 + 2 => (v, replicas),
             Ok((v, _)) => {
-                let e = corrupt(format!("push returned {} items", v.len()));
+                // The script ran: its ops may be buffered.
+                let e = corrupt(format!(
+                    "push returned {} items for {} ops; the ops may be buffered (calling again is safe: the last call wins)",
+                    v.len(),
+                    batch.len()
+                ));
                 return answer_all(batch, &e);
             }
             Err(e) => return answer_all(batch, &e),
