@@ -57,20 +57,75 @@ const GROUPS: [&str; 2] = ["group:g0", "group:g1"];
 const FOLDERS: [&str; 3] = ["folder:f0", "folder:f1", "folder:f2"];
 const DOCUMENTS: [&str; 4] = ["document:d0", "document:d1", "document:d2", "document:d3"];
 
+// The universe of `models/shapes.fga`.
+const S_USERS: [&str; 3] = ["user:u0", "user:u1", "user:u2"];
+const ORGS: [&str; 2] = ["org:o0", "org:o1"];
+const DRIVES: [&str; 1] = ["drive:v0"];
+const S_FOLDERS: [&str; 2] = ["folder:f0", "folder:f1"];
+const DOCS: [&str; 2] = ["doc:d0", "doc:d1"];
+
 /// The universe: every model-valid tuple, and every check, grouped in
 /// categories so that rare-but-important kinds (parent links, nesting) come
 /// up as often as the plentiful ones.
 struct Universe {
     tuples: Vec<Vec<String>>,
     checks: Vec<Vec<String>>,
+    /// The type whose checks ops on `feeds` types most likely change.
+    top: &'static str,
+    feeds: &'static [&'static str],
 }
 
 fn key(object: &str, relation: &str, user: &str) -> String {
     format!("{object}#{relation}@{user}")
 }
 
+/// `relation` of every object in `objects` for every user in `users`.
+fn keys(objects: &[&str], relation: &str, users: &[&str]) -> Vec<String> {
+    objects
+        .iter()
+        .flat_map(|o| users.iter().map(move |u| key(o, relation, u)))
+        .collect()
+}
+
 impl Universe {
-    fn new() -> Universe {
+    /// `models/shapes.fga`: a tupleset of two types (one without the
+    /// relation asked through it), `but not` under `from` and under a
+    /// userset, `and` over `from`, a wildcard under `but not`.
+    fn shapes() -> Universe {
+        let members: Vec<String> = ORGS.iter().map(|o| format!("{o}#member")).collect();
+        let members: Vec<&str> = members.iter().map(String::as_str).collect();
+        let banned: Vec<&str> = S_USERS.iter().copied().chain(["user:*"]).collect();
+        let parents: Vec<&str> = S_FOLDERS.iter().chain(DRIVES.iter()).copied().collect();
+        let viewers: Vec<&str> = S_USERS.iter().copied().chain(members).collect();
+        let tuples = vec![
+            keys(&ORGS, "banned", &banned),
+            keys(&ORGS, "member", &S_USERS),
+            keys(&DRIVES, "viewer", &S_USERS),
+            keys(&S_FOLDERS, "org", &ORGS),
+            keys(&S_FOLDERS, "blocked", &S_USERS),
+            keys(&S_FOLDERS, "viewer", &viewers),
+            keys(&DOCS, "parent", &parents),
+            keys(&DOCS, "org", &ORGS),
+        ];
+        let mut checks = Vec::new();
+        for (objects, relations) in [
+            (&ORGS[..], &["member", "banned"][..]),
+            (&DRIVES[..], &["viewer"][..]),
+            (&S_FOLDERS[..], &["viewer", "blocked"][..]),
+            (&DOCS[..], &["viewer", "can_view", "denied"][..]),
+        ] {
+            checks.extend(relations.iter().map(|r| keys(objects, r, &S_USERS)));
+        }
+        Universe {
+            tuples,
+            checks,
+            top: "doc:",
+            feeds: &["org:", "drive:", "folder:"],
+        }
+    }
+
+    /// `models/documents.fga`.
+    fn documents() -> Universe {
         let members: Vec<String> = GROUPS.iter().map(|g| format!("{g}#member")).collect();
         let mut tuples: Vec<Vec<String>> = Vec::new();
         let mut cat = |f: &mut dyn FnMut(&mut Vec<String>)| {
@@ -168,7 +223,12 @@ impl Universe {
                 .flat_map(|g| members.iter().map(move |m| key(g, "member", m)))
                 .collect(),
         );
-        Universe { tuples, checks }
+        Universe {
+            tuples,
+            checks,
+            top: "document:",
+            feeds: &["group:"],
+        }
     }
 
     fn random_tuple(&self, rng: &mut Rng) -> String {
@@ -181,14 +241,16 @@ impl Universe {
         rng.pick(cat).clone()
     }
 
-    /// A check on `object`, or, for a group, on something its members may
-    /// reach: the checks an op on `object` most likely changes.
+    /// A check on `object`, or, for one of a type that feeds the top
+    /// type's checks (a group, whose members may reach documents), on the
+    /// top type: the checks an op on `object` most likely changes.
     fn check_near(&self, object: &str, rng: &mut Rng) -> String {
+        let feeds = self.feeds.iter().any(|f| object.starts_with(f));
         let near: Vec<&String> = self
             .all_checks()
             .filter(|q| {
                 let (_, _, o) = parse(q);
-                o == object || (object.starts_with("group:") && o.starts_with("document:"))
+                o == object || (feeds && o.starts_with(self.top))
             })
             .collect();
         (*rng.pick(&near)).clone()
@@ -266,6 +328,9 @@ struct Variant {
     seed: u64,
     server: Server,
     configure: fn(&mut fga_wb::Config),
+    /// The model and its universe.
+    model: fn() -> serde_json::Value,
+    universe: fn() -> Universe,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -278,7 +343,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 async fn run(v: Variant) -> Counts {
     let seed = env_or("FGA_WB_DIFF_SEED", v.seed);
     let ops = env_or("FGA_WB_DIFF_OPS", 3000usize);
-    let model = documents_model();
+    let model = (v.model)();
     let store = new_store_on(v.server, &format!("diff-{}", v.name), &model).await;
     let oracle = new_store_on(v.server, &format!("diff-{}-oracle", v.name), &model).await;
     let mut cfg = config_for(&store);
@@ -288,7 +353,7 @@ async fn run(v: Variant) -> Counts {
         .await
         .expect("build handle");
 
-    let universe = Universe::new();
+    let universe = (v.universe)();
     let mut rng = Rng::new(seed);
     let mut acknowledged: BTreeSet<String> = BTreeSet::new();
     let mut log: Vec<String> = Vec::with_capacity(ops);
@@ -531,6 +596,8 @@ async fn differential_manual_flushes() {
         name: "manual",
         seed: 0x5EED_0001,
         server: Server::Plain,
+        model: documents_model,
+        universe: Universe::documents,
         configure: |cfg| {
             cfg.flush.interval = Duration::from_secs(3600);
             cfg.flush.batch_size = 100_000;
@@ -552,6 +619,8 @@ async fn differential_background_flushes() {
         name: "background",
         seed: 0x5EED_0002,
         server: Server::Plain,
+        model: documents_model,
+        universe: Universe::documents,
         configure: |cfg| {
             cfg.flush.interval = Duration::from_millis(50);
             cfg.cache.ttl = Duration::from_millis(50);
@@ -572,9 +641,31 @@ async fn differential_on_a_caching_server() {
         name: "caching",
         seed: 0x5EED_0003,
         server: Server::Caching,
+        model: documents_model,
+        universe: Universe::documents,
         configure: |cfg| {
             cfg.flush.interval = Duration::from_millis(50);
             cfg.cache.ttl = Duration::from_millis(1);
+        },
+    })
+    .await;
+    c.assert_meaningful_and_never_stale();
+}
+
+/// Shapes the documents model lacks (`models/shapes.fga`), with background
+/// flushes: a tupleset of two types, `but not` under `from` and under a
+/// userset, `and` over `from`, a wildcard under `but not`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn differential_other_shapes() {
+    let c = run(Variant {
+        name: "shapes",
+        seed: 0x5EED_0004,
+        server: Server::Plain,
+        model: || support::model("shapes.json"),
+        universe: Universe::shapes,
+        configure: |cfg| {
+            cfg.flush.interval = Duration::from_millis(50);
+            cfg.cache.ttl = Duration::from_millis(50);
         },
     })
     .await;
