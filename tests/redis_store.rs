@@ -2231,14 +2231,19 @@ async fn acknowledging_a_loss_returns_the_record_it_closed() {
 }
 
 /// A clear takes steps (separate script calls) on a large buffer: while it
-/// is under way, checks count it as a revoke still to come and wait. Before,
-/// a check between two steps could see a revoke dropped and a grant on
-/// another object still pending, a state that never existed.
+/// is under way, a check that would send pending grants counts it as a
+/// revoke still to come, and waits. Before, a check between two steps could
+/// see a revoke dropped and a grant on another object still pending, a
+/// state that never existed. A check with nothing pending answers as after
+/// the clear, and another clear (here one bounded below the pending grant)
+/// that ends meanwhile does not end this one's wait.
 #[tokio::test]
-async fn checks_wait_while_a_clear_is_under_way() {
+async fn checks_that_send_pending_grants_wait_while_a_clear_is_under_way() {
     let mut r = ScriptAt::new("clearing").await;
+    // Grants on folders: a check of a folder's viewers sends those still
+    // pending, up to the last step, which clears the last of them.
     let keys: Vec<String> = (0..2000)
-        .map(|i| format!("document:d{i}#viewer@user:u"))
+        .map(|i| format!("folder:f{i}#viewer@user:u"))
         .collect();
     // push now capacity n (key op cond)*
     let mut args = vec![
@@ -2251,35 +2256,56 @@ async fn checks_wait_while_a_clear_is_under_way() {
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     r.call("push", &args).await;
-    // relevant limit object user nrels (rel scope)*: folder#viewer, any object.
-    let relevant = ["100", "folder:f", "user:u", "1", "folder#viewer", "0"];
-    let revokes = |v: &[redis::Value]| v.first().cloned();
-    assert_eq!(
-        revokes(&r.call("relevant", &relevant).await),
-        Some(redis::Value::Int(0))
-    );
+    // relevant limit object user nrels (rel scope)* -> {revokes, ...}
+    let with_grant = ["100", "folder:f0", "user:u", "1", "folder#viewer", "0"];
+    let nothing_pending = ["100", "org:o", "user:u", "1", "org#member", "0"];
+    let revokes = |v: Vec<redis::Value>| v.first().cloned();
+    let (waits, answers) = (Some(redis::Value::Int(1)), Some(redis::Value::Int(0)));
+    assert_eq!(revokes(r.call("relevant", &with_grant).await), answers);
     // clear now cursor up_to jobs_up_to, one step at a time.
-    let mut cursor = "0".to_owned();
-    let mut steps = 0;
+    let (mut cursor, mut steps, mut left) = ("0".to_owned(), 0, keys.len());
     loop {
         let out = r.call("clear", &["2000", &cursor, "", ""]).await;
         cursor = redis::from_redis_value(out[0].clone()).unwrap();
+        // {next cursor, up_to, jobs_up_to, (key, op, cond)*}
+        left -= (out.len() - 3) / 3;
         steps += 1;
         if cursor == "0" {
             break;
         }
-        assert_eq!(
-            revokes(&r.call("relevant", &relevant).await),
-            Some(redis::Value::Int(1)),
-            "a check between steps {steps} and {} waits",
+        let between = format!(
+            "between steps {steps} and {}, {left} grants left",
             steps + 1
         );
+        let grant = revokes(r.call("relevant", &with_grant).await);
+        // With none left, nothing pending: it answers as after the clear.
+        assert_eq!(
+            grant,
+            if left > 0 {
+                waits.clone()
+            } else {
+                answers.clone()
+            },
+            "{between}"
+        );
+        let nothing = revokes(r.call("relevant", &nothing_pending).await);
+        assert_eq!(nothing, answers, "{between}");
+        if steps == 1 {
+            // Another clear, of ops up to seq 1 only, from start to end.
+            let mut other = "0".to_owned();
+            loop {
+                let out = r.call("clear", &["2000", &other, "1", ""]).await;
+                other = redis::from_redis_value(out[0].clone()).unwrap();
+                if other == "0" {
+                    break;
+                }
+            }
+            let grant = revokes(r.call("relevant", &with_grant).await);
+            assert_eq!(grant, waits, "after the other clear ended");
+        }
     }
     assert!(steps > 1, "the clear took one step: nothing between steps");
-    assert_eq!(
-        revokes(&r.call("relevant", &relevant).await),
-        Some(redis::Value::Int(0))
-    );
+    assert_eq!(revokes(r.call("relevant", &with_grant).await), answers);
 }
 
 /// A writer whose last heartbeat is older than three leases before a

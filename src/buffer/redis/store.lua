@@ -106,6 +106,10 @@
 --   P:epochs           hash    epochs replaced after a recorded loss -> when
 --   P:loss             hash    an open loss record: at, by, reason, more
 --   P:events           channel "op <type#rel>", "finished", "jobs", "all"
+--   P:clearing         zset    "up_to|jobs_up_to" of each clear under way (its
+--                              steps are separate calls) -> until when its next
+--                              step is due (ms, Redis's clock): checks that
+--                              send pending grants wait meanwhile (relevant)
 --   P:clearskip        set     ids of jobs whose ops a clear's step kept
 --                              because the job was running: its last step
 --                              ends those a job still holds once it is not
@@ -2083,13 +2087,7 @@ if cmd == 'relevant' then
     local u = ssub(key, at + 1)
     return u == user or ssub(u, -2) == ':*' or string.find(u, '#', 1, true) ~= nil
   end
-  -- A clear under way (its steps are separate calls) counts as a revoke
-  -- still to be written: between two steps a check could see one op
-  -- dropped and another not yet, a state that never existed (a revoke of a
-  -- folder's parent link dropped, a grant on the folder still pending:
-  -- `allowed`, where before and after the clear it is not). The check
-  -- waits for the clear to end.
-  local revokes, grants = rcall('EXISTS', P .. ':clearing'), 0
+  local revokes, grants = 0, 0
   -- Grant keys already picked (user-bound scopes), and the scopes whose
   -- grants are listed whole if the check goes on.
   local picked, whole = {}, {}
@@ -2179,6 +2177,17 @@ if cmd == 'relevant' then
       end
     end
   end
+  -- A clear under way (its steps are separate calls) counts as a revoke
+  -- still to be written for a check that would send pending grants: between
+  -- two steps it could see a revoke dropped and a grant not yet, a state that
+  -- never existed (a folder's parent link revoked, a grant on the folder:
+  -- `allowed`, where before and after the clear it is not). It waits for
+  -- the clear to end. A check without pending grants answers as after the
+  -- clear, and one with a revoke waits anyway.
+  if revokes == 0 and grants > 0 then
+    local clearing = pcall_('ZCOUNT', P .. ':clearing', redis_ms(), '+inf')
+    if type(clearing) ~= 'number' or clearing > 0 then revokes = 1 end
+  end
   if revokes > 0 or grants > limit or dead > 0 then return { revokes, grants, -1, dead } end
   local out = { revokes, grants, written_ago(rels, object, nrels == 0), 0 }
   local keys = picked
@@ -2236,6 +2245,8 @@ end
 -- caller gave it (the last seq when the operator was asked); the last step
 -- (next cursor 0) drops the jobs up to jobs_up_to that no worker runs.
 local CLEAR_STEP = 500
+-- How long a clear's step counts as under way: steps follow each other at once.
+local CLEARING_MS = 5000
 if cmd == 'clear' then
   local bad = check_keys({})
   if bad then return redis.error_reply(bad) end
@@ -2246,12 +2257,17 @@ if cmd == 'clear' then
   local running = {}
   for _, id in ipairs(rcall('HKEYS', P .. ':jobrun')) do running[id] = true end
   local scan = rcall('HSCAN', K_OPS, ARGV[4], 'COUNT', CLEAR_STEP)
-  -- Checks wait while it lasts (see relevant); gone by itself should its
-  -- caller stop between steps.
+  -- Checks that send pending grants wait while it lasts (see relevant):
+  -- each clear notes itself (by its bounds) until its next step is due,
+  -- its last step takes it out, and one whose caller stopped between steps
+  -- stops counting after CLEARING_MS.
+  local clearing = P .. ':clearing'
+  local me = up_to .. '|' .. jobs_up_to
   if scan[1] ~= '0' then
-    rcall('SET', P .. ':clearing', ARGV[3], 'PX', 60000)
+    pcall_('ZADD', clearing, redis_ms() + CLEARING_MS, me)
+    pcall_('PEXPIRE', clearing, CLEARING_MS)
   else
-    rcall('DEL', P .. ':clearing')
+    pcall_('ZREM', clearing, me)
   end
   local keys = {}
   for i = 1, #scan[2], 2 do keys[#keys + 1] = scan[2][i] end
