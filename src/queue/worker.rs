@@ -763,14 +763,15 @@ impl Applier {
         }
         let r = self.store.replay_dead_letters(None, true).await?;
         if r.replayed + r.superseded + r.kept == 0 {
-            // Only revokes owed until the newer op on their tuple is
-            // written: not again until another letter dies.
+            // Only letters waiting for an op on their tuple to be written
+            // (`Replayed::waiting`): not again until another letter dies.
             *none_at() = Some(written);
         }
         tracing::info!(
             replayed = r.replayed,
             superseded = r.superseded,
             kept = r.kept,
+            waiting = r.waiting,
             "OpenFGA answers again: replayed dead letters that died of transient causes"
         );
         // Queued at once, as a flush would: no application process need be
