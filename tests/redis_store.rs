@@ -1733,15 +1733,20 @@ impl ScriptAt {
 
     /// Runs `command` with `args` (after the publish command it takes).
     async fn call(&mut self, command: &str, args: &[&str]) -> Vec<redis::Value> {
+        match self.try_call(command, args).await.unwrap() {
+            redis::Value::Array(v) => v,
+            other => vec![other],
+        }
+    }
+
+    /// As `call`, with the script's error, if it raised one.
+    async fn try_call(&mut self, command: &str, args: &[&str]) -> redis::RedisResult<redis::Value> {
         let mut inv = self.script.prepare_invoke();
         inv.key(&self.prefix).arg(command).arg(publish_command());
         for a in args {
             inv.arg(*a);
         }
-        match inv.invoke_async(&mut self.conn).await.unwrap() {
-            redis::Value::Array(v) => v,
-            other => vec![other],
-        }
+        inv.invoke_async(&mut self.conn).await
     }
 
     /// `cmd` on the store's key `suffix` (`P:<suffix>`), with `args`.
@@ -2234,11 +2239,14 @@ async fn acknowledging_a_loss_returns_the_record_it_closed() {
 /// is under way, a check that would send pending grants counts it as a
 /// revoke still to come, and waits. Before, a check between two steps could
 /// see a revoke dropped and a grant on another object still pending, a
-/// state that never existed. A check with nothing pending answers as after
-/// the clear, and another clear (here one bounded below the pending grant)
-/// that ends meanwhile does not end this one's wait.
+/// state that never existed. So does the shortcut for a pending grant of
+/// the checked tuple (`latest`). A check with nothing pending answers as
+/// after the clear, another clear (here one bounded below the pending
+/// grants) that ends meanwhile does not end this one's wait, and a key
+/// there that fga-wb did not write is named, not waited on.
 #[tokio::test]
 async fn checks_that_send_pending_grants_wait_while_a_clear_is_under_way() {
+    const LATE: &str = "folder:late#viewer@user:u";
     let mut r = ScriptAt::new("clearing").await;
     // Grants on folders: a check of a folder's viewers sends those still
     // pending, up to the last step, which clears the last of them.
@@ -2263,49 +2271,78 @@ async fn checks_that_send_pending_grants_wait_while_a_clear_is_under_way() {
     let (waits, answers) = (Some(redis::Value::Int(1)), Some(redis::Value::Int(0)));
     assert_eq!(revokes(r.call("relevant", &with_grant).await), answers);
     // clear now cursor up_to jobs_up_to, one step at a time.
-    let (mut cursor, mut steps, mut left) = ("0".to_owned(), 0, keys.len());
+    let mut steps = 0;
+    let mut clear = ClearSteps::new("");
     loop {
-        let out = r.call("clear", &["2000", &cursor, "", ""]).await;
-        cursor = redis::from_redis_value(out[0].clone()).unwrap();
-        // {next cursor, up_to, jobs_up_to, (key, op, cond)*}
-        left -= (out.len() - 3) / 3;
+        let cursor = clear.step(&mut r).await;
         steps += 1;
         if cursor == "0" {
             break;
         }
-        let between = format!(
-            "between steps {steps} and {}, {left} grants left",
-            steps + 1
-        );
+        let between = format!("between steps {steps} and {}", steps + 1);
+        if steps == 1 {
+            // Acknowledged after the clear began: kept, so a grant on a
+            // folder stays pending whatever the steps have cleared.
+            r.call("push", &["3000", "100000", "1", LATE, "g", ""])
+                .await;
+        }
+        // The shortcut for a pending grant of the checked tuple waits too.
+        let latest = r.call("latest", &[LATE]).await;
+        assert!(latest.is_empty(), "{between}: {latest:?}");
         let grant = revokes(r.call("relevant", &with_grant).await);
-        // With none left, nothing pending: it answers as after the clear.
-        assert_eq!(
-            grant,
-            if left > 0 {
-                waits.clone()
-            } else {
-                answers.clone()
-            },
-            "{between}"
-        );
+        assert_eq!(grant, waits, "{between}");
         let nothing = revokes(r.call("relevant", &nothing_pending).await);
         assert_eq!(nothing, answers, "{between}");
         if steps == 1 {
             // Another clear, of ops up to seq 1 only, from start to end.
-            let mut other = "0".to_owned();
-            loop {
-                let out = r.call("clear", &["2000", &other, "1", ""]).await;
-                other = redis::from_redis_value(out[0].clone()).unwrap();
-                if other == "0" {
-                    break;
-                }
-            }
+            let mut other = ClearSteps::new("1");
+            while other.step(&mut r).await != "0" {}
             let grant = revokes(r.call("relevant", &with_grant).await);
             assert_eq!(grant, waits, "after the other clear ended");
         }
     }
     assert!(steps > 1, "the clear took one step: nothing between steps");
+    let late = r.call("latest", &[LATE]).await;
+    assert_eq!(late.len(), 2, "after the clear: {late:?}");
+    // The late grant is pending still, on another folder.
     assert_eq!(revokes(r.call("relevant", &with_grant).await), answers);
+    // A key there that fga-wb did not write is named, not waited on.
+    let _: () = r.look("SET", "clearing", &["x"]).await;
+    let _ = r
+        .call("push", &["3000", "100", "1", &keys[0], "g", ""])
+        .await;
+    let e = r.try_call("relevant", &with_grant).await.unwrap_err();
+    assert!(e.to_string().contains(":clearing"), "{e}");
+}
+
+/// A clear driven one step (script call) at a time, as `clear_now` drives
+/// it: each step gets the bounds the first one read.
+struct ClearSteps {
+    cursor: String,
+    up_to: String,
+    jobs: String,
+}
+
+impl ClearSteps {
+    fn new(up_to: &str) -> ClearSteps {
+        ClearSteps {
+            cursor: "0".into(),
+            up_to: up_to.into(),
+            jobs: String::new(),
+        }
+    }
+
+    /// Runs the next step: the cursor after it ("0": the clear ended).
+    async fn step(&mut self, r: &mut ScriptAt) -> String {
+        // clear now cursor up_to jobs_up_to -> {next, up_to, jobs_up_to, ...}
+        let out = r
+            .call("clear", &["2000", &self.cursor, &self.up_to, &self.jobs])
+            .await;
+        let [next, up_to, jobs]: [String; 3] =
+            std::array::from_fn(|i| redis::from_redis_value(out[i].clone()).unwrap());
+        (self.cursor, self.up_to, self.jobs) = (next, up_to, jobs);
+        self.cursor.clone()
+    }
 }
 
 /// A writer whose last heartbeat is older than three leases before a

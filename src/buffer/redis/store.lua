@@ -2050,6 +2050,15 @@ if cmd == 'strays' then
   return { ops, jobs }
 end
 
+-- Whether a clear is under way (see P:clearing), and what is wrong with the
+-- key if it holds what fga-wb did not write (the caller refuses to answer).
+local function clearing_now()
+  local n = pcall_('ZCOUNT', P .. ':clearing', redis_ms(), '+inf')
+  if type(n) == 'number' then return n > 0, nil end
+  return true, 'fga-wb: Redis key ' .. P .. ':clearing holds something other than a sorted set; ' ..
+    'it was not written by fga-wb (remove it, or use another redis.key_prefix)'
+end
+
 -- relevant pub limit object user nrels (rel scope)*
 --   -> {revokes, grants, written ago (ms, -1: none), dead, (key, cond)*}
 -- scope 0: ops on every object count; 1: only ops on `object`; 2: only ops
@@ -2096,7 +2105,9 @@ if cmd == 'relevant' then
     local zg, zr = P .. ':lex:' .. rel .. '|g', P .. ':lex:' .. rel .. '|r'
     if scope == 0 then
       local c = rcall('HMGET', P .. ':rel', rel .. '|g', rel .. '|r')
-      grants = grants + math.max(tonumber(c[1]) or 0, 0)
+      -- From the index as well: one that drifted low must not hide a
+      -- clear under way (below).
+      grants = grants + math.max(tonumber(c[1]) or 0, rcall('ZCARD', zg))
       -- Revokes from the index as well as the counter: one that drifted
       -- low (data fga-wb did not write) must not let a revoke through.
       revokes = revokes + math.max(tonumber(c[2]) or 0, rcall('ZCARD', zr))
@@ -2185,8 +2196,9 @@ if cmd == 'relevant' then
   -- the clear to end. A check without pending grants answers as after the
   -- clear, and one with a revoke waits anyway.
   if revokes == 0 and grants > 0 then
-    local clearing = pcall_('ZCOUNT', P .. ':clearing', redis_ms(), '+inf')
-    if type(clearing) ~= 'number' or clearing > 0 then revokes = 1 end
+    local on, bad = clearing_now()
+    if bad then return redis.error_reply(bad) end
+    if on then revokes = 1 end
   end
   if revokes > 0 or grants > limit or dead > 0 then return { revokes, grants, -1, dead } end
   local out = { revokes, grants, written_ago(rels, object, nrels == 0), 0 }
@@ -2214,8 +2226,14 @@ if cmd == 'relevant' then
 end
 
 -- latest pub key -> {op, cond} of the key's latest op, or {} (none or corrupt:
--- then {'?'})
+-- then {'?'}). {} too while a clear is under way: a check that takes a
+-- pending grant's op as its answer must wait for the clear, as one that
+-- would send it does (see relevant), or it could answer from before the
+-- clear after another check answered from after it.
 if cmd == 'latest' then
+  local on, bad = clearing_now()
+  if bad then return redis.error_reply(bad) end
+  if on then return {} end
   local raw = rcall('HGET', P .. ':ops', ARGV[3])
   if not raw then return {} end
   local e = parse(raw)
