@@ -1229,18 +1229,16 @@ async fn writes_fail_reads_answer(
     settings: &[(&str, &str)],
 ) {
     use wiremock::matchers::{method, path};
-    use wiremock::{Mock, ResponseTemplate};
+    use wiremock::Mock;
     let store = support::mock::STORE;
     support::mock::write_mock()
         .respond_with(support::fixture("server-error-500").response())
         .mount(server)
         .await;
-    let mut model = support::documents_model();
-    model["id"] = support::mock::MODEL.into();
-    let models = serde_json::json!({ "authorization_models": [model] });
+    let models = support::fixture("read-models").for_model(support::mock::MODEL);
     Mock::given(method("GET"))
         .and(path(format!("/stores/{store}/authorization-models")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(models))
+        .respond_with(models.response())
         .mount(server)
         .await;
     Mock::given(method("POST"))

@@ -501,14 +501,10 @@ async fn an_idle_worker_ends_its_stop_once_openfga_answers() {
         writes: Some(&writes),
     };
     // OpenFGA takes the credentials again (what the worker's look reads).
-    let mut model = support::documents_model();
-    model["id"] = serde_json::json!("01JMODEL000000000000000000");
+    let models = support::fixture("read-models").for_model("01JMODEL000000000000000000");
     Mock::given(method("GET"))
         .and(path(format!("/stores/{store_id}/authorization-models")))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(serde_json::json!({ "authorization_models": [model] })),
-        )
+        .respond_with(models.response())
         .mount(&server)
         .await;
     w.until(
@@ -1290,14 +1286,6 @@ async fn a_job_of_a_killed_worker_runs_again_elsewhere() {
     assert_accounted(&wb).await;
 }
 
-/// Jobs waiting out Writes whose outcome is unknown (wiremock: the first
-/// two Writes hang past the 300 ms timeout; a server cannot be made to hang
-/// on demand) do not keep the worker from running others: with one request
-/// slot (two job slots), two held jobs and a 10-minute hold, a third job is
-/// written at once. Before, each held job kept its job slot through the
-/// hold, and the worker fetched nothing more until the holds ended. The
-/// stop cuts the holds short and returns within its grace; the held jobs
-/// stay this worker's.
 /// At most twice `queue.worker_concurrency` jobs wait out holds apart from
 /// their slots: past that, a held job keeps its slot, and once every slot
 /// holds one the worker fetches nothing more (in an outage it would
@@ -1316,8 +1304,8 @@ async fn past_the_cap_held_jobs_keep_their_slots() {
         .await
         .unwrap();
     assert_eq!(wb.flush().await.unwrap().queued, 1);
-    // The worker is told of the new job at once, and polls every 100 ms:
-    // thirty polls later, the fifth job is still queued and never sent.
+    // The worker is told of the new job at once, and polls every 50 ms:
+    // sixty polls later, the fifth job is still queued and never sent.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let st = wb.status().await.unwrap();
     let q = st.queue.as_ref().unwrap();
@@ -1373,6 +1361,14 @@ impl Holding {
     }
 }
 
+/// Jobs waiting out Writes whose outcome is unknown (wiremock: the first
+/// two Writes hang past the 300 ms timeout; a server cannot be made to hang
+/// on demand) do not keep the worker from running others: with one request
+/// slot (two job slots), two held jobs and a 10-minute hold, a third job is
+/// written at once. Before, each held job kept its job slot through the
+/// hold, and the worker fetched nothing more until the holds ended. The
+/// stop cuts the holds short and returns within its grace; the held jobs
+/// stay this worker's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn held_jobs_leave_the_worker_free_for_others() {
     let h = Holding::start(|n| match n {

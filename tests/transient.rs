@@ -419,9 +419,7 @@ async fn flushing_stopped_by_a_401_asks_again_by_itself() {
 /// reading it (a burst of pinned checks was a burst of model reads).
 #[tokio::test]
 async fn checks_pinned_to_an_unread_model_read_it_once() {
-    let mut model = support::documents_model();
-    model["id"] = json!(PINNED);
-    let read = ResponseTemplate::new(200).set_body_json(json!({ "authorization_model": model }));
+    let read = fixture("read-model").for_model(PINNED).response();
     let (wb, server) = pinned_model_served_as(read, 1).await;
     let answers = eight_pinned_checks(&wb).await;
     assert!(answers.iter().all(|a| matches!(a, Ok(true))), "{answers:?}");

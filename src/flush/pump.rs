@@ -2421,7 +2421,8 @@ mod tests {
             .respond_with(
                 ResponseTemplate::new(200)
                     .set_body_json(serde_json::json!({}))
-                    .set_delay(Duration::from_secs(1)),
+                    // Long enough for the look below on a loaded machine.
+                    .set_delay(Duration::from_secs(5)),
             )
             .up_to_n_times(1)
             .with_priority(1)

@@ -6,11 +6,9 @@ use std::time::Duration;
 
 use fga_wb::openfga::Secret;
 use fga_wb::Config;
-use serde_json::{json, Value};
+use serde_json::Value;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
-
-use super::documents_model;
 
 /// Store and model ids the mocked OpenFGA answers for.
 pub const STORE: &str = "01JFAILSTORE00000000000000";
@@ -40,15 +38,11 @@ pub async fn mock_openfga() -> MockServer {
 }
 
 pub async fn mount_model(server: &MockServer) {
-    let mut model = documents_model();
-    model["id"] = json!(MODEL);
     Mock::given(method("GET"))
         .and(path(format!(
             "/stores/{STORE}/authorization-models/{MODEL}"
         )))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-            "authorization_model": model
-        })))
+        .respond_with(super::fixture("read-model").for_model(MODEL).response())
         .mount(server)
         .await;
 }

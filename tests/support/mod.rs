@@ -299,6 +299,24 @@ pub fn fixture(name: &str) -> Fixture {
 }
 
 impl Fixture {
+    /// The captured model reads (`read-model`, `read-models`: the documents
+    /// model) with the model given id `id`, the mock's, not the capture's.
+    pub fn for_model(mut self, id: &str) -> Fixture {
+        if let Some(m) = self.body.get_mut("authorization_model") {
+            m["id"] = Value::from(id);
+        }
+        if let Some(models) = self
+            .body
+            .get_mut("authorization_models")
+            .and_then(Value::as_array_mut)
+        {
+            for m in models {
+                m["id"] = Value::from(id);
+            }
+        }
+        self
+    }
+
     /// A wiremock response that replays this fixture.
     pub fn response(&self) -> wiremock::ResponseTemplate {
         let mut r = wiremock::ResponseTemplate::new(self.status).set_body_json(&self.body);
