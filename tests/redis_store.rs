@@ -1917,13 +1917,18 @@ impl OneKey {
         assert_eq!(self.entry().await, pair("r", "r"), "{case}");
     }
 
-    /// A revoke, then a grant over it given up after transient failures:
-    /// its letter keeps the debt.
-    async fn grant_given_up_over_a_revoke(&mut self, case: &str) {
+    /// A revoke, then a grant over it, taken and finished with `outcome`.
+    async fn grant_over_a_revoke_ends(&mut self, outcome: &str) {
         self.push("r").await;
         self.push("g").await;
         let grant = self.take().await.unwrap();
-        self.finish(&grant, "D").await;
+        self.finish(&grant, outcome).await;
+    }
+
+    /// A revoke, then a grant over it given up after transient failures:
+    /// its letter keeps the debt.
+    async fn grant_given_up_over_a_revoke(&mut self, case: &str) {
+        self.grant_over_a_revoke_ends("D").await;
         assert_eq!(self.letter().await["owes"], true, "{case}");
     }
 
@@ -2181,10 +2186,7 @@ async fn a_purged_grant_leaves_the_revoke_it_owed() {
 async fn a_replay_counts_the_letters_that_wait() {
     use redis::Value::Int;
     let mut k = OneKey::new("replay-waiting").await;
-    k.push("r").await;
-    k.push("g").await;
-    let grant = k.take().await.unwrap();
-    k.finish(&grant, "d").await;
+    k.grant_over_a_revoke_ends("d").await;
     // replay now cap only_transient ids
     //   -> {replayed, superseded, kept, waiting, (key, cond)*}
     let out = k.r.call("replay", &["1000", "100", "0", "*"]).await;

@@ -317,15 +317,9 @@ impl WriteBehind {
             );
         }
         if p.repended > 0 {
-            count!(
-                e.stats,
-                acknowledged,
-                "fga_wb_ops_acknowledged_total",
-                p.repended as u64
-            );
-            tracing::warn!(
-                revokes = p.repended,
-                "purged grants that were given up over a revoke that never reached OpenFGA: that revoke is pending again, so OpenFGA does not keep what the application revoked"
+            e.repended(
+                p.repended as u64,
+                "purged grants that were given up over a revoke that never reached OpenFGA: that revoke is pending again, so OpenFGA does not keep what the application revoked",
             );
             if let Err(err) = self.flush().await {
                 tracing::warn!(error = %err, "the flush after purging failed; the revokes are pending");

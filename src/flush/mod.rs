@@ -474,6 +474,14 @@ impl Engine {
         let _ = self.store.record_work(note, 0).await;
     }
 
+    /// Revokes pending again because the ops that owed them will never be
+    /// written (`why`): acknowledged again, as a replay counts what it
+    /// buffers.
+    pub(crate) fn repended(&self, n: u64, why: &str) {
+        count!(self.stats, acknowledged, "fga_wb_ops_acknowledged_total", n);
+        tracing::warn!(count = n, "{why}");
+    }
+
     pub(crate) fn account(&self, f: &Finished, report: &mut FlushReport) {
         report.applied += f.applied;
         report.dead_lettered += f.dead;
@@ -492,15 +500,9 @@ impl Engine {
             f.superseded
         );
         if f.repended > 0 {
-            count!(
-                self.stats,
-                acknowledged,
-                "fga_wb_ops_acknowledged_total",
-                f.repended
-            );
-            tracing::warn!(
-                count = f.repended,
-                "ops refused for good had been pushed over revokes of their tuples that never reached OpenFGA: those revokes are pending again"
+            self.repended(
+                f.repended,
+                "ops refused for good had been pushed over revokes of their tuples that never reached OpenFGA: those revokes are pending again",
             );
         }
         if f.evicted > 0 {
