@@ -120,12 +120,8 @@ async fn the_axum_example_grants_checks_and_drains_on_sigterm() {
         "nothing written before the shutdown"
     );
 
-    let pid = child.id().expect("pid").to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    let pid = child.id().expect("pid");
+    testenv::signal(pid, testenv::Signal::Term).unwrap();
     let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
         .await
         .expect("the example stops within 30 s of SIGTERM")

@@ -493,7 +493,7 @@ async fn paused_application_resumes_and_counts_each_op_once() {
         if acked < PAUSED_OPS / 5 || acked % 10 != 0 {
             continue;
         }
-        support::signal(pid, "-STOP");
+        support::signal(pid, testenv::Signal::Stop);
         stops += 1;
         lease_ended(&redis, &prefix).await;
         (holding, behind) = redis::pipe()
@@ -509,7 +509,7 @@ async fn paused_application_resumes_and_counts_each_op_once() {
         if holding > 0 && behind > 0 {
             break;
         }
-        support::signal(pid, "-CONT");
+        support::signal(pid, testenv::Signal::Cont);
     }
     assert!(
         holding > 0 && behind > 0,
@@ -535,7 +535,7 @@ async fn paused_application_resumes_and_counts_each_op_once() {
     );
 
     // It resumes and runs its load to the end.
-    support::signal(pid, "-CONT");
+    support::signal(pid, testenv::Signal::Cont);
     let mut done = false;
     while let Some(line) = lines.next_line().await.expect("child stdout") {
         if line.ends_with("done") {

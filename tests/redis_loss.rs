@@ -451,14 +451,9 @@ impl Writer {
         }
     }
 
-    /// Sends it a signal with the system's `kill`.
-    fn signal(&self, sig: &str) {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &self.pid.to_string()])
-            .status()
-            .expect("run kill")
-            .success();
-        assert!(ok, "kill {sig} {} failed", self.pid);
+    /// Sends it a signal.
+    fn signal(&self, sig: testenv::Signal) {
+        support::signal(self.pid, sig);
     }
 }
 
@@ -485,7 +480,7 @@ async fn a_writer_that_looks_dead_after_a_failover_is_waited_for_before_checks_a
     // The writer's heartbeats now reach the primary only: once a lease has
     // passed, the replica holds a lease of the writer's that has ended.
     tokio::time::sleep_until((paused_at + lease + lease / 5).into()).await;
-    writer.signal("-STOP");
+    writer.signal(testenv::Signal::Stop);
 
     // The writer's own count in Redis still tells the loss. Before,
     // nothing did: the heartbeat compared the counter alone.
@@ -497,7 +492,7 @@ async fn a_writer_that_looks_dead_after_a_failover_is_waited_for_before_checks_a
     // back, the reader asks again and again: never `allowed`.
     never_allowed_while_stopped(&reader, lease / 3 + Duration::from_secs(2)).await;
 
-    writer.signal("-CONT");
+    writer.signal(testenv::Signal::Cont);
     until_every_check_reports_the_loss(&[&reader]).await;
 }
 
@@ -530,9 +525,9 @@ async fn a_writer_whose_every_push_was_lost_is_detected() {
 
     let (primary, replica) = pause_replica(&cluster, &s).await;
     writer.tell("revoke", "revoked").await;
-    writer.signal("-STOP");
+    writer.signal(testenv::Signal::Stop);
     fail_over_then_push(&mut cluster, primary, replica, &reader).await;
-    writer.signal("-CONT");
+    writer.signal(testenv::Signal::Cont);
     until_every_check_reports_the_loss(&[&reader]).await;
 }
 
@@ -610,11 +605,11 @@ async fn a_node_that_went_back_under_open_connections_fails_checks_closed() {
     resync_from(&copy, &node).await;
 
     writer.tell("revoke", "revoked").await;
-    writer.signal("-STOP");
+    writer.signal(testenv::Signal::Stop);
     resync_from(&node, &copy).await;
 
     never_allowed_while_stopped(&reader, lease / 3 + Duration::from_secs(2)).await;
 
-    writer.signal("-CONT");
+    writer.signal(testenv::Signal::Cont);
     until_every_check_reports_the_loss(&[&reader]).await;
 }

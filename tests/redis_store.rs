@@ -1443,12 +1443,12 @@ async fn a_job_a_lost_fetch_reply_left_with_a_live_worker_runs() {
     late.name = live_writer(&mut late, "worker").await;
     assert!(late.name.contains(&format!("-{pid}-")), "{}", late.name);
 
-    support::signal(pid, "-STOP");
+    support::signal(pid, testenv::Signal::Stop);
     support::grant_users(&wb, "document:fetched", 0..20).await;
     assert_eq!(wb.flush().await.unwrap().queued, 20);
     let jobs = late.fetch_at(now_ms(), 60_000).await;
     assert_eq!(jobs.len(), 1, "{jobs:?}");
-    support::signal(pid, "-CONT");
+    support::signal(pid, testenv::Signal::Cont);
 
     let r = cli
         .run(&["flush", "--wait", "--timeout", "40s", "--json"])
@@ -1520,12 +1520,12 @@ async fn a_busy_worker_runs_a_job_a_lost_fetch_left_with_it() {
         .await
         .expect("the worker writes the slow job");
 
-    support::signal(pid, "-STOP");
+    support::signal(pid, testenv::Signal::Stop);
     support::grant_users(&app, "document:lost", 0..5).await;
     assert_eq!(app.flush().await.unwrap().queued, 5);
     let jobs = late.fetch_at(now_ms(), 60_000).await;
     assert_eq!(jobs.len(), 1, "{jobs:?}");
-    support::signal(pid, "-CONT");
+    support::signal(pid, testenv::Signal::Cont);
 
     // Only the hung job's op stays in flight.
     let deadline = std::time::Instant::now() + Duration::from_secs(40);

@@ -36,6 +36,39 @@ pub use process::Proc;
 pub use proxy::{DelayProxy, WriteCounts};
 pub use redis::{Fsync, Redis, RedisCluster, RedisOptions};
 
+/// A signal a test sends to a process it started (an fga-wb child, a worker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Term,
+    Kill,
+    Stop,
+    Cont,
+}
+
+/// Sends `sig` to process `pid` with kill(2): no `kill` command needed,
+/// which slim images (no procps) lack.
+pub fn signal(pid: u32, sig: Signal) -> Result<()> {
+    let n = match sig {
+        Signal::Term => libc::SIGTERM,
+        Signal::Kill => libc::SIGKILL,
+        Signal::Stop => libc::SIGSTOP,
+        Signal::Cont => libc::SIGCONT,
+    };
+    let target = i32::try_from(pid)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| Error::new(format!("no such process id: {pid}")))?;
+    // SAFETY: kill(2) touches no memory of ours.
+    if unsafe { libc::kill(target, n) } == 0 {
+        Ok(())
+    } else {
+        Err(Error::io(
+            format!("kill({pid}, {sig:?})"),
+            std::io::Error::last_os_error(),
+        ))
+    }
+}
+
 /// A random 64-bit number, without a dependency on `rand`.
 pub fn random() -> u64 {
     use std::hash::{BuildHasher, Hasher};

@@ -1,6 +1,8 @@
 //! A wiremock OpenFGA for what a live server cannot be made to do on
-//! demand (503, 429, 401, a held response), with the documents model, and
-//! configs pointing at it or at a closed port.
+//! demand (503, 429, a held response, a 401 for one request and not the
+//! next: a live server refuses a wrong token every time, and the tests of
+//! that run against it), with the documents model, and configs pointing at
+//! it or at a closed port.
 
 use std::time::Duration;
 

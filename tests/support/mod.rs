@@ -605,12 +605,9 @@ pub async fn assert_accounted(wb: &fga_wb::WriteBehind) {
     );
 }
 
-/// Sends `sig` to process `pid` with the system's `kill`.
-pub fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("run kill")
-        .success();
-    assert!(ok, "kill {sig} {pid} failed");
+/// Sends `sig` to process `pid`.
+pub fn signal(pid: u32, sig: testenv::Signal) {
+    if let Err(e) = testenv::signal(pid, sig) {
+        panic!("{e}");
+    }
 }
