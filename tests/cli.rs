@@ -427,11 +427,7 @@ async fn queue_flush_wait_and_worker_sigterm() {
 
     // SIGTERM: a graceful stop, exit 0.
     let started = Instant::now();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    testenv::signal(pid, testenv::Signal::Term).unwrap();
     let out = tokio::time::timeout(Duration::from_secs(30), worker.wait_with_output())
         .await
         .expect("the worker did not stop within 30 s of SIGTERM")
@@ -931,6 +927,29 @@ async fn bad_config_value_names_the_variable() {
     cli.run(&["status", "--config", "nope.toml"])
         .await
         .fails(2, "nope.toml");
+}
+
+/// A reader of stderr that went away (`fga-wb ... 2>&1 | head -1`) does
+/// not turn the exit code into a panic's 101: the failure's own code
+/// stands. Before, the message's `eprintln!` panicked on the broken pipe.
+#[tokio::test]
+async fn a_closed_stderr_keeps_the_exit_code() {
+    let s = new_store("cli-closed-stderr").await;
+    let mut cli = Cli::new(&s, "inline");
+    cli.set("FGA_WB_FLUSH__BATCH_SIZE", "ten");
+    let mut child = cli
+        .command(&["status"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run fga-wb");
+    // Closed before the process gets to its message: writing it fails.
+    drop(child.stderr.take());
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .expect("fga-wb did not finish in 60 s")
+        .unwrap();
+    assert_eq!(status.code(), Some(2), "{status:?}");
 }
 
 /// `--config PATH` is read: settings from the file, the rest from the

@@ -128,8 +128,48 @@ async fn a_pending_revoke_never_shows_in_a_list_or_read(setup_: Setup) {
     assert!(wb.read(&ReadFilter::default()).await.unwrap().is_empty());
 }
 
+/// A Read filter's user without an id (`group:#member`) is, to OpenFGA's
+/// datastores, every user of its type: pending grants of any such user
+/// show, and a pending revoke of one holds the read, as OpenFGA's own
+/// answer after the flush confirms. Before, the filter was taken for one
+/// user named `group:#member`, and the pending grant was missing.
+async fn a_user_filter_without_an_id_reads_every_user_of_its_type(setup_: Setup) {
+    let (s, wb) = setup("lists-user-type", setup_, false).await;
+    wb.grant("group:eng#member", "viewer", "document:1")
+        .await
+        .unwrap();
+    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    wb.flush().await.unwrap();
+    wb.grant("group:x#member", "viewer", "document:1")
+        .await
+        .unwrap();
+    let filter = ReadFilter {
+        user: Some("group:#member".into()),
+        object: Some("document:1".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        keys(&wb.read(&filter).await.unwrap()),
+        [
+            "document:1#viewer@group:eng#member",
+            "document:1#viewer@group:x#member"
+        ]
+    );
+    wb.revoke("group:eng#member", "viewer", "document:1")
+        .await
+        .unwrap();
+    let rd = wb.read(&filter).await;
+    assert!(matches!(&rd, Err(e) if e.is_stale_check()), "{rd:?}");
+    wb.flush().await.unwrap();
+    let expected = ["document:1#viewer@group:x#member"];
+    assert_eq!(keys(&wb.read(&filter).await.unwrap()), expected);
+    let held = s.client.read_all(&s.store_id, &filter).await.unwrap();
+    assert_eq!(keys(&held), expected, "OpenFGA's own answer");
+}
+
 for_each_setup!(
     [memory => super::Setup::Memory, redis => super::Setup::Redis]
     pending_grants_are_listed_and_read,
     a_pending_revoke_never_shows_in_a_list_or_read,
+    a_user_filter_without_an_id_reads_every_user_of_its_type,
 );

@@ -1,7 +1,8 @@
-//! Error classification, replayed with wiremock from bodies captured from the
-//! real OpenFGA (`wiremock-fixtures/`, made by scripts/capture-fixtures), plus
-//! the hand-written 5xx / 429 / hung responses a live server cannot be made to
-//! send. Also the OAuth2 token cache, against a mocked token endpoint.
+//! Error classification: the live server's refusals (each also checked
+//! against its capture in `wiremock-fixtures/`, which the mocks replay), and,
+//! with wiremock, what a live server cannot be made to send on demand (5xx,
+//! 429, a hung answer, a garbage body). Also the OAuth2 token cache, against
+//! a mocked token endpoint.
 
 mod support;
 
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use fga_wb::openfga::{CheckRequest, Client, Credentials, OAuth2, Secret, WriteRequest};
 use fga_wb::{Error, TupleKey};
-use support::fixture;
+use support::{fixture, new_store};
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer};
 
@@ -40,62 +41,173 @@ async fn write_with(name: &str) -> Error {
     e
 }
 
-/// Tuple-level 400s (and the 409 for a tuple that exists with another
-/// condition, which no retry fixes) from the real server are permanent input errors, carrying
-/// the server's code and message: these are what bisection isolates.
-#[tokio::test]
-async fn invalid_input_fixtures_are_permanent() {
-    for (name, code) in [
-        ("write-duplicate", "write_failed_due_to_invalid_input"),
-        ("delete-missing", "write_failed_due_to_invalid_input"),
-        ("write-unknown-type", "validation_error"),
-        ("write-unknown-relation", "validation_error"),
-        ("write-user-type-not-allowed", "validation_error"),
-        ("write-too-many-tuples", "exceeded_entity_limit"),
-        (
-            "write-same-key-twice",
-            "cannot_allow_duplicate_tuples_in_one_request",
-        ),
-        ("write-duplicate-different-condition", "Aborted"),
-    ] {
-        let e = write_with(name).await;
-        assert!(e.is_invalid_input(), "{name}: {e}");
-        assert!(!e.is_transient() && !e.is_auth(), "{name}: {e}");
-        let status = fixture(name).status;
-        assert_eq!(e.status(), Some(status), "{name}");
-        assert_eq!(e.code(), Some(code), "{name}");
-        let expected = fixture(name).body["message"].as_str().unwrap().to_owned();
-        assert_eq!(e.server_message(), Some(expected.as_str()), "{name}");
-        assert!(e.to_string().contains(&expected), "{name}: {e}");
+fn t(user: &str, relation: &str, object: &str) -> TupleKey {
+    TupleKey::new(user, relation, object).unwrap()
+}
+
+/// The error the live server gives `req`, checked against the capture
+/// `name` (same status and code: the replayed fixtures stay true to the
+/// server) and for the token it must not carry.
+async fn live_error(client: &Client, store: &str, req: &WriteRequest, name: &str) -> Error {
+    let e = client.write(store, req).await.unwrap_err();
+    let f = fixture(name);
+    assert_eq!(e.status(), Some(f.status), "{name}: {e}");
+    assert_eq!(e.code(), f.body["code"].as_str(), "{name}: {e}");
+    let token = support::openfga_token();
+    assert!(
+        !e.to_string().contains(&token) && !format!("{e:?}").contains(&token),
+        "{name}: the token leaked into {e}"
+    );
+    e
+}
+
+/// A Write as the captures sent it: pinned to the model, without the
+/// "ignore" options, so duplicates and missing deletes are refused.
+fn strict(writes: Vec<TupleKey>, deletes: Vec<TupleKey>, model_id: &str) -> WriteRequest {
+    WriteRequest {
+        writes,
+        deletes,
+        authorization_model_id: Some(model_id.to_owned()),
+        ..WriteRequest::default()
     }
 }
 
-/// 401s (missing and wrong token) are auth errors, never input errors, so a
-/// bad token stops flushing instead of dead-lettering everything.
+/// Tuple-level 400s (and the 409 for a tuple that exists with another
+/// condition, which no retry fixes), from the live server, are permanent
+/// input errors carrying the server's code and message: these are what
+/// bisection isolates.
 #[tokio::test]
-async fn auth_fixtures_are_auth_errors() {
-    for name in ["auth-missing-token", "auth-wrong-token"] {
-        let e = write_with(name).await;
+async fn invalid_input_is_permanent() {
+    let s = new_store("invalid-input").await;
+    let (client, store, model) = (&s.client, s.store_id.as_str(), s.model_id.as_str());
+    let anne = t("user:anne", "viewer", "document:1");
+    client
+        .write(store, &strict(vec![anne.clone()], vec![], model))
+        .await
+        .unwrap();
+    client
+        .write(
+            store,
+            &strict(vec![t("user:fay", "viewer", "document:5")], vec![], model),
+        )
+        .await
+        .unwrap();
+    let mut context = serde_json::Map::new();
+    context.insert("grant_time".into(), "2024-01-01T00:00:00Z".into());
+    context.insert("grant_duration".into(), "1h".into());
+    let fay_conditioned = t("user:fay", "viewer", "document:5")
+        .with_condition("non_expired", Some(context))
+        .unwrap();
+    let many = (1..=101)
+        .map(|i| t(&format!("user:u{i}"), "viewer", "document:many"))
+        .collect();
+    let carl = t("user:carl", "viewer", "document:2");
+    let cases = [
+        ("write-duplicate", strict(vec![anne], vec![], model)),
+        (
+            "delete-missing",
+            strict(vec![], vec![t("user:zed", "viewer", "document:1")], model),
+        ),
+        (
+            "write-unknown-type",
+            strict(
+                vec![t("user:anne", "viewer", "spreadsheet:1")],
+                vec![],
+                model,
+            ),
+        ),
+        (
+            "write-unknown-relation",
+            strict(vec![t("user:anne", "reader", "document:1")], vec![], model),
+        ),
+        (
+            "write-user-type-not-allowed",
+            strict(vec![t("user:anne", "parent", "document:1")], vec![], model),
+        ),
+        (
+            "write-duplicate-different-condition",
+            WriteRequest {
+                authorization_model_id: Some(model.to_owned()),
+                ..WriteRequest::idempotent(vec![fay_conditioned], vec![])
+            },
+        ),
+        ("write-too-many-tuples", strict(many, vec![], model)),
+        (
+            "write-same-key-twice",
+            strict(vec![carl.clone(), carl], vec![], model),
+        ),
+    ];
+    for (name, req) in cases {
+        let e = live_error(client, store, &req, name).await;
+        assert!(e.is_invalid_input(), "{name}: {e}");
+        assert!(!e.is_transient() && !e.is_auth(), "{name}: {e}");
+        let message = e.server_message().unwrap_or_default().to_owned();
+        assert!(!message.is_empty(), "{name}: no server message in {e}");
+        assert!(e.to_string().contains(&message), "{name}: {e}");
+    }
+}
+
+/// 401s from the live server (missing and wrong token) are auth errors,
+/// never input errors, so a bad token stops flushing instead of
+/// dead-lettering everything.
+#[tokio::test]
+async fn refused_tokens_are_auth_errors() {
+    let s = new_store("refused-tokens").await;
+    let req = strict(
+        vec![t("user:dan", "viewer", "document:3")],
+        vec![],
+        &s.model_id,
+    );
+    for (name, client) in [
+        (
+            "auth-missing-token",
+            Client::builder(support::openfga_url()),
+        ),
+        (
+            "auth-wrong-token",
+            Client::builder(support::openfga_url()).api_token(Secret::new("wrong-token-value")),
+        ),
+    ] {
+        let e = live_error(&client.build().unwrap(), &s.store_id, &req, name).await;
         assert!(e.is_auth(), "{name}: {e}");
         assert!(!e.is_invalid_input() && !e.is_transient(), "{name}: {e}");
         assert!(e.to_string().contains("FGA_API_TOKEN"), "{name}: {e}");
+        assert!(!e.to_string().contains("wrong-token-value"), "{name}: {e}");
     }
 }
 
-/// An unknown store or model is "not found", not an input error: bisecting it
-/// would dead-letter every op.
+/// An unknown store or model, on the live server, is "not found", not an
+/// input error: bisecting it would dead-letter every op.
 #[tokio::test]
-async fn not_found_fixtures_are_not_found() {
-    for name in [
-        "store-not-found",
-        "model-not-found",
-        "store-not-found-no-model-id",
-        "store-not-found-get-store",
+async fn unknown_stores_and_models_are_not_found() {
+    const MISSING_STORE: &str = "01ARZ3NDEKTSV4RRFFQ69G5FAV";
+    const MISSING_MODEL: &str = "01ARZ3NDEKTSV4RRFFQ69G5FAW";
+    let s = new_store("not-found").await;
+    let dan = || vec![t("user:dan", "viewer", "document:3")];
+    let pinned = strict(dan(), vec![], &s.model_id);
+    let latest = WriteRequest {
+        authorization_model_id: None,
+        ..strict(dan(), vec![], &s.model_id)
+    };
+    for (name, req) in [
+        ("store-not-found", pinned),
+        ("store-not-found-no-model-id", latest),
     ] {
-        let e = write_with(name).await;
+        let e = live_error(&s.client, MISSING_STORE, &req, name).await;
         assert!(e.is_not_found(), "{name}: {e}");
         assert!(!e.is_invalid_input() && !e.is_transient(), "{name}: {e}");
     }
+    let mut check = CheckRequest::new("user:anne", "viewer", "document:1");
+    check.authorization_model_id = Some(MISSING_MODEL.into());
+    let e = s.client.check(&s.store_id, &check).await.unwrap_err();
+    let f = fixture("model-not-found");
+    assert_eq!(
+        (e.status(), e.code()),
+        (Some(f.status), f.body["code"].as_str()),
+        "{e}"
+    );
+    assert!(e.is_not_found(), "{e}");
+    assert!(!e.is_invalid_input() && !e.is_transient(), "{e}");
 }
 
 /// 500 and 503 are transient.
@@ -244,7 +356,8 @@ async fn oauth2_token_is_cached_and_refreshed_after_401() {
     for _ in 0..3 {
         assert!(client.check(STORE, &check).await.unwrap());
     }
-    // The 4th check is refused; the token is dropped and fetched again next time.
+    // The 4th check is refused; the token is dropped, fetched again and
+    // refused again (this mock refuses every token from now on).
     let e = client.check(STORE, &check).await.unwrap_err();
     assert!(
         e.is_auth() && !e.to_string().contains("client-secret-xyz"),
@@ -252,6 +365,47 @@ async fn oauth2_token_is_cached_and_refreshed_after_401() {
     );
     let _ = client.check(STORE, &check).await;
     // `expect(2)` on the token endpoint is verified when the server drops.
+}
+
+/// A token the server refuses before its time (the identity provider
+/// revoked it, or rotated its keys) costs the request nothing: it is sent
+/// again at once with a fresh token. Before, the request failed with an
+/// auth error, which halts flushing, and only the next one fetched anew.
+#[tokio::test]
+async fn a_token_refused_early_is_replaced_within_the_request() {
+    let server = MockServer::start().await;
+    for (token, times) in [("tok-1", Some(1)), ("tok-2", None)] {
+        let mock = Mock::given(method("POST"))
+            .and(path("/oauth/token"))
+            .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(
+            serde_json::json!({"access_token": token, "expires_in": 3600, "token_type": "Bearer"}),
+        ));
+        match times {
+            Some(n) => mock.up_to_n_times(n).expect(1),
+            None => mock.expect(1),
+        }
+        .mount(&server)
+        .await;
+    }
+    Mock::given(method("POST"))
+        .and(path(format!("/stores/{STORE}/write")))
+        .and(header("authorization", "Bearer tok-2"))
+        .respond_with(fixture("write-ok").response())
+        .expect(2)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(format!("/stores/{STORE}/write")))
+        .respond_with(fixture("auth-wrong-token").response())
+        .expect(1)
+        .mount(&server)
+        .await;
+    let client = oauth_client(&server, None);
+    let req = WriteRequest::idempotent(vec![t("user:anne", "viewer", "document:1")], vec![]);
+    client.write(STORE, &req).await.unwrap();
+    client.write(STORE, &req).await.unwrap();
+    // The `expect`s (one fetch of each token, one refusal) are verified as
+    // the server drops.
 }
 
 /// A 401 that a new token does not cure (OpenFGA's wrong audience or
@@ -323,6 +477,29 @@ async fn oauth2_refusal_is_an_auth_error() {
     let e = check_with_token_answer(wiremock::ResponseTemplate::new(401)).await;
     assert!(e.is_auth(), "{e}");
     assert!(e.to_string().contains("client_secret") && !e.to_string().contains("xyz"));
+}
+
+/// Requests that queue behind a token fetch that fails share its failure
+/// instead of each asking the token endpoint in turn: with an identity
+/// provider that hangs until the timeout, the last of a hundred checks
+/// waited a hundred timeouts. Before, the endpoint was asked ten times.
+#[tokio::test]
+async fn requests_behind_a_failed_token_fetch_share_its_failure() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/oauth/token"))
+        .respond_with(wiremock::ResponseTemplate::new(503).set_delay(Duration::from_millis(300)))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let client = oauth_client(&server, None);
+    let check = CheckRequest::new("user:a", "viewer", "document:1");
+    let errors = futures::future::join_all((0..10).map(|_| client.check(STORE, &check))).await;
+    for e in errors {
+        let e = e.unwrap_err();
+        assert!(e.is_transient() && !e.is_auth(), "{e}");
+    }
+    // `expect(1)` on the token endpoint is verified as the server drops.
 }
 
 /// The error of a check whose token endpoint answers `answer`.

@@ -631,6 +631,53 @@ async fn a_job_that_always_fails_is_tried_4_times_then_dead_lettered() {
     assert_eq!(d.attempts, 4, "attempts made, as the reason says: {d:?}");
 }
 
+/// A job pinned to a model the store lacks (an application started with
+/// a mistyped `FGA_MODEL_ID` while OpenFGA was away, so it could not be
+/// checked), on the real server: the job follows the retry schedule to a
+/// dead letter that names OpenFGA's refusal, and the worker, whose store
+/// answers, is not stopped. Before, the worker stopped, kept the ops and
+/// tried the job again at the slowest step with its attempt unspent, for
+/// good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_pinned_to_a_model_the_store_lacks_is_dead_lettered() {
+    let s = new_store("queue-missing-model").await;
+    let worker_config = queue_mode(config_for(&s), &[1]);
+    let mut app_config = worker_config.clone();
+    app_config.openfga.model_id = "01ARZ3NDEKTSV4RRFFQ69G5FAW".into();
+    let wb = app(app_config).await;
+    let worker = Worker::start(worker_config, 1);
+    wb.grant("user:anne", "viewer", "document:pinned")
+        .await
+        .unwrap();
+    assert_eq!(wb.flush().await.unwrap().queued, 1);
+    let w = Watch {
+        wb: &wb,
+        writes: None,
+    };
+    w.until(
+        "the op to be dead-lettered",
+        Duration::from_secs(30),
+        || async { !wb.dead_letters().await.unwrap().is_empty() },
+    )
+    .await;
+    let dead = wb.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(
+        dead[0].code.as_deref(),
+        Some("authorization_model_not_found"),
+        "{dead:?}"
+    );
+    assert!(
+        dead[0].reason.contains("gave up after 2 attempts"),
+        "{dead:?}"
+    );
+    let st = wb.status().await.unwrap();
+    assert_eq!(st.flushing_stopped, None, "{st:?}");
+    assert!(settled(&wb).await, "{st:?}");
+    assert_accounted(&wb).await;
+    worker.stop().await;
+}
+
 /// Retry schedule 1 s / 2 s / 3 s, every Write answered 503: each retry
 /// comes no sooner than its step after the failure before it (lower bounds
 /// only: a retry may come up to a poll plus a second late, as apalis-redis

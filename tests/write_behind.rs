@@ -44,6 +44,46 @@ async fn grant_check_flush_revoke() {
     assert_eq!(r.left.total, 0);
 }
 
+/// One item of a batch whose contextual tuples OpenFGA refuses gets its
+/// own error; the others still get their answers, pending grants
+/// included. (OpenFGA validates a whole BatchCheck before checking any of
+/// it.) Before, the whole batch failed with that one item's error.
+#[tokio::test]
+async fn one_refused_item_leaves_the_rest_of_a_batch_answered() {
+    use fga_wb::openfga::CheckRequest;
+    let s = new_store("wb-batch-refused-item").await;
+    let mut cfg = config_for(&s);
+    cfg.flush.interval = Duration::from_secs(3600);
+    let wb = WriteBehind::builder(cfg).build().await.unwrap();
+    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    wb.flush().await.unwrap();
+    wb.grant("user:bob", "viewer", "document:2").await.unwrap();
+    let mut bad = CheckRequest::new("user:carl", "viewer", "document:3");
+    // One more contextual tuple than OpenFGA takes in a check: the server
+    // refuses the whole BatchCheck for it (a malformed tuple it would
+    // refuse for its own item only).
+    bad.contextual_tuples = (0..101)
+        .map(|i| fga_wb::TupleKey::new(format!("user:u{i}"), "viewer", "document:3").unwrap())
+        .collect();
+    let mut checks = vec![bad];
+    for (user, object) in [("user:anne", "document:1"), ("user:bob", "document:2")] {
+        // Not answered by the shortcut for a pending grant: asked, in the
+        // same BatchCheck as the refused item.
+        checks.push(CheckRequest::new(user, "can_view", object));
+    }
+    checks.push(CheckRequest::new("user:dan", "viewer", "document:1"));
+    let answers = wb.batch_check(&checks).await.unwrap();
+    assert!(
+        matches!(&answers[0], Err(e) if e.is_invalid_input()),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(answers[1..], [Ok(true), Ok(true), Ok(false)]),
+        "{answers:?}"
+    );
+    wb.shutdown().await.unwrap();
+}
+
 /// A revoke goes out at once even right after a flush that had nothing to
 /// write (that flush must not pause the revoke trigger).
 #[tokio::test]

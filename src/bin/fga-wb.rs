@@ -22,6 +22,14 @@ macro_rules! out {
     }};
 }
 
+/// The same on stderr (`fga-wb flush --wait 2>&1 | head -1`).
+macro_rules! note {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     name = "fga-wb",
@@ -203,14 +211,14 @@ fn main() -> ExitCode {
     let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("fga-wb: cannot start the async runtime: {e}");
+            note!("fga-wb: cannot start the async runtime: {e}");
             return ExitCode::from(1);
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("fga-wb: {}", f.message);
+            note!("fga-wb: {}", f.message);
             ExitCode::from(f.code)
         }
     }
@@ -414,7 +422,7 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
                 });
             }
             if report.dead_lettered > 0 {
-                eprintln!(
+                note!(
                     "warning: {} ops were dead-lettered: see `fga-wb dlq list`",
                     report.dead_lettered
                 );
@@ -1075,7 +1083,7 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
             bar.set_message(note.clone());
             if !tty && !quiet && last_line.elapsed() >= Duration::from_secs(5) {
                 last_line = tokio::time::Instant::now();
-                eprintln!(
+                note!(
                     "waiting ({:.0?}): {} pending, {} in flight{}{}",
                     started.elapsed(),
                     status.pending.total,
@@ -1281,7 +1289,7 @@ fn confirm(question: &str) -> bool {
     if !std::io::stdin().is_terminal() {
         return false;
     }
-    eprint!("{question} [y/N] ");
+    let _ = write!(std::io::stderr(), "{question} [y/N] ");
     let _ = std::io::stderr().flush();
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line).is_ok() && line.trim().eq_ignore_ascii_case("y")

@@ -17,15 +17,26 @@ fn read_matches(filter: &ReadFilter, t: &TupleKey) -> bool {
         Some(o) if o.ends_with(':') => t.object.starts_with(o),
         Some(o) => t.object == o,
     };
+    let user_ok = |u: &str| match user_type_only(u) {
+        Some(ty) => t.user.strip_prefix(ty).is_some_and(|r| r.starts_with(':')),
+        None => t.user == u,
+    };
     object_ok
         && filter
             .user
             .as_deref()
-            .is_none_or(|u| u.is_empty() || t.user == u)
+            .is_none_or(|u| u.is_empty() || user_ok(u))
         && filter
             .relation
             .as_deref()
             .is_none_or(|r| r.is_empty() || t.relation == r)
+}
+
+/// The type of a Read filter's user without an id (`group:#member`, which
+/// OpenFGA's datastores read as every user of type `group`).
+fn user_type_only(user: &str) -> Option<&str> {
+    let (ty, rest) = user.split_once(':')?;
+    (rest.is_empty() || rest.starts_with('#')).then_some(ty)
 }
 
 /// Whether two tuples have one key (user, relation, object).
@@ -142,22 +153,29 @@ impl WriteBehind {
                 key,
                 generation,
                 ours,
-            } => {
-                let e = &self.inner.engine;
-                let answer = match e.client.check(&e.store_id, &request).await {
-                    Err(err)
-                        if err.is_invalid_input() && request.contextual_tuples.len() > ours =>
-                    {
-                        return self.without_refused_grants(request, ours).await;
-                    }
-                    answer => answer?,
-                };
-                if let Some(k) = key {
-                    e.cache.insert(k, answer, generation);
-                }
-                Ok(answer)
-            }
+            } => self.ask_alone(request, key, generation, ours).await,
         }
+    }
+
+    /// One prepared check, in a Check request of its own.
+    async fn ask_alone(
+        &self,
+        request: CheckRequest,
+        key: Option<String>,
+        generation: Generation,
+        ours: usize,
+    ) -> Result<bool> {
+        let e = &self.inner.engine;
+        let answer = match e.client.check(&e.store_id, &request).await {
+            Err(err) if err.is_invalid_input() && request.contextual_tuples.len() > ours => {
+                return self.without_refused_grants(request, ours).await;
+            }
+            answer => answer?,
+        };
+        if let Some(k) = key {
+            e.cache.insert(k, answer, generation);
+        }
+        Ok(answer)
     }
 
     /// Many checks at once, with the guarantees of [`WriteBehind::check_request`]
@@ -225,8 +243,35 @@ impl WriteBehind {
             e.client
                 .batch_check(&e.store_id, asks, model_id.as_deref(), *consistency)
         });
-        let answers = futures::future::try_join_all(sent).await?;
+        let answers = futures::future::join_all(sent).await;
         for ((_, asks, slots), answers) in groups.into_iter().zip(answers) {
+            let answers = match answers {
+                Ok(answers) => answers,
+                // OpenFGA validates a whole BatchCheck before it checks
+                // anything: one item it refuses (a contextual tuple of the
+                // caller's it will not take) refuses them all. Asked alone,
+                // each gets its own answer or error.
+                Err(err) if err.is_invalid_input() && asks.len() > 1 => {
+                    let alone: Vec<(usize, Result<bool>)> =
+                        futures::stream::iter(asks.into_iter().zip(slots))
+                            .map(|(r, (i, k, g, o))| async move {
+                                (i, self.ask_alone(r, k, g, o).await)
+                            })
+                            .buffer_unordered(PREPARING)
+                            .collect()
+                            .await;
+                    for (i, answer) in alone {
+                        out[i] = Some(answer);
+                    }
+                    continue;
+                }
+                Err(err) => {
+                    for (i, ..) in slots {
+                        out[i] = Some(Err(err.clone()));
+                    }
+                    continue;
+                }
+            };
             for ((request, (i, key, generation, ours)), answer) in
                 asks.into_iter().zip(slots).zip(answers)
             {
@@ -447,7 +492,13 @@ impl WriteBehind {
         let e = &self.inner.engine;
         let object = filter.object.as_deref().unwrap_or("");
         let (ty, id) = object.split_once(':').unwrap_or((object, ""));
-        let user = filter.user.as_deref().unwrap_or("");
+        // A user without an id stands for every user of its type: the
+        // ops of any user count.
+        let user = filter
+            .user
+            .as_deref()
+            .filter(|u| user_type_only(u).is_none())
+            .unwrap_or("");
         let one_object = !id.is_empty();
         let model = self.inner.model();
         // An empty relation filters nothing, for OpenFGA as for read_matches.

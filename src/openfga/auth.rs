@@ -104,7 +104,15 @@ struct Cached {
     token: Option<(Secret, Instant)>,
     /// When a refused token was last dropped.
     dropped_at: Option<Instant>,
+    /// The last fetch's failure, and when it ended.
+    failed: Option<(Error, Instant)>,
 }
+
+/// A failed token fetch answers the requests of the next second too,
+/// without asking again: requests queued behind a fetch that hung until
+/// its timeout would otherwise each wait that long in turn, and a refused
+/// client secret would cost the token endpoint a request for each of ours.
+const FAILURE_HOLDS: Duration = Duration::from_secs(1);
 
 /// After a refused token was dropped, refusals within this long do not
 /// drop the next: a fresh token that is refused too (OpenFGA's 401s for a
@@ -155,7 +163,19 @@ impl Authenticator {
                         return Ok(Some(token.clone()));
                     }
                 }
-                let (token, lifetime) = fetch_token(http, o).await?;
+                if let Some((e, at)) = &cached.failed {
+                    if at.elapsed() < FAILURE_HOLDS {
+                        return Err(e.clone());
+                    }
+                }
+                let (token, lifetime) = match fetch_token(http, o).await {
+                    Ok(fetched) => fetched,
+                    Err(e) => {
+                        cached.failed = Some((e.clone(), Instant::now()));
+                        return Err(e);
+                    }
+                };
+                cached.failed = None;
                 // A quarter of a short life at most: a token living a
                 // minute or less was fetched again for every request.
                 let margin = EXPIRY_MARGIN.min(lifetime / 4);
@@ -169,17 +189,19 @@ impl Authenticator {
     /// Forgets the cached token after the server refused `used` (it may
     /// have been revoked early), unless another request has fetched a newer
     /// one since, or one was dropped moments ago (see [`REFETCH_EVERY`]).
-    pub async fn invalidate(&self, used: &Secret) {
+    /// Whether it dropped it.
+    pub async fn invalidate(&self, used: &Secret) -> bool {
         let mut cached = self.cached.lock().await;
         let same = cached.token.as_ref().is_some_and(|(t, _)| t == used);
-        if same
+        let drop = same
             && cached
                 .dropped_at
-                .is_none_or(|at| at.elapsed() >= REFETCH_EVERY)
-        {
+                .is_none_or(|at| at.elapsed() >= REFETCH_EVERY);
+        if drop {
             cached.token = None;
             cached.dropped_at = Some(Instant::now());
         }
+        drop
     }
 }
 

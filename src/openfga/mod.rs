@@ -698,9 +698,35 @@ impl Client {
         body: Option<&B>,
         timeout: Option<Duration>,
     ) -> Result<T> {
+        let asked = std::time::Instant::now();
+        let send = |method| self.attempt(operation, method, &path, body, timeout, asked);
+        match send(method.clone()).await {
+            // A cached OAuth2 token refused before its time (revoked early,
+            // the server's clock ahead of the issuer's, a suspended
+            // process): one more try with a fresh one. A 401 is answered
+            // before the request runs, so sending it again cannot apply it
+            // twice.
+            Err(Refused {
+                token_dropped: true,
+                ..
+            }) => send(method).await.map_err(|r| r.error),
+            answer => answer.map_err(|r| r.error),
+        }
+    }
+
+    /// One request of [`Client::call_within`], its time limit counted from
+    /// `asked`.
+    async fn attempt<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        operation: &'static str,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        timeout: Option<Duration>,
+        asked: std::time::Instant,
+    ) -> std::result::Result<T, Refused> {
         let url = format!("{}{}", self.inner.base, path);
         let mut req = self.inner.http.request(method, &url);
-        let asked = std::time::Instant::now();
         let token = self.inner.auth.bearer(&self.inner.http).await?;
         if let Some(token) = &token {
             req = req.header(AUTHORIZATION, format!("Bearer {}", token.expose()));
@@ -715,7 +741,8 @@ impl Client {
                     operation,
                     timeout: Some(t),
                     sent: false,
-                }));
+                })
+                .into());
             }
             req = req.timeout(left);
         }
@@ -738,12 +765,13 @@ impl Client {
                     detail: e.to_string(),
                 })
                 .caused_by(e)
+                .into()
             });
         }
+        let mut token_dropped = false;
         if status == StatusCode::UNAUTHORIZED {
-            // A cached OAuth2 token may have been revoked early: fetch anew next time.
             if let Some(token) = &token {
-                self.inner.auth.invalidate(token).await;
+                token_dropped = self.inner.auth.invalidate(token).await;
             }
         }
         let retry_after = parse_retry_after(resp.headers());
@@ -758,13 +786,16 @@ impl Client {
                     .to_owned(),
             ),
         };
-        Err(Error::new(Kind::Api(ApiError {
-            operation,
-            status: status.as_u16(),
-            code,
-            message,
-            retry_after,
-        })))
+        Err(Refused {
+            error: Error::new(Kind::Api(ApiError {
+                operation,
+                status: status.as_u16(),
+                code,
+                message,
+                retry_after,
+            })),
+            token_dropped,
+        })
     }
 
     fn transport_error(
@@ -783,8 +814,9 @@ impl Client {
         e: &reqwest::Error,
         timeout: Option<Duration>,
     ) -> Error {
-        // A connection that failed to open carried no request.
-        let sent = !e.is_connect();
+        // A connection that failed to open carried no request, nor did one
+        // that could not be built (a token that is no header value).
+        let sent = !e.is_connect() && !e.is_builder();
         if e.is_timeout() {
             Error::new(Kind::Timeout {
                 operation,
@@ -805,6 +837,22 @@ impl Client {
                 detail: root_cause(e),
                 sent,
             })
+        }
+    }
+}
+
+/// A request's failure, and whether it was a 401 that dropped the cached
+/// OAuth2 token it carried (worth one more try with a fresh one).
+struct Refused {
+    error: Error,
+    token_dropped: bool,
+}
+
+impl From<Error> for Refused {
+    fn from(error: Error) -> Self {
+        Refused {
+            error,
+            token_dropped: false,
         }
     }
 }

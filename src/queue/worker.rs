@@ -273,7 +273,10 @@ impl Applier {
         let error = result.stop.as_ref().map(|s| match s {
             Stop::Transient(e) | Stop::Halt(e) => e.clone(),
         });
-        let halted = matches!(result.stop, Some(Stop::Halt(_)));
+        let halted = match &result.stop {
+            Some(Stop::Halt(e)) => !self.refused_for_its_model(&job, e).await,
+            _ => false,
+        };
         let mut done = unreadable;
         let (mut again, mut busy) = (Vec::new(), Vec::new());
         for (t, o) in result.outcomes {
@@ -707,6 +710,25 @@ async fn look_again(applier: Arc<Applier>, every: Duration, replay: Option<Durat
 }
 
 impl Applier {
+    /// Whether OpenFGA refused the job for the model it is pinned to (one
+    /// the application named that the store lacks, or cannot use) while
+    /// the store answers with another latest model: the job's fault, not
+    /// this worker's. The job then follows the retry schedule to a dead
+    /// letter (replayable once the model is fixed). Stopping the worker
+    /// instead kept its ops held for good: the stop ends at the worker's
+    /// next look, which reads the store's latest model, and the job came
+    /// back at the slowest step with its attempt unspent, again and again.
+    async fn refused_for_its_model(&self, job: &Job, e: &Error) -> bool {
+        if job.model_id.is_empty() || !e.is_not_found() {
+            return false;
+        }
+        let engine = &self.engine;
+        matches!(
+            engine.client.read_latest_authorization_model(&engine.store_id).await,
+            Ok(Some(latest)) if latest.id != job.model_id
+        )
+    }
+
     /// A worker OpenFGA refused (credentials, an unknown store) notes its
     /// flushing as stopped until it completes a request; but the job it
     /// stopped on may go to another worker, which applies it, and leave
