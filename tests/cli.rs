@@ -772,6 +772,21 @@ async fn revoke_dead_in_an_outage(s: &TestStore) -> WriteBehind {
     wb
 }
 
+/// `fga-wb dlq purge ID` of a revoke given up in an outage says what it
+/// costs, as `purge --all`'s question does: checks on the tuple now ask
+/// OpenFGA, which still holds it. Before, it said only "purged 1".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purging_a_revoke_given_up_in_an_outage_by_id_warns() {
+    let s = new_store("cli-purge-owed").await;
+    let wb = revoke_dead_in_an_outage(&s).await;
+    let id = wb.dead_letters().await.unwrap()[0].id.to_string();
+    let r = Cli::new(&s, "queue").run(&["dlq", "purge", &id]).await;
+    assert_eq!(r.code, 0, "{r:#?}");
+    assert!(r.stderr.contains("revokes given up in an outage"), "{r:#?}");
+    // What the warning said: OpenFGA answers, and it still holds the tuple.
+    assert!(wb.check("user:anne", "viewer", "document:1").await.unwrap());
+}
+
 /// A queue-mode handle that does not check tuples against the model.
 async fn unchecked_handle(s: &TestStore) -> WriteBehind {
     WriteBehind::builder(filler_config(s, Mode::Queue))
@@ -1015,6 +1030,45 @@ async fn unreachable_redis_is_one_line_without_the_password() {
             assert!(r.stdout.is_empty(), "{r:#?}");
         }
     }
+}
+
+/// Redis refusing fga-wb's credentials (a wrong password; none where one
+/// is needed): exit 2, a configuration error that says to fix
+/// `redis.url`, and never the password. Before, exit 1, "cannot connect",
+/// which an application takes for an outage and retries for ever.
+#[tokio::test]
+async fn refused_redis_credentials_are_a_configuration_error() {
+    let s = new_store("cli-redis-auth").await;
+    let redis = testenv::Redis::start(testenv::RedisOptions::default())
+        .await
+        .unwrap();
+    let port = redis.port();
+    let set = redis
+        .command("ACL SETUSER ops on >s3cret-right ~* &* +@all")
+        .await;
+    assert!(set.is_some_and(|r| r.starts_with("+OK")));
+    let set = redis.command("CONFIG SET requirepass s3cret-default").await;
+    assert!(set.is_some_and(|r| r.starts_with("+OK")));
+    let mut cli = Cli::new(&s, "inline");
+    for url in [
+        format!("redis://ops:s3cret@127.0.0.1:{port}"),
+        format!("redis://127.0.0.1:{port}"),
+    ] {
+        cli.set("FGA_WB_REDIS__URL", &url);
+        for cmd in [&["status"][..], &["worker"]] {
+            let r = cli.run(cmd).await;
+            r.fails(2, "refused fga-wb's credentials");
+            assert!(r.stderr.contains("redis.url"), "{r:#?}");
+        }
+    }
+    let mut c = filler_config(&s, Mode::Inline);
+    c.redis.url = format!("redis://ops:s3cret@127.0.0.1:{port}");
+    let e = WriteBehind::builder(c)
+        .build()
+        .await
+        .err()
+        .expect("refused");
+    assert!(e.is_config() && !e.is_transient(), "{e}");
 }
 
 /// The `fga` CLI's global flags: `--store-id`, `--api-url`, `--api-token`

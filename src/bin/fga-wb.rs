@@ -577,16 +577,9 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
                 let newest = wb.newest_dead_letter_id().await?;
                 let letters = wb.dead_letters().await?;
                 up_to = Some(letters.iter().map(|d| d.id).fold(newest, u64::max));
-                // Revokes given up in an outage: their checks fail closed
-                // until replayed, and ask OpenFGA (which may still hold
-                // the tuples) once their letters are gone.
-                let owed = letters
-                    .iter()
-                    .filter(|d| d.transient && !d.superseded && d.op == Op::Revoke)
-                    .count();
-                let note = match owed {
+                let note = match owed_revokes(letters.iter()) {
                     0 => String::new(),
-                    n => format!(", {n} of them revokes given up in an outage whose checks fail closed until replayed (once deleted, checks ask OpenFGA, which may still hold those tuples)"),
+                    n => format!(", {n} of them {OWED_REVOKES}"),
                 };
                 if !confirm(&format!("delete {} dead letters{note}?", letters.len())) {
                     return Err(usage(
@@ -594,13 +587,38 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
                     ));
                 }
             }
+            // Named letters are purged without a question (scripts name
+            // them), but not without saying what that costs.
+            let owed = match which.as_deref() {
+                Some(named) => owed_revokes(
+                    wb.dead_letters()
+                        .await?
+                        .iter()
+                        .filter(|d| named.contains(&d.id)),
+                ),
+                None => 0,
+            };
             let n = match (which.as_deref(), up_to) {
                 (None, Some(up_to)) => wb.purge_dead_letters_up_to(up_to).await?,
                 (which, _) => wb.purge_dead_letters(which).await?,
             };
+            if owed > 0 && n > 0 {
+                note!("warning: {owed} of the letters named were {OWED_REVOKES}");
+            }
             report_count(json, "purged", n)
         }
     }
+}
+
+/// Revokes given up in an outage: their checks fail closed until
+/// replayed, and ask OpenFGA (which may still hold the tuples) once their
+/// letters are gone.
+const OWED_REVOKES: &str = "revokes given up in an outage whose checks fail closed until replayed (once deleted, checks ask OpenFGA, which may still hold those tuples)";
+
+fn owed_revokes<'a>(letters: impl Iterator<Item = &'a fga_wb::DeadLetter>) -> usize {
+    letters
+        .filter(|d| d.transient && !d.superseded && d.op == Op::Revoke)
+        .count()
 }
 
 /// `1.2 KiB`, `3.4 MiB`.

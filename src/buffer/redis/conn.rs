@@ -81,11 +81,17 @@ impl Target {
         matches!(self, Target::Cluster(_))
     }
 
-    /// Whether it is reached over TLS (`rediss://`).
+    /// Whether it is reached over TLS (`rediss://`, or redis-rs's other
+    /// spelling, `valkeys://`).
     fn is_tls(&self) -> bool {
+        let tls = |u: &String| {
+            u.split_once("://").is_some_and(|(scheme, _)| {
+                scheme.eq_ignore_ascii_case("rediss") || scheme.eq_ignore_ascii_case("valkeys")
+            })
+        };
         match self {
-            Target::Node(u) => u.starts_with("rediss://"),
-            Target::Cluster(s) => s.iter().any(|u| u.starts_with("rediss://")),
+            Target::Node(u) => tls(u),
+            Target::Cluster(s) => s.iter().any(tls),
         }
     }
 
@@ -149,7 +155,17 @@ impl ConnectionLike for Conn {
     }
 }
 
-fn unreachable(target: &Target, e: impl std::fmt::Display) -> Error {
+fn unreachable(target: &Target, e: redis::RedisError) -> Error {
+    // Refused credentials are not worth retrying for ever: the URL needs
+    // fixing (the CLI's exit 2).
+    let refused = e.kind() == redis::ErrorKind::AuthenticationFailed
+        || e.code().is_some_and(|c| c == "WRONGPASS" || c == "NOAUTH");
+    if refused {
+        return Error::config(format!(
+            "Redis at {} refused fga-wb's credentials ({e}): put the right user and password in redis.url (redis://user:password@host:port, the password percent-encoded)",
+            target.shown()
+        ));
+    }
     let hint = match target.is_tls() {
         true => " (over TLS: the server's certificate must be signed by a CA the system trusts, or by one in redis.ca_file)",
         false => "",
@@ -496,6 +512,24 @@ async fn check_eviction(conn: &mut Conn, target: &Target) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `valkeys://` is TLS as much as `rediss://` (redis-rs connects over
+    /// TLS for both). Before, a `redis.ca_file` with a `valkeys://` URL was
+    /// said to be unused on an unencrypted connection.
+    #[test]
+    fn valkeys_is_tls_too() {
+        for (url, tls) in [
+            ("rediss://h:1", true),
+            ("valkeys://h:1", true),
+            ("VALKEYS://h:1", true),
+            ("redis://h:1", false),
+            ("valkey://h:1", false),
+            ("rediss+cluster://a:1,b:2", true),
+            ("redis://a:1,valkeys://b:2", true),
+        ] {
+            assert_eq!(Target::parse(url).unwrap().is_tls(), tls, "{url}");
+        }
+    }
 
     /// A server that cannot serve yet (loading its data after a restart, a
     /// long script, a replica cut off or just demoted) fails a call as
