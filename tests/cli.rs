@@ -772,6 +772,52 @@ async fn revoke_dead_in_an_outage(s: &TestStore) -> WriteBehind {
     wb
 }
 
+/// `fga-wb worker --metrics-addr` counts the ops its jobs apply: in queue
+/// mode only workers see jobs end, so their counters are the ones a
+/// dashboard shows. Before, they stayed at 0 while the worker wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_counts_what_its_jobs_apply() {
+    let s = new_store("metrics-worker").await;
+    let wb = filler(&s, Mode::Queue).await;
+    let port = testenv::free_port().unwrap();
+    let cli = Cli::new(&s, "queue");
+    let _worker = cli
+        .command(&["worker", "--metrics-addr", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn fga-wb worker");
+    for i in 0..5 {
+        wb.grant(&format!("user:u{i}"), "viewer", "document:w")
+            .await
+            .unwrap();
+    }
+    wb.flush().await.unwrap();
+    let series = format!("fga_wb_ops_applied_total{{store=\"{}\"}}", s.store_id);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let applied = text
+            .lines()
+            .find(|l| l.starts_with(&series))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+        if applied == Some(5.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker's {series} after 30 s:\n{text}\nstatus: {:#?}",
+            wb.status().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(support::stored(&s).await.len(), 5);
+    wb.shutdown().await.unwrap();
+}
+
 /// `fga-wb dlq purge ID` of a revoke given up in an outage says what it
 /// costs, as `purge --all`'s question does: checks on the tuple now ask
 /// OpenFGA, which still holds it. Before, it said only "purged 1".

@@ -261,6 +261,39 @@ async fn health_is_serving() {
     support::client().health().await.unwrap();
 }
 
+/// A tuple with a condition and no context of its own, written again
+/// with "ignore" (a retry after a lost answer, a replay, the application
+/// granting it twice), is a no-op on OpenFGA on PostgreSQL too. Before, its
+/// context went out as none, which the SQL datastores compare unequal to
+/// the empty one they read back: a 409 "exists with a different
+/// condition", which cost a bisection and a delete and rewrite of the
+/// tuple. (OpenFGA's memory datastore never showed it.)
+#[tokio::test]
+async fn a_conditioned_tuple_without_context_written_again_is_a_no_op_on_postgres() {
+    let s = support::new_store_on(
+        support::Server::Caching,
+        "client-condition-again",
+        &support::documents_model(),
+    )
+    .await;
+    let fay = t("user:fay", "viewer", "document:5")
+        .with_condition("non_expired", None)
+        .unwrap();
+    let req = WriteRequest::idempotent(vec![fay], vec![]);
+    s.client.write(&s.store_id, &req).await.unwrap();
+    s.client.write(&s.store_id, &req).await.unwrap();
+    let held = s
+        .client
+        .read_all(&s.store_id, &ReadFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(
+        held[0].condition.as_ref().map(|c| c.name.as_str()),
+        Some("non_expired")
+    );
+}
+
 /// The real server's 401s and unknown store are classified, and the token is
 /// never part of the message.
 #[tokio::test]

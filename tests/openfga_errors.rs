@@ -367,23 +367,22 @@ async fn oauth2_token_is_cached_and_refreshed_after_401() {
     // `expect(2)` on the token endpoint is verified when the server drops.
 }
 
-/// A token the server refuses before its time (the identity provider
-/// revoked it, or rotated its keys) costs the request nothing: it is sent
-/// again at once with a fresh token. Before, the request failed with an
-/// auth error, which halts flushing, and only the next one fetched anew.
-#[tokio::test]
-async fn a_token_refused_early_is_replaced_within_the_request() {
+/// A mock whose token endpoint hands out `tok-1` once, then `tok-2` (each
+/// expected once), and whose Writes with `tok-2` are OK (`writes` of them
+/// expected).
+async fn token_then_fresh_token(writes: u64) -> MockServer {
     let server = MockServer::start().await;
-    for (token, times) in [("tok-1", Some(1)), ("tok-2", None)] {
+    for (token, first) in [("tok-1", true), ("tok-2", false)] {
         let mock = Mock::given(method("POST"))
             .and(path("/oauth/token"))
             .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(
             serde_json::json!({"access_token": token, "expires_in": 3600, "token_type": "Bearer"}),
         ));
-        match times {
-            Some(n) => mock.up_to_n_times(n).expect(1),
-            None => mock.expect(1),
+        match first {
+            true => mock.up_to_n_times(1),
+            false => mock,
         }
+        .expect(1)
         .mount(&server)
         .await;
     }
@@ -391,9 +390,19 @@ async fn a_token_refused_early_is_replaced_within_the_request() {
         .and(path(format!("/stores/{STORE}/write")))
         .and(header("authorization", "Bearer tok-2"))
         .respond_with(fixture("write-ok").response())
-        .expect(2)
+        .expect(writes)
         .mount(&server)
         .await;
+    server
+}
+
+/// A token the server refuses before its time (the identity provider
+/// revoked it, or rotated its keys) costs the request nothing: it is sent
+/// again at once with a fresh token. Before, the request failed with an
+/// auth error, which halts flushing, and only the next one fetched anew.
+#[tokio::test]
+async fn a_token_refused_early_is_replaced_within_the_request() {
+    let server = token_then_fresh_token(2).await;
     Mock::given(method("POST"))
         .and(path(format!("/stores/{STORE}/write")))
         .respond_with(fixture("auth-wrong-token").response())
@@ -406,6 +415,32 @@ async fn a_token_refused_early_is_replaced_within_the_request() {
     client.write(STORE, &req).await.unwrap();
     // The `expect`s (one fetch of each token, one refusal) are verified as
     // the server drops.
+}
+
+/// The same with eight Writes in flight when the token is refused (a
+/// worker's slots): every one is sent again with the fresh token, not
+/// only the one that dropped it. The token endpoint is asked once more,
+/// not once per Write.
+#[tokio::test]
+async fn writes_in_flight_when_a_token_is_refused_all_get_the_fresh_one() {
+    let server = token_then_fresh_token(8).await;
+    // Answered after the eight are all in flight with tok-1.
+    Mock::given(method("POST"))
+        .and(path(format!("/stores/{STORE}/write")))
+        .respond_with(
+            fixture("auth-wrong-token")
+                .response()
+                .set_delay(Duration::from_secs(1)),
+        )
+        .expect(8)
+        .mount(&server)
+        .await;
+    let client = oauth_client(&server, None);
+    let req = WriteRequest::idempotent(vec![t("user:anne", "viewer", "document:1")], vec![]);
+    let answers = futures::future::join_all((0..8).map(|_| client.write(STORE, &req))).await;
+    for a in answers {
+        a.unwrap();
+    }
 }
 
 /// A 401 that a new token does not cure (OpenFGA's wrong audience or

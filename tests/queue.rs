@@ -641,15 +641,7 @@ async fn a_job_that_always_fails_is_tried_4_times_then_dead_lettered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_pinned_to_a_model_the_store_lacks_is_dead_lettered() {
     let s = new_store("queue-missing-model").await;
-    let worker_config = queue_mode(config_for(&s), &[1]);
-    let mut app_config = worker_config.clone();
-    app_config.openfga.model_id = "01ARZ3NDEKTSV4RRFFQ69G5FAW".into();
-    let wb = app(app_config).await;
-    let worker = Worker::start(worker_config, 1);
-    wb.grant("user:anne", "viewer", "document:pinned")
-        .await
-        .unwrap();
-    assert_eq!(wb.flush().await.unwrap().queued, 1);
+    let (wb, worker) = pinned_job(queue_mode(config_for(&s), &[1])).await;
     let w = Watch {
         wb: &wb,
         writes: None,
@@ -676,6 +668,45 @@ async fn a_job_pinned_to_a_model_the_store_lacks_is_dead_lettered() {
     assert!(settled(&wb).await, "{st:?}");
     assert_accounted(&wb).await;
     worker.stop().await;
+}
+
+/// The same job on a store that does not exist (the worker's
+/// configuration is what is wrong): the worker stops, as for refused
+/// credentials, and keeps the ops; nothing is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_on_a_store_that_does_not_exist_stops_the_worker_and_is_kept() {
+    let mut config = queue_mode(Config::default(), &[1]);
+    config.openfga.api_url = support::openfga_url();
+    config.openfga.api_token = Secret::new(support::openfga_token());
+    config.openfga.store_id = unique_store_id();
+    let (wb, worker) = pinned_job(config).await;
+    let w = Watch {
+        wb: &wb,
+        writes: None,
+    };
+    w.until("the worker to stop", Duration::from_secs(30), || async {
+        wb.status().await.unwrap().flushing_stopped.is_some()
+    })
+    .await;
+    assert!(wb.dead_letters().await.unwrap().is_empty());
+    let st = wb.status().await.unwrap();
+    assert_eq!(st.pending.in_flight, 1, "the job keeps the op: {st:?}");
+    worker.stop().await;
+}
+
+/// An application pinned to a model id no store has, with OpenFGA not
+/// asked about it (as when OpenFGA was away at its start), queues one
+/// grant for a worker configured with `worker_config`.
+async fn pinned_job(worker_config: Config) -> (WriteBehind, Worker) {
+    let mut app_config = worker_config.clone();
+    app_config.openfga.model_id = "01ARZ3NDEKTSV4RRFFQ69G5FAW".into();
+    let wb = app(app_config).await;
+    let worker = Worker::start(worker_config, 1);
+    wb.grant("user:anne", "viewer", "document:pinned")
+        .await
+        .unwrap();
+    assert_eq!(wb.flush().await.unwrap().queued, 1);
+    (wb, worker)
 }
 
 /// Retry schedule 1 s / 2 s / 3 s, every Write answered 503: each retry

@@ -4,6 +4,7 @@
 //! writes.
 
 use super::*;
+use crate::openfga::{BATCH_CHECKS_IN_FLIGHT, MAX_CHECKS_PER_BATCH};
 
 /// What a check needs after looking at the cache and the pending ops.
 /// Most pending grants a `read` merges; more make it flush first.
@@ -33,10 +34,13 @@ fn read_matches(filter: &ReadFilter, t: &TupleKey) -> bool {
 }
 
 /// The type of a Read filter's user without an id (`group:#member`, which
-/// OpenFGA's datastores read as every user of type `group`).
+/// OpenFGA's datastores read as every user of type `group`), split as
+/// OpenFGA splits it: the relation after the last `#`, the type before the
+/// first `:`. (`group:` alone OpenFGA refuses.)
 fn user_type_only(user: &str) -> Option<&str> {
-    let (ty, rest) = user.split_once(':')?;
-    (rest.is_empty() || rest.starts_with('#')).then_some(ty)
+    let (object, _) = user.rsplit_once('#')?;
+    let (ty, id) = object.split_once(':')?;
+    id.is_empty().then_some(ty)
 }
 
 /// Whether two tuples have one key (user, relation, object).
@@ -239,19 +243,40 @@ impl WriteBehind {
             }
         }
         let e = &self.inner.engine;
-        let sent = groups.iter().map(|((consistency, model_id), asks, _)| {
-            e.client
-                .batch_check(&e.store_id, asks, model_id.as_deref(), *consistency)
-        });
-        let answers = futures::future::join_all(sent).await;
-        for ((_, asks, slots), answers) in groups.into_iter().zip(answers) {
+        // One BatchCheck each, so that one OpenFGA refuses costs only its
+        // own checks (see below).
+        let mut requests: Vec<(Group, Vec<CheckRequest>, Vec<Slot>)> = Vec::new();
+        for (group, asks, slots) in groups {
+            let (mut asks, mut slots) = (asks.into_iter(), slots.into_iter());
+            loop {
+                let chunk: Vec<CheckRequest> = asks.by_ref().take(MAX_CHECKS_PER_BATCH).collect();
+                if chunk.is_empty() {
+                    break;
+                }
+                let chunk_slots = slots.by_ref().take(chunk.len()).collect();
+                requests.push((group.clone(), chunk, chunk_slots));
+            }
+        }
+        let answered: Vec<_> = futures::stream::iter(requests)
+            .map(|((consistency, model_id), asks, slots)| async move {
+                let answers = e
+                    .client
+                    .batch_check(&e.store_id, &asks, model_id.as_deref(), consistency)
+                    .await;
+                (asks, slots, answers)
+            })
+            .buffered(BATCH_CHECKS_IN_FLIGHT)
+            .collect()
+            .await;
+        for (asks, slots, answers) in answered {
             let answers = match answers {
                 Ok(answers) => answers,
                 // OpenFGA validates a whole BatchCheck before it checks
-                // anything: one item it refuses (a contextual tuple of the
-                // caller's it will not take) refuses them all. Asked alone,
-                // each gets its own answer or error.
-                Err(err) if err.is_invalid_input() && asks.len() > 1 => {
+                // anything: one item it refuses (over 100 contextual tuples)
+                // refuses them all. Asked alone, each gets its own answer
+                // or error.
+                Err(err) if err.is_invalid_input() => {
+                    tracing::warn!(error = %err, checks = asks.len(), "OpenFGA refused a whole BatchCheck; its checks are asked one by one");
                     let alone: Vec<(usize, Result<bool>)> =
                         futures::stream::iter(asks.into_iter().zip(slots))
                             .map(|(r, (i, k, g, o))| async move {
@@ -865,5 +890,27 @@ impl WriteBehind {
             );
         }
         fresh
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::user_type_only;
+
+    /// Split as OpenFGA's `ToUserParts` splits a Read filter's user.
+    #[test]
+    fn a_user_without_an_id_is_its_type() {
+        for (user, ty) in [
+            ("group:#member", Some("group")),
+            ("group:#", Some("group")),
+            ("user:#x", Some("user")),
+            ("group:#a#b", None),
+            ("group:", None),
+            ("group:eng#member", None),
+            ("group:*", None),
+            ("group", None),
+        ] {
+            assert_eq!(user_type_only(user), ty, "{user}");
+        }
     }
 }

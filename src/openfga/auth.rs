@@ -189,14 +189,22 @@ impl Authenticator {
     /// Forgets the cached token after the server refused `used` (it may
     /// have been revoked early), unless another request has fetched a newer
     /// one since, or one was dropped moments ago (see [`REFETCH_EVERY`]).
-    /// Whether it dropped it.
+    /// Whether the request is worth sending again: the token it carried
+    /// is no longer the one to use (dropped now, or by another request
+    /// refused with it at the same time, or replaced since).
     pub async fn invalidate(&self, used: &Secret) -> bool {
+        // A fixed token stays what it is: no use sending it again.
+        if !matches!(self.credentials, Credentials::ClientCredentials(_)) {
+            return false;
+        }
         let mut cached = self.cached.lock().await;
         let same = cached.token.as_ref().is_some_and(|(t, _)| t == used);
-        let drop = same
-            && cached
-                .dropped_at
-                .is_none_or(|at| at.elapsed() >= REFETCH_EVERY);
+        if !same {
+            return true;
+        }
+        let drop = cached
+            .dropped_at
+            .is_none_or(|at| at.elapsed() >= REFETCH_EVERY);
         if drop {
             cached.token = None;
             cached.dropped_at = Some(Instant::now());

@@ -146,6 +146,16 @@ impl ClientBuilder {
                 redact_url(&base)
             )));
         }
+        // A user and password in the URL go out as a Basic Authorization
+        // header, and a token as a second one: OpenFGA reads the first, and
+        // refuses every request.
+        let userinfo = !parsed.username().is_empty() || parsed.password().is_some();
+        if userinfo && !matches!(self.credentials, Credentials::None) {
+            return Err(Error::config(format!(
+                "openfga.api_url {:?} carries a user and password, and a token (api_token or oauth2) is set too: OpenFGA takes one Authorization header; remove the user:password@ from the URL",
+                redact_url(&base)
+            )));
+        }
         if let Credentials::ClientCredentials(o) = &self.credentials {
             if reqwest::Url::parse(&o.token_url).is_err() {
                 return Err(Error::config(format!(
@@ -707,8 +717,7 @@ impl Client {
             // before the request runs, so sending it again cannot apply it
             // twice.
             Err(Refused {
-                token_dropped: true,
-                ..
+                token_stale: true, ..
             }) => send(method).await.map_err(|r| r.error),
             answer => answer.map_err(|r| r.error),
         }
@@ -768,10 +777,10 @@ impl Client {
                 .into()
             });
         }
-        let mut token_dropped = false;
+        let mut token_stale = false;
         if status == StatusCode::UNAUTHORIZED {
             if let Some(token) = &token {
-                token_dropped = self.inner.auth.invalidate(token).await;
+                token_stale = self.inner.auth.invalidate(token).await;
             }
         }
         let retry_after = parse_retry_after(resp.headers());
@@ -794,7 +803,7 @@ impl Client {
                 message,
                 retry_after,
             })),
-            token_dropped,
+            token_stale,
         })
     }
 
@@ -841,18 +850,18 @@ impl Client {
     }
 }
 
-/// A request's failure, and whether it was a 401 that dropped the cached
-/// OAuth2 token it carried (worth one more try with a fresh one).
+/// A request's failure, and whether it was a 401 for an OAuth2 token no
+/// longer the one to use (worth one more try with a fresh one).
 struct Refused {
     error: Error,
-    token_dropped: bool,
+    token_stale: bool,
 }
 
 impl From<Error> for Refused {
     fn from(error: Error) -> Self {
         Refused {
             error,
-            token_dropped: false,
+            token_stale: false,
         }
     }
 }
@@ -993,8 +1002,14 @@ mod tests {
         let builder = Client::builder("http://proxy:pw-api@127.0.0.1:8080")
             .credentials(Credentials::ClientCredentials(oauth));
         let shown_builder = format!("{builder:?}");
-        let client = builder.build().expect("a client");
-        for shown in [shown_builder, format!("{client:?}")] {
+        // A password in the URL and a token: two Authorization headers,
+        // refused as a configuration error (which shows neither).
+        let e = builder.build().expect_err("userinfo and a token");
+        assert!(e.is_config(), "{e}");
+        let client = Client::builder("http://proxy:pw-api@127.0.0.1:8080")
+            .build()
+            .expect("a client");
+        for shown in [shown_builder, e.to_string(), format!("{client:?}")] {
             for secret in ["pw-api", "pw-issuer", "pw-client"] {
                 assert!(!shown.contains(secret), "{secret} in {shown}");
             }

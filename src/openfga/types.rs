@@ -102,8 +102,54 @@ pub(crate) struct WriteBody<'a> {
 
 #[derive(Serialize)]
 pub(crate) struct WriteSection<'a> {
-    pub tuple_keys: &'a [TupleKey],
+    pub tuple_keys: Vec<WriteKey<'a>>,
     pub on_duplicate: OnDuplicate,
+}
+
+/// A tuple to write, as OpenFGA is sent it.
+#[derive(Serialize)]
+pub(crate) struct WriteKey<'a> {
+    pub user: &'a str,
+    pub relation: &'a str,
+    pub object: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub condition: Option<WriteCondition<'a>>,
+}
+
+/// A written tuple's condition, its context always sent (`{}` when it has
+/// none): OpenFGA's SQL datastores read a stored tuple's context back as
+/// an empty struct and compare the one written with it as protobufs, where
+/// none and empty differ. A conditioned tuple written again without one was
+/// refused as existing "with a different condition" (a 409).
+#[derive(Serialize)]
+pub(crate) struct WriteCondition<'a> {
+    pub name: &'a str,
+    #[serde(serialize_with = "context_or_empty")]
+    pub context: Option<&'a serde_json::Map<String, serde_json::Value>>,
+}
+
+fn context_or_empty<S: serde::Serializer>(
+    context: &Option<&serde_json::Map<String, serde_json::Value>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match context {
+        Some(c) => c.serialize(s),
+        None => serde_json::Map::new().serialize(s),
+    }
+}
+
+impl<'a> From<&'a TupleKey> for WriteKey<'a> {
+    fn from(t: &'a TupleKey) -> Self {
+        WriteKey {
+            user: &t.user,
+            relation: &t.relation,
+            object: &t.object,
+            condition: t.condition.as_ref().map(|c| WriteCondition {
+                name: &c.name,
+                context: c.context.as_ref(),
+            }),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -134,7 +180,7 @@ impl<'a> WriteBody<'a> {
     pub fn new(req: &'a WriteRequest) -> Self {
         WriteBody {
             writes: (!req.writes.is_empty()).then(|| WriteSection {
-                tuple_keys: &req.writes,
+                tuple_keys: req.writes.iter().map(WriteKey::from).collect(),
                 on_duplicate: req.on_duplicate,
             }),
             deletes: (!req.deletes.is_empty()).then(|| DeleteSection {

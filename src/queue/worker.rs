@@ -368,15 +368,15 @@ impl Applier {
                 tracing::warn!(error = %e, "cannot queue revokes pending again; the next flush does");
             }
         }
-        let report = crate::status::FlushReport {
-            applied: finished.applied,
-            dead_lettered: finished.dead,
-            retried: finished.requeued,
+        let mut report = crate::status::FlushReport {
             requests: result.requests,
             duration: started.elapsed(),
             error: error.map(|e| e.to_string()),
             ..Default::default()
         };
+        // Counted here as an application's flusher counts its chunks: a
+        // worker's metrics are the only ones that see jobs end.
+        self.engine.account(&finished, &mut report);
         self.engine.record(&report).await;
         Ok(())
     }
@@ -711,22 +711,29 @@ async fn look_again(applier: Arc<Applier>, every: Duration, replay: Option<Durat
 
 impl Applier {
     /// Whether OpenFGA refused the job for the model it is pinned to (one
-    /// the application named that the store lacks, or cannot use) while
-    /// the store answers with another latest model: the job's fault, not
-    /// this worker's. The job then follows the retry schedule to a dead
-    /// letter (replayable once the model is fixed). Stopping the worker
-    /// instead kept its ops held for good: the stop ends at the worker's
-    /// next look, which reads the store's latest model, and the job came
-    /// back at the slowest step with its attempt unspent, again and again.
+    /// the application named that the store lacks, or that OpenFGA cannot
+    /// use) while the store itself answers: the job's fault, not this
+    /// worker's. The job then follows the retry schedule to a dead letter
+    /// (replayable, under the replaying process's model). Stopping the
+    /// worker instead kept its ops held for good: the stop ends at the
+    /// worker's next look, which reads the store's latest model, and the
+    /// job came back at the slowest step with its attempt unspent, again
+    /// and again. Any doubt (a read that fails, the job's model the
+    /// store's latest) stops the worker, as before.
     async fn refused_for_its_model(&self, job: &Job, e: &Error) -> bool {
         if job.model_id.is_empty() || !e.is_not_found() {
             return false;
         }
-        let engine = &self.engine;
-        matches!(
-            engine.client.read_latest_authorization_model(&engine.store_id).await,
-            Ok(Some(latest)) if latest.id != job.model_id
-        )
+        let (client, store) = (&self.engine.client, &self.engine.store_id);
+        let Ok(latest) = client.read_latest_authorization_model(store).await else {
+            return false;
+        };
+        match client.read_authorization_model(store, &job.model_id).await {
+            // Missing, or no model id at all.
+            Err(read) => read.is_not_found(),
+            // There, yet refused: unusable, unless it is the store's own.
+            Ok(_) => latest.is_some_and(|l| l.id != job.model_id),
+        }
     }
 
     /// A worker OpenFGA refused (credentials, an unknown store) notes its
@@ -811,6 +818,13 @@ impl Applier {
         // meanwhile.
         let _taking = self.holding.taking.lock().await;
         loop {
+            // Stopping: what is pending stays so, for the application's
+            // flushers. A take now could come after the worker released
+            // its lease, which would renew it under a new term and hold
+            // the ops until that ran out.
+            if e.retry_deadline.borrow().is_some() {
+                return Ok(());
+            }
             let ops = self
                 .store
                 .take(e.max_tuples(), crate::buffer::Take::All, up_to)
