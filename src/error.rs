@@ -144,6 +144,13 @@ impl ApiError {
         self.code == "throttled_timeout_error"
     }
 
+    /// OpenFGA's 400 `cancelled`: the request's context ended on the server
+    /// (its caller gone, or the server shutting down), whatever its tuples;
+    /// it may have committed first, as with `deadline_exceeded`.
+    fn is_cancelled(&self) -> bool {
+        self.code == "cancelled"
+    }
+
     /// A request larger than the server takes: OpenFGA's gRPC limit
     /// (`--grpc-max-recv-msg-bytes`, 616,448 bytes by default; 500
     /// `resource_exhausted`, a message that says "larger than max"), or a
@@ -241,7 +248,8 @@ impl Error {
                 (e.status >= 500
                     || matches!(e.status, 408 | 409 | 429)
                     || (matches!(e.status, 400 | 422) && e.code.is_empty())
-                    || e.is_throttled())
+                    || e.is_throttled()
+                    || e.is_cancelled())
                     && !e.is_condition_conflict()
                     && !e.is_too_large()
             }
@@ -272,6 +280,7 @@ impl Error {
                 (matches!(e.status, 400 | 422)
                     && !e.code.is_empty()
                     && !e.is_throttled()
+                    && !e.is_cancelled()
                     && !NOT_FOUND_CODES.contains(&e.code.as_str())
                     && !e.names_a_malformed_id()
                     && !e.names_an_unusable_model())
@@ -322,6 +331,7 @@ impl Error {
                     // OpenFGA's own request timeout: the datastore may
                     // still commit what it was running.
                     || e.code == "deadline_exceeded"
+                    || e.is_cancelled()
             }
             Kind::Decode { .. } => true,
             _ => false,
@@ -705,6 +715,10 @@ mod tests {
         assert!(!api(422, "throttled_timeout_error").is_invalid_input());
         assert!(api(400, "validation_error").is_invalid_input());
         assert!(!api(400, "validation_error").is_transient());
+        // The server's context ended (its shutdown): about the request, not
+        // its tuples, so never split into dead letters.
+        let cancelled = api(400, "cancelled");
+        assert!(cancelled.is_transient() && !cancelled.is_invalid_input());
         assert!(api(401, "unauthenticated").is_auth());
         assert!(api(403, "forbidden").is_auth());
         assert!(api(404, "store_id_not_found").is_not_found());
@@ -766,7 +780,8 @@ mod tests {
             (api(500, ""), true),
             (api(500, "internal_error"), false),
             (api(500, "deadline_exceeded"), true),
-            (api(503, "unavailable"), false),
+            (api(400, "cancelled"), true),
+            (api(500, "unavailable"), false),
             (api(429, ""), false),
             (api(409, "write_failed_due_to_invalid_input"), false),
             (api(400, "validation_error"), false),

@@ -17,10 +17,12 @@
 //! | `fga_wb_write_unknown_outcomes_total` (Writes whose outcome fga-wb cannot know) | counter |
 //! | `fga_wb_cache_hits_total`, `fga_wb_cache_misses_total` | counter |
 //! | `fga_wb_higher_consistency_total` (checks, lists and reads sent with `HIGHER_CONSISTENCY`) | counter |
-//! | `fga_wb_pending_ops` (after every op and flush) | gauge |
-//! | `fga_wb_oldest_pending_seconds` | gauge |
+//! | `fga_wb_flush_pauses_total` (the flusher's pauses after a transient failure) | counter |
+//! | `fga_wb_redis_losses_total`, `fga_wb_redis_leases_lost_total`, `fga_wb_redis_term_regressed_total`, `fga_wb_redis_under_replicated_total` (Redis store: see the README's "Monitor it") | counter |
+//! | `fga_wb_pending_ops` (after every op, and at every look of the flusher) | gauge |
+//! | `fga_wb_oldest_pending_seconds` (at every look of the flusher) | gauge |
 //! | `fga_wb_ops_held` (ops kept in flight while such a Write may still land: `flush.unknown_outcome_hold`) | gauge |
-//! | `fga_wb_flush_duration_seconds` | histogram |
+//! | `fga_wb_flush_duration_seconds` (the flusher's busy time, recorded at most every 250 ms while it writes) | histogram |
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;

@@ -270,7 +270,14 @@ impl Pump {
             return self.stop_look_at;
         }
         let pending = match e.store.pending().await {
-            Ok(p) => p,
+            Ok(p) => {
+                // At every look, not only after work of this process's: on
+                // a shared store another process may have written it all
+                // (or a clear dropped it), and a gauge left at its last
+                // backlog would show one that is gone, to an alert too.
+                publish_pending(&p);
+                p
+            }
             Err(err) => {
                 tracing::warn!(error = %err, "cannot read the pending ops");
                 // A flush() waits for a look, tried whatever Redis answers.
@@ -1229,9 +1236,7 @@ impl Pump {
         };
         r.duration = since.map_or(Duration::ZERO, |t| now - t);
         if let Ok(p) = self.engine.store.pending().await {
-            metrics::gauge!("fga_wb_pending_ops").set(p.total as f64);
-            metrics::gauge!("fga_wb_oldest_pending_seconds")
-                .set(p.oldest_age.map_or(0.0, |a| a.as_secs_f64()));
+            publish_pending(&p);
         }
         self.engine.record(&r).await;
     }
@@ -1499,6 +1504,13 @@ pub(crate) const BLOCKED_POLL: Duration = Duration::from_millis(200);
 pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_millis(250);
 /// How often the pump records its work for `status` while busy.
 pub(crate) const RECORD_EVERY: Duration = Duration::from_millis(250);
+
+/// The pending-ops gauges, from a look at the store.
+fn publish_pending(p: &crate::buffer::Pending) {
+    metrics::gauge!("fga_wb_pending_ops").set(p.total as f64);
+    metrics::gauge!("fga_wb_oldest_pending_seconds")
+        .set(p.oldest_age.map_or(0.0, |a| a.as_secs_f64()));
+}
 
 #[cfg(test)]
 mod tests {
