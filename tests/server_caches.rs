@@ -221,7 +221,10 @@ async fn a_restarted_process_never_answers_from_the_servers_cache() {
     );
 }
 
-/// `check.always_higher_consistency` sends every check fresh.
+/// `check.always_higher_consistency` sends every check fresh, and keeps
+/// no answer in fga-wb's own cache either: a revoke made by another writer
+/// (the `fga` CLI here) is denied at the next check. Before, the memory
+/// store answered `allowed` from its own cache for up to `cache.ttl`.
 async fn always_higher_consistency_bypasses_the_cache_everywhere(setup: Setup) {
     let s = store("cache-always", setup).await;
     let mut c = config(&s, setup);
@@ -233,6 +236,17 @@ async fn always_higher_consistency_bypasses_the_cache_everywhere(setup: Setup) {
         .unwrap();
     assert!(!allowed(&wb, "user:dan", "viewer", "document:a").await);
     assert_eq!(wb.status().await.unwrap().totals.higher_consistency, 1);
+    support::write_to_openfga(&s, "user:dan", "viewer", "document:a").await;
+    assert!(allowed(&wb, "user:dan", "viewer", "document:a").await);
+    let dan = fga_wb::TupleKey::new("user:dan", "viewer", "document:a").unwrap();
+    s.client
+        .write(
+            &s.store_id,
+            &fga_wb::openfga::WriteRequest::idempotent(vec![], vec![dan]),
+        )
+        .await
+        .unwrap();
+    assert!(!allowed(&wb, "user:dan", "viewer", "document:a").await);
 }
 
 for_each_setup!(

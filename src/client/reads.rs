@@ -128,7 +128,10 @@ impl WriteBehind {
     /// to Redis first).
     fn cached(&self, user: &str, relation: &str, object: &str) -> Option<bool> {
         let e = &self.inner.engine;
-        if self.inner.shut_down.load(Ordering::Relaxed) || e.store.shared() {
+        if self.inner.shut_down.load(Ordering::Relaxed)
+            || e.store.shared()
+            || self.inner.config.check.always_higher_consistency
+        {
             return None;
         }
         crate::tuple::validate_user(user).ok()?;
@@ -358,9 +361,12 @@ impl WriteBehind {
             0
         };
         let generation = (local, shared);
+        // Answers kept here are dropped by fga-wb's own ops only: where
+        // writes bypass fga-wb (`always_higher_consistency`), none is kept.
         let cacheable = req.context.is_none()
             && req.contextual_tuples.is_empty()
             && req.consistency != Consistency::HigherConsistency
+            && !self.inner.config.check.always_higher_consistency
             && pinned.is_none();
         let key = cacheable.then(|| key_of(&probe));
         if let Some(k) = &key {

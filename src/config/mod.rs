@@ -357,7 +357,9 @@ pub struct CheckConfig {
     #[serde(with = "duration")]
     pub server_cache_ttl: Duration,
     /// Ask for `HIGHER_CONSISTENCY` on every check, list and read (when the
-    /// server's caches are not known, or writes bypass fga-wb).
+    /// server's caches are not known, or writes bypass fga-wb), and keep
+    /// no check answers in fga-wb's own cache (only fga-wb's ops drop
+    /// them).
     pub always_higher_consistency: bool,
 }
 
