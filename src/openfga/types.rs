@@ -205,7 +205,9 @@ pub struct CheckRequest {
     pub contextual_tuples: Vec<TupleKey>,
     /// Values for condition parameters known at request time.
     pub context: Option<Context>,
-    /// Pin the check to a model; `None` uses the store's latest.
+    /// Pin the check to a model; `None`: the store's latest sent
+    /// through [`Client`](super::Client), the handle's model (its pinned
+    /// `openfga.model_id`, or the latest it read) through `WriteBehind`.
     pub authorization_model_id: Option<String>,
     /// Cache preference.
     pub consistency: Consistency,
@@ -277,7 +279,9 @@ pub struct ListObjectsRequest {
     pub contextual_tuples: Vec<TupleKey>,
     /// Values for condition parameters known at request time.
     pub context: Option<Context>,
-    /// Pin the request to a model; `None` uses the store's latest.
+    /// Pin the request to a model; `None`: the store's latest sent
+    /// through [`Client`](super::Client), the handle's model (its pinned
+    /// `openfga.model_id`, or the latest it read) through `WriteBehind`.
     pub authorization_model_id: Option<String>,
     /// Cache preference.
     pub consistency: Consistency,
@@ -336,7 +340,9 @@ pub struct ListUsersRequest {
     pub contextual_tuples: Vec<TupleKey>,
     /// Values for condition parameters known at request time.
     pub context: Option<Context>,
-    /// Pin the request to a model; `None` uses the store's latest.
+    /// Pin the request to a model; `None`: the store's latest sent
+    /// through [`Client`](super::Client), the handle's model (its pinned
+    /// `openfga.model_id`, or the latest it read) through `WriteBehind`.
     pub authorization_model_id: Option<String>,
     /// Cache preference.
     pub consistency: Consistency,
