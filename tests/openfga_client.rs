@@ -319,6 +319,23 @@ async fn real_server_errors_are_classified() {
         .await
         .unwrap_err();
     assert!(e.is_not_found(), "{e}");
+    // Only the store's own read says it is missing: its models list empty.
+    s.client.get_store(&s.store_id).await.unwrap();
+    let e = s
+        .client
+        .get_store("01ARZ3NDEKTSV4RRFFQ69G5FAV")
+        .await
+        .unwrap_err();
+    assert!(
+        e.is_not_found() && e.code() == Some("store_id_not_found"),
+        "{e}"
+    );
+    let models = s
+        .client
+        .read_latest_authorization_model("01ARZ3NDEKTSV4RRFFQ69G5FAV")
+        .await
+        .unwrap();
+    assert!(models.is_none());
 
     let e = s
         .client

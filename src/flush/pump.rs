@@ -1461,7 +1461,8 @@ fn request_bytes(t: &crate::tuple::TupleKey) -> usize {
             .context
             .as_ref()
             .map(|ctx| serde_json::to_writer(&mut n, ctx));
-        c.name.len() + n.0 + 30
+        // `,"condition":{"name":"","context":}`, the context `{}` if none.
+        c.name.len() + n.0.max(2) + 35
     });
     keys + condition
 }

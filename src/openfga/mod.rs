@@ -406,6 +406,18 @@ impl Client {
         Ok(s.id)
     }
 
+    /// Whether store `store_id` exists: `Ok(())`, or an error for which
+    /// [`Error::is_not_found`] is true when it does not. (OpenFGA's other
+    /// reads do not say: a store that does not exist lists no models, and
+    /// a Write to it names its model as missing.)
+    pub async fn get_store(&self, store_id: &str) -> Result<()> {
+        let path = format!("/stores/{}", seg(store_id));
+        let _: StoreCreated = self
+            .call::<(), _>("read store", Method::GET, path, None)
+            .await?;
+        Ok(())
+    }
+
     /// Writes an authorization model (in OpenFGA's JSON form) and returns its id.
     pub async fn write_authorization_model(
         &self,

@@ -120,7 +120,10 @@ pub(crate) struct WriteKey<'a> {
 /// none): OpenFGA's SQL datastores read a stored tuple's context back as
 /// an empty struct and compare the one written with it as protobufs, where
 /// none and empty differ. A conditioned tuple written again without one was
-/// refused as existing "with a different condition" (a 409).
+/// refused as existing "with a different condition" (a 409). (OpenFGA's
+/// memory datastore keeps a context as written and compares its text: there
+/// a tuple another client wrote without one conflicts with this instead;
+/// production runs a SQL datastore.)
 #[derive(Serialize)]
 pub(crate) struct WriteCondition<'a> {
     pub name: &'a str,

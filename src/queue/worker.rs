@@ -725,6 +725,11 @@ impl Applier {
             return false;
         }
         let (client, store) = (&self.engine.client, &self.engine.store_id);
+        // First the store: to OpenFGA's other reads, one that does not
+        // exist has no models, and the job's would be "missing" too.
+        if client.get_store(store).await.is_err() {
+            return false;
+        }
         let Ok(latest) = client.read_latest_authorization_model(store).await else {
             return false;
         };
