@@ -112,6 +112,15 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // fga-wb says what needs an operator (dead letters, flushing stopped,
+    // refused credentials) through `tracing`: a service shows it.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let config = fga_wb::Config::load(None)?;
     let wb = WriteBehind::builder(config).build().await?;
     let app = Router::new()
