@@ -483,7 +483,7 @@ async fn a_refused_worker_fetches_no_jobs_while_stopped() {
 
 /// A worker OpenFGA refused once (a 401 on its Write) and that has no
 /// job to run since (the refused job waits a minute for its retry) asks
-/// OpenFGA again and ends its stop once OpenFGA answers (here: its model
+/// OpenFGA again and ends its stop once OpenFGA answers (here: its store
 /// read): `status` no longer reports flushing stopped, so `status --check`
 /// and `fga-wb flush --wait` do not take the note for final. Before, the
 /// note stayed until that worker completed a request.
@@ -500,11 +500,11 @@ async fn an_idle_worker_ends_its_stop_once_openfga_answers() {
         wb: &wb,
         writes: Some(&writes),
     };
-    // OpenFGA takes the credentials again (what the worker's look reads).
-    let models = support::fixture("read-models").for_model("01JMODEL000000000000000000");
+    // OpenFGA takes the credentials again (what the worker's look reads:
+    // the store itself).
     Mock::given(method("GET"))
-        .and(path(format!("/stores/{store_id}/authorization-models")))
-        .respond_with(models.response())
+        .and(path(format!("/stores/{store_id}")))
+        .respond_with(support::fixture("get-store").response())
         .mount(&server)
         .await;
     w.until(

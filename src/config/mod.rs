@@ -119,6 +119,9 @@ impl OpenFgaConfig {
     /// The credentials these settings describe.
     pub fn credentials(&self) -> Credentials {
         let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        if self.oauth2.is_some() && !self.api_token.is_empty() {
+            tracing::warn!("both an API token (FGA_API_TOKEN, openfga.api_token) and OAuth2 client credentials (FGA_CLIENT_ID, openfga.oauth2) are set: the client credentials are used, the token is not");
+        }
         match &self.oauth2 {
             Some(o) => Credentials::ClientCredentials(OAuth2 {
                 token_url: o.token_url.clone(),
@@ -749,9 +752,6 @@ impl Config {
 
     /// Checks relations between settings that no single key's type can.
     pub fn validate(&self) -> Result<()> {
-        if self.openfga.oauth2.is_some() && !self.openfga.api_token.is_empty() {
-            tracing::warn!("both an API token (FGA_API_TOKEN, openfga.api_token) and OAuth2 client credentials (FGA_CLIENT_ID, openfga.oauth2) are set: the client credentials are used, the token is not");
-        }
         if self.flush.mode == Mode::Queue && self.buffer.store != StoreKind::Redis {
             return Err(Error::config(
                 "flush.mode = \"queue\" needs buffer.store = \"redis\": workers read the buffer from Redis",

@@ -407,9 +407,10 @@ impl Client {
     }
 
     /// Whether store `store_id` exists: `Ok(())`, or an error for which
-    /// [`Error::is_not_found`] is true when it does not. (OpenFGA's other
-    /// reads do not say: a store that does not exist lists no models, and
-    /// a Write to it names its model as missing.)
+    /// [`Error::is_not_found`] is true when it does not, or was deleted.
+    /// (OpenFGA's other reads do not say: a store that does not exist lists
+    /// no models, and a Write to it names its model as missing. With
+    /// OpenFGA's access control on, only a store admin may ask.)
     pub async fn get_store(&self, store_id: &str) -> Result<()> {
         let path = format!("/stores/{}", seg(store_id));
         let _: StoreCreated = self

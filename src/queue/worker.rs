@@ -710,6 +710,20 @@ async fn look_again(applier: Arc<Applier>, every: Duration, replay: Option<Durat
 }
 
 impl Applier {
+    /// Whether OpenFGA answers for the worker's store: it exists, and the
+    /// worker's credentials read it. OpenFGA's model reads answer for a
+    /// store that does not exist (with no models), so the store itself is
+    /// asked; where its access control lets the credentials write but not
+    /// read stores (a 403 there), the latest model's read stands for it.
+    async fn store_answers(&self) -> bool {
+        let (client, store) = (&self.engine.client, &self.engine.store_id);
+        match client.get_store(store).await {
+            Ok(()) => true,
+            Err(e) if e.is_auth() => client.read_latest_authorization_model(store).await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
     /// Whether OpenFGA refused the job for the model it is pinned to (one
     /// the application named that the store lacks, or that OpenFGA cannot
     /// use) while the store itself answers: the job's fault, not this
@@ -727,7 +741,7 @@ impl Applier {
         let (client, store) = (&self.engine.client, &self.engine.store_id);
         // First the store: to OpenFGA's other reads, one that does not
         // exist has no models, and the job's would be "missing" too.
-        if client.get_store(store).await.is_err() {
+        if !self.store_answers().await {
             return false;
         }
         let Ok(latest) = client.read_latest_authorization_model(store).await else {
@@ -753,11 +767,7 @@ impl Applier {
         let Some(was) = e.stats.stopped() else {
             return;
         };
-        let answers = e
-            .client
-            .read_latest_authorization_model(&e.store_id)
-            .await
-            .is_ok();
+        let answers = self.store_answers().await;
         // A job refused meanwhile keeps its own stop.
         if answers && e.end_stop(&was).await {
             tracing::info!("OpenFGA answers the worker again: its flushing is no longer stopped");
