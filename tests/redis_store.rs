@@ -1987,6 +1987,23 @@ async fn a_grant_refused_for_good_leaves_a_revoke_written_ahead_of_it_owed() {
     assert_eq!(owes, 0, "nothing owed is left noted");
 }
 
+/// A revoke, a grant over it refused for good (the revoke is pending
+/// again), and that revoke refused for good too: the grant's letter stays
+/// the tuple's newest, as the grant was acknowledged last. Before, the
+/// revoke's letter, written later, took its place and a replay wrote the
+/// revoke. Driven through the store's script.
+#[tokio::test]
+async fn a_revoke_owed_again_and_refused_leaves_the_grant_letter_newest() {
+    let mut k = OneKey::new("owed-again-refused").await;
+    k.grant_over_a_revoke_ends("d").await;
+    assert_eq!(k.entry().await, pair("r", "r"), "the revoke pending again");
+    let revoke = k.take().await.expect("took the revoke");
+    k.finish(&revoke, "d").await;
+    assert_eq!(k.letter().await["op"], "g");
+    let letters: i64 = k.r.look("HLEN", "dead", &[]).await;
+    assert_eq!(letters, 2, "both letters kept");
+}
+
 /// A grant pushed while a grant that owed a revoke was being written owes
 /// it only unless that write lands: it lands, and the newer grant refused
 /// for good leaves the tuple as the applied grant wrote it. Before the

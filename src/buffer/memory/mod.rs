@@ -103,7 +103,16 @@ impl DeadLetters {
                 newest: 0,
                 count: 0,
             });
-        k.newest = letter.id;
+        // A revoke owed again when a newer grant died (see `finish_now`)
+        // and then refused too is older than that grant's letter, which
+        // stays the key's newest: the grant was acknowledged last.
+        let newer = self
+            .letters
+            .get(&k.newest)
+            .is_some_and(|d| d.seq > letter.seq);
+        if !newer {
+            k.newest = letter.id;
+        }
         k.count += 1;
         self.letters.insert(letter.id, letter);
     }
