@@ -52,6 +52,38 @@ async fn shutdown_drains_pending_ops() {
     assert!(wb.shutdown().await.unwrap_err().is_shutdown());
 }
 
+/// Two shutdowns at once (a signal hook's and `main`'s): the second fails
+/// as shut down only once the first has drained, so a caller that exits on
+/// it does not cut the drain short. Before, it failed at once, with most of
+/// the 2,000 grants not yet written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_shutdown_waits_for_the_first() {
+    let s = new_store("wb-shutdown-twice").await;
+    let mut cfg = manual_flush(config_for(&s));
+    cfg.flush.shutdown_deadline = Duration::from_secs(60);
+    let wb = WriteBehind::builder(cfg).build().await.unwrap();
+    support::grant_users(&wb, "document:twice", 0..2000).await;
+    let one = async {
+        let r = wb.shutdown().await;
+        (r.is_ok(), stored(&s).await.len())
+    };
+    let two = async {
+        // Second: after the first has begun.
+        tokio::task::yield_now().await;
+        let r = wb.shutdown().await;
+        (r.is_ok(), stored(&s).await.len())
+    };
+    let (a, b) = tokio::time::timeout(Duration::from_secs(120), async { tokio::join!(one, two) })
+        .await
+        .expect("both returned");
+    let (ok, failed) = if a.0 { (a, b) } else { (b, a) };
+    assert!(
+        ok.0 && !failed.0,
+        "one shutdown ran, one failed: {a:?} {b:?}"
+    );
+    assert_eq!(failed.1, 2000, "written when the second returned");
+}
+
 /// Shutdown with OpenFGA down, three ways: nothing listening (connection
 /// refused), a server that always answers 503, and a server that never
 /// answers (the write hangs longer than the deadline). Each time `shutdown`

@@ -54,8 +54,9 @@ struct Handle {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     shut_down: AtomicBool,
     /// A `shutdown()` or `close()` ran to its end (one cut short, its
-    /// future dropped, leaves the ops it did not write to `Drop`'s count).
-    ended: AtomicBool,
+    /// future dropped, leaves the ops it did not write to `Drop`'s count);
+    /// a second call waits for it.
+    ended: watch::Sender<bool>,
     /// Told of every check the application makes (the test doubles).
     #[cfg(feature = "test-util")]
     on_check: Option<CheckHook>,
@@ -235,7 +236,7 @@ impl Builder {
                 flusher: Mutex::new(Some(flusher)),
                 tasks: Mutex::new(tasks),
                 shut_down: AtomicBool::new(false),
-                ended: AtomicBool::new(false),
+                ended: watch::Sender::new(false),
                 #[cfg(feature = "test-util")]
                 on_check: self.on_check,
             }),
@@ -634,7 +635,8 @@ impl WriteBehind {
 
     /// Stops the flusher, then flushes until everything is applied or
     /// `flush.shutdown_deadline` passes, and reports what is left. Later
-    /// calls on any clone fail with [`Error::is_shutdown`]. A grant or
+    /// calls on any clone fail with [`Error::is_shutdown`]; a second
+    /// `shutdown()` (or `close()`) fails only once the first has ended. A grant or
     /// revoke under way when it began (one waiting for room, say) is either
     /// buffered and acknowledged, or (memory store) fails as shut down with
     /// nothing buffered: it never replaces an acknowledged op on its tuple
@@ -653,7 +655,7 @@ impl WriteBehind {
     /// # Ok(()) }
     /// ```
     pub async fn shutdown(&self) -> Result<ShutdownReport> {
-        self.stop_taking_ops()?;
+        self.stop_taking_ops().await?;
         let deadline = Instant::now() + self.inner.config.flush.shutdown_deadline;
         // The flusher drains until the deadline and then stops; the other
         // tasks (the event follower) stop at once.
@@ -681,7 +683,7 @@ impl WriteBehind {
             (FlushReport::default(), false)
         };
         self.stop_and_release(cut_off).await;
-        self.inner.ended.store(true, Ordering::SeqCst);
+        self.inner.ended.send_replace(true);
         let e = &self.inner.engine;
         let left = e.store.pending().await?;
         // Requests running at the deadline may still have finished within
@@ -716,7 +718,7 @@ impl WriteBehind {
     /// take under way for more than 300 ms took. Later calls on any clone fail
     /// with [`Error::is_shutdown`].
     pub async fn close(&self) -> Result<()> {
-        self.stop_taking_ops()?;
+        self.stop_taking_ops().await?;
         let (reply, answer) = oneshot::channel();
         // The flusher answers between two steps: a second is ample.
         let ample = std::time::Duration::from_secs(1);
@@ -734,7 +736,7 @@ impl WriteBehind {
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => true,
         };
         self.stop_and_release(cut_off).await;
-        self.inner.ended.store(true, Ordering::SeqCst);
+        self.inner.ended.send_replace(true);
         self.inner.warn_unwritten("closed without shutdown()");
         Ok(())
     }
@@ -745,8 +747,17 @@ impl WriteBehind {
     /// by then, acknowledged and counted by what follows (the drain, or the
     /// warning of what is left unwritten), or refused untouched: it never
     /// folds into an acknowledged op and is then disowned.
-    fn stop_taking_ops(&self) -> Result<()> {
+    ///
+    /// A later call fails only once the first has ended (or could have: its
+    /// deadline and a few seconds more), so that a caller that exits on its
+    /// error (a signal hook's shutdown and `main`'s) does not cut the
+    /// first one's drain short.
+    async fn stop_taking_ops(&self) -> Result<()> {
         if self.inner.shut_down.swap(true, Ordering::SeqCst) {
+            let limit =
+                self.inner.config.flush.shutdown_deadline + std::time::Duration::from_secs(5);
+            let mut ended = self.inner.ended.subscribe();
+            let _ = tokio::time::timeout(limit, ended.wait_for(|e| *e)).await;
             return Err(Error::new(Kind::Shutdown));
         }
         self.inner.engine.store.close();
@@ -898,7 +909,7 @@ impl Drop for Handle {
         {
             task.abort();
         }
-        if self.ended.load(Ordering::SeqCst) {
+        if *self.ended.borrow() {
             return;
         }
         self.warn_unwritten(if self.shut_down.load(Ordering::SeqCst) {
