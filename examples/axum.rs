@@ -135,9 +135,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = std::env::var("FGA_WB_EXAMPLE_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".into());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on {}", listener.local_addr()?);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let (stopping, mut stop) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        let _ = stopping.send(true);
+    });
+    // Requests get 10 s to finish after the signal: one that hangs must
+    // not keep what the others acknowledged from being drained (nor make
+    // a SIGKILL, which loses the memory store's ops, the only way out).
+    tokio::select! {
+        served = server => served?,
+        _ = async {
+            let _ = stop.wait_for(|s| *s).await;
+            tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        } => eprintln!("requests still running 10 s after the signal: draining anyway"),
+    }
     // Requests are done; what they acknowledged goes to OpenFGA now.
     let report = wb.shutdown().await?;
     println!(
