@@ -150,7 +150,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tokio::time::sleep(std::time::Duration::from_secs(10)).await;
         } => eprintln!("requests still running 10 s after the signal: draining anyway"),
     }
-    // Requests are done; what they acknowledged goes to OpenFGA now.
+    // Requests are done (or had their 10 s: the handle refuses what they
+    // try from now on); what they acknowledged goes to OpenFGA now.
     let report = wb.shutdown().await?;
     println!(
         "drained: {} applied, {} left",

@@ -2004,6 +2004,32 @@ async fn a_revoke_owed_again_and_refused_leaves_the_grant_letter_newest() {
     assert_eq!(letters, 2, "both letters kept");
 }
 
+/// The same with the revoke dying of transient causes, first and again
+/// after the grant over it was refused for good: OpenFGA may still hold
+/// what it revokes, so its letter is the tuple's newest, owed, and indexed
+/// for checks to fail closed on. (A review caught the version of the fix
+/// above that let the older grant letter win here too: checks answered
+/// from OpenFGA, which still held the tuple.)
+#[tokio::test]
+async fn a_revoke_owed_again_that_dies_in_an_outage_stays_owed() {
+    let mut k = OneKey::new("owed-again-outage").await;
+    k.ends("r", "D").await;
+    k.push("g").await;
+    let grant = k.take().await.expect("took the grant");
+    k.finish(&grant, "d").await;
+    assert_eq!(k.entry().await, pair("r", "r"), "the revoke pending again");
+    let revoke = k.take().await.expect("took the revoke");
+    k.finish(&revoke, "D").await;
+    let letter = k.letter().await;
+    assert_eq!(
+        (&letter["op"], &letter["transient"]),
+        (&"r".into(), &true.into())
+    );
+    assert!(k.owes().await, "the revoke is still to reach OpenFGA");
+    let indexed: Option<String> = k.r.look("ZSCORE", "deadrev", &[OWED_KEY]).await;
+    assert!(indexed.is_some(), "checks fail closed on it");
+}
+
 /// A grant pushed while a grant that owed a revoke was being written owes
 /// it only unless that write lands: it lands, and the newer grant refused
 /// for good leaves the tuple as the applied grant wrote it. Before the

@@ -55,8 +55,10 @@ struct Handle {
     shut_down: AtomicBool,
     /// A `shutdown()` or `close()` ran to its end (one cut short, its
     /// future dropped, leaves the ops it did not write to `Drop`'s count);
-    /// a second call waits for it.
+    /// a second call waits for it, until the first's deadline at most.
     ended: watch::Sender<bool>,
+    /// When the first `shutdown()` or `close()` is bound to have ended.
+    ending_by: std::sync::OnceLock<Instant>,
     /// Told of every check the application makes (the test doubles).
     #[cfg(feature = "test-util")]
     on_check: Option<CheckHook>,
@@ -236,7 +238,8 @@ impl Builder {
                 flusher: Mutex::new(Some(flusher)),
                 tasks: Mutex::new(tasks),
                 shut_down: AtomicBool::new(false),
-                ended: watch::Sender::new(false),
+                ended: watch::channel(false).0,
+                ending_by: std::sync::OnceLock::new(),
                 #[cfg(feature = "test-util")]
                 on_check: self.on_check,
             }),
@@ -655,8 +658,8 @@ impl WriteBehind {
     /// # Ok(()) }
     /// ```
     pub async fn shutdown(&self) -> Result<ShutdownReport> {
-        self.stop_taking_ops().await?;
         let deadline = Instant::now() + self.inner.config.flush.shutdown_deadline;
+        self.stop_taking_ops(deadline).await?;
         // The flusher drains until the deadline and then stops; the other
         // tasks (the event follower) stop at once.
         let (reply, answer) = oneshot::channel();
@@ -683,9 +686,10 @@ impl WriteBehind {
             (FlushReport::default(), false)
         };
         self.stop_and_release(cut_off).await;
-        self.inner.ended.send_replace(true);
         let e = &self.inner.engine;
-        let left = e.store.pending().await?;
+        let left = e.store.pending().await;
+        self.inner.ended.send_replace(true);
+        let left = left?;
         // Requests running at the deadline may still have finished within
         // its grace: the report's error is for what is left, not for a
         // deadline that passed with nothing lost.
@@ -718,7 +722,9 @@ impl WriteBehind {
     /// take under way for more than 300 ms took. Later calls on any clone fail
     /// with [`Error::is_shutdown`].
     pub async fn close(&self) -> Result<()> {
-        self.stop_taking_ops().await?;
+        // Its steps are bounded by a second each.
+        let by = Instant::now() + std::time::Duration::from_secs(3);
+        self.stop_taking_ops(by).await?;
         let (reply, answer) = oneshot::channel();
         // The flusher answers between two steps: a second is ample.
         let ample = std::time::Duration::from_secs(1);
@@ -748,18 +754,25 @@ impl WriteBehind {
     /// warning of what is left unwritten), or refused untouched: it never
     /// folds into an acknowledged op and is then disowned.
     ///
-    /// A later call fails only once the first has ended (or could have: its
-    /// deadline and a few seconds more), so that a caller that exits on its
-    /// error (a signal hook's shutdown and `main`'s) does not cut the
-    /// first one's drain short.
-    async fn stop_taking_ops(&self) -> Result<()> {
+    /// A later call fails only once the first has ended (or could have:
+    /// `by`, the first's deadline, and a few seconds more, also when the
+    /// first's future was dropped), so that a caller that exits on its
+    /// error (a signal hook's shutdown and `main`'s) does not cut the first
+    /// one's drain short.
+    async fn stop_taking_ops(&self, by: Instant) -> Result<()> {
         if self.inner.shut_down.swap(true, Ordering::SeqCst) {
-            let limit =
-                self.inner.config.flush.shutdown_deadline + std::time::Duration::from_secs(5);
+            // Set right after the swap by the first call: a moment to wait.
+            let mut first = self.inner.ending_by.get();
+            while first.is_none() {
+                tokio::task::yield_now().await;
+                first = self.inner.ending_by.get();
+            }
+            let limit = first.map_or(by, |f| *f) + std::time::Duration::from_secs(5);
             let mut ended = self.inner.ended.subscribe();
-            let _ = tokio::time::timeout(limit, ended.wait_for(|e| *e)).await;
+            let _ = tokio::time::timeout_at(limit, ended.wait_for(|e| *e)).await;
             return Err(Error::new(Kind::Shutdown));
         }
+        let _ = self.inner.ending_by.set(by);
         self.inner.engine.store.close();
         Ok(())
     }

@@ -1717,12 +1717,14 @@ if cmd == 'finish' then
       attempts = l.attempts, dead_at = math.floor(now / 1000), cond = e.cond,
       transient = l.transient, first = tonumber(e.first), since = tonumber(e.since) }))
     -- A revoke owed again when a newer grant died (that grant's letter is
-    -- numbered after it, above) and then refused too is older than the
-    -- grant's letter, which stays the key's newest: the grant was
-    -- acknowledged last.
+    -- numbered after it, above) and then refused for good too is older
+    -- than the grant's letter, which stays the key's newest: the grant was
+    -- acknowledged last. Not one that died of transient causes: OpenFGA
+    -- may still hold what it revokes, so it is the newest, owed, and
+    -- fails its checks closed until replayed.
     local newest = rcall('HGET', K_DEADKEY, l.key)
     local cur = newest and newest ~= '0' and letter(rcall('HGET', K_DEAD, newest)) or nil
-    local older = cur and tonumber(cur.seq) and seq and tonumber(cur.seq) > seq
+    local older = not l.transient and cur and tonumber(cur.seq) and seq and tonumber(cur.seq) > seq
     if not older then
       rcall('HSET', K_DEADKEY, l.key, id)
       local plain = e.op == 'g' and e.cond == ''
