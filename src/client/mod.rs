@@ -687,9 +687,13 @@ impl WriteBehind {
         };
         self.stop_and_release(cut_off).await;
         let e = &self.inner.engine;
-        let left = e.store.pending().await;
-        self.inner.ended.send_replace(true);
-        let left = left?;
+        let left = match e.store.pending().await {
+            Ok(left) => left,
+            Err(err) => {
+                self.inner.ended.send_replace(true);
+                return Err(err);
+            }
+        };
         // Requests running at the deadline may still have finished within
         // its grace: the report's error is for what is left, not for a
         // deadline that passed with nothing lost.
@@ -703,6 +707,8 @@ impl WriteBehind {
                 "shutdown left ops unflushed"
             );
         }
+        // Last: a second call waiting for this one may end the process.
+        self.inner.ended.send_replace(true);
         Ok(ShutdownReport { flushed, left })
     }
 
@@ -742,8 +748,8 @@ impl WriteBehind {
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => true,
         };
         self.stop_and_release(cut_off).await;
-        self.inner.ended.send_replace(true);
         self.inner.warn_unwritten("closed without shutdown()");
+        self.inner.ended.send_replace(true);
         Ok(())
     }
 

@@ -103,19 +103,7 @@ impl DeadLetters {
                 newest: 0,
                 count: 0,
             });
-        // A revoke owed again when a newer grant died (see `finish_now`)
-        // and then refused for good too is older than that grant's letter,
-        // which stays the key's newest: the grant was acknowledged last.
-        // (Not a transient letter, as in the Redis store: this store
-        // writes none.)
-        let newer = !letter.transient
-            && self
-                .letters
-                .get(&k.newest)
-                .is_some_and(|d| d.seq > letter.seq);
-        if !newer {
-            k.newest = letter.id;
-        }
+        k.newest = letter.id;
         k.count += 1;
         self.letters.insert(letter.id, letter);
     }

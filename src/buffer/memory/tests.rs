@@ -581,29 +581,6 @@ fn a_grant_refused_for_good_leaves_the_revoke_it_was_pushed_over_pending() {
     assert!(s.take_now(10, Take::All, u64::MAX).is_empty());
 }
 
-/// The same, and the revoke pending again is refused for good too (the
-/// model lost the relation): the grant's letter stays the tuple's newest,
-/// as the grant was acknowledged last, and a replay writes the grant.
-/// Before, the revoke's letter, written later, took its place.
-#[test]
-fn a_revoke_owed_again_and_refused_leaves_the_grant_letter_newest() {
-    let s = MemoryStore::new(10);
-    let k = t("user:a", "viewer", "document:1");
-    s.push_now(&k, Op::Revoke).unwrap();
-    s.push_now(&k, Op::Grant).unwrap();
-    let grant = s.take_now(10, Take::All, u64::MAX);
-    s.finish_now(grant.into_iter().map(|t| (t, died(false))).collect());
-    let revoke = s.take_now(10, Take::All, u64::MAX);
-    assert_eq!(revoke[0].op, Op::Revoke);
-    s.finish_now(revoke.into_iter().map(|t| (t, died(false))).collect());
-    let letters = s.dead_now();
-    let current: Vec<(Op, bool)> = letters.iter().map(|d| (d.op, d.superseded)).collect();
-    assert_eq!(current, [(Op::Grant, false), (Op::Revoke, true)]);
-    let r = s.replay_now(None, false).unwrap();
-    assert_eq!(r.replayed, 1, "{r:?}");
-    assert_eq!(s.latest_now(&k), Some((Op::Grant, false)));
-}
-
 /// The same when the revoke was being written as the grant came, and its
 /// write did not land (the grant waited behind it and supersedes it).
 #[test]

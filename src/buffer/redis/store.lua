@@ -1709,29 +1709,17 @@ if cmd == 'finish' then
   for _, l in ipairs(letters) do
     local e = l.e
     local id = next_of(P .. ':deadseq')
-    local seq = l.seq or tonumber(e.seq)
     -- With its place in line (`first`) and when it became pending
     -- (`since`): a replay puts it back there (see replay).
     rcall('HSET', K_DEAD, id, cjson.encode({
-      id = id, key = l.key, op = e.op, seq = seq, owes = l.owes, reason = l.reason, code = l.code,
+      id = id, key = l.key, op = e.op, seq = l.seq or tonumber(e.seq), owes = l.owes, reason = l.reason, code = l.code,
       attempts = l.attempts, dead_at = math.floor(now / 1000), cond = e.cond,
       transient = l.transient, first = tonumber(e.first), since = tonumber(e.since) }))
-    -- A revoke owed again when a newer grant died (that grant's letter is
-    -- numbered after it, above) and then refused for good too is older
-    -- than the grant's letter, which stays the key's newest: the grant was
-    -- acknowledged last. Not one that died of transient causes: OpenFGA
-    -- may still hold what it revokes, so it is the newest, owed, and
-    -- fails its checks closed until replayed.
-    local newest = rcall('HGET', K_DEADKEY, l.key)
-    local cur = newest and newest ~= '0' and letter(rcall('HGET', K_DEAD, newest)) or nil
-    local older = not l.transient and cur and tonumber(cur.seq) and seq and tonumber(cur.seq) > seq
-    if not older then
-      rcall('HSET', K_DEADKEY, l.key, id)
-      local plain = e.op == 'g' and e.cond == ''
-      index_dead_for_checks(l.key, l.transient and (plain and K_DEADGR or K_DEADREV) or nil)
-      index_dead_current(l.key, l.transient and e.first or nil)
-    end
+    rcall('HSET', K_DEADKEY, l.key, id)
     if l.owed then rcall('HDEL', K_DEAD, l.owed) end
+    local plain = e.op == 'g' and e.cond == ''
+    index_dead_for_checks(l.key, l.transient and (plain and K_DEADGR or K_DEADREV) or nil)
+    index_dead_current(l.key, l.transient and e.first or nil)
   end
   apply_writes()
   in_parts(rcall, 'SREM', P .. ':w:' .. writer, mine, #mine)
