@@ -22,7 +22,7 @@
 //! | `fga_wb_pending_ops` (after every op, and at every look of the flusher) | gauge |
 //! | `fga_wb_oldest_pending_seconds` (at every look of the flusher) | gauge |
 //! | `fga_wb_ops_held` (ops kept in flight while such a Write may still land: `flush.unknown_outcome_hold`) | gauge |
-//! | `fga_wb_flush_duration_seconds` (the flusher's busy time, recorded at most every 250 ms while it writes) | histogram |
+//! | `fga_wb_flush_duration_seconds` (the flusher's busy time, recorded at most every 250 ms while it writes; a worker's, one per job) | histogram |
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;

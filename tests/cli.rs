@@ -1339,7 +1339,7 @@ async fn queue_flush_wait_ends_when_a_replayed_tuple_dies_again() {
 }
 
 /// Every Write to the mock fails with a 500 while OpenFGA answers reads
-/// (of the store's tuples and of its latest model); the CLI runs with no
+/// (of the store, its tuples and its latest model); the CLI runs with no
 /// quick retries, 1 s requests, a 50 ms retry schedule and a 100 ms hold,
 /// and `settings`.
 async fn writes_fail_reads_answer(
@@ -1358,6 +1358,11 @@ async fn writes_fail_reads_answer(
     Mock::given(method("GET"))
         .and(path(format!("/stores/{store}/authorization-models")))
         .respond_with(models.response())
+        .mount(server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(format!("/stores/{store}")))
+        .respond_with(support::fixture("get-store").response())
         .mount(server)
         .await;
     Mock::given(method("POST"))

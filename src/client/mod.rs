@@ -726,7 +726,9 @@ impl WriteBehind {
     /// land (`flush.unknown_outcome_hold`), as do those of a Write whose
     /// outcome is unknown whose hold has not ended, and (inline) what a
     /// take under way for more than 300 ms took. Later calls on any clone fail
-    /// with [`Error::is_shutdown`].
+    /// with [`Error::is_shutdown`]; one made while a `shutdown()` or
+    /// `close()` runs fails once that has ended (by its deadline and 5 s
+    /// at most).
     pub async fn close(&self) -> Result<()> {
         // Its steps are bounded by a second each.
         let by = Instant::now() + std::time::Duration::from_secs(3);
@@ -773,7 +775,7 @@ impl WriteBehind {
                 tokio::task::yield_now().await;
                 first = self.inner.ending_by.get();
             }
-            let limit = first.map_or(by, |f| *f) + std::time::Duration::from_secs(5);
+            let limit = *first.unwrap_or(&by) + std::time::Duration::from_secs(5);
             let mut ended = self.inner.ended.subscribe();
             let _ = tokio::time::timeout_at(limit, ended.wait_for(|e| *e)).await;
             return Err(Error::new(Kind::Shutdown));

@@ -173,16 +173,33 @@ impl WriteBehind {
         ours: usize,
     ) -> Result<bool> {
         let e = &self.inner.engine;
-        let answer = match e.client.check(&e.store_id, &request).await {
+        let answer = e.client.check(&e.store_id, &request).await;
+        self.settle(request, key, generation, ours, answer).await
+    }
+
+    /// OpenFGA's answer to a prepared check, cached if it may be; refused
+    /// as invalid input with pending grants added, asked again without the
+    /// grants OpenFGA refuses.
+    async fn settle(
+        &self,
+        request: CheckRequest,
+        key: Option<String>,
+        generation: Generation,
+        ours: usize,
+        answer: Result<bool>,
+    ) -> Result<bool> {
+        match answer {
             Err(err) if err.is_invalid_input() && request.contextual_tuples.len() > ours => {
-                return self.without_refused_grants(request, ours).await;
+                self.without_refused_grants(request, ours).await
             }
-            answer => answer?,
-        };
-        if let Some(k) = key {
-            e.cache.insert(k, answer, generation);
+            Ok(a) => {
+                if let Some(k) = key {
+                    self.inner.engine.cache.insert(k, a, generation);
+                }
+                Ok(a)
+            }
+            err => err,
         }
-        Ok(answer)
     }
 
     /// Many checks at once, with the guarantees of [`WriteBehind::check_request`]
@@ -303,21 +320,7 @@ impl WriteBehind {
             for ((request, (i, key, generation, ours)), answer) in
                 asks.into_iter().zip(slots).zip(answers)
             {
-                let answer = match answer {
-                    Err(err)
-                        if err.is_invalid_input() && request.contextual_tuples.len() > ours =>
-                    {
-                        self.without_refused_grants(request, ours).await
-                    }
-                    Ok(a) => {
-                        if let Some(k) = key {
-                            e.cache.insert(k, a, generation);
-                        }
-                        Ok(a)
-                    }
-                    err => err,
-                };
-                out[i] = Some(answer);
+                out[i] = Some(self.settle(request, key, generation, ours, answer).await);
             }
         }
         Ok(out

@@ -189,7 +189,8 @@ impl Authenticator {
     /// Forgets the cached token after the server refused `used` (it may
     /// have been revoked early), unless another request has fetched a newer
     /// one since, or one was dropped moments ago (see [`REFETCH_EVERY`]).
-    /// Whether the request is worth sending again: the token it carried
+    ///
+    /// Returns whether the request is worth sending again: the token it carried
     /// is no longer the one to use (dropped now, or by another request
     /// refused with it at the same time, or replaced since).
     pub async fn invalidate(&self, used: &Secret) -> bool {

@@ -719,7 +719,11 @@ impl Applier {
         let (client, store) = (&self.engine.client, &self.engine.store_id);
         match client.get_store(store).await {
             Ok(()) => true,
-            Err(e) if e.is_auth() => client.read_latest_authorization_model(store).await.is_ok(),
+            // A store that does not exist lists no models.
+            Err(e) if e.is_auth() => matches!(
+                client.read_latest_authorization_model(store).await,
+                Ok(Some(_))
+            ),
             Err(_) => false,
         }
     }
@@ -796,10 +800,10 @@ impl Applier {
         // OpenFGA answers again (and the credentials work): a cheap read,
         // before the letters are listed: in an outage they pile up, and
         // every worker listing them all on every look would hold Redis.
-        let e = &self.engine;
-        e.client
-            .read_latest_authorization_model(&e.store_id)
-            .await?;
+        if !self.store_answers().await {
+            // Not yet: the next look asks again.
+            return Ok(());
+        }
         let letters = self.store.dead_letters().await?;
         if !letters.iter().any(|d| d.transient && !d.superseded) {
             *none_at() = Some(written);
