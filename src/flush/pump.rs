@@ -285,6 +285,13 @@ impl Pump {
                 return Some(now + cfg.interval.max(Duration::from_millis(100)));
             }
         };
+        // Taken once, before anything is judged by them: one set after
+        // this (a check waiting for a grant, a caller waiting for room)
+        // stays set for the look its wake brings. Cleared at the end of the
+        // look instead, one set in between was dropped unseen, and the
+        // check waited out its timeout.
+        let flush_wanted = e.flush_wanted.swap(false, Ordering::Relaxed);
+        let revoke_wanted = e.revoke_wanted.swap(false, Ordering::Relaxed);
         let last = || async {
             match e.store.last_seq().await {
                 Ok(s) => Some(s),
@@ -317,13 +324,13 @@ impl Pump {
             // Only what flush() and shutdown asked for (their targets are
             // raised below and by the command).
         } else if pending.total >= cfg.batch_size
-            || e.flush_wanted.load(Ordering::Relaxed)
+            || flush_wanted
             || pending.oldest_age.is_some_and(|a| a >= cfg.interval)
         {
             // Only a flush for a full batch may hold ops back for fuller
             // chunks: ops due by age go out as they are.
             self.by_size = pending.total >= cfg.batch_size
-                && !e.flush_wanted.load(Ordering::Relaxed)
+                && !flush_wanted
                 && pending.oldest_age.is_none_or(|a| a < cfg.interval);
             if let Some(s) = last().await {
                 self.raise(s);
@@ -347,10 +354,7 @@ impl Pump {
         } else if let Some(age) = pending.oldest_age {
             next = Some(now + cfg.interval.saturating_sub(age));
         }
-        if automatic
-            && pending.deletes > 0
-            && (cfg.eager_revokes || e.revoke_wanted.load(Ordering::Relaxed))
-        {
+        if automatic && pending.deletes > 0 && (cfg.eager_revokes || revoke_wanted) {
             if let Some(s) = last().await {
                 if s > self.revoke_target {
                     self.revoke_target = s;
@@ -358,15 +362,13 @@ impl Pump {
                 }
             }
         }
-        if e.flush_wanted.load(Ordering::Relaxed) {
+        if flush_wanted {
             // A caller waits for room or a check for a grant: nothing up to
             // here is held back for a fuller chunk.
             if let Some(s) = last().await {
                 self.urgent = self.urgent.max(s);
             }
         }
-        e.flush_wanted.store(false, Ordering::Relaxed);
-        e.revoke_wanted.store(false, Ordering::Relaxed);
         if e.others_finished.swap(false, Ordering::Relaxed) {
             self.forget_exhausted();
             self.revokes_exhausted = None;
