@@ -770,12 +770,13 @@ impl WriteBehind {
     async fn stop_taking_ops(&self, by: Instant) -> Result<()> {
         if self.inner.shut_down.swap(true, Ordering::SeqCst) {
             // Set right after the swap by the first call: a moment to wait.
-            let mut first = self.inner.ending_by.get();
-            while first.is_none() {
+            let first = loop {
+                if let Some(f) = self.inner.ending_by.get() {
+                    break *f;
+                }
                 tokio::task::yield_now().await;
-                first = self.inner.ending_by.get();
-            }
-            let limit = *first.unwrap_or(&by) + std::time::Duration::from_secs(5);
+            };
+            let limit = first + std::time::Duration::from_secs(5);
             let mut ended = self.inner.ended.subscribe();
             let _ = tokio::time::timeout_at(limit, ended.wait_for(|e| *e)).await;
             return Err(Error::new(Kind::Shutdown));
