@@ -276,6 +276,11 @@ async fn dead_letters_list_replay_purge() {
     );
     assert!(!r.stderr.contains("not-the-token"), "{r:#?}");
     assert!(r.stdout.contains("replayed 2 dead letters"), "{}", r.stdout);
+    // A `flush --wait` refused so is a configuration error (exit 2, as a
+    // password Redis refuses is), not "work remains" (1, before).
+    let r = wrong.run(&["flush", "--wait"]).await;
+    assert_eq!(r.code, 2, "{r:#?}");
+    assert!(!r.stderr.contains("not-the-token"), "{r:#?}");
     // Nothing lost: `wb` writes them, refused again: dead again.
     support::eventually(
         "the replayed letters written, and dead again",
@@ -818,19 +823,54 @@ async fn a_worker_counts_what_its_jobs_apply() {
     wb.shutdown().await.unwrap();
 }
 
-/// `fga-wb dlq purge ID` of a revoke given up in an outage says what it
-/// costs, as `purge --all`'s question does: checks on the tuple now ask
-/// OpenFGA, which still holds it. Before, it said only "purged 1".
+/// Ops given up in an outage: `status --check` reports them as a problem
+/// where no worker replays them (it said "health ok" while their checks
+/// failed closed), and purging them says what that costs however it is
+/// asked: by id (a revoke), and with `--all --yes` (a grant that takes
+/// access away, anne's `blocked`), which purged silently before, as any
+/// purge of such a grant did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn purging_a_revoke_given_up_in_an_outage_by_id_warns() {
+async fn purging_ops_given_up_in_an_outage_warns() {
     let s = new_store("cli-purge-owed").await;
     let wb = revoke_dead_in_an_outage(&s).await;
+    // Once the worker (gone) is no longer seen, nothing replays them.
+    support::eventually(
+        "the worker's lease ended",
+        Duration::from_secs(60),
+        || async {
+            let s = wb.status().await.unwrap();
+            s.queue.is_some_and(|q| q.workers.is_empty())
+        },
+    )
+    .await;
+    let r = Cli::new(&s, "queue").run(&["status", "--check"]).await;
+    assert_eq!(r.code, 1, "{r:#?}");
+    assert!(r.stderr.contains("given up in an outage"), "{r:#?}");
     let id = wb.dead_letters().await.unwrap()[0].id.to_string();
     let r = Cli::new(&s, "queue").run(&["dlq", "purge", &id]).await;
     assert_eq!(r.code, 0, "{r:#?}");
-    assert!(r.stderr.contains("revokes given up in an outage"), "{r:#?}");
+    assert!(r.stderr.contains("given up in an outage"), "{r:#?}");
     // What the warning said: OpenFGA answers, and it still holds the tuple.
     assert!(wb.check("user:anne", "viewer", "document:1").await.unwrap());
+
+    die_in_an_outage(&s, &wb, 1, async {
+        wb.grant("user:anne", "blocked", "document:1")
+            .await
+            .unwrap();
+    })
+    .await;
+    let e = wb.check("user:anne", "can_view", "document:1").await;
+    assert!(e.as_ref().is_err_and(|e| e.is_stale_check()), "{e:?}");
+    let r = Cli::new(&s, "queue")
+        .run(&["dlq", "purge", "--all", "--yes"])
+        .await;
+    assert_eq!(r.code, 0, "{r:#?}");
+    assert!(r.stderr.contains("given up in an outage"), "{r:#?}");
+    // OpenFGA never got the grant that took anne's access away.
+    assert!(wb
+        .check("user:anne", "can_view", "document:1")
+        .await
+        .unwrap());
 }
 
 /// A queue-mode handle that does not check tuples against the model.

@@ -389,8 +389,14 @@ async fn a_model_openfga_cannot_use_stops_flushing_and_dead_letters_nothing() {
 /// carries `user:poison` (OpenFGA's own 500, as for a row a column cannot
 /// hold) and takes the rest.
 async fn failing_on_poison(server: &wiremock::MockServer) {
+    failing_on(server, "user:poison").await;
+}
+
+/// Write mocks: a 500 to every Write whose body contains `needle`, OK to
+/// the others.
+async fn failing_on(server: &wiremock::MockServer, needle: &str) {
     write_mock()
-        .and(wiremock::matchers::body_string_contains("user:poison"))
+        .and(wiremock::matchers::body_string_contains(needle))
         .respond_with(support::fixture("server-error-500").response())
         .with_priority(1)
         .mount(server)
@@ -468,6 +474,49 @@ async fn a_tuple_the_server_fails_every_time_holds_back_only_itself() {
         &later[before..]
     );
     assert_eq!(wb.pending().await.unwrap().total, 1);
+    wb.clear().await.unwrap();
+}
+
+/// Two tuples the server fails every time, first and last in their chunk
+/// (so one in each half), hold back only themselves too, within a few
+/// flushes, though no other Write lands meanwhile. Before, the split
+/// stopped at the halves (both failed, nothing landed: taken for a server
+/// failing everything), and all 100 ops went back to pending on every
+/// flush, for good.
+#[tokio::test]
+async fn two_tuples_the_server_fails_every_time_in_both_halves_hold_back_only_themselves() {
+    let server = mock_openfga().await;
+    failing_on(&server, "poison").await;
+    let wb = manual_handle(&server).await;
+    for user in ["apoison", "zpoison"] {
+        wb.grant(&format!("user:{user}"), "viewer", "document:p")
+            .await
+            .unwrap();
+    }
+    for i in 0..98 {
+        wb.grant(&format!("user:u{i:02}"), "viewer", "document:p")
+            .await
+            .unwrap();
+    }
+    let landed = || async {
+        write_bodies(&server)
+            .await
+            .iter()
+            .map(body_tuples)
+            .filter(|t| !t.iter().any(|t| t.contains("poison")))
+            .flatten()
+            .collect::<BTreeSet<_>>()
+    };
+    for _ in 0..3 {
+        wb.flush().await.unwrap();
+        if landed().await.len() == 98 {
+            break;
+        }
+    }
+    assert_eq!(landed().await.len(), 98);
+    let p = wb.pending().await.unwrap();
+    assert_eq!((p.total, p.in_flight), (2, 0), "{p:?}");
+    assert!(wb.dead_letters().await.unwrap().is_empty());
     wb.clear().await.unwrap();
 }
 

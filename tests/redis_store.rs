@@ -1078,6 +1078,45 @@ async fn a_late_workers_finish_leaves_a_job_another_worker_runs() {
 /// in flight, held by a live writer, until that process stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finish_redis_refuses_for_a_moment_is_repeated_until_recorded() {
+    let failing = support::fixture("server-error-500").response();
+    let (wb, report, _redis) = finish_while_redis_is_full(failing).await;
+    // The flush reports the failed Write (or, if its next take met the
+    // full Redis first, that); the op is pending again, not left taken.
+    assert!(report.error.is_some(), "{report:?}");
+    support::eventually("the op pending again", Duration::from_secs(20), || async {
+        let p = wb.pending().await.unwrap();
+        (p.total, p.in_flight) == (1, 0)
+    })
+    .await;
+    assert_eq!(wb.flush().await.unwrap().applied, 1);
+    support::assert_accounted(&wb).await;
+}
+
+/// So is one that dead-letters the op (OpenFGA refused it): the letter's
+/// id is the script's first write, and Redis's refusal of it is "Redis is
+/// full", transient. Before, the script took any failure of that counter
+/// for a key fga-wb did not write ("remove it"), the finish was not
+/// repeated, and the op stayed in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finish_that_dead_letters_redis_refuses_for_a_moment_is_repeated() {
+    let refused = support::fixture("write-unknown-type").response();
+    let (wb, _report, _redis) = finish_while_redis_is_full(refused).await;
+    support::eventually("the op dead-lettered", Duration::from_secs(20), || async {
+        let p = wb.pending().await.unwrap();
+        (p.total, p.in_flight) == (0, 0) && wb.dead_letters().await.unwrap().len() == 1
+    })
+    .await;
+    support::assert_accounted(&wb).await;
+}
+
+/// Grants one op on a Redis of its own (every other test's writes would be
+/// refused too) and flushes it; its Write gets `failing` a second late,
+/// after Redis was made full (maxmemory), so the finish that records the
+/// outcome is refused, at least three times, before Redis takes writes
+/// again. Returns the handle and the flush's report.
+async fn finish_while_redis_is_full(
+    failing: wiremock::ResponseTemplate,
+) -> (WriteBehind, fga_wb::FlushReport, testenv::Redis) {
     use support::mock::{
         flush_until_a_write_arrives, manual_flush, mock_config, mock_openfga, no_quick_retries,
         reporting_write, write_mock,
@@ -1085,15 +1124,12 @@ async fn a_finish_redis_refuses_for_a_moment_is_repeated_until_recorded() {
     use testenv::{Redis, RedisOptions};
     let server = mock_openfga().await;
     // Held long enough for the test to make Redis refuse writes first.
-    let failing = support::fixture("server-error-500")
-        .response()
-        .set_delay(Duration::from_secs(1));
+    let failing = failing.set_delay(Duration::from_secs(1));
     let mut arrivals = reporting_write(&server, failing, Some(1)).await;
     write_mock()
         .respond_with(support::fixture("write-ok").response())
         .mount(&server)
         .await;
-    // Redis of its own: every other test's writes would be refused too.
     let redis = Redis::start(RedisOptions::default()).await.unwrap();
     let mut c = no_quick_retries(manual_flush(mock_config(&server)));
     c.buffer.store = StoreKind::Redis;
@@ -1122,7 +1158,6 @@ async fn a_finish_redis_refuses_for_a_moment_is_repeated_until_recorded() {
         }
     };
     query(&["CONFIG", "SET", "maxmemory", "1"]).await;
-    // Making the op pending again is refused, and repeated.
     support::eventually("finishes refused", Duration::from_secs(20), || async {
         oom_errors(&query(&["INFO", "errorstats"]).await) >= 3
     })
@@ -1130,18 +1165,8 @@ async fn a_finish_redis_refuses_for_a_moment_is_repeated_until_recorded() {
     let p = wb.pending().await.unwrap();
     assert_eq!(p.in_flight, 1, "{p:?}");
     query(&["CONFIG", "SET", "maxmemory", "0"]).await;
-
-    // The flush reports the failed Write (or, if its next take met the
-    // full Redis first, that); the op is pending again, not left taken.
     let report = flushing.await.unwrap().unwrap();
-    assert!(report.error.is_some(), "{report:?}");
-    support::eventually("the op pending again", Duration::from_secs(20), || async {
-        let p = wb.pending().await.unwrap();
-        (p.total, p.in_flight) == (1, 0)
-    })
-    .await;
-    assert_eq!(wb.flush().await.unwrap().applied, 1);
-    support::assert_accounted(&wb).await;
+    (wb, report, redis)
 }
 
 /// OOM errors Redis has answered, from `INFO errorstats`.
@@ -1716,12 +1741,17 @@ struct ScriptAt {
 
 impl ScriptAt {
     async fn new(name: &str) -> ScriptAt {
+        ScriptAt::on(support::redis_conn().await, name)
+    }
+
+    /// On the Redis `conn` reaches.
+    fn on(conn: support::RedisConn, name: &str) -> ScriptAt {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_nanos();
         ScriptAt {
-            conn: support::redis_conn().await,
+            conn,
             script: redis::Script::new(include_str!("../src/buffer/redis/store.lua")),
             prefix: format!("fga-wb-test:{{{name}-{nanos}}}"),
         }
@@ -2013,6 +2043,27 @@ async fn a_revoke_owed_again_that_dies_in_an_outage_stays_owed() {
     assert!(indexed.is_some(), "checks fail closed on it");
 }
 
+/// A revoke given up in an outage stays current for checks while its
+/// tuple's entry among the pending ops is one fga-wb cannot read (written
+/// by something else): such an entry is no op, as everywhere else. Before,
+/// any entry counted as a newer op buffered, the letter was passed over,
+/// and the check asked OpenFGA, which may still hold the tuple.
+#[tokio::test]
+async fn an_unreadable_entry_does_not_hide_a_revoke_given_up_in_an_outage() {
+    let mut k = OneKey::new("unreadable-over-letter").await;
+    k.ends("r", "D").await;
+    let _: () = k.r.look("HSET", "ops", &[OWED_KEY, "not|an|entry"]).await;
+    // relevant limit object user nrels (rel scope)* -> {revokes, grants,
+    // written ago, dead, ...}
+    let v =
+        k.r.call(
+            "relevant",
+            &["10", "document:1", "user:anne", "1", "document#viewer", "1"],
+        )
+        .await;
+    assert_eq!(v.get(3), Some(&redis::Value::Int(1)), "{v:?}");
+}
+
 /// A grant pushed while a grant that owed a revoke was being written owes
 /// it only unless that write lands: it lands, and the newer grant refused
 /// for good leaves the tuple as the applied grant wrote it. Before the
@@ -2259,6 +2310,50 @@ async fn acknowledging_a_loss_returns_the_record_it_closed() {
     assert_eq!(text, ["5000", "w1", "keys gone", "1"]);
     let open: bool = r.look("EXISTS", "loss", &[]).await;
     assert!(!open);
+}
+
+/// A clear of a full Redis (maxmemory: a clear is what frees it) notes
+/// itself for checks as any clear does. Before, Redis refused the note as
+/// the script's first write that takes memory, the script went on without
+/// it, and its steps dropped ops with no clear under way for the checks
+/// between them.
+#[tokio::test]
+async fn a_clear_of_a_full_redis_notes_itself_for_checks() {
+    let redis = testenv::Redis::start(testenv::RedisOptions::default())
+        .await
+        .unwrap();
+    let conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut r = ScriptAt::on(support::RedisConn::Node(conn.clone()), "clear-full");
+    let keys: Vec<String> = (0..1200)
+        .map(|i| format!("folder:f{i}#viewer@user:u"))
+        .collect();
+    // push now capacity n (key op cond)*
+    let mut args = vec!["1000".to_owned(), "100000".into(), keys.len().to_string()];
+    for k in &keys {
+        args.extend([k.clone(), "g".to_owned(), String::new()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    r.call("push", &args).await;
+    let config = |value: &'static str| {
+        let mut conn = conn.clone();
+        async move {
+            let () = redis::cmd("CONFIG")
+                .arg(&["SET", "maxmemory", value])
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    };
+    config("1").await;
+    let next = ClearSteps::new("").step(&mut r).await;
+    let noted: i64 = r.look("ZCARD", "clearing", &[]).await;
+    config("0").await;
+    assert_ne!(next, "0", "the clear takes more than one step");
+    assert_eq!(noted, 1, "the clear is noted while its steps run");
 }
 
 /// A clear takes steps (separate script calls) on a large buffer: while it

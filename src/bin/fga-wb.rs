@@ -172,7 +172,14 @@ struct Failure {
 impl From<fga_wb::Error> for Failure {
     fn from(e: fga_wb::Error) -> Self {
         Failure {
-            code: if e.is_config() { 2 } else { 1 },
+            // OpenFGA refusing the credentials, or not knowing the store
+            // or model, is the configuration's to fix too: a script can
+            // tell it from "work remains" (1).
+            code: if e.is_config() || e.is_auth() || e.is_not_found() {
+                2
+            } else {
+                1
+            },
             message: e.to_string(),
         }
     }
@@ -577,9 +584,9 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
                 let newest = wb.newest_dead_letter_id().await?;
                 let letters = wb.dead_letters().await?;
                 up_to = Some(letters.iter().map(|d| d.id).fold(newest, u64::max));
-                let note = match owed_revokes(letters.iter()) {
+                let note = match failing_closed(letters.iter()) {
                     0 => String::new(),
-                    n => format!(", {n} of them {OWED_REVOKES}"),
+                    n => format!(", {n} of them {FAILING_CLOSED}"),
                 };
                 if !confirm(&format!("delete {} dead letters{note}?", letters.len())) {
                     return Err(usage(
@@ -587,36 +594,40 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
                     ));
                 }
             }
-            // Named letters are purged without a question (scripts name
-            // them), but not without saying what that costs (when the
-            // letters can be read: the purge does not depend on it).
-            let owed = match which.as_deref() {
-                Some(named) => wb.dead_letters().await.map_or(0, |letters| {
-                    owed_revokes(letters.iter().filter(|d| named.contains(&d.id)))
-                }),
-                None => 0,
-            };
+            // Named letters and `--all --yes` are purged without a question
+            // (scripts run them), but not without saying what that costs
+            // (when the letters can be read: the purge does not depend on
+            // it).
+            let owed = wb.dead_letters().await.map_or(0, |letters| {
+                failing_closed(letters.iter().filter(|d| match (which.as_deref(), up_to) {
+                    (Some(named), _) => named.contains(&d.id),
+                    (None, Some(up_to)) => d.id <= up_to,
+                    (None, None) => true,
+                }))
+            });
             let n = match (which.as_deref(), up_to) {
                 (None, Some(up_to)) => wb.purge_dead_letters_up_to(up_to).await?,
                 (which, _) => wb.purge_dead_letters(which).await?,
             };
             if owed > 0 && n > 0 {
-                note!("warning: {owed} of the letters purged were revokes given up in an outage, whose checks failed closed until replayed: checks on those tuples now ask OpenFGA, which may still hold them");
+                note!("warning: {owed} of the letters purged were {FAILING_CLOSED_PAST}");
             }
             report_count(json, "purged", n)
         }
     }
 }
 
-/// Revokes given up in an outage: their checks fail closed until
-/// replayed, and ask OpenFGA (which may still hold the tuples) once their
-/// letters are gone.
-const OWED_REVOKES: &str = "revokes given up in an outage whose checks fail closed until replayed (once deleted, checks ask OpenFGA, which may still hold those tuples)";
+/// Ops given up in an outage, still their tuples' newest: the checks
+/// they could change towards allowed fail closed until they are replayed
+/// (a revoke, and a grant that takes access away: under a `but not`, or a
+/// condition narrowing a wider tuple), and ask OpenFGA once their letters
+/// are gone, which may still hold what the revoke revokes and lacks the
+/// grant.
+const FAILING_CLOSED: &str = "ops given up in an outage whose checks may fail closed until replayed (revokes, and grants that take access away; once deleted, checks ask OpenFGA, which may still hold what those revokes revoke and lacks those grants)";
+const FAILING_CLOSED_PAST: &str = "ops given up in an outage, whose checks may have failed closed until replayed (revokes, and grants that take access away): checks on those tuples now ask OpenFGA, which may still hold what the revokes revoke and lacks the grants";
 
-fn owed_revokes<'a>(letters: impl Iterator<Item = &'a fga_wb::DeadLetter>) -> usize {
-    letters
-        .filter(|d| d.transient && !d.superseded && d.op == Op::Revoke)
-        .count()
+fn failing_closed<'a>(letters: impl Iterator<Item = &'a fga_wb::DeadLetter>) -> usize {
+    letters.filter(|d| d.transient && !d.superseded).count()
 }
 
 /// `1.2 KiB`, `3.4 MiB`.

@@ -140,9 +140,10 @@ impl WriteBehind {
     /// What could keep acknowledged ops from reaching OpenFGA, for an
     /// operator's health check: OpenFGA unreachable or refusing the
     /// credentials, flushing stopped, an open Redis loss, pending ops no
-    /// process flushes, queued jobs with no worker seen (problems); Redis
-    /// without AOF, dead letters waiting, no authorization model read yet
-    /// (warnings). Asks OpenFGA and Redis once each.
+    /// process flushes, queued jobs with no worker seen, ops given up in an
+    /// outage with no worker seen to replay them (problems); Redis without
+    /// AOF, dead letters waiting, no authorization model read yet
+    /// (warnings).
     pub async fn health(&self) -> Result<Health> {
         let e = &self.inner.engine;
         let status = self.status().await?;
@@ -186,6 +187,21 @@ impl WriteBehind {
                 "{} dead letters wait for a decision (`fga-wb dlq list`)",
                 status.dead_letters
             ));
+            // Ops given up in an outage are acknowledged ops OpenFGA lacks,
+            // and the checks they could change towards allowed fail closed
+            // meanwhile: only workers replay them by themselves.
+            let current = self
+                .dead_letters()
+                .await?
+                .iter()
+                .filter(|d| d.transient && !d.superseded)
+                .count();
+            let replayed = status.queue.as_ref().is_some_and(|q| !q.workers.is_empty());
+            if current > 0 && !replayed {
+                h.problems.push(format!(
+                    "{current} ops given up in an outage are not written and nothing replays them (only workers do, and none was seen): the checks they could change towards allowed fail closed until `fga-wb dlq replay` (or a purge)"
+                ));
+            }
         }
         Ok(h)
     }

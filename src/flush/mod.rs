@@ -143,6 +143,9 @@ pub(crate) struct Engine {
     writes_ok: AtomicU64,
     /// Inline: when an op failing alone is given up (see [`lone`]).
     pub lone: lone::LoneFailures,
+    /// How far the next split of ops whose split stopped may go (see
+    /// [`split`]).
+    split_rounds: split::SplitRounds,
 }
 
 /// One Write request under way, counted in `Engine::writes_under_way`
@@ -238,6 +241,7 @@ impl Engine {
             writes_under_way: Default::default(),
             writes_ok: Default::default(),
             lone: lone::LoneFailures::never(),
+            split_rounds: Default::default(),
         }
     }
 
@@ -579,11 +583,14 @@ impl Engine {
         let full = self.max_tuples();
         let mut round_began = self.writes_ok.load(Ordering::Relaxed);
         // Parts that failed in a way that may lie with their tuples (see
-        // below), a lone tuple's error, and whether this chunk split such
-        // parts yet.
+        // below), a lone tuple's error, whether this chunk split such parts
+        // yet, and the rounds of parts in which nothing landed it ran and
+        // may run.
         let mut suspects: Vec<(Vec<Taken>, Error)> = Vec::new();
         let mut lone = None;
         let mut probed = false;
+        let mut fruitless = 0;
+        let allowed = self.split_rounds.allowed(ops.iter().map(|t| t.seq));
         let mut todo = vec![(ops, retries)];
         loop {
             while let Some((part, retries)) = todo.pop() {
@@ -667,14 +674,25 @@ impl Engine {
             // chunk had its quick retries), and a round of them in which no
             // Write landed anywhere ends the split: a server that starts
             // failing everything costs two more requests a chunk, not a
-            // bisection, and counts as congested.
+            // bisection, and counts as congested. Ops whose split ended so
+            // may go a round further next time (see `split`): two bad tuples,
+            // one in each half, held back all the others for good.
             let landed = self.writes_ok.load(Ordering::Relaxed);
             let works = landed != round_began;
             round_began = landed;
             if !works {
                 result.congested = true;
+                if probed {
+                    fruitless += 1;
+                }
             }
-            if (probed && !works) || result.stop.is_some() {
+            if (!works && fruitless >= allowed) || result.stop.is_some() {
+                if fruitless >= allowed {
+                    self.split_rounds.stopped(
+                        suspects.iter().flat_map(|(p, _)| p.iter().map(|t| t.seq)),
+                        fruitless,
+                    );
+                }
                 for (part, e) in suspects.drain(..) {
                     pending_again(&mut result, part, &e);
                     result.stop.get_or_insert(Stop::Transient(e));
@@ -839,10 +857,11 @@ impl Engine {
     /// Writes a grant over the same tuple held with another condition (or
     /// condition context): OpenFGA will not overwrite it, nor take a delete
     /// and a write of one tuple in one request, so the old tuple is deleted
-    /// first and the new one written next. In between the tuple is absent,
-    /// so access is never wider than either version; the op stays in flight
-    /// throughout, so checks see the new version and no newer op on the
-    /// tuple is written before it.
+    /// first and the new one written next. In between the tuple is absent
+    /// (to other readers, access through a `but not` on its relation is
+    /// wider then); the op stays in flight throughout, so checks through
+    /// fga-wb see the new version and no newer op on the tuple is written
+    /// before it.
     async fn replace_condition(
         &self,
         t: &Taken,
@@ -1061,6 +1080,7 @@ fn quick_backoff(cfg: &FlushConfig) -> ExponentialBackoff {
 mod limit;
 mod lone;
 mod pump;
+mod split;
 mod task;
 
 use limit::*;

@@ -431,10 +431,16 @@ end
 
 -- The next value of the counter `key` (P:termseq, P:jobseq, P:deadseq,
 -- P:seq in a replay). Redis's own error for a key that holds what fga-wb
--- did not write does not name the key; this one does.
+-- did not write does not name the key; this one does. Any other error is
+-- Redis's own, as it is: often the call's first write, the counter is
+-- what a full Redis (maxmemory) refuses, and that is transient, not data
+-- to remove.
 local function next_of(key)
   local v = pcall_('INCR', key)
   if type(v) == 'table' and v.err then
+    if not (string.find(v.err, 'WRONGTYPE', 1, true) or string.find(v.err, 'not an integer', 1, true)) then
+      error(v)
+    end
     error({ err = 'fga-wb: Redis key ' .. key .. ' holds something other than a whole number; ' ..
       'it was not written by fga-wb (remove it, or use another redis.key_prefix)' })
   end
@@ -2153,7 +2159,8 @@ if cmd == 'relevant' then
     -- Still its key's newest letter, a transient one of the index's kind
     -- (a plain grant for P:deadgr), with no newer op.
     local function current(k, plain)
-      if rcall('HEXISTS', K_OPS, k) == 1 then return false end
+      -- An entry that cannot be read counts as none (as everywhere).
+      if parse(rcall('HGET', K_OPS, k)) then return false end
       local id = rcall('HGET', K_DEADKEY, k)
       local d = id and id ~= '0' and letter(rcall('HGET', K_DEAD, id))
       return d and d.transient == true and ((d.op == 'g' and d.cond == '') == plain)
@@ -2282,6 +2289,10 @@ if cmd == 'clear' then
   local clearing = P .. ':clearing'
   local me = up_to .. '|' .. jobs_up_to
   if scan[1] ~= '0' then
+    -- A write that takes no memory first: a full Redis (maxmemory, which a
+    -- clear is run to free) refuses only a script's first write that can
+    -- take some, and this note must be there while the steps drop ops.
+    pcall_('PEXPIRE', clearing, CLEARING_MS)
     pcall_('ZADD', clearing, redis_ms() + CLEARING_MS, me)
     pcall_('PEXPIRE', clearing, CLEARING_MS)
   else
@@ -2792,7 +2803,7 @@ if cmd == 'unfinished' then
         local id = rcall('HGET', K_DEADKEY, key)
         local d = id and id ~= '0' and letter(rcall('HGET', K_DEAD, id))
         if d and d.transient == true then
-          if rcall('HEXISTS', K_OPS, key) == 0 then
+          if not parse(rcall('HGET', K_OPS, key)) then
             letters = rcall('ZCOUNT', K_DEADCUR, '-inf', up_to)
             found = true
             break
