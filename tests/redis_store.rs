@@ -2064,6 +2064,23 @@ async fn an_unreadable_entry_does_not_hide_a_revoke_given_up_in_an_outage() {
     assert_eq!(v.get(3), Some(&redis::Value::Int(1)), "{v:?}");
 }
 
+/// A letter superseded by a newer op written leaves no trace of its tuple
+/// among the current letters (`P:deadkey`). Before, the tuple's field was
+/// set to 0 and stayed for good, one for every tuple ever dead-lettered.
+#[tokio::test]
+async fn a_superseded_letter_leaves_no_current_letter_field() {
+    let mut k = OneKey::new("superseded-field").await;
+    k.ends("g", "d").await;
+    k.ends("r", "a").await;
+    let fields: i64 = k.r.look("HLEN", "deadkey", &[]).await;
+    assert_eq!(fields, 0);
+    let letters: i64 = k.r.look("HLEN", "dead", &[]).await;
+    assert_eq!(
+        letters, 1,
+        "the letter itself stays, superseded, until purged"
+    );
+}
+
 /// A grant pushed while a grant that owed a revoke was being written owes
 /// it only unless that write lands: it lands, and the newer grant refused
 /// for good leaves the tuple as the applied grant wrote it. Before the

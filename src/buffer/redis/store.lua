@@ -58,10 +58,12 @@
 --                              were made pending again)
 --   P:jobseq           string  last job id
 --   P:dead             hash    id -> dead letter (JSON); P:deadseq its counter
---   P:deadkey          hash    tuple key -> id of its newest letter, or 0 once a
---                              newer op on the key was applied, or cleared
+--   P:deadkey          hash    tuple key -> id of its newest letter, until a
+--                              newer op on the key is applied, or cleared
 --                              (unless the letter is of a revoke that died
---                              of transient causes: see supersede_letters):
+--                              of transient causes: see supersede_letters),
+--                              which deletes the field (older versions set
+--                              it to 0, which reads as none):
 --                              a letter is replayable only while this names
 --                              it and the key has no entry in P:ops
 --   P:deadrev          zset    tuple keys whose newest letter is a revoke, or a
@@ -718,7 +720,10 @@ local function supersede_letters(keys, seqs, cleared)
       end
       local kept = cleared and d and d.transient == true and d.op == 'r'
       if not kept and (not d or (tonumber(d.seq) or 0) <= (tonumber(seqs[i]) or 0)) then
-        rcall('HSET', K_DEADKEY, k, 0)
+        -- Deleted, not set to 0 (which every reader takes as none): the
+        -- field of every tuple ever dead-lettered stayed for good, and so
+        -- did this lookup on every finish.
+        rcall('HDEL', K_DEADKEY, k)
         unindex_dead(k)
       elseif kept then
         -- Replayable again (a replay left it while the op cleared was
