@@ -617,14 +617,14 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
     }
 }
 
-/// Ops given up in an outage, still their tuples' newest: the checks
-/// they could change towards allowed fail closed until they are replayed
-/// (a revoke, and a grant that takes access away: under a `but not`, or a
-/// condition narrowing a wider tuple), and ask OpenFGA once their letters
-/// are gone, which may still hold what the revoke revokes and lacks the
-/// grant.
-const FAILING_CLOSED: &str = "ops given up in an outage whose checks may fail closed until replayed (revokes, and grants that take access away; once deleted, checks ask OpenFGA, which may still hold what those revokes revoke and lacks those grants)";
-const FAILING_CLOSED_PAST: &str = "ops given up in an outage, whose checks may have failed closed until replayed (revokes, and grants that take access away): checks on those tuples now ask OpenFGA, which may still hold what the revokes revoke and lacks the grants";
+/// Ops given up in an outage, still their tuples' newest: OpenFGA may
+/// still hold what a revoke among them revokes, and lacks a grant among
+/// them, so the checks that could answer `allowed` for that (a revoke's,
+/// and those of a grant that takes access away: under a `but not`, or a
+/// condition narrowing a wider tuple) fail closed until they are replayed,
+/// and ask OpenFGA once their letters are gone.
+const FAILING_CLOSED: &str = "ops given up in an outage, which OpenFGA may not have (the checks of revokes among them, and of grants that take access away, fail closed until replayed; once deleted, checks ask OpenFGA, which may still hold what those revokes revoke and lacks those grants)";
+const FAILING_CLOSED_PAST: &str = "ops given up in an outage, which OpenFGA may not have (the checks of revokes among them, and of grants that take access away, failed closed until replayed): checks on those tuples now ask OpenFGA, which may still hold what the revokes revoke and lacks the grants";
 
 fn failing_closed<'a>(letters: impl Iterator<Item = &'a fga_wb::DeadLetter>) -> usize {
     letters.filter(|d| d.transient && !d.superseded).count()

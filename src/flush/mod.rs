@@ -590,7 +590,7 @@ impl Engine {
         let mut lone = None;
         let mut probed = false;
         let mut fruitless = 0;
-        let allowed = self.split_rounds.allowed(ops.iter().map(|t| t.seq));
+        let mut allowed = None;
         let mut todo = vec![(ops, retries)];
         loop {
             while let Some((part, retries)) = todo.pop() {
@@ -673,10 +673,11 @@ impl Engine {
             // pending, retried after a pause. Halves are sent once each (the
             // chunk had its quick retries), and a round of them in which no
             // Write landed anywhere ends the split: a server that starts
-            // failing everything costs two more requests a chunk, not a
-            // bisection, and counts as congested. Ops whose split ended so
-            // may go a round further next time (see `split`): two bad tuples,
-            // one in each half, held back all the others for good.
+            // failing everything costs two more requests a chunk at first,
+            // not a bisection, and counts as congested. Ops whose split ended
+            // so may go a round further next time, up to four (see `split`):
+            // two bad tuples, one in each half, held back all the others for
+            // good.
             let landed = self.writes_ok.load(Ordering::Relaxed);
             let works = landed != round_began;
             round_began = landed;
@@ -686,6 +687,12 @@ impl Engine {
                     fruitless += 1;
                 }
             }
+            // Looked up once, for the ops that first failed so (the whole
+            // chunk then): nothing to look up for a chunk that lands.
+            let allowed = *allowed.get_or_insert_with(|| {
+                self.split_rounds
+                    .allowed(suspects.iter().flat_map(|(p, _)| p.iter().map(|t| t.seq)))
+            });
             if (!works && fruitless >= allowed) || result.stop.is_some() {
                 if fruitless >= allowed {
                     self.split_rounds.stopped(
