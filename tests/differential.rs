@@ -306,11 +306,15 @@ struct Counts {
 }
 
 impl Counts {
-    /// No stale allow anywhere, and enough of every kind of op and check
-    /// for that to mean something.
+    /// No stale allow anywhere, no plain stale deny, and enough of every
+    /// kind of op and check for that to mean something.
     fn assert_meaningful_and_never_stale(&self) {
         assert_eq!(self.stale_allow, 0);
         assert_eq!(self.list_stale_allow, 0);
+        // Read your writes: a deny OpenFGA would not give comes only as a
+        // fail-closed error (a revoke still being written), never as a
+        // plain "no".
+        assert_eq!(self.stale_deny, self.stale_deny_failed_closed, "{self:?}");
         assert!(self.lists > 100, "{self:?}");
         assert!(
             self.checks > 500 && self.grants > 500 && self.revokes > 300,
@@ -645,7 +649,7 @@ async fn differential_on_a_caching_server() {
         universe: Universe::documents,
         configure: |cfg| {
             cfg.flush.interval = Duration::from_millis(50);
-            cfg.cache.ttl = Duration::from_millis(1);
+            cfg.cache.capacity = 0;
         },
     })
     .await;

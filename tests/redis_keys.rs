@@ -7,6 +7,7 @@
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use fga_wb::config::{Mode, StoreKind};
@@ -276,9 +277,11 @@ async fn a_full_redis_refuses_ops_with_a_clear_error_and_buffers_nothing() {
 
 /// `clear` of a backlog runs in steps of a few hundred keys, so it never
 /// holds Redis (and every other process's pushes and checks) for long: a
-/// clear of 1,201 ops (more than one step) while another task keeps
-/// granting drops exactly what was pending when it began, keeps every op
-/// acknowledged meanwhile, and leaves the totals exact.
+/// clear of the 1,201 ops acknowledged up to a mark (more than one step),
+/// while another task keeps granting, drops exactly those and keeps every
+/// op acknowledged after the mark. An unbounded clear meanwhile drops what
+/// was acknowledged before it began (of a caller's ops in order: a first
+/// run of them) and keeps the rest; the totals stay exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clear_of_a_backlog_runs_in_steps_and_keeps_later_ops() {
     let s = new_store("wb-clear-steps").await;
@@ -287,43 +290,68 @@ async fn clear_of_a_backlog_runs_in_steps_and_keeps_later_ops() {
         .build()
         .await
         .unwrap();
+    let mut backlog = BTreeSet::new();
     for i in 0..1200 {
-        wb.grant(
-            &format!("user:u{i}"),
-            "viewer",
-            &format!("document:d{}", i / 100),
-        )
-        .await
-        .unwrap();
+        let (user, object) = (format!("user:u{i}"), format!("document:d{}", i / 100));
+        wb.grant(&user, "viewer", &object).await.unwrap();
+        backlog.insert(format!("{object}#viewer@{user}"));
     }
     wb.revoke("user:u0", "viewer", "document:other")
         .await
         .unwrap();
-    let before = wb.pending().await.unwrap().total;
-    assert_eq!(before, 1201);
-
-    let granting = {
+    backlog.insert("document:other#viewer@user:u0".to_owned());
+    let mark = wb.last_acknowledged().await.unwrap();
+    let late = |from: usize| {
         let wb = wb.clone();
         tokio::spawn(async move {
-            for i in 0..300 {
+            for i in from..from + 300 {
                 wb.grant(&format!("user:late{i}"), "viewer", "document:late")
                     .await
                     .unwrap();
             }
         })
     };
-    let cleared = wb.clear().await.unwrap();
+    let keys = |ops: Vec<(fga_wb::TupleKey, fga_wb::Op)>| -> Vec<String> {
+        ops.iter()
+            .map(|(t, _)| format!("{}#{}@{}", t.object, t.relation, t.user))
+            .collect()
+    };
+
+    let granting = late(0);
+    let dropped = keys(wb.clear_ops_up_to(mark).await.unwrap());
     granting.await.unwrap();
-    let after = wb.pending().await.unwrap().total;
+    assert_eq!(dropped.len(), 1201, "each dropped once");
+    assert_eq!(dropped.into_iter().collect::<BTreeSet<_>>(), backlog);
+    assert_eq!(wb.pending().await.unwrap().total, 300, "the late ops kept");
+
+    let granting = late(300);
+    let first = keys(wb.clear_ops().await.unwrap());
+    granting.await.unwrap();
+    let rest = keys(wb.clear_ops().await.unwrap());
+    let late_dropped: Vec<usize> = first
+        .iter()
+        .filter_map(|k| k.strip_prefix("document:late#viewer@user:late"))
+        .map(|i| i.parse().unwrap())
+        .collect();
     assert!(
-        cleared >= 1201,
-        "everything pending when it began: {cleared}"
+        first.len() >= 300 && late_dropped.len() == first.len(),
+        "the first 300, and only late ops: {first:?}"
     );
-    assert_eq!(cleared + after, 1501, "cleared {cleared}, pending {after}");
-    // What the clear kept (acknowledged after it began) the next one drops.
-    assert_eq!(wb.clear().await.unwrap(), after);
+    let mut sorted = late_dropped.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        (0..sorted.len()).collect::<Vec<_>>(),
+        "acknowledged before the clear began: a first run"
+    );
+    let all: BTreeSet<&String> = first.iter().chain(&rest).collect();
+    assert_eq!(
+        (all.len(), first.len() + rest.len()),
+        (600, 600),
+        "each late op dropped once, by one clear or the other"
+    );
     let t = wb.status().await.unwrap().totals;
-    assert_eq!((t.acknowledged, t.cleared), (1501, 1501), "{t:?}");
+    assert_eq!((t.acknowledged, t.cleared), (1801, 1801), "{t:?}");
     support::assert_accounted(&wb).await;
     wb.shutdown().await.unwrap();
 }

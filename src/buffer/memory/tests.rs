@@ -645,14 +645,14 @@ fn a_check_never_sees_a_state_that_never_existed_across_shards() {
     // where every real state denies).
     let s = std::sync::Arc::new(MemoryStore::new(100));
     let (a, b) = members_in_first_and_last_shard(&s);
-    let (done, reader) = {
+    let reader = {
         let (a, b) = (a.clone(), b.clone());
-        read_until_done(&s, move |r| {
+        Reader::start(&s, any_group_member, move |r| {
             let grants = r.grants.unwrap_or_default();
             grants.contains(&a) && grants.contains(&b)
         })
     };
-    for _ in 0..20_000 {
+    let seen = reader.overlapping(|| {
         for (k, op) in [
             (&a, Op::Grant),
             (&a, Op::Revoke),
@@ -663,13 +663,8 @@ fn a_check_never_sees_a_state_that_never_existed_across_shards() {
         }
         let taken = s.take_now(10, Take::All, u64::MAX);
         s.finish_now(taken.into_iter().map(|t| (t, Outcome::Applied)).collect());
-    }
-    done.store(true, Ordering::Relaxed);
-    assert_eq!(
-        reader.join().unwrap(),
-        0,
-        "a check saw A and B granted at once"
-    );
+    });
+    assert_eq!(seen, 0, "a check saw A and B granted at once");
 }
 
 #[test]
@@ -681,23 +676,18 @@ fn a_check_never_sees_half_a_clear() {
     // allowed, where before and after the clear it is not).
     let s = std::sync::Arc::new(MemoryStore::new(100));
     let (a, b) = members_in_first_and_last_shard(&s);
-    let (done, reader) = {
+    let reader = {
         let b = b.clone();
-        read_until_done(&s, move |r| {
+        Reader::start(&s, any_group_member, move |r| {
             r.revokes == 0 && r.grants.unwrap_or_default().contains(&b)
         })
     };
-    for _ in 0..20_000 {
+    let seen = reader.overlapping(|| {
         s.push_now(&a, Op::Revoke).unwrap();
         s.push_now(&b, Op::Grant).unwrap();
         s.clear_now(u64::MAX);
-    }
-    done.store(true, Ordering::Relaxed);
-    assert_eq!(
-        reader.join().unwrap(),
-        0,
-        "a check saw B's grant without A's revoke"
-    );
+    });
+    assert_eq!(seen, 0, "a check saw B's grant without A's revoke");
 }
 
 #[test]
@@ -715,28 +705,22 @@ fn a_check_with_no_known_dependencies_sees_one_moment_too() {
         t("user:x", "blocked", &object_in(SHARDS - 1)),
         t("user:x", "member", &object_in(0)),
     );
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
-        let (s, done, b) = (s.clone(), done.clone(), b.clone());
-        std::thread::spawn(move || {
-            let mut missed = 0;
-            while !done.load(Ordering::Relaxed) {
-                let r = s.relevant_now(None, &b.object, "user:x", 100);
-                if r.revokes == 0 && r.grants.unwrap_or_default().contains(&b) {
-                    missed += 1;
-                }
-            }
-            missed
-        })
+        let b = b.clone();
+        let object = b.object.clone();
+        Reader::start(
+            &s,
+            move |s| s.relevant_now(None, &object, "user:x", 100),
+            move |r| r.revokes == 0 && r.grants.unwrap_or_default().contains(&b),
+        )
     };
-    for _ in 0..20_000 {
+    let missed = reader.overlapping(|| {
         s.push_now(&a, Op::Revoke).unwrap();
         s.push_now(&b, Op::Grant).unwrap();
         let taken = s.take_now(10, Take::All, u64::MAX);
         s.finish_now(taken.into_iter().map(|t| (t, Outcome::Applied)).collect());
-    }
-    done.store(true, Ordering::Relaxed);
-    assert_eq!(reader.join().unwrap(), 0, "a check missed A's revoke");
+    });
+    assert_eq!(missed, 0, "a check missed A's revoke");
 }
 
 #[test]
@@ -767,35 +751,67 @@ fn members_in_first_and_last_shard(s: &MemoryStore) -> (TupleKey, TupleKey) {
     )
 }
 
-/// A thread that checks `user:x` against `group#member` on any object, as
-/// often as it can until told to stop, counting the answers `bad` finds.
-fn read_until_done(
-    s: &std::sync::Arc<MemoryStore>,
-    bad: impl Fn(Relevant) -> bool + Send + 'static,
-) -> (
-    std::sync::Arc<std::sync::atomic::AtomicBool>,
-    std::thread::JoinHandle<usize>,
-) {
-    let member = vec![Dep {
+/// A check of `user:x` against `group#member` on any object.
+fn any_group_member(s: &MemoryStore) -> Relevant {
+    let member = [Dep {
         rel: "group#member".to_string(),
         same_object: false,
         user_bound: false,
         may_deny: false,
     }];
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = {
-        let (s, done) = (s.clone(), done.clone());
-        std::thread::spawn(move || {
-            let mut seen = 0;
-            while !done.load(Ordering::Relaxed) {
-                if bad(s.relevant_now(Some(&member), "group:0", "user:x", 100)) {
-                    seen += 1;
+    s.relevant_now(Some(&member), "group:0", "user:x", 100)
+}
+
+/// A thread reading the store as often as it can while a test's writer
+/// runs, counting the answers `bad` finds.
+struct Reader {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    reads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    thread: std::thread::JoinHandle<usize>,
+}
+
+impl Reader {
+    fn start(
+        s: &std::sync::Arc<MemoryStore>,
+        read: impl Fn(&MemoryStore) -> Relevant + Send + 'static,
+        bad: impl Fn(Relevant) -> bool + Send + 'static,
+    ) -> Reader {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let thread = {
+            let (s, done, reads) = (s.clone(), done.clone(), reads.clone());
+            std::thread::spawn(move || {
+                let mut seen = 0;
+                while !done.load(Ordering::Relaxed) {
+                    if bad(read(&s)) {
+                        seen += 1;
+                    }
+                    reads.fetch_add(1, Ordering::Relaxed);
                 }
-            }
-            seen
-        })
-    };
-    (done, reader)
+                seen
+            })
+        };
+        Reader {
+            done,
+            reads,
+            thread,
+        }
+    }
+
+    /// Runs `step` 20,000 times, and on until the reader has read 1,000
+    /// times meanwhile: the two overlap however the threads are scheduled
+    /// (a reader that ran only after the loop found nothing to find).
+    /// Returns the bad answers it saw.
+    fn overlapping(self, mut step: impl FnMut()) -> usize {
+        let before = self.reads.load(Ordering::Relaxed);
+        let mut steps = 0;
+        while steps < 20_000 || self.reads.load(Ordering::Relaxed) - before < 1_000 {
+            step();
+            steps += 1;
+        }
+        self.done.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
 }
 
 fn object_in(s: &MemoryStore, shard: usize) -> String {
