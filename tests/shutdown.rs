@@ -173,6 +173,40 @@ async fn shutdown_cuts_short_a_hold_under_way() {
     assert_eq!(r.flushed.applied, 0, "{r:?}");
 }
 
+/// Past shutdown's deadline a chunk under way starts no new request: its
+/// Write of two tuples is refused (400) after the 1 s deadline, and its
+/// halves are not sent (cut off in the grace that follows, their outcome
+/// would be unknown, and with the memory store the process would end with
+/// Writes that may still land). The two ops are left, and said to be.
+/// Before, the halves went out after the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_under_way_starts_no_request_past_the_deadline() {
+    let server = mock_openfga().await;
+    write_mock()
+        .respond_with(
+            fixture("write-unknown-type")
+                .response()
+                .set_delay(Duration::from_millis(1_100)),
+        )
+        .mount(&server)
+        .await;
+    let mut cfg = no_quick_retries(manual_flush(mock_config(&server)));
+    cfg.flush.shutdown_deadline = Duration::from_secs(1);
+    let wb = WriteBehind::builder(cfg).build().await.unwrap();
+    support::grant_users(&wb, "document:late", 0..2).await;
+    let r = tokio::time::timeout(Duration::from_secs(20), wb.shutdown())
+        .await
+        .expect("shutdown returns")
+        .unwrap();
+    assert_eq!(r.left.total + r.left.in_flight, 2, "{r:?}");
+    let writes = write_bodies(&server).await;
+    assert_eq!(
+        writes.len(),
+        1,
+        "no half sent past the deadline: {writes:?}"
+    );
+}
+
 /// An OpenFGA started with a lower `--max-tuples-per-write` (10) than the
 /// configured 100: the first refusal teaches the handle the server's limit,
 /// the refused request goes out again as requests the server takes (no

@@ -594,6 +594,14 @@ impl Engine {
         let mut todo = vec![(ops, retries)];
         loop {
             while let Some((part, retries)) = todo.pop() {
+                // Past shutdown's deadline nothing new starts, in a chunk
+                // under way either (its halves, its parts): cut off in the
+                // grace that follows, its outcome would be unknown, and
+                // with the memory store the process would end with a Write
+                // that may still land over a later process's newer op.
+                if result.stop.is_none() && result.requests > 0 && self.past_retry_deadline() {
+                    result.stop = Some(Stop::Transient(Error::new(Kind::Shutdown)));
+                }
                 if result.stop.is_some() {
                     result
                         .outcomes
@@ -993,6 +1001,13 @@ impl Engine {
             tracing::debug!(error = %e, retry_in = ?wait, "write failed; retrying the request");
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// Shutdown's deadline passed.
+    fn past_retry_deadline(&self) -> bool {
+        self.retry_deadline
+            .borrow()
+            .is_some_and(|d| Instant::now() >= d)
     }
 
     async fn write(&self, ops: &[Taken], model: Option<&str>) -> Result<(), Error> {
