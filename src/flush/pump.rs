@@ -362,9 +362,10 @@ impl Pump {
                 }
             }
         }
-        if flush_wanted {
-            // A caller waits for room or a check for a grant: nothing up to
-            // here is held back for a fuller chunk.
+        if flush_wanted || revoke_wanted {
+            // A caller waits for room, or a check for a grant or a revoke
+            // (which may wait behind a grant of its tuple held back):
+            // nothing up to here is held back for a fuller chunk.
             if let Some(s) = last().await {
                 self.urgent = self.urgent.max(s);
             }
@@ -575,11 +576,11 @@ impl Pump {
     pub(crate) async fn fill(&mut self) {
         let chunk = self.engine.max_tuples();
         while self.slot_free() && self.may_write() {
-            let revokes_due =
-                self.revoke_target > 0 && self.revokes_exhausted != Some(self.revoke_target);
             // Revokes behind a window of grants go ahead of it in a chunk of
             // their own: a check may be waiting for them.
-            if revokes_due && (!self.staged.is_empty() || self.exhausted == Some(self.target)) {
+            if self.revokes_due()
+                && (!self.staged.is_empty() || self.exhausted == Some(self.target))
+            {
                 match self.take(chunk, Take::Revokes, self.revoke_target).await {
                     Some(ops) if !ops.is_empty() => {
                         self.start(ops);
@@ -606,18 +607,24 @@ impl Pump {
                 if self.taking.is_some() {
                     return;
                 }
-                if revokes_due {
+                // Looked at again: the take above may have found none (the
+                // revoke waits behind a grant of its tuple held back, say),
+                // and the held-back ops below are then what is due.
+                let mut revokes = Vec::new();
+                if self.revokes_due() {
                     match self
                         .take(chunk * WINDOW_CHUNKS, Take::Revokes, self.revoke_target)
                         .await
                     {
                         Some(ops) if ops.is_empty() => {
                             self.revokes_exhausted = Some(self.revoke_target);
-                            return;
                         }
-                        Some(ops) => self.stage(ops),
+                        Some(ops) => revokes = ops,
                         None => return,
                     }
+                }
+                if !revokes.is_empty() {
+                    self.stage(revokes);
                 } else if !self.carry.is_empty() {
                     if self.carry_deadline().is_some() {
                         // More of their objects comes with the next window
@@ -638,6 +645,12 @@ impl Pump {
             let ops: Vec<Taken> = self.staged.drain(..n).collect();
             self.start(ops);
         }
+    }
+
+    /// Revokes up to the revoke target may be ready, as far as the last
+    /// take of them knows.
+    fn revokes_due(&self) -> bool {
+        self.revoke_target > 0 && self.revokes_exhausted != Some(self.revoke_target)
     }
 
     /// Whether another chunk may start: fewer than the limit are writing,
@@ -2205,6 +2218,28 @@ mod tests {
         grant(&e, "document:3", 0, 30).await;
         window(&mut pump).await;
         assert_eq!(jobs(), [100, 60, 30]);
+    }
+
+    /// A check waiting for a revoke releases the ops held back for a
+    /// fuller chunk, as one waiting for a grant does: the revoke may wait
+    /// behind a grant of its tuple held back, for up to `flush.interval`
+    /// (set longer than `check.revoke_wait_timeout`, the check failed
+    /// closed). Before, only a check waiting for a grant released them.
+    #[tokio::test]
+    async fn a_check_waiting_for_a_revoke_releases_held_back_ops() {
+        let queue = Arc::new(crate::queue::FakeQueue::default());
+        let e = engine_with(Some(queue.clone()));
+        grant(&e, "document:1", 0, 60).await;
+        let mut pump = holding_pump(&e);
+        window(&mut pump).await;
+        assert_eq!(pump.carry.len(), 60);
+        let t = TupleKey::new("user:u000", "viewer", "document:1").unwrap();
+        e.store.push(&t, Op::Revoke).await.unwrap();
+        e.revoke_wanted.store(true, Ordering::Relaxed);
+        pump.plan().await;
+        window(&mut pump).await;
+        assert!(pump.carry.is_empty(), "{} held back", pump.carry.len());
+        assert_eq!(job_sizes(&queue).first(), Some(&60));
     }
 
     /// When writes are quick (queue mode: a job is queued in a moment),
