@@ -248,6 +248,69 @@ async fn rate_limited_429_is_retried_until_applied() {
 #[tokio::test]
 async fn rate_limited_429_retry_after_is_honoured() {
     let server = mock_openfga().await;
+    let limited = limited_once(&server).await;
+    let wb = anne_granted(&server).await;
+    let first = wb.flush().await.unwrap();
+    assert!(first.error.is_some(), "{first:?}");
+    eventually("the retry to apply", Duration::from_secs(30), || async {
+        wb.status().await.unwrap().totals.applied == 1
+    })
+    .await;
+    limited.assert_honoured();
+    wb.shutdown().await.unwrap();
+}
+
+/// A flush during shutdown keeps a pause OpenFGA asked for (429 with
+/// Retry-After): nothing goes out before it ends. Before, the shutdown kept
+/// the pause, and a `flush()` meanwhile (or a check's, or a caller's waiting
+/// for room) cleared it: the Write went out at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_during_shutdown_keeps_the_pause_openfga_asked_for() {
+    let server = mock_openfga().await;
+    let limited = limited_once(&server).await;
+    let wb = anne_granted(&server).await;
+    let first = wb.flush().await.unwrap();
+    assert!(first.error.is_some(), "{first:?}");
+    let shutdown = tokio::spawn({
+        let wb = wb.clone();
+        async move { wb.shutdown().await }
+    });
+    // Until one lands in the shutdown: before it, each is answered at once
+    // with the pause.
+    while !shutdown.is_finished() {
+        let _ = wb.flush().await;
+        tokio::task::yield_now().await;
+    }
+    let r = shutdown.await.unwrap().unwrap();
+    assert_eq!(r.flushed.applied, 1, "{r:?}");
+    limited.assert_honoured();
+}
+
+/// The Writes a mock answered 429 first (the fixture's Retry-After), then
+/// OK, with when each arrived.
+struct LimitedOnce {
+    arrivals: Arc<Mutex<Vec<Instant>>>,
+    retry_after: u64,
+}
+
+impl LimitedOnce {
+    /// The second Write came no sooner than the 429 said it may. Only a
+    /// lower bound (an implementation that honours the header can never be
+    /// faster than it), with a retry backoff of 10 ms that would otherwise
+    /// retry at once.
+    fn assert_honoured(&self) {
+        let arrivals = self.arrivals.lock().unwrap().clone();
+        assert!(arrivals.len() >= 2, "{arrivals:?}");
+        let gap = arrivals[1] - arrivals[0];
+        assert!(
+            gap >= Duration::from_secs(self.retry_after),
+            "the retry came {gap:?} after a 429 that said Retry-After: {}",
+            self.retry_after
+        );
+    }
+}
+
+async fn limited_once(server: &wiremock::MockServer) -> LimitedOnce {
     let arrivals: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let log = arrivals.clone();
     let limited = fixture("rate-limited-429");
@@ -269,23 +332,12 @@ async fn rate_limited_429_retry_after_is_honoured() {
                 ok.clone()
             }
         })
-        .mount(&server)
+        .mount(server)
         .await;
-    let wb = anne_granted(&server).await;
-    let first = wb.flush().await.unwrap();
-    assert!(first.error.is_some(), "{first:?}");
-    eventually("the retry to apply", Duration::from_secs(30), || async {
-        wb.status().await.unwrap().totals.applied == 1
-    })
-    .await;
-    let arrivals = arrivals.lock().unwrap().clone();
-    assert!(arrivals.len() >= 2);
-    let gap = arrivals[1] - arrivals[0];
-    assert!(
-        gap >= Duration::from_secs(retry_after),
-        "the retry came {gap:?} after a 429 that said Retry-After: {retry_after}"
-    );
-    wb.shutdown().await.unwrap();
+    LimitedOnce {
+        arrivals,
+        retry_after,
+    }
 }
 
 /// Auth stop (wiremock): the Write answers 401 (and, in a second round,

@@ -1226,9 +1226,11 @@ impl Pump {
     /// auth failure and retries at once after a transient one, and it
     /// looks at the store at least once: ops may be ready again below the
     /// target (another process's write given up, a queued job set aside)
-    /// without a word to this process.
+    /// without a word to this process. Except within a pause OpenFGA asked
+    /// for (Retry-After): nothing is sent before it ends, whoever asks.
     pub(crate) fn try_again(&mut self) {
-        self.paused_until = None;
+        let now = Instant::now();
+        self.paused_until = self.asked_pause.filter(|&p| p > now);
         self.engine.stats.set_stopped(None);
         self.last_error = None;
         self.forget_exhausted();

@@ -141,10 +141,6 @@ pub(crate) async fn run(
                     // earlier stop (refused credentials, since fixed): the
                     // stop it looks for above is one met during shutdown.
                     pump.try_again();
-                    // Except within a pause OpenFGA asked for: nothing is
-                    // sent before it ends.
-                    let now = Instant::now();
-                    pump.paused_until = pump.asked_pause.filter(|&p| p > now);
                     shutdown_start = pump.totals.clone();
                     shutdown_began = Some(Instant::now());
                     pump.strays_wanted = Some(Instant::now());
