@@ -599,8 +599,12 @@ impl Engine {
                 // grace that follows, its outcome would be unknown, and
                 // with the memory store the process would end with a Write
                 // that may still land over a later process's newer op.
+                // Not sent, so no attempt used (a worker's job keeps its
+                // step): the kind a lease ending gives too.
                 if result.stop.is_none() && result.requests > 0 && self.past_retry_deadline() {
-                    result.stop = Some(Stop::Transient(Error::new(Kind::Shutdown)));
+                    result.stop = Some(Stop::Transient(Error::new(Kind::Busy(
+                        "the stop's deadline passed; not starting another write".into(),
+                    ))));
                 }
                 if result.stop.is_some() {
                     result
