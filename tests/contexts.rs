@@ -306,10 +306,7 @@ async fn grant_refuses_the_contexts_openfga_refuses() {
         }
         // Where fga-wb takes the context whatever OpenFGA answers, the
         // expected answer is "takes it".
-        let theirs = match left_to_openfga(param, v) {
-            true => true,
-            false => server_writes(&store, &t).await,
-        };
+        let theirs = left_to_openfga(param, v) || server_writes(&store, &t).await;
         if ours.is_ok() != theirs {
             disagree.push(format!(
                 "{condition}.{param} = {v}: fga-wb {}, OpenFGA {}",

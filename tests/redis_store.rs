@@ -2079,6 +2079,11 @@ async fn a_superseded_letter_leaves_no_current_letter_field() {
         letters, 1,
         "the letter itself stays, superseded, until purged"
     );
+    // As an older version left it: gone at the tuple's next op written.
+    let _: () = k.r.look("HSET", "deadkey", &[OWED_KEY, "0"]).await;
+    k.ends("g", "a").await;
+    let fields: i64 = k.r.look("HLEN", "deadkey", &[]).await;
+    assert_eq!(fields, 0, "the older version's field");
 }
 
 /// A grant pushed while a grant that owed a revoke was being written owes

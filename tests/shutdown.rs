@@ -186,7 +186,7 @@ async fn a_chunk_under_way_starts_no_request_past_the_deadline() {
         .respond_with(
             fixture("write-unknown-type")
                 .response()
-                .set_delay(Duration::from_millis(1_100)),
+                .set_delay(Duration::from_millis(1_020)),
         )
         .mount(&server)
         .await;

@@ -250,7 +250,12 @@ async fn flush_ends_under_a_steady_backlog(
                 match acked {
                     Ok(()) if revoke => {}
                     Ok(()) => granted.store(i, std::sync::atomic::Ordering::Relaxed),
-                    Err(e) if e.is_buffer_full() => tokio::task::yield_now().await,
+                    Err(e) if e.is_buffer_full() => {
+                        // The same user again: each one up to the last
+                        // granted is acknowledged.
+                        i -= 1;
+                        tokio::task::yield_now().await;
+                    }
                     Err(e) => panic!("grant: {e}"),
                 }
                 tokio::task::yield_now().await;

@@ -580,37 +580,43 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
             // What the operator was asked about: not letters written while
             // the question was open (with --yes, all there are).
             let mut up_to = None;
+            let mut asked = None;
             if *all && !*yes {
                 let newest = wb.newest_dead_letter_id().await?;
                 let letters = wb.dead_letters().await?;
                 up_to = Some(letters.iter().map(|d| d.id).fold(newest, u64::max));
-                let note = match failing_closed(letters.iter()) {
+                let n = given_up(letters.iter());
+                let note = match n {
                     0 => String::new(),
-                    n => format!(", {n} of them {FAILING_CLOSED}"),
+                    n => format!(", {n} of them {GIVEN_UP}"),
                 };
                 if !confirm(&format!("delete {} dead letters{note}?", letters.len())) {
                     return Err(usage(
                         "not confirmed; nothing purged (use --yes to skip the question)",
                     ));
                 }
+                asked = Some(n);
             }
-            // Named letters and `--all --yes` are purged without a question
-            // (scripts run them), but not without saying what that costs
+            // Purged without a question too (named letters, `--all --yes`:
+            // scripts run them), but not without saying what that costs
             // (when the letters can be read: the purge does not depend on
             // it).
-            let owed = wb.dead_letters().await.map_or(0, |letters| {
-                failing_closed(letters.iter().filter(|d| match (which.as_deref(), up_to) {
-                    (Some(named), _) => named.contains(&d.id),
-                    (None, Some(up_to)) => d.id <= up_to,
-                    (None, None) => true,
-                }))
-            });
+            let owed = match asked {
+                Some(n) => n,
+                None => wb.dead_letters().await.map_or(0, |letters| {
+                    given_up(
+                        letters
+                            .iter()
+                            .filter(|d| which.as_deref().is_none_or(|named| named.contains(&d.id))),
+                    )
+                }),
+            };
             let n = match (which.as_deref(), up_to) {
                 (None, Some(up_to)) => wb.purge_dead_letters_up_to(up_to).await?,
                 (which, _) => wb.purge_dead_letters(which).await?,
             };
             if owed > 0 && n > 0 {
-                note!("warning: {owed} of the letters purged were {FAILING_CLOSED_PAST}");
+                note!("warning: {owed} of the letters purged were {GIVEN_UP_PURGED}");
             }
             report_count(json, "purged", n)
         }
@@ -623,11 +629,11 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
 /// and those of a grant that takes access away: under a `but not`, or a
 /// condition narrowing a wider tuple) fail closed until they are replayed,
 /// and ask OpenFGA once their letters are gone.
-const FAILING_CLOSED: &str = "ops given up in an outage, which OpenFGA may not have (the checks of revokes among them, and of grants that take access away, fail closed until replayed; once deleted, checks ask OpenFGA, which may still hold what those revokes revoke and lacks those grants)";
-const FAILING_CLOSED_PAST: &str = "ops given up in an outage, which OpenFGA may not have (the checks of revokes among them, and of grants that take access away, failed closed until replayed): checks on those tuples now ask OpenFGA, which may still hold what the revokes revoke and lacks the grants";
+const GIVEN_UP: &str = "ops given up in an outage, which OpenFGA may not have (the checks of revokes among them, and of grants that take access away, fail closed until replayed; once deleted, checks ask OpenFGA, which may still hold what those revokes revoke and lacks those grants)";
+const GIVEN_UP_PURGED: &str = "ops given up in an outage, which OpenFGA may not have (the checks of revokes among them, and of grants that take access away, failed closed until replayed): checks on those tuples now ask OpenFGA, which may still hold what the revokes revoke and lacks the grants";
 
-fn failing_closed<'a>(letters: impl Iterator<Item = &'a fga_wb::DeadLetter>) -> usize {
-    letters.filter(|d| d.transient && !d.superseded).count()
+fn given_up<'a>(letters: impl Iterator<Item = &'a fga_wb::DeadLetter>) -> usize {
+    letters.filter(|d| d.given_up_in_an_outage()).count()
 }
 
 /// `1.2 KiB`, `3.4 MiB`.

@@ -305,6 +305,16 @@ pub struct DeadLetter {
     pub(crate) place: Option<(u64, u32)>,
 }
 
+impl DeadLetter {
+    /// Its op was given up in an outage and is still its tuple's newest:
+    /// an acknowledged op OpenFGA may not have, which a replay may still
+    /// write (the checks a revoke's, or a grant's that takes access away,
+    /// could change fail closed meanwhile).
+    pub fn given_up_in_an_outage(&self) -> bool {
+        self.transient && !self.superseded
+    }
+}
+
 /// What a replay of dead letters did.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 #[non_exhaustive]

@@ -199,13 +199,10 @@ impl WriteBehind {
             if !replayed && status.dead_letters <= HEALTH_LETTERS {
                 match self.dead_letters().await {
                     Ok(letters) => {
-                        let current = letters
-                            .iter()
-                            .filter(|d| d.transient && !d.superseded)
-                            .count();
+                        let current = letters.iter().filter(|d| d.given_up_in_an_outage()).count();
                         if current > 0 {
                             h.problems.push(format!(
-                                "{current} ops given up in an outage are not written and nothing replays them (only workers do, and none was seen): the checks they could change towards allowed fail closed until `fga-wb dlq replay` (or a purge)"
+                                "{current} ops given up in an outage are not written and nothing replays them (only workers do, and none was seen): OpenFGA may answer their tuples as before them, so the checks it could wrongly allow (a revoke's; a grant's that takes access away) fail closed until `fga-wb dlq replay` (or a purge)"
                             ));
                         }
                     }

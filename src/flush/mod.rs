@@ -590,7 +590,7 @@ impl Engine {
         let mut lone = None;
         let mut probed = false;
         let mut fruitless = 0;
-        let mut allowed = None;
+        let mut allowed_rounds = None;
         let mut todo = vec![(ops, retries)];
         loop {
             while let Some((part, retries)) = todo.pop() {
@@ -701,7 +701,7 @@ impl Engine {
             }
             // Looked up once, for the ops that first failed so (the whole
             // chunk then): nothing to look up for a chunk that lands.
-            let allowed = *allowed.get_or_insert_with(|| {
+            let allowed = *allowed_rounds.get_or_insert_with(|| {
                 self.split_rounds
                     .allowed(suspects.iter().flat_map(|(p, _)| p.iter().map(|t| t.seq)))
             });

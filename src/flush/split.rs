@@ -66,8 +66,8 @@ mod tests {
         let r = SplitRounds::default();
         assert_eq!(r.allowed([1, 2]), 1);
         r.stopped([1, 2], 1);
-        assert_eq!(r.allowed([2, 3]), 2);
         // Ops never split before take the most of the chunk they are in.
+        assert_eq!(r.allowed([2, 3]), 2);
         assert_eq!(r.allowed([3]), 1);
         for rounds in 2..=MAX_ROUNDS + 2 {
             r.stopped([1], rounds.min(r.allowed([1])));

@@ -805,7 +805,10 @@ impl Reader {
     fn overlapping(self, mut step: impl FnMut()) -> usize {
         let before = self.reads.load(Ordering::Relaxed);
         let mut steps = 0;
-        while steps < 20_000 || self.reads.load(Ordering::Relaxed) - before < 1_000 {
+        // (A reader that panicked reads no more: it is joined below.)
+        while (steps < 20_000 || self.reads.load(Ordering::Relaxed) - before < 1_000)
+            && !self.thread.is_finished()
+        {
             step();
             steps += 1;
         }

@@ -705,7 +705,10 @@ local function supersede_letters(keys, seqs, cleared)
   local ids = hmget(K_DEADKEY, keys)
   for i, k in ipairs(keys) do
     local id = ids[i]
-    if id and id ~= '0' then
+    if id == '0' then
+      -- Left by an older version (see P:deadkey): reads as none.
+      rcall('HDEL', K_DEADKEY, k)
+    elseif id then
       local d = letter(rcall('HGET', K_DEAD, id))
       if cleared and d and d.transient == true and d.op == 'g' and d.owes == true then
         -- A grant given up that owed a revoke: with the op after it
