@@ -196,7 +196,13 @@ impl WriteBehind {
             // meanwhile: only workers replay them by themselves. Told by
             // reading the letters, for as many as a look can afford.
             let replayed = status.queue.as_ref().is_some_and(|q| !q.workers.is_empty());
-            if !replayed && status.dead_letters <= HEALTH_LETTERS {
+            if replayed {
+                // The workers replay them.
+            } else if status.dead_letters > HEALTH_LETTERS {
+                h.warnings.push(format!(
+                    "more than {HEALTH_LETTERS} dead letters: not read to tell whether some were given up in an outage with nothing to replay them (`fga-wb dlq list`)"
+                ));
+            } else {
                 match self.dead_letters().await {
                     Ok(letters) => {
                         let current = letters.iter().filter(|d| d.given_up_in_an_outage()).count();
@@ -210,10 +216,6 @@ impl WriteBehind {
                         .warnings
                         .push(format!("could not read the dead letters: {e}")),
                 }
-            } else if !replayed {
-                h.warnings.push(format!(
-                    "more than {HEALTH_LETTERS} dead letters: not read to tell whether some were given up in an outage with nothing to replay them (`fga-wb dlq list`)"
-                ));
             }
         }
         Ok(h)

@@ -601,7 +601,10 @@ impl Engine {
                 // that may still land over a later process's newer op.
                 // Not sent, so no attempt used (a worker's job keeps its
                 // step): the kind a lease ending gives too.
-                if result.stop.is_none() && result.requests > 0 && self.past_retry_deadline() {
+                if result.stop.is_none()
+                    && result.requests > 0
+                    && self.deadline_within(Duration::ZERO)
+                {
                     result.stop = Some(Stop::Transient(Error::new(Kind::Busy(
                         "the stop's deadline passed; not starting another write".into(),
                     ))));
@@ -699,18 +702,13 @@ impl Engine {
                     fruitless += 1;
                 }
             }
+            let seqs = || suspects.iter().flat_map(|(p, _)| p.iter().map(|t| t.seq));
             // Looked up once, for the ops that first failed so (the whole
             // chunk then): nothing to look up for a chunk that lands.
-            let allowed = *allowed_rounds.get_or_insert_with(|| {
-                self.split_rounds
-                    .allowed(suspects.iter().flat_map(|(p, _)| p.iter().map(|t| t.seq)))
-            });
+            let allowed = *allowed_rounds.get_or_insert_with(|| self.split_rounds.allowed(seqs()));
             if (!works && fruitless >= allowed) || result.stop.is_some() {
                 if fruitless >= allowed {
-                    self.split_rounds.stopped(
-                        suspects.iter().flat_map(|(p, _)| p.iter().map(|t| t.seq)),
-                        fruitless,
-                    );
+                    self.split_rounds.stopped(seqs(), fruitless);
                 }
                 for (part, e) in suspects.drain(..) {
                     pending_again(&mut result, part, &e);
@@ -998,8 +996,7 @@ impl Engine {
             tries += 1;
             let wait = backoff.next().unwrap_or(self.cfg.retry_max_backoff);
             let wait = e.retry_after().map_or(wait, |r| r.max(wait));
-            let deadline = *self.retry_deadline.borrow();
-            if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+            if self.deadline_within(wait) {
                 return Err(e);
             }
             tracing::debug!(error = %e, retry_in = ?wait, "write failed; retrying the request");
@@ -1007,11 +1004,11 @@ impl Engine {
         }
     }
 
-    /// Shutdown's deadline passed.
-    fn past_retry_deadline(&self) -> bool {
+    /// A stop's deadline (see `retry_deadline`) passes within `wait`.
+    fn deadline_within(&self, wait: Duration) -> bool {
         self.retry_deadline
             .borrow()
-            .is_some_and(|d| Instant::now() >= d)
+            .is_some_and(|d| Instant::now() + wait >= d)
     }
 
     async fn write(&self, ops: &[Taken], model: Option<&str>) -> Result<(), Error> {

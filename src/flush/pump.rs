@@ -610,7 +610,6 @@ impl Pump {
                 // Looked at again: the take above may have found none (the
                 // revoke waits behind a grant of its tuple held back, say),
                 // and the held-back ops below are then what is due.
-                let mut revokes = Vec::new();
                 if self.revokes_due() {
                     match self
                         .take(chunk * WINDOW_CHUNKS, Take::Revokes, self.revoke_target)
@@ -619,21 +618,18 @@ impl Pump {
                         Some(ops) if ops.is_empty() => {
                             self.revokes_exhausted = Some(self.revoke_target);
                         }
-                        Some(ops) => revokes = ops,
+                        Some(ops) => self.stage(ops),
                         None => return,
                     }
                 }
-                if !revokes.is_empty() {
-                    self.stage(revokes);
-                } else if !self.carry.is_empty() {
-                    if self.carry_deadline().is_some() {
-                        // More of their objects comes with the next window
-                        // (the ops arrive interleaved from many callers).
+                if self.staged.is_empty() {
+                    // Only held-back ops are left, if any: they wait while
+                    // more of their objects may come with the next window
+                    // (the ops arrive interleaved from many callers).
+                    if self.carry.is_empty() || self.carry_deadline().is_some() {
                         return;
                     }
                     self.stage(Vec::new());
-                } else {
-                    return;
                 }
             }
             let n = self.next_cut(chunk);

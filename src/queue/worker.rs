@@ -805,7 +805,7 @@ impl Applier {
             return Ok(());
         }
         let letters = self.store.dead_letters().await?;
-        if !letters.iter().any(|d| d.transient && !d.superseded) {
+        if !letters.iter().any(crate::DeadLetter::given_up_in_an_outage) {
             *none_at() = Some(written);
             return Ok(());
         }
