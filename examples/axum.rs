@@ -66,18 +66,19 @@ async fn check(State(wb): State<WriteBehind>, Query(t): Query<Tuple>) -> Respons
 }
 
 /// Lets a request through only if its `x-user` can view the document.
-async fn can_view(State(wb): State<WriteBehind>, req: Request, next: Next) -> Response {
+/// The id comes from the route's own extractor, as the handler's does: the
+/// raw path is still percent-encoded, and checking `a%62c` while serving
+/// `abc` would let a grant on one document open another.
+async fn can_view(
+    State(wb): State<WriteBehind>,
+    Path(id): Path<String>,
+    req: Request,
+    next: Next,
+) -> Response {
     let user = req
         .headers()
         .get("x-user")
         .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let id = req
-        .uri()
-        .path()
-        .rsplit('/')
-        .next()
         .unwrap_or_default()
         .to_owned();
     match wb.check(&user, "viewer", &format!("document:{id}")).await {

@@ -93,9 +93,9 @@ async fn the_axum_example_grants_checks_and_drains_on_sigterm() {
     };
     assert_eq!(check("user:u3").await["allowed"], true);
     assert_eq!(check("user:nobody").await["allowed"], false);
-    let doc = |user: &'static str| {
+    let doc_at = |user: &'static str, id: &'static str| {
         let http = http.clone();
-        let url = format!("{base}/documents/1");
+        let url = format!("{base}/documents/{id}");
         async move {
             http.get(url)
                 .header("x-user", user)
@@ -105,7 +105,18 @@ async fn the_axum_example_grants_checks_and_drains_on_sigterm() {
                 .status()
         }
     };
+    let doc = |user| doc_at(user, "1");
     assert_eq!(doc("user:u4").await, 200);
+    // The id checked is the one served: `/documents/a%62c` is document
+    // `abc`, whatever a grant of the literal `a%62c` allows.
+    let r = http
+        .post(format!("{base}/grant"))
+        .json(&json!({ "user": "user:mallory", "relation": "viewer", "object": "document:a%62c" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(doc_at("user:mallory", "a%62c").await, 403);
     assert_eq!(doc("user:nobody").await, 403);
     let r = http
         .post(format!("{base}/revoke"))
@@ -134,6 +145,6 @@ async fn the_axum_example_grants_checks_and_drains_on_sigterm() {
     );
     assert!(stdout.contains("0 left"), "{stdout}");
     let held = stored(&s).await;
-    assert_eq!(held.len(), 19, "{held:?}");
+    assert_eq!(held.len(), 20, "{held:?}");
     assert!(!held.contains(&"document:1#viewer@user:u0".to_string()));
 }
