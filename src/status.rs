@@ -19,8 +19,8 @@
 //! | `fga_wb_higher_consistency_total` (checks, lists and reads sent with `HIGHER_CONSISTENCY`) | counter |
 //! | `fga_wb_flush_pauses_total` (the flusher's pauses after a transient failure) | counter |
 //! | `fga_wb_redis_losses_total`, `fga_wb_redis_leases_lost_total`, `fga_wb_redis_term_regressed_total`, `fga_wb_redis_under_replicated_total` (Redis store: see the README's "Monitor it") | counter |
-//! | `fga_wb_pending_ops` (after every op, and at every look of the flusher) | gauge |
-//! | `fga_wb_oldest_pending_seconds` (at every look of the flusher) | gauge |
+//! | `fga_wb_pending_ops` (after every op, and at every look of the flusher; every 5 s in a worker) | gauge |
+//! | `fga_wb_oldest_pending_seconds` (at every look of the flusher; every 5 s in a worker) | gauge |
 //! | `fga_wb_ops_held` (ops kept in flight while such a Write may still land: `flush.unknown_outcome_hold`) | gauge |
 //! | `fga_wb_flush_duration_seconds` (the flusher's busy time, recorded at most every 250 ms while it writes; a worker's, one per job) | histogram |
 
@@ -103,7 +103,8 @@ pub struct Totals {
     pub cleared: u64,
     /// Write requests sent.
     pub requests: u64,
-    /// Flushes that stopped on a transient error and were retried.
+    /// Write requests that failed for a transient cause (each quick retry
+    /// too; as `fga_wb_write_retries_total`): their ops were tried again.
     pub retries: u64,
     /// Checks answered from the cache or the pending overlay.
     pub cache_hits: u64,

@@ -779,7 +779,10 @@ async fn revoke_dead_in_an_outage(s: &TestStore) -> WriteBehind {
 
 /// `fga-wb worker --metrics-addr` counts the ops its jobs apply: in queue
 /// mode only workers see jobs end, so their counters are the ones a
-/// dashboard shows. Before, they stayed at 0 while the worker wrote.
+/// dashboard shows. Before, they stayed at 0 while the worker wrote. Its
+/// pending-ops gauge shows the store's backlog, also before any job is
+/// queued (with the applications down, it is the only one left); it
+/// stayed at its first 0 before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_counts_what_its_jobs_apply() {
     let s = new_store("metrics-worker").await;
@@ -797,28 +800,36 @@ async fn a_worker_counts_what_its_jobs_apply() {
             .await
             .unwrap();
     }
-    wb.flush().await.unwrap();
-    let series = format!("fga_wb_ops_applied_total{{store=\"{}\"}}", s.store_id);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        };
-        let applied = text
-            .lines()
-            .find(|l| l.starts_with(&series))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
-        if applied == Some(5.0) {
-            break;
+    let scraped = |name: &str, want: f64| {
+        let series = format!("{name}{{store=\"{}\"}}", s.store_id);
+        let wb = &wb;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let text = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+                    Ok(r) => r.text().await.unwrap_or_default(),
+                    Err(_) => String::new(),
+                };
+                let value = text
+                    .lines()
+                    .find(|l| l.starts_with(&series))
+                    .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+                if value == Some(want) {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the worker's {series} after 30 s (want {want}):\n{text}\nstatus: {:#?}",
+                    wb.status().await
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
-        assert!(
-            Instant::now() < deadline,
-            "the worker's {series} after 30 s:\n{text}\nstatus: {:#?}",
-            wb.status().await
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
+    scraped("fga_wb_pending_ops", 5.0).await;
+    wb.flush().await.unwrap();
+    scraped("fga_wb_ops_applied_total", 5.0).await;
+    scraped("fga_wb_pending_ops", 0.0).await;
     assert_eq!(support::stored(&s).await.len(), 5);
     wb.shutdown().await.unwrap();
 }

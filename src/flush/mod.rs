@@ -1110,5 +1110,5 @@ use limit::*;
 pub(crate) use lone::LoneFailures;
 use pump::*;
 #[cfg(feature = "redis")]
-pub(crate) use pump::{add_one, remove_one, STRAY_EVERY};
+pub(crate) use pump::{add_one, publish_pending, remove_one, STRAY_EVERY};
 pub(crate) use task::*;

@@ -1520,7 +1520,7 @@ pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_millis(250);
 pub(crate) const RECORD_EVERY: Duration = Duration::from_millis(250);
 
 /// The pending-ops gauges, from a look at the store.
-fn publish_pending(p: &crate::buffer::Pending) {
+pub(crate) fn publish_pending(p: &crate::buffer::Pending) {
     metrics::gauge!("fga_wb_pending_ops").set(p.total as f64);
     metrics::gauge!("fga_wb_oldest_pending_seconds")
         .set(p.oldest_age.map_or(0.0, |a| a.as_secs_f64()));

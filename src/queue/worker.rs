@@ -18,7 +18,7 @@ use crate::buffer::redis::{now_ms, FetchedJob, RedisStore};
 use crate::buffer::{op_of, unreadable_outcome, Claim, JobEnd, Outcome, Store, StoreEvent, Taken};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::flush::{add_one, remove_one, Engine, QuickRetries, Stop, STRAY_EVERY};
+use crate::flush::{add_one, publish_pending, remove_one, Engine, QuickRetries, Stop, STRAY_EVERY};
 
 /// A busy key (a writer presumed dead still holds it) is tried again this
 /// soon, at the same attempt.
@@ -675,6 +675,9 @@ async fn run_worker(
 /// record their outcomes (Redis round trips) before the worker stops.
 const HOLD_END_MARGIN: Duration = Duration::from_secs(1);
 
+/// How often a worker reads the store's backlog for its pending-ops gauges.
+const PENDING_GAUGES_EVERY: Duration = Duration::from_secs(5);
+
 /// How often, at most, a worker whose flushing stopped asks OpenFGA again.
 const STOP_LOOK: Duration = Duration::from_secs(30);
 
@@ -692,9 +695,18 @@ async fn look_again(applier: Arc<Applier>, every: Duration, replay: Option<Durat
     let mut stop_tick = ticks(every);
     // Each on its own clock: one cadence never skips the other's ticks.
     let mut replay_tick = replay.map(ticks);
+    let mut gauge_tick = ticks(PENDING_GAUGES_EVERY);
     loop {
         tokio::select! {
             _ = stop_tick.tick() => applier.look_past_stop().await,
+            // A worker's `/metrics` shows the store's backlog too: with the
+            // applications down, a worker is all that is left to show it
+            // (a gauge left at its first zero would hide a stuck backlog).
+            _ = gauge_tick.tick() => {
+                if let Ok(p) = applier.store.pending().await {
+                    publish_pending(&p);
+                }
+            }
             _ = async {
                 match replay_tick.as_mut() {
                     Some(t) => t.tick().await,
