@@ -152,6 +152,17 @@ async fn run() -> Result<()> {
 
 /// Where OpenFGA is: a server of the user's (`FGA_API_URL`) or the one
 /// `scripts/demo` started (`FGA_WB_TEST_OPENFGA_URL`).
+/// `url` with any user and password in it shown as `***` (a demo's output
+/// ends up in terminals and CI logs).
+fn shown_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
 struct Server {
     url: String,
     token: String,
@@ -211,7 +222,7 @@ impl Demo {
         let store_id = client.create_store("fga-wb-demo").await?;
         let model_id = client.write_authorization_model(&store_id, &model).await?;
         println!("fga-wb demo");
-        println!("  OpenFGA   {} ({})", server.url, server.origin);
+        println!("  OpenFGA   {} ({})", shown_url(&server.url), server.origin);
         println!("  store     {store_id} (new)");
         println!("  model     {model_id} (models/documents.json)");
         Ok(Demo {

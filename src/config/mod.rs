@@ -73,7 +73,8 @@ pub struct OpenFgaConfig {
     /// TCP connect timeout.
     #[serde(with = "duration")]
     pub connect_timeout: Duration,
-    /// OAuth2 client credentials, used instead of `api_token` when set.
+    /// OAuth2 client credentials, used when `api_token` is empty (the
+    /// `fga` CLI's order).
     pub oauth2: Option<OAuth2Config>,
     /// A PEM file of CA certificates to trust for an `https://` OpenFGA
     /// behind a private CA, besides the usual roots; empty: none.
@@ -101,11 +102,16 @@ impl Default for OpenFgaConfig {
 #[serde(deny_unknown_fields)]
 pub struct OAuth2Config {
     /// Token endpoint.
-    #[serde(serialize_with = "redacted_url")]
+    // Each may be missing while an API token is set (leftover variables,
+    // which the `fga` CLI ignores then): `validate` asks for them only
+    // when the client credentials are used.
+    #[serde(serialize_with = "redacted_url", default)]
     pub token_url: String,
     /// Client id.
+    #[serde(default)]
     pub client_id: String,
     /// Client secret.
+    #[serde(default)]
     pub client_secret: Secret,
     /// Audience; empty means none.
     #[serde(default)]
@@ -116,11 +122,15 @@ pub struct OAuth2Config {
 }
 
 impl OpenFgaConfig {
-    /// The credentials these settings describe.
+    /// The credentials these settings describe: as the `fga` CLI picks
+    /// them, an API token first, then client credentials.
     pub fn credentials(&self) -> Credentials {
         let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
-        if self.oauth2.is_some() && !self.api_token.is_empty() {
-            tracing::warn!("both an API token (FGA_API_TOKEN, openfga.api_token) and OAuth2 client credentials (FGA_CLIENT_ID, openfga.oauth2) are set: the client credentials are used, the token is not");
+        if !self.api_token.is_empty() {
+            if self.oauth2.is_some() {
+                tracing::warn!("both an API token (FGA_API_TOKEN, openfga.api_token) and OAuth2 client credentials (FGA_CLIENT_ID, openfga.oauth2) are set: the token is used, as the fga CLI does, and the client credentials are not");
+            }
+            return Credentials::ApiToken(self.api_token.clone());
         }
         match &self.oauth2 {
             Some(o) => Credentials::ClientCredentials(OAuth2 {
@@ -130,8 +140,7 @@ impl OpenFgaConfig {
                 audience: non_empty(&o.audience),
                 scopes: non_empty(&o.scopes),
             }),
-            None if self.api_token.is_empty() => Credentials::None,
-            None => Credentials::ApiToken(self.api_token.clone()),
+            None => Credentials::None,
         }
     }
 
@@ -821,11 +830,52 @@ impl Config {
         // HTTP headers cannot carry these: reqwest refuses the request, which
         // read as "cannot reach OpenFGA" and held every Write as one whose
         // outcome is unknown. The token itself is never shown.
+        // The client id and secret go into a form, where the token endpoint
+        // refuses them with a 401 that does not say why.
+        let garbled = |s: &str| s.trim() != s || s.chars().any(char::is_control);
         let token = self.openfga.api_token.expose();
-        if token.trim() != token || token.chars().any(char::is_control) {
-            return Err(Error::config(
-                "openfga.api_token (FGA_API_TOKEN) has leading or trailing whitespace or a control character (a newline at the end, as `echo` writes into a Kubernetes Secret): remove it",
-            ));
+        let mut sent = vec![("openfga.api_token (FGA_API_TOKEN)", token)];
+        match &self.openfga.oauth2 {
+            Some(o) if token.is_empty() => {
+                let missing = [
+                    (
+                        "openfga.oauth2.token_url (FGA_API_TOKEN_ISSUER)",
+                        o.token_url.as_str(),
+                    ),
+                    (
+                        "openfga.oauth2.client_id (FGA_CLIENT_ID)",
+                        o.client_id.as_str(),
+                    ),
+                    (
+                        "openfga.oauth2.client_secret (FGA_CLIENT_SECRET)",
+                        o.client_secret.expose(),
+                    ),
+                ]
+                .into_iter()
+                .filter(|(_, v)| v.is_empty())
+                .map(|(name, _)| name)
+                .collect::<Vec<_>>();
+                if !missing.is_empty() {
+                    return Err(Error::config(format!(
+                        "OAuth2 client credentials are set in part: {} missing (or set an API token, FGA_API_TOKEN, instead)",
+                        missing.join(", ")
+                    )));
+                }
+                sent.push((
+                    "openfga.oauth2.client_id (FGA_CLIENT_ID)",
+                    o.client_id.as_str(),
+                ));
+                sent.push((
+                    "openfga.oauth2.client_secret (FGA_CLIENT_SECRET)",
+                    o.client_secret.expose(),
+                ));
+            }
+            _ => {}
+        }
+        if let Some((name, _)) = sent.into_iter().find(|(_, v)| garbled(v)) {
+            return Err(Error::config(format!(
+                "{name} has leading or trailing whitespace or a control character (a newline at the end, as `echo` writes into a Kubernetes Secret): remove it"
+            )));
         }
         if self.queue.retry_schedule.is_empty() {
             return Err(Error::config(

@@ -128,6 +128,74 @@ fn fga_cli_client_credentials_are_read() {
     );
 }
 
+/// Credentials are picked as the `fga` CLI picks them: an API token first
+/// (client-credential variables left over beside it are not used), then
+/// client credentials, which must then be whole. Before, any of the five
+/// variables made client credentials win over a token, and leftovers
+/// without a client id failed the start with a missing field.
+#[test]
+fn an_api_token_wins_over_client_credentials_as_in_the_fga_cli() {
+    let leftovers = [
+        ("FGA_API_TOKEN_ISSUER", "auth.fga.dev"),
+        ("FGA_API_AUDIENCE", "https://api.fga.example/"),
+    ];
+    let whole = [
+        ("FGA_CLIENT_ID", "client"),
+        ("FGA_CLIENT_SECRET", "pw-client"),
+    ];
+    for (token, extra) in [
+        ("FGA_API_TOKEN", &[][..]),
+        ("FGA_API_TOKEN", &whole[..]),
+        // The `--api-token` flag's layer.
+        ("FGA_WB_OPENFGA__API_TOKEN", &whole[..]),
+    ] {
+        let vars: Vec<_> = [(token, "tok")]
+            .into_iter()
+            .chain(leftovers)
+            .chain(extra.iter().copied())
+            .collect();
+        let c = load_env(&vars).unwrap();
+        assert!(
+            matches!(c.openfga.credentials(), Credentials::ApiToken(ref t) if t.expose() == "tok"),
+            "{vars:?}"
+        );
+    }
+    let e = load_env(&leftovers).unwrap_err().to_string();
+    assert!(
+        e.contains("FGA_CLIENT_ID") && e.contains("FGA_CLIENT_SECRET"),
+        "{e}"
+    );
+    assert!(!e.contains("FGA_API_TOKEN_ISSUER"), "{e}");
+    let vars: Vec<_> = leftovers.into_iter().chain(whole).collect();
+    let c = load_env(&vars).unwrap();
+    assert!(matches!(
+        c.openfga.credentials(),
+        Credentials::ClientCredentials(_)
+    ));
+}
+
+/// A newline at the end of a client id or secret (as `echo` writes into a
+/// Kubernetes Secret) is named at the start; the token endpoint's 401 did
+/// not say why.
+#[test]
+fn whitespace_around_client_credentials_is_refused() {
+    for (name, value) in [
+        ("FGA_CLIENT_SECRET", "pw-client\n"),
+        ("FGA_CLIENT_ID", " client"),
+    ] {
+        let mut vars = vec![
+            ("FGA_API_TOKEN_ISSUER", "auth.fga.dev"),
+            ("FGA_CLIENT_ID", "client"),
+            ("FGA_CLIENT_SECRET", "pw-client"),
+        ];
+        vars.retain(|(n, _)| *n != name);
+        vars.push((name, value));
+        let e = load_env(&vars).unwrap_err().to_string();
+        assert!(e.contains(name), "{name}: {e}");
+        assert!(!e.contains("pw-client"), "{e}");
+    }
+}
+
 #[test]
 fn a_key_prefix_that_would_match_other_keys_is_refused() {
     for prefix in ["fga-wb*", "a?b", "x[1]", "a\\b", "a{b}", "a b", ""] {
