@@ -2505,3 +2505,84 @@ async fn confirmed_waits_for_a_writer_with_an_old_heartbeat_whose_lease_runs() {
         .await;
     assert_eq!(out.first(), Some(&redis::Value::Int(1)), "waits: {out:?}");
 }
+
+/// A writer silent for over ten minutes has its count of pushed ops pruned
+/// by another writer's heartbeat; a push of its that reaches Redis before
+/// its own heartbeat starts the count again from that push alone. The
+/// heartbeat then takes the count for unknown, as when it comes first, not
+/// for a loss: before, it recorded one that never was, and every check in
+/// every process failed closed until an operator acknowledged it. A count
+/// kept (its heartbeat still there) is still compared.
+#[tokio::test]
+async fn a_pruned_count_a_push_started_again_is_no_loss() {
+    let mut r = ScriptAt::new("pruned-count").await;
+    let t0 = now_ms();
+    let (t0s, later) = (t0.to_string(), (t0 + 11 * 60_000).to_string());
+    let beat = |now: &str, known: &str, acked: &str, pushed: &str, recent: &str| {
+        [now, "w", "5000", known, acked, "", "0", pushed, recent].map(str::to_owned)
+    };
+    let lost_now = |out: &[redis::Value]| out.get(4) == Some(&redis::Value::Int(1));
+    r.call(
+        "push",
+        &[&t0s, "100", "1", "document:1#viewer@user:a", "g", "", "w"],
+    )
+    .await;
+    let out = r
+        .call(
+            "heartbeat",
+            &beat(&t0s, "", "1", "1", "1").each_ref().map(String::as_str),
+        )
+        .await;
+    assert!(!lost_now(&out), "{out:?}");
+    let epoch = match out.get(1) {
+        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+        other => panic!("epoch: {other:?}"),
+    };
+    // Eleven minutes on: another writer's heartbeat prunes w's count.
+    let out = r
+        .call(
+            "heartbeat",
+            &beat(&later, &epoch, "0", "0", "1")
+                .each_ref()
+                .map(String::as_str)
+                .map(|a| if a == "w" { "x" } else { a }),
+        )
+        .await;
+    assert!(!lost_now(&out), "{out:?}");
+    let count: Option<String> = r.look("HGET", "acks", &["w"]).await;
+    assert_eq!(count, None, "pruned");
+    r.call(
+        "push",
+        &[&later, "100", "1", "document:2#viewer@user:a", "g", "", "w"],
+    )
+    .await;
+    let out = r
+        .call(
+            "heartbeat",
+            &beat(&later, &epoch, "2", "2", "0")
+                .each_ref()
+                .map(String::as_str),
+        )
+        .await;
+    assert!(
+        !lost_now(&out),
+        "a pruned count is unknown, not a loss: {out:?}"
+    );
+    let count: Option<String> = r.look("HGET", "acks", &["w"]).await;
+    assert_eq!(
+        count.as_deref(),
+        Some("2"),
+        "counted again from the writer's"
+    );
+    // Kept (its heartbeat is there now): a count below the writer's is a loss.
+    let _: () = r.look("HSET", "acks", &["w", "1"]).await;
+    let out = r
+        .call(
+            "heartbeat",
+            &beat(&later, &epoch, "2", "2", "0")
+                .each_ref()
+                .map(String::as_str),
+        )
+        .await;
+    assert!(lost_now(&out), "{out:?}");
+}

@@ -1855,12 +1855,15 @@ if cmd == 'heartbeat' then
   -- for it: any other writer's push raises P:seq back above `acked` after
   -- a failover to a lagging replica, but not this.
   local pushed = tonumber(ARGV[10]) or 0
-  -- None: unknown for a writer gone for long, whose count went with its
-  -- heartbeat (counted again from here). But one whose heartbeat is still
-  -- here, or that ran one a short while ago (ARGV[11]), cannot have lost
-  -- it so: its count went with the ops it counted, every one of them.
+  -- Unknown for a writer gone for long, whose count went with its
+  -- heartbeat (counted again from here), even if a push of its since
+  -- started a new one. But one whose heartbeat is still here, or that ran
+  -- one a short while ago (ARGV[11]), cannot have lost it so: a count
+  -- missing then went with the ops it counted, every one of them.
   local have = pcall_('HGET', P .. ':acks', writer)
-  if have == false and (ARGV[11] == '1' or rcall('HEXISTS', P .. ':beats', writer) == 1) then
+  if ARGV[11] ~= '1' and rcall('HEXISTS', P .. ':beats', writer) == 0 then
+    have = nil
+  elseif have == false then
     have = '0'
   end
   have = type(have) == 'string' and tonumber(have) or nil
