@@ -137,8 +137,11 @@ impl CheckCache {
     /// check's generation before its model: a check that read the old
     /// epoch caches under it, whichever model it then used.
     pub fn set_model(&self, model: Option<&Model>) {
-        let epoch = self.tables.load().epoch + 1;
-        self.tables.store(Arc::new(Tables::new(model, epoch)));
+        // One step: two tables of one epoch would both count from zero,
+        // and an answer cached under one before a revoke bumped it would
+        // be valid again under the other.
+        self.tables
+            .rcu(|old| Arc::new(Tables::new(model, old.epoch + 1)));
     }
 
     /// The generation answers for `object_type#relation` are computed under.
@@ -252,6 +255,36 @@ mod tests {
             c.invalidate_for(&viewer);
             assert_ne!(c.generation("document", "can_read"), read);
         }
+    }
+
+    /// Models switched from several threads at once each get an epoch of
+    /// their own. Before, two could share one, both counting from zero: an
+    /// answer cached under the first, whose relation a revoke then bumped,
+    /// was valid again under the second.
+    #[test]
+    fn models_switched_at_once_never_share_an_epoch() {
+        const THREADS: u64 = 4;
+        const EACH: u64 = 2_000;
+        let c = cache();
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/models/documents.json");
+        let m: AuthorizationModel =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let model = Model::new(&m);
+        let start = std::sync::Barrier::new(THREADS as usize);
+        std::thread::scope(|s| {
+            for _ in 0..THREADS {
+                s.spawn(|| {
+                    start.wait();
+                    for _ in 0..EACH {
+                        c.set_model(Some(&model));
+                    }
+                });
+            }
+        });
+        assert_eq!(
+            c.generation("document", "viewer") >> EPOCH_SHIFT,
+            THREADS * EACH
+        );
     }
 
     #[test]

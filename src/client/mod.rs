@@ -37,6 +37,11 @@ struct Handle {
     config: Config,
     /// The analysed model; replaced by `refresh_model`.
     model: arc_swap::ArcSwapOption<Model>,
+    /// Held by `refresh_model` from its read to its switch: two at once
+    /// (the application's and the background one) could install an older
+    /// model over a newer one, or the cache's tables of one model with the
+    /// other in use.
+    refreshing: tokio::sync::Mutex<()>,
     /// Models that checks and lists were pinned to by their callers, by id,
     /// each read and analysed once however many ask at a time (a model
     /// never changes under its id).
@@ -230,6 +235,7 @@ impl Builder {
                 config,
                 model: arc_swap::ArcSwapOption::new(model),
                 pinned_models: Mutex::default(),
+                refreshing: tokio::sync::Mutex::default(),
                 redis,
                 validate_against_model: self.validate_against_model,
                 read_model: self.read_model,
@@ -845,6 +851,7 @@ impl WriteBehind {
         let e = &self.inner.engine;
         let pinned = &self.inner.config.openfga.model_id;
         let pinned = (!pinned.is_empty()).then_some(pinned.as_str());
+        let _one_at_a_time = self.inner.refreshing.lock().await;
         let found = read_model(&e.client, &e.store_id, pinned).await?;
         let Some(found) = found else {
             return Ok(e.model_id.get());
