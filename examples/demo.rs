@@ -150,19 +150,22 @@ async fn run() -> Result<()> {
     }
 }
 
-/// Where OpenFGA is: a server of the user's (`FGA_API_URL`) or the one
-/// `scripts/demo` started (`FGA_WB_TEST_OPENFGA_URL`).
 /// `url` with any user and password in it shown as `***` (a demo's output
-/// ends up in terminals and CI logs).
+/// ends up in terminals and CI logs): everything between `://` and the
+/// last `@`.
 fn shown_url(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..end].rfind('@') {
-        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
+    };
+    match rest.rfind('@') {
+        Some(at) => format!("{scheme}***@{}", &rest[at + 1..]),
         None => url.to_owned(),
     }
 }
 
+/// Where OpenFGA is: a server of the user's (`FGA_API_URL`) or the one
+/// `scripts/demo` started (`FGA_WB_TEST_OPENFGA_URL`).
 struct Server {
     url: String,
     token: String,

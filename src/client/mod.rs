@@ -845,13 +845,16 @@ impl WriteBehind {
     /// written under it). Every cached answer is dropped. Returns the model
     /// id now in use. Runs every `openfga.model_refresh` on its own when
     /// `openfga.model_id` is empty, and (pinned or not) until a model is
-    /// read when none could be at start.
+    /// read when none could be at start. Refreshes run one at a time: a
+    /// call waits for one under way (up to `openfga.request_timeout`).
     pub async fn refresh_model(&self) -> Result<Option<String>> {
         self.ensure_open()?;
         let e = &self.inner.engine;
         let pinned = &self.inner.config.openfga.model_id;
         let pinned = (!pinned.is_empty()).then_some(pinned.as_str());
         let _one_at_a_time = self.inner.refreshing.lock().await;
+        // The handle may have closed while a refresh under way held it.
+        self.ensure_open()?;
         let found = read_model(&e.client, &e.store_id, pinned).await?;
         let Some(found) = found else {
             return Ok(e.model_id.get());

@@ -127,7 +127,13 @@ impl OpenFgaConfig {
     pub fn credentials(&self) -> Credentials {
         let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
         if !self.api_token.is_empty() {
-            if self.oauth2.is_some() {
+            // Not for variables left over without a client id: the `fga`
+            // CLI ignores them too.
+            if self
+                .oauth2
+                .as_ref()
+                .is_some_and(|o| !o.client_id.is_empty())
+            {
                 tracing::warn!("both an API token (FGA_API_TOKEN, openfga.api_token) and OAuth2 client credentials (FGA_CLIENT_ID, openfga.oauth2) are set: the token is used, as the fga CLI does, and the client credentials are not");
             }
             return Credentials::ApiToken(self.api_token.clone());

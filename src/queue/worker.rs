@@ -703,8 +703,9 @@ async fn look_again(applier: Arc<Applier>, every: Duration, replay: Option<Durat
             // applications down, a worker is all that is left to show it
             // (a gauge left at its first zero would hide a stuck backlog).
             _ = gauge_tick.tick() => {
-                if let Ok(p) = applier.store.pending().await {
-                    publish_pending(&p);
+                match applier.store.pending().await {
+                    Ok(p) => publish_pending(&p),
+                    Err(e) => tracing::debug!(error = %e, "cannot read the backlog for the pending-ops gauges"),
                 }
             }
             _ = async {

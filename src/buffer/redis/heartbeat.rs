@@ -246,6 +246,7 @@ impl Heartbeat {
         let term = v.get(5).map_or(Ok(0), int)?.max(0) as u64;
         self.hold.renewed(at, term, &self.writer);
         self.watch.beat_ok_at.store(at, Ordering::Release);
+        self.watch.beat_once.store(true, Ordering::Release);
         if dropped {
             let quiet = self.lease.as_millis() as u64 / 3 + QUIET_MARGIN_MS;
             self.watch
@@ -286,11 +287,12 @@ impl Heartbeat {
     /// Whether Redis cannot have forgotten this writer's count of the ops
     /// its pushes accepted: its last heartbeat succeeded (or the store
     /// connected) well within the ten minutes after which another writer's
-    /// heartbeat prunes it (see `heartbeat` in store.lua). A count missing
-    /// then was lost with them.
+    /// heartbeat prunes it (see `heartbeat` in store.lua), or none ever
+    /// did (only a heartbeat's record lets another prune the count). A
+    /// count missing then was lost with them.
     fn counted_in_redis(&self, now: u64) -> bool {
         let last = self.watch.beat_ok_at.load(Ordering::Acquire);
-        now.saturating_sub(last) < COUNT_KEPT_MS
+        !self.watch.beat_once.load(Ordering::Acquire) || now.saturating_sub(last) < COUNT_KEPT_MS
     }
 
     /// Renews the lease a third of the way through, and at once when a

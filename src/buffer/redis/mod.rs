@@ -110,6 +110,9 @@ struct Watch {
     /// (or none yet: nothing to forget) holds a count in Redis, and a Redis
     /// without it lost every op it counted.
     beat_ok_at: AtomicU64,
+    /// A heartbeat of this process's has succeeded: Redis has a record of
+    /// it, by which another writer may prune its count once it is old.
+    beat_once: std::sync::atomic::AtomicBool,
     /// The lease was released (a clean stop deletes the writer's count in
     /// Redis): no heartbeat runs from then on, or it would take the count
     /// missing for a loss.

@@ -1857,11 +1857,16 @@ if cmd == 'heartbeat' then
   local pushed = tonumber(ARGV[10]) or 0
   -- Unknown for a writer gone for long, whose count went with its
   -- heartbeat (counted again from here), even if a push of its since
-  -- started a new one. But one whose heartbeat is still here, or that ran
-  -- one a short while ago (ARGV[11]), cannot have lost it so: a count
-  -- missing then went with the ops it counted, every one of them.
+  -- started a new one (`since`: that push's reply may not have reached
+  -- the writer yet, so it is counted on top of `pushed`: a count above
+  -- the writer's only weakens this check, one below it would record a
+  -- loss that never was). But one whose heartbeat is still here, or that
+  -- ran one a short while ago or never ran one (ARGV[11]), cannot have
+  -- lost it so: a count missing then went with the ops it counted.
   local have = pcall_('HGET', P .. ':acks', writer)
+  local since = 0
   if ARGV[11] ~= '1' and rcall('HEXISTS', P .. ':beats', writer) == 0 then
+    since = type(have) == 'string' and tonumber(have) or 0
     have = nil
   elseif have == false then
     have = '0'
@@ -1919,7 +1924,7 @@ if cmd == 'heartbeat' then
   end
   -- Accounted for: recorded below, or by whoever moved the epoch on.
   if pushed > 0 and (not have or have < pushed) then
-    pcall_('HSET', P .. ':acks', writer, sformat('%.0f', pushed))
+    pcall_('HSET', P .. ':acks', writer, sformat('%.0f', pushed + since))
   end
   local lost_now = 0
   if why then
