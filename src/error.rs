@@ -60,6 +60,13 @@ pub(crate) enum Kind {
         operation: &'static str,
         detail: String,
     },
+    /// Something other than OpenFGA answered at its address: a redirect
+    /// (a login page, http to https), or a success that is not OpenFGA's
+    /// JSON (a captive portal, a default backend). Nothing was written.
+    NotOpenFga {
+        operation: &'static str,
+        detail: String,
+    },
     /// Fetching an OAuth2 access token failed.
     Token { detail: String, transient: bool },
     /// The buffer is at capacity and the overflow policy refused the op.
@@ -316,6 +323,19 @@ impl Error {
         }
     }
 
+    /// Something other than OpenFGA answered at `openfga.api_url`: a
+    /// redirect, or a success that is not OpenFGA's JSON. Flushing stops
+    /// until the address is fixed; nothing was written.
+    pub fn is_misdirected(&self) -> bool {
+        matches!(&*self.kind, Kind::NotOpenFga { .. })
+    }
+
+    /// What only an operator can fix: the credentials, the store or model,
+    /// or the address. Flushing stops on it rather than retrying.
+    pub(crate) fn stops_flushing(&self) -> bool {
+        self.is_auth() || self.is_not_found() || self.is_misdirected()
+    }
+
     /// The request failed, yet the server may have run it, or may still
     /// commit it: it timed out or its connection broke after it was sent, a
     /// gateway answered 502 or 504 (its upstream may still be running it),
@@ -530,6 +550,10 @@ impl fmt::Display for Error {
             Kind::Decode { operation, detail } => write!(
                 f,
                 "OpenFGA {operation}: unexpected response ({detail}); is openfga.api_url an OpenFGA >= 1.10 server?"
+            ),
+            Kind::NotOpenFga { operation, detail } => write!(
+                f,
+                "OpenFGA {operation}: {detail}, not OpenFGA's answer; set openfga.api_url (FGA_API_URL) to the address OpenFGA itself answers on (redirects are not followed: they drop a request's body or send it and its credentials elsewhere)"
             ),
             Kind::Token { detail, .. } => write!(
                 f,

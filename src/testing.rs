@@ -438,7 +438,10 @@ async fn serve(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<By
                 .filter(|(u, r, o)| {
                     want("user").is_none_or(|w| w == u)
                         && want("relation").is_none_or(|w| w == r)
-                        && want("object").is_none_or(|w| w == o || o.starts_with(w))
+                        // `type:` reads the type's every object, as OpenFGA does;
+                        // `type:id` that object alone.
+                        && want("object")
+                            .is_none_or(|w| w == o || (w.ends_with(':') && o.starts_with(w)))
                 })
                 .map(|(u, r, o)| json!({ "key": { "user": u, "relation": r, "object": o } }))
                 .collect();

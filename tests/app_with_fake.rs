@@ -170,3 +170,27 @@ async fn queue_mode_jobs_are_recorded_and_run() {
     assert_nothing_pending(&docs.wb).await;
     docs.wb.shutdown().await.unwrap();
 }
+
+/// The fake reads one object as OpenFGA does: `document:1` is not
+/// `document:10` (it matched by prefix); `document:` reads every document.
+#[tokio::test]
+async fn the_fake_reads_an_object_exactly() {
+    let fga = FakeOpenFga::start(model()).await.unwrap();
+    let wb = fga.write_behind().await.unwrap();
+    for doc in ["document:1", "document:10"] {
+        wb.grant("user:anne", "viewer", doc).await.unwrap();
+    }
+    wb.flush().await.unwrap();
+    let read = |object: &str| {
+        let filter = fga_wb::openfga::ReadFilter {
+            user: Some("user:anne".into()),
+            relation: Some("viewer".into()),
+            object: Some(object.into()),
+        };
+        let wb = wb.clone();
+        async move { wb.read(&filter).await.unwrap().len() }
+    };
+    assert_eq!(read("document:1").await, 1);
+    assert_eq!(read("document:").await, 2);
+    wb.shutdown().await.unwrap();
+}

@@ -237,12 +237,23 @@ async fn hung_response_times_out_as_transient() {
     assert!(e.is_timeout() && e.is_transient(), "{e}");
 }
 
-/// A 2xx with a body that is not OpenFGA's is a clear decode error, not a panic.
+/// A 2xx with a JSON body that is not OpenFGA's is a clear decode error,
+/// not a panic; one that is not JSON at all (a captive portal, a default
+/// backend) is not OpenFGA's answer: flushing stops on it, nothing written
+/// (it was taken for an unknown outcome, and every chunk held for good).
 #[tokio::test]
 async fn garbage_success_body_is_a_clear_error() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(wiremock::ResponseTemplate::new(200).set_body_string("<html>proxy</html>"))
+        .and(path(format!("/stores/{STORE}/check")))
+        .respond_with(wiremock::ResponseTemplate::new(200).set_body_raw("[1,", "application/json"))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(format!("/stores/{STORE}/write")))
+        .respond_with(
+            wiremock::ResponseTemplate::new(200).set_body_raw("<html>proxy</html>", "text/html"),
+        )
         .mount(&server)
         .await;
     let client = Client::builder(server.uri()).build().unwrap();
@@ -251,6 +262,54 @@ async fn garbage_success_body_is_a_clear_error() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("unexpected response"), "{e}");
+    let req = WriteRequest::idempotent(vec![t("user:a", "viewer", "document:1")], vec![]);
+    let e = client.write(STORE, &req).await.unwrap_err();
+    assert!(e.is_misdirected() && !e.may_have_applied(), "{e}");
+    assert!(e.to_string().contains("text/html"), "{e}");
+}
+
+/// OpenFGA never redirects: a redirect (an auth proxy's login page, http
+/// to https) is not followed, and says where it led, without the
+/// credentials it may carry. Followed, a 302 turned the Write into a GET
+/// of the login page, whose HTML was taken for an unknown outcome; a 307
+/// sent the body and its token on to wherever it pointed.
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    let server = MockServer::start().await;
+    let elsewhere = MockServer::start().await;
+    for (status, route) in [(302, "write"), (307, "check")] {
+        Mock::given(method("POST"))
+            .and(path(format!("/stores/{STORE}/{route}")))
+            .respond_with(wiremock::ResponseTemplate::new(status).insert_header(
+                "location",
+                format!("http://sso:pw-sso@{}/login", elsewhere.address()),
+            ))
+            .mount(&server)
+            .await;
+    }
+    Mock::given(wiremock::matchers::any())
+        .respond_with(wiremock::ResponseTemplate::new(200).set_body_string("{}"))
+        .expect(0)
+        .mount(&elsewhere)
+        .await;
+    let client = Client::builder(server.uri())
+        .api_token(Secret::new("test-token-123"))
+        .build()
+        .unwrap();
+    let req = WriteRequest::idempotent(vec![t("user:a", "viewer", "document:1")], vec![]);
+    let e = client.write(STORE, &req).await.unwrap_err();
+    assert!(
+        e.is_misdirected() && !e.may_have_applied() && !e.is_transient(),
+        "{e}"
+    );
+    assert!(e.to_string().contains("redirecting to http://***@"), "{e}");
+    assert!(!e.to_string().contains("pw-sso"), "{e}");
+    let e = client
+        .check(STORE, &CheckRequest::new("user:a", "viewer", "document:1"))
+        .await
+        .unwrap_err();
+    assert!(e.is_misdirected(), "{e}");
+    elsewhere.verify().await;
 }
 
 /// Every Read on `server` answers the captured page (with its token).

@@ -671,7 +671,7 @@ impl Engine {
                     Err(e) if e.may_lie_with_tuples() => suspects.push((part, e)),
                     Err(e) => {
                         pending_again(&mut result, part, &e);
-                        result.stop = Some(if e.is_auth() || e.is_not_found() {
+                        result.stop = Some(if e.stops_flushing() {
                             Stop::Halt(e)
                         } else {
                             Stop::Transient(e)
@@ -923,7 +923,7 @@ impl Engine {
                 // and a plain write does it.
                 tracing::warn!(tuple = %t.tuple, error = %e, "replacing the tuple's condition failed; the grant stays pending");
                 if result.stop.is_none() {
-                    result.stop = Some(if e.is_auth() || e.is_not_found() {
+                    result.stop = Some(if e.stops_flushing() {
                         Stop::Halt(e)
                     } else {
                         Stop::Transient(e)

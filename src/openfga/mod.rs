@@ -194,7 +194,11 @@ fn http_client(
         .timeout(timeout)
         .connect_timeout(connect)
         .pool_max_idle_per_host(pool)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // OpenFGA never redirects; whatever does (a login page, http to
+        // https) would have a Write's body dropped (a 302 turns it into a
+        // GET), or sent with its credentials to another host.
+        .redirect(reqwest::redirect::Policy::none());
     if let Some(pem) = ca_pem {
         let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
             Error::config(format!(
@@ -232,8 +236,10 @@ pub(crate) fn redact_url(url: &str) -> String {
 fn redact_one(url: &str) -> String {
     let (scheme, body) = url.split_at(scheme_len(url));
     // A unix socket's path (`redis+unix:///run/r.sock`) has no user info;
-    // an `@` there may be in its password parameter.
-    let at = body.rfind('@').filter(|_| !body.starts_with('/'));
+    // an `@` there may be in its password parameter. A scheme-relative
+    // `//u:p@h` has.
+    let path = body.starts_with('/') && !body.starts_with("//");
+    let at = body.rfind('@').filter(|_| !path);
     let shown = match at {
         None => without_password_param(body).to_owned(),
         // The `@` may be inside a password parameter: hide it all.
@@ -776,6 +782,9 @@ impl Client {
             .await
             .map_err(|e| self.transport_error(operation, e, timeout))?;
         let status = resp.status();
+        if let Some(detail) = not_openfga(status, resp.headers()) {
+            return Err(Error::new(Kind::NotOpenFga { operation, detail }).into());
+        }
         if status.is_success() {
             let bytes = resp
                 .bytes()
@@ -797,7 +806,7 @@ impl Client {
             }
         }
         let retry_after = parse_retry_after(resp.headers());
-        let bytes = resp.bytes().await.unwrap_or_default();
+        let bytes = error_body(resp).await;
         let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
             Ok(b) => (b.code, b.message),
             // A proxy's HTML page or an empty body: keep a short, printable excerpt.
@@ -895,16 +904,22 @@ fn batch_item_error(check: &CheckRequest, e: &serde_json::Value) -> Error {
         .and_then(|m| m.as_str())
         .unwrap_or_default()
         .to_owned();
-    let code = ["input_error", "internal_error"]
+    let mut code = ["input_error", "internal_error"]
         .iter()
         .find_map(|k| e.get(*k).and_then(|v| v.as_str()))
         .unwrap_or_default()
         .to_owned();
-    let status = if e.get("internal_error").is_some() {
+    let mut status = if e.get("internal_error").is_some() {
         500
     } else {
         400
     };
+    // OpenFGA reports a throttled item as an input error (`validation_error`
+    // with the message "throttled: ..."), where a single Check answers 422
+    // `throttled_timeout_error`: the server was busy, the input is fine.
+    if message.starts_with("throttled") {
+        (status, code) = (422, "throttled_timeout_error".to_owned());
+    }
     Error::new(Kind::Api(ApiError {
         operation: "batch check",
         status,
@@ -917,13 +932,56 @@ fn batch_item_error(check: &CheckRequest, e: &serde_json::Value) -> Error {
     }))
 }
 
-/// `Retry-After` in seconds (the HTTP-date form is rare from OpenFGA and its
-/// proxies; it is ignored rather than guessed at), at most
-/// [`MAX_RETRY_AFTER`].
+/// An error answer's body, up to 64 KiB (OpenFGA's are a line of JSON):
+/// a proxy's endless page is not read to the request's timeout.
+async fn error_body(mut resp: reqwest::Response) -> Vec<u8> {
+    const MAX: usize = 64 * 1024;
+    let mut body = Vec::new();
+    while body.len() < MAX {
+        match resp.chunk().await {
+            Ok(Some(c)) => body.extend_from_slice(&c[..c.len().min(MAX - body.len())]),
+            _ => break,
+        }
+    }
+    body
+}
+
+/// What says an answer is not OpenFGA's: a redirect (OpenFGA sends none),
+/// or a success whose body is declared other than JSON (OpenFGA's always
+/// is). Said without any secret the redirect's target may carry.
+fn not_openfga(status: StatusCode, headers: &HeaderMap) -> Option<String> {
+    let header = |name| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    };
+    if status.is_redirection() {
+        let to = match header(reqwest::header::LOCATION) {
+            "" => "nowhere said".to_owned(),
+            to => redact_url(to),
+        };
+        return Some(format!("HTTP {} redirecting to {to}", status.as_u16()));
+    }
+    let kind = header(reqwest::header::CONTENT_TYPE);
+    (status.is_success() && !kind.is_empty() && !kind.to_ascii_lowercase().contains("json"))
+        .then(|| format!("HTTP {} with a {kind} body", status.as_u16()))
+}
+
+/// `Retry-After` in seconds, or as an HTTP date (the time left until it,
+/// by this machine's clock), at most [`MAX_RETRY_AFTER`]. A value that is
+/// neither is ignored rather than guessed at.
 fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let v = headers.get(RETRY_AFTER)?.to_str().ok()?;
-    let secs = v.trim().parse::<u64>().ok()?;
-    Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
+    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let wait = match v.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) if v.bytes().all(|b| b.is_ascii_digit()) => return None,
+        Err(_) => httpdate::parse_http_date(v)
+            .ok()?
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 /// The longest wait a `Retry-After` gets: a server that asks for more is
@@ -1078,6 +1136,8 @@ mod tests {
             ("default:s3cret@redis:6379", "***@redis:6379"),
             ("u:p@fga:8080,redis://h:1", "***@fga:8080,redis://h:1"),
             ("u:p://x@h:1", "***@h:1"),
+            // Scheme-relative: a user and password all the same.
+            ("//u:secret@h:1/x", "***@h:1/x"),
             // A unix socket's password with an `@`, a `&` or a `#` in it.
             (
                 "redis+unix:///run/r.sock?pass=abc@defghij",
@@ -1112,6 +1172,30 @@ mod tests {
         }
     }
 
+    /// A BatchCheck item OpenFGA throttled comes as an input error (its
+    /// `validation_error`, message "throttled: ..."); it is the server's
+    /// load, as a single Check's 422 says, not the input.
+    #[test]
+    fn a_throttled_batch_item_is_transient() {
+        let check = CheckRequest::new("user:a", "viewer", "document:1");
+        let e = batch_item_error(
+            &check,
+            &serde_json::json!({
+                "input_error": "validation_error",
+                "message": "throttled: context deadline exceeded"
+            }),
+        );
+        assert!(e.is_transient() && !e.is_invalid_input(), "{e}");
+        let e = batch_item_error(
+            &check,
+            &serde_json::json!({
+                "input_error": "validation_error",
+                "message": "invalid relation"
+            }),
+        );
+        assert!(e.is_invalid_input() && !e.is_transient(), "{e}");
+    }
+
     #[test]
     fn retry_after_is_capped() {
         let at = |v: &str| {
@@ -1122,6 +1206,17 @@ mod tests {
         assert_eq!(at("3"), Some(Duration::from_secs(3)));
         assert_eq!(at("18446744073709551615"), Some(MAX_RETRY_AFTER));
         assert_eq!(at("99999999999999999999999"), None);
-        assert_eq!(at("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        // An HTTP date: the time left until it (none left, once past).
+        assert_eq!(at("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        let soon = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(120));
+        let left = at(&soon).expect("a date is read");
+        assert!(
+            left > Duration::from_secs(100) && left <= Duration::from_secs(120),
+            "{left:?}"
+        );
+        let far =
+            httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(86_400));
+        assert_eq!(at(&far), Some(MAX_RETRY_AFTER));
+        assert_eq!(at("soon"), None);
     }
 }
