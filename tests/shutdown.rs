@@ -338,3 +338,52 @@ async fn a_grant_that_races_shutdown_is_not_acknowledged_and_lost() {
         }
     }
 }
+
+/// A `shutdown()` the application cut short, with the handle kept: once the
+/// flusher has ended (at its deadline), nothing renews the writer's Redis
+/// lease, so the op it left in flight (a Write cut off, its outcome
+/// unknown) goes to another process after the lease and the hold, as a dead
+/// process's would. Before, the heartbeat renewed the lease for as long as
+/// the handle lived, and the op stayed in flight, its checks failing
+/// closed.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_cut_short_with_the_handle_kept_lets_others_take_over() {
+    let server = mock_openfga().await;
+    first_write_then_ok(&server, fixture("hung-write").response()).await;
+    let mut cfg = no_quick_retries(mock_config(&server));
+    cfg.buffer.store = fga_wb::config::StoreKind::Redis;
+    cfg.redis.url = support::redis_url();
+    cfg.redis.key_prefix = format!("fga-wb-cut-kept-{}", std::process::id());
+    cfg.redis.writer_lease = Duration::from_secs(2);
+    cfg.openfga.request_timeout = Duration::from_millis(300);
+    cfg.flush.shutdown_deadline = Duration::from_secs(1);
+    let kept = WriteBehind::builder(cfg.clone())
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    kept.grant("user:anne", "viewer", "document:cut")
+        .await
+        .unwrap();
+    let cut = tokio::time::timeout(Duration::from_millis(100), kept.shutdown()).await;
+    assert!(cut.is_err(), "the shutdown was not cut short: {cut:?}");
+    let other = WriteBehind::builder(cfg)
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    support::eventually(
+        "another process to write the op left in flight",
+        Duration::from_secs(30),
+        || async {
+            let _ = other.flush().await;
+            let p = other.pending().await.unwrap();
+            (p.total, p.in_flight) == (0, 0)
+        },
+    )
+    .await;
+    assert_eq!(write_bodies(&server).await.len(), 2);
+    other.shutdown().await.unwrap();
+    drop(kept);
+}

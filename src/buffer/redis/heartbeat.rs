@@ -235,7 +235,8 @@ impl Heartbeat {
             .push(self.hold.term())
             .push(self.outcome_hold.as_millis() as u64)
             .push(self.watch.pushed.load(Ordering::Relaxed))
-            .push(u8::from(self.counted_in_redis(at)));
+            .push(u8::from(self.counted_in_redis(at)))
+            .push(self.watch.sent.load(Ordering::Relaxed));
         // Cleared only once the quiet time and the reconnect are recorded
         // (below): cleared before this call, it let a check through while
         // the call was under way, with neither set yet. A connection that
@@ -246,7 +247,6 @@ impl Heartbeat {
         let term = v.get(5).map_or(Ok(0), int)?.max(0) as u64;
         self.hold.renewed(at, term, &self.writer);
         self.watch.beat_ok_at.store(at, Ordering::Release);
-        self.watch.beat_once.store(true, Ordering::Release);
         if dropped {
             let quiet = self.lease.as_millis() as u64 / 3 + QUIET_MARGIN_MS;
             self.watch
@@ -287,12 +287,11 @@ impl Heartbeat {
     /// Whether Redis cannot have forgotten this writer's count of the ops
     /// its pushes accepted: its last heartbeat succeeded (or the store
     /// connected) well within the ten minutes after which another writer's
-    /// heartbeat prunes it (see `heartbeat` in store.lua), or none ever
-    /// did (only a heartbeat's record lets another prune the count). A
-    /// count missing then was lost with them.
+    /// heartbeat prunes it (see `heartbeat` in store.lua). A count missing
+    /// then was lost with them.
     fn counted_in_redis(&self, now: u64) -> bool {
         let last = self.watch.beat_ok_at.load(Ordering::Acquire);
-        !self.watch.beat_once.load(Ordering::Acquire) || now.saturating_sub(last) < COUNT_KEPT_MS
+        now.saturating_sub(last) < COUNT_KEPT_MS
     }
 
     /// Renews the lease a third of the way through, and at once when a

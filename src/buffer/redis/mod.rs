@@ -110,9 +110,11 @@ struct Watch {
     /// (or none yet: nothing to forget) holds a count in Redis, and a Redis
     /// without it lost every op it counted.
     beat_ok_at: AtomicU64,
-    /// A heartbeat of this process's has succeeded: Redis has a record of
-    /// it, by which another writer may prune its count once it is old.
-    beat_once: std::sync::atomic::AtomicBool,
+    /// How many ops this process sent in push calls, answered or not: at
+    /// least what `pushed` counts once their replies are in. Where Redis
+    /// no longer has the count, it starts again from this (and what it
+    /// counted since), never below what the process will count.
+    sent: AtomicU64,
     /// The lease was released (a clean stop deletes the writer's count in
     /// Redis): no heartbeat runs from then on, or it would take the count
     /// missing for a loss.
@@ -1028,6 +1030,10 @@ impl Store for RedisStore {
             self.call(&a).await?;
             Ok(())
         })
+    }
+
+    fn flusher_ended(&self) {
+        self.heartbeat.abort();
     }
 
     fn keep_lease_until(&self, until: std::time::Instant) -> BoxFuture<'_, Result<()>> {

@@ -78,6 +78,11 @@ impl Pusher {
             inv.arg(&p.key).arg(op_code(p.op)).arg(&p.condition);
         }
         inv.arg(&self.writer);
+        // Before the call: a heartbeat never reads fewer than Redis may
+        // have counted (see `Watch::sent`).
+        self.watch
+            .sent
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         let result = match self.replication {
             None => {
                 let mut conn = self.conn.clone();

@@ -1828,7 +1828,7 @@ if cmd == 'confirmed' then
   return { waiting, latest, rcall('EXISTS', P .. ':loss') }
 end
 
--- heartbeat pub now writer lease_ms epoch acked had hold_ms pushed recent
+-- heartbeat pub now writer lease_ms epoch acked had hold_ms pushed recent sent
 --   -> {alive, epoch, seq, loss open, lost now, term}
 -- Renews the writer's lease (alive is 0 if it had already ended; a new
 -- `term` says what it held was handed to others), and compares what the writer knows
@@ -1856,13 +1856,14 @@ if cmd == 'heartbeat' then
   -- a failover to a lagging replica, but not this.
   local pushed = tonumber(ARGV[10]) or 0
   -- Unknown for a writer gone for long, whose count went with its
-  -- heartbeat (counted again from here), even if a push of its since
-  -- started a new one (`since`: that push's reply may not have reached
-  -- the writer yet, so it is counted on top of `pushed`: a count above
-  -- the writer's only weakens this check, one below it would record a
-  -- loss that never was). But one whose heartbeat is still here, or that
-  -- ran one a short while ago or never ran one (ARGV[11]), cannot have
-  -- lost it so: a count missing then went with the ops it counted.
+  -- heartbeat, even if a push of its since started a new one (`since`).
+  -- Counted again from the ops it sent (ARGV[12]: pushes whose replies it
+  -- has not read yet included) and what Redis counted since: never below
+  -- what the writer will count (a count above it only weakens this check;
+  -- one below would record a loss that never was). But one whose
+  -- heartbeat is still here, or that ran one a short while ago (ARGV[11]),
+  -- cannot have lost it so: a count missing then went with the ops it
+  -- counted.
   local have = pcall_('HGET', P .. ':acks', writer)
   local since = 0
   if ARGV[11] ~= '1' and rcall('HEXISTS', P .. ':beats', writer) == 0 then
@@ -1923,8 +1924,11 @@ if cmd == 'heartbeat' then
     end
   end
   -- Accounted for: recorded below, or by whoever moved the epoch on.
-  if pushed > 0 and (not have or have < pushed) then
-    pcall_('HSET', P .. ':acks', writer, sformat('%.0f', pushed + since))
+  if not have then
+    local sent = math.max(tonumber(ARGV[12]) or 0, pushed)
+    if sent + since > 0 then pcall_('HSET', P .. ':acks', writer, sformat('%.0f', sent + since)) end
+  elseif have < pushed then
+    pcall_('HSET', P .. ':acks', writer, sformat('%.0f', pushed))
   end
   local lost_now = 0
   if why then
