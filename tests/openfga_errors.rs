@@ -610,3 +610,27 @@ async fn check_with_token_answer(answer: wiremock::ResponseTemplate) -> fga_wb::
         .await
         .unwrap_err()
 }
+
+/// A token endpoint that redirects is not followed (a 307 sent the form,
+/// client secret and all, on to wherever it pointed): the error says
+/// where it points, so the setting can be fixed.
+#[tokio::test]
+async fn a_token_endpoint_redirect_is_not_followed() {
+    let elsewhere = MockServer::start().await;
+    Mock::given(wiremock::matchers::any())
+        .respond_with(wiremock::ResponseTemplate::new(200))
+        .expect(0)
+        .mount(&elsewhere)
+        .await;
+    let to = format!("http://{}/oauth/token", elsewhere.address());
+    let e = check_with_token_answer(
+        wiremock::ResponseTemplate::new(307).insert_header("location", to.as_str()),
+    )
+    .await;
+    assert!(e.is_auth(), "{e}");
+    assert!(
+        e.to_string().contains(&format!("redirecting to {to}")),
+        "{e}"
+    );
+    elsewhere.verify().await;
+}

@@ -846,7 +846,7 @@ impl WriteBehind {
     /// id now in use. Runs every `openfga.model_refresh` on its own when
     /// `openfga.model_id` is empty, and (pinned or not) until a model is
     /// read when none could be at start. Refreshes run one at a time: a
-    /// call waits for one under way (up to `openfga.request_timeout`).
+    /// call waits for one under way (its model read) first.
     pub async fn refresh_model(&self) -> Result<Option<String>> {
         self.ensure_open()?;
         let e = &self.inner.engine;

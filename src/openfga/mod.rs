@@ -782,20 +782,38 @@ impl Client {
             .await
             .map_err(|e| self.transport_error(operation, e, timeout))?;
         let status = resp.status();
-        if let Some(detail) = not_openfga(status, resp.headers()) {
+        if let Some(to) = redirect_target(status, resp.headers()) {
+            let detail = format!("HTTP {} redirecting to {to}", status.as_u16());
             return Err(Error::new(Kind::NotOpenFga { operation, detail }).into());
         }
         if status.is_success() {
+            let kind = content_type(resp.headers()).to_owned();
             let bytes = resp
                 .bytes()
                 .await
                 .map_err(|e| self.transport_error(operation, e, timeout))?;
             return serde_json::from_slice(&bytes).map_err(|e| {
-                Error::new(Kind::Decode {
-                    operation,
-                    detail: e.to_string(),
-                })
-                .caused_by(e)
+                // OpenFGA's answers are JSON, and say so: an unreadable body
+                // declared otherwise (or not at all) is not one of them, and
+                // nothing was written; one declared JSON may be a cut-off
+                // answer of OpenFGA's, whose request may have applied.
+                if kind.to_ascii_lowercase().contains("json") {
+                    Error::new(Kind::Decode {
+                        operation,
+                        detail: e.to_string(),
+                    })
+                    .caused_by(e)
+                } else {
+                    let kind = if kind.is_empty() {
+                        "no declared"
+                    } else {
+                        &kind
+                    };
+                    Error::new(Kind::NotOpenFga {
+                        operation,
+                        detail: format!("HTTP {} with a {kind} body", status.as_u16()),
+                    })
+                }
                 .into()
             });
         }
@@ -946,26 +964,28 @@ async fn error_body(mut resp: reqwest::Response) -> Vec<u8> {
     body
 }
 
-/// What says an answer is not OpenFGA's: a redirect (OpenFGA sends none),
-/// or a success whose body is declared other than JSON (OpenFGA's always
-/// is). Said without any secret the redirect's target may carry.
-fn not_openfga(status: StatusCode, headers: &HeaderMap) -> Option<String> {
-    let header = |name| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-    };
-    if status.is_redirection() {
-        let to = match header(reqwest::header::LOCATION) {
-            "" => "nowhere said".to_owned(),
-            to => redact_url(to),
-        };
-        return Some(format!("HTTP {} redirecting to {to}", status.as_u16()));
+/// Where a redirect points (OpenFGA sends none), its user and password
+/// hidden; None for any other answer.
+pub(crate) fn redirect_target(status: StatusCode, headers: &HeaderMap) -> Option<String> {
+    if !status.is_redirection() {
+        return None;
     }
-    let kind = header(reqwest::header::CONTENT_TYPE);
-    (status.is_success() && !kind.is_empty() && !kind.to_ascii_lowercase().contains("json"))
-        .then(|| format!("HTTP {} with a {kind} body", status.as_u16()))
+    Some(
+        match headers
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+        {
+            None | Some("") => "nowhere said".to_owned(),
+            Some(to) => redact_url(to),
+        },
+    )
+}
+
+fn content_type(headers: &HeaderMap) -> &str {
+    headers
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
 }
 
 /// `Retry-After` in seconds, or as an HTTP date (the time left until it,
@@ -976,10 +996,12 @@ fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
     let wait = match v.parse::<u64>() {
         Ok(secs) => Duration::from_secs(secs),
         Err(_) if v.bytes().all(|b| b.is_ascii_digit()) => return None,
+        // By another machine's clock: never taken for "at once".
         Err(_) => httpdate::parse_http_date(v)
             .ok()?
             .duration_since(std::time::SystemTime::now())
-            .unwrap_or_default(),
+            .unwrap_or_default()
+            .max(Duration::from_secs(1)),
     };
     Some(wait.min(MAX_RETRY_AFTER))
 }
@@ -1206,8 +1228,12 @@ mod tests {
         assert_eq!(at("3"), Some(Duration::from_secs(3)));
         assert_eq!(at("18446744073709551615"), Some(MAX_RETRY_AFTER));
         assert_eq!(at("99999999999999999999999"), None);
-        // An HTTP date: the time left until it (none left, once past).
-        assert_eq!(at("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        // An HTTP date: the time left until it (a second, once past: the
+        // clocks of two machines).
+        assert_eq!(
+            at("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::from_secs(1))
+        );
         let soon = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(120));
         let left = at(&soon).expect("a date is read");
         assert!(
