@@ -2599,3 +2599,68 @@ async fn a_pruned_count_a_push_started_again_is_no_loss() {
         .await;
     assert!(lost_now(&out), "{out:?}");
 }
+
+/// Every connection to Redis has TCP keepalive on (the kernel's own record
+/// in /proc/net/tcp: its keepalive timer runs on an idle socket), so a
+/// node that stops answering without a reset (died, or its address moved
+/// to another machine) is found within seconds and the connection made
+/// again. Before, no timer ran: such a socket was kept, and every call
+/// timed out on it until the kernel gave up, some fifteen minutes later.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn connections_to_redis_keep_alive() {
+    let s = new_store("redis-keepalive").await;
+    // A Redis of its own: the other tests' connections (their own raw
+    // ones among them) are not this test's to judge.
+    let node = testenv::Redis::start(testenv::RedisOptions::default())
+        .await
+        .unwrap();
+    let mut c = redis_config(&s);
+    c.redis.url = node.url();
+    let wb = WriteBehind::builder(c)
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    wb.grant("user:anne", "viewer", "document:alive")
+        .await
+        .unwrap();
+    let ports = [node.port()];
+    // This process's sockets, by inode.
+    let timers = || {
+        let ours: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter_map(|l| {
+                let l = l.to_string_lossy().into_owned();
+                Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+            })
+            .collect();
+        // sl local rem st queues tr:when retrnsmt uid timeout inode
+        ["/proc/net/tcp", "/proc/net/tcp6"]
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .flat_map(|t| t.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let port = u16::from_str_radix(f.get(2)?.rsplit(':').next()?, 16).ok()?;
+                let wanted =
+                    f.get(3) == Some(&"01") && ports.contains(&port) && ours.contains(*f.get(9)?);
+                wanted.then(|| f.get(5)?.split(':').next().map(str::to_owned))?
+            })
+            .collect::<Vec<String>>()
+    };
+    // 02: the keepalive timer, which runs on an idle socket (01, a
+    // retransmission timer, runs while a request is unanswered).
+    support::eventually(
+        "every connection idle with its keepalive timer",
+        Duration::from_secs(10),
+        || async {
+            let t = timers();
+            eprintln!("timers of this process's Redis connections: {t:?}");
+            !t.is_empty() && t.iter().all(|t| t == "02")
+        },
+    )
+    .await;
+    drop(wb);
+}

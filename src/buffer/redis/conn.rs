@@ -259,6 +259,29 @@ pub(crate) type OnDisconnect = Arc<dyn Fn() + Send + Sync>;
 /// Longest any one command may take, redirections and reconnects included.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Every connection's socket: requests go out at once (redis-rs leaves
+/// Nagle's algorithm on, which holds a pipelined call back until the one
+/// before it is acknowledged), and a peer that stops answering at all (a
+/// node that died without a reset, an address moved to another machine)
+/// drops the connection within seconds, for a reconnect: a response
+/// timeout alone keeps the socket, and every call timed out on it until
+/// the kernel gave up, some fifteen minutes later. The kernel acknowledges
+/// what a busy Redis has not read yet, so a long script does not count.
+fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(5));
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    let keepalive = keepalive.with_retries(3);
+    let s = TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive);
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    let s = s.set_user_timeout(Duration::from_secs(15));
+    s
+}
+
 /// A cluster client that follows redirections, with no per-attempt
 /// response timeout (on one, redis-rs would re-send a script, and scripts
 /// are not idempotent): only the overall time is capped. It does send a
@@ -274,6 +297,7 @@ fn cluster_client(
     on_disconnect: OnDisconnect,
 ) -> Result<redis::cluster::ClusterClient> {
     tls.cluster(seeds)
+        .tcp_settings(tcp_settings())
         .connection_timeout(Duration::from_secs(3))
         .overall_response_timeout(Some(RESPONSE_TIMEOUT))
         .retries(8)
@@ -311,7 +335,10 @@ pub(crate) async fn connect(
                 .redis_settings()
                 .clone()
                 .set_protocol(redis::ProtocolVersion::RESP3);
-            let client = tls.client(info.set_redis_settings(settings), target)?;
+            let info = info
+                .set_redis_settings(settings)
+                .set_tcp_settings(tcp_settings());
+            let client = tls.client(info, target)?;
             let config = redis::aio::ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(3)))
                 .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -345,7 +372,8 @@ pub(crate) async fn subscribe(
     match target {
         Target::Node(url) => {
             let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
-                .map_err(|e| not_a_url(target, e))?;
+                .map_err(|e| not_a_url(target, e))?
+                .set_tcp_settings(tcp_settings());
             let client = tls.client(info, target)?;
             let mut ps = client
                 .get_async_pubsub()
@@ -361,6 +389,7 @@ pub(crate) async fn subscribe(
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<redis::PushInfo>();
             let client = tls
                 .cluster(seeds)
+                .tcp_settings(tcp_settings())
                 .connection_timeout(Duration::from_secs(3))
                 .overall_response_timeout(Some(RESPONSE_TIMEOUT))
                 .use_protocol(redis::ProtocolVersion::RESP3)
