@@ -266,6 +266,28 @@ async fn garbage_success_body_is_a_clear_error() {
     let e = client.write(STORE, &req).await.unwrap_err();
     assert!(e.is_misdirected() && !e.may_have_applied(), "{e}");
     assert!(e.to_string().contains("text/html"), "{e}");
+    // OpenFGA's JSON under a proxy's wrong label is still its answer; an
+    // unreadable body with no label at all is not.
+    const OTHER: &str = "01JSTORE0000000000000000001";
+    Mock::given(method("POST"))
+        .and(path(format!("/stores/{OTHER}/check")))
+        .respond_with(
+            wiremock::ResponseTemplate::new(200).set_body_raw(r#"{"allowed":true}"#, "text/plain"),
+        )
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(format!("/stores/{OTHER}/write")))
+        .respond_with(wiremock::ResponseTemplate::new(200).set_body_bytes("<html>"))
+        .mount(&server)
+        .await;
+    let allowed = client
+        .check(OTHER, &CheckRequest::new("user:a", "viewer", "document:1"))
+        .await
+        .unwrap();
+    assert!(allowed);
+    let e = client.write(OTHER, &req).await.unwrap_err();
+    assert!(e.is_misdirected() && !e.may_have_applied(), "{e}");
 }
 
 /// OpenFGA never redirects: a redirect (an auth proxy's login page, http

@@ -524,9 +524,9 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn release(&self, _keep_until: Option<std::time::Instant>) -> BoxFuture<'_, Result<()>> {
         Box::pin(futures::future::ready(Ok(())))
     }
-    /// The application's flusher has ended (its shutdown or close ran, or
-    /// its thread died): this process writes nothing more, so its lease is
-    /// no longer renewed. It ends by itself then, as a dead process's
+    /// The application's flusher has ended as asked (its shutdown or
+    /// close ran, or the handle was dropped): the handle writes nothing
+    /// more, so its lease is no longer renewed. It ends by itself then, as a dead process's
     /// does, if the release that normally follows never comes (a caller
     /// that cut `shutdown()` short and kept the handle).
     fn flusher_ended(&self) {}

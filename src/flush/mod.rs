@@ -790,7 +790,7 @@ impl Engine {
         let _held = HeldGauge::add(ops);
         if let Err(e) = self.store.keep_lease_until(until.into_std()).await {
             // The lease still runs its usual length, renewed while this
-            // process lives: only a stop or a crash within the hold would
+            // handle flushes: only a stop or a crash within the hold would
             // hand the keys on early.
             tracing::warn!(error = %e, "could not keep this writer's lease to the end of the hold");
         }

@@ -172,15 +172,6 @@ pub(crate) struct FlusherThread {
     done: oneshot::Receiver<()>,
 }
 
-/// Tells the store the flusher ended, when dropped.
-struct Ended(Arc<Engine>);
-
-impl Drop for Ended {
-    fn drop(&mut self) {
-        self.0.store.flusher_ended();
-    }
-}
-
 impl FlusherThread {
     pub(crate) fn spawn(
         engine: Arc<Engine>,
@@ -209,12 +200,13 @@ impl FlusherThread {
                     }
                 };
                 let _ = started.send(Ok(()));
-                // Also if the pump panics.
-                let ended = Ended(engine.clone());
+                let store = engine.store.clone();
                 tracing::dispatcher::with_default(&dispatch, || {
                     runtime.block_on(run(engine, commands, stop, automatic));
                 });
-                drop(ended);
+                // Ended as asked (not by a panic, after which the handle
+                // still takes ops, and its checks need the heartbeat).
+                store.flusher_ended();
                 let _ = tx.send(());
             })
             .map_err(|e| Error::internal(format!("cannot start the flusher's thread: {e}")))?;

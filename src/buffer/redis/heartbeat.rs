@@ -226,6 +226,11 @@ impl Heartbeat {
         let at = now_ms();
         let epoch = self.watch.epoch();
         let acked = self.watch.acked.load(Ordering::Relaxed);
+        // In this order: a reply counted in between is counted twice (a
+        // count above the writer's only weakens the comparison), never
+        // missed.
+        let unanswered = self.watch.unanswered.load(Ordering::SeqCst);
+        let pushed = self.watch.pushed.load(Ordering::SeqCst);
         let mut a = Args::new("heartbeat", self.publish);
         a.push(at)
             .push(&self.writer)
@@ -234,9 +239,9 @@ impl Heartbeat {
             .push(acked)
             .push(self.hold.term())
             .push(self.outcome_hold.as_millis() as u64)
-            .push(self.watch.pushed.load(Ordering::Relaxed))
+            .push(pushed)
             .push(u8::from(self.counted_in_redis(at)))
-            .push(self.watch.sent.load(Ordering::Relaxed));
+            .push(pushed.saturating_add(unanswered));
         // Cleared only once the quiet time and the reconnect are recorded
         // (below): cleared before this call, it let a check through while
         // the call was under way, with neither set yet. A connection that
@@ -295,7 +300,8 @@ impl Heartbeat {
     }
 
     /// Renews the lease a third of the way through, and at once when a
-    /// connection dropped, until the store is dropped.
+    /// connection dropped, until the store is dropped, released, or its
+    /// application's flusher has ended.
     pub(crate) async fn run(self) {
         loop {
             tokio::select! {

@@ -110,11 +110,13 @@ struct Watch {
     /// (or none yet: nothing to forget) holds a count in Redis, and a Redis
     /// without it lost every op it counted.
     beat_ok_at: AtomicU64,
-    /// How many ops this process sent in push calls, answered or not: at
-    /// least what `pushed` counts once their replies are in. Where Redis
-    /// no longer has the count, it starts again from this (and what it
-    /// counted since), never below what the process will count.
-    sent: AtomicU64,
+    /// How many ops are in push calls whose replies are not in yet (each
+    /// call's, until `pushed` counts what it accepted). With `pushed`, what
+    /// a heartbeat may find Redis counted: where Redis no longer has the
+    /// count, or just recorded a loss, the count starts again from there
+    /// (and, for a count pruned, what Redis counted since), so a reply
+    /// still on its way does not make the next heartbeat record a loss.
+    unanswered: AtomicU64,
     /// The lease was released (a clean stop deletes the writer's count in
     /// Redis): no heartbeat runs from then on, or it would take the count
     /// missing for a loss.

@@ -78,11 +78,9 @@ impl Pusher {
             inv.arg(&p.key).arg(op_code(p.op)).arg(&p.condition);
         }
         inv.arg(&self.writer);
-        // Before the call: a heartbeat never reads fewer than Redis may
-        // have counted (see `Watch::sent`).
-        self.watch
-            .sent
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        // Until `pushed` counts what it accepted, whatever the reply (see
+        // `Watch::unanswered`).
+        let _unanswered = Unanswered::new(&self.watch, batch.len() as u64);
         let result = match self.replication {
             None => {
                 let mut conn = self.conn.clone();
@@ -177,7 +175,7 @@ impl Pusher {
     /// `Watch`): look at once.
     pub(crate) fn note_acked(&self, seqs: &[i64]) {
         let accepted = seqs.iter().filter(|s| **s > 0).count() as u64;
-        self.watch.pushed.fetch_add(accepted, Ordering::Relaxed);
+        self.watch.pushed.fetch_add(accepted, Ordering::SeqCst);
         let Some(max) = seqs.iter().copied().filter(|s| *s > 0).max() else {
             return;
         };
@@ -186,6 +184,23 @@ impl Pusher {
         if (min as u64) <= before {
             self.watch.wake.notify_one();
         }
+    }
+}
+
+/// Ops of a push call whose reply is not counted yet, from its start to
+/// its end (a dropped call too).
+struct Unanswered<'a>(&'a Watch, u64);
+
+impl<'a> Unanswered<'a> {
+    fn new(watch: &'a Watch, ops: u64) -> Self {
+        watch.unanswered.fetch_add(ops, Ordering::SeqCst);
+        Unanswered(watch, ops)
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        self.0.unanswered.fetch_sub(self.1, Ordering::SeqCst);
     }
 }
 

@@ -1828,7 +1828,7 @@ if cmd == 'confirmed' then
   return { waiting, latest, rcall('EXISTS', P .. ':loss') }
 end
 
--- heartbeat pub now writer lease_ms epoch acked had hold_ms pushed recent sent
+-- heartbeat pub now writer lease_ms epoch acked had hold_ms pushed recent may_count
 --   -> {alive, epoch, seq, loss open, lost now, term}
 -- Renews the writer's lease (alive is 0 if it had already ended; a new
 -- `term` says what it held was handed to others), and compares what the writer knows
@@ -1857,10 +1857,10 @@ if cmd == 'heartbeat' then
   local pushed = tonumber(ARGV[10]) or 0
   -- Unknown for a writer gone for long, whose count went with its
   -- heartbeat, even if a push of its since started a new one (`since`).
-  -- Counted again from the ops it sent (ARGV[12]: pushes whose replies it
-  -- has not read yet included) and what Redis counted since: never below
-  -- what the writer will count (a count above it only weakens this check;
-  -- one below would record a loss that never was). But one whose
+  -- Counted again from what the writer may count (ARGV[12]: `pushed` and
+  -- the ops of its pushes whose replies it has not read yet) and what
+  -- Redis counted since: a count above the writer's only weakens this
+  -- check, one below would record a loss that never was. But one whose
   -- heartbeat is still here, or that ran one a short while ago (ARGV[11]),
   -- cannot have lost it so: a count missing then went with the ops it
   -- counted.
@@ -1924,11 +1924,13 @@ if cmd == 'heartbeat' then
     end
   end
   -- Accounted for: recorded below, or by whoever moved the epoch on.
+  local may_count = math.max(tonumber(ARGV[12]) or 0, pushed)
   if not have then
-    local sent = math.max(tonumber(ARGV[12]) or 0, pushed)
-    if sent + since > 0 then pcall_('HSET', P .. ':acks', writer, sformat('%.0f', sent + since)) end
+    if may_count + since > 0 then
+      pcall_('HSET', P .. ':acks', writer, sformat('%.0f', may_count + since))
+    end
   elseif have < pushed then
-    pcall_('HSET', P .. ':acks', writer, sformat('%.0f', pushed))
+    pcall_('HSET', P .. ':acks', writer, sformat('%.0f', may_count))
   end
   local lost_now = 0
   if why then
