@@ -32,7 +32,8 @@
 --                              10 min after its last (see confirmed), gone at
 --                              a clean stop
 --   P:acks             hash    writer -> how many ops its pushes had
---                              accepted, in all (see heartbeat)
+--                              accepted, in all; recount:<writer> -> 1 while
+--                              its count is to be counted again (see heartbeat)
 --   P:owes             hash    tuple key -> seq of its latest op, a grant
 --                              pushed over a revoke of the tuple not known
 --                              to have reached OpenFGA (folded into it), or
@@ -1856,17 +1857,22 @@ if cmd == 'heartbeat' then
   -- a failover to a lagging replica, but not this.
   local pushed = tonumber(ARGV[10]) or 0
   -- Unknown for a writer gone for long, whose count went with its
-  -- heartbeat, even if a push of its since started a new one (`since`).
-  -- Counted again from what the writer may count (ARGV[12]: `pushed` and
-  -- the ops of its pushes whose replies it has not read yet) and what
-  -- Redis counted since: a count above the writer's only weakens this
-  -- check, one below would record a loss that never was. But one whose
-  -- heartbeat is still here, or that ran one a short while ago (ARGV[11]),
-  -- cannot have lost it so: a count missing then went with the ops it
-  -- counted.
+  -- heartbeat, even if a push of its since started a new one (`since`);
+  -- and after the count fell behind the writer's (a loss, or an epoch
+  -- another writer moved on), when it was set aside to be counted again
+  -- here (`recount`). Counted again from what the writer may count
+  -- (ARGV[12]: `pushed` and the ops of its pushes whose replies it had not
+  -- read when this heartbeat set out) and what Redis counted since the
+  -- count was dropped (pushes that ran after those reads included): a
+  -- count above the writer's only weakens this check, one below would
+  -- record a loss that never was. But one whose heartbeat is still here,
+  -- or that ran one a short while ago (ARGV[11]), cannot have lost it so:
+  -- a count missing then went with the ops it counted.
   local have = pcall_('HGET', P .. ':acks', writer)
+  local recount = 'recount:' .. writer
   local since = 0
-  if ARGV[11] ~= '1' and rcall('HEXISTS', P .. ':beats', writer) == 0 then
+  if pcall_('HEXISTS', P .. ':acks', recount) == 1
+      or (ARGV[11] ~= '1' and rcall('HEXISTS', P .. ':beats', writer) == 0) then
     since = type(have) == 'string' and tonumber(have) or 0
     have = nil
   elseif have == false then
@@ -1893,7 +1899,7 @@ if cmd == 'heartbeat' then
       rcall('HDEL', P .. ':beats', beats[i])
       rcall('HDEL', P .. ':terms', beats[i])
       rcall('HDEL', P .. ':holdfor', beats[i])
-      pcall_('HDEL', P .. ':acks', beats[i])
+      pcall_('HDEL', P .. ':acks', beats[i], 'recount:' .. beats[i])
       -- A mark an older version's reclaim left behind.
       rcall('HDEL', P .. ':heldover', beats[i])
     end
@@ -1923,14 +1929,19 @@ if cmd == 'heartbeat' then
         ' (a failover to a replica that had not received them, or a restart from an older snapshot)'
     end
   end
-  -- Accounted for: recorded below, or by whoever moved the epoch on.
-  local may_count = math.max(tonumber(ARGV[12]) or 0, pushed)
+  -- Accounted for: recorded below, or by whoever moved the epoch on. The
+  -- count is dropped and counted again from the next heartbeat's own
+  -- reads: set from this one's, a push that ran in between would be
+  -- missing from it, and the next heartbeat would record a loss again.
   if not have then
+    local may_count = math.max(tonumber(ARGV[12]) or 0, pushed)
     if may_count + since > 0 then
       pcall_('HSET', P .. ':acks', writer, sformat('%.0f', may_count + since))
     end
+    pcall_('HDEL', P .. ':acks', recount)
   elseif have < pushed then
-    pcall_('HSET', P .. ':acks', writer, sformat('%.0f', may_count))
+    pcall_('HDEL', P .. ':acks', writer)
+    pcall_('HSET', P .. ':acks', recount, 1)
   end
   local lost_now = 0
   if why then
@@ -2023,7 +2034,7 @@ if cmd == 'release' then
   -- Stopped cleanly: nothing of its own left to compare after a reconnect.
   rcall('HDEL', P .. ':beats', writer)
   rcall('HDEL', P .. ':terms', writer)
-  pcall_('HDEL', P .. ':acks', writer)
+  pcall_('HDEL', P .. ':acks', writer, 'recount:' .. writer)
   return n
 end
 
