@@ -2602,6 +2602,8 @@ async fn a_pruned_count_a_push_started_again_is_no_loss() {
         )
         .await;
     assert!(lost_now(&out), "{out:?}");
+    // The writer is asked for its next heartbeat at once.
+    assert_eq!(out.get(6), Some(&redis::Value::Int(1)), "{out:?}");
     let epoch = match out.get(1) {
         Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
         other => panic!("epoch: {other:?}"),

@@ -219,9 +219,22 @@ impl Heartbeat {
     /// Renews the lease and compares what this process acknowledged with
     /// what Redis holds. Returns whether a loss record is open.
     pub(crate) async fn once(&self) -> Result<bool> {
+        let (open, recounting) = self.beat().await?;
+        if !recounting {
+            return Ok(open);
+        }
+        // Redis set its count of this writer's ops aside (it was behind):
+        // counted again now, from reads after it did (see `heartbeat` in
+        // store.lua).
+        Ok(self.beat().await?.0)
+    }
+
+    /// One heartbeat: whether a loss record is open, and whether Redis set
+    /// this writer's count aside to be counted again.
+    async fn beat(&self) -> Result<(bool, bool)> {
         let _beat = self.watch.beat_lock.lock().await;
         if self.watch.released.load(Ordering::Acquire) {
-            return Ok(false);
+            return Ok((false, false));
         }
         let at = now_ms();
         let epoch = self.watch.epoch();
@@ -286,7 +299,7 @@ impl Heartbeat {
             metrics::counter!("fga_wb_redis_losses_total").increment(1);
         }
         self.watch.saw(&now_epoch, seq, lost_now);
-        Ok(open)
+        Ok((open, v.get(6).map_or(Ok(0), int)? == 1))
     }
 
     /// Whether Redis cannot have forgotten this writer's count of the ops

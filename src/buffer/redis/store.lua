@@ -1830,7 +1830,7 @@ if cmd == 'confirmed' then
 end
 
 -- heartbeat pub now writer lease_ms epoch acked had hold_ms pushed recent may_count
---   -> {alive, epoch, seq, loss open, lost now, term}
+--   -> {alive, epoch, seq, loss open, lost now, term, recounting}
 -- Renews the writer's lease (alive is 0 if it had already ended; a new
 -- `term` says what it held was handed to others), and compares what the writer knows
 -- with what Redis holds: `epoch` is the store's epoch as the writer last saw
@@ -1870,7 +1870,7 @@ if cmd == 'heartbeat' then
   -- a count missing then went with the ops it counted.
   local have = pcall_('HGET', P .. ':acks', writer)
   local recount = 'recount:' .. writer
-  local since = 0
+  local since, recounting = 0, 0
   if pcall_('HEXISTS', P .. ':acks', recount) == 1
       or (ARGV[11] ~= '1' and rcall('HEXISTS', P .. ':beats', writer) == 0) then
     since = type(have) == 'string' and tonumber(have) or 0
@@ -1933,6 +1933,9 @@ if cmd == 'heartbeat' then
   -- count is dropped and counted again from the next heartbeat's own
   -- reads: set from this one's, a push that ran in between would be
   -- missing from it, and the next heartbeat would record a loss again.
+  -- The writer sends that heartbeat at once (`recounting`): what both
+  -- count stays a round trip's pushes, and the comparison it skips is
+  -- skipped for no longer.
   if not have then
     local may_count = math.max(tonumber(ARGV[12]) or 0, pushed)
     if may_count + since > 0 then
@@ -1942,6 +1945,7 @@ if cmd == 'heartbeat' then
   elseif have < pushed then
     pcall_('HDEL', P .. ':acks', writer)
     pcall_('HSET', P .. ':acks', recount, 1)
+    recounting = 1
   end
   local lost_now = 0
   if why then
@@ -1972,7 +1976,7 @@ if cmd == 'heartbeat' then
     epoch = ARGV[3] .. '/' .. writer
     begin_epoch(epoch)
   end
-  return { alive, epoch, seq_text, rcall('EXISTS', P .. ':loss'), lost_now, term }
+  return { alive, epoch, seq_text, rcall('EXISTS', P .. ':loss'), lost_now, term, recounting }
 end
 
 -- gen: what checks compare cached answers against is a script of its own,
