@@ -331,8 +331,9 @@ impl Error {
     }
 
     /// What only an operator can fix: the credentials, the store or model,
-    /// or the address. Flushing stops on it rather than retrying.
-    pub(crate) fn stops_flushing(&self) -> bool {
+    /// or the address. Flushing stops on it rather than retrying, and the
+    /// CLI exits 2 (configuration).
+    pub fn stops_flushing(&self) -> bool {
         self.is_auth() || self.is_not_found() || self.is_misdirected()
     }
 
@@ -341,7 +342,9 @@ impl Error {
     /// gateway answered 502 or 504 (its upstream may still be running it),
     /// OpenFGA's own deadline passed (500 `deadline_exceeded`), a 5xx came
     /// without OpenFGA's error body, or a success came back
-    /// unreadable. A Write that ends so may land after a newer one.
+    /// unreadable though declared JSON (one that is not declared so is
+    /// not OpenFGA's: [`is_misdirected`](Self::is_misdirected)). A Write
+    /// that ends so may land after a newer one.
     pub fn may_have_applied(&self) -> bool {
         match &*self.kind {
             Kind::Timeout { sent, .. } | Kind::Connect { sent, .. } => *sent,

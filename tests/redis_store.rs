@@ -2510,9 +2510,9 @@ async fn confirmed_waits_for_a_writer_with_an_old_heartbeat_whose_lease_runs() {
 /// by another writer's heartbeat; a push of its that reaches Redis before
 /// its own heartbeat starts the count again from that push alone. The
 /// heartbeat then takes the count for unknown, as when it comes first, not
-/// for a loss, and starts it again from what the writer may count (pushes
-/// whose replies it has not read yet included) (one push ran before the pruning, one
-/// after): before, it recorded a loss that never was, at once or at the
+/// for a loss, and starts it again from what the writer may count: one
+/// push whose reply it has not read ran before the pruning, one after.
+/// Before, it recorded a loss that never was, at once or at the
 /// next heartbeat, and every check in every process failed closed until
 /// an operator acknowledged it. A count kept (its heartbeat still there)
 /// is still compared.
@@ -2530,6 +2530,10 @@ async fn a_pruned_count_a_push_started_again_is_no_loss() {
         .map(str::to_owned)
     };
     let lost_now = |out: &[redis::Value]| out.get(4) == Some(&redis::Value::Int(1));
+    let epoch_of = |out: &[redis::Value]| match out.get(1) {
+        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+        other => panic!("epoch: {other:?}"),
+    };
     let push = |now: &str, doc: &str| {
         [
             now,
@@ -2553,10 +2557,7 @@ async fn a_pruned_count_a_push_started_again_is_no_loss() {
         )
         .await;
     assert!(!lost_now(&out), "{out:?}");
-    let epoch = match out.get(1) {
-        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-        other => panic!("epoch: {other:?}"),
-    };
+    let epoch = epoch_of(&out);
     // A push whose reply the writer has not read (it counts 1 of 2 sent).
     r.call("push", &args(&push(&t0s, "document:2"))).await;
     // Eleven minutes on: another writer's heartbeat prunes w's count.
@@ -2604,10 +2605,7 @@ async fn a_pruned_count_a_push_started_again_is_no_loss() {
     assert!(lost_now(&out), "{out:?}");
     // The writer is asked for its next heartbeat at once.
     assert_eq!(out.get(6), Some(&redis::Value::Int(1)), "{out:?}");
-    let epoch = match out.get(1) {
-        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-        other => panic!("epoch: {other:?}"),
-    };
+    let epoch = epoch_of(&out);
     for _ in 0..2 {
         let out = r
             .call(

@@ -175,7 +175,7 @@ impl From<fga_wb::Error> for Failure {
             // OpenFGA refusing the credentials, or not knowing the store
             // or model, is the configuration's to fix too: a script can
             // tell it from "work remains" (1).
-            code: if e.is_config() || e.is_auth() || e.is_not_found() || e.is_misdirected() {
+            code: if e.is_config() || e.stops_flushing() {
                 2
             } else {
                 1
@@ -1165,7 +1165,7 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
                 // flush, in full chunks.
                 let error = match wb.flush_up_to(mark).await {
                     // Nothing will be written until the operator fixes it.
-                    Err(e) if e.is_auth() || e.is_not_found() || e.is_misdirected() => {
+                    Err(e) if e.stops_flushing() => {
                         bar.abandon();
                         return Err(e.into());
                     }

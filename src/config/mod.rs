@@ -665,8 +665,8 @@ impl Provider for Env {
         };
         for (name, key) in FGA_CLI_VARS {
             // Empty is unset, as the `fga` CLI takes them: a chart that
-            // passes `FGA_CLIENT_ID=` through must not turn a working API
-            // token into client credentials with no issuer.
+            // passes `FGA_CLIENT_ID=` through must not start an OAuth2
+            // section that is set only in part (refused at the start).
             let set = self
                 .vars
                 .iter()

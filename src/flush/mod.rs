@@ -304,11 +304,21 @@ impl Engine {
 pub(crate) enum Stop {
     /// Retry later (5xx, timeout, connection, 429, conflicts).
     Transient(Error),
-    /// Do not retry until someone acts (bad credentials, unknown store).
+    /// Do not retry until someone acts (bad credentials, unknown store,
+    /// an address that is not OpenFGA's).
     Halt(Error),
 }
 
 impl Stop {
+    /// The stop a request's failure `e` brings.
+    pub(crate) fn of(e: Error) -> Stop {
+        if e.stops_flushing() {
+            Stop::Halt(e)
+        } else {
+            Stop::Transient(e)
+        }
+    }
+
     pub(crate) fn error(&self) -> &Error {
         match self {
             Stop::Transient(e) | Stop::Halt(e) => e,
@@ -671,11 +681,7 @@ impl Engine {
                     Err(e) if e.may_lie_with_tuples() => suspects.push((part, e)),
                     Err(e) => {
                         pending_again(&mut result, part, &e);
-                        result.stop = Some(if e.stops_flushing() {
-                            Stop::Halt(e)
-                        } else {
-                            Stop::Transient(e)
-                        });
+                        result.stop = Some(Stop::of(e));
                     }
                 }
             }
@@ -923,11 +929,7 @@ impl Engine {
                 // and a plain write does it.
                 tracing::warn!(tuple = %t.tuple, error = %e, "replacing the tuple's condition failed; the grant stays pending");
                 if result.stop.is_none() {
-                    result.stop = Some(if e.stops_flushing() {
-                        Stop::Halt(e)
-                    } else {
-                        Stop::Transient(e)
-                    });
+                    result.stop = Some(Stop::of(e));
                 }
                 Outcome::Retry
             }

@@ -236,15 +236,21 @@ async fn fetch_token(http: &reqwest::Client, o: &OAuth2) -> Result<(Secret, Dura
         // the form body.
         .map_err(|e| token_err(super::root_cause(&e.without_url()), true))?;
     let status = resp.status();
-    if !status.is_success() {
+    if let Some(redirect) = super::redirected(status, resp.headers()) {
         // Not followed: it would send the client secret on to wherever it
         // points.
-        let redirect = super::redirect_target(status, resp.headers()).map_or(String::new(), |to| {
-            format!(" redirecting to {to} (set openfga.oauth2.token_url to it; redirects are not followed)")
-        });
         return Err(token_err(
             format!(
-                "{} answered HTTP {}{redirect}",
+                "{} answered {redirect}; set openfga.oauth2.token_url to where it points (redirects are not followed)",
+                super::redact_url(&o.token_url)
+            ),
+            false,
+        ));
+    }
+    if !status.is_success() {
+        return Err(token_err(
+            format!(
+                "{} answered HTTP {}",
                 super::redact_url(&o.token_url),
                 status.as_u16()
             ),

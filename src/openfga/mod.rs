@@ -782,8 +782,7 @@ impl Client {
             .await
             .map_err(|e| self.transport_error(operation, e, timeout))?;
         let status = resp.status();
-        if let Some(to) = redirect_target(status, resp.headers()) {
-            let detail = format!("HTTP {} redirecting to {to}", status.as_u16());
+        if let Some(detail) = redirected(status, resp.headers()) {
             return Err(Error::new(Kind::NotOpenFga { operation, detail }).into());
         }
         if status.is_success() {
@@ -964,21 +963,21 @@ async fn error_body(mut resp: reqwest::Response) -> Vec<u8> {
     body
 }
 
-/// Where a redirect points (OpenFGA sends none), its user and password
-/// hidden; None for any other answer.
-pub(crate) fn redirect_target(status: StatusCode, headers: &HeaderMap) -> Option<String> {
+/// "HTTP 302 redirecting to <where>" for a redirect (OpenFGA sends none;
+/// fga-wb follows none), the target's user and password hidden; None for
+/// any other answer.
+pub(crate) fn redirected(status: StatusCode, headers: &HeaderMap) -> Option<String> {
     if !status.is_redirection() {
         return None;
     }
-    Some(
-        match headers
-            .get(reqwest::header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-        {
-            None | Some("") => "nowhere said".to_owned(),
-            Some(to) => redact_url(to),
-        },
-    )
+    let to = match headers
+        .get(reqwest::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        None | Some("") => "a place it does not say".to_owned(),
+        Some(to) => redact_url(to),
+    };
+    Some(format!("HTTP {} redirecting to {to}", status.as_u16()))
 }
 
 fn content_type(headers: &HeaderMap) -> &str {

@@ -685,7 +685,8 @@ const STOP_LOOK: Duration = Duration::from_secs(30);
 /// [`Applier::look_past_stop`]); every `replay`, if dead letters died of
 /// transient causes and OpenFGA answers, replays them (superseded ones are
 /// dropped, see [`crate::buffer::Store::replay_dead_letters`]) and queues
-/// their jobs.
+/// their jobs; every 5 s, it reads the store's backlog for the pending-ops
+/// gauges.
 async fn look_again(applier: Arc<Applier>, every: Duration, replay: Option<Duration>) {
     let ticks = |d: Duration| {
         let mut t = tokio::time::interval(d);

@@ -227,8 +227,9 @@ impl Tls {
         }
     }
 
-    /// A client for one node.
+    /// A client for one node, with fga-wb's socket settings.
     fn client(&self, info: redis::ConnectionInfo, target: &Target) -> Result<redis::Client> {
+        let info = info.set_tcp_settings(tcp_settings());
         match self.certificates() {
             Some(certs) => redis::Client::build_with_tls(info, certs),
             None => redis::Client::open(info),
@@ -236,9 +237,10 @@ impl Tls {
         .map_err(|e| self.refused(target, e))
     }
 
-    /// A cluster client builder for `seeds`.
+    /// A cluster client builder for `seeds`, with fga-wb's socket settings.
     fn cluster(&self, seeds: &[String]) -> redis::cluster::ClusterClientBuilder {
-        let b = redis::cluster::ClusterClientBuilder::new(seeds.to_vec());
+        let b =
+            redis::cluster::ClusterClientBuilder::new(seeds.to_vec()).tcp_settings(tcp_settings());
         match self.certificates() {
             Some(certs) => b.certs(certs),
             None => b,
@@ -270,9 +272,18 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// (benches/RESULTS.md, stop 59).
 fn tcp_settings() -> redis::io::tcp::TcpSettings {
     use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
-    let keepalive = TcpKeepalive::new()
-        .with_time(Duration::from_secs(10))
-        .with_interval(Duration::from_secs(5));
+    let keepalive = TcpKeepalive::new().with_time(Duration::from_secs(10));
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "fuchsia",
+        target_os = "macos",
+        target_os = "ios",
+        target_os = "freebsd",
+        target_os = "netbsd",
+        target_os = "windows"
+    ))]
+    let keepalive = keepalive.with_interval(Duration::from_secs(5));
     let s = TcpSettings::default().set_keepalive(keepalive);
     #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
     let s = s.set_user_timeout(RESPONSE_TIMEOUT);
@@ -294,7 +305,6 @@ fn cluster_client(
     on_disconnect: OnDisconnect,
 ) -> Result<redis::cluster::ClusterClient> {
     tls.cluster(seeds)
-        .tcp_settings(tcp_settings())
         .connection_timeout(Duration::from_secs(3))
         .overall_response_timeout(Some(RESPONSE_TIMEOUT))
         .retries(8)
@@ -332,10 +342,7 @@ pub(crate) async fn connect(
                 .redis_settings()
                 .clone()
                 .set_protocol(redis::ProtocolVersion::RESP3);
-            let info = info
-                .set_redis_settings(settings)
-                .set_tcp_settings(tcp_settings());
-            let client = tls.client(info, target)?;
+            let client = tls.client(info.set_redis_settings(settings), target)?;
             let config = redis::aio::ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(3)))
                 .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -369,8 +376,7 @@ pub(crate) async fn subscribe(
     match target {
         Target::Node(url) => {
             let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
-                .map_err(|e| not_a_url(target, e))?
-                .set_tcp_settings(tcp_settings());
+                .map_err(|e| not_a_url(target, e))?;
             let client = tls.client(info, target)?;
             let mut ps = client
                 .get_async_pubsub()
@@ -386,7 +392,6 @@ pub(crate) async fn subscribe(
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<redis::PushInfo>();
             let client = tls
                 .cluster(seeds)
-                .tcp_settings(tcp_settings())
                 .connection_timeout(Duration::from_secs(3))
                 .overall_response_timeout(Some(RESPONSE_TIMEOUT))
                 .use_protocol(redis::ProtocolVersion::RESP3)

@@ -217,7 +217,8 @@ pub(crate) struct Heartbeat {
 
 impl Heartbeat {
     /// Renews the lease and compares what this process acknowledged with
-    /// what Redis holds. Returns whether a loss record is open.
+    /// what Redis holds, in a second heartbeat when Redis asks for one.
+    /// Returns whether a loss record is open.
     pub(crate) async fn once(&self) -> Result<bool> {
         let (open, recounting) = self.beat().await?;
         if !recounting {
@@ -225,8 +226,16 @@ impl Heartbeat {
         }
         // Redis set its count of this writer's ops aside (it was behind):
         // counted again now, from reads after it did (see `heartbeat` in
-        // store.lua).
-        Ok(self.beat().await?.0)
+        // store.lua); what both beats count is what runs in between.
+        match self.beat().await {
+            Ok((open, _)) => Ok(open),
+            Err(e) => {
+                // Tried again after the usual short wait, not a third of a
+                // lease later.
+                self.watch.wake.notify_one();
+                Err(e)
+            }
+        }
     }
 
     /// One heartbeat: whether a loss record is open, and whether Redis set

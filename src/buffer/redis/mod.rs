@@ -112,10 +112,10 @@ struct Watch {
     beat_ok_at: AtomicU64,
     /// How many ops are in push calls whose replies are not in yet (each
     /// call's, until `pushed` counts what it accepted). With `pushed`, what
-    /// a heartbeat may find Redis counted: where Redis no longer has the
-    /// count, or just recorded a loss, the count starts again from there
-    /// (and, for a count pruned, what Redis counted since), so a reply
-    /// still on its way does not make the next heartbeat record a loss.
+    /// the writer may count: where Redis cannot vouch for its count (pruned,
+    /// or set aside after it was found behind), the count starts again from
+    /// this and what Redis counted since, so a reply still on its way does
+    /// not make the next heartbeat record a loss.
     unanswered: AtomicU64,
     /// The lease was released (a clean stop deletes the writer's count in
     /// Redis): no heartbeat runs from then on, or it would take the count

@@ -1837,7 +1837,10 @@ end
 -- it ('' before its first look), `acked` the highest sequence number it
 -- acknowledged under that epoch, `pushed` how many ops its pushes had
 -- accepted in all, `recent` 1 if its last heartbeat succeeded a short
--- while ago. Keys gone, an epoch never seen, the sequence counter below
+-- while ago, `may_count` `pushed` and the ops of its push calls whose
+-- replies it had not read (what it may count once they are in). A
+-- `recounting` of 1 asks the writer for its next heartbeat at once (its
+-- count was set aside, see below). Keys gone, an epoch never seen, the sequence counter below
 -- `acked`, or the writer's own count (P:acks) below `pushed` prove that
 -- Redis lost acknowledged ops (a
 -- restart without its data, a failover to a replica that had not received
