@@ -2522,107 +2522,64 @@ async fn a_pruned_count_a_push_started_again_is_no_loss() {
     let t0 = now_ms();
     let (t0s, later) = (t0.to_string(), (t0 + 11 * 60_000).to_string());
     // heartbeat now writer lease epoch acked had hold pushed recent may_count
-    let beat = |writer: &str, now: &str, known: &str, acked: &str, counts: [&str; 3]| {
-        let [pushed, recent, may_count] = counts;
-        [
+    async fn beat(
+        r: &mut ScriptAt,
+        (writer, now, known, acked): (&str, &str, &str, &str),
+        [pushed, recent, may_count]: [&str; 3],
+    ) -> Vec<redis::Value> {
+        let args = [
             now, writer, "5000", known, acked, "", "0", pushed, recent, may_count,
-        ]
-        .map(str::to_owned)
-    };
+        ];
+        r.call("heartbeat", &args).await
+    }
+    async fn push(r: &mut ScriptAt, now: &str, doc: &str) {
+        let key = format!("{doc}#viewer@user:a");
+        r.call("push", &[now, "100", "1", &key, "g", "", "w"]).await;
+    }
     let lost_now = |out: &[redis::Value]| out.get(4) == Some(&redis::Value::Int(1));
     let epoch_of = |out: &[redis::Value]| match out.get(1) {
         Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
         other => panic!("epoch: {other:?}"),
     };
-    let push = |now: &str, doc: &str| {
-        [
-            now,
-            "100",
-            "1",
-            &format!("{doc}#viewer@user:a"),
-            "g",
-            "",
-            "w",
-        ]
-        .map(str::to_owned)
-    };
-    fn args(a: &[String]) -> Vec<&str> {
-        a.iter().map(String::as_str).collect()
-    }
-    r.call("push", &args(&push(&t0s, "document:1"))).await;
-    let out = r
-        .call(
-            "heartbeat",
-            &args(&beat("w", &t0s, "", "1", ["1", "1", "1"])),
-        )
-        .await;
+    push(&mut r, &t0s, "document:1").await;
+    let out = beat(&mut r, ("w", &t0s, "", "1"), ["1", "1", "1"]).await;
     assert!(!lost_now(&out), "{out:?}");
     let epoch = epoch_of(&out);
     // A push whose reply the writer has not read (it counts 1 of 2 sent).
-    r.call("push", &args(&push(&t0s, "document:2"))).await;
+    push(&mut r, &t0s, "document:2").await;
     // Eleven minutes on: another writer's heartbeat prunes w's count.
-    let out = r
-        .call(
-            "heartbeat",
-            &args(&beat("x", &later, &epoch, "0", ["0", "1", "0"])),
-        )
-        .await;
+    let out = beat(&mut r, ("x", &later, &epoch, "0"), ["0", "1", "0"]).await;
     assert!(!lost_now(&out), "{out:?}");
     let count: Option<String> = r.look("HGET", "acks", &["w"]).await;
     assert_eq!(count, None, "pruned");
     // Another push runs, its reply unread too (1 of 3 sent counted).
-    r.call("push", &args(&push(&later, "document:3"))).await;
-    let out = r
-        .call(
-            "heartbeat",
-            &args(&beat("w", &later, &epoch, "3", ["1", "0", "3"])),
-        )
-        .await;
+    push(&mut r, &later, "document:3").await;
+    let out = beat(&mut r, ("w", &later, &epoch, "3"), ["1", "0", "3"]).await;
     assert!(
         !lost_now(&out),
         "a pruned count is unknown, not a loss: {out:?}"
     );
     // The replies are read: the writer counts 3, and Redis no fewer.
-    let out = r
-        .call(
-            "heartbeat",
-            &args(&beat("w", &later, &epoch, "3", ["3", "1", "3"])),
-        )
-        .await;
+    let out = beat(&mut r, ("w", &later, &epoch, "3"), ["3", "1", "3"]).await;
     assert!(!lost_now(&out), "the replies counted since: {out:?}");
     // Kept (its heartbeat is there now): a count below the writer's is a
     // loss, recorded once. A push that ran after that heartbeat read the
     // writer's counts, its reply read since, does not make the next
     // heartbeat record another: the count is counted again from there.
     let _: () = r.look("HSET", "acks", &["w", "1"]).await;
-    r.call("push", &args(&push(&later, "document:4"))).await;
-    let out = r
-        .call(
-            "heartbeat",
-            &args(&beat("w", &later, &epoch, "3", ["3", "0", "3"])),
-        )
-        .await;
+    push(&mut r, &later, "document:4").await;
+    let out = beat(&mut r, ("w", &later, &epoch, "3"), ["3", "0", "3"]).await;
     assert!(lost_now(&out), "{out:?}");
     // The writer is asked for its next heartbeat at once.
     assert_eq!(out.get(6), Some(&redis::Value::Int(1)), "{out:?}");
     let epoch = epoch_of(&out);
     for _ in 0..2 {
-        let out = r
-            .call(
-                "heartbeat",
-                &args(&beat("w", &later, &epoch, "3", ["4", "1", "4"])),
-            )
-            .await;
+        let out = beat(&mut r, ("w", &later, &epoch, "3"), ["4", "1", "4"]).await;
         assert!(!lost_now(&out), "no second loss: {out:?}");
     }
     // And compared again from then on.
     let _: () = r.look("HSET", "acks", &["w", "2"]).await;
-    let out = r
-        .call(
-            "heartbeat",
-            &args(&beat("w", &later, &epoch, "3", ["4", "1", "4"])),
-        )
-        .await;
+    let out = beat(&mut r, ("w", &later, &epoch, "3"), ["4", "1", "4"]).await;
     assert!(lost_now(&out), "{out:?}");
 }
 

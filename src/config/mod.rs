@@ -841,42 +841,34 @@ impl Config {
         let garbled = |s: &str| s.trim() != s || s.chars().any(char::is_control);
         let token = self.openfga.api_token.expose();
         let mut sent = vec![("openfga.api_token (FGA_API_TOKEN)", token)];
-        match &self.openfga.oauth2 {
-            Some(o) if token.is_empty() => {
-                let missing = [
-                    (
-                        "openfga.oauth2.token_url (FGA_API_TOKEN_ISSUER)",
-                        o.token_url.as_str(),
-                    ),
-                    (
-                        "openfga.oauth2.client_id (FGA_CLIENT_ID)",
-                        o.client_id.as_str(),
-                    ),
-                    (
-                        "openfga.oauth2.client_secret (FGA_CLIENT_SECRET)",
-                        o.client_secret.expose(),
-                    ),
-                ]
-                .into_iter()
-                .filter(|(_, v)| v.is_empty())
-                .map(|(name, _)| name)
-                .collect::<Vec<_>>();
-                if !missing.is_empty() {
-                    return Err(Error::config(format!(
-                        "OAuth2 client credentials are set in part: {} missing (or set an API token, FGA_API_TOKEN, instead)",
-                        missing.join(", ")
-                    )));
-                }
-                sent.push((
+        if let Some(o) = self.openfga.oauth2.as_ref().filter(|_| token.is_empty()) {
+            let parts = [
+                (
+                    "openfga.oauth2.token_url (FGA_API_TOKEN_ISSUER)",
+                    o.token_url.as_str(),
+                ),
+                (
                     "openfga.oauth2.client_id (FGA_CLIENT_ID)",
                     o.client_id.as_str(),
-                ));
-                sent.push((
+                ),
+                (
                     "openfga.oauth2.client_secret (FGA_CLIENT_SECRET)",
                     o.client_secret.expose(),
-                ));
+                ),
+            ];
+            let missing: Vec<&str> = parts
+                .iter()
+                .filter(|(_, v)| v.is_empty())
+                .map(|(name, _)| *name)
+                .collect();
+            if !missing.is_empty() {
+                return Err(Error::config(format!(
+                    "OAuth2 client credentials are set in part: {} missing (or set an API token, FGA_API_TOKEN, instead)",
+                    missing.join(", ")
+                )));
             }
-            _ => {}
+            // The client id and secret, sent in the token request's form.
+            sent.extend_from_slice(&parts[1..]);
         }
         if let Some((name, _)) = sent.into_iter().find(|(_, v)| garbled(v)) {
             return Err(Error::config(format!(
