@@ -367,6 +367,8 @@ impl Error {
     /// without OpenFGA's code (a proxy's rule). The same tuples may meet it
     /// every time, so the flusher splits such a request while other writes
     /// land. Never an unknown outcome: those are waited out, not split.
+    /// Nor OpenFGA's 500 `unavailable` (its gRPC server stopping or out of
+    /// reach): the server, whatever the tuples.
     pub(crate) fn may_lie_with_tuples(&self) -> bool {
         match &*self.kind {
             Kind::Api(e) => {
@@ -374,6 +376,7 @@ impl Error {
                     && !self.may_have_applied()
                     && !e.is_throttled()
                     && !e.code.contains("resource_exhausted")
+                    && e.code != "unavailable"
                     && matches!(e.status, 500 | 400 | 422)
             }
             _ => false,

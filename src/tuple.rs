@@ -190,13 +190,7 @@ impl TupleKey {
     /// is implicit; OpenFGA refuses to write it, though it may be checked).
     pub fn validate_for_write(&self) -> Result<(), TupleError> {
         self.validate_fields(true)?;
-        if self.user.split_once('#') == Some((self.object.as_str(), self.relation.as_str())) {
-            return Err(TupleError::new(
-                Field::User,
-                &self.user,
-                "is the tuple's own object and relation: the tuple would relate a set to itself, which OpenFGA refuses to write (implicit tuple)",
-            ));
-        }
+        self.refuse_implicit("the tuple would relate a set to itself, which OpenFGA refuses to write (implicit tuple)")?;
         if let Some(c) = &self.condition {
             let size = c.context.as_ref().map_or(0, struct_size);
             if size > MAX_WRITE_CONTEXT_BYTES {
@@ -212,9 +206,26 @@ impl TupleKey {
 
     /// Checks that OpenFGA would delete the tuple: its fields' syntax
     /// ([`TupleKey::validate`]). OpenFGA holds deletes to no model, and
-    /// deleting a tuple it does not hold changes nothing.
+    /// deleting a tuple it does not hold changes nothing. Refused too: an
+    /// implicit tuple (a set related to itself), which OpenFGA takes a
+    /// delete of, but never stores and always answers allowed: the revoke
+    /// would be acknowledged and never be seen.
     pub fn validate_for_delete(&self) -> Result<(), TupleError> {
-        self.validate_fields(true)
+        self.validate_fields(true)?;
+        self.refuse_implicit("OpenFGA never stores such a tuple and always answers it allowed (implicit tuple), so it cannot be revoked")
+    }
+
+    /// Refuses OpenFGA's implicit tuple, `object#relation@object#relation`,
+    /// saying `why`.
+    fn refuse_implicit(&self, why: &str) -> Result<(), TupleError> {
+        if self.user.split_once('#') == Some((self.object.as_str(), self.relation.as_str())) {
+            return Err(TupleError::new(
+                Field::User,
+                &self.user,
+                format!("is the tuple's own object and relation: {why}"),
+            ));
+        }
+        Ok(())
     }
 
     /// The object's type, the part before `:`.
@@ -730,6 +741,9 @@ mod tests {
         let e = t.validate_for_write().unwrap_err();
         assert_eq!(e.field, Field::User);
         assert!(e.reason.contains("implicit"), "{e}");
+        // Nor revoked: OpenFGA always answers it allowed.
+        let e = t.validate_for_delete().unwrap_err();
+        assert!(e.reason.contains("always answers it allowed"), "{e}");
         assert!(TupleKey::new("group:eng#member", "member", "group:ops").is_ok());
     }
 

@@ -709,6 +709,14 @@ async fn revoke_after_an_empty_flush_is_still_flushed_eagerly() {
     wb.revoke("user:anne", "viewer", "document:1")
         .await
         .unwrap();
+    // Nothing asks the handle for it (a check that finds the revoke pending
+    // flushes it itself): the revoke trigger alone must send it.
+    support::eventually(
+        "the revoke in OpenFGA, sent by the trigger alone",
+        Duration::from_secs(20),
+        || async { stored(&s).await.is_empty() },
+    )
+    .await;
     let started = std::time::Instant::now();
     let got = wb.check("user:anne", "viewer", "document:1").await;
     assert!(

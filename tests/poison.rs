@@ -435,8 +435,9 @@ fn body_tuples(body: &serde_json::Value) -> Vec<String> {
 /// One tuple the server fails with a 500 every time (not a refusal, so not
 /// bisected as one) holds back only itself: the 40 grants cut into its
 /// request are applied, it stays pending (not dead-lettered: the failure
-/// is transient), and a later flush tries it alone. Before, every op of
-/// its request went back to pending with it, every time.
+/// is transient), and a later flush tries it alone, also when new ops are
+/// cut into its chunk. Before, every op of its request went back to
+/// pending with it, every time.
 #[tokio::test]
 async fn a_tuple_the_server_fails_every_time_holds_back_only_itself() {
     let server = mock_openfga().await;
@@ -473,6 +474,32 @@ async fn a_tuple_the_server_fails_every_time_holds_back_only_itself() {
         "tried alone: {:?}",
         &later[before..]
     );
+    assert_eq!(wb.pending().await.unwrap().total, 1);
+
+    // New grants of its object are cut into its chunk again: it still goes
+    // alone, once, and they land together. Before, it went with them: the
+    // chunk failed, then was bisected down to it, every time.
+    for i in 40..80 {
+        wb.grant(&format!("user:u{i:02}"), "viewer", "document:p")
+            .await
+            .unwrap();
+    }
+    let before = write_bodies(&server).await.len();
+    let r = wb.flush().await.unwrap();
+    assert_eq!(r.applied, 40, "{r:?}");
+    let later = write_bodies(&server).await;
+    let with_poison: Vec<_> = later[before..]
+        .iter()
+        .map(body_tuples)
+        .filter(|t| t.iter().any(|t| t.ends_with("@user:poison")))
+        .collect();
+    assert_eq!(
+        with_poison,
+        [["document:p#viewer@user:poison"]],
+        "alone, once: {:?}",
+        &later[before..]
+    );
+    assert_eq!(later.len() - before, 2, "{:?}", &later[before..]);
     assert_eq!(wb.pending().await.unwrap().total, 1);
     wb.clear().await.unwrap();
 }

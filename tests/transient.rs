@@ -23,7 +23,8 @@ use wiremock::{Request, ResponseTemplate};
 /// request is retried at once (`flush.request_retries = 0`). The ops stay
 /// pending through the failures, the background flusher retries with
 /// backoff on its own, and they end applied: `totals.retries >= 2`, nothing
-/// dead-lettered, flushing not stopped. The same for a 500, and for a 400
+/// dead-lettered, flushing not stopped. The same for OpenFGA's 500
+/// `unavailable` (its server, so not split either), for a 500, and for a 400
 /// that did not come from OpenFGA (a proxy's page, a gateway's JSON
 /// without OpenFGA's error code): it says nothing about the tuples. Before,
 /// such a 400 dead-lettered every op as refused, a revoke's letter letting
@@ -37,23 +38,22 @@ async fn transient_503_is_retried_until_applied() {
     );
     let gateway =
         ResponseTemplate::new(400).set_body_json(json!({ "message": "request validation failed" }));
+    // OpenFGA's own answer when its gRPC server is stopping or out of
+    // reach (gRPC Unavailable, which it maps to 500 `unavailable`): the
+    // server, not the tuples, so not split.
+    let openfga_unavailable = ResponseTemplate::new(500).set_body_json(json!({
+        "code": "unavailable",
+        "message": "connection error: desc = \"transport is closing\""
+    }));
     for (failure, response) in [
         ("unavailable-503", fixture("unavailable-503").response()),
+        ("OpenFGA's 500 unavailable", openfga_unavailable),
         ("server-error-500", fixture("server-error-500").response()),
         ("a proxy's 400 page", proxy_page),
         ("a gateway's 400", gateway),
     ] {
         let server = mock_openfga().await;
-        write_mock()
-            .respond_with(response)
-            .up_to_n_times(2)
-            .with_priority(1)
-            .mount(&server)
-            .await;
-        write_mock()
-            .respond_with(fixture("write-ok").response())
-            .mount(&server)
-            .await;
+        writes_then_ok(&server, [(response, 2)]).await;
         let wb = WriteBehind::builder(no_quick_retries(manual_flush(mock_config(&server))))
             .build()
             .await
@@ -66,7 +66,8 @@ async fn transient_503_is_retried_until_applied() {
         let first = wb.flush().await.unwrap();
         assert_eq!(first.dead_lettered, 0, "{failure}: {first:?}");
         let p = wb.pending().await.unwrap();
-        if failure == "unavailable-503" {
+        let server_side = failure.contains("unavailable");
+        if server_side {
             assert!(first.error.is_some(), "{failure}: {first:?}");
             assert_eq!(first.applied, 0, "{failure}: {first:?}");
             assert_eq!(p.total + p.in_flight, 10, "{failure}: kept pending: {p:?}");
@@ -93,7 +94,8 @@ async fn transient_503_is_retried_until_applied() {
         assert_eq!(st.totals.dead_lettered, 0, "{failure}");
         assert_eq!(st.flushing_stopped, None, "{failure}");
         assert!(wb.dead_letters().await.unwrap().is_empty(), "{failure}");
-        if failure == "unavailable-503" {
+        if server_side {
+            // Whole each time: two failures, then one that lands.
             assert_eq!(write_bodies(&server).await.len(), 3, "{failure}");
         }
         assert_accounted(&wb).await;
@@ -820,4 +822,33 @@ async fn another_chunks_failure_does_not_end_a_flush_of_older_ops() {
     let p = wb.pending().await.unwrap();
     assert_eq!(p.total + p.in_flight, 1, "user:b's grant stays: {p:?}");
     wb.clear().await.unwrap();
+}
+
+/// A request's quick retries after write conflicts and after other
+/// transient failures are counted apart (wiremock): three 409 conflicts of
+/// concurrent inserts (OpenFGA's `Aborted`, retried), then a 503, then OK.
+/// The 503 still has its retries (`flush.request_retries` = 3), and the one
+/// flush applies the op. Before, the conflicts used them up, and the op
+/// went back to pending with the 503 as the flush's error.
+#[tokio::test]
+async fn conflicts_do_not_use_up_the_retries_of_other_failures() {
+    let server = mock_openfga().await;
+    // The captured 409 of a tuple with another condition, as OpenFGA
+    // words a conflict between concurrent first inserts instead.
+    let conflict = ResponseTemplate::new(409).set_body_json(json!({
+        "code": "Aborted",
+        "message": "transactional write failed due to conflict"
+    }));
+    writes_then_ok(
+        &server,
+        [(conflict, 3), (fixture("unavailable-503").response(), 1)],
+    )
+    .await;
+    let wb = manual_handle(&server).await;
+    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    let r = wb.flush().await.unwrap();
+    assert_eq!((r.applied, r.requests), (1, 5), "{r:?}");
+    assert_eq!(r.error, None, "{r:?}");
+    assert_accounted(&wb).await;
+    wb.shutdown().await.unwrap();
 }

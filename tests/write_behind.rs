@@ -5,7 +5,8 @@ mod support;
 
 use std::time::Duration;
 
-use fga_wb::WriteBehind;
+use fga_wb::openfga::WriteRequest;
+use fga_wb::{TupleKey, WriteBehind};
 use support::{config_for, new_store, stored};
 
 /// Grants are visible to checks before any flush (derived `viewer` from
@@ -99,10 +100,49 @@ async fn revoke_after_an_empty_flush_goes_out_at_once() {
     wb.revoke("user:anne", "viewer", "document:9")
         .await
         .unwrap();
-    // The check waits for the revoke to land; with the trigger paused it
-    // would wait the whole hour-long interval and fail closed.
+    // Nothing asks the handle for it (a check that finds the revoke pending
+    // flushes it itself): the revoke trigger alone must send it.
+    support::eventually(
+        "the revoke in OpenFGA, sent by the trigger alone",
+        Duration::from_secs(20),
+        || async { stored(&s).await.is_empty() },
+    )
+    .await;
     assert!(!wb.check("user:anne", "viewer", "document:9").await.unwrap());
-    assert!(stored(&s).await.is_empty());
+    wb.shutdown().await.unwrap();
+}
+
+/// A revoke of an implicit tuple (a set related to itself) is refused with
+/// a clear error: OpenFGA takes the delete but never stores such a tuple
+/// and answers it allowed, whatever was written, so the revoke could only
+/// be acknowledged and never seen.
+#[tokio::test]
+async fn an_implicit_tuple_cannot_be_revoked() {
+    let s = new_store("wb-implicit-revoke").await;
+    let wb = WriteBehind::builder(config_for(&s))
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    let e = wb
+        .revoke("group:eng#member", "member", "group:eng")
+        .await
+        .expect_err("refused");
+    assert!(e.is_invalid_input(), "{e}");
+    assert!(e.to_string().contains("always answers it allowed"), "{e}");
+    assert_eq!(wb.pending().await.unwrap().total, 0);
+    // The server's side: the delete is taken, and the tuple stays allowed.
+    let t = TupleKey::new("group:eng#member", "member", "group:eng").unwrap();
+    s.client
+        .write(&s.store_id, &WriteRequest::idempotent(vec![], vec![t]))
+        .await
+        .unwrap();
+    assert!(support::ground_truth(&s, "group:eng#member@group:eng#member").await);
+    assert!(wb
+        .check("group:eng#member", "member", "group:eng")
+        .await
+        .unwrap());
+    wb.shutdown().await.unwrap();
 }
 
 /// With `flush.eager_revokes` off, a revoke waits for the batch or interval

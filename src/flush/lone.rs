@@ -15,6 +15,11 @@
 //!
 //! A failure counts only if some Write landed since the op's last one: in
 //! an outage every Write fails, and no op is given up for that.
+//!
+//! Every store remembers such ops, given up or not, so that a chunk they
+//! are cut into again sends them alone (see `failing_alone`): mixed with
+//! others, each retry cost the whole chunk its quick retries and a
+//! bisection, and held up to 99 other ops behind it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -82,11 +87,8 @@ impl LoneFailures {
     /// landed so far; returns how long it has failed if that is the end of
     /// its budget (it is forgotten then).
     pub(crate) fn failed(&self, seq: u64, landed: u64, now: Instant) -> Option<Duration> {
-        let give_up_after = self.give_up_after?;
         let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
-        // Entries idle this long stopped failing (applied, superseded,
-        // cleared), or wait out an outage: they start afresh.
-        let stale = give_up_after.saturating_mul(2).max(Duration::from_secs(60));
+        let stale = self.stale();
         if ops.len() >= KEEP {
             ops.retain(|_, f| now.saturating_duration_since(f.last) < stale);
         }
@@ -104,12 +106,28 @@ impl LoneFailures {
             f.tries = f.tries.saturating_add(1);
             f.landed = Some(landed);
         }
+        let give_up_after = self.give_up_after?;
         let failing_for = now.saturating_duration_since(f.since);
         if f.tries >= self.tries && failing_for >= give_up_after {
             ops.remove(&seq);
             return Some(failing_for);
         }
         None
+    }
+
+    /// The op `seq` failed alone lately: it goes alone again.
+    pub(crate) fn failing_alone(&self, seq: u64, now: Instant) -> bool {
+        let ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        ops.get(&seq)
+            .is_some_and(|f| now.saturating_duration_since(f.last) < self.stale())
+    }
+
+    /// Entries idle this long stopped failing (applied, superseded,
+    /// cleared), or wait out an outage: they start afresh.
+    fn stale(&self) -> Duration {
+        let at_least = Duration::from_secs(60);
+        self.give_up_after
+            .map_or(at_least, |g| g.saturating_mul(2).max(at_least))
     }
 }
 
@@ -159,6 +177,19 @@ mod tests {
         for i in 0..10 {
             assert_eq!(lone.failed(1, i, t0 + i as u32 * 60 * S), None);
         }
+        // But remembers it, to send it alone.
+        assert!(lone.failing_alone(1, t0 + 9 * 60 * S));
+    }
+
+    #[test]
+    fn an_op_failing_alone_is_known_until_it_goes_quiet() {
+        let lone = LoneFailures::after(&[S]);
+        let t0 = Instant::now();
+        assert!(!lone.failing_alone(1, t0));
+        assert_eq!(lone.failed(1, 1, t0), None);
+        assert!(lone.failing_alone(1, t0 + 59 * S));
+        assert!(!lone.failing_alone(2, t0));
+        assert!(!lone.failing_alone(1, t0 + 60 * S));
     }
 
     #[test]

@@ -601,7 +601,7 @@ impl Engine {
         let mut probed = false;
         let mut fruitless = 0;
         let mut allowed_rounds = None;
-        let mut todo = vec![(ops, retries)];
+        let mut todo = self.alone_first(ops, retries);
         loop {
             while let Some((part, retries)) = todo.pop() {
                 // Past shutdown's deadline nothing new starts, in a chunk
@@ -625,17 +625,18 @@ impl Engine {
                         .extend(part.into_iter().map(|t| (t, Outcome::Retry)));
                     continue;
                 }
-                let started = Instant::now();
                 match self
                     .write_retrying(&part, model, retries, &mut result)
                     .await
                 {
-                    Ok(()) => {
+                    Ok(rtt) => {
                         metrics::counter!("fga_wb_write_requests_total", "outcome" => "ok")
                             .increment(1);
                         result.landed += 1;
+                        // The request that landed, not the retries' pauses
+                        // before it: those are not the server's time.
                         if part.len() * 2 >= full {
-                            result.rtts.push(started.elapsed());
+                            result.rtts.push(rtt);
                         }
                         result
                             .outcomes
@@ -749,6 +750,32 @@ impl Engine {
             result.stop.get_or_insert(Stop::Transient(e));
         }
         result
+    }
+
+    /// A chunk's parts: an op whose Write alone failed lately goes alone
+    /// again, without quick retries (its pause is the pump's), and the
+    /// rest together, sent first.
+    fn alone_first(
+        &self,
+        ops: Vec<Taken>,
+        retries: QuickRetries,
+    ) -> Vec<(Vec<Taken>, QuickRetries)> {
+        if ops.len() < 2 {
+            return vec![(ops, retries)];
+        }
+        let now = Instant::now();
+        let (alone, rest): (Vec<Taken>, Vec<Taken>) = ops
+            .into_iter()
+            .partition(|t| self.lone.failing_alone(t.seq, now));
+        let once = QuickRetries {
+            transient: 0,
+            ..retries
+        };
+        let mut parts: Vec<_> = alone.into_iter().map(|t| (vec![t], once)).collect();
+        if !rest.is_empty() {
+            parts.push((rest, retries));
+        }
+        parts
     }
 
     /// What becomes of an op whose Write alone failed (with `landed`
@@ -901,7 +928,7 @@ impl Engine {
             .write_retrying(std::slice::from_ref(&delete), model, retries, result)
             .await
         {
-            Ok(()) => {
+            Ok(_) => {
                 // A delete that may still land would remove the grant
                 // written after it.
                 match result.unsure_at.filter(|_| result.unsure_at != before) {
@@ -916,7 +943,7 @@ impl Engine {
             Err(e) => Err(e),
         };
         match written {
-            Ok(()) => {
+            Ok(_) => {
                 tracing::info!(tuple = %t.tuple, "replaced the tuple's condition (delete, then write)");
                 Outcome::Applied
             }
@@ -944,21 +971,29 @@ impl Engine {
         model: Option<&str>,
         retries: QuickRetries,
         result: &mut ChunkResult,
-    ) -> Result<(), Error> {
+    ) -> Result<Duration, Error> {
         let mut backoff = quick_backoff(&self.cfg);
-        let mut tries = 0u32;
+        // Each kind of failure has its own budget: conflicts first do not
+        // leave a 503 after them without a retry.
+        let (mut conflicts, mut transient) = (0u32, 0u32);
         loop {
-            result.requests += 1;
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
             let under_way = UnderWay::start(self);
+            let started = Instant::now();
             let e = match self.write(ops, model).await {
                 Ok(()) => {
                     under_way.answered();
+                    self.count_request(result);
                     self.writes_ok.fetch_add(1, Ordering::Relaxed);
-                    return Ok(());
+                    return Ok(started.elapsed());
                 }
                 Err(e) => e,
             };
+            // Refused before it was sent (this writer's lease): no request,
+            // nor a retry of one.
+            let sent = !e.is_busy();
+            if sent {
+                self.count_request(result);
+            }
             if e.may_have_applied() {
                 // Noted at once, before it stops counting as under way: a
                 // stop during the retries (before the chunk waits out its
@@ -969,7 +1004,7 @@ impl Engine {
             }
             under_way.answered();
             let conflict = e.status() == Some(409);
-            if e.is_transient() {
+            if e.is_transient() && sent {
                 // Every request that failed transiently; its ops are sent
                 // again (now, or after the pause).
                 count!(self.stats, retries, "fga_wb_write_retries_total", 1);
@@ -979,14 +1014,12 @@ impl Engine {
                     result.congested = true;
                 }
             }
-            let allowed = e.is_transient()
-                && tries
-                    < if conflict {
-                        retries.conflicts
-                    } else {
-                        retries.transient
-                    };
-            if !allowed {
+            let (tries, budget) = if conflict {
+                (&mut conflicts, retries.conflicts)
+            } else {
+                (&mut transient, retries.transient)
+            };
+            if !e.is_transient() || *tries >= budget {
                 return Err(e);
             }
             // Longer than a quick retry waits: the pump's pause waits
@@ -995,7 +1028,7 @@ impl Engine {
             if e.retry_after().is_some_and(|r| r > QUICK_RETRY_MAX) {
                 return Err(e);
             }
-            tries += 1;
+            *tries += 1;
             let wait = backoff.next().unwrap_or(self.cfg.retry_max_backoff);
             let wait = e.retry_after().map_or(wait, |r| r.max(wait));
             if self.deadline_within(wait) {
@@ -1004,6 +1037,12 @@ impl Engine {
             tracing::debug!(error = %e, retry_in = ?wait, "write failed; retrying the request");
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// Counts a request sent.
+    fn count_request(&self, result: &mut ChunkResult) {
+        result.requests += 1;
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A stop's deadline (see `retry_deadline`) passes within `wait`.

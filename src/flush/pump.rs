@@ -1580,6 +1580,8 @@ mod tests {
         lost: std::sync::Mutex<Vec<Taken>>,
         looks: std::sync::Mutex<Vec<Option<Vec<String>>>>,
         looked: Notify,
+        /// What `write_budget` answers.
+        budget: Option<Duration>,
     }
 
     impl Default for Flaky {
@@ -1593,6 +1595,7 @@ mod tests {
                 lost: Default::default(),
                 looks: Default::default(),
                 looked: Notify::new(),
+                budget: None,
             }
         }
     }
@@ -1737,6 +1740,9 @@ mod tests {
         }
         fn shared(&self) -> bool {
             self.shared
+        }
+        fn write_budget(&self) -> Option<Duration> {
+            self.budget
         }
         fn give_back_strays<'a>(
             &'a self,
@@ -2148,6 +2154,29 @@ mod tests {
             let t = TupleKey::new(format!("user:u{i:03}"), "viewer", doc).unwrap();
             e.store.push(&t, Op::Grant).await.unwrap();
         }
+    }
+
+    /// A Write this writer refuses to start (its lease about to end) is no
+    /// request, nor a retry of one: before, each of its quick retries was
+    /// counted as a request that failed.
+    #[tokio::test]
+    async fn a_write_refused_for_the_lease_is_no_request() {
+        let (e, _) = flaky_engine_with(
+            Flaky {
+                budget: Some(Duration::from_millis(100)),
+                ..Default::default()
+            },
+            None,
+        );
+        grant(&e, "document:1", 0, 3).await;
+        let ops = e.store.take(3, Take::All, u64::MAX).await.unwrap();
+        let r = e.clone().send_chunk(ops).await;
+        assert_eq!(r.requests, 0);
+        assert!(r.stop.as_ref().is_some_and(|s| s.error().is_busy()));
+        assert_eq!(r.outcomes.len(), 3);
+        assert!(r.outcomes.iter().all(|(_, o)| matches!(o, Outcome::Retry)));
+        assert_eq!(e.stats.requests.load(Ordering::Relaxed), 0);
+        assert_eq!(e.stats.retries.load(Ordering::Relaxed), 0);
     }
 
     /// Runs the pump's steps once: takes a window up to the newest op and

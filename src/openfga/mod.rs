@@ -993,6 +993,9 @@ fn content_type(headers: &HeaderMap) -> &str {
 fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
     let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
     let wait = match v.parse::<u64>() {
+        // "Again at once": no pause asked for (one asked for holds every
+        // flush() waiter's answer and shutdown's own pauses to it).
+        Ok(0) => return None,
         Ok(secs) => Duration::from_secs(secs),
         Err(_) if v.bytes().all(|b| b.is_ascii_digit()) => return None,
         // By another machine's clock: never taken for "at once".
@@ -1225,6 +1228,7 @@ mod tests {
             parse_retry_after(&h)
         };
         assert_eq!(at("3"), Some(Duration::from_secs(3)));
+        assert_eq!(at("0"), None);
         assert_eq!(at("18446744073709551615"), Some(MAX_RETRY_AFTER));
         assert_eq!(at("99999999999999999999999"), None);
         // An HTTP date: the time left until it (a second, once past: the

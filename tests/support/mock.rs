@@ -90,12 +90,23 @@ pub fn write_mock() -> wiremock::MockBuilder {
 
 /// Write mocks: the first Write gets `first`, every later one OK.
 pub async fn first_write_then_ok(server: &MockServer, first: ResponseTemplate) {
-    write_mock()
-        .respond_with(first)
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(server)
-        .await;
+    writes_then_ok(server, [(first, 1)]).await;
+}
+
+/// Write mocks: the Writes get each answer in turn, as many times as it
+/// says, then OK.
+pub async fn writes_then_ok(
+    server: &MockServer,
+    answers: impl IntoIterator<Item = (ResponseTemplate, u64)>,
+) {
+    for (i, (answer, times)) in answers.into_iter().enumerate() {
+        write_mock()
+            .respond_with(answer)
+            .up_to_n_times(times)
+            .with_priority(u8::try_from(i + 1).expect("a few answers"))
+            .mount(server)
+            .await;
+    }
     write_mock()
         .respond_with(super::fixture("write-ok").response())
         .mount(server)

@@ -354,8 +354,11 @@ impl MemoryStore {
         self.dead.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Centiseconds since the epoch, wrapping every 497 days (ages are
+    /// differences, right for ops younger than that): saturating, every op
+    /// of a process up that long looked as old as the process.
     fn now_cs(&self) -> u32 {
-        u32::try_from(self.epoch.elapsed().as_millis() / 10).unwrap_or(u32::MAX)
+        (self.epoch.elapsed().as_millis() / 10) as u32
     }
 
     fn pending_total(&self) -> usize {
@@ -907,7 +910,9 @@ impl MemoryStore {
         );
         // The oldest ready op is first in one of the queues. Ops blocked
         // behind an in-flight op on their key are not ready and not counted.
+        // The largest age, in centiseconds.
         let mut oldest: Option<u32> = None;
+        let now = self.now_cs();
         if writes + deletes > 0 {
             for s in 0..SHARDS {
                 let g = self.lock(s);
@@ -917,9 +922,9 @@ impl MemoryStore {
                             .first_key_value()
                             .and_then(|(_, k)| p.slots.get(k))
                             .and_then(|s| s.pending.as_ref())
-                            .map(|e| e.since);
+                            .map(|e| now.wrapping_sub(e.since));
                         oldest = match (oldest, since) {
-                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (Some(a), Some(b)) => Some(a.max(b)),
                             (a, b) => a.or(b),
                         };
                     }
@@ -931,11 +936,7 @@ impl MemoryStore {
             deletes,
             total: writes + deletes,
             in_flight: self.in_flight.load(Ordering::Relaxed),
-            oldest_age: oldest.map(|cs| {
-                self.epoch
-                    .elapsed()
-                    .saturating_sub(Duration::from_millis(u64::from(cs) * 10))
-            }),
+            oldest_age: oldest.map(|cs| Duration::from_millis(u64::from(cs) * 10)),
         }
     }
 

@@ -823,3 +823,20 @@ fn object_in(s: &MemoryStore, shard: usize) -> String {
         .find(|o| s.shard_of(o) == shard)
         .unwrap()
 }
+
+/// An op's age is right in a process up for longer than its centisecond
+/// clock holds (497 days): before, the clock stopped there, and every new
+/// op looked as old as the process (flushed by age at once, batching
+/// gone, the oldest-pending gauge climbing).
+#[test]
+fn ages_are_right_after_the_clock_wraps() {
+    let mut s = MemoryStore::new(10);
+    let Some(long_ago) = Instant::now().checked_sub(Duration::from_secs(498 * 24 * 3600)) else {
+        panic!("this platform's clock cannot go back 498 days");
+    };
+    s.epoch = long_ago;
+    s.push_now(&t("user:a", "viewer", "document:1"), Op::Grant)
+        .unwrap();
+    let age = s.pending_counts().oldest_age.expect("one op pending");
+    assert!(age < Duration::from_secs(60), "{age:?}");
+}
