@@ -241,9 +241,16 @@ fga_wb_ensure_openfga() {
         local lock=()
         command -v flock >/dev/null 2>&1 && lock=(flock "$dir/.build.lock")
         # shellcheck disable=SC2016 # $1.. expand in the inner bash, on purpose
+        # Built into a scratch dir and moved into place once it runs: a build
+        # cut short never leaves a half-written binary that later runs trust.
+        # The caller's GOFLAGS and workspace do not change what is built.
         fga_wb_run_child "${lock[@]}" bash -c '
             [[ -x "$1/openfga" ]] && exit 0
-            GOTOOLCHAIN=local GOBIN="$1" "$2" install "$3" >"$1/build.log" 2>&1
+            rm -rf "$1/.building" && mkdir -p "$1/.building" || exit 1
+            env -u GOFLAGS GOWORK=off GOTOOLCHAIN=local GOBIN="$1/.building" \
+                "$2" install "$3" >"$1/build.log" 2>&1 &&
+                "$1/.building/openfga" version >>"$1/build.log" 2>&1 &&
+                mv "$1/.building/openfga" "$1/openfga"
         ' _ "$dir" "$go_bin" "$target" || rc=$?
         if ((rc != 0)) || [[ ! -x "$OPENFGA_BIN" ]]; then
             tail -n 30 "$dir/build.log" >&2 || true
@@ -307,6 +314,17 @@ fga_wb_cargo() {
     fi
 }
 
+# Where cargo puts what it builds for the repository, as cargo itself says
+# (CARGO_TARGET_DIR, CARGO_BUILD_TARGET_DIR or build.target-dir in a config).
+fga_wb_target_dir() {
+    local repo dir
+    repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+    dir="$(cd "$repo" && "$(fga_wb_cargo)" metadata --format-version 1 --no-deps |
+        sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
+    [[ -n "$dir" ]] || fga_wb_die "cargo metadata did not say where cargo builds to"
+    echo "$dir"
+}
+
 # Starts servers with the project's one launcher, the `testenv` binary
 # (testenv/src/bin/testenv.rs: openfga, openfga-pg, redis, redis-cluster), and
 # exports what it prints (FGA_WB_TEST_*). It runs until our cleanup stops it, and
@@ -319,7 +337,8 @@ fga_wb_start_servers() {
     fga_wb_log "building the server launcher (cargo build -p fga-wb-testenv)"
     (cd "$repo" && "$cargo" build --quiet -p fga-wb-testenv) >&2 ||
         fga_wb_die "building testenv failed"
-    local bin="${CARGO_TARGET_DIR:-$repo/target}/debug/testenv"
+    local bin
+    bin="$(fga_wb_target_dir)/debug/testenv"
     local out="$FGA_WB_TMP/servers.env" log="$FGA_WB_TMP/testenv.log"
     : >"$out"
     [[ -n "${OPENFGA_BIN:-}" ]] && export FGA_WB_TEST_OPENFGA_BIN="$OPENFGA_BIN"

@@ -88,7 +88,16 @@ impl Postgres {
             .command("initdb")
             .arg("-D")
             .arg(&data)
-            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"])
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "--no-sync",
+            ])
             .output()
             .map_err(|e| Error::io("run initdb", e))?;
         if !out.status.success() {
@@ -105,6 +114,11 @@ impl Postgres {
     fn command(&self, program: &str) -> Command {
         use std::os::unix::process::CommandExt;
         let mut cmd = Command::new(self.bin.join(program));
+        // Not the caller's locale: one that is not generated on this
+        // machine (`en_US.UTF-8` on a slim image) fails initdb.
+        cmd.env_remove("LANG")
+            .env_remove("LANGUAGE")
+            .env("LC_ALL", "C");
         if let Some((uid, gid)) = self.run_as {
             cmd.uid(uid).gid(gid);
         }

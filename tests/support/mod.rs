@@ -404,8 +404,9 @@ pub async fn grant_spread(wb: &fga_wb::WriteBehind, range: std::ops::Range<usize
 
 /// A loopback port where nothing listens (bound once, then let go).
 pub fn closed_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
-    l.local_addr().expect("its address").port()
+    // Not a port the kernel hands out (`bind(0)`): a mock server of
+    // another test could be listening on it by the time it is used.
+    testenv::free_port().expect("a free loopback port")
 }
 
 /// Writes one tuple straight to OpenFGA, as another application would.
