@@ -477,8 +477,9 @@ async fn a_tuple_the_server_fails_every_time_holds_back_only_itself() {
     assert_eq!(wb.pending().await.unwrap().total, 1);
 
     // New grants of its object are cut into its chunk again: it still goes
-    // alone, once, and they land together. Before, it went with them: the
-    // chunk failed, then was bisected down to it, every time.
+    // alone (with one quick retry), and they land together. Before, it
+    // went with them: the chunk failed through its quick retries, then was
+    // bisected down to it, every time.
     for i in 40..80 {
         wb.grant(&format!("user:u{i:02}"), "viewer", "document:p")
             .await
@@ -493,13 +494,20 @@ async fn a_tuple_the_server_fails_every_time_holds_back_only_itself() {
         .map(body_tuples)
         .filter(|t| t.iter().any(|t| t.ends_with("@user:poison")))
         .collect();
-    assert_eq!(
-        with_poison,
-        [["document:p#viewer@user:poison"]],
-        "alone, once: {:?}",
+    assert!(
+        (1..=2).contains(&with_poison.len())
+            && with_poison
+                .iter()
+                .all(|b| b == &["document:p#viewer@user:poison"]),
+        "alone, tried at most twice: {:?}",
         &later[before..]
     );
-    assert_eq!(later.len() - before, 2, "{:?}", &later[before..]);
+    assert_eq!(
+        later.len() - before,
+        with_poison.len() + 1,
+        "{:?}",
+        &later[before..]
+    );
     assert_eq!(wb.pending().await.unwrap().total, 1);
     wb.clear().await.unwrap();
 }

@@ -34,6 +34,9 @@ struct Failing {
     tries: u32,
     /// The count of landed Writes at its last counted failure.
     landed: Option<u64>,
+    /// It failed alone while other Writes landed: its own tuple, not an
+    /// outage (see `failing_alone`).
+    while_others_landed: bool,
 }
 
 impl Failing {
@@ -43,6 +46,7 @@ impl Failing {
             last: now,
             tries: 0,
             landed: None,
+            while_others_landed: false,
         }
     }
 }
@@ -84,9 +88,16 @@ impl LoneFailures {
     }
 
     /// Notes that the op `seq` failed alone, `landed` Writes having
-    /// landed so far; returns how long it has failed if that is the end of
-    /// its budget (it is forgotten then).
-    pub(crate) fn failed(&self, seq: u64, landed: u64, now: Instant) -> Option<Duration> {
+    /// landed so far (`others_landed`: some during its chunk); returns how
+    /// long it has failed if that is the end of its budget (it is
+    /// forgotten then).
+    pub(crate) fn failed(
+        &self,
+        seq: u64,
+        landed: u64,
+        others_landed: bool,
+        now: Instant,
+    ) -> Option<Duration> {
         let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
         let stale = self.stale();
         if ops.len() >= KEEP {
@@ -102,6 +113,7 @@ impl LoneFailures {
             *f = Failing::new(now);
         }
         f.last = now;
+        f.while_others_landed |= others_landed;
         if f.landed != Some(landed) {
             f.tries = f.tries.saturating_add(1);
             f.landed = Some(landed);
@@ -115,11 +127,23 @@ impl LoneFailures {
         None
     }
 
-    /// The op `seq` failed alone lately: it goes alone again.
+    /// The op `seq` failed alone lately, while other Writes landed: it
+    /// goes alone again. (Ops split down to one in an outage are not
+    /// singled out after it.)
     pub(crate) fn failing_alone(&self, seq: u64, now: Instant) -> bool {
         let ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
-        ops.get(&seq)
-            .is_some_and(|f| now.saturating_duration_since(f.last) < self.stale())
+        ops.get(&seq).is_some_and(|f| {
+            f.while_others_landed && now.saturating_duration_since(f.last) < self.stale()
+        })
+    }
+
+    /// Whether any op is noted (most of the time none is).
+    pub(crate) fn any(&self) -> bool {
+        !self
+            .ops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
     }
 
     /// Entries idle this long stopped failing (applied, superseded,
@@ -141,33 +165,33 @@ mod tests {
     fn an_op_is_given_up_after_the_schedule_with_writes_landing_between() {
         let lone = LoneFailures::after(&[S, 2 * S]);
         let t0 = Instant::now();
-        assert_eq!(lone.failed(7, 10, t0), None);
-        assert_eq!(lone.failed(7, 11, t0 + S), None);
+        assert_eq!(lone.failed(7, 10, true, t0), None);
+        assert_eq!(lone.failed(7, 11, true, t0 + S), None);
         // Three failures, but not yet for 3 s.
-        assert_eq!(lone.failed(7, 12, t0 + 2 * S), None);
-        assert_eq!(lone.failed(7, 13, t0 + 3 * S), Some(3 * S));
+        assert_eq!(lone.failed(7, 12, true, t0 + 2 * S), None);
+        assert_eq!(lone.failed(7, 13, true, t0 + 3 * S), Some(3 * S));
         // Forgotten once given up.
-        assert_eq!(lone.failed(7, 14, t0 + 4 * S), None);
+        assert_eq!(lone.failed(7, 14, true, t0 + 4 * S), None);
     }
 
     #[test]
     fn failures_with_no_write_landing_between_do_not_count() {
         let lone = LoneFailures::after(&[S]);
         let t0 = Instant::now();
-        assert_eq!(lone.failed(1, 5, t0), None);
+        assert_eq!(lone.failed(1, 5, true, t0), None);
         // An outage: nothing lands, however long.
         for i in 1..10 {
-            assert_eq!(lone.failed(1, 5, t0 + i * S), None);
+            assert_eq!(lone.failed(1, 5, true, t0 + i * S), None);
         }
-        assert_eq!(lone.failed(1, 6, t0 + 10 * S), Some(10 * S));
+        assert_eq!(lone.failed(1, 6, true, t0 + 10 * S), Some(10 * S));
     }
 
     #[test]
     fn a_schedule_of_zeros_gives_up_after_its_tries() {
         let lone = LoneFailures::after(&[Duration::ZERO]);
         let t0 = Instant::now();
-        assert_eq!(lone.failed(1, 1, t0), None);
-        assert_eq!(lone.failed(1, 2, t0), Some(Duration::ZERO));
+        assert_eq!(lone.failed(1, 1, true, t0), None);
+        assert_eq!(lone.failed(1, 2, true, t0), Some(Duration::ZERO));
     }
 
     #[test]
@@ -175,7 +199,7 @@ mod tests {
         let lone = LoneFailures::never();
         let t0 = Instant::now();
         for i in 0..10 {
-            assert_eq!(lone.failed(1, i, t0 + i as u32 * 60 * S), None);
+            assert_eq!(lone.failed(1, i, true, t0 + i as u32 * 60 * S), None);
         }
         // But remembers it, to send it alone.
         assert!(lone.failing_alone(1, t0 + 9 * 60 * S));
@@ -186,7 +210,10 @@ mod tests {
         let lone = LoneFailures::after(&[S]);
         let t0 = Instant::now();
         assert!(!lone.failing_alone(1, t0));
-        assert_eq!(lone.failed(1, 1, t0), None);
+        // In an outage (nothing else landed): not singled out.
+        assert_eq!(lone.failed(1, 1, false, t0), None);
+        assert!(!lone.failing_alone(1, t0));
+        assert_eq!(lone.failed(1, 1, true, t0), None);
         assert!(lone.failing_alone(1, t0 + 59 * S));
         assert!(!lone.failing_alone(2, t0));
         assert!(!lone.failing_alone(1, t0 + 60 * S));
@@ -197,19 +224,19 @@ mod tests {
         let lone = LoneFailures::after(&[100 * S; 3]);
         let t0 = Instant::now();
         for (i, t) in [0, 250, 500].into_iter().enumerate() {
-            assert_eq!(lone.failed(1, i as u64, t0 + t * S), None);
+            assert_eq!(lone.failed(1, i as u64, true, t0 + t * S), None);
         }
         // 750 s after its first failure (past twice the schedule), but
         // 250 s after its last.
-        assert_eq!(lone.failed(1, 3, t0 + 750 * S), Some(750 * S));
+        assert_eq!(lone.failed(1, 3, true, t0 + 750 * S), Some(750 * S));
     }
 
     #[test]
     fn an_op_idle_for_long_starts_afresh() {
         let lone = LoneFailures::after(&[S]);
         let t0 = Instant::now();
-        assert_eq!(lone.failed(1, 1, t0), None);
-        assert_eq!(lone.failed(1, 2, t0 + 100 * S), None);
-        assert_eq!(lone.failed(1, 3, t0 + 101 * S), Some(S));
+        assert_eq!(lone.failed(1, 1, true, t0), None);
+        assert_eq!(lone.failed(1, 2, true, t0 + 100 * S), None);
+        assert_eq!(lone.failed(1, 3, true, t0 + 101 * S), Some(S));
     }
 }

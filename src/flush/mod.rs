@@ -735,7 +735,7 @@ impl Engine {
                     metrics::counter!("fga_wb_write_requests_total", "outcome" => "failed")
                         .increment(1);
                     for t in part {
-                        let outcome = self.lone_failure(&t, &e, landed);
+                        let outcome = self.lone_failure(&t, &e, landed, works);
                         // Given up: nothing to pause for.
                         if matches!(outcome, Outcome::Retry) {
                             lone.get_or_insert_with(|| e.clone());
@@ -753,14 +753,14 @@ impl Engine {
     }
 
     /// A chunk's parts: an op whose Write alone failed lately goes alone
-    /// again, without quick retries (its pause is the pump's), and the
-    /// rest together, sent first.
+    /// again, with one quick retry at most (a blip is ridden out; its
+    /// pause is the pump's), and the rest together, sent first.
     fn alone_first(
         &self,
         ops: Vec<Taken>,
         retries: QuickRetries,
     ) -> Vec<(Vec<Taken>, QuickRetries)> {
-        if ops.len() < 2 {
+        if ops.len() < 2 || !self.lone.any() {
             return vec![(ops, retries)];
         }
         let now = Instant::now();
@@ -768,7 +768,7 @@ impl Engine {
             .into_iter()
             .partition(|t| self.lone.failing_alone(t.seq, now));
         let once = QuickRetries {
-            transient: 0,
+            transient: retries.transient.min(1),
             ..retries
         };
         let mut parts: Vec<_> = alone.into_iter().map(|t| (vec![t], once)).collect();
@@ -781,8 +781,8 @@ impl Engine {
     /// What becomes of an op whose Write alone failed (with `landed`
     /// Writes landed so far): pending again, or, inline, once it has
     /// failed so through the retry schedule, a transient dead letter.
-    fn lone_failure(&self, t: &Taken, e: &Error, landed: u64) -> Outcome {
-        let Some(failing_for) = self.lone.failed(t.seq, landed, Instant::now()) else {
+    fn lone_failure(&self, t: &Taken, e: &Error, landed: u64, works: bool) -> Outcome {
+        let Some(failing_for) = self.lone.failed(t.seq, landed, works, Instant::now()) else {
             tracing::warn!(tuple = %t.tuple, op = ?t.op, error = %e, "a write of this tuple alone failed; it stays pending");
             return Outcome::Retry;
         };

@@ -912,10 +912,13 @@ impl MemoryStore {
         // behind an in-flight op on their key are not ready and not counted.
         // The largest age, in centiseconds.
         let mut oldest: Option<u32> = None;
-        let now = self.now_cs();
         if writes + deletes > 0 {
             for s in 0..SHARDS {
                 let g = self.lock(s);
+                // Read under the lock its ops are stamped under: none is
+                // newer (one stamped after a read before it would be
+                // 497 days old).
+                let now = self.now_cs();
                 for p in &g.parts {
                     for q in &p.ready {
                         let since = q
