@@ -387,3 +387,35 @@ async fn a_shutdown_cut_short_with_the_handle_kept_lets_others_take_over() {
     other.shutdown().await.unwrap();
     drop(kept);
 }
+
+/// A shutdown with a window of thousands of ops taken and not sent yet (50
+/// slow Writes of it ahead, one at a time) gives them back to the Redis
+/// store: another handle finds them pending, none in flight. Before, a
+/// call giving back more than about 4,000 ops failed in Redis ("too many
+/// results to unpack"): the shutdown failed, and the ops stayed this
+/// writer's until its lease ended.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_gives_a_window_of_thousands_of_ops_back_to_redis() {
+    let (server, cfg) = slow_writes(Some("fga-wb-window-back")).await;
+    let wb = WriteBehind::builder(cfg.clone()).build().await.unwrap();
+    let flushing = window_under_way(&wb, &server).await;
+    let report = wb.shutdown().await;
+    assert!(report.is_ok(), "{report:?}");
+    let _ = flushing.await;
+    let written: usize = write_bodies(&server)
+        .await
+        .iter()
+        .map(|b| support::touched(b).len())
+        .sum();
+    let other = WriteBehind::builder(cfg)
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    let p = other.pending().await.unwrap();
+    assert!(written < 1000, "{written} written: the window was not left");
+    assert_eq!((p.total, p.in_flight), (5000 - written, 0), "{p:?}");
+    other.clear().await.unwrap();
+    other.shutdown().await.unwrap();
+}

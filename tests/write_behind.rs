@@ -363,3 +363,58 @@ fn in_redis(s: &support::TestStore) -> fga_wb::Config {
     cfg.redis.url = support::redis_url();
     cfg
 }
+
+/// A revoke of a tuple whose grant this process has taken for writing but
+/// not sent yet (under a backlog, a window of thousands of ops goes out in
+/// key order, here one slow Write at a time) is written at once, not after
+/// that grant's turn: the grant is handed back and dropped as superseded.
+/// A check on the tuple answers `false` while the window is still being
+/// written. Before, the revoke waited behind the whole window and the check
+/// failed closed (`revoke_wait_timeout`). On the memory and Redis stores.
+#[tokio::test]
+async fn a_revoke_of_a_grant_taken_and_not_sent_goes_ahead_of_the_window() {
+    use support::mock::*;
+    for redis in [false, true] {
+        if redis && !cfg!(feature = "redis") {
+            continue;
+        }
+        let (server, mut c) = slow_writes(redis.then_some("fga-wb-revoke-ahead")).await;
+        wiremock::Mock::given(wiremock::matchers::method("POST"))
+            .and(wiremock::matchers::path(format!("/stores/{STORE}/check")))
+            .respond_with(support::fixture("check-denied").response())
+            .mount(&server)
+            .await;
+        c.check.revoke_wait_timeout = Duration::from_secs(5);
+        let wb = WriteBehind::builder(c).build().await.unwrap();
+        let flushing = window_under_way(&wb, &server).await;
+        wb.revoke("user:anne", "viewer", "document:d4999")
+            .await
+            .unwrap();
+        let got = wb.check("user:anne", "viewer", "document:d4999").await;
+        assert!(
+            matches!(got, Ok(false)),
+            "redis {redis}: {got:?} (the revoke waited behind the window)"
+        );
+        let bodies = write_bodies(&server).await;
+        assert!(
+            bodies.len() < 50,
+            "redis {redis}: answered after {} Writes, the window's end",
+            bodies.len()
+        );
+        let u4999 = "document:d4999#viewer@user:anne".to_string();
+        let touched: Vec<_> = bodies
+            .iter()
+            .flat_map(support::touched)
+            .filter(|(t, _)| t == &u4999)
+            .collect();
+        assert_eq!(
+            touched,
+            [(u4999.clone(), fga_wb::Op::Revoke)],
+            "redis {redis}: its grant never written, its revoke once"
+        );
+        flushing.abort();
+        wb.clear().await.unwrap();
+        let r = wb.shutdown().await;
+        assert!(r.is_ok(), "redis {redis}: {r:?}");
+    }
+}

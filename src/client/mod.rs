@@ -526,6 +526,9 @@ impl WriteBehind {
         if pushed.coalesced {
             count!(e.stats, coalesced, "fga_wb_ops_coalesced_total", 1);
         }
+        if op == Op::Revoke {
+            e.note_revoke(&tuple);
+        }
         e.nudge(op == Op::Revoke, pushed.pending);
         Ok(())
     }

@@ -106,6 +106,10 @@ pub(crate) struct Engine {
     /// a pending grant with a condition: flush now, whatever the batch size
     /// and interval say.
     pub flush_wanted: AtomicBool,
+    /// Tuples revoked since the pump last looked (up to `REVOKED_KEPT`): a
+    /// grant of one taken and not sent yet goes back (see
+    /// `Pump::hand_back_revoked`).
+    revoked: std::sync::Mutex<Vec<crate::tuple::TupleKey>>,
     /// The pump's current concurrency limit, for `status`.
     pub parallel: AtomicUsize,
     /// The pump has nothing in flight and waits: a new op may need to wake
@@ -228,6 +232,7 @@ impl Engine {
             changed: watch::channel(0).0,
             sink,
             flush_wanted: Default::default(),
+            revoked: Default::default(),
             revoke_wanted: Default::default(),
             parallel: Default::default(),
             sleeping: Default::default(),
@@ -387,6 +392,9 @@ pub(crate) struct QuickRetries {
 /// tuples on PostgreSQL meet them constantly.
 const CONFLICT_RETRIES: u32 = 5;
 
+/// Revokes noted for the pump at most between two of its looks.
+const REVOKED_KEPT: usize = 1024;
+
 /// A request to the flusher task.
 pub(crate) enum Command {
     /// Flush everything acknowledged so far (or up to a sequence number)
@@ -410,6 +418,21 @@ impl Engine {
     /// wake per pump iteration, so callers granting flat out never make the
     /// pump spin, and a busy pump is never woken (its running requests
     /// bring it back).
+    /// Notes a revoke acknowledged on `t`, for the pump (see `revoked`).
+    /// Past `REVOKED_KEPT` unlooked at, it is not noted: its revoke waits
+    /// behind its grant, as any op behind one in flight does.
+    pub(crate) fn note_revoke(&self, t: &crate::tuple::TupleKey) {
+        let mut revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+        if revoked.len() < REVOKED_KEPT {
+            revoked.push(t.clone());
+        }
+    }
+
+    /// The revokes noted since the last call.
+    pub(crate) fn take_revoked(&self) -> Vec<crate::tuple::TupleKey> {
+        std::mem::take(&mut *self.revoked.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     pub(crate) fn nudge(&self, revoke: bool, pending: usize) {
         if !self.sleeping.load(Ordering::Acquire) {
             return;

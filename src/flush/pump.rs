@@ -574,6 +574,7 @@ impl Pump {
 
     /// Starts chunks while the limit allows and something is due.
     pub(crate) async fn fill(&mut self) {
+        self.hand_back_revoked().await;
         let chunk = self.engine.max_tuples();
         while self.slot_free() && self.may_write() {
             // Revokes behind a window of grants go ahead of it in a chunk of
@@ -641,6 +642,55 @@ impl Pump {
             let ops: Vec<Taken> = self.staged.drain(..n).collect();
             self.start(ops);
         }
+    }
+
+    /// Grants taken and not sent yet (staged or held back) of tuples
+    /// revoked since: handed back, so the store drops them as superseded
+    /// and the revokes, which waited behind them, are ready now. Under a
+    /// backlog a window holds thousands of ops and is sent in key order:
+    /// such a revoke waited until its grant's turn came, and a check that
+    /// needs it failed closed meanwhile.
+    async fn hand_back_revoked(&mut self) {
+        let revoked = self.engine.take_revoked();
+        if revoked.is_empty() || (self.staged.is_empty() && self.carry.is_empty()) {
+            return;
+        }
+        let is_revoked = |t: &Taken| {
+            t.op == Op::Grant
+                && revoked.iter().any(|r| {
+                    r.object == t.tuple.object
+                        && r.relation == t.tuple.relation
+                        && r.user == t.tuple.user
+                })
+        };
+        let (gone, staged): (VecDeque<Taken>, VecDeque<Taken>) = std::mem::take(&mut self.staged)
+            .into_iter()
+            .partition(is_revoked);
+        self.staged = staged;
+        let (gone_carried, carry): (Vec<Taken>, Vec<Taken>) = std::mem::take(&mut self.carry)
+            .into_iter()
+            .partition(is_revoked);
+        self.carry = carry;
+        if gone.is_empty() && gone_carried.is_empty() {
+            return;
+        }
+        let back = gone
+            .into_iter()
+            .chain(gone_carried)
+            .map(|t| (t, Outcome::Retry))
+            .collect();
+        match self.engine.store.finish(back, None).await {
+            // Superseded, they end here and count as coalesced.
+            Ok(f) => self.engine.account(&f, &mut FlushReport::default()),
+            // As a chunk's finish that fails: the store repeats it, or its
+            // ops are found again as this writer's strays.
+            Err(e) => {
+                tracing::warn!(error = %e, "could not give back grants revoked since they were taken");
+                self.note_unsure();
+            }
+        }
+        self.forget_exhausted();
+        self.revokes_exhausted = None;
     }
 
     /// Revokes up to the revoke target may be ready, as far as the last

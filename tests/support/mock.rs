@@ -172,3 +172,55 @@ pub async fn write_bodies(server: &MockServer) -> Vec<Value> {
         .map(|r| serde_json::from_slice(&r.body).expect("write body is JSON"))
         .collect()
 }
+
+/// A mocked OpenFGA whose Writes take 500 ms each, and a config for it
+/// that writes one at a time and flushes only when told (revokes aside),
+/// with the buffer in Redis under `prefix` (else in memory).
+pub async fn slow_writes(redis: Option<&str>) -> (MockServer, Config) {
+    let server = mock_openfga().await;
+    write_mock()
+        .respond_with(
+            super::fixture("write-ok")
+                .response()
+                .set_delay(Duration::from_millis(500)),
+        )
+        .mount(&server)
+        .await;
+    let mut c = manual_flush(mock_config(&server));
+    c.flush.max_parallel_requests = 1;
+    c.flush.min_parallel_requests = 1;
+    c.flush.shutdown_deadline = Duration::from_secs(1);
+    if let Some(prefix) = redis {
+        c.buffer.store = fga_wb::config::StoreKind::Redis;
+        c.redis.url = super::redis_url();
+        c.redis.key_prefix = format!("{prefix}-{}", std::process::id());
+    }
+    (server, c)
+}
+
+/// Grants `user:anne` viewer on `document:d0000` to `document:d4999`,
+/// flushes them in the background, and returns once the first Write
+/// arrived: the rest of the window (49 Writes, about 25 s on
+/// `slow_writes`) is taken and not sent yet. One object each: no grant is
+/// relevant to a check of another.
+pub async fn window_under_way(
+    wb: &fga_wb::WriteBehind,
+    server: &MockServer,
+) -> tokio::task::JoinHandle<fga_wb::Result<fga_wb::FlushReport>> {
+    for i in 0..5000 {
+        wb.grant("user:anne", "viewer", &format!("document:d{i:04}"))
+            .await
+            .unwrap();
+    }
+    let flushing = tokio::spawn({
+        let wb = wb.clone();
+        async move { wb.flush().await }
+    });
+    super::eventually(
+        "the first Write of the window",
+        Duration::from_secs(10),
+        || async { !write_bodies(server).await.is_empty() },
+    )
+    .await;
+    flushing
+}

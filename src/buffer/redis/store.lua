@@ -204,8 +204,10 @@ local function rel_of(key)
 end
 
 -- `cmd key list[1..n]` (without `key` when it is false), a few thousand
--- arguments a command: Lua's stack caps what `unpack` can pass. `step` is
--- even for lists of pairs (field value, score member). `call`: rcall, or
+-- arguments a command: Lua's stack caps what `unpack` can pass (8,000
+-- slots, the function's own included: 8,000 at once failed, "too many
+-- results to unpack"). `step` is even for lists of pairs (field value,
+-- score member). `call`: rcall, or
 -- pcall_ where a key of the wrong type must not abort the script.
 local function in_parts(call, cmd, key, list, n, step)
   step = step or 4000
@@ -320,7 +322,7 @@ local function write_hash(h, fields)
     end
   end
   in_parts(rcall, 'HDEL', h, del, nd)
-  in_parts(rcall, 'HSET', h, set, ns, 8000)
+  in_parts(rcall, 'HSET', h, set, ns)
 end
 
 local function apply_writes()
@@ -340,7 +342,7 @@ local function apply_writes()
       end
     end
     in_parts(rcall, 'ZREM', z, rem, nr)
-    in_parts(rcall, 'ZADD', z, add, na, 8000)
+    in_parts(rcall, 'ZADD', z, add, na)
   end
   for h, fields in pairs(hashes) do write_hash(h, fields) end
   flush_incrs()
@@ -1214,7 +1216,7 @@ if cmd == 'push' then
   -- Before the entries (see apply_writes); members of keys met once, so
   -- no collected write in `zsets` touches them.
   for z, a in pairs(adds) do
-    in_parts(rcall, 'ZADD', z, a, #a, 8000)
+    in_parts(rcall, 'ZADD', z, a, #a)
   end
   -- Before the entries: a stray member is harmless, as reclaim looks at
   -- an entry's own writer.
