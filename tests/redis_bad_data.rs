@@ -1062,16 +1062,20 @@ async fn a_revoke_counter_that_drifted_low_still_denies() {
     app.revoke("user:anne", "member", "group:eng")
         .await
         .unwrap();
-    let _: i64 = cmd(
-        &mut c,
-        &["HSET", &format!("{p}:rel"), "group#member|r", "0"],
-    )
-    .await;
-    let a = app.check("user:anne", "viewer", "document:d").await;
-    assert!(
-        matches!(&a, Err(e) if e.is_stale_check()),
-        "with the revoke pending: {a:?}"
-    );
+    // Also what no count is, which Lua's `tonumber` reads ("nan" failed
+    // every comparison, and reached Rust as a count of zero).
+    for counter in ["0", "nan", "inf", "-inf", "1e30", "-5"] {
+        let _: i64 = cmd(
+            &mut c,
+            &["HSET", &format!("{p}:rel"), "group#member|r", counter],
+        )
+        .await;
+        let a = app.check("user:anne", "viewer", "document:d").await;
+        assert!(
+            matches!(&a, Err(e) if e.is_stale_check()),
+            "with the revoke pending and the counter at {counter}: {a:?}"
+        );
+    }
     drop(wb);
     app.shutdown().await.unwrap();
 }

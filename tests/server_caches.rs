@@ -257,3 +257,46 @@ for_each_setup!(
     applied_grants_are_seen_and_unrelated_checks_keep_the_cache,
     always_higher_consistency_bypasses_the_cache_everywhere,
 );
+
+/// A time of the Redis store's last writes that no fga-wb wrote ("nan")
+/// is read as "just now": checks after a revoke ask for fresh answers, not
+/// the server's cache. Before, Lua read "nan" as a number that no
+/// comparison moves, it reached Rust as a negative age, read as "no write
+/// remembered", and the check answered "allowed" from the server's cache.
+#[tokio::test]
+async fn an_unreadable_time_of_the_last_writes_asks_for_fresh_answers() {
+    let setup = Setup::Redis;
+    let s = store("cache-written-nan", setup).await;
+    let wb = handle(&s, setup).await;
+    let written = format!("fga-wb:{{{}}}:written", s.store_id);
+    let mut c = support::redis_conn().await;
+    let mut stale_on_server = 0;
+    for round in 0..5 {
+        let doc = format!("document:n{round}");
+        wb.grant("user:fay", "viewer", &doc).await.unwrap();
+        flush(&wb).await;
+        assert!(raw_check(&s, "user:fay", "viewer", &doc).await);
+        wb.revoke("user:fay", "viewer", &doc).await.unwrap();
+        flush(&wb).await;
+        if raw_check(&s, "user:fay", "viewer", &doc).await {
+            stale_on_server += 1;
+        }
+        let _: i64 = ::redis::cmd("HSET")
+            .arg(&written)
+            .arg("*")
+            .arg("nan")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let a = wb.check("user:fay", "viewer", &doc).await;
+        assert!(
+            matches!(a, Ok(false)),
+            "round {round}: with the write time unreadable, {a:?}"
+        );
+    }
+    assert!(
+        stale_on_server > 0,
+        "the server never answered from its cache: this test needs OpenFGA with its caches on"
+    );
+    wb.shutdown().await.unwrap();
+}

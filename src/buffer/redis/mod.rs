@@ -305,7 +305,7 @@ fn redis_kind(e: &redis::RedisError) -> Error {
     let text = e.to_string();
     if text.contains("OOM") && text.contains("maxmemory") {
         return Error::new(Kind::Redis {
-            detail: "Redis is full (its maxmemory is reached) and refuses writes: nothing was buffered; raise maxmemory, or let the flush drain it (`fga-wb status` shows what fga-wb holds)".into(),
+            detail: "Redis is full (its maxmemory is reached) and refuses writes: nothing was buffered; raise maxmemory: flushing needs Redis to take writes too, so it cannot drain it (`fga-wb status` shows what fga-wb holds)".into(),
             transient: true,
         });
     }
@@ -637,9 +637,15 @@ impl RedisStore {
         if v.len() < 4 {
             return Err(corrupt(format!("relevant returned {} items", v.len())));
         }
-        let revokes = count(&v, 0)? as usize;
-        let grants = count(&v, 1)? as usize;
-        let dead_in_doubt = count(&v, 3)? as usize;
+        // A negative count is none fga-wb made (data it did not write):
+        // read as zero it would let a pending revoke through.
+        let at = |i: usize| -> Result<usize> {
+            let n = int(&v[i])?;
+            usize::try_from(n).map_err(|_| corrupt(format!("relevant returned {n} for a count")))
+        };
+        let revokes = at(0)?;
+        let grants = at(1)?;
+        let dead_in_doubt = at(3)?;
         // Grants listed past the count (a counter that drifted low) are too
         // many to send with a check too.
         let listed = v.len().saturating_sub(4) / 2;
@@ -652,9 +658,12 @@ impl RedisStore {
                 dead_in_doubt,
             });
         }
-        let written_ago = match v.get(2).map(int).transpose()? {
-            Some(ms) if ms >= 0 => Some(Duration::from_millis(ms as u64)),
-            _ => None,
+        // -1: no write remembered; anything else below zero is not an age
+        // the script makes: read as "just now" (fresh answers), as the
+        // script reads what it cannot.
+        let written_ago = match int(&v[2])? {
+            -1 => None,
+            ms => Some(Duration::from_millis(ms.max(0) as u64)),
         };
         let mut list = Vec::with_capacity(listed);
         let mut unreadable = 0;

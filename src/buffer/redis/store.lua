@@ -184,6 +184,16 @@ local function parse(v)
            writer = writer, ifseq = ifseq ~= '' and ifseq or nil, cond = cond }
 end
 
+-- A count or a time fga-wb wrote: digits (a sign allowed), at most 15 of
+-- them (exact in a double); else nil. `tonumber` also takes "nan", "inf"
+-- and "1e30", which no comparison or `math.max` reads as a count, and
+-- which reach Rust as the lowest 64-bit integer.
+local function as_count(v)
+  if type(v) == 'number' then v = tostring(v) end
+  if type(v) ~= 'string' or #v > 16 or not smatch(v, '^%-?%d+$') then return nil end
+  return tonumber(v)
+end
+
 local function encode(e)
   return e.seq .. '|' .. e.first .. '|' .. e.since .. '|' .. e.op .. '|' .. e.state .. '|' ..
     (e.job or '') .. '|' .. (e.writer or '') .. '|' .. (e.ifseq or '') .. '|' .. e.cond
@@ -412,7 +422,8 @@ local function written_ago(rels, object, any)
   local newest
   local function see(v)
     if type(v) == 'table' and v.err then v = redis_ms() end
-    v = tonumber(v)
+    -- Not a time fga-wb wrote: unreadable, so read as now (fresh answers).
+    if v then v = as_count(v) or redis_ms() end
     if v and (not newest or v > newest) then newest = v end
   end
   if any then
@@ -2155,10 +2166,10 @@ if cmd == 'relevant' then
       local c = rcall('HMGET', P .. ':rel', rel .. '|g', rel .. '|r')
       -- From the index as well: one that drifted low must not hide a
       -- clear under way (below).
-      grants = grants + math.max(tonumber(c[1]) or 0, rcall('ZCARD', zg))
+      grants = grants + math.max(as_count(c[1]) or 0, rcall('ZCARD', zg))
       -- Revokes from the index as well as the counter: one that drifted
       -- low (data fga-wb did not write) must not let a revoke through.
-      revokes = revokes + math.max(tonumber(c[2]) or 0, rcall('ZCARD', zr))
+      revokes = revokes + math.max(as_count(c[2]) or 0, rcall('ZCARD', zr))
       tinsert(whole, r)
     else
       local ng = rcall('ZLEXCOUNT', zg, lo, hi)
