@@ -412,20 +412,18 @@ pub(crate) enum Command {
 }
 
 impl Engine {
-    /// Called after an op is acknowledged, with the pending count after it:
-    /// wakes a sleeping pump when the op makes something due at once (a
-    /// revoke, a full batch) or when the pump has no timer set. At most one
-    /// wake per pump iteration, so callers granting flat out never make the
-    /// pump spin, and a busy pump is never woken (its running requests
-    /// bring it back).
     /// Notes a revoke acknowledged on `t`, for the pump (see `revoked`).
     /// Past `REVOKED_KEPT` unlooked at, it is not noted: its revoke waits
     /// behind its grant, as any op behind one in flight does.
     pub(crate) fn note_revoke(&self, t: &crate::tuple::TupleKey) {
+        self.keep_revoked(vec![t.clone()]);
+    }
+
+    /// Notes `tuples` as revoked, as `note_revoke` does.
+    pub(crate) fn keep_revoked(&self, tuples: Vec<crate::tuple::TupleKey>) {
         let mut revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
-        if revoked.len() < REVOKED_KEPT {
-            revoked.push(t.clone());
-        }
+        let room = REVOKED_KEPT.saturating_sub(revoked.len());
+        revoked.extend(tuples.into_iter().take(room));
     }
 
     /// The revokes noted since the last call.
@@ -433,6 +431,12 @@ impl Engine {
         std::mem::take(&mut *self.revoked.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// Called after an op is acknowledged, with the pending count after it:
+    /// wakes a sleeping pump when the op makes something due at once (a
+    /// revoke, a full batch) or when the pump has no timer set. At most one
+    /// wake per pump iteration, so callers granting flat out never make the
+    /// pump spin, and a busy pump is never woken (its running requests
+    /// bring it back).
     pub(crate) fn nudge(&self, revoke: bool, pending: usize) {
         if !self.sleeping.load(Ordering::Acquire) {
             return;

@@ -574,7 +574,7 @@ impl Pump {
 
     /// Starts chunks while the limit allows and something is due.
     pub(crate) async fn fill(&mut self) {
-        self.hand_back_revoked().await;
+        self.hand_back_revoked();
         let chunk = self.engine.max_tuples();
         while self.slot_free() && self.may_write() {
             // Revokes behind a window of grants go ahead of it in a chunk of
@@ -646,23 +646,21 @@ impl Pump {
 
     /// Grants taken and not sent yet (staged or held back) of tuples
     /// revoked since: handed back, so the store drops them as superseded
-    /// and the revokes, which waited behind them, are ready now. Under a
-    /// backlog a window holds thousands of ops and is sent in key order:
-    /// such a revoke waited until its grant's turn came, and a check that
-    /// needs it failed closed meanwhile.
-    async fn hand_back_revoked(&mut self) {
-        let revoked = self.engine.take_revoked();
-        if revoked.is_empty() || (self.staged.is_empty() && self.carry.is_empty()) {
+    /// and the revokes, which waited behind them, are ready once that is
+    /// done. Under a backlog a window holds thousands of ops and is sent in
+    /// key order: such a revoke waited until its grant's turn came, and a
+    /// check that needs it failed closed meanwhile. (Only this process's
+    /// revokes are noted; another's waits behind the grant as before.)
+    fn hand_back_revoked(&mut self) {
+        let notes = self.engine.take_revoked();
+        if notes.is_empty() {
             return;
         }
-        let is_revoked = |t: &Taken| {
-            t.op == Op::Grant
-                && revoked.iter().any(|r| {
-                    r.object == t.tuple.object
-                        && r.relation == t.tuple.relation
-                        && r.user == t.tuple.user
-                })
-        };
+        fn key(t: &crate::tuple::TupleKey) -> (&str, &str, &str) {
+            (&t.object, &t.relation, &t.user)
+        }
+        let revoked: std::collections::HashSet<_> = notes.iter().map(key).collect();
+        let is_revoked = |t: &Taken| t.op == Op::Grant && revoked.contains(&key(&t.tuple));
         let (gone, staged): (VecDeque<Taken>, VecDeque<Taken>) = std::mem::take(&mut self.staged)
             .into_iter()
             .partition(is_revoked);
@@ -671,26 +669,29 @@ impl Pump {
             .into_iter()
             .partition(is_revoked);
         self.carry = carry;
-        if gone.is_empty() && gone_carried.is_empty() {
+        let back: Vec<Taken> = gone.into_iter().chain(gone_carried).collect();
+        // A window being taken may bring the grant of a revoke noted now:
+        // looked for again once it is staged.
+        if self.taking.is_some() {
+            let matched: std::collections::HashSet<_> =
+                back.iter().map(|t| key(&t.tuple)).collect();
+            let unmatched = notes.iter().filter(|r| !matched.contains(&key(r)));
+            self.engine.keep_revoked(unmatched.cloned().collect());
+        }
+        if back.is_empty() {
             return;
         }
-        let back = gone
-            .into_iter()
-            .chain(gone_carried)
-            .map(|t| (t, Outcome::Retry))
-            .collect();
-        match self.engine.store.finish(back, None).await {
-            // Superseded, they end here and count as coalesced.
-            Ok(f) => self.engine.account(&f, &mut FlushReport::default()),
-            // As a chunk's finish that fails: the store repeats it, or its
-            // ops are found again as this writer's strays.
-            Err(e) => {
-                tracing::warn!(error = %e, "could not give back grants revoked since they were taken");
-                self.note_unsure();
-            }
-        }
-        self.forget_exhausted();
-        self.revokes_exhausted = None;
+        // Recorded as a chunk with no request, in `running`: a finish that
+        // Redis fails is repeated for a while, and the pump goes on
+        // meanwhile (see `done`, which makes the revokes takeable).
+        let held = self.track(&back);
+        let engine = self.engine.clone();
+        self.running.push(Box::pin(async move {
+            let mut result = ChunkResult::new(0);
+            result.outcomes = back.into_iter().map(|t| (t, Outcome::Retry)).collect();
+            finish_chunk(&engine, &mut result).await;
+            (result, held)
+        }));
     }
 
     /// Revokes up to the revoke target may be ready, as far as the last
@@ -876,8 +877,9 @@ impl Pump {
         }
     }
 
-    pub(crate) fn start(&mut self, ops: Vec<Taken>) {
-        self.busy_since.get_or_insert_with(Instant::now);
+    /// Notes `ops` as a running chunk's (see `running_firsts`,
+    /// `running_keys`); `done` forgets them.
+    fn track(&mut self, ops: &[Taken]) -> Held {
         let first = ops.iter().map(|t| t.first).min().unwrap_or(0);
         add_one(&mut self.running_firsts, first);
         let keys: Vec<u64> = match self.may_carry {
@@ -887,7 +889,12 @@ impl Pump {
         for &k in &keys {
             add_one(&mut self.running_keys, k);
         }
-        let held = Held { first, keys };
+        Held { first, keys }
+    }
+
+    pub(crate) fn start(&mut self, ops: Vec<Taken>) {
+        self.busy_since.get_or_insert_with(Instant::now);
+        let held = self.track(&ops);
         let engine = self.engine.clone();
         let (writing, freed) = (self.writing.clone(), self.freed.clone());
         writing.fetch_add(1, Ordering::Relaxed);
