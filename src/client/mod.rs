@@ -485,6 +485,10 @@ impl WriteBehind {
 
     async fn enqueue(&self, tuple: TupleKey, op: Op) -> Result<()> {
         self.ensure_open()?;
+        // Nothing would write it (checks go on: they need no flusher).
+        if let Some(e) = self.inner.engine.failed.get() {
+            return Err(e.clone());
+        }
         match op {
             Op::Grant => {
                 tuple.validate_for_write()?;
@@ -624,8 +628,8 @@ impl WriteBehind {
             .commands
             .send(Command::Flush(tx, up_to))
             .await
-            .map_err(|_| Error::new(Kind::Shutdown))?;
-        let report = rx.await.map_err(|_| Error::new(Kind::Shutdown))?;
+            .map_err(|_| self.flusher_gone())?;
+        let report = rx.await.map_err(|_| self.flusher_gone())?;
         if report.error.is_some() {
             if let Some(halt) = self.inner.engine.stats.halted() {
                 return Err(halt);
@@ -830,6 +834,15 @@ impl WriteBehind {
         Ok(())
     }
 
+    /// Why the flusher no longer answers: it stopped on a panic, or the
+    /// handle was shut down.
+    fn flusher_gone(&self) -> Error {
+        match self.inner.engine.failed.get() {
+            Some(e) => e.clone(),
+            None => Error::new(Kind::Shutdown),
+        }
+    }
+
     /// This process's counters, read without waiting (for the Redis store,
     /// [`WriteBehind::status`] reports the store-wide ones).
     pub fn local_totals(&self) -> crate::Totals {
@@ -972,5 +985,72 @@ impl Handle {
                 "WriteBehind {how}: {n} acknowledged ops were not written to OpenFGA and are lost"
             );
         }
+    }
+}
+
+#[cfg(all(test, feature = "test-util"))]
+mod tests {
+    use super::*;
+    use crate::buffer::Taken;
+    use futures::future::BoxFuture;
+    use serde_json::json;
+
+    /// Hands nothing on: panics, as a bug in the flusher would.
+    struct Panicking;
+
+    impl flush::JobSink for Panicking {
+        fn enqueue<'a>(
+            &'a self,
+            _: &'a str,
+            _: Option<&'a str>,
+            _: &'a [Taken],
+        ) -> BoxFuture<'a, Result<()>> {
+            Box::pin(async { panic!("a bug in the job sink") })
+        }
+    }
+
+    /// A flusher that stops on a panic is reported: `flush()` and new ops
+    /// fail with an error that says so and what to do, `status` shows it,
+    /// and checks go on. Before, grants went on being acknowledged with
+    /// nothing to write them, `flush()` said the handle was shut down, and
+    /// `status` showed nothing.
+    #[tokio::test]
+    async fn a_flusher_that_panicked_is_reported_and_takes_no_more_ops() {
+        let fga = crate::testing::FakeOpenFga::start(json!({
+            "schema_version": "1.1",
+            "type_definitions": [
+                { "type": "user" },
+                { "type": "document", "relations": { "viewer": { "this": {} } },
+                  "metadata": { "relations": { "viewer": {
+                      "directly_related_user_types": [{ "type": "user" }] } } } }
+            ]
+        }))
+        .await
+        .unwrap();
+        let wb = WriteBehind::builder(fga.config())
+            .job_sink(Arc::new(Panicking))
+            .automatic_flush(false)
+            .build()
+            .await
+            .unwrap();
+        wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+        let e = wb.flush().await.unwrap_err();
+        assert!(!e.is_shutdown(), "{e}");
+        assert!(
+            e.to_string().contains("the flusher stopped on a panic"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("restart the process"), "{e}");
+        let stopped = wb.status().await.unwrap().flushing_stopped;
+        assert!(
+            stopped.as_deref().is_some_and(|s| s.contains("panic")),
+            "{stopped:?}"
+        );
+        let e = wb
+            .grant("user:bob", "viewer", "document:1")
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("panic"), "{e}");
+        assert!(wb.check("user:anne", "viewer", "document:1").await.unwrap());
     }
 }

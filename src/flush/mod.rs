@@ -106,6 +106,9 @@ pub(crate) struct Engine {
     /// a pending grant with a condition: flush now, whatever the batch size
     /// and interval say.
     pub flush_wanted: AtomicBool,
+    /// Why the flusher stopped on a panic, if it did: the handle then
+    /// fails every call that needs it with this (see `flusher_panicked`).
+    pub failed: std::sync::OnceLock<Error>,
     /// Tuples revoked since the pump last looked (up to `REVOKED_KEPT`): a
     /// grant of one taken and not sent yet goes back (see
     /// `Pump::hand_back_revoked`).
@@ -232,6 +235,7 @@ impl Engine {
             changed: watch::channel(0).0,
             sink,
             flush_wanted: Default::default(),
+            failed: Default::default(),
             revoked: Default::default(),
             revoke_wanted: Default::default(),
             parallel: Default::default(),
@@ -412,6 +416,17 @@ pub(crate) enum Command {
 }
 
 impl Engine {
+    /// The flusher stopped on a panic (a bug): noted for `status`, and for
+    /// the handle, which takes no more ops (nothing would write them) and
+    /// says so instead of "shut down".
+    pub(crate) fn flusher_panicked(&self) {
+        let e = Error::internal(
+            "the flusher stopped on a panic (its message is in the log): this process writes nothing more and takes no more ops; what is pending stays in its store (another process writes a shared store's; the memory store's are lost when the process ends): restart the process",
+        );
+        self.stats.set_stopped(Some(e.clone()));
+        let _ = self.failed.set(e);
+    }
+
     /// Notes a revoke acknowledged on `t`, for the pump (see `revoked`).
     /// Past `REVOKED_KEPT` unlooked at, it is not noted: its revoke waits
     /// behind its grant, as any op behind one in flight does.

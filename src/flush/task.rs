@@ -19,6 +19,9 @@ pub(crate) async fn run(
     let mut shutdown_start = FlushReport::default();
     let mut shutdown_began: Option<Instant> = None;
     let mut last_record = Instant::now();
+    // Declared last, so dropped first when a panic unwinds this: noted
+    // before the waiters' replies go with the pump.
+    let _panic = NotePanic(pump.engine.clone());
     loop {
         pump.engine.looking(pump.chunks_running() == 0);
         let due = pump.maybe_plan().await;
@@ -165,6 +168,17 @@ pub(crate) async fn run(
     }
 }
 
+/// Notes a panic unwinding the flusher (see `Engine::flusher_panicked`).
+struct NotePanic(Arc<Engine>);
+
+impl Drop for NotePanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.flusher_panicked();
+        }
+    }
+}
+
 /// The flusher's thread: the pump runs on a runtime of its own, so callers
 /// granting flat out on the application's runtime (a memory-store grant
 /// never waits) cannot starve it, and it never adds to their latency.
@@ -202,10 +216,20 @@ impl FlusherThread {
                 let _ = started.send(Ok(()));
                 let store = engine.store.clone();
                 tracing::dispatcher::with_default(&dispatch, || {
-                    runtime.block_on(run(engine, commands, stop, automatic));
+                    let pump = std::panic::AssertUnwindSafe(|| {
+                        runtime.block_on(run(engine, commands, stop, automatic));
+                    });
+                    if let Err(panic) = std::panic::catch_unwind(pump) {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        tracing::error!(panic = %what, "the flusher stopped on a panic (a bug in fga-wb: please report it)");
+                    }
                 });
-                // Ended as asked (not by a panic, after which the handle
-                // still takes ops, and its checks need the heartbeat).
+                // Ended as asked, or by a panic (the handle takes no more
+                // ops then): its lease is no longer renewed.
                 store.flusher_ended();
                 let _ = tx.send(());
             })
