@@ -178,3 +178,46 @@ async fn openfga_killed_mid_flush_then_restarted_loses_nothing() {
     let r = wb.shutdown().await.unwrap();
     assert_eq!((r.left.total, r.left.in_flight), (0, 0), "{r:?}");
 }
+
+/// An application's own `health()` while it flushes, its Writes failing
+/// (OpenFGA answers 503), does not say that no application runs to flush
+/// the Redis store: it is one. Before, the count of live applications left
+/// it out, and once its ops were two writer leases old its health said
+/// "start one", a probe's cue to restart a healthy process.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn an_application_flushing_is_not_missing_from_its_own_health() {
+    use support::mock::*;
+    let server = mock_openfga().await;
+    write_mock()
+        .respond_with(support::fixture("unavailable-503").response())
+        .mount(&server)
+        .await;
+    let mut c = mock_config(&server);
+    c.buffer.store = fga_wb::config::StoreKind::Redis;
+    c.redis.url = support::redis_url();
+    c.redis.key_prefix = format!("fga-wb-own-health-{}", std::process::id());
+    c.redis.writer_lease = Duration::from_secs(2);
+    c.flush.interval = Duration::from_millis(100);
+    let wb = WriteBehind::builder(c).build().await.unwrap();
+    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    support::eventually(
+        "the op to wait two leases",
+        Duration::from_secs(30),
+        || async {
+            let p = wb.pending().await.unwrap();
+            p.oldest_age.is_some_and(|a| a > Duration::from_secs(5))
+        },
+    )
+    .await;
+    let h = wb.health().await.unwrap();
+    assert!(
+        !h.problems
+            .iter()
+            .any(|p| p.contains("no application process runs")),
+        "{:?}",
+        h.problems
+    );
+    wb.clear().await.unwrap();
+    wb.shutdown().await.unwrap();
+}

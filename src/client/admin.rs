@@ -167,7 +167,10 @@ impl WriteBehind {
                 "Redis lost acknowledged ops: {loss}; see `fga-wb loss`"
             ));
         }
-        if let Some(p) = nobody_flushes(&status, &self.inner.config) {
+        // This handle is an application flushing the store too, unless it
+        // flushes only when told (`fga-wb status`) or its flusher died.
+        let flushes = self.inner.automatic_flush && e.failed.get().is_none();
+        if let Some(p) = nobody_flushes(&status, &self.inner.config, flushes) {
             h.problems.push(p);
         }
         if let Some(q) = &status.queue {
@@ -195,7 +198,9 @@ impl WriteBehind {
             // and the checks they could change towards allowed fail closed
             // meanwhile: only workers replay them by themselves. Told by
             // reading the letters, for as many as a look can afford.
-            let replayed = status.queue.as_ref().is_some_and(|q| !q.workers.is_empty());
+            // (As this configuration says: `"0s"`, they replay nothing.)
+            let replayed = status.queue.as_ref().is_some_and(|q| !q.workers.is_empty())
+                && !self.inner.config.queue.replay_transient.is_zero();
             if replayed {
                 // The workers replay them.
             } else if status.dead_letters > HEALTH_LETTERS {
@@ -406,13 +411,14 @@ impl WriteBehind {
 /// application process runs: workers apply queued jobs only, so they stay
 /// in Redis, safe but unwritten. "Long" is ten flush intervals, or two
 /// writer leases (a crashed process's ops come back after one), whichever
-/// is longer, as this process's configuration says.
-fn nobody_flushes(status: &crate::Status, config: &crate::Config) -> Option<String> {
+/// is longer, as this process's configuration says. `flushes`: this
+/// process is one (`live_apps` counts the others).
+fn nobody_flushes(status: &crate::Status, config: &crate::Config, flushes: bool) -> Option<String> {
     let apps = status.live_apps?;
     let stale =
         (config.flush.interval.saturating_mul(10)).max(config.redis.writer_lease.saturating_mul(2));
     let waited = status.pending.oldest_age.filter(|a| *a > stale)?;
-    (apps == 0).then(|| {
+    (apps == 0 && !flushes).then(|| {
         format!(
             "{} pending ops, the oldest {}s old, and no application process runs to flush them (workers apply queued jobs only): start one, or run `fga-wb flush`",
             status.pending.total,

@@ -51,6 +51,8 @@ struct Handle {
     validate_against_model: bool,
     /// Whether it reads the authorization model (the CLI does not).
     read_model: bool,
+    /// The handle's flusher writes on its own (not `fga-wb status`'s).
+    automatic_flush: bool,
     commands: mpsc::Sender<Command>,
     stop: watch::Sender<bool>,
     /// The flusher's thread; taken by shutdown.
@@ -239,6 +241,7 @@ impl Builder {
                 redis,
                 validate_against_model: self.validate_against_model,
                 read_model: self.read_model,
+                automatic_flush: self.automatic_flush,
                 commands,
                 stop,
                 flusher: Mutex::new(Some(flusher)),
