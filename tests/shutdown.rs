@@ -419,3 +419,28 @@ async fn a_shutdown_gives_a_window_of_thousands_of_ops_back_to_redis() {
     other.clear().await.unwrap();
     other.shutdown().await.unwrap();
 }
+
+/// After `shutdown()`, the calls that change the buffer (clear, dead-letter
+/// replay and purge) fail with the shutdown error, as grants do. Before,
+/// they ran: a replay put letters back as pending ops with no flusher left
+/// to write them (in memory: lost at exit), and answered `Ok`.
+#[tokio::test]
+async fn calls_that_change_the_buffer_fail_after_shutdown() {
+    let server = mock_openfga().await;
+    first_write_then_ok(&server, fixture("write-unknown-relation").response()).await;
+    let wb = manual_handle(&server).await;
+    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    wb.flush().await.unwrap();
+    assert_eq!(wb.dead_letters().await.unwrap().len(), 1);
+    wb.shutdown().await.unwrap();
+    let refused = [
+        wb.clear().await.map(|_| ()),
+        wb.replay_dead_letters(None).await.map(|_| ()),
+        wb.purge_dead_letters(None).await.map(|_| ()),
+        wb.purge_dead_letters_up_to(u64::MAX).await.map(|_| ()),
+    ];
+    for r in refused {
+        assert!(matches!(&r, Err(e) if e.is_shutdown()), "{r:?}");
+    }
+    assert_eq!(wb.dead_letters().await.unwrap().len(), 1);
+}

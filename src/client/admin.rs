@@ -31,6 +31,8 @@ impl WriteBehind {
 
     async fn clear_bounded(&self, up_to: Option<u64>) -> Result<Vec<(TupleKey, Op)>> {
         let e = &self.inner.engine;
+        // What changes the buffer is the handle's until it shuts down.
+        self.ensure_open()?;
         let dropped = e.store.clear(up_to).await?;
         e.cache.invalidate_all();
         count!(
@@ -283,6 +285,8 @@ impl WriteBehind {
     /// in [`Replayed::flush_error`], and the replayed ops stay pending.
     pub async fn replay_dead_letters(&self, ids: Option<&[u64]>) -> Result<Replayed> {
         let e = &self.inner.engine;
+        // What changes the buffer is the handle's until it shuts down.
+        self.ensure_open()?;
         self.refuse_unknown_letters(ids, true).await?;
         let mut r = e.store.replay_dead_letters(ids, false).await?;
         // A replayed letter is acknowledged again, like a grant or revoke.
@@ -345,6 +349,8 @@ impl WriteBehind {
     /// replay flushes what it buffers.
     async fn remove_letters(&self, ids: Option<&[u64]>, up_to: Option<u64>) -> Result<usize> {
         let e = &self.inner.engine;
+        // What changes the buffer is the handle's until it shuts down.
+        self.ensure_open()?;
         let p = e.store.remove_dead_letters(ids, up_to).await?;
         if p.removed > 0 {
             tracing::warn!(

@@ -106,7 +106,10 @@ pub struct ShutdownReport {
     /// What the final flushes did.
     pub flushed: FlushReport,
     /// What is still pending (or in flight) after the deadline; with the
-    /// memory store, these ops are lost when the process exits.
+    /// memory store, these ops are lost when the process exits. With the
+    /// Redis store, what the whole store holds: other processes' ops too,
+    /// and in queue mode the ops of jobs waiting for workers, all kept
+    /// for those to write.
     pub left: Pending,
 }
 
@@ -716,6 +719,13 @@ impl WriteBehind {
         let mut flushed = flushed;
         if left.total.saturating_add(left.in_flight) == 0 {
             flushed.error = None;
+        } else if e.store.shared() {
+            // Other processes' and queued jobs' too: kept, theirs to write.
+            tracing::info!(
+                pending = left.total,
+                in_flight = left.in_flight,
+                "the shared store still holds ops; other processes and workers write them"
+            );
         } else {
             tracing::warn!(
                 pending = left.total,
