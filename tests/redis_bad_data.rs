@@ -1217,3 +1217,29 @@ async fn a_finish_that_fails_on_a_key_of_another_type_writes_no_letter() {
     assert_eq!(wb.status().await.unwrap().totals.dead_lettered, 1);
     wb.shutdown().await.unwrap();
 }
+
+/// A writer's term stored in a form fga-wb never writes ("7.0", " 7",
+/// "07") is replaced like a missing one: the writer's ops are written and
+/// end. Before, Lua read it as 7 and kept it, each finish compared the
+/// stored text with "7" and found the writer's term changed, and the ops
+/// stayed in flight, handed back and written again, for good.
+#[tokio::test]
+async fn a_term_in_another_form_is_replaced() {
+    for (i, form) in ["{}.0", " {}", "0{}"].into_iter().enumerate() {
+        let Inline { wb, mut c, p, .. } = inline_flushing(&format!("term-form-{i}"), false).await;
+        wb.grant("user:anne", "viewer", "document:t").await.unwrap();
+        // The handle's lease and term exist once it has pushed.
+        let terms: Vec<String> = cmd(&mut c, &["HKEYS", &format!("{p}:terms")]).await;
+        assert!(!terms.is_empty());
+        for w in &terms {
+            let t: String = cmd(&mut c, &["HGET", &format!("{p}:terms"), w]).await;
+            let odd = form.replace("{}", &t);
+            let _: i64 = cmd(&mut c, &["HSET", &format!("{p}:terms"), w, &odd]).await;
+        }
+        let r = wb.flush().await.unwrap();
+        assert_eq!(r.applied, 1, "{form}: {r:?}");
+        let left = wb.pending().await.unwrap();
+        assert_eq!((left.total, left.in_flight), (0, 0), "{form}: {left:?}");
+        wb.shutdown().await.unwrap();
+    }
+}

@@ -1023,7 +1023,12 @@ local function renew(writer, now, lease, had, hold)
   -- written: a call that fails here (P:termseq not a number) must not
   -- leave the writer a lease without a new term, which its next call would
   -- take for its old one.
-  local term = ends and tonumber(rcall('HGET', P .. ':terms', writer))
+  -- Only as fga-wb writes it: a finish compares the stored text with the
+  -- term's digits, so "7.0" or " 7", read as 7, made every finish of the
+  -- writer stale for good.
+  local stored = ends and rcall('HGET', P .. ':terms', writer)
+  local term = type(stored) == 'string' and #stored <= 16
+    and smatch(stored, '^[1-9]%d*$') and tonumber(stored)
   if not term then
     term = next_of(P .. ':termseq')
     -- Above any term the writer had (`had`): a Redis that lost its data
