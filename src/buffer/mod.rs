@@ -159,6 +159,8 @@ pub(crate) struct Pushed {
     pub coalesced: bool,
     /// Pending ops after the push, in flight excluded.
     pub pending: usize,
+    /// The op's sequence number.
+    pub seq: u64,
 }
 
 /// What `finish` did with a batch of outcomes.

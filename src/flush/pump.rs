@@ -659,8 +659,17 @@ impl Pump {
         fn key(t: &crate::tuple::TupleKey) -> (&str, &str, &str) {
             (&t.object, &t.relation, &t.user)
         }
-        let revoked: std::collections::HashSet<_> = notes.iter().map(key).collect();
-        let is_revoked = |t: &Taken| t.op == Op::Grant && revoked.contains(&key(&t.tuple));
+        // By key, the newest revoke noted: only grants older than it are
+        // superseded (a grant pushed after it is the application's last
+        // word, and would only go back to pending).
+        let mut revoked: std::collections::HashMap<_, u64> = std::collections::HashMap::new();
+        for (t, seq) in &notes {
+            let newest = revoked.entry(key(t)).or_default();
+            *newest = (*newest).max(*seq);
+        }
+        let is_revoked = |t: &Taken| {
+            t.op == Op::Grant && revoked.get(&key(&t.tuple)).is_some_and(|&r| t.seq < r)
+        };
         let (gone, staged): (VecDeque<Taken>, VecDeque<Taken>) = std::mem::take(&mut self.staged)
             .into_iter()
             .partition(is_revoked);
@@ -675,7 +684,7 @@ impl Pump {
         if self.taking.is_some() {
             let matched: std::collections::HashSet<_> =
                 back.iter().map(|t| key(&t.tuple)).collect();
-            let unmatched = notes.iter().filter(|r| !matched.contains(&key(r)));
+            let unmatched = notes.iter().filter(|(r, _)| !matched.contains(&key(r)));
             self.engine.keep_revoked(unmatched.cloned().collect());
         }
         if back.is_empty() {

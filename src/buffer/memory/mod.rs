@@ -391,7 +391,7 @@ impl MemoryStore {
         let part_no = shard.part_index(tuple.object_type(), &tuple.relation);
         let part = &mut shard.parts[part_no];
         // One search of the ordered map, whether the key is new or not.
-        let coalesced = match part.slots.entry(key) {
+        let (coalesced, seq) = match part.slots.entry(key) {
             btree_map::Entry::Vacant(v) => {
                 if self.keys.fetch_add(1, Ordering::Relaxed) >= self.capacity {
                     self.keys.fetch_sub(1, Ordering::Relaxed);
@@ -416,7 +416,7 @@ impl MemoryStore {
                     }),
                     in_flight: None,
                 });
-                false
+                (false, seq)
             }
             btree_map::Entry::Occupied(mut o) => {
                 let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
@@ -450,7 +450,7 @@ impl MemoryStore {
                 if !blocked {
                     part.ready[kind(op)].insert(first, k);
                 }
-                coalesced
+                (coalesced, seq)
             }
         };
         part.ops[kind(op)] += 1;
@@ -458,6 +458,7 @@ impl MemoryStore {
         Ok(Pushed {
             coalesced,
             pending: self.pending_total(),
+            seq,
         })
     }
 

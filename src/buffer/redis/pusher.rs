@@ -136,9 +136,10 @@ impl Pusher {
                     waited: None,
                 })),
                 (_, Some(e)) => Err(e.clone()),
-                _ => Ok(Pushed {
+                (Some(s), None) => Ok(Pushed {
                     coalesced: int(&v[2 * i + 1]).unwrap_or(0) == 1,
                     pending,
+                    seq: s as u64,
                 }),
             };
             let _ = p.reply.send(reply);
