@@ -133,6 +133,9 @@ pub(crate) enum Kind {
     InvalidArgument(String),
     /// fga-wb broke one of its own invariants: a bug, not the caller's input.
     Internal(String),
+    /// The handle's flusher stopped on a panic (a bug): nothing more is
+    /// written through this handle.
+    FlusherStopped,
 }
 
 /// The parts of an error response from OpenFGA.
@@ -457,6 +460,11 @@ impl Error {
         matches!(&*self.kind, Kind::Shutdown)
     }
 
+    /// The handle's flusher stopped on a panic: restart the process.
+    pub fn is_flusher_stopped(&self) -> bool {
+        matches!(&*self.kind, Kind::FlusherStopped)
+    }
+
     /// The HTTP status OpenFGA answered with, if it answered.
     pub fn status(&self) -> Option<u16> {
         match &*self.kind {
@@ -643,6 +651,10 @@ impl fmt::Display for Error {
                 "at least {count} pending grants are relevant to this request, more than the {limit} it can carry; flush first (in queue mode, wait for the workers: `fga-wb flush --wait`)"
             ),
             Kind::InvalidArgument(msg) => write!(f, "invalid argument: {msg}"),
+            Kind::FlusherStopped => write!(
+                f,
+                "the flusher stopped on a panic (a bug in fga-wb: please report it; its message is in the log): this process writes nothing more and takes no more ops; what is pending stays in its store (another process writes a shared store's; the memory store's are lost when the process ends): restart the process"
+            ),
             Kind::Internal(msg) => write!(
                 f,
                 "internal error in fga-wb: {msg}; nothing was acknowledged by this call (please report it)"

@@ -171,7 +171,12 @@ impl WriteBehind {
         }
         // This handle is an application flushing the store too, unless it
         // flushes only when told (`fga-wb status`) or its flusher died.
-        let flushes = self.inner.automatic_flush && e.failed.get().is_none();
+        let flushes = self.inner.automatic_flush
+            && e.failed.get().is_none()
+            && !self
+                .inner
+                .shut_down
+                .load(std::sync::atomic::Ordering::Relaxed);
         if let Some(p) = nobody_flushes(&status, &self.inner.config, flushes) {
             h.problems.push(p);
         }

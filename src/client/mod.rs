@@ -537,7 +537,7 @@ impl WriteBehind {
             count!(e.stats, coalesced, "fga_wb_ops_coalesced_total", 1);
         }
         if op == Op::Revoke {
-            e.note_revoke(&tuple);
+            e.note_revoke(&tuple, pushed.seq);
         }
         e.nudge(op == Op::Revoke, pushed.pending);
         Ok(())
@@ -630,12 +630,18 @@ impl WriteBehind {
 
     async fn flush_to(&self, up_to: Option<u64>) -> Result<FlushReport> {
         let (tx, rx) = oneshot::channel();
-        self.inner
+        if self
+            .inner
             .commands
             .send(Command::Flush(tx, up_to))
             .await
-            .map_err(|_| self.flusher_gone())?;
-        let report = rx.await.map_err(|_| self.flusher_gone())?;
+            .is_err()
+        {
+            return Err(self.flusher_gone().await);
+        }
+        let Ok(report) = rx.await else {
+            return Err(self.flusher_gone().await);
+        };
         if report.error.is_some() {
             if let Some(halt) = self.inner.engine.stats.halted() {
                 return Err(halt);
@@ -848,9 +854,20 @@ impl WriteBehind {
     }
 
     /// Why the flusher no longer answers: it stopped on a panic, or the
-    /// handle was shut down.
-    fn flusher_gone(&self) -> Error {
-        match self.inner.engine.failed.get() {
+    /// handle was shut down. Unless shut down, it waits a moment for the
+    /// flusher's thread to end: a reply dropped as a panic unwinds may
+    /// come before the panic is noted.
+    async fn flusher_gone(&self) -> Error {
+        let e = &self.inner.engine;
+        if !self.inner.shut_down.load(Ordering::Relaxed) {
+            let mut ended = e.flusher_ended.subscribe();
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                ended.wait_for(|done| *done),
+            )
+            .await;
+        }
+        match e.failed.get() {
             Some(e) => e.clone(),
             None => Error::new(Kind::Shutdown),
         }
@@ -1049,6 +1066,7 @@ mod tests {
         wb.grant("user:anne", "viewer", "document:1").await.unwrap();
         let e = wb.flush().await.unwrap_err();
         assert!(!e.is_shutdown(), "{e}");
+        assert!(e.is_flusher_stopped(), "{e}");
         assert!(
             e.to_string().contains("the flusher stopped on a panic"),
             "{e}"

@@ -109,10 +109,13 @@ pub(crate) struct Engine {
     /// Why the flusher stopped on a panic, if it did: the handle then
     /// fails every call that needs it with this (see `flusher_panicked`).
     pub failed: std::sync::OnceLock<Error>,
+    /// The flusher's thread is done (as asked, or by a panic, `failed`
+    /// noted by then).
+    pub flusher_ended: watch::Sender<bool>,
     /// Tuples revoked since the pump last looked (up to `REVOKED_KEPT`): a
     /// grant of one taken and not sent yet goes back (see
     /// `Pump::hand_back_revoked`).
-    revoked: std::sync::Mutex<Vec<crate::tuple::TupleKey>>,
+    revoked: std::sync::Mutex<Vec<(crate::tuple::TupleKey, u64)>>,
     /// The pump's current concurrency limit, for `status`.
     pub parallel: AtomicUsize,
     /// The pump has nothing in flight and waits: a new op may need to wake
@@ -236,6 +239,7 @@ impl Engine {
             sink,
             flush_wanted: Default::default(),
             failed: Default::default(),
+            flusher_ended: watch::Sender::new(false),
             revoked: Default::default(),
             revoke_wanted: Default::default(),
             parallel: Default::default(),
@@ -420,29 +424,30 @@ impl Engine {
     /// the handle, which takes no more ops (nothing would write them) and
     /// says so instead of "shut down".
     pub(crate) fn flusher_panicked(&self) {
-        let e = Error::internal(
-            "the flusher stopped on a panic (its message is in the log): this process writes nothing more and takes no more ops; what is pending stays in its store (another process writes a shared store's; the memory store's are lost when the process ends): restart the process",
-        );
-        self.stats.set_stopped(Some(e.clone()));
-        let _ = self.failed.set(e);
+        if self.failed.get().is_none() {
+            let e = Error::new(Kind::FlusherStopped);
+            self.stats.set_stopped(Some(e.clone()));
+            let _ = self.failed.set(e);
+        }
+        let _ = self.flusher_ended.send(true);
     }
 
-    /// Notes a revoke acknowledged on `t`, for the pump (see `revoked`).
-    /// Past `REVOKED_KEPT` unlooked at, it is not noted: its revoke waits
-    /// behind its grant, as any op behind one in flight does.
-    pub(crate) fn note_revoke(&self, t: &crate::tuple::TupleKey) {
-        self.keep_revoked(vec![t.clone()]);
+    /// Notes a revoke acknowledged on `t` as op `seq`, for the pump (see
+    /// `revoked`). Past `REVOKED_KEPT` unlooked at, it is not noted: its
+    /// revoke waits behind its grant, as any op behind one in flight does.
+    pub(crate) fn note_revoke(&self, t: &crate::tuple::TupleKey, seq: u64) {
+        self.keep_revoked(vec![(t.clone(), seq)]);
     }
 
-    /// Notes `tuples` as revoked, as `note_revoke` does.
-    pub(crate) fn keep_revoked(&self, tuples: Vec<crate::tuple::TupleKey>) {
+    /// Notes revokes, as `note_revoke` does.
+    pub(crate) fn keep_revoked(&self, tuples: Vec<(crate::tuple::TupleKey, u64)>) {
         let mut revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
         let room = REVOKED_KEPT.saturating_sub(revoked.len());
         revoked.extend(tuples.into_iter().take(room));
     }
 
     /// The revokes noted since the last call.
-    pub(crate) fn take_revoked(&self) -> Vec<crate::tuple::TupleKey> {
+    pub(crate) fn take_revoked(&self) -> Vec<(crate::tuple::TupleKey, u64)> {
         std::mem::take(&mut *self.revoked.lock().unwrap_or_else(|p| p.into_inner()))
     }
 

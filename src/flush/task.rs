@@ -215,22 +215,32 @@ impl FlusherThread {
                 };
                 let _ = started.send(Ok(()));
                 let store = engine.store.clone();
-                tracing::dispatcher::with_default(&dispatch, || {
+                let at_end = engine.clone();
+                let panicked = tracing::dispatcher::with_default(&dispatch, || {
                     let pump = std::panic::AssertUnwindSafe(|| {
                         runtime.block_on(run(engine, commands, stop, automatic));
                     });
-                    if let Err(panic) = std::panic::catch_unwind(pump) {
-                        let what = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_default();
-                        tracing::error!(panic = %what, "the flusher stopped on a panic (a bug in fga-wb: please report it)");
-                    }
+                    let Err(panic) = std::panic::catch_unwind(pump) else {
+                        return false;
+                    };
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    tracing::error!(panic = %what, "the flusher stopped on a panic (a bug in fga-wb: please report it)");
+                    // Noted already, unless it panicked before the pump
+                    // was set up.
+                    at_end.flusher_panicked();
+                    true
                 });
-                // Ended as asked, or by a panic (the handle takes no more
-                // ops then): its lease is no longer renewed.
-                store.flusher_ended();
+                // Ended as asked: the lease is no longer renewed. Not after
+                // a panic: the heartbeat also watches for lost ops and
+                // reconnects for the checks this process still answers.
+                if !panicked {
+                    store.flusher_ended();
+                }
+                let _ = at_end.flusher_ended.send(true);
                 let _ = tx.send(());
             })
             .map_err(|e| Error::internal(format!("cannot start the flusher's thread: {e}")))?;
