@@ -653,7 +653,7 @@ impl fmt::Display for Error {
             Kind::InvalidArgument(msg) => write!(f, "invalid argument: {msg}"),
             Kind::FlusherStopped => write!(
                 f,
-                "the flusher stopped on a panic (a bug in fga-wb: please report it; its message is in the log): this process writes nothing more and takes no more ops; what is pending stays in its store (another process writes a shared store's; the memory store's are lost when the process ends): restart the process"
+                "the flusher stopped on a panic (a bug in fga-wb: please report it; its message is in the log): this process writes nothing more and takes no more ops; what is pending stays in its store (in a shared store other processes write it, and what this one had taken once it exits; the memory store's is lost when the process ends): restart the process"
             ),
             Kind::Internal(msg) => write!(
                 f,

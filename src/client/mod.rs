@@ -723,9 +723,12 @@ impl WriteBehind {
         // its grace: the report's error is for what is left, not for a
         // deadline that passed with nothing lost.
         let mut flushed = flushed;
+        if let Some(failed) = e.failed.get() {
+            flushed.error = Some(failed.to_string());
+        }
         if left.total.saturating_add(left.in_flight) == 0 {
             flushed.error = None;
-        } else if e.store.shared() {
+        } else if e.store.shared() && flushed.error.is_none() {
             // Other processes' and queued jobs' too: kept, theirs to write.
             tracing::info!(
                 pending = left.total,
@@ -777,7 +780,8 @@ impl WriteBehind {
             Ok(()) => tokio::time::timeout(ample, answer)
                 .await
                 .map_or(true, |r| r.unwrap_or(true)),
-            // The flusher is gone: it took nothing it still holds.
+            // The flusher is gone: it took nothing it still holds (after
+            // a panic, a Write it cut off noted its hold).
             Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => true,
         };
@@ -859,7 +863,7 @@ impl WriteBehind {
     /// come before the panic is noted.
     async fn flusher_gone(&self) -> Error {
         let e = &self.inner.engine;
-        if !self.inner.shut_down.load(Ordering::Relaxed) {
+        if e.failed.get().is_none() && !self.inner.shut_down.load(Ordering::Relaxed) {
             let mut ended = e.flusher_ended.subscribe();
             let _ = tokio::time::timeout(
                 std::time::Duration::from_secs(5),
@@ -1065,6 +1069,12 @@ mod tests {
             .unwrap();
         wb.grant("user:anne", "viewer", "document:1").await.unwrap();
         let e = wb.flush().await.unwrap_err();
+        // Again, at once (not after a wait for the flusher's end).
+        let again = tokio::time::timeout(std::time::Duration::from_secs(1), wb.flush()).await;
+        assert!(
+            matches!(&again, Ok(Err(e)) if e.is_flusher_stopped()),
+            "{again:?}"
+        );
         assert!(!e.is_shutdown(), "{e}");
         assert!(e.is_flusher_stopped(), "{e}");
         assert!(

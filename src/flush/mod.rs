@@ -151,7 +151,9 @@ pub(crate) struct Engine {
     /// Write requests that succeeded: a chunk that keeps failing while this
     /// moves fails for its own tuples (see `write_chunk_as`).
     writes_ok: AtomicU64,
-    /// Inline: when an op failing alone is given up (see [`lone`]).
+    /// Ops whose Write alone failed lately: they go alone again, and
+    /// inline on a shared store they are given up after the retry
+    /// schedule (see [`lone`]).
     pub lone: lone::LoneFailures,
     /// How far the next split of ops whose split stopped may go (see
     /// [`split`]).
@@ -429,7 +431,6 @@ impl Engine {
             self.stats.set_stopped(Some(e.clone()));
             let _ = self.failed.set(e);
         }
-        let _ = self.flusher_ended.send(true);
     }
 
     /// Notes a revoke acknowledged on `t` as op `seq`, for the pump (see
@@ -807,7 +808,7 @@ impl Engine {
         ops: Vec<Taken>,
         retries: QuickRetries,
     ) -> Vec<(Vec<Taken>, QuickRetries)> {
-        if ops.len() < 2 || !self.lone.any() {
+        if !self.lone.any() {
             return vec![(ops, retries)];
         }
         let now = Instant::now();

@@ -240,7 +240,9 @@ impl FlusherThread {
                 if !panicked {
                     store.flusher_ended();
                 }
-                let _ = at_end.flusher_ended.send(true);
+                // Kept for whoever subscribes later (`send` keeps nothing
+                // with no receiver).
+                at_end.flusher_ended.send_replace(true);
                 let _ = tx.send(());
             })
             .map_err(|e| Error::internal(format!("cannot start the flusher's thread: {e}")))?;

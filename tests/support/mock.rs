@@ -175,7 +175,8 @@ pub async fn write_bodies(server: &MockServer) -> Vec<Value> {
 
 /// A mocked OpenFGA whose Writes take 500 ms each, and a config for it
 /// that writes one at a time and flushes only when told (revokes aside),
-/// with the buffer in Redis under `prefix` (else in memory).
+/// with the buffer in Redis under the key prefix `redis` names (`None`:
+/// in memory).
 pub async fn slow_writes(redis: Option<&str>) -> (MockServer, Config) {
     let server = mock_openfga().await;
     write_mock()

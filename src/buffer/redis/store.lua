@@ -184,13 +184,13 @@ local function parse(v)
            writer = writer, ifseq = ifseq ~= '' and ifseq or nil, cond = cond }
 end
 
--- A count or a time fga-wb wrote: digits (a sign allowed), at most 15 of
--- them (exact in a double); else nil. `tonumber` also takes "nan", "inf"
+-- A count or a time fga-wb wrote: digits, at most 15 of them (exact in a
+-- double); else nil (a negative count or time is none fga-wb wrote). `tonumber` also takes "nan", "inf"
 -- and "1e30", which no comparison or `math.max` reads as a count, and
 -- which reach Rust as the lowest 64-bit integer.
 local function as_count(v)
   if type(v) == 'number' then v = tostring(v) end
-  if type(v) ~= 'string' or #v > 16 or not smatch(v, '^%-?%d+$') then return nil end
+  if type(v) ~= 'string' or #v > 15 or not smatch(v, '^%d+$') then return nil end
   return tonumber(v)
 end
 
@@ -213,16 +213,18 @@ local function rel_of(key)
   return r
 end
 
--- `cmd key list[1..n]` (without `key` when it is false), a few thousand
--- arguments a command: Lua's stack caps what `unpack` can pass (8,000
--- slots, the function's own included: 8,000 at once failed, "too many
--- results to unpack"). `step` is even for lists of pairs (field value,
--- score member). `call`: rcall, or
--- pcall_ where a key of the wrong type must not abort the script.
-local function in_parts(call, cmd, key, list, n, step)
-  step = step or 4000
-  for i = 1, n, step do
-    local last = math.min(i + step - 1, n)
+-- Values per command when a list is passed in parts: Lua's stack caps what
+-- `unpack` can pass (8,000 slots, the function's own included: 8,000 at
+-- once failed, "too many results to unpack"). Even, for lists of pairs
+-- (field value, score member).
+local PART = 4000
+
+-- `cmd key list[1..n]` (without `key` when it is false), in parts of
+-- PART. `call`: rcall, or pcall_ where a key of the wrong type must not
+-- abort the script.
+local function in_parts(call, cmd, key, list, n)
+  for i = 1, n, PART do
+    local last = math.min(i + PART - 1, n)
     if key then call(cmd, key, unpack(list, i, last)) else call(cmd, unpack(list, i, last)) end
   end
 end
@@ -231,8 +233,8 @@ end
 -- none).
 local function hmget(hash, fields)
   local out, n = {}, #fields
-  for i = 1, n, 4000 do
-    local last = math.min(i + 3999, n)
+  for i = 1, n, PART do
+    local last = math.min(i + PART - 1, n)
     local part = rcall('HMGET', hash, unpack(fields, i, last))
     for j = 1, last - i + 1 do out[i + j - 1] = part[j] end
   end
