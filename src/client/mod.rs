@@ -537,7 +537,7 @@ impl WriteBehind {
             count!(e.stats, coalesced, "fga_wb_ops_coalesced_total", 1);
         }
         if op == Op::Revoke {
-            e.note_revoke(&tuple, pushed.seq);
+            e.note_revokes([(tuple.clone(), pushed.seq)]);
         }
         e.nudge(op == Op::Revoke, pushed.pending);
         Ok(())

@@ -21,7 +21,7 @@
 //! others, each retry cost the whole chunk its quick retries and a
 //! bisection, and held up to 99 other ops behind it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -127,23 +127,27 @@ impl LoneFailures {
         None
     }
 
-    /// The op `seq` failed alone lately, while other Writes landed: it
-    /// goes alone again. (Ops split down to one in an outage are not
-    /// singled out after it.)
-    pub(crate) fn failing_alone(&self, seq: u64, now: Instant) -> bool {
+    /// Of `seqs`, the ops that failed alone lately while other Writes
+    /// landed: they go alone again. (Ops split down to one in an outage
+    /// are not singled out after it.) One look under the lock, and none at
+    /// the ops while nothing is noted, as most of the time.
+    pub(crate) fn failing_alone(
+        &self,
+        seqs: impl IntoIterator<Item = u64>,
+        now: Instant,
+    ) -> HashSet<u64> {
         let ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
-        ops.get(&seq).is_some_and(|f| {
-            f.while_others_landed && now.saturating_duration_since(f.last) < self.stale()
-        })
-    }
-
-    /// Whether any op is noted (most of the time none is).
-    pub(crate) fn any(&self) -> bool {
-        !self
-            .ops
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
+        if ops.is_empty() {
+            return HashSet::new();
+        }
+        let stale = self.stale();
+        seqs.into_iter()
+            .filter(|s| {
+                ops.get(s).is_some_and(|f| {
+                    f.while_others_landed && now.saturating_duration_since(f.last) < stale
+                })
+            })
+            .collect()
     }
 
     /// Entries idle this long stopped failing (applied, superseded,
@@ -160,6 +164,10 @@ mod tests {
     use super::*;
 
     const S: Duration = Duration::from_secs(1);
+
+    fn alone(lone: &LoneFailures, seq: u64, now: Instant) -> bool {
+        lone.failing_alone([seq], now).contains(&seq)
+    }
 
     #[test]
     fn an_op_is_given_up_after_the_schedule_with_writes_landing_between() {
@@ -202,21 +210,21 @@ mod tests {
             assert_eq!(lone.failed(1, i, true, t0 + i as u32 * 60 * S), None);
         }
         // But remembers it, to send it alone.
-        assert!(lone.failing_alone(1, t0 + 9 * 60 * S));
+        assert!(alone(&lone, 1, t0 + 9 * 60 * S));
     }
 
     #[test]
     fn an_op_failing_alone_is_known_until_it_goes_quiet() {
         let lone = LoneFailures::after(&[S]);
         let t0 = Instant::now();
-        assert!(!lone.failing_alone(1, t0));
+        assert!(!alone(&lone, 1, t0));
         // In an outage (nothing else landed): not singled out.
         assert_eq!(lone.failed(1, 1, false, t0), None);
-        assert!(!lone.failing_alone(1, t0));
+        assert!(!alone(&lone, 1, t0));
         assert_eq!(lone.failed(1, 1, true, t0), None);
-        assert!(lone.failing_alone(1, t0 + 59 * S));
-        assert!(!lone.failing_alone(2, t0));
-        assert!(!lone.failing_alone(1, t0 + 60 * S));
+        assert!(alone(&lone, 1, t0 + 59 * S));
+        assert!(!alone(&lone, 2, t0));
+        assert!(!alone(&lone, 1, t0 + 60 * S));
     }
 
     #[test]

@@ -426,22 +426,21 @@ impl Engine {
     /// the handle, which takes no more ops (nothing would write them) and
     /// says so instead of "shut down".
     pub(crate) fn flusher_panicked(&self) {
-        if self.failed.get().is_none() {
+        self.failed.get_or_init(|| {
             let e = Error::new(Kind::FlusherStopped);
             self.stats.set_stopped(Some(e.clone()));
-            let _ = self.failed.set(e);
-        }
+            e
+        });
     }
 
-    /// Notes a revoke acknowledged on `t` as op `seq`, for the pump (see
-    /// `revoked`). Past `REVOKED_KEPT` unlooked at, it is not noted: its
-    /// revoke waits behind its grant, as any op behind one in flight does.
-    pub(crate) fn note_revoke(&self, t: &crate::tuple::TupleKey, seq: u64) {
-        self.keep_revoked(vec![(t.clone(), seq)]);
-    }
-
-    /// Notes revokes, as `note_revoke` does.
-    pub(crate) fn keep_revoked(&self, tuples: Vec<(crate::tuple::TupleKey, u64)>) {
+    /// Notes revokes acknowledged (each tuple with its op's sequence
+    /// number), for the pump (see `revoked`). Past `REVOKED_KEPT` unlooked
+    /// at, a revoke is not noted: it waits behind its grant, as any op
+    /// behind one in flight does.
+    pub(crate) fn note_revokes(
+        &self,
+        tuples: impl IntoIterator<Item = (crate::tuple::TupleKey, u64)>,
+    ) {
         let mut revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
         let room = REVOKED_KEPT.saturating_sub(revoked.len());
         revoked.extend(tuples.into_iter().take(room));
@@ -808,13 +807,14 @@ impl Engine {
         ops: Vec<Taken>,
         retries: QuickRetries,
     ) -> Vec<(Vec<Taken>, QuickRetries)> {
-        if !self.lone.any() {
+        let alone = self
+            .lone
+            .failing_alone(ops.iter().map(|t| t.seq), Instant::now());
+        if alone.is_empty() {
             return vec![(ops, retries)];
         }
-        let now = Instant::now();
-        let (alone, rest): (Vec<Taken>, Vec<Taken>) = ops
-            .into_iter()
-            .partition(|t| self.lone.failing_alone(t.seq, now));
+        let (alone, rest): (Vec<Taken>, Vec<Taken>) =
+            ops.into_iter().partition(|t| alone.contains(&t.seq));
         let once = QuickRetries {
             transient: retries.transient.min(1),
             ..retries

@@ -21,6 +21,11 @@ pub(crate) struct Held {
     pub(crate) keys: Vec<u64>,
 }
 
+/// A tuple's key as its parts, in the order windows are sorted by.
+fn key(t: &crate::tuple::TupleKey) -> (&str, &str, &str) {
+    (&t.object, &t.relation, &t.user)
+}
+
 /// A key's hash, from its parts (`object`, `#`, `relation`, `@`, `user`):
 /// no string built per op. Keys that collide are both taken as held, which
 /// only leaves a stray for a later look.
@@ -656,9 +661,6 @@ impl Pump {
         if notes.is_empty() {
             return;
         }
-        fn key(t: &crate::tuple::TupleKey) -> (&str, &str, &str) {
-            (&t.object, &t.relation, &t.user)
-        }
         // By key, the newest revoke noted: only grants older than it are
         // superseded (a grant pushed after it is the application's last
         // word, and would only go back to pending).
@@ -685,7 +687,7 @@ impl Pump {
             let matched: std::collections::HashSet<_> =
                 back.iter().map(|t| key(&t.tuple)).collect();
             let unmatched = notes.iter().filter(|(r, _)| !matched.contains(&key(r)));
-            self.engine.keep_revoked(unmatched.cloned().collect());
+            self.engine.note_revokes(unmatched.cloned());
         }
         if back.is_empty() {
             return;
@@ -862,13 +864,7 @@ impl Pump {
             .collect();
         ops.append(&mut self.carry);
         // Key order: see the module docs.
-        ops.sort_unstable_by(|a, b| {
-            (&a.tuple.object, &a.tuple.relation, &a.tuple.user).cmp(&(
-                &b.tuple.object,
-                &b.tuple.relation,
-                &b.tuple.user,
-            ))
-        });
+        ops.sort_unstable_by(|a, b| key(&a.tuple).cmp(&key(&b.tuple)));
         self.staged.extend(ops);
     }
 
