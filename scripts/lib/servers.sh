@@ -240,10 +240,10 @@ fga_wb_ensure_openfga() {
         local rc=0
         local lock=()
         command -v flock >/dev/null 2>&1 && lock=(flock "$dir/.build.lock")
-        # shellcheck disable=SC2016 # $1.. expand in the inner bash, on purpose
         # Built into a scratch dir and moved into place once it runs: a build
         # cut short never leaves a half-written binary that later runs trust.
         # The caller's GOFLAGS and workspace do not change what is built.
+        # shellcheck disable=SC2016 # $1.. expand in the inner bash, on purpose
         fga_wb_run_child "${lock[@]}" bash -c '
             [[ -x "$1/openfga" ]] && exit 0
             rm -rf "$1/.building" && mkdir -p "$1/.building" || exit 1
