@@ -290,8 +290,9 @@ impl WriteBehind {
     /// in [`Replayed::flush_error`], and the replayed ops stay pending.
     pub async fn replay_dead_letters(&self, ids: Option<&[u64]>) -> Result<Replayed> {
         let e = &self.inner.engine;
-        // What changes the buffer is the handle's until it shuts down.
-        self.ensure_open()?;
+        // What changes the buffer is the handle's until it shuts down; and
+        // a letter replayed is an op to write, as a grant is.
+        self.ensure_flushing()?;
         self.refuse_unknown_letters(ids, true).await?;
         let mut r = e.store.replay_dead_letters(ids, false).await?;
         // A replayed letter is acknowledged again, like a grant or revoke.

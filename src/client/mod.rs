@@ -490,11 +490,7 @@ impl WriteBehind {
     }
 
     async fn enqueue(&self, tuple: TupleKey, op: Op) -> Result<()> {
-        self.ensure_open()?;
-        // Nothing would write it (checks go on: they need no flusher).
-        if let Some(e) = self.inner.engine.failed.get() {
-            return Err(e.clone());
-        }
+        self.ensure_flushing()?;
         match op {
             Op::Grant => {
                 tuple.validate_for_write()?;
@@ -857,6 +853,17 @@ impl WriteBehind {
         Ok(())
     }
 
+    /// As `ensure_open`, and fails after the flusher stopped on a panic:
+    /// for calls that give it ops to write (checks go on: they need no
+    /// flusher).
+    fn ensure_flushing(&self) -> Result<()> {
+        self.ensure_open()?;
+        match self.inner.engine.failed.get() {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
     /// Why the flusher no longer answers: it stopped on a panic, or the
     /// handle was shut down. Unless shut down, it waits a moment for the
     /// flusher's thread to end: a reply dropped as a panic unwinds may
@@ -1093,5 +1100,68 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("panic"), "{e}");
         assert!(wb.check("user:anne", "viewer", "document:1").await.unwrap());
+        // A letter replayed is an op to write too.
+        let e = wb.replay_dead_letters(None).await.unwrap_err();
+        assert!(e.is_flusher_stopped(), "{e}");
+    }
+
+    /// What a flusher that panicked took from Redis goes back to the other
+    /// processes sharing the store, which write it. Before, this process's
+    /// heartbeat went on renewing its lease (it also guards its checks),
+    /// and the ops stayed its own, unwritten, until it exited.
+    #[cfg(feature = "redis")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_a_flusher_that_panicked_took_from_redis_goes_to_other_processes() {
+        let fga = crate::testing::FakeOpenFga::start(json!({
+            "schema_version": "1.1",
+            "type_definitions": [
+                { "type": "user" },
+                { "type": "document", "relations": { "viewer": { "this": {} } },
+                  "metadata": { "relations": { "viewer": {
+                      "directly_related_user_types": [{ "type": "user" }] } } } }
+            ]
+        }))
+        .await
+        .unwrap();
+        let mut c = fga.config();
+        c.buffer.store = StoreKind::Redis;
+        // Never a silent skip: without the test Redis this fails.
+        c.redis.url = std::env::var("FGA_WB_TEST_REDIS_URL").expect(
+            "FGA_WB_TEST_REDIS_URL: this test needs the test Redis (scripts/test starts it)",
+        );
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        c.redis.key_prefix = format!("fga-wb-unit-panic-{nanos}");
+        let panicked = WriteBehind::builder(c.clone())
+            .job_sink(Arc::new(Panicking))
+            .automatic_flush(false)
+            .build()
+            .await
+            .unwrap();
+        panicked
+            .grant("user:anne", "viewer", "document:1")
+            .await
+            .unwrap();
+        let e = panicked.flush().await.unwrap_err();
+        assert!(e.is_flusher_stopped(), "{e}");
+        // Another process, writing inline: it writes what the first took.
+        let other = WriteBehind::builder(c).build().await.unwrap();
+        let limit = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !fga.has("user:anne", "viewer", "document:1") {
+            assert!(
+                std::time::Instant::now() < limit,
+                "still held by the flusher that panicked: {:?}",
+                other.status().await.map(|s| s.pending)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        // And the first process still answers checks.
+        assert!(panicked
+            .check("user:anne", "viewer", "document:1")
+            .await
+            .unwrap());
+        other.shutdown().await.unwrap();
     }
 }

@@ -179,6 +179,46 @@ impl Drop for NotePanic {
     }
 }
 
+/// After the flusher stopped on a panic, gives what it held in a shared
+/// store back to the other processes, once no Write it cut off can land
+/// any more (`Engine::holds_until`): its lease goes on being renewed (the
+/// heartbeat also guards this process's checks), so nothing else would
+/// bring them back while the process lives. Its stop is recorded for
+/// other processes' `status` too. Ends when the handle stops: its release
+/// (or, dropped, its lease's end) hands them on then, the hold kept.
+async fn give_back_after_panic(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
+    engine.record_stop().await;
+    let held = *engine.holds_until.lock().unwrap_or_else(|p| p.into_inner());
+    let mut at = held.unwrap_or_else(Instant::now);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => {
+                // As a flusher that ended as asked: the lease ends by
+                // itself unless a release comes first.
+                engine.store.flusher_ended();
+                return;
+            }
+            () = tokio::time::sleep_until(at) => {}
+        }
+        match engine.store.give_back_strays(None).await {
+            Ok((ops, _)) => {
+                if ops > 0 {
+                    tracing::warn!(ops, "the ops the flusher held when it panicked went back to the store, for other processes to write");
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot give the ops the flusher held when it panicked back to the store; retrying");
+                at = Instant::now() + GIVE_BACK_RETRY;
+            }
+        }
+    }
+}
+
+/// How soon a give-back after a panic that failed is tried again.
+const GIVE_BACK_RETRY: Duration = Duration::from_secs(5);
+
 /// The flusher's thread: the pump runs on a runtime of its own, so callers
 /// granting flat out on the application's runtime (a memory-store grant
 /// never waits) cannot starve it, and it never adds to their latency.
@@ -216,6 +256,7 @@ impl FlusherThread {
                 let _ = started.send(Ok(()));
                 let store = engine.store.clone();
                 let at_end = engine.clone();
+                let stopping = stop.clone();
                 let panicked = tracing::dispatcher::with_default(&dispatch, || {
                     let pump = std::panic::AssertUnwindSafe(|| {
                         runtime.block_on(run(engine, commands, stop, automatic));
@@ -244,6 +285,11 @@ impl FlusherThread {
                 // with no receiver).
                 at_end.flusher_ended.send_replace(true);
                 let _ = tx.send(());
+                if panicked {
+                    tracing::dispatcher::with_default(&dispatch, || {
+                        runtime.block_on(give_back_after_panic(at_end, stopping));
+                    });
+                }
             })
             .map_err(|e| Error::internal(format!("cannot start the flusher's thread: {e}")))?;
         // Building a runtime takes microseconds: waiting for it here keeps
