@@ -1050,14 +1050,9 @@ mod tests {
         }
     }
 
-    /// A flusher that stops on a panic is reported: `flush()` and new ops
-    /// fail with an error that says so and what to do, `status` shows it,
-    /// and checks go on. Before, grants went on being acknowledged with
-    /// nothing to write them, `flush()` said the handle was shut down, and
-    /// `status` showed nothing.
-    #[tokio::test]
-    async fn a_flusher_that_panicked_is_reported_and_takes_no_more_ops() {
-        let fga = crate::testing::FakeOpenFga::start(json!({
+    /// A fake OpenFGA whose users can view documents.
+    async fn viewers() -> crate::testing::FakeOpenFga {
+        crate::testing::FakeOpenFga::start(json!({
             "schema_version": "1.1",
             "type_definitions": [
                 { "type": "user" },
@@ -1067,7 +1062,17 @@ mod tests {
             ]
         }))
         .await
-        .unwrap();
+        .unwrap()
+    }
+
+    /// A flusher that stops on a panic is reported: `flush()` and new ops
+    /// fail with an error that says so and what to do, `status` shows it,
+    /// and checks go on. Before, grants went on being acknowledged with
+    /// nothing to write them, `flush()` said the handle was shut down, and
+    /// `status` showed nothing.
+    #[tokio::test]
+    async fn a_flusher_that_panicked_is_reported_and_takes_no_more_ops() {
+        let fga = viewers().await;
         let wb = WriteBehind::builder(fga.config())
             .job_sink(Arc::new(Panicking))
             .automatic_flush(false)
@@ -1112,17 +1117,7 @@ mod tests {
     #[cfg(feature = "redis")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn what_a_flusher_that_panicked_took_from_redis_goes_to_other_processes() {
-        let fga = crate::testing::FakeOpenFga::start(json!({
-            "schema_version": "1.1",
-            "type_definitions": [
-                { "type": "user" },
-                { "type": "document", "relations": { "viewer": { "this": {} } },
-                  "metadata": { "relations": { "viewer": {
-                      "directly_related_user_types": [{ "type": "user" }] } } } }
-            ]
-        }))
-        .await
-        .unwrap();
+        let fga = viewers().await;
         let mut c = fga.config();
         c.buffer.store = StoreKind::Redis;
         // Never a silent skip: without the test Redis this fails.
