@@ -2647,3 +2647,60 @@ async fn connections_to_redis_keep_alive() {
     .await;
     drop(wb);
 }
+
+/// A Redis user that may not publish on the store's channel (Redis 7 gives
+/// a new user no channels), or may not use its keys, is refused at the
+/// connect with an error that names what it lacks and how to grant it.
+/// Before, one without channels connected, and the store's scripts then
+/// failed halfway, after their writes; one without the keys got "fga-wb
+/// needs Lua scripting". A user granted the prefix's keys and channels
+/// works.
+#[tokio::test]
+async fn a_redis_user_without_the_stores_keys_or_channel_is_refused_at_the_connect() {
+    let s = new_store("redis-acl").await;
+    let redis = testenv::Redis::start(testenv::RedisOptions::default())
+        .await
+        .unwrap();
+    let (s, redis) = (&s, &redis);
+    let with = |user: &str, rules: &str| {
+        let (user, rules) = (user.to_string(), rules.to_string());
+        async move {
+            let set = redis
+                .command(&format!("ACL SETUSER {user} on >pw-{user} {rules} +@all"))
+                .await;
+            assert!(
+                set.as_deref().is_some_and(|r| r.starts_with("+OK")),
+                "{set:?}"
+            );
+            let mut c = redis_config(s);
+            c.redis.url = format!("redis://{user}:pw-{user}@127.0.0.1:{}", redis.port());
+            c.redis.key_prefix = "acl".into();
+            WriteBehind::builder(c).build().await
+        }
+    };
+    let Err(e) = with("nochannels", "~acl:* resetchannels").await else {
+        panic!("connected");
+    };
+    assert!(e.is_config(), "{e}");
+    let m = e.to_string();
+    assert!(m.contains("PUBLISH acl:{"), "{m}");
+    assert!(m.contains("&acl:*"), "{m}");
+    assert!(!m.contains("pw-"), "{m}");
+    let Err(e) = with("nokeys", "~other:* &*").await else {
+        panic!("connected");
+    };
+    assert!(e.is_config(), "{e}");
+    let m = e.to_string();
+    assert!(m.contains("no permissions") && m.contains("~acl:*"), "{m}");
+    assert!(!m.contains("needs Lua scripting"), "{m}");
+    let wb = with("granted", "~acl:* &acl:*").await.unwrap();
+    wb.grant("user:anne", "viewer", "document:acl")
+        .await
+        .unwrap();
+    assert!(wb
+        .check("user:anne", "viewer", "document:acl")
+        .await
+        .unwrap());
+    wb.shutdown().await.unwrap();
+    assert_eq!(stored(s).await, ["document:acl#viewer@user:anne"]);
+}

@@ -461,23 +461,74 @@ fn tokio_stream_from(
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
 }
 
-/// What the server is, checked at connect: Lua scripting must work. The
-/// same test script reads the node's replication id, which every check
-/// compares (to notice a failover or a restart behind a connection that
-/// did not drop): a warning when scripts cannot read it (an ACL that
-/// denies INFO, a renamed command).
-pub(crate) async fn check_server(conn: &mut Conn, target: &Target) -> Result<()> {
-    let r: redis::RedisResult<(i64, String, String)> = redis::cmd("EVAL")
-        .arg("local i = redis.pcall('INFO', 'replication') if type(i) ~= 'string' then i = '' end return { 1, string.match(i, 'master_replid:(%w+)') or '', string.match(i, 'role:(%w+)') or '' }")
+/// The keys and channel a store uses, for the connect's test of what its
+/// Redis user may do.
+pub(crate) struct Uses<'a> {
+    /// The store's keys' prefix (with its cluster hash tag).
+    pub(crate) prefix: &'a str,
+    /// `redis.key_prefix`, for the error's advice.
+    pub(crate) key_prefix: &'a str,
+    /// PUBLISH, or SPUBLISH on a cluster.
+    pub(crate) publish: &'static str,
+}
+
+/// What the connect's test publishes on the store's channel: other
+/// processes skip it.
+pub(crate) const PROBE: &str = "probe";
+
+/// The connect's test script: the node's replication id and role, and on a
+/// primary the first thing the user may not do of what the store's scripts
+/// do (write a key under its prefix, publish on its channel), with
+/// Redis's error. Run inside a script, as the store's calls are: an ACL
+/// denial there would fail a call halfway, after its writes.
+const TEST_SCRIPT: &str = r#"
+local i = redis.pcall('INFO', 'replication')
+if type(i) ~= 'string' then i = '' end
+local role = string.match(i, 'role:(%w+)') or ''
+local denied = ''
+if role == '' or role == 'master' then
+  for _, c in ipairs({ { 'DEL', KEYS[1] }, { ARGV[1], ARGV[2], ARGV[3] } }) do
+    local r = redis.pcall(unpack(c))
+    -- Redis 7.0 words a denial inside a script so; later ones, NOPERM.
+    if type(r) == 'table' and r.err and (string.find(r.err, 'NOPERM', 1, true)
+        or string.find(r.err, 'user executing the script', 1, true)) then
+      denied = c[1] .. ' ' .. c[2] .. ': ' .. r.err
+      break
+    end
+  end
+end
+return { 1, string.match(i, 'master_replid:(%w+)') or '', role, denied }
+"#;
+
+/// What the server is, checked at connect: Lua scripting must work, and
+/// the Redis user may use the store's keys and channel. The same test
+/// script reads the node's replication id, which every check compares (to
+/// notice a failover or a restart behind a connection that did not drop):
+/// a warning when scripts cannot read it (an ACL that denies INFO, a
+/// renamed command).
+pub(crate) async fn check_server(conn: &mut Conn, target: &Target, uses: &Uses<'_>) -> Result<()> {
+    let r: redis::RedisResult<(i64, String, String, String)> = redis::cmd("EVAL")
+        .arg(TEST_SCRIPT)
         .arg(1)
-        .arg("fga-wb:probe")
+        .arg(format!("{}:probe", uses.prefix))
+        .arg(uses.publish)
+        .arg(format!("{}:events", uses.prefix))
+        .arg(PROBE)
         .query_async(conn)
         .await;
+    let acl = |what: &str| {
+        Error::config(format!(
+            "Redis at {} does not let fga-wb's user {what}; fga-wb needs EVAL and EVALSHA, the keys and channels under redis.key_prefix, and the commands its scripts run: for instance `ACL SETUSER <user> ~{k}:* &{k}:* +@all` (Redis 7 gives a new user no channels)",
+            target.shown(),
+            k = uses.key_prefix
+        ))
+    };
     match r {
+        Ok((1, _, _, denied)) if !denied.is_empty() => Err(acl(&format!("run {denied}"))),
         // Its writes would fail (READONLY), or not reach the primary. Not
         // a configuration error for sure: a primary's address may name a
         // replica for a moment during a failover.
-        Ok((1, _, role)) if !role.is_empty() && role != "master" && !target.is_cluster() => {
+        Ok((1, _, role, _)) if !role.is_empty() && role != "master" && !target.is_cluster() => {
             Err(Error::new(Kind::Redis {
                 detail: format!(
                     "Redis at {} is a replica (role {role}); point redis.url at the primary (during a failover, try again)",
@@ -486,7 +537,7 @@ pub(crate) async fn check_server(conn: &mut Conn, target: &Target) -> Result<()>
                 transient: true,
             }))
         }
-        Ok((1, replid, _)) => {
+        Ok((1, replid, _, _)) => {
             if replid.is_empty() {
                 tracing::warn!(
                     redis = %target.shown(),
@@ -495,7 +546,7 @@ pub(crate) async fn check_server(conn: &mut Conn, target: &Target) -> Result<()>
             }
             check_eviction(conn, target).await
         }
-        Ok((other, _, _)) => Err(Error::config(format!(
+        Ok((other, _, _, _)) => Err(Error::config(format!(
             "Redis at {} answered {other} to a test script; fga-wb needs Lua scripting (Redis 7.0+ or Valkey 7.2+)",
             target.shown()
         ))),
@@ -507,6 +558,8 @@ pub(crate) async fn check_server(conn: &mut Conn, target: &Target) -> Result<()>
             detail: format!("Redis at {} is not ready ({e}); try again", target.shown()),
             transient: true,
         })),
+        // Its key, or EVAL itself.
+        Err(e) if e.code() == Some("NOPERM") => Err(acl(&format!("run a test script ({e})"))),
         Err(e) => Err(Error::config(format!(
             "Redis at {} refused a test script ({e}); fga-wb needs Lua scripting (EVAL/EVALSHA) allowed: Redis 7.0+ or Valkey 7.2+",
             target.shown()

@@ -418,12 +418,6 @@ impl RedisStore {
             let watch = watch.clone();
             Arc::new(move || watch.disconnected())
         };
-        let mut conn = conn::connect(&target, &tls, on_disconnect.clone()).await?;
-        conn::check_server(&mut conn, &target).await?;
-        // Pushes go on a connection of their own: their batches are
-        // pipelined, a WAIT after one covers exactly the pushes before it,
-        // and nothing else waits behind them.
-        let push_conn = conn::connect(&target, &tls, on_disconnect).await?;
         let publish = if target.is_cluster() {
             "SPUBLISH"
         } else {
@@ -431,6 +425,17 @@ impl RedisStore {
         };
         // The braces make every key of one store hash to one cluster slot.
         let prefix = format!("{}:{{{store_id}}}", config.key_prefix);
+        let mut conn = conn::connect(&target, &tls, on_disconnect.clone()).await?;
+        let uses = conn::Uses {
+            prefix: &prefix,
+            key_prefix: &config.key_prefix,
+            publish,
+        };
+        conn::check_server(&mut conn, &target, &uses).await?;
+        // Pushes go on a connection of their own: their batches are
+        // pipelined, a WAIT after one covers exactly the pushes before it,
+        // and nothing else waits behind them.
+        let push_conn = conn::connect(&target, &tls, on_disconnect).await?;
         let script = redis::Script::new(SCRIPT);
         let writer = unique_name(kind);
         let hold = Arc::new(Hold::default());
@@ -1265,10 +1270,14 @@ impl Store for RedisStore {
         Some(Box::pin(async move {
             let stream = conn::subscribe(&target, &tls, &channel).await?;
             Ok(stream
-                .map(|payload| match payload.as_str() {
-                    "finished" => StoreEvent::Finished,
-                    "jobs" => StoreEvent::Jobs,
-                    _ => StoreEvent::All,
+                .filter_map(|payload| {
+                    futures::future::ready(match payload.as_str() {
+                        "finished" => Some(StoreEvent::Finished),
+                        "jobs" => Some(StoreEvent::Jobs),
+                        // A process connecting tests that it may publish.
+                        conn::PROBE => None,
+                        _ => Some(StoreEvent::All),
+                    })
                 })
                 .boxed())
         }))
