@@ -1268,6 +1268,48 @@ impl Drop for ChildWorker {
     }
 }
 
+/// Ops an application acknowledged and never queued (it ended, or died,
+/// before its flusher took them) are queued and applied by a worker on its
+/// own once they are older than twice `flush.interval` (5 s at least): a
+/// grant, and a revoke of a tuple OpenFGA holds. Before, they stayed
+/// pending until an application process flushed them or an operator ran
+/// `fga-wb flush`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_queues_what_no_application_took() {
+    let s = new_store("queue-orphans").await;
+    let old = TupleKey::new("user:old", "viewer", "document:orphan").unwrap();
+    s.client
+        .write(&s.store_id, &WriteRequest::idempotent(vec![old], vec![]))
+        .await
+        .unwrap();
+    let mut config = queue_mode(config_for(&s), &[1, 2, 3]);
+    config.flush.interval = Duration::from_secs(1);
+    let gone = app(config.clone()).await;
+    gone.grant("user:anne", "viewer", "document:orphan")
+        .await
+        .unwrap();
+    gone.revoke("user:old", "viewer", "document:orphan")
+        .await
+        .unwrap();
+    // Ends without queueing them: its flusher never ran.
+    gone.close().await.unwrap();
+    let watcher = app(config.clone()).await;
+    assert_eq!(watcher.pending().await.unwrap().total, 2);
+    let worker = Worker::start(config, 2);
+    Watch {
+        wb: &watcher,
+        writes: None,
+    }
+    .until(
+        "the worker to write what no application took",
+        Duration::from_secs(60),
+        || async { stored(&s).await == ["document:orphan#viewer@user:anne"] },
+    )
+    .await;
+    worker.stop().await;
+    assert!(settled(&watcher).await);
+}
+
 /// A worker process is killed (SIGKILL) while its Write request is in
 /// flight (the mock holds the response). The job runs again on another
 /// worker once the dead worker's lease has ended and its hold after that

@@ -675,8 +675,13 @@ async fn run_worker(
 /// record their outcomes (Redis round trips) before the worker stops.
 const HOLD_END_MARGIN: Duration = Duration::from_secs(1);
 
-/// How often a worker reads the store's backlog for its pending-ops gauges.
+/// How often a worker reads the store's backlog for its pending-ops gauges
+/// (and queues ops no application took: see `Applier::queue_orphans`).
 const PENDING_GAUGES_EVERY: Duration = Duration::from_secs(5);
+
+/// Pending ops at least this old (and twice `flush.interval`) are queued
+/// by a worker itself.
+const ORPHANED_AFTER: Duration = Duration::from_secs(5);
 
 /// How often, at most, a worker whose flushing stopped asks OpenFGA again.
 const STOP_LOOK: Duration = Duration::from_secs(30);
@@ -686,7 +691,7 @@ const STOP_LOOK: Duration = Duration::from_secs(30);
 /// transient causes and OpenFGA answers, replays them (superseded ones are
 /// dropped, see [`crate::buffer::Store::replay_dead_letters`]) and queues
 /// their jobs; every 5 s, it reads the store's backlog for the pending-ops
-/// gauges.
+/// gauges, and queues ops that no application took.
 async fn look_again(applier: Arc<Applier>, every: Duration, replay: Option<Duration>) {
     let ticks = |d: Duration| {
         let mut t = tokio::time::interval(d);
@@ -705,7 +710,10 @@ async fn look_again(applier: Arc<Applier>, every: Duration, replay: Option<Durat
             // (a gauge left at its first zero would hide a stuck backlog).
             _ = gauge_tick.tick() => {
                 match applier.store.pending().await {
-                    Ok(p) => publish_pending(&p),
+                    Ok(p) => {
+                        publish_pending(&p);
+                        applier.queue_orphans(&p).await;
+                    }
                     Err(e) => tracing::debug!(error = %e, "cannot read the backlog for the pending-ops gauges"),
                 }
             }
@@ -838,32 +846,58 @@ impl Applier {
         );
         // Queued at once, as a flush would: no application process need be
         // running.
-        self.queue_pending().await
+        self.queue_pending().await.map(drop)
+    }
+
+    /// Queues what is pending when its oldest op is older than any
+    /// application's flusher leaves one (twice `flush.interval`, 5 s at
+    /// least): no application process runs to take it (all died or ended,
+    /// and what they held came back when their leases ended), or none can
+    /// reach Redis. Workers write what the applications acknowledged,
+    /// with or without them.
+    async fn queue_orphans(&self, p: &crate::Pending) {
+        let after = self
+            .engine
+            .cfg
+            .interval
+            .saturating_mul(2)
+            .max(ORPHANED_AFTER);
+        if p.total == 0 || p.oldest_age.is_none_or(|age| age < after) {
+            return;
+        }
+        match self.queue_pending().await {
+            Ok(0) => {}
+            Ok(ops) => tracing::info!(ops, "queued pending ops that no application process took"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot queue pending ops that no application process took; trying again later")
+            }
+        }
     }
 
     /// Takes what is pending and queues it in jobs, as an application's
-    /// flush would.
-    async fn queue_pending(&self) -> Result<()> {
+    /// flush would; returns how many ops it queued.
+    async fn queue_pending(&self) -> Result<usize> {
         let e = &self.engine;
         let up_to = self.store.last_seq().await?;
         let model = e.model_id.get();
         // Taken ops are this worker's until enqueued: no look for strays
         // meanwhile.
         let _taking = self.holding.taking.lock().await;
+        let mut queued = 0;
         loop {
             // Stopping: what is pending stays so, for the application's
             // flushers. A take now could come after the worker released
             // its lease, which would renew it under a new term and hold
             // the ops until that ran out.
             if e.retry_deadline.borrow().is_some() {
-                return Ok(());
+                return Ok(queued);
             }
             let ops = self
                 .store
                 .take(e.max_tuples(), crate::buffer::Take::All, up_to)
                 .await?;
             if ops.is_empty() {
-                return Ok(());
+                return Ok(queued);
             }
             if let Err(err) = self
                 .store
@@ -877,6 +911,7 @@ impl Applier {
                 e.account(&f, &mut crate::status::FlushReport::default());
                 return Err(err);
             }
+            queued += ops.len();
         }
     }
 }
