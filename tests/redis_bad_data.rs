@@ -1243,3 +1243,25 @@ async fn a_term_in_another_form_is_replaced() {
         wb.shutdown().await.unwrap();
     }
 }
+
+/// A loss found while a counter the heartbeat moves past it (the job or
+/// letter sequence) holds another type is recorded once the key is fixed:
+/// checks fail closed throughout and then report the loss. Before, the
+/// heartbeat moved the store to a new epoch and then failed on the key,
+/// before it wrote the loss record; the next one took the new epoch for
+/// a recorded loss, and none was ever open.
+#[tokio::test]
+async fn a_loss_found_while_a_counter_has_another_type_is_recorded() {
+    let Inline { p, wb, mut c, .. } = inline_flushing("loss-jobseq", false).await;
+    wb.revoke("user:a", "viewer", "document:1").await.unwrap();
+    let jobseq = format!("{p}:jobseq");
+    let _: i64 = cmd(&mut c, &["SADD", &jobseq, "x"]).await;
+    // The sequence counter went back: a loss.
+    let _: () = cmd(&mut c, &["SET", &format!("{p}:seq"), "0"]).await;
+    let r = wb.check("user:a", "viewer", "document:1").await;
+    assert!(r.is_err(), "{r:?}");
+    let _: i64 = cmd(&mut c, &["DEL", &jobseq]).await;
+    let r = wb.check("user:a", "viewer", "document:1").await;
+    assert!(r.as_ref().is_err_and(|e| e.is_buffer_lost()), "{r:?}");
+    assert!(wb.status().await.unwrap().loss.is_some());
+}

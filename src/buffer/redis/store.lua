@@ -1902,9 +1902,14 @@ if cmd == 'heartbeat' then
     have = '0'
   end
   have = type(have) == 'string' and tonumber(have) or nil
+  -- Every key a loss writes too: one that failed halfway would have moved
+  -- the epoch on with no loss recorded, and the next heartbeat would take
+  -- the new epoch for a recorded loss.
   local bad = expect_types({ { P .. ':owners', 'zset' }, { P .. ':loss', 'hash' },
                              { P .. ':epochs', 'hash' }, { P .. ':epoch', 'string' },
-                             { P .. ':holdfor', 'hash' }, { P .. ':heldover', 'hash' } })
+                             { P .. ':holdfor', 'hash' }, { P .. ':heldover', 'hash' },
+                             { P .. ':jobseq', 'string' }, { P .. ':deadseq', 'string' },
+                             { P .. ':stats', 'hash' } })
   if bad then return redis.error_reply(bad) end
   local ends, term = renew(writer, now, lease, ARGV[8], ARGV[9])
   rcall('HSET', P .. ':beats', writer, now)
@@ -1973,6 +1978,12 @@ if cmd == 'heartbeat' then
   local lost_now = 0
   if why then
     lost_now = 1
+    -- First: whatever fails after it, checks fail closed.
+    if rcall('EXISTS', P .. ':loss') == 0 then
+      rcall('HSET', P .. ':loss', 'at', ARGV[3], 'by', writer, 'reason', why, 'more', 0)
+    else
+      incr(P .. ':loss', 'more', 1)
+    end
     if known ~= '' then rcall('HSET', P .. ':epochs', known, ARGV[3]) end
     if epoch then rcall('HSET', P .. ':epochs', epoch, ARGV[3]) end
     epoch = ARGV[3] .. '/' .. writer
@@ -1986,11 +1997,6 @@ if cmd == 'heartbeat' then
       if k == ':seq' and acked > at then at = acked end
       if k == ':deadseq' then note_no_letters() end
       rcall('SET', P .. k, sformat('%.0f', at + LOSS_GAP))
-    end
-    if rcall('EXISTS', P .. ':loss') == 0 then
-      rcall('HSET', P .. ':loss', 'at', ARGV[3], 'by', writer, 'reason', why, 'more', 0)
-    else
-      incr(P .. ':loss', 'more', 1)
     end
     incr(P .. ':stats', 'losses', 1)
     flush_incrs()
@@ -2516,7 +2522,7 @@ if cmd == 'replay' then
   local ids = letter_ids(6)
   local size = rcall('HLEN', K_OPS)
   local replayed, superseded, kept, waiting = 0, 0, 0, 0
-  local out, rels, done = {}, {}, {}
+  local out, rels, done, gone = {}, {}, {}, {}
   local handled = {}
   for i, id in ipairs(ids) do
     local d = not handled[id] and letter(rcall('HGET', K_DEAD, id))
@@ -2536,7 +2542,7 @@ if cmd == 'replay' then
       elseif cache[d.key] or latest ~= tostring(id) then
         if latest == tostring(id) then pass_debt(d, cache[d.key]) end
         superseded = superseded + 1
-        remove_letter(id, latest == tostring(id) and d.key)
+        tinsert(gone, { id = id, key = latest == tostring(id) and d.key })
       elseif size >= cap then
         kept = #ids - i + 1
         break
@@ -2557,9 +2563,11 @@ if cmd == 'replay' then
   if replayed > 0 then incr(P .. ':stats', 'acknowledged', replayed) end
   bump_gen(rels)
   apply_writes()
-  -- The letters of the replayed ops go once the ops are pending again: a
-  -- call that fails before this leaves the letters, never an op in neither.
+  -- The letters of the replayed ops go once the ops are pending again, and
+  -- superseded ones once the debts they pass on are written: a call that
+  -- fails before this leaves the letters, never an op or a debt in neither.
   for i, id in ipairs(done) do remove_letter(id, out[2 * i - 1]) end
+  for _, g in ipairs(gone) do remove_letter(g.id, g.key) end
   local res = { replayed, superseded, kept, waiting }
   for _, v in ipairs(out) do tinsert(res, v) end
   return res
