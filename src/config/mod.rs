@@ -205,11 +205,13 @@ pub enum Overflow {
 #[non_exhaustive]
 pub struct BufferConfig {
     /// `memory` or `redis`.
+    #[serde(deserialize_with = "by_name")]
     pub store: StoreKind,
     /// Most pending ops (distinct tuples) held at once.
     #[serde(deserialize_with = "positive")]
     pub capacity: usize,
     /// `block`, `flush` or `reject`.
+    #[serde(deserialize_with = "by_name")]
     pub overflow: Overflow,
     /// With `overflow = "block"` (or `"flush"`): how long to wait for room.
     #[serde(with = "duration")]
@@ -251,6 +253,7 @@ pub enum Mode {
 #[non_exhaustive]
 pub struct FlushConfig {
     /// `inline` or `queue`.
+    #[serde(deserialize_with = "by_name")]
     pub mode: Mode,
     /// Flush when this many ops are pending.
     #[serde(deserialize_with = "positive")]
@@ -426,6 +429,7 @@ pub struct RedisConfig {
     /// `wait_timeout` returns: `accept` (counted and logged; the op is on
     /// the primary) or `fail` (an error that says the op is buffered but
     /// not yet replicated; calling again is safe).
+    #[serde(deserialize_with = "by_name")]
     pub fewer_replicas: FewerReplicas,
 }
 
@@ -596,6 +600,17 @@ fn check_env_names(vars: &[(String, String)]) -> Result<()> {
             continue;
         };
         let lower = rest.to_ascii_lowercase();
+        // `FGA_WB_REDIS=redis://...`: a whole section in one variable.
+        // (`FGA_WB_CACHE` is the scripts' cache directory.)
+        if SECTIONS.contains(&lower.as_str()) && name != "FGA_WB_CACHE" {
+            let up = lower.to_ascii_uppercase();
+            let mut keys = keys_of(&lower);
+            keys.sort();
+            return Err(Error::config(format!(
+                "{name} configures nothing: a section's settings are set one by one, FGA_WB_{up}__<KEY> (keys: {})",
+                keys.join(", ")
+            )));
+        }
         if let Some((section, key)) = lower.split_once("__") {
             if !SECTIONS.contains(&section) {
                 return Err(Error::config(format!(
@@ -1035,6 +1050,18 @@ fn describe(e: &figment::Error) -> Error {
 fn quotes_source(line: &str) -> bool {
     line.split_once('|')
         .is_some_and(|(gutter, _)| gutter.trim().chars().all(|c| c.is_ascii_digit()))
+}
+
+/// Deserialises a choice (an enum) by its name only: figment hands a
+/// number (`store = 1`, `FGA_WB_BUFFER__STORE=1`) to an enum as the index
+/// of a variant, which serde takes, and the second choice was silently
+/// picked.
+fn by_name<'de, D: Deserializer<'de>, T: serde::de::DeserializeOwned>(
+    d: D,
+) -> std::result::Result<T, D::Error> {
+    use serde::de::IntoDeserializer;
+    let name = String::deserialize(d)?;
+    T::deserialize(name.as_str().into_deserializer())
 }
 
 /// Deserialises a `usize` that must be at least 1.

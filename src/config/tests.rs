@@ -90,6 +90,11 @@ fn variables_that_configure_nothing_are_refused_with_the_name_that_works() {
     assert!(e.to_string().contains("no section \"nope\""), "{e}");
     let e = load_env(&[("FGA_WB_FLUHS__INTERVAL", "1s")]).unwrap_err();
     assert!(e.to_string().contains("FGA_WB_FLUSH__INTERVAL"), "{e}");
+    // A whole section in one variable.
+    let e = load_env(&[("FGA_WB_REDIS", "redis://h:1")]).unwrap_err();
+    assert!(e.to_string().contains("FGA_WB_REDIS__<KEY>"), "{e}");
+    assert!(e.to_string().contains("url"), "{e}");
+    assert!(!e.to_string().contains("redis://h:1"), "{e}");
     // The scripts' own variables are not settings.
     for name in [
         "FGA_WB_CACHE",
@@ -480,4 +485,38 @@ fn an_api_token_headers_cannot_carry_is_refused_without_showing_it() {
         assert!(!shown.contains("s3cret"), "the token is shown: {shown}");
     }
     assert!(load_env(&[("FGA_API_TOKEN", "abc.DEF-123_~+/=")]).is_ok());
+}
+
+/// A choice is taken by its name only: a number is refused. Before,
+/// figment handed it to the enum as a variant's index: `1` picked the
+/// second choice (the Redis store, queue mode, `fail`), silently.
+#[test]
+fn choices_given_as_numbers_are_refused() {
+    for (name, value) in [
+        ("FGA_WB_BUFFER__STORE", "1"),
+        ("FGA_WB_FLUSH__MODE", "1"),
+        ("FGA_WB_BUFFER__OVERFLOW", "2"),
+        ("FGA_WB_REDIS__FEWER_REPLICAS", "1"),
+        ("FGA_WB_BUFFER__STORE", "0"),
+    ] {
+        let r = load_env(&[(name, value)]);
+        let e = r.as_ref().map(|_| ()).unwrap_err();
+        assert!(e.is_config(), "{name}={value}: {e}");
+        assert!(e.to_string().contains("string"), "{name}={value}: {e}");
+    }
+    let dir = std::env::temp_dir().join(format!("fga-wb-cfg-enum-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("numbered.toml");
+    std::fs::write(&f, "[buffer]\noverflow = 2\n").unwrap();
+    let e = Config::load_from(Some(&f), vec![]).unwrap_err();
+    assert!(e.to_string().contains("buffer.overflow in"), "{e}");
+    let c = load_env(&[
+        ("FGA_WB_BUFFER__STORE", "redis"),
+        ("FGA_WB_FLUSH__MODE", "queue"),
+    ])
+    .unwrap();
+    assert_eq!(
+        (c.buffer.store, c.flush.mode),
+        (StoreKind::Redis, Mode::Queue)
+    );
 }
