@@ -1198,14 +1198,10 @@ async fn fga_cli_flags_beat_the_variables() {
     r.fails(1, "OpenFGA refuses the credentials");
 }
 
-/// `flush --wait --timeout` gives up at its timeout even while its first
-/// flush is still writing (inline, the command writes the backlog itself;
-/// here a wiremock OpenFGA holds every Write for 2 minutes): it exits 1
-/// saying what is left. Before, the timeout began after that first flush,
-/// which returned only once its Writes did.
-#[tokio::test]
-async fn flush_wait_gives_up_at_its_timeout_while_it_writes() {
-    let (server, _redis, app, mut cli) = mocked_inline().await;
+/// As `mocked_inline`, with every Write held for 2 minutes and the CLI
+/// waiting for them.
+async fn writes_held() -> (wiremock::MockServer, testenv::Redis, WriteBehind, Cli) {
+    let (server, redis, app, mut cli) = mocked_inline().await;
     support::mock::write_mock()
         .respond_with(
             support::fixture("write-ok")
@@ -1215,6 +1211,17 @@ async fn flush_wait_gives_up_at_its_timeout_while_it_writes() {
         .mount(&server)
         .await;
     cli.set("FGA_WB_OPENFGA__REQUEST_TIMEOUT", "300s");
+    (server, redis, app, cli)
+}
+
+/// `flush --wait --timeout` gives up at its timeout even while its first
+/// flush is still writing (inline, the command writes the backlog itself;
+/// here a wiremock OpenFGA holds every Write for 2 minutes): it exits 1
+/// saying what is left. Before, the timeout began after that first flush,
+/// which returned only once its Writes did.
+#[tokio::test]
+async fn flush_wait_gives_up_at_its_timeout_while_it_writes() {
+    let (_server, _redis, app, cli) = writes_held().await;
     // A deadline that passes before the command has read what to wait for
     // does not say that everything is written (it did).
     let r = cli.run(&["flush", "--wait", "--timeout", "1ms"]).await;
@@ -1222,6 +1229,51 @@ async fn flush_wait_gives_up_at_its_timeout_while_it_writes() {
     assert!(!r.stderr.contains("is written now"), "{r:#?}");
     let r = cli.run(&["flush", "--wait", "--timeout", "1s"]).await;
     r.fails(1, "1 ops still pending or queued");
+    drop(app);
+}
+
+/// `flush --wait` ends on SIGTERM as on Ctrl-C (`timeout`, a Kubernetes
+/// Job and a cancelled CI run send it): it exits 1 saying it was
+/// interrupted, and hands back what it had taken and not sent at once;
+/// only the ops of the Write it cut off stay in flight (it may still
+/// land). Before, SIGTERM killed it, and all it had taken stayed its own
+/// until its lease, and a hold after it, ended.
+#[tokio::test]
+async fn flush_wait_ends_on_sigterm_and_hands_back_what_it_did_not_send() {
+    let (server, _redis, app, mut cli) = writes_held().await;
+    support::grant_users(&app, "document:term", 0..299).await;
+    cli.set("FGA_WB_FLUSH__MAX_PARALLEL_REQUESTS", "1");
+    let child = cli
+        .command(&["flush", "--wait"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let limit = Instant::now() + Duration::from_secs(30);
+    while app.pending().await.unwrap().in_flight < 300 {
+        assert!(Instant::now() < limit, "the command took nothing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while server
+        .received_requests()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .all(|r| r.method.as_str() != "POST")
+    {
+        assert!(Instant::now() < limit, "the command sent no Write");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    testenv::signal(child.id().unwrap(), testenv::Signal::Term).unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("fga-wb did not end within 20 s of SIGTERM")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let p = app.pending().await.unwrap();
+    assert!(p.in_flight <= 100 && p.total >= 200, "{p:?}");
     drop(app);
 }
 

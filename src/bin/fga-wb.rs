@@ -283,13 +283,25 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         .read_model(false)
         .build()
         .await?;
-    let result = command(&cli, &wb, &config).await;
+    // A SIGTERM (`timeout`, a Kubernetes Job, a cancelled CI run) ends the
+    // command as a Ctrl-C does, through the close below: killed, it left
+    // what an inline flush had taken this process's until its lease and a
+    // hold after it ended.
+    let result = tokio::select! {
+        biased;
+        r = command(&cli, &wb, &config) => r,
+        () = shutdown_signal() => Err(Failure {
+            code: 1,
+            message: "interrupted; what was done stays done".into(),
+        }),
+    };
     // Nothing was buffered through this handle: drain nothing, but leave
     // the store's writers now, not when the lease ends (after a Redis
     // reconnect, the applications' checks wait for every recent writer).
     // Bounded: a Redis that does not answer must not hold the exit (the
-    // lease then ends by itself).
-    match tokio::time::timeout(Duration::from_secs(2), wb.close()).await {
+    // lease then ends by itself). `close()` takes 3 s at most, and a
+    // Redis call or two.
+    match tokio::time::timeout(Duration::from_secs(5), wb.close()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::debug!(error = %e, "closing the operator's handle"),
         Err(_) => tracing::debug!("closing the operator's handle took too long"),
@@ -1211,7 +1223,7 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
             bar.abandon();
             Err(left_after(wb, w).await)
         }
-        _ = tokio::signal::ctrl_c() => {
+        () = shutdown_signal() => {
             bar.abandon();
             Err(Failure { code: 1, message: "interrupted; what was flushed stays flushed".into() })
         }
