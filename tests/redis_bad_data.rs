@@ -1265,3 +1265,21 @@ async fn a_loss_found_while_a_counter_has_another_type_is_recorded() {
     assert!(r.as_ref().is_err_and(|e| e.is_buffer_lost()), "{r:?}");
     assert!(wb.status().await.unwrap().loss.is_some());
 }
+
+/// A pending count that is not a number fga-wb wrote ("nan", "inf") reads
+/// as the ready ops, not as none: read as none, it kept the flushers from
+/// looking until the next push. Before, `pending()` said 0 writes.
+#[tokio::test]
+async fn a_pending_count_that_is_not_a_number_reads_as_the_ready_ops() {
+    let Inline { p, wb, mut c, .. } = inline_flushing("counts-nan", false).await;
+    for u in ["a", "b", "c"] {
+        wb.grant(&format!("user:{u}"), "viewer", "document:1")
+            .await
+            .unwrap();
+    }
+    for bad in ["nan", "inf", "-inf", "1e30"] {
+        let _: i64 = cmd(&mut c, &["HSET", &format!("{p}:counts"), "pg", bad]).await;
+        let pending = wb.pending().await.unwrap();
+        assert_eq!(pending.writes, 3, "{bad}: {pending:?}");
+    }
+}

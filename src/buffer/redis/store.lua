@@ -194,6 +194,16 @@ local function as_count(v)
   return tonumber(v)
 end
 
+-- The pending count of kind `kind` ('g' or 'r'), as P:counts holds it
+-- (`v`; none is 0); one fga-wb did not write is read as the ready set's
+-- size instead: read as 0, it kept the flushers from looking. pcall: read
+-- after a call's writes.
+local function pending_count(v, kind)
+  if not v then return 0 end
+  local n = as_count(v) or pcall_('ZCARD', K_READY[kind])
+  return type(n) == 'number' and n or 0
+end
+
 local function encode(e)
   return e.seq .. '|' .. e.first .. '|' .. e.since .. '|' .. e.op .. '|' .. e.state .. '|' ..
     (e.job or '') .. '|' .. (e.writer or '') .. '|' .. (e.ifseq or '') .. '|' .. e.cond
@@ -987,7 +997,8 @@ local function reclaim(now)
   local reclaimed, folded = 0, 0
   for i = 1, #dead, 2 do
     local w, ends = dead[i], tonumber(dead[i + 1]) or 0
-    local hold = tonumber(rcall('HGET', P .. ':holdfor', w)) or 0
+    -- "inf" (not fga-wb's) would keep what it holds for good.
+    local hold = as_count(rcall('HGET', P .. ':holdfor', w)) or 0
     if hold > 0 and ends + hold > now and rcall('HEXISTS', P .. ':heldover', w) == 0
         and rcall('EXISTS', P .. ':w:' .. w, P .. ':wj:' .. w) > 0 then
       rcall('HSET', P .. ':heldover', w, ends)
@@ -1244,7 +1255,7 @@ if cmd == 'push' then
   -- they make some.
   if refused then rcall('SET', P .. ':roomwait', now, 'PX', 2000) end
   local c = rcall('HMGET', K_COUNTS, 'pg', 'pr')
-  out[2 * n + 1] = (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0)
+  out[2 * n + 1] = pending_count(c[1], 'g') + pending_count(c[2], 'r')
   out[2 * n + 2] = corrupt
   return out
 end
@@ -1896,12 +1907,14 @@ if cmd == 'heartbeat' then
   local since, recounting = 0, 0
   if pcall_('HEXISTS', P .. ':acks', recount) == 1
       or (ARGV[11] ~= '1' and rcall('HEXISTS', P .. ':beats', writer) == 0) then
-    since = type(have) == 'string' and tonumber(have) or 0
+    since = as_count(have) or 0
     have = nil
   elseif have == false then
     have = '0'
   end
-  have = type(have) == 'string' and tonumber(have) or nil
+  -- One fga-wb did not write ("nan" compares false with anything) is
+  -- counted again, as a missing one.
+  have = as_count(have)
   -- Every key a loss writes too: one that failed halfway would have moved
   -- the epoch on with no loss recorded, and the next heartbeat would take
   -- the new epoch for a recorded loss.
@@ -2722,8 +2735,8 @@ if cmd == 'pending' then
       if since and (oldest < 0 or since < oldest) then oldest = since end
     end
   end
-  return { tonumber(c[1]) or 0, tonumber(c[2]) or 0, tonumber(c[3]) or 0, oldest,
-           tonumber(c[4]) or 0, reclaimed }
+  return { pending_count(c[1], 'g'), pending_count(c[2], 'r'), as_count(c[3]) or 0, oldest,
+           as_count(c[4]) or 0, reclaimed }
 end
 
 -- badjob pub now id -> a worker could not decode job `id`: set it aside
