@@ -595,48 +595,6 @@ async fn always_failing_job() -> AlwaysFailing {
     AlwaysFailing { seen, wb }
 }
 
-/// What `flush --wait` waits on (`unfinished`) leaves out a revoke whose
-/// job gave up once a grant acknowledged after the wait's mark is buffered
-/// on its tuple, as the memory store does: nothing the wait flushes would
-/// end it (the grant is after the mark), and the grant supersedes it.
-/// Before, the Redis store counted it as an op left, and `flush --wait`
-/// waited until its timeout, or its limit for ops that keep failing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_revoke_given_up_under_a_grant_after_the_mark_is_not_waited_for() {
-    let server = MockServer::start().await;
-    let store_id = unique_store_id();
-    let writes = WriteLog::mount(&server, &store_id, |_| {
-        fixture("unavailable-503").response()
-    })
-    .await;
-    let config = mock_config(&server, &store_id, &[1, 1, 1]);
-    let wb = app(config.clone()).await;
-    let worker = Worker::start(config, 1);
-    wb.revoke("user:anne", "viewer", "document:owed")
-        .await
-        .unwrap();
-    wb.flush().await.unwrap();
-    Watch {
-        wb: &wb,
-        writes: Some(&writes),
-    }
-    .until(
-        "the revoke to be dead-lettered",
-        Duration::from_secs(20),
-        || async { !wb.dead_letters().await.unwrap().is_empty() },
-    )
-    .await;
-    worker.stop().await;
-    let mark = wb.last_acknowledged().await.unwrap();
-    let u = wb.unfinished(mark).await.unwrap();
-    assert_eq!((u.ops, u.transient_letters), (0, 1), "{u:?}");
-    wb.grant("user:anne", "viewer", "document:owed")
-        .await
-        .unwrap();
-    let u = wb.unfinished(mark).await.unwrap();
-    assert!(u.is_done(), "{u:?}");
-}
-
 /// Retry schedule 1 s / 2 s / 3 s, every Write answered 503: the job is
 /// tried exactly 4 times (the first run and one retry per step), then its
 /// op is dead-lettered with a reason saying it gave up after 4 attempts

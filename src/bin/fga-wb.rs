@@ -471,7 +471,7 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
             };
             // Up to: ops waiting behind a write under way are kept.
             let question = format!("drop up to {} pending ops{queued}?", pending.total);
-            if !yes && !confirm(&question) {
+            if !yes && !confirm(&question).await {
                 return Err(usage(
                     "not confirmed; nothing cleared (use --yes to skip the question)",
                 ));
@@ -602,7 +602,7 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
                     0 => String::new(),
                     n => format!(", {n} of them {GIVEN_UP}"),
                 };
-                if !confirm(&format!("delete {} dead letters{note}?", letters.len())) {
+                if !confirm(&format!("delete {} dead letters{note}?", letters.len())).await {
                     return Err(usage(
                         "not confirmed; nothing purged (use --yes to skip the question)",
                     ));
@@ -1329,15 +1329,25 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<(), Failure> {
     }
 }
 
-fn confirm(question: &str) -> bool {
+/// Asks `question` on a terminal; no terminal is a no. The answer is read
+/// on a thread of its own: read in the command's task, it kept the signal
+/// handler from running, and Ctrl-C did nothing at the prompt. (A thread
+/// left reading does not hold the process's exit.)
+async fn confirm(question: &str) -> bool {
     use std::io::{BufRead, IsTerminal, Write};
     if !std::io::stdin().is_terminal() {
         return false;
     }
     let _ = write!(std::io::stderr(), "{question} [y/N] ");
     let _ = std::io::stderr().flush();
-    let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line).is_ok() && line.trim().eq_ignore_ascii_case("y")
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let read = std::thread::Builder::new().spawn(move || {
+        let mut line = String::new();
+        let yes = std::io::stdin().lock().read_line(&mut line).is_ok()
+            && line.trim().eq_ignore_ascii_case("y");
+        let _ = tx.send(yes);
+    });
+    read.is_ok() && rx.await.unwrap_or(false)
 }
 
 async fn shutdown_signal() {

@@ -183,11 +183,17 @@ impl Drop for NotePanic {
 /// store back to the other processes, once no Write it cut off can land
 /// any more (`Engine::holds_until`): its lease goes on being renewed (the
 /// heartbeat also guards this process's checks), so nothing else would
-/// bring them back while the process lives. Its stop is recorded for
-/// other processes' `status` too. Ends when the handle stops: its release
-/// (or, dropped, its lease's end) hands them on then, the hold kept.
+/// bring them back while the process lives. It looks again every
+/// `STRAY_EVERY`, as a live flusher does. Ends when the handle stops:
+/// its release (or, dropped, its lease's end) hands them on then, the hold
+/// kept. (The stop is not recorded for other processes: `flush --wait`
+/// in queue mode takes any live writer's recorded stop for a worker's,
+/// and would fail at once while this process lives, though workers write
+/// what it gave back.)
 async fn give_back_after_panic(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
-    engine.record_stop().await;
+    if !engine.store.shared() {
+        return;
+    }
     let held = *engine.holds_until.lock().unwrap_or_else(|p| p.into_inner());
     let mut at = held.unwrap_or_else(Instant::now);
     loop {
@@ -202,22 +208,20 @@ async fn give_back_after_panic(engine: Arc<Engine>, mut stop: watch::Receiver<bo
             () = tokio::time::sleep_until(at) => {}
         }
         match engine.store.give_back_strays(None).await {
+            Ok((0, _)) => {}
             Ok((ops, _)) => {
-                if ops > 0 {
-                    tracing::warn!(ops, "the ops the flusher held when it panicked went back to the store, for other processes to write");
-                }
-                return;
+                tracing::warn!(ops, "the ops the flusher held when it panicked went back to the store, for other processes to write");
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot give the ops the flusher held when it panicked back to the store; retrying");
-                at = Instant::now() + GIVE_BACK_RETRY;
             }
         }
+        // Again later, as a live flusher looks for strays: a take the panic
+        // cut off may still run in Redis (the cluster client sends a call
+        // again after a dropped connection).
+        at = Instant::now() + STRAY_EVERY;
     }
 }
-
-/// How soon a give-back after a panic that failed is tried again.
-const GIVE_BACK_RETRY: Duration = Duration::from_secs(5);
 
 /// The flusher's thread: the pump runs on a runtime of its own, so callers
 /// granting flat out on the application's runtime (a memory-store grant

@@ -2884,12 +2884,18 @@ if cmd == 'unfinished' then
         local id = rcall('HGET', K_DEADKEY, key)
         local d = id and id ~= '0' and letter(rcall('HGET', K_DEAD, id))
         if d and d.transient == true then
-          -- With an op buffered on its key, it is not one: that op is after
-          -- `up_to` (those up to it were counted above), and supersedes it
-          -- (a revoke letter is owed until that op is written: see finish),
-          -- as the memory store counts.
           if not parse(rcall('HGET', K_OPS, key)) then
             letters = rcall('ZCOUNT', K_DEADCUR, '-inf', up_to)
+            found = true
+            break
+          elseif d.op == 'r' then
+            -- Owed until the newer op buffered on its key is written (see
+            -- finish): an op left, not a letter a replay would write. Left
+            -- also when that op came after `up_to`: refused for good, it
+            -- brings the revoke back in its own place in line. (Queue
+            -- workers queue that op once it is old; inline, a flusher
+            -- writes it by age.)
+            n = 1
             found = true
             break
           end
