@@ -134,11 +134,13 @@ async fn a_revoke_under_a_new_model_drops_the_answers_it_derives() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_list_pinned_to_another_model_follows_that_models_dependencies() {
     let (wb, derived) = two_models("model-pinned-list").await;
+    let mut req = fga_wb::openfga::ListObjectsRequest::new("user:anne", "can_read", "document");
+    req.authorization_model_id = Some(derived);
+    // The pinned model is asked: under the handle's, anne reads nothing.
+    assert_eq!(wb.list_objects(&req).await.unwrap(), ["document:1"]);
     wb.revoke("user:anne", "viewer", "document:1")
         .await
         .unwrap();
-    let mut req = fga_wb::openfga::ListObjectsRequest::new("user:anne", "can_read", "document");
-    req.authorization_model_id = Some(derived);
     match wb.list_objects(&req).await {
         Ok(objects) => assert!(objects.is_empty(), "listed despite the revoke: {objects:?}"),
         Err(e) => assert!(e.is_stale_check(), "{e}"),

@@ -705,9 +705,17 @@ async fn the_memory_store_keeps_a_revoke_failing_alone() {
     let p = wb.pending().await.unwrap();
     assert_eq!((p.deletes, p.in_flight), (1, 0), "{p:?}");
     assert!(wb.dead_letters().await.unwrap().is_empty());
-    wb.check("user:poison", "viewer", "document:p")
+    // OpenFGA still says allowed: only the pending revoke denies.
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::path(format!("/stores/{STORE}/check")))
+        .respond_with(support::fixture("check-allowed").response())
+        .mount(&server)
+        .await;
+    let e = wb
+        .check("user:poison", "viewer", "document:p")
         .await
         .expect_err("fails closed on the pending revoke");
+    assert!(e.is_stale_check(), "{e}");
     wb.clear().await.unwrap();
     wb.shutdown().await.unwrap();
 }
