@@ -1610,7 +1610,7 @@ async fn status_works_where_the_acl_denies_memory() {
 }
 
 /// `status --check` reports pending ops that no application process is
-/// left to flush (workers apply queued jobs only): while the application
+/// left to flush (and no worker queues: none runs here): while the application
 /// runs, old pending ops are its to write; once it is gone and they have
 /// waited ten flush intervals or two writer leases, it is a problem; once
 /// they are written, it is not. Before, the check said "ok" while

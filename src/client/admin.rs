@@ -420,8 +420,8 @@ impl WriteBehind {
 }
 
 /// Pending ops in a shared store that have waited long while no
-/// application process runs: workers apply queued jobs only, so they stay
-/// in Redis, safe but unwritten. "Long" is ten flush intervals, or two
+/// application process runs, nor (queue mode) a worker that queues them:
+/// they stay in Redis, safe but unwritten. "Long" is ten flush intervals, or two
 /// writer leases (a crashed process's ops come back after one), whichever
 /// is longer, as this process's configuration says. `flushes`: this
 /// process is one (`live_apps` counts the others).
@@ -432,7 +432,7 @@ fn nobody_flushes(status: &crate::Status, config: &crate::Config, flushes: bool)
     let waited = status.pending.oldest_age.filter(|a| *a > stale)?;
     (apps == 0 && !flushes).then(|| {
         format!(
-            "{} pending ops, the oldest {}s old, and no application process runs to flush them (workers apply queued jobs only): start one, or run `fga-wb flush`",
+            "{} pending ops, the oldest {}s old, and no application process runs to flush them, nor a worker to queue them (in queue mode): start one, or run `fga-wb flush`",
             status.pending.total,
             waited.as_secs()
         )

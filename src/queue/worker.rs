@@ -680,7 +680,7 @@ const HOLD_END_MARGIN: Duration = Duration::from_secs(1);
 const PENDING_GAUGES_EVERY: Duration = Duration::from_secs(5);
 
 /// Pending ops at least this old (and twice `flush.interval`) are queued
-/// by a worker itself.
+/// by a worker itself while no application process runs.
 const ORPHANED_AFTER: Duration = Duration::from_secs(5);
 
 /// How often, at most, a worker whose flushing stopped asks OpenFGA again.
@@ -849,21 +849,36 @@ impl Applier {
         self.queue_pending().await.map(drop)
     }
 
-    /// Queues what is pending when its oldest op is older than any
-    /// application's flusher leaves one (twice `flush.interval`, 5 s at
-    /// least): no application process runs to take it (all died or ended,
-    /// and what they held came back when their leases ended), or none can
-    /// reach Redis. Workers write what the applications acknowledged,
-    /// with or without them.
+    /// Queues what is pending that no application process takes: once
+    /// its oldest op is older than a flusher leaves one (twice
+    /// `flush.interval`, 5 s at least) while no application process runs
+    /// (all died or ended, and what they held came back when their leases
+    /// ended), or older than `fga-wb status --check` calls a problem (ten
+    /// flush intervals and two leases) whatever runs (none can flush: cut
+    /// off from Redis, stopped on a panic). Workers write what the
+    /// applications acknowledged, with or without them; live applications
+    /// batch their ops as they are set to.
     async fn queue_orphans(&self, p: &crate::Pending) {
-        let after = self
-            .engine
-            .cfg
-            .interval
-            .saturating_mul(2)
-            .max(ORPHANED_AFTER);
-        if p.total == 0 || p.oldest_age.is_none_or(|age| age < after) {
+        let Some(age) = p.oldest_age.filter(|_| p.total > 0) else {
             return;
+        };
+        let interval = self.engine.cfg.interval;
+        if age < interval.saturating_mul(2).max(ORPHANED_AFTER) {
+            return;
+        }
+        let late = interval
+            .saturating_mul(10)
+            .max(self.store.lease().saturating_mul(2));
+        if age < late {
+            let apps = self
+                .store
+                .shared_stats()
+                .await
+                .ok()
+                .and_then(|s| s.get(crate::buffer::LIVE_APPS)?.parse::<usize>().ok());
+            if apps != Some(0) {
+                return;
+            }
         }
         match self.queue_pending().await {
             Ok(0) => {}

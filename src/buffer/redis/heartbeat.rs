@@ -106,6 +106,11 @@ impl RedisStore {
         Error::new(Kind::BufferLost { detail })
     }
 
+    /// `redis.writer_lease`.
+    pub(crate) fn lease(&self) -> Duration {
+        self.lease
+    }
+
     /// How long a write may take from now and still end within this
     /// writer's lease (less a margin for the clocks and the finish).
     pub fn write_budget(&self) -> Duration {
