@@ -131,8 +131,13 @@ pub struct Status {
     /// store holds that cannot be read, which `dead_letters()` skips and
     /// purging removes).
     pub dead_letters: usize,
-    /// Why flushing is stopped (bad credentials, unknown store), if it is.
+    /// Why flushing is stopped (bad credentials, unknown store, a panic),
+    /// if it is: this process's, or with the Redis store any live
+    /// process's or worker's.
     pub flushing_stopped: Option<String>,
+    /// Redis store: why a live queue worker's flushing is stopped, if one's
+    /// is (queued jobs wait for it).
+    pub workers_stopped: Option<String>,
     /// The last flush.
     pub last_flush: Option<LastFlush>,
     /// Totals since start; with the Redis store, the acknowledged, applied,
@@ -152,8 +157,9 @@ pub struct Status {
     /// The server's tuples-per-Write limit, when this process learned one
     /// below `flush.max_tuples_per_write` (OpenFGA refused a request).
     pub write_limit: Option<usize>,
-    /// Redis store: the application processes alive besides this one (each
-    /// flushes the shared buffer; workers only apply queued jobs).
+    /// Redis store: the application processes alive besides this one whose
+    /// handles flush by themselves (not `fga-wb` commands, nor handles
+    /// built with `automatic_flush(false)`; workers are not counted).
     pub live_apps: Option<usize>,
     /// Redis store: writers whose lease ended while they were writing (a
     /// crash): what they held stays in flight until a Write of theirs can
@@ -201,6 +207,7 @@ impl Status {
         if let Some(reason) = shared.get("stopped").filter(|r| !r.is_empty()) {
             self.flushing_stopped = Some(reason.clone());
         }
+        self.workers_stopped = shared.get(crate::buffer::WORKERS_STOPPED).cloned();
         self.last_loss_acknowledged = shared.get("last_loss_acknowledged").cloned();
         self.live_apps = shared
             .get(crate::buffer::LIVE_APPS)

@@ -1284,6 +1284,10 @@ async fn a_worker_queues_what_no_application_took() {
         .unwrap();
     let mut config = queue_mode(config_for(&s), &[1, 2, 3]);
     config.flush.interval = Duration::from_secs(1);
+    // Ten intervals and two leases, past which workers take pending ops
+    // whatever runs, are past the wait below: the worker must see that no
+    // application runs.
+    config.redis.writer_lease = Duration::from_secs(60);
     let gone = app(config.clone()).await;
     gone.grant("user:anne", "viewer", "document:orphan")
         .await
@@ -1293,8 +1297,10 @@ async fn a_worker_queues_what_no_application_took() {
         .unwrap();
     assert_eq!(gone.pending().await.unwrap().total, 2);
     // Ends without queueing them: its flusher never ran. No application
-    // process runs from here on (a live one would take them itself).
+    // process runs from here on (a live one would take them itself); a
+    // handle that flushes only when told is none.
     gone.close().await.unwrap();
+    let watcher = app(config.clone()).await;
     let worker = Worker::start(config.clone(), 2);
     let limit = Instant::now() + Duration::from_secs(60);
     while stored(&s).await != ["document:orphan#viewer@user:anne"] {
@@ -1305,7 +1311,7 @@ async fn a_worker_queues_what_no_application_took() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     worker.stop().await;
-    assert!(settled(&app(config).await).await);
+    assert!(settled(&watcher).await);
 }
 
 /// A worker process is killed (SIGKILL) while its Write request is in

@@ -1220,7 +1220,7 @@ async fn a_writer_writes_after_redis_lost_its_terms() {
     drop(first);
 }
 
-/// The one writer of `kind` (`app`, `worker`) Redis knows for the store of
+/// The one writer of `kind` (`app`, `tool`, `worker`) Redis knows for the store of
 /// `late`, once it has renewed its lease.
 async fn live_writer(late: &mut LateWriter, kind: &str) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -1255,7 +1255,8 @@ async fn ops_a_lost_take_reply_left_with_a_live_process_are_written() {
     let wb = manual_handle(&s).await;
     support::grant_users(&wb, "document:lost", 0..30).await;
     let mut late = LateWriter::new(&s, "").await;
-    late.name = live_writer(&mut late, "app").await;
+    // A handle that flushes only when told is a `tool` writer.
+    late.name = live_writer(&mut late, "tool").await;
     // The take as the process's own call would make it, its reply lost.
     let taken = late.take_at(now_ms(), 60_000).await;
     assert_eq!(taken.len(), 30);

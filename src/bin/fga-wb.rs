@@ -1111,10 +1111,12 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
                 }
             }
             let note = waiting_for(&status, dead, w.replays, false);
-            // In queue mode a worker's stop is final for the wait; inline,
-            // this process writes, and its own flush says if it cannot.
+            // In queue mode a worker's stop is final for the wait (not an
+            // application's: one whose flusher panicked, say, while
+            // workers queue what it gave back); inline, this process
+            // writes, and its own flush says if it cannot.
             if let Some(why) = status
-                .flushing_stopped
+                .workers_stopped
                 .as_ref()
                 .filter(|_| status.queue.is_some())
             {

@@ -260,6 +260,9 @@ impl Unfinished {
 /// The entry of [`Store::shared_stats`] that counts the live application
 /// processes other than the caller.
 pub(crate) const LIVE_APPS: &str = "live_apps";
+/// The entry of [`Store::shared_stats`] that says why a live worker's
+/// flushing is stopped (see `Status::workers_stopped`).
+pub(crate) const WORKERS_STOPPED: &str = "workers_stopped";
 /// The shared stat "writers held over/until (ms)" (see `Status::held_over`).
 pub(crate) const HELD_OVER: &str = "held_over";
 
@@ -609,9 +612,13 @@ pub(crate) trait Store: Send + Sync + 'static {
 }
 
 /// The pending-op store the config asks for; for the Redis store, also the
-/// store itself (its job queue serves queue mode).
+/// store itself (its job queue serves queue mode). `automatic`: the
+/// handle flushes by itself (an application); else only when told (an
+/// operator's tool), and other processes do not count it as one that
+/// takes what is pending.
 pub(crate) async fn open_store(
     config: &crate::Config,
+    #[cfg_attr(not(feature = "redis"), allow(unused_variables))] automatic: bool,
 ) -> Result<(Arc<dyn Store>, Option<Arc<redis::RedisStore>>)> {
     Ok(match config.buffer.store {
         crate::config::StoreKind::Memory => (
@@ -623,7 +630,8 @@ pub(crate) async fn open_store(
         ),
         #[cfg(feature = "redis")]
         crate::config::StoreKind::Redis => {
-            let r = Arc::new(open_redis(config, "app").await?);
+            let kind = if automatic { "app" } else { "tool" };
+            let r = Arc::new(open_redis(config, kind).await?);
             (r.clone(), Some(r))
         }
         #[cfg(not(feature = "redis"))]
@@ -633,7 +641,8 @@ pub(crate) async fn open_store(
     })
 }
 
-/// The Redis store for `config`, as a writer of `kind` (`app`, `worker`).
+/// The Redis store for `config`, as a writer of `kind` (`app`, `tool`,
+/// `worker`).
 #[cfg(feature = "redis")]
 pub(crate) async fn open_redis(config: &crate::Config, kind: &str) -> Result<redis::RedisStore> {
     redis::RedisStore::connect(config, kind).await
@@ -768,7 +777,7 @@ mod tests {
     async fn the_redis_store_needs_the_redis_feature() {
         let mut c = crate::Config::default();
         c.buffer.store = crate::config::StoreKind::Redis;
-        let e = super::open_store(&c).await.err().expect("an error");
+        let e = super::open_store(&c, true).await.err().expect("an error");
         assert!(e.to_string().contains("`redis` feature"), "{e}");
     }
 }

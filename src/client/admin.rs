@@ -67,6 +67,7 @@ impl WriteBehind {
             pending: e.store.pending().await?,
             dead_letters: e.store.dead_count().await?,
             flushing_stopped: e.stats.stopped(),
+            workers_stopped: None,
             last_flush: e.stats.last_flush(),
             totals: e.stats.totals(),
             queue: match &self.inner.redis {

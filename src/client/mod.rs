@@ -191,7 +191,7 @@ impl Builder {
             config.cache.ttl,
             model.clone(),
         ));
-        let (store, redis) = crate::buffer::open_store(&config).await?;
+        let (store, redis) = crate::buffer::open_store(&config, self.automatic_flush).await?;
         let sink: Option<crate::flush::Sink> = match (config.flush.mode, &redis) {
             _ if self.sink.is_some() => self.sink,
             (Mode::Queue, Some(r)) => Some(Arc::new(crate::queue::RedisJobs(r.clone()))),
@@ -1157,6 +1157,17 @@ mod tests {
             .check("user:anne", "viewer", "document:1")
             .await
             .unwrap());
+        // Its stop shows in the others' status: it counts as a live
+        // application, and flushes nothing. Not as a worker's.
+        let status = other.status().await.unwrap();
+        assert!(
+            status
+                .flushing_stopped
+                .as_deref()
+                .is_some_and(|s| s.contains("panic")),
+            "{status:?}"
+        );
+        assert_eq!(status.workers_stopped, None);
         other.shutdown().await.unwrap();
     }
 }

@@ -186,14 +186,13 @@ impl Drop for NotePanic {
 /// bring them back while the process lives. It looks again every
 /// `STRAY_EVERY`, as a live flusher does. Ends when the handle stops:
 /// its release (or, dropped, its lease's end) hands them on then, the hold
-/// kept. (The stop is not recorded for other processes: `flush --wait`
-/// in queue mode takes any live writer's recorded stop for a worker's,
-/// and would fail at once while this process lives, though workers write
-/// what it gave back.)
+/// kept. Its stop is recorded for other processes' `status` (its lease
+/// lives on, so it counts as a live application).
 async fn give_back_after_panic(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
     if !engine.store.shared() {
         return;
     }
+    engine.record_stop().await;
     let held = *engine.holds_until.lock().unwrap_or_else(|p| p.into_inner());
     let mut at = held.unwrap_or_else(Instant::now);
     loop {

@@ -398,14 +398,14 @@ async fn invoke(conn: &Conn, script: &redis::Script, prefix: &str, args: &Args) 
 
 impl RedisStore {
     /// Connects to Redis (one node or a cluster) as a writer of kind
-    /// `kind` (`app` or `worker`), and fails with a clear error if it
+    /// `kind` (`app`, `tool` or `worker`), and fails with a clear error if it
     /// cannot or if the server does not run Lua scripts.
     pub async fn connect(config: &crate::Config, kind: &str) -> Result<RedisStore> {
         let (store_id, capacity) = (&config.openfga.store_id, config.buffer.capacity);
         // An application in queue mode hands what it takes to jobs and
         // sends no Write of its own: nothing of its can land late.
         let outcome_hold = match (kind, config.flush.mode) {
-            ("app", crate::config::Mode::Queue) => Duration::ZERO,
+            ("app" | "tool", crate::config::Mode::Queue) => Duration::ZERO,
             _ => config.flush.unknown_outcome_hold,
         };
         let config = &config.redis;
@@ -1132,11 +1132,17 @@ impl Store for RedisStore {
             stats.retain(|k, _| !k.starts_with(STOPPED_NOTE));
             stopped.retain(|(writer, why)| !why.is_empty() && live.contains(writer));
             stopped.sort();
-            if let Some((writer, why)) = stopped.into_iter().next() {
-                stats.insert("stopped".into(), format!("{why} (reported by {writer})"));
+            let reported =
+                |(writer, why): &(String, String)| format!("{why} (reported by {writer})");
+            if let Some(w) = stopped.iter().find(|(w, _)| w.starts_with("worker:")) {
+                stats.insert(super::WORKERS_STOPPED.into(), reported(w));
+            }
+            if let Some(w) = stopped.first() {
+                stats.insert("stopped".into(), reported(w));
             }
             // Application processes alive besides this one: each flushes
-            // the shared buffer (workers only apply queued jobs).
+            // the shared buffer by itself (not an operator's tool, nor a
+            // handle that flushes only when told).
             let apps = live
                 .iter()
                 .filter(|w| w.starts_with("app:") && **w != self.writer)
