@@ -260,6 +260,14 @@ impl Unfinished {
 /// The entry of [`Store::shared_stats`] that counts the live application
 /// processes other than the caller.
 pub(crate) const LIVE_APPS: &str = "live_apps";
+/// How long pending ops may wait in a shared store before nobody is taken
+/// to flush them: `status --check` reports them then, and queue workers
+/// take them whatever runs. Ten flush intervals, or two writer leases (a
+/// crashed process's ops come back after one), whichever is longer.
+pub(crate) fn unflushed_after(interval: Duration, lease: Duration) -> Duration {
+    interval.saturating_mul(10).max(lease.saturating_mul(2))
+}
+
 /// The entry of [`Store::shared_stats`] that says why a live worker's
 /// flushing is stopped (see `Status::workers_stopped`).
 pub(crate) const WORKERS_STOPPED: &str = "workers_stopped";

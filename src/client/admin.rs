@@ -422,14 +422,12 @@ impl WriteBehind {
 
 /// Pending ops in a shared store that have waited long while no
 /// application process runs, nor (queue mode) a worker that queues them:
-/// they stay in Redis, safe but unwritten. "Long" is ten flush intervals, or two
-/// writer leases (a crashed process's ops come back after one), whichever
-/// is longer, as this process's configuration says. `flushes`: this
+/// they stay in Redis, safe but unwritten. "Long" is
+/// `buffer::unflushed_after`, as this process's configuration says. `flushes`: this
 /// process is one (`live_apps` counts the others).
 fn nobody_flushes(status: &crate::Status, config: &crate::Config, flushes: bool) -> Option<String> {
     let apps = status.live_apps?;
-    let stale =
-        (config.flush.interval.saturating_mul(10)).max(config.redis.writer_lease.saturating_mul(2));
+    let stale = crate::buffer::unflushed_after(config.flush.interval, config.redis.writer_lease);
     let waited = status.pending.oldest_age.filter(|a| *a > stale)?;
     (apps == 0 && !flushes).then(|| {
         format!(

@@ -853,8 +853,8 @@ impl Applier {
     /// its oldest op is older than a flusher leaves one (twice
     /// `flush.interval`, 5 s at least) while no application process runs
     /// (all died or ended, and what they held came back when their leases
-    /// ended), or older than `fga-wb status --check` calls a problem (ten
-    /// flush intervals and two leases) whatever runs (none can flush: cut
+    /// ended), or older than `fga-wb status --check` calls a problem
+    /// (`buffer::unflushed_after`) whatever runs (none can flush: cut
     /// off from Redis, stopped on a panic). Workers write what the
     /// applications acknowledged, with or without them; live applications
     /// batch their ops as they are set to.
@@ -866,9 +866,7 @@ impl Applier {
         if age < interval.saturating_mul(2).max(ORPHANED_AFTER) {
             return;
         }
-        let late = interval
-            .saturating_mul(10)
-            .max(self.store.lease().saturating_mul(2));
+        let late = crate::buffer::unflushed_after(interval, self.store.lease());
         if age < late {
             let apps = self
                 .store
