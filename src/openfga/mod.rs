@@ -164,6 +164,9 @@ impl ClientBuilder {
                 )));
             }
         }
+        for w in sent_in_clear(&parsed, &self.credentials, self.ca_pem.is_some()) {
+            tracing::warn!("{w}");
+        }
         let http = http_client(
             self.timeout,
             self.connect_timeout,
@@ -182,6 +185,43 @@ impl ClientBuilder {
             }),
         })
     }
+}
+
+/// What is wrong, though it works, with where secrets go: a token or a
+/// client secret over `http://` to another machine (anyone on the path can
+/// read it), or a CA file for a connection that uses none.
+fn sent_in_clear(api: &reqwest::Url, credentials: &Credentials, ca_file: bool) -> Vec<String> {
+    let in_clear = |u: &reqwest::Url| {
+        let host = u.host_str().unwrap_or("localhost");
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let local = host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        u.scheme() == "http" && !local
+    };
+    let secret_to = match credentials {
+        Credentials::None => None,
+        Credentials::ApiToken(_) => in_clear(api).then_some("openfga.api_url"),
+        Credentials::ClientCredentials(o) => reqwest::Url::parse(&o.token_url)
+            .ok()
+            .filter(|u| in_clear(u))
+            .map(|_| "openfga.oauth2.token_url")
+            .or_else(|| in_clear(api).then_some("openfga.api_url")),
+    };
+    let mut out = Vec::new();
+    if let Some(setting) = secret_to {
+        out.push(format!(
+            "{setting} is plain http:// to another machine: the credentials sent there can be read on the way; use https://"
+        ));
+    }
+    if ca_file && api.scheme() == "http" {
+        out.push(
+            "openfga.ca_file is set but openfga.api_url is plain http://: the CA is not used"
+                .into(),
+        );
+    }
+    out
 }
 
 fn http_client(
@@ -1030,6 +1070,64 @@ fn seg(id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A secret bound for another machine over plain http:// is warned
+    /// about, naming the setting to fix; loopback and https are not, nor
+    /// is a URL without credentials. A CA file on plain http is unused,
+    /// and said so.
+    #[test]
+    fn secrets_sent_in_clear_are_warned_about() {
+        let url = |u: &str| reqwest::Url::parse(u).unwrap();
+        let token = Credentials::ApiToken(Secret::new("t"));
+        let oauth = |token_url: &str| {
+            Credentials::ClientCredentials(OAuth2 {
+                token_url: token_url.into(),
+                client_id: "id".into(),
+                client_secret: Secret::new("s"),
+                audience: None,
+                scopes: None,
+            })
+        };
+        let warned = |api: &str, c: &Credentials, ca: bool| sent_in_clear(&url(api), c, ca);
+        for api in [
+            "http://10.1.2.3:8080",
+            "http://fga.internal",
+            "http://[2001:db8::1]:80",
+        ] {
+            let w = warned(api, &token, false);
+            assert!(
+                w.len() == 1 && w[0].starts_with("openfga.api_url is plain http://"),
+                "{api}: {w:?}"
+            );
+        }
+        for api in [
+            "http://127.0.0.1:8080",
+            "http://localhost:8080",
+            "http://[::1]:8080",
+            "https://fga.example.com",
+        ] {
+            assert!(warned(api, &token, false).is_empty(), "{api}");
+        }
+        assert!(warned("http://10.1.2.3:8080", &Credentials::None, false).is_empty());
+        let w = warned(
+            "https://fga.example.com",
+            &oauth("http://issuer.example.com/oauth/token"),
+            false,
+        );
+        assert!(
+            w.len() == 1 && w[0].starts_with("openfga.oauth2.token_url"),
+            "{w:?}"
+        );
+        let w = warned(
+            "http://10.1.2.3:8080",
+            &oauth("https://issuer.example.com/oauth/token"),
+            false,
+        );
+        assert!(w.len() == 1 && w[0].starts_with("openfga.api_url"), "{w:?}");
+        let w = warned("http://127.0.0.1:8080", &Credentials::None, true);
+        assert!(w.len() == 1 && w[0].starts_with("openfga.ca_file"), "{w:?}");
+        assert!(warned("https://fga.example.com", &token, true).is_empty());
+    }
 
     /// A Write limited to what is left of a writer's lease is not sent
     /// once a slow token fetch has used that up (wiremock: the token

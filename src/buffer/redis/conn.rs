@@ -41,6 +41,14 @@ impl Target {
                 redact_url(url)
             ))
         };
+        // redis-rs reads `#insecure` as "do not verify the server's
+        // certificate" wherever its TLS feature allows it (a feature any
+        // crate in the application may turn on): verification is never
+        // turned off by a URL. What follows the last `@` is no password.
+        let fragment = |u: &str| u.rsplit_once('@').map_or(u, |(_, h)| h).contains('#');
+        if split_urls(url).into_iter().any(fragment) {
+            return Err(bad("has a #fragment, which fga-wb does not take (the certificate of a rediss:// server is always verified)"));
+        }
         for (scheme, plain) in [
             ("redis+cluster://", "redis://"),
             ("rediss+cluster://", "rediss://"),
@@ -596,6 +604,26 @@ async fn check_eviction(conn: &mut Conn, target: &Target) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A URL's `#fragment` is refused: redis-rs reads `#insecure` as "do
+    /// not verify the certificate" when its insecure TLS feature is on. A
+    /// `#` in a password (before the last `@`) is not a fragment.
+    #[test]
+    fn a_url_fragment_is_refused() {
+        for url in [
+            "rediss://h:6380/#insecure",
+            "rediss://u:p@h:6380#insecure",
+            "rediss+cluster://a:1,b:2/#insecure",
+            "redis://a:1,rediss://b:2/#insecure",
+        ] {
+            let err = Target::parse(url)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("#fragment"), "{url}: {err}");
+        }
+        assert!(Target::parse("rediss://u:p#w@h:6380").is_ok());
+    }
 
     /// `valkeys://` is TLS as much as `rediss://` (redis-rs connects over
     /// TLS for both). Before, a `redis.ca_file` with a `valkeys://` URL was
