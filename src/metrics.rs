@@ -34,10 +34,11 @@ pub fn serve_prometheus(addr: SocketAddr, store: &str) -> Result<()> {
     for name in COUNTERS {
         metrics::counter!(*name).increment(0);
     }
-    for outcome in ["ok", "bisected", "rejected", "failed"] {
+    for outcome in ["ok", "rejected", "failed"] {
         metrics::counter!("fga_wb_write_requests_total", "outcome" => outcome).increment(0);
     }
     metrics::gauge!("fga_wb_pending_ops").set(0.0);
+    metrics::gauge!("fga_wb_in_flight_ops").set(0.0);
     metrics::gauge!("fga_wb_oldest_pending_seconds").set(0.0);
     metrics::gauge!("fga_wb_ops_held").set(0.0);
     Ok(())
@@ -52,6 +53,7 @@ const COUNTERS: &[&str] = &[
     "fga_wb_dead_letters_evicted_total",
     "fga_wb_ops_cleared_total",
     "fga_wb_write_retries_total",
+    "fga_wb_write_splits_total",
     "fga_wb_write_unknown_outcomes_total",
     "fga_wb_cache_hits_total",
     "fga_wb_cache_misses_total",

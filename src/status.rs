@@ -12,7 +12,8 @@
 //! | `fga_wb_ops_dead_lettered_total` | counter |
 //! | `fga_wb_dead_letters_evicted_total` (memory store: oldest letters dropped at `buffer.dead_letter_capacity`) | counter |
 //! | `fga_wb_ops_cleared_total` | counter |
-//! | `fga_wb_write_requests_total{outcome}` | counter |
+//! | `fga_wb_write_requests_total{outcome}` (each Write request sent, by how it ended: `ok`, `rejected` for its input, `failed` otherwise; they add up to `status`'s requests) | counter |
+//! | `fga_wb_write_splits_total` (Writes split in halves to find the tuple OpenFGA refuses) | counter |
 //! | `fga_wb_write_retries_total` | counter |
 //! | `fga_wb_write_unknown_outcomes_total` (Writes whose outcome fga-wb cannot know) | counter |
 //! | `fga_wb_cache_hits_total`, `fga_wb_cache_misses_total` | counter |
@@ -20,6 +21,7 @@
 //! | `fga_wb_flush_pauses_total` (the flusher's pauses after a transient failure) | counter |
 //! | `fga_wb_redis_losses_total`, `fga_wb_redis_leases_lost_total`, `fga_wb_redis_term_regressed_total`, `fga_wb_redis_under_replicated_total` (Redis store: see the README's "Monitor it") | counter |
 //! | `fga_wb_pending_ops` (after every op, and at every look of the flusher; every 5 s in a worker) | gauge |
+//! | `fga_wb_in_flight_ops` (ops being written, or held by queued jobs in queue mode: with no worker running, a backlog of jobs shows here, not in `fga_wb_pending_ops`; updated as `fga_wb_oldest_pending_seconds` is) | gauge |
 //! | `fga_wb_oldest_pending_seconds` (at every look of the flusher; every 5 s in a worker) | gauge |
 //! | `fga_wb_ops_held` (ops kept in flight while such a Write may still land: `flush.unknown_outcome_hold`) | gauge |
 //! | `fga_wb_flush_duration_seconds` (the flusher's busy time, recorded at most every 250 ms while it writes; a worker's, one per job) | histogram |

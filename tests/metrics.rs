@@ -147,4 +147,41 @@ async fn a_known_workload_shows_in_the_scraped_metrics() {
     held.shutdown().await.unwrap();
     let text = scrape().await;
     assert_eq!(value(&text, &ops_held), Some(0.0), "{ops_held}:\n{text}");
+
+    // Every Write request sent is counted, by how it ended: a 503 sent
+    // again at once is a failed request, then an ok one. Before, the
+    // request retried inside a chunk was not counted at all, so the
+    // outcomes did not add up to the requests `status` reports.
+    let outcome = |text: &str, o: &str| {
+        value(
+            text,
+            &format!("fga_wb_write_requests_total{{outcome=\"{o}\",{store}}}"),
+        )
+        .or_else(|| {
+            value(
+                text,
+                &format!("fga_wb_write_requests_total{{{store},outcome=\"{o}\"}}"),
+            )
+        })
+        .unwrap_or(0.0)
+    };
+    let before = scrape().await;
+    let server = mock_openfga().await;
+    first_write_then_ok(&server, support::fixture("unavailable-503").response()).await;
+    let retried = manual_handle(&server).await;
+    retried
+        .grant("user:retried", "viewer", "document:1")
+        .await
+        .unwrap();
+    let r = retried.flush().await.unwrap();
+    assert_eq!((r.applied, r.requests), (1, 2), "{r:?}");
+    let after = scrape().await;
+    for (o, want) in [("ok", 1.0), ("failed", 1.0), ("rejected", 0.0)] {
+        assert_eq!(
+            outcome(&after, o) - outcome(&before, o),
+            want,
+            "{o}:\n{before}\n---\n{after}"
+        );
+    }
+    retried.shutdown().await.unwrap();
 }

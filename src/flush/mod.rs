@@ -677,8 +677,6 @@ impl Engine {
                     .await
                 {
                     Ok(rtt) => {
-                        metrics::counter!("fga_wb_write_requests_total", "outcome" => "ok")
-                            .increment(1);
                         result.landed += 1;
                         // The request that landed, not the retries' pauses
                         // before it: those are not the server's time.
@@ -719,8 +717,6 @@ impl Engine {
                         }
                     }
                     Err(e) if e.is_invalid_input() => {
-                        metrics::counter!("fga_wb_write_requests_total", "outcome" => "rejected")
-                            .increment(1);
                         for t in part {
                             tracing::warn!(tuple = %t.tuple, op = ?t.op, error = %e, "dead-lettered");
                             result.outcomes.push((t, dead_for(&e, "", false)));
@@ -779,8 +775,6 @@ impl Engine {
                 if part.len() > 1 {
                     bisect(&mut todo, part, halves);
                 } else {
-                    metrics::counter!("fga_wb_write_requests_total", "outcome" => "failed")
-                        .increment(1);
                     for t in part {
                         let outcome = self.lone_failure(&t, &e, landed, works);
                         // Given up: nothing to pause for.
@@ -1030,7 +1024,7 @@ impl Engine {
             let e = match self.write(ops, model).await {
                 Ok(()) => {
                     under_way.answered();
-                    self.count_request(result);
+                    self.count_request(result, "ok");
                     self.writes_ok.fetch_add(1, Ordering::Relaxed);
                     return Ok(started.elapsed());
                 }
@@ -1040,7 +1034,12 @@ impl Engine {
             // nor a retry of one.
             let sent = !e.is_busy();
             if sent {
-                self.count_request(result);
+                let outcome = if e.is_invalid_input() {
+                    "rejected"
+                } else {
+                    "failed"
+                };
+                self.count_request(result, outcome);
             }
             if e.may_have_applied() {
                 // Noted at once, before it stops counting as under way: a
@@ -1087,10 +1086,13 @@ impl Engine {
         }
     }
 
-    /// Counts a request sent.
-    fn count_request(&self, result: &mut ChunkResult) {
+    /// Counts a request sent, by how it ended: `ok`, `rejected` (OpenFGA
+    /// refused its input) or `failed` (anything else: sent again, split,
+    /// or left pending). The metric's outcomes add up to the requests sent.
+    fn count_request(&self, result: &mut ChunkResult, outcome: &'static str) {
         result.requests += 1;
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("fga_wb_write_requests_total", "outcome" => outcome).increment(1);
     }
 
     /// A stop's deadline (see `retry_deadline`) passes within `wait`.
@@ -1144,7 +1146,7 @@ fn dead_for(e: &Error, more: &str, transient: bool) -> Outcome {
 
 /// Splits `part` in halves onto `todo`, the left one to be written first.
 fn bisect(todo: &mut Vec<(Vec<Taken>, QuickRetries)>, mut part: Vec<Taken>, retries: QuickRetries) {
-    metrics::counter!("fga_wb_write_requests_total", "outcome" => "bisected").increment(1);
+    metrics::counter!("fga_wb_write_splits_total").increment(1);
     let right = part.split_off(part.len() / 2);
     todo.push((right, retries));
     todo.push((part, retries));
@@ -1152,7 +1154,6 @@ fn bisect(todo: &mut Vec<(Vec<Taken>, QuickRetries)>, mut part: Vec<Taken>, retr
 
 /// A part whose Write failed, not for its input: its ops are pending again.
 fn pending_again(result: &mut ChunkResult, part: Vec<Taken>, e: &Error) {
-    metrics::counter!("fga_wb_write_requests_total", "outcome" => "failed").increment(1);
     tracing::warn!(error = %e, tuples = part.len(), "write failed; ops stay pending");
     result
         .outcomes

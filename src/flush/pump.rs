@@ -1584,6 +1584,7 @@ pub(crate) const RECORD_EVERY: Duration = Duration::from_millis(250);
 /// The pending-ops gauges, from a look at the store.
 pub(crate) fn publish_pending(p: &crate::buffer::Pending) {
     metrics::gauge!("fga_wb_pending_ops").set(p.total as f64);
+    metrics::gauge!("fga_wb_in_flight_ops").set(p.in_flight as f64);
     metrics::gauge!("fga_wb_oldest_pending_seconds")
         .set(p.oldest_age.map_or(0.0, |a| a.as_secs_f64()));
 }
