@@ -94,10 +94,15 @@ pub(crate) struct Pump {
     /// The tail of an object held back for the next window, where more of
     /// its ops are due: merged with them, it fills whole chunks.
     pub(crate) carry: Vec<Taken>,
-    /// How many times each staged op (by seq) was held back: at most
-    /// `MAX_CARRIES` within one flush, so a lone partial group waits a few
-    /// windows at most (holding on its own, `flush.interval` bounds it).
-    pub(crate) carried: std::collections::HashMap<u64, u8>,
+    /// How many times each staged op (by seq) was held back, and when it
+    /// first was: at most `MAX_CARRIES` times within one flush, so a lone
+    /// partial group waits a few windows at most (holding on its own, for
+    /// at most `flush.interval` from the first time). Kept while the op is
+    /// staged again, not only while held: windows are staged before the
+    /// last one's tail is cut, and a count kept only for held ops started
+    /// again at each, so an object sorting last was held for as long as
+    /// the backlog lasted.
+    pub(crate) carried: std::collections::HashMap<u64, (u8, Instant)>,
     /// Since when ops have been held back without a pause: while flushing
     /// on its own, the pump waits up to `flush.interval` from then for the
     /// next window rather than writing them as partial chunks.
@@ -689,12 +694,19 @@ impl Pump {
             let unmatched = notes.iter().filter(|(r, _)| !matched.contains(&key(r)));
             self.engine.note_revokes(unmatched.cloned());
         }
+        // See `done`, which makes the revokes takeable.
+        self.give_back(back);
+    }
+
+    /// Gives taken ops back to the store as pending again, recorded as a
+    /// chunk with no request, in `running`: a finish that Redis fails is
+    /// repeated for a while (up to minutes), and the pump goes on
+    /// meanwhile, answering shutdown and flushes and polling the Writes
+    /// under way.
+    fn give_back(&mut self, back: Vec<Taken>) {
         if back.is_empty() {
             return;
         }
-        // Recorded as a chunk with no request, in `running`: a finish that
-        // Redis fails is repeated for a while, and the pump goes on
-        // meanwhile (see `done`, which makes the revokes takeable).
         let held = self.track(&back);
         let engine = self.engine.clone();
         self.running.push(Box::pin(async move {
@@ -740,13 +752,21 @@ impl Pump {
         }
         let object = &self.staged[0].tuple.object;
         let whole = self.staged.get(n).is_none_or(|t| &t.tuple.object != object);
+        let now = Instant::now();
+        let interval = self.engine.cfg.interval;
         // Never a revoke or a grant with a condition (a check may be waiting
         // for it), nor an op a caller or a check waits for.
         let fresh = self.staged.range(..n).all(|t| {
             t.op == Op::Grant
                 && t.tuple.condition.is_none()
                 && t.first > self.urgent
-                && (hold || self.carried.get(&t.seq).is_none_or(|&n| n < MAX_CARRIES))
+                && self
+                    .carried
+                    .get(&t.seq)
+                    .is_none_or(|&(n, since)| match hold {
+                        true => now < since + interval,
+                        false => n < MAX_CARRIES,
+                    })
         });
         whole && fresh
     }
@@ -857,11 +877,19 @@ impl Pump {
 
     pub(crate) fn stage(&mut self, mut ops: Vec<Taken>) {
         let before = std::mem::take(&mut self.carried);
-        self.carried = self
-            .carry
-            .iter()
-            .map(|t| (t.seq, before.get(&t.seq).copied().unwrap_or(0) + 1))
-            .collect();
+        // Held back before and not cut yet: staged still, or held again.
+        if !before.is_empty() {
+            for t in &self.staged {
+                if let Some(&c) = before.get(&t.seq) {
+                    self.carried.insert(t.seq, c);
+                }
+            }
+        }
+        let now = Instant::now();
+        for t in &self.carry {
+            let (n, since) = before.get(&t.seq).copied().unwrap_or((0, now));
+            self.carried.insert(t.seq, (n.saturating_add(1), since));
+        }
         ops.append(&mut self.carry);
         // Key order: see the module docs.
         ops.sort_unstable_by(|a, b| key(&a.tuple).cmp(&key(&b.tuple)));
@@ -1322,12 +1350,15 @@ impl Pump {
     /// to pending, where status counts them and `clear` drops them, instead
     /// of waiting as in flight through the outage. The pump takes them
     /// again when it resumes.
-    pub(crate) async fn park_if_idle(&mut self) {
+    pub(crate) fn park_if_idle(&mut self) {
         let holding = !self.staged.is_empty() || !self.carry.is_empty();
         let stopped = self.engine.stats.stopped().is_some() && !self.looking_past_stop();
         let idle = stopped || (self.paused() && self.park_while_paused);
         if holding && idle && !self.explicit() {
-            self.unstage().await;
+            // In the background: Redis may be failing too.
+            self.carry_since = None;
+            let back: Vec<Taken> = self.staged.drain(..).chain(self.carry.drain(..)).collect();
+            self.give_back(back);
             self.forget_exhausted();
             self.revokes_exhausted = None;
         }
@@ -1645,6 +1676,8 @@ mod tests {
         looked: Notify,
         /// What `write_budget` answers.
         budget: Option<Duration>,
+        /// Each finish waits for a permit (a Redis failing over).
+        finish_gate: Option<Arc<tokio::sync::Semaphore>>,
     }
 
     impl Default for Flaky {
@@ -1659,6 +1692,7 @@ mod tests {
                 looks: Default::default(),
                 looked: Notify::new(),
                 budget: None,
+                finish_gate: None,
             }
         }
     }
@@ -1734,7 +1768,13 @@ mod tests {
             done: Vec<(Taken, Outcome)>,
             job: Option<&'a JobEnd>,
         ) -> BoxFuture<'a, Result<Finished, Error>> {
-            self.inner.finish(done, job)
+            let gate = self.finish_gate.clone();
+            Box::pin(async move {
+                if let Some(g) = gate {
+                    let _permit = g.acquire().await;
+                }
+                self.inner.finish(done, job).await
+            })
         }
         fn relevant<'a>(
             &'a self,
@@ -2389,6 +2429,98 @@ mod tests {
         );
         pump.cursor = pump.target;
         assert!(!pump.should_carry(n, 100), "the flush's last window");
+    }
+
+    /// Staged ops parked while flushing is stopped go back to the store in
+    /// the background: with Redis failing too, giving them back is retried
+    /// for up to two minutes, and the pump, waiting for it in its own loop,
+    /// answered no shutdown or flush and polled no Write meanwhile.
+    #[tokio::test]
+    async fn parking_staged_ops_does_not_wait_for_the_store() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (e, _) = flaky_engine_with(
+            Flaky {
+                finish_gate: Some(gate.clone()),
+                ..Default::default()
+            },
+            None,
+        );
+        grant(&e, "document:1", 0, 10).await;
+        let mut pump = Pump::new(e.clone(), true);
+        let ops = e.store.take(1000, Take::All, u64::MAX).await.unwrap();
+        pump.stage(ops);
+        e.stats
+            .set_stopped(Some(Error::config("the store is not found")));
+        pump.park_if_idle();
+        assert!(pump.staged.is_empty() && pump.carry.is_empty());
+        assert_eq!(pump.running.len(), 1, "given back in the background");
+        gate.add_permits(1);
+        let (result, held) = pump.running.next().await.unwrap();
+        pump.done(result, held);
+        assert_eq!(e.store.pending().await.unwrap().total, 10);
+    }
+
+    /// A partial group held back keeps its count, and the time it was
+    /// first held, while it is staged again and more windows are staged
+    /// before it is cut (under a backlog the next window is taken while
+    /// this one is sent): held `MAX_CARRIES` times within a flush, or for
+    /// `flush.interval` flushing on its own, it is cut as it is. Before,
+    /// only held ops kept a count, and the pump's own clock started again
+    /// whenever none was held: a group sorting last in each window was
+    /// held for as long as the backlog lasted.
+    #[tokio::test]
+    async fn a_group_held_back_again_and_again_is_cut_in_the_end() {
+        let e = engine();
+        grant(&e, "document:1", 0, 3).await;
+        grant(&e, "document:2", 0, 100).await;
+        let mut pump = Pump::new(e.clone(), false);
+        let ops = e.store.take(1000, Take::All, u64::MAX).await.unwrap();
+        pump.stage(ops);
+        (pump.cursor, pump.target) = (103, 10_000);
+        let hold_again = |pump: &mut Pump| {
+            let n = pump.next_cut(100);
+            assert_eq!(n, 3, "document:1's group");
+            pump.carry.extend(pump.staged.drain(..n));
+            // The next window, with the group staged again after what is
+            // staged; then another, staged before the group is cut.
+            pump.stage(Vec::new());
+            pump.stage(Vec::new());
+            let n = pump.next_cut(100);
+            if n == 100 {
+                pump.staged.drain(..n);
+            }
+        };
+        for round in 0..MAX_CARRIES {
+            assert!(pump.should_carry(pump.next_cut(100), 100), "round {round}");
+            hold_again(&mut pump);
+        }
+        assert!(
+            !pump.should_carry(pump.next_cut(100), 100),
+            "held {MAX_CARRIES} times: cut as it is"
+        );
+
+        // Flushing on its own: bounded by the time since it was first
+        // held, whatever the pump's clock for held ops says.
+        let e = engine();
+        grant(&e, "document:1", 0, 3).await;
+        grant(&e, "document:2", 0, 100).await;
+        let mut pump = holding_pump(&e);
+        let ops = e.store.take(1000, Take::All, u64::MAX).await.unwrap();
+        pump.stage(ops);
+        (pump.cursor, pump.target) = (103, 10_000);
+        assert!(pump.holding());
+        assert!(pump.should_carry(pump.next_cut(100), 100));
+        hold_again(&mut pump);
+        for c in pump.carried.values_mut() {
+            c.1 -= e.cfg.interval;
+        }
+        // None held now (all staged again): the pump's clock starts over.
+        pump.carry_since = None;
+        assert!(pump.holding());
+        assert!(
+            !pump.should_carry(pump.next_cut(100), 100),
+            "first held an interval ago: cut as it is"
+        );
     }
 
     /// A window whose take began before a chunk ended and comes back empty

@@ -116,7 +116,7 @@ pub(crate) async fn run(
             _ = std::future::ready(()), if pump.replan => {}
             Some((result, held)) = pump.running.next(), if !pump.running.is_empty() => {
                 pump.done(result, held);
-                pump.park_if_idle().await;
+                pump.park_if_idle();
             }
             w = next_window(&mut pump.taking), if pump.taking.is_some() => {
                 pump.taken(w);
@@ -124,7 +124,7 @@ pub(crate) async fn run(
                 if !pump.waiters.is_empty() {
                     pump.settle_quiet(true).await;
                 }
-                pump.park_if_idle().await;
+                pump.park_if_idle();
             }
             cmd = commands.recv() => match cmd {
                 None => {
