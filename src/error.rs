@@ -455,6 +455,18 @@ impl Error {
         matches!(&*self.kind, Kind::Busy(_))
     }
 
+    /// The request never left this process: refused before it was sent
+    /// (`is_busy`), no token could be had, or no connection was made.
+    pub(crate) fn never_sent(&self) -> bool {
+        matches!(
+            &*self.kind,
+            Kind::Busy(_)
+                | Kind::Token { .. }
+                | Kind::Connect { sent: false, .. }
+                | Kind::Timeout { sent: false, .. }
+        )
+    }
+
     /// The handle has been shut down.
     pub fn is_shutdown(&self) -> bool {
         matches!(&*self.kind, Kind::Shutdown)

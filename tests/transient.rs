@@ -852,3 +852,22 @@ async fn conflicts_do_not_use_up_the_retries_of_other_failures() {
     assert_accounted(&wb).await;
     wb.shutdown().await.unwrap();
 }
+
+/// A Write that never left the process (nothing listens on OpenFGA's port:
+/// no connection was made) is no request, nor a retry of one: `status`'s
+/// requests and the metric count requests sent. Before, each attempt
+/// counted as a request that failed, and as a retry.
+#[tokio::test]
+async fn a_write_never_sent_is_no_request() {
+    let wb = WriteBehind::builder(manual_flush(closed_port_config()))
+        .build()
+        .await
+        .unwrap();
+    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    let r = wb.flush().await.unwrap();
+    assert!(r.error.is_some(), "{r:?}");
+    assert_eq!((r.applied, r.requests, r.retried), (0, 0, 1), "{r:?}");
+    let t = wb.status().await.unwrap().totals;
+    assert_eq!((t.requests, t.retries), (0, 0), "{t:?}");
+    wb.close().await.unwrap();
+}

@@ -222,14 +222,20 @@ pub fn fmt_ns(ns: u64) -> String {
     }
 }
 
-/// min / median / max of `v` (sorted copy).
+/// min / median / max of `v` (sorted copy); the median of an even count
+/// is the mean of the two middle values, not the upper one.
 pub fn spread(v: &[f64]) -> (f64, f64, f64) {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    if s.is_empty() {
+    let n = s.len();
+    if n == 0 {
         return (0.0, 0.0, 0.0);
     }
-    (s[0], s[s.len() / 2], s[s.len() - 1])
+    let median = match n % 2 {
+        1 => s[n / 2],
+        _ => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    };
+    (s[0], median, s[n - 1])
 }
 
 /// The 1-minute load average.

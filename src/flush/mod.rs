@@ -367,6 +367,9 @@ pub(crate) struct ChunkResult {
     /// What the store did with the outcomes (set by the pump's chunk
     /// future, which finishes its own ops).
     pub finished: Option<Result<Finished, Error>>,
+    /// Ops given back unsent (see `Pump::give_back`): pending again, not
+    /// retried.
+    pub given_back: bool,
 }
 
 impl ChunkResult {
@@ -383,6 +386,7 @@ impl ChunkResult {
             held_out: false,
             left_in_flight: false,
             finished: None,
+            given_back: false,
         }
     }
 }
@@ -1030,9 +1034,9 @@ impl Engine {
                 }
                 Err(e) => e,
             };
-            // Refused before it was sent (this writer's lease): no request,
-            // nor a retry of one.
-            let sent = !e.is_busy();
+            // Never sent (this writer's lease, a token, a connection): no
+            // request, nor a retry of one.
+            let sent = !e.never_sent();
             if sent {
                 let outcome = if e.is_invalid_input() {
                     "rejected"

@@ -645,8 +645,7 @@ impl Pump {
             }
             let n = self.next_cut(chunk);
             if self.should_carry(n, chunk) {
-                self.carry.extend(self.staged.drain(..n));
-                self.carry_since.get_or_insert_with(Instant::now);
+                self.hold_back(n);
                 continue;
             }
             let ops: Vec<Taken> = self.staged.drain(..n).collect();
@@ -711,6 +710,7 @@ impl Pump {
         let engine = self.engine.clone();
         self.running.push(Box::pin(async move {
             let mut result = ChunkResult::new(0);
+            result.given_back = true;
             result.outcomes = back.into_iter().map(|t| (t, Outcome::Retry)).collect();
             finish_chunk(&engine, &mut result).await;
             (result, held)
@@ -781,6 +781,20 @@ impl Pump {
             && self.by_size
             && !self.explicit()
             && self.engine.stats.stopped().is_none()
+    }
+
+    /// Holds the next `n` staged ops back for the next window. Their first
+    /// hold is remembered (see `carried`), and `carry_since` goes back to
+    /// the earliest first hold of what is held: an op held before, staged
+    /// again and held again waits for no new `flush.interval`.
+    pub(crate) fn hold_back(&mut self, n: usize) {
+        let now = Instant::now();
+        let mut first = now;
+        for t in self.staged.range(..n) {
+            first = first.min(self.carried.entry(t.seq).or_insert((0, now)).1);
+        }
+        self.carry.extend(self.staged.drain(..n));
+        self.carry_since = Some(self.carry_since.map_or(first, |s| s.min(first)));
     }
 
     /// Whether ops may be held back now: as `may_hold`, and for up to
@@ -1022,7 +1036,12 @@ impl Pump {
         };
         let mut stop = result.stop;
         match result.finished {
-            Some(Ok(f)) => e.account(&f, &mut report),
+            Some(Ok(f)) => {
+                e.account(&f, &mut report);
+                if result.given_back {
+                    report.retried = 0;
+                }
+            }
             Some(Err(err)) => {
                 tracing::error!(error = %err, "could not record flush outcomes");
                 stop.get_or_insert(Stop::Transient(err));
@@ -2455,9 +2474,11 @@ mod tests {
         assert!(pump.staged.is_empty() && pump.carry.is_empty());
         assert_eq!(pump.running.len(), 1, "given back in the background");
         gate.add_permits(1);
-        let (result, held) = pump.running.next().await.unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(10), pump.running.next());
+        let (result, held) = next.await.expect("the give-back ends").unwrap();
         pump.done(result, held);
         assert_eq!(e.store.pending().await.unwrap().total, 10);
+        assert_eq!(pump.totals.retried, 0, "never sent, so not retried");
     }
 
     /// A partial group held back keeps its count, and the time it was
@@ -2480,7 +2501,7 @@ mod tests {
         let hold_again = |pump: &mut Pump| {
             let n = pump.next_cut(100);
             assert_eq!(n, 3, "document:1's group");
-            pump.carry.extend(pump.staged.drain(..n));
+            pump.hold_back(n);
             // The next window, with the group staged again after what is
             // staged; then another, staged before the group is cut.
             pump.stage(Vec::new());
@@ -2511,8 +2532,24 @@ mod tests {
         assert!(pump.holding());
         assert!(pump.should_carry(pump.next_cut(100), 100));
         hold_again(&mut pump);
+        // First held half an interval ago, and held again now: the wait
+        // for the next window ends half an interval from now.
+        let half = e.cfg.interval / 2;
         for c in pump.carried.values_mut() {
-            c.1 -= e.cfg.interval;
+            c.1 -= half;
+        }
+        pump.carry_since = None;
+        assert!(pump.should_carry(pump.next_cut(100), 100));
+        pump.hold_back(pump.next_cut(100));
+        let deadline = pump.carry_deadline().expect("held for the next window");
+        assert!(deadline <= Instant::now() + half, "{deadline:?}");
+        pump.stage(Vec::new());
+        let n = pump.next_cut(100);
+        if n == 100 {
+            pump.staged.drain(..n);
+        }
+        for c in pump.carried.values_mut() {
+            c.1 -= half;
         }
         // None held now (all staged again): the pump's clock starts over.
         pump.carry_since = None;

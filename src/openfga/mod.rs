@@ -200,8 +200,10 @@ fn sent_in_clear(api: &reqwest::Url, credentials: &Credentials, ca_file: bool) -
                 .is_ok_and(|ip| ip.is_loopback());
         u.scheme() == "http" && !local
     };
+    // A user and password in the URL go out as a Basic header.
+    let basic = !api.username().is_empty() || api.password().is_some();
     let secret_to = match credentials {
-        Credentials::None => None,
+        Credentials::None => (basic && in_clear(api)).then_some("openfga.api_url"),
         Credentials::ApiToken(_) => in_clear(api).then_some("openfga.api_url"),
         Credentials::ClientCredentials(o) => reqwest::Url::parse(&o.token_url)
             .ok()
@@ -215,9 +217,14 @@ fn sent_in_clear(api: &reqwest::Url, credentials: &Credentials, ca_file: bool) -
             "{setting} is plain http:// to another machine: the credentials sent there can be read on the way; use https://"
         ));
     }
-    if ca_file && api.scheme() == "http" {
+    // The token issuer is reached through the same client, with the CA.
+    let issuer_tls = match credentials {
+        Credentials::ClientCredentials(o) => o.token_url.starts_with("https://"),
+        _ => false,
+    };
+    if ca_file && api.scheme() == "http" && !issuer_tls {
         out.push(
-            "openfga.ca_file is set but openfga.api_url is plain http://: the CA is not used"
+            "openfga.ca_file is set but nothing is reached over https://: the CA is not used"
                 .into(),
         );
     }
@@ -1109,6 +1116,9 @@ mod tests {
             assert!(warned(api, &token, false).is_empty(), "{api}");
         }
         assert!(warned("http://10.1.2.3:8080", &Credentials::None, false).is_empty());
+        let w = warned("http://u:pw@10.1.2.3:8080", &Credentials::None, false);
+        assert!(w.len() == 1 && w[0].starts_with("openfga.api_url"), "{w:?}");
+        assert!(!w[0].contains("pw"), "{w:?}");
         let w = warned(
             "https://fga.example.com",
             &oauth("http://issuer.example.com/oauth/token"),
@@ -1126,6 +1136,10 @@ mod tests {
         assert!(w.len() == 1 && w[0].starts_with("openfga.api_url"), "{w:?}");
         let w = warned("http://127.0.0.1:8080", &Credentials::None, true);
         assert!(w.len() == 1 && w[0].starts_with("openfga.ca_file"), "{w:?}");
+        // A sidecar OpenFGA on loopback, its tokens from an issuer behind
+        // the private CA: the CA is used.
+        let sidecar = oauth("https://issuer.corp/oauth/token");
+        assert!(warned("http://127.0.0.1:8080", &sidecar, true).is_empty());
         assert!(warned("https://fga.example.com", &token, true).is_empty());
     }
 

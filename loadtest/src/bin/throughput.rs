@@ -15,7 +15,10 @@
 //! reading the store back.
 //!
 //! `FGA_WB_BENCH_SCALE=0.1` shrinks the counts; `FGA_WB_BENCH_ROUNDS` sets
-//! the rounds (default 3).
+//! the rounds (default 3); `FGA_WB_BENCH_RAW_PARALLEL` the raw writer's
+//! Writes in flight (default 8, as the issue defines the ceiling; fga-wb's
+//! adaptive limit starts there and may grow to `flush.max_parallel_requests`,
+//! so a run at 32 shows whether more in flight raises the ceiling).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,8 +32,17 @@ use futures::stream::{self, TryStreamExt};
 use loadtest::*;
 use testenv::{Datastore, DelayProxy, OpenFga, OpenFgaOptions, Postgres, Redis, RedisOptions};
 
-/// Parallel requests of the raw ceiling (fga-wb's default maximum too).
-const RAW_PARALLEL: usize = 8;
+/// Parallel requests of the raw ceiling: 8, or `FGA_WB_BENCH_RAW_PARALLEL`.
+fn raw_parallel() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("FGA_WB_BENCH_RAW_PARALLEL")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(8)
+    })
+}
 const RAW_PER_WRITE: usize = 100;
 
 /// One measured run.
@@ -44,9 +56,12 @@ struct Run {
     worker_cpu: Duration,
     /// Write requests sent (the raw writer's: its pre-built requests).
     requests: u64,
+    /// The raw writer's requests sent again after a transient failure
+    /// (each 50 ms lost): a ceiling lowered so shows here.
+    retries: u64,
     load: f64,
-    /// CPU of Redis and of the OpenFGA server during the run (set by
-    /// `Bench::run`, which sees the servers).
+    /// CPU of Redis and of the OpenFGA server over the timed part of the
+    /// run only (its wall time divides it).
     redis_cpu: Duration,
     server_cpu: Duration,
 }
@@ -100,7 +115,8 @@ impl Side {
     fn name(&self) -> String {
         match self {
             Side::Raw => format!(
-                "raw ceiling: {RAW_PER_WRITE}-tuple Writes, {RAW_PARALLEL} in parallel, key order"
+                "raw ceiling: {RAW_PER_WRITE}-tuple Writes, {} in parallel, key order",
+                raw_parallel()
             ),
             Side::Memory { callers } => format!("fga-wb memory store, {callers} calling tasks"),
             Side::MemoryFixed8 { callers } => {
@@ -208,6 +224,27 @@ async fn main() -> Res<()> {
          (memory-datastore OpenFGA behind a proxy adding 0.7 ms each way) and on far-pg (the PostgreSQL OpenFGA \
          behind a proxy adding 10 ms each way)."
     );
+    // Settings from the environment reach fga-wb and its workers, not the
+    // raw writer: shown, so that one left over from an experiment is seen.
+    let settings: Vec<String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("FGA_WB_") && !k.starts_with("FGA_WB_TEST_"))
+        .map(|(k, v)| {
+            match ["TOKEN", "SECRET", "PASS", "URL"]
+                .iter()
+                .any(|s| k.contains(s))
+            {
+                true => format!("{k}=<set>"),
+                false => format!("{k}={v}"),
+            }
+        })
+        .collect();
+    println!(
+        "Settings from the environment: {}",
+        match settings.is_empty() {
+            true => "none".to_owned(),
+            false => settings.join(" "),
+        }
+    );
     println!("fga-wb runs: callers grant their own contiguous ranges concurrently, then flush() until nothing is pending; timed from the first grant until OpenFGA has every tuple.\n");
 
     let groups: Vec<(Target, usize, Vec<Side>)> = vec![
@@ -303,6 +340,12 @@ async fn main() -> Res<()> {
     let mut results: BTreeMap<(String, Side), Vec<Run>> = BTreeMap::new();
     let mut ratios: BTreeMap<(String, Side), Vec<f64>> = BTreeMap::new();
     let mut micro = Micro::default();
+    // One untimed raw run per server first: the first timed run of a group
+    // does not meet a cold server (and an empty database) alone.
+    for (target, n, _) in &groups {
+        eprint!("warm-up: ");
+        bench.timed_run(0, target, *n, Side::Raw).await?;
+    }
     for round in 0..rounds {
         bench.round = round;
         for (target, n, sides) in &groups {
@@ -375,30 +418,31 @@ impl Bench {
         let cpu_of = |pid: Option<u32>| pid.map_or(Duration::ZERO, proc_cpu);
         let redis_pid = self.redis.pid();
         let server_pid = self.servers.get(&target.name).copied();
-        let (redis0, server0) = (cpu_of(redis_pid), cpu_of(server_pid));
-        let mut run = match side {
-            Side::Raw => raw(target, &store, n).await?,
+        let servers = || (cpu_of(redis_pid), cpu_of(server_pid));
+        let servers: ServersCpu = &servers;
+        let run = match side {
+            Side::Raw => raw(target, &store, n, servers).await?,
             Side::Memory { callers } => {
                 let cfg = target.config(&store);
-                fga_wb_run(cfg, n, callers, &[], Grants::Timed).await?
+                fga_wb_run(cfg, n, callers, &[], Grants::Timed, servers).await?
             }
             Side::MemoryFixed8 { callers } => {
                 let mut cfg = target.config(&store);
                 cfg.flush.adaptive_parallelism = false;
                 cfg.flush.max_parallel_requests = 8;
-                fga_wb_run(cfg, n, callers, &[], Grants::Timed).await?
+                fga_wb_run(cfg, n, callers, &[], Grants::Timed, servers).await?
             }
             Side::RedisInline { callers } => {
                 let mut cfg = target.config(&store);
                 cfg.buffer.store = StoreKind::Redis;
                 cfg.redis.url = self.redis.url();
-                fga_wb_run(cfg, n, callers, &[], Grants::Timed).await?
+                fga_wb_run(cfg, n, callers, &[], Grants::Timed, servers).await?
             }
             Side::RedisDrain { callers } => {
                 let mut cfg = target.config(&store);
                 cfg.buffer.store = StoreKind::Redis;
                 cfg.redis.url = self.redis.url();
-                fga_wb_run(cfg, n, callers, &[], Grants::Untimed).await?
+                fga_wb_run(cfg, n, callers, &[], Grants::Untimed, servers).await?
             }
             Side::Queue { callers, workers } => {
                 let mut cfg = target.config(&store);
@@ -411,7 +455,7 @@ impl Bench {
                 // A worker is up once it has registered; give them a moment.
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let pids: Vec<u32> = procs.iter().map(|p| p.id()).collect();
-                let run = fga_wb_run(cfg, n, callers, &pids, Grants::Timed).await;
+                let run = fga_wb_run(cfg, n, callers, &pids, Grants::Timed, servers).await;
                 for mut p in procs {
                     // SAFETY: signalling our own child.
                     unsafe {
@@ -422,8 +466,6 @@ impl Bench {
                 run?
             }
         };
-        run.redis_cpu = cpu_of(redis_pid).saturating_sub(redis0);
-        run.server_cpu = cpu_of(server_pid).saturating_sub(server0);
         let stored = target.count(&store).await?;
         if stored != n {
             return Err(format!("{}: {stored} tuples stored, {n} expected", side.name()).into());
@@ -462,22 +504,24 @@ fn raw_requests(store: &Store, n: usize) -> Vec<WriteRequest> {
         .collect()
 }
 
-/// Sends `reqs`, `RAW_PARALLEL` at once, until all are written or `stop` is
-/// set; adds the tuples of the requests that ended before `stop` to
-/// `written`.
+/// Sends `reqs`, `raw_parallel()` at once, until all are written or `stop`
+/// is set; adds the tuples of the requests that ended before `stop` to
+/// `written`, and the retries to `retries`.
 async fn write_raw(
     target: &Target,
     store: &Store,
     reqs: &[WriteRequest],
     stop: &AtomicBool,
     written: &AtomicU64,
+    retries: &AtomicU64,
 ) -> Res<()> {
     stream::iter(reqs.iter().map(Ok))
-        .try_for_each_concurrent(RAW_PARALLEL, |r| async move {
+        .try_for_each_concurrent(raw_parallel(), |r| async move {
             if stop.load(Ordering::Relaxed) {
                 return Ok(());
             }
-            target.write_retrying(store, r).await?;
+            let again = target.write_retrying(store, r).await?;
+            retries.fetch_add(again, Ordering::Relaxed);
             if !stop.load(Ordering::Relaxed) {
                 written.fetch_add(r.writes.len() as u64, Ordering::Relaxed);
             }
@@ -486,10 +530,16 @@ async fn write_raw(
         .await
 }
 
-/// The raw ceiling: pre-built requests in key order, `RAW_PARALLEL` at once.
-async fn raw(target: &Target, store: &Store, n: usize) -> Res<Run> {
+/// CPU of the Redis server and of the OpenFGA server so far.
+type ServersCpu<'a> = &'a (dyn Fn() -> (Duration, Duration) + Sync);
+
+/// The raw ceiling: pre-built requests in key order, `raw_parallel()` at
+/// once.
+async fn raw(target: &Target, store: &Store, n: usize, servers: ServersCpu<'_>) -> Res<Run> {
     let reqs = raw_requests(store, n);
     let load = load1();
+    let retries = AtomicU64::new(0);
+    let servers0 = servers();
     let meter = Meter::default();
     write_raw(
         target,
@@ -497,18 +547,21 @@ async fn raw(target: &Target, store: &Store, n: usize) -> Res<Run> {
         &reqs,
         &AtomicBool::new(false),
         &AtomicU64::new(0),
+        &retries,
     )
     .await?;
     let (wall, cpu) = meter.read();
+    let servers1 = servers();
     Ok(Run {
         tuples: n,
         wall,
         cpu,
         worker_cpu: Duration::ZERO,
         requests: reqs.len() as u64,
+        retries: retries.into_inner(),
         load,
-        redis_cpu: Duration::ZERO,
-        server_cpu: Duration::ZERO,
+        redis_cpu: servers1.0.saturating_sub(servers0.0),
+        server_cpu: servers1.1.saturating_sub(servers0.1),
     })
 }
 
@@ -529,6 +582,7 @@ async fn fga_wb_run(
     callers: usize,
     workers: &[u32],
     grants: Grants,
+    servers: ServersCpu<'_>,
 ) -> Res<Run> {
     if grants == Grants::Untimed {
         cfg.flush.batch_size = 100_000_000;
@@ -540,12 +594,14 @@ async fn fga_wb_run(
     }
     let load = load1();
     let worker_cpu0: Duration = workers.iter().map(|&p| proc_cpu(p)).sum();
+    let servers0 = servers();
     let meter = Meter::default();
     if grants == Grants::Timed {
         grant_ranges(&wb, n, callers).await?;
     }
     drain(&wb, Duration::from_secs(600)).await?;
     let (wall, cpu) = meter.read();
+    let servers1 = servers();
     let worker_cpu = workers
         .iter()
         .map(|&p| proc_cpu(p))
@@ -562,9 +618,10 @@ async fn fga_wb_run(
         cpu,
         worker_cpu,
         requests: totals.requests,
+        retries: 0,
         load,
-        redis_cpu: Duration::ZERO,
-        server_cpu: Duration::ZERO,
+        redis_cpu: servers1.0.saturating_sub(servers0.0),
+        server_cpu: servers1.1.saturating_sub(servers0.1),
     })
 }
 
@@ -595,7 +652,15 @@ fn print_results(
         for side in sides {
             let key = (target.name.clone(), *side);
             let runs = &results[&key];
-            let (lo, mid, hi) = ratios.get(&key).map_or((1.0, 1.0, 1.0), |r| spread(r));
+            // No control without a raw run either side of another: shown
+            // as such, not as a spread of nothing.
+            let [lo, mid, hi] = match ratios.get(&key) {
+                Some(r) => {
+                    let (lo, mid, hi) = spread(r);
+                    [lo, mid, hi].map(|v| format!("{v:.2}"))
+                }
+                None => ["—".to_owned(), "—".to_owned(), "—".to_owned()],
+            };
             let (_, rate, _) = spread(&runs.iter().map(Run::rate).collect::<Vec<_>>());
             let per_100k = |f: &dyn Fn(&Run) -> Duration| {
                 spread(
@@ -626,7 +691,7 @@ fn print_results(
             );
             let load = runs.iter().map(|r| r.load).sum::<f64>() / runs.len() as f64;
             println!(
-                "{:<9} {:<66} {:>6.2} {:>6.2} {:>6.2} {:>9.0} {:>8.2} s {:>8.2} s {:>8.2} s {:>6.2} {:>8.0} {:>6.2}",
+                "{:<9} {:<66} {:>6} {:>6} {:>6} {:>9.0} {:>8.2} s {:>8.2} s {:>8.2} s {:>6.2} {:>8.0} {:>6.2}",
                 target.name,
                 side.name(),
                 lo,
@@ -639,6 +704,15 @@ fn print_results(
                 cores,
                 requests,
                 load
+            );
+        }
+    }
+    for (target, _, _) in groups {
+        if let Some(runs) = results.get(&(target.name.clone(), Side::Raw)) {
+            let retries: Vec<u64> = runs.iter().map(|r| r.retries).collect();
+            println!(
+                "{:<9} raw writer's requests sent again after a transient failure (50 ms each), per run: {retries:?}",
+                target.name
             );
         }
     }
@@ -711,7 +785,7 @@ fn raw_until(
             let store = target.store("bench-burst-raw").await?;
             let reqs = raw_requests(&store, n);
             let _ = ready.send(());
-            write_raw(&target, &store, &reqs, &stop, &written).await
+            write_raw(&target, &store, &reqs, &stop, &written, &AtomicU64::new(0)).await
         })
     })
 }
@@ -767,7 +841,9 @@ impl Micro {
             Some(r) => r.rate(),
             None => {
                 let store = sqlite.store("bench-raw").await?;
-                raw(sqlite, &store, scaled(50_000)).await?.rate()
+                raw(sqlite, &store, scaled(50_000), &|| Default::default())
+                    .await?
+                    .rate()
             }
         };
         // grant latency, 8 tasks, default settings, flushing to SQLite.
@@ -825,7 +901,8 @@ impl Micro {
         let stop = Arc::new(AtomicBool::new(false));
         let written = Arc::new(AtomicU64::new(0));
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let n = ((raw_rate * BURST.as_secs_f64() * 3.0) as usize).max(RAW_PER_WRITE * RAW_PARALLEL);
+        let n =
+            ((raw_rate * BURST.as_secs_f64() * 3.0) as usize).max(RAW_PER_WRITE * raw_parallel());
         let writer = raw_until(sqlite, n, ready_tx, stop.clone(), written.clone());
         ready_rx
             .await

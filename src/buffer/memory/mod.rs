@@ -471,6 +471,7 @@ impl MemoryStore {
         loop {
             let mut g = self.lock(shard);
             let mut held = 0;
+            let moved_before = moved;
             while held < PER_HOLD && moved < max {
                 let Some(part) = g.parts.get_mut(part_no) else {
                     break;
@@ -499,13 +500,16 @@ impl MemoryStore {
                 slot.in_flight = Some(Box::new(e));
                 moved += 1;
             }
+            // Under the lock, in flight first: a count read under every
+            // shard's lock (see `pending_counts`) never misses these ops.
+            let here = moved - moved_before;
+            self.in_flight.fetch_add(here, Ordering::Relaxed);
+            self.pending[k].fetch_sub(here, Ordering::Relaxed);
             drop(g);
             if held < PER_HOLD || moved >= max {
                 break;
             }
         }
-        self.pending[k].fetch_sub(moved, Ordering::Relaxed);
-        self.in_flight.fetch_add(moved, Ordering::Relaxed);
     }
 
     fn take_now(&self, max: usize, what: Take, up_to: u64) -> Vec<Taken> {
@@ -905,10 +909,19 @@ impl MemoryStore {
     }
 
     fn pending_counts(&self) -> Pending {
-        let (writes, deletes) = (
-            self.pending[0].load(Ordering::Relaxed),
-            self.pending[1].load(Ordering::Relaxed),
-        );
+        // Read under every shard's lock: an op moves between the counts
+        // (pending, in flight) under its shard's lock, so the sum never
+        // misses one moving (an application polling for 0 + 0 before it
+        // exits read 0 while a take was under way, and lost the op).
+        // Held only for the three reads: callers pushing wait no longer.
+        let (writes, deletes, in_flight) = {
+            let _all: Vec<_> = (0..SHARDS).map(|s| self.lock(s)).collect();
+            (
+                self.pending[0].load(Ordering::Relaxed),
+                self.pending[1].load(Ordering::Relaxed),
+                self.in_flight.load(Ordering::Relaxed),
+            )
+        };
         // The oldest ready op is first in one of the queues. Ops blocked
         // behind an in-flight op on their key are not ready and not counted.
         // The largest age, in centiseconds.
@@ -939,7 +952,7 @@ impl MemoryStore {
             writes,
             deletes,
             total: writes + deletes,
-            in_flight: self.in_flight.load(Ordering::Relaxed),
+            in_flight,
             oldest_age: oldest.map(|cs| Duration::from_millis(u64::from(cs) * 10)),
         }
     }

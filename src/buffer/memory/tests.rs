@@ -309,6 +309,45 @@ fn a_flush_takes_only_ops_acknowledged_before_it_in_queue_order() {
     assert!(s.pending_counts().oldest_age.is_some());
 }
 
+/// Ops moving between pending and in flight (taken, then given back) are
+/// always counted on one side: a reader never sees fewer than there are.
+/// Before, a take lowered the pending count and raised the in-flight count
+/// after its lock, so an application polling `pending()` for 0 + 0 before
+/// it exits could read 0 with ops in flight, and exit with them unwritten.
+#[test]
+fn ops_moving_in_and_out_of_flight_are_always_counted() {
+    const N: usize = 64;
+    let s = std::sync::Arc::new(MemoryStore::new(1_000));
+    for i in 0..N {
+        // Many objects: many shards.
+        s.push_now(
+            &t(&format!("user:u{i}"), "viewer", &format!("document:{i}")),
+            Op::Grant,
+        )
+        .unwrap();
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mover = {
+        let (s, stop) = (s.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let taken = s.take_now(N, Take::All, u64::MAX);
+                s.finish_now(taken.into_iter().map(|t| (t, Outcome::Retry)).collect());
+            }
+        })
+    };
+    let mut short = 0;
+    for _ in 0..100_000 {
+        let p = s.pending_counts();
+        if p.total + p.in_flight != N {
+            short += 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    mover.join().unwrap();
+    assert_eq!(short, 0, "reads that missed ops on their way");
+}
+
 /// Takes and finishes hold a shard's lock for a few ops at a time: across
 /// those holds (and the relations of one object), every op is taken once,
 /// oldest first within a relation, and every finish is counted.

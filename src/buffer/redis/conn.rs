@@ -607,7 +607,8 @@ mod tests {
 
     /// A URL's `#fragment` is refused: redis-rs reads `#insecure` as "do
     /// not verify the certificate" when its insecure TLS feature is on. A
-    /// `#` in a password (before the last `@`) is not a fragment.
+    /// password's `#`, percent-encoded as a URL's password must be, is no
+    /// fragment.
     #[test]
     fn a_url_fragment_is_refused() {
         for url in [
@@ -622,7 +623,7 @@ mod tests {
                 .unwrap_or_default();
             assert!(err.contains("#fragment"), "{url}: {err}");
         }
-        assert!(Target::parse("rediss://u:p#w@h:6380").is_ok());
+        assert!(Target::parse("rediss://u:p%23w@h:6380").is_ok());
     }
 
     /// `valkeys://` is TLS as much as `rediss://` (redis-rs connects over
