@@ -131,8 +131,10 @@ async fn openfga_down_in_queue_mode_loses_nothing() {
         Duration::from_secs(DOWN.as_secs()),
         || async {
             let st = wb.status().await.unwrap();
+            // No request leaves the process (nothing listens): an error,
+            // nothing applied.
             st.last_flush.is_some_and(|l| {
-                l.report.error.is_some() && l.report.requests > 0 && l.report.applied == 0
+                l.report.error.is_some() && l.report.requests == 0 && l.report.applied == 0
             })
         },
     )
@@ -283,4 +285,59 @@ async fn an_outage_longer_than_the_retries_needs_no_person() {
         t.acknowledged,
         t.applied + t.coalesced + t.dead_lettered + t.cleared
     );
+}
+
+/// Workers that do not replay ops given up in an outage
+/// (`queue.replay_transient = "0s"`) are judged by their setting, not by
+/// the operator's: `fga-wb status --check`, with the default setting,
+/// reports the letters nothing replays. Before, it took the workers for
+/// replaying them (its own setting said they would) and exited 0, while
+/// the checks those ops could change failed closed for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_check_judges_replays_by_the_workers_setting() {
+    let mut server = OwnOpenFga::start().await;
+    let admin = server.client();
+    let store_id = admin.create_store("wb-queue-no-replay").await.unwrap();
+    let model_id = admin
+        .write_authorization_model(&store_id, &documents_model())
+        .await
+        .unwrap();
+    let mut c = queue_config(&server, &store_id, model_id);
+    c.queue.retry_schedule = vec![Duration::from_millis(100); 2];
+    c.queue.request_retries = 0;
+    c.queue.replay_transient = Duration::ZERO;
+    let wb = WriteBehind::builder(c.clone())
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    let worker = Worker::start(c, 2);
+
+    server.kill().await;
+    let (u, r, o) = tuple(0);
+    wb.grant(&u, r, &o).await.unwrap();
+    wb.flush().await.unwrap();
+    eventually(&wb, "the grant to die", Duration::from_secs(30), || {
+        let wb = wb.clone();
+        async move { wb.dead_letters().await.unwrap().len() == 1 }
+    })
+    .await;
+    server.run().await;
+
+    let cli = support::cli::Cli::at(
+        support::cli::Where {
+            api_url: server.url(),
+            token: server.key.clone(),
+            store_id: store_id.clone(),
+            model_id: wb.model_id().unwrap_or_default(),
+            redis_url: support::redis_url(),
+        },
+        "queue",
+    );
+    let r = cli.run(&["status", "--check"]).await;
+    r.fails(
+        1,
+        "1 ops given up in an outage are not written and nothing replays them",
+    );
+    worker.stop().await;
 }

@@ -271,6 +271,11 @@ pub(crate) fn unflushed_after(interval: Duration, lease: Duration) -> Duration {
 /// The entry of [`Store::shared_stats`] that says why a live worker's
 /// flushing is stopped (see `Status::workers_stopped`).
 pub(crate) const WORKERS_STOPPED: &str = "workers_stopped";
+/// The entry of [`Store::shared_stats`] that says how often the workers
+/// replay ops given up in an outage (`queue.replay_transient`, ms; 0:
+/// never), as the last worker to start was configured: `status --check`
+/// judges by the workers' setting, not by its own.
+pub(crate) const WORKERS_REPLAY: &str = "workers_replay_ms";
 /// The shared stat "writers held over/until (ms)" (see `Status::held_over`).
 pub(crate) const HELD_OVER: &str = "held_over";
 

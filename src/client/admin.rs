@@ -206,9 +206,19 @@ impl WriteBehind {
             // and the checks they could change towards allowed fail closed
             // meanwhile: only workers replay them by themselves. Told by
             // reading the letters, for as many as a look can afford.
-            // (As this configuration says: `"0s"`, they replay nothing.)
+            // (`"0s"`: they replay nothing.) As the workers were
+            // configured, which they record; as this configuration says
+            // only for workers that record nothing.
+            let workers_replay = e
+                .store
+                .shared_stats()
+                .await?
+                .get(crate::buffer::WORKERS_REPLAY)
+                .and_then(|ms| ms.parse::<u64>().ok())
+                .map(std::time::Duration::from_millis)
+                .unwrap_or(self.inner.config.queue.replay_transient);
             let replayed = status.queue.as_ref().is_some_and(|q| !q.workers.is_empty())
-                && !self.inner.config.queue.replay_transient.is_zero();
+                && !workers_replay.is_zero();
             if replayed {
                 // The workers replay them.
             } else if status.dead_letters > HEALTH_LETTERS {
@@ -221,7 +231,7 @@ impl WriteBehind {
                         let current = letters.iter().filter(|d| d.given_up_in_an_outage()).count();
                         if current > 0 {
                             h.problems.push(format!(
-                                "{current} ops given up in an outage are not written and nothing replays them (only workers do, and none was seen): OpenFGA may answer their tuples as before them, so the checks it could wrongly allow (a revoke's; a grant's that takes access away) fail closed until `fga-wb dlq replay` (or a purge)"
+                                "{current} ops given up in an outage are not written and nothing replays them (only workers do: none was seen, or they run with queue.replay_transient = \"0s\"): OpenFGA may answer their tuples as before them, so the checks it could wrongly allow (a revoke's; a grant's that takes access away) fail closed until `fga-wb dlq replay` (or a purge)"
                             ));
                         }
                     }

@@ -606,6 +606,15 @@ async fn run_worker(
     // would never go back to the queue.
     let _stop_holds = deadline_applier.stopped.clone().drop_guard();
     let replay = config.queue.replay_transient;
+    if let Err(e) = store
+        .set_note(
+            crate::buffer::WORKERS_REPLAY,
+            replay.as_millis().to_string(),
+        )
+        .await
+    {
+        tracing::warn!(error = %e, "cannot record how often this worker replays ops given up in an outage");
+    }
     let replayer = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(look_again(
         replay_applier,
         match replay.is_zero() {
