@@ -271,11 +271,11 @@ pub(crate) fn unflushed_after(interval: Duration, lease: Duration) -> Duration {
 /// The entry of [`Store::shared_stats`] that says why a live worker's
 /// flushing is stopped (see `Status::workers_stopped`).
 pub(crate) const WORKERS_STOPPED: &str = "workers_stopped";
-/// The entry of [`Store::shared_stats`] that says how often the workers
-/// replay ops given up in an outage (`queue.replay_transient`, ms; 0:
-/// never), as the last worker to start was configured: `status --check`
-/// judges by the workers' setting, not by its own.
-pub(crate) const WORKERS_REPLAY: &str = "workers_replay_ms";
+/// The kind, in a queue worker's writer name, of one that does not replay
+/// ops given up in an outage (`queue.replay_transient = "0s"`): its name
+/// says so for as long as it lives, and `status --check` judges by the
+/// workers' setting, not by its own.
+pub(crate) const NOT_REPLAYING_WORKER: &str = "worker:no-replay";
 /// The shared stat "writers held over/until (ms)" (see `Status::held_over`).
 pub(crate) const HELD_OVER: &str = "held_over";
 
@@ -456,6 +456,7 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// Drops every pending op that is not in flight and returns them:
     /// with `up_to`, only ops acknowledged up to that seq (an op
     /// acknowledged since is kept, even folded into an older one's place).
+    /// An op waiting behind its tuple's op in flight is kept too.
     fn clear(&self, up_to: Option<u64>) -> BoxFuture<'_, Result<Vec<(TupleKey, Op)>>>;
     /// The dead letters.
     fn dead_letters(&self) -> BoxFuture<'_, Result<Vec<DeadLetter>>>;

@@ -9,7 +9,8 @@ const HEALTH_LETTERS: usize = 10_000;
 
 impl WriteBehind {
     /// Drops every pending op that is not already being written, logs them,
-    /// and returns how many were dropped.
+    /// and returns how many were dropped. An op waiting behind a write of
+    /// its own tuple in progress is kept: it is written after that write.
     pub async fn clear(&self) -> Result<usize> {
         Ok(self.clear_ops().await?.len())
     }
@@ -206,19 +207,13 @@ impl WriteBehind {
             // and the checks they could change towards allowed fail closed
             // meanwhile: only workers replay them by themselves. Told by
             // reading the letters, for as many as a look can afford.
-            // (`"0s"`: they replay nothing.) As the workers were
-            // configured, which they record; as this configuration says
-            // only for workers that record nothing.
-            let workers_replay = e
-                .store
-                .shared_stats()
-                .await?
-                .get(crate::buffer::WORKERS_REPLAY)
-                .and_then(|ms| ms.parse::<u64>().ok())
-                .map(std::time::Duration::from_millis)
-                .unwrap_or(self.inner.config.queue.replay_transient);
-            let replayed = status.queue.as_ref().is_some_and(|q| !q.workers.is_empty())
-                && !workers_replay.is_zero();
+            // Any live worker that replays (`queue.replay_transient`
+            // not `"0s"`: its name says), as the workers were configured.
+            let prefix = format!("{}:", crate::buffer::NOT_REPLAYING_WORKER);
+            let replayed = status
+                .queue
+                .as_ref()
+                .is_some_and(|q| q.workers.iter().any(|w| !w.starts_with(&prefix)));
             if replayed {
                 // The workers replay them.
             } else if status.dead_letters > HEALTH_LETTERS {

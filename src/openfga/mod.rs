@@ -219,7 +219,9 @@ fn sent_in_clear(api: &reqwest::Url, credentials: &Credentials, ca_file: bool) -
     }
     // The token issuer is reached through the same client, with the CA.
     let issuer_tls = match credentials {
-        Credentials::ClientCredentials(o) => o.token_url.starts_with("https://"),
+        Credentials::ClientCredentials(o) => {
+            reqwest::Url::parse(&o.token_url).is_ok_and(|u| u.scheme() == "https")
+        }
         _ => false,
     };
     if ca_file && api.scheme() == "http" && !issuer_tls {

@@ -606,15 +606,6 @@ async fn run_worker(
     // would never go back to the queue.
     let _stop_holds = deadline_applier.stopped.clone().drop_guard();
     let replay = config.queue.replay_transient;
-    if let Err(e) = store
-        .set_note(
-            crate::buffer::WORKERS_REPLAY,
-            replay.as_millis().to_string(),
-        )
-        .await
-    {
-        tracing::warn!(error = %e, "cannot record how often this worker replays ops given up in an outage");
-    }
     let replayer = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(look_again(
         replay_applier,
         match replay.is_zero() {
@@ -940,7 +931,11 @@ impl Applier {
 
 /// The applier for `config`: a Redis store and an OpenFGA client.
 pub(crate) async fn applier(config: &Config) -> Result<Applier> {
-    let store = Arc::new(crate::buffer::open_redis(config, "worker").await?);
+    let kind = match config.queue.replay_transient.is_zero() {
+        true => crate::buffer::NOT_REPLAYING_WORKER,
+        false => "worker",
+    };
+    let store = Arc::new(crate::buffer::open_redis(config, kind).await?);
     let model_id = (!config.openfga.model_id.is_empty()).then(|| config.openfga.model_id.clone());
     let client = config.openfga.client()?;
     // The worker writes on the client it checks with: it has no flusher

@@ -227,11 +227,15 @@ async fn main() -> Res<()> {
     // Settings from the environment reach fga-wb and its workers, not the
     // raw writer: shown, so that one left over from an experiment is seen.
     let settings: Vec<String> = std::env::vars()
-        .filter(|(k, _)| k.starts_with("FGA_WB_") && !k.starts_with("FGA_WB_TEST_"))
+        .filter(|(k, _)| {
+            let k = k.to_ascii_uppercase();
+            k.starts_with("FGA_WB_") && !k.starts_with("FGA_WB_TEST_")
+        })
         .map(|(k, v)| {
+            let upper = k.to_ascii_uppercase();
             match ["TOKEN", "SECRET", "PASS", "URL"]
                 .iter()
-                .any(|s| k.contains(s))
+                .any(|s| upper.contains(s))
             {
                 true => format!("{k}=<set>"),
                 false => format!("{k}={v}"),
@@ -343,8 +347,9 @@ async fn main() -> Res<()> {
     // One untimed raw run per server first: the first timed run of a group
     // does not meet a cold server (and an empty database) alone.
     for (target, n, _) in &groups {
-        eprint!("warm-up: ");
-        bench.timed_run(0, target, *n, Side::Raw).await?;
+        eprint!("warm-up, untimed: ");
+        bench.run(target, *n, Side::Raw).await?;
+        eprintln!("done");
     }
     for round in 0..rounds {
         bench.round = round;
@@ -557,7 +562,8 @@ async fn raw(target: &Target, store: &Store, n: usize, servers: ServersCpu<'_>) 
         wall,
         cpu,
         worker_cpu: Duration::ZERO,
-        requests: reqs.len() as u64,
+        // Sent again after a failure: requests too, as fga-wb's count.
+        requests: reqs.len() as u64 + retries.load(Ordering::Relaxed),
         retries: retries.into_inner(),
         load,
         redis_cpu: servers1.0.saturating_sub(servers0.0),
@@ -618,7 +624,7 @@ async fn fga_wb_run(
         cpu,
         worker_cpu,
         requests: totals.requests,
-        retries: 0,
+        retries: totals.retries,
         load,
         redis_cpu: servers1.0.saturating_sub(servers0.0),
         server_cpu: servers1.1.saturating_sub(servers0.1),
@@ -707,13 +713,13 @@ fn print_results(
             );
         }
     }
-    for (target, _, _) in groups {
-        if let Some(runs) = results.get(&(target.name.clone(), Side::Raw)) {
-            let retries: Vec<u64> = runs.iter().map(|r| r.retries).collect();
-            println!(
-                "{:<9} raw writer's requests sent again after a transient failure (50 ms each), per run: {retries:?}",
-                target.name
-            );
+    println!("Requests sent again after a transient failure, per run (the raw writer waits 50 ms before each):");
+    for (target, _, sides) in groups {
+        for side in sides {
+            if let Some(runs) = results.get(&(target.name.clone(), *side)) {
+                let retries: Vec<u64> = runs.iter().map(|r| r.retries).collect();
+                println!("{:<9} {:<66} {retries:?}", target.name, side.name());
+            }
         }
     }
     println!("Ratios: each run against the mean of the raw runs just before and just after it; the raw row's is each raw run against the raw runs either side of it (a contender between), the spread of a ratio when nothing differs.");

@@ -913,7 +913,8 @@ impl MemoryStore {
         // (pending, in flight) under its shard's lock, so the sum never
         // misses one moving (an application polling for 0 + 0 before it
         // exits read 0 while a take was under way, and lost the op).
-        // Held only for the three reads: callers pushing wait no longer.
+        // Held for the three reads only, once per look of the flusher: a
+        // push waits at most for the other shards' locks to be taken.
         let (writes, deletes, in_flight) = {
             let _all: Vec<_> = (0..SHARDS).map(|s| self.lock(s)).collect();
             (
@@ -1015,7 +1016,12 @@ impl MemoryStore {
                 let watch = self.dead_keys.load(Ordering::Relaxed) > 0;
                 let ready = &mut part.ready;
                 part.slots.retain(|key, slot| {
-                    if let Some(e) = slot.pending.take_if(|e| e.seq <= up_to) {
+                    // An op waiting behind a write of its tuple in progress
+                    // is kept, as the Redis store keeps it (there its entry
+                    // is what keeps a newer op from being written first):
+                    // it is written after that write.
+                    let behind = slot.in_flight.is_some();
+                    if let Some(e) = slot.pending.take_if(|e| e.seq <= up_to && !behind) {
                         if watch {
                             self.dead().supersede_cleared(key, e.seq);
                         }
