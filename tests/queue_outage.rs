@@ -90,6 +90,43 @@ fn queue_config(server: &OwnOpenFga, store_id: &str, model_id: String) -> Config
     c
 }
 
+/// A store with the documents model on `server`, and the queue-mode config
+/// for it (`tune` adjusts it) with a handle that flushes when told.
+async fn queue_store(
+    server: &OwnOpenFga,
+    name: &str,
+    tune: impl FnOnce(&mut Config),
+) -> (String, Config, WriteBehind) {
+    let admin = server.client();
+    let store_id = admin.create_store(name).await.unwrap();
+    let model_id = admin
+        .write_authorization_model(&store_id, &documents_model())
+        .await
+        .unwrap();
+    let mut c = queue_config(server, &store_id, model_id);
+    tune(&mut c);
+    let wb = WriteBehind::builder(c.clone())
+        .automatic_flush(false)
+        .build()
+        .await
+        .unwrap();
+    (store_id, c, wb)
+}
+
+/// The operator's `fga-wb` on that store, in queue mode.
+fn operator(server: &OwnOpenFga, store_id: &str, wb: &WriteBehind) -> support::cli::Cli {
+    support::cli::Cli::at(
+        support::cli::Where {
+            api_url: server.url(),
+            token: server.key.clone(),
+            store_id: store_id.to_owned(),
+            model_id: wb.model_id().unwrap_or_default(),
+            redis_url: support::redis_url(),
+        },
+        "queue",
+    )
+}
+
 /// OpenFGA down in queue mode (own OpenFGA on SQLite, retry schedule 1 s,
 /// 2 s, 4 s, 8 s, 8 s): with OpenFGA killed, 500 grants are acknowledged and
 /// flushed into 5 jobs; the worker's attempts fail and the jobs are
@@ -101,19 +138,10 @@ fn queue_config(server: &OwnOpenFga, store_id: &str, model_id: String) -> Config
 async fn openfga_down_in_queue_mode_loses_nothing() {
     let mut server = OwnOpenFga::start().await;
     let admin = server.client();
-    let store_id = admin.create_store("wb-queue-outage").await.unwrap();
-    let model_id = admin
-        .write_authorization_model(&store_id, &documents_model())
-        .await
-        .unwrap();
-
-    let mut c = queue_config(&server, &store_id, model_id);
-    c.queue.retry_schedule = [1, 2, 4, 8, 8].map(Duration::from_secs).to_vec();
-    let wb = WriteBehind::builder(c.clone())
-        .automatic_flush(false)
-        .build()
-        .await
-        .unwrap();
+    let (store_id, c, wb) = queue_store(&server, "wb-queue-outage", |c| {
+        c.queue.retry_schedule = [1, 2, 4, 8, 8].map(Duration::from_secs).to_vec();
+    })
+    .await;
     let worker = Worker::start(c, 4);
 
     server.kill().await;
@@ -201,20 +229,12 @@ async fn an_outage_longer_than_the_retries_needs_no_person() {
     const M: usize = 40;
     let mut server = OwnOpenFga::start().await;
     let admin = server.client();
-    let store_id = admin.create_store("wb-queue-replay").await.unwrap();
-    let model_id = admin
-        .write_authorization_model(&store_id, &documents_model())
-        .await
-        .unwrap();
-    let mut c = queue_config(&server, &store_id, model_id);
-    c.queue.retry_schedule = vec![Duration::from_millis(100); 2];
-    c.queue.request_retries = 0;
-    c.queue.replay_transient = Duration::from_millis(200);
-    let wb = WriteBehind::builder(c.clone())
-        .automatic_flush(false)
-        .build()
-        .await
-        .unwrap();
+    let (store_id, c, wb) = queue_store(&server, "wb-queue-replay", |c| {
+        c.queue.retry_schedule = vec![Duration::from_millis(100); 2];
+        c.queue.request_retries = 0;
+        c.queue.replay_transient = Duration::from_millis(200);
+    })
+    .await;
     let worker = Worker::start(c, 4);
 
     server.kill().await;
@@ -247,16 +267,7 @@ async fn an_outage_longer_than_the_retries_needs_no_person() {
         (u.as_str(), fga_wb::Op::Grant)
     );
 
-    let mut cli = support::cli::Cli::at(
-        support::cli::Where {
-            api_url: server.url(),
-            token: server.key.clone(),
-            store_id: store_id.clone(),
-            model_id: wb.model_id().unwrap_or_default(),
-            redis_url: support::redis_url(),
-        },
-        "queue",
-    );
+    let mut cli = operator(&server, &store_id, &wb);
     cli.set("FGA_WB_QUEUE__REPLAY_TRANSIENT", "200ms");
     let r = cli.run(&["flush", "--wait", "--timeout", "2s"]).await;
     r.fails(
@@ -296,21 +307,12 @@ async fn an_outage_longer_than_the_retries_needs_no_person() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn status_check_judges_replays_by_the_workers_setting() {
     let mut server = OwnOpenFga::start().await;
-    let admin = server.client();
-    let store_id = admin.create_store("wb-queue-no-replay").await.unwrap();
-    let model_id = admin
-        .write_authorization_model(&store_id, &documents_model())
-        .await
-        .unwrap();
-    let mut c = queue_config(&server, &store_id, model_id);
-    c.queue.retry_schedule = vec![Duration::from_millis(100); 2];
-    c.queue.request_retries = 0;
-    c.queue.replay_transient = Duration::ZERO;
-    let wb = WriteBehind::builder(c.clone())
-        .automatic_flush(false)
-        .build()
-        .await
-        .unwrap();
+    let (store_id, c, wb) = queue_store(&server, "wb-queue-no-replay", |c| {
+        c.queue.retry_schedule = vec![Duration::from_millis(100); 2];
+        c.queue.request_retries = 0;
+        c.queue.replay_transient = Duration::ZERO;
+    })
+    .await;
     let worker = Worker::start(c, 2);
 
     server.kill().await;
@@ -324,16 +326,7 @@ async fn status_check_judges_replays_by_the_workers_setting() {
     .await;
     server.run().await;
 
-    let cli = support::cli::Cli::at(
-        support::cli::Where {
-            api_url: server.url(),
-            token: server.key.clone(),
-            store_id: store_id.clone(),
-            model_id: wb.model_id().unwrap_or_default(),
-            redis_url: support::redis_url(),
-        },
-        "queue",
-    );
+    let cli = operator(&server, &store_id, &wb);
     let r = cli.run(&["status", "--check"]).await;
     r.fails(
         1,

@@ -2278,6 +2278,15 @@ mod tests {
         }
     }
 
+    /// Stages a small group (3 grants on `document:1`) before a large one
+    /// (100 on `document:2`).
+    async fn stage_small_beside_large(e: &Engine, pump: &mut Pump) {
+        grant(e, "document:1", 0, 3).await;
+        grant(e, "document:2", 0, 100).await;
+        let ops = e.store.take(1000, Take::All, u64::MAX).await.unwrap();
+        pump.stage(ops);
+    }
+
     /// A Write this writer refuses to start (its lease about to end) is no
     /// request, nor a retry of one: before, each of its quick retries was
     /// counted as a request that failed.
@@ -2434,11 +2443,8 @@ mod tests {
     #[tokio::test]
     async fn within_a_flush_even_a_small_partial_group_waits_for_the_next_window() {
         let e = engine();
-        grant(&e, "document:1", 0, 3).await;
-        grant(&e, "document:2", 0, 100).await;
         let mut pump = Pump::new(e.clone(), false);
-        let ops = e.store.take(1000, Take::All, u64::MAX).await.unwrap();
-        pump.stage(ops);
+        stage_small_beside_large(&e, &mut pump).await;
         let n = pump.next_cut(100);
         assert_eq!(n, 3, "document:1's group alone: document:2's is large");
         (pump.cursor, pump.target) = (103, 10_000);
@@ -2492,11 +2498,8 @@ mod tests {
     #[tokio::test]
     async fn a_group_held_back_again_and_again_is_cut_in_the_end() {
         let e = engine();
-        grant(&e, "document:1", 0, 3).await;
-        grant(&e, "document:2", 0, 100).await;
         let mut pump = Pump::new(e.clone(), false);
-        let ops = e.store.take(1000, Take::All, u64::MAX).await.unwrap();
-        pump.stage(ops);
+        stage_small_beside_large(&e, &mut pump).await;
         (pump.cursor, pump.target) = (103, 10_000);
         let hold_again = |pump: &mut Pump| {
             let n = pump.next_cut(100);
@@ -2523,11 +2526,8 @@ mod tests {
         // Flushing on its own: bounded by the time since it was first
         // held, whatever the pump's clock for held ops says.
         let e = engine();
-        grant(&e, "document:1", 0, 3).await;
-        grant(&e, "document:2", 0, 100).await;
         let mut pump = holding_pump(&e);
-        let ops = e.store.take(1000, Take::All, u64::MAX).await.unwrap();
-        pump.stage(ops);
+        stage_small_beside_large(&e, &mut pump).await;
         (pump.cursor, pump.target) = (103, 10_000);
         assert!(pump.holding());
         assert!(pump.should_carry(pump.next_cut(100), 100));
