@@ -388,6 +388,18 @@ pub struct QueueStats {
     pub running: u64,
     /// Jobs scheduled for later: retries waiting for their time.
     pub scheduled: u64,
-    /// Workers whose lease is current.
+    /// Workers whose lease is current. One that does not replay ops given
+    /// up in an outage (`queue.replay_transient = "0s"`) is named
+    /// `worker:no-replay:...`.
     pub workers: Vec<String>,
+}
+
+impl QueueStats {
+    /// Whether a live worker replays ops given up in an outage, as the
+    /// workers were configured (their names say), whatever the caller's
+    /// configuration says.
+    pub fn any_worker_replays(&self) -> bool {
+        let prefix = format!("{}:", crate::buffer::NOT_REPLAYING_WORKER);
+        self.workers.iter().any(|w| !w.starts_with(&prefix))
+    }
 }

@@ -301,9 +301,11 @@ async fn an_outage_longer_than_the_retries_needs_no_person() {
 /// Workers that do not replay ops given up in an outage
 /// (`queue.replay_transient = "0s"`) are judged by their setting, not by
 /// the operator's: `fga-wb status --check`, with the default setting,
-/// reports the letters nothing replays. Before, it took the workers for
-/// replaying them (its own setting said they would) and exited 0, while
-/// the checks those ops could change failed closed for good.
+/// reports the letters nothing replays, and `fga-wb flush --wait` says at
+/// once that it cannot end. Before, both took the workers for replaying
+/// them (their own setting said they would): `status --check` exited 0,
+/// while the checks those ops could change failed closed for good, and
+/// `flush --wait` waited for replays to its timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn status_check_judges_replays_by_the_workers_setting() {
     let mut server = OwnOpenFga::start().await;
@@ -332,5 +334,7 @@ async fn status_check_judges_replays_by_the_workers_setting() {
         1,
         "1 ops given up in an outage are not written and nothing replays them",
     );
+    let r = cli.run(&["flush", "--wait", "--timeout", "60s"]).await;
+    r.fails(1, "no worker replays them");
     worker.stop().await;
 }

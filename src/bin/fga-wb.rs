@@ -371,13 +371,17 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
                 false => 0,
             };
             let status = within(wb, &waiting, wb.status()).await?;
-            // Workers run on the store though this command's configuration
-            // is inline: they replay (as this configuration says, unless
-            // it says never).
-            if waiting.replays.is_none()
-                && status.queue.as_ref().is_some_and(|q| !q.workers.is_empty())
-            {
-                waiting.replays = Some(config.queue.replay_transient).filter(|e| !e.is_zero());
+            // As the live workers run, whatever this command's
+            // configuration says (inline, or another replay setting): one
+            // that replays does so every `queue.replay_transient` (this
+            // configuration's, or the default if it says never); with
+            // none seen, as this configuration says, for those to come.
+            if let Some(q) = status.queue.as_ref().filter(|q| !q.workers.is_empty()) {
+                waiting.replays = q.any_worker_replays().then(|| {
+                    Some(config.queue.replay_transient)
+                        .filter(|e| !e.is_zero())
+                        .unwrap_or(fga_wb::Config::default().queue.replay_transient)
+                });
             }
             let before = status.totals;
             // What --wait waits for: ops acknowledged up to now.
@@ -1044,7 +1048,7 @@ fn dead_note(dead: usize, every: Duration) -> String {
 /// are, and workers do not replay them.
 fn unreplayed_note(dead: usize) -> String {
     format!(
-        "{dead} ops died of transient failures (OpenFGA unreachable or failing through the retry schedule) and are not written; workers do not replay them (queue.replay_transient = \"0s\"): run `fga-wb dlq replay` once OpenFGA answers"
+        "{dead} ops died of transient failures (OpenFGA unreachable or failing through the retry schedule) and are not written; no worker replays them (none runs, or they run with queue.replay_transient = \"0s\"): run `fga-wb dlq replay` once OpenFGA answers"
     )
 }
 

@@ -209,11 +209,10 @@ impl WriteBehind {
             // reading the letters, for as many as a look can afford.
             // Any live worker that replays (`queue.replay_transient`
             // not `"0s"`: its name says), as the workers were configured.
-            let prefix = format!("{}:", crate::buffer::NOT_REPLAYING_WORKER);
             let replayed = status
                 .queue
                 .as_ref()
-                .is_some_and(|q| q.workers.iter().any(|w| !w.starts_with(&prefix)));
+                .is_some_and(crate::status::QueueStats::any_worker_replays);
             if replayed {
                 // The workers replay them.
             } else if status.dead_letters > HEALTH_LETTERS {

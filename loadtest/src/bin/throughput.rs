@@ -227,10 +227,8 @@ async fn main() -> Res<()> {
     // Settings from the environment reach fga-wb and its workers, not the
     // raw writer: shown, so that one left over from an experiment is seen.
     let settings: Vec<String> = std::env::vars()
-        .filter(|(k, _)| {
-            let k = k.to_ascii_uppercase();
-            k.starts_with("FGA_WB_") && !k.starts_with("FGA_WB_TEST_")
-        })
+        // As fga-wb reads them: by the exact prefix.
+        .filter(|(k, _)| k.starts_with("FGA_WB_") && !k.starts_with("FGA_WB_TEST_"))
         .map(|(k, v)| {
             let upper = k.to_ascii_uppercase();
             match ["TOKEN", "SECRET", "PASS", "URL"]
@@ -716,7 +714,11 @@ fn print_results(
     println!("Requests sent again after a transient failure, per run (the raw writer waits 50 ms before each):");
     for (target, _, sides) in groups {
         for side in sides {
-            if let Some(runs) = results.get(&(target.name.clone(), *side)) {
+            // Queue mode's workers send the Writes, and count their
+            // retries in their own processes.
+            if matches!(side, Side::Queue { .. }) {
+                println!("{:<9} {:<66} n/a (the workers')", target.name, side.name());
+            } else if let Some(runs) = results.get(&(target.name.clone(), *side)) {
                 let retries: Vec<u64> = runs.iter().map(|r| r.retries).collect();
                 println!("{:<9} {:<66} {retries:?}", target.name, side.name());
             }

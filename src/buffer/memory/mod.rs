@@ -909,20 +909,25 @@ impl MemoryStore {
     }
 
     fn pending_counts(&self) -> Pending {
-        // Read under every shard's lock: an op moves between the counts
-        // (pending, in flight) under its shard's lock, so the sum never
-        // misses one moving (an application polling for 0 + 0 before it
-        // exits read 0 while a take was under way, and lost the op).
-        // Held for the three reads only, once per look of the flusher: a
-        // push waits at most for the other shards' locks to be taken.
-        let (writes, deletes, in_flight) = {
-            let _all: Vec<_> = (0..SHARDS).map(|s| self.lock(s)).collect();
+        // An op moves between the counts (pending, in flight) under its
+        // shard's lock, so a read while one moves may miss it. A sum of 0
+        // is read again under every lock: an application polling for
+        // 0 + 0 before it exits read that while a take was under way, and
+        // lost the op. Other reads take no lock: this runs at every look
+        // of the flusher, and callers pushing do not wait for it.
+        let read = || {
             (
                 self.pending[0].load(Ordering::Relaxed),
                 self.pending[1].load(Ordering::Relaxed),
                 self.in_flight.load(Ordering::Relaxed),
             )
         };
+        let mut counts = read();
+        if counts.0 + counts.1 + counts.2 == 0 {
+            let _all: Vec<_> = (0..SHARDS).map(|s| self.lock(s)).collect();
+            counts = read();
+        }
+        let (writes, deletes, in_flight) = counts;
         // The oldest ready op is first in one of the queues. Ops blocked
         // behind an in-flight op on their key are not ready and not counted.
         // The largest age, in centiseconds.
