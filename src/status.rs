@@ -399,7 +399,10 @@ impl QueueStats {
     /// workers were configured (their names say), whatever the caller's
     /// configuration says.
     pub fn any_worker_replays(&self) -> bool {
-        let prefix = format!("{}:", crate::buffer::NOT_REPLAYING_WORKER);
-        self.workers.iter().any(|w| !w.starts_with(&prefix))
+        let not_replaying = |w: &String| {
+            w.strip_prefix(crate::buffer::NOT_REPLAYING_WORKER)
+                .is_some_and(|rest| rest.starts_with(':'))
+        };
+        self.workers.iter().any(|w| !not_replaying(w))
     }
 }

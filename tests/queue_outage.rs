@@ -301,13 +301,13 @@ async fn an_outage_longer_than_the_retries_needs_no_person() {
 /// Workers that do not replay ops given up in an outage
 /// (`queue.replay_transient = "0s"`) are judged by their setting, not by
 /// the operator's: `fga-wb status --check`, with the default setting,
-/// reports the letters nothing replays, and `fga-wb flush --wait` says at
-/// once that it cannot end. Before, both took the workers for replaying
+/// reports the letters nothing replays, and `fga-wb flush --wait` fails
+/// saying so instead of waiting for replays. Before, both took the workers for replaying
 /// them (their own setting said they would): `status --check` exited 0,
 /// while the checks those ops could change failed closed for good, and
 /// `flush --wait` waited for replays to its timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn status_check_judges_replays_by_the_workers_setting() {
+async fn the_cli_judges_replays_by_the_workers_setting() {
     let mut server = OwnOpenFga::start().await;
     let (store_id, c, wb) = queue_store(&server, "wb-queue-no-replay", |c| {
         c.queue.retry_schedule = vec![Duration::from_millis(100); 2];

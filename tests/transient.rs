@@ -854,9 +854,10 @@ async fn conflicts_do_not_use_up_the_retries_of_other_failures() {
 }
 
 /// A Write that never left the process (nothing listens on OpenFGA's port:
-/// no connection was made) is no request, nor a retry of one: `status`'s
-/// requests and the metric count requests sent. Before, each attempt
-/// counted as a request that failed, and as a retry.
+/// no connection was made) is no request, nor a retry of one: the flush's
+/// report and `status` count requests sent (the metric counts where they
+/// do). Before, each attempt counted as a request that failed, and as a
+/// retry.
 #[tokio::test]
 async fn a_write_never_sent_is_no_request() {
     let wb = WriteBehind::builder(manual_flush(closed_port_config()))

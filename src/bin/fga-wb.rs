@@ -716,8 +716,9 @@ struct Waiting {
     /// Without a deadline, how long it waits for a worker while none runs
     /// and jobs are queued.
     no_worker_patience: Duration,
-    /// Queue mode: how often workers replay ops that died of transient
-    /// failures (`None`: they do not).
+    /// How often workers replay ops that died of transient failures
+    /// (`None`: none does): as the live workers' names say, else, with
+    /// none seen, as this configuration says in queue mode.
     replays: Option<Duration>,
     /// Without a deadline, how long it waits while none of its ops is
     /// written, nor anything else, and OpenFGA answers (see [`Stuck`]).
@@ -1039,7 +1040,7 @@ async fn left_after(wb: &WriteBehind, w: &Waiting) -> Failure {
 /// failures (`dead`) are left: workers replay them `every` so often.
 fn dead_note(dead: usize, every: Duration) -> String {
     format!(
-        "{dead} ops that died of transient failures wait in the dead-letter set for the workers' replay (every {}: queue.replay_transient, as this command's configuration says) once OpenFGA answers",
+        "{dead} ops that died of transient failures wait in the dead-letter set for the workers' replay (every {} by this command's queue.replay_transient, or the default; the workers' own may differ) once OpenFGA answers",
         humantime::format_duration(every)
     )
 }

@@ -273,8 +273,8 @@ pub(crate) fn unflushed_after(interval: Duration, lease: Duration) -> Duration {
 pub(crate) const WORKERS_STOPPED: &str = "workers_stopped";
 /// The kind, in a queue worker's writer name, of one that does not replay
 /// ops given up in an outage (`queue.replay_transient = "0s"`): its name
-/// says so for as long as it lives, and `status --check` judges by the
-/// workers' setting, not by its own.
+/// says so for as long as it lives, and `status --check` and `flush --wait`
+/// judge by the workers' setting, not by their own.
 pub(crate) const NOT_REPLAYING_WORKER: &str = "worker:no-replay";
 /// The shared stat "writers held over/until (ms)" (see `Status::held_over`).
 pub(crate) const HELD_OVER: &str = "held_over";

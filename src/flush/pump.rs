@@ -1363,6 +1363,12 @@ impl Pump {
         self.engine.record(&r).await;
     }
 
+    /// Every op staged or held back, taken out of the pump.
+    fn drain_staged(&mut self) -> Vec<Taken> {
+        self.carry_since = None;
+        self.staged.drain(..).chain(self.carry.drain(..)).collect()
+    }
+
     /// With flushing stopped (refused credentials, unknown store) or paused
     /// for long after OpenFGA failed (see `park_while_paused`), and no
     /// explicit flush or shutdown waiting, ops staged for sending go back
@@ -1375,8 +1381,7 @@ impl Pump {
         let idle = stopped || (self.paused() && self.park_while_paused);
         if holding && idle && !self.explicit() {
             // In the background: Redis may be failing too.
-            self.carry_since = None;
-            let back: Vec<Taken> = self.staged.drain(..).chain(self.carry.drain(..)).collect();
+            let back = self.drain_staged();
             self.give_back(back);
             self.forget_exhausted();
             self.revokes_exhausted = None;
@@ -1426,11 +1431,9 @@ impl Pump {
         if self.staged.is_empty() && self.carry.is_empty() {
             return;
         }
-        self.carry_since = None;
         let back: Vec<(Taken, Outcome)> = self
-            .staged
-            .drain(..)
-            .chain(self.carry.drain(..))
+            .drain_staged()
+            .into_iter()
             .map(|t| (t, Outcome::Retry))
             .collect();
         match self.engine.store.finish(back, None).await {

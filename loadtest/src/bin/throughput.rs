@@ -224,8 +224,9 @@ async fn main() -> Res<()> {
          (memory-datastore OpenFGA behind a proxy adding 0.7 ms each way) and on far-pg (the PostgreSQL OpenFGA \
          behind a proxy adding 10 ms each way)."
     );
-    // Settings from the environment reach fga-wb and its workers, not the
-    // raw writer: shown, so that one left over from an experiment is seen.
+    // Settings from the environment (fga-wb's, which reach it and its
+    // workers, and the benchmark's own `FGA_WB_BENCH_*`): shown, so that
+    // one left over from an experiment is seen.
     let settings: Vec<String> = std::env::vars()
         // As fga-wb reads them: by the exact prefix.
         .filter(|(k, _)| k.starts_with("FGA_WB_") && !k.starts_with("FGA_WB_TEST_"))
