@@ -202,11 +202,15 @@ fn sent_in_clear(api: &reqwest::Url, credentials: &Credentials, ca_file: bool) -
     };
     // A user and password in the URL go out as a Basic header.
     let basic = !api.username().is_empty() || api.password().is_some();
+    let issuer = match credentials {
+        Credentials::ClientCredentials(o) => reqwest::Url::parse(&o.token_url).ok(),
+        _ => None,
+    };
     let secret_to = match credentials {
         Credentials::None => (basic && in_clear(api)).then_some("openfga.api_url"),
         Credentials::ApiToken(_) => in_clear(api).then_some("openfga.api_url"),
-        Credentials::ClientCredentials(o) => reqwest::Url::parse(&o.token_url)
-            .ok()
+        Credentials::ClientCredentials(_) => issuer
+            .as_ref()
             .filter(|u| in_clear(u))
             .map(|_| "openfga.oauth2.token_url")
             .or_else(|| in_clear(api).then_some("openfga.api_url")),
@@ -218,12 +222,7 @@ fn sent_in_clear(api: &reqwest::Url, credentials: &Credentials, ca_file: bool) -
         ));
     }
     // The token issuer is reached through the same client, with the CA.
-    let issuer_tls = match credentials {
-        Credentials::ClientCredentials(o) => {
-            reqwest::Url::parse(&o.token_url).is_ok_and(|u| u.scheme() == "https")
-        }
-        _ => false,
-    };
+    let issuer_tls = issuer.is_some_and(|u| u.scheme() == "https");
     if ca_file && api.scheme() == "http" && !issuer_tls {
         out.push(
             "openfga.ca_file is set but nothing is reached over https://: the CA is not used"
