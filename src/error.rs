@@ -73,6 +73,9 @@ pub(crate) enum Kind {
     BufferFull {
         capacity: usize,
         waited: Option<Duration>,
+        /// Why flushing is stopped, when it is: no room comes until that
+        /// is fixed.
+        stopped: Option<String>,
     },
     /// A replay of dead letters filled the buffer: `kept` letters stay.
     ReplayFilledBuffer {
@@ -585,15 +588,25 @@ impl fmt::Display for Error {
                 f,
                 "OAuth2 token request failed: {detail}; check openfga.oauth2.token_url, client_id and client_secret"
             ),
-            Kind::BufferFull { capacity, waited } => {
+            Kind::BufferFull {
+                capacity,
+                waited,
+                stopped,
+            } => {
                 write!(f, "write-behind buffer is full ({capacity} ops pending)")?;
                 if let Some(w) = waited {
                     write!(f, " after waiting {w:?}")?;
                 }
-                write!(
-                    f,
-                    "; the op was not accepted: retry later, flush, or raise buffer.capacity"
-                )
+                match stopped {
+                    Some(why) => write!(
+                        f,
+                        "; the op was not accepted, and no room comes while flushing is stopped ({why}): fix that, then call flush() to resume"
+                    ),
+                    None => write!(
+                        f,
+                        "; the op was not accepted: retry later, flush, or raise buffer.capacity"
+                    ),
+                }
             }
             Kind::ReplayFilledBuffer {
                 capacity,

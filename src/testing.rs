@@ -492,3 +492,66 @@ fn decide(s: &mut State, k: Key, contextual: &[Key]) -> bool {
     }
     s.tuples.contains(&k) || contextual.contains(&k)
 }
+
+/// A fake OpenFGA whose users can view documents, for unit tests.
+#[cfg(test)]
+pub(crate) async fn viewers() -> FakeOpenFga {
+    FakeOpenFga::start(json!({
+        "schema_version": "1.1",
+        "type_definitions": [
+            { "type": "user" },
+            { "type": "document", "relations": { "viewer": { "this": {} } },
+              "metadata": { "relations": { "viewer": {
+                  "directly_related_user_types": [{ "type": "user" }] } } } }
+        ]
+    }))
+    .await
+    .expect("the fake OpenFGA starts")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Overflow;
+    use std::time::Duration;
+
+    /// A handle on a test queue, at a full buffer with overflow `flush`,
+    /// waits for the queue's jobs to run, as queue mode waits for a worker
+    /// (its jobs hold their ops' room until written). Before, it failed at
+    /// once with "buffer full": the handle's configured mode, inline, said
+    /// its flush had made room.
+    #[tokio::test]
+    async fn a_full_buffer_on_a_test_queue_waits_for_its_jobs() {
+        let fga = viewers().await;
+        let queue = FakeQueue::new();
+        let mut cfg = fga.config();
+        cfg.buffer.capacity = 1;
+        cfg.buffer.overflow = Overflow::Flush;
+        cfg.buffer.block_timeout = Duration::from_secs(600);
+        let wb = WriteBehind::builder(cfg)
+            .job_sink(queue.inner.clone())
+            .automatic_flush(false)
+            .build()
+            .await
+            .unwrap();
+        wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+        let second = tokio::spawn({
+            let wb = wb.clone();
+            async move { wb.grant("user:bob", "viewer", "document:1").await }
+        });
+        // The worker's part: run the jobs as they come.
+        let ran = tokio::time::timeout(Duration::from_secs(60), async {
+            while !second.is_finished() {
+                if !queue.jobs().is_empty() {
+                    queue.run(&wb).await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(ran.is_ok(), "the second grant never returned");
+        second.await.unwrap().unwrap();
+        assert!(fga.has("user:anne", "viewer", "document:1"));
+        wb.shutdown().await.unwrap();
+    }
+}

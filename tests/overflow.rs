@@ -212,6 +212,48 @@ async fn overflow_block_times_out_when_openfga_is_down() {
     wb.clear().await.unwrap();
 }
 
+/// A full buffer while flushing is stopped (OpenFGA refuses the token with
+/// 401, so nothing can be written until that is fixed): no room can come,
+/// so overflow `block` fails at once rather than after `block_timeout`, and
+/// every policy's error names the stop instead of "raise buffer.capacity".
+/// The ops already buffered stay.
+#[tokio::test]
+async fn a_full_buffer_says_flushing_is_stopped() {
+    let server = mock_openfga().await;
+    write_mock()
+        .respond_with(fixture("auth-wrong-token").response())
+        .mount(&server)
+        .await;
+    for overflow in [Overflow::Block, Overflow::Reject] {
+        let mut cfg = with_capacity(manual_flush(mock_config(&server)), 2, overflow);
+        cfg.buffer.block_timeout = Duration::from_secs(600);
+        let wb = WriteBehind::builder(cfg).build().await.unwrap();
+        grant_n(&wb, 0, 2).await;
+        let stop = wb.flush().await.unwrap_err();
+        assert!(stop.is_auth(), "{stop}");
+        let e = tokio::time::timeout(
+            Duration::from_secs(60),
+            wb.grant("user:u2", "viewer", "document:1"),
+        )
+        .await
+        .expect("the grant returned without waiting for room that cannot come")
+        .unwrap_err();
+        assert!(e.is_buffer_full(), "{overflow:?}: {e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("flushing is stopped") && msg.contains(&stop.to_string()),
+            "{overflow:?}: {msg}"
+        );
+        assert!(
+            !msg.contains("raise buffer.capacity"),
+            "{overflow:?}: {msg}"
+        );
+        let p = wb.pending().await.unwrap();
+        assert_eq!(p.total + p.in_flight, 2, "{overflow:?}: {p:?}");
+        wb.clear().await.unwrap();
+    }
+}
+
 /// Clear (real server): `clear` drops every pending op, returns how many,
 /// counts them in `totals.cleared`, and none of them reaches OpenFGA, not
 /// even through a later flush.

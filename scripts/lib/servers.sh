@@ -177,6 +177,7 @@ fga_wb_on_signal() {
 # ---------------------------------------------------------------------------
 
 # apt-get install, as root or through sudo. `apt-get update` runs once per run.
+# A fresh VM's unattended upgrades may hold dpkg's lock at boot: wait for it.
 _fga_wb_apt_install() {
     local sudo=()
     if [[ "$(id -u)" != 0 ]]; then
@@ -188,10 +189,10 @@ _fga_wb_apt_install() {
         fga_wb_die "need to install $* but apt-get is missing; install it by hand"
     fga_wb_log "installing $* with apt-get"
     if [[ "$_FGA_WB_APT_UPDATED" != 1 ]]; then
-        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q >&2
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update -q >&2
         _FGA_WB_APT_UPDATED=1
     fi
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >&2
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q "$@" >&2
 }
 
 fga_wb_ensure_curl() {
@@ -243,15 +244,24 @@ fga_wb_ensure_openfga() {
         # Built into a scratch dir and moved into place once it runs: a build
         # cut short never leaves a half-written binary that later runs trust.
         # The caller's GOFLAGS and workspace do not change what is built.
+        # Under CI the build's Go caches (about 2 GB: modules and compiled
+        # packages) go to a scratch dir removed afterwards, success or not: a
+        # CI machine builds once, and its disk is needed by the Rust tests.
+        local go_caches=()
+        [[ "${CI:-}" == true ]] &&
+            go_caches=(GOCACHE="$dir/.gocache/build" GOMODCACHE="$dir/.gocache/mod" GOFLAGS=-modcacherw)
         # shellcheck disable=SC2016 # $1.. expand in the inner bash, on purpose
         fga_wb_run_child "${lock[@]}" bash -c '
             [[ -x "$1/openfga" ]] && exit 0
             rm -rf "$1/.building" && mkdir -p "$1/.building" || exit 1
-            env -u GOFLAGS GOWORK=off GOTOOLCHAIN=local GOBIN="$1/.building" \
+            rc=0
+            env -u GOFLAGS GOWORK=off GOTOOLCHAIN=local GOBIN="$1/.building" "${@:4}" \
                 "$2" install "$3" >"$1/build.log" 2>&1 &&
                 "$1/.building/openfga" version >>"$1/build.log" 2>&1 &&
-                mv "$1/.building/openfga" "$1/openfga"
-        ' _ "$dir" "$go_bin" "$target" || rc=$?
+                mv "$1/.building/openfga" "$1/openfga" || rc=$?
+            rm -rf "$1/.gocache"
+            exit "$rc"
+        ' _ "$dir" "$go_bin" "$target" "${go_caches[@]}" || rc=$?
         if ((rc != 0)) || [[ ! -x "$OPENFGA_BIN" ]]; then
             tail -n 30 "$dir/build.log" >&2 || true
             fga_wb_die "building openfga $FGA_WB_OPENFGA_VERSION failed (rc=$rc); see $dir/build.log"

@@ -542,13 +542,21 @@ impl WriteBehind {
     /// Applies the overflow policy once; `Ok` means "try the push again".
     async fn make_room(&self, started: Instant, flushed: &mut bool) -> Result<()> {
         let cfg = &self.inner.config.buffer;
+        let e = &self.inner.engine;
+        // While flushing is stopped (OpenFGA refused the credentials, or
+        // does not know the store) no room comes from here: the error
+        // says so, not "raise buffer.capacity".
         let full = |waited| {
             Error::new(Kind::BufferFull {
                 capacity: cfg.capacity,
                 waited,
+                stopped: e.stats.halted().map(|h| h.to_string()),
             })
         };
-        let queued = self.inner.config.flush.mode == crate::config::Mode::Queue;
+        // A job sink, not the configured mode: a handle on a test queue
+        // sends its flushes to jobs too, which hold their room as real
+        // ones do.
+        let queued = e.sink.is_some();
         match cfg.overflow {
             Overflow::Reject => Err(full(None)),
             Overflow::Flush if !*flushed => {
@@ -565,12 +573,15 @@ impl WriteBehind {
             // hold their room until a worker writes them: wait for that.
             Overflow::Flush if !queued => Err(full(Some(started.elapsed()))),
             Overflow::Flush | Overflow::Block => {
-                let mut changed = self.inner.engine.changed.subscribe();
-                self.inner
-                    .engine
-                    .flush_wanted
+                self.ensure_flushing()?;
+                // Only other processes could make room meanwhile.
+                if e.stats.halted().is_some() && !e.store.shared() {
+                    return Err(full(Some(started.elapsed())));
+                }
+                let mut changed = e.changed.subscribe();
+                e.flush_wanted
                     .store(true, std::sync::atomic::Ordering::Relaxed);
-                self.inner.engine.wake_now();
+                e.wake_now();
                 let deadline = started + cfg.block_timeout;
                 // Other processes sharing the store make room without
                 // telling us: look again now and then.
@@ -684,27 +695,35 @@ impl WriteBehind {
         // The flusher drains until the deadline and then stops; the other
         // tasks (the event follower) stop at once.
         let (reply, answer) = oneshot::channel();
-        let asked = self
-            .inner
-            .commands
-            .send(Command::Shutdown { deadline, reply })
-            .await
-            .is_ok();
-        let (flushed, cut_off) = if asked {
-            // A little past the deadline: the flusher answers at it.
-            let grace = deadline + std::time::Duration::from_secs(1);
-            match tokio::time::timeout_at(grace, answer).await {
+        // A little past the deadline: the flusher answers at it. The send
+        // counts against it too: commands queued before this one (flushes
+        // of callers at a full buffer, on a slow Redis) may hold the
+        // channel past the deadline.
+        let grace = deadline + std::time::Duration::from_secs(1);
+        let unanswered = || {
+            (
+                FlushReport {
+                    error: Some("the flusher did not answer by the deadline".into()),
+                    ..Default::default()
+                },
+                true,
+            )
+        };
+        let sent = tokio::time::timeout_at(
+            grace,
+            self.inner
+                .commands
+                .send(Command::Shutdown { deadline, reply }),
+        )
+        .await;
+        let (flushed, cut_off) = match sent {
+            Ok(Ok(())) => match tokio::time::timeout_at(grace, answer).await {
                 Ok(Ok(r)) => r,
-                _ => (
-                    FlushReport {
-                        error: Some("the flusher did not answer by the deadline".into()),
-                        ..Default::default()
-                    },
-                    true,
-                ),
-            }
-        } else {
-            (FlushReport::default(), false)
+                _ => unanswered(),
+            },
+            // The flusher is gone.
+            Ok(Err(_)) => (FlushReport::default(), false),
+            Err(_) => unanswered(),
         };
         self.stop_and_release(cut_off).await;
         let e = &self.inner.engine;
@@ -1033,8 +1052,8 @@ impl Handle {
 mod tests {
     use super::*;
     use crate::buffer::Taken;
+    use crate::testing::viewers;
     use futures::future::BoxFuture;
-    use serde_json::json;
 
     /// Hands nothing on: panics, as a bug in the flusher would.
     struct Panicking;
@@ -1048,21 +1067,6 @@ mod tests {
         ) -> BoxFuture<'a, Result<()>> {
             Box::pin(async { panic!("a bug in the job sink") })
         }
-    }
-
-    /// A fake OpenFGA whose users can view documents.
-    async fn viewers() -> crate::testing::FakeOpenFga {
-        crate::testing::FakeOpenFga::start(json!({
-            "schema_version": "1.1",
-            "type_definitions": [
-                { "type": "user" },
-                { "type": "document", "relations": { "viewer": { "this": {} } },
-                  "metadata": { "relations": { "viewer": {
-                      "directly_related_user_types": [{ "type": "user" }] } } } }
-            ]
-        }))
-        .await
-        .unwrap()
     }
 
     /// A flusher that stops on a panic is reported: `flush()` and new ops

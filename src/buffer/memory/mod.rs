@@ -398,6 +398,7 @@ impl MemoryStore {
                     return Err(Error::new(Kind::BufferFull {
                         capacity: self.capacity,
                         waited: None,
+                        stopped: None,
                     }));
                 }
                 // Numbered under the shard's lock: see the module docs.

@@ -134,6 +134,7 @@ impl Pusher {
                 (Some(s), _) if s < 0 => Err(Error::new(Kind::BufferFull {
                     capacity: self.capacity,
                     waited: None,
+                    stopped: None,
                 })),
                 (_, Some(e)) => Err(e.clone()),
                 (Some(s), None) => Ok(Pushed {
