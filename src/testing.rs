@@ -8,8 +8,11 @@
 //! answers a check `allowed` when the tuple itself is stored or sent as a
 //! contextual tuple; anything else (derived relations, usersets,
 //! conditions) is answered as scripted with [`FakeOpenFga::answer`], and
-//! `false` otherwise. It is a double for *your* code's use of fga-wb, not a
-//! model evaluator: test authorization models against a real OpenFGA.
+//! `false` otherwise. Reads refuse the filters OpenFGA refuses (it wants an
+//! object type, and an object id or a user); ListObjects and ListUsers name
+//! the objects and users of stored and contextual tuples of the relation
+//! itself. It is a double for *your* code's use of fga-wb, not a model
+//! evaluator: test authorization models against a real OpenFGA.
 //!
 //! ```
 //! # async fn example() {
@@ -430,13 +433,30 @@ async fn serve(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<By
             reply(StatusCode::OK, json!({ "result": result }))
         }
         (Method::POST, ["stores", _, "read"]) => {
-            let filter = body.get("tuple_key");
-            let want = |field: &str| filter.and_then(|f| f.get(field)).and_then(Value::as_str);
+            let filter = body.get("tuple_key").filter(|f| !f.is_null());
+            let want = |field: &str| {
+                filter
+                    .and_then(|f| f.get(field))
+                    .and_then(Value::as_str)
+                    .filter(|w| !w.is_empty())
+            };
+            // OpenFGA reads every tuple without a filter; with one, it wants
+            // an object type, and an object id or a user.
+            if filter.is_some() {
+                let (kind, id) = want("object")
+                    .and_then(|o| o.split_once(':'))
+                    .unwrap_or(("", ""));
+                if kind.is_empty() || (id.is_empty() && want("user").is_none()) {
+                    return bad_request(
+                        "the 'tuple_key' field was provided but the object type field is required and both the object id and user cannot be empty",
+                    );
+                }
+            }
             let tuples: Vec<Value> = s
                 .tuples
                 .iter()
                 .filter(|(u, r, o)| {
-                    want("user").is_none_or(|w| w == u)
+                    want("user").is_none_or(|w| user_matches(w, u))
                         && want("relation").is_none_or(|w| w == r)
                         // `type:` reads the type's every object, as OpenFGA does;
                         // `type:id` that object alone.
@@ -469,10 +489,80 @@ async fn serve(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<By
                 .collect();
             reply(StatusCode::OK, json!({ "objects": objects }))
         }
+        (Method::POST, ["stores", _, "list-users"]) => {
+            let (Some(kind), Some(id), Some(relation), Some(filter)) = (
+                body.pointer("/object/type").and_then(Value::as_str),
+                body.pointer("/object/id").and_then(Value::as_str),
+                body.get("relation").and_then(Value::as_str),
+                body.pointer("/user_filters/0/type").and_then(Value::as_str),
+            ) else {
+                return bad_request("object, relation and user_filters are required");
+            };
+            let object = format!("{kind}:{id}");
+            let userset = body
+                .pointer("/user_filters/0/relation")
+                .and_then(Value::as_str)
+                .filter(|r| !r.is_empty());
+            let extra = tuple_keys(body.get("contextual_tuples"));
+            let mut users: BTreeSet<String> = s
+                .tuples
+                .iter()
+                .chain(&extra)
+                .filter(|(u, r, o)| *r == relation && *o == object && listed(filter, userset, u))
+                .map(|(u, _, _)| u.clone())
+                .collect();
+            // As OpenFGA answers: the userset `object#relation` always has
+            // `relation` on `object`.
+            if kind == filter && userset == Some(relation) {
+                users.insert(format!("{object}#{relation}"));
+            }
+            let users: Vec<Value> = users.iter().map(|u| listed_user(u)).collect();
+            reply(StatusCode::OK, json!({ "users": users }))
+        }
         _ => reply(
             StatusCode::NOT_FOUND,
             json!({ "code": "undefined_endpoint", "message": format!("the fake OpenFGA does not serve {path}") }),
         ),
+    }
+}
+
+/// Whether a Read filter's user matches a tuple's: exactly, or for a
+/// userset type (`group:#member`), every userset of that type and relation.
+fn user_matches(want: &str, user: &str) -> bool {
+    if want == user {
+        return true;
+    }
+    let Some((kind, relation)) = want.split_once(":#") else {
+        return false;
+    };
+    user.split_once(':').is_some_and(|(k, rest)| {
+        k == kind && rest.rsplit_once('#').is_some_and(|(_, r)| r == relation)
+    })
+}
+
+/// Whether a tuple's user is one ListUsers names for the filter `kind`
+/// (with `userset`: a userset of that relation).
+fn listed(kind: &str, userset: Option<&str>, user: &str) -> bool {
+    let Some((k, rest)) = user.split_once(':') else {
+        return false;
+    };
+    k == kind
+        && match (userset, rest.rsplit_once('#')) {
+            (Some(want), Some((_, r))) => r == want,
+            (None, None) => true,
+            _ => false,
+        }
+}
+
+/// A user as ListUsers answers it: an object, a userset or a wildcard.
+fn listed_user(user: &str) -> Value {
+    let (kind, rest) = user.split_once(':').unwrap_or((user, ""));
+    match rest.rsplit_once('#') {
+        Some((id, relation)) => {
+            json!({ "userset": { "type": kind, "id": id, "relation": relation } })
+        }
+        None if rest == "*" => json!({ "wildcard": { "type": kind } }),
+        None => json!({ "object": { "type": kind, "id": rest } }),
     }
 }
 

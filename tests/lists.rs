@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use fga_wb::config::StoreKind;
 use fga_wb::openfga::{ListObjectsRequest, ListUsersRequest, ReadFilter};
+use fga_wb::testing::FakeOpenFga;
 use fga_wb::{TupleKey, WriteBehind};
 use support::{config_for, new_store, TestStore};
 
@@ -165,6 +166,79 @@ async fn a_user_filter_without_an_id_reads_every_user_of_its_type(setup_: Setup)
     assert_eq!(keys(&wb.read(&filter).await.unwrap()), expected);
     let held = s.client.read_all(&s.store_id, &filter).await.unwrap();
     assert_eq!(keys(&held), expected, "OpenFGA's own answer");
+}
+
+/// The fake OpenFGA of `fga_wb::testing` reads and lists users as the
+/// real server does, with the real server as the oracle: the filter shapes
+/// OpenFGA refuses are refused (an application's "what can this user
+/// see" passed its tests on the fake, then failed with a 400), a userset
+/// type (`group:#member`) reads every userset of its type, and ListUsers is
+/// served (it was answered "not found", which reads as a wrong store id).
+#[tokio::test]
+async fn the_fake_reads_and_lists_users_as_openfga_does() {
+    let s = new_store("lists-fake-oracle").await;
+    let fake = FakeOpenFga::start(support::documents_model())
+        .await
+        .unwrap();
+    let real = WriteBehind::builder(config_for(&s)).build().await.unwrap();
+    let faked = fake.write_behind().await.unwrap();
+    for wb in [&real, &faked] {
+        for (u, r, o) in [
+            ("user:anne", "viewer", "document:1"),
+            ("group:eng#member", "viewer", "document:2"),
+            ("user:*", "viewer", "document:3"),
+            ("user:bob", "member", "group:eng"),
+            ("group:x#member", "member", "group:eng"),
+        ] {
+            wb.grant(u, r, o).await.unwrap();
+        }
+        wb.flush().await.unwrap();
+    }
+    let filters = [
+        (Some("user:anne"), None, None),
+        (None, Some("viewer"), None),
+        (None, None, Some("document:")),
+        (None, None, Some("document")),
+        (None, Some("viewer"), Some("document:")),
+        (Some("user:anne"), Some("viewer"), None),
+        (Some("user:anne"), None, Some("document:")),
+        (None, None, Some("document:1")),
+        (Some("group:#member"), None, Some("document:")),
+        (Some("group:#member"), Some("viewer"), Some("document:2")),
+        (Some("group:eng#member"), None, Some("document:")),
+    ];
+    for (user, relation, object) in filters {
+        let filter = ReadFilter {
+            user: user.map(Into::into),
+            relation: relation.map(Into::into),
+            object: object.map(Into::into),
+        };
+        match (real.read(&filter).await, faked.read(&filter).await) {
+            (Ok(want), Ok(got)) => {
+                let (mut want, mut got) = (keys(&want), keys(&got));
+                want.sort();
+                got.sort();
+                assert_eq!(got, want, "{filter:?}");
+            }
+            (Err(want), Err(got)) => assert!(
+                want.is_invalid_input() && got.is_invalid_input(),
+                "{filter:?}: OpenFGA {want}; the fake {got}"
+            ),
+            (want, got) => panic!("{filter:?}: OpenFGA {want:?}; the fake {got:?}"),
+        }
+    }
+    for (object, relation, users) in [
+        ("group:eng", "member", "user"),
+        ("group:eng", "member", "group#member"),
+        ("document:3", "viewer", "user"),
+    ] {
+        let request = ListUsersRequest::new(object, relation, users);
+        let want = real.list_users(&request).await.unwrap();
+        let got = faked.list_users(&request).await.unwrap();
+        assert_eq!(got, want, "{object} {relation} {users}");
+    }
+    real.shutdown().await.unwrap();
+    faked.shutdown().await.unwrap();
 }
 
 for_each_setup!(
