@@ -73,8 +73,8 @@ pub(crate) enum Kind {
     BufferFull {
         capacity: usize,
         waited: Option<Duration>,
-        /// Why flushing is stopped, when it is: no room comes until that
-        /// is fixed.
+        /// Why flushing is stopped, when it is: this process makes no
+        /// room until it looks again.
         stopped: Option<String>,
     },
     /// A replay of dead letters filled the buffer: `kept` letters stay.
@@ -600,7 +600,7 @@ impl fmt::Display for Error {
                 match stopped {
                     Some(why) => write!(
                         f,
-                        "; the op was not accepted, and no room comes while flushing is stopped ({why}): fix that, then call flush() to resume"
+                        "; the op was not accepted: this process writes nothing while flushing is stopped ({why}); fix that, and flushing resumes at its next try (every flush.retry_max_backoff) or at once on flush()"
                     ),
                     None => write!(
                         f,

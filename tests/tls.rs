@@ -10,20 +10,23 @@ use fga_wb::openfga::Secret;
 use fga_wb::{Config, WriteBehind};
 use testenv::{OpenFga, OpenFgaOptions, Tls};
 
+/// Runs `openssl` with `args` in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is installed");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A CA and a certificate it signed for 127.0.0.1, in `dir`.
 fn make_certificates(dir: &Path) -> Tls {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl is installed");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = |args: &[&str]| openssl(dir, args);
     run(&[
         "req",
         "-x509",
@@ -190,6 +193,81 @@ async fn a_redis_behind_a_private_ca_is_reached_with_ca_file() {
     let e = refused(c, "built with a CA file that is not there").await;
     assert!(
         e.is_config() && e.to_string().contains("redis.ca_file"),
+        "{e}"
+    );
+}
+
+/// A Redis that asks for client certificates (`tls-auth-clients yes`, as
+/// mutual-TLS deployments run it) is reached with `redis.cert_file` and
+/// `redis.key_file` (a certificate its CA signed); without them the
+/// handshake is refused, and the error names the settings. One given
+/// without the other, or a key file that holds no key, is a configuration
+/// error that names the file. Before, no client certificate could be set.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_asks_for_client_certificates_is_reached_with_cert_and_key() {
+    let dir = testenv::temp_dir("redis-mtls").unwrap();
+    let tls = make_certificates(&dir);
+    let run = |args: &str| openssl(&dir, &args.split(' ').collect::<Vec<_>>());
+    run("req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=fga-wb");
+    // With an extension, so a v3 certificate (rustls takes no other).
+    std::fs::write(dir.join("client.cnf"), "extendedKeyUsage=clientAuth\n").unwrap();
+    run("x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 1 -extfile client.cnf");
+    let port = testenv::free_port().unwrap();
+    let file = |p: &Path| p.display().to_string();
+    let _redis = testenv::Redis::start(testenv::RedisOptions {
+        extra: vec![
+            ("tls-port".into(), port.to_string()),
+            ("tls-cert-file".into(), file(&tls.cert)),
+            ("tls-key-file".into(), file(&tls.key)),
+            ("tls-ca-cert-file".into(), file(&tls.ca)),
+            ("tls-auth-clients".into(), "yes".into()),
+        ],
+        ..Default::default()
+    })
+    .await
+    .expect("Redis with a TLS port that asks for client certificates");
+    let s = support::new_store("redis-mtls").await;
+    let mut c = support::config_for(&s);
+    c.buffer.store = fga_wb::config::StoreKind::Redis;
+    c.redis.url = format!("rediss://127.0.0.1:{port}");
+    c.redis.ca_file = file(&tls.ca);
+    c.redis.cert_file = file(&dir.join("client.pem"));
+    c.redis.key_file = file(&dir.join("client.key"));
+    let wb = WriteBehind::builder(c.clone()).build().await.unwrap();
+    wb.grant("user:anne", "viewer", "document:mtls")
+        .await
+        .unwrap();
+    let r = wb.flush().await.unwrap();
+    assert_eq!(r.applied, 1, "{r:?}");
+    assert_eq!(
+        support::stored(&s).await,
+        ["document:mtls#viewer@user:anne"]
+    );
+    wb.shutdown().await.unwrap();
+
+    // Without a client certificate the server refuses the handshake.
+    let mut without = c.clone();
+    without.redis.cert_file = String::new();
+    without.redis.key_file = String::new();
+    let e = refused(without, "connected without a client certificate").await;
+    assert!(e.to_string().contains("redis.cert_file"), "{e}");
+
+    // One of the two alone.
+    let mut alone = c.clone();
+    alone.redis.key_file = String::new();
+    let e = refused(alone, "built with a certificate and no key").await;
+    assert!(
+        e.is_config() && e.to_string().contains("go together"),
+        "{e}"
+    );
+
+    // A key file that holds no key is named.
+    let mut wrong = c;
+    wrong.redis.key_file = file(&tls.ca);
+    let e = refused(wrong, "built with a key file that holds no key").await;
+    assert!(
+        e.is_config() && e.to_string().contains("redis.key_file"),
         "{e}"
     );
 }

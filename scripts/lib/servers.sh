@@ -177,7 +177,7 @@ fga_wb_on_signal() {
 # ---------------------------------------------------------------------------
 
 # apt-get install, as root or through sudo. `apt-get update` runs once per run.
-# A fresh VM's unattended upgrades may hold dpkg's lock at boot: wait for it.
+# A fresh VM's unattended upgrades may hold apt's locks at boot: wait for them.
 _fga_wb_apt_install() {
     local sudo=()
     if [[ "$(id -u)" != 0 ]]; then
@@ -189,7 +189,15 @@ _fga_wb_apt_install() {
         fga_wb_die "need to install $* but apt-get is missing; install it by hand"
     fga_wb_log "installing $* with apt-get"
     if [[ "$_FGA_WB_APT_UPDATED" != 1 ]]; then
-        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update -q >&2
+        # The lock timeout does not cover the lists' lock that `update`
+        # takes: tried again for a few minutes instead.
+        local try
+        for try in 1 2 3 4 5 6 7 8 9 10; do
+            "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update -q >&2 && break
+            ((try < 10)) || fga_wb_die "apt-get update failed 10 times; see above"
+            fga_wb_log "apt-get update failed (try $try of 10; another apt may hold its lock); again in 20 s"
+            sleep 20
+        done
         _FGA_WB_APT_UPDATED=1
     fi
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q "$@" >&2

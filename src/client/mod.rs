@@ -543,9 +543,14 @@ impl WriteBehind {
     async fn make_room(&self, started: Instant, flushed: &mut bool) -> Result<()> {
         let cfg = &self.inner.config.buffer;
         let e = &self.inner.engine;
-        // While flushing is stopped (OpenFGA refused the credentials, or
-        // does not know the store) no room comes from here: the error
-        // says so, not "raise buffer.capacity".
+        // A flusher stopped on a panic makes no room, ever: its own error.
+        if let Some(panicked) = e.failed.get() {
+            return Err(panicked.clone());
+        }
+        // While flushing is stopped (OpenFGA refused the credentials, does
+        // not know the store, or something else answered) this process
+        // makes no room until it looks again: the error says so, not
+        // "raise buffer.capacity".
         let full = |waited| {
             Error::new(Kind::BufferFull {
                 capacity: cfg.capacity,
@@ -572,12 +577,10 @@ impl WriteBehind {
             // In queue mode a flush only queues the ops, and queued ops
             // hold their room until a worker writes them: wait for that.
             Overflow::Flush if !queued => Err(full(Some(started.elapsed()))),
+            // Waits while flushing is stopped too: chunks already under
+            // way, the flusher's own next look, a flush() or a clear() of
+            // another caller, or other processes may still make room.
             Overflow::Flush | Overflow::Block => {
-                self.ensure_flushing()?;
-                // Only other processes could make room meanwhile.
-                if e.stats.halted().is_some() && !e.store.shared() {
-                    return Err(full(Some(started.elapsed())));
-                }
                 let mut changed = e.changed.subscribe();
                 e.flush_wanted
                     .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -700,10 +703,10 @@ impl WriteBehind {
         // of callers at a full buffer, on a slow Redis) may hold the
         // channel past the deadline.
         let grace = deadline + std::time::Duration::from_secs(1);
-        let unanswered = || {
+        let unanswered = |what: &str| {
             (
                 FlushReport {
-                    error: Some("the flusher did not answer by the deadline".into()),
+                    error: Some(what.into()),
                     ..Default::default()
                 },
                 true,
@@ -719,11 +722,11 @@ impl WriteBehind {
         let (flushed, cut_off) = match sent {
             Ok(Ok(())) => match tokio::time::timeout_at(grace, answer).await {
                 Ok(Ok(r)) => r,
-                _ => unanswered(),
+                _ => unanswered("the flusher did not answer by the deadline"),
             },
             // The flusher is gone.
             Ok(Err(_)) => (FlushReport::default(), false),
-            Err(_) => unanswered(),
+            Err(_) => unanswered("the shutdown could not be handed to the flusher by the deadline"),
         };
         self.stop_and_release(cut_off).await;
         let e = &self.inner.engine;

@@ -408,6 +408,12 @@ pub struct RedisConfig {
     /// For `rediss://`: a PEM file of the CA certificates to trust instead
     /// of the system's roots (a private CA); empty: the system's.
     pub ca_file: String,
+    /// For `rediss://` to a server that asks for client certificates
+    /// (`tls-auth-clients`): a PEM file of fga-wb's certificate (with its
+    /// chain); set together with `key_file`.
+    pub cert_file: String,
+    /// The PEM private key of `cert_file`.
+    pub key_file: String,
     /// Prefix of every key fga-wb writes; the store id follows it.
     pub key_prefix: String,
     /// How long what a process or worker is writing stays its own without a
@@ -450,6 +456,8 @@ impl Default for RedisConfig {
         RedisConfig {
             url: "redis://127.0.0.1:6379".into(),
             ca_file: String::new(),
+            cert_file: String::new(),
+            key_file: String::new(),
             key_prefix: "fga-wb".into(),
             writer_lease: Duration::from_secs(5),
             wait_replicas: 0,
@@ -532,6 +540,8 @@ const STRING_KEYS: &[&str] = &[
     "openfga.api_url",
     "openfga.ca_file",
     "redis.ca_file",
+    "redis.cert_file",
+    "redis.key_file",
     "openfga.store_id",
     "openfga.model_id",
     "openfga.api_token",

@@ -175,7 +175,7 @@ fn unreachable(target: &Target, e: redis::RedisError) -> Error {
         ));
     }
     let hint = match target.is_tls() {
-        true => " (over TLS: the server's certificate must be signed by a CA the system trusts, or by one in redis.ca_file)",
+        true => " (over TLS: the server's certificate must be signed by a CA the system trusts, or by one in redis.ca_file; a server that asks for client certificates, tls-auth-clients, needs redis.cert_file and redis.key_file)",
         false => "",
     };
     Error::new(Kind::Redis {
@@ -185,54 +185,115 @@ fn unreachable(target: &Target, e: redis::RedisError) -> Error {
 }
 
 /// TLS for `rediss://`: the CA certificates to trust instead of the
-/// system's roots (`redis.ca_file`), if any.
+/// system's roots (`redis.ca_file`), and the client certificate to show a
+/// server that asks for one (`redis.cert_file`, `redis.key_file`), if any.
 #[derive(Clone, Default)]
 pub(crate) struct Tls {
     /// The file's name, and what it holds.
     ca: Option<(String, Arc<Vec<u8>>)>,
+    /// The certificate's and the key's files, and what they hold.
+    client: Option<Arc<ClientFiles>>,
+}
+
+struct ClientFiles {
+    cert_file: String,
+    key_file: String,
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+/// Reads a PEM file of setting `key`, which must hold `marker` (rustls
+/// skips what it cannot read, and would only say later, at each connect,
+/// that the handshake failed).
+fn read_pem(key: &str, file: &str, marker: &str, what: &str) -> Result<Vec<u8>> {
+    let pem = std::fs::read(file)
+        .map_err(|e| Error::config(format!("{key} {file:?} cannot be read: {e}")))?;
+    if !pem.windows(marker.len()).any(|w| w == marker.as_bytes()) {
+        return Err(Error::config(format!(
+            "{key} {file:?} holds no {what} in PEM ({marker}...-----)"
+        )));
+    }
+    Ok(pem)
 }
 
 impl Tls {
-    /// Reads `redis.ca_file`, for `target` (`redis.url`).
+    /// Reads `redis.ca_file`, `redis.cert_file` and `redis.key_file`, for
+    /// `target` (`redis.url`).
     pub fn from_config(c: &crate::config::RedisConfig, target: &Target) -> Result<Tls> {
-        if c.ca_file.is_empty() {
-            return Ok(Tls::default());
+        let mut tls = Tls::default();
+        if !c.ca_file.is_empty() {
+            let pem = read_pem(
+                "redis.ca_file",
+                &c.ca_file,
+                "-----BEGIN CERTIFICATE-----",
+                "CA certificate",
+            )?;
+            tls.ca = Some((c.ca_file.clone(), Arc::new(pem)));
         }
-        let pem = std::fs::read(&c.ca_file).map_err(|e| {
-            Error::config(format!("redis.ca_file {:?} cannot be read: {e}", c.ca_file))
-        })?;
-        // rustls skips what is not a certificate, and would only say later,
-        // at each connect, that the server's is not trusted.
-        if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
-            return Err(Error::config(format!(
-                "redis.ca_file {:?} holds no PEM certificate (-----BEGIN CERTIFICATE-----); give it the CA's certificates in PEM",
-                c.ca_file
-            )));
+        match (c.cert_file.is_empty(), c.key_file.is_empty()) {
+            (true, true) => {}
+            (false, false) => {
+                let cert = read_pem(
+                    "redis.cert_file",
+                    &c.cert_file,
+                    "-----BEGIN CERTIFICATE-----",
+                    "certificate",
+                )?;
+                // PKCS#8, PKCS#1 and SEC1 keys all end their first line so.
+                let key = read_pem("redis.key_file", &c.key_file, "PRIVATE KEY-----", "private key")?;
+                tls.client = Some(Arc::new(ClientFiles {
+                    cert_file: c.cert_file.clone(),
+                    key_file: c.key_file.clone(),
+                    cert,
+                    key,
+                }));
+            }
+            _ => {
+                return Err(Error::config(
+                    "redis.cert_file and redis.key_file go together: give both (the client certificate and its private key, in PEM) or neither",
+                ))
+            }
         }
-        if !target.is_tls() {
-            tracing::warn!(ca_file = %c.ca_file, "redis.ca_file is set but redis.url is not rediss://: the connection is not encrypted, and the file is not used");
+        if (tls.ca.is_some() || tls.client.is_some()) && !target.is_tls() {
+            tracing::warn!("redis.ca_file, redis.cert_file or redis.key_file is set but redis.url is not rediss://: the connection is not encrypted, and the files are not used");
         }
-        Ok(Tls {
-            ca: Some((c.ca_file.clone(), Arc::new(pem))),
-        })
+        Ok(tls)
     }
 
     fn certificates(&self) -> Option<redis::TlsCertificates> {
-        self.ca.as_ref().map(|(_, pem)| redis::TlsCertificates {
-            client_tls: None,
-            root_cert: Some(pem.to_vec()),
+        if self.ca.is_none() && self.client.is_none() {
+            return None;
+        }
+        Some(redis::TlsCertificates {
+            client_tls: self.client.as_ref().map(|c| redis::ClientTlsConfig {
+                client_cert: c.cert.clone(),
+                client_key: c.key.clone(),
+            }),
+            // None: the system's roots.
+            root_cert: self.ca.as_ref().map(|(_, pem)| pem.to_vec()),
         })
     }
 
     /// What is wrong when a client cannot be built: the CA file, when one
     /// is given (it is read as PEM then), else the URL.
     fn refused(&self, target: &Target, e: redis::RedisError) -> Error {
-        match &self.ca {
-            Some((file, _)) => Error::config(format!(
-                "redis.ca_file {file:?} or redis.url cannot be used ({e}); the file must hold PEM CA certificates"
-            )),
-            None => not_a_url(target, e),
+        let mut files = Vec::new();
+        if let Some((file, _)) = &self.ca {
+            files.push(format!("redis.ca_file {file:?} (PEM CA certificates)"));
         }
+        if let Some(c) = &self.client {
+            files.push(format!(
+                "redis.cert_file {:?} and redis.key_file {:?} (a PEM certificate and its private key)",
+                c.cert_file, c.key_file
+            ));
+        }
+        if files.is_empty() {
+            return not_a_url(target, e);
+        }
+        Error::config(format!(
+            "{} or redis.url cannot be used ({e})",
+            files.join(", ")
+        ))
     }
 
     /// A client for one node, with fga-wb's socket settings.
