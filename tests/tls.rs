@@ -141,25 +141,7 @@ async fn an_openfga_behind_a_private_ca_is_reached_with_ca_file_only() {
 async fn a_redis_behind_a_private_ca_is_reached_with_ca_file() {
     let dir = testenv::temp_dir("redis-tls").unwrap();
     let tls = make_certificates(&dir);
-    let port = testenv::free_port().unwrap();
-    let file = |p: &Path| p.display().to_string();
-    let _redis = testenv::Redis::start(testenv::RedisOptions {
-        extra: vec![
-            ("tls-port".into(), port.to_string()),
-            ("tls-cert-file".into(), file(&tls.cert)),
-            ("tls-key-file".into(), file(&tls.key)),
-            ("tls-ca-cert-file".into(), file(&tls.ca)),
-            ("tls-auth-clients".into(), "no".into()),
-        ],
-        ..Default::default()
-    })
-    .await
-    .expect("Redis with a TLS port");
-    let s = support::new_store("redis-tls").await;
-    let mut c = support::config_for(&s);
-    c.buffer.store = fga_wb::config::StoreKind::Redis;
-    c.redis.url = format!("rediss://127.0.0.1:{port}");
-    c.redis.ca_file = file(&tls.ca);
+    let (_redis, s, mut c) = tls_redis(&tls, "no", "redis-tls").await;
     let wb = WriteBehind::builder(c.clone()).build().await.unwrap();
     wb.grant("user:anne", "viewer", "document:tls")
         .await
@@ -213,25 +195,7 @@ async fn a_redis_that_asks_for_client_certificates_is_reached_with_cert_and_key(
     // With an extension, so a v3 certificate (rustls takes no other).
     std::fs::write(dir.join("client.cnf"), "extendedKeyUsage=clientAuth\n").unwrap();
     run("x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 1 -extfile client.cnf");
-    let port = testenv::free_port().unwrap();
-    let file = |p: &Path| p.display().to_string();
-    let _redis = testenv::Redis::start(testenv::RedisOptions {
-        extra: vec![
-            ("tls-port".into(), port.to_string()),
-            ("tls-cert-file".into(), file(&tls.cert)),
-            ("tls-key-file".into(), file(&tls.key)),
-            ("tls-ca-cert-file".into(), file(&tls.ca)),
-            ("tls-auth-clients".into(), "yes".into()),
-        ],
-        ..Default::default()
-    })
-    .await
-    .expect("Redis with a TLS port that asks for client certificates");
-    let s = support::new_store("redis-mtls").await;
-    let mut c = support::config_for(&s);
-    c.buffer.store = fga_wb::config::StoreKind::Redis;
-    c.redis.url = format!("rediss://127.0.0.1:{port}");
-    c.redis.ca_file = file(&tls.ca);
+    let (_redis, s, mut c) = tls_redis(&tls, "yes", "redis-mtls").await;
     c.redis.cert_file = file(&dir.join("client.pem"));
     c.redis.key_file = file(&dir.join("client.key"));
     let wb = WriteBehind::builder(c.clone()).build().await.unwrap();
@@ -270,6 +234,41 @@ async fn a_redis_that_asks_for_client_certificates_is_reached_with_cert_and_key(
         e.is_config() && e.to_string().contains("redis.key_file"),
         "{e}"
     );
+}
+
+/// A Redis with only a TLS port, its certificate from `tls`, asking for
+/// client certificates as `auth_clients` (its `tls-auth-clients`) says; a
+/// new store, and a config for both that trusts the CA.
+#[cfg(feature = "redis")]
+async fn tls_redis(
+    tls: &Tls,
+    auth_clients: &str,
+    name: &str,
+) -> (testenv::Redis, support::TestStore, Config) {
+    let port = testenv::free_port().unwrap();
+    let redis = testenv::Redis::start(testenv::RedisOptions {
+        extra: vec![
+            ("tls-port".into(), port.to_string()),
+            ("tls-cert-file".into(), file(&tls.cert)),
+            ("tls-key-file".into(), file(&tls.key)),
+            ("tls-ca-cert-file".into(), file(&tls.ca)),
+            ("tls-auth-clients".into(), auth_clients.into()),
+        ],
+        ..Default::default()
+    })
+    .await
+    .expect("Redis with a TLS port");
+    let s = support::new_store(name).await;
+    let mut c = support::config_for(&s);
+    c.buffer.store = fga_wb::config::StoreKind::Redis;
+    c.redis.url = format!("rediss://127.0.0.1:{port}");
+    c.redis.ca_file = file(&tls.ca);
+    (redis, s, c)
+}
+
+#[cfg(feature = "redis")]
+fn file(p: &Path) -> String {
+    p.display().to_string()
 }
 
 /// The error of a handle built with `c`, which must fail (else: `wrong`).
