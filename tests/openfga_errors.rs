@@ -290,6 +290,38 @@ async fn garbage_success_body_is_a_clear_error() {
     assert!(e.is_misdirected() && !e.may_have_applied(), "{e}");
 }
 
+/// A success body past 32 MiB (OpenFGA's largest answers take well under
+/// 1 MiB) is not read whole: a clear error, not an answer, whatever it
+/// would have said, and for a Write labelled other than JSON, not OpenFGA's.
+/// Before, any body was read whole into memory, and this one allowed.
+#[tokio::test]
+async fn an_endless_success_body_is_not_read_whole() {
+    let server = MockServer::start().await;
+    let padding = "x".repeat(33 << 20);
+    Mock::given(method("POST"))
+        .and(path(format!("/stores/{STORE}/check")))
+        .respond_with(wiremock::ResponseTemplate::new(200).set_body_raw(
+            format!(r#"{{"allowed":true,"padding":"{padding}"}}"#),
+            "application/json",
+        ))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(format!("/stores/{STORE}/write")))
+        .respond_with(wiremock::ResponseTemplate::new(200).set_body_raw(padding, "text/html"))
+        .mount(&server)
+        .await;
+    let client = Client::builder(server.uri()).build().unwrap();
+    let e = client
+        .check(STORE, &CheckRequest::new("user:a", "viewer", "document:1"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("over 32 MiB"), "{e}");
+    let req = WriteRequest::idempotent(vec![t("user:a", "viewer", "document:1")], vec![]);
+    let e = client.write(STORE, &req).await.unwrap_err();
+    assert!(e.is_misdirected() && !e.may_have_applied(), "{e}");
+}
+
 /// OpenFGA never redirects: a redirect (an auth proxy's login page, http
 /// to https) is not followed, and says where it led, without the
 /// credentials it may carry. Followed, a 302 turned the Write into a GET
@@ -584,6 +616,20 @@ async fn oauth2_token_response_cut_off_is_transient() {
     let cut_off = wiremock::ResponseTemplate::new(200).set_body_string("{\"access_token\":\"tok");
     let e = check_with_token_answer(cut_off).await;
     assert!(e.is_transient() && !e.is_auth(), "{e}");
+}
+
+/// A token response past 1 MiB (a token takes a few KiB) is not read
+/// whole: the endpoint is not a token endpoint, an auth error naming the
+/// setting. Before, it was read whole, and its token taken.
+#[tokio::test]
+async fn an_endless_token_response_is_not_read_whole() {
+    let padding = "x".repeat(2 << 20);
+    let endless = wiremock::ResponseTemplate::new(200).set_body_string(format!(
+        r#"{{"access_token":"tok","token_type":"Bearer","expires_in":300,"padding":"{padding}"}}"#
+    ));
+    let e = check_with_token_answer(endless).await;
+    assert!(!e.is_transient(), "{e}");
+    assert!(e.to_string().contains("over 1 MiB"), "{e}");
 }
 
 /// A token endpoint that refuses the client is an auth error naming the

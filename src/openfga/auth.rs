@@ -259,15 +259,27 @@ async fn fetch_token(http: &reqwest::Client, o: &OAuth2) -> Result<(Secret, Dura
     }
     // A body cut off on the way is worth another try; one that is not a
     // token response is the endpoint's answer.
-    let bytes = resp.bytes().await.map_err(|e| {
-        token_err(
-            format!(
-                "token response cut off: {}",
-                super::root_cause(&e.without_url())
-            ),
-            true,
-        )
-    })?;
+    // A token takes a few KiB: an endless answer is not read whole.
+    let (bytes, ended) = super::read_up_to(resp, 1 << 20).await;
+    match ended {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(token_err(
+                "the token response is over 1 MiB, not read whole; check openfga.oauth2.token_url"
+                    .into(),
+                false,
+            ))
+        }
+        Err(e) => {
+            return Err(token_err(
+                format!(
+                    "token response cut off: {}",
+                    super::root_cause(&e.without_url())
+                ),
+                true,
+            ))
+        }
+    }
     let body: TokenResponse = serde_json::from_slice(&bytes)
         .map_err(|e| token_err(format!("unreadable token response: {e}"), e.is_eof()))?;
     // Without expires_in, assume a short life rather than caching forever;

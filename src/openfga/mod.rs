@@ -835,21 +835,13 @@ impl Client {
         }
         if status.is_success() {
             let kind = content_type(resp.headers()).to_owned();
-            let bytes = resp
-                .bytes()
-                .await
-                .map_err(|e| self.transport_error(operation, e, timeout))?;
-            return serde_json::from_slice(&bytes).map_err(|e| {
-                // OpenFGA's answers are JSON, and say so: an unreadable body
-                // declared otherwise (or not at all) is not one of them, and
-                // nothing was written; one declared JSON may be a cut-off
-                // answer of OpenFGA's, whose request may have applied.
+            // OpenFGA's answers are JSON, and say so: an unreadable body
+            // declared otherwise (or not at all) is not one of them, and
+            // nothing was written; one declared JSON may be a cut-off
+            // answer of OpenFGA's, whose request may have applied.
+            let unreadable = |detail: String| {
                 if kind.to_ascii_lowercase().contains("json") {
-                    Error::new(Kind::Decode {
-                        operation,
-                        detail: e.to_string(),
-                    })
-                    .caused_by(e)
+                    Error::new(Kind::Decode { operation, detail })
                 } else {
                     let kind = if kind.is_empty() {
                         "no declared"
@@ -861,8 +853,21 @@ impl Client {
                         detail: format!("HTTP {} with a {kind} body", status.as_u16()),
                     })
                 }
-                .into()
-            });
+            };
+            let (bytes, ended) = read_up_to(resp, SUCCESS_BODY_MAX).await;
+            match ended {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(unreadable(format!(
+                        "an answer over {} MiB, not read whole",
+                        SUCCESS_BODY_MAX >> 20
+                    ))
+                    .into())
+                }
+                Err(e) => return Err(self.transport_error(operation, e, timeout).into()),
+            }
+            return serde_json::from_slice(&bytes)
+                .map_err(|e| unreadable(e.to_string()).caused_by(e).into());
         }
         let mut token_stale = false;
         if status == StatusCode::UNAUTHORIZED {
@@ -997,18 +1002,35 @@ fn batch_item_error(check: &CheckRequest, e: &serde_json::Value) -> Error {
     }))
 }
 
+/// Most of a success's body read (OpenFGA's largest answers, 1,000
+/// objects or users, or a page of 100 tuples, take well under 1 MiB): a
+/// proxy's or a broken server's endless answer is not held whole.
+const SUCCESS_BODY_MAX: usize = 32 << 20;
+
 /// An error answer's body, up to 64 KiB (OpenFGA's are a line of JSON):
 /// a proxy's endless page is not read to the request's timeout.
-async fn error_body(mut resp: reqwest::Response) -> Vec<u8> {
-    const MAX: usize = 64 * 1024;
+async fn error_body(resp: reqwest::Response) -> Vec<u8> {
+    read_up_to(resp, 64 * 1024).await.0
+}
+
+/// An answer's body, up to `max` bytes, and whether it ended there
+/// (`Ok(true)`), went on past `max` (`Ok(false)`), or broke off.
+async fn read_up_to(
+    mut resp: reqwest::Response,
+    max: usize,
+) -> (Vec<u8>, std::result::Result<bool, reqwest::Error>) {
     let mut body = Vec::new();
-    while body.len() < MAX {
+    loop {
         match resp.chunk().await {
-            Ok(Some(c)) => body.extend_from_slice(&c[..c.len().min(MAX - body.len())]),
-            _ => break,
+            Ok(Some(c)) if c.len() > max - body.len() => {
+                body.extend_from_slice(&c[..max - body.len()]);
+                return (body, Ok(false));
+            }
+            Ok(Some(c)) => body.extend_from_slice(&c),
+            Ok(None) => return (body, Ok(true)),
+            Err(e) => return (body, Err(e)),
         }
     }
-    body
 }
 
 /// "HTTP 302 redirecting to <where>" for a redirect (OpenFGA sends none;
