@@ -244,28 +244,19 @@ async fn hung_response_times_out_as_transient() {
 #[tokio::test]
 async fn garbage_success_body_is_a_clear_error() {
     let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path(format!("/stores/{STORE}/check")))
-        .respond_with(wiremock::ResponseTemplate::new(200).set_body_raw("[1,", "application/json"))
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path(format!("/stores/{STORE}/write")))
-        .respond_with(
-            wiremock::ResponseTemplate::new(200).set_body_raw("<html>proxy</html>", "text/html"),
-        )
-        .mount(&server)
-        .await;
-    let client = Client::builder(server.uri()).build().unwrap();
-    let e = client
-        .check(STORE, &CheckRequest::new("user:a", "viewer", "document:1"))
-        .await
-        .unwrap_err();
-    assert!(e.to_string().contains("unexpected response"), "{e}");
+    let (client, check, write) = check_and_write_answered(
+        &server,
+        wiremock::ResponseTemplate::new(200).set_body_raw("[1,", "application/json"),
+        wiremock::ResponseTemplate::new(200).set_body_raw("<html>proxy</html>", "text/html"),
+    )
+    .await;
+    assert!(check.to_string().contains("unexpected response"), "{check}");
+    assert!(
+        write.is_misdirected() && !write.may_have_applied(),
+        "{write}"
+    );
+    assert!(write.to_string().contains("text/html"), "{write}");
     let req = WriteRequest::idempotent(vec![t("user:a", "viewer", "document:1")], vec![]);
-    let e = client.write(STORE, &req).await.unwrap_err();
-    assert!(e.is_misdirected() && !e.may_have_applied(), "{e}");
-    assert!(e.to_string().contains("text/html"), "{e}");
     // OpenFGA's JSON under a proxy's wrong label is still its answer; an
     // unreadable body with no label at all is not.
     const OTHER: &str = "01JSTORE0000000000000000001";
@@ -298,28 +289,44 @@ async fn garbage_success_body_is_a_clear_error() {
 async fn an_endless_success_body_is_not_read_whole() {
     let server = MockServer::start().await;
     let padding = "x".repeat(33 << 20);
-    Mock::given(method("POST"))
-        .and(path(format!("/stores/{STORE}/check")))
-        .respond_with(wiremock::ResponseTemplate::new(200).set_body_raw(
+    let (_, check, write) = check_and_write_answered(
+        &server,
+        wiremock::ResponseTemplate::new(200).set_body_raw(
             format!(r#"{{"allowed":true,"padding":"{padding}"}}"#),
             "application/json",
-        ))
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path(format!("/stores/{STORE}/write")))
-        .respond_with(wiremock::ResponseTemplate::new(200).set_body_raw(padding, "text/html"))
-        .mount(&server)
-        .await;
+        ),
+        wiremock::ResponseTemplate::new(200).set_body_raw(padding, "text/html"),
+    )
+    .await;
+    assert!(check.to_string().contains("over 32 MiB"), "{check}");
+    assert!(
+        write.is_misdirected() && !write.may_have_applied(),
+        "{write}"
+    );
+}
+
+/// A client of `server`, where a check and a Write on `STORE` get `check`
+/// and `write`, and the errors they end in.
+async fn check_and_write_answered(
+    server: &MockServer,
+    check: wiremock::ResponseTemplate,
+    write: wiremock::ResponseTemplate,
+) -> (Client, fga_wb::Error, fga_wb::Error) {
+    for (endpoint, answer) in [("check", check), ("write", write)] {
+        Mock::given(method("POST"))
+            .and(path(format!("/stores/{STORE}/{endpoint}")))
+            .respond_with(answer)
+            .mount(server)
+            .await;
+    }
     let client = Client::builder(server.uri()).build().unwrap();
-    let e = client
+    let check = client
         .check(STORE, &CheckRequest::new("user:a", "viewer", "document:1"))
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("over 32 MiB"), "{e}");
     let req = WriteRequest::idempotent(vec![t("user:a", "viewer", "document:1")], vec![]);
-    let e = client.write(STORE, &req).await.unwrap_err();
-    assert!(e.is_misdirected() && !e.may_have_applied(), "{e}");
+    let write = client.write(STORE, &req).await.unwrap_err();
+    (client, check, write)
 }
 
 /// OpenFGA never redirects: a redirect (an auth proxy's login page, http
