@@ -600,7 +600,7 @@ impl fmt::Display for Error {
                 match stopped {
                     Some(why) => write!(
                         f,
-                        "; the op was not accepted: this process writes nothing while flushing is stopped ({why}); fix that, and flushing resumes at its next try (every flush.retry_max_backoff) or at once on flush()"
+                        "; the op was not accepted: this process writes nothing while flushing is stopped ({why}); fix that, and flushing resumes at its next try (every flush.retry_max_backoff, at least 1 s) or at once on flush()"
                     ),
                     None => write!(
                         f,

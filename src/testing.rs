@@ -11,8 +11,10 @@
 //! `false` otherwise. Reads refuse the filters OpenFGA refuses (it wants an
 //! object type, and an object id or a user); ListObjects and ListUsers name
 //! the objects and users of stored and contextual tuples of the relation
-//! itself. It is a double for *your* code's use of fga-wb, not a model
-//! evaluator: test authorization models against a real OpenFGA.
+//! itself. Conditions are not kept: a flushed conditional tuple reads back
+//! without its condition, and lists take it as unconditional. It is a
+//! double for *your* code's use of fga-wb, not a model evaluator: test
+//! authorization models against a real OpenFGA.
 //!
 //! ```
 //! # async fn example() {
@@ -443,6 +445,9 @@ async fn serve(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<By
             // OpenFGA reads every tuple without a filter; with one, it wants
             // an object type, and an object id or a user.
             if filter.is_some() {
+                if let Some(bad) = malformed_read_filter(&want) {
+                    return bad_request(&bad);
+                }
                 let (kind, id) = want("object")
                     .and_then(|o| o.split_once(':'))
                     .unwrap_or(("", ""));
@@ -503,7 +508,15 @@ async fn serve(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<By
                 .pointer("/user_filters/0/relation")
                 .and_then(Value::as_str)
                 .filter(|r| !r.is_empty());
-            let extra = tuple_keys(body.get("contextual_tuples"));
+            // ListUsers takes its contextual tuples as a plain list.
+            let extra: Vec<Key> = body
+                .get("contextual_tuples")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(key_of).collect())
+                .unwrap_or_default();
+            if let Some(unknown) = unknown_in_model(&s.model, kind, relation, filter, userset) {
+                return bad_request(&unknown);
+            }
             let mut users: BTreeSet<String> = s
                 .tuples
                 .iter()
@@ -526,18 +539,71 @@ async fn serve(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<By
     }
 }
 
-/// Whether a Read filter's user matches a tuple's: exactly, or for a
-/// userset type (`group:#member`), every userset of that type and relation.
+/// Whether a Read filter's user matches a tuple's: exactly, or, for a
+/// user without an id (`group:#member`), every user of its type whatever
+/// the relation, as OpenFGA's datastores match it.
 fn user_matches(want: &str, user: &str) -> bool {
-    if want == user {
-        return true;
+    match want.split_once(":#") {
+        Some((kind, _)) => user.split_once(':').is_some_and(|(k, _)| k == kind),
+        None => want == user,
     }
-    let Some((kind, relation)) = want.split_once(":#") else {
-        return false;
+}
+
+/// What OpenFGA's request validation says of a Read filter's fields, if
+/// it refuses them: a user is `type:id` (or `type:#relation`), a relation
+/// has no `:`, `#` or `@`, an object at least two characters; none holds
+/// whitespace.
+fn malformed_read_filter<'a>(want: &impl Fn(&str) -> Option<&'a str>) -> Option<String> {
+    let spaced = |v: &str| v.chars().any(char::is_whitespace);
+    if let Some(u) = want("user") {
+        let ok = u
+            .split_once(':')
+            .is_some_and(|(k, id)| !k.is_empty() && !id.is_empty() && k.len() <= 511);
+        if !ok || spaced(u) {
+            return Some(format!("invalid ReadRequestTupleKey.User: {u:?}"));
+        }
+    }
+    if let Some(r) = want("relation") {
+        if r.len() > 50 || spaced(r) || r.contains([':', '#', '@']) {
+            return Some(format!("invalid ReadRequestTupleKey.Relation: {r:?}"));
+        }
+    }
+    if let Some(o) = want("object") {
+        if o.len() < 2 || o.len() > 256 || spaced(o) {
+            return Some(format!("invalid ReadRequestTupleKey.Object: {o:?}"));
+        }
+    }
+    None
+}
+
+/// What OpenFGA says of a ListUsers request naming a type or relation its
+/// model lacks, if it does.
+fn unknown_in_model(
+    model: &Value,
+    kind: &str,
+    relation: &str,
+    filter: &str,
+    userset: Option<&str>,
+) -> Option<String> {
+    let relations = |t: &str| {
+        model
+            .get("type_definitions")?
+            .as_array()?
+            .iter()
+            .find(|d| d.get("type").and_then(Value::as_str) == Some(t))
+            .map(|d| d.get("relations").cloned().unwrap_or(Value::Null))
     };
-    user.split_once(':').is_some_and(|(k, rest)| {
-        k == kind && rest.rsplit_once('#').is_some_and(|(_, r)| r == relation)
-    })
+    let has = |t: &str, r: &str| relations(t).is_some_and(|rs| rs.get(r).is_some());
+    if relations(kind).is_none() || relations(filter).is_none() {
+        return Some(format!("type not found in the model: {kind} or {filter}"));
+    }
+    if !has(kind, relation) || userset.is_some_and(|r| !has(filter, r)) {
+        return Some(format!(
+            "relation not found in the model: {relation} or {filter}#{}",
+            userset.unwrap_or("")
+        ));
+    }
+    None
 }
 
 /// Whether a tuple's user is one ListUsers names for the filter `kind`

@@ -206,6 +206,10 @@ async fn the_fake_reads_and_lists_users_as_openfga_does() {
         (Some("group:#member"), None, Some("document:")),
         (Some("group:#member"), Some("viewer"), Some("document:2")),
         (Some("group:eng#member"), None, Some("document:")),
+        (Some("user:#member"), None, Some("document:")),
+        (Some("user:"), None, Some("document:")),
+        (Some("user:anne"), Some("view#er"), Some("document:1")),
+        (Some("user:anne"), None, Some("d")),
     ];
     for (user, relation, object) in filters {
         let filter = ReadFilter {
@@ -227,15 +231,31 @@ async fn the_fake_reads_and_lists_users_as_openfga_does() {
             (want, got) => panic!("{filter:?}: OpenFGA {want:?}; the fake {got:?}"),
         }
     }
+    // Pending grants go as contextual tuples.
+    for wb in [&real, &faked] {
+        wb.grant("user:carl", "member", "group:eng").await.unwrap();
+    }
     for (object, relation, users) in [
         ("group:eng", "member", "user"),
         ("group:eng", "member", "group#member"),
         ("document:3", "viewer", "user"),
+        ("group:eng", "no_such_relation", "user"),
+        ("group:eng", "member", "no_such_type"),
     ] {
         let request = ListUsersRequest::new(object, relation, users);
-        let want = real.list_users(&request).await.unwrap();
-        let got = faked.list_users(&request).await.unwrap();
-        assert_eq!(got, want, "{object} {relation} {users}");
+        match (
+            real.list_users(&request).await,
+            faked.list_users(&request).await,
+        ) {
+            (Ok(want), Ok(got)) => assert_eq!(got, want, "{object} {relation} {users}"),
+            (Err(want), Err(got)) => assert!(
+                want.is_invalid_input() && got.is_invalid_input(),
+                "{object} {relation} {users}: OpenFGA {want}; the fake {got}"
+            ),
+            (want, got) => {
+                panic!("{object} {relation} {users}: OpenFGA {want:?}; the fake {got:?}")
+            }
+        }
     }
     real.shutdown().await.unwrap();
     faked.shutdown().await.unwrap();

@@ -226,14 +226,27 @@ async fn a_redis_that_asks_for_client_certificates_is_reached_with_cert_and_key(
         "{e}"
     );
 
-    // A key file that holds no key is named.
-    let mut wrong = c;
-    wrong.redis.key_file = file(&tls.ca);
-    let e = refused(wrong, "built with a key file that holds no key").await;
-    assert!(
-        e.is_config() && e.to_string().contains("redis.key_file"),
-        "{e}"
-    );
+    // Key files that cannot be used are named, and their text never shown:
+    // one that holds no key, an encrypted one, one pasted on a single line
+    // with `\n` for its line breaks, and the key of another certificate.
+    let key = std::fs::read_to_string(dir.join("client.key")).unwrap();
+    let one_line = dir.join("one-line.key");
+    std::fs::write(&one_line, key.trim_end().replace('\n', "\\n")).unwrap();
+    run("pkey -in client.key -out encrypted.key -aes256 -passout pass:secret");
+    let body_line = key.lines().nth(1).unwrap();
+    for (bad, what) in [
+        (tls.ca.clone(), "holds no private key"),
+        (dir.join("encrypted.key"), "is encrypted"),
+        (one_line, "holds no private key"),
+        (tls.key.clone(), "cannot be reached with these TLS settings"),
+    ] {
+        let mut wrong = c.clone();
+        wrong.redis.key_file = file(&bad);
+        let e = refused(wrong, &format!("built with {bad:?} as the key")).await;
+        let msg = e.to_string();
+        assert!(e.is_config() && msg.contains(what), "{bad:?}: {msg}");
+        assert!(!msg.contains(body_line), "{bad:?} shows the key: {msg}");
+    }
 }
 
 /// A Redis with only a TLS port, its certificate from `tls`, asking for

@@ -9,7 +9,9 @@
 //! TRYAGAIN, CLUSTERDOWN) are followed and retried by the cluster client.
 //!
 //! `rediss://` connects over TLS (rustls), trusting the system's roots, or
-//! only the CA certificates of `redis.ca_file` when it is set.
+//! only the CA certificates of `redis.ca_file` when it is set, and shows
+//! the client certificate of `redis.cert_file` and `redis.key_file` to a
+//! server that asks for one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -174,8 +176,16 @@ fn unreachable(target: &Target, e: redis::RedisError) -> Error {
             target.shown()
         ));
     }
+    // rustls refuses a client certificate and key that do not match, or
+    // a key it cannot use, only when it connects: no use retrying.
+    if e.kind() == redis::ErrorKind::InvalidClientConfig {
+        return Error::config(format!(
+            "Redis at {} cannot be reached with these TLS settings ({e}): check redis.ca_file, and that redis.cert_file and redis.key_file are a certificate and its own key (RSA keys of 2048 bits or more)",
+            target.shown()
+        ));
+    }
     let hint = match target.is_tls() {
-        true => " (over TLS: the server's certificate must be signed by a CA the system trusts, or by one in redis.ca_file; a server that asks for client certificates, tls-auth-clients, needs redis.cert_file and redis.key_file)",
+        true => " (over TLS: the server's certificate must be signed by a CA the system trusts, or by one in redis.ca_file; a server that asks for client certificates, tls-auth-clients, needs redis.cert_file and redis.key_file, a certificate its CA signed)",
         false => "",
     };
     Error::new(Kind::Redis {
@@ -186,7 +196,8 @@ fn unreachable(target: &Target, e: redis::RedisError) -> Error {
 
 /// TLS for `rediss://`: the CA certificates to trust instead of the
 /// system's roots (`redis.ca_file`), and the client certificate to show a
-/// server that asks for one (`redis.cert_file`, `redis.key_file`), if any.
+/// server that asks for one (`redis.cert_file`, `redis.key_file`), if any;
+/// none for a plain `redis://` (the files are read and checked still).
 #[derive(Clone, Default)]
 pub(crate) struct Tls {
     /// The file's name, and what it holds.
@@ -233,14 +244,35 @@ impl Tls {
         match (c.cert_file.is_empty(), c.key_file.is_empty()) {
             (true, true) => {}
             (false, false) => {
+                use rustls_pki_types::pem::PemObject;
                 let cert = read_pem(
                     "redis.cert_file",
                     &c.cert_file,
                     "-----BEGIN CERTIFICATE-----",
                     "certificate",
                 )?;
+                if !rustls_pki_types::CertificateDer::pem_slice_iter(&cert).all(|c| c.is_ok()) {
+                    return Err(Error::config(format!(
+                        "redis.cert_file {:?} holds a certificate that cannot be read as PEM",
+                        c.cert_file
+                    )));
+                }
                 // PKCS#8, PKCS#1 and SEC1 keys all end their first line so.
                 let key = read_pem("redis.key_file", &c.key_file, "PRIVATE KEY-----", "private key")?;
+                // The parser's own errors may quote the key's text: never
+                // shown.
+                if key.windows(9).any(|w| w == b"ENCRYPTED") {
+                    return Err(Error::config(format!(
+                        "redis.key_file {:?} is encrypted, and fga-wb takes no passphrase: give it the key decrypted (openssl pkey -in <file> -out <plain file>, readable only by fga-wb)",
+                        c.key_file
+                    )));
+                }
+                if rustls_pki_types::PrivateKeyDer::from_pem_slice(&key).is_err() {
+                    return Err(Error::config(format!(
+                        "redis.key_file {:?} holds no private key that can be read (PKCS#8, PKCS#1 or SEC1 in PEM, one line per line: a key pasted on one line with \\n for its line breaks needs them back)",
+                        c.key_file
+                    )));
+                }
                 tls.client = Some(Arc::new(ClientFiles {
                     cert_file: c.cert_file.clone(),
                     key_file: c.key_file.clone(),
@@ -256,6 +288,7 @@ impl Tls {
         }
         if (tls.ca.is_some() || tls.client.is_some()) && !target.is_tls() {
             tracing::warn!("redis.ca_file, redis.cert_file or redis.key_file is set but redis.url is not rediss://: the connection is not encrypted, and the files are not used");
+            return Ok(Tls::default());
         }
         Ok(tls)
     }
