@@ -1,7 +1,7 @@
 //! The Redis store: pending ops shared by every process of an application,
 //! durable before `grant`/`revoke` return, and the queue of write jobs.
 //!
-//! All state changes run in one Lua library (`redis.lua`), so concurrent
+//! All state changes run in one Lua library (`store.lua`), so concurrent
 //! processes coalesce correctly. Concurrent pushes from one process are
 //! batched into one script call by a small actor task: each caller is
 //! answered only after the script that stored its op has returned.
