@@ -514,8 +514,13 @@ async fn serve(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<By
                 .and_then(Value::as_array)
                 .map(|a| a.iter().filter_map(key_of).collect())
                 .unwrap_or_default();
-            if let Some(unknown) = unknown_in_model(&s.model, kind, relation, filter, userset) {
-                return bad_request(&unknown);
+            if let Some((code, message)) =
+                unknown_in_model(&s.model, kind, relation, filter, userset)
+            {
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    json!({ "code": code, "message": message }),
+                );
             }
             let mut users: BTreeSet<String> = s
                 .tuples
@@ -550,41 +555,44 @@ fn user_matches(want: &str, user: &str) -> bool {
 }
 
 /// What OpenFGA's request validation says of a Read filter's fields, if
-/// it refuses them: a user is `type:id` (or `type:#relation`), a relation
-/// has no `:`, `#` or `@`, an object at least two characters; none holds
-/// whitespace.
+/// it refuses them: a user is `type:id` (or `type:#relation`, at most 512
+/// bytes), a relation has no `:`, `#` or `@` (at most 50 characters), an
+/// object has 2 to 256 characters; none holds whitespace as Go's regular
+/// expressions know it (ASCII only: fga-wb takes other spaces in ids, as
+/// OpenFGA does).
 fn malformed_read_filter<'a>(want: &impl Fn(&str) -> Option<&'a str>) -> Option<String> {
-    let spaced = |v: &str| v.chars().any(char::is_whitespace);
+    let spaced = |v: &str| v.contains(['\t', '\n', '\x0C', '\r', ' ']);
+    let chars = |v: &str| v.chars().count();
     if let Some(u) = want("user") {
-        let ok = u
-            .split_once(':')
-            .is_some_and(|(k, id)| !k.is_empty() && !id.is_empty() && k.len() <= 511);
-        if !ok || spaced(u) {
+        let ok = u.split_once(':').is_some_and(|(k, id)| {
+            !k.is_empty() && !id.is_empty() && chars(k) <= 511 && chars(id) <= 511
+        });
+        if !ok || u.len() > 512 || spaced(u) {
             return Some(format!("invalid ReadRequestTupleKey.User: {u:?}"));
         }
     }
     if let Some(r) = want("relation") {
-        if r.len() > 50 || spaced(r) || r.contains([':', '#', '@']) {
+        if chars(r) > 50 || spaced(r) || r.contains([':', '#', '@']) {
             return Some(format!("invalid ReadRequestTupleKey.Relation: {r:?}"));
         }
     }
     if let Some(o) = want("object") {
-        if o.len() < 2 || o.len() > 256 || spaced(o) {
+        if chars(o) < 2 || chars(o) > 256 || spaced(o) {
             return Some(format!("invalid ReadRequestTupleKey.Object: {o:?}"));
         }
     }
     None
 }
 
-/// What OpenFGA says of a ListUsers request naming a type or relation its
-/// model lacks, if it does.
+/// OpenFGA's code and message for a ListUsers request naming a type or
+/// relation its model lacks (the user filter's first), if it does.
 fn unknown_in_model(
     model: &Value,
     kind: &str,
     relation: &str,
     filter: &str,
     userset: Option<&str>,
-) -> Option<String> {
+) -> Option<(&'static str, String)> {
     let relations = |t: &str| {
         model
             .get("type_definitions")?
@@ -594,14 +602,24 @@ fn unknown_in_model(
             .map(|d| d.get("relations").cloned().unwrap_or(Value::Null))
     };
     let has = |t: &str, r: &str| relations(t).is_some_and(|rs| rs.get(r).is_some());
-    if relations(kind).is_none() || relations(filter).is_none() {
-        return Some(format!("type not found in the model: {kind} or {filter}"));
+    let no_type = |t: &str| Some(("type_not_found", format!("type '{t}' not found")));
+    let no_relation = |t: &str, r: &str| {
+        Some((
+            "relation_not_found",
+            format!("relation '{t}#{r}' not found"),
+        ))
+    };
+    if relations(filter).is_none() {
+        return no_type(filter);
     }
-    if !has(kind, relation) || userset.is_some_and(|r| !has(filter, r)) {
-        return Some(format!(
-            "relation not found in the model: {relation} or {filter}#{}",
-            userset.unwrap_or("")
-        ));
+    if let Some(r) = userset.filter(|r| !has(filter, r)) {
+        return no_relation(filter, r);
+    }
+    if relations(kind).is_none() {
+        return no_type(kind);
+    }
+    if !has(kind, relation) {
+        return no_relation(kind, relation);
     }
     None
 }

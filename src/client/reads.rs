@@ -89,7 +89,10 @@ impl WriteBehind {
     ///
     /// Fails closed with an error for which [`Error::is_stale_check`] is true
     /// when a pending revoke this check could depend on is not applied within
-    /// `check.revoke_wait_timeout`. Treat any error as "not allowed".
+    /// `check.revoke_wait_timeout`; while flushing is stopped, with the
+    /// stop's own error instead ([`Error::is_auth`], [`Error::is_not_found`],
+    /// [`Error::is_misdirected`], [`Error::is_flusher_stopped`]). Treat any
+    /// error as "not allowed".
     ///
     /// # Examples
     ///
@@ -430,7 +433,7 @@ impl WriteBehind {
     /// does: pending grants on the relations the list depends on go to
     /// OpenFGA's ListObjects as contextual tuples (more than 100: it flushes
     /// first), a pending revoke (or grant with a condition) it depends on is
-    /// waited for, failing closed with [`Error::is_stale_check`], and a list
+    /// waited for, failing closed as [`WriteBehind::check`] does, and a list
     /// that can depend on a recent write bypasses OpenFGA's caches.
     pub async fn list_objects(&self, req: &ListObjectsRequest) -> Result<Vec<String>> {
         self.ensure_open()?;
@@ -518,7 +521,7 @@ impl WriteBehind {
     /// user, relation and object; `type:` with a user for every object of a
     /// type), counting every acknowledged grant and revoke: what an admin
     /// page shows as "who has access". A pending revoke that matches is
-    /// waited for (failing closed as a check does, [`Error::is_stale_check`]);
+    /// waited for (failing closed as [`WriteBehind::check`] does);
     /// pending grants that match are added, with their conditions, to what
     /// OpenFGA holds, read with `HIGHER_CONSISTENCY`.
     pub async fn read(&self, filter: &ReadFilter) -> Result<Vec<TupleKey>> {

@@ -177,8 +177,12 @@ fn unreachable(target: &Target, e: redis::RedisError) -> Error {
         ));
     }
     // rustls refuses a client certificate and key that do not match, or
-    // a key it cannot use, only when it connects: no use retrying.
-    if e.kind() == redis::ErrorKind::InvalidClientConfig {
+    // a key it cannot use, only when it connects: no use retrying. (A
+    // cluster's client wraps the error as I/O, with the same words.)
+    if target.is_tls()
+        && e.to_string()
+            .contains("Unable to build client with TLS parameters")
+    {
         return Error::config(format!(
             "Redis at {} cannot be reached with these TLS settings ({e}): check redis.ca_file, and that redis.cert_file and redis.key_file are a certificate and its own key (RSA keys of 2048 bits or more)",
             target.shown()
@@ -261,7 +265,10 @@ impl Tls {
                 let key = read_pem("redis.key_file", &c.key_file, "PRIVATE KEY-----", "private key")?;
                 // The parser's own errors may quote the key's text: never
                 // shown.
-                if key.windows(9).any(|w| w == b"ENCRYPTED") {
+                let encrypted = |m: &[u8]| key.windows(m.len()).any(|w| w == m);
+                if encrypted(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+                    || encrypted(b"Proc-Type: 4,ENCRYPTED")
+                {
                     return Err(Error::config(format!(
                         "redis.key_file {:?} is encrypted, and fga-wb takes no passphrase: give it the key decrypted (openssl pkey -in <file> -out <plain file>, readable only by fga-wb)",
                         c.key_file
