@@ -183,8 +183,9 @@ async fn a_redis_behind_a_private_ca_is_reached_with_ca_file() {
 /// mutual-TLS deployments run it) is reached with `redis.cert_file` and
 /// `redis.key_file` (a certificate its CA signed); without them the
 /// handshake is refused, and the error names the settings. One given
-/// without the other, or a key file that holds no key, is a configuration
-/// error that names the file. Before, no client certificate could be set.
+/// without the other is a configuration error; so is a key file that
+/// cannot be used, named, its text never shown. Before, no client
+/// certificate could be set.
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_asks_for_client_certificates_is_reached_with_cert_and_key() {
@@ -233,7 +234,6 @@ async fn a_redis_that_asks_for_client_certificates_is_reached_with_cert_and_key(
     let one_line = dir.join("one-line.key");
     std::fs::write(&one_line, key.trim_end().replace('\n', "\\n")).unwrap();
     run("pkey -in client.key -out encrypted.key -aes256 -passout pass:secret");
-    let body_line = key.lines().nth(1).unwrap();
     for (bad, what) in [
         (tls.ca.clone(), "holds no private key"),
         (dir.join("encrypted.key"), "is encrypted"),
@@ -245,7 +245,9 @@ async fn a_redis_that_asks_for_client_certificates_is_reached_with_cert_and_key(
         let e = refused(wrong, &format!("built with {bad:?} as the key")).await;
         let msg = e.to_string();
         assert!(e.is_config() && msg.contains(what), "{bad:?}: {msg}");
-        assert!(!msg.contains(body_line), "{bad:?} shows the key: {msg}");
+        let text = std::fs::read_to_string(&bad).unwrap();
+        let body = text.lines().find(|l| l.len() > 40).unwrap_or(&text);
+        assert!(!msg.contains(body), "{bad:?} shows the key: {msg}");
     }
 }
 

@@ -189,11 +189,11 @@ _fga_wb_apt_install() {
         fga_wb_die "need to install $* but apt-get is missing; install it by hand"
     fga_wb_log "installing $* with apt-get"
     if [[ "$_FGA_WB_APT_UPDATED" != 1 ]]; then
-        # The lock timeout does not cover the lists' lock that `update`
-        # takes: tried again for a few minutes instead.
+        # dpkg's lock timeout does not cover the lists' lock that `update`
+        # takes: tried again instead, for about three minutes.
         local try
         for try in 1 2 3 4 5 6 7 8 9 10; do
-            "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update -q >&2 && break
+            "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q >&2 && break
             ((try < 10)) || fga_wb_die "apt-get update failed 10 times; see above"
             fga_wb_log "apt-get update failed (try $try of 10; another apt may hold its lock); again in 20 s"
             sleep 20

@@ -544,9 +544,7 @@ impl WriteBehind {
         let cfg = &self.inner.config.buffer;
         let e = &self.inner.engine;
         // A flusher stopped on a panic makes no room, ever: its own error.
-        if let Some(panicked) = e.failed.get() {
-            return Err(panicked.clone());
-        }
+        self.flusher_failed()?;
         // While flushing is stopped (OpenFGA refused the credentials, does
         // not know the store, or something else answered) this process
         // makes no room until it looks again: the error says so, not
@@ -555,7 +553,7 @@ impl WriteBehind {
             Error::new(Kind::BufferFull {
                 capacity: cfg.capacity,
                 waited,
-                stopped: e.stats.halted().map(|h| h.to_string()),
+                stopped: e.stats.stopped(),
             })
         };
         // A job sink, not the configured mode: a handle on a test queue
@@ -880,6 +878,11 @@ impl WriteBehind {
     /// flusher).
     fn ensure_flushing(&self) -> Result<()> {
         self.ensure_open()?;
+        self.flusher_failed()
+    }
+
+    /// The flusher's panic, if it stopped on one.
+    fn flusher_failed(&self) -> Result<()> {
         match self.inner.engine.failed.get() {
             Some(e) => Err(e.clone()),
             None => Ok(()),

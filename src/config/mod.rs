@@ -412,7 +412,8 @@ pub struct RedisConfig {
     /// (`tls-auth-clients`): a PEM file of fga-wb's certificate (with its
     /// chain); set together with `key_file`.
     pub cert_file: String,
-    /// The PEM private key of `cert_file`.
+    /// The PEM private key of `cert_file`, unencrypted (fga-wb takes no
+    /// passphrase).
     pub key_file: String,
     /// Prefix of every key fga-wb writes; the store id follows it.
     pub key_prefix: String,

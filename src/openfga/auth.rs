@@ -121,6 +121,10 @@ const FAILURE_HOLDS: Duration = Duration::from_secs(1);
 /// endpoint.
 const REFETCH_EVERY: Duration = Duration::from_secs(30);
 
+/// Most of a token response read: a token takes a few KiB, and an endless
+/// answer is not held whole.
+const TOKEN_BODY_MAX: usize = 1 << 20;
+
 #[derive(Deserialize)]
 struct TokenResponse {
     access_token: String,
@@ -260,13 +264,15 @@ async fn fetch_token(http: &reqwest::Client, o: &OAuth2) -> Result<(Secret, Dura
     // A body cut off on the way is worth another try; one that is not a
     // token response is the endpoint's answer.
     // A token takes a few KiB: an endless answer is not read whole.
-    let (bytes, ended) = super::read_up_to(resp, 1 << 20).await;
+    let (bytes, ended) = super::read_up_to(resp, TOKEN_BODY_MAX).await;
     match ended {
         Ok(true) => {}
         Ok(false) => {
             return Err(token_err(
-                "the token response is over 1 MiB, not read whole; check openfga.oauth2.token_url"
-                    .into(),
+                format!(
+                    "the token response is over {} MiB, not read whole",
+                    TOKEN_BODY_MAX >> 20
+                ),
                 false,
             ))
         }

@@ -1002,9 +1002,11 @@ fn batch_item_error(check: &CheckRequest, e: &serde_json::Value) -> Error {
     }))
 }
 
-/// Most of a success's body read (OpenFGA's largest answers, 1,000
-/// objects or users, or a page of 100 tuples, take well under 1 MiB): a
-/// proxy's or a broken server's endless answer is not held whole.
+/// Most of a success's body read (OpenFGA's largest answers with its
+/// default limits, 1,000 objects or users, or a page of 100 tuples, take
+/// well under 1 MiB; a server whose list limits are raised a hundredfold
+/// still fits): a proxy's or a broken server's endless answer is not held
+/// whole.
 const SUCCESS_BODY_MAX: usize = 32 << 20;
 
 /// An error answer's body, up to 64 KiB (OpenFGA's are a line of JSON):
@@ -1013,14 +1015,19 @@ async fn error_body(resp: reqwest::Response) -> Vec<u8> {
     read_up_to(resp, 64 * 1024).await.0
 }
 
-/// An answer's body, up to `max` bytes, and whether it ended there
-/// (`Ok(true)`), went on past `max` (`Ok(false)`), or broke off.
+/// An answer's body, up to `max` bytes, and whether it ended before
+/// `max` (`Ok(true)`), reached it (`Ok(false)`), or broke off.
 async fn read_up_to(
     mut resp: reqwest::Response,
     max: usize,
 ) -> (Vec<u8>, std::result::Result<bool, reqwest::Error>) {
     let mut body = Vec::new();
     loop {
+        // Full: whether more would come is not worth a wait (a stalled
+        // page would hold it to the request's timeout).
+        if body.len() == max {
+            return (body, Ok(false));
+        }
         match resp.chunk().await {
             Ok(Some(c)) if c.len() > max - body.len() => {
                 body.extend_from_slice(&c[..max - body.len()]);

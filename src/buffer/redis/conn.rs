@@ -217,18 +217,22 @@ struct ClientFiles {
     key: Vec<u8>,
 }
 
-/// Reads a PEM file of setting `key`, which must hold `marker` (rustls
+/// Reads the PEM file of `setting`, which must hold `marker` (rustls
 /// skips what it cannot read, and would only say later, at each connect,
 /// that the handshake failed).
-fn read_pem(key: &str, file: &str, marker: &str, what: &str) -> Result<Vec<u8>> {
+fn read_pem(setting: &str, file: &str, marker: &str, what: &str) -> Result<Vec<u8>> {
     let pem = std::fs::read(file)
-        .map_err(|e| Error::config(format!("{key} {file:?} cannot be read: {e}")))?;
-    if !pem.windows(marker.len()).any(|w| w == marker.as_bytes()) {
+        .map_err(|e| Error::config(format!("{setting} {file:?} cannot be read: {e}")))?;
+    if !holds(&pem, marker) {
         return Err(Error::config(format!(
-            "{key} {file:?} holds no {what} in PEM ({marker}...-----)"
+            "{setting} {file:?} holds no {what} in PEM (no line with {marker})"
         )));
     }
     Ok(pem)
+}
+
+fn holds(pem: &[u8], text: &str) -> bool {
+    pem.windows(text.len()).any(|w| w == text.as_bytes())
 }
 
 impl Tls {
@@ -255,7 +259,7 @@ impl Tls {
                     "-----BEGIN CERTIFICATE-----",
                     "certificate",
                 )?;
-                if !rustls_pki_types::CertificateDer::pem_slice_iter(&cert).all(|c| c.is_ok()) {
+                if !rustls_pki_types::CertificateDer::pem_slice_iter(&cert).all(|r| r.is_ok()) {
                     return Err(Error::config(format!(
                         "redis.cert_file {:?} holds a certificate that cannot be read as PEM",
                         c.cert_file
@@ -265,9 +269,8 @@ impl Tls {
                 let key = read_pem("redis.key_file", &c.key_file, "PRIVATE KEY-----", "private key")?;
                 // The parser's own errors may quote the key's text: never
                 // shown.
-                let encrypted = |m: &[u8]| key.windows(m.len()).any(|w| w == m);
-                if encrypted(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
-                    || encrypted(b"Proc-Type: 4,ENCRYPTED")
+                if holds(&key, "-----BEGIN ENCRYPTED PRIVATE KEY-----")
+                    || holds(&key, "Proc-Type: 4,ENCRYPTED")
                 {
                     return Err(Error::config(format!(
                         "redis.key_file {:?} is encrypted, and fga-wb takes no passphrase: give it the key decrypted (openssl pkey -in <file> -out <plain file>, readable only by fga-wb)",
@@ -314,8 +317,8 @@ impl Tls {
         })
     }
 
-    /// What is wrong when a client cannot be built: the CA file, when one
-    /// is given (it is read as PEM then), else the URL.
+    /// What is wrong when a client cannot be built: the CA, certificate
+    /// and key files given, else the URL.
     fn refused(&self, target: &Target, e: redis::RedisError) -> Error {
         let mut files = Vec::new();
         if let Some((file, _)) = &self.ca {
