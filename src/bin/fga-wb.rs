@@ -380,7 +380,7 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
                 waiting.replays = q.any_worker_replays().then(|| {
                     Some(config.queue.replay_transient)
                         .filter(|e| !e.is_zero())
-                        .unwrap_or(fga_wb::Config::default().queue.replay_transient)
+                        .unwrap_or(fga_wb::config::QueueConfig::default().replay_transient)
                 });
             }
             let before = status.totals;

@@ -4,13 +4,13 @@
 //! Jobs live in fga-wb's own keys, in the store's Redis slot, next to the ops
 //! they hold (see `buffer/redis/store.lua`): enqueueing moves a chunk's ops
 //! to a new job in the same script that records the job, so no op is ever
-//! both pending and queued, or neither. A worker fetches a due job, claims the ops the job
-//! still holds (a newer op on a key supersedes the job's), writes them, and in
-//! one script finishes them and ends the job: it is deleted when nothing is
-//! left, or rescheduled, to the millisecond, at the next step of
-//! `queue.retry_schedule` (10 s, 30 s, 60 s by default) with the ops that
-//! failed transiently. After the last step those ops are dead-lettered.
-//! Nothing of a finished job stays in Redis.
+//! both pending and queued, or neither. A worker fetches a due job, claims
+//! the ops the job still holds (a newer op on a key supersedes the job's),
+//! writes them, and in one script finishes them and ends the job: it is
+//! deleted when nothing is left, or rescheduled, to the millisecond, at the
+//! next step of `queue.retry_schedule` (10 s, 30 s, 60 s by default) with
+//! the ops that failed transiently. After the last step those ops are
+//! dead-lettered. Nothing of a finished job stays in Redis.
 //!
 //! Workers are apalis workers (its worker loop, concurrency limit and
 //! graceful stop) over a custom backend that fetches from these keys. A
