@@ -60,7 +60,8 @@ pub struct OpenFgaConfig {
     /// Pin writes and checks to this model; empty means the store's latest.
     pub model_id: String,
     /// With `model_id` empty: how often to look for a newer latest model
-    /// and follow it (`0s`: never; `WriteBehind::refresh_model` on demand).
+    /// and follow it (`0s`: never; `WriteBehind::refresh_model` on demand;
+    /// else at least 100 ms).
     /// A model that cannot be read at start is read again every 10 s (or
     /// this, when shorter) until it is, pinned or not.
     #[serde(with = "duration")]
@@ -504,7 +505,7 @@ pub struct QueueConfig {
     /// than the schedule needs no person. A letter whose tuple got a newer
     /// op since is dropped, never replayed over it (a revoke's letter stays
     /// if that op was cleared, not written). `0s`: never (replay them with
-    /// `fga-wb dlq replay`).
+    /// `fga-wb dlq replay`); else at least 100 ms.
     #[serde(with = "duration")]
     pub replay_transient: Duration,
 }
@@ -928,6 +929,20 @@ impl Config {
             return Err(Error::config(
                 "queue.poll_interval is below 1ms; an idle worker would call Redis without a pause (e.g. \"100ms\")",
             ));
+        }
+        // Each is a request per look (a model read from OpenFGA, a read of
+        // Redis's dead-letter count from every worker): a look every
+        // millisecond would load the server and tell nothing sooner. Zero
+        // is "never", as documented.
+        for (name, d) in [
+            ("openfga.model_refresh", self.openfga.model_refresh),
+            ("queue.replay_transient", self.queue.replay_transient),
+        ] {
+            if !d.is_zero() && d < Duration::from_millis(100) {
+                return Err(Error::config(format!(
+                    "{name} is {d:?}; it must be 0s (never) or at least 100ms (each look is a request; e.g. \"30s\")"
+                )));
+            }
         }
         // Added to the clock at every stop: a deadline centuries away would
         // overflow it.

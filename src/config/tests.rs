@@ -443,6 +443,26 @@ fn zero_pauses_are_refused() {
     assert!(load_env(&[("FGA_WB_QUEUE__POLL_INTERVAL", "1ms")]).is_ok());
 }
 
+/// A look every millisecond, at the model in OpenFGA or at dead letters
+/// in Redis, would load the server for nothing: below 100 ms is refused
+/// by name, zero (never) is not.
+#[test]
+fn looks_more_often_than_every_100ms_are_refused() {
+    for var in [
+        "FGA_WB_OPENFGA__MODEL_REFRESH",
+        "FGA_WB_QUEUE__REPLAY_TRANSIENT",
+    ] {
+        let e = load_env(&[(var, "1ms")]).unwrap_err();
+        let name = match var.contains("MODEL") {
+            true => "openfga.model_refresh is 1ms",
+            false => "queue.replay_transient is 1ms",
+        };
+        assert!(e.to_string().contains(name), "{e}");
+        assert!(load_env(&[(var, "0s")]).is_ok(), "{var}");
+        assert!(load_env(&[(var, "100ms")]).is_ok(), "{var}");
+    }
+}
+
 /// A timeout of zero, often meant as "no limit", is no time at all to
 /// reqwest: every request would time out, each Write held as an unknown
 /// outcome and retried for good. Refused by name.
