@@ -237,6 +237,73 @@ async fn hung_response_times_out_as_transient() {
     assert!(e.is_timeout() && e.is_transient(), "{e}");
 }
 
+/// A server that never takes the connection (its accept queue full: a
+/// firewall that drops packets does the same) is out of reach after
+/// `connect_timeout`, and the error says so. It said "timed out after
+/// 10s; raise openfga.request_timeout", which changes nothing.
+#[tokio::test]
+async fn a_connection_that_never_opens_names_the_connect_timeout() {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    // Never accepted: once its queue holds what it can, Linux drops the
+    // next connections' SYNs, and their connects wait.
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    loop {
+        let one = tokio::net::TcpSocket::new_v4().unwrap();
+        match tokio::time::timeout(Duration::from_millis(300), one.connect(addr)).await {
+            Ok(Ok(stream)) => fillers.push(stream),
+            Ok(Err(e)) => panic!("filling the accept queue: {e}"),
+            Err(_) => break,
+        }
+        assert!(fillers.len() < 64, "the accept queue never filled");
+    }
+    let client = Client::builder(format!("http://{addr}"))
+        .timeout(Duration::from_secs(30))
+        .connect_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let check = CheckRequest::new("user:a", "viewer", "document:1");
+    let e = client.check(STORE, &check).await.unwrap_err();
+    assert!(e.is_connect() && !e.is_timeout(), "{e}");
+    assert!(e.is_transient(), "{e}");
+    let text = e.to_string();
+    assert!(text.contains("openfga.connect_timeout"), "{text}");
+    assert!(!text.contains("request_timeout"), "{text}");
+}
+
+/// A token set in code that an HTTP header cannot carry is refused when
+/// the client is built: reqwest refused every request with it, which read
+/// as OpenFGA out of reach, retried for good. The token is never shown.
+#[tokio::test]
+async fn a_token_set_in_code_that_no_header_carries_is_refused() {
+    let e = Client::builder("http://127.0.0.1:1")
+        .api_token(Secret::new("tok-secret-1\n"))
+        .build()
+        .unwrap_err();
+    assert!(e.is_config(), "{e}");
+    assert!(e.to_string().contains("API token"), "{e}");
+    assert!(!format!("{e} {e:?}").contains("tok-secret-1"), "{e}");
+}
+
+/// A token endpoint that hands out a token no header can carry is an
+/// auth error naming it (it was "cannot reach OpenFGA", retried for good),
+/// and a 408 from it is worth another try, as a 429 or a 5xx are.
+#[tokio::test]
+async fn a_token_endpoint_answer_no_header_carries_is_an_auth_error() {
+    let e =
+        check_with_token_answer(wiremock::ResponseTemplate::new(200).set_body_json(
+            serde_json::json!({"access_token": "tok-secret-2\n", "expires_in": 300}),
+        ))
+        .await;
+    assert!(e.is_auth() && !e.is_transient(), "{e}");
+    assert!(e.to_string().contains("access_token"), "{e}");
+    assert!(!format!("{e} {e:?}").contains("tok-secret-2"), "{e}");
+    let e = check_with_token_answer(wiremock::ResponseTemplate::new(408)).await;
+    assert!(e.is_transient() && !e.is_auth(), "{e}");
+}
+
 /// A 2xx with a JSON body that is not OpenFGA's is a clear decode error,
 /// not a panic; one that is not JSON at all (a captive portal, a default
 /// backend) is not OpenFGA's answer: flushing stops on it, nothing written

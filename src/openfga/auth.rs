@@ -258,7 +258,7 @@ async fn fetch_token(http: &reqwest::Client, o: &OAuth2) -> Result<(Secret, Dura
                 super::redact_url(&o.token_url),
                 status.as_u16()
             ),
-            status.is_server_error() || status.as_u16() == 429,
+            status.is_server_error() || matches!(status.as_u16(), 408 | 429),
         ));
     }
     // A body cut off on the way is worth another try; one that is not a
@@ -292,5 +292,19 @@ async fn fetch_token(http: &reqwest::Client, o: &OAuth2) -> Result<(Secret, Dura
     // at most a day, so no answer can push the expiry past what a clock
     // holds.
     let lifetime = Duration::from_secs(body.expires_in.unwrap_or(300).min(86_400));
-    Ok((Secret::new(body.access_token), lifetime))
+    let token = Secret::new(body.access_token);
+    // Sent as it is in every request's header: one that cannot be would
+    // fail each request before it leaves, as if OpenFGA were out of reach.
+    if !header_safe(&token) {
+        return Err(token_err(
+            "the token response's access_token has a character an HTTP header cannot carry (a control character or a line break); the token endpoint is not issuing usable tokens".into(),
+            false,
+        ));
+    }
+    Ok((token, lifetime))
+}
+
+/// Whether `token` goes into an `Authorization: Bearer` header as it is.
+pub(super) fn header_safe(token: &Secret) -> bool {
+    reqwest::header::HeaderValue::from_str(token.expose()).is_ok()
 }

@@ -156,6 +156,15 @@ impl ClientBuilder {
                 redact_url(&base)
             )));
         }
+        // One set in code skips the configuration's checks: reqwest would
+        // refuse every request, which reads as OpenFGA out of reach.
+        if let Credentials::ApiToken(t) = &self.credentials {
+            if !auth::header_safe(t) {
+                return Err(Error::config(
+                    "the API token has a character an HTTP header cannot carry (a newline or another control character): remove it",
+                ));
+            }
+        }
         if let Credentials::ClientCredentials(o) = &self.credentials {
             if reqwest::Url::parse(&o.token_url).is_err() {
                 return Err(Error::config(format!(
@@ -918,7 +927,20 @@ impl Client {
         // A connection that failed to open carried no request, nor did one
         // that could not be built (a token that is no header value).
         let sent = !e.is_connect() && !e.is_builder();
-        if e.is_timeout() {
+        // A connection that did not open in time is a timeout to reqwest
+        // too, but the setting to look at is the connect timeout, and the
+        // server is out of reach, not slow.
+        if e.is_timeout() && e.is_connect() {
+            Error::new(Kind::Connect {
+                operation,
+                url: redact_url(&self.inner.base),
+                detail: format!(
+                    "no connection within {:?} (openfga.connect_timeout)",
+                    self.inner.connect_timeout
+                ),
+                sent,
+            })
+        } else if e.is_timeout() {
             Error::new(Kind::Timeout {
                 operation,
                 timeout: Some(timeout.unwrap_or(self.inner.timeout)),
@@ -1074,7 +1096,8 @@ fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
         // flush() waiter's answer and shutdown's own pauses to it).
         Ok(0) => return None,
         Ok(secs) => Duration::from_secs(secs),
-        Err(_) if v.bytes().all(|b| b.is_ascii_digit()) => return None,
+        // More seconds than a u64 holds: the longest wait, as any long one.
+        Err(_) if v.bytes().all(|b| b.is_ascii_digit()) => MAX_RETRY_AFTER,
         // By another machine's clock: never taken for "at once".
         Err(_) => httpdate::parse_http_date(v)
             .ok()?
@@ -1372,7 +1395,7 @@ mod tests {
         assert_eq!(at("3"), Some(Duration::from_secs(3)));
         assert_eq!(at("0"), None);
         assert_eq!(at("18446744073709551615"), Some(MAX_RETRY_AFTER));
-        assert_eq!(at("99999999999999999999999"), None);
+        assert_eq!(at("99999999999999999999999"), Some(MAX_RETRY_AFTER));
         // An HTTP date: the time left until it (a second, once past: the
         // clocks of two machines).
         assert_eq!(
