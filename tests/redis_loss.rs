@@ -212,6 +212,67 @@ async fn a_redis_restarted_without_its_data_fails_checks_closed_until_acknowledg
     operator_recovers(&s, &url, &wb).await;
 }
 
+/// `fga-wb flush --wait` exits 1 when Redis loses the ops it waits for
+/// (a FLUSHALL while it waits for a worker), with no application left to
+/// notice: the command's own look finds the loss. Before, its next look
+/// found nothing left to wait for, and it printed "flushed" and exited 0,
+/// the answer a pre-deploy gate takes for "everything is in OpenFGA".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn flush_wait_fails_when_redis_loses_what_it_waits_for() {
+    let s = new_store("redis-loss-flush-wait").await;
+    let redis = Redis::start(RedisOptions::default()).await.unwrap();
+    let url = redis.url();
+    let mut c = config(&s, &url);
+    c.flush.mode = Mode::Queue;
+    let wb = app(c).await;
+    for doc in ["document:1", "document:2", "document:3"] {
+        wb.grant("user:anne", "viewer", doc).await.unwrap();
+    }
+    let cli = support::cli::Cli::at(
+        support::cli::Where {
+            api_url: support::openfga_url(),
+            token: support::openfga_token(),
+            store_id: s.store_id.clone(),
+            model_id: s.model_id.clone(),
+            redis_url: url.clone(),
+        },
+        "queue",
+    );
+    // No worker runs: the command queues the three ops and waits.
+    let waiting = cli
+        .command(&["flush", "--wait", "--timeout", "60s"])
+        .output();
+    let waiting = tokio::spawn(waiting);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while wb.status().await.unwrap().queue.map_or(0, |q| q.pending) == 0 {
+        assert!(Instant::now() < deadline, "the command queued nothing");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wb.shutdown().await.unwrap();
+    drop(wb);
+    let admin = redis::Client::open(url.as_str()).unwrap();
+    let mut admin = admin.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+
+    let out = tokio::time::timeout(Duration::from_secs(60), waiting)
+        .await
+        .expect("flush --wait ends")
+        .unwrap()
+        .expect("run fga-wb");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("Redis lost acknowledged ops"), "{text}");
+    assert!(text.contains("fga-wb loss --ack"), "{text}");
+    assert!(!text.contains(&support::openfga_token()), "{text}");
+}
+
 /// The node of `cluster` that serves `key`'s slot, and its replica.
 async fn primary_and_replica(cluster: &RedisCluster, key: &str) -> (usize, usize) {
     let nodes = cluster.nodes();

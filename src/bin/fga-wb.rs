@@ -81,7 +81,9 @@ enum Command {
         /// steady traffic; an op
         /// a newer one on its tuple superseded is done. Exits 0 only then:
         /// exits 1 when some of those ops were dead-lettered while it ran
-        /// (letters written before it began are not its own).
+        /// (letters written before it began are not its own), and when
+        /// Redis lost acknowledged ops (a loss record is open: `fga-wb
+        /// loss`), before it began or while it waited.
         /// In queue mode, exits 1 at once when a worker reports flushing
         /// stopped, or when such dead ops wait and workers do not replay
         /// them (queue.replay_transient = "0s"), and, without --timeout, once
@@ -408,6 +410,12 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
                 report.error = None;
             }
             let status = wb.status().await?;
+            // Looked at after the wait: ops Redis lost meanwhile are no
+            // longer there to wait for, and the look at what is left found
+            // none.
+            if let Some(loss) = status.loss.as_ref().filter(|_| *wait) {
+                return Err(lost_while_waiting(loss));
+            }
             if cli.json {
                 print_json(&serde_json::json!({ "flush": report, "pending": status.pending }))?;
             } else {
@@ -1062,6 +1070,17 @@ fn unreplayed_note(dead: usize) -> String {
 /// writers flush them, in full chunks) nor waited for, so steady traffic
 /// does not keep it waiting. A progress bar on a
 /// terminal, a line every 5 s otherwise (unless `quiet`: --json).
+/// `flush --wait` cannot say that what it waited for was written: Redis
+/// lost acknowledged ops (before the wait, or during it).
+fn lost_while_waiting(loss: &str) -> Failure {
+    Failure {
+        code: 1,
+        message: format!(
+            "Redis lost acknowledged ops ({loss}): ops this wait was for may never be written; re-apply what the application granted and revoked around then, then run `fga-wb loss --ack`"
+        ),
+    }
+}
+
 async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Result<u64, Failure> {
     use std::io::IsTerminal;
     let started = w.started;
@@ -1091,6 +1110,10 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
         let mut last_error = None;
         loop {
             let status = wb.status().await?;
+            if let Some(loss) = &status.loss {
+                bar.abandon();
+                return Err(lost_while_waiting(loss));
+            }
             let left = left_of(&status);
             bar.set_length(total.max(left));
             bar.set_position(total.saturating_sub(left));

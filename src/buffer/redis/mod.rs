@@ -1261,7 +1261,14 @@ impl Store for RedisStore {
     }
 
     fn loss(&self) -> BoxFuture<'_, Result<Option<String>>> {
-        Box::pin(self.loss_now())
+        Box::pin(async move {
+            // What this process knows (the epoch, what it acknowledged) is
+            // compared first: a look right after Redis lost its data (a
+            // FLUSHALL wakes no heartbeat) finds the loss recorded, not a
+            // store that looks empty, as if all had been written.
+            self.beat().await?;
+            self.loss_now().await
+        })
     }
 
     fn acknowledge_loss<'a>(&'a self, by: &'a str) -> BoxFuture<'a, Result<Option<String>>> {
