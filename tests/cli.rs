@@ -1363,6 +1363,13 @@ async fn flush_wait_ends_when_openfga_refuses_its_read() {
 /// Before, every look counted as an outage, and it waited for good.
 #[tokio::test]
 async fn queue_flush_wait_ends_without_an_openfga_of_its_own() {
+    let r = queue_wait_with_own_openfga_at("http://127.0.0.1:9").await;
+    ended_with(&r, "in queue mode this command needs only Redis");
+}
+
+/// `flush --wait` in queue mode, where a worker fails a tuple for good and
+/// the command's own OpenFGA is at `api_url`.
+async fn queue_wait_with_own_openfga_at(api_url: &str) -> support::cli::Run {
     let (server, _redis, app, mut cli) = mocked_inline().await;
     let settings = [
         ("FGA_WB_FLUSH__MODE", "queue"),
@@ -1371,11 +1378,32 @@ async fn queue_flush_wait_ends_without_an_openfga_of_its_own() {
     ];
     writes_fail_reads_answer(&server, &mut cli, &settings).await;
     let mut worker = quiet_worker(&cli);
-    cli.set("FGA_WB_OPENFGA__API_URL", "http://127.0.0.1:9");
+    cli.set("FGA_WB_OPENFGA__API_URL", api_url);
+    // Its read may take longer than the look waits for it.
+    cli.set("FGA_WB_OPENFGA__REQUEST_TIMEOUT", "60s");
     let r = cli.run(&["flush", "--wait"]).await;
     let _ = worker.kill().await;
-    ended_with(&r, "in queue mode this command needs only Redis");
     drop(app);
+    r
+}
+
+/// The same with an address that takes connections and never answers (a
+/// stalled proxy): the command's look at OpenFGA times out, which counted
+/// as an outage even from an OpenFGA it never heard from, and it waited
+/// for good.
+#[tokio::test]
+async fn queue_flush_wait_ends_when_its_openfga_never_answers() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = silent.local_addr().unwrap();
+    let _held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            open.push(conn);
+        }
+    });
+    let r = queue_wait_with_own_openfga_at(&format!("http://{at}")).await;
+    ended_with(&r, "in queue mode this command needs only Redis");
+    assert!(r.stderr.contains("did not answer a read"), "{r:#?}");
 }
 
 /// An outage (OpenFGA not answering reads either) is waited out, and its

@@ -825,18 +825,26 @@ impl Stuck {
         }
         self.looked_at = Some(now);
         // Bounded: a hung OpenFGA must not hold up the wait's own flushes.
-        let probe = tokio::time::timeout(STUCK_LOOK_EVERY, wb.openfga_reads()).await;
+        // No answer in that time is a transient failure like any other.
+        let probe = match tokio::time::timeout(STUCK_LOOK_EVERY, wb.openfga_reads()).await {
+            Ok(r) => r.map_err(|e| (e.is_transient(), e.to_string())),
+            Err(_) => Err((
+                true,
+                format!("OpenFGA did not answer a read of the store within {STUCK_LOOK_EVERY:?}"),
+            )),
+        };
         self.refused = None;
         match probe {
-            Ok(Ok(())) => self.answered = true,
+            Ok(()) => self.answered = true,
             // Not an outage: this command's own credentials or settings
             // (queue mode's CLI may have only Redis's). Taken as one, it
             // kept the wait from ever ending.
-            Ok(Err(e)) if !e.is_transient() => self.refused = Some(e.to_string()),
+            Err((false, e)) => self.refused = Some(e),
             // Queue mode, where this command needs no OpenFGA of its own:
-            // one it never reached may be no OpenFGA at all (settings left
-            // at their defaults), not an outage.
-            Ok(Err(e)) if s.queue.is_some() && !self.answered => {
+            // one it never reached (nor heard from: an address that takes
+            // connections and never answers) may be no OpenFGA at all
+            // (settings left at their defaults), not an outage.
+            Err((true, e)) if s.queue.is_some() && !self.answered => {
                 self.refused = Some(format!(
                     "{e}; in queue mode this command needs only Redis, so set openfga.api_url (and its credentials) to let it tell an outage apart"
                 ));
