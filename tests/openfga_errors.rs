@@ -252,7 +252,7 @@ async fn a_connection_that_never_opens_names_the_connect_timeout() {
     let mut fillers = Vec::new();
     loop {
         let one = tokio::net::TcpSocket::new_v4().unwrap();
-        match tokio::time::timeout(Duration::from_millis(300), one.connect(addr)).await {
+        match tokio::time::timeout(Duration::from_secs(1), one.connect(addr)).await {
             Ok(Ok(stream)) => fillers.push(stream),
             Ok(Err(e)) => panic!("filling the accept queue: {e}"),
             Err(_) => break,

@@ -1069,6 +1069,18 @@ fn unreplayed_note(dead: usize) -> String {
     )
 }
 
+/// `flush --wait` cannot say that what it waited for was written: a
+/// record of Redis losing acknowledged ops is open (from before the wait,
+/// or from during it).
+fn lost_while_waiting(loss: &str) -> Failure {
+    Failure {
+        code: 1,
+        message: format!(
+            "a record of Redis losing acknowledged ops is open ({loss}): lost ops are never written, and this wait cannot tell whether those it waited for were among them; re-apply what the application granted and revoked around then, then run `fga-wb loss --ack`"
+        ),
+    }
+}
+
 /// Flushes again and again until every op acknowledged before the command
 /// began (`w.mark`) is written, and returns how many ops its own flushes
 /// queued: ops a dead process held come back pending when its lease ends
@@ -1078,17 +1090,6 @@ fn unreplayed_note(dead: usize) -> String {
 /// writers flush them, in full chunks) nor waited for, so steady traffic
 /// does not keep it waiting. A progress bar on a
 /// terminal, a line every 5 s otherwise (unless `quiet`: --json).
-/// `flush --wait` cannot say that what it waited for was written: Redis
-/// lost acknowledged ops (before the wait, or during it).
-fn lost_while_waiting(loss: &str) -> Failure {
-    Failure {
-        code: 1,
-        message: format!(
-            "Redis lost acknowledged ops ({loss}): ops this wait was for may never be written; re-apply what the application granted and revoked around then, then run `fga-wb loss --ack`"
-        ),
-    }
-}
-
 async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Result<u64, Failure> {
     use std::io::IsTerminal;
     let started = w.started;

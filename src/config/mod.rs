@@ -244,7 +244,8 @@ pub enum Mode {
     /// This process calls the Write API.
     #[default]
     Inline,
-    /// Flush pushes apalis jobs; `fga-wb worker` calls the Write API.
+    /// Flush hands chunks to jobs kept in Redis; `fga-wb worker` calls the
+    /// Write API.
     Queue,
 }
 

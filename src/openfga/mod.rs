@@ -1097,7 +1097,7 @@ fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
         Ok(0) => return None,
         Ok(secs) => Duration::from_secs(secs),
         // More seconds than a u64 holds: the longest wait, as any long one.
-        Err(_) if v.bytes().all(|b| b.is_ascii_digit()) => MAX_RETRY_AFTER,
+        Err(_) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => MAX_RETRY_AFTER,
         // By another machine's clock: never taken for "at once".
         Err(_) => httpdate::parse_http_date(v)
             .ok()?
@@ -1412,5 +1412,7 @@ mod tests {
             httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(86_400));
         assert_eq!(at(&far), Some(MAX_RETRY_AFTER));
         assert_eq!(at("soon"), None);
+        assert_eq!(at(""), None);
+        assert_eq!(at("  "), None);
     }
 }

@@ -1265,8 +1265,12 @@ impl Store for RedisStore {
             // What this process knows (the epoch, what it acknowledged) is
             // compared first: a look right after Redis lost its data (a
             // FLUSHALL wakes no heartbeat) finds the loss recorded, not a
-            // store that looks empty, as if all had been written.
-            self.beat().await?;
+            // store that looks empty, as if all had been written. Not once
+            // the heartbeat has stopped (the flusher ended, a stop under
+            // way): a look must not renew a lease being given up.
+            if !self.heartbeat.is_finished() {
+                self.beat().await?;
+            }
             self.loss_now().await
         })
     }
