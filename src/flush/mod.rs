@@ -662,15 +662,7 @@ impl Engine {
                 // that may still land over a later process's newer op.
                 // Not sent, so no attempt used (a worker's job keeps its
                 // step): the kind a lease ending gives too.
-                if result.stop.is_none()
-                    && result.requests > 0
-                    && self.deadline_within(Duration::ZERO)
-                {
-                    result.stop = Some(Stop::Transient(Error::new(Kind::Busy(
-                        "the stop's deadline passed; not starting another write".into(),
-                    ))));
-                }
-                if result.stop.is_some() {
+                if self.stopped_at_deadline(&mut result) {
                     result
                         .outcomes
                         .extend(part.into_iter().map(|t| (t, Outcome::Retry)));
@@ -760,7 +752,10 @@ impl Engine {
             // Looked up once, for the ops that first failed so (the whole
             // chunk then): nothing to look up for a chunk that lands.
             let allowed = *allowed_rounds.get_or_insert_with(|| self.split_rounds.allowed(seqs()));
-            if (!works && fruitless >= allowed) || result.stop.is_some() {
+            // A server (or a proxy) that asked for a pause is not split
+            // on at once: the halves would go out inside it.
+            let asked_pause = suspects.iter().any(|(_, e)| e.retry_after().is_some());
+            if (!works && fruitless >= allowed) || result.stop.is_some() || asked_pause {
                 if fruitless >= allowed {
                     self.split_rounds.stopped(seqs(), fruitless);
                 }
@@ -969,6 +964,12 @@ impl Engine {
             op: Op::Revoke,
             ..t.clone()
         };
+        // Two more requests: neither starts past shutdown's deadline (a
+        // grant cut off then could land after a later process's revoke).
+        // The grant stays pending; the tuple as it is, or absent.
+        if self.stopped_at_deadline(result) {
+            return Outcome::Retry;
+        }
         let before = result.unsure_at;
         let written = match self
             .write_retrying(std::slice::from_ref(&delete), model, retries, result)
@@ -981,6 +982,7 @@ impl Engine {
                     // Cut short: the grant is not written (the chunk's own
                     // hold leaves it in flight, see `wait_out`).
                     Some(at) if !self.wait_out(at, 1).await => return Outcome::Retry,
+                    _ if self.stopped_at_deadline(result) => return Outcome::Retry,
                     _ => {}
                 }
                 self.write_retrying(std::slice::from_ref(t), model, retries, result)
@@ -1100,6 +1102,18 @@ impl Engine {
     }
 
     /// A stop's deadline (see `retry_deadline`) passes within `wait`.
+    /// Whether the chunk stops here: it already has (its stop set), or,
+    /// past shutdown's deadline after its first request, now (see
+    /// `write_chunk_as`).
+    fn stopped_at_deadline(&self, result: &mut ChunkResult) -> bool {
+        if result.stop.is_none() && result.requests > 0 && self.deadline_within(Duration::ZERO) {
+            result.stop = Some(Stop::Transient(Error::new(Kind::Busy(
+                "the stop's deadline passed; not starting another write".into(),
+            ))));
+        }
+        result.stop.is_some()
+    }
+
     fn deadline_within(&self, wait: Duration) -> bool {
         self.retry_deadline
             .borrow()
