@@ -31,11 +31,130 @@ async fn redis_handle(s: &TestStore) -> WriteBehind {
 
 /// A handle on the Redis store of `s` that flushes only when told to.
 async fn manual_handle(s: &TestStore) -> WriteBehind {
-    WriteBehind::builder(redis_config(s))
+    manual_with(redis_config(s)).await
+}
+
+/// A handle configured by `c` that flushes only when told to.
+async fn manual_with(c: Config) -> WriteBehind {
+    WriteBehind::builder(c)
         .automatic_flush(false)
         .build()
         .await
         .unwrap()
+}
+
+/// `redis.wait_replicas` on a Redis with no replica (every `WAIT` times
+/// out): with `fewer_replicas = "accept"` a grant is acknowledged after
+/// the wait; with `"fail"` it fails with a transient error that says the
+/// op is buffered all the same, and calling again is safe: each op is
+/// pending once and written once.
+#[tokio::test]
+async fn pushes_fewer_replicas_confirm_are_accepted_or_refused_as_configured() {
+    use fga_wb::config::FewerReplicas;
+    let s = new_store("redis-wait-replicas").await;
+    let mut c = redis_config(&s);
+    c.redis.wait_replicas = 1;
+    c.redis.wait_timeout = Duration::from_millis(50);
+    let accept = manual_with(c.clone()).await;
+    accept
+        .grant("user:anne", "viewer", "document:1")
+        .await
+        .unwrap();
+    c.redis.fewer_replicas = FewerReplicas::Fail;
+    let fail = manual_with(c).await;
+    for _ in 0..2 {
+        let e = fail
+            .grant("user:bob", "viewer", "document:1")
+            .await
+            .unwrap_err();
+        assert!(e.is_transient(), "{e}");
+        assert!(e.to_string().contains("0 of 1 replicas confirmed"), "{e}");
+        assert!(e.to_string().contains("calling again is safe"), "{e}");
+    }
+    assert_eq!(accept.pending().await.unwrap().total, 2);
+    assert_eq!(accept.flush().await.unwrap().applied, 2);
+    let mut got = stored(&s).await;
+    got.sort();
+    assert_eq!(
+        got,
+        ["document:1#viewer@user:anne", "document:1#viewer@user:bob"]
+    );
+}
+
+/// The record of recent writes in Redis is bounded. Per object (a bulk
+/// import writes more distinct objects in its two minutes than it keeps):
+/// past 262,144 objects the oldest marks go, and from then on a check on
+/// any one object counts as after a recent write (fresh answers, never
+/// stale ones). Per relation (revokes are not checked against the model,
+/// so their relations can be anything): past 4,096, those written longer
+/// ago than it remembers go. Before, both grew with every one written.
+#[tokio::test]
+async fn the_writes_remembered_in_redis_are_bounded() {
+    const KEPT: usize = 262_144;
+    let s = new_store("redis-written-bound").await;
+    let wb = manual_handle(&s).await;
+    let prefix = format!("fga-wb:{{{}}}", s.store_id);
+    let mut redis = support::redis_conn().await;
+    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    assert_eq!(wb.flush().await.unwrap().applied, 1);
+    // The store's start counts as a write to everything: put it past.
+    let now = now_ms();
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{prefix}:written"))
+        .arg("*")
+        .arg(now - 300_000)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let fresh_checks = || wb.local_totals().higher_consistency;
+    let before = fresh_checks();
+    assert!(!wb
+        .check("user:zed", "viewer", "document:other")
+        .await
+        .unwrap());
+    assert_eq!(fresh_checks(), before, "no write on document:other yet");
+
+    // As many objects written within the last minute as it keeps.
+    for part in (0..KEPT).collect::<Vec<_>>().chunks(10_000) {
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(format!("{prefix}:wobj"));
+        for i in part {
+            zadd.arg(now).arg(format!("document:bulk-{i}#viewer"));
+        }
+        let _: () = zadd.query_async(&mut redis).await.unwrap();
+    }
+    // And more relations than it keeps, written long ago.
+    let mut hset = redis::cmd("HSET");
+    hset.arg(format!("{prefix}:written"));
+    for i in 0..5_000 {
+        hset.arg(format!("document#old{i}")).arg(now - 300_000);
+    }
+    let _: () = hset.query_async(&mut redis).await.unwrap();
+    wb.grant("user:anne", "viewer", "document:2").await.unwrap();
+    assert_eq!(wb.flush().await.unwrap().applied, 1);
+    let rels: usize = redis::cmd("HLEN")
+        .arg(format!("{prefix}:written"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(rels < 10, "{rels} relations kept");
+    let kept: usize = redis::cmd("ZCARD")
+        .arg(format!("{prefix}:wobj"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(kept <= KEPT, "{kept} objects kept");
+    let before = fresh_checks();
+    assert!(!wb
+        .check("user:zed", "viewer", "document:other")
+        .await
+        .unwrap());
+    assert_eq!(fresh_checks(), before + 1, "its mark may have gone");
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{prefix}:wobj"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
 }
 
 /// Two handles share one buffer: a grant through one is pending for both, is

@@ -88,6 +88,9 @@ impl Written {
         if now.saturating_sub(g.pruned_at) > keep / 10 || full {
             g.pruned_at = now;
             g.by_object.retain(|_, at| now.saturating_sub(*at) < keep);
+            // Revokes are not checked against the model: their relations
+            // can be anything an application passes, each one kept.
+            g.by_rel.retain(|_, at| now.saturating_sub(*at) < keep);
             // Full, and still more than half full once pruned: dropped, so
             // that a pass over the whole map for being full comes at most
             // once per half of it written.
@@ -174,6 +177,25 @@ mod tests {
             None
         );
         assert!(w.since(None, "folder:x").is_some());
+    }
+
+    /// Relations written long ago are let go (revokes on relations of any
+    /// name, which the model does not check, kept one each for good).
+    #[test]
+    fn relations_written_long_ago_are_let_go() {
+        let w = long_running();
+        {
+            let mut g = w.lock();
+            for i in 0..100 {
+                g.by_rel.insert(format!("document#old{i}"), 0);
+            }
+        }
+        let t = TupleKey::new("user:a", "viewer", "document:1").unwrap();
+        w.note([&t]);
+        assert_eq!(w.lock().by_rel.len(), 1);
+        assert!(w
+            .since(Some(&[dep("document#viewer", false)]), "document:2")
+            .is_some());
     }
 
     /// More distinct objects written than it keeps: the record stays

@@ -371,7 +371,7 @@ fn not_a_url(target: &Target, e: impl std::fmt::Display) -> Error {
 pub(crate) type OnDisconnect = Arc<dyn Fn() + Send + Sync>;
 
 /// Longest any one command may take, redirections and reconnects included.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Every connection's socket: a peer that stops answering at all (a node
 /// that died without a reset, an address moved to another machine) drops

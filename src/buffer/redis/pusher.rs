@@ -23,6 +23,7 @@ pub(crate) struct Pusher {
 
 impl Pusher {
     pub(crate) async fn run(self, mut rx: mpsc::Receiver<PushRequest>) {
+        let depth = pipeline_depth(self.replication);
         let this = Arc::new(self);
         let mut running = futures::stream::FuturesUnordered::new();
         let mut staged: Vec<PushRequest> = Vec::with_capacity(PUSH_BATCH);
@@ -43,7 +44,7 @@ impl Pusher {
                 running.push(this.clone().send(batch));
                 continue;
             }
-            if staged.len() >= PUSH_PIPELINE_MIN && running.len() < PUSH_PIPELINE {
+            if staged.len() >= PUSH_PIPELINE_MIN && running.len() < depth {
                 // Queued behind the call Redis is running, so Redis goes on
                 // while this process hands out replies; only when enough ops
                 // wait, as small calls cost Redis more per op.
@@ -263,5 +264,48 @@ pub(crate) const PUSH_YIELDS: usize = 2;
 /// Most push script calls one store has in flight at once.
 pub(crate) const PUSH_PIPELINE: usize = 4;
 
+/// Push calls in flight at once. With `redis.wait_replicas`, each call's
+/// `WAIT` holds the connection up to `redis.wait_timeout` while replicas
+/// are missing, so the last call in line answers only after the `WAIT`s
+/// ahead of it: all of them must fit in the connection's response
+/// timeout, or pushes Redis stored fail as timed out (four 10 s waits did).
+fn pipeline_depth(replication: Option<Replication>) -> usize {
+    match replication {
+        None => PUSH_PIPELINE,
+        Some(r) => {
+            let fits = conn::RESPONSE_TIMEOUT.as_millis() / r.timeout.as_millis().max(1);
+            usize::try_from(fits.saturating_sub(1))
+                .unwrap_or(PUSH_PIPELINE)
+                .clamp(1, PUSH_PIPELINE)
+        }
+    }
+}
+
 /// Ops waiting that justify a second push call in flight.
 pub(crate) const PUSH_PIPELINE_MIN: usize = 10;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every call in flight waits out its replicas within the response
+    /// timeout, whatever `redis.wait_timeout` (1 ms to 10 s) says.
+    #[test]
+    fn the_waits_in_flight_fit_in_the_response_timeout() {
+        assert_eq!(pipeline_depth(None), PUSH_PIPELINE);
+        for ms in [1, 100, 5_000, 6_000, 7_500, 9_999, 10_000] {
+            let timeout = Duration::from_millis(ms);
+            let r = Replication {
+                replicas: 1,
+                timeout,
+                fail: false,
+            };
+            let depth = pipeline_depth(Some(r));
+            assert!((1..=PUSH_PIPELINE).contains(&depth), "{ms} ms: {depth}");
+            assert!(
+                timeout * depth as u32 + Duration::from_secs(1) < conn::RESPONSE_TIMEOUT,
+                "{ms} ms: {depth} in flight"
+            );
+        }
+    }
+}

@@ -102,8 +102,11 @@
 --                              show it yet (see written.rs); "*" -> when the
 --                              store's epoch began or a loss was acknowledged:
 --                              the marks of writes before then may be gone,
---                              so every check counts it
+--                              so every check counts it; "#objects" -> when
+--                              P:wobj last lost marks for being full: every
+--                              check on one object counts it
 --   P:wobj             zset    "object#rel" -> the same per object, kept 2 min
+--                              (at most WRITTEN_OBJECTS_MAX)
 --   P:epoch            string  the store's epoch: set when its keys are first
 --                              written, and again after a loss (heartbeat)
 --   P:epochs           hash    epochs replaced after a recorded loss -> when
@@ -400,6 +403,15 @@ local BEATS_KEEP_MS = 600000
 
 -- How long writes are remembered (written.rs KEEP).
 local WRITTEN_KEEP_MS = 120000
+-- Most objects remembered one by one (written.rs MAX_OBJECTS): writes on
+-- distinct objects can outrun WRITTEN_KEEP_MS (a bulk import), and a mark
+-- takes some 100 bytes. Past it the oldest marks go, and when they went
+-- counts as a write on every object (P:written "#objects").
+local WRITTEN_OBJECTS_MAX = 262144
+-- Relations remembered before those past WRITTEN_KEEP_MS are looked for
+-- (revokes are not checked against the model, so their relations can be
+-- anything an application passes).
+local WRITTEN_RELS_MAX = 4096
 
 -- Notes that the ops on `keys` were just applied. Called last in a script:
 -- pcall, so keys of the wrong type never abort it after its other writes.
@@ -425,6 +437,23 @@ local function note_written(keys)
   in_parts(pcall_, 'HSET', P .. ':written', h, #h)
   in_parts(pcall_, 'ZADD', P .. ':wobj', z, #z)
   pcall_('ZREMRANGEBYSCORE', P .. ':wobj', '-inf', now - WRITTEN_KEEP_MS)
+  local objects = pcall_('ZCARD', P .. ':wobj')
+  if type(objects) == 'number' and objects > WRITTEN_OBJECTS_MAX then
+    pcall_('ZREMRANGEBYRANK', P .. ':wobj', 0, objects - WRITTEN_OBJECTS_MAX - 1)
+    pcall_('HSET', P .. ':written', '#objects', now)
+  end
+  local rels = pcall_('HLEN', P .. ':written')
+  if type(rels) == 'number' and rels > WRITTEN_RELS_MAX then
+    local all = pcall_('HGETALL', P .. ':written')
+    if type(all) == 'table' and not all.err then
+      local old = {}
+      for i = 1, #all, 2 do
+        local at = as_count(all[i + 1])
+        if at and at < now - WRITTEN_KEEP_MS then old[#old + 1] = all[i] end
+      end
+      in_parts(pcall_, 'HDEL', P .. ':written', old, #old)
+    end
+  end
 end
 
 -- Milliseconds since the newest write a check on `object` can depend on
@@ -446,11 +475,17 @@ local function written_ago(rels, object, any)
   else
     see(pcall_('HGET', P .. ':written', '*'))
   end
+  local trimmed = false
   for _, r in ipairs(rels) do
     if r[2] == 0 then
       see(pcall_('HGET', P .. ':written', r[1]))
     else
       see(pcall_('ZSCORE', P .. ':wobj', object .. '#' .. (smatch(r[1], '#(.*)$') or r[1])))
+      -- An object's mark may have gone with the oldest (see note_written).
+      if not trimmed then
+        trimmed = true
+        see(pcall_('HGET', P .. ':written', '#objects'))
+      end
     end
   end
   if not newest then return -1 end
