@@ -669,6 +669,26 @@ async fn a_writer_back_from_a_pause_keeps_what_it_is_writing() {
     assert_eq!((p.total, p.in_flight), (0, 1), "{p:?}");
 }
 
+/// A finish that says an op it holds was found superseded when claimed
+/// (as after its own replay that stored a job and failed before the rest)
+/// leaves the op in the writer's set while the op is still its own: taken
+/// out, nothing would hand it back when the writer goes.
+#[tokio::test]
+async fn an_op_found_superseded_stays_with_its_writer_while_it_holds_it() {
+    let s = new_store("redis-stale-held").await;
+    let b = manual_handle(&s).await;
+    b.grant("user:anne", "viewer", "document:held")
+        .await
+        .unwrap();
+    let mut w = LateWriter::new(&s, "app:stale-held").await;
+    let taken = w.take_at(now_ms(), 60_000).await;
+    let (key, seq) = taken.iter().next().expect("one op taken");
+    w.finish(key, seq, "s").await;
+    let entry: String = w.on_key("HGET", "ops", &[key]).await;
+    let held: bool = w.on_key("SISMEMBER", "w:app:stale-held", &[key]).await;
+    assert!(held, "the writer's set lost {key}, whose entry is {entry}");
+}
+
 /// A process whose lease ends while it waits to send a Write again (429,
 /// `Retry-After: 2`, from a wiremock OpenFGA: a quick retry's longest wait;
 /// a longer one ends the request, see `tests/transient.rs`) finds, at its

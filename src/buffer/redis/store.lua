@@ -1676,7 +1676,10 @@ if cmd == 'finish' then
       local held = own_job and e and e.state == 'j' and e.seq == seq and e.job == job
       -- 'n': not this writer's to finish, even when it holds the key (it
       -- may hold it again, in a new term): its set keeps the key.
-      if (writing or behind) and outcome ~= 'n' then tinsert(mine, key) end
+      -- Nor 's': found superseded when claimed, the entry is left as it is
+      -- (below); one still this writer's must stay in its set, or nothing
+      -- hands it back when the writer goes.
+      if (writing or behind) and outcome ~= 'n' and outcome ~= 's' then tinsert(mine, key) end
       if behind or (e and (e.op == 'r' or e.cond ~= '')) then notify = true end
       local reclaimed = e and e.state == 'r' and e.seq == seq
       if outcome == 'a' then
