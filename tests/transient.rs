@@ -243,35 +243,6 @@ async fn rate_limited_429_is_retried_until_applied() {
     wb.shutdown().await.unwrap();
 }
 
-/// A 500 that may be its tuples' fault (OpenFGA's `internal_error`) is
-/// split to find a bad tuple, but not when it asks for a pause
-/// (`Retry-After`, a proxy's): the halves would go out inside it. The
-/// chunk goes back pending, whole, after one request. Before, both halves
-/// were sent at once.
-#[tokio::test]
-async fn a_failure_that_asks_for_a_pause_is_not_split_at_once() {
-    let server = mock_openfga().await;
-    write_mock()
-        .respond_with(
-            fixture("server-error-500")
-                .response()
-                .insert_header("retry-after", "30"),
-        )
-        .mount(&server)
-        .await;
-    let wb = WriteBehind::builder(no_quick_retries(manual_flush(mock_config(&server))))
-        .build()
-        .await
-        .unwrap();
-    support::grant_users(&wb, "document:paused", 0..4).await;
-    let r = wb.flush().await.unwrap();
-    assert!(r.error.is_some(), "{r:?}");
-    assert_eq!(r.dead_lettered, 0, "{r:?}");
-    let writes = write_bodies(&server).await;
-    assert_eq!(writes.len(), 1, "no half sent inside the pause: {writes:?}");
-    assert_eq!(wb.pending().await.unwrap().total, 4);
-}
-
 /// 429 with `Retry-After: 3` (wiremock): the background retry does not come
 /// back before the server said it may. Only a lower bound is checked (an
 /// implementation that honours the header can never be faster than it), with

@@ -752,10 +752,7 @@ impl Engine {
             // Looked up once, for the ops that first failed so (the whole
             // chunk then): nothing to look up for a chunk that lands.
             let allowed = *allowed_rounds.get_or_insert_with(|| self.split_rounds.allowed(seqs()));
-            // A server (or a proxy) that asked for a pause is not split
-            // on at once: the halves would go out inside it.
-            let asked_pause = suspects.iter().any(|(_, e)| e.retry_after().is_some());
-            if (!works && fruitless >= allowed) || result.stop.is_some() || asked_pause {
+            if (!works && fruitless >= allowed) || result.stop.is_some() {
                 if fruitless >= allowed {
                     self.split_rounds.stopped(seqs(), fruitless);
                 }
@@ -1101,7 +1098,6 @@ impl Engine {
         metrics::counter!("fga_wb_write_requests_total", "outcome" => outcome).increment(1);
     }
 
-    /// A stop's deadline (see `retry_deadline`) passes within `wait`.
     /// Whether the chunk stops here: it already has (its stop set), or,
     /// past shutdown's deadline after its first request, now (see
     /// `write_chunk_as`).
@@ -1114,6 +1110,7 @@ impl Engine {
         result.stop.is_some()
     }
 
+    /// A stop's deadline (see `retry_deadline`) passes within `wait`.
     fn deadline_within(&self, wait: Duration) -> bool {
         self.retry_deadline
             .borrow()

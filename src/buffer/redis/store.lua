@@ -107,6 +107,8 @@
 --                              check on one object counts it
 --   P:wobj             zset    "object#rel" -> the same per object, kept 2 min
 --                              (at most WRITTEN_OBJECTS_MAX)
+--   P:wprune           string  set (12 s) while P:written was lately looked
+--                              over for old relations
 --   P:epoch            string  the store's epoch: set when its keys are first
 --                              written, and again after a loss (heartbeat)
 --   P:epochs           hash    epochs replaced after a recorded loss -> when
@@ -443,7 +445,10 @@ local function note_written(keys)
     pcall_('HSET', P .. ':written', '#objects', now)
   end
   local rels = pcall_('HLEN', P .. ':written')
-  if type(rels) == 'number' and rels > WRITTEN_RELS_MAX then
+  -- A look over them all at most every 12 s: many relations all written
+  -- lately would have it run at every finish.
+  if type(rels) == 'number' and rels > WRITTEN_RELS_MAX
+      and pcall_('SET', P .. ':wprune', 1, 'PX', WRITTEN_KEEP_MS / 10, 'NX') then
     local all = pcall_('HGETALL', P .. ':written')
     if type(all) == 'table' and not all.err then
       local old = {}
