@@ -129,6 +129,49 @@ async fn a_pending_revoke_never_shows_in_a_list_or_read(setup_: Setup) {
     assert!(wb.read(&ReadFilter::default()).await.unwrap().is_empty());
 }
 
+/// A tuple OpenFGA deleted and wrote again while a read went through its
+/// pages (a condition replaced by another process) comes on a later page
+/// too: the read returns it once, as the later page has it. Before, it
+/// was returned twice (wiremock: two pages, as OpenFGA orders them).
+#[tokio::test]
+async fn a_tuple_written_again_between_pages_is_read_once() {
+    use support::mock::{manual_mock_handle, mock_openfga, STORE};
+    use wiremock::matchers::{body_partial_json, method, path};
+    let server = mock_openfga().await;
+    let page = |condition: serde_json::Value, token: &str| {
+        wiremock::ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "tuples": [{"key": {"user": "user:anne", "relation": "viewer",
+                "object": "document:1", "condition": condition},
+                "timestamp": "2026-11-22T02:22:16.055774471Z"}],
+            "continuation_token": token,
+        }))
+    };
+    let read = format!("/stores/{STORE}/read");
+    wiremock::Mock::given(method("POST"))
+        .and(path(read.as_str()))
+        .and(body_partial_json(
+            serde_json::json!({"continuation_token": "MXw="}),
+        ))
+        .respond_with(page(serde_json::Value::Null, ""))
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    let old = serde_json::json!({"name": "non_expired", "context": {"grant_duration": "1h"}});
+    wiremock::Mock::given(method("POST"))
+        .and(path(read.as_str()))
+        .respond_with(page(old, "MXw="))
+        .mount(&server)
+        .await;
+    let wb = manual_mock_handle(&server).await;
+    let filter = ReadFilter {
+        object: Some("document:".into()),
+        ..Default::default()
+    };
+    let tuples = wb.read(&filter).await.unwrap();
+    assert_eq!(tuples.len(), 1, "{tuples:?}");
+    assert!(tuples[0].condition.is_none(), "{tuples:?}");
+}
+
 /// A Read filter's user without an id (`group:#member`) is, to OpenFGA's
 /// datastores, every user of its type: pending grants of any such user
 /// show, and a pending revoke of one holds the read, as OpenFGA's own
