@@ -135,7 +135,7 @@ async fn a_pending_revoke_never_shows_in_a_list_or_read(setup_: Setup) {
 /// was returned twice (wiremock: two pages, as OpenFGA orders them).
 #[tokio::test]
 async fn a_tuple_written_again_between_pages_is_read_once() {
-    use support::mock::{manual_mock_handle, mock_openfga, STORE};
+    use support::mock::{manual_handle, mock_openfga, STORE};
     use wiremock::matchers::{body_partial_json, method, path};
     let server = mock_openfga().await;
     let page = |condition: serde_json::Value, token: &str| {
@@ -162,7 +162,7 @@ async fn a_tuple_written_again_between_pages_is_read_once() {
         .respond_with(page(old, "MXw="))
         .mount(&server)
         .await;
-    let wb = manual_mock_handle(&server).await;
+    let wb = manual_handle(&server).await;
     let filter = ReadFilter {
         object: Some("document:".into()),
         ..Default::default()

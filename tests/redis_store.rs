@@ -49,7 +49,7 @@ async fn manual_with(c: Config) -> WriteBehind {
 /// op is buffered all the same, and calling again is safe: each op is
 /// pending once and written once.
 #[tokio::test]
-async fn pushes_fewer_replicas_confirm_are_accepted_or_refused_as_configured() {
+async fn wait_replicas_accept_and_fail_act_as_configured() {
     use fga_wb::config::FewerReplicas;
     let s = new_store("redis-wait-replicas").await;
     let mut c = redis_config(&s);
@@ -669,12 +669,13 @@ async fn a_writer_back_from_a_pause_keeps_what_it_is_writing() {
     assert_eq!((p.total, p.in_flight), (0, 1), "{p:?}");
 }
 
-/// A finish that says an op it holds was found superseded when claimed
-/// (as after its own replay that stored a job and failed before the rest)
-/// leaves the op in the writer's set while the op is still its own: taken
-/// out, nothing would hand it back when the writer goes.
+/// A finish that says an op its writer still holds was found superseded
+/// when claimed (as after its own replay that stored a job and failed
+/// before the rest) makes the op ready again: another writer writes it at
+/// once. Before, it stayed held and left the writer's set, so nothing
+/// ever handed it back or wrote it.
 #[tokio::test]
-async fn an_op_found_superseded_stays_with_its_writer_while_it_holds_it() {
+async fn an_op_found_superseded_while_held_is_ready_again() {
     let s = new_store("redis-stale-held").await;
     let b = manual_handle(&s).await;
     b.grant("user:anne", "viewer", "document:held")
@@ -684,9 +685,10 @@ async fn an_op_found_superseded_stays_with_its_writer_while_it_holds_it() {
     let taken = w.take_at(now_ms(), 60_000).await;
     let (key, seq) = taken.iter().next().expect("one op taken");
     w.finish(key, seq, "s").await;
-    let entry: String = w.on_key("HGET", "ops", &[key]).await;
     let held: bool = w.on_key("SISMEMBER", "w:app:stale-held", &[key]).await;
-    assert!(held, "the writer's set lost {key}, whose entry is {entry}");
+    assert!(!held, "{key} is no longer the writer's");
+    assert_eq!(b.flush().await.unwrap().applied, 1);
+    assert_eq!(stored(&s).await, std::slice::from_ref(key));
 }
 
 /// A process whose lease ends while it waits to send a Write again (429,

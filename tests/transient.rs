@@ -583,7 +583,7 @@ async fn a_long_retry_after_does_not_hold_ops_in_flight() {
         )
         .mount(&server)
         .await;
-    let wb = manual_mock_handle(&server).await;
+    let wb = manual_handle(&server).await;
     wb.grant("user:anne", "viewer", "document:1").await.unwrap();
     let first = tokio::time::timeout(Duration::from_secs(30), wb.flush())
         .await

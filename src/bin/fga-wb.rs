@@ -846,7 +846,7 @@ impl Stuck {
             // (settings left at their defaults), not an outage.
             Err((true, e)) if s.queue.is_some() && !self.answered => {
                 self.refused = Some(format!(
-                    "{e}; in queue mode this command needs only Redis, so set openfga.api_url (and its credentials) to let it tell an outage apart"
+                    "{e}; in queue mode this command needs only Redis, and tells an outage apart only through an OpenFGA it reaches: check openfga.api_url (and its credentials)"
                 ));
             }
             _ => {

@@ -589,7 +589,9 @@ pub(crate) trait Store: Send + Sync + 'static {
         Ok(())
     }
     /// An open record of lost data (Redis lost acknowledged ops), for
-    /// people; while one is open, checks fail closed.
+    /// people; while one is open, checks fail closed. The Redis store
+    /// compares what this process knows with what Redis holds first (a
+    /// heartbeat), recording a loss it finds.
     fn loss(&self) -> BoxFuture<'_, Result<Option<String>>> {
         Box::pin(futures::future::ready(Ok(None)))
     }

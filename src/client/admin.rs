@@ -57,7 +57,10 @@ impl WriteBehind {
         Ok(dropped)
     }
 
-    /// Pending ops, dead letters, the last flush and totals.
+    /// Pending ops, dead letters, the last flush and totals. With the Redis
+    /// store it also runs this process's heartbeat (a small write to
+    /// Redis) before it reads the loss record, so a loss no heartbeat was
+    /// woken for is found and recorded.
     pub async fn status(&self) -> Result<Status> {
         let e = &self.inner.engine;
         let config = &self.inner.config;

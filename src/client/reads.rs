@@ -582,12 +582,6 @@ impl WriteBehind {
             .await?;
         e.store.still_connected(mark)?;
         let mut held = e.client.read_all(&e.store_id, filter).await?;
-        // A tuple written again while the pages were read (deleted and
-        // written, as a condition is replaced) comes on a later page too:
-        // once, as the later page has it.
-        let mut seen = std::collections::HashSet::new();
-        held.reverse();
-        held.retain(|t| seen.insert((t.object.clone(), t.relation.clone(), t.user.clone())));
         for g in grants.into_iter().filter(|g| read_matches(filter, g)) {
             // A grant the model does not admit (buffered under an earlier
             // model, or without validation) will be refused: not shown, as

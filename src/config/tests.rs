@@ -448,15 +448,17 @@ fn zero_pauses_are_refused() {
 /// by name, zero (never) is not.
 #[test]
 fn looks_more_often_than_every_100ms_are_refused() {
-    for var in [
-        "FGA_WB_OPENFGA__MODEL_REFRESH",
-        "FGA_WB_QUEUE__REPLAY_TRANSIENT",
+    for (var, name) in [
+        (
+            "FGA_WB_OPENFGA__MODEL_REFRESH",
+            "openfga.model_refresh is 1ms",
+        ),
+        (
+            "FGA_WB_QUEUE__REPLAY_TRANSIENT",
+            "queue.replay_transient is 1ms",
+        ),
     ] {
         let e = load_env(&[(var, "1ms")]).unwrap_err();
-        let name = match var.contains("MODEL") {
-            true => "openfga.model_refresh is 1ms",
-            false => "queue.replay_transient is 1ms",
-        };
         assert!(e.to_string().contains(name), "{e}");
         assert!(load_env(&[(var, "0s")]).is_ok(), "{var}");
         assert!(load_env(&[(var, "100ms")]).is_ok(), "{var}");

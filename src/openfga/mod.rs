@@ -738,7 +738,8 @@ impl Client {
         self.call("read", Method::POST, path, Some(&body)).await
     }
 
-    /// Every tuple matching `filter`, following continuation tokens.
+    /// Every tuple matching `filter`, following continuation tokens; each
+    /// once, as the last page that had it.
     pub async fn read_all(&self, store_id: &str, filter: &ReadFilter) -> Result<Vec<TupleKey>> {
         let mut out = Vec::new();
         let mut token = String::new();
@@ -749,7 +750,7 @@ impl Client {
                 .await?;
             out.extend(page.tuples.into_iter().map(|t| t.key));
             if page.continuation_token.is_empty() {
-                return Ok(out);
+                return Ok(latest_copies(out));
             }
             // A server or proxy that hands back a token already followed
             // would keep this reading (and growing) for good.
@@ -1084,6 +1085,17 @@ fn content_type(headers: &HeaderMap) -> &str {
         .get(reqwest::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
+}
+
+/// Each tuple once, as the last page that had it: one deleted and written
+/// again while the pages were read (a condition replaced) comes on a later
+/// page too.
+fn latest_copies(mut tuples: Vec<TupleKey>) -> Vec<TupleKey> {
+    let mut seen = std::collections::HashSet::new();
+    tuples.reverse();
+    tuples.retain(|t| seen.insert((t.object.clone(), t.relation.clone(), t.user.clone())));
+    tuples.reverse();
+    tuples
 }
 
 /// `Retry-After` in seconds, or as an HTTP date (the time left until it,

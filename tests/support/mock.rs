@@ -79,14 +79,6 @@ pub fn mock_config(server: &MockServer) -> Config {
     c
 }
 
-/// A handle on the mock at `server` that flushes only when told.
-pub async fn manual_mock_handle(server: &MockServer) -> fga_wb::WriteBehind {
-    fga_wb::WriteBehind::builder(manual_flush(mock_config(server)))
-        .build()
-        .await
-        .unwrap()
-}
-
 pub fn write_path() -> String {
     format!("/stores/{STORE}/write")
 }

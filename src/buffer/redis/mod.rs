@@ -121,6 +121,10 @@ struct Watch {
     /// Redis): no heartbeat runs from then on, or it would take the count
     /// missing for a loss.
     released: std::sync::atomic::AtomicBool,
+    /// The heartbeat was stopped (the application's flusher ended, or the
+    /// store stops): a look at the loss record runs none of its own then,
+    /// which would renew a lease being given up.
+    beats_stopped: std::sync::atomic::AtomicBool,
     /// Held by a heartbeat's call, and by the release: a heartbeat under
     /// way when the store stops reaches Redis before the release, or not
     /// at all.
@@ -776,6 +780,14 @@ impl RedisStore {
 
 impl Drop for RedisStore {
     fn drop(&mut self) {
+        self.stop_beats();
+    }
+}
+
+impl RedisStore {
+    /// Stops the heartbeat, and the beats a look at the loss record runs.
+    fn stop_beats(&self) {
+        self.watch.beats_stopped.store(true, Ordering::Release);
         self.heartbeat.abort();
     }
 }
@@ -1036,7 +1048,7 @@ impl Store for RedisStore {
     fn release(&self, keep_until: Option<std::time::Instant>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             self.watch.released.store(true, Ordering::Release);
-            self.heartbeat.abort();
+            self.stop_beats();
             let _no_beat = self.watch.beat_lock.lock().await;
             let mut a = Args::new("release", self.publish);
             a.push(now_ms()).push(&self.writer);
@@ -1049,7 +1061,7 @@ impl Store for RedisStore {
     }
 
     fn flusher_ended(&self) {
-        self.heartbeat.abort();
+        self.stop_beats();
     }
 
     fn keep_lease_until(&self, until: std::time::Instant) -> BoxFuture<'_, Result<()>> {
@@ -1268,7 +1280,7 @@ impl Store for RedisStore {
             // store that looks empty, as if all had been written. Not once
             // the heartbeat has stopped (the flusher ended, a stop under
             // way): a look must not renew a lease being given up.
-            if !self.heartbeat.is_finished() {
+            if !self.watch.beats_stopped.load(Ordering::Acquire) {
                 self.beat().await?;
             }
             self.loss_now().await

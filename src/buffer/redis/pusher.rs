@@ -274,6 +274,7 @@ fn pipeline_depth(replication: Option<Replication>) -> usize {
         None => PUSH_PIPELINE,
         Some(r) => {
             let fits = conn::RESPONSE_TIMEOUT.as_millis() / r.timeout.as_millis().max(1);
+            // One wait fewer than fit: room for the calls' own runs.
             usize::try_from(fits.saturating_sub(1))
                 .unwrap_or(PUSH_PIPELINE)
                 .clamp(1, PUSH_PIPELINE)

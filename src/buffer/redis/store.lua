@@ -410,9 +410,9 @@ local WRITTEN_KEEP_MS = 120000
 -- takes some 100 bytes. Past it the oldest marks go, and when they went
 -- counts as a write on every object (P:written "#objects").
 local WRITTEN_OBJECTS_MAX = 262144
--- Relations remembered before those past WRITTEN_KEEP_MS are looked for
--- (revokes are not checked against the model, so their relations can be
--- anything an application passes).
+-- Past this many relations in P:written, those older than WRITTEN_KEEP_MS
+-- are let go (revokes are not checked against the model, so their
+-- relations can be anything an application passes).
 local WRITTEN_RELS_MAX = 4096
 
 -- Notes that the ops on `keys` were just applied. Called last in a script:
@@ -1681,10 +1681,7 @@ if cmd == 'finish' then
       local held = own_job and e and e.state == 'j' and e.seq == seq and e.job == job
       -- 'n': not this writer's to finish, even when it holds the key (it
       -- may hold it again, in a new term): its set keeps the key.
-      -- Nor 's': found superseded when claimed, the entry is left as it is
-      -- (below); one still this writer's must stay in its set, or nothing
-      -- hands it back when the writer goes.
-      if (writing or behind) and outcome ~= 'n' and outcome ~= 's' then tinsert(mine, key) end
+      if (writing or behind) and outcome ~= 'n' then tinsert(mine, key) end
       if behind or (e and (e.op == 'r' or e.cond ~= '')) then notify = true end
       local reclaimed = e and e.state == 'r' and e.seq == seq
       if outcome == 'a' then
@@ -1759,6 +1756,15 @@ if cmd == 'finish' then
         move(key, e, 'j', nil, job)
       elseif outcome == 'k' and held then
         -- Still with its job.
+      elseif outcome == 's' and (writing or behind) then
+        -- Found superseded when claimed, yet still this writer's (a job its
+        -- own replay stored before failing): it is the key's newest op, or
+        -- one waits behind it, so the key is ready again. Left held, it
+        -- stayed in flight until the writer went (out of the writer's set,
+        -- for good).
+        requeued = requeued + 1
+        move(key, e, 'r')
+        notify = true
       elseif outcome == 'n' or outcome == 's' then
         -- Not this writer's to finish (another writer holds the key), or found
         -- superseded when claimed (counted when it was superseded).
