@@ -1279,9 +1279,14 @@ impl Store for RedisStore {
             // FLUSHALL wakes no heartbeat) finds the loss recorded, not a
             // store that looks empty, as if all had been written. Not once
             // the heartbeat has stopped (the flusher ended, a stop under
-            // way): a look must not renew a lease being given up.
-            if !self.watch.beats_stopped.load(Ordering::Acquire) {
-                self.beat().await?;
+            // way): a look must not renew a lease being given up. The
+            // heartbeat says whether a record is open, so it is read only
+            // then (a heartbeat that found the lease released did not look).
+            if !self.watch.beats_stopped.load(Ordering::Acquire)
+                && !self.beat().await?
+                && !self.watch.released.load(Ordering::Acquire)
+            {
+                return Ok(None);
             }
             self.loss_now().await
         })
