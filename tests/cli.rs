@@ -38,6 +38,61 @@ fn filler_config(s: &TestStore, mode: Mode) -> Config {
     c
 }
 
+/// A signal while `clear` drops ops, step by step, does not cut it short:
+/// each step drops its ops for good, and their record is printed at the
+/// end. The clear goes on to its end and lists every op it dropped.
+/// Before, it ended at the signal with exit 1 and listed none of the ops
+/// its earlier steps had dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clear_interrupted_still_lists_every_op_it_drops() {
+    const N: usize = 20_000;
+    let s = new_store("cli-clear-signal").await;
+    let cli = Cli::new(&s, "inline");
+    let wb = filler(&s, Mode::Inline).await;
+    futures::future::try_join_all((0..N).map(|i| {
+        let wb = &wb;
+        async move {
+            let object = format!("document:d{}", i % 100);
+            wb.grant(&format!("user:u{i}"), "viewer", &object).await
+        }
+    }))
+    .await
+    .unwrap();
+    let child = cli
+        .command(&["clear", "--yes", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut redis = support::redis_conn().await;
+    let stats = format!("fga-wb:{{{}}}:stats", s.store_id);
+    loop {
+        let cleared: Option<usize> = redis::cmd("HGET")
+            .arg(&stats)
+            .arg("cleared")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        match cleared {
+            Some(n) if n >= N => panic!("the clear ended before the signal: try more ops"),
+            Some(n) if n > 0 => break,
+            _ => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    }
+    testenv::signal(child.id().unwrap(), testenv::Signal::Term).unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("fga-wb clear did not end")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["cleared"], N, "{stderr}");
+    assert_eq!(j["ops"].as_array().map(Vec::len), Some(N));
+    assert_eq!(wb.pending().await.unwrap().total, 0);
+}
+
 /// `status`, `status --json`, `flush`, `clear` and `clear --yes` on a
 /// buffer that a handle in this process fills, also while it is filling.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,10 +282,17 @@ async fn dead_letters_list_replay_purge() {
     cli.run(&["dlq", "replay"]).await.fails(2, "--all");
 
     // Replay one: buffered again and flushed at once; refused again, it is
-    // a new dead letter, and the other stays dead.
+    // a new dead letter, and the other stays dead. Exit 1: the replay
+    // fixed nothing (it exited 0).
     let r = cli.run(&["dlq", "replay", &id_bad1.to_string()]).await;
-    r.ok();
+    assert_eq!(r.code, 1, "{r:#?}");
     assert!(r.stdout.contains("replayed 1 dead letters"), "{}", r.stdout);
+    assert!(
+        r.stderr
+            .contains("dead-lettered 1 ops: OpenFGA refused them again"),
+        "{}",
+        r.stderr
+    );
     let p = wb.pending().await.unwrap();
     assert_eq!(p.total + p.in_flight, 0, "{p:?}");
     let j = cli.run(&["dlq", "list", "--json"]).await.ok().json();

@@ -81,6 +81,30 @@ async fn wait_replicas_accept_and_fail_act_as_configured() {
     );
 }
 
+/// A relation name leaves the store's count of buffered ops by relation
+/// (which every Read lists) once no op is buffered under it. Revokes are
+/// not checked against the model, so an application can pass relation
+/// names of any kind. Before, each left its fields in the count for good.
+#[tokio::test]
+async fn relation_names_no_longer_buffered_are_let_go() {
+    let s = new_store("redis-rel-names").await;
+    let wb = manual_handle(&s).await;
+    for i in 0..200 {
+        wb.revoke("user:anne", &format!("r{i}"), "document:1")
+            .await
+            .unwrap();
+    }
+    let mark = wb.last_acknowledged().await.unwrap();
+    wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    assert_eq!(wb.clear_ops_up_to(mark).await.unwrap().len(), 200);
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(format!("fga-wb:{{{}}}:rel", s.store_id))
+        .query_async(&mut support::redis_conn().await)
+        .await
+        .unwrap();
+    assert_eq!(fields, ["document#viewer|g"]);
+}
+
 /// The record of recent writes in Redis is bounded. Per object (a bulk
 /// import writes more distinct objects in its two minutes than it keeps):
 /// past 262,144 objects the oldest marks go, and from then on a check on

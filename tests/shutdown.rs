@@ -192,6 +192,42 @@ async fn a_chunk_under_way_starts_no_request_past_the_deadline() {
     );
 }
 
+/// A request waiting to go again (a 429 asked for 2 s) when shutdown
+/// begins, with a 1 s deadline: it does not go, and the op is left pending
+/// at once, not in flight until the grace after the deadline cuts it off.
+/// Before, the wait went on past the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_waiting_past_the_deadline_is_not_sent() {
+    let server = mock_openfga().await;
+    write_mock()
+        .respond_with(
+            fixture("rate-limited-429")
+                .response()
+                .insert_header("retry-after", "2"),
+        )
+        .mount(&server)
+        .await;
+    let mut cfg = manual_flush(mock_config(&server));
+    cfg.flush.request_retries = 3;
+    cfg.flush.shutdown_deadline = Duration::from_secs(1);
+    let wb = WriteBehind::builder(cfg).build().await.unwrap();
+    wb.grant("user:erin", "viewer", "document:4").await.unwrap();
+    let flushing = tokio::spawn({
+        let wb = wb.clone();
+        async move { wb.flush().await }
+    });
+    while write_bodies(&server).await.is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r = tokio::time::timeout(Duration::from_secs(20), wb.shutdown())
+        .await
+        .expect("shutdown returns")
+        .unwrap();
+    assert_eq!((r.left.total, r.left.in_flight), (1, 0), "{r:?}");
+    let _ = flushing.await;
+    assert_eq!(write_bodies(&server).await.len(), 1);
+}
+
 /// A handle whose shutdown deadline is 1 s, flushing only when told, and a
 /// mock whose Writes are answered with fixture `name` just after it.
 async fn answered_past_the_deadline(name: &str) -> (wiremock::MockServer, WriteBehind) {

@@ -103,7 +103,9 @@ enum Command {
         timeout: Option<Duration>,
     },
     /// Drop every pending op that is not already being written, and print
-    /// each one dropped (ops acknowledged after it asked are kept).
+    /// each one dropped (ops acknowledged after it asked are kept). Once
+    /// begun, a clear runs to its end through SIGINT and SIGTERM, so that
+    /// every op it drops is printed.
     Clear {
         /// Do not ask for confirmation.
         #[arg(long)]
@@ -289,13 +291,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     // command as a Ctrl-C does, through the close below: killed, it left
     // what an inline flush had taken this process's until its lease and a
     // hold after it ended.
-    let result = tokio::select! {
-        biased;
-        r = command(&cli, &wb, &config) => r,
-        () = shutdown_signal() => Err(Failure {
-            code: 1,
-            message: "interrupted; what was done stays done".into(),
-        }),
+    let result = match cli.command {
+        // It answers a signal itself (see `clear`).
+        Command::Clear { .. } => command(&cli, &wb, &config).await,
+        _ => tokio::select! {
+            biased;
+            r = command(&cli, &wb, &config) => r,
+            () = shutdown_signal() => Err(interrupted("what was done stays done")),
+        },
     };
     // Nothing was buffered through this handle: drain nothing, but leave
     // the store's writers now, not when the lease ends (after a Redis
@@ -309,6 +312,75 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Err(_) => tracing::debug!("closing the operator's handle took too long"),
     }
     result
+}
+
+/// `fga-wb clear`. A signal before the operator answers ends it with
+/// nothing cleared. Once begun, the clear runs to its end: each of its
+/// steps (a few hundred ops) drops its ops for good, and their record is
+/// printed at the end, so a clear cut short would drop ops unlisted.
+async fn clear(json: bool, wb: &WriteBehind, yes: bool) -> Result<(), Failure> {
+    let asked = async {
+        // What the question is about: ops acknowledged while the
+        // operator answers are not theirs to drop.
+        let mark = wb.last_acknowledged().await?;
+        let status = wb.status().await?;
+        let pending = &status.pending;
+        // In queue mode a clear also drops the ops of jobs no worker
+        // runs yet, which count as in flight.
+        let queued = match &status.queue {
+            Some(_) if pending.in_flight > 0 => format!(
+                ", and those of queued jobs no worker has started (up to {})",
+                pending.in_flight
+            ),
+            _ => String::new(),
+        };
+        // Up to: ops waiting behind a write under way are kept.
+        let question = format!("drop up to {} pending ops{queued}?", pending.total);
+        if !yes && !confirm(&question).await {
+            return Err(usage(
+                "not confirmed; nothing cleared (use --yes to skip the question)",
+            ));
+        }
+        Ok(mark)
+    };
+    let mark = tokio::select! {
+        biased;
+        r = asked => r?,
+        () = shutdown_signal() => return Err(interrupted("nothing cleared")),
+    };
+    // The record of what will not reach OpenFGA.
+    let clearing = wb.clear_ops_up_to(mark);
+    tokio::pin!(clearing);
+    let ops = tokio::select! {
+        biased;
+        r = &mut clearing => r?,
+        () = shutdown_signal() => {
+            note!("interrupted: the clear goes on to its end, so that every op it drops is listed");
+            clearing.await?
+        }
+    };
+    if json {
+        let listed: Vec<_> = ops
+            .iter()
+            .map(|(t, op)| serde_json::json!({ "op": op, "tuple": t.to_string() }))
+            .collect();
+        print_json(&serde_json::json!({ "cleared": ops.len(), "ops": listed }))
+    } else {
+        out!("cleared {} pending ops", ops.len());
+        for (t, op) in &ops {
+            out!("  {} {t}", op_name(*op));
+        }
+        Ok(())
+    }
+}
+
+/// A command ended by a signal (Ctrl-C, SIGTERM), saying what became of
+/// its work.
+fn interrupted(what: &str) -> Failure {
+    Failure {
+        code: 1,
+        message: format!("interrupted; {what}"),
+    }
 }
 
 async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Failure> {
@@ -466,44 +538,7 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
                 None => Ok(()),
             }
         }
-        Command::Clear { yes } => {
-            // What the question is about: ops acknowledged while the
-            // operator answers are not theirs to drop.
-            let mark = wb.last_acknowledged().await?;
-            let status = wb.status().await?;
-            let pending = &status.pending;
-            // In queue mode a clear also drops the ops of jobs no worker
-            // runs yet, which count as in flight.
-            let queued = match &status.queue {
-                Some(_) if pending.in_flight > 0 => format!(
-                    ", and those of queued jobs no worker has started (up to {})",
-                    pending.in_flight
-                ),
-                _ => String::new(),
-            };
-            // Up to: ops waiting behind a write under way are kept.
-            let question = format!("drop up to {} pending ops{queued}?", pending.total);
-            if !yes && !confirm(&question).await {
-                return Err(usage(
-                    "not confirmed; nothing cleared (use --yes to skip the question)",
-                ));
-            }
-            // The record of what will not reach OpenFGA.
-            let ops = wb.clear_ops_up_to(mark).await?;
-            if cli.json {
-                let listed: Vec<_> = ops
-                    .iter()
-                    .map(|(t, op)| serde_json::json!({ "op": op, "tuple": t.to_string() }))
-                    .collect();
-                print_json(&serde_json::json!({ "cleared": ops.len(), "ops": listed }))
-            } else {
-                out!("cleared {} pending ops", ops.len());
-                for (t, op) in &ops {
-                    out!("  {} {t}", op_name(*op));
-                }
-                Ok(())
-            }
-        }
+        Command::Clear { yes } => clear(cli.json, wb, *yes).await,
         Command::Dlq { command } => dlq(cli.json, wb, command).await,
         Command::Loss { ack } => loss(cli.json, wb, *ack).await,
         Command::Sweep => {
@@ -590,6 +625,14 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
                     message: format!(
                         "replayed {} dead letters (nothing is lost), but the flush after the replay did not finish: {e}; what it did not write stays pending, and `fga-wb flush` writes it once that is fixed",
                         r.replayed
+                    ),
+                }),
+                // A replay whose ops are refused again fixed nothing.
+                None if r.dead_lettered > 0 => Err(Failure {
+                    code: 1,
+                    message: format!(
+                        "the flush after the replay dead-lettered {} ops: OpenFGA refused them again (their cause is not fixed), see `fga-wb dlq list`",
+                        r.dead_lettered
                     ),
                 }),
                 None => Ok(()),
@@ -1264,7 +1307,7 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
         }
         () = shutdown_signal() => {
             bar.abandon();
-            Err(Failure { code: 1, message: "interrupted; what was flushed stays flushed".into() })
+            Err(interrupted("what was flushed stays flushed"))
         }
     }
 }

@@ -317,7 +317,10 @@ impl WriteBehind {
             // The letters are ops again, acknowledged and buffered: an
             // error here must not read as a replay that did not happen.
             let failed = match self.flush().await {
-                Ok(report) => report.error,
+                Ok(report) => {
+                    r.dead_lettered = report.dead_lettered;
+                    report.error
+                }
                 Err(e) => Some(e.to_string()),
             };
             if let Some(e) = &failed {

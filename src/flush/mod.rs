@@ -1081,11 +1081,10 @@ impl Engine {
             *tries += 1;
             let wait = backoff.next().unwrap_or(self.cfg.retry_max_backoff);
             let wait = e.retry_after().map_or(wait, |r| r.max(wait));
-            if self.deadline_within(wait) {
+            tracing::debug!(error = %e, retry_in = ?wait, "write failed; retrying the request");
+            if !self.slept_before_deadline(wait).await {
                 return Err(e);
             }
-            tracing::debug!(error = %e, retry_in = ?wait, "write failed; retrying the request");
-            tokio::time::sleep(wait).await;
         }
     }
 
@@ -1099,10 +1098,11 @@ impl Engine {
     }
 
     /// Whether the chunk stops here: it already has (its stop set), or,
-    /// past shutdown's deadline after its first request, now (see
-    /// `write_chunk_as`).
+    /// past shutdown's deadline, now (see `write_chunk_as`; its first
+    /// request too: a chunk started before the deadline may first run
+    /// after it).
     fn stopped_at_deadline(&self, result: &mut ChunkResult) -> bool {
-        if result.stop.is_none() && result.requests > 0 && self.deadline_within(Duration::ZERO) {
+        if result.stop.is_none() && self.past_deadline() {
             result.stop = Some(Stop::Transient(Error::new(Kind::Busy(
                 "the stop's deadline passed; not starting another write".into(),
             ))));
@@ -1110,11 +1110,33 @@ impl Engine {
         result.stop.is_some()
     }
 
-    /// A stop's deadline (see `retry_deadline`) passes within `wait`.
-    fn deadline_within(&self, wait: Duration) -> bool {
+    /// Sleeps `wait`, unless a stop's deadline (see `retry_deadline`),
+    /// set before or during the sleep, passes within it: false then, at
+    /// once, as nothing may start past it.
+    async fn slept_before_deadline(&self, wait: Duration) -> bool {
+        let end = Instant::now() + wait;
+        let mut deadline = self.retry_deadline.subscribe();
+        loop {
+            if deadline.borrow_and_update().is_some_and(|d| d <= end) {
+                return false;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(end) => return true,
+                changed = deadline.changed() => {
+                    if changed.is_err() {
+                        tokio::time::sleep_until(end).await;
+                        return true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A stop's deadline (see `retry_deadline`) has passed.
+    fn past_deadline(&self) -> bool {
         self.retry_deadline
             .borrow()
-            .is_some_and(|d| Instant::now() + wait >= d)
+            .is_some_and(|d| Instant::now() >= d)
     }
 
     async fn write(&self, ops: &[Taken], model: Option<&str>) -> Result<(), Error> {

@@ -180,6 +180,12 @@ struct Shard {
     part_of: crate::NameMap<String, crate::NameMap<String, usize>>,
 }
 
+/// Parts a shard keeps before a new `type#relation` takes the place of an
+/// empty one. Revokes are not checked against the model, so relation names
+/// taken from input would otherwise add a part each for good, and every
+/// take, count and clear walks a shard's parts under its lock.
+const PARTS_KEPT: usize = 256;
+
 /// The ops of one `type#relation` in one shard.
 #[derive(Default)]
 struct Part {
@@ -274,8 +280,24 @@ impl Shard {
         if let Some(i) = self.part(object_type, relation) {
             return i;
         }
-        self.parts.push(Part::default());
-        let i = self.parts.len() - 1;
+        let empty = (self.parts.len() >= PARTS_KEPT)
+            .then(|| self.parts.iter().position(|p| p.slots.is_empty()))
+            .flatten();
+        let i = match empty {
+            Some(i) => {
+                // Its old name goes; the index stays (see `take_from`).
+                self.part_of.retain(|_, rels| {
+                    rels.retain(|_, p| *p != i);
+                    !rels.is_empty()
+                });
+                self.parts[i] = Part::default();
+                i
+            }
+            None => {
+                self.parts.push(Part::default());
+                self.parts.len() - 1
+            }
+        };
         self.part_of
             .entry(object_type.to_owned())
             .or_default()
@@ -467,7 +489,8 @@ impl MemoryStore {
     /// one shard, [`PER_HOLD`] at a time.
     fn take_from(&self, shard: usize, k: usize, max: usize, up_to: u64, out: &mut Vec<Moved>) {
         let mut moved = 0;
-        // Parts are only ever appended, so an index stays good across holds.
+        // Parts are only ever appended, or an empty one named anew in its
+        // place, so an index stays good across holds.
         let mut part_no = 0;
         loop {
             let mut g = self.lock(shard);

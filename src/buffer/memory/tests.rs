@@ -927,3 +927,35 @@ fn ages_are_right_after_the_clock_wraps() {
     let age = s.pending_counts().oldest_age.expect("one op pending");
     assert!(age < Duration::from_secs(60), "{age:?}");
 }
+
+/// Revokes are not checked against the model, so an application can pass
+/// relation names of any kind: each adds a part to its object's shard,
+/// which every take, count and clear walks under the lock. Past
+/// `PARTS_KEPT`, a new name takes an empty part's place, and the ops still
+/// buffered under other names are untouched. Before, 5,000 names on one
+/// object kept 5,000 parts for good.
+#[test]
+fn relation_names_no_longer_buffered_are_let_go() {
+    let s = MemoryStore::new(100);
+    let kept = t("user:kept", "viewer", "document:1");
+    s.push_now(&kept, Op::Revoke).unwrap();
+    for i in 0..5_000 {
+        let k = t("user:a", &format!("r{i}"), "document:1");
+        s.push_now(&k, Op::Revoke).unwrap();
+        let taken = s.take_now(10, Take::All, u64::MAX);
+        let (ended, other): (Vec<_>, Vec<_>) = taken.into_iter().partition(|x| x.tuple == k);
+        assert_eq!(ended.len(), 1);
+        s.finish_now(ended.into_iter().map(|x| (x, Outcome::Applied)).collect());
+        // The op kept goes back pending after its first take.
+        s.finish_now(other.into_iter().map(|x| (x, Outcome::Retry)).collect());
+    }
+    let shard = s.shard_of("document:1");
+    assert!(
+        s.lock(shard).parts.len() <= PARTS_KEPT,
+        "{}",
+        s.lock(shard).parts.len()
+    );
+    let left = s.take_now(10, Take::All, u64::MAX);
+    let left: Vec<_> = left.iter().map(|x| (&x.tuple, x.op)).collect();
+    assert_eq!(left, [(&kept, Op::Revoke)]);
+}

@@ -309,6 +309,11 @@ local function flush_incrs()
         local r = pcall_('HINCRBY', hash, field, d)
         if type(r) == 'table' and r.err then
           rcall('HSET', hash, field, d)
+        elseif r == 0 and hash == K_REL then
+          -- No op buffered under that relation name any more: it goes.
+          -- Names can come from input (revokes are not checked against
+          -- the model), and every Read lists them all.
+          rcall('HDEL', hash, field)
         end
       end
     end
