@@ -289,7 +289,7 @@ async fn dead_letters_list_replay_purge() {
     assert!(r.stdout.contains("replayed 1 dead letters"), "{}", r.stdout);
     assert!(
         r.stderr
-            .contains("dead-lettered 1 ops: OpenFGA refused them again"),
+            .contains("dead-lettered 1 of the replayed ops: OpenFGA refused them again"),
         "{}",
         r.stderr
     );

@@ -234,7 +234,8 @@ async fn dead_letters_replay_and_purge() {
     assert_eq!(wb.dead_letters().await.unwrap().len(), 3);
 
     // Replay all: refused again, all of them.
-    assert_eq!(wb.replay_dead_letters(None).await.unwrap().replayed, 3);
+    let r = wb.replay_dead_letters(None).await.unwrap();
+    assert_eq!((r.replayed, r.dead_lettered), (3, 3), "{r:?}");
     assert_eq!(wb.dead_letters().await.unwrap().len(), 3);
     assert_eq!(wb.status().await.unwrap().totals.dead_lettered, 7);
 
@@ -257,6 +258,17 @@ async fn dead_letters_replay_and_purge() {
     assert!(wb.dead_letters().await.unwrap().is_empty());
     assert_eq!(wb.status().await.unwrap().dead_letters, 0);
     assert_eq!(wb.purge_dead_letters(None).await.unwrap(), 0);
+
+    // A replay counts the replayed ops refused again, not other ops the
+    // flush after it dead-lettered: a poison grant pending beside it.
+    let (_, relation, object, _) = POISON[0];
+    wb.grant("user:one", relation, object).await.unwrap();
+    assert_eq!(wb.flush().await.unwrap().dead_lettered, 1);
+    wb.grant("user:other", relation, object).await.unwrap();
+    let r = wb.replay_dead_letters(None).await.unwrap();
+    assert_eq!((r.replayed, r.dead_lettered), (1, 1), "{r:?}");
+    assert_eq!(wb.dead_letters().await.unwrap().len(), 2);
+    assert_eq!(wb.purge_dead_letters(None).await.unwrap(), 2);
 
     let in_openfga: BTreeSet<String> = stored(&s).await.into_iter().collect();
     assert_eq!(in_openfga, valid);

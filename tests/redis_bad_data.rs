@@ -1051,14 +1051,7 @@ async fn a_revoke_counter_that_drifted_low_still_denies() {
     support::write_to_openfga(&s, "group:eng#member", "viewer", "document:d").await;
     support::write_to_openfga(&s, "user:anne", "member", "group:eng").await;
     assert!(wb.check("user:anne", "viewer", "document:d").await.unwrap());
-    let mut cfg = config(&s, &prefix("revoke-counter"), Mode::Inline);
-    cfg.flush.eager_revokes = false;
-    cfg.check.revoke_wait_timeout = Duration::from_millis(200);
-    let app = WriteBehind::builder(cfg)
-        .automatic_flush(false)
-        .build()
-        .await
-        .unwrap();
+    let app = revokes_held(&s, "revoke-counter", true).await;
     app.revoke("user:anne", "member", "group:eng")
         .await
         .unwrap();
@@ -1078,6 +1071,48 @@ async fn a_revoke_counter_that_drifted_low_still_denies() {
     }
     drop(wb);
     app.shutdown().await.unwrap();
+}
+
+/// A relation's count that drifted low (data fga-wb did not write) and
+/// reaches 0 with a revoke pending stays listed: a check with no model
+/// counts every listed relation's ops from its index, and still waits for
+/// the revoke and fails closed. Before, the count went at 0 and the check
+/// answered "allowed" from OpenFGA.
+#[tokio::test]
+async fn a_relation_count_that_drifted_to_zero_stays_while_ops_are_pending() {
+    let Inline {
+        s, p, wb, mut c, ..
+    } = inline("rel-count-zero").await;
+    support::write_to_openfga(&s, "user:anne", "viewer", "document:z").await;
+    assert!(wb.check("user:anne", "viewer", "document:z").await.unwrap());
+    let _: i64 = cmd(
+        &mut c,
+        &["HSET", &format!("{p}:rel"), "document#viewer|r", "-1"],
+    )
+    .await;
+    let app = revokes_held(&s, "rel-count-zero", false).await;
+    app.revoke("user:anne", "viewer", "document:z")
+        .await
+        .unwrap();
+    let a = app.check("user:anne", "viewer", "document:z").await;
+    assert!(matches!(&a, Err(e) if e.is_stale_check()), "{a:?}");
+    drop(wb);
+    app.shutdown().await.unwrap();
+}
+
+/// A handle of the store under `name`'s prefix that keeps its revokes
+/// pending (no eager flush, none automatic), and whose checks that wait
+/// for one fail closed after 200 ms; it reads the model if `read_model`.
+async fn revokes_held(s: &TestStore, name: &str, read_model: bool) -> WriteBehind {
+    let mut cfg = config(s, &prefix(name), Mode::Inline);
+    cfg.flush.eager_revokes = false;
+    cfg.check.revoke_wait_timeout = Duration::from_millis(200);
+    WriteBehind::builder(cfg)
+        .automatic_flush(false)
+        .read_model(read_model)
+        .build()
+        .await
+        .unwrap()
 }
 
 /// A grant counter that drifted low (data fga-wb did not write) does not

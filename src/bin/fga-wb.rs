@@ -631,7 +631,7 @@ async fn dlq(json: bool, wb: &WriteBehind, command: &Dlq) -> Result<(), Failure>
                 None if r.dead_lettered > 0 => Err(Failure {
                     code: 1,
                     message: format!(
-                        "the flush after the replay dead-lettered {} ops: OpenFGA refused them again (their cause is not fixed), see `fga-wb dlq list`",
+                        "the flush after the replay dead-lettered {} of the replayed ops: OpenFGA refused them again (their cause is not fixed), see `fga-wb dlq list`",
                         r.dead_lettered
                     ),
                 }),

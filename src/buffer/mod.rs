@@ -350,9 +350,9 @@ pub struct Replayed {
     /// op (written if that op is refused for good), or a grant behind the
     /// revoke it owed (replayable once that is written).
     pub waiting: usize,
-    /// Ops the flush after the replay dead-lettered: replayed ones that
-    /// OpenFGA refused again (their cause is not fixed), or others it wrote.
-    /// Always 0 in queue mode, where that flush only queues them.
+    /// Replayed ops the flush after the replay dead-lettered again: OpenFGA
+    /// refused them again (their cause is not fixed). Always 0 in queue
+    /// mode, where that flush only queues them for the workers.
     pub dead_lettered: u64,
     /// The tuples replayed, for cached answers to drop.
     #[serde(skip)]

@@ -302,6 +302,8 @@ impl WriteBehind {
         // a letter replayed is an op to write, as a grant is.
         self.ensure_flushing()?;
         self.refuse_unknown_letters(ids, true).await?;
+        // Letters written after this are the flush's (see below).
+        let newest = e.store.newest_letter_id().await?;
         let mut r = e.store.replay_dead_letters(ids, false).await?;
         // A replayed letter is acknowledged again, like a grant or revoke.
         for t in &r.tuples {
@@ -318,7 +320,9 @@ impl WriteBehind {
             // error here must not read as a replay that did not happen.
             let failed = match self.flush().await {
                 Ok(report) => {
-                    r.dead_lettered = report.dead_lettered;
+                    if report.dead_lettered > 0 {
+                        r.dead_lettered = self.died_again(newest, &r.tuples, &report).await;
+                    }
                     report.error
                 }
                 Err(e) => Some(e.to_string()),
@@ -342,6 +346,20 @@ impl WriteBehind {
             }));
         }
         Ok(r)
+    }
+
+    /// How many of the `replayed` tuples the flush after a replay (which
+    /// writes other pending ops too) dead-lettered again: letters newer
+    /// than `newest`. Its whole count if the letters cannot be read.
+    async fn died_again(&self, newest: u64, replayed: &[TupleKey], report: &FlushReport) -> u64 {
+        let replayed: HashSet<String> = replayed.iter().map(key_of).collect();
+        match self.inner.engine.store.dead_letters().await {
+            Ok(letters) => letters
+                .iter()
+                .filter(|d| d.id > newest && replayed.contains(&key_of(&d.tuple)))
+                .count() as u64,
+            Err(_) => report.dead_lettered,
+        }
     }
 
     /// Deletes dead letters (those with `ids`, or all); returns how many.

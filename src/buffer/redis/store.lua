@@ -309,10 +309,13 @@ local function flush_incrs()
         local r = pcall_('HINCRBY', hash, field, d)
         if type(r) == 'table' and r.err then
           rcall('HSET', hash, field, d)
-        elseif r == 0 and hash == K_REL then
+        elseif r == 0 and hash == K_REL and rcall('ZCARD', P .. ':lex:' .. field) == 0 then
           -- No op buffered under that relation name any more: it goes.
           -- Names can come from input (revokes are not checked against
-          -- the model), and every Read lists them all.
+          -- the model), and every Read lists them all. Not while its index
+          -- holds ops: a count that drifted low (data fga-wb did not write)
+          -- must still list the relation for a check with no model, which
+          -- then counts its ops from the index.
           rcall('HDEL', hash, field)
         end
       end
