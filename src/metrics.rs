@@ -58,6 +58,7 @@ const COUNTERS: &[&str] = &[
     "fga_wb_cache_hits_total",
     "fga_wb_cache_misses_total",
     "fga_wb_higher_consistency_total",
+    "fga_wb_read_waits_total",
     "fga_wb_flush_pauses_total",
     "fga_wb_redis_losses_total",
     "fga_wb_redis_leases_lost_total",

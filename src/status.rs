@@ -18,6 +18,7 @@
 //! | `fga_wb_write_unknown_outcomes_total` (Writes whose outcome fga-wb cannot know) | counter |
 //! | `fga_wb_cache_hits_total`, `fga_wb_cache_misses_total` | counter |
 //! | `fga_wb_higher_consistency_total` (checks, lists and reads sent with `HIGHER_CONSISTENCY`) | counter |
+//! | `fga_wb_read_waits_total` (checks, lists and reads that waited for a pending revoke, or a grant that may narrow access, to be written) | counter |
 //! | `fga_wb_flush_pauses_total` (the flusher's pauses after a transient failure) | counter |
 //! | `fga_wb_redis_losses_total`, `fga_wb_redis_leases_lost_total`, `fga_wb_redis_term_regressed_total`, `fga_wb_redis_under_replicated_total` (Redis store: see the README's "Monitor it") | counter |
 //! | `fga_wb_pending_ops` (after every op, and at every look of the flusher; every 5 s in a worker) | gauge |
@@ -115,6 +116,10 @@ pub struct Totals {
     /// Checks, lists and reads sent with `HIGHER_CONSISTENCY`, because they
     /// could depend on a recent write (or `check.always_higher_consistency`).
     pub higher_consistency: u64,
+    /// Checks, lists and reads that waited for a pending revoke (or a
+    /// grant that may narrow access) to be written: contextual tuples
+    /// cannot delete.
+    pub read_waits: u64,
 }
 
 /// Everything `status()` reports.
@@ -240,6 +245,7 @@ pub(crate) struct Stats {
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
     pub higher_consistency: AtomicU64,
+    pub read_waits: AtomicU64,
     /// `coalesced` at the last flush report, to report the difference.
     pub coalesced_reported: AtomicU64,
     pub last_flush: Mutex<Option<LastFlush>>,
@@ -277,6 +283,7 @@ impl Stats {
             cache_hits: l(&self.cache_hits),
             cache_misses: l(&self.cache_misses),
             higher_consistency: l(&self.higher_consistency),
+            read_waits: l(&self.read_waits),
         }
     }
 

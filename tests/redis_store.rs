@@ -43,6 +43,48 @@ async fn manual_with(c: Config) -> WriteBehind {
         .unwrap()
 }
 
+/// A check waiting for a revoke that another process writes, while this
+/// process's subscription to store events is lost (its connection
+/// killed): the message that the revoke was written goes unheard, and once
+/// subscribed again the check looks again and answers. Before, nothing
+/// woke it, and it failed closed at its 30 s wait. A Redis of its own:
+/// the kill ends every subscription on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_waiting_while_events_were_lost_looks_again() {
+    let s = new_store("redis-events-lost").await;
+    let redis = testenv::Redis::start(testenv::RedisOptions::default())
+        .await
+        .unwrap();
+    support::write_to_openfga(&s, "user:anne", "viewer", "document:1").await;
+    let mut c = redis_config(&s);
+    c.redis.url = redis.url();
+    let writer = manual_with(c.clone()).await;
+    c.flush.eager_revokes = false;
+    c.check.revoke_wait_timeout = Duration::from_secs(30);
+    let waiting = manual_with(c).await;
+    waiting
+        .revoke("user:anne", "viewer", "document:1")
+        .await
+        .unwrap();
+    let check = tokio::spawn({
+        let waiting = waiting.clone();
+        async move { waiting.check("user:anne", "viewer", "document:1").await }
+    });
+    // Killed once the check waits, then the revoke written at once: the
+    // subscription comes back a second later.
+    while waiting.local_totals().read_waits == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let killed = redis.command("CLIENT KILL TYPE pubsub").await;
+    assert!(
+        killed.as_deref().is_some_and(|k| k.trim() != ":0"),
+        "no subscription killed: {killed:?}"
+    );
+    assert_eq!(writer.flush().await.unwrap().applied, 1);
+    let answer = check.await.unwrap();
+    assert!(matches!(answer, Ok(false)), "{answer:?}");
+}
+
 /// `redis.wait_replicas` on a Redis with no replica (every `WAIT` times
 /// out): with `fewer_replicas = "accept"` a grant is acknowledged after
 /// the wait; with `"fail"` it fails with a transient error that says the

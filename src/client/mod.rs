@@ -351,6 +351,7 @@ async fn read_model(
 /// Reconnects after a lost subscription, dropping the whole cache, since
 /// changes may have been missed meanwhile.
 async fn follow_events(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
+    let mut lost = false;
     loop {
         let Some(connect) = engine.store.events() else {
             return;
@@ -358,6 +359,13 @@ async fn follow_events(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
         match connect.await {
             Ok(mut events) => loop {
                 use futures::StreamExt;
+                // Subscribed again after a loss: what ended meanwhile was
+                // not heard, so checks waiting for it look again now (at
+                // the first subscribe, there is no one to wake).
+                if lost {
+                    lost = false;
+                    engine.changed.send_modify(|v| *v += 1);
+                }
                 tokio::select! {
                     _ = stop.changed() => return,
                     ev = events.next() => match ev {
@@ -384,6 +392,7 @@ async fn follow_events(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
             Err(e) => tracing::warn!(error = %e, "cannot subscribe to store events; retrying"),
         }
         engine.cache.invalidate_all();
+        lost = true;
         tokio::select! {
             _ = stop.changed() => return,
             _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}

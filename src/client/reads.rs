@@ -709,7 +709,7 @@ impl WriteBehind {
         let waited_from = Instant::now();
         let deadline = waited_from + self.inner.config.check.revoke_wait_timeout;
         let mut changed = e.changed.subscribe();
-        let mut flushed = false;
+        let (mut flushed, mut waited) = (false, false);
         loop {
             changed.borrow_and_update();
             let r = e.store.relevant(deps, object, user, room).await?;
@@ -742,6 +742,10 @@ impl WriteBehind {
                 };
                 wanted.store(true, std::sync::atomic::Ordering::Relaxed);
                 e.wake_now();
+                if !waited {
+                    waited = true;
+                    count!(e.stats, read_waits, "fga_wb_read_waits_total", 1);
+                }
                 match tokio::time::timeout_at(deadline, changed.changed()).await {
                     Ok(Ok(())) => continue,
                     // The real cause, when flushing is stopped.

@@ -490,11 +490,27 @@ pub(crate) async fn subscribe(
             let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
                 .map_err(|e| not_a_url(target, e))?;
             let client = tls.client(info, target)?;
-            let mut ps = client
-                .get_async_pubsub()
-                .await
-                .map_err(super::redis_error)?;
-            ps.subscribe(channel).await.map_err(super::redis_error)?;
+            // Bounded: a peer that takes the connection and never answers
+            // must not hold the subscriber (it subscribes again).
+            let subscribed = tokio::time::timeout(RESPONSE_TIMEOUT, async {
+                let mut ps = client.get_async_pubsub().await?;
+                ps.subscribe(channel).await?;
+                Ok::<_, redis::RedisError>(ps)
+            })
+            .await;
+            let ps = match subscribed {
+                Ok(ps) => ps.map_err(super::redis_error)?,
+                Err(_) => {
+                    return Err(Error::new(Kind::Redis {
+                        detail: format!(
+                            "subscribing to store events at {} took over {}s",
+                            target.shown(),
+                            RESPONSE_TIMEOUT.as_secs()
+                        ),
+                        transient: true,
+                    }))
+                }
+            };
             Ok(ps
                 .into_on_message()
                 .map(|m| m.get_payload::<String>().unwrap_or_default())
