@@ -352,7 +352,9 @@ pub struct Replayed {
     pub waiting: usize,
     /// Replayed ops the flush after the replay dead-lettered again: OpenFGA
     /// refused them again (their cause is not fixed). Always 0 in queue
-    /// mode, where that flush only queues them for the workers.
+    /// mode, where that flush only queues them for the workers. Counted
+    /// from the letters: one the memory store evicted in the same flush
+    /// (at `buffer.dead_letter_capacity`) is not.
     pub dead_lettered: u64,
     /// The tuples replayed, for cached answers to drop.
     #[serde(skip)]

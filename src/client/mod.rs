@@ -351,52 +351,54 @@ async fn read_model(
 /// Reconnects after a lost subscription, dropping the whole cache, since
 /// changes may have been missed meanwhile.
 async fn follow_events(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
-    let mut lost = false;
     loop {
         let Some(connect) = engine.store.events() else {
             return;
         };
         match connect.await {
-            Ok(mut events) => loop {
+            Ok(mut events) => {
                 use futures::StreamExt;
-                // Subscribed again after a loss: what ended meanwhile was
-                // not heard, so checks waiting for it look again now (at
-                // the first subscribe, there is no one to wake).
-                if lost {
-                    lost = false;
-                    engine.changed.send_modify(|v| *v += 1);
-                }
-                tokio::select! {
-                    _ = stop.changed() => return,
-                    ev = events.next() => match ev {
-                        Some(StoreEvent::Finished) => {
-                            engine.changed.send_modify(|v| *v += 1);
-                            engine.others_finished.store(true, std::sync::atomic::Ordering::Relaxed);
-                            // A busy pump looks again anyway when its own
-                            // requests end.
-                            if engine.sleeping.load(std::sync::atomic::Ordering::Relaxed) {
-                                engine.wake_now();
+                // Subscribed (again): what ended before was not heard, so
+                // whoever waits for it looks again now.
+                heard_finished(&engine);
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => return,
+                        ev = events.next() => match ev {
+                            Some(StoreEvent::Finished) => heard_finished(&engine),
+                            Some(StoreEvent::Jobs) => {}
+                            Some(StoreEvent::All) => {
+                                engine.cache.invalidate_all();
+                                heard_finished(&engine);
                             }
-                        }
-                        Some(StoreEvent::Jobs) => {}
-                        Some(StoreEvent::All) => {
-                            engine.cache.invalidate_all();
-                            engine.changed.send_modify(|v| *v += 1);
-                        }
-                        None => break,
-                    },
+                            None => break,
+                        },
+                    }
                 }
-            },
+            }
             // A handle being dropped closes its connections: not news.
             Err(_) if *stop.borrow() => return,
             Err(e) => tracing::warn!(error = %e, "cannot subscribe to store events; retrying"),
         }
         engine.cache.invalidate_all();
-        lost = true;
         tokio::select! {
             _ = stop.changed() => return,
             _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
         }
+    }
+}
+
+/// What another process's "finished" message (or one that may have been
+/// missed) tells this one: checks waiting for an op look again, and an
+/// idle flusher looks for its ops that waited behind other writers'.
+fn heard_finished(engine: &Engine) {
+    engine.changed.send_modify(|v| *v += 1);
+    engine
+        .others_finished
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    // A busy pump looks again anyway when its own requests end.
+    if engine.sleeping.load(std::sync::atomic::Ordering::Relaxed) {
+        engine.wake_now();
     }
 }
 

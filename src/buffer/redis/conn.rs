@@ -573,6 +573,11 @@ pub(crate) async fn subscribe(
                                     return;
                                 }
                             }
+                            // And what was sent until now: waiting checks
+                            // look again, subscribed.
+                            if msg_tx.send("all".into()).is_err() {
+                                return;
+                            }
                         }
                         _ => {}
                     }
