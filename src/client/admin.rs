@@ -320,9 +320,9 @@ impl WriteBehind {
             // error here must not read as a replay that did not happen.
             let failed = match self.flush().await {
                 Ok(report) => {
-                    if report.dead_lettered > 0 {
-                        r.dead_lettered = self.died_again(newest, &r.tuples, &report).await;
-                    }
+                    // Read whatever this flush counted: another process's
+                    // flusher may have written (and lost) a replayed op.
+                    r.dead_lettered = self.died_again(newest, &r.tuples, &report).await;
                     report.error
                 }
                 Err(e) => Some(e.to_string()),
@@ -348,9 +348,10 @@ impl WriteBehind {
         Ok(r)
     }
 
-    /// How many of the `replayed` tuples the flush after a replay (which
-    /// writes other pending ops too) dead-lettered again: letters newer
-    /// than `newest`. Its whole count if the letters cannot be read.
+    /// How many of the `replayed` tuples were dead-lettered again by the
+    /// time the flush after a replay (which writes other pending ops too)
+    /// returned: letters newer than `newest`. The flush's whole count if
+    /// the letters cannot be read.
     async fn died_again(&self, newest: u64, replayed: &[TupleKey], report: &FlushReport) -> u64 {
         let replayed: HashSet<String> = replayed.iter().map(key_of).collect();
         match self.inner.engine.store.dead_letters().await {

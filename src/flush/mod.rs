@@ -865,6 +865,13 @@ impl Engine {
             // hand the keys on early.
             tracing::warn!(error = %e, "could not keep this writer's lease to the end of the hold");
         }
+        self.sleep_until_or_deadline(until).await
+    }
+
+    /// Sleeps until `until`, or until a stop's deadline (see
+    /// `retry_deadline`; set before or during the sleep) if that comes
+    /// first. Whether `until` came.
+    async fn sleep_until_or_deadline(&self, until: Instant) -> bool {
         let mut deadline = self.retry_deadline.subscribe();
         loop {
             let end = deadline.borrow_and_update().map_or(until, |d| d.min(until));
@@ -1081,8 +1088,9 @@ impl Engine {
             *tries += 1;
             let wait = backoff.next().unwrap_or(self.cfg.retry_max_backoff);
             let wait = e.retry_after().map_or(wait, |r| r.max(wait));
-            tracing::debug!(error = %e, retry_in = ?wait, "write failed; retrying the request");
-            if !self.slept_before_deadline(wait).await {
+            tracing::debug!(error = %e, retry_in = ?wait, "write failed; retrying the request unless a stop's deadline comes first");
+            // Nothing starts past the deadline: the ops go back pending.
+            if !self.sleep_until_or_deadline(Instant::now() + wait).await {
                 return Err(e);
             }
         }
@@ -1108,28 +1116,6 @@ impl Engine {
             ))));
         }
         result.stop.is_some()
-    }
-
-    /// Sleeps `wait`, unless a stop's deadline (see `retry_deadline`),
-    /// set before or during the sleep, passes within it: false then, at
-    /// once, as nothing may start past it.
-    async fn slept_before_deadline(&self, wait: Duration) -> bool {
-        let end = Instant::now() + wait;
-        let mut deadline = self.retry_deadline.subscribe();
-        loop {
-            if deadline.borrow_and_update().is_some_and(|d| d <= end) {
-                return false;
-            }
-            tokio::select! {
-                () = tokio::time::sleep_until(end) => return true,
-                changed = deadline.changed() => {
-                    if changed.is_err() {
-                        tokio::time::sleep_until(end).await;
-                        return true;
-                    }
-                }
-            }
-        }
     }
 
     /// A stop's deadline (see `retry_deadline`) has passed.
