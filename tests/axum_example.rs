@@ -131,12 +131,7 @@ async fn the_axum_example_grants_checks_and_drains_on_sigterm() {
         "nothing written before the shutdown"
     );
 
-    let pid = child.id().expect("pid");
-    testenv::signal(pid, testenv::Signal::Term).unwrap();
-    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-        .await
-        .expect("the example stops within 30 s of SIGTERM")
-        .unwrap();
+    let out = support::terminate(child, Duration::from_secs(30)).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

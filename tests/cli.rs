@@ -79,11 +79,7 @@ async fn a_clear_interrupted_still_lists_every_op_it_drops() {
             _ => tokio::time::sleep(Duration::from_millis(1)).await,
         }
     }
-    testenv::signal(child.id().unwrap(), testenv::Signal::Term).unwrap();
-    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-        .await
-        .expect("fga-wb clear did not end")
-        .unwrap();
+    let out = support::terminate(child, Duration::from_secs(60)).await;
     // Exit 0 and every op listed, whether the signal came mid-clear (as
     // it almost always does) or just after its last step.
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -495,11 +491,7 @@ async fn queue_flush_wait_and_worker_sigterm() {
 
     // SIGTERM: a graceful stop, exit 0.
     let started = Instant::now();
-    testenv::signal(pid, testenv::Signal::Term).unwrap();
-    let out = tokio::time::timeout(Duration::from_secs(30), worker.wait_with_output())
-        .await
-        .expect("the worker did not stop within 30 s of SIGTERM")
-        .unwrap();
+    let out = support::terminate(worker, Duration::from_secs(30)).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!(
         "worker stopped in {:.2?}: {}; its log:\n{stderr}",
@@ -1327,11 +1319,7 @@ async fn flush_wait_ends_on_sigterm_and_hands_back_what_it_did_not_send() {
         assert!(Instant::now() < limit, "the command sent no Write");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    testenv::signal(child.id().unwrap(), testenv::Signal::Term).unwrap();
-    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
-        .await
-        .expect("fga-wb did not end within 20 s of SIGTERM")
-        .unwrap();
+    let out = support::terminate(child, Duration::from_secs(20)).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("interrupted"), "{stderr}");

@@ -94,6 +94,65 @@ async fn a_check_waiting_while_events_were_lost_looks_again() {
     assert!(matches!(answer, Ok(false)), "{answer:?}");
 }
 
+/// A primary demoted in place while the address fga-wb knows now leads to
+/// the new one (a managed Redis's endpoint or a DNS name after a failover;
+/// here a proxy): the old connection answers READONLY to every write, and
+/// fga-wb connects again, so grants go through with no restart and nothing
+/// acknowledged is lost. Before, every grant failed until the process
+/// restarted (redis-rs reconnects only after an I/O error).
+#[tokio::test]
+async fn a_primary_demoted_behind_its_address_is_left_for_the_new_one() {
+    let s = new_store("redis-demoted").await;
+    let old = testenv::Redis::start(testenv::RedisOptions::default())
+        .await
+        .unwrap();
+    let new = testenv::Redis::start(testenv::RedisOptions::default())
+        .await
+        .unwrap();
+    let proxy = testenv::SwitchProxy::start(&format!("127.0.0.1:{}", old.port()))
+        .await
+        .unwrap();
+    let mut c = redis_config(&s);
+    c.redis.url = format!("redis://{}", proxy.addr());
+    let wb = manual_with(c).await;
+    wb.grant("user:anne", "viewer", "document:moved")
+        .await
+        .unwrap();
+    // The failover: the new primary copies the old one, takes over, the
+    // old one follows it, and the address leads to the new one.
+    new.command(&format!("REPLICAOF 127.0.0.1 {}", old.port()))
+        .await
+        .unwrap();
+    let ops = format!("fga-wb:{{{}}}:ops", s.store_id);
+    support::eventually("the copy", Duration::from_secs(20), || async {
+        let info = new.command("INFO replication").await.unwrap_or_default();
+        let copied = new.command(&format!("HLEN {ops}")).await;
+        info.contains("master_link_status:up") && copied.as_deref().map(str::trim) == Some(":1")
+    })
+    .await;
+    new.command("REPLICAOF NO ONE").await.unwrap();
+    old.command(&format!("REPLICAOF 127.0.0.1 {}", new.port()))
+        .await
+        .unwrap();
+    proxy.switch_to(&format!("127.0.0.1:{}", new.port()));
+
+    support::eventually("a grant", Duration::from_secs(30), || async {
+        wb.grant("user:bob", "viewer", "document:moved")
+            .await
+            .is_ok()
+    })
+    .await;
+    wb.flush().await.unwrap();
+    assert_eq!(
+        stored(&s).await,
+        [
+            "document:moved#viewer@user:anne",
+            "document:moved#viewer@user:bob"
+        ]
+    );
+    support::assert_accounted(&wb).await;
+}
+
 /// `redis.wait_replicas` on a Redis with no replica (every `WAIT` times
 /// out): with `fewer_replicas = "accept"` a grant is acknowledged after
 /// the wait; with `"fail"` it fails with a transient error that says the
@@ -523,6 +582,21 @@ impl LateWriter {
             .collect())
     }
 
+    /// Pushes op `op` ("g" or "r") on `key` as this writer, with the
+    /// call's `[id, oldest open id]` (or none): the call's answer.
+    async fn push_call(&mut self, key: &str, op: &str, call: &[&str]) -> Vec<String> {
+        self.script
+            .key(&self.prefix)
+            .arg(&["push", self.publish])
+            .arg(now_ms())
+            .arg(&["1000", "1", key, op, ""])
+            .arg(&self.name)
+            .arg(call)
+            .invoke_async(&mut self.conn)
+            .await
+            .unwrap()
+    }
+
     /// Finishes its write of `key` (op `seq`) with `outcome` ("a" applied,
     /// "r" not applied: try again), as a writer before finish ids and terms.
     async fn finish(&mut self, key: &str, seq: &str, outcome: &str) {
@@ -904,6 +978,55 @@ async fn a_repeated_finish_answers_what_the_first_did() {
     assert_eq!(next, [1, 0, 0, 0]);
     let kept: Vec<String> = a.on_key("ZRANGE", "fin:app:repeater", &["0", "-1"]).await;
     assert_eq!(kept, ["8|1|0|0|0"]);
+}
+
+/// A push whose reply was lost, sent again with its id (as a Redis Cluster
+/// client does after a dropped connection) once another process revoked
+/// the tuple, answers what the first did and does not run again: the
+/// revoke stays the tuple's last word and the grant is counted once. A
+/// second run folded the older grant over the revoke, and OpenFGA got the
+/// tuple. A handle's own pushes carry ids on a cluster only.
+#[tokio::test]
+async fn a_push_sent_again_answers_what_the_first_did() {
+    let s = new_store("redis-push-again").await;
+    let b = manual_handle(&s).await;
+    let mut a = LateWriter::new(&s, "app:pusher").await;
+    let key = "document:again#viewer@user:anne";
+    let first = a.push_call(key, "g", &["1", "1"]).await;
+    assert_eq!(first.len(), 4, "{first:?}");
+    b.revoke("user:anne", "viewer", "document:again")
+        .await
+        .unwrap();
+    let again = a.push_call(key, "g", &["1", "1"]).await;
+    assert_eq!(again, first, "the repeat answers what the first did");
+    let acks: Option<String> = a.on_key("HGET", "acks", &["app:pusher"]).await;
+    assert_eq!(acks.as_deref(), Some("1"), "a's grant is counted once");
+    assert_eq!(b.status().await.unwrap().totals.acknowledged, 2);
+    b.flush().await.unwrap();
+    assert_eq!(
+        support::stored(&s).await,
+        Vec::<String>::new(),
+        "the revoke was the last word"
+    );
+    // Its next call (oldest open id 2) drops the first's answer.
+    a.push_call("document:again#viewer@user:bob", "g", &["2", "2"])
+        .await;
+    let kept: Vec<String> = a.on_key("ZRANGE", "push:app:pusher", &["0", "-1"]).await;
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(kept[0].starts_with("2|"), "{kept:?}");
+
+    // b's own grant: its push keeps an answer on a cluster only.
+    b.grant("user:carl", "viewer", "document:again")
+        .await
+        .unwrap();
+    let owners: Vec<String> = a.on_key("ZRANGE", "owners", &["0", "-1"]).await;
+    let mut kept_by_b = 0;
+    for w in owners.iter().filter(|w| *w != "app:pusher") {
+        let n: usize = a.on_key("ZCARD", &format!("push:{w}"), &[]).await;
+        kept_by_b += n;
+    }
+    let expected = usize::from(support::redis_is_cluster());
+    assert_eq!(kept_by_b, expected, "answers kept for b's pushes");
 }
 
 /// What `flush --wait` waits for (`unfinished`): the ops acknowledged up
@@ -1651,6 +1774,26 @@ async fn a_finish_whose_answer_is_cut_off_counts_once() {
     assert_eq!(r.error, None, "{r:?}");
     assert_eq!(r.applied, 30, "{r:?}");
     written_once(&s, wb, 30).await;
+}
+
+/// A push that Redis ran but whose answer was cut off is sent again by the
+/// cluster client on a new connection and recognised as done: the grant is
+/// acknowledged and counted once. Before, it ran twice (counted twice, and
+/// folded over whatever another process pushed on the tuple in between).
+#[tokio::test]
+async fn a_push_the_cluster_client_sent_again_counts_once() {
+    let s = new_store("redis-cut-push-cluster").await;
+    let cut = BehindACut::cluster(&s).await;
+    let wb = &cut.wb;
+    cut.proxy.cut_after(b"$4\r\npush\r\n", 1);
+    wb.grant("user:anne", "viewer", "document:cut")
+        .await
+        .unwrap();
+    assert_eq!(cut.proxy.cuts(), 1);
+    let t = wb.status().await.unwrap().totals;
+    assert_eq!((t.acknowledged, t.coalesced), (1, 0), "{t:?}");
+    wb.flush().await.unwrap();
+    written_once(&s, wb, 1).await;
 }
 
 /// A fetch whose reply is lost leaves a job Redis names a live worker as
@@ -2734,46 +2877,26 @@ async fn a_pruned_count_a_push_started_again_is_no_loss() {
     let mut r = ScriptAt::new("pruned-count").await;
     let t0 = now_ms();
     let (t0s, later) = (t0.to_string(), (t0 + 11 * 60_000).to_string());
-    // heartbeat now writer lease epoch acked had hold pushed recent may_count
-    async fn beat(
-        r: &mut ScriptAt,
-        (writer, now, known, acked): (&str, &str, &str, &str),
-        [pushed, recent, may_count]: [&str; 3],
-    ) -> Vec<redis::Value> {
-        let args = [
-            now, writer, "5000", known, acked, "", "0", pushed, recent, may_count,
-        ];
-        r.call("heartbeat", &args).await
-    }
-    async fn push(r: &mut ScriptAt, now: &str, doc: &str) {
-        let key = format!("{doc}#viewer@user:a");
-        r.call("push", &[now, "100", "1", &key, "g", "", "w"]).await;
-    }
-    let lost_now = |out: &[redis::Value]| out.get(4) == Some(&redis::Value::Int(1));
-    let epoch_of = |out: &[redis::Value]| match out.get(1) {
-        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-        other => panic!("epoch: {other:?}"),
-    };
     push(&mut r, &t0s, "document:1").await;
-    let out = beat(&mut r, ("w", &t0s, "", "1"), ["1", "1", "1"]).await;
+    let out = counted_beat(&mut r, ("w", &t0s, "", "1"), ["1", "1", "1"], "").await;
     assert!(!lost_now(&out), "{out:?}");
     let epoch = epoch_of(&out);
     // A push whose reply the writer has not read (it counts 1 of 2 sent).
     push(&mut r, &t0s, "document:2").await;
     // Eleven minutes on: another writer's heartbeat prunes w's count.
-    let out = beat(&mut r, ("x", &later, &epoch, "0"), ["0", "1", "0"]).await;
+    let out = counted_beat(&mut r, ("x", &later, &epoch, "0"), ["0", "1", "0"], "").await;
     assert!(!lost_now(&out), "{out:?}");
     let count: Option<String> = r.look("HGET", "acks", &["w"]).await;
     assert_eq!(count, None, "pruned");
     // Another push runs, its reply unread too (1 of 3 sent counted).
     push(&mut r, &later, "document:3").await;
-    let out = beat(&mut r, ("w", &later, &epoch, "3"), ["1", "0", "3"]).await;
+    let out = counted_beat(&mut r, ("w", &later, &epoch, "3"), ["1", "0", "3"], "").await;
     assert!(
         !lost_now(&out),
         "a pruned count is unknown, not a loss: {out:?}"
     );
     // The replies are read: the writer counts 3, and Redis no fewer.
-    let out = beat(&mut r, ("w", &later, &epoch, "3"), ["3", "1", "3"]).await;
+    let out = counted_beat(&mut r, ("w", &later, &epoch, "3"), ["3", "1", "3"], "").await;
     assert!(!lost_now(&out), "the replies counted since: {out:?}");
     // Kept (its heartbeat is there now): a count below the writer's is a
     // loss, recorded once. A push that ran after that heartbeat read the
@@ -2781,19 +2904,108 @@ async fn a_pruned_count_a_push_started_again_is_no_loss() {
     // heartbeat record another: the count is counted again from there.
     let _: () = r.look("HSET", "acks", &["w", "1"]).await;
     push(&mut r, &later, "document:4").await;
-    let out = beat(&mut r, ("w", &later, &epoch, "3"), ["3", "0", "3"]).await;
+    let out = counted_beat(&mut r, ("w", &later, &epoch, "3"), ["3", "0", "3"], "").await;
     assert!(lost_now(&out), "{out:?}");
     // The writer is asked for its next heartbeat at once.
     assert_eq!(out.get(6), Some(&redis::Value::Int(1)), "{out:?}");
     let epoch = epoch_of(&out);
     for _ in 0..2 {
-        let out = beat(&mut r, ("w", &later, &epoch, "3"), ["4", "1", "4"]).await;
+        let out = counted_beat(&mut r, ("w", &later, &epoch, "3"), ["4", "1", "4"], "").await;
         assert!(!lost_now(&out), "no second loss: {out:?}");
     }
     // And compared again from then on.
     let _: () = r.look("HSET", "acks", &["w", "2"]).await;
-    let out = beat(&mut r, ("w", &later, &epoch, "3"), ["4", "1", "4"]).await;
+    let out = counted_beat(&mut r, ("w", &later, &epoch, "3"), ["4", "1", "4"], "").await;
     assert!(lost_now(&out), "{out:?}");
+}
+
+/// A heartbeat as writer `who.0` at `who.1` that knows epoch `who.2` and
+/// acknowledged up to `who.3`, with its counts `[pushed, recent,
+/// may_count]` and its number `beat` ("": an older writer's, unnumbered).
+async fn counted_beat(
+    r: &mut ScriptAt,
+    (writer, now, known, acked): (&str, &str, &str, &str),
+    [pushed, recent, may_count]: [&str; 3],
+    beat: &str,
+) -> Vec<redis::Value> {
+    // heartbeat now writer lease epoch acked had hold pushed recent may_count beat
+    let args = [
+        now, writer, "5000", known, acked, "", "0", pushed, recent, may_count, beat,
+    ];
+    r.call("heartbeat", &args).await
+}
+
+/// Writer "w" pushes a grant on `doc` at `now`.
+async fn push(r: &mut ScriptAt, now: &str, doc: &str) {
+    let key = format!("{doc}#viewer@user:a");
+    r.call("push", &[now, "100", "1", &key, "g", "", "w"]).await;
+}
+
+fn lost_now(out: &[redis::Value]) -> bool {
+    out.get(4) == Some(&redis::Value::Int(1))
+}
+
+fn epoch_of(out: &[redis::Value]) -> String {
+    match out.get(1) {
+        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+        other => panic!("epoch: {other:?}"),
+    }
+}
+
+/// The heartbeat that set a writer's count aside to be counted again
+/// (below the writer's: a loss), sent again with its number by a Redis
+/// Cluster client after its reply was lost, with a push of the writer's
+/// run in between: it does not count from its own reads, which miss that
+/// push, and the writer's next heartbeat counts it and records no second
+/// loss. Before, the repeat counted 3 of the 4 ops and the next heartbeat
+/// recorded a loss that never was (every check failing closed).
+#[tokio::test]
+async fn a_heartbeat_sent_again_records_no_false_loss() {
+    let mut r = ScriptAt::new("beat-again").await;
+    let now = now_ms().to_string();
+    for doc in ["document:1", "document:2", "document:3"] {
+        push(&mut r, &now, doc).await;
+    }
+    let out = counted_beat(&mut r, ("w", &now, "", "3"), ["3", "1", "3"], "1").await;
+    assert!(!lost_now(&out), "{out:?}");
+    let epoch = epoch_of(&out);
+    // Redis lost two of w's ops. Heartbeat 2 sets out with w's counts
+    // (3), a push of w's runs before it (its reply unread), and heartbeat
+    // 2 records the loss and sets the count aside. Its reply is lost; the
+    // cluster client sends it again.
+    let _: () = r.look("HSET", "acks", &["w", "1"]).await;
+    push(&mut r, &now, "document:4").await;
+    let second = (("w", now.as_str(), epoch.as_str(), "3"), ["3", "1", "3"]);
+    let out = counted_beat(&mut r, second.0, second.1, "2").await;
+    assert!(lost_now(&out), "{out:?}");
+    let epoch = epoch_of(&out);
+    let out = counted_beat(&mut r, second.0, second.1, "2").await;
+    assert!(!lost_now(&out), "{out:?}");
+    // Heartbeat 3 (w has read the push's reply: 4).
+    let out = counted_beat(&mut r, ("w", &now, &epoch, "3"), ["4", "1", "4"], "3").await;
+    assert!(!lost_now(&out), "no second loss: {out:?}");
+    let count: Option<String> = r.look("HGET", "acks", &["w"]).await;
+    assert_eq!(count.as_deref(), Some("4"));
+    let out = counted_beat(&mut r, ("w", &now, &epoch, "3"), ["4", "1", "4"], "4").await;
+    assert!(!lost_now(&out), "{out:?}");
+}
+
+/// A job set aside as unreadable, the call sent again (a Redis Cluster
+/// client does after a lost reply): the second finds it set aside and
+/// does nothing. Before, it counted the job twice and overwrote what was
+/// kept of it with nothing.
+#[tokio::test]
+async fn a_bad_job_set_aside_twice_is_kept_and_counted_once() {
+    let mut r = ScriptAt::new("badjob-again").await;
+    let _: () = r.look("HSET", "jobs", &["9", "{not json"]).await;
+    let now = now_ms().to_string();
+    for _ in 0..2 {
+        r.call("badjob", &[&now, "9"]).await;
+        let kept: Option<String> = r.look("HGET", "badjobs", &["9"]).await;
+        assert_eq!(kept.as_deref(), Some("{not json"));
+        let counted: Option<String> = r.look("HGET", "stats", &["bad_jobs"]).await;
+        assert_eq!(counted.as_deref(), Some("1"));
+    }
 }
 
 /// Every connection to Redis has TCP keepalive on (the kernel's own record

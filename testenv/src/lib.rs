@@ -25,6 +25,7 @@ mod process;
 mod proxy;
 mod redis;
 mod relay;
+mod switch;
 
 pub use cut::CutProxy;
 pub use error::{Error, Result};
@@ -35,6 +36,7 @@ pub use postgres::Postgres;
 pub use process::Proc;
 pub use proxy::{DelayProxy, WriteCounts};
 pub use redis::{Fsync, Redis, RedisCluster, RedisOptions};
+pub use switch::SwitchProxy;
 
 /// A signal a test sends to a process it started (an fga-wb child, a worker).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

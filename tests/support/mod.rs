@@ -612,3 +612,18 @@ pub fn signal(pid: u32, sig: testenv::Signal) {
         panic!("{e}");
     }
 }
+
+/// Sends SIGTERM to `child` and collects its output; fails the test if it
+/// has not ended `within` (a process that ignores the signal hangs its
+/// operator's `kubectl delete` or CI job).
+pub async fn terminate(
+    child: tokio::process::Child,
+    within: std::time::Duration,
+) -> std::process::Output {
+    let pid = child.id().expect("the child is running");
+    signal(pid, testenv::Signal::Term);
+    match tokio::time::timeout(within, child.wait_with_output()).await {
+        Ok(out) => out.expect("its output"),
+        Err(_) => panic!("process {pid} did not end within {within:?} of SIGTERM"),
+    }
+}

@@ -132,9 +132,130 @@ impl std::fmt::Debug for Target {
 #[derive(Clone)]
 pub(crate) enum Conn {
     /// One node, reconnecting by itself.
-    Node(ConnectionManager),
+    Node(Node),
     /// A cluster: one connection per node, commands routed by key.
     Cluster(ClusterConnection),
+}
+
+/// One node's connection. redis-rs reconnects after an I/O error; this
+/// also reconnects once the node answers READONLY: a primary demoted in
+/// place while the address fga-wb knows (a DNS name, a proxy: a managed
+/// Redis's endpoint) now leads to the new primary. The old connection
+/// would stay on the replica for good, every push failing and every check
+/// failing closed until the process restarted.
+#[derive(Clone)]
+pub(crate) struct Node(Arc<NodeInner>);
+
+struct NodeInner {
+    /// The connection, and how many times it was replaced.
+    current: std::sync::Mutex<(u64, ConnectionManager)>,
+    /// Whether a new connection is being made.
+    replacing: std::sync::atomic::AtomicBool,
+    client: redis::Client,
+    config: redis::aio::ConnectionManagerConfig,
+    on_disconnect: OnDisconnect,
+}
+
+impl Node {
+    async fn connect(
+        client: redis::Client,
+        config: redis::aio::ConnectionManagerConfig,
+        on_disconnect: OnDisconnect,
+    ) -> redis::RedisResult<Node> {
+        let c = ConnectionManager::new_with_config(client.clone(), config.clone()).await?;
+        Ok(Node(Arc::new(NodeInner {
+            current: std::sync::Mutex::new((0, c)),
+            replacing: Default::default(),
+            client,
+            config,
+            on_disconnect,
+        })))
+    }
+
+    fn current(&self) -> (u64, ConnectionManager) {
+        let c = self.0.current.lock().unwrap_or_else(|p| p.into_inner());
+        (c.0, c.1.clone())
+    }
+
+    /// After a READONLY from connection `seen`: connects again, in the
+    /// background (calls meanwhile go to the old connection and fail as
+    /// transient). Once connected, the store hears of it as of a dropped
+    /// connection: a failover may have lost writes.
+    fn replace(&self, seen: u64) {
+        use std::sync::atomic::Ordering::AcqRel;
+        if self.current().0 != seen || self.0.replacing.swap(true, AcqRel) {
+            return;
+        }
+        let inner = self.0.clone();
+        tokio::spawn(async move {
+            let made =
+                ConnectionManager::new_with_config(inner.client.clone(), inner.config.clone())
+                    .await;
+            match made {
+                Ok(c) => {
+                    {
+                        let mut cur = inner.current.lock().unwrap_or_else(|p| p.into_inner());
+                        *cur = (cur.0 + 1, c);
+                    }
+                    tracing::warn!("Redis answered READONLY (a primary demoted in place, e.g. by a failover behind its address): connected again");
+                    (inner.on_disconnect)();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Redis answered READONLY and connecting again failed; the next READONLY tries again")
+                }
+            }
+            inner
+                .replacing
+                .store(false, std::sync::atomic::Ordering::Release);
+        });
+    }
+}
+
+/// Whether a call was refused with READONLY: redis-rs hands a server's
+/// error back as a value (an error only once a caller reads it), the
+/// connection's own failures as errors.
+fn read_only<T>(r: &redis::RedisResult<T>, values: impl Fn(&T) -> bool) -> bool {
+    match r {
+        Err(e) => e.code() == Some("READONLY"),
+        Ok(v) => values(v),
+    }
+}
+
+fn read_only_value(v: &Value) -> bool {
+    matches!(v, Value::ServerError(e) if e.code() == "READONLY")
+}
+
+impl ConnectionLike for Node {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let (seen, mut c) = self.current();
+            let r = c.req_packed_command(cmd).await;
+            if read_only(&r, read_only_value) {
+                self.replace(seen);
+            }
+            r
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let (seen, mut c) = self.current();
+            let r = c.req_packed_commands(pipeline, offset, count).await;
+            if read_only(&r, |items| items.iter().any(read_only_value)) {
+                self.replace(seen);
+            }
+            r
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.current().1.get_db()
+    }
 }
 
 impl ConnectionLike for Conn {
@@ -459,8 +580,8 @@ pub(crate) async fn connect(
                 .set_connection_timeout(Some(Duration::from_secs(3)))
                 .set_response_timeout(Some(RESPONSE_TIMEOUT))
                 .set_number_of_retries(2)
-                .set_push_sender(disconnect_sender(on_disconnect));
-            let c = ConnectionManager::new_with_config(client, config)
+                .set_push_sender(disconnect_sender(on_disconnect.clone()));
+            let c = Node::connect(client, config, on_disconnect.clone())
                 .await
                 .map_err(|e| unreachable(target, e))?;
             Ok(Conn::Node(c))

@@ -6,10 +6,10 @@
 //! too. So each call carries an id, Redis keeps its answer (`P:fin:<writer>`,
 //! see `finish` in store.lua), and a repeat with the same id only reads it.
 
-use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use super::calls::CallIds;
 use super::*;
 
 /// How long a failed finish is repeated: long enough to ride out a Redis
@@ -18,42 +18,15 @@ pub(super) const RETRY_FOR: Duration = Duration::from_secs(120);
 const FIRST_WAIT: Duration = Duration::from_millis(50);
 const MAX_WAIT: Duration = Duration::from_secs(2);
 
-/// This writer's finish calls: the last id handed out, and the ids whose
-/// answer has not arrived yet (their answers must stay in Redis). One lock:
-/// no call reads an oldest open id that skips one handed out but not yet
-/// open.
+/// This writer's finish calls, and when repeats end.
 #[derive(Default)]
 pub(crate) struct Finishes {
-    open: Mutex<(u64, BTreeSet<u64>)>,
+    ids: CallIds,
     /// No repeats after this (a shutdown's deadline, or a stop).
     stop_at: Mutex<Option<Instant>>,
 }
 
-/// One finish call's id, open until dropped (answered, given up, or its
-/// future dropped: nothing repeats it then).
-struct Open<'a> {
-    id: u64,
-    of: &'a Finishes,
-}
-
 impl Finishes {
-    fn open(&self) -> Open<'_> {
-        let mut open = self.lock();
-        open.0 += 1;
-        let id = open.0;
-        open.1.insert(id);
-        Open { id, of: self }
-    }
-
-    /// The oldest call that may still be repeated: answers before it can go.
-    fn oldest(&self) -> u64 {
-        self.lock().1.first().copied().unwrap_or(0)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, BTreeSet<u64>)> {
-        self.open.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     pub(crate) fn stop_at(&self, at: Instant) {
         let mut s = self.stop_at.lock().unwrap_or_else(|p| p.into_inner());
         *s = Some(s.map_or(at, |s| s.min(at)));
@@ -63,12 +36,6 @@ impl Finishes {
         let until = started + repeat_for;
         let stop = *self.stop_at.lock().unwrap_or_else(|p| p.into_inner());
         stop.map_or(until, |s| s.min(until))
-    }
-}
-
-impl Drop for Open<'_> {
-    fn drop(&mut self) {
-        self.of.lock().1.remove(&self.id);
     }
 }
 
@@ -82,7 +49,7 @@ impl RedisStore {
         job: Option<&JobEnd>,
         repeat_for: Duration,
     ) -> Result<Finished> {
-        let call = self.finishes.open();
+        let call = self.finishes.ids.open();
         // The term the call ends ops and its job in, fixed once: a repeat
         // after the writer's lease ended and it took or fetched again (in a
         // new term) must not end what it holds in that term. A job's is the
@@ -174,7 +141,7 @@ impl RedisStore {
                 .push(err_code)
                 .push(t.attempts.saturating_add(1));
         }
-        a.push(call).push(self.finishes.oldest()).push(term);
+        a.push(call).push(self.finishes.ids.oldest()).push(term);
         a
     }
 }

@@ -268,7 +268,8 @@ impl Heartbeat {
             .push(self.outcome_hold.as_millis() as u64)
             .push(pushed)
             .push(u8::from(self.counted_in_redis(at)))
-            .push(pushed.saturating_add(unanswered));
+            .push(pushed.saturating_add(unanswered))
+            .push(self.watch.beats_sent.fetch_add(1, Ordering::Relaxed) + 1);
         // Cleared only once the quiet time and the reconnect are recorded
         // (below): cleared before this call, it let a check through while
         // the call was under way, with neither set yet. A connection that

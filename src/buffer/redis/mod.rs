@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 mod admin;
 pub(crate) use admin::FetchedJob;
+mod calls;
 mod conn;
 mod finish;
 mod heartbeat;
@@ -129,6 +130,9 @@ struct Watch {
     /// way when the store stops reaches Redis before the release, or not
     /// at all.
     beat_lock: tokio::sync::Mutex<()>,
+    /// Heartbeats sent: each carries its number, so Redis knows one sent
+    /// again (see `heartbeat` in store.lua).
+    beats_sent: AtomicU64,
     /// Dropped connections and epoch changes seen. Part of every
     /// generation: a connection that dropped may come back to a replica
     /// promoted without the last writes, where a rolled-back generation
@@ -463,6 +467,7 @@ impl RedisStore {
         let heartbeat = tokio::spawn(beat.run());
         let (pushes, rx) = mpsc::channel(4 * PUSH_BATCH);
         let pusher = Pusher {
+            calls: matches!(push_conn, Conn::Cluster(_)).then(Default::default),
             conn: push_conn,
             script: script.clone(),
             prefix: prefix.clone(),

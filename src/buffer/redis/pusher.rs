@@ -1,6 +1,7 @@
 //! Pushes: concurrent grants and revokes of a process collected into
 //! script calls, a few in flight at once.
 
+use super::calls::CallIds;
 use super::*;
 
 /// Sends pushes to Redis: concurrent ones are collected into script calls,
@@ -19,6 +20,12 @@ pub(crate) struct Pusher {
     /// This process's writer name: Redis counts the ops it accepted from
     /// each writer (see `Watch::pushed`).
     pub(crate) writer: String,
+    /// Ids for the calls, on a Redis Cluster: its client sends a call again
+    /// after a dropped connection, and a push that ran twice would fold its
+    /// older ops over newer ones other writers pushed in between (see
+    /// `push` in store.lua). One node's connection never sends a call
+    /// twice, and Redis is spared keeping the answers.
+    pub(crate) calls: Option<CallIds>,
 }
 
 impl Pusher {
@@ -79,6 +86,10 @@ impl Pusher {
             inv.arg(&p.key).arg(op_code(p.op)).arg(&p.condition);
         }
         inv.arg(&self.writer);
+        let call = self.calls.as_ref().map(|ids| (ids.open(), ids));
+        if let Some((call, ids)) = &call {
+            inv.arg(call.id).arg(ids.oldest());
+        }
         // Until `pushed` counts what it accepted, whatever the reply (see
         // `Watch::unanswered`).
         let _unanswered = Unanswered::new(&self.watch, batch.len() as u64);

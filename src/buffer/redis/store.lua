@@ -32,7 +32,8 @@
 --                              10 min after its last (see confirmed), gone at
 --                              a clean stop
 --   P:acks             hash    writer -> how many ops its pushes had
---                              accepted, in all; recount:<writer> -> 1 while
+--                              accepted, in all; recount:<writer> -> the
+--                              number of the heartbeat that set it (or 1) while
 --                              its count is to be counted again (see heartbeat)
 --   P:owes             hash    tuple key -> seq of its latest op, a grant
 --                              pushed over a revoke of the tuple not known
@@ -49,6 +50,10 @@
 --   P:fin:<writer>     zset    call id -> "id|applied|dead|requeued|superseded[|repended]":
 --                              the answers of the writer's finish calls it
 --                              may still repeat (see finish); 10 min expiry
+--   P:push:<writer>    zset    call id -> "id|" and the call's answer, comma
+--                              separated: the answers of the writer's push
+--                              calls a Redis Cluster client may still send
+--                              again (see push); 10 min expiry
 --   P:jobs             hash    job id -> job (JSON)
 --   P:jobc             hash    job id -> its ops' "key\nseq" lines, as
 --                              enqueued (see enqueue); gone once rewritten
@@ -1155,10 +1160,31 @@ local function init_epoch(now)
   if rcall('EXISTS', P .. ':epoch') == 0 then begin_epoch(now) end
 end
 
--- push pub now cap n (key op cond)*n -> {seq, coalesced}*n .. {pending, corrupt}
+-- How long the answers of calls a writer may repeat are kept (push, finish).
+local ANSWERS_KEEP_MS = 600000
+
+-- push pub now cap n (key op cond)*n [writer [call oldest]]
+--   -> {seq, coalesced}*n .. {pending, corrupt}
 -- seq is -1 for an op refused because the buffer is full.
+--   call: the writer's id for this push, on a Redis Cluster, whose client
+--   sends a call again after a dropped connection although it may have run
+--   with only its reply lost (other writers' pushes may have run since: a
+--   second run would fold its older ops over theirs). A call with an id
+--   already answered only reads that answer. P:push:<writer> keeps the
+--   answers of the writer's calls from `oldest` (its oldest unanswered) on.
 if cmd == 'push' then
   local now, cap, n = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+  local call, oldest = ARGV[7 + 3 * n] or '', ARGV[8 + 3 * n] or ''
+  local K_PUSHED = P .. ':push:' .. (ARGV[6 + 3 * n] or '')
+  if call ~= '' then
+    local prior = pcall_('ZRANGEBYSCORE', K_PUSHED, call, call)
+    local answer = smatch(type(prior) == 'table' and prior[1] or '', '^%d+|(.*)$')
+    if answer then
+      local out = {}
+      for item in string.gmatch(answer, '[^,]+') do out[#out + 1] = item end
+      return out
+    end
+  end
   local keys = {}
   for i = 0, n - 1 do keys[i + 1] = ARGV[6 + i * 3] end
   local corrupt = load(keys)
@@ -1305,6 +1331,13 @@ if cmd == 'push' then
   local c = rcall('HMGET', K_COUNTS, 'pg', 'pr')
   out[2 * n + 1] = pending_count(c[1], 'g') + pending_count(c[2], 'r')
   out[2 * n + 2] = corrupt
+  if call ~= '' then
+    -- pcall: a key of another type costs the repeat's guard, not the
+    -- answer to the ops just stored.
+    pcall_('ZADD', K_PUSHED, call, call .. '|' .. table.concat(out, ','))
+    if oldest ~= '' then pcall_('ZREMRANGEBYSCORE', K_PUSHED, '-inf', '(' .. oldest) end
+    pcall_('PEXPIRE', K_PUSHED, ANSWERS_KEEP_MS)
+  end
   return out
 end
 
@@ -1618,7 +1651,6 @@ end
 --   writer holds now: that is a write of the new term.
 --   -> {applied, dead, requeued, superseded[, revokes pending again (see
 --       below), when some are]}
-local FIN_KEEP_MS = 600000
 if cmd == 'finish' then
   local now, writer, job, action, due, jobjson, n =
     tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
@@ -1859,7 +1891,7 @@ if cmd == 'finish' then
     if oldest ~= '' then pcall_('ZREMRANGEBYSCORE', K_FIN, '-inf', '(' .. oldest) end
     pcall_('ZADD', K_FIN, call, call .. '|' .. applied .. '|' .. dead .. '|' .. requeued .. '|' .. superseded ..
       (repended > 0 and ('|' .. repended) or ''))
-    pcall_('PEXPIRE', K_FIN, FIN_KEEP_MS)
+    pcall_('PEXPIRE', K_FIN, ANSWERS_KEEP_MS)
   end
   if repended > 0 then return { applied, dead, requeued, superseded, repended } end
   return { applied, dead, requeued, superseded }
@@ -1917,7 +1949,7 @@ if cmd == 'confirmed' then
   return { waiting, latest, rcall('EXISTS', P .. ':loss') }
 end
 
--- heartbeat pub now writer lease_ms epoch acked had hold_ms pushed recent may_count
+-- heartbeat pub now writer lease_ms epoch acked had hold_ms pushed recent may_count [beat]
 --   -> {alive, epoch, seq, loss open, lost now, term, recounting}
 -- Renews the writer's lease (alive is 0 if it had already ended; a new
 -- `term` says what it held was handed to others), and compares what the writer knows
@@ -1928,7 +1960,8 @@ end
 -- while ago, `may_count` `pushed` and the ops of its push calls whose
 -- replies it had not read (what it may count once they are in). A
 -- `recounting` of 1 asks the writer for its next heartbeat at once (its
--- count was set aside, see below). Keys gone, an epoch never seen, the sequence counter below
+-- count was set aside, see below; `beat` numbers the writer's heartbeats,
+-- so that one a Redis Cluster client sent again is known). Keys gone, an epoch never seen, the sequence counter below
 -- `acked`, or the writer's own count (P:acks) below `pushed` prove that
 -- Redis lost acknowledged ops (a
 -- restart without its data, a failover to a replica that had not received
@@ -1962,6 +1995,13 @@ if cmd == 'heartbeat' then
   local have = pcall_('HGET', P .. ':acks', writer)
   local recount = 'recount:' .. writer
   local since, recounting = 0, 0
+  -- The heartbeat that set the count aside, sent again by a Redis Cluster
+  -- client after its reply was lost: counted again from its reads, the
+  -- count would miss a push that ran between them and the first run, and
+  -- the next heartbeat would record a loss that never was. The next one
+  -- counts it, from its own reads, as it would have.
+  local beat = ARGV[13] or ''
+  local again = beat ~= '' and pcall_('HGET', P .. ':acks', recount) == beat
   if pcall_('HEXISTS', P .. ':acks', recount) == 1
       or (ARGV[11] ~= '1' and rcall('HEXISTS', P .. ':beats', writer) == 0) then
     since = as_count(have) or 0
@@ -2034,7 +2074,9 @@ if cmd == 'heartbeat' then
   -- The writer sends that heartbeat at once (`recounting`): what both
   -- count stays a round trip's pushes, and the comparison it skips is
   -- skipped for no longer.
-  if not have then
+  if again then
+    recounting = 1
+  elseif not have then
     local may_count = math.max(tonumber(ARGV[12]) or 0, pushed)
     if may_count + since > 0 then
       pcall_('HSET', P .. ':acks', writer, sformat('%.0f', may_count + since))
@@ -2042,7 +2084,7 @@ if cmd == 'heartbeat' then
     pcall_('HDEL', P .. ':acks', recount)
   elseif have < pushed then
     pcall_('HDEL', P .. ':acks', writer)
-    pcall_('HSET', P .. ':acks', recount, 1)
+    pcall_('HSET', P .. ':acks', recount, beat ~= '' and beat or 1)
     recounting = 1
   end
   local lost_now = 0
@@ -2799,7 +2841,12 @@ end
 -- badjob pub now id -> a worker could not decode job `id`: set it aside
 if cmd == 'badjob' then
   local id = ARGV[4]
-  local back = drop_bad_job(id, rcall('HGET', P .. ':jobs', id), tonumber(ARGV[3]))
+  local raw = rcall('HGET', P .. ':jobs', id)
+  -- Set aside already: this call, sent again by a Redis Cluster client
+  -- after its reply was lost, would count it twice and overwrite what was
+  -- kept of it.
+  if not raw and rcall('HEXISTS', P .. ':badjobs', id) == 1 then return 0 end
+  local back = drop_bad_job(id, raw, tonumber(ARGV[3]))
   if back > 0 then publish('finished') end
   return back
 end
