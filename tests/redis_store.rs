@@ -3008,6 +3008,27 @@ async fn a_bad_job_set_aside_twice_is_kept_and_counted_once() {
     }
 }
 
+/// An operator's `loss --ack` sent again (a Redis Cluster client does
+/// after a lost reply) once another loss was recorded: it answers what the
+/// first closed and leaves the new loss open, for the operator to look
+/// at. Before, it closed that one too, and checks answered again.
+#[tokio::test]
+async fn a_loss_ack_sent_again_closes_no_newer_loss() {
+    let mut r = ScriptAt::new("ackloss-again").await;
+    let record = |at: &'static str| ["at", at, "by", "w", "reason", "lost", "more", "0"];
+    let _: () = r.look("HSET", "loss", &record("100")).await;
+    let first = r.call("ackloss", &["500", "ops"]).await;
+    assert_eq!(first.len(), 4, "{first:?}");
+    let _: () = r.look("HSET", "loss", &record("600")).await;
+    let again = r.call("ackloss", &["500", "ops"]).await;
+    assert_eq!(again, first, "the first call's answer");
+    let open: Option<String> = r.look("HGET", "loss", &["at"]).await;
+    assert_eq!(open.as_deref(), Some("600"), "the newer loss stays open");
+    // The operator's next ack closes it.
+    let next = r.call("ackloss", &["700", "ops"]).await;
+    assert_eq!(next[0], redis::Value::BulkString(b"600".to_vec()));
+}
+
 /// Every connection to Redis has TCP keepalive on (the kernel's own record
 /// in /proc/net/tcp: its keepalive timer runs on an idle socket), so a
 /// node that stops answering without a reset (died, or its address moved

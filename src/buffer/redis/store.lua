@@ -2146,17 +2146,27 @@ end
 -- operator is told was closed is what was (a loss recorded after the
 -- operator last looked is in it).
 if cmd == 'ackloss' then
+  local stamp = ARGV[3] .. ' by ' .. ARGV[4]
+  -- This call, sent again by a Redis Cluster client after its reply was
+  -- lost: it answers what the first closed, and closes no loss recorded
+  -- since (nobody has looked at that one).
+  local prior = pcall_('HMGET', P .. ':stats', 'last_loss_acknowledged', 'last_loss_closed')
+  if type(prior) == 'table' and prior[1] == stamp and prior[2] then
+    local ok, closed = pcall(cjson.decode, prior[2])
+    if ok and type(closed) == 'table' then return closed end
+  end
   local l = loss_fields('at', 'reason', 'by', 'more')
   if not l then return {} end
   rcall('DEL', P .. ':loss')
   mark_all_written()
+  local closed = { l[1] or '0', l[3] or '', l[2] or 'an unreadable record of a loss', l[4] or '0' }
   rcall('HSET', P .. ':stats', 'last_loss', (l[1] or '0') .. ' ' .. (l[2] or ''),
-        'last_loss_acknowledged', ARGV[3] .. ' by ' .. ARGV[4])
+        'last_loss_acknowledged', stamp, 'last_loss_closed', cjson.encode(closed))
   for _, f in ipairs(rcall('HKEYS', P .. ':gen')) do incr(P .. ':gen', f, 1) end
   incr(P .. ':gen', '*', 1)
   flush_incrs()
   publish('all')
-  return { l[1] or '0', l[3] or '', l[2] or 'an unreadable record of a loss', l[4] or '0' }
+  return closed
 end
 
 -- release pub now writer [until] -> ends a writer's lease now (a clean stop):
