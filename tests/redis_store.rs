@@ -1796,6 +1796,23 @@ async fn a_push_the_cluster_client_sent_again_counts_once() {
     written_once(&s, wb, 1).await;
 }
 
+/// A clear step that Redis ran but whose answer was cut off, sent again by
+/// the cluster client: the clear still lists every op it dropped (the
+/// operator's only record of them). Before, the repeat found nothing left
+/// to drop and the clear listed none of the 30.
+#[tokio::test]
+async fn a_clear_step_the_cluster_client_sent_again_lists_what_it_dropped() {
+    let s = new_store("redis-cut-clear-cluster").await;
+    let cut = BehindACut::cluster(&s).await;
+    let wb = &cut.wb;
+    support::grant_users(wb, "document:cut", 0..30).await;
+    cut.proxy.cut_after(b"$5\r\nclear\r\n", 1);
+    let dropped = wb.clear_ops().await.unwrap();
+    assert_eq!(cut.proxy.cuts(), 1);
+    assert_eq!(dropped.len(), 30);
+    assert_eq!(wb.status().await.unwrap().totals.cleared, 30);
+}
+
 /// A fetch whose reply is lost leaves a job Redis names a live worker as
 /// running, though the worker never got it (here the worker is stopped
 /// with SIGSTOP while the lost fetch happens, so the job is not fetched

@@ -88,6 +88,8 @@ pub(crate) struct RedisStore {
     dead_on_take: AtomicU64,
     /// Takes and finishes that failed (see `Store::unsure_calls`).
     unsure: AtomicU64,
+    /// Clear steps sent (each carries its number).
+    clear_steps: AtomicU64,
 }
 
 /// What this process knows that a Redis which lost data would not, to
@@ -501,6 +503,7 @@ impl RedisStore {
             finishes: Default::default(),
             dead_on_take: AtomicU64::new(0),
             unsure: AtomicU64::new(0),
+            clear_steps: AtomicU64::new(0),
         })
     }
 
@@ -755,7 +758,14 @@ impl RedisStore {
         let mut out: Vec<(TupleKey, Op)> = Vec::new();
         loop {
             let mut a = Args::new("clear", self.publish);
-            a.push(now_ms()).push(&cursor).push(&up_to).push(&jobs);
+            // An id per step: the cluster client may send one again.
+            let step = self.clear_steps.fetch_add(1, Ordering::Relaxed) + 1;
+            a.push(now_ms())
+                .push(&cursor)
+                .push(&up_to)
+                .push(&jobs)
+                .push(&self.writer)
+                .push(step);
             let v = match self.call(&a).await.and_then(items) {
                 Ok(v) => v,
                 Err(e) => {

@@ -2448,7 +2448,7 @@ if cmd == 'owes' then
   return 0
 end
 
--- clear pub now cursor up_to jobs_up_to
+-- clear pub now cursor up_to jobs_up_to [writer call]
 --   -> {next cursor, up_to, jobs_up_to, (key, op, cond)*}
 -- One step of a clear, so that a large backlog never holds Redis for long:
 -- drops the ops among about CLEAR_STEP keys of P:ops that are pending or held
@@ -2457,12 +2457,28 @@ end
 -- 0, jobs_up_to '') reads jobs_up_to (the last job id), and up_to unless the
 -- caller gave it (the last seq when the operator was asked); the last step
 -- (next cursor 0) drops the jobs up to jobs_up_to that no worker runs.
+-- call: the writer's id for this step. A Redis Cluster client sends a
+-- step again after a dropped connection although it may have run: the
+-- repeat answers what the first run dropped, which is the operator's only
+-- record of those ops. A writer's steps follow one another, so Redis
+-- keeps the answer of its last only (P:clearans:<writer>, 10 min).
 local CLEAR_STEP = 500
 -- How long a clear's step counts as under way: steps follow each other at once.
 local CLEARING_MS = 5000
 if cmd == 'clear' then
   local bad = check_keys({})
   if bad then return redis.error_reply(bad) end
+  local call = ARGV[8] or ''
+  local K_ANSWER = P .. ':clearans:' .. (ARGV[7] or '')
+  if call ~= '' then
+    local kept = pcall_('GET', K_ANSWER)
+    local answer = type(kept) == 'string' and smatch(kept, '^([^\n]*)\n') == call
+      and ssub(kept, #call + 2)
+    if answer then
+      local ok, out = pcall(cjson.decode, answer)
+      if ok and type(out) == 'table' then return out end
+    end
+  end
   local up_to, jobs_up_to = ARGV[5], ARGV[6]
   if up_to == '' then up_to = rcall('GET', P .. ':seq') or '0' end
   if jobs_up_to == '' then jobs_up_to = rcall('GET', P .. ':jobseq') or '0' end
@@ -2570,6 +2586,7 @@ if cmd == 'clear' then
     rcall('DEL', P .. ':jk:' .. id)
   end
   if last or #cleared > 0 then publish('all') end
+  if call ~= '' then pcall_('SET', K_ANSWER, call .. '\n' .. cjson.encode(out), 'PX', ANSWERS_KEEP_MS) end
   return out
 end
 
