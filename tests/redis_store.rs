@@ -153,6 +153,63 @@ async fn a_primary_demoted_behind_its_address_is_left_for_the_new_one() {
     support::assert_accounted(&wb).await;
 }
 
+/// The same demotion behind an address that does not follow it (it still
+/// leads to the old primary, now a replica): grants fail with a transient
+/// error and buffer nothing, and the connections made again back off
+/// (after 1 s, then 2 s, 4 s...) rather than follow every READONLY. A
+/// loop would make one per heartbeat retry, every 100 ms per connection.
+#[tokio::test]
+async fn a_primary_demoted_where_the_address_stays_is_not_hammered() {
+    let s = new_store("redis-demoted-stays").await;
+    let old = testenv::Redis::start(testenv::RedisOptions::default())
+        .await
+        .unwrap();
+    let new = testenv::Redis::start(testenv::RedisOptions::default())
+        .await
+        .unwrap();
+    let mut c = redis_config(&s);
+    c.redis.url = old.url();
+    let wb = manual_with(c).await;
+    new.command("REPLICAOF NO ONE").await.unwrap();
+    old.command(&format!("REPLICAOF 127.0.0.1 {}", new.port()))
+        .await
+        .unwrap();
+    let connections = || async {
+        let info = old.command("INFO stats").await.unwrap_or_default();
+        let n = info
+            .lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|n| n.trim().parse::<u64>().ok());
+        n.expect("INFO stats")
+    };
+    let before = connections().await;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        let e = wb
+            .grant("user:anne", "viewer", "document:stays")
+            .await
+            .unwrap_err();
+        assert!(e.is_transient(), "{e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Each of the store's two connections: at most one a second at first,
+    // and INFO's own (one a call here).
+    let made = connections().await - before;
+    assert!(made < 20, "{made} connections in 5 s");
+    let pending: Option<u64> = redis::cmd("HLEN")
+        .arg(format!("fga-wb:{{{}}}:ops", s.store_id))
+        .query_async(
+            &mut redis::Client::open(new.url())
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(pending, Some(0), "nothing buffered");
+}
+
 /// `redis.wait_replicas` on a Redis with no replica (every `WAIT` times
 /// out): with `fewer_replicas = "accept"` a grant is acknowledged after
 /// the wait; with `"fail"` it fails with a transient error that says the

@@ -8,7 +8,8 @@ use crate::Result;
 /// A TCP proxy on loopback whose upstream can be changed: connections made
 /// after the change go to the new upstream, those made before stay where
 /// they are, as with a DNS name or a managed Redis's endpoint moved to a
-/// new primary by a failover. Stops when dropped.
+/// new primary by a failover. Stops accepting when dropped (connections
+/// already made run until either side closes).
 pub struct SwitchProxy {
     port: u16,
     task: tokio::task::JoinHandle<()>,

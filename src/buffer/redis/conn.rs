@@ -151,10 +151,17 @@ struct NodeInner {
     current: std::sync::Mutex<(u64, ConnectionManager)>,
     /// Whether a new connection is being made.
     replacing: std::sync::atomic::AtomicBool,
+    /// After a reconnect that found a replica again (an address that does
+    /// not follow failovers) or failed: no new one before the instant, and
+    /// the wait after the next such.
+    backoff: std::sync::Mutex<(Option<std::time::Instant>, Duration)>,
     client: redis::Client,
     config: redis::aio::ConnectionManagerConfig,
     on_disconnect: OnDisconnect,
 }
+
+const REPLACE_FIRST_WAIT: Duration = Duration::from_secs(1);
+const REPLACE_MAX_WAIT: Duration = Duration::from_secs(60);
 
 impl Node {
     async fn connect(
@@ -166,6 +173,7 @@ impl Node {
         Ok(Node(Arc::new(NodeInner {
             current: std::sync::Mutex::new((0, c)),
             replacing: Default::default(),
+            backoff: std::sync::Mutex::new((None, REPLACE_FIRST_WAIT)),
             client,
             config,
             on_disconnect,
@@ -177,38 +185,83 @@ impl Node {
         (c.0, c.1.clone())
     }
 
-    /// After a READONLY from connection `seen`: connects again, in the
-    /// background (calls meanwhile go to the old connection and fail as
-    /// transient). Once connected, the store hears of it as of a dropped
-    /// connection: a failover may have lost writes.
+    /// After a READONLY from connection `seen`: the node is a replica now,
+    /// which a failover may have left without the last writes, so the
+    /// store hears of it at once, as of a dropped connection (checks fail
+    /// closed until it is known safe); and a new connection is made in the
+    /// background (calls meanwhile go to the old one and fail as
+    /// transient), the store told again once it is in place.
     fn replace(&self, seen: u64) {
-        use std::sync::atomic::Ordering::AcqRel;
-        if self.current().0 != seen || self.0.replacing.swap(true, AcqRel) {
+        use std::sync::atomic::Ordering::{AcqRel, Release};
+        let inner = &self.0;
+        // The flag first, the connection's number after: a task that just
+        // swapped (and cleared the flag) is seen by its new number.
+        if inner.replacing.swap(true, AcqRel) {
             return;
         }
-        let inner = self.0.clone();
+        let due = {
+            let b = inner.backoff.lock().unwrap_or_else(|p| p.into_inner());
+            b.0.is_none_or(|at| std::time::Instant::now() >= at)
+        };
+        if self.current().0 != seen || !due {
+            inner.replacing.store(false, Release);
+            return;
+        }
+        (inner.on_disconnect)();
+        let inner = inner.clone();
         tokio::spawn(async move {
             let made =
                 ConnectionManager::new_with_config(inner.client.clone(), inner.config.clone())
                     .await;
-            match made {
-                Ok(c) => {
-                    {
-                        let mut cur = inner.current.lock().unwrap_or_else(|p| p.into_inner());
-                        *cur = (cur.0 + 1, c);
+            let primary = match made {
+                Ok(mut c) => {
+                    let primary = is_primary(&mut c).await;
+                    let mut cur = inner.current.lock().unwrap_or_else(|p| p.into_inner());
+                    if cur.0 == seen {
+                        *cur = (seen + 1, c);
                     }
-                    tracing::warn!("Redis answered READONLY (a primary demoted in place, e.g. by a failover behind its address): connected again");
-                    (inner.on_disconnect)();
+                    Ok(primary)
+                }
+                Err(e) => Err(e),
+            };
+            let mut b = inner.backoff.lock().unwrap_or_else(|p| p.into_inner());
+            let wait = b.1;
+            let connected = primary.is_ok();
+            match primary {
+                Ok(true) => {
+                    *b = (None, REPLACE_FIRST_WAIT);
+                    tracing::warn!("Redis answered READONLY (a primary demoted in place, e.g. by a failover behind its address): connected again, to the primary");
+                }
+                Ok(false) => {
+                    *b = (
+                        Some(std::time::Instant::now() + wait),
+                        (wait * 2).min(REPLACE_MAX_WAIT),
+                    );
+                    tracing::warn!(retry_in = ?wait, "Redis answered READONLY, and connecting again reached a replica again: redis.url must lead to the primary (grants fail and checks fail closed until it does)");
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "Redis answered READONLY and connecting again failed; the next READONLY tries again")
+                    *b = (
+                        Some(std::time::Instant::now() + wait),
+                        (wait * 2).min(REPLACE_MAX_WAIT),
+                    );
+                    tracing::warn!(error = %e, retry_in = ?wait, "Redis answered READONLY, and connecting again failed");
                 }
             }
-            inner
-                .replacing
-                .store(false, std::sync::atomic::Ordering::Release);
+            drop(b);
+            if connected {
+                (inner.on_disconnect)();
+            }
+            inner.replacing.store(false, Release);
         });
     }
+}
+
+/// Whether the node behind `c` says it is a primary; one that does not
+/// say (INFO denied) is taken for one: its writes tell.
+async fn is_primary(c: &mut ConnectionManager) -> bool {
+    let info: redis::RedisResult<String> =
+        redis::cmd("INFO").arg("replication").query_async(c).await;
+    info.map_or(true, |i| !i.contains("role:slave"))
 }
 
 /// Whether a call was refused with READONLY: redis-rs hands a server's
