@@ -103,12 +103,7 @@ async fn a_check_waiting_while_events_were_lost_looks_again() {
 #[tokio::test]
 async fn a_primary_demoted_behind_its_address_is_left_for_the_new_one() {
     let s = new_store("redis-demoted").await;
-    let old = testenv::Redis::start(testenv::RedisOptions::default())
-        .await
-        .unwrap();
-    let new = testenv::Redis::start(testenv::RedisOptions::default())
-        .await
-        .unwrap();
+    let [old, new] = two_redis().await;
     let proxy = testenv::SwitchProxy::start(&format!("127.0.0.1:{}", old.port()))
         .await
         .unwrap();
@@ -130,10 +125,7 @@ async fn a_primary_demoted_behind_its_address_is_left_for_the_new_one() {
         info.contains("master_link_status:up") && copied.as_deref().map(str::trim) == Some(":1")
     })
     .await;
-    new.command("REPLICAOF NO ONE").await.unwrap();
-    old.command(&format!("REPLICAOF 127.0.0.1 {}", new.port()))
-        .await
-        .unwrap();
+    take_over(&old, &new).await;
     proxy.switch_to(&format!("127.0.0.1:{}", new.port()));
 
     support::eventually("a grant", Duration::from_secs(30), || async {
@@ -153,6 +145,25 @@ async fn a_primary_demoted_behind_its_address_is_left_for_the_new_one() {
     support::assert_accounted(&wb).await;
 }
 
+/// Two Redis servers of the test's own.
+async fn two_redis() -> [testenv::Redis; 2] {
+    let start = || async {
+        testenv::Redis::start(testenv::RedisOptions::default())
+            .await
+            .unwrap()
+    };
+    [start().await, start().await]
+}
+
+/// `new` takes over from `old` as a failover does: primary, with `old`
+/// demoted to its replica.
+async fn take_over(old: &testenv::Redis, new: &testenv::Redis) {
+    new.command("REPLICAOF NO ONE").await.unwrap();
+    old.command(&format!("REPLICAOF 127.0.0.1 {}", new.port()))
+        .await
+        .unwrap();
+}
+
 /// The same demotion behind an address that does not follow it (it still
 /// leads to the old primary, now a replica): grants fail with a transient
 /// error and buffer nothing, and the connections made again back off
@@ -161,19 +172,11 @@ async fn a_primary_demoted_behind_its_address_is_left_for_the_new_one() {
 #[tokio::test]
 async fn a_primary_demoted_where_the_address_stays_is_not_hammered() {
     let s = new_store("redis-demoted-stays").await;
-    let old = testenv::Redis::start(testenv::RedisOptions::default())
-        .await
-        .unwrap();
-    let new = testenv::Redis::start(testenv::RedisOptions::default())
-        .await
-        .unwrap();
+    let [old, new] = two_redis().await;
     let mut c = redis_config(&s);
     c.redis.url = old.url();
     let wb = manual_with(c).await;
-    new.command("REPLICAOF NO ONE").await.unwrap();
-    old.command(&format!("REPLICAOF 127.0.0.1 {}", new.port()))
-        .await
-        .unwrap();
+    take_over(&old, &new).await;
     let connections = || async {
         let info = old.command("INFO stats").await.unwrap_or_default();
         let n = info
