@@ -3104,6 +3104,12 @@ async fn a_loss_ack_sent_again_closes_no_newer_loss() {
     // The operator's next ack closes it.
     let next = r.call("ackloss", &["700", "ops"]).await;
     assert_eq!(next[0], redis::Value::BulkString(b"600".to_vec()));
+    // An ack that found none, sent again once a loss is recorded: none.
+    assert_eq!(r.call("ackloss", &["800", "ops"]).await, []);
+    let _: () = r.look("HSET", "loss", &record("900")).await;
+    assert_eq!(r.call("ackloss", &["800", "ops"]).await, []);
+    let open: Option<String> = r.look("HGET", "loss", &["at"]).await;
+    assert_eq!(open.as_deref(), Some("900"));
 }
 
 /// Every connection to Redis has TCP keepalive on (the kernel's own record

@@ -213,7 +213,7 @@ impl Node {
             let made =
                 ConnectionManager::new_with_config(inner.client.clone(), inner.config.clone())
                     .await;
-            let primary = match made {
+            let role = match made {
                 Ok(mut c) => {
                     let primary = is_primary(&mut c).await;
                     let mut cur = inner.current.lock().unwrap_or_else(|p| p.into_inner());
@@ -224,26 +224,32 @@ impl Node {
                 }
                 Err(e) => Err(e),
             };
+            let now = std::time::Instant::now();
             let mut b = inner.backoff.lock().unwrap_or_else(|p| p.into_inner());
-            let wait = b.1;
-            let connected = primary.is_ok();
-            match primary {
-                Ok(true) => {
+            // A wait doubled in an incident long past starts over.
+            let wait = match b.0 {
+                Some(at) if now < at + REPLACE_MAX_WAIT * 5 => b.1,
+                _ => REPLACE_FIRST_WAIT,
+            };
+            let later = (Some(now + wait), (wait * 2).min(REPLACE_MAX_WAIT));
+            let connected = role.is_ok();
+            match role {
+                Ok(Some(true)) => {
                     *b = (None, REPLACE_FIRST_WAIT);
                     tracing::warn!("Redis answered READONLY (a primary demoted in place, e.g. by a failover behind its address): connected again, to the primary");
                 }
-                Ok(false) => {
-                    *b = (
-                        Some(std::time::Instant::now() + wait),
-                        (wait * 2).min(REPLACE_MAX_WAIT),
-                    );
+                Ok(Some(false)) => {
+                    *b = later;
                     tracing::warn!(retry_in = ?wait, "Redis answered READONLY, and connecting again reached a replica again: redis.url must lead to the primary (grants fail and checks fail closed until it does)");
                 }
+                // INFO refused (an ACL) or failed: the next READONLY, if
+                // any, says it is a replica still.
+                Ok(None) => {
+                    *b = later;
+                    tracing::warn!(retry_in = ?wait, "Redis answered READONLY: connected again (whether to the primary is not known: INFO is refused); another READONLY connects again after the wait");
+                }
                 Err(e) => {
-                    *b = (
-                        Some(std::time::Instant::now() + wait),
-                        (wait * 2).min(REPLACE_MAX_WAIT),
-                    );
+                    *b = later;
                     tracing::warn!(error = %e, retry_in = ?wait, "Redis answered READONLY, and connecting again failed");
                 }
             }
@@ -256,12 +262,14 @@ impl Node {
     }
 }
 
-/// Whether the node behind `c` says it is a primary; one that does not
-/// say (INFO denied) is taken for one: its writes tell.
-async fn is_primary(c: &mut ConnectionManager) -> bool {
+/// Whether the node behind `c` says it is a primary; `None` when it does
+/// not say (INFO refused by an ACL, or failed).
+async fn is_primary(c: &mut ConnectionManager) -> Option<bool> {
     let info: redis::RedisResult<String> =
         redis::cmd("INFO").arg("replication").query_async(c).await;
-    info.map_or(true, |i| !i.contains("role:slave"))
+    let info = info.ok()?;
+    let role = info.lines().find_map(|l| l.strip_prefix("role:"))?;
+    Some(role.trim() == "master")
 }
 
 /// Whether a call was refused with READONLY: redis-rs hands a server's

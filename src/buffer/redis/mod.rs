@@ -90,6 +90,8 @@ pub(crate) struct RedisStore {
     unsure: AtomicU64,
     /// Clear steps sent (each carries its number).
     clear_steps: AtomicU64,
+    /// Held by a clear from its first step to its last.
+    clearing: tokio::sync::Mutex<()>,
 }
 
 /// What this process knows that a Redis which lost data would not, to
@@ -504,6 +506,7 @@ impl RedisStore {
             dead_on_take: AtomicU64::new(0),
             unsure: AtomicU64::new(0),
             clear_steps: AtomicU64::new(0),
+            clearing: Default::default(),
         })
     }
 
@@ -753,6 +756,9 @@ impl RedisStore {
     /// pushes and checks, for seconds; what was acknowledged after the
     /// first step is kept.
     async fn clear_now(&self, up_to: Option<u64>) -> Result<Vec<(TupleKey, Op)>> {
+        // One clear at a time: Redis keeps the answer of this writer's
+        // last step only, for the cluster client's repeat of it.
+        let _one = self.clearing.lock().await;
         let mut up_to = up_to.map(|s| s.to_string()).unwrap_or_default();
         let (mut cursor, mut jobs) = ("0".to_owned(), String::new());
         let mut out: Vec<(TupleKey, Op)> = Vec::new();

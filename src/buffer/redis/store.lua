@@ -54,6 +54,10 @@
 --                              separated: the answers of the writer's push
 --                              calls a Redis Cluster client may still send
 --                              again (see push); 10 min expiry
+--   P:clearans:<writer> string the writer's last clear step's id and answer
+--                              (see clear); 10 min expiry
+--   P:lossacks         hash    "now by" of an ack of a loss -> its answer
+--                              (see ackloss); 10 min expiry
 --   P:jobs             hash    job id -> job (JSON)
 --   P:jobc             hash    job id -> its ops' "key\nseq" lines, as
 --                              enqueued (see enqueue); gone once rewritten
@@ -2148,25 +2152,32 @@ end
 if cmd == 'ackloss' then
   local stamp = ARGV[3] .. ' by ' .. ARGV[4]
   -- This call, sent again by a Redis Cluster client after its reply was
-  -- lost: it answers what the first closed, and closes no loss recorded
-  -- since (nobody has looked at that one).
-  local prior = pcall_('HMGET', P .. ':stats', 'last_loss_acknowledged', 'last_loss_closed')
-  if type(prior) == 'table' and prior[1] == stamp and prior[2] then
-    local ok, closed = pcall(cjson.decode, prior[2])
+  -- lost: it answers what the first did, and closes no loss recorded
+  -- since (nobody has looked at that one). P:lossacks keeps each ack's
+  -- answer for 10 min, none included.
+  local K_ACKS = P .. ':lossacks'
+  local prior = pcall_('HGET', K_ACKS, stamp)
+  if type(prior) == 'string' then
+    local ok, closed = pcall(cjson.decode, prior)
     if ok and type(closed) == 'table' then return closed end
   end
   local l = loss_fields('at', 'reason', 'by', 'more')
-  if not l then return {} end
+  local function answer(closed)
+    pcall_('HSET', K_ACKS, stamp, #closed > 0 and cjson.encode(closed) or '[]')
+    pcall_('PEXPIRE', K_ACKS, ANSWERS_KEEP_MS)
+    return closed
+  end
+  if not l then return answer({}) end
   rcall('DEL', P .. ':loss')
   mark_all_written()
   local closed = { l[1] or '0', l[3] or '', l[2] or 'an unreadable record of a loss', l[4] or '0' }
   rcall('HSET', P .. ':stats', 'last_loss', (l[1] or '0') .. ' ' .. (l[2] or ''),
-        'last_loss_acknowledged', stamp, 'last_loss_closed', cjson.encode(closed))
+        'last_loss_acknowledged', stamp)
   for _, f in ipairs(rcall('HKEYS', P .. ':gen')) do incr(P .. ':gen', f, 1) end
   incr(P .. ':gen', '*', 1)
   flush_incrs()
   publish('all')
-  return closed
+  return answer(closed)
 end
 
 -- release pub now writer [until] -> ends a writer's lease now (a clean stop):
