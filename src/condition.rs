@@ -207,6 +207,9 @@ fn numeric_string_fits(ty: &ParamType, s: &str) -> bool {
         return false;
     };
     match ty {
+        // Past a double's range either way (at or above 10^309, below
+        // 10^-324): +Inf or 0, inexact, refused however Go rounds.
+        ParamType::Double if !n.exp2 && !n.inf && !n.zero() && n.out_of_double_range() => false,
         // An infinity converts exactly; a binary exponent, or a power of
         // five Go works out only approximately (past 5^55), is OpenFGA's
         // call.
@@ -308,6 +311,17 @@ impl GoFloat {
 
     fn zero(&self) -> bool {
         !self.inf && self.significant == 0
+    }
+
+    /// Whether the value lies past a float64's range: its leading digit's
+    /// power of ten at 309 or more (above the largest, 1.8e308), or at
+    /// -325 or less (below half the smallest, 4.9e-324: it rounds to 0).
+    fn out_of_double_range(&self) -> bool {
+        let leading = self
+            .last_digit
+            .saturating_add(self.significant as i64)
+            .saturating_sub(1);
+        !(-324..309).contains(&leading)
     }
 
     /// Whether the value, rounded to 64 bits (to nearest, ties to even),
@@ -670,6 +684,13 @@ mod tests {
         assert!(!refuses(Double, json!(0.1)));
         assert!(!refuses(Double, json!("-Inf")));
         assert!(refuses(Double, json!("0x10")));
+        // Past a double's range either way: +Inf or 0, inexact.
+        assert!(refuses(Double, json!("1e400")));
+        assert!(refuses(Double, json!("-12.5e320")));
+        assert!(refuses(Double, json!("1e-400")));
+        assert!(refuses(Double, json!("0.001e-322")));
+        assert!(!refuses(Double, json!("0e999")));
+        assert!(!refuses(Double, json!("1e300")));
         assert!(refuses(Double, json!(null)));
         // At the edge of 64-bit rounding: OpenFGA decides.
         assert!(!refuses(Int, json!("1.00000000000000000000001")));

@@ -248,8 +248,6 @@ fn cases() -> Vec<(&'static str, &'static str, Value)> {
 /// Go's own conversion is approximate (see condition.rs).
 fn left_to_openfga(param: &str, v: &Value) -> bool {
     let past = [
-        "1e400",
-        "1e-400",
         "5e-324",
         "4.9406564584124654417656879286822137236505980e-324",
         "2.2250738585072014e-308",
