@@ -527,11 +527,18 @@ fn jobs(
                             Err(e) => {
                                 // Not ours, or corrupt: set aside, loudly;
                                 // the ops it held are pending again.
-                                let back = store.drop_bad_job(&id).await.unwrap_or(0);
-                                tracing::error!(error = %e, job = %id, ops_back_to_pending = back, "set aside a job that does not decode");
-                                let _ = store
-                                    .set_note("last_bad_job", format!("job {id} does not decode ({e}); set aside, its {back} ops pending again"))
-                                    .await;
+                                match store.drop_bad_job(&id).await {
+                                    Ok(back) => {
+                                        tracing::error!(error = %e, job = %id, ops_back_to_pending = back, "set aside a job that does not decode");
+                                        let _ = store
+                                            .set_note("last_bad_job", format!("job {id} does not decode ({e}); set aside, its {back} ops pending again"))
+                                            .await;
+                                    }
+                                    // It stays this worker's: the look for
+                                    // strays hands it back, and it comes
+                                    // here again.
+                                    Err(why) => tracing::error!(error = %e, job = %id, cause = %why, "a job that does not decode could not be set aside yet"),
+                                }
                             }
                         }
                     }
