@@ -313,15 +313,19 @@ impl GoFloat {
         !self.inf && self.significant == 0
     }
 
-    /// Whether the value lies past a float64's range: its leading digit's
-    /// power of ten at 309 or more (above the largest, 1.8e308), or at
-    /// -325 or less (below half the smallest, 4.9e-324: it rounds to 0).
+    /// Whether the value lies past a float64's range, and so converts to
+    /// +Inf or 0 inexactly: its leading digit's power of ten at 309 or
+    /// more (above the largest, 1.8e308), or at -325 or less (below half
+    /// the smallest, 4.9e-324). Not past 10^±600,000,000: there Go's own
+    /// `big.Float` overflows to an infinity or a zero first, which
+    /// converts exactly, and OpenFGA takes it.
     fn out_of_double_range(&self) -> bool {
+        const GO_BIG_EXP: i64 = 600_000_000;
         let leading = self
             .last_digit
             .saturating_add(self.significant as i64)
             .saturating_sub(1);
-        !(-324..309).contains(&leading)
+        leading.abs() < GO_BIG_EXP && !(-324..309).contains(&leading)
     }
 
     /// Whether the value, rounded to 64 bits (to nearest, ties to even),
@@ -690,6 +694,9 @@ mod tests {
         assert!(refuses(Double, json!("1e-400")));
         assert!(refuses(Double, json!("0.001e-322")));
         assert!(!refuses(Double, json!("0e999")));
+        // Past Go's own big.Float range: an exact infinity, or zero.
+        assert!(!refuses(Double, json!("1e650000000")));
+        assert!(!refuses(Double, json!("-1e-1000000000")));
         assert!(!refuses(Double, json!("1e300")));
         assert!(refuses(Double, json!(null)));
         // At the edge of 64-bit rounding: OpenFGA decides.

@@ -113,6 +113,9 @@ fn cases() -> Vec<(&'static str, &'static str, Value)> {
         json!("0.1"),
         json!("1e400"),
         json!("1e-400"),
+        // Past Go's big.Float range: an exact infinity, or zero.
+        json!("1e650000000"),
+        json!("-1e-1000000000"),
         // Exact or not as a float64 once rounded to 64 bits: Go's rule.
         json!("0.5"),
         json!("-0.75"),
