@@ -622,65 +622,12 @@ async fn a_revoke_failing_alone_through_the_retry_schedule_is_dead_lettered_in_r
 /// (`failing_on_poison`), under a key prefix of `test`'s own.
 #[cfg(feature = "redis")]
 async fn lone_redis_handle(server: &wiremock::MockServer, test: &str) -> WriteBehind {
-    WriteBehind::builder(lone_redis_config(server, test))
-        .build()
-        .await
-        .unwrap()
-}
-
-/// Its config.
-#[cfg(feature = "redis")]
-fn lone_redis_config(server: &wiremock::MockServer, test: &str) -> fga_wb::Config {
     let mut cfg = lone_config(server);
     cfg.buffer.store = fga_wb::config::StoreKind::Redis;
     cfg.redis.url = support::redis_url();
     // The mock's one store id: keys of this test's own.
     cfg.redis.key_prefix = format!("fga-wb-{test}-{}", std::process::id());
-    cfg
-}
-
-/// A worker replays letters given up in an outage by itself once OpenFGA
-/// answers; a tuple OpenFGA fails every time dies again after each
-/// replay. After three such replays the worker leaves its letter to an
-/// operator, saying so, and checks on the revoke keep failing closed.
-/// Before, it replayed, queued and failed it again for good, every
-/// `queue.replay_transient`.
-#[cfg(feature = "redis")]
-#[tokio::test]
-async fn a_worker_leaves_a_letter_that_dies_after_every_replay_to_an_operator() {
-    let (logs, _guard) = support::logs::Logs::start();
-    let server = mock_openfga().await;
-    failing_on_poison(&server).await;
-    // What the worker reads to know OpenFGA answers again.
-    wiremock::Mock::given(wiremock::matchers::method("GET"))
-        .and(wiremock::matchers::path(format!("/stores/{STORE}")))
-        .respond_with(support::fixture("get-store").response())
-        .mount(&server)
-        .await;
-    let mut cfg = lone_redis_config(&server, "lone-replays");
-    let wb = WriteBehind::builder(cfg.clone()).build().await.unwrap();
-    let mut others = 0;
-    give_up(&wb, Op::Revoke, &mut others).await;
-    cfg.queue.replay_transient = Duration::from_millis(100);
-    let worker = support::Worker::start(cfg, 1);
-    support::eventually(
-        "the worker to leave the letter",
-        Duration::from_secs(60),
-        || async { logs.text().contains("left for an operator") },
-    )
-    .await;
-    worker.stop().await;
-    let letters = wb.dead_letters().await.unwrap();
-    assert_eq!(letters.len(), 1, "{letters:?}");
-    assert!(letters[0].given_up_in_an_outage(), "{letters:?}");
-    // The revoke, the other grants, and three replays.
-    let t = wb.status().await.unwrap().totals;
-    assert_eq!(t.acknowledged, 1 + others as u64 + 3, "{t:?}");
-    wb.check("user:poison", "viewer", "document:p")
-        .await
-        .expect_err("fails closed on the dead revoke");
-    wb.purge_dead_letters(None).await.unwrap();
-    wb.shutdown().await.unwrap();
+    WriteBehind::builder(cfg).build().await.unwrap()
 }
 
 /// `op` on the tuple whose Write alone fails, flushed with other traffic

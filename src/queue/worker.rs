@@ -1,9 +1,9 @@
 //! `fga-wb worker`: applies queued write jobs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use apalis::prelude::{BoxDynError, Data, WorkerBuilder, WorkerBuilderExt};
 use apalis_core::backend::custom::BackendBuilder;
@@ -30,12 +30,6 @@ const BUSY_RETRY: Duration = Duration::from_secs(1);
 /// many to work on.
 const JOBS_PER_WRITE: usize = 2;
 
-/// How many times a worker replays one tuple's transient letters by
-/// itself within `AUTO_REPLAYS_WITHIN`; the tuples it remembers at most.
-const AUTO_REPLAYS: u32 = 3;
-const AUTO_REPLAYS_WITHIN: Duration = Duration::from_secs(3600);
-const AUTO_REPLAYED_KEPT: usize = 100_000;
-
 /// What a worker needs to apply a job.
 pub(crate) struct Applier {
     engine: Engine,
@@ -47,9 +41,6 @@ pub(crate) struct Applier {
     /// The store's count of transient letters ever written when a look
     /// last found none to replay: while it stays, no need to list them all.
     none_transient_at: std::sync::Mutex<Option<u64>>,
-    /// Tuples whose transient letters this worker replayed by itself: how
-    /// many times, since when (see `AUTO_REPLAYS`).
-    auto_replayed: std::sync::Mutex<HashMap<String, (u32, Instant)>>,
     /// Who holds this worker's ops: jobs handed to apalis and not yet
     /// ended, and a replay's take until its enqueue (see `Holding`).
     holding: Arc<Holding>,
@@ -843,12 +834,11 @@ impl Applier {
             return Ok(());
         }
         let letters = self.store.dead_letters().await?;
-        let due = self.due_for_replay(&letters);
-        if due.is_empty() {
+        if !letters.iter().any(crate::DeadLetter::given_up_in_an_outage) {
             *none_at() = Some(written);
             return Ok(());
         }
-        let r = self.store.replay_dead_letters(Some(&due), true).await?;
+        let r = self.store.replay_dead_letters(None, true).await?;
         if r.replayed + r.superseded + r.kept == 0 {
             // Only letters waiting for an op on their tuple to be written
             // (`Replayed::waiting`): not again until another letter dies.
@@ -864,43 +854,6 @@ impl Applier {
         // Queued at once, as a flush would: no application process need be
         // running.
         self.queue_pending().await.map(drop)
-    }
-
-    /// The ids of the transient letters to replay: those given up in an
-    /// outage that this worker has not already replayed `AUTO_REPLAYS`
-    /// times in `AUTO_REPLAYS_WITHIN` (and, with them, superseded ones,
-    /// which the replay drops):
-    /// a tuple OpenFGA fails every time (a row its datastore cannot hold)
-    /// dies again after each replay, and was replayed, queued and failed
-    /// for good. Past that it stays a letter (checks on a revoke failing
-    /// closed) for an operator's `fga-wb dlq`.
-    fn due_for_replay(&self, letters: &[crate::DeadLetter]) -> Vec<u64> {
-        let now = Instant::now();
-        let mut seen = self.auto_replayed.lock().unwrap_or_else(|p| p.into_inner());
-        seen.retain(|_, (_, since)| now.duration_since(*since) < AUTO_REPLAYS_WITHIN);
-        let (mut due, mut superseded) = (Vec::new(), Vec::new());
-        for d in letters.iter().filter(|d| d.transient) {
-            if d.superseded {
-                superseded.push(d.id);
-                continue;
-            }
-            let tuple = d.tuple.to_string();
-            let count = seen.get(&tuple).map_or(0, |(n, _)| *n);
-            if count >= AUTO_REPLAYS {
-                tracing::warn!(id = d.id, tuple = %tuple, replays = count, "a dead letter died again after every automatic replay: left for an operator (`fga-wb dlq list`, then `dlq replay` or `dlq purge`)");
-                continue;
-            }
-            if seen.len() < AUTO_REPLAYED_KEPT || count > 0 {
-                seen.entry(tuple).or_insert((0, now)).0 += 1;
-            }
-            due.push(d.id);
-        }
-        // With a replay, the superseded ones go too (dropped, never
-        // written), as a replay of every letter drops them.
-        if !due.is_empty() {
-            due.append(&mut superseded);
-        }
-        due
     }
 
     /// Queues what is pending that no application process takes: once
@@ -1021,7 +974,6 @@ pub(crate) async fn applier(config: &Config) -> Result<Applier> {
                 .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
         ),
         none_transient_at: std::sync::Mutex::new(None),
-        auto_replayed: Default::default(),
         holds: tokio_util::task::TaskTracker::new(),
         stopped: tokio_util::sync::CancellationToken::new(),
         held_jobs: Arc::new(tokio::sync::Semaphore::new(
