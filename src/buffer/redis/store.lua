@@ -1164,7 +1164,8 @@ local function init_epoch(now)
   if rcall('EXISTS', P .. ':epoch') == 0 then begin_epoch(now) end
 end
 
--- How long the answers of calls a writer may repeat are kept (push, finish).
+-- How long the answers of calls a writer may repeat are kept (push, finish,
+-- a clear's step, a loss's ack).
 local ANSWERS_KEEP_MS = 600000
 
 -- push pub now cap n (key op cond)*n [writer [call oldest]]
