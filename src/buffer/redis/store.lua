@@ -1168,6 +1168,23 @@ end
 -- a clear's step, a loss's ack).
 local ANSWERS_KEEP_MS = 600000
 
+-- The answer a writer's call `call` was given, as kept in the zset `key`
+-- (members "call|answer", scored by call), or nil: the call is new.
+local function answer_kept(key, call)
+  local prior = pcall_('ZRANGEBYSCORE', key, call, call)
+  return smatch(type(prior) == 'table' and prior[1] or '', '^%d+|(.*)$')
+end
+
+-- Keeps `answer` to the writer's call `call` in `key`, and lets go those
+-- before its oldest call still unanswered, `oldest`. pcall: a key of
+-- another type must not abort the call after its writes (a repeat would
+-- do them again); it costs only the guard.
+local function keep_answer(key, call, answer, oldest)
+  if oldest ~= '' then pcall_('ZREMRANGEBYSCORE', key, '-inf', '(' .. oldest) end
+  pcall_('ZADD', key, call, call .. '|' .. answer)
+  pcall_('PEXPIRE', key, ANSWERS_KEEP_MS)
+end
+
 -- push pub now cap n (key op cond)*n [writer [call oldest]]
 --   -> {seq, coalesced}*n .. {pending, corrupt}
 -- seq is -1 for an op refused because the buffer is full.
@@ -1181,14 +1198,11 @@ if cmd == 'push' then
   local now, cap, n = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
   local call, oldest = ARGV[7 + 3 * n] or '', ARGV[8 + 3 * n] or ''
   local K_PUSHED = P .. ':push:' .. (ARGV[6 + 3 * n] or '')
-  if call ~= '' then
-    local prior = pcall_('ZRANGEBYSCORE', K_PUSHED, call, call)
-    local answer = smatch(type(prior) == 'table' and prior[1] or '', '^%d+|(.*)$')
-    if answer then
-      local out = {}
-      for item in string.gmatch(answer, '[^,]+') do out[#out + 1] = item end
-      return out
-    end
+  local answer = call ~= '' and answer_kept(K_PUSHED, call)
+  if answer then
+    local out = {}
+    for item in string.gmatch(answer, '[^,]+') do out[#out + 1] = item end
+    return out
   end
   local keys = {}
   for i = 0, n - 1 do keys[i + 1] = ARGV[6 + i * 3] end
@@ -1336,13 +1350,7 @@ if cmd == 'push' then
   local c = rcall('HMGET', K_COUNTS, 'pg', 'pr')
   out[2 * n + 1] = pending_count(c[1], 'g') + pending_count(c[2], 'r')
   out[2 * n + 2] = corrupt
-  if call ~= '' then
-    -- pcall: a key of another type costs the repeat's guard, not the
-    -- answer to the ops just stored.
-    pcall_('ZADD', K_PUSHED, call, call .. '|' .. table.concat(out, ','))
-    if oldest ~= '' then pcall_('ZREMRANGEBYSCORE', K_PUSHED, '-inf', '(' .. oldest) end
-    pcall_('PEXPIRE', K_PUSHED, ANSWERS_KEEP_MS)
-  end
+  if call ~= '' then keep_answer(K_PUSHED, call, table.concat(out, ','), oldest) end
   return out
 end
 
@@ -1663,8 +1671,7 @@ if cmd == 'finish' then
   local call, oldest, term = ARGV[tail] or '', ARGV[tail + 1] or '', ARGV[tail + 2] or ''
   local K_FIN = P .. ':fin:' .. writer
   if call ~= '' then
-    local prior = pcall_('ZRANGEBYSCORE', K_FIN, call, call)
-    local a, d, r, s, p = smatch(type(prior) == 'table' and prior[1] or '', '^%d+|(%d+)|(%d+)|(%d+)|(%d+)|?(%d*)$')
+    local a, d, r, s, p = smatch(answer_kept(K_FIN, call) or '', '^(%d+)|(%d+)|(%d+)|(%d+)|?(%d*)$')
     if a and (tonumber(p) or 0) > 0 then
       return { tonumber(a), tonumber(d), tonumber(r), tonumber(s), tonumber(p) }
     end
@@ -1891,12 +1898,8 @@ if cmd == 'finish' then
   end
   if notify then publish('finished') end
   if call ~= '' then
-    -- pcall: a key of another type must not abort the call after its
-    -- writes (a repeat would then do them again).
-    if oldest ~= '' then pcall_('ZREMRANGEBYSCORE', K_FIN, '-inf', '(' .. oldest) end
-    pcall_('ZADD', K_FIN, call, call .. '|' .. applied .. '|' .. dead .. '|' .. requeued .. '|' .. superseded ..
-      (repended > 0 and ('|' .. repended) or ''))
-    pcall_('PEXPIRE', K_FIN, ANSWERS_KEEP_MS)
+    keep_answer(K_FIN, call, applied .. '|' .. dead .. '|' .. requeued .. '|' .. superseded ..
+      (repended > 0 and ('|' .. repended) or ''), oldest)
   end
   if repended > 0 then return { applied, dead, requeued, superseded, repended } end
   return { applied, dead, requeued, superseded }
@@ -2006,8 +2009,9 @@ if cmd == 'heartbeat' then
   -- the next heartbeat would record a loss that never was. The next one
   -- counts it, from its own reads, as it would have.
   local beat = ARGV[13] or ''
-  local again = beat ~= '' and pcall_('HGET', P .. ':acks', recount) == beat
-  if pcall_('HEXISTS', P .. ':acks', recount) == 1
+  local flag = pcall_('HGET', P .. ':acks', recount)
+  local again = beat ~= '' and flag == beat
+  if type(flag) == 'string'
       or (ARGV[11] ~= '1' and rcall('HEXISTS', P .. ':beats', writer) == 0) then
     since = as_count(have) or 0
     have = nil
