@@ -130,13 +130,27 @@ impl CheckCache {
         }
     }
 
-    /// Follows a new model: what an op can change is the new model's to
-    /// say (a relation that now derives from another must be bumped by
-    /// ops on that one), and no answer cached before is used again (a new
-    /// epoch). Call it after the handle's model is replaced, and read a
+    /// Follows a new model: `swap` replaces the handle's model, and from
+    /// then on what an op can change is the new model's to say (a relation
+    /// that now derives from another must be bumped by ops on that one),
+    /// and no answer cached before is used again (a new epoch). Read a
     /// check's generation before its model: a check that read the old
     /// epoch caches under it, whichever model it then used.
-    pub fn set_model(&self, model: Option<&Model>) {
+    ///
+    /// While `swap` runs, neither model's tables can be trusted: the new
+    /// one's would let a check read the new epoch and cache an answer the
+    /// old model worked out; the old one's would let a revoke that only
+    /// the new model connects to a relation (now derived from the revoked
+    /// one) leave that relation's cached "allowed" current. So meanwhile
+    /// every op bumps every answer, under an epoch of its own.
+    pub fn switch_model(&self, model: Option<&Model>, swap: impl FnOnce()) {
+        self.set_model(None);
+        swap();
+        self.set_model(model);
+    }
+
+    /// Replaces the tables with `model`'s, under a new epoch.
+    fn set_model(&self, model: Option<&Model>) {
         // One step: two tables of one epoch would both count from zero,
         // and an answer cached under one before a revoke bumped it would
         // be valid again under the other.
@@ -246,7 +260,7 @@ mod tests {
             ]
         }))
         .unwrap();
-        c.set_model(Some(&Model::new(&m)));
+        c.switch_model(Some(&Model::new(&m)), || {});
         for _ in 0..10 {
             let read = c.generation("document", "can_read");
             let now = c.generation("document", "viewer");
@@ -254,6 +268,45 @@ mod tests {
             seen.push(now);
             c.invalidate_for(&viewer);
             assert_ne!(c.generation("document", "can_read"), read);
+        }
+    }
+
+    /// A revoke acknowledged while the handle switches to a model in which
+    /// document owners derive from `blocked`: under the old model `blocked`
+    /// changes no owner, and an owner's cached "allowed" stayed current
+    /// until the switch ended, so a check then was allowed after the
+    /// revoke returned.
+    #[test]
+    fn an_op_while_the_model_switches_leaves_no_old_answer_current() {
+        let c = cache();
+        let m: AuthorizationModel = serde_json::from_value(serde_json::json!({
+            "id": "m2",
+            "schema_version": "1.1",
+            "type_definitions": [
+                { "type": "user" },
+                { "type": "document", "relations": {
+                    "blocked": { "this": {} },
+                    "owner": { "computedUserset": { "relation": "blocked" } }
+                }, "metadata": { "relations": {
+                    "blocked": { "directly_related_user_types": [{ "type": "user" }] }
+                } } }
+            ]
+        }))
+        .unwrap();
+        let blocked = TupleKey::new("user:a", "blocked", "document:d").unwrap();
+        let owner = || c.generation("document", "owner");
+        c.insert("before".into(), true, (owner(), 0));
+        c.switch_model(Some(&Model::new(&m)), || {
+            // A check that read the generation now, then the old model.
+            let during = owner();
+            c.insert("during".into(), true, (during, 0));
+            c.invalidate_for(&blocked);
+            for k in ["before", "during"] {
+                assert_eq!(c.get(k, (owner(), 0)), None, "{k}");
+            }
+        });
+        for k in ["before", "during"] {
+            assert_eq!(c.get(k, (owner(), 0)), None, "{k}");
         }
     }
 

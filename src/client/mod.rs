@@ -960,9 +960,10 @@ impl WriteBehind {
             return Ok(Some(found.id));
         }
         let model = Arc::new(Model::new(&found));
-        self.inner.model.store(Some(model.clone()));
-        e.model_id.set(Some(found.id.clone()));
-        e.cache.set_model(Some(&model));
+        e.cache.switch_model(Some(&model), || {
+            self.inner.model.store(Some(model.clone()));
+            e.model_id.set(Some(found.id.clone()));
+        });
         tracing::info!(model_id = %found.id, "following a new authorization model");
         Ok(Some(found.id))
     }

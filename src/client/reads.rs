@@ -344,7 +344,7 @@ impl WriteBehind {
         // Read the generations before looking at anything pending: see
         // cache.rs. This process's before the model, so that an answer
         // worked out with a model the handle just left is cached under
-        // that model's epoch (see CheckCache::set_model).
+        // that model's epoch (see CheckCache::switch_model).
         let local = e.cache.generation(ty, &req.relation);
         // Taken before the shared store's guard (in `generation`): the
         // reads after it must come from the same connection's Redis.
