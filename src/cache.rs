@@ -220,6 +220,25 @@ mod tests {
         CheckCache::new(100, Duration::from_secs(60), Some(Arc::new(Model::new(&m))))
     }
 
+    /// A model "m2" whose documents have `direct` users, and `derived`
+    /// ones: whoever is `direct`.
+    fn derived_model(direct: &str, derived: &str) -> AuthorizationModel {
+        serde_json::from_value(serde_json::json!({
+            "id": "m2",
+            "schema_version": "1.1",
+            "type_definitions": [
+                { "type": "user" },
+                { "type": "document", "relations": {
+                    direct: { "this": {} },
+                    derived: { "computedUserset": { "relation": direct } }
+                }, "metadata": { "relations": {
+                    direct: { "directly_related_user_types": [{ "type": "user" }] }
+                } } }
+            ]
+        }))
+        .unwrap()
+    }
+
     #[test]
     fn an_op_invalidates_exactly_the_relations_it_can_change() {
         let c = cache();
@@ -246,20 +265,7 @@ mod tests {
             c.invalidate_for(&viewer);
             seen.push(c.generation("document", "viewer"));
         }
-        let m: AuthorizationModel = serde_json::from_value(serde_json::json!({
-            "id": "m2",
-            "schema_version": "1.1",
-            "type_definitions": [
-                { "type": "user" },
-                { "type": "document", "relations": {
-                    "viewer": { "this": {} },
-                    "can_read": { "computedUserset": { "relation": "viewer" } }
-                }, "metadata": { "relations": {
-                    "viewer": { "directly_related_user_types": [{ "type": "user" }] }
-                } } }
-            ]
-        }))
-        .unwrap();
+        let m = derived_model("viewer", "can_read");
         c.switch_model(Some(&Model::new(&m)), || {});
         for _ in 0..10 {
             let read = c.generation("document", "can_read");
@@ -279,20 +285,7 @@ mod tests {
     #[test]
     fn an_op_while_the_model_switches_leaves_no_old_answer_current() {
         let c = cache();
-        let m: AuthorizationModel = serde_json::from_value(serde_json::json!({
-            "id": "m2",
-            "schema_version": "1.1",
-            "type_definitions": [
-                { "type": "user" },
-                { "type": "document", "relations": {
-                    "blocked": { "this": {} },
-                    "owner": { "computedUserset": { "relation": "blocked" } }
-                }, "metadata": { "relations": {
-                    "blocked": { "directly_related_user_types": [{ "type": "user" }] }
-                } } }
-            ]
-        }))
-        .unwrap();
+        let m = derived_model("blocked", "owner");
         let blocked = TupleKey::new("user:a", "blocked", "document:d").unwrap();
         let owner = || c.generation("document", "owner");
         c.insert("before".into(), true, (owner(), 0));
