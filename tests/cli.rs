@@ -939,6 +939,32 @@ async fn purging_ops_given_up_in_an_outage_warns() {
         .unwrap());
 }
 
+/// Inline, `flush --wait` ended with success while an op acknowledged
+/// before it lay given up in an outage, though inline nothing replays it
+/// (`status --check` named it a problem). It now exits 1 and says what to
+/// run; once replayed, the wait writes it and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_flush_wait_fails_on_ops_given_up_in_an_outage() {
+    let s = new_store("cli-inline-letters").await;
+    let wb = inspecting_handle(&s).await;
+    die_in_an_outage(&s, &wb, 1, async {
+        wb.grant("user:anne", "viewer", "document:1").await.unwrap();
+    })
+    .await;
+    let cli = Cli::new(&s, "inline");
+    let r = cli.run(&["flush", "--wait"]).await;
+    assert_eq!(r.code, 1, "{r:#?}");
+    assert!(
+        r.stderr.contains("1 ops died of transient failures")
+            && r.stderr.contains("inline, nothing replays them")
+            && r.stderr.contains("fga-wb dlq replay"),
+        "{r:#?}"
+    );
+    cli.run(&["dlq", "replay", "--all"]).await.ok();
+    cli.run(&["flush", "--wait"]).await.ok();
+    assert!(wb.check("user:anne", "viewer", "document:1").await.unwrap());
+}
+
 /// A queue-mode handle that does not check tuples against the model.
 async fn unchecked_handle(s: &TestStore) -> WriteBehind {
     WriteBehind::builder(filler_config(s, Mode::Queue))

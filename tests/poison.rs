@@ -610,6 +610,22 @@ async fn a_revoke_failing_alone_through_the_retry_schedule_is_dead_lettered_in_r
     assert!(e.to_string().contains("dlq replay"), "{e}");
     let p = wb.pending().await.unwrap();
     assert_eq!((p.total, p.in_flight), (0, 0), "{p:?}");
+    // Inline nothing replays it: `flush --wait` says so, and fails (it
+    // ended with success, the revoke unwritten).
+    let mut cli = support::cli::Cli::at(
+        support::cli::Where {
+            api_url: server.uri(),
+            token: "mock-token".into(),
+            store_id: STORE.into(),
+            model_id: MODEL.into(),
+            redis_url: support::redis_url(),
+        },
+        "inline",
+    );
+    cli.set("FGA_WB_REDIS__KEY_PREFIX", &lone_prefix("lone"));
+    cli.run(&["flush", "--wait"])
+        .await
+        .fails(1, "inline, nothing replays them");
     let r = flush_with_traffic(&wb, &mut others).await;
     assert!(r.error.is_none() && r.applied == 1, "{r:?}");
     let landed = landed_without_poison(&server).await;
@@ -626,8 +642,14 @@ async fn lone_redis_handle(server: &wiremock::MockServer, test: &str) -> WriteBe
     cfg.buffer.store = fga_wb::config::StoreKind::Redis;
     cfg.redis.url = support::redis_url();
     // The mock's one store id: keys of this test's own.
-    cfg.redis.key_prefix = format!("fga-wb-{test}-{}", std::process::id());
+    cfg.redis.key_prefix = lone_prefix(test);
     WriteBehind::builder(cfg).build().await.unwrap()
+}
+
+/// The key prefix of `lone_redis_handle(_, test)`.
+#[cfg(feature = "redis")]
+fn lone_prefix(test: &str) -> String {
+    format!("fga-wb-{test}-{}", std::process::id())
 }
 
 /// `op` on the tuple whose Write alone fails, flushed with other traffic

@@ -436,6 +436,7 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
                 replays: (config.flush.mode == fga_wb::config::Mode::Queue)
                     .then_some(config.queue.replay_transient)
                     .filter(|every| !every.is_zero()),
+                queue: config.flush.mode == fga_wb::config::Mode::Queue,
                 patience: stuck_patience(config),
                 mark: None,
             };
@@ -771,6 +772,9 @@ struct Waiting {
     /// (`None`: none does): as the live workers' names say, else, with
     /// none seen, as this configuration says in queue mode.
     replays: Option<Duration>,
+    /// This command's configuration is for queue mode: inline, only an
+    /// operator replays what died in an outage.
+    queue: bool,
     /// Without a deadline, how long it waits while none of its ops is
     /// written, nor anything else, and OpenFGA answers (see [`Stuck`]).
     patience: Duration,
@@ -956,13 +960,13 @@ fn jobs_of(s: &fga_wb::Status) -> u64 {
     })
 }
 
-/// The letters of `u` that `flush --wait` waits for: only workers replay
-/// letters; inline, they wait for the operator's `dlq replay`.
-fn letters_waited_for(s: &fga_wb::Status, u: &fga_wb::Unfinished) -> usize {
-    match s.queue {
-        Some(_) => usize::try_from(u.transient_letters).unwrap_or(usize::MAX),
-        None => 0,
-    }
+/// The letters of `u` (ops given up in an outage) that keep `flush
+/// --wait` from succeeding: in queue mode the workers may replay them
+/// (`Waiting::replays`); inline, only the operator's `dlq replay` does, so
+/// the wait ends with them unwritten (it ended with success, though
+/// `status --check` names them a problem).
+fn letters_waited_for(u: &fga_wb::Unfinished) -> usize {
+    usize::try_from(u.transient_letters).unwrap_or(usize::MAX)
 }
 
 /// Queue mode, and no worker was seen.
@@ -1013,14 +1017,14 @@ fn held_over_note(h: &fga_wb::HeldOver) -> String {
 /// what it waits for.
 fn gave_up(s: &fga_wb::Status, w: &Waiting, u: &fga_wb::Unfinished) -> Failure {
     let after = w.started.elapsed();
-    let dead = letters_waited_for(s, u);
+    let dead = letters_waited_for(u);
     // Told to pass --timeout only when it was not given one.
     let note = waiting_for(s, dead, w.replays, w.deadline.is_none());
     let message = match u.ops {
         0 if dead > 0 && w.replays.is_some() => {
             format!("not all written after {after:.0?}: {note}")
         }
-        0 if dead > 0 => format!("after {after:.0?}: {}", unreplayed_note(dead)),
+        0 if dead > 0 => format!("after {after:.0?}: {}", unreplayed_note(w, dead)),
         // Written while the last call ran past the deadline.
         0 => format!(
             "the deadline passed after {after:.0?} during a call; everything acknowledged before this command began is written now (run it again to confirm)"
@@ -1106,9 +1110,15 @@ fn dead_note(dead: usize, every: Duration) -> String {
 
 /// What is left when only ops that died of transient failures (`dead`)
 /// are, and workers do not replay them.
-fn unreplayed_note(dead: usize) -> String {
+fn unreplayed_note(w: &Waiting, dead: usize) -> String {
+    let nobody = match w.queue {
+        true => {
+            "no worker replays them (none runs, or they run with queue.replay_transient = \"0s\")"
+        }
+        false => "inline, nothing replays them by itself",
+    };
     format!(
-        "{dead} ops died of transient failures (OpenFGA unreachable or failing through the retry schedule) and are not written; no worker replays them (none runs, or they run with queue.replay_transient = \"0s\"): run `fga-wb dlq replay` once OpenFGA answers"
+        "{dead} ops died of transient failures (OpenFGA unreachable or failing through the retry schedule) and are not written; {nobody}: run `fga-wb dlq replay` once OpenFGA answers"
     )
 }
 
@@ -1173,7 +1183,7 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
             // acknowledged before the command began: an op moving on
             // meanwhile (taken, dead, replayed) is seen where it is.
             let u = wb.unfinished(mark).await?;
-            let dead = letters_waited_for(&status, &u);
+            let dead = letters_waited_for(&u);
             if u.ops == 0 {
                 match w.replays {
                     _ if dead == 0 => {
@@ -1184,7 +1194,7 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
                         bar.abandon();
                         return Err(Failure {
                             code: 1,
-                            message: unreplayed_note(dead),
+                            message: unreplayed_note(w, dead),
                         });
                     }
                     Some(_) => {}
