@@ -1444,6 +1444,29 @@ async fn queue_flush_wait_ends_without_an_openfga_of_its_own() {
     ended_with(&r, "in queue mode this command needs only Redis");
 }
 
+/// Inline, where the command writes: with its OpenFGA address at a port
+/// nothing listens on (left at its default, or not reachable from where
+/// it runs), every flush of its own failed as in an outage, every look
+/// too, and it waited for good. It now ends once its patience passes
+/// without ever reaching OpenFGA, and says what to check.
+#[tokio::test]
+async fn inline_flush_wait_ends_when_it_never_reaches_openfga() {
+    let (server, _redis, app, mut cli) = mocked_inline().await;
+    let settings = [
+        ("FGA_WB_QUEUE__REPLAY_TRANSIENT", "0s"),
+        ("FGA_WB_REDIS__WRITER_LEASE", "2s"),
+    ];
+    writes_fail_reads_answer(&server, &mut cli, &settings).await;
+    cli.set("FGA_WB_OPENFGA__API_URL", "http://127.0.0.1:9");
+    let r = cli.run(&["flush", "--wait"]).await;
+    ended_with(&r, "this command never reached it while waiting");
+    assert!(r.stderr.contains("--timeout"), "{r:#?}");
+    // Its 5 s lines said why nothing moved meanwhile.
+    assert!(r.stderr.contains("last flush failed: "), "{r:#?}");
+    assert_eq!(app.pending().await.unwrap().total, 1);
+    drop(app);
+}
+
 /// `flush --wait` in queue mode, where a worker fails a tuple for good and
 /// the command's own OpenFGA is at `api_url`.
 async fn queue_wait_with_own_openfga_at(api_url: &str) -> support::cli::Run {

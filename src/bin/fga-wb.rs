@@ -874,8 +874,12 @@ impl Stuck {
         // Bounded: a hung OpenFGA must not hold up the wait's own flushes.
         // No answer in that time is a transient failure like any other.
         let probe = match tokio::time::timeout(STUCK_LOOK_EVERY, wb.openfga_reads()).await {
-            Ok(r) => r.map_err(|e| (e.is_transient(), e.to_string())),
+            Ok(r) => r.map_err(|e| {
+                let unheard = e.is_connect() || e.is_timeout();
+                (e.is_transient(), unheard, e.to_string())
+            }),
             Err(_) => Err((
+                true,
                 true,
                 format!("OpenFGA did not answer a read of the store within {STUCK_LOOK_EVERY:?}"),
             )),
@@ -886,15 +890,24 @@ impl Stuck {
             // Not an outage: this command's own credentials or settings
             // (queue mode's CLI may have only Redis's). Taken as one, it
             // kept the wait from ever ending.
-            Err((false, e)) => self.refused = Some(e),
-            // Queue mode, where this command needs no OpenFGA of its own:
-            // one it never reached (nor heard from: an address that takes
+            Err((false, _, e)) => self.refused = Some(e),
+            // One it never reached (nor heard from: an address that takes
             // connections and never answers) may be no OpenFGA at all
-            // (settings left at their defaults), not an outage.
-            Err((true, e)) if s.queue.is_some() && !self.answered => {
-                self.refused = Some(format!(
-                    "{e}; in queue mode this command needs only Redis, and tells an outage apart only through an OpenFGA it reaches: check openfga.api_url (and its credentials)"
-                ));
+            // (settings left at their defaults, or not reachable from
+            // where the command runs), not an outage. In queue mode the
+            // command needs only Redis, and any failure of an OpenFGA that
+            // never answered counts; inline, its own flushes failed the
+            // same way, and the wait went on for good, but a server that
+            // answers with an error (a 503) is one in an outage.
+            Err((true, unheard, e)) if !self.answered && (w.queue || unheard) => {
+                self.refused = Some(match w.queue {
+                    true => format!(
+                        "{e}; in queue mode this command needs only Redis, and tells an outage apart only through an OpenFGA it reaches: check openfga.api_url (and its credentials)"
+                    ),
+                    false => format!(
+                        "{e}; this command never reached it while waiting: check openfga.api_url (and its credentials) where it runs, or pass --timeout to wait out an outage"
+                    ),
+                });
             }
             _ => {
                 // An outage: its time, and deaths during it, count for nothing.
@@ -1169,7 +1182,7 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
         let mut flush_at = tokio::time::Instant::now();
         let mut stuck = Stuck::new();
         // Inline, the last error its own flushes met.
-        let mut last_error = None;
+        let mut last_error: Option<String> = None;
         loop {
             let status = wb.status().await?;
             if let Some(loss) = &status.loss {
@@ -1200,7 +1213,17 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
                     Some(_) => {}
                 }
             }
-            let note = waiting_for(&status, dead, w.replays, false);
+            let mut note = waiting_for(&status, dead, w.replays, false);
+            // Inline, what keeps this command's own flushes from writing
+            // (an address it cannot reach, say): else the wait showed only
+            // a count that never moved.
+            if let Some(e) = last_error.as_ref().filter(|_| failed_flushes > 0) {
+                if !note.is_empty() {
+                    note.push_str("; ");
+                }
+                note.push_str("last flush failed: ");
+                note.push_str(e);
+            }
             // In queue mode a worker's stop is final for the wait (not an
             // application's: one whose flusher panicked, say, while
             // workers queue what it gave back); inline, this process
