@@ -399,8 +399,13 @@ impl WriteBehind {
                 p.repended as u64,
                 "purged grants that were given up over a revoke that never reached OpenFGA: that revoke is pending again, so OpenFGA does not keep what the application revoked",
             );
-            if let Err(err) = self.flush().await {
-                tracing::warn!(error = %err, "the flush after purging failed; the revokes are pending");
+            // A transient failure is a report's error, not an `Err`.
+            let failed = match self.flush().await {
+                Ok(r) => r.error,
+                Err(err) => Some(err.to_string()),
+            };
+            if let Some(error) = failed {
+                tracing::warn!(%error, "the flush after purging failed; the revokes are pending (checks on them fail closed) until a flush writes them");
             }
         }
         Ok(p.removed)
