@@ -534,6 +534,14 @@ async fn queue_flush_wait_and_worker_sigterm() {
         r.code == 1 && last.contains("no worker is running") && last.contains("--timeout"),
         "{r:#?}"
     );
+    // A plain flush says so too (it said only "queued"; it still exits 0).
+    let r = short_lease.run(&["flush"]).await;
+    r.ok();
+    assert!(
+        r.stderr
+            .contains("jobs wait: no worker is running: start `fga-wb worker`"),
+        "{r:#?}"
+    );
 
     // The summary of `flush --wait` should say what the workers applied:
     // checked last, so that the checks above run whatever it says.
@@ -1071,6 +1079,31 @@ async fn replay_and_drain(s: &TestStore, letters: usize) {
     assert!(r.stdout.contains(&replayed), "{}", r.stdout);
     let _worker = quiet_worker(&cli);
     cli.run(&["flush", "--wait"]).await.ok();
+}
+
+/// Scripts and Kubernetes Jobs branch on the exit codes: `--help` (the
+/// command's and each subcommand's) says what they mean. Before, only the
+/// README did.
+#[test]
+fn help_names_the_exit_codes() {
+    for args in [
+        &["--help"][..],
+        &["flush", "--help"],
+        &["dlq", "--help"],
+        &["status", "--help"],
+    ] {
+        let out = std::process::Command::new(support::cli::BIN)
+            .args(args)
+            .env_clear()
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert!(
+            text.contains("Exit codes:") && text.contains("2  usage or configuration error"),
+            "{args:?}: {text}"
+        );
+    }
 }
 
 /// The memory store is per process: `status` and `flush` refuse it with

@@ -30,11 +30,27 @@ macro_rules! note {
     }};
 }
 
+/// Shown under every `--help`: scripts and Kubernetes Jobs branch on them.
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  the operation failed or did not finish: ops left unwritten or
+     dead-lettered (flush --wait), a problem found (status --check), a
+     loss open (loss), an unknown dead-letter id, Redis or OpenFGA failing,
+     SIGINT/SIGTERM (worker exits 0 on them, after stopping gracefully)
+  2  usage or configuration error, including OpenFGA refusing the
+     command's credentials, not knowing the store or the model, or
+     something other than OpenFGA answering at openfga.api_url
+Configuration: --config FILE (or config/fga-wb.toml, FGA_WB_CONFIG), then
+FGA_WB_* variables (FGA_WB_REDIS__URL, ...) and FGA_API_URL, FGA_STORE_ID,
+FGA_MODEL_ID, FGA_API_TOKEN.";
+
 #[derive(Parser)]
 #[command(
     name = "fga-wb",
     version,
-    about = "Operate fga-wb, the write-behind buffer for OpenFGA"
+    about = "Operate fga-wb, the write-behind buffer for OpenFGA",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     /// Configuration file (default: config/fga-wb.toml, or FGA_WB_CONFIG).
@@ -63,6 +79,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Pending ops, queue, dead letters, workers, Redis keys, the last flush.
+    #[command(after_help = EXIT_CODES)]
     Status {
         /// Also ask OpenFGA and Redis whether all is well (credentials,
         /// flushing, workers, Redis persistence), and exit 1 on a problem:
@@ -71,6 +88,7 @@ enum Command {
         check: bool,
     },
     /// Write (inline mode) or enqueue (queue mode) everything pending.
+    #[command(after_help = EXIT_CODES)]
     Flush {
         /// Keep flushing until every op acknowledged before the command
         /// began is written: none pending, in flight or queued (ops a dead
@@ -106,12 +124,14 @@ enum Command {
     /// each one dropped (ops acknowledged after it asked are kept). Once
     /// begun, a clear runs to its end through SIGINT and SIGTERM, so that
     /// every op it drops is printed.
+    #[command(after_help = EXIT_CODES)]
     Clear {
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
     },
     /// Apply queued write jobs until SIGINT or SIGTERM.
+    #[command(after_help = EXIT_CODES)]
     Worker {
         /// Requests kept in flight (default: queue.worker_concurrency).
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
@@ -122,6 +142,7 @@ enum Command {
         metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Dead letters: ops OpenFGA refused, or that died of transient causes.
+    #[command(after_help = EXIT_CODES)]
     Dlq {
         #[command(subcommand)]
         command: Dlq,
@@ -129,9 +150,11 @@ enum Command {
     /// Delete what older versions left in Redis: job keys (finished jobs
     /// stayed forever; `status` shows them as `legacy`) and the claim lists
     /// of jobs their workers finished during an upgrade.
+    #[command(after_help = EXIT_CODES)]
     Sweep,
     /// Whether Redis lost acknowledged ops (checks fail closed until
     /// acknowledged); exits 1 while a loss is open.
+    #[command(after_help = EXIT_CODES)]
     Loss {
         /// Acknowledge the open loss, after re-applying what the
         /// application granted and revoked around its time: checks answer
@@ -529,6 +552,15 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
                 note!(
                     "warning: {} ops were dead-lettered: see `fga-wb dlq list`",
                     report.dead_lettered
+                );
+            }
+            // Queued is not written: without a worker nothing applies the
+            // jobs (--wait says so while it waits).
+            if !*wait && jobs_of(&status) > 0 && no_worker(&status) {
+                note!(
+                    "warning: {} jobs wait: {}",
+                    jobs_of(&status),
+                    no_worker_note(&status)
                 );
             }
             match report.error {
