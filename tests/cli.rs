@@ -477,6 +477,9 @@ async fn queue_flush_wait_and_worker_sigterm() {
     let counts = ["queued", "applied", "dead_lettered"].map(|k| j["flush"][k].as_u64());
     assert_eq!(counts, [Some(5), Some(4), Some(1)], "{j:#}");
     assert!(r.stderr.contains("dlq list"), "{r:#?}");
+    // The JSON says so too (its error was null, its exit 1).
+    let error = j["flush"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("dead-lettered while it ran"), "{j:#}");
     // The letter is older than the next wait, which succeeds.
     support::grant_users(&unchecked, "document:q5", 0..2).await;
     cli.run(&["flush", "--wait"]).await.ok();

@@ -512,6 +512,24 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
             if let Some(loss) = status.loss.as_ref().filter(|_| *wait) {
                 return Err(lost_while_waiting(loss));
             }
+            // Not written: --wait failed at what it is for. (Past the wait,
+            // as the status read above: its deadline is for the waiting.)
+            // Before the summary, so that --json's error says so too.
+            let lost = match *wait && wb.newest_dead_letter_id().await? > old_letters {
+                true => wb
+                    .dead_letters()
+                    .await?
+                    .iter()
+                    .filter(|d| d.id > old_letters && d.first <= mark && !d.superseded)
+                    .count(),
+                false => 0,
+            };
+            let lost = (lost > 0).then(|| format!(
+                "{lost} of the ops it waited for (acknowledged before it began, or folded into such an op's place in line) were dead-lettered while it ran, not written: see `fga-wb dlq list`, and `fga-wb dlq replay` once their cause is fixed"
+            ));
+            if lost.is_some() {
+                report.error.clone_from(&lost);
+            }
             if cli.json {
                 print_json(&serde_json::json!({ "flush": report, "pending": status.pending }))?;
             } else {
@@ -529,24 +547,8 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
                     status.pending.in_flight
                 );
             }
-            // Not written: --wait failed at what it is for. (Past the wait,
-            // as the status read above: its deadline is for the waiting.)
-            let lost = match *wait && wb.newest_dead_letter_id().await? > old_letters {
-                true => wb
-                    .dead_letters()
-                    .await?
-                    .iter()
-                    .filter(|d| d.id > old_letters && d.first <= mark && !d.superseded)
-                    .count(),
-                false => 0,
-            };
-            if lost > 0 {
-                return Err(Failure {
-                    code: 1,
-                    message: format!(
-                        "{lost} of the ops it waited for (acknowledged before it began, or folded into such an op's place in line) were dead-lettered while it ran, not written: see `fga-wb dlq list`, and `fga-wb dlq replay` once their cause is fixed"
-                    ),
-                });
+            if let Some(message) = lost {
+                return Err(Failure { code: 1, message });
             }
             if report.dead_lettered > 0 {
                 note!(
