@@ -197,6 +197,13 @@ impl CheckCache {
                 for g in gens.iter().filter_map(|&i| t.gens.get(i)) {
                     g.fetch_add(1, Ordering::AcqRel);
                 }
+                // Tables replaced meanwhile (a model switch): these bumps
+                // went to tables no check reads, while a check under the
+                // new ones, working with the model it read, may have
+                // cached an answer the op changes.
+                if self.tables.load().epoch != t.epoch {
+                    self.invalidate_all();
+                }
             }
             None => self.invalidate_all(),
         }

@@ -394,7 +394,7 @@ impl Error {
     /// lease ending, the token endpoint, a timeout or a connection that
     /// failed before the request went out). Only those say how busy the
     /// server is.
-    pub(crate) fn reached_server(&self) -> bool {
+    pub fn reached_server(&self) -> bool {
         match &*self.kind {
             Kind::Api(_) => true,
             Kind::Timeout { sent, .. } | Kind::Connect { sent, .. } => *sent,

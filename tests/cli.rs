@@ -1495,7 +1495,7 @@ async fn inline_flush_wait_ends_when_it_never_reaches_openfga() {
     writes_fail_reads_answer(&server, &mut cli, &settings).await;
     cli.set("FGA_WB_OPENFGA__API_URL", "http://127.0.0.1:9");
     let r = cli.run(&["flush", "--wait"]).await;
-    ended_with(&r, "this command never reached it while waiting");
+    ended_with(&r, "this command never heard from it while waiting");
     assert!(r.stderr.contains("--timeout"), "{r:#?}");
     // Its 5 s lines said why nothing moved meanwhile.
     assert!(r.stderr.contains("last flush failed: "), "{r:#?}");

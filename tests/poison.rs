@@ -626,6 +626,15 @@ async fn a_revoke_failing_alone_through_the_retry_schedule_is_dead_lettered_in_r
     cli.run(&["flush", "--wait"])
         .await
         .fails(1, "inline, nothing replays them");
+    // With --json, its object too, the failure as its error (it printed
+    // nothing).
+    let j = cli
+        .run(&["flush", "--wait", "--json"])
+        .await
+        .fails(1, "inline, nothing replays them")
+        .json();
+    let error = j["flush"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("inline, nothing replays them"), "{j:#}");
     let r = flush_with_traffic(&wb, &mut others).await;
     assert!(r.error.is_none() && r.applied == 1, "{r:?}");
     let landed = landed_without_poison(&server).await;

@@ -37,10 +37,13 @@ Exit codes:
   1  the operation failed or did not finish: ops left unwritten or
      dead-lettered (flush --wait), a problem found (status --check), a
      loss open (loss), an unknown dead-letter id, Redis or OpenFGA failing,
-     SIGINT/SIGTERM (worker exits 0 on them, after stopping gracefully)
-  2  usage or configuration error, including OpenFGA refusing the
-     command's credentials, not knowing the store or the model, or
-     something other than OpenFGA answering at openfga.api_url
+     SIGINT/SIGTERM (worker stops gracefully and exits 0; a clear begun
+     runs to its end)
+  2  usage or configuration error, including a flush of the command's own
+     that OpenFGA refuses for the credentials, or for not knowing the
+     store or the model, or that something other than OpenFGA answers
+     (status --check reports those as problems, exit 1, and dlq replay,
+     whose letters were replayed, exits 1)
 Configuration: --config FILE (or config/fga-wb.toml, FGA_WB_CONFIG), then
 FGA_WB_* variables (FGA_WB_REDIS__URL, ...) and FGA_API_URL, FGA_STORE_ID,
 FGA_MODEL_ID, FGA_API_TOKEN.";
@@ -98,13 +101,14 @@ enum Command {
         /// writers' own flushes and not waited for, so it ends under
         /// steady traffic; an op
         /// a newer one on its tuple superseded is done. Exits 0 only then:
-        /// exits 1 when some of those ops were dead-lettered while it ran
-        /// (letters written before it began are not its own), and when
-        /// Redis lost acknowledged ops (a loss record is open: `fga-wb
-        /// loss`), before it began or while it waited.
-        /// In queue mode, exits 1 at once when a worker reports flushing
-        /// stopped, or when such dead ops wait and workers do not replay
-        /// them (queue.replay_transient = "0s"), and, without --timeout, once
+        /// exits 1 when some of those ops were dead-lettered while it ran,
+        /// and when Redis lost acknowledged ops (a loss record is open:
+        /// `fga-wb loss`), before it began or while it waited.
+        /// Exits 1 at once when ops acknowledged before it began died of
+        /// transient failures and nothing replays them: inline, only `fga-wb
+        /// dlq replay` does; in queue mode, workers with
+        /// queue.replay_transient = "0s" do not. In queue mode also when a
+        /// worker reports flushing stopped, and, without --timeout, once
         /// no worker has run for 6 worker leases (30 s by default).
         /// Without --timeout it also exits 1 when those ops keep failing
         /// while OpenFGA answers a read of the store: one died again after
@@ -112,7 +116,10 @@ enum Command {
         /// written for twice what a healthy store makes an op wait (a
         /// request and its retries, queue.retry_schedule, the replay wait,
         /// a writer's lease and hold: about 7 minutes by default). An outage
-        /// (that read failing) is waited out, and its time not counted.
+        /// (that read failing) is waited out, and its time not counted,
+        /// unless this command never heard from OpenFGA at all (a wrong
+        /// openfga.api_url; inline, a server answering with errors is in
+        /// an outage): pass --timeout to wait one out anyway.
         #[arg(long)]
         wait: bool,
         /// With --wait: give up after this long (e.g. 90s, 5m), the first
@@ -492,7 +499,24 @@ async fn command(cli: &Cli, wb: &WriteBehind, config: &Config) -> Result<(), Fai
                 false => within(wb, &waiting, wb.flush()).await?,
             };
             if *wait {
-                let more = wait_until_applied(wb, cli.json, &waiting).await?;
+                let more = match wait_until_applied(wb, cli.json, &waiting).await {
+                    Ok(more) => more,
+                    Err(f) => {
+                        // --json still prints its object, the failure as its
+                        // error (scripts read stdout); Redis failing too
+                        // leaves the failure as it is.
+                        if cli.json {
+                            report.error = Some(f.message.clone());
+                            report.duration = started.elapsed();
+                            if let Ok(s) = wb.status().await {
+                                print_json(
+                                    &serde_json::json!({ "flush": report, "pending": s.pending }),
+                                )?;
+                            }
+                        }
+                        return Err(f);
+                    }
+                };
                 // What every writer and worker did while we waited (the
                 // store's totals: in queue mode the workers write), and no
                 // error: everything was written or dead-lettered in the end.
@@ -909,7 +933,9 @@ impl Stuck {
         // No answer in that time is a transient failure like any other.
         let probe = match tokio::time::timeout(STUCK_LOOK_EVERY, wb.openfga_reads()).await {
             Ok(r) => r.map_err(|e| {
-                let unheard = e.is_connect() || e.is_timeout();
+                // Never heard from: nothing reached it (nor the token
+                // endpoint), or it never answered what did.
+                let unheard = !e.reached_server() || e.is_timeout();
                 (e.is_transient(), unheard, e.to_string())
             }),
             Err(_) => Err((
@@ -939,7 +965,7 @@ impl Stuck {
                         "{e}; in queue mode this command needs only Redis, and tells an outage apart only through an OpenFGA it reaches: check openfga.api_url (and its credentials)"
                     ),
                     false => format!(
-                        "{e}; this command never reached it while waiting: check openfga.api_url (and its credentials) where it runs, or pass --timeout to wait out an outage"
+                        "{e}; this command never heard from it while waiting: check openfga.api_url (and its credentials or token endpoint) where it runs, or pass --timeout to wait out an outage"
                     ),
                 });
             }
