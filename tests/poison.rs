@@ -656,7 +656,6 @@ async fn lone_redis_handle(server: &wiremock::MockServer, test: &str) -> WriteBe
 }
 
 /// The key prefix of `lone_redis_handle(_, test)`.
-#[cfg(feature = "redis")]
 fn lone_prefix(test: &str) -> String {
     format!("fga-wb-{test}-{}", std::process::id())
 }
@@ -815,4 +814,86 @@ async fn a_server_failing_every_write_is_not_bisected() {
     assert_eq!(p.total + p.in_flight, 200, "nothing lost: {p:?}");
     assert_eq!(r.dead_lettered, 0, "{r:?}");
     wb.clear().await.unwrap();
+}
+
+/// A grant over a tuple OpenFGA holds with another condition replaces it:
+/// a delete, then a write. Where the delete lands and the write is refused
+/// for good (a model switched in between, another client's write), the
+/// grant is dead-lettered and OpenFGA no longer holds the old tuple, yet
+/// its cached answers may still allow through it. Checks on it then ask
+/// for fresh answers, as after an applied op, in either store. Before,
+/// nothing recorded the delete, and the next check went out with
+/// OpenFGA's default consistency.
+#[tokio::test]
+async fn a_condition_replacement_refused_after_its_delete_asks_for_fresh_answers() {
+    replacement_refused_after_its_delete(None).await;
+    #[cfg(feature = "redis")]
+    replacement_refused_after_its_delete(Some("replaced-refused")).await;
+}
+
+/// The test above, with the buffer in Redis under a prefix of `redis`'s
+/// (`None`: in memory).
+async fn replacement_refused_after_its_delete(redis: Option<&str>) {
+    let server = mock_openfga().await;
+    writes_then_ok(
+        &server,
+        [
+            (support::fixture("write-ok").response(), 1),
+            (
+                support::fixture("write-duplicate-different-condition").response(),
+                1,
+            ),
+            (support::fixture("write-ok").response(), 1),
+            (support::fixture("write-unknown-relation").response(), 1),
+        ],
+    )
+    .await;
+    let check = format!("/stores/{STORE}/check");
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::path(check.as_str()))
+        .respond_with(support::fixture("check-denied").response())
+        .mount(&server)
+        .await;
+    let mut cfg = no_quick_retries(manual_flush(mock_config(&server)));
+    if let Some(test) = redis {
+        cfg.buffer.store = fga_wb::config::StoreKind::Redis;
+        cfg.redis.url = support::redis_url();
+        cfg.redis.key_prefix = lone_prefix(test);
+    }
+    // The store's start counts as a write to every relation for this long
+    // (the memory store's at the handle's start, Redis's at its first op):
+    // past it, only a write noted since asks for fresh answers.
+    cfg.check.server_cache_ttl = Duration::from_secs(2);
+    let wb = WriteBehind::builder(cfg).build().await.unwrap();
+    wb.grant("user:other", "viewer", "document:9")
+        .await
+        .unwrap();
+    wb.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    grant_with_another_condition(&wb).await;
+    let r = wb.flush().await.unwrap();
+    assert_eq!(r.dead_lettered, 1, "{redis:?}: {r:?}");
+    let writes = write_bodies(&server).await;
+    assert_eq!(
+        writes.len(),
+        4,
+        "the grant, the delete, the grant: {writes:#?}"
+    );
+    assert!(writes[2]["deletes"]["tuple_keys"].is_array(), "{writes:#?}");
+    assert!(!wb.check("user:fay", "viewer", "document:5").await.unwrap());
+    let checks: Vec<serde_json::Value> = server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|q| q.url.path() == check)
+        .map(|q| serde_json::from_slice(&q.body).unwrap())
+        .collect();
+    assert_eq!(checks.len(), 1, "{redis:?}: {checks:#?}");
+    assert_eq!(
+        checks[0]["consistency"], "HIGHER_CONSISTENCY",
+        "{redis:?}: {checks:#?}"
+    );
+    wb.purge_dead_letters(None).await.unwrap();
+    wb.shutdown().await.unwrap();
 }

@@ -263,16 +263,7 @@ async fn shut_down_leaving(wb: &WriteBehind, left: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_condition_replaced_starts_no_request_past_the_deadline() {
     let (server, wb) = answered_past_the_deadline("write-duplicate-different-condition").await;
-    let context = serde_json::json!({"grant_time": "2024-01-01T00:00:00Z", "grant_duration": "1h"});
-    wb.grant_with_condition(
-        "user:fay",
-        "viewer",
-        "document:5",
-        "non_expired",
-        Some(serde_json::from_value(context).unwrap()),
-    )
-    .await
-    .unwrap();
+    grant_with_another_condition(&wb).await;
     shut_down_leaving(&wb, 1).await;
     let writes = write_bodies(&server).await;
     assert_eq!(

@@ -447,6 +447,12 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// known to have reached OpenFGA: refused for good, it leaves that
     /// revoke pending again), or (Redis) a letter leaves one owed.
     fn owes_revoke<'a>(&'a self, tuple: &'a TupleKey) -> BoxFuture<'a, Result<bool>>;
+    /// Records requests that changed these tuples in OpenFGA though their
+    /// ops are not ending applied (a condition's replacement whose delete
+    /// landed and whose write did not): checks on them ask for fresh
+    /// answers for a while, as after an applied op (see written.rs).
+    /// Called while the ops are still in flight.
+    fn note_landed<'a>(&'a self, tuples: &'a [TupleKey]) -> BoxFuture<'a, Result<()>>;
     /// The highest sequence number handed out so far.
     fn last_seq(&self) -> BoxFuture<'_, Result<u64>>;
     /// What is left of the ops acknowledged up to seq `up_to`, in one

@@ -1825,6 +1825,9 @@ mod tests {
         fn owes_revoke<'a>(&'a self, tuple: &'a TupleKey) -> BoxFuture<'a, Result<bool, Error>> {
             self.inner.owes_revoke(tuple)
         }
+        fn note_landed<'a>(&'a self, tuples: &'a [TupleKey]) -> BoxFuture<'a, Result<(), Error>> {
+            self.inner.note_landed(tuples)
+        }
         fn last_seq(&self) -> BoxFuture<'_, Result<u64, Error>> {
             self.inner.last_seq()
         }

@@ -225,3 +225,19 @@ pub async fn window_under_way(
     .await;
     flushing
 }
+
+/// Grants fay viewer of document:5 under `non_expired` for an hour: the
+/// grant `write-duplicate-different-condition` answers (OpenFGA held the
+/// tuple with another context).
+pub async fn grant_with_another_condition(wb: &fga_wb::WriteBehind) {
+    let context = serde_json::json!({"grant_time": "2024-01-01T00:00:00Z", "grant_duration": "1h"});
+    wb.grant_with_condition(
+        "user:fay",
+        "viewer",
+        "document:5",
+        "non_expired",
+        Some(serde_json::from_value(context).unwrap()),
+    )
+    .await
+    .unwrap();
+}

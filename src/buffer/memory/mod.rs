@@ -1178,6 +1178,11 @@ impl Store for MemoryStore {
         Box::pin(future::ready(Ok(self.latest_now(tuple))))
     }
 
+    fn note_landed<'a>(&'a self, tuples: &'a [TupleKey]) -> BoxFuture<'a, Result<()>> {
+        self.written.note(tuples);
+        Box::pin(future::ready(Ok(())))
+    }
+
     fn owes_revoke<'a>(&'a self, tuple: &'a TupleKey) -> BoxFuture<'a, Result<bool>> {
         // A revoke newest: the grant died since and pended it again, or the
         // application revoked since; OpenFGA holds the tuple until it is

@@ -857,6 +857,16 @@ impl Store for RedisStore {
         Box::pin(self.latest_now(tuple))
     }
 
+    fn note_landed<'a>(&'a self, tuples: &'a [TupleKey]) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let mut a = Args::new("landed", self.publish);
+            for t in tuples {
+                a.push(key_of(t));
+            }
+            self.call(&a).await.map(drop)
+        })
+    }
+
     fn owes_revoke<'a>(&'a self, tuple: &'a TupleKey) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             let mut a = Args::new("owes", self.publish);

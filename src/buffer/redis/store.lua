@@ -2452,6 +2452,15 @@ if cmd == 'latest' then
   return { e.op, e.cond }
 end
 
+-- landed pub key* -> 0: requests changed these keys' tuples in OpenFGA
+-- though their ops are not ending applied (see note_written).
+if cmd == 'landed' then
+  local keys = {}
+  for i = 3, #ARGV do keys[#keys + 1] = ARGV[i] end
+  note_written(keys)
+  return 0
+end
+
 -- owes pub key -> 1 if a revoke of the key is still to reach OpenFGA: its
 -- latest op is a revoke (a grant that died since pended it again, or the
 -- application revoked since), or a grant that owes one (P:owes, unless a
