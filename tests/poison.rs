@@ -834,11 +834,9 @@ async fn a_condition_replacement_refused_after_its_delete_asks_for_fresh_answers
 /// The test above, with the buffer in Redis under a prefix of `redis`'s
 /// (`None`: in memory).
 async fn replacement_refused_after_its_delete(redis: Option<&str>) {
-    let server = mock_openfga().await;
-    writes_then_ok(
-        &server,
+    let (server, wb) = past_the_start(
+        redis,
         [
-            (support::fixture("write-ok").response(), 1),
             (
                 support::fixture("write-duplicate-different-condition").response(),
                 1,
@@ -848,28 +846,6 @@ async fn replacement_refused_after_its_delete(redis: Option<&str>) {
         ],
     )
     .await;
-    let check = format!("/stores/{STORE}/check");
-    wiremock::Mock::given(wiremock::matchers::method("POST"))
-        .and(wiremock::matchers::path(check.as_str()))
-        .respond_with(support::fixture("check-denied").response())
-        .mount(&server)
-        .await;
-    let mut cfg = no_quick_retries(manual_flush(mock_config(&server)));
-    if let Some(test) = redis {
-        cfg.buffer.store = fga_wb::config::StoreKind::Redis;
-        cfg.redis.url = support::redis_url();
-        cfg.redis.key_prefix = lone_prefix(test);
-    }
-    // The store's start counts as a write to every relation for this long
-    // (the memory store's at the handle's start, Redis's at its first op):
-    // past it, only a write noted since asks for fresh answers.
-    cfg.check.server_cache_ttl = Duration::from_secs(2);
-    let wb = WriteBehind::builder(cfg).build().await.unwrap();
-    wb.grant("user:other", "viewer", "document:9")
-        .await
-        .unwrap();
-    wb.flush().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(2100)).await;
     grant_with_another_condition(&wb).await;
     let r = wb.flush().await.unwrap();
     assert_eq!(r.dead_lettered, 1, "{redis:?}: {r:?}");
@@ -881,19 +857,86 @@ async fn replacement_refused_after_its_delete(redis: Option<&str>) {
     );
     assert!(writes[2]["deletes"]["tuple_keys"].is_array(), "{writes:#?}");
     assert!(!wb.check("user:fay", "viewer", "document:5").await.unwrap());
-    let checks: Vec<serde_json::Value> = server
+    assert_eq!(
+        consistencies(&server).await,
+        ["HIGHER_CONSISTENCY"],
+        "{redis:?}"
+    );
+    wb.purge_dead_letters(None).await.unwrap();
+    wb.shutdown().await.unwrap();
+}
+
+/// A cleared op may have been written already (a Write whose outcome was
+/// unknown, pending again after its hold, that landed late): checks on it
+/// then ask for fresh answers, as after an applied op, in either store.
+/// Before, the clear left nothing to say so.
+#[tokio::test]
+async fn checks_on_a_cleared_op_ask_for_fresh_answers() {
+    for redis in [None, Some("cleared-fresh")] {
+        #[cfg(not(feature = "redis"))]
+        if redis.is_some() {
+            continue;
+        }
+        let (server, wb) = past_the_start(redis, []).await;
+        // A grant: a revoke would be flushed at once (eager revokes).
+        wb.grant("user:fay", "viewer", "document:5").await.unwrap();
+        assert_eq!(wb.clear().await.unwrap(), 1, "{redis:?}");
+        assert!(!wb.check("user:fay", "viewer", "document:5").await.unwrap());
+        assert_eq!(
+            consistencies(&server).await,
+            ["HIGHER_CONSISTENCY"],
+            "{redis:?}"
+        );
+        wb.shutdown().await.unwrap();
+    }
+}
+
+/// A mocked OpenFGA whose Checks answer denied and whose Writes answer
+/// `writes` in turn (then OK), and a handle on it that flushes when told,
+/// with its buffer in Redis under a prefix of `redis`'s (`None`: in
+/// memory), past the time its store's start counts as a write to every
+/// relation (the memory store's at the handle's start, Redis's at its
+/// first op): from then on only a write noted since asks for fresh
+/// answers (2 s here).
+async fn past_the_start<const N: usize>(
+    redis: Option<&str>,
+    writes: [(wiremock::ResponseTemplate, u64); N],
+) -> (wiremock::MockServer, WriteBehind) {
+    let server = mock_openfga().await;
+    let first = [(support::fixture("write-ok").response(), 1)];
+    writes_then_ok(&server, first.into_iter().chain(writes)).await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::path(format!("/stores/{STORE}/check")))
+        .respond_with(support::fixture("check-denied").response())
+        .mount(&server)
+        .await;
+    let mut cfg = no_quick_retries(manual_flush(mock_config(&server)));
+    if let Some(test) = redis {
+        cfg.buffer.store = fga_wb::config::StoreKind::Redis;
+        cfg.redis.url = support::redis_url();
+        cfg.redis.key_prefix = lone_prefix(test);
+    }
+    cfg.check.server_cache_ttl = Duration::from_secs(2);
+    let wb = WriteBehind::builder(cfg).build().await.unwrap();
+    wb.grant("user:other", "viewer", "document:9")
+        .await
+        .unwrap();
+    wb.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    (server, wb)
+}
+
+/// The `consistency` of each Check the mock received, in order.
+async fn consistencies(server: &wiremock::MockServer) -> Vec<serde_json::Value> {
+    let check = format!("/stores/{STORE}/check");
+    server
         .received_requests()
         .await
         .unwrap()
         .iter()
         .filter(|q| q.url.path() == check)
-        .map(|q| serde_json::from_slice(&q.body).unwrap())
-        .collect();
-    assert_eq!(checks.len(), 1, "{redis:?}: {checks:#?}");
-    assert_eq!(
-        checks[0]["consistency"], "HIGHER_CONSISTENCY",
-        "{redis:?}: {checks:#?}"
-    );
-    wb.purge_dead_letters(None).await.unwrap();
-    wb.shutdown().await.unwrap();
+        .map(|q| {
+            serde_json::from_slice::<serde_json::Value>(&q.body).unwrap()["consistency"].clone()
+        })
+        .collect()
 }

@@ -1072,6 +1072,12 @@ impl MemoryStore {
                 self.keys.fetch_sub(gone, Ordering::Relaxed);
             }
         }
+        // A dropped op may have been written already, its Write's outcome
+        // unknown then (pending again after the hold): what OpenFGA caches
+        // may predate that write, and nothing else will say so to checks.
+        // Under the shard locks, as checks read ops, then this.
+        self.written.note(dropped.iter().map(|(t, _)| t));
+        drop(shards);
         dropped
     }
 

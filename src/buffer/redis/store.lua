@@ -2595,6 +2595,11 @@ if cmd == 'clear' then
     end
   end
   if #cleared > 0 then
+    -- A dropped op may have been written already, its write's outcome
+    -- unknown then (pending again after the hold) or its end not
+    -- recorded (a worker whose term moved on): what OpenFGA caches may
+    -- predate that write, and nothing else will say so to checks.
+    note_written(cleared)
     supersede_letters(cleared, cleared_seqs, true)
     incr(P .. ':stats', 'cleared', #cleared)
     for _, f in ipairs(rcall('HKEYS', P .. ':gen')) do incr(P .. ':gen', f, 1) end
@@ -2747,7 +2752,7 @@ end
 -- a grant for good.
 if cmd == 'dlqdrop' then
   local now = ARGV[3]
-  local out, gone, handled, rels, repended = {}, {}, {}, {}, 0
+  local out, gone, handled, rels, repended, unsure = {}, {}, {}, {}, 0, {}
   -- With '*', a bound spares the letters numbered after it (written while
   -- an operator was asked); ids that are no number go.
   local bound = ARGV[4] == '*' and tonumber(ARGV[5]) or nil
@@ -2771,9 +2776,13 @@ if cmd == 'dlqdrop' then
         end
         pass_debt(d, cur)
       end
+      -- Given up in an outage: its last Write's outcome may be unknown,
+      -- and landed; with the letter gone nothing else says so to checks.
+      if current and d.transient == true then tinsert(unsure, d.key) end
       tinsert(gone, { id = id, key = current and d.key })
     end
   end
+  if #unsure > 0 then note_written(unsure) end
   -- Counted as a replay counts them.
   if repended > 0 then incr(P .. ':stats', 'acknowledged', repended) end
   bump_gen(rels)
