@@ -209,6 +209,21 @@ impl Universe {
         ] {
             checks.push(per_user(&DOCUMENTS, r));
         }
+        // Checked users that are usersets, and the wildcard: a revoke of a
+        // group's nesting, or of a public grant, must deny them too.
+        let others: Vec<String> = members
+            .iter()
+            .cloned()
+            .chain(["user:*".to_owned()])
+            .collect();
+        for r in ["viewer", "can_view"] {
+            checks.push(
+                DOCUMENTS
+                    .iter()
+                    .flat_map(|o| others.iter().map(move |u| key(o, r, u)))
+                    .collect(),
+            );
+        }
         // The relation's direct tuples, asked as checks too.
         checks.push(
             FOLDERS
