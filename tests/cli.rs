@@ -1507,9 +1507,12 @@ async fn inline_flush_wait_ends_when_it_never_reaches_openfga() {
 /// the command's own OpenFGA is at `api_url`.
 async fn queue_wait_with_own_openfga_at(api_url: &str) -> support::cli::Run {
     let (server, _redis, app, mut cli) = mocked_inline().await;
+    // With no replay limit: its replays, each dying again, must not end
+    // the wait before its look at OpenFGA does.
     let settings = [
         ("FGA_WB_FLUSH__MODE", "queue"),
         ("FGA_WB_QUEUE__REPLAY_TRANSIENT", "2s"),
+        ("FGA_WB_QUEUE__REPLAY_LIMIT", "0"),
         ("FGA_WB_REDIS__WRITER_LEASE", "2s"),
     ];
     writes_fail_reads_answer(&server, &mut cli, &settings).await;
@@ -1589,9 +1592,11 @@ async fn queue_flush_wait_ends_when_a_replayed_tuple_dies_again() {
     // Letters wait 2 s for each replay, so the command sees them; its
     // patience with nothing written is far longer (the lease), so it is
     // the second death that ends it.
+    // With no replay limit, which would leave it for an operator first.
     let settings = [
         ("FGA_WB_FLUSH__MODE", "queue"),
         ("FGA_WB_QUEUE__REPLAY_TRANSIENT", "2s"),
+        ("FGA_WB_QUEUE__REPLAY_LIMIT", "0"),
         ("FGA_WB_REDIS__WRITER_LEASE", "60s"),
     ];
     writes_fail_reads_answer(&server, &mut cli, &settings).await;
@@ -1602,6 +1607,36 @@ async fn queue_flush_wait_ends_when_a_replayed_tuple_dies_again() {
         &r,
         "document:held#viewer@user:anne died again after the workers replayed it",
     );
+    drop(app);
+}
+
+/// A tuple OpenFGA fails every time dies again after each of the workers'
+/// replays: past `queue.replay_limit` replays an hour they leave its letter
+/// for an operator, and `flush --wait` ends at once saying so (before,
+/// workers replayed it for good, a few failing Writes every replay).
+#[tokio::test]
+async fn queue_flush_wait_ends_on_a_tuple_the_workers_left_to_an_operator() {
+    let (server, _redis, app, mut cli) = mocked_inline().await;
+    let settings = [
+        ("FGA_WB_FLUSH__MODE", "queue"),
+        ("FGA_WB_QUEUE__REPLAY_TRANSIENT", "1s"),
+        ("FGA_WB_QUEUE__REPLAY_LIMIT", "1"),
+        ("FGA_WB_REDIS__WRITER_LEASE", "60s"),
+    ];
+    writes_fail_reads_answer(&server, &mut cli, &settings).await;
+    let mut worker = quiet_worker(&cli);
+    cli.run(&["flush"]).await.ok();
+    support::eventually(
+        "the workers left the letter for an operator",
+        Duration::from_secs(60),
+        || async { app.unfinished(u64::MAX).await.unwrap().left_letters == 1 },
+    )
+    .await;
+    let r = cli.run(&["flush", "--wait"]).await;
+    let _ = worker.kill().await;
+    ended_with(&r, "the workers left them for an operator");
+    // Its letter stays, for the operator.
+    assert_eq!(app.dead_letters().await.unwrap().len(), 1);
     drop(app);
 }
 

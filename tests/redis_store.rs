@@ -2354,9 +2354,24 @@ impl OneKey {
         self.finish(&seq, outcome).await;
     }
 
+    /// Replays the tuple's letter (`who`: as `replay` in store.lua takes
+    /// it), and has the op it buffered again die of transient causes.
+    async fn replayed_dies_again(&mut self, who: &str) {
+        use redis::Value::Int;
+        // replay now cap who ids -> {replayed, superseded, kept, waiting, left, ...}
+        let out = self.r.call("replay", &["1000", "100", who, "*"]).await;
+        assert_eq!(
+            out[..5],
+            [Int(1), Int(0), Int(0), Int(0), Int(0)],
+            "{who}: {out:?}"
+        );
+        let seq = self.take().await.expect("replayed");
+        self.finish(&seq, "D").await;
+    }
+
     /// Replays every letter that died of transient causes, as a worker.
     async fn replay_all(&mut self) {
-        // replay now cap only_transient ids
+        // replay now cap who ids
         self.r.call("replay", &["1000", "100", "1", "*"]).await;
     }
 
@@ -2699,6 +2714,40 @@ async fn a_purged_grant_leaves_the_revoke_it_owed() {
     }
 }
 
+/// A worker replays one tuple's letters by itself at most `limit` times
+/// an hour: a tuple OpenFGA fails every time died again after each replay,
+/// for good (a few failing Writes every couple of minutes, forever). Past
+/// the limit its letter stays, counted as left, and `unfinished` names it
+/// so (`fga-wb flush --wait` ends on it); an operator's replay writes it
+/// and starts the count again.
+#[tokio::test]
+async fn a_worker_leaves_a_tuple_that_keeps_dying_to_an_operator() {
+    use redis::Value::Int;
+    let mut k = OneKey::new("replay-limit").await;
+    k.ends("g", "D").await;
+    // replay now cap who ids -> {replayed, superseded, kept, waiting, left, ...}
+    for _ in 0..2 {
+        k.replayed_dies_again("1|2").await;
+    }
+    let out = k.r.call("replay", &["1000", "100", "1|2", "*"]).await;
+    assert_eq!(out, [Int(0), Int(0), Int(0), Int(0), Int(1)]);
+    assert_eq!(k.entry().await, None, "not buffered again");
+    assert_eq!(k.letter().await["op"], "g");
+    // unfinished up_to -> {ops, transient letters, of which left}
+    let u = k.r.call("unfinished", &["1000000"]).await;
+    assert_eq!(u, [Int(0), Int(1), Int(1)]);
+    // An operator still replays it.
+    k.replayed_dies_again("0").await;
+    let u = k.r.call("unfinished", &["1000000"]).await;
+    assert_eq!(u, [Int(0), Int(1), Int(0)], "no longer left");
+    let out = k.r.call("replay", &["1000", "100", "1|2", "*"]).await;
+    assert_eq!(
+        out[..5],
+        [Int(1), Int(0), Int(0), Int(0), Int(0)],
+        "counted afresh: {out:?}"
+    );
+}
+
 /// A replay counts the letters it leaves as they are: a grant refused for
 /// good waits for the revoke it owed, pending again. Before, the replay
 /// counted it nowhere, and `fga-wb dlq replay` said it replayed none and
@@ -2711,7 +2760,7 @@ async fn a_replay_counts_the_letters_that_wait() {
     // replay now cap only_transient ids
     //   -> {replayed, superseded, kept, waiting, (key, cond)*}
     let out = k.r.call("replay", &["1000", "100", "0", "*"]).await;
-    assert_eq!(out, [Int(0), Int(0), Int(0), Int(1)]);
+    assert_eq!(out, [Int(0), Int(0), Int(0), Int(1), Int(0)]);
 }
 
 /// A clear that leaves a revoke given up in an outage current again (the

@@ -1042,6 +1042,18 @@ fn letters_waited_for(u: &fga_wb::Unfinished) -> usize {
     usize::try_from(u.transient_letters).unwrap_or(usize::MAX)
 }
 
+/// Of the letters of `u`, those the workers left for an operator.
+fn left_letters(u: &fga_wb::Unfinished) -> usize {
+    usize::try_from(u.left_letters).unwrap_or(usize::MAX)
+}
+
+/// What is left when only ops the workers left for an operator are.
+fn left_note(dead: usize) -> String {
+    format!(
+        "{dead} ops died of transient failures and died again after every replay the workers made this hour (queue.replay_limit): OpenFGA fails them while it answers, so the workers left them for an operator; see `fga-wb dlq list` for OpenFGA's reasons, and run `fga-wb dlq replay` once their cause is fixed"
+    )
+}
+
 /// Queue mode, and no worker was seen.
 fn no_worker(s: &fga_wb::Status) -> bool {
     s.queue.as_ref().is_some_and(|q| q.workers.is_empty())
@@ -1258,10 +1270,23 @@ async fn wait_until_applied(wb: &WriteBehind, quiet: bool, w: &Waiting) -> Resul
             let u = wb.unfinished(mark).await?;
             let dead = letters_waited_for(&u);
             if u.ops == 0 {
+                // Left for an operator by the workers: no replay of theirs
+                // is coming (inline, none is anyway).
+                let waited = match w.replays {
+                    Some(_) => dead.saturating_sub(left_letters(&u)),
+                    None => dead,
+                };
                 match w.replays {
                     _ if dead == 0 => {
                         bar.finish();
                         return Ok(queued);
+                    }
+                    Some(_) if waited == 0 => {
+                        bar.abandon();
+                        return Err(Failure {
+                            code: 1,
+                            message: left_note(dead),
+                        });
                     }
                     None => {
                         bar.abandon();

@@ -509,6 +509,13 @@ pub struct QueueConfig {
     /// `fga-wb dlq replay`); else at least 100 ms.
     #[serde(with = "duration")]
     pub replay_transient: Duration,
+    /// Most times workers replay one tuple's letters by themselves within
+    /// an hour. A tuple OpenFGA fails every time (a row its datastore
+    /// cannot hold) dies again after each replay: past this, its letter is
+    /// left for an operator (`fga-wb dlq replay` once the cause is fixed,
+    /// which starts the count again), and `fga-wb flush --wait` says so
+    /// rather than wait for a replay. `0`: no limit.
+    pub replay_limit: u32,
 }
 
 impl Default for QueueConfig {
@@ -528,6 +535,7 @@ impl Default for QueueConfig {
             poll_interval: Duration::from_millis(100),
             heartbeat: Duration::from_secs(5),
             replay_transient: Duration::from_secs(30),
+            replay_limit: 3,
         }
     }
 }

@@ -36,11 +36,15 @@ pub(crate) struct Applier {
     store: Arc<RedisStore>,
     schedule: Vec<Duration>,
     request_retries: u32,
+    /// `queue.replay_limit`: most replays of one tuple's letters an hour.
+    replay_limit: u32,
     /// One permit per request in flight (`queue.worker_concurrency`).
     writes: tokio::sync::Semaphore,
     /// The store's count of transient letters ever written when a look
-    /// last found none to replay: while it stays, no need to list them all.
-    none_transient_at: std::sync::Mutex<Option<u64>>,
+    /// last found none to replay, and when: while it stays, no need to
+    /// list them all, for up to an hour (letters left for an operator
+    /// are replayable again once their hour has passed).
+    none_transient_at: std::sync::Mutex<Option<(u64, std::time::Instant)>>,
     /// Who holds this worker's ops: jobs handed to apalis and not yet
     /// ended, and a replay's take until its enqueue (see `Holding`).
     holding: Arc<Holding>,
@@ -823,7 +827,9 @@ impl Applier {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
         };
-        if *none_at() == Some(written) {
+        if none_at().is_some_and(|(at, when)| {
+            at == written && when.elapsed() < std::time::Duration::from_secs(3600)
+        }) {
             return Ok(());
         }
         // OpenFGA answers again (and the credentials work): a cheap read,
@@ -834,23 +840,34 @@ impl Applier {
             return Ok(());
         }
         let letters = self.store.dead_letters().await?;
+        let now = std::time::Instant::now();
         if !letters.iter().any(crate::DeadLetter::given_up_in_an_outage) {
-            *none_at() = Some(written);
+            *none_at() = Some((written, now));
             return Ok(());
         }
-        let r = self.store.replay_dead_letters(None, true).await?;
+        let r = self.store.replay_now(None, true, self.replay_limit).await?;
         if r.replayed + r.superseded + r.kept == 0 {
             // Only letters waiting for an op on their tuple to be written
-            // (`Replayed::waiting`): not again until another letter dies.
-            *none_at() = Some(written);
+            // (`Replayed::waiting`), or left for an operator: not again
+            // until another letter dies (or their hour has passed).
+            *none_at() = Some((written, now));
         }
-        tracing::info!(
-            replayed = r.replayed,
-            superseded = r.superseded,
-            kept = r.kept,
-            waiting = r.waiting,
-            "OpenFGA answers again: replayed dead letters that died of transient causes"
-        );
+        if r.left > 0 {
+            tracing::warn!(
+                left = r.left,
+                limit = self.replay_limit,
+                "dead letters whose tuples died again after every replay this hour (queue.replay_limit) are left for an operator: OpenFGA fails them while it answers other writes; see `fga-wb dlq list`, and `fga-wb dlq replay` once their cause is fixed"
+            );
+        }
+        if r.replayed + r.superseded + r.kept + r.waiting > 0 {
+            tracing::info!(
+                replayed = r.replayed,
+                superseded = r.superseded,
+                kept = r.kept,
+                waiting = r.waiting,
+                "OpenFGA answers again: replayed dead letters that died of transient causes"
+            );
+        }
         // Queued at once, as a flush would: no application process need be
         // running.
         self.queue_pending().await.map(drop)
@@ -966,6 +983,7 @@ pub(crate) async fn applier(config: &Config) -> Result<Applier> {
         store,
         schedule: config.queue.retry_schedule.clone(),
         request_retries: config.queue.request_retries,
+        replay_limit: config.queue.replay_limit,
         // Any positive number is a valid setting; a semaphore holds fewer.
         writes: tokio::sync::Semaphore::new(
             config

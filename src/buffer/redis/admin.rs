@@ -180,10 +180,14 @@ impl RedisStore {
 
     /// See [`Store::replay_dead_letters`]: in steps of a few hundred
     /// letters, each step one script call.
+    /// Replays letters: `only_transient` as a worker does by itself, and
+    /// then, with a `limit`, at most that many times an hour per tuple
+    /// (see `replay` in store.lua); else as an operator, every letter.
     pub(crate) async fn replay_now(
         &self,
         ids: Option<&[u64]>,
         only_transient: bool,
+        limit: u32,
     ) -> Result<Replayed> {
         let ids: Vec<u64> = match ids {
             Some(ids) => ids.to_vec(),
@@ -192,15 +196,18 @@ impl RedisStore {
         let mut r = Replayed::default();
         for (n, part) in ids.chunks(LETTERS_STEP).enumerate() {
             let mut a = Args::new("replay", self.publish);
-            a.push(now_ms())
-                .push(self.capacity)
-                .push(u8::from(only_transient))
-                .push(part);
+            let who = match (only_transient, limit) {
+                (false, _) => "0".to_owned(),
+                (true, 0) => "1".to_owned(),
+                (true, n) => format!("1|{n}"),
+            };
+            a.push(now_ms()).push(self.capacity).push(who).push(part);
             let v = items(self.call(&a).await?)?;
             r.replayed += count(&v, 0)? as usize;
             r.superseded += count(&v, 1)? as usize;
             r.waiting += count(&v, 3)? as usize;
-            for p in v.get(4..).unwrap_or_default().chunks_exact(2) {
+            r.left += count(&v, 4)? as usize;
+            for p in v.get(5..).unwrap_or_default().chunks_exact(2) {
                 r.tuples
                     .push(tuple_of(&text(&p[0])?, shown_condition(&text(&p[1])?)));
             }

@@ -957,9 +957,10 @@ impl Store for RedisStore {
             let mut a = Args::new("unfinished", self.publish);
             a.push(up_to);
             match items(self.call(&a).await?)?.as_slice() {
-                [ops, letters] => Ok(Unfinished {
+                [ops, letters, left] => Ok(Unfinished {
                     ops: int(ops)?.max(0) as u64,
                     transient_letters: int(letters)?.max(0) as u64,
+                    left_letters: int(left)?.max(0) as u64,
                 }),
                 other => Err(corrupt(format!("unfinished returned {other:?}"))),
             }
@@ -1030,7 +1031,7 @@ impl Store for RedisStore {
         ids: Option<&'a [u64]>,
         only_transient: bool,
     ) -> BoxFuture<'a, Result<Replayed>> {
-        Box::pin(self.replay_now(ids, only_transient))
+        Box::pin(self.replay_now(ids, only_transient, 0))
     }
 
     fn shared(&self) -> bool {

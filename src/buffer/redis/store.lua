@@ -2680,17 +2680,51 @@ local function pass_debt(d, cur)
   end
 end
 
--- replay pub now cap only_transient (id* | '*')
---   -> {replayed, superseded, kept, waiting, (key, cond)* of the replayed}
+-- A worker's own replays of one tuple's letters (see replay) are counted
+-- in P:replayn (key -> "count|since", since: the first of them, Redis's
+-- clock) and P:replayz (key -> since, to forget them after
+-- REPLAYS_WINDOW_MS); P:left holds the keys whose letters a worker left for
+-- an operator, having replayed them its limit within the window.
+local REPLAYS_WINDOW_MS = 3600000
+local K_REPLAYN, K_REPLAYZ, K_LEFT = P .. ':replayn', P .. ':replayz', P .. ':left'
+
+-- The worker's replays of `key`'s letters within the window, and since when.
+local function replays_of(key, now)
+  local v = pcall_('HGET', K_REPLAYN, key)
+  local n, since = smatch(type(v) == 'string' and v or '', '^(%d+)|(%d+)$')
+  n, since = tonumber(n), tonumber(since)
+  if not n or since + REPLAYS_WINDOW_MS <= now then return 0, now end
+  return n, since
+end
+
+-- replay pub now cap who (id* | '*')
+--   -> {replayed, superseded, kept, waiting, left, (key, cond)* of the replayed}
 -- Each letter, in one step: dropped if superseded (its key has an entry, or
 -- P:deadkey does not name it), else buffered again as a new op; with the
 -- buffer full, it and the rest stay. A transient revoke's letter whose key
 -- has an entry stays as it is: it is owed until that op is written.
+--   who: '0' an operator (every letter); '1' a worker, by itself (only
+--   letters of ops that died of transient causes), or "1|limit": a worker
+--   that replays one tuple's letters at most `limit` times an hour. A
+--   tuple OpenFGA fails every time (a row its datastore cannot hold) died
+--   again after each replay, for good: past the limit its letter stays,
+--   `left` for an operator (P:left, which `unfinished` counts), until an
+--   operator's replay, which starts its count again.
 if cmd == 'replay' then
-  local now, cap, only_transient = ARGV[3], tonumber(ARGV[4]), ARGV[5] == '1'
+  local now, cap, only_transient = ARGV[3], tonumber(ARGV[4]), ssub(ARGV[5], 1, 1) == '1'
+  local limit = only_transient and tonumber(smatch(ARGV[5], '^1|(%d+)$') or '') or 0
   local ids = letter_ids(6)
   local size = rcall('HLEN', K_OPS)
-  local replayed, superseded, kept, waiting = 0, 0, 0, 0
+  local replayed, superseded, kept, waiting, left = 0, 0, 0, 0, 0
+  local rnow = redis_ms()
+  if only_transient then
+    -- Counts whose window ended, a bounded number a call.
+    local old = pcall_('ZRANGEBYSCORE', K_REPLAYZ, '-inf', rnow - REPLAYS_WINDOW_MS, 'LIMIT', 0, 500)
+    if type(old) == 'table' and not old.err and #old > 0 then
+      in_parts(pcall_, 'HDEL', K_REPLAYN, old, #old)
+      in_parts(pcall_, 'ZREM', K_REPLAYZ, old, #old)
+    end
+  end
   local out, rels, done, gone = {}, {}, {}, {}
   local handled = {}
   for i, id in ipairs(ids) do
@@ -2712,10 +2746,22 @@ if cmd == 'replay' then
         if latest == tostring(id) then pass_debt(d, cache[d.key]) end
         superseded = superseded + 1
         tinsert(gone, { id = id, key = latest == tostring(id) and d.key })
+      elseif limit > 0 and replays_of(d.key, rnow) >= limit then
+        left = left + 1
+        pcall_('SADD', K_LEFT, d.key)
       elseif size >= cap then
         kept = #ids - i + 1
         break
       else
+        if only_transient then
+          local n, since = replays_of(d.key, rnow)
+          pcall_('HSET', K_REPLAYN, d.key, sformat('%.0f|%.0f', n + 1, since))
+          pcall_('ZADD', K_REPLAYZ, since, d.key)
+        else
+          pcall_('HDEL', K_REPLAYN, d.key)
+          pcall_('ZREM', K_REPLAYZ, d.key)
+        end
+        pcall_('SREM', K_LEFT, d.key)
         local e = rebuffer(d, now)
         -- A grant given up that owed a revoke owes it again.
         if d.owes == true and d.op == 'g' then owe(d.key, e.seq) end
@@ -2737,7 +2783,7 @@ if cmd == 'replay' then
   -- fails before this leaves the letters, never an op or a debt in neither.
   for i, id in ipairs(done) do remove_letter(id, out[2 * i - 1]) end
   for _, g in ipairs(gone) do remove_letter(g.id, g.key) end
-  local res = { replayed, superseded, kept, waiting }
+  local res = { replayed, superseded, kept, waiting, left }
   for _, v in ipairs(out) do tinsert(res, v) end
   return res
 end
@@ -3069,7 +3115,23 @@ if cmd == 'unfinished' then
       from = from + #keys
     end
   end
-  return { n, letters }
+  -- Of the letters, those a worker left for an operator (see replay): no
+  -- replay will write them. A member whose letter is gone is forgotten.
+  local left = 0
+  if letters > 0 then
+    local rnow = redis_ms()
+    local members = pcall_('SMEMBERS', K_LEFT)
+    for _, key in ipairs(type(members) == 'table' and not members.err and members or {}) do
+      local id = rcall('HGET', K_DEADKEY, key)
+      local at = tonumber(rcall('ZSCORE', K_DEADCUR, key))
+      if not id or id == '0' or not at then
+        pcall_('SREM', K_LEFT, key)
+      elseif at <= up_to and replays_of(key, rnow) > 0 then
+        left = left + 1
+      end
+    end
+  end
+  return { n, letters, left }
 end
 
 -- queue pub now -> {due, running, scheduled, workers...}
