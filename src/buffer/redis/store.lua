@@ -100,6 +100,12 @@
 --   P:deadcur:end      string  where that walk ends when P:deadseq is far past
 --                              it (a loss moved it 2^32 ahead): the highest
 --                              letter id when the walk began
+--   P:replayn          hash    tuple key -> "count|since": a worker's own
+--                              replays of the key's letters within an hour
+--                              (see replay); P:replayz, zset key -> since,
+--                              forgets them after the hour
+--   P:left             set     tuple keys whose letters a worker left for an
+--                              operator (see replay, unfinished)
 --   P:jobmin           zset    job id -> the lowest place in line (`first`) of
 --                              the ops it held when queued: the jobs
 --                              `unfinished` looks in (kept with P:jobs)
@@ -2636,7 +2642,8 @@ local function category(key)
     return 'pending'
   end
   if head == 'dead' or head == 'deadseq' or head == 'deadkey' or head == 'deadrev'
-    or head == 'deadgr' or head == 'deadcur' then
+    or head == 'deadgr' or head == 'deadcur' or head == 'replayn' or head == 'replayz'
+    or head == 'left' then
     return 'dead'
   end
   if head == 'jobs' or head == 'jobc' or head == 'jobq' or head == 'jobrun' or head == 'jk'
@@ -2825,6 +2832,12 @@ if cmd == 'dlqdrop' then
       -- Given up in an outage: its last Write's outcome may be unknown,
       -- and landed; with the letter gone nothing else says so to checks.
       if current and d.transient == true then tinsert(unsure, d.key) end
+      if current then
+        -- Purged, its tuple's count of replays starts again.
+        pcall_('HDEL', K_REPLAYN, d.key)
+        pcall_('ZREM', K_REPLAYZ, d.key)
+        pcall_('SREM', K_LEFT, d.key)
+      end
       tinsert(gone, { id = id, key = current and d.key })
     end
   end
