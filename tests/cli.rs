@@ -1610,13 +1610,26 @@ async fn queue_flush_wait_ends_when_a_replayed_tuple_dies_again() {
     drop(app);
 }
 
-/// A tuple OpenFGA fails every time dies again after each of the workers'
-/// replays: past `queue.replay_limit` replays an hour they leave its letter
-/// for an operator, and `flush --wait` ends at once saying so (before,
-/// workers replayed it for good, a few failing Writes every replay).
-#[tokio::test]
+/// A tuple OpenFGA fails every time while it takes other writes dies
+/// again after each of the workers' replays: past `queue.replay_limit`
+/// such deaths an hour they leave its letter for an operator, and `flush
+/// --wait` ends at once saying so (before, workers replayed it for good, a
+/// few failing Writes every replay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_flush_wait_ends_on_a_tuple_the_workers_left_to_an_operator() {
-    let (server, _redis, app, mut cli) = mocked_inline().await;
+    let (server, redis, app, mut cli) = mocked_inline().await;
+    // Only anne's tuple fails; other writes land.
+    support::mock::write_mock()
+        .and(wiremock::matchers::body_string_contains("user:anne"))
+        .respond_with(support::fixture("server-error-500").response())
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    support::mock::write_mock()
+        .respond_with(support::fixture("write-ok").response())
+        .with_priority(2)
+        .mount(&server)
+        .await;
     let settings = [
         ("FGA_WB_FLUSH__MODE", "queue"),
         ("FGA_WB_QUEUE__REPLAY_TRANSIENT", "1s"),
@@ -1626,17 +1639,53 @@ async fn queue_flush_wait_ends_on_a_tuple_the_workers_left_to_an_operator() {
     writes_fail_reads_answer(&server, &mut cli, &settings).await;
     let mut worker = quiet_worker(&cli);
     cli.run(&["flush"]).await.ok();
+    // Another application's grants, queued as they come: written.
+    let mut c = support::mock::mock_config(&server);
+    c.buffer.store = StoreKind::Redis;
+    c.redis.url = redis.url();
+    c.flush.mode = Mode::Queue;
+    c.flush.interval = Duration::from_millis(100);
+    let other = WriteBehind::builder(c).build().await.unwrap();
+    let traffic = tokio::spawn({
+        let other = other.clone();
+        async move {
+            for i in 0.. {
+                let user = format!("user:u{i}");
+                let _ = other.grant(&user, "viewer", "document:other").await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    // Looked at in Redis: `unfinished` counts letters only once no op is
+    // left, and the other application's keep coming.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let left = format!("fga-wb:{{{}}}:left", support::mock::STORE);
     support::eventually(
         "the workers left the letter for an operator",
         Duration::from_secs(60),
-        || async { app.unfinished(u64::MAX).await.unwrap().left_letters == 1 },
+        || {
+            let (mut conn, left) = (conn.clone(), left.clone());
+            async move {
+                let n: i64 = redis::cmd("SCARD")
+                    .arg(&left)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                n == 1
+            }
+        },
     )
     .await;
+    traffic.abort();
     let r = cli.run(&["flush", "--wait"]).await;
     let _ = worker.kill().await;
     ended_with(&r, "the workers left them for an operator");
     // Its letter stays, for the operator.
-    assert_eq!(app.dead_letters().await.unwrap().len(), 1);
+    let letters = app.dead_letters().await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert!(letters[0].tuple.user == "user:anne", "{letters:?}");
+    let _ = other.clear().await;
     drop(app);
 }
 

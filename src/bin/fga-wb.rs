@@ -1050,7 +1050,7 @@ fn left_letters(u: &fga_wb::Unfinished) -> usize {
 /// What is left when only ops the workers left for an operator are.
 fn left_note(dead: usize) -> String {
     format!(
-        "{dead} ops died of transient failures and died again after every replay the workers made this hour (queue.replay_limit): OpenFGA fails them while it answers, so the workers left them for an operator; see `fga-wb dlq list` for OpenFGA's reasons, and run `fga-wb dlq replay` once their cause is fixed"
+        "{dead} ops died of transient failures, and died again after the workers' replays while other writes landed, queue.replay_limit times this hour: the workers left them for an operator; see `fga-wb dlq list` for OpenFGA's reasons, and run `fga-wb dlq replay` once their cause is fixed"
     )
 }
 

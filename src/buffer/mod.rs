@@ -246,10 +246,10 @@ pub struct Unfinished {
     /// is left (0 until then); the Redis store may count some whose tuple
     /// has a newer op pending.
     pub transient_letters: u64,
-    /// Of those, the letters queue workers left for an operator: they
-    /// replayed each tuple's `queue.replay_limit` times within an hour,
-    /// and it died again each time (OpenFGA fails it, whatever the
-    /// outage). No replay but an operator's writes them.
+    /// Of those, the letters queue workers left for an operator: each
+    /// tuple died again after their replays `queue.replay_limit` times
+    /// within an hour while other writes landed. No replay of the
+    /// workers' writes them within that hour; an operator's does.
     pub left_letters: u64,
 }
 
@@ -355,9 +355,10 @@ pub struct Replayed {
     /// op (written if that op is refused for good), or a grant behind the
     /// revoke it owed (replayable once that is written).
     pub waiting: usize,
-    /// Letters a worker left as they are, having replayed their tuples
-    /// `queue.replay_limit` times within an hour (each died again): for
-    /// an operator's `fga-wb dlq replay` once their cause is fixed.
+    /// Letters a worker left as they are: their tuples died again after
+    /// its replays `queue.replay_limit` times within an hour while other
+    /// writes landed. For an operator's `fga-wb dlq replay` once their
+    /// cause is fixed.
     pub left: usize,
     /// Replayed ops dead-lettered again by the time the flush after the
     /// replay returned: OpenFGA refused them again (their cause is not

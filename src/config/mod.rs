@@ -509,12 +509,14 @@ pub struct QueueConfig {
     /// `fga-wb dlq replay`); else at least 100 ms.
     #[serde(with = "duration")]
     pub replay_transient: Duration,
-    /// Most times workers replay one tuple's letters by themselves within
-    /// an hour. A tuple OpenFGA fails every time (a row its datastore
-    /// cannot hold) dies again after each replay: past this, its letter is
-    /// left for an operator (`fga-wb dlq replay` once the cause is fixed,
-    /// which starts the count again), and `fga-wb flush --wait` says so
-    /// rather than wait for a replay. `0`: no limit.
+    /// How many times within an hour a tuple may die again after the
+    /// workers' replays while other writes land before its letter is left
+    /// for an operator. A tuple OpenFGA fails every time (a row its
+    /// datastore cannot hold) dies again after each replay, for good:
+    /// past this, its letter waits for `fga-wb dlq replay` once the cause
+    /// is fixed, and `fga-wb flush --wait` says so rather than wait for a
+    /// replay. A purge, an op on the tuple that lands, or the hour's end
+    /// start the count again. `0`: no limit.
     pub replay_limit: u32,
 }
 

@@ -856,7 +856,7 @@ impl Applier {
             tracing::warn!(
                 left = r.left,
                 limit = self.replay_limit,
-                "dead letters whose tuples died again after every replay this hour (queue.replay_limit) are left for an operator: OpenFGA fails them while it answers other writes; see `fga-wb dlq list`, and `fga-wb dlq replay` once their cause is fixed"
+                "dead letters whose tuples died again after the workers' replays this hour while other writes landed (queue.replay_limit) are left for an operator; see `fga-wb dlq list` for OpenFGA's reasons, and `fga-wb dlq replay` once their cause is fixed"
             );
         }
         if r.replayed + r.superseded + r.kept + r.waiting > 0 {

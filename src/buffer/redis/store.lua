@@ -170,6 +170,9 @@ local K_OPS, K_COUNTS, K_REL, K_BLOCKED = P .. ':ops', P .. ':counts', P .. ':re
 local K_DEAD, K_DEADKEY, K_DEADREV = P .. ':dead', P .. ':deadkey', P .. ':deadrev'
 local K_DEADCUR, K_JOBMIN, K_DEADGR = P .. ':deadcur', P .. ':jobmin', P .. ':deadgr'
 local K_OWES = P .. ':owes'
+-- A worker's own replays of one tuple's letters (see replay).
+local K_REPLAYN, K_REPLAYZ, K_LEFT = P .. ':replayn', P .. ':replayz', P .. ':left'
+local REPLAYS_WINDOW_MS = 3600000
 local K_READY = { g = P .. ':ready:g', r = P .. ':ready:r' }
 local F_PENDING = { g = 'pg', r = 'pr' }
 -- Per relation and op kind, without building a lookup string per op.
@@ -824,6 +827,16 @@ local function supersede_letters(keys, seqs, cleared)
       end
     end
   end
+end
+
+-- Forgets the worker's counts of replays of `keys` (see replay): an op on
+-- them landed, or their letters were superseded or purged. One look when
+-- there are none.
+local function forget_replays(keys)
+  if #keys == 0 or pcall_('EXISTS', K_REPLAYN, K_LEFT) == 0 then return end
+  in_parts(pcall_, 'HDEL', K_REPLAYN, keys, #keys)
+  in_parts(pcall_, 'ZREM', K_REPLAYZ, keys, #keys)
+  in_parts(pcall_, 'SREM', K_LEFT, keys, #keys)
 end
 
 -- `key`'s current letter (the newest of its ops that died, no newer op
@@ -1898,6 +1911,7 @@ if cmd == 'finish' then
     -- After the call's writes: a letter index of another type must not
     -- abort it (its repeat would find its ops gone and count none).
     pcall(supersede_letters, written, wseqs)
+    forget_replays(written)
   end
   if not notify and applied + dead > 0 and rcall('EXISTS', P .. ':roomwait') == 1 then
     notify = true
@@ -2607,6 +2621,7 @@ if cmd == 'clear' then
     -- predate that write, and nothing else will say so to checks.
     note_written(cleared)
     supersede_letters(cleared, cleared_seqs, true)
+    forget_replays(cleared)
     incr(P .. ':stats', 'cleared', #cleared)
     for _, f in ipairs(rcall('HKEYS', P .. ':gen')) do incr(P .. ':gen', f, 1) end
     incr(P .. ':gen', '*', 1)
@@ -2692,16 +2707,15 @@ end
 -- clock) and P:replayz (key -> since, to forget them after
 -- REPLAYS_WINDOW_MS); P:left holds the keys whose letters a worker left for
 -- an operator, having replayed them its limit within the window.
-local REPLAYS_WINDOW_MS = 3600000
-local K_REPLAYN, K_REPLAYZ, K_LEFT = P .. ':replayn', P .. ':replayz', P .. ':left'
-
--- The worker's replays of `key`'s letters within the window, and since when.
+-- `key`'s count (see replay) within the window: deaths after a replay
+-- of the worker's while other writes landed, since when, and the store's
+-- applied total at its last replay (nil: none yet in the window).
 local function replays_of(key, now)
   local v = pcall_('HGET', K_REPLAYN, key)
-  local n, since = smatch(type(v) == 'string' and v or '', '^(%d+)|(%d+)$')
+  local n, since, at = smatch(type(v) == 'string' and v or '', '^(%d+)|(%d+)|(%d+)$')
   n, since = tonumber(n), tonumber(since)
-  if not n or since + REPLAYS_WINDOW_MS <= now then return 0, now end
-  return n, since
+  if not n or since + REPLAYS_WINDOW_MS <= now then return 0, now, nil end
+  return n, since, tonumber(at)
 end
 
 -- replay pub now cap who (id* | '*')
@@ -2712,11 +2726,14 @@ end
 -- has an entry stays as it is: it is owed until that op is written.
 --   who: '0' an operator (every letter); '1' a worker, by itself (only
 --   letters of ops that died of transient causes), or "1|limit": a worker
---   that replays one tuple's letters at most `limit` times an hour. A
---   tuple OpenFGA fails every time (a row its datastore cannot hold) died
---   again after each replay, for good: past the limit its letter stays,
---   `left` for an operator (P:left, which `unfinished` counts), until an
---   operator's replay, which starts its count again.
+--   that leaves a tuple's letter once it died again `limit` times within
+--   an hour after its replays while other writes landed (the store's
+--   applied total moved since the replay: OpenFGA takes writes, not this
+--   one; in an outage of writes alone nothing counts). A tuple OpenFGA
+--   fails every time (a row its datastore cannot hold) died again after
+--   each replay, for good: past the limit its letter stays, `left` for an
+--   operator (P:left, which `unfinished` counts), until an operator's
+--   replay, a purge, an op on the tuple that lands, or the hour's end.
 if cmd == 'replay' then
   local now, cap, only_transient = ARGV[3], tonumber(ARGV[4]), ssub(ARGV[5], 1, 1) == '1'
   local limit = only_transient and tonumber(smatch(ARGV[5], '^1|(%d+)$') or '') or 0
@@ -2724,6 +2741,11 @@ if cmd == 'replay' then
   local size = rcall('HLEN', K_OPS)
   local replayed, superseded, kept, waiting, left = 0, 0, 0, 0, 0
   local rnow = redis_ms()
+  -- Keys whose counts go (superseded letters; an operator's replay starts
+  -- a tuple's count again).
+  local forgotten = {}
+  local any_left = pcall_('EXISTS', K_LEFT) == 1
+  local applied_now = 0
   if only_transient then
     -- Counts whose window ended, a bounded number a call.
     local old = pcall_('ZRANGEBYSCORE', K_REPLAYZ, '-inf', rnow - REPLAYS_WINDOW_MS, 'LIMIT', 0, 500)
@@ -2731,6 +2753,18 @@ if cmd == 'replay' then
       in_parts(pcall_, 'HDEL', K_REPLAYN, old, #old)
       in_parts(pcall_, 'ZREM', K_REPLAYZ, old, #old)
     end
+    applied_now = as_count(pcall_('HGET', P .. ':stats', 'applied')) or 0
+  end
+  -- A key's count with this death in it: it counts when other writes
+  -- landed since the key's last replay (see above).
+  local counts = {}
+  local function counted(key)
+    if not counts[key] then
+      local n, since, at = replays_of(key, rnow)
+      if at and applied_now > at then n = n + 1 end
+      counts[key] = { n, since }
+    end
+    return counts[key][1], counts[key][2]
   end
   local out, rels, done, gone = {}, {}, {}, {}
   local handled = {}
@@ -2753,7 +2787,8 @@ if cmd == 'replay' then
         if latest == tostring(id) then pass_debt(d, cache[d.key]) end
         superseded = superseded + 1
         tinsert(gone, { id = id, key = latest == tostring(id) and d.key })
-      elseif limit > 0 and replays_of(d.key, rnow) >= limit then
+        forgotten[#forgotten + 1] = d.key
+      elseif limit > 0 and counted(d.key) >= limit then
         left = left + 1
         pcall_('SADD', K_LEFT, d.key)
       elseif size >= cap then
@@ -2761,14 +2796,16 @@ if cmd == 'replay' then
         break
       else
         if only_transient then
-          local n, since = replays_of(d.key, rnow)
-          pcall_('HSET', K_REPLAYN, d.key, sformat('%.0f|%.0f', n + 1, since))
+          local n, since = counted(d.key)
+          pcall_('HSET', K_REPLAYN, d.key, sformat('%.0f|%.0f|%.0f', n, since, applied_now))
           pcall_('ZADD', K_REPLAYZ, since, d.key)
+          -- Every count is stale an hour after the last was written.
+          pcall_('PEXPIRE', K_REPLAYN, REPLAYS_WINDOW_MS)
+          pcall_('PEXPIRE', K_REPLAYZ, REPLAYS_WINDOW_MS)
+          if any_left then pcall_('SREM', K_LEFT, d.key) end
         else
-          pcall_('HDEL', K_REPLAYN, d.key)
-          pcall_('ZREM', K_REPLAYZ, d.key)
+          forgotten[#forgotten + 1] = d.key
         end
-        pcall_('SREM', K_LEFT, d.key)
         local e = rebuffer(d, now)
         -- A grant given up that owed a revoke owes it again.
         if d.owes == true and d.op == 'g' then owe(d.key, e.seq) end
@@ -2790,6 +2827,7 @@ if cmd == 'replay' then
   -- fails before this leaves the letters, never an op or a debt in neither.
   for i, id in ipairs(done) do remove_letter(id, out[2 * i - 1]) end
   for _, g in ipairs(gone) do remove_letter(g.id, g.key) end
+  forget_replays(forgotten)
   local res = { replayed, superseded, kept, waiting, left }
   for _, v in ipairs(out) do tinsert(res, v) end
   return res
@@ -3129,20 +3167,26 @@ if cmd == 'unfinished' then
     end
   end
   -- Of the letters, those a worker left for an operator (see replay): no
-  -- replay will write them. A member whose letter is gone is forgotten.
+  -- replay of the workers' will write them within their hour. A member
+  -- whose letter is gone is forgotten.
   local left = 0
-  if letters > 0 then
-    local rnow = redis_ms()
-    local members = pcall_('SMEMBERS', K_LEFT)
-    for _, key in ipairs(type(members) == 'table' and not members.err and members or {}) do
-      local id = rcall('HGET', K_DEADKEY, key)
-      local at = tonumber(rcall('ZSCORE', K_DEADCUR, key))
-      if not id or id == '0' or not at then
-        pcall_('SREM', K_LEFT, key)
-      elseif at <= up_to and replays_of(key, rnow) > 0 then
-        left = left + 1
+  local members = letters > 0 and pcall_('SMEMBERS', K_LEFT)
+  if type(members) == 'table' and not members.err and #members > 0 then
+    local stale = {}
+    for from = 1, #members, PART do
+      local part = { unpack(members, from, math.min(from + PART - 1, #members)) }
+      local ids = hmget(K_DEADKEY, part)
+      local at = rcall('ZMSCORE', K_DEADCUR, unpack(part))
+      for i, key in ipairs(part) do
+        local first = tonumber(at[i])
+        if not ids[i] or ids[i] == '0' or not first then
+          stale[#stale + 1] = key
+        elseif first <= up_to then
+          left = left + 1
+        end
       end
     end
+    in_parts(pcall_, 'SREM', K_LEFT, stale, #stale)
   end
   return { n, letters, left }
 end
