@@ -100,9 +100,10 @@
 --   P:deadcur:end      string  where that walk ends when P:deadseq is far past
 --                              it (a loss moved it 2^32 ahead): the highest
 --                              letter id when the walk began
---   P:replayn          hash    tuple key -> "count|since": a worker's own
---                              replays of the key's letters within an hour
---                              (see replay); P:replayz, zset key -> since,
+--   P:replayn          hash    tuple key -> "count|since|applied": the
+--                              key's deaths after a worker's replays while
+--                              other writes landed, within an hour (see
+--                              replay); P:replayz, zset key -> since,
 --                              forgets them after the hour
 --   P:left             set     tuple keys whose letters a worker left for an
 --                              operator (see replay, unfinished)
@@ -829,14 +830,22 @@ local function supersede_letters(keys, seqs, cleared)
   end
 end
 
--- Forgets the worker's counts of replays of `keys` (see replay): an op on
--- them landed, or their letters were superseded or purged. One look when
--- there are none.
+-- Forgets the worker's counts of replays of those of `keys` that have no
+-- current letter now (see replay): an op on them landed, or their letters
+-- were superseded, replayed by an operator or purged. A letter kept (a
+-- clear keeps a transient revoke's) keeps its count. One look when there
+-- are no counts.
 local function forget_replays(keys)
   if #keys == 0 or pcall_('EXISTS', K_REPLAYN, K_LEFT) == 0 then return end
-  in_parts(pcall_, 'HDEL', K_REPLAYN, keys, #keys)
-  in_parts(pcall_, 'ZREM', K_REPLAYZ, keys, #keys)
-  in_parts(pcall_, 'SREM', K_LEFT, keys, #keys)
+  local ok, ids = pcall(hmget, K_DEADKEY, keys)
+  if not ok then return end
+  local gone = {}
+  for i, k in ipairs(keys) do
+    if not ids[i] or ids[i] == '0' then gone[#gone + 1] = k end
+  end
+  in_parts(pcall_, 'HDEL', K_REPLAYN, gone, #gone)
+  in_parts(pcall_, 'ZREM', K_REPLAYZ, gone, #gone)
+  in_parts(pcall_, 'SREM', K_LEFT, gone, #gone)
 end
 
 -- `key`'s current letter (the newest of its ops that died, no newer op
@@ -2702,14 +2711,15 @@ local function pass_debt(d, cur)
   end
 end
 
--- A worker's own replays of one tuple's letters (see replay) are counted
--- in P:replayn (key -> "count|since", since: the first of them, Redis's
--- clock) and P:replayz (key -> since, to forget them after
+-- A tuple's deaths after a worker's replays (see replay) are counted in
+-- P:replayn (key -> "count|since|applied", since: the first replay of the
+-- window, Redis's clock) and P:replayz (key -> since, to forget them after
 -- REPLAYS_WINDOW_MS); P:left holds the keys whose letters a worker left for
--- an operator, having replayed them its limit within the window.
--- `key`'s count (see replay) within the window: deaths after a replay
--- of the worker's while other writes landed, since when, and the store's
--- applied total at its last replay (nil: none yet in the window).
+-- an operator, their count at its limit.
+
+-- `key`'s count within the window: its deaths after a worker's replays
+-- while other writes landed, since when, and the store's applied total at
+-- its last replay (nil: none yet in the window).
 local function replays_of(key, now)
   local v = pcall_('HGET', K_REPLAYN, key)
   local n, since, at = smatch(type(v) == 'string' and v or '', '^(%d+)|(%d+)|(%d+)$')
@@ -2787,7 +2797,9 @@ if cmd == 'replay' then
         if latest == tostring(id) then pass_debt(d, cache[d.key]) end
         superseded = superseded + 1
         tinsert(gone, { id = id, key = latest == tostring(id) and d.key })
-        forgotten[#forgotten + 1] = d.key
+        -- Superseded by a buffered op, not by a newer letter (whose count
+        -- goes on).
+        if latest == tostring(id) then forgotten[#forgotten + 1] = d.key end
       elseif limit > 0 and counted(d.key) >= limit then
         left = left + 1
         pcall_('SADD', K_LEFT, d.key)
