@@ -2770,6 +2770,28 @@ async fn a_worker_leaves_a_tuple_that_keeps_dying_to_an_operator() {
     );
 }
 
+/// A clear that keeps a transient revoke's letter (a newer op dropped)
+/// keeps what the workers counted of it: a revoke they had left for an
+/// operator stays left. Before, the clear forgot the count, and the
+/// workers replayed it `limit` more times.
+#[tokio::test]
+async fn a_clear_keeps_a_left_revokes_count() {
+    use redis::Value::Int;
+    let mut k = OneKey::new("replay-limit-clear").await;
+    k.ends("r", "D").await;
+    k.replayed_dies_again("1|1").await;
+    k.others_landed().await;
+    let out = k.r.call("replay", &["1000", "100", "1|1", "*"]).await;
+    assert_eq!(out, [Int(0), Int(0), Int(0), Int(0), Int(1)]);
+    k.push("g").await;
+    // clear now cursor up_to jobs_up_to
+    k.r.call("clear", &["1000", "0", "", ""]).await;
+    assert_eq!(k.letter().await["op"], "r");
+    // unfinished up_to -> {ops, transient letters, of which left}
+    let u = k.r.call("unfinished", &["1000000"]).await;
+    assert_eq!(u, [Int(0), Int(1), Int(1)]);
+}
+
 /// A replay counts the letters it leaves as they are: a grant refused for
 /// good waits for the revoke it owed, pending again. Before, the replay
 /// counted it nowhere, and `fga-wb dlq replay` said it replayed none and
