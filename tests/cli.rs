@@ -1678,6 +1678,14 @@ async fn queue_flush_wait_ends_on_a_tuple_the_workers_left_to_an_operator() {
     )
     .await;
     traffic.abort();
+    // `status --check` names it a problem, though a worker that replays
+    // runs.
+    let r = cli.run(&["status", "--check"]).await;
+    assert_eq!(r.code, 1, "{r:#?}");
+    assert!(
+        r.stdout.contains("the workers left them for an operator"),
+        "{r:#?}"
+    );
     let r = cli.run(&["flush", "--wait"]).await;
     let _ = worker.kill().await;
     ended_with(&r, "the workers left them for an operator");

@@ -2561,7 +2561,7 @@ async fn a_grant_given_up_keeps_the_revoke_it_owed() {
             k.push("g").await;
         }
         if replay {
-            // replay now cap only_transient ids
+            // replay now cap who ids
             k.r.call("replay", &["1000", "100", "1", "*"]).await;
         }
         let again = k.take().await.expect("a grant pending again");
@@ -2658,7 +2658,7 @@ async fn a_clear_keeps_the_revoke_a_given_up_grant_owed() {
     k.r.call("clear", &["1000", "0", "", ""]).await;
     assert_eq!(k.letter().await["op"], "r");
     assert!(k.owes().await, "the revoke is still owed");
-    // replay now cap only_transient ids: the revoke is written next.
+    // replay now cap who ids: the revoke is written next.
     k.r.call("replay", &["1000", "100", "1", "*"]).await;
     assert_eq!(k.entry().await, pair("r", "r"));
 }
@@ -2801,8 +2801,8 @@ async fn a_replay_counts_the_letters_that_wait() {
     use redis::Value::Int;
     let mut k = OneKey::new("replay-waiting").await;
     k.grant_over_a_revoke_ends("d").await;
-    // replay now cap only_transient ids
-    //   -> {replayed, superseded, kept, waiting, (key, cond)*}
+    // replay now cap who ids
+    //   -> {replayed, superseded, kept, waiting, left, (key, cond)*}
     let out = k.r.call("replay", &["1000", "100", "0", "*"]).await;
     assert_eq!(out, [Int(0), Int(0), Int(0), Int(1), Int(0)]);
 }

@@ -59,6 +59,10 @@ pub(crate) mod redis {
         pub async fn queue_counts(&self) -> Result<QueueCounts> {
             match *self {}
         }
+
+        pub async fn left_letters(&self) -> Result<u64> {
+            match *self {}
+        }
     }
 }
 pub(crate) mod written;

@@ -217,7 +217,21 @@ impl WriteBehind {
                 .as_ref()
                 .is_some_and(crate::status::QueueStats::any_worker_replays);
             if replayed {
-                // The workers replay them.
+                // The workers replay them, but those they left for an
+                // operator.
+                let left = match &self.inner.redis {
+                    Some(r) => r.left_letters().await,
+                    None => Ok(0),
+                };
+                match left {
+                    Ok(0) => {}
+                    Ok(n) => h.problems.push(format!(
+                        "{n} ops given up in an outage died again after the workers' replays while other writes landed (queue.replay_limit), and the workers left them for an operator: OpenFGA may answer their tuples as before them, so the checks it could wrongly allow fail closed until `fga-wb dlq replay` once their cause is fixed (`fga-wb dlq list` gives OpenFGA's reasons), or a purge"
+                    )),
+                    Err(e) => h
+                        .warnings
+                        .push(format!("could not count the dead letters left for an operator: {e}")),
+                }
             } else if status.dead_letters > HEALTH_LETTERS {
                 h.warnings.push(format!(
                     "more than {HEALTH_LETTERS} dead letters: not read to tell whether some were given up in an outage with nothing to replay them (`fga-wb dlq list`)"

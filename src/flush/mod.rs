@@ -975,13 +975,19 @@ impl Engine {
             return Outcome::Retry;
         }
         let before = result.unsure_at;
-        let mut deleted = false;
         let written = match self
             .write_retrying(std::slice::from_ref(&delete), model, retries, result)
             .await
         {
             Ok(_) => {
-                deleted = true;
+                // The old tuple is gone from OpenFGA whatever becomes of the
+                // grant (refused for good, cut short, pending and then
+                // cleared): its cached answers may still allow through it,
+                // so checks on it ask for fresh ones for a while, as after
+                // an applied op.
+                if let Err(e) = self.store.note_landed(std::slice::from_ref(&t.tuple)).await {
+                    tracing::warn!(tuple = %t.tuple, error = %e, "cannot record that the tuple's old version was deleted; checks on it may get OpenFGA's cached answers for up to its cache TTL");
+                }
                 // A delete that may still land would remove the grant
                 // written after it.
                 match result.unsure_at.filter(|_| result.unsure_at != before) {
@@ -996,15 +1002,6 @@ impl Engine {
             }
             Err(e) => Err(e),
         };
-        if deleted && written.is_err() {
-            // The old tuple is gone from OpenFGA whatever becomes of the
-            // grant (refused for good, or pending and then cleared): its
-            // cached answers may still allow through it, so checks on it
-            // ask for fresh ones for a while, as after an applied op.
-            if let Err(e) = self.store.note_landed(std::slice::from_ref(&t.tuple)).await {
-                tracing::warn!(tuple = %t.tuple, error = %e, "cannot record that the tuple's old version was deleted; checks on it may get OpenFGA's cached answers for up to its cache TTL");
-            }
-        }
         match written {
             Ok(_) => {
                 tracing::info!(tuple = %t.tuple, "replaced the tuple's condition (delete, then write)");

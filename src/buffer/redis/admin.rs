@@ -220,6 +220,13 @@ impl RedisStore {
         Ok(r)
     }
 
+    /// How many dead letters workers left for an operator (see
+    /// `queue.replay_limit`).
+    pub(crate) async fn left_letters(&self) -> Result<u64> {
+        let a = Args::new("left", self.publish);
+        Ok(int(&self.call(&a).await?)?.max(0) as u64)
+    }
+
     /// Hands ops this writer took to a new job; returns the job's id, or
     /// `None` if none of them was still this writer's.
     pub async fn enqueue(

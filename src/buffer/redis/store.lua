@@ -2728,6 +2728,39 @@ local function replays_of(key, now)
   return n, since, tonumber(at)
 end
 
+-- Letters a worker left for an operator (see replay) whose ops were
+-- placed up to `up_to`: no replay of the workers' writes them within their
+-- hour. A member whose letter is gone, or whose hour ended, is forgotten.
+local function left_letters(up_to)
+  local left = 0
+  local members = pcall_('SMEMBERS', K_LEFT)
+  if type(members) ~= 'table' or members.err or #members == 0 then return 0 end
+  local stale, now = {}, redis_ms()
+  for from = 1, #members, PART do
+    local part = { unpack(members, from, math.min(from + PART - 1, #members)) }
+    local ids = hmget(K_DEADKEY, part)
+    local at = rcall('ZMSCORE', K_DEADCUR, unpack(part))
+    local since = pcall_('ZMSCORE', K_REPLAYZ, unpack(part))
+    if type(since) ~= 'table' or since.err then since = {} end
+    for i, key in ipairs(part) do
+      local first, counted_since = tonumber(at[i]), tonumber(since[i])
+      if not ids[i] or ids[i] == '0' or not first
+          or not counted_since or counted_since + REPLAYS_WINDOW_MS <= now then
+        stale[#stale + 1] = key
+      elseif first <= up_to then
+        left = left + 1
+      end
+    end
+  end
+  in_parts(pcall_, 'SREM', K_LEFT, stale, #stale)
+  return left
+end
+
+-- left pub -> letters workers left for an operator (see replay)
+if cmd == 'left' then
+  return left_letters(math.huge)
+end
+
 -- replay pub now cap who (id* | '*')
 --   -> {replayed, superseded, kept, waiting, left, (key, cond)* of the replayed}
 -- Each letter, in one step: dropped if superseded (its key has an entry, or
@@ -2762,6 +2795,7 @@ if cmd == 'replay' then
     if type(old) == 'table' and not old.err and #old > 0 then
       in_parts(pcall_, 'HDEL', K_REPLAYN, old, #old)
       in_parts(pcall_, 'ZREM', K_REPLAYZ, old, #old)
+      in_parts(pcall_, 'SREM', K_LEFT, old, #old)
     end
     applied_now = as_count(pcall_('HGET', P .. ':stats', 'applied')) or 0
   end
@@ -2807,7 +2841,7 @@ if cmd == 'replay' then
         kept = #ids - i + 1
         break
       else
-        if only_transient then
+        if limit > 0 then
           local n, since = counted(d.key)
           pcall_('HSET', K_REPLAYN, d.key, sformat('%.0f|%.0f|%.0f', n, since, applied_now))
           pcall_('ZADD', K_REPLAYZ, since, d.key)
@@ -2815,7 +2849,7 @@ if cmd == 'replay' then
           pcall_('PEXPIRE', K_REPLAYN, REPLAYS_WINDOW_MS)
           pcall_('PEXPIRE', K_REPLAYZ, REPLAYS_WINDOW_MS)
           if any_left then pcall_('SREM', K_LEFT, d.key) end
-        else
+        elseif not only_transient then
           forgotten[#forgotten + 1] = d.key
         end
         local e = rebuffer(d, now)
@@ -3099,7 +3133,7 @@ local function index_old_letters()
   return done
 end
 
--- unfinished pub up_to -> {ops, letters}: of the ops acknowledged up to
+-- unfinished pub up_to -> {ops, letters, left}: of the ops acknowledged up to
 -- seq `up_to` (flush --wait's start), how many are still pending (exact),
 -- or else whether one is being written or held by a job (1: the look ends
 -- at the first), and, once none is, how many died of transient causes
@@ -3108,7 +3142,8 @@ end
 -- handed back, dead, replayed: a replayed op keeps its letter's place in
 -- line) is seen where it is. Only indexes are read: the ready and blocked
 -- sets, the writers' sets, the jobs P:jobmin lists as holding such ops
--- when queued, the letters P:deadcur lists.
+-- when queued, the letters P:deadcur lists. `left`: of those letters, the
+-- ones workers left for an operator (see left_letters).
 if cmd == 'unfinished' then
   local up_to = tonumber(ARGV[3])
   local n = rcall('ZCOUNT', K_READY.g, '-inf', up_to) + rcall('ZCOUNT', K_READY.r, '-inf', up_to)
@@ -3178,29 +3213,7 @@ if cmd == 'unfinished' then
       from = from + #keys
     end
   end
-  -- Of the letters, those a worker left for an operator (see replay): no
-  -- replay of the workers' will write them within their hour. A member
-  -- whose letter is gone is forgotten.
-  local left = 0
-  local members = letters > 0 and pcall_('SMEMBERS', K_LEFT)
-  if type(members) == 'table' and not members.err and #members > 0 then
-    local stale = {}
-    for from = 1, #members, PART do
-      local part = { unpack(members, from, math.min(from + PART - 1, #members)) }
-      local ids = hmget(K_DEADKEY, part)
-      local at = rcall('ZMSCORE', K_DEADCUR, unpack(part))
-      for i, key in ipairs(part) do
-        local first = tonumber(at[i])
-        if not ids[i] or ids[i] == '0' or not first then
-          stale[#stale + 1] = key
-        elseif first <= up_to then
-          left = left + 1
-        end
-      end
-    end
-    in_parts(pcall_, 'SREM', K_LEFT, stale, #stale)
-  end
-  return { n, letters, left }
+  return { n, letters, letters > 0 and left_letters(up_to) or 0 }
 end
 
 -- queue pub now -> {due, running, scheduled, workers...}
