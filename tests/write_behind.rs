@@ -314,13 +314,21 @@ async fn flush_ends_under_a_steady_backlog(
         let p = wb.pending().await.unwrap();
         p.total + p.in_flight
     };
+    let during = granted.load(std::sync::atomic::Ordering::Relaxed) - before;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     granter.await.unwrap();
     let r = flushed
         .expect("flush() did not end while others kept a backlog")
         .unwrap();
     assert_eq!(r.error, None, "{r:?}");
-    assert!(backlog >= 100, "the backlog lasted to the end: {backlog}");
+    // What makes it a steady backlog: ops kept coming while the flush ran,
+    // and some were still pending when it returned. (Their number then is
+    // the granter's pace against the flusher's: 100 or more was asked
+    // before, and CI once saw 62.)
+    assert!(
+        during >= 100 && backlog > 0,
+        "the backlog did not last to the end: {during} granted during the flush, {backlog} left"
+    );
     // Each one, not a count later grants could make up.
     let written: std::collections::HashSet<String> = stored(s).await.into_iter().collect();
     let missing: Vec<u64> = (1..=before)
