@@ -830,6 +830,14 @@ local function supersede_letters(keys, seqs, cleared)
   end
 end
 
+-- Drops what the workers counted of `keys`' replays (see replay), and
+-- their places in P:left.
+local function drop_counts(keys)
+  in_parts(pcall_, 'HDEL', K_REPLAYN, keys, #keys)
+  in_parts(pcall_, 'ZREM', K_REPLAYZ, keys, #keys)
+  in_parts(pcall_, 'SREM', K_LEFT, keys, #keys)
+end
+
 -- Forgets the worker's counts of replays of those of `keys` that have no
 -- current letter now (see replay): an op on them landed, or their letters
 -- were superseded, replayed by an operator or purged. A letter kept (a
@@ -843,9 +851,7 @@ local function forget_replays(keys)
   for i, k in ipairs(keys) do
     if not ids[i] or ids[i] == '0' then gone[#gone + 1] = k end
   end
-  in_parts(pcall_, 'HDEL', K_REPLAYN, gone, #gone)
-  in_parts(pcall_, 'ZREM', K_REPLAYZ, gone, #gone)
-  in_parts(pcall_, 'SREM', K_LEFT, gone, #gone)
+  drop_counts(gone)
 end
 
 -- `key`'s current letter (the newest of its ops that died, no newer op
@@ -2786,17 +2792,13 @@ if cmd == 'replay' then
   local rnow = redis_ms()
   -- Keys whose counts go (superseded letters; an operator's replay starts
   -- a tuple's count again).
-  local forgotten = {}
+  local forgotten, recounted = {}, false
   local any_left = pcall_('EXISTS', K_LEFT) == 1
   local applied_now = 0
   if only_transient then
     -- Counts whose window ended, a bounded number a call.
     local old = pcall_('ZRANGEBYSCORE', K_REPLAYZ, '-inf', rnow - REPLAYS_WINDOW_MS, 'LIMIT', 0, 500)
-    if type(old) == 'table' and not old.err and #old > 0 then
-      in_parts(pcall_, 'HDEL', K_REPLAYN, old, #old)
-      in_parts(pcall_, 'ZREM', K_REPLAYZ, old, #old)
-      in_parts(pcall_, 'SREM', K_LEFT, old, #old)
-    end
+    if type(old) == 'table' and not old.err then drop_counts(old) end
     applied_now = as_count(pcall_('HGET', P .. ':stats', 'applied')) or 0
   end
   -- A key's count with this death in it: it counts when other writes
@@ -2845,9 +2847,7 @@ if cmd == 'replay' then
           local n, since = counted(d.key)
           pcall_('HSET', K_REPLAYN, d.key, sformat('%.0f|%.0f|%.0f', n, since, applied_now))
           pcall_('ZADD', K_REPLAYZ, since, d.key)
-          -- Every count is stale an hour after the last was written.
-          pcall_('PEXPIRE', K_REPLAYN, REPLAYS_WINDOW_MS)
-          pcall_('PEXPIRE', K_REPLAYZ, REPLAYS_WINDOW_MS)
+          recounted = true
           if any_left then pcall_('SREM', K_LEFT, d.key) end
         elseif not only_transient then
           forgotten[#forgotten + 1] = d.key
@@ -2874,6 +2874,11 @@ if cmd == 'replay' then
   for i, id in ipairs(done) do remove_letter(id, out[2 * i - 1]) end
   for _, g in ipairs(gone) do remove_letter(g.id, g.key) end
   forget_replays(forgotten)
+  if recounted then
+    -- Every count is stale an hour after the last was written.
+    pcall_('PEXPIRE', K_REPLAYN, REPLAYS_WINDOW_MS)
+    pcall_('PEXPIRE', K_REPLAYZ, REPLAYS_WINDOW_MS)
+  end
   local res = { replayed, superseded, kept, waiting, left }
   for _, v in ipairs(out) do tinsert(res, v) end
   return res
@@ -2889,7 +2894,7 @@ end
 -- a grant for good.
 if cmd == 'dlqdrop' then
   local now = ARGV[3]
-  local out, gone, handled, rels, repended, unsure = {}, {}, {}, {}, 0, {}
+  local out, gone, handled, rels, repended, unsure, purged = {}, {}, {}, {}, 0, {}, {}
   -- With '*', a bound spares the letters numbered after it (written while
   -- an operator was asked); ids that are no number go.
   local bound = ARGV[4] == '*' and tonumber(ARGV[5]) or nil
@@ -2916,12 +2921,7 @@ if cmd == 'dlqdrop' then
       -- Given up in an outage: its last Write's outcome may be unknown,
       -- and landed; with the letter gone nothing else says so to checks.
       if current and d.transient == true then tinsert(unsure, d.key) end
-      if current then
-        -- Purged, its tuple's count of replays starts again.
-        pcall_('HDEL', K_REPLAYN, d.key)
-        pcall_('ZREM', K_REPLAYZ, d.key)
-        pcall_('SREM', K_LEFT, d.key)
-      end
+      if current then tinsert(purged, d.key) end
       tinsert(gone, { id = id, key = current and d.key })
     end
   end
@@ -2933,6 +2933,8 @@ if cmd == 'dlqdrop' then
   -- The letters go once what they owed is buffered: a call that fails
   -- before this leaves them, never a debt in neither place.
   for _, g in ipairs(gone) do remove_letter(g.id, g.key) end
+  -- Purged, a tuple's count of replays starts again.
+  forget_replays(purged)
   if ARGV[4] == '*' and rcall('HLEN', K_DEAD) == 0 then
     -- Every letter is gone: so is every index entry (the keys of the
     -- relations' indexes are the members' relations).
