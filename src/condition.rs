@@ -206,19 +206,34 @@ fn numeric_string_fits(ty: &ParamType, s: &str) -> bool {
     let Some(n) = GoFloat::parse(s) else {
         return false;
     };
+    if !n.exponent_fits {
+        return false;
+    }
+    // Past Go's own range, its big.Float is an exact infinity or zero.
+    let (inf, zero) = match n.past_go_range {
+        true => (n.log2 > 0.0, n.log2 < 0.0),
+        false => (n.inf, n.zero()),
+    };
     match ty {
+        // An infinity or a zero converts exactly.
+        ParamType::Double if inf || zero => true,
         // Past a double's range either way (at or above 10^309, below
-        // 10^-324): +Inf or 0, inexact, refused however Go rounds.
-        ParamType::Double if !n.exp2 && !n.inf && !n.zero() && n.out_of_double_range() => false,
-        // An infinity converts exactly; a binary exponent, or a power of
-        // five Go works out only approximately (past 5^55), is OpenFGA's
-        // call.
-        ParamType::Double if n.exp2 || n.inf || n.exp5.unsigned_abs() > 55 => true,
+        // 10^-324): +Inf or 0, inexact, refused however Go rounds. OpenFGA
+        // says so with the value in decimal, which for a large exponent
+        // keeps its CPU busy for minutes, past the request's deadline (a
+        // 500 that a retry repeats).
+        ParamType::Double if n.exp2 && !(-1076.0..1025.0).contains(&n.log2) => false,
+        ParamType::Double if !n.exp2 && n.out_of_double_range() => false,
+        // A binary exponent, or a power of five Go works out only
+        // approximately (past 5^55), is OpenFGA's call.
+        ParamType::Double if n.exp2 || n.exp5.unsigned_abs() > 55 => true,
         ParamType::Double => n.exact_double(),
         // Not a whole number: infinities, and fractions that no rounding
-        // can make whole.
-        _ if n.inf => false,
-        ParamType::Uint if n.negative && !n.zero() => false,
+        // can make whole (with a binary exponent: below a half).
+        _ if inf => false,
+        _ if zero => true,
+        ParamType::Uint if n.negative => false,
+        _ if n.exp2 => n.log2 >= -1.0,
         _ => n.may_be_whole(),
     }
 }
@@ -243,6 +258,49 @@ struct GoFloat {
     /// less every digit after the point, trailing zeros too): Go's
     /// conversion is exact up to 5^55, approximate past it.
     exp5: i64,
+    /// Go's `big.Float` takes the exponent (see [`go_exponent_fits`]).
+    exponent_fits: bool,
+    /// About log2 of the value's magnitude (not for zero or infinity).
+    log2: f64,
+    /// Past the exponents Go's `big.Float` holds, or its power of five
+    /// is, with a margin (see [`past_go_range`]).
+    past_go_range: bool,
+}
+
+/// Beyond this power of two, Go's `big.Float` overflows (to an infinity)
+/// or underflows (to a zero): its exponent is an int32. With a margin: a
+/// value at the edge counts as within, and so as out of a double's range
+/// (refused rather than left to a conversion that may keep OpenFGA busy).
+const GO_EDGE: f64 = 2_147_483_648.0 + 64.0;
+
+/// Whether Go's `big.Float` parse of a nonzero value with about `log2`
+/// for its magnitude and a power of five `exp5` to apply ends past its
+/// range: the power of five alone overflows (the value becomes an
+/// infinity, or a zero if divided by it), or the result does.
+fn past_go_range(log2: f64, exp5: i64) -> bool {
+    (exp5 as f64).abs() * 5f64.log2() >= GO_EDGE || log2.abs() >= GO_EDGE
+}
+
+/// About log2 of the whole number of the decimal digits `whole` (no
+/// leading zeros, at least one digit), from its leading 17 digits.
+fn log2_of_digits(whole: &str) -> f64 {
+    let lead = whole.len().min(17);
+    let rest = (whole.len() - lead) as f64;
+    let lead: f64 = whole[..lead].parse().unwrap_or(1.0);
+    rest.mul_add(std::f64::consts::LOG2_10, lead.log2())
+}
+
+/// Whether Go's `big.Float` takes a mantissa whose whole number (every
+/// digit, the point left out) has about `log2_int` for its log2, `frac` of
+/// its digits after the point, with exponent `exp`: the binary exponent it
+/// works out (the whole number's bit length, less `frac`, plus `exp`, in
+/// an int64 that wraps) must fit an int32, or the parse fails ("exponent
+/// overflow") and OpenFGA refuses the value. The bit length may be one off
+/// for a mantissa within a rounding of a power of two, which matters only
+/// at the exponent's very edge.
+fn go_exponent_fits(log2_int: f64, frac: i64, exp: i64) -> bool {
+    let bits = log2_int.floor() as i64 + 1;
+    i32::try_from(bits.wrapping_sub(frac).wrapping_add(exp)).is_ok()
 }
 
 impl GoFloat {
@@ -261,6 +319,9 @@ impl GoFloat {
                 exp2: false,
                 digits: String::new(),
                 exp5: 0,
+                exponent_fits: true,
+                log2: f64::INFINITY,
+                past_go_range: false,
             });
         }
         let (mantissa, exponent) = match rest.find(['e', 'E', 'p', 'P']) {
@@ -293,9 +354,27 @@ impl GoFloat {
         let digits = trimmed.trim_start_matches('0').to_owned();
         let significant = digits.len();
         let shift = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        let whole = all.trim_start_matches('0');
+        let frac = shift(frac_part.len());
+        // Zero: any exponent leaves it zero.
+        let log2_int = match whole.is_empty() {
+            true => 0.0,
+            false => log2_of_digits(whole),
+        };
+        let exp5 = match exp2 {
+            true => frac.saturating_neg(),
+            false => exp.saturating_sub(frac),
+        };
+        let log2 = match exp2 {
+            true => log2_int - frac as f64 * std::f64::consts::LOG2_10 + exp as f64,
+            false => (exp5 as f64).mul_add(std::f64::consts::LOG2_10, log2_int),
+        };
         Some(GoFloat {
             negative,
             inf: false,
+            exponent_fits: whole.is_empty() || go_exponent_fits(log2_int, frac, exp),
+            log2,
+            past_go_range: !whole.is_empty() && past_go_range(log2, exp5),
             exp5: exp.saturating_sub(shift(frac_part.len())),
             digits,
             significant,
@@ -316,16 +395,16 @@ impl GoFloat {
     /// Whether the value lies past a float64's range, and so converts to
     /// +Inf or 0 inexactly: its leading digit's power of ten at 309 or
     /// more (above the largest, 1.8e308), or at -325 or less (below half
-    /// the smallest, 4.9e-324). Not past 10^±600,000,000: there Go's own
-    /// `big.Float` overflows to an infinity or a zero first, which
-    /// converts exactly, and OpenFGA takes it.
+    /// the smallest, 4.9e-324). Not for a zero, nor for a value past Go's
+    /// own `big.Float` range (see [`past_go_range`]): that one becomes an
+    /// infinity or a zero first, which converts exactly, and OpenFGA takes
+    /// it.
     fn out_of_double_range(&self) -> bool {
-        const GO_BIG_EXP: i64 = 600_000_000;
         let leading = self
             .last_digit
             .saturating_add(self.significant as i64)
             .saturating_sub(1);
-        leading.abs() < GO_BIG_EXP && !(-324..309).contains(&leading)
+        !(-324..309).contains(&leading)
     }
 
     /// Whether the value, rounded to 64 bits (to nearest, ties to even),
@@ -697,6 +776,25 @@ mod tests {
         // Past Go's own big.Float range: an exact infinity, or zero.
         assert!(!refuses(Double, json!("1e650000000")));
         assert!(!refuses(Double, json!("-1e-1000000000")));
+        // Past an int32 as big.Float's binary exponent: refused.
+        assert!(refuses(Double, json!("1e-9223372036854775808")));
+        assert!(refuses(Double, json!("-0.1e-9223372036854775807")));
+        assert!(refuses(Double, json!("1e2147483647")));
+        assert!(refuses(Int, json!("1e-2147483650")));
+        assert!(refuses(Double, json!("1p2147483647")));
+        // Within Go's range, past a double's: refused (OpenFGA's refusal
+        // spells the value out in decimal, for minutes).
+        assert!(refuses(Double, json!("1p2147483646")));
+        assert!(refuses(Double, json!("1p-100000")));
+        assert!(!refuses(Double, json!("1p1000")));
+        assert!(refuses(Double, json!("1e600000000")));
+        assert!(refuses(Double, json!("1e-640000000")));
+        // Past Go's range as a whole number: an infinity is none, a zero is.
+        assert!(refuses(Int, json!("1e650000000")));
+        assert!(!refuses(Int, json!("1e-1000000000")));
+        assert!(refuses(Int, json!("1p-3")));
+        assert!(!refuses(Int, json!("1p3")));
+        assert!(!refuses(Double, json!("0e-9223372036854775808")));
         assert!(!refuses(Double, json!("1e300")));
         assert!(refuses(Double, json!(null)));
         // At the edge of 64-bit rounding: OpenFGA decides.

@@ -86,6 +86,11 @@ fn cases() -> Vec<(&'static str, &'static str, Value)> {
         json!(true),
         json!(null),
         json!([1]),
+        // Past Go's big.Float range: an infinity (no whole number), or zero.
+        json!("1e650000000"),
+        json!("1e-1000000000"),
+        json!("1p-3"),
+        json!("1p3"),
     ] {
         c.push(every("i", v));
     }
@@ -116,6 +121,22 @@ fn cases() -> Vec<(&'static str, &'static str, Value)> {
         // Past Go's big.Float range: an exact infinity, or zero.
         json!("1e650000000"),
         json!("-1e-1000000000"),
+        // An exponent at i64's least: its leading digit's power of ten
+        // overflowed an absolute value (a panic in debug builds).
+        json!("1e-9223372036854775808"),
+        json!("-0.1e-9223372036854775807"),
+        // Go's big.Float refuses a binary exponent past an int32.
+        json!("1e2147483647"),
+        json!("1e-2147483650"),
+        json!("123.5e2147483645"),
+        json!("123.5e2147483646"),
+        json!("1p2147483647"),
+        json!("0e-9223372036854775808"),
+        // Past a double's range by a binary exponent (not one within
+        // Go's range by far: OpenFGA's refusal then keeps it busy for
+        // minutes, which is why fga-wb refuses it).
+        json!("1p-100000"),
+        json!("1p1000"),
         // Exact or not as a float64 once rounded to 64 bits: Go's rule.
         json!("0.5"),
         json!("-0.75"),
