@@ -63,13 +63,15 @@ pub struct FlushReport {
 
 impl FlushReport {
     pub(crate) fn absorb(&mut self, other: &FlushReport) {
-        self.applied += other.applied;
-        self.coalesced += other.coalesced;
-        self.dead_lettered += other.dead_lettered;
-        self.retried += other.retried;
-        self.requests += other.requests;
-        self.queued += other.queued;
-        self.duration += other.duration;
+        // Saturating: counts a finish call returns come from Redis, and
+        // the pump's totals add them up for the process's life.
+        self.applied = self.applied.saturating_add(other.applied);
+        self.coalesced = self.coalesced.saturating_add(other.coalesced);
+        self.dead_lettered = self.dead_lettered.saturating_add(other.dead_lettered);
+        self.retried = self.retried.saturating_add(other.retried);
+        self.requests = self.requests.saturating_add(other.requests);
+        self.queued = self.queued.saturating_add(other.queued);
+        self.duration = self.duration.saturating_add(other.duration);
         if other.error.is_some() {
             self.error.clone_from(&other.error);
         }

@@ -1275,14 +1275,49 @@ async fn refused_redis_credentials_are_a_configuration_error() {
             assert!(r.stderr.contains("redis.url"), "{r:#?}");
         }
     }
-    let mut c = filler_config(&s, Mode::Inline);
-    c.redis.url = format!("redis://ops:s3cret@127.0.0.1:{port}");
+    refused_by_redis(&s, &format!("redis://ops:s3cret@127.0.0.1:{port}")).await;
+}
+
+/// The error of a handle built for `url`'s Redis: a configuration error.
+async fn refused_by_redis(s: &support::TestStore, url: &str) -> fga_wb::Error {
+    let mut c = filler_config(s, Mode::Inline);
+    c.redis.url = url.into();
     let e = WriteBehind::builder(c)
         .build()
         .await
         .err()
         .expect("refused");
     assert!(e.is_config() && !e.is_transient(), "{e}");
+    e
+}
+
+/// A Redis that does not know HELLO (renamed away here; a proxy's or an
+/// old server's the same) quotes the arguments of the one fga-wb sends,
+/// its password among them: the error names what is wrong, exit 2, and
+/// never the password. Before, the password was in the error, and the
+/// connect was retried as an outage.
+#[tokio::test]
+async fn a_redis_without_hello_keeps_the_password_out_of_errors() {
+    let s = new_store("cli-redis-hello").await;
+    let redis = testenv::Redis::start(testenv::RedisOptions {
+        args: vec!["--rename-command".into(), "HELLO".into(), String::new()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let port = redis.port();
+    let set = redis.command("CONFIG SET requirepass s3cret-pw").await;
+    assert!(set.is_some_and(|r| r.starts_with("+OK")));
+    let url = format!("redis://:s3cret-pw@127.0.0.1:{port}");
+    let mut cli = Cli::new(&s, "inline");
+    cli.set("FGA_WB_REDIS__URL", &url);
+    for cmd in [&["status"][..], &["worker"]] {
+        let r = cli.run(cmd).await;
+        r.fails(2, "does not take HELLO");
+        assert!(!r.stderr.contains("s3cret-pw"), "{r:#?}");
+    }
+    let e = refused_by_redis(&s, &url).await;
+    assert!(!format!("{e} {e:?}").contains("s3cret-pw"), "{e}");
 }
 
 /// The `fga` CLI's global flags: `--store-id`, `--api-url`, `--api-token`

@@ -692,6 +692,21 @@ async fn oauth2_token_response_cut_off_is_transient() {
     assert!(e.is_transient() && !e.is_auth(), "{e}");
 }
 
+/// A token response whose token comes as a JSON string (the object
+/// encoded twice) is refused without the token in the error: serde's
+/// words for a value of the wrong type quote the value, and the error
+/// reaches the logs and `fga-wb status`.
+#[tokio::test]
+async fn a_token_response_encoded_twice_keeps_its_token_out_of_errors() {
+    let twice =
+        serde_json::to_string(r#"{"access_token":"eyJ-secret-token","expires_in":300}"#).unwrap();
+    let answer = wiremock::ResponseTemplate::new(200).set_body_string(twice);
+    let e = check_with_token_answer(answer).await;
+    assert!(!e.to_string().contains("eyJ-secret-token"), "{e}");
+    assert!(e.to_string().contains("wrong type"), "{e}");
+    assert!(!e.is_transient(), "{e}");
+}
+
 /// A token response past 1 MiB (a token takes a few KiB) is not read
 /// whole: the endpoint is not a token endpoint, an error naming the
 /// setting, not worth retrying. Before, it was read whole, and its token

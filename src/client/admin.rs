@@ -81,7 +81,8 @@ impl WriteBehind {
                     // operator's CLI configured for inline mode would
                     // otherwise not see jobs waiting for a worker, and
                     // `flush --wait` would wait for them for good.
-                    let used = q.pending + q.running + q.scheduled > 0 || !q.workers.is_empty();
+                    let used =
+                        q.pending > 0 || q.running > 0 || q.scheduled > 0 || !q.workers.is_empty();
                     (config.flush.mode == Mode::Queue || used).then_some(q)
                 }
                 None => None,
@@ -186,10 +187,10 @@ impl WriteBehind {
             h.problems.push(p);
         }
         if let Some(q) = &status.queue {
-            if q.workers.is_empty() && q.pending + q.scheduled > 0 {
+            if q.workers.is_empty() && (q.pending > 0 || q.scheduled > 0) {
                 h.problems.push(format!(
                     "{} jobs wait and no worker was seen: start `fga-wb worker`",
-                    q.pending + q.scheduled
+                    q.pending.saturating_add(q.scheduled)
                 ));
             }
         }

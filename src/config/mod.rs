@@ -79,6 +79,7 @@ pub struct OpenFgaConfig {
     pub oauth2: Option<OAuth2Config>,
     /// A PEM file of CA certificates to trust for an `https://` OpenFGA
     /// behind a private CA, besides the usual roots; empty: none.
+    #[serde(serialize_with = "shown_file")]
     pub ca_file: String,
 }
 
@@ -158,6 +159,7 @@ impl OpenFgaConfig {
             .timeout(self.request_timeout)
             .connect_timeout(self.connect_timeout);
         if !self.ca_file.is_empty() {
+            file_named("openfga.ca_file", &self.ca_file)?;
             let pem = std::fs::read(&self.ca_file).map_err(|e| {
                 Error::config(format!(
                     "openfga.ca_file {:?} cannot be read: {e}",
@@ -409,13 +411,16 @@ pub struct RedisConfig {
     pub url: String,
     /// For `rediss://`: a PEM file of the CA certificates to trust instead
     /// of the system's roots (a private CA); empty: the system's.
+    #[serde(serialize_with = "shown_file")]
     pub ca_file: String,
     /// For `rediss://` to a server that asks for client certificates
     /// (`tls-auth-clients`): a PEM file of fga-wb's certificate (with its
     /// chain); set together with `key_file`.
+    #[serde(serialize_with = "shown_file")]
     pub cert_file: String,
     /// The PEM private key of `cert_file`, unencrypted (fga-wb takes no
     /// passphrase).
+    #[serde(serialize_with = "shown_file")]
     pub key_file: String,
     /// Prefix of every key fga-wb writes; the store id follows it.
     pub key_prefix: String,
@@ -805,6 +810,14 @@ impl Config {
 
     /// Checks relations between settings that no single key's type can.
     pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("openfga.ca_file", &self.openfga.ca_file),
+            ("redis.ca_file", &self.redis.ca_file),
+            ("redis.cert_file", &self.redis.cert_file),
+            ("redis.key_file", &self.redis.key_file),
+        ] {
+            file_named(name, v)?;
+        }
         if self.flush.mode == Mode::Queue && self.buffer.store != StoreKind::Redis {
             return Err(Error::config(
                 "flush.mode = \"queue\" needs buffer.store = \"redis\": workers read the buffer from Redis",
@@ -1127,6 +1140,31 @@ fn positive<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Er
 
 fn redacted_url<S: Serializer>(url: &str, s: S) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(&crate::openfga::redact_url(url))
+}
+
+fn shown_file<S: Serializer>(file: &str, s: S) -> std::result::Result<S::Ok, S::Error> {
+    match file_text(file) {
+        true => s.serialize_str("<a file's text, not shown>"),
+        false => s.serialize_str(file),
+    }
+}
+
+/// Whether a setting that names a file holds a file's text instead (a key
+/// pasted into `redis.key_file`, say).
+fn file_text(value: &str) -> bool {
+    value.contains('\n') || value.contains("-----BEGIN")
+}
+
+/// Refuses a file's text given for its name, without showing it: every
+/// message naming the file (it cannot be read, it holds no key) would
+/// print the private key.
+pub(crate) fn file_named(setting: &str, value: &str) -> Result<()> {
+    match file_text(value) {
+        true => Err(Error::config(format!(
+            "{setting} holds a file's text (PEM), not a file's path: put it in a file readable only by fga-wb and give that file's path (the value is not shown: it may be a private key)"
+        ))),
+        false => Ok(()),
+    }
 }
 
 /// `Debug` of the sections that hold URLs and secrets goes through

@@ -324,6 +324,24 @@ fn bad_file_never_quotes_a_secret() {
     }
 }
 
+/// A private key pasted into `redis.key_file` (the file's text for its
+/// name) is refused without being shown, and neither `{:?}` nor the
+/// serialised config shows it. Before, "cannot be read" quoted it whole.
+#[test]
+fn a_key_given_for_its_file_name_is_never_shown() {
+    let key = "-----BEGIN PRIVATE KEY-----\nMIIEvQ-secret-key\n-----END PRIVATE KEY-----\n";
+    let e = load_env(&[("FGA_WB_REDIS__KEY_FILE", key)]).expect_err("a file's text");
+    assert!(!e.to_string().contains("secret-key"), "{e}");
+    assert!(e.to_string().contains("redis.key_file"), "{e}");
+    let mut c = Config::default();
+    c.redis.key_file = key.into();
+    for shown in [format!("{c:?}"), serde_json::to_string(&c).unwrap()] {
+        assert!(!shown.contains("secret-key"), "{shown}");
+    }
+    let e = c.validate().expect_err("a file's text");
+    assert!(!e.to_string().contains("secret-key"), "{e}");
+}
+
 /// Neither serialised (`status --json`) nor `{:?}` config shows a token, a
 /// client secret or a password in a URL, whatever the password holds.
 #[test]

@@ -286,8 +286,8 @@ async fn fetch_token(http: &reqwest::Client, o: &OAuth2) -> Result<(Secret, Dura
             ))
         }
     }
-    let body: TokenResponse = serde_json::from_slice(&bytes)
-        .map_err(|e| token_err(format!("unreadable token response: {e}"), e.is_eof()))?;
+    let body: TokenResponse =
+        serde_json::from_slice(&bytes).map_err(|e| token_err(unreadable_token(&e), e.is_eof()))?;
     // Without expires_in, assume a short life rather than caching forever;
     // at most a day, so no answer can push the expiry past what a clock
     // holds.
@@ -307,4 +307,24 @@ async fn fetch_token(http: &reqwest::Client, o: &OAuth2) -> Result<(Secret, Dura
 /// Whether `token` goes into an `Authorization: Bearer` header as it is.
 pub(super) fn header_safe(token: &Secret) -> bool {
     reqwest::header::HeaderValue::from_str(token.expose()).is_ok()
+}
+
+/// Why a token response could not be read, without serde's words for a
+/// value of the wrong type: they quote it, and a body that is a JSON string
+/// holding the token response (encoded twice) would put the token in
+/// errors, logs and `fga-wb status`.
+fn unreadable_token(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let why = match e.classify() {
+        Category::Data if e.to_string().starts_with("missing field") => "it has no access_token",
+        Category::Data => "a value of the wrong type (one JSON object, its access_token text, its expires_in a number of seconds)",
+        Category::Syntax => "not JSON",
+        Category::Eof => "cut off",
+        Category::Io => "not read whole",
+    };
+    format!(
+        "unreadable token response: {why} (line {}, column {})",
+        e.line(),
+        e.column()
+    )
 }

@@ -279,9 +279,10 @@ fn http_client(
 /// password, for messages: in each URL (see [`split_urls`]), everything
 /// between its `://` (or its start, if it has none) and its last `@` is
 /// shown as `***@`, as a password may hold an unencoded `/`, `?`, `#`, `@`
-/// or even `://`, so where the authority ends cannot be told; and a `pass`
-/// or `password` query parameter (as Redis's unix-socket URLs take them) is
-/// left out with all that follows it.
+/// or even `://`, so where the authority ends cannot be told; and the query
+/// is shown only up to its first parameter that may be a secret: a `pass`
+/// or `password` (as Redis's unix-socket URLs take them), a key in a token
+/// URL (`?code=`), anything but a few known to be harmless.
 pub(crate) fn redact_url(url: &str) -> String {
     split_urls(url)
         .into_iter()
@@ -290,41 +291,67 @@ pub(crate) fn redact_url(url: &str) -> String {
         .join(",")
 }
 
+/// The first 200 bytes or so of `text` (up to a character's end),
+/// trimmed.
+fn excerpt(text: &str) -> String {
+    let mut end = text.len().min(200);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].trim().to_owned()
+}
+
+/// Query parameters shown in messages: Redis URLs' database and protocol,
+/// and an identity provider's API version.
+const HARMLESS_PARAMS: &[&str] = &["db", "protocol", "api-version"];
+
 fn redact_one(url: &str) -> String {
     let (scheme, body) = url.split_at(scheme_len(url));
     // A unix socket's path (`redis+unix:///run/r.sock`) has no user info;
     // an `@` there may be in its password parameter. A scheme-relative
-    // `//u:p@h` has.
-    let path = body.starts_with('/') && !body.starts_with("//");
+    // `//u:p@h` has, and so has `redis:///:p@h` (a slash too many, which
+    // Redis's URL parser refuses with the URL shown).
+    let socket = scheme.is_empty() || scheme.contains("unix");
+    let path = socket && body.starts_with('/') && !body.starts_with("//");
     let at = body.rfind('@').filter(|_| !path);
     let shown = match at {
         None => without_password_param(body).to_owned(),
         // The `@` may be inside a password parameter: hide it all.
-        Some(at) if without_password_param(&body[..at]).len() < at => "***".to_owned(),
+        Some(at) if cut_at_param(&body[..at], password_param).len() < at => "***".to_owned(),
         Some(at) => format!("***@{}", without_password_param(&body[at + 1..])),
     };
     format!("{scheme}{shown}")
 }
 
-/// `s` without its first `pass`/`password` query parameter (or one with a
-/// percent-encoded name) and all that follows it (an unencoded password
-/// may hold `&` or `#`).
+/// `s` without its first query parameter that may be a secret (any but
+/// those of [`HARMLESS_PARAMS`]) and all that follows it (an unencoded
+/// password may hold `&` or `#`).
 fn without_password_param(s: &str) -> &str {
+    cut_at_param(s, |name| {
+        !HARMLESS_PARAMS.iter().any(|h| name.eq_ignore_ascii_case(h))
+    })
+}
+
+/// `s` up to its first query parameter whose name `cut` picks (without
+/// the `?` or `&` before it).
+fn cut_at_param(s: &str, cut: impl Fn(&str) -> bool) -> &str {
     let Some(q) = s.find('?') else { return s };
     let mut at = q + 1;
     for param in s[q + 1..].split('&') {
-        let name = param.split('=').next().unwrap_or_default();
-        // A percent-encoded name (`pa%73s`) may decode to either.
-        if name.eq_ignore_ascii_case("pass")
-            || name.eq_ignore_ascii_case("password")
-            || name.contains('%')
-        {
+        if cut(param.split('=').next().unwrap_or_default()) {
             // Keep the `?` only if a parameter stays before it.
             return if at == q + 1 { &s[..q] } else { &s[..at - 1] };
         }
         at += param.len() + 1;
     }
     s
+}
+
+/// Whether a query parameter's name may be a password's: `pass`,
+/// `password`, or a percent-encoded name (`pa%73s`), which may decode to
+/// either.
+fn password_param(name: &str) -> bool {
+    name.eq_ignore_ascii_case("pass") || name.eq_ignore_ascii_case("password") || name.contains('%')
 }
 
 /// The URLs of a comma-separated list (Redis Cluster seeds), each with
@@ -432,7 +459,8 @@ impl Client {
         })
     }
 
-    /// The server's base URL.
+    /// The server's base URL as given, with any user and password in it:
+    /// not for logs (the client's `Debug` shows it without them).
     pub fn api_url(&self) -> &str {
         &self.inner.base
     }
@@ -887,14 +915,20 @@ impl Client {
         }
         let retry_after = parse_retry_after(resp.headers());
         let bytes = error_body(resp).await;
+        // A page that echoes the request (a gateway's debug page) would
+        // carry the token: never in an error.
+        let hide = |text: &str| match &token {
+            Some(t) if !t.is_empty() => text.replace(t.expose(), "***"),
+            _ => text.to_owned(),
+        };
         let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(b) => (b.code, b.message),
-            // A proxy's HTML page or an empty body: keep a short, printable excerpt.
+            Ok(b) => (b.code, hide(&b.message)),
+            // A proxy's HTML page or an empty body: keep a short, printable
+            // excerpt (cut after the token is hidden: a token cut in two
+            // would not be found).
             Err(_) => (
                 String::new(),
-                String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
-                    .trim()
-                    .to_owned(),
+                excerpt(&hide(&String::from_utf8_lossy(&bytes))),
             ),
         };
         Err(Refused {
@@ -1364,6 +1398,24 @@ mod tests {
             (
                 "redis://h:1, rediss://:p://w@k:2/0",
                 "redis://h:1, rediss://***@k:2/0",
+            ),
+            // A slash too many: a password still, not a socket's path.
+            ("redis:///:pw@h:6379", "redis://***@h:6379"),
+            ("rediss:///user:pw@h", "rediss://***@h"),
+            ("redis+cluster:///:pw@a:1", "redis+cluster://***@a:1"),
+            ("/run/r.sock?db=1&pass=x@y", "/run/r.sock?db=1"),
+            // Keys in other query parameters: a token URL's, say.
+            (
+                "https://fn.example/api/token?code=FUNCKEY",
+                "https://fn.example/api/token",
+            ),
+            (
+                "https://login.example/t/oauth2/token?api-version=1.0&client_secret=x",
+                "https://login.example/t/oauth2/token?api-version=1.0",
+            ),
+            (
+                "redis://h:1/0?db=2&protocol=resp3",
+                "redis://h:1/0?db=2&protocol=resp3",
             ),
             // A comma inside a password does not start a URL of its own.
             ("redis://u:p,w://x@h:1", "redis://***@h:1"),

@@ -859,7 +859,10 @@ impl Applier {
                 "dead letters whose tuples died again after the workers' replays this hour while other writes landed (queue.replay_limit) are left for an operator; see `fga-wb dlq list` for OpenFGA's reasons, and `fga-wb dlq replay` once their cause is fixed"
             );
         }
-        if r.replayed + r.superseded + r.kept + r.waiting > 0 {
+        if [r.replayed, r.superseded, r.kept, r.waiting]
+            .iter()
+            .any(|&n| n > 0)
+        {
             tracing::info!(
                 replayed = r.replayed,
                 superseded = r.superseded,

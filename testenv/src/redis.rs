@@ -25,6 +25,9 @@ pub struct RedisOptions {
     pub maxmemory: Option<(String, String)>,
     /// Extra `--name value` arguments.
     pub extra: Vec<(String, String)>,
+    /// Extra arguments as they are, after those (an option of two values:
+    /// `--rename-command`, `HELLO`, `""`).
+    pub args: Vec<String>,
 }
 
 /// The `redis-server` binary: `FGA_WB_TEST_REDIS_BIN`, or PATH.
@@ -141,6 +144,7 @@ impl Redis {
         for (k, v) in &self.options.extra {
             cmd.arg(format!("--{k}")).arg(v);
         }
+        cmd.args(&self.options.args);
         let log = self.dir.join(format!("redis-{}.log", self.starts));
         let mut proc = Proc::spawn(cmd, &log)?;
         let port = self.port;

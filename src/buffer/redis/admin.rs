@@ -18,8 +18,8 @@ impl RedisStore {
                 let (keys, bytes) = (int(&c[1])?.max(0) as u64, int(&c[2])?.max(0) as u64);
                 match out.iter_mut().find(|u| u.category == category) {
                     Some(u) => {
-                        u.keys += keys;
-                        u.bytes += bytes;
+                        u.keys = u.keys.saturating_add(keys);
+                        u.bytes = u.bytes.saturating_add(bytes);
                     }
                     None => out.push(KeyUsage {
                         category,

@@ -348,13 +348,22 @@ impl ConnectionLike for Conn {
 }
 
 fn unreachable(target: &Target, e: redis::RedisError) -> Error {
+    let text = super::error_text(&e);
     // Refused credentials are not worth retrying for ever: the URL needs
     // fixing (the CLI's exit 2).
     let refused = e.kind() == redis::ErrorKind::AuthenticationFailed
         || e.code().is_some_and(|c| c == "WRONGPASS" || c == "NOAUTH");
     if refused {
         return Error::config(format!(
-            "Redis at {} refused fga-wb's credentials ({e}): put the right user and password in redis.url (redis://user:password@host:port, the password percent-encoded)",
+            "Redis at {} refused fga-wb's credentials ({text}): put the right user and password in redis.url (redis://user:password@host:port, the password percent-encoded)",
+            target.shown()
+        ));
+    }
+    // Redis before 6, or a proxy or a server whose HELLO is renamed away:
+    // RESP3 cannot be had, however long it is tried.
+    if text.contains("unknown command") && text.to_ascii_uppercase().contains("'HELLO'") {
+        return Error::config(format!(
+            "Redis at {} does not take HELLO ({text}): fga-wb speaks RESP3 and needs Redis 6.0+ or Valkey, with HELLO not renamed or disabled",
             target.shown()
         ));
     }
@@ -366,7 +375,7 @@ fn unreachable(target: &Target, e: redis::RedisError) -> Error {
             .contains("Unable to build client with TLS parameters")
     {
         return Error::config(format!(
-            "Redis at {} cannot be reached with these TLS settings ({e}): check redis.ca_file, and that redis.cert_file and redis.key_file are a certificate and its own key (RSA keys of 2048 bits or more)",
+            "Redis at {} cannot be reached with these TLS settings ({text}): check redis.ca_file, and that redis.cert_file and redis.key_file are a certificate and its own key (RSA keys of 2048 bits or more)",
             target.shown()
         ));
     }
@@ -375,7 +384,7 @@ fn unreachable(target: &Target, e: redis::RedisError) -> Error {
         false => "",
     };
     Error::new(Kind::Redis {
-        detail: format!("cannot connect to {}: {e}{hint}", target.shown()),
+        detail: format!("cannot connect to {}: {text}{hint}", target.shown()),
         transient: true,
     })
 }
@@ -421,6 +430,13 @@ impl Tls {
     /// Reads `redis.ca_file`, `redis.cert_file` and `redis.key_file`, for
     /// `target` (`redis.url`).
     pub fn from_config(c: &crate::config::RedisConfig, target: &Target) -> Result<Tls> {
+        for (name, v) in [
+            ("redis.ca_file", &c.ca_file),
+            ("redis.cert_file", &c.cert_file),
+            ("redis.key_file", &c.key_file),
+        ] {
+            crate::config::file_named(name, v)?;
+        }
         let mut tls = Tls::default();
         if !c.ca_file.is_empty() {
             let pem = read_pem(
@@ -870,14 +886,19 @@ pub(crate) async fn check_server(conn: &mut Conn, target: &Target, uses: &Uses<'
         }
         // Not a missing feature: a server that cannot serve yet.
         Err(e) if super::not_ready(&e) => Err(Error::new(Kind::Redis {
-            detail: format!("Redis at {} is not ready ({e}); try again", target.shown()),
+            detail: format!(
+                "Redis at {} is not ready ({}); try again",
+                target.shown(),
+                super::error_text(&e)
+            ),
             transient: true,
         })),
         // Its key, or EVAL itself.
-        Err(e) if e.code() == Some("NOPERM") => Err(acl(&format!("run a test script ({e})"))),
+        Err(e) if e.code() == Some("NOPERM") => Err(acl(&format!("run a test script ({})", super::error_text(&e)))),
         Err(e) => Err(Error::config(format!(
-            "Redis at {} refused a test script ({e}); fga-wb needs Lua scripting (EVAL/EVALSHA) allowed: Redis 7.0+ or Valkey 7.2+",
-            target.shown()
+            "Redis at {} refused a test script ({}); fga-wb needs Lua scripting (EVAL/EVALSHA) allowed: Redis 7.0+ or Valkey 7.2+",
+            target.shown(),
+            super::error_text(&e)
         ))),
     }
 }

@@ -294,7 +294,27 @@ fn ms_at(at: std::time::Instant) -> u64 {
 
 /// A Redis failure as a crate error: connection problems are transient.
 pub(crate) fn redis_error(e: redis::RedisError) -> Error {
-    redis_kind(&e).caused_by(e)
+    match quotes_arguments(&e.to_string()) {
+        // Not kept as the source either, where a chain of errors is shown.
+        Some(_) => redis_kind(&e),
+        None => redis_kind(&e).caused_by(e),
+    }
+}
+
+/// Redis's words for `e`, without the arguments an unknown command's
+/// error quotes ("with args beginning with: ..."): a server or proxy that
+/// does not know HELLO quoted the user and password its `AUTH` carried.
+pub(crate) fn error_text(e: &redis::RedisError) -> String {
+    let text = e.to_string();
+    match quotes_arguments(&text) {
+        Some(at) => format!("{}with its arguments not shown", &text[..at]),
+        None => text,
+    }
+}
+
+/// Where the arguments an error quotes begin, if it does.
+fn quotes_arguments(text: &str) -> Option<usize> {
+    text.find("with args beginning with")
 }
 
 /// A server that refused a command for now, before running it: loading its
@@ -314,7 +334,7 @@ fn redis_kind(e: &redis::RedisError) -> Error {
         || e.is_connection_dropped()
         || e.is_cluster_error()
         || not_ready(e);
-    let text = e.to_string();
+    let text = error_text(e);
     if text.contains("OOM") && text.contains("maxmemory") {
         return Error::new(Kind::Redis {
             detail: "Redis is full (its maxmemory is reached) and refuses writes: nothing was buffered; raise maxmemory: flushing needs Redis to take writes too, so it cannot drain it (`fga-wb status` shows what fga-wb holds)".into(),
