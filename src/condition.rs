@@ -233,7 +233,10 @@ fn numeric_string_fits(ty: &ParamType, s: &str) -> bool {
         _ if inf => false,
         _ if zero => true,
         ParamType::Uint if n.negative => false,
-        _ if n.exp2 => n.log2 >= -1.0,
+        // Below a half, no rounding makes it whole (however many digits:
+        // OpenFGA's refusal would spell it out).
+        _ if n.log2 < -1.0 => false,
+        _ if n.exp2 => true,
         _ => n.may_be_whole(),
     }
 }
@@ -793,6 +796,9 @@ mod tests {
         assert!(refuses(Int, json!("1e650000000")));
         assert!(!refuses(Int, json!("1e-1000000000")));
         assert!(refuses(Int, json!("1p-3")));
+        assert!(refuses(Int, json!("12345678901234567890123e-500000000")));
+        assert!(refuses(Uint, json!("0.1000000000000000000001")));
+        assert!(!refuses(Int, json!("0.99999999999999999999999")));
         assert!(!refuses(Int, json!("1p3")));
         assert!(!refuses(Double, json!("0e-9223372036854775808")));
         assert!(!refuses(Double, json!("1e300")));

@@ -38,7 +38,7 @@ Exit codes:
      dead-lettered (flush --wait), a problem found (status --check), a
      loss open (loss), an unknown dead-letter id, Redis or OpenFGA failing,
      SIGINT/SIGTERM (worker stops gracefully and exits 0; a clear begun
-     runs to its end)
+     runs to its end and exits 0)
   2  usage or configuration error, including a flush of the command's own
      that OpenFGA refuses for the credentials, or for not knowing the
      store or the model, or that something other than OpenFGA answers

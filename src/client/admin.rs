@@ -234,8 +234,10 @@ impl WriteBehind {
                         .push(format!("could not count the dead letters left for an operator: {e}")),
                 }
             } else if status.dead_letters > HEALTH_LETTERS {
-                h.warnings.push(format!(
-                    "more than {HEALTH_LETTERS} dead letters: not read to tell whether some were given up in an outage with nothing to replay them (`fga-wb dlq list`)"
+                // Not read, so not known to be harmless: some may be
+                // revokes given up in an outage, failing checks closed.
+                h.problems.push(format!(
+                    "more than {HEALTH_LETTERS} dead letters and no worker seen to replay them: too many to read here to tell whether some were given up in an outage (their checks fail closed until `fga-wb dlq replay`); look with `fga-wb dlq list`"
                 ));
             } else {
                 match self.dead_letters().await {

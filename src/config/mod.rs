@@ -520,7 +520,8 @@ pub struct QueueConfig {
     /// datastore cannot hold) dies again after each replay, for good:
     /// past this, its letter waits for `fga-wb dlq replay` once the cause
     /// is fixed, and `fga-wb flush --wait` says so rather than wait for a
-    /// replay. A purge, an op on the tuple that lands, or the hour's end
+    /// replay. That replay, a purge, an op on the tuple that lands, the
+    /// letter giving way to an op buffered on the tuple, or the hour's end
     /// start the count again. `0`: no limit.
     pub replay_limit: u32,
 }
@@ -1150,9 +1151,14 @@ fn shown_file<S: Serializer>(file: &str, s: S) -> std::result::Result<S::Ok, S::
 }
 
 /// Whether a setting that names a file holds a file's text instead (a key
-/// pasted into `redis.key_file`, say).
+/// pasted into `redis.key_file`, say): PEM, PEM in base64 (as Kubernetes
+/// secrets hold it), DER in base64, or longer than any path in use.
 fn file_text(value: &str) -> bool {
-    value.contains('\n') || value.contains("-----BEGIN")
+    value.contains('\n')
+        || value.contains("-----BEGIN")
+        || value.starts_with("LS0tLS1CRUdJTi")
+        || value.starts_with("MII")
+        || value.len() > 1024
 }
 
 /// Refuses a file's text given for its name, without showing it: every

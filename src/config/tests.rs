@@ -340,6 +340,10 @@ fn a_key_given_for_its_file_name_is_never_shown() {
     }
     let e = c.validate().expect_err("a file's text");
     assert!(!e.to_string().contains("secret-key"), "{e}");
+    // In base64, as a Kubernetes secret holds it.
+    c.redis.key_file = "LS0tLS1CRUdJTiBQUklWQVRFIEtFWS0tLS0tCk1JSUV2US1zZWNyZXQ".into();
+    assert!(format!("{c:?} {:?}", c.validate()).contains("not shown"));
+    assert!(!format!("{c:?} {:?}", c.validate()).contains("LS0t"));
 }
 
 /// Neither serialised (`status --json`) nor `{:?}` config shows a token, a

@@ -50,7 +50,8 @@ impl RedisStore {
                 "Redis runs without AOF (appendonly no): a Redis restart loses acknowledged ops (detected, see `fga-wb loss`); set appendonly yes".into(),
             ),
             Err(e) => Some(format!(
-                "cannot read Redis's appendonly setting ({e}); make sure AOF is on"
+                "cannot read Redis's appendonly setting ({}); make sure AOF is on",
+                super::error_text(&e)
             )),
         }
     }

@@ -250,7 +250,7 @@ impl Node {
                 }
                 Err(e) => {
                     *b = later;
-                    tracing::warn!(error = %e, retry_in = ?wait, "Redis answered READONLY, and connecting again failed");
+                    tracing::warn!(error = %super::error_text(&e), retry_in = ?wait, "Redis answered READONLY, and connecting again failed");
                 }
             }
             drop(b);
@@ -361,7 +361,11 @@ fn unreachable(target: &Target, e: redis::RedisError) -> Error {
     }
     // Redis before 6, or a proxy or a server whose HELLO is renamed away:
     // RESP3 cannot be had, however long it is tried.
-    if text.contains("unknown command") && text.to_ascii_uppercase().contains("'HELLO'") {
+    // Redis 7 quotes the command so, Redis 6.0 and older (and their
+    // forks) with backticks.
+    let upper = text.to_ascii_uppercase();
+    if upper.contains("UNKNOWN COMMAND") && (upper.contains("'HELLO'") || upper.contains("`HELLO`"))
+    {
         return Error::config(format!(
             "Redis at {} does not take HELLO ({text}): fga-wb speaks RESP3 and needs Redis 6.0+ or Valkey, with HELLO not renamed or disabled",
             target.shown()
@@ -923,7 +927,7 @@ async fn check_eviction(conn: &mut Conn, target: &Target) -> Result<()> {
             ))),
         },
         Err(e) => {
-            tracing::warn!(redis = %target.shown(), error = %e, "cannot read Redis's maxmemory-policy; make sure it is noeviction, or a full Redis may evict acknowledged ops");
+            tracing::warn!(redis = %target.shown(), error = %super::error_text(&e), "cannot read Redis's maxmemory-policy; make sure it is noeviction, or a full Redis may evict acknowledged ops");
             Ok(())
         }
     }
