@@ -241,6 +241,18 @@ fn numeric_string_fits(ty: &ParamType, s: &str) -> bool {
     }
 }
 
+/// Whether `s`, read as a number (as OpenFGA reads a numeric parameter's
+/// string), is one whose refusal keeps OpenFGA busy for long: finite in
+/// Go's `big.Float` and more than a million powers of two from one, which
+/// OpenFGA's error spells out in decimal. Refused whatever the parameter's
+/// type, model or not: without the model (not read yet, or validation
+/// off) the type is unknown, and no application means such a string.
+pub(crate) fn slow_to_refuse(s: &str) -> bool {
+    GoFloat::parse(s).is_some_and(|n| {
+        n.exponent_fits && !n.inf && !n.zero() && !n.past_go_range && n.log2.abs() > 1_000_000.0
+    })
+}
+
 /// The parts of a decimal string in Go's `big.Float` syntax (base 10): sign,
 /// `digits[.digits]` or `.digits`, an optional `e`/`E` (decimal) or `p`/`P`
 /// (binary) exponent, or `inf`/`Inf`.
@@ -795,6 +807,9 @@ mod tests {
         // Past Go's range as a whole number: an infinity is none, a zero is.
         assert!(refuses(Int, json!("1e650000000")));
         assert!(!refuses(Int, json!("1e-1000000000")));
+        assert!(slow_to_refuse("1p2147483646") && slow_to_refuse("-1.5e-600000000"));
+        assert!(!slow_to_refuse("1e400") && !slow_to_refuse("1e650000000"));
+        assert!(!slow_to_refuse("abc") && !slow_to_refuse("0e-2000000") && !slow_to_refuse("Inf"));
         assert!(refuses(Int, json!("1p-3")));
         assert!(refuses(Int, json!("12345678901234567890123e-500000000")));
         assert!(refuses(Uint, json!("0.1000000000000000000001")));

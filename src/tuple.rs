@@ -200,6 +200,13 @@ impl TupleKey {
                     format!("has a context of {size} bytes as OpenFGA stores it; OpenFGA writes at most {MAX_WRITE_CONTEXT_BYTES}"),
                 ));
             }
+            if let Some(s) = c.context.as_ref().and_then(slow_number) {
+                return Err(TupleError::new(
+                    Field::Condition,
+                    &c.name,
+                    format!("has a context string value {:?} that reads as a number so far past a double's range that OpenFGA's refusal (it spells the number out in decimal) keeps the server busy for minutes: refused whatever the parameter's type, with the model or without", shorten(s)),
+                ));
+            }
         }
         Ok(())
     }
@@ -541,6 +548,22 @@ fn bytes_size(n: usize) -> usize {
 /// `control`, OpenFGA refuses whatever the model (a control character in a
 /// key or a string, at any depth), if anything. Without recursion: the
 /// context is the caller's, however deep.
+/// A string in `context`, at any depth, that reads as a number OpenFGA
+/// is slow to refuse (see [`crate::condition::slow_to_refuse`]).
+fn slow_number(context: &serde_json::Map<String, serde_json::Value>) -> Option<&str> {
+    use serde_json::Value;
+    let mut todo: Vec<&Value> = context.values().collect();
+    while let Some(v) = todo.pop() {
+        match v {
+            Value::Object(m) => todo.extend(m.values()),
+            Value::Array(a) => todo.extend(a.iter()),
+            Value::String(s) if crate::condition::slow_to_refuse(s) => return Some(s),
+            _ => {}
+        }
+    }
+    None
+}
+
 fn context_problem(
     context: &serde_json::Map<String, serde_json::Value>,
     control: bool,
@@ -635,6 +658,33 @@ mod tests {
             .expect_err("one level deeper");
         assert_eq!(e.field, Field::Condition);
         assert!(e.reason.contains("nested deeper than 100"), "{e}");
+    }
+
+    /// A grant whose context holds a number OpenFGA is slow to refuse is
+    /// refused without the model too (validation off, or the model not
+    /// read yet); a revoke of the tuple is not (OpenFGA deletes by key).
+    #[test]
+    fn a_context_number_openfga_is_slow_to_refuse_is_refused_without_the_model() {
+        let t = TupleKey::new("user:anne", "viewer", "document:1").expect("valid");
+        let ctx = |v: serde_json::Value| {
+            let mut m = serde_json::Map::new();
+            m.insert("x".into(), serde_json::json!({ "deep": [v] }));
+            m
+        };
+        let slow = t
+            .clone()
+            .with_condition("cond", Some(ctx(serde_json::json!("1p2147483646"))))
+            .expect("valid syntax");
+        let e = slow.validate_for_write().expect_err("slow to refuse");
+        assert!(e.reason.contains("busy for minutes"), "{e}");
+        slow.validate_for_delete().expect("a revoke goes through");
+        for fine in ["1e400", "1e650000000", "abc", "12"] {
+            let t = t
+                .clone()
+                .with_condition("cond", Some(ctx(serde_json::json!(fine))))
+                .expect("valid syntax");
+            t.validate_for_write().expect(fine);
+        }
     }
 
     #[test]
