@@ -244,9 +244,9 @@ fn numeric_string_fits(ty: &ParamType, s: &str) -> bool {
 /// Whether `s`, read as a number (as OpenFGA reads a numeric parameter's
 /// string), is one whose refusal keeps OpenFGA busy for long: finite in
 /// Go's `big.Float` and more than a million powers of two from one, which
-/// OpenFGA's error spells out in decimal. Refused whatever the parameter's
-/// type, model or not: without the model (not read yet, or validation
-/// off) the type is unknown, and no application means such a string.
+/// OpenFGA's error spells out in decimal. Refused in a grant checked
+/// without the model, whose parameters' types are unknown (see
+/// `TupleKey::refuse_slow_numbers`).
 pub(crate) fn slow_to_refuse(s: &str) -> bool {
     GoFloat::parse(s).is_some_and(|n| {
         n.exponent_fits && !n.inf && !n.zero() && !n.past_go_range && n.log2.abs() > 1_000_000.0

@@ -573,3 +573,35 @@ async fn a_grant_refused_when_written_leaves_the_revoke_before_it_in_redis() {
     let wb = unvalidated(&store, true).await;
     a_grant_refused_when_written_leaves_the_revoke_before_it(wb, &store).await;
 }
+
+/// Without the model (validation off here; at a start while OpenFGA is
+/// out of reach, until it is read), a context string that reads as a
+/// number OpenFGA refuses only after minutes of spelling it out is refused
+/// at the call, whatever the parameter: its type is unknown. With the
+/// model, the type decides: a string parameter takes it, as OpenFGA does.
+#[tokio::test]
+async fn without_the_model_a_number_openfga_is_slow_to_refuse_is_refused() {
+    let store = new_store_with("contexts-slow", &model()).await;
+    let slow = json!("1p2147483646");
+    let blind = WriteBehind::builder(config_for(&store))
+        .automatic_flush(false)
+        .validate_against_model(false)
+        .build()
+        .await
+        .expect("handle");
+    let e = blind
+        .grant_tuple(tuple(0, "every", "d", &slow))
+        .await
+        .expect_err("refused without the model");
+    assert!(
+        e.is_invalid_input() && e.to_string().contains("busy for minutes"),
+        "{e}"
+    );
+    blind.shutdown().await.unwrap();
+    let wb = handle(&store).await;
+    let t = tuple(1, "every", "s", &slow);
+    wb.grant_tuple(t.clone()).await.expect("a string parameter");
+    assert!(server_writes(&store, &t).await, "OpenFGA writes it");
+    wb.clear().await.unwrap();
+    wb.shutdown().await.unwrap();
+}

@@ -505,11 +505,14 @@ impl WriteBehind {
         match op {
             Op::Grant => {
                 tuple.validate_for_write()?;
-                if self.inner.validate_against_model {
-                    // A guard, not a clone: no shared count to bump per op.
-                    if let Some(m) = self.inner.model.load().as_deref() {
-                        m.validate(&tuple)?;
-                    }
+                // A guard, not a clone: no shared count to bump per op.
+                let model = self.inner.model.load();
+                match model
+                    .as_deref()
+                    .filter(|_| self.inner.validate_against_model)
+                {
+                    Some(m) => m.validate(&tuple)?,
+                    None => tuple.refuse_slow_numbers()?,
                 }
             }
             // As OpenFGA takes a delete: its syntax, not the model (a tuple
