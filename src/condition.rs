@@ -230,7 +230,7 @@ fn numeric_string_fits(ty: &ParamType, s: &str) -> bool {
         ParamType::Double => n.exact_double(),
         // Not a whole number: infinities, and fractions that no rounding
         // can make whole (with a binary exponent: below a half).
-        _ if inf => false,
+        _ if inf || n.near_go_edge => false,
         _ if zero => true,
         ParamType::Uint if n.negative => false,
         // Below a half, no rounding makes it whole (however many digits:
@@ -243,13 +243,13 @@ fn numeric_string_fits(ty: &ParamType, s: &str) -> bool {
 
 /// Whether `s`, read as a number (as OpenFGA reads a numeric parameter's
 /// string), is one whose refusal keeps OpenFGA busy for long: finite in
-/// Go's `big.Float` and more than a million powers of two from one, which
+/// Go's `big.Float` and more than 100,000 powers of two from one, which
 /// OpenFGA's error spells out in decimal. Refused in a grant checked
 /// without the model, whose parameters' types are unknown (see
 /// `TupleKey::refuse_slow_numbers`).
 pub(crate) fn slow_to_refuse(s: &str) -> bool {
     GoFloat::parse(s).is_some_and(|n| {
-        n.exponent_fits && !n.inf && !n.zero() && !n.past_go_range && n.log2.abs() > 1_000_000.0
+        n.exponent_fits && !n.inf && !n.zero() && !n.past_go_range && n.log2.abs() > 100_000.0
     })
 }
 
@@ -280,6 +280,8 @@ struct GoFloat {
     /// Past the exponents Go's `big.Float` holds, or its power of five
     /// is, with a margin (see [`past_go_range`]).
     past_go_range: bool,
+    /// Within that margin of Go's range's edge, either way.
+    near_go_edge: bool,
 }
 
 /// Beyond this power of two, Go's `big.Float` overflows (to an infinity)
@@ -294,6 +296,15 @@ const GO_EDGE: f64 = 2_147_483_648.0 + 64.0;
 /// infinity, or a zero if divided by it), or the result does.
 fn past_go_range(log2: f64, exp5: i64) -> bool {
     (exp5 as f64).abs() * 5f64.log2() >= GO_EDGE || log2.abs() >= GO_EDGE
+}
+
+/// Whether the value or its power of five lies within the margin of Go's
+/// range's edge, where fga-wb cannot tell an infinity or zero from a
+/// finite value: an int or uint there is refused (an infinity is no whole
+/// number; a finite tiny one is refused slowly).
+fn near_go_edge(log2: f64, exp5: i64) -> bool {
+    let low = GO_EDGE - 128.0;
+    !past_go_range(log2, exp5) && ((exp5 as f64).abs() * 5f64.log2() >= low || log2.abs() >= low)
 }
 
 /// About log2 of the whole number of the decimal digits `whole` (no
@@ -337,6 +348,7 @@ impl GoFloat {
                 exponent_fits: true,
                 log2: f64::INFINITY,
                 past_go_range: false,
+                near_go_edge: false,
             });
         }
         let (mantissa, exponent) = match rest.find(['e', 'E', 'p', 'P']) {
@@ -390,6 +402,7 @@ impl GoFloat {
             exponent_fits: whole.is_empty() || go_exponent_fits(log2_int, frac, exp),
             log2,
             past_go_range: !whole.is_empty() && past_go_range(log2, exp5),
+            near_go_edge: !whole.is_empty() && near_go_edge(log2, exp5),
             exp5: exp.saturating_sub(shift(frac_part.len())),
             digits,
             significant,
@@ -810,6 +823,8 @@ mod tests {
         assert!(slow_to_refuse("1p2147483646") && slow_to_refuse("-1.5e-600000000"));
         assert!(!slow_to_refuse("1e400") && !slow_to_refuse("1e650000000"));
         assert!(!slow_to_refuse("abc") && !slow_to_refuse("0e-2000000") && !slow_to_refuse("Inf"));
+        assert!(refuses(Int, json!("1e646457000")));
+        assert!(refuses(Int, json!("1e-646457000")));
         assert!(refuses(Int, json!("1p-3")));
         assert!(refuses(Int, json!("12345678901234567890123e-500000000")));
         assert!(refuses(Uint, json!("0.1000000000000000000001")));

@@ -555,10 +555,6 @@ fn bytes_size(n: usize) -> usize {
     len + n
 }
 
-/// What in a condition's context fga-wb cannot read back (too deep) or, with
-/// `control`, OpenFGA refuses whatever the model (a control character in a
-/// key or a string, at any depth), if anything. Without recursion: the
-/// context is the caller's, however deep.
 /// A string in `context`, at any depth, that reads as a number OpenFGA
 /// is slow to refuse (see [`crate::condition::slow_to_refuse`]).
 fn slow_number(context: &serde_json::Map<String, serde_json::Value>) -> Option<&str> {
@@ -575,6 +571,10 @@ fn slow_number(context: &serde_json::Map<String, serde_json::Value>) -> Option<&
     None
 }
 
+/// What in a condition's context fga-wb cannot read back (too deep) or, with
+/// `control`, OpenFGA refuses whatever the model (a control character in a
+/// key or a string, at any depth), if anything. Without recursion: the
+/// context is the caller's, however deep.
 fn context_problem(
     context: &serde_json::Map<String, serde_json::Value>,
     control: bool,

@@ -481,7 +481,11 @@ async fn a_shutdown_gives_a_window_of_thousands_of_ops_back_to_redis() {
         .unwrap();
     let p = other.pending().await.unwrap();
     assert!(written < 1000, "{written} written: the window was not left");
-    assert_eq!((p.total, p.in_flight), (5000 - written, 0), "{p:?}");
+    // Given back: pending, not in flight, but for the ops of a Write the
+    // deadline may have cut off under way (sent just before it, on a slow
+    // machine; one at a time here), kept in flight while it may land.
+    assert_eq!(p.total, 5000 - written, "{p:?}");
+    assert!(p.in_flight <= 100, "{p:?}");
     other.clear().await.unwrap();
     other.shutdown().await.unwrap();
 }

@@ -152,10 +152,12 @@ impl WriteBehind {
     /// operator's health check: OpenFGA unreachable or refusing the
     /// credentials, flushing stopped, an open Redis loss, pending ops no
     /// process flushes, queued jobs with no worker seen, ops given up in an
-    /// outage with no worker seen to replay them (problems); Redis without
-    /// AOF, dead letters waiting, no authorization model read yet
-    /// (warnings). Asks OpenFGA once, Redis a few times, and reads the
-    /// dead letters only while there are at most 10,000.
+    /// outage with no worker seen to replay them, ops the workers left
+    /// after `queue.replay_limit`, more than 10,000 dead letters with no
+    /// worker seen (not read, so not known harmless) (problems); Redis
+    /// without AOF, dead letters waiting, no authorization model read yet
+    /// (warnings). Asks OpenFGA once, Redis a few times, and reads the dead
+    /// letters only while there are at most 10,000.
     pub async fn health(&self) -> Result<Health> {
         let e = &self.inner.engine;
         let status = self.status().await?;
@@ -237,7 +239,7 @@ impl WriteBehind {
                 // Not read, so not known to be harmless: some may be
                 // revokes given up in an outage, failing checks closed.
                 h.problems.push(format!(
-                    "more than {HEALTH_LETTERS} dead letters and no worker seen to replay them: too many to read here to tell whether some were given up in an outage (their checks fail closed until `fga-wb dlq replay`); look with `fga-wb dlq list`"
+                    "more than {HEALTH_LETTERS} dead letters and nothing seen replaying them (only queue workers do): too many to read here to tell whether some were given up in an outage (their checks fail closed until `fga-wb dlq replay`); look with `fga-wb dlq list`"
                 ));
             } else {
                 match self.dead_letters().await {

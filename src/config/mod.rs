@@ -1165,6 +1165,13 @@ fn file_text(value: &str) -> bool {
 /// message naming the file (it cannot be read, it holds no key) would
 /// print the private key.
 pub(crate) fn file_named(setting: &str, value: &str) -> Result<()> {
+    let trimmed = value.trim();
+    if trimmed != value && !trimmed.is_empty() && !file_text(trimmed) {
+        // A path with a line break after it (a YAML `|` block, say).
+        return Err(Error::config(format!(
+            "{setting} {trimmed:?} has a line break or spaces around it: remove them"
+        )));
+    }
     match file_text(value) {
         true => Err(Error::config(format!(
             "{setting} holds a file's text (PEM), not a file's path: put it in a file readable only by fga-wb and give that file's path (the value is not shown: it may be a private key)"
