@@ -459,6 +459,21 @@ pub enum FewerReplicas {
     Fail,
 }
 
+impl RedisConfig {
+    /// Refuses a file's text given for the name of `ca_file`, `cert_file`
+    /// or `key_file` (see [`file_named`]).
+    pub(crate) fn files_named(&self) -> Result<()> {
+        for (name, v) in [
+            ("redis.ca_file", &self.ca_file),
+            ("redis.cert_file", &self.cert_file),
+            ("redis.key_file", &self.key_file),
+        ] {
+            file_named(name, v)?;
+        }
+        Ok(())
+    }
+}
+
 impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
@@ -811,14 +826,8 @@ impl Config {
 
     /// Checks relations between settings that no single key's type can.
     pub fn validate(&self) -> Result<()> {
-        for (name, v) in [
-            ("openfga.ca_file", &self.openfga.ca_file),
-            ("redis.ca_file", &self.redis.ca_file),
-            ("redis.cert_file", &self.redis.cert_file),
-            ("redis.key_file", &self.redis.key_file),
-        ] {
-            file_named(name, v)?;
-        }
+        file_named("openfga.ca_file", &self.openfga.ca_file)?;
+        self.redis.files_named()?;
         if self.flush.mode == Mode::Queue && self.buffer.store != StoreKind::Redis {
             return Err(Error::config(
                 "flush.mode = \"queue\" needs buffer.store = \"redis\": workers read the buffer from Redis",
@@ -1164,7 +1173,7 @@ fn file_text(value: &str) -> bool {
 /// Refuses a file's text given for its name, without showing it: every
 /// message naming the file (it cannot be read, it holds no key) would
 /// print the private key.
-pub(crate) fn file_named(setting: &str, value: &str) -> Result<()> {
+fn file_named(setting: &str, value: &str) -> Result<()> {
     let trimmed = value.trim();
     if trimmed != value && !trimmed.is_empty() && !file_text(trimmed) {
         // A path with a line break after it (a YAML `|` block, say).

@@ -434,13 +434,7 @@ impl Tls {
     /// Reads `redis.ca_file`, `redis.cert_file` and `redis.key_file`, for
     /// `target` (`redis.url`).
     pub fn from_config(c: &crate::config::RedisConfig, target: &Target) -> Result<Tls> {
-        for (name, v) in [
-            ("redis.ca_file", &c.ca_file),
-            ("redis.cert_file", &c.cert_file),
-            ("redis.key_file", &c.key_file),
-        ] {
-            crate::config::file_named(name, v)?;
-        }
+        c.files_named()?;
         let mut tls = Tls::default();
         if !c.ca_file.is_empty() {
             let pem = read_pem(
