@@ -278,7 +278,7 @@ struct GoFloat {
     /// About log2 of the value's magnitude (not for zero or infinity).
     log2: f64,
     /// Past the exponents Go's `big.Float` holds, or its power of five
-    /// is, with a margin (see [`past_go_range`]).
+    /// is, with a margin (see [`go_extent`]).
     past_go_range: bool,
     /// Within that margin of Go's range's edge, either way.
     near_go_edge: bool,
@@ -290,21 +290,17 @@ struct GoFloat {
 /// (refused rather than left to a conversion that may keep OpenFGA busy).
 const GO_EDGE: f64 = 2_147_483_648.0 + 64.0;
 
-/// Whether Go's `big.Float` parse of a nonzero value with about `log2`
-/// for its magnitude and a power of five `exp5` to apply ends past its
-/// range: the power of five alone overflows (the value becomes an
-/// infinity, or a zero if divided by it), or the result does.
-fn past_go_range(log2: f64, exp5: i64) -> bool {
-    (exp5 as f64).abs() * 5f64.log2() >= GO_EDGE || log2.abs() >= GO_EDGE
-}
-
-/// Whether the value or its power of five lies within the margin of Go's
-/// range's edge, where fga-wb cannot tell an infinity or zero from a
-/// finite value: an int or uint there is refused (an infinity is no whole
-/// number; a finite tiny one is refused slowly).
-fn near_go_edge(log2: f64, exp5: i64) -> bool {
-    let low = GO_EDGE - 128.0;
-    !past_go_range(log2, exp5) && ((exp5 as f64).abs() * 5f64.log2() >= low || log2.abs() >= low)
+/// How far from one Go's `big.Float` parse of a nonzero value with about
+/// `log2` for its magnitude and a power of five `exp5` to apply goes, in
+/// powers of two: the larger of the result's and the power of five's
+/// alone. At [`GO_EDGE`] or past, the parse ends past Go's range (the
+/// power of five alone overflowing makes the value an infinity, or a zero
+/// if divided by it); within 128 below, near its edge, where fga-wb cannot
+/// tell an infinity or zero from a finite value: an int or uint there is
+/// refused (an infinity is no whole number; a finite tiny one is refused
+/// slowly).
+fn go_extent(log2: f64, exp5: i64) -> f64 {
+    ((exp5 as f64).abs() * 5f64.log2()).max(log2.abs())
 }
 
 /// About log2 of the whole number of the decimal digits `whole` (no
@@ -388,29 +384,34 @@ impl GoFloat {
             true => 0.0,
             false => log2_of_digits(whole),
         };
-        let exp5 = match exp2 {
+        // The power of ten as written; Go's power of five is that, or with
+        // a binary exponent only the digits after the point.
+        let exp5 = exp.saturating_sub(frac);
+        let go_exp5 = match exp2 {
             true => frac.saturating_neg(),
-            false => exp.saturating_sub(frac),
+            false => exp5,
         };
         let log2 = match exp2 {
             true => log2_int - frac as f64 * std::f64::consts::LOG2_10 + exp as f64,
             false => (exp5 as f64).mul_add(std::f64::consts::LOG2_10, log2_int),
+        };
+        let extent = match whole.is_empty() {
+            true => 0.0,
+            false => go_extent(log2, go_exp5),
         };
         Some(GoFloat {
             negative,
             inf: false,
             exponent_fits: whole.is_empty() || go_exponent_fits(log2_int, frac, exp),
             log2,
-            past_go_range: !whole.is_empty() && past_go_range(log2, exp5),
-            near_go_edge: !whole.is_empty() && near_go_edge(log2, exp5),
-            exp5: exp.saturating_sub(shift(frac_part.len())),
+            past_go_range: extent >= GO_EDGE,
+            near_go_edge: (GO_EDGE - 128.0..GO_EDGE).contains(&extent),
+            exp5,
             digits,
             significant,
             last_digit: match exp2 {
                 true => 0,
-                false => exp
-                    .saturating_sub(shift(frac_part.len()))
-                    .saturating_add(shift(dropped)),
+                false => exp5.saturating_add(shift(dropped)),
             },
             exp2,
         })
@@ -424,7 +425,7 @@ impl GoFloat {
     /// +Inf or 0 inexactly: its leading digit's power of ten at 309 or
     /// more (above the largest, 1.8e308), or at -325 or less (below half
     /// the smallest, 4.9e-324). Not for a zero, nor for a value past Go's
-    /// own `big.Float` range (see [`past_go_range`]): that one becomes an
+    /// own `big.Float` range (see [`go_extent`]): that one becomes an
     /// infinity or a zero first, which converts exactly, and OpenFGA takes
     /// it.
     fn out_of_double_range(&self) -> bool {
